@@ -1,0 +1,3 @@
+"""Subcommands of the `mixtrt` CLI. Each imports what it needs when it runs."""
+
+from __future__ import annotations

@@ -1,0 +1,92 @@
+"""Tiny random Hugging Face checkpoints written by transformers, for tests.
+
+    >>> path = make_checkpoint(tmp_path / "m", "mixtral", sliding_window=8)
+    >>> sorted(p.name for p in path.iterdir())
+    ['config.json', 'generation_config.json', 'model.safetensors', 'tokenizer.model']
+
+initializer_range defaults to 0.5 so greedy token ids are stable under rounding (DESIGN.md "Tests").
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+# Small but real: GQA, a window shorter than the prompts the tests use, the real 32000-piece vocab.
+BASE = dict(
+    vocab_size=32000,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    initializer_range=0.5,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
+
+def mistral_tokenizer_path() -> Path:
+    """The real Mistral v1 sentencepiece model shipped in mistral-common."""
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+def hf_config(family: str, **overrides: Any):
+    """A transformers MistralConfig / MixtralConfig from BASE + overrides."""
+    from transformers import MistralConfig, MixtralConfig
+
+    kw = {**BASE, **overrides}
+    if family == "mixtral":
+        kw.setdefault("num_local_experts", 4)
+        kw.setdefault("num_experts_per_tok", 2)
+        kw.setdefault("router_jitter_noise", 0.0)
+        return MixtralConfig(**kw)
+    if family == "mistral":
+        return MistralConfig(**kw)
+    raise ValueError(family)
+
+
+def make_hf_model(family: str, seed: int = 0, head: str = "causal_lm", **overrides: Any):
+    """A random transformers model of the given family and head, eval mode, fp32."""
+    import torch
+    import transformers
+
+    cfg = hf_config(family, **overrides)
+    prefix = "Mixtral" if family == "mixtral" else "Mistral"
+    cls_name = {
+        "causal_lm": "ForCausalLM",
+        "base": "Model",
+        "sequence_classification": "ForSequenceClassification",
+        "token_classification": "ForTokenClassification",
+        "question_answering": "ForQuestionAnswering",
+    }[head]
+    torch.manual_seed(seed)
+    model = getattr(transformers, prefix + cls_name)(cfg)
+    return model.eval()
+
+
+def make_checkpoint(
+    path: Path,
+    family: str = "mistral",
+    seed: int = 0,
+    head: str = "causal_lm",
+    max_shard_size: str | None = None,
+    tokenizer: bool = True,
+    **overrides: Any,
+) -> Path:
+    """Write a tiny random checkpoint (config.json + safetensors [+ tokenizer.model]) to `path`."""
+    model = make_hf_model(family, seed=seed, head=head, **overrides)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kw)
+    if tokenizer:
+        shutil.copy(mistral_tokenizer_path(), path / "tokenizer.model")
+    return path
