@@ -44,7 +44,7 @@ def sliding_window_attention(
     sin_cache: torch.Tensor,  # [P, D/2]
     num_heads: int,
     kv_heads: int,
-    window: int,  # 0 = full causal
+    window: int,  # <= 0 = full causal
     scale: float,  # 0.0 = 1/sqrt(D)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, S, _ = q.shape
@@ -61,7 +61,7 @@ def sliding_window_attention(
         past = total - S
         if past < 0:
             raise ValueError(f"total_lengths[{b}]={total} is smaller than the {S} new tokens")
-        if window == 0 and past > C:
+        if window <= 0 and past > C:
             raise ValueError(f"row {b}: {past} past tokens do not fit a full-attention cache of capacity {C}")
         pos = torch.arange(past, total)  # [S]
         qb = apply_rope(qh[b], cos_cache[pos], sin_cache[pos])  # [N, S, D]
