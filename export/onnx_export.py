@@ -1,0 +1,242 @@
+"""Export a checkpoint to an artifact directory: manifest.json + model.onnx (+ .data) + tokenizer.model.
+
+The reference model's `CausalLM.step` is traced with torch.onnx.export(dynamo=True). Attention and
+the MoE reach the graph through our torch custom ops, which translate to `mixtrt::SlidingWindowAttention`
+and `mixtrt::MoE` nodes; each node type carries a model-local ONNX function body (onnxruntime contrib
+ops), so onnxruntime runs the graph as is and TensorRT can swap in our plugins.
+
+One graph serves prefill and decode:
+
+    input_ids [batch, sequence] int64 ─┐
+    total_lengths [batch] int32 ───────┼─► 32 x Block ─► logits [batch, sequence, vocab]
+    past_key_values.{i}.key/value ─────┘                 present.{i}.key/value  (same shape as past)
+        [batch, kv_heads, C, head_dim]
+
+C (cache capacity) is fixed at export: window + slack for sliding-window models, else the max context.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from mixtrt.runtime import __version__
+from mixtrt.runtime.args import ModelArgs
+from mixtrt.runtime.cache import cache_capacity
+from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.manifest import CacheSpec, Manifest, TensorSpec, atomic_dir, file_entries
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+# Linear (no-window) caches cost memory per position, so their default context is bounded.
+DEFAULT_LINEAR_CONTEXT = 4096
+# Past this many bytes of weights the graph keeps them in model.onnx.data (protobuf's 2 GB limit).
+EXTERNAL_DATA_BYTES = 1 << 30
+OPSET = 20
+
+
+class _Step(torch.nn.Module):
+    """The traced entry point: (input_ids, total_lengths, [k0, v0, k1, v1, ...]) -> (logits, presents...)."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, total_lengths, past_key_values: list[torch.Tensor]):
+        return self.lm.step(input_ids, total_lengths, *past_key_values)
+
+
+def default_out_dir(checkpoint_dir: Path, precision: str) -> Path:
+    return Path("engines") / f"{Path(checkpoint_dir).resolve().name}-{precision}"
+
+
+def resolve_max_context(args: ModelArgs, max_context: int | None) -> int:
+    if max_context is None:
+        _, windowed = cache_capacity(args, args.max_position_embeddings)
+        return args.max_position_embeddings if windowed else min(args.max_position_embeddings, DEFAULT_LINEAR_CONTEXT)
+    if max_context < 1 or max_context > args.max_position_embeddings:
+        raise ConfigError(f"--max-context {max_context} must be in [1, max_position_embeddings="
+                          f"{args.max_position_embeddings}]")
+    return max_context
+
+
+def export_onnx(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    precision: str = "fp32",
+    max_context: int | None = None,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = print,
+) -> Path:
+    """Export `checkpoint_dir` to the artifact directory `out_dir` (default engines/<name>-<precision>)."""
+    from mixtrt.export.checkpoint import load_model
+    from mixtrt.plugins.onnx_functions import attach_functions, custom_translation_table
+
+    say = progress or (lambda _msg: None)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r} is not one of {sorted(PRECISIONS)}")
+    checkpoint_dir = Path(checkpoint_dir)
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint_dir, precision)
+    args = ModelArgs.from_checkpoint_dir(checkpoint_dir)
+    if args.head != "causal_lm":
+        raise ConfigError(f"{checkpoint_dir}: {args.architecture} has no language-model head; export needs a "
+                          "*ForCausalLM checkpoint")
+    max_context = resolve_max_context(args, max_context)
+    capacity, windowed = cache_capacity(args, max_context)
+    tokenizer_src = _find_tokenizer(checkpoint_dir)
+
+    t0 = time.perf_counter()
+    say(f"loading {checkpoint_dir} ({args.architecture}, {args.num_hidden_layers} layers)")
+    model = load_model(checkpoint_dir, dtype=PRECISIONS[precision])
+    n_params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    say(f"  {n_params / 1e6:.1f} M parameters, {weight_bytes / 2**20:.0f} MiB ({time.perf_counter() - t0:.1f} s)")
+
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        say(f"tracing the graph (cache capacity {capacity}, {'windowed' if windowed else 'linear'} layout)")
+        t1 = time.perf_counter()
+        program = _trace(model, args, capacity, custom_translation_table())
+        say(f"  traced in {time.perf_counter() - t1:.1f} s")
+        ir_model = program.model
+        attach_functions(ir_model)
+        _name_nodes(ir_model)
+        say("writing model.onnx")
+        names = _save(ir_model, tmp, external=weight_bytes > EXTERNAL_DATA_BYTES)
+        _check(tmp / "model.onnx")
+        shutil.copyfile(tokenizer_src, tmp / "tokenizer.model")
+        names.append("tokenizer.model")
+        say("hashing files")
+        manifest = Manifest(
+            args=args,
+            precision=precision,
+            max_context=max_context,
+            cache=CacheSpec(capacity=capacity, layout="windowed" if windowed else "linear",
+                            window=args.sliding_window if windowed else None,
+                            dtype="float16" if precision == "fp16" else "float32"),
+            inputs=tuple(_io_specs(args, capacity, precision)[0]),
+            outputs=tuple(_io_specs(args, capacity, precision)[1]),
+            opsets={imp: ver for imp, ver in ir_model.opset_imports.items()},
+            files=file_entries(tmp, names),
+            versions=_versions(),
+            source=str(checkpoint_dir.resolve()),
+        )
+        manifest.save(tmp)
+    say(f"wrote {out_dir} in {time.perf_counter() - t0:.1f} s")
+    return out_dir
+
+
+def _find_tokenizer(checkpoint_dir: Path) -> Path:
+    from mixtrt.runtime.tokenizer import Tokenizer
+
+    return Tokenizer.load(checkpoint_dir).path
+
+
+def _io_specs(args: ModelArgs, capacity: int, precision: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    dt = "float16" if precision == "fp16" else "float32"
+    kv = ("batch", args.num_key_value_heads, capacity, args.head_dim)
+    inputs = [TensorSpec("input_ids", "int64", ("batch", "sequence")), TensorSpec("total_lengths", "int32", ("batch",))]
+    outputs = [TensorSpec("logits", dt, ("batch", "sequence", args.vocab_size))]
+    for i in range(args.num_hidden_layers):
+        inputs += [TensorSpec(n, dt, kv) for n in Manifest.past_names(i)]
+        outputs += [TensorSpec(n, dt, kv) for n in Manifest.present_names(i)]
+    return inputs, outputs
+
+
+def _trace(model: torch.nn.Module, args: ModelArgs, capacity: int, table: dict):
+    dtype = next(model.parameters()).dtype
+    batch, seq = 2, 3  # example sizes; both dims are dynamic (size-1 examples would be specialised)
+    kv_shape = (batch, args.num_key_value_heads, capacity, args.head_dim)
+    past = [torch.zeros(kv_shape, dtype=dtype) for _ in range(2 * args.num_hidden_layers)]
+    example = (torch.ones(batch, seq, dtype=torch.int64), torch.full((batch,), seq, dtype=torch.int32), past)
+    b, s = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=1, max=1 << 20)
+    dynamic = ({0: b, 1: s}, {0: b}, [{0: b}] * len(past))
+    in_names, out_names = _io_names(args)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with torch.no_grad():
+        return torch.onnx.export(
+            _Step(model).eval(), example, dynamo=True, custom_translation_table=table,
+            dynamic_shapes=dynamic, input_names=in_names, output_names=out_names,
+            opset_version=OPSET, optimize=True, verbose=False,
+        )
+
+
+def _io_names(args: ModelArgs) -> tuple[list[str], list[str]]:
+    ins, outs = ["input_ids", "total_lengths"], ["logits"]
+    for i in range(args.num_hidden_layers):
+        ins += Manifest.past_names(i)
+        outs += Manifest.present_names(i)
+    return ins, outs
+
+
+def _name_nodes(ir_model) -> None:
+    """Stable node names from the module path: /model/layers.3/attention/MatMul_0 (torch metadata)."""
+    counts: dict[str, int] = {}
+    for node in ir_model.graph:
+        scope = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
+        path = _scope_path(scope)
+        base = f"{path}/{node.op_type}"
+        n = counts.get(base, 0)
+        counts[base] = n + 1
+        node.name = f"{base}_{n}"
+
+
+def _scope_path(scope: str) -> str:
+    """"['', 'lm', 'lm.model', 'lm.model.layers.0', ...]" -> "/model/layers.0/..." (drops our wrappers)."""
+    import ast
+
+    try:
+        scopes = ast.literal_eval(scope) if scope else []
+    except (ValueError, SyntaxError):
+        scopes = []
+    deepest = scopes[-1] if scopes else ""
+    parts = deepest.split(".")
+    while parts and parts[0] in ("", "lm"):
+        parts = parts[1:]
+    out, i = [], 0
+    while i < len(parts):  # keep "layers.3" together
+        if parts[i] == "layers" and i + 1 < len(parts):
+            out.append(f"layers.{parts[i + 1]}")
+            i += 2
+        else:
+            out.append(parts[i])
+            i += 1
+    return "/" + "/".join(out) if out else ""
+
+
+def _save(ir_model, directory: Path, *, external: bool) -> list[str]:
+    import onnx_ir as ir
+
+    path = directory / "model.onnx"
+    if external:
+        ir.save(ir_model, path, external_data="model.onnx.data")
+        return ["model.onnx", "model.onnx.data"]
+    ir.save(ir_model, path)
+    return ["model.onnx"]
+
+
+def _check(path: Path) -> None:
+    import onnx
+
+    from mixtrt.plugins.onnx_functions import register_schemas
+
+    register_schemas()
+    onnx.checker.check_model(str(path))
+
+
+def _versions() -> dict[str, str | None]:
+    import onnx
+    import onnxruntime
+
+    try:
+        import onnxscript
+
+        onnxscript_version = onnxscript.__version__
+    except ImportError:
+        onnxscript_version = None
+    return {"mixtrt": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxscript": onnxscript_version, "onnxruntime": onnxruntime.__version__, "tensorrt": None}

@@ -1,0 +1,110 @@
+"""The ONNX Runtime backend: one step of the exported graph with the KV cache bound in place.
+
+The graph's present K/V outputs are bound to the same memory as its past K/V inputs (IOBinding with
+raw pointers into the runtime's KVCache buffers), so GroupQueryAttention updates the cache in place and
+no cache copy happens per step. Rows [start_row, start_row + b) of the cache are bound as one
+contiguous slice of each [B, K, C, D] buffer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mixtrt.runtime.args import ModelArgs
+from mixtrt.runtime.cache import KVCache
+from mixtrt.runtime.errors import ArtifactError, ConfigError
+from mixtrt.runtime.manifest import Manifest
+
+_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class OrtBackend:
+    """Runs an artifact's model.onnx on ONNX Runtime (CPU by default)."""
+
+    def __init__(self, directory: Path, manifest: Manifest, threads: int | None = None,
+                 providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.args: ModelArgs = manifest.args
+        self.capacity = manifest.cache.capacity
+        self.windowed = manifest.cache.windowed
+        self.max_positions = manifest.max_context
+        self.dtype = _DTYPES[manifest.cache.dtype]
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        model_path = self.directory / "model.onnx"
+        try:
+            self.session = ort.InferenceSession(
+                str(model_path), opts, providers=providers or ["CPUExecutionProvider"]
+            )
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ArtifactError(f"{model_path}: onnxruntime cannot load the graph: {e}") from None
+        kv = self.args.num_key_value_heads
+        self._kv_row_shape = (kv, self.capacity, self.args.head_dim)
+        self._ptr_type = {np.float32: np.float32, np.float16: np.float16}[self.dtype]
+
+    @classmethod
+    def load(cls, directory: str | Path, threads: int | None = None, verify: bool = True,
+             providers: list[str] | None = None) -> OrtBackend:
+        directory = Path(directory)
+        manifest = Manifest.load(directory, verify=verify)
+        return cls(directory, manifest, threads=threads, providers=providers)
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        a = self.args
+        return KVCache(a.num_hidden_layers, batch_size, a.num_key_value_heads, self.capacity, a.head_dim, self.dtype)
+
+    def step(self, cache: KVCache, input_ids: np.ndarray, start_row: int = 0) -> np.ndarray:
+        """input_ids [b, S] for cache rows [start_row, start_row+b) -> logits [b, S, V] float32."""
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if input_ids.ndim != 2:
+            raise ConfigError(f"input_ids must be [batch, tokens], got shape {input_ids.shape}")
+        b, s = input_ids.shape
+        if s > 1 and b > 1:
+            raise ConfigError("a multi-token step runs one row at a time (onnxruntime's attention needs batch 1)")
+        if start_row < 0 or start_row + b > cache.batch_size:
+            raise ConfigError(f"rows [{start_row}, {start_row + b}) are outside the cache's {cache.batch_size} rows")
+        rows = slice(start_row, start_row + b)
+        total = cache.lengths[rows].astype(np.int64) + s
+        if int(total.max()) > self.max_positions:
+            raise ConfigError(f"position {int(total.max()) - 1} is past the {self.max_positions} positions this "
+                              "artifact serves (max context chosen at export)")
+        if not self.windowed and int(total.max()) > self.capacity:
+            raise ConfigError(f"the cache holds {self.capacity} tokens per row (no sliding window) and this step "
+                              f"needs {int(total.max())}")
+        total32 = total.astype(np.int32)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("total_lengths", total32)
+        shape = [b, *self._kv_row_shape]
+        for layer in range(self.args.num_hidden_layers):
+            for buf, past, present in (
+                (cache.keys[layer], *_names(layer, 0)),
+                (cache.values[layer], *_names(layer, 1)),
+            ):
+                ptr = buf.ctypes.data + start_row * buf.strides[0]
+                binding.bind_input(past, "cpu", 0, self._ptr_type, shape, ptr)
+                binding.bind_output(present, "cpu", 0, self._ptr_type, shape, ptr)
+        logits = np.empty((b, s, self.args.vocab_size), self.dtype)
+        binding.bind_output("logits", "cpu", 0, self._ptr_type, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        cache.lengths[rows] = total32
+        return logits.astype(np.float32, copy=False)
+
+
+def _names(layer: int, which: int) -> tuple[str, str]:
+    return Manifest.past_names(layer)[which], Manifest.present_names(layer)[which]
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
