@@ -31,7 +31,6 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(ns.threads)
 
     import torch
-
     from mixtrt.export import export_onnx, load_model
     from mixtrt.export.model import KVCache as TorchCache
     from mixtrt.runtime.ort_backend import OrtBackend
@@ -57,7 +56,7 @@ def main() -> None:
     snap_v = [v.copy() for v in cache.values]
 
     def ort_decode():  # restore the post-prefill cache so every timed step sees the same state
-        for dst, src in zip(cache.keys + cache.values, snap_k + snap_v):
+        for dst, src in zip(cache.keys + cache.values, snap_k + snap_v, strict=True):
             dst[...] = src
         cache.lengths[0] = base_len
         backend.step(cache, prompt[:, -1:])
@@ -80,7 +79,7 @@ def main() -> None:
     tv = [t.clone() for t in tcache.values]
 
     def torch_decode():
-        for dst, src in zip(tcache.keys + tcache.values, tk + tv):
+        for dst, src in zip(tcache.keys + tcache.values, tk + tv, strict=True):
             dst.copy_(src)
         tcache.lengths.fill_(base_len)
         with torch.no_grad():
@@ -92,7 +91,7 @@ def main() -> None:
     print(f"model {ns.model} ({SHAPES[ns.model]['num_hidden_layers']} layers), threads {ns.threads}, "
           f"median of {ns.repeat} prefill / {ns.repeat * 5} decode runs")
     print(f"{'step':<22}{'onnxruntime ms':>16}{'torch ref ms':>14}{'speed-up':>10}")
-    for name, a, b in (("prefill %d tokens" % ns.prefill, t_ort_prefill, t_torch_prefill),
+    for name, a, b in ((f"prefill {ns.prefill} tokens", t_ort_prefill, t_torch_prefill),
                        ("decode 1 token", t_ort_decode, t_torch_decode)):
         print(f"{name:<22}{a * 1e3:>16.2f}{b * 1e3:>14.2f}{b / a:>9.2f}x")
 

@@ -67,7 +67,6 @@ def _(p: argparse.ArgumentParser) -> None:
 def inspect_artifact(directory: Path, verify: bool = False) -> dict:
     import numpy as np
     import onnx
-
     from mixtrt.runtime.manifest import Manifest
 
     m = Manifest.load(directory, verify=verify)

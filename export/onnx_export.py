@@ -24,7 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
 from mixtrt.runtime import __version__
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.cache import cache_capacity
@@ -221,7 +220,6 @@ def _save(ir_model, directory: Path, *, external: bool) -> list[str]:
 
 def _check(path: Path) -> None:
     import onnx
-
     from mixtrt.plugins.onnx_functions import register_schemas
 
     register_schemas()
