@@ -1,0 +1,291 @@
+"""Mistral's sentencepiece tokenizer, streaming decode and the v1 instruct chat format (torch-free).
+
+    >>> tok = Tokenizer.load()                     # the Mistral v1 tokenizer shipped in mistral-common
+    >>> tok.encode("Hello world")
+    [1, 22557, 1526]
+    >>> tok.render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+    ...                  {"role": "user", "content": "Bye"}])
+    '<s>[INST] Hi [/INST] Yo</s>[INST] Bye [/INST]'
+
+Token ids follow sentencepiece (what the model was trained with and what mistral-common produces).
+transformers 5.x rebuilds the same vocabulary as a `tokenizers` BPE that differs on runs of spaces;
+see DESIGN.md "Tokenizer".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+from mixtrt.runtime.errors import ConfigError
+
+TOKENIZER_FILE = "tokenizer.model"
+_SPACE = "\u2581"  # sentencepiece's "▁": a space in the text
+_REPLACEMENT = "\ufffd"
+
+
+def shipped_tokenizer_path() -> Path:
+    """The Mistral v1 `tokenizer.model` that mistral-common ships (32000 pieces, byte fallback)."""
+    try:
+        import mistral_common
+    except ImportError:
+        raise ConfigError(
+            "no tokenizer.model given and mistral-common is not installed to supply the Mistral v1 one "
+            "(pip install mistral-common, or pass a tokenizer.model)"
+        ) from None
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+def _resolve(path: str | Path | None) -> Path:
+    if path is not None:
+        path = Path(path)
+        if path.is_file():
+            return path
+        if not path.is_dir():
+            raise ConfigError(f"{path}: no such tokenizer file or directory")
+        if (path / TOKENIZER_FILE).is_file():
+            return path / TOKENIZER_FILE
+    shipped = shipped_tokenizer_path()
+    if not shipped.is_file():
+        where = f"{path} has no {TOKENIZER_FILE} and " if path is not None else ""
+        raise ConfigError(f"{where}mistral-common's Mistral v1 tokenizer is missing at {shipped}")
+    return shipped
+
+
+def _utf8_length(lead: int) -> int:
+    """Bytes in the UTF-8 character that starts with `lead`; 0 for a byte no character starts with."""
+    if lead < 0x80:
+        return 1
+    if 0xC2 <= lead <= 0xDF:
+        return 2
+    if 0xE0 <= lead <= 0xEF:
+        return 3
+    if 0xF0 <= lead <= 0xF4:
+        return 4
+    return 0
+
+
+def _is_utf8_prefix(buf: bytes) -> bool:
+    """True when `buf` is a proper prefix of some valid UTF-8 character (so more bytes may complete it).
+
+    >>> _is_utf8_prefix(b"\\xf0\\x9f"), _is_utf8_prefix(b"\\xed\\xa0")  # emoji start; surrogate: never valid
+    (True, False)
+    """
+    n = _utf8_length(buf[0])
+    if not 0 < len(buf) < n:
+        return False
+    lo, hi = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}.get(
+        buf[0], (0x80, 0xBF)
+    )
+    return all(lo <= b <= hi if i == 1 else 0x80 <= b <= 0xBF for i, b in enumerate(buf) if i)
+
+
+def _decode_bytes(buf: bytes, final: bool) -> tuple[str, bytes]:
+    """Byte-fallback bytes -> (text, bytes held back), as sentencepiece decodes a run of byte pieces.
+
+    Each valid character is decoded; each byte that does not start one becomes one U+FFFD (not
+    Python's maximal-subpart rule). Unless `final`, an incomplete character at the end is held back.
+
+    >>> _decode_bytes(b"A\\xe2\\x82", final=False), _decode_bytes(b"A\\xe2\\x82", final=True)
+    (('A', b'\\xe2\\x82'), ('A\\ufffd\\ufffd', b''))
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(buf):
+        n = _utf8_length(buf[i])
+        if n and i + n <= len(buf):
+            try:
+                out.append(buf[i : i + n].decode("utf-8"))
+                i += n
+                continue
+            except UnicodeDecodeError:
+                pass
+        elif not final and _is_utf8_prefix(buf[i:]):
+            return "".join(out), buf[i:]
+        out.append(_REPLACEMENT)
+        i += 1
+    return "".join(out), b""
+
+
+class StreamDecoder:
+    """Incremental decode: the concatenation of every `put()` and the final `flush()` equals
+    `Tokenizer.decode(all ids)` exactly, and no chunk ends inside a UTF-8 character.
+
+    It replays sentencepiece's decoder piece by piece: control tokens are invisible, byte-fallback
+    pieces are gathered until their character is complete, and the "▁" of the first visible piece
+    is dropped (the dummy prefix), which is why a window of recent ids re-decoded would not do.
+
+        >>> s = tok.stream()
+        >>> [s.put(i) for i in tok.encode("a🧬", bos=False)] + [s.flush()]  # ▁a, then 4 byte pieces
+        ['a', '', '', '', '🧬', '']
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
+        self._tok = tokenizer
+        self._skip_special = skip_special
+        self._pending = b""  # byte-fallback bytes of a character not yet complete
+        self._is_bos_ws = True  # the next "▁"-led piece is the dummy prefix to drop
+        self._bos_ws_seen = False
+        self._visible = False  # any text (control tokens aside) emitted yet
+
+    def put(self, token_id: int) -> str:
+        """Feed one id; returns the text it completes (often "", never a partial character)."""
+        tok = self._tok
+        token_id = int(token_id)
+        byte = tok._byte_of(token_id)
+        if byte is not None:
+            text, self._pending = _decode_bytes(self._pending + bytes([byte]), final=False)
+            self._visible |= bool(text)
+            return text
+        text = self.flush()
+        if self._bos_ws_seen or self._visible:
+            self._is_bos_ws = False
+        self._bos_ws_seen = False
+        piece = tok.id_to_piece(token_id)
+        if tok._sp.is_control(token_id):
+            return text if self._skip_special else text + piece
+        if tok._sp.is_unknown(token_id):
+            surface = tok._unk_surface
+        else:
+            if self._is_bos_ws and tok._strip_bos_ws and piece.startswith(_SPACE):
+                piece = piece[1:]
+                self._bos_ws_seen = not tok._strip_all_leading_ws
+            surface = piece.replace(_SPACE, " ")
+        self._visible |= bool(surface)
+        return text + surface
+
+    def flush(self) -> str:
+        """Whatever is held back; an incomplete character becomes U+FFFD per byte, as decode does."""
+        text, self._pending = _decode_bytes(self._pending, final=True)
+        self._visible |= bool(text)
+        return text
+
+
+class Tokenizer:
+    """A sentencepiece `tokenizer.model` (Mistral: byte-fallback BPE, BOS 1, EOS 2, no pad)."""
+
+    def __init__(self, sp: spm.SentencePieceProcessor, path: Path) -> None:
+        self._sp = sp
+        self.path = path
+        self.vocab_size: int = sp.get_piece_size()
+        self.bos_id: int = sp.bos_id()
+        self.eos_id: int = sp.eos_id()
+        self.pad_id: int | None = sp.pad_id() if sp.pad_id() >= 0 else None
+        self._bytes = {i: int(sp.id_to_piece(i)[3:5], 16) for i in range(self.vocab_size) if sp.is_byte(i)}
+        self._unk_surface = sp.decode([sp.unk_id()])
+        # How decode treats leading "▁" (normalizer add_dummy_prefix / remove_extra_whitespaces),
+        # read off the model by decoding the bare "▁" piece once and twice.
+        ws = sp.piece_to_id(_SPACE)
+        plain = ws != sp.unk_id() and not sp.is_control(ws) and not sp.is_byte(ws)
+        self._strip_bos_ws = plain and sp.decode([ws]) == ""
+        self._strip_all_leading_ws = plain and sp.decode([ws, ws]) == ""
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> Tokenizer:
+        """A `tokenizer.model` file, or a directory holding one; None, or a directory without one,
+        gives the Mistral v1 tokenizer shipped in mistral-common."""
+        file = _resolve(path)
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.Load(str(file))
+        except (OSError, RuntimeError) as e:
+            raise ConfigError(f"{file}: not a sentencepiece tokenizer model ({e})") from None
+        if sp.get_piece_size() == 0 or sp.bos_id() < 0 or sp.eos_id() < 0:
+            raise ConfigError(f"{file}: sentencepiece model without pieces or without BOS/EOS ids")
+        return cls(sp, file)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+    def _byte_of(self, token_id: int) -> int | None:
+        return self._bytes.get(token_id)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Text -> ids; sentencepiece adds the dummy-prefix space ("Hi" -> "▁Hi")."""
+        return [self.bos_id] * bos + self._sp.encode(text) + [self.eos_id] * eos
+
+    def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
+        return [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in self._sp.encode(list(texts))]
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        """Ids -> text. skip_special=False writes control tokens as their pieces ("<s>", "</s>") in
+        place, without changing the text between them; <unk> is always sentencepiece's " ⁇ "."""
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ConfigError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+        if skip_special:
+            return self._sp.decode(ids)
+        stream = StreamDecoder(self, skip_special=False)
+        return "".join(stream.put(i) for i in ids) + stream.flush()
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
+    def stream(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """The conversation as ids, equal to mistral-common's v1 instruct tokenizer.
+
+        BOS, then each user turn encoded alone as "[INST] {content} [/INST]", each assistant turn
+        as "{content}" + EOS (both with sentencepiece's dummy-prefix space). A leading system
+        message is prepended to the first user message as "{system}\\n\\n{user}".
+        """
+        ids = [self.bos_id]
+        for role, content in _turns(messages, add_generation_prompt):
+            if role == "user":
+                ids += self._sp.encode(f"[INST] {content} [/INST]")
+            else:
+                ids += self._sp.encode(content) + [self.eos_id]
+        return ids
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+        """The same conversation as text: '<s>[INST] user [/INST] answer</s>[INST] user2 [/INST]'."""
+        bos, eos = self.id_to_piece(self.bos_id), self.id_to_piece(self.eos_id)
+        parts = [bos]
+        for role, content in _turns(messages, add_generation_prompt):
+            parts.append(f"[INST] {content} [/INST]" if role == "user" else f" {content}{eos}")
+        return "".join(parts)
+
+
+def _turns(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> list[tuple[str, str]]:
+    """Validated (role, content) turns, the system message folded into the first user turn.
+
+    Roles: one optional leading "system", then "user" / "assistant" alternating from "user"; with
+    add_generation_prompt the last turn must be the user's (the model answers next). Without it the
+    conversation may also end with an assistant turn, closed by EOS.
+    """
+    if not messages:
+        raise ConfigError("chat: no messages; a conversation needs at least one user message")
+    for n, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ConfigError(f"chat: message {n} must be a mapping with string 'role' and 'content', got {m!r}")
+    system = None
+    turns = [(m["role"], m["content"]) for m in messages]
+    if turns[0][0] == "system":
+        system = turns.pop(0)[1]
+    if not turns:
+        raise ConfigError("chat: only a system message; a conversation needs at least one user message")
+    offset = len(messages) - len(turns)
+    for n, (role, content) in enumerate(turns):
+        expected = ("user", "assistant")[n % 2]
+        if role != expected:
+            where = "one optional system message first, then " if role == "system" else ""
+            raise ConfigError(
+                f"chat: message {n + offset} has role {role!r} where {expected!r} was expected: "
+                f"the Mistral v1 format takes {where}user/assistant turns alternating, starting with user"
+            )
+        if role == "assistant" and not content:
+            raise ConfigError(f"chat: message {n + offset} is an empty assistant message")
+    if add_generation_prompt and turns[-1][0] != "user":
+        raise ConfigError(
+            "chat: the last message must be the user's when add_generation_prompt=True "
+            "(the model writes the next assistant turn)"
+        )
+    if system:  # mistral-common drops an empty system prompt
+        turns[0] = ("user", f"{system}\n\n{turns[0][1]}")
+    return turns
