@@ -1,0 +1,384 @@
+"""The generation loop on a fake numpy backend and tokenizer (parity with transformers runs on real exports).
+
+ToyBackend is a deterministic toy LM whose logits depend on the last 3 tokens, read back from a real
+KVCache (ring slots when windowed, slot = position otherwise), and on the position: a chunking, row
+mapping (keep_rows) or position bug changes the tokens. It also enforces the Backend rules (S > 1 only
+with b == 1, S <= capacity, no feeding past the cache or max positions) and counts the tokens it ran.
+"""
+
+import codecs
+
+import numpy as np
+import pytest
+from mixtrt.runtime.args import ModelArgs
+from mixtrt.runtime.backend import Backend
+from mixtrt.runtime.cache import KVCache
+from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.generation import GenerationConfig, Generator, StreamEvent
+from mixtrt.runtime.sampling import log_softmax
+
+# ---- fakes ---------------------------------------------------------------------------------------------
+PIECES: list[bytes] = [b"<unk>", b"<s>", b"</s>"]
+PIECES += [bytes([c]) for c in b"abcdefghijklmnopqrstuvwxyz"]  # 3..28
+PIECES += [b" ", b".", b"\n", b"\xc3", b"\xa9", b"\xe2", b"\x82", b"\xac"]  # 29..36: bytes of e-acute, euro
+PIECES += [b"the", b"ab", b"ing", b" and", b"st", b"op", b"ll", b"!", b"?"]  # 37..45
+V = len(PIECES)
+A, B, C3, A9, E2, X82, AC = 3, 4, 32, 33, 34, 35, 36
+# with UTF8_CHAIN the toy LM strongly prefers: a -> é (2 byte tokens) -> b -> € (3 byte tokens) -> a
+UTF8_CHAIN = {A: C3, C3: A9, A9: B, B: E2, E2: X82, X82: AC, AC: A}
+
+
+class ToyTokenizer:
+    bos_id, eos_id, vocab_size = 1, 2, V
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        data, ids = text.encode(), [1] if bos else []
+        while data:
+            best = max((i for i in range(3, V) if data.startswith(PIECES[i])), key=lambda i: len(PIECES[i]),
+                       default=0)
+            ids.append(best)
+            data = data[len(PIECES[best]) if best else 1:]
+        return ids + [2] * eos
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(PIECES[i] for i in ids if i >= 3).decode("utf-8", "replace")
+
+    def stream(self) -> "ToyStreamDecoder":
+        return ToyStreamDecoder()
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        ids = [1]
+        for m in messages:
+            ids += self.encode(f"{m['role']} {m['content']}\n", bos=False)
+        return ids + (self.encode("the", bos=False) if add_generation_prompt else [])
+
+
+class ToyStreamDecoder:
+    def __init__(self) -> None:
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def put(self, token_id: int) -> str:
+        return self.utf8.decode(PIECES[token_id]) if token_id >= 3 else ""
+
+    def flush(self) -> str:
+        return self.utf8.decode(b"", final=True)
+
+
+class ToyBackend:
+    def __init__(self, capacity: int = 6, windowed: bool = True, max_positions: int = 512,
+                 chain: dict[int, int] | None = None, seed: int = 0) -> None:
+        self.args = ModelArgs(architecture="MistralForCausalLM", vocab_size=V, hidden_size=16, intermediate_size=32,
+                              num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=2,
+                              sliding_window=4 if windowed else None, max_position_embeddings=max_positions)
+        self.capacity, self.windowed, self.max_positions = capacity, windowed, max_positions
+        rng = np.random.default_rng(seed)
+        self.emb, self.pos = rng.standard_normal((V, 16)), rng.standard_normal((5, 16))
+        self.out = rng.standard_normal((16, V))
+        self.chain = chain or {}
+        self.calls: list[tuple[int, int, int]] = []  # (b, S, start_row)
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        return KVCache(1, batch_size, 1, self.capacity, 1)
+
+    def slot(self, pos: int) -> int:
+        return pos % self.capacity if self.windowed else pos
+
+    def step(self, cache: KVCache, input_ids: np.ndarray, start_row: int = 0) -> np.ndarray:
+        b, s = input_ids.shape
+        assert input_ids.dtype == np.int64 and (s == 1 or b == 1) and s <= self.capacity
+        assert 0 <= start_row and start_row + b <= cache.batch_size
+        self.calls.append((b, s, start_row))
+        keys, out = cache.keys[0], np.empty((b, s, V), np.float32)
+        for r in range(b):
+            row = start_row + r
+            for j in range(s):
+                pos = int(cache.lengths[row])
+                assert pos < self.max_positions, "fed past max positions"
+                assert self.windowed or pos < self.capacity, "fed past a full linear cache"
+                keys[row, 0, self.slot(pos), 0] = input_ids[r, j]
+                cache.lengths[row] += 1
+                history = [int(keys[row, 0, self.slot(pos - k), 0]) for k in range(3) if pos - k >= 0]
+                h = sum(w * self.emb[t] for w, t in zip((1.0, 0.5, 0.25), history, strict=False)) + self.pos[pos % 5]
+                out[r, j] = h @ self.out
+                if history[0] in self.chain:
+                    out[r, j, self.chain[history[0]]] += 40.0
+        return out
+
+    @property
+    def tokens_run(self) -> int:
+        return sum(b * s for b, s, _ in self.calls)
+
+
+def make(**kw) -> tuple[Generator, ToyBackend]:
+    backend = ToyBackend(**kw)
+    return Generator(backend, ToyTokenizer()), backend
+
+
+PROMPTS = [[1, 5, 9, 12], [1, 20, 7, 7, 30, 11, 8, 4, 17, 40, 3, 19, 22], [1, 37]]  # 4, 13 (> capacity), 2 tokens
+
+
+def reference_greedy(backend: ToyBackend, prompt: list[int], n: int) -> list[int]:
+    """Greedy by hand: the prompt one token at a time, then token by token."""
+    cache, ids = backend.new_cache(1), list(prompt)
+    for t in prompt[:-1]:
+        backend.step(cache, np.array([[t]]))
+    for _ in range(n):
+        ids.append(int(np.argmax(backend.step(cache, np.array([ids[-1:]]))[0, -1])))
+    return ids[len(prompt):]
+
+
+# ---- tests ---------------------------------------------------------------------------------------------
+def test_toy_backend_is_a_backend():
+    assert isinstance(ToyBackend(), Backend)
+
+
+@pytest.mark.parametrize("windowed", [True, False])
+@pytest.mark.parametrize("chunk", [None, 1, 4])
+def test_batched_greedy_equals_one_by_one_and_by_hand(windowed, chunk):
+    gen, backend = make(windowed=windowed, capacity=6 if windowed else 64)
+    config = GenerationConfig(max_new_tokens=20, eos_token_id=(), prefill_chunk=chunk)
+    batched = gen.generate(PROMPTS, config)
+    for prompt, out in zip(PROMPTS, batched, strict=True):
+        [alone] = gen.generate(prompt, config)
+        by_hand = reference_greedy(ToyBackend(windowed=windowed, capacity=backend.capacity), prompt, 20)
+        assert out.token_ids == alone.token_ids == by_hand
+        assert out.text == alone.text == ToyTokenizer().decode(out.token_ids)
+        assert (out.finish_reason, out.finish_message) == ("length", "max_new_tokens=20 reached")
+
+
+def test_finished_rows_cost_no_work_and_results_match():
+    gen, backend = make()
+    base = gen.generate(PROMPTS, max_new_tokens=12, eos_token_id=())
+    eos = base[1].token_ids[2]  # row 1 ends early at the first occurrence of this token
+    backend.calls.clear()
+    outs = gen.generate(PROMPTS, max_new_tokens=12, eos_token_id=eos)
+    calls, tokens_run = list(backend.calls), backend.tokens_run
+    for prompt, out, full in zip(PROMPTS, outs, base, strict=True):
+        cut = full.token_ids.index(eos) + 1 if eos in full.token_ids else 12
+        assert out.token_ids == full.token_ids[:cut]
+        assert out.finish_reason == ("eos" if eos in full.token_ids else "length")
+        assert out.token_ids == gen.generate(prompt, max_new_tokens=12, eos_token_id=eos)[0].token_ids
+    # every token is run once: the prompts, then each generated token except the last of each row
+    assert tokens_run == sum(map(len, PROMPTS)) + sum(len(o.token_ids) - 1 for o in outs)
+    decode_batches = [b for b, s, _ in calls if b > 1]
+    assert decode_batches == sorted(decode_batches, reverse=True) and min(decode_batches) < len(PROMPTS)
+
+
+def test_eos_ends_row_and_is_not_in_text():
+    gen, _ = make()
+    [full] = gen.generate(PROMPTS[0], max_new_tokens=10, eos_token_id=())
+    eos = full.token_ids[3]
+    [out] = gen.generate(PROMPTS[0], max_new_tokens=10, eos_token_id=[eos, 0])
+    n = full.token_ids.index(eos) + 1
+    assert out.token_ids == full.token_ids[:n] and out.finish_reason == "eos"
+    assert out.text == ToyTokenizer().decode(full.token_ids[: n - 1]) and str(eos) in out.finish_message
+
+
+def test_model_eos_is_the_default():
+    gen, backend = make()
+    out = gen.generate(PROMPTS, max_new_tokens=40)
+    for o in out:
+        assert (o.finish_reason == "eos") == (2 in o.token_ids)
+        if o.finish_reason == "eos":
+            assert o.token_ids[-1] == 2 and o.token_ids.count(2) == 1
+
+
+def test_stop_string_cuts_text_and_ends_row():
+    gen, _ = make()
+    [full] = gen.generate(PROMPTS[1], max_new_tokens=15, eos_token_id=())
+    stop = full.text[5:8]
+    at = full.text.index(stop)
+    [out] = gen.generate(PROMPTS[1], max_new_tokens=15, eos_token_id=(), stop_strings=("zzzz", stop))
+    assert out.text == full.text[:at] and out.finish_reason == "stop" and repr(stop) in out.finish_message
+    assert full.token_ids[: len(out.token_ids)] == out.token_ids
+    assert len(ToyTokenizer().decode(out.token_ids)) >= at + len(stop)  # the row ended on the token completing it
+    assert len(ToyTokenizer().decode(out.token_ids[:-1])) < at + len(stop)
+
+
+def test_linear_cache_fills_with_message():
+    gen, backend = make(windowed=False, capacity=10)
+    outs = gen.generate(PROMPTS[:1] + PROMPTS[2:], max_new_tokens=50, eos_token_id=())
+    for prompt, out in zip(PROMPTS[:1] + PROMPTS[2:], outs, strict=True):
+        assert len(prompt) + len(out.token_ids) == 10 and out.finish_reason == "length"
+        assert out.finish_message == ("cache full: the model has no sliding window and its cache holds 10 tokens "
+                                      "(max context chosen at export)")
+
+
+def test_max_positions_ends_windowed_rows():
+    gen, _ = make(windowed=True, capacity=6, max_positions=15)
+    [out] = gen.generate(PROMPTS[0], max_new_tokens=50, eos_token_id=())
+    assert len(out.token_ids) == 11 and out.finish_reason == "length" and "15 positions" in out.finish_message
+
+
+def test_generation_runs_far_past_the_window_with_fixed_cache():
+    gen, backend = make(windowed=True, capacity=6)
+    [out] = gen.generate(PROMPTS[0], max_new_tokens=8 * 6, eos_token_id=())
+    assert len(out.token_ids) == 48 and out.token_ids == reference_greedy(ToyBackend(), PROMPTS[0], 48)
+
+
+def test_prompt_too_long_is_refused_before_any_work():
+    gen, backend = make(windowed=False, capacity=10)
+    with pytest.raises(ConfigError, match="prompt 1 has 13 tokens.*cache full"):
+        gen.generate(PROMPTS, eos_token_id=())
+    assert backend.calls == []
+
+
+@pytest.mark.parametrize("options, name", [
+    ({"temperature": -1.0}, "temperature"), ({"temperature": 0.0, "do_sample": True}, "temperature"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"),
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"seed": -3}, "seed"), ({"prefill_chunk": 0}, "prefill_chunk"), ({"prefill_chunk": 7}, "prefill_chunk"),
+    ({"eos_token_id": V}, "eos_token_id"), ({"stop_strings": ("",)}, "stop_strings"), ({"colour": 1}, "colour"),
+])
+def test_invalid_options_raise_before_work(options, name):
+    gen, backend = make()
+    with pytest.raises(ConfigError, match=name):
+        gen.generate(PROMPTS, **options)
+    assert backend.calls == []
+
+
+@pytest.mark.parametrize("prompts, match", [
+    ("", "prompt 0 is empty"), ([], "empty"), ([[1, 2], []], "prompt 1 is empty"), ([1, V], "outside the vocab"),
+    ([[1, -1]], "outside the vocab"), ([[1.5, 2]], "integers"),
+])
+def test_invalid_prompts_raise_before_work(prompts, match):
+    gen, backend = make()
+    with pytest.raises(ConfigError, match=match):
+        gen.generate(prompts)
+    with pytest.raises(ConfigError, match=match):
+        gen.stream(prompts)  # raised at the call, not on first iteration
+    assert backend.calls == []
+
+
+def test_prompt_forms():
+    gen, _ = make()
+    config = GenerationConfig(max_new_tokens=4, eos_token_id=())
+    text = "the cat"
+    ids = ToyTokenizer().encode(text)
+    expected = gen.generate([ids], config)[0].token_ids
+    assert gen.generate(text, config)[0].token_ids == expected
+    assert gen.generate([text, text], config)[1].token_ids == expected
+    assert gen.generate(ids, config)[0].token_ids == expected
+    assert gen.generate(np.array([ids]), config)[0].token_ids == expected
+
+
+def test_stream_concatenates_to_text_with_split_utf8_characters():
+    gen, _ = make(chain=UTF8_CHAIN)
+    events = list(gen.stream([1, 20, A], max_new_tokens=14, eos_token_id=()))
+    *tokens, last = events
+    out = last.output
+    assert all(isinstance(e, StreamEvent) for e in events) and last.token_id is None and last.text == ""
+    assert [e.token_id for e in tokens] == out.token_ids and out.token_ids[:3] == [C3, A9, B]
+    assert [e.text for e in tokens[:4]] == ["", "é", "b", ""]
+    assert all("\ufffd" not in e.text for e in events)
+    assert "".join(e.text for e in events) == out.text == ToyTokenizer().decode(out.token_ids) == "éb€a" * 2
+
+
+def test_stream_holds_back_possible_stop_strings():
+    gen, _ = make(chain=UTF8_CHAIN)
+    # the text runs "ébۋéb€..."; "b€aX" never completes, so its prefixes are held back and then released
+    events = list(gen.stream([1, 20, A], max_new_tokens=20, eos_token_id=(), stop_strings=("b€aX", "€aé")))
+    out = events[-1].output
+    assert out.text == "éb" and out.finish_reason == "stop" and "'€aé'" in out.finish_message
+    assert "".join(e.text for e in events) == out.text
+    # tokens: é(2) b €(3) a é(2); "b" waits from its own token until "€aé" resolves it
+    assert [e.text for e in events[:-1]] == ["", "é", "", "", "", "", "", "", "b"]
+
+
+def test_stream_and_generate_agree():
+    gen, _ = make()
+    for config in (GenerationConfig(max_new_tokens=9, eos_token_id=()),
+                   GenerationConfig(max_new_tokens=30, do_sample=True, seed=3, top_p=0.9, stop_strings=("a",))):
+        [out] = gen.generate(PROMPTS[1], config)
+        events = list(gen.stream(PROMPTS[1], config))
+        assert events[-1].output.token_ids == out.token_ids and events[-1].output.text == out.text
+        assert "".join(e.text for e in events) == out.text
+
+
+def test_sampling_seeded_reproducible_and_rows_independent():
+    gen, _ = make()
+    config = GenerationConfig(max_new_tokens=15, do_sample=True, temperature=1.5, seed=11, eos_token_id=())
+    a = gen.generate(PROMPTS, config)
+    assert [o.token_ids for o in a] == [o.token_ids for o in gen.generate(PROMPTS, config)]
+    assert [o.token_ids for o in a] != [o.token_ids for o in gen.generate(PROMPTS, config, seed=12)]
+    # a row's draws depend on (seed, row) only: other prompts, other finishing times change nothing
+    other = gen.generate([PROMPTS[2], PROMPTS[1], [1, 3]], config)
+    assert other[1].token_ids == a[1].token_ids
+    assert gen.generate(PROMPTS[0], config)[0].token_ids == a[0].token_ids
+
+
+def test_top_k_1_sampling_equals_greedy_generation():
+    gen, _ = make()
+    greedy = gen.generate(PROMPTS, max_new_tokens=10, eos_token_id=())
+    sampled = gen.generate(PROMPTS, max_new_tokens=10, eos_token_id=(), do_sample=True, top_k=1, temperature=3.0)
+    assert [o.token_ids for o in greedy] == [o.token_ids for o in sampled]
+
+
+def test_repetition_penalty_changes_greedy_and_stays_batch_invariant():
+    gen, _ = make()
+    config = GenerationConfig(max_new_tokens=20, eos_token_id=(), repetition_penalty=3.0)
+    plain = gen.generate(PROMPTS, max_new_tokens=20, eos_token_id=())
+    penal = gen.generate(PROMPTS, config)
+    assert [o.token_ids for o in plain] != [o.token_ids for o in penal]
+    for prompt, out in zip(PROMPTS, penal, strict=True):
+        assert gen.generate(prompt, config)[0].token_ids == out.token_ids
+
+
+def test_logprobs_are_of_the_raw_logits():
+    gen, backend = make()
+    [out] = gen.generate(PROMPTS[1], max_new_tokens=6, eos_token_id=(), return_logprobs=True,
+                         repetition_penalty=2.0, do_sample=True, temperature=0.5, seed=0)
+    ids = PROMPTS[1] + out.token_ids
+    cache = backend.new_cache(1)
+    raw = np.concatenate([backend.step(cache, np.array([[t]]))[0] for t in ids[:-1]])  # [T-1, V]
+    expected = log_softmax(raw)[np.arange(len(ids) - 1), ids[1:]]
+    np.testing.assert_allclose(out.logprobs, expected[len(PROMPTS[1]) - 1:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.prompt_logprobs, expected[: len(PROMPTS[1]) - 1], rtol=1e-5, atol=1e-5)
+    [plain] = gen.generate(PROMPTS[1], max_new_tokens=6)
+    assert plain.logprobs is None and plain.prompt_logprobs is None
+
+
+@pytest.mark.parametrize("windowed", [True, False])
+def test_teacher_forced_logprobs_and_perplexity(windowed):
+    gen, backend = make(windowed=windowed, capacity=6 if windowed else 40)
+    ids = PROMPTS[1] + PROMPTS[0] + PROMPTS[1]
+    cache = backend.new_cache(1)
+    raw = np.concatenate([backend.step(cache, np.array([[t]]))[0] for t in ids[:-1]])
+    expected = log_softmax(raw)[np.arange(len(ids) - 1), ids[1:]]
+    for chunk in (None, 1, 5):
+        got = gen.teacher_forced_logprobs(ids, prefill_chunk=chunk)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gen.perplexity(ids), np.exp(-expected.mean()), rtol=1e-5)
+    halves = np.concatenate([gen.teacher_forced_logprobs(ids[:15]), gen.teacher_forced_logprobs(ids[15:])])
+    np.testing.assert_allclose(gen.perplexity(ids, window=15), np.exp(-halves.mean()), rtol=1e-5)
+
+
+def test_chat_uses_the_template():
+    gen, _ = make()
+    messages = [{"role": "user", "content": "hi"}]
+    ids = ToyTokenizer().apply_chat_template(messages)
+    out = gen.chat(messages, max_new_tokens=5, eos_token_id=())
+    assert out.token_ids == gen.generate(ids, max_new_tokens=5, eos_token_id=())[0].token_ids
+    assert out.stats.prompt_tokens == len(ids)
+    events = list(gen.stream_chat(messages, max_new_tokens=5, eos_token_id=()))
+    assert events[-1].output.token_ids == out.token_ids
+    with pytest.raises(ConfigError, match="message"):
+        gen.chat([])
+
+
+def test_stats():
+    gen, _ = make()
+    outs = gen.generate(PROMPTS, max_new_tokens=7, eos_token_id=())
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        s = out.stats
+        assert (s.prompt_tokens, s.generated_tokens) == (len(prompt), 7)
+        assert s.time_to_first_token_s > 0 and s.prefill_tokens_per_s > 0 and s.decode_tokens_per_s > 0
+    [one] = gen.generate(PROMPTS[0], max_new_tokens=1)
+    assert one.stats.decode_tokens_per_s is None and one.finish_message == "max_new_tokens=1 reached"
+
+
+def test_config_normalizes_and_load_refuses_unknown_backend():
+    config = GenerationConfig(stop_strings="\n\n", eos_token_id=[2, 5])
+    assert config.stop_strings == ("\n\n",) and config.eos_token_id == (2, 5)
+    with pytest.raises(ConfigError, match="backend"):
+        Generator.load("nowhere", backend="vulkan")

@@ -1,0 +1,144 @@
+"""The numpy sampler on fixed logits, against transformers' logits processors where they exist."""
+
+import numpy as np
+import pytest
+from mixtrt.runtime.sampling import (
+    Sampler,
+    apply_repetition_penalty,
+    apply_temperature,
+    log_softmax,
+    softmax,
+    top_k_filter,
+    top_p_filter,
+)
+
+V = 40
+
+
+def random_logits(rows: int = 6, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((rows, V)) * 2).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    return torch, transformers
+
+
+def test_log_softmax_normalizes_and_handles_minus_inf():
+    x = random_logits()
+    x[:, :5] = -np.inf
+    lp = log_softmax(x)
+    np.testing.assert_allclose(np.exp(lp).sum(-1), 1.0, rtol=1e-5)
+    assert np.all(np.isneginf(lp[:, :5]))
+    np.testing.assert_allclose(lp[:, 5:], np.log(softmax(x)[:, 5:]), rtol=1e-5, atol=1e-6)
+
+
+def test_repetition_penalty_equals_transformers(hf):
+    torch, transformers = hf
+    logits = random_logits()
+    ids = np.random.default_rng(1).integers(0, V, (logits.shape[0], 12))  # repeats included
+    seen = np.zeros_like(logits, bool)
+    np.put_along_axis(seen, ids, True, axis=-1)
+    for penalty in (1.3, 0.7):
+        ours = apply_repetition_penalty(logits, seen, penalty)
+        theirs = transformers.RepetitionPenaltyLogitsProcessor(penalty)(torch.from_numpy(ids), torch.from_numpy(logits))
+        np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 17, V + 5])
+def test_top_k_equals_transformers(hf, top_k):
+    torch, transformers = hf
+    logits = random_logits()
+    theirs = transformers.TopKLogitsWarper(top_k)(None, torch.from_numpy(logits)).numpy()
+    np.testing.assert_array_equal(top_k_filter(logits, top_k), theirs)
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.8, 0.95, 0.999])
+def test_top_p_equals_transformers_and_keeps_smallest_set(hf, top_p):
+    torch, transformers = hf
+    logits = random_logits(20)
+    ours = top_p_filter(logits, top_p)
+    theirs = transformers.TopPLogitsWarper(top_p)(None, torch.from_numpy(logits)).numpy()
+    np.testing.assert_array_equal(ours, theirs)
+    probs = softmax(logits)
+    for row, p in zip(ours, probs, strict=True):
+        kept = np.isfinite(row)
+        # the kept tokens are the most likely ones, their mass reaches top_p, and dropping the least likely
+        # kept token would fall below it (smallest such set)
+        assert p[kept].min() >= p[~kept].max(initial=0)
+        assert p[kept].sum() >= top_p - 1e-6
+        assert kept.sum() == 1 or p[kept].sum() - p[kept].min() < top_p + 1e-6
+
+
+def test_top_p_keeps_at_least_one_token():
+    logits = np.array([10.0, 0.0, -1.0], np.float32)
+    assert np.isfinite(top_p_filter(logits, 1e-6)).sum() == 1
+
+
+def test_temperature_equals_transformers(hf):
+    torch, transformers = hf
+    logits = random_logits()
+    theirs = transformers.TemperatureLogitsWarper(0.7)(None, torch.from_numpy(logits)).numpy()
+    np.testing.assert_allclose(apply_temperature(logits, 0.7), theirs, rtol=1e-6)
+
+
+def test_full_chain_equals_transformers(hf):
+    torch, transformers = hf
+    logits = random_logits()
+    ids = np.random.default_rng(2).integers(0, V, (logits.shape[0], 8))
+    chain = transformers.LogitsProcessorList([
+        transformers.RepetitionPenaltyLogitsProcessor(1.2), transformers.TemperatureLogitsWarper(0.8),
+        transformers.TopKLogitsWarper(10), transformers.TopPLogitsWarper(0.9),
+    ])
+    theirs = chain(torch.from_numpy(ids), torch.from_numpy(logits)).numpy()
+    for r in range(len(logits)):
+        s = Sampler(V, do_sample=True, temperature=0.8, top_k=10, top_p=0.9, repetition_penalty=1.2, seed=0,
+                    prompt_ids=ids[r].tolist())
+        np.testing.assert_allclose(s.process(logits[r]), theirs[r], rtol=1e-6)
+
+
+def test_top_k_1_sampling_equals_greedy():
+    for r, row in enumerate(random_logits(50)):
+        s = Sampler(V, do_sample=True, top_k=1, temperature=1.5, seed=r)
+        assert s(row) == int(np.argmax(row)) == Sampler(V)(row)
+
+
+def test_greedy_ignores_warpers_but_not_penalty():
+    logits = np.array([3.0, 2.9, 0.0, -1.0], np.float32)
+    assert Sampler(4, temperature=0.1, top_k=2, top_p=0.5)(logits) == 0
+    assert Sampler(4, repetition_penalty=2.0, prompt_ids=[0])(logits) == 1
+    s = Sampler(4, repetition_penalty=2.0)
+    assert [s(logits), s(logits)] == [0, 1]  # generated tokens count as seen too
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_temperature_distribution(temperature):
+    logits = np.array([1.0, 0.5, 0.0, -0.5, -2.0], np.float32)
+    s = Sampler(5, do_sample=True, temperature=temperature, seed=123)
+    n = 20000
+    counts = np.bincount([s(logits) for _ in range(n)], minlength=5) / n
+    expected = softmax(logits / temperature)
+    tolerance = 4 * np.sqrt(expected * (1 - expected) / n) + 1e-3  # 4 standard errors per token
+    assert np.all(np.abs(counts - expected) <= tolerance), (counts, expected)
+
+
+def test_sampling_draws_only_kept_tokens():
+    logits = random_logits(1)[0]
+    s = Sampler(V, do_sample=True, top_k=5, top_p=0.6, seed=7)
+    allowed = set(np.flatnonzero(np.isfinite(top_p_filter(top_k_filter(logits, 5), 0.6))))
+    draws = {s(logits) for _ in range(500)}
+    assert draws <= allowed and len(draws) > 1 or len(allowed) == 1
+
+
+def test_same_seed_reproduces_and_rows_differ():
+    logits = np.zeros(V, np.float32)
+
+    def draws(seed, row):
+        s = Sampler(V, do_sample=True, seed=seed, row=row)
+        return [s(logits) for _ in range(30)]
+
+    assert draws(5, 0) == draws(5, 0)
+    assert draws(5, 0) != draws(6, 0)
+    assert draws(5, 0) != draws(5, 1)
