@@ -67,6 +67,7 @@ def _(p: argparse.ArgumentParser) -> None:
 def inspect_artifact(directory: Path, verify: bool = False) -> dict:
     import numpy as np
     import onnx
+
     from mixtrt.runtime.manifest import Manifest
 
     m = Manifest.load(directory, verify=verify)
@@ -86,3 +87,123 @@ def inspect_artifact(directory: Path, verify: bool = False) -> dict:
         "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
         "files": m.files, "versions": m.versions,
     }
+
+
+# ---- generate / chat / demo --------------------------------------------------------------------
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation (greedy unless a sampling option is given)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
+    g.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+
+
+def _config(ns: argparse.Namespace, **extra):
+    from mixtrt.runtime.generation import GenerationConfig
+
+    sampling = any(v is not None for v in (ns.temperature, ns.top_k, ns.top_p))
+    return GenerationConfig(
+        max_new_tokens=ns.max_new_tokens, do_sample=sampling,
+        temperature=1.0 if ns.temperature is None else ns.temperature,
+        top_k=ns.top_k or 0, top_p=1.0 if ns.top_p is None else ns.top_p, seed=ns.seed,
+        repetition_penalty=ns.repetition_penalty, stop_strings=tuple(ns.stop), **extra,
+    )
+
+
+def _stats_line(out) -> str:
+    s = out.stats
+    rate = f"{s.decode_tokens_per_s:.1f} tok/s decode" if s.decode_tokens_per_s else "n/a decode"
+    return (f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated, first token "
+            f"{s.time_to_first_token_s * 1e3:.0f} ms, {rate}; finish: {out.finish_reason} ({out.finish_message})]")
+
+
+def _parse_ids(text: str) -> list[int]:
+    from mixtrt.runtime.errors import ConfigError
+
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ConfigError(f"--prompt-ids {text!r}: expected comma-separated integers like 1,2,3") from None
+
+
+@command("generate", "Generate text from an artifact directory, streaming it to the terminal.")
+def run_generate(ns: argparse.Namespace) -> int:
+    import dataclasses
+    import sys
+
+    from mixtrt.runtime.generation import Generator
+
+    cfg = _config(ns, return_logprobs=ns.json)  # validated before the model loads
+    gen = Generator.load(ns.artifact, threads=ns.threads)
+    prompt = _parse_ids(ns.prompt_ids) if ns.prompt_ids is not None else ns.prompt
+    if ns.json:
+        [out] = gen.generate([prompt] if isinstance(prompt, str) else [prompt], cfg)
+        print(json.dumps({
+            "token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason,
+            "finish_message": out.finish_message, "stats": dataclasses.asdict(out.stats),
+            "logprobs": None if out.logprobs is None else [float(x) for x in out.logprobs],
+        }))
+        return 0
+    if isinstance(prompt, str):
+        sys.stdout.write(prompt)
+    out = None
+    for event in gen.stream(prompt, cfg):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        out = event.output or out
+    sys.stdout.write("\n")
+    print(_stats_line(out), file=sys.stderr)
+    return 0
+
+
+@run_generate.args
+def _(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", type=Path, help="artifact directory (written by `mixtrt export`)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (BOS is added)")
+    src.add_argument("--prompt-ids", help="prompt token ids, comma-separated (used as given)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: token_ids (generated only), text, finish_reason, stats, logprobs")
+    _add_sampling(p)
+
+
+@command("chat", "Interactive multi-turn chat with the model's chat template (an empty line or Ctrl-D ends).")
+def run_chat(ns: argparse.Namespace) -> int:
+    import sys
+
+    from mixtrt.runtime.generation import Generator
+
+    cfg = _config(ns)
+    gen = Generator.load(ns.artifact, threads=ns.threads)
+    messages: list[dict[str, str]] = [{"role": "system", "content": ns.system}] if ns.system else []
+    while True:
+        try:
+            user = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        if not user.strip():
+            return 0
+        messages.append({"role": "user", "content": user})
+        sys.stdout.write("model> ")
+        out = None
+        for event in gen.stream_chat(messages, cfg):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            out = event.output or out
+        sys.stdout.write("\n")
+        if ns.stats:
+            print(_stats_line(out), file=sys.stderr)
+        messages.append({"role": "assistant", "content": out.text.strip() or "..."})
+
+
+@run_chat.args
+def _(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", type=Path, help="artifact directory (written by `mixtrt export`)")
+    p.add_argument("--system", default=None, help="system prompt, prepended to the first user message")
+    p.add_argument("--stats", action="store_true", help="print speed after each answer")
+    _add_sampling(p)

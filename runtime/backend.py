@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.cache import KVCache
 

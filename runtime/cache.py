@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
 from mixtrt.runtime.args import ModelArgs
 
 # Extra rows beyond the window for the windowed layout. onnxruntime compacts its window buffer once the

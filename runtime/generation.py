@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backend import Backend
 from mixtrt.runtime.cache import KVCache

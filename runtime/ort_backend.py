@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.cache import KVCache
 from mixtrt.runtime.errors import ArtifactError, ConfigError

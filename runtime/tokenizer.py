@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
+
 from mixtrt.runtime.errors import ConfigError
 
 TOKENIZER_FILE = "tokenizer.model"

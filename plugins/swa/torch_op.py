@@ -61,8 +61,10 @@ def sliding_window_attention(
         past = total - S
         if past < 0:
             raise ValueError(f"total_lengths[{b}]={total} is smaller than the {S} new tokens")
-        if window <= 0 and past > C:
-            raise ValueError(f"row {b}: {past} past tokens do not fit a full-attention cache of capacity {C}")
+        if window <= 0 and total > C:
+            raise ValueError(f"row {b}: {total} tokens do not fit a full-attention cache of capacity {C}")
+        if window > 0 and past > C and C < window - 1:
+            raise ValueError(f"row {b}: a ring of capacity {C} has lost keys still inside the window {window}")
         pos = torch.arange(past, total)  # [S]
         qb = apply_rope(qh[b], cos_cache[pos], sin_cache[pos])  # [N, S, D]
         kb = apply_rope(kh[b], cos_cache[pos], sin_cache[pos])  # [K, S, D]
