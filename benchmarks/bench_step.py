@@ -31,6 +31,7 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(ns.threads)
 
     import torch
+
     from mixtrt.export import export_onnx, load_model
     from mixtrt.export.model import KVCache as TorchCache
     from mixtrt.runtime.ort_backend import OrtBackend

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from mixtrt.runtime import __version__
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.cache import cache_capacity
@@ -220,6 +221,7 @@ def _save(ir_model, directory: Path, *, external: bool) -> list[str]:
 
 def _check(path: Path) -> None:
     import onnx
+
     from mixtrt.plugins.onnx_functions import register_schemas
 
     register_schemas()

@@ -10,6 +10,7 @@ import codecs
 
 import numpy as np
 import pytest
+
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backend import Backend
 from mixtrt.runtime.cache import KVCache

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from mixtrt.runtime.sampling import (
     Sampler,
     apply_repetition_penalty,

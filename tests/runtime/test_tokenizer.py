@@ -7,10 +7,10 @@ import random
 import shutil
 
 import pytest
+
 from mixtrt.runtime import tokenizer as tokenizer_module
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.tokenizer import Tokenizer
-
 from tests.checkpoints import mistral_tokenizer_path
 
 CORPUS = [
