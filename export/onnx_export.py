@@ -75,7 +75,7 @@ def export_onnx(
 ) -> Path:
     """Export `checkpoint_dir` to the artifact directory `out_dir` (default engines/<name>-<precision>)."""
     from mixtrt.export.checkpoint import load_model
-    from mixtrt.plugins.onnx_functions import attach_functions, custom_translation_table
+    from mixtrt.plugins.onnx_functions import custom_translation_table
 
     say = progress or (lambda _msg: None)
     if precision not in PRECISIONS:
@@ -102,12 +102,9 @@ def export_onnx(
         t1 = time.perf_counter()
         program = _trace(model, args, capacity, custom_translation_table())
         say(f"  traced in {time.perf_counter() - t1:.1f} s")
-        ir_model = program.model
-        attach_functions(ir_model)
-        _name_nodes(ir_model)
         say("writing model.onnx")
-        names = _save(ir_model, tmp, external=weight_bytes > EXTERNAL_DATA_BYTES)
-        _check(tmp / "model.onnx")
+        names = _save(program.model, tmp, external=weight_bytes > EXTERNAL_DATA_BYTES)
+        opsets = _finish_graph(tmp / "model.onnx")
         shutil.copyfile(tokenizer_src, tmp / "tokenizer.model")
         names.append("tokenizer.model")
         say("hashing files")
@@ -120,7 +117,7 @@ def export_onnx(
                             dtype="float16" if precision == "fp16" else "float32"),
             inputs=tuple(_io_specs(args, capacity, precision)[0]),
             outputs=tuple(_io_specs(args, capacity, precision)[1]),
-            opsets={imp: ver for imp, ver in ir_model.opset_imports.items()},
+            opsets=opsets,
             files=file_entries(tmp, names),
             versions=_versions(),
             source=str(checkpoint_dir.resolve()),
@@ -173,29 +170,47 @@ def _io_names(args: ModelArgs) -> tuple[list[str], list[str]]:
     return ins, outs
 
 
-def _name_nodes(ir_model) -> None:
-    """Stable node names from the module path: /model/layers.3/attention/MatMul_0 (torch metadata)."""
+def _finish_graph(path: Path) -> dict[str, int]:
+    """Attach the custom ops' function bodies, name the nodes, check the graph. Weights stay where they are.
+
+    Works on the graph without loading external data, so it costs the same for a 7B model as for a tiny one.
+    """
+    import onnx
+
+    from mixtrt.plugins.onnx_functions import attach_functions
+
+    model = onnx.load(str(path), load_external_data=False)
+    attach_functions(model)
+    _name_nodes(model.graph)
+    onnx.save(model, str(path))
+    onnx.checker.check_model(str(path))
+    return {o.domain or "ai.onnx": o.version for o in model.opset_import}
+
+
+def _name_nodes(graph) -> None:
+    """Stable node names from the module path: /model/layers.3/attention/MatMul_0 (torch's metadata)."""
     counts: dict[str, int] = {}
-    for node in ir_model.graph:
-        scope = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
-        path = _scope_path(scope)
-        base = f"{path}/{node.op_type}"
+    for node in graph.node:
+        props = {p.key: p.value for p in node.metadata_props}
+        base = f"{_scope_path(props.get('pkg.torch.onnx.name_scopes', ''))}/{node.op_type}"
         n = counts.get(base, 0)
         counts[base] = n + 1
         node.name = f"{base}_{n}"
 
 
 def _scope_path(scope: str) -> str:
-    """"['', 'lm', 'lm.model', 'lm.model.layers.0', ...]" -> "/model/layers.0/..." (drops our wrappers)."""
+    """"['', 'lm.model', 'lm.model.layers.0', 'lm.model.layers.0.attention', 'linear_3']" -> "/model/layers.0/attention".
+
+    The last entry is the fx node's own name; the one before it is the deepest module.
+    """
     import ast
 
     try:
         scopes = ast.literal_eval(scope) if scope else []
     except (ValueError, SyntaxError):
         scopes = []
-    deepest = scopes[-1] if scopes else ""
-    parts = deepest.split(".")
-    while parts and parts[0] in ("", "lm"):
+    parts = (scopes[-2] if len(scopes) >= 2 else "").split(".")
+    while parts and (parts[0] in ("", "lm") or parts[0].startswith("_")):
         parts = parts[1:]
     out, i = [], 0
     while i < len(parts):  # keep "layers.3" together
@@ -217,15 +232,6 @@ def _save(ir_model, directory: Path, *, external: bool) -> list[str]:
         return ["model.onnx", "model.onnx.data"]
     ir.save(ir_model, path)
     return ["model.onnx"]
-
-
-def _check(path: Path) -> None:
-    import onnx
-
-    from mixtrt.plugins.onnx_functions import register_schemas
-
-    register_schemas()
-    onnx.checker.check_model(str(path))
 
 
 def _versions() -> dict[str, str | None]:
