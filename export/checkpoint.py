@@ -1,0 +1,286 @@
+"""Load a Mistral / Mixtral checkpoint directory into our parameter names (export/model.py).
+
+Formats, told apart by the files present (never by directory names):
+- Hugging Face: config.json + model.safetensors, or model.safetensors.index.json + shards; transformers
+  4.x names (`block_sparse_moe.experts.{e}.w1/w2/w3`) or 5.x fused experts (`mlp.experts.gate_up_proj`
+  [E, 2I, H] = [gate; up], `mlp.experts.down_proj` [E, H, I]).
+- raw Mistral: params.json + consolidated.safetensors or consolidated*.pth (torch.load weights_only);
+  wq/wk there use the interleaved RoPE layout and are permuted to HF's rotate_half layout.
+
+Every tensor goes through ONE explicit name map (`name_map`): our name -> the checkpoint tensors it is
+built from, their shapes, and how they combine. Missing, unexpected and mis-shaped tensors are errors
+naming the tensor and the file. Tensors are read one at a time (safe_open / mmap'd torch.load).
+
+    >>> args, weights = load_checkpoint("ckpt/")          # our names, e.g. "model.layers.0.attention.wq.weight"
+    >>> model = load_model("ckpt/", dtype=torch.float16)  # CausalLM / Transformer / a classifier head, eval()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pickle
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from mixtrt.export.model import HEADS, CausalLM, Transformer
+from mixtrt.plugins.moe.torch_op import interleave_gate_up
+from mixtrt.runtime.args import ModelArgs
+from mixtrt.runtime.errors import CheckpointError, ConfigError
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Source:
+    """How one of our tensors is built: checkpoint tensors `names` (of `shapes`), joined by `combine`."""
+
+    names: tuple[str, ...]
+    shapes: tuple[Shape, ...]
+    combine: Callable[[list[torch.Tensor]], torch.Tensor] = lambda ts: ts[0]
+
+
+def _one(name: str, shape: Shape) -> Source:
+    return Source((name,), (shape,))
+
+
+def _rope_to_halves(heads: int) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """Raw Mistral wq/wk rows (pairs 2j, 2j+1 rotate together) -> HF rows (j, j + D/2 rotate together)."""
+
+    def f(ts: list[torch.Tensor]) -> torch.Tensor:
+        w = ts[0]
+        rows, H = w.shape
+        # [n*D, H] -> [n, D/2, 2, H] -> [n, 2, D/2, H] -> [n*D, H]
+        return w.view(heads, rows // heads // 2, 2, H).transpose(1, 2).reshape(rows, H)
+
+    return f
+
+
+def _experts_fc1(E: int) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """E w1 [I, H] then E w3 [I, H] -> fc1 [E, 2I, H] with gate/up rows interleaved."""
+    return lambda ts: interleave_gate_up(torch.stack(ts[:E]), torch.stack(ts[E:]))
+
+
+def _fused_fc1(ts: list[torch.Tensor]) -> torch.Tensor:
+    """transformers 5.x gate_up_proj [E, 2I, H] = [gate; up] along dim 1 -> interleaved rows."""
+    gate, up = ts[0].chunk(2, dim=1)  # [E, 2I, H] -> 2 x [E, I, H]
+    return interleave_gate_up(gate, up)
+
+
+def name_map(args: ModelArgs, fmt: str, prefix: str = "model.") -> dict[str, Source]:
+    """Our name -> Source, for fmt "hf4" (transformers 4.x names), "hf5" (fused experts) or "raw".
+
+    `prefix` is what the HF file puts before `layers.` / `embed_tokens` ("" for a saved *Model).
+    """
+    H, V, I = args.hidden_size, args.vocab_size, args.intermediate_size  # noqa: E741
+    N, K, D = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+    raw = fmt == "raw"
+    p = "" if raw else prefix
+    embed = "tok_embeddings.weight" if raw else f"{p}embed_tokens.weight"
+    m: dict[str, Source] = {"model.embed_tokens.weight": _one(embed, (V, H))}
+    for i in range(args.num_hidden_layers):
+        src, our = f"{p}layers.{i}.", f"model.layers.{i}."
+        attn = {"wq": (N * D, H), "wk": (K * D, H), "wv": (K * D, H), "wo": (H, N * D)}
+        hf_attn = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
+        for w, shape in attn.items():
+            name = f"{src}attention.{w}.weight" if raw else f"{src}self_attn.{hf_attn[w]}.weight"
+            if raw and w in ("wq", "wk"):
+                m[f"{our}attention.{w}.weight"] = Source((name,), (shape,), _rope_to_halves(N if w == "wq" else K))
+            else:
+                m[f"{our}attention.{w}.weight"] = _one(name, shape)
+        m[f"{our}attention_norm.weight"] = _one(f"{src}{'attention_norm' if raw else 'input_layernorm'}.weight", (H,))
+        m[f"{our}ffn_norm.weight"] = _one(f"{src}{'ffn_norm' if raw else 'post_attention_layernorm'}.weight", (H,))
+        ff = f"{our}feed_forward."
+        if args.moe is None:
+            hf_mlp = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+            for w, shape in (("w1", (I, H)), ("w2", (H, I)), ("w3", (I, H))):
+                name = f"{src}feed_forward.{w}.weight" if raw else f"{src}mlp.{hf_mlp[w]}.weight"
+                m[f"{ff}{w}.weight"] = _one(name, shape)
+            continue
+        E = args.moe.num_experts
+        if fmt == "hf5":
+            m[f"{ff}gate.weight"] = _one(f"{src}mlp.gate.weight", (E, H))
+            m[f"{ff}fc1"] = Source((f"{src}mlp.experts.gate_up_proj",), ((E, 2 * I, H),), _fused_fc1)
+            m[f"{ff}fc2"] = _one(f"{src}mlp.experts.down_proj", (E, H, I))
+            continue
+        moe = f"{src}feed_forward." if raw else f"{src}block_sparse_moe."
+        m[f"{ff}gate.weight"] = _one(f"{moe}gate.weight", (E, H))
+        w1 = tuple(f"{moe}experts.{e}.w1.weight" for e in range(E))
+        w3 = tuple(f"{moe}experts.{e}.w3.weight" for e in range(E))
+        m[f"{ff}fc1"] = Source(w1 + w3, ((I, H),) * (2 * E), _experts_fc1(E))
+        m[f"{ff}fc2"] = Source(tuple(f"{moe}experts.{e}.w2.weight" for e in range(E)), ((H, I),) * E, torch.stack)
+    m["model.norm.weight"] = _one(f"{p}norm.weight", (H,))
+    head, L = args.head, args.num_labels
+    if head == "causal_lm" and not args.tie_word_embeddings:
+        m["lm_head.weight"] = _one("output.weight" if raw else "lm_head.weight", (V, H))
+    elif head == "sequence_classification":
+        m["score.weight"] = _one("score.weight", (L, H))
+    elif head == "token_classification":
+        m["score.weight"] = _one("score.weight", (L, H))
+        m["score.bias"] = _one("score.bias", (L,))
+    elif head == "question_answering":
+        m["qa_outputs.weight"] = _one("qa_outputs.weight", (2, H))
+        m["qa_outputs.bias"] = _one("qa_outputs.bias", (2,))
+    return m
+
+
+# ---- reading files -------------------------------------------------------------------------------
+
+class _Files:
+    """name -> (file, handle) over every weight file of a checkpoint; tensors read on demand."""
+
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        self.stack = stack
+        self.where: dict[str, tuple[Path, object]] = {}
+
+    def _add(self, key: str, path: Path, handle: object) -> None:
+        if key in self.where:
+            raise CheckpointError(f"tensor {key!r} appears in both {self.where[key][0]} and {path}")
+        self.where[key] = (path, handle)
+
+    def add_safetensors(self, path: Path) -> None:
+        try:
+            handle = self.stack.enter_context(safe_open(str(path), framework="pt"))
+            keys = list(handle.keys())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_line(e)})") from None
+        for key in keys:
+            self._add(key, path, handle)
+
+    def add_pth(self, path: Path) -> None:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            raise CheckpointError(
+                f"{path}: needs pickle code beyond plain tensors to load (refused: torch.load weights_only=True); "
+                "convert it to safetensors"
+            ) from None
+        except (RuntimeError, OSError, EOFError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable .pth file ({_line(e)})") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"{path}: expected a flat dict of tensors")
+        for key in sd:
+            self._add(key, path, sd)
+
+    def shape(self, key: str) -> Shape:
+        path, h = self.where[key]
+        return tuple(h[key].shape) if isinstance(h, dict) else tuple(h.get_slice(key).get_shape())
+
+    def get(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        path, h = self.where[key]
+        try:
+            t = h[key] if isinstance(h, dict) else h.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: cannot read tensor {key!r} ({_line(e)})") from None
+        return t.to(dtype)
+
+
+def _line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+@contextlib.contextmanager
+def _open_weights(path: Path, args_from: str) -> Iterator[_Files]:
+    with contextlib.ExitStack() as stack:
+        files = _Files(stack)
+        if args_from == "hf":
+            index = path / "model.safetensors.index.json"
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"{index}: not a safetensors index ({_line(e)})") from None
+                for shard in sorted(set(weight_map.values())):
+                    if not (path / shard).is_file():
+                        raise CheckpointError(f"{index}: shard {shard} is missing")
+                    files.add_safetensors(path / shard)
+                for key, shard in weight_map.items():
+                    if key not in files.where or files.where[key][0].name != shard:
+                        raise CheckpointError(f"{index}: tensor {key!r} is not in shard {shard}")
+            elif (path / "model.safetensors").is_file():
+                files.add_safetensors(path / "model.safetensors")
+            else:
+                raise CheckpointError(
+                    f"{path}: no model.safetensors or model.safetensors.index.json "
+                    "(only safetensors weights are loaded for config.json checkpoints)"
+                )
+        else:
+            pths = sorted(path.glob("consolidated*.pth"))
+            if (path / "consolidated.safetensors").is_file():
+                files.add_safetensors(path / "consolidated.safetensors")
+            elif pths:
+                for f in pths:
+                    files.add_pth(f)
+            else:
+                raise CheckpointError(f"{path}: params.json but no consolidated.safetensors or consolidated*.pth")
+        yield files
+
+
+def _hf_layout(args: ModelArgs, keys: set[str]) -> tuple[str, str]:
+    """(fmt, prefix) of an HF file: fused experts or not; 'model.' or '' before the base model names."""
+    prefix = "" if args.head == "base" and "embed_tokens.weight" in keys else "model."
+    fused = any(k.endswith(".mlp.experts.gate_up_proj") for k in keys)
+    return ("hf5" if fused else "hf4"), prefix
+
+
+def load_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32
+                    ) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """(ModelArgs, weights by our name). Names are those of export/model.py for the checkpoint's head
+    (base-model names always start with "model."); with tied embeddings "lm_head.weight" of a causal LM
+    is the same tensor as "model.embed_tokens.weight"."""
+    path = Path(checkpoint_dir)
+    args = ModelArgs.from_checkpoint_dir(path)
+    kind = "hf" if (path / "config.json").is_file() else "raw"
+    with _open_weights(path, kind) as files:
+        keys = set(files.where)
+        if kind == "hf":
+            fmt, prefix = _hf_layout(args, keys)
+        else:
+            fmt, prefix = "raw", ""
+        mapping = name_map(args, fmt, prefix)
+        wanted = [(n, s) for src in mapping.values() for n, s in zip(src.names, src.shapes, strict=True)]
+        missing = [n for n, _ in wanted if n not in keys]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointError(f"{path}: missing tensor {missing[0]!r}{more} for {args.architecture}")
+        ignored = {"lm_head.weight"} if args.head == "causal_lm" and args.tie_word_embeddings else set()
+        unexpected = sorted(keys - {n for n, _ in wanted} - ignored)
+        if unexpected:
+            more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+            raise CheckpointError(
+                f"{files.where[unexpected[0]][0]}: unexpected tensor {unexpected[0]!r}{more} for {args.architecture}"
+            )
+        for name, shape in wanted:
+            got = files.shape(name)
+            if got != shape:
+                raise CheckpointError(
+                    f"{files.where[name][0]}: tensor {name!r} has shape {list(got)}, expected {list(shape)}"
+                )
+        weights = {ours: src.combine([files.get(n, dtype) for n in src.names]).contiguous()
+                   for ours, src in mapping.items()}
+    if args.head == "causal_lm" and args.tie_word_embeddings:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    return args, weights
+
+
+def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The module for the checkpoint's head (CausalLM, Transformer, SequenceClassifier, TokenClassifier,
+    QuestionAnswering), built on the meta device, weights assigned, rope tables computed, eval mode."""
+    args, weights = load_checkpoint(checkpoint_dir, dtype)
+    cls = HEADS[args.head]
+    with torch.device("meta"):
+        model = cls(args)
+    if cls is Transformer:
+        weights = {k.removeprefix("model."): v for k, v in weights.items()}
+    try:
+        model.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as e:  # a name map / model mismatch is our bug, but say which checkpoint
+        raise ConfigError(f"{checkpoint_dir}: weights do not fit {cls.__name__} ({_line(e)})") from None
+    (model if isinstance(model, Transformer) else model.model).init_rope()
+    if isinstance(model, CausalLM):
+        model.tie_weights()
+    return model.eval()

@@ -1,0 +1,258 @@
+"""Checkpoint formats (export/checkpoint.py) load to transformers' logits; every error path says what is wrong."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mixtrt.export.checkpoint import load_checkpoint, load_model
+from mixtrt.runtime.errors import CheckpointError, ConfigError
+from tests.checkpoints import make_hf_model
+
+VOCAB = 512
+
+
+def hf_model(family: str, **kw):
+    return make_hf_model(family, vocab_size=VOCAB, sliding_window=5, **kw)
+
+
+def ids(batch: int = 2, length: int = 14) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(0))
+
+
+def assert_same_logits(hf, path: Path) -> None:
+    ours = load_model(path)
+    x = ids()
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
+
+
+# ---- formats ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["mistral", "mixtral"])
+def test_sharded_safetensors(tmp_path, family):
+    hf = hf_model(family)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    assert_same_logits(hf, tmp_path)
+
+
+def test_transformers_5_fused_expert_names(tmp_path):
+    hf = hf_model("mixtral")
+    hf.save_pretrained(tmp_path)  # writes 4.x names; replace them by the in-memory 5.x fused names
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert sd["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 2 * 96, 64)  # [E, 2I, H] = [gate; up]
+    assert sd["model.layers.0.mlp.experts.down_proj"].shape == (4, 64, 96)
+    save_file(sd, tmp_path / "model.safetensors")
+    assert_same_logits(hf, tmp_path)
+    _, weights = load_checkpoint(tmp_path)
+    fc1, gate_up = weights["model.layers.0.feed_forward.fc1"], sd["model.layers.0.mlp.experts.gate_up_proj"]
+    assert torch.equal(fc1[:, 0::2], gate_up[:, :96]) and torch.equal(fc1[:, 1::2], gate_up[:, 96:])
+
+
+def test_transformers_4_names_are_interleaved(tmp_path):
+    hf = hf_model("mixtral")
+    hf.save_pretrained(tmp_path)
+    _, weights = load_checkpoint(tmp_path)
+    file = load_file(tmp_path / "model.safetensors")
+    fc1 = weights["model.layers.1.feed_forward.fc1"]  # [E, 2I, H]
+    assert torch.equal(fc1[2, 0::2], file["model.layers.1.block_sparse_moe.experts.2.w1.weight"])
+    assert torch.equal(fc1[2, 1::2], file["model.layers.1.block_sparse_moe.experts.2.w3.weight"])
+    assert torch.equal(weights["model.layers.1.feed_forward.fc2"][3],
+                       file["model.layers.1.block_sparse_moe.experts.3.w2.weight"])
+
+
+def interleave_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF rotate_half rows -> raw Mistral interleaved rows (inverse of convert_mistral_weights_to_hf's permute)."""
+    rows, H = w.shape
+    return w.view(heads, 2, rows // heads // 2, H).transpose(1, 2).reshape(rows, H)  # [n*D,H]->[n,2,D/2,H]->[n,D/2,2,H]
+
+
+def write_raw(hf, path: Path, fmt: str) -> None:
+    """A raw Mistral checkpoint (params.json + consolidated.*) with the weights of a transformers model."""
+    cfg, sd = hf.config, hf.state_dict()
+    N, K = cfg.num_attention_heads, cfg.num_key_value_heads
+    raw = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
+           "output.weight": sd["lm_head.weight"]}
+    for i in range(cfg.num_hidden_layers):
+        p, r = f"model.layers.{i}.", f"layers.{i}."
+        raw[r + "attention.wq.weight"] = interleave_rope_rows(sd[p + "self_attn.q_proj.weight"], N)
+        raw[r + "attention.wk.weight"] = interleave_rope_rows(sd[p + "self_attn.k_proj.weight"], K)
+        raw[r + "attention.wv.weight"] = sd[p + "self_attn.v_proj.weight"]
+        raw[r + "attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
+        raw[r + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
+        raw[r + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        if cfg.model_type == "mistral":
+            raw[r + "feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
+            raw[r + "feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
+            raw[r + "feed_forward.w3.weight"] = sd[p + "mlp.up_proj.weight"]
+            continue
+        raw[r + "feed_forward.gate.weight"] = sd[p + "mlp.gate.weight"]
+        gate, up = sd[p + "mlp.experts.gate_up_proj"].chunk(2, dim=1)
+        for e in range(cfg.num_local_experts):
+            raw[r + f"feed_forward.experts.{e}.w1.weight"] = gate[e]
+            raw[r + f"feed_forward.experts.{e}.w3.weight"] = up[e]
+            raw[r + f"feed_forward.experts.{e}.w2.weight"] = sd[p + "mlp.experts.down_proj"][e]
+    raw = {k: v.contiguous().clone() for k, v in raw.items()}
+    params = {"dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "head_dim": cfg.head_dim,
+              "hidden_dim": cfg.intermediate_size, "n_heads": N, "n_kv_heads": K, "norm_eps": cfg.rms_norm_eps,
+              "vocab_size": cfg.vocab_size, "rope_theta": 10000.0, "sliding_window": cfg.sliding_window,
+              "max_seq_len": 512}
+    if cfg.model_type == "mixtral":
+        params["moe"] = {"num_experts": cfg.num_local_experts, "num_experts_per_tok": cfg.num_experts_per_tok}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "params.json").write_text(json.dumps(params))
+    if fmt == "pth":
+        torch.save(raw, path / "consolidated.00.pth")
+    else:
+        save_file(raw, path / "consolidated.safetensors")
+
+
+@pytest.mark.parametrize("family", ["mistral", "mixtral"])
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_raw_mistral_checkpoint(tmp_path, family, fmt):
+    hf = hf_model(family, rope_theta=10000.0)
+    write_raw(hf, tmp_path, fmt)
+    assert_same_logits(hf, tmp_path)
+
+
+def test_tied_checkpoint_gives_lm_head_as_the_embedding(tmp_path):
+    hf = hf_model("mistral", tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path)
+    _, weights = load_checkpoint(tmp_path)
+    assert weights["lm_head.weight"] is weights["model.embed_tokens.weight"]
+    model = load_model(tmp_path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.model.rope_cos.device.type == "cpu" and model.model.rope_cos.shape == (512, 8)
+
+
+def test_dtype(tmp_path):
+    hf_model("mixtral").save_pretrained(tmp_path)
+    _, weights = load_checkpoint(tmp_path, dtype=torch.float16)
+    assert {w.dtype for w in weights.values()} == {torch.float16}
+
+
+# ---- errors ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def ckpt(tmp_path):
+    path = tmp_path / "ckpt"
+    hf_model("mistral").save_pretrained(path)
+    return path
+
+
+def edit_weights(path: Path, edit) -> None:
+    sd = load_file(path / "model.safetensors")
+    edit(sd)
+    save_file(sd, path / "model.safetensors")
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match=r"not a checkpoint directory \(no config.json or params.json\)"):
+        load_checkpoint(tmp_path)
+
+
+def test_unknown_architecture(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="config.json: unsupported architecture 'LlamaForCausalLM'"):
+        load_model(ckpt)
+
+
+def test_missing_tensor(ckpt):
+    edit_weights(ckpt, lambda sd: sd.pop("model.layers.1.self_attn.k_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"ckpt: missing tensor 'model.layers.1.self_attn.k_proj.weight'"):
+        load_checkpoint(ckpt)
+
+
+def test_unexpected_tensor(ckpt):
+    edit_weights(ckpt, lambda sd: sd.__setitem__("model.layers.0.extra.weight", torch.zeros(3)))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: unexpected tensor 'model.layers.0.extra.weight'"):
+        load_checkpoint(ckpt)
+
+
+def test_misshaped_tensor(ckpt):
+    edit_weights(ckpt, lambda sd: sd.__setitem__("model.norm.weight", torch.ones(63)))
+    with pytest.raises(CheckpointError,
+                       match=r"model.safetensors: tensor 'model.norm.weight' has shape \[63\], expected \[64\]"):
+        load_checkpoint(ckpt)
+
+
+def test_truncated_safetensors(ckpt):
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not a readable safetensors file") as e:
+        load_checkpoint(ckpt)
+    assert "\n" not in str(e.value)
+
+
+def test_corrupt_safetensors(ckpt):
+    (ckpt / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not a readable safetensors file") as e:
+        load_checkpoint(ckpt)
+    assert "\n" not in str(e.value)
+
+
+def test_no_weights_file(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
+        load_checkpoint(ckpt)
+
+
+def test_missing_shard(tmp_path):
+    hf_model("mistral").save_pretrained(tmp_path, max_shard_size="100KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"model.safetensors.index.json: shard {shard.name} is missing"):
+        load_checkpoint(tmp_path)
+
+
+class NotATensor:
+    """Unpickling this needs code outside torch's weights_only allow-list."""
+
+
+def test_pth_needing_pickle(tmp_path):
+    write_raw(hf_model("mistral"), tmp_path, "safetensors")
+    (tmp_path / "consolidated.safetensors").unlink()
+    torch.save({"tok_embeddings.weight": torch.zeros(2), "extra": NotATensor()}, tmp_path / "consolidated.00.pth")
+    with pytest.raises(CheckpointError, match=r"consolidated.00.pth: needs pickle code .* weights_only=True") as e:
+        load_checkpoint(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_raw_without_weights(tmp_path):
+    write_raw(hf_model("mistral"), tmp_path, "safetensors")
+    (tmp_path / "consolidated.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="params.json but no consolidated.safetensors or consolidated"):
+        load_checkpoint(tmp_path)
+
+
+def test_raw_missing_tensor_names_raw_name(tmp_path):
+    write_raw(hf_model("mixtral"), tmp_path, "pth")
+    sd = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    del sd["layers.1.feed_forward.experts.3.w2.weight"]
+    torch.save(sd, tmp_path / "consolidated.00.pth")
+    with pytest.raises(CheckpointError, match=r"missing tensor 'layers.1.feed_forward.experts.3.w2.weight'"):
+        load_checkpoint(tmp_path)
+
+
+def test_raw_rope_permutation_matches_mistral_inference_complex_rope():
+    """Raw rows rotate as complex pairs (2j, 2j+1) (mistral-inference); after loading they rotate (j, j + D/2)."""
+    from mixtrt.export.checkpoint import _rope_to_halves
+    from mixtrt.plugins.swa.torch_op import apply_rope, rope_tables
+
+    N, D, H, p = 2, 8, 16, 5
+    g = torch.Generator().manual_seed(0)
+    w_raw, x = torch.randn(N * D, H, generator=g), torch.randn(H, generator=g)
+    cos, sin = rope_tables(D, 10000.0, 8)
+    pairs = torch.view_as_complex((w_raw @ x).view(N, D // 2, 2).contiguous())  # [N, D/2]
+    raw_rotated = torch.view_as_real(pairs * torch.complex(cos[p], sin[p])).flatten(1)  # [N, D] interleaved
+    hf_rotated = apply_rope((_rope_to_halves(N)([w_raw]) @ x).view(N, 1, D), cos[p:p + 1], sin[p:p + 1])
+    as_pairs = hf_rotated.view(N, 2, D // 2).transpose(1, 2).reshape(N, D)  # halves -> interleaved
+    torch.testing.assert_close(as_pairs, raw_rotated)
