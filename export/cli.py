@@ -61,5 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m mixtrt.export.cli`: run the registry of the imported module
+    from mixtrt.export.cli import main as _main
+
+    sys.exit(_main())

@@ -174,8 +174,10 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)  # [B, S, H]
         presents: Past = []
         router_logits: list[torch.Tensor] = []
+        # the tables are kept in fp32; the attention op takes them in the activation dtype (as GQA does)
+        cos, sin = self.rope_cos.to(x.dtype), self.rope_sin.to(x.dtype)  # [P, D/2]
         for layer, (pk, pv) in zip(self.layers, past, strict=True):
-            x, k, v, logits = layer(x, total_lengths, pk, pv, self.rope_cos, self.rope_sin)
+            x, k, v, logits = layer(x, total_lengths, pk, pv, cos, sin)
             presents.append((k, v))
             if logits is not None:
                 router_logits.append(logits)

@@ -199,7 +199,7 @@ def _name_nodes(graph) -> None:
 
 
 def _scope_path(scope: str) -> str:
-    """"['', 'lm.model', 'lm.model.layers.0', 'lm.model.layers.0.attention', 'linear_3']" -> "/model/layers.0/attention".
+    """"['', 'lm.model', 'lm.model.layers.0.attention', 'linear_3']" -> "/model/layers.0/attention".
 
     The last entry is the fx node's own name; the one before it is the deepest module.
     """

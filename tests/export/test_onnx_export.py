@@ -1,0 +1,310 @@
+"""Export to an artifact directory and run it on onnxruntime: logits vs the reference model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from mixtrt.export import export_onnx, load_model
+from mixtrt.export.model import KVCache as TorchCache
+from mixtrt.runtime.errors import ArtifactError, ConfigError
+from mixtrt.runtime.manifest import Manifest
+from mixtrt.runtime.ort_backend import OrtBackend
+from tests.checkpoints import make_checkpoint
+
+W = 5  # window shorter than every prompt below
+CASES = {
+    "mistral-window": dict(family="mistral", sliding_window=W),
+    "mixtral-window": dict(family="mixtral", sliding_window=W),
+    "mistral-nowindow": dict(family="mistral", sliding_window=None),
+    "mixtral-nowindow": dict(family="mixtral", sliding_window=None, num_key_value_heads=1),
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """name -> (checkpoint dir, artifact dir), exported once per module."""
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for name, kw in CASES.items():
+        kw = dict(kw)
+        ck = make_checkpoint(root / f"{name}-ck", kw.pop("family"), max_position_embeddings=128, **kw)
+        out[name] = (ck, export_onnx(ck, root / f"{name}-art", progress=None))
+    return out
+
+
+def _close(got: np.ndarray, want: np.ndarray) -> None:
+    """fp32 rounding bound for logits of magnitude ~20 (initializer_range 0.5): 5e-5 of the largest logit.
+
+    transformers' own cached decode differs from its full pass by 3e-4 on the tiny Mixtral; a wrong row,
+    position or window is off by O(1).
+    """
+    tol = max(1e-4, 5e-5 * float(np.abs(want).max()))
+    assert np.abs(got - want).max() <= tol
+
+
+def _steps(prompt_len: int, window: int) -> list[int]:
+    """Prefill longer than the window, 3W single-token decodes, then a multi-token step."""
+    return [prompt_len] + [1] * (3 * window) + [4]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_ort_matches_reference_prefill_decode_multitoken(exported, name):
+    ck, art = exported[name]
+    backend = OrtBackend.load(art, threads=2)
+    model = load_model(ck)
+    steps = _steps(12, W)
+    ids = torch.randint(3, 32000, (1, sum(steps)), generator=torch.Generator().manual_seed(0))
+    cache, tcache = backend.new_cache(1), TorchCache(model.args, 1, capacity=backend.capacity)
+    worst, pos = 0.0, 0
+    for s in steps:
+        got = backend.step(cache, ids[:, pos:pos + s].numpy())
+        with torch.no_grad():
+            want = model(ids[:, pos:pos + s], cache=tcache).numpy()
+        worst = max(worst, float(np.abs(got - want).max()))
+        pos += s
+    assert cache.lengths.tolist() == [pos]
+    assert worst <= 1e-4, f"{name}: max |onnxruntime - reference| = {worst}"
+
+
+@pytest.mark.parametrize("name", ["mixtral-window", "mistral-nowindow"])
+def test_batched_decode_with_ragged_rows_matches_reference(exported, name):
+    """Rows prefilled separately (different lengths), then decoded together with per-row lengths."""
+    ck, art = exported[name]
+    backend = OrtBackend.load(art, threads=2)
+    model = load_model(ck)
+    gen = torch.Generator().manual_seed(1)
+    lengths = [3, 11, 8]
+    cache = backend.new_cache(3)
+    tcaches = [TorchCache(model.args, 1, capacity=backend.capacity) for _ in lengths]
+    prompts = [torch.randint(3, 32000, (1, n), generator=gen) for n in lengths]
+    for row, p in enumerate(prompts):
+        backend.step(cache, p.numpy(), start_row=row)
+        with torch.no_grad():
+            model(p, cache=tcaches[row])
+    for _ in range(2 * W):
+        nxt = torch.randint(3, 32000, (3, 1), generator=gen)
+        got = backend.step(cache, nxt.numpy())
+        with torch.no_grad():
+            want = np.concatenate([model(nxt[r:r + 1], cache=tcaches[r]).numpy() for r in range(3)])
+        _close(got, want)
+    # a finished row is dropped: the remaining rows keep decoding correctly from the front of the buffer
+    cache.keep_rows([2, 0])
+    nxt = torch.randint(3, 32000, (2, 1), generator=gen)
+    got = backend.step(cache, nxt.numpy())
+    with torch.no_grad():
+        want = np.concatenate([model(nxt[i:i + 1], cache=tcaches[r]).numpy() for i, r in enumerate([2, 0])])
+    _close(got, want)
+
+
+def test_fp16_export_within_tolerance(tmp_path):
+    """fp16 graph vs the fp32 reference: documented tolerance 2e-2 relative to the logit range."""
+    ck = make_checkpoint(tmp_path / "ck", "mixtral", sliding_window=W, max_position_embeddings=64,
+                         initializer_range=0.1)
+    art = export_onnx(ck, tmp_path / "art", precision="fp16", progress=None)
+    manifest = Manifest.load(art)
+    assert manifest.precision == "fp16" and manifest.cache.dtype == "float16"
+    backend = OrtBackend.load(art, threads=2)
+    model = load_model(ck)
+    ids = torch.randint(3, 32000, (1, 20), generator=torch.Generator().manual_seed(2))
+    cache = backend.new_cache(1)
+    got = np.concatenate([backend.step(cache, ids[:, :12].numpy())]
+                         + [backend.step(cache, ids[:, t:t + 1].numpy()) for t in range(12, 20)], axis=1)
+    with torch.no_grad():
+        want = model(ids).numpy()
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    assert rel <= 2e-2, rel
+
+
+def test_manifest_and_graph(exported):
+    ck, art = exported["mixtral-window"]
+    m = Manifest.load(art)
+    assert m.args.moe is not None and m.args.sliding_window == W
+    assert m.cache.layout == "windowed" and m.cache.capacity == W + 16
+    assert set(m.files) == {"model.onnx", "tokenizer.model"}
+    assert m.versions["onnxruntime"] and m.versions["torch"]
+    model = onnx.load(str(art / "model.onnx"))
+    onnx.checker.check_model(model)
+    ops = [(n.domain, n.op_type) for n in model.graph.node]
+    assert ops.count(("mixtrt", "SlidingWindowAttention")) == 2 and ops.count(("mixtrt", "MoE")) == 2
+    assert {f.name for f in model.functions} == {"SlidingWindowAttention", "MoE"}
+    names = [n.name for n in model.graph.node]
+    assert "/model/layers.1/attention/SlidingWindowAttention_0" in names
+    assert "/model/layers.0/feed_forward/MoE_0" in names
+    assert len(set(names)) == len(names)
+    swa = next(n for n in model.graph.node if n.op_type == "SlidingWindowAttention")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in swa.attribute}
+    assert attrs["window"] == W and attrs["windowed_cache"] == 1
+    assert attrs["plugin_version"] == b"1" and attrs["plugin_namespace"] == b"mixtrt"
+    assert [i.name for i in model.graph.input][:4] == ["input_ids", "total_lengths", "past_key_values.0.key",
+                                                      "past_key_values.0.value"]
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[2].type.tensor_type.shape.dim]
+    assert dims[1:] == [m.args.num_key_value_heads, W + 16, m.args.head_dim]
+
+
+def test_no_window_model_gets_linear_cache(exported):
+    m = Manifest.load(exported["mistral-nowindow"][1])
+    assert m.cache.layout == "linear" and m.cache.capacity == m.max_context == 128
+
+
+def test_export_sharded_checkpoint(tmp_path):
+    ck = make_checkpoint(tmp_path / "ck", "mixtral", sliding_window=W, max_shard_size="2MB",
+                         max_position_embeddings=64)
+    assert (ck / "model.safetensors.index.json").is_file()
+    art = export_onnx(ck, tmp_path / "art", progress=None)
+    backend = OrtBackend.load(art, threads=2)
+    ids = np.arange(3, 15)[None]
+    got = backend.step(backend.new_cache(1), ids)
+    with torch.no_grad():
+        want = load_model(ck)(torch.from_numpy(ids)).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+
+
+def test_unwritable_out_dir_is_a_clear_error(tmp_path, exported):
+    ck, _ = exported["mistral-window"]
+    blocker = tmp_path / "blocker"  # a file where a parent directory should be: unwritable even for root
+    blocker.write_text("x")
+    with pytest.raises(ArtifactError, match="cannot write"):
+        export_onnx(ck, blocker / "sub" / "art", progress=None)
+
+
+def test_read_only_out_dir_is_a_clear_error(tmp_path, exported):
+    ck, _ = exported["mistral-window"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as root, who can write into a read-only directory; "
+                        "test_unwritable_out_dir_is_a_clear_error covers the error path")
+        with pytest.raises(ArtifactError, match="cannot write"):
+            export_onnx(ck, locked / "art", progress=None)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_out_dir_that_is_a_file_or_non_empty(tmp_path, exported):
+    ck, art = exported["mistral-window"]
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ArtifactError, match="not a directory"):
+        export_onnx(ck, f, progress=None)
+    with pytest.raises(ArtifactError, match="already exists"):
+        export_onnx(ck, art, progress=None)
+
+
+def test_interrupted_export_leaves_no_half_artifact(tmp_path, exported, monkeypatch):
+    ck, _ = exported["mistral-window"]
+    import mixtrt.export.onnx_export as ox
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ox, "file_entries", boom)  # after model.onnx was written, before the manifest
+    target = tmp_path / "art"
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(ck, target, progress=None)
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary directory left behind either
+
+
+def test_failed_overwrite_keeps_the_old_artifact(tmp_path, exported, monkeypatch):
+    ck, art = exported["mistral-window"]
+    import shutil
+
+    import mixtrt.export.onnx_export as ox
+
+    target = tmp_path / "art"
+    shutil.copytree(art, target)
+    before = (target / "manifest.json").read_text()
+    monkeypatch.setattr(ox, "file_entries", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_onnx(ck, target, progress=None, overwrite=True)
+    assert (target / "manifest.json").read_text() == before
+    Manifest.load(target)  # still whole
+
+
+def test_tampered_model_detected_at_load(tmp_path, exported):
+    import shutil
+
+    _, art = exported["mistral-window"]
+    copy = tmp_path / "art"
+    shutil.copytree(art, copy)
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256 does not match"):
+        OrtBackend.load(copy)
+    (copy / "model.onnx").write_bytes(bytes(data[:-10]))
+    with pytest.raises(ArtifactError, match="size .* does not match"):
+        OrtBackend.load(copy)
+    (copy / "model.onnx").unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        OrtBackend.load(copy)
+
+
+def test_manifest_version_and_missing_dir_errors(tmp_path, exported):
+    import shutil
+
+    _, art = exported["mistral-window"]
+    copy = tmp_path / "art"
+    shutil.copytree(art, copy)
+    d = json.loads((copy / "manifest.json").read_text())
+    d["format_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ArtifactError, match="format_version 99"):
+        Manifest.load(copy)
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        Manifest.load(tmp_path)
+    with pytest.raises(ArtifactError, match="no such artifact directory"):
+        Manifest.load(tmp_path / "nope")
+
+
+def test_bad_options(exported, tmp_path):
+    ck, _ = exported["mistral-window"]
+    with pytest.raises(ConfigError, match="--precision"):
+        export_onnx(ck, tmp_path / "a", precision="int3", progress=None)
+    with pytest.raises(ConfigError, match="--max-context"):
+        export_onnx(ck, tmp_path / "a", max_context=10**9, progress=None)
+    assert not (tmp_path / "a").exists()
+
+
+def test_polygraphy_onnxrt_runner_runs_the_exported_graph(exported):
+    """The graph a TensorRT build consumes runs through Polygraphy's ONNX Runtime runner."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    _, art = exported["mixtral-window"]
+    m = Manifest.load(art)
+    a = m.args
+    feed = {"input_ids": np.array([[1, 500, 600, 700]], np.int64), "total_lengths": np.array([4], np.int32)}
+    for spec in m.inputs[2:]:
+        feed[spec.name] = np.zeros((1, a.num_key_value_heads, m.cache.capacity, a.head_dim), np.float32)
+    with OnnxrtRunner(SessionFromOnnx(str(art / "model.onnx"), providers=["cpu"])) as runner:
+        out = runner.infer(feed)
+    backend = OrtBackend.load(art)
+    want = backend.step(backend.new_cache(1), feed["input_ids"])
+    assert np.abs(out["logits"] - want).max() <= 1e-5
+
+
+def test_cli_export_and_inspect(tmp_path, exported):
+    ck, _ = exported["mixtral-window"]
+    art = tmp_path / "cli-art"
+    exe = [sys.executable, "-m", "mixtrt.export.cli"]
+    r = subprocess.run([*exe, "export", str(ck), "--out", str(art)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "tracing the graph" in r.stdout and (art / "manifest.json").is_file()
+    r = subprocess.run([*exe, "inspect", str(art)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "mixtrt::MoE x2" in r.stdout and "windowed layout, capacity 21" in r.stdout
+    r = subprocess.run([*exe, "inspect", str(art), "--json", "--verify"], capture_output=True, text=True)
+    info = json.loads(r.stdout)
+    assert info["ops"]["mixtrt::SlidingWindowAttention"] == 2 and info["parameters"] > 0
+    r = subprocess.run([*exe, "export", str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert r.returncode == 2 and "not a checkpoint directory" in r.stderr and "Traceback" not in r.stderr
