@@ -207,3 +207,59 @@ def _(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt, prepended to the first user message")
     p.add_argument("--stats", action="store_true", help="print speed after each answer")
     _add_sampling(p)
+
+
+# ---- demo --------------------------------------------------------------------------------------
+DEMO_PROMPTS = ("Once upon a time", "The old man looked at the sea and", "It was a dark and stormy night;")
+
+
+def builtin_checkpoint() -> Path:
+    """The small trained Mixtral shipped in the source tree (models/tiny-mixtral)."""
+    return Path(__file__).resolve().parent.parent / "models" / "tiny-mixtral"
+
+
+@command("demo", "Export the built-in tiny Mixtral (once) and generate from it on the CPU, with speed.")
+def run_demo(ns: argparse.Namespace) -> int:
+    import sys
+
+    from mixtrt.export.onnx_export import export_onnx
+    from mixtrt.runtime.errors import ArtifactError, ConfigError
+    from mixtrt.runtime.generation import Generator
+    from mixtrt.runtime.manifest import Manifest
+
+    ckpt = ns.checkpoint or builtin_checkpoint()
+    if not (ckpt / "config.json").is_file():
+        raise ConfigError(f"{ckpt}: no checkpoint there; pass --checkpoint DIR (the built-in one lives in the "
+                          "source tree's models/ folder)")
+    art = ns.out or Path("engines") / f"{ckpt.name}-fp32"
+    try:
+        fresh = Manifest.load(art).source == str(ckpt.resolve())
+    except ArtifactError:
+        fresh = False
+    if not fresh or ns.reexport:
+        export_onnx(ckpt, art, overwrite=True)
+    else:
+        print(f"using the artifact in {art} (pass --reexport to rebuild it)")
+    cfg = _config(ns)
+    gen = Generator.load(art, threads=ns.threads)
+    for prompt in ns.prompt or DEMO_PROMPTS:
+        print()
+        sys.stdout.write(prompt)
+        out = None
+        for event in gen.stream(prompt, cfg):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            out = event.output or out
+        print()
+        print(_stats_line(out))
+    return 0
+
+
+@run_demo.args
+def _(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to use instead of the built-in one")
+    p.add_argument("--out", type=Path, default=None, help="artifact directory (default: engines/<name>-fp32)")
+    p.add_argument("--prompt", action="append", default=None, help="prompt (repeatable; default: three stories)")
+    p.add_argument("--reexport", action="store_true", help="export again even if the artifact is up to date")
+    _add_sampling(p)
+    p.set_defaults(max_new_tokens=48)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -154,7 +155,9 @@ def _trace(model: torch.nn.Module, args: ModelArgs, capacity: int, table: dict):
     dynamic = ({0: b, 1: s}, {0: b}, [{0: b}] * len(past))
     in_names, out_names = _io_names(args)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
         return torch.onnx.export(
             _Step(model).eval(), example, dynamo=True, custom_translation_table=table,
             dynamic_shapes=dynamic, input_names=in_names, output_names=out_names,
