@@ -70,18 +70,16 @@ def main() -> None:
     capacity = backend.capacity
 
     def torch_prefill():
-        c = TorchCache.for_model(model.args, batch_size=1, capacity=capacity)
+        c = TorchCache(model.args, batch_size=1, capacity=capacity)
         with torch.no_grad():
             model(ids, cache=c)
         return c
 
     tcache = torch_prefill()
-    tk = [t.clone() for t in tcache.keys]
-    tv = [t.clone() for t in tcache.values]
+    snapshot = list(tcache.layers)
 
-    def torch_decode():
-        for dst, src in zip(tcache.keys + tcache.values, tk + tv, strict=True):
-            dst.copy_(src)
+    def torch_decode():  # the reference returns new cache tensors each step: restore the post-prefill ones
+        tcache.layers = list(snapshot)
         tcache.lengths.fill_(base_len)
         with torch.no_grad():
             model(ids[:, -1:], cache=tcache)
