@@ -121,6 +121,19 @@ def _stats_line(out) -> str:
             f"{s.time_to_first_token_s * 1e3:.0f} ms, {rate}; finish: {out.finish_reason} ({out.finish_message})]")
 
 
+def _print_stream(events) -> object:
+    """Write each event's text to stdout as it arrives; return the final GenerationOutput."""
+    import sys
+
+    out = None
+    for event in events:
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        out = event.output or out
+    sys.stdout.write("\n")
+    return out
+
+
 def _parse_ids(text: str) -> list[int]:
     from mixtrt.runtime.errors import ConfigError
 
@@ -150,12 +163,7 @@ def run_generate(ns: argparse.Namespace) -> int:
         return 0
     if isinstance(prompt, str):
         sys.stdout.write(prompt)
-    out = None
-    for event in gen.stream(prompt, cfg):
-        sys.stdout.write(event.text)
-        sys.stdout.flush()
-        out = event.output or out
-    sys.stdout.write("\n")
+    out = _print_stream(gen.stream(prompt, cfg))
     print(_stats_line(out), file=sys.stderr)
     return 0
 
@@ -190,12 +198,7 @@ def run_chat(ns: argparse.Namespace) -> int:
             return 0
         messages.append({"role": "user", "content": user})
         sys.stdout.write("model> ")
-        out = None
-        for event in gen.stream_chat(messages, cfg):
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-            out = event.output or out
-        sys.stdout.write("\n")
+        out = _print_stream(gen.stream_chat(messages, cfg))
         if ns.stats:
             print(_stats_line(out), file=sys.stderr)
         messages.append({"role": "assistant", "content": out.text.strip() or "..."})
@@ -245,13 +248,7 @@ def run_demo(ns: argparse.Namespace) -> int:
     for prompt in ns.prompt or DEMO_PROMPTS:
         print()
         sys.stdout.write(prompt)
-        out = None
-        for event in gen.stream(prompt, cfg):
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-            out = event.output or out
-        print()
-        print(_stats_line(out))
+        print(_stats_line(_print_stream(gen.stream(prompt, cfg))))
     return 0
 
 

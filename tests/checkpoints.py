@@ -90,3 +90,15 @@ def make_checkpoint(
     if tokenizer:
         shutil.copy(mistral_tokenizer_path(), path / "tokenizer.model")
     return path
+
+
+def export_cases(root: Path, cases: dict[str, dict[str, Any]], **defaults: Any) -> dict[str, tuple[Path, Path]]:
+    """name -> (checkpoint dir, artifact dir) for each case {"family": ..., **config overrides}."""
+    from mixtrt.export import export_onnx
+
+    out = {}
+    for name, kw in cases.items():
+        kw = {**defaults, **kw}
+        ck = make_checkpoint(root / f"{name}-ck", kw.pop("family"), **kw)
+        out[name] = (ck, export_onnx(ck, root / f"{name}-art", progress=None))
+    return out

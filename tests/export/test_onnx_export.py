@@ -17,7 +17,7 @@ from mixtrt.export.model import KVCache as TorchCache
 from mixtrt.runtime.errors import ArtifactError, ConfigError
 from mixtrt.runtime.manifest import Manifest
 from mixtrt.runtime.ort_backend import OrtBackend
-from tests.checkpoints import make_checkpoint
+from tests.checkpoints import export_cases, make_checkpoint
 
 W = 5  # window shorter than every prompt below
 CASES = {
@@ -32,11 +32,7 @@ CASES = {
 def exported(tmp_path_factory):
     """name -> (checkpoint dir, artifact dir), exported once per module."""
     root = tmp_path_factory.mktemp("export")
-    out = {}
-    for name, kw in CASES.items():
-        kw = dict(kw)
-        ck = make_checkpoint(root / f"{name}-ck", kw.pop("family"), max_position_embeddings=128, **kw)
-        out[name] = (ck, export_onnx(ck, root / f"{name}-art", progress=None))
+    out = export_cases(root, CASES, max_position_embeddings=128)
     return out
 
 

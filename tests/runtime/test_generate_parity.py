@@ -15,7 +15,7 @@ from mixtrt.export import export_onnx, load_model
 from mixtrt.runtime.generation import GenerationConfig, Generator
 from mixtrt.runtime.ort_backend import OrtBackend
 from mixtrt.runtime.tokenizer import Tokenizer
-from tests.checkpoints import make_checkpoint
+from tests.checkpoints import export_cases, make_checkpoint
 
 W = 6  # window; every prompt below is 10-17 tokens
 NEW = 3 * W  # generated tokens in the parity tests
@@ -40,11 +40,7 @@ BATCH = _prompts(1, (10, 17, 13))  # different lengths, all longer than W
 def exported(tmp_path_factory):
     """name -> (checkpoint dir, artifact dir); "mistral-nowindow" has a linear cache of LINEAR_CONTEXT."""
     root = tmp_path_factory.mktemp("gen")
-    out = {}
-    for name, kw in CASES.items():
-        kw = dict(kw)
-        ck = make_checkpoint(root / f"{name}-ck", kw.pop("family"), max_position_embeddings=128, **kw)
-        out[name] = (ck, export_onnx(ck, root / f"{name}-art", progress=None))
+    out = export_cases(root, CASES, max_position_embeddings=128)
     ck = make_checkpoint(root / "nowindow-ck", "mistral", seed=1, sliding_window=None, max_position_embeddings=128)
     out["mistral-nowindow"] = (ck, export_onnx(ck, root / "nowindow-art", max_context=LINEAR_CONTEXT, progress=None))
     return out

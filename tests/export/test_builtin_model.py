@@ -1,0 +1,78 @@
+"""The shipped tiny Mixtral: it exports, and its held-out perplexity stays at the recorded value.
+
+Protocol (training/evaluate.py): ids = [BOS] + encode(heldout.txt); non-overlapping chunks of 256 tokens,
+each from an empty cache; every token but a chunk's first is scored; perplexity = exp(mean NLL).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mixtrt.export import export_onnx, load_model
+from mixtrt.runtime.generation import Generator
+from mixtrt.runtime.tokenizer import Tokenizer
+
+MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-mixtral"
+CHUNK = 256
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    return export_onnx(MODEL, tmp_path_factory.mktemp("builtin") / "art", progress=None)
+
+
+def _heldout_ids() -> list[int]:
+    text = (MODEL / "heldout.txt").read_bytes().decode("utf-8")
+    return Tokenizer.load(MODEL).encode(text, bos=True)
+
+
+def _reference_perplexity(ids: list[int]) -> float:
+    model = load_model(MODEL)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(ids), CHUNK):
+            chunk = torch.tensor([ids[i:i + CHUNK]])
+            if chunk.shape[1] < 2:
+                continue
+            logp = torch.log_softmax(model(chunk)[0, :-1].float(), dim=-1)
+            nll -= float(logp.gather(1, chunk[0, 1:, None]).double().sum())
+            count += chunk.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def test_shipped_checkpoint_is_small_and_complete():
+    names = {p.name for p in MODEL.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.model", "heldout.txt", "eval.json"} <= names
+    assert sum(p.stat().st_size for p in MODEL.iterdir()) <= 21 * 2**20
+    cfg = json.loads((MODEL / "config.json").read_text())
+    assert cfg["num_local_experts"] >= 4 and cfg["num_experts_per_tok"] == 2
+    assert cfg["sliding_window"] is not None
+
+
+def test_heldout_perplexity_matches_the_record_on_onnxruntime_and_reference(artifact):
+    recorded = json.loads((MODEL / "eval.json").read_text())["heldout_perplexity"]
+    ids = _heldout_ids()
+    ppl_ort = Generator.load(artifact, threads=2).perplexity(ids, window=CHUNK)
+    ppl_ref = _reference_perplexity(ids)
+    print(f"held-out perplexity: onnxruntime {ppl_ort:.5f}, reference {ppl_ref:.5f}, recorded {recorded:.5f}")
+    assert abs(ppl_ort - recorded) / recorded <= 0.01
+    assert abs(ppl_ort - ppl_ref) / ppl_ref <= 5e-5, "onnxruntime and the reference must agree to 4 digits"
+    assert ppl_ort < 200, "a trained model, not random weights (those give ~32000)"
+
+
+def test_demo_command_generates_from_the_builtin_model(tmp_path, artifact):
+    r = subprocess.run([sys.executable, "-m", "mixtrt.export.cli", "demo", "--out", str(tmp_path / "demo"),
+                        "--prompt", "It was", "--max-new-tokens", "12"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "It was" in r.stdout and "generated" in r.stdout
+    words = r.stdout.split("It was", 1)[1].split("[")[0].split()
+    assert len(words) >= 3
+    assert np.mean([w.strip(".,;:!?\"'").isalpha() for w in words]) >= 0.6, r.stdout
