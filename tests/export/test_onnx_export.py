@@ -304,3 +304,23 @@ def test_cli_export_and_inspect(tmp_path, exported):
     assert info["ops"]["mixtrt::SlidingWindowAttention"] == 2 and info["parameters"] > 0
     r = subprocess.run([*exe, "export", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert r.returncode == 2 and "not a checkpoint directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_external_data_past_the_threshold(tmp_path, exported, monkeypatch):
+    """Large models keep their weights in model.onnx.data (threshold lowered so a tiny model crosses it)."""
+    import mixtrt.export.onnx_export as ox
+
+    ck, art = exported["mixtral-window"]
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_BYTES", 1 << 20)
+    ext = export_onnx(ck, tmp_path / "ext", progress=None)
+    m = Manifest.load(ext)
+    assert set(m.files) == {"model.onnx", "model.onnx.data", "tokenizer.model"}
+    assert (ext / "model.onnx").stat().st_size < 1 << 20 < (ext / "model.onnx.data").stat().st_size
+    ids = np.arange(3, 12)[None]
+    a, b = OrtBackend.load(ext), OrtBackend.load(art)
+    assert np.array_equal(a.step(a.new_cache(1), ids), b.step(b.new_cache(1), ids))
+    data = bytearray((ext / "model.onnx.data").read_bytes())
+    data[100] ^= 0xFF
+    (ext / "model.onnx.data").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"model\.onnx\.data: sha256"):
+        OrtBackend.load(ext)
