@@ -59,6 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MixtrtError as e:
         print(f"mixtrt {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:
+        print(f"mixtrt {args.command}: error: {e.name or e} is not installed; `mixtrt {args.command}` needs the "
+              "exporter extras (pip install 'mixtrt[export]')", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"mixtrt {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # `python -m mixtrt.export.cli`: run the registry of the imported module

@@ -100,15 +100,18 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     g.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    g.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the artifact's files at load (sizes are still checked)")
 
 
 def _config(ns: argparse.Namespace, **extra):
     from mixtrt.runtime.generation import GenerationConfig
 
-    sampling = any(v is not None for v in (ns.temperature, ns.top_k, ns.top_p))
+    # any sampling option turns sampling on; --temperature 0 means greedy (as llama.cpp)
+    sampling = ns.temperature != 0 and any(v is not None for v in (ns.temperature, ns.top_k, ns.top_p))
     return GenerationConfig(
         max_new_tokens=ns.max_new_tokens, do_sample=sampling,
-        temperature=1.0 if ns.temperature is None else ns.temperature,
+        temperature=1.0 if not ns.temperature else ns.temperature,
         top_k=ns.top_k or 0, top_p=1.0 if ns.top_p is None else ns.top_p, seed=ns.seed,
         repetition_penalty=ns.repetition_penalty, stop_strings=tuple(ns.stop), **extra,
     )
@@ -117,16 +120,26 @@ def _config(ns: argparse.Namespace, **extra):
 def _stats_line(out) -> str:
     s = out.stats
     rate = f"{s.decode_tokens_per_s:.1f} tok/s decode" if s.decode_tokens_per_s else "n/a decode"
+    prefill = f", prefill {s.prefill_tokens_per_s:.0f} tok/s" if s.prefill_tokens_per_s else ""
     return (f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated, first token "
-            f"{s.time_to_first_token_s * 1e3:.0f} ms, {rate}; finish: {out.finish_reason} ({out.finish_message})]")
+            f"{s.time_to_first_token_s * 1e3:.0f} ms{prefill}, {rate}; "
+            f"finish: {out.finish_reason} ({out.finish_message})]")
 
 
-def _print_stream(events) -> object:
-    """Write each event's text to stdout as it arrives; return the final GenerationOutput."""
+def _print_stream(events, tokenizer=None) -> object:
+    """Write each event's text to stdout as it arrives; return the final GenerationOutput.
+
+    With `tokenizer`, the text continues a prompt already on screen: a first piece that starts a new
+    word ("▁Paris") gets its space back (decode drops the leading space of a text's first piece).
+    """
     import sys
 
-    out = None
+    out, first = None, True
     for event in events:
+        if first and tokenizer is not None and event.token_id is not None:
+            first = False
+            if tokenizer.id_to_piece(event.token_id).startswith("\u2581") and not event.text.startswith(" "):
+                sys.stdout.write(" ")
         sys.stdout.write(event.text)
         sys.stdout.flush()
         out = event.output or out
@@ -135,12 +148,15 @@ def _print_stream(events) -> object:
 
 
 def _parse_ids(text: str) -> list[int]:
+    import re
+
     from mixtrt.runtime.errors import ConfigError
 
     try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
+        return [int(t) for t in re.split(r"[,\s]+", text.strip()) if t]
     except ValueError:
-        raise ConfigError(f"--prompt-ids {text!r}: expected comma-separated integers like 1,2,3") from None
+        raise ConfigError(f"--prompt-ids {text!r}: expected integers separated by commas or spaces, "
+                          "like 1,2,3") from None
 
 
 @command("generate", "Generate text from an artifact directory, streaming it to the terminal.")
@@ -151,7 +167,7 @@ def run_generate(ns: argparse.Namespace) -> int:
     from mixtrt.runtime.generation import Generator
 
     cfg = _config(ns, return_logprobs=ns.json)  # validated before the model loads
-    gen = Generator.load(ns.artifact, threads=ns.threads)
+    gen = Generator.load(ns.artifact, threads=ns.threads, verify=not ns.no_verify)
     prompt = _parse_ids(ns.prompt_ids) if ns.prompt_ids is not None else ns.prompt
     if ns.json:
         [out] = gen.generate([prompt] if isinstance(prompt, str) else [prompt], cfg)
@@ -163,7 +179,7 @@ def run_generate(ns: argparse.Namespace) -> int:
         return 0
     if isinstance(prompt, str):
         sys.stdout.write(prompt)
-    out = _print_stream(gen.stream(prompt, cfg))
+    out = _print_stream(gen.stream(prompt, cfg), gen.tokenizer if isinstance(prompt, str) else None)
     print(_stats_line(out), file=sys.stderr)
     return 0
 
@@ -186,7 +202,7 @@ def run_chat(ns: argparse.Namespace) -> int:
     from mixtrt.runtime.generation import Generator
 
     cfg = _config(ns)
-    gen = Generator.load(ns.artifact, threads=ns.threads)
+    gen = Generator.load(ns.artifact, threads=ns.threads, verify=not ns.no_verify)
     messages: list[dict[str, str]] = [{"role": "system", "content": ns.system}] if ns.system else []
     while True:
         try:
@@ -235,20 +251,22 @@ def run_demo(ns: argparse.Namespace) -> int:
         raise ConfigError(f"{ckpt}: no checkpoint there; pass --checkpoint DIR (the built-in one lives in the "
                           "source tree's models/ folder)")
     art = ns.out or Path("engines") / f"{ckpt.name}-fp32"
-    try:
-        fresh = Manifest.load(art).source == str(ckpt.resolve())
-    except ArtifactError:
+    try:  # up to date: exported from this checkpoint, after its files last changed
+        built = (art / "manifest.json").stat().st_mtime
+        fresh = (Manifest.load(art, verify=False).source == str(ckpt.resolve())
+                 and all(f.stat().st_mtime <= built for f in ckpt.iterdir() if f.is_file()))
+    except (ArtifactError, OSError):
         fresh = False
     if not fresh or ns.reexport:
         export_onnx(ckpt, art, overwrite=True)
     else:
         print(f"using the artifact in {art} (pass --reexport to rebuild it)")
     cfg = _config(ns)
-    gen = Generator.load(art, threads=ns.threads)
+    gen = Generator.load(art, threads=ns.threads, verify=not ns.no_verify)
     for prompt in ns.prompt or DEMO_PROMPTS:
         print()
         sys.stdout.write(prompt)
-        print(_stats_line(_print_stream(gen.stream(prompt, cfg))))
+        print(_stats_line(_print_stream(gen.stream(prompt, cfg), gen.tokenizer)))
     return 0
 
 

@@ -30,7 +30,7 @@ from mixtrt.runtime import __version__
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.cache import cache_capacity
 from mixtrt.runtime.errors import ConfigError
-from mixtrt.runtime.manifest import CacheSpec, Manifest, TensorSpec, atomic_dir, file_entries
+from mixtrt.runtime.manifest import CacheSpec, Manifest, TensorSpec, atomic_dir, check_target, file_entries
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 # Linear (no-window) caches cost memory per position, so their default context is bounded.
@@ -89,7 +89,8 @@ def export_onnx(
                           "*ForCausalLM checkpoint")
     max_context = resolve_max_context(args, max_context)
     capacity, windowed = cache_capacity(args, max_context)
-    tokenizer_src = _find_tokenizer(checkpoint_dir)
+    tokenizer_src = _find_tokenizer(checkpoint_dir, args)
+    check_target(out_dir, overwrite=overwrite)  # before the (slow) weight loading
 
     t0 = time.perf_counter()
     say(f"loading {checkpoint_dir} ({args.architecture}, {args.num_hidden_layers} layers)")
@@ -105,7 +106,7 @@ def export_onnx(
         say(f"  traced in {time.perf_counter() - t1:.1f} s")
         say("writing model.onnx")
         names = _save(program.model, tmp, external=weight_bytes > EXTERNAL_DATA_BYTES)
-        opsets = _finish_graph(tmp / "model.onnx")
+        opsets = _finish_graph(tmp / "model.onnx", windowed=windowed, max_context=max_context)
         shutil.copyfile(tokenizer_src, tmp / "tokenizer.model")
         names.append("tokenizer.model")
         say("hashing files")
@@ -128,10 +129,14 @@ def export_onnx(
     return out_dir
 
 
-def _find_tokenizer(checkpoint_dir: Path) -> Path:
+def _find_tokenizer(checkpoint_dir: Path, args: ModelArgs) -> Path:
     from mixtrt.runtime.tokenizer import Tokenizer
 
-    return Tokenizer.load(checkpoint_dir).path
+    tok = Tokenizer.load(checkpoint_dir)
+    if tok.vocab_size > args.vocab_size:
+        raise ConfigError(f"{tok.path}: the tokenizer has {tok.vocab_size} pieces but the model only "
+                          f"{args.vocab_size} embeddings; put the model's own tokenizer.model in {checkpoint_dir}")
+    return tok.path
 
 
 def _io_specs(args: ModelArgs, capacity: int, precision: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -173,8 +178,8 @@ def _io_names(args: ModelArgs) -> tuple[list[str], list[str]]:
     return ins, outs
 
 
-def _finish_graph(path: Path) -> dict[str, int]:
-    """Attach the custom ops' function bodies, name the nodes, check the graph. Weights stay where they are.
+def _finish_graph(path: Path, *, windowed: bool, max_context: int) -> dict[str, int]:
+    """Attach the custom ops' function bodies, set the attention nodes' cache layout, name the nodes, check.
 
     Works on the graph without loading external data, so it costs the same for a 7B model as for a tiny one.
     """
@@ -184,10 +189,29 @@ def _finish_graph(path: Path) -> dict[str, int]:
 
     model = onnx.load(str(path), load_external_data=False)
     attach_functions(model)
+    _set_cache_layout(model.graph, windowed=windowed, max_context=max_context)
     _name_nodes(model.graph)
     onnx.save(model, str(path))
     onnx.checker.check_model(str(path))
     return {o.domain or "ai.onnx": o.version for o in model.opset_import}
+
+
+def _set_cache_layout(graph, *, windowed: bool, max_context: int) -> None:
+    """The traced nodes carry each layer's model window; the artifact's cache layout decides the rest.
+
+    A window at least as long as the context never bites (window -> -1, full causal). A linear cache
+    (no window anywhere, or a full-attention layer beside windowed ones) keeps row j = position j, so
+    windowed layers mask their window inside it (windowed_cache=0, onnxruntime's shared-buffer mode).
+    """
+    from onnx import helper
+
+    for node in graph.node:
+        if node.domain != "mixtrt" or node.op_type != "SlidingWindowAttention":
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        if attrs["window"].i >= max_context:
+            attrs["window"].CopyFrom(helper.make_attribute("window", -1))
+        attrs["windowed_cache"].CopyFrom(helper.make_attribute("windowed_cache", int(windowed)))
 
 
 def _name_nodes(graph) -> None:

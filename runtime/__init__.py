@@ -1,10 +1,13 @@
 """mixtrt.runtime: torch-free model description, tokenizer, KV cache, sampling, generation, backends."""
 
 from mixtrt.runtime.args import ModelArgs, MoeArgs
-from mixtrt.runtime.errors import ArtifactError, CheckpointError, ConfigError, MixtrtError
+from mixtrt.runtime.errors import ArtifactError, BackendError, CheckpointError, ConfigError, MixtrtError
+from mixtrt.runtime.generation import GenerationConfig, GenerationOutput, Generator, StreamEvent
+from mixtrt.runtime.tokenizer import Tokenizer
 
 __all__ = [
-    "ArtifactError", "CheckpointError", "ConfigError", "MixtrtError", "ModelArgs", "MoeArgs", "__version__",
+    "ArtifactError", "BackendError", "CheckpointError", "ConfigError", "GenerationConfig", "GenerationOutput",
+    "Generator", "MixtrtError", "ModelArgs", "MoeArgs", "StreamEvent", "Tokenizer", "__version__",
 ]
 
 

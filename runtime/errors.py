@@ -15,3 +15,7 @@ class CheckpointError(MixtrtError, ValueError):
 
 class ArtifactError(MixtrtError, ValueError):
     """An artifact directory that is incomplete, tampered with, or of an unknown format version."""
+
+
+class BackendError(MixtrtError, RuntimeError):
+    """The inference backend failed on a step (the message carries its own error)."""

@@ -111,7 +111,7 @@ class GenerationStats:
     prompt_tokens: int
     generated_tokens: int
     time_to_first_token_s: float  # from the start of the call to this row's first token
-    prefill_tokens_per_s: float  # prompt tokens / this row's prefill time
+    prefill_tokens_per_s: float | None  # prompt tokens / this row's prefill time (None if too fast to time)
     decode_tokens_per_s: float | None  # (generated - 1) / time from first to last token; None if < 2 tokens
 
 
@@ -198,13 +198,20 @@ class Generator:
         self.tokenizer = tokenizer
 
     @classmethod
-    def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", threads: int | None = None) -> Generator:
+    def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", threads: int | None = None,
+             verify: bool = True) -> Generator:
+        """The artifact's backend and tokenizer. verify: check file hashes against the manifest (sizes always)."""
         if backend not in BACKENDS:
             raise ConfigError(f"backend={backend!r} is not supported; choose one of {list(BACKENDS)}")
         from mixtrt.runtime.ort_backend import OrtBackend
         from mixtrt.runtime.tokenizer import Tokenizer
 
-        return cls(OrtBackend.load(artifact_dir, threads=threads), Tokenizer.load(artifact_dir))
+        engine = OrtBackend.load(artifact_dir, threads=threads, verify=verify)
+        tokenizer = Tokenizer.load(Path(artifact_dir) / "tokenizer.model")
+        if tokenizer.vocab_size > engine.args.vocab_size:
+            raise ConfigError(f"{tokenizer.path}: {tokenizer.vocab_size} pieces but the model has only "
+                              f"{engine.args.vocab_size} embeddings")
+        return cls(engine, tokenizer)
 
     # ---- public API --------------------------------------------------------------------------------
     def generate(self, prompts: Prompts, config: GenerationConfig | None = None,
@@ -361,7 +368,7 @@ class Generator:
             prompt_tokens=len(row.prompt),
             generated_tokens=n,
             time_to_first_token_s=row.t_first - t0,
-            prefill_tokens_per_s=len(row.prompt) / row.t_prefill if row.t_prefill > 0 else float("inf"),
+            prefill_tokens_per_s=len(row.prompt) / row.t_prefill if row.t_prefill > 0 else None,
             decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else None,
         )
         assert row.reason is not None

@@ -135,7 +135,7 @@ class Manifest:
 
     @classmethod
     def load(cls, directory: str | Path, *, verify: bool = True) -> Manifest:
-        """Read manifest.json; with verify, check every listed file's size and sha256."""
+        """Read manifest.json and check every listed file's size; with verify, its sha256 too."""
         directory = Path(directory)
         path = directory / MANIFEST
         if not directory.is_dir():
@@ -147,11 +147,10 @@ class Manifest:
         except json.JSONDecodeError as e:
             raise ArtifactError(f"{path}: not valid JSON ({e})") from None
         manifest = cls.from_dict(data, source=str(path))
-        if verify:
-            manifest.verify_files(directory)
+        manifest.verify_files(directory, hashes=verify)
         return manifest
 
-    def verify_files(self, directory: Path) -> None:
+    def verify_files(self, directory: Path, *, hashes: bool = True) -> None:
         for name, info in self.files.items():
             f = Path(directory) / name
             if not f.is_file():
@@ -160,7 +159,7 @@ class Manifest:
             if size != info["bytes"]:
                 raise ArtifactError(f"{f}: size {size} does not match the manifest ({info['bytes']}); the file was "
                                     "modified or truncated")
-            if sha256_file(f) != info["sha256"]:
+            if hashes and sha256_file(f) != info["sha256"]:
                 raise ArtifactError(f"{f}: sha256 does not match the manifest; the file was modified")
 
 
@@ -176,18 +175,29 @@ def file_entries(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]
     return {n: {"sha256": sha256_file(directory / n), "bytes": (directory / n).stat().st_size} for n in names}
 
 
+def check_target(target: Path, *, overwrite: bool = False) -> None:
+    """Refuse a target that is a file, a non-empty directory (unless overwrite), or a non-empty directory
+    that is not an artifact (never: replacing it would delete someone's files)."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise ArtifactError(f"{target}: exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()):
+        if not (target / MANIFEST).is_file():
+            raise ArtifactError(f"{target}: is a non-empty directory that is not a mixtrt artifact; refusing to "
+                                "replace it (choose another --out)")
+        if not overwrite:
+            raise ArtifactError(f"{target}: already exists (pass --force / overwrite=True to replace it)")
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `target`; rename it to `target` only if the block succeeds.
 
-    An interrupted or failed export leaves no directory at `target` (and an existing one untouched
-    until the new one is complete).
+    An interrupted or failed export leaves no directory at `target`, and an existing artifact stays whole
+    until the new one is complete (if the final swap fails, the old one is put back).
     """
     target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise ArtifactError(f"{target}: exists and is not a directory")
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise ArtifactError(f"{target}: already exists and is not empty (pass --force / overwrite=True to replace it)")
+    check_target(target, overwrite=overwrite)
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -196,10 +206,17 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise ArtifactError(f"{parent}: cannot write the artifact directory here ({e.strerror})") from None
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; an artifact is as readable as any new folder
         if target.exists():
             old = parent / f".{target.name}.old-{os.getpid()}"
             os.replace(target, old)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                os.replace(old, target)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)

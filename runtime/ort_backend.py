@@ -8,14 +8,13 @@ contiguous slice of each [B, K, C, D] buffer.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.cache import KVCache
-from mixtrt.runtime.errors import ArtifactError, ConfigError
+from mixtrt.runtime.errors import ArtifactError, BackendError, ConfigError
 from mixtrt.runtime.manifest import Manifest
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -24,8 +23,7 @@ _DTYPES = {"float32": np.float32, "float16": np.float16}
 class OrtBackend:
     """Runs an artifact's model.onnx on ONNX Runtime (CPU by default)."""
 
-    def __init__(self, directory: Path, manifest: Manifest, threads: int | None = None,
-                 providers: list[str] | None = None) -> None:
+    def __init__(self, directory: Path, manifest: Manifest, threads: int | None = None) -> None:
         import onnxruntime as ort
 
         self.directory = Path(directory)
@@ -42,21 +40,22 @@ class OrtBackend:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         model_path = self.directory / "model.onnx"
         try:
-            self.session = ort.InferenceSession(
-                str(model_path), opts, providers=providers or ["CPUExecutionProvider"]
-            )
+            # CPU only: the cache is bound through host pointers (a CUDA path needs device buffers)
+            self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
             raise ArtifactError(f"{model_path}: onnxruntime cannot load the graph: {e}") from None
-        kv = self.args.num_key_value_heads
-        self._kv_row_shape = (kv, self.capacity, self.args.head_dim)
-        self._ptr_type = {np.float32: np.float32, np.float16: np.float16}[self.dtype]
+        for kind, got, want in (("inputs", self.session.get_inputs(), manifest.inputs),
+                                ("outputs", self.session.get_outputs(), manifest.outputs)):
+            if [t.name for t in got] != [t.name for t in want]:
+                raise ArtifactError(f"{model_path}: graph {kind} {[t.name for t in got]} do not match the manifest's")
+        self._kv_row_shape = (self.args.num_key_value_heads, self.capacity, self.args.head_dim)
 
     @classmethod
-    def load(cls, directory: str | Path, threads: int | None = None, verify: bool = True,
-             providers: list[str] | None = None) -> OrtBackend:
+    def load(cls, directory: str | Path, threads: int | None = None, verify: bool = True) -> OrtBackend:
+        """verify: check each file's sha256 against the manifest (sizes are always checked)."""
         directory = Path(directory)
         manifest = Manifest.load(directory, verify=verify)
-        return cls(directory, manifest, threads=threads, providers=providers)
+        return cls(directory, manifest, threads=threads)
 
     def new_cache(self, batch_size: int) -> KVCache:
         if batch_size < 1:
@@ -93,18 +92,17 @@ class OrtBackend:
                 (cache.values[layer], *_names(layer, 1)),
             ):
                 ptr = buf.ctypes.data + start_row * buf.strides[0]
-                binding.bind_input(past, "cpu", 0, self._ptr_type, shape, ptr)
-                binding.bind_output(present, "cpu", 0, self._ptr_type, shape, ptr)
+                binding.bind_input(past, "cpu", 0, self.dtype, shape, ptr)
+                binding.bind_output(present, "cpu", 0, self.dtype, shape, ptr)
         logits = np.empty((b, s, self.args.vocab_size), self.dtype)
-        binding.bind_output("logits", "cpu", 0, self._ptr_type, list(logits.shape), logits.ctypes.data)
-        self.session.run_with_iobinding(binding)
+        binding.bind_output("logits", "cpu", 0, self.dtype, list(logits.shape), logits.ctypes.data)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as e:  # onnxruntime's own exception types; the cache rows may be partly written
+            raise BackendError(f"onnxruntime failed on a step of {b} row(s) x {s} token(s): {e}") from None
         cache.lengths[rows] = total32
         return logits.astype(np.float32, copy=False)
 
 
 def _names(layer: int, which: int) -> tuple[str, str]:
     return Manifest.past_names(layer)[which], Manifest.present_names(layer)[which]
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
