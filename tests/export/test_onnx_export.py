@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -324,3 +325,55 @@ def test_external_data_past_the_threshold(tmp_path, exported, monkeypatch):
     (ext / "model.onnx.data").write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match=r"model\.onnx\.data: sha256"):
         OrtBackend.load(ext)
+
+
+def _swa_attrs(art: Path) -> list[dict]:
+    graph = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
+    return [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            for n in graph.node if n.op_type == "SlidingWindowAttention"]
+
+
+def _ort_vs_reference(ck: Path, art: Path, steps: list[int]) -> float:
+    backend, model = OrtBackend.load(art, threads=2), load_model(ck)
+    ids = torch.randint(3, 32000, (1, sum(steps)), generator=torch.Generator().manual_seed(5))
+    cache, tcache = backend.new_cache(1), TorchCache(model.args, 1, capacity=backend.capacity)
+    worst, pos = 0.0, 0
+    for s in steps:
+        got = backend.step(cache, ids[:, pos:pos + s].numpy())
+        with torch.no_grad():
+            want = model(ids[:, pos:pos + s], cache=tcache).numpy()
+        worst, pos = max(worst, float(np.abs(got - want).max())), pos + s
+    return worst
+
+
+def test_window_not_shorter_than_max_context_exports_full_causal(tmp_path):
+    """W=8 exported with --max-context 6: the window never bites, so the graph is full causal, linear cache."""
+    ck = make_checkpoint(tmp_path / "ck", "mistral", sliding_window=8, max_position_embeddings=64)
+    art = export_onnx(ck, tmp_path / "art", max_context=6, progress=None)
+    m = Manifest.load(art)
+    assert m.cache.layout == "linear" and m.cache.capacity == 6
+    assert all(a["window"] == -1 and a["windowed_cache"] == 0 for a in _swa_attrs(art))
+    assert _ort_vs_reference(ck, art, [4, 1, 1]) <= 1e-4
+
+
+def test_mixed_layer_types_get_a_linear_cache_with_masked_windows(tmp_path):
+    """A full-attention layer beside a windowed one: one linear cache; the windowed layer masks W keys."""
+    ck = make_checkpoint(tmp_path / "ck", "mixtral", sliding_window=4, max_position_embeddings=64)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["layer_types"] = ["sliding_attention", "full_attention"]
+    (ck / "config.json").write_text(json.dumps(cfg))
+    art = export_onnx(ck, tmp_path / "art", progress=None)
+    m = Manifest.load(art)
+    assert m.cache.layout == "linear" and m.cache.capacity == 64
+    assert [(a["window"], a["windowed_cache"]) for a in _swa_attrs(art)] == [(4, 0), (-1, 0)]
+    assert _ort_vs_reference(ck, art, [10, 1, 1, 1, 1, 1, 1, 3]) <= 1e-4
+
+
+def test_force_never_replaces_a_directory_that_is_not_an_artifact(tmp_path, exported):
+    ck, _ = exported["mistral-window"]
+    precious = tmp_path / "work"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match="not a mixtrt artifact"):
+        export_onnx(ck, precious, overwrite=True, progress=None)
+    assert (precious / "notes.txt").read_text() == "keep me"
