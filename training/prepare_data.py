@@ -128,7 +128,7 @@ class _RReader:
             if has_attr:
                 names = dict(self.read()).get("names")
                 if kind == 19 and names:
-                    return dict(zip(names, v))
+                    return dict(zip(names, v, strict=True))
             return v
         raise ValueError(f"unsupported R SEXP type {kind} at byte {self.p}")
 

@@ -24,8 +24,8 @@ PROMPTS = [
 
 
 def main() -> None:
-    from transformers import AutoModelForCausalLM
     import sentencepiece as spm
+    from transformers import AutoModelForCausalLM
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model_dir", nargs="?", type=Path, default=REPO / "models" / "tiny-mixtral")

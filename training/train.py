@@ -48,7 +48,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import random
 import shutil
 import sys
