@@ -52,22 +52,25 @@ def _steps(prompt_len: int, window: int) -> list[int]:
     return [prompt_len] + [1] * (3 * window) + [4]
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_ort_matches_reference_prefill_decode_multitoken(exported, name):
-    ck, art = exported[name]
-    backend = OrtBackend.load(art, threads=2)
-    model = load_model(ck)
-    steps = _steps(12, W)
-    ids = torch.randint(3, 32000, (1, sum(steps)), generator=torch.Generator().manual_seed(0))
+def _ort_vs_reference(ck: Path, art: Path, steps: list[int], seed: int = 5) -> float:
+    """Run the same token steps through onnxruntime and the reference (each with its own cache) from
+    empty; the largest |logit difference| over all steps. Checks the cache lengths advanced."""
+    backend, model = OrtBackend.load(art, threads=2), load_model(ck)
+    ids = torch.randint(3, 32000, (1, sum(steps)), generator=torch.Generator().manual_seed(seed))
     cache, tcache = backend.new_cache(1), TorchCache(model.args, 1, capacity=backend.capacity)
     worst, pos = 0.0, 0
     for s in steps:
         got = backend.step(cache, ids[:, pos:pos + s].numpy())
         with torch.no_grad():
             want = model(ids[:, pos:pos + s], cache=tcache).numpy()
-        worst = max(worst, float(np.abs(got - want).max()))
-        pos += s
+        worst, pos = max(worst, float(np.abs(got - want).max())), pos + s
     assert cache.lengths.tolist() == [pos]
+    return worst
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_ort_matches_reference_prefill_decode_multitoken(exported, name):
+    worst = _ort_vs_reference(*exported[name], _steps(12, W), seed=0)
     assert worst <= 1e-4, f"{name}: max |onnxruntime - reference| = {worst}"
 
 
@@ -331,19 +334,6 @@ def _swa_attrs(art: Path) -> list[dict]:
     graph = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
     return [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
             for n in graph.node if n.op_type == "SlidingWindowAttention"]
-
-
-def _ort_vs_reference(ck: Path, art: Path, steps: list[int]) -> float:
-    backend, model = OrtBackend.load(art, threads=2), load_model(ck)
-    ids = torch.randint(3, 32000, (1, sum(steps)), generator=torch.Generator().manual_seed(5))
-    cache, tcache = backend.new_cache(1), TorchCache(model.args, 1, capacity=backend.capacity)
-    worst, pos = 0.0, 0
-    for s in steps:
-        got = backend.step(cache, ids[:, pos:pos + s].numpy())
-        with torch.no_grad():
-            want = model(ids[:, pos:pos + s], cache=tcache).numpy()
-        worst, pos = max(worst, float(np.abs(got - want).max())), pos + s
-    return worst
 
 
 def test_window_not_shorter_than_max_context_exports_full_causal(tmp_path):
