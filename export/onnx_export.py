@@ -99,10 +99,12 @@ def export_onnx(
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     say(f"  {n_params / 1e6:.1f} M parameters, {weight_bytes / 2**20:.0f} MiB ({time.perf_counter() - t0:.1f} s)")
 
+    inputs, outputs = _io_specs(args, capacity, precision)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         say(f"tracing the graph (cache capacity {capacity}, {'windowed' if windowed else 'linear'} layout)")
         t1 = time.perf_counter()
-        program = _trace(model, args, capacity, custom_translation_table())
+        program = _trace(model, args, capacity, custom_translation_table(),
+                         [t.name for t in inputs], [t.name for t in outputs])
         say(f"  traced in {time.perf_counter() - t1:.1f} s")
         say("writing model.onnx")
         names = _save(program.model, tmp, external=weight_bytes > EXTERNAL_DATA_BYTES)
@@ -117,8 +119,8 @@ def export_onnx(
             cache=CacheSpec(capacity=capacity, layout="windowed" if windowed else "linear",
                             window=args.sliding_window if windowed else None,
                             dtype="float16" if precision == "fp16" else "float32"),
-            inputs=tuple(_io_specs(args, capacity, precision)[0]),
-            outputs=tuple(_io_specs(args, capacity, precision)[1]),
+            inputs=tuple(inputs),
+            outputs=tuple(outputs),
             opsets=opsets,
             files=file_entries(tmp, names),
             versions=_versions(),
@@ -150,7 +152,8 @@ def _io_specs(args: ModelArgs, capacity: int, precision: str) -> tuple[list[Tens
     return inputs, outputs
 
 
-def _trace(model: torch.nn.Module, args: ModelArgs, capacity: int, table: dict):
+def _trace(model: torch.nn.Module, args: ModelArgs, capacity: int, table: dict,
+           in_names: list[str], out_names: list[str]):
     dtype = next(model.parameters()).dtype
     batch, seq = 2, 3  # example sizes; both dims are dynamic (size-1 examples would be specialised)
     kv_shape = (batch, args.num_key_value_heads, capacity, args.head_dim)
@@ -158,7 +161,6 @@ def _trace(model: torch.nn.Module, args: ModelArgs, capacity: int, table: dict):
     example = (torch.ones(batch, seq, dtype=torch.int64), torch.full((batch,), seq, dtype=torch.int32), past)
     b, s = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=1, max=1 << 20)
     dynamic = ({0: b, 1: s}, {0: b}, [{0: b}] * len(past))
-    in_names, out_names = _io_names(args)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
@@ -168,14 +170,6 @@ def _trace(model: torch.nn.Module, args: ModelArgs, capacity: int, table: dict):
             dynamic_shapes=dynamic, input_names=in_names, output_names=out_names,
             opset_version=OPSET, optimize=True, verbose=False,
         )
-
-
-def _io_names(args: ModelArgs) -> tuple[list[str], list[str]]:
-    ins, outs = ["input_ids", "total_lengths"], ["logits"]
-    for i in range(args.num_hidden_layers):
-        ins += Manifest.past_names(i)
-        outs += Manifest.present_names(i)
-    return ins, outs
 
 
 def _finish_graph(path: Path, *, windowed: bool, max_context: int) -> dict[str, int]:
