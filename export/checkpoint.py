@@ -3,7 +3,7 @@
 Formats, told apart by the files present (never by directory names):
 - Hugging Face: config.json + model.safetensors, or model.safetensors.index.json + shards; transformers
   4.x names (`block_sparse_moe.experts.{e}.w1/w2/w3`) or 5.x fused experts (`mlp.experts.gate_up_proj`
-  [E, 2I, H] = [gate; up], `mlp.experts.down_proj` [E, H, I]).
+  [E, 2I, H] = [gate; up], `mlp.experts.down_proj` [E, H, I]), each expert becoming its own tensor.
 - raw Mistral: params.json + consolidated.safetensors or consolidated*.pth (torch.load weights_only);
   wq/wk there use the interleaved RoPE layout and are permuted to HF's rotate_half layout.
 
@@ -28,7 +28,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mixtrt.export.model import HEADS, CausalLM, Transformer
-from mixtrt.plugins.moe.torch_op import interleave_gate_up
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.errors import CheckpointError, ConfigError
 
@@ -42,6 +41,8 @@ class Source:
     names: tuple[str, ...]
     shapes: tuple[Shape, ...]
     combine: Callable[[list[torch.Tensor]], torch.Tensor] = lambda ts: ts[0]
+    part: int | None = None
+    """Read only `[part]` (first dimension) of each named tensor: one expert of a fused tensor."""
 
 
 def _one(name: str, shape: Shape) -> Source:
@@ -58,17 +59,6 @@ def _rope_to_halves(heads: int) -> Callable[[list[torch.Tensor]], torch.Tensor]:
         return w.view(heads, rows // heads // 2, 2, H).transpose(1, 2).reshape(rows, H)
 
     return f
-
-
-def _experts_fc1(E: int) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    """E w1 [I, H] then E w3 [I, H] -> fc1 [E, 2I, H] with gate/up rows interleaved."""
-    return lambda ts: interleave_gate_up(torch.stack(ts[:E]), torch.stack(ts[E:]))
-
-
-def _fused_fc1(ts: list[torch.Tensor]) -> torch.Tensor:
-    """transformers 5.x gate_up_proj [E, 2I, H] = [gate; up] along dim 1 -> interleaved rows."""
-    gate, up = ts[0].chunk(2, dim=1)  # [E, 2I, H] -> 2 x [E, I, H]
-    return interleave_gate_up(gate, up)
 
 
 def name_map(args: ModelArgs, fmt: str, prefix: str = "model.") -> dict[str, Source]:
@@ -102,17 +92,18 @@ def name_map(args: ModelArgs, fmt: str, prefix: str = "model.") -> dict[str, Sou
                 m[f"{ff}{w}.weight"] = _one(name, shape)
             continue
         E = args.moe.num_experts
-        if fmt == "hf5":
+        if fmt == "hf5":  # fused experts: gate_up_proj [E, 2I, H] is [gate; up] per expert already
             m[f"{ff}gate.weight"] = _one(f"{src}mlp.gate.weight", (E, H))
-            m[f"{ff}fc1"] = Source((f"{src}mlp.experts.gate_up_proj",), ((E, 2 * I, H),), _fused_fc1)
-            m[f"{ff}fc2"] = _one(f"{src}mlp.experts.down_proj", (E, H, I))
+            for e in range(E):
+                m[f"{ff}fc1.{e}"] = Source((f"{src}mlp.experts.gate_up_proj",), ((E, 2 * I, H),), part=e)
+                m[f"{ff}fc2.{e}"] = Source((f"{src}mlp.experts.down_proj",), ((E, H, I),), part=e)
             continue
         moe = f"{src}feed_forward." if raw else f"{src}block_sparse_moe."
         m[f"{ff}gate.weight"] = _one(f"{moe}gate.weight", (E, H))
-        w1 = tuple(f"{moe}experts.{e}.w1.weight" for e in range(E))
-        w3 = tuple(f"{moe}experts.{e}.w3.weight" for e in range(E))
-        m[f"{ff}fc1"] = Source(w1 + w3, ((I, H),) * (2 * E), _experts_fc1(E))
-        m[f"{ff}fc2"] = Source(tuple(f"{moe}experts.{e}.w2.weight" for e in range(E)), ((H, I),) * E, torch.stack)
+        for e in range(E):
+            w1, w3 = f"{moe}experts.{e}.w1.weight", f"{moe}experts.{e}.w3.weight"
+            m[f"{ff}fc1.{e}"] = Source((w1, w3), ((I, H), (I, H)), torch.cat)  # [gate; up]
+            m[f"{ff}fc2.{e}"] = _one(f"{moe}experts.{e}.w2.weight", (H, I))
     m["model.norm.weight"] = _one(f"{p}norm.weight", (H,))
     head, L = args.head, args.num_labels
     if head == "causal_lm" and not args.tie_word_embeddings:
@@ -170,10 +161,14 @@ class _Files:
         path, h = self.where[key]
         return tuple(h[key].shape) if isinstance(h, dict) else tuple(h.get_slice(key).get_shape())
 
-    def get(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+    def get(self, key: str, dtype: torch.dtype, part: int | None = None) -> torch.Tensor:
+        """The tensor, or only its row `part` along the first dimension (read alone from safetensors)."""
         path, h = self.where[key]
         try:
-            t = h[key] if isinstance(h, dict) else h.get_tensor(key)
+            if part is None:
+                t = h[key] if isinstance(h, dict) else h.get_tensor(key)
+            else:
+                t = h[key][part] if isinstance(h, dict) else h.get_slice(key)[part]
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{path}: cannot read tensor {key!r} ({_line(e)})") from None
         return t.to(dtype)
@@ -260,7 +255,7 @@ def load_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float
                 raise CheckpointError(
                     f"{files.where[name][0]}: tensor {name!r} has shape {list(got)}, expected {list(shape)}"
                 )
-        weights = {ours: src.combine([files.get(n, dtype) for n in src.names]).contiguous()
+        weights = {ours: src.combine([files.get(n, dtype, src.part) for n in src.names]).contiguous()
                    for ours, src in mapping.items()}
     if args.head == "causal_lm" and args.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]

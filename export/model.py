@@ -11,7 +11,7 @@ RoPE. Parameter names are the contract with the checkpoint loader and the export
     model.layers.{i}.attention_norm.weight [H]    model.layers.{i}.ffn_norm.weight [H]
     model.layers.{i}.attention.wq/wk/wv/wo.weight [N*D, H] / [K*D, H] / [K*D, H] / [H, N*D]
     dense: model.layers.{i}.feed_forward.w1/w2/w3.weight [I, H] / [H, I] / [I, H]
-    moe:   model.layers.{i}.feed_forward.gate.weight [E, H], .fc1 [E, 2I, H] (gate/up rows interleaved), .fc2 [E, H, I]
+    moe:   model.layers.{i}.feed_forward.gate.weight [E, H], .fc1.{e} [2I, H] ([gate; up] rows), .fc2.{e} [H, I]
 """
 
 from __future__ import annotations
@@ -111,13 +111,14 @@ class MoeFeedForward(nn.Module):
         E, H, I = args.moe.num_experts, args.hidden_size, args.intermediate_size  # noqa: E741
         self.top_k = args.moe.num_experts_per_tok
         self.gate = nn.Linear(H, E, bias=False)
-        self.fc1 = nn.Parameter(torch.empty(E, 2 * I, H))  # rows g0, u0, g1, u1, ... (interleave_gate_up)
-        self.fc2 = nn.Parameter(torch.empty(E, H, I))
+        # one parameter per expert matrix: one initializer each in the exported graph (see plugins/moe/SPEC.md)
+        self.fc1 = nn.ParameterList(torch.empty(2 * I, H) for _ in range(E))  # rows [gate (w1); up (w3)]
+        self.fc2 = nn.ParameterList(torch.empty(H, I) for _ in range(E))  # w2
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = x.reshape(-1, x.shape[-1])  # [B, S, H] -> [B*S, H]
         logits = self.gate(flat)  # [B*S, E]
-        out = torch.ops.mixtrt.moe(flat, logits, self.fc1, self.fc2, self.top_k)  # [B*S, H]
+        out = torch.ops.mixtrt.moe(flat, logits, list(self.fc1), list(self.fc2), self.top_k)  # [B*S, H]
         return out.view(x.shape), logits  # [B*S, H] -> [B, S, H]
 
 

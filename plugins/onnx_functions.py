@@ -75,13 +75,14 @@ def _ops() -> dict[str, Any]:
     return {moe_onnx_op.OP_TYPE: moe_onnx_op, swa_onnx_op.OP_TYPE: swa_onnx_op}
 
 
-def _used_op_types(graph: onnx.GraphProto, functions: Iterable[onnx.FunctionProto]) -> set[str]:
-    used: set[str] = set()
+def _used_nodes(graph: onnx.GraphProto, functions: Iterable[onnx.FunctionProto]) -> dict[str, list[onnx.NodeProto]]:
+    """op_type -> the mixtrt nodes of that type, in the graph, its subgraphs and other functions."""
+    used: dict[str, list[onnx.NodeProto]] = {}
 
     def visit(nodes: Iterable[onnx.NodeProto]) -> None:
         for node in nodes:
             if node.domain == DOMAIN:
-                used.add(node.op_type)
+                used.setdefault(node.op_type, []).append(node)
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:
                     visit(attr.g.node)
@@ -90,13 +91,16 @@ def _used_op_types(graph: onnx.GraphProto, functions: Iterable[onnx.FunctionProt
 
     visit(graph.node)
     for f in functions:
-        visit(f.node)
+        if f.domain != DOMAIN:
+            visit(f.node)
     return used
 
 
 def _set_opset(opsets, domain: str, version: int) -> None:
+    """Import `domain` at `version` (an existing import of the domain is set to it)."""
     for o in opsets:
         if o.domain == domain:
+            o.version = version
             return
     opsets.append(helper.make_opsetid(domain, version))
 
@@ -107,11 +111,11 @@ def attach_functions(model: onnx.ModelProto) -> None:
     An existing function of the same (domain, name) is replaced, so re-attaching is idempotent. The
     body's default-domain opset is set to the model's own, as onnxruntime wants one version per domain.
     """
-    used = _used_op_types(model.graph, model.functions)
+    used = _used_nodes(model.graph, model.functions)
     if not used:
         return
     ops = _ops()
-    unknown = used - set(ops)
+    unknown = set(used) - set(ops)
     if unknown:
         raise ValueError(f"no function body for mixtrt ops {sorted(unknown)}")
     default = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
@@ -119,8 +123,8 @@ def attach_functions(model: onnx.ModelProto) -> None:
     del model.functions[:]
     model.functions.extend(keep)
     for op_type in sorted(used):
-        model.functions.append(ops[op_type].function_proto(opset=default))
-    _set_opset(model.opset_import, DOMAIN, 1)
+        model.functions.append(ops[op_type].function_for(used[op_type], opset=default))
+    _set_opset(model.opset_import, DOMAIN, max(ops[op_type].VERSION for op_type in used))
     _set_opset(model.opset_import, MS_DOMAIN, 1)
 
 
@@ -161,7 +165,7 @@ def single_op_model(
         [name for name, _, _ in inputs],
         [name for name, _, _ in outputs],
         domain=DOMAIN,
-        plugin_version="1",
+        plugin_version=str(_ops()[op_type].VERSION),
         plugin_namespace=DOMAIN,
         **attributes,
     )

@@ -1,4 +1,4 @@
 """mixtrt::MoE — top-k mixture of SwiGLU experts taking router logits. Spec: SPEC.md beside this file."""
 
 OP_TYPE = "MoE"
-VERSION = 1
+VERSION = 2

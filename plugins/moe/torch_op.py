@@ -13,28 +13,29 @@ import torch.nn.functional as F
 def moe(
     hidden: torch.Tensor,  # [T, H]
     router_logits: torch.Tensor,  # [T, E] raw logits (the op applies the softmax)
-    fc1: torch.Tensor,  # [E, 2I, H] rows interleaved: row 2j = gate_j (w1), row 2j+1 = up_j (w3)
-    fc2: torch.Tensor,  # [E, H, I] (w2)
+    fc1: list[torch.Tensor],  # E x [2I, H]: rows [gate (w1); up (w3)]
+    fc2: list[torch.Tensor],  # E x [H, I] (w2)
     top_k: int,
 ) -> torch.Tensor:  # [T, H]
-    """sum over the top-k experts of renorm_softmax(logits)_e * w2_e(silu(w1_e x) * w3_e x), routing in fp32."""
+    """sum over the top-k experts of renorm_softmax(logits)_e * w2_e(silu(w1_e x) * w3_e x).
+
+    Routing and the weighted sum of the expert outputs in fp32; the expert matmuls in the I/O dtype.
+    """
+    if len(fc1) != len(fc2) or len(fc1) != router_logits.shape[-1]:
+        raise ValueError(f"mixtrt::moe: {len(fc1)} fc1 and {len(fc2)} fc2 tensors for "
+                         f"{router_logits.shape[-1]} router logits")
     probs = router_logits.float().softmax(dim=-1)  # [T, E]
     weights, experts = probs.topk(top_k, dim=-1)  # [T, A]
     weights = weights / weights.sum(dim=-1, keepdim=True)
-    out = torch.zeros_like(hidden)
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     for e in experts.unique().tolist():
         tok, slot = (experts == e).nonzero(as_tuple=True)
-        h = hidden[tok] @ fc1[e].t()  # [t, 2I]
-        y = (F.silu(h[:, 0::2]) * h[:, 1::2]) @ fc2[e].t()  # [t, H]
-        out.index_add_(0, tok, y * weights[tok, slot, None].to(hidden.dtype))
-    return out
+        gate, up = (hidden[tok] @ fc1[e].t()).chunk(2, dim=-1)  # [t, 2I] -> 2 x [t, I]
+        y = (F.silu(gate) * up) @ fc2[e].t()  # [t, H]
+        out.index_add_(0, tok, y.float() * weights[tok, slot, None])
+    return out.to(hidden.dtype)
 
 
 @moe.register_fake
 def _(hidden, router_logits, fc1, fc2, top_k):
     return torch.empty_like(hidden)
-
-
-def interleave_gate_up(w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """[.., I, H] gate and up -> [.., 2I, H] with rows g0, u0, g1, u1, ... (onnxruntime's fc1 layout)."""
-    return torch.stack((w1, w3), dim=-2).flatten(-3, -2)

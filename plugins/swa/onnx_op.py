@@ -99,6 +99,11 @@ def function_proto(opset: int = 18) -> onnx.FunctionProto:
     return f
 
 
+def function_for(nodes, opset: int) -> onnx.FunctionProto:
+    """The body serving every SlidingWindowAttention node of one model (it does not depend on the node)."""
+    return function_proto(opset=opset)
+
+
 def node_attributes(num_heads: int, kv_heads: int, window: int, scale: float) -> dict:
     """The node attributes for the torch op's python arguments (window <= 0 -> -1, full causal)."""
     w = int(window) if int(window) > 0 else -1

@@ -51,19 +51,22 @@ def test_transformers_5_fused_expert_names(tmp_path):
     save_file(sd, tmp_path / "model.safetensors")
     assert_same_logits(hf, tmp_path)
     _, weights = load_checkpoint(tmp_path)
-    fc1, gate_up = weights["model.layers.0.feed_forward.fc1"], sd["model.layers.0.mlp.experts.gate_up_proj"]
-    assert torch.equal(fc1[:, 0::2], gate_up[:, :96]) and torch.equal(fc1[:, 1::2], gate_up[:, 96:])
+    gate_up, down = sd["model.layers.0.mlp.experts.gate_up_proj"], sd["model.layers.0.mlp.experts.down_proj"]
+    for e in range(4):  # one tensor per expert, [gate; up] rows as in the fused tensor
+        assert torch.equal(weights[f"model.layers.0.feed_forward.fc1.{e}"], gate_up[e])
+        assert torch.equal(weights[f"model.layers.0.feed_forward.fc2.{e}"], down[e])
+    assert "model.layers.0.feed_forward.fc1" not in weights
 
 
-def test_transformers_4_names_are_interleaved(tmp_path):
+def test_transformers_4_names_one_tensor_per_expert(tmp_path):
     hf = hf_model("mixtral")
     hf.save_pretrained(tmp_path)
     _, weights = load_checkpoint(tmp_path)
     file = load_file(tmp_path / "model.safetensors")
-    fc1 = weights["model.layers.1.feed_forward.fc1"]  # [E, 2I, H]
-    assert torch.equal(fc1[2, 0::2], file["model.layers.1.block_sparse_moe.experts.2.w1.weight"])
-    assert torch.equal(fc1[2, 1::2], file["model.layers.1.block_sparse_moe.experts.2.w3.weight"])
-    assert torch.equal(weights["model.layers.1.feed_forward.fc2"][3],
+    fc1 = weights["model.layers.1.feed_forward.fc1.2"]  # [2I, H] = [w1; w3]
+    assert torch.equal(fc1[:96], file["model.layers.1.block_sparse_moe.experts.2.w1.weight"])
+    assert torch.equal(fc1[96:], file["model.layers.1.block_sparse_moe.experts.2.w3.weight"])
+    assert torch.equal(weights["model.layers.1.feed_forward.fc2.3"],
                        file["model.layers.1.block_sparse_moe.experts.3.w2.weight"])
 
 
