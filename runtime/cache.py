@@ -45,8 +45,9 @@ class KVCache:
     def __init__(self, num_layers: int, batch_size: int, kv_heads: int, capacity: int, head_dim: int,
                  dtype: np.dtype | type = np.float32) -> None:
         shape = (batch_size, kv_heads, capacity, head_dim)
-        self.keys = [np.zeros(shape, dtype) for _ in range(num_layers)]
-        self.values = [np.zeros(shape, dtype) for _ in range(num_layers)]
+        # tuples: the buffers are fixed for the cache's life (a backend may keep pointers into them)
+        self.keys = tuple(np.zeros(shape, dtype) for _ in range(num_layers))
+        self.values = tuple(np.zeros(shape, dtype) for _ in range(num_layers))
         self.lengths = np.zeros(batch_size, np.int32)
         self.capacity = capacity
 

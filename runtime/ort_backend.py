@@ -8,6 +8,7 @@ contiguous slice of each [B, K, C, D] buffer.
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +45,13 @@ class OrtBackend:
             self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
             raise ArtifactError(f"{model_path}: onnxruntime cannot load the graph: {e}") from None
+        _release_freed_heap()
         for kind, got, want in (("inputs", self.session.get_inputs(), manifest.inputs),
                                 ("outputs", self.session.get_outputs(), manifest.outputs)):
             if [t.name for t in got] != [t.name for t in want]:
                 raise ArtifactError(f"{model_path}: graph {kind} {[t.name for t in got]} do not match the manifest's")
         self._kv_row_shape = (self.args.num_key_value_heads, self.capacity, self.args.head_dim)
+        self._bound: tuple | None = None  # (weakref to the cache, (start_row, b), IOBinding)
 
     @classmethod
     def load(cls, directory: str | Path, threads: int | None = None, verify: bool = True) -> OrtBackend:
@@ -62,6 +65,28 @@ class OrtBackend:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         a = self.args
         return KVCache(a.num_hidden_layers, batch_size, a.num_key_value_heads, self.capacity, a.head_dim, self.dtype)
+
+    def _binding(self, cache: KVCache, start_row: int, b: int):
+        """An IOBinding with rows [start_row, start_row + b) of every cache buffer bound as past and present.
+
+        Reused while the cache object and the rows are the same (decode steps), so a step only rebinds
+        input_ids, total_lengths and logits; the cache's buffers never move (KVCache holds them in tuples).
+        """
+        key = (start_row, b)
+        if self._bound is not None and self._bound[0]() is cache and self._bound[1] == key:
+            return self._bound[2]
+        binding = self.session.io_binding()
+        shape = [b, *self._kv_row_shape]
+        for layer in range(self.args.num_hidden_layers):
+            for buf, past, present in (
+                (cache.keys[layer], *_names(layer, 0)),
+                (cache.values[layer], *_names(layer, 1)),
+            ):
+                ptr = buf.ctypes.data + start_row * buf.strides[0]
+                binding.bind_input(past, "cpu", 0, self.dtype, shape, ptr)
+                binding.bind_output(present, "cpu", 0, self.dtype, shape, ptr)
+        self._bound = (weakref.ref(cache), key, binding)
+        return binding
 
     def step(self, cache: KVCache, input_ids: np.ndarray, start_row: int = 0) -> np.ndarray:
         """input_ids [b, S] for cache rows [start_row, start_row+b) -> logits [b, S, V] float32."""
@@ -82,18 +107,9 @@ class OrtBackend:
             raise ConfigError(f"the cache holds {self.capacity} tokens per row (no sliding window) and this step "
                               f"needs {int(total.max())}")
         total32 = total.astype(np.int32)
-        binding = self.session.io_binding()
+        binding = self._binding(cache, start_row, b)
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("total_lengths", total32)
-        shape = [b, *self._kv_row_shape]
-        for layer in range(self.args.num_hidden_layers):
-            for buf, past, present in (
-                (cache.keys[layer], *_names(layer, 0)),
-                (cache.values[layer], *_names(layer, 1)),
-            ):
-                ptr = buf.ctypes.data + start_row * buf.strides[0]
-                binding.bind_input(past, "cpu", 0, self.dtype, shape, ptr)
-                binding.bind_output(present, "cpu", 0, self.dtype, shape, ptr)
         logits = np.empty((b, s, self.args.vocab_size), self.dtype)
         binding.bind_output("logits", "cpu", 0, self.dtype, list(logits.shape), logits.ctypes.data)
         try:
@@ -102,6 +118,26 @@ class OrtBackend:
             raise BackendError(f"onnxruntime failed on a step of {b} row(s) x {s} token(s): {e}") from None
         cache.lengths[rows] = total32
         return logits.astype(np.float32, copy=False)
+
+
+def _release_freed_heap() -> None:
+    """Give the heap pages freed during session creation back to the OS (glibc only; elsewhere a no-op).
+
+    onnxruntime frees each weight's unpacked copy once its kernel has pre-packed it, but glibc keeps
+    freed blocks of that size in the heap: without this the resident size after loading the
+    Mixtral-shaped benchmark model is ~1170 MiB instead of ~890 MiB (measured), for the life of the process.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
 
 
 def _names(layer: int, which: int) -> tuple[str, str]:
