@@ -123,6 +123,30 @@ def test_fp16_export_within_tolerance(tmp_path):
     assert rel <= 2e-2, rel
 
 
+def test_binding_reuse_across_caches_and_rows(exported):
+    """The backend keeps one IOBinding while the cache and rows stay the same. Steps alternating between
+    two caches, and between row ranges of a third, must give what each sequence gets alone."""
+    _, art = exported["mixtral-window"]
+    backend = OrtBackend.load(art, threads=2)
+    ids = torch.randint(3, 32000, (2, 14), generator=torch.Generator().manual_seed(3)).numpy()
+    steps = [(0, 6)] + [(t, t + 1) for t in range(6, 14)]
+    alone = []
+    for r in range(2):
+        cache = backend.new_cache(1)
+        alone.append([backend.step(cache, ids[r:r + 1, a:b]).copy() for a, b in steps])
+    one, two, both = backend.new_cache(1), backend.new_cache(1), backend.new_cache(2)
+    for i, (a, b) in enumerate(steps):
+        np.testing.assert_array_equal(backend.step(one, ids[0:1, a:b]), alone[0][i])
+        np.testing.assert_array_equal(backend.step(two, ids[1:2, a:b]), alone[1][i])
+        if b - a > 1 or i % 2:  # rows one at a time (start_row 0, then 1)
+            got = [backend.step(both, ids[r:r + 1, a:b], start_row=r) for r in range(2)]
+        else:  # both rows in one step
+            got = list(backend.step(both, ids[:, a:b])[:, None])
+        for r in range(2):
+            _close(got[r], alone[r][i])
+    assert one.lengths.tolist() == two.lengths.tolist() == [14] and both.lengths.tolist() == [14, 14]
+
+
 def test_manifest_and_graph(exported):
     ck, art = exported["mixtral-window"]
     m = Manifest.load(art)
@@ -135,6 +159,11 @@ def test_manifest_and_graph(exported):
     ops = [(n.domain, n.op_type) for n in model.graph.node]
     assert ops.count(("mixtrt", "SlidingWindowAttention")) == 2 and ops.count(("mixtrt", "MoE")) == 2
     assert {f.name for f in model.functions} == {"SlidingWindowAttention", "MoE"}
+    assert ("mixtrt", 2) in {(o.domain, o.version) for o in model.opset_import}
+    moe = next(n for n in model.graph.node if n.op_type == "MoE")  # one initializer per expert matrix
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    E, H, I = m.args.moe.num_experts, m.args.hidden_size, m.args.intermediate_size  # noqa: E741
+    assert [inits.get(name) for name in moe.input[2:]] == [(2 * I, H)] * E + [(H, I)] * E
     names = [n.name for n in model.graph.node]
     assert "/model/layers.1/attention/SlidingWindowAttention_0" in names
     assert "/model/layers.0/feed_forward/MoE_0" in names
