@@ -76,3 +76,30 @@ def test_demo_command_generates_from_the_builtin_model(tmp_path, artifact):
     words = r.stdout.split("It was", 1)[1].split("[")[0].split()
     assert len(words) >= 3
     assert np.mean([w.strip(".,;:!?\"'").isalpha() for w in words]) >= 0.6, r.stdout
+
+
+def _readme_quotes() -> list[str]:
+    """The README's blockquoted samples, each flattened to one line (markdown bold and '>' removed)."""
+    quotes, current = [], []
+    for line in (MODEL.parents[1] / "README.md").read_text().splitlines() + [""]:
+        if line.startswith(">"):
+            current.append(line.lstrip(">").strip())
+        elif current:
+            quotes.append(" ".join(" ".join(current).replace("**", "").split()))
+            current = []
+    return quotes
+
+
+def test_readme_samples_are_what_the_demo_prints(artifact):
+    """README quotes `mixtrt demo`'s default output; a change in the model, sampler or graph numerics
+    that changes the demo must update the README too."""
+    from mixtrt.export.commands import DEMO_PROMPTS
+    from mixtrt.runtime.generation import GenerationConfig
+
+    gen = Generator.load(artifact, threads=2)
+    cfg = GenerationConfig(max_new_tokens=48, do_sample=True, temperature=0.8, top_p=0.95, seed=0)
+    quotes = _readme_quotes()
+    for prompt in DEMO_PROMPTS:
+        ids = gen.tokenizer.encode(prompt)  # decoded with the prompt, the continuation keeps its first space
+        text = " ".join(gen.tokenizer.decode(ids + gen.generate(ids, cfg)[0].token_ids).split())
+        assert text in quotes, f"README lacks the demo output {text!r}"
