@@ -242,7 +242,7 @@ def builtin_checkpoint() -> Path:
 def run_demo(ns: argparse.Namespace) -> int:
     import sys
 
-    from mixtrt.export.onnx_export import export_onnx
+    from mixtrt.export.onnx_export import export_onnx, io_specs
     from mixtrt.runtime.errors import ArtifactError, ConfigError
     from mixtrt.runtime.generation import Generator
     from mixtrt.runtime.manifest import Manifest
@@ -252,10 +252,12 @@ def run_demo(ns: argparse.Namespace) -> int:
         raise ConfigError(f"{ckpt}: no checkpoint there; pass --checkpoint DIR (the built-in one lives in the "
                           "source tree's models/ folder)")
     art = ns.out or Path("engines") / f"{ckpt.name}-fp32"
-    try:  # up to date: exported from this checkpoint, after its files last changed
+    try:  # up to date: exported from this checkpoint, after its files last changed, with today's graph IO
         built = (art / "manifest.json").stat().st_mtime
-        fresh = (Manifest.load(art, verify=False).source == str(ckpt.resolve())
-                 and all(f.stat().st_mtime <= built for f in ckpt.iterdir() if f.is_file()))
+        m = Manifest.load(art, verify=False)
+        fresh = (m.source == str(ckpt.resolve())
+                 and all(f.stat().st_mtime <= built for f in ckpt.iterdir() if f.is_file())
+                 and (list(m.inputs), list(m.outputs)) == io_specs(m.args, m.cache.capacity, m.precision))
     except (ArtifactError, OSError):
         fresh = False
     if not fresh or ns.reexport:

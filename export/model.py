@@ -206,13 +206,18 @@ class CausalLM(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def step(self, input_ids: torch.Tensor, total_lengths: torch.Tensor, *past_flat: torch.Tensor
-             ) -> tuple[torch.Tensor, ...]:
-        """The exported function: (input_ids [B, S], total_lengths [B] int32, k0, v0, k1, v1, ...)
-        -> (logits [B, S, V], present k0, v0, k1, v1, ...)."""
+    def step(self, input_ids: torch.Tensor, total_lengths: torch.Tensor, logit_positions: torch.Tensor,
+             *past_flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The exported function: (input_ids [B, S], total_lengths [B] int32, logit_positions [B, P] int64,
+        k0, v0, k1, v1, ...) -> (logits [B, P, V], present k0, v0, k1, v1, ...).
+
+        logit_positions index the S new tokens: [[S-1]] gives the last position's logits only (a prefill
+        that only samples the next token skips S-1 rows of the lm_head), arange(S) gives all of them.
+        """
         past = list(zip(past_flat[0::2], past_flat[1::2], strict=True))
-        hidden, presents, _ = self.model(input_ids, total_lengths, past)
-        return (self.lm_head(hidden), *(t for kv in presents for t in kv))
+        hidden, presents, _ = self.model(input_ids, total_lengths, past)  # hidden [B, S, H], normed
+        picked = hidden.gather(1, logit_positions[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [B, P, H]
+        return (self.lm_head(picked), *(t for kv in presents for t in kv))
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, logits_to_keep: int = 0,
                 output_router_logits: bool = False):

@@ -7,12 +7,16 @@ ops), so onnxruntime runs the graph as is and TensorRT can swap in our plugins.
 
 One graph serves prefill and decode:
 
-    input_ids [batch, sequence] int64 ─┐
-    total_lengths [batch] int32 ───────┼─► 32 x Block ─► logits [batch, sequence, vocab]
-    past_key_values.{i}.key/value ─────┘                 present.{i}.key/value  (same shape as past)
+    input_ids [batch, sequence] int64 ─────┐
+    total_lengths [batch] int32 ───────────┼─► 32 x Block ─► norm ─► Gather(positions) ─► lm_head ─► logits
+    logit_positions [batch, positions] ────┤                                         [batch, positions, vocab]
+    past_key_values.{i}.key/value ─────────┘                 present.{i}.key/value  (same shape as past)
         [batch, kv_heads, C, head_dim]
 
 C (cache capacity) is fixed at export: window + slack for sliding-window models, else the max context.
+logit_positions picks which of the new tokens get logits: [[sequence-1]] for a prefill that only samples
+the next token (the lm_head then runs on one row instead of `sequence`), arange(sequence) for prompt
+logprobs.
 """
 
 from __future__ import annotations
@@ -41,14 +45,15 @@ OPSET = 20
 
 
 class _Step(torch.nn.Module):
-    """The traced entry point: (input_ids, total_lengths, [k0, v0, k1, v1, ...]) -> (logits, presents...)."""
+    """The traced entry point: (input_ids, total_lengths, logit_positions, [k0, v0, k1, v1, ...])
+    -> (logits, presents...)."""
 
     def __init__(self, lm: torch.nn.Module) -> None:
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, total_lengths, past_key_values: list[torch.Tensor]):
-        return self.lm.step(input_ids, total_lengths, *past_key_values)
+    def forward(self, input_ids, total_lengths, logit_positions, past_key_values: list[torch.Tensor]):
+        return self.lm.step(input_ids, total_lengths, logit_positions, *past_key_values)
 
 
 def default_out_dir(checkpoint_dir: Path, precision: str) -> Path:
@@ -99,7 +104,7 @@ def export_onnx(
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     say(f"  {n_params / 1e6:.1f} M parameters, {weight_bytes / 2**20:.0f} MiB ({time.perf_counter() - t0:.1f} s)")
 
-    inputs, outputs = _io_specs(args, capacity, precision)
+    inputs, outputs = io_specs(args, capacity, precision)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         say(f"tracing the graph (cache capacity {capacity}, {'windowed' if windowed else 'linear'} layout)")
         t1 = time.perf_counter()
@@ -141,11 +146,12 @@ def _find_tokenizer(checkpoint_dir: Path, args: ModelArgs) -> Path:
     return tok.path
 
 
-def _io_specs(args: ModelArgs, capacity: int, precision: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def io_specs(args: ModelArgs, capacity: int, precision: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
     dt = "float16" if precision == "fp16" else "float32"
     kv = ("batch", args.num_key_value_heads, capacity, args.head_dim)
-    inputs = [TensorSpec("input_ids", "int64", ("batch", "sequence")), TensorSpec("total_lengths", "int32", ("batch",))]
-    outputs = [TensorSpec("logits", dt, ("batch", "sequence", args.vocab_size))]
+    inputs = [TensorSpec("input_ids", "int64", ("batch", "sequence")), TensorSpec("total_lengths", "int32", ("batch",)),
+              TensorSpec("logit_positions", "int64", ("batch", "positions"))]
+    outputs = [TensorSpec("logits", dt, ("batch", "positions", args.vocab_size))]
     for i in range(args.num_hidden_layers):
         inputs += [TensorSpec(n, dt, kv) for n in Manifest.past_names(i)]
         outputs += [TensorSpec(n, dt, kv) for n in Manifest.present_names(i)]
@@ -155,12 +161,17 @@ def _io_specs(args: ModelArgs, capacity: int, precision: str) -> tuple[list[Tens
 def _trace(model: torch.nn.Module, args: ModelArgs, capacity: int, table: dict,
            in_names: list[str], out_names: list[str]):
     dtype = next(model.parameters()).dtype
-    batch, seq = 2, 3  # example sizes; both dims are dynamic (size-1 examples would be specialised)
+    # example sizes, all different: every dim is dynamic (size-1 examples would be specialised, equal
+    # sizes would be taken for the same dim)
+    batch, seq, picked = 2, 3, 4  # picked: logit positions
     kv_shape = (batch, args.num_key_value_heads, capacity, args.head_dim)
     past = [torch.zeros(kv_shape, dtype=dtype) for _ in range(2 * args.num_hidden_layers)]
-    example = (torch.ones(batch, seq, dtype=torch.int64), torch.full((batch,), seq, dtype=torch.int32), past)
+    positions = torch.tensor([[0, 1, 2, 2][:picked]] * batch, dtype=torch.int64)  # [batch, picked]
+    example = (torch.ones(batch, seq, dtype=torch.int64), torch.full((batch,), seq, dtype=torch.int32), positions,
+               past)
     b, s = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=1, max=1 << 20)
-    dynamic = ({0: b, 1: s}, {0: b}, [{0: b}] * len(past))
+    p = torch.export.Dim("positions", min=1, max=1 << 20)
+    dynamic = ({0: b, 1: s}, {0: b}, {0: b, 1: p}, [{0: b}] * len(past))
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations

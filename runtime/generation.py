@@ -353,7 +353,8 @@ class Generator:
         logprobs = np.empty(len(ids) - 1, np.float32) if want_logprobs else None
         for start in range(0, len(ids), chunk):
             piece = tokens[start:start + chunk]
-            logits = self.backend.step(cache, piece[None, :], start_row=row)[0]  # [S, V]
+            # [S, V] when the prompt's logprobs are wanted, else [1, V]: the lm_head runs on the last token only
+            logits = self.backend.step(cache, piece[None, :], start_row=row, last_only=logprobs is None)[0]
             if logprobs is not None:
                 targets = tokens[start + 1:start + 1 + len(piece)]  # the next token of each position
                 lp = log_softmax(logits[: len(targets)])

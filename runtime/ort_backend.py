@@ -40,6 +40,9 @@ class OrtBackend:
             opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         model_path = self.directory / "model.onnx"
+        if "logit_positions" not in [t.name for t in manifest.inputs]:
+            raise ArtifactError(f"{self.directory}: exported by an older mixtrt (the graph has no logit_positions "
+                                "input); export the checkpoint again")
         try:
             # CPU only: the cache is bound through host pointers (a CUDA path needs device buffers)
             self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
@@ -88,8 +91,10 @@ class OrtBackend:
         self._bound = (weakref.ref(cache), key, binding)
         return binding
 
-    def step(self, cache: KVCache, input_ids: np.ndarray, start_row: int = 0) -> np.ndarray:
-        """input_ids [b, S] for cache rows [start_row, start_row+b) -> logits [b, S, V] float32."""
+    def step(self, cache: KVCache, input_ids: np.ndarray, start_row: int = 0, last_only: bool = False
+             ) -> np.ndarray:
+        """input_ids [b, S] for cache rows [start_row, start_row+b) -> logits [b, S, V] float32
+        ([b, 1, V] with last_only: the graph's lm_head then runs on the last token only)."""
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         if input_ids.ndim != 2:
             raise ConfigError(f"input_ids must be [batch, tokens], got shape {input_ids.shape}")
@@ -110,7 +115,12 @@ class OrtBackend:
         binding = self._binding(cache, start_row, b)
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("total_lengths", total32)
-        logits = np.empty((b, s, self.args.vocab_size), self.dtype)
+        if last_only:
+            positions = np.full((b, 1), s - 1, np.int64)
+        else:
+            positions = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()
+        binding.bind_cpu_input("logit_positions", positions)
+        logits = np.empty((b, positions.shape[1], self.args.vocab_size), self.dtype)
         binding.bind_output("logits", "cpu", 0, self.dtype, list(logits.shape), logits.ctypes.data)
         try:
             self.session.run_with_iobinding(binding)

@@ -78,6 +78,23 @@ def test_demo_command_generates_from_the_builtin_model(tmp_path, artifact):
     assert np.mean([w.strip(".,;:!?\"'").isalpha() for w in words]) >= 0.6, r.stdout
 
 
+def test_demo_reexports_an_artifact_with_outdated_graph_io(tmp_path):
+    """An artifact exported by an older mixtrt (other graph inputs) is rebuilt, not reused."""
+    def demo() -> str:
+        r = subprocess.run([sys.executable, "-m", "mixtrt.export.cli", "demo", "--out", str(tmp_path / "demo"),
+                            "--prompt", "It was", "--max-new-tokens", "2"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    assert "wrote" in demo()
+    assert "using the artifact" in demo()
+    manifest_path = tmp_path / "demo" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["inputs"] = [t for t in manifest["inputs"] if t["name"] != "logit_positions"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert "wrote" in demo()
+
+
 def _readme_quotes() -> list[str]:
     """The README's blockquoted samples, each flattened to one line (markdown bold and '>' removed)."""
     quotes, current = [], []

@@ -144,10 +144,13 @@ def test_step_is_the_flat_exported_signature(pairs):
     cache = KVCache(ours.args, 2, capacity=8)
     past = [t for kv in cache.layers for t in kv]
     with torch.no_grad():
-        logits, *present = ours.step(x, torch.tensor([6, 6], dtype=torch.int32), *past)
+        every = torch.arange(6).repeat(2, 1)  # logits for all 6 positions of both rows
+        logits, *present = ours.step(x, torch.tensor([6, 6], dtype=torch.int32), every, *past)
         want = ours(x)
+        picked, *_ = ours.step(x, torch.tensor([6, 6], dtype=torch.int32), torch.tensor([[5], [2]]), *past)
     assert len(present) == 4 and all(p.shape == (2, 2, 8, 16) for p in present)
     torch.testing.assert_close(logits, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(picked[:, 0], want[[0, 1], [5, 2]], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["mistral-w5-gqa2", "mixtral-w5-gqa2"])
@@ -169,7 +172,7 @@ def test_fp16_smoke(pairs, name, tmp_path):
 
 
 def test_step_traces_with_torch_export(pairs):
-    """What the ONNX exporter (dynamo=True) sees: dynamic B and S, attention and MoE as the custom ops."""
+    """What the ONNX exporter (dynamo=True) sees: dynamic B, S and P, attention and MoE as the custom ops."""
     _, ours = pairs("mixtral-w5-gqa2")
 
     class Step(torch.nn.Module):
@@ -177,20 +180,20 @@ def test_step_traces_with_torch_export(pairs):
             super().__init__()
             self.lm = lm
 
-        def forward(self, input_ids, total_lengths, *past):
-            return self.lm.step(input_ids, total_lengths, *past)
+        def forward(self, input_ids, total_lengths, positions, *past):
+            return self.lm.step(input_ids, total_lengths, positions, *past)
 
     past = tuple(t for kv in KVCache(ours.args, 2, capacity=8).layers for t in kv)
-    B, S = torch.export.Dim("B", max=16), torch.export.Dim("S", max=64)
+    B, S, P = torch.export.Dim("B", max=16), torch.export.Dim("S", max=64), torch.export.Dim("P", max=64)
     ep = torch.export.export(
-        Step(ours), (ids(2, 3), torch.tensor([3, 3], dtype=torch.int32), *past),
-        dynamic_shapes=({0: B, 1: S}, {0: B}, tuple({0: B} for _ in past)),
+        Step(ours), (ids(2, 3), torch.tensor([3, 3], dtype=torch.int32), torch.tensor([[0, 1, 2, 2]] * 2), *past),
+        dynamic_shapes=({0: B, 1: S}, {0: B}, {0: B, 1: P}, tuple({0: B} for _ in past)),
     )
     targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
     assert targets.count("mixtrt.sliding_window_attention.default") == 2
     assert targets.count("mixtrt.moe.default") == 2
     x = ids(3, 5)
     with torch.no_grad():
-        got = ep.module()(x, torch.tensor([5, 5, 5], dtype=torch.int32),
+        got = ep.module()(x, torch.tensor([5, 5, 5], dtype=torch.int32), torch.arange(5).repeat(3, 1),
                           *(t for kv in KVCache(ours.args, 3, capacity=8).layers for t in kv))[0]
         torch.testing.assert_close(got, ours(x), rtol=0, atol=1e-5)

@@ -147,6 +147,36 @@ def test_binding_reuse_across_caches_and_rows(exported):
     assert one.lengths.tolist() == two.lengths.tolist() == [14] and both.lengths.tolist() == [14, 14]
 
 
+def test_last_only_logits_equal_the_last_row_of_all(exported):
+    """logit_positions: a prefill asking for the last token only gets exactly that row of the full
+    logits, and the cache ends the same either way."""
+    _, art = exported["mixtral-window"]
+    backend = OrtBackend.load(art, threads=2)
+    ids = torch.randint(3, 32000, (1, 9), generator=torch.Generator().manual_seed(4)).numpy()
+    full_cache, last_cache = backend.new_cache(1), backend.new_cache(1)
+    full = backend.step(full_cache, ids)
+    last = backend.step(last_cache, ids, last_only=True)
+    assert full.shape[1] == 9 and last.shape[1] == 1
+    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=0, atol=1e-5)
+    for a, b in zip(full_cache.keys + full_cache.values, last_cache.keys + last_cache.values, strict=True):
+        np.testing.assert_array_equal(a, b)
+    nxt = np.array([[7], [7]])[:1]
+    np.testing.assert_array_equal(backend.step(full_cache, nxt), backend.step(last_cache, nxt, last_only=True))
+
+
+def test_artifact_from_before_logit_positions_is_refused(tmp_path, exported):
+    import shutil
+
+    _, art = exported["mixtral-window"]
+    old = tmp_path / "old"
+    shutil.copytree(art, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["inputs"] = [t for t in manifest["inputs"] if t["name"] != "logit_positions"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="older mixtrt .*logit_positions.*export the checkpoint again"):
+        OrtBackend.load(old)
+
+
 def test_manifest_and_graph(exported):
     ck, art = exported["mixtral-window"]
     m = Manifest.load(art)
@@ -172,9 +202,9 @@ def test_manifest_and_graph(exported):
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in swa.attribute}
     assert attrs["window"] == W and attrs["windowed_cache"] == 1
     assert attrs["plugin_version"] == b"1" and attrs["plugin_namespace"] == b"mixtrt"
-    assert [i.name for i in model.graph.input][:4] == ["input_ids", "total_lengths", "past_key_values.0.key",
-                                                      "past_key_values.0.value"]
-    dims = [d.dim_param or d.dim_value for d in model.graph.input[2].type.tensor_type.shape.dim]
+    assert [i.name for i in model.graph.input][:5] == ["input_ids", "total_lengths", "logit_positions",
+                                                      "past_key_values.0.key", "past_key_values.0.value"]
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[3].type.tensor_type.shape.dim]
     assert dims[1:] == [m.args.num_key_value_heads, W + 16, m.args.head_dim]
 
 
@@ -312,8 +342,9 @@ def test_polygraphy_onnxrt_runner_runs_the_exported_graph(exported):
     _, art = exported["mixtral-window"]
     m = Manifest.load(art)
     a = m.args
-    feed = {"input_ids": np.array([[1, 500, 600, 700]], np.int64), "total_lengths": np.array([4], np.int32)}
-    for spec in m.inputs[2:]:
+    feed = {"input_ids": np.array([[1, 500, 600, 700]], np.int64), "total_lengths": np.array([4], np.int32),
+            "logit_positions": np.array([[0, 1, 2, 3]], np.int64)}
+    for spec in m.inputs[3:]:
         feed[spec.name] = np.zeros((1, a.num_key_value_heads, m.cache.capacity, a.head_dim), np.float32)
     with OnnxrtRunner(SessionFromOnnx(str(art / "model.onnx"), providers=["cpu"])) as runner:
         out = runner.infer(feed)

@@ -140,9 +140,9 @@ class _Spy:
         self.caches.append((cache, [*cache.keys, *cache.values]))
         return cache
 
-    def step(self, cache, input_ids, start_row=0):
+    def step(self, cache, input_ids, start_row=0, last_only=False):
         self.addresses.add(tuple(a.ctypes.data for a in (*cache.keys, *cache.values)))
-        return self._backend.step(cache, input_ids, start_row=start_row)
+        return self._backend.step(cache, input_ids, start_row=start_row, last_only=last_only)
 
 
 def _spied(art) -> tuple[Generator, _Spy]:

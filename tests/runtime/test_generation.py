@@ -77,6 +77,7 @@ class ToyBackend:
         self.out = rng.standard_normal((16, V))
         self.chain = chain or {}
         self.calls: list[tuple[int, int, int]] = []  # (b, S, start_row)
+        self.last_only: list[bool] = []  # per call
 
     def new_cache(self, batch_size: int) -> KVCache:
         return KVCache(1, batch_size, 1, self.capacity, 1)
@@ -84,11 +85,13 @@ class ToyBackend:
     def slot(self, pos: int) -> int:
         return pos % self.capacity if self.windowed else pos
 
-    def step(self, cache: KVCache, input_ids: np.ndarray, start_row: int = 0) -> np.ndarray:
+    def step(self, cache: KVCache, input_ids: np.ndarray, start_row: int = 0, last_only: bool = False
+             ) -> np.ndarray:
         b, s = input_ids.shape
         assert input_ids.dtype == np.int64 and (s == 1 or b == 1) and s <= self.capacity
         assert 0 <= start_row and start_row + b <= cache.batch_size
         self.calls.append((b, s, start_row))
+        self.last_only.append(last_only)
         keys, out = cache.keys[0], np.empty((b, s, V), np.float32)
         for r in range(b):
             row = start_row + r
@@ -103,7 +106,7 @@ class ToyBackend:
                 out[r, j] = h @ self.out
                 if history[0] in self.chain:
                     out[r, j, self.chain[history[0]]] += 40.0
-        return out
+        return out[:, -1:] if last_only else out
 
     @property
     def tokens_run(self) -> int:
@@ -352,6 +355,17 @@ def test_teacher_forced_logprobs_and_perplexity(windowed):
     np.testing.assert_allclose(gen.perplexity(ids), np.exp(-expected.mean()), rtol=1e-5)
     halves = np.concatenate([gen.teacher_forced_logprobs(ids[:15]), gen.teacher_forced_logprobs(ids[15:])])
     np.testing.assert_allclose(gen.perplexity(ids, window=15), np.exp(-halves.mean()), rtol=1e-5)
+
+
+def test_prefill_asks_for_all_logits_only_when_prompt_logprobs_are_needed():
+    gen, backend = make()
+    gen.generate(PROMPTS[1], GenerationConfig(max_new_tokens=3, eos_token_id=(), prefill_chunk=5))
+    prefill = [last for (b, s, _), last in zip(backend.calls, backend.last_only, strict=True) if s > 1]
+    assert len(prefill) == 3 and all(prefill)  # 13 tokens in chunks of 5: the lm_head runs on one row each
+    backend.calls.clear()
+    backend.last_only.clear()
+    gen.teacher_forced_logprobs(PROMPTS[1], prefill_chunk=5)
+    assert backend.last_only and not any(backend.last_only)
 
 
 def test_chat_uses_the_template():
