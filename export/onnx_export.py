@@ -166,7 +166,7 @@ def _trace(model: torch.nn.Module, args: ModelArgs, capacity: int, table: dict,
     batch, seq, picked = 2, 3, 4  # picked: logit positions
     kv_shape = (batch, args.num_key_value_heads, capacity, args.head_dim)
     past = [torch.zeros(kv_shape, dtype=dtype) for _ in range(2 * args.num_hidden_layers)]
-    positions = torch.tensor([[0, 1, 2, 2][:picked]] * batch, dtype=torch.int64)  # [batch, picked]
+    positions = torch.arange(picked).clamp(max=seq - 1).repeat(batch, 1)  # [batch, picked] int64
     example = (torch.ones(batch, seq, dtype=torch.int64), torch.full((batch,), seq, dtype=torch.int32), positions,
                past)
     b, s = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=1, max=1 << 20)

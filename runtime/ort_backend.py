@@ -73,7 +73,8 @@ class OrtBackend:
         """An IOBinding with rows [start_row, start_row + b) of every cache buffer bound as past and present.
 
         Reused while the cache object and the rows are the same (decode steps), so a step only rebinds
-        input_ids, total_lengths and logits; the cache's buffers never move (KVCache holds them in tuples).
+        input_ids, total_lengths, logit_positions and logits; the cache buffers never move (KVCache holds
+        them in tuples).
         """
         key = (start_row, b)
         if self._bound is not None and self._bound[0]() is cache and self._bound[1] == key:
