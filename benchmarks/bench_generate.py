@@ -138,7 +138,7 @@ def main() -> None:
         print(json.dumps(fn(ns)))
         return
 
-    from mixtrt.export import export_onnx
+    from mixtrt.export.onnx_export import export_onnx, is_current
 
     bw = bandwidth_gb_s(ns.threads)
     print(f"threads {ns.threads}, prompt {ns.prompt_len}, new tokens {ns.new_tokens}, greedy; "
@@ -146,8 +146,8 @@ def main() -> None:
     for name in ns.models:
         ckpt = make_benchmark_checkpoint(name, ns.work)
         art = ns.work / f"{name}-fp32"
-        if not (art / "manifest.json").is_file():
-            export_onnx(ckpt, art, progress=None)
+        if not is_current(art, ckpt):
+            export_onnx(ckpt, art, overwrite=True, progress=None)
         limit = bw * 1e9 / bytes_per_token(SHAPES[name])
         print(f"\n{name}: weight bytes/token {bytes_per_token(SHAPES[name]) / 2**20:.1f} MiB, "
               f"bandwidth-limited decode {limit:.1f} tok/s")

@@ -34,13 +34,14 @@ def main() -> None:
 
     from mixtrt.export import export_onnx, load_model
     from mixtrt.export.model import KVCache as TorchCache
+    from mixtrt.export.onnx_export import is_current
     from mixtrt.runtime.ort_backend import OrtBackend
 
     torch.set_num_threads(ns.threads)
     ckpt = make_benchmark_checkpoint(ns.model, ns.work)
     art = ns.work / f"{ns.model}-fp32"
-    if not (art / "manifest.json").is_file():
-        export_onnx(ckpt, art, progress=None)
+    if not is_current(art, ckpt):
+        export_onnx(ckpt, art, overwrite=True, progress=None)
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, 32000, size=(1, ns.prefill))
 

@@ -242,25 +242,16 @@ def builtin_checkpoint() -> Path:
 def run_demo(ns: argparse.Namespace) -> int:
     import sys
 
-    from mixtrt.export.onnx_export import export_onnx, io_specs
-    from mixtrt.runtime.errors import ArtifactError, ConfigError
+    from mixtrt.export.onnx_export import export_onnx, is_current
+    from mixtrt.runtime.errors import ConfigError
     from mixtrt.runtime.generation import Generator
-    from mixtrt.runtime.manifest import Manifest
 
     ckpt = ns.checkpoint or builtin_checkpoint()
     if not (ckpt / "config.json").is_file():
         raise ConfigError(f"{ckpt}: no checkpoint there; pass --checkpoint DIR (the built-in one lives in the "
                           "source tree's models/ folder)")
     art = ns.out or Path("engines") / f"{ckpt.name}-fp32"
-    try:  # up to date: exported from this checkpoint, after its files last changed, with today's graph IO
-        built = (art / "manifest.json").stat().st_mtime
-        m = Manifest.load(art, verify=False)
-        fresh = (m.source == str(ckpt.resolve())
-                 and all(f.stat().st_mtime <= built for f in ckpt.iterdir() if f.is_file())
-                 and (list(m.inputs), list(m.outputs)) == io_specs(m.args, m.cache.capacity, m.precision))
-    except (ArtifactError, OSError):
-        fresh = False
-    if not fresh or ns.reexport:
+    if not is_current(art, ckpt) or ns.reexport:
         export_onnx(ckpt, art, overwrite=True)
     else:
         print(f"using the artifact in {art} (pass --reexport to rebuild it)")

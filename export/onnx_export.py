@@ -136,6 +136,22 @@ def export_onnx(
     return out_dir
 
 
+def is_current(artifact_dir: str | Path, checkpoint_dir: str | Path) -> bool:
+    """True when artifact_dir holds an artifact exported from checkpoint_dir after the checkpoint's files
+    last changed, with this mixtrt's graph IO (else it should be exported again)."""
+    from mixtrt.runtime.errors import ArtifactError
+
+    artifact_dir, checkpoint_dir = Path(artifact_dir), Path(checkpoint_dir)
+    try:
+        built = (artifact_dir / "manifest.json").stat().st_mtime
+        m = Manifest.load(artifact_dir, verify=False)
+        return (m.source == str(checkpoint_dir.resolve())
+                and all(f.stat().st_mtime <= built for f in checkpoint_dir.iterdir() if f.is_file())
+                and (list(m.inputs), list(m.outputs)) == io_specs(m.args, m.cache.capacity, m.precision))
+    except (ArtifactError, OSError):
+        return False
+
+
 def _find_tokenizer(checkpoint_dir: Path, args: ModelArgs) -> Path:
     from mixtrt.runtime.tokenizer import Tokenizer
 
