@@ -44,5 +44,5 @@ def test_wheel_install_imports_from_outside_the_repo(tmp_path):
     run_dir.mkdir()
     path, spec, version = _probe(run_dir, str(site))
     assert Path(path).is_relative_to(site), path
-    assert spec == "True" and version == "0.1.0"
+    assert spec == "True" and version == "0.2.0"
     assert (site / "bin" / "mixtrt").is_file()  # the console script
