@@ -34,7 +34,7 @@ from mixtrt.runtime import __version__
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.cache import cache_capacity
 from mixtrt.runtime.errors import ConfigError
-from mixtrt.runtime.manifest import CacheSpec, Manifest, TensorSpec, atomic_dir, check_target, file_entries
+from mixtrt.runtime.manifest import CacheSpec, Manifest, atomic_dir, check_target, file_entries
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 # Linear (no-window) caches cost memory per position, so their default context is bounded.
@@ -104,7 +104,7 @@ def export_onnx(
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     say(f"  {n_params / 1e6:.1f} M parameters, {weight_bytes / 2**20:.0f} MiB ({time.perf_counter() - t0:.1f} s)")
 
-    inputs, outputs = io_specs(args, capacity, precision)
+    inputs, outputs = Manifest.graph_io(args, capacity, precision)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         say(f"tracing the graph (cache capacity {capacity}, {'windowed' if windowed else 'linear'} layout)")
         t1 = time.perf_counter()
@@ -124,8 +124,8 @@ def export_onnx(
             cache=CacheSpec(capacity=capacity, layout="windowed" if windowed else "linear",
                             window=args.sliding_window if windowed else None,
                             dtype="float16" if precision == "fp16" else "float32"),
-            inputs=tuple(inputs),
-            outputs=tuple(outputs),
+            inputs=inputs,
+            outputs=outputs,
             opsets=opsets,
             files=file_entries(tmp, names),
             versions=_versions(),
@@ -145,9 +145,9 @@ def is_current(artifact_dir: str | Path, checkpoint_dir: str | Path) -> bool:
     try:
         built = (artifact_dir / "manifest.json").stat().st_mtime
         m = Manifest.load(artifact_dir, verify=False)
+        m.check_graph_io(artifact_dir)
         return (m.source == str(checkpoint_dir.resolve())
-                and all(f.stat().st_mtime <= built for f in checkpoint_dir.iterdir() if f.is_file())
-                and (list(m.inputs), list(m.outputs)) == io_specs(m.args, m.cache.capacity, m.precision))
+                and all(f.stat().st_mtime <= built for f in checkpoint_dir.iterdir() if f.is_file()))
     except (ArtifactError, OSError):
         return False
 
@@ -160,18 +160,6 @@ def _find_tokenizer(checkpoint_dir: Path, args: ModelArgs) -> Path:
         raise ConfigError(f"{tok.path}: the tokenizer has {tok.vocab_size} pieces but the model only "
                           f"{args.vocab_size} embeddings; put the model's own tokenizer.model in {checkpoint_dir}")
     return tok.path
-
-
-def io_specs(args: ModelArgs, capacity: int, precision: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    dt = "float16" if precision == "fp16" else "float32"
-    kv = ("batch", args.num_key_value_heads, capacity, args.head_dim)
-    inputs = [TensorSpec("input_ids", "int64", ("batch", "sequence")), TensorSpec("total_lengths", "int32", ("batch",)),
-              TensorSpec("logit_positions", "int64", ("batch", "positions"))]
-    outputs = [TensorSpec("logits", dt, ("batch", "positions", args.vocab_size))]
-    for i in range(args.num_hidden_layers):
-        inputs += [TensorSpec(n, dt, kv) for n in Manifest.past_names(i)]
-        outputs += [TensorSpec(n, dt, kv) for n in Manifest.present_names(i)]
-    return inputs, outputs
 
 
 def _trace(model: torch.nn.Module, args: ModelArgs, capacity: int, table: dict,

@@ -80,6 +80,33 @@ class Manifest:
     def present_names(layer: int) -> tuple[str, str]:
         return f"present.{layer}.key", f"present.{layer}.value"
 
+    @staticmethod
+    def graph_io(args: ModelArgs, capacity: int, precision: str
+                 ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        """The graph inputs and outputs this mixtrt exports and runs (the exporter writes them, backends check
+        an artifact's against them)."""
+        dt = "float16" if precision == "fp16" else "float32"
+        kv = ("batch", args.num_key_value_heads, capacity, args.head_dim)
+        inputs = [TensorSpec("input_ids", "int64", ("batch", "sequence")),
+                  TensorSpec("total_lengths", "int32", ("batch",)),
+                  TensorSpec("logit_positions", "int64", ("batch", "positions"))]
+        outputs = [TensorSpec("logits", dt, ("batch", "positions", args.vocab_size))]
+        for i in range(args.num_hidden_layers):
+            inputs += [TensorSpec(n, dt, kv) for n in Manifest.past_names(i)]
+            outputs += [TensorSpec(n, dt, kv) for n in Manifest.present_names(i)]
+        return tuple(inputs), tuple(outputs)
+
+    def check_graph_io(self, directory: str | Path) -> None:
+        """Refuse an artifact whose graph IO is not what this mixtrt runs (exported by another version)."""
+        inputs, outputs = Manifest.graph_io(self.args, self.cache.capacity, self.precision)
+        if (self.inputs, self.outputs) == (inputs, outputs):
+            return
+        ours, theirs = {t.name for t in inputs + outputs}, {t.name for t in self.inputs + self.outputs}
+        diff = ", ".join([f"missing {sorted(ours - theirs)}"] * bool(ours - theirs)
+                         + [f"unknown {sorted(theirs - ours)}"] * bool(theirs - ours)) or "other shapes or dtypes"
+        raise ArtifactError(f"{directory}: exported by an older mixtrt or a newer one (graph IO: {diff}); "
+                            "export the checkpoint again")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,

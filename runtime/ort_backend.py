@@ -40,9 +40,7 @@ class OrtBackend:
             opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         model_path = self.directory / "model.onnx"
-        if "logit_positions" not in [t.name for t in manifest.inputs]:
-            raise ArtifactError(f"{self.directory}: exported by an older mixtrt (the graph has no logit_positions "
-                                "input); export the checkpoint again")
+        manifest.check_graph_io(self.directory)
         try:
             # CPU only: the cache is bound through host pointers (a CUDA path needs device buffers)
             self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
