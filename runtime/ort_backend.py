@@ -80,10 +80,8 @@ class OrtBackend:
         binding = self.session.io_binding()
         shape = [b, *self._kv_row_shape]
         for layer in range(self.args.num_hidden_layers):
-            for buf, past, present in (
-                (cache.keys[layer], *_names(layer, 0)),
-                (cache.values[layer], *_names(layer, 1)),
-            ):
+            for buf, past, present in zip((cache.keys[layer], cache.values[layer]), Manifest.past_names(layer),
+                                          Manifest.present_names(layer), strict=True):
                 ptr = buf.ctypes.data + start_row * buf.strides[0]
                 binding.bind_input(past, "cpu", 0, self.dtype, shape, ptr)
                 binding.bind_output(present, "cpu", 0, self.dtype, shape, ptr)
@@ -148,6 +146,3 @@ def _release_freed_heap() -> None:
     except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
         pass
 
-
-def _names(layer: int, which: int) -> tuple[str, str]:
-    return Manifest.past_names(layer)[which], Manifest.present_names(layer)[which]

@@ -68,31 +68,31 @@ def test_heldout_perplexity_matches_the_record_on_onnxruntime_and_reference(arti
     assert ppl_ort < 200, "a trained model, not random weights (those give ~32000)"
 
 
-def test_demo_command_generates_from_the_builtin_model(tmp_path, artifact):
-    r = subprocess.run([sys.executable, "-m", "mixtrt.export.cli", "demo", "--out", str(tmp_path / "demo"),
-                        "--prompt", "It was", "--max-new-tokens", "12"], capture_output=True, text=True)
+def _demo(out: Path, max_new_tokens: int) -> str:
+    """`mixtrt demo --out OUT --prompt "It was"` in a subprocess; its stdout."""
+    r = subprocess.run([sys.executable, "-m", "mixtrt.export.cli", "demo", "--out", str(out),
+                        "--prompt", "It was", "--max-new-tokens", str(max_new_tokens)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "It was" in r.stdout and "generated" in r.stdout
-    words = r.stdout.split("It was", 1)[1].split("[")[0].split()
+    return r.stdout
+
+
+def test_demo_command_generates_from_the_builtin_model(tmp_path, artifact):
+    stdout = _demo(tmp_path / "demo", 12)
+    assert "It was" in stdout and "generated" in stdout
+    words = stdout.split("It was", 1)[1].split("[")[0].split()
     assert len(words) >= 3
-    assert np.mean([w.strip(".,;:!?\"'").isalpha() for w in words]) >= 0.6, r.stdout
+    assert np.mean([w.strip(".,;:!?\"'").isalpha() for w in words]) >= 0.6, stdout
 
 
 def test_demo_reexports_an_artifact_with_outdated_graph_io(tmp_path):
     """An artifact exported by an older mixtrt (other graph inputs) is rebuilt, not reused."""
-    def demo() -> str:
-        r = subprocess.run([sys.executable, "-m", "mixtrt.export.cli", "demo", "--out", str(tmp_path / "demo"),
-                            "--prompt", "It was", "--max-new-tokens", "2"], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        return r.stdout
-
-    assert "wrote" in demo()
-    assert "using the artifact" in demo()
+    assert "wrote" in _demo(tmp_path / "demo", 2)
+    assert "using the artifact" in _demo(tmp_path / "demo", 2)
     manifest_path = tmp_path / "demo" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["inputs"] = [t for t in manifest["inputs"] if t["name"] != "logit_positions"]
     manifest_path.write_text(json.dumps(manifest))
-    assert "wrote" in demo()
+    assert "wrote" in _demo(tmp_path / "demo", 2)
 
 
 def _readme_quotes() -> list[str]:
