@@ -73,7 +73,7 @@ def _const(name: str, value) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name))
 
 
-def function_proto(opset: int = 18, num_experts: int = 8) -> onnx.FunctionProto:
+def function_proto(num_experts: int, opset: int = 18) -> onnx.FunctionProto:
     """Local-function body for E = num_experts (a model's MoE nodes share one E).
 
     Routing in fp32: softmax, TopK(k), renormalise, scattered to dense weights [T, E]. Then per expert
@@ -135,7 +135,7 @@ def function_for(nodes: Sequence[onnx.NodeProto], opset: int) -> onnx.FunctionPr
     counts = {num_experts(node) for node in nodes}
     if len(counts) != 1:
         raise ValueError(f"mixtrt::MoE nodes with different expert counts {sorted(counts)} in one model")
-    return function_proto(opset=opset, num_experts=counts.pop())
+    return function_proto(counts.pop(), opset=opset)
 
 
 register_schema()
