@@ -1,5 +1,6 @@
 """mixtrt.runtime: torch-free model description, tokenizer, KV cache, sampling, generation, backends."""
 
+from mixtrt import __version__
 from mixtrt.runtime.args import ModelArgs, MoeArgs
 from mixtrt.runtime.errors import ArtifactError, BackendError, CheckpointError, ConfigError, MixtrtError
 from mixtrt.runtime.generation import GenerationConfig, GenerationOutput, Generator, StreamEvent
@@ -10,14 +11,3 @@ __all__ = [
     "Generator", "MixtrtError", "ModelArgs", "MoeArgs", "StreamEvent", "Tokenizer", "__version__",
 ]
 
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mixtrt")
-    except PackageNotFoundError:  # running from a source tree that was not installed
-        return "0.0.0+unknown"
-
-
-__version__ = _version()

@@ -19,3 +19,7 @@ class ArtifactError(MixtrtError, ValueError):
 
 class BackendError(MixtrtError, RuntimeError):
     """The inference backend failed on a step (the message carries its own error)."""
+
+
+class MissingExtraError(MixtrtError, ImportError):
+    """An optional dependency is not installed; the message names the extra (`pip install 'mixtrt[X]'`)."""

@@ -1,0 +1,69 @@
+"""The `mixtrt` command line: a thin layer over the package's functions, one module per command.
+
+    mixtrt --help                   mixtrt COMMAND --help           python -m mixtrt COMMAND ...
+
+Errors a user can act on (mixtrt's own, OS errors, a missing extra) print one line and exit 2; an
+interrupted command exits 130; a closed stdout (`mixtrt generate ... | head`) ends quietly with 141, as
+other tools killed by SIGPIPE do. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from mixtrt import __version__
+from mixtrt.cli.registry import COMMANDS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mixtrt",
+        description="Export Mistral / Mixtral checkpoints to ONNX and TensorRT and generate text from them.",
+    )
+    parser.add_argument("--version", action="version", version=f"mixtrt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        importlib.import_module(cmd.module).add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from mixtrt.runtime.errors import MixtrtError
+    from mixtrt.runtime.extras import require
+
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return 0
+    cmd = next(c for c in COMMANDS if c.name == ns.command)
+    try:
+        require(cmd.extra, f"`mixtrt {cmd.name}`")
+        return int(importlib.import_module(cmd.module).run(ns))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
+    except MixtrtError as e:
+        print(f"mixtrt {cmd.name}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"mixtrt {cmd.name}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass

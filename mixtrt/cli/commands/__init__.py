@@ -1,0 +1,1 @@
+"""One module per `mixtrt` command (see mixtrt.cli.registry)."""

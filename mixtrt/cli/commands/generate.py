@@ -1,0 +1,54 @@
+"""`mixtrt generate`: one prompt, streamed to the terminal, or one JSON object."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mixtrt.cli.options import add_sampling, generation_config, load_generator, print_stream, stats_line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", type=Path, help="artifact directory (written by `mixtrt export`)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (BOS is added)")
+    src.add_argument("--prompt-ids", help="prompt token ids, comma-separated (used as given)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: token_ids (generated only), text, finish_reason, stats, logprobs")
+    add_sampling(p)
+
+
+def parse_ids(text: str) -> list[int]:
+    import re
+
+    from mixtrt.runtime.errors import ConfigError
+
+    try:
+        return [int(t) for t in re.split(r"[,\s]+", text.strip()) if t]
+    except ValueError:
+        raise ConfigError(f"--prompt-ids {text!r}: expected integers separated by commas or spaces, "
+                          "like 1,2,3") from None
+
+
+def run(ns: argparse.Namespace) -> int:
+    import dataclasses
+
+    cfg = generation_config(ns, return_logprobs=ns.json)  # validated before the model loads
+    gen = load_generator(ns)
+    prompt: str | list[int] = parse_ids(ns.prompt_ids) if ns.prompt_ids is not None else ns.prompt
+    if ns.json:
+        [out] = gen.generate([prompt], cfg)
+        print(json.dumps({
+            "token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason,
+            "finish_message": out.finish_message, "stats": dataclasses.asdict(out.stats),
+            "logprobs": None if out.logprobs is None else [float(x) for x in out.logprobs],
+        }))
+        return 0
+    events = gen.stream(prompt, cfg)  # checked before the prompt is echoed
+    if isinstance(prompt, str):
+        sys.stdout.write(prompt)
+    out = print_stream(events, gen.tokenizer if isinstance(prompt, str) else None)
+    print(stats_line(out), file=sys.stderr)
+    return 0

@@ -1,0 +1,39 @@
+"""`mixtrt inspect`: what an artifact holds, from its manifest (needs no onnx or torch)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", type=Path, help="artifact directory (written by `mixtrt export`)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--verify", action="store_true", help="also check every file's sha256 against the manifest")
+
+
+def run(ns: argparse.Namespace) -> int:
+    from mixtrt.runtime.inspect import inspect_artifact
+
+    info = inspect_artifact(ns.artifact, verify=ns.verify)
+    if ns.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    a = info["model"]
+    print(f"artifact      {ns.artifact}")
+    print(f"model         {a['architecture']}: {a['num_hidden_layers']} layers, hidden {a['hidden_size']}, "
+          f"heads {a['num_attention_heads']}/{a['num_key_value_heads']} (head_dim {a['head_dim']}), "
+          f"vocab {a['vocab_size']}" + (f", experts {a['moe']['num_experts']} top-{a['moe']['num_experts_per_tok']}"
+                                        if a["moe"] else ""))
+    print(f"precision     {info['precision']}   max context {info['max_context']}   "
+          f"backends {', '.join(info['backends'])}")
+    c = info["cache"]
+    print(f"kv cache      {c['layout']} layout, capacity {c['capacity']} rows/layer"
+          + (f" (window {c['window']})" if c["window"] else "")
+          + f", {c['bytes_per_row'] / 2**20:.2f} MiB per batch row")
+    print(f"parameters    {info['parameters'] / 1e6:.2f} M ({info['parameter_bytes'] / 2**20:.1f} MiB)")
+    print("ops           " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
+    print("files         " + ", ".join(f"{k} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in info["files"].items()))
+    print("versions      " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v))
+    return 0

@@ -1,0 +1,34 @@
+"""The command table: every `mixtrt` subcommand, the module implementing it and the extra it needs.
+
+Each command module has `add_arguments(parser)` and `run(namespace) -> exit code`, and imports at module
+level only what building its parser needs (argparse, pathlib), so `mixtrt --help` and every
+`mixtrt COMMAND --help` work on a runtime-only install. Before `run`, the CLI checks the command's extra
+(`mixtrt.runtime.extras`) and names it when something is missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    module: str  # implements add_arguments(parser) and run(namespace) -> int
+    extra: str  # extras.EXTRAS key whose modules must be importable to run it
+    help: str
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("export", "mixtrt.cli.commands.export", "export",
+            "Export a Hugging Face or raw Mistral checkpoint to an ONNX artifact directory."),
+    Command("inspect", "mixtrt.cli.commands.inspect", "base",
+            "Summarise an artifact directory: manifest, op counts, parameter and cache memory."),
+    Command("generate", "mixtrt.cli.commands.generate", "base",
+            "Generate text from an artifact directory, streaming it to the terminal."),
+    Command("chat", "mixtrt.cli.commands.chat", "base",
+            "Interactive multi-turn chat with the model's chat template (an empty line or Ctrl-D ends)."),
+    Command("demo", "mixtrt.cli.commands.demo", "export",
+            "Export the built-in tiny Mixtral (once) and generate from it on the CPU, with speed "
+            "(sampling with temperature 0.8, top-p 0.95, seed 0 unless told otherwise)."),
+)

@@ -1,0 +1,31 @@
+"""What an artifact directory holds, as one dict (`mixtrt inspect`): read from the manifest alone.
+
+    info = inspect_artifact("engines/tiny-mixtral-fp32")
+    info["cache"]["bytes_per_row"], info["ops"]["mixtrt::MoE"]                  # (1622016, 4)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mixtrt.runtime.manifest import Manifest
+
+
+def inspect_artifact(directory: str | Path, verify: bool = False) -> dict[str, Any]:
+    """The manifest's model, precision, cache (with its bytes per batch row), backends, graph summary
+    (op counts, parameters), files and versions; verify: check the files' sha256 too (sizes always)."""
+    m = Manifest.load(directory, verify=verify)
+    a = m.args
+    itemsize = np.dtype(m.cache.dtype).itemsize
+    cache_row = 2 * a.num_hidden_layers * a.num_key_value_heads * m.cache.capacity * a.head_dim * itemsize
+    d = m.to_dict()
+    return {
+        "model": d["model"], "precision": m.precision, "max_context": m.max_context,
+        "cache": {**d["cache"], "bytes_per_row": cache_row}, "backends": list(m.backends),
+        "parameters": m.summary.get("parameters", 0), "parameter_bytes": m.summary.get("parameter_bytes", 0),
+        "ops": dict(m.summary.get("ops", {})), "files": m.files, "versions": m.versions,
+        "format_version": m.format_version, "features": list(m.features),
+    }

@@ -1,0 +1,119 @@
+"""`mixtrt generate` and `mixtrt chat` run as subprocesses on a real exported artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mixtrt.export import export_onnx
+from mixtrt.runtime.generation import GenerationConfig, Generator
+from tests.checkpoints import make_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    ck = make_checkpoint(root / "ck", "mistral", sliding_window=6, max_position_embeddings=128)
+    return export_onnx(ck, root / "art", progress=None)
+
+
+@pytest.fixture(scope="module")
+def generator(artifact) -> Generator:
+    return Generator.load(artifact, threads=1)
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "mixtrt", *args], input=stdin, capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env=env)
+
+
+def test_generate_json_equals_generator_greedy(artifact, generator):
+    r = cli("generate", str(artifact), "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--json", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    [want] = generator.generate([[1, 2, 3]], GenerationConfig(max_new_tokens=5, return_logprobs=True))
+    assert out["token_ids"] == want.token_ids and len(out["token_ids"]) == 5  # generated ids only
+    assert out["text"] == want.text
+    assert out["finish_reason"] == "length" and out["finish_message"] == "max_new_tokens=5 reached"
+    assert out["stats"]["prompt_tokens"] == 3 and out["stats"]["generated_tokens"] == 5
+    assert out["stats"]["time_to_first_token_s"] > 0
+    assert out["logprobs"] == pytest.approx(want.logprobs.tolist(), abs=1e-5)
+
+
+def test_generate_prompt_streams_text(artifact, generator):
+    prompt = "The capital of France is"
+    r = cli("generate", str(artifact), "--prompt", prompt, "--max-new-tokens", "6", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    [want] = generator.generate(prompt, max_new_tokens=6)
+    assert want.text
+    # the screen shows prompt + continuation with the space that decode drops from a text's first word
+    space = " " if generator.tokenizer.id_to_piece(want.token_ids[0]).startswith("\u2581") else ""
+    assert r.stdout == prompt + space + want.text + "\n"
+    assert "6 generated" in r.stderr and "finish: length" in r.stderr
+
+
+def test_sampling_with_seed_is_reproducible(artifact):
+    args = ("generate", str(artifact), "--prompt-ids", "1,415,5565", "--max-new-tokens", "8", "--json",
+            "--threads", "1", "--temperature", "1.5", "--top-k", "50", "--top-p", "0.95")
+    a, b = cli(*args, "--seed", "7"), cli(*args, "--seed", "7")
+    assert a.returncode == b.returncode == 0, a.stderr + b.stderr
+    ids_a, ids_b = json.loads(a.stdout)["token_ids"], json.loads(b.stdout)["token_ids"]
+    assert ids_a == ids_b and len(ids_a) == 8
+    other = json.loads(cli(*args, "--seed", "8").stdout)["token_ids"]
+    assert other != ids_a  # the seed matters (8 draws at temperature 1.5 from 50 candidates)
+
+
+@pytest.mark.parametrize("option, pattern", [
+    (("--top-p", "1.5"), r"top[-_]p"),
+    (("--temperature", "-1"), r"temperature"),
+    (("--max-new-tokens", "0"), r"max[-_]new[-_]tokens"),
+    (("--repetition-penalty", "0"), r"repetition[-_]penalty"),
+])
+def test_invalid_option_exits_2_with_one_line(artifact, option, pattern):
+    r = cli("generate", str(artifact), "--prompt-ids", "1,2,3", *option)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert lines[0].startswith("mixtrt generate: error:") and re.search(pattern, lines[0])
+
+
+def test_bad_prompt_ids_exit_2(artifact):
+    r = cli("generate", str(artifact), "--prompt-ids", "1,x")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--prompt-ids" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_non_artifact_dir_exits_2(tmp_path):
+    r = cli("generate", str(tmp_path), "--prompt-ids", "1,2,3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert str(tmp_path) in line and "not an artifact directory" in line and "mixtrt export" in line
+
+
+def test_chat_two_turns_from_stdin(artifact, generator):
+    r = cli("chat", str(artifact), "--max-new-tokens", "4", "--threads", "1", stdin="hello\nmore\n\n")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    turns = r.stdout.split("you> ")  # two questions, then the empty line ends the session
+    assert len(turns) == 4 and turns[0] == "" and turns[3] == ""
+    assert all(t.startswith("model> ") and t.endswith("\n") for t in turns[1:3])
+    answers = [t[len("model> "):-1] for t in turns[1:3]]
+    cfg = GenerationConfig(max_new_tokens=4)
+    first = generator.chat([{"role": "user", "content": "hello"}], cfg)
+    assert answers[0] == first.text
+    second = generator.chat([{"role": "user", "content": "hello"},
+                             {"role": "assistant", "content": first.text.strip() or "..."},
+                             {"role": "user", "content": "more"}], cfg)
+    assert answers[1] == second.text
