@@ -35,7 +35,7 @@ def main() -> None:
     from mixtrt.export import export_onnx, load_model
     from mixtrt.export.model import KVCache as TorchCache
     from mixtrt.export.onnx_export import is_current
-    from mixtrt.runtime.ort_backend import OrtBackend
+    from mixtrt.runtime.backends.onnxruntime import OrtBackend
 
     torch.set_num_threads(ns.threads)
     ckpt = make_benchmark_checkpoint(ns.model, ns.work)

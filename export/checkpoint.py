@@ -11,8 +11,8 @@ Every tensor goes through ONE explicit name map (`name_map`): our name -> the ch
 built from, their shapes, and how they combine. Missing, unexpected and mis-shaped tensors are errors
 naming the tensor and the file. Tensors are read one at a time (safe_open / mmap'd torch.load).
 
-    >>> args, weights = load_checkpoint("ckpt/")          # our names, e.g. "model.layers.0.attention.wq.weight"
-    >>> model = load_model("ckpt/", dtype=torch.float16)  # CausalLM / Transformer / a classifier head, eval()
+    args, weights = load_checkpoint("ckpt/")          # our names, e.g. "model.layers.0.attention.wq.weight"
+    model = load_model("ckpt/", dtype=torch.float16)  # CausalLM / Transformer / a classifier head, eval()
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from mixtrt.export.model import HEADS, CausalLM, Transformer
 from mixtrt.runtime.args import ModelArgs
+from mixtrt.runtime.cache import CachePlan
 from mixtrt.runtime.errors import CheckpointError, ConfigError
 
 Shape = tuple[int, ...]
@@ -126,9 +128,9 @@ class _Files:
 
     def __init__(self, stack: contextlib.ExitStack) -> None:
         self.stack = stack
-        self.where: dict[str, tuple[Path, object]] = {}
+        self.where: dict[str, tuple[Path, Any]] = {}  # handle: a safetensors file or a .pth dict
 
-    def _add(self, key: str, path: Path, handle: object) -> None:
+    def _add(self, key: str, path: Path, handle: Any) -> None:
         if key in self.where:
             raise CheckpointError(f"tensor {key!r} appears in both {self.where[key][0]} and {path}")
         self.where[key] = (path, handle)
@@ -262,20 +264,24 @@ def load_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float
     return args, weights
 
 
-def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
+               plan: CachePlan | None = None) -> torch.nn.Module:
     """The module for the checkpoint's head (CausalLM, Transformer, SequenceClassifier, TokenClassifier,
-    QuestionAnswering), built on the meta device, weights assigned, rope tables computed, eval mode."""
+    QuestionAnswering), built on the meta device, weights assigned, rope tables computed, eval mode.
+    plan: the artifact's cache plan, for a causal LM built for export (its attention windows and cache mode)."""
     args, weights = load_checkpoint(checkpoint_dir, dtype)
     cls = HEADS[args.head]
     with torch.device("meta"):
-        model = cls(args)
+        model = cls(args, plan) if cls is CausalLM else cls(args)
     if cls is Transformer:
         weights = {k.removeprefix("model."): v for k, v in weights.items()}
     try:
         model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as e:  # a name map / model mismatch is our bug, but say which checkpoint
         raise ConfigError(f"{checkpoint_dir}: weights do not fit {cls.__name__} ({_line(e)})") from None
-    (model if isinstance(model, Transformer) else model.model).init_rope()
+    base = model if isinstance(model, Transformer) else model.model
+    assert isinstance(base, Transformer)
+    base.init_rope()
     if isinstance(model, CausalLM):
         model.tie_weights()
     return model.eval()

@@ -24,7 +24,8 @@ import mixtrt.plugins.moe.torch_op  # noqa: F401  (registers torch.ops.mixtrt.mo
 import mixtrt.plugins.swa.torch_op  # noqa: F401  (registers torch.ops.mixtrt.sliding_window_attention)
 from mixtrt.plugins.swa.torch_op import rope_tables
 from mixtrt.runtime.args import ModelArgs
-from mixtrt.runtime.cache import cache_capacity
+from mixtrt.runtime.backends import EXPORT_BACKENDS, window_slack
+from mixtrt.runtime.cache import CachePlan
 
 Past = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v), each [B, K, C, D]
 
@@ -42,10 +43,11 @@ class KVCache:
         if capacity is None:
             if max_context is None:
                 raise ValueError("KVCache needs max_context or capacity")
-            capacity, self.windowed = cache_capacity(args, max_context)
+            plan = CachePlan.for_model(args, max_context, slack=window_slack(EXPORT_BACKENDS))
+            capacity, self.windowed = plan.capacity, plan.windowed
         else:
-            self.windowed = all(args.window(i) is not None and args.window(i) <= capacity
-                                for i in range(args.num_hidden_layers))
+            windows = [args.window(i) for i in range(args.num_hidden_layers)]
+            self.windowed = all(w is not None and w <= capacity for w in windows)
         shape = (batch_size, args.num_key_value_heads, capacity, args.head_dim)  # [B, K, C, D]
         self.layers: Past = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
                              for _ in range(args.num_hidden_layers)]
@@ -71,11 +73,15 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int) -> None:
+    """With a cache plan (export), the layer's window and cache mode are the plan's (a window that never
+    bites within the max context is full causal); without one, the model's window."""
+
+    def __init__(self, args: ModelArgs, layer: int, plan: CachePlan | None = None) -> None:
         super().__init__()
         N, K, D, H = args.num_attention_heads, args.num_key_value_heads, args.head_dim, args.hidden_size
         self.num_heads, self.kv_heads = N, K
-        self.window = args.window(layer) or -1  # -1 = full causal attention
+        self.window = (plan.windows[layer] if plan else args.window(layer)) or -1  # -1 = full causal attention
+        self.windowed_cache = int(plan.windowed) if plan else -1  # -1: windowed iff the layer has a window
         self.wq = nn.Linear(H, N * D, bias=False)
         self.wk = nn.Linear(H, K * D, bias=False)
         self.wv = nn.Linear(H, K * D, bias=False)
@@ -86,7 +92,7 @@ class Attention(nn.Module):
         # x [B, S, H] -> q [B, S, N*D], k/v [B, S, K*D]; RoPE and the cache update happen inside the op.
         out, k, v = torch.ops.mixtrt.sliding_window_attention(
             self.wq(x), self.wk(x), self.wv(x), past_k, past_v, total_lengths, cos, sin,
-            self.num_heads, self.kv_heads, self.window, 0.0,
+            self.num_heads, self.kv_heads, self.window, 0.0, self.windowed_cache,
         )
         return self.wo(out), k, v  # out [B, S, N*D] -> [B, S, H]
 
@@ -123,10 +129,10 @@ class MoeFeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int) -> None:
+    def __init__(self, args: ModelArgs, layer: int, plan: CachePlan | None = None) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.attention = Attention(args, layer)
+        self.attention = Attention(args, layer, plan)
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.feed_forward = MoeFeedForward(args) if args.moe else FeedForward(args)
 
@@ -141,11 +147,11 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """The base model (transformers' MistralModel / MixtralModel): token ids -> final hidden states."""
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, plan: CachePlan | None = None) -> None:
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(args, i, plan) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         # cos/sin [P, D/2], fp32, recomputed rather than loaded (call init_rope after a meta-device build).
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
@@ -193,12 +199,13 @@ class Transformer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Transformer + lm_head (tied to embed_tokens when args.tie_word_embeddings)."""
+    """Transformer + lm_head (tied to embed_tokens when args.tie_word_embeddings). `plan`: the artifact's
+    cache plan when the model is built for export (see Attention)."""
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, plan: CachePlan | None = None) -> None:
         super().__init__()
         self.args = args
-        self.model = Transformer(args)
+        self.model = Transformer(args, plan)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.tie_weights()
 

@@ -25,18 +25,22 @@ import logging
 import shutil
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from mixtrt.runtime import __version__
+from mixtrt import __version__
+from mixtrt.export.model import CausalLM
 from mixtrt.runtime.args import ModelArgs
-from mixtrt.runtime.cache import cache_capacity
+from mixtrt.runtime.backends import EXPORT_BACKENDS, window_slack
+from mixtrt.runtime.cache import CachePlan
 from mixtrt.runtime.errors import ConfigError
-from mixtrt.runtime.manifest import CacheSpec, Manifest, atomic_dir, check_target, file_entries
+from mixtrt.runtime.manifest import MANIFEST, MODEL_FILE, Manifest, atomic_dir, check_target, file_entries
+from mixtrt.runtime.precision import PRECISIONS
+from mixtrt.runtime.tokenizer import TOKENIZER_FILE
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 # Linear (no-window) caches cost memory per position, so their default context is bounded.
 DEFAULT_LINEAR_CONTEXT = 4096
 # Past this many bytes of weights the graph keeps them in model.onnx.data (protobuf's 2 GB limit).
@@ -48,7 +52,7 @@ class _Step(torch.nn.Module):
     """The traced entry point: (input_ids, total_lengths, logit_positions, [k0, v0, k1, v1, ...])
     -> (logits, presents...)."""
 
-    def __init__(self, lm: torch.nn.Module) -> None:
+    def __init__(self, lm: CausalLM) -> None:
         super().__init__()
         self.lm = lm
 
@@ -62,7 +66,7 @@ def default_out_dir(checkpoint_dir: Path, precision: str) -> Path:
 
 def resolve_max_context(args: ModelArgs, max_context: int | None) -> int:
     if max_context is None:
-        _, windowed = cache_capacity(args, args.max_position_embeddings)
+        windowed = CachePlan.for_model(args, args.max_position_embeddings).windowed
         return args.max_position_embeddings if windowed else min(args.max_position_embeddings, DEFAULT_LINEAR_CONTEXT)
     if max_context < 1 or max_context > args.max_position_embeddings:
         raise ConfigError(f"--max-context {max_context} must be in [1, max_position_embeddings="
@@ -81,7 +85,7 @@ def export_onnx(
 ) -> Path:
     """Export `checkpoint_dir` to the artifact directory `out_dir` (default engines/<name>-<precision>)."""
     from mixtrt.export.checkpoint import load_model
-    from mixtrt.plugins.onnx_functions import custom_translation_table
+    from mixtrt.plugins.onnx_common import custom_translation_table
 
     say = progress or (lambda _msg: None)
     if precision not in PRECISIONS:
@@ -93,41 +97,42 @@ def export_onnx(
         raise ConfigError(f"{checkpoint_dir}: {args.architecture} has no language-model head; export needs a "
                           "*ForCausalLM checkpoint")
     max_context = resolve_max_context(args, max_context)
-    capacity, windowed = cache_capacity(args, max_context)
+    plan = CachePlan.for_model(args, max_context, PRECISIONS[precision], slack=window_slack(EXPORT_BACKENDS))
     tokenizer_src = _find_tokenizer(checkpoint_dir, args)
     check_target(out_dir, overwrite=overwrite)  # before the (slow) weight loading
 
     t0 = time.perf_counter()
     say(f"loading {checkpoint_dir} ({args.architecture}, {args.num_hidden_layers} layers)")
-    model = load_model(checkpoint_dir, dtype=PRECISIONS[precision])
+    model = load_model(checkpoint_dir, dtype=getattr(torch, PRECISIONS[precision]), plan=plan)
+    assert isinstance(model, CausalLM)
     n_params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     say(f"  {n_params / 1e6:.1f} M parameters, {weight_bytes / 2**20:.0f} MiB ({time.perf_counter() - t0:.1f} s)")
 
-    inputs, outputs = Manifest.graph_io(args, capacity, precision)
+    inputs, outputs = Manifest.graph_io(args, plan.capacity, precision)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        say(f"tracing the graph (cache capacity {capacity}, {'windowed' if windowed else 'linear'} layout)")
+        say(f"tracing the graph (cache capacity {plan.capacity}, {plan.layout} layout)")
         t1 = time.perf_counter()
-        program = _trace(model, args, capacity, custom_translation_table(),
+        program = _trace(model, args, plan.capacity, custom_translation_table(),
                          [t.name for t in inputs], [t.name for t in outputs])
         say(f"  traced in {time.perf_counter() - t1:.1f} s")
-        say("writing model.onnx")
+        say(f"writing {MODEL_FILE}")
         names = _save(program.model, tmp, external=weight_bytes > EXTERNAL_DATA_BYTES)
-        opsets = _finish_graph(tmp / "model.onnx", windowed=windowed, max_context=max_context)
-        shutil.copyfile(tokenizer_src, tmp / "tokenizer.model")
-        names.append("tokenizer.model")
+        opsets, summary = _finish_graph(tmp / MODEL_FILE)
+        shutil.copyfile(tokenizer_src, tmp / TOKENIZER_FILE)
+        names.append(TOKENIZER_FILE)
         say("hashing files")
         manifest = Manifest(
             args=args,
             precision=precision,
             max_context=max_context,
-            cache=CacheSpec(capacity=capacity, layout="windowed" if windowed else "linear",
-                            window=args.sliding_window if windowed else None,
-                            dtype="float16" if precision == "fp16" else "float32"),
+            cache=plan,
             inputs=inputs,
             outputs=outputs,
             opsets=opsets,
             files=file_entries(tmp, names),
+            backends=EXPORT_BACKENDS,
+            summary=summary,
             versions=_versions(),
             source=str(checkpoint_dir.resolve()),
         )
@@ -143,7 +148,7 @@ def is_current(artifact_dir: str | Path, checkpoint_dir: str | Path) -> bool:
 
     artifact_dir, checkpoint_dir = Path(artifact_dir), Path(checkpoint_dir)
     try:
-        built = (artifact_dir / "manifest.json").stat().st_mtime
+        built = (artifact_dir / MANIFEST).stat().st_mtime
         m = Manifest.load(artifact_dir, verify=False)
         m.check_graph_io(artifact_dir)
         return (m.source == str(checkpoint_dir.resolve())
@@ -162,7 +167,7 @@ def _find_tokenizer(checkpoint_dir: Path, args: ModelArgs) -> Path:
     return tok.path
 
 
-def _trace(model: torch.nn.Module, args: ModelArgs, capacity: int, table: dict,
+def _trace(model: CausalLM, args: ModelArgs, capacity: int, table: dict,
            in_names: list[str], out_names: list[str]):
     dtype = next(model.parameters()).dtype
     # example sizes, all different: every dim is dynamic (size-1 examples would be specialised, equal
@@ -187,40 +192,32 @@ def _trace(model: torch.nn.Module, args: ModelArgs, capacity: int, table: dict,
         )
 
 
-def _finish_graph(path: Path, *, windowed: bool, max_context: int) -> dict[str, int]:
-    """Attach the custom ops' function bodies, set the attention nodes' cache layout, name the nodes, check.
+def _finish_graph(path: Path) -> tuple[dict[str, int], dict]:
+    """Attach the custom ops' function bodies, name the nodes, check; return the opsets and the graph summary
+    (op counts, parameters and their bytes) that `mixtrt inspect` shows without needing onnx.
 
     Works on the graph without loading external data, so it costs the same for a 7B model as for a tiny one.
     """
+    import numpy as np
     import onnx
 
-    from mixtrt.plugins.onnx_functions import attach_functions
+    from mixtrt.plugins.onnx_common import attach_functions
 
     model = onnx.load(str(path), load_external_data=False)
     attach_functions(model)
-    _set_cache_layout(model.graph, windowed=windowed, max_context=max_context)
     _name_nodes(model.graph)
     onnx.save(model, str(path))
     onnx.checker.check_model(str(path))
-    return {o.domain or "ai.onnx": o.version for o in model.opset_import}
-
-
-def _set_cache_layout(graph, *, windowed: bool, max_context: int) -> None:
-    """The traced nodes carry each layer's model window; the artifact's cache layout decides the rest.
-
-    A window at least as long as the context never bites (window -> -1, full causal). A linear cache
-    (no window anywhere, or a full-attention layer beside windowed ones) keeps row j = position j, so
-    windowed layers mask their window inside it (windowed_cache=0, onnxruntime's shared-buffer mode).
-    """
-    from onnx import helper
-
-    for node in graph.node:
-        if node.domain != "mixtrt" or node.op_type != "SlidingWindowAttention":
-            continue
-        attrs = {a.name: a for a in node.attribute}
-        if attrs["window"].i >= max_context:
-            attrs["window"].CopyFrom(helper.make_attribute("window", -1))
-        attrs["windowed_cache"].CopyFrom(helper.make_attribute("windowed_cache", int(windowed)))
+    graph = model.graph
+    ops = Counter(f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in graph.node)
+    itemsize = {t.data_type: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+                for t in graph.initializer}
+    summary = {
+        "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "parameters": sum(int(np.prod(t.dims)) for t in graph.initializer),
+        "parameter_bytes": sum(int(np.prod(t.dims)) * itemsize[t.data_type] for t in graph.initializer),
+    }
+    return {o.domain or "ai.onnx": o.version for o in model.opset_import}, summary
 
 
 def _name_nodes(graph) -> None:
@@ -262,12 +259,12 @@ def _scope_path(scope: str) -> str:
 def _save(ir_model, directory: Path, *, external: bool) -> list[str]:
     import onnx_ir as ir
 
-    path = directory / "model.onnx"
+    path = directory / MODEL_FILE
     if external:
-        ir.save(ir_model, path, external_data="model.onnx.data")
-        return ["model.onnx", "model.onnx.data"]
+        ir.save(ir_model, path, external_data=f"{MODEL_FILE}.data")
+        return [MODEL_FILE, f"{MODEL_FILE}.data"]
     ir.save(ir_model, path)
-    return ["model.onnx"]
+    return [MODEL_FILE]
 
 
 def _versions() -> dict[str, str | None]:

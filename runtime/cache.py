@@ -1,55 +1,109 @@
-"""The runtime's KV cache: fixed-capacity buffers per layer, owned by the runtime, bound in place.
+"""The KV cache plan (decided once, at export) and the host-memory cache buffers of the CPU backends.
 
 Shapes: L layers, B batch rows, K kv heads, C capacity (rows per layer), D head dim.
 
-    keys[l], values[l]: [B, K, C, D]     lengths: [B] int32 (tokens each row has seen)
+`CachePlan` is the one place the cache is decided: its capacity, its layout and the window each layer's
+attention applies. The exporter traces the graph from it, the manifest stores it, the backends allocate
+from it. Rules:
+- a window at least as long as the max context never bites: that layer attends full causal;
+- every layer windowed (W < max context): the "windowed" layout, C = max(W) + slack, where slack is the
+  most any backend the artifact serves needs (onnxruntime: 16, see its backend);
+- any full-attention layer (no window, or `layer_types` mixing full and sliding layers): the "linear"
+  layout, C = max context and row j = position j; windowed layers then mask their window inside it.
 
-Capacity is fixed when the model is exported (manifest "cache"), so memory never grows with the number
-of generated tokens. What a row's C slots hold is private to the backend:
-- windowed layout (the model has a sliding window W < max context): C = W + slack. onnxruntime keeps the
-  most recent positions compacted at the front of the buffer (it never wraps); the reference model and
-  TensorRT keep a ring (slot = position % C). Either way every query sees its W-key window.
-  Example, W=4, C=6: after 9 tokens onnxruntime holds [p3..p8] in rows 0-5; the ring holds
-  [p6, p7, p8, p3, p4, p5].
-- linear layout (no window, e.g. Mixtral-8x7B's own config): C = max context and row j = position j;
-  a row whose length reaches C is full.
+What a row's C slots hold is private to each backend. Example, W=4, C=6, after 9 tokens onnxruntime holds
+[p3..p8] in rows 0-5 (it compacts, never wraps); the reference model and TensorRT keep a ring
+(slot = position % C): [p6, p7, p8, p3, p4, p5]. Either way every query sees its W-key window.
+
+    >>> from mixtrt.runtime.args import ModelArgs
+    >>> args = ModelArgs("MistralForCausalLM", 32000, 4096, 14336, 32, 32, 8, 128, sliding_window=4096)
+    >>> plan = CachePlan.for_model(args, max_context=32768, dtype="float16", slack=16)
+    >>> plan.layout, plan.capacity, plan.windows[0]
+    ('windowed', 4112, 4096)
+    >>> CachePlan.for_model(args, max_context=4096, dtype="float32").layout  # the window never bites
+    'linear'
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from mixtrt.runtime.args import ModelArgs
+from mixtrt.runtime.errors import ArtifactError
+from mixtrt.runtime.precision import PRECISIONS
 
-# Extra rows beyond the window for the windowed layout. onnxruntime compacts its window buffer once the
-# slack is used up (every `slack` decode steps), so the slack trades copies for memory (genai uses 16).
-WINDOW_SLACK = 16
+LAYOUTS = ("windowed", "linear")
 
 
-def cache_capacity(args: ModelArgs, max_context: int) -> tuple[int, bool]:
-    """(capacity, windowed) for a model exported with `max_context` positions.
+@dataclass(frozen=True)
+class CachePlan:
+    capacity: int  # C: rows per layer
+    layout: str  # "windowed" (every layer has a window, the backend keeps recent positions) | "linear" (row = position)
+    windows: tuple[int | None, ...]  # per layer: keys its attention sees (i - W < j <= i), None = full causal
+    dtype: str  # numpy dtype name of the cache buffers: "float32" | "float16"
 
-    A window at least as long as the context never bites, so that model gets the linear layout.
+    @property
+    def windowed(self) -> bool:
+        return self.layout == "windowed"
+
+    @property
+    def window(self) -> int | None:
+        """The longest window of a windowed layout (None for a linear one)."""
+        return max(w for w in self.windows if w is not None) if self.windowed else None
+
+    @classmethod
+    def for_model(cls, args: ModelArgs, max_context: int, dtype: str = "float32", slack: int = 0) -> CachePlan:
+        """The plan for `args` exported with `max_context` positions and `slack` extra rows for a windowed layout."""
+        windows = tuple(w if w is not None and w < max_context else None
+                        for w in (args.window(i) for i in range(args.num_hidden_layers)))
+        if any(w is None for w in windows):
+            return cls(max_context, "linear", windows, dtype)
+        longest = max(w for w in windows if w is not None)
+        return cls(min(longest + slack, max_context), "windowed", windows, dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"capacity": self.capacity, "layout": self.layout, "window": self.window,
+                "windows": list(self.windows), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], num_layers: int) -> CachePlan:
+        """The manifest's "cache" object; checked for consistency (a hand-edited one is refused)."""
+        plan = cls(capacity=d["capacity"], layout=d["layout"], windows=tuple(d["windows"]), dtype=d["dtype"])
+        if not isinstance(plan.capacity, int) or isinstance(plan.capacity, bool) or plan.capacity < 1:
+            raise ArtifactError(f"cache.capacity must be a positive integer, got {plan.capacity!r}")
+        if plan.layout not in LAYOUTS:
+            raise ArtifactError(f"cache.layout {plan.layout!r} is not one of {list(LAYOUTS)}")
+        if len(plan.windows) != num_layers or not all(
+                w is None or (isinstance(w, int) and not isinstance(w, bool) and 1 <= w) for w in plan.windows):
+            raise ArtifactError(f"cache.windows must hold one window (int >= 1 or null) per layer ({num_layers})")
+        if plan.windowed and (None in plan.windows or plan.capacity < max(w or 0 for w in plan.windows)):
+            raise ArtifactError("cache.layout 'windowed' needs a window on every layer and capacity >= the window")
+        if d.get("window") != plan.window:
+            raise ArtifactError(f"cache.window {d.get('window')!r} does not match the windows {list(plan.windows)}")
+        if plan.dtype not in PRECISIONS.values():
+            raise ArtifactError(f"cache.dtype {plan.dtype!r} is not one of {sorted(PRECISIONS.values())}")
+        return plan
+
+
+class HostKVCache:
+    """Per-layer key/value buffers [B, K, C, D] in host memory and per-row lengths, zero at start.
+
+    The buffers are fixed for the cache's life (tuples: a backend may keep pointers into them); only the
+    backend that made the cache reads or writes them.
     """
-    windows = {args.window(i) for i in range(args.num_hidden_layers)}
-    if None in windows or max(windows) >= max_context:
-        return max_context, False
-    return min(max(windows) + WINDOW_SLACK, max_context), True
-
-
-class KVCache:
-    """Per-layer key/value buffers [B, K, C, D] and per-row lengths, zero at start."""
 
     def __init__(self, num_layers: int, batch_size: int, kv_heads: int, capacity: int, head_dim: int,
                  dtype: np.dtype | type = np.float32) -> None:
         shape = (batch_size, kv_heads, capacity, head_dim)
-        # tuples: the buffers are fixed for the cache's life (a backend may keep pointers into them)
         self.keys = tuple(np.zeros(shape, dtype) for _ in range(num_layers))
         self.values = tuple(np.zeros(shape, dtype) for _ in range(num_layers))
         self.lengths = np.zeros(batch_size, np.int32)
         self.capacity = capacity
+        self.binding: Any = None  # a backend's per-cache state (onnxruntime: the reusable IOBinding)
 
     @property
     def batch_size(self) -> int:
@@ -59,15 +113,28 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
 
-    def keep_rows(self, rows: Sequence[int]) -> None:
-        """Move `rows` (in this order) to the front; later rows are free. Buffers keep their size.
+    def move_rows(self, rows: Sequence[int]) -> None:
+        """Row i becomes old row rows[i] (-1: an empty row); rows from len(rows) on are emptied.
 
-        Used to stop spending decode work on finished rows: the backend then runs rows [0, len(rows)).
+        `[2, 0]` moves rows 2 and 0 to the front and frees the rest; `[0, -1, 3]` keeps row 0, empties
+        row 1 and moves row 3 to row 2. An emptied row holds zeros and length 0.
         """
         rows = list(rows)
-        if rows == list(range(len(rows))):
-            return
+        n = self.batch_size
+        if len(rows) > n or any(not -1 <= r < n for r in rows):
+            raise ValueError(f"move_rows({rows}) on a cache of {n} rows")
+        src = [r for r in rows if r >= 0]
+        if len(set(src)) != len(src):
+            raise ValueError(f"move_rows({rows}): a row is taken twice")
+        moved = [i for i, r in enumerate(rows) if r != i and r >= 0]
+        emptied = [i for i, r in enumerate(rows) if r < 0] + [i for i in range(len(rows), n) if self.lengths[i]]
+        lengths = self.lengths.copy()
         for buf in (*self.keys, *self.values):
-            buf[: len(rows)] = buf[rows]
-        self.lengths[: len(rows)] = self.lengths[rows]
-        self.lengths[len(rows):] = 0
+            if moved:
+                buf[moved] = buf[[rows[i] for i in moved]]  # the right side is a copy: sources may be overwritten
+            if emptied:
+                buf[emptied] = 0
+        for i in moved:
+            lengths[i] = self.lengths[rows[i]]
+        lengths[emptied] = 0
+        self.lengths[:] = lengths

@@ -1,16 +1,20 @@
-"""Text generation over any Backend: chunked prefill, batched decode, sampling, stop rules, streaming, chat.
+"""Text generation over any Backend: the steppable Engine (the loop, written once) and the Generator API.
 
-The loop is written once (`Generator._loop`) and serves generate, stream, chat and stream_chat:
+The Engine holds one backend cache of `max_batch` rows. Rows are admitted, stepped and dropped at any
+time, so one loop serves generate and stream (all rows added at once), chat sessions (a row whose cache
+outlives a turn: `keep=True`, then `extend`) and a server's continuous batching (rows added between
+steps). Each `step()`:
 
-    1. prefill each row alone, in chunks of <= prefill_chunk tokens (backend rule: S > 1 only with b == 1),
-       and choose its first token from the last prompt position's logits;
-    2. decode the active rows together, one token per row per step; a row that finishes is dropped with
-       cache.keep_rows(active) so it costs no more work (rows keep their batch index in `_Row.index`).
+    1. admits the waiting rows while cache rows are free: each is prefilled alone, in chunks of
+       <= prefill_chunk tokens (backend rule: S > 1 only with b == 1), and its first token is chosen
+       from the last prompt position's logits;
+    2. decodes every running row together, one token per row;
+    3. moves finished rows out of the batch with backend.move_rows, so they cost no more work (a kept row
+       is parked behind the running ones, its cache intact).
 
-    >>> gen = Generator.load("engines/mistral-tiny")                      # doctest: +SKIP
-    >>> [out] = gen.generate("The capital of France is", max_new_tokens=8)  # doctest: +SKIP
-    >>> out.finish_reason, out.stats.generated_tokens                     # doctest: +SKIP
-    ('length', 8)
+    gen = Generator.load("engines/mistral-tiny")
+    [out] = gen.generate("The capital of France is", max_new_tokens=8)
+    out.finish_reason, out.stats.generated_tokens                         # ('length', 8)
 
 A row ends with (checked in this order after each new token):
 - "stop": a stop string appeared in its text; the text is cut before it (token_ids keep every token);
@@ -21,14 +25,16 @@ A row ends with (checked in this order after each new token):
 
 Logprobs are log_softmax of the RAW model logits (before penalty / temperature / top-k / top-p), as
 transformers' `output_logits` followed by log_softmax; prompt_logprobs[t] = log p(prompt[t+1] | prompt[:t+1]).
-Sampling draws row i from a numpy Generator seeded by (seed, i): a row's tokens do not depend on the
-other rows of its batch, and a prompt run alone equals it run as row 0 of a batch.
+Sampling draws a row from a numpy Generator seeded by (seed, sample_index): generate() gives prompt i the
+index i, so a row's tokens do not depend on the other rows of its batch or the cache row it lands in, and a
+prompt run alone equals it run as the first prompt of a batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,14 +43,12 @@ from typing import Any, Literal
 import numpy as np
 
 from mixtrt.runtime.args import ModelArgs
-from mixtrt.runtime.backend import Backend
-from mixtrt.runtime.cache import KVCache
+from mixtrt.runtime.backends.base import Backend
 from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.prompts import Prompts, normalize_prompts
 from mixtrt.runtime.sampling import Sampler, log_softmax
 
 FinishReason = Literal["eos", "stop", "length"]
-Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | np.ndarray
-BACKENDS = ("onnxruntime",)
 
 
 @dataclass(frozen=True)
@@ -172,13 +176,19 @@ class _StopText:
         return out if self.stop is None else ""
 
 
-@dataclass
-class _Row:
-    index: int  # position in the caller's batch
+@dataclass(eq=False)
+class Row:
+    """One sequence in the Engine: its prompt, sampling state, generated tokens and timings."""
+
+    id: int
     prompt: list[int]
+    config: GenerationConfig
     sampler: Sampler
     decoder: Any  # tokenizer StreamDecoder
     text: _StopText
+    keep: bool  # park the row (cache intact) when it finishes, for `Engine.extend`
+    t0: float  # when the row was added (time to first token counts from here)
+    history: list[int] = field(default_factory=list)  # earlier turns of a kept row (prompts and tokens)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
@@ -188,10 +198,253 @@ class _Row:
     t_prefill: float = 0.0
     t_first: float = 0.0
     t_last: float = 0.0
+    cached: int = 0  # tokens of `sequence` the cache holds (the last generated token is fed on the next step)
+    released: bool = False
+
+    @property
+    def sequence(self) -> list[int]:
+        """Every token of the row so far: earlier turns, this turn's prompt, generated tokens."""
+        return self.history + self.prompt + self.tokens
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    """A new token of `row` and the text it completed (complete UTF-8, may be ""); `output` is set when the
+    row finished with this token."""
+
+    row: Row
+    token: int
+    text: str
+    output: GenerationOutput | None = None
+
+
+class Engine:
+    """Rows admitted, stepped and dropped at any time over one backend cache of `max_batch` rows.
+
+        engine = Engine(backend, tokenizer, max_batch=8)
+        row = engine.add([1, 415, 2936], GenerationConfig(max_new_tokens=16))
+        while engine.busy:
+            for event in engine.step():
+                print(event.row.id, event.text, event.output)
+
+    Cache rows: the running rows first (stepped together as rows [0, n)), then the parked (kept) rows.
+    Not thread-safe: one thread drives an engine (Generator makes one per call).
+    """
+
+    def __init__(self, backend: Backend, tokenizer: Any, max_batch: int) -> None:
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.cache = backend.new_cache(max_batch)
+        self.waiting: deque[Row] = deque()
+        self.running: list[Row] = []  # cache rows 0 .. len-1
+        self.parked: list[Row] = []  # cache rows after the running ones
+        self._ids = 0
+
+    # ---- admission -----------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """Rows are waiting or running (step() has work)."""
+        return bool(self.waiting or self.running)
+
+    def limit(self) -> tuple[int, str]:
+        """The longest sequence (prompt + generated) a row can hold, and the message naming that limit."""
+        b = self.backend
+        if not b.windowed and b.capacity <= b.max_positions:
+            return b.capacity, (f"cache full: the model has no sliding window and its cache holds {b.capacity} "
+                                f"tokens (max context chosen at export)")
+        return b.max_positions, f"max positions: the model supports {b.max_positions} positions"
+
+    def chunk(self, prefill_chunk: int | None) -> int:
+        capacity = self.backend.capacity
+        if prefill_chunk is not None and not 1 <= prefill_chunk <= capacity:
+            raise ConfigError(f"prefill_chunk must be in [1, cache capacity {capacity}], got {prefill_chunk}")
+        return prefill_chunk or capacity
+
+    def add(self, prompt: list[int], config: GenerationConfig, *, sample_index: int = 0, keep: bool = False,
+            t0: float | None = None, name: str = "prompt 0") -> Row:
+        """Queue a row for `prompt` (token ids); everything is checked now, before any work. The row is
+        prefilled at the next step(). sample_index seeds its sampling with (config.seed, sample_index)."""
+        config.validate(self.backend.args)
+        self.chunk(config.prefill_chunk)
+        self._check_fits(len(prompt), name)
+        row = Row(self._ids, list(prompt), config, self._sampler(config, sample_index, prompt),
+                  self.tokenizer.stream(), _StopText(config.stop_strings), keep,
+                  time.perf_counter() if t0 is None else t0)
+        self._ids += 1
+        self.waiting.append(row)
+        return row
+
+    def extend(self, row: Row, ids: list[int], config: GenerationConfig, *, t0: float | None = None) -> None:
+        """Continue a finished kept row: feed `ids` after everything it holds, then generate by `config`.
+        Its cache is reused, so only the new tokens (and its last generated token) are prefilled."""
+        if row not in self.parked or row.released:
+            raise ConfigError("extend needs a finished row added with keep=True that was not released")
+        if not ids:
+            raise ConfigError("extend needs at least one new token")
+        config.validate(self.backend.args)
+        self.chunk(config.prefill_chunk)
+        sequence = row.sequence + list(ids)
+        self._check_fits(len(sequence), "the conversation")
+        row.history, row.prompt, row.tokens = row.history + row.prompt + row.tokens, list(ids), []
+        row.config, row.logprobs, row.pieces, row.prompt_logprobs = config, [], [], None
+        row.reason, row.message = None, ""
+        row.sampler = self._sampler(config, 0, sequence)
+        row.decoder, row.text = self.tokenizer.stream(), _StopText(config.stop_strings)
+        row.t0 = time.perf_counter() if t0 is None else t0
+        self.waiting.append(row)
+
+    def cancel(self, row: Row) -> None:
+        """Stop a waiting or running row now (no output event) and free its cache row (kept rows too)."""
+        if row in self.waiting:
+            self.waiting.remove(row)
+        row.keep = False
+        if row.reason is None:
+            row.reason, row.message = "length", "cancelled"
+        self.release(row)
+
+    def release(self, row: Row) -> None:
+        """Free a kept row's cache row (it can no longer be extended)."""
+        row.released = True
+        if row in self.parked or row in self.running:
+            self._compact(drop={row.id})
+
+    def _check_fits(self, n: int, name: str) -> None:
+        limit, why = self.limit()
+        if n >= limit:
+            raise ConfigError(f"{name} has {n} tokens, which leaves no room for a new token: {why}")
+
+    def _sampler(self, cfg: GenerationConfig, index: int, seen: Sequence[int]) -> Sampler:
+        return Sampler(self.backend.args.vocab_size, do_sample=cfg.do_sample, temperature=cfg.temperature,
+                       top_k=cfg.top_k, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
+                       seed=cfg.seed, row=index, prompt_ids=seen)
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def step(self) -> list[EngineEvent]:
+        """Admit waiting rows (prefill), then one decode step of every running row; the events of this step."""
+        events: list[EngineEvent] = []
+        while self.waiting and len(self.running) + len(self.parked) - (self.waiting[0] in self.parked) \
+                < self.max_batch:
+            row = self.waiting.popleft()
+            slot = self._admit(row)
+            start = time.perf_counter()
+            pending = row.sequence[row.cached:]
+            last, row.prompt_logprobs = self.prefill(slot, pending, row.config)
+            row.t_prefill = time.perf_counter() - start
+            row.cached += len(pending)
+            events += self._accept(row, last)
+        self._compact()
+        if self.running:
+            ids = np.array([[row.tokens[-1]] for row in self.running], np.int64)  # [b, 1]
+            logits = self.backend.step(self.cache, ids)  # [b, 1, V]
+            for i, row in enumerate(self.running):
+                row.cached += 1
+                events += self._accept(row, logits[i, 0])
+            self._compact()
+        return events
+
+    def _admit(self, row: Row) -> int:
+        """Give `row` the cache row right after the running ones (moving parked rows back); its index."""
+        slot = len(self.running)
+        parked = [r for r in self.parked if r is not row]
+        order = list(range(slot)) + [self._slot(row) if row in self.parked else -1] + [self._slot(r) for r in parked]
+        # the slot may still hold a row that finished when nothing else was running (see _compact)
+        if parked or row in self.parked or self.cache.lengths[slot:].any():
+            self.backend.move_rows(self.cache, order)
+        self.parked = parked
+        self.running.append(row)
+        return slot
+
+    def _slot(self, row: Row) -> int:
+        if row in self.running:
+            return self.running.index(row)
+        return len(self.running) + self.parked.index(row)
+
+    def _compact(self, drop: frozenset[int] | set[int] = frozenset()) -> None:
+        """Keep unfinished rows running at the front, park finished kept rows behind them, free the rest.
+
+        When nothing is left running or parked, the finished rows stay in the cache as they are (no copy):
+        `_admit` empties a slot before reusing it.
+        """
+        active = [r for r in self.running if r.reason is None and r.id not in drop]
+        parked = [r for r in self.parked if r.id not in drop and not r.released]
+        parked += [r for r in self.running if r.reason is not None and r.keep and not r.released and r.id not in drop]
+        order = [self._slot(r) for r in active + parked]
+        if order and (order != list(range(len(order))) or len(order) < len(self.running) + len(self.parked)):
+            self.backend.move_rows(self.cache, order)
+        self.running, self.parked = active, parked
+
+    def prefill(self, slot: int, ids: list[int], cfg: GenerationConfig) -> tuple[np.ndarray, np.ndarray | None]:
+        """Feed ids to cache row `slot` in chunks; return the last position's logits [V] and, with
+        return_logprobs, log p(ids[t] | ids[:t]) for t >= 1 [len(ids) - 1]."""
+        tokens = np.asarray(ids, np.int64)
+        chunk = self.chunk(cfg.prefill_chunk)
+        logprobs = np.empty(len(ids) - 1, np.float32) if cfg.return_logprobs else None
+        for start in range(0, len(ids), chunk):
+            piece = tokens[start:start + chunk]
+            # [S, V] when the prompt's logprobs are wanted, else [1, V]: the lm_head runs on the last token only
+            logits = self.backend.step(self.cache, piece[None, :], start_row=slot, last_only=logprobs is None)[0]
+            if logprobs is not None:
+                targets = tokens[start + 1:start + 1 + len(piece)]  # the next token of each position
+                lp = log_softmax(logits[: len(targets)])
+                logprobs[start:start + len(targets)] = lp[np.arange(len(targets)), targets]
+        return logits[-1], logprobs
+
+    def _accept(self, row: Row, logits: np.ndarray) -> list[EngineEvent]:
+        """Choose row's next token from its raw logits [V] and apply the finish rules."""
+        cfg = row.config
+        token = row.sampler(logits)
+        row.t_last = time.perf_counter()
+        if not row.tokens:
+            row.t_first = row.t_last
+        row.tokens.append(token)
+        if cfg.return_logprobs:
+            row.logprobs.append(float(log_softmax(logits)[token]))
+        if token in cfg.eos_ids(self.backend.args):
+            row.reason, row.message = "eos", f"end-of-sequence token {token}"
+        text = row.text.feed(row.decoder.put(token)) if row.reason is None else ""
+        limit, why = self.limit()
+        if row.reason is None and len(row.tokens) >= cfg.max_new_tokens:
+            row.reason, row.message = "length", f"max_new_tokens={cfg.max_new_tokens} reached"
+        if row.reason is None and len(row.sequence) >= limit:
+            row.reason, row.message = "length", why
+        if row.text.stop is None and row.reason is not None:
+            text += row.text.feed(row.decoder.flush())
+            text += row.text.finish()
+        if row.text.stop is not None:
+            row.reason, row.message = "stop", f"stop string {row.text.stop!r}"
+        row.pieces.append(text)
+        return [EngineEvent(row, token, text, _output(row) if row.reason is not None else None)]
+
+
+def _output(row: Row) -> GenerationOutput:
+    n = len(row.tokens)
+    decode_s = row.t_last - row.t_first
+    stats = GenerationStats(
+        prompt_tokens=len(row.prompt),
+        generated_tokens=n,
+        time_to_first_token_s=row.t_first - row.t0,
+        prefill_tokens_per_s=len(row.prompt) / row.t_prefill if row.t_prefill > 0 else None,
+        decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else None,
+    )
+    assert row.reason is not None
+    return GenerationOutput(
+        token_ids=list(row.tokens), text="".join(row.pieces), finish_reason=row.reason,
+        finish_message=row.message, stats=stats,
+        logprobs=np.array(row.logprobs, np.float32) if row.config.return_logprobs else None,
+        prompt_logprobs=row.prompt_logprobs,
+    )
 
 
 class Generator:
-    """Generation on a Backend with a tokenizer (see the module docstring for the loop and its rules)."""
+    """Generation on a Backend with a tokenizer: generate, stream, chat (each call runs its own Engine).
+
+    Thread safety: one Generator may be shared by threads. Each call owns its engine and cache, and the
+    backend serialises steps, so concurrent calls give exactly the outputs of the same calls made one
+    after another.
+    """
 
     def __init__(self, backend: Backend, tokenizer: Any) -> None:
         self.backend = backend
@@ -201,13 +454,11 @@ class Generator:
     def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", threads: int | None = None,
              verify: bool = True) -> Generator:
         """The artifact's backend and tokenizer. verify: check file hashes against the manifest (sizes always)."""
-        if backend not in BACKENDS:
-            raise ConfigError(f"backend={backend!r} is not supported; choose one of {list(BACKENDS)}")
-        from mixtrt.runtime.ort_backend import OrtBackend
-        from mixtrt.runtime.tokenizer import Tokenizer
+        from mixtrt.runtime.backends import load_backend
+        from mixtrt.runtime.tokenizer import TOKENIZER_FILE, Tokenizer
 
-        engine = OrtBackend.load(artifact_dir, threads=threads, verify=verify)
-        tokenizer = Tokenizer.load(Path(artifact_dir) / "tokenizer.model")
+        engine = load_backend(backend, artifact_dir, threads=threads, verify=verify)
+        tokenizer = Tokenizer.load(Path(artifact_dir) / TOKENIZER_FILE)
         if tokenizer.vocab_size > engine.args.vocab_size:
             raise ConfigError(f"{tokenizer.path}: {tokenizer.vocab_size} pieces but the model has only "
                               f"{engine.args.vocab_size} embeddings")
@@ -217,22 +468,22 @@ class Generator:
     def generate(self, prompts: Prompts, config: GenerationConfig | None = None,
                  **overrides: Any) -> list[GenerationOutput]:
         """One output per prompt, in order. prompts: a str, a list of str, one token-id list, or a list of them."""
-        cfg = self._config(config, overrides)
-        rows = self._prompts(prompts)
-        outputs: list[GenerationOutput | None] = [None] * len(rows)
-        for index, _, output in self._run(rows, cfg):
-            if output is not None:
-                outputs[index] = output
-        return outputs  # type: ignore[return-value]
+        engine, rows = self._engine(prompts, self._config(config, overrides))
+        outputs: dict[int, GenerationOutput] = {}
+        while engine.busy:
+            for event in engine.step():
+                if event.output is not None:
+                    outputs[event.row.id] = event.output
+        return [outputs[row.id] for row in rows]
 
     def stream(self, prompt: str | Sequence[int], config: GenerationConfig | None = None,
                **overrides: Any) -> Iterator[StreamEvent]:
-        """Events as tokens are produced; the texts concatenate to the final text; the last event has .output."""
-        cfg = self._config(config, overrides)
-        rows = self._prompts(prompt)
+        """Events as tokens are produced; the texts concatenate to the final text; the last event has .output.
+        Everything is checked at the call (not at the first iteration)."""
+        engine, rows = self._engine(prompt, self._config(config, overrides))
         if len(rows) != 1:
             raise ConfigError(f"stream takes one prompt, got {len(rows)}")
-        return self._stream(self._run(rows, cfg))
+        return _stream(engine)
 
     def chat(self, messages: Sequence[dict[str, str]], config: GenerationConfig | None = None,
              **overrides: Any) -> GenerationOutput:
@@ -245,156 +496,29 @@ class Generator:
 
     def teacher_forced_logprobs(self, token_ids: Sequence[int], prefill_chunk: int | None = None) -> np.ndarray:
         """[T - 1] float32: log p(token_ids[t] | token_ids[:t]) for t >= 1, the whole sequence fed in chunks."""
-        [ids] = self._prompts([list(token_ids)])
-        limit, why = self._limit()
-        if len(ids) > limit:
-            raise ConfigError(f"{len(ids)} tokens do not fit: {why}")
-        chunk = self._chunk(prefill_chunk)
-        cache = self.backend.new_cache(1)
-        _, logprobs = self._prefill(cache, 0, ids, chunk, want_logprobs=True)
-        return logprobs
+        from mixtrt.runtime.scoring import teacher_forced_logprobs
+
+        [ids] = normalize_prompts([list(token_ids)], self.tokenizer, self.backend.args.vocab_size)
+        return teacher_forced_logprobs(self.backend, ids, prefill_chunk)
 
     def perplexity(self, token_ids: Sequence[int], window: int | None = None) -> float:
         """exp(-mean log p) of token_ids[1:]. window: score non-overlapping segments of `window` tokens, each
         from an empty cache (its first token is context only); None = the whole sequence in one pass."""
-        ids = list(token_ids)
-        if window is not None and window < 2:
-            raise ConfigError(f"window must be >= 2, got {window}")
-        step = window or len(ids)
-        parts = [self.teacher_forced_logprobs(ids[i:i + step]) for i in range(0, len(ids) - 1, step)
-                 if len(ids[i:i + step]) >= 2]
-        if not parts:
-            raise ConfigError("perplexity needs at least 2 tokens")
-        return float(np.exp(-np.concatenate(parts).astype(np.float64).mean()))
+        from mixtrt.runtime.scoring import perplexity
 
-    # ---- the loop ----------------------------------------------------------------------------------
-    @staticmethod
-    def _stream(events: Iterator[tuple[int, tuple[int, str], GenerationOutput | None]]) -> Iterator[StreamEvent]:
-        for _, (token, text), output in events:
-            if output is None:
-                yield StreamEvent(text, token)
-            else:
-                yield StreamEvent("", None, output)
-
-    def _run(self, prompts: list[list[int]], cfg: GenerationConfig
-             ) -> Iterator[tuple[int, tuple[int, str], GenerationOutput | None]]:
-        """Check everything now, then return the loop: it yields (batch index, (token, text), None) per token
-        and (batch index, (-1, ""), output) when a row finishes."""
-        cfg.validate(self.backend.args)
-        chunk = self._chunk(cfg.prefill_chunk)
-        limit, why = self._limit()
-        for i, ids in enumerate(prompts):
-            if len(ids) >= limit:
-                raise ConfigError(f"prompt {i} has {len(ids)} tokens, which leaves no room for a new token: {why}")
-        return self._loop(prompts, cfg, chunk, limit, why)
-
-    def _loop(self, prompts: list[list[int]], cfg: GenerationConfig, chunk: int, limit: int, why: str
-              ) -> Iterator[tuple[int, tuple[int, str], GenerationOutput | None]]:
-        backend, args = self.backend, self.backend.args
-        eos = frozenset(cfg.eos_ids(args))
-        rows = [
-            _Row(i, ids, Sampler(args.vocab_size, do_sample=cfg.do_sample, temperature=cfg.temperature,
-                                 top_k=cfg.top_k, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
-                                 seed=cfg.seed, row=i, prompt_ids=ids),
-                 self.tokenizer.stream(), _StopText(cfg.stop_strings))
-            for i, ids in enumerate(prompts)
-        ]
-
-        def accept(row: _Row, logits: np.ndarray) -> Iterator[tuple[int, tuple[int, str], GenerationOutput | None]]:
-            """Choose row's next token from its raw logits [V] and apply the finish rules."""
-            token = row.sampler(logits)
-            row.t_last = time.perf_counter()
-            if not row.tokens:
-                row.t_first = row.t_last
-            row.tokens.append(token)
-            if cfg.return_logprobs:
-                row.logprobs.append(float(log_softmax(logits)[token]))
-            if token in eos:
-                row.reason, row.message = "eos", f"end-of-sequence token {token}"
-            text = row.text.feed(row.decoder.put(token)) if row.reason is None else ""
-            if row.reason is None and len(row.tokens) >= cfg.max_new_tokens:
-                row.reason, row.message = "length", f"max_new_tokens={cfg.max_new_tokens} reached"
-            if row.reason is None and len(row.prompt) + len(row.tokens) >= limit:
-                row.reason, row.message = "length", why
-            if row.text.stop is None and row.reason is not None:
-                text += row.text.feed(row.decoder.flush())
-                text += row.text.finish()
-            if row.text.stop is not None:
-                row.reason, row.message = "stop", f"stop string {row.text.stop!r}"
-            row.pieces.append(text)
-            yield row.index, (token, text), None
-            if row.reason is not None:
-                yield row.index, (-1, ""), self._output(row, t0, cfg.return_logprobs)
-
-        t0 = time.perf_counter()
-        cache = backend.new_cache(len(rows))
-        for r, row in enumerate(rows):
-            start = time.perf_counter()
-            last, row.prompt_logprobs = self._prefill(cache, r, row.prompt, chunk, cfg.return_logprobs)
-            row.t_prefill = time.perf_counter() - start
-            yield from accept(row, last)
-        active = [row for row in rows if row.reason is None]
-        cache.keep_rows([row.index for row in active])  # cache row i now holds active[i]
-        while active:
-            ids = np.array([[row.tokens[-1]] for row in active], np.int64)  # [b, 1]
-            logits = backend.step(cache, ids)  # [b, 1, V]
-            for i, row in enumerate(active):
-                yield from accept(row, logits[i, 0])
-            keep = [i for i, row in enumerate(active) if row.reason is None]
-            if len(keep) < len(active):
-                cache.keep_rows(keep)
-                active = [active[i] for i in keep]
-
-    def _prefill(self, cache: KVCache, row: int, ids: list[int], chunk: int,
-                 want_logprobs: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """Feed ids to cache row `row` in chunks; return the last position's logits [V] and, if asked,
-        log p(ids[t] | ids[:t]) for t >= 1 [len(ids) - 1]."""
-        tokens = np.asarray(ids, np.int64)
-        logprobs = np.empty(len(ids) - 1, np.float32) if want_logprobs else None
-        for start in range(0, len(ids), chunk):
-            piece = tokens[start:start + chunk]
-            # [S, V] when the prompt's logprobs are wanted, else [1, V]: the lm_head runs on the last token only
-            logits = self.backend.step(cache, piece[None, :], start_row=row, last_only=logprobs is None)[0]
-            if logprobs is not None:
-                targets = tokens[start + 1:start + 1 + len(piece)]  # the next token of each position
-                lp = log_softmax(logits[: len(targets)])
-                logprobs[start:start + len(targets)] = lp[np.arange(len(targets)), targets]
-        return logits[-1], logprobs
+        [ids] = normalize_prompts([list(token_ids)], self.tokenizer, self.backend.args.vocab_size)
+        return perplexity(self.backend, ids, window)
 
     # ---- helpers -----------------------------------------------------------------------------------
-    def _output(self, row: _Row, t0: float, logprobs: bool) -> GenerationOutput:
-        n = len(row.tokens)
-        decode_s = row.t_last - row.t_first
-        stats = GenerationStats(
-            prompt_tokens=len(row.prompt),
-            generated_tokens=n,
-            time_to_first_token_s=row.t_first - t0,
-            prefill_tokens_per_s=len(row.prompt) / row.t_prefill if row.t_prefill > 0 else None,
-            decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else None,
-        )
-        assert row.reason is not None
-        return GenerationOutput(
-            token_ids=list(row.tokens), text="".join(row.pieces), finish_reason=row.reason,
-            finish_message=row.message, stats=stats,
-            logprobs=np.array(row.logprobs, np.float32) if logprobs else None,
-            prompt_logprobs=row.prompt_logprobs,
-        )
+    def _engine(self, prompts: Prompts, cfg: GenerationConfig) -> tuple[Engine, list[Row]]:
+        ids = normalize_prompts(prompts, self.tokenizer, self.backend.args.vocab_size)
+        cfg.validate(self.backend.args)
+        engine = Engine(self.backend, self.tokenizer, max_batch=len(ids))
+        t0 = time.perf_counter()
+        return engine, [engine.add(p, cfg, sample_index=i, t0=t0, name=f"prompt {i}") for i, p in enumerate(ids)]
 
-    def _limit(self) -> tuple[int, str]:
-        """The longest sequence (prompt + generated) a row can hold, and the message naming that limit."""
-        b = self.backend
-        if not b.windowed and b.capacity <= b.max_positions:
-            return b.capacity, (f"cache full: the model has no sliding window and its cache holds {b.capacity} "
-                                f"tokens (max context chosen at export)")
-        return b.max_positions, f"max positions: the model supports {b.max_positions} positions"
-
-    def _chunk(self, prefill_chunk: int | None) -> int:
-        capacity = self.backend.capacity
-        if prefill_chunk is not None and not 1 <= prefill_chunk <= capacity:
-            raise ConfigError(f"prefill_chunk must be in [1, cache capacity {capacity}], got {prefill_chunk}")
-        return prefill_chunk or capacity
-
-    def _config(self, config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
+    @staticmethod
+    def _config(config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
         cfg = config or GenerationConfig()
         names = {f.name for f in dataclasses.fields(GenerationConfig)}
         unknown = sorted(set(overrides) - names)
@@ -407,33 +531,10 @@ class Generator:
             raise ConfigError("chat needs at least one message")
         return list(self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True))
 
-    def _prompts(self, prompts: Prompts) -> list[list[int]]:
-        """Normalize to a list of token-id lists, checking emptiness and the id range."""
-        if isinstance(prompts, np.ndarray):
-            prompts = prompts.tolist()
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, Sequence) or len(prompts) == 0:
-            raise ConfigError("prompts is empty: give a str, a list of str, a token-id list or a list of them")
-        if all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in prompts):
-            prompts = [prompts]  # one tokenized prompt
-        vocab = self.backend.args.vocab_size
-        rows = []
-        for i, p in enumerate(prompts):
-            if isinstance(p, str):
-                if not p:
-                    raise ConfigError(f"prompt {i} is empty")
-                ids = list(self.tokenizer.encode(p, bos=True, eos=False))
-            elif isinstance(p, (Sequence, np.ndarray)) and not isinstance(p, bytes):
-                if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in p):
-                    raise ConfigError(f"prompt {i}: token ids must be integers")
-                ids = [int(t) for t in p]
-            else:
-                raise ConfigError(f"prompt {i}: expected a str or a list of token ids, got {type(p).__name__}")
-            if not ids:
-                raise ConfigError(f"prompt {i} is empty")
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ConfigError(f"prompt {i}: token ids {bad[:5]} outside the vocabulary [0, {vocab})")
-            rows.append(ids)
-        return rows
+
+def _stream(engine: Engine) -> Iterator[StreamEvent]:
+    while engine.busy:
+        for event in engine.step():
+            yield StreamEvent(event.text, event.token)
+            if event.output is not None:
+                yield StreamEvent("", None, event.output)

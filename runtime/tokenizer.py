@@ -117,6 +117,7 @@ class StreamDecoder:
     pieces are gathered until their character is complete, and the "▁" of the first visible piece
     is dropped (the dummy prefix), which is why a window of recent ids re-decoded would not do.
 
+        >>> tok = Tokenizer.load()
         >>> s = tok.stream()
         >>> [s.put(i) for i in tok.encode("a🧬", bos=False)] + [s.flush()]  # ▁a, then 4 byte pieces
         ['a', '', '', '', '🧬', '']

@@ -17,7 +17,7 @@ from onnx.defs import OpSchema
 
 from mixtrt.plugins import DOMAIN
 from mixtrt.plugins.moe import OP_TYPE, VERSION
-from mixtrt.plugins.onnx_functions import (
+from mixtrt.plugins.onnx_common import (
     FLOAT_TYPES,
     make_function,
     plugin_attribute_schemas,

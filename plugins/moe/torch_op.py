@@ -39,3 +39,6 @@ def moe(
 @moe.register_fake
 def _(hidden, router_logits, fc1, fc2, top_k):
     return torch.empty_like(hidden)
+
+
+TORCH_OP = torch.ops.mixtrt.moe.default

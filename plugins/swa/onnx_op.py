@@ -11,7 +11,7 @@ from onnx import helper
 from onnx.defs import OpSchema
 
 from mixtrt.plugins import DOMAIN
-from mixtrt.plugins.onnx_functions import (
+from mixtrt.plugins.onnx_common import (
     FLOAT_TYPES,
     MS_DOMAIN,
     make_function,
@@ -104,14 +104,15 @@ def function_for(nodes, opset: int) -> onnx.FunctionProto:
     return function_proto(opset=opset)
 
 
-def node_attributes(num_heads: int, kv_heads: int, window: int, scale: float) -> dict:
-    """The node attributes for the torch op's python arguments (window <= 0 -> -1, full causal)."""
+def node_attributes(num_heads: int, kv_heads: int, window: int, scale: float, windowed_cache: int = -1) -> dict:
+    """The node attributes for the torch op's python arguments: window <= 0 -> -1 (full causal);
+    windowed_cache -1 -> 1 iff there is a window (else the cache plan's layout, 0 or 1)."""
     w = int(window) if int(window) > 0 else -1
     return {
         "num_heads": int(num_heads),
         "kv_heads": int(kv_heads),
         "window": w,
-        "windowed_cache": 1 if w > 0 else 0,
+        "windowed_cache": int(w > 0 and windowed_cache != 0),
         "scale": float(scale),
     }
 
@@ -120,7 +121,7 @@ register_schema()
 
 
 def translate(q, k, v, past_key, past_value, total_lengths, cos_cache, sin_cache,
-              num_heads: int, kv_heads: int, window: int, scale: float):
+              num_heads: int, kv_heads: int, window: int, scale: float, windowed_cache: int = -1):
     """onnxscript translation of torch.ops.mixtrt.sliding_window_attention.default."""
     from onnxscript.values import Opset
 
@@ -128,6 +129,6 @@ def translate(q, k, v, past_key, past_value, total_lengths, cos_cache, sin_cache
     mixtrt = Opset(DOMAIN, VERSION)
     return mixtrt.SlidingWindowAttention(
         q, k, v, past_key, past_value, total_lengths, cos_cache, sin_cache,
-        **node_attributes(num_heads, kv_heads, window, scale),
+        **node_attributes(num_heads, kv_heads, window, scale, windowed_cache),
         plugin_version=str(VERSION), plugin_namespace=DOMAIN,
     )

@@ -46,7 +46,9 @@ def sliding_window_attention(
     kv_heads: int,
     window: int,  # <= 0 = full causal
     scale: float,  # 0.0 = 1/sqrt(D)
+    windowed_cache: int = -1,  # the node's cache mode: 1 windowed, 0 linear, -1 = 1 iff window > 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference keeps a ring whatever `windowed_cache` says (it only sets the ONNX node's attribute)."""
     B, S, _ = q.shape
     C, D = past_key.shape[2], past_key.shape[3]
     group = num_heads // kv_heads
@@ -88,5 +90,9 @@ def sliding_window_attention(
 
 
 @sliding_window_attention.register_fake
-def _(q, k, v, past_key, past_value, total_lengths, cos_cache, sin_cache, num_heads, kv_heads, window, scale):
+def _(q, k, v, past_key, past_value, total_lengths, cos_cache, sin_cache, num_heads, kv_heads, window, scale,
+      windowed_cache=-1):
     return torch.empty_like(q), torch.empty_like(past_key), torch.empty_like(past_value)
+
+
+TORCH_OP = torch.ops.mixtrt.sliding_window_attention.default

@@ -1,28 +1,38 @@
 """The ONNX Runtime backend: one step of the exported graph with the KV cache bound in place.
 
-The graph's present K/V outputs are bound to the same memory as its past K/V inputs (IOBinding with
-raw pointers into the runtime's KVCache buffers), so GroupQueryAttention updates the cache in place and
-no cache copy happens per step. Rows [start_row, start_row + b) of the cache are bound as one
-contiguous slice of each [B, K, C, D] buffer.
+The graph's present K/V outputs are bound to the same memory as its past K/V inputs (IOBinding with raw
+pointers into the cache's host buffers), so GroupQueryAttention updates the cache in place and no cache
+copy happens per step. Rows [start_row, start_row + b) of the cache are bound as one contiguous slice of
+each [B, K, C, D] buffer; the binding is kept on the cache and reused while the rows stay the same
+(decode steps), so a step only rebinds input_ids, total_lengths, logit_positions and logits.
 """
 
 from __future__ import annotations
 
-import weakref
+import threading
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mixtrt.runtime.args import ModelArgs
-from mixtrt.runtime.cache import KVCache
+from mixtrt.runtime.cache import HostKVCache
 from mixtrt.runtime.errors import ArtifactError, BackendError, ConfigError
-from mixtrt.runtime.manifest import Manifest
+from mixtrt.runtime.manifest import MODEL_FILE, Manifest
 
-_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+def bind_array(binding: Any, name: str, array: np.ndarray, *, output: bool = False) -> None:
+    """Bind a C-contiguous numpy array (or a row slice of one) to `name` by pointer: no copy, and an
+    output bound to an input's memory makes onnxruntime update that buffer in place."""
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name}: a bound array must be C-contiguous")
+    bind = binding.bind_output if output else binding.bind_input
+    bind(name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data)
 
 
 class OrtBackend:
-    """Runs an artifact's model.onnx on ONNX Runtime (CPU by default)."""
+    """Runs an artifact's model.onnx on ONNX Runtime (CPU)."""
 
     def __init__(self, directory: Path, manifest: Manifest, threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -33,13 +43,13 @@ class OrtBackend:
         self.capacity = manifest.cache.capacity
         self.windowed = manifest.cache.windowed
         self.max_positions = manifest.max_context
-        self.dtype = _DTYPES[manifest.cache.dtype]
+        self.dtype = np.dtype(manifest.cache.dtype)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        model_path = self.directory / "model.onnx"
+        model_path = self.directory / MODEL_FILE
         manifest.check_graph_io(self.directory)
         try:
             # CPU only: the cache is bound through host pointers (a CUDA path needs device buffers)
@@ -51,44 +61,45 @@ class OrtBackend:
                                 ("outputs", self.session.get_outputs(), manifest.outputs)):
             if [t.name for t in got] != [t.name for t in want]:
                 raise ArtifactError(f"{model_path}: graph {kind} {[t.name for t in got]} do not match the manifest's")
-        self._kv_row_shape = (self.args.num_key_value_heads, self.capacity, self.args.head_dim)
-        self._bound: tuple | None = None  # (weakref to the cache, (start_row, b), IOBinding)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_artifact(cls, directory: Path, manifest: Manifest, threads: int | None = None) -> OrtBackend:
+        return cls(directory, manifest, threads=threads)
 
     @classmethod
     def load(cls, directory: str | Path, threads: int | None = None, verify: bool = True) -> OrtBackend:
         """verify: check each file's sha256 against the manifest (sizes are always checked)."""
         directory = Path(directory)
-        manifest = Manifest.load(directory, verify=verify)
-        return cls(directory, manifest, threads=threads)
+        return cls(directory, Manifest.load(directory, verify=verify), threads=threads)
 
-    def new_cache(self, batch_size: int) -> KVCache:
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    def new_cache(self, batch_size: int) -> HostKVCache:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         a = self.args
-        return KVCache(a.num_hidden_layers, batch_size, a.num_key_value_heads, self.capacity, a.head_dim, self.dtype)
+        return HostKVCache(a.num_hidden_layers, batch_size, a.num_key_value_heads, self.capacity, a.head_dim,
+                           self.dtype)
 
-    def _binding(self, cache: KVCache, start_row: int, b: int):
-        """An IOBinding with rows [start_row, start_row + b) of every cache buffer bound as past and present.
+    def move_rows(self, cache: HostKVCache, rows: Sequence[int]) -> None:
+        with self._lock:  # a step of another thread must not see a half-moved cache
+            cache.move_rows(rows)
 
-        Reused while the cache object and the rows are the same (decode steps), so a step only rebinds
-        input_ids, total_lengths, logit_positions and logits; the cache buffers never move (KVCache holds
-        them in tuples).
-        """
-        key = (start_row, b)
-        if self._bound is not None and self._bound[0]() is cache and self._bound[1] == key:
-            return self._bound[2]
+    def _binding(self, cache: HostKVCache, start_row: int, b: int) -> Any:
+        """An IOBinding with rows [start_row, start_row + b) of every cache buffer bound as past and present,
+        kept on the cache and reused while the rows are the same (the buffers never move)."""
+        if cache.binding is not None and cache.binding[0] is self and cache.binding[1] == (start_row, b):
+            return cache.binding[2]
         binding = self.session.io_binding()
-        shape = [b, *self._kv_row_shape]
+        rows = slice(start_row, start_row + b)
         for layer in range(self.args.num_hidden_layers):
             for buf, past, present in zip((cache.keys[layer], cache.values[layer]), Manifest.past_names(layer),
                                           Manifest.present_names(layer), strict=True):
-                ptr = buf.ctypes.data + start_row * buf.strides[0]
-                binding.bind_input(past, "cpu", 0, self.dtype, shape, ptr)
-                binding.bind_output(present, "cpu", 0, self.dtype, shape, ptr)
-        self._bound = (weakref.ref(cache), key, binding)
+                bind_array(binding, past, buf[rows])
+                bind_array(binding, present, buf[rows], output=True)
+        cache.binding = (self, (start_row, b), binding)
         return binding
 
-    def step(self, cache: KVCache, input_ids: np.ndarray, start_row: int = 0, last_only: bool = False
+    def step(self, cache: HostKVCache, input_ids: np.ndarray, start_row: int = 0, last_only: bool = False
              ) -> np.ndarray:
         """input_ids [b, S] for cache rows [start_row, start_row+b) -> logits [b, S, V] float32
         ([b, 1, V] with last_only: the graph's lm_head then runs on the last token only)."""
@@ -109,21 +120,22 @@ class OrtBackend:
             raise ConfigError(f"the cache holds {self.capacity} tokens per row (no sliding window) and this step "
                               f"needs {int(total.max())}")
         total32 = total.astype(np.int32)
-        binding = self._binding(cache, start_row, b)
-        binding.bind_cpu_input("input_ids", input_ids)
-        binding.bind_cpu_input("total_lengths", total32)
         if last_only:
             positions = np.full((b, 1), s - 1, np.int64)
         else:
             positions = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()
-        binding.bind_cpu_input("logit_positions", positions)
         logits = np.empty((b, positions.shape[1], self.args.vocab_size), self.dtype)
-        binding.bind_output("logits", "cpu", 0, self.dtype, list(logits.shape), logits.ctypes.data)
-        try:
-            self.session.run_with_iobinding(binding)
-        except Exception as e:  # onnxruntime's own exception types; the cache rows may be partly written
-            raise BackendError(f"onnxruntime failed on a step of {b} row(s) x {s} token(s): {e}") from None
-        cache.lengths[rows] = total32
+        with self._lock:
+            binding = self._binding(cache, start_row, b)
+            binding.bind_cpu_input("input_ids", input_ids)
+            binding.bind_cpu_input("total_lengths", total32)
+            binding.bind_cpu_input("logit_positions", positions)
+            bind_array(binding, "logits", logits, output=True)
+            try:
+                self.session.run_with_iobinding(binding)
+            except Exception as e:  # onnxruntime's own exception types; the cache rows may be partly written
+                raise BackendError(f"onnxruntime failed on a step of {b} row(s) x {s} token(s): {e}") from None
+            cache.lengths[rows] = total32
         return logits.astype(np.float32, copy=False)
 
 
@@ -145,4 +157,3 @@ def _release_freed_heap() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
         pass
-

@@ -1,0 +1,64 @@
+"""Backends by name: one registry, read by the loader, the exporter's cache plan and the CLI.
+
+    >>> sorted(BACKENDS)
+    ['onnxruntime']
+    >>> BACKENDS["onnxruntime"].window_slack
+    16
+
+An artifact's manifest lists the backends that can run it (`backends`); `load_backend` refuses others
+with a message naming them, and a backend whose extra is not installed with the extra to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mixtrt.runtime.backends.base import Backend, Cache
+from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.extras import require
+
+__all__ = ["BACKENDS", "EXPORT_BACKENDS", "Backend", "BackendInfo", "Cache", "load_backend", "window_slack"]
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    target: str  # "module:Class"; the class has `from_artifact(directory, manifest, **options)`
+    extra: str  # the extra providing its dependencies (extras.EXTRAS)
+    window_slack: int  # cache rows it needs beyond the window in the windowed layout
+    summary: str
+
+
+BACKENDS: dict[str, BackendInfo] = {
+    "onnxruntime": BackendInfo(
+        "mixtrt.runtime.backends.onnxruntime:OrtBackend", "base",
+        # onnxruntime's windowed attention compacts its buffer once the slack is used up (every `slack`
+        # decode steps), so the slack trades copies for memory (onnxruntime-genai uses 16 as well)
+        16, "ONNX Runtime on the CPU: the artifact's model.onnx"),
+}
+
+
+# The backends an exported artifact serves (the exporter writes them into the manifest).
+EXPORT_BACKENDS: tuple[str, ...] = ("onnxruntime",)
+
+
+def window_slack(backends: list[str] | tuple[str, ...]) -> int:
+    """The slack a windowed cache needs to serve every backend in `backends`."""
+    return max(BACKENDS[b].window_slack for b in backends)
+
+
+def load_backend(name: str, directory: str | Path, *, verify: bool = True, **options: Any) -> Backend:
+    """The backend `name` running the artifact in `directory` (its manifest read and its files checked)."""
+    from mixtrt.runtime.manifest import Manifest
+
+    if name not in BACKENDS:
+        raise ConfigError(f"backend={name!r} is not supported; choose one of {sorted(BACKENDS)}")
+    info = BACKENDS[name]
+    manifest = Manifest.load(directory, verify=verify)
+    if name not in manifest.backends:
+        raise ConfigError(f"{directory}: this artifact runs on {manifest.backends}, not on {name!r}")
+    require(info.extra, f"the {name} backend")
+    module, cls = info.target.split(":")
+    return getattr(importlib.import_module(module), cls).from_artifact(Path(directory), manifest, **options)

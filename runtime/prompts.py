@@ -1,0 +1,53 @@
+"""Prompts as users give them (text, token ids, batches of either) -> lists of token ids, checked.
+
+    >>> normalize_prompts([[1, 5], [1, 7, 8]], tokenizer=None, vocab_size=10)
+    [[1, 5], [1, 7, 8]]
+    >>> normalize_prompts([1, 5], tokenizer=None, vocab_size=10)   # one tokenized prompt
+    [[1, 5]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from mixtrt.runtime.errors import ConfigError
+
+Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | np.ndarray
+
+
+def _is_id(t: Any) -> bool:
+    return isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+
+
+def normalize_prompts(prompts: Prompts, tokenizer: Any, vocab_size: int) -> list[list[int]]:
+    """A list of token-id lists: a str, a list of str, one token-id list or a list of them (text is encoded
+    with BOS). Empty prompts, non-integer ids and ids outside [0, vocab_size) are ConfigErrors."""
+    if isinstance(prompts, np.ndarray):
+        prompts = prompts.tolist()
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ConfigError("prompts is empty: give a str, a list of str, a token-id list or a list of them")
+    batch: Sequence[Any] = [prompts] if all(_is_id(p) for p in prompts) else prompts  # one tokenized prompt
+    rows = []
+    for i, p in enumerate(batch):
+        if isinstance(p, str):
+            if not p:
+                raise ConfigError(f"prompt {i} is empty")
+            ids = list(tokenizer.encode(p, bos=True, eos=False))
+        elif isinstance(p, (Sequence, np.ndarray)) and not isinstance(p, bytes):
+            if not all(_is_id(t) for t in p):
+                raise ConfigError(f"prompt {i}: token ids must be integers")
+            ids = [int(t) for t in p]
+        else:
+            raise ConfigError(f"prompt {i}: expected a str or a list of token ids, got {type(p).__name__}")
+        if not ids:
+            raise ConfigError(f"prompt {i} is empty")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ConfigError(f"prompt {i}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+        rows.append(ids)
+    return rows
