@@ -13,3 +13,13 @@ def _torch_threads():
     except ImportError:  # the runtime tests need no torch
         return
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """name -> (checkpoint dir, artifact dir) for tests.checkpoints.EXPORT_CASES, exported once per session.
+    Tests must not modify these directories (copy them first)."""
+    from tests.checkpoints import EXPORT_CASES, export_cases
+
+    root = tmp_path_factory.mktemp("export")
+    return export_cases(root, EXPORT_CASES, max_position_embeddings=128)

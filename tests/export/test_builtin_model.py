@@ -70,7 +70,7 @@ def test_heldout_perplexity_matches_the_record_on_onnxruntime_and_reference(arti
 
 def _demo(out: Path, max_new_tokens: int) -> str:
     """`mixtrt demo --out OUT --prompt "It was"` in a subprocess; its stdout."""
-    r = subprocess.run([sys.executable, "-m", "mixtrt.export.cli", "demo", "--out", str(out),
+    r = subprocess.run([sys.executable, "-m", "mixtrt", "demo", "--out", str(out),
                         "--prompt", "It was", "--max-new-tokens", str(max_new_tokens)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return r.stdout
@@ -110,7 +110,7 @@ def _readme_quotes() -> list[str]:
 def test_readme_samples_are_what_the_demo_prints(artifact):
     """README quotes `mixtrt demo`'s default output; a change in the model, sampler or graph numerics
     that changes the demo must update the README too."""
-    from mixtrt.export.commands import DEMO_PROMPTS
+    from mixtrt.cli.commands.demo import DEMO_PROMPTS
     from mixtrt.runtime.generation import GenerationConfig
 
     gen = Generator.load(artifact, threads=2)

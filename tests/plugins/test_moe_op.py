@@ -10,7 +10,7 @@ import torch
 import mixtrt.plugins.moe.torch_op  # noqa: F401  (registers torch.ops.mixtrt.moe)
 from mixtrt.plugins.moe import OP_TYPE, VERSION
 from mixtrt.plugins.moe import onnx_op as moe_onnx_op
-from mixtrt.plugins.onnx_functions import make_session, single_op_model
+from tests.plugins.harness import make_session, single_op_model
 
 H, I = 32, 48
 FP32_RTOL = 1e-4  # max|diff| <= FP32_RTOL * max(1, max|ref|)
@@ -189,7 +189,7 @@ def test_polygraphy_onnxrt_runner():
 
 
 def test_torch_onnx_export_uses_translation():
-    from mixtrt.plugins.onnx_functions import attach_functions, custom_translation_table
+    from mixtrt.plugins.onnx_common import attach_functions, custom_translation_table
 
     class Block(torch.nn.Module):
         def __init__(self, fc1, fc2):

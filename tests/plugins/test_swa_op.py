@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import mixtrt.plugins.swa.torch_op  # noqa: F401  (registers torch.ops.mixtrt.sliding_window_attention)
-from mixtrt.plugins.onnx_functions import InplaceRunner, make_session, single_op_model
 from mixtrt.plugins.swa import OP_TYPE
 from mixtrt.plugins.swa import onnx_op as swa_onnx_op
 from mixtrt.plugins.swa.torch_op import rope_tables
+from tests.plugins.harness import InplaceRunner, make_session, single_op_model
 
 N, KV, D = 4, 2, 16
 W = 8
@@ -200,7 +200,7 @@ def test_node_attributes_and_function():
 
 
 def test_torch_onnx_export_uses_translation():
-    from mixtrt.plugins.onnx_functions import attach_functions, custom_translation_table
+    from mixtrt.plugins.onnx_common import attach_functions, custom_translation_table
 
     class Attn(torch.nn.Module):
         def forward(self, q, k, v, pk, pv, total, cos, sin):

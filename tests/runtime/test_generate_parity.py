@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from mixtrt.export import export_onnx, load_model
+from mixtrt.runtime.backends.onnxruntime import OrtBackend
 from mixtrt.runtime.generation import GenerationConfig, Generator
-from mixtrt.runtime.ort_backend import OrtBackend
 from mixtrt.runtime.tokenizer import Tokenizer
 from tests.checkpoints import export_cases, make_checkpoint
 

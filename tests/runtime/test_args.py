@@ -1,0 +1,58 @@
+"""ModelArgs from transformers 4.x / 5.x configs and raw params.json; the checks made on them."""
+
+import pytest
+
+from mixtrt.runtime.args import ModelArgs
+from mixtrt.runtime.errors import ConfigError
+
+MISTRAL = {"architectures": ["MistralForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
+           "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "sliding_window": 4096, "rope_theta": 10000.0}
+
+
+def test_mistral_config():
+    a = ModelArgs.from_hf_config(MISTRAL)
+    assert (a.head_dim, a.kv_group, a.window(0), a.moe, a.head) == (128, 4, 4096, None, "causal_lm")
+    assert ModelArgs.from_dict(a.to_dict()) == a
+
+
+def test_mixtral_transformers_5_fields():
+    cfg = {**MISTRAL, "architectures": ["MixtralForCausalLM"], "sliding_window": None, "num_local_experts": 8,
+           "num_experts_per_tok": 2, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+           "eos_token_id": [2, 32000], "head_dim": 64}
+    a = ModelArgs.from_hf_config(cfg)
+    assert a.moe is not None and (a.moe.num_experts, a.moe.num_experts_per_tok) == (8, 2)
+    assert (a.rope_theta, a.eos_token_ids, a.head_dim, a.window(5)) == (1e6, (2, 32000), 64, None)
+
+
+def test_layer_types_choose_the_window_per_layer():
+    a = ModelArgs.from_hf_config({**MISTRAL, "num_hidden_layers": 2,
+                                  "layer_types": ["sliding_attention", "full_attention"]})
+    assert [a.window(0), a.window(1)] == [4096, None]
+
+
+def test_raw_params_json():
+    a = ModelArgs.from_params_json({"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336,
+                                    "n_heads": 32, "n_kv_heads": 8, "norm_eps": 1e-5, "vocab_size": 32000,
+                                    "moe": {"num_experts": 8, "num_experts_per_tok": 2}})
+    assert a.architecture == "MixtralForCausalLM" and a.rope_theta == 1e6 and a.moe is not None
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"architectures": ["LlamaForCausalLM"]}, "unsupported architecture"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'"),
+    ({"num_key_value_heads": 5}, "not a multiple"),
+    ({"layer_types": ["sliding_attention"]}, "layer_types has 1 entries"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers"),
+])
+def test_configs_we_cannot_run_are_refused(edit, match):
+    with pytest.raises(ConfigError, match=match):
+        ModelArgs.from_hf_config({**MISTRAL, **edit})
+
+
+def test_missing_field_names_the_file_and_field():
+    cfg = dict(MISTRAL)
+    del cfg["vocab_size"]
+    with pytest.raises(ConfigError, match="my/config.json: missing required field 'vocab_size'"):
+        ModelArgs.from_hf_config(cfg, source="my/config.json")

@@ -1,0 +1,145 @@
+"""The steppable Engine on the toy backend: rows admitted between steps, kept rows extended, cancellation."""
+
+import numpy as np
+import pytest
+
+from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.generation import Engine, GenerationConfig, Generator
+from tests.runtime.fakes import ToyBackend, ToyTokenizer
+
+PROMPTS = [[1, 5, 9, 12], [1, 20, 7, 7, 30, 11, 8, 4, 17, 40, 3, 19, 22], [1, 37], [1, 8, 8, 3, 9]]
+GREEDY = GenerationConfig(max_new_tokens=9, eos_token_id=())
+
+
+def alone(prompt: list[int], config: GenerationConfig = GREEDY, **kw) -> list[int]:
+    return Generator(ToyBackend(**kw), ToyTokenizer()).generate(prompt, config)[0].token_ids
+
+
+def drain(engine: Engine, steps: int | None = None) -> dict[int, list[int]]:
+    """Step until idle (or `steps` times); row id -> tokens of the rows that finished."""
+    done: dict[int, list[int]] = {}
+    n = 0
+    while engine.busy and (steps is None or n < steps):
+        for event in engine.step():
+            if event.output is not None:
+                done[event.row.id] = event.output.token_ids
+        n += 1
+    return done
+
+
+@pytest.mark.parametrize("windowed", [True, False])
+def test_rows_admitted_between_steps_equal_their_runs_alone(windowed):
+    backend = ToyBackend(windowed=windowed, capacity=6 if windowed else 64)
+    engine = Engine(backend, ToyTokenizer(), max_batch=3)
+    configs = [GenerationConfig(max_new_tokens=n, eos_token_id=()) for n in (9, 4, 12, 7)]
+    rows = [engine.add(PROMPTS[0], configs[0]), engine.add(PROMPTS[1], configs[1])]
+    done = drain(engine, steps=2)
+    rows.append(engine.add(PROMPTS[2], configs[2]))  # joins the running batch
+    done |= drain(engine, steps=3)
+    rows.append(engine.add(PROMPTS[3], configs[3]))  # waits for a free row, then joins
+    assert len(engine.waiting) == 1 or engine.running
+    done |= drain(engine)
+    for row, prompt, config in zip(rows, PROMPTS, configs, strict=True):
+        assert done[row.id] == alone(prompt, config, windowed=windowed, capacity=backend.capacity)
+    assert max(b for b, _, _ in backend.calls) == 3  # never more rows than max_batch
+
+
+def test_waiting_rows_wait_for_a_free_cache_row():
+    backend = ToyBackend()
+    engine = Engine(backend, ToyTokenizer(), max_batch=1)
+    a, b = engine.add(PROMPTS[0], GREEDY), engine.add(PROMPTS[2], GREEDY)
+    engine.step()
+    assert engine.running == [a] and list(engine.waiting) == [b]
+    done = drain(engine)
+    assert done == {a.id: alone(PROMPTS[0]), b.id: alone(PROMPTS[2])}
+
+
+def test_kept_row_extends_with_its_cache_and_equals_one_long_prompt():
+    """A kept row's next turn prefills only the new tokens (and its last generated token) and continues
+    exactly as one prompt holding the whole conversation would."""
+    backend = ToyBackend(capacity=6)
+    engine = Engine(backend, ToyTokenizer(), max_batch=2)
+    row = engine.add(PROMPTS[0], GREEDY, keep=True)
+    other = engine.add(PROMPTS[1], GREEDY)
+    first = drain(engine)[row.id]
+    assert engine.parked == [row] and not engine.running
+    backend.calls.clear()
+    turn2 = [29, 37, 3]
+    engine.extend(row, turn2, GREEDY)
+    second = drain(engine)[row.id]
+    prefill = [s for b, s, _ in backend.calls if s > 1]
+    assert prefill == [1 + len(turn2)]  # the last generated token + the new ones, nothing re-prefilled
+    assert second == alone(PROMPTS[0] + first + turn2)
+    assert other.reason == "length"
+    engine.release(row)
+    assert engine.parked == [] and not engine.busy
+
+
+def test_parked_row_survives_other_rows_coming_and_going():
+    backend = ToyBackend(capacity=6)
+    engine = Engine(backend, ToyTokenizer(), max_batch=2)
+    kept = engine.add(PROMPTS[0], GREEDY, keep=True)
+    first = drain(engine)[kept.id]
+    for prompt in PROMPTS[1:]:  # each takes the other cache row and leaves
+        row = engine.add(prompt, GREEDY)
+        assert drain(engine)[row.id] == alone(prompt)
+    engine.extend(kept, [3, 4], GREEDY)
+    assert drain(engine)[kept.id] == alone(PROMPTS[0] + first + [3, 4])
+
+
+def test_cancel_frees_the_row_and_the_others_continue():
+    backend = ToyBackend()
+    engine = Engine(backend, ToyTokenizer(), max_batch=2)
+    a, b = engine.add(PROMPTS[0], GREEDY), engine.add(PROMPTS[1], GREEDY)
+    drain(engine, steps=2)
+    engine.cancel(a)
+    assert engine.running == [b]
+    done = drain(engine)
+    assert done == {b.id: alone(PROMPTS[1])} and a.id not in done
+    waiting = engine.add(PROMPTS[2], GREEDY)
+    engine.cancel(waiting)  # never admitted
+    assert not engine.busy
+
+
+def test_sample_index_not_the_cache_row_seeds_sampling():
+    config = GenerationConfig(max_new_tokens=8, do_sample=True, seed=5, eos_token_id=())
+    engine = Engine(ToyBackend(), ToyTokenizer(), max_batch=2)
+    filler = engine.add(PROMPTS[1], GREEDY)
+    drain(engine, steps=1)
+    late = engine.add(PROMPTS[0], config, sample_index=7)  # lands in cache row 1
+    done = drain(engine)
+    solo = Engine(ToyBackend(), ToyTokenizer(), max_batch=1)
+    again = solo.add(PROMPTS[0], config, sample_index=7)  # cache row 0
+    assert drain(solo)[again.id] == done[late.id] and filler.id in done
+
+
+def test_add_and_extend_check_everything_before_work():
+    backend = ToyBackend(windowed=False, capacity=10)
+    engine = Engine(backend, ToyTokenizer(), max_batch=1)
+    with pytest.raises(ConfigError, match="prompt 0 has 13 tokens"):
+        engine.add(PROMPTS[1], GREEDY)
+    row = engine.add(PROMPTS[0], GenerationConfig(max_new_tokens=2, eos_token_id=()), keep=True)
+    drain(engine)
+    with pytest.raises(ConfigError, match="the conversation has 10 tokens.*cache full"):
+        engine.extend(row, [3, 4, 5, 6], GREEDY)
+    with pytest.raises(ConfigError, match="at least one new token"):
+        engine.extend(row, [], GREEDY)
+    other = engine.add(PROMPTS[2], GREEDY)
+    with pytest.raises(ConfigError, match="keep=True"):
+        engine.extend(other, [3], GREEDY)
+    with pytest.raises(ConfigError, match="max_batch"):
+        Engine(backend, ToyTokenizer(), max_batch=0)
+    assert [c for c in backend.calls if c[1] > 0][:1] == [(1, 4, 0)]  # only the one valid prompt ran
+
+
+def test_finished_rows_stay_until_their_row_is_needed():
+    """When every row finished on one step nothing is copied; a new row empties its slot first."""
+    backend = ToyBackend()
+    engine = Engine(backend, ToyTokenizer(), max_batch=2)
+    a, b = engine.add(PROMPTS[0], GREEDY), engine.add(PROMPTS[2], GREEDY)
+    drain(engine)
+    assert engine.cache.lengths.tolist() == [len(PROMPTS[0]) + 8, len(PROMPTS[2]) + 8]
+    c = engine.add(PROMPTS[3], GREEDY)
+    assert drain(engine)[c.id] == alone(PROMPTS[3])
+    assert a.reason == b.reason == "length"
+    np.testing.assert_array_equal(engine.cache.lengths, [len(PROMPTS[3]) + 8, 0])
