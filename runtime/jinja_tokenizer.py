@@ -110,9 +110,8 @@ class JinjaChatTokenizer:
         self.prepend_scheme = prepend_scheme
         self.path = text.path
         self._plain, types = _without_dummy_prefix(text.path)
-        pieces = {text.id_to_piece(i): i for i, t in enumerate(types) if t in (_SP_UNKNOWN, _SP_CONTROL,
-                                                                                _SP_USER_DEFINED)}
-        added = {content: AddedToken(i, content) for content, i in pieces.items()}
+        kinds = (_SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED)  # the pieces transformers makes added tokens
+        added = {text.id_to_piece(i): AddedToken(i, text.id_to_piece(i)) for i, t in enumerate(types) if t in kinds}
         self._extra: dict[int, AddedToken] = {}
         for token in added_tokens:
             if token.id < text.vocab_size:
