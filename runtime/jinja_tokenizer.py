@@ -2,7 +2,7 @@
 
     >>> tok = JinjaChatTokenizer(Tokenizer.load("ckpt/tokenizer.model"), ChatTemplate(template, {...}))
     >>> tok.render_chat([{"role": "user", "content": "Hi"}])      # the template's text
-    '<s>[INST] Hi [/INST]'
+    '<s>[INST] Hi[/INST]'
     >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}])
     [1, 3, 16127, 4]                                               # v3 vocabulary: [INST], [/INST] single ids
 
