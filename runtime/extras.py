@@ -26,7 +26,8 @@ class Extra:
 
 
 EXTRAS: dict[str, Extra] = {
-    "base": Extra(("numpy", "onnxruntime", "sentencepiece"), "the runtime: generate, chat, inspect on the CPU"),
+    "base": Extra(("numpy", "onnxruntime", "sentencepiece", "jinja2"),
+                  "the runtime: generate, chat, inspect on the CPU"),
     "export": Extra(("torch", "onnx", "onnxscript", "onnx_ir", "tqdm"), "export checkpoints to artifacts"),
     "mistral": Extra(("mistral_common",), "Mistral's own tokenizer files (v3, v7, tekken)"),
     "serve": Extra(("fastapi", "uvicorn"), "the OpenAI-compatible server"),

@@ -1,0 +1,398 @@
+"""Which tokenizer and chat format a checkpoint uses (resolved at export, recorded in the manifest), and
+loading that tokenizer back from an artifact.
+
+    >>> fmt = resolve_chat_format("Mistral-7B-Instruct-v0.3")            # the exporter
+    >>> fmt.kind, fmt.tokenizer_file, dict(fmt.files)
+    ('mistral-common', 'tokenizer.model.v3', {'tokenizer.model.v3': '/.../tokenizer.model.v3'})
+    >>> for name, source in fmt.files.items():
+    ...     shutil.copyfile(source, tmp / name)                           # then list `name` in the manifest files
+    >>> manifest_chat = fmt.to_dict()                                     # JSON, stored in manifest.json
+    >>> tok = load_chat_tokenizer(artifact_dir, ChatFormat.from_dict(manifest_chat), model_vocab_size=32768)
+    >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}])    # the runtime
+    [1, 3, 16127, 4]
+
+The first rule that applies wins (the order of the issue):
+
+1. "mistral-common": the checkpoint ships a mistral-common tokenizer file beside (or instead of)
+   tokenizer.model, as Mistral's own repositories do: `tokenizer.model.v3`, `*.model.v7`, `*.model.v7m1`,
+   `tekken.json`, ... Chat is encoded exactly as mistral-common's `encode_chat_completion` (the `mistral`
+   extra). A `.v1` file is mistral-common's v1, which is what the built-in v1 format encodes: rule 3 with
+   that file, no extra needed. Two such files is an error naming them.
+2. "jinja": the checkpoint has a Jinja chat template: `chat_template.jinja` (with
+   `additional_chat_templates/*.jinja`) or else tokenizer_config.json's `chat_template` (a string, or a list
+   of named templates), as transformers loads them. Rendered as transformers renders it, tokenized by
+   tokenizer.model with the added tokens and prefix rule of tokenizer_config.json (see jinja_tokenizer.py).
+3. "v1": tokenizer.model with the built-in Mistral v1 instruct format (`Tokenizer.apply_chat_template`).
+
+Without tokenizer.model, rules 2 and 3 use the Mistral v1 tokenizer.model shipped in mistral-common (what
+export did before), unless the checkpoint ships tokenizer.json, whose vocabulary may be another: then it is
+an error (tokenizer.json alone is not supported yet).
+
+generation_config.json is read as transformers reads it (`GenerationDefaults`): the values it sets become
+the artifact's defaults, which explicit options override.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.jinja_tokenizer import PREPEND_SCHEMES, AddedToken, PrependScheme
+
+ChatKind = Literal["mistral-common", "jinja", "v1"]
+KINDS = ("mistral-common", "jinja", "v1")
+TOKENIZER_MODEL = "tokenizer.model"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+GENERATION_CONFIG = "generation_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+# The special-token attributes transformers passes to a chat template (PreTrainedTokenizerBase).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# LlamaTokenizer's own defaults when tokenizer_config.json does not name them.
+_LLAMA_SPECIAL_DEFAULTS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+_SENTENCEPIECE_FILE = re.compile(r".+\.model\.(v\d+)(m\d+)?")
+
+
+class ChatTokenizer(Protocol):
+    """What the runtime needs of a tokenizer; `Tokenizer`, `JinjaChatTokenizer` and `MistralCommonTokenizer`
+    all provide it."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str: ...
+    def stream(self) -> Any: ...
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
+                            add_generation_prompt: bool = True) -> list[int]: ...
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str: ...
+
+
+# ---------------------------------------------------------------------------------------- generation_config
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """The generation_config.json values our `GenerationConfig` knows, None where the file does not set them.
+
+    transformers fills what the file leaves unset with its own defaults (greedy, top_k 50, max_length 20, the
+    model config's eos ids); `config_kwargs()` gives only what the file sets. `ignored` names the keys the
+    file sets that our generation has no counterpart for (min_p, max_length, num_beams, ...).
+    """
+
+    eos_token_ids: tuple[int, ...] | None = None
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    max_new_tokens: int | None = None
+    ignored: tuple[str, ...] = ()
+
+    def config_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `GenerationConfig` (transformers' names): the values the file sets."""
+        names = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
+        out = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        if self.eos_token_ids is not None:
+            out["eos_token_id"] = self.eos_token_ids
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if v is not None and k != "ignored"}
+        if self.eos_token_ids is not None:
+            d["eos_token_ids"] = list(self.eos_token_ids)
+        if self.ignored:
+            d["ignored"] = list(self.ignored)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GenerationDefaults:
+        d = dict(d)
+        if d.get("eos_token_ids") is not None:
+            d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        d["ignored"] = tuple(d.get("ignored", ()))
+        return cls(**d)
+
+
+def _check(where: str, name: str, value: Any, kind: type, low: float | None = None) -> Any:
+    """value as `kind` (bool, int or float: JSON numbers, never booleans, never NaN), else a one-line error."""
+    if kind is bool:
+        ok = isinstance(value, bool)
+    else:
+        number = (int, float) if kind is float else int
+        ok = isinstance(value, number) and not isinstance(value, bool) and value == value
+        ok = ok and (low is None or value >= low)
+    if not ok:
+        expected = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+        raise ConfigError(f"{where}: {name} must be {expected}{f' >= {low}' if low is not None else ''}, got {value!r}")
+    return float(value) if kind is float else value
+
+
+def read_generation_defaults(checkpoint_dir: str | Path) -> GenerationDefaults:
+    """generation_config.json of the checkpoint (all None when it has none)."""
+    path = Path(checkpoint_dir) / GENERATION_CONFIG
+    if not path.is_file():
+        return GenerationDefaults()
+    cfg = _read_json(path)
+    where = str(path)
+    values: dict[str, Any] = {}
+    eos = cfg.get("eos_token_id")
+    if eos is not None:
+        eos_list = eos if isinstance(eos, list) else [eos]
+        values["eos_token_ids"] = tuple(_check(where, "eos_token_id", i, int, 0) for i in eos_list)
+        if not eos_list:
+            raise ConfigError(f"{where}: eos_token_id is an empty list")
+    for name, kind, low in [("bos_token_id", int, 0), ("pad_token_id", int, 0), ("do_sample", bool, None),
+                            ("temperature", float, 0), ("top_k", int, 0), ("top_p", float, 0),
+                            ("repetition_penalty", float, 0), ("max_new_tokens", int, 1)]:
+        if cfg.get(name) is not None:
+            values[name] = _check(where, name, cfg[name], kind, low)
+    known = {"eos_token_id", *values, "transformers_version"}
+    ignored = tuple(sorted(k for k, v in cfg.items() if k not in known and not k.startswith("_") and v is not None))
+    return GenerationDefaults(**values, ignored=ignored)
+
+
+# ---------------------------------------------------------------------------------------- the record
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How an artifact tokenizes and formats chat. `files`: artifact file name -> the file to copy there."""
+
+    kind: ChatKind
+    tokenizer_file: str  # the tokenizer's file name in the artifact
+    files: Mapping[str, str]
+    tokenizer_version: str | None = None  # mistral-common: "v3", "v7", ...
+    templates: Mapping[str, str] = field(default_factory=dict)  # jinja: name -> template ("default", "tool_use")
+    template_origin: str | None = None  # jinja: "chat_template.jinja" or "tokenizer_config.json"
+    special_tokens: Mapping[str, str] = field(default_factory=dict)  # jinja: template variables (bos_token, ...)
+    added_tokens: tuple[AddedToken, ...] = ()  # jinja: tokenizer_config.json added_tokens_decoder
+    prepend_scheme: PrependScheme = "first"  # jinja: transformers' Metaspace prepend_scheme
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"chat format kind must be one of {KINDS}, got {self.kind!r}")
+        if self.prepend_scheme not in PREPEND_SCHEMES:
+            raise ConfigError(f"prepend_scheme must be one of {PREPEND_SCHEMES}, got {self.prepend_scheme!r}")
+        if self.kind == "jinja" and "default" not in self.templates:
+            raise ConfigError(f"the checkpoint's chat templates {sorted(self.templates)} have none named 'default'")
+
+    def describe(self) -> str:
+        """One line for `mixtrt inspect`."""
+        if self.kind == "mistral-common":
+            return f"mistral-common {self.tokenizer_version} ({self.tokenizer_file}; pip install 'mixtrt[mistral]')"
+        if self.kind == "jinja":
+            names = ", ".join(sorted(self.templates))
+            return (f"Jinja chat template from {self.template_origin} ({names}), {self.tokenizer_file}, "
+                    f"{len(self.added_tokens)} added tokens, prefix {self.prepend_scheme}")
+        return f"built-in Mistral v1 instruct format, {self.tokenizer_file}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "tokenizer_file": self.tokenizer_file, "files": dict(self.files),
+            "tokenizer_version": self.tokenizer_version, "templates": dict(self.templates),
+            "template_origin": self.template_origin, "special_tokens": dict(self.special_tokens),
+            "added_tokens": [t.to_dict() for t in self.added_tokens], "prepend_scheme": self.prepend_scheme,
+            "generation": self.generation.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ChatFormat:
+        try:
+            return cls(
+                kind=d["kind"], tokenizer_file=d["tokenizer_file"], files=dict(d.get("files", {})),
+                tokenizer_version=d.get("tokenizer_version"), templates=dict(d.get("templates", {})),
+                template_origin=d.get("template_origin"), special_tokens=dict(d.get("special_tokens", {})),
+                added_tokens=tuple(AddedToken.from_dict(t) for t in d.get("added_tokens", ())),
+                prepend_scheme=d.get("prepend_scheme", "first"),
+                generation=GenerationDefaults.from_dict(d.get("generation", {})),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"manifest chat format is malformed ({type(e).__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------------------------------- the resolver
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _mistral_common_files(checkpoint_dir: Path) -> list[Path]:
+    from mixtrt.runtime.mistral_tokenizer import is_tekken_file
+
+    return sorted(p for p in checkpoint_dir.iterdir()
+                  if p.is_file() and (_SENTENCEPIECE_FILE.fullmatch(p.name) or is_tekken_file(p)))
+
+
+def _tekken_version(path: Path) -> str:
+    version = _read_json(path).get("config", {}).get("version")
+    if not isinstance(version, str):
+        raise ConfigError(f"{path}: a tekken file without config.version")
+    return version
+
+
+def _sentencepiece_model(checkpoint_dir: Path) -> Path:
+    """tokenizer.model, or the shipped Mistral v1 one where the checkpoint has no other vocabulary."""
+    from mixtrt.runtime.tokenizer import shipped_tokenizer_path
+
+    own = checkpoint_dir / TOKENIZER_MODEL
+    if own.is_file():
+        return own
+    if (checkpoint_dir / "tokenizer.json").is_file():
+        raise ConfigError(f"{checkpoint_dir} ships tokenizer.json without tokenizer.model or a mistral-common "
+                          "tokenizer file (tokenizer.model.v3, tekken.json): tokenizer.json alone is not supported yet")
+    return shipped_tokenizer_path()
+
+
+def _token_text(where: str, name: str, value: Any) -> str | None:
+    """A special token as tokenizer_config.json gives it: a string or an AddedToken dict."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {name} must be a string or {{'content': ...}}, got {value!r}")
+    return value
+
+
+def _jinja_templates(checkpoint_dir: Path, config: Mapping[str, Any]) -> tuple[dict[str, str], str] | None:
+    """The checkpoint's chat templates and where they came from, as transformers loads them."""
+    file = checkpoint_dir / CHAT_TEMPLATE_FILE
+    extra_dir = checkpoint_dir / CHAT_TEMPLATE_DIR
+    templates: dict[str, str] = {}
+    if file.is_file():
+        templates["default"] = file.read_text(encoding="utf-8")
+    if extra_dir.is_dir():
+        templates.update({p.stem: p.read_text(encoding="utf-8") for p in sorted(extra_dir.glob("*.jinja"))})
+    if templates:
+        return templates, CHAT_TEMPLATE_FILE if file.is_file() else CHAT_TEMPLATE_DIR
+    value = config.get("chat_template")
+    where = str(checkpoint_dir / TOKENIZER_CONFIG)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return {"default": value}, TOKENIZER_CONFIG
+    if isinstance(value, list) and all(isinstance(t, Mapping) and isinstance(t.get("name"), str)
+                                       and isinstance(t.get("template"), str) for t in value):
+        return {t["name"]: t["template"] for t in value}, TOKENIZER_CONFIG
+    raise ConfigError(f"{where}: chat_template must be a string or a list of {{'name', 'template'}}, got {value!r}")
+
+
+def _added_tokens(where: str, config: Mapping[str, Any]) -> tuple[AddedToken, ...]:
+    decoder = config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, Mapping):
+        raise ConfigError(f"{where}: added_tokens_decoder must be an object of id -> token")
+    tokens = []
+    for key, entry in decoder.items():
+        try:
+            tokens.append(AddedToken.from_dict({**entry, "id": int(key)}))
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"{where}: added_tokens_decoder[{key!r}] is not an added token: {entry!r}") from None
+    return tuple(sorted(tokens, key=lambda t: t.id))
+
+
+def _special_tokens(where: str, config: Mapping[str, Any]) -> dict[str, str]:
+    tokens = dict(_LLAMA_SPECIAL_DEFAULTS)
+    for name in SPECIAL_TOKEN_NAMES:
+        if name in config:
+            value = _token_text(where, name, config[name])
+            if value is None:
+                tokens.pop(name, None)
+            else:
+                tokens[name] = value
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, Mapping):  # named extra tokens become attributes (and template variables) in transformers
+        for name, value in extra.items():
+            text = _token_text(where, f"extra_special_tokens.{name}", value)
+            if text is not None:
+                tokens[str(name)] = text
+    return tokens
+
+
+def _prepend_scheme(config: Mapping[str, Any]) -> PrependScheme:
+    """transformers' LlamaTokenizer: add_prefix_space (default true) and legacy (default false)."""
+    if config.get("add_prefix_space") is False:
+        return "never"
+    return "always" if config.get("legacy") is True else "first"
+
+
+def resolve_chat_format(checkpoint_dir: str | Path) -> ChatFormat:
+    """The checkpoint's tokenizer and chat format, by the rules of the module docstring (no side effects)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise ConfigError(f"{checkpoint_dir}: no such checkpoint directory")
+    generation = read_generation_defaults(checkpoint_dir)
+    candidates = _mistral_common_files(checkpoint_dir)
+    if len(candidates) > 1:
+        raise ConfigError(f"{checkpoint_dir} ships several mistral-common tokenizer files "
+                          f"({', '.join(p.name for p in candidates)}): keep the one the model was trained with")
+    if candidates:
+        [file] = candidates
+        if file.name.endswith(".v1"):  # mistral-common's v1 encoding is the built-in v1 format
+            return ChatFormat("v1", TOKENIZER_MODEL, {TOKENIZER_MODEL: str(file)}, generation=generation)
+        match = _SENTENCEPIECE_FILE.fullmatch(file.name)
+        version = match.group(1) + (match.group(2) or "") if match else _tekken_version(file)
+        return ChatFormat("mistral-common", file.name, {file.name: str(file)}, tokenizer_version=version,
+                          generation=generation)
+    config_path = checkpoint_dir / TOKENIZER_CONFIG
+    config = _read_json(config_path) if config_path.is_file() else {}
+    found = _jinja_templates(checkpoint_dir, config)
+    files = {TOKENIZER_MODEL: str(_sentencepiece_model(checkpoint_dir))}
+    if found is None:
+        return ChatFormat("v1", TOKENIZER_MODEL, files, generation=generation)
+    templates, origin = found
+    where = str(config_path)
+    return ChatFormat("jinja", TOKENIZER_MODEL, files, templates=templates, template_origin=origin,
+                      special_tokens=_special_tokens(where, config), added_tokens=_added_tokens(where, config),
+                      prepend_scheme=_prepend_scheme(config), generation=generation)
+
+
+# ---------------------------------------------------------------------------------------- the loader
+
+
+def load_chat_tokenizer(artifact_dir: str | Path, fmt: ChatFormat, model_vocab_size: int | None = None
+                        ) -> ChatTokenizer:
+    """The artifact's tokenizer for `fmt`; with model_vocab_size, checks that every id it makes is an
+    embedding row of the model."""
+    from mixtrt.runtime.tokenizer import Tokenizer
+
+    path = Path(artifact_dir) / fmt.tokenizer_file
+    if not path.is_file():
+        raise ConfigError(f"{path}: the artifact's tokenizer file is missing")
+    tokenizer: ChatTokenizer
+    if fmt.kind == "mistral-common":
+        from mixtrt.runtime.mistral_tokenizer import MistralCommonTokenizer
+
+        tokenizer = MistralCommonTokenizer(path)
+    elif fmt.kind == "jinja":
+        from mixtrt.runtime.chat_template import ChatTemplate
+        from mixtrt.runtime.jinja_tokenizer import JinjaChatTokenizer
+
+        origin = fmt.template_origin or "chat_template"
+        templates = {name: ChatTemplate(source, fmt.special_tokens, origin=f"{origin} {name}")
+                     for name, source in fmt.templates.items()}
+        tokenizer = JinjaChatTokenizer(Tokenizer.load(path), templates, fmt.added_tokens, fmt.prepend_scheme)
+    else:
+        tokenizer = Tokenizer.load(path)
+    if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
+        raise ConfigError(f"{path}: {tokenizer.vocab_size} token ids but the model has only {model_vocab_size} "
+                          "embeddings")
+    return tokenizer

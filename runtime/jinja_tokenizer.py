@@ -1,0 +1,217 @@
+"""A sentencepiece tokenizer driven by the checkpoint's Jinja chat template, with the ids transformers gives.
+
+    >>> tok = JinjaChatTokenizer(Tokenizer.load("ckpt/tokenizer.model"), ChatTemplate(template, {...}))
+    >>> tok.render_chat([{"role": "user", "content": "Hi"}])      # the template's text
+    '<s>[INST] Hi[/INST]'
+    >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    [1, 3, 16127, 4]                                               # v3 vocabulary: [INST], [/INST] single ids
+
+The rendered text is tokenized as transformers 5.x tokenizes it (`tokenizer(text, add_special_tokens=False)`
+of a LlamaTokenizer built from the same tokenizer.model and tokenizer_config.json):
+
+1. Added tokens are cut out first, leftmost-longest, each one id: sentencepiece's control, user-defined and
+   unknown pieces (`<s>`, `</s>`, `[INST]`, `[TOOL_CALLS]`, ...) and the `added_tokens_decoder` entries of
+   tokenizer_config.json, which may lie past the sentencepiece vocabulary (ChatML's `<|im_start|>` = 32001
+   on a 32000-piece model). `lstrip` / `rstrip` take the whitespace beside the token, `single_word`
+   matches only outside words.
+2. Each stretch of text between them is encoded by sentencepiece without its own dummy prefix; the "▁"
+   prefix is added as transformers' Metaspace pre-tokenizer adds it: `prepend_scheme` "first" (the default,
+   `legacy: false`): only to text at the very start of the string; "always" (`legacy: true`): to every
+   stretch; "never" (`add_prefix_space: false`); and never to a stretch that starts with a space.
+
+One divergence is pinned (as for plain text in `tokenizer.py`): transformers' BPE merges runs of spaces
+across words ("a  b" -> ▁a ▁▁ b) where sentencepiece, what the model was trained with, gives ▁a ▁ ▁b.
+
+Decoding is sentencepiece's; an added token past the sentencepiece vocabulary decodes to its text unless
+it is special (then to nothing, or to its text with skip_special=False), as transformers decodes it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+
+from mixtrt.runtime.chat_template import ChatTemplate, select_template
+from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer
+
+PrependScheme = Literal["first", "always", "never"]
+PREPEND_SCHEMES = ("first", "always", "never")
+_SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED = 2, 3, 4  # sentencepiece ModelProto.SentencePiece.Type
+
+
+@dataclass(frozen=True)
+class AddedToken:
+    """A tokenizer_config.json `added_tokens_decoder` entry (transformers' AddedToken fields)."""
+
+    id: int
+    content: str
+    special: bool = True
+    lstrip: bool = False
+    rstrip: bool = False
+    single_word: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "content": self.content, "special": self.special, "lstrip": self.lstrip,
+                "rstrip": self.rstrip, "single_word": self.single_word}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AddedToken:
+        return cls(int(d["id"]), str(d["content"]), bool(d.get("special", True)), bool(d.get("lstrip", False)),
+                   bool(d.get("rstrip", False)), bool(d.get("single_word", False)))
+
+
+def _without_dummy_prefix(path: Path) -> tuple[spm.SentencePieceProcessor, list[int]]:
+    """The same model with `add_dummy_prefix` off, and the piece types, read from the model's protobuf."""
+    proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
+    proto.ParseFromString(path.read_bytes())
+    types = [p.type for p in proto.pieces]
+    proto.normalizer_spec.add_dummy_prefix = False
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(proto.SerializeToString())
+    return sp, types
+
+
+class _Stream(StreamDecoder):
+    """StreamDecoder that also passes added tokens past the sentencepiece vocabulary."""
+
+    def __init__(self, tokenizer: JinjaChatTokenizer, skip_special: bool = True) -> None:
+        super().__init__(tokenizer.text, skip_special)
+        self._extra = tokenizer._extra
+
+    def put(self, token_id: int) -> str:
+        token = self._extra.get(int(token_id))
+        if token is None:
+            return super().put(token_id)
+        text = self.flush()
+        if token.special and self._skip_special:
+            return text
+        self._visible = True  # text follows a visible token: its "▁" is a space, not the dummy prefix
+        return text + token.content
+
+
+class JinjaChatTokenizer:
+    """encode / decode / stream as the sentencepiece `Tokenizer`; chat through the Jinja template."""
+
+    def __init__(self, text: Tokenizer, templates: ChatTemplate | Mapping[str, ChatTemplate],
+                 added_tokens: Sequence[AddedToken] = (), prepend_scheme: PrependScheme = "first") -> None:
+        """templates: one template, or the checkpoint's named ones ("default", "tool_use", ...)."""
+        if prepend_scheme not in PREPEND_SCHEMES:
+            raise ConfigError(f"prepend_scheme must be one of {PREPEND_SCHEMES}, got {prepend_scheme!r}")
+        self.text = text
+        self.templates = {"default": templates} if isinstance(templates, ChatTemplate) else dict(templates)
+        self.template = select_template(self.templates)
+        self.prepend_scheme = prepend_scheme
+        self.path = text.path
+        self._plain, types = _without_dummy_prefix(text.path)
+        kinds = (_SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED)  # the pieces transformers makes added tokens
+        added = {text.id_to_piece(i): AddedToken(i, text.id_to_piece(i)) for i, t in enumerate(types) if t in kinds}
+        self._extra: dict[int, AddedToken] = {}
+        for token in added_tokens:
+            if token.id < text.vocab_size:
+                if text.id_to_piece(token.id) != token.content:
+                    raise ConfigError(f"added token {token.content!r} has id {token.id}, which is the piece "
+                                      f"{text.id_to_piece(token.id)!r} in {text.path.name}")
+            else:
+                self._extra[token.id] = token
+            added[token.content] = token
+        self.added_tokens = tuple(sorted(added.values(), key=lambda t: t.id))
+        self.vocab_size: int = max([text.vocab_size, *(i + 1 for i in self._extra)])
+        gaps = sorted(set(range(text.vocab_size, self.vocab_size)) - set(self._extra))
+        if gaps:
+            raise ConfigError(f"added tokens leave ids {gaps[:5]} between the sentencepiece vocabulary "
+                              f"({text.vocab_size}) and {self.vocab_size} without a token")
+        self._pattern, self._pattern_ids = _added_token_pattern(self.added_tokens)
+        self._by_content = {t.content: t.id for t in self.added_tokens}
+        specials = self.template.special_tokens
+        self.bos_id: int = self._token_id(specials.get("bos_token"), text.bos_id)
+        self.eos_id: int = self._token_id(specials.get("eos_token"), text.eos_id)
+
+    def __repr__(self) -> str:
+        return (f"JinjaChatTokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, "
+                f"template={self.template.origin!r})")
+
+    def _token_id(self, content: str | None, default: int) -> int:
+        if content is None:
+            return default
+        if content in self._by_content:
+            return self._by_content[content]
+        piece = self.text._sp.piece_to_id(content)
+        return default if piece == self.text._sp.unk_id() else piece
+
+    # ---- text --------------------------------------------------------------------------------------
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Plain text -> ids as `Tokenizer.encode` (sentencepiece; "<s>" in the text stays text)."""
+        return [self.bos_id] * bos + self.text.encode(text, bos=False) + [self.eos_id] * eos
+
+    def encode_special(self, text: str) -> list[int]:
+        """Text that holds added tokens ("<s>[INST] Hi [/INST]") -> ids, as transformers'
+        `tokenizer(text, add_special_tokens=False)`: each added token one id (see the module docstring)."""
+        ids: list[int] = []
+        at = 0
+        for match in self._pattern.finditer(text) if self._pattern else ():
+            ids += self._encode_stretch(text[at:match.start()], first=at == 0)
+            ids.append(self._pattern_ids[(match.lastindex or 1) - 1])
+            at = match.end()
+        return ids + self._encode_stretch(text[at:], first=at == 0)
+
+    def _encode_stretch(self, text: str, first: bool) -> list[int]:
+        if not text:
+            return []
+        prefix = self.prepend_scheme == "always" or (self.prepend_scheme == "first" and first)
+        if prefix and not text.startswith(" "):
+            text = " " + text
+        return self._plain.encode(text)
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        """Ids -> text; control tokens are never shown unless skip_special=False."""
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ConfigError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+        if not any(i in self._extra for i in ids):
+            return self.text.decode(ids, skip_special)
+        stream = _Stream(self, skip_special)
+        return "".join(stream.put(i) for i in ids) + stream.flush()
+
+    def stream(self) -> StreamDecoder:
+        return _Stream(self)
+
+    def id_to_piece(self, i: int) -> str:
+        token = self._extra.get(int(i))
+        return token.content if token is not None else self.text.id_to_piece(i)
+
+    # ---- chat --------------------------------------------------------------------------------------
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """The template's text for the conversation (transformers' `apply_chat_template(tokenize=False)`)."""
+        template = select_template(self.templates, tools)
+        return template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                            tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """The conversation as ids: the rendered text through `encode_special`."""
+        return self.encode_special(self.render_chat(messages, add_generation_prompt, tools))
+
+
+def _added_token_pattern(tokens: Sequence[AddedToken]) -> tuple[re.Pattern[str] | None, list[int]]:
+    """One regex matching any added token, and the id of each of its groups (group n + 1 -> ids[n]).
+
+    Longer tokens come first, so at each position the longest one matches (transformers' leftmost-longest).
+    lstrip / rstrip take the whitespace on that side into the match; single_word needs non-word characters
+    (or the ends of the text) on both sides.
+    """
+    alternatives, ids = [], []
+    for t in sorted(tokens, key=lambda t: len(t.content), reverse=True):
+        body = re.escape(t.content)
+        if t.single_word:
+            body = rf"(?<!\w){body}(?!\w)"
+        alternatives.append((r"\s*" if t.lstrip else "") + f"({body})" + (r"\s*" if t.rstrip else ""))
+        ids.append(t.id)
+    return (re.compile("|".join(alternatives)) if alternatives else None), ids

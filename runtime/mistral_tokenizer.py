@@ -1,0 +1,178 @@
+"""Chat exactly as mistral-common encodes it, for the tokenizer files Mistral ships (v2, v3, v7, tekken).
+
+    >>> tok = MistralCommonTokenizer("artifact/tokenizer.model.v7")   # needs `pip install 'mixtrt[mistral]'`
+    >>> tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    [1, 16, 2507, 7585, 29491, 17, 3, 16127, 4]         # <s>[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT][INST] Hi[/INST]
+
+Messages and tools are OpenAI / transformers dicts: `{"role": "user" | "system" | "assistant" | "tool",
+"content": ...}`, assistant `tool_calls: [{"id", "type": "function", "function": {"name", "arguments"}}]`,
+tool results `{"role": "tool", "tool_call_id", "content"}`, tools `[{"type": "function", "function":
+{"name", "description", "parameters"}}]`; they go through `ChatCompletionRequest.from_openai` and
+`MistralTokenizer.encode_chat_completion`, so the ids are mistral-common's own. These formats have no
+assistant header: add_generation_prompt=True asks for a conversation ending with a user or tool message;
+False also accepts one ending with an assistant message, closed with EOS (mistral-common's fine-tuning
+encoding).
+
+Text is encoded and decoded as mistral-common does: a sentencepiece file (`*.model.v3`, `.v7`) through the
+sentencepiece `Tokenizer` (same ids, same text), a tekken file through mistral-common's Tekkenizer. Control
+tokens never show in decoded or streamed text unless skip_special=False. mistral-common (pydantic, tiktoken,
+jsonschema) is the `mistral` extra, imported when a tokenizer is loaded.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mixtrt.runtime.chat_template import first_failing_message
+from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer
+
+EXTRA = "pip install 'mixtrt[mistral]'"
+
+
+def _mistral_common(path: Path):
+    try:
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+    except ImportError:
+        raise ConfigError(f"{path.name}: this tokenizer is encoded by mistral-common, which is not installed "
+                          f"({EXTRA})") from None
+    return MistralTokenizer
+
+
+def is_tekken_file(path: str | Path) -> bool:
+    """mistral-common's rule for a tekken file: a .json whose name holds "tekken"."""
+    path = Path(path)
+    return path.suffix == ".json" and "tekken" in path.name
+
+
+class TekkenStream:
+    """Incremental decode for tekken (byte-level BPE): the concatenation of every `put()` and `flush()`
+    equals `decode(all ids)`; no chunk ends inside a UTF-8 character; control tokens are invisible.
+
+    mistral-common decodes each run of ordinary tokens as UTF-8 with errors="replace" and the control
+    tokens between runs apart, so a run's held-back bytes are flushed when a control token arrives.
+    """
+
+    def __init__(self, tokenizer: MistralCommonTokenizer, skip_special: bool = True) -> None:
+        self._tok = tokenizer
+        self._skip_special = skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def put(self, token_id: int) -> str:
+        token_id = int(token_id)
+        if token_id not in self._tok._special_ids:
+            return self._utf8.decode(self._tok._raw.id_to_byte_piece(token_id))
+        text = self.flush()
+        return text if self._skip_special else text + self._tok.id_to_piece(token_id)
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+class MistralCommonTokenizer:
+    """A mistral-common tokenizer file: chat through `encode_chat_completion`, text as mistral-common."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ConfigError(f"{self.path}: no such tokenizer file")
+        self._mistral_tokenizer = _mistral_common(self.path)
+        try:
+            self._chat = self._mistral_tokenizer.from_file(str(self.path))
+        except Exception as e:  # mistral-common raises many kinds on a bad file; one line names the file
+            raise ConfigError(f"{self.path}: mistral-common cannot load this tokenizer "
+                              f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+        self._closed_chat = None  # the fine-tuning-mode tokenizer, loaded when first needed
+        self._raw = self._chat.instruct_tokenizer.tokenizer
+        self.version: str = str(self._raw.version.value)
+        self.tekken = is_tekken_file(self.path)
+        self._text = None if self.tekken else Tokenizer.load(self.path)
+        self.vocab_size: int = int(self._raw.n_words)
+        self.bos_id: int = int(self._raw.bos_id)
+        self.eos_id: int = int(self._raw.eos_id)
+        self._special_ids = frozenset(range(self._raw.num_special_tokens)) if self.tekken else frozenset()
+
+    def __repr__(self) -> str:
+        return f"MistralCommonTokenizer({str(self.path)!r}, version={self.version!r}, vocab_size={self.vocab_size})"
+
+    # ---- text --------------------------------------------------------------------------------------
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        if self._text is not None:
+            return self._text.encode(text, bos, eos)
+        return [int(i) for i in self._raw.encode(text, bos=bos, eos=eos)]
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        """Ids -> text as mistral-common decodes them (control tokens left out unless skip_special=False)."""
+        ids = [int(i) for i in ids]
+        if self._text is not None:
+            return self._text.decode(ids, skip_special)
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ConfigError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+        stream = TekkenStream(self, skip_special)
+        return "".join(stream.put(i) for i in ids) + stream.flush()
+
+    def stream(self) -> StreamDecoder | TekkenStream:
+        return self._text.stream() if self._text is not None else TekkenStream(self)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._text.id_to_piece(i) if self._text is not None else self._raw.id_to_piece(int(i))
+
+    # ---- chat --------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                            tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """The conversation as mistral-common's `encode_chat_completion` ids (see the module docstring)."""
+        chat = _checked(messages, add_generation_prompt)
+        if tools is not None and (isinstance(tools, (str, Mapping)) or not all(isinstance(t, Mapping) for t in tools)):
+            raise ConfigError("chat: tools must be a list of {'type': 'function', 'function': {...}} mappings")
+        ids, error = self._attempt(chat, tools)
+        if error is None:
+            return ids
+        at = first_failing_message(len(chat), lambda n: self._attempt(chat[:n], tools)[1], error)
+        raise ConfigError(f"chat ({self.path.name}, mistral-common {self.version}) failed at message {at} "
+                          f"(role {chat[at]['role']!r}): {error}")
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """The encoded conversation written out with its control tokens ("<s>[INST] Hi[/INST]"), for display."""
+        return self.decode(self.apply_chat_template(messages, add_generation_prompt, tools), skip_special=False)
+
+    def _attempt(self, chat: list[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
+                 ) -> tuple[list[int], str | None]:
+        """(ids, None), or ([], the one-line error mistral-common gave)."""
+        from mistral_common.exceptions import MistralCommonException
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        closed = chat[-1]["role"] == "assistant"
+        try:
+            request = ChatCompletionRequest.from_openai([dict(m) for m in chat],
+                                                        [dict(t) for t in tools] if tools is not None else None)
+            encoded = self._closed().encode_chat_completion(request) if closed else \
+                self._chat.encode_chat_completion(request)
+        except (MistralCommonException, ValueError, KeyError, TypeError, AssertionError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return [], f"{type(e).__name__}: {' '.join(first.split())}"
+        return [int(i) for i in encoded.tokens], None
+
+    def _closed(self):
+        """mistral-common in fine-tuning mode, which closes a final assistant message with EOS."""
+        if self._closed_chat is None:
+            from mistral_common.protocol.instruct.validator import ValidationMode
+
+            self._closed_chat = self._mistral_tokenizer.from_file(str(self.path), mode=ValidationMode.finetuning)
+        return self._closed_chat
+
+
+def _checked(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> list[Mapping[str, Any]]:
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence) or not messages:
+        raise ConfigError("chat: messages must be a non-empty list of {'role': ..., 'content': ...} mappings")
+    for n, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+            raise ConfigError(f"chat: message {n} must be a mapping with a string 'role', got {m!r}")
+    if add_generation_prompt and messages[-1]["role"] == "assistant":
+        raise ConfigError(f"chat: message {len(messages) - 1} is the assistant's: with add_generation_prompt=True "
+                          "the conversation ends with a user or tool message (the model writes the next turn)")
+    return list(messages)

@@ -1,0 +1,219 @@
+"""resolve_chat_format: which tokenizer and chat format wins; the manifest record; generation_config.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mixtrt.runtime.chat_format import (
+    ChatFormat,
+    GenerationDefaults,
+    load_chat_tokenizer,
+    read_generation_defaults,
+    resolve_chat_format,
+)
+from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.generation import GenerationConfig
+from mixtrt.runtime.jinja_tokenizer import JinjaChatTokenizer
+from mixtrt.runtime.tokenizer import Tokenizer, shipped_tokenizer_path
+
+mistral_common = pytest.importorskip("mistral_common")
+DATA = Path(mistral_common.__file__).parent / "data"
+TEMPLATE = "{{ bos_token }}{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}"
+
+
+def _dir(tmp_path: Path, *files: str, config: dict | None = None, generation: dict | None = None) -> Path:
+    """A checkpoint directory holding `files` (names from mistral-common's data folder, `name=source`
+    to rename) and the given tokenizer_config.json / generation_config.json."""
+    d = tmp_path / "ckpt"
+    d.mkdir(exist_ok=True)
+    for f in files:
+        name, _, source = f.partition("=")
+        shutil.copy(DATA / (source or name), d / name)
+    if config is not None:
+        (d / "tokenizer_config.json").write_text(json.dumps(config))
+    if generation is not None:
+        (d / "generation_config.json").write_text(json.dumps(generation))
+    return d
+
+
+V3 = "tokenizer.model.v3=mistral_instruct_tokenizer_240323.model.v3"
+V3_AS_MODEL = "tokenizer.model=mistral_instruct_tokenizer_240323.model.v3"
+
+
+# ---------------------------------------------------------------- which one wins
+
+
+def test_mistral_common_file_wins_over_template(tmp_path):
+    """Mistral-7B-Instruct-v0.3's layout: tokenizer.model + tokenizer.model.v3 + a chat_template."""
+    d = _dir(tmp_path, V3_AS_MODEL, V3, config={"chat_template": TEMPLATE})
+    fmt = resolve_chat_format(d)
+    assert (fmt.kind, fmt.tokenizer_file, fmt.tokenizer_version) == ("mistral-common", "tokenizer.model.v3", "v3")
+    assert dict(fmt.files) == {"tokenizer.model.v3": str(d / "tokenizer.model.v3")}
+    assert fmt.describe() == "mistral-common v3 (tokenizer.model.v3; pip install 'mixtrt[mistral]')"
+
+
+def test_tekken_and_versions(tmp_path):
+    d = _dir(tmp_path, "tekken.json=tekken_240718.json")
+    fmt = resolve_chat_format(d)
+    assert (fmt.kind, fmt.tokenizer_file, fmt.tokenizer_version) == ("mistral-common", "tekken.json", "v3")
+    (d / "tekken.json").unlink()
+    shutil.copy(DATA / "mistral_instruct_tokenizer_241114.model.v7m1", d / "tokenizer.model.v7m1")
+    assert resolve_chat_format(d).tokenizer_version == "v7m1"
+    shutil.copy(DATA / "tekken_240718.json", d / "tekken.json")
+    with pytest.raises(ConfigError, match=r"several mistral-common tokenizer files \(tekken.json, tokenizer.model.v7"):
+        resolve_chat_format(d)
+
+
+def test_v1_file_is_the_builtin_format(tmp_path):
+    d = _dir(tmp_path, "tokenizer.model.v1", config={"chat_template": TEMPLATE})
+    fmt = resolve_chat_format(d)
+    assert (fmt.kind, fmt.tokenizer_file, dict(fmt.files)) == ("v1", "tokenizer.model",
+                                                                {"tokenizer.model": str(d / "tokenizer.model.v1")})
+
+
+def test_template_sources_in_transformers_order(tmp_path):
+    d = _dir(tmp_path, V3_AS_MODEL, config={"chat_template": TEMPLATE, "legacy": True})
+    fmt = resolve_chat_format(d)
+    assert (fmt.kind, fmt.template_origin, dict(fmt.templates)) == ("jinja", "tokenizer_config.json",
+                                                                    {"default": TEMPLATE})
+    assert fmt.prepend_scheme == "always"
+    assert fmt.special_tokens == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (d / "chat_template.jinja").write_text("{{ 'file' }}")
+    (d / "additional_chat_templates").mkdir()
+    (d / "additional_chat_templates" / "tool_use.jinja").write_text("{{ 'tools' }}")
+    fmt = resolve_chat_format(d)
+    assert fmt.template_origin == "chat_template.jinja"
+    assert dict(fmt.templates) == {"default": "{{ 'file' }}", "tool_use": "{{ 'tools' }}"}
+    tok = load_chat_tokenizer(d, fmt)
+    assert tok.render_chat([{"role": "user", "content": "x"}]) == "file"
+    assert tok.render_chat([{"role": "user", "content": "x"}], tools=[{"type": "function"}]) == "tools"
+
+
+def test_template_list_and_special_tokens(tmp_path):
+    config = {
+        "chat_template": [{"name": "default", "template": TEMPLATE}, {"name": "rag", "template": "x"}],
+        "bos_token": {"content": "<s>", "lstrip": False, "__type": "AddedToken"}, "eos_token": "</s>",
+        "pad_token": None, "unk_token": "<unk>", "extra_special_tokens": {"image_token": "[IMG]"},
+        "add_prefix_space": False,
+        "added_tokens_decoder": {"32000": {"content": "<pad>", "special": True}},
+    }
+    d = _dir(tmp_path, "tokenizer.model=tokenizer.model.v1", config=config)
+    fmt = resolve_chat_format(d)
+    assert set(fmt.templates) == {"default", "rag"} and fmt.prepend_scheme == "never"
+    assert fmt.special_tokens == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                                  "image_token": "[IMG]"}
+    assert [(t.id, t.content) for t in fmt.added_tokens] == [(32000, "<pad>")]
+    assert "Jinja chat template from tokenizer_config.json (default, rag)" in fmt.describe()
+    with pytest.raises(ConfigError, match="32001 token ids but the model has only 32000"):
+        load_chat_tokenizer(d, fmt, model_vocab_size=32000)
+
+
+def test_v1_without_template_and_shipped_tokenizer(tmp_path):
+    d = _dir(tmp_path, config={"bos_token": "<s>"})
+    fmt = resolve_chat_format(d)
+    assert (fmt.kind, dict(fmt.files)) == ("v1", {"tokenizer.model": str(shipped_tokenizer_path())})
+    assert fmt.describe() == "built-in Mistral v1 instruct format, tokenizer.model"
+    art = tmp_path / "art"
+    art.mkdir()
+    shutil.copy(shipped_tokenizer_path(), art / "tokenizer.model")
+    tok = load_chat_tokenizer(art, fmt, model_vocab_size=32000)
+    assert isinstance(tok, Tokenizer) and tok.apply_chat_template([{"role": "user", "content": "Hi"}]) == \
+        Tokenizer.load().apply_chat_template([{"role": "user", "content": "Hi"}])
+    (d / "tokenizer.json").write_text("{}")
+    with pytest.raises(ConfigError, match="tokenizer.json alone is not supported"):
+        resolve_chat_format(d)
+
+
+def test_resolver_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such checkpoint directory"):
+        resolve_chat_format(tmp_path / "missing")
+    d = _dir(tmp_path, V3_AS_MODEL)
+    for config, match in [
+        ({"chat_template": 3}, "chat_template must be a string or a list"),
+        ({"chat_template": [{"name": "rag", "template": "x"}]}, "none named 'default'"),
+        ({"chat_template": TEMPLATE, "eos_token": 2}, "eos_token must be a string"),
+        ({"chat_template": TEMPLATE, "added_tokens_decoder": {"x": {"content": "a"}}}, r"added_tokens_decoder\['x'\]"),
+    ]:
+        (d / "tokenizer_config.json").write_text(json.dumps(config))
+        with pytest.raises(ConfigError, match=match):
+            resolve_chat_format(d)
+    (d / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="tokenizer_config.json: not readable JSON"):
+        resolve_chat_format(d)
+    with pytest.raises(ConfigError, match="tokenizer file is missing"):
+        load_chat_tokenizer(tmp_path, ChatFormat("v1", "tokenizer.model", {}))
+    with pytest.raises(ConfigError, match="kind must be one of"):
+        ChatFormat.from_dict({"kind": "tiktoken", "tokenizer_file": "x"})
+    with pytest.raises(ConfigError, match="malformed"):
+        ChatFormat.from_dict({"kind": "v1"})
+
+
+def test_record_round_trips_through_json(tmp_path):
+    config = {"chat_template": TEMPLATE, "eos_token": "</s>",
+              "added_tokens_decoder": {"32000": {"content": "<|im_end|>", "special": True, "rstrip": True}}}
+    d = _dir(tmp_path, "tokenizer.model=tokenizer.model.v1", config=config,
+             generation={"eos_token_id": [2, 32000], "temperature": 0.7, "do_sample": True})
+    fmt = resolve_chat_format(d)
+    again = ChatFormat.from_dict(json.loads(json.dumps(fmt.to_dict())))
+    assert again == fmt
+    tok = load_chat_tokenizer(d, again, model_vocab_size=32001)
+    assert isinstance(tok, JinjaChatTokenizer) and tok.vocab_size == 32001
+    messages = [{"role": "user", "content": "Hi<|im_end|>  there"}]
+    ids = tok.apply_chat_template(messages)
+    assert ids == load_chat_tokenizer(d, fmt).apply_chat_template(messages)
+    assert ids[0] == 1 and ids.count(32000) == 1 and tok.id_to_piece(ids[ids.index(32000) + 1]) == "there"  # rstrip
+
+
+# ---------------------------------------------------------------- generation_config.json
+
+
+def test_generation_defaults(tmp_path):
+    d = _dir(tmp_path, generation={
+        "_from_model_config": True, "bos_token_id": 1, "eos_token_id": [2, 32000], "pad_token_id": 11,
+        "do_sample": True, "temperature": 0.15, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1,
+        "max_new_tokens": 256, "min_p": 0.05, "max_length": 4096, "transformers_version": "4.46.0",
+        "num_beams": None,
+    })
+    g = read_generation_defaults(d)
+    assert g == GenerationDefaults(eos_token_ids=(2, 32000), bos_token_id=1, pad_token_id=11, do_sample=True,
+                                   temperature=0.15, top_k=40, top_p=0.9, repetition_penalty=1.1,
+                                   max_new_tokens=256, ignored=("max_length", "min_p"))
+    kwargs = g.config_kwargs()
+    assert kwargs == {"do_sample": True, "temperature": 0.15, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1,
+                      "max_new_tokens": 256, "eos_token_id": (2, 32000)}
+    cfg = GenerationConfig(**{**kwargs, "temperature": 0.5})  # explicit options override the checkpoint's
+    assert (cfg.temperature, cfg.top_k, cfg.eos_token_id) == (0.5, 40, (2, 32000))
+    assert GenerationDefaults.from_dict(json.loads(json.dumps(g.to_dict()))) == g
+
+
+def test_generation_defaults_single_eos_and_absent(tmp_path):
+    assert read_generation_defaults(tmp_path) == GenerationDefaults()
+    assert GenerationDefaults().config_kwargs() == {}
+    d = _dir(tmp_path, generation={"bos_token_id": 1, "eos_token_id": 2})
+    assert read_generation_defaults(d).config_kwargs() == {"eos_token_id": (2,)}
+    assert resolve_chat_format(d).generation.eos_token_ids == (2,)
+
+
+@pytest.mark.parametrize("generation,match", [
+    ({"eos_token_id": "2"}, "eos_token_id must be an integer >= 0, got '2'"),
+    ({"eos_token_id": [2, -1]}, "eos_token_id must be an integer >= 0, got -1"),
+    ({"eos_token_id": []}, "eos_token_id is an empty list"),
+    ({"eos_token_id": True}, "eos_token_id must be an integer"),
+    ({"temperature": "hot"}, "temperature must be a number >= 0"),
+    ({"temperature": float("nan")}, "temperature must be a number"),
+    ({"do_sample": 1}, "do_sample must be true or false"),
+    ({"top_k": 1.5}, "top_k must be an integer"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+])
+def test_generation_config_errors(tmp_path, generation, match):
+    d = _dir(tmp_path, generation=generation)
+    with pytest.raises(ConfigError, match=match) as e:
+        read_generation_defaults(d)
+    assert "generation_config.json" in str(e.value)
+    (d / "generation_config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        read_generation_defaults(d)

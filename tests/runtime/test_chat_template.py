@@ -1,0 +1,323 @@
+"""Jinja chat templates: rendered text and ids equal transformers' apply_chat_template on tiny checkpoints
+(tokenizer.model + tokenizer_config.json); errors name the message; decode hides control tokens."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mixtrt.runtime.chat_format import ChatFormat, load_chat_tokenizer, resolve_chat_format
+from mixtrt.runtime.chat_template import ChatTemplate, first_failing_message
+from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.jinja_tokenizer import AddedToken, JinjaChatTokenizer
+from mixtrt.runtime.tokenizer import Tokenizer
+from tests.runtime.test_tokenizer import V01_CHAT_TEMPLATE
+
+transformers = pytest.importorskip("transformers")
+mistral_common = pytest.importorskip("mistral_common")
+DATA = Path(mistral_common.__file__).parent / "data"
+V1, V3 = DATA / "tokenizer.model.v1", DATA / "mistral_instruct_tokenizer_240323.model.v3"
+
+# Shaped like Mistral-7B-Instruct-v0.3's template: system prompt folded into the last user turn, roles
+# checked with a namespace counter (tool turns skipped), tools as [AVAILABLE_TOOLS] before the last user
+# turn (tojson, loop.last, selectattr), tool calls with 9-character ids, raise_exception on anything else.
+MISTRAL_TOOLS_TEMPLATE = """
+{%- if messages[0]["role"] == "system" %}
+    {%- set system_message = messages[0]["content"] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- set user_messages = loop_messages | selectattr("role", "equalto", "user") | list %}
+{%- set ns = namespace(index=0) %}
+{%- for message in loop_messages %}
+    {%- if not (message.role == "tool" or message.tool_calls is defined) %}
+        {%- if (message.role == "user") != (ns.index % 2 == 0) %}
+            {{- raise_exception("After the optional system message, roles must alternate user/assistant") }}
+        {%- endif %}
+        {%- set ns.index = ns.index + 1 %}
+    {%- endif %}
+{%- endfor %}
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if message.role == "user" %}
+        {%- if tools is not none and message == user_messages[-1] %}
+            {{- "[AVAILABLE_TOOLS] [" }}
+            {%- for tool in tools %}
+                {{- tool | tojson }}
+                {%- if not loop.last %}{{- ", " }}{%- endif %}
+            {%- endfor %}
+            {{- "][/AVAILABLE_TOOLS]" }}
+        {%- endif %}
+        {%- if message == user_messages[-1] and system_message is defined %}
+            {{- "[INST] " + system_message + "\\n\\n" + message.content + "[/INST]" }}
+        {%- else %}
+            {{- "[INST] " + message.content + "[/INST]" }}
+        {%- endif %}
+    {%- elif message.tool_calls is defined %}
+        {{- "[TOOL_CALLS] [" }}
+        {%- for call in message.tool_calls %}
+            {%- if call.id is not defined or call.id | length != 9 %}
+                {{- raise_exception("Tool call ids must be 9 characters") }}
+            {%- endif %}
+            {{- call.function | tojson }}
+            {%- if not loop.last %}{{- ", " }}{%- else %}{{- "]" + eos_token }}{%- endif %}
+        {%- endfor %}
+    {%- elif message.role == "assistant" %}
+        {{- " " + message.content | trim + eos_token }}
+    {%- elif message.role == "tool" %}
+        {{- '[TOOL_RESULTS] {"content": ' + message.content | tojson + ', "call_id": "' + message.tool_call_id }}
+        {{- '"}[/TOOL_RESULTS]' }}
+    {%- else %}
+        {{- raise_exception("Only user, assistant and tool roles are supported, after an optional system message") }}
+    {%- endif %}
+{%- endfor %}
+"""
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATML_ADDED = {
+    "0": {"content": "<unk>", "special": True}, "1": {"content": "<s>", "special": True},
+    "2": {"content": "</s>", "special": True},
+    "32000": {"content": "<|im_end|>", "special": True},
+    "32001": {"content": "<|im_start|>", "special": False},
+}
+
+# Loops, loop.last / loop.index, a namespace, dict(), tojson with options, a {% generation %} block,
+# {% break %} from loopcontrols, tests on missing keys.
+LOOPS_TEMPLATE = """{{ bos_token }}
+{%- set ns = namespace(turns=0, names=[]) %}
+{%- for m in messages %}
+{%- set ns.turns = ns.turns + 1 %}
+<{{ m.role }} n={{ loop.index }}{% if loop.last %} last{% endif %}>
+{%- if m.role == "assistant" %}{% generation %}{{ m.content }}{% endgeneration %}{{ eos_token }}
+{%- else %}{{ m.content }}{% endif %}
+{%- if m.meta is defined %} {{ m.meta | tojson(sort_keys=true) }}{% endif %}
+{%- if m.role == "stop" %}{% break %}{% endif %}
+{%- endfor %}
+{%- if tools %} tools={{ tools | map(attribute="function.name") | list | tojson }}{% endif %}
+{{ dict(turns=ns.turns, generation=add_generation_prompt) | tojson(separators=(",", ":")) }}
+{%- if add_generation_prompt %}[INST]{% endif %}"""
+
+TALK = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is your favourite condiment?", "meta": {"lang": "en", "tags": ["é", 1]}},
+    {"role": "assistant", "content": "Lemon juice, squeezed fresh."},
+    {"role": "user", "content": "Do you have mayonnaise recipes? 🥚 Réponds en français."},
+]
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TOOL_TALK = [
+    {"role": "system", "content": "Use the tools."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "tool_calls": [
+        {"id": "call00001", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "tool_call_id": "call00001", "name": "get_weather", "content": "22 C, sunny"},
+    {"role": "assistant", "content": "Sunny, 22 C."},
+    {"role": "user", "content": "And in Zürich?"},
+]
+
+
+def _checkpoint(root: Path, name: str, model: Path, config: dict, jinja: str | None = None) -> Path:
+    d = root / name
+    d.mkdir()
+    shutil.copy(model, d / "tokenizer.model")
+    base = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "add_bos_token": True, "add_eos_token": False}
+    (d / "tokenizer_config.json").write_text(json.dumps({**base, **config}))
+    if jinja is not None:
+        (d / "chat_template.jinja").write_text(jinja)
+    return d
+
+
+def _ours(checkpoint: Path, root: Path) -> JinjaChatTokenizer:
+    """What an artifact would load: the resolved files copied, the record through JSON."""
+    fmt = resolve_chat_format(checkpoint)
+    art = root / (checkpoint.name + "-artifact")
+    art.mkdir()
+    for name, source in fmt.files.items():
+        shutil.copyfile(source, art / name)
+    tok = load_chat_tokenizer(art, ChatFormat.from_dict(json.loads(json.dumps(fmt.to_dict()))))
+    assert isinstance(tok, JinjaChatTokenizer)
+    return tok
+
+
+CHECKPOINTS = {  # name: (tokenizer.model, tokenizer_config.json additions, chat_template.jinja)
+    "mistral-v3-tools": (V3, {"chat_template": MISTRAL_TOOLS_TEMPLATE}, None),
+    "mistral-v1-tools": (V1, {"chat_template": MISTRAL_TOOLS_TEMPLATE, "legacy": True}, None),
+    "v01-legacy": (V1, {"chat_template": V01_CHAT_TEMPLATE, "legacy": True}, None),
+    "v01-no-prefix": (V1, {"chat_template": V01_CHAT_TEMPLATE, "add_prefix_space": False}, None),
+    "chatml": (V1, {"chat_template": "{{ unused }}", "eos_token": "<|im_end|>",
+                    "added_tokens_decoder": CHATML_ADDED}, CHATML_TEMPLATE),  # the .jinja file wins
+    "loops-v3": (V3, {"chat_template": [{"name": "default", "template": LOOPS_TEMPLATE},
+                                        {"name": "tool_use", "template": "[AVAILABLE_TOOLS]" + LOOPS_TEMPLATE}]},
+                 None),
+}
+CONVERSATIONS = {
+    "talk": (TALK, None),
+    "short": (TALK[1:2], None),
+    "closed": (TALK[:3], None),
+    "tools": (TOOL_TALK, [WEATHER]),
+    "stop": ([TALK[1], {"role": "stop", "content": "."}, TALK[3]], None),
+}
+APPLIES = {  # which conversations each checkpoint's template accepts
+    "mistral-v3-tools": ["talk", "short", "closed", "tools"],
+    "mistral-v1-tools": ["talk", "tools"],
+    "v01-legacy": ["talk", "short", "closed"],
+    "v01-no-prefix": ["talk", "closed"],
+    "chatml": ["talk", "short", "closed"],
+    "loops-v3": ["talk", "closed", "tools", "stop"],
+}
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """name -> (ours, transformers' tokenizer) for every checkpoint."""
+    root = tmp_path_factory.mktemp("chat_checkpoints")
+    out = {}
+    for name, (model, config, jinja) in CHECKPOINTS.items():
+        d = _checkpoint(root, name, model, config, jinja)
+        out[name] = _ours(d, root), transformers.AutoTokenizer.from_pretrained(d)
+    return out
+
+
+CASES = [(c, v) for c, vs in APPLIES.items() for v in vs]
+
+
+@pytest.mark.parametrize("checkpoint,conversation", CASES, ids=[f"{c}-{v}" for c, v in CASES])
+def test_render_and_ids_equal_transformers(pairs, checkpoint, conversation):
+    ours, hf = pairs[checkpoint]
+    messages, tools = CONVERSATIONS[conversation]
+    for add in (True, False):
+        text = hf.apply_chat_template(messages, tools=tools, add_generation_prompt=add, tokenize=False)
+        assert ours.render_chat(messages, add_generation_prompt=add, tools=tools) == text
+        ids = ours.apply_chat_template(messages, add_generation_prompt=add, tools=tools)
+        assert ids == hf.apply_chat_template(messages, tools=tools, add_generation_prompt=add, return_dict=False)
+        assert ids == hf(text, add_special_tokens=False)["input_ids"]
+
+
+def test_control_tokens_are_single_ids(pairs):
+    ours, _ = pairs["mistral-v3-tools"]
+    ids = ours.apply_chat_template(TOOL_TALK, tools=[WEATHER])
+    pieces = [ours.id_to_piece(i) for i in ids]
+    for control in ["<s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]",
+                    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "</s>"]:
+        assert control in pieces, control
+        assert ours.text._sp.is_control(ids[pieces.index(control)]), control
+    chatml, _ = pairs["chatml"]
+    ids = chatml.apply_chat_template(TALK)
+    assert ids.count(32001) == 5 and ids.count(32000) == 4 and chatml.vocab_size == 32002
+    assert chatml.eos_id == 32000 and chatml.bos_id == 1
+
+
+@pytest.mark.parametrize("checkpoint", ["mistral-v3-tools", "chatml", "v01-legacy"])
+def test_decode_hides_control_tokens(pairs, checkpoint):
+    ours, hf = pairs[checkpoint]
+    ids = ours.apply_chat_template(TALK)
+    text = ours.decode(ids)
+    stream = ours.stream()
+    assert "".join(stream.put(i) for i in ids) + stream.flush() == text
+    for control in ["<s>", "</s>", "[INST]", "[/INST]", "<|im_end|>"]:
+        assert control not in text or checkpoint == "v01-legacy" and control in ("[INST]", "[/INST]"), control
+    assert "Lemon juice, squeezed fresh." in text
+    if checkpoint == "chatml":  # <|im_start|> is not special: it shows, as in transformers
+        assert text == hf.decode(ids, skip_special_tokens=True)
+        assert ours.decode(ids, skip_special=False) == hf.decode(ids)
+        answer = ours.encode("Bonjour", bos=False) + [ours.eos_id]
+        stream = ours.stream()
+        assert "".join(stream.put(i) for i in answer) + stream.flush() == "Bonjour"
+
+
+def test_space_runs_are_the_pinned_divergence(pairs):
+    """Like plain text (test_tokenizer.py): transformers' BPE merges "▁▁" across words; we keep
+    sentencepiece's split. Only the stretch with the run differs."""
+    ours, hf = pairs["mistral-v3-tools"]
+    messages = [{"role": "user", "content": "two  spaces"}]
+    text = ours.render_chat(messages)
+    assert text == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    mine, theirs = ours.apply_chat_template(messages), hf(text, add_special_tokens=False)["input_ids"]
+    assert [ours.id_to_piece(i) for i in mine[2:-1]] == ["▁two", "▁", "▁spaces"]
+    assert [ours.id_to_piece(i) for i in theirs[2:-1]] == ["▁two", "▁▁", "sp", "aces"]
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_raise_exception_names_the_message(pairs):
+    ours, hf = pairs["v01-legacy"]
+    u, a = {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}
+    with pytest.raises(Exception, match="must alternate") as theirs:
+        hf.apply_chat_template([u, a, a, u], tokenize=False)
+    with pytest.raises(ConfigError) as e:
+        ours.render_chat([u, a, a, u])
+    assert str(e.value) == (f"chat template (tokenizer_config.json default) failed at message 2 (role 'assistant'): "
+                            f"{theirs.value}")
+    with pytest.raises(ConfigError, match=r"failed at message 1 \(role 'tool'\): Only user and assistant"):
+        ours.apply_chat_template([u, {"role": "tool", "content": "r"}])
+    tools, _ = pairs["mistral-v3-tools"]
+    bad_id = [*TOOL_TALK[:2], {"role": "assistant", "tool_calls": [{"id": "x", "function": {"name": "f"}}]}]
+    with pytest.raises(ConfigError, match=r"failed at message 2 \(role 'assistant'\): Tool call ids must be 9"):
+        tools.apply_chat_template(bad_id, add_generation_prompt=False)
+
+
+def test_malformed_messages_and_templates_are_one_line():
+    t = ChatTemplate("{% for m in messages %}{{ m.content.upper() }}{% endfor %}", origin="chat_template.jinja")
+    assert t.render([{"role": "user", "content": "hi"}]) == "HI"
+    cases = [
+        ([{"role": "user", "content": "hi"}, {"role": "assistant"}], "failed at message 1 .*UndefinedError"),
+        ([{"role": "user", "content": "hi"}, "hello"], "message 1 must be a mapping"),
+        ([{"content": "hi"}], "message 0 must be a mapping with a string 'role'"),
+        ([], "non-empty list"),
+        ("hello", "non-empty list"),
+    ]
+    for messages, match in cases:
+        with pytest.raises(ConfigError, match=match) as e:
+            t.render(messages)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"chat_template.jinja: the chat template does not compile: .* \(line 2\)"):
+        ChatTemplate("ok\n{% for m in %}", origin="chat_template.jinja")
+    with pytest.raises(ConfigError, match="non-empty string"):
+        ChatTemplate("")
+
+
+def test_sandbox_refuses_python_internals():
+    u = [{"role": "user", "content": "x"}]
+    for source, match in [("{{ messages.__class__.__mro__ }}", "SecurityError|UndefinedError"),
+                          ("{% set ns = namespace() %}{% set ns._x = 1 %}", "namespace attribute|SecurityError"),
+                          ("{{ messages.append(1) }}", "SecurityError")]:
+        with pytest.raises(ConfigError, match=match):
+            ChatTemplate(source).render(u)
+
+
+def test_globals_and_reasoning_fields():
+    t = ChatTemplate("{{ strftime_now('%Y') }}|{{ messages[0].thinking }}|{{ messages[0].reasoning_content }}|"
+                     "{{ messages[0].keys() | sort | join(',') }}|{{ tools }}|{{ documents }}|{{ extra }}")
+    msg = {"role": "assistant", "content": "a", "reasoning": "why", "tool_calls": None}
+    year = str(datetime.datetime.now().year)
+    assert t.render([msg], extra=3) == f"{year}|why|why|content,reasoning,reasoning_content,role,thinking|None|None|3"
+
+
+def test_first_failing_message():
+    errors = {1: None, 2: "other", 3: "boom", 4: "boom"}
+    assert first_failing_message(4, errors.get, "boom") == 2
+    assert first_failing_message(4, lambda n: None, "boom") == 3  # only the whole conversation fails
+
+
+def test_added_tokens_checked_against_the_vocabulary():
+    tok = Tokenizer.load(V1)
+    t = ChatTemplate("x")
+    with pytest.raises(ConfigError, match="'<x>' has id 5, which is the piece '<0x02>'"):
+        JinjaChatTokenizer(tok, t, [AddedToken(5, "<x>")])
+    with pytest.raises(ConfigError, match=r"leave ids \[32000\]"):
+        JinjaChatTokenizer(tok, t, [AddedToken(32001, "<x>")])
+    strip = JinjaChatTokenizer(tok, t, [AddedToken(32000, "<sep>", lstrip=True, rstrip=True)])
+    assert strip.encode_special("a <sep> b") == strip.encode_special("a<sep>b")
+    word = JinjaChatTokenizer(tok, t, [AddedToken(32000, "sep", single_word=True)])
+    assert 32000 in word.encode_special("a sep b") and 32000 not in word.encode_special("a separate b")

@@ -1,0 +1,240 @@
+"""Mistral's tokenizer files (v1, v3, v7, tekken) vs mistral-common: chat ids exactly, text, streaming."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mixtrt.runtime.chat_format import ChatFormat, load_chat_tokenizer
+from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.mistral_tokenizer import MistralCommonTokenizer
+from tests.runtime.test_tokenizer import CORPUS
+
+mistral_common = pytest.importorskip("mistral_common")
+DATA = Path(mistral_common.__file__).parent / "data"
+FILES = {
+    "v1": "tokenizer.model.v1",
+    "v3": "mistral_instruct_tokenizer_240323.model.v3",
+    "v7": "mistral_instruct_tokenizer_241114.model.v7",
+    "tekken": "tekken_240718.json",
+}
+CONTROL = ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+           "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"]
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"},
+                                                    "unit": {"type": "string", "enum": ["C", "F"]}},
+                   "required": ["city"]}}}
+SYSTEM = {"role": "system", "content": "You are a terse assistant. Answer in one line."}
+TALK = [
+    SYSTEM,
+    {"role": "user", "content": "What is your favourite condiment?"},
+    {"role": "assistant", "content": "Lemon juice, squeezed fresh."},
+    {"role": "user", "content": "Do you have mayonnaise recipes? 🥚 Réponds en français."},
+]
+TOOL_TALK = [
+    SYSTEM,
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call00001", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+    ]},
+    {"role": "tool", "tool_call_id": "call00001", "name": "get_weather", "content": '{"temp": 22, "sky": "sunny"}'},
+    {"role": "assistant", "content": "Sunny, 22 °C."},
+    {"role": "user", "content": "And in Zürich, in F?"},
+]
+
+
+def _request(messages, tools=None):
+    """The same conversation built from mistral-common's own classes (not through our OpenAI-dict path)."""
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
+
+    out = []
+    for m in messages:
+        if m["role"] == "system":
+            out.append(SystemMessage(content=m["content"]))
+        elif m["role"] == "user":
+            out.append(UserMessage(content=m["content"]))
+        elif m["role"] == "tool":
+            out.append(ToolMessage(content=m["content"], tool_call_id=m["tool_call_id"], name=m.get("name")))
+        else:
+            calls = [ToolCall(id=c["id"], function=FunctionCall(name=c["function"]["name"],
+                                                                arguments=c["function"]["arguments"]))
+                     for c in m.get("tool_calls") or []]
+            out.append(AssistantMessage(content=m["content"], tool_calls=calls or None))
+    functions = [Tool(function=Function(**t["function"])) for t in tools] if tools else None
+    return ChatCompletionRequest(messages=out, tools=functions)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    return {k: MistralTokenizer.from_file(str(DATA / f)) for k, f in FILES.items()}
+
+
+@pytest.fixture(scope="module")
+def ours():
+    """Each file loaded the way an artifact loads it (v1: the built-in format, no mistral-common)."""
+    return {k: load_chat_tokenizer(DATA, ChatFormat("v1" if k == "v1" else "mistral-common", f, {}))
+            for k, f in FILES.items()}
+
+
+# ---------------------------------------------------------------- chat ids
+
+
+@pytest.mark.parametrize("version", list(FILES))
+@pytest.mark.parametrize("n", [2, 4])
+def test_chat_equals_encode_chat_completion(ours, reference, version, n):
+    """Multi-turn with a system prompt: ids exactly mistral-common's."""
+    messages = TALK[:n]
+    expected = reference[version].encode_chat_completion(_request(messages)).tokens
+    assert ours[version].apply_chat_template(messages) == expected
+    if version == "v7":
+        assert ids_of(ours[version], "[SYSTEM_PROMPT]") in expected  # v7 has its own system-prompt tokens
+
+
+def ids_of(tok, piece):
+    return next(i for i in range(tok.vocab_size) if tok.id_to_piece(i) == piece)
+
+
+@pytest.mark.parametrize("version", ["v3", "v7", "tekken"])
+def test_tool_calls_equal_encode_chat_completion(ours, reference, version):
+    expected = reference[version].encode_chat_completion(_request(TOOL_TALK, [WEATHER])).tokens
+    got = ours[version].apply_chat_template(TOOL_TALK, tools=[WEATHER])
+    assert got == expected
+    for piece in ["[AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]"]:
+        assert got.count(ids_of(ours[version], piece)) == 1, piece  # each a single control id
+
+
+def test_v1_refuses_tools_through_mistral_common(reference):
+    with pytest.raises(Exception, match="Tools not implemented"):
+        reference["v1"].encode_chat_completion(_request(TOOL_TALK, [WEATHER]))
+
+
+@pytest.mark.parametrize("version", ["v3", "v7"])
+def test_closed_conversation_ends_with_eos(ours, reference, version):
+    """add_generation_prompt=False accepts a final assistant turn, closed by EOS (mistral-common fine-tuning)."""
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    tok = ours[version]
+    messages = TALK[:3]
+    closed = tok.apply_chat_template(messages, add_generation_prompt=False)
+    finetuning = MistralTokenizer.from_file(str(DATA / FILES[version]), mode=ValidationMode.finetuning)
+    assert closed == finetuning.encode_chat_completion(_request(messages)).tokens
+    assert closed[-1] == tok.eos_id
+    assert tok.apply_chat_template(TALK, add_generation_prompt=False) == tok.apply_chat_template(TALK)
+
+
+def test_chat_errors_name_the_message(ours):
+    tok = ours["v7"]
+    u, a = {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}
+    cases = [
+        ([u, a], "message 1 is the assistant's"),
+        ([u, "hello"], "message 1 must be a mapping"),
+        ([u, {"content": "x"}], "message 1 must be a mapping with a string 'role'"),
+        ([u, a, {"role": "tool", "content": "r"}], r"failed at message 2 \(role 'tool'\)"),
+        ([u, a, {"role": "wizard", "content": "r"}, u], r"failed at message 2 \(role 'wizard'\)"),
+        ([], "non-empty list"),
+    ]
+    for messages, match in cases:
+        with pytest.raises(ConfigError, match=match) as e:
+            tok.apply_chat_template(messages)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="tools must be a list"):
+        tok.apply_chat_template([u], tools=[object()])
+
+
+# ---------------------------------------------------------------- text and streaming
+
+
+@pytest.mark.parametrize("version", ["v3", "v7", "tekken"])
+def test_text_equals_mistral_common(ours, reference, version):
+    raw = reference[version].instruct_tokenizer.tokenizer
+    tok = ours[version]
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (raw.n_words, raw.bos_id, raw.eos_id)
+    for text in CORPUS:
+        ids = tok.encode(text)
+        assert ids == raw.encode(text, bos=True, eos=False), text
+        assert tok.decode(ids) == raw.decode(ids) == text, text
+
+
+def test_tekken_vocabulary_is_large(ours):
+    assert ours["tekken"].vocab_size == 131072 and ours["v3"].vocab_size == ours["v7"].vocab_size == 32768
+    with pytest.raises(ConfigError, match="32768 token ids but the model has only 32000"):
+        load_chat_tokenizer(DATA, ChatFormat("mistral-common", FILES["v7"], {}), model_vocab_size=32000)
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        ours["tekken"].decode([131072])
+
+
+@pytest.mark.parametrize("version", list(FILES))
+def test_decode_never_shows_control_tokens(ours, version):
+    tok = ours[version]
+    messages = TOOL_TALK if version != "v1" else TALK
+    ids = tok.apply_chat_template(messages, tools=[WEATHER]) if version != "v1" else tok.apply_chat_template(TALK)
+    text = tok.decode(ids)
+    stream = tok.stream()
+    streamed = "".join(stream.put(i) for i in ids) + stream.flush()
+    assert streamed == text
+    for control in CONTROL if version != "v1" else ["<s>", "</s>"]:  # v1's [INST] is plain text
+        assert control not in text, (control, text)
+    assert "Lemon juice" in text or "Sunny" in text
+    shown = tok.decode(ids, skip_special=False)
+    assert shown.startswith("<s>") and "[INST]" in shown
+    assert tok.render_chat(messages[:2]) == tok.decode(tok.apply_chat_template(messages[:2]), skip_special=False)
+
+
+def test_tekken_stream_equals_decode_on_random_ids(ours, reference):
+    """Random mixes of control ids, single bytes (split UTF-8) and ordinary tokens: the streamed chunks
+    concatenate to mistral-common's decode; no chunk ends inside a character."""
+    tok = ours["tekken"]
+    raw = reference["tekken"].instruct_tokenizer.tokenizer
+    emoji = tok.encode("🧬 ok", bos=False)
+    rng = random.Random(0)
+    for _ in range(1500):
+        ids = [rng.choice([rng.randrange(0, 20), rng.randrange(1000, 1256), rng.randrange(1000, 131072),
+                           rng.choice(emoji)]) for _ in range(rng.randrange(10))]
+        stream = tok.stream()
+        chunks = [stream.put(i) for i in ids] + [stream.flush()]
+        assert "".join(chunks) == raw.decode(ids) == tok.decode(ids), ids
+    stream = tok.stream()
+    pieces = [stream.put(i) for i in tok.encode("a🧬", bos=False)]
+    assert "".join(pieces) == "a🧬" and all(p in ("", "a", "🧬") for p in pieces)
+
+
+# ---------------------------------------------------------------- the extra
+
+
+def test_missing_mistral_common_names_the_extra(tmp_path):
+    """Without mistral-common (a package of that name that fails to import stands in for it), loading a
+    mistral-common tokenizer is one line naming the extra."""
+    shadow = tmp_path / "shadow" / "mistral_common"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('mistral-common is not installed')\n")
+    probe = (
+        "from mixtrt.runtime.mistral_tokenizer import MistralCommonTokenizer\n"
+        "from mixtrt.runtime.errors import ConfigError\n"
+        f"try:\n    MistralCommonTokenizer({str(DATA / FILES['v7'])!r})\n"
+        "except ConfigError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(shadow.parent), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("is not installed (pip install 'mixtrt[mistral]')"), out.stdout
+    assert out.stdout.count("\n") == 1
+
+
+def test_bad_file_is_one_line(tmp_path):
+    bad = tmp_path / "tekken.json"
+    bad.write_text("{}")
+    with pytest.raises(ConfigError, match="tekken.json: mistral-common cannot load this tokenizer"):
+        MistralCommonTokenizer(bad)
+    with pytest.raises(ConfigError, match="no such tokenizer file"):
+        MistralCommonTokenizer(tmp_path / "tokenizer.model.v3")
