@@ -1,15 +1,12 @@
 """Which tokenizer and chat format a checkpoint uses (resolved at export, recorded in the manifest), and
 loading that tokenizer back from an artifact.
 
-    >>> fmt = resolve_chat_format("Mistral-7B-Instruct-v0.3")            # the exporter
-    >>> fmt.kind, fmt.tokenizer_file, dict(fmt.files)
-    ('mistral-common', 'tokenizer.model.v3', {'tokenizer.model.v3': '/.../tokenizer.model.v3'})
-    >>> for name, source in fmt.files.items():
-    ...     shutil.copyfile(source, tmp / name)                           # then list `name` in the manifest files
-    >>> manifest_chat = fmt.to_dict()                                     # JSON, stored in manifest.json
-    >>> tok = load_chat_tokenizer(artifact_dir, ChatFormat.from_dict(manifest_chat), model_vocab_size=32768)
-    >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}])    # the runtime
-    [1, 3, 16127, 4]
+    fmt = resolve_chat_format("Mistral-7B-Instruct-v0.3", vocab_size=32768)   # the exporter
+    fmt.kind, fmt.tokenizer_file                  # ('mistral-common', 'tokenizer.model.v3')
+    for name, source in fmt.files.items():
+        shutil.copyfile(source, tmp / name)       # listed in the manifest's files; fmt.to_dict() is its `chat`
+    tok = load_chat_tokenizer(artifact_dir, manifest.chat, model_vocab_size=32768)   # the runtime
+    tok.apply_chat_template([{"role": "user", "content": "Hi"}])                    # [1, 3, 16127, 4]
 
 The first rule that applies wins (the order of the issue):
 
@@ -24,9 +21,12 @@ The first rule that applies wins (the order of the issue):
    tokenizer.model with the added tokens and prefix rule of tokenizer_config.json (see jinja_tokenizer.py).
 3. "v1": tokenizer.model with the built-in Mistral v1 instruct format (`Tokenizer.apply_chat_template`).
 
-Without tokenizer.model, rules 2 and 3 use the Mistral v1 tokenizer.model shipped in mistral-common (what
-export did before), unless the checkpoint ships tokenizer.json, whose vocabulary may be another: then it is
-an error (tokenizer.json alone is not supported yet).
+Rules 2 and 3 need the checkpoint's own tokenizer.model. Without one, a model of exactly 32000 embeddings
+gets the Mistral v1 tokenizer.model shipped in mistral-common, said loudly: `ChatFormat.note` records the
+substitution (export prints it, `mixtrt inspect` shows it). Its size is the only evidence that can be
+checked (Mistral-7B v0.1/v0.2 and Mixtral-8x7B v0.1 use it); any other vocabulary size is refused, and so is
+a checkpoint shipping tokenizer.json instead (not supported yet). A tokenizer file that is there but not
+readable (a dangling link, a directory) is always an error, never skipped for the next rule.
 
 generation_config.json is read as transformers reads it (`GenerationDefaults`): the values it sets become
 the artifact's defaults, which explicit options override.
@@ -37,12 +37,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from mixtrt.runtime.errors import ConfigError
-from mixtrt.runtime.jinja_tokenizer import PREPEND_SCHEMES, AddedToken, PrependScheme
 
 ChatKind = Literal["mistral-common", "jinja", "v1"]
 KINDS = ("mistral-common", "jinja", "v1")
@@ -56,6 +55,31 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 # LlamaTokenizer's own defaults when tokenizer_config.json does not name them.
 _LLAMA_SPECIAL_DEFAULTS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 _SENTENCEPIECE_FILE = re.compile(r".+\.model\.(v\d+)(m\d+)?")
+V1_VOCAB_SIZE = 32000  # pieces of the Mistral v1 tokenizer.model shipped in mistral-common
+# transformers' Metaspace prepend_scheme, as LlamaTokenizer sets it (see jinja_tokenizer.py)
+PrependScheme = Literal["first", "always", "never"]
+PREPEND_SCHEMES = ("first", "always", "never")
+
+
+@dataclass(frozen=True)
+class AddedToken:
+    """A tokenizer_config.json `added_tokens_decoder` entry (transformers' AddedToken fields)."""
+
+    id: int
+    content: str
+    special: bool = True
+    lstrip: bool = False
+    rstrip: bool = False
+    single_word: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "content": self.content, "special": self.special, "lstrip": self.lstrip,
+                "rstrip": self.rstrip, "single_word": self.single_word}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AddedToken:
+        return cls(int(d["id"]), str(d["content"]), bool(d.get("special", True)), bool(d.get("lstrip", False)),
+                   bool(d.get("rstrip", False)), bool(d.get("single_word", False)))
 
 
 class ChatTokenizer(Protocol):
@@ -177,6 +201,7 @@ class ChatFormat:
     added_tokens: tuple[AddedToken, ...] = ()  # jinja: tokenizer_config.json added_tokens_decoder
     prepend_scheme: PrependScheme = "first"  # jinja: transformers' Metaspace prepend_scheme
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    note: str | None = None  # what was substituted for a file the checkpoint lacks, and why (said loudly)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -187,14 +212,16 @@ class ChatFormat:
             raise ConfigError(f"the checkpoint's chat templates {sorted(self.templates)} have none named 'default'")
 
     def describe(self) -> str:
-        """One line for `mixtrt inspect`."""
+        """One line for `mixtrt inspect` (with the substitution note, if any)."""
         if self.kind == "mistral-common":
-            return f"mistral-common {self.tokenizer_version} ({self.tokenizer_file}; pip install 'mixtrt[mistral]')"
-        if self.kind == "jinja":
+            line = f"mistral-common {self.tokenizer_version} ({self.tokenizer_file}; pip install 'mixtrt[mistral]')"
+        elif self.kind == "jinja":
             names = ", ".join(sorted(self.templates))
-            return (f"Jinja chat template from {self.template_origin} ({names}), {self.tokenizer_file}, "
+            line = (f"Jinja chat template from {self.template_origin} ({names}), {self.tokenizer_file}, "
                     f"{len(self.added_tokens)} added tokens, prefix {self.prepend_scheme}")
-        return f"built-in Mistral v1 instruct format, {self.tokenizer_file}"
+        else:
+            line = f"built-in Mistral v1 instruct format, {self.tokenizer_file}"
+        return line + (f"; warning: {self.note}" if self.note else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -202,11 +229,18 @@ class ChatFormat:
             "tokenizer_version": self.tokenizer_version, "templates": dict(self.templates),
             "template_origin": self.template_origin, "special_tokens": dict(self.special_tokens),
             "added_tokens": [t.to_dict() for t in self.added_tokens], "prepend_scheme": self.prepend_scheme,
-            "generation": self.generation.to_dict(),
+            "generation": self.generation.to_dict(), "note": self.note,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ChatFormat:
+        """The record as `to_dict` wrote it; unknown keys are refused (a newer mixtrt's, or an edit)."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"manifest chat format must be an object, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"manifest chat format has unknown fields {unknown} (written by a newer mixtrt, "
+                              "or edited)")
         try:
             return cls(
                 kind=d["kind"], tokenizer_file=d["tokenizer_file"], files=dict(d.get("files", {})),
@@ -214,7 +248,7 @@ class ChatFormat:
                 template_origin=d.get("template_origin"), special_tokens=dict(d.get("special_tokens", {})),
                 added_tokens=tuple(AddedToken.from_dict(t) for t in d.get("added_tokens", ())),
                 prepend_scheme=d.get("prepend_scheme", "first"),
-                generation=GenerationDefaults.from_dict(d.get("generation", {})),
+                generation=GenerationDefaults.from_dict(d.get("generation", {})), note=d.get("note"),
             )
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, ConfigError):
@@ -235,11 +269,22 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _mistral_common_files(checkpoint_dir: Path) -> list[Path]:
+def _tokenizer_files(checkpoint_dir: Path) -> list[Path]:
+    """The checkpoint's mistral-common tokenizer files; any tokenizer or chat file there that is not a
+    readable file (a dangling link, a directory) is an error, never passed over for the next rule."""
     from mixtrt.runtime.mistral_tokenizer import is_tekken_file
 
-    return sorted(p for p in checkpoint_dir.iterdir()
-                  if p.is_file() and (_SENTENCEPIECE_FILE.fullmatch(p.name) or is_tekken_file(p)))
+    named = {TOKENIZER_MODEL, "tokenizer.json", TOKENIZER_CONFIG, GENERATION_CONFIG, CHAT_TEMPLATE_FILE}
+    found = []
+    for p in sorted(checkpoint_dir.iterdir()):
+        mistral_common = bool(_SENTENCEPIECE_FILE.fullmatch(p.name)) or is_tekken_file(p)
+        if (mistral_common or p.name in named) and not p.is_file():
+            what = "a link to a missing file" if p.is_symlink() and not p.exists() else "not a regular file"
+            raise ConfigError(f"{p}: the checkpoint's {p.name} is {what}; fix or remove it (export never uses "
+                              "another file in its place)")
+        if mistral_common:
+            found.append(p)
+    return found
 
 
 def _tekken_version(path: Path) -> str:
@@ -249,17 +294,27 @@ def _tekken_version(path: Path) -> str:
     return version
 
 
-def _sentencepiece_model(checkpoint_dir: Path) -> Path:
-    """tokenizer.model, or the shipped Mistral v1 one where the checkpoint has no other vocabulary."""
+def _sentencepiece_model(checkpoint_dir: Path, vocab_size: int | None) -> tuple[Path, str | None]:
+    """tokenizer.model; without one, the shipped Mistral v1 one for a 32000-embedding model, with the note
+    that says so (see the module docstring)."""
     from mixtrt.runtime.tokenizer import shipped_tokenizer_path
 
     own = checkpoint_dir / TOKENIZER_MODEL
     if own.is_file():
-        return own
+        return own, None
     if (checkpoint_dir / "tokenizer.json").is_file():
         raise ConfigError(f"{checkpoint_dir} ships tokenizer.json without tokenizer.model or a mistral-common "
                           "tokenizer file (tokenizer.model.v3, tekken.json): tokenizer.json alone is not supported yet")
-    return shipped_tokenizer_path()
+    if vocab_size != V1_VOCAB_SIZE:
+        why = ("the model's vocabulary size was not given, so the Mistral v1 tokenizer cannot stand in"
+               if vocab_size is None else f"the model's {vocab_size} embeddings are not the {V1_VOCAB_SIZE} pieces "
+               "of the Mistral v1 tokenizer: it was trained with another one")
+        raise ConfigError(f"{checkpoint_dir}: no {TOKENIZER_MODEL}, and {why}; put the model's own tokenizer file "
+                          "(tokenizer.model, tokenizer.model.v3, tekken.json) in the checkpoint")
+    note = (f"the checkpoint has no {TOKENIZER_MODEL}: using mistral-common's Mistral v1 tokenizer, whose "
+            f"{V1_VOCAB_SIZE} pieces match the model's embeddings (right for Mistral-7B v0.1/v0.2 and "
+            f"Mixtral-8x7B v0.1; wrong ids for a model trained with another {V1_VOCAB_SIZE}-piece tokenizer)")
+    return shipped_tokenizer_path(), note
 
 
 def _token_text(where: str, name: str, value: Any) -> str | None:
@@ -334,13 +389,14 @@ def _prepend_scheme(config: Mapping[str, Any]) -> PrependScheme:
     return "always" if config.get("legacy") is True else "first"
 
 
-def resolve_chat_format(checkpoint_dir: str | Path) -> ChatFormat:
-    """The checkpoint's tokenizer and chat format, by the rules of the module docstring (no side effects)."""
+def resolve_chat_format(checkpoint_dir: str | Path, vocab_size: int | None = None) -> ChatFormat:
+    """The checkpoint's tokenizer and chat format, by the rules of the module docstring (no side effects).
+    vocab_size: the model's embeddings, for the one substitution allowed (None: none allowed)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise ConfigError(f"{checkpoint_dir}: no such checkpoint directory")
+    candidates = _tokenizer_files(checkpoint_dir)
     generation = read_generation_defaults(checkpoint_dir)
-    candidates = _mistral_common_files(checkpoint_dir)
     if len(candidates) > 1:
         raise ConfigError(f"{checkpoint_dir} ships several mistral-common tokenizer files "
                           f"({', '.join(p.name for p in candidates)}): keep the one the model was trained with")
@@ -355,14 +411,15 @@ def resolve_chat_format(checkpoint_dir: str | Path) -> ChatFormat:
     config_path = checkpoint_dir / TOKENIZER_CONFIG
     config = _read_json(config_path) if config_path.is_file() else {}
     found = _jinja_templates(checkpoint_dir, config)
-    files = {TOKENIZER_MODEL: str(_sentencepiece_model(checkpoint_dir))}
+    model, note = _sentencepiece_model(checkpoint_dir, vocab_size)
+    files = {TOKENIZER_MODEL: str(model)}
     if found is None:
-        return ChatFormat("v1", TOKENIZER_MODEL, files, generation=generation)
+        return ChatFormat("v1", TOKENIZER_MODEL, files, generation=generation, note=note)
     templates, origin = found
     where = str(config_path)
     return ChatFormat("jinja", TOKENIZER_MODEL, files, templates=templates, template_origin=origin,
                       special_tokens=_special_tokens(where, config), added_tokens=_added_tokens(where, config),
-                      prepend_scheme=_prepend_scheme(config), generation=generation)
+                      prepend_scheme=_prepend_scheme(config), generation=generation, note=note)
 
 
 # ---------------------------------------------------------------------------------------- the loader

@@ -1,10 +1,9 @@
 """A sentencepiece tokenizer driven by the checkpoint's Jinja chat template, with the ids transformers gives.
 
-    >>> tok = JinjaChatTokenizer(Tokenizer.load("ckpt/tokenizer.model"), ChatTemplate(template, {...}))
-    >>> tok.render_chat([{"role": "user", "content": "Hi"}])      # the template's text
-    '<s>[INST] Hi[/INST]'
-    >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}])
-    [1, 3, 16127, 4]                                               # v3 vocabulary: [INST], [/INST] single ids
+    tok = JinjaChatTokenizer(Tokenizer.load("ckpt/tokenizer.model"), ChatTemplate(template, special_tokens))
+    tok.render_chat([{"role": "user", "content": "Hi"}])           # the template's text: '<s>[INST] Hi[/INST]'
+    tok.apply_chat_template([{"role": "user", "content": "Hi"}])   # [1, 3, 16127, 4] with the v3 vocabulary:
+                                                                   # [INST] and [/INST] are single ids
 
 The rendered text is tokenized as transformers 5.x tokenizes it (`tokenizer(text, add_special_tokens=False)`
 of a LlamaTokenizer built from the same tokenizer.model and tokenizer_config.json):
@@ -30,41 +29,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from mixtrt.runtime.chat_format import PREPEND_SCHEMES, AddedToken, PrependScheme
 from mixtrt.runtime.chat_template import ChatTemplate, select_template
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer
 
-PrependScheme = Literal["first", "always", "never"]
-PREPEND_SCHEMES = ("first", "always", "never")
+__all__ = ["AddedToken", "JinjaChatTokenizer", "PrependScheme"]
 _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED = 2, 3, 4  # sentencepiece ModelProto.SentencePiece.Type
-
-
-@dataclass(frozen=True)
-class AddedToken:
-    """A tokenizer_config.json `added_tokens_decoder` entry (transformers' AddedToken fields)."""
-
-    id: int
-    content: str
-    special: bool = True
-    lstrip: bool = False
-    rstrip: bool = False
-    single_word: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "content": self.content, "special": self.special, "lstrip": self.lstrip,
-                "rstrip": self.rstrip, "single_word": self.single_word}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> AddedToken:
-        return cls(int(d["id"]), str(d["content"]), bool(d.get("special", True)), bool(d.get("lstrip", False)),
-                   bool(d.get("rstrip", False)), bool(d.get("single_word", False)))
 
 
 def _without_dummy_prefix(path: Path) -> tuple[spm.SentencePieceProcessor, list[int]]:
@@ -89,11 +66,9 @@ class _Stream(StreamDecoder):
         token = self._extra.get(int(token_id))
         if token is None:
             return super().put(token_id)
-        text = self.flush()
-        if token.special and self._skip_special:
-            return text
-        self._visible = True  # text follows a visible token: its "▁" is a space, not the dummy prefix
-        return text + token.content
+        if token.special and self.skip_special:
+            return self.flush()
+        return self.put_text(token.content)
 
 
 class JinjaChatTokenizer:
@@ -142,8 +117,8 @@ class JinjaChatTokenizer:
             return default
         if content in self._by_content:
             return self._by_content[content]
-        piece = self.text._sp.piece_to_id(content)
-        return default if piece == self.text._sp.unk_id() else piece
+        piece = self.text.piece_id(content)
+        return default if piece is None else piece
 
     # ---- text --------------------------------------------------------------------------------------
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:

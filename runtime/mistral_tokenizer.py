@@ -1,8 +1,12 @@
 """Chat exactly as mistral-common encodes it, for the tokenizer files Mistral ships (v2, v3, v7, tekken).
 
-    >>> tok = MistralCommonTokenizer("artifact/tokenizer.model.v7")   # needs `pip install 'mixtrt[mistral]'`
-    >>> tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
-    [1, 16, 2507, 7585, 29491, 17, 3, 16127, 4]         # <s>[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT][INST] Hi[/INST]
+    >>> from mixtrt.runtime.tokenizer import shipped_tokenizer_path      # mistral-common's data folder
+    >>> tok = MistralCommonTokenizer(shipped_tokenizer_path().parent / "mistral_instruct_tokenizer_241114.model.v7")
+    >>> chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    >>> tok.apply_chat_template(chat)                                    # needs `pip install 'mixtrt[mistral]'`
+    [1, 16, 2507, 7585, 29491, 17, 3, 16127, 4]
+    >>> tok.render_chat(chat)
+    '<s>[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT][INST] Hi[/INST]'
 
 Messages and tools are OpenAI / transformers dicts: `{"role": "user" | "system" | "assistant" | "tool",
 "content": ...}`, assistant `tool_calls: [{"id", "type": "function", "function": {"name", "arguments"}}]`,

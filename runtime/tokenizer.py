@@ -39,19 +39,22 @@ def shipped_tokenizer_path() -> Path:
 
 
 def _resolve(path: str | Path | None) -> Path:
-    if path is not None:
-        path = Path(path)
-        if path.is_file():
-            return path
-        if not path.is_dir():
-            raise ConfigError(f"{path}: no such tokenizer file or directory")
-        if (path / TOKENIZER_FILE).is_file():
-            return path / TOKENIZER_FILE
-    shipped = shipped_tokenizer_path()
-    if not shipped.is_file():
-        where = f"{path} has no {TOKENIZER_FILE} and " if path is not None else ""
-        raise ConfigError(f"{where}mistral-common's Mistral v1 tokenizer is missing at {shipped}")
-    return shipped
+    """The file to load: `path`, `path`/tokenizer.model, or (path None only) the shipped Mistral v1 one."""
+    if path is None:
+        shipped = shipped_tokenizer_path()
+        if not shipped.is_file():
+            raise ConfigError(f"mistral-common's Mistral v1 tokenizer is missing at {shipped}")
+        return shipped
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such tokenizer file or directory")
+    if (path / TOKENIZER_FILE).is_file():
+        return path / TOKENIZER_FILE
+    # never another vocabulary in its place: a model's ids only mean something with its own tokenizer
+    raise ConfigError(f"{path}: no {TOKENIZER_FILE} in this directory (a missing file or a dangling link); "
+                      "Tokenizer.load() without a path gives the Mistral v1 one explicitly")
 
 
 def _utf8_length(lead: int) -> int:
@@ -125,7 +128,7 @@ class StreamDecoder:
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
         self._tok = tokenizer
-        self._skip_special = skip_special
+        self.skip_special = skip_special
         self._pending = b""  # byte-fallback bytes of a character not yet complete
         self._is_bos_ws = True  # the next "▁"-led piece is the dummy prefix to drop
         self._bos_ws_seen = False
@@ -146,7 +149,7 @@ class StreamDecoder:
         self._bos_ws_seen = False
         piece = tok.id_to_piece(token_id)
         if tok._sp.is_control(token_id):
-            return text if self._skip_special else text + piece
+            return text if self.skip_special else text + piece
         if tok._sp.is_unknown(token_id):
             surface = tok._unk_surface
         else:
@@ -162,6 +165,18 @@ class StreamDecoder:
         text, self._pending = _decode_bytes(self._pending, final=True)
         self._visible |= bool(text)
         return text
+
+    def put_text(self, text: str) -> str:
+        """Text of a token from outside the sentencepiece model (an added token written as its content):
+        what is held back, then `text`. Visible text makes a later piece's "▁" a space, not the dummy prefix.
+
+            >>> s = Tokenizer.load().stream()
+            >>> s.put_text("<|im_end|>") + s.put(22557)          # "▁Hello" after visible text keeps its space
+            '<|im_end|> Hello'
+        """
+        out = self.flush() + text
+        self._visible |= bool(text)
+        return out
 
 
 class Tokenizer:
@@ -185,8 +200,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Tokenizer:
-        """A `tokenizer.model` file, or a directory holding one; None, or a directory without one,
-        gives the Mistral v1 tokenizer shipped in mistral-common."""
+        """A `tokenizer.model` file, or a directory holding one (an error without one); None gives the
+        Mistral v1 tokenizer shipped in mistral-common."""
         file = _resolve(path)
         sp = spm.SentencePieceProcessor()
         try:
@@ -224,6 +239,11 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
+
+    def piece_id(self, piece: str) -> int | None:
+        """The id of `piece` ("</s>", "[INST]", "▁Hello"), None when the model has no such piece."""
+        i = self._sp.piece_to_id(piece)
+        return None if i == self._sp.unk_id() and piece != self.id_to_piece(i) else i
 
     def stream(self) -> StreamDecoder:
         return StreamDecoder(self)

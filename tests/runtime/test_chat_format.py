@@ -113,10 +113,17 @@ def test_template_list_and_special_tokens(tmp_path):
 
 
 def test_v1_without_template_and_shipped_tokenizer(tmp_path):
+    """Without tokenizer.model only a 32000-embedding model gets the shipped v1 one, and the record says so."""
     d = _dir(tmp_path, config={"bos_token": "<s>"})
-    fmt = resolve_chat_format(d)
+    fmt = resolve_chat_format(d, vocab_size=32000)
     assert (fmt.kind, dict(fmt.files)) == ("v1", {"tokenizer.model": str(shipped_tokenizer_path())})
-    assert fmt.describe() == "built-in Mistral v1 instruct format, tokenizer.model"
+    assert fmt.note is not None and "no tokenizer.model: using mistral-common's Mistral v1 tokenizer" in fmt.note
+    assert fmt.describe() == f"built-in Mistral v1 instruct format, tokenizer.model; warning: {fmt.note}"
+    assert ChatFormat.from_dict(json.loads(json.dumps(fmt.to_dict()))) == fmt
+    for size, match in [(32768, "the model's 32768 embeddings are not the 32000 pieces of the Mistral v1 tokenizer"),
+                        (None, "vocabulary size was not given")]:
+        with pytest.raises(ConfigError, match=match):
+            resolve_chat_format(d, vocab_size=size)
     art = tmp_path / "art"
     art.mkdir()
     shutil.copy(shipped_tokenizer_path(), art / "tokenizer.model")
@@ -125,7 +132,23 @@ def test_v1_without_template_and_shipped_tokenizer(tmp_path):
         Tokenizer.load().apply_chat_template([{"role": "user", "content": "Hi"}])
     (d / "tokenizer.json").write_text("{}")
     with pytest.raises(ConfigError, match="tokenizer.json alone is not supported"):
-        resolve_chat_format(d)
+        resolve_chat_format(d, vocab_size=32000)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.model", "tokenizer.model.v3", "tekken.json", "tokenizer_config.json"])
+def test_unreadable_tokenizer_file_is_refused(tmp_path, name):
+    """A dangling link or a directory where a tokenizer file should be is an error, never skipped."""
+    d = _dir(tmp_path, "tokenizer.model=tokenizer.model.v1")
+    target = d / name
+    if target.exists():
+        target.unlink()
+    target.symlink_to(tmp_path / "gone")
+    with pytest.raises(ConfigError, match=f"{name} is a link to a missing file"):
+        resolve_chat_format(d, vocab_size=32000)
+    target.unlink()
+    target.mkdir()
+    with pytest.raises(ConfigError, match=f"{name} is not a regular file"):
+        resolve_chat_format(d, vocab_size=32000)
 
 
 def test_resolver_errors(tmp_path):
@@ -150,6 +173,8 @@ def test_resolver_errors(tmp_path):
         ChatFormat.from_dict({"kind": "tiktoken", "tokenizer_file": "x"})
     with pytest.raises(ConfigError, match="malformed"):
         ChatFormat.from_dict({"kind": "v1"})
+    with pytest.raises(ConfigError, match=r"unknown fields \['stop_words'\]"):
+        ChatFormat.from_dict({"kind": "v1", "tokenizer_file": "tokenizer.model", "stop_words": []})
 
 
 def test_record_round_trips_through_json(tmp_path):
@@ -195,7 +220,7 @@ def test_generation_defaults_single_eos_and_absent(tmp_path):
     assert GenerationDefaults().config_kwargs() == {}
     d = _dir(tmp_path, generation={"bos_token_id": 1, "eos_token_id": 2})
     assert read_generation_defaults(d).config_kwargs() == {"eos_token_id": (2,)}
-    assert resolve_chat_format(d).generation.eos_token_ids == (2,)
+    assert resolve_chat_format(d, vocab_size=32000).generation.eos_token_ids == (2,)
 
 
 @pytest.mark.parametrize("generation,match", [

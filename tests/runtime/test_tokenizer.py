@@ -96,7 +96,12 @@ def hf(tmp_path_factory):
 def test_load_default_and_dirs(tok, tmp_path):
     assert tok.path == mistral_tokenizer_path()
     assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (32000, 1, 2, None)
-    assert Tokenizer.load(tmp_path).path == mistral_tokenizer_path()  # a dir without one: the shipped one
+    with pytest.raises(ConfigError, match="no tokenizer.model in this directory"):  # never another vocabulary
+        Tokenizer.load(tmp_path)
+    (tmp_path / "tokenizer.model").symlink_to(tmp_path / "gone.model")
+    with pytest.raises(ConfigError, match="a missing file or a dangling link"):
+        Tokenizer.load(tmp_path)
+    (tmp_path / "tokenizer.model").unlink()
     shutil.copy(mistral_tokenizer_path(), tmp_path / "tokenizer.model")
     assert Tokenizer.load(tmp_path).path == tmp_path / "tokenizer.model"
     assert Tokenizer.load(str(tmp_path / "tokenizer.model")).encode("Hi") == tok.encode("Hi")
