@@ -1,4 +1,6 @@
-"""Export a checkpoint to an artifact directory: manifest.json + model.onnx (+ .data) + tokenizer.model.
+"""Export a checkpoint to an artifact directory: manifest.json + model.onnx (+ .data) + the checkpoint's
+tokenizer file (tokenizer.model, tokenizer.model.v3, tekken.json, ...; which one and the chat format are
+decided by `resolve_chat_format` and recorded as the manifest's `chat`).
 
 The reference model's `CausalLM.step` is traced with torch.onnx.export(dynamo=True). Attention and
 the MoE reach the graph through our torch custom ops, which translate to `mixtrt::SlidingWindowAttention`
@@ -36,10 +38,10 @@ from mixtrt.export.model import CausalLM
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backends import EXPORT_BACKENDS, window_slack
 from mixtrt.runtime.cache import CachePlan
-from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.chat_format import load_chat_tokenizer, resolve_chat_format
+from mixtrt.runtime.errors import ConfigError, MixtrtWarning
 from mixtrt.runtime.manifest import MANIFEST, MODEL_FILE, Manifest, atomic_dir, check_target, file_entries
 from mixtrt.runtime.precision import PRECISIONS
-from mixtrt.runtime.tokenizer import TOKENIZER_FILE
 
 # Linear (no-window) caches cost memory per position, so their default context is bounded.
 DEFAULT_LINEAR_CONTEXT = 4096
@@ -98,8 +100,12 @@ def export_onnx(
                           "*ForCausalLM checkpoint")
     max_context = resolve_max_context(args, max_context)
     plan = CachePlan.for_model(args, max_context, PRECISIONS[precision], slack=window_slack(EXPORT_BACKENDS))
-    tokenizer_src = _find_tokenizer(checkpoint_dir, args)
-    check_target(out_dir, overwrite=overwrite)  # before the (slow) weight loading
+    # the tokenizer and chat format, checked against the model before the (slow) weight loading
+    chat = resolve_chat_format(checkpoint_dir, vocab_size=args.vocab_size)
+    load_chat_tokenizer(None, chat, args.vocab_size)
+    if chat.note:  # a substituted tokenizer: said whatever `progress` is (the CLI prints it as one line)
+        warnings.warn(f"{checkpoint_dir}: {chat.note}", MixtrtWarning, stacklevel=2)
+    check_target(out_dir, overwrite=overwrite)
 
     t0 = time.perf_counter()
     say(f"loading {checkpoint_dir} ({args.architecture}, {args.num_hidden_layers} layers)")
@@ -119,8 +125,9 @@ def export_onnx(
         say(f"writing {MODEL_FILE}")
         names = _save(program.model, tmp, external=weight_bytes > EXTERNAL_DATA_BYTES)
         opsets, summary = _finish_graph(tmp / MODEL_FILE)
-        shutil.copyfile(tokenizer_src, tmp / TOKENIZER_FILE)
-        names.append(TOKENIZER_FILE)
+        for name, source in chat.files.items():
+            shutil.copyfile(source, tmp / name)
+            names.append(name)
         say("hashing files")
         manifest = Manifest(
             args=args,
@@ -135,6 +142,7 @@ def export_onnx(
             summary=summary,
             versions=_versions(),
             source=str(checkpoint_dir.resolve()),
+            chat=chat,
         )
         manifest.save(tmp)
     say(f"wrote {out_dir} in {time.perf_counter() - t0:.1f} s")
@@ -155,16 +163,6 @@ def is_current(artifact_dir: str | Path, checkpoint_dir: str | Path) -> bool:
                 and all(f.stat().st_mtime <= built for f in checkpoint_dir.iterdir() if f.is_file()))
     except (ArtifactError, OSError):
         return False
-
-
-def _find_tokenizer(checkpoint_dir: Path, args: ModelArgs) -> Path:
-    from mixtrt.runtime.tokenizer import Tokenizer
-
-    tok = Tokenizer.load(checkpoint_dir)
-    if tok.vocab_size > args.vocab_size:
-        raise ConfigError(f"{tok.path}: the tokenizer has {tok.vocab_size} pieces but the model only "
-                          f"{args.vocab_size} embeddings; put the model's own tokenizer.model in {checkpoint_dir}")
-    return tok.path
 
 
 def _trace(model: CausalLM, args: ModelArgs, capacity: int, table: dict,

@@ -52,6 +52,10 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
 # The special-token attributes transformers passes to a chat template (PreTrainedTokenizerBase).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# generation_config.json keys about transformers' outputs and caches, not which tokens are chosen: not listed
+# as `ignored` (transformers 5 writes the first three into every file).
+_NOT_SAMPLING = frozenset({"output_attentions", "output_hidden_states", "use_cache", "transformers_version",
+                           "output_scores", "output_logits", "return_dict_in_generate", "cache_implementation"})
 # LlamaTokenizer's own defaults when tokenizer_config.json does not name them.
 _LLAMA_SPECIAL_DEFAULTS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 _SENTENCEPIECE_FILE = re.compile(r".+\.model\.(v\d+)(m\d+)?")
@@ -129,6 +133,22 @@ class GenerationDefaults:
             out["eos_token_id"] = self.eos_token_ids
         return out
 
+    def describe(self, model_eos: Sequence[int]) -> str:
+        """One line for `mixtrt inspect`: what generation does when no option is given.
+
+        >>> GenerationDefaults(eos_token_ids=(2, 32000), do_sample=True, top_p=0.9, ignored=("min_p",)).describe([2])
+        'eos [2, 32000] (generation_config.json); do_sample True, top_p 0.9 (generation_config.json); not used: min_p'
+        """
+        eos = list(self.eos_token_ids) if self.eos_token_ids is not None else list(model_eos)
+        line = f"eos {eos} ({GENERATION_CONFIG if self.eos_token_ids is not None else 'config.json'}); "
+        set_ = {k: v for k, v in self.config_kwargs().items() if k != "eos_token_id"}
+        if not set_:
+            line += "greedy, max_new_tokens 128 (mixtrt's defaults)"
+        else:
+            line += "greedy; " * (not self.do_sample) + ", ".join(f"{k} {v}" for k, v in set_.items())
+            line += f" ({GENERATION_CONFIG})"
+        return line + (f"; not used: {', '.join(self.ignored)}" if self.ignored else "")
+
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if v is not None and k != "ignored"}
         if self.eos_token_ids is not None:
@@ -179,7 +199,7 @@ def read_generation_defaults(checkpoint_dir: str | Path) -> GenerationDefaults:
                             ("repetition_penalty", float, 0), ("max_new_tokens", int, 1)]:
         if cfg.get(name) is not None:
             values[name] = _check(where, name, cfg[name], kind, low)
-    known = {"eos_token_id", *values, "transformers_version"}
+    known = {"eos_token_id", *values, *_NOT_SAMPLING}
     ignored = tuple(sorted(k for k, v in cfg.items() if k not in known and not k.startswith("_") and v is not None))
     return GenerationDefaults(**values, ignored=ignored)
 
@@ -425,13 +445,17 @@ def resolve_chat_format(checkpoint_dir: str | Path, vocab_size: int | None = Non
 # ---------------------------------------------------------------------------------------- the loader
 
 
-def load_chat_tokenizer(artifact_dir: str | Path, fmt: ChatFormat, model_vocab_size: int | None = None
+def load_chat_tokenizer(artifact_dir: str | Path | None, fmt: ChatFormat, model_vocab_size: int | None = None
                         ) -> ChatTokenizer:
-    """The artifact's tokenizer for `fmt`; with model_vocab_size, checks that every id it makes is an
-    embedding row of the model."""
+    """The artifact's tokenizer for `fmt` (artifact_dir None: from the checkpoint files `fmt.files` names, as
+    export checks them before copying); with model_vocab_size, checks that every id it makes, and every eos
+    id of the generation defaults, is an embedding row of the model."""
     from mixtrt.runtime.tokenizer import Tokenizer
 
-    path = Path(artifact_dir) / fmt.tokenizer_file
+    if artifact_dir is None:
+        path = Path(fmt.files.get(fmt.tokenizer_file, fmt.tokenizer_file))
+    else:
+        path = Path(artifact_dir) / fmt.tokenizer_file
     if not path.is_file():
         raise ConfigError(f"{path}: the artifact's tokenizer file is missing")
     tokenizer: ChatTokenizer
@@ -451,5 +475,9 @@ def load_chat_tokenizer(artifact_dir: str | Path, fmt: ChatFormat, model_vocab_s
         tokenizer = Tokenizer.load(path)
     if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
         raise ConfigError(f"{path}: {tokenizer.vocab_size} token ids but the model has only {model_vocab_size} "
+                          "embeddings")
+    bad = [i for i in fmt.generation.eos_token_ids or () if model_vocab_size is not None and i >= model_vocab_size]
+    if bad:
+        raise ConfigError(f"{GENERATION_CONFIG}: eos_token_id {bad} outside the model's {model_vocab_size} "
                           "embeddings")
     return tokenizer

@@ -23,3 +23,8 @@ class BackendError(MixtrtError, RuntimeError):
 
 class MissingExtraError(MixtrtError, ImportError):
     """An optional dependency is not installed; the message names the extra (`pip install 'mixtrt[X]'`)."""
+
+
+class MixtrtWarning(UserWarning):
+    """Something a user must know but that does not stop the work (a substituted file); the CLI prints it
+    as one line."""

@@ -44,6 +44,7 @@ import numpy as np
 
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backends.base import Backend
+from mixtrt.runtime.chat_format import GenerationDefaults
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.prompts import Prompts, normalize_prompts
 from mixtrt.runtime.sampling import Sampler, log_softmax
@@ -53,8 +54,9 @@ FinishReason = Literal["eos", "stop", "length"]
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """transformers' GenerationConfig names. eos_token_id None = the model's eos ids; () = never stop on eos.
-    prefill_chunk None = the backend's cache capacity. Greedy unless do_sample."""
+    """transformers' GenerationConfig names. eos_token_id None = the model's eos ids (a Generator fills in the
+    artifact's: generation_config.json's list, else config.json's); () = never stop on eos. prefill_chunk None =
+    the backend's cache capacity. Greedy unless do_sample."""
 
     max_new_tokens: int = 128
     do_sample: bool = False
@@ -441,28 +443,39 @@ def _output(row: Row) -> GenerationOutput:
 class Generator:
     """Generation on a Backend with a tokenizer: generate, stream, chat (each call runs its own Engine).
 
+    Generation defaults: a call without a `config` starts from the artifact's (`defaults`, what the
+    checkpoint's generation_config.json sets; mixtrt's GenerationConfig defaults for the rest) and applies
+    the keyword overrides; a `config` given is used as it is. Either way eos_token_id None means the
+    artifact's eos ids. `gen.config(**overrides)` is the artifact's defaults with overrides, checked.
+
     Thread safety: one Generator may be shared by threads. Each call owns its engine and cache, and the
     backend serialises steps, so concurrent calls give exactly the outputs of the same calls made one
     after another.
     """
 
-    def __init__(self, backend: Backend, tokenizer: Any) -> None:
+    def __init__(self, backend: Backend, tokenizer: Any, defaults: GenerationDefaults | None = None) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
+        self.defaults = defaults or GenerationDefaults()
 
     @classmethod
     def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", threads: int | None = None,
              verify: bool = True) -> Generator:
-        """The artifact's backend and tokenizer. verify: check file hashes against the manifest (sizes always)."""
+        """The artifact's backend, tokenizer and generation defaults, as its manifest records them
+        (`chat`). verify: check file hashes against the manifest (sizes always)."""
         from mixtrt.runtime.backends import load_backend
-        from mixtrt.runtime.tokenizer import TOKENIZER_FILE, Tokenizer
+        from mixtrt.runtime.chat_format import load_chat_tokenizer
+        from mixtrt.runtime.manifest import Manifest
 
         engine = load_backend(backend, artifact_dir, threads=threads, verify=verify)
-        tokenizer = Tokenizer.load(Path(artifact_dir) / TOKENIZER_FILE)
-        if tokenizer.vocab_size > engine.args.vocab_size:
-            raise ConfigError(f"{tokenizer.path}: {tokenizer.vocab_size} pieces but the model has only "
-                              f"{engine.args.vocab_size} embeddings")
-        return cls(engine, tokenizer)
+        chat = Manifest.read(artifact_dir).chat  # the files were checked by load_backend
+        tokenizer = load_chat_tokenizer(artifact_dir, chat, engine.args.vocab_size)
+        return cls(engine, tokenizer, chat.generation)
+
+    def config(self, config: GenerationConfig | None = None, /, **overrides: Any) -> GenerationConfig:
+        """The config a call with these arguments runs: `config`, else the artifact's generation defaults,
+        with `overrides` (GenerationConfig names) and the artifact's eos ids for eos_token_id None; checked."""
+        return self._config(config, overrides)
 
     # ---- public API --------------------------------------------------------------------------------
     def generate(self, prompts: Prompts, config: GenerationConfig | None = None,
@@ -517,14 +530,18 @@ class Generator:
         t0 = time.perf_counter()
         return engine, [engine.add(p, cfg, sample_index=i, t0=t0, name=f"prompt {i}") for i, p in enumerate(ids)]
 
-    @staticmethod
-    def _config(config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
-        cfg = config or GenerationConfig()
+    def _config(self, config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
         names = {f.name for f in dataclasses.fields(GenerationConfig)}
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise ConfigError(f"unknown generation options {unknown}; known: {sorted(names)}")
-        return dataclasses.replace(cfg, **overrides) if overrides else cfg
+        if config is None:
+            cfg = GenerationConfig(**{**self.defaults.config_kwargs(), **overrides})
+        else:
+            cfg = dataclasses.replace(config, **overrides) if overrides else config
+        if cfg.eos_token_id is None and self.defaults.eos_token_ids is not None:
+            cfg = dataclasses.replace(cfg, eos_token_id=self.defaults.eos_token_ids)
+        return cfg
 
     def _chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         if not messages:

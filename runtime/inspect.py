@@ -16,7 +16,8 @@ from mixtrt.runtime.manifest import Manifest
 
 def inspect_artifact(directory: str | Path, verify: bool = False) -> dict[str, Any]:
     """The manifest's model, precision, cache (with its bytes per batch row), backends, graph summary
-    (op counts, parameters), files and versions; verify: check the files' sha256 too (sizes always)."""
+    (op counts, parameters), chat format (the record, and one line each for it and the generation
+    defaults), files and versions; verify: check the files' sha256 too (sizes always)."""
     m = Manifest.load(directory, verify=verify)
     a = m.args
     itemsize = np.dtype(m.cache.dtype).itemsize
@@ -28,4 +29,6 @@ def inspect_artifact(directory: str | Path, verify: bool = False) -> dict[str, A
         "parameters": m.summary.get("parameters", 0), "parameter_bytes": m.summary.get("parameter_bytes", 0),
         "ops": dict(m.summary.get("ops", {})), "files": m.files, "versions": m.versions,
         "format_version": m.format_version, "features": list(m.features),
+        "chat": d["chat"], "chat_format": m.chat.describe(),
+        "generation_defaults": m.chat.generation.describe(a.eos_token_ids),
     }

@@ -2,9 +2,10 @@
 
     engines/tiny/
       manifest.json      format version, features, ModelArgs, precision, cache plan, backends, graph IO,
-                         graph summary, opsets, versions, source, sha256 + size of every other file
+                         chat format (tokenizer, template, generation defaults), graph summary, opsets,
+                         versions, source, sha256 + size of every other file
       model.onnx         the graph (+ model.onnx.data when the weights pass 1 GiB)
-      tokenizer.model    sentencepiece model
+      tokenizer.model    the checkpoint's tokenizer file (or tokenizer.model.v3, tekken.json, ...: `chat`)
 
 Nothing is inferred from file names. An artifact directory is written under a temporary name and renamed
 when complete (`atomic_dir`), and it holds exactly the files its manifest lists.
@@ -33,6 +34,7 @@ from typing import Any
 
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.cache import CachePlan
+from mixtrt.runtime.chat_format import ChatFormat
 from mixtrt.runtime.errors import ArtifactError, MixtrtError
 from mixtrt.runtime.precision import PRECISIONS
 
@@ -67,6 +69,7 @@ class Manifest:
     outputs: tuple[TensorSpec, ...]
     opsets: dict[str, int]
     files: dict[str, dict[str, Any]]  # name -> {"sha256": ..., "bytes": ...}, every file but manifest.json
+    chat: ChatFormat  # the tokenizer, chat format and generation defaults (runtime/chat_format.py)
     backends: tuple[str, ...] = ("onnxruntime",)  # backends that can run this artifact
     summary: dict[str, Any] = field(default_factory=dict)  # graph facts for `mixtrt inspect`: ops, parameters
     versions: dict[str, str | None] = field(default_factory=dict)
@@ -128,6 +131,7 @@ class Manifest:
             "summary": self.summary,
             "versions": self.versions,
             "source": self.source,
+            "chat": self.chat.to_dict(),
             "files": self.files,
         }
 
@@ -148,6 +152,9 @@ class Manifest:
         unknown = sorted(set(d) - set(cls._empty_fields()))
         if unknown:
             raise ArtifactError(f"{source}: unknown manifest fields {unknown} (written by a newer mixtrt, or edited)")
+        if "chat" not in d:
+            raise ArtifactError(f"{source}: no chat record (written by a mixtrt before the tokenizer and chat format "
+                                "were recorded); export the checkpoint again")
         features = d.get("features") or []
         if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
             raise ArtifactError(f"{source}: features must be a list of strings, got {features!r}")
@@ -177,6 +184,7 @@ class Manifest:
                 outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
                 opsets=dict(d["opsets"]),
                 files=dict(files),
+                chat=ChatFormat.from_dict(d["chat"]),
                 backends=tuple(d["backends"]),
                 summary=dict(d.get("summary") or {}),
                 versions=dict(d.get("versions") or {}),
@@ -185,12 +193,12 @@ class Manifest:
                 features=tuple(features),
                 format_version=version,
             )
+        except MixtrtError as e:  # before ValueError: our errors are ValueErrors too, and already one line
+            raise ArtifactError(f"{source}: {e}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             what = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
             raise ArtifactError(f"{source}: malformed manifest ({what})") from None
-        except MixtrtError as e:
-            raise ArtifactError(f"{source}: {e}") from None
-        for name in (MODEL_FILE,):
+        for name in (MODEL_FILE, manifest.chat.tokenizer_file, *manifest.chat.files):
             if name not in manifest.files:
                 raise ArtifactError(f"{source}: files does not list {name}")
         if (cache.windowed and cache.capacity > manifest.max_context) or (
@@ -202,7 +210,7 @@ class Manifest:
     @classmethod
     def _empty_fields(cls) -> tuple[str, ...]:
         return ("format", "format_version", "features", "model", "precision", "quantization", "max_context",
-                "cache", "backends", "inputs", "outputs", "opsets", "summary", "versions", "source", "files")
+                "cache", "backends", "inputs", "outputs", "opsets", "summary", "versions", "source", "chat", "files")
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / MANIFEST

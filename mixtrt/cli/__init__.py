@@ -2,9 +2,10 @@
 
     mixtrt --help                   mixtrt COMMAND --help           python -m mixtrt COMMAND ...
 
-Errors a user can act on (mixtrt's own, OS errors, a missing extra) print one line and exit 2; an
-interrupted command exits 130; a closed stdout (`mixtrt generate ... | head`) ends quietly with 141, as
-other tools killed by SIGPIPE do. Anything else is a bug and keeps its traceback.
+Errors a user can act on (mixtrt's own, OS errors, a missing extra) print one line and exit 2; mixtrt's
+warnings (a substituted tokenizer) print one line and the command goes on; an interrupted command exits
+130; a closed stdout (`mixtrt generate ... | head`) ends quietly with 141, as other tools killed by SIGPIPE
+do. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from mixtrt import __version__
 from mixtrt.cli.registry import COMMANDS
@@ -43,8 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     cmd = next(c for c in COMMANDS if c.name == ns.command)
     try:
-        require(cmd.extra, f"`mixtrt {cmd.name}`")
-        return int(importlib.import_module(cmd.module).run(ns))
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(cmd.name, warnings.showwarning)
+            require(cmd.extra, f"`mixtrt {cmd.name}`")
+            return int(importlib.import_module(cmd.module).run(ns))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -58,6 +63,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"mixtrt {cmd.name}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
+
+
+def _one_line_warnings(command: str, show: Any) -> Any:
+    """warnings.showwarning that prints mixtrt's own warnings as `mixtrt COMMAND: warning: ...`."""
+    from mixtrt.runtime.errors import MixtrtWarning
+
+    def showwarning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, MixtrtWarning):
+            print(f"mixtrt {command}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *args, **kwargs)
+
+    return showwarning
 
 
 def _quiet_stdout() -> None:

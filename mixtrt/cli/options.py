@@ -28,13 +28,15 @@ def available_cores() -> int:
 
 
 def add_sampling(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generation (greedy unless a sampling option is given)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g = p.add_argument_group("generation (the artifact's defaults from the checkpoint's generation_config.json, "
+                             "else greedy and 128 new tokens; a sampling option turns sampling on, "
+                             "--temperature 0 means greedy)")
+    g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--temperature", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None, help="0 = off")
+    g.add_argument("--top-p", type=float, default=None, help="1.0 = off")
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=None)
     g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     g.add_argument("--threads", type=threads, default=None,
                    help="onnxruntime intra-op threads, 1 .. the available cores (default: all of them)")
@@ -42,17 +44,26 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
                    help="skip the sha256 check of the artifact's files at load (sizes are still checked)")
 
 
-def generation_config(ns: argparse.Namespace, **extra: Any) -> Any:
+def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """The generation options given on the command line, as GenerationConfig keywords that override the
+    artifact's defaults (`Generator.config(**overrides)`); checked now, before any model loads.
+
+    Any of --temperature/--top-k/--top-p turns sampling on; --temperature 0 means greedy (as llama.cpp).
+    """
     from mixtrt.runtime.generation import GenerationConfig
 
-    # any sampling option turns sampling on; --temperature 0 means greedy (as llama.cpp)
-    sampling = ns.temperature != 0 and any(v is not None for v in (ns.temperature, ns.top_k, ns.top_p))
-    return GenerationConfig(
-        max_new_tokens=ns.max_new_tokens, do_sample=sampling,
-        temperature=1.0 if not ns.temperature else ns.temperature,
-        top_k=ns.top_k or 0, top_p=1.0 if ns.top_p is None else ns.top_p, seed=ns.seed,
-        repetition_penalty=ns.repetition_penalty, stop_strings=tuple(ns.stop), **extra,
-    )
+    given = {"max_new_tokens": ns.max_new_tokens, "top_k": ns.top_k, "top_p": ns.top_p, "seed": ns.seed,
+             "repetition_penalty": ns.repetition_penalty, "temperature": ns.temperature or None}
+    out: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if ns.temperature == 0:
+        out["do_sample"] = False
+    elif any(v is not None for v in (ns.temperature, ns.top_k, ns.top_p)):
+        out["do_sample"] = True
+    if ns.stop:
+        out["stop_strings"] = tuple(ns.stop)
+    out.update(extra)
+    GenerationConfig(**out)
+    return out
 
 
 def load_generator(ns: argparse.Namespace) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -17,8 +18,27 @@ def test_cli_export_and_inspect(tmp_path, exported):
     r = subprocess.run([*exe, "inspect", str(art)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "mixtrt::MoE x2" in r.stdout and "windowed layout, capacity 21" in r.stdout
+    assert "chat          built-in Mistral v1 instruct format, tokenizer.model\n" in r.stdout
+    assert "generation    eos [2] (generation_config.json); greedy, max_new_tokens 128 (mixtrt's defaults)\n" \
+        in r.stdout
     r = subprocess.run([*exe, "inspect", str(art), "--json", "--verify"], capture_output=True, text=True)
     info = json.loads(r.stdout)
     assert info["ops"]["mixtrt::SlidingWindowAttention"] == 2 and info["parameters"] > 0
     r = subprocess.run([*exe, "export", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert r.returncode == 2 and "not a checkpoint directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_says_what_it_substitutes_in_one_line(tmp_path, exported):
+    """A checkpoint without tokenizer.model: one warning line naming the substitution (the export then stops
+    at an output directory it must not replace)."""
+    ck, _ = exported["mistral-window"]
+    shutil.copytree(ck, tmp_path / "ck")
+    (tmp_path / "ck" / "tokenizer.model").unlink()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("x")
+    r = subprocess.run([sys.executable, "-m", "mixtrt", "export", str(tmp_path / "ck"), "--out",
+                        str(tmp_path / "busy")], capture_output=True, text=True)
+    warning, error = r.stderr.strip().splitlines()
+    assert warning.startswith(f"mixtrt export: warning: {tmp_path / 'ck'}: the checkpoint has no tokenizer.model: "
+                              "using mistral-common's Mistral v1 tokenizer")
+    assert r.returncode == 2 and error.startswith("mixtrt export: error:") and "not a mixtrt artifact" in error

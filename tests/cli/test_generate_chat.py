@@ -74,6 +74,25 @@ def test_sampling_with_seed_is_reproducible(artifact):
     assert other != ids_a  # the seed matters (8 draws at temperature 1.5 from 50 candidates)
 
 
+@pytest.mark.parametrize("argv, want", [
+    ([], {}),
+    (["--temperature", "0.7"], {"temperature": 0.7, "do_sample": True}),
+    (["--top-p", "0.9", "--seed", "3"], {"top_p": 0.9, "seed": 3, "do_sample": True}),
+    (["--temperature", "0", "--top-k", "5"], {"top_k": 5, "do_sample": False}),  # --temperature 0: greedy
+    (["--max-new-tokens", "9", "--stop", "\n", "--repetition-penalty", "1.1"],
+     {"max_new_tokens": 9, "stop_strings": ("\n",), "repetition_penalty": 1.1}),
+])
+def test_options_given_override_the_artifact_defaults(argv, want):
+    """Only what is given on the command line overrides the artifact's defaults (generation_config.json)."""
+    import argparse
+
+    from mixtrt.cli.options import add_sampling, generation_overrides
+
+    p = argparse.ArgumentParser()
+    add_sampling(p)
+    assert generation_overrides(p.parse_args(argv)) == want
+
+
 @pytest.mark.parametrize("option, pattern", [
     (("--top-p", "1.5"), r"top[-_]p"),
     (("--temperature", "-1"), r"temperature"),

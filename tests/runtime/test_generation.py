@@ -91,6 +91,22 @@ def test_model_eos_is_the_default():
             assert o.token_ids[-1] == 2 and o.token_ids.count(2) == 1
 
 
+def test_artifact_eos_list_and_sampling_defaults():
+    """A Generator's defaults (generation_config.json): its eos list stops rows, for a config given whole too;
+    its sampling values apply when no config is given; options override them."""
+    from mixtrt.runtime.chat_format import GenerationDefaults
+
+    gen, backend = make()
+    [full] = gen.generate(PROMPTS[0], max_new_tokens=10, eos_token_id=())
+    eos = full.token_ids[3]
+    gen = Generator(backend, ToyTokenizer(), GenerationDefaults(eos_token_ids=(eos, 0), top_p=0.5))
+    for out in (gen.generate(PROMPTS[0], max_new_tokens=10)[0],
+                gen.generate(PROMPTS[0], GenerationConfig(max_new_tokens=10))[0]):
+        assert out.finish_reason == "eos" and out.token_ids == full.token_ids[:full.token_ids.index(eos) + 1]
+    assert (gen.config().top_p, gen.config(top_p=0.9).top_p, gen.config(GenerationConfig()).top_p) == (0.5, 0.9, 1.0)
+    assert gen.config(GenerationConfig(eos_token_id=())).eos_token_id == ()  # never stop on eos, as asked
+
+
 def test_stop_string_cuts_text_and_ends_row():
     gen, _ = make()
     [full] = gen.generate(PROMPTS[1], max_new_tokens=15, eos_token_id=())

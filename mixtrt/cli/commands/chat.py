@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mixtrt.cli.options import add_sampling, generation_config, load_generator, print_stream, stats_line
+from mixtrt.cli.options import add_sampling, generation_overrides, load_generator, print_stream, stats_line
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,8 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    cfg = generation_config(ns)
+    overrides = generation_overrides(ns)
     gen = load_generator(ns)
+    cfg = gen.config(**overrides)
     messages: list[dict[str, str]] = [{"role": "system", "content": ns.system}] if ns.system else []
     while True:
         try:

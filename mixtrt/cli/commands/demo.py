@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mixtrt.cli.options import add_sampling, generation_config, load_generator, print_stream, stats_line
+from mixtrt.cli.options import add_sampling, generation_overrides, load_generator, print_stream, stats_line
 
 DEMO_PROMPTS = ("It is a truth universally acknowledged", "Mrs. Bennet was", "The weather was so fine that")
 
@@ -40,8 +40,9 @@ def run(ns: argparse.Namespace) -> int:
         export_onnx(ckpt, ns.artifact, overwrite=True)
     else:
         print(f"using the artifact in {ns.artifact} (pass --reexport to rebuild it)")
-    cfg = generation_config(ns)
+    overrides = generation_overrides(ns)
     gen = load_generator(ns)
+    cfg = gen.config(**overrides)
     for prompt in ns.prompt or DEMO_PROMPTS:
         print()
         events = gen.stream(prompt, cfg)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from mixtrt.cli.options import add_sampling, generation_config, load_generator, print_stream, stats_line
+from mixtrt.cli.options import add_sampling, generation_overrides, load_generator, print_stream, stats_line
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,8 +35,9 @@ def parse_ids(text: str) -> list[int]:
 def run(ns: argparse.Namespace) -> int:
     import dataclasses
 
-    cfg = generation_config(ns, return_logprobs=ns.json)  # validated before the model loads
+    overrides = generation_overrides(ns, return_logprobs=ns.json)  # checked before the model loads
     gen = load_generator(ns)
+    cfg = gen.config(**overrides)
     prompt: str | list[int] = parse_ids(ns.prompt_ids) if ns.prompt_ids is not None else ns.prompt
     if ns.json:
         [out] = gen.generate([prompt], cfg)

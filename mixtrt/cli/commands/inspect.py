@@ -33,6 +33,8 @@ def run(ns: argparse.Namespace) -> int:
           + (f" (window {c['window']})" if c["window"] else "")
           + f", {c['bytes_per_row'] / 2**20:.2f} MiB per batch row")
     print(f"parameters    {info['parameters'] / 1e6:.2f} M ({info['parameter_bytes'] / 2**20:.1f} MiB)")
+    print(f"chat          {info['chat_format']}")
+    print(f"generation    {info['generation_defaults']}")
     print("ops           " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
     print("files         " + ", ".join(f"{k} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in info["files"].items()))
     print("versions      " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v))
