@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -48,6 +48,9 @@ from mixtrt.runtime.chat_format import GenerationDefaults
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.prompts import Prompts, normalize_prompts
 from mixtrt.runtime.sampling import Sampler, log_softmax
+
+if TYPE_CHECKING:
+    from mixtrt.runtime.chat_session import ChatSession
 
 FinishReason = Literal["eos", "stop", "length"]
 
@@ -506,6 +509,13 @@ class Generator:
     def stream_chat(self, messages: Sequence[dict[str, str]], config: GenerationConfig | None = None,
                     **overrides: Any) -> Iterator[StreamEvent]:
         return self.stream(self._chat_ids(messages), config, **overrides)
+
+    def chat_session(self, system: str | None = None, config: GenerationConfig | None = None) -> ChatSession:
+        """A multi-turn chat that keeps its KV cache between turns (runtime/chat_session.py); `config` is
+        its turns' default (else the artifact's defaults)."""
+        from mixtrt.runtime.chat_session import ChatSession
+
+        return ChatSession(self, system, config)
 
     def teacher_forced_logprobs(self, token_ids: Sequence[int], prefill_chunk: int | None = None) -> np.ndarray:
         """[T - 1] float32: log p(token_ids[t] | token_ids[:t]) for t >= 1, the whole sequence fed in chunks."""

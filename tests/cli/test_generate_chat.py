@@ -121,18 +121,27 @@ def test_non_artifact_dir_exits_2(tmp_path):
     assert str(tmp_path) in line and "not an artifact directory" in line and "mixtrt export" in line
 
 
-def test_chat_two_turns_from_stdin(artifact, generator):
-    r = cli("chat", str(artifact), "--max-new-tokens", "4", "--threads", "1", stdin="hello\nmore\n\n")
+def test_chat_keeps_its_cache_and_refuses_a_message_too_long(artifact, generator):
+    """Three turns from stdin, the second one far too long for the model (128 positions): refused in one
+    line, the chat goes on, and the replies are what stateless chat gives on the history."""
+    too_long = " ".join(["word"] * 200)
+    r = cli("chat", str(artifact), "--max-new-tokens", "4", "--threads", "1", "--stats",
+            stdin=f"hello\n{too_long}\nmore\n\n")
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
-    turns = r.stdout.split("you> ")  # two questions, then the empty line ends the session
-    assert len(turns) == 4 and turns[0] == "" and turns[3] == ""
-    assert all(t.startswith("model> ") and t.endswith("\n") for t in turns[1:3])
-    answers = [t[len("model> "):-1] for t in turns[1:3]]
+    turns = r.stdout.split("you> ")  # three messages, then the empty line ends the session
+    assert len(turns) == 5 and turns[0] == "" and turns[2] == "" and turns[4] == ""
+    answers = [t[len("model> "):-1] for t in (turns[1], turns[3])]
     cfg = GenerationConfig(max_new_tokens=4)
     first = generator.chat([{"role": "user", "content": "hello"}], cfg)
     assert answers[0] == first.text
-    second = generator.chat([{"role": "user", "content": "hello"},
-                             {"role": "assistant", "content": first.text.strip() or "..."},
-                             {"role": "user", "content": "more"}], cfg)
-    assert answers[1] == second.text
+    history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first.text},
+               {"role": "user", "content": "more"}]
+    assert answers[1] == generator.chat(history, cfg).text
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 3 and lines[1].startswith("mixtrt chat: the message is too long: ")
+    assert "prefilled" in lines[0] and "new context: new" in lines[0]
+    n_first = len(generator.tokenizer.apply_chat_template(history[:1]))
+    ids = generator.tokenizer.apply_chat_template(history)
+    held = n_first + len(first.token_ids) - 1  # the last generated token is fed with the new ones
+    assert f"prefilled {len(ids) - held} of {len(ids)} tokens, {held} from the cache" in lines[2]

@@ -1,4 +1,9 @@
-"""`mixtrt chat`: an interactive multi-turn chat on stdin/stdout."""
+"""`mixtrt chat`: an interactive multi-turn chat on stdin/stdout, in the checkpoint's chat format.
+
+One chat session (runtime/chat_session.py): the KV cache is kept between turns, so a turn prefills only
+its new tokens. A message the model cannot take is refused with one line and the chat goes on; a
+conversation that outgrows the model starts a new context with the system prompt, said in one line.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +16,17 @@ from mixtrt.cli.options import add_sampling, generation_overrides, load_generato
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path, help="artifact directory (written by `mixtrt export`)")
-    p.add_argument("--system", default=None, help="system prompt, prepended to the first user message")
-    p.add_argument("--stats", action="store_true", help="print speed after each answer")
+    p.add_argument("--system", default=None, help="system prompt (placed where the chat format puts it)")
+    p.add_argument("--stats", action="store_true", help="print speed and the tokens prefilled after each answer")
     add_sampling(p)
 
 
 def run(ns: argparse.Namespace) -> int:
+    from mixtrt.runtime.errors import ConfigError
+
     overrides = generation_overrides(ns)
     gen = load_generator(ns)
-    cfg = gen.config(**overrides)
-    messages: list[dict[str, str]] = [{"role": "system", "content": ns.system}] if ns.system else []
+    session = gen.chat_session(system=ns.system, config=gen.config(**overrides))
     while True:
         try:
             user = input("you> ")
@@ -29,9 +35,17 @@ def run(ns: argparse.Namespace) -> int:
             return 0
         if not user.strip():
             return 0
-        messages.append({"role": "user", "content": user})
+        try:
+            events = session.stream(user)
+        except ConfigError as e:  # the message is refused; the conversation is kept
+            print(f"mixtrt chat: {e}", file=sys.stderr)
+            continue
+        turn = session.turns[-1]
+        if turn.kind == "restart":
+            print(f"mixtrt chat: {turn.note}", file=sys.stderr)
         sys.stdout.write("model> ")
-        out = print_stream(gen.stream_chat(messages, cfg))
+        out = print_stream(events)
         if ns.stats:
-            print(stats_line(out), file=sys.stderr)
-        messages.append({"role": "assistant", "content": out.text.strip() or "..."})
+            cache = f"{turn.cached_tokens} from the cache" if turn.kind == "cached" else f"new context: {turn.kind}"
+            print(f"{stats_line(out)} [prefilled {turn.prefilled_tokens} of {turn.prompt_tokens} tokens, {cache}]",
+                  file=sys.stderr)

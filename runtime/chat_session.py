@@ -1,0 +1,189 @@
+"""Multi-turn chat that keeps its KV cache: each turn prefills only the tokens the cache does not hold yet.
+
+    session = gen.chat_session(system="Be brief.")
+    reply = session.send("Who is Mr. Darcy?")                  # GenerationOutput
+    for event in session.stream("And Elizabeth?"):             # StreamEvent, as Generator.stream
+        print(event.text, end="")
+    session.turns[-1]      # ChatTurn(prompt_tokens=61, cached_tokens=38, prefilled_tokens=23, kind='cached')
+
+A session is one row of an Engine (`max_batch=1`) added with `keep=True`: when a reply ends, the row is
+parked with its cache, and the next turn `extend`s it.
+
+Exactness rule. The cache must hold exactly the ids the chat format gives for the conversation, so each
+turn renders the whole conversation (`apply_chat_template(messages, add_generation_prompt=True)`) and
+compares it with what the row holds (every id it was fed and generated, the reply's EOS included):
+
+- the held ids are a prefix of the rendered ones: only the rest is prefilled ("cached");
+- otherwise the turn starts a new context, prefilled from the start ("mismatch"). This happens when the
+  format re-tokenizes the assistant's text differently from the ids the model generated, or rewrites
+  earlier turns: mistral-common v2/v3 and tekken v3 put the system prompt (and the tools) before the LAST
+  user message, so with a system prompt every turn is a mismatch; v1, v7 (`[SYSTEM_PROMPT]` first) and
+  templates that only append (ChatML, Mistral v0.1's) keep their cache.
+
+A reply that ended by max_new_tokens has no EOS: the format's close (EOS, `<|im_end|>`, ...) is simply the
+start of the next turn's new ids. A reply cut at a stop string holds tokens the rendered conversation
+does not, so the next turn is a mismatch. A reply with no text is not added to the conversation (the
+Mistral formats refuse an empty assistant message); the next turn is then a mismatch too. The result is
+always what stateless `Generator.chat` on `session.messages` gives (greedy: the same tokens).
+
+Limits. The longest conversation is the Engine's limit (a linear cache's capacity, else the max
+positions). A turn whose conversation would not leave room for one new token starts a new context with
+the system prompt and this message alone ("restart", with a note saying so); a message too long even
+for that is refused with a ConfigError, and the session is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.generation import Engine, GenerationConfig, GenerationOutput, Row, StreamEvent
+
+if TYPE_CHECKING:
+    from mixtrt.runtime.generation import Generator
+
+TurnKind = Literal["new", "cached", "mismatch", "restart"]
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """What one turn cost: the rendered conversation, how much of it the cache already held, and why not more.
+
+    prefilled_tokens = prompt_tokens - cached_tokens: the tokens fed to the model before the first new one.
+    """
+
+    prompt_tokens: int  # the conversation's ids for this turn (with the generation prompt)
+    cached_tokens: int  # of those, held in the cache from earlier turns
+    prefilled_tokens: int
+    kind: TurnKind  # "cached" (the cache was kept); a new context: "new" (none held: the first turn, or after
+    #                 close / reset / a cancelled turn), "mismatch" or "restart"
+    note: str = ""  # why a new context, for "mismatch" and "restart"
+
+
+class ChatSession:
+    """A conversation whose KV cache outlives each turn (see the module docstring for the rules).
+
+    Driven by one thread; one turn at a time. `messages` is the conversation so far (system first, if any),
+    `turns` one ChatTurn per turn started.
+    """
+
+    def __init__(self, generator: Generator, system: str | None = None,
+                 config: GenerationConfig | None = None) -> None:
+        self.generator = generator
+        self.system = system
+        self.config = config
+        self.engine = Engine(generator.backend, generator.tokenizer, max_batch=1)
+        self.messages: list[dict[str, Any]] = self._start()
+        self.turns: list[ChatTurn] = []
+        self._row: Row | None = None
+        self._busy = False
+
+    def _start(self) -> list[dict[str, Any]]:
+        return [{"role": "system", "content": self.system}] if self.system else []
+
+    # ---- turns ---------------------------------------------------------------------------------------
+    def send(self, message: str | Mapping[str, Any], config: GenerationConfig | None = None,
+             **overrides: Any) -> GenerationOutput:
+        """The reply to `message` (a user message's text, or a message mapping), added to the conversation."""
+        out = None
+        for event in self.stream(message, config, **overrides):
+            out = event.output or out
+        assert out is not None
+        return out
+
+    def stream(self, message: str | Mapping[str, Any], config: GenerationConfig | None = None,
+               **overrides: Any) -> Iterator[StreamEvent]:
+        """The reply as StreamEvents (the last one carries the output). Everything is checked and the turn is
+        planned at the call (`turns[-1]` says what it will prefill); a ConfigError leaves the session as it
+        was. A stream closed before its last event cancels the turn: the conversation stays as it was and
+        the next turn starts a new context."""
+        if self._busy:
+            raise ConfigError("chat session: the previous reply is still streaming; finish or close it first")
+        cfg = self.generator.config(config or self.config, **overrides)
+        cfg.validate(self.engine.backend.args)  # what add / extend check, before the session changes
+        self.engine.chunk(cfg.prefill_chunk)
+        new = {"role": "user", "content": message} if isinstance(message, str) else dict(message)
+        messages, ids, restart = self._render(new)
+        held = self._row.sequence if self._row is not None else []
+        if self._row is not None and not restart and len(held) < len(ids) and ids[:len(held)] == held:
+            turn = ChatTurn(len(ids), self._row.cached, len(ids) - self._row.cached, "cached")
+            self.engine.extend(self._row, ids[len(held):], cfg)
+        else:
+            kind: TurnKind = "restart" if restart else "mismatch" if self._row is not None else "new"
+            note = restart or (_mismatch(held, ids) if self._row is not None else "")
+            self.close()
+            turn = ChatTurn(len(ids), 0, len(ids), kind, note)
+            self._row = self.engine.add(ids, cfg, keep=True, name="the conversation")
+        self.turns.append(turn)
+        self._busy = True
+        return self._run(self._row, messages, new)
+
+    def _render(self, new: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int], str]:
+        """The conversation with `new` and its ids; when it does not fit, a new context (system + new) and the
+        note saying so; a message that does not fit even then is refused."""
+        tokenizer = self.generator.tokenizer
+        messages = self.messages + [new]
+        ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        limit, why = self.engine.limit()
+        if len(ids) < limit:
+            return messages, ids, ""
+        alone = self._start() + [new]
+        alone_ids = list(tokenizer.apply_chat_template(alone, add_generation_prompt=True))
+        if len(alone_ids) >= limit:
+            raise ConfigError(f"the message is too long: {len(alone_ids)} tokens with the system prompt leave no "
+                              f"room for a reply ({why}); the conversation is unchanged")
+        note = (f"the conversation reached {len(ids)} tokens, more than the model holds ({why}): a new context "
+                f"with the system prompt and this message")
+        return alone, alone_ids, note
+
+    def _run(self, row: Row, messages: list[dict[str, Any]], new: dict[str, Any]) -> Iterator[StreamEvent]:
+        out = None
+        try:
+            while self.engine.busy:
+                for event in self.engine.step():
+                    yield StreamEvent(event.text, event.token)
+                    if event.output is not None:
+                        out = event.output
+                        yield StreamEvent("", None, out)
+        finally:
+            self._busy = False
+            if out is None:  # closed early, or failed: the cache holds a partial turn
+                self.close()
+            elif out.text:
+                self.messages = messages + [{"role": "assistant", "content": out.text}]
+            else:
+                self.messages = messages[:-1]  # nothing to add: the format would refuse an empty reply
+
+    # ---- the session -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the cache row (the conversation is kept: the next turn starts a new context)."""
+        if self._row is not None:
+            self.engine.cancel(self._row)
+            self._row = None
+
+    def reset(self, system: str | None = None) -> None:
+        """Forget the conversation (and its cache); `system` replaces the system prompt if given."""
+        if self._busy:
+            raise ConfigError("chat session: a reply is still streaming; finish or close it first")
+        self.close()
+        if system is not None:
+            self.system = system
+        self.messages = self._start()
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens the cache holds now."""
+        return self._row.cached if self._row is not None else 0
+
+    def __repr__(self) -> str:
+        return f"ChatSession({len(self.messages)} messages, {len(self.turns)} turns, {self.cached_tokens} cached)"
+
+
+def _mismatch(held: Sequence[int], ids: Sequence[int]) -> str:
+    """Why the held ids do not continue into the rendered ones (one line)."""
+    at = next((i for i, (a, b) in enumerate(zip(held, ids, strict=False)) if a != b), min(len(held), len(ids)))
+    return (f"the chat format's ids for the conversation leave the cached ones at token {at} of {len(held)} "
+            "(it re-tokenizes the reply or rewrites an earlier turn): a new context for this turn")
+

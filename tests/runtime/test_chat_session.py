@@ -1,0 +1,165 @@
+"""Chat sessions keep their cache: replies equal stateless chat on the full history, each turn prefills only
+the new tokens, and the limits keep the session (the toy backend and a byte-level toy chat format)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mixtrt.runtime.chat_session import ChatSession
+from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.generation import GenerationConfig, Generator
+from tests.runtime.fakes import PIECES, ToyBackend, ToyTokenizer
+
+
+class ByteChat(ToyTokenizer):
+    """One piece per byte (so a reply's text re-encodes to the ids the model generated) and a format that
+    only appends: "sys ...\\n", "user ...\\n", the reply after "bot " closed by EOS."""
+
+    single = {PIECES[i]: i for i in range(3, 37)}
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return [1] * bos + [self.single[bytes([b])] for b in text.encode()] + [2] * eos
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        ids = [1]
+        for m in messages:
+            if m["role"] == "assistant":
+                ids += self.encode("bot " + m["content"], bos=False) + [2]
+            else:
+                ids += self.encode(f"{'sys' if m['role'] == 'system' else 'user'} {m['content']}\n", bos=False)
+        return ids + (self.encode("bot ", bos=False) if add_generation_prompt else [])
+
+
+class Speaker(ToyBackend):
+    """The toy LM saying only what its text gives back: ASCII single-byte pieces and EOS (no <unk>, <s>,
+    lone UTF-8 bytes or multi-byte pieces)."""
+
+    def step(self, cache, input_ids, start_row=0, last_only=False):
+        logits = super().step(cache, input_ids, start_row, last_only)
+        logits[..., [0, 1, *range(32, len(PIECES))]] = -1e9
+        return logits
+
+
+QUESTIONS = ["hello", "how are you", "tell me more", "why", "and then", "go on", "the end"]
+
+
+def make(**kw) -> tuple[Generator, Speaker]:
+    backend = Speaker(**kw)
+    return Generator(backend, ByteChat()), backend
+
+
+@pytest.mark.parametrize("windowed", [True, False])
+def test_session_equals_stateless_chat_and_prefills_only_new_tokens(windowed):
+    """Greedy replies equal `chat` on the whole history (the history runs far past the window: capacity 6),
+    and each turn feeds the model only the tokens its cache does not hold."""
+    gen, backend = make(windowed=windowed, capacity=6 if windowed else 512)
+    session = gen.chat_session(system="be brief", config=GenerationConfig(max_new_tokens=6))
+    for n, question in enumerate(QUESTIONS):
+        before, held = backend.tokens_run, session.cached_tokens
+        out = session.send(question)
+        fed = backend.tokens_run - before
+        turn = session.turns[-1]
+        ids = ByteChat().apply_chat_template(session.messages[:-1])
+        assert turn.prompt_tokens == len(ids) and turn.cached_tokens == held
+        assert turn.kind == ("new" if n == 0 else "cached") and turn.prefilled_tokens == len(ids) - held
+        assert fed == turn.prefilled_tokens + len(out.token_ids) - 1  # the prefill, then one token per decode step
+        want = gen.chat(session.messages[:-1], max_new_tokens=6)  # stateless, on everything before the reply
+        assert out.token_ids == want.token_ids and out.text == want.text
+    assert sum(t.prompt_tokens for t in session.turns) > 3 * sum(t.prefilled_tokens for t in session.turns)
+
+
+def test_replies_ended_by_length_eos_and_stop():
+    """max_new_tokens: the format's EOS opens the next turn's new ids (cache kept); a stop string leaves
+    tokens the conversation does not hold (a new context, counted); results stay exact."""
+    gen, _ = make()
+    session = gen.chat_session()
+    [probe] = [gen.chat([{"role": "user", "content": "hello"}], max_new_tokens=8)]
+    stop = ByteChat().decode(probe.token_ids[2:4])
+    session.send("hello", max_new_tokens=3)
+    assert session.send("go on", max_new_tokens=8).token_ids == \
+        gen.chat(session.messages[:-1], max_new_tokens=8).token_ids
+    assert session.turns[-1].kind == "cached"
+    session.reset()
+    out = session.send("hello", max_new_tokens=8, stop_strings=(stop,))
+    assert out.finish_reason == "stop" and session.messages[-1]["content"] == out.text
+    again = session.send("go on", max_new_tokens=8)
+    assert session.turns[-1].kind == "mismatch" and "leave the cached ones at token" in session.turns[-1].note
+    assert again.token_ids == gen.chat(session.messages[:-1], max_new_tokens=8).token_ids
+    assert session.send("more", max_new_tokens=8).token_ids and session.turns[-1].kind == "cached"
+
+
+def test_eos_reply_keeps_the_cache():
+    """A reply that ends with the format's EOS is exactly the rendered assistant turn."""
+    gen, _ = make(chain={ByteChat.single[b"e"]: 2})  # the toy LM says EOS after "e"
+    session = gen.chat_session(config=GenerationConfig(max_new_tokens=12))
+    outs = [session.send(question) for question in QUESTIONS]
+    assert sum(o.finish_reason == "eos" and bool(o.text) for o in outs) >= 3
+    assert all(t.kind == "cached" for t in session.turns[1:])
+    assert outs[-1].token_ids == gen.chat(session.messages[:-1], max_new_tokens=12).token_ids
+
+
+def test_linear_cache_full_starts_a_new_context_and_keeps_the_session():
+    gen, _ = make(windowed=False, capacity=60)
+    session = gen.chat_session(system="sys", config=GenerationConfig(max_new_tokens=5))
+    kinds = []
+    for question in QUESTIONS * 2:
+        out = session.send(question)
+        kinds.append(session.turns[-1].kind)
+        assert out.token_ids == gen.chat(session.messages[:-1], max_new_tokens=5).token_ids
+    assert "restart" in kinds and set(kinds) <= {"new", "cached", "restart"}
+    restart = next(t for t in session.turns if t.kind == "restart")
+    assert "more than the model holds (cache full" in restart.note and "a new context with the system prompt" \
+        in restart.note
+    assert session.messages[0] == {"role": "system", "content": "sys"}
+    before = (list(session.messages), session.cached_tokens, len(session.turns))
+    with pytest.raises(ConfigError, match="the message is too long: .* the conversation is unchanged"):
+        session.send("x" * 80)
+    assert (session.messages, session.cached_tokens, len(session.turns)) == before
+    out = session.send("ok")
+    assert session.turns[-1].kind in ("cached", "restart")
+    assert out.token_ids == gen.chat(session.messages[:-1], max_new_tokens=5).token_ids
+
+
+def test_closed_stream_cancels_the_turn_and_errors_leave_the_session():
+    gen, backend = make()
+    session = gen.chat_session(config=GenerationConfig(max_new_tokens=6))
+    session.send("hello")
+    kept = list(session.messages)
+    events = session.stream("more")
+    with pytest.raises(ConfigError, match="still streaming"):
+        session.send("again")
+    next(events)
+    events.close()  # the reader stops after one token
+    assert session.messages == kept and session.cached_tokens == 0
+    with pytest.raises(ConfigError, match="temperature"):
+        session.send("x", do_sample=True, temperature=0)
+    out = session.send("more")
+    assert session.turns[-1].kind == "new" and out.token_ids == gen.chat(session.messages[:-1],
+                                                                          max_new_tokens=6).token_ids
+    assert isinstance(session, ChatSession) and "4 messages" in repr(session)
+
+
+def test_sampled_session_equals_seeded_stateless_chat():
+    gen, _ = make()
+    session = gen.chat_session(config=GenerationConfig(max_new_tokens=6, do_sample=True, temperature=1.5, seed=4))
+    for question in QUESTIONS[:4]:
+        out = session.send(question)
+        want = gen.chat(session.messages[:-1], GenerationConfig(max_new_tokens=6, do_sample=True, temperature=1.5,
+                                                                seed=4))
+        assert out.token_ids == want.token_ids
+    assert np.mean([t.kind == "cached" for t in session.turns[1:]]) == 1.0
+
+
+@pytest.mark.parametrize("name", ["mixtral-window", "mistral-nowindow"])
+def test_session_on_an_exported_model_equals_stateless_chat(exported, name):
+    """The onnxruntime cache (compacted window of 5, or linear) kept across turns gives what a fresh prefill
+    of the whole history gives, with the real v1 format and tokenizer."""
+    _, art = exported[name]
+    gen = Generator.load(art, threads=2)
+    session = gen.chat_session(system="Answer briefly.", config=GenerationConfig(max_new_tokens=5))
+    for question in QUESTIONS[:5]:
+        out = session.send(question)
+        assert out.token_ids == gen.chat(session.messages[:-1], max_new_tokens=5).token_ids
+    assert session.turns[-1].prompt_tokens > 8 * 5  # far past the window
+    assert [t.kind for t in session.turns].count("cached") >= 1  # random weights: some replies re-tokenize
