@@ -478,13 +478,23 @@ class Generator:
     def config(self, config: GenerationConfig | None = None, /, **overrides: Any) -> GenerationConfig:
         """The config a call with these arguments runs: `config`, else the artifact's generation defaults,
         with `overrides` (GenerationConfig names) and the artifact's eos ids for eos_token_id None; checked."""
-        return self._config(config, overrides)
+        names = {f.name for f in dataclasses.fields(GenerationConfig)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ConfigError(f"unknown generation options {unknown}; known: {sorted(names)}")
+        if config is None:
+            cfg = GenerationConfig(**{**self.defaults.config_kwargs(), **overrides})
+        else:
+            cfg = dataclasses.replace(config, **overrides) if overrides else config
+        if cfg.eos_token_id is None and self.defaults.eos_token_ids is not None:
+            cfg = dataclasses.replace(cfg, eos_token_id=self.defaults.eos_token_ids)
+        return cfg
 
     # ---- public API --------------------------------------------------------------------------------
     def generate(self, prompts: Prompts, config: GenerationConfig | None = None,
                  **overrides: Any) -> list[GenerationOutput]:
         """One output per prompt, in order. prompts: a str, a list of str, one token-id list, or a list of them."""
-        engine, rows = self._engine(prompts, self._config(config, overrides))
+        engine, rows = self._engine(prompts, self.config(config, **overrides))
         outputs: dict[int, GenerationOutput] = {}
         while engine.busy:
             for event in engine.step():
@@ -496,7 +506,7 @@ class Generator:
                **overrides: Any) -> Iterator[StreamEvent]:
         """Events as tokens are produced; the texts concatenate to the final text; the last event has .output.
         Everything is checked at the call (not at the first iteration)."""
-        engine, rows = self._engine(prompt, self._config(config, overrides))
+        engine, rows = self._engine(prompt, self.config(config, **overrides))
         if len(rows) != 1:
             raise ConfigError(f"stream takes one prompt, got {len(rows)}")
         return _stream(engine)
@@ -539,19 +549,6 @@ class Generator:
         engine = Engine(self.backend, self.tokenizer, max_batch=len(ids))
         t0 = time.perf_counter()
         return engine, [engine.add(p, cfg, sample_index=i, t0=t0, name=f"prompt {i}") for i, p in enumerate(ids)]
-
-    def _config(self, config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
-        names = {f.name for f in dataclasses.fields(GenerationConfig)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ConfigError(f"unknown generation options {unknown}; known: {sorted(names)}")
-        if config is None:
-            cfg = GenerationConfig(**{**self.defaults.config_kwargs(), **overrides})
-        else:
-            cfg = dataclasses.replace(config, **overrides) if overrides else config
-        if cfg.eos_token_id is None and self.defaults.eos_token_ids is not None:
-            cfg = dataclasses.replace(cfg, eos_token_id=self.defaults.eos_token_ids)
-        return cfg
 
     def _chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         if not messages:

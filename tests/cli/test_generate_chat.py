@@ -145,3 +145,35 @@ def test_chat_keeps_its_cache_and_refuses_a_message_too_long(artifact, generator
     ids = generator.tokenizer.apply_chat_template(history)
     held = n_first + len(first.token_ids) - 1  # the last generated token is fed with the new ones
     assert f"prefilled {len(ids) - held} of {len(ids)} tokens, {held} from the cache" in lines[2]
+
+
+def test_chat_command_keeps_the_session_through_restarts_and_ctrl_c(monkeypatch, capsys):
+    """`mixtrt chat` in process on the toy model (linear cache of 60): a restart is one line, Ctrl-C during a
+    reply drops that turn only, an empty line ends with 0."""
+    import mixtrt.cli.commands.chat as chat_command
+    from mixtrt.cli import main
+    from tests.runtime.test_chat_session import QUESTIONS, ByteChat, Speaker
+
+    gen = Generator(Speaker(windowed=False, capacity=60), ByteChat())
+    monkeypatch.setattr(chat_command, "load_generator", lambda ns: gen)
+    lines, said = iter([*QUESTIONS[:4], "stop me", "ok", ""]), []
+    monkeypatch.setattr("builtins.input", lambda prompt: said.append(next(lines)) or said[-1])
+    real = chat_command.print_stream
+
+    def print_stream(events, tokenizer=None):
+        if said[-1] == "stop me":
+            next(events)
+            raise KeyboardInterrupt
+        return real(events, tokenizer)
+
+    sessions = []
+    make_session = gen.chat_session
+    monkeypatch.setattr(gen, "chat_session", lambda **kw: sessions.append(make_session(**kw)) or sessions[-1])
+    monkeypatch.setattr(chat_command, "print_stream", print_stream)
+    assert main(["chat", "unused", "--max-new-tokens", "5", "--system", "sys"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("a new context with the system prompt" in line for line in err)
+    assert "mixtrt chat: reply interrupted; the turn is dropped" in err
+    session = sessions[0]
+    assert [m["content"] for m in session.messages if m["role"] == "user"][-1] == "ok"
+    assert "stop me" not in [m["content"] for m in session.messages]

@@ -163,3 +163,28 @@ def test_session_on_an_exported_model_equals_stateless_chat(exported, name):
         assert out.token_ids == gen.chat(session.messages[:-1], max_new_tokens=5).token_ids
     assert session.turns[-1].prompt_tokens > 8 * 5  # far past the window
     assert [t.kind for t in session.turns].count("cached") >= 1  # random weights: some replies re-tokenize
+
+
+@pytest.mark.parametrize("file, keeps_with_system", [
+    ("tokenizer.model.v1", True), ("mistral_instruct_tokenizer_240323.model.v3", False),
+    ("mistral_instruct_tokenizer_241114.model.v7", True), ("tekken_240718.json", False),
+])
+def test_which_mistral_formats_keep_the_cache(file, keeps_with_system):
+    """What README and DESIGN say: a reply closed by EOS is a prefix of the next turn's ids in v1 and v7;
+    v3 and tekken v3 move the system prompt to the last user message, so with one every turn starts anew."""
+    from pathlib import Path
+
+    mistral_common = pytest.importorskip("mistral_common")
+    from mixtrt.runtime.chat_format import ChatFormat, load_chat_tokenizer
+
+    path = Path(mistral_common.__file__).parent / "data" / file
+    kind = "v1" if file.endswith(".v1") else "mistral-common"
+    tok = load_chat_tokenizer(path.parent, ChatFormat(kind, path.name, {}))
+    for system in (None, "Be brief."):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "Hi"}]
+        keeps = []
+        for n in range(3):
+            held = tok.apply_chat_template(messages) + tok.encode("Sure, here it is.", bos=False) + [tok.eos_id]
+            messages += [{"role": "assistant", "content": "Sure, here it is."}, {"role": "user", "content": f"{n}?"}]
+            keeps.append(tok.apply_chat_template(messages)[:len(held)] == held)
+        assert keeps == [keeps_with_system or system is None] * 3, system

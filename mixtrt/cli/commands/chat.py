@@ -2,7 +2,8 @@
 
 One chat session (runtime/chat_session.py): the KV cache is kept between turns, so a turn prefills only
 its new tokens. A message the model cannot take is refused with one line and the chat goes on; a
-conversation that outgrows the model starts a new context with the system prompt, said in one line.
+conversation that outgrows the model starts a new context with the system prompt, said in one line;
+Ctrl-C during a reply stops that reply (the turn is dropped) and the chat goes on.
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ def run(ns: argparse.Namespace) -> int:
         if turn.kind == "restart":
             print(f"mixtrt chat: {turn.note}", file=sys.stderr)
         sys.stdout.write("model> ")
-        out = print_stream(events)
+        try:
+            out = print_stream(events)
+        except KeyboardInterrupt:
+            events.close()  # cancels the turn: the conversation stays as it was
+            print("\nmixtrt chat: reply interrupted; the turn is dropped", file=sys.stderr)
+            continue
         if ns.stats:
             cache = f"{turn.cached_tokens} from the cache" if turn.kind == "cached" else f"new context: {turn.kind}"
             print(f"{stats_line(out)} [prefilled {turn.prefilled_tokens} of {turn.prompt_tokens} tokens, {cache}]",
