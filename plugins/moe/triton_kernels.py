@@ -279,7 +279,8 @@ def stack_experts(fc1: list[torch.Tensor], fc2: list[torch.Tensor]) -> tuple[tor
 class DecodeState:
     """The decode kernel's accumulator (fp32 [T, H]) and per-token counters (int32 [T]): zero between calls.
 
-    Kept per (device, H) and grown on demand so a decode loop allocates once."""
+    Kept per (device, H) and grown on demand so a decode loop allocates once. One state serves every layer
+    because each call leaves it zero; calls on concurrent CUDA streams would need one state each."""
 
     def __init__(self) -> None:
         self._bufs: dict = {}
@@ -333,8 +334,10 @@ def moe(hidden: torch.Tensor, router_logits: torch.Tensor, fc1: torch.Tensor, fc
         fc1_scales, fc2_scales = fc1_scales.contiguous(), fc2_scales.contiguous()
     elif fc1.dtype != hidden.dtype or fc2.dtype != hidden.dtype:
         raise ValueError(f"weights {fc1.dtype}/{fc2.dtype} must be in hidden's dtype {hidden.dtype}")
-    else:
-        fc1_scales = fc2_scales = None
+    elif fc1_scales is not None or fc2_scales is not None:
+        raise ValueError("scales go with uint8 (INT4) weights only")
+    if len({t.device for t in (hidden, router_logits, fc1, fc2)}) != 1:
+        raise ValueError("all tensors must be on one device")
     hidden, router_logits = hidden.contiguous(), router_logits.contiguous()
     fc1, fc2 = fc1.contiguous(), fc2.contiguous()
     out = torch.empty_like(hidden)

@@ -266,8 +266,8 @@ def swa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: 
     q [B,S,N*D], k/v [B,S,K*D] before RoPE; key_cache/value_cache [B,K,C,D] (contiguous, updated in place);
     total_lengths [B] int32 (tokens per row after the step); cos/sin [P, D/2]; window <= 0 = full causal;
     scale 0 = 1/sqrt(D). ``num_splits`` (default: 1 on CPU, enough to fill the GPU on CUDA) splits the key
-    range of each program; ``fused_write`` (default: ``fused_write_is_safe``) writes the ring from the
-    attention kernel instead of a second launch; ``block_n`` keys per tile (a power of two >= 16).
+    range of each program; ``fused_write`` (default: ``fused_write_is_safe``; forcing True where that is
+    False races on a GPU) writes the ring from the attention kernel instead of a second launch; ``block_n`` keys per tile (a power of two >= 16).
     Lengths are not checked against the cache (that would need a host sync): rows must satisfy the
     reference's contract (linear cache total <= C, ring C >= W - 1).
     """
@@ -288,6 +288,8 @@ def swa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: 
         raise ValueError(f"cos/sin {tuple(cos.shape)}/{tuple(sin.shape)}: expected [P, {D // 2}]")
     if total_lengths.shape != (B,) or total_lengths.dtype != torch.int32:
         raise ValueError("total_lengths must be int32 [B]")
+    if len({t.device for t in (q, k, v, key_cache, value_cache, total_lengths, cos, sin)}) != 1:
+        raise ValueError("all tensors must be on one device")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     cos, sin = cos.to(q.dtype).contiguous(), sin.to(q.dtype).contiguous()
     out = torch.empty_like(q)

@@ -226,5 +226,7 @@ def test_rejects_bad_inputs():
     q2, s2 = pack_int4(fc2.numpy(), 8)
     with pytest.raises(ValueError, match="scales"):
         tk.moe(hidden, logits, torch.from_numpy(q1), torch.from_numpy(q2), 2, fc2_scales=torch.from_numpy(s2))
+    with pytest.raises(ValueError, match="INT4"):
+        tk.moe(hidden, logits, fc1, fc2, 2, fc1_scales=torch.from_numpy(s2))
     with pytest.raises(ValueError, match="path"):
         tk.moe(hidden, logits, fc1, fc2, 2, path="fast")
