@@ -267,7 +267,8 @@ def swa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: 
     total_lengths [B] int32 (tokens per row after the step); cos/sin [P, D/2]; window <= 0 = full causal;
     scale 0 = 1/sqrt(D). ``num_splits`` (default: 1 on CPU, enough to fill the GPU on CUDA) splits the key
     range of each program; ``fused_write`` (default: ``fused_write_is_safe``; forcing True where that is
-    False races on a GPU) writes the ring from the attention kernel instead of a second launch; ``block_n`` keys per tile (a power of two >= 16).
+    False races on a GPU) writes the ring from the attention kernel instead of a second launch; ``block_n``
+    keys per tile (a power of two >= 16).
     Lengths are not checked against the cache (that would need a host sync): rows must satisfy the
     reference's contract (linear cache total <= C, ring C >= W - 1).
     """
