@@ -328,7 +328,7 @@ def moe(hidden: torch.Tensor, router_logits: torch.Tensor, fc1: torch.Tensor, fc
     if fc1.shape[1:] != (2 * I, H // 2 if int4 else H) or fc2.shape[1] != H:
         raise ValueError(f"fc1 {tuple(fc1.shape)} / fc2 {tuple(fc2.shape)} do not match H={H}, I={I}")
     q1, q2 = _int4_blocks(fc1, fc2, fc1_scales, fc2_scales, H, I) if int4 else (0, 0)  # 0: not INT4
-    if int4:
+    if int4 and fc1_scales is not None and fc2_scales is not None:  # _int4_blocks checked both are given
         if fc1_scales.dtype != hidden.dtype or fc2_scales.dtype != hidden.dtype:
             raise ValueError("INT4 scales must be in the activation dtype")
         fc1_scales, fc2_scales = fc1_scales.contiguous(), fc2_scales.contiguous()
@@ -405,17 +405,18 @@ def _with_constexprs(kernel, dtype: torch.dtype, sig: dict, meta: dict, int4: bo
 def decode_spec(dtype: torch.dtype, num_experts: int, top_k: int, qblocks: tuple[int, int] | None = None) -> tuple:
     """The ``moe_decode_kernel`` spec; ``qblocks`` = INT4 blocks of fc1, fc2 (None: weights in ``dtype``)."""
     t, int4 = _PTR[dtype], qblocks is not None
+    q1, q2 = qblocks if qblocks is not None else (0, 0)
     sig = {"hidden_ptr": t, "logits_ptr": t, **_weights_sig(dtype, int4, ("fc1", "fc2")), "T": "i32", "H": "i32",
            "I": "i32", "E": "i32", "out_ptr": t, "acc_ptr": "*fp32", "count_ptr": "*i32"}
     meta = {"TOP_K": top_k, "E_P2": triton.next_power_of_2(num_experts), "BLOCK_I": DECODE_BLOCK_I,
-            "BLOCK_K": DECODE_BLOCK_K, "INT4": int4, "QBLOCK1": qblocks[0] if int4 else 0,
-            "QBLOCK2": qblocks[1] if int4 else 0}
+            "BLOCK_K": DECODE_BLOCK_K, "INT4": int4, "QBLOCK1": q1, "QBLOCK2": q2}
     return _with_constexprs(moe_decode_kernel, dtype, sig, meta, int4, ("fc1", "fc2"))
 
 
 def grouped_specs(dtype: torch.dtype, num_experts: int, top_k: int, qblocks: tuple[int, int] | None = None) -> list:
     """The specs of the four grouped-path kernels, in launch order."""
     t, int4 = _PTR[dtype], qblocks is not None
+    q1, q2 = qblocks if qblocks is not None else (0, 0)
     tiles = {"TOP_K": top_k, "BLOCK_M": GROUP_BLOCK_M, "BLOCK_N": GROUP_BLOCK_N, "BLOCK_K": GROUP_BLOCK_K,
              "INT4": int4}
     align = (moe_align_kernel,
@@ -428,12 +429,12 @@ def grouped_specs(dtype: torch.dtype, num_experts: int, top_k: int, qblocks: tup
     dims = {"T": "i32", "H": "i32", "I": "i32", "E": "i32"}
     fc1 = _with_constexprs(
         moe_fc1_kernel, dtype, {"hidden_ptr": t, **_weights_sig(dtype, int4, ("fc1",)), **groups, **dims, "act_ptr": t},
-        {**tiles, "QBLOCK": qblocks[0] if int4 else 0}, int4, ("fc1",))
+        {**tiles, "QBLOCK": q1}, int4, ("fc1",))
     fc2 = _with_constexprs(
         moe_fc2_kernel, dtype,
         {"act_ptr": t, **_weights_sig(dtype, int4, ("fc2",)), **groups, "pair_weight_ptr": "*fp32", **dims,
          "y_ptr": "*fp32"},
-        {**tiles, "QBLOCK": qblocks[1] if int4 else 0}, int4, ("fc2",))
+        {**tiles, "QBLOCK": q2}, int4, ("fc2",))
     total = (moe_sum_kernel, {"y_ptr": "*fp32", "T": "i32", "H": "i32", "out_ptr": t, "TOP_K": "constexpr",
                               "BLOCK_H": "constexpr"}, {"TOP_K": top_k, "BLOCK_H": SUM_BLOCK_H}, launch_options(dtype))
     return [align, fc1, fc2, total]
