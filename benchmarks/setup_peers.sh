@@ -22,8 +22,8 @@ PINS=(
     torch==2.13.0 onnxruntime-genai==0.18.0 onnxruntime==1.32.0 onnx==1.23.2 onnx-ir==1.1.0
     transformers==5.24.0 numpy==2.3.5 sentencepiece==0.2.3 safetensors==0.8.0 protobuf==7.36.2
 )
-# CPU build, tuned for this machine (like onnxruntime's runtime dispatch); no multimodal library, no TLS,
-# no web UI download (the server is driven over its HTTP API only).
+# CPU build for this machine's instruction set (onnxruntime dispatches at run time too), for both the Python
+# package and the tools; llama_tools adds: static, no TLS, no web UI (whose assets it would download).
 LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_OPENMP=ON"
 TOOLS=(llama-server llama-quantize llama-perplexity)
 
@@ -36,7 +36,7 @@ mkdir -p "$DIR/stamps" "$DIR/logs"
 say() { printf 'setup_peers: %s\n' "$*"; }
 
 # step NAME KEY CHECK-COMMAND -- COMMAND...: run COMMAND (output in DIR/logs/NAME.log) unless the stamp holds KEY
-# and CHECK-COMMAND succeeds; on failure print one line naming the step and its log, and exit 1.
+# and CHECK-COMMAND succeeds; on failure print one line naming the step, its log and the log's last line; exit 1.
 step() {
     local name=$1 key=$2 check=$3
     shift 4
@@ -46,9 +46,14 @@ step() {
     fi
     say "$name: $key ..."
     local t0=$SECONDS
-    if ! "$@" >"$DIR/logs/$name.log" 2>&1; then
-        say "FAILED: step '$name' (last lines of $DIR/logs/$name.log below)" >&2
-        tail -n 15 "$DIR/logs/$name.log" | sed 's/^/    /' >&2
+    # A subshell outside any if / || (where bash would ignore errexit): the step stops at its first failing command.
+    set +e
+    (set -e; "$@") >"$DIR/logs/$name.log" 2>&1
+    local rc=$?
+    set -e
+    if [ $rc -ne 0 ]; then
+        say "FAILED at step '$name': $(grep -v '^\s*$' "$DIR/logs/$name.log" | tail -n 1 | cut -c1-200)" \
+            "(full log: $DIR/logs/$name.log)" >&2
         exit 1
     fi
     echo "$key" >"$DIR/stamps/$name"
@@ -76,6 +81,7 @@ python_deps() {
 }
 
 llama_cpp_python() {
+    # From the sdist file: always a source build (no wheel), without the multimodal library.
     CMAKE_ARGS="$LLAMA_CMAKE_ARGS -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$JOBS \
         "$VPY" -m pip install --force-reinstall --no-deps --no-cache-dir --verbose "$DIR/src/$SDIST.tar.gz"
     "$VPY" -m pip install typing-extensions diskcache jinja2
@@ -113,7 +119,7 @@ info = {
 EOF
 }
 
-step venv "$PY $("$PY" --version 2>&1)" "test -x '$VPY'" -- make_venv
+step venv "$PY $("$PY" --version 2>/dev/null || true)" "test -x '$VPY'" -- make_venv
 step sdist "llama-cpp-python==$LLAMA_CPP_PYTHON" "test -f '$LLAMA_SRC/convert_hf_to_gguf.py'" -- get_sdist
 step python-deps "${PINS[*]} gguf-py@$LLAMA_CPP_PYTHON" "'$VPY' -c 'import onnxruntime_genai, gguf'" -- python_deps
 step llama-cpp-python "$LLAMA_CPP_PYTHON $LLAMA_CMAKE_ARGS" "'$VPY' -c 'import llama_cpp'" -- llama_cpp_python
