@@ -1,0 +1,61 @@
+"""INT4 weight packing shared by the MoE Triton kernels and the CPU/ONNX side (numpy only, no torch).
+
+A float matrix W [N, K] (nn.Linear layout [out, in]) is stored as
+
+- ``qweight`` uint8 [N, K//2]: byte j of a row holds elements 2j (low nibble) and 2j+1 (high nibble), each a
+  4-bit two's-complement integer in [-8, 7];
+- ``scales`` [N, K//block] in the dtype of W (the activation dtype);
+
+with W[n, k] ~= q[n, k] * scales[n, k // block]: symmetric, zero point 0, scale = max|w| over the block / 7,
+q = round-half-to-even(w / scale) clamped to [-8, 7]. K must be a multiple of ``block``, and ``block`` even
+(32 / 64 / 128 usually; a smaller even divisor of K for awkward K). Leading dimensions are kept: stacked experts
+[E, N, K] give qweight [E, N, K//2] and scales [E, N, K//block].
+
+Worked example, one row, block 4: W = [1.75, -0.875, 0.25, 0.0] -> scale = 1.75 / 7 = 0.25,
+q = [7, -3.5 -> -4 (half to even), 1, 0], nibbles 0x7, 0xC, 0x1, 0x0 -> qweight = [0xC7, 0x01], scales = [0.25];
+unpack_int4 gives back [1.75, -1.0, 0.25, 0.0].
+
+onnxruntime's QMoE/MatMulNBits store unsigned nibbles with an implicit zero point 8 (q + 8): the same bytes
+XOR 0x88.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def pack_int4(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """W [..., N, K] float -> (qweight uint8 [..., N, K//2], scales [..., N, K//block] in W's dtype)."""
+    w = np.asarray(w)
+    if not np.issubdtype(w.dtype, np.floating):
+        raise ValueError(f"pack_int4 takes a float matrix, got {w.dtype}")
+    K = w.shape[-1]
+    if block < 2 or block % 2 or K % block:
+        raise ValueError(f"block {block} must be even and divide K={K}")
+    blocks = w.astype(np.float32).reshape(*w.shape[:-1], K // block, block)
+    scales = (np.abs(blocks).max(axis=-1) / 7).astype(w.dtype)
+    s = scales.astype(np.float32)[..., None]
+    q = np.divide(blocks, s, out=np.zeros_like(blocks), where=s != 0)
+    q = np.clip(np.rint(q), -8, 7).astype(np.int8).reshape(w.shape)
+    nibbles = q.view(np.uint8) & 0x0F
+    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8), scales
+
+
+def int4_values(qweight: np.ndarray) -> np.ndarray:
+    """qweight uint8 [..., N, K//2] -> q int8 [..., N, K] in [-8, 7] (element 2j from the low nibble)."""
+    qweight = np.asarray(qweight, dtype=np.uint8)
+    lo = (qweight & 0x0F).astype(np.int8)
+    hi = (qweight >> 4).astype(np.int8)
+    q = np.stack([lo, hi], axis=-1).reshape(*qweight.shape[:-1], 2 * qweight.shape[-1])
+    return np.where(q >= 8, q - 16, q).astype(np.int8)
+
+
+def unpack_int4(qweight: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """(qweight [..., N, K//2], scales [..., N, K//block]) -> W [..., N, K] in the scales' dtype (q * scale)."""
+    q = int4_values(qweight)
+    K = q.shape[-1]
+    if scales.shape[:-1] != q.shape[:-1] or K % scales.shape[-1]:
+        raise ValueError(f"scales {scales.shape} do not block qweight {qweight.shape} along its last axis")
+    block = K // scales.shape[-1]
+    full = np.repeat(np.asarray(scales).astype(np.float32), block, axis=-1)
+    return (q.astype(np.float32) * full).astype(scales.dtype)
