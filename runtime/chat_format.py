@@ -23,7 +23,7 @@ The first rule that applies wins (the order of the issue):
 
 Rules 2 and 3 need the checkpoint's own tokenizer.model. Without one, a model of exactly 32000 embeddings
 gets the Mistral v1 tokenizer.model shipped in mistral-common, said loudly: `ChatFormat.note` records the
-substitution (export prints it, `mixtrt inspect` shows it). Its size is the only evidence that can be
+substitution (export raises a MixtrtWarning, `mixtrt inspect` shows it). Its size is the only evidence that can be
 checked (Mistral-7B v0.1/v0.2 and Mixtral-8x7B v0.1 use it); any other vocabulary size is refused, and so is
 a checkpoint shipping tokenizer.json instead (not supported yet). A tokenizer file that is there but not
 readable (a dangling link, a directory) is always an error, never skipped for the next rule.
