@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,20 +38,67 @@ ARCHITECTURES = {
 MODEL_TYPES = {"mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}
 
 
+# Sizes past these are refused when a config is read, before anything is allocated: each is far beyond
+# any Mistral / Mixtral model (the largest have vocab 131072, hidden 12288, 88 layers, 96 heads, 8 experts)
+# and small enough that nothing built from the config alone (rope tables, name maps, KV caches of a few
+# rows) can exhaust memory. max_position_embeddings stops at int32 because positions are int32 in the graph.
+LIMITS: dict[str, int] = {
+    "vocab_size": 1 << 20,
+    "hidden_size": 1 << 16,
+    "intermediate_size": 1 << 18,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 1024,
+    "max_position_embeddings": (1 << 31) - 1,
+    "num_experts": 1024,
+    "num_labels": 1 << 16,
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _size(name: str, value: Any, limit: str | None = None) -> int:
+    """A positive integer no larger than LIMITS[limit or name] (JSON integers only: 64.0 and "64" are refused)."""
+    if not _is_int(value) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    high = LIMITS.get(limit or name)
+    if high is not None and value > high:
+        raise ConfigError(f"{name}={value} is larger than any model this mixtrt runs (at most {high})")
+    return value
+
+
+def _real(name: str, value: Any, low: float, high: float = math.inf) -> float:
+    """A finite number in (low, high) (JSON numbers only)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if not low < value < high:
+        raise ConfigError(f"{name} must be in ({low:g}, {high:g}), got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class MoeArgs:
     num_experts: int  # E
     num_experts_per_tok: int  # A (top-k)
 
     def __post_init__(self) -> None:
-        if not (1 <= self.num_experts_per_tok <= self.num_experts):
+        _size("num_experts", self.num_experts)
+        if not _is_int(self.num_experts_per_tok) or not (1 <= self.num_experts_per_tok <= self.num_experts):
             raise ConfigError(
-                f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]"
+                f"num_experts_per_tok={self.num_experts_per_tok!r} must be an integer in [1, num_experts="
+                f"{self.num_experts}]"
             )
 
 
 @dataclass(frozen=True)
 class ModelArgs:
+    """Checked by meaning on construction (every loader and the manifest go through it): sizes are positive
+    integers within LIMITS, rms_norm_eps is in (0, 1) and rope_theta > 1 (both finite: 0 or NaN there makes
+    every logit NaN), the window is an integer >= 1 or None, the token ids are inside the vocabulary."""
+
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -72,11 +120,12 @@ class ModelArgs:
     moe: MoeArgs | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.architecture, str) or self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"unknown architecture {self.architecture!r}; supported: {sorted(ARCHITECTURES)}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+                     "num_labels"):
+            _size(name, getattr(self, name))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -84,9 +133,13 @@ class ModelArgs:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ConfigError(f"sliding_window must be null or >= 1, got {self.sliding_window}")
+        object.__setattr__(self, "rms_norm_eps", _real("rms_norm_eps", self.rms_norm_eps, 0.0, 1.0))
+        object.__setattr__(self, "rope_theta", _real("rope_theta", self.rope_theta, 1.0))
+        if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window < 1):
+            raise ConfigError(f"sliding_window must be null or an integer >= 1, got {self.sliding_window!r}")
         if self.layer_types is not None:
+            if not isinstance(self.layer_types, tuple) or not all(isinstance(t, str) for t in self.layer_types):
+                raise ConfigError(f"layer_types must be a list of strings, got {self.layer_types!r}")
             if len(self.layer_types) != self.num_hidden_layers:
                 raise ConfigError(
                     f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
@@ -94,8 +147,23 @@ class ModelArgs:
             bad = sorted(set(self.layer_types) - {"sliding_attention", "full_attention"})
             if bad:
                 raise ConfigError(f"unknown layer_types {bad}: expected sliding_attention/full_attention")
-        if self.architecture not in ARCHITECTURES:
-            raise ConfigError(f"unknown architecture {self.architecture!r}; supported: {sorted(ARCHITECTURES)}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        if not isinstance(self.eos_token_ids, tuple):
+            raise ConfigError(f"eos_token_id must be an integer, a list of integers or null, got "
+                              f"{self.eos_token_ids!r}")
+        for name, ids in (("bos_token_id", () if self.bos_token_id is None else (self.bos_token_id,)),
+                          ("eos_token_id", self.eos_token_ids),
+                          # the pad id only matters to the head that pools on it
+                          ("pad_token_id", () if self.pad_token_id is None or self.head != "sequence_classification"
+                           else (self.pad_token_id,))):
+            for i in ids:
+                if not _is_int(i) or not 0 <= i < self.vocab_size:
+                    raise ConfigError(f"{name} {i!r} is not a token id inside the vocabulary [0, {self.vocab_size})")
+        if self.pad_token_id is not None and not _is_int(self.pad_token_id):
+            raise ConfigError(f"pad_token_id must be an integer or null, got {self.pad_token_id!r}")
+        if self.moe is not None and not isinstance(self.moe, MoeArgs):
+            raise ConfigError(f"moe must be MoeArgs or None, got {self.moe!r}")
         if self.is_mixtral != (self.moe is not None):
             raise ConfigError(f"{self.architecture} needs moe args iff it is a Mixtral architecture")
 
@@ -128,101 +196,135 @@ class ModelArgs:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelArgs:
         """Inverse of to_dict (the form stored in manifest.json)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"model must be an object, got {type(d).__name__}")
         d = dict(d)
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
         if unknown:
             raise ConfigError(f"unknown ModelArgs fields {unknown}")
         moe = d.pop("moe", None)
-        if d.get("layer_types") is not None:
+        if moe is not None:
+            if not isinstance(moe, dict) or set(moe) != {"num_experts", "num_experts_per_tok"}:
+                raise ConfigError(f"moe must be null or {{num_experts, num_experts_per_tok}}, got {moe!r}")
+            moe = MoeArgs(**moe)
+        if isinstance(d.get("layer_types"), list):
             d["layer_types"] = tuple(d["layer_types"])
-        d["eos_token_ids"] = tuple(d.get("eos_token_ids", (2,)))
-        return cls(**d, moe=MoeArgs(**moe) if moe else None)
+        if isinstance(d.get("eos_token_ids", ()), list):
+            d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        try:
+            return cls(**d, moe=moe)
+        except TypeError as e:  # a required field is missing
+            raise ConfigError(f"model: {e}") from None
 
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any], *, source: str = "config.json") -> ModelArgs:
-        """From a transformers MistralConfig / MixtralConfig dict (4.x or 5.x field names)."""
+    def from_hf_config(cls, cfg: Any, *, source: str = "config.json") -> ModelArgs:
+        """From a transformers MistralConfig / MixtralConfig dict (4.x or 5.x field names). Every error names
+        `source` and the field."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+        try:
+            return cls._from_hf(_Fields(cfg))
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
-        def need(key: str) -> Any:
-            if key not in cfg:
-                raise ConfigError(f"{source}: missing required field {key!r}")
-            return cfg[key]
-
-        archs = cfg.get("architectures") or []
-        arch = archs[0] if archs else MODEL_TYPES.get(cfg.get("model_type", ""))
+    @classmethod
+    def _from_hf(cls, cfg: _Fields) -> ModelArgs:
+        archs = cfg.get("architectures", None, list)
+        if archs and not isinstance(archs[0], str):
+            raise ConfigError(f"architectures must be a list of strings, got {archs!r}")
+        model_type = cfg.get("model_type", "", str)
+        arch = archs[0] if archs else MODEL_TYPES.get(model_type)
         if arch is None:
-            raise ConfigError(
-                f"{source}: cannot tell the architecture (no 'architectures', model_type={cfg.get('model_type')!r}); "
-                f"supported: {sorted(ARCHITECTURES)}"
-            )
+            raise ConfigError(f"cannot tell the architecture (no 'architectures', model_type={model_type!r}); "
+                              f"supported: {sorted(ARCHITECTURES)}")
         if arch not in ARCHITECTURES:
-            raise ConfigError(f"{source}: unsupported architecture {arch!r}; supported: {sorted(ARCHITECTURES)}")
-        act = cfg.get("hidden_act", "silu")
+            raise ConfigError(f"unsupported architecture {arch!r}; supported: {sorted(ARCHITECTURES)}")
+        act = cfg.get("hidden_act", "silu", str)
         if act != "silu":
-            raise ConfigError(f"{source}: hidden_act={act!r} is not supported (Mistral/Mixtral use 'silu')")
+            raise ConfigError(f"hidden_act={act!r} is not supported (Mistral/Mixtral use 'silu')")
 
         # transformers 5.x moved rope_theta into rope_parameters; only the default (unscaled) rope is supported.
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_key = "rope_parameters" if cfg.get("rope_parameters", None, dict) else "rope_scaling"
+        rope = _Fields(cfg.get(rope_key, None, dict) or {}, rope_key + ".")
+        rope_type = rope.get("rope_type", rope.get("type", "default", str), str)
         if rope_type != "default":
-            raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (only unscaled RoPE)")
-        rope_theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+            raise ConfigError(f"rope type {rope_type!r} is not supported (only unscaled RoPE)")
+        rope_theta = rope.get("rope_theta", None, (int, float))
+        if rope_theta is None:
+            rope_theta = cfg.get("rope_theta", 10000.0, (int, float))
 
-        hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
-        head_dim = cfg.get("head_dim") or hidden // heads
-        eos = cfg.get("eos_token_id", 2)
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        hidden, heads = cfg.size("hidden_size"), cfg.size("num_attention_heads")
+        head_dim = cfg.get("head_dim", None, int)
+        if head_dim is None:
+            if hidden % heads:
+                raise ConfigError(f"no head_dim, and hidden_size={hidden} is not a multiple of "
+                                  f"num_attention_heads={heads}")
+            head_dim = hidden // heads
+        eos = cfg.get("eos_token_id", 2, (int, list))
         moe = None
         if arch.startswith("Mixtral"):
-            moe = MoeArgs(int(need("num_local_experts")), int(need("num_experts_per_tok")))
-        layer_types = cfg.get("layer_types")
+            moe = MoeArgs(cfg.size("num_local_experts", "num_experts"), cfg.size("num_experts_per_tok"))
+        layer_types = cfg.get("layer_types", None, list)
+        labels = cfg.get("id2label", None, dict)
         return cls(
             architecture=arch,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=cfg.size("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_hidden_layers=int(need("num_hidden_layers")),
+            intermediate_size=cfg.size("intermediate_size"),
+            num_hidden_layers=cfg.size("num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            num_key_value_heads=cfg.get("num_key_value_heads", heads, int),
+            head_dim=head_dim,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5, (int, float)),
             rope_theta=rope_theta,
-            sliding_window=cfg.get("sliding_window"),
+            sliding_window=cfg.get("sliding_window", None, int),
             layer_types=tuple(layer_types) if layer_types else None,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            bos_token_id=cfg.get("bos_token_id", 1),
-            eos_token_ids=eos_ids,
-            pad_token_id=cfg.get("pad_token_id"),
-            num_labels=int(cfg.get("num_labels", len(cfg.get("id2label") or {}) or 2)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 32768, int),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False, bool),
+            bos_token_id=cfg.get("bos_token_id", 1, int),
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+            pad_token_id=cfg.get("pad_token_id", None, int),
+            num_labels=cfg.get("num_labels", len(labels or {}) or 2, int),
             moe=moe,
         )
 
     @classmethod
-    def from_params_json(cls, p: dict[str, Any], *, source: str = "params.json") -> ModelArgs:
+    def from_params_json(cls, p: Any, *, source: str = "params.json") -> ModelArgs:
         """From a raw Mistral ``params.json`` (dim, n_layers, n_heads, ..., optional moe)."""
+        if not isinstance(p, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(p).__name__}")
+        try:
+            return cls._from_params(_Fields(p))
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
-        def need(key: str) -> Any:
-            if key not in p:
-                raise ConfigError(f"{source}: missing required field {key!r}")
-            return p[key]
-
-        moe_p = p.get("moe")
-        moe = MoeArgs(int(moe_p["num_experts"]), int(moe_p["num_experts_per_tok"])) if moe_p else None
-        dim, heads = int(need("dim")), int(need("n_heads"))
+    @classmethod
+    def _from_params(cls, p: _Fields) -> ModelArgs:
+        moe_p = p.get("moe", None, dict)
+        moe = None
+        if moe_p:
+            m = _Fields(moe_p, "moe.")
+            moe = MoeArgs(m.size("num_experts"), m.size("num_experts_per_tok"))
+        dim, heads = p.size("dim", "hidden_size"), p.size("n_heads", "num_attention_heads")
+        head_dim = p.get("head_dim", None, int)
+        if head_dim is None:
+            if dim % heads:
+                raise ConfigError(f"no head_dim, and dim={dim} is not a multiple of n_heads={heads}")
+            head_dim = dim // heads
         return cls(
             architecture="MixtralForCausalLM" if moe else "MistralForCausalLM",
-            vocab_size=int(need("vocab_size")),
+            vocab_size=p.size("vocab_size"),
             hidden_size=dim,
-            intermediate_size=int(need("hidden_dim")),
-            num_hidden_layers=int(need("n_layers")),
+            intermediate_size=p.size("hidden_dim", "intermediate_size"),
+            num_hidden_layers=p.size("n_layers", "num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=int(p.get("n_kv_heads") or heads),
-            head_dim=int(p.get("head_dim") or dim // heads),
-            rms_norm_eps=float(p.get("norm_eps", 1e-5)),
-            rope_theta=float(p.get("rope_theta", 1e6 if moe else 10000.0)),
-            sliding_window=p.get("sliding_window"),
-            max_position_embeddings=int(p.get("max_seq_len", p.get("max_position_embeddings", 32768))),
+            num_key_value_heads=p.get("n_kv_heads", heads, int),
+            head_dim=head_dim,
+            rms_norm_eps=p.get("norm_eps", 1e-5, (int, float)),
+            rope_theta=p.get("rope_theta", 1e6 if moe else 10000.0, (int, float)),
+            sliding_window=p.get("sliding_window", None, int),
+            max_position_embeddings=p.get("max_seq_len", p.get("max_position_embeddings", 32768, int), int),
             tie_word_embeddings=False,
             moe=moe,
         )
@@ -233,10 +335,71 @@ class ModelArgs:
         path = Path(path)
         for name, build in (("config.json", cls.from_hf_config), ("params.json", cls.from_params_json)):
             f = path / name
+            if f.is_symlink() and not f.exists():
+                raise ConfigError(f"{f}: a symbolic link to a file that does not exist")
             if f.is_file():
-                try:
-                    data = json.loads(f.read_text())
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{f}: not valid JSON ({e})") from None
-                return build(data, source=str(f))
+                return build(read_json(f, ConfigError), source=str(f))
+        if not path.is_dir():
+            raise ConfigError(f"{path}: not a checkpoint directory (no such directory)")
         raise ConfigError(f"{path}: not a checkpoint directory (no config.json or params.json)")
+
+
+# JSON files mixtrt reads are small; anything larger is not one of them (and is not read into memory).
+MAX_JSON_BYTES = 64 << 20
+
+
+def read_json(path: Path, error: type[Exception]) -> Any:
+    """The parsed JSON of a small file, or `error` naming the file (too large, unreadable, not UTF-8 JSON).
+    NaN and Infinity literals are refused (they are not JSON)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise error(f"{path}: {size} bytes is too large for a JSON file mixtrt reads (at most {MAX_JSON_BYTES})")
+        return json.loads(path.read_bytes(), parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    except _NotJSON as e:
+        raise error(f"{path}: not valid JSON ({e} is not a JSON number)") from None
+    except RecursionError:
+        raise error(f"{path}: not valid JSON (nested too deeply)") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read it ({e.strerror})") from None
+
+
+class _NotJSON(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJSON(name)
+
+
+class _Fields:
+    """Typed access to a config dict: each value is checked before it is used, and an error names the field.
+
+    >>> _Fields({"hidden_size": "abc"}).size("hidden_size")
+    Traceback (most recent call last):
+    ...
+    mixtrt.runtime.errors.ConfigError: hidden_size must be a positive integer, got 'abc'
+    """
+
+    def __init__(self, d: dict[str, Any], prefix: str = "") -> None:
+        self.d, self.prefix = d, prefix
+
+    def get(self, key: str, default: Any, kind: type | tuple[type, ...]) -> Any:
+        """d[key] if present and not null, else default; refused unless of `kind` (bool is never an int)."""
+        value = self.d.get(key)
+        if value is None:
+            return default
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join({int: "an integer", float: "a number", str: "a string", bool: "true or false",
+                                 list: "a list", dict: "an object"}[k] for k in kinds)
+            raise ConfigError(f"{self.prefix}{key} must be {names}, got {value!r}")
+        return value
+
+    def size(self, key: str, limit: str | None = None) -> int:
+        """A required positive integer, at most LIMITS[limit or key] when there is one."""
+        if self.d.get(key) is None:
+            raise ConfigError(f"missing required field {self.prefix + key!r}")
+        return _size(self.prefix + key, self.d[key], limit or key)

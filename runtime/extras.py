@@ -35,7 +35,8 @@ EXTRAS: dict[str, Extra] = {
     "gpu": Extra(("torch", "triton"), "the Triton GPU backend"),
     "tensorrt": Extra(("tensorrt", "polygraphy"), "TensorRT engines (not installable from PyPI alone)"),
     "bench": Extra(("matplotlib", "psutil"), "the benchmark scripts and their charts"),
-    "test": Extra(("pytest", "transformers", "mistral_common", "polygraphy", "mypy", "triton"), "the test suite"),
+    "test": Extra(("pytest", "transformers", "mistral_common", "polygraphy", "mypy", "triton", "hypothesis"),
+                  "the test suite"),
 }
 
 

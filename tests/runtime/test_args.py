@@ -19,10 +19,10 @@ def test_mistral_config():
 def test_mixtral_transformers_5_fields():
     cfg = {**MISTRAL, "architectures": ["MixtralForCausalLM"], "sliding_window": None, "num_local_experts": 8,
            "num_experts_per_tok": 2, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
-           "eos_token_id": [2, 32000], "head_dim": 64}
+           "eos_token_id": [2, 31999], "head_dim": 64}
     a = ModelArgs.from_hf_config(cfg)
     assert a.moe is not None and (a.moe.num_experts, a.moe.num_experts_per_tok) == (8, 2)
-    assert (a.rope_theta, a.eos_token_ids, a.head_dim, a.window(5)) == (1e6, (2, 32000), 64, None)
+    assert (a.rope_theta, a.eos_token_ids, a.head_dim, a.window(5)) == (1e6, (2, 31999), 64, None)
 
 
 def test_layer_types_choose_the_window_per_layer():
