@@ -18,7 +18,6 @@ naming the tensor and the file. Tensors are read one at a time (safe_open / mmap
 from __future__ import annotations
 
 import contextlib
-import json
 import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,11 +28,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mixtrt.export.model import HEADS, CausalLM, Transformer
-from mixtrt.runtime.args import ModelArgs
+from mixtrt.runtime.args import ModelArgs, read_json
 from mixtrt.runtime.cache import CachePlan
 from mixtrt.runtime.errors import CheckpointError, ConfigError
 
 Shape = tuple[int, ...]
+# Stored dtypes a weight may have (safetensors' names and torch's): anything else is refused, never cast.
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "float16", "bfloat16", "float32", "float64"})
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,11 @@ class _Files:
         for key in sd:
             self._add(key, path, sd)
 
+    def dtype(self, key: str) -> str:
+        """The stored dtype's name: safetensors' ("F16", "BF16", "I64", ...) or torch's ("float16", ...)."""
+        path, h = self.where[key]
+        return str(h[key].dtype).removeprefix("torch.") if isinstance(h, dict) else h.get_slice(key).get_dtype()
+
     def shape(self, key: str) -> Shape:
         path, h = self.where[key]
         return tuple(h[key].shape) if isinstance(h, dict) else tuple(h.get_slice(key).get_shape())
@@ -187,10 +193,13 @@ def _open_weights(path: Path, args_from: str) -> Iterator[_Files]:
         if args_from == "hf":
             index = path / "model.safetensors.index.json"
             if index.is_file():
-                try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise CheckpointError(f"{index}: not a safetensors index ({_line(e)})") from None
+                data = read_json(index, CheckpointError)
+                weight_map = data.get("weight_map") if isinstance(data, dict) else None
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(v, str) and v and Path(v).name == v and v not in (".", "..")
+                        for v in weight_map.values()):
+                    raise CheckpointError(f"{index}: not a safetensors index (needs a \"weight_map\" of tensor "
+                                          "names to shard file names in this directory)")
                 for shard in sorted(set(weight_map.values())):
                     if not (path / shard).is_file():
                         raise CheckpointError(f"{index}: shard {shard} is missing")
@@ -256,6 +265,13 @@ def load_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float
             if got != shape:
                 raise CheckpointError(
                     f"{files.where[name][0]}: tensor {name!r} has shape {list(got)}, expected {list(shape)}"
+                )
+            stored = files.dtype(name)
+            if stored not in FLOAT_DTYPES:
+                raise CheckpointError(
+                    f"{files.where[name][0]}: tensor {name!r} is stored as {stored}; weights must be floating point "
+                    f"({', '.join(sorted(FLOAT_DTYPES))}): integer, bool and fp8 tensors are not cast (quantized "
+                    "checkpoints are not supported)"
                 )
         weights = {ours: src.combine([files.get(n, dtype, src.part) for n in src.names]).contiguous()
                    for ours, src in mapping.items()}
