@@ -45,6 +45,8 @@ from mixtrt.runtime.precision import PRECISIONS
 
 # Linear (no-window) caches cost memory per position, so their default context is bounded.
 DEFAULT_LINEAR_CONTEXT = 4096
+# The most positions an artifact serves (its rope tables hold them; the graph's sequence dimension stops here).
+MAX_CONTEXT = 1 << 20
 # Past this many bytes of weights the graph keeps them in model.onnx.data (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = 1 << 30
 OPSET = 20
@@ -67,12 +69,23 @@ def default_out_dir(checkpoint_dir: Path, precision: str) -> Path:
 
 
 def resolve_max_context(args: ModelArgs, max_context: int | None) -> int:
+    """The positions the artifact serves: at least 2 (a prompt token and a generated one), at most
+    max_position_embeddings and MAX_CONTEXT (an artifact holds rope tables of that many positions)."""
     if max_context is None:
         windowed = CachePlan.for_model(args, args.max_position_embeddings).windowed
-        return args.max_position_embeddings if windowed else min(args.max_position_embeddings, DEFAULT_LINEAR_CONTEXT)
-    if max_context < 1 or max_context > args.max_position_embeddings:
-        raise ConfigError(f"--max-context {max_context} must be in [1, max_position_embeddings="
-                          f"{args.max_position_embeddings}]")
+        max_context = args.max_position_embeddings if windowed else min(args.max_position_embeddings,
+                                                                         DEFAULT_LINEAR_CONTEXT)
+        if max_context > MAX_CONTEXT:
+            raise ConfigError(f"max_position_embeddings={args.max_position_embeddings} is more positions than an "
+                              f"artifact serves ({MAX_CONTEXT}); pass --max-context N <= {MAX_CONTEXT}")
+        return max_context
+    if not isinstance(max_context, int) or isinstance(max_context, bool):
+        raise ConfigError(f"--max-context must be an integer, got {max_context!r}")
+    high = min(args.max_position_embeddings, MAX_CONTEXT)
+    if not 2 <= max_context <= high:
+        raise ConfigError(f"--max-context {max_context} must be in [2, {high}] (a prompt token and a generated one, "
+                          f"up to max_position_embeddings={args.max_position_embeddings}"
+                          + (f" and the {MAX_CONTEXT} positions an artifact serves)" if high == MAX_CONTEXT else ")"))
     return max_context
 
 
@@ -90,7 +103,7 @@ def export_onnx(
     from mixtrt.plugins.onnx_common import custom_translation_table
 
     say = progress or (lambda _msg: None)
-    if precision not in PRECISIONS:
+    if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision!r} is not one of {sorted(PRECISIONS)}")
     checkpoint_dir = Path(checkpoint_dir)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint_dir, precision)
@@ -124,7 +137,7 @@ def export_onnx(
         say(f"  traced in {time.perf_counter() - t1:.1f} s")
         say(f"writing {MODEL_FILE}")
         names = _save(program.model, tmp, external=weight_bytes > EXTERNAL_DATA_BYTES)
-        opsets, summary = _finish_graph(tmp / MODEL_FILE)
+        opsets, summary = _finish_graph(tmp / MODEL_FILE, Manifest.graph_metadata(args, precision, max_context, plan))
         for name, source in chat.files.items():
             shutil.copyfile(source, tmp / name)
             names.append(name)
@@ -159,10 +172,24 @@ def is_current(artifact_dir: str | Path, checkpoint_dir: str | Path) -> bool:
         built = (artifact_dir / MANIFEST).stat().st_mtime
         m = Manifest.load(artifact_dir, verify=False)
         m.check_graph_io(artifact_dir)
+        if _graph_metadata(artifact_dir / MODEL_FILE) != Manifest.graph_metadata(m.args, m.precision, m.max_context,
+                                                                                 m.cache):
+            return False
         return (m.source == str(checkpoint_dir.resolve())
                 and all(f.stat().st_mtime <= built for f in checkpoint_dir.iterdir() if f.is_file()))
     except (ArtifactError, OSError):
         return False
+
+
+def _graph_metadata(path: Path) -> dict[str, str]:
+    """The graph's metadata_props (read without its weights)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - onnx raises protobuf's DecodeError and others: not a graph we wrote
+        return {}
+    return {p.key: p.value for p in model.metadata_props}
 
 
 def _trace(model: CausalLM, args: ModelArgs, capacity: int, table: dict,
@@ -190,9 +217,10 @@ def _trace(model: CausalLM, args: ModelArgs, capacity: int, table: dict,
         )
 
 
-def _finish_graph(path: Path) -> tuple[dict[str, int], dict]:
-    """Attach the custom ops' function bodies, name the nodes, check; return the opsets and the graph summary
-    (op counts, parameters and their bytes) that `mixtrt inspect` shows without needing onnx.
+def _finish_graph(path: Path, metadata: dict[str, str]) -> tuple[dict[str, int], dict]:
+    """Attach the custom ops' function bodies, name the nodes, record `metadata` (Manifest.graph_metadata) in
+    the graph, check; return the opsets and the graph summary (op counts, parameters and their bytes) that
+    `mixtrt inspect` shows without needing onnx.
 
     Works on the graph without loading external data, so it costs the same for a 7B model as for a tiny one.
     """
@@ -204,6 +232,7 @@ def _finish_graph(path: Path) -> tuple[dict[str, int], dict]:
     model = onnx.load(str(path), load_external_data=False)
     attach_functions(model)
     _name_nodes(model.graph)
+    onnx.helper.set_model_props(model, metadata)
     onnx.save(model, str(path))
     onnx.checker.check_model(str(path))
     graph = model.graph

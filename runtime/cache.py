@@ -26,6 +26,7 @@ What a row's C slots hold is private to each backend. Example, W=4, C=6, after 9
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from mixtrt.runtime.args import ModelArgs
-from mixtrt.runtime.errors import ArtifactError
+from mixtrt.runtime.errors import ArtifactError, ConfigError
 from mixtrt.runtime.precision import PRECISIONS
 
 LAYOUTS = ("windowed", "linear")
@@ -72,10 +73,12 @@ class CachePlan:
     @classmethod
     def from_dict(cls, d: dict[str, Any], num_layers: int) -> CachePlan:
         """The manifest's "cache" object; checked for consistency (a hand-edited one is refused)."""
+        if not isinstance(d.get("windows"), list):
+            raise ArtifactError(f"cache.windows must be a list, got {d.get('windows')!r}")
         plan = cls(capacity=d["capacity"], layout=d["layout"], windows=tuple(d["windows"]), dtype=d["dtype"])
         if not isinstance(plan.capacity, int) or isinstance(plan.capacity, bool) or plan.capacity < 1:
             raise ArtifactError(f"cache.capacity must be a positive integer, got {plan.capacity!r}")
-        if plan.layout not in LAYOUTS:
+        if not isinstance(plan.layout, str) or plan.layout not in LAYOUTS:
             raise ArtifactError(f"cache.layout {plan.layout!r} is not one of {list(LAYOUTS)}")
         if len(plan.windows) != num_layers or not all(
                 w is None or (isinstance(w, int) and not isinstance(w, bool) and 1 <= w) for w in plan.windows):
@@ -84,7 +87,7 @@ class CachePlan:
             raise ArtifactError("cache.layout 'windowed' needs a window on every layer and capacity >= the window")
         if d.get("window") != plan.window:
             raise ArtifactError(f"cache.window {d.get('window')!r} does not match the windows {list(plan.windows)}")
-        if plan.dtype not in PRECISIONS.values():
+        if not isinstance(plan.dtype, str) or plan.dtype not in PRECISIONS.values():
             raise ArtifactError(f"cache.dtype {plan.dtype!r} is not one of {sorted(PRECISIONS.values())}")
         return plan
 
@@ -99,6 +102,12 @@ class HostKVCache:
     def __init__(self, num_layers: int, batch_size: int, kv_heads: int, capacity: int, head_dim: int,
                  dtype: np.dtype | type = np.float32) -> None:
         shape = (batch_size, kv_heads, capacity, head_dim)
+        nbytes = 2 * num_layers * int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+        memory = physical_memory()
+        if memory is not None and nbytes > memory:
+            raise ConfigError(f"a KV cache of {batch_size} row(s) needs {nbytes / 2**30:.1f} GiB, more than this "
+                              f"machine's {memory / 2**30:.1f} GiB of memory (fewer rows, or export with a smaller "
+                              "--max-context)")
         self.keys = tuple(np.zeros(shape, dtype) for _ in range(num_layers))
         self.values = tuple(np.zeros(shape, dtype) for _ in range(num_layers))
         self.lengths = np.zeros(batch_size, np.int32)
@@ -138,3 +147,11 @@ class HostKVCache:
             lengths[i] = self.lengths[rows[i]]
         lengths[emptied] = 0
         self.lengths[:] = lengths
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory (None where the OS does not say): more than this is never allocated."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None

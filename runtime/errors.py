@@ -21,6 +21,15 @@ class BackendError(MixtrtError, RuntimeError):
     """The inference backend failed on a step (the message carries its own error)."""
 
 
+class NonFiniteLogitsError(BackendError):
+    """The model produced NaN or infinite logits for a row: its weights or config are broken, or fp16
+    overflowed. `events` holds the other rows' events of the Engine step that found it (those rows go on)."""
+
+    def __init__(self, message: str, events: list | None = None) -> None:
+        super().__init__(message)
+        self.events = events or []
+
+
 class MissingExtraError(MixtrtError, ImportError):
     """An optional dependency is not installed; the message names the extra (`pip install 'mixtrt[X]'`)."""
 
@@ -28,3 +37,12 @@ class MissingExtraError(MixtrtError, ImportError):
 class MixtrtWarning(UserWarning):
     """Something a user must know but that does not stop the work (a substituted file); the CLI prints it
     as one line."""
+
+
+class Terminated(SystemExit):
+    """SIGTERM / SIGHUP arrived while mixtrt was writing an artifact: raised so the partial one is removed;
+    the process then exits with 128 + the signal number, as it would have."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum

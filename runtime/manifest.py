@@ -22,20 +22,24 @@ top-level fields are refused the same way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import signal
+import socket
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mixtrt.runtime.args import ModelArgs
+from mixtrt.runtime.args import MAX_JSON_BYTES, ModelArgs, read_json
 from mixtrt.runtime.cache import CachePlan
 from mixtrt.runtime.chat_format import ChatFormat
-from mixtrt.runtime.errors import ArtifactError, MixtrtError
+from mixtrt.runtime.errors import ArtifactError, MixtrtError, Terminated
 from mixtrt.runtime.precision import PRECISIONS
 
 FORMAT = "mixtrt-artifact"
@@ -43,6 +47,10 @@ FORMAT_VERSION = 2
 FEATURES: frozenset[str] = frozenset()  # the features this runtime knows (none beyond the base format yet)
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
+DTYPES = frozenset({"int64", "int32", "float32", "float16"})  # of graph inputs and outputs
+# The graph's metadata_props key holding the manifest fields a runtime checks against the graph itself.
+GRAPH_METADATA = "mixtrt.manifest"
+EDITED = "the manifest was edited or the artifact is damaged: export again"
 
 
 @dataclass(frozen=True)
@@ -55,8 +63,15 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
-        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+    def from_dict(cls, d: Any) -> TensorSpec:
+        if not isinstance(d, dict) or set(d) != {"name", "dtype", "shape"}:
+            raise ArtifactError(f"a graph input/output must be {{name, dtype, shape}}, got {d!r}")
+        name, dtype, shape = d["name"], d["dtype"], d["shape"]
+        if not isinstance(name, str) or dtype not in DTYPES or not isinstance(shape, list) or not all(
+                isinstance(n, str) or (isinstance(n, int) and not isinstance(n, bool) and n >= 1) for n in shape):
+            raise ArtifactError(f"graph input/output {d!r} needs a string name, a dtype in {sorted(DTYPES)} and a "
+                                "shape of positive integers and dimension names")
+        return cls(name, dtype, tuple(shape))
 
 
 @dataclass(frozen=True)
@@ -110,9 +125,55 @@ class Manifest:
             return
         ours, theirs = {t.name for t in inputs + outputs}, {t.name for t in self.inputs + self.outputs}
         diff = ", ".join([f"missing {sorted(ours - theirs)}"] * bool(ours - theirs)
-                         + [f"unknown {sorted(theirs - ours)}"] * bool(theirs - ours)) or "other shapes or dtypes"
+                         + [f"unknown {sorted(theirs - ours)}"] * bool(theirs - ours))
+        if not diff:
+            same = sorted(inputs + outputs, key=lambda t: t.name) == sorted(self.inputs + self.outputs,
+                                                                             key=lambda t: t.name)
+            diff = "in another order" if same else "other shapes or dtypes"
         raise ArtifactError(f"{directory}/{MANIFEST}: the graph IO it lists does not match its model, cache and "
-                            f"precision ({diff}); the manifest was edited or the artifact is damaged: export again")
+                            f"precision ({diff}); {EDITED}")
+
+    @staticmethod
+    def graph_metadata(args: ModelArgs, precision: str, max_context: int, cache: CachePlan) -> dict[str, str]:
+        """What the exporter writes into the graph's metadata_props: the manifest fields that decide how the
+        graph must be run (model, precision, max context, cache plan). The runtime compares them with the
+        manifest when it opens the graph (`check_graph`), so an edited manifest cannot make it misread one."""
+        facts = {"model": args.to_dict(), "precision": precision, "max_context": max_context,
+                 "cache": cache.to_dict()}
+        return {GRAPH_METADATA: json.dumps(facts, sort_keys=True)}
+
+    def check_graph(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec],
+                    metadata: dict[str, str]) -> None:
+        """Refuse a graph whose IO (names, dtypes, fixed dimensions) or metadata disagree with this manifest.
+
+        A dimension the manifest names ("batch") must be dynamic in the graph; a number must be the same number
+        (the cache buffers' capacity, heads and head dim, the vocabulary).
+        """
+        for kind, got, want in (("inputs", inputs, self.inputs), ("outputs", outputs, self.outputs)):
+            if [t.name for t in got] != [t.name for t in want]:
+                raise ArtifactError(f"{path}: graph {kind} {[t.name for t in got]} do not match the manifest's "
+                                    f"{[t.name for t in want]}; {EDITED}")
+            for g, w in zip(got, want, strict=True):
+                same = g.dtype == w.dtype and len(g.shape) == len(w.shape) and all(
+                    isinstance(gd, str) if isinstance(wd, str) else gd == wd
+                    for gd, wd in zip(g.shape, w.shape, strict=True))
+                if not same:
+                    raise ArtifactError(f"{path}: graph {kind[:-1]} {g.name} is {g.dtype} {list(g.shape)} but the "
+                                        f"manifest says {w.dtype} {list(w.shape)}; {EDITED}")
+        facts = metadata.get(GRAPH_METADATA)
+        if facts is None:
+            raise ArtifactError(f"{path}: the graph carries no mixtrt metadata (exported by an earlier mixtrt): "
+                                "export the checkpoint again")
+        expected = json.loads(Manifest.graph_metadata(self.args, self.precision, self.max_context,
+                                                     self.cache)[GRAPH_METADATA])
+        try:
+            recorded = json.loads(facts)
+        except json.JSONDecodeError:
+            recorded = None
+        if not isinstance(recorded, dict) or recorded != expected:
+            fields = sorted(k for k in expected if not isinstance(recorded, dict) or recorded.get(k) != expected[k])
+            raise ArtifactError(f"{path.parent}/{MANIFEST}: {', '.join(fields) or 'its fields'} disagree with the "
+                                f"graph's own record; {EDITED}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -137,11 +198,13 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: Any, *, source: str = MANIFEST) -> Manifest:
+        """Parse and check a manifest dict: every field of its type, every file name plain, the fields that
+        depend on each other consistent. Any problem is one ArtifactError naming `source` and the field."""
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             got = d.get("format") if isinstance(d, dict) else type(d).__name__
             raise ArtifactError(f"{source}: not a mixtrt manifest (format={got!r})")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
             if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
                 raise ArtifactError(f"{source}: format_version {version} was written by a newer mixtrt (this one "
                                     f"reads {FORMAT_VERSION}); upgrade mixtrt")
@@ -155,57 +218,84 @@ class Manifest:
         if "chat" not in d:
             raise ArtifactError(f"{source}: no chat record (written by a mixtrt before the tokenizer and chat format "
                                 "were recorded); export the checkpoint again")
-        features = d.get("features") or []
+        features = d.get("features")
         if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
-            raise ArtifactError(f"{source}: features must be a list of strings, got {features!r}")
+            raise ArtifactError(f"{source}: features must be a list of strings, got {features!r}; {EDITED}")
         new = sorted(set(features) - FEATURES)
         if new:
             raise ArtifactError(f"{source}: the artifact needs features {new} that this mixtrt does not know; "
                                 "upgrade mixtrt")
+        missing = sorted(set(cls._empty_fields()) - set(d))
+        if missing:
+            raise ArtifactError(f"{source}: missing field {missing[0]!r}; {EDITED}")
         try:
-            args = ModelArgs.from_dict(d["model"])
-            precision = d["precision"]
-            if precision not in PRECISIONS:
-                raise ArtifactError(f"precision {precision!r} is not one of {sorted(PRECISIONS)}")
+            return cls._parse(d, features, version)
+        except MixtrtError as e:
+            raise ArtifactError(f"{source}: {e}; {EDITED}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a shape no check above foresaw
+            raise ArtifactError(f"{source}: malformed manifest ({type(e).__name__}: {e}); {EDITED}") from None
+
+    @classmethod
+    def _parse(cls, d: dict[str, Any], features: list[str], version: int) -> Manifest:
+        args = ModelArgs.from_dict(d["model"])
+        precision = d["precision"]
+        if not isinstance(precision, str) or precision not in PRECISIONS:
+            raise ArtifactError(f"precision {precision!r} is not one of {sorted(PRECISIONS)}")
+        if not isinstance(d["cache"], dict):
+            raise ArtifactError(f"cache must be an object, got {d['cache']!r}")
+        try:
             cache = CachePlan.from_dict(d["cache"], args.num_hidden_layers)
-            if cache.dtype != PRECISIONS[precision]:
-                raise ArtifactError(f"cache.dtype {cache.dtype} does not match precision {precision}")
-            files = d["files"]
-            if not isinstance(files, dict) or not all(
-                    isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("bytes"), int)
-                    for v in files.values()):
-                raise ArtifactError("files must map each file name to {sha256, bytes}")
-            manifest = cls(
-                args=args,
-                precision=precision,
-                max_context=_positive(d["max_context"], "max_context"),
-                cache=cache,
-                inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
-                outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
-                opsets=dict(d["opsets"]),
-                files=dict(files),
-                chat=ChatFormat.from_dict(d["chat"]),
-                backends=tuple(d["backends"]),
-                summary=dict(d.get("summary") or {}),
-                versions=dict(d.get("versions") or {}),
-                quantization=d.get("quantization"),
-                source=d.get("source"),
-                features=tuple(features),
-                format_version=version,
-            )
-        except MixtrtError as e:  # before ValueError: our errors are ValueErrors too, and already one line
-            raise ArtifactError(f"{source}: {e}") from None
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            what = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
-            raise ArtifactError(f"{source}: malformed manifest ({what})") from None
-        for name in (MODEL_FILE, manifest.chat.tokenizer_file, *manifest.chat.files):
-            if name not in manifest.files:
-                raise ArtifactError(f"{source}: files does not list {name}")
-        if (cache.windowed and cache.capacity > manifest.max_context) or (
-                not cache.windowed and cache.capacity != manifest.max_context):
-            raise ArtifactError(f"{source}: cache.capacity {cache.capacity} does not fit max_context "
-                                f"{manifest.max_context} and layout {cache.layout}")
-        return manifest
+        except KeyError as e:
+            raise ArtifactError(f"cache: missing field {e}") from None
+        if cache.dtype != PRECISIONS[precision]:
+            raise ArtifactError(f"cache.dtype {cache.dtype} does not match precision {precision}")
+        max_context = _positive(d["max_context"], "max_context")
+        if max_context > args.max_position_embeddings:
+            raise ArtifactError(f"max_context {max_context} is past the model's max_position_embeddings "
+                                f"{args.max_position_embeddings}")
+        if (cache.windowed and cache.capacity > max_context) or (not cache.windowed and cache.capacity != max_context):
+            raise ArtifactError(f"cache.capacity {cache.capacity} does not fit max_context {max_context} and layout "
+                                f"{cache.layout}")
+        files = d["files"]
+        if not isinstance(files, dict):
+            raise ArtifactError(f"files must map each file name to {{sha256, bytes}}, got {files!r}")
+        for name, info in files.items():
+            if not isinstance(name, str) or Path(name).name != name or name in (".", "..", MANIFEST):
+                raise ArtifactError(f"files: {name!r} is not a plain file name")
+            if not isinstance(info, dict) or set(info) != {"sha256", "bytes"} or not _is_sha256(info["sha256"]) \
+                    or not isinstance(info["bytes"], int) or isinstance(info["bytes"], bool) or info["bytes"] < 0:
+                raise ArtifactError(f"files must map each file name to {{sha256, bytes}}: {name!r} has {info!r}")
+        chat = ChatFormat.from_dict(d["chat"])
+        absent = [n for n in (MODEL_FILE, chat.tokenizer_file, *chat.files) if n not in files]
+        if absent:
+            raise ArtifactError(f"files does not list {', '.join(dict.fromkeys(absent))}")
+        tensors = []
+        for key in ("inputs", "outputs"):
+            if not isinstance(d[key], list):
+                raise ArtifactError(f"{key} must be a list, got {d[key]!r}")
+            tensors.append(tuple(TensorSpec.from_dict(t) for t in d[key]))
+        backends = d["backends"]
+        if not isinstance(backends, list) or not backends or not all(isinstance(b, str) for b in backends):
+            raise ArtifactError(f"backends must be a non-empty list of names, got {backends!r}")
+        opsets = d["opsets"]
+        if not isinstance(opsets, dict) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                   for v in opsets.values()):
+            raise ArtifactError(f"opsets must map each domain to its version, got {opsets!r}")
+        for key in ("summary", "versions"):
+            if not isinstance(d[key], dict):
+                raise ArtifactError(f"{key} must be an object, got {d[key]!r}")
+        if not all(v is None or isinstance(v, str) for v in d["versions"].values()):
+            raise ArtifactError(f"versions must map each library to a version string or null, got {d['versions']!r}")
+        if d["quantization"] is not None:  # quantized weights will come with a feature of their own
+            raise ArtifactError(f"quantization must be null without a feature for it, got {d['quantization']!r}")
+        if d["source"] is not None and not isinstance(d["source"], str):
+            raise ArtifactError(f"source must be a path or null, got {d['source']!r}")
+        return cls(
+            args=args, precision=precision, max_context=max_context, cache=cache, inputs=tensors[0],
+            outputs=tensors[1], opsets=dict(opsets), files=dict(files), chat=chat, backends=tuple(backends),
+            summary=dict(d["summary"]), versions=dict(d["versions"]), quantization=None, source=d["source"],
+            features=tuple(features), format_version=version,
+        )
 
     @classmethod
     def _empty_fields(cls) -> tuple[str, ...]:
@@ -226,13 +316,7 @@ class Manifest:
             raise ArtifactError(f"{directory}: no such artifact directory")
         if not path.is_file():
             raise ArtifactError(f"{directory}: not an artifact directory (no {MANIFEST}); run `mixtrt export` first")
-        try:
-            data = json.loads(path.read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ArtifactError(f"{path}: not valid JSON ({e})") from None
-        except OSError as e:
-            raise ArtifactError(f"{path}: cannot read it ({e.strerror})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path, ArtifactError), source=str(path))
 
     @classmethod
     def load(cls, directory: str | Path, *, verify: bool = True) -> Manifest:
@@ -261,6 +345,10 @@ class Manifest:
                 raise ArtifactError(f"{f}: sha256 does not match the manifest; the file was modified")
 
 
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 def _positive(value: Any, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ArtifactError(f"{name} must be a positive integer, got {value!r}")
@@ -282,23 +370,35 @@ def file_entries(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]
 def is_artifact(directory: Path) -> bool:
     """True only for a directory that is provably a mixtrt artifact: its manifest parses as ours (any format
     version this mixtrt can tell is a manifest) and it holds exactly the files the manifest lists."""
-    path = Path(directory) / MANIFEST
+    directory = Path(directory)
+    path = directory / MANIFEST
     try:
+        if directory.is_symlink() or not path.is_file() or path.is_symlink() or path.stat().st_size > MAX_JSON_BYTES:
+            return False
         data = json.loads(path.read_bytes())
-        names = set(data["files"]) if isinstance(data, dict) and data.get("format") == FORMAT else None
-        present = {p.name for p in Path(directory).iterdir()}
-    except (OSError, ValueError, KeyError, TypeError):
+        files = data.get("files") if isinstance(data, dict) and data.get("format") == FORMAT else None
+        if not isinstance(files, dict) or not all(isinstance(n, str) and n and Path(n).name == n for n in files):
+            return False
+        present = {p.name for p in directory.iterdir()}
+        return present == set(files) | {MANIFEST} and all(
+            (directory / n).is_file() and not (directory / n).is_symlink() for n in files)
+    except (OSError, ValueError, RecursionError):
         return False
-    return names is not None and present == names | {MANIFEST} and all(
-        (Path(directory) / n).is_file() and not (Path(directory) / n).is_symlink() for n in names)
 
 
 def check_target(target: Path, *, overwrite: bool = False) -> None:
-    """Refuse a target that is a file, an existing artifact (unless overwrite), or a non-empty directory
-    that is not provably an artifact (never: replacing it would delete someone's files)."""
+    """Refuse a target that is a file or a link, lies inside an artifact, is an existing artifact (unless
+    overwrite), or is a non-empty directory that is not provably an artifact (never: replacing it would
+    delete someone's files)."""
     target = Path(target)
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise ArtifactError(f"{target}: exists and is not a directory")
+    if target.is_symlink():
+        raise ArtifactError(f"{target}: is a symbolic link; refusing to replace it (choose another --out)")
+    if target.exists() and not target.is_dir():
+        raise ArtifactError(f"{target}: exists and is not a directory; refusing to replace it (choose another --out)")
+    for parent in target.absolute().parents:
+        if is_artifact(parent):
+            raise ArtifactError(f"{target}: lies inside the artifact {parent}, which holds only its own files "
+                                "(choose another --out)")
     if target.is_dir() and any(target.iterdir()):
         if not is_artifact(target):
             raise ArtifactError(f"{target}: is a non-empty directory that is not a mixtrt artifact; refusing to "
@@ -307,38 +407,171 @@ def check_target(target: Path, *, overwrite: bool = False) -> None:
             raise ArtifactError(f"{target}: already exists (pass --force / overwrite=True to replace it)")
 
 
+# Written into an export's temporary directory (and removed before the rename): proves to a later export of
+# the same target that a leftover directory is a partial artifact of a process that died.
+PARTIAL_MARKER = ".mixtrt-partial"
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `target`; rename it to `target` only if the block succeeds.
 
     An interrupted or failed export leaves no directory at `target`, and an existing artifact stays whole
-    until the new one is complete (if the final swap fails, the old one is put back).
+    until the new one is complete (if the final swap fails, the old one is put back). In detail:
+    - the temporary directory is `.NAME.tmp-PID-XXXX` beside the target and holds a marker naming the
+      target, the host and the process; the marker is removed just before the rename;
+    - an exception (disk full included: an ArtifactError naming the file) removes it; SIGTERM and SIGHUP
+      become `Terminated` while the block runs (main thread only, and only where the process has not set
+      handlers of its own), so they remove it too, and none of SIGINT/SIGTERM/SIGHUP can land between the
+      two renames of the swap (they are delivered right after it);
+    - kill -9 cannot be caught: the next export of the same target removes the leftovers it can prove are
+      a dead process's partial artifacts (the marker's target and host are ours, its process is gone), and
+      puts back an old artifact a dead process had moved aside to `.NAME.old-PID` when the target is missing.
     """
     target = Path(target)
-    check_target(target, overwrite=overwrite)
     parent = target.parent
+    _clean_stale(target)
+    check_target(target, overwrite=overwrite)
+    with _signals_raise() as critical:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=parent))
+        except OSError as e:
+            raise ArtifactError(f"{parent}: cannot write the artifact directory here ({e.strerror})") from None
+        try:
+            (tmp / PARTIAL_MARKER).write_text(json.dumps(_owner(target)))
+            yield tmp
+            (tmp / PARTIAL_MARKER).unlink()
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; an artifact is as readable as any new folder
+            check_target(target, overwrite=overwrite)  # what is there now may have changed during the export
+            with critical():
+                if target.exists():
+                    old = parent / f".{target.name}.old-{os.getpid()}"
+                    os.replace(target, old)
+                    try:
+                        os.replace(tmp, target)
+                    except OSError:
+                        os.replace(old, target)
+                        raise
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, target)
+        except OSError as e:
+            where = _culprit(tmp, e)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ArtifactError(f"{target}: the export failed writing {where}: {e.strerror or e}; nothing was left "
+                                "behind" + (" (free some space and export again)" if e.errno == errno.ENOSPC else "")
+                                ) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _culprit(tmp: Path, e: OSError) -> str:
+    """The file an OSError of a write names, relative to the artifact; a failed write() names none, so the
+    file written last is the one (what a disk-full error needs to say)."""
+    path = Path(e.filename) if e.filename else None
+    if path is None:
+        with contextlib.suppress(OSError):
+            files = [p for p in tmp.rglob("*") if p.is_file() and p.name != PARTIAL_MARKER]
+            path = max(files, key=lambda p: p.stat().st_mtime_ns) if files else None
+    if path is None:
+        return str(tmp)
+    return str(path.relative_to(tmp)) if path.is_relative_to(tmp) else str(path)
+
+
+def _owner(target: Path) -> dict[str, Any]:
+    return {"target": str(target.absolute()), "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _alive(pid: int) -> bool:
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise ArtifactError(f"{parent}: cannot write the artifact directory here ({e.strerror})") from None
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; an artifact is as readable as any new folder
-        check_target(target, overwrite=overwrite)  # what is there now may have changed during the export
-        if target.exists():
-            old = parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _clean_stale(target: Path) -> None:
+    """Remove the partial artifacts of dead exports of `target` (and put back an old artifact a dead export
+    moved aside). Only what is provably such a leftover is touched; anything else is left alone."""
+    parent, me = target.parent, _owner(target)
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        name = entry.name
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        if name.startswith(f".{target.name}.tmp-"):
+            marker = entry / PARTIAL_MARKER
             try:
-                os.replace(tmp, target)
-            except OSError:
-                os.replace(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                owner = json.loads(marker.read_text()) if marker.is_file() and not marker.is_symlink() else None
+            except (OSError, ValueError):
+                owner = None
+            if (isinstance(owner, dict) and owner.get("target") == me["target"] and owner.get("host") == me["host"]
+                    and isinstance(owner.get("pid"), int) and not _alive(owner["pid"])):
+                shutil.rmtree(entry, ignore_errors=True)
+        elif name.startswith(f".{target.name}.old-") and name.rsplit("-", 1)[1].isdigit():
+            if _alive(int(name.rsplit("-", 1)[1])) or not is_artifact(entry):
+                continue
+            if target.exists() or target.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.replace(entry, target)
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[Callable[[], contextlib.AbstractContextManager[None]]]:
+    """While the block runs, SIGTERM / SIGHUP raise Terminated (SIGINT keeps raising KeyboardInterrupt), and
+    the `critical()` context it yields defers all three to its end. Only in the main thread, and only for
+    signals whose handler is Python's default (a program with handlers of its own keeps them)."""
+    state = _SignalState()
+
+    def handler(signum: int, frame: Any) -> None:
+        if state.critical:
+            state.pending = signum
+            return
+        _raise_for(signum)
+
+    installed: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is None:
+                continue
+            current = signal.getsignal(sig)
+            if current in (signal.SIG_DFL, signal.default_int_handler):
+                installed[sig] = current
+                signal.signal(sig, handler)
+
+    @contextlib.contextmanager
+    def critical() -> Iterator[None]:
+        state.critical = True
+        try:
+            yield
+        finally:
+            state.critical = False
+        if state.pending is not None:
+            _raise_for(state.pending)
+
+    try:
+        yield critical
+    finally:
+        for sig, previous in installed.items():
+            signal.signal(sig, previous)
+
+
+@dataclass
+class _SignalState:
+    critical: bool = False  # inside the swap: signals wait
+    pending: int | None = None  # the signal that arrived meanwhile
+
+
+def _raise_for(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated(signum)

@@ -19,7 +19,8 @@ import numpy as np
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.cache import HostKVCache
 from mixtrt.runtime.errors import ArtifactError, BackendError, ConfigError
-from mixtrt.runtime.manifest import MODEL_FILE, Manifest
+from mixtrt.runtime.manifest import MODEL_FILE, Manifest, TensorSpec
+from mixtrt.runtime.threads import check_threads
 
 
 def bind_array(binding: Any, name: str, array: np.ndarray, *, output: bool = False) -> None:
@@ -45,22 +46,22 @@ class OrtBackend:
         self.max_positions = manifest.max_context
         self.dtype = np.dtype(manifest.cache.dtype)
         opts = ort.SessionOptions()
-        if threads:
+        if check_threads(threads):
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 4  # fatal only: a failing step's error is raised (BackendError), not also logged
         model_path = self.directory / MODEL_FILE
         manifest.check_graph_io(self.directory)
         try:
             # CPU only: the cache is bound through host pointers (a CUDA path needs device buffers)
             self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
-            raise ArtifactError(f"{model_path}: onnxruntime cannot load the graph: {e}") from None
+            raise ArtifactError(f"{model_path}: onnxruntime cannot load the graph: {_first_line(e)}") from None
         _release_freed_heap()
-        for kind, got, want in (("inputs", self.session.get_inputs(), manifest.inputs),
-                                ("outputs", self.session.get_outputs(), manifest.outputs)):
-            if [t.name for t in got] != [t.name for t in want]:
-                raise ArtifactError(f"{model_path}: graph {kind} {[t.name for t in got]} do not match the manifest's")
+        manifest.check_graph(model_path, [_spec(t) for t in self.session.get_inputs()],
+                             [_spec(t) for t in self.session.get_outputs()],
+                             dict(self.session.get_modelmeta().custom_metadata_map))
         self._lock = threading.Lock()
 
     @classmethod
@@ -134,9 +135,26 @@ class OrtBackend:
             try:
                 self.session.run_with_iobinding(binding)
             except Exception as e:  # onnxruntime's own exception types; the cache rows may be partly written
-                raise BackendError(f"onnxruntime failed on a step of {b} row(s) x {s} token(s): {e}") from None
+                raise BackendError(f"onnxruntime failed on a step of {b} row(s) x {s} token(s): {_first_line(e)}"
+                                   ) from None
             cache.lengths[rows] = total32
         return logits.astype(np.float32, copy=False)
+
+
+# onnxruntime's type strings -> numpy dtype names (the manifest's)
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+              "tensor(int32)": "int32"}
+
+
+def _spec(arg: Any) -> TensorSpec:
+    """An onnxruntime NodeArg as the manifest writes graph IO (a dynamic dimension becomes its name, or "?")."""
+    return TensorSpec(arg.name, _ORT_TYPES.get(arg.type, arg.type),
+                      tuple(d if isinstance(d, int) else (d or "?") for d in arg.shape))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _release_freed_heap() -> None:

@@ -1,0 +1,307 @@
+"""Writing artifacts under faults (runtime/manifest.py `atomic_dir`, `check_target`): only a provable artifact
+is ever replaced, a failed or killed write leaves nothing behind (or is cleaned by the next export of the same
+target), disk full is one line naming the file, and a signal never lands between the swap's two renames."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from mixtrt.runtime import manifest as mf
+from mixtrt.runtime.errors import ArtifactError, Terminated
+from mixtrt.runtime.manifest import PARTIAL_MARKER, atomic_dir, check_target, file_entries, is_artifact
+from tests.hostile import one_line, tree
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def fake_artifact(path: Path, payload: str = "graph") -> Path:
+    """A directory is_artifact accepts: a mixtrt manifest listing exactly its files."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "model.onnx").write_text(payload)
+    (path / "tokenizer.model").write_text("tok")
+    files = file_entries(path, ["model.onnx", "tokenizer.model"])
+    (path / "manifest.json").write_text(json.dumps({"format": mf.FORMAT, "format_version": 2, "files": files}))
+    assert is_artifact(path)
+    return path
+
+
+def write_artifact(tmp: Path, payload: str = "new") -> None:
+    (tmp / "model.onnx").write_text(payload)
+    (tmp / "tokenizer.model").write_text("tok")
+    files = file_entries(tmp, ["model.onnx", "tokenizer.model"])
+    (tmp / "manifest.json").write_text(json.dumps({"format": mf.FORMAT, "format_version": 2, "files": files}))
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+# ---- what may be replaced --------------------------------------------------------------------------
+
+def _webapp(p: Path) -> None:
+    p.mkdir()
+    (p / "manifest.json").write_text('{"name": "my web app", "start_url": "/"}')
+    (p / "index.html").write_text("<html>")
+    (p / "src").mkdir()
+    (p / "src" / "app.js").write_text("main()")
+
+
+def _looks_like_ours(p: Path) -> None:
+    """A mixtrt-format manifest, but the directory holds more than it lists."""
+    fake_artifact(p)
+    (p / "notes.txt").write_text("mine")
+
+
+def _lists_a_directory(p: Path) -> None:
+    p.mkdir()
+    (p / "photos").mkdir()
+    (p / "photos" / "a.jpg").write_text("jpg")
+    (p / "manifest.json").write_text(json.dumps({"format": mf.FORMAT, "files": {"photos": {}}}))
+
+
+def _link_to_artifact(p: Path) -> None:
+    fake_artifact(p.parent / "real-art")
+    p.symlink_to(p.parent / "real-art")
+
+
+def _link_to_webapp(p: Path) -> None:
+    _webapp(p.parent / "site")
+    p.symlink_to(p.parent / "site")
+
+
+def _manifest_is_a_link(p: Path) -> None:
+    fake_artifact(p)
+    (p.parent / "elsewhere.json").write_text((p / "manifest.json").read_text())
+    (p / "manifest.json").unlink()
+    (p / "manifest.json").symlink_to(p.parent / "elsewhere.json")
+
+
+def _fifo_manifest(p: Path) -> None:
+    p.mkdir()
+    os.mkfifo(p / "manifest.json")
+
+
+# (name, how the target is made, what the refusal names); every one is refused even with overwrite=True
+TARGETS = [
+    ("web app with a manifest.json", _webapp, "not a mixtrt artifact"),
+    ("our manifest plus a file it does not list", _looks_like_ours, "not a mixtrt artifact"),
+    ("our manifest listing a directory", _lists_a_directory, "not a mixtrt artifact"),
+    ("manifest.json a FIFO", _fifo_manifest, "not a mixtrt artifact"),
+    ("manifest.json a link", _manifest_is_a_link, "not a mixtrt artifact"),
+    ("a file", lambda p: p.write_text("my notes"), "exists and is not a directory"),
+    ("link to an artifact", _link_to_artifact, "is a symbolic link"),
+    ("link to a web app", _link_to_webapp, "is a symbolic link"),
+    ("dangling link", lambda p: p.symlink_to(p.parent / "nowhere"), "is a symbolic link"),
+    ("inside an artifact", lambda p: fake_artifact(p.parent), "lies inside the artifact"),
+    ("deep inside an artifact", lambda p: fake_artifact(p.parent.parent), "lies inside the artifact"),
+]
+
+
+@pytest.mark.parametrize("name, make, message", TARGETS, ids=[t[0] for t in TARGETS])
+def test_only_a_provable_artifact_is_replaced(tmp_path, name, make, message):
+    target = tmp_path / "a" / "b" / "out" if name == "deep inside an artifact" else tmp_path / "box" / "out"
+    if "inside" not in name:
+        target.parent.mkdir(parents=True)
+    make(target)
+    before = tree(tmp_path)
+    for overwrite in (False, True):
+        with pytest.raises(ArtifactError) as e, atomic_dir(target, overwrite=overwrite) as tmp:
+            write_artifact(tmp)
+        one_line(e.value, str(target), message)
+        assert tree(tmp_path) == before
+
+
+def test_an_artifact_is_replaced_only_with_overwrite(tmp_path):
+    target = fake_artifact(tmp_path / "art", "old")
+    with pytest.raises(ArtifactError, match="already exists") as e, atomic_dir(target) as tmp:
+        write_artifact(tmp)
+    one_line(e.value, "--force")
+    with atomic_dir(target, overwrite=True) as tmp:
+        write_artifact(tmp, "new")
+    assert (target / "model.onnx").read_text() == "new" and leftovers(tmp_path) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic_dir(empty) as tmp:  # an empty directory holds nothing to lose
+        write_artifact(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert is_artifact(empty) and empty.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
+
+
+# ---- faults while writing --------------------------------------------------------------------------
+
+def _enospc(path: Path) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, existing):
+    target = tmp_path / "art"
+    if existing:
+        fake_artifact(target, "old")
+    before = tree(tmp_path)
+    with pytest.raises(ArtifactError) as e, atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "model.onnx").write_text("half")
+        _enospc(tmp / "model.onnx.data")
+    one_line(e.value, str(target), "model.onnx.data", "No space left on device", "nothing was left behind")
+    assert tree(tmp_path) == before  # no partial artifact; the old one (if any) whole
+
+
+def test_really_full_disk(tmp_path):
+    """A 256 KiB tmpfs filled for real (needs the right to mount; the test above covers the same path)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip() or r.returncode}); "
+                    "test_disk_full_is_one_line_and_leaves_nothing simulates ENOSPC instead")
+    try:
+        with pytest.raises(ArtifactError) as e, atomic_dir(small / "art") as tmp:
+            (tmp / "model.onnx").write_bytes(b"\0" * (1 << 20))
+        one_line(e.value, str(small / "art"), "model.onnx", "No space left on device")
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def _child(code: str, *args: str) -> subprocess.Popen:
+    script = textwrap.dedent('''
+        import os, sys, time
+        from pathlib import Path
+        from mixtrt.runtime.manifest import atomic_dir
+        target = Path(sys.argv[1])
+    ''') + textwrap.dedent(code)
+    return subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+
+
+WRITE_AND_WAIT = '''
+    with atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "model.onnx").write_text("half")
+        print("ready", flush=True)
+        time.sleep(60)
+'''
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, None)])
+def test_signal_during_a_write_removes_the_partial_artifact(tmp_path, sig, code):
+    target = fake_artifact(tmp_path / "art", "old")
+    before = tree(tmp_path)
+    child = _child(WRITE_AND_WAIT, str(target))
+    assert child.stdout is not None and child.stdout.readline() == "ready\n"
+    assert any(n.startswith(".art.tmp-") for n in leftovers(tmp_path))  # the partial artifact exists now
+    child.send_signal(sig)
+    _, err = child.communicate(timeout=60)
+    if code is not None:
+        assert child.returncode == code and err == "", err  # Terminated: a quiet SystemExit(128 + signal)
+    else:
+        assert "KeyboardInterrupt" in err
+    assert tree(tmp_path) == before
+
+
+def test_kill_9_leftovers_are_cleaned_by_the_next_export_of_the_target(tmp_path):
+    target = tmp_path / "art"
+    child = _child('''
+        with atomic_dir(target) as tmp:
+            (tmp / "model.onnx").write_text("half")
+            os.kill(os.getpid(), 9)
+    ''', str(target))
+    child.communicate(timeout=60)
+    assert child.returncode == -9
+    [left] = leftovers(tmp_path)
+    assert left.startswith(f".art.tmp-{child.pid}-") and (tmp_path / left / PARTIAL_MARKER).is_file()
+    other = fake_artifact(tmp_path / "other")
+    with atomic_dir(other, overwrite=True) as tmp:  # another target's export leaves it alone
+        write_artifact(tmp)
+    assert left in leftovers(tmp_path)
+    with atomic_dir(target) as tmp:
+        write_artifact(tmp)
+    assert leftovers(tmp_path) == [] and is_artifact(target)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _leftover(parent: Path, name: str, owner: dict | None) -> Path:
+    d = parent / name
+    d.mkdir()
+    (d / "model.onnx").write_text("half")
+    if owner is not None:
+        (d / PARTIAL_MARKER).write_text(json.dumps(owner))
+    return d
+
+
+def test_only_provable_leftovers_are_removed(tmp_path):
+    target = tmp_path / "art"
+    me, dead = mf._owner(target), _dead_pid()
+    keep = [
+        _leftover(tmp_path, f".art.tmp-{os.getpid()}-live", {**me, "pid": os.getpid()}),  # an export running now
+        _leftover(tmp_path, f".art.tmp-{dead}-nomarker", None),
+        _leftover(tmp_path, f".art.tmp-{dead}-othertarget", {**me, "pid": dead, "target": str(tmp_path / "x")}),
+        _leftover(tmp_path, f".art.tmp-{dead}-otherhost", {**me, "pid": dead, "host": "elsewhere"}),
+        _leftover(tmp_path, f".art.tmp-{dead}-badmarker", None),
+        _leftover(tmp_path, f".art.old-{dead}", None),  # not an artifact: not ours to delete
+    ]
+    (keep[4] / PARTIAL_MARKER).write_text("{not json")
+    gone = _leftover(tmp_path, f".art.tmp-{dead}-stale", {**me, "pid": dead})
+    with atomic_dir(target) as tmp:
+        write_artifact(tmp)
+    assert not gone.exists()
+    assert all(k.exists() for k in keep)
+
+
+def test_an_old_artifact_moved_aside_by_a_dead_export_is_put_back(tmp_path):
+    dead = _dead_pid()
+    fake_artifact(tmp_path / f".art.old-{dead}", "precious")
+    target = tmp_path / "art"
+    with pytest.raises(ArtifactError, match="already exists"), atomic_dir(target) as tmp:
+        write_artifact(tmp)
+    assert (target / "model.onnx").read_text() == "precious" and leftovers(tmp_path) == []
+    fake_artifact(tmp_path / f".art.old-{dead}", "stale")  # the target exists: the aside copy is stale
+    with atomic_dir(target, overwrite=True) as tmp:
+        write_artifact(tmp, "new")
+    assert (target / "model.onnx").read_text() == "new" and leftovers(tmp_path) == []
+
+
+def test_a_signal_never_lands_between_the_two_renames(tmp_path, monkeypatch):
+    """SIGTERM sent between moving the old artifact aside and moving the new one in is delivered after the
+    swap: the target is never missing, and the partial / old directories are gone."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        pytest.skip("this process has its own SIGTERM handler, which atomic_dir keeps: nothing to test here")
+    target = fake_artifact(tmp_path / "art", "old")
+    real = os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        real(src, dst)
+        if len(calls) == 1:  # the old artifact was just moved aside
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs at the next bytecode: it must only record the signal
+
+    monkeypatch.setattr(mf.os, "replace", replace)
+    with pytest.raises(Terminated) as e, atomic_dir(target, overwrite=True) as tmp:
+        write_artifact(tmp, "new")
+    assert e.value.code == 143 and len(calls) == 2
+    assert (target / "model.onnx").read_text() == "new" and leftovers(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed with the write
+
+
+def test_check_target_refuses_the_same_as_atomic_dir(tmp_path):
+    _webapp(tmp_path / "site")
+    with pytest.raises(ArtifactError) as e:
+        check_target(tmp_path / "site", overwrite=True)
+    one_line(e.value, "site", "not a mixtrt artifact")
