@@ -45,8 +45,8 @@ import numpy as np
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backends.base import Backend
 from mixtrt.runtime.chat_format import GenerationDefaults
-from mixtrt.runtime.errors import ConfigError
-from mixtrt.runtime.prompts import Prompts, normalize_prompts
+from mixtrt.runtime.errors import ConfigError, NonFiniteLogitsError
+from mixtrt.runtime.prompts import Prompts, check_text, normalize_prompts
 from mixtrt.runtime.sampling import Sampler, log_softmax
 
 if TYPE_CHECKING:
@@ -74,34 +74,57 @@ class GenerationConfig:
     prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
+        """Every field checked by type and range, so a bad value is one ConfigError naming it before any work."""
+
         def fix(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
-        if isinstance(self.stop_strings, str):
-            fix("stop_strings", (self.stop_strings,))
-        fix("stop_strings", tuple(self.stop_strings))
-        if isinstance(self.eos_token_id, (list, tuple, np.ndarray)):
-            fix("eos_token_id", tuple(int(i) for i in self.eos_token_id))
-
         def integer(name: str, low: int) -> None:
             value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+            fix(name, int(value))
 
+        def real(name: str) -> float:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, (bool, np.bool_)) \
+                    or not np.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+            fix(name, float(value))
+            return float(value)
+
+        for name in ("do_sample", "return_logprobs"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            fix(name, bool(getattr(self, name)))
         integer("max_new_tokens", 1)
         integer("top_k", 0)
         if self.seed is not None:
             integer("seed", 0)
         if self.prefill_chunk is not None:
             integer("prefill_chunk", 1)
-        if not self.temperature >= 0 or (self.do_sample and self.temperature == 0):
-            raise ConfigError(f"temperature must be > 0 when do_sample=True (>= 0 otherwise), got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not self.repetition_penalty > 0:
-            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+        temperature, top_p, penalty = real("temperature"), real("top_p"), real("repetition_penalty")
+        if not temperature >= 0 or (self.do_sample and temperature == 0):
+            raise ConfigError(f"temperature must be > 0 when do_sample=True (>= 0 otherwise), got {temperature!r}")
+        if not 0 < top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")
+        if not penalty > 0:
+            raise ConfigError(f"repetition_penalty must be > 0, got {penalty!r}")
+        stops = self.stop_strings
+        if isinstance(stops, str):
+            stops = (stops,)
+        if not isinstance(stops, (list, tuple)) or any(not isinstance(s, str) or not s for s in stops):
             raise ConfigError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        for i, stop in enumerate(stops):
+            check_text(stop, f"stop_strings[{i}]")
+        fix("stop_strings", tuple(stops))
+        eos: Any = self.eos_token_id
+        if eos is not None:
+            many = isinstance(eos, (list, tuple, np.ndarray))
+            ids = list(eos) if many else [eos]
+            if any(not isinstance(i, (int, np.integer)) or isinstance(i, (bool, np.bool_)) or i < 0 for i in ids):
+                raise ConfigError(f"eos_token_id must be a token id, a sequence of them or None, got {eos!r}")
+            fix("eos_token_id", tuple(int(i) for i in ids) if many else int(ids[0]))
 
     def eos_ids(self, args: ModelArgs) -> tuple[int, ...]:
         if self.eos_token_id is None:
@@ -193,6 +216,7 @@ class Row:
     text: _StopText
     keep: bool  # park the row (cache intact) when it finishes, for `Engine.extend`
     t0: float  # when the row was added (time to first token counts from here)
+    name: str = "prompt 0"  # how errors name the row
     history: list[int] = field(default_factory=list)  # earlier turns of a kept row (prompts and tokens)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -277,7 +301,7 @@ class Engine:
         self._check_fits(len(prompt), name)
         row = Row(self._ids, list(prompt), config, self._sampler(config, sample_index, prompt),
                   self.tokenizer.stream(), _StopText(config.stop_strings), keep,
-                  time.perf_counter() if t0 is None else t0)
+                  time.perf_counter() if t0 is None else t0, name)
         self._ids += 1
         self.waiting.append(row)
         return row
@@ -328,7 +352,12 @@ class Engine:
 
     # ---- the loop ------------------------------------------------------------------------------------
     def step(self) -> list[EngineEvent]:
-        """Admit waiting rows (prefill), then one decode step of every running row; the events of this step."""
+        """Admit waiting rows (prefill), then one decode step of every running row; the events of this step.
+
+        A row whose logits are not finite (NaN / inf: broken weights or config, fp16 overflow) is cancelled
+        and the step raises NonFiniteLogitsError naming it, with the other rows' events of this step in
+        `error.events`; those rows go on at the next step. No token is ever chosen from such logits.
+        """
         events: list[EngineEvent] = []
         while self.waiting and len(self.running) + len(self.parked) - (self.waiting[0] in self.parked) \
                 < self.max_batch:
@@ -336,7 +365,12 @@ class Engine:
             slot = self._admit(row)
             start = time.perf_counter()
             pending = row.sequence[row.cached:]
-            last, row.prompt_logprobs = self.prefill(slot, pending, row.config)
+            try:
+                last, row.prompt_logprobs = self.prefill(slot, pending, row.config, name=row.name,
+                                                         first=row.cached)
+            except NonFiniteLogitsError as e:
+                self.cancel(row)
+                raise NonFiniteLogitsError(str(e), events) from None
             row.t_prefill = time.perf_counter() - start
             row.cached += len(pending)
             events += self._accept(row, last)
@@ -344,10 +378,19 @@ class Engine:
         if self.running:
             ids = np.array([[row.tokens[-1]] for row in self.running], np.int64)  # [b, 1]
             logits = self.backend.step(self.cache, ids)  # [b, 1, V]
+            finite = np.isfinite(logits[:, 0]).all(axis=-1)
+            bad = [row for i, row in enumerate(self.running) if not finite[i]]
             for i, row in enumerate(self.running):
                 row.cached += 1
-                events += self._accept(row, logits[i, 0])
+                if finite[i]:
+                    events += self._accept(row, logits[i, 0])
+            for row in bad:
+                self.cancel(row)
             self._compact()
+            if bad:
+                names = ", ".join(f"{r.name} (generated token {len(r.tokens) + 1}, position {r.cached - 1})"
+                                  for r in bad)
+                raise NonFiniteLogitsError(f"{names}: {_NON_FINITE}", events)
         return events
 
     def _admit(self, row: Row) -> int:
@@ -381,9 +424,11 @@ class Engine:
             self.backend.move_rows(self.cache, order)
         self.running, self.parked = active, parked
 
-    def prefill(self, slot: int, ids: list[int], cfg: GenerationConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    def prefill(self, slot: int, ids: list[int], cfg: GenerationConfig, *, name: str = "the sequence",
+                first: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
         """Feed ids to cache row `slot` in chunks; return the last position's logits [V] and, with
-        return_logprobs, log p(ids[t] | ids[:t]) for t >= 1 [len(ids) - 1]."""
+        return_logprobs, log p(ids[t] | ids[:t]) for t >= 1 [len(ids) - 1]. Non-finite logits raise
+        NonFiniteLogitsError naming `name` and the positions (ids[0] sits at position `first`)."""
         tokens = np.asarray(ids, np.int64)
         chunk = self.chunk(cfg.prefill_chunk)
         logprobs = np.empty(len(ids) - 1, np.float32) if cfg.return_logprobs else None
@@ -391,6 +436,9 @@ class Engine:
             piece = tokens[start:start + chunk]
             # [S, V] when the prompt's logprobs are wanted, else [1, V]: the lm_head runs on the last token only
             logits = self.backend.step(self.cache, piece[None, :], start_row=slot, last_only=logprobs is None)[0]
+            if not np.isfinite(logits).all():
+                raise NonFiniteLogitsError(f"{name} (prefill of positions {first + start}-"
+                                           f"{first + start + len(piece) - 1}): {_NON_FINITE}")
             if logprobs is not None:
                 targets = tokens[start + 1:start + 1 + len(piece)]  # the next token of each position
                 lp = log_softmax(logits[: len(targets)])
@@ -422,6 +470,10 @@ class Engine:
             row.reason, row.message = "stop", f"stop string {row.text.stop!r}"
         row.pieces.append(text)
         return [EngineEvent(row, token, text, _output(row) if row.reason is not None else None)]
+
+
+_NON_FINITE = ("the model produced NaN or infinite logits; its weights or config are broken, or fp16 overflowed "
+               "(export with --precision fp32)")
 
 
 def _output(row: Row) -> GenerationOutput:

@@ -29,7 +29,10 @@ def normalize_prompts(prompts: Prompts, tokenizer: Any, vocab_size: int) -> list
         prompts = prompts.tolist()
     if isinstance(prompts, str):
         prompts = [prompts]
-    if not isinstance(prompts, Sequence) or len(prompts) == 0:
+    if not isinstance(prompts, Sequence) or isinstance(prompts, bytes):
+        raise ConfigError(f"prompts must be a str, a list of str, a token-id list or a list of them, got "
+                          f"{type(prompts).__name__}")
+    if len(prompts) == 0:
         raise ConfigError("prompts is empty: give a str, a list of str, a token-id list or a list of them")
     batch: Sequence[Any] = [prompts] if all(_is_id(p) for p in prompts) else prompts  # one tokenized prompt
     rows = []
@@ -37,6 +40,7 @@ def normalize_prompts(prompts: Prompts, tokenizer: Any, vocab_size: int) -> list
         if isinstance(p, str):
             if not p:
                 raise ConfigError(f"prompt {i} is empty")
+            check_text(p, f"prompt {i}")
             ids = list(tokenizer.encode(p, bos=True, eos=False))
         elif isinstance(p, (Sequence, np.ndarray)) and not isinstance(p, bytes):
             if not all(_is_id(t) for t in p):
@@ -51,3 +55,22 @@ def normalize_prompts(prompts: Prompts, tokenizer: Any, vocab_size: int) -> list
             raise ConfigError(f"prompt {i}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
         rows.append(ids)
     return rows
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` if it can be written as UTF-8, else a ConfigError naming `what` and the first bad character (a
+    lone surrogate: what Python makes of invalid UTF-8 bytes on the command line, or half a UTF-16 pair).
+
+    >>> check_text("caf\\u00e9", "prompt 0")
+    'café'
+    >>> check_text("a\\udcff", "--prompt")
+    Traceback (most recent call last):
+    ...
+    mixtrt.runtime.errors.ConfigError: --prompt is not valid text: character 1 is '\\udcff', a lone surrogate ...
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"{what} is not valid text: character {e.start} is {text[e.start]!r}, a lone surrogate "
+                          "(invalid UTF-8 bytes, or half of a UTF-16 pair)") from None
+    return text

@@ -20,6 +20,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.prompts import check_text
 
 TOKENIZER_FILE = "tokenizer.model"
 _SPACE = "\u2581"  # sentencepiece's "▁": a space in the text
@@ -55,6 +56,12 @@ def _resolve(path: str | Path | None) -> Path:
     # never another vocabulary in its place: a model's ids only mean something with its own tokenizer
     raise ConfigError(f"{path}: no {TOKENIZER_FILE} in this directory (a missing file or a dangling link); "
                       "Tokenizer.load() without a path gives the Mistral v1 one explicitly")
+
+
+def _text(text: str, what: str) -> str:
+    if not isinstance(text, str):
+        raise ConfigError(f"{what} must be a str, got {type(text).__name__}")
+    return check_text(text, what)
 
 
 def _utf8_length(lead: int) -> int:
@@ -219,11 +226,13 @@ class Tokenizer:
         return self._bytes.get(token_id)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Text -> ids; sentencepiece adds the dummy-prefix space ("Hi" -> "▁Hi")."""
-        return [self.bos_id] * bos + self._sp.encode(text) + [self.eos_id] * eos
+        """Text -> ids; sentencepiece adds the dummy-prefix space ("Hi" -> "▁Hi"). Text that is not valid
+        Unicode (a lone surrogate) is a ConfigError."""
+        return [self.bos_id] * bos + self._sp.encode(_text(text, "text")) + [self.eos_id] * eos
 
     def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
-        return [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in self._sp.encode(list(texts))]
+        texts = [_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
+        return [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in self._sp.encode(texts)]
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Ids -> text. skip_special=False writes control tokens as their pieces ("<s>", "</s>") in
@@ -286,6 +295,7 @@ def _turns(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -
     for n, m in enumerate(messages):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ConfigError(f"chat: message {n} must be a mapping with string 'role' and 'content', got {m!r}")
+        check_text(m["content"], f"chat: message {n}")
     system = None
     turns = [(m["role"], m["content"]) for m in messages]
     if turns[0][0] == "system":

@@ -38,6 +38,9 @@ class ToyTokenizer:
     def decode(self, ids: list[int]) -> str:
         return b"".join(PIECES[i] for i in ids if i >= 3).decode("utf-8", "replace")
 
+    def id_to_piece(self, i: int) -> str:
+        return PIECES[i].decode("latin-1")
+
     def stream(self) -> "ToyStreamDecoder":
         return ToyStreamDecoder()
 

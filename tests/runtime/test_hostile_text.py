@@ -1,0 +1,112 @@
+"""Hostile text and prompts (prompts, stop strings, chat messages; the API and the tokenizer): text that is not
+valid Unicode (lone surrogates: invalid UTF-8 from a command line or stdin, half a UTF-16 pair) and malformed
+prompts are one ConfigError naming the culprit, before any model work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.generation import Generator
+from mixtrt.runtime.prompts import normalize_prompts
+from mixtrt.runtime.tokenizer import Tokenizer
+from tests.hostile import one_line
+from tests.runtime.fakes import ToyBackend, ToyTokenizer, V
+
+ARGV_BYTES = b"caf\xe9 \xff".decode("utf-8", "surrogateescape")  # what Python makes of latin-1 on a UTF-8 argv
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.load()
+
+
+# (prompts as given to generate, what the one line must name)
+PROMPTS = [
+    (ARGV_BYTES, ["prompt 0", "character 3", "lone surrogate"]),
+    ("\ud83d", ["prompt 0", "lone surrogate"]),  # half of an emoji's UTF-16 pair
+    (["ok", "fine\udc80"], ["prompt 1", "character 4"]),
+    ("", ["prompt 0 is empty"]),
+    (["ok", ""], ["prompt 1 is empty"]),
+    ([], ["prompts is empty"]),
+    ([[]], ["prompt 0 is empty"]),
+    ([[1, 2], []], ["prompt 1 is empty"]),
+    ([1, V], ["prompt 0", "outside the vocabulary"]),
+    ([[1, -1]], ["outside the vocabulary"]),
+    ([[1, 2**70]], ["outside the vocabulary"]),
+    ([[1.5, 2]], ["prompt 0", "integers"]),
+    ([[True, 2]], ["prompt 0", "integers"]),
+    ([["a", 2]], ["prompt 0", "integers"]),
+    ([None], ["prompt 0", "NoneType"]),
+    ([b"bytes"], ["prompt 0", "bytes"]),
+    ([["nested", ["deeper"]]], ["prompt 0", "integers"]),
+    (np.array([[1.0, 2.0]]), ["prompt 0", "integers"]),
+    (None, ["prompts must be", "NoneType"]),
+    (42, ["prompts must be", "int"]),
+    (b"bytes", ["prompts must be", "bytes"]),
+]
+
+
+@pytest.mark.parametrize("prompts, culprits", PROMPTS, ids=[repr(p)[:30] for p, _ in PROMPTS])
+def test_bad_prompt_is_one_line_before_any_work(prompts, culprits):
+    backend = ToyBackend()
+    gen = Generator(backend, ToyTokenizer())
+    for call in (gen.generate, gen.stream):
+        with pytest.raises(ConfigError) as e:
+            call(prompts)
+        one_line(e.value, *culprits)
+    assert backend.calls == []
+
+
+@pytest.mark.parametrize("messages, culprits", [
+    ([{"role": "user", "content": ARGV_BYTES}], ["message 0", "lone surrogate"]),
+    ([{"role": "system", "content": "ok"}, {"role": "user", "content": "\udfff"}], ["message 1"]),
+    ([{"role": "user", "content": 5}], ["message 0", "string 'role' and 'content'"]),
+    ([{"role": None, "content": "hi"}], ["message 0"]),
+    (["hello"], ["message 0"]),
+    ([], ["no messages"]),
+    ([{"role": "assistant", "content": "hi"}], ["message 0", "role 'assistant'"]),
+])
+def test_bad_chat_messages(tok, messages, culprits):
+    with pytest.raises(ConfigError) as e:
+        tok.apply_chat_template(messages)
+    one_line(e.value, *culprits)
+
+
+def test_tokenizer_refuses_what_sentencepiece_would_crash_on(tok):
+    for bad, culprit in ((ARGV_BYTES, "text"), (b"bytes", "text"), (None, "text")):
+        with pytest.raises(ConfigError) as e:
+            tok.encode(bad)  # type: ignore[arg-type]
+        one_line(e.value, culprit)
+    with pytest.raises(ConfigError) as e:
+        tok.encode_batch(["fine", "\udcff"])
+    one_line(e.value, "texts[1]")
+    for ids in ([5, 32000], [-1], [2**40]):
+        with pytest.raises(ConfigError) as e:
+            tok.decode(ids)
+        one_line(e.value, "outside the vocabulary")
+
+
+def test_unusual_but_valid_text_is_accepted(tok):
+    """NUL, control characters, RTL marks, astral characters, a lone combining mark: valid Unicode, encoded."""
+    for text in ("a\x00b", "\x1b[31mred", "\u202eevil", "\U0001f9ec", "\u0301", "\ufeffbom", "\r\n"):
+        ids = tok.encode(text)
+        assert ids[0] == tok.bos_id and len(ids) > 1
+    assert normalize_prompts("a\x00b", tok, tok.vocab_size)[0] == tok.encode("a\x00b")
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=st.characters(codec=None), max_size=20))
+def test_any_text_encodes_or_is_one_config_error(tok, text):
+    """Any Python str (surrogates included): the tokenizer encodes it, or refuses it in one line. Never crashes."""
+    try:
+        ids = tok.encode(text)
+    except ConfigError as e:
+        one_line(e, "lone surrogate")
+        assert any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+        return
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert not any(0xD800 <= ord(c) <= 0xDFFF for c in text)
