@@ -313,7 +313,8 @@ class Manifest:
         directory = Path(directory)
         path = directory / MANIFEST
         if not directory.is_dir():
-            raise ArtifactError(f"{directory}: no such artifact directory")
+            raise ArtifactError(f"{directory}: " + ("not a directory, so not an artifact" if directory.exists()
+                                                    else "no such artifact directory"))
         if not path.is_file():
             raise ArtifactError(f"{directory}: not an artifact directory (no {MANIFEST}); run `mixtrt export` first")
         return cls.from_dict(read_json(path, ArtifactError), source=str(path))

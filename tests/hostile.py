@@ -72,12 +72,13 @@ def cli(*argv: str) -> Run:
     return Run(code, out.getvalue(), err.getvalue())
 
 
-def refused(run: Run, command: str, *culprits: str) -> str:
-    """A CLI run that failed as a bad input must: exit 2, nothing on stdout, one stderr line naming the culprits."""
+def refused(run: Run, command: str | None, *culprits: str) -> str:
+    """A CLI run that failed as a bad input must: exit 2, nothing on stdout, one stderr line naming the culprits
+    (command None: an error of `mixtrt` itself, before a command was chosen)."""
     assert run.code == 2, (run.code, run.stderr)
     assert run.stdout == "", run.stdout
     line = one_line(run.stderr, *culprits)
-    assert line.startswith(f"mixtrt {command}: error:"), line
+    assert line.startswith(f"mixtrt {command}: error:" if command else "mixtrt: error:"), line
     return line
 
 

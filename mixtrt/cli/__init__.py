@@ -2,28 +2,38 @@
 
     mixtrt --help                   mixtrt COMMAND --help           python -m mixtrt COMMAND ...
 
-Errors a user can act on (mixtrt's own, OS errors, a missing extra) print one line and exit 2; mixtrt's
-warnings (a substituted tokenizer) print one line and the command goes on; an interrupted command exits
-130; a closed stdout (`mixtrt generate ... | head`) ends quietly with 141, as other tools killed by SIGPIPE
-do. Anything else is a bug and keeps its traceback.
+Errors a user can act on (mixtrt's own, OS errors, a missing extra, a bad argument) print one line and
+exit 2; mixtrt's warnings (a substituted tokenizer) print one line and the command goes on; an interrupted
+command exits 130, a terminated one (SIGTERM/SIGHUP while writing an artifact) 128 + the signal; a closed
+stdout (`mixtrt generate ... | head`) ends quietly with 141, as other tools killed by SIGPIPE do. Anything
+else is a bug and keeps its traceback. Text arguments and stdin are read with Python's surrogateescape, so
+invalid UTF-8 reaches the checks that name it instead of failing here.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import os
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from mixtrt import __version__
 from mixtrt.cli.registry import COMMANDS
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (the usage is one `--help` away), exit 2 as before."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mixtrt",
         description="Export Mistral / Mixtral checkpoints to ONNX and TensorRT and generate text from them.",
     )
@@ -36,11 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mixtrt.runtime.errors import MixtrtError
+    from mixtrt.runtime.errors import MixtrtError, Terminated
     from mixtrt.runtime.extras import require
 
     parser = build_parser()
     ns = parser.parse_args(argv)
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
     if ns.command is None:
         parser.print_help()
         return 0
@@ -53,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"mixtrt {cmd.name}: terminated by signal {e.signum}; nothing was left half-written", file=sys.stderr)
+        return 128 + e.signum
     except BrokenPipeError:
         _quiet_stdout()
         return 141

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
 
 def threads(text: str) -> int:
     """--threads N: 1 .. the cores this process may use (more only slows onnxruntime down)."""
+    from mixtrt.runtime.threads import available_cores
+
     try:
         n = int(text)
     except ValueError:
@@ -18,13 +19,6 @@ def threads(text: str) -> int:
     if not 1 <= n <= cores:
         raise argparse.ArgumentTypeError(f"{n} is not in [1, {cores}] (the cores this machine gives the process)")
     return n
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def add_sampling(p: argparse.ArgumentParser) -> None:
@@ -51,6 +45,10 @@ def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]
     Any of --temperature/--top-k/--top-p turns sampling on; --temperature 0 means greedy (as llama.cpp).
     """
     from mixtrt.runtime.generation import GenerationConfig
+    from mixtrt.runtime.prompts import check_text
+
+    for stop in ns.stop:
+        check_text(stop, f"--stop {stop!r}")
 
     given = {"max_new_tokens": ns.max_new_tokens, "top_k": ns.top_k, "top_p": ns.top_p, "seed": ns.seed,
              "repetition_penalty": ns.repetition_penalty, "temperature": ns.temperature or None}
@@ -81,14 +79,18 @@ def stats_line(out: Any) -> str:
             f"finish: {out.finish_reason} ({out.finish_message})]")
 
 
-def print_stream(events: Any, tokenizer: Any = None) -> Any:
+def print_stream(events: Any, tokenizer: Any = None, before: str = "") -> Any:
     """Write each event's text to stdout as it arrives; return the final GenerationOutput.
 
-    With `tokenizer`, the text continues a prompt already on screen: a first piece that starts a new
-    word ("▁Paris") gets its space back (decode drops the leading space of a text's first piece).
+    `before` (the prompt) is written once the first token is there, so a prompt whose prefill fails is never
+    echoed. With `tokenizer`, the text continues that prompt: a first piece that starts a new word ("▁Paris")
+    gets its space back (decode drops the leading space of a text's first piece).
     """
     out, first = None, True
     for event in events:
+        if before:
+            sys.stdout.write(before)
+            before = ""
         if first and tokenizer is not None and event.token_id is not None:
             first = False
             if tokenizer.id_to_piece(event.token_id).startswith("\u2581") and not event.text.startswith(" "):

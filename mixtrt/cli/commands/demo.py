@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from mixtrt.cli.options import add_sampling, generation_overrides, load_generator, print_stream, stats_line
@@ -45,7 +44,5 @@ def run(ns: argparse.Namespace) -> int:
     cfg = gen.config(**overrides)
     for prompt in ns.prompt or DEMO_PROMPTS:
         print()
-        events = gen.stream(prompt, cfg)
-        sys.stdout.write(prompt)
-        print(stats_line(print_stream(events, gen.tokenizer)))
+        print(stats_line(print_stream(gen.stream(prompt, cfg), gen.tokenizer, before=prompt)))
     return 0

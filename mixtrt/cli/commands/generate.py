@@ -26,30 +26,35 @@ def parse_ids(text: str) -> list[int]:
     from mixtrt.runtime.errors import ConfigError
 
     try:
-        return [int(t) for t in re.split(r"[,\s]+", text.strip()) if t]
+        ids = [int(t) for t in re.split(r"[,\s]+", text.strip()) if t]
     except ValueError:
         raise ConfigError(f"--prompt-ids {text!r}: expected integers separated by commas or spaces, "
                           "like 1,2,3") from None
+    if not ids:
+        raise ConfigError(f"--prompt-ids {text!r}: no token ids (expected integers like 1,2,3)")
+    return ids
 
 
 def run(ns: argparse.Namespace) -> int:
     import dataclasses
 
+    from mixtrt.runtime.prompts import check_text
+
     overrides = generation_overrides(ns, return_logprobs=ns.json)  # checked before the model loads
+    prompt: str | list[int] = parse_ids(ns.prompt_ids) if ns.prompt_ids is not None else check_text(ns.prompt,
+                                                                                                    "--prompt")
     gen = load_generator(ns)
     cfg = gen.config(**overrides)
-    prompt: str | list[int] = parse_ids(ns.prompt_ids) if ns.prompt_ids is not None else ns.prompt
     if ns.json:
         [out] = gen.generate([prompt], cfg)
         print(json.dumps({
             "token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason,
             "finish_message": out.finish_message, "stats": dataclasses.asdict(out.stats),
             "logprobs": None if out.logprobs is None else [float(x) for x in out.logprobs],
-        }))
+        }, allow_nan=False))  # the runtime never lets a NaN through; if one did, this fails instead of bad JSON
         return 0
-    events = gen.stream(prompt, cfg)  # checked before the prompt is echoed
-    if isinstance(prompt, str):
-        sys.stdout.write(prompt)
-    out = print_stream(events, gen.tokenizer if isinstance(prompt, str) else None)
+    events = gen.stream(prompt, cfg)  # everything checked here; the prompt is echoed with the first token
+    text = prompt if isinstance(prompt, str) else ""
+    out = print_stream(events, gen.tokenizer if text else None, before=text)
     print(stats_line(out), file=sys.stderr)
     return 0

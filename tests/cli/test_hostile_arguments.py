@@ -1,0 +1,209 @@
+"""Hostile command lines: every bad argument is exit 2, nothing on stdout and one stderr line naming the argument
+(argparse's usage block included: it is one `--help` away), and no file is written or removed. A closed stdout
+is a quiet exit; invalid UTF-8 in argv or stdin is named, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mixtrt.runtime.threads import available_cores
+from tests.hostile import cli, one_line, refused, tree
+
+ROOT = Path(__file__).resolve().parents[2]
+CORES = available_cores()
+BAD_UTF8 = os.fsdecode(b"caf\xe9")  # what a latin-1 terminal passes: 'caf\udce9'
+
+# (argv after `mixtrt`, the command whose error it is (None: mixtrt's own), what the line must name);
+# ART is replaced by a real artifact, CK by a real checkpoint
+PARSE = [
+    (["generate", "ART", "--prompt", "x", "--threads", "0"], "generate", ["--threads", f"[1, {CORES}]"]),
+    (["generate", "ART", "--prompt", "x", "--threads", "-1"], "generate", ["--threads", "-1"]),
+    (["generate", "ART", "--prompt", "x", "--threads", "1000"], "generate", ["--threads", "1000", f"[1, {CORES}]"]),
+    (["generate", "ART", "--prompt", "x", "--threads", "two"], "generate", ["--threads", "'two'"]),
+    (["generate", "ART", "--prompt", "x", "--threads", "1.5"], "generate", ["--threads"]),
+    (["chat", "ART", "--threads", "0"], "chat", ["--threads"]),
+    (["demo", "--threads", "99999"], "demo", ["--threads"]),
+    (["generate", "ART", "--prompt", "x", "--max-new-tokens", "many"], "generate", ["--max-new-tokens", "many"]),
+    (["generate", "ART", "--prompt", "x", "--temperature", "hot"], "generate", ["--temperature"]),
+    (["generate", "ART"], "generate", ["--prompt", "--prompt-ids", "required"]),
+    (["generate", "ART", "--prompt", "x", "--prompt-ids", "1"], "generate", ["--prompt-ids", "not allowed"]),
+    (["generate", "ART", "--prompt", "x", "--colour"], None, ["unrecognized arguments: --colour"]),
+    (["generate"], "generate", ["artifact"]),
+    (["frobnicate"], None, ["frobnicate"]),
+    (["export", "CK", "--precision", "int8"], "export", ["--precision", "int8"]),
+    (["export", "CK", "--max-context", "lots"], "export", ["--max-context", "lots"]),
+]
+
+
+@pytest.mark.parametrize("argv, command, culprits", PARSE, ids=[" ".join(a[:1] + a[2:])[:50] for a, _, _ in PARSE])
+def test_bad_argument_is_one_line(tmp_path, argv, command, culprits):
+    before = tree(tmp_path)
+    line = refused(cli(*[str(tmp_path) if a in ("ART", "CK") else a for a in argv]), command, *culprits)
+    assert "usage:" not in line and "--help" in line
+    assert tree(tmp_path) == before
+
+
+# refused once the artifact is read, still before anything is printed
+RUN = [
+    (["--max-new-tokens", "0"], ["max_new_tokens"]),
+    (["--max-new-tokens", "-5"], ["max_new_tokens"]),
+    (["--temperature", "nan"], ["temperature", "nan"]),
+    (["--temperature", "inf"], ["temperature", "inf"]),
+    (["--temperature", "-1"], ["temperature"]),
+    (["--top-p", "0"], ["top_p"]),
+    (["--top-p", "2"], ["top_p"]),
+    (["--top-k", "-1"], ["top_k"]),
+    (["--seed", "-1"], ["seed"]),
+    (["--repetition-penalty", "0"], ["repetition_penalty"]),
+    (["--repetition-penalty", "inf"], ["repetition_penalty"]),
+    (["--stop", ""], ["stop_strings"]),
+    (["--stop", BAD_UTF8], ["--stop", "lone surrogate"]),
+]
+PROMPTS = [
+    (["--prompt", ""], ["prompt 0 is empty"]),
+    (["--prompt", BAD_UTF8], ["--prompt", "character 3", "lone surrogate"]),
+    (["--prompt-ids", "1,x"], ["--prompt-ids", "'1,x'"]),
+    (["--prompt-ids", "1.5"], ["--prompt-ids"]),
+    (["--prompt-ids", ""], ["--prompt-ids ''", "no token ids"]),
+    (["--prompt-ids", "1,-1"], ["outside the vocabulary"]),
+    (["--prompt-ids", "1,99999999999"], ["outside the vocabulary"]),
+    (["--prompt-ids", ",".join(["5"] * 200)], ["prompt 0 has 200 tokens", "max positions"]),
+]
+
+
+@pytest.fixture(scope="module")
+def artifact(exported) -> Path:
+    return exported["mistral-window"][1]
+
+
+@pytest.mark.parametrize("extra, culprits", RUN + PROMPTS, ids=[" ".join(a)[:40] for a, _ in RUN + PROMPTS])
+def test_bad_generation_argument_is_one_line(artifact, extra, culprits):
+    before = tree(artifact)
+    base = ["generate", str(artifact), "--threads", "1"]
+    prompt = [] if extra[0].startswith("--prompt") else ["--prompt-ids", "1,2,3"]
+    refused(cli(*base, *prompt, *extra), "generate", *culprits)
+    assert tree(artifact) == before
+
+
+def test_artifact_argument_that_is_not_one(tmp_path, exported):
+    ck, _ = exported["mistral-window"]
+    (tmp_path / "file").write_text("x")
+    for path, culprit in ((tmp_path / "nope", "no such artifact directory"),
+                          (tmp_path / "file", "not a directory"),
+                          (ck, "not an artifact directory (no manifest.json); run `mixtrt export` first")):
+        for command in (["generate", str(path), "--prompt", "x"], ["chat", str(path)], ["inspect", str(path)]):
+            refused(cli(*command), command[0], str(path), culprit)
+
+
+@pytest.fixture
+def checkpoint(tmp_path, exported) -> Path:
+    ck = tmp_path / "ck"
+    shutil.copytree(exported["mistral-window"][0], ck)
+    return ck
+
+
+def _webapp(path: Path) -> Path:
+    path.mkdir()
+    (path / "manifest.json").write_text('{"name": "shop", "icons": []}')
+    (path / "index.html").write_text("<html>")
+    return path
+
+
+def test_export_arguments_that_would_make_an_unusable_artifact(tmp_path, checkpoint):
+    out = str(tmp_path / "art")
+    cases = [
+        (["--max-context", "1"], ["--max-context 1", "[2, 128]"]),
+        (["--max-context", "0"], ["--max-context 0"]),
+        (["--max-context", "-5"], ["--max-context -5"]),
+        (["--max-context", str(10**9)], ["--max-context 1000000000", "max_position_embeddings=128"]),
+    ]
+    before = tree(tmp_path)
+    for extra, culprits in cases:
+        refused(cli("export", str(checkpoint), "--out", out, "--quiet", *extra), "export", *culprits)
+    original = (checkpoint / "config.json").read_text()
+    (checkpoint / "config.json").write_text(json.dumps({**json.loads(original), "eos_token_id": 32000}))
+    refused(cli("export", str(checkpoint), "--out", out, "--quiet"), "export", "config.json", "eos_token_id 32000")
+    (checkpoint / "config.json").write_text(original)
+    assert tree(tmp_path) == before
+    refused(cli("export", str(tmp_path / "none"), "--out", out), "export", "none", "not a checkpoint directory")
+
+
+def test_export_and_demo_never_replace_what_is_not_an_artifact(tmp_path, checkpoint, exported):
+    art = tmp_path / "art"
+    shutil.copytree(exported["mistral-window"][1], art)
+    web = _webapp(tmp_path / "site")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(art)
+    before = tree(tmp_path)
+    for out, culprit in ((web, "not a mixtrt artifact"), (tmp_path / "notes.txt", "not a directory"),
+                         (tmp_path / "link", "symbolic link"), (art / "sub", "lies inside the artifact"),
+                         (checkpoint, "not a mixtrt artifact"), (tmp_path, "not a mixtrt artifact")):
+        for force in ([], ["--force"]):
+            refused(cli("export", str(checkpoint), "--out", str(out), "--quiet", *force), "export", str(out), culprit)
+        refused(cli("demo", "--checkpoint", str(checkpoint), "--out", str(out), "--threads", "1"), "demo", culprit)
+    refused(cli("export", str(checkpoint), "--out", str(art), "--quiet"), "export", "already exists", "--force")
+    assert tree(tmp_path) == before
+
+
+def _mixtrt(*args: str | bytes, stdin: bytes | None = None, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "mixtrt", *args], input=stdin, stdout=stdout,
+                          stderr=subprocess.PIPE, timeout=120, cwd=ROOT, env=env)
+
+
+def test_piping_into_head_is_quiet(tmp_path, artifact):
+    err = tmp_path / "err.txt"
+    cmd = (f"{sys.executable} -m mixtrt generate {artifact} --prompt 'It was' --max-new-tokens 100 --threads 1 "
+           f"2>{err} | head -c 5; echo; echo ${{PIPESTATUS[0]}}")
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out, code, _ = r.stdout.rsplit("\n", 2)
+    # 141 when mixtrt wrote after head left; 0 when it had finished first (a tiny model is fast): quiet either way
+    assert out == "It wa" and code in ("0", "141"), r.stdout
+    assert err.read_text() == ""  # no "error: Broken pipe", no traceback
+
+
+def test_a_closed_stdout_is_a_quiet_exit_141(artifact):
+    read, write = os.pipe()
+    os.close(read)  # nobody will ever read: the first write fails with EPIPE
+    try:
+        r = _mixtrt("generate", str(artifact), "--prompt", "It was", "--max-new-tokens", "3", "--threads", "1",
+                    stdout=write)
+    finally:
+        os.close(write)
+    assert r.returncode == 141 and r.stderr == b""
+
+
+def test_invalid_utf8_in_argv_and_stdin_is_named(artifact):
+    r = _mixtrt("generate", str(artifact), b"--prompt", b"caf\xe9", "--threads", "1")
+    assert r.returncode == 2 and r.stdout == b""
+    one_line(r.stderr.decode(), "mixtrt generate: error: --prompt is not valid text", "character 3")
+    r = _mixtrt("chat", str(artifact), "--threads", "1", "--max-new-tokens", "2", stdin=b"caf\xe9\n")
+    assert r.returncode == 2
+    one_line(r.stderr.decode(), "mixtrt chat: error: chat: message 0 is not valid text", "character 3")
+
+
+@pytest.mark.slow
+def test_sigterm_during_export_leaves_nothing(tmp_path, exported):
+    """SIGTERM while the export writes: exit 143, one line, no `.art.tmp-*` left (about 20 s)."""
+    ck, _ = exported["mixtral-window"]
+    proc = subprocess.Popen([sys.executable, "-m", "mixtrt", "export", str(ck), "--out", str(tmp_path / "art")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 300
+    while not any(p.name.startswith(".art.tmp-") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.time() < deadline, "the export never started writing"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    one_line(err.strip().splitlines()[-1], "mixtrt export: terminated by signal 15")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,121 @@
+"""A model that produces NaN / inf logits (broken weights, fp16 overflow): the runtime never chooses a token from
+them. The call stops with NonFiniteLogitsError naming the row and the step; in an Engine only that row stops."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mixtrt.runtime.errors import BackendError, NonFiniteLogitsError
+from mixtrt.runtime.generation import Engine, GenerationConfig, Generator
+from tests.hostile import cli, one_line, refused
+from tests.runtime.fakes import ToyBackend, ToyTokenizer
+
+
+class PoisonedBackend(ToyBackend):
+    """ToyBackend whose logits turn NaN (or inf) for the token fed at `position`, in rows whose first token
+    is `marker` (or in every row when marker is None)."""
+
+    def __init__(self, position: int, marker: int | None = None, value: float = np.nan, **kw) -> None:
+        super().__init__(**kw)
+        self.position, self.marker, self.value = position, marker, value
+
+    def step(self, cache, input_ids, start_row=0, last_only=False):
+        first = cache.lengths[start_row:start_row + len(input_ids)].copy()
+        firsts = [int(cache.keys[0][start_row + r, 0, self.slot(0), 0]) if first[r] else int(input_ids[r, 0])
+                  for r in range(len(input_ids))]
+        out = super().step(cache, input_ids, start_row, last_only)
+        s = input_ids.shape[1]
+        for r in range(len(input_ids)):
+            if self.marker is not None and firsts[r] != self.marker:
+                continue
+            cols = range(s - out.shape[1], s)
+            for j, col in enumerate(cols):
+                if first[r] + col == self.position:
+                    out[r, j, 3] = self.value
+        return out
+
+
+def test_nan_during_decode_names_the_row_and_step():
+    gen = Generator(PoisonedBackend(position=6), ToyTokenizer())
+    with pytest.raises(NonFiniteLogitsError) as e:
+        gen.generate([[1, 5, 9, 12]], max_new_tokens=10)
+    # positions 0-3 are the prompt; tokens 1, 2, 3 come from positions 3, 4, 5: token 4 would come from 6
+    one_line(e.value, "prompt 0", "generated token 4", "position 6", "NaN or infinite logits")
+    assert isinstance(e.value, BackendError)
+
+
+def test_nan_during_prefill_names_the_positions():
+    gen = Generator(PoisonedBackend(position=2, value=np.inf), ToyTokenizer())
+    with pytest.raises(NonFiniteLogitsError) as e:
+        gen.generate([[1, 5, 9, 12]], max_new_tokens=3, return_logprobs=True)
+    one_line(e.value, "prompt 0", "prefill of positions 0-3")
+    with pytest.raises(NonFiniteLogitsError) as e:
+        gen.teacher_forced_logprobs([1, 5, 9, 12])
+    one_line(e.value, "the sequence", "prefill")
+    # a prefill that only needs the last position's logits cannot see position 2: it is fine
+    assert Generator(PoisonedBackend(position=2), ToyTokenizer()).generate([[1, 5, 9, 12]], max_new_tokens=1)
+
+
+def test_stream_stops_with_the_error_after_the_good_tokens():
+    gen = Generator(PoisonedBackend(position=7), ToyTokenizer())
+    events = []
+    with pytest.raises(NonFiniteLogitsError, match="generated token 5"):
+        for event in gen.stream([1, 5, 9, 12], max_new_tokens=10):
+            events.append(event)
+    assert len(events) == 4 and all(e.output is None for e in events)  # four good tokens, never a NaN one
+
+
+def test_in_an_engine_only_the_poisoned_row_stops():
+    backend = PoisonedBackend(position=5, marker=7)
+    engine = Engine(backend, ToyTokenizer(), max_batch=3)
+    cfg = GenerationConfig(max_new_tokens=6, eos_token_id=())
+    engine.add([1, 5, 9], cfg, name="good")
+    bad = engine.add([7, 5, 9], cfg, name="bad")
+    done, errors = {}, []
+    while engine.busy:
+        try:
+            events = engine.step()
+        except NonFiniteLogitsError as e:
+            errors.append(str(e))
+            events = e.events
+        for ev in events:
+            assert ev.row is not bad or ev.output is None
+            if ev.output is not None:
+                done[ev.row.name] = ev.output
+    assert len(errors) == 1 and errors[0].startswith("bad (generated token 4, position 5)")
+    assert bad.reason == "length" and bad.message == "cancelled" and bad.released
+    [alone] = Generator(ToyBackend(), ToyTokenizer()).generate([[1, 5, 9]], cfg)
+    assert done["good"].token_ids == alone.token_ids  # the good row is unaffected
+
+
+def _serve(monkeypatch, backend) -> None:
+    """`mixtrt generate` in this process, on `backend` and the toy tokenizer instead of an artifact."""
+    from mixtrt.cli.commands import generate
+
+    monkeypatch.setattr(generate, "load_generator", lambda ns: Generator(backend, ToyTokenizer()))
+
+
+def test_cli_json_never_prints_nan(monkeypatch):
+    """`generate --json` on a model gone NaN: exit 2, one line, nothing on stdout (never bare NaN)."""
+    _serve(monkeypatch, PoisonedBackend(position=4))
+    r = cli("generate", "unused", "--prompt-ids", "1,5,9", "--json", "--max-new-tokens", "5")
+    refused(r, "generate", "prompt 0", "NaN or infinite logits")
+    _serve(monkeypatch, ToyBackend())
+    r = cli("generate", "unused", "--prompt-ids", "1,5,9", "--json", "--max-new-tokens", "2")
+    assert r.code == 0 and json.loads(r.stdout)["finish_reason"] == "length"
+
+
+def test_cli_stream_stops_with_one_line_after_the_good_text(monkeypatch):
+    _serve(monkeypatch, PoisonedBackend(position=4))
+    r = cli("generate", "unused", "--prompt", "ab", "--max-new-tokens", "5")
+    assert r.code == 2 and r.stdout.startswith("ab") and "nan" not in r.stdout.lower()
+    one_line(r.stderr, "mixtrt generate: error: prompt 0 (generated token 4, position 4)")
+
+
+def test_a_failed_prefill_never_echoes_the_prompt(monkeypatch):
+    _serve(monkeypatch, PoisonedBackend(position=4))  # "the stop" is 5 tokens: the prefill's last position
+    r = cli("generate", "unused", "--prompt", "the stop", "--max-new-tokens", "5")
+    refused(r, "generate", "prefill of positions 0-4")  # stdout empty: the prompt was not echoed
