@@ -207,3 +207,18 @@ def test_sigterm_during_export_leaves_nothing(tmp_path, exported):
     assert proc.returncode == 143
     one_line(err.strip().splitlines()[-1], "mixtrt export: terminated by signal 15")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_api_options(tmp_path, checkpoint):
+    from mixtrt.export import export_onnx
+    from mixtrt.runtime.errors import ConfigError
+
+    before = tree(tmp_path)
+    for kw, culprit in (({"max_context": 12.5}, "--max-context must be an integer"),
+                        ({"max_context": "128"}, "--max-context must be an integer"),
+                        ({"max_context": True}, "--max-context must be an integer"),
+                        ({"precision": ["fp32"]}, "--precision"), ({"precision": "FP16"}, "--precision")):
+        with pytest.raises(ConfigError) as e:
+            export_onnx(checkpoint, tmp_path / "art", progress=None, **kw)
+        one_line(e.value, culprit)
+    assert tree(tmp_path) == before

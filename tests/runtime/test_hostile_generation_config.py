@@ -119,3 +119,15 @@ def test_any_values_give_a_sane_config_or_one_config_error(values):
         one_line(e, "eos_token_id" if "eos" in str(e) else "prefill_chunk")
         return
     assert 1 <= out.stats.generated_tokens <= 2
+
+
+def test_absurd_batch_is_refused_before_allocating():
+    """A cache larger than the machine's memory is one ConfigError, not a MemoryError or the OOM killer."""
+    from mixtrt.runtime.cache import HostKVCache
+
+    with pytest.raises(ConfigError) as e:
+        HostKVCache(32, 10**6, 8, 4096, 128, np.float16)
+    one_line(e.value, "KV cache of 1000000 row(s)", "GiB")
+    with pytest.raises(ConfigError) as e:
+        HostKVCache(2**20, 2**20, 1024, 2**20, 1024)  # no overflow in the arithmetic either
+    one_line(e.value, "KV cache")
