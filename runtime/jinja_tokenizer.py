@@ -38,6 +38,7 @@ from sentencepiece import sentencepiece_model_pb2
 from mixtrt.runtime.chat_format import PREPEND_SCHEMES, AddedToken, PrependScheme
 from mixtrt.runtime.chat_template import ChatTemplate, select_template
 from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.prompts import check_messages_text
 from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer
 
 __all__ = ["AddedToken", "JinjaChatTokenizer", "PrependScheme"]
@@ -172,6 +173,7 @@ class JinjaChatTokenizer:
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                             tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         """The conversation as ids: the rendered text through `encode_special`."""
+        check_messages_text(messages)  # sentencepiece / tekken cannot take lone surrogates
         return self.encode_special(self.render_chat(messages, add_generation_prompt, tools))
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from mixtrt.runtime.chat_template import first_failing_message
 from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.prompts import check_messages_text
 from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer
 
 EXTRA = "pip install 'mixtrt[mistral]'"
@@ -129,6 +130,7 @@ class MistralCommonTokenizer:
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                             tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         """The conversation as mistral-common's `encode_chat_completion` ids (see the module docstring)."""
+        check_messages_text(messages)  # sentencepiece / tekken cannot take lone surrogates
         chat = _checked(messages, add_generation_prompt)
         if tools is not None and (isinstance(tools, (str, Mapping)) or not all(isinstance(t, Mapping) for t in tools)):
             raise ConfigError("chat: tools must be a list of {'type': 'function', 'function': {...}} mappings")

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -74,3 +74,24 @@ def check_text(text: str, what: str) -> str:
         raise ConfigError(f"{what} is not valid text: character {e.start} is {text[e.start]!r}, a lone surrogate "
                           "(invalid UTF-8 bytes, or half of a UTF-16 pair)") from None
     return text
+
+
+def check_messages_text(messages: Any) -> None:
+    """Every string in chat messages (contents, names, tool-call arguments) is valid text; else one
+    ConfigError naming the message and the field. Anything that is not a list of mappings is left to the
+    chat format's own checks."""
+
+    def walk(value: Any, where: str, depth: int) -> None:
+        if isinstance(value, str):
+            check_text(value, where)
+        elif depth < 8 and isinstance(value, Mapping):
+            for key, item in value.items():
+                walk(item, f"{where}.{key}" if depth else f"{where} {key}", depth + 1)
+        elif depth < 8 and isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{where}[{i}]", depth + 1)
+
+    if isinstance(messages, Sequence) and not isinstance(messages, (str, bytes)):
+        for n, message in enumerate(messages):
+            if isinstance(message, Mapping):
+                walk(message, f"chat: message {n}", 0)

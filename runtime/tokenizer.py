@@ -20,7 +20,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from mixtrt.runtime.errors import ConfigError
-from mixtrt.runtime.prompts import check_text
+from mixtrt.runtime.prompts import check_messages_text, check_text
 
 TOKENIZER_FILE = "tokenizer.model"
 _SPACE = "\u2581"  # sentencepiece's "▁": a space in the text
@@ -292,10 +292,10 @@ def _turns(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -
     """
     if not messages:
         raise ConfigError("chat: no messages; a conversation needs at least one user message")
+    check_messages_text(messages)
     for n, m in enumerate(messages):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ConfigError(f"chat: message {n} must be a mapping with string 'role' and 'content', got {m!r}")
-        check_text(m["content"], f"chat: message {n}")
     system = None
     turns = [(m["role"], m["content"]) for m in messages]
     if turns[0][0] == "system":

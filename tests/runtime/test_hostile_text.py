@@ -110,3 +110,33 @@ def test_any_text_encodes_or_is_one_config_error(tok, text):
         return
     assert all(0 <= i < tok.vocab_size for i in ids)
     assert not any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizers(tmp_path_factory) -> dict:
+    """The other chat formats an artifact can carry: mistral-common (v3 sentencepiece, tekken) and a Jinja
+    template over tokenizer.model."""
+    from mixtrt.runtime.chat_format import ChatFormat, load_chat_tokenizer
+    from tests.checkpoints import mistral_tokenizer_path
+    from tests.runtime.test_chat_template import _checkpoint, _ours
+    from tests.runtime.test_mistral_tokenizer import DATA, FILES
+
+    root = tmp_path_factory.mktemp("chat")
+    jinja = _checkpoint(root, "jinja", mistral_tokenizer_path(), {},
+                        "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
+    out = {k: load_chat_tokenizer(DATA, ChatFormat("mistral-common", FILES[k], {})) for k in ("v3", "tekken")
+           if k in FILES}
+    return {**out, "jinja": _ours(jinja, root)}
+
+
+@pytest.mark.parametrize("kind", ["v3", "tekken", "jinja"])
+def test_every_chat_format_names_the_bad_message(chat_tokenizers, kind):
+    tok = chat_tokenizers[kind]
+    good = [{"role": "user", "content": "hello"}]
+    assert tok.apply_chat_template(good)
+    for messages, culprit in (([{"role": "user", "content": ARGV_BYTES}], "chat: message 0 content"),
+                              ([*good, {"role": "assistant", "content": "ok"},
+                                {"role": "user", "content": "x\ud800"}], "chat: message 2 content")):
+        with pytest.raises(ConfigError) as e:
+            tok.apply_chat_template(messages)
+        one_line(e.value, culprit, "lone surrogate")
