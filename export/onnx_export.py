@@ -112,6 +112,7 @@ def export_onnx(
         raise ConfigError(f"{checkpoint_dir}: {args.architecture} has no language-model head; export needs a "
                           "*ForCausalLM checkpoint")
     max_context = resolve_max_context(args, max_context)
+    attention = attention_body(args)
     plan = CachePlan.for_model(args, max_context, PRECISIONS[precision], slack=window_slack(EXPORT_BACKENDS))
     # the tokenizer and chat format, checked against the model before the (slow) weight loading
     chat = resolve_chat_format(checkpoint_dir, vocab_size=args.vocab_size)
@@ -130,7 +131,7 @@ def export_onnx(
 
     inputs, outputs = Manifest.graph_io(args, plan.capacity, precision)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        say(f"tracing the graph (cache capacity {plan.capacity}, {plan.layout} layout)")
+        say(f"tracing the graph (cache capacity {plan.capacity}, {plan.layout} layout, attention body {attention})")
         t1 = time.perf_counter()
         program = _trace(model, args, plan.capacity, custom_translation_table(),
                          [t.name for t in inputs], [t.name for t in outputs])
@@ -138,6 +139,7 @@ def export_onnx(
         say(f"writing {MODEL_FILE}")
         names = _save(program.model, tmp, external=weight_bytes > EXTERNAL_DATA_BYTES)
         opsets, summary = _finish_graph(tmp / MODEL_FILE, Manifest.graph_metadata(args, precision, max_context, plan))
+        summary["attention_body"] = attention
         for name, source in chat.files.items():
             shutil.copyfile(source, tmp / name)
             names.append(name)
@@ -160,6 +162,17 @@ def export_onnx(
         manifest.save(tmp)
     say(f"wrote {out_dir} in {time.perf_counter() - t0:.1f} s")
     return out_dir
+
+
+def attention_body(args: ModelArgs) -> str:
+    """The onnxruntime body of the attention op for this model (plugins/swa/SPEC.md, "onnxruntime bodies"),
+    decided before any work; a head dim no body serves is refused here, naming the limit."""
+    from mixtrt.plugins.swa.onnx_op import path_for
+
+    try:
+        return path_for(args.head_dim)
+    except ValueError as e:
+        raise ConfigError(f"cannot export {args.architecture}: {e}") from None
 
 
 def is_current(artifact_dir: str | Path, checkpoint_dir: str | Path) -> bool:

@@ -86,6 +86,17 @@ def _used_nodes(graph: onnx.GraphProto, functions: Iterable[onnx.FunctionProto])
     return used
 
 
+def static_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int | None, ...]]:
+    """name -> shape (None for a dynamic dim) of the graph's inputs, outputs and value_info: what an op's
+    body may depend on (mixtrt::SlidingWindowAttention's body depends on the head dim)."""
+    shapes = {}
+    for vi in (*graph.input, *graph.value_info, *graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+    return shapes
+
+
 def _set_opset(opsets, domain: str, version: int) -> None:
     """Import `domain` at `version` (an existing import of the domain is set to it)."""
     for o in opsets:
@@ -112,8 +123,9 @@ def attach_functions(model: onnx.ModelProto) -> None:
     keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name in used)]
     del model.functions[:]
     model.functions.extend(keep)
+    shapes = static_shapes(model.graph)
     for op_type in sorted(used):
-        model.functions.append(ops[op_type].function_for(used[op_type], opset=default))
+        model.functions.append(ops[op_type].function_for(used[op_type], opset=default, shapes=shapes))
     _set_opset(model.opset_import, DOMAIN, max(ops[op_type].VERSION for op_type in used))
     _set_opset(model.opset_import, MS_DOMAIN, 1)
 

@@ -12,8 +12,9 @@ from it. Rules:
   layout, C = max context and row j = position j; windowed layers then mask their window inside it.
 
 What a row's C slots hold is private to each backend. Example, W=4, C=6, after 9 tokens onnxruntime holds
-[p3..p8] in rows 0-5 (it compacts, never wraps); the reference model and TensorRT keep a ring
-(slot = position % C): [p6, p7, p8, p3, p4, p5]. Either way every query sees its W-key window.
+[p3..p8] in rows 0-5 (GroupQueryAttention compacts, never wraps); the reference model, TensorRT and
+onnxruntime's standard-op attention body keep a ring (slot = position % C): [p6, p7, p8, p3, p4, p5].
+Either way every query sees its W-key window.
 
     >>> from mixtrt.runtime.args import ModelArgs
     >>> args = ModelArgs("MistralForCausalLM", 32000, 4096, 14336, 32, 32, 8, 128, sliding_window=4096)

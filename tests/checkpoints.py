@@ -114,6 +114,25 @@ EXPORT_CASES: dict[str, dict[str, Any]] = {
 }
 
 
+def hf_greedy(checkpoint: Path, prompt: list[int], new: int, **config: Any) -> list[int]:
+    """transformers' greedy generate (eager attention, fp32, no eos stopping) from a causal-LM checkpoint;
+    the generated ids only. `config` overrides config fields (sliding_window=None: the model without its window)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager", dtype=torch.float32,
+                                                 **config)
+    model.eval()
+    ids = torch.tensor([prompt])
+    gc = HFGenerationConfig(do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=None,
+                            pad_token_id=0, bos_token_id=1)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+    assert out.shape == (1, len(prompt) + new)
+    return out[0, len(prompt):].tolist()
+
+
 def close_logits(got: Any, want: Any) -> None:
     """fp32 rounding bound for logits of magnitude ~20 (initializer_range 0.5): 5e-5 of the largest logit.
 

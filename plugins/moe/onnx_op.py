@@ -8,7 +8,7 @@ Gemm working on it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -130,8 +130,9 @@ def function_proto(num_experts: int, opset: int = 18) -> onnx.FunctionProto:
                          doc=f"mixtrt::MoE v{VERSION}, {E} experts: routing + one Gemm pair per expert")
 
 
-def function_for(nodes: Sequence[onnx.NodeProto], opset: int) -> onnx.FunctionProto:
-    """The body serving every MoE node of one model (they must agree on E)."""
+def function_for(nodes: Sequence[onnx.NodeProto], opset: int, shapes: Mapping | None = None) -> onnx.FunctionProto:
+    """The body serving every MoE node of one model (they must agree on E, read from the input count; the
+    graph's `shapes` are not needed)."""
     counts = {num_experts(node) for node in nodes}
     if len(counts) != 1:
         raise ValueError(f"mixtrt::MoE nodes with different expert counts {sorted(counts)} in one model")

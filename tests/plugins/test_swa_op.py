@@ -29,37 +29,45 @@ TRAP_MIN = 5e-2
 _SESSIONS: dict = {}
 
 
-def _model(dtype, window: int, scale: float = 0.0) -> onnx.ModelProto:
-    qkv = [("q", dtype, ["B", "S", N * D]), ("k", dtype, ["B", "S", KV * D]), ("v", dtype, ["B", "S", KV * D])]
-    cache = [("past_key", dtype, ["B", KV, "C", D]), ("past_value", dtype, ["B", KV, "C", D])]
-    rest = [("total_lengths", np.int32, ["B"]), ("cos_cache", dtype, ["P", D // 2]),
-            ("sin_cache", dtype, ["P", D // 2])]
-    outs = [("output", dtype, ["B", "S", N * D]), ("present_key", dtype, ["B", KV, "C", D]),
-            ("present_value", dtype, ["B", KV, "C", D])]
+def _model(dtype, window: int, scale: float = 0.0, head_dim: int = D, path: str | None = None) -> onnx.ModelProto:
+    """The single-node model; its body is the one attach_functions picks for `head_dim`, or `path`."""
+    qkv = [("q", dtype, ["B", "S", N * head_dim]), ("k", dtype, ["B", "S", KV * head_dim]),
+           ("v", dtype, ["B", "S", KV * head_dim])]
+    cache = [("past_key", dtype, ["B", KV, "C", head_dim]), ("past_value", dtype, ["B", KV, "C", head_dim])]
+    rest = [("total_lengths", np.int32, ["B"]), ("cos_cache", dtype, ["P", head_dim // 2]),
+            ("sin_cache", dtype, ["P", head_dim // 2])]
+    outs = [("output", dtype, ["B", "S", N * head_dim]), ("present_key", dtype, ["B", KV, "C", head_dim]),
+            ("present_value", dtype, ["B", KV, "C", head_dim])]
     attrs = swa_onnx_op.node_attributes(N, KV, window, scale)
-    return single_op_model(OP_TYPE, qkv + cache + rest, outs, attrs)
+    model = single_op_model(OP_TYPE, qkv + cache + rest, outs, attrs)
+    if path is not None:
+        (f,) = model.functions
+        f.CopyFrom(swa_onnx_op.function_proto(opset=model.opset_import[0].version, path=path))
+    return model
 
 
-def _runner(dtype, window: int, scale: float = 0.0) -> InplaceRunner:
-    key = (np.dtype(dtype).name, window, scale)
+def _runner(dtype, window: int, scale: float = 0.0, head_dim: int = D, path: str | None = None) -> InplaceRunner:
+    key = (np.dtype(dtype).name, window, scale, head_dim, path)
     if key not in _SESSIONS:
-        _SESSIONS[key] = make_session(_model(dtype, window, scale))
+        _SESSIONS[key] = make_session(_model(dtype, window, scale, head_dim, path))
     return InplaceRunner(_SESSIONS[key], {"present_key": "past_key", "present_value": "past_value"})
 
 
 class Pair:
-    """onnxruntime (in place, model window ``ort_window``) and the reference (``window``) stepping together."""
+    """onnxruntime (in place, model window ``ort_window``) and the reference (``window``) stepping together.
+    ``path``: the onnxruntime body (default: the one chosen for ``head_dim``)."""
 
-    def __init__(self, dtype, B: int, C: int, window: int, ort_window: int | None = None, scale: float = 0.0):
-        self.dtype, self.window, self.scale = dtype, window, scale
+    def __init__(self, dtype, B: int, C: int, window: int, ort_window: int | None = None, scale: float = 0.0,
+                 head_dim: int = D, path: str | None = None):
+        self.dtype, self.window, self.scale, self.D = dtype, window, scale, head_dim
         self.tdtype = torch.float16 if dtype == np.float16 else torch.float32
-        self.runner = _runner(dtype, window if ort_window is None else ort_window, scale)
-        self.kcache = np.zeros((B, KV, C, D), dtype)  # onnxruntime's buffers, updated in place
-        self.vcache = np.zeros((B, KV, C, D), dtype)
-        self.ref_k = torch.zeros(B, KV, C, D, dtype=self.tdtype)
-        self.ref_v = torch.zeros(B, KV, C, D, dtype=self.tdtype)
+        self.runner = _runner(dtype, window if ort_window is None else ort_window, scale, head_dim, path)
+        self.kcache = np.zeros((B, KV, C, head_dim), dtype)  # onnxruntime's buffers, updated in place
+        self.vcache = np.zeros((B, KV, C, head_dim), dtype)
+        self.ref_k = torch.zeros(B, KV, C, head_dim, dtype=self.tdtype)
+        self.ref_v = torch.zeros(B, KV, C, head_dim, dtype=self.tdtype)
         self.lengths = np.zeros(B, np.int32)
-        cos, sin = rope_tables(D, 10000.0, P)
+        cos, sin = rope_tables(head_dim, 10000.0, P)
         self.cos, self.sin = cos.to(self.tdtype), sin.to(self.tdtype)
         self.gen = torch.Generator().manual_seed(B * 1000 + C)
         self.max_diff = 0.0
@@ -68,7 +76,7 @@ class Pair:
         """S new tokens for ``rows`` (default all); returns max|ort - ref| of the output."""
         rows = rows if rows is not None else slice(0, self.kcache.shape[0])
         B = len(range(*rows.indices(self.kcache.shape[0])))
-        q, k, v = (torch.randn(B, S, h * D, generator=self.gen).to(self.tdtype) for h in (N, KV, KV))
+        q, k, v = (torch.randn(B, S, h * self.D, generator=self.gen).to(self.tdtype) for h in (N, KV, KV))
         self.lengths[rows] += S
         total = self.lengths[rows].copy()
         ref, self.ref_k[rows], self.ref_v[rows] = torch.ops.mixtrt.sliding_window_attention(
@@ -79,7 +87,7 @@ class Pair:
         assert kbuf.flags.c_contiguous and np.shares_memory(kbuf, self.kcache)
         feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "past_key": kbuf, "past_value": vbuf,
                  "total_lengths": total, "cos_cache": self.cos.numpy(), "sin_cache": self.sin.numpy()}
-        res = self.runner.run(feeds, {"output": ((B, S, N * D), self.dtype)})
+        res = self.runner.run(feeds, {"output": ((B, S, N * self.D), self.dtype)})
         assert res["present_key"] is kbuf
         diff = float(np.abs(res["output"].astype(np.float32) - ref.float().numpy()).max())
         self.max_diff = max(self.max_diff, diff)
@@ -97,26 +105,29 @@ MODES = {  # name -> (window, capacity)
 }
 
 
+@pytest.mark.parametrize("path", list(swa_onnx_op.PATHS))
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_prefill_decode_multitoken(mode, dtype):
-    """B=1: a 20-token prompt (> W), 3W single-token steps, then a 5-token step, output by output."""
+def test_prefill_decode_multitoken(mode, dtype, path):
+    """B=1: a 20-token prompt (> W), 3W single-token steps, then a 5-token step, output by output; every
+    onnxruntime body (D=16 is served by all three)."""
     window, C = MODES[mode]
-    pair = Pair(dtype, 1, C, window)
+    pair = Pair(dtype, 1, C, window, path=path)
     for S in [20] + [1] * (3 * W) + [5]:
         diff = pair.step(S)
         assert diff <= _tol(dtype), (pair.lengths, diff)
     assert pair.lengths[0] == 20 + 3 * W + 5
 
 
+@pytest.mark.parametrize("path", list(swa_onnx_op.PATHS))
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_ragged_batch_decode(mode, dtype):
+def test_ragged_batch_decode(mode, dtype, path):
     """Rows prefilled one by one into their row of the buffer (B=1 runs on row views), then batched S=1 decode
     with different per-row lengths (some rows short of the window, some past the capacity)."""
     window, C = MODES[mode]
     prompts = [3, 11, 20]
-    pair = Pair(dtype, len(prompts), C, window)
+    pair = Pair(dtype, len(prompts), C, window, path=path)
     for b, S in enumerate(prompts):
         assert pair.step(S, rows=slice(b, b + 1)) <= _tol(dtype)
     for _ in range(2 * W):
@@ -125,16 +136,67 @@ def test_ragged_batch_decode(mode, dtype):
         assert pair.step(1, rows=slice(0, B)) <= _tol(dtype)
 
 
-def test_custom_scale():
-    pair = Pair(np.float32, 1, W + 16, W, scale=0.37)
+@pytest.mark.parametrize("path", list(swa_onnx_op.PATHS))
+def test_custom_scale(path):
+    pair = Pair(np.float32, 1, W + 16, W, scale=0.37, path=path)
     for S in [12, 1, 1, 3]:
         assert pair.step(S) <= FP32_TOL
 
 
-def test_cache_is_updated_in_place_with_rotated_keys():
+@pytest.mark.parametrize("path", list(swa_onnx_op.PATHS))
+@pytest.mark.parametrize("mode", ["window_C=W+16", "window_C=W"])
+def test_chunk_overwriting_keys_its_first_queries_still_need(mode, path):
+    """After the cache wrapped, a chunk of C+3 tokens: its last tokens take the slots of keys its first
+    queries still see (the standard body must read them before it writes)."""
+    window, C = MODES[mode]
+    pair = Pair(np.float32, 1, C, window, path=path)
+    for S in [C + 2, 1, C + 3, 1]:
+        assert pair.step(S) <= FP32_TOL, (S, pair.lengths)
+
+
+@pytest.mark.parametrize("head_dim", [8, 12, 24, 40, 20, 6])
+def test_head_dims_groupqueryattention_refuses_run_on_their_body(head_dim):
+    """The body attach_functions picks for D serves it: prefill past the window, decode, a chunk, ragged rows;
+    windowed and full causal."""
+    assert swa_onnx_op.path_for(head_dim) != "gqa"
+    for window, C in (MODES["window_C=W+16"], MODES["full_causal"]):
+        pair = Pair(np.float32, 2, C, window, head_dim=head_dim)
+        for b, S in enumerate((20, 5)):
+            assert pair.step(S, rows=slice(b, b + 1)) <= FP32_TOL
+        for S in [1] * (2 * W):
+            assert pair.step(S) <= FP32_TOL
+        assert pair.step(7, rows=slice(0, 1)) <= FP32_TOL
+    pair = Pair(np.float16, 1, W + 16, W, head_dim=head_dim)
+    assert max(pair.step(S) for S in [20, 1, 1, 5]) <= FP16_TOL
+
+
+@pytest.mark.parametrize(("head_dim", "path", "message"), [
+    (24, "gqa", "head_size shall be a multiple of 16"),
+    (12, "gqa_rope", "head_size must be a multiple of 8"),
+])
+def test_groupqueryattention_refuses_what_path_for_routes_elsewhere(head_dim, path, message):
+    """The limits SPEC.md names (onnxruntime 1.32.0): if a newer onnxruntime lifts them, this test says so."""
+    assert swa_onnx_op.path_for(head_dim) != path
+    pair = Pair(np.float32, 1, W + 16, W, head_dim=head_dim, path=path)
+    with pytest.raises(Exception, match=message):
+        pair.step(3)
+
+
+def test_standard_body_keeps_a_ring():
+    """The standard body's cache is the reference's ring, slot = position mod C (W=8, C=24, 25 tokens:
+    slot 0 holds position 24, slots 1..23 positions 1..23)."""
+    pair = Pair(np.float32, 1, W + 16, W, path="standard")
+    for S in (20, 1, 1, 1, 1, 1):
+        pair.step(S)
+    np.testing.assert_allclose(pair.kcache, pair.ref_k.numpy(), atol=1e-5)
+    np.testing.assert_allclose(pair.vcache, pair.ref_v.numpy(), atol=0)
+
+
+@pytest.mark.parametrize("path", list(swa_onnx_op.PATHS))
+def test_cache_is_updated_in_place_with_rotated_keys(path):
     """After a prompt shorter than C, rows [0, T) of onnxruntime's buffer hold the post-RoPE keys of positions
     0..T-1 in order, exactly where the reference ring put them (no wrap yet)."""
-    pair = Pair(np.float32, 1, W + 16, W)
+    pair = Pair(np.float32, 1, W + 16, W, path=path)
     pair.step(13)
     np.testing.assert_allclose(pair.kcache[:, :, :13], pair.ref_k[:, :, :13].numpy(), atol=1e-5)
     np.testing.assert_allclose(pair.vcache[:, :, :13], pair.ref_v[:, :, :13].numpy(), atol=0)
@@ -150,10 +212,11 @@ def test_windowed_layout_compacts_as_documented():
     np.testing.assert_allclose(pair.vcache[:, :, :8], pair.ref_v[:, :, slots].numpy(), atol=0)
 
 
+@pytest.mark.parametrize("path", list(swa_onnx_op.PATHS))
 @pytest.mark.parametrize("ort_window", [W - 1, W + 1, -1])
-def test_trap_window_off_by_one(ort_window):
+def test_trap_window_off_by_one(ort_window, path):
     """A graph exported with the window off by one (or without it) must visibly disagree once T > W."""
-    pair = Pair(np.float32, 1, W + 16 if ort_window > 0 else FULL_C, W, ort_window=ort_window)
+    pair = Pair(np.float32, 1, W + 16 if ort_window > 0 else FULL_C, W, ort_window=ort_window, path=path)
     diffs = [pair.step(S) for S in [20] + [1] * W]
     assert max(diffs) > TRAP_MIN
 

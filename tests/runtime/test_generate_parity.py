@@ -15,7 +15,7 @@ from mixtrt.export import export_onnx, load_model
 from mixtrt.runtime.backends.onnxruntime import OrtBackend
 from mixtrt.runtime.generation import GenerationConfig, Generator
 from mixtrt.runtime.tokenizer import Tokenizer
-from tests.checkpoints import export_cases, make_checkpoint
+from tests.checkpoints import export_cases, hf_greedy, make_checkpoint
 
 W = 6  # window; every prompt below is 10-17 tokens
 NEW = 3 * W  # generated tokens in the parity tests
@@ -51,22 +51,6 @@ def generators(exported):
     return {name: Generator.load(art, threads=2) for name, (_, art) in exported.items()}
 
 
-def _hf_greedy(ck, prompt: list[int], new: int, **config) -> list[int]:
-    """transformers' greedy generate (eager attention, fp32, no eos stopping); generated ids only."""
-    from transformers import AutoModelForCausalLM
-    from transformers import GenerationConfig as HFGenerationConfig
-
-    model = AutoModelForCausalLM.from_pretrained(ck, attn_implementation="eager", dtype=torch.float32, **config)
-    model.eval()
-    ids = torch.tensor([prompt])
-    gc = HFGenerationConfig(do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=None,
-                            pad_token_id=0, bos_token_id=1)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
-    assert out.shape == (1, len(prompt) + new)
-    return out[0, len(prompt):].tolist()
-
-
 def _reference_logprobs(ck, ids: list[int]) -> np.ndarray:
     """[T - 1]: log p(ids[t] | ids[:t]) from the reference model's full forward (no cache)."""
     model = load_model(ck)
@@ -81,11 +65,11 @@ def _reference_logprobs(ck, ids: list[int]) -> np.ndarray:
 def test_greedy_batch1_equals_transformers_generate(exported, generators, name):
     ck, _ = exported[name]
     [out] = generators[name].generate([PROMPT], GREEDY)
-    want = _hf_greedy(ck, PROMPT, NEW)
+    want = hf_greedy(ck, PROMPT, NEW)
     assert out.token_ids == want
     assert out.finish_reason == "length"
     # The comparison can fail: without its window the same model generates different ids.
-    assert _hf_greedy(ck, PROMPT, NEW, sliding_window=None) != want
+    assert hf_greedy(ck, PROMPT, NEW, sliding_window=None) != want
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -94,7 +78,7 @@ def test_greedy_batch3_equals_transformers_and_one_by_one(exported, generators, 
     gen = generators[name]
     batched = gen.generate(BATCH, GREEDY)
     for prompt, out in zip(BATCH, batched, strict=True):
-        assert out.token_ids == _hf_greedy(ck, prompt, NEW)
+        assert out.token_ids == hf_greedy(ck, prompt, NEW)
         [alone] = gen.generate([prompt], GREEDY)
         assert alone.token_ids == out.token_ids
         assert alone.text == out.text

@@ -35,7 +35,8 @@ def run(ns: argparse.Namespace) -> int:
     print(f"parameters    {info['parameters'] / 1e6:.2f} M ({info['parameter_bytes'] / 2**20:.1f} MiB)")
     print(f"chat          {info['chat_format']}")
     print(f"generation    {info['generation_defaults']}")
-    print("ops           " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
+    print("ops           " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items())
+          + (f" (attention body on onnxruntime: {info['attention_body']})" if info["attention_body"] else ""))
     print("files         " + ", ".join(f"{k} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in info["files"].items()))
     print("versions      " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v))
     return 0
