@@ -36,6 +36,7 @@ ARCHITECTURES = {
     "MixtralForQuestionAnswering": "question_answering",
 }
 MODEL_TYPES = {"mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}
+LABELLED_HEADS = ("sequence_classification", "token_classification")  # the heads whose outputs are labels
 
 
 # Sizes past these are refused when a config is read, before anything is allocated: each is far beyond
@@ -118,6 +119,7 @@ class ModelArgs:
     pad_token_id: int | None = None
     num_labels: int = 2
     moe: MoeArgs | None = None
+    id2label: tuple[str, ...] | None = None  # label names by id (the labelled heads only), from config.json
 
     def __post_init__(self) -> None:
         if not isinstance(self.architecture, str) or self.architecture not in ARCHITECTURES:
@@ -166,6 +168,9 @@ class ModelArgs:
             raise ConfigError(f"moe must be MoeArgs or None, got {self.moe!r}")
         if self.is_mixtral != (self.moe is not None):
             raise ConfigError(f"{self.architecture} needs moe args iff it is a Mixtral architecture")
+        if self.id2label is not None and (not isinstance(self.id2label, tuple) or len(self.id2label) != self.num_labels
+                                          or not all(isinstance(n, str) for n in self.id2label)):
+            raise ConfigError(f"id2label must name each of the {self.num_labels} labels once, got {self.id2label!r}")
 
     # ---- derived facts -------------------------------------------------------------------------
     @property
@@ -191,7 +196,12 @@ class ModelArgs:
 
     # ---- (de)serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The manifest's "model" object. id2label appears only when set (the labelled heads), so a causal LM's
+        dict is what mixtrt versions before id2label read."""
+        d = dataclasses.asdict(self)
+        if d["id2label"] is None:
+            del d["id2label"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelArgs:
@@ -212,6 +222,8 @@ class ModelArgs:
             d["layer_types"] = tuple(d["layer_types"])
         if isinstance(d.get("eos_token_ids", ()), list):
             d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        if isinstance(d.get("id2label"), list):
+            d["id2label"] = tuple(d["id2label"])
         try:
             return cls(**d, moe=moe)
         except TypeError as e:  # a required field is missing
@@ -266,7 +278,7 @@ class ModelArgs:
         if arch.startswith("Mixtral"):
             moe = MoeArgs(cfg.size("num_local_experts", "num_experts"), cfg.size("num_experts_per_tok"))
         layer_types = cfg.get("layer_types", None, list)
-        labels = cfg.get("id2label", None, dict)
+        num_labels, id2label = _labels(cfg)
         return cls(
             architecture=arch,
             vocab_size=cfg.size("vocab_size"),
@@ -285,8 +297,9 @@ class ModelArgs:
             bos_token_id=cfg.get("bos_token_id", 1, int),
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
             pad_token_id=cfg.get("pad_token_id", None, int),
-            num_labels=cfg.get("num_labels", len(labels or {}) or 2, int),
+            num_labels=num_labels,
             moe=moe,
+            id2label=id2label if ARCHITECTURES[arch] in LABELLED_HEADS else None,
         )
 
     @classmethod
@@ -403,3 +416,22 @@ class _Fields:
         if self.d.get(key) is None:
             raise ConfigError(f"missing required field {self.prefix + key!r}")
         return _size(self.prefix + key, self.d[key], limit or key)
+
+
+def _labels(cfg: _Fields) -> tuple[int, tuple[str, ...]]:
+    """num_labels and the label names of a transformers config: `id2label` ({"0": "NEG", "1": "POS"}, keys
+    exactly 0 .. num_labels-1), else `num_labels` (default 2) with transformers' names LABEL_0, LABEL_1, ..."""
+    raw = cfg.get("id2label", None, dict)
+    if not raw:
+        n = _size("num_labels", cfg.get("num_labels", 2, int))
+        return n, tuple(f"LABEL_{i}" for i in range(n))
+    try:
+        names = {int(k): v for k, v in raw.items()}
+    except (TypeError, ValueError):
+        names = {}
+    if sorted(names) != list(range(len(raw))) or not all(isinstance(v, str) for v in names.values()):
+        raise ConfigError(f"id2label keys must be the label ids 0..{len(raw) - 1} and its values names, got {raw!r}")
+    n = _size("num_labels", len(names))
+    if cfg.get("num_labels", n, int) != n:
+        raise ConfigError(f"num_labels={cfg.get('num_labels', n, int)} but id2label names {n} labels")
+    return n, tuple(names[i] for i in range(n))

@@ -56,3 +56,41 @@ def test_missing_field_names_the_file_and_field():
     del cfg["vocab_size"]
     with pytest.raises(ConfigError, match="my/config.json: missing required field 'vocab_size'"):
         ModelArgs.from_hf_config(cfg, source="my/config.json")
+
+
+def test_id2label_of_the_labelled_heads():
+    cfg = {**MISTRAL, "architectures": ["MistralForTokenClassification"], "id2label": {"1": "B-PER", "0": "O"}}
+    a = ModelArgs.from_hf_config(cfg)
+    assert (a.head, a.num_labels, a.id2label) == ("token_classification", 2, ("O", "B-PER"))
+    assert ModelArgs.from_dict(a.to_dict()) == a
+    plain = ModelArgs.from_hf_config({**MISTRAL, "architectures": ["MistralForSequenceClassification"],
+                                      "num_labels": 3})
+    assert plain.id2label == ("LABEL_0", "LABEL_1", "LABEL_2")  # transformers' default names
+
+
+def test_a_causal_lm_keeps_no_label_names():
+    """transformers writes id2label into every config; a causal LM's manifest model stays what older mixtrt read."""
+    a = ModelArgs.from_hf_config({**MISTRAL, "id2label": {"0": "LABEL_0", "1": "LABEL_1"}})
+    assert a.id2label is None and "id2label" not in a.to_dict()
+    assert ModelArgs.from_dict(a.to_dict()) == a
+
+
+@pytest.mark.parametrize("labels, match", [
+    ({"0": "O", "2": "B-PER"}, "keys must be the label ids 0..1"),
+    ({"0": "O", "x": "B-PER"}, "keys must be the label ids"),
+    ({"0": "O", "1": 5}, "values names"),
+    (["O", "B-PER"], "id2label must be an object"),
+])
+def test_bad_id2label_is_refused(labels, match):
+    cfg = {**MISTRAL, "architectures": ["MistralForSequenceClassification"], "id2label": labels}
+    with pytest.raises(ConfigError, match=match):
+        ModelArgs.from_hf_config(cfg)
+
+
+def test_num_labels_must_agree_with_id2label():
+    cfg = {**MISTRAL, "architectures": ["MistralForSequenceClassification"], "id2label": {"0": "A"},
+           "num_labels": 2}
+    with pytest.raises(ConfigError, match="num_labels=2 but id2label names 1 labels"):
+        ModelArgs.from_hf_config(cfg)
+    with pytest.raises(ConfigError, match="id2label must name each of the 2 labels"):
+        ModelArgs.from_dict({**ModelArgs.from_hf_config({**cfg, "num_labels": 1}).to_dict(), "num_labels": 2})
