@@ -284,11 +284,11 @@ def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
                plan: CachePlan | None = None) -> torch.nn.Module:
     """The module for the checkpoint's head (CausalLM, Transformer, SequenceClassifier, TokenClassifier,
     QuestionAnswering), built on the meta device, weights assigned, rope tables computed, eval mode.
-    plan: the artifact's cache plan, for a causal LM built for export (its attention windows and cache mode)."""
+    plan: the artifact's cache plan, for a model built for export (its attention windows and cache mode)."""
     args, weights = load_checkpoint(checkpoint_dir, dtype)
     cls = HEADS[args.head]
     with torch.device("meta"):
-        model = cls(args, plan) if cls is CausalLM else cls(args)
+        model = cls(args, plan)
     if cls is Transformer:
         weights = {k.removeprefix("model."): v for k, v in weights.items()}
     try:

@@ -164,12 +164,15 @@ class Transformer(nn.Module):
 
     def empty_past(self, batch_size: int, total: int) -> Past:
         """A fresh cache for one full pass over `total` tokens: capacity W for windowed layers (the op
-        concatenates the new keys, so it never needs more), `total` for full-attention layers."""
+        concatenates the new keys, so it never needs more), `total` for full-attention layers and for every
+        layer of a model built with a linear plan (a graph without a cache: the op's linear mode wants C >= total)."""
         w = self.embed_tokens.weight
         past = []
-        for i in range(self.args.num_hidden_layers):
+        for i, block in enumerate(self.layers):
+            assert isinstance(block, Block)
             window = self.args.window(i)
-            cap = min(window, total) if window is not None else total
+            linear = block.attention.windowed_cache == 0
+            cap = min(window, total) if window is not None and not linear else total
             shape = (batch_size, self.args.num_key_value_heads, max(cap, 1), self.args.head_dim)  # [B, K, C, D]
             past.append((w.new_zeros(shape), w.new_zeros(shape)))
         return past
@@ -253,22 +256,28 @@ class SequenceClassifier(nn.Module):
     """Score of the last non-pad token per row (transformers' *ForSequenceClassification): [B, T] -> [B, L].
 
     As transformers: the rightmost token != pad_token_id (position 0 if a row is all padding); with
-    pad_token_id None the last token, and batches of more than one row are refused.
+    pad_token_id None the last token, and batches of more than one row are refused. `plan`: see Attention
+    (the exporter builds every head with CachePlan.one_pass).
     """
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, plan: CachePlan | None = None) -> None:
         super().__init__()
         self.args = args
-        self.model = Transformer(args)
+        self.model = Transformer(args, plan)
         self.score = nn.Linear(args.hidden_size, args.num_labels, bias=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.args.pad_token_id is None and input_ids.shape[0] != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+        return self.pooled(input_ids)
+
+    def pooled(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The logits [B, L] at each row's last non-pad token (the last token without a pad id), any batch:
+        what the exported graph computes."""
         B, T = input_ids.shape
         logits = self.score(self.model.run(input_ids)[0])  # [B, T, L]
         pad = self.args.pad_token_id
         if pad is None:
-            if B != 1:
-                raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
             return logits[:, -1]
         non_pad = (input_ids != pad).to(torch.int32)  # [B, T]
         last = (torch.arange(T, dtype=torch.int32) * non_pad).argmax(-1)  # [B]
@@ -278,10 +287,10 @@ class SequenceClassifier(nn.Module):
 class TokenClassifier(nn.Module):
     """Per-token labels (transformers' *ForTokenClassification, dropout is identity at inference): [B, T, L]."""
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, plan: CachePlan | None = None) -> None:
         super().__init__()
         self.args = args
-        self.model = Transformer(args)
+        self.model = Transformer(args, plan)
         self.score = nn.Linear(args.hidden_size, args.num_labels, bias=True)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -291,10 +300,10 @@ class TokenClassifier(nn.Module):
 class QuestionAnswering(nn.Module):
     """Span start/end logits (transformers' *ForQuestionAnswering): [B, T] -> (start [B, T], end [B, T])."""
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, plan: CachePlan | None = None) -> None:
         super().__init__()
         self.args = args
-        self.model = Transformer(args)
+        self.model = Transformer(args, plan)
         self.qa_outputs = nn.Linear(args.hidden_size, 2, bias=True)
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

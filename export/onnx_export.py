@@ -2,7 +2,8 @@
 tokenizer file (tokenizer.model, tokenizer.model.v3, tekken.json, ...; which one and the chat format are
 decided by `resolve_chat_format` and recorded as the manifest's `chat`).
 
-The reference model's `CausalLM.step` is traced with torch.onnx.export(dynamo=True). Attention and
+The reference model's `CausalLM.step` (a causal LM) or one cache-less pass of its head (the base model and
+the classifier heads: Manifest.graph_io) is traced with torch.onnx.export(dynamo=True). Attention and
 the MoE reach the graph through our torch custom ops, which translate to `mixtrt::SlidingWindowAttention`
 and `mixtrt::MoE` nodes; each node type carries a model-local ONNX function body (onnxruntime contrib
 ops), so onnxruntime runs the graph as is and TensorRT can swap in our plugins.
@@ -34,13 +35,21 @@ from pathlib import Path
 import torch
 
 from mixtrt import __version__
-from mixtrt.export.model import CausalLM
+from mixtrt.export.model import CausalLM, SequenceClassifier, Transformer
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backends import EXPORT_BACKENDS, window_slack
 from mixtrt.runtime.cache import CachePlan
 from mixtrt.runtime.chat_format import load_chat_tokenizer, resolve_chat_format
 from mixtrt.runtime.errors import ConfigError, MixtrtWarning
-from mixtrt.runtime.manifest import MANIFEST, MODEL_FILE, Manifest, atomic_dir, check_target, file_entries
+from mixtrt.runtime.manifest import (
+    HEADS_FEATURE,
+    MANIFEST,
+    MODEL_FILE,
+    Manifest,
+    atomic_dir,
+    check_target,
+    file_entries,
+)
 from mixtrt.runtime.precision import PRECISIONS
 
 # Linear (no-window) caches cost memory per position, so their default context is bounded.
@@ -53,7 +62,7 @@ OPSET = 20
 
 
 class _Step(torch.nn.Module):
-    """The traced entry point: (input_ids, total_lengths, logit_positions, [k0, v0, k1, v1, ...])
+    """The traced entry point of a causal LM: (input_ids, total_lengths, logit_positions, [k0, v0, k1, v1, ...])
     -> (logits, presents...)."""
 
     def __init__(self, lm: CausalLM) -> None:
@@ -64,17 +73,37 @@ class _Step(torch.nn.Module):
         return self.lm.step(input_ids, total_lengths, logit_positions, *past_key_values)
 
 
+class _Pass(torch.nn.Module):
+    """The traced entry point of the other heads: one pass over right-padded rows, no cache: input_ids ->
+    the head's outputs (Manifest.graph_io)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        m = self.model
+        if isinstance(m, Transformer):
+            return m.run(input_ids)[0]  # last_hidden_state [B, T, H]
+        if isinstance(m, SequenceClassifier):
+            return m.pooled(input_ids)  # [B, L] at the last non-pad token (any batch size)
+        return m(input_ids)  # token classification [B, T, L]; question answering (start, end) [B, T] each
+
+
 def default_out_dir(checkpoint_dir: Path, precision: str) -> Path:
     return Path("engines") / f"{Path(checkpoint_dir).resolve().name}-{precision}"
 
 
 def resolve_max_context(args: ModelArgs, max_context: int | None) -> int:
     """The positions the artifact serves: at least 2 (a prompt token and a generated one), at most
-    max_position_embeddings and MAX_CONTEXT (an artifact holds rope tables of that many positions)."""
+    max_position_embeddings and MAX_CONTEXT (an artifact holds rope tables of that many positions). The
+    default: max_position_embeddings, bounded by DEFAULT_LINEAR_CONTEXT for a causal LM with a linear cache
+    (a head without a cache has no cache memory to bound)."""
     if max_context is None:
         windowed = CachePlan.for_model(args, args.max_position_embeddings).windowed
-        max_context = args.max_position_embeddings if windowed else min(args.max_position_embeddings,
-                                                                         DEFAULT_LINEAR_CONTEXT)
+        bounded = not windowed and args.head == "causal_lm"
+        max_context = min(args.max_position_embeddings, DEFAULT_LINEAR_CONTEXT) if bounded \
+            else args.max_position_embeddings
         if max_context > MAX_CONTEXT:
             raise ConfigError(f"max_position_embeddings={args.max_position_embeddings} is more positions than an "
                               f"artifact serves ({MAX_CONTEXT}); pass --max-context N <= {MAX_CONTEXT}")
@@ -108,12 +137,13 @@ def export_onnx(
     checkpoint_dir = Path(checkpoint_dir)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint_dir, precision)
     args = ModelArgs.from_checkpoint_dir(checkpoint_dir)
-    if args.head != "causal_lm":
-        raise ConfigError(f"{checkpoint_dir}: {args.architecture} has no language-model head; export needs a "
-                          "*ForCausalLM checkpoint")
     max_context = resolve_max_context(args, max_context)
     attention = attention_body(args)
-    plan = CachePlan.for_model(args, max_context, PRECISIONS[precision], slack=window_slack(EXPORT_BACKENDS))
+    lm = args.head == "causal_lm"
+    if lm:
+        plan = CachePlan.for_model(args, max_context, PRECISIONS[precision], slack=window_slack(EXPORT_BACKENDS))
+    else:  # scores whole texts: no cache in the graph (docs/DESIGN.md, "Heads without a cache")
+        plan = CachePlan.one_pass(args, max_context, PRECISIONS[precision])
     # the tokenizer and chat format, checked against the model before the (slow) weight loading
     chat = resolve_chat_format(checkpoint_dir, vocab_size=args.vocab_size)
     load_chat_tokenizer(None, chat, args.vocab_size)
@@ -124,14 +154,15 @@ def export_onnx(
     t0 = time.perf_counter()
     say(f"loading {checkpoint_dir} ({args.architecture}, {args.num_hidden_layers} layers)")
     model = load_model(checkpoint_dir, dtype=getattr(torch, PRECISIONS[precision]), plan=plan)
-    assert isinstance(model, CausalLM)
+    assert isinstance(model, CausalLM) == lm
     n_params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     say(f"  {n_params / 1e6:.1f} M parameters, {weight_bytes / 2**20:.0f} MiB ({time.perf_counter() - t0:.1f} s)")
 
     inputs, outputs = Manifest.graph_io(args, plan.capacity, precision)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        say(f"tracing the graph (cache capacity {plan.capacity}, {plan.layout} layout, attention body {attention})")
+        say(f"tracing the {args.head} graph (" + (f"cache capacity {plan.capacity}, {plan.layout} layout, " if lm
+            else "no cache, ") + f"attention body {attention})")
         t1 = time.perf_counter()
         program = _trace(model, args, plan.capacity, custom_translation_table(),
                          [t.name for t in inputs], [t.name for t in outputs])
@@ -158,6 +189,7 @@ def export_onnx(
             versions=_versions(),
             source=str(checkpoint_dir.resolve()),
             chat=chat,
+            features=() if lm else (HEADS_FEATURE,),
         )
         manifest.save(tmp)
     say(f"wrote {out_dir} in {time.perf_counter() - t0:.1f} s")
@@ -205,26 +237,31 @@ def _graph_metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def _trace(model: CausalLM, args: ModelArgs, capacity: int, table: dict,
+def _trace(model: torch.nn.Module, args: ModelArgs, capacity: int, table: dict,
            in_names: list[str], out_names: list[str]):
     dtype = next(model.parameters()).dtype
     # example sizes, all different: every dim is dynamic (size-1 examples would be specialised, equal
     # sizes would be taken for the same dim)
     batch, seq, picked = 2, 3, 4  # picked: logit positions
-    kv_shape = (batch, args.num_key_value_heads, capacity, args.head_dim)
-    past = [torch.zeros(kv_shape, dtype=dtype) for _ in range(2 * args.num_hidden_layers)]
-    positions = torch.arange(picked).clamp(max=seq - 1).repeat(batch, 1)  # [batch, picked] int64
-    example = (torch.ones(batch, seq, dtype=torch.int64), torch.full((batch,), seq, dtype=torch.int32), positions,
-               past)
     b, s = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=1, max=1 << 20)
-    p = torch.export.Dim("positions", min=1, max=1 << 20)
-    dynamic = ({0: b, 1: s}, {0: b}, {0: b, 1: p}, [{0: b}] * len(past))
+    ids = torch.ones(batch, seq, dtype=torch.int64)
+    module: torch.nn.Module
+    if isinstance(model, CausalLM):
+        kv_shape = (batch, args.num_key_value_heads, capacity, args.head_dim)
+        past = [torch.zeros(kv_shape, dtype=dtype) for _ in range(2 * args.num_hidden_layers)]
+        positions = torch.arange(picked).clamp(max=seq - 1).repeat(batch, 1)  # [batch, picked] int64
+        example: tuple = (ids, torch.full((batch,), seq, dtype=torch.int32), positions, past)
+        p = torch.export.Dim("positions", min=1, max=1 << 20)
+        dynamic: tuple = ({0: b, 1: s}, {0: b}, {0: b, 1: p}, [{0: b}] * len(past))
+        module = _Step(model)
+    else:
+        example, dynamic, module = (ids,), ({0: b, 1: s},), _Pass(model)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
         return torch.onnx.export(
-            _Step(model).eval(), example, dynamo=True, custom_translation_table=table,
+            module.eval(), example, dynamo=True, custom_translation_table=table,
             dynamic_shapes=dynamic, input_names=in_names, output_names=out_names,
             opset_version=OPSET, optimize=True, verbose=False,
         )

@@ -67,6 +67,13 @@ class CachePlan:
         longest = max(w for w in windows if w is not None)
         return cls(min(longest + slack, max_context), "windowed", windows, dtype)
 
+    @classmethod
+    def one_pass(cls, args: ModelArgs, max_context: int, dtype: str = "float32") -> CachePlan:
+        """The plan of a graph without a KV cache (a head that scores whole texts at once): every layer
+        attends over the given tokens as in the linear layout (row = position, C = max context), windowed
+        layers masking their window; nothing outlives the call, so no backend allocates it."""
+        return cls(max_context, "linear", cls.for_model(args, max_context, dtype).windows, dtype)
+
     def to_dict(self) -> dict[str, Any]:
         return {"capacity": self.capacity, "layout": self.layout, "window": self.window,
                 "windows": list(self.windows), "dtype": self.dtype}

@@ -22,9 +22,11 @@ def inspect_artifact(directory: str | Path, verify: bool = False) -> dict[str, A
     a = m.args
     itemsize = np.dtype(m.cache.dtype).itemsize
     cache_row = 2 * a.num_hidden_layers * a.num_key_value_heads * m.cache.capacity * a.head_dim * itemsize
+    if a.head != "causal_lm":
+        cache_row = 0  # the graph of a head scoring whole texts has no cache
     d = m.to_dict()
     return {
-        "model": d["model"], "precision": m.precision, "max_context": m.max_context,
+        "model": d["model"], "head": a.head, "precision": m.precision, "max_context": m.max_context,
         "cache": {**d["cache"], "bytes_per_row": cache_row}, "backends": list(m.backends),
         "parameters": m.summary.get("parameters", 0), "parameter_bytes": m.summary.get("parameter_bytes", 0),
         "ops": dict(m.summary.get("ops", {})), "attention_body": m.summary.get("attention_body"),

@@ -126,6 +126,11 @@ class JinjaChatTokenizer:
         """Plain text -> ids as `Tokenizer.encode` (sentencepiece; "<s>" in the text stays text)."""
         return [self.bos_id] * bos + self.text.encode(text, bos=False) + [self.eos_id] * eos
 
+    def encode_with_offsets(self, text: str, bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """encode(text) and each token's character span (`Tokenizer.encode_with_offsets`)."""
+        ids, spans = self.text.encode_with_offsets(text, bos=False)
+        return [self.bos_id] * bos + ids, [(0, 0)] * bos + spans
+
     def encode_special(self, text: str) -> list[int]:
         """Text that holds added tokens ("<s>[INST] Hi [/INST]") -> ids, as transformers'
         `tokenizer(text, add_special_tokens=False)`: each added token one id (see the module docstring)."""

@@ -44,7 +44,10 @@ from mixtrt.runtime.precision import PRECISIONS
 
 FORMAT = "mixtrt-artifact"
 FORMAT_VERSION = 2
-FEATURES: frozenset[str] = frozenset()  # the features this runtime knows (none beyond the base format yet)
+# "heads": the model is not a causal LM (base model, sequence / token classification, question answering):
+# its graph has no KV cache and other outputs (Manifest.graph_io).
+HEADS_FEATURE = "heads"
+FEATURES: frozenset[str] = frozenset({HEADS_FEATURE})  # the features this runtime knows
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 DTYPES = frozenset({"int64", "int32", "float32", "float16"})  # of graph inputs and outputs
@@ -105,9 +108,29 @@ class Manifest:
     @staticmethod
     def graph_io(args: ModelArgs, capacity: int, precision: str
                  ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-        """The graph inputs and outputs this mixtrt exports and runs (the exporter writes them, backends check
-        an artifact's against them)."""
+        """The graph inputs and outputs this mixtrt exports and runs for the model's head (the exporter writes
+        them, backends check an artifact's against them).
+
+        causal_lm: input_ids, total_lengths, logit_positions and the KV cache -> logits and the cache (below).
+        The other heads score whole texts, so their graphs have no cache: input_ids [batch, sequence] (rows
+        right-padded, any id: attention is causal, so a real token never sees the padding) ->
+            base                     last_hidden_state [batch, sequence, hidden]
+            sequence_classification  logits [batch, labels]  (at each row's last token != pad_token_id, as
+                                     transformers; the last token when the model has no pad id)
+            token_classification     logits [batch, sequence, labels]
+            question_answering       start_logits, end_logits [batch, sequence]
+        """
         dt = PRECISIONS[precision]
+        if args.head != "causal_lm":
+            ids = (TensorSpec("input_ids", "int64", ("batch", "sequence")),)
+            B, T = "batch", "sequence"
+            heads = {
+                "base": (TensorSpec("last_hidden_state", dt, (B, T, args.hidden_size)),),
+                "sequence_classification": (TensorSpec("logits", dt, (B, args.num_labels)),),
+                "token_classification": (TensorSpec("logits", dt, (B, T, args.num_labels)),),
+                "question_answering": (TensorSpec("start_logits", dt, (B, T)), TensorSpec("end_logits", dt, (B, T))),
+            }
+            return ids, heads[args.head]
         kv = ("batch", args.num_key_value_heads, capacity, args.head_dim)
         inputs = [TensorSpec("input_ids", "int64", ("batch", "sequence")),
                   TensorSpec("total_lengths", "int32", ("batch",)),
@@ -290,6 +313,9 @@ class Manifest:
             raise ArtifactError(f"quantization must be null without a feature for it, got {d['quantization']!r}")
         if d["source"] is not None and not isinstance(d["source"], str):
             raise ArtifactError(f"source must be a path or null, got {d['source']!r}")
+        if (args.head != "causal_lm") != (HEADS_FEATURE in features):
+            verb = "cannot list" if args.head == "causal_lm" else "needs"
+            raise ArtifactError(f"a {args.head} model {verb} the feature {HEADS_FEATURE!r}")
         return cls(
             args=args, precision=precision, max_context=max_context, cache=cache, inputs=tensors[0],
             outputs=tensors[1], opsets=dict(opsets), files=dict(files), chat=chat, backends=tuple(backends),

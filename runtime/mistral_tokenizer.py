@@ -109,6 +109,13 @@ class MistralCommonTokenizer:
             return self._text.encode(text, bos, eos)
         return [int(i) for i in self._raw.encode(text, bos=bos, eos=eos)]
 
+    def encode_with_offsets(self, text: str, bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """encode(text) and each token's character span (`Tokenizer.encode_with_offsets`); sentencepiece files
+        only (the token and question-answering heads need the spans)."""
+        if self._text is None:
+            raise ConfigError(f"{self.path}: token spans need a sentencepiece tokenizer, and this is a tekken file")
+        return self._text.encode_with_offsets(text, bos)
+
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Ids -> text as mistral-common decodes them (control tokens left out unless skip_special=False)."""
         ids = [int(i) for i in ids]

@@ -230,6 +230,22 @@ class Tokenizer:
         Unicode (a lone surrogate) is a ConfigError."""
         return [self.bos_id] * bos + self._sp.encode(_text(text, "text")) + [self.eos_id] * eos
 
+    def encode_with_offsets(self, text: str, bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """encode(text) and each token's [start, end) character span in `text` ((0, 0) for BOS); a token's
+        span holds the space its piece starts with ("▁Paris" in "in Paris": " Paris").
+
+        >>> Tokenizer.load().encode_with_offsets("Élise lit")
+        ([1, 4926, 28714, 864, 8724], [(0, 0), (0, 1), (1, 2), (2, 5), (5, 9)])
+        """
+        from sentencepiece import sentencepiece_pb2  # needs protobuf (an onnxruntime dependency)
+
+        proto = sentencepiece_pb2.SentencePieceText()  # type: ignore[attr-defined]  # generated code
+        proto.ParseFromString(self._sp.encode(text, out_type="serialized_proto"))
+        char_at = [i for i, ch in enumerate(text) for _ in ch.encode()] + [len(text)]  # byte offset -> char
+        ids = [self.bos_id] * bos + [p.id for p in proto.pieces]
+        spans = [(0, 0)] * bos + [(char_at[p.begin], char_at[p.end]) for p in proto.pieces]
+        return ids, spans
+
     def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
         texts = [_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
         return [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in self._sp.encode(texts)]

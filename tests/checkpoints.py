@@ -114,6 +114,25 @@ EXPORT_CASES: dict[str, dict[str, Any]] = {
 }
 
 
+# The heads other than causal_lm (tests/conftest.py `head_artifacts`, each exported once per session on first
+# use): both families, a window shorter than the test texts, the attention bodies the head dims pick (16: gqa,
+# 24: gqa_rope, 12: standard), named labels. The "-slow" cases are the other family of each head.
+LABELS = {"0": "NEGATIVE", "1": "NEUTRAL", "2": "POSITIVE"}
+TAGS = {"0": "O", "1": "B-PER", "2": "I-PER", "3": "B-LOC", "4": "I-LOC"}
+HEAD_CASES: dict[str, dict[str, Any]] = {
+    "base": dict(family="mixtral", head="base", head_dim=12),
+    "seqcls": dict(family="mistral", head="sequence_classification", pad_token_id=0, id2label=LABELS),
+    "tokcls": dict(family="mixtral", head="token_classification", id2label=TAGS, head_dim=24),
+    "qa": dict(family="mistral", head="question_answering"),
+    "base-slow": dict(family="mistral", head="base"),
+    "seqcls-slow": dict(family="mixtral", head="sequence_classification", pad_token_id=None, id2label=LABELS,
+                        head_dim=24),
+    "tokcls-slow": dict(family="mistral", head="token_classification", id2label=TAGS, head_dim=12),
+    "qa-slow": dict(family="mixtral", head="question_answering", sliding_window=None, head_dim=12),
+}
+HEAD_DEFAULTS = dict(sliding_window=EXPORT_W, max_position_embeddings=128)
+
+
 def hf_greedy(checkpoint: Path, prompt: list[int], new: int, **config: Any) -> list[int]:
     """transformers' greedy generate (eager attention, fp32, no eos stopping) from a causal-LM checkpoint;
     the generated ids only. `config` overrides config fields (sliding_window=None: the model without its window)."""

@@ -23,3 +23,20 @@ def exported(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("export")
     return export_cases(root, EXPORT_CASES, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="session")
+def head_artifacts(tmp_path_factory):
+    """head_artifacts(name) -> (checkpoint dir, artifact dir) for tests.checkpoints.HEAD_CASES, each exported on
+    first use, once per session. Tests must not modify these directories."""
+    from tests.checkpoints import HEAD_CASES, HEAD_DEFAULTS, export_cases
+
+    root = tmp_path_factory.mktemp("heads")
+    done: dict = {}
+
+    def get(name: str):
+        if name not in done:
+            done.update(export_cases(root, {name: HEAD_CASES[name]}, **HEAD_DEFAULTS))
+        return done[name]
+
+    return get

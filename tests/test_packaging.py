@@ -113,6 +113,15 @@ def test_runtime_only_install_runs_generate_and_inspect(runtime_venv, exported):
     assert len(json.loads(r.stdout)["token_ids"]) == 4
 
 
+def test_runtime_only_install_runs_a_head(runtime_venv, head_artifacts):
+    """`mixtrt run` needs no torch; token labels need sentencepiece's offsets (protobuf, an onnxruntime dependency)."""
+    _, art = head_artifacts("tokcls")
+    r = _run(runtime_venv, "run", str(art), "--text", "Anna lives in Paris.", "--json")
+    assert r.returncode == 0, r.stderr
+    [result] = json.loads(r.stdout)["results"]
+    assert "".join(t["text"] for t in result["tokens"]) == "Anna lives in Paris."
+
+
 def test_every_command_help_and_the_missing_extra_message(runtime_venv):
     from mixtrt.cli.registry import COMMANDS
 

@@ -26,6 +26,9 @@ COMMANDS: tuple[Command, ...] = (
             "Summarise an artifact directory: manifest, op counts, parameter and cache memory."),
     Command("generate", "mixtrt.cli.commands.generate", "base",
             "Generate text from an artifact directory, streaming it to the terminal."),
+    Command("run", "mixtrt.cli.commands.run", "base",
+            "Run a base-model or classifier artifact over texts: hidden states, labels (the config's id2label), "
+            "token labels, or answer spans (--question)."),
     Command("chat", "mixtrt.cli.commands.chat", "base",
             "Interactive multi-turn chat with the model's chat template (an empty line or Ctrl-D ends)."),
     Command("demo", "mixtrt.cli.commands.demo", "export",

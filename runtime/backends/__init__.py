@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixtrt.runtime.backends.base import Backend, Cache
+from mixtrt.runtime.backends.base import Backend, Cache, PassBackend
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.extras import require
 
-__all__ = ["BACKENDS", "EXPORT_BACKENDS", "Backend", "BackendInfo", "Cache", "load_backend", "window_slack"]
+__all__ = ["BACKENDS", "EXPORT_BACKENDS", "Backend", "BackendInfo", "Cache", "PassBackend", "load_backend",
+           "window_slack"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,8 @@ def window_slack(backends: list[str] | tuple[str, ...]) -> int:
 
 
 def load_backend(name: str, directory: str | Path, *, verify: bool = True, **options: Any) -> Backend:
-    """The backend `name` running the artifact in `directory` (its manifest read and its files checked)."""
+    """The backend `name` running the artifact in `directory` (its manifest read and its files checked): a
+    Backend for a causal LM, a PassBackend for the other heads (onnxruntime's one class is both)."""
     from mixtrt.runtime.manifest import Manifest
 
     if name not in BACKENDS:

@@ -14,6 +14,11 @@ touches the buffers. Example, batch of two rows, window model:
 
 Thread safety: a backend serialises its steps (one lock), so several threads may share it as long as
 each uses its own cache (the Engine gives every generation its own).
+
+The other heads (base model, sequence / token classification, question answering) score whole texts: their
+artifacts' graphs have no cache, and the same backend class runs them with `forward` (`PassBackend`):
+
+    backend.forward(np.array([[1, 415, 2936], [1, 22557, 0]]))   # {"logits": [2, labels]} (row 2 padded)
 """
 
 from __future__ import annotations
@@ -64,4 +69,17 @@ class Backend(Protocol):
         Token s of row r sits at position cache.lengths[start_row + r] + s; the step advances those
         lengths by S. S > 1 only with b == 1 (prefill runs row by row), and S <= capacity.
         """
+        ...
+
+
+@runtime_checkable
+class PassBackend(Protocol):
+    """A backend running an artifact whose graph has no cache (a head other than causal_lm)."""
+
+    args: ModelArgs  # the model; args.head names the head
+    max_positions: int  # a row never exceeds it
+
+    def forward(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """One pass over input_ids [b, T] int64, rows right-padded (attention is causal: a token never sees the
+        padding after it); the graph's outputs by name (Manifest.graph_io), float32."""
         ...

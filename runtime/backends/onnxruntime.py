@@ -1,4 +1,5 @@
-"""The ONNX Runtime backend: one step of the exported graph with the KV cache bound in place.
+"""The ONNX Runtime backend: one step of the exported graph with the KV cache bound in place, or (the base
+model and the classifier heads, whose graphs have no cache) one pass over whole texts.
 
 The graph's present K/V outputs are bound to the same memory as its past K/V inputs (IOBinding with raw
 pointers into the cache's host buffers), so GroupQueryAttention updates the cache in place and no cache
@@ -41,6 +42,7 @@ class OrtBackend:
         self.directory = Path(directory)
         self.manifest = manifest
         self.args: ModelArgs = manifest.args
+        self.head = manifest.args.head
         self.capacity = manifest.cache.capacity
         self.windowed = manifest.cache.windowed
         self.max_positions = manifest.max_context
@@ -74,7 +76,32 @@ class OrtBackend:
         directory = Path(directory)
         return cls(directory, Manifest.load(directory, verify=verify), threads=threads)
 
+    def _needs(self, causal_lm: bool, what: str) -> None:
+        if (self.head == "causal_lm") != causal_lm:
+            need = "a causal LM" if causal_lm else "a head without a KV cache (not a causal LM)"
+            raise ConfigError(f"{self.directory}: {what} needs {need}; this artifact holds a {self.head} model")
+
+    def forward(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """One pass of a cache-less graph (a head other than causal_lm) over input_ids [b, T] int64 (rows
+        right-padded: attention is causal, so a token never sees the padding after it): the graph's outputs
+        by name (Manifest.graph_io), float32."""
+        self._needs(False, "forward")
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if input_ids.ndim != 2 or input_ids.shape[1] < 1:
+            raise ConfigError(f"input_ids must be [batch, tokens] with tokens >= 1, got shape {input_ids.shape}")
+        if input_ids.shape[1] > self.max_positions:
+            raise ConfigError(f"{input_ids.shape[1]} tokens are more than the {self.max_positions} positions this "
+                              "artifact serves (max context chosen at export)")
+        with self._lock:
+            try:
+                outs = self.session.run(None, {"input_ids": input_ids})
+            except Exception as e:  # onnxruntime's own exception types
+                raise BackendError(f"onnxruntime failed on a pass of {input_ids.shape[0]} row(s) x "
+                                   f"{input_ids.shape[1]} token(s): {e}") from None
+        return {t.name: o.astype(np.float32, copy=False) for t, o in zip(self.manifest.outputs, outs, strict=True)}
+
     def new_cache(self, batch_size: int) -> HostKVCache:
+        self._needs(True, "a KV cache")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         a = self.args

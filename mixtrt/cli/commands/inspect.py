@@ -29,9 +29,16 @@ def run(ns: argparse.Namespace) -> int:
     print(f"precision     {info['precision']}   max context {info['max_context']}   "
           f"backends {', '.join(info['backends'])}")
     c = info["cache"]
-    print(f"kv cache      {c['layout']} layout, capacity {c['capacity']} rows/layer"
-          + (f" (window {c['window']})" if c["window"] else "")
-          + f", {c['bytes_per_row'] / 2**20:.2f} MiB per batch row")
+    if info["head"] != "causal_lm":
+        labels = f", labels {', '.join(a['id2label'])}" if a.get("id2label") else ""
+        print(f"head          {info['head']}{labels} (`mixtrt run`)")
+        windows = sorted({w for w in c["windows"] if w})
+        print("kv cache      none: the graph scores whole texts"
+              + (f" (window {', '.join(map(str, windows))})" if windows else ""))
+    else:
+        print(f"kv cache      {c['layout']} layout, capacity {c['capacity']} rows/layer"
+              + (f" (window {c['window']})" if c["window"] else "")
+              + f", {c['bytes_per_row'] / 2**20:.2f} MiB per batch row")
     print(f"parameters    {info['parameters'] / 1e6:.2f} M ({info['parameter_bytes'] / 2**20:.1f} MiB)")
     print(f"chat          {info['chat_format']}")
     print(f"generation    {info['generation_defaults']}")
