@@ -161,8 +161,8 @@ def export_onnx(
 
     inputs, outputs = Manifest.graph_io(args, plan.capacity, precision)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        say(f"tracing the {args.head} graph (" + (f"cache capacity {plan.capacity}, {plan.layout} layout, " if lm
-            else "no cache, ") + f"attention body {attention})")
+        shape = f"cache capacity {plan.capacity}, {plan.layout} layout" if lm else f"{args.head} head, no cache"
+        say(f"tracing the graph ({shape}, attention body {attention})")
         t1 = time.perf_counter()
         program = _trace(model, args, plan.capacity, custom_translation_table(),
                          [t.name for t in inputs], [t.name for t in outputs])

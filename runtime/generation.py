@@ -520,13 +520,9 @@ class Generator:
         (`chat`). verify: check file hashes against the manifest (sizes always)."""
         from mixtrt.runtime.backends import load_backend
         from mixtrt.runtime.chat_format import load_chat_tokenizer
-        from mixtrt.runtime.heads import wrong_head
         from mixtrt.runtime.manifest import Manifest
 
-        args = Manifest.read(artifact_dir).args
-        if args.head != "causal_lm":
-            raise ConfigError(f"{artifact_dir}: {wrong_head(args, 'causal_lm')}")
-        engine = load_backend(backend, artifact_dir, threads=threads, verify=verify)
+        engine = load_backend(backend, artifact_dir, threads=threads, verify=verify, head="causal_lm")
         chat = Manifest.read(artifact_dir).chat  # the files were checked by load_backend
         tokenizer = load_chat_tokenizer(artifact_dir, chat, engine.args.vocab_size)
         return cls(engine, tokenizer, chat.generation)

@@ -106,11 +106,9 @@ class _Head:
         from mixtrt.runtime.backends import load_backend
         from mixtrt.runtime.chat_format import load_chat_tokenizer
 
-        manifest = Manifest.read(artifact_dir)
-        if manifest.args.head != cls.head:
-            raise ConfigError(f"{artifact_dir}: {wrong_head(manifest.args, cls.head)}")
-        engine = load_backend(backend, artifact_dir, threads=threads, verify=verify)
-        tokenizer = load_chat_tokenizer(artifact_dir, manifest.chat, manifest.args.vocab_size)
+        engine: Any = load_backend(backend, artifact_dir, threads=threads, verify=verify, head=cls.head)
+        chat = Manifest.read(artifact_dir).chat  # the files were checked by load_backend
+        tokenizer = load_chat_tokenizer(artifact_dir, chat, engine.args.vocab_size)
         return cls(engine, tokenizer, batch_size=batch_size)
 
     def run(self, rows: Sequence[Sequence[int]]) -> list[dict[str, np.ndarray]]:

@@ -50,15 +50,21 @@ def window_slack(backends: list[str] | tuple[str, ...]) -> int:
     return max(BACKENDS[b].window_slack for b in backends)
 
 
-def load_backend(name: str, directory: str | Path, *, verify: bool = True, **options: Any) -> Backend:
+def load_backend(name: str, directory: str | Path, *, verify: bool = True, head: str | None = None,
+                 **options: Any) -> Backend:
     """The backend `name` running the artifact in `directory` (its manifest read and its files checked): a
-    Backend for a causal LM, a PassBackend for the other heads (onnxruntime's one class is both)."""
+    Backend for a causal LM, a PassBackend for the other heads (onnxruntime's one class is both). `head`: the
+    head the caller runs; an artifact of another one is refused, naming what fits, before the backend loads."""
     from mixtrt.runtime.manifest import Manifest
 
     if name not in BACKENDS:
         raise ConfigError(f"backend={name!r} is not supported; choose one of {sorted(BACKENDS)}")
     info = BACKENDS[name]
     manifest = Manifest.load(directory, verify=verify)
+    if head is not None and manifest.args.head != head:
+        from mixtrt.runtime.heads import wrong_head
+
+        raise ConfigError(f"{directory}: {wrong_head(manifest.args, head)}")
     if name not in manifest.backends:
         raise ConfigError(f"{directory}: this artifact runs on {manifest.backends}, not on {name!r}")
     require(info.extra, f"the {name} backend")

@@ -37,7 +37,7 @@ SWEEP = {
     "d96-r1": ("mistral", 96, 2, 2, W), "d96-r2": ("mixtral", 96, 2, 1, W),
     "d128-r2": ("mixtral", 128, 2, 1, W), "d128-r5": ("mistral", 128, 5, 1, W),
 }
-DEFAULT = ("d12-r3", "d24-r4", "d8-r1-nowindow")
+DEFAULT = ("d12-r3", "d24-r4")
 
 
 def _case(name: str):

@@ -154,7 +154,7 @@ def test_chunk_overwriting_keys_its_first_queries_still_need(mode, path):
         assert pair.step(S) <= FP32_TOL, (S, pair.lengths)
 
 
-@pytest.mark.parametrize("head_dim", [8, 12, 24, 40, 20, 6])
+@pytest.mark.parametrize("head_dim", [6, 8, 12, 24])
 def test_head_dims_groupqueryattention_refuses_run_on_their_body(head_dim):
     """The body attach_functions picks for D serves it: prefill past the window, decode, a chunk, ragged rows;
     windowed and full causal."""
