@@ -32,7 +32,7 @@ EXTRAS: dict[str, Extra] = {
     "mistral": Extra(("mistral_common",), "Mistral's own tokenizer files (v3, v7, tekken)"),
     "serve": Extra(("fastapi", "uvicorn"), "the OpenAI-compatible server"),
     "ray": Extra(("ray",), "scale-out on Ray Serve"),
-    "gpu": Extra(("torch", "triton"), "the Triton GPU backend"),
+    "gpu": Extra(("torch", "triton", "onnx"), "the Triton GPU backend"),
     "tensorrt": Extra(("tensorrt", "polygraphy"), "TensorRT engines (not installable from PyPI alone)"),
     "bench": Extra(("matplotlib", "psutil"), "the benchmark scripts and their charts"),
     "test": Extra(("pytest", "transformers", "mistral_common", "polygraphy", "mypy", "triton", "hypothesis"),
