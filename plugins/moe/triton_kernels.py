@@ -154,6 +154,21 @@ def moe_decode_kernel(
 
 
 @triton.jit
+def moe_decode_aliased_kernel(
+    hidden_ptr, logits_ptr, fc1_ptr, fc1_scale_ptr, fc2_ptr, fc2_scale_ptr, acc_in_ptr, count_in_ptr,
+    T, H, I, E,
+    out_ptr, acc_ptr, count_ptr,
+    TOP_K: tl.constexpr, E_P2: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+    INT4: tl.constexpr, QBLOCK1: tl.constexpr, QBLOCK2: tl.constexpr,
+):
+    """``moe_decode_kernel`` with the argument order of a TensorRT plugin whose state is an aliased input/output
+    pair (inputs, then the int32 arguments, then the outputs): acc_in/count_in are the same memory as
+    acc/count and are not read through these pointers."""
+    moe_decode_kernel(hidden_ptr, logits_ptr, fc1_ptr, fc1_scale_ptr, fc2_ptr, fc2_scale_ptr, T, H, I, E, out_ptr,
+                      acc_ptr, count_ptr, TOP_K, E_P2, BLOCK_I, BLOCK_K, INT4, QBLOCK1, QBLOCK2)
+
+
+@triton.jit
 def moe_align_kernel(
     logits_ptr,
     T, E,
@@ -411,6 +426,17 @@ def decode_spec(dtype: torch.dtype, num_experts: int, top_k: int, qblocks: tuple
     meta = {"TOP_K": top_k, "E_P2": triton.next_power_of_2(num_experts), "BLOCK_I": DECODE_BLOCK_I,
             "BLOCK_K": DECODE_BLOCK_K, "INT4": int4, "QBLOCK1": q1, "QBLOCK2": q2}
     return _with_constexprs(moe_decode_kernel, dtype, sig, meta, int4, ("fc1", "fc2"))
+
+
+def aliased_decode_spec(dtype: torch.dtype, num_experts: int, top_k: int,
+                        qblocks: tuple[int, int] | None = None) -> tuple:
+    """The ``moe_decode_aliased_kernel`` spec (the TensorRT plugin's): ``decode_spec`` with the state inputs."""
+    _, sig, meta, opts = decode_spec(dtype, num_experts, top_k, qblocks)
+    order = list(sig)
+    at = order.index("T")
+    sig = {**{k: sig[k] for k in order[:at]}, "acc_in_ptr": "*fp32", "count_in_ptr": "*i32",
+           **{k: sig[k] for k in order[at:]}}
+    return moe_decode_aliased_kernel, sig, meta, opts
 
 
 def grouped_specs(dtype: torch.dtype, num_experts: int, top_k: int, qblocks: tuple[int, int] | None = None) -> list:
