@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,13 +43,21 @@ MAX_BATCH = 4096  # the graph's batch dimension bound (export)
 Builder = Callable[[Path, dict[str, tuple[tuple[int, ...], ...]], int, "Path | None", Path], dict[str, str]]
 
 
+STATE_ACC, STATE_COUNT = "moe_state.acc", "moe_state.count"  # the MoE plugin's zeroed state (graph inputs)
+
+
+def step_tokens(manifest: Manifest) -> int:
+    """The most new tokens one engine step takes: the SWA plugin's fused ring write bounds a windowed cache's step
+    to C - W + 1 (`trt_plugins.max_step_tokens`); a linear cache takes up to its capacity."""
+    from mixtrt.plugins.trt_plugins import max_step_tokens
+
+    return max_step_tokens(manifest.cache.capacity, manifest.cache.window or -1)
+
+
 def profile_shapes(manifest: Manifest, max_batch: int) -> dict[str, tuple[tuple[int, ...], ...]]:
     """One optimisation profile over every graph input: batch 1..max_batch (opt: max_batch, decode), new tokens
-    and logit positions 1..capacity (opt: 1), the cache buffers at their fixed size.
-
-    >>> from mixtrt.runtime.args import ModelArgs
-    """
-    C = manifest.cache.capacity
+    and logit positions 1..step_tokens (opt: 1), the cache buffers at their fixed size."""
+    C = step_tokens(manifest)
     shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
     for t in manifest.inputs:
         if t.name in ("input_ids", "logit_positions"):
@@ -82,12 +91,16 @@ def build_engine(artifact: str | Path, *, max_batch: int = 8, opt_level: int = 3
                           "written after the build)")
     profile = profile_shapes(manifest, max_batch)
     build = builder or polygraphy_builder
-    with artifact_update(artifact) as staging:
+    max_tokens = max_batch * step_tokens(manifest)
+    with artifact_update(artifact) as staging, tempfile.TemporaryDirectory(dir=staging) as scratch:
         say(f"building {ENGINE_FILE} (max batch {max_batch}, optimisation level {opt_level})")
-        versions = build(artifact / MODEL_FILE, profile, opt_level, cache, staging / ENGINE_FILE)
+        trt_graph = Path(scratch) / "tensorrt.onnx"
+        facts = tensorrt_graph(artifact / MODEL_FILE, trt_graph, max_tokens)
+        versions = build(trt_graph, profile, opt_level, cache, staging / ENGINE_FILE)
         if not (staging / ENGINE_FILE).is_file():
             raise ConfigError(f"{artifact}: the builder wrote no {ENGINE_FILE}")
         config = {"max_batch": max_batch, "opt_level": opt_level, "strongly_typed": True,
+                  "max_step_tokens": step_tokens(manifest), **facts,
                   "profile": {k: [list(s) for s in v] for k, v in profile.items()},
                   "timing_cache": str(cache) if cache is not None else None, "mixtrt": __version__, **versions}
         (staging / ENGINE_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -102,6 +115,68 @@ def build_engine(artifact: str | Path, *, max_batch: int = 8, opt_level: int = 3
     assert (artifact / MANIFEST).is_file()
     say(f"added {ENGINE_FILE} to {artifact}")
     return artifact / ENGINE_FILE
+
+
+def tensorrt_graph(model_path: Path, out_path: Path, max_tokens: int) -> dict[str, Any]:
+    """The graph TensorRT parses, written to `out_path` (weights in `out_path`.data): model.onnx with
+
+    - every custom-op node's `plugin_version` "1" (a tensorrt.plugin creator's version, whatever the op's);
+    - every MoE node in the plugins' stacked fixed-input form: inputs hidden, router_logits, fc1 [E, 2I, H],
+      fc2 [E, H, I] (new initializers, the per-expert ones stacked), then the decode kernel's state (acc fp32
+      [max_tokens, H], count int32 [max_tokens]); outputs the MoE output and the state (aliased by the plugin).
+      The state is one pair of graph inputs threaded through the layers in order (each node takes the previous
+      node's state outputs), zeroed once by the runtime and zero again after every node;
+    - the custom ops' ONNX function bodies dropped (TensorRT runs the plugins).
+
+    Returns facts for the build config (MoE layers, state shapes)."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(model_path), load_external_data=True)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    acc, count = STATE_ACC, STATE_COUNT
+    hidden_size = 0
+    moe_layers = 0
+    for node in graph.node:
+        if node.domain != "mixtrt":
+            continue
+        for a in node.attribute:
+            if a.name == "plugin_version":
+                a.s = b"1"
+        if node.op_type != "MoE":
+            continue
+        E = (len(node.input) - 2) // 2
+        experts = [numpy_helper.to_array(inits[n]) for n in node.input[2:]]
+        hidden_size = int(experts[E].shape[0])
+        stacked = []
+        for part, arrays in (("fc1", experts[:E]), ("fc2", experts[E:])):
+            name = f"{node.name}/{part}_stacked"
+            graph.initializer.append(numpy_helper.from_array(np.stack(arrays), name))
+            stacked.append(name)
+        acc_out, count_out = f"{node.name}/acc_out", f"{node.name}/count_out"
+        new_inputs = [node.input[0], node.input[1], *stacked, acc, count]
+        del node.input[:]
+        node.input.extend(new_inputs)
+        node.output.extend([acc_out, count_out])
+        acc, count = acc_out, count_out
+        moe_layers += 1
+    if moe_layers:
+        used = {i for n in graph.node for i in n.input}
+        keep = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        graph.input.extend([helper.make_tensor_value_info(STATE_ACC, onnx.TensorProto.FLOAT, [max_tokens, hidden_size]),
+                            helper.make_tensor_value_info(STATE_COUNT, onnx.TensorProto.INT32, [max_tokens])])
+        graph.output.extend([helper.make_tensor_value_info(acc, onnx.TensorProto.FLOAT, [max_tokens, hidden_size]),
+                             helper.make_tensor_value_info(count, onnx.TensorProto.INT32, [max_tokens])])
+    kept = [f for f in model.functions if f.domain != "mixtrt"]
+    del model.functions[:]
+    model.functions.extend(kept)
+    onnx.save(model, str(out_path), save_as_external_data=True, location=out_path.name + ".data")
+    state = {STATE_ACC: [max_tokens, hidden_size], STATE_COUNT: [max_tokens]} if moe_layers else None
+    return {"moe_layers": moe_layers, "moe_state": state}
 
 
 def polygraphy_builder(onnx_path: Path, profile: dict[str, tuple[tuple[int, ...], ...]], opt_level: int,

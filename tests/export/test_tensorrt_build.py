@@ -42,7 +42,7 @@ def artifact(exported, tmp_path) -> Path:
 
 def fake_builder(payload: bytes = b"plan-bytes", calls: list | None = None):
     def build(onnx_path, profile, opt_level, timing_cache, plan):
-        assert onnx_path.name == "model.onnx" and onnx_path.is_file()
+        assert onnx_path.name == "tensorrt.onnx" and onnx_path.is_file()
         if calls is not None:
             calls.append((profile, opt_level, timing_cache))
         plan.write_bytes(payload)
@@ -62,7 +62,9 @@ def test_build_adds_engine_and_lists_it(artifact, tmp_path):
     assert config["max_batch"] == 4 and config["opt_level"] == 1 and config["strongly_typed"]
     profile, level, cache = calls[0]
     C = m.cache.capacity
-    assert profile["input_ids"] == ((1, 1), (4, 1), (4, C)) and level == 1 and cache == tmp_path / "t.cache"
+    step = C - m.cache.window + 1  # the SWA plugin's fused ring write bounds a step's tokens
+    assert profile["input_ids"] == ((1, 1), (4, 1), (4, step)) and level == 1 and cache == tmp_path / "t.cache"
+    assert config["max_step_tokens"] == step and config["moe_layers"] == 0 and config["moe_state"] is None
     assert profile["past_key_values.0.key"][2] == (4, m.args.num_key_value_heads, C, m.args.head_dim)
     assert config["profile"]["total_lengths"] == [[1], [4], [4]]
     assert sorted(p.name for p in artifact.parent.iterdir()) == ["art"]  # no staging left
@@ -159,3 +161,34 @@ def test_cli_without_tensorrt_names_what_is_missing(exported):
     assert r.returncode == 2 and r.stdout == ""
     [line] = r.stderr.strip().splitlines()
     assert "needs tensorrt" in line and "pip install 'mixtrt[tensorrt]'" in line and "GPU" in line
+
+
+def test_tensorrt_graph_stacks_experts_and_threads_the_state(exported, tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from mixtrt.export.tensorrt_build import STATE_ACC, STATE_COUNT, tensorrt_graph
+    from mixtrt.plugins import trt_plugins
+
+    src = exported["mixtral-window"][1] / "model.onnx"
+    facts = tensorrt_graph(src, tmp_path / "tensorrt.onnx", max_tokens=40)
+    m, orig = onnx.load(str(tmp_path / "tensorrt.onnx")), onnx.load(str(src))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    old = {t.name: numpy_helper.to_array(t) for t in orig.graph.initializer}
+    moe = [n for n in m.graph.node if n.op_type == "MoE"]
+    old_moe = [n for n in orig.graph.node if n.op_type == "MoE"]
+    assert facts["moe_layers"] == len(moe) == 2 and facts["moe_state"][STATE_ACC] == [40, 64]
+    assert all(len(n.input) == len(trt_plugins.MOE_INPUTS) and len(n.output) == len(trt_plugins.MOE_OUTPUTS)
+               for n in moe)
+    for n, o in zip(moe, old_moe, strict=True):
+        E = (len(o.input) - 2) // 2
+        assert np.array_equal(inits[n.input[2]], np.stack([old[i] for i in o.input[2:2 + E]]))
+        assert np.array_equal(inits[n.input[3]], np.stack([old[i] for i in o.input[2 + E:]]))
+        assert list(n.input[:2]) == list(o.input[:2]) and n.output[0] == o.output[0]
+    assert list(moe[0].input[4:]) == [STATE_ACC, STATE_COUNT] and list(moe[1].input[4:]) == list(moe[0].output[1:])
+    assert [i.name for i in m.graph.input][-2:] == [STATE_ACC, STATE_COUNT]
+    assert all({a.name: a.s for a in n.attribute}["plugin_version"] == b"1" for n in m.graph.node
+               if n.domain == "mixtrt")
+    assert not [f for f in m.functions if f.domain == "mixtrt"]
+    assert not any(k.startswith("lm.model.layers.0.feed_forward.fc1.") for k in inits)  # per-expert copies dropped
