@@ -16,7 +16,8 @@ view (contiguous: rows are the first dimension), so the kernels write the cache 
 
 Two ways in: `TritonBackend.from_artifact` (the artifact's graph initializers, checked against its manifest
 as the onnxruntime backend checks them) and `TritonBackend.from_state_dict` (weights already in memory, e.g.
-random weights made on the GPU by a benchmark).
+random weights made on the GPU by a benchmark). `ops="torch"` runs the two ops with their eager torch
+references instead (plugins/<op>/torch_op.py): the baseline a benchmark compares the kernels with.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ class TritonBackend:
     """Runs a causal LM with torch + our Triton kernels (CUDA, or the CPU under the Triton interpreter)."""
 
     def __init__(self, args: ModelArgs, weights: Mapping[str, Any], plan: CachePlan, max_positions: int, *,
-                 precision: str = "fp32", device: str | None = None, where: str = "state dict") -> None:
+                 precision: str = "fp32", device: str | None = None, where: str = "state dict",
+                 ops: str = "triton") -> None:
         if args.head != "causal_lm":
             raise ConfigError(f"{where}: the triton backend runs causal LMs only; this is a {args.head} model")
         if precision not in PRECISIONS:
@@ -118,7 +120,15 @@ class TritonBackend:
 
         if device is None:
             device = "cuda" if _torch.cuda.is_available() else "cpu"
-        torch, self._swa, self._moe = _kernels(device)
+        if ops not in ("triton", "torch"):
+            raise ConfigError(f"ops={ops!r}: 'triton' (our kernels) or 'torch' (the eager reference ops: a baseline)")
+        self.ops = ops
+        if ops == "triton":
+            torch, self._swa, self._moe = _kernels(device)
+        else:
+            torch = _torch
+            import mixtrt.plugins.moe.torch_op  # noqa: F401  (registers torch.ops.mixtrt.*)
+            import mixtrt.plugins.swa.torch_op  # noqa: F401
         self._torch = torch
         self.args = args
         self.capacity = plan.capacity
@@ -177,7 +187,7 @@ class TritonBackend:
 
     @classmethod
     def from_state_dict(cls, args: ModelArgs, weights: Mapping[str, Any], *, max_context: int | None = None,
-                        precision: str = "fp16", device: str | None = None) -> TritonBackend:
+                        precision: str = "fp16", device: str | None = None, ops: str = "triton") -> TritonBackend:
         """A backend over in-memory weights (graph_weights' names; torch tensors stay where they are, numpy
         arrays are copied to the device). The cache plan is the exporter's for `max_context` (default
         max_position_embeddings), so the capacity is an exported artifact's; rope tables are computed when absent."""
@@ -189,7 +199,7 @@ class TritonBackend:
         if "rope_cos" not in weights:
             weights["rope_cos"], weights["rope_sin"] = rope_tables(args.head_dim, args.rope_theta, max_context)
         plan = CachePlan.for_model(args, max_context, PRECISIONS[precision], slack=window_slack(EXPORT_BACKENDS))
-        return cls(args, weights, plan, max_context, precision=precision, device=device)
+        return cls(args, weights, plan, max_context, precision=precision, device=device, ops=ops)
 
     # ---- Backend ----------------------------------------------------------------------------------
     def new_cache(self, batch_size: int) -> DeviceKVCache:
@@ -254,8 +264,15 @@ class TritonBackend:
                 L = f"layers.{i}"
                 h = self._rms(x, w[f"{L}.attention_norm"])
                 q, k, v = h @ w[f"{L}.wq"].T, h @ w[f"{L}.wk"].T, h @ w[f"{L}.wv"].T
-                att = self._swa.swa_attention(q, k, v, kc, vc, total, w["rope_cos"], w["rope_sin"],
-                                              a.num_attention_heads, a.num_key_value_heads, self.windows[i], 0.0)
+                if self.ops == "triton":
+                    att = self._swa.swa_attention(q, k, v, kc, vc, total, w["rope_cos"], w["rope_sin"],
+                                                  a.num_attention_heads, a.num_key_value_heads, self.windows[i], 0.0)
+                else:  # the reference returns new cache tensors (a clone): copied back into the ring
+                    att, pk, pv = torch.ops.mixtrt.sliding_window_attention(
+                        q, k, v, kc, vc, total, w["rope_cos"], w["rope_sin"], a.num_attention_heads,
+                        a.num_key_value_heads, self.windows[i], 0.0)
+                    kc.copy_(pk)
+                    vc.copy_(pv)
                 x = x + att @ w[f"{L}.wo"].T
                 h = self._rms(x, w[f"{L}.ffn_norm"])
                 if a.moe is None:
@@ -263,8 +280,12 @@ class TritonBackend:
                 else:
                     flat = h.reshape(b * s, a.hidden_size)
                     logits = flat @ w[f"{L}.gate"].T
-                    f = self._moe.moe(flat, logits, w[f"{L}.fc1"], w[f"{L}.fc2"], a.moe.num_experts_per_tok
-                                      ).view(b, s, a.hidden_size)
+                    if self.ops == "triton":
+                        f = self._moe.moe(flat, logits, w[f"{L}.fc1"], w[f"{L}.fc2"], a.moe.num_experts_per_tok)
+                    else:
+                        f = torch.ops.mixtrt.moe(flat, logits, list(w[f"{L}.fc1"].unbind(0)),
+                                                 list(w[f"{L}.fc2"].unbind(0)), a.moe.num_experts_per_tok)
+                    f = f.view(b, s, a.hidden_size)
                 x = x + f
             x = self._rms(x, w["norm"])
             pos = torch.from_numpy(np.ascontiguousarray(logit_positions, dtype=np.int64)).to(dev)

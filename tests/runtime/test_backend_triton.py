@@ -124,6 +124,12 @@ def test_from_state_dict_gives_the_artifacts_logits(exported, backends):
     [p] = _prompts(3, (EXPORT_W + 2,))
     a, b = tri.step(tri.new_cache(1), np.array([p])), mem.step(mem.new_cache(1), np.array([p]))
     assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+    eager = TritonBackend.from_state_dict(m.args, own, max_context=m.max_context, precision="fp32", ops="torch")
+    cache = eager.new_cache(1)
+    c = eager.step(cache, np.array([p]))
+    d = eager.step(cache, np.array([[7]]))  # the reference's ring, copied back into the cache, serves the next step
+    assert np.abs(a - c).max() <= LOGIT_TOL * np.abs(a).max()
+    assert np.abs(d - mem.step(mem.new_cache(1), np.array([[*p, 7]]))[:, -1:]).max() <= LOGIT_TOL * np.abs(d).max()
 
 
 def test_refusals(backends):
