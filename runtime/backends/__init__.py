@@ -1,7 +1,7 @@
 """Backends by name: one registry, read by the loader, the exporter's cache plan and the CLI.
 
     >>> sorted(BACKENDS)
-    ['onnxruntime', 'triton']
+    ['onnxruntime', 'tensorrt', 'triton']
     >>> BACKENDS["onnxruntime"].window_slack
     16
 
@@ -43,6 +43,10 @@ BACKENDS: dict[str, BackendInfo] = {
     "triton": BackendInfo(
         "mixtrt.runtime.backends.triton_backend:TritonBackend", "gpu",
         0, "torch + the Triton kernels on CUDA (or the CPU under the Triton interpreter): model.onnx's weights"),
+    # the artifact's engine.plan (`mixtrt build` adds it and lists this backend in the manifest); needs torch too
+    "tensorrt": BackendInfo(
+        "mixtrt.runtime.backends.tensorrt_backend:TensorRTBackend", "tensorrt",
+        0, "TensorRT: the engine `mixtrt build` added to the artifact, with our plugins (not run yet)"),
 }
 
 
