@@ -79,3 +79,74 @@ def test_int4_dequantize_linear_builds():
     onnx.checker.check_model(model)
     built, errors, _ = _build(model)
     assert built, errors
+
+
+class _Recorder:
+    """A plugin creator that records what the ONNX parser hands it (and makes no plugin, so parsing stops there)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+
+    def creator(self, name: str, fields: list[tuple[str, object]]):
+        recorder = self
+
+        class Creator(trt.IPluginCreatorV3One):
+            def __init__(self) -> None:
+                trt.IPluginCreatorV3One.__init__(self)
+                self.name, self.plugin_namespace, self.plugin_version = name, "mixtrt", "1"
+                self.field_names = trt.PluginFieldCollection([trt.PluginField(n, np.array([]), t) for n, t in fields])
+
+            def create_plugin(self, node_name, fc, phase):
+                recorder.calls.append((node_name, {f.name: (f.type, np.array(f.data).tolist()) for f in fc}))
+                return None
+
+        return Creator()
+
+
+def test_parser_hands_our_nodes_to_plugins_with_their_attributes(exported, tmp_path):
+    """TensorRT-RTX's ONNX parser (the onnx-tensorrt importer) on the graph `mixtrt build` gives TensorRT: every
+    node but our two ops is imported; each of ours is looked up as plugin (op_type, "1", "mixtrt") and created
+    with exactly the ONNX node's attributes, typed, and nothing else (plugin_version / plugin_namespace are the
+    importer's, not fields)."""
+    from mixtrt.export.tensorrt_build import STATE_ACC, STATE_COUNT, tensorrt_graph
+    from mixtrt.plugins import trt_plugins
+
+    tensorrt_graph(exported["mixtral-window"][1] / "model.onnx", tmp_path / "t.onnx", max_tokens=8)
+    I32, F32 = trt.PluginFieldType.INT32, trt.PluginFieldType.FLOAT32
+    rec = _Recorder()
+    swa = rec.creator("SlidingWindowAttention", [(n, F32 if n == "scale" else I32) for n in trt_plugins.SWA_ATTRIBUTES])
+    moe = rec.creator("MoE", [("k", I32)])
+    registry = trt.get_plugin_registry()
+    assert registry.register_creator(swa, "mixtrt") and registry.register_creator(moe, "mixtrt")
+    try:
+        logger = trt.Logger(trt.Logger.INTERNAL_ERROR)
+        builder = trt.Builder(logger)
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)  # kept alive: the parser does not own it
+        parser = trt.OnnxParser(network, logger)
+        assert not parser.parse_from_file(str(tmp_path / "t.onnx"))  # our recorder makes no plugin
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        assert len(errors) == 1 and "SlidingWindowAttention_0" in errors[0] and "Could not create" in errors[0]
+        # the MoE node alone (the whole graph stops at the first attention node)
+        m = onnx.load(str(tmp_path / "t.onnx"))
+        node = next(n for n in m.graph.node if n.op_type == "MoE")
+        inits = [t for t in m.graph.initializer if t.name in node.input]
+        H, E = 64, 4
+        inputs = [helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT, ["T", H]),
+                  helper.make_tensor_value_info(node.input[1], TensorProto.FLOAT, ["T", E]),
+                  helper.make_tensor_value_info(STATE_ACC, TensorProto.FLOAT, [8, H]),
+                  helper.make_tensor_value_info(STATE_COUNT, TensorProto.INT32, [8])]
+        outputs = [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, ["T", H])]
+        one = helper.make_model(helper.make_graph([node], "moe", inputs, outputs, inits), opset_imports=m.opset_import)
+        network2 = builder.create_network(flags)
+        parser2 = trt.OnnxParser(network2, logger)
+        assert not parser2.parse(one.SerializeToString())
+    finally:
+        registry.deregister_creator(swa)
+        registry.deregister_creator(moe)
+    (swa_node, swa_fields), (moe_node, moe_fields) = rec.calls
+    assert swa_node.endswith("SlidingWindowAttention_0") and moe_node.endswith("MoE_0")
+    assert list(swa_fields) == list(trt_plugins.SWA_ATTRIBUTES)
+    assert swa_fields == {"num_heads": (I32, [4]), "kv_heads": (I32, [2]), "window": (I32, [5]),
+                          "windowed_cache": (I32, [1]), "scale": (F32, [0.0])}
+    assert moe_fields == {"k": (I32, [2])}
