@@ -37,8 +37,9 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of the artifact's files at load (sizes are still checked)")
     g.add_argument("--backend", default="onnxruntime", metavar="NAME",
-                   help="onnxruntime (default: the CPU) or triton (torch + the Triton kernels on CUDA, or on the CPU "
-                        "under the Triton interpreter: slow; needs `pip install 'mixtrt[gpu]'`)")
+                   help="onnxruntime (default: the CPU), triton (torch + the Triton kernels on CUDA, or on the CPU "
+                        "under the Triton interpreter: slow; needs `pip install 'mixtrt[gpu]'`) or tensorrt (the "
+                        "engine `mixtrt build` added; a GPU and `pip install 'mixtrt[gpu,tensorrt]'`)")
 
 
 def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]:
