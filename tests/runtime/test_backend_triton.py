@@ -201,3 +201,20 @@ def test_fp16_mixtral_tokens(tmp_path):
     want = Generator.load(art).generate(prompts, cfg)
     got = Generator.load(art, backend="triton").generate(prompts, cfg)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head_dim_case", [dict(hidden_size=48, num_attention_heads=4),  # D=12: masked tiles
+                                           dict(hidden_size=96, num_attention_heads=4)])  # D=24
+def test_head_dims_that_are_not_powers_of_two(head_dim_case, tmp_path):
+    from mixtrt.export import export_onnx
+    from tests.checkpoints import make_checkpoint
+
+    ck = make_checkpoint(tmp_path / "ck", "mixtral", sliding_window=EXPORT_W, num_key_value_heads=2,
+                         max_position_embeddings=64, **head_dim_case)
+    art = export_onnx(ck, tmp_path / "art", progress=None)
+    prompts = _prompts(6, (2 * EXPORT_W, 4))
+    cfg = GenerationConfig(max_new_tokens=2 * EXPORT_W, eos_token_id=())
+    want = Generator.load(art).generate(prompts, cfg)
+    got = Generator.load(art, backend="triton").generate(prompts, cfg)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
