@@ -4,9 +4,11 @@ whose implementations are our Triton kernels compiled ahead of time to PTX (plug
 runs without Python.
 
 NOT RUN against TensorRT: none can be installed where this was written. What is tested without it
-(tests/plugins/test_trt_plugins.py): the launch plans below (kernel choice, grid, block, shared memory, the extra
-int32 arguments in the kernels' argument order), that they compile, and that names, inputs, outputs and
-attributes are the ONNX ops'. `register_all()` needs TensorRT >= 10.9 (AOT Python plugins) and is imported by
+(tests/plugins/test_trt_plugins.py, test_trt_plugin_launch.py): the launch plans below (kernel choice, grid,
+block, shared memory, the extra int32 arguments in the kernels' argument order), that they compile, that each
+launch run under the Triton interpreter exactly as TensorRT would call it computes its op (the references'
+outputs, the cache / state written in place), and that names, inputs, outputs and attributes are the ONNX ops'.
+`register_all()` needs TensorRT >= 10.9 (AOT Python plugins) and is imported by
 `mixtrt build` and the tensorrt backend before a graph is parsed or an engine deserialised.
 
 - `mixtrt::SlidingWindowAttention` (8 inputs, 3 outputs; attributes num_heads, kv_heads, window, windowed_cache,
