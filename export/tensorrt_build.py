@@ -12,7 +12,7 @@ to list them (feature `tensorrt_engine`, backend `tensorrt`, versions.tensorrt),
 (`manifest.artifact_update`): an interrupted or failed build leaves the artifact as it was, and the artifact
 always holds exactly the files its manifest lists.
 
-Nothing here ran against TensorRT (none can be installed where this was written; see README, "GPU path").
+Nothing here ran against TensorRT (it needs an NVIDIA GPU; none was available: see README, "GPU path").
 The builder is a parameter, so the file handling is tested with a fake one.
 """
 

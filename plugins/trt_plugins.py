@@ -3,7 +3,7 @@
 whose implementations are our Triton kernels compiled ahead of time to PTX (plugins/triton_aot.py), so an engine
 runs without Python.
 
-NOT RUN against TensorRT: none can be installed where this was written. What is tested without it
+NOT RUN against TensorRT (it needs an NVIDIA GPU; none was available). What is tested without it
 (tests/plugins/test_trt_plugins.py, test_trt_plugin_launch.py): the launch plans below (kernel choice, grid,
 block, shared memory, the extra int32 arguments in the kernels' argument order), that they compile, that each
 launch run under the Triton interpreter exactly as TensorRT would call it computes its op (the references'

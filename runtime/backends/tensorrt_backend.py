@@ -1,7 +1,7 @@
 """The TensorRT backend: the artifact's engine.plan (`mixtrt build`) with the KV cache in device memory, bound in
 place (each layer's present key/value share the past buffers' addresses; the plugins alias them).
 
-NOT RUN: TensorRT cannot be installed where this was written; tests/runtime/test_backend_tensorrt.py holds the
+NOT RUN (TensorRT needs an NVIDIA GPU; none was available): tests/runtime/test_backend_tensorrt.py holds the
 `gpu`-marked checks (engine parity with onnxruntime, generation through 3W steps) for a machine with a GPU and
 TensorRT. Needs the `tensorrt` extra and torch (the `gpu` extra) for the device buffers and the stream.
 
