@@ -184,7 +184,7 @@ def export_onnx(
             outputs=outputs,
             opsets=opsets,
             files=file_entries(tmp, names),
-            backends=EXPORT_BACKENDS,
+            backends=EXPORT_BACKENDS if lm else ("onnxruntime",),  # the GPU backends run causal LMs only
             summary=summary,
             versions=_versions(),
             source=str(checkpoint_dir.resolve()),

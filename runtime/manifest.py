@@ -47,7 +47,12 @@ FORMAT_VERSION = 2
 # "heads": the model is not a causal LM (base model, sequence / token classification, question answering):
 # its graph has no KV cache and other outputs (Manifest.graph_io).
 HEADS_FEATURE = "heads"
-FEATURES: frozenset[str] = frozenset({HEADS_FEATURE})  # the features this runtime knows
+# "tensorrt_engine": `mixtrt build` added a TensorRT plan (ENGINE_FILE) and its build config (ENGINE_CONFIG: the
+# profile shapes, optimisation level, TensorRT and Polygraphy versions) and the backend "tensorrt".
+TENSORRT_FEATURE = "tensorrt_engine"
+ENGINE_FILE = "engine.plan"
+ENGINE_CONFIG = "engine.json"
+FEATURES: frozenset[str] = frozenset({HEADS_FEATURE, TENSORRT_FEATURE})  # the features this runtime knows
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 DTYPES = frozenset({"int64", "int32", "float32", "float16"})  # of graph inputs and outputs
@@ -313,6 +318,11 @@ class Manifest:
             raise ArtifactError(f"quantization must be null without a feature for it, got {d['quantization']!r}")
         if d["source"] is not None and not isinstance(d["source"], str):
             raise ArtifactError(f"source must be a path or null, got {d['source']!r}")
+        engine = ENGINE_FILE in files and ENGINE_CONFIG in files and "tensorrt" in backends
+        if (TENSORRT_FEATURE in features) != engine or (not engine and ({ENGINE_FILE, ENGINE_CONFIG} & set(files)
+                                                                         or "tensorrt" in backends)):
+            raise ArtifactError(f"the feature {TENSORRT_FEATURE!r}, the files {ENGINE_FILE} + {ENGINE_CONFIG} and "
+                                "the backend 'tensorrt' go together (all or none)")
         if (args.head != "causal_lm") != (HEADS_FEATURE in features):
             verb = "cannot list" if args.head == "causal_lm" else "needs"
             raise ArtifactError(f"a {args.head} model {verb} the feature {HEADS_FEATURE!r}")
@@ -494,6 +504,66 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+@contextlib.contextmanager
+def artifact_update(directory: Path) -> Iterator[Path]:
+    """Add or replace files of the existing artifact `directory` so that it is never seen half-updated.
+
+    Yields a staging directory beside the artifact (`.NAME.tmp-PID-XXXX`, with the partial marker, so a dead
+    process's leftover is cleaned like an export's); the block writes the new files there and the new
+    `manifest.json` (listing every file the artifact will hold). After the block the staged files are moved in,
+    the manifest last, with SIGINT / SIGTERM / SIGHUP deferred during the moves; files they replace are kept
+    aside until the manifest is in place and put back if a move fails. An exception or signal during the block
+    leaves the artifact exactly as it was. Only kill -9 (or a power cut) during the moves themselves can leave
+    a new file the old manifest does not list; the artifact is then refused at load ("files not listed") and
+    the next update or export repairs it.
+    """
+    directory = Path(directory)
+    if not is_artifact(directory):
+        raise ArtifactError(f"{directory}: not an artifact (its manifest must list exactly the files it holds)")
+    _clean_stale(directory)
+    with _signals_raise() as critical:
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{os.getpid()}-", dir=directory.parent))
+        except OSError as e:
+            raise ArtifactError(f"{directory.parent}: cannot write beside the artifact ({e.strerror})") from None
+        try:
+            (tmp / PARTIAL_MARKER).write_text(json.dumps(_owner(directory)))
+            yield tmp
+            (tmp / PARTIAL_MARKER).unlink()
+            staged = sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST)
+            if not (tmp / MANIFEST).is_file() or set(Manifest.read(tmp).files) != (
+                    {p.name for p in directory.iterdir() if p.name != MANIFEST} | set(staged)):
+                raise ArtifactError(f"{directory}: the new manifest must list exactly the artifact's files and the "
+                                    "staged ones")
+            aside = tmp / ".replaced"
+            aside.mkdir()
+            with critical():
+                moved: list[str] = []
+                try:
+                    for name in staged:
+                        if (directory / name).exists():
+                            os.replace(directory / name, aside / name)
+                        os.replace(tmp / name, directory / name)
+                        moved.append(name)
+                    os.replace(tmp / MANIFEST, directory / MANIFEST)
+                except OSError:
+                    for name in moved:
+                        with contextlib.suppress(OSError):
+                            os.unlink(directory / name)
+                    for old in aside.iterdir():
+                        with contextlib.suppress(OSError):
+                            os.replace(old, directory / old.name)
+                    raise
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ArtifactError(f"{directory}: the update failed writing {_culprit(tmp, e)}: {e.strerror or e}; the "
+                                "artifact is as it was") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _culprit(tmp: Path, e: OSError) -> str:

@@ -36,6 +36,10 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
                    help="onnxruntime intra-op threads, 1 .. the available cores (default: all of them)")
     g.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of the artifact's files at load (sizes are still checked)")
+    g.add_argument("--backend", default="onnxruntime", metavar="NAME",
+                   help="onnxruntime (default: the CPU), triton (torch + the Triton kernels on CUDA, or on the CPU "
+                        "under the Triton interpreter: slow; needs `pip install 'mixtrt[gpu]'`) or tensorrt (the "
+                        "engine `mixtrt build` added; a GPU and `pip install 'mixtrt[gpu,tensorrt]'`)")
 
 
 def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]:
@@ -67,7 +71,8 @@ def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]
 def load_generator(ns: argparse.Namespace) -> Any:
     from mixtrt.runtime.generation import Generator
 
-    return Generator.load(ns.artifact, threads=ns.threads, verify=not ns.no_verify)
+    return Generator.load(ns.artifact, backend=getattr(ns, "backend", "onnxruntime"), threads=ns.threads,
+                          verify=not ns.no_verify)
 
 
 def stats_line(out: Any) -> str:

@@ -31,6 +31,9 @@ COMMANDS: tuple[Command, ...] = (
             "token labels, or answer spans (--question)."),
     Command("chat", "mixtrt.cli.commands.chat", "base",
             "Interactive multi-turn chat with the model's chat template (an empty line or Ctrl-D ends)."),
+    Command("build", "mixtrt.cli.commands.build", "tensorrt",
+            "Build a TensorRT engine (strongly typed, our plugins) from an artifact and add it to the artifact "
+            "(needs an NVIDIA GPU and TensorRT)."),
     Command("demo", "mixtrt.cli.commands.demo", "export",
             "Export the built-in tiny Mixtral (once) and generate from it on the CPU, with speed "
             "(sampling with temperature 0.8, top-p 0.95, seed 0 unless told otherwise)."),

@@ -154,6 +154,21 @@ def moe_decode_kernel(
 
 
 @triton.jit
+def moe_decode_aliased_kernel(
+    hidden_ptr, logits_ptr, fc1_ptr, fc1_scale_ptr, fc2_ptr, fc2_scale_ptr, acc_in_ptr, count_in_ptr,
+    T, H, I, E,
+    out_ptr, acc_ptr, count_ptr,
+    TOP_K: tl.constexpr, E_P2: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+    INT4: tl.constexpr, QBLOCK1: tl.constexpr, QBLOCK2: tl.constexpr,
+):
+    """``moe_decode_kernel`` with the argument order of a TensorRT plugin whose state is an aliased input/output
+    pair (inputs, then the int32 arguments, then the outputs): acc_in/count_in are the same memory as
+    acc/count and are not read through these pointers."""
+    moe_decode_kernel(hidden_ptr, logits_ptr, fc1_ptr, fc1_scale_ptr, fc2_ptr, fc2_scale_ptr, T, H, I, E, out_ptr,
+                      acc_ptr, count_ptr, TOP_K, E_P2, BLOCK_I, BLOCK_K, INT4, QBLOCK1, QBLOCK2)
+
+
+@triton.jit
 def moe_align_kernel(
     logits_ptr,
     T, E,
@@ -413,6 +428,17 @@ def decode_spec(dtype: torch.dtype, num_experts: int, top_k: int, qblocks: tuple
     return _with_constexprs(moe_decode_kernel, dtype, sig, meta, int4, ("fc1", "fc2"))
 
 
+def aliased_decode_spec(dtype: torch.dtype, num_experts: int, top_k: int,
+                        qblocks: tuple[int, int] | None = None) -> tuple:
+    """The ``moe_decode_aliased_kernel`` spec (the TensorRT plugin's): ``decode_spec`` with the state inputs."""
+    _, sig, meta, opts = decode_spec(dtype, num_experts, top_k, qblocks)
+    order = list(sig)
+    at = order.index("T")
+    sig = {**{k: sig[k] for k in order[:at]}, "acc_in_ptr": "*fp32", "count_in_ptr": "*i32",
+           **{k: sig[k] for k in order[at:]}}
+    return moe_decode_aliased_kernel, sig, meta, opts
+
+
 def grouped_specs(dtype: torch.dtype, num_experts: int, top_k: int, qblocks: tuple[int, int] | None = None) -> list:
     """The specs of the four grouped-path kernels, in launch order."""
     t, int4 = _PTR[dtype], qblocks is not None
@@ -460,5 +486,7 @@ def _specs(models) -> list[tuple]:
 # are runtime arguments: one specialisation serves every size with the same E_P2, k and INT4 blocks.
 AOT_SPECS: list[tuple] = _specs(((torch.float16, 8, 2, None), (torch.float16, 8, 2, (128, 128)),
                                  (torch.float16, 4, 2, None), (torch.float16, 4, 2, (64, 128))))
+# The TensorRT plugin's kernel (plugins/trt_plugins.py: the decode kernel with its state as aliased inputs), fp16.
+AOT_SPECS += [aliased_decode_spec(torch.float16, e, 2) for e in (8, 4)]
 # Launched by the torch wrapper only (fp32 is not a TensorRT engine precision here): compiled by the AOT test.
 JIT_SPECS: list[tuple] = _specs(((torch.float32, 8, 2, None), (torch.float32, 4, 1, (32, 32))))

@@ -1,7 +1,7 @@
 """Backends by name: one registry, read by the loader, the exporter's cache plan and the CLI.
 
     >>> sorted(BACKENDS)
-    ['onnxruntime']
+    ['onnxruntime', 'tensorrt', 'triton']
     >>> BACKENDS["onnxruntime"].window_slack
     16
 
@@ -38,11 +38,20 @@ BACKENDS: dict[str, BackendInfo] = {
         # onnxruntime's windowed attention compacts its buffer once the slack is used up (every `slack`
         # decode steps), so the slack trades copies for memory (onnxruntime-genai uses 16 as well)
         16, "ONNX Runtime on the CPU: the artifact's model.onnx"),
+    # torch + our Triton kernels over the graph's weights (a ring cache: no slack); imported only from here, so
+    # the onnxruntime path stays torch-free
+    "triton": BackendInfo(
+        "mixtrt.runtime.backends.triton_backend:TritonBackend", "gpu",
+        0, "torch + the Triton kernels on CUDA (or the CPU under the Triton interpreter): model.onnx's weights"),
+    # the artifact's engine.plan (`mixtrt build` adds it and lists this backend in the manifest); needs torch too
+    "tensorrt": BackendInfo(
+        "mixtrt.runtime.backends.tensorrt_backend:TensorRTBackend", "tensorrt",
+        0, "TensorRT: the engine `mixtrt build` added to the artifact, with our plugins (not run yet)"),
 }
 
 
 # The backends an exported artifact serves (the exporter writes them into the manifest).
-EXPORT_BACKENDS: tuple[str, ...] = ("onnxruntime",)
+EXPORT_BACKENDS: tuple[str, ...] = ("onnxruntime", "triton")
 
 
 def window_slack(backends: list[str] | tuple[str, ...]) -> int:

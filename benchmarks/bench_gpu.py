@@ -1,0 +1,289 @@
+"""The GPU measurement, one prepared script for a lent GPU machine (torch + Triton, no TensorRT, no network).
+
+    python benchmarks/bench_gpu.py --out $OUT/bench_gpu.json          # on the GPU machine (a few minutes)
+    python benchmarks/bench_gpu.py --dry-run                          # the same code on the CPU, in seconds
+
+1. Kernel checks, natively: each op's Triton kernels against its eager torch reference (plugins/<op>/torch_op.py) on
+   the device, fp16 (and fp32) over decode and prefill shapes, the ring wrapped; max error relative to max|ref|.
+2. The triton backend (torch dense layers + our kernels) against torch eager (the same model with the reference
+   ops) on the same random weights made on the device: the Mixtral-shaped benchmark model (benchmarks/common.py)
+   and a Mixtral-8x7B-shaped model with 4 layers (hidden 4096, intermediate 14336, 8 experts top-2, 32/8 heads of
+   128, no window); batch 1 and 8; a prompt prefilled, then timed decode steps. Reported: decode tok/s, and the
+   fraction of the HBM roofline: bytes a decode step must read (weights of the dense layers and lm_head, the
+   experts the step's tokens touch (counted from the routing), the KV cache it attends) / step time / peak HBM
+   bandwidth of the device (a table; --hbm-tbps overrides).
+
+Everything printed is also written as one JSON object (--out). With --dry-run: tiny shapes, the CPU, the Triton
+interpreter; numbers are meaningless, the code path is the GPU run's (tests/benchmarks/test_bench_gpu.py runs it).
+The script imports only the GPU path of mixtrt (torch, triton, numpy): where the CPU runtime's dependencies
+(onnxruntime, sentencepiece, jinja2) are missing it imports the modules it needs without the package's __init__.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+HBM_TBPS = {"H200": 4.8, "H100 NVL": 3.9, "H100 PCIe": 2.0, "H100": 3.35, "A100": 2.0, "L40S": 0.864}  # name part
+
+
+def _import_gpu_path(bare: bool = False) -> None:
+    """Make `mixtrt.runtime.*` submodules importable even where the runtime's own dependencies are absent (or,
+    with `bare`, always without the package's __init__)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        if bare:
+            raise ImportError("--bare-import")
+        import mixtrt.runtime  # noqa: F401
+    except ImportError as e:
+        print(json.dumps({"note": f"the CPU runtime does not import here ({e}); importing the GPU path alone"}),
+              flush=True)
+        for name in [m for m in sys.modules if m == "mixtrt.runtime" or m.startswith("mixtrt.runtime.")]:
+            del sys.modules[name]
+        bare = types.ModuleType("mixtrt.runtime")
+        bare.__path__ = [str(ROOT / "runtime")]  # type: ignore[attr-defined]
+        sys.modules["mixtrt.runtime"] = bare
+
+
+def model_shapes(dry: bool) -> dict[str, dict[str, Any]]:
+    if dry:
+        tiny = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                    max_position_embeddings=64)
+        return {"tiny-mixtral": tiny}
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import SHAPES
+
+    shaped = {k: v for k, v in SHAPES["mixtral"].items() if k != "family"}
+    return {"mixtral-shaped": shaped,
+            "mixtral-8x7b-4layers": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                         num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8,
+                                         num_local_experts=8, num_experts_per_tok=2, sliding_window=None,
+                                         max_position_embeddings=32768)}
+
+
+def model_args(shape: dict[str, Any]) -> Any:
+    from mixtrt.runtime.args import ModelArgs, MoeArgs
+
+    s = shape
+    return ModelArgs("MixtralForCausalLM", s["vocab_size"], s["hidden_size"], s["intermediate_size"],
+                     s["num_hidden_layers"], s["num_attention_heads"], s["num_key_value_heads"],
+                     s["hidden_size"] // s["num_attention_heads"], sliding_window=s["sliding_window"],
+                     max_position_embeddings=s["max_position_embeddings"],
+                     moe=MoeArgs(s["num_local_experts"], s["num_experts_per_tok"]))
+
+
+def random_weights(args: Any, device: str, dtype: Any, seed: int = 0) -> dict[str, Any]:
+    """Random weights made on the device (std 0.02, norms 1; the router a bit larger so routing is not uniform)."""
+    import torch
+
+    from mixtrt.runtime.backends.graph_weights import expected_shapes
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = {}
+    for name, shape in expected_shapes(args, 1).items():
+        if name.startswith("rope"):
+            continue
+        if name.endswith("norm"):
+            out[name] = torch.ones(shape, device=device, dtype=dtype)
+        else:
+            std = 0.2 if name.endswith(".gate") else 0.02
+            out[name] = (torch.randn(shape, device=device, dtype=torch.float32, generator=g) * std).to(dtype)
+    return out
+
+
+def kernel_checks(device: str, dry: bool) -> list[dict[str, Any]]:
+    """Our kernels vs the torch references on the device; returns one row per case."""
+    import torch
+
+    import mixtrt.plugins.moe.torch_op  # noqa: F401
+    import mixtrt.plugins.swa.torch_op  # noqa: F401
+    from mixtrt.plugins.moe import triton_kernels as mk
+    from mixtrt.plugins.swa import triton_kernels as sk
+    from mixtrt.plugins.swa.torch_op import rope_tables
+
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    dtypes = [torch.float16, torch.float32]
+    # (name, N, K, D, C, W, B, past, S)
+    swa_cases = [("decode ring wrapped", 4, 2, 16, 12, 8, 2, 20, 1), ("prefill", 4, 2, 16, 40, -1, 1, 0, 24)] if dry \
+        else [("decode 32/8x128 W4096 wrapped", 32, 8, 128, 4112, 4096, 8, 5000, 1),
+              ("prefill 32/8x128 S512", 32, 8, 128, 4112, 4096, 1, 300, 512),
+              ("decode full causal", 32, 8, 128, 2048, -1, 8, 1500, 1)]
+    for dt in dtypes:
+        tol = 1e-2 if dt == torch.float16 else 1e-4
+        for name, N, K, D, C, W, B, past, S in swa_cases:
+            def rnd(*shape: int, dt: Any = dt) -> Any:
+                return torch.randn(*shape, generator=g, device=device).to(dt)
+            q, k, v = rnd(B, S, N * D), rnd(B, S, K * D), rnd(B, S, K * D)
+            kc, vc = rnd(B, K, C, D), rnd(B, K, C, D)
+            total = torch.full((B,), past + S, dtype=torch.int32, device=device)
+            cos, sin = rope_tables(D, 10000.0, past + S + 1)
+            cos, sin = cos.to(dt).to(device), sin.to(dt).to(device)
+            want, wk, wv = torch.ops.mixtrt.sliding_window_attention(q, k, v, kc, vc, total, cos, sin, N, K, W, 0.0)
+            got = sk.swa_attention(q, k, v, kc, vc, total, cos, sin, N, K, W, 0.0)
+            err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+            cache_ok = bool(torch.equal(kc, wk) and torch.equal(vc, wv))
+            rows.append({"op": "swa", "case": name, "dtype": str(dt).split(".")[-1], "rel_err": err,
+                         "cache_equal": cache_ok, "ok": err <= tol and cache_ok})
+    moe_cases = [("decode T=2", 2, 64, 96, 4, 2), ("grouped T=24", 24, 64, 96, 4, 2)] if dry \
+        else [("decode T=1", 1, 4096, 14336, 8, 2), ("decode T=8 (batch 8)", 8, 4096, 14336, 8, 2),
+              ("grouped T=256", 256, 4096, 14336, 8, 2)]
+    for dt in dtypes:
+        tol = 5e-3 if dt == torch.float16 else 1e-4
+        for name, T, H, I, E, topk in moe_cases:
+            x = torch.randn(T, H, generator=g, device=device).to(dt)
+            logits = (torch.randn(T, E, generator=g, device=device) * 2).to(dt)
+            fc1 = (torch.randn(E, 2 * I, H, generator=g, device=device) * H**-0.5).to(dt)
+            fc2 = (torch.randn(E, H, I, generator=g, device=device) * I**-0.5).to(dt)
+            want = torch.ops.mixtrt.moe(x, logits, list(fc1.unbind(0)), list(fc2.unbind(0)), topk)
+            got = mk.moe(x, logits, fc1, fc2, topk)
+            err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+            rows.append({"op": "moe", "case": name, "dtype": str(dt).split(".")[-1], "rel_err": err, "ok": err <= tol})
+    return rows
+
+
+def decode_bytes(backend: Any, batch: int, context: int, touched_experts: list[int]) -> int:
+    """Bytes one decode step of `batch` rows at `context` positions must read from memory (at least)."""
+    a, w = backend.args, backend.w
+    per = w["lm_head"].element_size()
+    total = w["lm_head"].numel() * per + w["norm"].numel() * per
+    for i in range(a.num_hidden_layers):
+        L = f"layers.{i}"
+        dense = ("wq", "wk", "wv", "wo", "gate", "attention_norm", "ffn_norm")
+        total += sum(w[f"{L}.{n}"].numel() for n in dense) * per
+        total += touched_experts[i] * (w[f"{L}.fc1"][0].numel() + w[f"{L}.fc2"][0].numel()) * per
+        window = backend.windows[i]
+        keys = min(context, window) if window > 0 else context
+        total += 2 * batch * a.num_key_value_heads * keys * a.head_dim * per
+    return total
+
+
+def touched(backend: Any, hidden_rows: int) -> list[int]:
+    """Experts a decode step of `hidden_rows` tokens reads per layer: counted from the router on random hidden
+    states (random weights route about uniformly)."""
+    import torch
+
+    a, out = backend.args, []
+    for i in range(a.num_hidden_layers):
+        x = torch.randn(hidden_rows, a.hidden_size, device=backend.device, dtype=backend.dtype)
+        logits = x @ backend.w[f"layers.{i}.gate"].T
+        out.append(int(logits.float().topk(a.moe.num_experts_per_tok, dim=-1).indices.unique().numel()))
+    return out
+
+
+def run_model(name: str, shape: dict[str, Any], device: str, dry: bool, batches: list[int], steps: int,
+              prompt: int, peak: float | None) -> list[dict[str, Any]]:
+    import numpy as np
+    import torch
+
+    from mixtrt.runtime.backends.triton_backend import TritonBackend
+
+    args = model_args(shape)
+    dtype = torch.float16
+    context = prompt + steps + 4
+    t0 = time.perf_counter()
+    weights = random_weights(args, device, dtype)
+    made = time.perf_counter() - t0
+    rows = []
+    for ops in ("triton", "torch"):
+        be = TritonBackend.from_state_dict(args, weights, max_context=max(context, 16), precision="fp16",
+                                           device=device, ops=ops)
+        for batch in batches:
+            cache = be.new_cache(batch)
+            rng = np.random.default_rng(0)
+            t = time.perf_counter()
+            for r in range(batch):
+                be.step(cache, rng.integers(3, args.vocab_size, (1, prompt)), start_row=r, last_only=True)
+            prefill = time.perf_counter() - t
+            ids = rng.integers(3, args.vocab_size, (batch, 1))
+            for _ in range(2):  # warm-up (compiles the kernels on first use)
+                be.step(cache, ids)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(steps):
+                be.step(cache, ids)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            dt = (time.perf_counter() - t) / steps
+            nbytes = decode_bytes(be, batch, int(cache.lengths.max()), touched(be, batch))
+            rows.append({"model": name, "ops": ops, "batch": batch, "prompt": prompt, "steps": steps,
+                         "decode_ms": dt * 1e3, "tok_s": batch / dt, "prefill_tok_s": batch * prompt / prefill,
+                         "bytes_per_step": nbytes, "gb_s": nbytes / dt / 1e9,
+                         "hbm_fraction": nbytes / dt / (peak * 1e12) if peak else None,
+                         "weights_made_s": made})
+            print(json.dumps(rows[-1]), flush=True)
+            del cache
+    del weights
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under the Triton interpreter")
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    ap.add_argument("--steps", type=int, default=None, help="timed decode steps (default 32; dry run 2)")
+    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens per row (default 128; dry run 4)")
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8; dry run 1,2)")
+    ap.add_argument("--hbm-tbps", type=float, default=None, help="peak HBM bandwidth in TB/s (default: by GPU name)")
+    ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--bare-import", action="store_true",
+                    help="import the GPU path without mixtrt.runtime's __init__ (what happens where sentencepiece, "
+                         "jinja2 or onnxruntime are missing)")
+    ns = ap.parse_args(argv)
+    if ns.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"
+    _import_gpu_path(ns.bare_import)
+    import torch
+    import triton
+
+    device = "cpu" if ns.dry_run else "cuda"
+    if not ns.dry_run and not torch.cuda.is_available():
+        print("no CUDA device: run with --dry-run on a CPU", file=sys.stderr)
+        return 2
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
+    peak = ns.hbm_tbps or next((v for k, v in HBM_TBPS.items() if k in gpu), None)
+    report: dict[str, Any] = {"device": gpu, "hbm_tbps": peak, "torch": torch.__version__, "triton": triton.__version__,
+                              "dry_run": ns.dry_run, "load": os.getloadavg()}
+    if device == "cuda":
+        report["capability"] = list(torch.cuda.get_device_capability())
+    print(json.dumps(report), flush=True)
+    t0 = time.perf_counter()
+    if not ns.skip_kernels:
+        report["kernels"] = kernel_checks(device, ns.dry_run)
+        for row in report["kernels"]:
+            print(json.dumps(row), flush=True)
+    steps = ns.steps or (2 if ns.dry_run else 32)
+    prompt = ns.prompt or (4 if ns.dry_run else 128)
+    batches = [int(b) for b in ns.batches.split(",")] if ns.batches != "1,8" or not ns.dry_run else [1, 2]
+    report["models"] = []
+    for name, shape in model_shapes(ns.dry_run).items():
+        report["models"] += run_model(name, shape, device, ns.dry_run, batches, steps, prompt, peak)
+    speed = {}
+    for r in report["models"]:
+        if r["ops"] == "triton":
+            base = next(b for b in report["models"] if b["ops"] == "torch" and b["model"] == r["model"]
+                        and b["batch"] == r["batch"])
+            speed[f"{r['model']} batch {r['batch']}"] = r["tok_s"] / base["tok_s"]
+    report["speedup_vs_torch_eager"] = speed
+    report["seconds"] = time.perf_counter() - t0
+    print(json.dumps({"speedup_vs_torch_eager": speed, "seconds": report["seconds"],
+                      "kernels_ok": all(r["ok"] for r in report.get("kernels", []))}), flush=True)
+    if ns.out:
+        ns.out.parent.mkdir(parents=True, exist_ok=True)
+        ns.out.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""The Triton backend: the whole model in torch with our Triton kernels for the two custom ops.
+
+Dense layers (embedding, RMSNorm, the q/k/v/o projections, the dense FFN, the router matmul, the lm_head) run
+in torch; `mixtrt::SlidingWindowAttention` and `mixtrt::MoE` run with plugins/swa/triton_kernels.py and
+plugins/moe/triton_kernels.py. On CUDA when present; otherwise on the CPU under the Triton interpreter
+(TRITON_INTERPRET=1, set here before the kernels are imported: slow, for proving the numerics).
+
+This module imports torch and triton (the `gpu` extra) and onnx to read an artifact; nothing in the torch-free
+runtime imports it: `load_backend("triton", ...)` reaches it through the registry.
+
+Same Backend interface and step semantics as the onnxruntime backend (graph IO: input_ids, total_lengths,
+logit_positions, the KV cache updated in place -> logits). The cache lives on the device as the kernels' ring
+(slot = position mod C, the layout the torch reference keeps), `DeviceKVCache`, one [B, K, C, D] tensor per
+layer for keys and one for values. A step of b rows uses rows [start_row, start_row + b) of each tensor as a
+view (contiguous: rows are the first dimension), so the kernels write the cache in place.
+
+Two ways in: `TritonBackend.from_artifact` (the artifact's graph initializers, checked against its manifest
+as the onnxruntime backend checks them) and `TritonBackend.from_state_dict` (weights already in memory, e.g.
+random weights made on the GPU by a benchmark). `ops="torch"` runs the two ops with their eager torch
+references instead (plugins/<op>/torch_op.py): the baseline a benchmark compares the kernels with.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mixtrt.runtime.args import ModelArgs
+from mixtrt.runtime.backends.graph_weights import check_shapes, read_graph_weights
+from mixtrt.runtime.cache import CachePlan
+from mixtrt.runtime.errors import ArtifactError, BackendError, ConfigError
+from mixtrt.runtime.manifest import MODEL_FILE, Manifest, TensorSpec
+from mixtrt.runtime.precision import PRECISIONS
+
+
+def _kernels(device: str) -> tuple[Any, Any, Any]:
+    """(torch, swa kernels, moe kernels); on a CPU device the Triton interpreter, which must be chosen before
+    triton decorates the kernels (it reads TRITON_INTERPRET then)."""
+    import sys
+
+    cpu = not device.startswith("cuda")
+    if cpu and "mixtrt.plugins.swa.triton_kernels" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    from mixtrt.plugins.moe import triton_kernels as moe
+    from mixtrt.plugins.swa import triton_kernels as swa
+
+    interpreted = type(swa.swa_attention_kernel).__name__ == "InterpretedFunction"
+    if cpu and not interpreted:
+        raise ConfigError("the triton backend on the CPU needs the Triton interpreter, but the kernels were already "
+                          "compiled for a GPU in this process: set TRITON_INTERPRET=1 before importing them")
+    if not cpu and interpreted:
+        raise ConfigError(f"device {device!r}: TRITON_INTERPRET=1 is set in this process, so the kernels run in the "
+                          "interpreter on CPU tensors only; unset it to run on the GPU")
+    return torch, swa, moe
+
+
+class DeviceKVCache:
+    """Per-layer key/value ring buffers [B, K, C, D] on the backend's device and per-row lengths (host, int32).
+
+    The tensors are fixed for the cache's life; only the backend that made the cache reads or writes them."""
+
+    def __init__(self, torch: Any, num_layers: int, batch_size: int, kv_heads: int, capacity: int, head_dim: int,
+                 dtype: Any, device: str) -> None:
+        shape = (batch_size, kv_heads, capacity, head_dim)
+        self.keys = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers))
+        self.values = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers))
+        self.lengths = np.zeros(batch_size, np.int32)
+        self.capacity = capacity
+        self.device = device
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def move_rows(self, rows: Sequence[int]) -> None:
+        """As HostKVCache.move_rows: row i becomes old row rows[i] (-1: empty); rows from len(rows) on are emptied."""
+        rows = list(rows)
+        n = self.batch_size
+        if len(rows) > n or any(not -1 <= r < n for r in rows):
+            raise ValueError(f"move_rows({rows}) on a cache of {n} rows")
+        src = [r for r in rows if r >= 0]
+        if len(set(src)) != len(src):
+            raise ValueError(f"move_rows({rows}): a row is taken twice")
+        moved = [i for i, r in enumerate(rows) if r != i and r >= 0]
+        emptied = [i for i, r in enumerate(rows) if r < 0] + [i for i in range(len(rows), n) if self.lengths[i]]
+        lengths = self.lengths.copy()
+        for buf in (*self.keys, *self.values):
+            if moved:
+                buf[moved] = buf[[rows[i] for i in moved]]  # advanced indexing on the right copies first
+            if emptied:
+                buf[emptied] = 0
+        for i in moved:
+            lengths[i] = self.lengths[rows[i]]
+        lengths[emptied] = 0
+        self.lengths[:] = lengths
+
+
+class TritonBackend:
+    """Runs a causal LM with torch + our Triton kernels (CUDA, or the CPU under the Triton interpreter)."""
+
+    def __init__(self, args: ModelArgs, weights: Mapping[str, Any], plan: CachePlan, max_positions: int, *,
+                 precision: str = "fp32", device: str | None = None, where: str = "state dict",
+                 ops: str = "triton") -> None:
+        if args.head != "causal_lm":
+            raise ConfigError(f"{where}: the triton backend runs causal LMs only; this is a {args.head} model")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision {precision!r} is not one of {sorted(PRECISIONS)}")
+        import torch as _torch
+
+        if device is None:
+            device = "cuda" if _torch.cuda.is_available() else "cpu"
+        if ops not in ("triton", "torch"):
+            raise ConfigError(f"ops={ops!r}: 'triton' (our kernels) or 'torch' (the eager reference ops: a baseline)")
+        self.ops = ops
+        if ops == "triton":
+            torch, self._swa, self._moe = _kernels(device)
+        else:
+            torch = _torch
+            import mixtrt.plugins.moe.torch_op  # noqa: F401  (registers torch.ops.mixtrt.*)
+            import mixtrt.plugins.swa.torch_op  # noqa: F401
+        self._torch = torch
+        self.args = args
+        self.capacity = plan.capacity
+        self.windowed = plan.windowed
+        self.max_positions = max_positions
+        self.windows = [w if w is not None else -1 for w in plan.windows]
+        self.device = device
+        self.dtype = getattr(torch, PRECISIONS[precision])
+        check_shapes(dict(weights), args, where)
+        rows = weights["rope_cos"].shape[0]
+        if rows < max_positions:
+            raise ArtifactError(f"{where}: rope tables of {rows} positions, fewer than the {max_positions} served")
+
+        def dev(x: Any) -> Any:
+            t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.require(x, requirements=["C", "W"]))
+            return t.to(device=device, dtype=self.dtype).contiguous()
+
+        self.w = {name: dev(x) for name, x in weights.items()}
+        self._lock = threading.Lock()
+
+    # ---- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_artifact(cls, directory: Path, manifest: Manifest, threads: int | None = None,
+                      device: str | None = None) -> TritonBackend:
+        """The artifact's graph weights (checked: graph IO and metadata against the manifest, every weight's
+        shape, every attention node's heads and window against the cache plan). `threads`: torch's CPU threads
+        (the interpreter's dense layers); None leaves torch's setting."""
+        from mixtrt.runtime.threads import check_threads
+
+        directory = Path(directory)
+        if manifest.args.head != "causal_lm":
+            raise ConfigError(f"{directory}: the triton backend runs causal LMs only; this artifact holds a "
+                              f"{manifest.args.head} model")
+        manifest.check_graph_io(directory)
+        path = directory / MODEL_FILE
+        inputs, outputs, metadata = graph_io(path)
+        manifest.check_graph(path, inputs, outputs, metadata)
+        graph = read_graph_weights(path, manifest.args)
+        a = manifest.args
+        for i, attrs in enumerate(graph.attention):
+            want = {"num_heads": a.num_attention_heads, "kv_heads": a.num_key_value_heads,
+                    "window": manifest.cache.windows[i] or -1}
+            got = {k: attrs.get(k) for k in want}
+            if got != want or float(attrs.get("scale", 0.0)) != 0.0:
+                raise ArtifactError(f"{path}: the attention node of layer {i} has {got} (scale "
+                                    f"{attrs.get('scale')}), the manifest's model and cache say {want}")
+        if a.moe is not None and any(k != a.moe.num_experts_per_tok for k in graph.moe_k):
+            raise ArtifactError(f"{path}: MoE nodes with k={graph.moe_k}, the model says "
+                                f"{a.moe.num_experts_per_tok}")
+        if check_threads(threads) and threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        return cls(a, graph.tensors, manifest.cache, manifest.max_context, precision=manifest.precision,
+                   device=device, where=str(path))
+
+    @classmethod
+    def from_state_dict(cls, args: ModelArgs, weights: Mapping[str, Any], *, max_context: int | None = None,
+                        precision: str = "fp16", device: str | None = None, ops: str = "triton") -> TritonBackend:
+        """A backend over in-memory weights (graph_weights' names; torch tensors stay where they are, numpy
+        arrays are copied to the device). The cache plan is the exporter's for `max_context` (default
+        max_position_embeddings), so the capacity is an exported artifact's; rope tables are computed when absent."""
+        from mixtrt.plugins.swa.torch_op import rope_tables
+        from mixtrt.runtime.backends import EXPORT_BACKENDS, window_slack
+
+        max_context = max_context or args.max_position_embeddings
+        weights = dict(weights)
+        if "rope_cos" not in weights:
+            weights["rope_cos"], weights["rope_sin"] = rope_tables(args.head_dim, args.rope_theta, max_context)
+        plan = CachePlan.for_model(args, max_context, PRECISIONS[precision], slack=window_slack(EXPORT_BACKENDS))
+        return cls(args, weights, plan, max_context, precision=precision, device=device, ops=ops)
+
+    # ---- Backend ----------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int) -> DeviceKVCache:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        a = self.args
+        return DeviceKVCache(self._torch, a.num_hidden_layers, batch_size, a.num_key_value_heads, self.capacity,
+                             a.head_dim, self.dtype, self.device)
+
+    def move_rows(self, cache: DeviceKVCache, rows: Sequence[int]) -> None:
+        with self._lock:
+            cache.move_rows(rows)
+
+    def step(self, cache: DeviceKVCache, input_ids: np.ndarray, start_row: int = 0, last_only: bool = False
+             ) -> np.ndarray:
+        """input_ids [b, S] for cache rows [start_row, start_row+b) -> logits [b, S, V] float32 ([b, 1, V] with
+        last_only). Unlike onnxruntime's attention the kernels also take b > 1 rows of S > 1 tokens."""
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if input_ids.ndim != 2 or input_ids.shape[1] < 1:
+            raise ConfigError(f"input_ids must be [batch, tokens], got shape {input_ids.shape}")
+        b, s = input_ids.shape
+        if start_row < 0 or start_row + b > cache.batch_size:
+            raise ConfigError(f"rows [{start_row}, {start_row + b}) are outside the cache's {cache.batch_size} rows")
+        if s > self.capacity:
+            raise ConfigError(f"a step of {s} tokens is more than the cache's {self.capacity} rows (prefill in chunks)")
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.args.vocab_size:
+            raise ConfigError(f"token ids must be in [0, {self.args.vocab_size}), got {int(input_ids.min())}.."
+                              f"{int(input_ids.max())}")
+        rows = slice(start_row, start_row + b)
+        total = cache.lengths[rows].astype(np.int64) + s
+        if int(total.max()) > self.max_positions:
+            raise ConfigError(f"position {int(total.max()) - 1} is past the {self.max_positions} positions this "
+                              "artifact serves (max context chosen at export)")
+        if not self.windowed and int(total.max()) > self.capacity:
+            raise ConfigError(f"the cache holds {self.capacity} tokens per row (no sliding window) and this step "
+                              f"needs {int(total.max())}")
+        positions = np.full((b, 1), s - 1, np.int64) if last_only else np.tile(np.arange(s, dtype=np.int64), (b, 1))
+        with self._lock:
+            try:
+                logits = self.forward(input_ids, total.astype(np.int32), positions,
+                                      [(k[rows], v[rows]) for k, v in zip(cache.keys, cache.values, strict=True)])
+            except (RuntimeError, ValueError) as e:  # torch / triton errors; the cache rows may be partly written
+                raise BackendError(f"the triton backend failed on a step of {b} row(s) x {s} token(s): "
+                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+                                   ) from None
+            cache.lengths[rows] = total.astype(np.int32)
+        return logits
+
+    # ---- the graph ---------------------------------------------------------------------------------
+    def forward(self, input_ids: np.ndarray, total_lengths: np.ndarray, logit_positions: np.ndarray,
+                past: Sequence[tuple[Any, Any]]) -> np.ndarray:
+        """The exported graph's function: input_ids [b, S], total_lengths [b] int32, logit_positions [b, P],
+        past (k, v) [b, K, C, D] per layer (device tensors, updated in place) -> logits [b, P, V] float32."""
+        torch, w, a = self._torch, self.w, self.args
+        dev = self.device
+        with torch.inference_mode():
+            ids = torch.from_numpy(input_ids).to(dev)
+            total = torch.from_numpy(np.ascontiguousarray(total_lengths, dtype=np.int32)).to(dev)
+            b, s = input_ids.shape
+            x = w["embed_tokens"][ids]  # [b, S, H]
+            for i, (kc, vc) in enumerate(past):
+                L = f"layers.{i}"
+                h = self._rms(x, w[f"{L}.attention_norm"])
+                q, k, v = h @ w[f"{L}.wq"].T, h @ w[f"{L}.wk"].T, h @ w[f"{L}.wv"].T
+                if self.ops == "triton":
+                    att = self._swa.swa_attention(q, k, v, kc, vc, total, w["rope_cos"], w["rope_sin"],
+                                                  a.num_attention_heads, a.num_key_value_heads, self.windows[i], 0.0)
+                else:  # the reference returns new cache tensors (a clone): copied back into the ring
+                    att, pk, pv = torch.ops.mixtrt.sliding_window_attention(
+                        q, k, v, kc, vc, total, w["rope_cos"], w["rope_sin"], a.num_attention_heads,
+                        a.num_key_value_heads, self.windows[i], 0.0)
+                    kc.copy_(pk)
+                    vc.copy_(pv)
+                x = x + att @ w[f"{L}.wo"].T
+                h = self._rms(x, w[f"{L}.ffn_norm"])
+                if a.moe is None:
+                    f = (torch.nn.functional.silu(h @ w[f"{L}.w1"].T) * (h @ w[f"{L}.w3"].T)) @ w[f"{L}.w2"].T
+                else:
+                    flat = h.reshape(b * s, a.hidden_size)
+                    logits = flat @ w[f"{L}.gate"].T
+                    if self.ops == "triton":
+                        f = self._moe.moe(flat, logits, w[f"{L}.fc1"], w[f"{L}.fc2"], a.moe.num_experts_per_tok)
+                    else:
+                        f = torch.ops.mixtrt.moe(flat, logits, list(w[f"{L}.fc1"].unbind(0)),
+                                                 list(w[f"{L}.fc2"].unbind(0)), a.moe.num_experts_per_tok)
+                    f = f.view(b, s, a.hidden_size)
+                x = x + f
+            x = self._rms(x, w["norm"])
+            pos = torch.from_numpy(np.ascontiguousarray(logit_positions, dtype=np.int64)).to(dev)
+            picked = x.gather(1, pos[:, :, None].expand(-1, -1, a.hidden_size))  # [b, P, H]
+            return (picked @ w["lm_head"].T).float().cpu().numpy()
+
+    def _rms(self, x: Any, weight: Any) -> Any:
+        """As the reference RMSNorm: normalise in fp32, cast back, then scale in the activation dtype."""
+        xf = x.float()
+        xf = xf * self._torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.args.rms_norm_eps)
+        return weight * xf.to(x.dtype)
+
+
+_ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}
+
+
+def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, str]]:
+    """The graph's inputs, outputs (as the manifest writes them) and metadata_props, read without its weights."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf / onnx errors
+        raise ArtifactError(f"{path}: cannot read the graph: {e}") from None
+
+    def spec(v: Any) -> TensorSpec:
+        t = v.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim)
+        return TensorSpec(v.name, _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), dims)
+
+    return ([spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output],
+            {p.key: p.value for p in model.metadata_props})

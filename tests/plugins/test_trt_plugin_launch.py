@@ -1,0 +1,66 @@
+"""The TensorRT plugins' launches run under the Triton interpreter: each kernel is called with exactly what an AOT
+plugin's launch gives it (plugins/trt_plugins.py `swa_launch` / `moe_launch`): TensorRT's argument order (the
+plugin's inputs, the extra int32 arguments, the plugin's outputs, matched to the kernel's non-constexpr
+parameters in signature order), the plan's grid and constexprs, aliased outputs given the inputs' memory. The
+results must be the torch references' (plugins/<op>/torch_op.py). This checks the launch plans compute the ops;
+that TensorRT launches them so is not checked here (no TensorRT)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'mixtrt[gpu]'; the test extra lists it)")
+
+import mixtrt.plugins.moe.torch_op  # noqa: E402,F401
+import mixtrt.plugins.swa.torch_op  # noqa: E402,F401
+from mixtrt.plugins.swa.torch_op import rope_tables  # noqa: E402
+from mixtrt.plugins.trt_plugins import max_step_tokens, moe_launch, swa_launch  # noqa: E402
+
+
+def _launch(launch, inputs, outputs):
+    """Call the launch's kernel as TensorRT would: inputs, extra int32 args, outputs, in the signature's order."""
+    kernel, sig, meta, opts = launch.spec
+    names = [n for n, t in sig.items() if t != "constexpr"]
+    values = [*inputs, *launch.extra, *outputs]
+    assert len(names) == len(values), (names, len(values))
+    kernel[launch.grid](**dict(zip(names, values, strict=True)), **meta, **opts)
+
+
+def test_swa_plugin_launch_computes_the_op():
+    g = torch.Generator().manual_seed(0)
+    B, N, K, D, C, W = 2, 6, 2, 32, 40, 24
+    S = max_step_tokens(C, W)  # the longest step the plugin takes: C - W + 1 = 17
+    past = torch.tensor([30, 3])  # row 0's ring has wrapped; rows at different positions
+    total = (past + S).to(torch.int32)
+    q, k, v = (torch.randn(B, S, h * D, generator=g) for h in (N, K, K))
+    kc, vc = torch.randn(B, K, C, D, generator=g), torch.randn(B, K, C, D, generator=g)
+    cos, sin = rope_tables(D, 10000.0, 64)
+    want, wk, wv = torch.ops.mixtrt.sliding_window_attention(q, k, v, kc, vc, total, cos, sin, N, K, W, 0.0)
+    out = torch.empty_like(q)
+    launch = swa_launch("fp32", B, S, N, K, C, D, W, 0.0)
+    _launch(launch, [q, k, v, kc, vc, total, cos, sin], [out, kc, vc])  # present K/V alias the past buffers
+    assert (out - want).abs().max() <= 1e-4 * want.abs().max()
+    assert torch.equal(kc, wk) and torch.equal(vc, wv)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_moe_plugin_launch_computes_the_op(T):
+    g = torch.Generator().manual_seed(T)
+    H, I, E, top_k, T_max = 64, 96, 4, 2, 8
+    x = torch.randn(T, H, generator=g)
+    logits = torch.randn(T, E, generator=g) * 2
+    fc1 = torch.randn(E, 2 * I, H, generator=g) * H**-0.5
+    fc2 = torch.randn(E, H, I, generator=g) * I**-0.5
+    want = torch.ops.mixtrt.moe(x, logits, list(fc1), list(fc2), top_k)
+    acc, count = torch.zeros(T_max, H), torch.zeros(T_max, dtype=torch.int32)
+    out = torch.empty_like(x)
+    launch = moe_launch("fp32", T, H, I, E, top_k)
+    for _ in range(2):  # the state is zero again after a call, so a second call (the next layer) is right too
+        _launch(launch, [x, logits, fc1, fc2, acc, count], [out, acc, count])
+        assert (out - want).abs().max() <= 1e-4 * want.abs().max()
+        assert not acc.any() and not count.any()
