@@ -28,24 +28,27 @@ def _steps(prompt_len: int, window: int) -> list[int]:
 
 def _ort_vs_reference(ck: Path, art: Path, steps: list[int], seed: int = 5) -> float:
     """Run the same token steps through onnxruntime and the reference (each with its own cache) from
-    empty; the largest |logit difference| over all steps. Checks the cache lengths advanced."""
+    empty; the largest |logit difference| over all steps relative to the largest |reference logit| (the
+    tolerance the project states: fp32 summation order differs between the kernels, so an absolute bound
+    would depend on the logits' scale and on the CPU's vector width). Checks the cache lengths advanced."""
     backend, model = OrtBackend.load(art, threads=2), load_model(ck)
     ids = torch.randint(3, 32000, (1, sum(steps)), generator=torch.Generator().manual_seed(seed))
     cache, tcache = backend.new_cache(1), TorchCache(model.args, 1, capacity=backend.capacity)
-    worst, pos = 0.0, 0
+    worst, scale, pos = 0.0, 0.0, 0
     for s in steps:
         got = backend.step(cache, ids[:, pos:pos + s].numpy())
         with torch.no_grad():
             want = model(ids[:, pos:pos + s], cache=tcache).numpy()
         worst, pos = max(worst, float(np.abs(got - want).max())), pos + s
+        scale = max(scale, float(np.abs(want).max()))
     assert cache.lengths.tolist() == [pos]
-    return worst
+    return worst / scale
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_ort_matches_reference_prefill_decode_multitoken(exported, name):
     worst = _ort_vs_reference(*exported[name], _steps(12, W), seed=0)
-    assert worst <= 1e-4, f"{name}: max |onnxruntime - reference| = {worst}"
+    assert worst <= 1e-4, f"{name}: max |onnxruntime - reference| / max |reference| = {worst}"
 
 
 
