@@ -36,7 +36,8 @@ EXTRAS: dict[str, Extra] = {
     "tensorrt": Extra(("tensorrt", "polygraphy"),
                       "TensorRT engines; building and running one needs an NVIDIA GPU with CUDA"),
     "bench": Extra(("matplotlib", "psutil"), "the benchmark scripts and their charts"),
-    "test": Extra(("pytest", "transformers", "mistral_common", "polygraphy", "mypy", "triton", "hypothesis"),
+    "test": Extra(("pytest", "transformers", "mistral_common", "polygraphy", "mypy", "triton", "hypothesis", "fastapi",
+                   "openai", "ray"),
                   "the test suite"),
 }
 
