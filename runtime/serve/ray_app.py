@@ -77,13 +77,15 @@ def serve_on_ray(settings: ServeSettings, host: str, port: int, replicas: int, a
         raise ConfigError("--ray needs a fixed --port (Ray's proxy does not report a port it chose)")
     _log_to_stderr()
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous: dict[int, Any] = {}
     try:
         if address:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         else:
             ray.init(num_cpus=max(available_cores(), replicas), include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": host, "port": port})
+        # after ray.init, which installs its own SIGTERM handler (a crash report, then abort)
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
         serve.run(deployment(settings, replicas), name="mixtrt", route_prefix="/", blocking=False)
         log.info(json.dumps({"event": "listening", "url": f"http://{host}:{port}", "model": settings.name,
                              "ray": True, "replicas": replicas}))
