@@ -367,10 +367,21 @@ class Engine:
         and the step raises NonFiniteLogitsError naming it, with the other rows' events of this step in
         `error.events`; those rows go on at the next step. No token is ever chosen from such logits.
         """
+        events = self.admit()
+        try:
+            return events + self.decode()
+        except NonFiniteLogitsError as e:
+            raise NonFiniteLogitsError(str(e), events + e.events) from None
+
+    def admit(self, max_rows: int | None = None) -> list[EngineEvent]:
+        """The first half of step(): prefill waiting rows while cache rows are free (at most max_rows of
+        them), each getting its first token. A server hands those tokens out before the decode step."""
         events: list[EngineEvent] = []
-        while self.waiting and len(self.running) + len(self.parked) - (self.waiting[0] in self.parked) \
-                < self.max_batch:
+        admitted = 0
+        while self.waiting and (max_rows is None or admitted < max_rows) \
+                and len(self.running) + len(self.parked) - (self.waiting[0] in self.parked) < self.max_batch:
             row = self.waiting.popleft()
+            admitted += 1
             slot = self._admit(row)
             start = time.perf_counter()
             pending = row.sequence[row.cached:]
@@ -384,6 +395,11 @@ class Engine:
             row.cached += len(pending)
             events += self._accept(row, last)
         self._compact()
+        return events
+
+    def decode(self) -> list[EngineEvent]:
+        """The second half of step(): one decode step of every running row."""
+        events: list[EngineEvent] = []
         if self.running:
             ids = np.array([[row.tokens[-1]] for row in self.running], np.int64)  # [b, 1]
             logits = self.backend.step(self.cache, ids)  # [b, 1, V]

@@ -22,13 +22,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from mixtrt.runtime.errors import BackendError, ConfigError, NonFiniteLogitsError
 from mixtrt.runtime.generation import Engine, EngineEvent, GenerationConfig, Row
 from mixtrt.runtime.serve.metrics import Metrics
+
+HANDOFF_S = 0.005  # the most a step waits for the server to send the previous step's tokens
 
 
 class QueueFull(Exception):
@@ -202,19 +204,28 @@ class EngineLoop:
             self.metrics.aborted(reason)
 
     def _step(self) -> None:
+        """Engine.step in its parts: each admitted row's first token is handed out right after its prefill,
+        the decode step's tokens after it."""
+        while self.engine.waiting and len(self.engine.running) + len(self.engine.parked) < self.max_batch:
+            if not self._run_part(lambda: self.engine.admit(max_rows=1)):
+                return
+        self._run_part(self.engine.decode)
+
+    def _run_part(self, part: Callable[[], list[EngineEvent]]) -> bool:
+        """Run one part of a step and hand its events out; False when the engine failed and was replaced."""
         try:
-            events = self.engine.step()
+            events = part()
             error: BackendError | None = None
         except NonFiniteLogitsError as e:  # the engine cancelled the bad rows; the others go on
             events, error = e.events, e
         except Exception as e:  # a backend failure: every request fails, a fresh engine takes over
-            events, error = [], BackendError(f"the engine failed: {e}")
+            error = BackendError(f"the engine failed: {e}")
             for req in list(self._active):
                 self._end(req, error)
             self.engine = Engine(self.engine.backend, self.engine.tokenizer, self.max_batch)
             if self.metrics is not None:
                 self.metrics.aborted("error")
-            return
+            return False
         batches: dict[int, tuple[Request, list[EngineEvent]]] = {}
         for event in events:
             found = self._rows.get(event.row.id)
@@ -230,14 +241,28 @@ class EngineLoop:
                 if req.finished == req.choices:
                     req.ended = True
                     self._active.remove(req)
+        self._gauges()  # before the events go out: what a client sees next, the metrics already show
         for req, items in batches.values():
             req.loop.call_soon_threadsafe(req.deliver, items)
+        self._handoff({id(req.loop): req.loop for req, _ in batches.values()}.values())
         if error is not None:  # rows the engine cancelled for non-finite logits: their requests fail
             for req in list(self._active):
                 if any(row.message == "cancelled" and row.reason is not None for row in req.rows):
                     self._end(req, error)
                     if self.metrics is not None:
                         self.metrics.aborted("error")
+        return True
+
+    def _handoff(self, loops: Iterable[asyncio.AbstractEventLoop]) -> None:
+        """Wait (at most HANDOFF_S) until each event loop has run the tasks this step's events woke: the
+        chunks are on the sockets before the next step's threads take the cores (on a few cores they would
+        otherwise wait up to a step for one)."""
+        deadline = time.perf_counter() + HANDOFF_S
+        for loop in loops:
+            done = threading.Event()
+            # two hops: the deliveries wake the request tasks, which run before a callback queued after them
+            loop.call_soon_threadsafe(loop.call_soon, loop.call_soon, done.set)
+            done.wait(max(deadline - time.perf_counter(), 0.0))
 
     def _observe(self, row: Row, event: EngineEvent) -> None:
         m = self.metrics
