@@ -32,7 +32,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from mixtrt.runtime.errors import BackendError, ConfigError, MixtrtError
+from mixtrt.runtime.errors import BackendError, ConfigError
 from mixtrt.runtime.generation import EngineEvent, GenerationOutput, Generator
 from mixtrt.runtime.prompts import check_messages_text, normalize_prompts
 from mixtrt.runtime.serve.metrics import Metrics
@@ -141,7 +141,7 @@ def _load(state: _State, generator: Generator | None) -> None:
     try:
         gen = generator or Generator.load(s.artifact, threads=s.threads, verify=s.verify)
         loop = EngineLoop(gen.backend, gen.tokenizer, s.max_batch, s.max_queue, state.metrics)
-    except (MixtrtError, OSError) as e:
+    except Exception as e:  # any failure (ours, the OS's, onnxruntime's) is reported, not lost
         state.error = e
         log.error(json.dumps({"event": "load_failed", "artifact": str(s.artifact), "error": str(e)}))
         return

@@ -55,7 +55,7 @@ def test_two_replicas_stream_concurrently_and_shut_down(serve_artifact, generato
                 stream = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=12, temperature=0,
                                                    stream=True)
                 got[i] = "".join(c.choices[0].text for c in stream)
-            except BaseException as e:  # noqa: BLE001 - reported below
+            except BaseException as e:  # reported below
                 errors.append(e)
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
