@@ -180,3 +180,12 @@ def test_cli_serves_and_sigterm_drains_then_exits_0(serve_artifact, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_load_failure_is_one_line_and_exit_2(tmp_path):
+    """An artifact that cannot load: the server (already listening) stops, the error is one line, exit 2."""
+    (tmp_path / "manifest.json").write_text("{}")
+    r = subprocess.run([sys.executable, "-m", "mixtrt", "serve", str(tmp_path), "--port", "0"],
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("mixtrt serve: error: "), r.stderr
