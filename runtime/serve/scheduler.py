@@ -160,7 +160,7 @@ class EngineLoop:
                     self._cancel(req, "shutdown")
                 with self._cond:
                     for req in self._adds:
-                        req.loop.call_soon_threadsafe(req.deliver, [Cancelled("shutdown")])
+                        _post(req.loop, req.deliver, [Cancelled("shutdown")])
                     self._adds = []
                 self._gauges()
                 return
@@ -194,7 +194,7 @@ class EngineLoop:
         if req in self._active:
             self._active.remove(req)
         if error is not None:
-            req.loop.call_soon_threadsafe(req.deliver, [error])
+            _post(req.loop, req.deliver, [error])
 
     def _cancel(self, req: Request, reason: str) -> None:
         if req.ended:
@@ -243,7 +243,7 @@ class EngineLoop:
                     self._active.remove(req)
         self._gauges()  # before the events go out: what a client sees next, the metrics already show
         for req, items in batches.values():
-            req.loop.call_soon_threadsafe(req.deliver, items)
+            _post(req.loop, req.deliver, items)
         self._handoff({id(req.loop): req.loop for req, _ in batches.values()}.values())
         if error is not None:  # rows the engine cancelled for non-finite logits: their requests fail
             for req in list(self._active):
@@ -261,8 +261,8 @@ class EngineLoop:
         for loop in loops:
             done = threading.Event()
             # two hops: the deliveries wake the request tasks, which run before a callback queued after them
-            loop.call_soon_threadsafe(loop.call_soon, loop.call_soon, done.set)
-            done.wait(max(deadline - time.perf_counter(), 0.0))
+            if _post(loop, loop.call_soon, loop.call_soon, done.set):
+                done.wait(max(deadline - time.perf_counter(), 0.0))
 
     def _observe(self, row: Row, event: EngineEvent) -> None:
         m = self.metrics
@@ -293,3 +293,12 @@ class EngineLoop:
             m.requests_running.set(busy)
             m.requests_waiting.set(len(self._active) - busy + len(self._adds))
             m.rows_running.set(len(running))
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:
+    """loop.call_soon_threadsafe, False if that loop is closed (its server is gone: nobody waits)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:
+        return False
