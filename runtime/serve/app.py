@@ -54,6 +54,8 @@ class ServeSettings:
     verify: bool = True  # check the artifact's file hashes at load
     max_body_bytes: int = 4 << 20
     drain_s: float = 30.0  # SIGTERM: running requests get this long to finish
+    # while rows decode, a step prefills new rows' prompts up to this many tokens (one row at least); 0: no limit
+    prefill_budget: int = 256
 
     @property
     def name(self) -> str:
@@ -140,7 +142,8 @@ def _load(state: _State, generator: Generator | None) -> None:
     start = time.perf_counter()
     try:
         gen = generator or Generator.load(s.artifact, threads=s.threads, verify=s.verify)
-        loop = EngineLoop(gen.backend, gen.tokenizer, s.max_batch, s.max_queue, state.metrics)
+        loop = EngineLoop(gen.backend, gen.tokenizer, s.max_batch, s.max_queue, state.metrics,
+                          s.prefill_budget or None)
     except Exception as e:  # any failure (ours, the OS's, onnxruntime's) is reported, not lost
         state.error = e
         log.error(json.dumps({"event": "load_failed", "artifact": str(s.artifact), "error": str(e)}))

@@ -50,7 +50,8 @@ def deployment(settings: ServeSettings, replicas: int = 1, num_cpus: float = 1.0
 
 
 _ARGS = {"artifact": str, "model_name": str, "max_batch": int, "max_queue": int, "api_key": str, "threads": int,
-         "verify": lambda v: str(v).lower() not in ("0", "false", "no"), "max_body_bytes": int, "drain_s": float}
+         "verify": lambda v: str(v).lower() not in ("0", "false", "no"), "max_body_bytes": int, "drain_s": float,
+         "prefill_budget": int}
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -86,9 +86,12 @@ class Request:
 
 class EngineLoop:
     def __init__(self, backend: Any, tokenizer: Any, max_batch: int, max_queue: int,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, prefill_budget: int | None = None) -> None:
         if not isinstance(max_queue, int) or max_queue < 0:
             raise ConfigError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        if prefill_budget is not None and (not isinstance(prefill_budget, int) or prefill_budget < 1):
+            raise ConfigError(f"prefill_budget must be None or an integer >= 1, got {prefill_budget!r}")
+        self.prefill_budget = prefill_budget
         self.engine = Engine(backend, tokenizer, max_batch)
         self.max_batch, self.max_queue, self.metrics = max_batch, max_queue, metrics
         self._cond = threading.Condition()
@@ -206,7 +209,14 @@ class EngineLoop:
     def _step(self) -> None:
         """Engine.step in its parts: each admitted row's first token is handed out right after its prefill,
         the decode step's tokens after it."""
+        budget = self.prefill_budget if self.engine.running else None  # none decoding: admit all that fit
+        spent = 0
         while self.engine.waiting and len(self.engine.running) + len(self.engine.parked) < self.max_batch:
+            row = self.engine.waiting[0]
+            tokens = len(row.sequence) - row.cached
+            if budget is not None and spent and spent + tokens > budget:
+                break  # the decoding rows wait for at most `budget` prefill tokens per step (one row at least)
+            spent += tokens
             if not self._run_part(lambda: self.engine.admit(max_rows=1)):
                 return
         self._run_part(self.engine.decode)

@@ -189,3 +189,15 @@ def test_cli_load_failure_is_one_line_and_exit_2(tmp_path):
                        capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("mixtrt serve: error: "), r.stderr
+
+
+@pytest.mark.parametrize("budget, admitted", [(None, 2), (1, 1), (10_000, 2)])
+def test_prefill_budget_bounds_the_prefill_between_decode_steps(generator, budget, admitted):
+    """While a row decodes, one engine-loop step prefills new prompts up to the budget (one at least)."""
+    loop = EngineLoop(generator.backend, generator.tokenizer, max_batch=4, max_queue=4, prefill_budget=budget)
+    engine, config = loop.engine, generator.config(max_new_tokens=20, do_sample=False)
+    running = engine.add([1, 5, 6, 7], config)
+    engine.admit()
+    new = [engine.add([1, 8, 9], config), engine.add([1, 10, 11, 12], config)]
+    loop._step()  # the loop thread's step, driven by hand
+    assert [row in engine.running for row in new] == [True, admitted == 2] and len(running.tokens) == 2
