@@ -510,7 +510,7 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
     app = create_app(settings, on_load_error=load_failed)
     config = uvicorn.Config(app, lifespan="on", access_log=False, log_level="warning",
                             timeout_graceful_shutdown=max(int(settings.drain_s), 1))
-    server = _Server(config)
+    server = _server(config)
     sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
                                 reuse_port=False)
     bound = sock.getsockname()
@@ -521,25 +521,23 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
     return 0
 
 
-class _Server:
-    """uvicorn.Server whose SIGTERM / SIGINT end the process normally after the drain (uvicorn re-raises the
-    signal afterwards, which would exit with 128 + signal instead of 0)."""
+def _server(config: Any) -> Any:
+    """A uvicorn.Server whose SIGTERM / SIGINT end the process normally after the drain (uvicorn re-raises
+    the signal afterwards, which would exit with 128 + signal instead of 0)."""
+    import uvicorn
 
-    def __new__(cls, config: Any) -> Any:
-        import uvicorn
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
 
-        class Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self) -> Iterator[None]:
-                handled = (signal.SIGINT, signal.SIGTERM)
-                original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-                try:
-                    yield
-                finally:
-                    for sig, handler in original.items():
-                        signal.signal(sig, handler)
-
-        return Server(config)
+    return Server(config)
 
 
 def _log_to_stderr() -> None:

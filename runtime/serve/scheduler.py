@@ -9,8 +9,9 @@
 
 Each iteration applies the cancels, adds the new rows (a request of P prompts with n choices is P * n
 rows, choice p * n + j sampling with index j, so a seeded choice depends only on its seed and j), then runs
-one `Engine.step()`: the waiting rows are prefilled and join the running batch, every running row gets a
-token, finished rows leave. Events go back to each request's asyncio loop, one call per request per step.
+one step in parts: `Engine.admit(max_rows=1)` per waiting row that fits (within the prefill budget while
+rows decode), then `Engine.decode()`. After each part its events go back to each request's asyncio loop
+(one call per request) and the loop waits, briefly, for them to reach the sockets (`_handoff`).
 
 Back-pressure: a request is refused (QueueFull) when the rows waiting for a free engine row would pass
 `max_queue`; it never waits unboundedly. `stop(drain_s)` refuses new requests, lets the running ones
