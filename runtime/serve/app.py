@@ -50,6 +50,7 @@ class ServeSettings:
     max_batch: int = 16  # engine rows decoding together
     max_queue: int = 64  # rows that may wait for a free engine row; past it 429
     api_key: str | None = None
+    backend: str = "onnxruntime"  # or triton / tensorrt (Generator.load)
     threads: int | None = None  # onnxruntime intra-op threads
     verify: bool = True  # check the artifact's file hashes at load
     max_body_bytes: int = 4 << 20
@@ -141,7 +142,7 @@ def _load(state: _State, generator: Generator | None) -> None:
     s = state.settings
     start = time.perf_counter()
     try:
-        gen = generator or Generator.load(s.artifact, threads=s.threads, verify=s.verify)
+        gen = generator or Generator.load(s.artifact, backend=s.backend, threads=s.threads, verify=s.verify)
         loop = EngineLoop(gen.backend, gen.tokenizer, s.max_batch, s.max_queue, state.metrics,
                           s.prefill_budget or None)
     except Exception as e:  # any failure (ours, the OS's, onnxruntime's) is reported, not lost

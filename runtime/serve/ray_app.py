@@ -34,8 +34,8 @@ class MixtrtReplica:
         from mixtrt.runtime.generation import Generator
 
         self.settings = ServeSettings(**settings)
-        self.generator = Generator.load(self.settings.artifact, threads=self.settings.threads,
-                                        verify=self.settings.verify)
+        self.generator = Generator.load(self.settings.artifact, backend=self.settings.backend,
+                                        threads=self.settings.threads, verify=self.settings.verify)
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.settings, generator=self.generator)
@@ -49,7 +49,8 @@ def deployment(settings: ServeSettings, replicas: int = 1, num_cpus: float = 1.0
     return wrap(MixtrtReplica).bind(dataclasses.asdict(settings))
 
 
-_ARGS = {"artifact": str, "model_name": str, "max_batch": int, "max_queue": int, "api_key": str, "threads": int,
+_ARGS = {"artifact": str, "backend": str, "model_name": str, "max_batch": int, "max_queue": int, "api_key": str,
+         "threads": int,
          "verify": lambda v: str(v).lower() not in ("0", "false", "no"), "max_body_bytes": int, "drain_s": float,
          "prefill_budget": int}
 

@@ -57,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=None, help="the model name clients use (default: the artifact's folder)")
     p.add_argument("--threads", type=threads, default=None,
                    help="onnxruntime intra-op threads, 1 .. the available cores (default: all of them)")
+    p.add_argument("--backend", default="onnxruntime", metavar="NAME",
+                   help="onnxruntime (default: the CPU), triton or tensorrt, as for `mixtrt generate`")
     p.add_argument("--drain", type=_seconds, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, running requests get this long to finish before they are cancelled (default 30)")
     p.add_argument("--max-body-bytes", type=_positive, default=4 << 20, help="request body limit (413 past it)")
@@ -78,7 +80,7 @@ def run(ns: argparse.Namespace) -> int:
     if not ns.artifact.is_dir():
         raise ConfigError(f"{ns.artifact}: not an artifact directory")
     settings = ServeSettings(ns.artifact, model_name=ns.model_name, max_batch=ns.max_batch, max_queue=ns.max_queue,
-                             api_key=ns.api_key, threads=ns.threads, verify=not ns.no_verify,
+                             api_key=ns.api_key, threads=ns.threads, backend=ns.backend, verify=not ns.no_verify,
                              max_body_bytes=ns.max_body_bytes, drain_s=ns.drain,
                              prefill_budget=ns.prefill_budget)
     if ns.ray:
