@@ -241,7 +241,11 @@ def _prepare(ir_model, model: torch.nn.Module, args: ModelArgs) -> list[GraphWei
 
     wrapper = "lm" if isinstance(model, CausalLM) else "model"
     base = isinstance(model, Transformer)
-    parameters = {f"{wrapper}.{n}": our_name(f"{wrapper}.{n}", wrapper, base) for n, _ in model.named_parameters()}
+    first: dict[int, str] = {}  # a tied parameter (lm_head = embed_tokens) is read under its first name
+    parameters = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), our_name(f"{wrapper}.{n}", wrapper, base))
+        parameters[f"{wrapper}.{n}"] = first[id(p)]
     cos, sin = rope_tables(args.head_dim, args.rope_theta, args.max_position_embeddings)
     prefix = f"{wrapper}." if base else f"{wrapper}.model."
     constants = {f"{prefix}rope_cos": cos.numpy(), f"{prefix}rope_sin": sin.numpy()}

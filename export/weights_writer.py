@@ -150,6 +150,7 @@ def prepare_graph(ir_model: Any, parameters: dict[str, str], constants: dict[str
     onnxscript.optimizer.optimize_ir(ir_model)
     onnxscript.rewriter.onnx_fusions.fuse(ir_model)
     out: list[GraphWeight] = []
+    taken: set[str] = set()
     for name, of in parameters.items():
         value = params.get(name)
         if value is None:
@@ -167,10 +168,14 @@ def prepare_graph(ir_model: Any, parameters: dict[str, str], constants: dict[str
             graph.remove(node, safe=True)
         graph.inputs.remove(value)
         if value.uses():
-            value.name = of
+            if of not in taken:  # named as our parameter (a tied one may come twice: keep torch's name)
+                value.name = of
             out.append(GraphWeight(value, of, False))
         if transposed is not None:
+            if transposed.name in taken:
+                transposed.name = f"{name}.T"
             out.append(GraphWeight(transposed, of, True))
+        taken.update(w.value.name for w in out[-2:])
     return out
 
 
