@@ -155,7 +155,7 @@ def main() -> None:
         summary = {name: {"wall_s": statistics.median(r[0] for r in rs),
                           "peak_rss_gib": statistics.median(r[1] for r in rs) / 2**30,
                           "written_gb": rs[0][2] / 1e9,
-                          "gb_per_s": statistics.median(r[2] / r[0] for r in rs)} for name, rs in rows.items()}
+                          "gb_per_s": statistics.median(r[2] / 1e9 / r[0] for r in rs)} for name, rs in rows.items()}
         results["runs"][layers] = {"checkpoint_gb": ck_bytes / 1e9, "tools": summary}
         print(json.dumps(results["runs"][layers], indent=1), flush=True)
     first = ns.layers[0]
