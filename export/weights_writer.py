@@ -243,7 +243,8 @@ def _write_one(writer: WeightsWriter, graph: Any, w: GraphWeight, read: Callable
     del t
     outs = transform(w.value.name, array) if transform else [(w.value.name, array)]
     for name, a in outs:
-        entry = writer.add(name, a, w.of, "transposed" if w.transposed else "same")
+        layout = "derived" if name != w.value.name else "transposed" if w.transposed else "same"
+        entry = writer.add(name, a, w.of, layout)
         if name == w.value.name:
             w.value.const_value = _external(entry, w.value, writer.path.parent)
             graph.register_initializer(w.value)

@@ -18,8 +18,9 @@ The file, written by the exporter (export/weights_writer.py) beside the graph an
                  "dtype": "float32", "shape": [4, 192, 64], "file": "model.onnx.data", "offset": ..., "nbytes": ...}]}
 
 - `name` is the graph initializer's name. `of` is our parameter name (export/model.py) and `layout` how the
-  stored tensor relates to it: "same", or "transposed" (a Linear weight stored [in, out] as the graph's
-  MatMul reads it). Graph constants that are not parameters (rope tables) have `of` null.
+  stored tensor relates to it: "same", "transposed" (a Linear weight stored [in, out] as the graph's
+  MatMul reads it), or "derived" (another tensor the export's transform hook made from it: scales of a
+  quantized weight). Graph constants that are not parameters (rope tables) have `of` null.
 - Each tensor starts at a multiple of `alignment`, except inside a stack: a MoE layer's experts are written
   back to back in expert order (fc1_0 .. fc1_{E-1}, then fc2_0 ..), the stack starting aligned, so the
   stacked [E, ...] view is one region (its members are aligned too when their size is a multiple of the
@@ -42,7 +43,7 @@ WEIGHTS_FILE = "weights.json"
 DATA_FILE = "model.onnx.data"
 FORMAT = "mixtrt-weights"
 VERSION = 1
-LAYOUTS = frozenset({"same", "transposed"})
+LAYOUTS = frozenset({"same", "transposed", "derived"})
 DTYPES = frozenset({"float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8"})
 
 
@@ -207,7 +208,8 @@ class WeightIndex:
     def weight(self, name: str) -> np.ndarray:
         """Our parameter `name` in its own layout (export/model.py): a view of the stored tensor (the
         transpose of one stored transposed). A parameter stored twice (tied embeddings) gives its "same" copy."""
-        found = sorted((e for e in self.tensors.values() if e.of == name), key=lambda e: e.layout != "same")
+        found = sorted((e for e in self.tensors.values() if e.of == name and e.layout != "derived"),
+                       key=lambda e: e.layout != "same")
         if not found:
             raise KeyError(f"{name!r} is not a parameter of {self.directory / WEIGHTS_FILE}")
         a = self._map(found[0])

@@ -90,7 +90,7 @@ def _checkpoint(tmp: Path, layout: str) -> Path:
 @pytest.mark.parametrize("layout", ["mistral-sharded", "mixtral-fused", "mixtral-raw-pth"])
 def test_streaming_export_equals_in_memory_export(tmp_path, layout):
     """Logit for logit (bitwise) the graph of the model held in memory, through a prefill past the window
-    and single-token decodes; and within 1e-4 of the PyTorch reference."""
+    and single-token decodes; and within 1e-4 of the PyTorch reference (relative to its largest logit)."""
     ck = _checkpoint(tmp_path, layout)
     art = export_onnx(ck, tmp_path / "art", progress=None)
     m = Manifest.load(art)
@@ -103,7 +103,7 @@ def test_streaming_export_equals_in_memory_export(tmp_path, layout):
         assert np.array_equal(a, b)
     with torch.no_grad():
         want = load_model(ck)(ids).numpy()
-    assert np.abs(np.concatenate(streamed, axis=1) - want).max() <= 1e-4
+    assert np.abs(np.concatenate(streamed, axis=1) - want).max() / np.abs(want).max() <= 1e-4
 
 
 def test_weight_index_round_trip_and_alignment(exported):
