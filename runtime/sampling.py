@@ -82,7 +82,7 @@ def top_p_filter(logits: np.ndarray, top_p: float, min_tokens_to_keep: int = 1) 
     transformers sorts ascending and drops the tokens whose cumulative probability is <= 1 - top_p: a token
     stays when the mass of the tokens sorted above it is < top_p, ties ordered by index (the higher index
     ranks higher). The same rule here without sorting the vocabulary: the candidates are the tokens at or
-    above the n-th largest logit (np.partition, n growing by 4x until their mass reaches top_p), and only
+    above the n-th largest logit (np.partition; n grows, at least 4x a round, until their mass reaches top_p), and only
     they are sorted. A full argsort of a 32k vocabulary costs milliseconds per row; this costs a partition.
     """
     if top_p >= 1.0:
