@@ -232,7 +232,7 @@ def main() -> None:
                 print(f"{name}-shaped: mixtrt / {peer}: decode {ratio:.2f}x, "
                       f"prefill {ours['prefill_median'] / eng[peer]['prefill_median']:.2f}x")
     title = (f"{ns.prompt_len}-token prompt, {ns.new_tokens} greedy tokens, batch 1, {ns.threads} threads, "
-             f"{ns.passes} passes; read bandwidth {best:.0f} GB/s")
+             f"{ns.passes} passes; read bandwidth {best:.0f} GB/s; load average {load[0]:.1f} -> {load_end[0]:.1f}")
     chart(results, ns.chart, title, ns.prompt_len)
     print(f"chart: {ns.chart}")
     if ns.json:
