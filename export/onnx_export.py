@@ -342,6 +342,7 @@ def _finish_graph(path: Path, metadata: dict[str, str]) -> tuple[dict[str, int],
 
     model = onnx.load(str(path), load_external_data=False)
     attach_functions(model)
+    _divide_by_sqrt(model.graph)
     _name_nodes(model.graph)
     onnx.helper.set_model_props(model, metadata)
     onnx.save(model, str(path))
@@ -356,6 +357,44 @@ def _finish_graph(path: Path, metadata: dict[str, str]) -> tuple[dict[str, int],
         "parameter_bytes": sum(int(np.prod(t.dims)) * itemsize[t.data_type] for t in graph.initializer),
     }
     return {o.domain or "ai.onnx": o.version for o in model.opset_import}, summary
+
+
+def _divide_by_sqrt(graph) -> int:
+    """Rewrite each RMSNorm's ``x * Reciprocal(Sqrt(ms))`` (torch's rsqrt) as ``Div(x, Sqrt(ms))`` in place;
+    the number rewritten.
+
+    The division is the pattern onnxruntime fuses into one SimplifiedLayerNormalization kernel (Pow,
+    ReduceMean, Add, Sqrt, Div, Mul: six nodes become one per norm, 2L+1 norms per step). The values differ
+    from the reference's rsqrt by rounding only (within the onnxruntime-vs-reference tolerance); the
+    reference itself keeps transformers' rsqrt.
+
+        ms ─► Sqrt ─► Reciprocal ─► Mul(x, ·)      becomes      ms ─► Sqrt ─► Div(x, ·)
+    """
+    producers = {o: n for n in graph.node for o in n.output}
+    uses: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            uses.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    dead = []
+    for rec in graph.node:
+        if rec.op_type != "Reciprocal" or rec.domain not in ("", "ai.onnx"):
+            continue
+        sqrt = producers.get(rec.input[0])
+        consumers = uses.get(rec.output[0], [])
+        if sqrt is None or sqrt.op_type != "Sqrt" or len(consumers) != 1 or rec.output[0] in outputs:
+            continue
+        (mul,) = consumers
+        if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or list(mul.input).count(rec.output[0]) != 1:
+            continue
+        other = mul.input[1] if mul.input[0] == rec.output[0] else mul.input[0]
+        mul.op_type = "Div"
+        del mul.input[:]
+        mul.input.extend([other, sqrt.output[0]])
+        dead.append(rec)
+    for rec in dead:
+        graph.node.remove(rec)
+    return len(dead)
 
 
 def _name_nodes(graph) -> None:

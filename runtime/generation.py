@@ -279,6 +279,7 @@ class Engine:
         self.running: list[Row] = []  # cache rows 0 .. len-1
         self.parked: list[Row] = []  # cache rows after the running ones
         self._ids = 0
+        self._limit = self.limit()  # the backend's limits do not change: computed once, not per token
 
     # ---- admission -----------------------------------------------------------------------------------
     @property
@@ -498,10 +499,10 @@ class Engine:
         if token in cfg.eos_ids(self.backend.args):
             row.reason, row.message = "eos", f"end-of-sequence token {token}"
         text = row.text.feed(row.decoder.put(token)) if row.reason is None else ""
-        limit, why = self.limit()
+        limit, why = self._limit
         if row.reason is None and len(row.tokens) >= cfg.max_new_tokens:
             row.reason, row.message = "length", f"max_new_tokens={cfg.max_new_tokens} reached"
-        if row.reason is None and len(row.sequence) >= limit:
+        if row.reason is None and len(row.history) + len(row.prompt) + len(row.tokens) >= limit:
             row.reason, row.message = "length", why
         if row.text.stop is None and row.reason is not None:
             text += row.text.feed(row.decoder.flush())

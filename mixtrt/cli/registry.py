@@ -37,6 +37,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("serve", "mixtrt.cli.commands.serve", "serve",
             "Serve an artifact over an OpenAI-compatible HTTP API (completions, chat, streaming) with continuous "
             "batching; --ray runs it on Ray Serve."),
+    Command("bench", "mixtrt.cli.commands.bench", "base",
+            "Measure an artifact on this machine: prefill and decode tok/s, decode step time, peak RSS and the "
+            "fraction of the memory-bandwidth limit decode reaches."),
     Command("demo", "mixtrt.cli.commands.demo", "export",
             "Export the built-in tiny Mixtral (once) and generate from it on the CPU, with speed "
             "(sampling with temperature 0.8, top-p 0.95, seed 0 unless told otherwise)."),

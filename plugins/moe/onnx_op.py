@@ -76,11 +76,16 @@ def _const(name: str, value) -> onnx.NodeProto:
 def function_proto(num_experts: int, opset: int = 18) -> onnx.FunctionProto:
     """Local-function body for E = num_experts (a model's MoE nodes share one E).
 
-    Routing in fp32: softmax, TopK(k), renormalise, scattered to dense weights [T, E]. Then per expert
-    e: the rows routed to it (NonZero), Gemm with fc1_e (transB), SwiGLU on the two halves, Gemm with
-    fc2_e, scaled by the routing weight and added into an fp32 accumulator (ScatterND add). An expert
-    with no rows runs its Gemms on 0 rows, which costs nothing; fc1_e/fc2_e are the graph's
-    initializers after inlining, so onnxruntime pre-packs them.
+    Routing once, in fp32: softmax, TopK(k), renormalise. The T*k (token, slot) pairs are sorted by
+    expert once, so each expert's rows are one contiguous run of the sorted rows: one Split by the
+    per-expert counts gives each expert its rows, then Gemm with fc1_e (transB), SwiGLU, Gemm with fc2_e.
+    An expert with no rows gets an empty piece and its Gemms cost nothing. The expert outputs are concatenated,
+    scaled by their routing weights and added into their tokens' rows of an fp32 accumulator (one
+    ScatterND add). fc1_e/fc2_e are the graph's initializers after inlining, so onnxruntime pre-packs them.
+
+        router_logits ─► Softmax ─► TopK(k) ─► w [T, k], e [T, k] ─► pairs sorted by expert (TopK ascending)
+        hidden ─► Gather(sorted pairs' tokens) ─► Split(counts) ─► Gemm/SwiGLU/Gemm per expert
+               ─► Concat ─► * w(sorted) ─► ScatterND(add) into [T, H] ─► output
     """
     E = num_experts
     mk = helper.make_node
@@ -88,46 +93,53 @@ def function_proto(num_experts: int, opset: int = 18) -> onnx.FunctionProto:
     k_scalar = mk("Constant", [], ["k_scalar"])
     k_scalar.attribute.append(helper.make_attribute_ref("value_int", onnx.AttributeProto.INT))
     k_scalar.attribute[0].ref_attr_name = "k"
-    n += [k_scalar, _const("one", [1]), _const("last", [-1]), _const("zero_f", np.float32(0.0))]
     zeros = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])
+    n += [k_scalar, _const("one", [1]), _const("last", [-1]), _const("axis0", [0]),
+          _const("experts", np.arange(E, dtype=np.int64)), _const("col", [-1, 1])]
     n += [
         mk("Reshape", ["k_scalar", "one"], ["k"]),
         mk("Cast", ["router_logits"], ["logits_f"], to=TensorProto.FLOAT),
         mk("Softmax", ["logits_f"], ["probs"], axis=-1),
-        mk("TopK", ["probs", "k"], ["top_p", "top_e"], axis=-1),
+        mk("TopK", ["probs", "k"], ["top_p", "top_e"], axis=-1),  # [T, k]
         mk("ReduceSum", ["top_p", "last"], ["top_sum"], keepdims=1),
-        mk("Div", ["top_p", "top_sum"], ["top_w"]),
-        mk("Shape", ["probs"], ["probs_shape"]),
-        mk("ConstantOfShape", ["probs_shape"], ["probs_zeros"], value=zeros),
-        mk("ScatterElements", ["probs_zeros", "top_e", "top_w"], ["dense"], axis=1),  # [T, E]
-        mk("Transpose", ["dense"], ["dense_t"], perm=[1, 0]),  # [E, T]
-        mk("Greater", ["dense_t", "zero_f"], ["routed_t"]),  # [E, T]
-        mk("Shape", ["hidden"], ["hidden_shape"]),
-        mk("ConstantOfShape", ["hidden_shape"], ["acc_0"], value=zeros),  # [T, H] fp32
+        mk("Div", ["top_p", "top_sum"], ["top_w"]),  # [T, k] renormalised
+        # pair p = t * k + j: its expert, weight and token
+        mk("Reshape", ["top_e", "last"], ["pair_e"]),  # [P]
+        mk("Reshape", ["top_w", "col"], ["pair_w"]),  # [P, 1]
+        mk("Shape", ["pair_e"], ["num_pairs"]),
+        mk("TopK", ["pair_e", "num_pairs"], ["sorted_e", "order"], axis=0, largest=0, sorted=1),  # by expert
+        mk("Div", ["order", "k_scalar"], ["sorted_t"]),  # [P] token of each sorted pair
+        mk("Gather", ["hidden", "sorted_t"], ["x_sorted"], axis=0),  # [P, H]
+        mk("Gather", ["pair_w", "order"], ["w_sorted"], axis=0),  # [P, 1]
+        mk("Unsqueeze", ["sorted_t", "last"], ["rows"]),  # [P, 1]
+        # expert e's rows are the next counts[e] sorted rows: one Split (empty pieces allowed) gives every x_e
+        mk("Unsqueeze", ["sorted_e", "last"], ["sorted_e_col"]),  # [P, 1]
+        mk("Equal", ["sorted_e_col", "experts"], ["is_e"]),  # [P, E]
+        mk("Cast", ["is_e"], ["is_e_i"], to=TensorProto.INT64),
+        mk("ReduceSum", ["is_e_i", "axis0"], ["counts"], keepdims=0),  # [E]
+        mk("Split", ["x_sorted", "counts"], [f"x_{e}" for e in range(E)], axis=0),  # E x [n_e, H]
     ]
     for e in range(E):
         n += [
-            _const(f"e{e}", np.int64(e)),
-            mk("Gather", ["routed_t", f"e{e}"], [f"routed_{e}"], axis=0),  # [T] bool
-            mk("NonZero", [f"routed_{e}"], [f"nz_{e}"]),  # [1, n]
-            mk("Transpose", [f"nz_{e}"], [f"rows_{e}"], perm=[1, 0]),  # [n, 1]
-            mk("GatherND", ["hidden", f"rows_{e}"], [f"x_{e}"]),  # [n, H]
-            mk("Gemm", [f"x_{e}", f"fc1_{e}"], [f"h_{e}"], transB=1),  # [n, 2I]
+            mk("Gemm", [f"x_{e}", f"fc1_{e}"], [f"h_{e}"], transB=1),  # [n_e, 2I]
             mk("Split", [f"h_{e}"], [f"gate_{e}", f"up_{e}"], axis=-1, num_outputs=2),
             mk("Sigmoid", [f"gate_{e}"], [f"sig_{e}"]),
             mk("Mul", [f"gate_{e}", f"sig_{e}"], [f"silu_{e}"]),
             mk("Mul", [f"silu_{e}", f"up_{e}"], [f"act_{e}"]),
-            mk("Gemm", [f"act_{e}", f"fc2_{e}"], [f"y_{e}"], transB=1),  # [n, H]
-            mk("Cast", [f"y_{e}"], [f"yf_{e}"], to=TensorProto.FLOAT),
-            mk("Gather", ["dense_t", f"e{e}"], [f"w_all_{e}"], axis=0),  # [T]
-            mk("GatherND", [f"w_all_{e}", f"rows_{e}"], [f"w_row_{e}"]),  # [n]
-            mk("Unsqueeze", [f"w_row_{e}", "last"], [f"w_{e}"]),  # [n, 1]
-            mk("Mul", [f"yf_{e}", f"w_{e}"], [f"yw_{e}"]),
-            mk("ScatterND", [f"acc_{e}", f"rows_{e}", f"yw_{e}"], [f"acc_{e + 1}"], reduction="add"),
+            mk("Gemm", [f"act_{e}", f"fc2_{e}"], [f"y_{e}"], transB=1),  # [n_e, H]
         ]
-    n.append(mk("CastLike", [f"acc_{E}", "hidden"], ["output"]))
+    n += [
+        mk("Concat", [f"y_{e}" for e in range(E)], ["y_sorted"], axis=0),  # [P, H]
+        mk("Cast", ["y_sorted"], ["y_f"], to=TensorProto.FLOAT),
+        mk("Mul", ["y_f", "w_sorted"], ["y_w"]),
+        mk("Shape", ["hidden"], ["hidden_shape"]),
+        mk("ConstantOfShape", ["hidden_shape"], ["acc"], value=zeros),  # [T, H] fp32
+        mk("ScatterND", ["acc", "rows", "y_w"], ["sum"], reduction="add"),
+        mk("CastLike", ["sum", "hidden"], ["output"]),
+    ]
     return make_function(OP_TYPE, input_names(E), ["output"], n, ATTRIBUTES, opset=opset,
-                         doc=f"mixtrt::MoE v{VERSION}, {E} experts: routing + one Gemm pair per expert")
+                         doc=f"mixtrt::MoE v{VERSION}, {E} experts: routing, pairs sorted by expert, "
+                             "one Gemm pair per expert on its rows")
 
 
 def function_for(nodes: Sequence[onnx.NodeProto], opset: int, shapes: Mapping | None = None) -> onnx.FunctionProto:

@@ -114,6 +114,23 @@ def test_manifest_and_graph(exported):
     assert dims[1:] == [m.args.num_key_value_heads, W + 16, m.args.head_dim]
 
 
+def test_rms_norms_fuse_in_onnxruntime(exported, tmp_path):
+    """Every RMSNorm (2 per layer + the final one) is exported as a division by Sqrt, which onnxruntime's
+    optimizer turns into one SimplifiedLayerNormalization node (its optimized model shows it)."""
+    import onnxruntime as ort
+
+    _, art = exported["mixtral-window"]
+    model = onnx.load(str(art / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    layers = Manifest.load(art).args.num_hidden_layers
+    assert "Reciprocal" not in ops and ops.count("Sqrt") == 2 * layers + 1
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(art / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
+    assert fused.count("SimplifiedLayerNormalization") == 2 * layers + 1 and "Sqrt" not in fused
+
+
 def test_no_window_model_gets_linear_cache(exported):
     m = Manifest.load(exported["mistral-nowindow"][1])
     assert m.cache.layout == "linear" and m.cache.capacity == m.max_context == 128

@@ -82,3 +82,17 @@ def test_last_only_logits_equal_the_last_row_of_all(exported):
         np.testing.assert_array_equal(a, b)
     nxt = np.array([[7], [7]])[:1]
     np.testing.assert_array_equal(backend.step(full_cache, nxt), backend.step(last_cache, nxt, last_only=True))
+
+
+def test_returned_logits_are_the_callers(exported):
+    """The step's inputs and logits live in buffers kept with the binding; what a step returns must not change
+    when the next step (same rows and shape, so the same buffers) runs."""
+    _, art = exported["mixtral-window"]
+    backend = OrtBackend.load(art, threads=1)
+    cache = backend.new_cache(1)
+    backend.step(cache, np.array([[1, 50, 60]]), last_only=True)
+    first = backend.step(cache, np.array([[70]]))
+    kept = first.copy()
+    second = backend.step(cache, np.array([[80]]))
+    np.testing.assert_array_equal(first, kept)
+    assert not np.array_equal(first, second) and second.dtype == np.float32

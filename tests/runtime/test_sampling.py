@@ -143,3 +143,52 @@ def test_same_seed_reproduces_and_rows_differ():
     assert draws(5, 0) == draws(5, 0)
     assert draws(5, 0) != draws(6, 0)
     assert draws(5, 0) != draws(5, 1)
+
+
+def _top_p_full_sort(logits: np.ndarray, top_p: float, min_tokens_to_keep: int = 1, dtype=np.float32) -> np.ndarray:
+    """The former implementation (a full stable argsort, transformers' own steps), kept as the oracle; in
+    float64 it is the same rule with the float32 cumulative sum's rounding (about 1e-5 over 32k tokens) gone."""
+    order = np.argsort(logits, axis=-1, kind="stable")
+    ascending = np.take_along_axis(logits, order, axis=-1).astype(dtype)
+    e = np.exp(ascending - ascending.max(axis=-1, keepdims=True))
+    cumulative = np.cumsum(e / e.sum(axis=-1, keepdims=True), axis=-1)
+    drop_sorted = cumulative <= dtype(1.0 - top_p)
+    drop_sorted[..., -min_tokens_to_keep:] = False
+    drop = np.empty_like(drop_sorted)
+    np.put_along_axis(drop, order, drop_sorted, axis=-1)
+    return np.where(drop, np.float32(-np.inf), logits).astype(np.float32)
+
+
+@pytest.mark.parametrize("vocab", [7, 300, 32000])
+def test_top_p_partial_sort_equals_full_sort(vocab):
+    """Sharp, flat, tied (integer logits, repeated maxima), -inf-masked and min_tokens_to_keep cases: the same
+    tokens as the full sort computed in float64, and as the former float32 one except where that one's
+    rounding decides (flat or tied rows of a 32k vocabulary, where a kept count may differ by one)."""
+    rng = np.random.default_rng(vocab)
+    cases = 0
+    for trial in range(60):
+        kind = trial % 5
+        if kind == 0:
+            x = rng.standard_normal((3, vocab)) * rng.choice([0.1, 1.0, 4.0, 12.0])
+        elif kind == 1:
+            x = rng.integers(-3, 3, (3, vocab)).astype(np.float64)  # many ties
+        elif kind == 2:
+            x = np.zeros((3, vocab))
+            x[:, rng.integers(0, vocab, 3)] = 2.0  # a few tied maxima over a flat floor
+        elif kind == 3:
+            x = rng.standard_normal((3, vocab)) * 3
+            x[:, rng.random(vocab) < 0.5] = -np.inf  # after a top-k filter
+            x[:, 0] = 1.0
+        else:
+            x = rng.gumbel(size=(3, vocab)) * 5
+        x = x.astype(np.float32)
+        for top_p in (0.01, 0.2, 0.5, 0.9, 0.97, 0.9999):
+            keep = int(rng.integers(1, 4)) if kind == 4 else 1
+            ours = top_p_filter(x, top_p, keep)
+            np.testing.assert_array_equal(ours, _top_p_full_sort(x, top_p, keep, np.float64),
+                                          err_msg=f"kind {kind} top_p {top_p} keep {keep}")
+            if vocab < 32000 or kind in (3, 4):
+                np.testing.assert_array_equal(ours, _top_p_full_sort(x, top_p, keep),
+                                              err_msg=f"kind {kind} top_p {top_p} keep {keep} (float32)")
+            cases += 1
+    assert cases == 360

@@ -1,0 +1,56 @@
+"""`mixtrt bench`: prefill / decode speed, peak memory and bandwidth fraction of an artifact on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mixtrt.cli.options import threads
+
+
+def _count(low: int):
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{n} is less than {low}")
+        return n
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", type=Path, help="artifact directory of a causal LM (written by `mixtrt export`)")
+    p.add_argument("--prompt-tokens", type=_count(1), default=128, help="random prompt ids per row (default 128)")
+    p.add_argument("--new-tokens", type=_count(3), default=128,
+                   help="greedy tokens per row, end-of-sequence ignored (default 128)")
+    p.add_argument("--batch", type=_count(1), default=1, help="rows decoded together (default 1)")
+    p.add_argument("--threads", type=threads, default=None,
+                   help="onnxruntime intra-op threads, 1 .. the available cores (default: all of them)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the artifact's files at load (sizes are still checked)")
+
+
+def run(ns: argparse.Namespace) -> int:
+    from mixtrt.runtime.benchmark import bench
+
+    r = bench(ns.artifact, prompt_tokens=ns.prompt_tokens, new_tokens=ns.new_tokens, batch=ns.batch,
+              threads=ns.threads, verify=not ns.no_verify)
+    if ns.json:
+        print(json.dumps(r.to_dict(), allow_nan=False))
+        return 0
+    step = r.decode_step_ms
+    print(f"artifact      {r.artifact}")
+    print(f"run           batch {r.batch}, prompt {r.prompt_tokens} tokens, {r.new_tokens} new tokens (greedy), "
+          f"threads {r.threads or 'all'}")
+    print(f"prefill       {r.prefill_tokens_per_s:.1f} tok/s")
+    print(f"decode        {r.decode_tokens_per_s:.1f} tok/s; one step {step['median']:.2f} ms median "
+          f"({step['min']:.2f}-{step['max']:.2f})")
+    print(f"peak RSS      {r.peak_rss_mib:.0f} MiB")
+    print(f"bandwidth     {r.read_bandwidth_gb_s:.1f} GB/s read (probe); a step reads "
+          f"{r.weight_bytes_per_token / 2**20:.1f} MiB of weights: limit {r.bandwidth_limit_tokens_per_s:.1f} "
+          f"steps/s, decode at {r.bandwidth_fraction:.0%} of it")
+    return 0

@@ -1,0 +1,75 @@
+"""`mixtrt.runtime.benchmark` and `mixtrt bench` on small exported artifacts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mixtrt.runtime.args import ModelArgs
+from mixtrt.runtime.benchmark import bench, weight_bytes_per_token
+from mixtrt.runtime.errors import ConfigError
+from tests.checkpoints import make_hf_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("family", ["mistral", "mixtral"])
+def test_weight_bytes_count_the_parameters_a_step_reads(family):
+    """All parameters but the embedding (dense), minus the E - k experts a token skips (MoE)."""
+    model = make_hf_model(family, num_local_experts=4, num_experts_per_tok=2) if family == "mixtral" \
+        else make_hf_model(family)
+    cfg = model.config
+    args = ModelArgs.from_hf_config(cfg.to_dict())
+    params = sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.hidden_size  # embedding
+    if family == "mixtral":
+        params -= cfg.num_hidden_layers * 2 * 3 * cfg.hidden_size * cfg.intermediate_size  # 2 skipped experts
+    assert weight_bytes_per_token(args, 4) == 4 * params
+    assert weight_bytes_per_token(args, 0.5) == params // 2
+
+
+def test_bench_rates_and_fraction(exported):
+    _, art = exported["mixtral-window"]
+    r = bench(art, prompt_tokens=12, new_tokens=6, batch=2, threads=1)
+    assert (r.batch, r.prompt_tokens, r.new_tokens, r.threads) == (2, 12, 6, 1)
+    for v in (r.prefill_tokens_per_s, r.decode_tokens_per_s, r.read_bandwidth_gb_s, r.peak_rss_mib):
+        assert math.isfinite(v) and v > 0
+    step = r.decode_step_ms
+    assert 0 < step["min"] <= step["median"] <= step["max"]
+    # batch rows per step: the step rate is decode tok/s / batch; the fraction uses a batch-1 step's bytes
+    assert r.bandwidth_fraction == pytest.approx(r.decode_tokens_per_s / 2 * r.weight_bytes_per_token
+                                                 / (r.read_bandwidth_gb_s * 1e9))
+    assert r.bandwidth_limit_tokens_per_s == pytest.approx(r.read_bandwidth_gb_s * 1e9 / r.weight_bytes_per_token)
+    assert json.loads(json.dumps(r.to_dict()))["decode_step_ms"]["median"] == step["median"]
+
+
+def test_bench_refuses_what_it_cannot_measure(exported):
+    _, art = exported["mixtral-window"]  # max context 128
+    with pytest.raises(ConfigError, match="new_tokens=2 must be an integer >= 3"):
+        bench(art, new_tokens=2)
+    with pytest.raises(ConfigError, match="prompt_tokens \\+ new_tokens = 130 is more than the 128 positions"):
+        bench(art, prompt_tokens=126, new_tokens=4)
+    with pytest.raises(ConfigError, match="batch"):
+        bench(art, batch=0)
+
+
+def test_bench_command_json_and_text(exported):
+    _, art = exported["mistral-window"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def cli(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mixtrt", "bench", str(art), "--prompt-tokens", "8",
+                               "--new-tokens", "4", "--threads", "1", *extra], capture_output=True, text=True,
+                              timeout=120, cwd=ROOT, env=env)
+
+    r = cli("--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["new_tokens"] == 4 and d["decode_tokens_per_s"] > 0 and 0 < d["bandwidth_fraction"]
+    bad = cli("--batch", "0")
+    assert bad.returncode == 2 and "--batch: 0 is less than 1" in bad.stderr and len(bad.stderr.splitlines()) == 1
