@@ -36,6 +36,7 @@ import torch
 
 from mixtrt import __version__
 from mixtrt.export.model import CausalLM, SequenceClassifier, Transformer
+from mixtrt.export.quantize import Int4Options, quantize_artifact
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backends import EXPORT_BACKENDS, window_slack
 from mixtrt.runtime.cache import CachePlan
@@ -43,6 +44,7 @@ from mixtrt.runtime.chat_format import load_chat_tokenizer, resolve_chat_format
 from mixtrt.runtime.errors import ConfigError, MixtrtWarning
 from mixtrt.runtime.manifest import (
     HEADS_FEATURE,
+    INT4_FEATURE,
     MANIFEST,
     MODEL_FILE,
     Manifest,
@@ -126,17 +128,27 @@ def export_onnx(
     max_context: int | None = None,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = print,
+    int4: Int4Options | None = None,
 ) -> Path:
-    """Export `checkpoint_dir` to the artifact directory `out_dir` (default engines/<name>-<precision>)."""
+    """Export `checkpoint_dir` to the artifact directory `out_dir` (default engines/<name>-<precision>).
+
+    precision "int4": INT4 weights (export/quantize.py), as `int4` says (default Int4Options(): RTN, block 32)."""
     from mixtrt.export.checkpoint import load_model
     from mixtrt.plugins.onnx_common import custom_translation_table
 
     say = progress or (lambda _msg: None)
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision!r} is not one of {sorted(PRECISIONS)}")
+    if int4 is not None and precision != "int4":
+        raise ConfigError(f"int4 options given for precision {precision}: pass --precision int4")
+    if precision == "int4":
+        int4 = int4 or Int4Options()
+        int4.check()
     checkpoint_dir = Path(checkpoint_dir)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint_dir, precision)
     args = ModelArgs.from_checkpoint_dir(checkpoint_dir)
+    if precision == "int4" and args.head != "causal_lm":
+        raise ConfigError(f"--precision int4 serves causal LMs; {checkpoint_dir} is a {args.head} model")
     max_context = resolve_max_context(args, max_context)
     attention = attention_body(args)
     lm = args.head == "causal_lm"
@@ -171,6 +183,13 @@ def export_onnx(
         names = _save(program.model, tmp, external=weight_bytes > EXTERNAL_DATA_BYTES)
         opsets, summary = _finish_graph(tmp / MODEL_FILE, Manifest.graph_metadata(args, precision, max_context, plan))
         summary["attention_body"] = attention
+        quantization = None
+        if int4 is not None:
+            moe = args.moe
+            quantization, facts, opsets, names = quantize_artifact(
+                tmp, names, moe.num_experts_per_tok if moe else None, moe.num_experts if moe else None, int4, say,
+                EXTERNAL_DATA_BYTES)
+            summary.update(facts)
         for name, source in chat.files.items():
             shutil.copyfile(source, tmp / name)
             names.append(name)
@@ -189,7 +208,8 @@ def export_onnx(
             versions=_versions(),
             source=str(checkpoint_dir.resolve()),
             chat=chat,
-            features=() if lm else (HEADS_FEATURE,),
+            features=(() if lm else (HEADS_FEATURE,)) + ((INT4_FEATURE,) if quantization else ()),
+            quantization=quantization,
         )
         manifest.save(tmp)
     say(f"wrote {out_dir} in {time.perf_counter() - t0:.1f} s")

@@ -59,3 +59,31 @@ def unpack_int4(qweight: np.ndarray, scales: np.ndarray) -> np.ndarray:
     block = K // scales.shape[-1]
     full = np.repeat(np.asarray(scales).astype(np.float32), block, axis=-1)
     return (q.astype(np.float32) * full).astype(scales.dtype)
+
+
+# ---- backend layouts of the same bytes ---------------------------------------------------------------------
+# Each takes pack_int4's qweight [N, K//2] (element 2j of a row in the low nibble, two's complement) and
+# returns what one consumer reads. Scales are shared unchanged except for DequantizeLinear's transpose.
+
+
+def matmulnbits_layout(qweight: np.ndarray, block: int) -> np.ndarray:
+    """onnxruntime MatMulNBits / GatherBlockQuantized B: uint8 [N, K//block, block//2], unsigned nibbles with the
+    default zero point 8 (q + 8 = q XOR 8 per nibble), low nibble first. Scales: [N, K//block] as packed.
+    A GatherBlockQuantized table takes the same bytes as [N, K//2]."""
+    N, half = qweight.shape
+    if block % 2 or (2 * half) % block:
+        raise ValueError(f"block {block} does not divide K={2 * half}")
+    return (np.asarray(qweight, np.uint8) ^ 0x88).reshape(N, 2 * half // block, block // 2)
+
+
+def dequantize_linear_layout(qweight: np.ndarray, scales: np.ndarray) -> tuple[bytes, tuple[int, int], np.ndarray]:
+    """ONNX DequantizeLinear (opset 21, INT4, axis 0, block_size) feeding MatMul's B [K, N]:
+    (raw INT4 bytes of W^T [K, N], row-major, element 2j of the flat tensor in the low nibble, two's complement;
+    its dims (K, N); scales^T [K//block, N])."""
+    q = int4_values(qweight).T  # [K, N]
+    flat = q.reshape(-1)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.int8)])
+    nib = flat.view(np.uint8) & 0x0F
+    return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes(), (q.shape[0], q.shape[1]), \
+        np.ascontiguousarray(np.asarray(scales).T)
