@@ -158,7 +158,7 @@ def export_onnx(
         plan = CachePlan.one_pass(args, max_context, PRECISIONS[precision])
     # the tokenizer and chat format, checked against the model before the (slow) weight loading
     chat = resolve_chat_format(checkpoint_dir, vocab_size=args.vocab_size)
-    load_chat_tokenizer(None, chat, args.vocab_size)
+    tokenizer = load_chat_tokenizer(None, chat, args.vocab_size)
     if chat.note:  # a substituted tokenizer: said whatever `progress` is (the CLI prints it as one line)
         warnings.warn(f"{checkpoint_dir}: {chat.note}", MixtrtWarning, stacklevel=2)
     check_target(out_dir, overwrite=overwrite)
@@ -170,6 +170,14 @@ def export_onnx(
     n_params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     say(f"  {n_params / 1e6:.1f} M parameters, {weight_bytes / 2**20:.0f} MiB ({time.perf_counter() - t0:.1f} s)")
+    calibration = None
+    if int4 is not None and int4.method == "awq":  # scales moved into the float weights before tracing
+        from mixtrt.export.awq import apply_awq, calibration_ids
+
+        seqs, source, tokens = calibration_ids(int4.calibration, tokenizer)
+        say(f"awq: calibrating on {source} ({tokens} tokens)")
+        apply_awq(model, seqs, int4, say)
+        calibration = {"source": source, "tokens": tokens}
 
     inputs, outputs = Manifest.graph_io(args, plan.capacity, precision)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -188,7 +196,7 @@ def export_onnx(
             moe = args.moe
             quantization, facts, opsets, names = quantize_artifact(
                 tmp, names, moe.num_experts_per_tok if moe else None, moe.num_experts if moe else None, int4, say,
-                EXTERNAL_DATA_BYTES)
+                EXTERNAL_DATA_BYTES, calibration)
             summary.update(facts)
         for name, source in chat.files.items():
             shutil.copyfile(source, tmp / name)

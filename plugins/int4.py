@@ -24,8 +24,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def pack_int4(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """W [..., N, K] float -> (qweight uint8 [..., N, K//2], scales [..., N, K//block] in W's dtype)."""
+def pack_int4(w: np.ndarray, block: int, scales: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """W [..., N, K] float -> (qweight uint8 [..., N, K//2], scales [..., N, K//block] in W's dtype).
+
+    scales: given (e.g. a clipped max from a search), q = round(w / scale) clamped to [-8, 7] with them."""
     w = np.asarray(w)
     if not np.issubdtype(w.dtype, np.floating):
         raise ValueError(f"pack_int4 takes a float matrix, got {w.dtype}")
@@ -33,7 +35,10 @@ def pack_int4(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     if block < 2 or block % 2 or K % block:
         raise ValueError(f"block {block} must be even and divide K={K}")
     blocks = w.astype(np.float32).reshape(*w.shape[:-1], K // block, block)
-    scales = (np.abs(blocks).max(axis=-1) / 7).astype(w.dtype)
+    if scales is None:
+        scales = (np.abs(blocks).max(axis=-1) / 7).astype(w.dtype)
+    elif scales.shape != blocks.shape[:-1]:
+        raise ValueError(f"scales {scales.shape} must be {blocks.shape[:-1]} for W {w.shape} in blocks of {block}")
     s = scales.astype(np.float32)[..., None]
     q = np.divide(blocks, s, out=np.zeros_like(blocks), where=s != 0)
     q = np.clip(np.rint(q), -8, 7).astype(np.int8).reshape(w.shape)

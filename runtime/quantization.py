@@ -25,7 +25,7 @@ from typing import Any
 from mixtrt.runtime.errors import ArtifactError
 
 QUANT_VERSION = 1
-METHODS = ("rtn",)
+METHODS = ("rtn", "awq")
 BLOCK_SIZES = (32, 64, 128)
 ACCURACY_LEVELS = (0, 4)
 SCALE_DTYPES = ("float32", "float16")
