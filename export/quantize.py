@@ -98,7 +98,7 @@ def rtn(name: str, w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     return pack_int4(w.astype(np.float32), block)
 
 
-CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(11))  # 1.0 .. 0.75
+CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(11))  # 1.0 .. 0.75 (down to 0.5 chose the same)
 
 
 def clipped(name: str, w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:

@@ -57,3 +57,71 @@ def test_zero_block_and_rejections():
         pack_int4(np.zeros((2, 8), np.int32), 4)
     with pytest.raises(ValueError, match="scales"):
         unpack_int4(np.zeros((2, 4), np.uint8), np.zeros((3, 2), np.float32))
+
+
+# ---- the onnxruntime layouts of the same bytes, each run by onnxruntime vs numpy on the dequantized weights ----
+
+def _ort(nodes, inits, k: int, n: int, accuracy_level: int = 0) -> np.ndarray:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _linear_case(block: int):
+    rng = np.random.default_rng(block)
+    w = rng.standard_normal((48, 128)).astype(np.float32)  # [N, K]
+    x = rng.standard_normal((5, 128)).astype(np.float32)
+    q, s = pack_int4(w, block)
+    return x, q, s, x @ unpack_int4(q, s).T
+
+
+@pytest.mark.parametrize("block", [16, 32, 64])
+def test_dequantize_linear_layout_on_onnxruntime(block):
+    """DequantizeLinear(INT4 [K, N], axis 0, block) -> MatMul, as the exporter writes dense layers: onnxruntime
+    (which fuses it into MatMulNBits) equals x @ unpack_int4(q, s)^T; the scales' transpose is the block axis."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mixtrt.plugins.int4 import dequantize_linear_layout
+
+    x, q, s, ref = _linear_case(block)
+    raw, dims, st = dequantize_linear_layout(q, s)
+    assert dims == (128, 48) and st.shape == (128 // block, 48)
+    nodes = [helper.make_node("DequantizeLinear", ["w", "s"], ["wd"], axis=0, block_size=block),
+             helper.make_node("MatMul", ["x", "wd"], ["y"])]
+    inits = [helper.make_tensor("w", TensorProto.INT4, list(dims), raw, raw=True), numpy_helper.from_array(st, "s")]
+    y = _ort(nodes, inits, 128, 48).run(None, {"x": x})[0]
+    assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+    y4 = _ort(nodes, inits, 128, 48, accuracy_level=4).run(None, {"x": x})[0]  # int8 activations
+    assert np.abs(y4 - ref).max() <= 2e-2 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_matmulnbits_layout_and_traps(block):
+    """MatMulNBits on matmulnbits_layout equals the numpy reference; swapped nibbles or scales of the wrong
+    block axis are caught (errors far above the tolerance)."""
+    from onnx import helper, numpy_helper
+
+    from mixtrt.plugins.int4 import matmulnbits_layout
+
+    x, q, s, ref = _linear_case(block)
+
+    def run(packed, scales):
+        node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=128, N=48, bits=4,
+                                block_size=block, accuracy_level=0)
+        inits = [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(scales, "s")]
+        y = _ort([node], inits, 128, 48).run(None, {"x": x})[0]
+        return np.abs(y - ref).max() / np.abs(ref).max()
+
+    packed = matmulnbits_layout(q, block)
+    assert packed.shape == (48, 128 // block, block // 2)
+    assert run(packed, s) <= 1e-5
+    swapped = ((packed & 0x0F) << 4) | (packed >> 4)
+    assert run(swapped, s) > 0.1  # nibble order
+    assert run(packed, np.ascontiguousarray(s[::-1])) > 0.1  # scales of another row / block
