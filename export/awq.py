@@ -62,8 +62,8 @@ def calibration_ids(path: Path | None, tokenizer: Any) -> tuple[list[list[int]],
 
 
 def _roundtrip(w: torch.Tensor, block: int) -> torch.Tensor:
-    q, s = pack_int4(w.detach().numpy().astype(np.float32), block)
-    return torch.from_numpy(unpack_int4(q, s))
+    """W -> its int4 round trip with scale max|w| / 7 (pack_int4)."""
+    return torch.from_numpy(unpack_int4(*pack_int4(w.detach().numpy().astype(np.float32), block)))
 
 
 def _search(x: torch.Tensor, weights: list[torch.Tensor], block: int) -> torch.Tensor:

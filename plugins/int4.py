@@ -46,6 +46,16 @@ def pack_int4(w: np.ndarray, block: int, scales: np.ndarray | None = None) -> tu
     return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8), scales
 
 
+def signed_scales(w: np.ndarray, block: int) -> np.ndarray:
+    """Scales that use all 16 levels, as llama.cpp's q4_0: scale = -(the block's element of largest |w|) / 8, so that
+    element maps to -8 exactly and the rest to [-8, 7] (one more level than max|w| / 7, a 12.5% finer step). The scale
+    is negative where that element is positive: W = q * scale still holds, zero point 0. [..., N, K] -> [..., N,
+    K//block] float32."""
+    blocks = np.asarray(w, np.float32).reshape(*w.shape[:-1], w.shape[-1] // block, block)
+    idx = np.abs(blocks).argmax(axis=-1)[..., None]
+    return (np.take_along_axis(blocks, idx, axis=-1)[..., 0] / -8).astype(np.float32)
+
+
 def int4_values(qweight: np.ndarray) -> np.ndarray:
     """qweight uint8 [..., N, K//2] -> q int8 [..., N, K] in [-8, 7] (element 2j from the low nibble)."""
     qweight = np.asarray(qweight, dtype=np.uint8)

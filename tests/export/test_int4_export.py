@@ -12,8 +12,8 @@ import torch
 
 from mixtrt.export import export_onnx, load_model
 from mixtrt.export.model import KVCache as TorchCache
-from mixtrt.export.quantize import Int4Options, block_for
-from mixtrt.plugins.int4 import pack_int4, unpack_int4
+from mixtrt.export.quantize import Int4Options, block_for, rtn
+from mixtrt.plugins.int4 import unpack_int4
 from mixtrt.runtime.backends.onnxruntime import OrtBackend
 from mixtrt.runtime.errors import ArtifactError, ConfigError
 from mixtrt.runtime.generation import GenerationConfig, Generator
@@ -56,7 +56,7 @@ def _dequantized_reference(ck):
         for name, p in model.named_parameters():
             if p.ndim == 2 and not name.endswith("gate.weight"):
                 b = block_for(p.shape[1], BLOCK)
-                p.copy_(torch.from_numpy(unpack_int4(*pack_int4(p.numpy(), b))))
+                p.copy_(torch.from_numpy(unpack_int4(*rtn(name, p.numpy(), b))))
     return model
 
 
@@ -153,3 +153,23 @@ def test_int4_options_are_checked(exported, tmp_path):
 def test_block_for_non_dividing_dimensions():
     assert [block_for(k, 128) for k in (192, 256, 96, 4096, 40)] == [64, 128, 32, 128, None]
     assert block_for(14336, 128) == 128 and block_for(48, 32) == 16
+
+
+def test_perplexity_command_with_reference(realistic_pairs, tmp_path, capsys):
+    from mixtrt.cli import main
+    from mixtrt.runtime.perplexity import chunks
+
+    fp32, int4 = realistic_pairs["mixtral-window"]
+    text = tmp_path / "t.txt"
+    text.write_text("It was a truth universally acknowledged that a single man in possession of a good fortune. " * 3)
+    assert main(["perplexity", str(int4), "--text", str(text), "--chunk", "16", "--reference", str(fp32),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["scored_tokens"] == sum(len(c) - 1 for c in chunks(list(range(out["tokens"])), 16))
+    assert 0 < out["mean_kl"] < 1 and 0 < out["top1_agreement"] <= 1 and out["perplexity"] > 1
+    assert main(["perplexity", str(fp32), "--text", str(text), "--chunk", "16", "--reference", str(fp32),
+                 "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert abs(same["mean_kl"]) < 1e-9 and same["top1_agreement"] == 1.0
+    assert main(["perplexity", str(fp32), "--text", str(text), "--chunk", "1"]) == 2
+    assert "--chunk must be an integer >= 2" in capsys.readouterr().err

@@ -125,3 +125,26 @@ def test_matmulnbits_layout_and_traps(block):
     swapped = ((packed & 0x0F) << 4) | (packed >> 4)
     assert run(swapped, s) > 0.1  # nibble order
     assert run(packed, np.ascontiguousarray(s[::-1])) > 0.1  # scales of another row / block
+
+
+def test_signed_scales_use_all_sixteen_levels():
+    """signed_scales: the block's largest-magnitude weight maps to -8 exactly (either sign), every weight rounds
+    within |scale| / 2 (within |scale| where it clips to 7), and pack_int4 with them round-trips W = q * scale."""
+    from mixtrt.plugins.int4 import signed_scales
+
+    w = np.array([[2.0, -1.0, 0.5, 0.25, -4.0, 1.0, 3.0, 0.0]], np.float32)  # blocks of 4: extremes +2, -4
+    s = signed_scales(w, 4)
+    assert s.tolist() == [[-0.25, 0.5]]
+    q, s2 = pack_int4(w, 4, s)
+    assert int4_values(q).tolist() == [[-8, 4, -2, -1, -8, 2, 6, 0]]
+    assert np.array_equal(unpack_int4(q, s2), w)
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((6, 64)).astype(np.float32)
+    s = signed_scales(w, 32)
+    q, _ = pack_int4(w, 32, s)
+    err, step = np.abs(unpack_int4(q, s) - w), np.repeat(np.abs(s), 32, axis=-1)
+    clipped = int4_values(q) == 7  # an opposite-sign weight near the extreme lands on 7 (+8 does not exist)
+    assert (err[~clipped] <= step[~clipped] / 2 + 1e-6).all() and (err <= step + 1e-6).all()
+    assert (int4_values(q) == -8).sum() >= 12  # every block's extreme
+    with pytest.raises(ValueError, match="scales"):
+        pack_int4(w, 32, s[:, :1])
