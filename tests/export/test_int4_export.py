@@ -173,3 +173,10 @@ def test_perplexity_command_with_reference(realistic_pairs, tmp_path, capsys):
     assert abs(same["mean_kl"]) < 1e-9 and same["top1_agreement"] == 1.0
     assert main(["perplexity", str(fp32), "--text", str(text), "--chunk", "1"]) == 2
     assert "--chunk must be an integer >= 2" in capsys.readouterr().err
+
+
+def test_tensorrt_build_refuses_an_int4_artifact(int4_artifacts):
+    from mixtrt.export.tensorrt_build import build_engine
+
+    with pytest.raises(ConfigError, match="an int4 artifact; its TensorRT graph"):
+        build_engine(int4_artifacts["mistral-window"][1], progress=None)
