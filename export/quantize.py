@@ -33,7 +33,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mixtrt.plugins import DOMAIN
-from mixtrt.plugins.int4 import dequantize_linear_layout, matmulnbits_layout, pack_int4, signed_scales
+from mixtrt.plugins.int4 import dequantize_linear_layout, matmulnbits_layout, pack_int4, pack_int8, signed_scales
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.quantization import ACCURACY_LEVELS, BLOCK_SIZES, METHODS, Quantization
 
@@ -50,6 +50,9 @@ class Int4Options:
     block_size: int = 32
     accuracy_level: int = 4
     keep_float: tuple[str, ...] = ()  # tensor labels or fnmatch patterns ("lm_head", "embed_tokens", "layers.0.*")
+    # dense linears / the embedding stored as INT8 instead (blocks of block_size, scale max|w| / 127): the vocabulary
+    # tables by default, as llama.cpp keeps its output table at 6 bits (README "INT4" for the measurements)
+    int8: tuple[str, ...] = ("lm_head", "embed_tokens")
     calibration: Path | None = None  # a UTF-8 text for the calibrated method (default: the packaged text)
 
     def check(self) -> None:
@@ -163,6 +166,7 @@ def quantize_graph(path: Path, options: Int4Options, quantizer: Quantizer = rtn,
             blocks[lbl] = b
         return b
 
+    eight: list[str] = []  # tensors stored as INT8 (options.int8)
     transposed: set[str] = set()  # Transpose outputs of a weight that a MatMul reads (the tied lm_head)
     for node in graph.node:
         if node.op_type == "Transpose" and node.input[0] in inits and users[node.output[0]] == 1 \
@@ -179,12 +183,19 @@ def quantize_graph(path: Path, options: Int4Options, quantizer: Quantizer = rtn,
             if w is not None:
                 w = w if tproduced else w.T  # W [N, K] (nn.Linear [out, in])
                 b = choose(lbl, w.shape[1])
-                if b is not None:
+                if b is not None and kept(lbl, options.int8):
+                    q8, s = pack_int8(w, b)
+                    base = f"{lbl}.int8"
+                    eight.append(lbl)
+                    new_inits += [numpy_helper.from_array(np.ascontiguousarray(q8.T), base),  # [K, N]
+                                  numpy_helper.from_array(np.ascontiguousarray(s.T), f"{lbl}.scales")]
+                elif b is not None:
                     q, s = quantizer(lbl, w, b)
                     raw, dims, st = dequantize_linear_layout(q, s)
                     base = f"{lbl}.int4"
                     new_inits += [helper.make_tensor(base, TensorProto.INT4, list(dims), raw, raw=True),
                                   numpy_helper.from_array(st.astype(np.float32), f"{lbl}.scales")]
+                if b is not None:
                     new_nodes.append(helper.make_node("DequantizeLinear", [base, f"{lbl}.scales"], [f"{lbl}.w"],
                                                       name=f"{node.name}/DequantizeLinear", axis=0, block_size=b))
                     node.input[1] = f"{lbl}.w"
@@ -196,13 +207,20 @@ def quantize_graph(path: Path, options: Int4Options, quantizer: Quantizer = rtn,
             if w is not None:
                 b = choose(lbl, w.shape[1])
                 if b is not None:
-                    q, s = (clipped if options.method == "awq" else quantizer)(lbl, w, b)
-                    packed = matmulnbits_layout(q, b).reshape(q.shape)
-                    new_inits += [numpy_helper.from_array(packed, f"{lbl}.int4"),
+                    bits = 8 if kept(lbl, options.int8) else 4
+                    if bits == 8:  # uint8 = int8 + 128 (GatherBlockQuantized's default zero point for 8 bits)
+                        q8, s = pack_int8(w, b)
+                        packed = q8.view(np.uint8) ^ 0x80
+                        eight.append(lbl)
+                    else:
+                        q, s = (clipped if options.method == "awq" else quantizer)(lbl, w, b)
+                        packed = matmulnbits_layout(q, b).reshape(q.shape)
+                    table = f"{lbl}.int{bits}"
+                    new_inits += [numpy_helper.from_array(packed, table),
                                   numpy_helper.from_array(s.astype(np.float32), f"{lbl}.scales")]
-                    gq = helper.make_node("GatherBlockQuantized", [f"{lbl}.int4", node.input[1], f"{lbl}.scales"],
+                    gq = helper.make_node("GatherBlockQuantized", [table, node.input[1], f"{lbl}.scales"],
                                           list(node.output), name=node.name, domain="com.microsoft",
-                                          gather_axis=0, quantize_axis=1, block_size=b, bits=4)
+                                          gather_axis=0, quantize_axis=1, block_size=b, bits=bits)
                     node.CopyFrom(gq)
         elif node.op_type == "Gemm" and any(i in inits for i in node.input[1:2]) and "gate" in node.name:
             floats[label(node.name)] = ROUTER_REASON
@@ -230,6 +248,7 @@ def quantize_graph(path: Path, options: Int4Options, quantizer: Quantizer = rtn,
         + (f", experts block {expert_blocks}" if expert_blocks else ""))
     record = Quantization(method=options.method, block_size=options.block_size,
                           accuracy_level=options.accuracy_level, blocks=blocks, kept_float=floats,
+                          int8=sorted(eight),
                           graphs={"onnxruntime": path.name})
     return record, graph_facts(model)
 

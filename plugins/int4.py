@@ -46,6 +46,19 @@ def pack_int4(w: np.ndarray, block: int, scales: np.ndarray | None = None) -> tu
     return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8), scales
 
 
+def pack_int8(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 8-bit sibling (mixtrt keeps the vocabulary tables at 8 bits by default): W [..., N, K] -> (q int8
+    [..., N, K] in [-127, 127], scales float32 [..., N, K//block] = max|w| / 127 per block), W ~= q * scale."""
+    w = np.asarray(w, np.float32)
+    if w.shape[-1] % block:
+        raise ValueError(f"block {block} does not divide K={w.shape[-1]}")
+    blocks = w.reshape(*w.shape[:-1], w.shape[-1] // block, block)
+    scales = (np.abs(blocks).max(axis=-1) / 127).astype(np.float32)
+    s = scales[..., None]
+    q = np.rint(np.divide(blocks, s, out=np.zeros_like(blocks), where=s != 0))
+    return np.clip(q, -127, 127).astype(np.int8).reshape(w.shape), scales
+
+
 def signed_scales(w: np.ndarray, block: int) -> np.ndarray:
     """Scales that use all 16 levels, as llama.cpp's q4_0: scale = -(the block's element of largest |w|) / 8, so that
     element maps to -8 exactly and the rest to [-8, 7] (one more level than max|w| / 7, a 12.5% finer step). The scale

@@ -8,6 +8,7 @@ one scale per block of `block_size` consecutive weights along each matrix's inpu
      "scale_dtype": "float32", "accuracy_level": 4,
      "calibration": null | {"source": "mixtrt/export/calibration.txt", "tokens": 4096},
      "blocks": {"lm.model.layers.0.attention.wq": 64, ...},    # tensors quantized with a smaller block
+     "int8": ["embed_tokens", "lm_head"],                        # tensors stored as INT8 (same blocks)
      "float": {"lm.model.embed_tokens.weight": "embedding (--keep-float)", ...},   # kept float, why
      "graphs": {"onnxruntime": "model.onnx", "tensorrt": "model.onnx"}}          # which graph serves which
 
@@ -30,7 +31,7 @@ BLOCK_SIZES = (32, 64, 128)
 ACCURACY_LEVELS = (0, 4)
 SCALE_DTYPES = ("float32", "float16")
 FIELDS = ("version", "method", "bits", "block_size", "symmetric", "scale_dtype", "accuracy_level", "calibration",
-          "blocks", "float", "graphs")
+          "blocks", "int8", "float", "graphs")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Quantization:
     scale_dtype: str = "float32"
     calibration: dict[str, Any] | None = None  # {"source": str, "tokens": int} for calibrated methods
     blocks: dict[str, int] = field(default_factory=dict)  # tensor -> its block size when not block_size
+    int8: list[str] = field(default_factory=list)  # tensors stored as INT8 (symmetric, same blocks, max|w| / 127)
     kept_float: dict[str, str] = field(default_factory=dict)  # tensor kept in float -> the reason ("float")
     graphs: dict[str, str] = field(default_factory=lambda: {"onnxruntime": "model.onnx", "tensorrt": "model.onnx"})
     version: int = QUANT_VERSION
@@ -50,8 +52,8 @@ class Quantization:
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "method": self.method, "bits": self.bits, "block_size": self.block_size,
                 "symmetric": self.symmetric, "scale_dtype": self.scale_dtype, "accuracy_level": self.accuracy_level,
-                "calibration": self.calibration, "blocks": dict(self.blocks), "float": dict(self.kept_float),
-                "graphs": dict(self.graphs)}
+                "calibration": self.calibration, "blocks": dict(self.blocks), "int8": list(self.int8),
+                "float": dict(self.kept_float), "graphs": dict(self.graphs)}
 
     @classmethod
     def from_dict(cls, d: Any) -> Quantization:
@@ -80,6 +82,7 @@ class Quantization:
                 and isinstance(d["calibration"]["source"], str) and _count(d["calibration"]["tokens"])),
             "blocks": isinstance(d["blocks"], dict) and all(
                 isinstance(k, str) and _count(v) and v >= 2 and v % 2 == 0 for k, v in d["blocks"].items()),
+            "int8": isinstance(d["int8"], list) and all(isinstance(k, str) for k in d["int8"]),
             "float": isinstance(d["float"], dict) and all(
                 isinstance(k, str) and isinstance(v, str) for k, v in d["float"].items()),
             "graphs": isinstance(d["graphs"], dict) and bool(d["graphs"]) and all(
@@ -93,7 +96,8 @@ class Quantization:
         return cls(method=d["method"], block_size=d["block_size"], accuracy_level=d["accuracy_level"],
                    bits=d["bits"], symmetric=True, scale_dtype=d["scale_dtype"],
                    calibration=dict(d["calibration"]) if d["calibration"] is not None else None,
-                   blocks=dict(d["blocks"]), kept_float=dict(d["float"]), graphs=dict(d["graphs"]), version=version)
+                   blocks=dict(d["blocks"]), int8=list(d["int8"]), kept_float=dict(d["float"]),
+                   graphs=dict(d["graphs"]), version=version)
 
 
 def _count(value: Any) -> bool:

@@ -13,7 +13,7 @@ import torch
 from mixtrt.export import export_onnx, load_model
 from mixtrt.export.model import KVCache as TorchCache
 from mixtrt.export.quantize import Int4Options, block_for, rtn
-from mixtrt.plugins.int4 import unpack_int4
+from mixtrt.plugins.int4 import pack_int8, unpack_int4
 from mixtrt.runtime.backends.onnxruntime import OrtBackend
 from mixtrt.runtime.errors import ArtifactError, ConfigError
 from mixtrt.runtime.generation import GenerationConfig, Generator
@@ -56,7 +56,11 @@ def _dequantized_reference(ck):
         for name, p in model.named_parameters():
             if p.ndim == 2 and not name.endswith("gate.weight"):
                 b = block_for(p.shape[1], BLOCK)
-                p.copy_(torch.from_numpy(unpack_int4(*rtn(name, p.numpy(), b))))
+                if name in ("lm_head.weight", "model.embed_tokens.weight"):  # INT8 by default
+                    q, s = pack_int8(p.numpy(), b)
+                    p.copy_(torch.from_numpy((q.reshape(*s.shape, b) * s[..., None]).reshape(p.shape)))
+                else:
+                    p.copy_(torch.from_numpy(unpack_int4(*rtn(name, p.numpy(), b))))
     return model
 
 
@@ -73,8 +77,8 @@ STEPS = [12] + [1] * (3 * W) + [4]  # prefill past the window, 3W decodes, a mul
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_int4_artifact_equals_reference_on_dequantized_weights(int4_artifacts, name):
-    """Every quantized tensor (q/k/v/o, MLP or experts, embedding, lm_head) in the right layout: the graph at
-    accuracy level 0 computes the reference model on the dequantized weights (traps: tests/plugins)."""
+    """Every quantized tensor (q/k/v/o, MLP or experts in INT4, embedding and lm_head in INT8) in the right layout:
+    the graph at accuracy level 0 computes the reference model on the dequantized weights (traps: tests/plugins)."""
     ck, a0 = int4_artifacts[name]
     ids = torch.randint(3, 32000, (1, sum(STEPS)), generator=torch.Generator().manual_seed(1))
     got = _logits(OrtBackend.load(a0, threads=2), ids.numpy(), STEPS)
@@ -115,6 +119,7 @@ def test_int4_manifest_record(int4_artifacts):
     assert q is not None and (q.method, q.bits, q.block_size, q.accuracy_level, q.symmetric) == ("rtn", 4, 64, 0, True)
     assert q.blocks == {f"layers.{i}.feed_forward.fc2.{e}": 32 for i in range(2) for e in range(4)}
     assert q.kept_float == {f"layers.{i}.feed_forward.gate": "router: routing stays fp32" for i in range(2)}
+    assert q.int8 == ["embed_tokens", "lm_head"]
     assert Manifest.from_dict(m.to_dict()) == m
     assert 0 < m.summary["bytes_per_token"] < m.summary["parameter_bytes"]  # 2 of 4 experts, one embedding row
 

@@ -148,3 +148,35 @@ def test_signed_scales_use_all_sixteen_levels():
     assert (int4_values(q) == -8).sum() >= 12  # every block's extreme
     with pytest.raises(ValueError, match="scales"):
         pack_int4(w, 32, s[:, :1])
+
+
+def test_int8_layouts_on_onnxruntime():
+    """The 8-bit vocabulary tables: DequantizeLinear(INT8 [K, N], axis 0, block) -> MatMul (fused by onnxruntime
+    into an 8-bit MatMulNBits) and GatherBlockQuantized(bits=8) on q + 128 equal numpy on the dequantized weights."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mixtrt.plugins.int4 import pack_int8
+
+    x, _, _, _ = _linear_case(32)
+    w = np.random.default_rng(7).standard_normal((48, 128)).astype(np.float32)
+    q, s = pack_int8(w, 32)
+    assert q.dtype == np.int8 and np.abs(q).max() == 127 and s.shape == (48, 4)
+    deq = (q.reshape(48, 4, 32) * s[..., None]).reshape(48, 128)
+    assert np.abs(deq - w).max() <= np.repeat(s, 32, axis=-1).max() / 2 + 1e-6
+    nodes = [helper.make_node("DequantizeLinear", ["w", "s"], ["wd"], axis=0, block_size=32),
+             helper.make_node("MatMul", ["x", "wd"], ["y"])]
+    inits = [numpy_helper.from_array(np.ascontiguousarray(q.T), "w"),
+             numpy_helper.from_array(np.ascontiguousarray(s.T), "s")]
+    y = _ort(nodes, inits, 128, 48).run(None, {"x": x})[0]
+    ref = x @ deq.T
+    assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+    g = helper.make_graph([helper.make_node("GatherBlockQuantized", ["t", "ids", "s"], ["y"], domain="com.microsoft",
+                                            gather_axis=0, quantize_axis=1, block_size=32, bits=8)], "g",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 128])],
+                          [numpy_helper.from_array(q.view(np.uint8) ^ 0x80, "t"), numpy_helper.from_array(s, "s")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([3, 0, 47])
+    assert np.array_equal(sess.run(None, {"ids": ids})[0], deq[ids])

@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="UTF-8 text for --method awq (default: the calibration text shipped with mixtrt)")
     q.add_argument("--keep-float", default=None,
                    help="comma-separated tensors kept float, by name or pattern: lm_head,embed_tokens,layers.0.*")
+    q.add_argument("--int8", default=None,
+                   help="comma-separated tensors stored as INT8 instead (default lm_head,embed_tokens: the vocabulary "
+                        "tables, as llama.cpp keeps them at 6 bits); '' for none")
     q.add_argument("--accuracy-level", type=int, choices=(0, 4), default=None,
                    help="onnxruntime int4 matmuls: 4 quantizes activations to int8 (faster, default), 0 keeps fp32")
     p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
@@ -36,12 +39,14 @@ def run(ns: argparse.Namespace) -> int:
     from mixtrt.runtime.errors import ConfigError
 
     given = {k: v for k, v in (("block_size", ns.block_size), ("method", ns.method), ("calibration", ns.calibration),
-                               ("keep_float", ns.keep_float), ("accuracy_level", ns.accuracy_level)) if v is not None}
+                               ("keep_float", ns.keep_float), ("int8", ns.int8),
+                               ("accuracy_level", ns.accuracy_level)) if v is not None}
     if given and ns.precision != "int4":
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise ConfigError(f"{flags} apply to --precision int4 only")
-    if "keep_float" in given:
-        given["keep_float"] = tuple(t.strip() for t in given["keep_float"].split(",") if t.strip())
+    for key in ("keep_float", "int8"):
+        if key in given:
+            given[key] = tuple(t.strip() for t in given[key].split(",") if t.strip())
     int4 = Int4Options(**given) if ns.precision == "int4" else None
     export_onnx(ns.checkpoint, ns.out, precision=ns.precision, max_context=ns.max_context, overwrite=ns.force,
                 progress=None if ns.quiet else print, int4=int4)

@@ -48,6 +48,8 @@ def run(ns: argparse.Namespace) -> int:
               + f", symmetric, {q['scale_dtype']} scales, onnxruntime accuracy level {q['accuracy_level']}"
               + (f", calibrated on {q['calibration']['source']} ({q['calibration']['tokens']} tokens)"
                  if q["calibration"] else ""))
+        if q["int8"]:
+            print(f"  int8        {', '.join(q['int8'])} (8-bit, same blocks)")
         reasons: dict[str, list[str]] = {}
         for name, why in q["float"].items():
             reasons.setdefault(why, []).append(name)
