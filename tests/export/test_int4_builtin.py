@@ -26,6 +26,6 @@ def test_builtin_int4_awq_heldout_perplexity_matches_the_record(tmp_path):
     assert got["scored_tokens"] == record["scored_tokens"]
     recorded = record["int4"]["awq"]["perplexity"]
     assert abs(got["perplexity"] - recorded) / recorded <= 0.01
-    # awq beats round to nearest, and the cost against fp32 stays small
+    # awq beats round to nearest, and stays within 1% of fp32 (the target)
     assert got["perplexity"] < record["int4"]["rtn"]["perplexity"]
-    assert got["perplexity"] / record["fp32_onnxruntime"] - 1 <= 0.015
+    assert got["perplexity"] / record["fp32_onnxruntime"] - 1 <= 0.01
