@@ -15,7 +15,7 @@ activations), for each group of linears that read one tensor X [n, K]:
 | wq, wk, wv | attention_norm.weight |
 | Mistral w1, w3 (and the MoE router, exactly compensated: it stays float) / every expert's fc1 | ffn_norm.weight |
 | w2 / each expert's fc2 (X = silu(gate) * up) | the up rows of w3 / of that expert's fc1 |
-| lm_head | the final norm's weight (a tied lm_head is untied first) |
+| lm_head (not when tied to the embedding: the graph holds one table) | the final norm's weight |
 
 wo keeps round-to-nearest: its input channels come from wv's rows shared by a group of query heads, and the
 gain measured on the built-in model did not need it. Calibration: UTF-8 text (default: export/calibration.txt,
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mixtrt.export.quantize import Int4Options, block_for
+from mixtrt.export.quantize import Int4Options, block_for, kept
 from mixtrt.plugins.int4 import pack_int4, unpack_int4
 from mixtrt.runtime.errors import ConfigError
 
@@ -144,10 +144,36 @@ def apply_awq(model: torch.nn.Module, seqs: list[list[int]], options: Int4Option
                     ff.w3.weight.mul_(s)
             x = y
             say(f"  awq: layer {i} scaled")
-        if (b := blk(H)) is not None and "lm_head" not in options.keep_float:
-            if model.lm_head.weight is tf.embed_tokens.weight:  # untie: the embedding keeps the unscaled table
-                model.lm_head.weight = torch.nn.Parameter(tf.embed_tokens.weight.detach().clone())
+        tied = model.lm_head.weight is tf.embed_tokens.weight  # one table in the graph: it cannot take s alone
+        if (b := blk(H)) is not None and not tied and not kept("lm_head", options.keep_float):
             final = tf.norm(x).reshape(-1, H)
             s = _search(final, [model.lm_head.weight], b)
             tf.norm.weight.div_(s)
             model.lm_head.weight.mul_(s)
+
+
+def awq_transform(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], options: Int4Options,
+                  say: Callable[[str], None], then: Callable | None = None) -> Callable:
+    """The exporter's per-weight hook (export/weights_writer.py) that writes the AWQ-scaled float weights: the
+    float model is loaded once, scaled in place by apply_awq, and each weight the writer streams is replaced by
+    the scaled parameter of the same name (in the writer's layout: a Linear's [in, out] is the transpose).
+    `then`: a hook to apply after this one."""
+    from mixtrt.export.checkpoint import load_model
+
+    model = load_model(checkpoint_dir, dtype=torch.float32, plan=plan)
+    apply_awq(model, seqs, options, say)
+    params = {n: p.detach().numpy() for n, p in model.named_parameters()}
+
+    def transform(name: str, array: Any) -> list[tuple[str, Any]]:
+        key = name.removeprefix("lm.")
+        p = params.get(key.removesuffix(".T"))
+        if p is None:  # not a parameter AWQ knows (a graph constant)
+            out = [(name, array)]
+        else:
+            p = np.ascontiguousarray(p.T) if key.endswith(".T") else p  # "<param>.T": a Linear stored [in, out]
+            if p.shape != array.shape:
+                raise ConfigError(f"awq: weight {name} is {tuple(array.shape)} in the graph, {p.shape} in the model")
+            out = [(name, p.astype(array.dtype))]
+        return [r for n, a in out for r in (then(n, a) if then else [(n, a)])]
+
+    return transform

@@ -125,7 +125,11 @@ def name_map(args: ModelArgs, fmt: str, prefix: str = "model.") -> dict[str, Sou
 # ---- reading files -------------------------------------------------------------------------------
 
 class _Files:
-    """name -> (file, handle) over every weight file of a checkpoint; tensors read on demand."""
+    """name -> (file, handle) over every weight file of a checkpoint; tensors read on demand.
+
+    The handles answer names, shapes and dtypes (headers only). `get` reads one tensor through a handle of
+    its own, closed after the read: a mapped file's pages then leave the process with the tensor, so
+    streaming a checkpoint holds one tensor at a time, not every page read so far."""
 
     def __init__(self, stack: contextlib.ExitStack) -> None:
         self.stack = stack
@@ -146,17 +150,7 @@ class _Files:
             self._add(key, path, handle)
 
     def add_pth(self, path: Path) -> None:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError:
-            raise CheckpointError(
-                f"{path}: needs pickle code beyond plain tensors to load (refused: torch.load weights_only=True); "
-                "convert it to safetensors"
-            ) from None
-        except (RuntimeError, OSError, EOFError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable .pth file ({_line(e)})") from None
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise CheckpointError(f"{path}: expected a flat dict of tensors")
+        sd = _load_pth(path)
         for key in sd:
             self._add(key, path, sd)
 
@@ -169,17 +163,37 @@ class _Files:
         path, h = self.where[key]
         return tuple(h[key].shape) if isinstance(h, dict) else tuple(h.get_slice(key).get_shape())
 
-    def get(self, key: str, dtype: torch.dtype, part: int | None = None) -> torch.Tensor:
-        """The tensor, or only its row `part` along the first dimension (read alone from safetensors)."""
+    def get(self, key: str, dtype: torch.dtype | None = None, part: int | None = None) -> torch.Tensor:
+        """The tensor (cast to `dtype` unless None), or only its row `part` along the first dimension (read
+        alone from safetensors)."""
         path, h = self.where[key]
         try:
-            if part is None:
-                t = h[key] if isinstance(h, dict) else h.get_tensor(key)
+            if isinstance(h, dict):
+                sd = _load_pth(path)
+                t = sd[key] if part is None else sd[key][part]
+                t = t.clone()  # off the mapping, which closes with `sd`
+                del sd
             else:
-                t = h[key][part] if isinstance(h, dict) else h.get_slice(key)[part]
+                with safe_open(str(path), framework="pt") as f:
+                    t = f.get_tensor(key) if part is None else f.get_slice(key)[part]
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{path}: cannot read tensor {key!r} ({_line(e)})") from None
-        return t.to(dtype)
+        return t if dtype is None else t.to(dtype)
+
+
+def _load_pth(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: needs pickle code beyond plain tensors to load (refused: torch.load weights_only=True); "
+            "convert it to safetensors"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable .pth file ({_line(e)})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: expected a flat dict of tensors")
+    return sd
 
 
 def _line(e: BaseException) -> str:
@@ -233,11 +247,38 @@ def _hf_layout(args: ModelArgs, keys: set[str]) -> tuple[str, str]:
     return ("hf5" if fused else "hf4"), prefix
 
 
-def load_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32
-                    ) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """(ModelArgs, weights by our name). Names are those of export/model.py for the checkpoint's head
-    (base-model names always start with "model."); with tied embeddings "lm_head.weight" of a causal LM
-    is the same tensor as "model.embed_tokens.weight"."""
+class Checkpoint:
+    """An open checkpoint, checked (every tensor present, of its shape and a floating dtype), read one
+    tensor at a time: `tensor(name)` builds one of our tensors from its checkpoint tensors (the raw Mistral
+    RoPE row order and fused experts undone per tensor). Use through `open_checkpoint`."""
+
+    def __init__(self, path: Path, args: ModelArgs, files: _Files, mapping: dict[str, Source]) -> None:
+        self.path, self.args, self.files, self.mapping = path, args, files, mapping
+
+    @property
+    def names(self) -> list[str]:
+        """Our names, in name_map order (tied lm_head excluded: it is model.embed_tokens.weight)."""
+        return list(self.mapping)
+
+    def sources(self, name: str) -> str:
+        """Where our tensor `name` comes from, for messages: "tensor 'x' of model.safetensors"."""
+        src = self.mapping[name]
+        return " + ".join(f"tensor {n!r}{f'[{src.part}]' if src.part is not None else ''} of "
+                          f"{self.files.where[n][0].name}" for n in src.names)
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Our tensor `name`, contiguous, in `dtype` (None: the stored dtype, its parts cast to the first's)."""
+        src = self.mapping[name]
+        parts = [self.files.get(n, dtype, src.part) for n in src.names]
+        if dtype is None:
+            parts = [p.to(parts[0].dtype) for p in parts]
+        return src.combine(parts).contiguous()
+
+
+@contextlib.contextmanager
+def open_checkpoint(checkpoint_dir: str | Path) -> Iterator[Checkpoint]:
+    """Open and check a checkpoint without reading its weights (headers only): every tensor the model
+    needs present, none unexpected, each of its shape and a floating dtype; else one CheckpointError."""
     path = Path(checkpoint_dir)
     args = ModelArgs.from_checkpoint_dir(path)
     kind = "hf" if (path / "config.json").is_file() else "raw"
@@ -273,8 +314,17 @@ def load_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float
                     f"({', '.join(sorted(FLOAT_DTYPES))}): integer, bool and fp8 tensors are not cast (quantized "
                     "checkpoints are not supported)"
                 )
-        weights = {ours: src.combine([files.get(n, dtype, src.part) for n in src.names]).contiguous()
-                   for ours, src in mapping.items()}
+        yield Checkpoint(path, args, files, mapping)
+
+
+def load_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32
+                    ) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """(ModelArgs, weights by our name). Names are those of export/model.py for the checkpoint's head
+    (base-model names always start with "model."); with tied embeddings "lm_head.weight" of a causal LM
+    is the same tensor as "model.embed_tokens.weight"."""
+    with open_checkpoint(checkpoint_dir) as ck:
+        args = ck.args
+        weights = {name: ck.tensor(name, dtype) for name in ck.names}
     if args.head == "causal_lm" and args.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     return args, weights

@@ -196,7 +196,7 @@ class Transformer(nn.Module):
     def run(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One full pass without a cache: input_ids [B, T] -> hidden [B, T, H], router logits."""
         B, T = input_ids.shape
-        lengths = torch.full((B,), T, dtype=torch.int32)
+        lengths = torch.full((B,), T, dtype=torch.int32, device=input_ids.device)
         hidden, _, router_logits = self(input_ids, lengths, self.empty_past(B, T))
         return hidden, router_logits
 
@@ -280,8 +280,8 @@ class SequenceClassifier(nn.Module):
         if pad is None:
             return logits[:, -1]
         non_pad = (input_ids != pad).to(torch.int32)  # [B, T]
-        last = (torch.arange(T, dtype=torch.int32) * non_pad).argmax(-1)  # [B]
-        return logits[torch.arange(B), last]
+        last = (torch.arange(T, dtype=torch.int32, device=input_ids.device) * non_pad).argmax(-1)  # [B]
+        return logits[torch.arange(B, device=input_ids.device), last]
 
 
 class TokenClassifier(nn.Module):

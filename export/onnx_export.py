@@ -8,6 +8,10 @@ the MoE reach the graph through our torch custom ops, which translate to `mixtrt
 and `mixtrt::MoE` nodes; each node type carries a model-local ONNX function body (onnxruntime contrib
 ops), so onnxruntime runs the graph as is and TensorRT can swap in our plugins.
 
+The model is traced on the meta device (no weights in memory); the weights are then streamed from the
+checkpoint into model.onnx.data one tensor at a time (export/weights_writer.py), with weights.json saying
+where each lives. Memory stays a few tensors whatever the model's size.
+
 One graph serves prefill and decode:
 
     input_ids [batch, sequence] int64 ─────┐
@@ -25,6 +29,7 @@ logprobs.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 import warnings
@@ -35,8 +40,10 @@ from pathlib import Path
 import torch
 
 from mixtrt import __version__
-from mixtrt.export.model import CausalLM, SequenceClassifier, Transformer
+from mixtrt.export.model import HEADS, CausalLM, SequenceClassifier, Transformer
+from mixtrt.export.progress import Progress
 from mixtrt.export.quantize import Int4Options, quantize_artifact
+from mixtrt.export.weights_writer import GraphWeight, Transform, our_name, prepare_graph, write_weights
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backends import EXPORT_BACKENDS, window_slack
 from mixtrt.runtime.cache import CachePlan
@@ -47,19 +54,19 @@ from mixtrt.runtime.manifest import (
     INT4_FEATURE,
     MANIFEST,
     MODEL_FILE,
+    WEIGHT_INDEX_FEATURE,
     Manifest,
     atomic_dir,
     check_target,
     file_entries,
 )
 from mixtrt.runtime.precision import PRECISIONS
+from mixtrt.runtime.weights import DATA_FILE, WEIGHTS_FILE
 
 # Linear (no-window) caches cost memory per position, so their default context is bounded.
 DEFAULT_LINEAR_CONTEXT = 4096
 # The most positions an artifact serves (its rope tables hold them; the graph's sequence dimension stops here).
 MAX_CONTEXT = 1 << 20
-# Past this many bytes of weights the graph keeps them in model.onnx.data (protobuf's 2 GB limit).
-EXTERNAL_DATA_BYTES = 1 << 30
 OPSET = 20
 
 
@@ -128,15 +135,20 @@ def export_onnx(
     max_context: int | None = None,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = print,
+    progress_bar: bool | None = None,
+    transform: Transform | None = None,
     int4: Int4Options | None = None,
 ) -> Path:
     """Export `checkpoint_dir` to the artifact directory `out_dir` (default engines/<name>-<precision>).
 
-    precision "int4": INT4 weights (export/quantize.py), as `int4` says (default Int4Options(): RTN, block 32)."""
-    from mixtrt.export.checkpoint import load_model
+    progress: where stage lines go (None: quiet). progress_bar: a tqdm bar over the bytes written, on
+    stderr (None: when stderr is a terminal). transform: the per-weight hook of export/weights_writer.py.
+    precision "int4": INT4 weights (export/quantize.py), as `int4` says (default Int4Options(): RTN, block 32).
+    """
+    from mixtrt.export.checkpoint import open_checkpoint
     from mixtrt.plugins.onnx_common import custom_translation_table
 
-    say = progress or (lambda _msg: None)
+    say = Progress(progress, progress_bar)
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision!r} is not one of {sorted(PRECISIONS)}")
     if int4 is not None and precision != "int4":
@@ -156,7 +168,7 @@ def export_onnx(
         plan = CachePlan.for_model(args, max_context, PRECISIONS[precision], slack=window_slack(EXPORT_BACKENDS))
     else:  # scores whole texts: no cache in the graph (docs/DESIGN.md, "Heads without a cache")
         plan = CachePlan.one_pass(args, max_context, PRECISIONS[precision])
-    # the tokenizer and chat format, checked against the model before the (slow) weight loading
+    # the tokenizer and chat format, checked against the model before the (slow) weight writing
     chat = resolve_chat_format(checkpoint_dir, vocab_size=args.vocab_size)
     tokenizer = load_chat_tokenizer(None, chat, args.vocab_size)
     if chat.note:  # a substituted tokenizer: said whatever `progress` is (the CLI prints it as one line)
@@ -164,64 +176,112 @@ def export_onnx(
     check_target(out_dir, overwrite=overwrite)
 
     t0 = time.perf_counter()
-    say(f"loading {checkpoint_dir} ({args.architecture}, {args.num_hidden_layers} layers)")
-    model = load_model(checkpoint_dir, dtype=getattr(torch, PRECISIONS[precision]), plan=plan)
-    assert isinstance(model, CausalLM) == lm
-    n_params = sum(p.numel() for p in model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    say(f"  {n_params / 1e6:.1f} M parameters, {weight_bytes / 2**20:.0f} MiB ({time.perf_counter() - t0:.1f} s)")
+    dtype = getattr(torch, PRECISIONS[precision])
     calibration = None
-    if int4 is not None and int4.method == "awq":  # scales moved into the float weights before tracing
-        from mixtrt.export.awq import apply_awq, calibration_ids
+    if int4 is not None and int4.method == "awq":  # scales moved into the float weights, written by the hook
+        from mixtrt.export.awq import awq_transform, calibration_ids
 
         seqs, source, tokens = calibration_ids(int4.calibration, tokenizer)
         say(f"awq: calibrating on {source} ({tokens} tokens)")
-        apply_awq(model, seqs, int4, say)
+        transform = awq_transform(checkpoint_dir, plan, seqs, int4, say, transform)
         calibration = {"source": source, "tokens": tokens}
-
-    inputs, outputs = Manifest.graph_io(args, plan.capacity, precision)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        shape = f"cache capacity {plan.capacity}, {plan.layout} layout" if lm else f"{args.head} head, no cache"
-        say(f"tracing the graph ({shape}, attention body {attention})")
-        t1 = time.perf_counter()
-        program = _trace(model, args, plan.capacity, custom_translation_table(),
-                         [t.name for t in inputs], [t.name for t in outputs])
-        say(f"  traced in {time.perf_counter() - t1:.1f} s")
-        say(f"writing {MODEL_FILE}")
-        names = _save(program.model, tmp, external=weight_bytes > EXTERNAL_DATA_BYTES)
-        opsets, summary = _finish_graph(tmp / MODEL_FILE, Manifest.graph_metadata(args, precision, max_context, plan))
-        summary["attention_body"] = attention
-        quantization = None
-        if int4 is not None:
-            moe = args.moe
-            quantization, facts, opsets, names = quantize_artifact(
-                tmp, names, moe.num_experts_per_tok if moe else None, moe.num_experts if moe else None, int4, say,
-                EXTERNAL_DATA_BYTES, calibration)
-            summary.update(facts)
-        for name, source in chat.files.items():
-            shutil.copyfile(source, tmp / name)
-            names.append(name)
-        say("hashing files")
-        manifest = Manifest(
-            args=args,
-            precision=precision,
-            max_context=max_context,
-            cache=plan,
-            inputs=inputs,
-            outputs=outputs,
-            opsets=opsets,
-            files=file_entries(tmp, names),
-            backends=EXPORT_BACKENDS if lm else ("onnxruntime",),  # the GPU backends run causal LMs only
-            summary=summary,
-            versions=_versions(),
-            source=str(checkpoint_dir.resolve()),
-            chat=chat,
-            features=(() if lm else (HEADS_FEATURE,)) + ((INT4_FEATURE,) if quantization else ()),
-            quantization=quantization,
-        )
-        manifest.save(tmp)
+    say(f"reading {checkpoint_dir} ({args.architecture}, {args.num_hidden_layers} layers)")
+    with open_checkpoint(checkpoint_dir) as ckpt:  # headers only: names, shapes, dtypes checked up front
+        model = _meta_model(args, plan, dtype)
+        n_params = sum(p.numel() for p in model.parameters())
+        say(f"  {n_params / 1e6:.1f} M parameters, {n_params * dtype.itemsize / 2**20:.0f} MiB in {precision}")
+        inputs, outputs = Manifest.graph_io(args, plan.capacity, precision)
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            shape = f"cache capacity {plan.capacity}, {plan.layout} layout" if lm else f"{args.head} head, no cache"
+            say(f"tracing the graph ({shape}, attention body {attention})")
+            t1 = time.perf_counter()
+            program = _trace(model, args, plan.capacity, custom_translation_table(),
+                             [t.name for t in inputs], [t.name for t in outputs])
+            weights = _prepare(program.model, model, args)
+            say(f"  traced in {time.perf_counter() - t1:.1f} s")
+            total = sum(math.prod(w.value.shape) * w.value.dtype.itemsize for w in weights)
+            t2 = time.perf_counter()
+            with say.bytes(total, f"writing {DATA_FILE}") as tick:
+                index, sha, size = write_weights(program.model, weights, ckpt.tensor, ckpt.sources, dtype, tmp,
+                                                 on_bytes=tick, transform=transform)
+            seconds = time.perf_counter() - t2
+            say(f"  {size / 2**20:.0f} MiB in {seconds:.1f} s ({size / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
+            say(f"writing {MODEL_FILE}")
+            _save(program.model, tmp)
+            opsets, summary = _finish_graph(tmp / MODEL_FILE,
+                                            Manifest.graph_metadata(args, precision, max_context, plan))
+            summary["attention_body"] = attention
+            quantization = None
+            if int4 is not None:  # rewrites model.onnx + its data: no weight index (the GPU backends' input)
+                moe = args.moe
+                quantization, facts, opsets = quantize_artifact(
+                    tmp, moe.num_experts_per_tok if moe else None, moe.num_experts if moe else None, int4, say,
+                    calibration)
+                summary.update(facts)
+                names = [MODEL_FILE, DATA_FILE]
+            else:
+                index.save(tmp)
+                names = [MODEL_FILE, WEIGHTS_FILE]
+            for name, source in chat.files.items():
+                shutil.copyfile(source, tmp / name)
+                names.append(name)
+            files = file_entries(tmp, names)  # small files; the data file was hashed as it was written
+            if quantization is None:
+                files[DATA_FILE] = {"sha256": sha, "bytes": size}
+            manifest = Manifest(
+                args=args,
+                precision=precision,
+                max_context=max_context,
+                cache=plan,
+                inputs=inputs,
+                outputs=outputs,
+                opsets=opsets,
+                files=files,
+                # the GPU backends run causal LMs only, and not the int4 forms yet
+                backends=EXPORT_BACKENDS if lm and quantization is None else ("onnxruntime",),
+                summary=summary,
+                versions=_versions(),
+                source=str(checkpoint_dir.resolve()),
+                chat=chat,
+                features=(() if lm else (HEADS_FEATURE,))
+                + ((INT4_FEATURE,) if quantization else (WEIGHT_INDEX_FEATURE,)),
+                weight_index=None if quantization else WEIGHTS_FILE,
+                quantization=quantization,
+            )
+            manifest.save(tmp)
     say(f"wrote {out_dir} in {time.perf_counter() - t0:.1f} s")
     return out_dir
+
+
+def _meta_model(args: ModelArgs, plan: CachePlan, dtype: torch.dtype) -> torch.nn.Module:
+    """The module for the checkpoint's head on the meta device (no weights in memory), parameters in
+    `dtype`, rope tables fp32 (their values are set in the graph: `_prepare`)."""
+    with torch.device("meta"):
+        model = HEADS[args.head](args, plan).to(dtype)
+        base = model if isinstance(model, Transformer) else model.model
+        assert isinstance(base, Transformer)
+        base.init_rope()
+    if isinstance(model, CausalLM):
+        model.tie_weights()
+    return model.eval()
+
+
+def _prepare(ir_model, model: torch.nn.Module, args: ModelArgs) -> list[GraphWeight]:
+    """The traced graph's initializers sorted out (weights_writer.prepare_graph): parameters by our
+    checkpoint name, in the module's order; the rope tables computed."""
+    from mixtrt.plugins.swa.torch_op import rope_tables
+
+    wrapper = "lm" if isinstance(model, CausalLM) else "model"
+    base = isinstance(model, Transformer)
+    first: dict[int, str] = {}  # a tied parameter (lm_head = embed_tokens) is read under its first name
+    parameters = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), our_name(f"{wrapper}.{n}", wrapper, base))
+        parameters[f"{wrapper}.{n}"] = first[id(p)]
+    cos, sin = rope_tables(args.head_dim, args.rope_theta, args.max_position_embeddings)
+    prefix = f"{wrapper}." if base else f"{wrapper}.model."
+    constants = {f"{prefix}rope_cos": cos.numpy(), f"{prefix}rope_sin": sin.numpy()}
+    return prepare_graph(ir_model, parameters, constants)
 
 
 def attention_body(args: ModelArgs) -> str:
@@ -266,19 +326,24 @@ def _graph_metadata(path: Path) -> dict[str, str]:
 
 
 def _trace(model: torch.nn.Module, args: ModelArgs, capacity: int, table: dict,
-           in_names: list[str], out_names: list[str]):
-    dtype = next(model.parameters()).dtype
+           in_names: list[str], out_names: list[str], optimize: bool = False):
+    """The ONNXProgram of `model` (examples on the model's device: meta for an export). Not optimized by
+    default: the optimizer runs once the parameters are out of its way (weights_writer.prepare_graph);
+    optimize=True runs torch's own on a model with real weights (what the tests compare a streaming
+    export with)."""
+    param = next(model.parameters())
+    dtype, device = param.dtype, param.device
     # example sizes, all different: every dim is dynamic (size-1 examples would be specialised, equal
     # sizes would be taken for the same dim)
     batch, seq, picked = 2, 3, 4  # picked: logit positions
     b, s = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=1, max=1 << 20)
-    ids = torch.ones(batch, seq, dtype=torch.int64)
+    ids = torch.ones(batch, seq, dtype=torch.int64, device=device)
     module: torch.nn.Module
     if isinstance(model, CausalLM):
         kv_shape = (batch, args.num_key_value_heads, capacity, args.head_dim)
-        past = [torch.zeros(kv_shape, dtype=dtype) for _ in range(2 * args.num_hidden_layers)]
-        positions = torch.arange(picked).clamp(max=seq - 1).repeat(batch, 1)  # [batch, picked] int64
-        example: tuple = (ids, torch.full((batch,), seq, dtype=torch.int32), positions, past)
+        past = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(2 * args.num_hidden_layers)]
+        positions = torch.zeros(batch, picked, dtype=torch.int64, device=device)  # [batch, picked]
+        example: tuple = (ids, torch.full((batch,), seq, dtype=torch.int32, device=device), positions, past)
         p = torch.export.Dim("positions", min=1, max=1 << 20)
         dynamic: tuple = ({0: b, 1: s}, {0: b}, {0: b, 1: p}, [{0: b}] * len(past))
         module = _Step(model)
@@ -291,7 +356,7 @@ def _trace(model: torch.nn.Module, args: ModelArgs, capacity: int, table: dict,
         return torch.onnx.export(
             module.eval(), example, dynamo=True, custom_translation_table=table,
             dynamic_shapes=dynamic, input_names=in_names, output_names=out_names,
-            opset_version=OPSET, optimize=True, verbose=False,
+            opset_version=OPSET, optimize=optimize, verbose=False,
         )
 
 
@@ -361,15 +426,11 @@ def _scope_path(scope: str) -> str:
     return "/" + "/".join(out) if out else ""
 
 
-def _save(ir_model, directory: Path, *, external: bool) -> list[str]:
+def _save(ir_model, directory: Path) -> None:
+    """The graph, its initializers pointing into model.onnx.data (small constants stay inline)."""
     import onnx_ir as ir
 
-    path = directory / MODEL_FILE
-    if external:
-        ir.save(ir_model, path, external_data=f"{MODEL_FILE}.data")
-        return [MODEL_FILE, f"{MODEL_FILE}.data"]
-    ir.save(ir_model, path)
-    return [MODEL_FILE]
+    ir.save(ir_model, directory / MODEL_FILE)
 
 
 def _versions() -> dict[str, str | None]:

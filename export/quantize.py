@@ -81,9 +81,10 @@ def block_for(k: int, block: int) -> int | None:
 
 def label(node_name: str, tensor: str = "") -> str:
     """A tensor's user-facing name: "/model/layers.0/attention/wq/MatMul_0" -> "layers.0.attention.wq",
-    "lm.model.layers.0.feed_forward.fc1.3" -> "layers.0.feed_forward.fc1.3"."""
-    if tensor.startswith("lm."):
-        parts = tensor.split(".")[1:]
+    "model.layers.0.feed_forward.fc1.3" (an initializer's name; an "lm." prefix allowed) ->
+    "layers.0.feed_forward.fc1.3"."""
+    if tensor:
+        parts = tensor.removeprefix("lm.").split(".")
         return ".".join(parts[1:] if parts and parts[0] == "model" else parts)
     parts = [p for p in node_name.split("/") if p][:-1]
     return ".".join(parts[1:] if parts and parts[0] == "model" else parts)
@@ -363,13 +364,14 @@ def bytes_per_token(model: onnx.ModelProto, top_k: int | None, num_experts: int 
     return int(math.ceil(total))
 
 
-def quantize_artifact(directory: Path, names: list[str], top_k: int | None, num_experts: int | None,
-                      options: Int4Options, say: Callable[[str], None], external_bytes: int,
-                      calibration: dict | None = None) -> tuple[Quantization, dict, dict[str, int], list[str]]:
-    """The int4 step of an export, on the artifact's temporary directory holding the fp32 model.onnx (and
-    model.onnx.data): quantize, rewrite the graph in place; return the record, the summary facts, the opsets
-    and the artifact's new file names."""
+def quantize_artifact(directory: Path, top_k: int | None, num_experts: int | None, options: Int4Options,
+                      say: Callable[[str], None], calibration: dict | None = None
+                      ) -> tuple[Quantization, dict, dict[str, int]]:
+    """The int4 step of an export, on the artifact's temporary directory holding the fp32 model.onnx and its
+    model.onnx.data: quantize, rewrite both in place (the data file rewritten whole); return the record, the
+    summary facts and the opsets."""
     from mixtrt.runtime.manifest import MODEL_FILE
+    from mixtrt.runtime.weights import DATA_FILE
 
     options.check()
     path = directory / MODEL_FILE
@@ -381,11 +383,7 @@ def quantize_artifact(directory: Path, names: list[str], top_k: int | None, num_
         record = Quantization(**{**record.__dict__, "calibration": calibration})
     model = onnx.load(str(path))
     facts["bytes_per_token"] = bytes_per_token(model, top_k, num_experts)
-    data = f"{MODEL_FILE}.data"
-    (directory / data).unlink(missing_ok=True)
-    names = [n for n in names if n != data]
-    if facts["parameter_bytes"] > external_bytes:
-        onnx.save(model, str(path), save_as_external_data=True, location=data)
-        names.insert(1, data)
+    (directory / DATA_FILE).unlink(missing_ok=True)
+    onnx.save(model, str(path), save_as_external_data=True, location=DATA_FILE, size_threshold=1024)
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
-    return record, facts, opsets, names
+    return record, facts, opsets

@@ -30,13 +30,14 @@ EXTRAS: dict[str, Extra] = {
                   "the runtime: generate, chat, inspect on the CPU"),
     "export": Extra(("torch", "onnx", "onnxscript", "onnx_ir", "tqdm"), "export checkpoints to artifacts"),
     "mistral": Extra(("mistral_common",), "Mistral's own tokenizer files (v3, v7, tekken)"),
-    "serve": Extra(("fastapi", "uvicorn"), "the OpenAI-compatible server"),
+    "serve": Extra(("fastapi", "uvicorn", "prometheus_client"), "the OpenAI-compatible server"),
     "ray": Extra(("ray",), "scale-out on Ray Serve"),
     "gpu": Extra(("torch", "triton", "onnx"), "the Triton GPU backend"),
     "tensorrt": Extra(("tensorrt", "polygraphy"),
                       "TensorRT engines; building and running one needs an NVIDIA GPU with CUDA"),
     "bench": Extra(("matplotlib", "psutil"), "the benchmark scripts and their charts"),
-    "test": Extra(("pytest", "transformers", "mistral_common", "polygraphy", "mypy", "triton", "hypothesis"),
+    "test": Extra(("pytest", "transformers", "mistral_common", "polygraphy", "mypy", "triton", "hypothesis", "fastapi",
+                   "openai", "ray"),
                   "the test suite"),
 }
 

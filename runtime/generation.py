@@ -47,7 +47,7 @@ from mixtrt.runtime.backends.base import Backend
 from mixtrt.runtime.chat_format import GenerationDefaults
 from mixtrt.runtime.errors import ConfigError, NonFiniteLogitsError
 from mixtrt.runtime.prompts import Prompts, check_text, normalize_prompts
-from mixtrt.runtime.sampling import Sampler, log_softmax
+from mixtrt.runtime.sampling import Sampler, log_softmax, top_k_logprobs
 
 if TYPE_CHECKING:
     from mixtrt.runtime.chat_session import ChatSession
@@ -71,6 +71,7 @@ class GenerationConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     stop_strings: tuple[str, ...] = ()
     return_logprobs: bool = False
+    top_logprobs: int = 0  # with return_logprobs: also the k most likely tokens of each position
     prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
@@ -99,6 +100,7 @@ class GenerationConfig:
             fix(name, bool(getattr(self, name)))
         integer("max_new_tokens", 1)
         integer("top_k", 0)
+        integer("top_logprobs", 0)
         if self.seed is not None:
             integer("seed", 0)
         if self.prefill_chunk is not None:
@@ -156,6 +158,10 @@ class GenerationOutput:
     stats: GenerationStats
     logprobs: np.ndarray | None = None  # [generated] float32, of the raw logits; with return_logprobs
     prompt_logprobs: np.ndarray | None = None  # [prompt - 1] float32; with return_logprobs
+    # with top_logprobs k > 0: (token ids int64, logprobs float32), each [generated, k] / [prompt - 1, k],
+    # most likely first
+    top_logprobs: tuple[np.ndarray, np.ndarray] | None = None
+    prompt_top_logprobs: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -222,6 +228,8 @@ class Row:
     logprobs: list[float] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
     prompt_logprobs: np.ndarray | None = None
+    top: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # with config.top_logprobs
+    prompt_top: tuple[np.ndarray, np.ndarray] | None = None
     reason: FinishReason | None = None
     message: str = ""
     t_prefill: float = 0.0
@@ -319,6 +327,7 @@ class Engine:
         self._check_fits(len(sequence), "the conversation")
         row.history, row.prompt, row.tokens = row.history + row.prompt + row.tokens, list(ids), []
         row.config, row.logprobs, row.pieces, row.prompt_logprobs = config, [], [], None
+        row.top, row.prompt_top = [], None
         row.reason, row.message = None, ""
         row.sampler = self._sampler(config, 0, sequence)
         row.decoder, row.text = self.tokenizer.stream(), _StopText(config.stop_strings)
@@ -358,16 +367,27 @@ class Engine:
         and the step raises NonFiniteLogitsError naming it, with the other rows' events of this step in
         `error.events`; those rows go on at the next step. No token is ever chosen from such logits.
         """
+        events = self.admit()
+        try:
+            return events + self.decode()
+        except NonFiniteLogitsError as e:
+            raise NonFiniteLogitsError(str(e), events + e.events) from None
+
+    def admit(self, max_rows: int | None = None) -> list[EngineEvent]:
+        """The first half of step(): prefill waiting rows while cache rows are free (at most max_rows of
+        them), each getting its first token. A server hands those tokens out before the decode step."""
         events: list[EngineEvent] = []
-        while self.waiting and len(self.running) + len(self.parked) - (self.waiting[0] in self.parked) \
-                < self.max_batch:
+        admitted = 0
+        while self.waiting and (max_rows is None or admitted < max_rows) \
+                and len(self.running) + len(self.parked) - (self.waiting[0] in self.parked) < self.max_batch:
             row = self.waiting.popleft()
+            admitted += 1
             slot = self._admit(row)
             start = time.perf_counter()
             pending = row.sequence[row.cached:]
             try:
-                last, row.prompt_logprobs = self.prefill(slot, pending, row.config, name=row.name,
-                                                         first=row.cached)
+                last, row.prompt_logprobs, row.prompt_top = self.prefill_top(slot, pending, row.config,
+                                                                             name=row.name, first=row.cached)
             except NonFiniteLogitsError as e:
                 self.cancel(row)
                 raise NonFiniteLogitsError(str(e), events) from None
@@ -375,6 +395,11 @@ class Engine:
             row.cached += len(pending)
             events += self._accept(row, last)
         self._compact()
+        return events
+
+    def decode(self) -> list[EngineEvent]:
+        """The second half of step(): one decode step of every running row."""
+        events: list[EngineEvent] = []
         if self.running:
             ids = np.array([[row.tokens[-1]] for row in self.running], np.int64)  # [b, 1]
             logits = self.backend.step(self.cache, ids)  # [b, 1, V]
@@ -429,9 +454,18 @@ class Engine:
         """Feed ids to cache row `slot` in chunks; return the last position's logits [V] and, with
         return_logprobs, log p(ids[t] | ids[:t]) for t >= 1 [len(ids) - 1]. Non-finite logits raise
         NonFiniteLogitsError naming `name` and the positions (ids[0] sits at position `first`)."""
+        last, logprobs, _ = self.prefill_top(slot, ids, cfg, name=name, first=first)
+        return last, logprobs
+
+    def prefill_top(self, slot: int, ids: list[int], cfg: GenerationConfig, *, name: str = "the sequence",
+                    first: int = 0) -> tuple[np.ndarray, np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]:
+        """`prefill`, and with return_logprobs and top_logprobs k > 0 the k most likely tokens of positions
+        1 .. len(ids) - 1 (ids [len(ids) - 1, k] int64, logprobs float32, most likely first)."""
         tokens = np.asarray(ids, np.int64)
         chunk = self.chunk(cfg.prefill_chunk)
         logprobs = np.empty(len(ids) - 1, np.float32) if cfg.return_logprobs else None
+        k = cfg.top_logprobs if cfg.return_logprobs else 0
+        top = (np.empty((len(ids) - 1, k), np.int64), np.empty((len(ids) - 1, k), np.float32)) if k else None
         for start in range(0, len(ids), chunk):
             piece = tokens[start:start + chunk]
             # [S, V] when the prompt's logprobs are wanted, else [1, V]: the lm_head runs on the last token only
@@ -443,7 +477,9 @@ class Engine:
                 targets = tokens[start + 1:start + 1 + len(piece)]  # the next token of each position
                 lp = log_softmax(logits[: len(targets)])
                 logprobs[start:start + len(targets)] = lp[np.arange(len(targets)), targets]
-        return logits[-1], logprobs
+                if top is not None:
+                    top[0][start:start + len(targets)], top[1][start:start + len(targets)] = top_k_logprobs(lp, k)
+        return logits[-1], logprobs, top
 
     def _accept(self, row: Row, logits: np.ndarray) -> list[EngineEvent]:
         """Choose row's next token from its raw logits [V] and apply the finish rules."""
@@ -454,7 +490,11 @@ class Engine:
             row.t_first = row.t_last
         row.tokens.append(token)
         if cfg.return_logprobs:
-            row.logprobs.append(float(log_softmax(logits)[token]))
+            lp = log_softmax(logits)
+            row.logprobs.append(float(lp[token]))
+            if cfg.top_logprobs:
+                ids, values = top_k_logprobs(lp[None], cfg.top_logprobs)
+                row.top.append((ids[0], values[0]))
         if token in cfg.eos_ids(self.backend.args):
             row.reason, row.message = "eos", f"end-of-sequence token {token}"
         text = row.text.feed(row.decoder.put(token)) if row.reason is None else ""
@@ -492,6 +532,9 @@ def _output(row: Row) -> GenerationOutput:
         finish_message=row.message, stats=stats,
         logprobs=np.array(row.logprobs, np.float32) if row.config.return_logprobs else None,
         prompt_logprobs=row.prompt_logprobs,
+        top_logprobs=(np.array([t[0] for t in row.top], np.int64).reshape(n, -1),
+                      np.array([t[1] for t in row.top], np.float32).reshape(n, -1)) if row.top else None,
+        prompt_top_logprobs=row.prompt_top,
     )
 
 

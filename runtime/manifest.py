@@ -4,7 +4,9 @@
       manifest.json      format version, features, ModelArgs, precision, cache plan, backends, graph IO,
                          chat format (tokenizer, template, generation defaults), graph summary, opsets,
                          versions, source, sha256 + size of every other file
-      model.onnx         the graph (+ model.onnx.data when the weights pass 1 GiB)
+      model.onnx         the graph; its initializers point into model.onnx.data
+      model.onnx.data    every weight, each start aligned (runtime/weights.py)
+      weights.json       where each weight lives in model.onnx.data (`weight_index`, runtime/weights.py)
       tokenizer.model    the checkpoint's tokenizer file (or tokenizer.model.v3, tekken.json, ...: `chat`)
 
 Nothing is inferred from file names. An artifact directory is written under a temporary name and renamed
@@ -53,9 +55,14 @@ HEADS_FEATURE = "heads"
 TENSORRT_FEATURE = "tensorrt_engine"
 ENGINE_FILE = "engine.plan"
 ENGINE_CONFIG = "engine.json"
+# "weight-index": the artifact holds a weight index (`weight_index`, runtime/weights.py): every weight's
+# name, dtype, shape and place in model.onnx.data, for backends that do not run the graph.
+WEIGHT_INDEX_FEATURE = "weight-index"
 # "int4": INT4 weights (precision "int4"), described by the `quantization` record (runtime/quantization.py).
 INT4_FEATURE = "int4"
-FEATURES: frozenset[str] = frozenset({HEADS_FEATURE, TENSORRT_FEATURE, INT4_FEATURE})  # the features this runtime knows
+FEATURES: frozenset[str] = frozenset({HEADS_FEATURE, TENSORRT_FEATURE, WEIGHT_INDEX_FEATURE, INT4_FEATURE})  # known
+# Fields a manifest may leave out (older exports of the same format version): their default applies.
+OPTIONAL_FIELDS = frozenset({"weight_index"})
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 DTYPES = frozenset({"int64", "int32", "float32", "float16"})  # of graph inputs and outputs
@@ -102,6 +109,7 @@ class Manifest:
     quantization: Quantization | None = None  # precision "int4" only (feature "int4")
     source: str | None = None
     features: tuple[str, ...] = ()
+    weight_index: str | None = None  # the weight index file (weights.json) with the "weight-index" feature
     format_version: int = FORMAT_VERSION
 
     # ---- IO names shared by exporter and backends ----------------------------------------------
@@ -225,6 +233,7 @@ class Manifest:
             "source": self.source,
             "chat": self.chat.to_dict(),
             "files": self.files,
+            "weight_index": self.weight_index,
         }
 
     @classmethod
@@ -256,7 +265,7 @@ class Manifest:
         if new:
             raise ArtifactError(f"{source}: the artifact needs features {new} that this mixtrt does not know; "
                                 "upgrade mixtrt")
-        missing = sorted(set(cls._empty_fields()) - set(d))
+        missing = sorted(set(cls._empty_fields()) - set(d) - OPTIONAL_FIELDS)
         if missing:
             raise ArtifactError(f"{source}: missing field {missing[0]!r}; {EDITED}")
         quant = d["quantization"]
@@ -340,17 +349,23 @@ class Manifest:
         if (args.head != "causal_lm") != (HEADS_FEATURE in features):
             verb = "cannot list" if args.head == "causal_lm" else "needs"
             raise ArtifactError(f"a {args.head} model {verb} the feature {HEADS_FEATURE!r}")
+        weight_index = d.get("weight_index")
+        if weight_index is not None and (not isinstance(weight_index, str) or weight_index not in files):
+            raise ArtifactError(f"weight_index must be null or a file the manifest lists, got {weight_index!r}")
+        if (weight_index is not None) != (WEIGHT_INDEX_FEATURE in features):
+            raise ArtifactError(f"weight_index {weight_index!r} and the feature {WEIGHT_INDEX_FEATURE!r} go together")
         return cls(
             args=args, precision=precision, max_context=max_context, cache=cache, inputs=tensors[0],
             outputs=tensors[1], opsets=dict(opsets), files=dict(files), chat=chat, backends=tuple(backends),
             summary=dict(d["summary"]), versions=dict(d["versions"]), quantization=quantization, source=d["source"],
-            features=tuple(features), format_version=version,
+            features=tuple(features), weight_index=weight_index, format_version=version,
         )
 
     @classmethod
     def _empty_fields(cls) -> tuple[str, ...]:
         return ("format", "format_version", "features", "model", "precision", "quantization", "max_context",
-                "cache", "backends", "inputs", "outputs", "opsets", "summary", "versions", "source", "chat", "files")
+                "cache", "backends", "inputs", "outputs", "opsets", "summary", "versions", "source", "chat", "files",
+                "weight_index")
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / MANIFEST

@@ -28,6 +28,21 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def top_k_logprobs(logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest entries of each row of logprobs [N, V]: (ids [N, k] int64, values [N, k] float32), the
+    largest first (ties: the lower id first).
+
+    >>> top_k_logprobs(np.log(np.array([[0.2, 0.5, 0.3]], np.float32)), 2)[0]
+    array([[1, 2]])
+    """
+    k = min(k, logprobs.shape[-1])
+    part = np.argpartition(-logprobs, k - 1, axis=-1)[:, :k]
+    values = np.take_along_axis(logprobs, part, axis=-1)
+    order = np.lexsort((part, -values), axis=-1)
+    ids = np.take_along_axis(part, order, axis=-1).astype(np.int64)
+    return ids, np.take_along_axis(values, order, axis=-1).astype(np.float32)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     x = np.asarray(logits, np.float32)
     e = np.exp(x - x.max(axis=-1, keepdims=True))

@@ -37,6 +37,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("build", "mixtrt.cli.commands.build", "tensorrt",
             "Build a TensorRT engine (strongly typed, our plugins) from an artifact and add it to the artifact "
             "(needs an NVIDIA GPU and TensorRT)."),
+    Command("serve", "mixtrt.cli.commands.serve", "serve",
+            "Serve an artifact over an OpenAI-compatible HTTP API (completions, chat, streaming) with continuous "
+            "batching; --ray runs it on Ray Serve."),
     Command("demo", "mixtrt.cli.commands.demo", "export",
             "Export the built-in tiny Mixtral (once) and generate from it on the CPU, with speed "
             "(sampling with temperature 0.8, top-p 0.95, seed 0 unless told otherwise)."),

@@ -15,6 +15,7 @@ def test_cli_export_and_inspect(tmp_path, exported):
     r = subprocess.run([*exe, "export", str(ck), "--out", str(art)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "tracing the graph" in r.stdout and (art / "manifest.json").is_file()
+    assert "  writing model.onnx.data: 100% (" in r.stdout and "\r" not in r.stdout + r.stderr  # not a terminal
     r = subprocess.run([*exe, "inspect", str(art)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "mixtrt::MoE x2" in r.stdout and "windowed layout, capacity 21" in r.stdout

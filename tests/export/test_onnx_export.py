@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,8 @@ def test_manifest_and_graph(exported):
     m = Manifest.load(art)
     assert m.args.moe is not None and m.args.sliding_window == W
     assert m.cache.layout == "windowed" and m.cache.capacity == W + 16
-    assert set(m.files) == {"model.onnx", "tokenizer.model"}
+    assert set(m.files) == {"model.onnx", "model.onnx.data", "weights.json", "tokenizer.model"}
+    assert m.weight_index == "weights.json" and "weight-index" in m.features
     assert m.versions["onnxruntime"] and m.versions["torch"]
     model = onnx.load(str(art / "model.onnx"))
     onnx.checker.check_model(model)
@@ -227,22 +229,28 @@ def test_polygraphy_onnxrt_runner_runs_the_exported_graph(exported):
 
 
 
-def test_external_data_past_the_threshold(tmp_path, exported, monkeypatch):
-    """Large models keep their weights in model.onnx.data (threshold lowered so a tiny model crosses it)."""
-    import mixtrt.export.onnx_export as ox
+def test_weights_always_external_and_hashed_as_written(exported):
+    """Every weight lives in model.onnx.data (the graph keeps only small constants), whatever the model's
+    size; the hash the exporter computed while writing is the file's, and a flipped byte is caught."""
+    _, art = exported["mixtral-window"]
+    m = Manifest.load(art)
+    data = art / "model.onnx.data"
+    graph = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
+    inline = [t.name for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    assert all(len(t.raw_data) < 1024 for t in graph.initializer if t.name in inline)
+    assert (art / "model.onnx").stat().st_size < 1 << 20 < data.stat().st_size
+    from mixtrt.runtime.manifest import sha256_file
 
-    ck, art = exported["mixtral-window"]
-    monkeypatch.setattr(ox, "EXTERNAL_DATA_BYTES", 1 << 20)
-    ext = export_onnx(ck, tmp_path / "ext", progress=None)
-    m = Manifest.load(ext)
-    assert set(m.files) == {"model.onnx", "model.onnx.data", "tokenizer.model"}
-    assert (ext / "model.onnx").stat().st_size < 1 << 20 < (ext / "model.onnx.data").stat().st_size
-    ids = np.arange(3, 12)[None]
-    a, b = OrtBackend.load(ext), OrtBackend.load(art)
-    assert np.array_equal(a.step(a.new_cache(1), ids), b.step(b.new_cache(1), ids))
-    data = bytearray((ext / "model.onnx.data").read_bytes())
-    data[100] ^= 0xFF
-    (ext / "model.onnx.data").write_bytes(bytes(data))
+    assert m.files["model.onnx.data"] == {"sha256": sha256_file(data), "bytes": data.stat().st_size}
+
+
+def test_a_flipped_weight_byte_is_refused(tmp_path, exported):
+    _, art = exported["mixtral-window"]
+    ext = tmp_path / "art"
+    shutil.copytree(art, ext)
+    raw = bytearray((ext / "model.onnx.data").read_bytes())
+    raw[100] ^= 0xFF
+    (ext / "model.onnx.data").write_bytes(bytes(raw))
     with pytest.raises(ArtifactError, match=r"model\.onnx\.data: sha256"):
         OrtBackend.load(ext)
 

@@ -143,3 +143,16 @@ def test_finished_rows_stay_until_their_row_is_needed():
     assert drain(engine)[c.id] == alone(PROMPTS[3])
     assert a.reason == b.reason == "length"
     np.testing.assert_array_equal(engine.cache.lengths, [len(PROMPTS[3]) + 8, 0])
+
+
+def test_admit_then_decode_is_a_step_in_two_halves():
+    """admit(max_rows) prefills waiting rows one at a time (each gets its first token), decode() steps the
+    running rows: the same tokens as step(), which a server uses to hand first tokens out early."""
+    engine = Engine(ToyBackend(), ToyTokenizer(), max_batch=3)
+    rows = [engine.add(p, GREEDY) for p in PROMPTS[:3]]
+    first = engine.admit(max_rows=1)
+    assert [(e.row.id, len(e.row.tokens)) for e in first] == [(rows[0].id, 1)] and len(engine.waiting) == 2
+    assert [e.row.id for e in engine.admit()] == [rows[1].id, rows[2].id]
+    assert [e.row.id for e in engine.decode()] == [r.id for r in rows]
+    done = drain(engine)
+    assert [done[r.id] for r in rows] == [alone(p) for p in PROMPTS[:3]]

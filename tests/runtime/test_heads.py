@@ -164,17 +164,17 @@ def test_manifest_lists_the_heads_feature(tmp_path, head_artifacts, monkeypatch)
 
     _, art = head_artifacts("tokcls")
     m = Manifest.load(art)
-    assert m.features == ("heads",) and m.args.head == "token_classification"
+    assert m.features == ("heads", "weight-index") and m.args.head == "token_classification"
     assert [t.name for t in m.inputs] == ["input_ids"] and [t.name for t in m.outputs] == ["logits"]
     assert m.outputs[0].shape == ("batch", "sequence", len(TAGS))
-    monkeypatch.setattr(manifest_module, "FEATURES", frozenset())
+    monkeypatch.setattr(manifest_module, "FEATURES", frozenset({"weight-index"}))
     with pytest.raises(ArtifactError, match=r"needs features \['heads'\] that this mixtrt does not know; upgrade"):
         Manifest.load(art)
     monkeypatch.undo()
     copy = tmp_path / "art"
     shutil.copytree(art, copy)
     d = json.loads((copy / "manifest.json").read_text())
-    d["features"] = []
+    d["features"] = ["weight-index"]
     (copy / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(ArtifactError, match="needs the feature 'heads'; the manifest was edited"):
         Manifest.load(copy)

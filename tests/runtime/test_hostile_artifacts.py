@@ -165,12 +165,13 @@ def _nested(path: Path) -> None:
 
 
 def _swap_graph(other: Path) -> Callable[[Path], None]:
-    """model.onnx replaced by another artifact's graph, and the manifest's hash and size updated to match."""
+    """The graph (model.onnx, its weights and their index) replaced by another artifact's, and the manifest's
+    hashes and sizes updated to match."""
     def apply(copy: Path) -> None:
-        replace_file(copy / "model.onnx", (other / "model.onnx").read_bytes())
         d = json.loads((copy / "manifest.json").read_text())
-        d["files"]["model.onnx"] = {"sha256": sha256_file(copy / "model.onnx"),
-                                    "bytes": (copy / "model.onnx").stat().st_size}
+        for name in ("model.onnx", "model.onnx.data", "weights.json"):
+            replace_file(copy / name, (other / name).read_bytes())
+            d["files"][name] = {"sha256": sha256_file(copy / name), "bytes": (copy / name).stat().st_size}
         replace_file(copy / "manifest.json", json.dumps(d))
     return apply
 
@@ -261,7 +262,7 @@ def test_graph_without_metadata_says_export_again(tmp_path, artifact):
     import onnx
 
     copy = linked_copy(artifact, tmp_path / "art")
-    model = onnx.load(str(copy / "model.onnx"))
+    model = onnx.load(str(copy / "model.onnx"), load_external_data=False)
     assert GRAPH_METADATA in {p.key for p in model.metadata_props}
     del model.metadata_props[:]
     _rehash("model.onnx", model.SerializeToString())(copy)

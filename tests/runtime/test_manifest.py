@@ -115,5 +115,5 @@ def test_manifest_round_trip_and_summary(exported):
     _, art = exported["mixtral-window"]
     m = Manifest.load(art)
     assert Manifest.from_dict(m.to_dict()) == m
-    assert m.backends == ("onnxruntime", "triton") and m.features == () and m.format_version == 2
+    assert m.backends == ("onnxruntime", "triton") and m.features == ("weight-index",) and m.format_version == 2
     assert m.summary["ops"]["mixtrt::MoE"] == 2 and m.summary["parameters"] > 0

@@ -1,0 +1,95 @@
+"""`mixtrt serve`: the OpenAI-compatible server (runtime/serve), or with --ray the same app on Ray Serve."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mixtrt.cli.options import threads
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} must be >= 1")
+    return n
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port in [0, 65535] (0: any free port)")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= s <= 3600:
+        raise argparse.ArgumentTypeError(f"{s} is not in [0, 3600] seconds")
+    return s
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", type=Path, help="artifact directory (written by `mixtrt export`)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0: any free port, logged)")
+    p.add_argument("--max-batch", type=_positive, default=16,
+                   help="requests' rows decoding together (engine/KV-cache rows; default 16)")
+    p.add_argument("--max-queue", type=_count, default=64,
+                   help="rows that may wait for a free engine row; past it requests get 429 at once (default 64)")
+    p.add_argument("--prefill-budget", type=_count, default=256, metavar="TOKENS",
+                   help="while rows decode, a step prefills new prompts up to this many tokens (at least one "
+                        "prompt), so a burst of new requests does not stall the running streams; 0: no limit "
+                        "(default 256)")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1/* (/health and /metrics stay open)")
+    p.add_argument("--model-name", default=None, help="the model name clients use (default: the artifact's folder)")
+    p.add_argument("--threads", type=threads, default=None,
+                   help="onnxruntime intra-op threads, 1 .. the available cores (default: all of them)")
+    p.add_argument("--backend", default="onnxruntime", metavar="NAME",
+                   help="onnxruntime (default: the CPU), triton or tensorrt, as for `mixtrt generate`")
+    p.add_argument("--drain", type=_seconds, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, running requests get this long to finish before they are cancelled (default 30)")
+    p.add_argument("--max-body-bytes", type=_positive, default=4 << 20, help="request body limit (413 past it)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the artifact's files at load (sizes are still checked)")
+    p.add_argument("--ray", action="store_true",
+                   help="run on Ray Serve (needs mixtrt[ray]): --replicas copies, each loading the artifact")
+    p.add_argument("--replicas", type=_positive, default=None, help="with --ray: replicas (default 1)")
+    p.add_argument("--ray-address", default=None,
+                   help="with --ray: an existing cluster (`ray start --head` prints it; default: a local instance)")
+
+
+def run(ns: argparse.Namespace) -> int:
+    from mixtrt.runtime.errors import ConfigError
+    from mixtrt.runtime.serve.app import ServeSettings
+
+    if not ns.ray and (ns.replicas is not None or ns.ray_address is not None):
+        raise ConfigError("--replicas and --ray-address need --ray")
+    if not ns.artifact.is_dir():
+        raise ConfigError(f"{ns.artifact}: not an artifact directory")
+    settings = ServeSettings(ns.artifact, model_name=ns.model_name, max_batch=ns.max_batch, max_queue=ns.max_queue,
+                             api_key=ns.api_key, threads=ns.threads, backend=ns.backend, verify=not ns.no_verify,
+                             max_body_bytes=ns.max_body_bytes, drain_s=ns.drain,
+                             prefill_budget=ns.prefill_budget)
+    if ns.ray:
+        from mixtrt.runtime.extras import require
+
+        require("ray", "`mixtrt serve --ray`")
+        from mixtrt.runtime.serve.ray_app import serve_on_ray
+
+        return serve_on_ray(settings, host=ns.host, port=ns.port, replicas=ns.replicas or 1, address=ns.ray_address)
+    from mixtrt.runtime.serve.app import serve
+
+    return serve(settings, host=ns.host, port=ns.port)

@@ -1,0 +1,551 @@
+"""The OpenAI-compatible FastAPI app over one EngineLoop, and the uvicorn runner of `mixtrt serve`.
+
+    app = create_app(ServeSettings("engines/mistral-tiny", max_batch=16))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (API key when set), GET /health
+(503 while loading, 200 after), GET /metrics (Prometheus text). The artifact loads in a thread after the
+server starts listening, so /health answers at once. Errors are OpenAI's error object: 400 naming the
+field, 401, 404 (an unknown model), 413 (body over max_body_bytes), 429 (queue full), 503 (loading,
+shutting down). One JSON log line per request (logger `mixtrt.serve`): id, tokens, timings, finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import re
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from mixtrt.runtime.errors import BackendError, ConfigError
+from mixtrt.runtime.generation import EngineEvent, GenerationOutput, Generator
+from mixtrt.runtime.prompts import check_messages_text, normalize_prompts
+from mixtrt.runtime.serve.metrics import Metrics
+from mixtrt.runtime.serve.protocol import ApiError, ChatRequest, CompletionRequest, chat_messages, overrides, parse
+from mixtrt.runtime.serve.scheduler import Cancelled, EngineLoop, NotAccepting, QueueFull
+from mixtrt.runtime.serve.scheduler import Request as EngineRequest
+
+log = logging.getLogger("mixtrt.serve")
+
+
+@dataclass
+class ServeSettings:
+    artifact: str | Path
+    model_name: str | None = None  # the `model` clients name; default: the artifact directory's name
+    max_batch: int = 16  # engine rows decoding together
+    max_queue: int = 64  # rows that may wait for a free engine row; past it 429
+    api_key: str | None = None
+    backend: str = "onnxruntime"  # or triton / tensorrt (Generator.load)
+    threads: int | None = None  # onnxruntime intra-op threads
+    verify: bool = True  # check the artifact's file hashes at load
+    max_body_bytes: int = 4 << 20
+    drain_s: float = 30.0  # SIGTERM: running requests get this long to finish
+    # while rows decode, a step prefills new rows' prompts up to this many tokens (one row at least); 0: no limit
+    prefill_budget: int = 256
+
+    @property
+    def name(self) -> str:
+        return self.model_name or Path(self.artifact).resolve().name
+
+
+@dataclass
+class _State:
+    settings: ServeSettings
+    generator: Generator | None = None
+    loop: EngineLoop | None = None
+    metrics: Metrics | None = None
+    error: BaseException | None = None
+    load_s: float = 0.0
+    token_text: dict[int, tuple[str, bytes]] = field(default_factory=dict)
+
+
+def create_app(settings: ServeSettings, generator: Generator | None = None,
+               on_load_error: Any = None) -> FastAPI:
+    """The app; `generator` (already loaded) is used instead of loading settings.artifact. on_load_error(e) is
+    called when loading fails (the CLI stops the server); /health then stays 503 with the error."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = _State(settings, metrics=Metrics(settings.name))
+        app.state.mixtrt = state
+        task = asyncio.create_task(asyncio.to_thread(_load, state, generator))
+        task.add_done_callback(lambda t: on_load_error(state.error) if state.error and on_load_error else None)
+        try:
+            yield
+        finally:
+            if not task.done():
+                task.cancel()
+            if state.loop is not None:
+                await asyncio.to_thread(state.loop.stop, settings.drain_s)
+
+    app = FastAPI(title="mixtrt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        state: _State = request.app.state.mixtrt
+        if state.loop is None:
+            message = f"loading failed: {state.error}" if state.error else "Loading model"
+            return JSONResponse(ApiError(message, 503, type="unavailable_error").body(), status_code=503)
+        if not state.loop.accepting:
+            return JSONResponse(ApiError("shutting down", 503, type="unavailable_error").body(), status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        state: _State = request.app.state.mixtrt
+        assert state.metrics is not None
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_check_key)])
+
+    @v1.get("/models")
+    async def models(request: Request) -> JSONResponse:
+        state = _ready(request)
+        assert state.loop is not None
+        limit, _ = state.loop.engine.limit()
+        return JSONResponse({"object": "list", "data": [{
+            "id": settings.name, "object": "model", "created": int(time.time()), "owned_by": "mixtrt",
+            "max_model_len": limit}]})
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        return await _generate(request, CompletionRequest)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(request, ChatRequest)
+
+    app.include_router(v1)
+    return app
+
+
+def _load(state: _State, generator: Generator | None) -> None:
+    s = state.settings
+    start = time.perf_counter()
+    try:
+        gen = generator or Generator.load(s.artifact, backend=s.backend, threads=s.threads, verify=s.verify)
+        loop = EngineLoop(gen.backend, gen.tokenizer, s.max_batch, s.max_queue, state.metrics,
+                          s.prefill_budget or None)
+    except Exception as e:  # any failure (ours, the OS's, onnxruntime's) is reported, not lost
+        state.error = e
+        log.error(json.dumps({"event": "load_failed", "artifact": str(s.artifact), "error": str(e)}))
+        return
+    loop.start()
+    state.generator, state.load_s = gen, time.perf_counter() - start
+    state.loop = loop
+    log.info(json.dumps({"event": "ready", "model": s.name, "artifact": str(s.artifact),
+                         "load_s": round(state.load_s, 3), "max_batch": s.max_batch, "max_queue": s.max_queue}))
+
+
+async def _check_key(request: Request) -> None:
+    key = request.app.state.mixtrt.settings.api_key
+    if key is None:
+        return
+    given = request.headers.get("authorization", "")
+    token = given[7:] if given.lower().startswith("bearer ") else ""
+    if not hmac.compare_digest(token.encode(), key.encode()):
+        raise ApiError("invalid or missing API key (Authorization: Bearer KEY)", 401, type="authentication_error",
+                       code="invalid_api_key")
+
+
+def _ready(request: Request) -> _State:
+    state: _State = request.app.state.mixtrt
+    if state.loop is None:
+        raise ApiError("the model is loading" if state.error is None else f"loading failed: {state.error}", 503,
+                       type="unavailable_error")
+    return state
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise ApiError(f"the request body has {length} bytes, over the limit of {limit}", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(f"the request body is over the limit of {limit} bytes", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ---- generation -------------------------------------------------------------------------------------
+
+@dataclass
+class _Call:
+    """One generation request as the handlers see it."""
+
+    kind: str  # "completions" / "chat"
+    id: str
+    req: CompletionRequest | ChatRequest
+    prompts: list[list[int]]
+    echo: list[str]  # per prompt, the text echoed before the completion ("" without echo)
+    handle: EngineRequest
+    t0: float
+    created: int = field(default_factory=lambda: int(time.time()))
+    t_first_sent: float | None = None
+    outputs: dict[int, GenerationOutput] = field(default_factory=dict)
+    status: int = 200
+    end: str = "finished"
+
+
+async def _generate(request: Request, model: type[CompletionRequest] | type[ChatRequest]) -> Response:
+    t0 = time.perf_counter()
+    state = _ready(request)
+    s, gen, loop = state.settings, state.generator, state.loop
+    assert gen is not None and loop is not None
+    raw = await _read_body(request, s.max_body_bytes)
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise ApiError(f"malformed JSON in the request body: {e}") from None
+    req = parse(model, body)
+    if req.model is not None and req.model != s.name:
+        raise ApiError(f"the model '{req.model}' does not exist; this server serves '{s.name}'", 404, param="model",
+                       code="model_not_found")
+    kind = "chat" if isinstance(req, ChatRequest) else "completions"
+    field_name = "messages" if kind == "chat" else "prompt"
+    vocab = gen.backend.args.vocab_size
+    try:
+        if isinstance(req, ChatRequest):
+            messages = chat_messages(req)
+            check_messages_text(messages)
+            prompts = normalize_prompts([list(gen.tokenizer.apply_chat_template(messages, add_generation_prompt=True))],
+                                        gen.tokenizer, vocab)
+            echo = [""]
+        else:
+            prompts = normalize_prompts(req.prompt, gen.tokenizer, vocab)
+            texts = req.prompt if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str) \
+                else [req.prompt] if isinstance(req.prompt, str) else None
+            echo = [(texts[i] if texts else gen.tokenizer.decode(p)) if req.echo else "" for i, p in enumerate(prompts)]
+    except ConfigError as e:
+        raise ApiError(f"{field_name}: {e}", param=field_name) from None
+    limit, why = loop.engine.limit()
+    for i, p in enumerate(prompts):
+        if len(p) >= limit:
+            raise ApiError(f"{field_name}: prompt {i} has {len(p)} tokens, which leaves no room for a new token: "
+                           f"{why}", param=field_name)
+    if len(prompts) * req.n > s.max_batch + s.max_queue:
+        raise ApiError(f"n: {len(prompts)} prompt(s) x n={req.n} choices is more than the server holds "
+                       f"({s.max_batch} running + {s.max_queue} waiting rows)", param="n")
+    try:
+        config = gen.config(**overrides(req, 16 if kind == "completions" else limit))
+    except ConfigError as e:
+        raise ApiError(str(e)) from None
+    rid = uuid.uuid4().hex
+    try:
+        handle = loop.submit(prompts, config, req.n, rid, t0)
+    except QueueFull as e:
+        raise ApiError(f"the server is busy: {e}", 429, type="rate_limit_error") from None
+    except NotAccepting as e:
+        raise ApiError(str(e), 503, type="unavailable_error") from None
+    call = _Call(kind, rid, req, prompts, echo, handle, t0)
+    if req.stream:
+        return StreamingResponse(_stream(call, state), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _complete(call, state, request)
+
+
+async def _complete(call: _Call, state: _State, request: Request) -> Response:
+    loop = state.loop
+    assert loop is not None
+
+    async def watch() -> None:  # a client that disconnects cancels its rows before the next step
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        loop.cancel(call.handle, "disconnect")
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async for event in call.handle.events():
+            if event.output is not None:
+                call.outputs[_choice(call, event)] = event.output
+    except Cancelled as e:
+        call.status, call.end = 499 if e.reason == "disconnect" else 503, e.reason
+        raise ApiError(f"the request was cancelled ({e.reason})", call.status, type="unavailable_error") from None
+    except BackendError as e:
+        call.status, call.end = 500, "error"
+        raise ApiError(str(e), 500, type="server_error") from None
+    finally:
+        watcher.cancel()
+        _log(call)
+    choices = [_full_choice(call, state, i) for i in range(call.handle.choices)]
+    obj = "chat.completion" if call.kind == "chat" else "text_completion"
+    return JSONResponse({"id": _id(call), "object": obj, "created": call.created, "model": state.settings.name,
+                         "choices": choices, "usage": _usage(call)})
+
+
+async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
+    loop = state.loop
+    assert loop is not None
+    name, chat = state.settings.name, call.kind == "chat"
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    counts = [0] * call.handle.choices  # tokens seen per choice
+    pending: list[list[int]] = [[] for _ in counts]  # token indices not yet sent (their text was held back)
+
+    def chunk(choice: dict[str, Any]) -> str:
+        return "data: " + json.dumps({"id": _id(call), "object": obj, "created": call.created, "model": name,
+                                      "choices": [choice]}, ensure_ascii=False) + "\n\n"
+
+    try:
+        if chat:
+            for i in range(len(counts)):
+                yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None})
+        async for event in call.handle.events():
+            i = _choice(call, event)
+            row = event.row
+            out = event.output
+            parts = []
+            if counts[i] == 0 and not chat and call.echo[i // call.req.n]:
+                parts.append(chunk({"index": i, "text": call.echo[i // call.req.n],
+                                    "logprobs": _echo_logprobs(call, state, i, row), "finish_reason": None}))
+            pending[i].append(counts[i])
+            counts[i] += 1
+            if out is not None:
+                call.outputs[i] = out
+            if event.text or out is not None:
+                lp = _stream_logprobs(call, state, row, pending[i])
+                pending[i] = []
+                finish = None if out is None else _finish(out)
+                if chat:
+                    delta = {"content": event.text} if event.text else {}
+                    parts.append(chunk({"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}))
+                else:
+                    parts.append(chunk({"index": i, "text": event.text, "logprobs": lp, "finish_reason": finish}))
+            for part in parts:
+                yield part
+                if call.t_first_sent is None:
+                    call.t_first_sent = time.perf_counter()  # the generator resumes once the chunk was sent
+        req = call.req
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield "data: " + json.dumps({"id": _id(call), "object": obj, "created": call.created, "model": name,
+                                         "choices": [], "usage": _usage(call)}) + "\n\n"
+        yield "data: [DONE]\n\n"
+    except Cancelled as e:
+        call.status, call.end = 503, e.reason
+        yield "data: " + json.dumps(ApiError(f"the request was cancelled ({e.reason})", 503,
+                                             type="unavailable_error").body()) + "\n\n"
+    except BackendError as e:
+        call.status, call.end = 500, "error"
+        yield "data: " + json.dumps(ApiError(str(e), 500, type="server_error").body()) + "\n\n"
+    finally:
+        if not call.handle.ended and len(call.outputs) < call.handle.choices:
+            loop.cancel(call.handle, "disconnect")  # the client went away (the response task was cancelled)
+            call.status, call.end = 499, "disconnect"
+        _log(call)
+
+
+# ---- response pieces ----------------------------------------------------------------------------------
+
+def _id(call: _Call) -> str:
+    return ("chatcmpl-" if call.kind == "chat" else "cmpl-") + call.id
+
+
+def _choice(call: _Call, event: EngineEvent) -> int:
+    return call.handle.rows.index(event.row)
+
+
+def _finish(out: GenerationOutput) -> str:
+    return "length" if out.finish_reason == "length" else "stop"
+
+
+def _usage(call: _Call) -> dict[str, int]:
+    prompt = sum(len(p) for p in call.prompts)
+    completion = sum(len(o.token_ids) for o in call.outputs.values())
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _full_choice(call: _Call, state: _State, i: int) -> dict[str, Any]:
+    out = call.outputs[i]
+    p = i // call.req.n
+    if call.kind == "chat":
+        lp = _chat_logprobs(state, out.token_ids, out.logprobs, out.top_logprobs, call.req) \
+            if out.logprobs is not None else None
+        return {"index": i, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
+                "finish_reason": _finish(out)}
+    lp = None
+    if out.logprobs is not None:
+        k = call.req.logprobs or 0
+        gen_lp = _completion_logprobs(state, out.token_ids, list(out.logprobs), out.top_logprobs, k,
+                                      len(call.echo[p]))
+        lp = _merge(_prompt_logprobs(state, call.prompts[p], out.prompt_logprobs, out.prompt_top_logprobs, k),
+                    gen_lp) if call.echo[p] else gen_lp
+    return {"index": i, "text": call.echo[p] + out.text, "logprobs": lp, "finish_reason": _finish(out)}
+
+
+def _echo_logprobs(call: _Call, state: _State, i: int, row: Any) -> dict[str, Any] | None:
+    if not call.handle.config.return_logprobs:
+        return None
+    return _prompt_logprobs(state, call.prompts[i // call.req.n], row.prompt_logprobs, row.prompt_top,
+                            call.req.logprobs or 0)
+
+
+def _stream_logprobs(call: _Call, state: _State, row: Any, indices: list[int]) -> dict[str, Any] | None:
+    """Logprobs of a row's tokens at `indices` (read from the row: the engine only appends to its lists)."""
+    if not call.handle.config.return_logprobs:
+        return None
+    ids = [row.tokens[t] for t in indices]
+    lps = [row.logprobs[t] for t in indices]
+    top = None
+    if row.top:
+        top = (np.stack([row.top[t][0] for t in indices]), np.stack([row.top[t][1] for t in indices]))
+    if call.kind == "chat":
+        return _chat_logprobs(state, ids, lps, top, call.req)
+    return _completion_logprobs(state, ids, lps, top, call.req.logprobs or 0, 0)
+
+
+def token_text(state: _State, token: int) -> tuple[str, bytes]:
+    """A token's text and bytes for logprobs: the piece with the word marker as a space; a byte piece
+    (<0xE2>) that is not UTF-8 alone becomes "bytes:\\xe2", as vLLM writes it."""
+    if token in state.token_text:
+        return state.token_text[token]
+    assert state.generator is not None
+    piece = state.generator.tokenizer.id_to_piece(token)
+    m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+    data = bytes([int(m[1], 16)]) if m else piece.replace("\u2581", " ").encode("utf-8", "surrogatepass")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+    state.token_text[token] = (text, data)
+    return text, data
+
+
+def _top_dict(state: _State, token: int, logprob: float, top: Any, t: int, k: int) -> dict[str, float]:
+    d: dict[str, float] = {}
+    if top is not None:
+        for a, v in zip(top[0][t][:k], top[1][t][:k], strict=True):
+            d.setdefault(token_text(state, int(a))[0], float(v))
+    d.setdefault(token_text(state, token)[0], float(logprob))
+    return d
+
+
+def _completion_logprobs(state: _State, ids: list[int], lps: Any, top: Any, k: int, offset: int) -> dict[str, Any]:
+    tokens = [token_text(state, t)[0] for t in ids]
+    offsets = np.cumsum([0] + [len(t) for t in tokens[:-1]]).tolist() if tokens else []
+    return {"tokens": tokens, "token_logprobs": [float(x) for x in lps],
+            "top_logprobs": [_top_dict(state, t, lps[n], top, n, k) for n, t in enumerate(ids)],
+            "text_offset": [offset + o for o in offsets]}
+
+
+def _prompt_logprobs(state: _State, prompt: list[int], lps: Any, top: Any, k: int) -> dict[str, Any]:
+    """The prompt's tokens with log p(prompt[t] | prompt[:t]); the first token has none (None)."""
+    rest = _completion_logprobs(state, prompt[1:], lps, top, k, len(token_text(state, prompt[0])[0]))
+    return {"tokens": [token_text(state, prompt[0])[0]] + rest["tokens"],
+            "token_logprobs": [None] + rest["token_logprobs"],
+            "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return {key: a[key] + b[key] for key in a}
+
+
+def _chat_logprobs(state: _State, ids: list[int], lps: Any, top: Any, req: Any) -> dict[str, Any]:
+    k = req.top_logprobs or 0
+    content = []
+    for n, t in enumerate(ids):
+        text, data = token_text(state, t)
+        alts = []
+        if top is not None:
+            for a, v in zip(top[0][n][:k], top[1][n][:k], strict=True):
+                at, ad = token_text(state, int(a))
+                alts.append({"token": at, "logprob": float(v), "bytes": list(ad)})
+        content.append({"token": text, "logprob": float(lps[n]), "bytes": list(data), "top_logprobs": alts})
+    return {"content": content}
+
+
+def _log(call: _Call) -> None:
+    rows = call.handle.rows
+    first = rows[0] if rows else None
+    prefill = first.t_prefill if first is not None and first.tokens else None
+    ttft = first.t_first - call.t0 if first is not None and first.tokens else None
+    queue = ttft - prefill if ttft is not None and prefill is not None else None
+    sent = call.t_first_sent - call.t0 if call.t_first_sent is not None else None
+    record = {
+        "event": "request", "id": call.id, "endpoint": call.kind, "status": call.status, "end": call.end,
+        "stream": call.req.stream, "n": call.handle.choices, "prompt_tokens": sum(len(p) for p in call.prompts),
+        "completion_tokens": sum(len(r.tokens) for r in rows),
+        "finish": [_finish(call.outputs[i]) if i in call.outputs else None for i in range(call.handle.choices)],
+        "queue_s": queue, "prefill_s": prefill, "ttft_s": ttft, "first_sent_s": sent,
+        # what the server adds before the first token reaches the socket, the engine's prefill aside
+        "overhead_s": sent - prefill if sent is not None and prefill is not None else None,
+        "e2e_s": time.perf_counter() - call.t0,
+    }
+    log.info(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}))
+
+
+# ---- the uvicorn runner ------------------------------------------------------------------------------
+
+def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> int:
+    """Run the server until SIGTERM / SIGINT; return 0 after a graceful drain (<= settings.drain_s for the
+    open requests, then the engine loop's own drain). A failed load stops the server and raises its error."""
+    import uvicorn
+
+    _log_to_stderr()
+    failure: list[BaseException] = []
+
+    def load_failed(e: BaseException) -> None:
+        failure.append(e)
+        server.should_exit = True
+
+    app = create_app(settings, on_load_error=load_failed)
+    config = uvicorn.Config(app, lifespan="on", access_log=False, log_level="warning",
+                            timeout_graceful_shutdown=max(int(settings.drain_s), 1))
+    server = _server(config)
+    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                reuse_port=False)
+    bound = sock.getsockname()
+    log.info(json.dumps({"event": "listening", "url": f"http://{host}:{bound[1]}", "model": settings.name}))
+    server.run(sockets=[sock])
+    if failure:
+        raise failure[0]
+    return 0
+
+
+def _server(config: Any) -> Any:
+    """A uvicorn.Server whose SIGTERM / SIGINT end the process normally after the drain (uvicorn re-raises
+    the signal afterwards, which would exit with 128 + signal instead of 0)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return Server(config)
+
+
+def _log_to_stderr() -> None:
+    if not any(getattr(h, "_mixtrt", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._mixtrt = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False

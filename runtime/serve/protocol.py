@@ -1,0 +1,166 @@
+"""OpenAI request bodies (strict: unknown fields and wrong types are 400s naming the field) and their
+mapping onto the runtime's GenerationConfig; OpenAI's error object.
+
+    >>> req = parse(CompletionRequest, {"prompt": "Hi", "max_tokens": 4, "temperature": 0})
+    >>> overrides(req, max_tokens=16)["max_new_tokens"], overrides(req, max_tokens=16)["do_sample"]
+    (4, False)
+    >>> parse(CompletionRequest, {"prompt": "Hi", "max_tokens": "4"})
+    Traceback (most recent call last):
+    ...
+    mixtrt.runtime.serve.protocol.ApiError: max_tokens: Input should be a valid integer
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_N = 128  # choices per request (OpenAI's limit)
+MAX_LOGPROBS = 20  # alternatives per position (vLLM's default limit; OpenAI's is 5 for completions)
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.param, self.type, self.code = status, param, type, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off (vLLM)
+    repetition_penalty: float | None = Field(None, gt=0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    user: str | None = None  # accepted and unused, as every OpenAI server does (it only labels the caller)
+    # accepted only at their neutral values; anything else is a 400 naming them (not implemented)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: Any  # str, list of str, token ids, list of token-id lists: checked by the runtime's normalize_prompts
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class ChatMessage(BaseModel):
+    """A message as the chat template sees it: role, content and any fields the template reads (name,
+    tool_calls, ...). Content given as parts keeps only text parts."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+M = TypeVar("M", bound=_Sampling)
+
+
+def parse(model: type[M], body: Any) -> M:
+    """Validate a decoded JSON body; the first problem becomes a 400 naming its field."""
+    if not isinstance(body, dict):
+        raise ApiError(f"the request body must be a JSON object, got {type(body).__name__}")
+    try:
+        req = model.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise ApiError(f"unknown field '{where}'", param=where) from None
+        raise ApiError(f"{where}: {err['msg']}", param=str(err["loc"][0]) if err["loc"] else None) from None
+    _check_neutral(req)
+    return req
+
+
+def _check_neutral(req: _Sampling) -> None:
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name) != 0:
+            raise ApiError(f"{name} is not supported (only 0); use repetition_penalty", param=name)
+    if req.logit_bias:
+        raise ApiError("logit_bias is not supported", param="logit_bias")
+    if req.stream_options is not None and not req.stream:
+        raise ApiError("stream_options is only allowed with stream: true", param="stream_options")
+    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    if any(not s for s in stops):
+        raise ApiError("stop: stop strings must be non-empty", param="stop")
+    if isinstance(req, ChatRequest) and req.top_logprobs and not req.logprobs:
+        raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs")
+
+
+def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
+    """The messages as plain dicts for the chat template; content parts joined (text parts only)."""
+    out = []
+    for i, m in enumerate(req.messages):
+        d = m.model_dump(exclude_none=True)
+        if isinstance(m.content, list):
+            texts = []
+            for part in m.content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ApiError(f"messages[{i}].content: only text parts are supported", param="messages")
+                texts.append(part["text"])
+            d["content"] = "".join(texts)
+        out.append(d)
+    return out
+
+
+def overrides(req: CompletionRequest | ChatRequest, max_tokens: int) -> dict[str, Any]:
+    """GenerationConfig keywords over the artifact's defaults (Generator.config): an omitted field keeps the
+    artifact's default; temperature 0 means greedy; a temperature, top_p or top_k given turns sampling on.
+    `max_tokens` is the default when the request sets none."""
+    out: dict[str, Any] = {"max_new_tokens": max_tokens}
+    if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
+        out["max_new_tokens"] = req.max_completion_tokens
+    if req.max_tokens is not None:
+        out["max_new_tokens"] = req.max_tokens
+    if req.temperature == 0:
+        out["do_sample"] = False
+    elif req.temperature is not None or req.top_p is not None or (req.top_k or 0) > 0:
+        out["do_sample"] = True
+        if req.temperature is not None:
+            out["temperature"] = req.temperature
+    if req.top_p is not None:
+        out["top_p"] = req.top_p
+    if req.top_k is not None:
+        out["top_k"] = max(req.top_k, 0)
+    if req.repetition_penalty is not None:
+        out["repetition_penalty"] = req.repetition_penalty
+    if req.seed is not None:
+        out["seed"] = req.seed
+    if req.stop is not None:
+        out["stop_strings"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+    if req.ignore_eos:
+        out["eos_token_id"] = ()
+    k = req.logprobs if isinstance(req, CompletionRequest) else (req.top_logprobs or 0) if req.logprobs else None
+    if k is not None:
+        out["return_logprobs"] = True
+        out["top_logprobs"] = k
+    return out

@@ -1,0 +1,315 @@
+"""The engine loop: one thread owns the backend and its Engine; HTTP requests join and leave between steps.
+
+    loop = EngineLoop(gen.backend, gen.tokenizer, max_batch=16, max_queue=64)
+    loop.start()
+    req = loop.submit([[1, 415, 2936]], config, n=2, request_id="r1", t0=time.perf_counter())  # in asyncio
+    async for event in req.events():   # EngineEvents of its rows, in step order; ends after every output
+        ...
+    loop.cancel(req, "disconnect")     # applied before the next step: its rows leave the batch at once
+
+Each iteration applies the cancels, adds the new rows (a request of P prompts with n choices is P * n
+rows, choice p * n + j sampling with index j, so a seeded choice depends only on its seed and j), then runs
+one step in parts: `Engine.admit(max_rows=1)` per waiting row that fits (within the prefill budget while
+rows decode), then `Engine.decode()`. After each part its events go back to each request's asyncio loop
+(one call per request) and the loop waits, briefly, for them to reach the sockets (`_handoff`).
+
+Back-pressure: a request is refused (QueueFull) when the rows waiting for a free engine row would pass
+`max_queue`; it never waits unboundedly. `stop(drain_s)` refuses new requests, lets the running ones
+finish for at most drain_s seconds, then cancels the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mixtrt.runtime.errors import BackendError, ConfigError, NonFiniteLogitsError
+from mixtrt.runtime.generation import Engine, EngineEvent, GenerationConfig, Row
+from mixtrt.runtime.serve.metrics import Metrics
+
+HANDOFF_S = 0.005  # the most a step waits for the server to send the previous step's tokens
+
+
+class QueueFull(Exception):
+    """Too many rows wait for a free engine row: answer 429."""
+
+
+class NotAccepting(Exception):
+    """The loop is stopping (or stopped): answer 503."""
+
+
+class Cancelled(Exception):
+    """The request was cancelled (disconnect, shutdown) before every choice finished."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class Request:
+    """One HTTP request's rows: choice p * n + j is prompt p, sample j."""
+
+    id: str
+    prompts: list[list[int]]
+    config: GenerationConfig
+    n: int
+    t0: float  # when the request was received (perf_counter): time to first token counts from here
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    rows: list[Row] = field(default_factory=list)  # in choice order, once added (engine thread)
+    finished: int = 0  # choices with an output (engine thread)
+    ended: bool = False  # every choice finished, or cancelled (engine thread)
+
+    @property
+    def choices(self) -> int:
+        return len(self.prompts) * self.n
+
+    def deliver(self, items: list[Any]) -> None:  # on `loop`
+        for item in items:
+            self.queue.put_nowait(item)
+
+    async def events(self) -> AsyncIterator[EngineEvent]:
+        """The events of this request's rows until every choice has its output; raises Cancelled or the
+        engine's error (BackendError) if it ends otherwise."""
+        outputs = 0
+        while outputs < self.choices:
+            item = await self.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            outputs += item.output is not None
+            yield item
+
+
+class EngineLoop:
+    def __init__(self, backend: Any, tokenizer: Any, max_batch: int, max_queue: int,
+                 metrics: Metrics | None = None, prefill_budget: int | None = None) -> None:
+        if not isinstance(max_queue, int) or max_queue < 0:
+            raise ConfigError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        if prefill_budget is not None and (not isinstance(prefill_budget, int) or prefill_budget < 1):
+            raise ConfigError(f"prefill_budget must be None or an integer >= 1, got {prefill_budget!r}")
+        self.prefill_budget = prefill_budget
+        self.engine = Engine(backend, tokenizer, max_batch)
+        self.max_batch, self.max_queue, self.metrics = max_batch, max_queue, metrics
+        self._cond = threading.Condition()
+        self._adds: list[Request] = []
+        self._cancels: list[tuple[Request, str]] = []
+        self._waiting_rows = 0  # rows submitted and not yet prefilled (guarded by _cond)
+        self._free_rows = max_batch  # engine rows free after the last step (guarded by _cond)
+        self._accepting = True
+        self._deadline: float | None = None  # set by stop()
+        self._rows: dict[int, tuple[Request, Row]] = {}  # engine thread only
+        self._active: list[Request] = []  # engine thread only
+        self._last: dict[int, float] = {}  # row id -> time of its last token (inter-token latency)
+        self._thread = threading.Thread(target=self._run, name="mixtrt-engine-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # ---- called from the server's threads ---------------------------------------------------------
+    def submit(self, prompts: list[list[int]], config: GenerationConfig, n: int, request_id: str,
+               t0: float) -> Request:
+        """Queue a request (prompts already checked to fit); QueueFull / NotAccepting at once."""
+        req = Request(request_id, prompts, config, n, t0, asyncio.get_running_loop())
+        with self._cond:
+            if not self._accepting:
+                raise NotAccepting("the server is shutting down")
+            if self._waiting_rows + req.choices - self._free_rows > self.max_queue:
+                raise QueueFull(f"{self._waiting_rows} rows already wait for the {self.max_batch} engine rows "
+                                f"(--max-queue {self.max_queue}); retry later")
+            self._waiting_rows += req.choices
+            self._adds.append(req)
+            self._cond.notify()
+        return req
+
+    def cancel(self, req: Request, reason: str) -> None:
+        """Cancel `req` before the next step (no-op once it ended)."""
+        with self._cond:
+            self._cancels.append((req, reason))
+            self._cond.notify()
+
+    def stop(self, drain_s: float) -> None:
+        """Refuse new requests; let running ones finish for at most drain_s seconds, cancel the rest; return
+        when the loop has exited."""
+        with self._cond:
+            self._accepting = False
+            self._deadline = time.perf_counter() + drain_s
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    # ---- the engine thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._adds or self._cancels or self._deadline is not None or self.engine.busy):
+                    self._cond.wait()
+                adds, self._adds = self._adds, []
+                cancels, self._cancels = self._cancels, []
+                deadline = self._deadline
+            for req, reason in cancels:
+                self._cancel(req, reason)
+            for req in adds:
+                self._add(req)
+            if deadline is not None and (not self.engine.busy or time.perf_counter() >= deadline):
+                for req in list(self._active):
+                    self._cancel(req, "shutdown")
+                with self._cond:
+                    for req in self._adds:
+                        _post(req.loop, req.deliver, [Cancelled("shutdown")])
+                    self._adds = []
+                self._gauges()
+                return
+            if self.engine.busy:
+                self._step()
+            self._gauges()
+
+    def _add(self, req: Request) -> None:
+        if req.ended:  # cancelled before it was added
+            return
+        try:
+            for p, ids in enumerate(req.prompts):
+                for j in range(req.n):
+                    row = self.engine.add(ids, req.config, sample_index=j, t0=req.t0,
+                                          name=f"request {req.id} choice {p * req.n + j}")
+                    req.rows.append(row)
+                    self._rows[row.id] = (req, row)
+        except ConfigError as e:  # the server checks before submitting; a bug otherwise, answered as one
+            self._end(req, e)
+            return
+        self._active.append(req)
+
+    def _end(self, req: Request, error: BaseException | None) -> None:
+        """Take req's unfinished rows out of the engine; deliver `error` (None: it finished normally)."""
+        for row in req.rows:
+            self._rows.pop(row.id, None)
+            self._last.pop(row.id, None)
+            if row.reason is None or row in self.engine.waiting:
+                self.engine.cancel(row)
+        req.ended = True
+        if req in self._active:
+            self._active.remove(req)
+        if error is not None:
+            _post(req.loop, req.deliver, [error])
+
+    def _cancel(self, req: Request, reason: str) -> None:
+        if req.ended:
+            return
+        self._end(req, Cancelled(reason))
+        if self.metrics is not None:
+            self.metrics.aborted(reason)
+
+    def _step(self) -> None:
+        """Engine.step in its parts: each admitted row's first token is handed out right after its prefill,
+        the decode step's tokens after it."""
+        budget = self.prefill_budget if self.engine.running else None  # none decoding: admit all that fit
+        spent = 0
+        while self.engine.waiting and len(self.engine.running) + len(self.engine.parked) < self.max_batch:
+            row = self.engine.waiting[0]
+            tokens = len(row.sequence) - row.cached
+            if budget is not None and spent and spent + tokens > budget:
+                break  # the decoding rows wait for at most `budget` prefill tokens per step (one row at least)
+            spent += tokens
+            if not self._run_part(lambda: self.engine.admit(max_rows=1)):
+                return
+        self._run_part(self.engine.decode)
+
+    def _run_part(self, part: Callable[[], list[EngineEvent]]) -> bool:
+        """Run one part of a step and hand its events out; False when the engine failed and was replaced."""
+        try:
+            events = part()
+            error: BackendError | None = None
+        except NonFiniteLogitsError as e:  # the engine cancelled the bad rows; the others go on
+            events, error = e.events, e
+        except Exception as e:  # a backend failure: every request fails, a fresh engine takes over
+            error = BackendError(f"the engine failed: {e}")
+            for req in list(self._active):
+                self._end(req, error)
+            self.engine = Engine(self.engine.backend, self.engine.tokenizer, self.max_batch)
+            if self.metrics is not None:
+                self.metrics.aborted("error")
+            return False
+        batches: dict[int, tuple[Request, list[EngineEvent]]] = {}
+        for event in events:
+            found = self._rows.get(event.row.id)
+            if found is None:
+                continue
+            req, row = found
+            self._observe(row, event)
+            batches.setdefault(id(req), (req, []))[1].append(event)
+            if event.output is not None:
+                req.finished += 1
+                self._rows.pop(row.id, None)
+                self._last.pop(row.id, None)
+                if req.finished == req.choices:
+                    req.ended = True
+                    self._active.remove(req)
+        self._gauges()  # before the events go out: what a client sees next, the metrics already show
+        for req, items in batches.values():
+            _post(req.loop, req.deliver, items)
+        self._handoff({id(req.loop): req.loop for req, _ in batches.values()}.values())
+        if error is not None:  # rows the engine cancelled for non-finite logits: their requests fail
+            for req in list(self._active):
+                if any(row.message == "cancelled" and row.reason is not None for row in req.rows):
+                    self._end(req, error)
+                    if self.metrics is not None:
+                        self.metrics.aborted("error")
+        return True
+
+    def _handoff(self, loops: Iterable[asyncio.AbstractEventLoop]) -> None:
+        """Wait (at most HANDOFF_S) until each event loop has run the tasks this step's events woke: the
+        chunks are on the sockets before the next step's threads take the cores (on a few cores they would
+        otherwise wait up to a step for one)."""
+        deadline = time.perf_counter() + HANDOFF_S
+        for loop in loops:
+            done = threading.Event()
+            # two hops: the deliveries wake the request tasks, which run before a callback queued after them
+            if _post(loop, loop.call_soon, loop.call_soon, done.set):
+                done.wait(max(deadline - time.perf_counter(), 0.0))
+
+    def _observe(self, row: Row, event: EngineEvent) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        m.generation_tokens.inc()
+        if len(row.tokens) == 1 or row.id not in self._last:
+            m.prompt_tokens.inc(len(row.prompt))
+            m.ttft.observe(row.t_first - row.t0)
+            m.prefill.observe(row.t_prefill)
+            m.queue.observe(max(row.t_first - row.t_prefill - row.t0, 0.0))
+        else:
+            m.itl.observe(row.t_last - self._last[row.id])
+        self._last[row.id] = row.t_last
+        if event.output is not None:
+            m.success("length" if event.output.finish_reason == "length" else "stop")
+            m.e2e.observe(row.t_last - row.t0)
+
+    def _gauges(self) -> None:
+        running = self.engine.running
+        with self._cond:
+            self._waiting_rows = len(self.engine.waiting) + sum(r.choices for r in self._adds)
+            self._free_rows = self.max_batch - len(running) - len(self.engine.parked)
+        m = self.metrics
+        if m is not None:
+            rows = {row.id for row in running}
+            busy = sum(any(r.id in rows for r in req.rows) for req in self._active)
+            m.requests_running.set(busy)
+            m.requests_waiting.set(len(self._active) - busy + len(self._adds))
+            m.rows_running.set(len(running))
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:
+    """loop.call_soon_threadsafe, False if that loop is closed (its server is gone: nobody waits)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:
+        return False

@@ -1,0 +1,222 @@
+"""weights.json: where every weight of an artifact lives in model.onnx.data, read without the graph.
+
+A backend that does not run the ONNX graph (a Triton or TensorRT one) maps the weights by name from the
+index alone (numpy, no torch, no onnx):
+
+    index = WeightIndex.read("engines/tiny")                   # checks the index against the data file
+    wq = index.weight("model.layers.0.attention.wq.weight")    # np.memmap view, our layout [N*D, H]
+    fc1 = index.stack("model.layers.0.feed_forward.fc1")       # [E, 2I, H], one contiguous region
+
+The file, written by the exporter (export/weights_writer.py) beside the graph and listed in the manifest
+(`weight_index`, feature "weight-index"):
+
+    {"format": "mixtrt-weights", "version": 1, "alignment": 65536,
+     "tensors": [{"name": "model.layers.0.attention.wq.weight.T", "of": "model.layers.0.attention.wq.weight",
+                  "layout": "transposed", "dtype": "float32", "shape": [64, 64], "file": "model.onnx.data",
+                  "offset": 65536, "nbytes": 16384}, ...],
+     "stacks": [{"name": "model.layers.0.feed_forward.fc1", "tensors": ["...fc1.0", ..., "...fc1.3"],
+                 "dtype": "float32", "shape": [4, 192, 64], "file": "model.onnx.data", "offset": ..., "nbytes": ...}]}
+
+- `name` is the graph initializer's name. `of` is our parameter name (export/model.py) and `layout` how the
+  stored tensor relates to it: "same", "transposed" (a Linear weight stored [in, out] as the graph's
+  MatMul reads it), or "derived" (another tensor the export's transform hook made from it: scales of a
+  quantized weight). Graph constants that are not parameters (rope tables) have `of` null.
+- Each tensor starts at a multiple of `alignment`, except inside a stack: a MoE layer's experts are written
+  back to back in expert order (fc1_0 .. fc1_{E-1}, then fc2_0 ..), the stack starting aligned, so the
+  stacked [E, ...] view is one region (its members are aligned too when their size is a multiple of the
+  alignment, as in every real model). Padding bytes are zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mixtrt.runtime.args import read_json
+from mixtrt.runtime.errors import ArtifactError
+
+WEIGHTS_FILE = "weights.json"
+DATA_FILE = "model.onnx.data"
+FORMAT = "mixtrt-weights"
+VERSION = 1
+LAYOUTS = frozenset({"same", "transposed", "derived"})
+DTYPES = frozenset({"float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8"})
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    """One tensor of the data file (a graph initializer), or a stack of them (`members`)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    offset: int
+    nbytes: int
+    of: str | None = None  # our parameter name; None for a graph constant
+    layout: str = "same"
+    members: tuple[str, ...] = ()  # a stack's tensors, in order
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name}
+        if self.members:
+            d["tensors"] = list(self.members)
+        else:
+            d.update({"of": self.of, "layout": self.layout})
+        d.update({"dtype": self.dtype, "shape": list(self.shape), "file": self.file, "offset": self.offset,
+                  "nbytes": self.nbytes})
+        return d
+
+
+def _itemsize(dtype: str) -> int:
+    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+
+
+def _entry(d: Any, where: str, stack: bool) -> WeightEntry:
+    keys = {"name", "dtype", "shape", "file", "offset", "nbytes"} | ({"tensors"} if stack else {"of", "layout"})
+    if not isinstance(d, dict) or set(d) != keys:
+        raise ArtifactError(f"{where}: an entry must have exactly the fields {sorted(keys)}, got {d!r}")
+    name, dtype, shape, file = d["name"], d["dtype"], d["shape"], d["file"]
+    if not isinstance(name, str) or not name:
+        raise ArtifactError(f"{where}: name must be a non-empty string, got {name!r}")
+    if dtype not in DTYPES:
+        raise ArtifactError(f"{where}: tensor {name!r} has dtype {dtype!r}, not one of {sorted(DTYPES)}")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                              for n in shape):
+        raise ArtifactError(f"{where}: tensor {name!r} needs a shape of non-negative integers, got {shape!r}")
+    if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
+        raise ArtifactError(f"{where}: tensor {name!r} names the file {file!r}, not a plain file name")
+    for key in ("offset", "nbytes"):
+        v = d[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ArtifactError(f"{where}: tensor {name!r} has {key} {v!r}, not a non-negative integer")
+    if d["nbytes"] != math.prod(shape) * _itemsize(dtype):
+        raise ArtifactError(f"{where}: tensor {name!r} has nbytes {d['nbytes']}, but {dtype} {shape} is "
+                            f"{math.prod(shape) * _itemsize(dtype)} bytes")
+    if stack:
+        members = d["tensors"]
+        if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+            raise ArtifactError(f"{where}: stack {name!r} needs a non-empty list of tensor names")
+        return WeightEntry(name, dtype, tuple(shape), file, d["offset"], d["nbytes"], members=tuple(members))
+    of, layout = d["of"], d["layout"]
+    if of is not None and (not isinstance(of, str) or not of):
+        raise ArtifactError(f"{where}: tensor {name!r} has of {of!r}, not a parameter name or null")
+    if layout not in LAYOUTS or (layout == "transposed" and len(shape) != 2):
+        raise ArtifactError(f"{where}: tensor {name!r} has layout {layout!r} (one of {sorted(LAYOUTS)}; "
+                            "transposed for a matrix only)")
+    return WeightEntry(name, dtype, tuple(shape), file, d["offset"], d["nbytes"], of, layout)
+
+
+@dataclass(frozen=True)
+class WeightIndex:
+    directory: Path
+    alignment: int
+    tensors: dict[str, WeightEntry]  # by initializer name, in file order
+    stacks: dict[str, WeightEntry]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "alignment": self.alignment,
+                "tensors": [t.to_dict() for t in self.tensors.values()],
+                "stacks": [s.to_dict() for s in self.stacks.values()]}
+
+    @classmethod
+    def from_dict(cls, d: Any, directory: Path, source: str) -> WeightIndex:
+        """Parse and check an index: every field of its type, every region inside its file, no two tensors
+        overlapping, each stack exactly its members back to back. Problems: one ArtifactError naming `source`."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            got = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise ArtifactError(f"{source}: not a mixtrt weight index (format={got!r})")
+        if d.get("version") != VERSION:
+            raise ArtifactError(f"{source}: weight index version {d.get('version')!r} is not {VERSION}; "
+                                "export the checkpoint again")
+        if set(d) != {"format", "version", "alignment", "tensors", "stacks"}:
+            raise ArtifactError(f"{source}: fields {sorted(d)} are not those of a weight index")
+        alignment = d["alignment"]
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1:
+            raise ArtifactError(f"{source}: alignment must be a positive integer, got {alignment!r}")
+        for key in ("tensors", "stacks"):
+            if not isinstance(d[key], list):
+                raise ArtifactError(f"{source}: {key} must be a list")
+        tensors: dict[str, WeightEntry] = {}
+        for t in d["tensors"]:
+            e = _entry(t, source, stack=False)
+            if e.name in tensors:
+                raise ArtifactError(f"{source}: tensor {e.name!r} is listed twice")
+            tensors[e.name] = e
+        sizes: dict[str, int] = {}
+        for e in tensors.values():
+            if e.file not in sizes:
+                f = directory / e.file
+                if not f.is_file():
+                    raise ArtifactError(f"{source}: tensor {e.name!r} lies in {e.file}, which is missing")
+                sizes[e.file] = f.stat().st_size
+            if e.offset + e.nbytes > sizes[e.file]:
+                raise ArtifactError(f"{source}: tensor {e.name!r} ends at byte {e.offset + e.nbytes}, past the end "
+                                    f"of {e.file} ({sizes[e.file]} bytes)")
+        by_file = sorted(tensors.values(), key=lambda e: (e.file, e.offset))
+        for a, b in zip(by_file, by_file[1:], strict=False):
+            if a.file == b.file and a.offset + a.nbytes > b.offset and a.nbytes and b.nbytes:
+                raise ArtifactError(f"{source}: tensors {a.name!r} and {b.name!r} overlap in {a.file}")
+        stacks: dict[str, WeightEntry] = {}
+        for s in d["stacks"]:
+            e = _entry(s, source, stack=True)
+            members = [tensors.get(m) for m in e.members]
+            if any(m is None for m in members):
+                raise ArtifactError(f"{source}: stack {e.name!r} lists a tensor the index does not have")
+            pos = e.offset
+            for m in members:
+                assert m is not None
+                if (m.file, m.offset, m.dtype, (len(members), *m.shape)) != (e.file, pos, e.dtype, e.shape):
+                    raise ArtifactError(f"{source}: stack {e.name!r} is not its tensors back to back "
+                                        f"({m.name!r} does not follow at byte {pos})")
+                pos += m.nbytes
+            stacks[e.name] = e
+        return cls(directory, alignment, tensors, stacks)
+
+    @classmethod
+    def read(cls, directory: str | Path) -> WeightIndex:
+        """Read directory/weights.json (the files' hashes are the manifest's to check: Manifest.load)."""
+        directory = Path(directory)
+        path = directory / WEIGHTS_FILE
+        if not path.is_file():
+            raise ArtifactError(f"{directory}: no {WEIGHTS_FILE} (exported by an earlier mixtrt: export again)")
+        return cls.from_dict(read_json(path, ArtifactError), directory, str(path))
+
+    def save(self, directory: Path) -> Path:
+        import json
+
+        path = Path(directory) / WEIGHTS_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    def _map(self, e: WeightEntry) -> np.ndarray:
+        dtype = np.dtype("uint16") if e.dtype == "bfloat16" else np.dtype(e.dtype)  # bfloat16: raw bits
+        if e.nbytes == 0:
+            return np.zeros(e.shape, dtype)
+        return np.memmap(self.directory / e.file, dtype=dtype, mode="r", offset=e.offset, shape=e.shape)
+
+    def array(self, name: str) -> np.ndarray:
+        """The stored tensor `name` (a graph initializer), memory-mapped read-only."""
+        if name not in self.tensors:
+            raise KeyError(f"{name!r} is not a tensor of {self.directory / WEIGHTS_FILE}")
+        return self._map(self.tensors[name])
+
+    def weight(self, name: str) -> np.ndarray:
+        """Our parameter `name` in its own layout (export/model.py): a view of the stored tensor (the
+        transpose of one stored transposed). A parameter stored twice (tied embeddings) gives its "same" copy."""
+        found = sorted((e for e in self.tensors.values() if e.of == name and e.layout != "derived"),
+                       key=lambda e: e.layout != "same")
+        if not found:
+            raise KeyError(f"{name!r} is not a parameter of {self.directory / WEIGHTS_FILE}")
+        a = self._map(found[0])
+        return a.T if found[0].layout == "transposed" else a
+
+    def stack(self, name: str) -> np.ndarray:
+        """A stack ("model.layers.0.feed_forward.fc1"): [E, ...], one memory-mapped region."""
+        if name not in self.stacks:
+            raise KeyError(f"{name!r} is not a stack of {self.directory / WEIGHTS_FILE}")
+        return self._map(self.stacks[name])

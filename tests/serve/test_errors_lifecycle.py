@@ -1,0 +1,203 @@
+"""Bad requests (400 with OpenAI's error object, naming the field), 401, 413, 429, disconnects, the drain
+on stop, and `mixtrt serve` as a process: SIGTERM drains and exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import openai
+import pytest
+
+from mixtrt.runtime.generation import GenerationConfig
+from mixtrt.runtime.serve.scheduler import Cancelled, EngineLoop
+from tests.serve.conftest import TIMEOUT, Server, httpx, slow
+
+BAD = [  # (body, status, param, words in the message)
+    (b'{"prompt": "a", "max_tokens": 3', 400, None, "malformed JSON"),
+    (b'["a"]', 400, None, "JSON object"),
+    ({"prompt": "a", "max_tokens": "3"}, 400, "max_tokens", "valid integer"),
+    ({"prompt": "a", "temperature": "hot"}, 400, "temperature", "valid number"),
+    ({"prompt": "a", "stream": "yes"}, 400, "stream", "valid boolean"),
+    ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+    ({"prompt": "a", "n": 1000}, 400, "n", "less than or equal to 128"),
+    ({"prompt": ""}, 400, "prompt", "empty"),
+    ({"prompt": []}, 400, "prompt", "empty"),
+    ({"prompt": [1, "x"]}, 400, "prompt", "prompt"),
+    ({"prompt": [1, 99999999]}, 400, "prompt", "outside the vocabulary"),
+    ({"prompt": "a", "best_of": 2}, 400, "best_of", "unknown field"),
+    ({"prompt": "a", "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
+    ({"prompt": "a", "top_p": 0}, 400, "top_p", "greater than 0"),
+    ({"prompt": "a", "stop": [""]}, 400, "stop", "non-empty"),
+    ({"prompt": "a", "presence_penalty": 1.0}, 400, "presence_penalty", "not supported"),
+    ({"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream: true"),
+    ({"prompt": "a", "model": "other"}, 404, "model", "does not exist"),
+    ({"prompt": list(range(3, 300))}, 400, "prompt", "max positions: the model supports 128 positions"),
+]
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
+    for body, status, param, words in BAD:
+        kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+        r = server.http.post("/v1/completions", headers={"content-type": "application/json"}, **kw)
+        assert r.status_code == status, (body, r.text)
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}, error
+        assert error["param"] == param and words in error["message"], (body, error)
+    for body, param in [({"messages": []}, "messages"), ({"messages": [{"content": "hi"}]}, "messages"),
+                        ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs")]:
+        r = server.http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    with pytest.raises(openai.BadRequestError) as e:
+        server.openai.completions.create(model="tiny", prompt="a", max_tokens=0)
+    assert e.value.body["param"] == "max_tokens"
+    r = server.http.post("/v1/completions", content=b'{"prompt": "' + b"a" * (5 << 20) + b'"}')
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    assert server.openai.completions.create(model="tiny", prompt="a", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_api_key(generator, serve_artifact):
+    s = Server(generator, serve_artifact[1], api_key="sesame")
+    try:
+        assert s.openai.completions.create(model="tiny", prompt="a", max_tokens=2).choices[0].text is not None
+        wrong = openai.OpenAI(base_url=s.url + "/v1", api_key="nope", timeout=TIMEOUT, max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as e:
+            wrong.completions.create(model="tiny", prompt="a", max_tokens=2)
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+        assert s.http.get("/v1/models").status_code == 401
+        assert s.http.get("/health").status_code == 200 and s.http.get("/metrics").status_code == 200
+        wrong.close()
+    finally:
+        s.close()
+
+
+def test_disconnect_frees_the_row_and_a_full_queue_answers_429(generator, serve_artifact):
+    """One engine row, no queue: a second request is refused at once with 429; a client that goes away
+    mid-stream is cancelled (its row freed, the metrics show it) and the next request runs."""
+    s = Server(slow(generator, 0.02), serve_artifact[1], max_batch=1, max_queue=0)
+    try:
+        body = {"model": "tiny", "prompt": "a", "max_tokens": 100, "temperature": 0, "stream": True}
+        with s.http.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))  # the row is decoding
+            assert s.metric("mixtrt:num_rows_running") == 1
+            with pytest.raises(openai.RateLimitError) as e:
+                s.openai.completions.create(model="tiny", prompt="b", max_tokens=2)
+            assert e.value.status_code == 429 and e.value.body["type"] == "rate_limit_error"
+        # the response was closed after one chunk: within a step or two the row is gone
+        deadline = time.monotonic() + 5
+        while s.metric("mixtrt:request_aborted_total", reason="disconnect") < 1:
+            assert time.monotonic() < deadline, "the disconnect was never noticed"
+            time.sleep(0.01)
+        assert s.metric("mixtrt:num_rows_running") == 0 and s.metric("mixtrt:num_requests_running") == 0
+        assert s.metric("mixtrt:generation_tokens_total") < 20  # far from the 100 asked: it stopped
+        assert s.openai.completions.create(model="tiny", prompt="b", max_tokens=2).usage.completion_tokens == 2
+        # a non-streaming client that disconnects is cancelled too
+        with pytest.raises(httpx.ReadTimeout):
+            s.http.post("/v1/completions", json={**body, "stream": False}, timeout=0.3)
+        deadline = time.monotonic() + 5
+        while s.metric("mixtrt:request_aborted_total", reason="disconnect") < 2:
+            assert time.monotonic() < deadline, "the non-streaming disconnect was never noticed"
+            time.sleep(0.01)
+        assert s.metric("mixtrt:num_rows_running") == 0
+    finally:
+        s.close()
+
+
+def test_stop_drains_then_cancels_within_its_bound(generator):
+    """EngineLoop.stop: new requests are refused; a running request that cannot finish within drain_s is
+    cancelled ("shutdown"), and stop returns soon after the bound."""
+    loop = EngineLoop(slow(generator, 0.01).backend, generator.tokenizer, max_batch=2, max_queue=4)
+    loop.start()
+    config = generator.config(max_new_tokens=120, do_sample=False)
+
+    async def scenario() -> tuple[str, float, int]:
+        three = generator.config(max_new_tokens=3, do_sample=False)
+        short = loop.submit([[1, 5, 6]], three, 1, "s", time.perf_counter())
+        long = loop.submit([[1, 7, 8]], config, 1, "l", time.perf_counter())
+        events = long.events()
+        await events.__anext__()
+        done = [e async for e in short.events()]
+        t0 = time.perf_counter()
+        stopper = asyncio.get_running_loop().run_in_executor(None, loop.stop, 0.2)
+        try:
+            async for _ in events:
+                pass
+            reason = "finished"
+        except Cancelled as e:
+            reason = e.reason
+        await stopper
+        return reason, time.perf_counter() - t0, len(done)
+
+    reason, took, short_events = asyncio.run(scenario())
+    assert reason == "shutdown" and took < 2.0 and short_events == 3
+    with pytest.raises(Exception, match="shutting down"):
+        asyncio.run(_submit(loop, config))
+
+
+async def _submit(loop: EngineLoop, config: GenerationConfig) -> None:
+    loop.submit([[1, 2]], config, 1, "x", time.perf_counter())
+
+
+def test_cli_serves_and_sigterm_drains_then_exits_0(serve_artifact, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mixtrt", "serve", str(serve_artifact[1]), "--port", "0",
+                             "--threads", "1", "--drain", "10", "--model-name", "tiny"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stderr is not None
+        listening = json.loads(proc.stderr.readline())
+        assert listening["event"] == "listening"
+        url = listening["url"]
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+        reader.start()
+        http = httpx.Client(base_url=url, timeout=TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while http.get("/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
+        stream = client.completions.create(model="tiny", prompt="a", max_tokens=100, temperature=0, stream=True)
+        first = next(iter(stream))
+        proc.send_signal(signal.SIGTERM)
+        text = first.choices[0].text + "".join(c.choices[0].text for c in stream)  # the running request finishes
+        assert proc.wait(TIMEOUT) == 0
+        reader.join(5)
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        [request] = [r for r in records if r["event"] == "request"]
+        assert request["completion_tokens"] == 100 and request["finish"] == ["length"] and text
+        assert any(r["event"] == "ready" for r in records)
+        http.close()
+        client.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_load_failure_is_one_line_and_exit_2(tmp_path):
+    """An artifact that cannot load: the server (already listening) stops, the error is one line, exit 2."""
+    (tmp_path / "manifest.json").write_text("{}")
+    r = subprocess.run([sys.executable, "-m", "mixtrt", "serve", str(tmp_path), "--port", "0"],
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("mixtrt serve: error: "), r.stderr
+
+
+@pytest.mark.parametrize("budget, admitted", [(None, 2), (1, 1), (10_000, 2)])
+def test_prefill_budget_bounds_the_prefill_between_decode_steps(generator, budget, admitted):
+    """While a row decodes, one engine-loop step prefills new prompts up to the budget (one at least)."""
+    loop = EngineLoop(generator.backend, generator.tokenizer, max_batch=4, max_queue=4, prefill_budget=budget)
+    engine, config = loop.engine, generator.config(max_new_tokens=20, do_sample=False)
+    running = engine.add([1, 5, 6, 7], config)
+    engine.admit()
+    new = [engine.add([1, 8, 9], config), engine.add([1, 10, 11, 12], config)]
+    loop._step()  # the loop thread's step, driven by hand
+    assert [row in engine.running for row in new] == [True, admitted == 2] and len(running.tokens) == 2

@@ -1,0 +1,219 @@
+"""The server through the official openai client on loopback: outputs equal the Generator's on the same
+artifact, streaming, n > 1 and seeds, stop strings, logprobs (prompt ones too), 16 concurrent streams."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tests.serve.conftest import Server
+
+PROMPTS = ["The capital of France is", "Once upon a time", "a", "Hello, my name is Anna and I live in a city by"]
+
+
+def greedy(generator, prompt, n):
+    [out] = generator.generate([prompt], max_new_tokens=n, do_sample=False, return_logprobs=True)
+    return out
+
+
+def test_completions_greedy_equal_the_generator(server, generator):
+    for prompt in PROMPTS:
+        want = greedy(generator, prompt, 8)
+        r = server.openai.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+        [choice] = r.choices
+        assert choice.text == want.text
+        assert choice.finish_reason == ("length" if want.finish_reason == "length" else "stop")
+        ids = generator.tokenizer.encode(prompt)
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(want.token_ids))
+    # token ids and a batch of prompts: one choice per prompt, in order
+    ids = [generator.tokenizer.encode(p) for p in PROMPTS[:2]]
+    r = server.openai.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0)
+    assert [c.text for c in r.choices] == [greedy(generator, p, 5).text for p in PROMPTS[:2]]
+    assert [c.index for c in r.choices] == [0, 1]
+
+
+def test_streams_equal_the_full_answers(server, generator):
+    want = greedy(generator, PROMPTS[0], 12)
+    chunks = list(server.openai.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    # the wire ends with data: [DONE]
+    with server.http.stream("POST", "/v1/completions", json={"prompt": "a", "max_tokens": 3, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_chat_equals_generator_chat(server, generator):
+    messages = [{"role": "user", "content": "Tell me about Paris."}]
+    want = generator.chat(messages, max_new_tokens=10, do_sample=False)
+    r = server.openai.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
+    stream = server.openai.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                                   stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert server.openai.models.list().data[0].id == "tiny"
+
+
+def test_n_choices_and_seeds(server, generator):
+    """A seeded choice depends on its seed and choice index only: choice 0 of n=3 is the n=1 answer, and the
+    Generator's sample 0; a repeat gives the same choices; different indices differ."""
+    kw = dict(model="tiny", prompt=PROMPTS[1], max_tokens=10, temperature=1.0, seed=7)
+    three = server.openai.completions.create(n=3, **kw)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    again = server.openai.completions.create(n=3, **kw)
+    one = server.openai.completions.create(n=1, **kw)
+    texts = [c.text for c in three.choices]
+    assert texts == [c.text for c in again.choices]
+    assert one.choices[0].text == texts[0]
+    [solo] = generator.generate([PROMPTS[1]], max_new_tokens=10, do_sample=True, temperature=1.0, seed=7)
+    assert solo.text == texts[0]
+    assert len(set(texts)) > 1
+    assert three.usage.completion_tokens == 30
+    # streamed n=2: each choice's chunks concatenate to its answer
+    chunks = list(server.openai.completions.create(n=2, stream=True, **kw))
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in (0, 1)]
+    assert streamed == texts[:2]
+
+
+def test_stop_strings_cut_and_never_leak(server, generator):
+    text = greedy(generator, PROMPTS[0], 16).text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert stop.strip(), text
+    want = text[: text.index(stop)]
+    r = server.openai.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=16, temperature=0, stop=[stop])
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    chunks = list(server.openai.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=16, temperature=0,
+                                                   stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_logprobs_and_echo_prompt_logprobs(server, generator):
+    want = greedy(generator, PROMPTS[0], 6)
+    r = server.openai.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    np.testing.assert_allclose(lp.token_logprobs, want.logprobs, atol=1e-5)
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        # greedy: the chosen token is the most likely one, and the 3 alternatives are sorted below it
+        assert 3 <= len(top) <= 4 and top[token] == pytest.approx(value) and max(top.values()) == pytest.approx(value)
+    # echo + logprobs + 1 token: what lm-evaluation-harness's local-completions sends to score a text
+    ids = generator.tokenizer.encode(PROMPTS[3])
+    r = server.openai.completions.create(model="tiny", prompt=ids, max_tokens=1, temperature=0, logprobs=1,
+                                         echo=True)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == len(ids) + 1
+    np.testing.assert_allclose(lp.token_logprobs[1:len(ids)], generator.teacher_forced_logprobs(ids), atol=1e-4)
+    assert r.choices[0].text.startswith(generator.tokenizer.decode(ids))
+    for value, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True):
+        assert max(top.values()) >= value - 1e-6
+    # chat: logprobs with top_logprobs
+    r = server.openai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 4
+    for item in content:
+        assert len(item.top_logprobs) == 2 and item.top_logprobs[0].logprob == pytest.approx(item.logprob)
+        assert bytes(item.bytes).decode("utf-8", "replace").replace("\ufffd", "") in item.token or item.bytes
+
+
+def test_16_concurrent_streams_each_equal_the_request_alone(server, generator):
+    """Continuous batching: 16 streaming clients with prompts of different lengths join and leave the batch
+    at different steps; every output equals the same request run alone (greedy batch invariance, fp32)."""
+    rng = np.random.default_rng(1)
+    prompts = [[1] + rng.integers(3, 32000, size=int(n)).tolist() for n in rng.integers(1, 40, size=16)]
+    lengths = [int(n) for n in rng.integers(4, 40, size=16)]
+    alone = [greedy(generator, p, n).text for p, n in zip(prompts, lengths, strict=True)]
+    got: list[str | None] = [None] * 16
+    errors: list[BaseException] = []
+    start = threading.Barrier(16)
+
+    def client(i: int) -> None:
+        try:
+            start.wait(timeout=30)
+            stream = server.openai.completions.create(model="tiny", prompt=prompts[i], max_tokens=lengths[i],
+                                                      temperature=0, stream=True)
+            got[i] = "".join(c.choices[0].text for c in stream)
+        except BaseException as e:  # re-raised below with the client's number
+            errors.append(e)
+
+    before = server.metric("mixtrt:generation_tokens_total")
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    elapsed = time.perf_counter() - t0
+    assert not errors, errors
+    assert got == alone
+    tokens = server.metric("mixtrt:generation_tokens_total") - before
+    assert tokens == sum(lengths)
+    print(f"16 concurrent streams: {tokens:.0f} tokens in {elapsed:.2f} s = {tokens / elapsed:.0f} tok/s aggregate")
+
+
+def test_request_log_line(server, caplog):
+    with caplog.at_level("INFO", logger="mixtrt.serve"):
+        server.openai.completions.create(model="tiny", prompt="a", max_tokens=3, temperature=0, stream=True)
+        time.sleep(0.1)
+    [record] = [json.loads(r.getMessage()) for r in caplog.records if '"event": "request"' in r.getMessage()][-1:]
+    assert record["completion_tokens"] == 3 and record["finish"] == ["length"] and record["status"] == 200
+    assert 0 <= record["prefill_s"] <= record["ttft_s"] <= record["first_sent_s"] <= record["e2e_s"]
+
+
+def test_batch_invariance_of_logits(generator):
+    """The backend contract (docs/DESIGN.md, Serving): a row's decode logits do not depend on the rows beside
+    it. onnxruntime fp32 on the CPU: bit-equal (measured); asserted within the fp32 rounding bound."""
+    from tests.checkpoints import close_logits
+
+    backend = generator.backend
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 32000, size=n).tolist() for n in (3, 9, 17, 30)]
+
+    def run(batch):
+        cache = backend.new_cache(len(batch))
+        last = [backend.step(cache, np.array([p]), start_row=r)[0, -1] for r, p in enumerate(batch)]
+        ids = np.array([[int(np.argmax(x))] for x in last])
+        steps = []
+        for _ in range(8):
+            logits = backend.step(cache, ids)[:, 0]
+            steps.append(logits)
+            ids = np.argmax(logits, -1)[:, None]
+        return np.stack(steps, 1)
+
+    together = run(prompts)
+    for i, p in enumerate(prompts):
+        close_logits(together[i], run([p])[0])
+
+
+def test_health_is_503_while_loading(serve_artifact, generator, monkeypatch):
+    from mixtrt.runtime.generation import Generator
+
+    release = threading.Event()
+
+    def load(*args, **kwargs):
+        assert release.wait(30)
+        return generator
+
+    monkeypatch.setattr(Generator, "load", staticmethod(load))
+    s = Server(None, serve_artifact[1], wait=False)
+    try:
+        r = s.http.get("/health")
+        assert r.status_code == 503 and r.json()["error"]["message"] == "Loading model"
+        r = s.http.post("/v1/completions", json={"prompt": "a"})
+        assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+        release.set()
+        s.wait_ready()
+        assert s.http.get("/health").json() == {"status": "ok"}
+    finally:
+        release.set()
+        s.close()
+
