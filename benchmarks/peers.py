@@ -188,15 +188,17 @@ class LlamaServer:
 
 @contextlib.contextmanager
 def start_llama_server(gguf: Path | str, port: int, threads: int, slots: int, *, ctx_per_slot: int = 1024,
-                       timeout_s: float = 120.0) -> Iterator[LlamaServer]:
+                       timeout_s: float = 120.0, extra_args: Sequence[str] = ()) -> Iterator[LlamaServer]:
     """Run `llama-server` on 127.0.0.1:port with continuous batching over `slots` slots (each with its own
     ctx_per_slot-token KV cache), `threads` threads for prefill and decode; yields once GET /health answers 200,
-    stops the server (SIGTERM, then SIGKILL after 10 s) on exit. Its output goes to a log file kept on failure."""
+    stops the server (SIGTERM, then SIGKILL after 10 s) on exit. Its output goes to a log file kept on failure.
+    extra_args: more llama-server flags (`--no-repack`: on this project's machines quantized GGUFs of the benchmark
+    models crash llama.cpp's repacked CPU kernels at load, exit -11, llama-cpp-python included)."""
     info = _peers("llama-server")
     log = Path(tempfile.mkstemp(prefix=f"llama-server-{port}-", suffix=".log")[1])
     cmd = [info["bin"]["llama-server"], "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
            "-t", str(threads), "-tb", str(threads), "--parallel", str(slots), "--cont-batching", "--no-kv-unified",
-           "-c", str(slots * ctx_per_slot), "--no-webui", "--metrics"]
+           "-c", str(slots * ctx_per_slot), "--no-webui", "--metrics", *extra_args]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
     server = LlamaServer(f"http://127.0.0.1:{port}", proc, log)

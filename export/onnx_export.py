@@ -42,6 +42,7 @@ import torch
 from mixtrt import __version__
 from mixtrt.export.model import HEADS, CausalLM, SequenceClassifier, Transformer
 from mixtrt.export.progress import Progress
+from mixtrt.export.quantize import Int4Options, quantize_artifact
 from mixtrt.export.weights_writer import GraphWeight, Transform, our_name, prepare_graph, write_weights
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backends import EXPORT_BACKENDS, window_slack
@@ -50,6 +51,7 @@ from mixtrt.runtime.chat_format import load_chat_tokenizer, resolve_chat_format
 from mixtrt.runtime.errors import ConfigError, MixtrtWarning
 from mixtrt.runtime.manifest import (
     HEADS_FEATURE,
+    INT4_FEATURE,
     MANIFEST,
     MODEL_FILE,
     WEIGHT_INDEX_FEATURE,
@@ -135,11 +137,13 @@ def export_onnx(
     progress: Callable[[str], None] | None = print,
     progress_bar: bool | None = None,
     transform: Transform | None = None,
+    int4: Int4Options | None = None,
 ) -> Path:
     """Export `checkpoint_dir` to the artifact directory `out_dir` (default engines/<name>-<precision>).
 
     progress: where stage lines go (None: quiet). progress_bar: a tqdm bar over the bytes written, on
     stderr (None: when stderr is a terminal). transform: the per-weight hook of export/weights_writer.py.
+    precision "int4": INT4 weights (export/quantize.py), as `int4` says (default Int4Options(): RTN, block 32).
     """
     from mixtrt.export.checkpoint import open_checkpoint
     from mixtrt.plugins.onnx_common import custom_translation_table
@@ -147,9 +151,16 @@ def export_onnx(
     say = Progress(progress, progress_bar)
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision!r} is not one of {sorted(PRECISIONS)}")
+    if int4 is not None and precision != "int4":
+        raise ConfigError(f"int4 options given for precision {precision}: pass --precision int4")
+    if precision == "int4":
+        int4 = int4 or Int4Options()
+        int4.check()
     checkpoint_dir = Path(checkpoint_dir)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint_dir, precision)
     args = ModelArgs.from_checkpoint_dir(checkpoint_dir)
+    if precision == "int4" and args.head != "causal_lm":
+        raise ConfigError(f"--precision int4 serves causal LMs; {checkpoint_dir} is a {args.head} model")
     max_context = resolve_max_context(args, max_context)
     attention = attention_body(args)
     lm = args.head == "causal_lm"
@@ -159,13 +170,21 @@ def export_onnx(
         plan = CachePlan.one_pass(args, max_context, PRECISIONS[precision])
     # the tokenizer and chat format, checked against the model before the (slow) weight writing
     chat = resolve_chat_format(checkpoint_dir, vocab_size=args.vocab_size)
-    load_chat_tokenizer(None, chat, args.vocab_size)
+    tokenizer = load_chat_tokenizer(None, chat, args.vocab_size)
     if chat.note:  # a substituted tokenizer: said whatever `progress` is (the CLI prints it as one line)
         warnings.warn(f"{checkpoint_dir}: {chat.note}", MixtrtWarning, stacklevel=2)
     check_target(out_dir, overwrite=overwrite)
 
     t0 = time.perf_counter()
     dtype = getattr(torch, PRECISIONS[precision])
+    calibration = None
+    if int4 is not None and int4.method == "awq":  # scales moved into the float weights, written by the hook
+        from mixtrt.export.awq import awq_transform, calibration_ids
+
+        seqs, source, tokens = calibration_ids(int4.calibration, tokenizer)
+        say(f"awq: calibrating on {source} ({tokens} tokens)")
+        transform = awq_transform(checkpoint_dir, plan, seqs, int4, say, transform)
+        calibration = {"source": source, "tokens": tokens}
     say(f"reading {checkpoint_dir} ({args.architecture}, {args.num_hidden_layers} layers)")
     with open_checkpoint(checkpoint_dir) as ckpt:  # headers only: names, shapes, dtypes checked up front
         model = _meta_model(args, plan, dtype)
@@ -192,13 +211,23 @@ def export_onnx(
             opsets, summary = _finish_graph(tmp / MODEL_FILE,
                                             Manifest.graph_metadata(args, precision, max_context, plan))
             summary["attention_body"] = attention
-            index.save(tmp)
-            names = [MODEL_FILE, WEIGHTS_FILE]
+            quantization = None
+            if int4 is not None:  # rewrites model.onnx + its data: no weight index (the GPU backends' input)
+                moe = args.moe
+                quantization, facts, opsets = quantize_artifact(
+                    tmp, moe.num_experts_per_tok if moe else None, moe.num_experts if moe else None, int4, say,
+                    calibration)
+                summary.update(facts)
+                names = [MODEL_FILE, DATA_FILE]
+            else:
+                index.save(tmp)
+                names = [MODEL_FILE, WEIGHTS_FILE]
             for name, source in chat.files.items():
                 shutil.copyfile(source, tmp / name)
                 names.append(name)
             files = file_entries(tmp, names)  # small files; the data file was hashed as it was written
-            files[DATA_FILE] = {"sha256": sha, "bytes": size}
+            if quantization is None:
+                files[DATA_FILE] = {"sha256": sha, "bytes": size}
             manifest = Manifest(
                 args=args,
                 precision=precision,
@@ -208,13 +237,16 @@ def export_onnx(
                 outputs=outputs,
                 opsets=opsets,
                 files=files,
-                backends=EXPORT_BACKENDS if lm else ("onnxruntime",),  # the GPU backends run causal LMs only
+                # the GPU backends run causal LMs only, and not the int4 forms yet
+                backends=EXPORT_BACKENDS if lm and quantization is None else ("onnxruntime",),
                 summary=summary,
                 versions=_versions(),
                 source=str(checkpoint_dir.resolve()),
                 chat=chat,
-                features=(() if lm else (HEADS_FEATURE,)) + (WEIGHT_INDEX_FEATURE,),
-                weight_index=WEIGHTS_FILE,
+                features=(() if lm else (HEADS_FEATURE,))
+                + ((INT4_FEATURE,) if quantization else (WEIGHT_INDEX_FEATURE,)),
+                weight_index=None if quantization else WEIGHTS_FILE,
+                quantization=quantization,
             )
             manifest.save(tmp)
     say(f"wrote {out_dir} in {time.perf_counter() - t0:.1f} s")

@@ -83,6 +83,9 @@ def build_engine(artifact: str | Path, *, max_batch: int = 8, opt_level: int = 3
     if manifest.args.head != "causal_lm":
         raise ConfigError(f"{artifact}: TensorRT engines are built for causal LMs; this artifact holds a "
                           f"{manifest.args.head} model")
+    if manifest.quantization is not None:  # docs/DESIGN.md "INT4 weight-only": what a TensorRT build must rewrite
+        raise ConfigError(f"{artifact}: an int4 artifact; its TensorRT graph (the embedding's GatherBlockQuantized and "
+                          "the MoE op's int4 inputs rewritten for TensorRT) is not written yet: build an fp16 artifact")
     if TENSORRT_FEATURE in manifest.features and not force:
         raise ConfigError(f"{artifact}: already holds a TensorRT engine ({ENGINE_FILE}); pass --force to rebuild it")
     cache = Path(timing_cache) if timing_cache is not None else None

@@ -24,8 +24,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def pack_int4(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """W [..., N, K] float -> (qweight uint8 [..., N, K//2], scales [..., N, K//block] in W's dtype)."""
+def pack_int4(w: np.ndarray, block: int, scales: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """W [..., N, K] float -> (qweight uint8 [..., N, K//2], scales [..., N, K//block] in W's dtype).
+
+    scales: given (e.g. a clipped max from a search), q = round(w / scale) clamped to [-8, 7] with them."""
     w = np.asarray(w)
     if not np.issubdtype(w.dtype, np.floating):
         raise ValueError(f"pack_int4 takes a float matrix, got {w.dtype}")
@@ -33,12 +35,38 @@ def pack_int4(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     if block < 2 or block % 2 or K % block:
         raise ValueError(f"block {block} must be even and divide K={K}")
     blocks = w.astype(np.float32).reshape(*w.shape[:-1], K // block, block)
-    scales = (np.abs(blocks).max(axis=-1) / 7).astype(w.dtype)
+    if scales is None:
+        scales = (np.abs(blocks).max(axis=-1) / 7).astype(w.dtype)
+    elif scales.shape != blocks.shape[:-1]:
+        raise ValueError(f"scales {scales.shape} must be {blocks.shape[:-1]} for W {w.shape} in blocks of {block}")
     s = scales.astype(np.float32)[..., None]
     q = np.divide(blocks, s, out=np.zeros_like(blocks), where=s != 0)
     q = np.clip(np.rint(q), -8, 7).astype(np.int8).reshape(w.shape)
     nibbles = q.view(np.uint8) & 0x0F
     return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8), scales
+
+
+def pack_int8(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 8-bit sibling (mixtrt keeps the vocabulary tables at 8 bits by default): W [..., N, K] -> (q int8
+    [..., N, K] in [-127, 127], scales float32 [..., N, K//block] = max|w| / 127 per block), W ~= q * scale."""
+    w = np.asarray(w, np.float32)
+    if w.shape[-1] % block:
+        raise ValueError(f"block {block} does not divide K={w.shape[-1]}")
+    blocks = w.reshape(*w.shape[:-1], w.shape[-1] // block, block)
+    scales = (np.abs(blocks).max(axis=-1) / 127).astype(np.float32)
+    s = scales[..., None]
+    q = np.rint(np.divide(blocks, s, out=np.zeros_like(blocks), where=s != 0))
+    return np.clip(q, -127, 127).astype(np.int8).reshape(w.shape), scales
+
+
+def signed_scales(w: np.ndarray, block: int) -> np.ndarray:
+    """Scales that use all 16 levels, as llama.cpp's q4_0: scale = -(the block's element of largest |w|) / 8, so that
+    element maps to -8 exactly and the rest to [-8, 7] (one more level than max|w| / 7, a 12.5% finer step). The scale
+    is negative where that element is positive: W = q * scale still holds, zero point 0. [..., N, K] -> [..., N,
+    K//block] float32."""
+    blocks = np.asarray(w, np.float32).reshape(*w.shape[:-1], w.shape[-1] // block, block)
+    idx = np.abs(blocks).argmax(axis=-1)[..., None]
+    return (np.take_along_axis(blocks, idx, axis=-1)[..., 0] / -8).astype(np.float32)
 
 
 def int4_values(qweight: np.ndarray) -> np.ndarray:
@@ -59,3 +87,31 @@ def unpack_int4(qweight: np.ndarray, scales: np.ndarray) -> np.ndarray:
     block = K // scales.shape[-1]
     full = np.repeat(np.asarray(scales).astype(np.float32), block, axis=-1)
     return (q.astype(np.float32) * full).astype(scales.dtype)
+
+
+# ---- backend layouts of the same bytes ---------------------------------------------------------------------
+# Each takes pack_int4's qweight [N, K//2] (element 2j of a row in the low nibble, two's complement) and
+# returns what one consumer reads. Scales are shared unchanged except for DequantizeLinear's transpose.
+
+
+def matmulnbits_layout(qweight: np.ndarray, block: int) -> np.ndarray:
+    """onnxruntime MatMulNBits / GatherBlockQuantized B: uint8 [N, K//block, block//2], unsigned nibbles with the
+    default zero point 8 (q + 8 = q XOR 8 per nibble), low nibble first. Scales: [N, K//block] as packed.
+    A GatherBlockQuantized table takes the same bytes as [N, K//2]."""
+    N, half = qweight.shape
+    if block % 2 or (2 * half) % block:
+        raise ValueError(f"block {block} does not divide K={2 * half}")
+    return (np.asarray(qweight, np.uint8) ^ 0x88).reshape(N, 2 * half // block, block // 2)
+
+
+def dequantize_linear_layout(qweight: np.ndarray, scales: np.ndarray) -> tuple[bytes, tuple[int, int], np.ndarray]:
+    """ONNX DequantizeLinear (opset 21, INT4, axis 0, block_size) feeding MatMul's B [K, N]:
+    (raw INT4 bytes of W^T [K, N], row-major, element 2j of the flat tensor in the low nibble, two's complement;
+    its dims (K, N); scales^T [K//block, N])."""
+    q = int4_values(qweight).T  # [K, N]
+    flat = q.reshape(-1)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.int8)])
+    nib = flat.view(np.uint8) & 0x0F
+    return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes(), (q.shape[0], q.shape[1]), \
+        np.ascontiguousarray(np.asarray(scales).T)

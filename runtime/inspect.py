@@ -34,4 +34,5 @@ def inspect_artifact(directory: str | Path, verify: bool = False) -> dict[str, A
         "format_version": m.format_version, "features": list(m.features),
         "chat": d["chat"], "chat_format": m.chat.describe(),
         "generation_defaults": m.chat.generation.describe(a.eos_token_ids),
+        "quantization": d["quantization"], "bytes_per_token": m.summary.get("bytes_per_token"),
     }

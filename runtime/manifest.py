@@ -43,6 +43,7 @@ from mixtrt.runtime.cache import CachePlan
 from mixtrt.runtime.chat_format import ChatFormat
 from mixtrt.runtime.errors import ArtifactError, MixtrtError, Terminated
 from mixtrt.runtime.precision import PRECISIONS
+from mixtrt.runtime.quantization import QUANT_VERSION, Quantization
 
 FORMAT = "mixtrt-artifact"
 FORMAT_VERSION = 2
@@ -57,7 +58,9 @@ ENGINE_CONFIG = "engine.json"
 # "weight-index": the artifact holds a weight index (`weight_index`, runtime/weights.py): every weight's
 # name, dtype, shape and place in model.onnx.data, for backends that do not run the graph.
 WEIGHT_INDEX_FEATURE = "weight-index"
-FEATURES: frozenset[str] = frozenset({HEADS_FEATURE, TENSORRT_FEATURE, WEIGHT_INDEX_FEATURE})  # known features
+# "int4": INT4 weights (precision "int4"), described by the `quantization` record (runtime/quantization.py).
+INT4_FEATURE = "int4"
+FEATURES: frozenset[str] = frozenset({HEADS_FEATURE, TENSORRT_FEATURE, WEIGHT_INDEX_FEATURE, INT4_FEATURE})  # known
 # Fields a manifest may leave out (older exports of the same format version): their default applies.
 OPTIONAL_FIELDS = frozenset({"weight_index"})
 MANIFEST = "manifest.json"
@@ -103,7 +106,7 @@ class Manifest:
     backends: tuple[str, ...] = ("onnxruntime",)  # backends that can run this artifact
     summary: dict[str, Any] = field(default_factory=dict)  # graph facts for `mixtrt inspect`: ops, parameters
     versions: dict[str, str | None] = field(default_factory=dict)
-    quantization: dict[str, Any] | None = None
+    quantization: Quantization | None = None  # precision "int4" only (feature "int4")
     source: str | None = None
     features: tuple[str, ...] = ()
     weight_index: str | None = None  # the weight index file (weights.json) with the "weight-index" feature
@@ -218,7 +221,7 @@ class Manifest:
             "features": list(self.features),
             "model": self.args.to_dict(),
             "precision": self.precision,
-            "quantization": self.quantization,
+            "quantization": self.quantization.to_dict() if self.quantization is not None else None,
             "max_context": self.max_context,
             "cache": self.cache.to_dict(),
             "backends": list(self.backends),
@@ -265,6 +268,11 @@ class Manifest:
         missing = sorted(set(cls._empty_fields()) - set(d) - OPTIONAL_FIELDS)
         if missing:
             raise ArtifactError(f"{source}: missing field {missing[0]!r}; {EDITED}")
+        quant = d["quantization"]
+        if isinstance(quant, dict) and isinstance(quant.get("version"), int) and quant["version"] != QUANT_VERSION:
+            raise ArtifactError(f"{source}: quantization version {quant['version']} is not the one this mixtrt reads "
+                                f"({QUANT_VERSION}); " + ("upgrade mixtrt" if quant["version"] > QUANT_VERSION
+                                                          else "export the checkpoint again"))
         try:
             return cls._parse(d, features, version)
         except MixtrtError as e:
@@ -323,8 +331,14 @@ class Manifest:
                 raise ArtifactError(f"{key} must be an object, got {d[key]!r}")
         if not all(v is None or isinstance(v, str) for v in d["versions"].values()):
             raise ArtifactError(f"versions must map each library to a version string or null, got {d['versions']!r}")
-        if d["quantization"] is not None:  # quantized weights will come with a feature of their own
-            raise ArtifactError(f"quantization must be null without a feature for it, got {d['quantization']!r}")
+        int4 = precision == "int4"
+        if int4 != (INT4_FEATURE in features):
+            raise ArtifactError(f"precision {precision} " + ("needs" if int4 else "cannot list")
+                                + f" the feature {INT4_FEATURE!r}")
+        if int4 != (d["quantization"] is not None):
+            raise ArtifactError("quantization must be " + ("a record" if int4 else "null")
+                                + f" for precision {precision}, got {d['quantization']!r}")
+        quantization = Quantization.from_dict(d["quantization"]) if int4 else None
         if d["source"] is not None and not isinstance(d["source"], str):
             raise ArtifactError(f"source must be a path or null, got {d['source']!r}")
         engine = ENGINE_FILE in files and ENGINE_CONFIG in files and "tensorrt" in backends
@@ -343,7 +357,7 @@ class Manifest:
         return cls(
             args=args, precision=precision, max_context=max_context, cache=cache, inputs=tensors[0],
             outputs=tensors[1], opsets=dict(opsets), files=dict(files), chat=chat, backends=tuple(backends),
-            summary=dict(d["summary"]), versions=dict(d["versions"]), quantization=None, source=d["source"],
+            summary=dict(d["summary"]), versions=dict(d["versions"]), quantization=quantization, source=d["source"],
             features=tuple(features), weight_index=weight_index, format_version=version,
         )
 

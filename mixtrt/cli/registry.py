@@ -29,6 +29,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("run", "mixtrt.cli.commands.run", "base",
             "Run a base-model or classifier artifact over texts: hidden states, labels (the config's id2label), "
             "token labels, or answer spans (--question)."),
+    Command("perplexity", "mixtrt.cli.commands.perplexity", "base",
+            "Held-out perplexity of an artifact on a text file; with --reference, mean KL divergence and top-1 "
+            "agreement against another artifact (e.g. int4 against fp32)."),
     Command("chat", "mixtrt.cli.commands.chat", "base",
             "Interactive multi-turn chat with the model's chat template (an empty line or Ctrl-D ends)."),
     Command("build", "mixtrt.cli.commands.build", "tensorrt",

@@ -54,6 +54,9 @@ class OrtBackend:
             opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 4  # fatal only: a failing step's error is raised (BackendError), not also logged
+        if manifest.quantization is not None:  # the fused DequantizeLinear + MatMul -> MatMulNBits
+            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level",
+                                          str(manifest.quantization.accuracy_level))
         model_path = self.directory / MODEL_FILE
         manifest.check_graph_io(self.directory)
         try:

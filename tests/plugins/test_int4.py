@@ -57,3 +57,126 @@ def test_zero_block_and_rejections():
         pack_int4(np.zeros((2, 8), np.int32), 4)
     with pytest.raises(ValueError, match="scales"):
         unpack_int4(np.zeros((2, 4), np.uint8), np.zeros((3, 2), np.float32))
+
+
+# ---- the onnxruntime layouts of the same bytes, each run by onnxruntime vs numpy on the dequantized weights ----
+
+def _ort(nodes, inits, k: int, n: int, accuracy_level: int = 0) -> np.ndarray:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _linear_case(block: int):
+    rng = np.random.default_rng(block)
+    w = rng.standard_normal((48, 128)).astype(np.float32)  # [N, K]
+    x = rng.standard_normal((5, 128)).astype(np.float32)
+    q, s = pack_int4(w, block)
+    return x, q, s, x @ unpack_int4(q, s).T
+
+
+@pytest.mark.parametrize("block", [16, 32, 64])
+def test_dequantize_linear_layout_on_onnxruntime(block):
+    """DequantizeLinear(INT4 [K, N], axis 0, block) -> MatMul, as the exporter writes dense layers: onnxruntime
+    (which fuses it into MatMulNBits) equals x @ unpack_int4(q, s)^T; the scales' transpose is the block axis."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mixtrt.plugins.int4 import dequantize_linear_layout
+
+    x, q, s, ref = _linear_case(block)
+    raw, dims, st = dequantize_linear_layout(q, s)
+    assert dims == (128, 48) and st.shape == (128 // block, 48)
+    nodes = [helper.make_node("DequantizeLinear", ["w", "s"], ["wd"], axis=0, block_size=block),
+             helper.make_node("MatMul", ["x", "wd"], ["y"])]
+    inits = [helper.make_tensor("w", TensorProto.INT4, list(dims), raw, raw=True), numpy_helper.from_array(st, "s")]
+    y = _ort(nodes, inits, 128, 48).run(None, {"x": x})[0]
+    assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+    y4 = _ort(nodes, inits, 128, 48, accuracy_level=4).run(None, {"x": x})[0]  # int8 activations
+    assert np.abs(y4 - ref).max() <= 2e-2 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_matmulnbits_layout_and_traps(block):
+    """MatMulNBits on matmulnbits_layout equals the numpy reference; swapped nibbles or scales of the wrong
+    block axis are caught (errors far above the tolerance)."""
+    from onnx import helper, numpy_helper
+
+    from mixtrt.plugins.int4 import matmulnbits_layout
+
+    x, q, s, ref = _linear_case(block)
+
+    def run(packed, scales):
+        node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=128, N=48, bits=4,
+                                block_size=block, accuracy_level=0)
+        inits = [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(scales, "s")]
+        y = _ort([node], inits, 128, 48).run(None, {"x": x})[0]
+        return np.abs(y - ref).max() / np.abs(ref).max()
+
+    packed = matmulnbits_layout(q, block)
+    assert packed.shape == (48, 128 // block, block // 2)
+    assert run(packed, s) <= 1e-5
+    swapped = ((packed & 0x0F) << 4) | (packed >> 4)
+    assert run(swapped, s) > 0.1  # nibble order
+    assert run(packed, np.ascontiguousarray(s[::-1])) > 0.1  # scales of another row / block
+
+
+def test_signed_scales_use_all_sixteen_levels():
+    """signed_scales: the block's largest-magnitude weight maps to -8 exactly (either sign), every weight rounds
+    within |scale| / 2 (within |scale| where it clips to 7), and pack_int4 with them round-trips W = q * scale."""
+    from mixtrt.plugins.int4 import signed_scales
+
+    w = np.array([[2.0, -1.0, 0.5, 0.25, -4.0, 1.0, 3.0, 0.0]], np.float32)  # blocks of 4: extremes +2, -4
+    s = signed_scales(w, 4)
+    assert s.tolist() == [[-0.25, 0.5]]
+    q, s2 = pack_int4(w, 4, s)
+    assert int4_values(q).tolist() == [[-8, 4, -2, -1, -8, 2, 6, 0]]
+    assert np.array_equal(unpack_int4(q, s2), w)
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((6, 64)).astype(np.float32)
+    s = signed_scales(w, 32)
+    q, _ = pack_int4(w, 32, s)
+    err, step = np.abs(unpack_int4(q, s) - w), np.repeat(np.abs(s), 32, axis=-1)
+    clipped = int4_values(q) == 7  # an opposite-sign weight near the extreme lands on 7 (+8 does not exist)
+    assert (err[~clipped] <= step[~clipped] / 2 + 1e-6).all() and (err <= step + 1e-6).all()
+    assert (int4_values(q) == -8).sum() >= 12  # every block's extreme
+    with pytest.raises(ValueError, match="scales"):
+        pack_int4(w, 32, s[:, :1])
+
+
+def test_int8_layouts_on_onnxruntime():
+    """The 8-bit vocabulary tables: DequantizeLinear(INT8 [K, N], axis 0, block) -> MatMul (fused by onnxruntime
+    into an 8-bit MatMulNBits) and GatherBlockQuantized(bits=8) on q + 128 equal numpy on the dequantized weights."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mixtrt.plugins.int4 import pack_int8
+
+    x, _, _, _ = _linear_case(32)
+    w = np.random.default_rng(7).standard_normal((48, 128)).astype(np.float32)
+    q, s = pack_int8(w, 32)
+    assert q.dtype == np.int8 and np.abs(q).max() == 127 and s.shape == (48, 4)
+    deq = (q.reshape(48, 4, 32) * s[..., None]).reshape(48, 128)
+    assert np.abs(deq - w).max() <= np.repeat(s, 32, axis=-1).max() / 2 + 1e-6
+    nodes = [helper.make_node("DequantizeLinear", ["w", "s"], ["wd"], axis=0, block_size=32),
+             helper.make_node("MatMul", ["x", "wd"], ["y"])]
+    inits = [numpy_helper.from_array(np.ascontiguousarray(q.T), "w"),
+             numpy_helper.from_array(np.ascontiguousarray(s.T), "s")]
+    y = _ort(nodes, inits, 128, 48).run(None, {"x": x})[0]
+    ref = x @ deq.T
+    assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+    g = helper.make_graph([helper.make_node("GatherBlockQuantized", ["t", "ids", "s"], ["y"], domain="com.microsoft",
+                                            gather_axis=0, quantize_axis=1, block_size=32, bits=8)], "g",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 128])],
+                          [numpy_helper.from_array(q.view(np.uint8) ^ 0x80, "t"), numpy_helper.from_array(s, "s")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([3, 0, 47])
+    assert np.array_equal(sess.run(None, {"ids": ids})[0], deq[ids])

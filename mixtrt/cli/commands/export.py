@@ -15,13 +15,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None,
                    help="positions the artifact serves; the KV cache length of models without a sliding window "
                         "(default: max_position_embeddings with a window, else min(it, 4096))")
+    q = p.add_argument_group("int4 (--precision int4: INT4 weights, fp32 activations; README \"INT4\")")
+    q.add_argument("--block-size", type=int, choices=(32, 64, 128), default=None,
+                   help="weights per scale along the input dimension (default 32)")
+    q.add_argument("--method", choices=("rtn", "awq"), default=None,
+                   help="rtn: round to nearest; awq: activation-aware scales from a calibration text (default rtn)")
+    q.add_argument("--calibration", type=Path, default=None,
+                   help="UTF-8 text for --method awq (default: the calibration text shipped with mixtrt)")
+    q.add_argument("--keep-float", default=None,
+                   help="comma-separated tensors kept float, by name or pattern: lm_head,embed_tokens,layers.0.*")
+    q.add_argument("--int8", default=None,
+                   help="comma-separated tensors stored as INT8 instead (default lm_head,embed_tokens: the vocabulary "
+                        "tables, as llama.cpp keeps them at 6 bits); '' for none")
+    q.add_argument("--accuracy-level", type=int, choices=(0, 4), default=None,
+                   help="onnxruntime int4 matmuls: 4 quantizes activations to int8 (faster, default), 0 keeps fp32")
     p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def run(ns: argparse.Namespace) -> int:
     from mixtrt.export.onnx_export import export_onnx
+    from mixtrt.export.quantize import Int4Options
+    from mixtrt.runtime.errors import ConfigError
 
+    given = {k: v for k, v in (("block_size", ns.block_size), ("method", ns.method), ("calibration", ns.calibration),
+                               ("keep_float", ns.keep_float), ("int8", ns.int8),
+                               ("accuracy_level", ns.accuracy_level)) if v is not None}
+    if given and ns.precision != "int4":
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ConfigError(f"{flags} apply to --precision int4 only")
+    for key in ("keep_float", "int8"):
+        if key in given:
+            given[key] = tuple(t.strip() for t in given[key].split(",") if t.strip())
+    int4 = Int4Options(**given) if ns.precision == "int4" else None
     export_onnx(ns.checkpoint, ns.out, precision=ns.precision, max_context=ns.max_context, overwrite=ns.force,
-                progress=None if ns.quiet else print)
+                progress=None if ns.quiet else print, int4=int4)
     return 0

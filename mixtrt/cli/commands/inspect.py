@@ -40,6 +40,24 @@ def run(ns: argparse.Namespace) -> int:
               + (f" (window {c['window']})" if c["window"] else "")
               + f", {c['bytes_per_row'] / 2**20:.2f} MiB per batch row")
     print(f"parameters    {info['parameters'] / 1e6:.2f} M ({info['parameter_bytes'] / 2**20:.1f} MiB)")
+    q = info["quantization"]
+    if q is not None:
+        blocks = sorted(set(q["blocks"].values()))
+        print(f"quantization  int{q['bits']} {q['method']}, block {q['block_size']}"
+              + (f" (smaller where it does not divide: {len(q['blocks'])} tensors at {blocks})" if blocks else "")
+              + f", symmetric, {q['scale_dtype']} scales, onnxruntime accuracy level {q['accuracy_level']}"
+              + (f", calibrated on {q['calibration']['source']} ({q['calibration']['tokens']} tokens)"
+                 if q["calibration"] else ""))
+        if q["int8"]:
+            print(f"  int8        {', '.join(q['int8'])} (8-bit, same blocks)")
+        reasons: dict[str, list[str]] = {}
+        for name, why in q["float"].items():
+            reasons.setdefault(why, []).append(name)
+        for why, names in reasons.items():
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            print(f"  kept float  {shown}: {why}")
+    if info["bytes_per_token"]:
+        print(f"decode reads  {info['bytes_per_token'] / 2**20:.2f} MiB of weights per token")
     print(f"chat          {info['chat_format']}")
     print(f"generation    {info['generation_defaults']}")
     print("ops           " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items())

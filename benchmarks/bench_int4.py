@@ -1,0 +1,208 @@
+"""INT4 weight-only: mixtrt int4 vs mixtrt fp32 vs llama.cpp q4_0 / q4_K_M vs onnxruntime-genai int4 (Mistral only:
+its builder refuses Mixtral), on the Mixtral- and Mistral-shaped benchmark models (random 0.02-init weights).
+
+Batch 1, a 128-token prompt, 256 greedy tokens, 2 threads, each engine in its own subprocess (peak RSS is its own):
+prefill and decode tok/s, peak RSS, artifact bytes, weight bytes per decoded token and the decode rate as a fraction
+of the read-bandwidth limit (int4: from the manifest's bytes_per_token). llama.cpp runs as llama-server with
+`--no-repack`: its repacked CPU kernels crash (exit -11) on quantized GGUFs of these models on this machine.
+
+Quality, each quantized engine against its own fp32: teacher-forced over prompt + 255 tokens (the fp32 greedy
+continuation) for mixtrt (argmax agreement, max / rms logit error); mean KL and top-1 agreement with llama.cpp's
+own `llama-perplexity --kl-divergence` for llama.cpp and `mixtrt perplexity --reference` for mixtrt, on the
+same text and context (the bench models: 8 chunks of 384 tokens of heldout.txt; the built-in model: its held-out
+text in chunks of 64, where llama.cpp's missing sliding window does not bite). llama-perplexity scores the
+second half of each chunk and starts each with BOS; mixtrt scores all but a chunk's first token.
+Needs the peers (benchmarks/setup_peers.sh, MIXTRT_PEERS_DIR).
+
+    .venv/bin/python benchmarks/bench_int4.py [--models mixtral mistral] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_generate import bandwidth_gb_s, bytes_per_token, prompts, run_child  # noqa: E402
+from common import SHAPES, make_benchmark_checkpoint  # noqa: E402
+
+
+def size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def mixtrt_logits(artifact: Path, ids: list[int], threads: int) -> np.ndarray:
+    from mixtrt.runtime.backends.onnxruntime import OrtBackend
+
+    b = OrtBackend.load(artifact, threads=threads)
+    cache, out = b.new_cache(1), []
+    for i in range(0, len(ids), b.capacity):
+        out.append(b.step(cache, np.asarray([ids[i:i + b.capacity]], np.int64))[0])
+    return np.concatenate(out)
+
+
+def quality(test: np.ndarray, ref: np.ndarray) -> str:
+    scale = np.abs(ref).max()
+    agree = float((test.argmax(-1) == ref.argmax(-1)).mean())
+    return (f"argmax agreement {agree:.1%}, max|err| {np.abs(test - ref).max() / scale:.3f}, "
+            f"rms {np.sqrt(((test - ref) ** 2).mean()) / scale:.4f} (of max|ref|)")
+
+
+def llama_server_generate(gguf: Path, prompt: list[int], new_tokens: int, threads: int) -> dict:
+    import json
+    import urllib.request
+
+    from peers import _NO_PROXY, start_llama_server
+
+    def post(srv, n: int) -> dict:
+        body = json.dumps({"prompt": prompt, "n_predict": n, "temperature": 0, "ignore_eos": True,
+                           "cache_prompt": False}).encode()
+        req = urllib.request.Request(srv.url + "/completion", body, {"Content-Type": "application/json"})
+        with _NO_PROXY.open(req, timeout=600) as r:
+            return json.load(r)
+
+    with start_llama_server(gguf, 8597, threads, 1, ctx_per_slot=1024, extra_args=("--no-repack",)) as srv:
+        post(srv, 4)  # warm-up
+        t = post(srv, new_tokens)["timings"]
+        return {"prefill_tok_s": t["prompt_per_second"], "decode_tok_s": t["predicted_per_second"],
+                "peak_rss_mib": srv.peak_rss_mib()}
+
+
+def llama_kl(f32: Path, quant: Path, text: Path, ctx: int, chunks: int, threads: int, work: Path) -> str:
+    import re
+
+    from peers import _peers
+
+    exe = _peers("llama-perplexity")["bin"]["llama-perplexity"]
+    base = work / f"{f32.stem}-c{ctx}.kld"
+    common = ["-f", str(text), "-c", str(ctx), "-t", str(threads), "--no-repack", "--chunks", str(chunks)]
+    if not base.exists():
+        subprocess.run([exe, "-m", str(f32), *common, "--kl-divergence-base", str(base)], capture_output=True,
+                       check=True)
+    out = subprocess.run([exe, "-m", str(quant), *common, "--kl-divergence-base", str(base), "--kl-divergence"],
+                         capture_output=True, text=True, check=True)
+    text_out = out.stdout + out.stderr
+    kld = re.search(r"Mean\s+KLD:\s+([-\d.]+)", text_out)
+    top = re.search(r"Same top p:\s+([\d.]+)", text_out)
+    ppl = re.search(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", text_out)
+    return (f"mean KL {float(kld.group(1)):.5f}, top-1 agreement {float(top.group(1)):.1f}%"
+            + (f", PPL(Q) {float(ppl.group(1)):.3f}" if ppl else "")) if kld and top else text_out[-500:]
+
+
+def mixtrt_kl(test: Path, ref: Path, text: Path, ctx: int, chunks: int | None, threads: int) -> str:
+    from mixtrt.runtime.generation import Generator
+    from mixtrt.runtime.perplexity import evaluate
+
+    g, r = Generator.load(test, threads=threads), Generator.load(ref, threads=threads)
+    ids = g.tokenizer.encode(text.read_text(encoding="utf-8"))
+    ids = ids[:ctx * chunks] if chunks else ids
+    out = evaluate(g.backend, ids, ctx, reference=r.backend)
+    return (f"mean KL {out['mean_kl']:.5f}, top-1 agreement {out['top1_agreement']:.1%}, "
+            f"perplexity {out['perplexity']:.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["mixtral", "mistral"], choices=sorted(SHAPES))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/mixtrt-bench"))
+    ap.add_argument("--no-builtin", action="store_true", help="skip the built-in model's KL comparison")
+    ns = ap.parse_args()
+    from peers import genai_generate, genai_model_from_checkpoint, gguf_from_checkpoint
+
+    from mixtrt.export.onnx_export import export_onnx, is_current
+    from mixtrt.runtime.manifest import Manifest
+
+    bw = bandwidth_gb_s(ns.threads)
+    load = os.getloadavg()
+    print(f"threads {ns.threads}, batch 1, prompt {ns.prompt_len}, {ns.new_tokens} greedy tokens; read bandwidth "
+          f"{bw:.1f} GB/s; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    for name in ns.models:
+        ckpt = make_benchmark_checkpoint(name, ns.work)
+        arts = {}
+        for prec in ("fp32", "int4"):
+            arts[prec] = ns.work / f"{name}-{prec}"
+            if not is_current(arts[prec], ckpt) or Manifest.read(arts[prec]).precision != prec:
+                export_onnx(ckpt, arts[prec], precision=prec, overwrite=True, progress=None)
+        ggufs = {q: gguf_from_checkpoint(ckpt, ns.work / "gguf", q) for q in ("f32", "q4_0", "q4_K_M")}
+        genai = None
+        if SHAPES[name]["family"] == "mistral":
+            genai, why = genai_model_from_checkpoint(ckpt, ns.work / f"{name}-genai-int4", "int4")
+            if genai is None:
+                print(why)
+        prompt = prompts(1, ns.prompt_len)
+        kw = dict(threads=ns.threads, prompt_len=ns.prompt_len, new_tokens=ns.new_tokens, batch=1)
+        fp32_bpt = bytes_per_token(SHAPES[name])
+        int4_bpt = Manifest.read(arts["int4"]).summary["bytes_per_token"]
+        rows = []
+        for rep in range(2):  # interleaved, best of two
+            for eng in ("mixtrt fp32", "mixtrt int4", "llama q4_0", "llama q4_K_M", "genai int4"):
+                t = time.perf_counter()
+                if eng.startswith("mixtrt"):
+                    r = run_child("mixtrt", artifact=arts[eng.split()[1]], **kw)
+                elif eng.startswith("llama"):
+                    r = llama_server_generate(ggufs[eng.split()[1]], prompt[0], ns.new_tokens, ns.threads)
+                elif genai is not None:
+                    r = genai_generate(genai, prompt[0], ns.new_tokens, ns.threads)
+                else:
+                    continue
+                r["engine"], r["rep"], r["wall"] = eng, rep, time.perf_counter() - t
+                rows.append(r)
+        print(f"\n{name}: fp32 weights {fp32_bpt / 2**20:.1f} MiB/token, int4 {int4_bpt / 2**20:.1f} MiB/token")
+        print(f"{'engine':<14}{'prefill tok/s':>14}{'decode tok/s':>13}{'peak RSS MiB':>13}{'artifact MiB':>13}"
+              f"{'of bw limit':>12}")
+        for eng in dict.fromkeys(r["engine"] for r in rows):
+            best = max((r for r in rows if r["engine"] == eng), key=lambda r: r["decode_tok_s"])
+            art = {"mixtrt fp32": arts["fp32"], "mixtrt int4": arts["int4"], "genai int4": genai}.get(eng) \
+                or ggufs[eng.split()[1]]
+            bpt = fp32_bpt if eng == "mixtrt fp32" else int4_bpt if eng == "mixtrt int4" else None
+            frac = f"{best['decode_tok_s'] * bpt / (bw * 1e9):>11.0%}" if bpt else f"{'':>11}"
+            print(f"{eng:<14}{best['prefill_tok_s']:>14.1f}{best['decode_tok_s']:>13.1f}{best['peak_rss_mib']:>13.0f}"
+                  f"{size(Path(art)) / 2**20:>13.1f}{frac}")
+        # quality: teacher-forced over prompt + 255 tokens of the fp32 greedy continuation
+        from mixtrt.runtime.generation import GenerationConfig, Generator
+
+        gen = Generator.load(arts["fp32"], threads=ns.threads)
+        cont = gen.generate(prompt, GenerationConfig(max_new_tokens=ns.new_tokens, eos_token_id=()))[0].token_ids
+        ids = prompt[0] + list(cont[:-1])
+        ref = mixtrt_logits(arts["fp32"], ids, ns.threads)
+        print("mixtrt int4 vs mixtrt fp32:  " + quality(mixtrt_logits(arts["int4"], ids, ns.threads), ref))
+        text = HERE.parent / "models" / "tiny-mixtral" / "heldout.txt"
+        print("KL, 8 chunks of 384 tokens of heldout.txt:")
+        print("  mixtrt int4 vs fp32:    " + mixtrt_kl(arts["int4"], arts["fp32"], text, 384, 8, ns.threads))
+        for q in ("q4_0", "q4_K_M"):
+            print(f"  llama {q} vs f32:" + " " * (9 - len(q)) + llama_kl(ggufs["f32"], ggufs[q], text, 384, 8,
+                                                                         ns.threads, ns.work))
+    if not ns.no_builtin:
+        model = HERE.parent / "models" / "tiny-mixtral"
+        text = model / "heldout.txt"
+        print("\nbuilt-in model, held-out text in chunks of 64 (all 225):")
+        for method in ("rtn", "awq"):
+            from mixtrt.export.quantize import Int4Options
+
+            art = ns.work / f"builtin-int4-{method}"
+            if not is_current(art, model) or Manifest.read(art).quantization.method != method:
+                export_onnx(model, art, precision="int4", int4=Int4Options(method=method), overwrite=True,
+                            progress=None)
+            fp32 = ns.work / "builtin-fp32"
+            if not is_current(fp32, model) or Manifest.read(fp32).precision != "fp32":
+                export_onnx(model, fp32, overwrite=True, progress=None)
+            print(f"  mixtrt int4 {method} vs fp32: " + mixtrt_kl(art, fp32, text, 64, None, ns.threads))
+        ggufs = {q: gguf_from_checkpoint(model, ns.work / "gguf", q) for q in ("f32", "q4_0", "q4_K_M")}
+        for q in ("q4_0", "q4_K_M"):
+            print(f"  llama {q} vs f32:" + " " * (10 - len(q)) + llama_kl(ggufs["f32"], ggufs[q], text, 64, -1,
+                                                                          ns.threads, ns.work))
+    subprocess.run(["uptime"])
+
+
+if __name__ == "__main__":
+    main()

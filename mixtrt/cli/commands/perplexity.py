@@ -1,0 +1,50 @@
+"""`mixtrt perplexity`: held-out perplexity of an artifact on a text file; with --reference, the mean KL divergence
+and top-1 agreement against another artifact (runtime/perplexity.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mixtrt.cli.options import threads
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", type=Path, help="artifact directory (written by `mixtrt export`)")
+    p.add_argument("--text", type=Path, required=True, help="UTF-8 text file, used as is ([BOS] + its tokens)")
+    p.add_argument("--chunk", type=int, default=256,
+                   help="tokens per chunk, each scored from an empty cache (default 256, training/evaluate.py's)")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="another artifact of the same model (e.g. the fp32 one): adds mean KL and top-1 agreement")
+    p.add_argument("--threads", type=threads, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(ns: argparse.Namespace) -> int:
+    from mixtrt.runtime.errors import ConfigError
+    from mixtrt.runtime.generation import Generator
+    from mixtrt.runtime.perplexity import chunks, evaluate
+
+    try:
+        text = ns.text.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"--text {ns.text}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--text {ns.text}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    chunks([], ns.chunk)  # checks --chunk before loading anything
+    gen = Generator.load(ns.artifact, threads=ns.threads)
+    ref = Generator.load(ns.reference, threads=ns.threads) if ns.reference is not None else None
+    ids = gen.tokenizer.encode(text)
+    if ref is not None and ref.tokenizer.encode(text) != ids:
+        raise ConfigError(f"--reference {ns.reference}: its tokenizer splits the text differently")
+    out = evaluate(gen.backend, ids, ns.chunk, reference=ref.backend if ref is not None else None)
+    if ns.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    line = (f"perplexity {out['perplexity']:.4f} over {out['scored_tokens']} scored tokens "
+            f"({out['tokens']} tokens, chunks of {out['chunk']})")
+    if ref is not None:
+        line += f"; vs {ns.reference}: mean KL {out['mean_kl']:.5f} nats, top-1 agreement {out['top1_agreement']:.2%}"
+    print(line)
+    return 0

@@ -1,0 +1,77 @@
+"""Held-out perplexity of an artifact on a text, and with a reference artifact the mean KL divergence and top-1
+agreement of its next-token distributions (what llama.cpp's perplexity tool offers; `mixtrt perplexity`).
+
+Protocol (training/evaluate.py's, so the numbers compare with models/tiny-mixtral/eval.json):
+ids = [BOS] + tokenizer.encode(text); consecutive non-overlapping chunks of `chunk` tokens, each from an
+empty cache (a last chunk of < 2 tokens is dropped); every token but a chunk's first is scored;
+perplexity = exp(mean NLL), log-softmax in float64 over the full vocabulary.
+
+    >>> from mixtrt.runtime.generation import Generator                     # doctest: +SKIP
+    >>> evaluate(Generator.load("engines/tiny-int4").backend, ids, 256,     # doctest: +SKIP
+    ...          reference=Generator.load("engines/tiny-fp32").backend)
+    {'perplexity': 106.1, 'scored_tokens': 14363, 'mean_kl': 0.0061, 'top1_agreement': 0.962, ...}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from mixtrt.runtime.backends.base import Backend
+from mixtrt.runtime.errors import ConfigError
+
+
+def chunks(ids: list[int], chunk: int) -> list[list[int]]:
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 2:
+        raise ConfigError(f"--chunk must be an integer >= 2, got {chunk!r}")
+    out = [ids[i:i + chunk] for i in range(0, len(ids), chunk)]
+    return [c for c in out if len(c) >= 2]
+
+
+def chunk_logprobs(backend: Backend, ids: list[int]) -> np.ndarray:
+    """[len(ids) - 1, V] float64 log-softmax of the logits predicting ids[1:], from an empty cache, fed in
+    pieces of at most the cache capacity."""
+    if len(ids) > backend.max_positions:
+        raise ConfigError(f"a chunk of {len(ids)} tokens is past the artifact's {backend.max_positions} positions: "
+                          "pass a smaller --chunk")
+    cache = backend.new_cache(1)
+    parts = []
+    for i in range(0, len(ids) - 1, backend.capacity):
+        piece = np.asarray([ids[i:min(i + backend.capacity, len(ids) - 1)]], dtype=np.int64)
+        parts.append(backend.step(cache, piece)[0].astype(np.float64))
+    logits = np.concatenate(parts)
+    if not np.isfinite(logits).all():
+        raise ConfigError("the model produced non-finite logits on this text")
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _pairs(backend: Backend, reference: Backend | None, ids: list[int], chunk: int
+           ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray | None]]:
+    for c in chunks(ids, chunk):
+        yield c, chunk_logprobs(backend, c), chunk_logprobs(reference, c) if reference is not None else None
+
+
+def evaluate(backend: Backend, ids: list[int], chunk: int = 256, reference: Backend | None = None) -> dict:
+    """Perplexity of ids under `backend`; with `reference`, also mean KL(reference || backend) per scored token
+    (nats) and the fraction of scored positions where both put the same token first."""
+    if reference is not None and reference.args.vocab_size != backend.args.vocab_size:
+        raise ConfigError(f"the reference's vocabulary ({reference.args.vocab_size}) is not the artifact's "
+                          f"({backend.args.vocab_size})")
+    nll = kl = 0.0
+    count = agree = 0
+    for c, logp, ref in _pairs(backend, reference, ids, chunk):
+        target = np.asarray(c[1:])
+        nll -= float(logp[np.arange(len(target)), target].sum())
+        count += len(target)
+        if ref is not None:
+            kl += float((np.exp(ref) * (ref - logp)).sum())
+            agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+    if count == 0:
+        raise ConfigError(f"the text has {len(ids)} tokens: perplexity needs at least 2")
+    out: dict = {"perplexity": float(np.exp(nll / count)), "mean_nll": nll / count, "scored_tokens": count,
+                 "chunk": chunk, "tokens": len(ids)}
+    if reference is not None:
+        out |= {"mean_kl": kl / count, "top1_agreement": agree / count}
+    return out

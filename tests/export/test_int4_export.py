@@ -1,0 +1,187 @@
+"""--precision int4 end to end: tiny Mistral and Mixtral artifacts (window shorter than the prompt) against the
+reference model on the dequantized weights and against the fp32 artifact; the manifest's record; the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mixtrt.export import export_onnx, load_model
+from mixtrt.export.model import KVCache as TorchCache
+from mixtrt.export.quantize import Int4Options, block_for, rtn
+from mixtrt.plugins.int4 import pack_int8, unpack_int4
+from mixtrt.runtime.backends.onnxruntime import OrtBackend
+from mixtrt.runtime.errors import ArtifactError, ConfigError
+from mixtrt.runtime.generation import GenerationConfig, Generator
+from mixtrt.runtime.manifest import Manifest
+from tests.checkpoints import EXPORT_W as W
+from tests.checkpoints import make_checkpoint
+
+FAMILIES = ["mistral-window", "mixtral-window"]
+BLOCK = 64  # hidden 64 takes it; intermediate 96 does not: 32 for those tensors (recorded)
+DEQ_RTOL = 1e-4  # accuracy level 0 vs the reference on the dequantized weights, relative to max|ref|
+
+
+@pytest.fixture(scope="module")
+def int4_artifacts(exported, tmp_path_factory):
+    """name -> (checkpoint, int4 artifact at accuracy level 0, block 64) of the shared tiny checkpoints."""
+    root = tmp_path_factory.mktemp("int4")
+    return {name: (exported[name][0], export_onnx(exported[name][0], root / name, precision="int4", progress=None,
+                                                  int4=Int4Options(block_size=BLOCK, accuracy_level=0)))
+            for name in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def realistic_pairs(tmp_path_factory):
+    """name -> (fp32 artifact, int4 artifact with the defaults) of tiny checkpoints with initializer_range 0.05:
+    the 0.5 of the shared ones makes every layer chaotic, so any rounding changes the logits completely."""
+    root = tmp_path_factory.mktemp("int4-vs-fp32")
+    out = {}
+    for name, family in (("mistral-window", "mistral"), ("mixtral-window", "mixtral")):
+        ck = make_checkpoint(root / f"{name}-ck", family, sliding_window=W, max_position_embeddings=64,
+                             initializer_range=0.05)
+        out[name] = (export_onnx(ck, root / f"{name}-fp32", progress=None),
+                     export_onnx(ck, root / f"{name}-int4", precision="int4", progress=None))
+    return out
+
+
+def _dequantized_reference(ck):
+    """The reference model with every weight the exporter quantizes replaced by its int4 round trip."""
+    model = load_model(ck)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and not name.endswith("gate.weight"):
+                b = block_for(p.shape[1], BLOCK)
+                if name in ("lm_head.weight", "model.embed_tokens.weight"):  # INT8 by default
+                    q, s = pack_int8(p.numpy(), b)
+                    p.copy_(torch.from_numpy((q.reshape(*s.shape, b) * s[..., None]).reshape(p.shape)))
+                else:
+                    p.copy_(torch.from_numpy(unpack_int4(*rtn(name, p.numpy(), b))))
+    return model
+
+
+def _logits(backend, ids, steps):
+    cache, out, pos = backend.new_cache(1), [], 0
+    for s in steps:
+        out.append(backend.step(cache, ids[:, pos:pos + s]))
+        pos += s
+    return np.concatenate(out, axis=1)
+
+
+STEPS = [12] + [1] * (3 * W) + [4]  # prefill past the window, 3W decodes, a multi-token step
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_int4_artifact_equals_reference_on_dequantized_weights(int4_artifacts, name):
+    """Every quantized tensor (q/k/v/o, MLP or experts in INT4, embedding and lm_head in INT8) in the right layout:
+    the graph at accuracy level 0 computes the reference model on the dequantized weights (traps: tests/plugins)."""
+    ck, a0 = int4_artifacts[name]
+    ids = torch.randint(3, 32000, (1, sum(STEPS)), generator=torch.Generator().manual_seed(1))
+    got = _logits(OrtBackend.load(a0, threads=2), ids.numpy(), STEPS)
+    model, cache, want, pos = _dequantized_reference(ck), None, [], 0
+    cache = TorchCache(model.args, 1, capacity=OrtBackend.load(a0).capacity)
+    with torch.no_grad():
+        for s in STEPS:
+            want.append(model(ids[:, pos:pos + s], cache=cache).numpy())
+            pos += s
+    ref = np.concatenate(want, axis=1)
+    assert np.abs(got - ref).max() <= DEQ_RTOL * np.abs(ref).max()
+
+
+# Measured (block 32, accuracy level 4, initializer_range 0.05, 31 positions x 32000 logits): max|int4 - fp32| /
+# max|fp32| 0.27 (mistral), 0.28 (mixtral); rms 0.046 / 0.050 of max|fp32|: RTN int4 of random Gaussian weights,
+# ~10% rms error per matrix. Bounds with headroom:
+FP32_MAX_REL, FP32_RMS_REL = 0.45, 0.08
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_int4_logits_close_to_fp32_and_greedy_through_3w(realistic_pairs, name):
+    fp32, int4 = realistic_pairs[name]
+    ids = torch.randint(3, 32000, (1, sum(STEPS)), generator=torch.Generator().manual_seed(2)).numpy()
+    got = _logits(OrtBackend.load(int4, threads=2), ids, STEPS)
+    ref = _logits(OrtBackend.load(fp32, threads=2), ids, STEPS)
+    scale = np.abs(ref).max()
+    assert np.abs(got - ref).max() <= FP32_MAX_REL * scale
+    assert np.sqrt(((got - ref) ** 2).mean()) <= FP32_RMS_REL * scale
+    gen = Generator.load(int4, threads=2)
+    out = gen.generate([list(range(5, 17))], GenerationConfig(max_new_tokens=3 * W + 1, eos_token_id=[]))[0]
+    assert len(out.token_ids) == 3 * W + 1 and all(0 <= t < 32000 for t in out.token_ids)
+
+
+def test_int4_manifest_record(int4_artifacts):
+    m = Manifest.load(int4_artifacts["mixtral-window"][1])
+    q = m.quantization
+    assert m.precision == "int4" and "int4" in m.features and m.cache.dtype == "float32"
+    assert q is not None and (q.method, q.bits, q.block_size, q.accuracy_level, q.symmetric) == ("rtn", 4, 64, 0, True)
+    assert q.blocks == {f"layers.{i}.feed_forward.fc2.{e}": 32 for i in range(2) for e in range(4)}
+    assert q.kept_float == {f"layers.{i}.feed_forward.gate": "router: routing stays fp32" for i in range(2)}
+    assert q.int8 == ["embed_tokens", "lm_head"]
+    assert Manifest.from_dict(m.to_dict()) == m
+    assert 0 < m.summary["bytes_per_token"] < m.summary["parameter_bytes"]  # 2 of 4 experts, one embedding row
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d["quantization"].update(version=2), "quantization version 2 is not the one this mixtrt reads "
+                                                    r"\(1\); upgrade mixtrt"),
+    (lambda d: d.update(features=[]), "precision int4 needs the feature 'int4'"),
+    (lambda d: d.update(quantization=None), "quantization must be a record for precision int4"),
+    (lambda d: d["quantization"].update(symmetric=False), "quantization.symmetric False is not valid"),
+    (lambda d: d["quantization"].update(block_size=48), "quantization.block_size 48"),
+    (lambda d: d["quantization"].pop("float"), r"quantization: missing \['float'\]"),
+])
+def test_int4_manifest_edits_are_refused(int4_artifacts, tmp_path, edit, match):
+    copy = tmp_path / "art"
+    shutil.copytree(int4_artifacts["mistral-window"][1], copy)
+    d = json.loads((copy / "manifest.json").read_text())
+    edit(d)
+    (copy / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ArtifactError, match=match):
+        OrtBackend.load(copy)
+
+
+def test_int4_options_are_checked(exported, tmp_path):
+    ck, _ = exported["mistral-window"]
+    with pytest.raises(ConfigError, match="pass --precision int4"):
+        export_onnx(ck, tmp_path / "a", int4=Int4Options(), progress=None)
+    with pytest.raises(ConfigError, match="--block-size 48"):
+        export_onnx(ck, tmp_path / "a", precision="int4", int4=Int4Options(block_size=48), progress=None)
+    with pytest.raises(ConfigError, match="--calibration needs a calibrated --method"):
+        export_onnx(ck, tmp_path / "a", precision="int4", int4=Int4Options(calibration=ck / "config.json"),
+                    progress=None)
+    assert not (tmp_path / "a").exists()
+
+
+def test_block_for_non_dividing_dimensions():
+    assert [block_for(k, 128) for k in (192, 256, 96, 4096, 40)] == [64, 128, 32, 128, None]
+    assert block_for(14336, 128) == 128 and block_for(48, 32) == 16
+
+
+def test_perplexity_command_with_reference(realistic_pairs, tmp_path, capsys):
+    from mixtrt.cli import main
+    from mixtrt.runtime.perplexity import chunks
+
+    fp32, int4 = realistic_pairs["mixtral-window"]
+    text = tmp_path / "t.txt"
+    text.write_text("It was a truth universally acknowledged that a single man in possession of a good fortune. " * 3)
+    assert main(["perplexity", str(int4), "--text", str(text), "--chunk", "16", "--reference", str(fp32),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["scored_tokens"] == sum(len(c) - 1 for c in chunks(list(range(out["tokens"])), 16))
+    assert 0 < out["mean_kl"] < 1 and 0 < out["top1_agreement"] <= 1 and out["perplexity"] > 1
+    assert main(["perplexity", str(fp32), "--text", str(text), "--chunk", "16", "--reference", str(fp32),
+                 "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert abs(same["mean_kl"]) < 1e-9 and same["top1_agreement"] == 1.0
+    assert main(["perplexity", str(fp32), "--text", str(text), "--chunk", "1"]) == 2
+    assert "--chunk must be an integer >= 2" in capsys.readouterr().err
+
+
+def test_tensorrt_build_refuses_an_int4_artifact(int4_artifacts):
+    from mixtrt.export.tensorrt_build import build_engine
+
+    with pytest.raises(ConfigError, match="an int4 artifact; its TensorRT graph"):
+        build_engine(int4_artifacts["mistral-window"][1], progress=None)
