@@ -136,25 +136,38 @@ class HostKVCache:
         `[2, 0]` moves rows 2 and 0 to the front and frees the rest; `[0, -1, 3]` keeps row 0, empties
         row 1 and moves row 3 to row 2. An emptied row holds zeros and length 0.
         """
-        rows = list(rows)
-        n = self.batch_size
-        if len(rows) > n or any(not -1 <= r < n for r in rows):
-            raise ValueError(f"move_rows({rows}) on a cache of {n} rows")
-        src = [r for r in rows if r >= 0]
-        if len(set(src)) != len(src):
-            raise ValueError(f"move_rows({rows}): a row is taken twice")
-        moved = [i for i, r in enumerate(rows) if r != i and r >= 0]
-        emptied = [i for i, r in enumerate(rows) if r < 0] + [i for i in range(len(rows), n) if self.lengths[i]]
-        lengths = self.lengths.copy()
+        moved, sources, emptied = plan_row_move(rows, self.lengths)
         for buf in (*self.keys, *self.values):
             if moved:
-                buf[moved] = buf[[rows[i] for i in moved]]  # the right side is a copy: sources may be overwritten
+                buf[moved] = buf[sources]  # the right side is a copy: sources may be overwritten
             if emptied:
                 buf[emptied] = 0
-        for i in moved:
-            lengths[i] = self.lengths[rows[i]]
-        lengths[emptied] = 0
-        self.lengths[:] = lengths
+        move_lengths(self.lengths, moved, sources, emptied)
+
+
+def plan_row_move(rows: Sequence[int], lengths: np.ndarray) -> tuple[list[int], list[int], list[int]]:
+    """The work of a cache's `move_rows(rows)` (every backend's cache shares this rule): the rows that
+    receive another row, the rows they receive (same order), and the rows emptied (-1 entries, plus rows
+    from len(rows) on that hold something). Raises ValueError for an index out of range or a row taken twice.
+    """
+    rows = list(rows)
+    n = len(lengths)
+    if len(rows) > n or any(not -1 <= r < n for r in rows):
+        raise ValueError(f"move_rows({rows}) on a cache of {n} rows")
+    src = [r for r in rows if r >= 0]
+    if len(set(src)) != len(src):
+        raise ValueError(f"move_rows({rows}): a row is taken twice")
+    moved = [i for i, r in enumerate(rows) if r != i and r >= 0]
+    emptied = [i for i, r in enumerate(rows) if r < 0] + [i for i in range(len(rows), n) if lengths[i]]
+    return moved, [rows[i] for i in moved], emptied
+
+
+def move_lengths(lengths: np.ndarray, moved: list[int], sources: list[int], emptied: list[int]) -> None:
+    """Apply a `plan_row_move` to the per-row lengths, in place."""
+    new = lengths.copy()
+    new[moved] = lengths[sources]
+    new[emptied] = 0
+    lengths[:] = new
 
 
 def physical_memory() -> int | None:

@@ -32,7 +32,7 @@ import numpy as np
 
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backends.graph_weights import check_shapes, read_graph_weights
-from mixtrt.runtime.cache import CachePlan
+from mixtrt.runtime.cache import CachePlan, move_lengths, plan_row_move
 from mixtrt.runtime.errors import ArtifactError, BackendError, ConfigError
 from mixtrt.runtime.manifest import MODEL_FILE, Manifest, TensorSpec
 from mixtrt.runtime.precision import PRECISIONS
@@ -85,25 +85,13 @@ class DeviceKVCache:
 
     def move_rows(self, rows: Sequence[int]) -> None:
         """As HostKVCache.move_rows: row i becomes old row rows[i] (-1: empty); rows from len(rows) on are emptied."""
-        rows = list(rows)
-        n = self.batch_size
-        if len(rows) > n or any(not -1 <= r < n for r in rows):
-            raise ValueError(f"move_rows({rows}) on a cache of {n} rows")
-        src = [r for r in rows if r >= 0]
-        if len(set(src)) != len(src):
-            raise ValueError(f"move_rows({rows}): a row is taken twice")
-        moved = [i for i, r in enumerate(rows) if r != i and r >= 0]
-        emptied = [i for i, r in enumerate(rows) if r < 0] + [i for i in range(len(rows), n) if self.lengths[i]]
-        lengths = self.lengths.copy()
+        moved, sources, emptied = plan_row_move(rows, self.lengths)
         for buf in (*self.keys, *self.values):
             if moved:
-                buf[moved] = buf[[rows[i] for i in moved]]  # advanced indexing on the right copies first
+                buf[moved] = buf[sources]  # advanced indexing on the right copies first
             if emptied:
                 buf[emptied] = 0
-        for i in moved:
-            lengths[i] = self.lengths[rows[i]]
-        lengths[emptied] = 0
-        self.lengths[:] = lengths
+        move_lengths(self.lengths, moved, sources, emptied)
 
 
 class TritonBackend:
