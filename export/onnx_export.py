@@ -237,8 +237,8 @@ def export_onnx(
                 outputs=outputs,
                 opsets=opsets,
                 files=files,
-                # the GPU backends run causal LMs only, and not the int4 forms yet
-                backends=EXPORT_BACKENDS if lm and quantization is None else ("onnxruntime",),
+                # the GPU backends run causal LMs only (int4 ones too: the triton backend reads the int4 graph)
+                backends=EXPORT_BACKENDS if lm else ("onnxruntime",),
                 summary=summary,
                 versions=_versions(),
                 source=str(checkpoint_dir.resolve()),

@@ -250,7 +250,7 @@ def quantize_graph(path: Path, options: Int4Options, quantizer: Quantizer = rtn,
     record = Quantization(method=options.method, block_size=options.block_size,
                           accuracy_level=options.accuracy_level, blocks=blocks, kept_float=floats,
                           int8=sorted(eight),
-                          graphs={"onnxruntime": path.name})
+                          graphs={"onnxruntime": path.name, "triton": path.name})
     return record, graph_facts(model)
 
 

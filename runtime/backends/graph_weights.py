@@ -16,6 +16,17 @@ Names returned (the export/model.py contract, plus the stacked MoE form the Trit
 
 plus the attributes of every attention node (`layers.{i}.attention` -> num_heads, kv_heads, window, scale)
 and every MoE node (`layers.{i}.moe_k`), which the backend checks against the manifest.
+
+INT4 artifacts (export/quantize.py) are read in the same names. Dense weights quantized in the graph are
+dequantized here to float32 [out, in], found the same way through the node that uses them: a MatMul whose B is
+a `DequantizeLinear` (INT4 / INT8 / UINT4 / UINT8, per tensor, per axis or blocked with `block_size`, zero point
+optional), a `com.microsoft.MatMulNBits` (bits 4 or 8, default or given zero points), the embedding's
+`com.microsoft.GatherBlockQuantized` (uint8 with the default zero point 2^(bits-1), or INT4). The experts of an
+int4 MoE node (plugins/moe/SPEC.md "INT4 form": per expert the MatMulNBits bytes [N, K/block, block/2] and
+scales [N, K/block]) stay packed, in the Triton kernels' layout (plugins/int4.py: the same bytes XOR 0x88):
+
+    layers.{i}.fc1 uint8 [E, 2I, H/2] + layers.{i}.fc1_scales [E, 2I, H/block1]
+    layers.{i}.fc2 uint8 [E, H, I/2]  + layers.{i}.fc2_scales [E, H, I/block2]
 """
 
 from __future__ import annotations
@@ -64,8 +75,10 @@ def read_graph_weights(model_path: Path, args: ModelArgs) -> GraphWeights:
                 and "/" not in n.name[len(prefix) + 1:]]
 
     def linear(prefix: str) -> np.ndarray:
-        """[out, in] of the MatMul / Gemm in module scope `prefix`."""
+        """[out, in] of the MatMul / Gemm / MatMulNBits in module scope `prefix` (quantized forms dequantized)."""
         for node in scope(prefix):
+            if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+                return matmul_nbits(node)
             if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
                 continue
             b, transposed = node.input[1], False
@@ -75,6 +88,8 @@ def read_graph_weights(model_path: Path, args: ModelArgs) -> GraphWeights:
                     continue
                 transposed = bool(trans.get("transB", 0))
             w = init(b)
+            if w is None and b in producers and producers[b].op_type == "DequantizeLinear":
+                w = dequantize_linear(producers[b])
             if w is None and b in producers and producers[b].op_type == "Transpose":
                 perm = [list(a.ints) for a in producers[b].attribute if a.name == "perm"]
                 if perm in ([], [[1, 0]]):
@@ -83,6 +98,82 @@ def read_graph_weights(model_path: Path, args: ModelArgs) -> GraphWeights:
                 return w if transposed else w.T
         raise ArtifactError(f"{model_path}: no weight for {prefix.lstrip('/')} (a MatMul/Gemm on an initializer "
                             "in that module's nodes); the graph was not exported by this mixtrt or is damaged")
+
+    def attrs(node: Any) -> dict[str, Any]:
+        return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+    def needed(node: Any, j: int) -> np.ndarray:
+        x = init(node.input[j]) if len(node.input) > j and node.input[j] else None
+        if x is None:
+            raise ArtifactError(f"{model_path}: input {j} of {node.op_type} node {node.name} is not an initializer; "
+                                "the graph was not exported by this mixtrt or is damaged")
+        return x
+
+    def optional(node: Any, j: int) -> np.ndarray | None:
+        return needed(node, j) if len(node.input) > j and node.input[j] else None
+
+    def dequantize_linear(node: Any) -> np.ndarray:
+        """The float tensor a DequantizeLinear of initializers gives (any axis, per tensor / axis / block)."""
+        a = attrs(node)
+        try:
+            return dequantize(needed(node, 0), needed(node, 1), optional(node, 2), int(a.get("axis", 1)),
+                              int(a.get("block_size", 0)))
+        except ValueError as e:
+            raise ArtifactError(f"{model_path}: DequantizeLinear node {node.name}: {e}") from None
+
+    def matmul_nbits(node: Any) -> np.ndarray:
+        """W [N, K] float32 of a MatMulNBits (B uint8 [N, K/block, block*bits/8], scales [N, K/block] or flat,
+        zero points: none (2^(bits-1)) or uint8 / float per block)."""
+        a = attrs(node)
+        n, k, bits, block = int(a["N"]), int(a["K"]), int(a.get("bits", 4)), int(a["block_size"])
+        if bits not in (4, 8) or block < 2 or k % block:
+            raise ArtifactError(f"{model_path}: MatMulNBits node {node.name}: bits {bits}, block {block}, K {k} are "
+                                "not read here (bits 4 or 8, a block dividing K)")
+        if len(node.input) > 4 and any(node.input[4:]):
+            raise ArtifactError(f"{model_path}: MatMulNBits node {node.name} has g_idx / bias inputs, not read here")
+        q = _unsigned(needed(node, 1), bits).reshape(n, -1)[:, :k]
+        scales = needed(node, 2).reshape(n, -1)
+        zp = optional(node, 3)
+        if zp is None:
+            zero: np.ndarray = np.array(1 << (bits - 1))
+        elif zp.dtype == np.uint8:
+            zero = _unsigned(zp, bits).reshape(n, -1)[:, : scales.shape[1]]
+        else:
+            zero = zp.reshape(n, -1)
+        try:
+            return dequantize(q, scales, zero, 1, block)
+        except ValueError as e:
+            raise ArtifactError(f"{model_path}: MatMulNBits node {node.name}: {e}") from None
+
+    def embedding() -> np.ndarray:
+        nodes = [n for n in scope("/model/embed_tokens") if n.op_type in ("Gather", "GatherBlockQuantized")]
+        if len(nodes) != 1:
+            raise ArtifactError(f"{model_path}: expected one Gather or GatherBlockQuantized node in "
+                                f"model/embed_tokens, found {len(nodes)}; the graph was not exported by this mixtrt "
+                                "or is damaged")
+        (node,) = nodes
+        if node.op_type == "Gather":
+            embed = init(node.input[0])
+            if embed is None:
+                raise ArtifactError(f"{model_path}: the embedding Gather does not read an initializer")
+            return embed
+        a = attrs(node)
+        bits, block = int(a.get("bits", 4)), int(a["block_size"])
+        if int(a.get("gather_axis", 0)) != 0 or int(a.get("quantize_axis", 1)) != 1 or bits not in (4, 8):
+            raise ArtifactError(f"{model_path}: GatherBlockQuantized node {node.name} with {a} is not read here "
+                                "(gather_axis 0, quantize_axis 1, bits 4 or 8)")
+        table, scales, zp = needed(node, 0), needed(node, 2), optional(node, 3)
+        zero: np.ndarray | None = None
+        if table.dtype == np.uint8:  # unsigned, zero point 2^(bits-1) unless given
+            q = _unsigned(table, bits).reshape(table.shape[0], -1)
+            zero = np.array(1 << (bits - 1)) if zp is None else \
+                _unsigned(zp, bits).reshape(scales.shape[0], -1)[:, : scales.shape[1]]
+        else:  # INT4 / INT8 (signed, zero point 0 unless given)
+            q, zero = table, zp
+        try:
+            return dequantize(q, scales, zero, 1, block)
+        except ValueError as e:
+            raise ArtifactError(f"{model_path}: GatherBlockQuantized node {node.name}: {e}") from None
 
     def norm(prefix: str) -> np.ndarray:
         found = [w for n in scope(prefix) if n.op_type == "Mul" for i in n.input
@@ -100,11 +191,7 @@ def read_graph_weights(model_path: Path, args: ModelArgs) -> GraphWeights:
         return nodes[0]
 
     out: dict[str, np.ndarray] = {}
-    gather = single("/model/embed_tokens", "Gather")
-    embed = init(gather.input[0])
-    if embed is None:
-        raise ArtifactError(f"{model_path}: the embedding Gather does not read an initializer")
-    out["embed_tokens"] = embed
+    out["embed_tokens"] = embedding()
     out["norm"] = norm("/model/norm")
     out["lm_head"] = linear("/lm_head")
     weights = GraphWeights(out)
@@ -129,14 +216,59 @@ def read_graph_weights(model_path: Path, args: ModelArgs) -> GraphWeights:
             out[f"{L}.gate"] = linear(f"{p}/feed_forward/gate")
             moe = single(f"{p}/feed_forward", "MoE")
             experts = [init(n) for n in moe.input[2:]]
-            if len(experts) != 2 * E or any(x is None for x in experts):
-                raise ArtifactError(f"{model_path}: the MoE node of layer {i} needs {2 * E} expert initializers, "
-                                    f"has {len(moe.input) - 2} inputs after hidden and router logits")
-            out[f"{L}.fc1"] = np.stack(experts[:E])  # type: ignore[arg-type]
-            out[f"{L}.fc2"] = np.stack(experts[E:])  # type: ignore[arg-type]
+            if len(experts) not in (2 * E, 4 * E) or any(x is None for x in experts):
+                raise ArtifactError(f"{model_path}: the MoE node of layer {i} needs {2 * E} expert initializers "
+                                    f"(float) or {4 * E} (int4: packed + scales), has {len(moe.input) - 2} inputs "
+                                    "after hidden and router logits")
+            if len(experts) == 2 * E:
+                out[f"{L}.fc1"] = np.stack(experts[:E])  # type: ignore[arg-type]
+                out[f"{L}.fc2"] = np.stack(experts[E:])  # type: ignore[arg-type]
+            else:  # per expert (packed, scales): MatMulNBits bytes [N, K/block, block/2] -> ours [N, K/2]
+                for j, fc in enumerate(("fc1", "fc2")):
+                    part = experts[2 * E * j: 2 * E * (j + 1)]
+                    packed, scales = part[0::2], part[1::2]
+                    if any(x.dtype != np.uint8 or x.ndim != 3 for x in packed) or any(  # type: ignore[union-attr]
+                            s.ndim != 2 for s in scales):  # type: ignore[union-attr]
+                        raise ArtifactError(f"{model_path}: the int4 MoE node of layer {i}: {fc} inputs are not "
+                                            "uint8 [N, K/block, block/2] + scales [N, K/block] per expert")
+                    out[f"{L}.{fc}"] = np.stack([x.reshape(x.shape[0], -1) ^ 0x88  # type: ignore[union-attr]
+                                                 for x in packed])
+                    out[f"{L}.{fc}_scales"] = np.stack(scales).astype(np.float32)  # type: ignore[arg-type]
             weights.moe_k.append(int(next(a.i for a in moe.attribute if a.name == "k")))
     check_shapes(out, args, str(model_path))
     return weights
+
+
+def _unsigned(packed: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 bytes -> their unsigned `bits`-bit values (4: two per byte, element 2j in the low nibble) as uint8."""
+    packed = np.asarray(packed, np.uint8)
+    if bits == 8:
+        return packed
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+def dequantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int, block: int) -> np.ndarray:
+    """ONNX DequantizeLinear on numpy arrays, float32: (x - zero) * scale, scale per tensor (scalar), per axis
+    (1-D along `axis`) or per block (`block` > 0: scale's `axis` dimension is ceil(x's / block)). ValueError when
+    the shapes do not fit."""
+    xf = np.asarray(x).astype(np.float32)
+    axis = axis % max(xf.ndim, 1)
+
+    def expand(t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t).astype(np.float32)
+        if t.size == 1:
+            return t.reshape(())
+        if block > 0:
+            if t.ndim != xf.ndim or -(-xf.shape[axis] // block) != t.shape[axis]:
+                raise ValueError(f"scales {list(t.shape)} do not block {list(xf.shape)} by {block} on axis {axis}")
+            return np.repeat(t, block, axis=axis).take(range(xf.shape[axis]), axis=axis)
+        if t.ndim != 1 or t.shape[0] != xf.shape[axis]:
+            raise ValueError(f"scales {list(t.shape)} are not per tensor or per axis {axis} of {list(xf.shape)}")
+        return t.reshape([-1 if d == axis else 1 for d in range(xf.ndim)])
+
+    if zero is not None:
+        xf = xf - expand(zero)
+    return xf * expand(scale)
 
 
 def expected_shapes(args: ModelArgs, positions: int) -> dict[str, tuple[int, ...]]:
@@ -157,10 +289,26 @@ def expected_shapes(args: ModelArgs, positions: int) -> dict[str, tuple[int, ...
     return shapes
 
 
+def is_packed(t: Any) -> bool:
+    """A numpy array or torch tensor of uint8: INT4 bytes (plugins/int4.py)."""
+    return str(t.dtype).removeprefix("torch.") == "uint8"
+
+
 def check_shapes(tensors: dict[str, Any], args: ModelArgs, where: str) -> None:
-    """Every weight of the model present with its shape (rope tables: any number of rows); nothing else."""
+    """Every weight of the model present with its shape (rope tables: any number of rows); nothing else. MoE
+    experts may be INT4 (fc1 / fc2 uint8 [E, N, K/2] with fc1_scales / fc2_scales [E, N, K/block], block even)."""
     rows = tuple(tensors["rope_cos"].shape)[0] if "rope_cos" in tensors else 0
     want = expected_shapes(args, rows)
+    for name, shape in list(want.items()):
+        if name.endswith((".fc1", ".fc2")) and name in tensors and is_packed(tensors[name]):
+            want[name] = (*shape[:2], shape[2] // 2)
+            scales = tensors.get(f"{name}_scales")
+            blocks = tuple(scales.shape)[2] if scales is not None and len(scales.shape) == 3 else 0
+            if blocks == 0 or shape[2] % blocks or (shape[2] // blocks) % 2:
+                raise ArtifactError(f"{where}: INT4 weight {name} needs {name}_scales [E, N, K/block] with an even "
+                                    f"block dividing K={shape[2]}, got "
+                                    f"{None if scales is None else list(scales.shape)}")
+            want[f"{name}_scales"] = (*shape[:2], blocks)
     missing, unknown = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or unknown:
         raise ArtifactError(f"{where}: weights missing {missing[:4]}" + (f", unknown {unknown[:4]}" if unknown else ""))

@@ -16,7 +16,12 @@ view (contiguous: rows are the first dimension), so the kernels write the cache 
 
 Two ways in: `TritonBackend.from_artifact` (the artifact's graph initializers, checked against its manifest
 as the onnxruntime backend checks them) and `TritonBackend.from_state_dict` (weights already in memory, e.g.
-random weights made on the GPU by a benchmark). `ops="torch"` runs the two ops with their eager torch
+random weights made on the GPU by a benchmark).
+
+INT4 artifacts: the MoE experts stay packed (uint8 + scales in the compute dtype, plugins/int4.py's layout) and
+the kernels dequantize them as they read them; the dense layers' INT4 / INT8 weights (q/k/v/o, Mistral's MLP, the
+INT8 embedding and lm_head) are dequantized once at load to the compute dtype (graph_weights.py), so their memory
+is not INT4 on this backend yet. `ops="torch"` runs the two ops with their eager torch
 references instead (plugins/<op>/torch_op.py): the baseline a benchmark compares the kernels with.
 """
 
@@ -31,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from mixtrt.runtime.args import ModelArgs
-from mixtrt.runtime.backends.graph_weights import check_shapes, read_graph_weights
+from mixtrt.runtime.backends.graph_weights import check_shapes, is_packed, read_graph_weights
 from mixtrt.runtime.cache import CachePlan, move_lengths, plan_row_move
 from mixtrt.runtime.errors import ArtifactError, BackendError, ConfigError
 from mixtrt.runtime.manifest import MODEL_FILE, Manifest, TensorSpec
@@ -132,9 +137,13 @@ class TritonBackend:
 
         def dev(x: Any) -> Any:
             t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.require(x, requirements=["C", "W"]))
-            return t.to(device=device, dtype=self.dtype).contiguous()
+            return t.to(device=device, dtype=torch.uint8 if is_packed(x) else self.dtype).contiguous()
 
         self.w = {name: dev(x) for name, x in weights.items()}
+        # INT4 experts stay packed for the kernels; the eager reference op takes float experts: dequantized here
+        if ops == "torch":
+            for name in [n for n, t in self.w.items() if n.endswith((".fc1", ".fc2")) and t.dtype == torch.uint8]:
+                self.w[name] = _unpack_int4(torch, self.w[name], self.w.pop(f"{name}_scales"))
         self._lock = threading.Lock()
 
     # ---- construction ------------------------------------------------------------------------------
@@ -269,7 +278,8 @@ class TritonBackend:
                     flat = h.reshape(b * s, a.hidden_size)
                     logits = flat @ w[f"{L}.gate"].T
                     if self.ops == "triton":
-                        f = self._moe.moe(flat, logits, w[f"{L}.fc1"], w[f"{L}.fc2"], a.moe.num_experts_per_tok)
+                        f = self._moe.moe(flat, logits, w[f"{L}.fc1"], w[f"{L}.fc2"], a.moe.num_experts_per_tok,
+                                          fc1_scales=w.get(f"{L}.fc1_scales"), fc2_scales=w.get(f"{L}.fc2_scales"))
                     else:
                         f = torch.ops.mixtrt.moe(flat, logits, list(w[f"{L}.fc1"].unbind(0)),
                                                  list(w[f"{L}.fc2"].unbind(0)), a.moe.num_experts_per_tok)
@@ -285,6 +295,13 @@ class TritonBackend:
         xf = x.float()
         xf = xf * self._torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.args.rms_norm_eps)
         return weight * xf.to(x.dtype)
+
+
+def _unpack_int4(torch: Any, qweight: Any, scales: Any) -> Any:
+    """plugins/int4.py's unpack_int4 in torch: uint8 [..., N, K/2] + scales [..., N, K/block] -> [..., N, K]."""
+    q = torch.stack([qweight & 0x0F, qweight >> 4], dim=-1).flatten(-2).to(torch.int16)
+    q = torch.where(q >= 8, q - 16, q).to(scales.dtype)
+    return (q * scales.repeat_interleave(q.shape[-1] // scales.shape[-1], dim=-1)).contiguous()
 
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}
