@@ -185,3 +185,35 @@ def test_tensorrt_build_refuses_an_int4_artifact(int4_artifacts):
 
     with pytest.raises(ConfigError, match="an int4 artifact; its TensorRT graph"):
         build_engine(int4_artifacts["mistral-window"][1], progress=None)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_int4_batch_invariance(realistic_pairs, name):
+    """The server's batch-invariance contract (docs/DESIGN.md, Serving) on an int4 artifact with the default
+    accuracy level: a row's decode logits in a batch of two ragged rows equal its logits alone within
+    5e-5 of the largest logit, and its greedy tokens are the same."""
+    _, art = realistic_pairs[name]
+    backend = OrtBackend.load(art, threads=2)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(3, 256, size=n).reshape(1, -1) for n in (9, 4)]
+    alone = []
+    for p in prompts:
+        cache = backend.new_cache(1)
+        rows, tok = [backend.step(cache, p)[:, -1]], None
+        for _ in range(3 * W):
+            tok = rows[-1].argmax(-1).reshape(1, 1)
+            rows.append(backend.step(cache, tok)[:, -1])
+        alone.append(np.concatenate(rows))
+    both = backend.new_cache(2)
+    last = [backend.step(both, p, start_row=r)[:, -1] for r, p in enumerate(prompts)]
+    got = [[x] for x in last]
+    for _ in range(3 * W):
+        toks = np.stack([got[r][-1].argmax(-1) for r in range(2)]).reshape(2, 1)
+        step = backend.step(both, toks)[:, -1]
+        for r in range(2):
+            got[r].append(step[r:r + 1])
+    for r in range(2):
+        batched = np.concatenate(got[r])
+        scale = float(np.abs(alone[r]).max())
+        assert float(np.abs(batched - alone[r]).max()) <= 5e-5 * scale, f"row {r}"
+        assert (batched.argmax(-1) == alone[r].argmax(-1)).all()
