@@ -151,6 +151,11 @@ def main() -> None:
         print(json.dumps(child_mixtrt(ns)))
         return
 
+    try:  # checked before the minutes of measuring, not after
+        import matplotlib  # noqa: F401
+    except ImportError:
+        sys.exit("bench_decode.py: the chart needs matplotlib: pip install '.[bench]'")
+
     from mixtrt.runtime.args import ModelArgs
     from mixtrt.runtime.benchmark import read_bandwidth_gb_s, weight_bytes_per_token
 
@@ -233,11 +238,11 @@ def main() -> None:
                       f"prefill {ours['prefill_median'] / eng[peer]['prefill_median']:.2f}x")
     title = (f"{ns.prompt_len}-token prompt, {ns.new_tokens} greedy tokens, batch 1, {ns.threads} threads, "
              f"{ns.passes} passes; read bandwidth {best:.0f} GB/s; load average {load[0]:.1f} -> {load_end[0]:.1f}")
-    chart(results, ns.chart, title, ns.prompt_len)
-    print(f"chart: {ns.chart}")
     if ns.json:
         ns.json.write_text(json.dumps({"bandwidth_gb_s": bw, "load_start": load, "load_end": load_end,
                                        "overhead_step_ms": overhead, "models": results}, indent=1))
+    chart(results, ns.chart, title, ns.prompt_len)
+    print(f"chart: {ns.chart}")
 
 
 if __name__ == "__main__":
