@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from mixtrt.export.model import HEADS, CausalLM, Transformer
+from mixtrt.export.model import HEADS, Transformer, finish_loaded
 from mixtrt.runtime.args import ModelArgs, read_json
 from mixtrt.runtime.cache import CachePlan
 from mixtrt.runtime.errors import CheckpointError, ConfigError
@@ -345,9 +345,4 @@ def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
         model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as e:  # a name map / model mismatch is our bug, but say which checkpoint
         raise ConfigError(f"{checkpoint_dir}: weights do not fit {cls.__name__} ({_line(e)})") from None
-    base = model if isinstance(model, Transformer) else model.model
-    assert isinstance(base, Transformer)
-    base.init_rope()
-    if isinstance(model, CausalLM):
-        model.tie_weights()
-    return model.eval()
+    return finish_loaded(model)

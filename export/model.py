@@ -319,3 +319,14 @@ HEADS: dict[str, type[nn.Module]] = {
     "token_classification": TokenClassifier,
     "question_answering": QuestionAnswering,
 }
+
+
+def finish_loaded(model: nn.Module) -> nn.Module:
+    """A head whose parameters are in place (loaded, or on the meta device): rope tables made, a causal LM's
+    lm_head tied where the config says so, eval mode."""
+    base = model if isinstance(model, Transformer) else model.model
+    assert isinstance(base, Transformer)
+    base.init_rope()
+    if isinstance(model, CausalLM):
+        model.tie_weights()
+    return model.eval()

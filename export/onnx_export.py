@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from mixtrt import __version__
-from mixtrt.export.model import HEADS, CausalLM, SequenceClassifier, Transformer
+from mixtrt.export.model import HEADS, CausalLM, SequenceClassifier, Transformer, finish_loaded
 from mixtrt.export.progress import Progress
 from mixtrt.export.quantize import Int4Options, quantize_artifact
 from mixtrt.export.weights_writer import GraphWeight, Transform, our_name, prepare_graph, write_weights
@@ -258,12 +258,7 @@ def _meta_model(args: ModelArgs, plan: CachePlan, dtype: torch.dtype) -> torch.n
     `dtype`, rope tables fp32 (their values are set in the graph: `_prepare`)."""
     with torch.device("meta"):
         model = HEADS[args.head](args, plan).to(dtype)
-        base = model if isinstance(model, Transformer) else model.model
-        assert isinstance(base, Transformer)
-        base.init_rope()
-    if isinstance(model, CausalLM):
-        model.tie_weights()
-    return model.eval()
+        return finish_loaded(model)
 
 
 def _prepare(ir_model, model: torch.nn.Module, args: ModelArgs) -> list[GraphWeight]:
