@@ -145,6 +145,14 @@ class HostKVCache:
         move_lengths(self.lengths, moved, sources, emptied)
 
 
+def check_batch_size(batch_size: object) -> int:
+    """A cache's (or a batch's) row count as every backend takes it: an int >= 1 (not a bool), else one
+    ConfigError naming it."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return batch_size
+
+
 def plan_row_move(rows: Sequence[int], lengths: np.ndarray) -> tuple[list[int], list[int], list[int]]:
     """The work of a cache's `move_rows(rows)` (every backend's cache shares this rule): the rows that
     receive another row, the rows they receive (same order), and the rows emptied (-1 entries, plus rows

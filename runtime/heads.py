@@ -27,6 +27,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from mixtrt.runtime.cache import check_batch_size
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.manifest import Manifest
 
@@ -91,8 +92,7 @@ class _Head:
     def __init__(self, backend: Any, tokenizer: Any, batch_size: int = 8) -> None:
         if backend.args.head != self.head:
             raise ConfigError(wrong_head(backend.args, self.head))
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_batch_size(batch_size)
         self.backend, self.tokenizer, self.batch_size = backend, tokenizer, batch_size
         self.args = backend.args
         _, outputs = Manifest.graph_io(self.args, 1, "fp32")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from mixtrt.runtime.args import ModelArgs
-from mixtrt.runtime.cache import HostKVCache
+from mixtrt.runtime.cache import HostKVCache, check_batch_size
 from mixtrt.runtime.errors import ArtifactError, BackendError, ConfigError
 from mixtrt.runtime.manifest import MODEL_FILE, Manifest, TensorSpec
 from mixtrt.runtime.threads import check_threads
@@ -106,8 +106,7 @@ class OrtBackend:
 
     def new_cache(self, batch_size: int) -> HostKVCache:
         self._needs(True, "a KV cache")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_batch_size(batch_size)
         a = self.args
         return HostKVCache(a.num_hidden_layers, batch_size, a.num_key_value_heads, self.capacity, a.head_dim,
                            self.dtype)

@@ -82,11 +82,7 @@ class TensorRTBackend:
     def new_cache(self, batch_size: int) -> Any:
         from mixtrt.runtime.backends.triton_backend import DeviceKVCache
 
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size:
-            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        a = self.args
-        return DeviceKVCache(self._torch, a.num_hidden_layers, batch_size, a.num_key_value_heads, self.capacity,
-                             a.head_dim, self.dtype, self.device)
+        return DeviceKVCache.for_model(self._torch, self.args, batch_size, self.capacity, self.dtype, self.device)
 
     def move_rows(self, cache: Any, rows: Sequence[int]) -> None:
         with self._lock:

@@ -37,7 +37,7 @@ import numpy as np
 
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backends.graph_weights import check_shapes, is_packed, read_graph_weights
-from mixtrt.runtime.cache import CachePlan, move_lengths, plan_row_move
+from mixtrt.runtime.cache import CachePlan, check_batch_size, move_lengths, plan_row_move
 from mixtrt.runtime.errors import ArtifactError, BackendError, ConfigError
 from mixtrt.runtime.manifest import MODEL_FILE, Manifest, TensorSpec
 from mixtrt.runtime.precision import PRECISIONS
@@ -79,6 +79,13 @@ class DeviceKVCache:
         self.lengths = np.zeros(batch_size, np.int32)
         self.capacity = capacity
         self.device = device
+
+    @classmethod
+    def for_model(cls, torch: Any, args: ModelArgs, batch_size: int, capacity: int, dtype: Any,
+                  device: str) -> DeviceKVCache:
+        """The cache a backend of model `args` hands out (batch_size checked as every backend checks it)."""
+        return cls(torch, args.num_hidden_layers, check_batch_size(batch_size), args.num_key_value_heads, capacity,
+                   args.head_dim, dtype, device)
 
     @property
     def batch_size(self) -> int:
@@ -200,11 +207,7 @@ class TritonBackend:
 
     # ---- Backend ----------------------------------------------------------------------------------
     def new_cache(self, batch_size: int) -> DeviceKVCache:
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        a = self.args
-        return DeviceKVCache(self._torch, a.num_hidden_layers, batch_size, a.num_key_value_heads, self.capacity,
-                             a.head_dim, self.dtype, self.device)
+        return DeviceKVCache.for_model(self._torch, self.args, batch_size, self.capacity, self.dtype, self.device)
 
     def move_rows(self, cache: DeviceKVCache, rows: Sequence[int]) -> None:
         with self._lock:

@@ -96,3 +96,13 @@ def test_returned_logits_are_the_callers(exported):
     second = backend.step(cache, np.array([[80]]))
     np.testing.assert_array_equal(first, kept)
     assert not np.array_equal(first, second) and second.dtype == np.float32
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.0, "2", None])
+def test_new_cache_refuses_a_bad_batch_size(exported, bad):
+    """One rule for every backend (runtime/cache.check_batch_size): an int >= 1, not a bool, in one line."""
+    from mixtrt.runtime.errors import ConfigError
+
+    backend = OrtBackend.load(exported["mistral-window"][1], threads=1)
+    with pytest.raises(ConfigError, match=r"^batch_size must be an integer >= 1, got "):
+        backend.new_cache(bad)
