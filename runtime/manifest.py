@@ -498,41 +498,26 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     parent = target.parent
     _clean_stale(target)
     check_target(target, overwrite=overwrite)
-    with _signals_raise() as critical:
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=parent))
-        except OSError as e:
-            raise ArtifactError(f"{parent}: cannot write the artifact directory here ({e.strerror})") from None
-        try:
-            (tmp / PARTIAL_MARKER).write_text(json.dumps(_owner(target)))
-            yield tmp
-            (tmp / PARTIAL_MARKER).unlink()
-            umask = os.umask(0)
-            os.umask(umask)
-            tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; an artifact is as readable as any new folder
-            check_target(target, overwrite=overwrite)  # what is there now may have changed during the export
-            with critical():
-                if target.exists():
-                    old = parent / f".{target.name}.old-{os.getpid()}"
-                    os.replace(target, old)
-                    try:
-                        os.replace(tmp, target)
-                    except OSError:
-                        os.replace(old, target)
-                        raise
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
+    with _signals_raise() as critical, _staging(target, "cannot write the artifact directory here",
+                                                 "the export failed", "nothing was left behind") as tmp:
+        yield tmp
+        (tmp / PARTIAL_MARKER).unlink()
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; an artifact is as readable as any new folder
+        check_target(target, overwrite=overwrite)  # what is there now may have changed during the export
+        with critical():
+            if target.exists():
+                old = parent / f".{target.name}.old-{os.getpid()}"
+                os.replace(target, old)
+                try:
                     os.replace(tmp, target)
-        except OSError as e:
-            where = _culprit(tmp, e)
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ArtifactError(f"{target}: the export failed writing {where}: {e.strerror or e}; nothing was left "
-                                "behind" + (" (free some space and export again)" if e.errno == errno.ENOSPC else "")
-                                ) from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                except OSError:
+                    os.replace(old, target)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
 
 
 @contextlib.contextmanager
@@ -552,47 +537,60 @@ def artifact_update(directory: Path) -> Iterator[Path]:
     if not is_artifact(directory):
         raise ArtifactError(f"{directory}: not an artifact (its manifest must list exactly the files it holds)")
     _clean_stale(directory)
-    with _signals_raise() as critical:
-        try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{os.getpid()}-", dir=directory.parent))
-        except OSError as e:
-            raise ArtifactError(f"{directory.parent}: cannot write beside the artifact ({e.strerror})") from None
-        try:
-            (tmp / PARTIAL_MARKER).write_text(json.dumps(_owner(directory)))
-            yield tmp
-            (tmp / PARTIAL_MARKER).unlink()
-            staged = sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST)
-            if not (tmp / MANIFEST).is_file() or set(Manifest.read(tmp).files) != (
-                    {p.name for p in directory.iterdir() if p.name != MANIFEST} | set(staged)):
-                raise ArtifactError(f"{directory}: the new manifest must list exactly the artifact's files and the "
-                                    "staged ones")
-            aside = tmp / ".replaced"
-            aside.mkdir()
-            with critical():
-                moved: list[str] = []
-                try:
-                    for name in staged:
-                        if (directory / name).exists():
-                            os.replace(directory / name, aside / name)
-                        os.replace(tmp / name, directory / name)
-                        moved.append(name)
-                    os.replace(tmp / MANIFEST, directory / MANIFEST)
-                except OSError:
-                    for name in moved:
-                        with contextlib.suppress(OSError):
-                            os.unlink(directory / name)
-                    for old in aside.iterdir():
-                        with contextlib.suppress(OSError):
-                            os.replace(old, directory / old.name)
-                    raise
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ArtifactError(f"{directory}: the update failed writing {_culprit(tmp, e)}: {e.strerror or e}; the "
-                                "artifact is as it was") from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with _signals_raise() as critical, _staging(directory, "cannot write beside the artifact", "the update failed",
+                                                 "the artifact is as it was") as tmp:
+        yield tmp
+        (tmp / PARTIAL_MARKER).unlink()
+        staged = sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST)
+        if not (tmp / MANIFEST).is_file() or set(Manifest.read(tmp).files) != (
+                {p.name for p in directory.iterdir() if p.name != MANIFEST} | set(staged)):
+            raise ArtifactError(f"{directory}: the new manifest must list exactly the artifact's files and the "
+                                "staged ones")
+        aside = tmp / ".replaced"
+        aside.mkdir()
+        with critical():
+            moved: list[str] = []
+            try:
+                for name in staged:
+                    if (directory / name).exists():
+                        os.replace(directory / name, aside / name)
+                    os.replace(tmp / name, directory / name)
+                    moved.append(name)
+                os.replace(tmp / MANIFEST, directory / MANIFEST)
+            except OSError:
+                for name in moved:
+                    with contextlib.suppress(OSError):
+                        os.unlink(directory / name)
+                for old in aside.iterdir():
+                    with contextlib.suppress(OSError):
+                        os.replace(old, directory / old.name)
+                raise
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _staging(target: Path, cannot: str, failed: str, outcome: str) -> Iterator[Path]:
+    """A staging directory `.NAME.tmp-PID-XXXX` beside `target`, holding the partial marker that names its owner.
+
+    Any exception in the block removes it; an OSError (a full disk among them) becomes one ArtifactError that
+    names the file being written and, for a full disk, what to do. On success the caller moves it or removes it.
+    """
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    except OSError as e:
+        raise ArtifactError(f"{target.parent}: {cannot} ({e.strerror})") from None
+    try:
+        (tmp / PARTIAL_MARKER).write_text(json.dumps(_owner(target)))
+        yield tmp
+    except OSError as e:
+        where = _culprit(tmp, e)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactError(f"{target}: {failed} writing {where}: {e.strerror or e}; {outcome}"
+                            + (" (free some space and try again)" if e.errno == errno.ENOSPC else "")) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _culprit(tmp: Path, e: OSError) -> str:
