@@ -127,8 +127,10 @@ class TritonBackend:
             torch, self._swa, self._moe = _kernels(device)
         else:
             torch = _torch
-            import mixtrt.plugins.moe.torch_op  # noqa: F401  (registers torch.ops.mixtrt.*)
-            import mixtrt.plugins.swa.torch_op  # noqa: F401
+            import mixtrt.plugins.swa.torch_op  # noqa: F401  (registers torch.ops.mixtrt.*)
+            from mixtrt.plugins.moe.torch_op import reference
+
+            self._moe_reference = reference  # the contract's stacked fc1 [E, 2I, H] / fc2 [E, H, I], as the kernels
         self._torch = torch
         self.args = args
         self.capacity = plan.capacity
@@ -284,8 +286,7 @@ class TritonBackend:
                         f = self._moe.moe(flat, logits, w[f"{L}.fc1"], w[f"{L}.fc2"], a.moe.num_experts_per_tok,
                                           fc1_scales=w.get(f"{L}.fc1_scales"), fc2_scales=w.get(f"{L}.fc2_scales"))
                     else:
-                        f = torch.ops.mixtrt.moe(flat, logits, list(w[f"{L}.fc1"].unbind(0)),
-                                                 list(w[f"{L}.fc2"].unbind(0)), a.moe.num_experts_per_tok)
+                        f = self._moe_reference(flat, logits, w[f"{L}.fc1"], w[f"{L}.fc2"], a.moe.num_experts_per_tok)
                     f = f.view(b, s, a.hidden_size)
                 x = x + f
             x = self._rms(x, w["norm"])

@@ -1,4 +1,5 @@
-"""mixtrt::MoE alone: the ONNX node + its function body on onnxruntime CPU vs torch.ops.mixtrt.moe."""
+"""mixtrt::MoE alone: the ONNX node + its function body on onnxruntime CPU vs the reference (plugins/moe/torch_op.py:
+the contract's stacked form, and torch.ops.mixtrt.moe, the per-expert form the exporter traces)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import mixtrt.plugins.moe.torch_op  # noqa: F401  (registers torch.ops.mixtrt.moe)
 from mixtrt.plugins.moe import OP_TYPE, VERSION
 from mixtrt.plugins.moe import onnx_op as moe_onnx_op
+from mixtrt.plugins.moe.torch_op import reference
 from tests.plugins.harness import make_session, single_op_model
 
 H, I = 32, 48
@@ -75,11 +77,29 @@ def test_moe_matches_reference(T, E, k, dtype):
     hidden, logits, fc1, fc2 = _inputs(T, E, seed=T * 100 + E * 10 + k)
     if dtype == np.float16:  # both sides see the same fp16-rounded values; the reference runs in fp32
         hidden, logits, fc1, fc2 = hidden.half().float(), logits.half().float(), _half(fc1), _half(fc2)
-    ref = torch.ops.mixtrt.moe(hidden, logits, fc1, fc2, k)
-    out = _run(_session(dtype, k, E), hidden, logits, fc1, fc2, dtype)
+    ref = reference(hidden, logits, torch.stack(fc1), torch.stack(fc2), k)  # the contract: [E, 2I, H], [E, H, I]
+    out = _run(_session(dtype, k, E), hidden, logits, fc1, fc2, dtype)  # the graph: one input per expert matrix
     assert out.shape == (T, H) and out.dtype == dtype
     _, rel = _rel(out, ref)
     assert rel <= (FP32_RTOL if dtype == np.float32 else FP16_RTOL), rel
+
+
+def test_reference_forms_agree():
+    """The contract's stacked form and the exporter's per-expert op are one computation (bit-equal)."""
+    hidden, logits, fc1, fc2 = _inputs(11, 4, seed=3)
+    stacked = reference(hidden, logits, torch.stack(fc1), torch.stack(fc2), 2)
+    assert torch.equal(stacked, torch.ops.mixtrt.moe(hidden, logits, fc1, fc2, 2))
+
+
+@pytest.mark.parametrize("case", ["fc1 not stacked", "fc2 transposed", "3 experts for 4 logits"])
+def test_reference_refuses_misfit_weights(case):
+    hidden, logits, fc1, fc2 = _inputs(5, 4, seed=4)
+    w1, w2 = torch.stack(fc1), torch.stack(fc2)
+    w1, w2, msg = {"fc1 not stacked": (fc1[0], w2, "fc1 must be"),
+                   "fc2 transposed": (w1, w2.transpose(1, 2), "does not fit fc1"),
+                   "3 experts for 4 logits": (w1[:3], w2[:3], "3 fc1 and 3 fc2 experts for 4 router logits")}[case]
+    with pytest.raises(ValueError, match=msg):
+        reference(hidden, logits, w1, w2, 2)
 
 
 def test_reference_fp16_matches_fp32():

@@ -1,5 +1,5 @@
-"""The MoE Triton kernels (plugins/moe/triton_kernels.py) under TRITON_INTERPRET=1 on the CPU vs
-torch.ops.mixtrt.moe: the decode kernel and the grouped path, fp32 / fp16 / INT4 weights, and the traps.
+"""The MoE Triton kernels (plugins/moe/triton_kernels.py) under TRITON_INTERPRET=1 on the CPU vs the MoE
+reference (plugins/moe/torch_op.py): the decode kernel and the grouped path, fp32 / fp16 / INT4 weights, and the traps.
 
 TRITON_INTERPRET is read when a kernel is decorated, so it is set before the kernel module is imported.
 """
@@ -16,9 +16,9 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton; the test extra lists it)")
 
-import mixtrt.plugins.moe.torch_op  # noqa: E402,F401  (registers torch.ops.mixtrt.moe)
 from mixtrt.plugins.int4 import pack_int4, unpack_int4  # noqa: E402
 from mixtrt.plugins.moe import triton_kernels as tk  # noqa: E402
+from mixtrt.plugins.moe.torch_op import reference  # noqa: E402
 
 if type(tk.moe_decode_kernel).__name__ != "InterpretedFunction":
     raise RuntimeError("plugins.moe.triton_kernels was imported before TRITON_INTERPRET=1 was set: the kernels "
@@ -42,8 +42,8 @@ def _inputs(T: int, E: int, H: int, I: int, seed: int, dtype=torch.float32):
 
 
 def _reference(hidden, logits, fc1, fc2, k):
-    """The fp32 reference on the same (possibly fp16-rounded) values, per-expert lists."""
-    return torch.ops.mixtrt.moe(hidden.float(), logits.float(), list(fc1.float()), list(fc2.float()), k)
+    """The fp32 reference on the same (possibly fp16-rounded) values, stacked as the kernels take them."""
+    return reference(hidden.float(), logits.float(), fc1.float(), fc2.float(), k)
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
