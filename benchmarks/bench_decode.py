@@ -10,14 +10,19 @@ bandwidth the probe measured in this run; the probe runs before and after the pa
 
 The overhead: the decode step of a model with the Mixtral-shaped topology (8 layers, 8 experts top-2, 8/2 heads of
 dim 64, so the same graph and node count) but negligible weights (hidden 32, intermediate 64, a 256-piece
-tokenizer made here), batch 1 and 8: what a step costs beyond reading weights.
+tokenizer made here), batch 1 and 8: what a step costs beyond reading weights. Measured twice: with the benchmark's
+context (prompt + new tokens) and with a short one (8-token prompts, 32 new tokens). The attention keeps the
+benchmark's shape (8/2 heads of dim 64), so its work grows with the context and the batch (at batch 8 after a
+128-token prompt it is most of the step); the short context shows the fixed part, the cost per node.
+
+A quick check that everything runs: `--passes 1 --new-tokens 32`; `--overhead-only` measures only the overhead.
 
 onnxruntime-genai has no Mixtral (its builder refuses it); that row says so. The peers come from
 benchmarks/setup_peers.sh (MIXTRT_PEERS_DIR).
 
     MIXTRT_PEERS_DIR=/work/peers .venv/bin/python benchmarks/bench_decode.py [--models mixtral mistral]
         [--threads 2] [--passes 3] [--prompt-len 128] [--new-tokens 256] [--chart docs/bench_decode.png]
-        [--json results.json] [--work /tmp/mixtrt-bench]
+        [--json results.json] [--work /tmp/mixtrt-bench] [--overhead-only]
 """
 
 from __future__ import annotations
@@ -143,6 +148,7 @@ def main() -> None:
     ap.add_argument("--chart", type=Path, default=HERE.parent / "docs" / "bench_decode.png")
     ap.add_argument("--json", type=Path, default=None, help="also write every number to this file")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mixtrt-bench"))
+    ap.add_argument("--overhead-only", action="store_true", help="measure only the per-step overhead (tiny model)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--artifact", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -166,15 +172,19 @@ def main() -> None:
           f"read bandwidth {bw[0]:.1f} GB/s",
           flush=True)
 
-    # the overhead: Mixtral-shaped topology, negligible weights
+    # the overhead: Mixtral-shaped topology, negligible weights; the benchmark's context, then a short one
     tiny = artifact_for(tiny_checkpoint(ns.work), ns.work)
-    overhead = {}
-    for batch in (1, 8):
-        steps = [run_child(artifact=tiny, threads=ns.threads, prompt_len=ns.prompt_len, new_tokens=ns.new_tokens,
-                           batch=batch)["step_ms"]["median"] for _ in range(ns.passes)]
-        overhead[batch] = {"median": statistics.median(steps), "min": min(steps), "max": max(steps)}
-        print(f"overhead (Mixtral-shaped topology, hidden 32, vocab 256): batch {batch} decode step "
-              f"{overhead[batch]['median']:.3f} ms (passes {min(steps):.3f}-{max(steps):.3f})", flush=True)
+    overhead: dict = {"context": {}, "short": {}}
+    for ctx, (plen, new) in (("context", (ns.prompt_len, ns.new_tokens)), ("short", (8, 32))):
+        for batch in (1, 8):
+            steps = [run_child(artifact=tiny, threads=ns.threads, prompt_len=plen, new_tokens=new,
+                               batch=batch)["step_ms"]["median"] for _ in range(ns.passes)]
+            overhead[ctx][batch] = {"median": statistics.median(steps), "min": min(steps), "max": max(steps)}
+            print(f"overhead (Mixtral-shaped topology, hidden 32, vocab 256): batch {batch}, {plen}-token prompts, "
+                  f"{new} new tokens: decode step {overhead[ctx][batch]['median']:.3f} ms "
+                  f"(passes {min(steps):.3f}-{max(steps):.3f})", flush=True)
+    if ns.overhead_only:
+        return
 
     results: dict = {}
     for name in ns.models:
@@ -210,8 +220,10 @@ def main() -> None:
 
     print(f"\nread bandwidth {bw[0]:.1f} GB/s before, {bw[1]:.1f} after (limit uses the best, {best:.1f}); "
           f"load average at the end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
-    print(f"overhead per decode step (same topology, negligible weights): batch 1 {overhead[1]['median']:.3f} ms, "
-          f"batch 8 {overhead[8]['median']:.3f} ms")
+    for ctx, what in (("context", f"{ns.prompt_len}-token prompts, {ns.new_tokens} new tokens"),
+                      ("short", "8-token prompts, 32 new tokens")):
+        print(f"overhead per decode step (same topology, negligible weights; {what}): "
+              f"batch 1 {overhead[ctx][1]['median']:.3f} ms, batch 8 {overhead[ctx][8]['median']:.3f} ms")
     print("\n| model | engine | decode tok/s (min-max) | prefill tok/s | peak RSS MiB | % of bandwidth limit |")
     print("|---|---|---|---|---|---|")
     for name in ns.models:
