@@ -83,9 +83,6 @@ def build_engine(artifact: str | Path, *, max_batch: int = 8, opt_level: int = 3
     if manifest.args.head != "causal_lm":
         raise ConfigError(f"{artifact}: TensorRT engines are built for causal LMs; this artifact holds a "
                           f"{manifest.args.head} model")
-    if manifest.quantization is not None:  # docs/DESIGN.md "INT4 weight-only": what a TensorRT build must rewrite
-        raise ConfigError(f"{artifact}: an int4 artifact; its TensorRT graph (the embedding's GatherBlockQuantized and "
-                          "the MoE op's int4 inputs rewritten for TensorRT) is not written yet: build an fp16 artifact")
     if TENSORRT_FEATURE in manifest.features and not force:
         raise ConfigError(f"{artifact}: already holds a TensorRT engine ({ENGINE_FILE}); pass --force to rebuild it")
     cache = Path(timing_cache) if timing_cache is not None else None
@@ -113,7 +110,9 @@ def build_engine(artifact: str | Path, *, max_batch: int = 8, opt_level: int = 3
             manifest, files=files,
             features=tuple(dict.fromkeys((*manifest.features, TENSORRT_FEATURE))),
             backends=tuple(dict.fromkeys((*manifest.backends, "tensorrt"))),
-            versions={**manifest.versions, "tensorrt": versions.get("tensorrt")})
+            versions={**manifest.versions, "tensorrt": versions.get("tensorrt")},
+            quantization=None if manifest.quantization is None else dataclasses.replace(
+                manifest.quantization, graphs={**manifest.quantization.graphs, "tensorrt": MODEL_FILE}))
         new.save(staging)
     assert (artifact / MANIFEST).is_file()
     say(f"added {ENGINE_FILE} to {artifact}")
@@ -129,15 +128,20 @@ def tensorrt_graph(model_path: Path, out_path: Path, max_tokens: int) -> dict[st
       [max_tokens, H], count int32 [max_tokens]); outputs the MoE output and the state (aliased by the plugin).
       The state is one pair of graph inputs threaded through the layers in order (each node takes the previous
       node's state outputs), zeroed once by the runtime and zero again after every node;
-    - the custom ops' ONNX function bodies dropped (TensorRT runs the plugins).
+    - the custom ops' ONNX function bodies dropped (TensorRT runs the plugins);
+    - for an int4 artifact (`int4_forms`): the int4 MoE node as a `MoEInt4` node (the INT4 plugin's fixed inputs),
+      the embedding's GatherBlockQuantized and any MatMulNBits as DequantizeLinear + Gather / MatMul, INT8 scales
+      made positive. The dense layers' INT4 DequantizeLinear -> MatMul stay as they are.
 
-    Returns facts for the build config (MoE layers, state shapes)."""
+    Returns facts for the build config (MoE layers, state shapes, the int4 rewrites)."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
 
     model = onnx.load(str(model_path), load_external_data=True)
     graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    int4 = int4_forms(graph, inits)
     inits = {t.name: t for t in graph.initializer}
     acc, count = STATE_ACC, STATE_COUNT
     hidden_size = 0
@@ -148,28 +152,32 @@ def tensorrt_graph(model_path: Path, out_path: Path, max_tokens: int) -> dict[st
         for a in node.attribute:
             if a.name == "plugin_version":
                 a.s = b"1"
-        if node.op_type != "MoE":
+        if node.op_type == MOE_INT4:
+            hidden_size = int(inits[node.input[4]].dims[1])  # fc2 [E, H, I/8]
+            new_inputs = list(node.input)
+        elif node.op_type == "MoE":
+            E = (len(node.input) - 2) // 2
+            experts = [numpy_helper.to_array(inits[n]) for n in node.input[2:]]
+            hidden_size = int(experts[E].shape[0])
+            stacked = []
+            for part, arrays in (("fc1", experts[:E]), ("fc2", experts[E:])):
+                name = f"{node.name}/{part}_stacked"
+                graph.initializer.append(numpy_helper.from_array(np.stack(arrays), name))
+                stacked.append(name)
+            new_inputs = [node.input[0], node.input[1], *stacked]
+        else:
             continue
-        E = (len(node.input) - 2) // 2
-        experts = [numpy_helper.to_array(inits[n]) for n in node.input[2:]]
-        hidden_size = int(experts[E].shape[0])
-        stacked = []
-        for part, arrays in (("fc1", experts[:E]), ("fc2", experts[E:])):
-            name = f"{node.name}/{part}_stacked"
-            graph.initializer.append(numpy_helper.from_array(np.stack(arrays), name))
-            stacked.append(name)
         acc_out, count_out = f"{node.name}/acc_out", f"{node.name}/count_out"
-        new_inputs = [node.input[0], node.input[1], *stacked, acc, count]
         del node.input[:]
-        node.input.extend(new_inputs)
+        node.input.extend([*new_inputs, acc, count])
         node.output.extend([acc_out, count_out])
         acc, count = acc_out, count_out
         moe_layers += 1
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
     if moe_layers:
-        used = {i for n in graph.node for i in n.input}
-        keep = [t for t in graph.initializer if t.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
         graph.input.extend([helper.make_tensor_value_info(STATE_ACC, onnx.TensorProto.FLOAT, [max_tokens, hidden_size]),
                             helper.make_tensor_value_info(STATE_COUNT, onnx.TensorProto.INT32, [max_tokens])])
         graph.output.extend([helper.make_tensor_value_info(acc, onnx.TensorProto.FLOAT, [max_tokens, hidden_size]),
@@ -179,7 +187,157 @@ def tensorrt_graph(model_path: Path, out_path: Path, max_tokens: int) -> dict[st
     model.functions.extend(kept)
     onnx.save(model, str(out_path), save_as_external_data=True, location=out_path.name + ".data")
     state = {STATE_ACC: [max_tokens, hidden_size], STATE_COUNT: [max_tokens]} if moe_layers else None
-    return {"moe_layers": moe_layers, "moe_state": state}
+    return {"moe_layers": moe_layers, "moe_state": state, "int4": int4 or None}
+
+
+MOE_INT4 = "MoEInt4"  # the int4 MoE node of the TensorRT graph (plugin mixtrt::MoEInt4, plugins/trt_plugins.py)
+
+
+def int4_forms(graph: Any, inits: dict[str, Any]) -> dict[str, int]:
+    """Rewrite an int4 graph's quantized nodes in place into what TensorRT parses (docs/DESIGN.md "TensorRT"); returns
+    how many of each were rewritten ({} for a float graph). Weights are found through the nodes that use them, as
+    runtime/backends/graph_weights.py finds them:
+
+    - `mixtrt::MoE` with 2 + 4E inputs (per expert MatMulNBits bytes [N, K/block, block/2] + scales [N, K/block])
+      -> `mixtrt::MoEInt4(hidden, router_logits, fc1, fc1_scales, fc2, fc2_scales)`: fc1 [E, 2I, H/8] / fc2
+      [E, H, I/8] INT32 words holding plugins/int4.py's bytes (two's complement, element 2j in the low nibble:
+      the per-expert bytes XOR 0x88, stacked; INT32 because TensorRT takes no UINT8 tensor into a plugin), scales
+      [E, N, K/block] fp32 unchanged; the state inputs are added by `tensorrt_graph`;
+    - `com.microsoft.GatherBlockQuantized` (the embedding; uint8, zero point 2^(bits-1)) -> `DequantizeLinear`
+      (signed INT4 / INT8 table [V, H], scales [V, H/block], axis 1, block_size) -> `Gather`;
+    - `com.microsoft.MatMulNBits` (bits 4 / 8, no zero points) -> `DequantizeLinear` (INT4 / INT8 W^T [K, N], axis 0,
+      block_size) -> `MatMul`;
+    - INT8 `DequantizeLinear` scales made positive (TensorRT's parser refuses a scale <= 0 for INT8: a zero scale,
+      an all-zero block, becomes 1; a negative one moves its sign into the INT8 values, exact as |q| <= 127).
+      INT4 scales stay as they are: RTN's signed scales are negative where a block's largest-magnitude weight is
+      positive, and TensorRT-RTX 1.7's parser takes negative and zero INT4 scales (tested); folding the sign into
+      INT4 values is not exact (-(-8) = 8 is no INT4 value)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mixtrt.runtime.backends.graph_weights import _unsigned
+
+    done: dict[str, int] = {}
+    arrays: dict[str, Any] = {}
+    new_inits: list[Any] = []
+
+    def array(name: str) -> Any:
+        if name not in inits:
+            raise ConfigError(f"{name}: a quantized weight that is not an initializer; this graph was not exported by "
+                              "this mixtrt")
+        if name not in arrays:
+            arrays[name] = numpy_helper.to_array(inits[name])
+        return arrays[name]
+
+    def attrs(node: Any) -> dict[str, Any]:
+        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    def signed_tensor(name: str, q: Any, bits: int) -> Any:
+        """int8 values q (in [-8, 7] for 4 bits) -> an INT4 / INT8 initializer of q's shape."""
+        if bits == 8:
+            return numpy_helper.from_array(np.ascontiguousarray(q.astype(np.int8)), name)
+        flat = q.astype(np.int8).reshape(-1)
+        if flat.size % 2:
+            flat = np.concatenate([flat, np.zeros(1, np.int8)])
+        nib = flat.view(np.uint8) & 0x0F
+        raw = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
+        return helper.make_tensor(name, TensorProto.INT4, list(q.shape), raw, raw=True)
+
+    def positive(q: Any, scales: Any, axis: int, block: int, where: str) -> tuple[Any, Any]:
+        """INT8 values and scales with every scale > 0 and the same products."""
+        scales = np.asarray(scales, np.float32)
+        neg = np.repeat(scales < 0, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+        if (q[neg] == -128).any():
+            raise ConfigError(f"{where}: an INT8 value -128 under a negative scale cannot move its sign into the value")
+        q = np.where(neg, -q.astype(np.int16), q).astype(np.int8)
+        scales = np.abs(scales)
+        return q, np.where(scales == 0, np.float32(1.0), scales)
+
+    def count(kind: str) -> None:
+        done[kind] = done.get(kind, 0) + 1
+
+    nodes: list[Any] = []
+    for node in graph.node:
+        a = attrs(node)
+        if node.domain == "mixtrt" and node.op_type == "MoE" and inits.get(node.input[2]) is not None \
+                and inits[node.input[2]].data_type == TensorProto.UINT8:
+            E = (len(node.input) - 2) // 4
+            if len(node.input) != 2 + 4 * E:
+                raise ConfigError(f"MoE node {node.name}: {len(node.input)} inputs, not the int4 form's 2 + 4E")
+            new_inputs = list(node.input[:2])
+            for j, fc in enumerate(("fc1", "fc2")):
+                part = list(node.input[2 + 2 * E * j: 2 + 2 * E * (j + 1)])
+                packed = [array(n) for n in part[0::2]]
+                blocks = [array(n) for n in part[1::2]]
+                if any(p.dtype != np.uint8 or p.ndim != 3 or (p.shape[1] * p.shape[2]) % 4 for p in packed):
+                    raise ConfigError(f"MoE node {node.name}: {fc} bytes are not uint8 [N, K/block, block/2] with K a "
+                                      "multiple of 8")
+                words = np.stack([p.reshape(p.shape[0], -1) ^ 0x88 for p in packed]).view(np.int32)
+                new_inits += [numpy_helper.from_array(np.ascontiguousarray(words), f"{node.name}/{fc}_int4"),
+                              numpy_helper.from_array(np.stack(blocks).astype(np.float32),
+                                                      f"{node.name}/{fc}_scales")]
+                new_inputs += [f"{node.name}/{fc}_int4", f"{node.name}/{fc}_scales"]
+            node.op_type = MOE_INT4
+            del node.input[:]
+            node.input.extend(new_inputs)
+            count("moe")
+        elif node.op_type == "GatherBlockQuantized" and node.domain == "com.microsoft":
+            bits, block = int(a.get("bits", 4)), int(a["block_size"])
+            if int(a.get("gather_axis", 0)) != 0 or int(a.get("quantize_axis", 1)) != 1 or bits not in (4, 8) \
+                    or (len(node.input) > 3 and node.input[3]):
+                raise ConfigError(f"GatherBlockQuantized node {node.name} ({a}, {len(node.input)} inputs): only "
+                                  "gather_axis 0, quantize_axis 1, bits 4 or 8, the default zero point are rewritten")
+            table, scales = array(node.input[0]), array(node.input[2])
+            name = f"{node.name}/table"
+            if inits[node.input[0]].data_type in (TensorProto.INT4, TensorProto.INT8):
+                q = table.astype(np.int8)
+            else:
+                q = _unsigned(table, bits).reshape(table.shape[0], -1).astype(np.int16) - (1 << (bits - 1))
+            if bits == 8:
+                q, scales = positive(q, scales, 1, block, f"GatherBlockQuantized node {node.name}")
+            new_inits += [signed_tensor(name, q, bits),
+                          numpy_helper.from_array(np.ascontiguousarray(scales, np.float32), f"{name}_scales")]
+            nodes.append(helper.make_node("DequantizeLinear", [name, f"{name}_scales"], [f"{name}_dq"],
+                                          name=f"{node.name}/table_DequantizeLinear", axis=1, block_size=block))
+            node.CopyFrom(helper.make_node("Gather", [f"{name}_dq", node.input[1]], list(node.output), name=node.name,
+                                           axis=0))
+            count("gather")
+        elif node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            n, k, bits, block = int(a["N"]), int(a["K"]), int(a.get("bits", 4)), int(a["block_size"])
+            if bits not in (4, 8) or k % block or any(node.input[3:]):
+                raise ConfigError(f"MatMulNBits node {node.name}: bits {bits}, block {block}, K {k}, "
+                                  f"{len(node.input)} inputs: only bits 4 / 8 without zero points, g_idx or bias "
+                                  "are rewritten")
+            q = _unsigned(array(node.input[1]), bits).reshape(n, -1)[:, :k].astype(np.int16) - (1 << (bits - 1))
+            scales = np.asarray(array(node.input[2]), np.float32).reshape(n, -1)
+            if bits == 8:
+                q, scales = positive(q, scales, 1, block, f"MatMulNBits node {node.name}")
+            name = f"{node.name}/weight"
+            new_inits += [signed_tensor(name, np.ascontiguousarray(q.T), bits),
+                          numpy_helper.from_array(np.ascontiguousarray(scales.T), f"{name}_scales")]
+            nodes.append(helper.make_node("DequantizeLinear", [name, f"{name}_scales"], [f"{name}_dq"],
+                                          name=f"{node.name}/weight_DequantizeLinear", axis=0, block_size=block))
+            node.CopyFrom(helper.make_node("MatMul", [node.input[0], f"{name}_dq"], list(node.output), name=node.name))
+            count("matmulnbits")
+        elif node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") \
+                and inits.get(node.input[0]) is not None and inits[node.input[0]].data_type == TensorProto.INT8:
+            scales = array(node.input[1])
+            if (scales <= 0).any():
+                block = int(a.get("block_size", 0))
+                axis = int(a.get("axis", 1)) % array(node.input[0]).ndim
+                if block <= 0:
+                    raise ConfigError(f"DequantizeLinear node {node.name}: INT8 scales <= 0 outside blocks")
+                q, scales = positive(array(node.input[0]), scales, axis, block, f"DequantizeLinear node {node.name}")
+                name = f"{node.name}/positive"
+                new_inits += [signed_tensor(name, q, 8), numpy_helper.from_array(scales, f"{name}_scales")]
+                node.input[0], node.input[1] = name, f"{name}_scales"
+                count("int8_scales")
+        nodes.append(node)
+    if done:
+        del graph.node[:]
+        graph.node.extend(nodes)  # each new DequantizeLinear comes before the node that reads it
+        graph.initializer.extend(new_inits)
+    return done
 
 
 def polygraphy_builder(onnx_path: Path, profile: dict[str, tuple[tuple[int, ...], ...]], opt_level: int,

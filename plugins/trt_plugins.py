@@ -22,6 +22,12 @@ outputs, the cache / state written in place), and that names, inputs, outputs an
   [T_max]), aliased in and out like the cache: one launch of `moe_decode_aliased_kernel` (`moe_decode_kernel`
   with the state inputs in TensorRT's argument order; correct for any T; reads an
   expert's weights once per token-expert pair, so long prefills are slow: see the SPEC).
+- `mixtrt::MoEInt4`, the INT4 form (int4 artifacts; `mixtrt build` writes it, export/tensorrt_build.py
+  `int4_forms`): hidden, router_logits, fc1 INT32 [E, 2I, H/8] + fc1_scales [E, 2I, H/block1], fc2 INT32
+  [E, H, I/8] + fc2_scales [E, H, I/block2], then the same state pair; the same kernel with INT4 weights
+  (`INT4`, the two blocks from the scales' shapes), which dequantizes each block as it reads it. The words are
+  plugins/int4.py's bytes (INT32 only because TensorRT passes no UINT8 tensor to a plugin); the kernel reads
+  them through a byte pointer. A new plugin name rather than a version: every Python plugin is version "1".
 
 TensorRT facts this relies on (tensorrt/plugin/_lib.py, quickly_deployable_plugins sample): a Python plugin's
 creator has version "1" whatever the op's version, so the graph TensorRT parses must carry
@@ -44,6 +50,10 @@ SWA_ATTRIBUTES = ("num_heads", "kv_heads", "window", "windowed_cache", "scale")
 MOE_INPUTS = ("hidden", "router_logits", "fc1", "fc2", "acc", "count")  # acc/count: the decode kernel's state
 MOE_OUTPUTS = ("output", "acc_out", "count_out")  # acc_out/count_out alias acc/count
 MOE_ATTRIBUTES = ("k",)
+# mixtrt::MoEInt4: the MoE op's INT4 form (plugins/moe/SPEC.md "TensorRT INT4 plugin"); fc1 / fc2 are INT32 words
+# holding plugins/int4.py's packed bytes ([E, 2I, H/8], [E, H, I/8]), scales [E, N, K/block] in the activation dtype
+MOE_INT4_ID = "mixtrt::MoEInt4"
+MOE_INT4_INPUTS = ("hidden", "router_logits", "fc1", "fc1_scales", "fc2", "fc2_scales", "acc", "count")
 QDP_VERSION = "1"  # every tensorrt.plugin creator's version
 
 
@@ -86,6 +96,20 @@ def swa_launch(dtype: str, B: Any, S: Any, num_heads: int, kv_heads: int, capaci
     return Launch(spec, (cdiv(S, block_s), B * kv_heads, 1), spec[3]["num_warps"] * 32, (S, capacity))
 
 
+def moe_int4_blocks(fc1_shape: Any, fc1_scales_shape: Any, fc2_shape: Any, fc2_scales_shape: Any
+                    ) -> tuple[int, int, int, tuple[int, int]]:
+    """(E, H, I, (block1, block2)) of the INT4 plugin's inputs: fc1 words [E, 2I, H/8], fc2 words [E, H, I/8],
+    scales [E, N, K/block]; ValueError when they do not fit together."""
+    E, two_i, h8 = (int(d) for d in fc1_shape)
+    H, I = 8 * h8, two_i // 2  # noqa: E741
+    if tuple(int(d) for d in fc2_shape) != (E, H, I // 8) or two_i % 2 or I % 8:
+        raise ValueError(f"fc1 {tuple(fc1_shape)} / fc2 {tuple(fc2_shape)}: not INT4 words [E, 2I, H/8] / [E, H, I/8]")
+    s1, s2 = (tuple(int(d) for d in s) for s in (fc1_scales_shape, fc2_scales_shape))
+    if s1[:2] != (E, two_i) or s2[:2] != (E, H) or H % s1[2] or I % s2[2] or (H // s1[2]) % 2 or (I // s2[2]) % 2:
+        raise ValueError(f"scales {s1} / {s2} do not block fc1 {tuple(fc1_shape)} / fc2 {tuple(fc2_shape)} evenly")
+    return E, H, I, (H // s1[2], I // s2[2])
+
+
 def moe_launch(dtype: str, T: Any, H: int, I: int, E: int, top_k: int,  # noqa: E741
                qblocks: tuple[int, int] | None = None, cdiv: Any = _cdiv) -> Launch:
     """The MoE plugin's launch (the decode kernel) for hidden [T, H] and E experts of width I."""
@@ -124,8 +148,8 @@ _REGISTERED = False
 
 
 def register_all(arch: int | None = None) -> None:
-    """Register both plugins with TensorRT (once per process). `arch`: the GPU's compute capability as an int
-    (86, 90, ...); default: the current CUDA device's."""
+    """Register the plugins (SWA, MoE, MoEInt4) with TensorRT (once per process). `arch`: the GPU's compute
+    capability as an int (86, 90, ...); default: the current CUDA device's."""
     global _REGISTERED
     if _REGISTERED:
         return
@@ -188,7 +212,30 @@ def register_all(arch: int | None = None) -> None:
         name, ptx, shared = compiled(launch, arch)
         return name, ptx, _params(trtp, launch, shared), _extra(trtp, launch)
 
-    del swa_desc, swa_tune, swa_aot, moe_desc, moe_tune, moe_aot
+    @trtp.register(MOE_INT4_ID)
+    def moe4_desc(hidden: trtp.TensorDesc, router_logits: trtp.TensorDesc, fc1: trtp.TensorDesc,
+                  fc1_scales: trtp.TensorDesc, fc2: trtp.TensorDesc, fc2_scales: trtp.TensorDesc, acc: trtp.TensorDesc,
+                  count: trtp.TensorDesc, k: int) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+        return hidden.like(), acc.aliased(), count.aliased()
+
+    @trtp.autotune(MOE_INT4_ID)
+    def moe4_tune(hidden: trtp.TensorDesc, router_logits: trtp.TensorDesc, fc1: trtp.TensorDesc,
+                  fc1_scales: trtp.TensorDesc, fc2: trtp.TensorDesc, fc2_scales: trtp.TensorDesc, acc: trtp.TensorDesc,
+                  count: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination("FP16|FP32, FP16|FP32, INT32, FP16|FP32, INT32, FP16|FP32, FP32, INT32, "
+                                         "FP16|FP32, FP32, INT32", "LINEAR")]
+
+    @trtp.aot_impl(MOE_INT4_ID)
+    def moe4_aot(hidden: trtp.TensorDesc, router_logits: trtp.TensorDesc, fc1: trtp.TensorDesc,
+                 fc1_scales: trtp.TensorDesc, fc2: trtp.TensorDesc, fc2_scales: trtp.TensorDesc, acc: trtp.TensorDesc,
+                 count: trtp.TensorDesc, k: int, outputs: Tuple[trtp.TensorDesc], tactic: int
+                 ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
+        E, H, I, blocks = moe_int4_blocks(fc1.shape, fc1_scales.shape, fc2.shape, fc2_scales.shape)
+        launch = moe_launch(dt[hidden.dtype], hidden.shape_expr[0], H, I, E, k, qblocks=blocks, cdiv=trtp.cdiv)
+        name, ptx, shared = compiled(launch, arch)
+        return name, ptx, _params(trtp, launch, shared), _extra(trtp, launch)
+
+    del swa_desc, swa_tune, swa_aot, moe_desc, moe_tune, moe_aot, moe4_desc, moe4_tune, moe4_aot
     _REGISTERED = True
 
 

@@ -486,7 +486,9 @@ def _specs(models) -> list[tuple]:
 # are runtime arguments: one specialisation serves every size with the same E_P2, k and INT4 blocks.
 AOT_SPECS: list[tuple] = _specs(((torch.float16, 8, 2, None), (torch.float16, 8, 2, (128, 128)),
                                  (torch.float16, 4, 2, None), (torch.float16, 4, 2, (64, 128))))
-# The TensorRT plugin's kernel (plugins/trt_plugins.py: the decode kernel with its state as aliased inputs), fp16.
+# The TensorRT plugins' kernel (plugins/trt_plugins.py: the decode kernel with its state as aliased inputs): fp16 for
+# MoE, and for MoEInt4 fp32 activations (an int4 artifact computes in fp32) with the default block 32 and Mixtral's 128.
 AOT_SPECS += [aliased_decode_spec(torch.float16, e, 2) for e in (8, 4)]
+AOT_SPECS += [aliased_decode_spec(torch.float32, 8, 2, (128, 128)), aliased_decode_spec(torch.float32, 4, 2, (32, 32))]
 # Launched by the torch wrapper only (fp32 is not a TensorRT engine precision here): compiled by the AOT test.
 JIT_SPECS: list[tuple] = _specs(((torch.float32, 8, 2, None), (torch.float32, 4, 1, (32, 32))))

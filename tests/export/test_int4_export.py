@@ -180,13 +180,6 @@ def test_perplexity_command_with_reference(realistic_pairs, tmp_path, capsys):
     assert "--chunk must be an integer >= 2" in capsys.readouterr().err
 
 
-def test_tensorrt_build_refuses_an_int4_artifact(int4_artifacts):
-    from mixtrt.export.tensorrt_build import build_engine
-
-    with pytest.raises(ConfigError, match="an int4 artifact; its TensorRT graph"):
-        build_engine(int4_artifacts["mistral-window"][1], progress=None)
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_int4_batch_invariance(realistic_pairs, name):
     """The server's batch-invariance contract (docs/DESIGN.md, Serving) on an int4 artifact with the default
