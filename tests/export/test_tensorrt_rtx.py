@@ -150,3 +150,80 @@ def test_parser_hands_our_nodes_to_plugins_with_their_attributes(exported, tmp_p
     assert swa_fields == {"num_heads": (I32, [4]), "kv_heads": (I32, [2]), "window": (I32, [5]),
                           "windowed_cache": (I32, [1]), "scale": (F32, [0.0])}
     assert moe_fields == {"k": (I32, [2])}
+
+
+@pytest.fixture(scope="module")
+def int4_mistral_d12(tmp_path_factory):
+    """An int4 Mistral artifact (RTN, the defaults: block 32, INT8 vocabulary tables) whose head dim (12) takes the
+    standard-op attention body."""
+    from mixtrt.export import export_onnx
+    from tests.checkpoints import make_checkpoint
+
+    root = tmp_path_factory.mktemp("rtx-int4")
+    ck = make_checkpoint(root / "ck", "mistral", sliding_window=5, hidden_size=48, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64)
+    return export_onnx(ck, root / "art", precision="int4", progress=None)
+
+
+def test_int4_tensorrt_graph_standard_part_builds(int4_mistral_d12, tmp_path):
+    """The int4 graph `mixtrt build` gives TensorRT, its attention nodes replaced by their standard-op bodies: INT4
+    DequantizeLinear -> MatMul with RTN's negative scales, the INT8 lm_head, the embedding's DequantizeLinear ->
+    Gather, all in one strongly typed fp32 network."""
+    from onnx import inliner, numpy_helper
+
+    from mixtrt.export.tensorrt_build import tensorrt_graph
+    from mixtrt.plugins.onnx_common import attach_functions
+
+    facts = tensorrt_graph(int4_mistral_d12 / "model.onnx", tmp_path / "t.onnx", max_tokens=8)
+    assert facts["int4"] == {"gather": 1}
+    model = onnx.load(str(tmp_path / "t.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    types = {inits[n.input[0]].data_type for n in dq}
+    assert types == {TensorProto.INT4, TensorProto.INT8}
+    assert any((numpy_helper.to_array(inits[n.input[1]]) < 0).any() for n in dq
+               if inits[n.input[0]].data_type == TensorProto.INT4)
+    attach_functions(model)
+    model = inliner.inline_local_functions(model)
+    assert {n.domain for n in model.graph.node} == {""}
+    built, errors, dtypes = _build(model)
+    assert built, errors
+    assert dtypes["past_key_values.0.key"] == "DataType.FLOAT"
+
+
+def test_parser_hands_the_int4_moe_node_to_its_plugin(exported, tmp_path):
+    """The int4 Mixtral graph's MoEInt4 node is looked up as plugin ("MoEInt4", "1", "mixtrt") and created with
+    exactly its attribute k; its inputs (INT32 words, fp32 scales, the state pair) are imported."""
+    from mixtrt.export import export_onnx
+    from mixtrt.export.tensorrt_build import MOE_INT4, STATE_ACC, STATE_COUNT, tensorrt_graph
+
+    art = export_onnx(exported["mixtral-window"][0], tmp_path / "art", precision="int4", progress=None)
+    tensorrt_graph(art / "model.onnx", tmp_path / "t.onnx", max_tokens=8)
+    m = onnx.load(str(tmp_path / "t.onnx"))
+    node = next(n for n in m.graph.node if n.op_type == MOE_INT4)
+    inits = [t for t in m.graph.initializer if t.name in node.input]
+    assert sorted(t.data_type for t in inits) == [TensorProto.FLOAT, TensorProto.FLOAT, TensorProto.INT32,
+                                                  TensorProto.INT32]
+    H, E = 64, 4
+    inputs = [helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT, ["T", H]),
+              helper.make_tensor_value_info(node.input[1], TensorProto.FLOAT, ["T", E]),
+              helper.make_tensor_value_info(STATE_ACC, TensorProto.FLOAT, [8, H]),
+              helper.make_tensor_value_info(STATE_COUNT, TensorProto.INT32, [8])]
+    outputs = [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, ["T", H])]
+    one = helper.make_model(helper.make_graph([node], "moe4", inputs, outputs, inits), opset_imports=m.opset_import)
+    rec = _Recorder()
+    creator = rec.creator(MOE_INT4, [("k", trt.PluginFieldType.INT32)])
+    registry = trt.get_plugin_registry()
+    assert registry.register_creator(creator, "mixtrt")
+    try:
+        logger = trt.Logger(trt.Logger.INTERNAL_ERROR)
+        builder = trt.Builder(logger)
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, logger)
+        assert not parser.parse(one.SerializeToString())  # the recorder makes no plugin
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        assert len(errors) == 1 and "Could not create" in errors[0], errors
+    finally:
+        registry.deregister_creator(creator)
+    [(name, fields)] = rec.calls
+    assert name.endswith("MoE_0") and fields == {"k": (trt.PluginFieldType.INT32, [2])}

@@ -64,3 +64,38 @@ def test_moe_plugin_launch_computes_the_op(T):
         _launch(launch, [x, logits, fc1, fc2, acc, count], [out, acc, count])
         assert (out - want).abs().max() <= 1e-4 * want.abs().max()
         assert not acc.any() and not count.any()
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_moe_int4_plugin_launch_computes_the_op(T):
+    """The MoEInt4 plugin's launch on its inputs as the TensorRT graph holds them (INT32 words of plugins/int4.py's
+    bytes, read by the kernel through a byte pointer: the same memory viewed as uint8), blocks from the scales'
+    shapes (fc1 16, fc2 32), RTN's signed scales: the reference op on the dequantized weights."""
+    import numpy as np
+
+    from mixtrt.export.quantize import rtn
+    from mixtrt.plugins.int4 import unpack_int4
+    from mixtrt.plugins.trt_plugins import moe_int4_blocks
+
+    g = torch.Generator().manual_seed(10 + T)
+    H, I, E, top_k, T_max = 32, 64, 4, 2, 4
+    x = torch.randn(T, H, generator=g)
+    logits = torch.randn(T, E, generator=g) * 2
+    packed = {}
+    for name, shape, block in (("fc1", (E, 2 * I, H), 16), ("fc2", (E, H, I), 32)):
+        w = (torch.randn(*shape, generator=g) * shape[2] ** -0.5).numpy()
+        q, s = rtn(name, w, block)
+        assert (s < 0).any()
+        packed[name] = (torch.from_numpy(np.ascontiguousarray(q).view(np.int32)), torch.from_numpy(s),
+                        torch.from_numpy(unpack_int4(q, s)))
+    (w1, s1, d1), (w2, s2, d2) = packed["fc1"], packed["fc2"]
+    E_, H_, I_, blocks = moe_int4_blocks(w1.shape, s1.shape, w2.shape, s2.shape)
+    assert (E_, H_, I_, blocks) == (E, H, I, (16, 32)) and w1.dtype == torch.int32
+    want = torch.ops.mixtrt.moe(x, logits, list(d1), list(d2), top_k)
+    acc, count = torch.zeros(T_max, H), torch.zeros(T_max, dtype=torch.int32)
+    out = torch.empty_like(x)
+    launch = moe_launch("fp32", T, H, I, E, top_k, qblocks=blocks)
+    for _ in range(2):
+        _launch(launch, [x, logits, w1.view(torch.uint8), s1, w2.view(torch.uint8), s2, acc, count], [out, acc, count])
+        assert (out - want).abs().max() <= 1e-4 * want.abs().max()
+        assert not acc.any() and not count.any()

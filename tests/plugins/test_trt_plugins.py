@@ -63,6 +63,9 @@ out["swa"] = run(P.SWA_ID, [Desc((B, S, N * D)), Desc((B, S, K * D)), Desc((B, S
 T, H, I, E = 5, 192, 96, 4
 out["moe"] = run(P.MOE_ID, [Desc((T, H)), Desc((T, E)), Desc((E, 2 * I, H)), Desc((E, H, I)), Desc((8, H), "f32"),
                             Desc((8,), "i32")], dict(k=2))
+out["moe4"] = run(P.MOE_INT4_ID, [Desc((T, H)), Desc((T, E)), Desc((E, 2 * I, H // 8), "i32"),
+                                  Desc((E, 2 * I, H // 64)), Desc((E, H, I // 8), "i32"), Desc((E, H, I // 32)),
+                                  Desc((8, H), "f32"), Desc((8,), "i32")], dict(k=2))
 print(json.dumps(out))
 """
 
@@ -93,6 +96,12 @@ def test_names_inputs_attributes_are_the_onnx_ops(report):
     assert moe["register"] == [*P.MOE_INPUTS, *moe_onnx.ATTRIBUTES] and P.MOE_INPUTS[:4] == ("hidden", "router_logits",
                                                                                               "fc1", "fc2")
     assert moe["aot_impl"] == [*P.MOE_INPUTS, *moe_onnx.ATTRIBUTES, "outputs", "tactic"]
+    moe4 = report[P.MOE_INT4_ID]  # the INT4 form: the same op and attributes, packed weights + scales
+    assert P.MOE_INT4_ID == f"mixtrt::{MOE}Int4"
+    assert moe4["register"] == [*P.MOE_INT4_INPUTS, *moe_onnx.ATTRIBUTES]
+    assert moe4["aot_impl"] == [*P.MOE_INT4_INPUTS, *moe_onnx.ATTRIBUTES, "outputs", "tactic"]
+    assert moe4["autotune"] == [*P.MOE_INT4_INPUTS, "outputs"]
+    assert [n for n in P.MOE_INT4_INPUTS if not n.endswith("_scales")] == list(P.MOE_INPUTS)
 
 
 def test_swa_launch(report):
@@ -127,3 +136,23 @@ def test_step_bound_keeps_the_fused_write_safe():
     assert swa_launch("fp16", 1, 1, 32, 8, 4112, 128, 4096, 0.25).spec[2]["SCALE"] == 0.25
     with pytest.raises(ValueError, match="k=3"):
         moe_launch("fp16", 1, 64, 96, 2, 3)
+
+
+def test_moe_int4_launch(report):
+    r = report["moe4"]  # T=5, H=192, I=96, E=4, k=2; INT4 blocks 64 (fc1) and 32 (fc2) from the scales' shapes
+    assert r["name"].startswith("moe_decode_aliased_kernel")
+    assert r["params"] == 8 + 4 + 3 + 2  # inputs (weights + scales), T/H/I/E, outputs, Triton's scratch pointers
+    assert r["grid"] == [3, 10, 1] and r["extra"] == [5, 192, 96, 4] and r["block"] == 128
+    assert 0 <= r["shared"] <= 48 * 1024
+    assert [o[0] for o in r["outputs"]] == ["like", "aliased", "aliased"]
+    assert r["tune"] == [8 + 3]
+
+
+def test_moe_int4_blocks_refuse_what_does_not_fit():
+    from mixtrt.plugins.trt_plugins import moe_int4_blocks
+
+    assert moe_int4_blocks((4, 192, 24), (4, 192, 3), (4, 192, 12), (4, 192, 3)) == (4, 192, 96, (64, 32))
+    with pytest.raises(ValueError, match="not INT4 words"):
+        moe_int4_blocks((4, 192, 24), (4, 192, 3), (4, 96, 12), (4, 96, 3))
+    with pytest.raises(ValueError, match="do not block"):
+        moe_int4_blocks((4, 192, 24), (4, 192, 5), (4, 192, 12), (4, 192, 3))
