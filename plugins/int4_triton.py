@@ -108,4 +108,5 @@ def spec(dtype: torch.dtype, qblock: int, gemv: bool) -> tuple:
 
 AOT_SPECS: list[tuple] = []  # no TensorRT plugin embeds it (TensorRT runs dense INT4 as DequantizeLinear -> MatMul)
 # Launched by the triton backend: fp32 (int4 artifacts compute in fp32) and fp16, blocks 32 and 128, both forms.
-JIT_SPECS: list[tuple] = [spec(d, b, g) for d in (torch.float32, torch.float16) for b in (32, 128) for g in (True, False)]
+JIT_SPECS: list[tuple] = [spec(d, b, g) for d in (torch.float32, torch.float16) for b in (32, 128)
+                          for g in (True, False)]

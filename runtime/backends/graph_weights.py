@@ -48,9 +48,17 @@ class GraphWeights:
     moe_k: list[int] = field(default_factory=list)  # per MoE layer: the node's k
 
 
-def read_graph_weights(model_path: Path, args: ModelArgs) -> GraphWeights:
+PACKABLE = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "lm_head")  # dense linears that may stay packed INT4
+
+
+def read_graph_weights(model_path: Path, args: ModelArgs, packed_dense: bool = False) -> GraphWeights:
     """The weights of `model_path` (external data loaded) as GraphWeights; ArtifactError naming the tensor
-    when a weight is missing or mis-shaped (a graph this mixtrt did not export, or a damaged one)."""
+    when a weight is missing or mis-shaped (a graph this mixtrt did not export, or a damaged one).
+
+    packed_dense: a dense linear (PACKABLE) whose weight is symmetric INT4 in blocks along its input dimension (a
+    MatMul fed by `DequantizeLinear` of an INT4 initializer [K, N] with axis 0, an even block_size and no zero point,
+    or a 4-bit `MatMulNBits` without zero points) is returned packed as the dense INT4 kernel takes it
+    (plugins/int4.py: `name` uint8 [N, K/2], `name_scales` float32 [N, K/block]) instead of dequantized."""
     import onnx
     from onnx import numpy_helper
 
@@ -74,10 +82,13 @@ def read_graph_weights(model_path: Path, args: ModelArgs) -> GraphWeights:
         return [n for n in graph.node if n.name.startswith(prefix + "/")
                 and "/" not in n.name[len(prefix) + 1:]]
 
-    def linear(prefix: str) -> np.ndarray:
-        """[out, in] of the MatMul / Gemm / MatMulNBits in module scope `prefix` (quantized forms dequantized)."""
+    def linear(prefix: str, packable: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """[out, in] of the MatMul / Gemm / MatMulNBits in module scope `prefix` (quantized forms dequantized, or
+        with `packable` and packed_dense, symmetric blocked INT4 as (packed [N, K/2], scales [N, K/block]))."""
         for node in scope(prefix):
             if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+                if packable and packed_dense and (got := packed_nbits(node)) is not None:
+                    return got
                 return matmul_nbits(node)
             if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
                 continue
@@ -89,6 +100,8 @@ def read_graph_weights(model_path: Path, args: ModelArgs) -> GraphWeights:
                 transposed = bool(trans.get("transB", 0))
             w = init(b)
             if w is None and b in producers and producers[b].op_type == "DequantizeLinear":
+                if packable and packed_dense and not transposed and (got := packed_dq(producers[b])) is not None:
+                    return got
                 w = dequantize_linear(producers[b])
             if w is None and b in producers and producers[b].op_type == "Transpose":
                 perm = [list(a.ints) for a in producers[b].attribute if a.name == "perm"]
@@ -120,6 +133,32 @@ def read_graph_weights(model_path: Path, args: ModelArgs) -> GraphWeights:
                               int(a.get("block_size", 0)))
         except ValueError as e:
             raise ArtifactError(f"{model_path}: DequantizeLinear node {node.name}: {e}") from None
+
+    def packed_dq(node: Any) -> tuple[np.ndarray, np.ndarray] | None:
+        """(packed [N, K/2], scales [N, K/block]) of an INT4 DequantizeLinear of W^T [K, N] along axis 0, or None."""
+        a = attrs(node)
+        src = inits.get(node.input[0])
+        block = int(a.get("block_size", 0))
+        if src is None or src.data_type != onnx.TensorProto.INT4 or int(a.get("axis", 1)) != 0 or block <= 0 \
+                or block % 2 or (len(node.input) > 2 and node.input[2]):
+            return None
+        q, scales = needed(node, 0), needed(node, 1)
+        if q.ndim != 2 or scales.shape != (q.shape[0] // block, q.shape[1]) or q.shape[0] % block:
+            return None
+        nib = np.ascontiguousarray(q.astype(np.int8).T).view(np.uint8) & 0x0F  # [N, K]
+        return (nib[:, 0::2] | (nib[:, 1::2] << 4)).astype(np.uint8), np.ascontiguousarray(scales.T, np.float32)
+
+    def packed_nbits(node: Any) -> tuple[np.ndarray, np.ndarray] | None:
+        """(packed [N, K/2], scales [N, K/block]) of a 4-bit MatMulNBits without zero points, g_idx or bias (its
+        unsigned nibbles XOR 8: two's complement), or None."""
+        a = attrs(node)
+        n, k, block = int(a["N"]), int(a["K"]), int(a["block_size"])
+        if int(a.get("bits", 4)) != 4 or k % block or block % 2 or any(node.input[3:]):
+            return None
+        packed = needed(node, 1).reshape(n, -1)
+        if packed.dtype != np.uint8 or packed.shape[1] != k // 2:
+            return None
+        return packed ^ 0x88, np.asarray(needed(node, 2), np.float32).reshape(n, k // block)
 
     def matmul_nbits(node: Any) -> np.ndarray:
         """W [N, K] float32 of a MatMulNBits (B uint8 [N, K/block, block*bits/8], scales [N, K/block] or flat,
@@ -193,14 +232,20 @@ def read_graph_weights(model_path: Path, args: ModelArgs) -> GraphWeights:
     out: dict[str, np.ndarray] = {}
     out["embed_tokens"] = embedding()
     out["norm"] = norm("/model/norm")
-    out["lm_head"] = linear("/lm_head")
+    def put(name: str, got: np.ndarray | tuple[np.ndarray, np.ndarray]) -> None:
+        if isinstance(got, tuple):
+            out[name], out[f"{name}_scales"] = got
+        else:
+            out[name] = got
+
+    put("lm_head", linear("/lm_head", packable=True))
     weights = GraphWeights(out)
     for i in range(args.num_hidden_layers):
         p, L = f"/model/layers.{i}", f"layers.{i}"
         out[f"{L}.attention_norm"] = norm(f"{p}/attention_norm")
         out[f"{L}.ffn_norm"] = norm(f"{p}/ffn_norm")
         for w in ("wq", "wk", "wv", "wo"):
-            out[f"{L}.{w}"] = linear(f"{p}/attention/{w}")
+            put(f"{L}.{w}", linear(f"{p}/attention/{w}", packable=True))
         swa = single(f"{p}/attention", "SlidingWindowAttention")
         weights.attention.append({a.name: onnx.helper.get_attribute_value(a) for a in swa.attribute})
         for j, name in ((6, "rope_cos"), (7, "rope_sin")):
@@ -210,10 +255,10 @@ def read_graph_weights(model_path: Path, args: ModelArgs) -> GraphWeights:
             out.setdefault(name, table)
         if args.moe is None:
             for w in ("w1", "w2", "w3"):
-                out[f"{L}.{w}"] = linear(f"{p}/feed_forward/{w}")
+                put(f"{L}.{w}", linear(f"{p}/feed_forward/{w}", packable=True))
         else:
             E = args.moe.num_experts
-            out[f"{L}.gate"] = linear(f"{p}/feed_forward/gate")
+            put(f"{L}.gate", linear(f"{p}/feed_forward/gate"))
             moe = single(f"{p}/feed_forward", "MoE")
             experts = [init(n) for n in moe.input[2:]]
             if len(experts) not in (2 * E, 4 * E) or any(x is None for x in experts):
@@ -296,19 +341,22 @@ def is_packed(t: Any) -> bool:
 
 def check_shapes(tensors: dict[str, Any], args: ModelArgs, where: str) -> None:
     """Every weight of the model present with its shape (rope tables: any number of rows); nothing else. MoE
-    experts may be INT4 (fc1 / fc2 uint8 [E, N, K/2] with fc1_scales / fc2_scales [E, N, K/block], block even)."""
+    experts may be INT4 (fc1 / fc2 uint8 [E, N, K/2] with fc1_scales / fc2_scales [E, N, K/block], block even), and
+    so may the dense linears of PACKABLE (uint8 [N, K/2] with `name_scales` [N, K/block])."""
     rows = tuple(tensors["rope_cos"].shape)[0] if "rope_cos" in tensors else 0
     want = expected_shapes(args, rows)
     for name, shape in list(want.items()):
-        if name.endswith((".fc1", ".fc2")) and name in tensors and is_packed(tensors[name]):
-            want[name] = (*shape[:2], shape[2] // 2)
+        packable = name.endswith((".fc1", ".fc2")) or name.rsplit(".", 1)[-1] in PACKABLE
+        if packable and name in tensors and is_packed(tensors[name]):
+            want[name] = (*shape[:-1], shape[-1] // 2)
             scales = tensors.get(f"{name}_scales")
-            blocks = tuple(scales.shape)[2] if scales is not None and len(scales.shape) == 3 else 0
-            if blocks == 0 or shape[2] % blocks or (shape[2] // blocks) % 2:
-                raise ArtifactError(f"{where}: INT4 weight {name} needs {name}_scales [E, N, K/block] with an even "
-                                    f"block dividing K={shape[2]}, got "
+            blocks = tuple(scales.shape)[-1] if scales is not None and len(scales.shape) == len(shape) else 0
+            if blocks == 0 or shape[-1] % blocks or (shape[-1] // blocks) % 2:
+                dims = "E, N, K/block" if len(shape) == 3 else "N, K/block"
+                raise ArtifactError(f"{where}: INT4 weight {name} needs {name}_scales [{dims}] with an even "
+                                    f"block dividing K={shape[-1]}, got "
                                     f"{None if scales is None else list(scales.shape)}")
-            want[f"{name}_scales"] = (*shape[:2], blocks)
+            want[f"{name}_scales"] = (*shape[:-1], blocks)
     missing, unknown = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or unknown:
         raise ArtifactError(f"{where}: weights missing {missing[:4]}" + (f", unknown {unknown[:4]}" if unknown else ""))

@@ -18,10 +18,10 @@ Two ways in: `TritonBackend.from_artifact` (the artifact's graph initializers, c
 as the onnxruntime backend checks them) and `TritonBackend.from_state_dict` (weights already in memory, e.g.
 random weights made on the GPU by a benchmark).
 
-INT4 artifacts: the MoE experts stay packed (uint8 + scales in the compute dtype, plugins/int4.py's layout) and
-the kernels dequantize them as they read them; the dense layers' INT4 / INT8 weights (q/k/v/o, Mistral's MLP, the
-INT8 embedding and lm_head) are dequantized once at load to the compute dtype (graph_weights.py), so their memory
-is not INT4 on this backend yet. `ops="torch"` runs the two ops with their eager torch
+INT4 artifacts: the MoE experts and the dense INT4 linears (q/k/v/o, Mistral's w1/w2/w3, an INT4 lm_head) stay
+packed (uint8 + scales in the compute dtype, plugins/int4.py's layout) and the kernels (plugins/moe/triton_kernels.py,
+plugins/int4_triton.py) dequantize them as they read them; the INT8 vocabulary tables (embedding, lm_head) are
+dequantized once at load to the compute dtype (graph_weights.py). `ops="torch"` runs the two ops with their eager torch
 references instead (plugins/<op>/torch_op.py): the baseline a benchmark compares the kernels with.
 """
 
@@ -43,9 +43,9 @@ from mixtrt.runtime.manifest import MODEL_FILE, Manifest, TensorSpec
 from mixtrt.runtime.precision import PRECISIONS
 
 
-def _kernels(device: str) -> tuple[Any, Any, Any]:
-    """(torch, swa kernels, moe kernels); on a CPU device the Triton interpreter, which must be chosen before
-    triton decorates the kernels (it reads TRITON_INTERPRET then)."""
+def _kernels(device: str) -> tuple[Any, Any, Any, Any]:
+    """(torch, swa kernels, moe kernels, the dense INT4 linear); on a CPU device the Triton interpreter, which must
+    be chosen before triton decorates the kernels (it reads TRITON_INTERPRET then)."""
     import sys
 
     cpu = not device.startswith("cuda")
@@ -53,6 +53,7 @@ def _kernels(device: str) -> tuple[Any, Any, Any]:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
+    from mixtrt.plugins import int4_triton as dense
     from mixtrt.plugins.moe import triton_kernels as moe
     from mixtrt.plugins.swa import triton_kernels as swa
 
@@ -63,7 +64,7 @@ def _kernels(device: str) -> tuple[Any, Any, Any]:
     if not cpu and interpreted:
         raise ConfigError(f"device {device!r}: TRITON_INTERPRET=1 is set in this process, so the kernels run in the "
                           "interpreter on CPU tensors only; unset it to run on the GPU")
-    return torch, swa, moe
+    return torch, swa, moe, dense
 
 
 class DeviceKVCache:
@@ -124,7 +125,7 @@ class TritonBackend:
             raise ConfigError(f"ops={ops!r}: 'triton' (our kernels) or 'torch' (the eager reference ops: a baseline)")
         self.ops = ops
         if ops == "triton":
-            torch, self._swa, self._moe = _kernels(device)
+            torch, self._swa, self._moe, self._dense = _kernels(device)
         else:
             torch = _torch
             import mixtrt.plugins.swa.torch_op  # noqa: F401  (registers torch.ops.mixtrt.*)
@@ -149,10 +150,12 @@ class TritonBackend:
             return t.to(device=device, dtype=torch.uint8 if is_packed(x) else self.dtype).contiguous()
 
         self.w = {name: dev(x) for name, x in weights.items()}
-        # INT4 experts stay packed for the kernels; the eager reference op takes float experts: dequantized here
+        # INT4 experts and dense linears stay packed for the kernels; the eager reference ops and torch's matmuls
+        # take float weights: dequantized here (the weight in fp32, then rounded to the compute dtype)
         if ops == "torch":
-            for name in [n for n, t in self.w.items() if n.endswith((".fc1", ".fc2")) and t.dtype == torch.uint8]:
-                self.w[name] = _unpack_int4(torch, self.w[name], self.w.pop(f"{name}_scales"))
+            for name in [n for n, t in self.w.items() if t.dtype == torch.uint8]:
+                scales = self.w.pop(f"{name}_scales").float()
+                self.w[name] = _unpack_int4(torch, self.w[name], scales).to(self.dtype)
         self._lock = threading.Lock()
 
     # ---- construction ------------------------------------------------------------------------------
@@ -172,7 +175,7 @@ class TritonBackend:
         path = directory / MODEL_FILE
         inputs, outputs, metadata = graph_io(path)
         manifest.check_graph(path, inputs, outputs, metadata)
-        graph = read_graph_weights(path, manifest.args)
+        graph = read_graph_weights(path, manifest.args, packed_dense=True)
         a = manifest.args
         for i, attrs in enumerate(graph.attention):
             want = {"num_heads": a.num_attention_heads, "kv_heads": a.num_key_value_heads,
@@ -265,7 +268,7 @@ class TritonBackend:
             for i, (kc, vc) in enumerate(past):
                 L = f"layers.{i}"
                 h = self._rms(x, w[f"{L}.attention_norm"])
-                q, k, v = h @ w[f"{L}.wq"].T, h @ w[f"{L}.wk"].T, h @ w[f"{L}.wv"].T
+                q, k, v = (self._linear(h, f"{L}.{n}") for n in ("wq", "wk", "wv"))
                 if self.ops == "triton":
                     att = self._swa.swa_attention(q, k, v, kc, vc, total, w["rope_cos"], w["rope_sin"],
                                                   a.num_attention_heads, a.num_key_value_heads, self.windows[i], 0.0)
@@ -275,10 +278,11 @@ class TritonBackend:
                         a.num_key_value_heads, self.windows[i], 0.0)
                     kc.copy_(pk)
                     vc.copy_(pv)
-                x = x + att @ w[f"{L}.wo"].T
+                x = x + self._linear(att, f"{L}.wo")
                 h = self._rms(x, w[f"{L}.ffn_norm"])
                 if a.moe is None:
-                    f = (torch.nn.functional.silu(h @ w[f"{L}.w1"].T) * (h @ w[f"{L}.w3"].T)) @ w[f"{L}.w2"].T
+                    f = self._linear(torch.nn.functional.silu(self._linear(h, f"{L}.w1")) * self._linear(h, f"{L}.w3"),
+                                     f"{L}.w2")
                 else:
                     flat = h.reshape(b * s, a.hidden_size)
                     logits = flat @ w[f"{L}.gate"].T
@@ -292,7 +296,15 @@ class TritonBackend:
             x = self._rms(x, w["norm"])
             pos = torch.from_numpy(np.ascontiguousarray(logit_positions, dtype=np.int64)).to(dev)
             picked = x.gather(1, pos[:, :, None].expand(-1, -1, a.hidden_size))  # [b, P, H]
-            return (picked @ w["lm_head"].T).float().cpu().numpy()
+            return self._linear(picked, "lm_head").float().cpu().numpy()
+
+    def _linear(self, x: Any, name: str) -> Any:
+        """x @ W^T for the weight `name`: the dense INT4 kernel on a packed weight (uint8 + `name_scales`), else
+        torch's matmul."""
+        w = self.w[name]
+        if w.dtype == self._torch.uint8:
+            return self._dense.int4_linear(x, w, self.w[f"{name}_scales"])
+        return x @ w.T
 
     def _rms(self, x: Any, weight: Any) -> Any:
         """As the reference RMSNorm: normalise in fp32, cast back, then scale in the activation dtype."""

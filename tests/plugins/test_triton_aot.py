@@ -21,17 +21,19 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 
 SCRIPT = r"""
 import json, os, subprocess, sys, tempfile
+from mixtrt.plugins import int4_triton as dense
 from mixtrt.plugins.moe import triton_kernels as moe
 from mixtrt.plugins.swa import triton_kernels as swa
 from mixtrt.plugins.triton_aot import compile_spec
 
 every, archs, ptxas = sys.argv[1] == "all", [int(a) for a in sys.argv[2].split(",")], sys.argv[3]
-specs = [("aot", s) for s in swa.AOT_SPECS + moe.AOT_SPECS] + [("jit", s) for s in swa.JIT_SPECS + moe.JIT_SPECS]
+specs = [("aot", s) for s in swa.AOT_SPECS + moe.AOT_SPECS + dense.AOT_SPECS] + [
+    ("jit", s) for s in swa.JIT_SPECS + moe.JIT_SPECS + dense.JIT_SPECS]
 print(json.dumps({"specs": len(specs)}), flush=True)
 if not every:  # one spec per kernel and weight form (INT4 or not), the smallest (head dim, experts) first
     seen, first = set(), []
     for kind, spec in sorted(specs, key=lambda ks: (ks[1][2].get("HEAD_DIM", 0), ks[1][2].get("E_P2", 0))):
-        key = (spec[0].__name__, bool(spec[2].get("INT4")))
+        key = (spec[0].__name__, bool(spec[2].get("INT4")), spec[2].get("GEMV"))
         if key not in seen:
             seen.add(key)
             first.append((kind, spec))
@@ -42,7 +44,7 @@ for arch in archs:
         k = compile_spec(spec, arch)
         ptx = k.asm["ptx"]
         entry = ptx[ptx.index(".entry"):ptx.index(")", ptx.index(".entry"))]
-        row = {"arch": arch, "kind": kind, "kernel": kernel.__name__, "name": k.metadata.name,
+        row = {"arch": arch, "kind": kind, "kernel": kernel.__name__, "name": k.metadata.name, "gemv": meta.get("GEMV"),
                "ptx_version": next(l for l in ptx.splitlines() if l.startswith(".version")),
                "target": next(l for l in ptx.splitlines() if l.startswith(".target")),
                "params": entry.count(".param"), "args": sum(t != "constexpr" for t in sig.values()),
@@ -97,9 +99,11 @@ def _check(rows: list[dict]) -> None:
 def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     _, rows = _split(_compile(tmp_path, every=False))
     kernels = {r["kernel"] for r in rows}
+    assert {(r["kernel"], r["gemv"]) for r in rows if r["kernel"] == "int4_linear_kernel"} == {
+        ("int4_linear_kernel", True), ("int4_linear_kernel", False)}  # the dense INT4 linear's two forms
     assert kernels == {"swa_attention_kernel", "swa_cache_write_kernel", "swa_combine_kernel", "moe_decode_kernel",
                        "moe_decode_aliased_kernel", "moe_align_kernel", "moe_fc1_kernel", "moe_fc2_kernel",
-                       "moe_sum_kernel"}
+                       "moe_sum_kernel", "int4_linear_kernel"}
     assert {r["arch"] for r in rows} == {80, 90}
     _check(rows)
 

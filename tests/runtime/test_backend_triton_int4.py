@@ -56,6 +56,9 @@ def test_int4_greedy_tokens_equal_onnxruntime_past_3w(name, int4_artifacts):
     ort, tri = load_backend("onnxruntime", art, threads=1), load_backend("triton", art)
     if name.startswith("mixtral"):  # the experts stay packed for the kernels
         assert str(tri.w["layers.0.fc1"].dtype) == "torch.uint8" and "layers.0.fc1_scales" in tri.w
+    for w in ("wq", "wo", *(("w1", "w2") if name.startswith("mistral") else ())):  # dense INT4: the dense kernel
+        assert str(tri.w[f"layers.1.{w}"].dtype) == "torch.uint8" and f"layers.1.{w}_scales" in tri.w
+    assert tri.w["lm_head"].dtype == tri.w["embed_tokens"].dtype == tri.dtype  # INT8 tables: dequantized
     [p] = _prompts(7, (2 * EXPORT_W + 2,))
     a, b = ort.step(ort.new_cache(1), np.array([p])), tri.step(tri.new_cache(1), np.array([p]))
     assert np.abs(a - b).max() <= LOGIT_TOL * np.abs(a).max()
@@ -129,6 +132,15 @@ def test_matmulnbits_and_4bit_gather_forms_read_as_the_artifacts(int4_artifacts,
     for k in want:
         expected = unpack_int4(q4, s4) if k == "embed_tokens" else want[k]
         assert np.array_equal(got[k], expected), k
+    # packed_dense (the triton backend's reading): the 4-bit MatMulNBits come back packed, the same weights
+    for graph in (tmp_path / "model.onnx", art / "model.onnx"):  # MatMulNBits, and the artifact's DequantizeLinear
+        packed = read_graph_weights(graph, args, packed_dense=True).tensors
+        assert packed["layers.0.wq"].dtype == np.uint8 and packed["lm_head"].dtype == np.float32  # lm_head INT8
+        assert set(packed) == set(want) | {f"layers.{i}.{w}_scales" for i in range(args.num_hidden_layers)
+                                           for w in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")}
+        for k in want:
+            if packed[k].dtype == np.uint8:
+                assert np.array_equal(unpack_int4(packed[k], packed[f"{k}_scales"]), want[k]), k
 
 
 def test_packed_experts_through_the_eager_reference_and_refusals(int4_artifacts):
