@@ -13,6 +13,12 @@
    experts the step's tokens touch (counted from the routing), the KV cache it attends) / step time / peak HBM
    bandwidth of the device (a table; --hbm-tbps overrides).
 
+3. With `--precision fp16,int4` (or `int4`), the same models with every linear but the router and every expert in
+   symmetric INT4 (blocks of 128 along the input dimension, scale max|w| / 7, quantized on the device from the
+   same random weights): the triton backend keeps them packed (the dense INT4 kernel, plugins/int4_triton.py, and
+   the MoE kernels' INT4 form), torch eager runs the dequantized fp16 weights; bytes per step count what each
+   reads (packed weights + scales, or fp16).
+
 Everything printed is also written as one JSON object (--out). With --dry-run: tiny shapes, the CPU, the Triton
 interpreter; numbers are meaningless, the code path is the GPU run's (tests/benchmarks/test_bench_gpu.py runs it).
 The script imports only the GPU path of mixtrt (torch, triton, numpy): where the CPU runtime's dependencies
@@ -99,6 +105,32 @@ def random_weights(args: Any, device: str, dtype: Any, seed: int = 0) -> dict[st
     return out
 
 
+DENSE = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "lm_head")
+
+
+def pack_int4(w: Any, block: int) -> tuple[Any, Any]:
+    """plugins/int4.py's pack_int4 in torch, on the device: W [..., N, K] -> (uint8 [..., N, K/2], scales [..., N,
+    K/block] in W's dtype); symmetric, scale max|w| / 7, element 2j in the low nibble."""
+    import torch
+
+    blocks = w.float().reshape(*w.shape[:-1], w.shape[-1] // block, block)
+    s = blocks.abs().amax(-1) / 7
+    q = torch.where(s[..., None] > 0, blocks / s[..., None].clamp_min(1e-30), torch.zeros_like(blocks))
+    nib = q.round().clamp(-8, 7).to(torch.int8).reshape(w.shape).view(torch.uint8) & 0x0F
+    return (nib[..., 0::2] | (nib[..., 1::2] << 4)).contiguous(), s.to(w.dtype)
+
+
+def quantize_int4(weights: dict[str, Any], block: int) -> dict[str, Any]:
+    """Every dense linear (DENSE) and expert matrix packed INT4 (name + name_scales); router, norms, embedding kept."""
+    out = {}
+    for name, w in weights.items():
+        if name.rsplit(".", 1)[-1] in DENSE or name.endswith((".fc1", ".fc2")):
+            out[name], out[f"{name}_scales"] = pack_int4(w, block)
+        else:
+            out[name] = w
+    return out
+
+
 def kernel_checks(device: str, dry: bool) -> list[dict[str, Any]]:
     """Our kernels vs the torch references on the device; returns one row per case."""
     import torch
@@ -147,19 +179,43 @@ def kernel_checks(device: str, dry: bool) -> list[dict[str, Any]]:
             got = mk.moe(x, logits, fc1, fc2, topk)
             err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
             rows.append({"op": "moe", "case": name, "dtype": str(dt).split(".")[-1], "rel_err": err, "ok": err <= tol})
+    from mixtrt.plugins import int4_triton as dk
+
+    # (name, M, N, K, block): the dense INT4 linear vs torch's matmul on the dequantized weights
+    dense_cases = [("gemv M=1", 1, 70, 64, 32), ("dot M=24", 24, 50, 96, 32)] if dry \
+        else [("gemv M=1 14336x4096", 1, 14336, 4096, 128), ("gemv M=4 4096x14336", 4, 4096, 14336, 128),
+              ("dot M=256 4096x4096", 256, 4096, 4096, 128)]
+    for dt in dtypes:
+        tol = 5e-3 if dt == torch.float16 else 1e-4
+        for name, M, N, K, block in dense_cases:
+            x = torch.randn(M, K, generator=g, device=device).to(dt)
+            packed, scales = pack_int4(torch.randn(N, K, generator=g, device=device).to(dt), block)
+            lo, hi = (packed & 0x0F).to(torch.int16), (packed >> 4).to(torch.int16)
+            q = torch.stack([lo, hi], -1).flatten(-2)
+            w = (torch.where(q >= 8, q - 16, q).float() * scales.float().repeat_interleave(block, -1)).to(dt)
+            want = (x.float() @ w.float().T)
+            got = dk.int4_linear(x, packed, scales)
+            err = float((got.float() - want).abs().max() / want.abs().max())
+            rows.append({"op": "int4_linear", "case": name, "dtype": str(dt).split(".")[-1], "rel_err": err,
+                         "ok": err <= tol})
     return rows
 
 
 def decode_bytes(backend: Any, batch: int, context: int, touched_experts: list[int]) -> int:
     """Bytes one decode step of `batch` rows at `context` positions must read from memory (at least)."""
     a, w = backend.args, backend.w
-    per = w["lm_head"].element_size()
-    total = w["lm_head"].numel() * per + w["norm"].numel() * per
+
+    def size(name: str, expert: bool = False) -> int:  # a weight's bytes (one expert's), its INT4 scales included
+        ts = [t[0] if expert else t for t in (w[name], w.get(f"{name}_scales")) if t is not None]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    per = w["norm"].element_size()  # the KV cache's dtype (norms are never packed)
+    total = size("lm_head") + size("norm")
     for i in range(a.num_hidden_layers):
         L = f"layers.{i}"
         dense = ("wq", "wk", "wv", "wo", "gate", "attention_norm", "ffn_norm")
-        total += sum(w[f"{L}.{n}"].numel() for n in dense) * per
-        total += touched_experts[i] * (w[f"{L}.fc1"][0].numel() + w[f"{L}.fc2"][0].numel()) * per
+        total += sum(size(f"{L}.{n}") for n in dense)
+        total += touched_experts[i] * (size(f"{L}.fc1", True) + size(f"{L}.fc2", True))
         window = backend.windows[i]
         keys = min(context, window) if window > 0 else context
         total += 2 * batch * a.num_key_value_heads * keys * a.head_dim * per
@@ -180,7 +236,7 @@ def touched(backend: Any, hidden_rows: int) -> list[int]:
 
 
 def run_model(name: str, shape: dict[str, Any], device: str, dry: bool, batches: list[int], steps: int,
-              prompt: int, peak: float | None) -> list[dict[str, Any]]:
+              prompt: int, peak: float | None, precision: str = "fp16") -> list[dict[str, Any]]:
     import numpy as np
     import torch
 
@@ -191,6 +247,8 @@ def run_model(name: str, shape: dict[str, Any], device: str, dry: bool, batches:
     context = prompt + steps + 4
     t0 = time.perf_counter()
     weights = random_weights(args, device, dtype)
+    if precision == "int4":
+        weights = quantize_int4(weights, 32 if dry else 128)
     made = time.perf_counter() - t0
     rows = []
     for ops in ("triton", "torch"):
@@ -215,7 +273,8 @@ def run_model(name: str, shape: dict[str, Any], device: str, dry: bool, batches:
                 torch.cuda.synchronize()
             dt = (time.perf_counter() - t) / steps
             nbytes = decode_bytes(be, batch, int(cache.lengths.max()), touched(be, batch))
-            rows.append({"model": name, "ops": ops, "batch": batch, "prompt": prompt, "steps": steps,
+            rows.append({"model": name, "precision": precision, "ops": ops, "batch": batch, "prompt": prompt,
+                         "steps": steps,
                          "decode_ms": dt * 1e3, "tok_s": batch / dt, "prefill_tok_s": batch * prompt / prefill,
                          "bytes_per_step": nbytes, "gb_s": nbytes / dt / 1e9,
                          "hbm_fraction": nbytes / dt / (peak * 1e12) if peak else None,
@@ -236,11 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens per row (default 128; dry run 4)")
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8; dry run 1,2)")
     ap.add_argument("--hbm-tbps", type=float, default=None, help="peak HBM bandwidth in TB/s (default: by GPU name)")
+    ap.add_argument("--precision", default="fp16",
+                    help="weights of the model runs: fp16, int4 or both (fp16,int4); default fp16")
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--bare-import", action="store_true",
                     help="import the GPU path without mixtrt.runtime's __init__ (what happens where sentencepiece, "
                          "jinja2 or onnxruntime are missing)")
     ns = ap.parse_args(argv)
+    precisions = ns.precision.split(",")
+    if not precisions or any(p not in ("fp16", "int4") for p in precisions):
+        ap.error(f"--precision: fp16, int4 or fp16,int4, got {ns.precision!r}")
     if ns.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
     _import_gpu_path(ns.bare_import)
@@ -268,13 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in ns.batches.split(",")] if ns.batches != "1,8" or not ns.dry_run else [1, 2]
     report["models"] = []
     for name, shape in model_shapes(ns.dry_run).items():
-        report["models"] += run_model(name, shape, device, ns.dry_run, batches, steps, prompt, peak)
+        for precision in precisions:
+            report["models"] += run_model(name, shape, device, ns.dry_run, batches, steps, prompt, peak, precision)
     speed = {}
     for r in report["models"]:
         if r["ops"] == "triton":
             base = next(b for b in report["models"] if b["ops"] == "torch" and b["model"] == r["model"]
-                        and b["batch"] == r["batch"])
-            speed[f"{r['model']} batch {r['batch']}"] = r["tok_s"] / base["tok_s"]
+                        and b["batch"] == r["batch"] and b["precision"] == r["precision"])
+            tag = "" if r["precision"] == "fp16" else f" {r['precision']}"
+            speed[f"{r['model']}{tag} batch {r['batch']}"] = r["tok_s"] / base["tok_s"]
     report["speedup_vs_torch_eager"] = speed
     report["seconds"] = time.perf_counter() - t0
     print(json.dumps({"speedup_vs_torch_eager": speed, "seconds": report["seconds"],

@@ -20,19 +20,26 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_dry_run(tmp_path):
     out = tmp_path / "report.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--dry-run", "--bare-import",
-                        "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                        "--precision", "fp16,int4", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "importing the GPU path alone" in r.stdout
     report = json.loads(out.read_text())
     assert report["dry_run"] and report["device"] == "cpu (dry run)" and report["hbm_tbps"] is None
     kernels = report["kernels"]
-    assert {(k["op"], k["dtype"]) for k in kernels} == {(op, dt) for op in ("swa", "moe") for dt in ("float16",
-                                                                                                       "float32")}
+    assert {(k["op"], k["dtype"]) for k in kernels} == {(op, dt) for op in ("swa", "moe", "int4_linear")
+                                                         for dt in ("float16", "float32")}
     assert all(k["ok"] for k in kernels) and all(k["cache_equal"] for k in kernels if k["op"] == "swa")
     rows = report["models"]
-    assert {(r["ops"], r["batch"]) for r in rows} == {(o, b) for o in ("triton", "torch") for b in (1, 2)}
+    assert {(r["precision"], r["ops"], r["batch"]) for r in rows} == {
+        (p, o, b) for p in ("fp16", "int4") for o in ("triton", "torch") for b in (1, 2)}
+    fp16_bytes = 2 * (512 * 64 + 2 * (2 * 64 * 64 + 2 * 32 * 64 + 2 * 3 * 64 * 96))  # lm_head, q/k/v/o, 2 experts
     for row in rows:
         assert row["tok_s"] > 0 and row["decode_ms"] > 0 and row["hbm_fraction"] is None
         # tiny model: lm_head 512x64 + 2 layers of attention/router/norms + >= 2 experts of 3x64x96, fp16, + KV
-        assert 2 * (512 * 64 + 2 * (2 * 64 * 64 + 2 * 32 * 64 + 4 * 64 + 2 * 3 * 64 * 96)) <= row["bytes_per_step"]
-    assert set(report["speedup_vs_torch_eager"]) == {"tiny-mixtral batch 1", "tiny-mixtral batch 2"}
+        if row["precision"] == "fp16" or row["ops"] == "torch":  # eager runs the int4 weights dequantized to fp16
+            assert fp16_bytes <= row["bytes_per_step"]
+        else:  # packed: half a byte a weight plus an fp16 scale per 32 (0.5625 B), against 2 B
+            assert row["bytes_per_step"] < 0.5 * fp16_bytes
+    assert set(report["speedup_vs_torch_eager"]) == {f"tiny-mixtral{p} batch {b}" for p in ("", " int4")
+                                                     for b in (1, 2)}
