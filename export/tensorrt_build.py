@@ -39,8 +39,9 @@ from mixtrt.runtime.manifest import (
 )
 
 MAX_BATCH = 4096  # the graph's batch dimension bound (export)
-# (onnx path, profile {input: (min, opt, max)}, opt level, timing cache or None, plan path) -> versions used
-Builder = Callable[[Path, dict[str, tuple[tuple[int, ...], ...]], int, "Path | None", Path], dict[str, str]]
+ProfileShapes = dict[str, tuple[tuple[int, ...], ...]]  # input -> (min, opt, max) shapes
+# (onnx path, optimisation profiles, opt level, timing cache or None, plan path) -> versions used
+Builder = Callable[[Path, list[ProfileShapes], int, "Path | None", Path], dict[str, str]]
 
 
 STATE_ACC, STATE_COUNT = "moe_state.acc", "moe_state.count"  # the MoE plugin's zeroed state (graph inputs)
@@ -54,20 +55,32 @@ def step_tokens(manifest: Manifest) -> int:
     return max_step_tokens(manifest.cache.capacity, manifest.cache.window or -1)
 
 
-def profile_shapes(manifest: Manifest, max_batch: int) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """One optimisation profile over every graph input: batch 1..max_batch (opt: max_batch, decode), new tokens
-    and logit positions 1..step_tokens (opt: 1), the cache buffers at their fixed size."""
+def profile_shapes(manifest: Manifest, max_batch: int, prefill: bool = False) -> ProfileShapes:
+    """An optimisation profile over every graph input. The decode profile (profile 0): batch 1..max_batch (opt:
+    max_batch), new tokens and logit positions 1..step_tokens (opt: 1); it serves every step. The prefill profile
+    (`prefill`; profile 1, the runtime's for steps of 2 tokens or more): batch 1..max_batch (opt 1), new tokens
+    2..step_tokens (opt: step_tokens), logit positions 1..step_tokens (opt 1). The cache buffers at their fixed size.
+    TensorRT tunes each profile on its own, so the SWA plugin's tile (a tactic) is chosen per profile."""
     C = step_tokens(manifest)
-    shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+    b_opt = 1 if prefill else max_batch
+    shapes: ProfileShapes = {}
     for t in manifest.inputs:
-        if t.name in ("input_ids", "logit_positions"):
-            shapes[t.name] = ((1, 1), (max_batch, 1), (max_batch, C))
+        if t.name == "input_ids":
+            shapes[t.name] = ((1, 2), (1, C), (max_batch, C)) if prefill else ((1, 1), (max_batch, 1), (max_batch, C))
+        elif t.name == "logit_positions":
+            shapes[t.name] = ((1, 1), (b_opt, 1), (max_batch, C))
         elif t.name == "total_lengths":
-            shapes[t.name] = ((1,), (max_batch,), (max_batch,))
+            shapes[t.name] = ((1,), (b_opt,), (max_batch,))
         else:  # past_key_values.{i}.key/value [batch, K, C, D]
             fixed = tuple(int(d) for d in t.shape[1:])
-            shapes[t.name] = ((1, *fixed), (max_batch, *fixed), (max_batch, *fixed))
+            shapes[t.name] = ((1, *fixed), (b_opt, *fixed), (max_batch, *fixed))
     return shapes
+
+
+def profiles(manifest: Manifest, max_batch: int) -> list[ProfileShapes]:
+    """The engine's profiles: decode, then prefill where a step may take 2 tokens or more."""
+    decode = profile_shapes(manifest, max_batch)
+    return [decode, profile_shapes(manifest, max_batch, prefill=True)] if step_tokens(manifest) >= 2 else [decode]
 
 
 def build_engine(artifact: str | Path, *, max_batch: int = 8, opt_level: int = 3,
@@ -89,19 +102,21 @@ def build_engine(artifact: str | Path, *, max_batch: int = 8, opt_level: int = 3
     if cache is not None and (cache.is_dir() or not cache.parent.is_dir()):
         raise ConfigError(f"--timing-cache {cache}: must be a file in an existing directory (read if it exists, "
                           "written after the build)")
-    profile = profile_shapes(manifest, max_batch)
+    shapes = profiles(manifest, max_batch)
     build = builder or polygraphy_builder
     max_tokens = max_batch * step_tokens(manifest)
     with artifact_update(artifact) as staging, tempfile.TemporaryDirectory(dir=staging) as scratch:
         say(f"building {ENGINE_FILE} (max batch {max_batch}, optimisation level {opt_level})")
         trt_graph = Path(scratch) / "tensorrt.onnx"
         facts = tensorrt_graph(artifact / MODEL_FILE, trt_graph, max_tokens)
-        versions = build(trt_graph, profile, opt_level, cache, staging / ENGINE_FILE)
+        versions = build(trt_graph, shapes, opt_level, cache, staging / ENGINE_FILE)
         if not (staging / ENGINE_FILE).is_file():
             raise ConfigError(f"{artifact}: the builder wrote no {ENGINE_FILE}")
         config = {"max_batch": max_batch, "opt_level": opt_level, "strongly_typed": True,
                   "max_step_tokens": step_tokens(manifest), **facts,
-                  "profile": {k: [list(s) for s in v] for k, v in profile.items()},
+                  "profile": {k: [list(s) for s in v] for k, v in shapes[0].items()},
+                  "prefill_profile": ({k: [list(s) for s in v] for k, v in shapes[1].items()} if len(shapes) > 1
+                                      else None),
                   "timing_cache": str(cache) if cache is not None else None, "mixtrt": __version__, **versions}
         (staging / ENGINE_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         files = {k: v for k, v in manifest.files.items() if k not in (ENGINE_FILE, ENGINE_CONFIG)}
@@ -340,10 +355,10 @@ def int4_forms(graph: Any, inits: dict[str, Any]) -> dict[str, int]:
     return done
 
 
-def polygraphy_builder(onnx_path: Path, profile: dict[str, tuple[tuple[int, ...], ...]], opt_level: int,
-                       timing_cache: Path | None, plan: Path) -> dict[str, str]:
-    """The real build (needs TensorRT and a CUDA GPU): plugins registered, strongly typed network, one profile,
-    aliased plugin IO (the KV cache written in place), timing cache read and written."""
+def polygraphy_builder(onnx_path: Path, shapes: list[ProfileShapes], opt_level: int, timing_cache: Path | None,
+                       plan: Path) -> dict[str, str]:
+    """The real build (needs TensorRT and a CUDA GPU): plugins registered, strongly typed network, the profiles
+    (decode, prefill), aliased plugin IO (the KV cache written in place), timing cache read and written."""
     import polygraphy
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
@@ -351,11 +366,14 @@ def polygraphy_builder(onnx_path: Path, profile: dict[str, tuple[tuple[int, ...]
     from mixtrt.plugins.trt_plugins import register_all
 
     register_all()
-    prof = Profile()
-    for name, (lo, opt, hi) in profile.items():
-        prof.add(name, min=lo, opt=opt, max=hi)
+    profs = []
+    for shape in shapes:
+        prof = Profile()
+        for name, (lo, opt, hi) in shape.items():
+            prof.add(name, min=lo, opt=opt, max=hi)
+        profs.append(prof)
     preview = [f for f in (getattr(trt.PreviewFeature, "ALIASED_PLUGIN_IO_10_03", None),) if f is not None]
-    kwargs: dict[str, Any] = {"profiles": [prof], "builder_optimization_level": opt_level,
+    kwargs: dict[str, Any] = {"profiles": profs, "builder_optimization_level": opt_level,
                               "preview_features": preview}
     if timing_cache is not None:
         kwargs["load_timing_cache"] = str(timing_cache) if timing_cache.exists() else None

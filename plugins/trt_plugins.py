@@ -14,9 +14,12 @@ outputs, the cache / state written in place), and that names, inputs, outputs an
 - `mixtrt::SlidingWindowAttention` (8 inputs, 3 outputs; attributes num_heads, kv_heads, window, windowed_cache,
   scale): one launch of `swa_attention_kernel` with the ring write fused (WRITE_CACHE), present_key/value
   aliased to past_key/value (`TensorDesc.aliased()`, preview feature ALIASED_PLUGIN_IO_10_03): the cache is
-  written in place. The tile is the decode one (BLOCK_S = 16 / G_P2 query tokens per program), correct for any
-  number of new tokens S; the fused write is safe only while S <= C - W + 1 (`fused_write_is_safe`), so an
-  engine's profile bounds the tokens of a step to that (`max_step_tokens`) and the runtime prefills in chunks.
+  written in place. Two tactics, two tiles, each correct for any number of new tokens S: 1 the decode tile
+  (BLOCK_S = 16 / G_P2 query tokens per program), 2 the prefill tile (64 / G_P2 tokens: each key tile read once
+  per 64 query rows); TensorRT times both in each optimisation profile and keeps the faster, so the engine's decode
+  profile (opt S = 1) and prefill profile (opt S = the step bound) get their own (`SWA_TACTICS`). The fused write
+  is safe only while S <= C - W + 1 (`fused_write_is_safe`), so an engine's profiles bound the tokens of a step to
+  that (`max_step_tokens`) and the runtime prefills in chunks.
 - `mixtrt::MoE`, the stacked fixed-input form (hidden [T, H], router_logits [T, E], fc1 [E, 2I, H], fc2 [E, H, I],
   attribute k; plugins/moe/SPEC.md) plus the decode kernel's zeroed state (acc fp32 [T_max, H], count int32
   [T_max]), aliased in and out like the cache: one launch of `moe_decode_aliased_kernel` (`moe_decode_kernel`
@@ -55,6 +58,7 @@ MOE_ATTRIBUTES = ("k",)
 MOE_INT4_ID = "mixtrt::MoEInt4"
 MOE_INT4_INPUTS = ("hidden", "router_logits", "fc1", "fc1_scales", "fc2", "fc2_scales", "acc", "count")
 QDP_VERSION = "1"  # every tensorrt.plugin creator's version
+SWA_TACTICS = {1: 1, 2: 64}  # SWA plugin tactic -> the tokens its tile is sized for (block_sizes): decode, prefill
 
 
 def _cdiv(a: Any, b: int) -> Any:
@@ -80,8 +84,9 @@ def max_step_tokens(capacity: int, window: int) -> int:
 
 
 def swa_launch(dtype: str, B: Any, S: Any, num_heads: int, kv_heads: int, capacity: int, head_dim: int, window: int,
-               scale: float, cdiv: Any = _cdiv) -> Launch:
-    """The SlidingWindowAttention plugin's launch for q [B, S, N*D] and a cache [B, K, C, D] (dtype "fp16"/"fp32")."""
+               scale: float, cdiv: Any = _cdiv, tactic: int = 1) -> Launch:
+    """The SlidingWindowAttention plugin's launch for q [B, S, N*D] and a cache [B, K, C, D] (dtype "fp16"/"fp32");
+    `tactic` picks the tile (SWA_TACTICS)."""
     import torch
 
     from mixtrt.plugins.swa import triton_kernels as swa
@@ -89,7 +94,9 @@ def swa_launch(dtype: str, B: Any, S: Any, num_heads: int, kv_heads: int, capaci
     if num_heads % kv_heads or head_dim % 2:
         raise ValueError(f"num_heads {num_heads} must be a multiple of kv_heads {kv_heads}, head dim {head_dim} even")
     torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
-    spec = swa._attention_spec(torch_dtype, num_heads, kv_heads, head_dim, window, 1)
+    if tactic not in SWA_TACTICS:
+        raise ValueError(f"SWA plugin tactic {tactic} is not one of {sorted(SWA_TACTICS)}")
+    spec = swa._attention_spec(torch_dtype, num_heads, kv_heads, head_dim, window, SWA_TACTICS[tactic])
     if scale:  # the spec compiles the default 1/sqrt(D)
         spec[2]["SCALE"] = float(scale)
     block_s = spec[2]["BLOCK_S"]
@@ -175,7 +182,7 @@ def register_all(arch: int | None = None) -> None:
                  past_value: trtp.TensorDesc, total_lengths: trtp.TensorDesc, cos_cache: trtp.TensorDesc,
                  sin_cache: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
         return [trtp.AutoTuneCombination("FP16|FP32, FP16|FP32, FP16|FP32, FP16|FP32, FP16|FP32, INT32, FP16|FP32, "
-                                         "FP16|FP32, FP16|FP32, FP16|FP32, FP16|FP32", "LINEAR")]
+                                         "FP16|FP32, FP16|FP32, FP16|FP32, FP16|FP32", "LINEAR", list(SWA_TACTICS))]
 
     @trtp.aot_impl(SWA_ID)
     def swa_aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, past_key: trtp.TensorDesc,
@@ -185,7 +192,8 @@ def register_all(arch: int | None = None) -> None:
                 ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         B, S = q.shape_expr[0], q.shape_expr[1]
         C, D = past_key.shape[2], past_key.shape[3]  # fixed at export
-        launch = swa_launch(dt[q.dtype], B, S, num_heads, kv_heads, C, D, window, scale, cdiv=trtp.cdiv)
+        launch = swa_launch(dt[q.dtype], B, S, num_heads, kv_heads, C, D, window, scale, cdiv=trtp.cdiv,
+                            tactic=tactic)
         name, ptx, shared = compiled(launch, arch)
         return name, ptx, _params(trtp, launch, shared), _extra(trtp, launch)
 

@@ -8,7 +8,10 @@ TensorRT. Needs the `tensorrt` extra and torch (the `gpu` extra) for the device 
 Same Backend interface and step semantics as onnxruntime's. The cache is the Triton kernels' ring
 (`DeviceKVCache`, shared with the triton backend). The engine takes at most `max_batch` rows and `max_step_tokens`
 new tokens per step (engine.json; the SWA plugin's fused ring write bounds a windowed step to C - W + 1): a
-longer prefill step is run in pieces of that size. The MoE plugin's decode state (moe_state.acc fp32 [T_max, H],
+longer prefill step is run in pieces of that size. An engine with a prefill profile (engine.json
+`prefill_profile`; `mixtrt build` adds it where a step may take 2 tokens or more) runs steps of 2 tokens or more in
+it (TensorRT tuned the plugins' tactics for each profile: the attention plugin's prefill tile there) and decode
+steps in profile 0. The MoE plugin's decode state (moe_state.acc fp32 [T_max, H],
 moe_state.count int32 [T_max]) is allocated zeroed once and bound as its input and output; the plugin leaves it
 zero after every call.
 """
@@ -48,6 +51,8 @@ class TensorRTBackend:
         self.max_batch = int(config["max_batch"])
         self.max_step_tokens = int(config["max_step_tokens"])
         self.state_shapes = config.get("moe_state") or {}
+        self.prefill_profile = 1 if config.get("prefill_profile") else 0
+        self._profile = 0
         self.args = manifest.args
         self.manifest = manifest
         self.capacity = manifest.cache.capacity
@@ -118,6 +123,12 @@ class TensorRTBackend:
         logits = torch.empty((b, positions.shape[1], self.args.vocab_size), dtype=self.dtype, device="cuda")
         with self._lock:
             ctx = self.context
+            stream = torch.cuda.current_stream()
+            profile = self.prefill_profile if s >= 2 else 0
+            if profile != self._profile:  # every input's shape is set again below, as a new profile needs
+                if not ctx.set_optimization_profile_async(profile, stream.cuda_stream):
+                    raise BackendError(f"TensorRT could not switch to optimisation profile {profile}")
+                self._profile = profile
             for name, t in feeds.items():
                 ctx.set_input_shape(name, tuple(t.shape))
                 ctx.set_tensor_address(name, t.data_ptr())
@@ -133,7 +144,6 @@ class TensorRTBackend:
                 ctx.set_tensor_address(name, self._state["moe_state.acc" if "acc" in name else
                                                           "moe_state.count"].data_ptr())
             ctx.set_tensor_address("logits", logits.data_ptr())
-            stream = torch.cuda.current_stream()
             if not ctx.execute_async_v3(stream.cuda_stream):
                 raise BackendError(f"TensorRT failed on a step of {b} row(s) x {s} token(s)")
             stream.synchronize()

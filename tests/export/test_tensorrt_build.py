@@ -60,10 +60,13 @@ def test_build_adds_engine_and_lists_it(artifact, tmp_path):
     assert {ENGINE_FILE, ENGINE_CONFIG} <= set(m.files) and is_artifact(artifact)
     config = json.loads((artifact / ENGINE_CONFIG).read_text())
     assert config["max_batch"] == 4 and config["opt_level"] == 1 and config["strongly_typed"]
-    profile, level, cache = calls[0]
+    (profile, prefill), level, cache = calls[0]  # decode, then prefill
     C = m.cache.capacity
     step = C - m.cache.window + 1  # the SWA plugin's fused ring write bounds a step's tokens
     assert profile["input_ids"] == ((1, 1), (4, 1), (4, step)) and level == 1 and cache == tmp_path / "t.cache"
+    assert step >= 2 and prefill["input_ids"] == ((1, 2), (1, step), (4, step))
+    assert prefill["logit_positions"] == ((1, 1), (1, 1), (4, step)) and prefill["total_lengths"] == ((1,), (1,), (4,))
+    assert config["prefill_profile"]["input_ids"] == [[1, 2], [1, step], [4, step]]
     assert config["max_step_tokens"] == step and config["moe_layers"] == 0 and config["moe_state"] is None
     assert profile["past_key_values.0.key"][2] == (4, m.args.num_key_value_heads, C, m.args.head_dim)
     assert config["profile"]["total_lengths"] == [[1], [4], [4]]

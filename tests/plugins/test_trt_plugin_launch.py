@@ -31,7 +31,8 @@ def _launch(launch, inputs, outputs):
     kernel[launch.grid](**dict(zip(names, values, strict=True)), **meta, **opts)
 
 
-def test_swa_plugin_launch_computes_the_op():
+@pytest.mark.parametrize("tactic", [1, 2])  # the decode tile, the prefill tile
+def test_swa_plugin_launch_computes_the_op(tactic):
     g = torch.Generator().manual_seed(0)
     B, N, K, D, C, W = 2, 6, 2, 32, 40, 24
     S = max_step_tokens(C, W)  # the longest step the plugin takes: C - W + 1 = 17
@@ -42,7 +43,8 @@ def test_swa_plugin_launch_computes_the_op():
     cos, sin = rope_tables(D, 10000.0, 64)
     want, wk, wv = torch.ops.mixtrt.sliding_window_attention(q, k, v, kc, vc, total, cos, sin, N, K, W, 0.0)
     out = torch.empty_like(q)
-    launch = swa_launch("fp32", B, S, N, K, C, D, W, 0.0)
+    launch = swa_launch("fp32", B, S, N, K, C, D, W, 0.0, tactic=tactic)
+    assert launch.spec[2]["BLOCK_S"] == (4 if tactic == 1 else 16)  # G = 3: G_P2 4
     _launch(launch, [q, k, v, kc, vc, total, cos, sin], [out, kc, vc])  # present K/V alias the past buffers
     assert (out - want).abs().max() <= 1e-4 * want.abs().max()
     assert torch.equal(kc, wk) and torch.equal(vc, wv)

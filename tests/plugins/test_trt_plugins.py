@@ -38,7 +38,7 @@ trtp.TensorDesc, trtp.KernelLaunchParams, trtp.SymExprs = Desc, KernelLaunchPara
 trtp.SymIntExprs = lambda n: [None] * n
 trtp.SymInt32 = lambda v: v
 trtp.cdiv = lambda a, b: -(-a // b)
-trtp.AutoTuneCombination = lambda types_, fmt: (types_, fmt)
+trtp.AutoTuneCombination = lambda types_, fmt, tactics=None: (types_, fmt, tactics)
 trt.plugin = trtp
 sys.modules["tensorrt"], sys.modules["tensorrt.plugin"] = trt, trtp
 from mixtrt.plugins import trt_plugins as P
@@ -46,20 +46,24 @@ P.register_all(arch=90)
 out = {}
 for (kind, pid), f in REG.items():
     out.setdefault(pid, {})[kind] = list(inspect.signature(f).parameters)
-def run(pid, descs, attrs):
+def run(pid, descs, attrs, tactic=1):
     f = REG[("aot_impl", pid)]
-    name, ptx, p, extra = f(*descs, **attrs, outputs=None, tactic=0)
+    name, ptx, p, extra = f(*descs, **attrs, outputs=None, tactic=tactic)
     entry = ptx[ptx.index(".entry"):ptx.index(")", ptx.index(".entry"))]
     reg = REG[("register", pid)](*descs, **attrs)
     tune = REG[("autotune", pid)](*descs, outputs=None)
     return {"name": name, "params": entry.count(".param"), "grid": [p.grid_x, p.grid_y, p.grid_z],
             "block": p.block_x, "shared": p.shared_mem, "extra": list(extra),
             "outputs": [list(map(str, o)) for o in reg],
-            "tune": [t[0].count(",") + 1 for t in tune]}
+            "tune": [t[0].count(",") + 1 for t in tune], "tactics": [t[2] for t in tune]}
 B, S, N, K, D, C, W = 2, 3, 6, 2, 32, 80, 64
 out["swa"] = run(P.SWA_ID, [Desc((B, S, N * D)), Desc((B, S, K * D)), Desc((B, S, K * D)), Desc((B, K, C, D)),
                             Desc((B, K, C, D)), Desc((B,), "i32"), Desc((128, D // 2)), Desc((128, D // 2))],
                  dict(num_heads=N, kv_heads=K, window=W, windowed_cache=1, scale=0.0))
+S = 40  # the prefill tactic on a 40-token step: the tile of 64 // G_P2 = 16 tokens
+out["swa_prefill"] = run(P.SWA_ID, [Desc((B, S, N * D)), Desc((B, S, K * D)), Desc((B, S, K * D)), Desc((B, K, C, D)),
+                                    Desc((B, K, C, D)), Desc((B,), "i32"), Desc((128, D // 2)), Desc((128, D // 2))],
+                         dict(num_heads=N, kv_heads=K, window=W, windowed_cache=1, scale=0.0), tactic=2)
 T, H, I, E = 5, 192, 96, 4
 out["moe"] = run(P.MOE_ID, [Desc((T, H)), Desc((T, E)), Desc((E, 2 * I, H)), Desc((E, H, I)), Desc((8, H), "f32"),
                             Desc((8,), "i32")], dict(k=2))
@@ -111,7 +115,9 @@ def test_swa_launch(report):
     assert r["grid"] == [1, 2 * 2, 1] and r["extra"] == [3, 80] and r["block"] == 128
     assert 0 < r["shared"] <= 48 * 1024
     assert [o[0] for o in r["outputs"]] == ["like", "aliased", "aliased"]  # present k/v alias the past buffers
-    assert r["tune"] == [8 + 3]
+    assert r["tune"] == [8 + 3] and r["tactics"] == [[1, 2]]  # decode and prefill tiles, timed per profile
+    p = report["swa_prefill"]  # S=40: 16 tokens a program with the prefill tile (the decode tile: 4)
+    assert p["name"] == r["name"] and p["grid"] == [3, 2 * 2, 1] and p["extra"] == [40, 80]
 
 
 def test_moe_launch(report):
