@@ -22,9 +22,11 @@ outputs, the cache / state written in place), and that names, inputs, outputs an
   that (`max_step_tokens`) and the runtime prefills in chunks.
 - `mixtrt::MoE`, the stacked fixed-input form (hidden [T, H], router_logits [T, E], fc1 [E, 2I, H], fc2 [E, H, I],
   attribute k; plugins/moe/SPEC.md) plus the decode kernel's zeroed state (acc fp32 [T_max, H], count int32
-  [T_max]), aliased in and out like the cache: one launch of `moe_decode_aliased_kernel` (`moe_decode_kernel`
-  with the state inputs in TensorRT's argument order; correct for any T; reads an
-  expert's weights once per token-expert pair, so long prefills are slow: see the SPEC).
+  [T_max]), aliased in and out like the cache: one launch, two tactics (`MOE_TACTICS`) on the same arguments:
+  `moe_decode_aliased_kernel` (`moe_decode_kernel` with the state inputs in TensorRT's argument order; reads an
+  expert's weights once per token-expert pair) and `moe_tiled_aliased_kernel` (a program per I tile, expert and
+  block of 16 tokens: an expert's weights once per token block), both correct for any T; TensorRT times both in
+  the decode and the prefill profile.
 - `mixtrt::MoEInt4`, the INT4 form (int4 artifacts; `mixtrt build` writes it, export/tensorrt_build.py
   `int4_forms`): hidden, router_logits, fc1 INT32 [E, 2I, H/8] + fc1_scales [E, 2I, H/block1], fc2 INT32
   [E, H, I/8] + fc2_scales [E, H, I/block2], then the same state pair; the same kernel with INT4 weights
@@ -59,6 +61,7 @@ MOE_INT4_ID = "mixtrt::MoEInt4"
 MOE_INT4_INPUTS = ("hidden", "router_logits", "fc1", "fc1_scales", "fc2", "fc2_scales", "acc", "count")
 QDP_VERSION = "1"  # every tensorrt.plugin creator's version
 SWA_TACTICS = {1: 1, 2: 64}  # SWA plugin tactic -> the tokens its tile is sized for (block_sizes): decode, prefill
+MOE_TACTICS = {1: "decode", 2: "tiled"}  # MoE / MoEInt4 tactic -> kernel: moe_decode / moe_tiled (aliased forms)
 
 
 def _cdiv(a: Any, b: int) -> Any:
@@ -118,8 +121,10 @@ def moe_int4_blocks(fc1_shape: Any, fc1_scales_shape: Any, fc2_shape: Any, fc2_s
 
 
 def moe_launch(dtype: str, T: Any, H: int, I: int, E: int, top_k: int,  # noqa: E741
-               qblocks: tuple[int, int] | None = None, cdiv: Any = _cdiv) -> Launch:
-    """The MoE plugin's launch (the decode kernel) for hidden [T, H] and E experts of width I."""
+               qblocks: tuple[int, int] | None = None, cdiv: Any = _cdiv, tactic: int = 1) -> Launch:
+    """The MoE plugin's launch for hidden [T, H] and E experts of width I: tactic 1 the decode kernel (a program per
+    I tile and (token, expert) pair), 2 the tiled one (a program per I tile, expert and block of 16 tokens; an
+    expert's weights read once per block). Same arguments, same state contract; TensorRT times both per profile."""
     import torch
 
     from mixtrt.plugins.moe import triton_kernels as moe
@@ -127,8 +132,15 @@ def moe_launch(dtype: str, T: Any, H: int, I: int, E: int, top_k: int,  # noqa: 
     if not 1 <= top_k <= E:
         raise ValueError(f"k={top_k} must be in [1, {E}]")
     torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
-    spec = moe.aliased_decode_spec(torch_dtype, E, top_k, qblocks)
-    return Launch(spec, (cdiv(I, moe.DECODE_BLOCK_I), T * top_k, 1), spec[3]["num_warps"] * 32, (T, H, I, E))
+    if tactic not in MOE_TACTICS:
+        raise ValueError(f"MoE plugin tactic {tactic} is not one of {sorted(MOE_TACTICS)}")
+    if MOE_TACTICS[tactic] == "tiled":
+        spec = moe.tiled_spec(torch_dtype, E, top_k, qblocks, aliased=True)
+        grid = (cdiv(I, moe.DECODE_BLOCK_I), E, cdiv(T, moe.TILED_BLOCK_T))
+    else:
+        spec = moe.aliased_decode_spec(torch_dtype, E, top_k, qblocks)
+        grid = (cdiv(I, moe.DECODE_BLOCK_I), T * top_k, 1)
+    return Launch(spec, grid, spec[3]["num_warps"] * 32, (T, H, I, E))
 
 
 @functools.lru_cache(maxsize=64)
@@ -208,7 +220,7 @@ def register_all(arch: int | None = None) -> None:
                  fc2: trtp.TensorDesc, acc: trtp.TensorDesc, count: trtp.TensorDesc,
                  outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
         return [trtp.AutoTuneCombination("FP16|FP32, FP16|FP32, FP16|FP32, FP16|FP32, FP32, INT32, FP16|FP32, FP32, "
-                                         "INT32", "LINEAR")]
+                                         "INT32", "LINEAR", list(MOE_TACTICS))]
 
     @trtp.aot_impl(MOE_ID)
     def moe_aot(hidden: trtp.TensorDesc, router_logits: trtp.TensorDesc, fc1: trtp.TensorDesc,
@@ -216,7 +228,8 @@ def register_all(arch: int | None = None) -> None:
                 outputs: Tuple[trtp.TensorDesc], tactic: int
                 ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         E, two_i, H = fc1.shape
-        launch = moe_launch(dt[hidden.dtype], hidden.shape_expr[0], H, two_i // 2, E, k, cdiv=trtp.cdiv)
+        launch = moe_launch(dt[hidden.dtype], hidden.shape_expr[0], H, two_i // 2, E, k, cdiv=trtp.cdiv,
+                            tactic=tactic)
         name, ptx, shared = compiled(launch, arch)
         return name, ptx, _params(trtp, launch, shared), _extra(trtp, launch)
 
@@ -231,7 +244,7 @@ def register_all(arch: int | None = None) -> None:
                   fc1_scales: trtp.TensorDesc, fc2: trtp.TensorDesc, fc2_scales: trtp.TensorDesc, acc: trtp.TensorDesc,
                   count: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
         return [trtp.AutoTuneCombination("FP16|FP32, FP16|FP32, INT32, FP16|FP32, INT32, FP16|FP32, FP32, INT32, "
-                                         "FP16|FP32, FP32, INT32", "LINEAR")]
+                                         "FP16|FP32, FP32, INT32", "LINEAR", list(MOE_TACTICS))]
 
     @trtp.aot_impl(MOE_INT4_ID)
     def moe4_aot(hidden: trtp.TensorDesc, router_logits: trtp.TensorDesc, fc1: trtp.TensorDesc,
@@ -239,7 +252,8 @@ def register_all(arch: int | None = None) -> None:
                  count: trtp.TensorDesc, k: int, outputs: Tuple[trtp.TensorDesc], tactic: int
                  ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         E, H, I, blocks = moe_int4_blocks(fc1.shape, fc1_scales.shape, fc2.shape, fc2_scales.shape)
-        launch = moe_launch(dt[hidden.dtype], hidden.shape_expr[0], H, I, E, k, qblocks=blocks, cdiv=trtp.cdiv)
+        launch = moe_launch(dt[hidden.dtype], hidden.shape_expr[0], H, I, E, k, qblocks=blocks, cdiv=trtp.cdiv,
+                            tactic=tactic)
         name, ptx, shared = compiled(launch, arch)
         return name, ptx, _params(trtp, launch, shared), _extra(trtp, launch)
 

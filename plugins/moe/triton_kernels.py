@@ -169,6 +169,82 @@ def moe_decode_aliased_kernel(
 
 
 @triton.jit
+def moe_tiled_kernel(
+    hidden_ptr, logits_ptr, fc1_ptr, fc1_scale_ptr, fc2_ptr, fc2_scale_ptr,  # as moe_decode_kernel
+    T, H, I, E,
+    out_ptr, acc_ptr, count_ptr,  # output [T, H]; the decode kernel's zeroed state (zero again after)
+    TOP_K: tl.constexpr, E_P2: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
+    INT4: tl.constexpr, QBLOCK1: tl.constexpr, QBLOCK2: tl.constexpr,
+):
+    """One kernel for many tokens: program (i, expert, token block) takes the BLOCK_T tokens of its block that route
+    to its expert (none: it returns at once), computes their BLOCK_I rows of silu(gate)*up and the partial output
+    with tl.dot tiles, and adds weight * partial into the accumulator, finishing a token's row as the decode kernel
+    does (its last arriving program). An expert's weights are read once per token block instead of once per
+    (token, expert) pair; same state contract, same arguments as moe_decode_kernel."""
+    dtype: tl.constexpr = hidden_ptr.dtype.element_ty
+    pid_i = tl.program_id(0)
+    expert = tl.program_id(1)
+    rows = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    weight = tl.zeros([BLOCK_T], dtype=tl.float32)
+    sel = rows < 0
+    for j in tl.static_range(TOP_K):
+        ex, w = _route(logits_ptr, rows, row_ok, E, j, E_P2, TOP_K)
+        hit = row_ok & (ex == expert)
+        weight = tl.where(hit, w, weight)
+        sel = sel | hit
+    if tl.sum(sel.to(tl.int32), axis=0) == 0:
+        return
+    n = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    n_ok = n < I
+    g = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
+    u = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(hidden_ptr + rows[:, None].to(tl.int64) * H + kk[None, :], mask=sel[:, None] & (kk[None, :] < H),
+                    other=0.0)
+        wg = _weight_tile(fc1_ptr, fc1_scale_ptr, expert, n, n_ok, k0, 2 * I, H, BLOCK_K, INT4, QBLOCK1, dtype)
+        wu = _weight_tile(fc1_ptr, fc1_scale_ptr, expert, n + I, n_ok, k0, 2 * I, H, BLOCK_K, INT4, QBLOCK1, dtype)
+        g = tl.dot(x, tl.trans(wg), g, input_precision="tf32x3")
+        u = tl.dot(x, tl.trans(wu), u, input_precision="tf32x3")
+    act = _swiglu(g, u, dtype)  # [BLOCK_T, BLOCK_I]; zero on padding rows / columns
+    for h0 in range(0, H, BLOCK_K):
+        h = h0 + tl.arange(0, BLOCK_K)
+        w2 = _weight_tile(fc2_ptr, fc2_scale_ptr, expert, h, h < H, pid_i * BLOCK_I, H, I, BLOCK_I, INT4, QBLOCK2,
+                          dtype)  # [BLOCK_K (h), BLOCK_I (i)]
+        y = tl.dot(act, tl.trans(w2), input_precision="tf32x3")  # [BLOCK_T, BLOCK_K] fp32
+        tl.atomic_add(acc_ptr + rows[:, None].to(tl.int64) * H + h[None, :], weight[:, None] * y,
+                      mask=sel[:, None] & (h[None, :] < H))
+
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + rows, tl.full([BLOCK_T], 1, tl.int32), mask=sel)
+    done = sel & (arrived == tl.cdiv(I, BLOCK_I) * TOP_K - 1)
+    if tl.sum(done.to(tl.int32), axis=0) > 0:
+        for h0 in range(0, H, BLOCK_K):
+            h = h0 + tl.arange(0, BLOCK_K)
+            at = rows[:, None].to(tl.int64) * H + h[None, :]
+            m = done[:, None] & (h[None, :] < H)
+            total = tl.atomic_add(acc_ptr + at, tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32), mask=m)  # via L2
+            total = tl.where(m, total, 0.0)  # masked lanes return no value (the interpreter gives garbage)
+            tl.store(out_ptr + at, total.to(dtype), mask=m)
+            tl.store(acc_ptr + at, tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32), mask=m)
+        tl.atomic_xchg(count_ptr + rows, tl.zeros([BLOCK_T], dtype=tl.int32), mask=done)
+
+
+@triton.jit
+def moe_tiled_aliased_kernel(
+    hidden_ptr, logits_ptr, fc1_ptr, fc1_scale_ptr, fc2_ptr, fc2_scale_ptr, acc_in_ptr, count_in_ptr,
+    T, H, I, E,
+    out_ptr, acc_ptr, count_ptr,
+    TOP_K: tl.constexpr, E_P2: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
+    INT4: tl.constexpr, QBLOCK1: tl.constexpr, QBLOCK2: tl.constexpr,
+):
+    """``moe_tiled_kernel`` in the TensorRT plugin's argument order (as ``moe_decode_aliased_kernel``)."""
+    moe_tiled_kernel(hidden_ptr, logits_ptr, fc1_ptr, fc1_scale_ptr, fc2_ptr, fc2_scale_ptr, T, H, I, E, out_ptr,
+                     acc_ptr, count_ptr, TOP_K, E_P2, BLOCK_I, BLOCK_K, BLOCK_T, INT4, QBLOCK1, QBLOCK2)
+
+
+@triton.jit
 def moe_align_kernel(
     logits_ptr,
     T, E,
@@ -283,6 +359,7 @@ def moe_sum_kernel(y_ptr, T, H, out_ptr, TOP_K: tl.constexpr, BLOCK_H: tl.conste
 # --- host side -----------------------------------------------------------------------------------------------
 
 DECODE_BLOCK_I, DECODE_BLOCK_K = 32, 128
+TILED_BLOCK_T = 16  # tokens a program of moe_tiled_kernel takes (tl.dot's least M)
 GROUP_BLOCK_M, GROUP_BLOCK_N, GROUP_BLOCK_K, ALIGN_BLOCK_T, SUM_BLOCK_H = 16, 64, 64, 64, 256
 
 
@@ -330,8 +407,9 @@ def moe(hidden: torch.Tensor, router_logits: torch.Tensor, fc1: torch.Tensor, fc
 
     fc1 [E, 2I, H] ([gate; up] rows), fc2 [E, H, I] in hidden's dtype; or INT4: fc1 uint8 [E, 2I, H/2] with
     fc1_scales [E, 2I, H/block1], fc2 uint8 [E, H, I/2] with fc2_scales [E, H, I/block2] (``plugins.int4``).
-    ``path``: "decode" (one kernel, weights read once per token-expert pair), "grouped" (tokens grouped by
-    expert) or None (decode for T <= DECODE_MAX_TOKENS).
+    ``path``: "decode" (one kernel, weights read once per token-expert pair), "tiled" (one kernel, weights read
+    once per expert and block of 16 tokens: the TensorRT plugin's prefill tactic), "grouped" (tokens grouped by
+    expert, four kernels) or None (decode for T <= DECODE_MAX_TOKENS, else grouped).
     """
     T, H = hidden.shape
     E = router_logits.shape[-1]
@@ -369,8 +447,15 @@ def moe(hidden: torch.Tensor, router_logits: torch.Tensor, fc1: torch.Tensor, fc
                                 E_P2=e_p2, BLOCK_I=DECODE_BLOCK_I, BLOCK_K=DECODE_BLOCK_K, QBLOCK1=q1, QBLOCK2=q2,
                                 **common, **opts)
         return out
+    if path == "tiled":
+        acc, count = _STATE.get(T, H, hidden.device)
+        grid3 = (triton.cdiv(I, DECODE_BLOCK_I), E, triton.cdiv(T, TILED_BLOCK_T))
+        moe_tiled_kernel[grid3](hidden, router_logits, fc1, fc1_scales, fc2, fc2_scales, T, H, I, E, out, acc, count,
+                               E_P2=e_p2, BLOCK_I=DECODE_BLOCK_I, BLOCK_K=DECODE_BLOCK_K, BLOCK_T=TILED_BLOCK_T,
+                               QBLOCK1=q1, QBLOCK2=q2, **common, **opts)
+        return out
     if path != "grouped":
-        raise ValueError(f"path must be 'decode', 'grouped' or None, got {path!r}")
+        raise ValueError(f"path must be 'decode', 'tiled', 'grouped' or None, got {path!r}")
     bm = GROUP_BLOCK_M
     max_blocks = triton.cdiv(T * top_k, bm) + E
     dev = hidden.device
@@ -439,6 +524,15 @@ def aliased_decode_spec(dtype: torch.dtype, num_experts: int, top_k: int,
     return moe_decode_aliased_kernel, sig, meta, opts
 
 
+def tiled_spec(dtype: torch.dtype, num_experts: int, top_k: int, qblocks: tuple[int, int] | None = None,
+               aliased: bool = False) -> tuple:
+    """The ``moe_tiled_kernel`` spec (``aliased``: ``moe_tiled_aliased_kernel``, the TensorRT plugin's order)."""
+    _, sig, meta, opts = aliased_decode_spec(dtype, num_experts, top_k, qblocks) if aliased else \
+        decode_spec(dtype, num_experts, top_k, qblocks)
+    sig = {**sig, "BLOCK_T": "constexpr"}
+    return (moe_tiled_aliased_kernel if aliased else moe_tiled_kernel), sig, {**meta, "BLOCK_T": TILED_BLOCK_T}, opts
+
+
 def grouped_specs(dtype: torch.dtype, num_experts: int, top_k: int, qblocks: tuple[int, int] | None = None) -> list:
     """The specs of the four grouped-path kernels, in launch order."""
     t, int4 = _PTR[dtype], qblocks is not None
@@ -490,5 +584,10 @@ AOT_SPECS: list[tuple] = _specs(((torch.float16, 8, 2, None), (torch.float16, 8,
 # MoE, and for MoEInt4 fp32 activations (an int4 artifact computes in fp32) with the default block 32 and Mixtral's 128.
 AOT_SPECS += [aliased_decode_spec(torch.float16, e, 2) for e in (8, 4)]
 AOT_SPECS += [aliased_decode_spec(torch.float32, 8, 2, (128, 128)), aliased_decode_spec(torch.float32, 4, 2, (32, 32))]
+# Their prefill tactic (moe_tiled_aliased_kernel: the same arguments, another grid), the same forms.
+AOT_SPECS += [tiled_spec(torch.float16, e, 2, aliased=True) for e in (8, 4)]
+AOT_SPECS += [tiled_spec(torch.float32, 8, 2, (128, 128), aliased=True),
+              tiled_spec(torch.float32, 4, 2, (32, 32), aliased=True)]
 # Launched by the torch wrapper only (fp32 is not a TensorRT engine precision here): compiled by the AOT test.
 JIT_SPECS: list[tuple] = _specs(((torch.float32, 8, 2, None), (torch.float32, 4, 1, (32, 32))))
+JIT_SPECS += [tiled_spec(torch.float32, 8, 2), tiled_spec(torch.float32, 4, 1, (32, 32))]

@@ -26,7 +26,7 @@ if type(tk.moe_decode_kernel).__name__ != "InterpretedFunction":
 
 FP32_RTOL, FP16_RTOL = 1e-4, 5e-3  # max|diff| / max(1, max|ref|), as tests/plugins/test_moe_op.py
 TRAP_MIN = 5e-2
-PATHS = pytest.mark.parametrize("path", ["decode", "grouped"])
+PATHS = pytest.mark.parametrize("path", ["decode", "tiled", "grouped"])
 
 
 def _inputs(T: int, E: int, H: int, I: int, seed: int, dtype=torch.float32):
@@ -66,7 +66,7 @@ def test_matches_reference(E, k, dtype):
         assert _rel(out, _reference(hidden, logits, fc1, fc2, k)) <= _tol(dtype), path
 
 
-@PATHS
+@pytest.mark.parametrize("path", ["decode", "grouped", pytest.param("tiled", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_multi_tile_shapes(dtype, path):
     """H=192, I=96: several H tiles per fc1 row block and several I tiles (decode: 3 programs per pair)."""
@@ -84,6 +84,20 @@ def test_default_path_and_unrouted_experts():
         assert _rel(tk.moe(hidden[:1], logits[:1], fc1, fc2, 1, path=path), ref) <= FP32_RTOL
     assert _rel(tk.moe(hidden, logits, fc1, fc2, 2), _reference(hidden, logits, fc1, fc2, 2)) <= FP32_RTOL  # grouped
     assert tk.moe(hidden[:0], logits[:0], fc1, fc2, 2).shape == (0, 40)
+
+
+@pytest.mark.parametrize("k", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_tiled_path_token_blocks_unrouted_experts_and_state(k):
+    """moe_tiled_kernel (the TensorRT plugin's prefill tactic): T=21 tokens over two blocks of 16 (the second
+    partial), E=8 with k=1 (experts without a token in a block return at once), H=40 / I=40 (two I tiles, the
+    second partial); the state is zero after the call and a second call gives the same output."""
+    hidden, logits, fc1, fc2 = _inputs(21, 8, 40, 40, seed=30 + k)
+    ref = _reference(hidden, logits, fc1, fc2, k)
+    out = tk.moe(hidden, logits, fc1, fc2, k, path="tiled")
+    assert _rel(out, ref) <= FP32_RTOL
+    acc, count = tk._STATE.get(21, 40, hidden.device)
+    assert not acc.any() and not count.any()
+    assert torch.equal(tk.moe(hidden, logits, fc1, fc2, k, path="tiled"), out)
 
 
 def test_decode_state_is_zero_after_each_call():

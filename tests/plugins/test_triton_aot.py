@@ -102,8 +102,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     assert {(r["kernel"], r["gemv"]) for r in rows if r["kernel"] == "int4_linear_kernel"} == {
         ("int4_linear_kernel", True), ("int4_linear_kernel", False)}  # the dense INT4 linear's two forms
     assert kernels == {"swa_attention_kernel", "swa_cache_write_kernel", "swa_combine_kernel", "moe_decode_kernel",
-                       "moe_decode_aliased_kernel", "moe_align_kernel", "moe_fc1_kernel", "moe_fc2_kernel",
-                       "moe_sum_kernel", "int4_linear_kernel"}
+                       "moe_decode_aliased_kernel", "moe_tiled_kernel", "moe_tiled_aliased_kernel", "moe_align_kernel",
+                       "moe_fc1_kernel", "moe_fc2_kernel", "moe_sum_kernel", "int4_linear_kernel"}
     assert {r["arch"] for r in rows} == {80, 90}
     _check(rows)
 

@@ -50,10 +50,10 @@ def test_swa_plugin_launch_computes_the_op(tactic):
     assert torch.equal(kc, wk) and torch.equal(vc, wv)
 
 
-@pytest.mark.parametrize("T", [1, 5])
-def test_moe_plugin_launch_computes_the_op(T):
+@pytest.mark.parametrize("T,tactic", [(1, 1), (5, 1), (18, 2)])  # decode kernel; tiled kernel over 2 token blocks
+def test_moe_plugin_launch_computes_the_op(T, tactic):
     g = torch.Generator().manual_seed(T)
-    H, I, E, top_k, T_max = 64, 96, 4, 2, 8
+    H, I, E, top_k, T_max = 64, 96, 4, 2, 32
     x = torch.randn(T, H, generator=g)
     logits = torch.randn(T, E, generator=g) * 2
     fc1 = torch.randn(E, 2 * I, H, generator=g) * H**-0.5
@@ -61,15 +61,15 @@ def test_moe_plugin_launch_computes_the_op(T):
     want = torch.ops.mixtrt.moe(x, logits, list(fc1), list(fc2), top_k)
     acc, count = torch.zeros(T_max, H), torch.zeros(T_max, dtype=torch.int32)
     out = torch.empty_like(x)
-    launch = moe_launch("fp32", T, H, I, E, top_k)
+    launch = moe_launch("fp32", T, H, I, E, top_k, tactic=tactic)
     for _ in range(2):  # the state is zero again after a call, so a second call (the next layer) is right too
         _launch(launch, [x, logits, fc1, fc2, acc, count], [out, acc, count])
         assert (out - want).abs().max() <= 1e-4 * want.abs().max()
         assert not acc.any() and not count.any()
 
 
-@pytest.mark.parametrize("T", [1, 3])
-def test_moe_int4_plugin_launch_computes_the_op(T):
+@pytest.mark.parametrize("T,tactic", [(1, 1), (3, 1), (3, 2)])
+def test_moe_int4_plugin_launch_computes_the_op(T, tactic):
     """The MoEInt4 plugin's launch on its inputs as the TensorRT graph holds them (INT32 words of plugins/int4.py's
     bytes, read by the kernel through a byte pointer: the same memory viewed as uint8), blocks from the scales'
     shapes (fc1 16, fc2 32), RTN's signed scales: the reference op on the dequantized weights."""
@@ -96,7 +96,7 @@ def test_moe_int4_plugin_launch_computes_the_op(T):
     want = torch.ops.mixtrt.moe(x, logits, list(d1), list(d2), top_k)
     acc, count = torch.zeros(T_max, H), torch.zeros(T_max, dtype=torch.int32)
     out = torch.empty_like(x)
-    launch = moe_launch("fp32", T, H, I, E, top_k, qblocks=blocks)
+    launch = moe_launch("fp32", T, H, I, E, top_k, qblocks=blocks, tactic=tactic)
     for _ in range(2):
         _launch(launch, [x, logits, w1.view(torch.uint8), s1, w2.view(torch.uint8), s2, acc, count], [out, acc, count])
         assert (out - want).abs().max() <= 1e-4 * want.abs().max()

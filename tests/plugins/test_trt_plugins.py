@@ -70,6 +70,8 @@ out["moe"] = run(P.MOE_ID, [Desc((T, H)), Desc((T, E)), Desc((E, 2 * I, H)), Des
 out["moe4"] = run(P.MOE_INT4_ID, [Desc((T, H)), Desc((T, E)), Desc((E, 2 * I, H // 8), "i32"),
                                   Desc((E, 2 * I, H // 64)), Desc((E, H, I // 8), "i32"), Desc((E, H, I // 32)),
                                   Desc((8, H), "f32"), Desc((8,), "i32")], dict(k=2))
+out["moe_tiled"] = run(P.MOE_ID, [Desc((40, H)), Desc((40, E)), Desc((E, 2 * I, H)), Desc((E, H, I)),
+                                  Desc((80, H), "f32"), Desc((80,), "i32")], dict(k=2), tactic=2)
 print(json.dumps(out))
 """
 
@@ -127,7 +129,10 @@ def test_moe_launch(report):
     assert r["grid"] == [3, 10, 1] and r["extra"] == [5, 192, 96, 4] and r["block"] == 128
     assert 0 <= r["shared"] <= 48 * 1024
     assert [o[0] for o in r["outputs"]] == ["like", "aliased", "aliased"]
-    assert r["tune"] == [6 + 3]
+    assert r["tune"] == [6 + 3] and r["tactics"] == [[1, 2]]
+    t = report["moe_tiled"]  # T=40: a program per I tile (3), expert (4) and block of 16 tokens (3)
+    assert t["name"].startswith("moe_tiled_aliased_kernel") and t["params"] == r["params"]
+    assert t["grid"] == [3, 4, 3] and t["extra"] == [40, 192, 96, 4] and 0 <= t["shared"] <= 48 * 1024
 
 
 def test_step_bound_keeps_the_fused_write_safe():
@@ -151,7 +156,7 @@ def test_moe_int4_launch(report):
     assert r["grid"] == [3, 10, 1] and r["extra"] == [5, 192, 96, 4] and r["block"] == 128
     assert 0 <= r["shared"] <= 48 * 1024
     assert [o[0] for o in r["outputs"]] == ["like", "aliased", "aliased"]
-    assert r["tune"] == [8 + 3]
+    assert r["tune"] == [8 + 3] and r["tactics"] == [[1, 2]]
 
 
 def test_moe_int4_blocks_refuse_what_does_not_fit():
