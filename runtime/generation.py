@@ -33,9 +33,10 @@ prompt run alone equals it run as the first prompt of a batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -237,6 +238,8 @@ class Row:
     t_last: float = 0.0
     cached: int = 0  # tokens of `sequence` the cache holds (the last generated token is fed on the next step)
     released: bool = False
+    prefill_from: int = 0  # `cached` when this turn's prefill started (prompt logprobs index from there)
+    pending: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # this turn's tokens to prefill
 
     @property
     def sequence(self) -> list[int]:
@@ -277,15 +280,17 @@ class Engine:
         self.cache = backend.new_cache(max_batch)
         self.waiting: deque[Row] = deque()
         self.running: list[Row] = []  # cache rows 0 .. len-1
-        self.parked: list[Row] = []  # cache rows after the running ones
+        self.prefilling: Row | None = None  # a row part-way through its prefill: the cache row after the running ones
+        self.parked: list[Row] = []  # cache rows after those
+        self.prefilled = 0  # prompt tokens fed so far, all rows (a server's per-step prefill budget reads it)
         self._ids = 0
         self._limit = self.limit()  # the backend's limits do not change: computed once, not per token
 
     # ---- admission -----------------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        """Rows are waiting or running (step() has work)."""
-        return bool(self.waiting or self.running)
+        """Rows are waiting, being prefilled or running (step() has work)."""
+        return bool(self.waiting or self.running or self.prefilling is not None)
 
     def limit(self) -> tuple[int, str]:
         """The longest sequence (prompt + generated) a row can hold, and the message naming that limit."""
@@ -347,7 +352,7 @@ class Engine:
     def release(self, row: Row) -> None:
         """Free a kept row's cache row (it can no longer be extended)."""
         row.released = True
-        if row in self.parked or row in self.running:
+        if row in self.parked or row in self.running or row is self.prefilling:
             self._compact(drop={row.id})
 
     def _check_fits(self, n: int, name: str) -> None:
@@ -361,40 +366,76 @@ class Engine:
                        seed=cfg.seed, row=index, prompt_ids=seen)
 
     # ---- the loop ------------------------------------------------------------------------------------
-    def step(self) -> list[EngineEvent]:
+    def step(self, prefill_budget: int | None = None) -> list[EngineEvent]:
         """Admit waiting rows (prefill), then one decode step of every running row; the events of this step.
+
+        prefill_budget: while rows decode, prefill at most this many prompt tokens in this step (a longer
+        prompt goes on at the next steps, its row not yet decoding), so a decoding row waits for at most one
+        budget of prefill per step; with nothing decoding, prompts are prefilled whole. None: no limit.
 
         A row whose logits are not finite (NaN / inf: broken weights or config, fp16 overflow) is cancelled
         and the step raises NonFiniteLogitsError naming it, with the other rows' events of this step in
         `error.events`; those rows go on at the next step. No token is ever chosen from such logits.
         """
-        events = self.admit()
+        events: list[EngineEvent] = []
         try:
-            return events + self.decode()
+            for part in self.parts(prefill_budget):
+                events += part()
         except NonFiniteLogitsError as e:
             raise NonFiniteLogitsError(str(e), events + e.events) from None
+        return events
 
-    def admit(self, max_rows: int | None = None) -> list[EngineEvent]:
-        """The first half of step(): prefill waiting rows while cache rows are free (at most max_rows of
-        them), each getting its first token. A server hands those tokens out before the decode step."""
+    def parts(self, prefill_budget: int | None = None) -> Iterator[Callable[[], list[EngineEvent]]]:
+        """step() in parts, to be called in order: prefills touching one row each, then the decode step. A
+        server hands each part's events out at once (a new row's first token does not wait for the decode
+        step or the other rows' prefills)."""
+        spent = 0
+        while self._admissible():
+            left = None
+            if self.running and prefill_budget is not None:
+                if spent >= prefill_budget:
+                    break
+                left = prefill_budget - spent
+            before = self.prefilled
+            yield functools.partial(self.admit, max_rows=1, budget=left)
+            if self.prefilled == before:  # the row failed (cancelled): go on with the others next step
+                break
+            spent += self.prefilled - before
+        yield self.decode
+
+    def _admissible(self) -> bool:
+        """A row is part-way through its prefill, or one waits and a cache row is free for it."""
+        if self.prefilling is not None:
+            return True
+        return bool(self.waiting) and (len(self.running) + len(self.parked) - (self.waiting[0] in self.parked)
+                                       < self.max_batch)
+
+    def admit(self, max_rows: int | None = None, budget: int | None = None) -> list[EngineEvent]:
+        """The first half of step(): prefill rows while cache rows are free: first the row part-way through
+        its prefill, then waiting rows (at most max_rows rows touched), feeding at most `budget` prompt tokens
+        in all (None: no limit). A row whose prompt is done gets its first token and joins the running rows;
+        one cut off by the budget stays `prefilling` (its cache row held, not decoding) and goes on at the
+        next admit."""
         events: list[EngineEvent] = []
-        admitted = 0
-        while self.waiting and (max_rows is None or admitted < max_rows) \
-                and len(self.running) + len(self.parked) - (self.waiting[0] in self.parked) < self.max_batch:
-            row = self.waiting.popleft()
-            admitted += 1
-            slot = self._admit(row)
-            start = time.perf_counter()
-            pending = row.sequence[row.cached:]
+        touched = 0
+        while self._admissible() and (max_rows is None or touched < max_rows) and (budget is None or budget > 0):
+            row = self.prefilling
+            if row is None:
+                row = self.waiting.popleft()
+                self._admit(row)
+            touched += 1
+            fed = row.cached
             try:
-                last, row.prompt_logprobs, row.prompt_top = self.prefill_top(slot, pending, row.config,
-                                                                             name=row.name, first=row.cached)
+                done = self._prefill_row(row, budget)
             except NonFiniteLogitsError as e:
                 self.cancel(row)
                 raise NonFiniteLogitsError(str(e), events) from None
-            row.t_prefill = time.perf_counter() - start
-            row.cached += len(pending)
-            events += self._accept(row, last)
+            if budget is not None:
+                budget -= row.cached - fed
+            if done is not None:
+                self.prefilling = None
+                self.running.append(row)  # its cache row is already the one after the running rows
+                events += self._accept(row, done)
         self._compact()
         return events
 
@@ -419,8 +460,9 @@ class Engine:
                 raise NonFiniteLogitsError(f"{names}: {_NON_FINITE}", events)
         return events
 
-    def _admit(self, row: Row) -> int:
-        """Give `row` the cache row right after the running ones (moving parked rows back); its index."""
+    def _admit(self, row: Row) -> None:
+        """Make `row` the prefilling row, in the cache row right after the running ones (moving parked rows
+        back), its prompt (what the cache does not hold yet) pending."""
         slot = len(self.running)
         parked = [r for r in self.parked if r is not row]
         order = list(range(slot)) + [self._slot(row) if row in self.parked else -1] + [self._slot(r) for r in parked]
@@ -428,59 +470,92 @@ class Engine:
         if parked or row in self.parked or self.cache.lengths[slot:].any():
             self.backend.move_rows(self.cache, order)
         self.parked = parked
-        self.running.append(row)
-        return slot
+        self.prefilling = row
+        cfg, pending = row.config, row.sequence[row.cached:]
+        row.prefill_from, row.pending, row.t_prefill = row.cached, np.asarray(pending, np.int64), 0.0
+        k = cfg.top_logprobs if cfg.return_logprobs else 0
+        row.prompt_logprobs = np.empty(len(pending) - 1, np.float32) if cfg.return_logprobs else None
+        row.prompt_top = (np.empty((len(pending) - 1, k), np.int64),
+                          np.empty((len(pending) - 1, k), np.float32)) if k else None
+
+    def _prefill_row(self, row: Row, budget: int | None) -> np.ndarray | None:
+        """Feed the prefilling row's next prompt tokens (at most `budget`; None: all), in chunks of at most
+        its config's prefill_chunk; the last prompt position's logits [V] once the prompt is done, else None."""
+        slot = len(self.running)  # the prefilling row's cache row
+        tokens, chunk = row.pending, self.chunk(row.config.prefill_chunk)
+        start = row.cached - row.prefill_from
+        end = len(tokens) if budget is None else min(len(tokens), start + budget)
+        began = time.perf_counter()
+        logits = None
+        try:
+            while start < end:
+                n = min(chunk, end - start)
+                logits = self._feed(slot, tokens, start, n, row.config, row.prompt_logprobs, row.prompt_top,
+                                    name=row.name, first=row.prefill_from)
+                start += n
+                row.cached += n
+                self.prefilled += n
+        finally:
+            row.t_prefill += time.perf_counter() - began
+        return logits[-1] if logits is not None and start == len(tokens) else None
 
     def _slot(self, row: Row) -> int:
         if row in self.running:
             return self.running.index(row)
-        return len(self.running) + self.parked.index(row)
+        if row is self.prefilling:
+            return len(self.running)
+        return len(self.running) + (self.prefilling is not None) + self.parked.index(row)
 
     def _compact(self, drop: frozenset[int] | set[int] = frozenset()) -> None:
-        """Keep unfinished rows running at the front, park finished kept rows behind them, free the rest.
+        """Keep unfinished rows running at the front, then the prefilling row, park finished kept rows behind
+        them, free the rest.
 
-        When nothing is left running or parked, the finished rows stay in the cache as they are (no copy):
-        `_admit` empties a slot before reusing it.
+        When nothing is left running, prefilling or parked, the finished rows stay in the cache as they are
+        (no copy): `_admit` empties a slot before reusing it.
         """
         active = [r for r in self.running if r.reason is None and r.id not in drop]
+        prefilling = self.prefilling if self.prefilling is not None and self.prefilling.id not in drop else None
         parked = [r for r in self.parked if r.id not in drop and not r.released]
         parked += [r for r in self.running if r.reason is not None and r.keep and not r.released and r.id not in drop]
-        order = [self._slot(r) for r in active + parked]
-        if order and (order != list(range(len(order))) or len(order) < len(self.running) + len(self.parked)):
+        order = [self._slot(r) for r in active + ([prefilling] if prefilling else []) + parked]
+        held = len(self.running) + (self.prefilling is not None) + len(self.parked)
+        if order and (order != list(range(len(order))) or len(order) < held):
             self.backend.move_rows(self.cache, order)
-        self.running, self.parked = active, parked
+        self.running, self.prefilling, self.parked = active, prefilling, parked
 
     def prefill(self, slot: int, ids: list[int], cfg: GenerationConfig, *, name: str = "the sequence",
                 first: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
         """Feed ids to cache row `slot` in chunks; return the last position's logits [V] and, with
         return_logprobs, log p(ids[t] | ids[:t]) for t >= 1 [len(ids) - 1]. Non-finite logits raise
         NonFiniteLogitsError naming `name` and the positions (ids[0] sits at position `first`)."""
-        last, logprobs, _ = self.prefill_top(slot, ids, cfg, name=name, first=first)
-        return last, logprobs
-
-    def prefill_top(self, slot: int, ids: list[int], cfg: GenerationConfig, *, name: str = "the sequence",
-                    first: int = 0) -> tuple[np.ndarray, np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]:
-        """`prefill`, and with return_logprobs and top_logprobs k > 0 the k most likely tokens of positions
-        1 .. len(ids) - 1 (ids [len(ids) - 1, k] int64, logprobs float32, most likely first)."""
         tokens = np.asarray(ids, np.int64)
         chunk = self.chunk(cfg.prefill_chunk)
         logprobs = np.empty(len(ids) - 1, np.float32) if cfg.return_logprobs else None
-        k = cfg.top_logprobs if cfg.return_logprobs else 0
-        top = (np.empty((len(ids) - 1, k), np.int64), np.empty((len(ids) - 1, k), np.float32)) if k else None
         for start in range(0, len(ids), chunk):
-            piece = tokens[start:start + chunk]
-            # [S, V] when the prompt's logprobs are wanted, else [1, V]: the lm_head runs on the last token only
-            logits = self.backend.step(self.cache, piece[None, :], start_row=slot, last_only=logprobs is None)[0]
-            if not np.isfinite(logits).all():
-                raise NonFiniteLogitsError(f"{name} (prefill of positions {first + start}-"
-                                           f"{first + start + len(piece) - 1}): {_NON_FINITE}")
-            if logprobs is not None:
-                targets = tokens[start + 1:start + 1 + len(piece)]  # the next token of each position
-                lp = log_softmax(logits[: len(targets)])
-                logprobs[start:start + len(targets)] = lp[np.arange(len(targets)), targets]
-                if top is not None:
-                    top[0][start:start + len(targets)], top[1][start:start + len(targets)] = top_k_logprobs(lp, k)
-        return logits[-1], logprobs, top
+            logits = self._feed(slot, tokens, start, min(chunk, len(ids) - start), cfg, logprobs, None,
+                                name=name, first=first)
+        return logits[-1], logprobs
+
+    def _feed(self, slot: int, tokens: np.ndarray, start: int, n: int, cfg: GenerationConfig,
+              logprobs: np.ndarray | None, top: tuple[np.ndarray, np.ndarray] | None, *, name: str,
+              first: int) -> np.ndarray:
+        """One backend call feeding tokens[start:start + n] to cache row `slot`; its logits ([n, V] with
+        `logprobs`, else [1, V]). With `logprobs` (and `top`), fills in log p(tokens[t] | tokens[:t]) (and the
+        k most likely tokens) for the positions t - 1 of this call that have a next token in `tokens`."""
+        piece = tokens[start:start + n]
+        # [S, V] when the prompt's logprobs are wanted, else [1, V]: the lm_head runs on the last token only
+        logits = self.backend.step(self.cache, piece[None, :], start_row=slot, last_only=logprobs is None)[0]
+        if not np.isfinite(logits).all():
+            raise NonFiniteLogitsError(f"{name} (prefill of positions {first + start}-"
+                                       f"{first + start + n - 1}): {_NON_FINITE}")
+        if logprobs is not None:
+            targets = tokens[start + 1:start + 1 + n]  # the next token of each position
+            lp = log_softmax(logits[: len(targets)])
+            logprobs[start:start + len(targets)] = lp[np.arange(len(targets)), targets]
+            if top is not None:
+                k = top[0].shape[1]
+                top[0][start:start + len(targets)], top[1][start:start + len(targets)] = top_k_logprobs(lp, k)
+        return logits
 
     def _accept(self, row: Row, logits: np.ndarray) -> list[EngineEvent]:
         """Choose row's next token from its raw logits [V] and apply the finish rules."""

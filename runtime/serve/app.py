@@ -55,8 +55,9 @@ class ServeSettings:
     verify: bool = True  # check the artifact's file hashes at load
     max_body_bytes: int = 4 << 20
     drain_s: float = 30.0  # SIGTERM: running requests get this long to finish
-    # while rows decode, a step prefills new rows' prompts up to this many tokens (one row at least); 0: no limit
-    prefill_budget: int = 256
+    # while rows decode, an engine step prefills at most this many prompt tokens (a longer prompt is split
+    # across steps), so a decoding row waits for at most one chunk per step; 0: no limit
+    prefill_chunk: int = 32
 
     @property
     def name(self) -> str:
@@ -144,7 +145,7 @@ def _load(state: _State, generator: Generator | None) -> None:
     try:
         gen = generator or Generator.load(s.artifact, backend=s.backend, threads=s.threads, verify=s.verify)
         loop = EngineLoop(gen.backend, gen.tokenizer, s.max_batch, s.max_queue, state.metrics,
-                          s.prefill_budget or None)
+                          s.prefill_chunk or None)
     except Exception as e:  # any failure (ours, the OS's, onnxruntime's) is reported, not lost
         state.error = e
         log.error(json.dumps({"event": "load_failed", "artifact": str(s.artifact), "error": str(e)}))

@@ -52,7 +52,7 @@ def deployment(settings: ServeSettings, replicas: int = 1, num_cpus: float = 1.0
 _ARGS = {"artifact": str, "backend": str, "model_name": str, "max_batch": int, "max_queue": int, "api_key": str,
          "threads": int,
          "verify": lambda v: str(v).lower() not in ("0", "false", "no"), "max_body_bytes": int, "drain_s": float,
-         "prefill_budget": int}
+         "prefill_chunk": int}
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -9,9 +9,10 @@
 
 Each iteration applies the cancels, adds the new rows (a request of P prompts with n choices is P * n
 rows, choice p * n + j sampling with index j, so a seeded choice depends only on its seed and j), then runs
-one step in parts: `Engine.admit(max_rows=1)` per waiting row that fits (within the prefill budget while
-rows decode), then `Engine.decode()`. After each part its events go back to each request's asyncio loop
-(one call per request) and the loop waits, briefly, for them to reach the sockets (`_handoff`).
+one step in its parts (`Engine.parts(prefill_chunk)`): prefills touching one row each, at most
+`prefill_chunk` prompt tokens in all while rows decode (a longer prompt goes on at the next steps), then
+the decode step. After each part its events go back to each request's asyncio loop (one call per request)
+and the loop waits, briefly, for them to reach the sockets (`_handoff`).
 
 Back-pressure: a request is refused (QueueFull) when the rows waiting for a free engine row would pass
 `max_queue`; it never waits unboundedly. `stop(drain_s)` refuses new requests, lets the running ones
@@ -87,12 +88,12 @@ class Request:
 
 class EngineLoop:
     def __init__(self, backend: Any, tokenizer: Any, max_batch: int, max_queue: int,
-                 metrics: Metrics | None = None, prefill_budget: int | None = None) -> None:
+                 metrics: Metrics | None = None, prefill_chunk: int | None = None) -> None:
         if not isinstance(max_queue, int) or max_queue < 0:
             raise ConfigError(f"max_queue must be an integer >= 0, got {max_queue!r}")
-        if prefill_budget is not None and (not isinstance(prefill_budget, int) or prefill_budget < 1):
-            raise ConfigError(f"prefill_budget must be None or an integer >= 1, got {prefill_budget!r}")
-        self.prefill_budget = prefill_budget
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise ConfigError(f"prefill_chunk must be None or an integer >= 1, got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
         self.engine = Engine(backend, tokenizer, max_batch)
         self.max_batch, self.max_queue, self.metrics = max_batch, max_queue, metrics
         self._cond = threading.Condition()
@@ -208,19 +209,12 @@ class EngineLoop:
             self.metrics.aborted(reason)
 
     def _step(self) -> None:
-        """Engine.step in its parts: each admitted row's first token is handed out right after its prefill,
-        the decode step's tokens after it."""
-        budget = self.prefill_budget if self.engine.running else None  # none decoding: admit all that fit
-        spent = 0
-        while self.engine.waiting and len(self.engine.running) + len(self.engine.parked) < self.max_batch:
-            row = self.engine.waiting[0]
-            tokens = len(row.sequence) - row.cached
-            if budget is not None and spent and spent + tokens > budget:
-                break  # the decoding rows wait for at most `budget` prefill tokens per step (one row at least)
-            spent += tokens
-            if not self._run_part(lambda: self.engine.admit(max_rows=1)):
+        """Engine.step in its parts: a row's first token is handed out right after the prefill that ends its
+        prompt, the decode step's tokens after it. While rows decode, the step's prefill is at most
+        `prefill_chunk` tokens, so a decoding row waits for at most one chunk per step."""
+        for part in self.engine.parts(self.prefill_chunk):
+            if not self._run_part(part):
                 return
-        self._run_part(self.engine.decode)
 
     def _run_part(self, part: Callable[[], list[EngineEvent]]) -> bool:
         """Run one part of a step and hand its events out; False when the engine failed and was replaced."""
@@ -293,13 +287,13 @@ class EngineLoop:
             m.e2e.observe(row.t_last - row.t0)
 
     def _gauges(self) -> None:
-        running = self.engine.running
+        running, prefilling = self.engine.running, self.engine.prefilling
         with self._cond:
             self._waiting_rows = len(self.engine.waiting) + sum(r.choices for r in self._adds)
-            self._free_rows = self.max_batch - len(running) - len(self.engine.parked)
+            self._free_rows = self.max_batch - len(running) - len(self.engine.parked) - (prefilling is not None)
         m = self.metrics
-        if m is not None:
-            rows = {row.id for row in running}
+        if m is not None:  # a request counts as running from its first prefill chunk
+            rows = {row.id for row in running} | ({prefilling.id} if prefilling is not None else set())
             busy = sum(any(r.id in rows for r in req.rows) for req in self._active)
             m.requests_running.set(busy)
             m.requests_waiting.set(len(self._active) - busy + len(self._adds))

@@ -156,3 +156,85 @@ def test_admit_then_decode_is_a_step_in_two_halves():
     assert [e.row.id for e in engine.decode()] == [r.id for r in rows]
     done = drain(engine)
     assert [done[r.id] for r in rows] == [alone(p) for p in PROMPTS[:3]]
+
+
+def drain_budget(engine: Engine, budget: int) -> dict[int, list[int]]:
+    done: dict[int, list[int]] = {}
+    while engine.busy:
+        for event in engine.step(prefill_budget=budget):
+            if event.output is not None:
+                done[event.row.id] = event.output.token_ids
+    return done
+
+
+@pytest.mark.parametrize("budget", [1, 3, 100])
+@pytest.mark.parametrize("windowed", [True, False])
+def test_prefill_budget_splits_prompts_across_steps_and_keeps_the_tokens(budget, windowed):
+    """While rows decode, a step prefills at most `budget` prompt tokens (a longer prompt goes on at the next
+    steps, its row not decoding yet); every row's tokens equal its run alone. Prompts of 13 tokens cross the
+    toy ring (capacity 6) in chunks of 1 and 3 (crossing its wrap mid-chunk) or go in whole (100)."""
+    backend = ToyBackend(windowed=windowed, capacity=6 if windowed else 64)
+    engine = Engine(backend, ToyTokenizer(), max_batch=3)
+    long = GenerationConfig(max_new_tokens=40, eos_token_id=())  # decodes while the others are prefilled
+    rows = [engine.add(PROMPTS[0], long)]
+    engine.step(prefill_budget=budget)  # nothing decodes yet: the whole prompt
+    assert len(rows[0].tokens) == 2
+    rows += [engine.add(PROMPTS[1], GREEDY), engine.add(PROMPTS[3], GREEDY)]
+    calls = len(backend.calls)
+    done = drain_budget(engine, budget)
+    assert [done[r.id] for r in rows] == [alone(p, c, windowed=windowed, capacity=backend.capacity)
+                                          for p, c in ((PROMPTS[0], long), (PROMPTS[1], GREEDY), (PROMPTS[3], GREEDY))]
+    fed, prefills = 0, 0
+    for b, s, start in backend.calls[calls:]:  # between two decode steps at most `budget` prefill tokens
+        if start == 0:  # a decode step of the running rows (row 0 runs throughout)
+            assert s == 1
+            fed = 0
+            continue
+        fed, prefills = fed + s, prefills + 1
+        assert b == 1 and fed <= budget, backend.calls[calls:]
+    assert fed == 0 and prefills >= (len(PROMPTS[1]) + len(PROMPTS[3])) // budget  # the prompts went in pieces
+
+
+def test_a_row_part_way_through_its_prefill_can_be_cancelled():
+    backend = ToyBackend()
+    engine = Engine(backend, ToyTokenizer(), max_batch=3)
+    a = engine.add(PROMPTS[0], GREEDY)
+    engine.step(prefill_budget=2)
+    b, c = engine.add(PROMPTS[1], GREEDY), engine.add(PROMPTS[2], GREEDY)
+    engine.step(prefill_budget=2)
+    assert engine.prefilling is b and b.cached == 2 and engine.running == [a] and not b.tokens
+    engine.cancel(b)
+    assert engine.prefilling is None and engine.cache.lengths[1] == 0 and b.reason is not None
+    done = drain_budget(engine, 2)
+    assert done == {a.id: alone(PROMPTS[0]), c.id: alone(PROMPTS[2])}
+
+
+def test_prompt_logprobs_and_a_kept_row_across_prefill_steps():
+    """Prompt logprobs gathered over several steps equal one whole prefill's; a kept row extended while
+    another decodes is prefilled in pieces too and equals one long prompt."""
+    config = GenerationConfig(max_new_tokens=4, eos_token_id=(), return_logprobs=True, top_logprobs=2)
+    whole = Generator(ToyBackend(), ToyTokenizer()).generate(PROMPTS[1], config)[0]
+    engine = Engine(ToyBackend(), ToyTokenizer(), max_batch=3)
+    runner = engine.add(PROMPTS[0], GenerationConfig(max_new_tokens=60, eos_token_id=()))
+    kept = engine.add(PROMPTS[2], GREEDY, keep=True)
+    engine.step()
+    row = engine.add(PROMPTS[1], config)
+    done = {}
+    while row.reason is None:
+        for event in engine.step(prefill_budget=5):
+            if event.output is not None:
+                done[event.row.id] = event.output
+    out = done[row.id]
+    assert out.token_ids == whole.token_ids
+    np.testing.assert_allclose(out.prompt_logprobs, whole.prompt_logprobs, rtol=1e-6)
+    np.testing.assert_array_equal(out.prompt_top_logprobs[0], whole.prompt_top_logprobs[0])
+    while kept.reason is None:
+        engine.step()
+    first = list(kept.tokens)
+    engine.extend(kept, PROMPTS[1], GREEDY)
+    got = {}
+    while kept.reason is None:
+        for event in engine.step(prefill_budget=4):
+            if event.output is not None:
+                got[event.row.id] = event.output.token_ids
+    assert got[kept.id] == alone(PROMPTS[2] + first + PROMPTS[1]) and runner.reason is None

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import openai
 import pytest
 
@@ -191,13 +192,42 @@ def test_cli_load_failure_is_one_line_and_exit_2(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("mixtrt serve: error: "), r.stderr
 
 
-@pytest.mark.parametrize("budget, admitted", [(None, 2), (1, 1), (10_000, 2)])
-def test_prefill_budget_bounds_the_prefill_between_decode_steps(generator, budget, admitted):
-    """While a row decodes, one engine-loop step prefills new prompts up to the budget (one at least)."""
-    loop = EngineLoop(generator.backend, generator.tokenizer, max_batch=4, max_queue=4, prefill_budget=budget)
+@pytest.mark.parametrize("chunk, running, prefilling, cached", [(None, 2, None, 0), (2, 0, 0, 2), (3, 1, None, 0),
+                                                                 (5, 1, 1, 2), (10_000, 2, None, 0)])
+def test_prefill_chunk_bounds_the_prefill_between_decode_steps(generator, chunk, running, prefilling, cached):
+    """While a row decodes, one engine-loop step prefills at most `prefill_chunk` prompt tokens: a new row whose
+    prompt is cut holds its cache row, part-prefilled, and does not decode yet."""
+    loop = EngineLoop(generator.backend, generator.tokenizer, max_batch=4, max_queue=4, prefill_chunk=chunk)
     engine, config = loop.engine, generator.config(max_new_tokens=20, do_sample=False)
-    running = engine.add([1, 5, 6, 7], config)
+    first = engine.add([1, 5, 6, 7], config)
     engine.admit()
     new = [engine.add([1, 8, 9], config), engine.add([1, 10, 11, 12], config)]
     loop._step()  # the loop thread's step, driven by hand
-    assert [row in engine.running for row in new] == [True, admitted == 2] and len(running.tokens) == 2
+    assert engine.running == [first, *new[:running]] and len(first.tokens) == 2
+    assert engine.prefilling is (None if prefilling is None else new[prefilling])
+    if prefilling is not None:
+        assert new[prefilling].cached == cached and not new[prefilling].tokens
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_chunk_prefilled_rows_equal_the_requests_alone(generator, chunk):
+    """Prompts longer than the window (W=5; the ring wraps inside and between chunks) prefilled in chunks of
+    1, 3 (odd) and more than the prompt while another row decodes: greedy tokens and prompt logprobs equal
+    Generator.generate's (one whole prefill, alone)."""
+    loop = EngineLoop(generator.backend, generator.tokenizer, max_batch=3, max_queue=4, prefill_chunk=chunk)
+    engine = loop.engine
+    config = generator.config(max_new_tokens=12, do_sample=False, return_logprobs=True)
+    prompts = [[1, *range(300, 307)], [1, *range(40, 53)], [1, *range(900, 919)]]
+    rows = [engine.add(prompts[0], config)]
+    loop._step()
+    rows += [engine.add(p, config) for p in prompts[1:]]
+    outputs = {}
+    while engine.busy:
+        for event in engine.step(prefill_budget=chunk):
+            if event.output is not None:
+                outputs[event.row.id] = event.output
+    for row, prompt in zip(rows, prompts, strict=True):
+        [want] = generator.generate([prompt], config)
+        got = outputs[row.id]
+        assert got.token_ids == want.token_ids
+        np.testing.assert_allclose(got.prompt_logprobs, want.prompt_logprobs, atol=1e-4)

@@ -48,10 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests' rows decoding together (engine/KV-cache rows; default 16)")
     p.add_argument("--max-queue", type=_count, default=64,
                    help="rows that may wait for a free engine row; past it requests get 429 at once (default 64)")
-    p.add_argument("--prefill-budget", type=_count, default=256, metavar="TOKENS",
-                   help="while rows decode, a step prefills new prompts up to this many tokens (at least one "
-                        "prompt), so a burst of new requests does not stall the running streams; 0: no limit "
-                        "(default 256)")
+    p.add_argument("--prefill-chunk", type=_count, default=32, metavar="TOKENS",
+                   help="while rows decode, an engine step prefills at most this many prompt tokens (a longer "
+                        "prompt is split across steps), so a decoding stream waits for at most one chunk per "
+                        "token; 0: no limit (default 32)")
     p.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on /v1/* (/health and /metrics stay open)")
     p.add_argument("--model-name", default=None, help="the model name clients use (default: the artifact's folder)")
@@ -82,7 +82,7 @@ def run(ns: argparse.Namespace) -> int:
     settings = ServeSettings(ns.artifact, model_name=ns.model_name, max_batch=ns.max_batch, max_queue=ns.max_queue,
                              api_key=ns.api_key, threads=ns.threads, backend=ns.backend, verify=not ns.no_verify,
                              max_body_bytes=ns.max_body_bytes, drain_s=ns.drain,
-                             prefill_budget=ns.prefill_budget)
+                             prefill_chunk=ns.prefill_chunk)
     if ns.ray:
         from mixtrt.runtime.extras import require
 
