@@ -84,9 +84,11 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def start_mixtrt(art: Path, port: int, threads: int, log: Path) -> subprocess.Popen:
+def start_mixtrt(art: Path, port: int, threads: int, log: Path, prefill_chunk: int | None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "mixtrt", "serve", str(art), "--port", str(port), "--threads", str(threads),
            "--max-batch", "16", "--max-queue", "64", "--no-verify"]
+    if prefill_chunk is not None:
+        cmd += ["--prefill-chunk", str(prefill_chunk)]
     proc = subprocess.Popen(cmd, stderr=open(log, "w"), stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while True:
@@ -124,6 +126,8 @@ def main() -> None:
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mixtrt-bench"))
     ap.add_argument("--port", type=int, default=8471)
+    ap.add_argument("--prefill-chunk", type=int, default=None,
+                    help="mixtrt serve's --prefill-chunk (default: the server's default)")
     ns = ap.parse_args()
 
     from mixtrt.export.onnx_export import export_onnx, is_current
@@ -136,7 +140,7 @@ def main() -> None:
     prompts = [[1] + rng.integers(3, 32000, size=int(n) - 1).tolist() for n in rng.integers(16, 129, size=64)]
     engines = {"mixtrt": ns.port}
     log = ns.work / "bench-serve-mixtrt.log"
-    procs = [start_mixtrt(art, ns.port, ns.threads, log)]
+    procs = [start_mixtrt(art, ns.port, ns.threads, log, ns.prefill_chunk)]
     llama_cm = None
     if not ns.no_llama:
         import peers
@@ -148,7 +152,8 @@ def main() -> None:
         engines["llama-server"] = ns.port + 1
     try:
         print(f"Mixtral-shaped benchmark model (benchmarks/common.py), fp32 / f32 GGUF, {ns.threads} threads, "
-              f"16 rows/slots, prompts 16-128 tokens, {ns.new_tokens} new tokens, greedy, EOS ignored; "
+              f"16 rows/slots, prompts 16-128 tokens, {ns.new_tokens} new tokens, greedy, EOS ignored; mixtrt "
+              f"--prefill-chunk {ns.prefill_chunk if ns.prefill_chunk is not None else 'default'}; "
               f"load: {os.getloadavg()[0]:.2f}")
         for port in engines.values():  # warm-up
             load(port, prompts, 2, 1, 8)

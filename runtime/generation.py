@@ -7,7 +7,8 @@ steps). Each `step()`:
 
     1. admits the waiting rows while cache rows are free: each is prefilled alone, in chunks of
        <= prefill_chunk tokens (backend rule: S > 1 only with b == 1), and its first token is chosen
-       from the last prompt position's logits;
+       from the last prompt position's logits; with step(prefill_budget=N), at most N prompt tokens while
+       rows decode: a longer prompt goes on at the next steps (its row `prefilling`, not decoding yet);
     2. decodes every running row together, one token per row;
     3. moves finished rows out of the batch with backend.move_rows, so they cost no more work (a kept row
        is parked behind the running ones, its cache intact).

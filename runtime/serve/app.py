@@ -205,8 +205,8 @@ class _Call:
     created: int = field(default_factory=lambda: int(time.time()))
     t_first_sent: float | None = None
     outputs: dict[int, GenerationOutput] = field(default_factory=dict)
-    status: int = 200
-    end: str = "finished"
+    status: int | None = 200  # the HTTP status the client got; None: it left before a response was sent
+    end: str = "finished"  # or how it was cut short: disconnect / shutdown / error
 
 
 async def _generate(request: Request, model: type[CompletionRequest] | type[ChatRequest]) -> Response:
@@ -280,9 +280,9 @@ async def _complete(call: _Call, state: _State, request: Request) -> Response:
         async for event in call.handle.events():
             if event.output is not None:
                 call.outputs[_choice(call, event)] = event.output
-    except Cancelled as e:
-        call.status, call.end = 499 if e.reason == "disconnect" else 503, e.reason
-        raise ApiError(f"the request was cancelled ({e.reason})", call.status, type="unavailable_error") from None
+    except Cancelled as e:  # a disconnected client gets nothing: the log says so (status None)
+        call.status, call.end = None if e.reason == "disconnect" else 503, e.reason
+        raise ApiError(f"the request was cancelled ({e.reason})", 503, type="unavailable_error") from None
     except BackendError as e:
         call.status, call.end = 500, "error"
         raise ApiError(str(e), 500, type="server_error") from None
@@ -342,17 +342,17 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
             yield "data: " + json.dumps({"id": _id(call), "object": obj, "created": call.created, "model": name,
                                          "choices": [], "usage": _usage(call)}) + "\n\n"
         yield "data: [DONE]\n\n"
-    except Cancelled as e:
-        call.status, call.end = 503, e.reason
+    except Cancelled as e:  # the stream's status line (200) is out: the error goes in the stream
+        call.end = e.reason
         yield "data: " + json.dumps(ApiError(f"the request was cancelled ({e.reason})", 503,
                                              type="unavailable_error").body()) + "\n\n"
     except BackendError as e:
-        call.status, call.end = 500, "error"
+        call.end = "error"
         yield "data: " + json.dumps(ApiError(str(e), 500, type="server_error").body()) + "\n\n"
     finally:
         if not call.handle.ended and len(call.outputs) < call.handle.choices:
             loop.cancel(call.handle, "disconnect")  # the client went away (the response task was cancelled)
-            call.status, call.end = 499, "disconnect"
+            call.end = "disconnect"
         _log(call)
 
 

@@ -78,9 +78,12 @@ def test_api_key(generator, serve_artifact):
         s.close()
 
 
-def test_disconnect_frees_the_row_and_a_full_queue_answers_429(generator, serve_artifact):
+def test_disconnect_frees_the_row_and_a_full_queue_answers_429(generator, serve_artifact, caplog):
     """One engine row, no queue: a second request is refused at once with 429; a client that goes away
-    mid-stream is cancelled (its row freed, the metrics show it) and the next request runs."""
+    mid-stream is cancelled (its row freed, the metrics show it) and the next request runs. The request
+    log says what the clients got: the stream's 200 ended by the disconnect; no status for the
+    non-streaming request that never got a response."""
+    caplog.set_level("INFO", logger="mixtrt.serve")
     s = Server(slow(generator, 0.02), serve_artifact[1], max_batch=1, max_queue=0)
     try:
         body = {"model": "tiny", "prompt": "a", "max_tokens": 100, "temperature": 0, "stream": True}
@@ -107,6 +110,13 @@ def test_disconnect_frees_the_row_and_a_full_queue_answers_429(generator, serve_
             assert time.monotonic() < deadline, "the non-streaming disconnect was never noticed"
             time.sleep(0.01)
         assert s.metric("mixtrt:num_rows_running") == 0
+        deadline = time.monotonic() + 5
+        while len(records := [json.loads(r.getMessage()) for r in caplog.records
+                              if '"event": "request"' in r.getMessage()]) < 3:
+            assert time.monotonic() < deadline, "a request was never logged"
+            time.sleep(0.01)
+        ended = [(r["stream"], r["status"], r["end"]) for r in records if r["end"] != "finished"]
+        assert ended == [(True, 200, "disconnect"), (False, None, "disconnect")], records
     finally:
         s.close()
 
