@@ -1,4 +1,4 @@
-"""The OpenAI-compatible FastAPI app over one EngineLoop, and the uvicorn runner of `mixtrt serve`.
+"""The OpenAI-compatible FastAPI app over one EngineLoop (runner.py serves it with uvicorn).
 
     app = create_app(ServeSettings("engines/mistral-tiny", max_batch=16))
     uvicorn.run(app, host="127.0.0.1", port=8000)
@@ -17,13 +17,9 @@ import contextlib
 import hmac
 import json
 import logging
-import re
-import signal
-import socket
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from mixtrt.runtime.errors import BackendError, ConfigError
 from mixtrt.runtime.generation import EngineEvent, GenerationOutput, Generator
 from mixtrt.runtime.prompts import check_messages_text, normalize_prompts
+from mixtrt.runtime.serve.logprobs import TokenTexts, chat_logprobs, completion_logprobs, merge, prompt_logprobs
 from mixtrt.runtime.serve.metrics import Metrics
 from mixtrt.runtime.serve.protocol import ApiError, ChatRequest, CompletionRequest, chat_messages, overrides, parse
 from mixtrt.runtime.serve.scheduler import Cancelled, EngineLoop, NotAccepting, QueueFull
@@ -72,7 +69,7 @@ class _State:
     metrics: Metrics | None = None
     error: BaseException | None = None
     load_s: float = 0.0
-    token_text: dict[int, tuple[str, bytes]] = field(default_factory=dict)
+    texts: TokenTexts | None = None  # token texts for logprobs (set at load)
 
 
 def create_app(settings: ServeSettings, generator: Generator | None = None,
@@ -152,6 +149,7 @@ def _load(state: _State, generator: Generator | None) -> None:
         return
     loop.start()
     state.generator, state.load_s = gen, time.perf_counter() - start
+    state.texts = TokenTexts(gen.tokenizer)
     state.loop = loop
     log.info(json.dumps({"event": "ready", "model": s.name, "artifact": str(s.artifact),
                          "load_s": round(state.load_s, 3), "max_batch": s.max_batch, "max_queue": s.max_queue}))
@@ -380,16 +378,16 @@ def _full_choice(call: _Call, state: _State, i: int) -> dict[str, Any]:
     out = call.outputs[i]
     p = i // call.req.n
     if call.kind == "chat":
-        lp = _chat_logprobs(state, out.token_ids, out.logprobs, out.top_logprobs, call.req) \
+        lp = chat_logprobs(_texts(state), out.token_ids, out.logprobs, out.top_logprobs, _chat_k(call)) \
             if out.logprobs is not None else None
         return {"index": i, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
                 "finish_reason": _finish(out)}
     lp = None
     if out.logprobs is not None:
         k = call.req.logprobs or 0
-        gen_lp = _completion_logprobs(state, out.token_ids, list(out.logprobs), out.top_logprobs, k,
+        gen_lp = completion_logprobs(_texts(state), out.token_ids, list(out.logprobs), out.top_logprobs, k,
                                       len(call.echo[p]))
-        lp = _merge(_prompt_logprobs(state, call.prompts[p], out.prompt_logprobs, out.prompt_top_logprobs, k),
+        lp = merge(prompt_logprobs(_texts(state), call.prompts[p], out.prompt_logprobs, out.prompt_top_logprobs, k),
                     gen_lp) if call.echo[p] else gen_lp
     return {"index": i, "text": call.echo[p] + out.text, "logprobs": lp, "finish_reason": _finish(out)}
 
@@ -397,7 +395,7 @@ def _full_choice(call: _Call, state: _State, i: int) -> dict[str, Any]:
 def _echo_logprobs(call: _Call, state: _State, i: int, row: Any) -> dict[str, Any] | None:
     if not call.handle.config.return_logprobs:
         return None
-    return _prompt_logprobs(state, call.prompts[i // call.req.n], row.prompt_logprobs, row.prompt_top,
+    return prompt_logprobs(_texts(state), call.prompts[i // call.req.n], row.prompt_logprobs, row.prompt_top,
                             call.req.logprobs or 0)
 
 
@@ -411,68 +409,17 @@ def _stream_logprobs(call: _Call, state: _State, row: Any, indices: list[int]) -
     if row.top:
         top = (np.stack([row.top[t][0] for t in indices]), np.stack([row.top[t][1] for t in indices]))
     if call.kind == "chat":
-        return _chat_logprobs(state, ids, lps, top, call.req)
-    return _completion_logprobs(state, ids, lps, top, call.req.logprobs or 0, 0)
+        return chat_logprobs(_texts(state), ids, lps, top, _chat_k(call))
+    return completion_logprobs(_texts(state), ids, lps, top, call.req.logprobs or 0, 0)
 
 
-def token_text(state: _State, token: int) -> tuple[str, bytes]:
-    """A token's text and bytes for logprobs: the piece with the word marker as a space; a byte piece
-    (<0xE2>) that is not UTF-8 alone becomes "bytes:\\xe2", as vLLM writes it."""
-    if token in state.token_text:
-        return state.token_text[token]
-    assert state.generator is not None
-    piece = state.generator.tokenizer.id_to_piece(token)
-    m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
-    data = bytes([int(m[1], 16)]) if m else piece.replace("\u2581", " ").encode("utf-8", "surrogatepass")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        text = "bytes:" + "".join(f"\\x{b:02x}" for b in data)
-    state.token_text[token] = (text, data)
-    return text, data
+def _chat_k(call: _Call) -> int:
+    return (call.req.top_logprobs or 0) if isinstance(call.req, ChatRequest) else 0
 
 
-def _top_dict(state: _State, token: int, logprob: float, top: Any, t: int, k: int) -> dict[str, float]:
-    d: dict[str, float] = {}
-    if top is not None:
-        for a, v in zip(top[0][t][:k], top[1][t][:k], strict=True):
-            d.setdefault(token_text(state, int(a))[0], float(v))
-    d.setdefault(token_text(state, token)[0], float(logprob))
-    return d
-
-
-def _completion_logprobs(state: _State, ids: list[int], lps: Any, top: Any, k: int, offset: int) -> dict[str, Any]:
-    tokens = [token_text(state, t)[0] for t in ids]
-    offsets = np.cumsum([0] + [len(t) for t in tokens[:-1]]).tolist() if tokens else []
-    return {"tokens": tokens, "token_logprobs": [float(x) for x in lps],
-            "top_logprobs": [_top_dict(state, t, lps[n], top, n, k) for n, t in enumerate(ids)],
-            "text_offset": [offset + o for o in offsets]}
-
-
-def _prompt_logprobs(state: _State, prompt: list[int], lps: Any, top: Any, k: int) -> dict[str, Any]:
-    """The prompt's tokens with log p(prompt[t] | prompt[:t]); the first token has none (None)."""
-    rest = _completion_logprobs(state, prompt[1:], lps, top, k, len(token_text(state, prompt[0])[0]))
-    return {"tokens": [token_text(state, prompt[0])[0]] + rest["tokens"],
-            "token_logprobs": [None] + rest["token_logprobs"],
-            "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    return {key: a[key] + b[key] for key in a}
-
-
-def _chat_logprobs(state: _State, ids: list[int], lps: Any, top: Any, req: Any) -> dict[str, Any]:
-    k = req.top_logprobs or 0
-    content = []
-    for n, t in enumerate(ids):
-        text, data = token_text(state, t)
-        alts = []
-        if top is not None:
-            for a, v in zip(top[0][n][:k], top[1][n][:k], strict=True):
-                at, ad = token_text(state, int(a))
-                alts.append({"token": at, "logprob": float(v), "bytes": list(ad)})
-        content.append({"token": text, "logprob": float(lps[n]), "bytes": list(data), "top_logprobs": alts})
-    return {"content": content}
+def _texts(state: _State) -> TokenTexts:
+    assert state.texts is not None
+    return state.texts
 
 
 def _log(call: _Call) -> None:
@@ -493,60 +440,3 @@ def _log(call: _Call) -> None:
         "e2e_s": time.perf_counter() - call.t0,
     }
     log.info(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}))
-
-
-# ---- the uvicorn runner ------------------------------------------------------------------------------
-
-def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> int:
-    """Run the server until SIGTERM / SIGINT; return 0 after a graceful drain (<= settings.drain_s for the
-    open requests, then the engine loop's own drain). A failed load stops the server and raises its error."""
-    import uvicorn
-
-    _log_to_stderr()
-    failure: list[BaseException] = []
-
-    def load_failed(e: BaseException) -> None:
-        failure.append(e)
-        server.should_exit = True
-
-    app = create_app(settings, on_load_error=load_failed)
-    config = uvicorn.Config(app, lifespan="on", access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=max(int(settings.drain_s), 1))
-    server = _server(config)
-    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                reuse_port=False)
-    bound = sock.getsockname()
-    log.info(json.dumps({"event": "listening", "url": f"http://{host}:{bound[1]}", "model": settings.name}))
-    server.run(sockets=[sock])
-    if failure:
-        raise failure[0]
-    return 0
-
-
-def _server(config: Any) -> Any:
-    """A uvicorn.Server whose SIGTERM / SIGINT end the process normally after the drain (uvicorn re-raises
-    the signal afterwards, which would exit with 128 + signal instead of 0)."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            handled = (signal.SIGINT, signal.SIGTERM)
-            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-            try:
-                yield
-            finally:
-                for sig, handler in original.items():
-                    signal.signal(sig, handler)
-
-    return Server(config)
-
-
-def _log_to_stderr() -> None:
-    if not any(getattr(h, "_mixtrt", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._mixtrt = True  # type: ignore[attr-defined]
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False

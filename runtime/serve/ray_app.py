@@ -72,12 +72,12 @@ def serve_on_ray(settings: ServeSettings, host: str, port: int, replicas: int, a
     """`mixtrt serve --ray`: start (or join) Ray, run the deployment, wait for SIGTERM / SIGINT, shut down."""
     import ray
 
-    from mixtrt.runtime.serve.app import _log_to_stderr
+    from mixtrt.runtime.serve.runner import log_to_stderr
     from mixtrt.runtime.threads import available_cores
 
     if port == 0:
         raise ConfigError("--ray needs a fixed --port (Ray's proxy does not report a port it chose)")
-    _log_to_stderr()
+    log_to_stderr()
     stop = threading.Event()
     previous: dict[int, Any] = {}
     try:

@@ -90,6 +90,6 @@ def run(ns: argparse.Namespace) -> int:
         from mixtrt.runtime.serve.ray_app import serve_on_ray
 
         return serve_on_ray(settings, host=ns.host, port=ns.port, replicas=ns.replicas or 1, address=ns.ray_address)
-    from mixtrt.runtime.serve.app import serve
+    from mixtrt.runtime.serve.runner import serve
 
     return serve(settings, host=ns.host, port=ns.port)

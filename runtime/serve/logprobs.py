@@ -1,0 +1,77 @@
+"""OpenAI's logprobs objects from the Engine's arrays: completions' (`tokens`, `token_logprobs`, `top_logprobs`,
+`text_offset`; with echo, the prompt's first) and chat's (`content`: token, logprob, bytes, top_logprobs).
+
+    texts = TokenTexts(tokenizer)
+    completion_logprobs(texts, [415, 2936], [-0.5, -1.2], None, 0, 0)   # {"tokens": [" The", " capital"], ...}
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+
+class TokenTexts:
+    """A token's text and bytes for logprobs (cached per id): the piece with the word marker as a space; a
+    byte piece (<0xE2>) that is not UTF-8 alone becomes "bytes:\\xe2", as vLLM writes it."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.cache: dict[int, tuple[str, bytes]] = {}
+
+    def __call__(self, token: int) -> tuple[str, bytes]:
+        if token in self.cache:
+            return self.cache[token]
+        piece = self.tokenizer.id_to_piece(token)
+        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        data = bytes([int(m[1], 16)]) if m else piece.replace("\u2581", " ").encode("utf-8", "surrogatepass")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+        self.cache[token] = (text, data)
+        return text, data
+
+
+def top_dict(texts: TokenTexts, token: int, logprob: float, top: Any, t: int, k: int) -> dict[str, float]:
+    d: dict[str, float] = {}
+    if top is not None:
+        for a, v in zip(top[0][t][:k], top[1][t][:k], strict=True):
+            d.setdefault(texts(int(a))[0], float(v))
+    d.setdefault(texts(token)[0], float(logprob))
+    return d
+
+
+def completion_logprobs(texts: TokenTexts, ids: list[int], lps: Any, top: Any, k: int, offset: int) -> dict[str, Any]:
+    tokens = [texts(t)[0] for t in ids]
+    offsets = np.cumsum([0] + [len(t) for t in tokens[:-1]]).tolist() if tokens else []
+    return {"tokens": tokens, "token_logprobs": [float(x) for x in lps],
+            "top_logprobs": [top_dict(texts, t, lps[n], top, n, k) for n, t in enumerate(ids)],
+            "text_offset": [offset + o for o in offsets]}
+
+
+def prompt_logprobs(texts: TokenTexts, prompt: list[int], lps: Any, top: Any, k: int) -> dict[str, Any]:
+    """The prompt's tokens with log p(prompt[t] | prompt[:t]); the first token has none (None)."""
+    rest = completion_logprobs(texts, prompt[1:], lps, top, k, len(texts(prompt[0])[0]))
+    return {"tokens": [texts(prompt[0])[0]] + rest["tokens"],
+            "token_logprobs": [None] + rest["token_logprobs"],
+            "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return {key: a[key] + b[key] for key in a}
+
+
+def chat_logprobs(texts: TokenTexts, ids: list[int], lps: Any, top: Any, k: int) -> dict[str, Any]:
+    content = []
+    for n, t in enumerate(ids):
+        text, data = texts(t)
+        alts = []
+        if top is not None:
+            for a, v in zip(top[0][n][:k], top[1][n][:k], strict=True):
+                at, ad = texts(int(a))
+                alts.append({"token": at, "logprob": float(v), "bytes": list(ad)})
+        content.append({"token": text, "logprob": float(lps[n]), "bytes": list(data), "top_logprobs": alts})
+    return {"content": content}

@@ -1,0 +1,72 @@
+"""The uvicorn runner of `mixtrt serve`: bind the socket, serve the app until SIGTERM / SIGINT, drain, exit 0.
+
+    serve(ServeSettings("engines/mistral-tiny"), host="127.0.0.1", port=8000)   # returns 0 after the drain
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from mixtrt.runtime.serve.app import ServeSettings, create_app, log
+
+
+def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> int:
+    """Run the server until SIGTERM / SIGINT; return 0 after a graceful drain (<= settings.drain_s for the
+    open requests, then the engine loop's own drain). A failed load stops the server and raises its error."""
+    import uvicorn
+
+    log_to_stderr()
+    failure: list[BaseException] = []
+
+    def load_failed(e: BaseException) -> None:
+        failure.append(e)
+        server.should_exit = True
+
+    app = create_app(settings, on_load_error=load_failed)
+    config = uvicorn.Config(app, lifespan="on", access_log=False, log_level="warning",
+                            timeout_graceful_shutdown=max(int(settings.drain_s), 1))
+    server = _server(config)
+    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                reuse_port=False)
+    bound = sock.getsockname()
+    log.info(json.dumps({"event": "listening", "url": f"http://{host}:{bound[1]}", "model": settings.name}))
+    server.run(sockets=[sock])
+    if failure:
+        raise failure[0]
+    return 0
+
+
+def _server(config: Any) -> Any:
+    """A uvicorn.Server whose SIGTERM / SIGINT end the process normally after the drain (uvicorn re-raises
+    the signal afterwards, which would exit with 128 + signal instead of 0)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return Server(config)
+
+
+def log_to_stderr() -> None:
+    if not any(getattr(h, "_mixtrt", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._mixtrt = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
