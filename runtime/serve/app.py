@@ -301,9 +301,12 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
     counts = [0] * call.handle.choices  # tokens seen per choice
     pending: list[list[int]] = [[] for _ in counts]  # token indices not yet sent (their text was held back)
 
+    # every chunk is {"id", "object", "created", "model", "choices": [one choice]}: the constant part written once
+    head = "data: " + json.dumps({"id": _id(call), "object": obj, "created": call.created, "model": name},
+                                 ensure_ascii=False)[:-1] + ', "choices": ['
+
     def chunk(choice: dict[str, Any]) -> str:
-        return "data: " + json.dumps({"id": _id(call), "object": obj, "created": call.created, "model": name,
-                                      "choices": [choice]}, ensure_ascii=False) + "\n\n"
+        return head + json.dumps(choice, ensure_ascii=False) + "]}\n\n"
 
     try:
         if chat:

@@ -12,7 +12,8 @@ rows, choice p * n + j sampling with index j, so a seeded choice depends only on
 one step in its parts (`Engine.parts(prefill_chunk)`): prefills touching one row each, at most
 `prefill_chunk` prompt tokens in all while rows decode (a longer prompt goes on at the next steps), then
 the decode step. After each part its events go back to each request's asyncio loop (one call per request)
-and the loop waits, briefly, for them to reach the sockets (`_handoff`).
+and the loop waits, briefly, for them to reach the sockets (`_handoff`: one call into each event loop per
+part, which delivers and then marks the tasks it woke as run).
 
 Back-pressure: a request is refused (QueueFull) when the rows waiting for a free engine row would pass
 `max_queue`; it never waits unboundedly. `stop(drain_s)` refuses new requests, lets the running ones
@@ -106,6 +107,7 @@ class EngineLoop:
         self._rows: dict[int, tuple[Request, Row]] = {}  # engine thread only
         self._active: list[Request] = []  # engine thread only
         self._last: dict[int, float] = {}  # row id -> time of its last token (inter-token latency)
+        self._gauged: tuple[int, int, int] | None = None  # the gauges last set
         self._thread = threading.Thread(target=self._run, name="mixtrt-engine-loop", daemon=True)
 
     def start(self) -> None:
@@ -170,8 +172,9 @@ class EngineLoop:
                 self._gauges()
                 return
             if self.engine.busy:
-                self._step()
-            self._gauges()
+                self._step()  # its parts update the gauges
+            else:
+                self._gauges()
 
     def _add(self, req: Request) -> None:
         if req.ended:  # cancelled before it was added
@@ -246,10 +249,10 @@ class EngineLoop:
                 if req.finished == req.choices:
                     req.ended = True
                     self._active.remove(req)
+        if self.metrics is not None and events:
+            self.metrics.generation_tokens.inc(sum(len(items) for _, items in batches.values()))
         self._gauges()  # before the events go out: what a client sees next, the metrics already show
-        for req, items in batches.values():
-            _post(req.loop, req.deliver, items)
-        self._handoff({id(req.loop): req.loop for req, _ in batches.values()}.values())
+        self._handoff(batches.values())
         if error is not None:  # rows the engine cancelled for non-finite logits: their requests fail
             for req in list(self._active):
                 if any(row.message == "cancelled" and row.reason is not None for row in req.rows):
@@ -258,22 +261,26 @@ class EngineLoop:
                         self.metrics.aborted("error")
         return True
 
-    def _handoff(self, loops: Iterable[asyncio.AbstractEventLoop]) -> None:
-        """Wait (at most HANDOFF_S) until each event loop has run the tasks this step's events woke: the
-        chunks are on the sockets before the next step's threads take the cores (on a few cores they would
-        otherwise wait up to a step for one)."""
-        deadline = time.perf_counter() + HANDOFF_S
-        for loop in loops:
+    def _handoff(self, batches: Iterable[tuple[Request, list[EngineEvent]]]) -> None:
+        """Hand each request its events, one call into each event loop, and wait (at most HANDOFF_S) until
+        each loop has run the tasks they woke: the chunks are on the sockets before the next step's threads
+        take the cores (on a few cores they would otherwise wait up to a step for one)."""
+        loops: dict[int, tuple[asyncio.AbstractEventLoop, list[tuple[Request, list[EngineEvent]]]]] = {}
+        for req, items in batches:
+            loops.setdefault(id(req.loop), (req.loop, []))[1].append((req, items))
+        waits = []
+        for loop, deliveries in loops.values():
             done = threading.Event()
-            # two hops: the deliveries wake the request tasks, which run before a callback queued after them
-            if _post(loop, loop.call_soon, loop.call_soon, done.set):
-                done.wait(max(deadline - time.perf_counter(), 0.0))
+            if _post(loop, _deliver, loop, deliveries, done):
+                waits.append(done)
+        deadline = time.perf_counter() + HANDOFF_S
+        for done in waits:
+            done.wait(max(deadline - time.perf_counter(), 0.0))
 
     def _observe(self, row: Row, event: EngineEvent) -> None:
         m = self.metrics
         if m is None:
             return
-        m.generation_tokens.inc()
         if len(row.tokens) == 1 or row.id not in self._last:
             m.prompt_tokens.inc(len(row.prompt))
             m.ttft.observe(row.t_first - row.t0)
@@ -295,9 +302,21 @@ class EngineLoop:
         if m is not None:  # a request counts as running from its first prefill chunk
             rows = {row.id for row in running} | ({prefilling.id} if prefilling is not None else set())
             busy = sum(any(r.id in rows for r in req.rows) for req in self._active)
-            m.requests_running.set(busy)
-            m.requests_waiting.set(len(self._active) - busy + len(self._adds))
-            m.rows_running.set(len(running))
+            gauges = (busy, len(self._active) - busy + len(self._adds), len(running))
+            if gauges != self._gauged:  # a decode step usually changes none of them
+                self._gauged = gauges
+                m.requests_running.set(gauges[0])
+                m.requests_waiting.set(gauges[1])
+                m.rows_running.set(gauges[2])
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, deliveries: list[tuple[Request, list[Any]]],
+             done: threading.Event) -> None:
+    """On `loop`: give each request its items, then set `done` once the tasks they woke have run (a
+    callback queued now runs after them)."""
+    for req, items in deliveries:
+        req.deliver(items)
+    loop.call_soon(done.set)
 
 
 def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:
