@@ -12,9 +12,12 @@ own `llama-perplexity --kl-divergence` for llama.cpp and `mixtrt perplexity --re
 same text and context (the bench models: 8 chunks of 384 tokens of heldout.txt; the built-in model: its held-out
 text in chunks of 64, where llama.cpp's missing sliding window does not bite). llama-perplexity scores the
 second half of each chunk and starts each with BOS; mixtrt scores all but a chunk's first token.
+"mixtrt int4 lm4" is mixtrt int4 with the lm_head in INT4 as well (`--int8 embed_tokens`), the form onnxruntime-genai's
+builder writes (its int4 lm_head is MatMulNBits bits 4, block 32, accuracy level 4; its embedding stays fp32): the
+like-for-like row against genai (benchmarks/profile_int4.py compares the steps op by op).
 Needs the peers (benchmarks/setup_peers.sh, MIXTRT_PEERS_DIR).
 
-    .venv/bin/python benchmarks/bench_int4.py [--models mixtral mistral] [--threads 2]
+    .venv/bin/python benchmarks/bench_int4.py [--models mixtral mistral] [--threads 2] [--engines ...]
 """
 
 from __future__ import annotations
@@ -108,6 +111,11 @@ def mixtrt_kl(test: Path, ref: Path, text: Path, ctx: int, chunks: int | None, t
             f"perplexity {out['perplexity']:.3f}")
 
 
+ENGINES = ["mixtrt fp32", "mixtrt int4", "mixtrt int4 lm4", "llama q4_0", "llama q4_K_M", "genai int4"]
+# the int4 artifacts: name -> the tables kept at 8 bits (Int4Options.int8)
+INT4_FORMS = {"int4": ("embed_tokens", "lm_head"), "int4 lm4": ("embed_tokens",)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["mixtral", "mistral"], choices=sorted(SHAPES))
@@ -116,10 +124,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--work", type=Path, default=Path("/tmp/mixtrt-bench"))
     ap.add_argument("--no-builtin", action="store_true", help="skip the built-in model's KL comparison")
+    ap.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES, help="the engines to time")
+    ap.add_argument("--no-quality", dest="quality", action="store_false", help="timings only (no KL, no agreement)")
     ns = ap.parse_args()
     from peers import genai_generate, genai_model_from_checkpoint, gguf_from_checkpoint
 
     from mixtrt.export.onnx_export import export_onnx, is_current
+    from mixtrt.export.quantize import Int4Options
     from mixtrt.runtime.manifest import Manifest
 
     bw = bandwidth_gb_s(ns.threads)
@@ -128,27 +139,32 @@ def main() -> None:
           f"{bw:.1f} GB/s; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     for name in ns.models:
         ckpt = make_benchmark_checkpoint(name, ns.work)
-        arts = {}
-        for prec in ("fp32", "int4"):
-            arts[prec] = ns.work / f"{name}-{prec}"
-            if not is_current(arts[prec], ckpt) or Manifest.read(arts[prec]).precision != prec:
-                export_onnx(ckpt, arts[prec], precision=prec, overwrite=True, progress=None)
-        ggufs = {q: gguf_from_checkpoint(ckpt, ns.work / "gguf", q) for q in ("f32", "q4_0", "q4_K_M")}
+        arts = {"fp32": ns.work / f"{name}-fp32"}
+        if not is_current(arts["fp32"], ckpt) or Manifest.read(arts["fp32"]).precision != "fp32":
+            export_onnx(ckpt, arts["fp32"], overwrite=True, progress=None)
+        for form, int8 in INT4_FORMS.items():
+            arts[form] = ns.work / f"{name}-{form.replace(' ', '-')}"
+            q = Manifest.read(arts[form]).quantization if is_current(arts[form], ckpt) else None
+            if q is None or sorted(q.int8) != sorted(int8):
+                export_onnx(ckpt, arts[form], precision="int4", int4=Int4Options(int8=int8), overwrite=True,
+                            progress=None)
+        llama = ns.quality or any(e.startswith("llama") for e in ns.engines)
+        ggufs = {q: gguf_from_checkpoint(ckpt, ns.work / "gguf", q) for q in ("f32", "q4_0", "q4_K_M")} if llama else {}
         genai = None
-        if SHAPES[name]["family"] == "mistral":
+        if SHAPES[name]["family"] == "mistral" and "genai int4" in ns.engines:
             genai, why = genai_model_from_checkpoint(ckpt, ns.work / f"{name}-genai-int4", "int4")
             if genai is None:
                 print(why)
         prompt = prompts(1, ns.prompt_len)
         kw = dict(threads=ns.threads, prompt_len=ns.prompt_len, new_tokens=ns.new_tokens, batch=1)
         fp32_bpt = bytes_per_token(SHAPES[name])
-        int4_bpt = Manifest.read(arts["int4"]).summary["bytes_per_token"]
+        int4_bpt = {f: Manifest.read(arts[f]).summary["bytes_per_token"] for f in INT4_FORMS}
         rows = []
         for rep in range(2):  # interleaved, best of two
-            for eng in ("mixtrt fp32", "mixtrt int4", "llama q4_0", "llama q4_K_M", "genai int4"):
+            for eng in ns.engines:
                 t = time.perf_counter()
                 if eng.startswith("mixtrt"):
-                    r = run_child("mixtrt", artifact=arts[eng.split()[1]], **kw)
+                    r = run_child("mixtrt", artifact=arts[eng.removeprefix("mixtrt ")], **kw)
                 elif eng.startswith("llama"):
                     r = llama_server_generate(ggufs[eng.split()[1]], prompt[0], ns.new_tokens, ns.threads)
                 elif genai is not None:
@@ -157,17 +173,20 @@ def main() -> None:
                     continue
                 r["engine"], r["rep"], r["wall"] = eng, rep, time.perf_counter() - t
                 rows.append(r)
-        print(f"\n{name}: fp32 weights {fp32_bpt / 2**20:.1f} MiB/token, int4 {int4_bpt / 2**20:.1f} MiB/token")
-        print(f"{'engine':<14}{'prefill tok/s':>14}{'decode tok/s':>13}{'peak RSS MiB':>13}{'artifact MiB':>13}"
+        print(f"\n{name}: fp32 weights {fp32_bpt / 2**20:.1f} MiB/token, int4 {int4_bpt['int4'] / 2**20:.1f} "
+              f"MiB/token, int4 lm4 {int4_bpt['int4 lm4'] / 2**20:.1f} MiB/token")
+        print(f"{'engine':<17}{'prefill tok/s':>14}{'decode tok/s':>13}{'peak RSS MiB':>13}{'artifact MiB':>13}"
               f"{'of bw limit':>12}")
         for eng in dict.fromkeys(r["engine"] for r in rows):
             best = max((r for r in rows if r["engine"] == eng), key=lambda r: r["decode_tok_s"])
-            art = {"mixtrt fp32": arts["fp32"], "mixtrt int4": arts["int4"], "genai int4": genai}.get(eng) \
-                or ggufs[eng.split()[1]]
-            bpt = fp32_bpt if eng == "mixtrt fp32" else int4_bpt if eng == "mixtrt int4" else None
+            art = arts[eng.removeprefix("mixtrt ")] if eng.startswith("mixtrt") else genai if eng == "genai int4" \
+                else ggufs[eng.split()[1]]
+            bpt = fp32_bpt if eng == "mixtrt fp32" else int4_bpt.get(eng.removeprefix("mixtrt "))
             frac = f"{best['decode_tok_s'] * bpt / (bw * 1e9):>11.0%}" if bpt else f"{'':>11}"
-            print(f"{eng:<14}{best['prefill_tok_s']:>14.1f}{best['decode_tok_s']:>13.1f}{best['peak_rss_mib']:>13.0f}"
+            print(f"{eng:<17}{best['prefill_tok_s']:>14.1f}{best['decode_tok_s']:>13.1f}{best['peak_rss_mib']:>13.0f}"
                   f"{size(Path(art)) / 2**20:>13.1f}{frac}")
+        if not ns.quality:
+            continue
         # quality: teacher-forced over prompt + 255 tokens of the fp32 greedy continuation
         from mixtrt.runtime.generation import GenerationConfig, Generator
 
@@ -175,28 +194,32 @@ def main() -> None:
         cont = gen.generate(prompt, GenerationConfig(max_new_tokens=ns.new_tokens, eos_token_id=()))[0].token_ids
         ids = prompt[0] + list(cont[:-1])
         ref = mixtrt_logits(arts["fp32"], ids, ns.threads)
-        print("mixtrt int4 vs mixtrt fp32:  " + quality(mixtrt_logits(arts["int4"], ids, ns.threads), ref))
+        for form in INT4_FORMS:
+            print(f"mixtrt {form} vs mixtrt fp32:" + " " * (10 - len(form)) +
+                  quality(mixtrt_logits(arts[form], ids, ns.threads), ref))
         text = HERE.parent / "models" / "tiny-mixtral" / "heldout.txt"
         print("KL, 8 chunks of 384 tokens of heldout.txt:")
-        print("  mixtrt int4 vs fp32:    " + mixtrt_kl(arts["int4"], arts["fp32"], text, 384, 8, ns.threads))
+        for form in INT4_FORMS:
+            print(f"  mixtrt {form} vs fp32:" + " " * (10 - len(form)) +
+                  mixtrt_kl(arts[form], arts["fp32"], text, 384, 8, ns.threads))
         for q in ("q4_0", "q4_K_M"):
             print(f"  llama {q} vs f32:" + " " * (9 - len(q)) + llama_kl(ggufs["f32"], ggufs[q], text, 384, 8,
                                                                          ns.threads, ns.work))
-    if not ns.no_builtin:
+    if ns.quality and not ns.no_builtin:
         model = HERE.parent / "models" / "tiny-mixtral"
         text = model / "heldout.txt"
         print("\nbuilt-in model, held-out text in chunks of 64 (all 225):")
-        for method in ("rtn", "awq"):
-            from mixtrt.export.quantize import Int4Options
-
-            art = ns.work / f"builtin-int4-{method}"
-            if not is_current(art, model) or Manifest.read(art).quantization.method != method:
-                export_onnx(model, art, precision="int4", int4=Int4Options(method=method), overwrite=True,
-                            progress=None)
-            fp32 = ns.work / "builtin-fp32"
-            if not is_current(fp32, model) or Manifest.read(fp32).precision != "fp32":
-                export_onnx(model, fp32, overwrite=True, progress=None)
-            print(f"  mixtrt int4 {method} vs fp32: " + mixtrt_kl(art, fp32, text, 64, None, ns.threads))
+        fp32 = ns.work / "builtin-fp32"
+        if not is_current(fp32, model) or Manifest.read(fp32).precision != "fp32":
+            export_onnx(model, fp32, overwrite=True, progress=None)
+        for method, form in (("rtn", "int4"), ("awq", "int4"), ("rtn", "int4 lm4")):
+            art = ns.work / f"builtin-{form.replace(' ', '-')}-{method}"
+            q = Manifest.read(art).quantization if is_current(art, model) else None
+            if q is None or q.method != method or sorted(q.int8) != sorted(INT4_FORMS[form]):
+                export_onnx(model, art, precision="int4", int4=Int4Options(method=method, int8=INT4_FORMS[form]),
+                            overwrite=True, progress=None)
+            print(f"  mixtrt {form} {method} vs fp32:" + " " * (9 - len(form)) +
+                  mixtrt_kl(art, fp32, text, 64, None, ns.threads))
         ggufs = {q: gguf_from_checkpoint(model, ns.work / "gguf", q) for q in ("f32", "q4_0", "q4_K_M")}
         for q in ("q4_0", "q4_K_M"):
             print(f"  llama {q} vs f32:" + " " * (10 - len(q)) + llama_kl(ggufs["f32"], ggufs[q], text, 64, -1,
