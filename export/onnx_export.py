@@ -36,14 +36,15 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mixtrt import __version__
 from mixtrt.export.model import HEADS, CausalLM, SequenceClassifier, Transformer, finish_loaded
 from mixtrt.export.progress import Progress
-from mixtrt.export.quantize import Int4Options, quantize_artifact
-from mixtrt.export.weights_writer import GraphWeight, Transform, our_name, prepare_graph, write_weights
+from mixtrt.export.quantize import Int4Options, Int4Plan, bytes_per_token, graph_facts, rtn, rtn_max7
+from mixtrt.export.weights_writer import GraphWeight, Stored, Transform, our_name, prepare_graph, write_weights
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backends import EXPORT_BACKENDS, window_slack
 from mixtrt.runtime.cache import CachePlan
@@ -199,35 +200,45 @@ def export_onnx(
                              [t.name for t in inputs], [t.name for t in outputs])
             weights = _prepare(program.model, model, args)
             say(f"  traced in {time.perf_counter() - t1:.1f} s")
+            hook, int4_plan = transform, None
+            if int4 is not None:  # quantized tensor by tensor as the writer streams (export/quantize.py)
+                say(f"quantizing to int4 ({int4.method}, block {int4.block_size}) while writing")
+                # awq has moved activation scales into the float weights already (the hook before this one)
+                int4_plan = Int4Plan.of_graph(program.model, weights, int4, rtn if int4.method == "rtn" else rtn_max7,
+                                              _node_label)
+                hook = _chain(transform, int4_plan.transform)
             total = sum(math.prod(w.value.shape) * w.value.dtype.itemsize for w in weights)
             t2 = time.perf_counter()
             with say.bytes(total, f"writing {DATA_FILE}") as tick:
                 index, sha, size = write_weights(program.model, weights, ckpt.tensor, ckpt.sources, dtype, tmp,
-                                                 on_bytes=tick, transform=transform)
+                                                 on_bytes=tick, transform=hook)
             seconds = time.perf_counter() - t2
             say(f"  {size / 2**20:.0f} MiB in {seconds:.1f} s ({size / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
             say(f"writing {MODEL_FILE}")
             _save(program.model, tmp)
-            opsets, summary = _finish_graph(tmp / MODEL_FILE,
-                                            Manifest.graph_metadata(args, precision, max_context, plan))
-            summary["attention_body"] = attention
+            rewrite = None
             quantization = None
-            if int4 is not None:  # rewrites model.onnx + its data: no weight index (the GPU backends' input)
-                moe = args.moe
-                quantization, facts, opsets = quantize_artifact(
-                    tmp, moe.num_experts_per_tok if moe else None, moe.num_experts if moe else None, int4, say,
-                    calibration)
-                summary.update(facts)
-                names = [MODEL_FILE, DATA_FILE]
-            else:
-                index.save(tmp)
-                names = [MODEL_FILE, WEIGHTS_FILE]
+            if int4_plan is not None:
+                plan_ = int4_plan
+
+                def rewrite(m) -> dict:
+                    plan_.rewrite(m, index)
+                    moe = args.moe
+                    return {**graph_facts(m), "bytes_per_token": bytes_per_token(
+                        m, moe.num_experts_per_tok if moe else None, moe.num_experts if moe else None)}
+
+                quantization = int4_plan.record(calibration, MODEL_FILE)
+                say(int4_plan.summary())
+            opsets, summary = _finish_graph(tmp / MODEL_FILE,
+                                            Manifest.graph_metadata(args, precision, max_context, plan), rewrite)
+            summary["attention_body"] = attention
+            index.save(tmp)
+            names = [MODEL_FILE, WEIGHTS_FILE]
             for name, source in chat.files.items():
                 shutil.copyfile(source, tmp / name)
                 names.append(name)
             files = file_entries(tmp, names)  # small files; the data file was hashed as it was written
-            if quantization is None:
-                files[DATA_FILE] = {"sha256": sha, "bytes": size}
+            files[DATA_FILE] = {"sha256": sha, "bytes": size}
             manifest = Manifest(
                 args=args,
                 precision=precision,
@@ -243,9 +254,9 @@ def export_onnx(
                 versions=_versions(),
                 source=str(checkpoint_dir.resolve()),
                 chat=chat,
-                features=(() if lm else (HEADS_FEATURE,))
-                + ((INT4_FEATURE,) if quantization else (WEIGHT_INDEX_FEATURE,)),
-                weight_index=None if quantization else WEIGHTS_FILE,
+                features=(() if lm else (HEADS_FEATURE,)) + ((INT4_FEATURE,) if quantization else ())
+                + (WEIGHT_INDEX_FEATURE,),
+                weight_index=WEIGHTS_FILE,
                 quantization=quantization,
             )
             manifest.save(tmp)
@@ -355,10 +366,11 @@ def _trace(model: torch.nn.Module, args: ModelArgs, capacity: int, table: dict,
         )
 
 
-def _finish_graph(path: Path, metadata: dict[str, str]) -> tuple[dict[str, int], dict]:
-    """Attach the custom ops' function bodies, name the nodes, record `metadata` (Manifest.graph_metadata) in
-    the graph, check; return the opsets and the graph summary (op counts, parameters and their bytes) that
-    `mixtrt inspect` shows without needing onnx.
+def _finish_graph(path: Path, metadata: dict[str, str], rewrite: Callable[[Any], dict] | None = None
+                  ) -> tuple[dict[str, int], dict]:
+    """Attach the custom ops' function bodies, name the nodes, rewrite (the int4 form: `rewrite(model)` returns
+    the summary's facts), record `metadata` (Manifest.graph_metadata) in the graph, check; return the opsets and
+    the graph summary (op counts, parameters and their bytes) that `mixtrt inspect` shows without needing onnx.
 
     Works on the graph without loading external data, so it costs the same for a 7B model as for a tiny one.
     """
@@ -371,9 +383,13 @@ def _finish_graph(path: Path, metadata: dict[str, str]) -> tuple[dict[str, int],
     attach_functions(model)
     _divide_by_sqrt(model.graph)
     _name_nodes(model.graph)
+    facts = rewrite(model) if rewrite is not None else None
     onnx.helper.set_model_props(model, metadata)
     onnx.save(model, str(path))
     onnx.checker.check_model(str(path))
+    opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
+    if facts is not None:
+        return opsets, facts
     graph = model.graph
     ops = Counter(f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in graph.node)
     itemsize = {t.data_type: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
@@ -383,7 +399,23 @@ def _finish_graph(path: Path, metadata: dict[str, str]) -> tuple[dict[str, int],
         "parameters": sum(int(np.prod(t.dims)) for t in graph.initializer),
         "parameter_bytes": sum(int(np.prod(t.dims)) * itemsize[t.data_type] for t in graph.initializer),
     }
-    return {o.domain or "ai.onnx": o.version for o in model.opset_import}, summary
+    return opsets, summary
+
+
+def _node_label(node) -> str:
+    """An onnx_ir node's module path as export/quantize.py labels tensors ("layers.0.attention.wq"), from the
+    same metadata `_name_nodes` names the node by."""
+    from mixtrt.export.quantize import label
+
+    return label(f"{_scope_path(node.metadata_props.get('pkg.torch.onnx.name_scopes', ''))}/{node.op_type}")
+
+
+def _chain(first: Transform | None, then: Transform) -> Transform:
+    """The hook that applies `first` (if any), then `then` to each tensor it returns."""
+    if first is None:
+        return then
+    return lambda name, array: [r for n, a in first(name, array)
+                                for r in ([(n, a)] if isinstance(a, Stored) else then(n, a))]
 
 
 def _divide_by_sqrt(graph) -> int:

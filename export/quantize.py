@@ -1,5 +1,5 @@
-"""INT4 weight-only quantization of an exported graph (precision "int4"): a pass over model.onnx after the fp32
-graph is written, tensor by tensor.
+"""INT4 weight-only quantization of an export (precision "int4"), tensor by tensor while the streaming writer writes
+the weights (`Int4Plan`: the float weights are never all in memory, nor written).
 
 What becomes INT4 (symmetric, one fp32 scale per block of the input dimension; packing: plugins/int4.py):
 
@@ -30,12 +30,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
+from mixtrt.export.weights_writer import Stored
 from mixtrt.plugins import DOMAIN
 from mixtrt.plugins.int4 import dequantize_linear_layout, matmulnbits_layout, pack_int4, pack_int8, signed_scales
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.quantization import ACCURACY_LEVELS, BLOCK_SIZES, METHODS, Quantization
+from mixtrt.runtime.weights import WeightIndex
 
 MIN_BLOCK = 16  # MatMulNBits / QMoE: a power of two >= 16
 QDQ_OPSET = 21  # DequantizeLinear with INT4 and block_size
@@ -132,177 +134,247 @@ def clipped(name: str, w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarra
     return pack_int4(w, block, scales.astype(np.float32))
 
 
-def quantize_graph(path: Path, options: Int4Options, quantizer: Quantizer = rtn,
-                   say: Callable[[str], None] = lambda _m: None) -> tuple[Quantization, dict]:
-    """Rewrite the fp32 graph at `path` (an exported causal LM, function bodies attached) into its int4 form in
-    place; return the manifest's record and the graph facts for the summary (ops, parameters, bytes, bytes per
-    decoded token). `quantizer(label, W [N, K], block)` -> (qweight, scales) quantizes one matrix."""
-    model = onnx.load(str(path))
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    users = Counter(i for n in graph.node for i in n.input)
-    patterns = options.keep_float
-    blocks: dict[str, int] = {}
-    floats: dict[str, str] = {}
-    new_inits: list[TensorProto] = []
-    drop: set[str] = set()
-    new_nodes: list[onnx.NodeProto] = []
-    producers = {o: n for n in graph.node for o in n.output}
-    moe_nodes = [n for n in graph.node if n.domain == DOMAIN and n.op_type == "MoE"]
+@dataclass(frozen=True)
+class _Item:
+    """What the writer stores in place of one float weight: a dense linear (MatMul's B, stored [K, N]), the
+    embedding table ([V, H]) or an expert matrix ([N, K]), quantized with `bits` in blocks of `block`."""
 
-    def matrix(name: str) -> np.ndarray | None:
-        t = inits.get(name)
-        if t is None or t.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16) or len(t.dims) != 2:
-            return None
-        return numpy_helper.to_array(t)
+    kind: str  # "linear" | "table" | "expert"
+    label: str
+    block: int
+    bits: int
 
-    def choose(lbl: str, k: int) -> int | None:
-        if kept(lbl, patterns):
-            floats[lbl] = "--keep-float"
+    @property
+    def tensor(self) -> str:
+        return f"{self.label}.int{self.bits}"
+
+    @property
+    def scales(self) -> str:
+        return f"{self.label}.scales"
+
+
+def _quant(fmt: str, item: _Item, axis: int, zero_point: int) -> dict:
+    return {"format": fmt, "bits": item.bits, "block_size": item.block, "axis": axis, "scales": item.scales,
+            "zero_point": zero_point}
+
+
+class Int4Plan:
+    """The int4 step of an export, in two halves around the streaming writer (export/weights_writer.py), so that
+    no more than one float weight is in memory at a time:
+
+    - `Int4Plan.of_graph` (before writing): from the traced graph's structure (which node reads each weight,
+      the weights' shapes) decide per weight what it becomes, its block, and the manifest's record.
+    - `transform` (the writer's per-weight hook): quantize the weight the writer streams and return the packed
+      tensor and its scales in its place (the float weight is never written).
+    - `rewrite` (on the graph proto, its external data not loaded): DequantizeLinear before each quantized
+      MatMul, GatherBlockQuantized for the table, the MoE nodes' int4 inputs and body; the new initializers
+      point at the tensors the writer wrote (the weight index); the opset raised to 21.
+    """
+
+    def __init__(self, options: Int4Options, quantizer: Quantizer) -> None:
+        self.options, self.quantizer = options, quantizer
+        self.items: dict[str, _Item] = {}  # graph value name -> what it becomes
+        self.blocks: dict[str, int] = {}
+        self.floats: dict[str, str] = {}
+        self.eight: list[str] = []
+        self.moe: tuple[int, int, int, int, int] | None = None  # E, hidden, inter, block fc1, block fc2
+
+    def _choose(self, lbl: str, k: int) -> int | None:
+        if kept(lbl, self.options.keep_float):
+            self.floats[lbl] = "--keep-float"
             return None
-        b = block_for(k, options.block_size)
+        b = block_for(k, self.options.block_size)
         if b is None:
-            floats[lbl] = f"input dimension {k} has no power-of-two block >= {MIN_BLOCK} dividing it"
-        elif b != options.block_size:
-            blocks[lbl] = b
+            self.floats[lbl] = f"input dimension {k} has no power-of-two block >= {MIN_BLOCK} dividing it"
+        elif b != self.options.block_size:
+            self.blocks[lbl] = b
         return b
 
-    eight: list[str] = []  # tensors stored as INT8 (options.int8)
-    transposed: set[str] = set()  # Transpose outputs of a weight that a MatMul reads (the tied lm_head)
-    for node in graph.node:
-        if node.op_type == "Transpose" and node.input[0] in inits and users[node.output[0]] == 1 \
-                and [list(a.ints) for a in node.attribute if a.name == "perm"] in ([[1, 0]], []):
-            transposed.add(node.output[0])
-
-    for node in graph.node:
-        if node.op_type == "MatMul" and (node.input[1] in inits or node.input[1] in transposed):
-            src = node.input[1]
-            tproduced = src in transposed
-            wname = producers[src].input[0] if tproduced else src
-            w = matrix(wname)
-            lbl = label(node.name)
-            if w is not None:
-                w = w if tproduced else w.T  # W [N, K] (nn.Linear [out, in])
-                b = choose(lbl, w.shape[1])
-                if b is not None and kept(lbl, options.int8):
-                    q8, s = pack_int8(w, b)
-                    base = f"{lbl}.int8"
-                    eight.append(lbl)
-                    new_inits += [numpy_helper.from_array(np.ascontiguousarray(q8.T), base),  # [K, N]
-                                  numpy_helper.from_array(np.ascontiguousarray(s.T), f"{lbl}.scales")]
-                elif b is not None:
-                    q, s = quantizer(lbl, w, b)
-                    raw, dims, st = dequantize_linear_layout(q, s)
-                    base = f"{lbl}.int4"
-                    new_inits += [helper.make_tensor(base, TensorProto.INT4, list(dims), raw, raw=True),
-                                  numpy_helper.from_array(st.astype(np.float32), f"{lbl}.scales")]
-                if b is not None:
-                    new_nodes.append(helper.make_node("DequantizeLinear", [base, f"{lbl}.scales"], [f"{lbl}.w"],
-                                                      name=f"{node.name}/DequantizeLinear", axis=0, block_size=b))
-                    node.input[1] = f"{lbl}.w"
-                    if tproduced:
-                        drop.add(producers[src].name)
-        elif node.op_type == "Gather" and node.input[0] in inits and label(node.name).endswith("embed_tokens"):
-            w = matrix(node.input[0])
-            lbl = label(node.name)
-            if w is not None:
-                b = choose(lbl, w.shape[1])
+    @classmethod
+    def of_graph(cls, ir_model, weights: Sequence, options: Int4Options, quantizer: Quantizer,
+                 node_label: Callable[[object], str]) -> Int4Plan:
+        """The plan for the traced graph `ir_model` (onnx_ir) whose weights the writer is about to write
+        (`weights`: weights_writer.GraphWeight); node_label(node) -> its module path ("layers.0.attention.wq")."""
+        plan = cls(options, quantizer)
+        shapes = {w.value.name: tuple(w.value.shape) for w in weights
+                  if w.value.dtype is not None and w.value.dtype.is_floating_point()}
+        users = Counter(i.name for n in ir_model.graph for i in n.inputs if i is not None)
+        moe_nodes = []
+        for node in ir_model.graph:
+            ins = [i.name if i is not None else "" for i in node.inputs]
+            if node.op_type == "MatMul" and len(ins) == 2 and len(shapes.get(ins[1], ())) == 2 \
+                    and users[ins[1]] == 1:
+                lbl = node_label(node)
+                k = shapes[ins[1]][0]  # stored [K, N]
+                b = plan._choose(lbl, k)
                 if b is not None:
                     bits = 8 if kept(lbl, options.int8) else 4
-                    if bits == 8:  # uint8 = int8 + 128 (GatherBlockQuantized's default zero point for 8 bits)
-                        q8, s = pack_int8(w, b)
-                        packed = q8.view(np.uint8) ^ 0x80
-                        eight.append(lbl)
-                    else:
-                        q, s = (clipped if options.method == "awq" else quantizer)(lbl, w, b)
-                        packed = matmulnbits_layout(q, b).reshape(q.shape)
-                    table = f"{lbl}.int{bits}"
-                    new_inits += [numpy_helper.from_array(packed, table),
-                                  numpy_helper.from_array(s.astype(np.float32), f"{lbl}.scales")]
-                    gq = helper.make_node("GatherBlockQuantized", [table, node.input[1], f"{lbl}.scales"],
-                                          list(node.output), name=node.name, domain="com.microsoft",
-                                          gather_axis=0, quantize_axis=1, block_size=b, bits=bits)
-                    node.CopyFrom(gq)
-        elif node.op_type == "Gemm" and any(i in inits for i in node.input[1:2]) and "gate" in node.name:
-            floats[label(node.name)] = ROUTER_REASON
-    expert_blocks = _quantize_experts(moe_nodes, inits, options, quantizer, floats, blocks, new_inits, model)
+                    if bits == 8:
+                        plan.eight.append(lbl)
+                    plan.items[ins[1]] = _Item("linear", lbl, b, bits)
+            elif node.op_type == "Gather" and ins and len(shapes.get(ins[0], ())) == 2 and users[ins[0]] == 1 \
+                    and node_label(node).endswith("embed_tokens"):
+                lbl = node_label(node)
+                b = plan._choose(lbl, shapes[ins[0]][1])
+                if b is not None:
+                    bits = 8 if kept(lbl, options.int8) else 4
+                    if bits == 8:
+                        plan.eight.append(lbl)
+                    plan.items[ins[0]] = _Item("table", lbl, b, bits)
+            elif node.op_type == "Gemm" and len(ins) > 1 and ins[1] in shapes and "gate" in node_label(node):
+                plan.floats[node_label(node)] = ROUTER_REASON
+            elif node.domain == DOMAIN and node.op_type == "MoE":
+                moe_nodes.append(ins)
+        if moe_nodes:
+            plan._plan_experts(moe_nodes, shapes)
+        return plan
 
-    kept_nodes = [n for n in graph.node if n.name not in drop]
-    del graph.node[:]
-    graph.node.extend(new_nodes + kept_nodes)  # the DequantizeLinear nodes read initializers only
-    _topological(graph)
-    used = {i for n in graph.node for i in n.input} | {i for f in model.functions for n in f.node for i in n.input}
-    keep_inits = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep_inits + new_inits)
-    for o in model.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            o.version = max(o.version, QDQ_OPSET)
-    for f in model.functions:
-        for o in f.opset_import:
-            if o.domain in ("", "ai.onnx"):
-                o.version = max(o.version, QDQ_OPSET)
-    onnx.save(model, str(path))
-    onnx.checker.check_model(str(path))
-    say(f"  int4: {sum(1 for t in new_inits if t.name.endswith('.int4'))} tensors, "
-        f"{len(floats)} kept float, blocks {sorted(set(blocks.values()) | {options.block_size})}"
-        + (f", experts block {expert_blocks}" if expert_blocks else ""))
-    record = Quantization(method=options.method, block_size=options.block_size,
-                          accuracy_level=options.accuracy_level, blocks=blocks, kept_float=floats,
-                          int8=sorted(eight),
-                          graphs={"onnxruntime": path.name, "triton": path.name})
-    return record, graph_facts(model)
-
-
-def _quantize_experts(moe_nodes, inits, options: Int4Options, quantizer: Quantizer, floats: dict[str, str],
-                      blocks: dict[str, int], new_inits: list, model) -> tuple[int, int] | None:
-    """The experts of every mixtrt::MoE node -> the op's int4 form: inputs hidden, router_logits, then per
-    expert e fc1_e packed, fc1_e scales ... , then fc2 likewise; the body's Gemms become MatMulNBits."""
-    from mixtrt.plugins.moe.int4_onnx import int4_function
-
-    if not moe_nodes:
-        return None
-    E = (len(moe_nodes[0].input) - 2) // 2
-    fc1 = [numpy_helper.to_array(inits[n]) for n in moe_nodes[0].input[2:2 + E]]
-    fc2 = [numpy_helper.to_array(inits[n]) for n in moe_nodes[0].input[2 + E:]]
-    hidden = fc1[0].shape[1]
-    inter = fc2[0].shape[1]
-    b1 = block_for(hidden, options.block_size)
-    b2 = block_for(inter, options.block_size)
-    if any(kept(label("", n), options.keep_float) for m in moe_nodes for n in m.input[2:]):
-        reason = "--keep-float (experts are quantized all or none)"
-    elif b1 is None or b2 is None:
-        reason = f"an expert input dimension ({hidden} or {inter}) has no power-of-two block >= {MIN_BLOCK} dividing it"
-    else:
-        reason = ""
-    if reason:
+    def _plan_experts(self, moe_nodes: list[list[str]], shapes: dict[str, tuple]) -> None:
+        options = self.options
+        E = (len(moe_nodes[0]) - 2) // 2
+        hidden = shapes[moe_nodes[0][2]][1]
+        inter = shapes[moe_nodes[0][2 + E]][1]
+        b1 = block_for(hidden, options.block_size)
+        b2 = block_for(inter, options.block_size)
+        if any(kept(label("", n), options.keep_float) for m in moe_nodes for n in m[2:]):
+            reason = "--keep-float (experts are quantized all or none)"
+        elif b1 is None or b2 is None:
+            reason = f"an expert input dimension ({hidden} or {inter}) has no power-of-two block >= {MIN_BLOCK} " \
+                     "dividing it"
+        else:
+            reason = ""
         for m in moe_nodes:
-            for n in m.input[2:]:
-                floats[label("", n)] = reason
-        return None
-    assert b1 is not None and b2 is not None
-    for m in moe_nodes:
-        names = list(m.input)
-        new_inputs = names[:2]
-        for fc, b in (("fc1", b1), ("fc2", b2)):
-            part = names[2:2 + E] if fc == "fc1" else names[2 + E:]
-            for n in part:
+            for i, n in enumerate(m[2:]):
                 lbl = label("", n)
-                w = numpy_helper.to_array(inits[n])
-                q, s = quantizer(lbl, w, b)
-                new_inits += [numpy_helper.from_array(matmulnbits_layout(q, b), f"{lbl}.int4"),
-                              numpy_helper.from_array(s.astype(np.float32), f"{lbl}.scales")]
-                new_inputs += [f"{lbl}.int4", f"{lbl}.scales"]
+                if reason:
+                    self.floats[lbl] = reason
+                    continue
+                b = b1 if i < E else b2
+                assert b is not None
+                self.items[n] = _Item("expert", lbl, b, 4)
                 if b != options.block_size:
-                    blocks[lbl] = b
-        del m.input[:]
-        m.input.extend(new_inputs)
-    funcs = [f for f in model.functions if not (f.domain == DOMAIN and f.name == "MoE")]
-    old = next(f for f in model.functions if f.domain == DOMAIN and f.name == "MoE")
-    del model.functions[:]
-    model.functions.extend(funcs + [int4_function(old, E, hidden=hidden, inter=inter, block_fc1=b1, block_fc2=b2,
-                                                  accuracy_level=options.accuracy_level)])
-    return b1, b2
+                    self.blocks[lbl] = b
+        if not reason:
+            assert b1 is not None and b2 is not None
+            self.moe = (E, hidden, inter, b1, b2)
+
+    def transform(self, name: str, array: np.ndarray) -> list[tuple[str, np.ndarray | Stored]]:
+        """The writer's hook: weight `name` (float, stored layout) -> the tensors to write in its place."""
+        item = self.items.get(name)
+        if item is None:
+            return [(name, array)]
+        b, lbl = item.block, item.label
+        if item.kind == "linear":
+            w = array.T  # W [N, K] (nn.Linear [out, in]) from MatMul's B [K, N]
+            K, N = array.shape
+            if item.bits == 8:
+                q8, s = pack_int8(w, b)
+                return [(item.tensor, Stored(np.ascontiguousarray(q8.T), "int8", (K, N),
+                                             _quant("dequantize_linear", item, 0, 0))),
+                        (item.scales, np.ascontiguousarray(s.T))]
+            q, s = self.quantizer(lbl, w, b)
+            raw, dims, st = dequantize_linear_layout(q, s)
+            return [(item.tensor, Stored(np.frombuffer(raw, np.uint8), "int4", tuple(dims),
+                                         _quant("dequantize_linear", item, 0, 0))),
+                    (item.scales, st.astype(np.float32))]
+        if item.kind == "table":
+            if item.bits == 8:  # uint8 = int8 + 128 (GatherBlockQuantized's default zero point for 8 bits)
+                q8, s = pack_int8(array, b)
+                packed = q8.view(np.uint8) ^ 0x80
+            else:
+                q, s = (clipped if self.options.method == "awq" else self.quantizer)(lbl, array, b)
+                packed = matmulnbits_layout(q, b).reshape(q.shape)
+            return [(item.tensor, Stored(packed, "uint8", packed.shape,
+                                         _quant("gather_block_quantized", item, 1, 1 << (item.bits - 1)))),
+                    (item.scales, s.astype(np.float32))]
+        q, s = self.quantizer(lbl, array, b)  # an expert [N, K]
+        packed = matmulnbits_layout(q, b)
+        return [(item.tensor, Stored(packed, "uint8", packed.shape, _quant("matmulnbits", item, 1, 8))),
+                (item.scales, s.astype(np.float32))]
+
+    def rewrite(self, model: onnx.ModelProto, index: WeightIndex) -> None:
+        """Rewrite the written graph `model` (proto, external data not loaded; nodes named) into its int4 form,
+        the quantized tensors pointing at `index`'s entries."""
+        graph = model.graph
+        new_inits: list[TensorProto] = []
+        new_nodes: list[onnx.NodeProto] = []
+
+        def add(item: _Item) -> None:
+            new_inits.extend(_external(index, n) for n in (item.tensor, item.scales))
+
+        for node in graph.node:
+            if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in self.items:
+                item = self.items[node.input[1]]
+                add(item)
+                new_nodes.append(helper.make_node("DequantizeLinear", [item.tensor, item.scales],
+                                                  [f"{item.label}.w"], name=f"{node.name}/DequantizeLinear",
+                                                  axis=0, block_size=item.block))
+                node.input[1] = f"{item.label}.w"
+            elif node.op_type == "Gather" and node.input and node.input[0] in self.items:
+                item = self.items[node.input[0]]
+                add(item)
+                gq = helper.make_node("GatherBlockQuantized", [item.tensor, node.input[1], item.scales],
+                                      list(node.output), name=node.name, domain="com.microsoft",
+                                      gather_axis=0, quantize_axis=1, block_size=item.block, bits=item.bits)
+                node.CopyFrom(gq)
+            elif node.domain == DOMAIN and node.op_type == "MoE" and self.moe is not None:
+                names = list(node.input)
+                inputs = names[:2]
+                for n in names[2:]:
+                    item = self.items[n]
+                    add(item)
+                    inputs += [item.tensor, item.scales]
+                del node.input[:]
+                node.input.extend(inputs)
+        if self.moe is not None:
+            from mixtrt.plugins.moe.int4_onnx import int4_function
+
+            E, hidden, inter, b1, b2 = self.moe
+            funcs = [f for f in model.functions if not (f.domain == DOMAIN and f.name == "MoE")]
+            old = next(f for f in model.functions if f.domain == DOMAIN and f.name == "MoE")
+            del model.functions[:]
+            model.functions.extend(funcs + [int4_function(old, E, hidden=hidden, inter=inter, block_fc1=b1,
+                                                          block_fc2=b2, accuracy_level=self.options.accuracy_level)])
+        kept_nodes = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(new_nodes + kept_nodes)  # the DequantizeLinear nodes read initializers only
+        _topological(graph)
+        graph.initializer.extend(new_inits)
+        for opsets in [model.opset_import] + [f.opset_import for f in model.functions]:
+            for o in opsets:
+                if o.domain in ("", "ai.onnx"):
+                    o.version = max(o.version, QDQ_OPSET)
+
+    def record(self, calibration: dict | None, graph_name: str) -> Quantization:
+        """The manifest's quantization record."""
+        return Quantization(method=self.options.method, block_size=self.options.block_size,
+                            accuracy_level=self.options.accuracy_level, blocks=dict(self.blocks),
+                            kept_float=dict(self.floats), int8=sorted(self.eight), calibration=calibration,
+                            graphs={"onnxruntime": graph_name, "triton": graph_name})
+
+    def summary(self) -> str:
+        n4 = sum(1 for i in self.items.values() if i.bits == 4)
+        blocks = sorted(set(self.blocks.values()) | {self.options.block_size})
+        return (f"  int4: {n4} tensors, {len(self.floats)} kept float, blocks {blocks}"
+                + (f", experts block {self.moe[3:]}" if self.moe else ""))
+
+
+_ONNX_TYPES = {"int4": TensorProto.INT4, "int8": TensorProto.INT8, "uint8": TensorProto.UINT8,
+               "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+
+
+def _external(index: WeightIndex, name: str) -> TensorProto:
+    """An initializer whose data is the index's entry `name` in the data file (ONNX external data)."""
+    e = index.tensors[name]
+    t = TensorProto()
+    t.name = name
+    t.data_type = _ONNX_TYPES[e.dtype]
+    t.dims.extend(e.shape)
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", e.file), ("offset", str(e.offset)), ("length", str(e.nbytes))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
 
 
 def _topological(graph: onnx.GraphProto) -> None:
@@ -362,28 +434,3 @@ def bytes_per_token(model: onnx.ModelProto, top_k: int | None, num_experts: int 
             size *= top_k / num_experts
         total += size
     return int(math.ceil(total))
-
-
-def quantize_artifact(directory: Path, top_k: int | None, num_experts: int | None, options: Int4Options,
-                      say: Callable[[str], None], calibration: dict | None = None
-                      ) -> tuple[Quantization, dict, dict[str, int]]:
-    """The int4 step of an export, on the artifact's temporary directory holding the fp32 model.onnx and its
-    model.onnx.data: quantize, rewrite both in place (the data file rewritten whole); return the record, the
-    summary facts and the opsets."""
-    from mixtrt.runtime.manifest import MODEL_FILE
-    from mixtrt.runtime.weights import DATA_FILE
-
-    options.check()
-    path = directory / MODEL_FILE
-    # awq has moved activation scales into the float weights already (export/awq.py)
-    quantizer: Quantizer = rtn if options.method == "rtn" else rtn_max7
-    say(f"quantizing to int4 ({options.method}, block {options.block_size})")
-    record, facts = quantize_graph(path, options, quantizer, say)
-    if calibration is not None:
-        record = Quantization(**{**record.__dict__, "calibration": calibration})
-    model = onnx.load(str(path))
-    facts["bytes_per_token"] = bytes_per_token(model, top_k, num_experts)
-    (directory / DATA_FILE).unlink(missing_ok=True)
-    onnx.save(model, str(path), save_as_external_data=True, location=DATA_FILE, size_threshold=1024)
-    opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
-    return record, facts, opsets

@@ -10,9 +10,11 @@ model.onnx.data, and the graph points at it. Peak memory is a few tensors, whate
                      folded into W.T)                 (name, array) ->   indexed (weights.json)
                                                       [(name, array)]
 
-The transform hook is where a later step (INT4 quantization) plugs in: it gets each weight as written
-(name, numpy array in the artifact's precision and stored layout) and returns the tensors to write in its
-place; a hook that renames or adds tensors rewires the graph itself. See docs/DESIGN.md, "Export".
+The transform hook is where a later step (INT4 quantization: export/quantize.py `Int4Plan`) plugs in: it gets
+each weight as written (name, numpy array in the artifact's precision and stored layout) and returns the
+tensors to write in its place (a `Stored` for bytes numpy has no dtype for: INT4); a hook that renames or adds
+tensors rewires the graph itself (a renamed weight is not registered as an initializer). Inside a stack of
+experts the first tensor a hook returns goes into the stack and the others after it. See docs/DESIGN.md, "Export".
 """
 
 from __future__ import annotations
@@ -34,7 +36,21 @@ from mixtrt.runtime.weights import DATA_FILE, WeightEntry, WeightIndex
 
 ALIGNMENT = 1 << 16  # each tensor's start: memory-mappable at any page size (Windows' allocation granularity)
 INLINE_BYTES = 1024  # graph constants (not weights) smaller than this stay inside model.onnx
-Transform = Callable[[str, np.ndarray], list[tuple[str, np.ndarray]]]
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A tensor a transform hook returns whose bytes are not a numpy dtype of their own (INT4: `data` is the
+    packed uint8 bytes; `dtype` "int4" and `shape` the logical shape), with how to read it (`quant`: see
+    runtime/weights.py)."""
+
+    data: np.ndarray
+    dtype: str
+    shape: tuple[int, ...]
+    quant: dict[str, Any] | None = None
+
+
+Transform = Callable[[str, np.ndarray], list[tuple[str, "np.ndarray | Stored"]]]
 
 
 class WeightsWriter:
@@ -53,6 +69,7 @@ class WeightsWriter:
         self.stacks: dict[str, WeightEntry] = {}
         self._f: BinaryIO = open(self.path, "xb")  # noqa: SIM115 - closed by close()
         self._stack: list[str] | None = None
+        self._deferred: list[tuple[str, np.ndarray | Stored, str | None, str]] | None = None
 
     def _put(self, data: bytes | memoryview, *, counted: bool = True) -> None:
         hashing = threading.Thread(target=self.sha.update, args=(data,))  # both release the GIL: in parallel
@@ -70,34 +87,66 @@ class WeightsWriter:
         if pad:
             self._put(bytes(pad), counted=False)
 
-    def add(self, name: str, array: np.ndarray, of: str | None = None, layout: str = "same") -> WeightEntry:
+    def add(self, name: str, array: np.ndarray | Stored, of: str | None = None, layout: str = "same"
+            ) -> WeightEntry:
         if name in self.tensors:
             raise ValueError(f"tensor {name!r} written twice")
         if self._stack is None or not self._stack:
             self._align()
-        a = np.ascontiguousarray(array)
-        entry = WeightEntry(name, str(a.dtype), tuple(a.shape), self.file, self.size, a.nbytes, of, layout)
+        if isinstance(array, Stored):
+            a = np.ascontiguousarray(array.data)
+            dtype, shape, quant = array.dtype, array.shape, array.quant
+        else:
+            a = np.ascontiguousarray(array)
+            dtype, shape, quant = str(a.dtype), tuple(a.shape), None
+        entry = WeightEntry(name, dtype, shape, self.file, self.size, a.nbytes, of, layout, quant=quant)
         self._put(a.reshape(-1).view(np.uint8).data)
         self.tensors[name] = entry
         if self._stack is not None:
             self._stack.append(name)
         return entry
 
+    def defer(self, name: str, array: np.ndarray | Stored, of: str | None = None, layout: str = "same") -> None:
+        """Inside `stack()`: add the tensor after the stack (a quantized expert's scales, so that the packed
+        experts stay back to back and the scales form a stack of their own); outside: add it now."""
+        if self._deferred is None:
+            self.add(name, array, of, layout)
+        else:
+            self._deferred.append((name, array, of, layout))
+
     @contextmanager
     def stack(self, name: str) -> Iterator[None]:
         """Tensors added in the block go back to back; when they share dtype and shape the index records
-        their stacked [n, ...] view as `name`."""
-        self._stack = []
+        their stacked [n, ...] view as `name`. Deferred ones (`defer`) follow, stacked as `name.<suffix>`
+        (the suffix of their names after the first member's: "scales")."""
+        self._stack, self._deferred = [], []
         try:
             yield
             members = [self.tensors[m] for m in self._stack]
+            deferred = self._deferred
         finally:
-            self._stack = None
-        if members and len({(m.dtype, m.shape) for m in members}) == 1:
+            self._stack, self._deferred = None, None
+        self._record_stack(name, members)
+        if deferred:
+            self._stack = []
+            try:
+                for args in deferred:
+                    self.add(*args)
+                later = [self.tensors[m] for m in self._stack]
+            finally:
+                self._stack = None
+            suffix = later[0].name.rsplit(".", 1)[-1]
+            self._record_stack(f"{name}.{suffix}", later)
+
+    def _record_stack(self, name: str, members: list[WeightEntry]) -> None:
+        if members and len({(m.dtype, m.shape, repr(m.quant and {**m.quant, "scales": ""})) for m in members}) == 1:
             first = members[0]
+            quant = None
+            if first.quant is not None:  # the stack's scales: the stack of its members' scales
+                quant = {**first.quant, "scales": f"{name}.{first.quant['scales'].rsplit('.', 1)[-1]}"}
             self.stacks[name] = WeightEntry(name, first.dtype, (len(members), *first.shape), self.file,
                                             first.offset, sum(m.nbytes for m in members),
-                                            members=tuple(m.name for m in members))
+                                            members=tuple(m.name for m in members), quant=quant)
 
     def close(self) -> tuple[str, int]:
         """(sha256, size) of the file."""
@@ -242,9 +291,14 @@ def _write_one(writer: WeightsWriter, graph: Any, w: GraphWeight, read: Callable
                               "range (they would become inf); export in a wider precision")
     del t
     outs = transform(w.value.name, array) if transform else [(w.value.name, array)]
-    for name, a in outs:
+    del array
+    for i, (name, a) in enumerate(outs):
         layout = "derived" if name != w.value.name else "transposed" if w.transposed else "same"
-        entry = writer.add(name, a, w.of, layout)
+        if i == 0:
+            entry = writer.add(name, a, w.of, layout)
+        else:  # a derived tensor after the first (a quantized expert's scales): after its stack
+            writer.defer(name, a, w.of, layout)
+            continue
         if name == w.value.name:
             w.value.const_value = _external(entry, w.value, writer.path.parent)
             graph.register_initializer(w.value)

@@ -42,9 +42,13 @@ from mixtrt.runtime.errors import ArtifactError
 WEIGHTS_FILE = "weights.json"
 DATA_FILE = "model.onnx.data"
 FORMAT = "mixtrt-weights"
-VERSION = 1
+VERSION = 1  # an index without quantized tensors
+QUANT_VERSION = 2  # one with them (int4 artifacts): entries may carry "quant"
 LAYOUTS = frozenset({"same", "transposed", "derived"})
-DTYPES = frozenset({"float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8"})
+DTYPES = frozenset({"float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "int4"})
+# how a quantized tensor's bytes are laid out (docs/DESIGN.md "weights.json of an int4 artifact"):
+QUANT_FORMATS = frozenset({"dequantize_linear", "matmulnbits", "gather_block_quantized"})
+QUANT_KEYS = frozenset({"format", "bits", "block_size", "axis", "scales", "zero_point"})
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class WeightEntry:
     of: str | None = None  # our parameter name; None for a graph constant
     layout: str = "same"
     members: tuple[str, ...] = ()  # a stack's tensors, in order
+    quant: dict[str, Any] | None = None  # a quantized tensor: how to read it (QUANT_KEYS)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name}
@@ -69,6 +74,8 @@ class WeightEntry:
             d.update({"of": self.of, "layout": self.layout})
         d.update({"dtype": self.dtype, "shape": list(self.shape), "file": self.file, "offset": self.offset,
                   "nbytes": self.nbytes})
+        if self.quant is not None:
+            d["quant"] = dict(self.quant)
         return d
 
 
@@ -76,8 +83,30 @@ def _itemsize(dtype: str) -> int:
     return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
 
 
-def _entry(d: Any, where: str, stack: bool) -> WeightEntry:
+def _nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
+    """Bytes of a tensor: int4 packs two elements a byte (the last one alone when the count is odd)."""
+    n = math.prod(shape)
+    return (n + 1) // 2 if dtype == "int4" else n * _itemsize(dtype)
+
+
+def _quant(q: Any, name: str, where: str) -> dict[str, Any]:
+    if not isinstance(q, dict) or set(q) != QUANT_KEYS:
+        raise ArtifactError(f"{where}: tensor {name!r} has quant {q!r}, not an object with the fields "
+                            f"{sorted(QUANT_KEYS)}")
+    if q["format"] not in QUANT_FORMATS or q["bits"] not in (4, 8) or not isinstance(q["scales"], str):
+        raise ArtifactError(f"{where}: tensor {name!r} has quant {q!r} (format one of {sorted(QUANT_FORMATS)}, "
+                            "bits 4 or 8, scales a tensor name)")
+    for key in ("block_size", "axis", "zero_point"):
+        v = q[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ArtifactError(f"{where}: tensor {name!r} has quant {key} {v!r}, not a non-negative integer")
+    return q
+
+
+def _entry(d: Any, where: str, stack: bool, quant_allowed: bool = False) -> WeightEntry:
     keys = {"name", "dtype", "shape", "file", "offset", "nbytes"} | ({"tensors"} if stack else {"of", "layout"})
+    if isinstance(d, dict) and "quant" in d and quant_allowed:
+        keys |= {"quant"}
     if not isinstance(d, dict) or set(d) != keys:
         raise ArtifactError(f"{where}: an entry must have exactly the fields {sorted(keys)}, got {d!r}")
     name, dtype, shape, file = d["name"], d["dtype"], d["shape"], d["file"]
@@ -94,21 +123,23 @@ def _entry(d: Any, where: str, stack: bool) -> WeightEntry:
         v = d[key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ArtifactError(f"{where}: tensor {name!r} has {key} {v!r}, not a non-negative integer")
-    if d["nbytes"] != math.prod(shape) * _itemsize(dtype):
+    if d["nbytes"] != _nbytes(dtype, shape):
         raise ArtifactError(f"{where}: tensor {name!r} has nbytes {d['nbytes']}, but {dtype} {shape} is "
-                            f"{math.prod(shape) * _itemsize(dtype)} bytes")
+                            f"{_nbytes(dtype, shape)} bytes")
+    quant = _quant(d["quant"], name, where) if "quant" in d else None
     if stack:
         members = d["tensors"]
         if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
             raise ArtifactError(f"{where}: stack {name!r} needs a non-empty list of tensor names")
-        return WeightEntry(name, dtype, tuple(shape), file, d["offset"], d["nbytes"], members=tuple(members))
+        return WeightEntry(name, dtype, tuple(shape), file, d["offset"], d["nbytes"], members=tuple(members),
+                           quant=quant)
     of, layout = d["of"], d["layout"]
     if of is not None and (not isinstance(of, str) or not of):
         raise ArtifactError(f"{where}: tensor {name!r} has of {of!r}, not a parameter name or null")
     if layout not in LAYOUTS or (layout == "transposed" and len(shape) != 2):
         raise ArtifactError(f"{where}: tensor {name!r} has layout {layout!r} (one of {sorted(LAYOUTS)}; "
                             "transposed for a matrix only)")
-    return WeightEntry(name, dtype, tuple(shape), file, d["offset"], d["nbytes"], of, layout)
+    return WeightEntry(name, dtype, tuple(shape), file, d["offset"], d["nbytes"], of, layout, quant=quant)
 
 
 @dataclass(frozen=True)
@@ -119,7 +150,8 @@ class WeightIndex:
     stacks: dict[str, WeightEntry]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, "alignment": self.alignment,
+        quantized = any(e.quant for e in (*self.tensors.values(), *self.stacks.values()))
+        return {"format": FORMAT, "version": QUANT_VERSION if quantized else VERSION, "alignment": self.alignment,
                 "tensors": [t.to_dict() for t in self.tensors.values()],
                 "stacks": [s.to_dict() for s in self.stacks.values()]}
 
@@ -130,9 +162,10 @@ class WeightIndex:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             got = d.get("format") if isinstance(d, dict) else type(d).__name__
             raise ArtifactError(f"{source}: not a mixtrt weight index (format={got!r})")
-        if d.get("version") != VERSION:
-            raise ArtifactError(f"{source}: weight index version {d.get('version')!r} is not {VERSION}; "
-                                "export the checkpoint again")
+        if d.get("version") not in (VERSION, QUANT_VERSION):
+            raise ArtifactError(f"{source}: weight index version {d.get('version')!r} is not {VERSION} or "
+                                f"{QUANT_VERSION}; export the checkpoint again")
+        quant = d.get("version") == QUANT_VERSION
         if set(d) != {"format", "version", "alignment", "tensors", "stacks"}:
             raise ArtifactError(f"{source}: fields {sorted(d)} are not those of a weight index")
         alignment = d["alignment"]
@@ -143,7 +176,7 @@ class WeightIndex:
                 raise ArtifactError(f"{source}: {key} must be a list")
         tensors: dict[str, WeightEntry] = {}
         for t in d["tensors"]:
-            e = _entry(t, source, stack=False)
+            e = _entry(t, source, stack=False, quant_allowed=quant)
             if e.name in tensors:
                 raise ArtifactError(f"{source}: tensor {e.name!r} is listed twice")
             tensors[e.name] = e
@@ -163,7 +196,7 @@ class WeightIndex:
                 raise ArtifactError(f"{source}: tensors {a.name!r} and {b.name!r} overlap in {a.file}")
         stacks: dict[str, WeightEntry] = {}
         for s in d["stacks"]:
-            e = _entry(s, source, stack=True)
+            e = _entry(s, source, stack=True, quant_allowed=quant)
             members = [tensors.get(m) for m in e.members]
             if any(m is None for m in members):
                 raise ArtifactError(f"{source}: stack {e.name!r} lists a tensor the index does not have")
@@ -175,6 +208,10 @@ class WeightIndex:
                                         f"({m.name!r} does not follow at byte {pos})")
                 pos += m.nbytes
             stacks[e.name] = e
+        for e in (*tensors.values(), *stacks.values()):
+            if e.quant is not None and e.quant["scales"] not in tensors and e.quant["scales"] not in stacks:
+                raise ArtifactError(f"{source}: tensor {e.name!r} names the scales {e.quant['scales']!r}, "
+                                    "which the index does not have")
         return cls(directory, alignment, tensors, stacks)
 
     @classmethod
@@ -194,10 +231,13 @@ class WeightIndex:
         return path
 
     def _map(self, e: WeightEntry) -> np.ndarray:
-        dtype = np.dtype("uint16") if e.dtype == "bfloat16" else np.dtype(e.dtype)  # bfloat16: raw bits
+        """The stored bytes as an array of e.shape; int4: the packed bytes, uint8 [nbytes] (quant says how)."""
+        dtype = np.dtype("uint16") if e.dtype == "bfloat16" else np.dtype("uint8") if e.dtype == "int4" \
+            else np.dtype(e.dtype)  # bfloat16: raw bits
+        shape = (e.nbytes,) if e.dtype == "int4" else e.shape
         if e.nbytes == 0:
-            return np.zeros(e.shape, dtype)
-        return np.memmap(self.directory / e.file, dtype=dtype, mode="r", offset=e.offset, shape=e.shape)
+            return np.zeros(shape, dtype)
+        return np.memmap(self.directory / e.file, dtype=dtype, mode="r", offset=e.offset, shape=shape)
 
     def array(self, name: str) -> np.ndarray:
         """The stored tensor `name` (a graph initializer), memory-mapped read-only."""
@@ -214,6 +254,16 @@ class WeightIndex:
             raise KeyError(f"{name!r} is not a parameter of {self.directory / WEIGHTS_FILE}")
         a = self._map(found[0])
         return a.T if found[0].layout == "transposed" else a
+
+    def quantized(self, name: str) -> tuple[WeightEntry, np.ndarray, np.ndarray]:
+        """Our parameter `name` as quantized in an int4 artifact: (its entry, whose `quant` says the format,
+        the stored bytes, the scales), both memory-mapped; KeyError when it is not stored quantized."""
+        found = [e for e in self.tensors.values() if e.of == name and e.quant is not None]
+        if not found:
+            raise KeyError(f"{name!r} is not a quantized tensor of {self.directory / WEIGHTS_FILE}")
+        e = found[0]
+        assert e.quant is not None
+        return e, self._map(e), self.array(e.quant["scales"])
 
     def stack(self, name: str) -> np.ndarray:
         """A stack ("model.layers.0.feed_forward.fc1"): [E, ...], one memory-mapped region."""
