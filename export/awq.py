@@ -82,98 +82,152 @@ def _search(x: torch.Tensor, weights: list[torch.Tensor], block: int) -> torch.T
     return best_s
 
 
-def apply_awq(model: torch.nn.Module, seqs: list[list[int]], options: Int4Options,
-              say: Callable[[str], None]) -> None:
-    """Scale `model`'s weights in place (the CausalLM the exporter traces next), layer by layer."""
-    from mixtrt.export.model import Block, CausalLM, MoeFeedForward
+class _Scaling:
+    """The scalings chosen for each parameter, in the order they were applied: (op, first row, s) with op "mul"
+    (W * s along the last axis) or "div" (W / s along the last axis; from row `first` on, W[first:] / s[:, None]
+    along the rows when first >= 0). Applied to the module being calibrated now and replayed later on the
+    weight the writer streams, with the same torch operations: the written weight is bit for bit the one
+    calibrated."""
 
-    assert isinstance(model, CausalLM)
-    args, tf = model.args, model.model
-    H, I = args.hidden_size, args.intermediate_size  # noqa: E741
+    def __init__(self) -> None:
+        self.ops: dict[str, list[tuple[str, int, torch.Tensor]]] = {}
 
-    def blk(k: int) -> int | None:
-        return block_for(k, options.block_size)
+    def mul(self, name: str, p: torch.Tensor, s: torch.Tensor) -> None:
+        p.mul_(s)
+        self.ops.setdefault(name, []).append(("mul", -1, s))
 
-    ids = torch.tensor(seqs)  # [B, T]
-    B, T = ids.shape
-    lengths = torch.full((B,), T, dtype=torch.int32)
-    with torch.no_grad():
-        x = tf.embed_tokens(ids)
-        cos, sin = tf.rope_cos.to(x.dtype), tf.rope_sin.to(x.dtype)
-        past = tf.empty_past(B, T)
-        for i, layer in enumerate(tf.layers):
-            assert isinstance(layer, Block)
-            at, ff = layer.attention, layer.feed_forward
-            a_in = layer.attention_norm(x)
-            y, _, _, _ = layer(x, lengths, past[i][0], past[i][1], cos, sin)
-            h = x + at(a_in, lengths, past[i][0], past[i][1], cos, sin)[0]
-            f_in = layer.ffn_norm(h).reshape(-1, H)
-            if (b := blk(H)) is not None:
-                s = _search(a_in.reshape(-1, H), [at.wq.weight, at.wk.weight, at.wv.weight], b)
-                layer.attention_norm.weight.div_(s)
-                for lin in (at.wq, at.wk, at.wv):
-                    lin.weight.mul_(s)
-            if isinstance(ff, MoeFeedForward):
-                logits = ff.gate(f_in)
-                top = torch.topk(torch.softmax(logits, -1), ff.top_k, dim=-1).indices  # [n, A]
-                if (b2 := blk(I)) is not None:
-                    for e in range(len(ff.fc1)):
-                        rows = f_in[(top == e).any(-1)]
-                        if len(rows) == 0:
-                            continue
-                        g, u = (rows @ ff.fc1[e].T).split(I, dim=-1)
-                        s = _search(torch.nn.functional.silu(g) * u, [ff.fc2[e]], b2)
-                        ff.fc1[e][I:].div_(s[:, None])
-                        ff.fc2[e].mul_(s)
-                if (b := blk(H)) is not None:
-                    s = _search(f_in, list(ff.fc1), b)
-                    layer.ffn_norm.weight.div_(s)
-                    ff.gate.weight.mul_(s)
-                    for e in range(len(ff.fc1)):
-                        ff.fc1[e].mul_(s)
+    def div(self, name: str, p: torch.Tensor, s: torch.Tensor) -> None:
+        p.div_(s)
+        self.ops.setdefault(name, []).append(("div", -1, s))
+
+    def div_rows(self, name: str, p: torch.Tensor, first: int, s: torch.Tensor) -> None:
+        p[first:].div_(s[:, None])
+        self.ops.setdefault(name, []).append(("div", first, s))
+
+    def replay(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        for op, first, s in self.ops.get(name, ()):
+            if op == "mul":
+                w.mul_(s)
+            elif first >= 0:
+                w[first:].div_(s[:, None])
             else:
-                if (b2 := blk(I)) is not None:
-                    act = torch.nn.functional.silu(f_in @ ff.w1.weight.T) * (f_in @ ff.w3.weight.T)
-                    s = _search(act, [ff.w2.weight], b2)
-                    ff.w3.weight.div_(s[:, None])
-                    ff.w2.weight.mul_(s)
+                w.div_(s)
+        return w
+
+
+def _load(module: torch.nn.Module, prefix: str, read: Callable[[str], torch.Tensor]) -> torch.nn.Module:
+    """`module` (built on the meta device) with its parameters read from the checkpoint as `prefix` + name."""
+    module.load_state_dict({n: read(prefix + n) for n in module.state_dict()}, strict=True, assign=True)
+    return module
+
+
+def awq_scalings(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], options: Int4Options,
+                 say: Callable[[str], None]) -> _Scaling:
+    """Choose the scalings layer by layer: one layer's float weights in memory at a time (read from the
+    checkpoint tensor by tensor), the calibration activations carried from layer to layer."""
+    from mixtrt.export.checkpoint import open_checkpoint
+    from mixtrt.export.model import Block, MoeFeedForward, RMSNorm
+    from mixtrt.plugins.swa.torch_op import rope_tables
+
+    scaling = _Scaling()
+    with open_checkpoint(checkpoint_dir) as ck:
+        args = ck.args
+        H, I = args.hidden_size, args.intermediate_size  # noqa: E741
+
+        def read(name: str) -> torch.Tensor:
+            return ck.tensor(name, torch.float32)
+
+        def blk(k: int) -> int | None:
+            return block_for(k, options.block_size)
+
+        ids = torch.tensor(seqs)  # [B, T]
+        B, T = ids.shape
+        lengths = torch.full((B,), T, dtype=torch.int32)
+        with torch.no_grad():
+            x = torch.nn.functional.embedding(ids, read("model.embed_tokens.weight"))
+            cos, sin = (t.to(x.dtype) for t in rope_tables(args.head_dim, args.rope_theta,
+                                                            args.max_position_embeddings))
+            for i in range(args.num_hidden_layers):
+                with torch.device("meta"):
+                    layer = Block(args, i, plan)
+                pre = f"model.layers.{i}."
+                _load(layer, pre, read)
+                at, ff = layer.attention, layer.feed_forward
+                window = args.window(i)  # the past of one full pass (Transformer.empty_past)
+                cap = min(window, T) if window is not None and at.windowed_cache != 0 else T
+                shape = (B, args.num_key_value_heads, max(cap, 1), args.head_dim)
+                past = (x.new_zeros(shape), x.new_zeros(shape))
+                a_in = layer.attention_norm(x)
+                y, _, _, _ = layer(x, lengths, past[0], past[1], cos, sin)
+                h = x + at(a_in, lengths, past[0], past[1], cos, sin)[0]
+                f_in = layer.ffn_norm(h).reshape(-1, H)
                 if (b := blk(H)) is not None:
-                    s = _search(f_in, [ff.w1.weight, ff.w3.weight], b)
-                    layer.ffn_norm.weight.div_(s)
-                    ff.w1.weight.mul_(s)
-                    ff.w3.weight.mul_(s)
-            x = y
-            say(f"  awq: layer {i} scaled")
-        tied = model.lm_head.weight is tf.embed_tokens.weight  # one table in the graph: it cannot take s alone
-        if (b := blk(H)) is not None and not tied and not kept("lm_head", options.keep_float):
-            final = tf.norm(x).reshape(-1, H)
-            s = _search(final, [model.lm_head.weight], b)
-            tf.norm.weight.div_(s)
-            model.lm_head.weight.mul_(s)
+                    s = _search(a_in.reshape(-1, H), [at.wq.weight, at.wk.weight, at.wv.weight], b)
+                    scaling.div(pre + "attention_norm.weight", layer.attention_norm.weight, s)
+                    for n in ("wq", "wk", "wv"):
+                        scaling.mul(f"{pre}attention.{n}.weight", getattr(at, n).weight, s)
+                ffp = pre + "feed_forward."
+                if isinstance(ff, MoeFeedForward):
+                    logits = ff.gate(f_in)
+                    top = torch.topk(torch.softmax(logits, -1), ff.top_k, dim=-1).indices  # [n, A]
+                    if (b2 := blk(I)) is not None:
+                        for e in range(len(ff.fc1)):
+                            rows = f_in[(top == e).any(-1)]
+                            if len(rows) == 0:
+                                continue
+                            g, u = (rows @ ff.fc1[e].T).split(I, dim=-1)
+                            s = _search(torch.nn.functional.silu(g) * u, [ff.fc2[e]], b2)
+                            scaling.div_rows(f"{ffp}fc1.{e}", ff.fc1[e], I, s)
+                            scaling.mul(f"{ffp}fc2.{e}", ff.fc2[e], s)
+                    if (b := blk(H)) is not None:
+                        s = _search(f_in, list(ff.fc1), b)
+                        scaling.div(pre + "ffn_norm.weight", layer.ffn_norm.weight, s)
+                        scaling.mul(ffp + "gate.weight", ff.gate.weight, s)
+                        for e in range(len(ff.fc1)):
+                            scaling.mul(f"{ffp}fc1.{e}", ff.fc1[e], s)
+                else:
+                    if (b2 := blk(I)) is not None:
+                        act = torch.nn.functional.silu(f_in @ ff.w1.weight.T) * (f_in @ ff.w3.weight.T)
+                        s = _search(act, [ff.w2.weight], b2)
+                        scaling.div_rows(ffp + "w3.weight", ff.w3.weight, 0, s)
+                        scaling.mul(ffp + "w2.weight", ff.w2.weight, s)
+                    if (b := blk(H)) is not None:
+                        s = _search(f_in, [ff.w1.weight, ff.w3.weight], b)
+                        scaling.div(pre + "ffn_norm.weight", layer.ffn_norm.weight, s)
+                        scaling.mul(ffp + "w1.weight", ff.w1.weight, s)
+                        scaling.mul(ffp + "w3.weight", ff.w3.weight, s)
+                x = y
+                del layer, at, ff, a_in, h, f_in
+                say(f"  awq: layer {i} scaled")
+            # one table in the graph when tied: it cannot take s alone
+            if (b := blk(H)) is not None and not args.tie_word_embeddings and not kept("lm_head", options.keep_float):
+                with torch.device("meta"):
+                    norm = RMSNorm(H, args.rms_norm_eps)
+                _load(norm, "model.norm.", read)
+                final = norm(x).reshape(-1, H)
+                s = _search(final, [read("lm_head.weight")], b)
+                scaling.div("model.norm.weight", norm.weight, s)
+                scaling.ops.setdefault("lm_head.weight", []).append(("mul", -1, s))
+    return scaling
 
 
 def awq_transform(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], options: Int4Options,
                   say: Callable[[str], None], then: Callable | None = None) -> Callable:
     """The exporter's per-weight hook (export/weights_writer.py) that writes the AWQ-scaled float weights: the
-    float model is loaded once, scaled in place by apply_awq, and each weight the writer streams is replaced by
-    the scaled parameter of the same name (in the writer's layout: a Linear's [in, out] is the transpose).
-    `then`: a hook to apply after this one."""
-    from mixtrt.export.checkpoint import load_model
-
-    model = load_model(checkpoint_dir, dtype=torch.float32, plan=plan)
-    apply_awq(model, seqs, options, say)
-    params = {n: p.detach().numpy() for n, p in model.named_parameters()}
+    scalings are chosen first (awq_scalings, layer by layer), then replayed on each weight the writer streams
+    (in the writer's layout: a Linear's [in, out] "<param>.T" is the transpose). `then`: a hook to apply after
+    this one."""
+    scaling = awq_scalings(checkpoint_dir, plan, seqs, options, say)
 
     def transform(name: str, array: Any) -> list[tuple[str, Any]]:
         key = name.removeprefix("lm.")
-        p = params.get(key.removesuffix(".T"))
-        if p is None:  # not a parameter AWQ knows (a graph constant)
+        param = key.removesuffix(".T")
+        if param in scaling.ops:
+            w = torch.from_numpy(np.array(array, dtype=np.float32))
+            w = scaling.replay(param, w.T if key.endswith(".T") else w)  # the param's own layout, a view
+            out = [(name, (w.T if key.endswith(".T") else w).numpy().astype(array.dtype))]
+        else:  # not a parameter AWQ scales (a graph constant, the embedding, wo)
             out = [(name, array)]
-        else:
-            p = np.ascontiguousarray(p.T) if key.endswith(".T") else p  # "<param>.T": a Linear stored [in, out]
-            if p.shape != array.shape:
-                raise ConfigError(f"awq: weight {name} is {tuple(array.shape)} in the graph, {p.shape} in the model")
-            out = [(name, p.astype(array.dtype))]
         return [r for n, a in out for r in (then(n, a) if then else [(n, a)])]
 
     return transform
