@@ -210,3 +210,84 @@ def test_int4_batch_invariance(realistic_pairs, name):
         scale = float(np.abs(alone[r]).max())
         assert float(np.abs(batched - alone[r]).max()) <= 5e-5 * scale, f"row {r}"
         assert (batched.argmax(-1) == alone[r].argmax(-1)).all()
+
+
+def test_int4_weight_index_is_the_checkpoint_quantized(int4_artifacts):
+    """weights.json of an int4 artifact (version 2): every quantized tensor byte for byte the packing of the
+    checkpoint's weight (what the whole-graph int4 pass wrote before quantization moved into the streaming
+    writer), its scales, the graph's initializers the same bytes, the experts' packed bytes and scales stacked,
+    and no float copy of a quantized weight in the data file."""
+    import onnx
+    from onnx import numpy_helper
+
+    from mixtrt.export.checkpoint import load_checkpoint
+    from mixtrt.plugins.int4 import dequantize_linear_layout, matmulnbits_layout
+    from mixtrt.runtime.weights import WeightIndex
+
+    ck, art = int4_artifacts["mixtral-window"]
+    _, weights = load_checkpoint(ck)
+    index = WeightIndex.read(art)
+    assert Manifest.load(art).weight_index == "weights.json"
+    assert json.loads((art / "weights.json").read_text())["version"] == 2
+    graph = {t.name: t for t in onnx.load(str(art / "model.onnx")).graph.initializer}
+    quantized = [e for e in index.tensors.values() if e.quant is not None]
+    assert {e.quant["format"] for e in quantized} == {"dequantize_linear", "matmulnbits", "gather_block_quantized"}
+    for e in quantized:
+        w = weights[e.of].numpy()
+        b = e.quant["block_size"]
+        assert b == block_for(w.shape[1], BLOCK)
+        stored, scales = np.asarray(index.array(e.name)), np.asarray(index.array(e.quant["scales"]))
+        if e.quant["format"] == "dequantize_linear" and e.dtype == "int4":  # attention [K, N]
+            raw, dims, st = dequantize_linear_layout(*rtn(e.of, w, b))
+            assert (tuple(e.shape), stored.tobytes(), scales.tobytes()) == (dims, raw, st.tobytes())
+            assert graph[e.name].data_type == onnx.TensorProto.INT4 and graph[e.name].raw_data == raw
+        elif e.quant["format"] == "matmulnbits":  # an expert [N, K/b, b/2]
+            q, s = rtn(e.of, w, b)
+            assert stored.tobytes() == matmulnbits_layout(q, b).tobytes() and np.array_equal(scales, s)
+            np.testing.assert_array_equal(numpy_helper.to_array(graph[e.name]), stored)
+        else:  # the INT8 vocabulary tables
+            q8, s = pack_int8(w, b)
+            want = q8.T if e.quant["format"] == "dequantize_linear" else q8.view(np.uint8) ^ 0x80
+            np.testing.assert_array_equal(stored, want)
+            np.testing.assert_array_equal(scales, s.T if e.quant["format"] == "dequantize_linear" else s)
+    assert not [e.name for e in index.tensors.values() if e.quant is None and e.layout != "derived"
+                and e.of is not None and e.of in {q.of for q in quantized}]
+    fc1 = index.stacks["model.layers.0.feed_forward.fc1"]
+    assert fc1.quant is not None and fc1.quant["scales"] == "model.layers.0.feed_forward.fc1.scales"
+    packed, scales = index.stack(fc1.name), index.stack(fc1.quant["scales"])
+    assert packed.shape == (4, 192, 64 // BLOCK, BLOCK // 2) and scales.shape == (4, 192, 64 // BLOCK)
+    np.testing.assert_array_equal(packed[3], index.array("layers.0.feed_forward.fc1.3.int4"))
+
+
+def test_awq_scalings_are_exact_and_written(exported, tmp_path):
+    """AWQ layer by layer: the scalings chosen from the checkpoint leave the float model's function unchanged
+    (replayed on every parameter), and the awq artifact's int4 tensors are the scaled weights rounded."""
+    from mixtrt.export.awq import awq_scalings, calibration_ids
+    from mixtrt.export.quantize import rtn_max7
+    from mixtrt.plugins.int4 import dequantize_linear_layout
+    from mixtrt.runtime.weights import WeightIndex
+
+    ck, fp32 = exported["mixtral-window"]
+    text = tmp_path / "calibration.txt"
+    text.write_text("It was a truth universally acknowledged, that a single man in possession of a good fortune, "
+                    "must be in want of a wife. However little known the feelings or views of such a man may be.")
+    options = Int4Options(method="awq", block_size=BLOCK, accuracy_level=0, calibration=text)
+    seqs, _, tokens = calibration_ids(text, Generator.load(fp32).tokenizer)
+    assert 32 <= tokens < 128  # one sequence, within the checkpoint's positions
+    scaling = awq_scalings(ck, None, seqs, options, lambda _m: None)
+    assert {"model.layers.0.attention.wq.weight", "model.layers.1.feed_forward.fc1.2", "lm_head.weight"} \
+        <= set(scaling.ops)
+    model, scaled = load_model(ck), load_model(ck)
+    with torch.no_grad():
+        for name, p in scaled.named_parameters():
+            scaling.replay(name, p)
+        ids = torch.tensor([seqs[0][:W + 5]])
+        ref, got = model(ids), scaled(ids)
+    assert not torch.equal(model.model.norm.weight, scaled.model.norm.weight)
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+    art = export_onnx(ck, tmp_path / "awq", precision="int4", int4=options, progress=None)
+    index = WeightIndex.read(art)
+    e = index.tensors["layers.1.attention.wq.int4"]
+    raw, _, _ = dequantize_linear_layout(*rtn_max7(e.of, scaled.get_parameter(e.of).detach().numpy(), BLOCK))
+    assert np.asarray(index.array(e.name)).tobytes() == raw
