@@ -11,7 +11,7 @@ Then `Generator.load` of the artifact (load seconds, peak RSS, decode step time)
 option variants.
 
     MIXTRT_PEERS_DIR=/work/peers python benchmarks/bench_export.py --work /tmp/bench-export [--runs 3]
-        [--baseline-python /path/to/other/.venv/bin/python] [--keep]
+        [--layers 8 16] [--int4] [--baseline-python /path/to/other/.venv/bin/python] [--keep]
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def make_checkpoint(work: Path, layers: int) -> Path:
     return path
 
 
-def tools(baseline: str | None) -> dict:
+def tools(baseline: str | None, int4: bool = False) -> dict:
     info = peers._peers("python", "convert_hf_to_gguf")
     out = {
         "mixtrt": lambda ck, out: ([sys.executable, "-m", "mixtrt", "export", str(ck), "--out", str(out), "--quiet",
@@ -117,10 +117,20 @@ def tools(baseline: str | None) -> dict:
         "llama.cpp": lambda ck, out: ([info["python"], info["convert_hf_to_gguf"], str(ck), "--outfile",
                                        str(out) + ".gguf", "--outtype", "f32"], peers.OFFLINE, None),
     }
+    if int4:  # int4 exports: quantized in the streaming writer (rtn) and calibrated layer by layer (awq)
+        for method in ("rtn", "awq"):
+            out[f"mixtrt-int4-{method}"] = lambda ck, o, m=method: (
+                [sys.executable, "-m", "mixtrt", "export", str(ck), "--out", str(o), "--quiet", "--force",
+                 "--precision", "int4", "--method", m], None, None)
     if baseline:  # another mixtrt install (its own interpreter, run from outside its checkout's tree)
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
         out["mixtrt-baseline"] = lambda ck, out: ([baseline, "-m", "mixtrt", "export", str(ck), "--out", str(out),
                                                    "--quiet", "--force"], env, "/")
+        if int4:
+            for method in ("rtn", "awq"):
+                out[f"mixtrt-baseline-int4-{method}"] = lambda ck, o, m=method: (
+                    [baseline, "-m", "mixtrt", "export", str(ck), "--out", str(o), "--quiet", "--force",
+                     "--precision", "int4", "--method", m], env, "/")
     return out
 
 
@@ -131,6 +141,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--baseline-python", default=None, help="python of another mixtrt install to time as well")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
+    ap.add_argument("--int4", action="store_true", help="also time --precision int4 exports (rtn and awq)")
     ns = ap.parse_args()
     ns.work.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
@@ -138,7 +149,7 @@ def main() -> None:
     for layers in ns.layers:
         ck = make_checkpoint(ns.work, layers)
         ck_bytes = sum(f.stat().st_size for f in ck.glob("*.safetensors"))
-        table = tools(ns.baseline_python if layers == ns.layers[0] else None)
+        table = tools(ns.baseline_python if layers == ns.layers[0] else None, ns.int4)
         rows: dict[str, list] = {name: [] for name in table}
         for run in range(ns.runs):
             for name, make_cmd in table.items():

@@ -41,6 +41,7 @@ MAX_TOKENS = 4096
 SEQUENCE = 256
 ALPHAS = tuple(i / 10 for i in range(11))
 SEARCH_ROWS = 2048  # calibration rows each error is measured on
+SEARCH_ELEMENTS = 1 << 24  # outputs [rows, N] computed at a time by the search (64 MiB in fp32)
 
 
 def calibration_ids(path: Path | None, tokenizer: Any) -> tuple[list[list[int]], str, int]:
@@ -67,19 +68,25 @@ def _roundtrip(w: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _search(x: torch.Tensor, weights: list[torch.Tensor], block: int) -> torch.Tensor:
-    """The scale s [K] of least output error for the linears `weights` [N_i, K] reading x [n, K]."""
+    """The scale s [K] of least output error for the linears `weights` [N_i, K] reading x [n, K]. The error is
+    summed over chunks of output rows (SEARCH_ELEMENTS outputs at a time), so the search's memory does not grow
+    with the number of linears searched together (a MoE layer's experts)."""
     x = x[torch.linspace(0, len(x) - 1, min(len(x), SEARCH_ROWS)).long()] if len(x) > SEARCH_ROWS else x
-    w = torch.cat(weights)
-    ref = x @ w.T
     mean = x.abs().mean(0).clamp(min=1e-8)
-    best, best_s = None, torch.ones_like(mean)
+    scales = []
     for a in ALPHAS:
         s = mean.pow(a)
-        s = s / (s.max() * s.min()).sqrt()
-        err = float(((x / s) @ _roundtrip(w * s, block).T - ref).pow(2).sum())
-        if best is None or err < best:
-            best, best_s = err, s
-    return best_s
+        scales.append(s / (s.max() * s.min()).sqrt())
+    errors = [0.0] * len(ALPHAS)
+    step = max(1, SEARCH_ELEMENTS // len(x))
+    for w in weights:
+        for r in range(0, len(w), step):
+            part = w[r:r + step]
+            ref = x @ part.T
+            for i, s in enumerate(scales):
+                errors[i] += float(((x / s) @ _roundtrip(part * s, block).T - ref).pow(2).sum())
+    best = min(range(len(ALPHAS)), key=lambda i: errors[i])  # the first of least error
+    return scales[best]
 
 
 class _Scaling:
