@@ -291,3 +291,20 @@ def test_awq_scalings_are_exact_and_written(exported, tmp_path):
     e = index.tensors["layers.1.attention.wq.int4"]
     raw, _, _ = dequantize_linear_layout(*rtn_max7(e.of, scaled.get_parameter(e.of).detach().numpy(), BLOCK))
     assert np.asarray(index.array(e.name)).tobytes() == raw
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d.update(version=1), "an entry must have exactly the fields"),
+    (lambda d: d["tensors"][-1]["quant"].update(scales="nowhere"), "names the scales 'nowhere'"),
+    (lambda d: d["tensors"][-1]["quant"].update(format="gguf"), "has quant"),
+    (lambda d: d["tensors"][-1].update(nbytes=d["tensors"][-1]["nbytes"] + 1), "has nbytes"),
+])
+def test_int4_weight_index_edits_are_refused(int4_artifacts, edit, match):
+    from mixtrt.runtime.weights import WeightIndex
+
+    art = int4_artifacts["mistral-window"][1]
+    d = json.loads((art / "weights.json").read_text())
+    d["tensors"] = [t for t in d["tensors"] if "quant" not in t] + [t for t in d["tensors"] if "quant" in t]
+    edit(d)
+    with pytest.raises(ArtifactError, match=match):
+        WeightIndex.from_dict(d, art, "weights.json")
