@@ -21,6 +21,11 @@ The file, written by the exporter (export/weights_writer.py) beside the graph an
   stored tensor relates to it: "same", "transposed" (a Linear weight stored [in, out] as the graph's
   MatMul reads it), or "derived" (another tensor the export's transform hook made from it: scales of a
   quantized weight). Graph constants that are not parameters (rope tables) have `of` null.
+- An int4 artifact's index is version 2: its quantized tensors carry `quant` = {"format": "dequantize_linear" |
+  "matmulnbits" | "gather_block_quantized", "bits", "block_size", "axis", "scales": <the scales tensor's name>,
+  "zero_point"} (dtype "int4" for DequantizeLinear's packed INT4, two elements a byte); each MoE layer's packed
+  experts and their scales are stacks ("...fc1" and "...fc1.scales"). Layouts: docs/DESIGN.md, "weights.json
+  of an int4 artifact"; `quantized(param)` reads one.
 - Each tensor starts at a multiple of `alignment`, except inside a stack: a MoE layer's experts are written
   back to back in expert order (fc1_0 .. fc1_{E-1}, then fc2_0 ..), the stack starting aligned, so the
   stacked [E, ...] view is one region (its members are aligned too when their size is a multiple of the
@@ -251,6 +256,9 @@ class WeightIndex:
         found = sorted((e for e in self.tensors.values() if e.of == name and e.layout != "derived"),
                        key=lambda e: e.layout != "same")
         if not found:
+            if any(e.of == name and e.quant is not None for e in self.tensors.values()):
+                raise KeyError(f"{name!r} is stored quantized in {self.directory / WEIGHTS_FILE}: read it with "
+                               "quantized()")
             raise KeyError(f"{name!r} is not a parameter of {self.directory / WEIGHTS_FILE}")
         a = self._map(found[0])
         return a.T if found[0].layout == "transposed" else a

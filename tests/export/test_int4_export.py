@@ -252,6 +252,12 @@ def test_int4_weight_index_is_the_checkpoint_quantized(int4_artifacts):
             np.testing.assert_array_equal(scales, s.T if e.quant["format"] == "dequantize_linear" else s)
     assert not [e.name for e in index.tensors.values() if e.quant is None and e.layout != "derived"
                 and e.of is not None and e.of in {q.of for q in quantized}]
+    with pytest.raises(KeyError, match="stored quantized"):
+        index.weight("model.layers.0.attention.wq.weight")
+    entry, packed, _ = index.quantized("model.layers.0.attention.wq.weight")
+    assert entry.name == "layers.0.attention.wq.int4" and packed.nbytes == entry.nbytes
+    np.testing.assert_array_equal(index.weight("model.layers.0.feed_forward.gate.weight"), weights[
+        "model.layers.0.feed_forward.gate.weight"].numpy())  # the router stays float, read as before
     fc1 = index.stacks["model.layers.0.feed_forward.fc1"]
     assert fc1.quant is not None and fc1.quant["scales"] == "model.layers.0.feed_forward.fc1.scales"
     packed, scales = index.stack(fc1.name), index.stack(fc1.quant["scales"])
