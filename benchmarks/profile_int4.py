@@ -131,12 +131,12 @@ def main() -> None:
     from peers import _peers, genai_model_from_checkpoint
 
     from mixtrt.export.onnx_export import export_onnx, is_current
-    from mixtrt.export.quantize import Int4Options
+    from mixtrt.export.quantize import INT8_DEFAULT, Int4Options
     from mixtrt.runtime.manifest import Manifest
 
     ckpt = make_benchmark_checkpoint("mistral", ns.work)
     engines: dict[str, tuple[str, Path]] = {}
-    for label, name, int8 in (("mixtrt int4", "mistral-int4", Int4Options().int8),
+    for label, name, int8 in (("mixtrt int4", "mistral-int4", INT8_DEFAULT),
                               ("mixtrt int4, lm_head INT4", "mistral-int4-lmhead4", ("embed_tokens",))):
         art = ns.work / name
         if not is_current(art, ckpt) or Manifest.read(art).precision != "int4" \

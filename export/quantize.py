@@ -52,9 +52,10 @@ class Int4Options:
     block_size: int = 32
     accuracy_level: int = 4
     keep_float: tuple[str, ...] = ()  # tensor labels or fnmatch patterns ("lm_head", "embed_tokens", "layers.0.*")
-    # dense linears / the embedding stored as INT8 instead (blocks of block_size, scale max|w| / 127): the vocabulary
-    # tables by default, as llama.cpp keeps its output table at 6 bits (README "INT4" for the measurements)
-    int8: tuple[str, ...] = ("lm_head", "embed_tokens")
+    # dense linears / the embedding stored as INT8 instead (blocks of up to INT8_BLOCK, scale max|w| / 127); None:
+    # the vocabulary tables, as llama.cpp keeps its output table at 6 bits, and in a MoE model also the attention
+    # k/v projections, as llama.cpp keeps them at 8 bits for 8-expert models (README "INT4" for the measurements)
+    int8: tuple[str, ...] | None = None
     calibration: Path | None = None  # a UTF-8 text for the calibrated method (default: the packaged text)
 
     def check(self) -> None:
@@ -68,6 +69,11 @@ class Int4Options:
             raise ConfigError("--calibration needs a calibrated --method (awq); rtn uses no data")
         if self.calibration is not None and not Path(self.calibration).is_file():
             raise ConfigError(f"--calibration {self.calibration}: no such file")
+
+
+INT8_DEFAULT = ("lm_head", "embed_tokens")
+INT8_DEFAULT_MOE = INT8_DEFAULT + ("wk", "wv")  # small with grouped-query attention: +0.3% bytes on Mixtral-shaped
+INT8_BLOCK = 256  # INT8 tensors' block: the largest power of two up to this dividing the input dimension
 
 
 def block_for(k: int, block: int) -> int | None:
@@ -177,13 +183,14 @@ class Int4Plan:
         self.blocks: dict[str, int] = {}
         self.floats: dict[str, str] = {}
         self.eight: list[str] = []
+        self.int8: tuple[str, ...] = options.int8 if options.int8 is not None else INT8_DEFAULT
         self.moe: tuple[int, int, int, int, int] | None = None  # E, hidden, inter, block fc1, block fc2
 
-    def _choose(self, lbl: str, k: int) -> int | None:
+    def _choose(self, lbl: str, k: int, bits: int) -> int | None:
         if kept(lbl, self.options.keep_float):
             self.floats[lbl] = "--keep-float"
             return None
-        b = block_for(k, self.options.block_size)
+        b = block_for(k, INT8_BLOCK if bits == 8 else self.options.block_size)
         if b is None:
             self.floats[lbl] = f"input dimension {k} has no power-of-two block >= {MIN_BLOCK} dividing it"
         elif b != self.options.block_size:
@@ -199,6 +206,10 @@ class Int4Plan:
         shapes = {w.value.name: tuple(w.value.shape) for w in weights
                   if w.value.dtype is not None and w.value.dtype.is_floating_point()}
         users = Counter(i.name for n in ir_model.graph for i in n.inputs if i is not None)
+        if options.int8 is not None:
+            plan.int8 = options.int8
+        elif any(node.domain == DOMAIN and node.op_type == "MoE" for node in ir_model.graph):
+            plan.int8 = INT8_DEFAULT_MOE
         moe_nodes = []
         for node in ir_model.graph:
             ins = [i.name if i is not None else "" for i in node.inputs]
@@ -206,18 +217,18 @@ class Int4Plan:
                     and users[ins[1]] == 1:
                 lbl = node_label(node)
                 k = shapes[ins[1]][0]  # stored [K, N]
-                b = plan._choose(lbl, k)
+                bits = 8 if kept(lbl, plan.int8) else 4
+                b = plan._choose(lbl, k, bits)
                 if b is not None:
-                    bits = 8 if kept(lbl, options.int8) else 4
                     if bits == 8:
                         plan.eight.append(lbl)
                     plan.items[ins[1]] = _Item("linear", lbl, b, bits)
             elif node.op_type == "Gather" and ins and len(shapes.get(ins[0], ())) == 2 and users[ins[0]] == 1 \
                     and node_label(node).endswith("embed_tokens"):
                 lbl = node_label(node)
-                b = plan._choose(lbl, shapes[ins[0]][1])
+                bits = 8 if kept(lbl, plan.int8) else 4
+                b = plan._choose(lbl, shapes[ins[0]][1], bits)
                 if b is not None:
-                    bits = 8 if kept(lbl, options.int8) else 4
                     if bits == 8:
                         plan.eight.append(lbl)
                     plan.items[ins[0]] = _Item("table", lbl, b, bits)

@@ -7,8 +7,8 @@ one scale per block of `block_size` consecutive weights along each matrix's inpu
     {"version": 1, "method": "rtn", "bits": 4, "block_size": 128, "symmetric": true,
      "scale_dtype": "float32", "accuracy_level": 4,
      "calibration": null | {"source": "mixtrt/export/calibration.txt", "tokens": 4096},
-     "blocks": {"lm.model.layers.0.attention.wq": 64, ...},    # tensors quantized with a smaller block
-     "int8": ["embed_tokens", "lm_head"],                        # tensors stored as INT8 (same blocks)
+     "blocks": {"lm.model.layers.0.attention.wq": 64, ...},    # tensors with another block (smaller, or INT8)
+     "int8": ["embed_tokens", "lm_head"],                        # tensors stored as INT8 (blocks of up to 256)
      "float": {"lm.model.embed_tokens.weight": "embedding (--keep-float)", ...},   # kept float, why
      "graphs": {"onnxruntime": "model.onnx", "tensorrt": "model.onnx"}}          # which graph serves which
 
@@ -44,7 +44,7 @@ class Quantization:
     scale_dtype: str = "float32"
     calibration: dict[str, Any] | None = None  # {"source": str, "tokens": int} for calibrated methods
     blocks: dict[str, int] = field(default_factory=dict)  # tensor -> its block size when not block_size
-    int8: list[str] = field(default_factory=list)  # tensors stored as INT8 (symmetric, same blocks, max|w| / 127)
+    int8: list[str] = field(default_factory=list)  # tensors stored as INT8 (symmetric, blocks of up to 256 in `blocks`, max|w| / 127)
     kept_float: dict[str, str] = field(default_factory=dict)  # tensor kept in float -> the reason ("float")
     graphs: dict[str, str] = field(default_factory=lambda: {"onnxruntime": "model.onnx", "tensorrt": "model.onnx"})
     version: int = QUANT_VERSION

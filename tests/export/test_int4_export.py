@@ -12,7 +12,7 @@ import torch
 
 from mixtrt.export import export_onnx, load_model
 from mixtrt.export.model import KVCache as TorchCache
-from mixtrt.export.quantize import Int4Options, block_for, rtn
+from mixtrt.export.quantize import INT8_BLOCK, INT8_DEFAULT, INT8_DEFAULT_MOE, Int4Options, block_for, kept, rtn
 from mixtrt.plugins.int4 import pack_int8, unpack_int4
 from mixtrt.runtime.backends.onnxruntime import OrtBackend
 from mixtrt.runtime.errors import ArtifactError, ConfigError
@@ -52,11 +52,13 @@ def realistic_pairs(tmp_path_factory):
 def _dequantized_reference(ck):
     """The reference model with every weight the exporter quantizes replaced by its int4 round trip."""
     model = load_model(ck)
+    int8 = INT8_DEFAULT_MOE if model.args.moe is not None else INT8_DEFAULT  # the defaults per model kind
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2 and not name.endswith("gate.weight"):
                 b = block_for(p.shape[1], BLOCK)
-                if name in ("lm_head.weight", "model.embed_tokens.weight"):  # INT8 by default
+                if kept(name.removesuffix(".weight").removeprefix("model."), int8):  # INT8: blocks of up to 256
+                    b = block_for(p.shape[1], INT8_BLOCK)
                     q, s = pack_int8(p.numpy(), b)
                     p.copy_(torch.from_numpy((q.reshape(*s.shape, b) * s[..., None]).reshape(p.shape)))
                 else:
@@ -119,7 +121,11 @@ def test_int4_manifest_record(int4_artifacts):
     assert q is not None and (q.method, q.bits, q.block_size, q.accuracy_level, q.symmetric) == ("rtn", 4, 64, 0, True)
     assert q.blocks == {f"layers.{i}.feed_forward.fc2.{e}": 32 for i in range(2) for e in range(4)}
     assert q.kept_float == {f"layers.{i}.feed_forward.gate": "router: routing stays fp32" for i in range(2)}
-    assert q.int8 == ["embed_tokens", "lm_head"]
+    # a MoE model's default INT8 tensors: the vocabulary tables and the attention k/v projections (a dense one's:
+    # the tables only)
+    assert q.int8 == sorted(["embed_tokens", "lm_head"] + [f"layers.{i}.attention.{w}" for i in range(2)
+                                                           for w in ("wk", "wv")])
+    assert Manifest.load(int4_artifacts["mistral-window"][1]).quantization.int8 == ["embed_tokens", "lm_head"]
     assert Manifest.from_dict(m.to_dict()) == m
     assert 0 < m.summary["bytes_per_token"] < m.summary["parameter_bytes"]  # 2 of 4 experts, one embedding row
 

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated tensors kept float, by name or pattern: lm_head,embed_tokens,layers.0.*")
     q.add_argument("--int8", default=None,
                    help="comma-separated tensors stored as INT8 instead (default lm_head,embed_tokens: the vocabulary "
-                        "tables, as llama.cpp keeps them at 6 bits); '' for none")
+                        "tables, and in a MoE model also wk,wv, as llama.cpp does); '' for none")
     q.add_argument("--accuracy-level", type=int, choices=(0, 4), default=None,
                    help="onnxruntime int4 matmuls: 4 quantizes activations to int8 (faster, default), 0 keeps fp32")
     p.add_argument("--force", action="store_true", help="replace an existing artifact directory")

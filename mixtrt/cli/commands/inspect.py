@@ -44,12 +44,12 @@ def run(ns: argparse.Namespace) -> int:
     if q is not None:
         blocks = sorted(set(q["blocks"].values()))
         print(f"quantization  int{q['bits']} {q['method']}, block {q['block_size']}"
-              + (f" (smaller where it does not divide: {len(q['blocks'])} tensors at {blocks})" if blocks else "")
+              + (f" (other blocks: {len(q['blocks'])} tensors at {blocks})" if blocks else "")
               + f", symmetric, {q['scale_dtype']} scales, onnxruntime accuracy level {q['accuracy_level']}"
               + (f", calibrated on {q['calibration']['source']} ({q['calibration']['tokens']} tokens)"
                  if q["calibration"] else ""))
         if q["int8"]:
-            print(f"  int8        {', '.join(q['int8'])} (8-bit, same blocks)")
+            print(f"  int8        {', '.join(q['int8'])} (8-bit, blocks of up to 256)")
         reasons: dict[str, list[str]] = {}
         for name, why in q["float"].items():
             reasons.setdefault(why, []).append(name)
