@@ -7,7 +7,8 @@ Per layer, from the layer's inputs on the calibration tokens (layer by layer: me
 activations), for each group of linears that read one tensor X [n, K]:
 
     s = mean|X|^a / sqrt(max * min)           a in 0, 0.1, .., 1 (a = 0: plain RTN)
-    error(a) = || X W^T - (X / s) Q(W * s)^T ||^2    Q = the int4 round trip with the export's block
+    error(a) = || X W^T - (X / s) Q(W * s)^T ||^2    Q = the round trip the export writes (INT4 at its block,
+                                                     INT8 for the tensors it keeps INT8)
     keep the a of least error; fold 1/s into what produces X, s into the group's weight columns
 
 | group (reads X) | 1/s folded into |
@@ -32,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mixtrt.export.quantize import Int4Options, block_for, kept
-from mixtrt.plugins.int4 import pack_int4, unpack_int4
+from mixtrt.export.quantize import Int4Options, block_for, int8_block, int8_patterns, kept
+from mixtrt.plugins.int4 import pack_int4, pack_int8, unpack_int4
 from mixtrt.runtime.errors import ConfigError
 
 DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "calibration.txt"
@@ -62,13 +63,20 @@ def calibration_ids(path: Path | None, tokenizer: Any) -> tuple[list[list[int]],
     return seqs, source, sum(len(s) for s in seqs)
 
 
-def _roundtrip(w: torch.Tensor, block: int) -> torch.Tensor:
-    """W -> its int4 round trip with scale max|w| / 7 (pack_int4)."""
-    return torch.from_numpy(unpack_int4(*pack_int4(w.detach().numpy().astype(np.float32), block)))
+def _roundtrip(w: torch.Tensor, block: int, bits: int = 4) -> torch.Tensor:
+    """W -> its int4 round trip with scale max|w| / 7 (pack_int4), or with bits 8 its INT8 one (pack_int8: what
+    the export writes for the tensors it keeps INT8)."""
+    a = w.detach().numpy().astype(np.float32)
+    if bits == 8:
+        q, s = pack_int8(a, block)
+        return torch.from_numpy((q.reshape(*s.shape, block) * s[..., None]).reshape(a.shape).astype(np.float32))
+    return torch.from_numpy(unpack_int4(*pack_int4(a, block)))
 
 
-def _search(x: torch.Tensor, weights: list[torch.Tensor], block: int) -> torch.Tensor:
-    """The scale s [K] of least output error for the linears `weights` [N_i, K] reading x [n, K]. The error is
+def _search(x: torch.Tensor, weights: list[torch.Tensor], block: int,
+            forms: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """The scale s [K] of least output error for the linears `weights` [N_i, K] reading x [n, K], each rounded as
+    the export writes it (`forms`: (block, bits) per weight; default INT4 at `block`). The error is
     summed over chunks of output rows (SEARCH_ELEMENTS outputs at a time), so the search's memory does not grow
     with the number of linears searched together (a MoE layer's experts)."""
     x = x[torch.linspace(0, len(x) - 1, min(len(x), SEARCH_ROWS)).long()] if len(x) > SEARCH_ROWS else x
@@ -79,12 +87,12 @@ def _search(x: torch.Tensor, weights: list[torch.Tensor], block: int) -> torch.T
         scales.append(s / (s.max() * s.min()).sqrt())
     errors = [0.0] * len(ALPHAS)
     step = max(1, SEARCH_ELEMENTS // len(x))
-    for w in weights:
+    for w, (b, bits) in zip(weights, forms or [(block, 4)] * len(weights), strict=True):
         for r in range(0, len(w), step):
             part = w[r:r + step]
             ref = x @ part.T
             for i, s in enumerate(scales):
-                errors[i] += float(((x / s) @ _roundtrip(part * s, block).T - ref).pow(2).sum())
+                errors[i] += float(((x / s) @ _roundtrip(part * s, b, bits).T - ref).pow(2).sum())
     best = min(range(len(ALPHAS)), key=lambda i: errors[i])  # the first of least error
     return scales[best]
 
@@ -147,6 +155,16 @@ def awq_scalings(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], options
         def blk(k: int) -> int | None:
             return block_for(k, options.block_size)
 
+        int8 = int8_patterns(options, args.moe is not None)
+
+        def form(label: str, k: int) -> tuple[int, int]:
+            """(block, bits) the export writes the linear `label` with (input dimension k)."""
+            if kept(label, int8) and (b8 := int8_block(k)) is not None:
+                return b8, 8
+            b4 = blk(k)
+            assert b4 is not None
+            return b4, 4
+
         ids = torch.tensor(seqs)  # [B, T]
         B, T = ids.shape
         lengths = torch.full((B,), T, dtype=torch.int32)
@@ -169,7 +187,8 @@ def awq_scalings(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], options
                 h = x + at(a_in, lengths, past[0], past[1], cos, sin)[0]
                 f_in = layer.ffn_norm(h).reshape(-1, H)
                 if (b := blk(H)) is not None:
-                    s = _search(a_in.reshape(-1, H), [at.wq.weight, at.wk.weight, at.wv.weight], b)
+                    s = _search(a_in.reshape(-1, H), [at.wq.weight, at.wk.weight, at.wv.weight], b,
+                                [form(f"layers.{i}.attention.{n}", H) for n in ("wq", "wk", "wv")])
                     scaling.div(pre + "attention_norm.weight", layer.attention_norm.weight, s)
                     for n in ("wq", "wk", "wv"):
                         scaling.mul(f"{pre}attention.{n}.weight", getattr(at, n).weight, s)
@@ -212,7 +231,7 @@ def awq_scalings(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], options
                     norm = RMSNorm(H, args.rms_norm_eps)
                 _load(norm, "model.norm.", read)
                 final = norm(x).reshape(-1, H)
-                s = _search(final, [read("lm_head.weight")], b)
+                s = _search(final, [read("lm_head.weight")], b, [form("lm_head", H)])
                 scaling.div("model.norm.weight", norm.weight, s)
                 scaling.ops.setdefault("lm_head.weight", []).append(("mul", -1, s))
     return scaling

@@ -36,7 +36,7 @@ from mixtrt.export.weights_writer import Stored
 from mixtrt.plugins import DOMAIN
 from mixtrt.plugins.int4 import dequantize_linear_layout, matmulnbits_layout, pack_int4, pack_int8, signed_scales
 from mixtrt.runtime.errors import ConfigError
-from mixtrt.runtime.quantization import ACCURACY_LEVELS, BLOCK_SIZES, METHODS, Quantization
+from mixtrt.runtime.quantization import ACCURACY_LEVELS, BLOCK_SIZES, INT8_BLOCK, METHODS, Quantization
 from mixtrt.runtime.weights import WeightIndex
 
 MIN_BLOCK = 16  # MatMulNBits / QMoE: a power of two >= 16
@@ -73,7 +73,18 @@ class Int4Options:
 
 INT8_DEFAULT = ("lm_head", "embed_tokens")
 INT8_DEFAULT_MOE = INT8_DEFAULT + ("wk", "wv")  # small with grouped-query attention: +0.3% bytes on Mixtral-shaped
-INT8_BLOCK = 256  # INT8 tensors' block: the largest power of two up to this dividing the input dimension
+
+
+def int8_patterns(options: Int4Options, moe: bool) -> tuple[str, ...]:
+    """The tensors (labels / patterns) an export stores as INT8: the options' own, else the default for the model."""
+    if options.int8 is not None:
+        return options.int8
+    return INT8_DEFAULT_MOE if moe else INT8_DEFAULT
+
+
+def int8_block(k: int) -> int | None:
+    """The block of an INT8 tensor with input dimension k."""
+    return block_for(k, INT8_BLOCK)
 
 
 def block_for(k: int, block: int) -> int | None:
@@ -183,14 +194,14 @@ class Int4Plan:
         self.blocks: dict[str, int] = {}
         self.floats: dict[str, str] = {}
         self.eight: list[str] = []
-        self.int8: tuple[str, ...] = options.int8 if options.int8 is not None else INT8_DEFAULT
+        self.int8: tuple[str, ...] = ()  # set by of_graph (int8_patterns)
         self.moe: tuple[int, int, int, int, int] | None = None  # E, hidden, inter, block fc1, block fc2
 
     def _choose(self, lbl: str, k: int, bits: int) -> int | None:
         if kept(lbl, self.options.keep_float):
             self.floats[lbl] = "--keep-float"
             return None
-        b = block_for(k, INT8_BLOCK if bits == 8 else self.options.block_size)
+        b = int8_block(k) if bits == 8 else block_for(k, self.options.block_size)
         if b is None:
             self.floats[lbl] = f"input dimension {k} has no power-of-two block >= {MIN_BLOCK} dividing it"
         elif b != self.options.block_size:
@@ -206,10 +217,8 @@ class Int4Plan:
         shapes = {w.value.name: tuple(w.value.shape) for w in weights
                   if w.value.dtype is not None and w.value.dtype.is_floating_point()}
         users = Counter(i.name for n in ir_model.graph for i in n.inputs if i is not None)
-        if options.int8 is not None:
-            plan.int8 = options.int8
-        elif any(node.domain == DOMAIN and node.op_type == "MoE" for node in ir_model.graph):
-            plan.int8 = INT8_DEFAULT_MOE
+        plan.int8 = int8_patterns(options, any(node.domain == DOMAIN and node.op_type == "MoE"
+                                               for node in ir_model.graph))
         moe_nodes = []
         for node in ir_model.graph:
             ins = [i.name if i is not None else "" for i in node.inputs]

@@ -234,7 +234,8 @@ class Row:
     prompt_top: tuple[np.ndarray, np.ndarray] | None = None
     reason: FinishReason | None = None
     message: str = ""
-    t_prefill: float = 0.0
+    t_prefill: float = 0.0  # time inside its prefill calls (not the other rows' steps between its chunks)
+    t_admitted: float = 0.0  # when its prefill began (t_admitted - t0: the time it waited for a cache row)
     t_first: float = 0.0
     t_last: float = 0.0
     cached: int = 0  # tokens of `sequence` the cache holds (the last generated token is fed on the next step)
@@ -257,6 +258,12 @@ class EngineEvent:
     token: int
     text: str
     output: GenerationOutput | None = None
+
+
+def check_prefill_budget(value: object, name: str = "prefill_budget") -> None:
+    """An engine step's prefill budget: None (no limit) or an integer >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{name} must be None or an integer >= 1, got {value!r}")
 
 
 class Engine:
@@ -313,6 +320,8 @@ class Engine:
         prefilled at the next step(). sample_index seeds its sampling with (config.seed, sample_index)."""
         config.validate(self.backend.args)
         self.chunk(config.prefill_chunk)
+        if not prompt:
+            raise ConfigError(f"{name} is empty: a row needs at least one prompt token")
         self._check_fits(len(prompt), name)
         row = Row(self._ids, list(prompt), config, self._sampler(config, sample_index, prompt),
                   self.tokenizer.stream(), _StopText(config.stop_strings), keep,
@@ -390,10 +399,12 @@ class Engine:
         """step() in parts, to be called in order: prefills touching one row each, then the decode step. A
         server hands each part's events out at once (a new row's first token does not wait for the decode
         step or the other rows' prefills)."""
+        check_prefill_budget(prefill_budget)
         spent = 0
+        decoding = bool(self.running)  # with nothing decoding, this step's prompts go in whole
         while self._admissible():
             left = None
-            if self.running and prefill_budget is not None:
+            if decoding and prefill_budget is not None:
                 if spent >= prefill_budget:
                     break
                 left = prefill_budget - spent
@@ -474,6 +485,7 @@ class Engine:
         self.prefilling = row
         cfg, pending = row.config, row.sequence[row.cached:]
         row.prefill_from, row.pending, row.t_prefill = row.cached, np.asarray(pending, np.int64), 0.0
+        row.t_admitted = time.perf_counter()
         k = cfg.top_logprobs if cfg.return_logprobs else 0
         row.prompt_logprobs = np.empty(len(pending) - 1, np.float32) if cfg.return_logprobs else None
         row.prompt_top = (np.empty((len(pending) - 1, k), np.int64),

@@ -28,6 +28,7 @@ from mixtrt.runtime.errors import ArtifactError
 QUANT_VERSION = 1
 METHODS = ("rtn", "awq")
 BLOCK_SIZES = (32, 64, 128)
+INT8_BLOCK = 256  # INT8 tensors' block: the largest power of two up to this dividing the input dimension
 ACCURACY_LEVELS = (0, 4)
 SCALE_DTYPES = ("float32", "float16")
 FIELDS = ("version", "method", "bits", "block_size", "symmetric", "scale_dtype", "accuracy_level", "calibration",
@@ -44,7 +45,7 @@ class Quantization:
     scale_dtype: str = "float32"
     calibration: dict[str, Any] | None = None  # {"source": str, "tokens": int} for calibrated methods
     blocks: dict[str, int] = field(default_factory=dict)  # tensor -> its block size when not block_size
-    int8: list[str] = field(default_factory=list)  # tensors stored as INT8 (symmetric, blocks of up to 256 in `blocks`, max|w| / 127)
+    int8: list[str] = field(default_factory=list)  # tensors stored as INT8 (symmetric, max|w| / 127; see INT8_BLOCK)
     kept_float: dict[str, str] = field(default_factory=dict)  # tensor kept in float -> the reason ("float")
     graphs: dict[str, str] = field(default_factory=lambda: {"onnxruntime": "model.onnx", "tensorrt": "model.onnx"})
     version: int = QUANT_VERSION

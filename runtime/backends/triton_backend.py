@@ -20,9 +20,10 @@ random weights made on the GPU by a benchmark).
 
 INT4 artifacts: the MoE experts and the dense INT4 linears (q/k/v/o, Mistral's w1/w2/w3, an INT4 lm_head) stay
 packed (uint8 + scales in the compute dtype, plugins/int4.py's layout) and the kernels (plugins/moe/triton_kernels.py,
-plugins/int4_triton.py) dequantize them as they read them; the INT8 vocabulary tables (embedding, lm_head) are
-dequantized once at load to the compute dtype (graph_weights.py). `ops="torch"` runs the two ops with their eager torch
-references instead (plugins/<op>/torch_op.py): the baseline a benchmark compares the kernels with.
+plugins/int4_triton.py) dequantize them as they read them; the INT8 tensors (by default the embedding, lm_head
+and a MoE model's wk/wv) are dequantized once at load to the compute dtype (graph_weights.py). `ops="torch"` runs
+the two ops with their eager torch references instead (plugins/<op>/torch_op.py): the baseline a benchmark
+compares the kernels with.
 """
 
 from __future__ import annotations

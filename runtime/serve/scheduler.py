@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mixtrt.runtime.errors import BackendError, ConfigError, NonFiniteLogitsError
-from mixtrt.runtime.generation import Engine, EngineEvent, GenerationConfig, Row
+from mixtrt.runtime.generation import Engine, EngineEvent, GenerationConfig, Row, check_prefill_budget
 from mixtrt.runtime.serve.metrics import Metrics
 
 HANDOFF_S = 0.005  # the most a step waits for the server to send the previous step's tokens
@@ -92,8 +92,7 @@ class EngineLoop:
                  metrics: Metrics | None = None, prefill_chunk: int | None = None) -> None:
         if not isinstance(max_queue, int) or max_queue < 0:
             raise ConfigError(f"max_queue must be an integer >= 0, got {max_queue!r}")
-        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
-            raise ConfigError(f"prefill_chunk must be None or an integer >= 1, got {prefill_chunk!r}")
+        check_prefill_budget(prefill_chunk, "prefill_chunk")
         self.prefill_chunk = prefill_chunk
         self.engine = Engine(backend, tokenizer, max_batch)
         self.max_batch, self.max_queue, self.metrics = max_batch, max_queue, metrics
@@ -285,7 +284,7 @@ class EngineLoop:
             m.prompt_tokens.inc(len(row.prompt))
             m.ttft.observe(row.t_first - row.t0)
             m.prefill.observe(row.t_prefill)
-            m.queue.observe(max(row.t_first - row.t_prefill - row.t0, 0.0))
+            m.queue.observe(max(row.t_admitted - row.t0, 0.0))
         else:
             m.itl.observe(row.t_last - self._last[row.id])
         self._last[row.id] = row.t_last

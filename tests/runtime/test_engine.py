@@ -195,6 +195,34 @@ def test_prefill_budget_splits_prompts_across_steps_and_keeps_the_tokens(budget,
     assert fed == 0 and prefills >= (len(PROMPTS[1]) + len(PROMPTS[3])) // budget  # the prompts went in pieces
 
 
+def test_an_idle_engine_prefills_a_burst_of_prompts_whole_in_one_step():
+    """The budget applies only while rows decode: prompts that arrive together at an idle engine all go in whole
+    in the first step (each row's first token comes out of it), and the tokens equal each run alone."""
+    engine = Engine(ToyBackend(), ToyTokenizer(), max_batch=3)
+    rows = [engine.add(p, GREEDY) for p in PROMPTS[:3]]
+    first = engine.step(prefill_budget=2)
+    assert engine.prefilling is None and not engine.waiting and all(r.tokens for r in rows)
+    assert {e.row.id for e in first} == {r.id for r in rows}
+    done = {e.row.id: e.output.token_ids for e in first if e.output is not None} | drain_budget(engine, 2)
+    assert [done[r.id] for r in rows] == [alone(p) for p in PROMPTS[:3]]
+
+
+@pytest.mark.parametrize("budget", [0, -1, True, 1.5, "8"])
+def test_a_bad_prefill_budget_is_one_clear_error(budget):
+    engine = Engine(ToyBackend(), ToyTokenizer(), max_batch=2)
+    engine.add(PROMPTS[0], GREEDY)
+    with pytest.raises(ConfigError, match=r"prefill_budget must be None or an integer >= 1, got"):
+        engine.step(prefill_budget=budget)
+    assert engine.waiting and not engine.running  # nothing was started
+
+
+def test_an_empty_prompt_is_refused_when_added():
+    engine = Engine(ToyBackend(), ToyTokenizer(), max_batch=2)
+    with pytest.raises(ConfigError, match=r"prompt 0 is empty"):
+        engine.add([], GREEDY)
+    assert not engine.busy
+
+
 def test_a_row_part_way_through_its_prefill_can_be_cancelled():
     backend = ToyBackend()
     engine = Engine(backend, ToyTokenizer(), max_batch=3)

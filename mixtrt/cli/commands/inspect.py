@@ -15,6 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     from mixtrt.runtime.inspect import inspect_artifact
+    from mixtrt.runtime.quantization import INT8_BLOCK
 
     info = inspect_artifact(ns.artifact, verify=ns.verify)
     if ns.json:
@@ -49,7 +50,7 @@ def run(ns: argparse.Namespace) -> int:
               + (f", calibrated on {q['calibration']['source']} ({q['calibration']['tokens']} tokens)"
                  if q["calibration"] else ""))
         if q["int8"]:
-            print(f"  int8        {', '.join(q['int8'])} (8-bit, blocks of up to 256)")
+            print(f"  int8        {', '.join(q['int8'])} (8-bit, blocks of up to {INT8_BLOCK})")
         reasons: dict[str, list[str]] = {}
         for name, why in q["float"].items():
             reasons.setdefault(why, []).append(name)
