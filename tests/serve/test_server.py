@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -125,6 +126,32 @@ def test_logprobs_and_echo_prompt_logprobs(server, generator):
         assert bytes(item.bytes).decode("utf-8", "replace").replace("\ufffd", "") in item.token or item.bytes
 
 
+def concurrent_streams(client: Any, prompts: list[list[int]], lengths: list[int]) -> list[str]:
+    """Each prompt streamed greedily by its own thread through the openai `client`, all started together; the
+    texts (a client's error is raised with its number)."""
+    got: list[str | None] = [None] * len(prompts)
+    errors: list[tuple[int, BaseException]] = []
+    start = threading.Barrier(len(prompts))
+
+    def run(i: int) -> None:
+        try:
+            start.wait(timeout=30)
+            stream = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=lengths[i], temperature=0,
+                                               stream=True)
+            got[i] = "".join(c.choices[0].text for c in stream)
+        except BaseException as e:  # re-raised below with the client's number
+            errors.append((i, e))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert all(g is not None for g in got), "a client did not finish within 60 s"
+    return [g for g in got if g is not None]
+
+
 def test_16_concurrent_streams_each_equal_the_request_alone(server, generator):
     """Continuous batching: 16 streaming clients with prompts of different lengths join and leave the batch
     at different steps; every output equals the same request run alone (greedy batch invariance, fp32)."""
@@ -132,28 +159,10 @@ def test_16_concurrent_streams_each_equal_the_request_alone(server, generator):
     prompts = [[1] + rng.integers(3, 32000, size=int(n)).tolist() for n in rng.integers(1, 40, size=16)]
     lengths = [int(n) for n in rng.integers(4, 40, size=16)]
     alone = [greedy(generator, p, n).text for p, n in zip(prompts, lengths, strict=True)]
-    got: list[str | None] = [None] * 16
-    errors: list[BaseException] = []
-    start = threading.Barrier(16)
-
-    def client(i: int) -> None:
-        try:
-            start.wait(timeout=30)
-            stream = server.openai.completions.create(model="tiny", prompt=prompts[i], max_tokens=lengths[i],
-                                                      temperature=0, stream=True)
-            got[i] = "".join(c.choices[0].text for c in stream)
-        except BaseException as e:  # re-raised below with the client's number
-            errors.append(e)
-
     before = server.metric("mixtrt:generation_tokens_total")
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    got = concurrent_streams(server.openai, prompts, lengths)
     elapsed = time.perf_counter() - t0
-    assert not errors, errors
     assert got == alone
     tokens = server.metric("mixtrt:generation_tokens_total") - before
     assert tokens == sum(lengths)
@@ -239,26 +248,8 @@ def test_int4_concurrent_streams_each_equal_the_request_alone(int4_generator):
     lengths = [int(n) for n in rng.integers(4, 24, size=8)]
     alone = [greedy(gen, p, n).text for p, n in zip(prompts, lengths, strict=True)]
     s = Server(gen, "int4", max_batch=8, max_queue=8, prefill_chunk=5)
-    got: list[str | None] = [None] * 8
-    errors: list[BaseException] = []
-    start = threading.Barrier(8)
-
-    def client(i: int) -> None:
-        try:
-            start.wait(timeout=30)
-            stream = s.openai.completions.create(model="tiny", prompt=prompts[i], max_tokens=lengths[i],
-                                                 temperature=0, stream=True)
-            got[i] = "".join(c.choices[0].text for c in stream)
-        except BaseException as e:  # re-raised below with the client's number
-            errors.append(e)
-
     try:
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        got = concurrent_streams(s.openai, prompts, lengths)
     finally:
         s.close()
-    assert not errors, errors
     assert got == alone
