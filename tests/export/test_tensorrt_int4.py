@@ -30,6 +30,7 @@ from mixtrt.runtime.backends.graph_weights import read_graph_weights
 from mixtrt.runtime.manifest import ENGINE_CONFIG, ENGINE_FILE, TENSORRT_FEATURE, Manifest
 from tests.checkpoints import EXPORT_W
 from tests.export import trt_reference
+from tests.int4_forms import int4_table
 
 FAMILIES = ["mistral-window", "mixtral-window"]
 LOGIT_TOL = 1e-4  # relative to max|logit|: fp32 on both sides
@@ -108,7 +109,7 @@ def _other_forms(art) -> onnx.ModelProto:
     """The Mistral int4 graph with every other quantized form the rewrite reads: layer 0's wq and the lm_head as
     com.microsoft.MatMulNBits (bits 4, bits 8), the embedding as a 4-bit GatherBlockQuantized, an all-zero INT8
     block (scale 0) and a negative INT8 scale in layer 1's wq turned INT8 DequantizeLinear."""
-    from mixtrt.plugins.int4 import matmulnbits_layout, pack_int4, pack_int8
+    from mixtrt.plugins.int4 import matmulnbits_layout, pack_int8
 
     model = onnx.load(str(art / "model.onnx"))
     g = model.graph
@@ -144,15 +145,7 @@ def _other_forms(art) -> onnx.ModelProto:
                                        list(node.output), name=node.name, domain="com.microsoft", K=K, N=N,
                                        bits=bits, block_size=block))
     gather = next(n for n in g.node if n.op_type == "GatherBlockQuantized")
-    block = next(a.i for a in gather.attribute if a.name == "block_size")
-    V, H = numpy_helper.to_array(inits[gather.input[0]]).shape
-    table = np.random.default_rng(0).standard_normal((V, H)).astype(np.float32)
-    q4, s4 = pack_int4(table, block)
-    g.initializer.extend([numpy_helper.from_array(matmulnbits_layout(q4, block).reshape(q4.shape), "table4"),
-                          numpy_helper.from_array(s4, "scales4")])
-    gather.CopyFrom(helper.make_node("GatherBlockQuantized", ["table4", gather.input[1], "scales4"],
-                                     list(gather.output), name=gather.name, domain="com.microsoft", gather_axis=0,
-                                     quantize_axis=1, block_size=block, bits=4))
+    int4_table(g, gather, numpy_helper.to_array(inits[gather.input[0]]).shape)
     return model
 
 

@@ -46,6 +46,21 @@ def _build(model: onnx.ModelProto, batch: int = 2) -> tuple[bool, list[str], dic
     return plan is not None and plan.nbytes > 0, [], dtypes
 
 
+def _moe_alone(m: onnx.ModelProto, node: onnx.NodeProto, H: int = 64, E: int = 4) -> onnx.ModelProto:
+    """A model of the TensorRT graph `m`'s MoE (or MoEInt4) node alone, with its initializers and state inputs
+    (the tiny checkpoints' hidden H and experts E)."""
+    from mixtrt.export.tensorrt_build import STATE_ACC, STATE_COUNT
+
+    inits = [t for t in m.graph.initializer if t.name in node.input]
+    inputs = [helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT, ["T", H]),
+              helper.make_tensor_value_info(node.input[1], TensorProto.FLOAT, ["T", E]),
+              helper.make_tensor_value_info(STATE_ACC, TensorProto.FLOAT, [8, H]),
+              helper.make_tensor_value_info(STATE_COUNT, TensorProto.INT32, [8])]
+    outputs = [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, ["T", H])]
+    return helper.make_model(helper.make_graph([node], node.op_type, inputs, outputs, inits),
+                             opset_imports=m.opset_import)
+
+
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
 def test_mistral_graph_with_standard_bodies_builds(precision, tmp_path):
     from onnx import inliner
@@ -108,7 +123,7 @@ def test_parser_hands_our_nodes_to_plugins_with_their_attributes(exported, tmp_p
     node but our two ops is imported; each of ours is looked up as plugin (op_type, "1", "mixtrt") and created
     with exactly the ONNX node's attributes, typed, and nothing else (plugin_version / plugin_namespace are the
     importer's, not fields)."""
-    from mixtrt.export.tensorrt_build import STATE_ACC, STATE_COUNT, tensorrt_graph
+    from mixtrt.export.tensorrt_build import tensorrt_graph
     from mixtrt.plugins import trt_plugins
 
     tensorrt_graph(exported["mixtral-window"][1] / "model.onnx", tmp_path / "t.onnx", max_tokens=8)
@@ -130,14 +145,7 @@ def test_parser_hands_our_nodes_to_plugins_with_their_attributes(exported, tmp_p
         # the MoE node alone (the whole graph stops at the first attention node)
         m = onnx.load(str(tmp_path / "t.onnx"))
         node = next(n for n in m.graph.node if n.op_type == "MoE")
-        inits = [t for t in m.graph.initializer if t.name in node.input]
-        H, E = 64, 4
-        inputs = [helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT, ["T", H]),
-                  helper.make_tensor_value_info(node.input[1], TensorProto.FLOAT, ["T", E]),
-                  helper.make_tensor_value_info(STATE_ACC, TensorProto.FLOAT, [8, H]),
-                  helper.make_tensor_value_info(STATE_COUNT, TensorProto.INT32, [8])]
-        outputs = [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, ["T", H])]
-        one = helper.make_model(helper.make_graph([node], "moe", inputs, outputs, inits), opset_imports=m.opset_import)
+        one = _moe_alone(m, node)
         network2 = builder.create_network(flags)
         parser2 = trt.OnnxParser(network2, logger)
         assert not parser2.parse(one.SerializeToString())
@@ -195,22 +203,15 @@ def test_parser_hands_the_int4_moe_node_to_its_plugin(exported, tmp_path):
     """The int4 Mixtral graph's MoEInt4 node is looked up as plugin ("MoEInt4", "1", "mixtrt") and created with
     exactly its attribute k; its inputs (INT32 words, fp32 scales, the state pair) are imported."""
     from mixtrt.export import export_onnx
-    from mixtrt.export.tensorrt_build import MOE_INT4, STATE_ACC, STATE_COUNT, tensorrt_graph
+    from mixtrt.export.tensorrt_build import MOE_INT4, tensorrt_graph
 
     art = export_onnx(exported["mixtral-window"][0], tmp_path / "art", precision="int4", progress=None)
     tensorrt_graph(art / "model.onnx", tmp_path / "t.onnx", max_tokens=8)
     m = onnx.load(str(tmp_path / "t.onnx"))
     node = next(n for n in m.graph.node if n.op_type == MOE_INT4)
-    inits = [t for t in m.graph.initializer if t.name in node.input]
-    assert sorted(t.data_type for t in inits) == [TensorProto.FLOAT, TensorProto.FLOAT, TensorProto.INT32,
-                                                  TensorProto.INT32]
-    H, E = 64, 4
-    inputs = [helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT, ["T", H]),
-              helper.make_tensor_value_info(node.input[1], TensorProto.FLOAT, ["T", E]),
-              helper.make_tensor_value_info(STATE_ACC, TensorProto.FLOAT, [8, H]),
-              helper.make_tensor_value_info(STATE_COUNT, TensorProto.INT32, [8])]
-    outputs = [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, ["T", H])]
-    one = helper.make_model(helper.make_graph([node], "moe4", inputs, outputs, inits), opset_imports=m.opset_import)
+    one = _moe_alone(m, node)
+    assert sorted(t.data_type for t in one.graph.initializer) == [TensorProto.FLOAT, TensorProto.FLOAT,
+                                                                 TensorProto.INT32, TensorProto.INT32]
     rec = _Recorder()
     creator = rec.creator(MOE_INT4, [("k", trt.PluginFieldType.INT32)])
     registry = trt.get_plugin_registry()

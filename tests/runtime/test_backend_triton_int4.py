@@ -26,6 +26,7 @@ from mixtrt.runtime.errors import ArtifactError  # noqa: E402
 from mixtrt.runtime.generation import GenerationConfig, Generator  # noqa: E402
 from mixtrt.runtime.manifest import Manifest  # noqa: E402
 from tests.checkpoints import EXPORT_W  # noqa: E402
+from tests.int4_forms import int4_table  # noqa: E402
 
 FAMILIES = ["mistral-window", "mixtral-window"]
 BLOCK = 64  # hidden 64 takes it; intermediate 96 does not: 32 for those tensors
@@ -83,7 +84,7 @@ def test_matmulnbits_and_4bit_gather_forms_read_as_the_artifacts(int4_artifacts,
     import onnx
     from onnx import helper, numpy_helper
 
-    from mixtrt.plugins.int4 import matmulnbits_layout, pack_int4, unpack_int4
+    from mixtrt.plugins.int4 import matmulnbits_layout, unpack_int4
     from mixtrt.runtime.backends.graph_weights import read_graph_weights
 
     art = int4_artifacts["mistral-window"]
@@ -115,15 +116,7 @@ def test_matmulnbits_and_4bit_gather_forms_read_as_the_artifacts(int4_artifacts,
         rewritten += 1
     assert rewritten == 4 * args.num_hidden_layers + 3 * args.num_hidden_layers + 1  # q/k/v/o, w1/w2/w3, lm_head
     gather = next(n for n in nodes if n.op_type == "GatherBlockQuantized")
-    block = next(a.i for a in gather.attribute if a.name == "block_size")
-    rng = np.random.default_rng(0)
-    table = rng.standard_normal((args.vocab_size, args.hidden_size)).astype(np.float32)
-    q4, s4 = pack_int4(table, block)
-    g.initializer.extend([numpy_helper.from_array(matmulnbits_layout(q4, block).reshape(q4.shape), "table4"),
-                          numpy_helper.from_array(s4, "scales4")])
-    gather.CopyFrom(helper.make_node("GatherBlockQuantized", ["table4", gather.input[1], "scales4"],
-                                     list(gather.output), name=gather.name, domain="com.microsoft", gather_axis=0,
-                                     quantize_axis=1, block_size=block, bits=4))
+    q4, s4 = int4_table(g, gather, (args.vocab_size, args.hidden_size))
     del g.node[:]
     g.node.extend(nodes)
     onnx.save(model, str(tmp_path / "model.onnx"))
