@@ -244,6 +244,11 @@ class Row:
     pending: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # this turn's tokens to prefill
 
     @property
+    def queue_s(self) -> float:
+        """How long it waited before its prefill began (for a cache row, behind other rows)."""
+        return max(self.t_admitted - self.t0, 0.0)
+
+    @property
     def sequence(self) -> list[int]:
         """Every token of the row so far: earlier turns, this turn's prompt, generated tokens."""
         return self.history + self.prompt + self.tokens

@@ -430,7 +430,7 @@ def _log(call: _Call) -> None:
     first = rows[0] if rows else None
     prefill = first.t_prefill if first is not None and first.tokens else None
     ttft = first.t_first - call.t0 if first is not None and first.tokens else None
-    queue = max(first.t_admitted - call.t0, 0.0) if first is not None and first.tokens else None
+    queue = first.queue_s if first is not None and first.tokens else None
     sent = call.t_first_sent - call.t0 if call.t_first_sent is not None else None
     record = {
         "event": "request", "id": call.id, "endpoint": call.kind, "status": call.status, "end": call.end,

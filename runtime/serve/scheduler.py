@@ -11,9 +11,9 @@ Each iteration applies the cancels, adds the new rows (a request of P prompts wi
 rows, choice p * n + j sampling with index j, so a seeded choice depends only on its seed and j), then runs
 one step in its parts (`Engine.parts(prefill_chunk)`): prefills touching one row each, at most
 `prefill_chunk` prompt tokens in all while rows decode (a longer prompt goes on at the next steps), then
-the decode step. After each part its events go back to each request's asyncio loop (one call per request)
-and the loop waits, briefly, for them to reach the sockets (`_handoff`: one call into each event loop per
-part, which delivers and then marks the tasks it woke as run).
+the decode step. After each part its events go back to the requests' asyncio loops and the engine waits,
+briefly, for them to reach the sockets (`_handoff`: one call into each event loop per part, which delivers
+and then marks the tasks it woke as run).
 
 Back-pressure: a request is refused (QueueFull) when the rows waiting for a free engine row would pass
 `max_queue`; it never waits unboundedly. `stop(drain_s)` refuses new requests, lets the running ones
@@ -284,7 +284,7 @@ class EngineLoop:
             m.prompt_tokens.inc(len(row.prompt))
             m.ttft.observe(row.t_first - row.t0)
             m.prefill.observe(row.t_prefill)
-            m.queue.observe(max(row.t_admitted - row.t0, 0.0))
+            m.queue.observe(row.queue_s)
         else:
             m.itl.observe(row.t_last - self._last[row.id])
         self._last[row.id] = row.t_last
