@@ -194,7 +194,6 @@ class Int4Plan:
         self.blocks: dict[str, int] = {}
         self.floats: dict[str, str] = {}
         self.eight: list[str] = []
-        self.int8: tuple[str, ...] = ()  # set by of_graph (int8_patterns)
         self.moe: tuple[int, int, int, int, int] | None = None  # E, hidden, inter, block fc1, block fc2
 
     def _choose(self, lbl: str, k: int, bits: int) -> int | None:
@@ -217,8 +216,7 @@ class Int4Plan:
         shapes = {w.value.name: tuple(w.value.shape) for w in weights
                   if w.value.dtype is not None and w.value.dtype.is_floating_point()}
         users = Counter(i.name for n in ir_model.graph for i in n.inputs if i is not None)
-        plan.int8 = int8_patterns(options, any(node.domain == DOMAIN and node.op_type == "MoE"
-                                               for node in ir_model.graph))
+        int8 = int8_patterns(options, any(node.domain == DOMAIN and node.op_type == "MoE" for node in ir_model.graph))
         moe_nodes = []
         for node in ir_model.graph:
             ins = [i.name if i is not None else "" for i in node.inputs]
@@ -226,7 +224,7 @@ class Int4Plan:
                     and users[ins[1]] == 1:
                 lbl = node_label(node)
                 k = shapes[ins[1]][0]  # stored [K, N]
-                bits = 8 if kept(lbl, plan.int8) else 4
+                bits = 8 if kept(lbl, int8) else 4
                 b = plan._choose(lbl, k, bits)
                 if b is not None:
                     if bits == 8:
@@ -235,7 +233,7 @@ class Int4Plan:
             elif node.op_type == "Gather" and ins and len(shapes.get(ins[0], ())) == 2 and users[ins[0]] == 1 \
                     and node_label(node).endswith("embed_tokens"):
                 lbl = node_label(node)
-                bits = 8 if kept(lbl, plan.int8) else 4
+                bits = 8 if kept(lbl, int8) else 4
                 b = plan._choose(lbl, shapes[ins[0]][1], bits)
                 if b is not None:
                     if bits == 8:
