@@ -26,13 +26,13 @@ class Extra:
 
 
 EXTRAS: dict[str, Extra] = {
-    "base": Extra(("numpy", "onnxruntime", "sentencepiece", "jinja2"),
+    "base": Extra(("numpy", "onnxruntime", "onnx", "sentencepiece", "jinja2"),
                   "the runtime: generate, chat, inspect on the CPU"),
     "export": Extra(("torch", "onnx", "onnxscript", "onnx_ir", "tqdm"), "export checkpoints to artifacts"),
     "mistral": Extra(("mistral_common",), "Mistral's own tokenizer files (v3, v7, tekken)"),
     "serve": Extra(("fastapi", "uvicorn", "prometheus_client"), "the OpenAI-compatible server"),
     "ray": Extra(("ray",), "scale-out on Ray Serve"),
-    "gpu": Extra(("torch", "triton", "onnx"), "the Triton GPU backend"),
+    "gpu": Extra(("torch", "triton"), "the Triton GPU backend"),
     "tensorrt": Extra(("tensorrt", "polygraphy"),
                       "TensorRT engines; building and running one needs an NVIDIA GPU with CUDA"),
     "bench": Extra(("matplotlib", "psutil"), "the benchmark scripts and their charts"),

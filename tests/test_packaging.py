@@ -84,7 +84,7 @@ def test_extras_table_matches_pyproject():
 
 @pytest.fixture(scope="module")
 def runtime_venv(tmp_path_factory, wheel) -> Path:
-    """A venv with the wheel and its runtime dependencies only: no torch, no onnx, no transformers."""
+    """A venv with the wheel and its runtime dependencies only: no torch, no onnxscript, no transformers."""
     venv = tmp_path_factory.mktemp("runtime-venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
@@ -102,7 +102,7 @@ def _run(venv: Path, *args: str, stdin: str | None = None) -> subprocess.Complet
 
 def test_runtime_only_install_runs_generate_and_inspect(runtime_venv, exported):
     absent = subprocess.run([str(runtime_venv / "bin" / "python"), "-c",
-                             "import importlib.util as u; print([m for m in ('torch', 'onnx', 'transformers') "
+                             "import importlib.util as u; print([m for m in ('torch', 'onnxscript', 'transformers') "
                              "if u.find_spec(m)])"], capture_output=True, text=True)
     assert absent.stdout.strip() == "[]", absent
     _, art = exported["mixtral-window"]

@@ -37,8 +37,14 @@ def bind_array(binding: Any, name: str, array: np.ndarray, *, output: bool = Fal
 class OrtBackend:
     """Runs an artifact's model.onnx on ONNX Runtime (CPU)."""
 
-    def __init__(self, directory: Path, manifest: Manifest, threads: int | None = None) -> None:
+    def __init__(self, directory: Path, manifest: Manifest, threads: int | None = None, fuse: bool = True) -> None:
+        """fuse: apply ort_fusions' rewrites to the graph before creating the session (packed q/k/v, residual
+        norms); False runs model.onnx as written (for comparisons)."""
+        import onnx
         import onnxruntime as ort
+
+        from mixtrt.runtime.backends.ort_fusions import FusionCounts
+        from mixtrt.runtime.backends.ort_fusions import fuse as fuse_graph
 
         self.directory = Path(directory)
         self.manifest = manifest
@@ -59,10 +65,22 @@ class OrtBackend:
                                           str(manifest.quantization.accuracy_level))
         model_path = self.directory / MODEL_FILE
         manifest.check_graph_io(self.directory)
+        self.fusions = FusionCounts()
         try:
+            if fuse:
+                model = onnx.load(str(model_path), load_external_data=False)
+                self.fusions = fuse_graph(model, self.directory)
+                source: str | bytes = model.SerializeToString()
+                del model
+                # the rewritten graph comes as bytes: its external data is found beside model.onnx
+                opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                              str(self.directory))
+            else:
+                source = str(model_path)
             # CPU only: the cache is bound through host pointers (a CUDA path needs device buffers)
-            self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types
+            self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+            del source
+        except Exception as e:  # onnx and onnxruntime raise their own exception types
             raise ArtifactError(f"{model_path}: onnxruntime cannot load the graph: {_first_line(e)}") from None
         _release_freed_heap()
         manifest.check_graph(model_path, [_spec(t) for t in self.session.get_inputs()],
@@ -75,10 +93,11 @@ class OrtBackend:
         return cls(directory, manifest, threads=threads)
 
     @classmethod
-    def load(cls, directory: str | Path, threads: int | None = None, verify: bool = True) -> OrtBackend:
+    def load(cls, directory: str | Path, threads: int | None = None, verify: bool = True, fuse: bool = True
+             ) -> OrtBackend:
         """verify: check each file's sha256 against the manifest (sizes are always checked)."""
         directory = Path(directory)
-        return cls(directory, Manifest.load(directory, verify=verify), threads=threads)
+        return cls(directory, Manifest.load(directory, verify=verify), threads=threads, fuse=fuse)
 
     def _needs(self, causal_lm: bool, what: str) -> None:
         if (self.head == "causal_lm") != causal_lm:
