@@ -170,7 +170,9 @@ def test_node_and_function_shape():
     assert (f.domain, f.name) == ("mixtrt", "MoE")
     assert list(f.input) == moe_onnx_op.input_names(3)
     gemms = [n.input[1] for n in f.node if n.op_type == "Gemm"]  # one Gemm pair per expert, on the inputs
-    assert gemms == ["fc1_0", "fc2_0", "fc1_1", "fc2_1", "fc1_2", "fc2_2"]
+    assert gemms == ["fc1_0", "fc1_1", "fc1_2", "fc2_0", "fc2_1", "fc2_2"]
+    # SwiGLU once over all pairs, not per expert
+    assert [n.op_type for n in f.node].count("Sigmoid") == 1
     assert ("mixtrt", VERSION) in {(o.domain, o.version) for o in model.opset_import}
     moe_onnx_op.register_schema()  # idempotent
     assert onnx.defs.has("MoE", "mixtrt")
