@@ -133,5 +133,5 @@ def test_every_command_help_and_the_missing_extra_message(runtime_venv):
     r = _run(runtime_venv, "export", str(runtime_venv))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
-        "mixtrt export: error: `mixtrt export` needs torch, onnx, onnxscript, onnx_ir, tqdm, which are not "
+        "mixtrt export: error: `mixtrt export` needs torch, onnxscript, onnx_ir, tqdm, which are not "
         "installed (export checkpoints to artifacts): pip install 'mixtrt[export]'"]

@@ -80,9 +80,10 @@ def function_proto(num_experts: int, opset: int = 18) -> onnx.FunctionProto:
     expert once, so each expert's rows are one contiguous run of the sorted rows: one Split by the
     per-expert counts gives each expert its rows for its Gemm with fc1_e (transB); SwiGLU runs once over all
     pairs (the fc1 outputs concatenated, still sorted), and the same Split gives each expert its rows for its
-    Gemm with fc2_e. An expert with no rows gets an empty piece and its Gemms cost nothing. The expert outputs are concatenated,
-    scaled by their routing weights and added into their tokens' rows of an fp32 accumulator (one
-    ScatterND add). fc1_e/fc2_e are the graph's initializers after inlining, so onnxruntime pre-packs them.
+    Gemm with fc2_e. An expert with no rows gets an empty piece and its Gemms cost nothing. The expert
+    outputs are concatenated, scaled by their routing weights and added into their tokens' rows of an fp32
+    accumulator (one ScatterND add). fc1_e/fc2_e are the graph's initializers after inlining, so onnxruntime
+    pre-packs them.
 
         router_logits ─► Softmax ─► TopK(k) ─► w [T, k], e [T, k] ─► pairs sorted by expert (TopK ascending)
         hidden ─► Gather(sorted pairs' tokens) ─► Split(counts) ─► Gemm fc1_e per expert ─► Concat ─► SwiGLU
