@@ -1,7 +1,8 @@
 """INT4 weight-only: mixtrt int4 vs mixtrt fp32 vs llama.cpp q4_0 / q4_K_M vs onnxruntime-genai int4 (Mistral only:
 its builder refuses Mixtral), on the Mixtral- and Mistral-shaped benchmark models (random 0.02-init weights).
 
-Batch 1, a 128-token prompt, 256 greedy tokens, 2 threads, each engine in its own subprocess (peak RSS is its own):
+Batch 1, a 128-token prompt, 256 greedy tokens, 2 threads, each engine in its own subprocess (peak RSS is its own),
+`--passes` interleaved passes over the engines (medians and min-max reported):
 prefill and decode tok/s, peak RSS, artifact bytes, weight bytes per decoded token and the decode rate as a fraction
 of the read-bandwidth limit (int4: from the manifest's bytes_per_token). llama.cpp runs as llama-server with
 `--no-repack`: its repacked CPU kernels crash (exit -11) on quantized GGUFs of these models on this machine.
@@ -17,13 +18,14 @@ builder writes (its int4 lm_head is MatMulNBits bits 4, block 32, accuracy level
 like-for-like row against genai (benchmarks/profile_int4.py compares the steps op by op).
 Needs the peers (benchmarks/setup_peers.sh, MIXTRT_PEERS_DIR).
 
-    .venv/bin/python benchmarks/bench_int4.py [--models mixtral mistral] [--threads 2] [--engines ...]
+    .venv/bin/python benchmarks/bench_int4.py [--models mixtral mistral] [--threads 2] [--engines ...] [--passes 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -135,6 +137,7 @@ def main() -> None:
     ap.add_argument("--no-builtin", action="store_true", help="skip the built-in model's KL comparison")
     ap.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES, help="the engines to time")
     ap.add_argument("--no-quality", dest="quality", action="store_false", help="timings only (no KL, no agreement)")
+    ap.add_argument("--passes", type=int, default=3, help="interleaved passes over the engines (medians reported)")
     ns = ap.parse_args()
     from peers import genai_generate, genai_model_from_checkpoint, gguf_from_checkpoint
 
@@ -169,7 +172,7 @@ def main() -> None:
         fp32_bpt = bytes_per_token(SHAPES[name])
         int4_bpt = {f: Manifest.read(arts[f]).summary["bytes_per_token"] for f in INT4_FORMS}
         rows = []
-        for rep in range(2):  # interleaved, best of two
+        for rep in range(ns.passes):  # interleaved: a change of machine load hits every engine alike
             for eng in ns.engines:
                 t = time.perf_counter()
                 if eng.startswith("mixtrt"):
@@ -184,16 +187,19 @@ def main() -> None:
                 rows.append(r)
         print(f"\n{name}: fp32 weights {fp32_bpt / 2**20:.1f} MiB/token, int4 {int4_bpt['int4'] / 2**20:.1f} "
               f"MiB/token, int4 lm4 {int4_bpt['int4 lm4'] / 2**20:.1f} MiB/token")
-        print(f"{'engine':<17}{'prefill tok/s':>14}{'decode tok/s':>13}{'peak RSS MiB':>13}{'artifact MiB':>13}"
-              f"{'of bw limit':>12}")
+        print(f"{'engine':<17}{'prefill tok/s':>14}{'decode tok/s (min-max)':>25}{'peak RSS MiB':>13}"
+              f"{'artifact MiB':>13}{'of bw limit':>12}   (medians of {ns.passes} interleaved passes)")
         for eng in dict.fromkeys(r["engine"] for r in rows):
-            best = max((r for r in rows if r["engine"] == eng), key=lambda r: r["decode_tok_s"])
+            mine = [r for r in rows if r["engine"] == eng]
+            decode = [r["decode_tok_s"] for r in mine]
+            med = statistics.median(decode)
             art = arts[eng.removeprefix("mixtrt ")] if eng.startswith("mixtrt") else genai if eng == "genai int4" \
                 else ggufs[eng.split()[1]]
             bpt = fp32_bpt if eng == "mixtrt fp32" else int4_bpt.get(eng.removeprefix("mixtrt "))
-            frac = f"{best['decode_tok_s'] * bpt / (bw * 1e9):>11.0%}" if bpt else f"{'':>11}"
-            print(f"{eng:<17}{best['prefill_tok_s']:>14.1f}{best['decode_tok_s']:>13.1f}{best['peak_rss_mib']:>13.0f}"
-                  f"{size(Path(art)) / 2**20:>13.1f}{frac}")
+            frac = f"{med * bpt / (bw * 1e9):>11.0%}" if bpt else f"{'':>11}"
+            spread = f"{med:.1f} ({min(decode):.1f}-{max(decode):.1f})"
+            print(f"{eng:<17}{statistics.median(r['prefill_tok_s'] for r in mine):>14.1f}{spread:>25}"
+                  f"{max(r['peak_rss_mib'] for r in mine):>13.0f}{size(Path(art)) / 2**20:>13.1f}{frac}")
         if not ns.quality:
             continue
         # quality: teacher-forced over prompt + 255 tokens of the fp32 greedy continuation
