@@ -10,11 +10,12 @@ itself, so the backend rewrites the graph in memory at load (the artifact's file
   wants an Add with a single consumer; the residual sum always has two.)
 - **Packed q/k/v.** The three projections of one attention node, MatMuls of the same input by three float
   initializers (or by three `DequantizeLinear`s of INT4/INT8 initializers with the same block layout), become
-  one MatMul by their concatenation along the output axis: a `Concat` of initializers, which onnxruntime folds
-  at load (and, for the quantized form, then fuses with the MatMul into one `MatMulNBits`). When the attention
-  node's body is GroupQueryAttention with its own rotary (head dim % 16 == 0), the node becomes that
-  GroupQueryAttention fed the packed projection (its `key` and `value` inputs empty); otherwise a `Split`
-  restores q, k and v for the node.
+  one MatMul by their concatenation along the output axis: a `Concat` of float initializers, which onnxruntime
+  folds at load; quantized ones (onnxruntime's Concat takes no INT4) are concatenated here and held in the graph,
+  up to MAX_HELD_BYTES in all, and onnxruntime fuses their DequantizeLinear and the MatMul into one
+  `MatMulNBits`. When the attention node's body is GroupQueryAttention with its own rotary (head dim % 16 == 0),
+  the node becomes that GroupQueryAttention fed the packed projection (its `key` and `value` inputs empty);
+  otherwise a `Split` restores q, k and v for the node.
 
 Both are exact rearrangements of the same arithmetic, within float rounding (the sums and the norm are
 computed in the same order per row, so batch invariance is kept; tests compare against the unrewritten graph).
@@ -33,6 +34,10 @@ from onnx import helper, numpy_helper
 
 MS_DOMAIN = "com.microsoft"
 SWA = ("mixtrt", "SlidingWindowAttention")
+# Packed quantized q/k/v are held in the graph proto, which onnxruntime copies while it creates the session (the
+# serialized bytes, its parsed model, then its pre-packed weights): about 3x these bytes at load. A model whose
+# quantized q/k/v pass this (a 7B dense int4 model: ~500 MB) keeps them apart; the norms are fused anyway.
+MAX_HELD_BYTES = 256 << 20
 
 
 @dataclass
@@ -42,6 +47,7 @@ class FusionCounts:
     residual_norms: int = 0
     packed_qkv: int = 0
     packed_attention: int = 0  # of packed_qkv: the attention node became GroupQueryAttention on the packed input
+    held_bytes: int = 0  # quantized q/k/v bytes packed into the graph itself (MAX_HELD_BYTES at most)
     skipped: list[str] = field(default_factory=list)  # attention nodes left unpacked, and why
 
 
@@ -216,6 +222,13 @@ def _packed_qkv(g: _Graph, model: onnx.ModelProto, counts: FusionCounts, base_di
             counts.skipped.append(f"{label}: q/k/v weights differ in type or layout")
             continue
         widths = [int(g.inits[p.weight].dims[1]) for p in projs]
+        if q.dq is not None:
+            held = sum(_nbytes(g.inits[n]) for p in projs if p.dq is not None for n in (p.weight, p.dq.input[1]))
+            if counts.held_bytes + held > MAX_HELD_BYTES:
+                counts.skipped.append(f"{label}: the packed quantized copies would pass {MAX_HELD_BYTES >> 20} MiB "
+                                      "held in the graph at load")
+                continue
+            counts.held_bytes += held
         base = f"{label}_qkv"
         if q.dq is None:  # float: a Concat of the initializers, folded by onnxruntime at load
             packed = f"{base}.weight"
@@ -244,6 +257,14 @@ def _packed_qkv(g: _Graph, model: onnx.ModelProto, counts: FusionCounts, base_di
                 g.removed.add(id(p.dq))
         g.before[id(q.matmul)].extend(new)
         counts.packed_qkv += 1
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    """A quantized or float initializer's stored bytes (its external data length, else its raw data)."""
+    for entry in t.external_data:
+        if entry.key == "length":
+            return int(entry.value)
+    return len(t.raw_data)
 
 
 def _int64(values: list[int]) -> np.ndarray:

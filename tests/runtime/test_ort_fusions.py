@@ -104,3 +104,19 @@ def test_mixed_quantized_projections_are_left(tmp_path):
     assert len(backend.fusions.skipped) == backend.args.num_hidden_layers
     assert all("differ in type" in s for s in backend.fusions.skipped)
     assert backend.fusions.residual_norms == 2 * backend.args.num_hidden_layers
+
+
+def test_quantized_packing_is_bounded_by_the_bytes_held_in_the_graph(artifacts, monkeypatch):
+    """Packed quantized q/k/v live in the graph proto (copied at session creation): past MAX_HELD_BYTES a layer keeps
+    its three projections, says why, and the graph still gives the same logits."""
+    from mixtrt.runtime.backends import ort_fusions
+
+    art = artifacts["mistral-int4"]
+    model = onnx.load(str(art / MODEL_FILE), load_external_data=False)
+    per_layer = fuse(model, art).held_bytes // 2  # the 2 layers' packed bytes
+    monkeypatch.setattr(ort_fusions, "MAX_HELD_BYTES", per_layer)
+    backend, plain = OrtBackend.load(art, threads=1), OrtBackend.load(art, threads=1, fuse=False)
+    assert backend.fusions.packed_qkv == 1 and backend.fusions.held_bytes == per_layer
+    assert len(backend.fusions.skipped) == 1 and "MiB held in the graph" in backend.fusions.skipped[0]
+    for got, want in zip(_run(backend), _run(plain), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
