@@ -32,8 +32,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-MS_DOMAIN = "com.microsoft"
-SWA = ("mixtrt", "SlidingWindowAttention")
+from mixtrt.plugins import DOMAIN
+from mixtrt.plugins.onnx_common import MS_DOMAIN
+from mixtrt.plugins.swa import OP_TYPE as SWA_OP
+
+SWA = (DOMAIN, SWA_OP)
 # Packed quantized q/k/v are held in the graph proto, which onnxruntime copies while it creates the session (the
 # serialized bytes, its parsed model, then its pre-packed weights): about 3x these bytes at load. A model whose
 # quantized q/k/v pass this (a 7B dense int4 model: ~500 MB) keeps them apart; the norms are fused anyway.
@@ -200,7 +203,7 @@ def _projection(g: _Graph, name: str, swa: onnx.NodeProto) -> _Projection | None
 
 def _packed_qkv(g: _Graph, model: onnx.ModelProto, counts: FusionCounts, base_dir: str) -> None:
     gqa_body = _gqa_body(model)
-    shared: dict[str, str] = {}
+    lengths: dict[str, tuple[str, str]] = {}
     for swa in list(g.graph.node):
         if (swa.domain, swa.op_type) != SWA:
             continue
@@ -243,12 +246,12 @@ def _packed_qkv(g: _Graph, model: onnx.ModelProto, counts: FusionCounts, base_di
         qkv = f"{base}.out"
         new.append(helper.make_node("MatMul", [q.matmul.input[0], packed], [qkv], name=f"{base}_matmul"))
         if gqa_body is not None:
-            new.extend(_packed_gqa(swa, qkv, gqa_body, shared, g))
+            new.extend(_packed_gqa(swa, qkv, gqa_body, lengths, g))
             g.removed.add(id(swa))
             counts.packed_attention += 1
         else:
             split = f"{base}.split"
-            g.inits[split] = numpy_helper.from_array(_int64(widths), split)
+            g.inits[split] = numpy_helper.from_array(np.asarray(widths, np.int64), split)
             g.graph.initializer.append(g.inits[split])
             new.append(helper.make_node("Split", [qkv, split], list(swa.input[:3]), axis=-1, name=f"{base}_split"))
         for p in projs:
@@ -267,10 +270,6 @@ def _nbytes(t: onnx.TensorProto) -> int:
     return len(t.raw_data)
 
 
-def _int64(values: list[int]) -> np.ndarray:
-    return np.asarray(values, np.int64)
-
-
 def _concat(g: _Graph, names: list[str], out: str, base_dir: str) -> str:
     """A new initializer `out`: the initializers `names` concatenated along axis 1; they leave the graph when
     nothing else reads them."""
@@ -285,7 +284,13 @@ def _concat(g: _Graph, names: list[str], out: str, base_dir: str) -> str:
     return out
 
 
-def _gqa_body(model: onnx.ModelProto) -> onnx.NodeProto | None:
+@dataclass
+class _GqaBody:
+    node: onnx.NodeProto  # the body's GroupQueryAttention
+    defaults: dict[str, onnx.AttributeProto]  # the function's default attribute values (an omitted `scale`)
+
+
+def _gqa_body(model: onnx.ModelProto) -> _GqaBody | None:
     """The GroupQueryAttention node of the attention op's local function when that body is GroupQueryAttention
     with its own rotary on the op's q, k and v (the "gqa" body, plugins/swa/onnx_op.py), else None."""
     for f in model.functions:
@@ -294,41 +299,37 @@ def _gqa_body(model: onnx.ModelProto) -> onnx.NodeProto | None:
         gqa = [n for n in f.node if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN]
         if len(gqa) == 1 and list(gqa[0].input[:3]) == ["q", "k", "v"] and _attr(gqa[0], "do_rotary") == 1:
             others = {n.op_type for n in f.node} - {"GroupQueryAttention", "Constant", "Sub", "ReduceMax"}
-            return gqa[0] if not others else None
+            return _GqaBody(gqa[0], {a.name: a for a in f.attribute_proto}) if not others else None
     return None
 
 
-def _packed_gqa(swa: onnx.NodeProto, qkv: str, body: onnx.NodeProto, shared: dict[str, str], g: _Graph
+def _packed_gqa(swa: onnx.NodeProto, qkv: str, body: _GqaBody, lengths: dict[str, tuple[str, str]], g: _Graph
                 ) -> list[onnx.NodeProto]:
     """The attention node as the body's GroupQueryAttention on the packed projection: the body's attribute
-    references resolved against the node (and the op's defaults), seqlens_k / total_sequence_length computed
-    once for the graph from the node's total_lengths."""
+    references resolved against the node (else the function's defaults); seqlens_k and total_sequence_length
+    are computed once for the graph from the node's total_lengths (`lengths` keeps them by that input's name)."""
     new: list[onnx.NodeProto] = []
-    lengths = swa.input[5]
-    if lengths not in shared:
-        one = f"{lengths}_one_i32"
+    total_lengths = swa.input[5]
+    if total_lengths not in lengths:
+        one = f"{total_lengths}_one_i32"
         g.inits[one] = numpy_helper.from_array(np.asarray(1, np.int32), one)
         g.graph.initializer.append(g.inits[one])
-        seqlens, total = f"{lengths}_seqlens_k", f"{lengths}_total"
-        new.append(helper.make_node("Sub", [lengths, one], [seqlens], name=f"{lengths}_sub_one"))
-        new.append(helper.make_node("ReduceMax", [lengths], [total], keepdims=0, name=f"{lengths}_max"))
-        shared[lengths] = seqlens
-        shared[f"{lengths}:total"] = total
-    values = {a.name: a for a in swa.attribute}
+        seqlens, total = f"{total_lengths}_seqlens_k", f"{total_lengths}_total"
+        new.append(helper.make_node("Sub", [total_lengths, one], [seqlens], name=f"{total_lengths}_sub_one"))
+        new.append(helper.make_node("ReduceMax", [total_lengths], [total], keepdims=0, name=f"{total_lengths}_max"))
+        lengths[total_lengths] = (seqlens, total)
+    seqlens, total = lengths[total_lengths]
     node = helper.make_node("GroupQueryAttention",
-                            [qkv, "", "", swa.input[3], swa.input[4], shared[lengths], shared[f"{lengths}:total"],
-                             swa.input[6], swa.input[7]],
+                            [qkv, "", "", swa.input[3], swa.input[4], seqlens, total, swa.input[6], swa.input[7]],
                             list(swa.output), name=f"{swa.name or swa.output[0]}_gqa", domain=MS_DOMAIN)
-    for a in body.attribute:
-        if a.ref_attr_name:
-            if a.ref_attr_name in values:
-                copy = onnx.AttributeProto()
-                copy.CopyFrom(values[a.ref_attr_name])
-                copy.name = a.name
-                node.attribute.append(copy)
-            elif a.ref_attr_name == "scale":
-                node.attribute.append(helper.make_attribute(a.name, 0.0))
-        else:
+    values = {**body.defaults, **{a.name: a for a in swa.attribute}}
+    for a in body.node.attribute:
+        if not a.ref_attr_name:
             node.attribute.append(a)
+        elif a.ref_attr_name in values:
+            copy = onnx.AttributeProto()
+            copy.CopyFrom(values[a.ref_attr_name])
+            copy.name = a.name
+            node.attribute.append(copy)
     new.append(node)
     return new
