@@ -145,6 +145,8 @@ class StreamDecoder:
         """Feed one id; returns the text it completes (often "", never a partial character)."""
         tok = self._tok
         token_id = int(token_id)
+        if token_id >= tok.vocab_size:  # a model row past the tokenizer's pieces (a padded vocabulary): no text
+            return self.flush()
         byte = tok._byte_of(token_id)
         if byte is not None:
             text, self._pending = _decode_bytes(self._pending + bytes([byte]), final=False)
@@ -255,15 +257,18 @@ class Tokenizer:
         place, without changing the text between them; <unk> is always sentencepiece's " ⁇ "."""
         ids = [int(i) for i in ids]
         for i in ids:
-            if not 0 <= i < self.vocab_size:
-                raise ConfigError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+            if i < 0:
+                raise ConfigError(f"token id {i} is negative")
+        # ids past the tokenizer's pieces (a model whose embedding is padded beyond them) have no text
+        ids = [i for i in ids if i < self.vocab_size]
         if skip_special:
             return self._sp.decode(ids)
         stream = StreamDecoder(self, skip_special=False)
         return "".join(stream.put(i) for i in ids) + stream.flush()
 
     def id_to_piece(self, i: int) -> str:
-        return self._sp.id_to_piece(int(i))
+        """The piece of id i; "" for an id past the tokenizer's pieces (a padded model vocabulary)."""
+        return self._sp.id_to_piece(int(i)) if int(i) < self.vocab_size else ""
 
     def piece_id(self, piece: str) -> int | None:
         """The id of `piece` ("</s>", "[INST]", "▁Hello"), None when the model has no such piece."""
