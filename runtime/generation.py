@@ -265,6 +265,27 @@ class EngineEvent:
     output: GenerationOutput | None = None
 
 
+PRIME_TOKENS = 64  # the context a continuation's decoder is fed: enough for any decoder's state at the prompt's end
+
+
+def primed_stream(tokenizer: Any, context: Sequence[int]) -> Any:
+    """A stream decoder that has decoded the tail of `context` (its text dropped): what it returns next is the
+    text the following ids add after the context's text. For sentencepiece, a "▁"-led first piece keeps its space
+    after visible text (a fresh decoder drops it as the dummy prefix); an incomplete UTF-8 character at the end
+    of the context completes in the following text.
+
+        >>> from mixtrt.runtime.tokenizer import Tokenizer
+        >>> tok = Tokenizer.load()
+        >>> prompt, word = tok.encode("The cat sat", bos=True), tok.encode("basketball", bos=False)
+        >>> tok.stream().put(word[0]), primed_stream(tok, prompt).put(word[0])
+        ('basketball', ' basketball')
+    """
+    stream = tokenizer.stream()
+    for token in list(context)[-PRIME_TOKENS:]:
+        stream.put(token)
+    return stream
+
+
 def check_prefill_budget(value: object, name: str = "prefill_budget") -> None:
     """An engine step's prefill budget: None (no limit) or an integer >= 1."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -320,16 +341,21 @@ class Engine:
         return prefill_chunk or capacity
 
     def add(self, prompt: list[int], config: GenerationConfig, *, sample_index: int = 0, keep: bool = False,
-            t0: float | None = None, name: str = "prompt 0") -> Row:
+            t0: float | None = None, name: str = "prompt 0", continuation: bool = False) -> Row:
         """Queue a row for `prompt` (token ids); everything is checked now, before any work. The row is
-        prefilled at the next step(). sample_index seeds its sampling with (config.seed, sample_index)."""
+        prefilled at the next step(). sample_index seeds its sampling with (config.seed, sample_index).
+
+        continuation: the row's text continues the prompt's (prompt text + row text = the decode of prompt +
+        generated ids, as a completions API returns it: a sentencepiece word's leading space is kept after the
+        prompt's text); False: the row's text is the decode of its generated ids alone (a new message)."""
         config.validate(self.backend.args)
         self.chunk(config.prefill_chunk)
         if not prompt:
             raise ConfigError(f"{name} is empty: a row needs at least one prompt token")
         self._check_fits(len(prompt), name)
+        decoder = primed_stream(self.tokenizer, prompt) if continuation else self.tokenizer.stream()
         row = Row(self._ids, list(prompt), config, self._sampler(config, sample_index, prompt),
-                  self.tokenizer.stream(), _StopText(config.stop_strings), keep,
+                  decoder, _StopText(config.stop_strings), keep,
                   time.perf_counter() if t0 is None else t0, name)
         self._ids += 1
         self.waiting.append(row)

@@ -27,11 +27,19 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mixtrt.runtime.errors import BackendError, ConfigError
 from mixtrt.runtime.generation import EngineEvent, GenerationOutput, Generator
 from mixtrt.runtime.prompts import check_messages_text, normalize_prompts
-from mixtrt.runtime.serve.logprobs import TokenTexts, chat_logprobs, completion_logprobs, merge, prompt_logprobs
+from mixtrt.runtime.serve.logprobs import (
+    TextOffsets,
+    TokenTexts,
+    chat_logprobs,
+    completion_logprobs,
+    merge,
+    prompt_logprobs,
+)
 from mixtrt.runtime.serve.metrics import Metrics
 from mixtrt.runtime.serve.protocol import ApiError, ChatRequest, CompletionRequest, chat_messages, overrides, parse
 from mixtrt.runtime.serve.scheduler import Cancelled, EngineLoop, NotAccepting, QueueFull
@@ -95,7 +103,17 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        # a full queue clears as rows finish: a client may retry after about a second
+        headers = {"Retry-After": "1"} if e.status == 429 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        # unknown routes (404), wrong methods (405): OpenAI's error object, not the framework's {"detail"}
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return JSONResponse(ApiError(message, e.status_code, type=kind).body(), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -123,6 +141,17 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
         return JSONResponse({"object": "list", "data": [{
             "id": settings.name, "object": "model", "created": int(time.time()), "owned_by": "mixtrt",
             "max_model_len": limit}]})
+
+    @v1.get("/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> JSONResponse:
+        state = _ready(request)
+        assert state.loop is not None
+        if model_id != settings.name:
+            raise ApiError(f"the model '{model_id}' does not exist; this server serves '{settings.name}'", 404,
+                           param="model", code="model_not_found")
+        limit, _ = state.loop.engine.limit()
+        return JSONResponse({"id": settings.name, "object": "model", "created": int(time.time()),
+                             "owned_by": "mixtrt", "max_model_len": limit})
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
@@ -205,6 +234,7 @@ class _Call:
     outputs: dict[int, GenerationOutput] = field(default_factory=dict)
     status: int | None = 200  # the HTTP status the client got; None: it left before a response was sent
     end: str = "finished"  # or how it was cut short: disconnect / shutdown / error
+    offsets: dict[int, TextOffsets] = field(default_factory=dict)  # per streamed choice with logprobs
 
 
 async def _generate(request: Request, model: type[CompletionRequest] | type[ChatRequest]) -> Response:
@@ -217,6 +247,8 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
         body = json.loads(raw)
     except ValueError as e:
         raise ApiError(f"malformed JSON in the request body: {e}") from None
+    except RecursionError:  # json's decoder recurses per nesting level
+        raise ApiError("malformed JSON in the request body: nested too deeply") from None
     req = parse(model, body)
     if req.model is not None and req.model != s.name:
         raise ApiError(f"the model '{req.model}' does not exist; this server serves '{s.name}'", 404, param="model",
@@ -252,7 +284,7 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
         raise ApiError(str(e)) from None
     rid = uuid.uuid4().hex
     try:
-        handle = loop.submit(prompts, config, req.n, rid, t0)
+        handle = loop.submit(prompts, config, req.n, rid, t0, continuation=kind == "completions")
     except QueueFull as e:
         raise ApiError(f"the server is busy: {e}", 429, type="rate_limit_error") from None
     except NotAccepting as e:
@@ -388,8 +420,8 @@ def _full_choice(call: _Call, state: _State, i: int) -> dict[str, Any]:
     lp = None
     if out.logprobs is not None:
         k = call.req.logprobs or 0
-        gen_lp = completion_logprobs(_texts(state), out.token_ids, list(out.logprobs), out.top_logprobs, k,
-                                      len(call.echo[p]))
+        offsets = TextOffsets(_texts(state).tokenizer, call.prompts[p], len(call.echo[p]))(out.token_ids)
+        gen_lp = completion_logprobs(_texts(state), out.token_ids, list(out.logprobs), out.top_logprobs, k, offsets)
         lp = merge(prompt_logprobs(_texts(state), call.prompts[p], out.prompt_logprobs, out.prompt_top_logprobs, k),
                     gen_lp) if call.echo[p] else gen_lp
     return {"index": i, "text": call.echo[p] + out.text, "logprobs": lp, "finish_reason": _finish(out)}
@@ -413,7 +445,11 @@ def _stream_logprobs(call: _Call, state: _State, row: Any, indices: list[int]) -
         top = (np.stack([row.top[t][0] for t in indices]), np.stack([row.top[t][1] for t in indices]))
     if call.kind == "chat":
         return chat_logprobs(_texts(state), ids, lps, top, _chat_k(call))
-    return completion_logprobs(_texts(state), ids, lps, top, call.req.logprobs or 0, 0)
+    i = call.handle.rows.index(row)
+    if i not in call.offsets:  # offsets count from the start of the choice's whole text (the echo included)
+        p = i // call.req.n
+        call.offsets[i] = TextOffsets(_texts(state).tokenizer, call.prompts[p], len(call.echo[p]))
+    return completion_logprobs(_texts(state), ids, lps, top, call.req.logprobs or 0, call.offsets[i](ids))
 
 
 def _chat_k(call: _Call) -> int:

@@ -8,9 +8,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
+from mixtrt.runtime.generation import primed_stream
 
 
 class TokenTexts:
@@ -44,20 +45,41 @@ def top_dict(texts: TokenTexts, token: int, logprob: float, top: Any, t: int, k:
     return d
 
 
-def completion_logprobs(texts: TokenTexts, ids: list[int], lps: Any, top: Any, k: int, offset: int) -> dict[str, Any]:
-    tokens = [texts(t)[0] for t in ids]
-    offsets = np.cumsum([0] + [len(t) for t in tokens[:-1]]).tolist() if tokens else []
-    return {"tokens": tokens, "token_logprobs": [float(x) for x in lps],
+class TextOffsets:
+    """Where each token's text starts in the text a response returns (`text_offset`), by replaying the tokenizer's
+    stream decoder over the ids, so offsets index the returned text itself: a control token (BOS) adds nothing, a
+    word's leading space is where the text has one, the bytes of one character share its offset.
+
+        TextOffsets(tokenizer)(prompt_ids)                       # the echoed prompt, from 0
+        TextOffsets(tokenizer, prompt_ids, len(echo))(gen_ids)   # the continuation, after the echo (or from 0)
+    """
+
+    def __init__(self, tokenizer: Any, context: Sequence[int] = (), start: int = 0) -> None:
+        self.stream = primed_stream(tokenizer, context) if len(context) else tokenizer.stream()
+        self.position = start
+
+    def __call__(self, ids: Sequence[int]) -> list[int]:
+        out = []
+        for token in ids:
+            out.append(self.position)
+            self.position += len(self.stream.put(int(token)))
+        return out
+
+
+def completion_logprobs(texts: TokenTexts, ids: Sequence[int], lps: Any, top: Any, k: int,
+                        offsets: list[int]) -> dict[str, Any]:
+    return {"tokens": [texts(t)[0] for t in ids], "token_logprobs": [float(x) for x in lps],
             "top_logprobs": [top_dict(texts, t, lps[n], top, n, k) for n, t in enumerate(ids)],
-            "text_offset": [offset + o for o in offsets]}
+            "text_offset": offsets}
 
 
 def prompt_logprobs(texts: TokenTexts, prompt: list[int], lps: Any, top: Any, k: int) -> dict[str, Any]:
     """The prompt's tokens with log p(prompt[t] | prompt[:t]); the first token has none (None)."""
-    rest = completion_logprobs(texts, prompt[1:], lps, top, k, len(texts(prompt[0])[0]))
+    offsets = TextOffsets(texts.tokenizer)(prompt)
+    rest = completion_logprobs(texts, prompt[1:], lps, top, k, offsets[1:])
     return {"tokens": [texts(prompt[0])[0]] + rest["tokens"],
             "token_logprobs": [None] + rest["token_logprobs"],
-            "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
+            "top_logprobs": [None] + rest["top_logprobs"], "text_offset": offsets}
 
 
 def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

@@ -30,9 +30,17 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
         server.should_exit = True
 
     app = create_app(settings, on_load_error=load_failed)
+    # the drain starts at the signal (the engine loop's deadline); uvicorn waits past it for the responses of
+    # the requests cancelled at the deadline to be written, instead of cutting them at the same moment
     config = uvicorn.Config(app, lifespan="on", access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=max(int(settings.drain_s), 1))
-    server = _server(config)
+                            timeout_graceful_shutdown=int(settings.drain_s) + RESPONSE_GRACE_S)
+
+    def begin_drain() -> None:
+        state = getattr(app.state, "mixtrt", None)
+        if state is not None and state.loop is not None:
+            state.loop.begin_stop(settings.drain_s)
+
+    server = _server(config, begin_drain)
     sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
                                 reuse_port=False)
     bound = sock.getsockname()
@@ -43,12 +51,20 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
     return 0
 
 
-def _server(config: Any) -> Any:
-    """A uvicorn.Server whose SIGTERM / SIGINT end the process normally after the drain (uvicorn re-raises
-    the signal afterwards, which would exit with 128 + signal instead of 0)."""
+RESPONSE_GRACE_S = 5  # after the drain deadline: time for the cancelled requests' responses to be written
+
+
+def _server(config: Any, on_signal: Any = None) -> Any:
+    """A uvicorn.Server whose SIGTERM / SIGINT start the engine's drain (on_signal) and end the process
+    normally after it (uvicorn re-raises the signal afterwards, which would exit with 128 + signal instead of 0)."""
     import uvicorn
 
     class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if on_signal is not None:
+                on_signal()
+            super().handle_exit(sig, frame)
+
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             handled = (signal.SIGINT, signal.SIGTERM)

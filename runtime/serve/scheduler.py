@@ -66,6 +66,7 @@ class Request:
     rows: list[Row] = field(default_factory=list)  # in choice order, once added (engine thread)
     finished: int = 0  # choices with an output (engine thread)
     ended: bool = False  # every choice finished, or cancelled (engine thread)
+    continuation: bool = False  # the rows' text continues the prompt's (completions), else a new message (chat)
 
     @property
     def choices(self) -> int:
@@ -114,15 +115,17 @@ class EngineLoop:
 
     # ---- called from the server's threads ---------------------------------------------------------
     def submit(self, prompts: list[list[int]], config: GenerationConfig, n: int, request_id: str,
-               t0: float) -> Request:
-        """Queue a request (prompts already checked to fit); QueueFull / NotAccepting at once."""
-        req = Request(request_id, prompts, config, n, t0, asyncio.get_running_loop())
+               t0: float, continuation: bool = False) -> Request:
+        """Queue a request (prompts already checked to fit); QueueFull / NotAccepting at once. continuation:
+        see Engine.add."""
+        req = Request(request_id, prompts, config, n, t0, asyncio.get_running_loop(), continuation=continuation)
         with self._cond:
             if not self._accepting:
                 raise NotAccepting("the server is shutting down")
             if self._waiting_rows + req.choices - self._free_rows > self.max_queue:
-                raise QueueFull(f"{self._waiting_rows} rows already wait for the {self.max_batch} engine rows "
-                                f"(--max-queue {self.max_queue}); retry later")
+                raise QueueFull(f"{self._waiting_rows} rows wait for the {self.max_batch} engine rows and this "
+                                f"request needs {req.choices} more; at most {self.max_queue} may wait (--max-queue); "
+                                "retry later")
             self._waiting_rows += req.choices
             self._adds.append(req)
             self._cond.notify()
@@ -134,13 +137,18 @@ class EngineLoop:
             self._cancels.append((req, reason))
             self._cond.notify()
 
-    def stop(self, drain_s: float) -> None:
-        """Refuse new requests; let running ones finish for at most drain_s seconds, cancel the rest; return
-        when the loop has exited."""
+    def begin_stop(self, drain_s: float) -> None:
+        """Refuse new requests; running ones get at most drain_s seconds from now to finish, then they are
+        cancelled ("shutdown") and the loop exits. Returns at once; a second call keeps the first deadline."""
         with self._cond:
             self._accepting = False
-            self._deadline = time.perf_counter() + drain_s
+            if self._deadline is None:
+                self._deadline = time.perf_counter() + drain_s
             self._cond.notify()
+
+    def stop(self, drain_s: float) -> None:
+        """begin_stop(drain_s), then return when the loop has exited."""
+        self.begin_stop(drain_s)
         if self._thread.is_alive():
             self._thread.join()
 
@@ -182,7 +190,8 @@ class EngineLoop:
             for p, ids in enumerate(req.prompts):
                 for j in range(req.n):
                     row = self.engine.add(ids, req.config, sample_index=j, t0=req.t0,
-                                          name=f"request {req.id} choice {p * req.n + j}")
+                                          name=f"request {req.id} choice {p * req.n + j}",
+                                          continuation=req.continuation)
                     req.rows.append(row)
                     self._rows[row.id] = (req, row)
         except ConfigError as e:  # the server checks before submitting; a bug otherwise, answered as one

@@ -18,7 +18,7 @@ import httpx2 as httpx  # noqa: E402  (the HTTP client openai itself uses)
 import openai  # noqa: E402
 import uvicorn  # noqa: E402
 
-from mixtrt.runtime.generation import Generator  # noqa: E402
+from mixtrt.runtime.generation import Generator, primed_stream  # noqa: E402
 from mixtrt.runtime.serve.app import ServeSettings, create_app  # noqa: E402
 
 TIMEOUT = 30.0  # every client call is bounded
@@ -110,3 +110,11 @@ def server(generator, serve_artifact) -> Iterator[Server]:
     s = Server(generator, serve_artifact[1], max_batch=16, max_queue=64)
     yield s
     s.close()
+
+
+def continuation(gen: Generator, prompt: str | list[int], out: Any) -> str:
+    """The text a completion of `prompt` returns for the generated ids of `out`: it continues the prompt's text
+    (a word's leading space kept), where GenerationOutput.text is the decode of the generated ids alone."""
+    ids = prompt if isinstance(prompt, list) else gen.tokenizer.encode(prompt)
+    stream = primed_stream(gen.tokenizer, ids)
+    return "".join(stream.put(t) for t in out.token_ids) + stream.flush()

@@ -23,6 +23,7 @@ from tests.serve.conftest import TIMEOUT, Server, httpx, slow
 BAD = [  # (body, status, param, words in the message)
     (b'{"prompt": "a", "max_tokens": 3', 400, None, "malformed JSON"),
     (b'["a"]', 400, None, "JSON object"),
+    (b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None, "nested too deeply"),
     ({"prompt": "a", "max_tokens": "3"}, 400, "max_tokens", "valid integer"),
     ({"prompt": "a", "temperature": "hot"}, 400, "temperature", "valid number"),
     ({"prompt": "a", "stream": "yes"}, 400, "stream", "valid boolean"),
@@ -61,6 +62,13 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     r = server.http.post("/v1/completions", content=b'{"prompt": "' + b"a" * (5 << 20) + b'"}')
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
     assert server.openai.completions.create(model="tiny", prompt="a", max_tokens=2).usage.completion_tokens == 2
+    # routes: an unknown one and a wrong method get the error object too; a model is retrieved by its id
+    for method, path, status in [("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405)]:
+        r = server.http.request(method, path)
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+    assert server.openai.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        server.openai.models.retrieve("other")
 
 
 def test_api_key(generator, serve_artifact):
@@ -94,6 +102,7 @@ def test_disconnect_frees_the_row_and_a_full_queue_answers_429(generator, serve_
             with pytest.raises(openai.RateLimitError) as e:
                 s.openai.completions.create(model="tiny", prompt="b", max_tokens=2)
             assert e.value.status_code == 429 and e.value.body["type"] == "rate_limit_error"
+            assert e.value.response.headers["retry-after"] == "1"
         # the response was closed after one chunk: within a step or two the row is gone
         deadline = time.monotonic() + 5
         while s.metric("mixtrt:request_aborted_total", reason="disconnect") < 1:
@@ -187,6 +196,44 @@ def test_cli_serves_and_sigterm_drains_then_exits_0(serve_artifact, tmp_path):
         assert any(r["event"] == "ready" for r in records)
         http.close()
         client.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_sigterm_past_the_drain_cancels_cleanly(serve_artifact):
+    """--drain 0: SIGTERM cancels a running stream at once, and the client still gets a whole response (the
+    error event, then the end of the body) instead of a cut connection; the process exits 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "mixtrt", "serve", str(serve_artifact[1]), "--port", "0",
+                             "--threads", "1", "--drain", "0", "--model-name", "tiny"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert proc.stderr is not None
+        url = json.loads(proc.stderr.readline())["url"]
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+        reader.start()
+        http = httpx.Client(base_url=url, timeout=TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while http.get("/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        body = {"prompt": "a", "max_tokens": 120, "n": 16, "stream": True}
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            events = r.iter_lines()
+            next(line for line in events if line.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in events if line]  # ends normally: no RemoteProtocolError
+        assert proc.wait(TIMEOUT) == 0
+        reader.join(5)
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        [request] = [r for r in records if r["event"] == "request"]
+        if request["end"] == "shutdown":  # (a fast machine may finish all 16 rows before the signal lands)
+            assert "cancelled (shutdown)" in rest[-1] and '"error"' in rest[-1], rest[-3:]
+        else:
+            assert request["end"] == "finished" and rest[-1] == "data: [DONE]"
+        http.close()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -15,7 +15,7 @@ pytest.importorskip("ray.serve", reason="the Ray Serve test needs ray[serve] (mi
 import openai  # noqa: E402
 
 from mixtrt.runtime.serve.app import ServeSettings  # noqa: E402
-from tests.serve.conftest import TIMEOUT, httpx  # noqa: E402
+from tests.serve.conftest import TIMEOUT, continuation, httpx  # noqa: E402
 
 
 def _free_port() -> int:
@@ -46,7 +46,8 @@ def test_two_replicas_stream_concurrently_and_shut_down(serve_artifact, generato
             time.sleep(0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
         prompts = ["The capital of France is", "Once upon a time", "a", "Hello, my name is", "b c d", "x"] * 2
-        want = [generator.generate([p], max_new_tokens=12, do_sample=False)[0].text for p in prompts]
+        want = [continuation(generator, p, generator.generate([p], max_new_tokens=12, do_sample=False)[0])
+                for p in prompts]
         got: list[str | None] = [None] * len(prompts)
         errors: list[BaseException] = []
 

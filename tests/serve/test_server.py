@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.serve.conftest import Server
+from tests.serve.conftest import Server, continuation
 
 PROMPTS = ["The capital of France is", "Once upon a time", "a", "Hello, my name is Anna and I live in a city by"]
 
@@ -26,14 +26,17 @@ def test_completions_greedy_equal_the_generator(server, generator):
         want = greedy(generator, prompt, 8)
         r = server.openai.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
         [choice] = r.choices
-        assert choice.text == want.text
+        assert choice.text == continuation(generator, prompt, want)
+        # a completion continues its prompt: the prompt's text and the completion's are the whole text
+        whole = generator.tokenizer.decode(generator.tokenizer.encode(prompt) + want.token_ids)
+        assert prompt + choice.text == whole
         assert choice.finish_reason == ("length" if want.finish_reason == "length" else "stop")
         ids = generator.tokenizer.encode(prompt)
         assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(want.token_ids))
     # token ids and a batch of prompts: one choice per prompt, in order
     ids = [generator.tokenizer.encode(p) for p in PROMPTS[:2]]
     r = server.openai.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0)
-    assert [c.text for c in r.choices] == [greedy(generator, p, 5).text for p in PROMPTS[:2]]
+    assert [c.text for c in r.choices] == [continuation(generator, p, greedy(generator, p, 5)) for p in PROMPTS[:2]]
     assert [c.index for c in r.choices] == [0, 1]
 
 
@@ -41,7 +44,7 @@ def test_streams_equal_the_full_answers(server, generator):
     want = greedy(generator, PROMPTS[0], 12)
     chunks = list(server.openai.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0,
                                                    stream=True, stream_options={"include_usage": True}))
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == continuation(generator, PROMPTS[0], want)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
     # the wire ends with data: [DONE]
@@ -76,7 +79,7 @@ def test_n_choices_and_seeds(server, generator):
     assert texts == [c.text for c in again.choices]
     assert one.choices[0].text == texts[0]
     [solo] = generator.generate([PROMPTS[1]], max_new_tokens=10, do_sample=True, temperature=1.0, seed=7)
-    assert solo.text == texts[0]
+    assert continuation(generator, PROMPTS[1], solo) == texts[0]
     assert len(set(texts)) > 1
     assert three.usage.completion_tokens == 30
     # streamed n=2: each choice's chunks concatenate to its answer
@@ -86,7 +89,7 @@ def test_n_choices_and_seeds(server, generator):
 
 
 def test_stop_strings_cut_and_never_leak(server, generator):
-    text = greedy(generator, PROMPTS[0], 16).text
+    text = continuation(generator, PROMPTS[0], greedy(generator, PROMPTS[0], 16))
     stop = text[len(text) // 2: len(text) // 2 + 2]
     assert stop.strip(), text
     want = text[: text.index(stop)]
@@ -116,6 +119,19 @@ def test_logprobs_and_echo_prompt_logprobs(server, generator):
     assert r.choices[0].text.startswith(generator.tokenizer.decode(ids))
     for value, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True):
         assert max(top.values()) >= value - 1e-6
+    # text_offset indexes the returned text: each visible token's text starts there (BOS adds nothing; the first
+    # word's dummy-prefix space is not in the text), offsets never go back, and the generated token follows the
+    # prompt's text with its own leading space
+    text, offsets = r.choices[0].text, lp.text_offset
+    assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] == len(generator.tokenizer.decode(ids))
+    for token, at in zip(lp.tokens[2:], offsets[2:], strict=True):
+        if not token.startswith("bytes:"):
+            assert text[at:].startswith(token), (token, at, text)
+    # streamed: the same offsets, counted from the start of the whole text (the echo included)
+    kw = dict(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=1, echo=True)
+    full = server.openai.completions.create(**kw).choices[0].logprobs.text_offset
+    chunks = list(server.openai.completions.create(stream=True, **kw))
+    assert [o for c in chunks for o in c.choices[0].logprobs.text_offset] == full
     # chat: logprobs with top_logprobs
     r = server.openai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
                                               max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
@@ -158,7 +174,7 @@ def test_16_concurrent_streams_each_equal_the_request_alone(server, generator):
     rng = np.random.default_rng(1)
     prompts = [[1] + rng.integers(3, 32000, size=int(n)).tolist() for n in rng.integers(1, 40, size=16)]
     lengths = [int(n) for n in rng.integers(4, 40, size=16)]
-    alone = [greedy(generator, p, n).text for p, n in zip(prompts, lengths, strict=True)]
+    alone = [continuation(generator, p, greedy(generator, p, n)) for p, n in zip(prompts, lengths, strict=True)]
     before = server.metric("mixtrt:generation_tokens_total")
     t0 = time.perf_counter()
     got = concurrent_streams(server.openai, prompts, lengths)
@@ -246,7 +262,7 @@ def test_int4_concurrent_streams_each_equal_the_request_alone(int4_generator):
     rng = np.random.default_rng(2)
     prompts = [[1] + rng.integers(3, 32000, size=int(n)).tolist() for n in rng.integers(1, 40, size=8)]
     lengths = [int(n) for n in rng.integers(4, 24, size=8)]
-    alone = [greedy(gen, p, n).text for p, n in zip(prompts, lengths, strict=True)]
+    alone = [continuation(gen, p, greedy(gen, p, n)) for p, n in zip(prompts, lengths, strict=True)]
     s = Server(gen, "int4", max_batch=8, max_queue=8, prefill_chunk=5)
     try:
         got = concurrent_streams(s.openai, prompts, lengths)
