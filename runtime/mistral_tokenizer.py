@@ -68,6 +68,8 @@ class TekkenStream:
 
     def put(self, token_id: int) -> str:
         token_id = int(token_id)
+        if token_id >= self._tok.vocab_size:  # a model row past the tokenizer's (a padded vocabulary): no text
+            return ""
         if token_id not in self._tok._special_ids:
             return self._utf8.decode(self._tok._raw.id_to_byte_piece(token_id))
         text = self.flush()
@@ -122,16 +124,19 @@ class MistralCommonTokenizer:
         if self._text is not None:
             return self._text.decode(ids, skip_special)
         for i in ids:
-            if not 0 <= i < self.vocab_size:
-                raise ConfigError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
-        stream = TekkenStream(self, skip_special)
+            if i < 0:
+                raise ConfigError(f"token id {i} is negative")
+        stream = TekkenStream(self, skip_special)  # ids past the vocabulary (a padded model) have no text
         return "".join(stream.put(i) for i in ids) + stream.flush()
 
     def stream(self) -> StreamDecoder | TekkenStream:
         return self._text.stream() if self._text is not None else TekkenStream(self)
 
     def id_to_piece(self, i: int) -> str:
-        return self._text.id_to_piece(i) if self._text is not None else self._raw.id_to_piece(int(i))
+        """The piece of id i; "" for an id past the tokenizer's (a padded model vocabulary)."""
+        if self._text is not None:
+            return self._text.id_to_piece(i)
+        return self._raw.id_to_piece(int(i)) if int(i) < self.vocab_size else ""
 
     # ---- chat --------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,

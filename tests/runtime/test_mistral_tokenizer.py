@@ -170,8 +170,15 @@ def test_tekken_vocabulary_is_large(ours):
     assert ours["tekken"].vocab_size == 131072 and ours["v3"].vocab_size == ours["v7"].vocab_size == 32768
     with pytest.raises(ConfigError, match="32768 token ids but the model has only 32000"):
         load_chat_tokenizer(DATA, ChatFormat("mistral-common", FILES["v7"], {}), model_vocab_size=32000)
-    with pytest.raises(ConfigError, match="outside the vocabulary"):
-        ours["tekken"].decode([131072])
+    # a model padded past the tokenizer (more embeddings than pieces): such an id decodes to no text
+    tekken = ours["tekken"]
+    ids = tekken.encode("Hello world")
+    assert tekken.decode([*ids, 131072, *ids[1:]]) == tekken.decode([*ids, *ids[1:]])
+    stream = tekken.stream()
+    assert "".join(stream.put(i) for i in [*ids, 131073]) + stream.flush() == tekken.decode(ids)
+    assert tekken.id_to_piece(131072) == ""
+    with pytest.raises(ConfigError, match="negative"):
+        tekken.decode([-1])
 
 
 @pytest.mark.parametrize("version", list(FILES))
