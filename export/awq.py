@@ -21,7 +21,8 @@ activations), for each group of linears that read one tensor X [n, K]:
 wo keeps round-to-nearest: its input channels come from wv's rows shared by a group of query heads, and the
 gain measured on the built-in model did not need it. Calibration: UTF-8 text (default: export/calibration.txt,
 the first 23.8 KB of *Persuasion*, which the built-in model was trained on; never its held-out *Northanger
-Abbey*), [BOS] + tokens, cut into sequences of 256 tokens, at most `MAX_TOKENS` tokens.
+Abbey*), [BOS] + tokens, cut into sequences of 256 tokens (fewer for a model of fewer positions or a shorter cache), at
+most `MAX_TOKENS` tokens.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ SEARCH_ROWS = 2048  # calibration rows each error is measured on
 SEARCH_ELEMENTS = 1 << 24  # outputs [rows, N] computed at a time by the search (64 MiB in fp32)
 
 
-def calibration_ids(path: Path | None, tokenizer: Any) -> tuple[list[list[int]], str, int]:
-    """Sequences of token ids from the calibration text; its source (as recorded) and token count."""
+def calibration_ids(path: Path | None, tokenizer: Any, longest: int = SEQUENCE) -> tuple[list[list[int]], str, int]:
+    """Sequences of token ids from the calibration text, of min(SEQUENCE, longest) tokens (longest: the positions
+    the model and its cache plan hold); its source (as recorded) and token count."""
+    sequence = max(1, min(SEQUENCE, longest))
     path = Path(path) if path is not None else DEFAULT_CALIBRATION
     try:
         text = path.read_bytes().decode("utf-8")
@@ -57,8 +60,8 @@ def calibration_ids(path: Path | None, tokenizer: Any) -> tuple[list[list[int]],
     ids = tokenizer.encode(text)[:MAX_TOKENS]
     if len(ids) < 2 * 16:
         raise ConfigError(f"--calibration {path}: {len(ids)} tokens; at least 32 are needed")
-    seqs = [ids[i:i + SEQUENCE] for i in range(0, len(ids), SEQUENCE)]
-    seqs = [s for s in seqs if len(s) == SEQUENCE] or [ids]
+    seqs = [ids[i:i + sequence] for i in range(0, len(ids), sequence)]
+    seqs = [s for s in seqs if len(s) == sequence] or [ids[:sequence]]
     source = "mixtrt/export/calibration.txt" if path == DEFAULT_CALIBRATION else str(path)
     return seqs, source, sum(len(s) for s in seqs)
 

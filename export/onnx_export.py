@@ -180,9 +180,11 @@ def export_onnx(
     dtype = getattr(torch, PRECISIONS[precision])
     calibration = None
     if int4 is not None and int4.method == "awq":  # scales moved into the float weights, written by the hook
-        from mixtrt.export.awq import awq_transform, calibration_ids
+        from mixtrt.export.awq import SEQUENCE, awq_transform, calibration_ids
 
-        seqs, source, tokens = calibration_ids(int4.calibration, tokenizer)
+        # a sequence must fit the model's positions and, without a window, the cache the plan gives each row
+        longest = min(args.max_position_embeddings, plan.capacity if not plan.windowed else SEQUENCE)
+        seqs, source, tokens = calibration_ids(int4.calibration, tokenizer, longest)
         say(f"awq: calibrating on {source} ({tokens} tokens)")
         transform = awq_transform(checkpoint_dir, plan, seqs, int4, say, transform)
         calibration = {"source": source, "tokens": tokens}

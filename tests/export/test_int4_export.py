@@ -320,3 +320,17 @@ def test_int4_weight_index_edits_are_refused(int4_artifacts, edit, match):
     edit(d)
     with pytest.raises(ArtifactError, match=match):
         WeightIndex.from_dict(d, art, "weights.json")
+
+
+@pytest.mark.parametrize("name, max_context", [("mistral-window", None), ("mixtral-nowindow", 48)])
+def test_awq_default_calibration_fits_a_short_model(exported, tmp_path, name, max_context):
+    """The default calibration text (thousands of tokens, sequences of 256) on models of 128 positions, one with
+    no window and a 48-row cache: the sequences are cut to what the model holds, and the artifact generates."""
+    ck, _ = exported[name]
+    kw = {} if max_context is None else {"max_context": max_context}
+    art = export_onnx(ck, tmp_path / "awq", precision="int4", int4=Int4Options(method="awq", block_size=BLOCK),
+                      progress=None, **kw)
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["quantization"]["calibration"]["tokens"] >= 256
+    [out] = Generator.load(art).generate([[1, 5, 6, 7]], max_new_tokens=4, do_sample=False)
+    assert len(out.token_ids) == 4

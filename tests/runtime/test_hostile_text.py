@@ -84,10 +84,11 @@ def test_tokenizer_refuses_what_sentencepiece_would_crash_on(tok):
     with pytest.raises(ConfigError) as e:
         tok.encode_batch(["fine", "\udcff"])
     one_line(e.value, "texts[1]")
-    for ids in ([5, 32000], [-1], [2**40]):
-        with pytest.raises(ConfigError) as e:
-            tok.decode(ids)
-        one_line(e.value, "outside the vocabulary")
+    with pytest.raises(ConfigError) as e:
+        tok.decode([5, -1])
+    one_line(e.value, "negative")
+    # ids past the tokenizer's pieces (a model padded beyond them can produce one) have no text: no crash
+    assert tok.decode([5, 32000]) == tok.decode([5, 2**40]) == tok.decode([5])
 
 
 def test_unusual_but_valid_text_is_accepted(tok):
