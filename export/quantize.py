@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -245,7 +246,24 @@ class Int4Plan:
                 moe_nodes.append(ins)
         if moe_nodes:
             plan._plan_experts(moe_nodes, shapes)
+        plan._check_patterns(moe_nodes)
         return plan
+
+    def _check_patterns(self, moe_nodes: list[list[str]]) -> None:
+        """Every --keep-float / --int8 pattern the user gave names at least one tensor it can apply to (a typo,
+        or a checkpoint's own name for a tensor, would otherwise quietly change nothing)."""
+        experts = [label("", n) for m in moe_nodes for n in m[2:]]
+        dense = [item.label for item in self.items.values() if item.kind != "expert"]
+        dense += [lbl for lbl, why in self.floats.items() if why != ROUTER_REASON and lbl not in set(experts)]
+        for flag, patterns, labels in (("--keep-float", self.options.keep_float, dense + experts),
+                                       ("--int8", self.options.int8 or (), dense)):
+            for p in patterns:
+                if not any(kept(lbl, [p]) for lbl in labels):
+                    names = sorted({re.sub(r"\.\d+$", ".<e>", re.sub(r"^layers\.\d+\.", "layers.<i>.", lbl))
+                                    for lbl in labels})
+                    raise ConfigError(f"{flag} {p!r} matches no tensor {flag} applies to in this model (a label's "
+                                      f"last parts, a full label or an fnmatch pattern such as 'layers.0.*'; the "
+                                      f"labels: {', '.join(names)})")
 
     def _plan_experts(self, moe_nodes: list[list[str]], shapes: dict[str, tuple]) -> None:
         options = self.options

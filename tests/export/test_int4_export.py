@@ -334,3 +334,16 @@ def test_awq_default_calibration_fits_a_short_model(exported, tmp_path, name, ma
     assert manifest["quantization"]["calibration"]["tokens"] >= 256
     [out] = Generator.load(art).generate([[1, 5, 6, 7]], max_new_tokens=4, do_sample=False)
     assert len(out.token_ids) == 4
+
+
+@pytest.mark.parametrize("option", [{"keep_float": ("nosuchtensor",)}, {"int8": ("bogus",)},
+                                    {"keep_float": ("model.layers.0.attention.wq.weight",)},
+                                    {"int8": ("fc1",)}])  # experts are INT4 or float, never INT8
+def test_int4_patterns_that_match_nothing_are_refused(exported, tmp_path, option):
+    """A --keep-float / --int8 pattern naming no tensor it applies to (a typo, the checkpoint's own name for a
+    tensor) is a one-line error naming the flag and the pattern, before anything is written."""
+    ck, _ = exported["mixtral-window"]
+    with pytest.raises(ConfigError, match="matches no tensor") as e:
+        export_onnx(ck, tmp_path / "art", precision="int4", int4=Int4Options(**option), progress=None)
+    assert "\n" not in str(e.value) and repr(next(iter(option.values()))[0]) in str(e.value)
+    assert not (tmp_path / "art").exists()
