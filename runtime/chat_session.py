@@ -75,10 +75,25 @@ class ChatSession:
         self.system = system
         self.config = config
         self.engine = Engine(generator.backend, generator.tokenizer, max_batch=1)
+        if system:
+            self._check_system(system)
         self.messages: list[dict[str, Any]] = self._start()
         self.turns: list[ChatTurn] = []
         self._row: Row | None = None
         self._busy = False
+
+    def _check_system(self, system: str) -> None:
+        """The system prompt is valid text and leaves room for a short message and a reply (checked once, at the
+        start, not refused again with every message)."""
+        from mixtrt.runtime.prompts import check_text
+
+        check_text(system, "the system prompt")
+        ids = self.generator.tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": "hi"}], add_generation_prompt=True)
+        limit, why = self.engine.limit()
+        if len(ids) >= limit:
+            raise ConfigError(f"the system prompt is too long: with a one-word message it takes {len(ids)} tokens, "
+                              f"which leaves no room for a reply ({why})")
 
     def _start(self) -> list[dict[str, Any]]:
         return [{"role": "system", "content": self.system}] if self.system else []

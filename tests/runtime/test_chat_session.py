@@ -121,6 +121,16 @@ def test_linear_cache_full_starts_a_new_context_and_keeps_the_session():
     assert out.token_ids == gen.chat(session.messages[:-1], max_new_tokens=5).token_ids
 
 
+def test_a_bad_system_prompt_is_refused_at_the_start():
+    """Not with every message: invalid text, or a system prompt leaving no room for a message and a reply."""
+    gen, _ = make(windowed=False, capacity=60)
+    with pytest.raises(ConfigError, match="the system prompt is not valid text"):
+        gen.chat_session(system="x\udcff")
+    with pytest.raises(ConfigError, match="the system prompt is too long: .* no room for a reply"):
+        gen.chat_session(system="x" * 80)
+    assert gen.chat_session(system="x" * 20).send("hi").token_ids
+
+
 def test_closed_stream_cancels_the_turn_and_errors_leave_the_session():
     gen, backend = make()
     session = gen.chat_session(config=GenerationConfig(max_new_tokens=6))
