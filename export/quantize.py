@@ -69,7 +69,8 @@ class Int4Options:
         if self.calibration is not None and self.method == "rtn":
             raise ConfigError("--calibration needs a calibrated --method (awq); rtn uses no data")
         if self.calibration is not None and not Path(self.calibration).is_file():
-            raise ConfigError(f"--calibration {self.calibration}: no such file")
+            what = "a directory, not a text file" if Path(self.calibration).is_dir() else "no such file"
+            raise ConfigError(f"--calibration {self.calibration}: {what}")
 
 
 INT8_DEFAULT = ("lm_head", "embed_tokens")

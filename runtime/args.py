@@ -353,7 +353,8 @@ class ModelArgs:
             if f.is_file():
                 return build(read_json(f, ConfigError), source=str(f))
         if not path.is_dir():
-            raise ConfigError(f"{path}: not a checkpoint directory (no such directory)")
+            raise ConfigError(f"{path}: not a checkpoint directory ("
+                              f"{'a file' if path.exists() else 'no such directory'})")
         raise ConfigError(f"{path}: not a checkpoint directory (no config.json or params.json)")
 
 

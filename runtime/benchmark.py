@@ -109,8 +109,9 @@ def bench(artifact: str | Path, *, prompt_tokens: int = 128, new_tokens: int = 1
     gen = Generator.load(artifact, threads=threads, verify=verify)
     backend = gen.backend
     if prompt_tokens + new_tokens > backend.max_positions:
-        raise ConfigError(f"prompt_tokens + new_tokens = {prompt_tokens + new_tokens} is more than the "
-                          f"{backend.max_positions} positions {artifact} serves (max context chosen at export)")
+        raise ConfigError(f"prompt_tokens + new_tokens (--prompt-tokens + --new-tokens) = {prompt_tokens + new_tokens}"
+                          f" is more than the {backend.max_positions} positions {artifact} serves (max context "
+                          "chosen at export): give smaller ones")
     args = backend.args
     rng = np.random.default_rng(seed)
     low = min(3, args.vocab_size - 1)

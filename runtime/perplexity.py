@@ -33,8 +33,9 @@ def chunk_logprobs(backend: Backend, ids: list[int]) -> np.ndarray:
     """[len(ids) - 1, V] float64 log-softmax of the logits predicting ids[1:], from an empty cache, fed in
     pieces of at most the cache capacity."""
     if len(ids) > backend.max_positions:
-        raise ConfigError(f"a chunk of {len(ids)} tokens is past the artifact's {backend.max_positions} positions: "
-                          "pass a smaller --chunk")
+        raise ConfigError(f"a chunk of {len(ids)} tokens is past the {backend.max_positions} positions "
+                          f"{backend.directory.name if hasattr(backend, 'directory') else 'the artifact'} serves: "
+                          f"pass --chunk {backend.max_positions} or less")
     cache = backend.new_cache(1)
     parts = []
     for i in range(0, len(ids) - 1, backend.capacity):
@@ -69,7 +70,8 @@ def evaluate(backend: Backend, ids: list[int], chunk: int = 256, reference: Back
             kl += float((np.exp(ref) * (ref - logp)).sum())
             agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
     if count == 0:
-        raise ConfigError(f"the text has {len(ids)} tokens: perplexity needs at least 2")
+        raise ConfigError(f"the text has {len(ids)} token(s) with BOS: perplexity needs at least 2"
+                          + (f" in a chunk (--chunk {chunk})" if len(ids) >= 2 else ""))
     out: dict = {"perplexity": float(np.exp(nll / count)), "mean_nll": nll / count, "scored_tokens": count,
                  "chunk": chunk, "tokens": len(ids)}
     if reference is not None:

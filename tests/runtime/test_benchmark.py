@@ -52,7 +52,7 @@ def test_bench_refuses_what_it_cannot_measure(exported):
     _, art = exported["mixtral-window"]  # max context 128
     with pytest.raises(ConfigError, match="new_tokens=2 must be an integer >= 3"):
         bench(art, new_tokens=2)
-    with pytest.raises(ConfigError, match="prompt_tokens \\+ new_tokens = 130 is more than the 128 positions"):
+    with pytest.raises(ConfigError, match=r"\(--prompt-tokens \+ --new-tokens\) = 130 is more than the 128 positions"):
         bench(art, prompt_tokens=126, new_tokens=4)
     with pytest.raises(ConfigError, match="batch"):
         bench(art, batch=0)

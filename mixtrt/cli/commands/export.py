@@ -43,7 +43,7 @@ def run(ns: argparse.Namespace) -> int:
                                ("accuracy_level", ns.accuracy_level)) if v is not None}
     if given and ns.precision != "int4":
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise ConfigError(f"{flags} apply to --precision int4 only")
+        raise ConfigError(f"{flags} {'applies' if len(given) == 1 else 'apply'} to --precision int4 only")
     for key in ("keep_float", "int8"):
         if key in given:
             given[key] = tuple(t.strip() for t in given[key].split(",") if t.strip())
