@@ -165,79 +165,76 @@ async def _submit(loop: EngineLoop, config: GenerationConfig) -> None:
     loop.submit([[1, 2]], config, 1, "x", time.perf_counter())
 
 
-def test_cli_serves_and_sigterm_drains_then_exits_0(serve_artifact, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mixtrt", "serve", str(serve_artifact[1]), "--port", "0",
-                             "--threads", "1", "--drain", "10", "--model-name", "tiny"],
-                            stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stderr is not None
-        listening = json.loads(proc.stderr.readline())
+class CliServer:
+    """`mixtrt serve` in a subprocess on a free port, ready (/health 200); its stderr lines collected."""
+
+    def __init__(self, artifact, drain: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "mixtrt", "serve", str(artifact), "--port", "0",
+                                      "--threads", "1", "--drain", drain, "--model-name", "tiny"],
+                                     stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert self.proc.stderr is not None
+        listening = json.loads(self.proc.stderr.readline())
         assert listening["event"] == "listening"
-        url = listening["url"]
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
-        reader.start()
-        http = httpx.Client(base_url=url, timeout=TIMEOUT)
+        self.url = listening["url"]
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr),  # type: ignore[arg-type]
+                                       daemon=True)
+        self.reader.start()
+        self.http = httpx.Client(base_url=self.url, timeout=TIMEOUT)
         deadline = time.monotonic() + TIMEOUT
-        while http.get("/health").status_code != 200:
+        while self.http.get("/health").status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
+
+    def records(self) -> list[dict]:
+        """The JSON log lines, once the process has exited."""
+        self.reader.join(5)
+        return [json.loads(line) for line in self.lines if line.startswith("{")]
+
+    def close(self) -> None:
+        self.http.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_cli_serves_and_sigterm_drains_then_exits_0(serve_artifact):
+    s = CliServer(serve_artifact[1], drain="10")
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
         stream = client.completions.create(model="tiny", prompt="a", max_tokens=100, temperature=0, stream=True)
         first = next(iter(stream))
-        proc.send_signal(signal.SIGTERM)
+        s.proc.send_signal(signal.SIGTERM)
         text = first.choices[0].text + "".join(c.choices[0].text for c in stream)  # the running request finishes
-        assert proc.wait(TIMEOUT) == 0
-        reader.join(5)
-        records = [json.loads(line) for line in lines if line.startswith("{")]
+        assert s.proc.wait(TIMEOUT) == 0
+        records = s.records()
         [request] = [r for r in records if r["event"] == "request"]
         assert request["completion_tokens"] == 100 and request["finish"] == ["length"] and text
         assert any(r["event"] == "ready" for r in records)
-        http.close()
         client.close()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        s.close()
 
 
 def test_cli_sigterm_past_the_drain_cancels_cleanly(serve_artifact):
     """--drain 0: SIGTERM cancels a running stream at once, and the client still gets a whole response (the
     error event, then the end of the body) instead of a cut connection; the process exits 0."""
-    proc = subprocess.Popen([sys.executable, "-m", "mixtrt", "serve", str(serve_artifact[1]), "--port", "0",
-                             "--threads", "1", "--drain", "0", "--model-name", "tiny"],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    s = CliServer(serve_artifact[1], drain="0")
     try:
-        assert proc.stderr is not None
-        url = json.loads(proc.stderr.readline())["url"]
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
-        reader.start()
-        http = httpx.Client(base_url=url, timeout=TIMEOUT)
-        deadline = time.monotonic() + TIMEOUT
-        while http.get("/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         body = {"prompt": "a", "max_tokens": 120, "n": 16, "stream": True}
-        with http.stream("POST", "/v1/completions", json=body) as r:
+        with s.http.stream("POST", "/v1/completions", json=body) as r:
             events = r.iter_lines()
             next(line for line in events if line.startswith("data: "))
-            proc.send_signal(signal.SIGTERM)
+            s.proc.send_signal(signal.SIGTERM)
             rest = [line for line in events if line]  # ends normally: no RemoteProtocolError
-        assert proc.wait(TIMEOUT) == 0
-        reader.join(5)
-        records = [json.loads(line) for line in lines if line.startswith("{")]
-        [request] = [r for r in records if r["event"] == "request"]
+        assert s.proc.wait(TIMEOUT) == 0
+        [request] = [r for r in s.records() if r["event"] == "request"]
         if request["end"] == "shutdown":  # (a fast machine may finish all 16 rows before the signal lands)
             assert "cancelled (shutdown)" in rest[-1] and '"error"' in rest[-1], rest[-3:]
         else:
             assert request["end"] == "finished" and rest[-1] == "data: [DONE]"
-        http.close()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        s.close()
 
 
 def test_cli_load_failure_is_one_line_and_exit_2(tmp_path):
