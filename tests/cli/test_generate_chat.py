@@ -114,6 +114,17 @@ def test_bad_prompt_ids_exit_2(artifact):
     assert "--prompt-ids" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_prompt_ids_parse():
+    """Commas, spaces or both separate ids; an empty place ("1,,2", a trailing comma) is an id left out: refused."""
+    from mixtrt.cli.commands.generate import parse_ids
+    from mixtrt.runtime.errors import ConfigError
+
+    assert parse_ids("1,2,3") == parse_ids("1, 2, 3") == parse_ids(" 1 2  3 ") == [1, 2, 3]
+    for text, words in (("1,,2", "empty id"), ("1,2,", "empty id"), ("", "no token ids"), ("1;2", "integers")):
+        with pytest.raises(ConfigError, match=words):
+            parse_ids(text)
+
+
 def test_non_artifact_dir_exits_2(tmp_path):
     r = cli("generate", str(tmp_path), "--prompt-ids", "1,2,3")
     assert r.returncode == 2 and "Traceback" not in r.stderr
