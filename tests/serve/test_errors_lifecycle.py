@@ -36,6 +36,7 @@ BAD = [  # (body, status, param, words in the message)
     ({"prompt": "a", "best_of": 2}, 400, "best_of", "unknown field"),
     ({"prompt": "a", "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
     ({"prompt": "a", "top_p": 0}, 400, "top_p", "greater than 0"),
+    (b'{"prompt": "a", "temperature": NaN}', 400, "temperature", "finite number"),
     ({"prompt": "a", "stop": [""]}, 400, "stop", "non-empty"),
     ({"prompt": "a", "presence_penalty": 1.0}, 400, "presence_penalty", "not supported"),
     ({"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream: true"),
