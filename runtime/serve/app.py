@@ -115,7 +115,7 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
         return JSONResponse(ApiError(message, e.status_code, type=kind).body(), status_code=e.status_code,
                             headers=getattr(e, "headers", None))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: probes that read the status only
     async def health(request: Request) -> JSONResponse:
         state: _State = request.app.state.mixtrt
         if state.loop is None:

@@ -68,6 +68,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         r = server.http.request(method, path)
         assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
     assert server.openai.models.retrieve("tiny").id == "tiny"
+    assert server.http.head("/health").status_code == 200  # load balancers' probes
     with pytest.raises(openai.NotFoundError):
         server.openai.models.retrieve("other")
 
