@@ -706,10 +706,13 @@ class Generator:
         return cfg
 
     # ---- public API --------------------------------------------------------------------------------
-    def generate(self, prompts: Prompts, config: GenerationConfig | None = None,
+    def generate(self, prompts: Prompts, config: GenerationConfig | None = None, *, continuation: bool = False,
                  **overrides: Any) -> list[GenerationOutput]:
-        """One output per prompt, in order. prompts: a str, a list of str, one token-id list, or a list of them."""
-        engine, rows = self._engine(prompts, self.config(config, **overrides))
+        """One output per prompt, in order. prompts: a str, a list of str, one token-id list, or a list of them.
+        An output's text is the decode of its generated ids; continuation=True: the text that continues the
+        prompt's (prompt text + output text = the decode of prompt + generated ids: a first word keeps its
+        leading space), as a completions API returns it (Engine.add)."""
+        engine, rows = self._engine(prompts, self.config(config, **overrides), continuation)
         outputs: dict[int, GenerationOutput] = {}
         while engine.busy:
             for event in engine.step():
@@ -717,11 +720,11 @@ class Generator:
                     outputs[event.row.id] = event.output
         return [outputs[row.id] for row in rows]
 
-    def stream(self, prompt: str | Sequence[int], config: GenerationConfig | None = None,
-               **overrides: Any) -> Iterator[StreamEvent]:
+    def stream(self, prompt: str | Sequence[int], config: GenerationConfig | None = None, *,
+               continuation: bool = False, **overrides: Any) -> Iterator[StreamEvent]:
         """Events as tokens are produced; the texts concatenate to the final text; the last event has .output.
-        Everything is checked at the call (not at the first iteration)."""
-        engine, rows = self._engine(prompt, self.config(config, **overrides))
+        Everything is checked at the call (not at the first iteration). continuation: as in generate."""
+        engine, rows = self._engine(prompt, self.config(config, **overrides), continuation)
         if len(rows) != 1:
             raise ConfigError(f"stream takes one prompt, got {len(rows)}")
         return _stream(engine)
@@ -758,12 +761,14 @@ class Generator:
         return perplexity(self.backend, ids, window)
 
     # ---- helpers -----------------------------------------------------------------------------------
-    def _engine(self, prompts: Prompts, cfg: GenerationConfig) -> tuple[Engine, list[Row]]:
+    def _engine(self, prompts: Prompts, cfg: GenerationConfig, continuation: bool = False
+                ) -> tuple[Engine, list[Row]]:
         ids = normalize_prompts(prompts, self.tokenizer, self.backend.args.vocab_size)
         cfg.validate(self.backend.args)
         engine = Engine(self.backend, self.tokenizer, max_batch=len(ids))
         t0 = time.perf_counter()
-        return engine, [engine.add(p, cfg, sample_index=i, t0=t0, name=f"prompt {i}") for i, p in enumerate(ids)]
+        return engine, [engine.add(p, cfg, sample_index=i, t0=t0, name=f"prompt {i}", continuation=continuation)
+                        for i, p in enumerate(ids)]
 
     def _chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         if not messages:

@@ -84,22 +84,17 @@ def stats_line(out: Any) -> str:
             f"finish: {out.finish_reason} ({out.finish_message})]")
 
 
-def print_stream(events: Any, tokenizer: Any = None, before: str = "") -> Any:
+def print_stream(events: Any, before: str = "") -> Any:
     """Write each event's text to stdout as it arrives; return the final GenerationOutput.
 
     `before` (the prompt) is written once the first token is there, so a prompt whose prefill fails is never
-    echoed. With `tokenizer`, the text continues that prompt: a first piece that starts a new word ("▁Paris")
-    gets its space back (decode drops the leading space of a text's first piece).
+    echoed; a stream made with continuation=True then reads as the prompt's text continued.
     """
-    out, first = None, True
+    out = None
     for event in events:
         if before:
             sys.stdout.write(before)
             before = ""
-        if first and tokenizer is not None and event.token_id is not None:
-            first = False
-            if tokenizer.id_to_piece(event.token_id).startswith("\u2581") and not event.text.startswith(" "):
-                sys.stdout.write(" ")
         sys.stdout.write(event.text)
         sys.stdout.flush()
         out = event.output or out

@@ -42,7 +42,8 @@ def test_generate_json_equals_generator_greedy(artifact, generator):
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1
     out = json.loads(lines[0])
-    [want] = generator.generate([[1, 2, 3]], GenerationConfig(max_new_tokens=5, return_logprobs=True))
+    [want] = generator.generate([[1, 2, 3]], GenerationConfig(max_new_tokens=5, return_logprobs=True),
+                                continuation=True)  # the CLI's text continues the prompt's
     assert out["token_ids"] == want.token_ids and len(out["token_ids"]) == 5  # generated ids only
     assert out["text"] == want.text
     assert out["finish_reason"] == "length" and out["finish_message"] == "max_new_tokens=5 reached"
@@ -188,3 +189,19 @@ def test_chat_command_keeps_the_session_through_restarts_and_ctrl_c(monkeypatch,
     session = sessions[0]
     assert [m["content"] for m in session.messages if m["role"] == "user"][-1] == "ok"
     assert "stop me" not in [m["content"] for m in session.messages]
+
+
+def test_generate_continuation_text(generator):
+    """continuation=True: the text continues the prompt's (prompt + text == decode(prompt + generated ids), a
+    first word's space kept), the same ids as without it, whose text is the decode of the generated ids alone."""
+    tok = generator.tokenizer
+    spaced = 0
+    for prompt in ("The capital of France is", "Once upon a"):
+        [plain] = generator.generate([prompt], max_new_tokens=6, do_sample=False)
+        [cont] = generator.generate([prompt], max_new_tokens=6, do_sample=False, continuation=True)
+        assert cont.token_ids == plain.token_ids and plain.text == tok.decode(plain.token_ids)
+        spaced += cont.text == " " + plain.text
+        assert prompt + cont.text == tok.decode(tok.encode(prompt) + cont.token_ids)
+        events = generator.stream(prompt, max_new_tokens=6, do_sample=False, continuation=True)
+        assert "".join(e.text for e in events) == cont.text
+    assert spaced, "no prompt's first generated piece started a word: the test shows nothing"

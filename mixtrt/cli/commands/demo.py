@@ -44,5 +44,5 @@ def run(ns: argparse.Namespace) -> int:
     cfg = gen.config(**overrides)
     for prompt in ns.prompt or DEMO_PROMPTS:
         print()
-        print(stats_line(print_stream(gen.stream(prompt, cfg), gen.tokenizer, before=prompt)))
+        print(stats_line(print_stream(gen.stream(prompt, cfg, continuation=True), before=prompt)))
     return 0

@@ -49,15 +49,15 @@ def run(ns: argparse.Namespace) -> int:
     gen = load_generator(ns)
     cfg = gen.config(**overrides)
     if ns.json:
-        [out] = gen.generate([prompt], cfg)
+        [out] = gen.generate([prompt], cfg, continuation=True)  # "text" continues the prompt's text
         print(json.dumps({
             "token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason,
             "finish_message": out.finish_message, "stats": dataclasses.asdict(out.stats),
             "logprobs": None if out.logprobs is None else [float(x) for x in out.logprobs],
         }, allow_nan=False))  # the runtime never lets a NaN through; if one did, this fails instead of bad JSON
         return 0
-    events = gen.stream(prompt, cfg)  # everything checked here; the prompt is echoed with the first token
-    text = prompt if isinstance(prompt, str) else ""
-    out = print_stream(events, gen.tokenizer if text else None, before=text)
+    # everything checked here; the prompt is echoed with the first token, and the text continues it
+    events = gen.stream(prompt, cfg, continuation=True)
+    out = print_stream(events, before=prompt if isinstance(prompt, str) else "")
     print(stats_line(out), file=sys.stderr)
     return 0
