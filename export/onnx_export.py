@@ -180,10 +180,10 @@ def export_onnx(
     dtype = getattr(torch, PRECISIONS[precision])
     calibration = None
     if int4 is not None and int4.method == "awq":  # scales moved into the float weights, written by the hook
-        from mixtrt.export.awq import SEQUENCE, awq_transform, calibration_ids
+        from mixtrt.export.awq import awq_transform, calibration_ids
 
         # a sequence must fit the model's positions and, without a window, the cache the plan gives each row
-        longest = min(args.max_position_embeddings, plan.capacity if not plan.windowed else SEQUENCE)
+        longest = args.max_position_embeddings if plan.windowed else min(args.max_position_embeddings, plan.capacity)
         seqs, source, tokens = calibration_ids(int4.calibration, tokenizer, longest)
         say(f"awq: calibrating on {source} ({tokens} tokens)")
         transform = awq_transform(checkpoint_dir, plan, seqs, int4, say, transform)

@@ -254,8 +254,9 @@ class Int4Plan:
         """Every --keep-float / --int8 pattern the user gave names at least one tensor it can apply to (a typo,
         or a checkpoint's own name for a tensor, would otherwise quietly change nothing)."""
         experts = [label("", n) for m in moe_nodes for n in m[2:]]
+        expert_set = set(experts)
         dense = [item.label for item in self.items.values() if item.kind != "expert"]
-        dense += [lbl for lbl, why in self.floats.items() if why != ROUTER_REASON and lbl not in set(experts)]
+        dense += [lbl for lbl, why in self.floats.items() if why != ROUTER_REASON and lbl not in expert_set]
         for flag, patterns, labels in (("--keep-float", self.options.keep_float, dense + experts),
                                        ("--int8", self.options.int8 or (), dense)):
             for p in patterns:

@@ -133,25 +133,25 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_check_key)])
 
-    @v1.get("/models")
-    async def models(request: Request) -> JSONResponse:
+    def model_card(request: Request) -> dict[str, Any]:
+        """The one model's object, as /v1/models lists it."""
         state = _ready(request)
         assert state.loop is not None
         limit, _ = state.loop.engine.limit()
-        return JSONResponse({"object": "list", "data": [{
-            "id": settings.name, "object": "model", "created": int(time.time()), "owned_by": "mixtrt",
-            "max_model_len": limit}]})
+        return {"id": settings.name, "object": "model", "created": int(time.time()), "owned_by": "mixtrt",
+                "max_model_len": limit}
+
+    @v1.get("/models")
+    async def models(request: Request) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [model_card(request)]})
 
     @v1.get("/models/{model_id:path}")
     async def model(request: Request, model_id: str) -> JSONResponse:
-        state = _ready(request)
-        assert state.loop is not None
+        card = model_card(request)
         if model_id != settings.name:
             raise ApiError(f"the model '{model_id}' does not exist; this server serves '{settings.name}'", 404,
                            param="model", code="model_not_found")
-        limit, _ = state.loop.engine.limit()
-        return JSONResponse({"id": settings.name, "object": "model", "created": int(time.time()),
-                             "owned_by": "mixtrt", "max_model_len": limit})
+        return JSONResponse(card)
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
@@ -420,7 +420,7 @@ def _full_choice(call: _Call, state: _State, i: int) -> dict[str, Any]:
     lp = None
     if out.logprobs is not None:
         k = call.req.logprobs or 0
-        offsets = TextOffsets(_texts(state).tokenizer, call.prompts[p], len(call.echo[p]))(out.token_ids)
+        offsets = _text_offsets(call, state, i)(out.token_ids)
         gen_lp = completion_logprobs(_texts(state), out.token_ids, list(out.logprobs), out.top_logprobs, k, offsets)
         lp = merge(prompt_logprobs(_texts(state), call.prompts[p], out.prompt_logprobs, out.prompt_top_logprobs, k),
                     gen_lp) if call.echo[p] else gen_lp
@@ -446,10 +446,15 @@ def _stream_logprobs(call: _Call, state: _State, row: Any, indices: list[int]) -
     if call.kind == "chat":
         return chat_logprobs(_texts(state), ids, lps, top, _chat_k(call))
     i = call.handle.rows.index(row)
-    if i not in call.offsets:  # offsets count from the start of the choice's whole text (the echo included)
-        p = i // call.req.n
-        call.offsets[i] = TextOffsets(_texts(state).tokenizer, call.prompts[p], len(call.echo[p]))
+    if i not in call.offsets:  # one per streamed choice: its chunks' offsets go on from the last one's
+        call.offsets[i] = _text_offsets(call, state, i)
     return completion_logprobs(_texts(state), ids, lps, top, call.req.logprobs or 0, call.offsets[i](ids))
+
+
+def _text_offsets(call: _Call, state: _State, i: int) -> TextOffsets:
+    """Offsets of choice i's generated tokens in its returned text: after its prompt's echo (if any)."""
+    p = i // call.req.n
+    return TextOffsets(_texts(state).tokenizer, call.prompts[p], len(call.echo[p]))
 
 
 def _chat_k(call: _Call) -> int:
