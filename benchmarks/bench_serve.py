@@ -84,9 +84,10 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def start_mixtrt(art: Path, port: int, threads: int, log: Path, prefill_chunk: int | None) -> subprocess.Popen:
+def start_mixtrt(art: Path, port: int, threads: int, log: Path, prefill_chunk: int | None,
+                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "mixtrt", "serve", str(art), "--port", str(port), "--threads", str(threads),
-           "--max-batch", "16", "--max-queue", "64", "--no-verify"]
+           "--max-batch", "16", "--max-queue", "64", "--no-verify", *extra]
     if prefill_chunk is not None:
         cmd += ["--prefill-chunk", str(prefill_chunk)]
     proc = subprocess.Popen(cmd, stderr=open(log, "w"), stdout=subprocess.DEVNULL)
@@ -128,6 +129,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8471)
     ap.add_argument("--prefill-chunk", type=int, default=None,
                     help="mixtrt serve's --prefill-chunk (default: the server's default)")
+    ap.add_argument("--separate", action="store_true",
+                    help="also run a mixtrt server with --separate-prefill (each prompt chunk a pass of its own)")
     ns = ap.parse_args()
 
     from mixtrt.export.onnx_export import export_onnx, is_current
@@ -141,6 +144,10 @@ def main() -> None:
     engines = {"mixtrt": ns.port}
     log = ns.work / "bench-serve-mixtrt.log"
     procs = [start_mixtrt(art, ns.port, ns.threads, log, ns.prefill_chunk)]
+    if ns.separate:
+        procs.append(start_mixtrt(art, ns.port + 2, ns.threads, ns.work / "bench-serve-separate.log",
+                                  ns.prefill_chunk, ("--separate-prefill",)))
+        engines["mixtrt-separate"] = ns.port + 2
     llama_cm = None
     if not ns.no_llama:
         import peers
@@ -179,14 +186,14 @@ def main() -> None:
                     rows[clients][name].append(load(port, prompts, clients, ns.per_client, ns.new_tokens))
                     time.sleep(1.0)
 
-        print(f"\n{'clients':>7} {'server':<13}{'agg tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}"
+        print(f"\n{'clients':>7} {'server':<16}{'agg tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}"
               f"{'ITL p50':>9}{'ITL p99':>9}   (ms; medians of rounds)")
         for clients, per_engine in rows.items():
             for name, runs in per_engine.items():
                 tok = statistics.median(r["tok_s"] for r in runs)
                 cols = [statistics.median(pct(r[k], q) * 1e3 for r in runs) for k, q in
                         (("ttft", 50), ("ttft", 99), ("itl", 50), ("itl", 99))]
-                print(f"{clients:>7} {name:<13}{tok:>10.1f}" + "".join(f"{c:>10.1f}" if i < 2 else f"{c:>9.1f}"
+                print(f"{clients:>7} {name:<16}{tok:>10.1f}" + "".join(f"{c:>10.1f}" if i < 2 else f"{c:>9.1f}"
                                                                   for i, c in enumerate(cols)))
         serve_decode = statistics.median(d for r in single["mixtrt"] for d in r["decode"])
         gen = statistics.median(gen_decode)

@@ -317,8 +317,11 @@ class Engine:
         self.prefilling: Row | None = None  # a row part-way through its prefill: the cache row after the running ones
         self.parked: list[Row] = []  # cache rows after those
         self.prefilled = 0  # prompt tokens fed so far, all rows (a server's per-step prefill budget reads it)
+        self.mixed_steps_run = 0  # steps whose prompt chunk ran in the decode pass (mixed_step)
         self._ids = 0
         self._limit = self.limit()  # the backend's limits do not change: computed once, not per token
+        # the backend runs a prompt chunk in the decode step's pass (onnxruntime's mixed-step graph)
+        self.mixed = bool(getattr(backend, "mixed_steps", False))
 
     # ---- admission -----------------------------------------------------------------------------------
     @property
@@ -431,6 +434,9 @@ class Engine:
         server hands each part's events out at once (a new row's first token does not wait for the decode
         step or the other rows' prefills)."""
         check_prefill_budget(prefill_budget)
+        if self.running and prefill_budget is not None and self.mixed and self._admissible():
+            yield functools.partial(self.mixed_step, prefill_budget)
+            return
         spent = 0
         decoding = bool(self.running)  # with nothing decoding, this step's prompts go in whole
         while self._admissible():
@@ -484,23 +490,66 @@ class Engine:
 
     def decode(self) -> list[EngineEvent]:
         """The second half of step(): one decode step of every running row."""
+        if not self.running:
+            return []
+        ids = np.array([[row.tokens[-1]] for row in self.running], np.int64)  # [b, 1]
+        events, bad = self._decoded(self.backend.step(self.cache, ids)[:, 0])  # logits [b, 1, V]
+        if bad:
+            raise NonFiniteLogitsError(f"{bad}: {_NON_FINITE}", events)
+        return events
+
+    def _decoded(self, logits: np.ndarray) -> tuple[list[EngineEvent], str]:
+        """The running rows' next tokens from a decode pass's logits [b, V]: their events, and the rows whose
+        logits were not finite (cancelled), named ("" if none)."""
         events: list[EngineEvent] = []
-        if self.running:
-            ids = np.array([[row.tokens[-1]] for row in self.running], np.int64)  # [b, 1]
-            logits = self.backend.step(self.cache, ids)  # [b, 1, V]
-            finite = np.isfinite(logits[:, 0]).all(axis=-1)
-            bad = [row for i, row in enumerate(self.running) if not finite[i]]
-            for i, row in enumerate(self.running):
-                row.cached += 1
-                if finite[i]:
-                    events += self._accept(row, logits[i, 0])
-            for row in bad:
-                self.cancel(row)
+        finite = np.isfinite(logits).all(axis=-1)
+        bad = [row for i, row in enumerate(self.running) if not finite[i]]
+        for i, row in enumerate(self.running):
+            row.cached += 1
+            if finite[i]:
+                events += self._accept(row, logits[i])
+        for row in bad:
+            self.cancel(row)
+        self._compact()
+        return events, ", ".join(f"{r.name} (generated token {len(r.tokens) + 1}, position {r.cached - 1})"
+                                 for r in bad)
+
+    def mixed_step(self, budget: int) -> list[EngineEvent]:
+        """step() in one backend pass (a backend with `step_mixed`): every running row's next token together
+        with the next chunk (at most `budget` tokens, and the row's prefill_chunk) of the prefilling row, or
+        else of the first waiting row, which is admitted. A row whose prompt this finishes gets its first token
+        and joins the running rows. The tokens and logits are those of a decode step and a prefill chunk run
+        apart (the backend's batch-invariance contract)."""
+        check_prefill_budget(budget, "budget")
+        row = self.prefilling
+        if row is None:
+            row = self.waiting.popleft()
+            self._admit(row)
+        cfg, tokens = row.config, row.pending
+        start = row.cached - row.prefill_from
+        n = min(self.chunk(cfg.prefill_chunk), budget, len(tokens) - start)
+        ids = np.array([r.tokens[-1] for r in self.running], np.int64)
+        began = time.perf_counter()
+        step_mixed = self.backend.step_mixed  # type: ignore[attr-defined]  # the optional part of Backend
+        logits, chunk = step_mixed(self.cache, ids, tokens[start:start + n], last_only=row.prompt_logprobs is None)
+        row.t_prefill += time.perf_counter() - began
+        self.mixed_steps_run += 1
+        events, bad = self._decoded(logits)
+        try:
+            self._fed(chunk, tokens, start, n, row.prompt_logprobs, row.prompt_top, name=row.name,
+                      first=row.prefill_from)
+        except NonFiniteLogitsError as e:
+            self.cancel(row)
+            raise NonFiniteLogitsError("; ".join([f"{bad}: {_NON_FINITE}"] * bool(bad) + [str(e)]), events) from None
+        row.cached += n
+        self.prefilled += n
+        if start + n == len(tokens):
+            self.prefilling = None
+            self.running.append(row)  # its cache row is already the one after the running rows
+            events += self._accept(row, chunk[-1])
             self._compact()
-            if bad:
-                names = ", ".join(f"{r.name} (generated token {len(r.tokens) + 1}, position {r.cached - 1})"
-                                  for r in bad)
-                raise NonFiniteLogitsError(f"{names}: {_NON_FINITE}", events)
+        if bad:
+            raise NonFiniteLogitsError(f"{bad}: {_NON_FINITE}", events)
         return events
 
     def _admit(self, row: Row) -> None:
@@ -551,13 +600,22 @@ class Engine:
         return len(self.running) + (self.prefilling is not None) + self.parked.index(row)
 
     def _compact(self, drop: frozenset[int] | set[int] = frozenset()) -> None:
-        """Keep unfinished rows running at the front, then the prefilling row, park finished kept rows behind
-        them, free the rest.
+        """Keep unfinished rows running at the front (the fewest rows moved: the running order may change), then
+        the prefilling row, park finished kept rows behind them, free the rest.
 
         When nothing is left running, prefilling or parked, the finished rows stay in the cache as they are
         (no copy): `_admit` empties a slot before reusing it.
         """
         active = [r for r in self.running if r.reason is None and r.id not in drop]
+        # running rows already inside the new running range stay in their cache rows; the others fill the holes
+        # (a row finishing among 16 moves one row, not every row after it: a cache row is MBs of keys and values)
+        slot = {r.id: i for i, r in enumerate(self.running)}
+        placed: list[Row | None] = [None] * len(active)
+        for r in active:
+            if slot[r.id] < len(active):
+                placed[slot[r.id]] = r
+        movers = iter(r for r in active if slot[r.id] >= len(active))
+        active = [r if r is not None else next(movers) for r in placed]
         prefilling = self.prefilling if self.prefilling is not None and self.prefilling.id not in drop else None
         parked = [r for r in self.parked if r.id not in drop and not r.released]
         parked += [r for r in self.running if r.reason is not None and r.keep and not r.released and r.id not in drop]
@@ -589,6 +647,12 @@ class Engine:
         piece = tokens[start:start + n]
         # [S, V] when the prompt's logprobs are wanted, else [1, V]: the lm_head runs on the last token only
         logits = self.backend.step(self.cache, piece[None, :], start_row=slot, last_only=logprobs is None)[0]
+        self._fed(logits, tokens, start, n, logprobs, top, name=name, first=first)
+        return logits
+
+    def _fed(self, logits: np.ndarray, tokens: np.ndarray, start: int, n: int, logprobs: np.ndarray | None,
+             top: tuple[np.ndarray, np.ndarray] | None, *, name: str, first: int) -> None:
+        """After tokens[start:start + n] were fed: refuse non-finite logits, and fill in the logprobs (_feed)."""
         if not np.isfinite(logits).all():
             raise NonFiniteLogitsError(f"{name} (prefill of positions {first + start}-"
                                        f"{first + start + n - 1}): {_NON_FINITE}")
@@ -599,7 +663,6 @@ class Engine:
             if top is not None:
                 k = top[0].shape[1]
                 top[0][start:start + len(targets)], top[1][start:start + len(targets)] = top_k_logprobs(lp, k)
-        return logits
 
     def _accept(self, row: Row, logits: np.ndarray) -> list[EngineEvent]:
         """Choose row's next token from its raw logits [V] and apply the finish rules."""
@@ -678,14 +741,17 @@ class Generator:
 
     @classmethod
     def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", threads: int | None = None,
-             verify: bool = True) -> Generator:
+             verify: bool = True, mixed_steps: bool = False) -> Generator:
         """The artifact's backend, tokenizer and generation defaults, as its manifest records them
-        (`chat`). verify: check file hashes against the manifest (sizes always)."""
+        (`chat`). verify: check file hashes against the manifest (sizes always). mixed_steps: a backend that
+        can (onnxruntime) runs a prompt chunk in the decode step's pass (what a server's Engine steps use;
+        `Engine.mixed_step`); the others ignore it."""
         from mixtrt.runtime.backends import load_backend
         from mixtrt.runtime.chat_format import load_chat_tokenizer
         from mixtrt.runtime.manifest import Manifest
 
-        engine = load_backend(backend, artifact_dir, threads=threads, verify=verify, head="causal_lm")
+        engine = load_backend(backend, artifact_dir, threads=threads, verify=verify, head="causal_lm",
+                              **({"mixed_steps": True} if mixed_steps else {}))
         chat = Manifest.read(artifact_dir).chat  # the files were checked by load_backend
         tokenizer = load_chat_tokenizer(artifact_dir, chat, engine.args.vocab_size)
         return cls(engine, tokenizer, chat.generation)

@@ -30,6 +30,7 @@ class BackendInfo:
     extra: str  # the extra providing its dependencies (extras.EXTRAS)
     window_slack: int  # cache rows it needs beyond the window in the windowed layout
     summary: str
+    mixed_steps: bool = False  # takes the `mixed_steps` option (a prompt chunk in the decode step's pass)
 
 
 BACKENDS: dict[str, BackendInfo] = {
@@ -37,7 +38,7 @@ BACKENDS: dict[str, BackendInfo] = {
         "mixtrt.runtime.backends.onnxruntime:OrtBackend", "base",
         # onnxruntime's windowed attention compacts its buffer once the slack is used up (every `slack`
         # decode steps), so the slack trades copies for memory (onnxruntime-genai uses 16 as well)
-        16, "ONNX Runtime on the CPU: the artifact's model.onnx"),
+        16, "ONNX Runtime on the CPU: the artifact's model.onnx", mixed_steps=True),
     # torch + our Triton kernels over the graph's weights (a ring cache: no slack); imported only from here, so
     # the onnxruntime path stays torch-free
     "triton": BackendInfo(
@@ -77,5 +78,7 @@ def load_backend(name: str, directory: str | Path, *, verify: bool = True, head:
     if name not in manifest.backends:
         raise ConfigError(f"{directory}: this artifact runs on {manifest.backends}, not on {name!r}")
     require(info.extra, f"the {name} backend")
+    if not info.mixed_steps:
+        options.pop("mixed_steps", None)  # a backend without mixed steps runs a server's steps apart
     module, cls = info.target.split(":")
     return getattr(importlib.import_module(module), cls).from_artifact(Path(directory), manifest, **options)

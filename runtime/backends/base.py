@@ -12,6 +12,10 @@ touches the buffers. Example, batch of two rows, window model:
     cache.lengths                                                  # -> [4, 3]
     backend.move_rows(cache, [1])                                  # row 0 finished: row 1 moves to row 0
 
+Optional: a backend with `mixed_steps` True also has `step_mixed(cache, decode_ids [b], chunk_ids [S], last_only)`
+-> (logits [b, V], chunk logits [S or 1, V]): rows [0, b) decode one token each and row b takes a prompt chunk, in
+one call (a server's Engine steps; onnxruntime's mixed-step graph), with the logits of the two calls apart.
+
 Thread safety: a backend serialises its steps (one lock), so several threads may share it as long as
 each uses its own cache (the Engine gives every generation its own).
 

@@ -37,9 +37,15 @@ def bind_array(binding: Any, name: str, array: np.ndarray, *, output: bool = Fal
 class OrtBackend:
     """Runs an artifact's model.onnx on ONNX Runtime (CPU)."""
 
-    def __init__(self, directory: Path, manifest: Manifest, threads: int | None = None, fuse: bool = True) -> None:
+    def __init__(self, directory: Path, manifest: Manifest, threads: int | None = None, fuse: bool = True,
+                 mixed_steps: bool = False) -> None:
         """fuse: apply ort_fusions' rewrites to the graph before creating the session (packed q/k/v, residual
-        norms); False runs model.onnx as written (for comparisons)."""
+        norms); False runs model.onnx as written (for comparisons).
+
+        mixed_steps (a causal LM): run the mixed-step graph (ort_mixed), which adds `step_mixed`, one pass over
+        the decoding rows' tokens and a prompt chunk together (a server's steps); plain steps run through it too.
+        Where the graph has a form the rewrite does not know, the backend runs plain steps
+        (`self.mixed_steps` False, `self.mixed_reason` says why)."""
         import onnx
         import onnxruntime as ort
 
@@ -66,10 +72,16 @@ class OrtBackend:
         model_path = self.directory / MODEL_FILE
         manifest.check_graph_io(self.directory)
         self.fusions = FusionCounts()
+        self.mixed_steps, self.mixed_reason = False, "not asked for"
+        checked: tuple[list[TensorSpec], list[TensorSpec], dict[str, str]] | None = None
         try:
-            if fuse:
+            if fuse or mixed_steps:
                 model = onnx.load(str(model_path), load_external_data=False)
-                self.fusions = fuse_graph(model, self.directory)
+                if fuse:
+                    self.fusions = fuse_graph(model, self.directory)
+                if mixed_steps:
+                    checked = _graph_specs(model)  # what the session would show without the rewrite
+                    self.mixed_steps, self.mixed_reason = self._mix(model)
                 source: str | bytes = model.SerializeToString()
                 del model
                 # the rewritten graph comes as bytes: its external data is found beside model.onnx
@@ -83,21 +95,37 @@ class OrtBackend:
         except Exception as e:  # onnx and onnxruntime raise their own exception types
             raise ArtifactError(f"{model_path}: onnxruntime cannot load the graph: {_first_line(e)}") from None
         _release_freed_heap()
-        manifest.check_graph(model_path, [_spec(t) for t in self.session.get_inputs()],
-                             [_spec(t) for t in self.session.get_outputs()],
-                             dict(self.session.get_modelmeta().custom_metadata_map))
+        if checked is None:
+            checked = ([_spec(t) for t in self.session.get_inputs()], [_spec(t) for t in self.session.get_outputs()],
+                       dict(self.session.get_modelmeta().custom_metadata_map))
+        manifest.check_graph(model_path, *checked)  # the mixed graph: its IO before the rewrite
         self._lock = threading.Lock()
 
-    @classmethod
-    def from_artifact(cls, directory: Path, manifest: Manifest, threads: int | None = None) -> OrtBackend:
-        return cls(directory, manifest, threads=threads)
+    def _mix(self, model: Any) -> tuple[bool, str]:
+        """Rewrite `model` into the mixed-step graph; (done, why not)."""
+        from mixtrt.runtime.backends.ort_mixed import NotMixable, mixed
+
+        if self.head != "causal_lm":
+            return False, f"a {self.head} model has no cache"
+        a = self.args
+        try:
+            mixed(model, a.num_hidden_layers, a.num_attention_heads * a.head_dim)
+        except NotMixable as e:
+            return False, str(e)
+        return True, ""
 
     @classmethod
-    def load(cls, directory: str | Path, threads: int | None = None, verify: bool = True, fuse: bool = True
-             ) -> OrtBackend:
+    def from_artifact(cls, directory: Path, manifest: Manifest, threads: int | None = None,
+                      mixed_steps: bool = False) -> OrtBackend:
+        return cls(directory, manifest, threads=threads, mixed_steps=mixed_steps)
+
+    @classmethod
+    def load(cls, directory: str | Path, threads: int | None = None, verify: bool = True, fuse: bool = True,
+             mixed_steps: bool = False) -> OrtBackend:
         """verify: check each file's sha256 against the manifest (sizes are always checked)."""
         directory = Path(directory)
-        return cls(directory, Manifest.load(directory, verify=verify), threads=threads, fuse=fuse)
+        return cls(directory, Manifest.load(directory, verify=verify), threads=threads, fuse=fuse,
+                   mixed_steps=mixed_steps)
 
     def _needs(self, causal_lm: bool, what: str) -> None:
         if (self.head == "causal_lm") != causal_lm:
@@ -151,6 +179,19 @@ class OrtBackend:
         cache.binding = bound
         return bound
 
+    def _lengths(self, cache: HostKVCache, rows: slice, s: int) -> np.ndarray:
+        """The rows' lengths after a step of s tokens (int32), checked against the positions and the cache."""
+        total = cache.lengths[rows] + np.int32(s)
+        if total.size:
+            top = int(cache.lengths[rows].max()) + s  # in Python ints: no int32 overflow near the bound
+            if top > self.max_positions:
+                raise ConfigError(f"position {top - 1} is past the {self.max_positions} positions this "
+                                  "artifact serves (max context chosen at export)")
+            if not self.windowed and top > self.capacity:
+                raise ConfigError(f"the cache holds {self.capacity} tokens per row (no sliding window) and this "
+                                  f"step needs {top}")
+        return total
+
     def step(self, cache: HostKVCache, input_ids: np.ndarray, start_row: int = 0, last_only: bool = False
              ) -> np.ndarray:
         """input_ids [b, S] for cache rows [start_row, start_row+b) -> logits [b, S, V] float32
@@ -163,15 +204,14 @@ class OrtBackend:
             raise ConfigError("a multi-token step runs one row at a time (onnxruntime's attention needs batch 1)")
         if start_row < 0 or start_row + b > cache.batch_size:
             raise ConfigError(f"rows [{start_row}, {start_row + b}) are outside the cache's {cache.batch_size} rows")
+        if self.mixed_steps:
+            if s == 1:  # b rows of one token: the decode part
+                logits, _ = self._run_mixed(cache, start_row, input_ids[:, 0], None, input_ids[0, :0], True)
+                return logits[:, None]
+            _, logits = self._run_mixed(cache, start_row, input_ids[:0, 0], start_row, input_ids[0], last_only)
+            return logits[None]
         rows = slice(start_row, start_row + b)
-        total = cache.lengths[rows] + np.int32(s)  # int32 [b]
-        top = int(cache.lengths[rows].max()) + s  # in Python ints: no int32 overflow near the bound
-        if top > self.max_positions:
-            raise ConfigError(f"position {top - 1} is past the {self.max_positions} positions this "
-                              "artifact serves (max context chosen at export)")
-        if not self.windowed and top > self.capacity:
-            raise ConfigError(f"the cache holds {self.capacity} tokens per row (no sliding window) and this step "
-                              f"needs {top}")
+        total = self._lengths(cache, rows, s)
         with self._lock:
             bound = self._binding(cache, start_row, b)
             bound.feed(input_ids, total, last_only)
@@ -183,6 +223,62 @@ class OrtBackend:
             cache.lengths[rows] = total
             logits = bound.logits.astype(np.float32)  # a copy: the caller owns it; the bound buffer is reused
         return logits
+
+    def step_mixed(self, cache: HostKVCache, decode_ids: np.ndarray, chunk_ids: np.ndarray,
+                   last_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """One pass over decode_ids [b] (the next token of each of cache rows [0, b)) and chunk_ids [S] (the
+        next prompt tokens of cache row b): (logits [b, V], the chunk's logits [S, V], or [1, V] with
+        last_only), float32. Needs mixed_steps; the same logits as a decode step and a step of the chunk."""
+        if not self.mixed_steps:
+            raise ConfigError(f"step_mixed needs the backend loaded with mixed_steps=True ({self.mixed_reason})")
+        decode_ids = np.ascontiguousarray(decode_ids, dtype=np.int64)
+        chunk_ids = np.ascontiguousarray(chunk_ids, dtype=np.int64)
+        if decode_ids.ndim != 1 or chunk_ids.ndim != 1 or not chunk_ids.size:
+            raise ConfigError(f"step_mixed takes decode ids [b] and a non-empty chunk [S], got shapes "
+                              f"{decode_ids.shape} and {chunk_ids.shape}")
+        if decode_ids.size + 1 > cache.batch_size:
+            raise ConfigError(f"{decode_ids.size} decoding rows and a chunk's row need {decode_ids.size + 1} cache "
+                              f"rows; the cache has {cache.batch_size}")
+        return self._run_mixed(cache, 0, decode_ids, decode_ids.size, chunk_ids, last_only)
+
+    def _run_mixed(self, cache: HostKVCache, start_row: int, decode_ids: np.ndarray, chunk_row: int | None,
+                   chunk_ids: np.ndarray, last_only: bool) -> tuple[np.ndarray, np.ndarray]:
+        b, s = decode_ids.size, chunk_ids.size
+        rows = slice(start_row, start_row + b)
+        chunk = slice(chunk_row, chunk_row + 1) if chunk_row is not None and s else slice(0, 0)
+        total, chunk_total = self._lengths(cache, rows, 1), self._lengths(cache, chunk, s)
+        with self._lock:
+            bound = self._mixed_binding(cache, rows, chunk)
+            bound.feed(decode_ids, chunk_ids, total, chunk_total, last_only)
+            try:
+                self.session.run_with_iobinding(bound.binding)
+            except Exception as e:  # onnxruntime's own exception types; the cache rows may be partly written
+                raise BackendError(f"onnxruntime failed on a step of {b} decoding row(s) and a chunk of {s} "
+                                   f"token(s): {_first_line(e)}") from None
+            cache.lengths[rows], cache.lengths[chunk] = total, chunk_total
+            logits = bound.logits[0].astype(np.float32)  # a copy: the caller owns it; the bound buffer is reused
+        return logits[:b], logits[b:]
+
+    def _mixed_binding(self, cache: HostKVCache, rows: slice, chunk: slice) -> _MixedBound:
+        """The mixed graph's IOBinding for decode rows `rows` and chunk row `chunk` (empty slices for a part
+        left out), kept on the cache and reused while they are the same."""
+        from mixtrt.runtime.backends.ort_mixed import prefill_name
+
+        key = (rows.start, rows.stop, chunk.start, chunk.stop)
+        bound = cache.binding
+        if isinstance(bound, _MixedBound) and bound.backend is self and bound.rows == key:
+            return bound
+        binding = self.session.io_binding()
+        for layer in range(self.args.num_hidden_layers):
+            for buf, past, present in zip((cache.keys[layer], cache.values[layer]), Manifest.past_names(layer),
+                                          Manifest.present_names(layer), strict=True):
+                bind_array(binding, past, buf[rows])
+                bind_array(binding, present, buf[rows], output=True)
+                bind_array(binding, prefill_name(past), buf[chunk])
+                bind_array(binding, prefill_name(present), buf[chunk], output=True)
+        bound = _MixedBound(self, key, binding, rows.stop - rows.start, chunk.stop - chunk.start)
+        cache.binding = bound
+        return bound
 
 
 class _Bound:
@@ -213,6 +309,56 @@ class _Bound:
             self.positions_key = (s, last_only)
             self.logits = np.empty((b, 1 if last_only else s, self.backend.args.vocab_size), self.backend.dtype)
             bind_array(self.binding, "logits", self.logits, output=True)
+
+
+class _MixedBound:
+    """The mixed graph's IOBinding for one (decode rows, chunk row) pair, with its inputs and logits bound by
+    pointer to buffers kept here, as _Bound does for the plain graph."""
+
+    def __init__(self, backend: OrtBackend, rows: tuple[int, int, int, int], binding: Any, b: int, c: int) -> None:
+        from mixtrt.runtime.backends.ort_mixed import PREFILL_LENGTHS
+
+        self.backend, self.rows, self.binding = backend, rows, binding
+        self.ids = np.empty((0, 0), np.int64)
+        self.total, self.chunk_total = np.empty(b, np.int32), np.empty(c, np.int32)
+        bind_array(binding, "total_lengths", self.total)
+        bind_array(binding, PREFILL_LENGTHS, self.chunk_total)
+        self.positions = np.empty((1, 0), np.int64)
+        self.positions_key: tuple[int, int, bool] | None = None
+        self.logits = np.empty((0, 0, 0), backend.dtype)
+
+    def feed(self, decode_ids: np.ndarray, chunk_ids: np.ndarray, total: np.ndarray, chunk_total: np.ndarray,
+             last_only: bool) -> None:
+        b, s = decode_ids.size, chunk_ids.size
+        if self.ids.shape != (1, b + s):
+            self.ids = np.empty((1, b + s), np.int64)
+            bind_array(self.binding, "input_ids", self.ids)
+        self.ids[0, :b], self.ids[0, b:] = decode_ids, chunk_ids
+        self.total[...], self.chunk_total[...] = total, chunk_total
+        if self.positions_key != (b, s, last_only):  # each decode token, then the chunk's last or all tokens
+            chunk = [b + s - 1] if last_only and s else list(range(b, b + s))
+            positions = np.asarray([list(range(b)) + chunk], np.int64)
+            self.positions = positions
+            bind_array(self.binding, "logit_positions", positions)
+            self.positions_key = (b, s, last_only)
+            self.logits = np.empty((1, positions.shape[1], self.backend.args.vocab_size), self.backend.dtype)
+            bind_array(self.binding, "logits", self.logits, output=True)
+
+
+_PROTO_TYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}  # onnx TensorProto types -> numpy names
+
+
+def _graph_specs(model: Any) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, str]]:
+    """An onnx ModelProto's inputs, outputs and metadata as Manifest.check_graph takes them."""
+    return ([_proto_spec(v) for v in model.graph.input], [_proto_spec(v) for v in model.graph.output],
+            {p.key: p.value for p in model.metadata_props})
+
+
+def _proto_spec(value: Any) -> TensorSpec:
+    """A graph input / output (onnx ValueInfoProto) as the manifest writes graph IO."""
+    t = value.type.tensor_type
+    return TensorSpec(value.name, _PROTO_TYPES.get(t.elem_type, str(t.elem_type)),
+                      tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim))
 
 
 # onnxruntime's type strings -> numpy dtype names (the manifest's)

@@ -63,6 +63,9 @@ class ServeSettings:
     # while rows decode, an engine step prefills at most this many prompt tokens (a longer prompt is split
     # across steps), so a decoding row waits for at most one chunk per step; 0: no limit
     prefill_chunk: int = 32
+    # the chunk runs in the decode step's pass (one read of the weights for both), where the backend can
+    # (onnxruntime); False: a pass of its own
+    mixed_steps: bool = True
 
     @property
     def name(self) -> str:
@@ -169,7 +172,8 @@ def _load(state: _State, generator: Generator | None) -> None:
     s = state.settings
     start = time.perf_counter()
     try:
-        gen = generator or Generator.load(s.artifact, backend=s.backend, threads=s.threads, verify=s.verify)
+        gen = generator or Generator.load(s.artifact, backend=s.backend, threads=s.threads, verify=s.verify,
+                                          mixed_steps=s.mixed_steps)
         loop = EngineLoop(gen.backend, gen.tokenizer, s.max_batch, s.max_queue, state.metrics,
                           s.prefill_chunk or None)
     except Exception as e:  # any failure (ours, the OS's, onnxruntime's) is reported, not lost

@@ -3,6 +3,7 @@
     mixtrt:num_requests_running / num_requests_waiting   requests decoding / not yet admitted (gauges)
     mixtrt:num_rows_running                              engine (cache) rows decoding (gauge)
     mixtrt:prompt_tokens_total / generation_tokens_total counters
+    mixtrt:mixed_steps_total                             steps that ran a prompt chunk in the decode pass (counter)
     mixtrt:request_success_total{finished_reason}        stop / length, per choice
     mixtrt:request_aborted_total{reason}                 disconnect / error / shutdown, per request
     mixtrt:time_to_first_token_seconds, inter_token_latency_seconds, e2e_request_latency_seconds,
@@ -43,6 +44,7 @@ class Metrics:
         self.rows_running = gauge("num_rows_running", "Engine (KV-cache) rows decoding.")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens prefilled.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.mixed_steps = counter("mixed_steps", "Engine steps that ran a prompt chunk in the decode step's pass.")
         self._success = Counter("mixtrt:request_success", "Choices finished, by finish reason.",
                                 ["model_name", "finished_reason"], registry=r)
         self._aborted = Counter("mixtrt:request_aborted", "Requests ended before their end, by reason.",

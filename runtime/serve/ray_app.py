@@ -35,7 +35,8 @@ class MixtrtReplica:
 
         self.settings = ServeSettings(**settings)
         self.generator = Generator.load(self.settings.artifact, backend=self.settings.backend,
-                                        threads=self.settings.threads, verify=self.settings.verify)
+                                        threads=self.settings.threads, verify=self.settings.verify,
+                                        mixed_steps=self.settings.mixed_steps)
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.settings, generator=self.generator)
@@ -49,10 +50,13 @@ def deployment(settings: ServeSettings, replicas: int = 1, num_cpus: float = 1.0
     return wrap(MixtrtReplica).bind(dataclasses.asdict(settings))
 
 
+def _flag(value: Any) -> bool:
+    return str(value).lower() not in ("0", "false", "no")
+
+
 _ARGS = {"artifact": str, "backend": str, "model_name": str, "max_batch": int, "max_queue": int, "api_key": str,
          "threads": int,
-         "verify": lambda v: str(v).lower() not in ("0", "false", "no"), "max_body_bytes": int, "drain_s": float,
-         "prefill_chunk": int}
+         "verify": _flag, "max_body_bytes": int, "drain_s": float, "prefill_chunk": int, "mixed_steps": _flag}
 
 
 def app_builder(args: dict[str, Any]) -> Application:

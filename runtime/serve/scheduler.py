@@ -224,8 +224,11 @@ class EngineLoop:
         prompt, the decode step's tokens after it. While rows decode, the step's prefill is at most
         `prefill_chunk` tokens, so a decoding row waits for at most one chunk per step."""
         for part in self.engine.parts(self.prefill_chunk):
+            mixed = self.engine.mixed_steps_run
             if not self._run_part(part):
                 return
+            if self.metrics is not None and self.engine.mixed_steps_run != mixed:
+                self.metrics.mixed_steps.inc(self.engine.mixed_steps_run - mixed)
 
     def _run_part(self, part: Callable[[], list[EngineEvent]]) -> bool:
         """Run one part of a step and hand its events out; False when the engine failed and was replaced."""

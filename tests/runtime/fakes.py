@@ -64,7 +64,7 @@ class ToyStreamDecoder:
 
 class ToyBackend:
     def __init__(self, capacity: int = 6, windowed: bool = True, max_positions: int = 512,
-                 chain: dict[int, int] | None = None, seed: int = 0) -> None:
+                 chain: dict[int, int] | None = None, seed: int = 0, mixed: bool = False) -> None:
         self.args = ModelArgs(architecture="MistralForCausalLM", vocab_size=V, hidden_size=16, intermediate_size=32,
                               num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=2,
                               sliding_window=4 if windowed else None, max_position_embeddings=max_positions)
@@ -75,6 +75,12 @@ class ToyBackend:
         self.chain = chain or {}
         self.calls: list[tuple[int, int, int]] = []  # (b, S, start_row)
         self.last_only: list[bool] = []  # per call
+        # mixed: step_mixed runs the decode rows and a prompt chunk in one call (as onnxruntime's mixed graph);
+        # each of its two halves is also in `calls`, with True in `in_mixed`
+        self.mixed_steps = mixed
+        self.mixed_calls: list[tuple[int, int]] = []  # (b, S)
+        self.in_mixed: list[bool] = []  # per call
+        self._mixing = False
 
     def new_cache(self, batch_size: int) -> HostKVCache:
         return HostKVCache(1, batch_size, 1, self.capacity, 1)
@@ -92,6 +98,7 @@ class ToyBackend:
         assert 0 <= start_row and start_row + b <= cache.batch_size
         self.calls.append((b, s, start_row))
         self.last_only.append(last_only)
+        self.in_mixed.append(self._mixing)
         keys, out = cache.keys[0], np.empty((b, s, V), np.float32)
         for r in range(b):
             row = start_row + r
@@ -107,6 +114,20 @@ class ToyBackend:
                 if history[0] in self.chain:
                     out[r, j, self.chain[history[0]]] += 40.0
         return out[:, -1:] if last_only else out
+
+    def step_mixed(self, cache: HostKVCache, decode_ids: np.ndarray, chunk_ids: np.ndarray, last_only: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [0, b) decode one token each and row b takes the chunk, in one call (the Backend rules)."""
+        assert self.mixed_steps and decode_ids.ndim == 1 and chunk_ids.ndim == 1 and chunk_ids.size
+        b = decode_ids.size
+        self.mixed_calls.append((b, chunk_ids.size))
+        self._mixing = True
+        try:
+            logits = self.step(cache, decode_ids[:, None].astype(np.int64), 0)[:, 0] if b else np.empty((0, V))
+            chunk = self.step(cache, chunk_ids[None].astype(np.int64), b, last_only)[0]
+        finally:
+            self._mixing = False
+        return logits, chunk
 
     @property
     def tokens_run(self) -> int:

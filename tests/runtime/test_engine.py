@@ -266,3 +266,59 @@ def test_prompt_logprobs_and_a_kept_row_across_prefill_steps():
             if event.output is not None:
                 got[event.row.id] = event.output.token_ids
     assert got[kept.id] == alone(PROMPTS[2] + first + PROMPTS[1]) and runner.reason is None
+
+
+# ---- mixed steps: the prompt chunk in the decode step's backend call (a server's Engine on onnxruntime) -------
+@pytest.mark.parametrize("budget", [1, 3, 100])
+@pytest.mark.parametrize("windowed", [True, False])
+def test_mixed_steps_run_each_chunk_with_the_decode_rows_and_keep_the_tokens(budget, windowed):
+    """With a backend that has step_mixed, a step while rows decode is one call: the running rows' tokens and at
+    most `budget` prompt tokens of one row (never a pass of its own); rows arriving while others decode, with
+    prompts crossing the toy ring in chunks, give the tokens of their runs alone."""
+    backend = ToyBackend(windowed=windowed, capacity=6 if windowed else 64, mixed=True)
+    engine = Engine(backend, ToyTokenizer(), max_batch=4)
+    long = GenerationConfig(max_new_tokens=40, eos_token_id=())
+    rows = [engine.add(PROMPTS[0], long)]
+    engine.step(prefill_budget=budget)  # nothing decodes yet: a prefill of its own
+    assert not backend.mixed_calls and len(rows[0].tokens) == 2
+    rows += [engine.add(PROMPTS[1], GREEDY), engine.add(PROMPTS[3], GREEDY)]
+    done = drain_budget(engine, budget)
+    rows.append(engine.add(PROMPTS[2], GREEDY))  # after the others: alone again
+    done |= drain_budget(engine, budget)
+    want = [alone(p, c, windowed=windowed, capacity=backend.capacity)
+            for p, c in ((PROMPTS[0], long), (PROMPTS[1], GREEDY), (PROMPTS[3], GREEDY), (PROMPTS[2], GREEDY))]
+    assert [done[r.id] for r in rows] == want
+    assert backend.mixed_calls and all(b >= 1 and 1 <= s <= budget for b, s in backend.mixed_calls)
+    # every prompt token fed while row 0 decoded went through step_mixed
+    chunks = sum(s for _, s in backend.mixed_calls)
+    assert chunks == len(PROMPTS[1]) + len(PROMPTS[3]), backend.mixed_calls
+    plain = [s for (_, s, _), mixed in zip(backend.calls, backend.in_mixed, strict=True) if s > 1 and not mixed]
+    assert plain == [len(PROMPTS[0]), len(PROMPTS[2])]  # the prompts that came when nothing decoded
+
+
+def test_mixed_steps_keep_prompt_logprobs_and_cancel_a_row_part_way():
+    config = GenerationConfig(max_new_tokens=4, eos_token_id=(), return_logprobs=True, top_logprobs=2)
+    whole = Generator(ToyBackend(), ToyTokenizer()).generate(PROMPTS[1], config)[0]
+    backend = ToyBackend(mixed=True)
+    engine = Engine(backend, ToyTokenizer(), max_batch=3)
+    runner = engine.add(PROMPTS[0], GenerationConfig(max_new_tokens=60, eos_token_id=()))
+    engine.step()
+    row = engine.add(PROMPTS[1], config)
+    done = {}
+    while row.reason is None:
+        for event in engine.step(prefill_budget=5):
+            if event.output is not None:
+                done[event.row.id] = event.output
+    assert backend.mixed_calls and not any(backend.last_only[i] for i, m in enumerate(backend.in_mixed)
+                                           if m and backend.calls[i][2] != 0)  # the chunks' logits: all positions
+    out = done[row.id]
+    assert out.token_ids == whole.token_ids
+    np.testing.assert_allclose(out.prompt_logprobs, whole.prompt_logprobs, rtol=1e-6)
+    np.testing.assert_array_equal(out.prompt_top_logprobs[0], whole.prompt_top_logprobs[0])
+    b, c = engine.add(PROMPTS[1], GREEDY), engine.add(PROMPTS[2], GREEDY)
+    engine.step(prefill_budget=2)
+    assert engine.prefilling is b and b.cached == 2 and not b.tokens
+    engine.cancel(b)
+    assert engine.prefilling is None and engine.cache.lengths[1] == 0
+    got = drain_budget(engine, 2)
+    assert got[c.id] == alone(PROMPTS[2]) and runner.id in got

@@ -91,6 +91,42 @@ def test_in_an_engine_only_the_poisoned_row_stops():
     assert done["good"].token_ids == alone.token_ids  # the good row is unaffected
 
 
+@pytest.mark.parametrize("where", ["chunk", "decode"])
+def test_in_a_mixed_step_only_the_poisoned_row_stops(where):
+    """A step that runs a prompt chunk with the decoding rows (step_mixed): NaN in the chunk cancels the row being
+    prefilled, NaN in a decoding row cancels that row; the error names it, the other rows' tokens of that step
+    are in its events, and every other row ends with the tokens of its run alone."""
+    marker = 7
+    backend = PoisonedBackend(position=2 if where == "chunk" else 6, marker=marker, mixed=True)
+    engine = Engine(backend, ToyTokenizer(), max_batch=3)
+    cfg = GenerationConfig(max_new_tokens=8, eos_token_id=(), return_logprobs=True)
+    runner = engine.add([1, 5, 9], cfg, name="runner")
+    engine.step()
+    bad = engine.add([marker, 5, 9, 11, 12], cfg, name="bad")
+    engine.add([1, 6, 9, 13], cfg, name="late")
+    done, errors, with_error = {}, [], []
+    while engine.busy:
+        try:
+            events = engine.step(prefill_budget=2)
+        except NonFiniteLogitsError as e:
+            errors.append(str(e))
+            events = e.events
+            with_error += [ev.row.name for ev in events]
+        for ev in events:
+            assert ev.row is not bad or ev.output is None
+            if ev.output is not None:
+                done[ev.row.name] = ev.output
+    assert backend.mixed_calls
+    one_line(errors[0], "bad")
+    assert len(errors) == 1 and ("prefill of positions 2-3" in errors[0] if where == "chunk"
+                                 else errors[0].startswith("bad (generated token"))
+    assert "runner" in with_error  # the decoding rows' tokens of the failed step were handed out
+    assert bad.reason == "length" and bad.message == "cancelled" and bad.released and runner.reason is not None
+    gen = Generator(ToyBackend(), ToyTokenizer())
+    assert done["runner"].token_ids == gen.generate([[1, 5, 9]], cfg)[0].token_ids
+    assert done["late"].token_ids == gen.generate([[1, 6, 9, 13]], cfg)[0].token_ids
+
+
 def _serve(monkeypatch, backend) -> None:
     """`mixtrt generate` in this process, on `backend` and the toy tokenizer instead of an artifact."""
     from mixtrt.cli.commands import generate

@@ -36,7 +36,8 @@ def serve_artifact(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def generator(serve_artifact) -> Generator:
-    return Generator.load(serve_artifact[1], threads=1)
+    """Loaded as `mixtrt serve` loads it: prompt chunks run in the decode step's pass (mixed steps)."""
+    return Generator.load(serve_artifact[1], threads=1, mixed_steps=True)
 
 
 class SlowBackend:
@@ -51,6 +52,10 @@ class SlowBackend:
     def step(self, *args: Any, **kwargs: Any) -> Any:
         time.sleep(self.pause_s)
         return self._backend.step(*args, **kwargs)
+
+    def step_mixed(self, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(self.pause_s)
+        return self._backend.step_mixed(*args, **kwargs)
 
 
 def slow(gen: Generator, pause_s: float = 0.02) -> Generator:

@@ -185,6 +185,30 @@ def test_16_concurrent_streams_each_equal_the_request_alone(server, generator):
     print(f"16 concurrent streams: {tokens:.0f} tokens in {elapsed:.2f} s = {tokens / elapsed:.0f} tok/s aggregate")
 
 
+def test_a_prompt_arriving_while_rows_decode_runs_in_their_steps(generator, serve_artifact):
+    """Mixed steps: requests that arrive while another streams are prefilled in chunks inside its decode steps
+    (mixtrt:mixed_steps_total counts them), and every output equals the request run alone."""
+    from tests.serve.conftest import slow
+
+    rng = np.random.default_rng(3)
+    prompts = [[1] + rng.integers(3, 32000, size=n).tolist() for n in (6, 30, 19)]
+    lengths = [40, 12, 9]
+    alone = [continuation(generator, p, greedy(generator, p, n)) for p, n in zip(prompts, lengths, strict=True)]
+    s = Server(slow(generator, 0.01), serve_artifact[1], max_batch=4, max_queue=8, prefill_chunk=8)
+    try:
+        got: list[str] = []
+        first = s.openai.completions.create(model="tiny", prompt=prompts[0], max_tokens=lengths[0], temperature=0,
+                                            stream=True)
+        got.append(next(iter(first)).choices[0].text)  # it decodes now
+        later = concurrent_streams(s.openai, prompts[1:], lengths[1:])
+        got[0] += "".join(c.choices[0].text for c in first)
+        steps = s.metric("mixtrt:mixed_steps_total")
+    finally:
+        s.close()
+    assert got + later == alone
+    assert steps >= 3  # the 30- and 19-token prompts in chunks of at most 8
+
+
 def test_request_log_line(server, caplog):
     with caplog.at_level("INFO", logger="mixtrt.serve"):
         server.openai.completions.create(model="tiny", prompt="a", max_tokens=3, temperature=0, stream=True)
@@ -252,7 +276,7 @@ def int4_generator(serve_artifact, tmp_path_factory):
 
     art = export_onnx(serve_artifact[0], tmp_path_factory.mktemp("serve-int4") / "int4", precision="int4",
                       progress=None)
-    return Generator.load(art, threads=1)
+    return Generator.load(art, threads=1, mixed_steps=True)
 
 
 def test_int4_concurrent_streams_each_equal_the_request_alone(int4_generator):

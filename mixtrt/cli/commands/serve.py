@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="while rows decode, an engine step prefills at most this many prompt tokens (a longer "
                         "prompt is split across steps), so a decoding stream waits for at most one chunk per "
                         "token; 0: no limit (default 32)")
+    p.add_argument("--separate-prefill", action="store_true",
+                   help="run each prompt chunk as a pass of its own beside the decode step (default: onnxruntime "
+                        "runs it in the decode step's pass, one read of the weights for both)")
     p.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on /v1/* (/health and /metrics stay open)")
     p.add_argument("--model-name", default=None, help="the model name clients use (default: the artifact's folder)")
@@ -82,7 +85,7 @@ def run(ns: argparse.Namespace) -> int:
     settings = ServeSettings(ns.artifact, model_name=ns.model_name, max_batch=ns.max_batch, max_queue=ns.max_queue,
                              api_key=ns.api_key, threads=ns.threads, backend=ns.backend, verify=not ns.no_verify,
                              max_body_bytes=ns.max_body_bytes, drain_s=ns.drain,
-                             prefill_chunk=ns.prefill_chunk)
+                             prefill_chunk=ns.prefill_chunk, mixed_steps=not ns.separate_prefill)
     if ns.ray:
         from mixtrt.runtime.extras import require
 
