@@ -58,6 +58,18 @@ class SlowBackend:
         return self._backend.step_mixed(*args, **kwargs)
 
 
+class SeparateSteps:
+    """The real backend without its mixed steps: a server's prompt chunks then run as passes of their own."""
+
+    mixed_steps = False
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+
 def slow(gen: Generator, pause_s: float = 0.02) -> Generator:
     return Generator(SlowBackend(gen.backend, pause_s), gen.tokenizer, gen.defaults)
 

@@ -248,13 +248,21 @@ def test_cli_load_failure_is_one_line_and_exit_2(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("mixtrt serve: error: "), r.stderr
 
 
+@pytest.mark.parametrize("mixed", [True, False])
 @pytest.mark.parametrize("chunk, running, prefilling, cached", [(None, 2, None, 0), (2, 0, 0, 2), (3, 1, None, 0),
                                                                  (5, 1, 1, 2), (10_000, 2, None, 0)])
-def test_prefill_chunk_bounds_the_prefill_between_decode_steps(generator, chunk, running, prefilling, cached):
+def test_prefill_chunk_bounds_the_prefill_between_decode_steps(generator, mixed, chunk, running, prefilling, cached):
     """While a row decodes, one engine-loop step prefills at most `prefill_chunk` prompt tokens: a new row whose
-    prompt is cut holds its cache row, part-prefilled, and does not decode yet."""
-    loop = EngineLoop(generator.backend, generator.tokenizer, max_batch=4, max_queue=4, prefill_chunk=chunk)
+    prompt is cut holds its cache row, part-prefilled, and does not decode yet. With mixed steps the step's
+    prefill is one row's chunk, in the decode pass: the next row waits for the next step."""
+    from tests.serve.conftest import SeparateSteps
+
+    backend = generator.backend if mixed else SeparateSteps(generator.backend)
+    loop = EngineLoop(backend, generator.tokenizer, max_batch=4, max_queue=4, prefill_chunk=chunk)
     engine, config = loop.engine, generator.config(max_new_tokens=20, do_sample=False)
+    assert engine.mixed == mixed
+    if mixed and chunk is not None and chunk >= 3:  # the first new row's whole prompt, and no other row
+        running, prefilling = 1, None
     first = engine.add([1, 5, 6, 7], config)
     engine.admit()
     new = [engine.add([1, 8, 9], config), engine.add([1, 10, 11, 12], config)]
@@ -263,6 +271,7 @@ def test_prefill_chunk_bounds_the_prefill_between_decode_steps(generator, chunk,
     assert engine.prefilling is (None if prefilling is None else new[prefilling])
     if prefilling is not None:
         assert new[prefilling].cached == cached and not new[prefilling].tokens
+    assert engine.mixed_steps_run == (mixed and chunk is not None)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 100])
