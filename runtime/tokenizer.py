@@ -145,8 +145,8 @@ class StreamDecoder:
         """Feed one id; returns the text it completes (often "", never a partial character)."""
         tok = self._tok
         token_id = int(token_id)
-        if token_id >= tok.vocab_size:  # a model row past the tokenizer's pieces (a padded vocabulary): no text
-            return self.flush()
+        if token_id >= tok.vocab_size:  # a model row past the tokenizer's pieces (a padded vocabulary): no text,
+            return ""  # and no break either: decode drops such ids, so bytes around one still join
         byte = tok._byte_of(token_id)
         if byte is not None:
             text, self._pending = _decode_bytes(self._pending + bytes([byte]), final=False)

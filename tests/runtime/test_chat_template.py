@@ -319,5 +319,13 @@ def test_added_tokens_checked_against_the_vocabulary():
         JinjaChatTokenizer(tok, t, [AddedToken(32001, "<x>")])
     strip = JinjaChatTokenizer(tok, t, [AddedToken(32000, "<sep>", lstrip=True, rstrip=True)])
     assert strip.encode_special("a <sep> b") == strip.encode_special("a<sep>b")
+    # a model padded past the tokenizer's ids (32001 here) can generate such an id: no text, as in Tokenizer
+    ids = [*strip.encode("Hello"), 32000, 32005, tok._sp.piece_to_id("<0xC3>"), 40000, tok._sp.piece_to_id("<0xA9>")]
+    stream = strip.stream()
+    text = "".join(stream.put(i) for i in ids) + stream.flush()
+    assert text == strip.decode(ids) == strip.decode([i for i in ids if i < 32001]) and text.endswith("é")
+    assert strip.id_to_piece(32005) == ""
+    with pytest.raises(ConfigError, match="token id -1 is negative"):
+        strip.decode([1, -1])
     word = JinjaChatTokenizer(tok, t, [AddedToken(32000, "sep", single_word=True)])
     assert 32000 in word.encode_special("a sep b") and 32000 not in word.encode_special("a separate b")

@@ -177,6 +177,10 @@ def test_tekken_vocabulary_is_large(ours):
     stream = tekken.stream()
     assert "".join(stream.put(i) for i in [*ids, 131073]) + stream.flush() == tekken.decode(ids)
     assert tekken.id_to_piece(131072) == ""
+    euro = [i for i in tekken.encode("€", bos=False)]  # byte pieces, a padded id between two of them
+    split = [*euro[:1], 131072, *euro[1:]]
+    stream = tekken.stream()
+    assert "".join(stream.put(i) for i in split) + stream.flush() == tekken.decode(split) == tekken.decode(euro)
     with pytest.raises(ConfigError, match="negative"):
         tekken.decode([-1])
 

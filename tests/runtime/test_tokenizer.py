@@ -325,5 +325,9 @@ def test_ids_past_the_tokenizer_have_no_text(tok):
     stream = tok.stream()
     assert "".join(stream.put(i) for i in [*ids, past, *ids[1:]]) + stream.flush() == tok.decode(ids + ids[1:])
     assert tok.id_to_piece(past) == ""
+    # one between the byte pieces of a character: dropped, as decode drops it (the character still joins)
+    e_acute = [tok._sp.piece_to_id("<0xC3>"), past, tok._sp.piece_to_id("<0xA9>")]
+    stream = tok.stream()
+    assert "".join(stream.put(i) for i in e_acute) + stream.flush() == tok.decode(e_acute) == "é"
     with pytest.raises(ConfigError, match="negative"):
         tok.decode([-1])
