@@ -29,13 +29,12 @@ def chunks(ids: list[int], chunk: int) -> list[list[int]]:
     return [c for c in out if len(c) >= 2]
 
 
-def chunk_logprobs(backend: Backend, ids: list[int]) -> np.ndarray:
+def chunk_logprobs(backend: Backend, ids: list[int], name: str = "the artifact") -> np.ndarray:
     """[len(ids) - 1, V] float64 log-softmax of the logits predicting ids[1:], from an empty cache, fed in
-    pieces of at most the cache capacity."""
+    pieces of at most the cache capacity. name: the backend's artifact, as an error names it."""
     if len(ids) > backend.max_positions:
         raise ConfigError(f"a chunk of {len(ids)} tokens is past the {backend.max_positions} positions "
-                          f"{backend.directory.name if hasattr(backend, 'directory') else 'the artifact'} serves: "
-                          f"pass --chunk {backend.max_positions} or less")
+                          f"{name} serves: pass --chunk {backend.max_positions} or less")
     cache = backend.new_cache(1)
     parts = []
     for i in range(0, len(ids) - 1, backend.capacity):
@@ -48,21 +47,24 @@ def chunk_logprobs(backend: Backend, ids: list[int]) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def _pairs(backend: Backend, reference: Backend | None, ids: list[int], chunk: int
+def _pairs(backend: Backend, reference: Backend | None, ids: list[int], chunk: int, names: tuple[str, str]
            ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray | None]]:
     for c in chunks(ids, chunk):
-        yield c, chunk_logprobs(backend, c), chunk_logprobs(reference, c) if reference is not None else None
+        yield c, chunk_logprobs(backend, c, names[0]), (chunk_logprobs(reference, c, names[1])
+                                                         if reference is not None else None)
 
 
-def evaluate(backend: Backend, ids: list[int], chunk: int = 256, reference: Backend | None = None) -> dict:
+def evaluate(backend: Backend, ids: list[int], chunk: int = 256, reference: Backend | None = None,
+             names: tuple[str, str] = ("the artifact", "the reference")) -> dict:
     """Perplexity of ids under `backend`; with `reference`, also mean KL(reference || backend) per scored token
-    (nats) and the fraction of scored positions where both put the same token first."""
+    (nats) and the fraction of scored positions where both put the same token first. names: the two artifacts,
+    as errors name them."""
     if reference is not None and reference.args.vocab_size != backend.args.vocab_size:
         raise ConfigError(f"the reference's vocabulary ({reference.args.vocab_size}) is not the artifact's "
                           f"({backend.args.vocab_size})")
     nll = kl = 0.0
     count = agree = 0
-    for c, logp, ref in _pairs(backend, reference, ids, chunk):
+    for c, logp, ref in _pairs(backend, reference, ids, chunk, names):
         target = np.asarray(c[1:])
         nll -= float(logp[np.arange(len(target)), target].sum())
         count += len(target)

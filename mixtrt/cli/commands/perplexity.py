@@ -38,7 +38,8 @@ def run(ns: argparse.Namespace) -> int:
     ids = gen.tokenizer.encode(text)
     if ref is not None and ref.tokenizer.encode(text) != ids:
         raise ConfigError(f"--reference {ns.reference}: its tokenizer splits the text differently")
-    out = evaluate(gen.backend, ids, ns.chunk, reference=ref.backend if ref is not None else None)
+    out = evaluate(gen.backend, ids, ns.chunk, reference=ref.backend if ref is not None else None,
+                   names=(ns.artifact.name, ns.reference.name if ns.reference is not None else "the reference"))
     if ns.json:
         print(json.dumps(out, indent=2))
         return 0
