@@ -322,3 +322,19 @@ def test_mixed_steps_keep_prompt_logprobs_and_cancel_a_row_part_way():
     assert engine.prefilling is None and engine.cache.lengths[1] == 0
     got = drain_budget(engine, 2)
     assert got[c.id] == alone(PROMPTS[2]) and runner.id in got
+
+
+def test_a_finished_row_is_replaced_by_the_last_one_not_by_shifting_every_row():
+    """Compaction moves the fewest cache rows (a row is MBs of keys and values): when a row in the middle
+    finishes, the last running row fills its slot and the others stay; every row's tokens are unchanged."""
+    backend = ToyBackend(capacity=64, windowed=False)
+    moves: list[list[int]] = []
+    move = backend.move_rows
+    backend.move_rows = lambda cache, rows: (moves.append(list(rows)), move(cache, rows))[1]  # type: ignore
+    engine = Engine(backend, ToyTokenizer(), max_batch=4)
+    lengths = [20, 3, 20, 20]
+    rows = [engine.add(p, GenerationConfig(max_new_tokens=n, eos_token_id=())) for p, n in zip(PROMPTS, lengths, strict=True)]
+    done = drain(engine)
+    assert moves[0] == [0, 3, 2]  # row 1 finished: row 3 moved into its slot, rows 0 and 2 stayed
+    assert [done[r.id] for r in rows] == [alone(p, GenerationConfig(max_new_tokens=n, eos_token_id=()),
+                                                capacity=64, windowed=False) for p, n in zip(PROMPTS, lengths, strict=True)]
