@@ -332,9 +332,9 @@ def test_a_finished_row_is_replaced_by_the_last_one_not_by_shifting_every_row():
     move = backend.move_rows
     backend.move_rows = lambda cache, rows: (moves.append(list(rows)), move(cache, rows))[1]  # type: ignore
     engine = Engine(backend, ToyTokenizer(), max_batch=4)
-    lengths = [20, 3, 20, 20]
-    rows = [engine.add(p, GenerationConfig(max_new_tokens=n, eos_token_id=())) for p, n in zip(PROMPTS, lengths, strict=True)]
+    configs = [GenerationConfig(max_new_tokens=n, eos_token_id=()) for n in (20, 3, 20, 20)]
+    rows = [engine.add(p, c) for p, c in zip(PROMPTS, configs, strict=True)]
     done = drain(engine)
     assert moves[0] == [0, 3, 2]  # row 1 finished: row 3 moved into its slot, rows 0 and 2 stayed
-    assert [done[r.id] for r in rows] == [alone(p, GenerationConfig(max_new_tokens=n, eos_token_id=()),
-                                                capacity=64, windowed=False) for p, n in zip(PROMPTS, lengths, strict=True)]
+    assert [done[r.id] for r in rows] == [alone(p, c, capacity=64, windowed=False)
+                                          for p, c in zip(PROMPTS, configs, strict=True)]
