@@ -73,6 +73,9 @@ class OrtBackend:
         manifest.check_graph_io(self.directory)
         self.fusions = FusionCounts()
         self.mixed_steps, self.mixed_reason = False, "not asked for"
+        # with no decoding rows the mixed graph's decode part runs on a stand-in over this row (ort_mixed); made on
+        # first use; only its first position is ever written
+        self._scratch: list[np.ndarray] | None = None
         checked: tuple[list[TensorSpec], list[TensorSpec], dict[str, str]] | None = None
         try:
             if fuse or mixed_steps:
@@ -107,9 +110,8 @@ class OrtBackend:
 
         if self.head != "causal_lm":
             return False, f"a {self.head} model has no cache"
-        a = self.args
         try:
-            mixed(model, a.num_hidden_layers, a.num_attention_heads * a.head_dim)
+            mixed(model, self.args.num_hidden_layers)
         except NotMixable as e:
             return False, str(e)
         return True, ""
@@ -204,12 +206,10 @@ class OrtBackend:
             raise ConfigError("a multi-token step runs one row at a time (onnxruntime's attention needs batch 1)")
         if start_row < 0 or start_row + b > cache.batch_size:
             raise ConfigError(f"rows [{start_row}, {start_row + b}) are outside the cache's {cache.batch_size} rows")
-        if self.mixed_steps:
-            if s == 1:  # b rows of one token: the decode part
-                logits, _ = self._run_mixed(cache, start_row, input_ids[:, 0], None, input_ids[0, :0], True)
-                return logits[:, None]
-            _, logits = self._run_mixed(cache, start_row, input_ids[:0, 0], start_row, input_ids[0], last_only)
-            return logits[None]
+        if self.mixed_steps:  # the mixed graph's chunk row always has a token: here the last (or only) row
+            last = start_row + b - 1
+            decoded, logits = self._run_mixed(cache, start_row, input_ids[:-1, 0], last, input_ids[-1], last_only)
+            return np.concatenate([decoded, logits])[:, None] if s == 1 else logits[None]
         rows = slice(start_row, start_row + b)
         total = self._lengths(cache, rows, s)
         with self._lock:
@@ -241,11 +241,12 @@ class OrtBackend:
                               f"rows; the cache has {cache.batch_size}")
         return self._run_mixed(cache, 0, decode_ids, decode_ids.size, chunk_ids, last_only)
 
-    def _run_mixed(self, cache: HostKVCache, start_row: int, decode_ids: np.ndarray, chunk_row: int | None,
+    def _run_mixed(self, cache: HostKVCache, start_row: int, decode_ids: np.ndarray, chunk_row: int,
                    chunk_ids: np.ndarray, last_only: bool) -> tuple[np.ndarray, np.ndarray]:
+        """decode_ids [b] for rows [start_row, start_row + b), chunk_ids [S >= 1] for row chunk_row."""
         b, s = decode_ids.size, chunk_ids.size
         rows = slice(start_row, start_row + b)
-        chunk = slice(chunk_row, chunk_row + 1) if chunk_row is not None and s else slice(0, 0)
+        chunk = slice(chunk_row, chunk_row + 1)
         total, chunk_total = self._lengths(cache, rows, 1), self._lengths(cache, chunk, s)
         with self._lock:
             bound = self._mixed_binding(cache, rows, chunk)
@@ -260,8 +261,8 @@ class OrtBackend:
         return logits[:b], logits[b:]
 
     def _mixed_binding(self, cache: HostKVCache, rows: slice, chunk: slice) -> _MixedBound:
-        """The mixed graph's IOBinding for decode rows `rows` and chunk row `chunk` (empty slices for a part
-        left out), kept on the cache and reused while they are the same."""
+        """The mixed graph's IOBinding for decode rows `rows` (maybe none) and chunk row `chunk`, kept on the
+        cache and reused while they are the same."""
         from mixtrt.runtime.backends.ort_mixed import prefill_name
 
         key = (rows.start, rows.stop, chunk.start, chunk.stop)
@@ -269,14 +270,21 @@ class OrtBackend:
         if isinstance(bound, _MixedBound) and bound.backend is self and bound.rows == key:
             return bound
         binding = self.session.io_binding()
-        for layer in range(self.args.num_hidden_layers):
-            for buf, past, present in zip((cache.keys[layer], cache.values[layer]), Manifest.past_names(layer),
-                                          Manifest.present_names(layer), strict=True):
-                bind_array(binding, past, buf[rows])
-                bind_array(binding, present, buf[rows], output=True)
+        a = self.args
+        if self._scratch is None:  # the decode part's stand-in row (ort_mixed): untouched pages cost nothing
+            self._scratch = [np.empty((1, a.num_key_value_heads, self.capacity, a.head_dim), self.dtype)
+                             for _ in range(2 * a.num_hidden_layers)]
+        scratch = self._scratch
+        for layer in range(a.num_hidden_layers):
+            for i, (buf, past, present) in enumerate(zip((cache.keys[layer], cache.values[layer]),
+                                                         Manifest.past_names(layer), Manifest.present_names(layer),
+                                                         strict=True)):
+                decoding = buf[rows] if rows.stop > rows.start else scratch[2 * layer + i]
+                bind_array(binding, past, decoding)
+                bind_array(binding, present, decoding, output=True)
                 bind_array(binding, prefill_name(past), buf[chunk])
                 bind_array(binding, prefill_name(present), buf[chunk], output=True)
-        bound = _MixedBound(self, key, binding, rows.stop - rows.start, chunk.stop - chunk.start)
+        bound = _MixedBound(self, key, binding, rows.stop - rows.start)
         cache.binding = bound
         return bound
 
@@ -315,12 +323,12 @@ class _MixedBound:
     """The mixed graph's IOBinding for one (decode rows, chunk row) pair, with its inputs and logits bound by
     pointer to buffers kept here, as _Bound does for the plain graph."""
 
-    def __init__(self, backend: OrtBackend, rows: tuple[int, int, int, int], binding: Any, b: int, c: int) -> None:
+    def __init__(self, backend: OrtBackend, rows: tuple[int, int, int, int], binding: Any, b: int) -> None:
         from mixtrt.runtime.backends.ort_mixed import PREFILL_LENGTHS
 
         self.backend, self.rows, self.binding = backend, rows, binding
         self.ids = np.empty((0, 0), np.int64)
-        self.total, self.chunk_total = np.empty(b, np.int32), np.empty(c, np.int32)
+        self.total, self.chunk_total = np.empty(b, np.int32), np.empty(1, np.int32)
         bind_array(binding, "total_lengths", self.total)
         bind_array(binding, PREFILL_LENGTHS, self.chunk_total)
         self.positions = np.empty((1, 0), np.int64)
@@ -336,7 +344,7 @@ class _MixedBound:
         self.ids[0, :b], self.ids[0, b:] = decode_ids, chunk_ids
         self.total[...], self.chunk_total[...] = total, chunk_total
         if self.positions_key != (b, s, last_only):  # each decode token, then the chunk's last or all tokens
-            chunk = [b + s - 1] if last_only and s else list(range(b, b + s))
+            chunk = [b + s - 1] if last_only else list(range(b, b + s))
             positions = np.asarray([list(range(b)) + chunk], np.int64)
             self.positions = positions
             bind_array(self.binding, "logit_positions", positions)
