@@ -64,7 +64,7 @@ class ServeSettings:
     # across steps), so a decoding row waits for at most one chunk per step; 0: no limit
     prefill_chunk: int = 32
     # the chunk runs in the decode step's pass (one read of the weights for both), where the backend can
-    # (onnxruntime); False: a pass of its own
+    # (onnxruntime); False: a pass of its own. With max_batch 1 no row decodes beside a prefill: not used
     mixed_steps: bool = True
 
     @property
@@ -173,7 +173,7 @@ def _load(state: _State, generator: Generator | None) -> None:
     start = time.perf_counter()
     try:
         gen = generator or Generator.load(s.artifact, backend=s.backend, threads=s.threads, verify=s.verify,
-                                          mixed_steps=s.mixed_steps)
+                                          mixed_steps=s.mixed_steps and s.max_batch > 1)
         loop = EngineLoop(gen.backend, gen.tokenizer, s.max_batch, s.max_queue, state.metrics,
                           s.prefill_chunk or None)
     except Exception as e:  # any failure (ours, the OS's, onnxruntime's) is reported, not lost

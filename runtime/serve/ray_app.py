@@ -36,7 +36,7 @@ class MixtrtReplica:
         self.settings = ServeSettings(**settings)
         self.generator = Generator.load(self.settings.artifact, backend=self.settings.backend,
                                         threads=self.settings.threads, verify=self.settings.verify,
-                                        mixed_steps=self.settings.mixed_steps)
+                                        mixed_steps=self.settings.mixed_steps and self.settings.max_batch > 1)
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.settings, generator=self.generator)
