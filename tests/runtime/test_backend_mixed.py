@@ -95,3 +95,29 @@ def test_step_mixed_refuses_what_it_cannot_run(exported):
 def test_mixed_steps_are_not_offered_without_a_cache(head_artifacts):
     backend = OrtBackend.load(head_artifacts("base")[1], mixed_steps=True)
     assert not backend.mixed_steps and "has no cache" in backend.mixed_reason
+
+
+class _Recorder:
+    """A backend class that records the options load_backend passes it."""
+
+    options: dict = {}
+
+    @classmethod
+    def from_artifact(cls, directory, manifest, **options):
+        cls.options = options
+        return cls()
+
+
+def test_backends_without_mixed_steps_are_not_passed_the_option(exported, monkeypatch):
+    """Generator.load(mixed_steps=True) on a backend that has no mixed steps (triton, tensorrt) loads it as usual:
+    the server then runs each prompt chunk as a call of its own."""
+    import dataclasses
+
+    from mixtrt.runtime import backends
+
+    art = exported["mistral-window"][1]
+    for flag in (False, True):
+        info = dataclasses.replace(backends.BACKENDS["onnxruntime"], target=f"{__name__}:_Recorder", mixed_steps=flag)
+        monkeypatch.setitem(backends.BACKENDS, "onnxruntime", info)
+        backends.load_backend("onnxruntime", art, mixed_steps=True, threads=1)
+        assert _Recorder.options == ({"mixed_steps": True, "threads": 1} if flag else {"threads": 1})
