@@ -237,14 +237,11 @@ def test_a_row_part_way_through_its_prefill_can_be_cancelled():
     assert done == {a.id: alone(PROMPTS[0]), c.id: alone(PROMPTS[2])}
 
 
-def test_prompt_logprobs_and_a_kept_row_across_prefill_steps():
-    """Prompt logprobs gathered over several steps equal one whole prefill's; a kept row extended while
-    another decodes is prefilled in pieces too and equals one long prompt."""
+def logprobs_across_steps(engine: Engine) -> None:
+    """A row with prompt logprobs added after one step of `engine`'s rows, prefilled 5 tokens a step while they
+    decode: its tokens, prompt logprobs and top logprobs equal one whole prefill's."""
     config = GenerationConfig(max_new_tokens=4, eos_token_id=(), return_logprobs=True, top_logprobs=2)
     whole = Generator(ToyBackend(), ToyTokenizer()).generate(PROMPTS[1], config)[0]
-    engine = Engine(ToyBackend(), ToyTokenizer(), max_batch=3)
-    runner = engine.add(PROMPTS[0], GenerationConfig(max_new_tokens=60, eos_token_id=()))
-    kept = engine.add(PROMPTS[2], GREEDY, keep=True)
     engine.step()
     row = engine.add(PROMPTS[1], config)
     done = {}
@@ -256,6 +253,15 @@ def test_prompt_logprobs_and_a_kept_row_across_prefill_steps():
     assert out.token_ids == whole.token_ids
     np.testing.assert_allclose(out.prompt_logprobs, whole.prompt_logprobs, rtol=1e-6)
     np.testing.assert_array_equal(out.prompt_top_logprobs[0], whole.prompt_top_logprobs[0])
+
+
+def test_prompt_logprobs_and_a_kept_row_across_prefill_steps():
+    """Prompt logprobs gathered over several steps equal one whole prefill's; a kept row extended while
+    another decodes is prefilled in pieces too and equals one long prompt."""
+    engine = Engine(ToyBackend(), ToyTokenizer(), max_batch=3)
+    runner = engine.add(PROMPTS[0], GenerationConfig(max_new_tokens=60, eos_token_id=()))
+    kept = engine.add(PROMPTS[2], GREEDY, keep=True)
+    logprobs_across_steps(engine)
     while kept.reason is None:
         engine.step()
     first = list(kept.tokens)
@@ -297,24 +303,12 @@ def test_mixed_steps_run_each_chunk_with_the_decode_rows_and_keep_the_tokens(bud
 
 
 def test_mixed_steps_keep_prompt_logprobs_and_cancel_a_row_part_way():
-    config = GenerationConfig(max_new_tokens=4, eos_token_id=(), return_logprobs=True, top_logprobs=2)
-    whole = Generator(ToyBackend(), ToyTokenizer()).generate(PROMPTS[1], config)[0]
     backend = ToyBackend(mixed=True)
     engine = Engine(backend, ToyTokenizer(), max_batch=3)
     runner = engine.add(PROMPTS[0], GenerationConfig(max_new_tokens=60, eos_token_id=()))
-    engine.step()
-    row = engine.add(PROMPTS[1], config)
-    done = {}
-    while row.reason is None:
-        for event in engine.step(prefill_budget=5):
-            if event.output is not None:
-                done[event.row.id] = event.output
+    logprobs_across_steps(engine)
     assert backend.mixed_calls and not any(backend.last_only[i] for i, m in enumerate(backend.in_mixed)
                                            if m and backend.calls[i][2] != 0)  # the chunks' logits: all positions
-    out = done[row.id]
-    assert out.token_ids == whole.token_ids
-    np.testing.assert_allclose(out.prompt_logprobs, whole.prompt_logprobs, rtol=1e-6)
-    np.testing.assert_array_equal(out.prompt_top_logprobs[0], whole.prompt_top_logprobs[0])
     b, c = engine.add(PROMPTS[1], GREEDY), engine.add(PROMPTS[2], GREEDY)
     engine.step(prefill_budget=2)
     assert engine.prefilling is b and b.cached == 2 and not b.tokens
