@@ -566,7 +566,8 @@ class Engine:
         cfg, pending = row.config, row.sequence[row.cached:]
         row.prefill_from, row.pending, row.t_prefill = row.cached, np.asarray(pending, np.int64), 0.0
         row.t_admitted = time.perf_counter()
-        k = cfg.top_logprobs if cfg.return_logprobs else 0
+        # (top_k_logprobs gives at most the vocabulary: a larger top_logprobs means all of it)
+        k = min(cfg.top_logprobs, self.backend.args.vocab_size) if cfg.return_logprobs else 0
         row.prompt_logprobs = np.empty(len(pending) - 1, np.float32) if cfg.return_logprobs else None
         row.prompt_top = (np.empty((len(pending) - 1, k), np.int64),
                           np.empty((len(pending) - 1, k), np.float32)) if k else None

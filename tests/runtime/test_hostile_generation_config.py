@@ -121,6 +121,16 @@ def test_any_values_give_a_sane_config_or_one_config_error(values):
     assert 1 <= out.stats.generated_tokens <= 2
 
 
+def test_top_logprobs_past_the_vocabulary_gives_all_of_it():
+    """top_logprobs larger than the vocabulary (46 toy pieces) lists every token, for the prompt's positions too
+    (the prompt's buffer was sized by the request and did not fit what the vocabulary gives: a ValueError)."""
+    from tests.runtime.fakes import V
+
+    cfg = GenerationConfig(max_new_tokens=2, return_logprobs=True, top_logprobs=V + 1)
+    [out] = Generator(ToyBackend(), ToyTokenizer()).generate([[1, 5, 9]], cfg)
+    assert out.prompt_top_logprobs[0].shape == (2, V) and out.top_logprobs[0].shape == (2, V)
+
+
 def test_absurd_batch_is_refused_before_allocating():
     """A cache larger than the machine's memory is one ConfigError, not a MemoryError or the OOM killer."""
     from mixtrt.runtime.cache import HostKVCache
