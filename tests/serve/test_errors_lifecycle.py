@@ -296,3 +296,34 @@ def test_chunk_prefilled_rows_equal_the_requests_alone(generator, chunk):
         got = outputs[row.id]
         assert got.token_ids == want.token_ids
         np.testing.assert_allclose(got.prompt_logprobs, want.prompt_logprobs, atol=1e-4)
+
+
+@pytest.mark.parametrize("argv, mixed", [([], True), (["--separate-prefill"], False)])
+def test_the_command_line_sets_mixed_steps(serve_artifact, monkeypatch, argv, mixed):
+    """`mixtrt serve` runs prompt chunks in the decode pass unless --separate-prefill (ServeSettings.mixed_steps)."""
+    from mixtrt.cli import main
+    from mixtrt.runtime.serve import runner
+
+    seen = {}
+    monkeypatch.setattr(runner, "serve", lambda settings, host, port: seen.update(settings=settings) or 0)
+    assert main(["serve", str(serve_artifact[1]), *argv]) == 0
+    assert seen["settings"].mixed_steps is mixed
+
+
+@pytest.mark.parametrize("max_batch, mixed", [(1, False), (4, True)])
+def test_the_server_loads_mixed_steps_only_where_a_row_can_decode_beside_a_prefill(serve_artifact, generator,
+                                                                                    monkeypatch, max_batch, mixed):
+    """--max-batch 1 never runs a prompt chunk beside a decoding row: it keeps the plain graph (cheaper steps)."""
+    from mixtrt.runtime.generation import Generator
+    from tests.serve.conftest import Server
+
+    asked = {}
+
+    def load(*args, **kwargs):
+        asked.update(kwargs)
+        return generator
+
+    monkeypatch.setattr(Generator, "load", staticmethod(load))
+    s = Server(None, serve_artifact[1], max_batch=max_batch)
+    s.close()
+    assert asked["mixed_steps"] is mixed
