@@ -92,6 +92,21 @@ class TensorSpec:
         return cls(name, dtype, tuple(shape))
 
 
+_ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}  # onnx TensorProto types -> numpy names
+
+
+def graph_specs(model: Any) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, str]]:
+    """An onnx ModelProto's inputs and outputs as the manifest writes graph IO (a dynamic dimension becomes its
+    name, or "?"), and its metadata_props: what Manifest.check_graph takes."""
+    def spec(v: Any) -> TensorSpec:
+        t = v.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim)
+        return TensorSpec(v.name, _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), dims)
+
+    return ([spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output],
+            {p.key: p.value for p in model.metadata_props})
+
+
 @dataclass(frozen=True)
 class Manifest:
     args: ModelArgs

@@ -21,7 +21,7 @@ import numpy as np
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.cache import HostKVCache, check_batch_size
 from mixtrt.runtime.errors import ArtifactError, BackendError, ConfigError
-from mixtrt.runtime.manifest import MODEL_FILE, Manifest, TensorSpec
+from mixtrt.runtime.manifest import MODEL_FILE, Manifest, TensorSpec, graph_specs
 from mixtrt.runtime.threads import check_threads
 
 
@@ -83,7 +83,7 @@ class OrtBackend:
                 if fuse:
                     self.fusions = fuse_graph(model, self.directory)
                 if mixed_steps:
-                    checked = _graph_specs(model)  # what the session would show without the rewrite
+                    checked = graph_specs(model)  # what the session would show without the rewrite
                     self.mixed_steps, self.mixed_reason = self._mix(model)
                 source: str | bytes = model.SerializeToString()
                 del model
@@ -351,22 +351,6 @@ class _MixedBound:
             self.positions_key = (b, s, last_only)
             self.logits = np.empty((1, positions.shape[1], self.backend.args.vocab_size), self.backend.dtype)
             bind_array(self.binding, "logits", self.logits, output=True)
-
-
-_PROTO_TYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}  # onnx TensorProto types -> numpy names
-
-
-def _graph_specs(model: Any) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, str]]:
-    """An onnx ModelProto's inputs, outputs and metadata as Manifest.check_graph takes them."""
-    return ([_proto_spec(v) for v in model.graph.input], [_proto_spec(v) for v in model.graph.output],
-            {p.key: p.value for p in model.metadata_props})
-
-
-def _proto_spec(value: Any) -> TensorSpec:
-    """A graph input / output (onnx ValueInfoProto) as the manifest writes graph IO."""
-    t = value.type.tensor_type
-    return TensorSpec(value.name, _PROTO_TYPES.get(t.elem_type, str(t.elem_type)),
-                      tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim))
 
 
 # onnxruntime's type strings -> numpy dtype names (the manifest's)

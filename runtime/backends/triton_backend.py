@@ -40,7 +40,7 @@ from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backends.graph_weights import check_shapes, is_packed, read_graph_weights
 from mixtrt.runtime.cache import CachePlan, check_batch_size, move_lengths, plan_row_move
 from mixtrt.runtime.errors import ArtifactError, BackendError, ConfigError
-from mixtrt.runtime.manifest import MODEL_FILE, Manifest, TensorSpec
+from mixtrt.runtime.manifest import MODEL_FILE, Manifest, TensorSpec, graph_specs
 from mixtrt.runtime.precision import PRECISIONS
 
 
@@ -321,9 +321,6 @@ def _unpack_int4(torch: Any, qweight: Any, scales: Any) -> Any:
     return (q * scales.repeat_interleave(q.shape[-1] // scales.shape[-1], dim=-1)).contiguous()
 
 
-_ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}
-
-
 def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, str]]:
     """The graph's inputs, outputs (as the manifest writes them) and metadata_props, read without its weights."""
     import onnx
@@ -332,11 +329,4 @@ def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, 
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf / onnx errors
         raise ArtifactError(f"{path}: cannot read the graph: {e}") from None
-
-    def spec(v: Any) -> TensorSpec:
-        t = v.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim)
-        return TensorSpec(v.name, _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), dims)
-
-    return ([spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output],
-            {p.key: p.value for p in model.metadata_props})
+    return graph_specs(model)
