@@ -208,8 +208,10 @@ class OrtBackend:
             raise ConfigError(f"rows [{start_row}, {start_row + b}) are outside the cache's {cache.batch_size} rows")
         if self.mixed_steps:  # the mixed graph's chunk row always has a token: here the last (or only) row
             last = start_row + b - 1
-            decoded, logits = self._run_mixed(cache, start_row, input_ids[:-1, 0], last, input_ids[-1], last_only)
-            return np.concatenate([decoded, logits])[:, None] if s == 1 else logits[None]
+            # logits [b + P, V]: the decode rows' then the chunk's, which is the last row's one token (s == 1) or
+            # the only row's positions
+            logits = self._run_mixed(cache, start_row, input_ids[:-1, 0], last, input_ids[-1], last_only)
+            return logits[:, None] if s == 1 else logits[None]
         rows = slice(start_row, start_row + b)
         total = self._lengths(cache, rows, s)
         with self._lock:
@@ -239,11 +241,13 @@ class OrtBackend:
         if decode_ids.size + 1 > cache.batch_size:
             raise ConfigError(f"{decode_ids.size} decoding rows and a chunk's row need {decode_ids.size + 1} cache "
                               f"rows; the cache has {cache.batch_size}")
-        return self._run_mixed(cache, 0, decode_ids, decode_ids.size, chunk_ids, last_only)
+        logits = self._run_mixed(cache, 0, decode_ids, decode_ids.size, chunk_ids, last_only)
+        return logits[:decode_ids.size], logits[decode_ids.size:]
 
     def _run_mixed(self, cache: HostKVCache, start_row: int, decode_ids: np.ndarray, chunk_row: int,
-                   chunk_ids: np.ndarray, last_only: bool) -> tuple[np.ndarray, np.ndarray]:
-        """decode_ids [b] for rows [start_row, start_row + b), chunk_ids [S >= 1] for row chunk_row."""
+                   chunk_ids: np.ndarray, last_only: bool) -> np.ndarray:
+        """decode_ids [b] for rows [start_row, start_row + b), chunk_ids [S >= 1] for row chunk_row -> logits
+        [b + P, V] float32: the decode rows', then the chunk's (P = 1 with last_only, else S)."""
         b, s = decode_ids.size, chunk_ids.size
         rows = slice(start_row, start_row + b)
         chunk = slice(chunk_row, chunk_row + 1)
@@ -258,7 +262,7 @@ class OrtBackend:
                                    f"token(s): {_first_line(e)}") from None
             cache.lengths[rows], cache.lengths[chunk] = total, chunk_total
             logits = bound.logits[0].astype(np.float32)  # a copy: the caller owns it; the bound buffer is reused
-        return logits[:b], logits[b:]
+        return logits
 
     def _mixed_binding(self, cache: HostKVCache, rows: slice, chunk: slice) -> _MixedBound:
         """The mixed graph's IOBinding for decode rows `rows` (maybe none) and chunk row `chunk`, kept on the

@@ -29,7 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mixtrt.plugins.onnx_common import MS_DOMAIN
-from mixtrt.runtime.backends.ort_fusions import SWA
+from mixtrt.runtime.backends.ort_fusions import SWA, _Graph
 from mixtrt.runtime.manifest import Manifest
 
 PREFILL = "prefill."  # prefix of the chunk row's cache inputs / outputs
@@ -50,10 +50,8 @@ def mixed(model: onnx.ModelProto, layers: int) -> None:
     Raises NotMixable, leaving the model untouched, when an attention node or a user of `total_lengths` is not
     one this rewrite knows."""
     graph = model.graph
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for value in node.input:
-            consumers.setdefault(value, []).append(node)
+    g = _Graph(graph)
+    consumers = g.consumers
     attention = [n for n in graph.node if (n.domain, n.op_type) == SWA
                  or (n.domain == MS_DOMAIN and n.op_type == "GroupQueryAttention")]
     if len(attention) != layers:
@@ -86,12 +84,15 @@ def mixed(model: onnx.ModelProto, layers: int) -> None:
         graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), n))
         return n
 
-    replaced: dict[int, list[onnx.NodeProto]] = {}
+    def replace(node: onnx.NodeProto, nodes: list[onnx.NodeProto]) -> None:
+        g.before[id(node)].extend(nodes)
+        g.removed.add(id(node))
+
     for node in batch_shapes:  # Shape(total_lengths) (attributes start / end) -> the flat row's [1]
         start, end = (next((a.i for a in node.attribute if a.name == key), None) for key in ("start", "end"))
         value = numpy_helper.from_array(np.asarray([1][start:end], np.int64))
-        replaced[id(node)] = [helper.make_node("Constant", [], list(node.output), value=value,
-                                               name=f"{node.name}/flat_batch")]
+        replace(node, [helper.make_node("Constant", [], list(node.output), value=value,
+                                        name=f"{node.name}/flat_batch")])
 
     # n (decode tokens), m = max(n, 1) (the decode part's rows as attention sees them), m - n (the stand-in's
     # output to drop), and the decode part's lengths: total_lengths, or [1] for the stand-in
@@ -162,16 +163,13 @@ def mixed(model: onnx.ModelProto, layers: int) -> None:
                 helper.make_node("Reshape", [d_out[0], to_flat], [d_flat]),
                 helper.make_node("Concat", [d_flat, p_out[0]], [both], axis=1),
                 helper.make_node("Slice", [both, drop, big, one], [node.output[0]])]  # the stand-in's row out
-        replaced[id(node)] = new[before:]
-        new = new[:before]
+        replace(node, new[before:])
+        del new[before:]
     for node in lengths_nodes:
-        replaced[id(node)] = []  # replaced by the two parts' copies
-
-    nodes = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(new)  # the shared nodes (counts, lengths), placed first
-    for node in nodes:
-        graph.node.extend(replaced.get(id(node), [node]))
+        replace(node, [])  # replaced by the two parts' copies
+    first = id(graph.node[0])
+    g.before[first][:0] = new  # the shared nodes (counts, lengths), placed first
+    g.commit()
     _mixed_io(graph, layers)
 
 
