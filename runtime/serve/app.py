@@ -71,6 +71,12 @@ class ServeSettings:
     def name(self) -> str:
         return self.model_name or Path(self.artifact).resolve().name
 
+    def load_generator(self) -> Generator:
+        """The artifact as the server runs it (the plain server and each Ray replica): mixed steps unless asked
+        not to or with max_batch 1, where no row decodes beside a prefill."""
+        return Generator.load(self.artifact, backend=self.backend, threads=self.threads, verify=self.verify,
+                              mixed_steps=self.mixed_steps and self.max_batch > 1)
+
 
 @dataclass
 class _State:
@@ -172,8 +178,7 @@ def _load(state: _State, generator: Generator | None) -> None:
     s = state.settings
     start = time.perf_counter()
     try:
-        gen = generator or Generator.load(s.artifact, backend=s.backend, threads=s.threads, verify=s.verify,
-                                          mixed_steps=s.mixed_steps and s.max_batch > 1)
+        gen = generator or s.load_generator()
         loop = EngineLoop(gen.backend, gen.tokenizer, s.max_batch, s.max_queue, state.metrics,
                           s.prefill_chunk or None)
     except Exception as e:  # any failure (ours, the OS's, onnxruntime's) is reported, not lost

@@ -31,12 +31,8 @@ class MixtrtReplica:
     """One replica: the artifact loaded in the constructor, the app built around it."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        from mixtrt.runtime.generation import Generator
-
         self.settings = ServeSettings(**settings)
-        self.generator = Generator.load(self.settings.artifact, backend=self.settings.backend,
-                                        threads=self.settings.threads, verify=self.settings.verify,
-                                        mixed_steps=self.settings.mixed_steps and self.settings.max_batch > 1)
+        self.generator = self.settings.load_generator()
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.settings, generator=self.generator)
