@@ -20,6 +20,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = float(np.finfo(np.float32).tiny)
+
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Natural-log softmax over the last axis, float32."""
@@ -51,18 +54,45 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
     """transformers' RepetitionPenaltyLogitsProcessor: for each token seen (bool mask, same shape as logits)
-    a negative logit is multiplied by `penalty`, any other divided by it. Each token counts once."""
+    a negative logit is multiplied by `penalty`, any other divided by it. Each token counts once.
+
+    A penalty far from 1 (any finite float > 0 is valid) can carry a logit past float32's range, where
+    transformers' result turns inf and sampling from it NaN: such values saturate at float32's largest
+    magnitude instead (the argmax is unchanged; the saturated tokens tie).
+    """
     if penalty == 1.0:
         return logits
-    penalized = np.where(logits < 0, logits * np.float32(penalty), logits / np.float32(penalty))
+    if _F32_TINY <= penalty <= _F32_MAX:
+        p32 = np.float32(penalty)
+        with np.errstate(over="ignore"):
+            penalized = np.where(logits < 0, logits * p32, logits / p32)
+        if np.isfinite(penalized).all() or not np.isfinite(logits).all():
+            return np.where(seen, penalized, logits).astype(np.float32)
+    x = np.asarray(logits, np.float64)
+    penalized = np.clip(np.where(x < 0, x * penalty, x / penalty), -_F32_MAX, _F32_MAX)
     return np.where(seen, penalized, logits).astype(np.float32)
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Sampling probabilities become softmax(logits / T)."""
+    """Sampling probabilities become softmax(logits / T).
+
+    transformers' `logits / T` in float32 wherever that stays finite. A temperature so small (or so large) that
+    it would not (a logit over T past float32's range, T itself outside it) divides the logits shifted by
+    their row's maximum, in float64: softmax is the same, the most likely tokens get 0 and the rest fall
+    towards -inf, so a tiny temperature samples the argmax (its ties at random) instead of NaN.
+    """
     if temperature == 1.0:
         return logits
-    return (logits / np.float32(temperature)).astype(np.float32)
+    x = np.asarray(logits, np.float32)
+    if _F32_TINY <= temperature <= _F32_MAX and x.size:
+        peak = float(np.abs(x).max())
+        if np.isfinite(peak) and peak / temperature < _F32_MAX:
+            return (x / np.float32(temperature)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    top = x64.max(axis=-1, keepdims=True) if x.size else np.zeros(x.shape[:-1] + (1,))
+    top = np.where(np.isfinite(top), top, 0.0)  # a row all -inf stays -inf
+    with np.errstate(over="ignore", under="ignore"):
+        return ((x64 - top) / temperature).astype(np.float32)
 
 
 def top_k_filter(logits: np.ndarray, top_k: int, min_tokens_to_keep: int = 1) -> np.ndarray:

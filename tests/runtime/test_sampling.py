@@ -192,3 +192,46 @@ def test_top_p_partial_sort_equals_full_sort(vocab):
                                               err_msg=f"kind {kind} top_p {top_p} keep {keep} (float32)")
             cases += 1
     assert cases == 360
+
+
+EXTREMES = [1e-300, 1e-45, 1e-40, 1e-30, 1e-8, 1e8, 1e30, 1e39, 1e300]
+
+
+@pytest.mark.parametrize("value", EXTREMES)
+def test_extreme_temperature_and_penalty_stay_finite(value):
+    """Any finite positive temperature or penalty is valid; none may give NaN or an inf logit (transformers
+    divides in float32 and overflows). Scores saturate instead; tiny temperatures sample the argmax."""
+    import warnings
+
+    logits = random_logits(8, seed=3)
+    seen = np.zeros_like(logits, bool)
+    seen[:, ::3] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow / invalid-value warnings either
+        scaled = apply_temperature(logits, value)
+        penalized = apply_repetition_penalty(logits, seen, value)
+        for row in range(len(logits)):
+            s = Sampler(V, do_sample=True, temperature=value, repetition_penalty=value, top_p=0.9, top_k=7, seed=row,
+                        prompt_ids=np.flatnonzero(seen[row]).tolist())
+            token = s(logits[row])
+            assert 0 <= token < V and np.isfinite(penalized[row, token])
+    assert not np.isnan(scaled).any() and not np.isposinf(scaled).any()
+    assert np.isfinite(penalized).all()
+    if value < 1e30:  # the order is kept (a huge temperature flattens every logit to 0)
+        np.testing.assert_array_equal(scaled.argmax(-1), logits.argmax(-1))
+    if value <= 1e-30:  # the limit: only the most likely token is drawn
+        for row, seed in enumerate(range(len(logits))):
+            assert Sampler(V, do_sample=True, temperature=value, seed=seed)(logits[row]) == int(logits[row].argmax())
+    if value >= 1e30:  # ... or none stands out: every token about equally likely
+        np.testing.assert_allclose(softmax(scaled), 1.0 / V, rtol=1e-5)
+
+
+def test_ordinary_values_keep_transformers_arithmetic():
+    """The saturating path is taken only where float32 would overflow: otherwise the result is bit-equal to
+    `logits / T` and to transformers' penalty."""
+    logits = random_logits(4) * 1e3
+    seen = np.ones_like(logits, bool)
+    for value in (1e-3, 0.7, 3.0, 1e3):
+        np.testing.assert_array_equal(apply_temperature(logits, value), logits / np.float32(value))
+        expected = np.where(logits < 0, logits * np.float32(value), logits / np.float32(value))
+        np.testing.assert_array_equal(apply_repetition_penalty(logits, seen, value), expected)
