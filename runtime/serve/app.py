@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -66,6 +67,8 @@ class ServeSettings:
     # the chunk runs in the decode step's pass (one read of the weights for both), where the backend can
     # (onnxruntime); False: a pass of its own. With max_batch 1 no row decodes beside a prefill: not used
     mixed_steps: bool = True
+    # origins whose browser pages may call the server (CORS); ("*",): any, as vLLM and llama-server allow; (): none
+    allowed_origins: tuple[str, ...] = ("*",)
 
     @property
     def name(self) -> str:
@@ -109,6 +112,9 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
                 await asyncio.to_thread(state.loop.stop, settings.drain_s)
 
     app = FastAPI(title="mixtrt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if settings.allowed_origins:  # browsers' cross-origin requests (preflight OPTIONS included), as vLLM allows
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=False)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -134,7 +140,7 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
             return JSONResponse(ApiError("shutting down", 503, type="unavailable_error").body(), status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics(request: Request) -> Response:
         state: _State = request.app.state.mixtrt
         assert state.metrics is not None
@@ -150,12 +156,14 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
         return {"id": settings.name, "object": "model", "created": int(time.time()), "owned_by": "mixtrt",
                 "max_model_len": limit}
 
-    @v1.get("/models")
+    @v1.api_route("/models", methods=["GET", "HEAD"])
     async def models(request: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [model_card(request)]})
 
-    @v1.get("/models/{model_id:path}")
+    @v1.api_route("/models/{model_id:path}", methods=["GET", "HEAD"])
     async def model(request: Request, model_id: str) -> JSONResponse:
+        if not model_id:  # /v1/models/: the list, as the other routes' trailing slash leads to them
+            return await models(request)
         card = model_card(request)
         if model_id != settings.name:
             raise ApiError(f"the model '{model_id}' does not exist; this server serves '{settings.name}'", 404,
@@ -252,45 +260,16 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
     s, gen, loop = state.settings, state.generator, state.loop
     assert gen is not None and loop is not None
     raw = await _read_body(request, s.max_body_bytes)
-    try:
-        body = json.loads(raw)
-    except ValueError as e:
-        raise ApiError(f"malformed JSON in the request body: {e}") from None
-    except RecursionError:  # json's decoder recurses per nesting level
-        raise ApiError("malformed JSON in the request body: nested too deeply") from None
-    req = parse(model, body)
-    if req.model is not None and req.model != s.name:
-        raise ApiError(f"the model '{req.model}' does not exist; this server serves '{s.name}'", 404, param="model",
-                       code="model_not_found")
+    if len(raw) > INLINE_BODY_BYTES:  # parsing and tokenizing a big body would stall every stream: a thread
+        req, prompts, echo = await asyncio.to_thread(_prepare, raw, model, gen, loop, s)
+    else:
+        req, prompts, echo = _prepare(raw, model, gen, loop, s)
     kind = "chat" if isinstance(req, ChatRequest) else "completions"
-    field_name = "messages" if kind == "chat" else "prompt"
-    vocab = gen.backend.args.vocab_size
-    try:
-        if isinstance(req, ChatRequest):
-            messages = chat_messages(req)
-            check_messages_text(messages)
-            prompts = normalize_prompts([list(gen.tokenizer.apply_chat_template(messages, add_generation_prompt=True))],
-                                        gen.tokenizer, vocab)
-            echo = [""]
-        else:
-            prompts = normalize_prompts(req.prompt, gen.tokenizer, vocab)
-            texts = req.prompt if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str) \
-                else [req.prompt] if isinstance(req.prompt, str) else None
-            echo = [(texts[i] if texts else gen.tokenizer.decode(p)) if req.echo else "" for i, p in enumerate(prompts)]
-    except ConfigError as e:
-        raise ApiError(f"{field_name}: {e}", param=field_name) from None
-    limit, why = loop.engine.limit()
-    for i, p in enumerate(prompts):
-        if len(p) >= limit:
-            raise ApiError(f"{field_name}: prompt {i} has {len(p)} tokens, which leaves no room for a new token: "
-                           f"{why}", param=field_name)
-    if len(prompts) * req.n > s.max_batch + s.max_queue:
-        raise ApiError(f"n: {len(prompts)} prompt(s) x n={req.n} choices is more than the server holds "
-                       f"({s.max_batch} running + {s.max_queue} waiting rows)", param="n")
+    limit, _ = loop.engine.limit()
     try:
         config = gen.config(**overrides(req, 16 if kind == "completions" else limit))
     except ConfigError as e:
-        raise ApiError(str(e)) from None
+        raise _config_error(e, req) from None
     rid = uuid.uuid4().hex
     try:
         handle = loop.submit(prompts, config, req.n, rid, t0, continuation=kind == "completions")
@@ -396,6 +375,72 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
             loop.cancel(call.handle, "disconnect")  # the client went away (the response task was cancelled)
             call.end = "disconnect"
         _log(call)
+
+
+INLINE_BODY_BYTES = 16 << 10  # a body up to this size is parsed and tokenized on the event loop (well under 10 ms)
+
+# the runtime's GenerationConfig names -> the request field a client set them with
+_PARAMS = {"max_new_tokens": "max_tokens", "stop_strings": "stop", "top_logprobs": "logprobs",
+           "return_logprobs": "logprobs", "eos_token_id": "ignore_eos", "do_sample": "temperature"}
+
+
+def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen: Generator, loop: EngineLoop,
+             s: ServeSettings) -> tuple[CompletionRequest | ChatRequest, list[list[int]], list[str]]:
+    """The request body checked and its prompts tokenized: (request, prompts' ids, text echoed per prompt)."""
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise ApiError(f"malformed JSON in the request body: {e}") from None
+    except RecursionError:  # json's decoder recurses per nesting level
+        raise ApiError("malformed JSON in the request body: nested too deeply") from None
+    req = parse(model, body)
+    if req.model is not None and req.model != s.name:
+        raise ApiError(f"the model '{req.model}' does not exist; this server serves '{s.name}'", 404, param="model",
+                       code="model_not_found")
+    field_name = "messages" if isinstance(req, ChatRequest) else "prompt"
+    vocab = gen.backend.args.vocab_size
+    try:
+        if isinstance(req, ChatRequest):
+            messages = chat_messages(req)
+            check_messages_text(messages)
+            prompts = normalize_prompts([list(gen.tokenizer.apply_chat_template(messages, add_generation_prompt=True))],
+                                        gen.tokenizer, vocab)
+            echo = [""]
+        else:
+            prompts = normalize_prompts(req.prompt, gen.tokenizer, vocab)
+            texts = req.prompt if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str) \
+                else [req.prompt] if isinstance(req.prompt, str) else None
+            echo = [(texts[i] if texts else gen.tokenizer.decode(p)) if req.echo else "" for i, p in enumerate(prompts)]
+    except ConfigError as e:
+        raise ApiError(f"{field_name}: {e}", param=field_name) from None
+    limit, why = loop.engine.limit()
+    asked = req.max_tokens if req.max_tokens is not None else getattr(req, "max_completion_tokens", None)
+    for i, p in enumerate(prompts):
+        if len(p) >= limit:
+            raise ApiError(f"{field_name}: prompt {i} has {len(p)} tokens, which leaves no room for a new token: "
+                           f"{why}", param=field_name)
+        if asked is not None and len(p) + asked > limit:  # as vLLM and OpenAI answer, not a silent cut
+            name = "max_tokens" if req.max_tokens is not None else "max_completion_tokens"
+            raise ApiError(f"{name}: prompt {i} has {len(p)} tokens and {name} asks for {asked} more, past the "
+                           f"{limit} the model holds ({why}); ask for at most {limit - len(p)}", param=name)
+    if len(prompts) * req.n > s.max_batch + s.max_queue:
+        raise ApiError(f"n: {len(prompts)} prompt(s) x n={req.n} choices is more than the server holds "
+                       f"({s.max_batch} running + {s.max_queue} waiting rows)", param="n")
+    return req, prompts, echo
+
+
+def _config_error(e: ConfigError, req: CompletionRequest | ChatRequest) -> ApiError:
+    """A GenerationConfig error in the client's terms: the request field it came from named, as `param` too."""
+    message = str(e)
+    name = message.split(" ", 1)[0].split("[", 1)[0].rstrip(":")
+    if name not in _PARAMS and name not in type(req).model_fields:
+        return ApiError(message)
+    param = _PARAMS.get(name, name)
+    if param == "logprobs" and isinstance(req, ChatRequest) and name == "top_logprobs":
+        param = "top_logprobs"
+    if param == "max_tokens" and req.max_tokens is None and getattr(req, "max_completion_tokens", None) is not None:
+        param = "max_completion_tokens"
+    return ApiError(message.replace(name, param, 1), param=param)
 
 
 # ---- response pieces ----------------------------------------------------------------------------------

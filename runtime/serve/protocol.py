@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MAX_N = 128  # choices per request (OpenAI's limit)
 MAX_LOGPROBS = 20  # alternatives per position (vLLM's default limit; OpenAI's is 5 for completions)
@@ -25,7 +25,9 @@ class ApiError(Exception):
 
     def __init__(self, message: str, status: int = 400, param: str | None = None,
                  type: str = "invalid_request_error", code: str | None = None) -> None:
-        super().__init__(message)
+        # a message quoting the client's text (a model name, a field) must encode as UTF-8 even when that text
+        # holds a lone surrogate, which JSON allows: escape those
+        super().__init__(message.encode("utf-8", "backslashreplace").decode("utf-8"))
         self.status, self.param, self.type, self.code = status, param, type, code
 
     def body(self) -> dict[str, Any]:
@@ -34,6 +36,15 @@ class ApiError(Exception):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        """An explicit null is the field left out (OpenAI's schema makes every optional field nullable, and
+        clients that serialise unset fields send them so)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class StreamOptions(_Strict):
@@ -64,6 +75,9 @@ class CompletionRequest(_Sampling):
     prompt: Any  # str, list of str, token ids, list of token-id lists: checked by the runtime's normalize_prompts
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # neutral values only: best_of = n (no candidates to choose among), no suffix
+    best_of: int | None = None
+    suffix: str | None = None
 
 
 class ChatMessage(BaseModel):
@@ -80,6 +94,14 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    metadata: dict[str, str] | None = None  # labels, like `user`: accepted and unused
+    # neutral values only (what agent frameworks and SDKs send by default): plain text, no tools, not stored
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # without tools it means nothing
+    store: bool | None = None
+    service_tier: str | None = None
 
 
 M = TypeVar("M", bound=_Sampling)
@@ -105,8 +127,25 @@ def _check_neutral(req: _Sampling) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name) != 0:
             raise ApiError(f"{name} is not supported (only 0); use repetition_penalty", param=name)
-    if req.logit_bias:
-        raise ApiError("logit_bias is not supported", param="logit_bias")
+    if req.logit_bias and any(v != 0 for v in req.logit_bias.values()):
+        raise ApiError("logit_bias is not supported (only biases of 0)", param="logit_bias")
+    if isinstance(req, CompletionRequest):
+        if req.best_of is not None and req.best_of != req.n:
+            raise ApiError(f"best_of is not supported (only equal to n, {req.n})", param="best_of")
+        if req.suffix:
+            raise ApiError("suffix is not supported (insertion)", param="suffix")
+    if isinstance(req, ChatRequest):
+        if req.response_format is not None and req.response_format != {"type": "text"}:
+            raise ApiError("response_format is not supported (only {\"type\": \"text\"})", param="response_format")
+        if req.tools:
+            raise ApiError("tools are not supported (only an empty list)", param="tools")
+        if req.tool_choice not in (None, "none", "auto"):
+            raise ApiError("tool_choice is not supported (only \"none\" or \"auto\" without tools)",
+                           param="tool_choice")
+        if req.store:
+            raise ApiError("store is not supported (only false)", param="store")
+        if req.service_tier not in (None, "auto", "default"):
+            raise ApiError("service_tier is not supported (only \"auto\" or \"default\")", param="service_tier")
     if req.stream_options is not None and not req.stream:
         raise ApiError("stream_options is only allowed with stream: true", param="stream_options")
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
@@ -117,10 +156,16 @@ def _check_neutral(req: _Sampling) -> None:
 
 
 def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
-    """The messages as plain dicts for the chat template; content parts joined (text parts only)."""
+    """The messages as plain dicts for the chat template; content parts joined (text parts only). OpenAI's
+    `developer` role (its newer name for instructions) is the templates' `system`; a `content: null` the client
+    sent stays in the message (the template judges it)."""
     out = []
     for i, m in enumerate(req.messages):
         d = m.model_dump(exclude_none=True)
+        if "content" in m.model_fields_set:
+            d["content"] = m.content if not isinstance(m.content, list) else d["content"]
+        if d.get("role") == "developer":
+            d["role"] = "system"
         if isinstance(m.content, list):
             texts = []
             for part in m.content:

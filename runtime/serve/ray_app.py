@@ -50,9 +50,16 @@ def _flag(value: Any) -> bool:
     return str(value).lower() not in ("0", "false", "no")
 
 
+def _origins(value: Any) -> tuple[str, ...]:
+    """A list, or a comma-separated string (a config file's or `serve run`'s key=value)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(str(o).strip() for o in items if str(o).strip())
+
+
 _ARGS = {"artifact": str, "backend": str, "model_name": str, "max_batch": int, "max_queue": int, "api_key": str,
          "threads": int,
-         "verify": _flag, "max_body_bytes": int, "drain_s": float, "prefill_chunk": int, "mixed_steps": _flag}
+         "verify": _flag, "max_body_bytes": int, "drain_s": float, "prefill_chunk": int, "mixed_steps": _flag,
+         "allowed_origins": _origins}
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -33,7 +33,13 @@ BAD = [  # (body, status, param, words in the message)
     ({"prompt": []}, 400, "prompt", "empty"),
     ({"prompt": [1, "x"]}, 400, "prompt", "prompt"),
     ({"prompt": [1, 99999999]}, 400, "prompt", "outside the vocabulary"),
-    ({"prompt": "a", "best_of": 2}, 400, "best_of", "unknown field"),
+    ({"prompt": "a", "best_of": 2}, 400, "best_of", "only equal to n"),
+    ({"prompt": "a", "suffix": "end"}, 400, "suffix", "not supported"),
+    ({"prompt": "a", "logit_bias": {"5": 1.5}}, 400, "logit_bias", "not supported"),
+    ({"prompt": "a", "min_p": 0.1}, 400, "min_p", "unknown field"),
+    ({"prompt": "a", "max_tokens": 200}, 400, "max_tokens", "ask for at most 126"),  # "a" is 2 of 128 positions
+    (b'{"prompt": "a", "model": "\\ud800"}', 404, "model", "the model '\\ud800' does not exist"),
+    (b'{"prompt": "a", "stop": ["\\ud800"]}', 400, "stop", "stop[0] is not valid text"),
     ({"prompt": "a", "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
     ({"prompt": "a", "top_p": 0}, 400, "top_p", "greater than 0"),
     (b'{"prompt": "a", "temperature": NaN}', 400, "temperature", "finite number"),
@@ -53,10 +59,18 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         error = r.json()["error"]
         assert set(error) == {"message", "type", "param", "code"}, error
         assert error["param"] == param and words in error["message"], (body, error)
+    hi = [{"role": "user", "content": "hi"}]
     for body, param in [({"messages": []}, "messages"), ({"messages": [{"content": "hi"}]}, "messages"),
-                        ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs")]:
+                        ({"messages": hi, "top_logprobs": 2}, "top_logprobs"),
+                        ({"messages": hi, "max_completion_tokens": 500}, "max_completion_tokens"),
+                        ({"messages": hi, "response_format": {"type": "json_object"}}, "response_format"),
+                        ({"messages": hi, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                        ({"messages": hi, "tool_choice": "required"}, "tool_choice"),
+                        ({"messages": hi, "store": True}, "store"),
+                        ({"messages": [*hi, {"role": "assistant", "content": None}, *hi]}, "messages")]:
         r = server.http.post("/v1/chat/completions", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert "'content': None" in r.json()["error"]["message"]  # the message as sent, its null content shown
     with pytest.raises(openai.BadRequestError) as e:
         server.openai.completions.create(model="tiny", prompt="a", max_tokens=0)
     assert e.value.body["param"] == "max_tokens"
@@ -327,3 +341,89 @@ def test_the_server_loads_mixed_steps_only_where_a_row_can_decode_beside_a_prefi
     s = Server(None, serve_artifact[1], max_batch=max_batch)
     s.close()
     assert asked["mixed_steps"] is mixed
+
+
+def test_what_common_clients_send_is_accepted(server, generator):
+    """Explicit nulls (clients that serialise unset fields), the neutral values of OpenAI fields the server does not
+    implement (SDKs and agent frameworks send them by default), the `developer` role, /v1/models/, HEAD and a
+    browser's CORS preflight: each served as OpenAI or vLLM serves it."""
+    base = {"prompt": "a", "max_tokens": 3, "temperature": 0}
+    alone = server.http.post("/v1/completions", json=base).json()["choices"][0]["text"]
+    nulls = {k: None for k in ("n", "stream", "echo", "presence_penalty", "frequency_penalty", "ignore_eos", "logprobs",
+                               "stop", "seed", "top_p", "best_of", "suffix", "stream_options", "user")}
+    neutral = {"best_of": 1, "suffix": "", "logit_bias": {"5": 0}}
+    for extra in (nulls, neutral):
+        r = server.http.post("/v1/completions", json={**base, **extra})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == alone, (extra, r.text)
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    chat = {"messages": system, "max_tokens": 3, "temperature": 0}
+    reply = server.http.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
+    for extra in ({"logprobs": None, "n": None, "stream": None, "max_completion_tokens": None},
+                  {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "parallel_tool_calls": True,
+                   "store": False, "metadata": {"app": "x"}, "service_tier": "auto"},
+                  {"tool_choice": "auto", "tools": None},
+                  {"messages": [{"role": "developer", "content": "Be brief."}, system[1]]},
+                  {"messages": [system[0], {"role": "user", "content": [{"type": "text", "text": "hi"}], "name": "u"}]}):
+        r = server.http.post("/v1/chat/completions", json={**chat, **extra})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == reply, (extra, r.text)
+    assert server.http.get("/v1/models/").json()["data"][0]["id"] == "tiny"
+    for path in ("/v1/models", "/v1/models/tiny", "/metrics", "/health"):
+        assert server.http.head(path).status_code == 200, path
+    preflight = server.http.options("/v1/chat/completions", headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "*", preflight.text
+    r = server.http.post("/v1/completions", json=base, headers={"Origin": "http://localhost:3000"})
+    assert r.headers["access-control-allow-origin"] == "*"
+
+
+def test_cors_can_be_limited_or_off(generator, serve_artifact):
+    s = Server(generator, serve_artifact[1], allowed_origins=("http://ok.example",))
+    try:
+        ask = {"Access-Control-Request-Method": "POST"}
+        good = s.http.options("/v1/completions", headers={"Origin": "http://ok.example", **ask})
+        assert good.status_code == 200 and good.headers["access-control-allow-origin"] == "http://ok.example"
+        bad = s.http.options("/v1/completions", headers={"Origin": "http://evil.example", **ask})
+        assert bad.status_code == 400 and "access-control-allow-origin" not in bad.headers
+    finally:
+        s.close()
+    s = Server(generator, serve_artifact[1], allowed_origins=())
+    try:
+        r = s.http.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}, headers={"Origin": "http://x"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    finally:
+        s.close()
+
+
+def test_a_big_prompt_is_tokenized_off_the_event_loop(generator, serve_artifact):
+    """Tokenizing megabytes takes seconds: a body past INLINE_BODY_BYTES is parsed and tokenized in a worker
+    thread, so the streams already running and /health go on meanwhile; a small one stays on the loop (cheaper)."""
+    from mixtrt.runtime.generation import Generator
+    from mixtrt.runtime.serve.app import INLINE_BODY_BYTES
+
+    threads: list[str] = []
+
+    class Recording:
+        def __init__(self, tok):
+            self._tok = tok
+
+        def __getattr__(self, name):
+            return getattr(self._tok, name)
+
+        def encode(self, *args, **kwargs):
+            threads.append(threading.current_thread().name)
+            return self._tok.encode(*args, **kwargs)
+
+    gen = Generator(generator.backend, Recording(generator.tokenizer), generator.defaults)
+    s = Server(gen, serve_artifact[1])
+    try:
+        loop_thread = s.thread.name
+        assert s.http.post("/v1/completions", json={"prompt": "a b", "max_tokens": 1}).status_code == 200
+        assert threads == [loop_thread]
+        threads.clear()
+        big = "word " * (INLINE_BODY_BYTES // 4)
+        r = s.http.post("/v1/completions", json={"prompt": big, "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # too long for 128 positions
+        assert threads and loop_thread not in threads, threads
+    finally:
+        s.close()

@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "runs it in the decode step's pass, one read of the weights for both)")
     p.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on /v1/* (/health and /metrics stay open)")
+    p.add_argument("--allowed-origins", nargs="*", default=["*"], metavar="ORIGIN",
+                   help="origins whose browser pages may call the server (CORS; default: any, as vLLM and "
+                        "llama-server allow; give none to turn CORS off)")
     p.add_argument("--model-name", default=None, help="the model name clients use (default: the artifact's folder)")
     p.add_argument("--threads", type=threads, default=None,
                    help="onnxruntime intra-op threads, 1 .. the available cores (default: all of them)")
@@ -85,7 +88,8 @@ def run(ns: argparse.Namespace) -> int:
     settings = ServeSettings(ns.artifact, model_name=ns.model_name, max_batch=ns.max_batch, max_queue=ns.max_queue,
                              api_key=ns.api_key, threads=ns.threads, backend=ns.backend, verify=not ns.no_verify,
                              max_body_bytes=ns.max_body_bytes, drain_s=ns.drain,
-                             prefill_chunk=ns.prefill_chunk, mixed_steps=not ns.separate_prefill)
+                             prefill_chunk=ns.prefill_chunk, mixed_steps=not ns.separate_prefill,
+                             allowed_origins=tuple(ns.allowed_origins))
     if ns.ray:
         from mixtrt.runtime.extras import require
 
