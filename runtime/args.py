@@ -273,7 +273,10 @@ class ModelArgs:
                 raise ConfigError(f"no head_dim, and hidden_size={hidden} is not a multiple of "
                                   f"num_attention_heads={heads}")
             head_dim = hidden // heads
+        # absent: Mistral's 2 (transformers' default); null: no EOS token, generation never stops on one
         eos = cfg.get("eos_token_id", 2, (int, list))
+        if "eos_token_id" in cfg.d and cfg.d["eos_token_id"] is None:
+            eos = None
         moe = None
         if arch.startswith("Mixtral"):
             moe = MoeArgs(cfg.size("num_local_experts", "num_experts"), cfg.size("num_experts_per_tok"))

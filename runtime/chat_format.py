@@ -140,7 +140,8 @@ class GenerationDefaults:
         'eos [2, 32000] (generation_config.json); do_sample True, top_p 0.9 (generation_config.json); not used: min_p'
         """
         eos = list(self.eos_token_ids) if self.eos_token_ids is not None else list(model_eos)
-        line = f"eos {eos} ({GENERATION_CONFIG if self.eos_token_ids is not None else 'config.json'}); "
+        where = GENERATION_CONFIG if self.eos_token_ids is not None else "config.json"
+        line = f"eos {eos} ({where}); " if eos else f"eos none: never stops on one ({where}); "
         set_ = {k: v for k, v in self.config_kwargs().items() if k != "eos_token_id"}
         if not set_:
             line += "greedy, max_new_tokens 128 (mixtrt's defaults)"

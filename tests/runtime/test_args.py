@@ -94,3 +94,44 @@ def test_num_labels_must_agree_with_id2label():
         ModelArgs.from_hf_config(cfg)
     with pytest.raises(ConfigError, match="id2label must name each of the 2 labels"):
         ModelArgs.from_dict({**ModelArgs.from_hf_config({**cfg, "num_labels": 1}).to_dict(), "num_labels": 2})
+
+
+def test_eos_token_id_null_means_no_eos_token():
+    """transformers reads `"eos_token_id": null` as no EOS token (generate never stops on one); a missing field is
+    Mistral's 2. The null used to fall back to 2, so a small vocabulary's ordinary token 2 ended generation."""
+    assert ModelArgs.from_hf_config({**MISTRAL, "eos_token_id": None}).eos_token_ids == ()
+    absent = {k: v for k, v in MISTRAL.items() if k != "eos_token_id"}
+    assert ModelArgs.from_hf_config(absent).eos_token_ids == (2,)
+    a = ModelArgs.from_hf_config({**MISTRAL, "eos_token_id": None})
+    assert ModelArgs.from_dict(a.to_dict()).eos_token_ids == ()  # through the manifest
+
+
+def test_eos_token_id_null_generates_past_token_2(tmp_path):
+    """End to end: an artifact of such a checkpoint (8 pieces, so token 2 is an ordinary, frequent token) generates
+    through token 2, as transformers' generate does."""
+    import numpy as np
+    import sentencepiece as spm
+
+    from mixtrt.export import export_onnx
+    from mixtrt.runtime.generation import Generator
+    from tests.checkpoints import make_checkpoint
+
+    ck = make_checkpoint(tmp_path / "ck", "mistral", tokenizer=False, vocab_size=8, hidden_size=16,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=32, eos_token_id=None)
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(" ".join("abcde"[j % 5] * (1 + (i + j) % 3) for j in range(5)) for i in range(50)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(ck / "tokenizer"), vocab_size=8, model_type="char",
+                                   character_coverage=1.0, hard_vocab_limit=False, add_dummy_prefix=False, unk_id=0,
+                                   bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    gen = Generator.load(export_onnx(ck, tmp_path / "art", progress=None), threads=1)
+    assert gen.backend.args.eos_token_ids == ()
+    assert gen.defaults.describe(()).startswith("eos none: never stops on one (config.json)")
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # some prompt whose greedy continuation passes through token 2
+        [out] = gen.generate([rng.integers(3, 8, 4).tolist()], max_new_tokens=24, do_sample=False)
+        if 2 in out.token_ids[:-1]:
+            break
+    else:
+        raise AssertionError("no greedy continuation produced token 2: the test proves nothing")
+    assert out.finish_reason == "length" and len(out.token_ids) == 24
