@@ -332,9 +332,16 @@ class Engine:
     def limit(self) -> tuple[int, str]:
         """The longest sequence (prompt + generated) a row can hold, and the message naming that limit."""
         b = self.backend
+        window = getattr(b.args, "sliding_window", None)
         if not b.windowed and b.capacity <= b.max_positions:
-            return b.capacity, (f"cache full: the model has no sliding window and its cache holds {b.capacity} "
-                                f"tokens (max context chosen at export)")
+            why = "the model has no sliding window" if not window else \
+                f"the model's sliding window ({window}) is not shorter than the cache, so the cache does not roll"
+            return b.capacity, (f"cache full: {why}, and its cache holds {b.capacity} tokens (max context chosen at "
+                                f"export)")
+        trained = getattr(b.args, "max_position_embeddings", b.max_positions)
+        if b.max_positions < trained:
+            return b.max_positions, (f"max positions: the artifact serves {b.max_positions} positions (max context "
+                                     f"chosen at export; the model has {trained})")
         return b.max_positions, f"max positions: the model supports {b.max_positions} positions"
 
     def chunk(self, prefill_chunk: int | None) -> int:

@@ -124,8 +124,26 @@ def test_linear_cache_fills_with_message():
     outs = gen.generate(PROMPTS[:1] + PROMPTS[2:], max_new_tokens=50, eos_token_id=())
     for prompt, out in zip(PROMPTS[:1] + PROMPTS[2:], outs, strict=True):
         assert len(prompt) + len(out.token_ids) == 10 and out.finish_reason == "length"
-        assert out.finish_message == ("cache full: the model has no sliding window and its cache holds 10 tokens "
+        assert out.finish_message == ("cache full: the model has no sliding window, and its cache holds 10 tokens "
                                       "(max context chosen at export)")
+
+
+def test_limit_messages_name_the_real_cause():
+    """A windowed model gets a linear cache when its window is not shorter than the max context: the message says
+    so rather than "no sliding window"; an artifact exported for fewer positions than the model has says that."""
+    import dataclasses
+
+    gen, backend = make(windowed=False, capacity=10)
+    backend.args = dataclasses.replace(backend.args, sliding_window=4096)
+    [out] = gen.generate(PROMPTS[0], max_new_tokens=50, eos_token_id=())
+    assert out.finish_message == ("cache full: the model's sliding window (4096) is not shorter than the cache, so "
+                                  "the cache does not roll, and its cache holds 10 tokens (max context chosen at "
+                                  "export)")
+    gen, backend = make(windowed=True, capacity=6, max_positions=15)
+    backend.args = dataclasses.replace(backend.args, max_position_embeddings=32768)
+    [out] = gen.generate(PROMPTS[0], max_new_tokens=50, eos_token_id=())
+    assert out.finish_message == ("max positions: the artifact serves 15 positions (max context chosen at export; the "
+                                  "model has 32768)")
 
 
 def test_max_positions_ends_windowed_rows():
