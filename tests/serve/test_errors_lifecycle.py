@@ -363,7 +363,8 @@ def test_what_common_clients_send_is_accepted(server, generator):
                    "store": False, "metadata": {"app": "x"}, "service_tier": "auto"},
                   {"tool_choice": "auto", "tools": None},
                   {"messages": [{"role": "developer", "content": "Be brief."}, system[1]]},
-                  {"messages": [system[0], {"role": "user", "content": [{"type": "text", "text": "hi"}], "name": "u"}]}):
+                  {"messages": [system[0], {"role": "user", "content": [{"type": "text", "text": "hi"}],
+                                            "name": "u"}]}):
         r = server.http.post("/v1/chat/completions", json={**chat, **extra})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == reply, (extra, r.text)
     assert server.http.get("/v1/models/").json()["data"][0]["id"] == "tiny"
