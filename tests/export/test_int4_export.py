@@ -189,6 +189,8 @@ def test_perplexity_command_with_reference(realistic_pairs, tmp_path, capsys):
     long.write_text("one two three four five six seven eight nine ten " * 20)
     assert main(["perplexity", str(fp32), "--text", str(long), "--chunk", "100"]) == 2
     assert f"past the 64 positions {fp32.name} serves: pass --chunk 64 or less" in capsys.readouterr().err
+    assert main(["perplexity", str(fp32), "--text", str(long), "--json"]) == 0  # the default fits itself: 64, not 256
+    assert json.loads(capsys.readouterr().out)["chunk"] == 64
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     assert main(["perplexity", str(fp32), "--text", str(empty)]) == 2

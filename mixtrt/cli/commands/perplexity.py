@@ -13,8 +13,9 @@ from mixtrt.cli.options import threads
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path, help="artifact directory (written by `mixtrt export`)")
     p.add_argument("--text", type=Path, required=True, help="UTF-8 text file, used as is ([BOS] + its tokens)")
-    p.add_argument("--chunk", type=int, default=256,
-                   help="tokens per chunk, each scored from an empty cache (default 256, training/evaluate.py's)")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="tokens per chunk, each scored from an empty cache (default 256, training/evaluate.py's, or "
+                        "the positions the artifact serves where fewer)")
     p.add_argument("--reference", type=Path, default=None,
                    help="another artifact of the same model (e.g. the fp32 one): adds mean KL and top-1 agreement")
     p.add_argument("--threads", type=threads, default=None, help="onnxruntime intra-op threads")
@@ -32,9 +33,12 @@ def run(ns: argparse.Namespace) -> int:
         raise ConfigError(f"--text {ns.text}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"--text {ns.text}: not UTF-8 ({e.reason} at byte {e.start})") from None
-    chunks([], ns.chunk)  # checks --chunk before loading anything
+    if ns.chunk is not None:
+        chunks([], ns.chunk)  # checks --chunk before loading anything
     gen = Generator.load(ns.artifact, threads=ns.threads)
     ref = Generator.load(ns.reference, threads=ns.threads) if ns.reference is not None else None
+    if ns.chunk is None:  # an explicit --chunk past the positions is an error; the default fits itself
+        ns.chunk = min([256, gen.backend.max_positions] + ([ref.backend.max_positions] if ref is not None else []))
     ids = gen.tokenizer.encode(text)
     if ref is not None and ref.tokenizer.encode(text) != ids:
         raise ConfigError(f"--reference {ns.reference}: its tokenizer splits the text differently")
