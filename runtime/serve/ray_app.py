@@ -35,7 +35,7 @@ class MixtrtReplica:
         self.generator = self.settings.load_generator()
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self.settings, generator=self.generator)
+        return create_app(self.settings, generator=self.generator, freeze_gc=True)
 
 
 def deployment(settings: ServeSettings, replicas: int = 1, num_cpus: float = 1.0) -> Application:

@@ -29,7 +29,7 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
         failure.append(e)
         server.should_exit = True
 
-    app = create_app(settings, on_load_error=load_failed)
+    app = create_app(settings, on_load_error=load_failed, freeze_gc=True)
     # the drain starts at the signal (the engine loop's deadline); uvicorn waits past it for the responses of
     # the requests cancelled at the deadline to be written, instead of cutting them at the same moment
     config = uvicorn.Config(app, lifespan="on", access_log=False, log_level="warning",
