@@ -404,10 +404,12 @@ def _special_tokens(where: str, config: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _prepend_scheme(config: Mapping[str, Any]) -> PrependScheme:
-    """transformers' LlamaTokenizer: add_prefix_space (default true) and legacy (default false)."""
-    if config.get("add_prefix_space") is False:
-        return "never"
-    return "always" if config.get("legacy") is True else "first"
+    """As transformers 5 builds a checkpoint's tokenizer from its tokenizer.model (a Mistral / Mixtral config.json
+    beside it): `legacy` (default true) prefixes "▁" to every stretch of text between added tokens, even one that
+    starts with a space (" [INST]" -> ▁ ▁[INST], as the legacy tokenizer.json of Mistral-7B-Instruct-v0.1/v0.2 and
+    Mixtral-8x7B-Instruct does); `legacy: false` only to the text at the very start, unless it starts with a space.
+    `add_prefix_space` is not read there (the sentencepiece model's own dummy-prefix setting is, jinja_tokenizer.py)."""
+    return "first" if config.get("legacy") is False else "always"
 
 
 def resolve_chat_format(checkpoint_dir: str | Path, vocab_size: int | None = None) -> ChatFormat:

@@ -14,9 +14,12 @@ of a LlamaTokenizer built from the same tokenizer.model and tokenizer_config.jso
    on a 32000-piece model). `lstrip` / `rstrip` take the whitespace beside the token, `single_word`
    matches only outside words.
 2. Each stretch of text between them is encoded by sentencepiece without its own dummy prefix; the "▁"
-   prefix is added as transformers' Metaspace pre-tokenizer adds it: `prepend_scheme` "first" (the default,
-   `legacy: false`): only to text at the very start of the string; "always" (`legacy: true`): to every
-   stretch; "never" (`add_prefix_space: false`); and never to a stretch that starts with a space.
+   prefix is added as transformers 5 adds it to a checkpoint's tokenizer built from tokenizer.model:
+   `prepend_scheme` "always" (`legacy: true`, and transformers' default when the key is missing): to every
+   stretch, one that starts with a space too (" [INST]" -> ▁ ▁[INST]: the legacy tokenizer.json of
+   Mistral-7B-Instruct-v0.2 and Mixtral-8x7B-Instruct gives the same); "first" (`legacy: false`): only to text at
+   the very start of the string, and not if it starts with a space; "never": not at all (also whatever the
+   scheme when the sentencepiece model itself has no dummy prefix).
 
 One divergence is pinned (as for plain text in `tokenizer.py`): transformers' BPE merges runs of spaces
 across words ("a  b" -> ▁a ▁▁ b) where sentencepiece, what the model was trained with, gives ▁a ▁ ▁b.
@@ -45,15 +48,17 @@ __all__ = ["AddedToken", "JinjaChatTokenizer", "PrependScheme"]
 _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED = 2, 3, 4  # sentencepiece ModelProto.SentencePiece.Type
 
 
-def _without_dummy_prefix(path: Path) -> tuple[spm.SentencePieceProcessor, list[int]]:
-    """The same model with `add_dummy_prefix` off, and the piece types, read from the model's protobuf."""
+def _without_dummy_prefix(path: Path) -> tuple[spm.SentencePieceProcessor, list[int], bool]:
+    """The same model with `add_dummy_prefix` off, the piece types, and whether the model had the dummy prefix on,
+    read from the model's protobuf."""
     proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
     proto.ParseFromString(path.read_bytes())
     types = [p.type for p in proto.pieces]
+    dummy_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
     proto.normalizer_spec.add_dummy_prefix = False
     sp = spm.SentencePieceProcessor()
     sp.LoadFromSerializedProto(proto.SerializeToString())
-    return sp, types
+    return sp, types, dummy_prefix
 
 
 class _Stream(StreamDecoder):
@@ -83,9 +88,9 @@ class JinjaChatTokenizer:
         self.text = text
         self.templates = {"default": templates} if isinstance(templates, ChatTemplate) else dict(templates)
         self.template = select_template(self.templates)
-        self.prepend_scheme = prepend_scheme
         self.path = text.path
-        self._plain, types = _without_dummy_prefix(text.path)
+        self._plain, types, dummy_prefix = _without_dummy_prefix(text.path)
+        self.prepend_scheme: PrependScheme = prepend_scheme if dummy_prefix else "never"
         kinds = (_SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED)  # the pieces transformers makes added tokens
         added = {text.id_to_piece(i): AddedToken(i, text.id_to_piece(i)) for i, t in enumerate(types) if t in kinds}
         self._extra: dict[int, AddedToken] = {}
@@ -145,8 +150,7 @@ class JinjaChatTokenizer:
     def _encode_stretch(self, text: str, first: bool) -> list[int]:
         if not text:
             return []
-        prefix = self.prepend_scheme == "always" or (self.prepend_scheme == "first" and first)
-        if prefix and not text.startswith(" "):
+        if self.prepend_scheme == "always" or (self.prepend_scheme == "first" and first and not text.startswith(" ")):
             text = " " + text
         return self._plain.encode(text)
 

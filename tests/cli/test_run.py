@@ -61,6 +61,7 @@ def test_run_answers_a_question(capsys, head_artifacts):
 @pytest.mark.parametrize("command", ["generate", "chat"])
 def test_generate_on_a_head_artifact_names_the_command_that_fits(capsys, head_artifacts, command):
     _, art = head_artifacts("tokcls")
+    capsys.readouterr()  # what making the artifact printed (transformers' progress bars) is not the command's
     argv = [command, str(art)] + (["--prompt", "hi"] if command == "generate" else [])
     code, out, err = run(capsys, *argv)
     assert code == 2 and out == ""

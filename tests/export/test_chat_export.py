@@ -100,7 +100,7 @@ def test_jinja_template_with_added_tokens_and_eos_list(v3_export, tmp_path):
     ck.mkdir()
     shutil.copy(DATA / "tokenizer.model.v1", ck / "tokenizer.model")
     (ck / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": CHATML, "eos_token": "<|im_end|>",
+        "chat_template": CHATML, "eos_token": "<|im_end|>", "legacy": False,  # legacy would prefix "▁" to each stretch
         "added_tokens_decoder": {"32000": {"content": "<|im_end|>"}, "32001": {"content": "<|im_start|>"}}}))
     (ck / "generation_config.json").write_text(json.dumps({"eos_token_id": 32000}))
     chatml = _rerecord(art, tmp_path / "art", resolve_chat_format(ck, vocab_size=32768))

@@ -132,6 +132,10 @@ def _checkpoint(root: Path, name: str, model: Path, config: dict, jinja: str | N
     base = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
             "add_bos_token": True, "add_eos_token": False}
     (d / "tokenizer_config.json").write_text(json.dumps({**base, **config}))
+    # a model config beside it, as every checkpoint has: transformers then builds the tokenizer from tokenizer.model's
+    # protobuf with the checkpoint's rules (legacy by default), which are what an artifact follows; without it,
+    # tokenizer_class LlamaTokenizer alone takes another path (legacy off by default, add_prefix_space read)
+    (d / "config.json").write_text(json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
     if jinja is not None:
         (d / "chat_template.jinja").write_text(jinja)
     return d
@@ -235,16 +239,21 @@ def test_decode_hides_control_tokens(pairs, checkpoint):
         assert "".join(stream.put(i) for i in answer) + stream.flush() == "Bonjour"
 
 
-def test_space_runs_are_the_pinned_divergence(pairs):
-    """Like plain text (test_tokenizer.py): transformers' BPE merges "▁▁" across words; we keep
-    sentencepiece's split. Only the stretch with the run differs."""
-    ours, hf = pairs["mistral-v3-tools"]
-    messages = [{"role": "user", "content": "two  spaces"}]
-    text = ours.render_chat(messages)
-    assert text == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    mine, theirs = ours.apply_chat_template(messages), hf(text, add_special_tokens=False)["input_ids"]
-    assert [ours.id_to_piece(i) for i in mine[2:-1]] == ["▁two", "▁", "▁spaces"]
-    assert [ours.id_to_piece(i) for i in theirs[2:-1]] == ["▁two", "▁▁", "sp", "aces"]
+def test_space_runs_and_stretches_that_start_with_a_space_equal_transformers(pairs):
+    """Runs of spaces split as sentencepiece splits them (transformers builds a checkpoint's BPE merges from the piece
+    scores, so it agrees); a legacy tokenizer (the default) prefixes "▁" to every stretch between added tokens,
+    one that already starts with a space too: Mixtral-8x7B-Instruct's template writes ' [INST] ' after <s> and
+    </s>, which transformers encodes as ▁ ▁[ INST ]."""
+    for name, content in [("mistral-v3-tools", "two  spaces"), ("v01-legacy", "a   b  c"), ("v01-no-prefix", "x  y")]:
+        ours, hf = pairs[name]
+        messages = [{"role": "user", "content": content}]
+        text = ours.render_chat(messages)
+        assert ours.apply_chat_template(messages) == hf(text, add_special_tokens=False)["input_ids"], name
+    ours, hf = pairs["v01-legacy"]
+    text = "<s> [INST] Hi [/INST] Hello</s> [INST] again [/INST]"
+    ids = ours.encode_special(text)
+    assert ids == hf(text, add_special_tokens=False)["input_ids"]
+    assert [ours.id_to_piece(i) for i in ids[:3]] == ["<s>", "▁", "▁["] and ids.count(ours.text.piece_id("▁")) == 2
 
 
 # ---------------------------------------------------------------- errors
