@@ -21,8 +21,9 @@ of a LlamaTokenizer built from the same tokenizer.model and tokenizer_config.jso
    the very start of the string, and not if it starts with a space; "never": not at all (also whatever the
    scheme when the sentencepiece model itself has no dummy prefix).
 
-One divergence is pinned (as for plain text in `tokenizer.py`): transformers' BPE merges runs of spaces
-across words ("a  b" -> ▁a ▁▁ b) where sentencepiece, what the model was trained with, gives ▁a ▁ ▁b.
+Runs of spaces split as sentencepiece splits them ("a  b" -> ▁a ▁ ▁b): transformers builds a checkpoint's BPE
+merges from the piece scores and agrees (its LlamaTokenizer class alone, without the checkpoint's config.json,
+merges them across words: ▁a ▁▁ b; plain text in `tokenizer.py` pins that divergence).
 
 Decoding is sentencepiece's; an added token past the sentencepiece vocabulary decodes to its text unless
 it is special (then to nothing, or to its text with skip_special=False), as transformers decodes it.
