@@ -34,6 +34,7 @@ for that is refused with a ConfigError, and the session is unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -59,7 +60,7 @@ class ChatTurn:
     prefilled_tokens: int
     kind: TurnKind  # "cached" (the cache was kept); a new context: "new" (none held: the first turn, or after
     #                 close / reset / a cancelled turn), "mismatch" or "restart"
-    note: str = ""  # why a new context, for "mismatch" and "restart"
+    note: str = ""  # why a new context, for "mismatch" and "restart"; why the turn was dropped (an empty reply)
 
 
 class ChatSession:
@@ -168,8 +169,10 @@ class ChatSession:
                 self.close()
             elif out.text:
                 self.messages = messages + [{"role": "assistant", "content": out.text}]
-            else:
-                self.messages = messages[:-1]  # nothing to add: the format would refuse an empty reply
+            else:  # nothing to add: a chat format refuses an empty reply, and two user turns in a row
+                self.messages = messages[:-1]
+                self.turns[-1] = dataclasses.replace(self.turns[-1], note=(
+                    "the reply was empty: this message and its reply are not kept in the conversation"))
 
     # ---- the session -----------------------------------------------------------------------------------
     def close(self) -> None:

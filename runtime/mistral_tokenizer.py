@@ -170,7 +170,9 @@ class MistralCommonTokenizer:
                                                         [dict(t) for t in tools] if tools is not None else None)
             encoded = self._closed().encode_chat_completion(request) if closed else \
                 self._chat.encode_chat_completion(request)
-        except (MistralCommonException, ValueError, KeyError, TypeError, AssertionError) as e:
+        except KeyError as e:  # a field the message type needs (a tool message's tool_call_id, ...)
+            return [], f"the message has no {e.args[0]!r} field" if e.args else "a field is missing"
+        except (MistralCommonException, ValueError, TypeError, AssertionError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             return [], f"{type(e).__name__}: {' '.join(first.split())}"
         return [int(i) for i in encoded.tokens], None

@@ -75,11 +75,12 @@ def load_generator(ns: argparse.Namespace) -> Any:
                           verify=not ns.no_verify)
 
 
-def stats_line(out: Any) -> str:
+def stats_line(out: Any, prompt: str | None = None) -> str:
+    """One line of a generation's numbers; `prompt` replaces the prompt's token count (chat: the conversation's)."""
     s = out.stats
     rate = f"{s.decode_tokens_per_s:.1f} tok/s decode" if s.decode_tokens_per_s else "n/a decode"
     prefill = f", prefill {s.prefill_tokens_per_s:.0f} tok/s" if s.prefill_tokens_per_s else ""
-    return (f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated, first token "
+    return (f"[{prompt or f'{s.prompt_tokens} prompt tokens'}, {s.generated_tokens} generated, first token "
             f"{s.time_to_first_token_s * 1e3:.0f} ms{prefill}, {rate}; "
             f"finish: {out.finish_reason} ({out.finish_message})]")
 

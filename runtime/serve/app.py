@@ -1,6 +1,6 @@
 """The OpenAI-compatible FastAPI app over one EngineLoop (runner.py serves it with uvicorn).
 
-    app = create_app(ServeSettings("engines/mistral-tiny", max_batch=16))
+    app = create_app(ServeSettings("engines/tiny-mixtral-fp32", max_batch=16))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (API key when set), GET /health

@@ -1,6 +1,6 @@
 """The uvicorn runner of `mixtrt serve`: bind the socket, serve the app until SIGTERM / SIGINT, drain, exit 0.
 
-    serve(ServeSettings("engines/mistral-tiny"), host="127.0.0.1", port=8000)   # returns 0 after the drain
+    serve(ServeSettings("engines/tiny-mixtral-fp32"), host="127.0.0.1", port=8000)   # returns 0 after the drain
 """
 
 from __future__ import annotations

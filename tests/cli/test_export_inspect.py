@@ -43,3 +43,18 @@ def test_cli_says_what_it_substitutes_in_one_line(tmp_path, exported):
     assert warning.startswith(f"mixtrt export: warning: {tmp_path / 'ck'}: the checkpoint has no tokenizer.model: "
                               "using mistral-common's Mistral v1 tokenizer")
     assert r.returncode == 2 and error.startswith("mixtrt export: error:") and "not a mixtrt artifact" in error
+
+
+def test_inspect_counts_a_tied_table_once(tmp_path):
+    """A tied embedding is stored twice (the input table and, transposed, lm_head): inspect gives the model's
+    parameter count, as export and transformers count them, and says what is stored."""
+    from mixtrt.export import export_onnx
+    from mixtrt.runtime.inspect import inspect_artifact
+    from tests.checkpoints import make_checkpoint, make_hf_model
+
+    kw = dict(tie_word_embeddings=True, num_hidden_layers=1, hidden_size=32, intermediate_size=48)
+    ck = make_checkpoint(tmp_path / "ck", "mistral", **kw)
+    info = inspect_artifact(export_onnx(ck, tmp_path / "art", progress=None))
+    hf = sum(p.numel() for p in make_hf_model("mistral", **kw).parameters())  # counts the tied table once
+    rope = info["stored_parameters"] - hf - 32000 * 32  # the stored rope cos / sin tables
+    assert info["parameters"] == hf + rope and 0 < rope < 32000

@@ -156,7 +156,8 @@ def test_chat_keeps_its_cache_and_refuses_a_message_too_long(artifact, generator
     n_first = len(generator.tokenizer.apply_chat_template(history[:1]))
     ids = generator.tokenizer.apply_chat_template(history)
     held = n_first + len(first.token_ids) - 1  # the last generated token is fed with the new ones
-    assert f"prefilled {len(ids) - held} of {len(ids)} tokens, {held} from the cache" in lines[2]
+    assert lines[2].startswith(f"[conversation {len(ids)} tokens: {len(ids) - held} prefilled (")
+    assert f"{held} from the cache, 4 generated" in lines[2]
 
 
 def test_chat_command_keeps_the_session_through_restarts_and_ctrl_c(monkeypatch, capsys):

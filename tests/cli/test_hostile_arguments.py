@@ -69,7 +69,7 @@ RUN = [
     (["--stop", BAD_UTF8], ["--stop", "lone surrogate"]),
 ]
 PROMPTS = [
-    (["--prompt", ""], ["prompt 0 is empty"]),
+    (["--prompt", ""], ["--prompt is empty"]),
     (["--prompt", BAD_UTF8], ["--prompt", "character 3", "lone surrogate"]),
     (["--prompt-ids", "1,x"], ["--prompt-ids", "'1,x'"]),
     (["--prompt-ids", "1.5"], ["--prompt-ids"]),

@@ -89,6 +89,21 @@ def test_replies_ended_by_length_eos_and_stop():
     assert session.send("more", max_new_tokens=8).token_ids and session.turns[-1].kind == "cached"
 
 
+def test_an_empty_reply_drops_its_turn_and_says_so():
+    """A reply with no text (a stop string at its start) cannot go into the conversation (the formats refuse an
+    empty assistant message, and two user turns in a row): the message goes too, and the turn's note says so."""
+    gen, _ = make()
+    session = gen.chat_session(system="be brief")
+    first = gen.chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
+                     max_new_tokens=4)
+    out = session.send("hello", max_new_tokens=4, stop_strings=(first.text[0],))
+    assert out.text == "" and out.finish_reason == "stop"
+    assert session.messages == [{"role": "system", "content": "be brief"}]
+    assert "the reply was empty" in session.turns[-1].note
+    assert session.send("go on", max_new_tokens=4).text  # the session goes on
+    assert session.messages[-2:][0] == {"role": "user", "content": "go on"}
+
+
 def test_eos_reply_keeps_the_cache():
     """A reply that ends with the format's EOS is exactly the rendered assistant turn."""
     gen, _ = make(chain={ByteChat.single[b"e"]: 2})  # the toy LM says EOS after "e"

@@ -140,7 +140,8 @@ def test_chat_errors_name_the_message(ours):
         ([u, a], "message 1 is the assistant's"),
         ([u, "hello"], "message 1 must be a mapping"),
         ([u, {"content": "x"}], "message 1 must be a mapping with a string 'role'"),
-        ([u, a, {"role": "tool", "content": "r"}], r"failed at message 2 \(role 'tool'\)"),
+        ([u, a, {"role": "tool", "content": "r"}], r"failed at message 2 \(role 'tool'\): the message has no "
+                                                    r"'tool_call_id' field"),
         ([u, a, {"role": "wizard", "content": "r"}, u], r"failed at message 2 \(role 'wizard'\)"),
         ([], "non-empty list"),
     ]

@@ -51,7 +51,10 @@ def run(ns: argparse.Namespace) -> int:
             events.close()  # cancels the turn: the conversation stays as it was
             print("\nmixtrt chat: reply interrupted; the turn is dropped", file=sys.stderr)
             continue
+        if not out.text:
+            print(f"mixtrt chat: {session.turns[-1].note}", file=sys.stderr)
         if ns.stats:
             cache = f"{turn.cached_tokens} from the cache" if turn.kind == "cached" else f"new context: {turn.kind}"
-            print(f"{stats_line(out)} [prefilled {turn.prefilled_tokens} of {turn.prompt_tokens} tokens, {cache}]",
-                  file=sys.stderr)
+            conversation = (f"conversation {turn.prompt_tokens} tokens: {turn.prefilled_tokens} prefilled (the new "
+                            f"message, the template's tokens around it and the last reply's final token), {cache}")
+            print(stats_line(out, prompt=conversation), file=sys.stderr)

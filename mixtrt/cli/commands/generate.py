@@ -41,11 +41,14 @@ def parse_ids(text: str) -> list[int]:
 def run(ns: argparse.Namespace) -> int:
     import dataclasses
 
+    from mixtrt.runtime.errors import ConfigError
     from mixtrt.runtime.prompts import check_text
 
     overrides = generation_overrides(ns, return_logprobs=ns.json)  # checked before the model loads
     prompt: str | list[int] = parse_ids(ns.prompt_ids) if ns.prompt_ids is not None else check_text(ns.prompt,
                                                                                                     "--prompt")
+    if prompt == "":
+        raise ConfigError("--prompt is empty: give some text (BOS is added) or --prompt-ids")
     gen = load_generator(ns)
     cfg = gen.config(**overrides)
     if ns.json:

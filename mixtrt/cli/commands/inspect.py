@@ -40,7 +40,11 @@ def run(ns: argparse.Namespace) -> int:
         print(f"kv cache      {c['layout']} layout, capacity {c['capacity']} rows/layer"
               + (f" (window {c['window']})" if c["window"] else "")
               + f", {c['bytes_per_row'] / 2**20:.2f} MiB per batch row")
-    print(f"parameters    {info['parameters'] / 1e6:.2f} M ({info['parameter_bytes'] / 2**20:.1f} MiB)")
+    size = f"{info['parameter_bytes'] / 2**20:.1f} MiB"
+    if info["stored_parameters"] != info["parameters"]:
+        size = (f"{info['stored_parameters'] / 1e6:.2f} M stored, {size}: the tied embedding table twice, as the "
+                f"input table and, transposed, as lm_head")
+    print(f"parameters    {info['parameters'] / 1e6:.2f} M ({size})")
     q = info["quantization"]
     if q is not None:
         blocks = sorted(set(q["blocks"].values()))
