@@ -323,6 +323,11 @@ def test_the_command_line_sets_mixed_steps(serve_artifact, monkeypatch, argv, mi
     monkeypatch.setattr(runner, "serve", lambda settings, host, port: seen.update(settings=settings) or 0)
     assert main(["serve", str(serve_artifact[1]), *argv]) == 0
     assert seen["settings"].mixed_steps is mixed
+    assert seen["settings"].allowed_origins == ("*",)  # CORS: any origin unless told
+    assert main(["serve", str(serve_artifact[1]), "--allowed-origins", "http://a", "http://b"]) == 0
+    assert seen["settings"].allowed_origins == ("http://a", "http://b")
+    assert main(["serve", str(serve_artifact[1]), "--allowed-origins"]) == 0
+    assert seen["settings"].allowed_origins == ()  # none: CORS off
 
 
 @pytest.mark.parametrize("max_batch, mixed", [(1, False), (4, True)])
