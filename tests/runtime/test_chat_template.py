@@ -338,3 +338,16 @@ def test_added_tokens_checked_against_the_vocabulary():
         strip.decode([1, -1])
     word = JinjaChatTokenizer(tok, t, [AddedToken(32000, "sep", single_word=True)])
     assert 32000 in word.encode_special("a sep b") and 32000 not in word.encode_special("a separate b")
+
+
+def test_legacy_prefix_equals_the_tokenizer_json_real_checkpoints_ship(pairs):
+    """Mistral-7B-Instruct-v0.1/v0.2 and Mixtral-8x7B-Instruct ship a tokenizer.json whose normalizer prepends "▁"
+    to each stretch and replaces spaces (no pre-tokenizer): the legacy rule gives the same ids."""
+    from tokenizers import Tokenizer, normalizers
+
+    ours, hf = pairs["v01-legacy"]
+    shipped = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+    shipped.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    shipped.pre_tokenizer = None
+    for text in ["<s> [INST] Hi [/INST] Hello</s> [INST] more [/INST]", "<s>[INST] a  b [/INST]x</s>", " ", "\n x"]:
+        assert ours.encode_special(text) == shipped.encode(text, add_special_tokens=False).ids, text
