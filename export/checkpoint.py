@@ -230,6 +230,9 @@ def _open_weights(path: Path, args_from: str) -> Iterator[_Files]:
                 )
         else:
             pths = sorted(path.glob("consolidated*.pth"))
+            if (path / "consolidated.safetensors").is_file() and pths:  # as mistral-inference refuses it
+                raise CheckpointError(f"{path}: both consolidated.safetensors and {pths[0].name}: keep one "
+                                      f"(which weights are the model's is not for us to guess)")
             if (path / "consolidated.safetensors").is_file():
                 files.add_safetensors(path / "consolidated.safetensors")
             elif pths:
@@ -291,11 +294,17 @@ def open_checkpoint(checkpoint_dir: str | Path) -> Iterator[Checkpoint]:
         mapping = name_map(args, fmt, prefix)
         wanted = [(n, s) for src in mapping.values() for n, s in zip(src.names, src.shapes, strict=True)]
         missing = [n for n, _ in wanted if n not in keys]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise CheckpointError(f"{path}: missing tensor {missing[0]!r}{more} for {args.architecture}")
         ignored = {"lm_head.weight"} if args.head == "causal_lm" and args.tie_word_embeddings else set()
         unexpected = sorted(keys - {n for n, _ in wanted} - ignored)
+        # both named when both happen: a layout we do not read (fused experts, another naming) shows as
+        # tensors missing *and* tensors we did not expect, and the second says which layout it is
+        weights = sorted({files.where[k][0].name for k in keys}) or ["no weight file"]
+        also = (f"; the files hold {unexpected[0]!r}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1
+                else "") + f", which {args.architecture} does not have") if unexpected else ""
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointError(f"{path}: missing tensor {missing[0]!r}{more} for {args.architecture} in "
+                                  f"{', '.join(weights)}{also}")
         if unexpected:
             more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
             raise CheckpointError(

@@ -339,7 +339,7 @@ class ModelArgs:
             head_dim=head_dim,
             rms_norm_eps=p.get("norm_eps", 1e-5, (int, float)),
             rope_theta=p.get("rope_theta", 1e6 if moe else 10000.0, (int, float)),
-            sliding_window=p.get("sliding_window", None, int),
+            sliding_window=_raw_window(p),
             max_position_embeddings=p.get("max_seq_len", p.get("max_position_embeddings", 32768, int), int),
             tie_word_embeddings=False,
             moe=moe,
@@ -389,6 +389,14 @@ class _NotJSON(ValueError):
 
 def _no_constant(name: str) -> Any:
     raise _NotJSON(name)
+
+
+def _raw_window(p: _Fields) -> int | None:
+    """params.json's window: `sliding_window`, or `_sliding_window` as mistral-inference also writes and reads it."""
+    plain, underscored = p.get("sliding_window", None, int), p.get("_sliding_window", None, int)
+    if plain is not None and underscored is not None and plain != underscored:
+        raise ConfigError(f"sliding_window={plain} and _sliding_window={underscored} disagree")
+    return plain if plain is not None else underscored
 
 
 class _Fields:

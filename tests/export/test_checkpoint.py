@@ -259,3 +259,43 @@ def test_raw_rope_permutation_matches_mistral_inference_complex_rope():
     hf_rotated = apply_rope((_rope_to_halves(N)([w_raw]) @ x).view(N, 1, D), cos[p:p + 1], sin[p:p + 1])
     as_pairs = hf_rotated.view(N, 2, D // 2).transpose(1, 2).reshape(N, D)  # halves -> interleaved
     torch.testing.assert_close(as_pairs, raw_rotated)
+
+
+def test_raw_underscored_sliding_window_is_the_window(tmp_path):
+    """mistral-inference writes and reads `_sliding_window` as well as `sliding_window`: either is the model's
+    window (it was ignored: no window, and logits wrong past it); two that disagree are refused."""
+    from mixtrt.runtime.args import ModelArgs
+
+    hf = hf_model("mistral", rope_theta=10000.0)  # window 5
+    write_raw(hf, tmp_path, "safetensors")
+    params = json.loads((tmp_path / "params.json").read_text())
+    params["_sliding_window"] = params.pop("sliding_window")
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    assert ModelArgs.from_checkpoint_dir(tmp_path).sliding_window == 5
+    assert_same_logits(hf, tmp_path)  # 14 positions: past the window
+    (tmp_path / "params.json").write_text(json.dumps({**params, "sliding_window": 8}))
+    with pytest.raises(ConfigError, match="sliding_window=8 and _sliding_window=5 disagree"):
+        ModelArgs.from_checkpoint_dir(tmp_path)
+
+
+def test_raw_with_both_weight_formats_is_refused(tmp_path):
+    write_raw(hf_model("mistral"), tmp_path, "safetensors")
+    write_raw(hf_model("mistral"), tmp_path, "pth")
+    with pytest.raises(CheckpointError, match=r"both consolidated.safetensors and consolidated.00.pth: keep one"):
+        load_checkpoint(tmp_path)
+
+
+def test_another_layout_names_what_is_missing_and_what_is_there(tmp_path):
+    """Mixtral's first release fused its experts (`block_sparse_moe.w1` [E*I, H]): the error names a missing tensor,
+    the file, and the tensors we did not expect, which say which layout it is."""
+    write_raw(hf_model("mixtral"), tmp_path, "safetensors")
+    from safetensors.torch import load_file
+
+    sd = load_file(tmp_path / "consolidated.safetensors")
+    for k in [k for k in sd if ".feed_forward.experts." in k]:
+        sd[k.replace(".feed_forward.experts.", ".block_sparse_moe.experts.")] = sd.pop(k)
+    save_file(sd, tmp_path / "consolidated.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing tensor 'layers.0.feed_forward.experts.0.w1.weight' \(and "
+                                              r"\d+ more\) for MixtralForCausalLM in consolidated.safetensors; the "
+                                              r"files hold 'layers.0.block_sparse_moe.experts.0.w1.weight'"):
+        load_checkpoint(tmp_path)
