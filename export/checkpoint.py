@@ -278,6 +278,11 @@ class Checkpoint:
         return src.combine(parts).contiguous()
 
 
+def _first(names: list[str]) -> str:
+    """The first name, and how many more: "'a.weight' (and 3 more)"."""
+    return f"{names[0]!r}" + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+
+
 @contextlib.contextmanager
 def open_checkpoint(checkpoint_dir: str | Path) -> Iterator[Checkpoint]:
     """Open and check a checkpoint without reading its weights (headers only): every tensor the model
@@ -296,19 +301,17 @@ def open_checkpoint(checkpoint_dir: str | Path) -> Iterator[Checkpoint]:
         missing = [n for n, _ in wanted if n not in keys]
         ignored = {"lm_head.weight"} if args.head == "causal_lm" and args.tie_word_embeddings else set()
         unexpected = sorted(keys - {n for n, _ in wanted} - ignored)
-        # both named when both happen: a layout we do not read (fused experts, another naming) shows as
-        # tensors missing *and* tensors we did not expect, and the second says which layout it is
-        weights = sorted({files.where[k][0].name for k in keys}) or ["no weight file"]
-        also = (f"; the files hold {unexpected[0]!r}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1
-                else "") + f", which {args.architecture} does not have") if unexpected else ""
         if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise CheckpointError(f"{path}: missing tensor {missing[0]!r}{more} for {args.architecture} in "
-                                  f"{', '.join(weights)}{also}")
+            # a layout we do not read (fused experts, another naming) shows as tensors missing *and* tensors we
+            # did not expect: the second says which layout it is, so both are named
+            weights = ", ".join(sorted({files.where[k][0].name for k in keys})) or "no weight file"
+            also = f"; the files hold {_first(unexpected)}, which {args.architecture} does not have" \
+                if unexpected else ""
+            raise CheckpointError(f"{path}: missing tensor {_first(missing)} for {args.architecture} in "
+                                  f"{weights}{also}")
         if unexpected:
-            more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
             raise CheckpointError(
-                f"{files.where[unexpected[0]][0]}: unexpected tensor {unexpected[0]!r}{more} for {args.architecture}"
+                f"{files.where[unexpected[0]][0]}: unexpected tensor {_first(unexpected)} for {args.architecture}"
             )
         for name, shape in wanted:
             got = files.shape(name)

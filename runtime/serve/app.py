@@ -168,9 +168,7 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
         if not model_id:  # /v1/models/: the list, as the other routes' trailing slash leads to them
             return await models(request)
         card = model_card(request)
-        if model_id != settings.name:
-            raise ApiError(f"the model '{model_id}' does not exist; this server serves '{settings.name}'", 404,
-                           param="model", code="model_not_found")
+        _check_model(model_id, settings.name)
         return JSONResponse(card)
 
     @v1.post("/completions")
@@ -271,12 +269,13 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
     s, gen, loop = state.settings, state.generator, state.loop
     assert gen is not None and loop is not None
     raw = await _read_body(request, s.max_body_bytes)
+    limits = loop.engine.limit()
     if len(raw) > INLINE_BODY_BYTES:  # parsing and tokenizing a big body would stall every stream: a thread
-        req, prompts, echo = await asyncio.to_thread(_prepare, raw, model, gen, loop, s)
+        req, prompts, echo = await asyncio.to_thread(_prepare, raw, model, gen, limits, s)
     else:
-        req, prompts, echo = _prepare(raw, model, gen, loop, s)
+        req, prompts, echo = _prepare(raw, model, gen, limits, s)
     kind = "chat" if isinstance(req, ChatRequest) else "completions"
-    limit, _ = loop.engine.limit()
+    limit = limits[0]
     try:
         config = gen.config(**overrides(req, 16 if kind == "completions" else limit))
     except ConfigError as e:
@@ -395,9 +394,18 @@ _PARAMS = {"max_new_tokens": "max_tokens", "stop_strings": "stop", "top_logprobs
            "return_logprobs": "logprobs", "eos_token_id": "ignore_eos", "do_sample": "temperature"}
 
 
-def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen: Generator, loop: EngineLoop,
-             s: ServeSettings) -> tuple[CompletionRequest | ChatRequest, list[list[int]], list[str]]:
-    """The request body checked and its prompts tokenized: (request, prompts' ids, text echoed per prompt)."""
+def _check_model(requested: str, served: str) -> None:
+    """A 404 unless `requested` is the model this server serves."""
+    if requested != served:
+        raise ApiError(f"the model '{requested}' does not exist; this server serves '{served}'", 404, param="model",
+                       code="model_not_found")
+
+
+def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen: Generator,
+             limits: tuple[int, str], s: ServeSettings
+             ) -> tuple[CompletionRequest | ChatRequest, list[list[int]], list[str]]:
+    """The request body checked and its prompts tokenized: (request, prompts' ids, text echoed per prompt).
+    limits: the engine's (Engine.limit)."""
     try:
         body = json.loads(raw)
     except ValueError as e:
@@ -405,9 +413,8 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
     except RecursionError:  # json's decoder recurses per nesting level
         raise ApiError("malformed JSON in the request body: nested too deeply") from None
     req = parse(model, body)
-    if req.model is not None and req.model != s.name:
-        raise ApiError(f"the model '{req.model}' does not exist; this server serves '{s.name}'", 404, param="model",
-                       code="model_not_found")
+    if req.model is not None:
+        _check_model(req.model, s.name)
     field_name = "messages" if isinstance(req, ChatRequest) else "prompt"
     vocab = gen.backend.args.vocab_size
     try:
@@ -424,7 +431,7 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
             echo = [(texts[i] if texts else gen.tokenizer.decode(p)) if req.echo else "" for i, p in enumerate(prompts)]
     except ConfigError as e:
         raise ApiError(f"{field_name}: {e}", param=field_name) from None
-    limit, why = loop.engine.limit()
+    limit, why = limits
     asked = req.max_tokens if req.max_tokens is not None else getattr(req, "max_completion_tokens", None)
     for i, p in enumerate(prompts):
         if len(p) >= limit:

@@ -162,8 +162,8 @@ def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
     out = []
     for i, m in enumerate(req.messages):
         d = m.model_dump(exclude_none=True)
-        if "content" in m.model_fields_set:
-            d["content"] = m.content if not isinstance(m.content, list) else d["content"]
+        if m.content is None and "content" in m.model_fields_set:  # sent as null: kept, not dropped with the Nones
+            d["content"] = None
         if d.get("role") == "developer":
             d["role"] = "system"
         if isinstance(m.content, list):
