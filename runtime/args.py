@@ -37,6 +37,7 @@ ARCHITECTURES = {
 }
 MODEL_TYPES = {"mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}
 LABELLED_HEADS = ("sequence_classification", "token_classification")  # the heads whose outputs are labels
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
 
 # Sizes past these are refused when a config is read, before anything is allocated: each is far beyond
@@ -120,6 +121,10 @@ class ModelArgs:
     num_labels: int = 2
     moe: MoeArgs | None = None
     id2label: tuple[str, ...] | None = None  # label names by id (the labelled heads only), from config.json
+    # how a sequence classifier's logits become scores (config.json's problem_type, transformers' names): None
+    # (softmax, or a sigmoid for one label), "single_label_classification" (softmax), "multi_label_classification"
+    # (a sigmoid per label), "regression" (the logits as they are)
+    problem_type: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.architecture, str) or self.architecture not in ARCHITECTURES:
@@ -171,6 +176,12 @@ class ModelArgs:
         if self.id2label is not None and (not isinstance(self.id2label, tuple) or len(self.id2label) != self.num_labels
                                           or not all(isinstance(n, str) for n in self.id2label)):
             raise ConfigError(f"id2label must name each of the {self.num_labels} labels once, got {self.id2label!r}")
+        if self.id2label is not None:
+            _distinct_labels(self.id2label)
+        if self.problem_type is not None and (self.head != "sequence_classification"
+                                              or self.problem_type not in PROBLEM_TYPES):
+            raise ConfigError(f"problem_type must be null or (a sequence classifier's) one of "
+                              f"{', '.join(PROBLEM_TYPES)}, got {self.problem_type!r} for a {self.head} model")
 
     # ---- derived facts -------------------------------------------------------------------------
     @property
@@ -196,11 +207,12 @@ class ModelArgs:
 
     # ---- (de)serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The manifest's "model" object. id2label appears only when set (the labelled heads), so a causal LM's
-        dict is what mixtrt versions before id2label read."""
+        """The manifest's "model" object. id2label and problem_type appear only when set (the labelled heads),
+        so a causal LM's dict is what mixtrt versions before them read."""
         d = dataclasses.asdict(self)
-        if d["id2label"] is None:
-            del d["id2label"]
+        for optional in ("id2label", "problem_type"):
+            if d[optional] is None:
+                del d[optional]
         return d
 
     @classmethod
@@ -303,6 +315,9 @@ class ModelArgs:
             num_labels=num_labels,
             moe=moe,
             id2label=id2label if ARCHITECTURES[arch] in LABELLED_HEADS else None,
+            # transformers' pipelines read it for sequence classification only; other heads ignore it as they do
+            problem_type=(cfg.get("problem_type", None, str) if ARCHITECTURES[arch] == "sequence_classification"
+                          else None),
         )
 
     @classmethod
@@ -446,4 +461,21 @@ def _labels(cfg: _Fields) -> tuple[int, tuple[str, ...]]:
     n = _size("num_labels", len(names))
     if cfg.get("num_labels", n, int) != n:
         raise ConfigError(f"num_labels={cfg.get('num_labels', n, int)} but id2label names {n} labels")
-    return n, tuple(names[i] for i in range(n))
+    return n, _distinct_labels(tuple(names[i] for i in range(n)))
+
+
+def _distinct_labels(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Label names must differ: results and scores are keyed by name, so two labels of one name would merge.
+
+    >>> _distinct_labels(("NEG", "POS", "NEG"))
+    Traceback (most recent call last):
+    ...
+    mixtrt.runtime.errors.ConfigError: id2label names labels 0 and 2 both 'NEG': each label needs its own name
+    """
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in first:
+            raise ConfigError(f"id2label names labels {first[name]} and {i} both {name!r}: each label needs its own "
+                              "name")
+        first[name] = i
+    return names

@@ -111,20 +111,21 @@ class _Head:
         tokenizer = load_chat_tokenizer(artifact_dir, chat, engine.args.vocab_size)
         return cls(engine, tokenizer, batch_size=batch_size)
 
-    def run(self, rows: Sequence[Sequence[int]]) -> list[dict[str, np.ndarray]]:
+    def run(self, rows: Sequence[Sequence[int]], what: str = "text") -> list[dict[str, np.ndarray]]:
         """The graph's outputs (Manifest.graph_io) for each row of token ids, without the padding: outputs
-        along the sequence are cut to the row's length. Everything is checked before any work."""
+        along the sequence are cut to the row's length. Everything is checked before any work; errors name row
+        i as f"{what} {i}"."""
         rows = [list(r) for r in rows]
         limit = self.backend.max_positions
         for i, r in enumerate(rows):
             if not r:
-                raise ConfigError(f"text {i} has no tokens")
+                raise ConfigError(f"{what} {i} has no tokens")
             if len(r) > limit:
-                raise ConfigError(f"text {i} has {len(r)} tokens, more than the {limit} positions this artifact "
+                raise ConfigError(f"{what} {i} has {len(r)} tokens, more than the {limit} positions this artifact "
                                   "serves (max context chosen at export)")
             bad = [t for t in r if not 0 <= t < self.args.vocab_size]
             if bad:
-                raise ConfigError(f"text {i}: token ids {bad[:5]} outside the vocabulary [0, {self.args.vocab_size})")
+                raise ConfigError(f"{what} {i}: token ids {bad[:5]} outside the vocabulary [0, {self.args.vocab_size})")
         pad = self.args.pad_token_id
         # without a pad id a sequence classifier pools the last token, so only rows of one length batch together
         equal_only = self.head == "sequence_classification" and pad is None
@@ -165,13 +166,21 @@ class SequenceClassifier(_Head):
     head = "sequence_classification"
 
     def classify(self, texts: str | Sequence[str]) -> list[Classification]:
-        """Per text: the label named by the config's id2label with the highest probability (softmax over the
-        labels; a sigmoid for a single label, as transformers' text-classification pipeline)."""
+        """Per text: the label named by the config's id2label with the highest score. Scores as transformers'
+        text-classification pipeline makes them from the config's problem_type: a softmax over the labels
+        (single_label_classification; the default with several labels), a sigmoid per label
+        (multi_label_classification; the default with one label), the logits themselves (regression)."""
         names = self.args.id2label or tuple(f"LABEL_{i}" for i in range(self.args.num_labels))
+        kind = self.args.problem_type
         results = []
         for o in self.run([self.tokenizer.encode(t) for t in _texts(texts)]):
             logits = o["logits"]
-            probs = 1 / (1 + np.exp(-logits)) if len(logits) == 1 else softmax(logits)
+            if kind == "regression":
+                probs = logits.astype(np.float64)
+            elif kind == "multi_label_classification" or (kind is None and len(logits) == 1):
+                probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+            else:
+                probs = softmax(logits)
             best = int(np.argmax(probs))
             results.append(Classification(names[best], float(probs[best]),
                                           {n: float(p) for n, p in zip(names, probs, strict=True)}, logits))
@@ -223,15 +232,15 @@ class QuestionAnswerer(_Head):
         if not isinstance(max_answer_tokens, int) or max_answer_tokens < 1:
             raise ConfigError(f"max_answer_tokens must be an integer >= 1, got {max_answer_tokens!r}")
         rows, offsets = [], []
-        for q, c in zip(questions, contexts, strict=True):
+        for i, (q, c) in enumerate(zip(questions, contexts, strict=True)):
             q_ids = self.tokenizer.encode(q)
             c_ids, spans = self.tokenizer.encode_with_offsets(c)
+            if len(c_ids) < 2:
+                raise ConfigError(f"context {i} has no tokens")
             rows.append(q_ids + c_ids)
             offsets.append((len(q_ids) + 1, spans[1:]))  # the context's first token, its tokens' spans
         answers = []
-        for c, (first, spans), o in zip(contexts, offsets, self.run(rows), strict=True):
-            if not spans:
-                raise ConfigError("a context has no tokens")
+        for c, (first, spans), o in zip(contexts, offsets, self.run(rows, "question + context"), strict=True):
             p_start = softmax(o["start_logits"][first:])  # [n] over the context's tokens only
             p_end = softmax(o["end_logits"][first:])
             n = len(spans)

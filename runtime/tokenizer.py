@@ -244,8 +244,16 @@ class Tokenizer:
         proto = sentencepiece_pb2.SentencePieceText()  # type: ignore[attr-defined]  # generated code
         proto.ParseFromString(self._sp.encode(text, out_type="serialized_proto"))
         char_at = [i for i, ch in enumerate(text) for _ in ch.encode()] + [len(text)]  # byte offset -> char
-        ids = [self.bos_id] * bos + [p.id for p in proto.pieces]
-        spans = [(0, 0)] * bos + [(char_at[p.begin], char_at[p.end]) for p in proto.pieces]
+        pieces = [(p.id, p.begin, p.end) for p in proto.pieces]
+        # sentencepiece gives an empty span to all but the last byte-fallback piece of a character and to a lone
+        # dummy-prefix "▁" before text; each takes the span of the piece after it (the character's, as
+        # transformers' offsets have it), so no label or answer cuts a character
+        for i in range(len(pieces) - 2, -1, -1):
+            piece, begin, end = pieces[i]
+            if begin == end and pieces[i + 1][1] == begin:
+                pieces[i] = (piece, begin, pieces[i + 1][2])
+        ids = [self.bos_id] * bos + [i for i, _, _ in pieces]
+        spans = [(0, 0)] * bos + [(char_at[b], char_at[e]) for _, b, e in pieces]
         return ids, spans
 
     def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> list[list[int]]:

@@ -68,6 +68,23 @@ def test_id2label_of_the_labelled_heads():
     assert plain.id2label == ("LABEL_0", "LABEL_1", "LABEL_2")  # transformers' default names
 
 
+def test_problem_type_of_a_sequence_classifier():
+    """config.json's problem_type decides how scores are made (transformers' text-classification pipeline); the
+    manifest keeps it; other heads ignore it as transformers' pipelines do; an unknown value is refused."""
+    seq = {**MISTRAL, "architectures": ["MistralForSequenceClassification"]}
+    for kind in ("regression", "multi_label_classification", "single_label_classification"):
+        a = ModelArgs.from_hf_config({**seq, "problem_type": kind})
+        assert a.problem_type == kind and ModelArgs.from_dict(a.to_dict()) == a
+    assert "problem_type" not in ModelArgs.from_hf_config(seq).to_dict()  # what older mixtrt read
+    tok = ModelArgs.from_hf_config({**seq, "architectures": ["MistralForTokenClassification"],
+                                    "problem_type": "regression"})
+    assert tok.problem_type is None
+    with pytest.raises(ConfigError, match="problem_type must be null or .* got 'ranking'"):
+        ModelArgs.from_hf_config({**seq, "problem_type": "ranking"})
+    with pytest.raises(ConfigError, match="problem_type must be null or .* for a token_classification model"):
+        ModelArgs.from_dict({**tok.to_dict(), "problem_type": "regression"})
+
+
 def test_a_causal_lm_keeps_no_label_names():
     """transformers writes id2label into every config; a causal LM's manifest model stays what older mixtrt read."""
     a = ModelArgs.from_hf_config({**MISTRAL, "id2label": {"0": "LABEL_0", "1": "LABEL_1"}})
@@ -80,6 +97,7 @@ def test_a_causal_lm_keeps_no_label_names():
     ({"0": "O", "x": "B-PER"}, "keys must be the label ids"),
     ({"0": "O", "1": 5}, "values names"),
     (["O", "B-PER"], "id2label must be an object"),
+    ({"0": "A", "1": "B", "2": "A"}, "id2label names labels 0 and 2 both 'A': each label needs its own name"),
 ])
 def test_bad_id2label_is_refused(labels, match):
     cfg = {**MISTRAL, "architectures": ["MistralForSequenceClassification"], "id2label": labels}

@@ -134,6 +134,58 @@ def test_question_answerer_picks_the_span_transformers_picks(head_artifacts, nam
         assert a.text == context[a.start:a.end] and a.end_token - a.start_token < 15
 
 
+@pytest.mark.parametrize("kind", ["multi_label_classification", "regression", "single_label_classification"])
+def test_scores_follow_problem_type_as_transformers_pipeline(head_artifacts, kind):
+    """A multi-label classifier scores each label by a sigmoid, a regression model gives its logits, a
+    single-label one a softmax: what transformers' text-classification pipeline gives for that config."""
+    import dataclasses
+
+    import transformers
+
+    ck, art = head_artifacts("seqcls")
+    clf = SequenceClassifier.load(art, threads=2)
+    clf.args = dataclasses.replace(clf.args, problem_type=kind)  # as an artifact exported from such a config
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(ck, attn_implementation="eager").eval()
+    hf.config.problem_type = kind
+    tok = transformers.AutoTokenizer.from_pretrained(ck, add_bos_token=True)  # mixtrt encodes texts with BOS
+    pipe = transformers.pipeline("text-classification", model=hf, tokenizer=tok, device="cpu")
+    for text, c in zip(TEXTS[:3], clf.classify(TEXTS[:3]), strict=True):
+        assert tok(text)["input_ids"] == clf.tokenizer.encode(text)
+        want = {d["label"]: d["score"] for d in pipe(text, top_k=None)}
+        assert c.scores == pytest.approx(want, rel=1e-4, abs=1e-5)
+        assert c.label == max(want, key=want.get) and c.score == pytest.approx(max(want.values()), rel=1e-4)
+    if kind != "single_label_classification":
+        assert sum(c.scores.values()) != pytest.approx(1.0)  # not a softmax
+
+
+def test_token_spans_of_byte_fallback_characters_are_transformers_offsets(head_artifacts):
+    """A character sentencepiece writes as byte pieces: each of its pieces spans the whole character (as
+    transformers' offsets), so a token's text or an answer never cuts a character; a lone dummy-prefix piece
+    before such a character spans it too."""
+    import transformers
+
+    ck, art = head_artifacts("tokcls")
+    tc = TokenClassifier.load(art, threads=2)
+    tok = transformers.AutoTokenizer.from_pretrained(ck, add_bos_token=True)
+    texts = ["Café 𝔸 ꙮ", "🇫🇷🇫🇷 flags", "aaa 🇫🇷 bbb", "ﬁ ligature Ⅳ", "Anna lives in Paris"]
+    for text in texts:
+        ids, spans = tc.tokenizer.encode_with_offsets(text)
+        enc = tok(text, return_offsets_mapping=True)
+        assert ids == enc["input_ids"] and spans == [tuple(o) for o in enc["offset_mapping"]], text
+    [labels] = tc.classify(["aaa 🇫🇷 bbb"])
+    assert [t.text for t in labels if t.text.strip() in ("🇫", "🇷")] == ["🇫"] * 4 + ["🇷"] * 4
+
+
+def test_an_empty_context_and_a_long_pair_are_named_before_any_work(head_artifacts, monkeypatch):
+    _, art = head_artifacts("qa")
+    qa = QuestionAnswerer.load(art)
+    monkeypatch.setattr(qa.backend, "forward", lambda ids: pytest.fail("ran before checking"))
+    with pytest.raises(ConfigError, match=r"^context 1 has no tokens$"):
+        qa.answer("Where?", ["Paris.", ""])
+    with pytest.raises(ConfigError, match=r"^question \+ context 0 has \d+ tokens, more than the 128 positions"):
+        qa.answer("Where? " * 100, ["Paris."])
+
+
 def test_each_api_refuses_another_heads_artifact(head_artifacts, exported):
     _, qa_art = head_artifacts("qa")
     with pytest.raises(ConfigError, match=r"QuestionAnswering \(question_answering head\), not a "
