@@ -32,6 +32,7 @@ def run(ns: argparse.Namespace) -> int:
     c = info["cache"]
     if info["head"] != "causal_lm":
         labels = f", labels {', '.join(a['id2label'])}" if a.get("id2label") else ""
+        labels += f" ({a['problem_type']})" if a.get("problem_type") else ""
         print(f"head          {info['head']}{labels} (`mixtrt run`)")
         windows = sorted({w for w in c["windows"] if w})
         print("kv cache      none: the graph scores whole texts"
