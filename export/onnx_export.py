@@ -34,7 +34,7 @@ import shutil
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +155,16 @@ def export_onnx(
     if int4 is not None and precision != "int4":
         raise ConfigError(f"int4 options given for precision {precision}: pass --precision int4")
     if precision == "int4":
+        if isinstance(int4, Mapping):  # the options as keyword arguments
+            try:
+                int4 = Int4Options(**int4)
+            except TypeError:
+                raise ConfigError(f"int4: unknown options {sorted(set(int4) - set(Int4Options.__dataclass_fields__))};"
+                                  f" the options are {list(Int4Options.__dataclass_fields__)}") from None
         int4 = int4 or Int4Options()
+        if not isinstance(int4, Int4Options):
+            raise ConfigError(f"int4 must be an Int4Options (mixtrt.export.quantize) or a dict of its fields, got "
+                              f"{type(int4).__name__}")
         int4.check()
     checkpoint_dir = Path(checkpoint_dir)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint_dir, precision)
@@ -209,6 +218,11 @@ def export_onnx(
                 int4_plan = Int4Plan.of_graph(program.model, weights, int4, rtn if int4.method == "rtn" else rtn_max7,
                                               _node_label)
                 hook = _chain(transform, int4_plan.transform)
+                if not int4_plan.int4_tensors:  # said whatever `progress` is: the artifact is int4 in name only
+                    reasons = sorted(set(int4_plan.floats.values()))
+                    warnings.warn(f"{checkpoint_dir}: --precision int4 stores no weight in INT4 here "
+                                  f"({'; '.join(reasons) or 'nothing to quantize'}): the artifact keeps its linears "
+                                  "in float (INT8 where asked)", MixtrtWarning, stacklevel=2)
             total = sum(math.prod(w.value.shape) * w.value.dtype.itemsize for w in weights)
             t2 = time.perf_counter()
             with say.bytes(total, f"writing {DATA_FILE}") as tick:

@@ -59,6 +59,22 @@ class Int4Options:
     int8: tuple[str, ...] | None = None
     calibration: Path | None = None  # a UTF-8 text for the calibrated method (default: the packaged text)
 
+    def __post_init__(self) -> None:
+        # the patterns as the CLI takes them: a str is its comma list ("lm_head,embed_tokens"), any sequence a tuple
+        for name in ("keep_float", "int8"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = tuple(p for p in value.split(",") if p)
+            elif value is not None and not isinstance(value, tuple):
+                try:
+                    value = tuple(value)
+                except TypeError:
+                    raise ConfigError(f"{name} must be a comma-separated str or a sequence of tensor patterns, "
+                                      f"got {value!r}") from None
+            if value is not None and not all(isinstance(p, str) for p in value):
+                raise ConfigError(f"{name} must be tensor patterns (str), got {value!r}")
+            object.__setattr__(self, name, value)
+
     def check(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r} is not one of {list(METHODS)}")
@@ -390,8 +406,12 @@ class Int4Plan:
                             kept_float=dict(self.floats), int8=sorted(self.eight), calibration=calibration,
                             graphs={"onnxruntime": graph_name, "triton": graph_name})
 
+    @property
+    def int4_tensors(self) -> int:
+        return sum(1 for i in self.items.values() if i.bits == 4)
+
     def summary(self) -> str:
-        n4 = sum(1 for i in self.items.values() if i.bits == 4)
+        n4 = self.int4_tensors
         blocks = sorted(set(self.blocks.values()) | {self.options.block_size})
         return (f"  int4: {n4} tensors, {len(self.floats)} kept float, blocks {blocks}"
                 + (f", experts block {self.moe[3:]}" if self.moe else ""))
@@ -437,14 +457,17 @@ def _topological(graph: onnx.GraphProto) -> None:
 
 
 def graph_facts(model: onnx.ModelProto) -> dict:
-    """Op counts, parameters and their bytes (INT4 counted as half a byte), for the summary."""
+    """Op counts, parameters and their bytes (INT4 counted as half a byte), for the summary. A quantized
+    weight's scales are bytes, not parameters: the count is the model's, whatever the precision."""
     graph = model.graph
     ops = Counter(f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in graph.node)
     params = 0
     nbytes = 0
     for t in graph.initializer:
         n = int(np.prod(t.dims))
-        if t.data_type == TensorProto.INT4:
+        if t.name.endswith(".scales"):  # _Item.scales
+            nbytes += n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        elif t.data_type == TensorProto.INT4:
             params += n
             nbytes += (n + 1) // 2
         else:

@@ -358,3 +358,42 @@ def test_int4_patterns_that_match_nothing_are_refused(exported, tmp_path, option
         export_onnx(ck, tmp_path / "art", precision="int4", int4=Int4Options(**option), progress=None)
     assert "\n" not in str(e.value) and repr(next(iter(option.values()))[0]) in str(e.value)
     assert not (tmp_path / "art").exists()
+
+
+def test_int4_options_from_python_as_the_cli_takes_them(exported, tmp_path):
+    """A str is the CLI's comma list (not its characters), a list a tuple; int4 may be a dict of the fields; other
+    types are one-line errors before anything is written."""
+    assert Int4Options(keep_float="lm_head,embed_tokens").keep_float == ("lm_head", "embed_tokens")
+    assert Int4Options(int8=["wq"], keep_float=()).int8 == ("wq",) and Int4Options(int8=None).int8 is None
+    with pytest.raises(ConfigError, match="keep_float must be tensor patterns"):
+        Int4Options(keep_float=[3])
+    ck, _ = exported["mistral-window"]
+    with pytest.raises(ConfigError, match=r"int4: unknown options \['blocksize'\]"):
+        export_onnx(ck, tmp_path / "a", precision="int4", int4={"blocksize": 64}, progress=None)
+    with pytest.raises(ConfigError, match="--block-size 48"):
+        export_onnx(ck, tmp_path / "a", precision="int4", int4={"block_size": 48}, progress=None)
+    with pytest.raises(ConfigError, match="int4 must be an Int4Options .* got int"):
+        export_onnx(ck, tmp_path / "a", precision="int4", int4=4, progress=None)
+    assert not (tmp_path / "a").exists()
+
+
+def test_int4_parameter_count_is_the_models(realistic_pairs):
+    """The scales are bytes, not parameters: inspect counts the same parameters as the fp32 artifact's."""
+    from mixtrt.runtime.inspect import inspect_artifact
+
+    for fp32, int4 in realistic_pairs.values():
+        a, b = inspect_artifact(fp32), inspect_artifact(int4)
+        assert a["parameters"] == b["parameters"] and b["parameter_bytes"] < a["parameter_bytes"] / 3
+
+
+def test_an_int4_export_that_quantizes_nothing_says_so(tmp_path):
+    """hidden 40 and intermediate 72: no power-of-two block >= 16 divides them, so every linear stays float; the
+    export works (as any non-dividing dimension does) and warns, whatever the progress setting."""
+    from mixtrt.runtime.errors import MixtrtWarning
+
+    ck = make_checkpoint(tmp_path / "ck", "mistral", hidden_size=40, intermediate_size=72, num_attention_heads=2,
+                         num_key_value_heads=1, num_hidden_layers=1, max_position_embeddings=32)
+    with pytest.warns(MixtrtWarning, match=r"int4 stores no weight in INT4 here \(input dimension 40 has no "
+                                           r"power-of-two block >= 16"):
+        art = export_onnx(ck, tmp_path / "art", precision="int4", progress=None)
+    assert Manifest.load(art).quantization.kept_float
