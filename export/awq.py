@@ -59,7 +59,8 @@ def calibration_ids(path: Path | None, tokenizer: Any, longest: int = SEQUENCE) 
         raise ConfigError(f"--calibration {path}: not UTF-8 ({e.reason} at byte {e.start})") from None
     ids = tokenizer.encode(text)[:MAX_TOKENS]
     if len(ids) < 2 * 16:
-        raise ConfigError(f"--calibration {path}: {len(ids)} tokens; at least 32 are needed")
+        what = "is empty" if not text.strip() else f"has {len(ids)} tokens (BOS included)"
+        raise ConfigError(f"--calibration {path} {what}: at least 32 tokens are needed")
     seqs = [ids[i:i + sequence] for i in range(0, len(ids), sequence)]
     seqs = [s for s in seqs if len(s) == sequence] or [ids[:sequence]]
     source = "mixtrt/export/calibration.txt" if path == DEFAULT_CALIBRATION else str(path)
