@@ -212,6 +212,43 @@ class _StopText:
         return out if self.stop is None else ""
 
 
+class _Lead:
+    """The front of a new message's text (a row added with continuation=False, or extended). Stop strings are
+    matched on the text that continues the prompt, as transformers' stop criteria and vLLM see it (a first word
+    keeps its space, so " te" stops "▁te" at once whether or not the text continues the prompt); the row's text
+    is the decode of its generated ids alone, which leaves out what a fresh decoder drops in front (sentencepiece's
+    dummy-prefix space). So the stop-filtered text is held until that fresh decode shows a character, and the
+    characters the continuation has more in front are dropped from it."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.fresh = tokenizer.stream()
+        self.primed = ""  # the continuation's text until the fresh decode shows a character
+        self.shown = ""  # the fresh decode's
+        self.drop: int | None = None  # characters still to drop from the front, once known
+        self.held = ""  # stop-filtered text waiting for `drop`
+
+    def see(self, token: int | None, piece: str) -> None:
+        """Each token and the continuation text it added; token None: the end (piece: the decoder's flush)."""
+        if self.drop is not None:
+            return
+        self.primed += piece
+        self.shown += self.fresh.put(token) if token is not None else self.fresh.flush()
+        if self.shown or token is None:
+            # the two differ only in front; where they differ otherwise (a prompt that ends inside a character the
+            # output completes), the continuation's text is kept whole
+            self.drop = len(self.primed) - len(self.shown) if self.primed.endswith(self.shown) else 0
+
+    def emit(self, text: str) -> str:
+        """The stop filter's output -> the row's text."""
+        if self.drop is None:
+            self.held += text
+            return ""
+        text, self.held = self.held + text, ""
+        cut = min(self.drop, len(text))
+        self.drop -= cut
+        return text[cut:]
+
+
 @dataclass(eq=False)
 class Row:
     """One sequence in the Engine: its prompt, sampling state, generated tokens and timings."""
@@ -220,8 +257,9 @@ class Row:
     prompt: list[int]
     config: GenerationConfig
     sampler: Sampler
-    decoder: Any  # tokenizer StreamDecoder
+    decoder: Any  # tokenizer StreamDecoder, primed with the prompt: the text continuing it
     text: _StopText
+    lead: _Lead | None  # a new message's front (None: the text continues the prompt's)
     keep: bool  # park the row (cache intact) when it finishes, for `Engine.extend`
     t0: float  # when the row was added (time to first token counts from here)
     name: str = "prompt 0"  # how errors name the row
@@ -283,6 +321,8 @@ def primed_stream(tokenizer: Any, context: Sequence[int]) -> Any:
     stream = tokenizer.stream()
     for token in list(context)[-PRIME_TOKENS:]:
         stream.put(token)
+    if hasattr(stream, "mark_shown"):
+        stream.mark_shown()  # the context's own text showed its incomplete end as U+FFFD already
     return stream
 
 
@@ -363,9 +403,9 @@ class Engine:
         if not prompt:
             raise ConfigError(f"{name} is empty: a row needs at least one prompt token")
         self._check_fits(len(prompt), name)
-        decoder = primed_stream(self.tokenizer, prompt) if continuation else self.tokenizer.stream()
         row = Row(self._ids, list(prompt), config, self._sampler(config, sample_index, prompt),
-                  decoder, _StopText(config.stop_strings), keep,
+                  primed_stream(self.tokenizer, prompt), _StopText(config.stop_strings),
+                  None if continuation else _Lead(self.tokenizer), keep,
                   time.perf_counter() if t0 is None else t0, name)
         self._ids += 1
         self.waiting.append(row)
@@ -387,7 +427,8 @@ class Engine:
         row.top, row.prompt_top = [], None
         row.reason, row.message = None, ""
         row.sampler = self._sampler(config, 0, sequence)
-        row.decoder, row.text = self.tokenizer.stream(), _StopText(config.stop_strings)
+        row.decoder, row.text = primed_stream(self.tokenizer, sequence), _StopText(config.stop_strings)
+        row.lead = _Lead(self.tokenizer)
         row.t0 = time.perf_counter() if t0 is None else t0
         self.waiting.append(row)
 
@@ -688,17 +729,30 @@ class Engine:
                 row.top.append((ids[0], values[0]))
         if token in cfg.eos_ids(self.backend.args):
             row.reason, row.message = "eos", f"end-of-sequence token {token}"
-        text = row.text.feed(row.decoder.put(token)) if row.reason is None else ""
+        text = ""
+        if row.reason is None:
+            piece = row.decoder.put(token)
+            if row.lead is not None:
+                row.lead.see(token, piece)
+            text = row.text.feed(piece)
         limit, why = self._limit
         if row.reason is None and len(row.tokens) >= cfg.max_new_tokens:
             row.reason, row.message = "length", f"max_new_tokens={cfg.max_new_tokens} reached"
         if row.reason is None and len(row.history) + len(row.prompt) + len(row.tokens) >= limit:
             row.reason, row.message = "length", why
+        end = row.reason is not None or row.text.stop is not None
         if row.text.stop is None and row.reason is not None:
-            text += row.text.feed(row.decoder.flush())
+            piece = row.decoder.flush()
+            if row.lead is not None:
+                row.lead.see(None, piece)
+            text += row.text.feed(piece)
             text += row.text.finish()
         if row.text.stop is not None:
             row.reason, row.message = "stop", f"stop string {row.text.stop!r}"
+        if row.lead is not None:
+            if end:
+                row.lead.see(None, "")  # a stop before the fresh decode showed anything: settle the front now
+            text = row.lead.emit(text)
         row.pieces.append(text)
         return [EngineEvent(row, token, text, _output(row) if row.reason is not None else None)]
 

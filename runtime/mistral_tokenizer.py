@@ -65,18 +65,35 @@ class TekkenStream:
         self._tok = tokenizer
         self._skip_special = skip_special
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._shown = b""  # held-back bytes a text before this stream's showed already (mark_shown)
 
     def put(self, token_id: int) -> str:
         token_id = int(token_id)
         if token_id >= self._tok.vocab_size:  # a model row past the tokenizer's (a padded vocabulary): no text
             return ""
         if token_id not in self._tok._special_ids:
-            return self._utf8.decode(self._tok._raw.id_to_byte_piece(token_id))
+            return self._decode(self._tok._raw.id_to_byte_piece(token_id))
         text = self.flush()
         return text if self._skip_special else text + self._tok.id_to_piece(token_id)
 
     def flush(self) -> str:
-        return self._utf8.decode(b"", final=True)
+        return self._decode(b"", final=True)
+
+    def mark_shown(self) -> None:
+        """As StreamDecoder.mark_shown: the bytes held back now were shown (as U+FFFD) by the text before."""
+        self._shown = self._utf8.getstate()[0]
+
+    def _decode(self, data: bytes, final: bool = False) -> str:
+        held = self._utf8.getstate()[0] + data  # the shown bytes (if any) in front
+        text = self._utf8.decode(data, final=final)
+        shown, self._shown = self._shown, b""
+        if not shown or (not text and not final):
+            self._shown = shown if not text else b""  # still held back: still the shown bytes in front
+            return text
+        first = text[0].encode()
+        if len(first) > len(shown) and held.startswith(first):
+            return text  # the shown bytes began a character that is now complete
+        return text[1:]  # the one U+FFFD (an incomplete sequence's maximal subpart) the text before showed
 
 
 class MistralCommonTokenizer:

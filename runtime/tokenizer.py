@@ -92,11 +92,12 @@ def _is_utf8_prefix(buf: bytes) -> bool:
     return all(lo <= b <= hi if i == 1 else 0x80 <= b <= 0xBF for i, b in enumerate(buf) if i)
 
 
-def _decode_bytes(buf: bytes, final: bool) -> tuple[str, bytes]:
+def _decode_bytes(buf: bytes, final: bool, shown: int = 0) -> tuple[str, bytes]:
     """Byte-fallback bytes -> (text, bytes held back), as sentencepiece decodes a run of byte pieces.
 
     Each valid character is decoded; each byte that does not start one becomes one U+FFFD (not
     Python's maximal-subpart rule). Unless `final`, an incomplete character at the end is held back.
+    The first `shown` bytes were already shown as U+FFFD (a prompt's end): no U+FFFD again for those.
 
     >>> _decode_bytes(b"A\\xe2\\x82", final=False), _decode_bytes(b"A\\xe2\\x82", final=True)
     (('A', b'\\xe2\\x82'), ('A\\ufffd\\ufffd', b''))
@@ -114,7 +115,8 @@ def _decode_bytes(buf: bytes, final: bool) -> tuple[str, bytes]:
                 pass
         elif not final and _is_utf8_prefix(buf[i:]):
             return "".join(out), buf[i:]
-        out.append(_REPLACEMENT)
+        if i >= shown:
+            out.append(_REPLACEMENT)
         i += 1
     return "".join(out), b""
 
@@ -137,6 +139,7 @@ class StreamDecoder:
         self._tok = tokenizer
         self.skip_special = skip_special
         self._pending = b""  # byte-fallback bytes of a character not yet complete
+        self._shown = 0  # how many of them the text before this stream's showed already (mark_shown)
         self._is_bos_ws = True  # the next "▁"-led piece is the dummy prefix to drop
         self._bos_ws_seen = False
         self._visible = False  # any text (control tokens aside) emitted yet
@@ -149,7 +152,9 @@ class StreamDecoder:
             return ""  # and no break either: decode drops such ids, so bytes around one still join
         byte = tok._byte_of(token_id)
         if byte is not None:
-            text, self._pending = _decode_bytes(self._pending + bytes([byte]), final=False)
+            buf = self._pending + bytes([byte])
+            text, self._pending = _decode_bytes(buf, final=False, shown=self._shown)
+            self._shown = max(0, self._shown - (len(buf) - len(self._pending)))
             self._visible |= bool(text)
             return text
         text = self.flush()
@@ -171,9 +176,17 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """Whatever is held back; an incomplete character becomes U+FFFD per byte, as decode does."""
-        text, self._pending = _decode_bytes(self._pending, final=True)
+        text, self._pending = _decode_bytes(self._pending, final=True, shown=self._shown)
+        self._shown = 0
         self._visible |= bool(text)
         return text
+
+    def mark_shown(self) -> None:
+        """The bytes held back now ended a text already shown (a prompt ending inside a character, its decode
+        showing U+FFFD for them): if what follows completes the character, the character is returned; if not,
+        they are not shown as U+FFFD a second time."""
+        self._shown = len(self._pending)
+        self._visible |= bool(self._pending)  # shown or completed, they are text before what follows
 
     def put_text(self, text: str) -> str:
         """Text of a token from outside the sentencepiece model (an added token written as its content):

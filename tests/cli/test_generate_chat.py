@@ -206,3 +206,32 @@ def test_generate_continuation_text(generator):
         events = generator.stream(prompt, max_new_tokens=6, do_sample=False, continuation=True)
         assert "".join(e.text for e in events) == cont.text
     assert spaced, "no prompt's first generated piece started a word: the test shows nothing"
+
+
+def test_stop_strings_match_the_text_continuing_the_prompt_in_both_modes(generator):
+    """A stop string is matched on the text that continues the prompt (as transformers' stop criteria and vLLM
+    see it): " word" stops a first piece "▁word" whether or not the row's text continues the prompt, and the ids
+    are the same in both modes; a new message's text still drops that first space; a streamed text equals it."""
+    tok = generator.tokenizer
+    for prompt in ("The capital of France is", "Once upon a", "Hello"):
+        [cont] = generator.generate([prompt], max_new_tokens=6, do_sample=False, continuation=True)
+        if cont.text.startswith(" ") and len(cont.text.strip()) >= 2:
+            break
+    else:
+        pytest.fail("no prompt's first generated piece started a word: the test shows nothing")
+    first = tok.decode(tok.encode(prompt) + cont.token_ids[:1])[len(prompt):]  # " word"
+    stop = first[:2]  # a space and the word's first character
+    cfg = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=(), stop_strings=(stop,))
+    [a] = generator.generate([prompt], cfg, continuation=True)
+    [b] = generator.generate([prompt], cfg)
+    events = list(generator.stream(prompt, cfg))
+    assert a.finish_reason == b.finish_reason == "stop" and a.token_ids == b.token_ids == cont.token_ids[:1]
+    assert a.text == b.text == "" and "".join(e.text for e in events) == "" and events[-1].output.token_ids == [
+        cont.token_ids[0]]
+    # a stop string later in the text: a new message's text is the continuation's less its first space
+    later = cont.text[2:5]
+    cfg = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=(), stop_strings=(later,))
+    [a] = generator.generate([prompt], cfg, continuation=True)
+    [b] = generator.generate([prompt], cfg)
+    assert a.token_ids == b.token_ids and a.text == " " + b.text == cont.text[:cont.text.index(later)]
+    assert "".join(e.text for e in generator.stream(prompt, cfg)) == b.text

@@ -250,3 +250,27 @@ def test_bad_file_is_one_line(tmp_path):
         MistralCommonTokenizer(bad)
     with pytest.raises(ConfigError, match="no such tokenizer file"):
         MistralCommonTokenizer(tmp_path / "tokenizer.model.v3")
+
+
+@pytest.mark.parametrize("version", list(FILES))
+def test_a_continuation_after_a_prompt_ending_inside_a_character(ours, version):
+    """primed_stream (the text continuing a prompt given as ids): cut a text of multi-byte characters at every
+    id; where the prompt's decode ends in U+FFFD for bytes of a character the continuation completes, the
+    continuation starts with the character (the U+FFFD the prompt showed are left out), else prompt text +
+    continuation text == decode(all ids); never the prompt's U+FFFD twice."""
+    from mixtrt.runtime.generation import primed_stream
+
+    tok = ours[version]
+    ids = tok.encode("a€🧬b ꙮ🇫🇷 x𝔸", bos=True)
+    whole = tok.decode(ids)
+    completed = 0
+    for k in range(1, len(ids)):
+        prompt, rest = ids[:k], ids[k:]
+        stream = primed_stream(tok, prompt)
+        text = "".join(stream.put(i) for i in rest) + stream.flush()
+        shown = tok.decode(prompt)
+        cut = len(shown) - len(shown.rstrip("\ufffd"))  # the U+FFFD the prompt's text ends with
+        fits = [n for n in range(cut + 1) if shown[:len(shown) - n] + text == whole]
+        assert fits, (k, shown, text, whole)
+        completed += fits[0] > 0
+    assert completed, "no cut fell inside a character: the test shows nothing"
