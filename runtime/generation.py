@@ -103,6 +103,9 @@ class GenerationConfig:
         integer("max_new_tokens", 1)
         integer("top_k", 0)
         integer("top_logprobs", 0)
+        if self.top_logprobs and not self.return_logprobs:
+            raise ConfigError(f"top_logprobs={self.top_logprobs} needs return_logprobs=True (they come with the "
+                              "logprobs)")
         if self.seed is not None:
             integer("seed", 0)
         if self.prefill_chunk is not None:

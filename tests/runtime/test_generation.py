@@ -171,6 +171,7 @@ def test_prompt_too_long_is_refused_before_any_work():
     ({"max_new_tokens": 0}, "max_new_tokens"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ({"seed": -3}, "seed"), ({"prefill_chunk": 0}, "prefill_chunk"), ({"prefill_chunk": 7}, "prefill_chunk"),
     ({"eos_token_id": V}, "eos_token_id"), ({"stop_strings": ("",)}, "stop_strings"), ({"colour": 1}, "colour"),
+    ({"top_logprobs": 3}, "top_logprobs=3 needs return_logprobs=True"),
 ])
 def test_invalid_options_raise_before_work(options, name):
     gen, backend = make()
