@@ -10,11 +10,22 @@ from pathlib import Path
 from mixtrt.cli.options import add_sampling, generation_overrides, load_generator, print_stream, stats_line
 
 
+class _Once(argparse.Action):
+    """A value given once: a second --prompt is an error, not a silent replacement of the first."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest) is not None:
+            raise argparse.ArgumentError(self, "given more than once: `mixtrt generate` runs one prompt (a batch: "
+                                               "Generator.generate in Python)")
+        setattr(namespace, self.dest, values)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path, help="artifact directory (written by `mixtrt export`)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text (BOS is added)")
-    src.add_argument("--prompt-ids", help="prompt token ids, comma-separated (used as given)")
+    src.add_argument("--prompt", action=_Once, help="prompt text (BOS is added)")
+    src.add_argument("--prompt-ids", action=_Once, help="prompt token ids, comma-separated (used as given)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: token_ids (generated only), text, finish_reason, stats, logprobs")
     add_sampling(p)
