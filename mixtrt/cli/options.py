@@ -48,6 +48,7 @@ def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]
 
     Any of --temperature/--top-k/--top-p turns sampling on; --temperature 0 means greedy (as llama.cpp).
     """
+    from mixtrt.runtime.errors import ConfigError
     from mixtrt.runtime.generation import GenerationConfig
     from mixtrt.runtime.prompts import check_text
 
@@ -64,8 +65,18 @@ def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]
     if ns.stop:
         out["stop_strings"] = tuple(ns.stop)
     out.update(extra)
-    GenerationConfig(**out)
+    try:
+        GenerationConfig(**out)
+    except ConfigError as e:  # named by its flag, not by the config field the flag sets
+        field, _, rest = str(e).partition(" ")
+        if field in _FLAGS:
+            raise ConfigError(f"{_FLAGS[field]} {rest}") from None
+        raise
     return out
+
+
+_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+          "top_p": "--top-p", "seed": "--seed", "repetition_penalty": "--repetition-penalty", "stop_strings": "--stop"}
 
 
 def load_generator(ns: argparse.Namespace) -> Any:

@@ -56,18 +56,18 @@ def test_bad_argument_is_one_line(tmp_path, argv, command, culprits):
 
 # refused once the artifact is read, still before anything is printed
 RUN = [
-    (["--max-new-tokens", "0"], ["max_new_tokens"]),
-    (["--max-new-tokens", "-5"], ["max_new_tokens"]),
-    (["--temperature", "nan"], ["temperature", "nan"]),
-    (["--temperature", "inf"], ["temperature", "inf"]),
-    (["--temperature", "-1"], ["temperature"]),
-    (["--top-p", "0"], ["top_p"]),
-    (["--top-p", "2"], ["top_p"]),
-    (["--top-k", "-1"], ["top_k"]),
-    (["--seed", "-1"], ["seed"]),
-    (["--repetition-penalty", "0"], ["repetition_penalty"]),
-    (["--repetition-penalty", "inf"], ["repetition_penalty"]),
-    (["--stop", ""], ["stop_strings"]),
+    (["--max-new-tokens", "0"], ["--max-new-tokens", "got 0"]),
+    (["--max-new-tokens", "-5"], ["--max-new-tokens"]),
+    (["--temperature", "nan"], ["--temperature", "nan"]),
+    (["--temperature", "inf"], ["--temperature", "inf"]),
+    (["--temperature", "-1"], ["--temperature"]),
+    (["--top-p", "0"], ["--top-p"]),
+    (["--top-p", "2"], ["--top-p"]),
+    (["--top-k", "-1"], ["--top-k"]),
+    (["--seed", "-1"], ["--seed"]),
+    (["--repetition-penalty", "0"], ["--repetition-penalty"]),
+    (["--repetition-penalty", "inf"], ["--repetition-penalty"]),
+    (["--stop", ""], ["--stop"]),
     (["--stop", BAD_UTF8], ["--stop", "lone surrogate"]),
 ]
 PROMPTS = [
