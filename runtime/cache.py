@@ -156,15 +156,14 @@ def check_batch_size(batch_size: object) -> int:
 def plan_row_move(rows: Sequence[int], lengths: np.ndarray) -> tuple[list[int], list[int], list[int]]:
     """The work of a cache's `move_rows(rows)` (every backend's cache shares this rule): the rows that
     receive another row, the rows they receive (same order), and the rows emptied (-1 entries, plus rows
-    from len(rows) on that hold something). Raises ValueError for an index out of range or a row taken twice.
+    from len(rows) on that hold something). A row taken more than once is copied (`[0, 0]`: row 1 becomes a
+    copy of row 0, as the engine starts a request's other samples from its prefilled prompt). Raises
+    ValueError for an index out of range.
     """
     rows = list(rows)
     n = len(lengths)
     if len(rows) > n or any(not -1 <= r < n for r in rows):
         raise ValueError(f"move_rows({rows}) on a cache of {n} rows")
-    src = [r for r in rows if r >= 0]
-    if len(set(src)) != len(src):
-        raise ValueError(f"move_rows({rows}): a row is taken twice")
     moved = [i for i, r in enumerate(rows) if r != i and r >= 0]
     emptied = [i for i, r in enumerate(rows) if r < 0] + [i for i in range(len(rows), n) if lengths[i]]
     return moved, [rows[i] for i in moved], emptied

@@ -283,6 +283,8 @@ class Row:
     released: bool = False
     prefill_from: int = 0  # `cached` when this turn's prefill started (prompt logprobs index from there)
     pending: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # this turn's tokens to prefill
+    fork_of: Row | None = None  # another sample of the same prompt: start from that row's prefill (Engine.add)
+    forked: bool = False  # it did (its prompt was not prefilled again)
 
     @property
     def queue_s(self) -> float:
@@ -361,6 +363,7 @@ class Engine:
         self.parked: list[Row] = []  # cache rows after those
         self.prefilled = 0  # prompt tokens fed so far, all rows (a server's per-step prefill budget reads it)
         self.mixed_steps_run = 0  # steps whose prompt chunk ran in the decode pass (mixed_step)
+        self.forked = 0  # rows started from another row's prefill (Engine.add's fork_of)
         self._ids = 0
         self._limit = self.limit()  # the backend's limits do not change: computed once, not per token
         # the backend runs a prompt chunk in the decode step's pass (onnxruntime's mixed-step graph)
@@ -394,9 +397,16 @@ class Engine:
         return prefill_chunk or capacity
 
     def add(self, prompt: list[int], config: GenerationConfig, *, sample_index: int = 0, keep: bool = False,
-            t0: float | None = None, name: str = "prompt 0", continuation: bool = False) -> Row:
+            t0: float | None = None, name: str = "prompt 0", continuation: bool = False,
+            fork_of: Row | None = None) -> Row:
         """Queue a row for `prompt` (token ids); everything is checked now, before any work. The row is
         prefilled at the next step(). sample_index seeds its sampling with (config.seed, sample_index).
+
+        fork_of: a row added just before with the same prompt and config (another sample of one request, as a
+        server's n > 1): when that row's prefill ends and this one waits next with a cache row free, it starts
+        from a copy of that row's cache row and its last prompt logits instead of a prefill of its own (the
+        same numbers: the prompt's keys, values and logits do not depend on the sample). Otherwise it is
+        prefilled as any row.
 
         continuation: the row's text continues the prompt's (prompt text + row text = the decode of prompt +
         generated ids, as a completions API returns it: a sentencepiece word's leading space is kept after the
@@ -406,10 +416,13 @@ class Engine:
         if not prompt:
             raise ConfigError(f"{name} is empty: a row needs at least one prompt token")
         self._check_fits(len(prompt), name)
+        if fork_of is not None and (fork_of.prompt != list(prompt) or fork_of.config is not config or fork_of.history
+                                    or keep or fork_of.keep):
+            raise ConfigError("fork_of must be a row of the same prompt and config (not a kept row)")
         row = Row(self._ids, list(prompt), config, self._sampler(config, sample_index, prompt),
                   primed_stream(self.tokenizer, prompt), _StopText(config.stop_strings),
                   None if continuation else _Lead(self.tokenizer), keep,
-                  time.perf_counter() if t0 is None else t0, name)
+                  time.perf_counter() if t0 is None else t0, name, fork_of=fork_of)
         self._ids += 1
         self.waiting.append(row)
         return row
@@ -536,7 +549,32 @@ class Engine:
                 self.prefilling = None
                 self.running.append(row)  # its cache row is already the one after the running rows
                 events += self._accept(row, done)
+                events += self._forks(row, done)
         self._compact()
+        return events
+
+    def _forks(self, row: Row, logits: np.ndarray) -> list[EngineEvent]:
+        """`row` just finished its prefill (running, its first token chosen): the rows waiting next that are
+        forks of it (Engine.add) start now, while cache rows are free, each from a copy of its cache row and
+        its last prompt logits, each sampling its own first token."""
+        events: list[EngineEvent] = []
+        while self.waiting and self.waiting[0].fork_of is row and self._admissible():
+            fork = self.waiting.popleft()
+            self._admit(fork)  # the cache row after the running ones, emptied
+            slot, held = len(self.running), len(self.running) + 1 + len(self.parked)
+            order = list(range(held))
+            order[slot] = self.running.index(row)
+            self.backend.move_rows(self.cache, order)  # a copy of row's cache row (its prompt, nothing generated)
+            fork.cached, fork.t_prefill = row.cached, row.t_prefill
+            if row.prompt_logprobs is not None and fork.prompt_logprobs is not None:
+                fork.prompt_logprobs[:] = row.prompt_logprobs
+            if row.prompt_top is not None and fork.prompt_top is not None:
+                fork.prompt_top[0][:], fork.prompt_top[1][:] = row.prompt_top
+            self.prefilling = None
+            self.running.append(fork)
+            fork.forked = True
+            self.forked += 1
+            events += self._accept(fork, logits)
         return events
 
     def decode(self) -> list[EngineEvent]:
@@ -598,6 +636,7 @@ class Engine:
             self.prefilling = None
             self.running.append(row)  # its cache row is already the one after the running rows
             events += self._accept(row, chunk[-1])
+            events += self._forks(row, chunk[-1])
             self._compact()
         if bad:
             raise NonFiniteLogitsError(f"{bad}: {_NON_FINITE}", events)

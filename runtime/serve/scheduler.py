@@ -188,10 +188,12 @@ class EngineLoop:
             return
         try:
             for p, ids in enumerate(req.prompts):
+                first = None  # a prompt's n choices: prefilled once, the others start from its cache row
                 for j in range(req.n):
                     row = self.engine.add(ids, req.config, sample_index=j, t0=req.t0,
                                           name=f"request {req.id} choice {p * req.n + j}",
-                                          continuation=req.continuation)
+                                          continuation=req.continuation, fork_of=first)
+                    first = first or row
                     req.rows.append(row)
                     self._rows[row.id] = (req, row)
         except ConfigError as e:  # the server checks before submitting; a bug otherwise, answered as one
@@ -293,7 +295,8 @@ class EngineLoop:
         if m is None:
             return
         if len(row.tokens) == 1 or row.id not in self._last:
-            m.prompt_tokens.inc(len(row.prompt))
+            if not row.forked:  # a fork prefilled nothing of its own
+                m.prompt_tokens.inc(len(row.prompt))
             m.ttft.observe(row.t_first - row.t0)
             m.prefill.observe(row.t_prefill)
             m.queue.observe(row.queue_s)

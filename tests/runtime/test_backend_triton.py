@@ -94,15 +94,15 @@ def test_move_rows_as_the_host_cache(backends):
             h[:] = rng.standard_normal(h.shape).astype(np.float32)
             t.copy_(__import__("torch").from_numpy(h))
     dev.lengths[:] = host.lengths[:] = [3, 5, 7, 9]
-    for order in ([2, 0], [0, -1, 3], [3, 2, 1, 0]):
+    for order in ([2, 0], [0, -1, 3], [3, 2, 1, 0], [0, 0, 2, 0]):  # a row taken twice: copied
         tri.move_rows(dev, order)
         host.move_rows(order)
         assert dev.lengths.tolist() == host.lengths.tolist()
         for i in range(2):
             assert np.array_equal(dev.keys[i].numpy(), host.keys[i]) and np.array_equal(dev.values[i].numpy(),
                                                                                         host.values[i])
-    with pytest.raises(ValueError, match="taken twice"):
-        tri.move_rows(dev, [1, 1])
+    with pytest.raises(ValueError, match="on a cache of 4 rows"):
+        tri.move_rows(dev, [1, 4])
 
 
 def test_from_state_dict_gives_the_artifacts_logits(exported, backends):

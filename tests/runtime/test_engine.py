@@ -332,3 +332,56 @@ def test_a_finished_row_is_replaced_by_the_last_one_not_by_shifting_every_row():
     assert moves[0] == [0, 3, 2]  # row 1 finished: row 3 moved into its slot, rows 0 and 2 stayed
     assert [done[r.id] for r in rows] == [alone(p, c, capacity=64, windowed=False)
                                           for p, c in zip(PROMPTS, configs, strict=True)]
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("windowed", [True, False])
+def test_forked_samples_start_from_one_prefill_and_equal_their_runs_alone(mixed, windowed):
+    """A request's n samples (rows added with fork_of the first): the prompt is prefilled once, the others
+    start from a copy of its cache row and its last logits, each sampling by its own sample index; their
+    tokens and prompt logprobs equal each sample run alone, with other rows decoding beside them (mixed steps)
+    and without; with too few free cache rows the rest are prefilled as any row."""
+    backend = ToyBackend(windowed=windowed, capacity=6 if windowed else 64, mixed=mixed)
+    engine = Engine(backend, ToyTokenizer(), max_batch=4)
+    cfg = GenerationConfig(max_new_tokens=10, do_sample=True, seed=3, eos_token_id=(), return_logprobs=True,
+                           top_logprobs=2)
+    runner = engine.add(PROMPTS[0], GREEDY)
+    engine.step(prefill_budget=3)
+    first = engine.add(PROMPTS[1], cfg, sample_index=0)
+    forks = [engine.add(PROMPTS[1], cfg, sample_index=i, fork_of=first) for i in (1, 2, 3)]
+    rows = [first, *forks]
+    done, outputs = {}, {}
+    while engine.busy:
+        for event in engine.step(prefill_budget=3):
+            if event.output is not None:
+                done[event.row.id], outputs[event.row.id] = event.output.token_ids, event.output
+    assert engine.forked == 2 and [r.forked for r in rows] == [False, True, True, False]  # 4 rows: one waited
+    # the prompt tokens fed: the runner's, the first sample's and the one that waited for a cache row
+    assert engine.prefilled == len(PROMPTS[0]) + 2 * len(PROMPTS[1])
+    assert bool(backend.mixed_calls) == mixed
+    for i, row in enumerate(rows):
+        solo = Engine(ToyBackend(windowed=windowed, capacity=backend.capacity), ToyTokenizer(), max_batch=1)
+        again = solo.add(PROMPTS[1], cfg, sample_index=i)
+        [out] = [e.output for e in drain_events(solo) if e.output is not None]
+        assert done[row.id] == out.token_ids, i
+        np.testing.assert_allclose(outputs[row.id].prompt_logprobs, out.prompt_logprobs, rtol=1e-6)
+        assert np.array_equal(outputs[row.id].prompt_top_logprobs[0], out.prompt_top_logprobs[0])
+        assert again.reason is not None
+    assert done[runner.id] == alone(PROMPTS[0], GREEDY, windowed=windowed, capacity=backend.capacity)
+    assert len({tuple(done[r.id]) for r in rows}) > 1  # the samples differ: each by its own index
+
+
+def drain_events(engine: Engine) -> list:
+    events = []
+    while engine.busy:
+        events += engine.step()
+    return events
+
+
+def test_fork_of_must_be_the_same_prompt_and_config():
+    engine = Engine(ToyBackend(), ToyTokenizer(), max_batch=2)
+    first = engine.add(PROMPTS[0], GREEDY)
+    with pytest.raises(ConfigError, match="fork_of must be a row of the same prompt and config"):
+        engine.add(PROMPTS[1], GREEDY, fork_of=first)
+    with pytest.raises(ConfigError, match="fork_of"):
+        engine.add(PROMPTS[0], GenerationConfig(max_new_tokens=9, eos_token_id=()), fork_of=first)

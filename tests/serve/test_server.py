@@ -71,15 +71,18 @@ def test_n_choices_and_seeds(server, generator):
     """A seeded choice depends on its seed and choice index only: choice 0 of n=3 is the n=1 answer, and the
     Generator's sample 0; a repeat gives the same choices; different indices differ."""
     kw = dict(model="tiny", prompt=PROMPTS[1], max_tokens=10, temperature=1.0, seed=7)
+    prefilled = server.metric("mixtrt:prompt_tokens_total")
     three = server.openai.completions.create(n=3, **kw)
     assert [c.index for c in three.choices] == [0, 1, 2]
+    # the prompt is prefilled once: choices 1 and 2 start from a copy of choice 0's cache row
+    assert server.metric("mixtrt:prompt_tokens_total") - prefilled == three.usage.prompt_tokens
     again = server.openai.completions.create(n=3, **kw)
     one = server.openai.completions.create(n=1, **kw)
     texts = [c.text for c in three.choices]
     assert texts == [c.text for c in again.choices]
     assert one.choices[0].text == texts[0]
-    [solo] = generator.generate([PROMPTS[1]], max_new_tokens=10, do_sample=True, temperature=1.0, seed=7)
-    assert continuation(generator, PROMPTS[1], solo) == texts[0]
+    solos = generator.generate([PROMPTS[1]] * 3, max_new_tokens=10, do_sample=True, temperature=1.0, seed=7)
+    assert [continuation(generator, PROMPTS[1], solo) for solo in solos] == texts  # prompt i: sample index i
     assert len(set(texts)) > 1
     assert three.usage.completion_tokens == 30
     # streamed n=2: each choice's chunks concatenate to its answer
