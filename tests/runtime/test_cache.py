@@ -59,6 +59,8 @@ def filled(rows: int = 4) -> HostKVCache:
     ([0, 1, 2, 3], [1, 2, 3, 4]),  # nothing moves
     ([0, -1, 3], [1, 0, 4, 0]),    # an empty row for a newcomer, a parked row kept behind it
     ([], [0, 0, 0, 0]),
+    ([0, 0], [1, 1, 0, 0]),        # a row taken twice is copied (a request's other samples of one prompt)
+    ([2, 0, 2, 2], [3, 1, 3, 3]),
 ])
 def test_move_rows(order, want):
     cache = filled()
@@ -69,7 +71,7 @@ def test_move_rows(order, want):
     assert cache.keys[0] is keys  # buffers never move (a backend keeps pointers into them)
 
 
-@pytest.mark.parametrize("order", [[0, 0], [4], [-2], [0, 1, 2, 3, 0]])
+@pytest.mark.parametrize("order", [[4], [-2], [0, 1, 2, 3, 0]])
 def test_move_rows_refuses_impossible_orders(order):
     cache = filled()
     with pytest.raises(ValueError):
