@@ -153,8 +153,33 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+MAX_REPEAT = 1 << 20  # items a template's `*` may make of a string or list ('=' * 80 is fine; 'x' * 10**10 is not)
+MAX_POWER_BITS = 4096  # bits of an integer a template's `**` may make
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, with `*` and `**` bounded: a 30-byte template must not build gigabytes. The
+    sandbox also keeps Jinja from folding such constants when the template compiles (an intercepted operator is
+    never folded), so the bound holds at load time as at render time."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_REPEAT:
+                    raise jinja2.exceptions.SecurityError(
+                        f"the template repeats a {type(seq).__name__} of {len(seq)} {n} times (more than "
+                        f"{MAX_REPEAT} items)")
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 \
+                and abs(left) > 1 and right * abs(left).bit_length() > MAX_POWER_BITS:
+            raise jinja2.exceptions.SecurityError(f"the template raises {left} to the power {right} (an integer "
+                                                  f"of more than {MAX_POWER_BITS} bits)")
+        return super().call_binop(context, operator, left, right)
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_Dict(),
                        namespace=_Namespace)
@@ -204,5 +229,9 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateError as e:  # raise_exception, undefined names, sandbox refusals
             kind = "" if type(e) is jinja2.exceptions.TemplateError else f"{type(e).__name__}: "
             return "", kind + _one_line(e.message or "")
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as e:
             return "", f"{type(e).__name__}: {_one_line(e)}"
+        except RecursionError:
+            return "", "RecursionError: the template recurses too deeply"
+        except MemoryError:
+            return "", "MemoryError: the template builds more than fits in memory"

@@ -305,6 +305,26 @@ def test_sandbox_refuses_python_internals():
             ChatTemplate(source).render(u)
 
 
+def test_templates_that_would_exhaust_memory_or_the_stack_are_one_line_errors():
+    """`*` and `**` are bounded (and never folded at compile time, so loading a template builds nothing); deep
+    recursion, huge ranges and float overflow are errors naming the message, never a traceback or a hang."""
+    import time
+
+    u = [{"role": "user", "content": "x"}]
+    t0 = time.perf_counter()
+    for source, match in [("{{ 'x' * 10**10 }}", "SecurityError: the template repeats a str of 1 10000000000 times"),
+                          ("{{ [0] * 10**9 }}", "SecurityError: the template repeats a list"),
+                          ("{{ 7 ** 100000 }}", "SecurityError: the template raises 7 to the power 100000"),
+                          ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "RecursionError"),
+                          ("{% for i in range(10**9) %}{{ i }}{% endfor %}", "OverflowError: Range too big"),
+                          ("{{ (10**400) / 1.0 }}", "OverflowError")]:
+        template = ChatTemplate(source)
+        with pytest.raises(ConfigError, match=r"failed at message 0 \(role 'user'\): " + match):
+            template.render(u)
+    assert time.perf_counter() - t0 < 5
+    assert ChatTemplate("{{ '=' * 80 }}{{ 2 ** 64 }}{{ [1] * 3 }}").render(u) == "=" * 80 + str(2 ** 64) + "[1, 1, 1]"
+
+
 def test_globals_and_reasoning_fields():
     t = ChatTemplate("{{ strftime_now('%Y') }}|{{ messages[0].thinking }}|{{ messages[0].reasoning_content }}|"
                      "{{ messages[0].keys() | sort | join(',') }}|{{ tools }}|{{ documents }}|{{ extra }}")
