@@ -35,6 +35,7 @@ the artifact's defaults, which explicit options override.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -160,20 +161,37 @@ class GenerationDefaults:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GenerationDefaults:
+        """The manifest's record, checked as generation_config.json is when it is read (an edit gets the same
+        one-line errors, naming chat.generation)."""
+        where = "manifest chat.generation"
         d = dict(d)
         if d.get("eos_token_ids") is not None:
-            d["eos_token_ids"] = tuple(d["eos_token_ids"])
-        d["ignored"] = tuple(d.get("ignored", ()))
+            if not isinstance(d["eos_token_ids"], list) or not d["eos_token_ids"]:
+                raise ConfigError(f"{where}: eos_token_ids must be a non-empty list, got {d['eos_token_ids']!r}")
+            d["eos_token_ids"] = tuple(_check(where, "eos_token_ids", i, int, 0) for i in d["eos_token_ids"])
+        for name, kind, low in _FIELDS:
+            if d.get(name) is not None:
+                d[name] = _check(where, name, d[name], kind, low)
+        ignored = d.get("ignored", ())
+        if not isinstance(ignored, list | tuple) or not all(isinstance(k, str) for k in ignored):
+            raise ConfigError(f"{where}: ignored must be a list of names, got {ignored!r}")
+        d["ignored"] = tuple(ignored)
         return cls(**d)
 
 
+_FIELDS = [("bos_token_id", int, 0), ("pad_token_id", int, 0), ("do_sample", bool, None), ("temperature", float, 0),
+           ("top_k", int, 0), ("top_p", float, 0), ("repetition_penalty", float, 0), ("max_new_tokens", int, 1)]
+
+
 def _check(where: str, name: str, value: Any, kind: type, low: float | None = None) -> Any:
-    """value as `kind` (bool, int or float: JSON numbers, never booleans, never NaN), else a one-line error."""
+    """value as `kind` (bool, int or float: JSON numbers, never booleans, never NaN or inf), else a one-line
+    error."""
     if kind is bool:
         ok = isinstance(value, bool)
     else:
         number = (int, float) if kind is float else int
-        ok = isinstance(value, number) and not isinstance(value, bool) and value == value
+        ok = isinstance(value, number) and not isinstance(value, bool) and (isinstance(value, int)
+                                                                            or math.isfinite(value))
         ok = ok and (low is None or value >= low)
     if not ok:
         expected = {bool: "true or false", int: "an integer", float: "a number"}[kind]
@@ -195,9 +213,7 @@ def read_generation_defaults(checkpoint_dir: str | Path) -> GenerationDefaults:
         values["eos_token_ids"] = tuple(_check(where, "eos_token_id", i, int, 0) for i in eos_list)
         if not eos_list:
             raise ConfigError(f"{where}: eos_token_id is an empty list")
-    for name, kind, low in [("bos_token_id", int, 0), ("pad_token_id", int, 0), ("do_sample", bool, None),
-                            ("temperature", float, 0), ("top_k", int, 0), ("top_p", float, 0),
-                            ("repetition_penalty", float, 0), ("max_new_tokens", int, 1)]:
+    for name, kind, low in _FIELDS:
         if cfg.get(name) is not None:
             values[name] = _check(where, name, cfg[name], kind, low)
     known = {"eos_token_id", *values, *_NOT_SAMPLING}
@@ -283,8 +299,8 @@ class ChatFormat:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not readable JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, not UTF-8, a 5000-digit number
+        raise ConfigError(f"{path}: not readable JSON ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -481,6 +497,6 @@ def load_chat_tokenizer(artifact_dir: str | Path | None, fmt: ChatFormat, model_
                           "embeddings")
     bad = [i for i in fmt.generation.eos_token_ids or () if model_vocab_size is not None and i >= model_vocab_size]
     if bad:
-        raise ConfigError(f"{GENERATION_CONFIG}: eos_token_id {bad} outside the model's {model_vocab_size} "
-                          "embeddings")
+        where = GENERATION_CONFIG if artifact_dir is None else f"{artifact_dir}/manifest.json chat.generation"
+        raise ConfigError(f"{where}: eos_token_id {bad} outside the model's {model_vocab_size} embeddings")
     return tokenizer

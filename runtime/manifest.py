@@ -68,7 +68,8 @@ MODEL_FILE = "model.onnx"
 DTYPES = frozenset({"int64", "int32", "float32", "float16"})  # of graph inputs and outputs
 # The graph's metadata_props key holding the manifest fields a runtime checks against the graph itself.
 GRAPH_METADATA = "mixtrt.manifest"
-EDITED = "the manifest was edited or the artifact is damaged: export again"
+EDITED = ("the manifest was edited or the artifact is damaged (or another export replaced it while it was read: "
+          "retry): export again")
 
 
 @dataclass(frozen=True)
@@ -222,12 +223,13 @@ class Manifest:
                                                      self.cache)[GRAPH_METADATA])
         try:
             recorded = json.loads(facts)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             recorded = None
         if not isinstance(recorded, dict) or recorded != expected:
             fields = sorted(k for k in expected if not isinstance(recorded, dict) or recorded.get(k) != expected[k])
-            raise ArtifactError(f"{path.parent}/{MANIFEST}: {', '.join(fields) or 'its fields'} disagree with the "
-                                f"graph's own record; {EDITED}")
+            raise ArtifactError(f"{path.parent}/{MANIFEST}: {', '.join(fields) or 'its fields'} "
+                                f"{'disagrees' if len(fields) == 1 else 'disagree'} with the graph's own record; "
+                                f"{EDITED}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -344,8 +346,10 @@ class Manifest:
         for key in ("summary", "versions"):
             if not isinstance(d[key], dict):
                 raise ArtifactError(f"{key} must be an object, got {d[key]!r}")
-        if not all(v is None or isinstance(v, str) for v in d["versions"].values()):
+        if not all(isinstance(k, str) and k.isprintable() and (v is None or isinstance(v, str) and v.isprintable())
+                   for k, v in d["versions"].items()):
             raise ArtifactError(f"versions must map each library to a version string or null, got {d['versions']!r}")
+        _check_summary(d["summary"])
         int4 = precision == "int4"
         if int4 != (INT4_FEATURE in features):
             raise ArtifactError(f"precision {precision} " + ("needs" if int4 else "cannot list")
@@ -354,8 +358,8 @@ class Manifest:
             raise ArtifactError("quantization must be " + ("a record" if int4 else "null")
                                 + f" for precision {precision}, got {d['quantization']!r}")
         quantization = Quantization.from_dict(d["quantization"]) if int4 else None
-        if d["source"] is not None and not isinstance(d["source"], str):
-            raise ArtifactError(f"source must be a path or null, got {d['source']!r}")
+        if d["source"] is not None and not (isinstance(d["source"], str) and d["source"].isprintable()):
+            raise ArtifactError(f"source must be a path (printable) or null, got {d['source']!r}")
         engine = ENGINE_FILE in files and ENGINE_CONFIG in files and "tensorrt" in backends
         if (TENSORRT_FEATURE in features) != engine or (not engine and ({ENGINE_FILE, ENGINE_CONFIG} & set(files)
                                                                          or "tensorrt" in backends)):
@@ -446,6 +450,24 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def file_entries(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     return {n: {"sha256": sha256_file(directory / n), "bytes": (directory / n).stat().st_size} for n in names}
+
+
+def _check_summary(summary: dict) -> None:
+    """The graph facts `mixtrt inspect` and `mixtrt bench` print and compute with: counts are integers >= 0, op
+    names printable (no terminal escapes), the attention body a name."""
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
+
+    for key in ("parameters", "parameter_bytes", "bytes_per_token"):
+        if summary.get(key) is not None and not count(summary[key]):
+            raise ArtifactError(f"summary.{key} must be an integer >= 0, got {summary[key]!r}")
+    ops = summary.get("ops", {})
+    if not isinstance(ops, dict) or not all(isinstance(k, str) and k.isprintable() and count(v)
+                                            for k, v in ops.items()):
+        raise ArtifactError(f"summary.ops must map op names to counts, got {ops!r}"[:300])
+    body = summary.get("attention_body")
+    if body is not None and not (isinstance(body, str) and body.isprintable()):
+        raise ArtifactError(f"summary.attention_body must be a name, got {body!r}")
 
 
 def is_artifact(directory: Path) -> bool:

@@ -4,6 +4,7 @@ file and the field (an edit is called an edit, not an old export), and loading c
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -103,9 +104,19 @@ MANIFEST_EDITS = [
     ("opsets a list", _set("opsets", []), ["opsets must map", EDITED]),
     ("opset a string", _set("opsets/ai.onnx", "20"), ["opsets must map", EDITED]),
     ("summary null", _set("summary", None), ["summary must be an object", EDITED]),
+    ("summary parameters a string", _set("summary/parameters", "x"), ["summary.parameters must be an integer", EDITED]),
+    ("summary op count negative", _set("summary/ops", {"Add": -5}), ["summary.ops must map op names to counts"]),
+    ("summary op name an escape", _set("summary/ops", {"\u001b[31mRED": 1}), ["summary.ops must map", EDITED]),
+    ("source an escape", _set("source", "ck\u001b[2J"), ["source must be a path (printable)", EDITED]),
+    ("generation eos negative", lambda d: d["chat"].setdefault("generation", {}).update(eos_token_ids=[-1]),
+     ["chat.generation: eos_token_ids must be an integer >= 0, got -1", EDITED]),
+    ("generation top_k negative", lambda d: d["chat"].setdefault("generation", {}).update(top_k=-3),
+     ["chat.generation: top_k must be an integer >= 0, got -3", EDITED]),
+    ("generation temperature huge", lambda d: d["chat"].setdefault("generation", {}).update(temperature=1e308 * 10),
+     ["Infinity is not a JSON number"]),
     ("versions numbers", _set("versions/onnx", 1.18), ["versions must map", EDITED]),
     ("quantization", _set("quantization", {"bits": 4}), ["quantization must be null", EDITED]),
-    ("source a number", _set("source", 5), ["source must be a path or null", EDITED]),
+    ("source a number", _set("source", 5), ["source must be a path (printable) or null", EDITED]),
     ("features a string", _set("features", "int4"), ["features must be a list of strings", EDITED]),
     ("feature unknown", _set("features", ["int4-weights"]), ["needs features ['int4-weights']", "upgrade mixtrt"]),
     ("format other", _set("format", "onnx"), ["not a mixtrt manifest (format='onnx')"]),
@@ -121,9 +132,9 @@ MANIFEST_EDITS = [
     ("capacity everywhere", _capacity(9), ["past_key_values.0.key is float32 ['batch', 2, 21, 16]",
                                            "['batch', 2, 9, 16]", EDITED]),
     ("outputs reordered", _reorder_outputs, ["graph IO it lists", "in another order", EDITED]),
-    ("max_context up", _set("max_context", 100), ["max_context disagree with the graph's own record", EDITED]),
-    ("eos edited", _set("model/eos_token_ids", [5]), ["model disagree with the graph's own record", EDITED]),
-    ("rms_norm_eps edited", _set("model/rms_norm_eps", 1e-3), ["model disagree with the graph", EDITED]),
+    ("max_context up", _set("max_context", 100), ["max_context disagrees with the graph's own record", EDITED]),
+    ("eos edited", _set("model/eos_token_ids", [5]), ["model disagrees with the graph's own record", EDITED]),
+    ("rms_norm_eps edited", _set("model/rms_norm_eps", 1e-3), ["model disagrees with the graph", EDITED]),
     ("windows edited", lambda d: (d["cache"].__setitem__("windows", [4, 4]), d["cache"].__setitem__("window", 4),
                                   d["model"].__setitem__("sliding_window", 4)), ["disagree with the graph", EDITED]),
 ]
@@ -160,6 +171,17 @@ def test_edited_manifest(tmp_path, artifact, name, edit, culprits):
     if "older" not in name:
         assert "older mixtrt" not in line  # an edit is never excused as an old export
     assert tree(tmp_path) == before
+
+
+def test_a_number_of_thousands_of_digits_is_one_line(tmp_path, artifact):
+    """Python refuses to parse integers of more than 4300 digits: the manifest (and a checkpoint's config.json)
+    with one is a one-line error naming the file, not a ValueError traceback."""
+    copy = linked_copy(artifact, tmp_path / "art")
+    text = (copy / "manifest.json").read_text()
+    replace_file(copy / "manifest.json", re.sub(r'"max_context": \d+', '"max_context": ' + "9" * 5000, text))
+    with pytest.raises(ArtifactError) as e:
+        _load_all(copy)
+    one_line(e.value, "manifest.json", "a number with more digits than any field takes")
 
 
 def _nested(path: Path) -> None:
@@ -252,7 +274,7 @@ def test_broken_artifact_directory(tmp_path, artifact, name, breaks, cls, culpri
 def test_swapped_graph_is_refused(tmp_path, exported):
     """Another artifact's graph with the manifest's hash updated: the graph's own IO and record refute it."""
     for other, culprits in (("mistral-nowindow", ["past_key_values.0.key", "['batch', 2, 128, 16]"]),
-                            ("mixtral-window", ["disagree with the graph's own record"])):
+                            ("mixtral-window", ["with the graph's own record"])):
         copy = linked_copy(exported["mistral-window"][1], tmp_path / other)
         _swap_graph(exported[other][1])(copy)
         with pytest.raises(ArtifactError) as e:
