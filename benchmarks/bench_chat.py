@@ -28,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import SHAPES, make_benchmark_checkpoint  # noqa: E402
+from common import SHAPES, make_benchmark_checkpoint, positive  # noqa: E402
 
 SYSTEM = "You are a patient reading companion. Answer in plain sentences and keep every answer short."
 TOPICS = ["the weather in the village", "a letter from London", "the ball at Netherfield", "a walk to Meryton",
@@ -89,10 +89,10 @@ def run_once(gen, turns: list[int], reply_tokens: int) -> tuple[dict[int, float]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mistral", choices=sorted(SHAPES))
-    ap.add_argument("--turns", nargs="+", type=int, default=[1, 5, 20])
-    ap.add_argument("--reply-tokens", type=int, default=16)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--turns", nargs="+", type=positive, default=[1, 5, 20])
+    ap.add_argument("--reply-tokens", type=positive, default=16)
+    ap.add_argument("--repeat", type=positive, default=3)
+    ap.add_argument("--threads", type=positive, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/mixtrt-bench"))
     ap.add_argument("--any-piece", action="store_true", help="the plain random model (replies re-tokenize)")
     ns = ap.parse_args()

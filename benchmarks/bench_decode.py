@@ -40,7 +40,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import peers  # noqa: E402
-from common import SHAPES, make_benchmark_checkpoint  # noqa: E402
+from common import SHAPES, at_least, make_benchmark_checkpoint, positive  # noqa: E402
 
 ENGINES = ("mixtrt fp32", "llama.cpp f32", "onnxruntime-genai fp32")
 TINY = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=8,
@@ -141,18 +141,24 @@ def chart(results: dict, path: Path, title: str, prompt_len: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["mixtral", "mistral"], choices=sorted(SHAPES))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--passes", type=int, default=3)
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--threads", type=positive, default=2)
+    ap.add_argument("--passes", type=positive, default=3)
+    ap.add_argument("--prompt-len", type=positive, default=128)
+    ap.add_argument("--new-tokens", type=at_least(3), default=256)
     ap.add_argument("--chart", type=Path, default=HERE.parent / "docs" / "bench_decode.png")
     ap.add_argument("--json", type=Path, default=None, help="also write every number to this file")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mixtrt-bench"))
     ap.add_argument("--overhead-only", action="store_true", help="measure only the per-step overhead (tiny model)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--artifact", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=positive, default=1, help=argparse.SUPPRESS)
     ns = ap.parse_args()
+    for out in (ns.json, ns.chart):  # their folders made now, so writing them cannot fail after the whole run
+        if out is not None:
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                ap.error(f"{out}: cannot make its folder ({e.strerror})")
     if ns.child:
         print(json.dumps(child_mixtrt(ns)))
         return

@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
+from common import positive  # noqa: E402
 
 SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_attention_heads=16,
              num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, sliding_window=512,
@@ -137,8 +138,8 @@ def tools(baseline: str | None, int4: bool = False) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/mixtrt-bench-export"))
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--layers", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--runs", type=positive, default=3)
+    ap.add_argument("--layers", type=positive, nargs="+", default=[8, 16])
     ap.add_argument("--baseline-python", default=None, help="python of another mixtrt install to time as well")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
     ap.add_argument("--int4", action="store_true", help="also time --precision int4 exports (rtn and awq)")
@@ -146,14 +147,19 @@ def main() -> None:
     ns.work.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
     results: dict = {"load_before": load, "runs": {}}
+    made: set[Path] = set()  # what this run writes in --work (nothing else there is ever removed)
     for layers in ns.layers:
+        fresh = not (ns.work / f"mixtral-{layers}l").exists()
         ck = make_checkpoint(ns.work, layers)
+        if fresh:
+            made.add(ck)
         ck_bytes = sum(f.stat().st_size for f in ck.glob("*.safetensors"))
         table = tools(ns.baseline_python if layers == ns.layers[0] else None, ns.int4)
         rows: dict[str, list] = {name: [] for name in table}
         for run in range(ns.runs):
             for name, make_cmd in table.items():
                 out = ns.work / f"out-{name}-{layers}"
+                made.update((out, Path(str(out) + ".gguf")))
                 cmd, env, cwd = make_cmd(ck, out)
                 wall, rss, _ = measured(cmd, env, cwd)
                 written = size_of(Path(str(out) + ".gguf")) if name == "llama.cpp" else size_of(out)
@@ -181,9 +187,8 @@ def main() -> None:
     results["load_after"] = os.getloadavg()
     (ns.work / "results.json").write_text(json.dumps(results, indent=1))
     if not ns.keep:
-        for p in ns.work.iterdir():
-            if p.name != "results.json":
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+        for p in made:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import SHAPES, current_rss_mib, make_benchmark_checkpoint, peak_rss_mib  # noqa: E402
+from common import SHAPES, at_least, current_rss_mib, make_benchmark_checkpoint, peak_rss_mib, positive  # noqa: E402
 
 
 def prompts(batch: int, length: int) -> list[list[int]]:
@@ -122,16 +122,16 @@ def run_child(mode: str, **kw) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["mixtral", "mistral"], choices=sorted(SHAPES))
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--batches", nargs="+", type=positive, default=[1, 8])
+    ap.add_argument("--threads", type=positive, default=2)
+    ap.add_argument("--prompt-len", type=positive, default=128)
+    ap.add_argument("--new-tokens", type=at_least(3), default=256)
     ap.add_argument("--no-rss", action="store_true", help="skip the 4096-token RSS run")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mixtrt-bench"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--artifact", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=positive, default=1, help=argparse.SUPPRESS)
     ns = ap.parse_args()
     if ns.child:
         fn = {"mixtrt": child_mixtrt, "transformers": child_transformers, "rss": child_rss}[ns.child]

@@ -36,7 +36,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_generate import bandwidth_gb_s, bytes_per_token, prompts, run_child  # noqa: E402
-from common import SHAPES, make_benchmark_checkpoint  # noqa: E402
+from common import SHAPES, at_least, make_benchmark_checkpoint, positive  # noqa: E402
 
 
 def size(path: Path) -> int:
@@ -130,14 +130,14 @@ def int8_as_asked(recorded: list[str], int8: tuple[str, ...] | None, moe: bool) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["mixtral", "mistral"], choices=sorted(SHAPES))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--threads", type=positive, default=2)
+    ap.add_argument("--prompt-len", type=positive, default=128)
+    ap.add_argument("--new-tokens", type=at_least(3), default=256)
     ap.add_argument("--work", type=Path, default=Path("/tmp/mixtrt-bench"))
     ap.add_argument("--no-builtin", action="store_true", help="skip the built-in model's KL comparison")
     ap.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES, help="the engines to time")
     ap.add_argument("--no-quality", dest="quality", action="store_false", help="timings only (no KL, no agreement)")
-    ap.add_argument("--passes", type=int, default=3, help="interleaved passes over the engines (medians reported)")
+    ap.add_argument("--passes", type=positive, default=3, help="interleaved passes over the engines (medians reported)")
     ns = ap.parse_args()
     from peers import genai_generate, genai_model_from_checkpoint, gguf_from_checkpoint
 

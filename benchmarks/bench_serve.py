@@ -19,6 +19,7 @@ import argparse
 import http.client
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -29,19 +30,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_benchmark_checkpoint  # noqa: E402
+from common import at_least, make_benchmark_checkpoint, positive  # noqa: E402
 
 
 def stream_request(port: int, prompt: list[int], new_tokens: int) -> dict:
     """One streaming completion; client-side times of every SSE chunk."""
     body = json.dumps({"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
-                       "ignore_eos": True})
+                       "ignore_eos": True, "stream_options": {"include_usage": True}})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     t0 = time.perf_counter()
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200, resp.read()[:500]
-    times = []
+    times, tokens = [], None
     while True:
         line = resp.readline()
         if not line:
@@ -50,10 +51,12 @@ def stream_request(port: int, prompt: list[int], new_tokens: int) -> dict:
             if line.strip() == b"data: [DONE]":
                 break
             chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"].get("completion_tokens")
             if chunk.get("choices") and (chunk["choices"][0].get("text") or chunk["choices"][0].get("finish_reason")):
                 times.append(time.perf_counter())
     conn.close()
-    return {"t0": t0, "times": times}
+    return {"t0": t0, "times": times, "tokens": new_tokens if tokens is None else tokens}
 
 
 def load(port: int, prompts: list[list[int]], clients: int, per_client: int, new_tokens: int) -> dict:
@@ -77,7 +80,11 @@ def load(port: int, prompts: list[list[int]], clients: int, per_client: int, new
     ttft = [r["times"][0] - r["t0"] for r in results]
     itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:], strict=False)]
     decode = [(len(r["times"]) - 1) / (r["times"][-1] - r["times"][0]) for r in results if len(r["times"]) > 1]
-    return {"tok_s": len(results) * new_tokens / wall, "ttft": ttft, "itl": itl, "decode": decode}
+    short = [r["tokens"] for r in results if r["tokens"] < new_tokens]
+    if short:  # counted as generated, never as asked: a server that stops early is not credited
+        print(f"  port {port}: {len(short)} of {len(results)} requests got fewer than {new_tokens} tokens "
+              f"({min(short)}-{max(short)})", file=sys.stderr)
+    return {"tok_s": sum(r["tokens"] for r in results) / wall, "ttft": ttft, "itl": itl, "decode": decode}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -93,6 +100,8 @@ def start_mixtrt(art: Path, port: int, threads: int, log: Path, prefill_chunk: i
     proc = subprocess.Popen(cmd, stderr=open(log, "w"), stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while True:
+        if proc.poll() is not None:  # never take another process's /health for this one's
+            raise RuntimeError(f"mixtrt serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", "/health")
@@ -117,13 +126,22 @@ def generate_decode(art: Path, prompt: list[int], new_tokens: int, threads: int)
     return out["stats"]["decode_tokens_per_s"]
 
 
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16])
-    ap.add_argument("--per-client", type=int, default=2, help="requests each client sends in turn")
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--runs", type=int, default=5, help="interleaved rounds (medians)")
+    ap.add_argument("--threads", type=positive, default=2)
+    ap.add_argument("--clients", nargs="+", type=positive, default=[1, 4, 16])
+    ap.add_argument("--per-client", type=positive, default=2, help="requests each client sends in turn")
+    ap.add_argument("--new-tokens", type=at_least(2), default=64)
+    ap.add_argument("--runs", type=positive, default=5, help="interleaved rounds (medians)")
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mixtrt-bench"))
     ap.add_argument("--port", type=int, default=8471)
@@ -132,6 +150,10 @@ def main() -> None:
     ap.add_argument("--separate", action="store_true",
                     help="also run a mixtrt server with --separate-prefill (each prompt chunk a pass of its own)")
     ns = ap.parse_args()
+    ports = [ns.port] + [ns.port + 2] * ns.separate + [ns.port + 1] * (not ns.no_llama)
+    busy = [p for p in ports if port_in_use(p)]
+    if busy:  # a server left from an earlier run would answer /health and be measured
+        ap.error(f"port {', '.join(map(str, busy))} is in use (a server left running?): stop it or pass --port")
 
     from mixtrt.export.onnx_export import export_onnx, is_current
 
@@ -143,21 +165,24 @@ def main() -> None:
     prompts = [[1] + rng.integers(3, 32000, size=int(n) - 1).tolist() for n in rng.integers(16, 129, size=64)]
     engines = {"mixtrt": ns.port}
     log = ns.work / "bench-serve-mixtrt.log"
-    procs = [start_mixtrt(art, ns.port, ns.threads, log, ns.prefill_chunk)]
-    if ns.separate:
-        procs.append(start_mixtrt(art, ns.port + 2, ns.threads, ns.work / "bench-serve-separate.log",
-                                  ns.prefill_chunk, ("--separate-prefill",)))
-        engines["mixtrt-separate"] = ns.port + 2
+    procs: list[subprocess.Popen] = []
     llama_cm = None
-    if not ns.no_llama:
-        import peers
+    try:  # every server started is stopped, whatever fails after it
+        procs.append(start_mixtrt(art, ns.port, ns.threads, log, ns.prefill_chunk))
+        if ns.separate:
+            procs.append(start_mixtrt(art, ns.port + 2, ns.threads, ns.work / "bench-serve-separate.log",
+                                      ns.prefill_chunk, ("--separate-prefill",)))
+            engines["mixtrt-separate"] = ns.port + 2
+        if not ns.no_llama:
+            import peers
 
-        gguf = peers.gguf_from_checkpoint(ckpt, ns.work, "f32")
-        llama_cm = peers.start_llama_server(gguf, port=ns.port + 1, threads=ns.threads, slots=16,
-                                            ctx_per_slot=256)
-        llama_cm.__enter__()
-        engines["llama-server"] = ns.port + 1
-    try:
+            gguf = peers.gguf_from_checkpoint(ckpt, ns.work, "f32")
+            # a slot holds the longest prompt (128) and every new token: a shorter one stops a request early
+            cm = peers.start_llama_server(gguf, port=ns.port + 1, threads=ns.threads, slots=16,
+                                          ctx_per_slot=max(256, 128 + ns.new_tokens + 16))
+            cm.__enter__()
+            llama_cm = cm
+            engines["llama-server"] = ns.port + 1
         print(f"Mixtral-shaped benchmark model (benchmarks/common.py), fp32 / f32 GGUF, {ns.threads} threads, "
               f"16 rows/slots, prompts 16-128 tokens, {ns.new_tokens} new tokens, greedy, EOS ignored; mixtrt "
               f"--prefill-chunk {ns.prefill_chunk if ns.prefill_chunk is not None else 'default'}; "

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHAPES, make_benchmark_checkpoint, timeit  # noqa: E402
+from common import SHAPES, make_benchmark_checkpoint, positive, timeit  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=10)
-    ap.add_argument("--prefill", type=int, default=128)
+    ap.add_argument("--threads", type=positive, default=2)
+    ap.add_argument("--repeat", type=positive, default=10)
+    ap.add_argument("--prefill", type=positive, default=128)
     ap.add_argument("--model", choices=sorted(SHAPES), default="mixtral")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mixtrt-bench"))
     ns = ap.parse_args()

@@ -21,6 +21,25 @@ SHAPES = {
 }
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= low, else argparse's one-line usage error naming the flag."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not >= {low}")
+        return value
+
+    return parse
+
+
+positive = at_least(1)
+
+
 def make_benchmark_checkpoint(name: str, root: Path) -> Path:
     """Write (once) a random checkpoint of the named shape under root/<name>; returns its path."""
     import shutil

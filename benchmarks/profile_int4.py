@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import positive  # noqa: E402
+
 PROMPT = 128
 
 
@@ -114,8 +117,8 @@ def shares(profile: str) -> tuple[dict[str, float], dict[str, int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--steps", type=positive, default=150)
+    ap.add_argument("--reps", type=positive, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/mixtrt-bench"))
     ap.add_argument("--child", choices=["mixtrt", "genai"], help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
