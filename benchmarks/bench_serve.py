@@ -32,11 +32,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import at_least, make_benchmark_checkpoint, positive  # noqa: E402
 
+# llama-server reuses a slot's cached prompt prefix (prompts repeat across rounds here); mixtrt has no prompt cache,
+# so both do the same work only with it off
+EXTRA = {"llama-server": {"cache_prompt": False}}
 
-def stream_request(port: int, prompt: list[int], new_tokens: int) -> dict:
+
+def stream_request(port: int, prompt: list[int], new_tokens: int, extra: dict | None = None) -> dict:
     """One streaming completion; client-side times of every SSE chunk."""
     body = json.dumps({"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
-                       "ignore_eos": True, "stream_options": {"include_usage": True}})
+                       "ignore_eos": True, "stream_options": {"include_usage": True}, **(extra or {})})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     t0 = time.perf_counter()
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
@@ -59,14 +63,15 @@ def stream_request(port: int, prompt: list[int], new_tokens: int) -> dict:
     return {"t0": t0, "times": times, "tokens": new_tokens if tokens is None else tokens}
 
 
-def load(port: int, prompts: list[list[int]], clients: int, per_client: int, new_tokens: int) -> dict:
+def load(port: int, prompts: list[list[int]], clients: int, per_client: int, new_tokens: int,
+         extra: dict | None = None) -> dict:
     """`clients` threads, each sending per_client requests in turn; aggregate tok/s, TTFT and ITL lists."""
     results: list[dict] = []
     lock = threading.Lock()
 
     def client(c: int) -> None:
         for r in range(per_client):
-            out = stream_request(port, prompts[(c * per_client + r) % len(prompts)], new_tokens)
+            out = stream_request(port, prompts[(c * per_client + r) % len(prompts)], new_tokens, extra)
             with lock:
                 results.append(out)
 
@@ -128,6 +133,7 @@ def generate_decode(art: Path, prompt: list[int], new_tokens: int, threads: int)
 
 def port_in_use(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: only a listener conflicts
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -187,8 +193,8 @@ def main() -> None:
               f"16 rows/slots, prompts 16-128 tokens, {ns.new_tokens} new tokens, greedy, EOS ignored; mixtrt "
               f"--prefill-chunk {ns.prefill_chunk if ns.prefill_chunk is not None else 'default'}; "
               f"load: {os.getloadavg()[0]:.2f}")
-        for port in engines.values():  # warm-up
-            load(port, prompts, 2, 1, 8)
+        for name, port in engines.items():  # warm-up
+            load(port, prompts, 2, 1, 8, EXTRA.get(name))
 
         # 1 client: interleaved with `mixtrt generate`
         single: dict[str, list[dict]] = {e: [] for e in engines}
@@ -198,7 +204,7 @@ def main() -> None:
             # `mixtrt generate` first: llama.cpp's OpenMP threads spin for a while after its requests
             gen_decode.append(generate_decode(art, prompts[r], ns.new_tokens, ns.threads))
             for name, port in engines.items():
-                single[name].append(load(port, prompts[r:], 1, ns.per_client, ns.new_tokens))
+                single[name].append(load(port, prompts[r:], 1, ns.per_client, ns.new_tokens, EXTRA.get(name)))
                 time.sleep(1.0)
         records = server_records(log)[before:]
         overhead = [r["overhead_s"] for r in records if r["overhead_s"] is not None]
@@ -208,7 +214,8 @@ def main() -> None:
             rows[clients] = {e: [] for e in engines}
             for _ in range(max(ns.runs // 2, 2)):
                 for name, port in engines.items():
-                    rows[clients][name].append(load(port, prompts, clients, ns.per_client, ns.new_tokens))
+                    rows[clients][name].append(load(port, prompts, clients, ns.per_client, ns.new_tokens,
+                                                    EXTRA.get(name)))
                     time.sleep(1.0)
 
         print(f"\n{'clients':>7} {'server':<16}{'agg tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}"
