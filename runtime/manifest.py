@@ -634,6 +634,13 @@ def _culprit(tmp: Path, e: OSError) -> str:
     """The file an OSError of a write names, relative to the artifact; a failed write() names none, so the
     file written last is the one (what a disk-full error needs to say)."""
     path = Path(e.filename) if e.filename else None
+    if path is not None and not path.is_relative_to(tmp):
+        # a copy names its source first (shutil's sendfile): the file written is the destination, or, when the
+        # disk filled, the one written last
+        if e.filename2 and Path(e.filename2).is_relative_to(tmp):
+            path = Path(e.filename2)
+        elif e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            path = None
     if path is None:
         with contextlib.suppress(OSError):
             files = [p for p in tmp.rglob("*") if p.is_file() and p.name != PARTIAL_MARKER]

@@ -305,3 +305,22 @@ def test_check_target_refuses_the_same_as_atomic_dir(tmp_path):
     with pytest.raises(ArtifactError) as e:
         check_target(tmp_path / "site", overwrite=True)
     one_line(e.value, "site", "not a mixtrt artifact")
+
+
+def test_a_full_disk_while_copying_names_the_artifacts_file_not_the_source(tmp_path):
+    """shutil's copy raises ENOSPC naming its source (the checkpoint's file): the line names what was being
+    written in the artifact instead."""
+    import errno
+    import os
+
+    from mixtrt.runtime.manifest import _culprit
+
+    tmp = tmp_path / ".art.tmp"
+    tmp.mkdir()
+    (tmp / "model.onnx").write_bytes(b"x")
+    (tmp / "tokenizer.model").write_bytes(b"")
+    os.utime(tmp / "model.onnx", ns=(1, 1))
+    source = str(tmp_path / "ck" / "tokenizer.model")
+    assert _culprit(tmp, OSError(errno.ENOSPC, "No space left on device", source)) == "tokenizer.model"
+    assert _culprit(tmp, OSError(errno.ENOSPC, "No space", source, None, str(tmp / "model.onnx"))) == "model.onnx"
+    assert _culprit(tmp, OSError(errno.EACCES, "Permission denied", source)) == source  # a read: the source
