@@ -72,12 +72,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_stdout()
         return 141
     except MixtrtError as e:
-        print(f"mixtrt {cmd.name}: error: {e}", file=sys.stderr)
+        _error(f"mixtrt {cmd.name}: error: {e}")
         return 2
     except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"mixtrt {cmd.name}: error: {where}{e.strerror or e}", file=sys.stderr)
+        if e.filename:
+            where = f"{e.filename}: "
+        else:  # a write that names no file: the output (stdout on a full disk, /dev/full, ...)
+            where = "writing the output (stdout): "
+            _quiet_stdout()  # the interpreter's last flush would fail on it again
+        _error(f"mixtrt {cmd.name}: error: {where}{e.strerror or e}")
         return 2
+
+
+def _error(line: str) -> None:
+    """The one error line on stderr; stderr itself unwritable (a full disk) leaves only the exit code to say it."""
+    try:
+        print(line, file=sys.stderr)
+    except OSError:
+        pass
 
 
 def _one_line_warnings(command: str, show: Any) -> Any:

@@ -185,6 +185,18 @@ def test_a_closed_stdout_is_a_quiet_exit_141(artifact):
     assert r.returncode == 141 and r.stderr == b""
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device whose writes fail ENOSPC)")
+def test_a_full_stdout_or_stderr_is_exit_2(artifact):
+    """stdout on a full disk: one line naming the output; stderr full too: still exit 2, never a traceback."""
+    with open("/dev/full", "wb") as full:
+        r = _mixtrt("inspect", str(artifact), stdout=full)
+        assert r.returncode == 2
+        one_line(r.stderr.decode(), "mixtrt inspect: error: writing the output (stdout): No space left on device")
+        r = subprocess.run([sys.executable, "-m", "mixtrt", "inspect", str(artifact / "nothing")], stdout=full,
+                           stderr=full, timeout=120)
+        assert r.returncode == 2
+
+
 def test_invalid_utf8_in_argv_and_stdin_is_named(artifact):
     r = _mixtrt("generate", str(artifact), b"--prompt", b"caf\xe9", "--threads", "1")
     assert r.returncode == 2 and r.stdout == b""
