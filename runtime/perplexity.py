@@ -42,7 +42,8 @@ def chunk_logprobs(backend: Backend, ids: list[int], name: str = "the artifact")
         parts.append(backend.step(cache, piece)[0].astype(np.float64))
     logits = np.concatenate(parts)
     if not np.isfinite(logits).all():
-        raise ConfigError("the model produced non-finite logits on this text")
+        raise ConfigError(f"{name} produced non-finite logits (NaN or inf) on this text: its weights or config are "
+                          "broken, or fp16 overflowed")
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 

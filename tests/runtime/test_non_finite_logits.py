@@ -155,3 +155,17 @@ def test_a_failed_prefill_never_echoes_the_prompt(monkeypatch):
     _serve(monkeypatch, PoisonedBackend(position=4))  # "the stop" is 5 tokens: the prefill's last position
     r = cli("generate", "unused", "--prompt", "the stop", "--max-new-tokens", "5")
     refused(r, "generate", "prefill of positions 0-4")  # stdout empty: the prompt was not echoed
+
+
+def test_perplexity_names_the_artifact_whose_logits_are_not_finite():
+    """With a reference, the line says which of the two artifacts is broken."""
+    from mixtrt.runtime.errors import ConfigError
+    from mixtrt.runtime.perplexity import evaluate
+
+    ids = [1, 5, 9, 12, 7, 3, 8]
+    good, bad = ToyBackend(), PoisonedBackend(position=3)
+    assert evaluate(good, ids, 4, reference=ToyBackend())["mean_kl"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ConfigError, match="^my-ref produced non-finite logits"):
+        evaluate(good, ids, 4, reference=bad, names=("my-int4", "my-ref"))
+    with pytest.raises(ConfigError, match="^my-int4 produced non-finite logits"):
+        evaluate(bad, ids, 4, reference=good, names=("my-int4", "my-ref"))
