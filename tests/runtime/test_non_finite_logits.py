@@ -163,7 +163,7 @@ def test_perplexity_names_the_artifact_whose_logits_are_not_finite():
     from mixtrt.runtime.perplexity import evaluate
 
     ids = [1, 5, 9, 12, 7, 3, 8]
-    good, bad = ToyBackend(), PoisonedBackend(position=3)
+    good, bad = ToyBackend(), PoisonedBackend(position=1)
     assert evaluate(good, ids, 4, reference=ToyBackend())["mean_kl"] == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ConfigError, match="^my-ref produced non-finite logits"):
         evaluate(good, ids, 4, reference=bad, names=("my-int4", "my-ref"))
