@@ -394,7 +394,9 @@ def read_json(path: Path, error: type[Exception]) -> Any:
         raise error(f"{path}: not valid JSON ({e} is not a JSON number)") from None
     except RecursionError:
         raise error(f"{path}: not valid JSON (nested too deeply)") from None
-    except ValueError:  # Python's limit on integer digits (4300)
+    except ValueError as e:  # Python's limit on integer digits (4300); our own errors pass through
+        if isinstance(e, error):
+            raise
         raise error(f"{path}: a number with more digits than any field takes") from None
     except OSError as e:
         raise error(f"{path}: cannot read it ({e.strerror})") from None
