@@ -21,21 +21,7 @@ SHAPES = {
 }
 
 
-def at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= low, else argparse's one-line usage error naming the flag."""
-    import argparse
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is not >= {low}")
-        return value
-
-    return parse
-
+from mixtrt.cli.options import at_least  # noqa: E402  (an integer >= low, as argparse errors)
 
 positive = at_least(1)
 

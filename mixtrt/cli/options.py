@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 
@@ -40,6 +41,20 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
                    help="onnxruntime (default: the CPU), triton (torch + the Triton kernels on CUDA, or on the CPU "
                         "under the Triton interpreter: slow; needs `pip install 'mixtrt[gpu]'`) or tensorrt (the "
                         "engine `mixtrt build` added; a GPU and `pip install 'mixtrt[gpu,tensorrt]'`)")
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= low, else argparse's one-line usage error naming the flag (the
+    benchmark scripts use it too)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{n} is less than {low}")
+        return n
+    return parse
 
 
 def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]:

@@ -6,19 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from mixtrt.cli.options import at_least as _count
 from mixtrt.cli.options import threads
-
-
-def _count(low: int):
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if n < low:
-            raise argparse.ArgumentTypeError(f"{n} is less than {low}")
-        return n
-    return parse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
