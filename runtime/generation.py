@@ -782,7 +782,6 @@ class Engine:
             row.reason, row.message = "length", f"max_new_tokens={cfg.max_new_tokens} reached"
         if row.reason is None and len(row.history) + len(row.prompt) + len(row.tokens) >= limit:
             row.reason, row.message = "length", why
-        end = row.reason is not None or row.text.stop is not None
         if row.text.stop is None and row.reason is not None:
             piece = row.decoder.flush()
             if row.lead is not None:
@@ -792,8 +791,8 @@ class Engine:
         if row.text.stop is not None:
             row.reason, row.message = "stop", f"stop string {row.text.stop!r}"
         if row.lead is not None:
-            if end:
-                row.lead.see(None, "")  # a stop before the fresh decode showed anything: settle the front now
+            if row.reason is not None:  # settled now (a stop string before the fresh decode showed anything)
+                row.lead.see(None, "")
             text = row.lead.emit(text)
         row.pieces.append(text)
         return [EngineEvent(row, token, text, _output(row) if row.reason is not None else None)]

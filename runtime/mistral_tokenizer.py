@@ -84,12 +84,15 @@ class TekkenStream:
         self._shown = self._utf8.getstate()[0]
 
     def _decode(self, data: bytes, final: bool = False) -> str:
-        held = self._utf8.getstate()[0] + data  # the shown bytes (if any) in front
+        if not self._shown:
+            return self._utf8.decode(data, final=final)
+        held = self._utf8.getstate()[0] + data  # the shown bytes in front
         text = self._utf8.decode(data, final=final)
+        if not text:
+            if final:
+                self._shown = b""
+            return text  # still held back: still the shown bytes in front
         shown, self._shown = self._shown, b""
-        if not shown or (not text and not final):
-            self._shown = shown if not text else b""  # still held back: still the shown bytes in front
-            return text
         first = text[0].encode()
         if len(first) > len(shown) and held.startswith(first):
             return text  # the shown bytes began a character that is now complete
