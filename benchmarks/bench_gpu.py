@@ -287,13 +287,31 @@ def run_model(name: str, shape: dict[str, Any], device: str, dry: bool, batches:
     return rows
 
 
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 1 (this script imports nothing of mixtrt's CLI, so that `--bare-import` can
+    prove the GPU path imports alone)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
+
+
+def _counts(text: str) -> list[int]:
+    """An argparse type: a comma-separated list of integers >= 1."""
+    return [_count(v) for v in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under the Triton interpreter")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON report here")
-    ap.add_argument("--steps", type=int, default=None, help="timed decode steps (default 32; dry run 2)")
-    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens per row (default 128; dry run 4)")
-    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8; dry run 1,2)")
+    ap.add_argument("--steps", type=_count, default=None, help="timed decode steps (default 32; dry run 2)")
+    ap.add_argument("--prompt", type=_count, default=None, help="prompt tokens per row (default 128; dry run 4)")
+    ap.add_argument("--batches", type=_counts, default=None,
+                    help="comma-separated batch sizes (default 1,8; dry run 1,2)")
     ap.add_argument("--hbm-tbps", type=float, default=None, help="peak HBM bandwidth in TB/s (default: by GPU name)")
     ap.add_argument("--precision", default="fp16",
                     help="weights of the model runs: fp16, int4 or both (fp16,int4); default fp16")
@@ -329,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
     steps = ns.steps or (2 if ns.dry_run else 32)
     prompt = ns.prompt or (4 if ns.dry_run else 128)
-    batches = [int(b) for b in ns.batches.split(",")] if ns.batches != "1,8" or not ns.dry_run else [1, 2]
+    batches = ns.batches or ([1, 2] if ns.dry_run else [1, 8])
     report["models"] = []
     for name, shape in model_shapes(ns.dry_run).items():
         for precision in precisions:

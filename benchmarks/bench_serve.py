@@ -8,9 +8,10 @@ same threads, continuous batching with 16 rows / slots, and the same requests: s
 with token-id prompts of different lengths, greedy, EOS ignored, `--new-tokens` each. At 1, 4 and 16
 concurrent clients (each sending `--per-client` requests one after another) it prints aggregate generated
 tokens/s and TTFT / inter-token latency p50 / p99 as the clients see them (one request's gaps between
-SSE chunks), medians over `--runs` interleaved rounds. At 1 client it adds what the server itself adds,
-from its own timestamps (request received -> first token handed to the socket, minus the engine's
-prefill), and its decode rate against `mixtrt generate --json` on the same prompt (interleaved runs).
+SSE chunks), medians over interleaved rounds (`--runs` at 1 client, `--multi-runs` above). At 1 client it
+adds what the server itself adds, from its own timestamps (request received -> first token handed to the
+socket, minus the engine's prefill), and its decode rate against `mixtrt generate --json` on the same prompt
+(interleaved runs).
 """
 
 from __future__ import annotations
@@ -147,7 +148,10 @@ def main() -> None:
     ap.add_argument("--clients", nargs="+", type=positive, default=[1, 4, 16])
     ap.add_argument("--per-client", type=positive, default=2, help="requests each client sends in turn")
     ap.add_argument("--new-tokens", type=at_least(2), default=64)
-    ap.add_argument("--runs", type=positive, default=5, help="interleaved rounds (medians)")
+    ap.add_argument("--runs", type=positive, default=5, help="interleaved 1-client rounds (medians)")
+    ap.add_argument("--multi-runs", type=positive, default=3,
+                    help="interleaved rounds at each client count above 1 (medians; each round is clients x "
+                         "--per-client requests)")
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mixtrt-bench"))
     ap.add_argument("--port", type=int, default=8471)
@@ -212,7 +216,7 @@ def main() -> None:
         rows = {1: single}
         for clients in [c for c in ns.clients if c != 1]:
             rows[clients] = {e: [] for e in engines}
-            for _ in range(max(ns.runs // 2, 2)):
+            for _ in range(ns.multi_runs):
                 for name, port in engines.items():
                     rows[clients][name].append(load(port, prompts, clients, ns.per_client, ns.new_tokens,
                                                     EXTRA.get(name)))
