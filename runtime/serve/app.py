@@ -123,6 +123,8 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
         # a full queue clears as rows finish: a client may retry after about a second
         headers = {"Retry-After": "1"} if e.status == 429 else None
+        if not e.logged:
+            _log_refused(request, e)
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -130,8 +132,9 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
         # unknown routes (404), wrong methods (405): OpenAI's error object, not the framework's {"detail"}
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {e.detail}"
-        return JSONResponse(ApiError(message, e.status_code, type=kind).body(), status_code=e.status_code,
-                            headers=getattr(e, "headers", None))
+        error = ApiError(message, e.status_code, type=kind)
+        _log_refused(request, error)
+        return JSONResponse(error.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: probes that read the status only
     async def health(request: Request) -> JSONResponse:
@@ -277,7 +280,10 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
     kind = "chat" if isinstance(req, ChatRequest) else "completions"
     limit = limits[0]
     try:
-        config = gen.config(**overrides(req, 16 if kind == "completions" else limit))
+        # max_tokens left out: OpenAI's 16 for completions; for chat the artifact's max_new_tokens where its
+        # generation_config.json sets one (as vLLM), else up to the model's limit
+        default_max = 16 if kind == "completions" else gen.defaults.max_new_tokens or limit
+        config = gen.config(**overrides(req, default_max, gen.defaults.temperature))
     except ConfigError as e:
         raise _config_error(e, req) from None
     rid = uuid.uuid4().hex
@@ -310,10 +316,11 @@ async def _complete(call: _Call, state: _State, request: Request) -> Response:
                 call.outputs[_choice(call, event)] = event.output
     except Cancelled as e:  # a disconnected client gets nothing: the log says so (status None)
         call.status, call.end = None if e.reason == "disconnect" else 503, e.reason
-        raise ApiError(f"the request was cancelled ({e.reason})", 503, type="unavailable_error") from None
+        raise ApiError(f"the request was cancelled ({e.reason})", 503, type="unavailable_error", logged=True
+                       ) from None
     except BackendError as e:
         call.status, call.end = 500, "error"
-        raise ApiError(str(e), 500, type="server_error") from None
+        raise ApiError(str(e), 500, type="server_error", logged=True) from None
     finally:
         watcher.cancel()
         _log(call)
@@ -335,8 +342,20 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
     head = "data: " + json.dumps({"id": _id(call), "object": obj, "created": call.created, "model": name},
                                  ensure_ascii=False)[:-1] + ', "choices": ['
 
+    options = call.req.stream_options
+    usage = options is not None and options.include_usage
+    running = options is not None and options.continuous_usage_stats  # vLLM's: usage so far in every chunk
+    # with include_usage, the other chunks carry "usage": null (OpenAI's stream format)
+    tail = "]}\n\n" if not usage or running else '], "usage": null}\n\n'
+    prompt_tokens = sum(len(p) for p in call.prompts)
+
     def chunk(choice: dict[str, Any]) -> str:
-        return head + json.dumps(choice, ensure_ascii=False) + "]}\n\n"
+        if running:
+            done = sum(counts)
+            return head + json.dumps(choice, ensure_ascii=False) + '], "usage": ' + json.dumps(
+                {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+            ) + "}\n\n"
+        return head + json.dumps(choice, ensure_ascii=False) + tail
 
     try:
         if chat:
@@ -368,8 +387,7 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
                 yield part
                 if call.t_first_sent is None:
                     call.t_first_sent = time.perf_counter()  # the generator resumes once the chunk was sent
-        req = call.req
-        if req.stream_options is not None and req.stream_options.include_usage:
+        if usage:
             yield "data: " + json.dumps({"id": _id(call), "object": obj, "created": call.created, "model": name,
                                          "choices": [], "usage": _usage(call)}) + "\n\n"
         yield "data: [DONE]\n\n"
@@ -432,13 +450,14 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
     except ConfigError as e:
         raise ApiError(f"{field_name}: {e}", param=field_name) from None
     limit, why = limits
-    asked = req.max_tokens if req.max_tokens is not None else getattr(req, "max_completion_tokens", None)
+    completion_max = getattr(req, "max_completion_tokens", None)  # wins over max_tokens (overrides)
+    asked = completion_max if completion_max is not None else req.max_tokens
     for i, p in enumerate(prompts):
         if len(p) >= limit:
             raise ApiError(f"{field_name}: prompt {i} has {len(p)} tokens, which leaves no room for a new token: "
                            f"{why}", param=field_name)
         if asked is not None and len(p) + asked > limit:  # as vLLM and OpenAI answer, not a silent cut
-            name = "max_tokens" if req.max_tokens is not None else "max_completion_tokens"
+            name = "max_completion_tokens" if completion_max is not None else "max_tokens"
             raise ApiError(f"{name}: prompt {i} has {len(p)} tokens and {name} asks for {asked} more, past the "
                            f"{limit} the model holds ({why}); ask for at most {limit - len(p)}", param=name)
     if len(prompts) * req.n > s.max_batch + s.max_queue:
@@ -456,7 +475,7 @@ def _config_error(e: ConfigError, req: CompletionRequest | ChatRequest) -> ApiEr
     param = _PARAMS.get(name, name)
     if param == "logprobs" and isinstance(req, ChatRequest) and name == "top_logprobs":
         param = "top_logprobs"
-    if param == "max_tokens" and req.max_tokens is None and getattr(req, "max_completion_tokens", None) is not None:
+    if param == "max_tokens" and getattr(req, "max_completion_tokens", None) is not None:
         param = "max_completion_tokens"
     return ApiError(message.replace(name, param, 1), param=param)
 
@@ -536,6 +555,15 @@ def _chat_k(call: _Call) -> int:
 def _texts(state: _State) -> TokenTexts:
     assert state.texts is not None
     return state.texts
+
+
+def _log_refused(request: Request, e: ApiError) -> None:
+    """The log line of a request answered with an error before it reached the engine (4xx, a 503 while loading):
+    its route, status and the error's message."""
+    path = request.url.path.rstrip("/")
+    endpoint = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}.get(path, path)
+    log.info(json.dumps({"event": "refused", "id": uuid.uuid4().hex, "endpoint": endpoint,
+                         "method": request.method, "status": e.status, "error": str(e)}))
 
 
 def _log(call: _Call) -> None:

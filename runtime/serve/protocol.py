@@ -24,11 +24,12 @@ class ApiError(Exception):
     """An error answered with OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None) -> None:
+                 type: str = "invalid_request_error", code: str | None = None, logged: bool = False) -> None:
+        """logged: the request's log line is already written (an error after the engine took it)."""
         # a message quoting the client's text (a model name, a field) must encode as UTF-8 even when that text
         # holds a lone surrogate, which JSON allows: escape those
         super().__init__(message.encode("utf-8", "backslashreplace").decode("utf-8"))
-        self.status, self.param, self.type, self.code = status, param, type, code
+        self.status, self.param, self.type, self.code, self.logged = status, param, type, code, logged
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
@@ -49,6 +50,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
+    include_obfuscation: bool = True  # OpenAI's padding against length side channels: accepted, none is added
 
 
 class _Sampling(_Strict):
@@ -59,7 +62,8 @@ class _Sampling(_Strict):
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: off (vLLM)
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=-2**63, lt=2**64)  # any 64-bit integer, as vLLM (a negative one: its
+    # two's-complement unsigned value)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -177,21 +181,29 @@ def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
     return out
 
 
-def overrides(req: CompletionRequest | ChatRequest, max_tokens: int) -> dict[str, Any]:
-    """GenerationConfig keywords over the artifact's defaults (Generator.config): an omitted field keeps the
-    artifact's default; temperature 0 means greedy; a temperature, top_p or top_k given turns sampling on.
-    `max_tokens` is the default when the request sets none."""
+def overrides(req: CompletionRequest | ChatRequest, max_tokens: int, default_temperature: float | None = None
+              ) -> dict[str, Any]:
+    """GenerationConfig keywords over the artifact's defaults (Generator.config). Sampling as OpenAI's API and
+    vLLM do it: a request samples unless its temperature is 0 (greedy); without one, at `default_temperature`
+    (the artifact's generation_config.json temperature) else 1. Other omitted fields keep the artifact's
+    defaults (top_p, top_k, repetition_penalty). `max_tokens` is the default when the request sets none;
+    `max_completion_tokens` (OpenAI's newer name) wins over `max_tokens` when both are sent, as in vLLM.
+
+    >>> overrides(parse(ChatRequest, {"messages": [{"role": "user", "content": "Hi"}]}), 64)["temperature"]
+    1.0
+    """
     out: dict[str, Any] = {"max_new_tokens": max_tokens}
-    if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
-        out["max_new_tokens"] = req.max_completion_tokens
     if req.max_tokens is not None:
         out["max_new_tokens"] = req.max_tokens
-    if req.temperature == 0:
+    if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
+        out["max_new_tokens"] = req.max_completion_tokens
+    temperature = req.temperature if req.temperature is not None else \
+        default_temperature if default_temperature is not None else 1.0
+    if temperature == 0:
         out["do_sample"] = False
-    elif req.temperature is not None or req.top_p is not None or (req.top_k or 0) > 0:
+    else:
         out["do_sample"] = True
-        if req.temperature is not None:
-            out["temperature"] = req.temperature
+        out["temperature"] = temperature
     if req.top_p is not None:
         out["top_p"] = req.top_p
     if req.top_k is not None:
@@ -199,7 +211,7 @@ def overrides(req: CompletionRequest | ChatRequest, max_tokens: int) -> dict[str
     if req.repetition_penalty is not None:
         out["repetition_penalty"] = req.repetition_penalty
     if req.seed is not None:
-        out["seed"] = req.seed
+        out["seed"] = req.seed % 2**64
     if req.stop is not None:
         out["stop_strings"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
     if req.ignore_eos:

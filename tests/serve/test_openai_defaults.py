@@ -1,0 +1,85 @@
+"""What a request leaves out, as OpenAI's API and vLLM fill it in: sampling at temperature 1 (or the artifact's
+generation_config temperature), chat's length from the artifact's max_new_tokens, max_completion_tokens over
+max_tokens, any 64-bit seed; `usage: null` in a usage stream's chunks and vLLM's continuous usage; a log line for
+every refused request."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+from mixtrt.runtime.generation import Generator
+from tests.serve.conftest import Server, continuation
+
+PROMPT = "Once upon a time"
+MESSAGES = [{"role": "user", "content": "Tell me about Paris."}]
+
+
+def test_without_temperature_a_request_samples_at_1(server, generator):
+    r = server.openai.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, seed=3, n=3)
+    solos = generator.generate([PROMPT] * 3, max_new_tokens=8, do_sample=True, temperature=1.0, seed=3)
+    assert [c.text for c in r.choices] == [continuation(generator, PROMPT, s) for s in solos]
+    greedy = generator.generate(PROMPT, max_new_tokens=8, do_sample=False)[0]
+    assert {c.text for c in r.choices} != {continuation(generator, PROMPT, greedy)}  # not three greedy answers
+    # a negative seed (vLLM takes any 64-bit integer) samples as its two's-complement unsigned value
+    neg = server.openai.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, seed=-5, temperature=0.7)
+    [want] = generator.generate(PROMPT, max_new_tokens=8, do_sample=True, temperature=0.7, seed=2**64 - 5)
+    assert neg.choices[0].text == continuation(generator, PROMPT, want)
+
+
+def test_the_artifacts_temperature_and_max_new_tokens_are_the_defaults(generator, serve_artifact):
+    defaults = dataclasses.replace(generator.defaults, temperature=0.5, max_new_tokens=5)
+    s = Server(Generator(generator.backend, generator.tokenizer, defaults), serve_artifact[1])
+    try:
+        r = s.openai.chat.completions.create(model="tiny", messages=MESSAGES, seed=11,
+                                             extra_body={"ignore_eos": True})
+        want = generator.chat(MESSAGES, do_sample=True, temperature=0.5, seed=11, max_new_tokens=5,
+                              eos_token_id=())
+        assert r.choices[0].message.content == want.text and r.usage.completion_tokens == 5
+        # completions keep OpenAI's 16 when max_tokens is left out
+        c = s.openai.completions.create(model="tiny", prompt=PROMPT, temperature=0, extra_body={"ignore_eos": True})
+        assert c.usage.completion_tokens == 16
+    finally:
+        s.close()
+
+
+def test_max_completion_tokens_wins_over_max_tokens(server):
+    r = server.openai.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=3,
+                                              max_completion_tokens=5, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 5
+    too_many = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 3,
+                                                              "max_completion_tokens": 10**6})
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "max_completion_tokens"
+
+
+def test_usage_in_stream_chunks(server):
+    def chunks(options):
+        body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "stream": True, "ignore_eos": True,
+                "stream_options": options}
+        with server.http.stream("POST", "/v1/completions", json=body) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+
+    plain = chunks({"include_usage": True})
+    assert all("usage" in c and c["usage"] is None for c in plain[:-1])  # OpenAI: null until the last chunk
+    assert plain[-1]["choices"] == [] and plain[-1]["usage"]["completion_tokens"] == 6
+    running = chunks({"include_usage": True, "continuous_usage_stats": True})
+    done = [c["usage"]["completion_tokens"] for c in running[:-1]]
+    assert done == sorted(done) and done[-1] == 6 and running[-1]["usage"]["completion_tokens"] == 6
+    assert all(c["usage"]["prompt_tokens"] == plain[-1]["usage"]["prompt_tokens"] for c in running)
+    assert "usage" not in chunks(None)[0]
+
+
+def test_a_refused_request_has_its_log_line(server, caplog):
+    with caplog.at_level("INFO", logger="mixtrt.serve"):
+        assert server.http.post("/v1/completions", json={"prompt": "a", "max_tokens": "x"}).status_code == 400
+        assert server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "bogus": 1}).status_code == 400
+        assert server.http.get("/v1/nothing").status_code == 404
+        time.sleep(0.1)
+    records = [json.loads(r.getMessage()) for r in caplog.records if '"event": "refused"' in r.getMessage()]
+    assert [(r["endpoint"], r["status"]) for r in records] == [("completions", 400), ("chat", 400),
+                                                                ("/v1/nothing", 404)]
+    assert "max_tokens" in records[0]["error"] and "bogus" in records[1]["error"]
+    assert all(len(r["id"]) == 32 for r in records)
