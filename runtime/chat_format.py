@@ -112,7 +112,7 @@ class GenerationDefaults:
 
     transformers fills what the file leaves unset with its own defaults (greedy, top_k 50, max_length 20, the
     model config's eos ids); `config_kwargs()` gives only what the file sets. `ignored` names the keys the
-    file sets that our generation has no counterpart for (min_p, max_length, num_beams, ...).
+    file sets that our generation has no counterpart for (max_length, num_beams, typical_p, ...).
     """
 
     eos_token_ids: tuple[int, ...] | None = None
@@ -124,11 +124,14 @@ class GenerationDefaults:
     top_p: float | None = None
     repetition_penalty: float | None = None
     max_new_tokens: int | None = None
+    min_p: float | None = None
+    min_new_tokens: int | None = None
     ignored: tuple[str, ...] = ()
 
     def config_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `GenerationConfig` (transformers' names): the values the file sets."""
-        names = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
+        names = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "min_p",
+                 "min_new_tokens")
         out = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         if self.eos_token_ids is not None:
             out["eos_token_id"] = self.eos_token_ids
@@ -137,8 +140,8 @@ class GenerationDefaults:
     def describe(self, model_eos: Sequence[int]) -> str:
         """One line for `mixtrt inspect`: what generation does when no option is given.
 
-        >>> GenerationDefaults(eos_token_ids=(2, 32000), do_sample=True, top_p=0.9, ignored=("min_p",)).describe([2])
-        'eos [2, 32000] (generation_config.json); do_sample True, top_p 0.9 (generation_config.json); not used: min_p'
+        >>> GenerationDefaults(eos_token_ids=(2,), do_sample=True, top_p=0.9, ignored=("typical_p",)).describe([2])
+        'eos [2] (generation_config.json); do_sample True, top_p 0.9 (generation_config.json); not used: typical_p'
         """
         eos = list(self.eos_token_ids) if self.eos_token_ids is not None else list(model_eos)
         where = GENERATION_CONFIG if self.eos_token_ids is not None else "config.json"
@@ -176,11 +179,24 @@ class GenerationDefaults:
         if not isinstance(ignored, list | tuple) or not all(isinstance(k, str) for k in ignored):
             raise ConfigError(f"{where}: ignored must be a list of names, got {ignored!r}")
         d["ignored"] = tuple(ignored)
-        return cls(**d)
+        return cls(**d).checked(where)
+
+    def checked(self, where: str) -> GenerationDefaults:
+        """self, once the values together make a valid GenerationConfig (top_p in (0, 1], a positive temperature
+        when sampling, ...), else the one-line error naming `where`: a bad file fails at export, not at every
+        generate after it."""
+        from mixtrt.runtime.generation import GenerationConfig
+
+        try:
+            GenerationConfig(**self.config_kwargs())
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        return self
 
 
 _FIELDS = [("bos_token_id", int, 0), ("pad_token_id", int, 0), ("do_sample", bool, None), ("temperature", float, 0),
-           ("top_k", int, 0), ("top_p", float, 0), ("repetition_penalty", float, 0), ("max_new_tokens", int, 1)]
+           ("top_k", int, 0), ("top_p", float, 0), ("repetition_penalty", float, 0), ("max_new_tokens", int, 1),
+           ("min_p", float, 0), ("min_new_tokens", int, 0)]
 
 
 def _check(where: str, name: str, value: Any, kind: type, low: float | None = None) -> Any:
@@ -218,7 +234,7 @@ def read_generation_defaults(checkpoint_dir: str | Path) -> GenerationDefaults:
             values[name] = _check(where, name, cfg[name], kind, low)
     known = {"eos_token_id", *values, *_NOT_SAMPLING}
     ignored = tuple(sorted(k for k, v in cfg.items() if k not in known and not k.startswith("_") and v is not None))
-    return GenerationDefaults(**values, ignored=ignored)
+    return GenerationDefaults(**values, ignored=ignored).checked(where)
 
 
 # ---------------------------------------------------------------------------------------- the record

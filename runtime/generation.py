@@ -64,10 +64,12 @@ class GenerationConfig:
     the backend's cache capacity. Greedy unless do_sample."""
 
     max_new_tokens: int = 128
+    min_new_tokens: int = 0  # eos cannot be chosen before this many new tokens (stop strings still stop)
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one; 0 = off
     repetition_penalty: float = 1.0
     seed: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -101,6 +103,7 @@ class GenerationConfig:
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
             fix(name, bool(getattr(self, name)))
         integer("max_new_tokens", 1)
+        integer("min_new_tokens", 0)
         integer("top_k", 0)
         integer("top_logprobs", 0)
         if self.top_logprobs and not self.return_logprobs:
@@ -111,6 +114,8 @@ class GenerationConfig:
         if self.prefill_chunk is not None:
             integer("prefill_chunk", 1)
         temperature, top_p, penalty = real("temperature"), real("top_p"), real("repetition_penalty")
+        if not 0 <= real("min_p") <= 1:
+            raise ConfigError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if not temperature >= 0 or (self.do_sample and temperature == 0):
             raise ConfigError(f"temperature must be > 0 when do_sample=True (>= 0 otherwise), got {temperature!r}")
         if not 0 < top_p <= 1:
@@ -469,9 +474,10 @@ class Engine:
             raise ConfigError(f"{name} has {n} tokens, which leaves no room for a new token: {why}")
 
     def _sampler(self, cfg: GenerationConfig, index: int, seen: Sequence[int]) -> Sampler:
-        return Sampler(self.backend.args.vocab_size, do_sample=cfg.do_sample, temperature=cfg.temperature,
-                       top_k=cfg.top_k, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
-                       seed=cfg.seed, row=index, prompt_ids=seen)
+        args = self.backend.args
+        return Sampler(args.vocab_size, do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.top_k,
+                       top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
+                       row=index, prompt_ids=seen, min_new_tokens=cfg.min_new_tokens, eos_ids=cfg.eos_ids(args))
 
     # ---- the loop ------------------------------------------------------------------------------------
     def step(self, prefill_budget: int | None = None) -> list[EngineEvent]:

@@ -1,9 +1,10 @@
 """Logits processing and token choice in numpy, in transformers' order and with its semantics.
 
-    raw logits ─► repetition penalty ─► (do_sample only:) temperature ─► top-k ─► top-p ─► draw
-                                        (greedy:)         argmax
+    raw logits ─► eos held back (min_new_tokens) ─► repetition penalty ─►
+        (do_sample only:) temperature ─► top-k ─► top-p ─► min-p ─► draw
+        (greedy:)         argmax
 
-Greedy ignores temperature / top-k / top-p as transformers does (they cannot change the argmax).
+Greedy ignores temperature / top-k / top-p / min-p as transformers does (they cannot change the argmax).
 Each filter sets removed entries to -inf. Every function works on [V] or [..., V] logits.
 
     >>> logits = np.array([2.0, 1.0, 0.5, -1.0], np.float32)
@@ -86,6 +87,8 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     x = np.asarray(logits, np.float32)
     if _F32_TINY <= temperature <= _F32_MAX and x.size:
         peak = float(np.abs(x).max())
+        if peak == np.inf and not np.isposinf(x).any():  # masked tokens (-inf; min_new_tokens' eos) stay -inf
+            peak = float(np.abs(np.where(np.isneginf(x), np.float32(0), x)).max())
         if np.isfinite(peak) and peak / temperature < _F32_MAX:
             return (x / np.float32(temperature)).astype(np.float32)
     x64 = x.astype(np.float64)
@@ -146,6 +149,21 @@ def top_p_filter(logits: np.ndarray, top_p: float, min_tokens_to_keep: int = 1) 
     return out.reshape(x.shape)
 
 
+def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """transformers' MinPLogitsWarper (and vLLM's min_p): drop the tokens whose probability is below min_p times
+    the most likely token's; 0 = off. The most likely token always stays.
+
+    >>> min_p_filter(np.log(np.array([0.5, 0.3, 0.04, 0.16], np.float32)), 0.1)
+    array([-0.6931472, -1.2039728,       -inf, -1.8325815], dtype=float32)
+    """
+    if min_p <= 0.0:
+        return logits
+    x = np.asarray(logits, np.float32)
+    probs = softmax(x)
+    low = probs < np.float32(min_p) * probs.max(axis=-1, keepdims=True)
+    return np.where(low, np.float32(-np.inf), x).astype(np.float32)
+
+
 def row_rng(seed: int | None, row: int) -> np.random.Generator:
     """The random stream of batch row `row`: seeded by (seed, row), so a row's draws do not depend on the
     other rows of its batch. seed=None draws fresh entropy."""
@@ -155,17 +173,23 @@ def row_rng(seed: int | None, row: int) -> np.random.Generator:
 class Sampler:
     """Chooses one row's tokens from its raw logits [V] and remembers them (for the repetition penalty).
 
-    Call it once per generated token; `prompt_ids` count as seen, like transformers' input_ids.
+    Call it once per generated token; `prompt_ids` count as seen, like transformers' input_ids. While fewer than
+    `min_new_tokens` tokens were chosen, the `eos_ids` cannot be (transformers' MinNewTokensLengthLogitsProcessor).
     """
 
     def __init__(self, vocab_size: int, *, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None, row: int = 0,
-                 prompt_ids: Iterable[int] = ()) -> None:
+                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 row: int = 0, prompt_ids: Iterable[int] = (), min_new_tokens: int = 0,
+                 eos_ids: Iterable[int] = ()) -> None:
         self.do_sample = do_sample
         self.temperature = temperature
         self.top_k = top_k
         self.top_p = top_p
+        self.min_p = min_p
         self.repetition_penalty = repetition_penalty
+        self.chosen = 0  # tokens chosen so far
+        self.min_new_tokens = min_new_tokens
+        self.eos = np.array([t for t in eos_ids if 0 <= t < vocab_size], np.int64)
         self.rng = row_rng(seed, row) if do_sample else None
         self.seen: np.ndarray | None = None
         if repetition_penalty != 1.0:
@@ -175,12 +199,16 @@ class Sampler:
     def process(self, logits: np.ndarray) -> np.ndarray:
         """Raw logits [V] -> the scores the choice is made from (filtered entries are -inf)."""
         scores = np.asarray(logits, np.float32)
+        if self.chosen < self.min_new_tokens and self.eos.size:
+            scores = scores.copy()
+            scores[self.eos] = -np.inf
         if self.seen is not None:
             scores = apply_repetition_penalty(scores, self.seen, self.repetition_penalty)
         if self.do_sample:
             scores = apply_temperature(scores, self.temperature)
             scores = top_k_filter(scores, self.top_k)
             scores = top_p_filter(scores, self.top_p)
+            scores = min_p_filter(scores, self.min_p)
         return scores
 
     def __call__(self, logits: np.ndarray) -> int:
@@ -191,6 +219,7 @@ class Sampler:
             token = draw(scores, self.rng)
         if self.seen is not None:
             self.seen[token] = True
+        self.chosen += 1
         return token
 
 

@@ -30,6 +30,9 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None, help="0 = off")
     g.add_argument("--top-p", type=float, default=None, help="1.0 = off")
+    g.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than MIN_P x the most likely one (0 = off)")
+    g.add_argument("--min-new-tokens", type=int, default=None, help="no eos before this many new tokens")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--repetition-penalty", type=float, default=None)
     g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
@@ -61,7 +64,7 @@ def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]
     """The generation options given on the command line, as GenerationConfig keywords that override the
     artifact's defaults (`Generator.config(**overrides)`); checked now, before any model loads.
 
-    Any of --temperature/--top-k/--top-p turns sampling on; --temperature 0 means greedy (as llama.cpp).
+    Any of --temperature/--top-k/--top-p/--min-p turns sampling on; --temperature 0 means greedy (as llama.cpp).
     """
     from mixtrt.runtime.errors import ConfigError
     from mixtrt.runtime.generation import GenerationConfig
@@ -71,11 +74,12 @@ def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]
         check_text(stop, f"--stop {stop!r}")
 
     given = {"max_new_tokens": ns.max_new_tokens, "top_k": ns.top_k, "top_p": ns.top_p, "seed": ns.seed,
-             "repetition_penalty": ns.repetition_penalty, "temperature": ns.temperature or None}
+             "repetition_penalty": ns.repetition_penalty, "temperature": ns.temperature or None,
+             "min_p": ns.min_p, "min_new_tokens": ns.min_new_tokens}
     out: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if ns.temperature == 0:
         out["do_sample"] = False
-    elif any(v is not None for v in (ns.temperature, ns.top_k, ns.top_p)):
+    elif any(v is not None for v in (ns.temperature, ns.top_k, ns.top_p, ns.min_p)):
         out["do_sample"] = True
     if ns.stop:
         out["stop_strings"] = tuple(ns.stop)
@@ -91,7 +95,8 @@ def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]
 
 
 _FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
-          "top_p": "--top-p", "seed": "--seed", "repetition_penalty": "--repetition-penalty", "stop_strings": "--stop"}
+          "top_p": "--top-p", "seed": "--seed", "repetition_penalty": "--repetition-penalty", "stop_strings": "--stop",
+          "min_p": "--min-p", "min_new_tokens": "--min-new-tokens"}
 
 
 def load_generator(ns: argparse.Namespace) -> Any:

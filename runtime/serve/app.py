@@ -409,7 +409,8 @@ INLINE_BODY_BYTES = 16 << 10  # a body up to this size is parsed and tokenized o
 
 # the runtime's GenerationConfig names -> the request field a client set them with
 _PARAMS = {"max_new_tokens": "max_tokens", "stop_strings": "stop", "top_logprobs": "logprobs",
-           "return_logprobs": "logprobs", "eos_token_id": "ignore_eos", "do_sample": "temperature"}
+           "return_logprobs": "logprobs", "eos_token_id": "ignore_eos", "do_sample": "temperature",
+           "min_new_tokens": "min_tokens"}
 
 
 def _check_model(requested: str, served: str) -> None:

@@ -60,6 +60,8 @@ class _Sampling(_Strict):
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: off (vLLM)
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)  # vLLM's; 0: off
+    min_tokens: int | None = Field(None, ge=0)  # vLLM's: no eos before this many tokens
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-2**63, lt=2**64)  # any 64-bit integer, as vLLM (a negative one: its
@@ -208,6 +210,10 @@ def overrides(req: CompletionRequest | ChatRequest, max_tokens: int, default_tem
         out["top_p"] = req.top_p
     if req.top_k is not None:
         out["top_k"] = max(req.top_k, 0)
+    if req.min_p is not None:
+        out["min_p"] = req.min_p
+    if req.min_tokens is not None:
+        out["min_new_tokens"] = req.min_tokens
     if req.repetition_penalty is not None:
         out["repetition_penalty"] = req.repetition_penalty
     if req.seed is not None:

@@ -82,6 +82,7 @@ def test_sampling_with_seed_is_reproducible(artifact):
     (["--temperature", "0", "--top-k", "5"], {"top_k": 5, "do_sample": False}),  # --temperature 0: greedy
     (["--max-new-tokens", "9", "--stop", "\n", "--repetition-penalty", "1.1"],
      {"max_new_tokens": 9, "stop_strings": ("\n",), "repetition_penalty": 1.1}),
+    (["--min-p", "0.05", "--min-new-tokens", "4"], {"min_p": 0.05, "min_new_tokens": 4, "do_sample": True}),
 ])
 def test_options_given_override_the_artifact_defaults(argv, want):
     """Only what is given on the command line overrides the artifact's defaults (generation_config.json)."""
@@ -99,6 +100,8 @@ def test_options_given_override_the_artifact_defaults(argv, want):
     (("--temperature", "-1"), r"temperature"),
     (("--max-new-tokens", "0"), r"max[-_]new[-_]tokens"),
     (("--repetition-penalty", "0"), r"repetition[-_]penalty"),
+    (("--min-p", "1.5"), r"--min-p must be in \[0, 1\]"),
+    (("--min-new-tokens", "-1"), r"--min-new-tokens must be an integer >= 0"),
 ])
 def test_invalid_option_exits_2_with_one_line(artifact, option, pattern):
     r = cli("generate", str(artifact), "--prompt-ids", "1,2,3", *option)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -203,15 +204,16 @@ def test_generation_defaults(tmp_path):
         "_from_model_config": True, "bos_token_id": 1, "eos_token_id": [2, 32000], "pad_token_id": 11,
         "do_sample": True, "temperature": 0.15, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1,
         "max_new_tokens": 256, "min_p": 0.05, "max_length": 4096, "transformers_version": "4.46.0",
-        "num_beams": None,
+        "num_beams": None, "min_new_tokens": 3, "typical_p": 0.9,
     })
     g = read_generation_defaults(d)
     assert g == GenerationDefaults(eos_token_ids=(2, 32000), bos_token_id=1, pad_token_id=11, do_sample=True,
                                    temperature=0.15, top_k=40, top_p=0.9, repetition_penalty=1.1,
-                                   max_new_tokens=256, ignored=("max_length", "min_p"))
+                                   max_new_tokens=256, min_p=0.05, min_new_tokens=3,
+                                   ignored=("max_length", "typical_p"))
     kwargs = g.config_kwargs()
     assert kwargs == {"do_sample": True, "temperature": 0.15, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1,
-                      "max_new_tokens": 256, "eos_token_id": (2, 32000)}
+                      "max_new_tokens": 256, "min_p": 0.05, "min_new_tokens": 3, "eos_token_id": (2, 32000)}
     cfg = GenerationConfig(**{**kwargs, "temperature": 0.5})  # explicit options override the checkpoint's
     assert (cfg.temperature, cfg.top_k, cfg.eos_token_id) == (0.5, 40, (2, 32000))
     assert GenerationDefaults.from_dict(json.loads(json.dumps(g.to_dict()))) == g
@@ -244,3 +246,18 @@ def test_generation_config_errors(tmp_path, generation, match):
     (d / "generation_config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="expected a JSON object"):
         read_generation_defaults(d)
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"top_p": 5.0}, "top_p must be in (0, 1]"),
+    ({"min_p": 3.0}, "min_p must be in [0, 1]"),
+    ({"do_sample": True, "temperature": 0.0}, "temperature must be > 0 when do_sample=True"),
+])
+def test_generation_defaults_that_no_generation_could_use_are_refused_when_read(tmp_path, values, words):
+    """A value every generate would refuse is refused where it is read: generation_config.json at export, the
+    manifest's record at load (naming which)."""
+    d = _dir(tmp_path, generation={"eos_token_id": 2, **values})
+    with pytest.raises(ConfigError, match=re.escape(f"{d / 'generation_config.json'}: {words}")):
+        read_generation_defaults(d)
+    with pytest.raises(ConfigError, match=re.escape(f"manifest chat.generation: {words}")):
+        GenerationDefaults.from_dict(values)

@@ -188,6 +188,25 @@ def test_eos_from_a_greedy_run_ends_the_row(generators):
             assert len(out.token_ids) == NEW
 
 
+def test_min_new_tokens_holds_eos_back_as_transformers(exported, generators):
+    from transformers import AutoModelForCausalLM
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    ck, _ = exported["mistral"]
+    gen = generators["mistral"]
+    [full] = gen.generate([PROMPT], GREEDY)
+    eos = full.token_ids[0]  # greedy's first token: without min_new_tokens the row ends at once
+    assert gen.generate([PROMPT], GREEDY, eos_token_id=eos)[0].token_ids == [eos]
+    [out] = gen.generate([PROMPT], GREEDY, eos_token_id=eos, min_new_tokens=4)
+    model = AutoModelForCausalLM.from_pretrained(ck, attn_implementation="eager", dtype=torch.float32).eval()
+    ids = torch.tensor([PROMPT])
+    hf = HFGenerationConfig(do_sample=False, max_new_tokens=NEW, min_new_tokens=4, eos_token_id=eos, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=hf)[0, len(PROMPT):]
+    assert out.token_ids == want.tolist()
+    assert eos not in out.token_ids[:4] and len(out.token_ids) >= 4
+
+
 def test_stop_string_from_a_greedy_run_ends_the_row(generators):
     gen = generators["mixtral"]
     [full] = gen.generate([PROMPT], GREEDY)

@@ -8,6 +8,7 @@ from mixtrt.runtime.sampling import (
     apply_repetition_penalty,
     apply_temperature,
     log_softmax,
+    min_p_filter,
     softmax,
     top_k_filter,
     top_p_filter,
@@ -235,3 +236,36 @@ def test_ordinary_values_keep_transformers_arithmetic():
         np.testing.assert_array_equal(apply_temperature(logits, value), logits / np.float32(value))
         expected = np.where(logits < 0, logits * np.float32(value), logits / np.float32(value))
         np.testing.assert_array_equal(apply_repetition_penalty(logits, seen, value), expected)
+
+
+@pytest.mark.parametrize("min_p", [0.0, 0.01, 0.1, 0.5, 1.0])
+def test_min_p_equals_transformers(hf, min_p):
+    torch, transformers = hf
+    logits = random_logits(20)
+    ours = min_p_filter(logits, min_p)
+    if min_p == 0.0:
+        assert ours is logits  # off
+        return
+    theirs = transformers.MinPLogitsWarper(min_p)(None, torch.from_numpy(logits)).numpy()
+    np.testing.assert_array_equal(ours, theirs)
+    assert np.isfinite(ours).sum() > (min_p < 1) * len(ours)  # the filter bites, and keeps each row's argmax
+    assert np.isfinite(ours[np.arange(len(ours)), logits.argmax(-1)]).all()
+
+
+def test_chain_with_min_p_and_min_new_tokens_equals_transformers(hf):
+    torch, transformers = hf
+    logits = random_logits()
+    eos = [int(logits[0].argmax()), 3]
+    chain = transformers.LogitsProcessorList([
+        transformers.MinNewTokensLengthLogitsProcessor(2, 2, eos), transformers.TemperatureLogitsWarper(0.8),
+        transformers.TopPLogitsWarper(0.95), transformers.MinPLogitsWarper(0.05),
+    ])
+    s = Sampler(V, do_sample=True, temperature=0.8, top_p=0.95, min_p=0.05, seed=0, min_new_tokens=2, eos_ids=eos)
+    for step in range(3):  # transformers counts new tokens from input_ids' length past the prompt's (2 here)
+        ids = torch.zeros((1, 2 + step), dtype=torch.long)
+        theirs = chain(ids, torch.from_numpy(logits[:1].copy())).numpy()[0]
+        np.testing.assert_allclose(s.process(logits[0]), theirs, rtol=1e-6)
+        assert np.isneginf(s.process(logits[0])[eos]).all() == (step < 2)
+        s(logits[0])
+    greedy = Sampler(V, min_new_tokens=1, eos_ids=eos)
+    assert greedy(logits[0]) != eos[0] and greedy(logits[0]) == eos[0]  # eos only once a token was chosen

@@ -36,7 +36,9 @@ BAD = [  # (body, status, param, words in the message)
     ({"prompt": "a", "best_of": 2}, 400, "best_of", "only equal to n"),
     ({"prompt": "a", "suffix": "end"}, 400, "suffix", "not supported"),
     ({"prompt": "a", "logit_bias": {"5": 1.5}}, 400, "logit_bias", "not supported"),
-    ({"prompt": "a", "min_p": 0.1}, 400, "min_p", "unknown field"),
+    ({"prompt": "a", "min_p": 1.5}, 400, "min_p", "less than or equal to 1"),
+    ({"prompt": "a", "min_tokens": -1}, 400, "min_tokens", "greater than or equal to 0"),
+    ({"prompt": "a", "typical_p": 0.5}, 400, "typical_p", "unknown field"),
     ({"prompt": "a", "max_tokens": 200}, 400, "max_tokens", "ask for at most 126"),  # "a" is 2 of 128 positions
     (b'{"prompt": "a", "model": "\\ud800"}', 404, "model", "the model '\\ud800' does not exist"),
     (b'{"prompt": "a", "stop": ["\\ud800"]}', 400, "stop", "stop[0] is not valid text"),

@@ -83,3 +83,12 @@ def test_a_refused_request_has_its_log_line(server, caplog):
                                                                 ("/v1/nothing", 404)]
     assert "max_tokens" in records[0]["error"] and "bogus" in records[1]["error"]
     assert all(len(r["id"]) == 32 for r in records)
+
+
+def test_vllm_min_p_and_min_tokens(server, generator):
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=1.5, seed=5)
+    [want] = generator.generate(PROMPT, min_p=0.3, min_new_tokens=3, **kw)
+    assert want.token_ids != generator.generate(PROMPT, **kw)[0].token_ids  # min_p bites on this prompt
+    r = server.openai.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=1.5, seed=5,
+                                         extra_body={"min_p": 0.3, "min_tokens": 3})
+    assert r.choices[0].text == continuation(generator, PROMPT, want)
