@@ -440,8 +440,8 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
         if isinstance(req, ChatRequest):
             messages = chat_messages(req)
             check_messages_text(messages)
-            prompts = normalize_prompts([list(gen.tokenizer.apply_chat_template(messages, add_generation_prompt=True))],
-                                        gen.tokenizer, vocab)
+            ids = gen.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+            prompts = normalize_prompts([list(ids)], gen.tokenizer, vocab)
             echo = [""]
         else:
             prompts = normalize_prompts(req.prompt, gen.tokenizer, vocab)

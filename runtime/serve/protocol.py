@@ -71,10 +71,16 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     user: str | None = None  # accepted and unused, as every OpenAI server does (it only labels the caller)
+    safety_identifier: str | None = None  # OpenAI's newer labels of the caller and of a prompt cache: unused
+    prompt_cache_key: str | None = None
     # accepted only at their neutral values; anything else is a 400 naming them (not implemented)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    # vLLM's extras at their neutral values (the decode skips special tokens; stop strings are cut)
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
 
 class CompletionRequest(_Sampling):
@@ -108,6 +114,13 @@ class ChatRequest(_Sampling):
     parallel_tool_calls: bool | None = None  # without tools it means nothing
     store: bool | None = None
     service_tier: str | None = None
+    functions: list[Any] | None = None  # the tools' former names: neutral only
+    function_call: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None  # ["text"] only
+    add_generation_prompt: bool = True  # vLLM's: False renders the messages without the assistant's opening
+    continue_final_message: bool = False  # vLLM's: neutral only
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: neutral only (empty)
+    echo: bool = False  # vLLM's (chat: the last message first): neutral only
 
 
 M = TypeVar("M", bound=_Sampling)
@@ -152,6 +165,25 @@ def _check_neutral(req: _Sampling) -> None:
             raise ApiError("store is not supported (only false)", param="store")
         if req.service_tier not in (None, "auto", "default"):
             raise ApiError("service_tier is not supported (only \"auto\" or \"default\")", param="service_tier")
+    for name in ("skip_special_tokens", "spaces_between_special_tokens"):
+        if not getattr(req, name):
+            raise ApiError(f"{name} is not supported (only true)", param=name)
+    if req.include_stop_str_in_output:
+        raise ApiError("include_stop_str_in_output is not supported (only false)", param="include_stop_str_in_output")
+    if isinstance(req, ChatRequest):
+        if req.functions:
+            raise ApiError("functions are not supported (only an empty list)", param="functions")
+        if req.function_call not in (None, "none", "auto"):
+            raise ApiError("function_call is not supported (only \"none\" or \"auto\" without functions)",
+                           param="function_call")
+        if req.modalities not in (None, ["text"]):
+            raise ApiError("modalities: only [\"text\"] is supported", param="modalities")
+        if req.continue_final_message:
+            raise ApiError("continue_final_message is not supported (only false)", param="continue_final_message")
+        if req.chat_template_kwargs:
+            raise ApiError("chat_template_kwargs is not supported (only empty)", param="chat_template_kwargs")
+        if req.echo:
+            raise ApiError("echo is not supported in chat (only false)", param="echo")
     if req.stream_options is not None and not req.stream:
         raise ApiError("stream_options is only allowed with stream: true", param="stream_options")
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []

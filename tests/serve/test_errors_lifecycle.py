@@ -69,6 +69,12 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
                         ({"messages": hi, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                         ({"messages": hi, "tool_choice": "required"}, "tool_choice"),
                         ({"messages": hi, "store": True}, "store"),
+                        ({"messages": hi, "functions": [{"name": "f"}]}, "functions"),
+                        ({"messages": hi, "modalities": ["text", "audio"]}, "modalities"),
+                        ({"messages": hi, "chat_template_kwargs": {"enable_thinking": True}}, "chat_template_kwargs"),
+                        ({"messages": hi, "continue_final_message": True}, "continue_final_message"),
+                        ({"messages": hi, "skip_special_tokens": False}, "skip_special_tokens"),
+                        ({"messages": hi, "reasoning_effort": "low"}, "reasoning_effort"),
                         ({"messages": [*hi, {"role": "assistant", "content": None}, *hi]}, "messages")]:
         r = server.http.post("/v1/chat/completions", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
@@ -359,7 +365,9 @@ def test_what_common_clients_send_is_accepted(server, generator):
     alone = server.http.post("/v1/completions", json=base).json()["choices"][0]["text"]
     nulls = {k: None for k in ("n", "stream", "echo", "presence_penalty", "frequency_penalty", "ignore_eos", "logprobs",
                                "stop", "seed", "top_p", "best_of", "suffix", "stream_options", "user")}
-    neutral = {"best_of": 1, "suffix": "", "logit_bias": {"5": 0}}
+    neutral = {"best_of": 1, "suffix": "", "logit_bias": {"5": 0}, "skip_special_tokens": True,
+               "spaces_between_special_tokens": True, "include_stop_str_in_output": False,
+               "safety_identifier": "u1", "prompt_cache_key": "k", "min_p": 0, "min_tokens": 0}
     for extra in (nulls, neutral):
         r = server.http.post("/v1/completions", json={**base, **extra})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == alone, (extra, r.text)
@@ -370,6 +378,10 @@ def test_what_common_clients_send_is_accepted(server, generator):
                   {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "parallel_tool_calls": True,
                    "store": False, "metadata": {"app": "x"}, "service_tier": "auto"},
                   {"tool_choice": "auto", "tools": None},
+                  {"functions": [], "function_call": "none", "modalities": ["text"], "add_generation_prompt": True,
+                   "continue_final_message": False, "chat_template_kwargs": {}, "echo": False,
+                   "safety_identifier": "u1", "prompt_cache_key": "k",
+                   "stream_options": None},
                   {"messages": [{"role": "developer", "content": "Be brief."}, system[1]]},
                   {"messages": [system[0], {"role": "user", "content": [{"type": "text", "text": "hi"}],
                                             "name": "u"}]}):

@@ -92,3 +92,18 @@ def test_vllm_min_p_and_min_tokens(server, generator):
     r = server.openai.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=1.5, seed=5,
                                          extra_body={"min_p": 0.3, "min_tokens": 3})
     assert r.choices[0].text == continuation(generator, PROMPT, want)
+
+
+def test_add_generation_prompt_false_renders_the_messages_as_they_are(server, generator):
+    """vLLM's add_generation_prompt: false renders a conversation that may end with the assistant's turn (the
+    Mistral formats close it with EOS), which a request for the next reply refuses."""
+    ended = [*MESSAGES, {"role": "assistant", "content": "Paris is"}]
+    ids = list(generator.tokenizer.apply_chat_template(ended, add_generation_prompt=False))
+    body = {"messages": ended, "max_tokens": 4, "temperature": 0}
+    r = server.http.post("/v1/chat/completions", json={**body, "add_generation_prompt": False})
+    assert r.status_code == 200, r.text
+    [want] = generator.generate([ids], max_new_tokens=4, do_sample=False)
+    assert r.json()["choices"][0]["message"]["content"] == want.text
+    assert r.json()["usage"]["prompt_tokens"] == len(ids)
+    refused = server.http.post("/v1/chat/completions", json=body)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
