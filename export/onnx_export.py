@@ -197,7 +197,10 @@ def export_onnx(
         say(f"awq: calibrating on {source} ({tokens} tokens)")
         transform = awq_transform(checkpoint_dir, plan, seqs, int4, say, transform)
         calibration = {"source": source, "tokens": tokens}
-    say(f"reading {checkpoint_dir} ({args.architecture}, {args.num_hidden_layers} layers)")
+    # which description was read (a Hugging Face repository of a Mistral model may hold both, as transformers
+    # reads config.json)
+    described = "config.json" if (Path(checkpoint_dir) / "config.json").is_file() else "params.json"
+    say(f"reading {checkpoint_dir} ({described}: {args.architecture}, {args.num_hidden_layers} layers)")
     with open_checkpoint(checkpoint_dir) as ckpt:  # headers only: names, shapes, dtypes checked up front
         model = _meta_model(args, plan, dtype)
         n_params = sum(p.numel() for p in model.parameters())
