@@ -42,7 +42,7 @@ from sentencepiece import sentencepiece_model_pb2
 from mixtrt.runtime.chat_format import PREPEND_SCHEMES, AddedToken, PrependScheme
 from mixtrt.runtime.chat_template import ChatTemplate, select_template
 from mixtrt.runtime.errors import ConfigError
-from mixtrt.runtime.prompts import check_messages_text
+from mixtrt.runtime.prompts import check_continue, check_messages_text
 from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer
 
 __all__ = ["AddedToken", "JinjaChatTokenizer", "PrependScheme"]
@@ -60,6 +60,9 @@ def _without_dummy_prefix(path: Path) -> tuple[spm.SentencePieceProcessor, list[
     sp = spm.SentencePieceProcessor()
     sp.LoadFromSerializedProto(proto.SerializeToString())
     return sp, types, dummy_prefix
+
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker of where a continued message ends
 
 
 class _Stream(StreamDecoder):
@@ -177,16 +180,46 @@ class JinjaChatTokenizer:
 
     # ---- chat --------------------------------------------------------------------------------------
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                    tools: Sequence[Mapping[str, Any]] | None = None) -> str:
-        """The template's text for the conversation (transformers' `apply_chat_template(tokenize=False)`)."""
+                    tools: Sequence[Mapping[str, Any]] | None = None, *, continue_final_message: bool = False) -> str:
+        """The template's text for the conversation (transformers' `apply_chat_template(tokenize=False)`).
+
+        continue_final_message: the text ends where the last (assistant) message's content ends, so the model
+        continues that message instead of closing it; found as transformers finds it (a tag appended to the
+        content, the text cut before the tag's last occurrence, trailing spaces dropped where the template
+        trimmed them)."""
         template = select_template(self.templates, tools)
-        return template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        if not continue_final_message:
+            return template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        check_continue(messages, add_generation_prompt)
+        *head, last = messages
+        final, tagged = last.get("content"), dict(last)
+        if isinstance(final, str):
+            tagged["content"] = final + _CONTINUE_TAG
+        elif isinstance(final, (list, tuple)):  # content parts: the last text part is continued
+            parts = [dict(part) if isinstance(part, Mapping) else part for part in final]
+            texts = [n for n, part in enumerate(parts) if isinstance(part, dict) and isinstance(part.get("text"), str)]
+            if not texts:
+                raise ConfigError("chat: continue_final_message: the last message has no text to continue")
+            final = parts[texts[-1]]["text"]
+            parts[texts[-1]]["text"] = final + _CONTINUE_TAG
+            tagged["content"] = parts
+        else:
+            raise ConfigError("chat: continue_final_message: the last message has no text content to continue")
+        text = template.render([*head, tagged], add_generation_prompt=False, tools=tools)
+        tag = _CONTINUE_TAG.strip()
+        if final.strip() not in text or tag not in text:
+            raise ConfigError("chat: continue_final_message: the chat template does not write the last message's "
+                              "content as given, so there is no place to continue it from")
+        at = text.rindex(tag)
+        return text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                            tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+                            tools: Sequence[Mapping[str, Any]] | None = None, *,
+                            continue_final_message: bool = False) -> list[int]:
         """The conversation as ids: the rendered text through `encode_special`."""
         check_messages_text(messages)  # sentencepiece / tekken cannot take lone surrogates
-        return self.encode_special(self.render_chat(messages, add_generation_prompt, tools))
+        return self.encode_special(self.render_chat(messages, add_generation_prompt, tools,
+                                                    continue_final_message=continue_final_message))
 
 
 def _added_token_pattern(tokens: Sequence[AddedToken]) -> tuple[re.Pattern[str] | None, list[int]]:

@@ -32,7 +32,7 @@ from typing import Any
 
 from mixtrt.runtime.chat_template import first_failing_message
 from mixtrt.runtime.errors import ConfigError
-from mixtrt.runtime.prompts import check_messages_text
+from mixtrt.runtime.prompts import check_continue, check_messages_text
 from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer
 
 EXTRA = "pip install 'mixtrt[mistral]'"
@@ -160,9 +160,15 @@ class MistralCommonTokenizer:
 
     # ---- chat --------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                            tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
-        """The conversation as mistral-common's `encode_chat_completion` ids (see the module docstring)."""
+                            tools: Sequence[Mapping[str, Any]] | None = None, *,
+                            continue_final_message: bool = False) -> list[int]:
+        """The conversation as mistral-common's `encode_chat_completion` ids (see the module docstring);
+        continue_final_message: the last (assistant) message as mistral-common's `prefix`, left open for the model
+        to continue."""
         check_messages_text(messages)  # sentencepiece / tekken cannot take lone surrogates
+        if continue_final_message:
+            check_continue(messages, add_generation_prompt)
+            messages = [*messages[:-1], {**messages[-1], "prefix": True}]
         chat = _checked(messages, add_generation_prompt)
         if tools is not None and (isinstance(tools, (str, Mapping)) or not all(isinstance(t, Mapping) for t in tools)):
             raise ConfigError("chat: tools must be a list of {'type': 'function', 'function': {...}} mappings")
@@ -174,9 +180,11 @@ class MistralCommonTokenizer:
                           f"(role {chat[at]['role']!r}): {error}")
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                    tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+                    tools: Sequence[Mapping[str, Any]] | None = None, *, continue_final_message: bool = False) -> str:
         """The encoded conversation written out with its control tokens ("<s>[INST] Hi[/INST]"), for display."""
-        return self.decode(self.apply_chat_template(messages, add_generation_prompt, tools), skip_special=False)
+        ids = self.apply_chat_template(messages, add_generation_prompt, tools,
+                                       continue_final_message=continue_final_message)
+        return self.decode(ids, skip_special=False)
 
     def _attempt(self, chat: list[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
                  ) -> tuple[list[int], str | None]:
@@ -184,10 +192,14 @@ class MistralCommonTokenizer:
         from mistral_common.exceptions import MistralCommonException
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-        closed = chat[-1]["role"] == "assistant"
+        prefix = chat[-1]["role"] == "assistant" and bool(chat[-1].get("prefix"))  # continued, left open
+        closed = chat[-1]["role"] == "assistant" and not prefix
+        messages = [{k: v for k, v in m.items() if k != "prefix"} for m in chat]
         try:
-            request = ChatCompletionRequest.from_openai([dict(m) for m in chat],
+            request = ChatCompletionRequest.from_openai(messages,
                                                         [dict(t) for t in tools] if tools is not None else None)
+            if prefix:  # from_openai does not read mistral-common's own field
+                request.messages[-1].prefix = True
             encoded = self._closed().encode_chat_completion(request) if closed else \
                 self._chat.encode_chat_completion(request)
         except KeyError as e:  # a field the message type needs (a tool message's tool_call_id, ...)

@@ -95,3 +95,14 @@ def check_messages_text(messages: Any) -> None:
         for n, message in enumerate(messages):
             if isinstance(message, Mapping):
                 walk(message, f"chat: message {n}", 0)
+
+
+def check_continue(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> None:
+    """continue_final_message's conditions, as transformers states them: the last message is the assistant's
+    (the text the model continues) and no generation prompt follows it."""
+    if add_generation_prompt:
+        raise ConfigError("chat: continue_final_message and add_generation_prompt cannot both be set (the "
+                          "assistant's last message is continued, not answered)")
+    if not messages or not isinstance(messages[-1], Mapping) or messages[-1].get("role") != "assistant":
+        raise ConfigError("chat: continue_final_message needs the conversation to end with the assistant's message "
+                          "(the text the model continues)")

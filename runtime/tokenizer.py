@@ -20,7 +20,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from mixtrt.runtime.errors import ConfigError
-from mixtrt.runtime.prompts import check_messages_text, check_text
+from mixtrt.runtime.prompts import check_continue, check_messages_text, check_text
 
 TOKENIZER_FILE = "tokenizer.model"
 _SPACE = "\u2581"  # sentencepiece's "▁": a space in the text
@@ -300,40 +300,49 @@ class Tokenizer:
         return StreamDecoder(self)
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True, *,
+        continue_final_message: bool = False,
     ) -> list[int]:
         """The conversation as ids, equal to mistral-common's v1 instruct tokenizer.
 
         BOS, then each user turn encoded alone as "[INST] {content} [/INST]", each assistant turn
         as "{content}" + EOS (both with sentencepiece's dummy-prefix space). A leading system
-        message is prepended to the first user message as "{system}\\n\\n{user}".
+        message is prepended to the first user message as "{system}\\n\\n{user}". continue_final_message:
+        the last (assistant) turn without its EOS, for the model to continue (mistral-common's `prefix`).
         """
         ids = [self.bos_id]
-        for role, content in _turns(messages, add_generation_prompt):
+        turns = _turns(messages, add_generation_prompt, continue_final_message)
+        for n, (role, content) in enumerate(turns):
             if role == "user":
                 ids += self._sp.encode(f"[INST] {content} [/INST]")
             else:
-                ids += self._sp.encode(content) + [self.eos_id]
+                ids += self._sp.encode(content) + [self.eos_id] * (not continue_final_message or n < len(turns) - 1)
         return ids
 
-    def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True, *,
+                    continue_final_message: bool = False) -> str:
         """The same conversation as text: '<s>[INST] user [/INST] answer</s>[INST] user2 [/INST]'."""
         bos, eos = self.id_to_piece(self.bos_id), self.id_to_piece(self.eos_id)
         parts = [bos]
-        for role, content in _turns(messages, add_generation_prompt):
-            parts.append(f"[INST] {content} [/INST]" if role == "user" else f" {content}{eos}")
+        turns = _turns(messages, add_generation_prompt, continue_final_message)
+        for n, (role, content) in enumerate(turns):
+            close = eos if not continue_final_message or n < len(turns) - 1 else ""
+            parts.append(f"[INST] {content} [/INST]" if role == "user" else f" {content}{close}")
         return "".join(parts)
 
 
-def _turns(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> list[tuple[str, str]]:
+def _turns(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, continue_final_message: bool = False
+           ) -> list[tuple[str, str]]:
     """Validated (role, content) turns, the system message folded into the first user turn.
 
     Roles: one optional leading "system", then "user" / "assistant" alternating from "user"; with
     add_generation_prompt the last turn must be the user's (the model answers next). Without it the
-    conversation may also end with an assistant turn, closed by EOS.
+    conversation may also end with an assistant turn, closed by EOS (left open with continue_final_message).
     """
     if not messages:
         raise ConfigError("chat: no messages; a conversation needs at least one user message")
+    if continue_final_message:
+        check_continue(messages, add_generation_prompt)
     check_messages_text(messages)
     for n, m in enumerate(messages):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):

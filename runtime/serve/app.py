@@ -288,7 +288,10 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
         raise _config_error(e, req) from None
     rid = uuid.uuid4().hex
     try:
-        handle = loop.submit(prompts, config, req.n, rid, t0, continuation=kind == "completions")
+        # a completion, and a continued chat message, is the text that continues the prompt's (a first word keeps
+        # its leading space, as vLLM returns it)
+        continued = kind == "completions" or getattr(req, "continue_final_message", False)
+        handle = loop.submit(prompts, config, req.n, rid, t0, continuation=continued)
     except QueueFull as e:
         raise ApiError(f"the server is busy: {e}", 429, type="rate_limit_error") from None
     except NotAccepting as e:
@@ -440,7 +443,8 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
         if isinstance(req, ChatRequest):
             messages = chat_messages(req)
             check_messages_text(messages)
-            ids = gen.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+            ids = gen.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+                                                    continue_final_message=req.continue_final_message)
             prompts = normalize_prompts([list(ids)], gen.tokenizer, vocab)
             echo = [""]
         else:

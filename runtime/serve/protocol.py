@@ -118,7 +118,8 @@ class ChatRequest(_Sampling):
     function_call: str | dict[str, Any] | None = None
     modalities: list[str] | None = None  # ["text"] only
     add_generation_prompt: bool = True  # vLLM's: False renders the messages without the assistant's opening
-    continue_final_message: bool = False  # vLLM's: neutral only
+    # vLLM's: the last (assistant) message continued (with add_generation_prompt false)
+    continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: neutral only (empty)
     echo: bool = False  # vLLM's (chat: the last message first): neutral only
 
@@ -178,8 +179,9 @@ def _check_neutral(req: _Sampling) -> None:
                            param="function_call")
         if req.modalities not in (None, ["text"]):
             raise ApiError("modalities: only [\"text\"] is supported", param="modalities")
-        if req.continue_final_message:
-            raise ApiError("continue_final_message is not supported (only false)", param="continue_final_message")
+        if req.continue_final_message and req.add_generation_prompt:
+            raise ApiError("continue_final_message needs add_generation_prompt: false (the last message is continued, "
+                           "not answered)", param="continue_final_message")
         if req.chat_template_kwargs:
             raise ApiError("chat_template_kwargs is not supported (only empty)", param="chat_template_kwargs")
         if req.echo:

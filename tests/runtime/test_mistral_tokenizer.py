@@ -118,6 +118,23 @@ def test_v1_refuses_tools_through_mistral_common(reference):
         reference["v1"].encode_chat_completion(_request(TOOL_TALK, [WEATHER]))
 
 
+@pytest.mark.parametrize("version", list(FILES))
+def test_continue_final_message_is_mistral_commons_prefix(ours, reference, version):
+    """The last assistant message left open: mistral-common's `prefix=True` (v1: the built-in format)."""
+    tok = ours[version]
+    messages = [*TALK[:3], {"role": "user", "content": "And salt?"}, {"role": "assistant", "content": "Salt is"}]
+    request = _request(messages)
+    request.messages[-1].prefix = True
+    expected = reference[version].encode_chat_completion(request).tokens
+    got = tok.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    assert got == expected and got[-1] != tok.eos_id
+    assert tok.render_chat(messages, add_generation_prompt=False, continue_final_message=True).endswith("Salt is")
+    with pytest.raises(ConfigError, match="cannot both be set"):
+        tok.apply_chat_template(messages, continue_final_message=True)
+    with pytest.raises(ConfigError, match="end with the assistant's message"):
+        tok.apply_chat_template(messages[:-1], add_generation_prompt=False, continue_final_message=True)
+
+
 @pytest.mark.parametrize("version", ["v3", "v7"])
 def test_closed_conversation_ends_with_eos(ours, reference, version):
     """add_generation_prompt=False accepts a final assistant turn, closed by EOS (mistral-common fine-tuning)."""

@@ -72,7 +72,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
                         ({"messages": hi, "functions": [{"name": "f"}]}, "functions"),
                         ({"messages": hi, "modalities": ["text", "audio"]}, "modalities"),
                         ({"messages": hi, "chat_template_kwargs": {"enable_thinking": True}}, "chat_template_kwargs"),
-                        ({"messages": hi, "continue_final_message": True}, "continue_final_message"),
+                        ({"messages": [*hi, {"role": "assistant", "content": "x"}], "continue_final_message": True},
+                         "continue_final_message"),  # without add_generation_prompt: false
                         ({"messages": hi, "skip_special_tokens": False}, "skip_special_tokens"),
                         ({"messages": hi, "reasoning_effort": "low"}, "reasoning_effort"),
                         ({"messages": [*hi, {"role": "assistant", "content": None}, *hi]}, "messages")]:

@@ -107,3 +107,18 @@ def test_add_generation_prompt_false_renders_the_messages_as_they_are(server, ge
     assert r.json()["usage"]["prompt_tokens"] == len(ids)
     refused = server.http.post("/v1/chat/completions", json=body)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
+
+
+def test_continue_final_message_continues_the_assistants_text(server, generator):
+    """vLLM's continue_final_message (with add_generation_prompt false): the model continues the last assistant
+    message, and the reply is the text that follows it (a first word keeps its leading space)."""
+    ended = [*MESSAGES, {"role": "assistant", "content": "Paris is"}]
+    ids = list(generator.tokenizer.apply_chat_template(ended, add_generation_prompt=False,
+                                                        continue_final_message=True))
+    assert ids[-1] != generator.tokenizer.eos_id
+    r = server.http.post("/v1/chat/completions", json={"messages": ended, "max_tokens": 5, "temperature": 0,
+                                                       "add_generation_prompt": False,
+                                                       "continue_final_message": True})
+    assert r.status_code == 200, r.text
+    [want] = generator.generate([ids], max_new_tokens=5, do_sample=False)
+    assert r.json()["choices"][0]["message"]["content"] == continuation(generator, ids, want)
