@@ -403,9 +403,12 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
         yield "data: " + json.dumps(ApiError(str(e), 500, type="server_error").body()) + "\n\n"
     finally:
         if not call.handle.ended and len(call.outputs) < call.handle.choices:
-            loop.cancel(call.handle, "disconnect")  # the client went away (the response task was cancelled)
+            # the client went away (the response task was cancelled): logged once the engine has taken the rows
+            # out, with the tokens they made until then (what the metrics count)
             call.end = "disconnect"
-        _log(call)
+            loop.cancel(call.handle, "disconnect", then=lambda: _log(call))
+        else:
+            _log(call)
 
 
 INLINE_BODY_BYTES = 16 << 10  # a body up to this size is parsed and tokenized on the event loop (well under 10 ms)
@@ -567,6 +570,9 @@ def _log_refused(request: Request, e: ApiError) -> None:
     its route, status and the error's message."""
     path = request.url.path.rstrip("/")
     endpoint = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}.get(path, path)
+    state = getattr(request.app.state, "mixtrt", None)
+    if state is not None and state.metrics is not None:
+        state.metrics.refused(e.status)
     log.info(json.dumps({"event": "refused", "id": uuid.uuid4().hex, "endpoint": endpoint,
                          "method": request.method, "status": e.status, "error": str(e)}))
 

@@ -6,6 +6,7 @@
     mixtrt:mixed_steps_total                             steps that ran a prompt chunk in the decode pass (counter)
     mixtrt:request_success_total{finished_reason}        stop / length, per choice
     mixtrt:request_aborted_total{reason}                 disconnect / error / shutdown, per request
+    mixtrt:request_refused_total{status}                 answered with an error before the engine (400, 429, ...)
     mixtrt:time_to_first_token_seconds, inter_token_latency_seconds, e2e_request_latency_seconds,
     mixtrt:request_queue_time_seconds, request_prefill_time_seconds   histograms (per choice)
 
@@ -49,6 +50,9 @@ class Metrics:
                                 ["model_name", "finished_reason"], registry=r)
         self._aborted = Counter("mixtrt:request_aborted", "Requests ended before their end, by reason.",
                                 ["model_name", "reason"], registry=r)
+        self._refused = Counter("mixtrt:request_refused", "Requests answered with an error before reaching the "
+                                "engine (bad request, unknown model or route, queue full, ...), by HTTP status.",
+                                ["model_name", "status"], registry=r)
         self.ttft = histogram("time_to_first_token_seconds", "Request received to first token.", TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between two tokens of a choice.", ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Request received to last token.", E2E_BUCKETS)
@@ -61,6 +65,9 @@ class Metrics:
 
     def aborted(self, reason: str) -> None:
         self._aborted.labels(self.model_name, reason).inc()
+
+    def refused(self, status: int) -> None:
+        self._refused.labels(self.model_name, str(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -99,7 +99,8 @@ class EngineLoop:
         self.max_batch, self.max_queue, self.metrics = max_batch, max_queue, metrics
         self._cond = threading.Condition()
         self._adds: list[Request] = []
-        self._cancels: list[tuple[Request, str]] = []
+        self._cancels: list[tuple[Request, str, Callable[[], None] | None]] = []
+        self._exited = False  # the loop thread returned (guarded by _cond)
         self._waiting_rows = 0  # rows submitted and not yet prefilled (guarded by _cond)
         self._free_rows = max_batch  # engine rows free after the last step (guarded by _cond)
         self._accepting = True
@@ -131,11 +132,17 @@ class EngineLoop:
             self._cond.notify()
         return req
 
-    def cancel(self, req: Request, reason: str) -> None:
-        """Cancel `req` before the next step (no-op once it ended)."""
+    def cancel(self, req: Request, reason: str, then: Callable[[], None] | None = None) -> None:
+        """Cancel `req` before the next step (no-op once it ended). then: called on req's event loop once the
+        engine has taken the request's rows out (their tokens final: a request log written then agrees with the
+        metrics), at once if the engine loop has exited."""
         with self._cond:
-            self._cancels.append((req, reason))
-            self._cond.notify()
+            if not self._exited:
+                self._cancels.append((req, reason, then))
+                self._cond.notify()
+                return
+        if then is not None:
+            then()
 
     def begin_stop(self, drain_s: float) -> None:
         """Refuse new requests; running ones get at most drain_s seconds from now to finish, then they are
@@ -165,8 +172,10 @@ class EngineLoop:
                 adds, self._adds = self._adds, []
                 cancels, self._cancels = self._cancels, []
                 deadline = self._deadline
-            for req, reason in cancels:
+            for req, reason, then in cancels:
                 self._cancel(req, reason)
+                if then is not None:
+                    _post(req.loop, then)
             for req in adds:
                 self._add(req)
             if deadline is not None and (not self.engine.busy or time.perf_counter() >= deadline):
@@ -176,6 +185,11 @@ class EngineLoop:
                     for req in self._adds:
                         _post(req.loop, req.deliver, [Cancelled("shutdown")])
                     self._adds = []
+                    self._exited = True
+                    late, self._cancels = self._cancels, []
+                for req, _, then in late:  # cancels that came after this step's: their requests ended above
+                    if then is not None:
+                        _post(req.loop, then)
                 self._gauges()
                 return
             if self.engine.busy:

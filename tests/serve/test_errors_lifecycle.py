@@ -134,7 +134,16 @@ def test_disconnect_frees_the_row_and_a_full_queue_answers_429(generator, serve_
             assert time.monotonic() < deadline, "the disconnect was never noticed"
             time.sleep(0.01)
         assert s.metric("mixtrt:num_rows_running") == 0 and s.metric("mixtrt:num_requests_running") == 0
-        assert s.metric("mixtrt:generation_tokens_total") < 20  # far from the 100 asked: it stopped
+        generated = s.metric("mixtrt:generation_tokens_total")
+        assert generated < 20  # far from the 100 asked: it stopped
+        assert s.metric("mixtrt:request_refused_total", status="429") == 1
+        # the stream's log line is written once the engine took its row out: its tokens are the metric's
+        deadline = time.monotonic() + 5
+        while not (logged := [json.loads(r.getMessage()) for r in caplog.records if '"end": "disconnect"' in
+                              r.getMessage()]):
+            assert time.monotonic() < deadline, "the disconnected stream was never logged"
+            time.sleep(0.01)
+        assert logged[0]["completion_tokens"] == generated
         assert s.openai.completions.create(model="tiny", prompt="b", max_tokens=2).usage.completion_tokens == 2
         # a non-streaming client that disconnects is cancelled too
         with pytest.raises(httpx.ReadTimeout):

@@ -73,6 +73,7 @@ def test_usage_in_stream_chunks(server):
 
 
 def test_a_refused_request_has_its_log_line(server, caplog):
+    before = {status: server.metric("mixtrt:request_refused_total", status=status) for status in ("400", "404")}
     with caplog.at_level("INFO", logger="mixtrt.serve"):
         assert server.http.post("/v1/completions", json={"prompt": "a", "max_tokens": "x"}).status_code == 400
         assert server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "bogus": 1}).status_code == 400
@@ -83,6 +84,8 @@ def test_a_refused_request_has_its_log_line(server, caplog):
                                                                 ("/v1/nothing", 404)]
     assert "max_tokens" in records[0]["error"] and "bogus" in records[1]["error"]
     assert all(len(r["id"]) == 32 for r in records)
+    assert server.metric("mixtrt:request_refused_total", status="400") - before["400"] == 2
+    assert server.metric("mixtrt:request_refused_total", status="404") - before["404"] == 1
 
 
 def test_vllm_min_p_and_min_tokens(server, generator):
