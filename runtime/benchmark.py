@@ -45,7 +45,8 @@ class BenchResult:
     peak_rss_mib: float  # of this process, measured before the bandwidth probe
     weight_bytes_per_token: int  # read by a batch-1 decode step
     read_bandwidth_gb_s: float
-    bandwidth_limit_tokens_per_s: float  # batch 1: read bandwidth / weight bytes per token
+    # the decode rate streaming the weights allows: batch x read bandwidth / the weight bytes a step reads
+    bandwidth_limit_tokens_per_s: float
     bandwidth_fraction: float  # decode steps/s * weight bytes per step / read bandwidth (batch 1's bytes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,6 +147,6 @@ def bench(artifact: str | Path, *, prompt_tokens: int = 128, new_tokens: int = 1
         decode_step_ms={"median": statistics.median(decode) * 1e3, "min": min(decode) * 1e3,
                         "max": max(decode) * 1e3},
         peak_rss_mib=rss, weight_bytes_per_token=wbytes, read_bandwidth_gb_s=bw,
-        bandwidth_limit_tokens_per_s=bw * 1e9 / wbytes,
+        bandwidth_limit_tokens_per_s=batch * bw * 1e9 / wbytes,
         bandwidth_fraction=wbytes / step_s / (bw * 1e9),
     )

@@ -44,7 +44,9 @@ def test_bench_rates_and_fraction(exported):
     # batch rows per step: the step rate is decode tok/s / batch; the fraction uses a batch-1 step's bytes
     assert r.bandwidth_fraction == pytest.approx(r.decode_tokens_per_s / 2 * r.weight_bytes_per_token
                                                  / (r.read_bandwidth_gb_s * 1e9))
-    assert r.bandwidth_limit_tokens_per_s == pytest.approx(r.read_bandwidth_gb_s * 1e9 / r.weight_bytes_per_token)
+    # the limit is a token rate: 2 rows a step, each step reading the weights once
+    assert r.bandwidth_limit_tokens_per_s == pytest.approx(2 * r.read_bandwidth_gb_s * 1e9 / r.weight_bytes_per_token)
+    assert r.decode_tokens_per_s / r.bandwidth_limit_tokens_per_s == pytest.approx(r.bandwidth_fraction)
     assert json.loads(json.dumps(r.to_dict()))["decode_step_ms"]["median"] == step["median"]
 
 

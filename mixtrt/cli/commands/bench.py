@@ -40,5 +40,5 @@ def run(ns: argparse.Namespace) -> int:
     print(f"peak RSS      {r.peak_rss_mib:.0f} MiB")
     print(f"bandwidth     {r.read_bandwidth_gb_s:.1f} GB/s read (probe); a step reads "
           f"{r.weight_bytes_per_token / 2**20:.1f} MiB of weights: limit {r.bandwidth_limit_tokens_per_s:.1f} "
-          f"steps/s, decode at {r.bandwidth_fraction:.0%} of it")
+          f"tok/s at batch {r.batch}, decode at {r.bandwidth_fraction:.0%} of it")
     return 0
