@@ -37,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from mixtrt.cli.options import at_least  # noqa: E402  (argparse types only: no runtime import)
+
 HBM_TBPS = {"H200": 4.8, "H100 NVL": 3.9, "H100 PCIe": 2.0, "H100": 3.35, "A100": 2.0, "L40S": 0.864}  # name part
 
 
@@ -287,29 +290,17 @@ def run_model(name: str, shape: dict[str, Any], device: str, dry: bool, batches:
     return rows
 
 
-def _count(text: str) -> int:
-    """An argparse type: an integer >= 1 (this script imports nothing of mixtrt's CLI, so that `--bare-import` can
-    prove the GPU path imports alone)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is less than 1")
-    return value
-
-
 def _counts(text: str) -> list[int]:
     """An argparse type: a comma-separated list of integers >= 1."""
-    return [_count(v) for v in text.split(",")]
+    return [at_least(1)(v) for v in text.split(",")]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under the Triton interpreter")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON report here")
-    ap.add_argument("--steps", type=_count, default=None, help="timed decode steps (default 32; dry run 2)")
-    ap.add_argument("--prompt", type=_count, default=None, help="prompt tokens per row (default 128; dry run 4)")
+    ap.add_argument("--steps", type=at_least(1), default=None, help="timed decode steps (default 32; dry run 2)")
+    ap.add_argument("--prompt", type=at_least(1), default=None, help="prompt tokens per row (default 128; dry run 4)")
     ap.add_argument("--batches", type=_counts, default=None,
                     help="comma-separated batch sizes (default 1,8; dry run 1,2)")
     ap.add_argument("--hbm-tbps", type=float, default=None, help="peak HBM bandwidth in TB/s (default: by GPU name)")

@@ -5,23 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixtrt.cli.options import threads
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n} must be >= 1")
-    return n
-
-
-def _count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
-    return int(text)
+from mixtrt.cli.options import at_least, threads
 
 
 def _port(text: str) -> int:
@@ -44,11 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path, help="artifact directory (written by `mixtrt export`)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0: any free port, logged)")
-    p.add_argument("--max-batch", type=_positive, default=16,
+    p.add_argument("--max-batch", type=at_least(1), default=16,
                    help="requests' rows decoding together (engine/KV-cache rows; default 16)")
-    p.add_argument("--max-queue", type=_count, default=64,
+    p.add_argument("--max-queue", type=at_least(0), default=64,
                    help="rows that may wait for a free engine row; past it requests get 429 at once (default 64)")
-    p.add_argument("--prefill-chunk", type=_count, default=32, metavar="TOKENS",
+    p.add_argument("--prefill-chunk", type=at_least(0), default=32, metavar="TOKENS",
                    help="while rows decode, an engine step prefills at most this many prompt tokens (a longer "
                         "prompt is split across steps), so a decoding stream waits for at most one chunk per "
                         "token; 0: no limit (default 32)")
@@ -67,12 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="onnxruntime (default: the CPU), triton or tensorrt, as for `mixtrt generate`")
     p.add_argument("--drain", type=_seconds, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, running requests get this long to finish before they are cancelled (default 30)")
-    p.add_argument("--max-body-bytes", type=_positive, default=4 << 20, help="request body limit (413 past it)")
+    p.add_argument("--max-body-bytes", type=at_least(1), default=4 << 20, help="request body limit (413 past it)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of the artifact's files at load (sizes are still checked)")
     p.add_argument("--ray", action="store_true",
                    help="run on Ray Serve (needs mixtrt[ray]): --replicas copies, each loading the artifact")
-    p.add_argument("--replicas", type=_positive, default=None, help="with --ray: replicas (default 1)")
+    p.add_argument("--replicas", type=at_least(1), default=None, help="with --ray: replicas (default 1)")
     p.add_argument("--ray-address", default=None,
                    help="with --ray: an existing cluster (`ray start --head` prints it; default: a local instance)")
 
