@@ -33,7 +33,6 @@ import math
 import shutil
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -393,7 +392,6 @@ def _finish_graph(path: Path, metadata: dict[str, str], rewrite: Callable[[Any],
 
     Works on the graph without loading external data, so it costs the same for a 7B model as for a tiny one.
     """
-    import numpy as np
     import onnx
 
     from mixtrt.plugins.onnx_common import attach_functions
@@ -407,18 +405,7 @@ def _finish_graph(path: Path, metadata: dict[str, str], rewrite: Callable[[Any],
     onnx.save(model, str(path))
     onnx.checker.check_model(str(path))
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
-    if facts is not None:
-        return opsets, facts
-    graph = model.graph
-    ops = Counter(f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in graph.node)
-    itemsize = {t.data_type: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-                for t in graph.initializer}
-    summary = {
-        "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "parameters": sum(int(np.prod(t.dims)) for t in graph.initializer),
-        "parameter_bytes": sum(int(np.prod(t.dims)) * itemsize[t.data_type] for t in graph.initializer),
-    }
-    return opsets, summary
+    return opsets, facts if facts is not None else graph_facts(model)
 
 
 def _node_label(node) -> str:

@@ -458,13 +458,16 @@ def _topological(graph: onnx.GraphProto) -> None:
 
 def graph_facts(model: onnx.ModelProto) -> dict:
     """Op counts, parameters and their bytes (INT4 counted as half a byte), for the summary. A quantized
-    weight's scales are bytes, not parameters: the count is the model's, whatever the precision."""
+    weight's scales are bytes, not parameters, and the RoPE tables neither: the count is the checkpoint's, whatever
+    the precision."""
     graph = model.graph
     ops = Counter(f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in graph.node)
     params = 0
     nbytes = 0
     for t in graph.initializer:
         n = int(np.prod(t.dims))
+        if t.name.endswith(("rope_cos", "rope_sin")):  # tables the graph computes from the config, not weights
+            continue
         if t.name.endswith(".scales"):  # _Item.scales
             nbytes += n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
         elif t.data_type == TensorProto.INT4:

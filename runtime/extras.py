@@ -26,7 +26,7 @@ class Extra:
 
 
 EXTRAS: dict[str, Extra] = {
-    "base": Extra(("numpy", "onnxruntime", "onnx", "sentencepiece", "jinja2"),
+    "base": Extra(("numpy", "onnxruntime", "onnx", "sentencepiece", "safetensors", "jinja2"),
                   "the runtime: generate, chat, inspect on the CPU"),
     "export": Extra(("torch", "onnx", "onnxscript", "onnx_ir", "tqdm"), "export checkpoints to artifacts"),
     "mistral": Extra(("mistral_common",), "Mistral's own tokenizer files (v3, v7, tekken)"),
@@ -35,7 +35,7 @@ EXTRAS: dict[str, Extra] = {
     "gpu": Extra(("torch", "triton"), "the Triton GPU backend"),
     "tensorrt": Extra(("tensorrt", "polygraphy"),
                       "TensorRT engines; building and running one needs an NVIDIA GPU with CUDA"),
-    "bench": Extra(("matplotlib", "psutil"), "the benchmark scripts and their charts"),
+    "bench": Extra(("torch", "transformers", "mistral_common", "matplotlib"), "the benchmark scripts and their charts"),
     "test": Extra(("pytest", "transformers", "mistral_common", "polygraphy", "mypy", "triton", "hypothesis", "fastapi",
                    "openai", "ray"),
                   "the test suite"),

@@ -43,7 +43,7 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", default="onnxruntime", metavar="NAME",
                    help="onnxruntime (default: the CPU), triton (torch + the Triton kernels on CUDA, or on the CPU "
                         "under the Triton interpreter: slow; needs `pip install 'mixtrt[gpu]'`) or tensorrt (the "
-                        "engine `mixtrt build` added; a GPU and `pip install 'mixtrt[gpu,tensorrt]'`)")
+                        "engine `mixtrt build` added; a GPU and `pip install 'mixtrt[tensorrt]'`)")
 
 
 def at_least(low: int) -> Callable[[str], int]:

@@ -76,7 +76,8 @@ def load_backend(name: str, directory: str | Path, *, verify: bool = True, head:
 
         raise ConfigError(f"{directory}: {wrong_head(manifest.args, head)}")
     if name not in manifest.backends:
-        raise ConfigError(f"{directory}: this artifact runs on {manifest.backends}, not on {name!r}")
+        hint = f" (`mixtrt build {directory}` adds a TensorRT engine, on a GPU)" if name == "tensorrt" else ""
+        raise ConfigError(f"{directory}: this artifact runs on {', '.join(manifest.backends)}, not on {name}{hint}")
     require(info.extra, f"the {name} backend")
     if not info.mixed_steps:
         options.pop("mixed_steps", None)  # a backend without mixed steps runs a server's steps apart

@@ -56,5 +56,5 @@ def test_inspect_counts_a_tied_table_once(tmp_path):
     ck = make_checkpoint(tmp_path / "ck", "mistral", **kw)
     info = inspect_artifact(export_onnx(ck, tmp_path / "art", progress=None))
     hf = sum(p.numel() for p in make_hf_model("mistral", **kw).parameters())  # counts the tied table once
-    rope = info["stored_parameters"] - hf - 32000 * 32  # the stored rope cos / sin tables
-    assert info["parameters"] == hf + rope and 0 < rope < 32000
+    # the checkpoint's count, give or take the graph's few scalar constants (the RoPE tables are not counted)
+    assert 0 <= info["parameters"] - hf < 64 and info["stored_parameters"] == info["parameters"] + 32000 * 32
