@@ -29,7 +29,6 @@ logprobs.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 import warnings
@@ -43,7 +42,15 @@ from mixtrt import __version__
 from mixtrt.export.model import HEADS, CausalLM, SequenceClassifier, Transformer, finish_loaded
 from mixtrt.export.progress import Progress
 from mixtrt.export.quantize import Int4Options, Int4Plan, bytes_per_token, graph_facts, rtn, rtn_max7
-from mixtrt.export.weights_writer import GraphWeight, Stored, Transform, our_name, prepare_graph, write_weights
+from mixtrt.export.weights_writer import (
+    GraphWeight,
+    Stored,
+    Transform,
+    our_name,
+    prepare_graph,
+    weight_bytes,
+    write_weights,
+)
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backends import EXPORT_BACKENDS, window_slack
 from mixtrt.runtime.cache import CachePlan
@@ -203,7 +210,9 @@ def export_onnx(
     with open_checkpoint(checkpoint_dir) as ckpt:  # headers only: names, shapes, dtypes checked up front
         model = _meta_model(args, plan, dtype)
         n_params = sum(p.numel() for p in model.parameters())
-        say(f"  {n_params / 1e6:.1f} M parameters, {n_params * dtype.itemsize / 2**20:.0f} MiB in {precision}")
+        # int4: the float weights before quantizing (the written size follows the writing)
+        floats = f"{n_params * dtype.itemsize / 2**20:.0f} MiB in {precision if precision != 'int4' else 'fp32'}"
+        say(f"  {n_params / 1e6:.1f} M parameters, {floats}")
         inputs, outputs = Manifest.graph_io(args, plan.capacity, precision)
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
             shape = f"cache capacity {plan.capacity}, {plan.layout} layout" if lm else f"{args.head} head, no cache"
@@ -225,7 +234,7 @@ def export_onnx(
                     warnings.warn(f"{checkpoint_dir}: --precision int4 stores no weight in INT4 here "
                                   f"({'; '.join(reasons) or 'nothing to quantize'}): the artifact keeps its linears "
                                   "in float (INT8 where asked)", MixtrtWarning, stacklevel=2)
-            total = sum(math.prod(w.value.shape) * w.value.dtype.itemsize for w in weights)
+            total = sum(weight_bytes(w) for w in weights)
             t2 = time.perf_counter()
             with say.bytes(total, f"writing {DATA_FILE}") as tick:
                 index, sha, size = write_weights(program.model, weights, ckpt.tensor, ckpt.sources, dtype, tmp,

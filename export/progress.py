@@ -52,7 +52,7 @@ class Progress:
         def tick(n: int) -> None:
             nonlocal done, said
             done += n
-            quarter = min(4, done * 4 // max(total, 1))
+            quarter = int(min(4, done * 4 // max(total, 1)))
             if quarter > said:
                 said = quarter
                 rate = done / max(time.perf_counter() - t0, 1e-9) / 2**20

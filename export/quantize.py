@@ -413,7 +413,7 @@ class Int4Plan:
     def summary(self) -> str:
         n4 = self.int4_tensors
         blocks = sorted(set(self.blocks.values()) | {self.options.block_size})
-        return (f"  int4: {n4} tensors, {len(self.floats)} kept float, blocks {blocks}"
+        return (f"  int4: {n4} tensor{'s' * (n4 != 1)}, {len(self.floats)} kept float, blocks {blocks}"
                 + (f", experts block {self.moe[3:]}" if self.moe else ""))
 
 

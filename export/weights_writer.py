@@ -20,6 +20,7 @@ experts the first tensor a hook returns goes into the stack and the others after
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -245,12 +246,14 @@ def write_weights(ir_model: Any, weights: list[GraphWeight], read: Callable[[str
 
     read(of) -> the stored tensor; describe(of) -> where it comes from (for errors). A weight holding NaN
     or inf, or one that overflows `dtype`, is refused with a CheckpointError naming it (the caller's
-    atomic directory then leaves nothing behind).
+    atomic directory then leaves nothing behind). on_bytes(n): after each weight, its n bytes as the graph
+    declares it (what a transform writes instead, INT4 or INT8, is smaller), so progress is through the model.
     """
     import onnx_ir as ir
 
     graph = ir_model.graph
-    writer = WeightsWriter(directory, on_bytes=on_bytes)
+    writer = WeightsWriter(directory)
+    declared = on_bytes or (lambda _n: None)
     try:
         groups: list[tuple[str | None, list[GraphWeight]]] = []
         for w in weights:  # consecutive experts of one matrix form a stack
@@ -263,10 +266,12 @@ def write_weights(ir_model: Any, weights: list[GraphWeight], read: Callable[[str
         for key, members in groups:
             if key is None:
                 _write_one(writer, graph, members[0], read, describe, dtype, transform)
+                declared(weight_bytes(members[0]))
                 continue
             with writer.stack(key):
                 for w in members:
                     _write_one(writer, graph, w, read, describe, dtype, transform)
+                    declared(weight_bytes(w))
         for name, value in list(graph.initializers.items()):  # constants the optimizer made (rope tables ...)
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor) or tensor is None or tensor.nbytes < INLINE_BYTES:
@@ -276,6 +281,11 @@ def write_weights(ir_model: Any, weights: list[GraphWeight], read: Callable[[str
     finally:
         sha, size = writer.close()
     return writer.index(directory), sha, size
+
+
+def weight_bytes(w: GraphWeight) -> int:
+    """The bytes of `w` as the graph declares it (its shape and dtype before any transform)."""
+    return int(math.prod(w.value.shape) * w.value.dtype.itemsize)
 
 
 def _write_one(writer: WeightsWriter, graph: Any, w: GraphWeight, read: Callable[[str], torch.Tensor],

@@ -148,7 +148,8 @@ class ChatSession:
         alone = self._start() + [new]
         alone_ids = list(tokenizer.apply_chat_template(alone, add_generation_prompt=True))
         if len(alone_ids) >= limit:
-            raise ConfigError(f"the message is too long: {len(alone_ids)} tokens with the system prompt leave no "
+            alone_what = "with the system prompt" if self.system else "alone"
+            raise ConfigError(f"the message is too long: {len(alone_ids)} tokens {alone_what} leave no "
                               f"room for a reply ({why}); the conversation is unchanged")
         note = (f"the conversation reached {len(ids)} tokens, more than the model holds ({why}): a new context "
                 f"with the system prompt and this message")

@@ -42,7 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd in COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         importlib.import_module(cmd.module).add_arguments(p)
+    parser.set_defaults(_subparsers=sub.choices)
     return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """parse_args, with an unknown option named by the command it was given to (`mixtrt perplexity: error:
+    unrecognized arguments: --x`), as its other errors are."""
+    ns, rest = parser.parse_known_args(argv)
+    if rest:
+        command = getattr(ns, "command", None)
+        target = ns._subparsers.get(command, parser) if command else parser
+        target.error(f"unrecognized arguments: {' '.join(rest)}")
+    return ns
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mixtrt.runtime.extras import require
 
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = _parse(parser, argv)
     if isinstance(sys.stdin, io.TextIOWrapper):
         sys.stdin.reconfigure(errors="surrogateescape")
     if ns.command is None:

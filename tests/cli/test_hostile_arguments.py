@@ -38,7 +38,7 @@ PARSE = [
     (["generate", "ART", "--prompt", "x", "--prompt-ids", "1"], "generate", ["--prompt-ids", "not allowed"]),
     (["generate", "ART", "--prompt", "x", "--prompt", "y"], "generate", ["--prompt", "given more than once"]),
     (["generate", "ART", "--prompt-ids", "1", "--prompt-ids", "2"], "generate", ["--prompt-ids", "more than once"]),
-    (["generate", "ART", "--prompt", "x", "--colour"], None, ["unrecognized arguments: --colour"]),
+    (["generate", "ART", "--prompt", "x", "--colour"], "generate", ["unrecognized arguments: --colour"]),
     (["generate"], "generate", ["artifact"]),
     (["frobnicate"], None, ["frobnicate"]),
     (["export", "CK", "--precision", "int8"], "export", ["--precision", "int8"]),

@@ -50,7 +50,8 @@ def run(ns: argparse.Namespace) -> int:
     if q is not None:
         blocks = sorted(set(q["blocks"].values()))
         print(f"quantization  int{q['bits']} {q['method']}, block {q['block_size']}"
-              + (f" (other blocks: {len(q['blocks'])} tensors at {blocks})" if blocks else "")
+              + (f" (other blocks: {len(q['blocks'])} tensor{'s' * (len(q['blocks']) != 1)} at {blocks})"
+                 if blocks else "")
               + f", symmetric, {q['scale_dtype']} scales, onnxruntime accuracy level {q['accuracy_level']}"
               + (f", calibrated on {q['calibration']['source']} ({q['calibration']['tokens']} tokens)"
                  if q["calibration"] else ""))
