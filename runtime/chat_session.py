@@ -14,16 +14,19 @@ turn renders the whole conversation (`apply_chat_template(messages, add_generati
 compares it with what the row holds (every id it was fed and generated, the reply's EOS included):
 
 - the held ids are a prefix of the rendered ones: only the rest is prefilled ("cached");
-- otherwise the turn starts a new context, prefilled from the start ("mismatch"). This happens when the
-  format re-tokenizes the assistant's text differently from the ids the model generated, or rewrites
-  earlier turns: mistral-common v2/v3 and tekken v3 put the system prompt (and the tools) before the LAST
-  user message, so with a system prompt every turn is a mismatch; v1, v7 (`[SYSTEM_PROMPT]` first) and
-  templates that only append (ChatML, Mistral v0.1's) keep their cache.
+- otherwise they part at some token: the format re-tokenizes the assistant's text differently from the ids
+  the model generated, or rewrites earlier turns (mistral-common v2/v3 and tekken v3 put the system prompt and
+  the tools before the LAST user message, so with a system prompt every turn parts early; v1, v7
+  (`[SYSTEM_PROMPT]` first) and templates that only append (ChatML, Mistral v0.1's) part only where a reply
+  re-tokenizes). Where the cache still holds the common prefix as it was (`Engine.can_rewind`: a linear
+  cache always, a windowed one until its window first drops a token), the row keeps that prefix and
+  prefills the rest ("rewound", as llama.cpp's server reuses a common prefix); else the turn starts a new
+  context, prefilled from the start ("mismatch").
 
 A reply that ended by max_new_tokens has no EOS: the format's close (EOS, `<|im_end|>`, ...) is simply the
 start of the next turn's new ids. A reply cut at a stop string holds tokens the rendered conversation
-does not, so the next turn is a mismatch. A reply with no text is not added to the conversation (the
-Mistral formats refuse an empty assistant message); the next turn is then a mismatch too. The result is
+does not, so the next turn parts there. A reply with no text is not added to the conversation (the
+Mistral formats refuse an empty assistant message); the next turn parts before it. The result is
 always what stateless `Generator.chat` on `session.messages` gives (greedy: the same tokens).
 
 Limits. The longest conversation is the Engine's limit (a linear cache's capacity, else the max
@@ -45,7 +48,7 @@ from mixtrt.runtime.generation import Engine, GenerationConfig, GenerationOutput
 if TYPE_CHECKING:
     from mixtrt.runtime.generation import Generator
 
-TurnKind = Literal["new", "cached", "mismatch", "restart"]
+TurnKind = Literal["new", "cached", "rewound", "mismatch", "restart"]
 
 
 @dataclass(frozen=True)
@@ -58,9 +61,11 @@ class ChatTurn:
     prompt_tokens: int  # the conversation's ids for this turn (with the generation prompt)
     cached_tokens: int  # of those, held in the cache from earlier turns
     prefilled_tokens: int
-    kind: TurnKind  # "cached" (the cache was kept); a new context: "new" (none held: the first turn, or after
-    #                 close / reset / a cancelled turn), "mismatch" or "restart"
-    note: str = ""  # why a new context, for "mismatch" and "restart"; why the turn was dropped (an empty reply)
+    kind: TurnKind  # "cached" (the cache was kept), "rewound" (its common prefix with the conversation was
+    #                 kept); a new context: "new" (none held: the first turn, or after close / reset / a cancelled
+    #                 turn), "mismatch" or "restart"
+    note: str = ""  # where the conversation left the cache, for "rewound" and "mismatch"; why a "restart";
+    #                 why the turn was dropped (an empty reply)
 
 
 class ChatSession:
@@ -123,9 +128,16 @@ class ChatSession:
         new = {"role": "user", "content": message} if isinstance(message, str) else dict(message)
         messages, ids, restart = self._render(new)
         held = self._row.sequence if self._row is not None else []
+        common = _common(held, ids[:-1])  # at least one new id is fed
         if self._row is not None and not restart and len(held) < len(ids) and ids[:len(held)] == held:
             turn = ChatTurn(len(ids), self._row.cached, len(ids) - self._row.cached, "cached")
             self.engine.extend(self._row, ids[len(held):], cfg)
+        elif self._row is not None and not restart and self.engine.can_rewind(self._row, common):
+            turn = ChatTurn(len(ids), common, len(ids) - common, "rewound",
+                            f"the chat format's ids leave the cached ones at token {common} of {len(held)} "
+                            "(it re-tokenizes the reply or rewrites an earlier turn): the cache keeps the "
+                            f"{common} before")
+            self.engine.extend(self._row, ids[common:], cfg, keep=common)
         else:
             kind: TurnKind = "restart" if restart else "mismatch" if self._row is not None else "new"
             note = restart or (_mismatch(held, ids) if self._row is not None else "")
@@ -200,9 +212,14 @@ class ChatSession:
         return f"ChatSession({len(self.messages)} messages, {len(self.turns)} turns, {self.cached_tokens} cached)"
 
 
+def _common(held: Sequence[int], ids: Sequence[int]) -> int:
+    """The length of the longest common prefix of two id lists."""
+    return next((i for i, (a, b) in enumerate(zip(held, ids, strict=False)) if a != b), min(len(held), len(ids)))
+
+
 def _mismatch(held: Sequence[int], ids: Sequence[int]) -> str:
     """Why the held ids do not continue into the rendered ones (one line)."""
-    at = next((i for i, (a, b) in enumerate(zip(held, ids, strict=False)) if a != b), min(len(held), len(ids)))
+    at = _common(held, ids)
     return (f"the chat format's ids for the conversation leave the cached ones at token {at} of {len(held)} "
             "(it re-tokenizes the reply or rewrites an earlier turn): a new context for this turn")
 

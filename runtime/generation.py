@@ -432,18 +432,29 @@ class Engine:
         self.waiting.append(row)
         return row
 
-    def extend(self, row: Row, ids: list[int], config: GenerationConfig, *, t0: float | None = None) -> None:
+    def extend(self, row: Row, ids: list[int], config: GenerationConfig, *, t0: float | None = None,
+               keep: int | None = None) -> None:
         """Continue a finished kept row: feed `ids` after everything it holds, then generate by `config`.
-        Its cache is reused, so only the new tokens (and its last generated token) are prefilled."""
+        Its cache is reused, so only the new tokens (and its last generated token) are prefilled.
+
+        keep: feed `ids` after the first `keep` tokens of the row's sequence instead (the rest is dropped from
+        its cache: a rewind), where `can_rewind(row, keep)` says the cache still holds them as they were."""
         if row not in self.parked or row.released:
             raise ConfigError("extend needs a finished row added with keep=True that was not released")
         if not ids:
             raise ConfigError("extend needs at least one new token")
+        if keep is not None and not self.can_rewind(row, keep):
+            raise ConfigError(f"extend: keep={keep} is not a prefix the row's cache holds as it was (1 to the "
+                              f"{row.cached} tokens it holds, while its sliding window has dropped none)")
         config.validate(self.backend.args)
         self.chunk(config.prefill_chunk)
-        sequence = row.sequence + list(ids)
+        base = row.sequence if keep is None else row.sequence[:keep]
+        sequence = base + list(ids)
         self._check_fits(len(sequence), "the conversation")
-        row.history, row.prompt, row.tokens = row.history + row.prompt + row.tokens, list(ids), []
+        if keep is not None:  # positions [keep, cached) are written over as the new tokens go in
+            row.cached = keep
+            self.cache.lengths[self._slot(row)] = keep
+        row.history, row.prompt, row.tokens = base, list(ids), []
         row.config, row.logprobs, row.pieces, row.prompt_logprobs = config, [], [], None
         row.top, row.prompt_top = [], None
         row.reason, row.message = None, ""
@@ -452,6 +463,13 @@ class Engine:
         row.lead = _Lead(self.tokenizer)
         row.t0 = time.perf_counter() if t0 is None else t0
         self.waiting.append(row)
+
+    def can_rewind(self, row: Row, keep: int) -> bool:
+        """Whether `extend(row, ids, keep=keep)` may drop all but the first `keep` tokens of a parked row's cache:
+        0 < keep <= the tokens it holds, and it never held more than the cache's rows, so every backend still has
+        positions 0..keep-1 in rows 0..keep-1 (a linear cache always; a windowed one until its first eviction,
+        after which a ring has written over old positions and onnxruntime's compacted them)."""
+        return row in self.parked and not row.released and 0 < keep <= row.cached <= self.backend.capacity
 
     def cancel(self, row: Row) -> None:
         """Stop a waiting or running row now (no output event) and free its cache row (kept rows too)."""

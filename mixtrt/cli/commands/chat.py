@@ -54,7 +54,12 @@ def run(ns: argparse.Namespace) -> int:
         if not out.text:
             print(f"mixtrt chat: {session.turns[-1].note}", file=sys.stderr)
         if ns.stats:
-            cache = f"{turn.cached_tokens} from the cache" if turn.kind == "cached" else f"new context: {turn.kind}"
-            conversation = (f"conversation {turn.prompt_tokens} tokens: {turn.prefilled_tokens} prefilled (the new "
-                            f"message, the template's tokens around it and the last reply's final token), {cache}")
+            if turn.kind in ("cached", "rewound"):
+                cache = f"{turn.cached_tokens} from the cache"
+                what = ("the new message, the template's tokens around it and the last reply's final token"
+                        if turn.kind == "cached" else "from where the conversation leaves the cached reply")
+            else:
+                cache, what = f"new context: {turn.kind}", "the whole conversation"
+            conversation = (f"conversation {turn.prompt_tokens} tokens: {turn.prefilled_tokens} prefilled ({what}), "
+                            f"{cache}")
             print(stats_line(out, prompt=conversation), file=sys.stderr)
