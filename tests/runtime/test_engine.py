@@ -75,6 +75,32 @@ def test_kept_row_extends_with_its_cache_and_equals_one_long_prompt():
     assert engine.parked == [] and not engine.busy
 
 
+@pytest.mark.parametrize("windowed", [True, False])
+def test_a_kept_row_rewinds_to_a_prefix_while_its_cache_dropped_nothing(windowed):
+    """extend(keep=k) continues after the row's first k tokens, as one prompt of those and the new ones would;
+    refused (the row unchanged) for k past what the cache holds or once a window has dropped a token."""
+    backend = ToyBackend(capacity=64 if windowed else 512, windowed=windowed)
+    engine = Engine(backend, ToyTokenizer(), max_batch=2)
+    row = engine.add(PROMPTS[1], GREEDY, keep=True)
+    first = drain(engine)[row.id]
+    sequence = PROMPTS[1] + first
+    for bad in (0, row.cached + 1):
+        assert not engine.can_rewind(row, bad)
+        with pytest.raises(ConfigError, match=f"keep={bad} is not a prefix"):
+            engine.extend(row, [5], GREEDY, keep=bad)
+    assert engine.parked == [row] and row.sequence == sequence  # unchanged
+    backend.calls.clear()
+    engine.extend(row, [29, 37, 3], GREEDY, keep=9)
+    second = drain(engine)[row.id]
+    assert [s for b, s, _ in backend.calls if s > 1] == [3]  # only the new tokens after the kept 9
+    assert second == alone(sequence[:9] + [29, 37, 3])
+    small = ToyBackend(capacity=6)  # a window of 4 in 6 rows: the first turn already dropped tokens
+    engine = Engine(small, ToyTokenizer(), max_batch=1)
+    row = engine.add(PROMPTS[1], GREEDY, keep=True)
+    drain(engine)
+    assert not engine.can_rewind(row, 3)
+
+
 def test_parked_row_survives_other_rows_coming_and_going():
     backend = ToyBackend(capacity=6)
     engine = Engine(backend, ToyTokenizer(), max_batch=2)
