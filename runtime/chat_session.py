@@ -140,7 +140,8 @@ class ChatSession:
             self.engine.extend(self._row, ids[common:], cfg, keep=common)
         else:
             kind: TurnKind = "restart" if restart else "mismatch" if self._row is not None else "new"
-            note = restart or (_mismatch(held, ids) if self._row is not None else "")
+            note = restart or (_mismatch(held, ids, self._row.cached > self.engine.backend.capacity)
+                               if self._row is not None else "")
             self.close()
             turn = ChatTurn(len(ids), 0, len(ids), kind, note)
             self._row = self.engine.add(ids, cfg, keep=True, name="the conversation")
@@ -217,9 +218,12 @@ def _common(held: Sequence[int], ids: Sequence[int]) -> int:
     return next((i for i, (a, b) in enumerate(zip(held, ids, strict=False)) if a != b), min(len(held), len(ids)))
 
 
-def _mismatch(held: Sequence[int], ids: Sequence[int]) -> str:
-    """Why the held ids do not continue into the rendered ones (one line)."""
+def _mismatch(held: Sequence[int], ids: Sequence[int], evicted: bool) -> str:
+    """Why the held ids do not continue into the rendered ones, and why the cache cannot keep their common
+    prefix (one line)."""
     at = _common(held, ids)
+    why = "its sliding window has dropped the oldest tokens, so it cannot keep the ones before" if evicted and at \
+        else "nothing before that to keep" if not at else "it cannot keep the ones before"
     return (f"the chat format's ids for the conversation leave the cached ones at token {at} of {len(held)} "
-            "(it re-tokenizes the reply or rewrites an earlier turn): a new context for this turn")
+            f"(it re-tokenizes the reply or rewrites an earlier turn) and {why}: a new context for this turn")
 
