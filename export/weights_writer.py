@@ -57,13 +57,11 @@ Transform = Callable[[str, np.ndarray], list[tuple[str, "np.ndarray | Stored"]]]
 class WeightsWriter:
     """Appends tensors to one file: each starts at a multiple of `alignment` (zero padding before it), except
     inside `stack()`, where each follows the previous one; sha256 and size are computed as it writes (no
-    second pass over the file). `on_bytes(n)` hears of every n bytes of tensor data written."""
+    second pass over the file)."""
 
-    def __init__(self, directory: Path, file: str = DATA_FILE, alignment: int = ALIGNMENT,
-                 on_bytes: Callable[[int], None] | None = None) -> None:
+    def __init__(self, directory: Path, file: str = DATA_FILE, alignment: int = ALIGNMENT) -> None:
         self.path = Path(directory) / file
         self.file, self.alignment = file, alignment
-        self.on_bytes = on_bytes or (lambda _n: None)
         self.sha = hashlib.sha256()
         self.size = 0
         self.tensors: dict[str, WeightEntry] = {}
@@ -72,7 +70,7 @@ class WeightsWriter:
         self._stack: list[str] | None = None
         self._deferred: list[tuple[str, np.ndarray | Stored, str | None, str]] | None = None
 
-    def _put(self, data: bytes | memoryview, *, counted: bool = True) -> None:
+    def _put(self, data: bytes | memoryview) -> None:
         hashing = threading.Thread(target=self.sha.update, args=(data,))  # both release the GIL: in parallel
         hashing.start()
         try:
@@ -80,13 +78,11 @@ class WeightsWriter:
         finally:
             hashing.join()
         self.size += len(data)
-        if counted:
-            self.on_bytes(len(data))
 
     def _align(self) -> None:
         pad = -self.size % self.alignment
         if pad:
-            self._put(bytes(pad), counted=False)
+            self._put(bytes(pad))
 
     def add(self, name: str, array: np.ndarray | Stored, of: str | None = None, layout: str = "same"
             ) -> WeightEntry:
