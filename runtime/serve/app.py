@@ -43,7 +43,15 @@ from mixtrt.runtime.serve.logprobs import (
     prompt_logprobs,
 )
 from mixtrt.runtime.serve.metrics import Metrics
-from mixtrt.runtime.serve.protocol import ApiError, ChatRequest, CompletionRequest, chat_messages, overrides, parse
+from mixtrt.runtime.serve.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    chat_messages,
+    length_field,
+    overrides,
+    parse,
+)
 from mixtrt.runtime.serve.scheduler import Cancelled, EngineLoop, NotAccepting, QueueFull
 from mixtrt.runtime.serve.scheduler import Request as EngineRequest
 
@@ -458,14 +466,12 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
     except ConfigError as e:
         raise ApiError(f"{field_name}: {e}", param=field_name) from None
     limit, why = limits
-    completion_max = getattr(req, "max_completion_tokens", None)  # wins over max_tokens (overrides)
-    asked = completion_max if completion_max is not None else req.max_tokens
+    name, asked = length_field(req)
     for i, p in enumerate(prompts):
         if len(p) >= limit:
             raise ApiError(f"{field_name}: prompt {i} has {len(p)} tokens, which leaves no room for a new token: "
                            f"{why}", param=field_name)
         if asked is not None and len(p) + asked > limit:  # as vLLM and OpenAI answer, not a silent cut
-            name = "max_completion_tokens" if completion_max is not None else "max_tokens"
             raise ApiError(f"{name}: prompt {i} has {len(p)} tokens and {name} asks for {asked} more, past the "
                            f"{limit} the model holds ({why}); ask for at most {limit - len(p)}", param=name)
     if len(prompts) * req.n > s.max_batch + s.max_queue:
@@ -483,8 +489,8 @@ def _config_error(e: ConfigError, req: CompletionRequest | ChatRequest) -> ApiEr
     param = _PARAMS.get(name, name)
     if param == "logprobs" and isinstance(req, ChatRequest) and name == "top_logprobs":
         param = "top_logprobs"
-    if param == "max_tokens" and getattr(req, "max_completion_tokens", None) is not None:
-        param = "max_completion_tokens"
+    if param == "max_tokens":
+        param = length_field(req)[0]
     return ApiError(message.replace(name, param, 1), param=param)
 
 

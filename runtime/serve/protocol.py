@@ -217,22 +217,27 @@ def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
     return out
 
 
+def length_field(req: CompletionRequest | ChatRequest) -> tuple[str, int | None]:
+    """The field that sets a request's length and its value: `max_completion_tokens` where sent (OpenAI's newer
+    name; it wins over `max_tokens`, as in vLLM), else `max_tokens` (None: neither was sent)."""
+    if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
+        return "max_completion_tokens", req.max_completion_tokens
+    return "max_tokens", req.max_tokens
+
+
 def overrides(req: CompletionRequest | ChatRequest, max_tokens: int, default_temperature: float | None = None
               ) -> dict[str, Any]:
     """GenerationConfig keywords over the artifact's defaults (Generator.config). Sampling as OpenAI's API and
     vLLM do it: a request samples unless its temperature is 0 (greedy); without one, at `default_temperature`
     (the artifact's generation_config.json temperature) else 1. Other omitted fields keep the artifact's
-    defaults (top_p, top_k, repetition_penalty). `max_tokens` is the default when the request sets none;
-    `max_completion_tokens` (OpenAI's newer name) wins over `max_tokens` when both are sent, as in vLLM.
+    defaults (top_p, top_k, repetition_penalty). `max_tokens` is the default when the request sets no length
+    (length_field).
 
     >>> overrides(parse(ChatRequest, {"messages": [{"role": "user", "content": "Hi"}]}), 64)["temperature"]
     1.0
     """
-    out: dict[str, Any] = {"max_new_tokens": max_tokens}
-    if req.max_tokens is not None:
-        out["max_new_tokens"] = req.max_tokens
-    if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
-        out["max_new_tokens"] = req.max_completion_tokens
+    asked = length_field(req)[1]
+    out: dict[str, Any] = {"max_new_tokens": max_tokens if asked is None else asked}
     temperature = req.temperature if req.temperature is not None else \
         default_temperature if default_temperature is not None else 1.0
     if temperature == 0:
