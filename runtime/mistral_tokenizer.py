@@ -168,14 +168,14 @@ class MistralCommonTokenizer:
         check_messages_text(messages)  # sentencepiece / tekken cannot take lone surrogates
         if continue_final_message:
             check_continue(messages, add_generation_prompt)
-            messages = [*messages[:-1], {**messages[-1], "prefix": True}]
         chat = _checked(messages, add_generation_prompt)
         if tools is not None and (isinstance(tools, (str, Mapping)) or not all(isinstance(t, Mapping) for t in tools)):
             raise ConfigError("chat: tools must be a list of {'type': 'function', 'function': {...}} mappings")
-        ids, error = self._attempt(chat, tools)
+        ids, error = self._attempt(chat, tools, continue_final_message)
         if error is None:
             return ids
-        at = first_failing_message(len(chat), lambda n: self._attempt(chat[:n], tools)[1], error)
+        at = first_failing_message(
+            len(chat), lambda n: self._attempt(chat[:n], tools, continue_final_message and n == len(chat))[1], error)
         raise ConfigError(f"chat ({self.path.name}, mistral-common {self.version}) failed at message {at} "
                           f"(role {chat[at]['role']!r}): {error}")
 
@@ -186,19 +186,18 @@ class MistralCommonTokenizer:
                                        continue_final_message=continue_final_message)
         return self.decode(ids, skip_special=False)
 
-    def _attempt(self, chat: list[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
-                 ) -> tuple[list[int], str | None]:
-        """(ids, None), or ([], the one-line error mistral-common gave)."""
+    def _attempt(self, chat: list[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None,
+                 prefix: bool = False) -> tuple[list[int], str | None]:
+        """(ids, None), or ([], the one-line error mistral-common gave). prefix: the last (assistant) message is
+        left open (mistral-common's `prefix`)."""
         from mistral_common.exceptions import MistralCommonException
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-        prefix = chat[-1]["role"] == "assistant" and bool(chat[-1].get("prefix"))  # continued, left open
         closed = chat[-1]["role"] == "assistant" and not prefix
-        messages = [{k: v for k, v in m.items() if k != "prefix"} for m in chat]
         try:
-            request = ChatCompletionRequest.from_openai(messages,
+            request = ChatCompletionRequest.from_openai([dict(m) for m in chat],
                                                         [dict(t) for t in tools] if tools is not None else None)
-            if prefix:  # from_openai does not read mistral-common's own field
+            if prefix:  # from_openai does not set mistral-common's own field
                 request.messages[-1].prefix = True
             encoded = self._closed().encode_chat_completion(request) if closed else \
                 self._chat.encode_chat_completion(request)
