@@ -311,12 +311,11 @@ class Tokenizer:
         the last (assistant) turn without its EOS, for the model to continue (mistral-common's `prefix`).
         """
         ids = [self.bos_id]
-        turns = _turns(messages, add_generation_prompt, continue_final_message)
-        for n, (role, content) in enumerate(turns):
+        for role, content, closed in _turns(messages, add_generation_prompt, continue_final_message):
             if role == "user":
                 ids += self._sp.encode(f"[INST] {content} [/INST]")
             else:
-                ids += self._sp.encode(content) + [self.eos_id] * (not continue_final_message or n < len(turns) - 1)
+                ids += self._sp.encode(content) + [self.eos_id] * closed
         return ids
 
     def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True, *,
@@ -324,16 +323,15 @@ class Tokenizer:
         """The same conversation as text: '<s>[INST] user [/INST] answer</s>[INST] user2 [/INST]'."""
         bos, eos = self.id_to_piece(self.bos_id), self.id_to_piece(self.eos_id)
         parts = [bos]
-        turns = _turns(messages, add_generation_prompt, continue_final_message)
-        for n, (role, content) in enumerate(turns):
-            close = eos if not continue_final_message or n < len(turns) - 1 else ""
-            parts.append(f"[INST] {content} [/INST]" if role == "user" else f" {content}{close}")
+        for role, content, closed in _turns(messages, add_generation_prompt, continue_final_message):
+            parts.append(f"[INST] {content} [/INST]" if role == "user" else f" {content}{eos * closed}")
         return "".join(parts)
 
 
 def _turns(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, continue_final_message: bool = False
-           ) -> list[tuple[str, str]]:
-    """Validated (role, content) turns, the system message folded into the first user turn.
+           ) -> list[tuple[str, str, bool]]:
+    """Validated (role, content, closed) turns, the system message folded into the first user turn; closed: an
+    assistant turn that ends with EOS (all of them, but the last one with continue_final_message).
 
     Roles: one optional leading "system", then "user" / "assistant" alternating from "user"; with
     add_generation_prompt the last turn must be the user's (the model answers next). Without it the
@@ -371,4 +369,6 @@ def _turns(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, c
         )
     if system:  # mistral-common drops an empty system prompt
         turns[0] = ("user", f"{system}\n\n{turns[0][1]}")
-    return turns
+    last = len(turns) - 1
+    return [(role, content, role == "assistant" and not (continue_final_message and n == last))
+            for n, (role, content) in enumerate(turns)]
