@@ -134,13 +134,14 @@ class ChatSession:
             self.engine.extend(self._row, ids[len(held):], cfg)
         elif self._row is not None and not restart and self.engine.can_rewind(self._row, common):
             turn = ChatTurn(len(ids), common, len(ids) - common, "rewound",
-                            f"the chat format's ids leave the cached ones at token {common} of {len(held)} "
-                            "(it re-tokenizes the reply or rewrites an earlier turn): the cache keeps the "
-                            f"{common} before")
+                            f"{_parted(common, len(held))}: the cache keeps the {common} before")
             self.engine.extend(self._row, ids[common:], cfg, keep=common)
         else:
             kind: TurnKind = "restart" if restart else "mismatch" if self._row is not None else "new"
-            note = restart or (_mismatch(held, ids, self._row.cached > self.engine.backend.capacity)
+            # a common prefix the cache could not keep: its window has dropped tokens (Engine.can_rewind)
+            why = ("the cache's sliding window has dropped the oldest tokens, so it cannot keep the ones before"
+                   if common else "there is nothing before that to keep")
+            note = restart or (f"{_parted(common, len(held))} and {why}: a new context for this turn"
                                if self._row is not None else "")
             self.close()
             turn = ChatTurn(len(ids), 0, len(ids), kind, note)
@@ -218,12 +219,7 @@ def _common(held: Sequence[int], ids: Sequence[int]) -> int:
     return next((i for i, (a, b) in enumerate(zip(held, ids, strict=False)) if a != b), min(len(held), len(ids)))
 
 
-def _mismatch(held: Sequence[int], ids: Sequence[int], evicted: bool) -> str:
-    """Why the held ids do not continue into the rendered ones, and why the cache cannot keep their common
-    prefix (one line)."""
-    at = _common(held, ids)
-    why = "its sliding window has dropped the oldest tokens, so it cannot keep the ones before" if evicted and at \
-        else "nothing before that to keep" if not at else "it cannot keep the ones before"
-    return (f"the chat format's ids for the conversation leave the cached ones at token {at} of {len(held)} "
-            f"(it re-tokenizes the reply or rewrites an earlier turn) and {why}: a new context for this turn")
-
+def _parted(at: int, held: int) -> str:
+    """Where the rendered conversation leaves the `held` cached ids, and why it can (one line's start)."""
+    return (f"the chat format's ids for the conversation leave the cached ones at token {at} of {held} (it "
+            "re-tokenizes the reply or rewrites an earlier turn)")
