@@ -104,7 +104,6 @@ class ChatTokenizer(Protocol):
                     continue_final_message: bool = False) -> str: ...
 
 
-
 # ---------------------------------------------------------------------------------------- generation_config
 
 

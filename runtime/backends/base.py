@@ -3,7 +3,10 @@
 A backend runs one step of the model over a fixed-capacity KV cache that it allocates and owns: the cache
 may live in host or device memory, and its contents are the backend's business. The runtime keeps the
 cache object, reads `cache.lengths` (tokens per row) and asks the backend to move or drop rows; it never
-touches the buffers. Example, batch of two rows, window model:
+touches the buffers. One write: a rewind (`Engine.extend(keep=k)`) lowers a row's length to k, and only while
+the row never held more tokens than `capacity`, when every backend holds positions 0..L-1 in rows 0..L-1 (ring
+or window alike) and the next step writes over the rest; a backend whose layout differs must say so there.
+Example, batch of two rows, window model:
 
     cache = backend.new_cache(2)
     backend.step(cache, np.array([[1, 415, 2936]]), start_row=0)   # prefill row 0: logits [1, 3, V]
