@@ -362,10 +362,8 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
 
     def chunk(choice: dict[str, Any]) -> str:
         if running:
-            done = sum(counts)
-            return head + json.dumps(choice, ensure_ascii=False) + '], "usage": ' + json.dumps(
-                {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
-            ) + "}\n\n"
+            return (head + json.dumps(choice, ensure_ascii=False) + '], "usage": '
+                    + json.dumps(_usage_of(prompt_tokens, sum(counts))) + "}\n\n")
         return head + json.dumps(choice, ensure_ascii=False) + tail
 
     try:
@@ -509,8 +507,10 @@ def _finish(out: GenerationOutput) -> str:
 
 
 def _usage(call: _Call) -> dict[str, int]:
-    prompt = sum(len(p) for p in call.prompts)
-    completion = sum(len(o.token_ids) for o in call.outputs.values())
+    return _usage_of(sum(len(p) for p in call.prompts), sum(len(o.token_ids) for o in call.outputs.values()))
+
+
+def _usage_of(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
