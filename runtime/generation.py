@@ -444,7 +444,7 @@ class Engine:
         if not ids:
             raise ConfigError("extend needs at least one new token")
         if keep is not None and not self.can_rewind(row, keep):
-            raise ConfigError(f"extend: keep={keep} is not a prefix the row's cache holds as it was (1 to the "
+            raise ConfigError(f"extend: keep={keep!r} is not a prefix the row's cache holds as it was (1 to the "
                               f"{row.cached} tokens it holds, while its sliding window has dropped none)")
         config.validate(self.backend.args)
         self.chunk(config.prefill_chunk)
@@ -469,7 +469,8 @@ class Engine:
         0 < keep <= the tokens it holds, and it never held more than the cache's rows, so every backend still has
         positions 0..keep-1 in rows 0..keep-1 (a linear cache always; a windowed one until its first eviction,
         after which a ring has written over old positions and onnxruntime's compacted them)."""
-        return row in self.parked and not row.released and 0 < keep <= row.cached <= self.backend.capacity
+        return (isinstance(keep, int) and not isinstance(keep, bool) and row in self.parked and not row.released
+                and 0 < keep <= row.cached <= self.backend.capacity)
 
     def cancel(self, row: Row) -> None:
         """Stop a waiting or running row now (no output event) and free its cache row (kept rows too)."""

@@ -84,9 +84,9 @@ def test_a_kept_row_rewinds_to_a_prefix_while_its_cache_dropped_nothing(windowed
     row = engine.add(PROMPTS[1], GREEDY, keep=True)
     first = drain(engine)[row.id]
     sequence = PROMPTS[1] + first
-    for bad in (0, row.cached + 1):
+    for bad in (0, row.cached + 1, "3", 2.0, True):
         assert not engine.can_rewind(row, bad)
-        with pytest.raises(ConfigError, match=f"keep={bad} is not a prefix"):
+        with pytest.raises(ConfigError, match=f"keep={bad!r} is not a prefix"):
             engine.extend(row, [5], GREEDY, keep=bad)
     assert engine.parked == [row] and row.sequence == sequence  # unchanged
     backend.calls.clear()
