@@ -118,8 +118,8 @@ def tools(baseline: str | None, int4: bool = False) -> dict:
         "llama.cpp": lambda ck, out: ([info["python"], info["convert_hf_to_gguf"], str(ck), "--outfile",
                                        str(out) + ".gguf", "--outtype", "f32"], peers.OFFLINE, None),
     }
-    if int4:  # int4 exports: quantized in the streaming writer (rtn) and calibrated layer by layer (awq)
-        for method in ("rtn", "awq"):
+    if int4:  # int4 exports: quantized in the streaming writer (rtn) and calibrated layer by layer (awq, gptq)
+        for method in ("rtn", "awq", "gptq"):
             out[f"mixtrt-int4-{method}"] = lambda ck, o, m=method: (
                 [sys.executable, "-m", "mixtrt", "export", str(ck), "--out", str(o), "--quiet", "--force",
                  "--precision", "int4", "--method", m], None, None)
@@ -128,7 +128,7 @@ def tools(baseline: str | None, int4: bool = False) -> dict:
         out["mixtrt-baseline"] = lambda ck, out: ([baseline, "-m", "mixtrt", "export", str(ck), "--out", str(out),
                                                    "--quiet", "--force"], env, "/")
         if int4:
-            for method in ("rtn", "awq"):
+            for method in ("rtn", "awq", "gptq"):
                 out[f"mixtrt-baseline-int4-{method}"] = lambda ck, o, m=method: (
                     [baseline, "-m", "mixtrt", "export", str(ck), "--out", str(o), "--quiet", "--force",
                      "--precision", "int4", "--method", m], env, "/")
@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--layers", type=positive, nargs="+", default=[8, 16])
     ap.add_argument("--baseline-python", default=None, help="python of another mixtrt install to time as well")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
-    ap.add_argument("--int4", action="store_true", help="also time --precision int4 exports (rtn and awq)")
+    ap.add_argument("--int4", action="store_true", help="also time --precision int4 exports (rtn, awq and gptq)")
     ns = ap.parse_args()
     ns.work.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()

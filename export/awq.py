@@ -19,10 +19,7 @@ activations), for each group of linears that read one tensor X [n, K]:
 | lm_head (not when tied to the embedding: the graph holds one table) | the final norm's weight |
 
 wo keeps round-to-nearest: its input channels come from wv's rows shared by a group of query heads, and the
-gain measured on the built-in model did not need it. Calibration: UTF-8 text (default: export/calibration.txt,
-the first 23.8 KB of *Persuasion*, which the built-in model was trained on; never its held-out *Northanger
-Abbey*), [BOS] + tokens, cut into sequences of 256 tokens (fewer for a model of fewer positions or a shorter cache), at
-most `MAX_TOKENS` tokens.
+gain measured on the built-in model did not need it. Calibration text and the layer walk: export/calibration.py.
 """
 
 from __future__ import annotations
@@ -34,37 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from mixtrt.export.calibration import LayerWalk
 from mixtrt.export.quantize import Int4Options, block_for, int8_block, int8_patterns, kept
 from mixtrt.plugins.int4 import pack_int4, pack_int8, unpack_int4
-from mixtrt.runtime.errors import ConfigError
 
-DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "calibration.txt"
-MAX_TOKENS = 4096
-SEQUENCE = 256
 ALPHAS = tuple(i / 10 for i in range(11))
 SEARCH_ROWS = 2048  # calibration rows each error is measured on
 SEARCH_ELEMENTS = 1 << 24  # outputs [rows, N] computed at a time by the search (64 MiB in fp32)
-
-
-def calibration_ids(path: Path | None, tokenizer: Any, longest: int = SEQUENCE) -> tuple[list[list[int]], str, int]:
-    """Sequences of token ids from the calibration text, of min(SEQUENCE, longest) tokens (longest: the positions
-    the model and its cache plan hold); its source (as recorded) and token count."""
-    sequence = max(1, min(SEQUENCE, longest))
-    path = Path(path) if path is not None else DEFAULT_CALIBRATION
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise ConfigError(f"--calibration {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"--calibration {path}: not UTF-8 ({e.reason} at byte {e.start})") from None
-    ids = tokenizer.encode(text)[:MAX_TOKENS]
-    if len(ids) < 2 * 16:
-        what = "is empty" if not text.strip() else f"has {len(ids)} tokens (BOS included)"
-        raise ConfigError(f"--calibration {path} {what}: at least 32 tokens are needed")
-    seqs = [ids[i:i + sequence] for i in range(0, len(ids), sequence)]
-    seqs = [s for s in seqs if len(s) == sequence] or [ids[:sequence]]
-    source = "mixtrt/export/calibration.txt" if path == DEFAULT_CALIBRATION else str(path)
-    return seqs, source, sum(len(s) for s in seqs)
 
 
 def _roundtrip(w: torch.Tensor, block: int, bits: int = 4) -> torch.Tensor:
@@ -134,27 +107,17 @@ class _Scaling:
         return w
 
 
-def _load(module: torch.nn.Module, prefix: str, read: Callable[[str], torch.Tensor]) -> torch.nn.Module:
-    """`module` (built on the meta device) with its parameters read from the checkpoint as `prefix` + name."""
-    module.load_state_dict({n: read(prefix + n) for n in module.state_dict()}, strict=True, assign=True)
-    return module
-
-
 def awq_scalings(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], options: Int4Options,
                  say: Callable[[str], None]) -> _Scaling:
     """Choose the scalings layer by layer: one layer's float weights in memory at a time (read from the
     checkpoint tensor by tensor), the calibration activations carried from layer to layer."""
     from mixtrt.export.checkpoint import open_checkpoint
-    from mixtrt.export.model import Block, MoeFeedForward, RMSNorm
-    from mixtrt.plugins.swa.torch_op import rope_tables
+    from mixtrt.export.model import MoeFeedForward
 
     scaling = _Scaling()
     with open_checkpoint(checkpoint_dir) as ck:
         args = ck.args
         H, I = args.hidden_size, args.intermediate_size  # noqa: E741
-
-        def read(name: str) -> torch.Tensor:
-            return ck.tensor(name, torch.float32)
 
         def blk(k: int) -> int | None:
             return block_for(k, options.block_size)
@@ -169,26 +132,15 @@ def awq_scalings(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], options
             assert b4 is not None
             return b4, 4
 
-        ids = torch.tensor(seqs)  # [B, T]
-        B, T = ids.shape
-        lengths = torch.full((B,), T, dtype=torch.int32)
         with torch.no_grad():
-            x = torch.nn.functional.embedding(ids, read("model.embed_tokens.weight"))
-            cos, sin = (t.to(x.dtype) for t in rope_tables(args.head_dim, args.rope_theta,
-                                                            args.max_position_embeddings))
+            walk = LayerWalk(ck, plan, seqs)
             for i in range(args.num_hidden_layers):
-                with torch.device("meta"):
-                    layer = Block(args, i, plan)
+                layer = walk.layer(i)
                 pre = f"model.layers.{i}."
-                _load(layer, pre, read)
                 at, ff = layer.attention, layer.feed_forward
-                window = args.window(i)  # the past of one full pass (Transformer.empty_past)
-                cap = min(window, T) if window is not None and at.windowed_cache != 0 else T
-                shape = (B, args.num_key_value_heads, max(cap, 1), args.head_dim)
-                past = (x.new_zeros(shape), x.new_zeros(shape))
-                a_in = layer.attention_norm(x)
-                y, _, _, _ = layer(x, lengths, past[0], past[1], cos, sin)
-                h = x + at(a_in, lengths, past[0], past[1], cos, sin)[0]
+                a_in = layer.attention_norm(walk.x)
+                y = walk.run(layer)  # the next layer's input, from the unscaled weights
+                h = walk.x + walk.attention(layer, a_in)[0]
                 f_in = layer.ffn_norm(h).reshape(-1, H)
                 if (b := blk(H)) is not None:
                     s = _search(a_in.reshape(-1, H), [at.wq.weight, at.wk.weight, at.wv.weight], b,
@@ -226,16 +178,14 @@ def awq_scalings(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], options
                         scaling.div(pre + "ffn_norm.weight", layer.ffn_norm.weight, s)
                         scaling.mul(ffp + "w1.weight", ff.w1.weight, s)
                         scaling.mul(ffp + "w3.weight", ff.w3.weight, s)
-                x = y
+                walk.x = y
                 del layer, at, ff, a_in, h, f_in
                 say(f"  awq: layer {i} scaled")
             # one table in the graph when tied: it cannot take s alone
             if (b := blk(H)) is not None and not args.tie_word_embeddings and not kept("lm_head", options.keep_float):
-                with torch.device("meta"):
-                    norm = RMSNorm(H, args.rms_norm_eps)
-                _load(norm, "model.norm.", read)
-                final = norm(x).reshape(-1, H)
-                s = _search(final, [read("lm_head.weight")], b, [form("lm_head", H)])
+                norm = walk.final_norm()
+                final = norm(walk.x).reshape(-1, H)
+                s = _search(final, [walk.read("lm_head.weight")], b, [form("lm_head", H)])
                 scaling.div("model.norm.weight", norm.weight, s)
                 scaling.ops.setdefault("lm_head.weight", []).append(("mul", -1, s))
     return scaling

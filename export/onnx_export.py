@@ -70,6 +70,8 @@ from mixtrt.runtime.manifest import (
 from mixtrt.runtime.precision import PRECISIONS
 from mixtrt.runtime.weights import DATA_FILE, WEIGHTS_FILE
 
+GPTQ_DIR = ".gptq"  # --method gptq's roundings, inside the artifact being written until the writer read them
+
 # Linear (no-window) caches cost memory per position, so their default context is bounded.
 DEFAULT_LINEAR_CONTEXT = 4096
 # The most positions an artifact serves (its rope tables hold them; the graph's sequence dimension stops here).
@@ -194,15 +196,19 @@ def export_onnx(
     t0 = time.perf_counter()
     dtype = getattr(torch, PRECISIONS[precision])
     calibration = None
-    if int4 is not None and int4.method == "awq":  # scales moved into the float weights, written by the hook
-        from mixtrt.export.awq import awq_transform, calibration_ids
+    seqs: list[list[int]] = []
+    if int4 is not None and int4.method != "rtn":
+        from mixtrt.export.calibration import calibration_ids
 
         # a sequence must fit the model's positions and, without a window, the cache the plan gives each row
         longest = args.max_position_embeddings if plan.windowed else min(args.max_position_embeddings, plan.capacity)
         seqs, source, tokens = calibration_ids(int4.calibration, tokenizer, longest)
-        say(f"awq: calibrating on {source} ({tokens} tokens)")
-        transform = awq_transform(checkpoint_dir, plan, seqs, int4, say, transform)
         calibration = {"source": source, "tokens": tokens}
+        say(f"{int4.method}: calibrating on {source} ({tokens} tokens)")
+    if int4 is not None and int4.method == "awq":  # scales moved into the float weights, written by the hook
+        from mixtrt.export.awq import awq_transform
+
+        transform = awq_transform(checkpoint_dir, plan, seqs, int4, say, transform)
     # which description was read (a Hugging Face repository of a Mistral model may hold both, as transformers
     # reads config.json)
     described = "config.json" if (Path(checkpoint_dir) / "config.json").is_file() else "params.json"
@@ -228,6 +234,13 @@ def export_onnx(
                 # awq has moved activation scales into the float weights already (the hook before this one)
                 int4_plan = Int4Plan.of_graph(program.model, weights, int4, rtn if int4.method == "rtn" else rtn_max7,
                                               _node_label)
+                if int4.method == "gptq":  # the plan's blocks first, then each int4 linear rounded layer by layer
+                    from mixtrt.export.gptq import gptq_pass
+
+                    gptq = gptq_pass(checkpoint_dir, plan, seqs, int4_plan.targets(), tmp / GPTQ_DIR, say)
+                    int4_plan.quantizer = gptq.quantizer
+                    if gptq.nearest and calibration is not None:
+                        calibration["nearest"] = gptq.nearest
                 hook = _chain(transform, int4_plan.transform)
                 if not int4_plan.int4_tensors:  # said whatever `progress` is: the artifact is int4 in name only
                     reasons = sorted(set(int4_plan.floats.values()))
@@ -239,6 +252,7 @@ def export_onnx(
             with say.bytes(total, f"writing {DATA_FILE}") as tick:
                 index, sha, size = write_weights(program.model, weights, ckpt.tensor, ckpt.sources, dtype, tmp,
                                                  on_bytes=tick, transform=hook)
+            shutil.rmtree(tmp / GPTQ_DIR, ignore_errors=True)  # gptq's roundings, each read by the writer
             seconds = time.perf_counter() - t2
             say(f"  {size / 2**20:.0f} MiB in {seconds:.1f} s ({size / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
             say(f"writing {MODEL_FILE}")

@@ -83,7 +83,7 @@ class Int4Options:
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ConfigError(f"accuracy_level {self.accuracy_level!r} is not one of {list(ACCURACY_LEVELS)}")
         if self.calibration is not None and self.method == "rtn":
-            raise ConfigError("--calibration needs a calibrated --method (awq); rtn uses no data")
+            raise ConfigError("--calibration needs a calibrated --method (awq or gptq); rtn uses no data")
         if self.calibration is not None and not Path(self.calibration).is_file():
             what = "a directory, not a text file" if Path(self.calibration).is_dir() else "no such file"
             raise ConfigError(f"--calibration {self.calibration}: {what}")
@@ -336,7 +336,8 @@ class Int4Plan:
                 q8, s = pack_int8(array, b)
                 packed = q8.view(np.uint8) ^ 0x80
             else:
-                q, s = (clipped if self.options.method == "awq" else self.quantizer)(lbl, array, b)
+                # no input activations to calibrate a Gather on: gptq rounds the table to nearest
+                q, s = (clipped if self.options.method == "awq" else rtn)(lbl, array, b)
                 packed = matmulnbits_layout(q, b).reshape(q.shape)
             return [(item.tensor, Stored(packed, "uint8", packed.shape,
                                          _quant("gather_block_quantized", item, 1, 1 << (item.bits - 1)))),
@@ -405,6 +406,10 @@ class Int4Plan:
                             accuracy_level=self.options.accuracy_level, blocks=dict(self.blocks),
                             kept_float=dict(self.floats), int8=sorted(self.eight), calibration=calibration,
                             graphs={"onnxruntime": graph_name, "triton": graph_name})
+
+    def targets(self) -> dict[str, tuple[int, int]]:
+        """The linears (dense and experts) the plan rounds: label -> (block, bits)."""
+        return {i.label: (i.block, i.bits) for i in self.items.values() if i.kind != "table"}
 
     @property
     def int4_tensors(self) -> int:

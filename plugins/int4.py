@@ -41,9 +41,17 @@ def pack_int4(w: np.ndarray, block: int, scales: np.ndarray | None = None) -> tu
         raise ValueError(f"scales {scales.shape} must be {blocks.shape[:-1]} for W {w.shape} in blocks of {block}")
     s = scales.astype(np.float32)[..., None]
     q = np.divide(blocks, s, out=np.zeros_like(blocks), where=s != 0)
-    q = np.clip(np.rint(q), -8, 7).astype(np.int8).reshape(w.shape)
+    return pack_nibbles(np.clip(np.rint(q), -8, 7).astype(np.int8).reshape(w.shape)), scales
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """q int [..., K] in [-8, 7] (K even) -> uint8 [..., K//2], element 2j in the low nibble (two's complement):
+    pack_int4's qweight for integers chosen elsewhere (GPTQ)."""
+    q = np.asarray(q, np.int8)
+    if q.shape[-1] % 2:
+        raise ValueError(f"pack_nibbles needs an even last dimension, got {q.shape}")
     nibbles = q.view(np.uint8) & 0x0F
-    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8), scales
+    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8)
 
 
 def pack_int8(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:

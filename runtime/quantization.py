@@ -6,7 +6,7 @@ one scale per block of `block_size` consecutive weights along each matrix's inpu
 
     {"version": 1, "method": "rtn", "bits": 4, "block_size": 128, "symmetric": true,
      "scale_dtype": "float32", "accuracy_level": 4,
-     "calibration": null | {"source": "mixtrt/export/calibration.txt", "tokens": 4096},
+     "calibration": null | {"source": "mixtrt/export/calibration.txt", "tokens": 4096},   # gptq: + "nearest"
      "blocks": {"lm.model.layers.0.attention.wq": 64, ...},    # tensors with another block (smaller, or INT8)
      "int8": ["embed_tokens", "lm_head"],                        # tensors stored as INT8 (blocks of up to 256)
      "float": {"lm.model.embed_tokens.weight": "embedding (--keep-float)", ...},   # kept float, why
@@ -26,7 +26,7 @@ from typing import Any
 from mixtrt.runtime.errors import ArtifactError
 
 QUANT_VERSION = 1
-METHODS = ("rtn", "awq")
+METHODS = ("rtn", "awq", "gptq")
 BLOCK_SIZES = (32, 64, 128)
 INT8_BLOCK = 256  # INT8 tensors' block: the largest power of two up to this dividing the input dimension
 ACCURACY_LEVELS = (0, 4)
@@ -37,13 +37,15 @@ FIELDS = ("version", "method", "bits", "block_size", "symmetric", "scale_dtype",
 
 @dataclass(frozen=True)
 class Quantization:
-    method: str  # "rtn" (round to nearest) | "awq" (activation-aware scales, calibrated)
+    method: str  # "rtn" (round to nearest) | "awq" (activation-aware scales) | "gptq" (Hessian-weighted rounding)
     block_size: int  # the block asked for; `blocks` lists the tensors that got a smaller one
     accuracy_level: int = 4
     bits: int = 4
     symmetric: bool = True
     scale_dtype: str = "float32"
-    calibration: dict[str, Any] | None = None  # {"source": str, "tokens": int} for calibrated methods
+    # {"source": str, "tokens": int} for calibrated methods; gptq adds "nearest": [tensor, ...] when some experts
+    # met too few calibration tokens and were rounded to nearest
+    calibration: dict[str, Any] | None = None
     blocks: dict[str, int] = field(default_factory=dict)  # tensor -> its block size when not block_size
     int8: list[str] = field(default_factory=list)  # tensors stored as INT8 (symmetric, max|w| / 127; see INT8_BLOCK)
     kept_float: dict[str, str] = field(default_factory=dict)  # tensor kept in float -> the reason ("float")
@@ -79,8 +81,11 @@ class Quantization:
             "scale_dtype": d["scale_dtype"] in SCALE_DTYPES,
             "accuracy_level": d["accuracy_level"] in ACCURACY_LEVELS and not isinstance(d["accuracy_level"], bool),
             "calibration": d["calibration"] is None or (
-                isinstance(d["calibration"], dict) and set(d["calibration"]) == {"source", "tokens"}
-                and isinstance(d["calibration"]["source"], str) and _count(d["calibration"]["tokens"])),
+                isinstance(d["calibration"], dict) and {"source", "tokens"} <= set(d["calibration"])
+                <= {"source", "tokens", "nearest"}
+                and isinstance(d["calibration"]["source"], str) and _count(d["calibration"]["tokens"])
+                and (isinstance(d["calibration"].get("nearest", []), list)
+                     and all(isinstance(n, str) for n in d["calibration"].get("nearest", [])))),
             "blocks": isinstance(d["blocks"], dict) and all(
                 isinstance(k, str) and _count(v) and v >= 2 and v % 2 == 0 for k, v in d["blocks"].items()),
             "int8": isinstance(d["int8"], list) and all(isinstance(k, str) for k in d["int8"]),

@@ -285,7 +285,8 @@ def test_int4_weight_index_is_the_checkpoint_quantized(int4_artifacts):
 def test_awq_scalings_are_exact_and_written(exported, tmp_path):
     """AWQ layer by layer: the scalings chosen from the checkpoint leave the float model's function unchanged
     (replayed on every parameter), and the awq artifact's int4 tensors are the scaled weights rounded."""
-    from mixtrt.export.awq import awq_scalings, calibration_ids
+    from mixtrt.export.awq import awq_scalings
+    from mixtrt.export.calibration import calibration_ids
     from mixtrt.export.quantize import rtn_max7
     from mixtrt.plugins.int4 import dequantize_linear_layout
     from mixtrt.runtime.weights import WeightIndex

@@ -18,10 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q = p.add_argument_group("int4 (--precision int4: INT4 weights, fp32 activations; README \"INT4\")")
     q.add_argument("--block-size", type=int, choices=(32, 64, 128), default=None,
                    help="weights per scale along the input dimension (default 32)")
-    q.add_argument("--method", choices=("rtn", "awq"), default=None,
-                   help="rtn: round to nearest; awq: activation-aware scales from a calibration text (default rtn)")
+    q.add_argument("--method", choices=("rtn", "awq", "gptq"), default=None,
+                   help="rtn: round to nearest; awq: activation-aware scales; gptq: Hessian-weighted rounding "
+                        "(awq and gptq calibrate on a text; default rtn)")
     q.add_argument("--calibration", type=Path, default=None,
-                   help="UTF-8 text for --method awq (default: the calibration text shipped with mixtrt)")
+                   help="UTF-8 text for --method awq / gptq (default: the calibration text shipped with mixtrt)")
     q.add_argument("--keep-float", default=None,
                    help="comma-separated tensors kept float, by name or pattern: lm_head,embed_tokens,layers.0.*")
     q.add_argument("--int8", default=None,

@@ -55,6 +55,10 @@ def run(ns: argparse.Namespace) -> int:
               + f", symmetric, {q['scale_dtype']} scales, onnxruntime accuracy level {q['accuracy_level']}"
               + (f", calibrated on {q['calibration']['source']} ({q['calibration']['tokens']} tokens)"
                  if q["calibration"] else ""))
+        if q["calibration"] and q["calibration"].get("nearest"):
+            near = q["calibration"]["nearest"]
+            print(f"  nearest     {', '.join(near[:4])}{f' and {len(near) - 4} more' if len(near) > 4 else ''}: "
+                  f"rounded to nearest (too few calibration tokens reached them)")
         if q["int8"]:
             print(f"  int8        {', '.join(q['int8'])} (8-bit, blocks of up to {INT8_BLOCK})")
         reasons: dict[str, list[str]] = {}

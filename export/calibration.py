@@ -1,0 +1,115 @@
+"""What the calibrated int4 methods (`--method awq`, `--method gptq`) share: the calibration text as token
+sequences, and the walk that carries its activations through the model layer by layer, one layer's float
+weights in memory at a time (read from the checkpoint tensor by tensor).
+
+Calibration text: UTF-8 (default: export/calibration.txt, the first 23.8 KB of *Persuasion*, which the built-in
+model was trained on; never its held-out *Northanger Abbey*), [BOS] + tokens, cut into sequences of 256 tokens
+(fewer for a model of fewer positions or a shorter cache), at most `MAX_TOKENS` tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from mixtrt.runtime.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mixtrt.export.model import Block, RMSNorm
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "calibration.txt"
+MAX_TOKENS = 4096
+SEQUENCE = 256
+
+
+def calibration_ids(path: Path | None, tokenizer: Any, longest: int = SEQUENCE) -> tuple[list[list[int]], str, int]:
+    """Sequences of token ids from the calibration text, of min(SEQUENCE, longest) tokens (longest: the positions
+    the model and its cache plan hold); its source (as recorded) and token count."""
+    sequence = max(1, min(SEQUENCE, longest))
+    path = Path(path) if path is not None else DEFAULT_CALIBRATION
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"--calibration {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--calibration {path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    ids = tokenizer.encode(text)[:MAX_TOKENS]
+    if len(ids) < 2 * 16:
+        what = "is empty" if not text.strip() else f"has {len(ids)} tokens (BOS included)"
+        raise ConfigError(f"--calibration {path} {what}: at least 32 tokens are needed")
+    seqs = [ids[i:i + sequence] for i in range(0, len(ids), sequence)]
+    seqs = [s for s in seqs if len(s) == sequence] or [ids[:sequence]]
+    source = "mixtrt/export/calibration.txt" if path == DEFAULT_CALIBRATION else str(path)
+    return seqs, source, sum(len(s) for s in seqs)
+
+
+def load_module(module: M, prefix: str, read: Callable[[str], torch.Tensor]) -> M:
+    """`module` (built on the meta device) with its parameters read from the checkpoint as `prefix` + name."""
+    module.load_state_dict({n: read(prefix + n) for n in module.state_dict()}, strict=True, assign=True)
+    return module
+
+
+class LayerWalk:
+    """The calibration sequences' hidden states carried through the model, layer by layer. The caller takes
+    `layer(i)` (its float weights read from the open checkpoint `ck`), works on `x` (the layer's input [B, T, H]),
+    and sets `x` to what the next layer reads (the layer's output: `run`, from whatever weights it now holds);
+    after the last layer the lm_head reads `final_norm()` of `x`. Each layer attends over a full pass of the
+    sequences from an empty cache, as the exported graph does (Transformer.empty_past)."""
+
+    def __init__(self, ck: Any, plan: Any, seqs: list[list[int]]) -> None:
+        from mixtrt.plugins.swa.torch_op import rope_tables
+
+        self.ck, self.args, self.plan = ck, ck.args, plan
+        ids = torch.tensor(seqs)  # [B, T]
+        self.B, self.T = ids.shape
+        self.lengths = torch.full((self.B,), self.T, dtype=torch.int32)
+        with torch.no_grad():
+            self.x = torch.nn.functional.embedding(ids, self.read("model.embed_tokens.weight"))
+        a = self.args
+        self.cos, self.sin = (t.to(self.x.dtype) for t in rope_tables(a.head_dim, a.rope_theta,
+                                                                       a.max_position_embeddings))
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.ck.tensor(name, torch.float32)
+
+    def layer(self, i: int) -> Block:
+        from mixtrt.export.model import Block
+
+        with torch.device("meta"):
+            layer = Block(self.args, i, self.plan)
+        self._past = self._empty_past(layer, i)
+        return load_module(layer, f"model.layers.{i}.", self.read)
+
+    def _empty_past(self, layer: Block, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        window = self.args.window(i)  # the past of one full pass (Transformer.empty_past)
+        at = layer.attention
+        cap = min(window, self.T) if window is not None and at.windowed_cache != 0 else self.T
+        shape = (self.B, self.args.num_key_value_heads, max(cap, 1), self.args.head_dim)
+        return self.x.new_zeros(shape), self.x.new_zeros(shape)
+
+    def attention(self, layer: Block, a_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention's output [B, T, H] on its normed input a_in, and the input its wo reads [B*T, N*D]."""
+        seen: list[torch.Tensor] = []
+        hook = layer.attention.wo.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        try:
+            out = layer.attention(a_in, self.lengths, *self._past, self.cos, self.sin)[0]
+        finally:
+            hook.remove()
+        return out, seen[0].reshape(-1, seen[0].shape[-1])
+
+    def run(self, layer: Block) -> torch.Tensor:
+        """The layer's output on `x`, from the weights it holds now."""
+        return layer(self.x, self.lengths, *self._past, self.cos, self.sin)[0]
+
+    def final_norm(self) -> RMSNorm:
+        """The model's final RMSNorm, its weight read from the checkpoint."""
+        from mixtrt.export.model import RMSNorm
+
+        with torch.device("meta"):
+            norm = RMSNorm(self.args.hidden_size, self.args.rms_norm_eps)
+        return load_module(norm, "model.norm.", self.read)

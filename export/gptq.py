@@ -1,0 +1,224 @@
+"""GPTQ (`--method gptq`): each int4 linear is rounded column by column along its input dimension, and the error
+each column's rounding leaves is spread over the columns not yet rounded, weighted by the inverse Hessian of
+the layer's inputs on the calibration text (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers"), so the layer's outputs on that text move less than with round to nearest.
+
+Per linear W [N, K] reading X [n, K] (the calibration tokens' inputs of that linear):
+
+    H = 2 X^T X / n + damp I           damp = DAMP * mean(diag(H)) (x10, up to 3 times, until H is positive definite)
+    U = cholesky(H^-1) (upper)
+    for each column k (in batches of LAZY columns):
+        at a block's first column: scale = -(the block's largest-magnitude weight, as updated so far) / 8
+        q_k = clamp(round(W[:, k] / scale), -8, 7)
+        e = (W[:, k] - q_k * scale) / U[k, k];  W[:, k+1:] -= e U[k, k+1:]
+
+The format is the artifact's one (symmetric INT4 in blocks of the input dimension, one scale per block, zero
+point 0: plugins/int4.py), with rtn's 16-level scales; only which integer each weight gets changes. An input
+channel the calibration never excites (a zero of diag(H)) keeps its weights and rounds them to nearest (the
+paper's reference code zeroes them; an expert that few calibration tokens reach would lose weights to that).
+
+Layer by layer and in order within a layer (q/k/v, then o, then the MLP's or each expert's first and second
+matrices), the inputs come from the layers and linears already rounded (the paper's "true sequential" order),
+so each matrix corrects what the rounded ones before it changed. MoE experts are calibrated on the tokens the
+float router sends them; an expert with fewer than `MIN_ROWS` such tokens is rounded to nearest (recorded in
+the manifest's calibration record). The INT8 tensors stay INT8 (their round trip feeds the next inputs), the
+router and the float tensors stay float, the embedding table (read by a Gather, no input) is rounded to nearest.
+
+The pass runs before the streaming writer (it needs the plan's blocks) and keeps its results on disk, one file
+per tensor beside the artifact being written (removed with it): memory is one layer's float weights, the
+calibration activations and one Hessian; the writer's quantizer then reads each result and checks that the
+float weight it streams is the one calibrated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mixtrt.export.calibration import LayerWalk
+from mixtrt.plugins.int4 import pack_int8, pack_nibbles
+from mixtrt.runtime.errors import ConfigError
+
+DAMP = 0.01  # the paper's default dampening, relative to the mean of diag(H)
+LAZY = 128  # columns updated together before the rest of the matrix (a multiple of every block)
+MIN_ROWS = 16  # an expert reached by fewer calibration tokens is rounded to nearest
+SAMPLE = 16  # rows and columns of each weight kept to check the writer streams the weight calibrated
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """2 X^T X / n for the inputs x [n, K] (float32; float64 accumulation would not change the choice of q)."""
+    x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    return (x.T @ x) * (2.0 / max(len(x), 1))
+
+
+def _inverse_factor(h: torch.Tensor, what: str) -> torch.Tensor:
+    """U, upper triangular with U^T U = (H + damp I)^-1, damping more until H + damp I is positive definite."""
+    if not bool(torch.isfinite(h).all()):
+        raise ConfigError(f"gptq: the calibration inputs of {what} are not finite (the checkpoint overflows in "
+                          "fp32 on the calibration text)")
+    mean = float(torch.diagonal(h).mean())
+    damp = DAMP * (mean if mean > 0 else 1.0)
+    eye = torch.eye(len(h), dtype=h.dtype)
+    for _ in range(4):
+        factor, info = torch.linalg.cholesky_ex(h + damp * eye)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper
+        damp *= 10
+    raise ConfigError(f"gptq: the Hessian of {what} is not positive definite even damped by {damp / 10:.3g}")
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor | None, block: int, what: str = "a weight") -> tuple[np.ndarray, np.ndarray]:
+    """W [N, K] rounded to INT4 in blocks of `block` along K by GPTQ with the Hessian h [K, K] of its inputs (None:
+    round to nearest) -> (q int8 [N, K] in [-8, 7], scales float32 [N, K // block]), W ~= q * scales per block."""
+    W = w.detach().to(torch.float32).clone()
+    N, K = W.shape
+    if K % block or block % 2:
+        raise ValueError(f"block {block} must be even and divide K={K}")
+    Q = torch.zeros((N, K), dtype=torch.float32)
+    S = torch.zeros((N, K // block), dtype=torch.float32)
+    if h is None:
+        U = torch.eye(K, dtype=torch.float32)  # no error moves: round to nearest
+    else:
+        h = h.to(torch.float32).clone()
+        dead = torch.diagonal(h) == 0
+        h[dead, dead] = 1.0  # a channel never excited: no correlation, its weights rounded to nearest
+        U = _inverse_factor(h, what)
+    lazy = max(block, LAZY // block * block)
+    for c1 in range(0, K, lazy):
+        c2 = min(c1 + lazy, K)
+        W1, E1, U1 = W[:, c1:c2].clone(), torch.zeros((N, c2 - c1), dtype=torch.float32), U[c1:c2, c1:c2]
+        scale = torch.zeros(N, dtype=torch.float32)
+        for i in range(c2 - c1):
+            if (c1 + i) % block == 0:  # a block's scale from its weights as updated so far
+                part = W1[:, i:i + block]
+                scale = part.gather(1, part.abs().argmax(1, keepdim=True))[:, 0] / -8
+                S[:, (c1 + i) // block] = scale
+            col = W1[:, i]
+            safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+            q = torch.where(scale == 0, torch.zeros_like(col), torch.clamp(torch.round(col / safe), -8, 7))
+            Q[:, c1 + i] = q
+            err = (col - q * scale) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            E1[:, i] = err
+        W[:, c2:] -= E1 @ U[c1:c2, c2:]
+    return Q.to(torch.int8).numpy(), S.numpy()
+
+
+def _int8_roundtrip(w: torch.Tensor, block: int) -> torch.Tensor:
+    q, s = pack_int8(w.detach().numpy(), block)
+    return torch.from_numpy((q.reshape(*s.shape, block) * s[..., None]).reshape(w.shape).astype(np.float32))
+
+
+def _sample(w: np.ndarray) -> np.ndarray:
+    """A strided sample of W [N, K] (SAMPLE x SAMPLE at most), exact: the writer's weight is compared with it."""
+    return np.ascontiguousarray(w[::max(1, w.shape[0] // SAMPLE), ::max(1, w.shape[1] // SAMPLE)], np.float32)
+
+
+class GptqResults:
+    """The rounded tensors of a GPTQ pass, on disk under `folder` (label -> q packed as pack_int4 and scales),
+    and `quantizer`: the int4 plan's quantizer that returns them (export/quantize.py Quantizer)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.samples: dict[str, np.ndarray] = {}
+        self.nearest: list[str] = []  # tensors rounded to nearest for want of calibration rows
+
+    def _paths(self, label: str) -> tuple[Path, Path]:
+        return self.folder / f"{label}.q.npy", self.folder / f"{label}.s.npy"
+
+    def put(self, label: str, w: torch.Tensor, q: np.ndarray, s: np.ndarray) -> torch.Tensor:
+        """Keep tensor `label`'s rounding (q [N, K], scales); its float weight w [N, K] sampled. Returns the
+        dequantized weight (what the next inputs are computed with)."""
+        qpath, spath = self._paths(label)
+        np.save(qpath, pack_nibbles(q))
+        np.save(spath, s)
+        self.samples[label] = _sample(w.detach().numpy())
+        block = q.shape[1] // s.shape[1]
+        return torch.from_numpy((q.reshape(*s.shape, block).astype(np.float32) * s[..., None]).reshape(q.shape))
+
+    def quantizer(self, label: str, w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+        if label not in self.samples:
+            raise ConfigError(f"gptq: no calibrated rounding for {label} (a tensor the pass did not reach)")
+        qpath, spath = self._paths(label)
+        q, s = np.load(qpath), np.load(spath)
+        if q.shape != (w.shape[0], w.shape[1] // 2) or s.shape != (w.shape[0], w.shape[1] // block):
+            raise ConfigError(f"gptq: {label}: the calibrated rounding {q.shape} / {s.shape} does not fit the "
+                              f"weight written {w.shape} in blocks of {block}")
+        if not np.array_equal(_sample(np.asarray(w, np.float32)), self.samples[label]):
+            raise ConfigError(f"gptq: {label}: the weight written is not the one calibrated (a transform hook "
+                              "changed it)")
+        qpath.unlink()
+        spath.unlink()
+        return q, s
+
+
+def gptq_pass(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], targets: dict[str, tuple[int, int]],
+              folder: Path, say: Callable[[str], None]) -> GptqResults:
+    """Round the int4 linears of `targets` (label -> (block, bits); bits 8: the INT8 tensors, whose round trip
+    the next inputs see) by GPTQ on the calibration sequences, layer by layer; results under `folder`."""
+    from mixtrt.export.checkpoint import open_checkpoint
+    from mixtrt.export.model import MoeFeedForward
+
+    folder.mkdir(parents=True, exist_ok=True)
+    results = GptqResults(folder)
+
+    def round_(label: str, p: torch.Tensor, h: torch.Tensor | None) -> None:
+        """Round parameter p (tensor `label`) in place as its target says, by GPTQ with the input Hessian h
+        (None: to nearest)."""
+        if label not in targets:
+            return  # float (kept, the router, no block)
+        block, bits = targets[label]
+        if bits == 8:
+            p.copy_(_int8_roundtrip(p, block))
+            return
+        if h is None:
+            results.nearest.append(label)
+        p.copy_(results.put(label, p, *gptq(p, h, block, label)))
+
+    with open_checkpoint(checkpoint_dir) as ck, torch.no_grad():
+        args = ck.args
+        H, I = args.hidden_size, args.intermediate_size  # noqa: E741
+        walk = LayerWalk(ck, plan, seqs)
+        for i in range(args.num_hidden_layers):
+            layer = walk.layer(i)
+            pre = f"layers.{i}."
+            at, ff = layer.attention, layer.feed_forward
+            a_in = layer.attention_norm(walk.x)
+            h_in = hessian(a_in)
+            for n in ("wq", "wk", "wv"):
+                round_(f"{pre}attention.{n}", getattr(at, n).weight, h_in)
+            _, o_in = walk.attention(layer, a_in)  # through the rounded q/k/v
+            round_(f"{pre}attention.wo", at.wo.weight, hessian(o_in))
+            f_in = layer.ffn_norm(walk.x + (o_in @ at.wo.weight.T).reshape(walk.x.shape)).reshape(-1, H)
+            if isinstance(ff, MoeFeedForward):
+                top = torch.topk(torch.softmax(ff.gate(f_in), -1), ff.top_k, dim=-1).indices  # [n, A]
+                for e in range(len(ff.fc1)):
+                    rows = f_in[(top == e).any(-1)]
+                    enough = len(rows) >= MIN_ROWS
+                    round_(f"{pre}feed_forward.fc1.{e}", ff.fc1[e], hessian(rows) if enough else None)
+                    g, u = (rows @ ff.fc1[e].T).split(I, dim=-1)
+                    round_(f"{pre}feed_forward.fc2.{e}", ff.fc2[e],
+                           hessian(torch.nn.functional.silu(g) * u) if enough else None)
+            else:
+                h_in = hessian(f_in)
+                round_(f"{pre}feed_forward.w1", ff.w1.weight, h_in)
+                round_(f"{pre}feed_forward.w3", ff.w3.weight, h_in)
+                act = torch.nn.functional.silu(f_in @ ff.w1.weight.T) * (f_in @ ff.w3.weight.T)
+                round_(f"{pre}feed_forward.w2", ff.w2.weight, hessian(act))
+            walk.x = walk.run(layer)  # through the rounded layer
+            del layer, at, ff, a_in, o_in, f_in, h_in
+            say(f"  gptq: layer {i} rounded")
+        if targets.get("lm_head", (0, 8))[1] == 4:  # (an INT8 lm_head is last: no input after it to correct)
+            lm_head = walk.read("model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight")
+            round_("lm_head", lm_head, hessian(walk.final_norm()(walk.x)))
+    missing = sorted(lbl for lbl, (_, bits) in targets.items() if bits == 4 and lbl not in results.samples)
+    if missing:
+        raise ConfigError(f"gptq: no calibrated rounding for {', '.join(missing)} (tensors the pass does not know)")
+    return results
