@@ -15,7 +15,9 @@ text in chunks of 64, where llama.cpp's missing sliding window does not bite). l
 second half of each chunk and starts each with BOS; mixtrt scores all but a chunk's first token.
 "mixtrt int4 lm4" is mixtrt int4 with the lm_head in INT4 as well (`--int8 embed_tokens`), the form onnxruntime-genai's
 builder writes (its int4 lm_head is MatMulNBits bits 4, block 32, accuracy level 4; its embedding stays fp32): the
-like-for-like row against genai (benchmarks/profile_int4.py compares the steps op by op).
+like-for-like row against genai (benchmarks/profile_int4.py compares the steps op by op). "mixtrt int4 gptq" is
+mixtrt int4 with `--method gptq` (calibrated on the packaged text): the same format and bytes per token as rtn's,
+so it is in the quality comparisons and timed only when asked (`--engines`).
 Needs the peers (benchmarks/setup_peers.sh, MIXTRT_PEERS_DIR).
 
     .venv/bin/python benchmarks/bench_int4.py [--models mixtral mistral] [--threads 2] [--engines ...] [--passes 3]
@@ -114,8 +116,9 @@ def mixtrt_kl(test: Path, ref: Path, text: Path, ctx: int, chunks: int | None, t
 
 
 ENGINES = ["mixtrt fp32", "mixtrt int4", "mixtrt int4 lm4", "llama q4_0", "llama q4_K_M", "genai int4"]
-# the int4 artifacts: name -> the tensors kept at 8 bits (Int4Options.int8; None: the defaults)
-INT4_FORMS: dict[str, tuple[str, ...] | None] = {"int4": None, "int4 lm4": ("embed_tokens",)}
+# the int4 artifacts: name -> (method, the tensors kept at 8 bits: Int4Options.int8, None: the defaults)
+INT4_FORMS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "int4": ("rtn", None), "int4 lm4": ("rtn", ("embed_tokens",)), "int4 gptq": ("gptq", None)}
 
 
 def int8_as_asked(recorded: list[str], int8: tuple[str, ...] | None, moe: bool) -> bool:
@@ -135,7 +138,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=at_least(3), default=256)
     ap.add_argument("--work", type=Path, default=Path("/tmp/mixtrt-bench"))
     ap.add_argument("--no-builtin", action="store_true", help="skip the built-in model's KL comparison")
-    ap.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES, help="the engines to time")
+    ap.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES + ["mixtrt int4 gptq"],
+                    help="the engines to time")
     ap.add_argument("--no-quality", dest="quality", action="store_false", help="timings only (no KL, no agreement)")
     ap.add_argument("--passes", type=positive, default=3, help="interleaved passes over the engines (medians reported)")
     ns = ap.parse_args()
@@ -154,12 +158,12 @@ def main() -> None:
         arts = {"fp32": ns.work / f"{name}-fp32"}
         if not is_current(arts["fp32"], ckpt) or Manifest.read(arts["fp32"]).precision != "fp32":
             export_onnx(ckpt, arts["fp32"], overwrite=True, progress=None)
-        for form, int8 in INT4_FORMS.items():
+        for form, (method, int8) in INT4_FORMS.items():
             arts[form] = ns.work / f"{name}-{form.replace(' ', '-')}"
             q = Manifest.read(arts[form]).quantization if is_current(arts[form], ckpt) else None
-            if q is None or not int8_as_asked(q.int8, int8, SHAPES[name]["family"] == "mixtral"):
-                export_onnx(ckpt, arts[form], precision="int4", int4=Int4Options(int8=int8), overwrite=True,
-                            progress=None)
+            if q is None or q.method != method or not int8_as_asked(q.int8, int8, SHAPES[name]["family"] == "mixtral"):
+                export_onnx(ckpt, arts[form], precision="int4", int4=Int4Options(method=method, int8=int8),
+                            overwrite=True, progress=None)
         llama = ns.quality or any(e.startswith("llama") for e in ns.engines)
         ggufs = {q: gguf_from_checkpoint(ckpt, ns.work / "gguf", q) for q in ("f32", "q4_0", "q4_K_M")} if llama else {}
         genai = None
@@ -227,11 +231,12 @@ def main() -> None:
         fp32 = ns.work / "builtin-fp32"
         if not is_current(fp32, model) or Manifest.read(fp32).precision != "fp32":
             export_onnx(model, fp32, overwrite=True, progress=None)
-        for method, form in (("rtn", "int4"), ("awq", "int4"), ("rtn", "int4 lm4")):
+        for method, form in (("rtn", "int4"), ("awq", "int4"), ("gptq", "int4"), ("rtn", "int4 lm4")):
             art = ns.work / f"builtin-{form.replace(' ', '-')}-{method}"
             q = Manifest.read(art).quantization if is_current(art, model) else None
-            if q is None or q.method != method or not int8_as_asked(q.int8, INT4_FORMS[form], True):
-                export_onnx(model, art, precision="int4", int4=Int4Options(method=method, int8=INT4_FORMS[form]),
+            int8 = INT4_FORMS[form][1]
+            if q is None or q.method != method or not int8_as_asked(q.int8, int8, True):
+                export_onnx(model, art, precision="int4", int4=Int4Options(method=method, int8=int8),
                             overwrite=True, progress=None)
             print(f"  mixtrt {form} {method} vs fp32:" + " " * (9 - len(form)) +
                   mixtrt_kl(art, fp32, text, 64, None, ns.threads))
