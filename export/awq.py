@@ -134,8 +134,7 @@ def awq_scalings(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], options
 
         with torch.no_grad():
             walk = LayerWalk(ck, plan, seqs)
-            for i in range(args.num_hidden_layers):
-                layer = walk.layer(i)
+            for i, layer in walk.layers():
                 pre = f"model.layers.{i}."
                 at, ff = layer.attention, layer.feed_forward
                 a_in = layer.attention_norm(walk.x)

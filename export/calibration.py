@@ -9,7 +9,7 @@ model was trained on; never its held-out *Northanger Abbey*), [BOS] + tokens, cu
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -73,6 +73,11 @@ class LayerWalk:
         a = self.args
         self.cos, self.sin = (t.to(self.x.dtype) for t in rope_tables(a.head_dim, a.rope_theta,
                                                                        a.max_position_embeddings))
+
+    def layers(self) -> Iterator[tuple[int, Block]]:
+        """(i, layer i) in order, each read when the previous one's turn is over."""
+        for i in range(self.args.num_hidden_layers):
+            yield i, self.layer(i)
 
     def read(self, name: str) -> torch.Tensor:
         return self.ck.tensor(name, torch.float32)

@@ -186,8 +186,7 @@ def gptq_pass(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], targets: d
         args = ck.args
         H, I = args.hidden_size, args.intermediate_size  # noqa: E741
         walk = LayerWalk(ck, plan, seqs)
-        for i in range(args.num_hidden_layers):
-            layer = walk.layer(i)
+        for i, layer in walk.layers():
             pre = f"layers.{i}."
             at, ff = layer.attention, layer.feed_forward
             a_in = layer.attention_norm(walk.x)

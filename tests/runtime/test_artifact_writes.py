@@ -175,9 +175,13 @@ def test_really_full_disk(tmp_path):
 
 
 def _child(code: str, *args: str) -> subprocess.Popen:
+    # the signals as an interactive process has them: a suite run under nohup or in a background job inherits
+    # SIGHUP / SIGINT ignored, and atomic_dir rightly leaves an ignored signal ignored
     script = textwrap.dedent('''
-        import os, sys, time
+        import os, signal, sys, time
         from pathlib import Path
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from mixtrt.runtime.manifest import atomic_dir
         target = Path(sys.argv[1])
     ''') + textwrap.dedent(code)
