@@ -234,10 +234,12 @@ def export_onnx(
                 # awq has moved activation scales into the float weights already (the hook before this one)
                 int4_plan = Int4Plan.of_graph(program.model, weights, int4, rtn if int4.method == "rtn" else rtn_max7,
                                               _node_label)
-                if int4.method == "gptq":  # the plan's blocks first, then each int4 linear rounded layer by layer
+                targets = int4_plan.targets()
+                # the plan's blocks first, then each int4 linear rounded layer by layer (none: nothing to round)
+                if int4.method == "gptq" and any(bits == 4 for _, bits in targets.values()):
                     from mixtrt.export.gptq import gptq_pass
 
-                    gptq = gptq_pass(checkpoint_dir, plan, seqs, int4_plan.targets(), tmp / GPTQ_DIR, say)
+                    gptq = gptq_pass(checkpoint_dir, plan, seqs, targets, tmp / GPTQ_DIR, say)
                     int4_plan.quantizer = gptq.quantizer
                     if gptq.nearest and calibration is not None:
                         calibration["nearest"] = gptq.nearest
