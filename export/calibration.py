@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from mixtrt.export.model import Block, RMSNorm
@@ -61,7 +61,10 @@ class LayerWalk:
     after the last layer the lm_head reads `final_norm()` of `x`. Each layer attends over a full pass of the
     sequences from an empty cache, as the exported graph does (Transformer.empty_past)."""
 
-    def __init__(self, ck: Any, plan: Any, seqs: list[list[int]]) -> None:
+    def __init__(self, ck: Any, plan: Any, seqs: list[list[int]],
+                 table: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """table: applied to the embedding table before the sequences are looked up (gptq: its round trip, as
+        the artifact stores it)."""
         from mixtrt.plugins.swa.torch_op import rope_tables
 
         self.ck, self.args, self.plan = ck, ck.args, plan
@@ -69,7 +72,9 @@ class LayerWalk:
         self.B, self.T = ids.shape
         self.lengths = torch.full((self.B,), self.T, dtype=torch.int32)
         with torch.no_grad():
-            self.x = torch.nn.functional.embedding(ids, self.read("model.embed_tokens.weight"))
+            embedding = self.read("model.embed_tokens.weight")
+            self.x = torch.nn.functional.embedding(ids, table(embedding) if table is not None else embedding)
+            del embedding
         a = self.args
         self.cos, self.sin = (t.to(self.x.dtype) for t in rope_tables(a.head_dim, a.rope_theta,
                                                                        a.max_position_embeddings))
@@ -80,7 +85,10 @@ class LayerWalk:
             yield i, self.layer(i)
 
     def read(self, name: str) -> torch.Tensor:
-        return self.ck.tensor(name, torch.float32)
+        t = self.ck.tensor(name, torch.float32)
+        if not bool(torch.isfinite(t).all()):  # the writer's check, before the calibration works on it
+            raise CheckpointError(f"{self.ck.sources(name)} holds NaN or infinite values; refusing to export it")
+        return t
 
     def layer(self, i: int) -> Block:
         from mixtrt.export.model import Block

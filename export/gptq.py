@@ -32,6 +32,8 @@ float weight it streams is the one calibrated.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,6 @@ from mixtrt.runtime.errors import ConfigError
 DAMP = 0.01  # the paper's default dampening, relative to the mean of diag(H)
 LAZY = 128  # columns updated together before the rest of the matrix (a multiple of every block)
 MIN_ROWS = 16  # an expert reached by fewer calibration tokens is rounded to nearest
-SAMPLE = 16  # rows and columns of each weight kept to check the writer streams the weight calibrated
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
@@ -55,60 +56,76 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
     return (x.T @ x) * (2.0 / max(len(x), 1))
 
 
-def _inverse_factor(h: torch.Tensor, what: str) -> torch.Tensor:
-    """U, upper triangular with U^T U = (H + damp I)^-1, damping more until H + damp I is positive definite."""
+def factor(h: torch.Tensor | None, what: str = "a weight") -> torch.Tensor | None:
+    """U, upper triangular with U^T U = (H + damp I)^-1, for the input Hessian h [K, K] (None: None, round to
+    nearest). h is consumed (damped, then overwritten by the inverse): pass a Hessian no one else reads. A channel
+    never excited (a zero of diag(H)) gets 1 on the diagonal: no correlation, its weights rounded to nearest.
+    Two [K, K] matrices at most are alive at once here (h and the factor, then h and U)."""
+    if h is None:
+        return None
     if not bool(torch.isfinite(h).all()):
         raise ConfigError(f"gptq: the calibration inputs of {what} are not finite (the checkpoint overflows in "
                           "fp32 on the calibration text)")
-    mean = float(torch.diagonal(h).mean())
-    damp = DAMP * (mean if mean > 0 else 1.0)
-    eye = torch.eye(len(h), dtype=h.dtype)
+    diag = torch.diagonal(h)  # a view: damping h in place
+    diag[diag == 0] = 1.0
+    damp, added = DAMP * float(diag.mean()), 0.0
     for _ in range(4):
-        factor, info = torch.linalg.cholesky_ex(h + damp * eye)
+        diag += damp - added
+        added = damp
+        lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(factor)
+            del diag
+            inverse = torch.cholesky_inverse(lower, out=h)  # in h's memory: the caller's reference holds it anyway
+            del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0:
                 return upper
+            raise ConfigError(f"gptq: the inverse Hessian of {what} is not positive definite (damped by {damp:.3g})")
         damp *= 10
-    raise ConfigError(f"gptq: the Hessian of {what} is not positive definite even damped by {damp / 10:.3g}")
+    raise ConfigError(f"gptq: the Hessian of {what} is not positive definite even damped by {added:.3g}")
 
 
-def gptq(w: torch.Tensor, h: torch.Tensor | None, block: int, what: str = "a weight") -> tuple[np.ndarray, np.ndarray]:
-    """W [N, K] rounded to INT4 in blocks of `block` along K by GPTQ with the Hessian h [K, K] of its inputs (None:
+def _quantize(col: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """round(col / scale) clamped to [-8, 7] (half to even), 0 where the scale is 0 (an all-zero block)."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.where(scale == 0, torch.zeros_like(col), torch.clamp(torch.round(col / safe), -8, 7))
+
+
+def _block_scale(part: torch.Tensor) -> torch.Tensor:
+    """rtn's 16-level signed scale of each row of a block [N, block]: -(its largest-magnitude weight) / 8."""
+    return part.gather(-1, part.abs().argmax(-1, keepdim=True))[..., 0] / -8
+
+
+def gptq(w: torch.Tensor, u: torch.Tensor | None, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """W [N, K] rounded to INT4 in blocks of `block` along K by GPTQ with u = factor(Hessian of its inputs) (None:
     round to nearest) -> (q int8 [N, K] in [-8, 7], scales float32 [N, K // block]), W ~= q * scales per block."""
-    W = w.detach().to(torch.float32).clone()
+    W = w.detach().to(torch.float32)
     N, K = W.shape
     if K % block or block % 2:
         raise ValueError(f"block {block} must be even and divide K={K}")
-    Q = torch.zeros((N, K), dtype=torch.float32)
+    if u is None:  # round to nearest: rtn's integers and scales
+        blocks = W.reshape(N, K // block, block)
+        S = _block_scale(blocks)
+        return _quantize(blocks, S[..., None]).reshape(N, K).to(torch.int8).numpy(), S.numpy()
+    W = W.clone()
+    Q = torch.zeros((N, K), dtype=torch.int8)
     S = torch.zeros((N, K // block), dtype=torch.float32)
-    if h is None:
-        U = torch.eye(K, dtype=torch.float32)  # no error moves: round to nearest
-    else:
-        h = h.to(torch.float32).clone()
-        dead = torch.diagonal(h) == 0
-        h[dead, dead] = 1.0  # a channel never excited: no correlation, its weights rounded to nearest
-        U = _inverse_factor(h, what)
     lazy = max(block, LAZY // block * block)
     for c1 in range(0, K, lazy):
         c2 = min(c1 + lazy, K)
-        W1, E1, U1 = W[:, c1:c2].clone(), torch.zeros((N, c2 - c1), dtype=torch.float32), U[c1:c2, c1:c2]
+        W1, E1, U1 = W[:, c1:c2].clone(), torch.zeros((N, c2 - c1), dtype=torch.float32), u[c1:c2, c1:c2]
         scale = torch.zeros(N, dtype=torch.float32)
         for i in range(c2 - c1):
             if (c1 + i) % block == 0:  # a block's scale from its weights as updated so far
-                part = W1[:, i:i + block]
-                scale = part.gather(1, part.abs().argmax(1, keepdim=True))[:, 0] / -8
-                S[:, (c1 + i) // block] = scale
+                scale = S[:, (c1 + i) // block] = _block_scale(W1[:, i:i + block])
             col = W1[:, i]
-            safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-            q = torch.where(scale == 0, torch.zeros_like(col), torch.clamp(torch.round(col / safe), -8, 7))
-            Q[:, c1 + i] = q
+            q = _quantize(col, scale)
+            Q[:, c1 + i] = q.to(torch.int8)
             err = (col - q * scale) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             E1[:, i] = err
-        W[:, c2:] -= E1 @ U[c1:c2, c2:]
-    return Q.to(torch.int8).numpy(), S.numpy()
+        W[:, c2:] -= E1 @ u[c1:c2, c2:]
+    return Q.numpy(), S.numpy()
 
 
 def _int8_roundtrip(w: torch.Tensor, block: int) -> torch.Tensor:
@@ -116,9 +133,9 @@ def _int8_roundtrip(w: torch.Tensor, block: int) -> torch.Tensor:
     return torch.from_numpy((q.reshape(*s.shape, block) * s[..., None]).reshape(w.shape).astype(np.float32))
 
 
-def _sample(w: np.ndarray) -> np.ndarray:
-    """A strided sample of W [N, K] (SAMPLE x SAMPLE at most), exact: the writer's weight is compared with it."""
-    return np.ascontiguousarray(w[::max(1, w.shape[0] // SAMPLE), ::max(1, w.shape[1] // SAMPLE)], np.float32)
+def _digest(w: np.ndarray) -> str:
+    """An exact fingerprint of W [N, K] as float32 in row-major order (any view of it gives the same)."""
+    return hashlib.blake2b(np.ascontiguousarray(w, np.float32).data, digest_size=16).hexdigest()
 
 
 class GptqResults:
@@ -127,31 +144,31 @@ class GptqResults:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.samples: dict[str, np.ndarray] = {}
+        self.digests: dict[str, str] = {}
         self.nearest: list[str] = []  # tensors rounded to nearest for want of calibration rows
 
     def _paths(self, label: str) -> tuple[Path, Path]:
         return self.folder / f"{label}.q.npy", self.folder / f"{label}.s.npy"
 
     def put(self, label: str, w: torch.Tensor, q: np.ndarray, s: np.ndarray) -> torch.Tensor:
-        """Keep tensor `label`'s rounding (q [N, K], scales); its float weight w [N, K] sampled. Returns the
-        dequantized weight (what the next inputs are computed with)."""
+        """Keep tensor `label`'s rounding (q [N, K], scales) and the fingerprint of its float weight w [N, K].
+        Returns the dequantized weight (what the next inputs are computed with)."""
         qpath, spath = self._paths(label)
         np.save(qpath, pack_nibbles(q))
         np.save(spath, s)
-        self.samples[label] = _sample(w.detach().numpy())
+        self.digests[label] = _digest(w.detach().numpy())
         block = q.shape[1] // s.shape[1]
         return torch.from_numpy((q.reshape(*s.shape, block).astype(np.float32) * s[..., None]).reshape(q.shape))
 
     def quantizer(self, label: str, w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-        if label not in self.samples:
+        if label not in self.digests:
             raise ConfigError(f"gptq: no calibrated rounding for {label} (a tensor the pass did not reach)")
         qpath, spath = self._paths(label)
         q, s = np.load(qpath), np.load(spath)
         if q.shape != (w.shape[0], w.shape[1] // 2) or s.shape != (w.shape[0], w.shape[1] // block):
             raise ConfigError(f"gptq: {label}: the calibrated rounding {q.shape} / {s.shape} does not fit the "
                               f"weight written {w.shape} in blocks of {block}")
-        if not np.array_equal(_sample(np.asarray(w, np.float32)), self.samples[label]):
+        if _digest(w) != self.digests[label]:
             raise ConfigError(f"gptq: {label}: the weight written is not the one calibrated (a transform hook "
                               "changed it)")
         qpath.unlink()
@@ -159,65 +176,101 @@ class GptqResults:
         return q, s
 
 
+def _labels(args: Any) -> set[str]:
+    """Every linear the pass knows, by its int4 plan label."""
+    ffn = [f"fc{j}.{e}" for j in (1, 2) for e in range(args.moe.num_experts)] if args.moe else ["w1", "w2", "w3"]
+    return {"lm_head"} | {f"layers.{i}.{part}" for i, part in itertools.product(
+        range(args.num_hidden_layers), [f"attention.{n}" for n in ("wq", "wk", "wv", "wo")]
+        + [f"feed_forward.{n}" for n in ffn])}
+
+
 def gptq_pass(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], targets: dict[str, tuple[int, int]],
-              folder: Path, say: Callable[[str], None]) -> GptqResults:
+              folder: Path, say: Callable[[str], None], table: tuple[int, int] | None = None) -> GptqResults:
     """Round the int4 linears of `targets` (label -> (block, bits); bits 8: the INT8 tensors, whose round trip
-    the next inputs see) by GPTQ on the calibration sequences, layer by layer; results under `folder`."""
+    the next inputs see) by GPTQ on the calibration sequences, layer by layer; results under `folder`.
+    table: the embedding's (block, bits) where the artifact stores it quantized (the walk starts from its round
+    trip, as the artifact reads it)."""
     from mixtrt.export.checkpoint import open_checkpoint
     from mixtrt.export.model import MoeFeedForward
 
     folder.mkdir(parents=True, exist_ok=True)
     results = GptqResults(folder)
 
-    def round_(label: str, p: torch.Tensor, h: torch.Tensor | None) -> None:
-        """Round parameter p (tensor `label`) in place as its target says, by GPTQ with the input Hessian h
-        (None: to nearest)."""
+    def four(*labels: str) -> bool:
+        return any(targets.get(lbl, (0, 0))[1] == 4 for lbl in labels)
+
+    def shared(x: torch.Tensor, *labels: str) -> torch.Tensor | None:
+        """The factor of x's Hessian for the linears `labels` that read x (None when none of them is INT4)."""
+        return factor(hessian(x), ", ".join(labels)) if four(*labels) else None
+
+    def round_(label: str, p: torch.Tensor, u: torch.Tensor | None) -> None:
+        """Round parameter p (tensor `label`) in place as its target says, by GPTQ with the factor u of its
+        inputs' Hessian (None: to nearest)."""
         if label not in targets:
             return  # float (kept, the router, no block)
         block, bits = targets[label]
         if bits == 8:
             p.copy_(_int8_roundtrip(p, block))
             return
-        if h is None:
+        if u is None:
             results.nearest.append(label)
-        p.copy_(results.put(label, p, *gptq(p, h, block, label)))
+        p.copy_(results.put(label, p, *gptq(p, u, block)))
+
+    def embed(t: torch.Tensor) -> torch.Tensor:
+        if table is None:
+            return t
+        block, bits = table
+        if bits == 8:
+            return _int8_roundtrip(t, block)
+        q, s = gptq(t, None, block)
+        return torch.from_numpy((q.reshape(*s.shape, block) * s[..., None]).reshape(q.shape).astype(np.float32))
 
     with open_checkpoint(checkpoint_dir) as ck, torch.no_grad():
         args = ck.args
+        unknown = sorted(lbl for lbl, (_, bits) in targets.items() if bits == 4 and lbl not in _labels(args))
+        if unknown:  # before hours of work, not after
+            raise ConfigError(f"gptq: no calibrated rounding for {', '.join(unknown)} (tensors the pass does not "
+                              "know)")
         H, I = args.hidden_size, args.intermediate_size  # noqa: E741
-        walk = LayerWalk(ck, plan, seqs)
+        walk = LayerWalk(ck, plan, seqs, embed)
         for i, layer in walk.layers():
             pre = f"layers.{i}."
             at, ff = layer.attention, layer.feed_forward
             a_in = layer.attention_norm(walk.x)
-            h_in = hessian(a_in)
-            for n in ("wq", "wk", "wv"):
-                round_(f"{pre}attention.{n}", getattr(at, n).weight, h_in)
+            qkv = [f"{pre}attention.{n}" for n in ("wq", "wk", "wv")]
+            u = shared(a_in, *qkv)
+            for lbl, n in zip(qkv, ("wq", "wk", "wv"), strict=True):
+                round_(lbl, getattr(at, n).weight, u)
             _, o_in = walk.attention(layer, a_in)  # through the rounded q/k/v
-            round_(f"{pre}attention.wo", at.wo.weight, hessian(o_in))
+            round_(f"{pre}attention.wo", at.wo.weight, shared(o_in, f"{pre}attention.wo"))
             f_in = layer.ffn_norm(walk.x + (o_in @ at.wo.weight.T).reshape(walk.x.shape)).reshape(-1, H)
+            del a_in, o_in, u
             if isinstance(ff, MoeFeedForward):
                 top = torch.topk(torch.softmax(ff.gate(f_in), -1), ff.top_k, dim=-1).indices  # [n, A]
                 for e in range(len(ff.fc1)):
                     rows = f_in[(top == e).any(-1)]
                     enough = len(rows) >= MIN_ROWS
-                    round_(f"{pre}feed_forward.fc1.{e}", ff.fc1[e], hessian(rows) if enough else None)
-                    g, u = (rows @ ff.fc1[e].T).split(I, dim=-1)
-                    round_(f"{pre}feed_forward.fc2.{e}", ff.fc2[e],
-                           hessian(torch.nn.functional.silu(g) * u) if enough else None)
+                    fc1, fc2 = f"{pre}feed_forward.fc1.{e}", f"{pre}feed_forward.fc2.{e}"
+                    round_(fc1, ff.fc1[e], shared(rows, fc1) if enough else None)
+                    g, up = (rows @ ff.fc1[e].T).split(I, dim=-1)
+                    round_(fc2, ff.fc2[e], shared(torch.nn.functional.silu(g) * up, fc2) if enough else None)
+                    del rows, g, up
+                del top
             else:
-                h_in = hessian(f_in)
-                round_(f"{pre}feed_forward.w1", ff.w1.weight, h_in)
-                round_(f"{pre}feed_forward.w3", ff.w3.weight, h_in)
+                w13 = [f"{pre}feed_forward.w1", f"{pre}feed_forward.w3"]
+                u = shared(f_in, *w13)
+                round_(w13[0], ff.w1.weight, u)
+                round_(w13[1], ff.w3.weight, u)
                 act = torch.nn.functional.silu(f_in @ ff.w1.weight.T) * (f_in @ ff.w3.weight.T)
-                round_(f"{pre}feed_forward.w2", ff.w2.weight, hessian(act))
+                round_(f"{pre}feed_forward.w2", ff.w2.weight, shared(act, f"{pre}feed_forward.w2"))
+                del u, act
             walk.x = walk.run(layer)  # through the rounded layer
-            del layer, at, ff, a_in, o_in, f_in, h_in
+            del layer, at, ff, f_in
             say(f"  gptq: layer {i} rounded")
-        if targets.get("lm_head", (0, 8))[1] == 4:  # (an INT8 lm_head is last: no input after it to correct)
+        if four("lm_head"):  # (an INT8 lm_head is last: no input after it to correct)
             lm_head = walk.read("model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight")
-            round_("lm_head", lm_head, hessian(walk.final_norm()(walk.x)))
-    missing = sorted(lbl for lbl, (_, bits) in targets.items() if bits == 4 and lbl not in results.samples)
+            round_("lm_head", lm_head, shared(walk.final_norm()(walk.x), "lm_head"))
+    missing = sorted(lbl for lbl, (_, bits) in targets.items() if bits == 4 and lbl not in results.digests)
     if missing:
-        raise ConfigError(f"gptq: no calibrated rounding for {', '.join(missing)} (tensors the pass does not know)")
+        raise ConfigError(f"gptq: no calibrated rounding for {', '.join(missing)} (tensors the pass did not reach)")
     return results

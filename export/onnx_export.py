@@ -239,7 +239,7 @@ def export_onnx(
                 if int4.method == "gptq" and any(bits == 4 for _, bits in targets.values()):
                     from mixtrt.export.gptq import gptq_pass
 
-                    gptq = gptq_pass(checkpoint_dir, plan, seqs, targets, tmp / GPTQ_DIR, say)
+                    gptq = gptq_pass(checkpoint_dir, plan, seqs, targets, tmp / GPTQ_DIR, say, int4_plan.table())
                     int4_plan.quantizer = gptq.quantizer
                     if gptq.nearest and calibration is not None:
                         calibration["nearest"] = gptq.nearest
@@ -254,7 +254,8 @@ def export_onnx(
             with say.bytes(total, f"writing {DATA_FILE}") as tick:
                 index, sha, size = write_weights(program.model, weights, ckpt.tensor, ckpt.sources, dtype, tmp,
                                                  on_bytes=tick, transform=hook)
-            shutil.rmtree(tmp / GPTQ_DIR, ignore_errors=True)  # gptq's roundings, each read by the writer
+            if (tmp / GPTQ_DIR).exists():  # gptq's roundings, each read by the writer: never left in the artifact
+                shutil.rmtree(tmp / GPTQ_DIR)
             seconds = time.perf_counter() - t2
             say(f"  {size / 2**20:.0f} MiB in {seconds:.1f} s ({size / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
             say(f"writing {MODEL_FILE}")

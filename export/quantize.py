@@ -411,6 +411,10 @@ class Int4Plan:
         """The linears (dense and experts) the plan rounds: label -> (block, bits)."""
         return {i.label: (i.block, i.bits) for i in self.items.values() if i.kind != "table"}
 
+    def table(self) -> tuple[int, int] | None:
+        """The embedding table's (block, bits) where the plan quantizes it."""
+        return next(((i.block, i.bits) for i in self.items.values() if i.kind == "table"), None)
+
     @property
     def int4_tensors(self) -> int:
         return sum(1 for i in self.items.values() if i.bits == 4)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mixtrt.export import export_onnx
-from mixtrt.export.gptq import gptq, hessian
+from mixtrt.export.gptq import factor, gptq, hessian
 from mixtrt.export.quantize import Int4Options, rtn
 from mixtrt.plugins.int4 import int4_values, pack_nibbles
 from mixtrt.runtime.backends.onnxruntime import OrtBackend
@@ -61,7 +61,7 @@ def test_gptq_equals_the_plain_algorithm(n_out, k, block):
     g = torch.Generator().manual_seed(k)
     w = torch.randn(n_out, k, generator=g) * 0.05
     h = hessian(_correlated(4 * k, k))
-    q, s = gptq(w, h, block)
+    q, s = gptq(w, factor(h.clone()), block)
     q_ref, s_ref = _plain_gptq(w, h, block)
     assert (q == q_ref).mean() >= 0.995  # a rounding tie may fall the other way in float32
     np.testing.assert_allclose(s, s_ref, rtol=1e-3, atol=1e-7)
@@ -90,7 +90,7 @@ def test_gptq_lowers_the_layer_output_error():
         return float(((x @ w.T) - (x @ wq.T)).pow(2).mean())
 
     q_rtn, s_rtn = gptq(w, None, block)
-    q_gptq, s_gptq = gptq(w, hessian(x), block)
+    q_gptq, s_gptq = gptq(w, factor(hessian(x)), block)
     assert error(q_gptq, s_gptq, x) < 0.5 * error(q_rtn, s_rtn, x)  # 0.31 when written
     assert error(q_gptq, s_gptq, held_out) < 0.5 * error(q_rtn, s_rtn, held_out)
 
@@ -103,7 +103,7 @@ def test_gptq_keeps_channels_the_calibration_never_excites():
     w = torch.randn(8, k, generator=torch.Generator().manual_seed(5)) * 0.05
     x = _correlated(512, k)
     x[:, 10] = 0
-    q, s = gptq(w, hessian(x), block)
+    q, s = gptq(w, factor(hessian(x)), block)
     assert np.isfinite(s).all()
     wq = q[:, 10] * s[:, 0]
     assert np.abs(wq).max() > 0
@@ -114,7 +114,7 @@ def test_gptq_refuses_inputs_that_are_not_finite():
     h = hessian(_correlated(64, 32))
     h[3, 3] = float("inf")
     with pytest.raises(ConfigError, match="layers.0.attention.wq are not finite"):
-        gptq(torch.zeros(4, 32), h, 32, "layers.0.attention.wq")
+        factor(h, "layers.0.attention.wq")
 
 
 @pytest.fixture(scope="module")
@@ -194,18 +194,38 @@ def test_gptq_record_fields_are_checked():
 
 
 def test_gptq_refuses_a_weight_changed_after_calibration(gptq_models, tmp_path):
-    """A transform hook that changes a weight the pass calibrated: one error naming the tensor, nothing left."""
+    """A transform hook that changes one element of a weight the pass calibrated: one error naming the tensor,
+    nothing left."""
     models, text = gptq_models
     ck = models["mistral"][0]
 
     def double_wq(name, array):
-        return [(name, array * 2 if "layers.1.attention.wq" in name else array)]
+        if "layers.1.attention.wq" in name:
+            array = array.copy()
+            array[3, 5] *= 2
+        return [(name, array)]
 
     out = tmp_path / "art"
     with pytest.raises(ConfigError, match="layers.1.attention.wq: the weight written is not the one calibrated"):
         export_onnx(ck, out, precision="int4", progress=None, transform=double_wq,
                     int4=Int4Options(method="gptq", calibration=text))
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_gptq_refuses_a_checkpoint_weight_that_is_not_finite(tmp_path):
+    """A NaN in a weight is named (tensor and file) before the calibration works on it, as the writer names it."""
+    from safetensors.torch import load_file, save_file
+
+    from mixtrt.runtime.errors import CheckpointError
+
+    ck = make_checkpoint(tmp_path / "ck", "mistral", max_position_embeddings=64)
+    [shard] = ck.glob("*.safetensors")
+    tensors = load_file(shard)
+    tensors["model.layers.0.self_attn.q_proj.weight"][2, 3] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="q_proj.weight' of model.safetensors holds NaN"):
+        export_onnx(ck, tmp_path / "art", precision="int4", progress=None, int4=Int4Options(method="gptq"))
+    assert not (tmp_path / "art").exists()
 
 
 @pytest.mark.slow
