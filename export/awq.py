@@ -33,7 +33,7 @@ import torch
 
 from mixtrt.export.calibration import LayerWalk
 from mixtrt.export.quantize import Int4Options, block_for, int8_block, int8_patterns, kept
-from mixtrt.plugins.int4 import pack_int4, pack_int8, unpack_int4
+from mixtrt.plugins.int4 import dequantize, pack_int4, pack_int8, unpack_int4
 
 ALPHAS = tuple(i / 10 for i in range(11))
 SEARCH_ROWS = 2048  # calibration rows each error is measured on
@@ -45,8 +45,7 @@ def _roundtrip(w: torch.Tensor, block: int, bits: int = 4) -> torch.Tensor:
     the export writes for the tensors it keeps INT8)."""
     a = w.detach().numpy().astype(np.float32)
     if bits == 8:
-        q, s = pack_int8(a, block)
-        return torch.from_numpy((q.reshape(*s.shape, block) * s[..., None]).reshape(a.shape).astype(np.float32))
+        return torch.from_numpy(dequantize(*pack_int8(a, block)))
     return torch.from_numpy(unpack_int4(*pack_int4(a, block)))
 
 

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from mixtrt.export.calibration import LayerWalk
-from mixtrt.plugins.int4 import pack_int8, pack_nibbles
+from mixtrt.export.quantize import rtn
+from mixtrt.plugins.int4 import dequantize, int4_values, pack_int8, pack_nibbles
 from mixtrt.runtime.errors import ConfigError
 
 DAMP = 0.01  # the paper's default dampening, relative to the mean of diag(H)
@@ -104,9 +105,8 @@ def gptq(w: torch.Tensor, u: torch.Tensor | None, block: int) -> tuple[np.ndarra
     if K % block or block % 2:
         raise ValueError(f"block {block} must be even and divide K={K}")
     if u is None:  # round to nearest: rtn's integers and scales
-        blocks = W.reshape(N, K // block, block)
-        S = _block_scale(blocks)
-        return _quantize(blocks, S[..., None]).reshape(N, K).to(torch.int8).numpy(), S.numpy()
+        qweight, scales = rtn("", W.numpy(), block)
+        return int4_values(qweight), scales
     W = W.clone()
     Q = torch.zeros((N, K), dtype=torch.int8)
     S = torch.zeros((N, K // block), dtype=torch.float32)
@@ -126,11 +126,6 @@ def gptq(w: torch.Tensor, u: torch.Tensor | None, block: int) -> tuple[np.ndarra
             E1[:, i] = err
         W[:, c2:] -= E1 @ u[c1:c2, c2:]
     return Q.numpy(), S.numpy()
-
-
-def _int8_roundtrip(w: torch.Tensor, block: int) -> torch.Tensor:
-    q, s = pack_int8(w.detach().numpy(), block)
-    return torch.from_numpy((q.reshape(*s.shape, block) * s[..., None]).reshape(w.shape).astype(np.float32))
 
 
 def _digest(w: np.ndarray) -> str:
@@ -157,8 +152,7 @@ class GptqResults:
         np.save(qpath, pack_nibbles(q))
         np.save(spath, s)
         self.digests[label] = _digest(w.detach().numpy())
-        block = q.shape[1] // s.shape[1]
-        return torch.from_numpy((q.reshape(*s.shape, block).astype(np.float32) * s[..., None]).reshape(q.shape))
+        return torch.from_numpy(dequantize(q, s))
 
     def quantizer(self, label: str, w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
         if label not in self.digests:
@@ -185,11 +179,12 @@ def _labels(args: Any) -> set[str]:
 
 
 def gptq_pass(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], targets: dict[str, tuple[int, int]],
-              folder: Path, say: Callable[[str], None], table: tuple[int, int] | None = None) -> GptqResults:
+              folder: Path, say: Callable[[str], None],
+              table: Callable[[np.ndarray], np.ndarray] | None = None) -> GptqResults:
     """Round the int4 linears of `targets` (label -> (block, bits); bits 8: the INT8 tensors, whose round trip
     the next inputs see) by GPTQ on the calibration sequences, layer by layer; results under `folder`.
-    table: the embedding's (block, bits) where the artifact stores it quantized (the walk starts from its round
-    trip, as the artifact reads it)."""
+    table: the embedding table's round trip where the artifact stores it quantized (Int4Plan.table_roundtrip: the
+    walk starts from the table the artifact's lookups give)."""
     from mixtrt.export.checkpoint import open_checkpoint
     from mixtrt.export.model import MoeFeedForward
 
@@ -210,20 +205,11 @@ def gptq_pass(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], targets: d
             return  # float (kept, the router, no block)
         block, bits = targets[label]
         if bits == 8:
-            p.copy_(_int8_roundtrip(p, block))
+            p.copy_(torch.from_numpy(dequantize(*pack_int8(p.detach().numpy(), block))))
             return
         if u is None:
             results.nearest.append(label)
         p.copy_(results.put(label, p, *gptq(p, u, block)))
-
-    def embed(t: torch.Tensor) -> torch.Tensor:
-        if table is None:
-            return t
-        block, bits = table
-        if bits == 8:
-            return _int8_roundtrip(t, block)
-        q, s = gptq(t, None, block)
-        return torch.from_numpy((q.reshape(*s.shape, block) * s[..., None]).reshape(q.shape).astype(np.float32))
 
     with open_checkpoint(checkpoint_dir) as ck, torch.no_grad():
         args = ck.args
@@ -232,7 +218,7 @@ def gptq_pass(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], targets: d
             raise ConfigError(f"gptq: no calibrated rounding for {', '.join(unknown)} (tensors the pass does not "
                               "know)")
         H, I = args.hidden_size, args.intermediate_size  # noqa: E741
-        walk = LayerWalk(ck, plan, seqs, embed)
+        walk = LayerWalk(ck, plan, seqs, (lambda t: torch.from_numpy(table(t.numpy()))) if table else None)
         for i, layer in walk.layers():
             pre = f"layers.{i}."
             at, ff = layer.attention, layer.feed_forward

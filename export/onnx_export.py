@@ -239,7 +239,8 @@ def export_onnx(
                 if int4.method == "gptq" and any(bits == 4 for _, bits in targets.values()):
                     from mixtrt.export.gptq import gptq_pass
 
-                    gptq = gptq_pass(checkpoint_dir, plan, seqs, targets, tmp / GPTQ_DIR, say, int4_plan.table())
+                    gptq = gptq_pass(checkpoint_dir, plan, seqs, targets, tmp / GPTQ_DIR, say,
+                                     int4_plan.table_roundtrip())
                     int4_plan.quantizer = gptq.quantizer
                     if gptq.nearest and calibration is not None:
                         calibration["nearest"] = gptq.nearest

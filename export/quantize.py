@@ -35,7 +35,15 @@ from onnx import TensorProto, helper
 
 from mixtrt.export.weights_writer import Stored
 from mixtrt.plugins import DOMAIN
-from mixtrt.plugins.int4 import dequantize_linear_layout, matmulnbits_layout, pack_int4, pack_int8, signed_scales
+from mixtrt.plugins.int4 import (
+    dequantize,
+    dequantize_linear_layout,
+    int4_values,
+    matmulnbits_layout,
+    pack_int4,
+    pack_int8,
+    signed_scales,
+)
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.quantization import ACCURACY_LEVELS, BLOCK_SIZES, INT8_BLOCK, METHODS, Quantization
 from mixtrt.runtime.weights import WeightIndex
@@ -332,12 +340,10 @@ class Int4Plan:
                                          _quant("dequantize_linear", item, 0, 0))),
                     (item.scales, st.astype(np.float32))]
         if item.kind == "table":
+            q, s = self._table(item, array)
             if item.bits == 8:  # uint8 = int8 + 128 (GatherBlockQuantized's default zero point for 8 bits)
-                q8, s = pack_int8(array, b)
-                packed = q8.view(np.uint8) ^ 0x80
+                packed = q.view(np.uint8) ^ 0x80
             else:
-                # no input activations to calibrate a Gather on: gptq rounds the table to nearest
-                q, s = (clipped if self.options.method == "awq" else rtn)(lbl, array, b)
                 packed = matmulnbits_layout(q, b).reshape(q.shape)
             return [(item.tensor, Stored(packed, "uint8", packed.shape,
                                          _quant("gather_block_quantized", item, 1, 1 << (item.bits - 1)))),
@@ -346,6 +352,27 @@ class Int4Plan:
         packed = matmulnbits_layout(q, b)
         return [(item.tensor, Stored(packed, "uint8", packed.shape, _quant("matmulnbits", item, 1, 8))),
                 (item.scales, s.astype(np.float32))]
+
+    def _table(self, item: _Item, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The embedding table [V, H] quantized as written: (INT8 values, scales) or (pack_int4's qweight, scales).
+        No input activations to calibrate a Gather on: gptq rounds it to nearest, awq searches its block scales."""
+        if item.bits == 8:
+            return pack_int8(array, item.block)
+        return (clipped if self.options.method == "awq" else rtn)(item.label, array, item.block)
+
+    def table_roundtrip(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """table [V, H] -> the float table the artifact's lookups give (its quantized form dequantized), where
+        the plan quantizes the embedding; None where it stays float."""
+        item = next((i for i in self.items.values() if i.kind == "table"), None)
+        if item is None:
+            return None
+        table = item
+
+        def roundtrip(array: np.ndarray) -> np.ndarray:
+            q, s = self._table(table, array)
+            return dequantize(q if table.bits == 8 else int4_values(q), s)
+
+        return roundtrip
 
     def rewrite(self, model: onnx.ModelProto, index: WeightIndex) -> None:
         """Rewrite the written graph `model` (proto, external data not loaded; nodes named) into its int4 form,
@@ -410,10 +437,6 @@ class Int4Plan:
     def targets(self) -> dict[str, tuple[int, int]]:
         """The linears (dense and experts) the plan rounds: label -> (block, bits)."""
         return {i.label: (i.block, i.bits) for i in self.items.values() if i.kind != "table"}
-
-    def table(self) -> tuple[int, int] | None:
-        """The embedding table's (block, bits) where the plan quantizes it."""
-        return next(((i.block, i.bits) for i in self.items.values() if i.kind == "table"), None)
 
     @property
     def int4_tensors(self) -> int:

@@ -88,13 +88,18 @@ def int4_values(qweight: np.ndarray) -> np.ndarray:
 
 def unpack_int4(qweight: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """(qweight [..., N, K//2], scales [..., N, K//block]) -> W [..., N, K] in the scales' dtype (q * scale)."""
-    q = int4_values(qweight)
+    return dequantize(int4_values(qweight), scales).astype(scales.dtype)
+
+
+def dequantize(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Integers q [..., K] (INT4 values or pack_int8's INT8) with their block scales [..., K//block] -> W [..., K]
+    float32, W = q * the scale of its block."""
+    q, scales = np.asarray(q), np.asarray(scales)
     K = q.shape[-1]
     if scales.shape[:-1] != q.shape[:-1] or K % scales.shape[-1]:
-        raise ValueError(f"scales {scales.shape} do not block qweight {qweight.shape} along its last axis")
+        raise ValueError(f"scales {scales.shape} do not block q {q.shape} along its last axis")
     block = K // scales.shape[-1]
-    full = np.repeat(np.asarray(scales).astype(np.float32), block, axis=-1)
-    return (q.astype(np.float32) * full).astype(scales.dtype)
+    return (q.reshape(*scales.shape, block).astype(np.float32) * scales.astype(np.float32)[..., None]).reshape(q.shape)
 
 
 # ---- backend layouts of the same bytes ---------------------------------------------------------------------
