@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 from common import positive  # noqa: E402
 
+from mixtrt.runtime.quantization import METHODS  # noqa: E402  (every int4 --method)
+
 SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_attention_heads=16,
              num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, sliding_window=512,
              max_position_embeddings=4096, initializer_range=0.02, router_jitter_noise=0.0)
@@ -119,7 +121,7 @@ def tools(baseline: str | None, int4: bool = False) -> dict:
                                        str(out) + ".gguf", "--outtype", "f32"], peers.OFFLINE, None),
     }
     if int4:  # int4 exports: quantized in the streaming writer (rtn) and calibrated layer by layer (awq, gptq)
-        for method in ("rtn", "awq", "gptq"):
+        for method in METHODS:
             out[f"mixtrt-int4-{method}"] = lambda ck, o, m=method: (
                 [sys.executable, "-m", "mixtrt", "export", str(ck), "--out", str(o), "--quiet", "--force",
                  "--precision", "int4", "--method", m], None, None)
@@ -128,7 +130,7 @@ def tools(baseline: str | None, int4: bool = False) -> dict:
         out["mixtrt-baseline"] = lambda ck, out: ([baseline, "-m", "mixtrt", "export", str(ck), "--out", str(out),
                                                    "--quiet", "--force"], env, "/")
         if int4:
-            for method in ("rtn", "awq", "gptq"):
+            for method in METHODS:
                 out[f"mixtrt-baseline-int4-{method}"] = lambda ck, o, m=method: (
                     [baseline, "-m", "mixtrt", "export", str(ck), "--out", str(o), "--quiet", "--force",
                      "--precision", "int4", "--method", m], env, "/")
