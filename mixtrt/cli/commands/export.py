@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from mixtrt.runtime.precision import PRECISIONS
+from mixtrt.runtime.quantization import BLOCK_SIZES, METHODS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,9 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="positions the artifact serves; the KV cache length of models without a sliding window "
                         "(default: max_position_embeddings with a window, else min(it, 4096))")
     q = p.add_argument_group("int4 (--precision int4: INT4 weights, fp32 activations; README \"INT4\")")
-    q.add_argument("--block-size", type=int, choices=(32, 64, 128), default=None,
+    q.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None,
                    help="weights per scale along the input dimension (default 32)")
-    q.add_argument("--method", choices=("rtn", "awq", "gptq"), default=None,
+    q.add_argument("--method", choices=METHODS, default=None,
                    help="rtn: round to nearest; awq: activation-aware scales; gptq: Hessian-weighted rounding "
                         "(awq and gptq calibrate on a text; default rtn)")
     q.add_argument("--calibration", type=Path, default=None,
