@@ -299,7 +299,7 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
         # a completion, and a continued chat message, is the text that continues the prompt's (a first word keeps
         # its leading space, as vLLM returns it)
         continued = kind == "completions" or getattr(req, "continue_final_message", False)
-        handle = loop.submit(prompts, config, req.n, rid, t0, continuation=continued)
+        handle = loop.submit(prompts, config, req.n, rid, t0, continuation=continued, stream=bool(req.stream))
     except QueueFull as e:
         raise ApiError(f"the server is busy: {e}", 429, type="rate_limit_error") from None
     except NotAccepting as e:

@@ -67,6 +67,7 @@ class Request:
     finished: int = 0  # choices with an output (engine thread)
     ended: bool = False  # every choice finished, or cancelled (engine thread)
     continuation: bool = False  # the rows' text continues the prompt's (completions), else a new message (chat)
+    stream: bool = True  # every token's event is delivered; False: only each choice's last (its output)
 
     @property
     def choices(self) -> int:
@@ -116,10 +117,12 @@ class EngineLoop:
 
     # ---- called from the server's threads ---------------------------------------------------------
     def submit(self, prompts: list[list[int]], config: GenerationConfig, n: int, request_id: str,
-               t0: float, continuation: bool = False) -> Request:
+               t0: float, continuation: bool = False, stream: bool = True) -> Request:
         """Queue a request (prompts already checked to fit); QueueFull / NotAccepting at once. continuation:
-        see Engine.add."""
-        req = Request(request_id, prompts, config, n, t0, asyncio.get_running_loop(), continuation=continuation)
+        see Engine.add. stream=False: events() yields only the events that carry an output (a request answered
+        whole wakes its event loop once per choice, not once per token)."""
+        req = Request(request_id, prompts, config, n, t0, asyncio.get_running_loop(), continuation=continuation,
+                      stream=stream)
         with self._cond:
             if not self._accepting:
                 raise NotAccepting("the server is shutting down")
@@ -262,13 +265,16 @@ class EngineLoop:
                 self.metrics.aborted("error")
             return False
         batches: dict[int, tuple[Request, list[EngineEvent]]] = {}
+        tokens = 0  # the requests' tokens of this part (a non-streamed request's are not all handed out)
         for event in events:
             found = self._rows.get(event.row.id)
             if found is None:
                 continue
             req, row = found
+            tokens += 1
             self._observe(row, event)
-            batches.setdefault(id(req), (req, []))[1].append(event)
+            if req.stream or event.output is not None:
+                batches.setdefault(id(req), (req, []))[1].append(event)
             if event.output is not None:
                 req.finished += 1
                 self._rows.pop(row.id, None)
@@ -276,8 +282,8 @@ class EngineLoop:
                 if req.finished == req.choices:
                     req.ended = True
                     self._active.remove(req)
-        if self.metrics is not None and events:
-            self.metrics.generation_tokens.inc(sum(len(items) for _, items in batches.values()))
+        if self.metrics is not None and tokens:
+            self.metrics.generation_tokens.inc(tokens)
         self._gauges()  # before the events go out: what a client sees next, the metrics already show
         self._handoff(batches.values())
         if error is not None:  # rows the engine cancelled for non-finite logits: their requests fail

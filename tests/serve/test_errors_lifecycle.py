@@ -195,6 +195,31 @@ def test_stop_drains_then_cancels_within_its_bound(generator):
         asyncio.run(_submit(loop, config))
 
 
+def test_a_request_answered_whole_gets_only_its_outputs(generator):
+    """stream=False: events() yields one event per choice (its output), the same outputs as a streamed twin's,
+    and the metrics still count every generated token."""
+    from mixtrt.runtime.serve.metrics import Metrics
+
+    metrics = Metrics("tiny")
+    loop = EngineLoop(generator.backend, generator.tokenizer, max_batch=4, max_queue=4, metrics=metrics)
+    loop.start()
+    config = generator.config(max_new_tokens=7, min_new_tokens=7, do_sample=False)
+
+    async def scenario() -> tuple[list, list]:
+        whole = loop.submit([[1, 5, 6]], config, 2, "w", time.perf_counter(), stream=False)
+        streamed = loop.submit([[1, 5, 6]], config, 2, "s", time.perf_counter())
+        return [e async for e in whole.events()], [e async for e in streamed.events()]
+
+    try:
+        whole, streamed = asyncio.run(scenario())
+    finally:
+        loop.stop(1.0)
+    assert len(streamed) == 14 and len(whole) == 2 and all(e.output is not None for e in whole)
+    ids = lambda events: sorted(e.output.token_ids for e in events if e.output is not None)  # noqa: E731
+    assert ids(whole) == ids(streamed) and all(len(t) == 7 for t in ids(whole))
+    assert metrics.registry.get_sample_value("mixtrt:generation_tokens_total", {"model_name": "tiny"}) == 28
+
+
 async def _submit(loop: EngineLoop, config: GenerationConfig) -> None:
     loop.submit([[1, 2]], config, 1, "x", time.perf_counter())
 
