@@ -7,8 +7,9 @@ prefill and decode tok/s, peak RSS, artifact bytes, weight bytes per decoded tok
 of the read-bandwidth limit (int4: from the manifest's bytes_per_token). llama.cpp runs as llama-server with
 `--no-repack`: its repacked CPU kernels crash (exit -11) on quantized GGUFs of these models on this machine.
 
-Quality, each quantized engine against its own fp32: teacher-forced over prompt + 255 tokens (the fp32 greedy
-continuation) for mixtrt (argmax agreement, max / rms logit error); mean KL and top-1 agreement with llama.cpp's
+Quality, each quantized engine against its own fp32: teacher-forced over prompt + 255 tokens (mixtrt fp32's greedy
+continuation; argmax agreement, max / rms logit error) for mixtrt and for llama.cpp (its q4_0 / q4_K_M logits of the
+same ids against its f32 ones, f32 cache and attention); mean KL and top-1 agreement with llama.cpp's
 own `llama-perplexity --kl-divergence` for llama.cpp and `mixtrt perplexity --reference` for mixtrt, on the
 same text and context (the bench models: 8 chunks of 384 tokens of heldout.txt; the built-in model: its held-out
 text in chunks of 64, where llama.cpp's missing sliding window does not bite). llama-perplexity scores the
@@ -143,7 +144,7 @@ def main() -> None:
     ap.add_argument("--no-quality", dest="quality", action="store_false", help="timings only (no KL, no agreement)")
     ap.add_argument("--passes", type=positive, default=3, help="interleaved passes over the engines (medians reported)")
     ns = ap.parse_args()
-    from peers import genai_generate, genai_model_from_checkpoint, gguf_from_checkpoint
+    from peers import genai_generate, genai_model_from_checkpoint, gguf_from_checkpoint, llama_logits
 
     from mixtrt.export.onnx_export import export_onnx, is_current
     from mixtrt.export.quantize import Int4Options
@@ -216,6 +217,12 @@ def main() -> None:
         for form in INT4_FORMS:
             print(f"mixtrt {form} vs mixtrt fp32:" + " " * (10 - len(form)) +
                   quality(mixtrt_logits(arts[form], ids, ns.threads), ref))
+        # llama.cpp's the same way: its own logits of the same ids (f32 cache, no flash attention; these ids are
+        # shorter than the window it ignores), each quantized GGUF against its f32 one
+        lref = llama_logits(ggufs["f32"], ids, ns.threads, f32_attention=True)
+        for q in ("q4_0", "q4_K_M"):
+            print(f"llama {q} vs llama f32:" + " " * (14 - len(q)) +
+                  quality(llama_logits(ggufs[q], ids, ns.threads, f32_attention=True), lref))
         text = HERE.parent / "models" / "tiny-mixtral" / "heldout.txt"
         print("KL, 8 chunks of 384 tokens of heldout.txt:")
         for form in INT4_FORMS:
