@@ -71,6 +71,8 @@ class GenerationConfig:
     top_p: float = 1.0
     min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one; 0 = off
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: each token already generated loses this much logit (-2..2)
+    frequency_penalty: float = 0.0  # OpenAI's: ... and this much per time it was generated (-2..2)
     seed: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     stop_strings: tuple[str, ...] = ()
@@ -122,6 +124,9 @@ class GenerationConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")
         if not penalty > 0:
             raise ConfigError(f"repetition_penalty must be > 0, got {penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= real(name) <= 2:
+                raise ConfigError(f"{name} must be in [-2, 2] (OpenAI's range), got {getattr(self, name)!r}")
         stops = self.stop_strings
         if isinstance(stops, str):
             stops = (stops,)
@@ -496,7 +501,8 @@ class Engine:
         args = self.backend.args
         return Sampler(args.vocab_size, do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.top_k,
                        top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
-                       row=index, prompt_ids=seen, min_new_tokens=cfg.min_new_tokens, eos_ids=cfg.eos_ids(args))
+                       row=index, prompt_ids=seen, min_new_tokens=cfg.min_new_tokens, eos_ids=cfg.eos_ids(args),
+                       presence_penalty=cfg.presence_penalty, frequency_penalty=cfg.frequency_penalty)
 
     # ---- the loop ------------------------------------------------------------------------------------
     def step(self, prefill_budget: int | None = None) -> list[EngineEvent]:

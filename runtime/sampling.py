@@ -74,6 +74,25 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     return np.where(seen, penalized, logits).astype(np.float32)
 
 
+def apply_presence_frequency(logits: np.ndarray, counts: dict[int, int], presence: float,
+                             frequency: float) -> np.ndarray:
+    """OpenAI's presence and frequency penalties (as vLLM applies them, after the repetition penalty): token j,
+    generated c_j > 0 times so far in this row's output, loses c_j * frequency + presence from its logit (a
+    negative penalty raises it). A new array; tokens never generated keep their logits. (With |penalties| <= 2
+    the change is far below float32's spacing near its largest values: it cannot overflow.)
+
+    >>> apply_presence_frequency(np.zeros(4, np.float32), {1: 2, 3: 1}, 0.5, 0.25).tolist()
+    [0.0, -1.0, 0.0, -0.75]
+    """
+    out = np.array(logits, np.float32)
+    if not counts or (presence == 0 and frequency == 0):
+        return out
+    ids = np.fromiter(counts, np.int64, len(counts))
+    times = np.fromiter(counts.values(), np.float64, len(counts))
+    out[ids] = out[ids] - (times * frequency + presence)
+    return out
+
+
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     """Sampling probabilities become softmax(logits / T).
 
@@ -171,16 +190,18 @@ def row_rng(seed: int | None, row: int) -> np.random.Generator:
 
 
 class Sampler:
-    """Chooses one row's tokens from its raw logits [V] and remembers them (for the repetition penalty).
+    """Chooses one row's tokens from its raw logits [V] and remembers them (for the penalties).
 
-    Call it once per generated token; `prompt_ids` count as seen, like transformers' input_ids. While fewer than
-    `min_new_tokens` tokens were chosen, the `eos_ids` cannot be (transformers' MinNewTokensLengthLogitsProcessor).
+    Call it once per generated token; `prompt_ids` count as seen for the repetition penalty, like transformers'
+    input_ids; the presence and frequency penalties count only the tokens this sampler chose (OpenAI's and vLLM's
+    output tokens). While fewer than `min_new_tokens` tokens were chosen, the `eos_ids` cannot be (transformers'
+    MinNewTokensLengthLogitsProcessor). Every penalty applies to greedy choices too.
     """
 
     def __init__(self, vocab_size: int, *, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
                  row: int = 0, prompt_ids: Iterable[int] = (), min_new_tokens: int = 0,
-                 eos_ids: Iterable[int] = ()) -> None:
+                 eos_ids: Iterable[int] = (), presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> None:
         self.do_sample = do_sample
         self.temperature = temperature
         self.top_k = top_k
@@ -191,6 +212,9 @@ class Sampler:
         self.min_new_tokens = min_new_tokens
         self.eos = np.array([t for t in eos_ids if 0 <= t < vocab_size], np.int64)
         self.rng = row_rng(seed, row) if do_sample else None
+        self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
+        # token -> times chosen, kept only when a presence or frequency penalty is set
+        self.counts: dict[int, int] | None = {} if presence_penalty or frequency_penalty else None
         self.seen: np.ndarray | None = None
         if repetition_penalty != 1.0:
             self.seen = np.zeros(vocab_size, bool)
@@ -204,6 +228,8 @@ class Sampler:
             scores[self.eos] = -np.inf
         if self.seen is not None:
             scores = apply_repetition_penalty(scores, self.seen, self.repetition_penalty)
+        if self.counts:
+            scores = apply_presence_frequency(scores, self.counts, self.presence_penalty, self.frequency_penalty)
         if self.do_sample:
             scores = apply_temperature(scores, self.temperature)
             scores = top_k_filter(scores, self.top_k)
@@ -219,6 +245,8 @@ class Sampler:
             token = draw(scores, self.rng)
         if self.seen is not None:
             self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] = self.counts.get(token, 0) + 1
         self.chosen += 1
         return token
 

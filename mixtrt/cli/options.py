@@ -35,6 +35,10 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-new-tokens", type=int, default=None, help="no eos before this many new tokens")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--presence-penalty", type=float, default=None,
+                   help="OpenAI's: each token already generated loses this much logit (-2..2; 0 = off)")
+    g.add_argument("--frequency-penalty", type=float, default=None,
+                   help="OpenAI's: each generated token loses this much logit per time it was generated (-2..2)")
     g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     g.add_argument("--threads", type=threads, default=None,
                    help="onnxruntime intra-op threads, 1 .. the available cores (default: all of them)")
@@ -75,7 +79,8 @@ def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]
 
     given = {"max_new_tokens": ns.max_new_tokens, "top_k": ns.top_k, "top_p": ns.top_p, "seed": ns.seed,
              "repetition_penalty": ns.repetition_penalty, "temperature": ns.temperature or None,
-             "min_p": ns.min_p, "min_new_tokens": ns.min_new_tokens}
+             "min_p": ns.min_p, "min_new_tokens": ns.min_new_tokens, "presence_penalty": ns.presence_penalty,
+             "frequency_penalty": ns.frequency_penalty}
     out: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if ns.temperature == 0:
         out["do_sample"] = False
@@ -96,7 +101,8 @@ def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]
 
 _FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
           "top_p": "--top-p", "seed": "--seed", "repetition_penalty": "--repetition-penalty", "stop_strings": "--stop",
-          "min_p": "--min-p", "min_new_tokens": "--min-new-tokens"}
+          "min_p": "--min-p", "min_new_tokens": "--min-new-tokens", "presence_penalty": "--presence-penalty",
+          "frequency_penalty": "--frequency-penalty"}
 
 
 def load_generator(ns: argparse.Namespace) -> Any:

@@ -73,9 +73,9 @@ class _Sampling(_Strict):
     user: str | None = None  # accepted and unused, as every OpenAI server does (it only labels the caller)
     safety_identifier: str | None = None  # OpenAI's newer labels of the caller and of a prompt cache: unused
     prompt_cache_key: str | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)  # OpenAI's, on generated tokens
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     # accepted only at their neutral values; anything else is a 400 naming them (not implemented)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     # vLLM's extras at their neutral values (the decode skips special tokens; stop strings are cut)
     skip_special_tokens: bool = True
@@ -144,9 +144,6 @@ def parse(model: type[M], body: Any) -> M:
 
 
 def _check_neutral(req: _Sampling) -> None:
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) != 0:
-            raise ApiError(f"{name} is not supported (only 0); use repetition_penalty", param=name)
     if req.logit_bias and any(v != 0 for v in req.logit_bias.values()):
         raise ApiError("logit_bias is not supported (only biases of 0)", param="logit_bias")
     if isinstance(req, CompletionRequest):
@@ -255,6 +252,9 @@ def overrides(req: CompletionRequest | ChatRequest, max_tokens: int, default_tem
         out["min_new_tokens"] = req.min_tokens
     if req.repetition_penalty is not None:
         out["repetition_penalty"] = req.repetition_penalty
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name) is not None:
+            out[name] = getattr(req, name)
     if req.seed is not None:
         out["seed"] = req.seed % 2**64
     if req.stop is not None:

@@ -83,6 +83,8 @@ def test_sampling_with_seed_is_reproducible(artifact):
     (["--max-new-tokens", "9", "--stop", "\n", "--repetition-penalty", "1.1"],
      {"max_new_tokens": 9, "stop_strings": ("\n",), "repetition_penalty": 1.1}),
     (["--min-p", "0.05", "--min-new-tokens", "4"], {"min_p": 0.05, "min_new_tokens": 4, "do_sample": True}),
+    (["--presence-penalty", "0.5", "--frequency-penalty", "-0.25"],
+     {"presence_penalty": 0.5, "frequency_penalty": -0.25}),
 ])
 def test_options_given_override_the_artifact_defaults(argv, want):
     """Only what is given on the command line overrides the artifact's defaults (generation_config.json)."""
@@ -102,6 +104,7 @@ def test_options_given_override_the_artifact_defaults(argv, want):
     (("--repetition-penalty", "0"), r"repetition[-_]penalty"),
     (("--min-p", "1.5"), r"--min-p must be in \[0, 1\]"),
     (("--min-new-tokens", "-1"), r"--min-new-tokens must be an integer >= 0"),
+    (("--frequency-penalty", "3"), r"--frequency-penalty must be in \[-2, 2\]"),
 ])
 def test_invalid_option_exits_2_with_one_line(artifact, option, pattern):
     r = cli("generate", str(artifact), "--prompt-ids", "1,2,3", *option)

@@ -172,6 +172,9 @@ def test_prompt_too_long_is_refused_before_any_work():
     ({"seed": -3}, "seed"), ({"prefill_chunk": 0}, "prefill_chunk"), ({"prefill_chunk": 7}, "prefill_chunk"),
     ({"eos_token_id": V}, "eos_token_id"), ({"stop_strings": ("",)}, "stop_strings"), ({"colour": 1}, "colour"),
     ({"top_logprobs": 3}, "top_logprobs=3 needs return_logprobs=True"),
+    ({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\]"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"frequency_penalty": float("nan")}, "frequency_penalty must be a finite number"),
 ])
 def test_invalid_options_raise_before_work(options, name):
     gen, backend = make()

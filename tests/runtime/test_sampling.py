@@ -5,6 +5,7 @@ import pytest
 
 from mixtrt.runtime.sampling import (
     Sampler,
+    apply_presence_frequency,
     apply_repetition_penalty,
     apply_temperature,
     log_softmax,
@@ -113,6 +114,45 @@ def test_greedy_ignores_warpers_but_not_penalty():
     assert Sampler(4, repetition_penalty=2.0, prompt_ids=[0])(logits) == 1
     s = Sampler(4, repetition_penalty=2.0)
     assert [s(logits), s(logits)] == [0, 1]  # generated tokens count as seen too
+
+
+def reference_penalties(logits, prompt, generated, repetition, presence, frequency):
+    """The penalties written out token by token: transformers' repetition penalty over prompt + generated, then
+    OpenAI's (logit -= count * frequency + presence) over the generated tokens only."""
+    out = [float(x) for x in logits]
+    for t in set(prompt) | set(generated):
+        out[t] = out[t] * repetition if out[t] < 0 else out[t] / repetition
+    for t in set(generated):
+        out[t] -= generated.count(t) * frequency + presence
+    return np.array(out, np.float32)
+
+
+@pytest.mark.parametrize("presence, frequency", [(0.7, 0.3), (-0.5, 0.0), (0.0, -1.25), (2.0, 2.0)])
+def test_presence_and_frequency_penalties_follow_openai(presence, frequency):
+    """Counted on the sampler's own choices (not the prompt), after the repetition penalty, on a copy of the
+    logits (the raw logits give the logprobs), and greedy choices follow the penalized scores."""
+    rows = random_logits(12, seed=3)
+    prompt = [2, 5]
+    s = Sampler(V, repetition_penalty=1.3, prompt_ids=prompt, presence_penalty=presence, frequency_penalty=frequency)
+    generated: list[int] = []
+    for row in rows:
+        raw = row.copy()
+        want = reference_penalties(row, prompt, generated, 1.3, presence, frequency)
+        np.testing.assert_allclose(s.process(row), want, rtol=1e-6, atol=1e-6)
+        token = s(row)
+        assert token == int(np.argmax(want)) and np.array_equal(row, raw)
+        generated.append(token)
+    plain = Sampler(V, repetition_penalty=1.3, prompt_ids=prompt)
+    seen = np.isin(np.arange(V), prompt)
+    np.testing.assert_array_equal(plain.process(rows[0]), apply_repetition_penalty(rows[0], seen, 1.3))
+
+
+def test_frequency_penalty_breaks_a_greedy_loop():
+    logits = np.array([3.0, 2.9, 0.0, -1.0], np.float32)
+    s = Sampler(4, presence_penalty=0.7, frequency_penalty=0.3)
+    assert [s(logits) for _ in range(4)] == [0, 1, 0, 1]  # 3 - 1.0 < 2.9; then 2.0 > 2.9 - 1.0; 1.7 < 1.9
+    assert [Sampler(4, presence_penalty=-1.0)(logits) for _ in range(2)] == [0, 0]
+    assert apply_presence_frequency(logits, {}, 1.0, 1.0).tolist() == logits.tolist()
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])

@@ -97,6 +97,17 @@ def test_vllm_min_p_and_min_tokens(server, generator):
     assert r.choices[0].text == continuation(generator, PROMPT, want)
 
 
+def test_presence_and_frequency_penalties(server, generator):
+    """OpenAI's penalties through the official client, greedy and streamed: the tokens `Generator.generate` gives with
+    the same penalties, which differ from the unpenalized ones on this prompt."""
+    kw = dict(max_new_tokens=16, do_sample=False)
+    [want] = generator.generate(PROMPT, presence_penalty=-2.0, frequency_penalty=-1.0, **kw)
+    assert want.token_ids != generator.generate(PROMPT, **kw)[0].token_ids  # the penalties bite on this prompt
+    stream = server.openai.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0,
+                                              presence_penalty=-2.0, frequency_penalty=-1.0, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == continuation(generator, PROMPT, want)
+
+
 def test_add_generation_prompt_false_renders_the_messages_as_they_are(server, generator):
     """vLLM's add_generation_prompt: false renders a conversation that may end with the assistant's turn (the
     Mistral formats close it with EOS), which a request for the next reply refuses."""
