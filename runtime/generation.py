@@ -73,6 +73,8 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0  # OpenAI's: each token already generated loses this much logit (-2..2)
     frequency_penalty: float = 0.0  # OpenAI's: ... and this much per time it was generated (-2..2)
+    # OpenAI's: added to the logits of these token ids before any choice ({id: bias} or pairs; -100..100)
+    logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     stop_strings: tuple[str, ...] = ()
@@ -127,6 +129,7 @@ class GenerationConfig:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= real(name) <= 2:
                 raise ConfigError(f"{name} must be in [-2, 2] (OpenAI's range), got {getattr(self, name)!r}")
+        fix("logit_bias", _logit_bias(self.logit_bias))
         stops = self.stop_strings
         if isinstance(stops, str):
             stops = (stops,)
@@ -149,10 +152,32 @@ class GenerationConfig:
         return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (int(self.eos_token_id),)
 
     def validate(self, args: ModelArgs) -> None:
-        """The checks that need the model: eos ids inside the vocabulary."""
+        """The checks that need the model: eos ids and logit_bias ids inside the vocabulary."""
         bad = [i for i in self.eos_ids(args) if not 0 <= i < args.vocab_size]
         if bad:
             raise ConfigError(f"eos_token_id {bad} outside the vocabulary [0, {args.vocab_size})")
+        bad = [i for i, _ in self.logit_bias if i >= args.vocab_size]
+        if bad:
+            raise ConfigError(f"logit_bias token ids {bad} outside the vocabulary [0, {args.vocab_size})")
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """GenerationConfig.logit_bias as sorted (token id, bias) pairs: from a mapping or pairs; ids integers >= 0
+    (a string of digits too, as OpenAI's JSON keys are), biases finite in [-100, 100]."""
+    if isinstance(value, dict):
+        value = list(value.items())
+    if not isinstance(value, (list, tuple)) or any(not isinstance(p, (list, tuple)) or len(p) != 2 for p in value):
+        raise ConfigError(f"logit_bias must map token ids to biases, got {value!r}")
+    out: dict[int, float] = {}
+    for key, bias in value:
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+        if not isinstance(token, (int, np.integer)) or isinstance(token, (bool, np.bool_)) or token < 0:
+            raise ConfigError(f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
+        if not isinstance(bias, (int, float, np.integer, np.floating)) or isinstance(bias, (bool, np.bool_)) \
+                or not -100 <= bias <= 100:
+            raise ConfigError(f"logit_bias[{key!r}] must be a number in [-100, 100], got {bias!r}")
+        out[int(token)] = float(bias)
+    return tuple(sorted(out.items()))
 
 
 @dataclass(frozen=True)
@@ -502,7 +527,8 @@ class Engine:
         return Sampler(args.vocab_size, do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.top_k,
                        top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
                        row=index, prompt_ids=seen, min_new_tokens=cfg.min_new_tokens, eos_ids=cfg.eos_ids(args),
-                       presence_penalty=cfg.presence_penalty, frequency_penalty=cfg.frequency_penalty)
+                       presence_penalty=cfg.presence_penalty, frequency_penalty=cfg.frequency_penalty,
+                       logit_bias=dict(cfg.logit_bias))
 
     # ---- the loop ------------------------------------------------------------------------------------
     def step(self, prefill_budget: int | None = None) -> list[EngineEvent]:
@@ -903,6 +929,7 @@ class Generator:
             cfg = dataclasses.replace(config, **overrides) if overrides else config
         if cfg.eos_token_id is None and self.defaults.eos_token_ids is not None:
             cfg = dataclasses.replace(cfg, eos_token_id=self.defaults.eos_token_ids)
+        cfg.validate(self.backend.args)
         return cfg
 
     # ---- public API --------------------------------------------------------------------------------

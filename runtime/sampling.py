@@ -17,7 +17,7 @@ Each filter sets removed entries to -inf. Every function works on [V] or [..., V
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -201,7 +201,8 @@ class Sampler:
     def __init__(self, vocab_size: int, *, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
                  row: int = 0, prompt_ids: Iterable[int] = (), min_new_tokens: int = 0,
-                 eos_ids: Iterable[int] = (), presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> None:
+                 eos_ids: Iterable[int] = (), presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 logit_bias: Mapping[int, float] | None = None) -> None:
         self.do_sample = do_sample
         self.temperature = temperature
         self.top_k = top_k
@@ -213,6 +214,9 @@ class Sampler:
         self.eos = np.array([t for t in eos_ids if 0 <= t < vocab_size], np.int64)
         self.rng = row_rng(seed, row) if do_sample else None
         self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
+        bias = {int(t): float(b) for t, b in (logit_bias or {}).items() if b != 0}
+        self.bias_ids = np.fromiter(bias, np.int64, len(bias))
+        self.bias = np.fromiter(bias.values(), np.float32, len(bias))
         # token -> times chosen, kept only when a presence or frequency penalty is set
         self.counts: dict[int, int] | None = {} if presence_penalty or frequency_penalty else None
         self.seen: np.ndarray | None = None
@@ -230,6 +234,10 @@ class Sampler:
             scores = apply_repetition_penalty(scores, self.seen, self.repetition_penalty)
         if self.counts:
             scores = apply_presence_frequency(scores, self.counts, self.presence_penalty, self.frequency_penalty)
+        if self.bias.size:  # OpenAI's logit_bias: added before any choice
+            if np.may_share_memory(scores, logits):  # the raw logits stay as they are (logprobs come from them)
+                scores = scores.copy()
+            scores[self.bias_ids] += self.bias
         if self.do_sample:
             scores = apply_temperature(scores, self.temperature)
             scores = top_k_filter(scores, self.top_k)

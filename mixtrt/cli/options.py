@@ -39,6 +39,8 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
                    help="OpenAI's: each token already generated loses this much logit (-2..2; 0 = off)")
     g.add_argument("--frequency-penalty", type=float, default=None,
                    help="OpenAI's: each generated token loses this much logit per time it was generated (-2..2)")
+    g.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS (-100..100) to token ID's logit before each choice (repeatable; -100 bans it)")
     g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     g.add_argument("--threads", type=threads, default=None,
                    help="onnxruntime intra-op threads, 1 .. the available cores (default: all of them)")
@@ -88,21 +90,37 @@ def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]
         out["do_sample"] = True
     if ns.stop:
         out["stop_strings"] = tuple(ns.stop)
+    if ns.logit_bias:
+        out["logit_bias"] = tuple(_bias_pair(text) for text in ns.logit_bias)
     out.update(extra)
     try:
         GenerationConfig(**out)
     except ConfigError as e:  # named by its flag, not by the config field the flag sets
         field, _, rest = str(e).partition(" ")
-        if field in _FLAGS:
-            raise ConfigError(f"{_FLAGS[field]} {rest}") from None
+        name, bracket, index = field.partition("[")  # logit_bias[5] -> --logit-bias 5
+        if name in _FLAGS:
+            raise ConfigError(f"{_FLAGS[name]}{' ' + index.rstrip(']') if bracket else ''} {rest}") from None
         raise
     return out
+
+
+def _bias_pair(text: str) -> tuple[int, float]:
+    """--logit-bias ID=BIAS -> (ID, BIAS); the ranges are GenerationConfig's to check."""
+    from mixtrt.runtime.errors import ConfigError
+
+    token, sep, bias = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(token), float(bias)
+    except ValueError:
+        raise ConfigError(f"--logit-bias {text!r} is not ID=BIAS (e.g. 13=-100)") from None
 
 
 _FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
           "top_p": "--top-p", "seed": "--seed", "repetition_penalty": "--repetition-penalty", "stop_strings": "--stop",
           "min_p": "--min-p", "min_new_tokens": "--min-new-tokens", "presence_penalty": "--presence-penalty",
-          "frequency_penalty": "--frequency-penalty"}
+          "frequency_penalty": "--frequency-penalty", "logit_bias": "--logit-bias"}
 
 
 def load_generator(ns: argparse.Namespace) -> Any:

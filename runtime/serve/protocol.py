@@ -75,8 +75,7 @@ class _Sampling(_Strict):
     prompt_cache_key: str | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)  # OpenAI's, on generated tokens
     frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
-    # accepted only at their neutral values; anything else is a 400 naming them (not implemented)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (a JSON key: a string) -> bias, -100..100
     # vLLM's extras at their neutral values (the decode skips special tokens; stop strings are cut)
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -144,8 +143,6 @@ def parse(model: type[M], body: Any) -> M:
 
 
 def _check_neutral(req: _Sampling) -> None:
-    if req.logit_bias and any(v != 0 for v in req.logit_bias.values()):
-        raise ApiError("logit_bias is not supported (only biases of 0)", param="logit_bias")
     if isinstance(req, CompletionRequest):
         if req.best_of is not None and req.best_of != req.n:
             raise ApiError(f"best_of is not supported (only equal to n, {req.n})", param="best_of")
@@ -255,6 +252,8 @@ def overrides(req: CompletionRequest | ChatRequest, max_tokens: int, default_tem
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name) is not None:
             out[name] = getattr(req, name)
+    if req.logit_bias:
+        out["logit_bias"] = req.logit_bias
     if req.seed is not None:
         out["seed"] = req.seed % 2**64
     if req.stop is not None:

@@ -85,6 +85,7 @@ def test_sampling_with_seed_is_reproducible(artifact):
     (["--min-p", "0.05", "--min-new-tokens", "4"], {"min_p": 0.05, "min_new_tokens": 4, "do_sample": True}),
     (["--presence-penalty", "0.5", "--frequency-penalty", "-0.25"],
      {"presence_penalty": 0.5, "frequency_penalty": -0.25}),
+    (["--logit-bias", "5=-100", "--logit-bias", "7=2.5"], {"logit_bias": ((5, -100.0), (7, 2.5))}),
 ])
 def test_options_given_override_the_artifact_defaults(argv, want):
     """Only what is given on the command line overrides the artifact's defaults (generation_config.json)."""
@@ -105,6 +106,8 @@ def test_options_given_override_the_artifact_defaults(argv, want):
     (("--min-p", "1.5"), r"--min-p must be in \[0, 1\]"),
     (("--min-new-tokens", "-1"), r"--min-new-tokens must be an integer >= 0"),
     (("--frequency-penalty", "3"), r"--frequency-penalty must be in \[-2, 2\]"),
+    (("--logit-bias", "5=200"), r"--logit-bias 5 must be a number in \[-100, 100\]"),
+    (("--logit-bias", "5"), r"--logit-bias '5' is not ID=BIAS"),
 ])
 def test_invalid_option_exits_2_with_one_line(artifact, option, pattern):
     r = cli("generate", str(artifact), "--prompt-ids", "1,2,3", *option)

@@ -175,6 +175,8 @@ def test_prompt_too_long_is_refused_before_any_work():
     ({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\]"),
     ({"frequency_penalty": -3}, "frequency_penalty"),
     ({"frequency_penalty": float("nan")}, "frequency_penalty must be a finite number"),
+    ({"logit_bias": {"x": 1}}, "logit_bias keys must be token ids"), ({"logit_bias": {1: 101}}, r"logit_bias\[1\]"),
+    ({"logit_bias": {V: 1}}, f"logit_bias token ids \\[{V}\\] outside the vocabulary"),
 ])
 def test_invalid_options_raise_before_work(options, name):
     gen, backend = make()

@@ -147,6 +147,22 @@ def test_presence_and_frequency_penalties_follow_openai(presence, frequency):
     np.testing.assert_array_equal(plain.process(rows[0]), apply_repetition_penalty(rows[0], seen, 1.3))
 
 
+def test_logit_bias_is_added_after_the_penalties_on_a_copy():
+    row = random_logits(1, seed=4)[0]
+    raw = row.copy()
+    bias = {int(np.argmax(row)): -100.0, 7: 3.5, 9: 0.0}
+    s = Sampler(V, frequency_penalty=1.0, logit_bias=bias)
+    want = row.copy()
+    want[int(np.argmax(row))] -= 100
+    want[7] += 3.5
+    np.testing.assert_allclose(s.process(row), want, rtol=1e-6)
+    chosen = s(row)
+    assert chosen == int(np.argmax(want)) and np.array_equal(row, raw)
+    want[chosen] -= 1.0  # the token just chosen now pays its frequency penalty
+    np.testing.assert_allclose(s.process(row), want, rtol=1e-6)
+    assert Sampler(V, logit_bias={3: 100.0})(row) == 3  # +100 makes a token all but certain, greedy too
+
+
 def test_frequency_penalty_breaks_a_greedy_loop():
     logits = np.array([3.0, 2.9, 0.0, -1.0], np.float32)
     s = Sampler(4, presence_penalty=0.7, frequency_penalty=0.3)

@@ -97,7 +97,7 @@ def test_vllm_min_p_and_min_tokens(server, generator):
     assert r.choices[0].text == continuation(generator, PROMPT, want)
 
 
-def test_presence_and_frequency_penalties(server, generator):
+def test_presence_frequency_penalties_and_logit_bias(server, generator):
     """OpenAI's penalties through the official client, greedy and streamed: the tokens `Generator.generate` gives with
     the same penalties, which differ from the unpenalized ones on this prompt."""
     kw = dict(max_new_tokens=16, do_sample=False)
@@ -106,6 +106,13 @@ def test_presence_and_frequency_penalties(server, generator):
     stream = server.openai.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0,
                                               presence_penalty=-2.0, frequency_penalty=-1.0, stream=True)
     assert "".join(c.choices[0].text for c in stream if c.choices) == continuation(generator, PROMPT, want)
+    # logit_bias (JSON keys are strings): the greedy first token banned
+    first = generator.generate(PROMPT, **kw)[0].token_ids[0]
+    [banned] = generator.generate(PROMPT, logit_bias={first: -100}, **kw)
+    assert banned.token_ids[0] != first
+    r = server.openai.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0,
+                                         logit_bias={str(first): -100})
+    assert r.choices[0].text == continuation(generator, PROMPT, banned)
 
 
 def test_add_generation_prompt_false_renders_the_messages_as_they_are(server, generator):
