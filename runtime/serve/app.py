@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mixtrt.runtime.errors import BackendError, ConfigError
 from mixtrt.runtime.generation import EngineEvent, GenerationOutput, Generator
-from mixtrt.runtime.prompts import check_messages_text, normalize_prompts
+from mixtrt.runtime.prompts import check_messages_text, check_text, normalize_prompts
 from mixtrt.runtime.serve.logprobs import (
     TextOffsets,
     TokenTexts,
@@ -47,6 +47,8 @@ from mixtrt.runtime.serve.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     chat_messages,
     length_field,
     overrides,
@@ -191,7 +193,68 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
         return await _generate(request, ChatRequest)
 
     app.include_router(v1)
+
+    # vLLM's tokenizer endpoints (at the root, as vLLM serves them), behind the API key like /v1
+    @app.post("/tokenize", dependencies=[Depends(_check_key)])
+    async def tokenize(request: Request) -> JSONResponse:
+        state = _ready(request)
+        raw = await _read_body(request, settings.max_body_bytes)
+        if len(raw) > INLINE_BODY_BYTES:
+            return JSONResponse(await asyncio.to_thread(_tokenize, raw, state))
+        return JSONResponse(_tokenize(raw, state))
+
+    @app.post("/detokenize", dependencies=[Depends(_check_key)])
+    async def detokenize(request: Request) -> JSONResponse:
+        state = _ready(request)
+        gen = state.generator
+        assert gen is not None
+        req = parse(DetokenizeRequest, _json_body(await _read_body(request, settings.max_body_bytes)))
+        if req.model is not None:
+            _check_model(req.model, settings.name)
+        vocab = gen.backend.args.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(f"tokens: ids {bad[:8]} outside the vocabulary [0, {vocab})", param="tokens")
+        return JSONResponse({"prompt": gen.tokenizer.decode(req.tokens)})
+
     return app
+
+
+def _json_body(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise ApiError(f"malformed JSON in the request body: {e}") from None
+    except RecursionError:  # json's decoder recurses per nesting level
+        raise ApiError("malformed JSON in the request body: nested too deeply") from None
+
+
+def _tokenize(raw: bytes, state: _State) -> dict[str, Any]:
+    """/tokenize: a prompt's ids (and pieces) as /v1/completions would prefill them, or chat messages' as
+    /v1/chat/completions would; count and the model's length limit (vLLM's response)."""
+    gen, loop = state.generator, state.loop
+    assert gen is not None and loop is not None
+    req = parse(TokenizeRequest, _json_body(raw))
+    if req.model is not None:
+        _check_model(req.model, state.settings.name)
+    if (req.prompt is None) == (req.messages is None):
+        raise ApiError("give either prompt (a text) or messages", param="prompt" if req.prompt is None else "messages")
+    try:
+        if req.messages is not None:
+            messages = chat_messages(req)
+            check_messages_text(messages)
+            if req.continue_final_message and req.add_generation_prompt:
+                raise ApiError("continue_final_message needs add_generation_prompt: false",
+                               param="continue_final_message")
+            ids = list(gen.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+                                                         continue_final_message=req.continue_final_message))
+        else:
+            ids = list(gen.tokenizer.encode(check_text(req.prompt or "", "prompt"), bos=req.add_special_tokens))
+    except ConfigError as e:
+        field = "messages" if req.messages is not None else "prompt"
+        raise ApiError(f"{field}: {e}", param=field) from None
+    return {"count": len(ids), "max_model_len": loop.engine.limit()[0], "tokens": ids,
+            "token_strs": [gen.tokenizer.id_to_piece(i) for i in ids] if req.return_token_strs else None}
 
 
 def _load(state: _State, generator: Generator | None, freeze_gc: bool = False) -> None:
@@ -437,13 +500,7 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
              ) -> tuple[CompletionRequest | ChatRequest, list[list[int]], list[str]]:
     """The request body checked and its prompts tokenized: (request, prompts' ids, text echoed per prompt).
     limits: the engine's (Engine.limit)."""
-    try:
-        body = json.loads(raw)
-    except ValueError as e:
-        raise ApiError(f"malformed JSON in the request body: {e}") from None
-    except RecursionError:  # json's decoder recurses per nesting level
-        raise ApiError("malformed JSON in the request body: nested too deeply") from None
-    req = parse(model, body)
+    req = parse(model, _json_body(raw))
     if req.model is not None:
         _check_model(req.model, s.name)
     field_name = "messages" if isinstance(req, ChatRequest) else "prompt"

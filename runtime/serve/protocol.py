@@ -123,7 +123,27 @@ class ChatRequest(_Sampling):
     echo: bool = False  # vLLM's (chat: the last message first): neutral only
 
 
-M = TypeVar("M", bound=_Sampling)
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a text `prompt` (BOS first unless add_special_tokens is false) or chat `messages` (the ids
+    /v1/chat/completions would prefill, with its add_generation_prompt / continue_final_message)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True  # a prompt's BOS (messages: the chat format decides)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False  # also each token's piece
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's /detokenize: the text of token ids (special tokens skipped, as completions' text)."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+M = TypeVar("M", bound=_Strict)
 
 
 def parse(model: type[M], body: Any) -> M:
@@ -138,7 +158,8 @@ def parse(model: type[M], body: Any) -> M:
         if err["type"] == "extra_forbidden":
             raise ApiError(f"unknown field '{where}'", param=where) from None
         raise ApiError(f"{where}: {err['msg']}", param=str(err["loc"][0]) if err["loc"] else None) from None
-    _check_neutral(req)
+    if isinstance(req, _Sampling):
+        _check_neutral(req)
     return req
 
 
@@ -189,12 +210,12 @@ def _check_neutral(req: _Sampling) -> None:
         raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs")
 
 
-def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
+def chat_messages(req: ChatRequest | TokenizeRequest) -> list[dict[str, Any]]:
     """The messages as plain dicts for the chat template; content parts joined (text parts only). OpenAI's
     `developer` role (its newer name for instructions) is the templates' `system`; a `content: null` the client
     sent stays in the message (the template judges it)."""
     out = []
-    for i, m in enumerate(req.messages):
+    for i, m in enumerate(req.messages or []):
         d = m.model_dump(exclude_none=True)
         if m.content is None and "content" in m.model_fields_set:  # sent as null: kept, not dropped with the Nones
             d["content"] = None

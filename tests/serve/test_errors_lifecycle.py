@@ -108,6 +108,8 @@ def test_api_key(generator, serve_artifact):
             wrong.completions.create(model="tiny", prompt="a", max_tokens=2)
         assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
         assert s.http.get("/v1/models").status_code == 401
+        assert s.http.post("/tokenize", json={"prompt": "a"}).status_code == 401
+        assert s.http.post("/detokenize", json={"tokens": [1]}).status_code == 401
         assert s.http.get("/health").status_code == 200 and s.http.get("/metrics").status_code == 200
         wrong.close()
     finally:

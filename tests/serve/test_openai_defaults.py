@@ -115,6 +115,33 @@ def test_presence_frequency_penalties_and_logit_bias(server, generator):
     assert r.choices[0].text == continuation(generator, PROMPT, banned)
 
 
+def test_tokenize_and_detokenize_as_vllm(server, generator):
+    """vLLM's /tokenize (a prompt, or messages as chat completions renders them) and /detokenize, and their
+    refusals (OpenAI's error object, the field named)."""
+    text = "It is a truth universally acknowledged"
+    r = server.http.post("/tokenize", json={"model": "tiny", "prompt": text, "return_token_strs": True}).json()
+    ids = list(generator.tokenizer.encode(text))
+    limit = server.http.get("/v1/models").json()["data"][0]["max_model_len"]
+    assert r == {"count": len(ids), "max_model_len": limit, "tokens": ids,
+                 "token_strs": [generator.tokenizer.id_to_piece(i) for i in ids]}
+    bare = server.http.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+    assert bare["tokens"] == list(generator.tokenizer.encode(text, bos=False)) and bare["token_strs"] is None
+    assert server.http.post("/detokenize", json={"tokens": bare["tokens"]}).json() == {"prompt": text}
+    chat = server.http.post("/tokenize", json={"messages": MESSAGES}).json()
+    assert chat["tokens"] == list(generator.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True))
+    usage = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1}).json()["usage"]
+    assert usage["prompt_tokens"] == chat["count"]
+    for path, body, status, param in [
+        ("/tokenize", {}, 400, "prompt"), ("/tokenize", {"prompt": "a", "messages": MESSAGES}, 400, "messages"),
+        ("/tokenize", {"prompt": 5}, 400, "prompt"), ("/tokenize", {"prompt": "a", "bogus": 1}, 400, "bogus"),
+        ("/tokenize", {"prompt": "a", "model": "other"}, 404, "model"),
+        ("/detokenize", {"tokens": [1, 10**9]}, 400, "tokens"), ("/detokenize", {"tokens": "1"}, 400, "tokens"),
+    ]:
+        r = server.http.post(path, json=body)
+        assert r.status_code == status and r.json()["error"]["param"] == param, (path, body, r.text)
+    assert server.http.post("/tokenize", content=b"{").status_code == 400
+
+
 def test_add_generation_prompt_false_renders_the_messages_as_they_are(server, generator):
     """vLLM's add_generation_prompt: false renders a conversation that may end with the assistant's turn (the
     Mistral formats close it with EOS), which a request for the next reply refuses."""
