@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import hmac
 import json
@@ -357,6 +358,13 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
         config = gen.config(**overrides(req, default_max, gen.defaults.temperature))
     except ConfigError as e:
         raise _config_error(e, req) from None
+    if req.stop_token_ids:  # vLLM's: beside the eos ids (none with ignore_eos), held back by min_tokens as they are
+        vocab = gen.backend.args.vocab_size
+        bad = [t for t in req.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(f"stop_token_ids: ids {bad[:8]} outside the vocabulary [0, {vocab})", param="stop_token_ids")
+        eos = config.eos_ids(gen.backend.args)
+        config = dataclasses.replace(config, eos_token_id=eos + tuple(t for t in req.stop_token_ids if t not in eos))
     rid = uuid.uuid4().hex
     try:
         # a completion, and a continued chat message, is the text that continues the prompt's (a first word keeps

@@ -70,6 +70,7 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None  # vLLM's: these ids end a choice too (finish_reason "stop"), EOS aside
     user: str | None = None  # accepted and unused, as every OpenAI server does (it only labels the caller)
     safety_identifier: str | None = None  # OpenAI's newer labels of the caller and of a prompt cache: unused
     prompt_cache_key: str | None = None

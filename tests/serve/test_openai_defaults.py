@@ -115,6 +115,25 @@ def test_presence_frequency_penalties_and_logit_bias(server, generator):
     assert r.choices[0].text == continuation(generator, PROMPT, banned)
 
 
+def test_vllm_stop_token_ids(server, generator):
+    """stop_token_ids end a choice as EOS does (finish_reason stop, the id not in the text), with ignore_eos too;
+    min_tokens holds them back; an id outside the vocabulary is a 400 naming the field."""
+    [greedy] = generator.generate(PROMPT, max_new_tokens=10, do_sample=False, eos_token_id=())
+    k = 3
+    stop = greedy.token_ids[k]
+    k = greedy.token_ids.index(stop)
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "stop_token_ids": [stop]}
+    for extra in ({}, {"ignore_eos": True}):
+        r = server.http.post("/v1/completions", json={**body, **extra}).json()
+        assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == k + 1, r
+        before = dataclasses.replace(greedy, token_ids=greedy.token_ids[:k])  # the stop id is not in the text
+        assert r["choices"][0]["text"] == continuation(generator, PROMPT, before)
+    held = server.http.post("/v1/completions", json={**body, "min_tokens": k + 2}).json()
+    assert held["usage"]["completion_tokens"] > k + 1
+    r = server.http.post("/v1/completions", json={**body, "stop_token_ids": [10**9]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token_ids"
+
+
 def test_tokenize_and_detokenize_as_vllm(server, generator):
     """vLLM's /tokenize (a prompt, or messages as chat completions renders them) and /detokenize, and their
     refusals (OpenAI's error object, the field named)."""
