@@ -48,7 +48,7 @@ from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backends.base import Backend
 from mixtrt.runtime.chat_format import GenerationDefaults
 from mixtrt.runtime.errors import ConfigError, NonFiniteLogitsError
-from mixtrt.runtime.prompts import Prompts, check_text, normalize_prompts
+from mixtrt.runtime.prompts import Prompts, check_text, normalize_prompts, outside_vocab
 from mixtrt.runtime.sampling import Sampler, log_softmax, top_k_logprobs
 
 if TYPE_CHECKING:
@@ -153,12 +153,11 @@ class GenerationConfig:
 
     def validate(self, args: ModelArgs) -> None:
         """The checks that need the model: eos ids and logit_bias ids inside the vocabulary."""
-        bad = [i for i in self.eos_ids(args) if not 0 <= i < args.vocab_size]
-        if bad:
-            raise ConfigError(f"eos_token_id {bad} outside the vocabulary [0, {args.vocab_size})")
-        bad = [i for i, _ in self.logit_bias if i >= args.vocab_size]
-        if bad:
-            raise ConfigError(f"logit_bias token ids {bad} outside the vocabulary [0, {args.vocab_size})")
+        for message in (outside_vocab(self.eos_ids(args), args.vocab_size, "eos_token_id", shown=None),
+                        outside_vocab((i for i, _ in self.logit_bias), args.vocab_size, "logit_bias token ids",
+                                      shown=None)):
+            if message:
+                raise ConfigError(message)
 
 
 def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:

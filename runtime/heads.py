@@ -30,6 +30,7 @@ import numpy as np
 from mixtrt.runtime.cache import check_batch_size
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.manifest import Manifest
+from mixtrt.runtime.prompts import outside_vocab
 
 H = TypeVar("H", bound="_Head")
 QA_MAX_ANSWER_TOKENS = 15  # transformers' question-answering pipeline's max_answer_len default
@@ -123,9 +124,9 @@ class _Head:
             if len(r) > limit:
                 raise ConfigError(f"{what} {i} has {len(r)} tokens, more than the {limit} positions this artifact "
                                   "serves (max context chosen at export)")
-            bad = [t for t in r if not 0 <= t < self.args.vocab_size]
-            if bad:
-                raise ConfigError(f"{what} {i}: token ids {bad[:5]} outside the vocabulary [0, {self.args.vocab_size})")
+            message = outside_vocab(r, self.args.vocab_size, f"{what} {i}: token ids", shown=5)
+            if message:
+                raise ConfigError(message)
         pad = self.args.pad_token_id
         # without a pad id a sequence classifier pools the last token, so only rows of one length batch together
         equal_only = self.head == "sequence_classification" and pad is None

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,11 +50,22 @@ def normalize_prompts(prompts: Prompts, tokenizer: Any, vocab_size: int) -> list
             raise ConfigError(f"prompt {i}: expected a str or a list of token ids, got {type(p).__name__}")
         if not ids:
             raise ConfigError(f"prompt {i} is empty")
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ConfigError(f"prompt {i}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+        message = outside_vocab(ids, vocab_size, f"prompt {i}: token ids", shown=5)
+        if message:
+            raise ConfigError(message)
         rows.append(ids)
     return rows
+
+
+def outside_vocab(ids: Iterable[int], vocab_size: int, what: str, shown: int | None = 8) -> str | None:
+    """The message for token ids outside [0, vocab_size) (the first `shown` of them, all with None), naming
+    `what`; None when every id is inside.
+
+    >>> outside_vocab([3, 70, -1], 64, "stop_token_ids: ids")
+    'stop_token_ids: ids [70, -1] outside the vocabulary [0, 64)'
+    """
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    return f"{what} {bad[:shown]} outside the vocabulary [0, {vocab_size})" if bad else None
 
 
 def check_text(text: str, what: str) -> str:

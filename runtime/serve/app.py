@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mixtrt.runtime.errors import BackendError, ConfigError
 from mixtrt.runtime.generation import EngineEvent, GenerationOutput, Generator
-from mixtrt.runtime.prompts import check_messages_text, check_text, normalize_prompts
+from mixtrt.runtime.prompts import check_messages_text, check_text, normalize_prompts, outside_vocab
 from mixtrt.runtime.serve.logprobs import (
     TextOffsets,
     TokenTexts,
@@ -51,6 +51,7 @@ from mixtrt.runtime.serve.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
     chat_messages,
+    check_continuation,
     length_field,
     overrides,
     parse,
@@ -212,10 +213,9 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
         req = parse(DetokenizeRequest, _json_body(await _read_body(request, settings.max_body_bytes)))
         if req.model is not None:
             _check_model(req.model, settings.name)
-        vocab = gen.backend.args.vocab_size
-        bad = [t for t in req.tokens if not 0 <= t < vocab]
-        if bad:
-            raise ApiError(f"tokens: ids {bad[:8]} outside the vocabulary [0, {vocab})", param="tokens")
+        message = outside_vocab(req.tokens, gen.backend.args.vocab_size, "tokens: ids")
+        if message:
+            raise ApiError(message, param="tokens")
         return JSONResponse({"prompt": gen.tokenizer.decode(req.tokens)})
 
     return app
@@ -244,9 +244,7 @@ def _tokenize(raw: bytes, state: _State) -> dict[str, Any]:
         if req.messages is not None:
             messages = chat_messages(req)
             check_messages_text(messages)
-            if req.continue_final_message and req.add_generation_prompt:
-                raise ApiError("continue_final_message needs add_generation_prompt: false",
-                               param="continue_final_message")
+            check_continuation(req)
             ids = list(gen.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
                                                          continue_final_message=req.continue_final_message))
         else:
@@ -359,10 +357,9 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
     except ConfigError as e:
         raise _config_error(e, req) from None
     if req.stop_token_ids:  # vLLM's: beside the eos ids (none with ignore_eos), held back by min_tokens as they are
-        vocab = gen.backend.args.vocab_size
-        bad = [t for t in req.stop_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ApiError(f"stop_token_ids: ids {bad[:8]} outside the vocabulary [0, {vocab})", param="stop_token_ids")
+        message = outside_vocab(req.stop_token_ids, gen.backend.args.vocab_size, "stop_token_ids: ids")
+        if message:
+            raise ApiError(message, param="stop_token_ids")
         eos = config.eos_ids(gen.backend.args)
         config = dataclasses.replace(config, eos_token_id=eos + tuple(t for t in req.stop_token_ids if t not in eos))
     rid = uuid.uuid4().hex

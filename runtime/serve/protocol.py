@@ -195,9 +195,7 @@ def _check_neutral(req: _Sampling) -> None:
                            param="function_call")
         if req.modalities not in (None, ["text"]):
             raise ApiError("modalities: only [\"text\"] is supported", param="modalities")
-        if req.continue_final_message and req.add_generation_prompt:
-            raise ApiError("continue_final_message needs add_generation_prompt: false (the last message is continued, "
-                           "not answered)", param="continue_final_message")
+        check_continuation(req)
         if req.chat_template_kwargs:
             raise ApiError("chat_template_kwargs is not supported (only empty)", param="chat_template_kwargs")
         if req.echo:
@@ -209,6 +207,13 @@ def _check_neutral(req: _Sampling) -> None:
         raise ApiError("stop: stop strings must be non-empty", param="stop")
     if isinstance(req, ChatRequest) and req.top_logprobs and not req.logprobs:
         raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs")
+
+
+def check_continuation(req: ChatRequest | TokenizeRequest) -> None:
+    """vLLM's rule: a continued last message is not also answered."""
+    if req.continue_final_message and req.add_generation_prompt:
+        raise ApiError("continue_final_message needs add_generation_prompt: false (the last message is continued, "
+                       "not answered)", param="continue_final_message")
 
 
 def chat_messages(req: ChatRequest | TokenizeRequest) -> list[dict[str, Any]]:
