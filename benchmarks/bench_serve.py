@@ -233,12 +233,17 @@ def main() -> None:
                                                                   for i, c in enumerate(cols)))
         serve_decode = statistics.median(d for r in single["mixtrt"] for d in r["decode"])
         gen = statistics.median(gen_decode)
+        # each round's serve runs against the generate run just before it on the same prompt: the machine's drift
+        # between rounds (memory bandwidth moves on these VMs) cancels in the ratio
+        paired = [statistics.median(r["decode"]) / g for r, g in zip(single["mixtrt"], gen_decode, strict=True)
+                  if r["decode"]]
         print(f"\n1 client, mixtrt serve: server-added latency before the first token (received -> first token "
               f"handed to the socket, minus prefill; server timestamps, {len(overhead)} requests): "
               f"p50 {pct(overhead, 50) * 1e3:.2f} ms, p99 {pct(overhead, 99) * 1e3:.2f} ms "
               f"(of which waiting for the engine loop: p50 {pct(queue, 50) * 1e3:.2f} ms)")
         print(f"1 client decode: mixtrt serve {serve_decode:.1f} tok/s (client-side) vs mixtrt generate "
-              f"{gen:.1f} tok/s (median of {ns.runs}): {serve_decode / gen - 1:+.1%}")
+              f"{gen:.1f} tok/s (median of {ns.runs}): {serve_decode / gen - 1:+.1%}; median of the rounds' paired "
+              f"ratios {statistics.median(paired) - 1:+.1%} (rounds {', '.join(f'{x - 1:+.1%}' for x in paired)})")
         print(f"load after: {os.getloadavg()[0]:.2f}")
     finally:
         for p in procs:

@@ -334,6 +334,8 @@ class _Call:
     status: int | None = 200  # the HTTP status the client got; None: it left before a response was sent
     end: str = "finished"  # or how it was cut short: disconnect / shutdown / error
     offsets: dict[int, TextOffsets] = field(default_factory=dict)  # per streamed choice with logprobs
+    # echo with max_tokens 0 (completions): the engine makes one token, which the response leaves out
+    echo_only: bool = False
 
 
 async def _generate(request: Request, model: type[CompletionRequest] | type[ChatRequest]) -> Response:
@@ -353,7 +355,14 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
         # max_tokens left out: OpenAI's 16 for completions; for chat the artifact's max_new_tokens where its
         # generation_config.json sets one (as vLLM), else up to the model's limit
         default_max = 16 if kind == "completions" else gen.defaults.max_new_tokens or limit
-        config = gen.config(**overrides(req, default_max, gen.defaults.temperature))
+        asked = overrides(req, default_max, gen.defaults.temperature)
+        # echo with max_tokens 0 scores the prompt (vLLM's echo without generation, OpenAI's legacy completions):
+        # the prompt's logprobs come with its prefill, which also chooses a first token; that one is not returned
+        echo_only = asked["max_new_tokens"] == 0
+        if echo_only:
+            asked["max_new_tokens"] = 1
+            asked.pop("min_new_tokens", None)
+        config = gen.config(**asked)
     except ConfigError as e:
         raise _config_error(e, req) from None
     if req.stop_token_ids:  # vLLM's: beside the eos ids (none with ignore_eos), held back by min_tokens as they are
@@ -372,7 +381,7 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
         raise ApiError(f"the server is busy: {e}", 429, type="rate_limit_error") from None
     except NotAccepting as e:
         raise ApiError(str(e), 503, type="unavailable_error") from None
-    call = _Call(kind, rid, req, prompts, echo, handle, t0)
+    call = _Call(kind, rid, req, prompts, echo, handle, t0, echo_only=echo_only)
     if req.stream:
         return StreamingResponse(_stream(call, state), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -431,7 +440,7 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
     def chunk(choice: dict[str, Any]) -> str:
         if running:
             return (head + json.dumps(choice, ensure_ascii=False) + '], "usage": '
-                    + json.dumps(_usage_of(prompt_tokens, sum(counts))) + "}\n\n")
+                    + json.dumps(_usage_of(prompt_tokens, 0 if call.echo_only else sum(counts))) + "}\n\n")
         return head + json.dumps(choice, ensure_ascii=False) + tail
 
     try:
@@ -444,6 +453,14 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
             row = event.row
             out = event.output
             parts = []
+            if call.echo_only:  # one event per choice (its only token's): its echo, scored, and nothing generated
+                assert out is not None
+                call.outputs[i] = out
+                yield chunk({"index": i, "text": call.echo[i // call.req.n],
+                             "logprobs": _echo_logprobs(call, state, i, row), "finish_reason": "length"})
+                if call.t_first_sent is None:
+                    call.t_first_sent = time.perf_counter()
+                continue
             if counts[i] == 0 and not chat and call.echo[i // call.req.n]:
                 parts.append(chunk({"index": i, "text": call.echo[i // call.req.n],
                                     "logprobs": _echo_logprobs(call, state, i, row), "finish_reason": None}))
@@ -472,9 +489,11 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
         call.end = e.reason
         yield "data: " + json.dumps(ApiError(f"the request was cancelled ({e.reason})", 503,
                                              type="unavailable_error").body()) + "\n\n"
+        yield "data: [DONE]\n\n"  # as vLLM ends a stream after its error event: clients wait for it
     except BackendError as e:
         call.end = "error"
         yield "data: " + json.dumps(ApiError(str(e), 500, type="server_error").body()) + "\n\n"
+        yield "data: [DONE]\n\n"
     finally:
         if not call.handle.ended and len(call.outputs) < call.handle.choices:
             # the client went away (the response task was cancelled): logged once the engine has taken the rows
@@ -569,7 +588,8 @@ def _finish(out: GenerationOutput) -> str:
 
 
 def _usage(call: _Call) -> dict[str, int]:
-    return _usage_of(sum(len(p) for p in call.prompts), sum(len(o.token_ids) for o in call.outputs.values()))
+    return _usage_of(sum(len(p) for p in call.prompts),
+                     0 if call.echo_only else sum(len(o.token_ids) for o in call.outputs.values()))
 
 
 def _usage_of(prompt: int, completion: int) -> dict[str, int]:
@@ -585,6 +605,11 @@ def _full_choice(call: _Call, state: _State, i: int) -> dict[str, Any]:
         return {"index": i, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
                 "finish_reason": _finish(out)}
     lp = None
+    if call.echo_only:
+        if out.logprobs is not None:
+            lp = prompt_logprobs(_texts(state), call.prompts[p], out.prompt_logprobs, out.prompt_top_logprobs,
+                                 call.req.logprobs or 0)
+        return {"index": i, "text": call.echo[p], "logprobs": lp, "finish_reason": "length"}
     if out.logprobs is not None:
         k = call.req.logprobs or 0
         offsets = _text_offsets(call, state, i)(out.token_ids)

@@ -56,7 +56,7 @@ class StreamOptions(_Strict):
 
 class _Sampling(_Strict):
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo (completions): the prompt scored, nothing generated
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: off (vLLM)
@@ -165,6 +165,10 @@ def parse(model: type[M], body: Any) -> M:
 
 
 def _check_neutral(req: _Sampling) -> None:
+    if req.max_tokens == 0 and not (isinstance(req, CompletionRequest) and req.echo):
+        raise ApiError("max_tokens: must be at least 1" if isinstance(req, ChatRequest) else
+                       "max_tokens: 0 generates nothing; it is allowed only with echo (the prompt echoed and, with "
+                       "logprobs, scored)", param="max_tokens")
     if isinstance(req, CompletionRequest):
         if req.best_of is not None and req.best_of != req.n:
             raise ApiError(f"best_of is not supported (only equal to n, {req.n})", param="best_of")
@@ -217,7 +221,8 @@ def check_continuation(req: ChatRequest | TokenizeRequest) -> None:
 
 
 def chat_messages(req: ChatRequest | TokenizeRequest) -> list[dict[str, Any]]:
-    """The messages as plain dicts for the chat template; content parts joined (text parts only). OpenAI's
+    """The messages as plain dicts for the chat template; content parts joined by newlines, as vLLM joins them
+    (text parts only). OpenAI's
     `developer` role (its newer name for instructions) is the templates' `system`; a `content: null` the client
     sent stays in the message (the template judges it)."""
     out = []
@@ -233,7 +238,7 @@ def chat_messages(req: ChatRequest | TokenizeRequest) -> list[dict[str, Any]]:
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise ApiError(f"messages[{i}].content: only text parts are supported", param="messages")
                 texts.append(part["text"])
-            d["content"] = "".join(texts)
+            d["content"] = "\n".join(texts)
         out.append(d)
     return out
 

@@ -27,7 +27,8 @@ BAD = [  # (body, status, param, words in the message)
     ({"prompt": "a", "max_tokens": "3"}, 400, "max_tokens", "valid integer"),
     ({"prompt": "a", "temperature": "hot"}, 400, "temperature", "valid number"),
     ({"prompt": "a", "stream": "yes"}, 400, "stream", "valid boolean"),
-    ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+    ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens", "only with echo"),
+    ({"prompt": "a", "max_tokens": -1}, 400, "max_tokens", "greater than or equal to 0"),
     ({"prompt": "a", "n": 1000}, 400, "n", "less than or equal to 128"),
     ({"prompt": ""}, 400, "prompt", "empty"),
     ({"prompt": []}, 400, "prompt", "empty"),
@@ -79,6 +80,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
                          "continue_final_message"),  # without add_generation_prompt: false
                         ({"messages": hi, "skip_special_tokens": False}, "skip_special_tokens"),
                         ({"messages": hi, "reasoning_effort": "low"}, "reasoning_effort"),
+                        ({"messages": hi, "max_tokens": 0}, "max_tokens"),  # no echo in chat: nothing to return
                         ({"messages": [*hi, {"role": "assistant", "content": None}, *hi]}, "messages")]:
         r = server.http.post("/v1/chat/completions", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
@@ -283,7 +285,8 @@ def test_cli_serves_and_sigterm_drains_then_exits_0(serve_artifact):
 
 def test_cli_sigterm_past_the_drain_cancels_cleanly(serve_artifact):
     """--drain 0: SIGTERM cancels a running stream at once, and the client still gets a whole response (the
-    error event, then the end of the body) instead of a cut connection; the process exits 0."""
+    error event, then data: [DONE] as vLLM ends such a stream, then the end of the body) instead of a cut
+    connection; the process exits 0."""
     s = CliServer(serve_artifact[1], drain="0")
     try:
         body = {"prompt": "a", "max_tokens": 120, "n": 16, "stream": True}
@@ -295,9 +298,10 @@ def test_cli_sigterm_past_the_drain_cancels_cleanly(serve_artifact):
         assert s.proc.wait(TIMEOUT) == 0
         [request] = [r for r in s.records() if r["event"] == "request"]
         if request["end"] == "shutdown":  # (a fast machine may finish all 16 rows before the signal lands)
-            assert "cancelled (shutdown)" in rest[-1] and '"error"' in rest[-1], rest[-3:]
+            assert "cancelled (shutdown)" in rest[-2] and '"error"' in rest[-2], rest[-3:]
         else:
-            assert request["end"] == "finished" and rest[-1] == "data: [DONE]"
+            assert request["end"] == "finished"
+        assert rest[-1] == "data: [DONE]", rest[-3:]
     finally:
         s.close()
 

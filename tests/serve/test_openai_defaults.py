@@ -189,3 +189,14 @@ def test_continue_final_message_continues_the_assistants_text(server, generator)
     assert r.status_code == 200, r.text
     [want] = generator.generate([ids], max_new_tokens=5, do_sample=False)
     assert r.json()["choices"][0]["message"]["content"] == continuation(generator, ids, want)
+
+
+def test_content_parts_are_joined_by_newlines_as_vllm_joins_them(server):
+    """A message's text parts make one text, parts separated by "\\n" (vLLM's rendering): /tokenize and the
+    chat completion see the ids of the joined text."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Tell me"}, {"type": "text", "text": "about it."}]}]
+    joined = [{"role": "user", "content": "Tell me\nabout it."}]
+    ids = [server.http.post("/tokenize", json={"messages": m}).json()["tokens"] for m in (parts, joined)]
+    assert ids[0] == ids[1]
+    r = server.openai.chat.completions.create(model="tiny", messages=parts, max_tokens=4, temperature=0)
+    assert r.usage.prompt_tokens == len(ids[1])

@@ -130,6 +130,22 @@ def test_logprobs_and_echo_prompt_logprobs(server, generator):
     for token, at in zip(lp.tokens[2:], offsets[2:], strict=True):
         if not token.startswith("bytes:"):
             assert text[at:].startswith(token), (token, at, text)
+    # echo with max_tokens 0 (OpenAI's legacy scoring request, vLLM's echo without generation): the same prompt
+    # logprobs, the prompt's text alone, nothing generated; whole and streamed, each of n choices
+    scored = lp
+    for stream in (False, True):
+        r = server.openai.completions.create(model="tiny", prompt=ids, max_tokens=0, temperature=0, logprobs=1,
+                                             echo=True, n=2, stream=stream,
+                                             **({"stream_options": {"include_usage": True}} if stream else {}))
+        chunks = list(r) if stream else [r]
+        choices = sorted((c for chunk in chunks for c in chunk.choices), key=lambda c: c.index)
+        usage = chunks[-1].usage
+        assert [c.index for c in choices] == [0, 1] and usage.completion_tokens == 0
+        assert usage.prompt_tokens == len(ids)  # a prompt counts once, whatever n
+        for c in choices:
+            assert c.text == generator.tokenizer.decode(ids) and c.finish_reason == "length"
+            assert c.logprobs.tokens == scored.tokens[:len(ids)]
+            assert c.logprobs.token_logprobs == pytest.approx(scored.token_logprobs[:len(ids)], abs=1e-6)
     # streamed: the same offsets, counted from the start of the whole text (the echo included)
     kw = dict(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=1, echo=True)
     full = server.openai.completions.create(**kw).choices[0].logprobs.text_offset
