@@ -268,6 +268,13 @@ class ModelArgs:
         if act != "silu":
             raise ConfigError(f"hidden_act={act!r} is not supported (Mistral/Mixtral use 'silu')")
 
+        # a field config.json leaves out takes transformers' default for the family (MistralConfig / MixtralConfig),
+        # so a config exports as transformers loads it
+        family = _HF_DEFAULTS["mixtral" if arch.startswith("Mixtral") else "mistral"]
+
+        def absent(key: str) -> bool:
+            return key not in cfg.d
+
         # transformers 5.x moved rope_theta into rope_parameters; only the default (unscaled) rope is supported.
         rope_key = "rope_parameters" if cfg.get("rope_parameters", None, dict) else "rope_scaling"
         rope = _Fields(cfg.get(rope_key, None, dict) or {}, rope_key + ".")
@@ -276,7 +283,7 @@ class ModelArgs:
             raise ConfigError(f"rope type {rope_type!r} is not supported (only unscaled RoPE)")
         rope_theta = rope.get("rope_theta", None, (int, float))
         if rope_theta is None:
-            rope_theta = cfg.get("rope_theta", 10000.0, (int, float))
+            rope_theta = cfg.get("rope_theta", family["rope_theta"], (int, float))
 
         hidden, heads = cfg.size("hidden_size"), cfg.size("num_attention_heads")
         head_dim = cfg.get("head_dim", None, int)
@@ -301,13 +308,17 @@ class ModelArgs:
             intermediate_size=cfg.size("intermediate_size"),
             num_hidden_layers=cfg.size("num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads", heads, int),
+            # absent: the family's 8; null: one per attention head (transformers' rule for older configs)
+            num_key_value_heads=(family["num_key_value_heads"] if absent("num_key_value_heads")
+                                 else cfg.get("num_key_value_heads", heads, int)),
             head_dim=head_dim,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5, (int, float)),
+            rms_norm_eps=cfg.get("rms_norm_eps", family["rms_norm_eps"], (int, float)),
             rope_theta=rope_theta,
-            sliding_window=cfg.get("sliding_window", None, int),
+            # absent: the family's (Mistral 4096, Mixtral none); null: no window
+            sliding_window=(family["sliding_window"] if absent("sliding_window")
+                            else cfg.get("sliding_window", None, int)),
             layer_types=tuple(layer_types) if layer_types else None,
-            max_position_embeddings=cfg.get("max_position_embeddings", 32768, int),
+            max_position_embeddings=cfg.get("max_position_embeddings", family["max_position_embeddings"], int),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False, bool),
             bos_token_id=cfg.get("bos_token_id", 1, int),
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
@@ -416,6 +427,15 @@ def _raw_window(p: _Fields) -> int | None:
     if plain is not None and underscored is not None and plain != underscored:
         raise ConfigError(f"sliding_window={plain} and _sliding_window={underscored} disagree")
     return plain if plain is not None else underscored
+
+
+# transformers' defaults (MistralConfig / MixtralConfig) for the fields a config.json may leave out
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mistral": {"rope_theta": 10000.0, "sliding_window": 4096, "rms_norm_eps": 1e-6, "max_position_embeddings": 131072,
+                "num_key_value_heads": 8},
+    "mixtral": {"rope_theta": 1e6, "sliding_window": None, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072,
+                "num_key_value_heads": 8},
+}
 
 
 class _Fields:

@@ -25,6 +25,25 @@ def test_mixtral_transformers_5_fields():
     assert (a.rope_theta, a.eos_token_ids, a.head_dim, a.window(5)) == (1e6, (2, 31999), 64, None)
 
 
+@pytest.mark.parametrize("arch", ["MistralForCausalLM", "MixtralForCausalLM"])
+def test_fields_left_out_take_transformers_defaults_for_the_family(arch):
+    """A config.json without rope_theta, sliding_window, rms_norm_eps, max_position_embeddings or
+    num_key_value_heads exports as transformers loads it: MistralConfig's and MixtralConfig's defaults differ
+    (rope_theta 1e4 / 1e6, window 4096 / none, eps 1e-6 / 1e-5)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the oracle for config defaults")
+    sizes = {"vocab_size": 100, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+             "num_attention_heads": 8}
+    moe = {"num_local_experts": 4, "num_experts_per_tok": 2} if arch.startswith("Mixtral") else {}
+    a = ModelArgs.from_hf_config({"architectures": [arch], **sizes, **moe})
+    hf = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**sizes, **moe)
+    theta = hf.rope_parameters["rope_theta"] if getattr(hf, "rope_parameters", None) else hf.rope_theta
+    assert (a.rope_theta, a.sliding_window, a.rms_norm_eps, a.max_position_embeddings, a.num_key_value_heads) == (
+        theta, hf.sliding_window, hf.rms_norm_eps, hf.max_position_embeddings, hf.num_key_value_heads)
+    # written out as null, the window is none for either family
+    assert ModelArgs.from_hf_config({"architectures": [arch], **sizes, **moe, "sliding_window": None}
+                                    ).sliding_window is None
+
+
 def test_layer_types_choose_the_window_per_layer():
     a = ModelArgs.from_hf_config({**MISTRAL, "num_hidden_layers": 2,
                                   "layer_types": ["sliding_attention", "full_attention"]})
