@@ -529,9 +529,12 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
       two renames of the swap (they are delivered right after it);
     - kill -9 cannot be caught: the next export of the same target removes the leftovers it can prove are
       a dead process's partial artifacts (the marker's target and host are ours, its process is gone), and
-      puts back an old artifact a dead process had moved aside to `.NAME.old-PID` when the target is missing.
+      puts back an old artifact a dead process had moved aside to `.NAME.old-PID` when the target is missing;
+    - an empty directory (`--out .` in a new folder, say) is filled in place, the manifest last: the folder
+      itself stays, so a shell inside it sees the artifact (a swap would leave it in a deleted directory).
     """
-    target = Path(target)
+    # "." and ".." by their names: the temporary directory goes beside the target, never inside it
+    target = Path(os.path.abspath(target))
     parent = target.parent
     _clean_stale(target)
     check_target(target, overwrite=overwrite)
@@ -544,7 +547,12 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; an artifact is as readable as any new folder
         check_target(target, overwrite=overwrite)  # what is there now may have changed during the export
         with critical():
-            if target.exists():
+            if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+                names = sorted(p.name for p in tmp.iterdir())
+                for name in [n for n in names if n != MANIFEST] + [n for n in names if n == MANIFEST]:
+                    os.replace(tmp / name, target / name)
+                tmp.rmdir()
+            elif target.exists():
                 old = parent / f".{target.name}.old-{os.getpid()}"
                 os.replace(target, old)
                 try:

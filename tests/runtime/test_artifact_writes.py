@@ -138,6 +138,22 @@ def test_an_artifact_is_replaced_only_with_overwrite(tmp_path):
     assert is_artifact(empty) and empty.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
 
 
+def test_an_empty_working_directory_given_as_dot_is_filled_in_place(tmp_path, monkeypatch):
+    """`--out .` in a new, empty folder: the artifact is written there, the folder itself kept (the same inode,
+    so a shell inside it sees the files), and the temporary directory went beside it, not inside."""
+    here = tmp_path / "new"
+    here.mkdir()
+    inode = here.stat().st_ino
+    monkeypatch.chdir(here)
+    with atomic_dir(Path(".")) as tmp:
+        assert tmp.parent == tmp_path
+        write_artifact(tmp)
+    assert is_artifact(here) and here.stat().st_ino == inode and leftovers(tmp_path) == []
+    assert sorted(p.name for p in Path(".").iterdir()) == ["manifest.json", "model.onnx", "tokenizer.model"]
+    with pytest.raises(ArtifactError, match="already exists"), atomic_dir(Path(".")) as tmp:  # now an artifact
+        write_artifact(tmp)
+
+
 # ---- faults while writing --------------------------------------------------------------------------
 
 def _enospc(path: Path) -> None:
