@@ -330,12 +330,17 @@ class Tokenizer:
 
 def _turns(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, continue_final_message: bool = False
            ) -> list[tuple[str, str, bool]]:
-    """Validated (role, content, closed) turns, the system message folded into the first user turn; closed: an
+    """Validated (role, content, closed) turns, normalised as mistral-common's v1 normaliser does; closed: an
     assistant turn that ends with EOS (all of them, but the last one with continue_final_message).
 
-    Roles: one optional leading "system", then "user" / "assistant" alternating from "user"; with
-    add_generation_prompt the last turn must be the user's (the model answers next). Without it the
-    conversation may also end with an assistant turn, closed by EOS (left open with continue_final_message).
+    - the system messages' texts (empty ones dropped) join with a blank line into one system prompt, which
+      goes before the first user turn's text ("{system}\\n\\n{user}"); a system message may not follow an
+      assistant message directly;
+    - consecutive user (or assistant) messages join into one turn, their texts separated by a blank line (a
+      system message between them keeps them apart);
+    - a conversation that does not start with a user turn gets an empty one first;
+    - with add_generation_prompt the last turn must be the user's (the model answers next); without it the
+      conversation may end with an assistant turn, closed by EOS (left open with continue_final_message).
     """
     if not messages:
         raise ConfigError("chat: no messages; a conversation needs at least one user message")
@@ -345,29 +350,33 @@ def _turns(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, c
     for n, m in enumerate(messages):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ConfigError(f"chat: message {n} must be a mapping with string 'role' and 'content', got {m!r}")
-    system = None
-    turns = [(m["role"], m["content"]) for m in messages]
-    if turns[0][0] == "system":
-        system = turns.pop(0)[1]
-    if not turns:
-        raise ConfigError("chat: only a system message; a conversation needs at least one user message")
-    offset = len(messages) - len(turns)
-    for n, (role, content) in enumerate(turns):
-        expected = ("user", "assistant")[n % 2]
-        if role != expected:
-            where = "one optional system message first, then " if role == "system" else ""
-            raise ConfigError(
-                f"chat: message {n + offset} has role {role!r} where {expected!r} was expected: "
-                f"the Mistral v1 format takes {where}user/assistant turns alternating, starting with user"
-            )
-        if role == "assistant" and not content:
-            raise ConfigError(f"chat: message {n + offset} is an empty assistant message")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise ConfigError(f"chat: message {n} has role {m['role']!r}: the Mistral v1 format takes system, user "
+                              "and assistant messages")
+        if m["role"] == "assistant" and not m["content"]:
+            raise ConfigError(f"chat: message {n} is an empty assistant message")
+        if m["role"] == "system" and n and messages[n - 1]["role"] == "assistant":
+            raise ConfigError(f"chat: message {n} has role 'system' right after an assistant message, which the "
+                              "Mistral v1 format (mistral-common) refuses")
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
+    turns: list[tuple[str, str]] = []
+    previous = None
+    for m in messages:
+        role = m["role"]
+        if role != "system":
+            if role == previous:
+                turns[-1] = (role, f"{turns[-1][1]}\n\n{m['content']}")
+            else:
+                turns.append((role, m["content"]))
+        previous = role
+    if not turns or turns[0][0] != "user":
+        turns.insert(0, ("user", ""))
     if add_generation_prompt and turns[-1][0] != "user":
         raise ConfigError(
             "chat: the last message must be the user's when add_generation_prompt=True "
             "(the model writes the next assistant turn)"
         )
-    if system:  # mistral-common drops an empty system prompt
+    if system:
         turns[0] = ("user", f"{system}\n\n{turns[0][1]}")
     last = len(turns) - 1
     return [(role, content, role == "assistant" and not (continue_final_message and n == last))

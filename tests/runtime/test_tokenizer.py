@@ -284,6 +284,30 @@ def test_chat_equals_transformers_template(tok, hf, messages):
     assert hf(text, add_special_tokens=False)["input_ids"] == tok.apply_chat_template(messages, add)
 
 
+def _roles(spec: str) -> list[dict[str, str]]:
+    """"u,a=,s": user "u0", an empty assistant message, system "s2"."""
+    out = []
+    for item in spec.split(","):
+        role, eq, content = item.partition("=")
+        role = {"u": "user", "a": "assistant", "s": "system"}[role]
+        out.append({"role": role, "content": content if eq else f"{role[0]}{len(out)}"})
+    return out
+
+
+@pytest.mark.parametrize("spec", ["a,u", "u,u", "s", "s=,u", "u,s,u", "s,s,u", "u,a,a,u", "u,a,u,s", "s,a,u", "u=",
+                                  "u,u,a,u,u"])
+def test_chat_normalised_as_mistral_common(tok, mistral, spec):
+    """Conversations that do not alternate, normalised as mistral-common's v1 normaliser does them: consecutive
+    messages of a role join with a blank line, system messages (anywhere before an assistant's) make one system
+    prompt before the first user turn, an empty user turn goes first when the conversation does not start with
+    one."""
+    messages = _roles(spec)
+    assert tok.apply_chat_template(messages) == mistral.encode_chat_completion(_mistral_request(messages)).tokens
+    text = tok.render_chat(messages)  # the same turns as text: the pieces mistral-common shows, spaces for "▁"
+    want = mistral.encode_chat_completion(_mistral_request(messages)).text.replace("▁", " ").replace("<0x0A>", "\n")
+    assert text.replace("[INST]", " [INST]") == want
+
+
 def test_render_chat_format(tok):
     assert tok.render_chat(CHATS[1]) == (
         "<s>[INST] You are terse.\n\nWhat is your favourite condiment? [/INST] Lemon juice, squeezed fresh.</s>"
@@ -299,10 +323,8 @@ def test_chat_errors(tok):
     u, a, s = ({"role": r, "content": "x"} for r in ("user", "assistant", "system"))
     bad = [
         ([], "no messages"),
-        ([s], "only a system message"),
-        ([a, u], "message 0 has role 'assistant' where 'user'"),
-        ([u, u], "message 1 has role 'user' where 'assistant'"),
-        ([s, u, a, s, u], "message 3 has role 'system'.*optional system message first"),
+        ([s, u, a, s, u], "message 3 has role 'system' right after an assistant message"),
+        ([u, a, s], "message 2 has role 'system' right after an assistant message"),
         ([u, {"role": "tool", "content": "x"}], "message 1 has role 'tool'"),
         ([u, a], "last message must be the user's"),
         ([u, {"role": "assistant", "content": ""}, u], "message 1 is an empty assistant message"),
