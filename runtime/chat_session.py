@@ -166,7 +166,7 @@ class ChatSession:
             raise ConfigError(f"the message is too long: {len(alone_ids)} tokens {alone_what} leave no "
                               f"room for a reply ({why}); the conversation is unchanged")
         note = (f"the conversation reached {len(ids)} tokens, more than the model holds ({why}): a new context "
-                f"with the system prompt and this message")
+                f"with {'the system prompt and ' if self.system else ''}this message")
         return alone, alone_ids, note
 
     def _run(self, row: Row, messages: list[dict[str, Any]], new: dict[str, Any]) -> Iterator[StreamEvent]:
@@ -200,6 +200,8 @@ class ChatSession:
         """Forget the conversation (and its cache); `system` replaces the system prompt if given."""
         if self._busy:
             raise ConfigError("chat session: a reply is still streaming; finish or close it first")
+        if system:  # checked as the constructor checks it, before anything is forgotten
+            self._check_system(system)
         self.close()
         if system is not None:
             self.system = system

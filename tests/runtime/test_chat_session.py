@@ -172,6 +172,16 @@ def test_a_bad_system_prompt_is_refused_at_the_start():
     with pytest.raises(ConfigError, match="the system prompt is too long: .* no room for a reply"):
         gen.chat_session(system="x" * 80)
     assert gen.chat_session(system="x" * 20).send("hi").token_ids
+    # reset(system=...) checks it the same way, and a refused one leaves the session as it was
+    session = gen.chat_session(system="x" * 20)
+    session.send("hi")
+    before = (list(session.messages), session.cached_tokens, session.system)
+    for bad, match in (("x\udcff", "not valid text"), ("x" * 80, "too long")):
+        with pytest.raises(ConfigError, match=f"the system prompt is {match}"):
+            session.reset(system=bad)
+        assert (session.messages, session.cached_tokens, session.system) == before
+    session.reset(system="y" * 20)
+    assert session.messages == [{"role": "system", "content": "y" * 20}] and session.send("hi").token_ids
 
 
 def test_closed_stream_cancels_the_turn_and_errors_leave_the_session():
