@@ -127,9 +127,9 @@ class EngineLoop:
             if not self._accepting:
                 raise NotAccepting("the server is shutting down")
             if self._waiting_rows + req.choices - self._free_rows > self.max_queue:
-                raise QueueFull(f"{self._waiting_rows} rows wait for the {self.max_batch} engine rows and this "
-                                f"request needs {req.choices} more; at most {self.max_queue} may wait (--max-queue); "
-                                "retry later")
+                raise QueueFull(f"{self._waiting_rows} row(s) not yet running and this request's {req.choices} "
+                                f"would leave more than {self.max_queue} waiting (--max-queue) for the "
+                                f"{self._free_rows} free of {self.max_batch} engine rows; retry later")
             self._waiting_rows += req.choices
             self._adds.append(req)
             self._cond.notify()

@@ -134,6 +134,8 @@ def test_disconnect_frees_the_row_and_a_full_queue_answers_429(generator, serve_
             with pytest.raises(openai.RateLimitError) as e:
                 s.openai.completions.create(model="tiny", prompt="b", max_tokens=2)
             assert e.value.status_code == 429 and e.value.body["type"] == "rate_limit_error"
+            assert "0 row(s) not yet running" in e.value.body["message"]  # the decoding row is not counted
+            assert "0 free of 1 engine rows" in e.value.body["message"]
             assert e.value.response.headers["retry-after"] == "1"
         # the response was closed after one chunk: within a step or two the row is gone
         deadline = time.monotonic() + 5
