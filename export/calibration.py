@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from mixtrt.runtime.errors import CheckpointError, ConfigError
+from mixtrt.runtime.prompts import read_text_file
 
 if TYPE_CHECKING:
     from mixtrt.export.model import Block, RMSNorm
@@ -32,12 +33,7 @@ def calibration_ids(path: Path | None, tokenizer: Any, longest: int = SEQUENCE) 
     the model and its cache plan hold); its source (as recorded) and token count."""
     sequence = max(1, min(SEQUENCE, longest))
     path = Path(path) if path is not None else DEFAULT_CALIBRATION
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise ConfigError(f"--calibration {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"--calibration {path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    text = read_text_file(path, "--calibration")
     ids = tokenizer.encode(text)[:MAX_TOKENS]
     if len(ids) < 2 * 16:
         what = "is empty" if not text.strip() else f"has {len(ids)} tokens (BOS included)"

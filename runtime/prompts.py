@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,6 +67,20 @@ def outside_vocab(ids: Iterable[int], vocab_size: int, what: str, shown: int | N
     """
     bad = [t for t in ids if not 0 <= t < vocab_size]
     return f"{what} {bad[:shown]} outside the vocabulary [0, {vocab_size})" if bad else None
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of the file at `path`, or a ConfigError naming `what` (the option) and the problem: no such
+    file, a directory, not UTF-8 (and where), or the system's reason."""
+    path = Path(path)
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as e:
+        problem = ("a directory, not a text file" if path.is_dir() else "no such file" if not path.exists()
+                   else (e.strerror or str(e)).lower())
+        raise ConfigError(f"{what} {path}: {problem}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path}: not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def check_text(text: str, what: str) -> str:

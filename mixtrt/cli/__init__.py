@@ -13,6 +13,7 @@ invalid UTF-8 reaches the checks that name it instead of failing here.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import io
 import os
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mixtrt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in COMMANDS:
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        # no abbreviations: `--temp 0` is not silently taken for --temperature (nor a typo for another flag)
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, allow_abbrev=False)
         importlib.import_module(cmd.module).add_arguments(p)
     parser.set_defaults(_subparsers=sub.choices)
     return parser
@@ -49,6 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """parse_args, with an unknown option named by the command it was given to (`mixtrt perplexity: error:
     unrecognized arguments: --x`), as its other errors are."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args if not a.startswith("-")), None)
+    target = (parser.get_default("_subparsers") or {}).get(command)
+    if command is not None and target is not None:  # an unknown option is named before argparse reports a
+        # required one as missing
+        known = set(target._option_string_actions)
+        for arg in args[args.index(command) + 1:]:
+            if arg == "--":
+                break
+            name = arg.split("=", 1)[0]
+            if name.startswith("--") and " " not in name and name not in known:  # (with a space: a value)
+                close = [k for k in sorted(known) if k.startswith(name)][:3] or \
+                    difflib.get_close_matches(name, sorted(known), n=1)
+                target.error(f"unrecognized arguments: {name}"
+                             + (f" (did you mean {' or '.join(close)}?)" if close else ""))
     ns, rest = parser.parse_known_args(argv)
     if rest:
         command = getattr(ns, "command", None)

@@ -22,10 +22,10 @@ def threads(text: str) -> int:
     return n
 
 
-def add_sampling(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generation (the artifact's defaults from the checkpoint's generation_config.json, "
-                             "else greedy and 128 new tokens; a sampling option turns sampling on, "
-                             "--temperature 0 means greedy)")
+def add_sampling(p: argparse.ArgumentParser, heading: str | None = None) -> None:
+    g = p.add_argument_group(heading or "generation (the artifact's defaults from the checkpoint's "
+                             "generation_config.json, else greedy and 128 new tokens; a sampling option turns "
+                             "sampling on, --temperature 0 means greedy)")
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--temperature", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None, help="0 = off")

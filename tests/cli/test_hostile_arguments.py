@@ -39,6 +39,11 @@ PARSE = [
     (["generate", "ART", "--prompt", "x", "--prompt", "y"], "generate", ["--prompt", "given more than once"]),
     (["generate", "ART", "--prompt-ids", "1", "--prompt-ids", "2"], "generate", ["--prompt-ids", "more than once"]),
     (["generate", "ART", "--prompt", "x", "--colour"], "generate", ["unrecognized arguments: --colour"]),
+    # a typo'd required option is named (with the option meant), not reported as the required one missing
+    (["generate", "ART", "--promt", "x"], "generate", ["unrecognized arguments: --promt", "did you mean --prompt?"]),
+    (["perplexity", "ART", "--txt", "f"], "perplexity", ["--txt", "did you mean --text?"]),
+    # options are not abbreviated: a prefix is refused, naming the options it starts
+    (["generate", "ART", "--prompt", "x", "--temp", "0"], "generate", ["--temp", "did you mean --temperature?"]),
     (["generate"], "generate", ["artifact"]),
     (["frobnicate"], None, ["frobnicate"]),
     (["export", "CK", "--precision", "int8"], "export", ["--precision", "int8"]),
@@ -51,6 +56,22 @@ def test_bad_argument_is_one_line(tmp_path, argv, command, culprits):
     before = tree(tmp_path)
     line = refused(cli(*[str(tmp_path) if a in ("ART", "CK") else a for a in argv]), command, *culprits)
     assert "usage:" not in line and "--help" in line
+    assert tree(tmp_path) == before
+
+
+# named by the option, in the words every command uses, before anything loads or binds a port
+EARLY = [
+    (["run", "ART", "--text", BAD_UTF8], "run", ["--text is not valid text", "lone surrogate"]),
+    (["perplexity", "ART", "--text", "/nonexistent/x.txt"], "perplexity", ["--text /nonexistent/x.txt: no such file"]),
+    (["perplexity", "ART", "--text", "/"], "perplexity", ["--text /: a directory, not a text file"]),
+    (["serve", "ART"], "serve", ["not an artifact directory (no manifest.json)"]),
+]
+
+
+@pytest.mark.parametrize("argv, command, culprits", EARLY, ids=[" ".join(a[:1] + a[2:3]) for a, _, _ in EARLY])
+def test_bad_input_is_named_before_loading(tmp_path, argv, command, culprits):
+    before = tree(tmp_path)
+    refused(cli(*[str(tmp_path) if a == "ART" else a for a in argv]), command, *culprits)
     assert tree(tmp_path) == before
 
 
@@ -204,7 +225,7 @@ def test_invalid_utf8_in_argv_and_stdin_is_named(artifact):
     # chat refuses the message in one line and keeps the session: the next message is answered
     r = _mixtrt("chat", str(artifact), "--threads", "1", "--max-new-tokens", "2", stdin=b"caf\xe9\nhello\n")
     assert r.returncode == 0 and r.stdout.decode().count("model> ") == 1
-    one_line(r.stderr.decode(), "mixtrt chat: chat: message 0 content is not valid text", "character 3")
+    one_line(r.stderr.decode(), "mixtrt chat: message 0 content is not valid text", "character 3")
 
 
 @pytest.mark.slow

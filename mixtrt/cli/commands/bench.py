@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path, help="artifact directory of a causal LM (written by `mixtrt export`)")
     p.add_argument("--prompt-tokens", type=at_least(1), default=128, help="random prompt ids per row (default 128)")
     p.add_argument("--new-tokens", type=at_least(3), default=128,
-                   help="greedy tokens per row, end-of-sequence ignored (default 128)")
+                   help="greedy tokens per row, end-of-sequence ignored (default 128, at least 3)")
     p.add_argument("--batch", type=at_least(1), default=1, help="rows decoded together (default 1)")
     p.add_argument("--threads", type=threads, default=None,
                    help="onnxruntime intra-op threads, 1 .. the available cores (default: all of them)")

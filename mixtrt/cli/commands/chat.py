@@ -39,7 +39,7 @@ def run(ns: argparse.Namespace) -> int:
         try:
             events = session.stream(user)
         except ConfigError as e:  # the message is refused; the conversation is kept
-            print(f"mixtrt chat: {e}", file=sys.stderr)
+            print(f"mixtrt chat: {str(e).removeprefix('chat: ')}", file=sys.stderr)
             continue
         turn = session.turns[-1]
         if turn.kind == "restart":

@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="artifact directory (default: engines/<name>-fp32)")
     p.add_argument("--prompt", action="append", default=None, help="prompt (repeatable; default: three stories)")
     p.add_argument("--reexport", action="store_true", help="export again even if the artifact is up to date")
-    add_sampling(p)
+    add_sampling(p, "generation (the demo's defaults: 48 new tokens, sampled at temperature 0.8 and top-p 0.95 "
+                    "with seed 0; --temperature 0 means greedy)")
     # a model this small loops under greedy decoding; the demo samples, seeded, so it prints the same text
     # every run (--temperature 0 for greedy)
     p.set_defaults(max_new_tokens=48, temperature=0.8, top_p=0.95, seed=0)

@@ -12,7 +12,8 @@ from mixtrt.runtime.quantization import BLOCK_SIZES, METHODS
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="checkpoint directory (config.json + *.safetensors, or params.json)")
     p.add_argument("--out", type=Path, default=None, help="artifact directory (default: engines/<name>-<precision>)")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                   help="weight precision of the artifact (default fp32)")
     p.add_argument("--max-context", type=int, default=None,
                    help="positions the artifact serves; the KV cache length of models without a sliding window "
                         "(default: max_position_embeddings with a window, else min(it, 4096))")

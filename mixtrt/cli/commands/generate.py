@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", action=_Once, help="prompt text (BOS is added)")
     src.add_argument("--prompt-ids", action=_Once, help="prompt token ids, comma-separated (used as given)")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object: token_ids (generated only), text, finish_reason, stats, logprobs")
+                   help="print one JSON object: token_ids (generated only), text, finish_reason, finish_message, "
+                        "stats, logprobs")
     add_sampling(p)
 
 

@@ -26,13 +26,9 @@ def run(ns: argparse.Namespace) -> int:
     from mixtrt.runtime.errors import ConfigError
     from mixtrt.runtime.generation import Generator
     from mixtrt.runtime.perplexity import chunks, evaluate
+    from mixtrt.runtime.prompts import read_text_file
 
-    try:
-        text = ns.text.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise ConfigError(f"--text {ns.text}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"--text {ns.text}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    text = read_text_file(ns.text, "--text")
     if ns.chunk is not None:
         chunks([], ns.chunk)  # checks --chunk before loading anything
     gen = Generator.load(ns.artifact, threads=ns.threads)

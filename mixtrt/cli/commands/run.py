@@ -27,7 +27,12 @@ def run(ns: argparse.Namespace) -> int:
     from mixtrt.runtime.errors import ConfigError
     from mixtrt.runtime.heads import HEAD_CLASSES, wrong_head
     from mixtrt.runtime.manifest import Manifest
+    from mixtrt.runtime.prompts import check_text
 
+    for i, text in enumerate(ns.text):  # named as the user gave them, before anything loads
+        check_text(text, "--text" if len(ns.text) == 1 else f"--text {i + 1}")
+    if ns.question is not None:
+        check_text(ns.question, "--question")
     args = Manifest.read(ns.artifact).args
     if args.head == "causal_lm":
         raise ConfigError(f"{ns.artifact}: {wrong_head(args, 'base or classifier')}")

@@ -51,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="onnxruntime (default: the CPU), triton or tensorrt, as for `mixtrt generate`")
     p.add_argument("--drain", type=_seconds, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, running requests get this long to finish before they are cancelled (default 30)")
-    p.add_argument("--max-body-bytes", type=at_least(1), default=4 << 20, help="request body limit (413 past it)")
+    p.add_argument("--max-body-bytes", type=at_least(1), default=4 << 20,
+                   help="request body limit in bytes (413 past it; default 4 MiB)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of the artifact's files at load (sizes are still checked)")
     p.add_argument("--ray", action="store_true",
@@ -67,8 +68,9 @@ def run(ns: argparse.Namespace) -> int:
 
     if not ns.ray and (ns.replicas is not None or ns.ray_address is not None):
         raise ConfigError("--replicas and --ray-address need --ray")
-    if not ns.artifact.is_dir():
-        raise ConfigError(f"{ns.artifact}: not an artifact directory")
+    from mixtrt.runtime.manifest import Manifest
+
+    Manifest.read(ns.artifact)  # a path that is not an artifact is refused before the port is bound
     settings = ServeSettings(ns.artifact, model_name=ns.model_name, max_batch=ns.max_batch, max_queue=ns.max_queue,
                              api_key=ns.api_key, threads=ns.threads, backend=ns.backend, verify=not ns.no_verify,
                              max_body_bytes=ns.max_body_bytes, drain_s=ns.drain,
