@@ -41,7 +41,15 @@ import torch
 from mixtrt import __version__
 from mixtrt.export.model import HEADS, CausalLM, SequenceClassifier, Transformer, finish_loaded
 from mixtrt.export.progress import Progress
-from mixtrt.export.quantize import Int4Options, Int4Plan, bytes_per_token, graph_facts, rtn, rtn_max7
+from mixtrt.export.quantize import (
+    Int4Options,
+    Int4Plan,
+    bytes_per_token,
+    check_patterns,
+    graph_facts,
+    rtn,
+    rtn_max7,
+)
 from mixtrt.export.weights_writer import (
     GraphWeight,
     Stored,
@@ -195,6 +203,8 @@ def export_onnx(
 
     t0 = time.perf_counter()
     dtype = getattr(torch, PRECISIONS[precision])
+    if int4 is not None:  # a --keep-float / --int8 typo is said now, not after calibrating or tracing
+        check_patterns(int4, _meta_model(args, plan, dtype))
     calibration = None
     seqs: list[list[int]] = []
     if int4 is not None and int4.method != "rtn":

@@ -201,6 +201,34 @@ def _quant(fmt: str, item: _Item, axis: int, zero_point: int) -> dict:
             "zero_point": zero_point}
 
 
+def check_patterns(options: Int4Options, model) -> None:
+    """Every --keep-float / --int8 pattern the user gave names at least one tensor it can apply to (a typo, or a
+    checkpoint's own name for a tensor, would otherwise quietly change nothing), checked on the model's module
+    (export/model.py, on the meta device) before anything slow runs: a calibrated method's pass over the model,
+    the trace. The labels are the ones the plan gives the traced graph's tensors: each Linear but the MoE router
+    (dense), the embedding table, each expert's fc1 / fc2 (experts)."""
+    dense, experts = [], []
+    for name, module in model.named_modules():
+        lbl = label("", name)
+        if hasattr(module, "fc1") and hasattr(module, "fc2"):  # MoeFeedForward: its experts and its router
+            experts += [f"{lbl}.{fc}.{e}" for fc in ("fc1", "fc2") for e in range(len(getattr(module, fc)))]
+        elif type(module).__name__ in ("Linear", "Embedding") and not lbl.endswith("feed_forward.gate"):
+            dense.append(lbl)
+    _check_labels(options, dense, experts)
+
+
+def _check_labels(options: Int4Options, dense: list[str], experts: list[str]) -> None:
+    for flag, patterns, labels in (("--keep-float", options.keep_float, dense + experts),
+                                   ("--int8", options.int8 or (), dense)):
+        for p in patterns:
+            if not any(kept(lbl, [p]) for lbl in labels):
+                names = sorted({re.sub(r"\.\d+$", ".<e>", re.sub(r"^layers\.\d+\.", "layers.<i>.", lbl))
+                                for lbl in labels})
+                raise ConfigError(f"{flag} {p!r} matches no tensor {flag} applies to in this model (a label's "
+                                  f"last parts, a full label or an fnmatch pattern such as 'layers.0.*'; the "
+                                  f"labels: {', '.join(names)})")
+
+
 class Int4Plan:
     """The int4 step of an export, in two halves around the streaming writer (export/weights_writer.py), so that
     no more than one float weight is in memory at a time:
@@ -275,21 +303,13 @@ class Int4Plan:
         return plan
 
     def _check_patterns(self, moe_nodes: list[list[str]]) -> None:
-        """Every --keep-float / --int8 pattern the user gave names at least one tensor it can apply to (a typo,
-        or a checkpoint's own name for a tensor, would otherwise quietly change nothing)."""
+        """Every --keep-float / --int8 pattern names a tensor of the traced graph (check_patterns did so on the
+        module before tracing; this holds the plan itself to it)."""
         experts = [label("", n) for m in moe_nodes for n in m[2:]]
         expert_set = set(experts)
         dense = [item.label for item in self.items.values() if item.kind != "expert"]
         dense += [lbl for lbl, why in self.floats.items() if why != ROUTER_REASON and lbl not in expert_set]
-        for flag, patterns, labels in (("--keep-float", self.options.keep_float, dense + experts),
-                                       ("--int8", self.options.int8 or (), dense)):
-            for p in patterns:
-                if not any(kept(lbl, [p]) for lbl in labels):
-                    names = sorted({re.sub(r"\.\d+$", ".<e>", re.sub(r"^layers\.\d+\.", "layers.<i>.", lbl))
-                                    for lbl in labels})
-                    raise ConfigError(f"{flag} {p!r} matches no tensor {flag} applies to in this model (a label's "
-                                      f"last parts, a full label or an fnmatch pattern such as 'layers.0.*'; the "
-                                      f"labels: {', '.join(names)})")
+        _check_labels(self.options, dense, experts)
 
     def _plan_experts(self, moe_nodes: list[list[str]], shapes: dict[str, tuple]) -> None:
         options = self.options

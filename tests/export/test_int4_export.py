@@ -361,6 +361,40 @@ def test_int4_patterns_that_match_nothing_are_refused(exported, tmp_path, option
     assert not (tmp_path / "art").exists()
 
 
+@pytest.mark.parametrize("option", [{"keep_float": ("wqq",)}, {"int8": ("fc2",)}])
+def test_int4_pattern_typos_are_refused_before_calibrating_or_tracing(exported, tmp_path, monkeypatch, option):
+    """The check runs on the model's module before a calibrated method's pass over the model and before the trace
+    (minutes on a real checkpoint): neither is reached."""
+    import mixtrt.export.awq as awq
+    import mixtrt.export.onnx_export as onnx_export
+
+    def reached(*a, **k):
+        raise AssertionError("reached before the patterns were checked")
+
+    monkeypatch.setattr(awq, "awq_scalings", reached)
+    monkeypatch.setattr(onnx_export, "_trace", reached)
+    ck, _ = exported["mixtral-window"]
+    with pytest.raises(ConfigError, match="matches no tensor"):
+        export_onnx(ck, tmp_path / "art", precision="int4", int4=Int4Options(method="awq", **option), progress=None)
+    assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize("name", ["mixtral-window", "mistral-window"])
+def test_int4_pattern_labels_before_tracing_are_the_plans(exported, tmp_path, monkeypatch, name):
+    """The labels the early check reads off the module are the ones the plan gives the traced graph's tensors
+    (a pattern the plan would take is never refused early)."""
+    import mixtrt.export.quantize as quantize
+
+    seen = []
+    check = quantize._check_labels
+    monkeypatch.setattr(quantize, "_check_labels",
+                        lambda o, d, e: (seen.append((sorted(d), sorted(e))), check(o, d, e)))
+    ck, _ = exported[name]
+    export_onnx(ck, tmp_path / "art", precision="int4", int4=Int4Options(keep_float=("layers.0.*",)), progress=None)
+    early, planned = seen
+    assert early == planned and early[0], (early, planned)
+
+
 def test_int4_options_from_python_as_the_cli_takes_them(exported, tmp_path):
     """A str is the CLI's comma list (not its characters), a list a tuple; int4 may be a dict of the fields; other
     types are one-line errors before anything is written."""
