@@ -150,9 +150,11 @@ def test_chat_keeps_its_cache_and_refuses_a_message_too_long(artifact, generator
             stdin=f"hello\n{too_long}\nmore\n\n")
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
-    turns = r.stdout.split("you> ")  # three messages, then the empty line ends the session
-    assert len(turns) == 5 and turns[0] == "" and turns[2] == "" and turns[4] == ""
-    answers = [t[len("model> "):-1] for t in (turns[1], turns[3])]
+    # three messages, then the empty line ends the session; fed by a pipe, each line is echoed after its prompt
+    turns = r.stdout.split("you> ")
+    assert len(turns) == 5 and turns[0] == "" and turns[2] == too_long + "\n" and turns[4] == "\n"
+    assert turns[1].startswith("hello\nmodel> ") and turns[3].startswith("more\nmodel> ")
+    answers = [t.split("\nmodel> ", 1)[1][:-1] for t in (turns[1], turns[3])]
     cfg = GenerationConfig(max_new_tokens=4)
     first = generator.chat([{"role": "user", "content": "hello"}], cfg)
     assert answers[0] == first.text

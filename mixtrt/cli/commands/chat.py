@@ -34,6 +34,8 @@ def run(ns: argparse.Namespace) -> int:
         except EOFError:
             print()
             return 0
+        if not sys.stdin.isatty():  # a terminal echoes the line; fed by a pipe, the transcript shows it so
+            print(user)
         if not user.strip():
             return 0
         try:
