@@ -42,8 +42,8 @@ from sentencepiece import sentencepiece_model_pb2
 from mixtrt.runtime.chat_format import PREPEND_SCHEMES, AddedToken, PrependScheme
 from mixtrt.runtime.chat_template import ChatTemplate, select_template
 from mixtrt.runtime.errors import ConfigError
-from mixtrt.runtime.prompts import check_continue, check_messages_text
-from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer
+from mixtrt.runtime.prompts import check_continue, check_messages_text, check_text
+from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer, sp_offsets
 
 __all__ = ["AddedToken", "JinjaChatTokenizer", "PrependScheme"]
 _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED = 2, 3, 4  # sentencepiece ModelProto.SentencePiece.Type
@@ -132,13 +132,26 @@ class JinjaChatTokenizer:
 
     # ---- text --------------------------------------------------------------------------------------
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Plain text -> ids as `Tokenizer.encode` (sentencepiece; "<s>" in the text stays text)."""
-        return [self.bos_id] * bos + self.text.encode(text, bos=False) + [self.eos_id] * eos
+        """Plain text -> ids as transformers' `tokenizer(text)` gives them for text without added tokens: one
+        stretch at the start of the string, prefixed by the checkpoint's rule (`legacy: false`: text that starts
+        with a space gets no second one). Added tokens written in the text ("<s>", "[INST]") stay text."""
+        text = check_text(text, "text")
+        body = self.text.encode(text, bos=False) if self._prefixed(text, True) else self._plain.encode(text)
+        return [self.bos_id] * bos + body + [self.eos_id] * eos
 
     def encode_with_offsets(self, text: str, bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
         """encode(text) and each token's character span (`Tokenizer.encode_with_offsets`)."""
-        ids, spans = self.text.encode_with_offsets(text, bos=False)
+        if self._prefixed(text, True):
+            ids, spans = self.text.encode_with_offsets(text, bos=False)
+        else:
+            ids, spans = sp_offsets(self._plain, text)
         return [self.bos_id] * bos + ids, [(0, 0)] * bos + spans
+
+    def _prefixed(self, stretch: str, first: bool) -> bool:
+        """Whether a stretch of text gets the "▁" prefix (the module docstring): transformers' Metaspace adds it
+        under "first" only where the text, its spaces already "▁", does not start with one."""
+        return self.prepend_scheme == "always" or (self.prepend_scheme == "first" and first
+                                                   and not stretch.startswith((" ", "\u2581")))
 
     def encode_special(self, text: str) -> list[int]:
         """Text that holds added tokens ("<s>[INST] Hi [/INST]") -> ids, as transformers'
@@ -154,9 +167,7 @@ class JinjaChatTokenizer:
     def _encode_stretch(self, text: str, first: bool) -> list[int]:
         if not text:
             return []
-        if self.prepend_scheme == "always" or (self.prepend_scheme == "first" and first and not text.startswith(" ")):
-            text = " " + text
-        return self._plain.encode(text)
+        return self._plain.encode(" " + text if self._prefixed(text, first) else text)
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Ids -> text; control tokens are never shown unless skip_special=False."""

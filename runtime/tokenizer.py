@@ -201,6 +201,24 @@ class StreamDecoder:
         return out
 
 
+def sp_offsets(sp: spm.SentencePieceProcessor, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """sentencepiece's ids of `text` and each token's [start, end) character span in it."""
+    from sentencepiece import sentencepiece_pb2  # needs protobuf (an onnxruntime dependency)
+
+    proto = sentencepiece_pb2.SentencePieceText()  # type: ignore[attr-defined]  # generated code
+    proto.ParseFromString(sp.encode(text, out_type="serialized_proto"))
+    char_at = [i for i, ch in enumerate(text) for _ in ch.encode()] + [len(text)]  # byte offset -> char
+    pieces = [(p.id, p.begin, p.end) for p in proto.pieces]
+    # sentencepiece gives an empty span to all but the last byte-fallback piece of a character and to a lone
+    # dummy-prefix "▁" before text; each takes the span of the piece after it (the character's, as
+    # transformers' offsets have it), so no label or answer cuts a character
+    for i in range(len(pieces) - 2, -1, -1):
+        piece, begin, end = pieces[i]
+        if begin == end and pieces[i + 1][1] == begin:
+            pieces[i] = (piece, begin, pieces[i + 1][2])
+    return [i for i, _, _ in pieces], [(char_at[b], char_at[e]) for _, b, e in pieces]
+
+
 class Tokenizer:
     """A sentencepiece `tokenizer.model` (Mistral: byte-fallback BPE, BOS 1, EOS 2, no pad)."""
 
@@ -252,22 +270,8 @@ class Tokenizer:
         >>> Tokenizer.load().encode_with_offsets("Élise lit")
         ([1, 4926, 28714, 864, 8724], [(0, 0), (0, 1), (1, 2), (2, 5), (5, 9)])
         """
-        from sentencepiece import sentencepiece_pb2  # needs protobuf (an onnxruntime dependency)
-
-        proto = sentencepiece_pb2.SentencePieceText()  # type: ignore[attr-defined]  # generated code
-        proto.ParseFromString(self._sp.encode(text, out_type="serialized_proto"))
-        char_at = [i for i, ch in enumerate(text) for _ in ch.encode()] + [len(text)]  # byte offset -> char
-        pieces = [(p.id, p.begin, p.end) for p in proto.pieces]
-        # sentencepiece gives an empty span to all but the last byte-fallback piece of a character and to a lone
-        # dummy-prefix "▁" before text; each takes the span of the piece after it (the character's, as
-        # transformers' offsets have it), so no label or answer cuts a character
-        for i in range(len(pieces) - 2, -1, -1):
-            piece, begin, end = pieces[i]
-            if begin == end and pieces[i + 1][1] == begin:
-                pieces[i] = (piece, begin, pieces[i + 1][2])
-        ids = [self.bos_id] * bos + [i for i, _, _ in pieces]
-        spans = [(0, 0)] * bos + [(char_at[b], char_at[e]) for _, b, e in pieces]
-        return ids, spans
+        ids, spans = sp_offsets(self._sp, text)
+        return [self.bos_id] * bos + ids, [(0, 0)] * bos + spans
 
     def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
         texts = [_text(t, f"texts[{i}]") for i, t in enumerate(texts)]

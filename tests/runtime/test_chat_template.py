@@ -156,6 +156,7 @@ def _ours(checkpoint: Path, root: Path) -> JinjaChatTokenizer:
 CHECKPOINTS = {  # name: (tokenizer.model, tokenizer_config.json additions, chat_template.jinja)
     "mistral-v3-tools": (V3, {"chat_template": MISTRAL_TOOLS_TEMPLATE}, None),
     "mistral-v1-tools": (V1, {"chat_template": MISTRAL_TOOLS_TEMPLATE, "legacy": True}, None),
+    "v3-not-legacy": (V3, {"chat_template": MISTRAL_TOOLS_TEMPLATE, "legacy": False}, None),  # v0.3's config
     "v01-legacy": (V1, {"chat_template": V01_CHAT_TEMPLATE, "legacy": True}, None),
     "v01-no-prefix": (V1, {"chat_template": V01_CHAT_TEMPLATE, "add_prefix_space": False}, None),
     "chatml": (V1, {"chat_template": "{{ unused }}", "eos_token": "<|im_end|>",
@@ -174,6 +175,7 @@ CONVERSATIONS = {
 APPLIES = {  # which conversations each checkpoint's template accepts
     "mistral-v3-tools": ["talk", "short", "closed", "tools"],
     "mistral-v1-tools": ["talk", "tools"],
+    "v3-not-legacy": ["talk", "short", "tools"],
     "v01-legacy": ["talk", "short", "closed"],
     "v01-no-prefix": ["talk", "closed"],
     "chatml": ["talk", "short", "closed"],
@@ -280,6 +282,24 @@ def test_space_runs_and_stretches_that_start_with_a_space_equal_transformers(pai
     ids = ours.encode_special(text)
     assert ids == hf(text, add_special_tokens=False)["input_ids"]
     assert [ours.id_to_piece(i) for i in ids[:3]] == ["<s>", "▁", "▁["] and ids.count(ours.text.piece_id("▁")) == 2
+
+
+PLAIN_TEXTS = ["Hello", " leading", "  two leading", " ", "\u2581\u2581x", "\u2581x y", "\tTab", "\nline",
+               "a  b   c", "Élise \u201cquoted\u201d", "\u4e2d\u6587 text", "x\n\n y "]
+
+
+@pytest.mark.parametrize("checkpoint", sorted(CHECKPOINTS))
+def test_plain_text_ids_equal_transformers(pairs, checkpoint):
+    """A prompt of plain text (no added token in it) gets the ids the checkpoint's transformers tokenizer gives it,
+    prefix rule included (legacy false: text that starts with a space, or with "▁", gets no second "▁"), with
+    BOS as `tokenizer(text)` adds it; offsets cover the same ids."""
+    ours, hf = pairs[checkpoint]
+    for text in PLAIN_TEXTS:
+        assert ours.encode(text, bos=False) == hf(text, add_special_tokens=False)["input_ids"], text
+        assert ours.encode(text) == hf(text)["input_ids"], text
+        ids, spans = ours.encode_with_offsets(text)
+        assert ids == ours.encode(text) and len(spans) == len(ids), text
+        assert all(0 <= a <= b <= len(text) for a, b in spans) and spans[-1][1] == len(text), (text, spans)
 
 
 # ---------------------------------------------------------------- errors
