@@ -357,9 +357,13 @@ def primed_stream(tokenizer: Any, context: Sequence[int]) -> Any:
         >>> tok.stream().put(word[0]), primed_stream(tok, prompt).put(word[0])
         ('basketball', ' basketball')
     """
-    stream = tokenizer.stream()
-    for token in list(context)[-PRIME_TOKENS:]:
-        stream.put(token)
+    context = list(context)
+    n = PRIME_TOKENS
+    while True:  # a tail that shows no text (control ids only) says nothing of what came before it: a longer one
+        stream = tokenizer.stream()
+        if "".join(stream.put(token) for token in context[-n:]) or n >= len(context):
+            break
+        n *= 4
     if hasattr(stream, "mark_shown"):
         stream.mark_shown()  # the context's own text showed its incomplete end as U+FFFD already
     return stream

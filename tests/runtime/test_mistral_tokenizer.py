@@ -291,3 +291,17 @@ def test_a_continuation_after_a_prompt_ending_inside_a_character(ours, version):
         assert fits, (k, shown, text, whole)
         completed += fits[0] > 0
     assert completed, "no cut fell inside a character: the test shows nothing"
+
+
+@pytest.mark.parametrize("version", list(FILES))
+def test_a_continuation_after_a_long_run_of_control_ids(ours, version):
+    """A prompt whose tail shows no text (its last 100 ids are EOS): the continuation's first word still follows
+    the prompt's text with its space, as decode(prompt + continuation) has it."""
+    from mixtrt.runtime.generation import PRIME_TOKENS, primed_stream
+
+    tok = ours[version]
+    prompt = tok.encode("Hello", bos=True) + [tok.eos_id] * (PRIME_TOKENS + 36)
+    rest = tok.encode("Hello world", bos=False)[-1:]  # "▁world" (or tekken's " world")
+    stream = primed_stream(tok, prompt)
+    text = "".join(stream.put(i) for i in rest) + stream.flush()
+    assert tok.decode(prompt) + text == tok.decode(prompt + rest) and text.startswith(" "), text
