@@ -32,7 +32,7 @@ from typing import Any
 
 from mixtrt.runtime.chat_template import first_failing_message
 from mixtrt.runtime.errors import ConfigError
-from mixtrt.runtime.prompts import check_continue, check_messages_text
+from mixtrt.runtime.prompts import check_continue, check_messages_text, check_text
 from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer
 
 EXTRA = "pip install 'mixtrt[mistral]'"
@@ -129,7 +129,8 @@ class MistralCommonTokenizer:
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         if self._text is not None:
             return self._text.encode(text, bos, eos)
-        return [int(i) for i in self._raw.encode(text, bos=bos, eos=eos)]
+        # tekken would write a lone surrogate as U+FFFD's bytes: refused as the sentencepiece files refuse it
+        return [int(i) for i in self._raw.encode(check_text(text, "text"), bos=bos, eos=eos)]
 
     def encode_with_offsets(self, text: str, bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
         """encode(text) and each token's character span (`Tokenizer.encode_with_offsets`); sentencepiece files

@@ -305,3 +305,11 @@ def test_a_continuation_after_a_long_run_of_control_ids(ours, version):
     stream = primed_stream(tok, prompt)
     text = "".join(stream.put(i) for i in rest) + stream.flush()
     assert tok.decode(prompt) + text == tok.decode(prompt + rest) and text.startswith(" "), text
+
+
+@pytest.mark.parametrize("version", list(FILES))
+def test_a_lone_surrogate_is_refused_by_every_file(ours, version):
+    """Text that is not valid Unicode is a one-line error naming the character in every file's encode (tekken
+    alone would write it as U+FFFD's bytes)."""
+    with pytest.raises(ConfigError, match="lone surrogate"):
+        ours[version].encode("a\ud800b")
