@@ -398,6 +398,7 @@ async def _complete(call: _Call, state: _State, request: Request) -> Response:
         loop.cancel(call.handle, "disconnect")
 
     watcher = asyncio.create_task(watch())
+    abandoned = False
     try:
         async for event in call.handle.events():
             if event.output is not None:
@@ -409,9 +410,14 @@ async def _complete(call: _Call, state: _State, request: Request) -> Response:
     except BackendError as e:
         call.status, call.end = 500, "error"
         raise ApiError(str(e), 500, type="server_error", logged=True) from None
+    except asyncio.CancelledError:  # the server's forced exit (a second Ctrl-C) cancels the handler: so do its rows
+        abandoned, call.status, call.end = True, None, "shutdown"
+        loop.cancel(call.handle, "shutdown", then=lambda cut: _log_cancelled(call, cut))
+        raise
     finally:
         watcher.cancel()
-        _log(call)
+        if not abandoned:
+            _log(call)
     choices = [_full_choice(call, state, i) for i in range(call.handle.choices)]
     obj = "chat.completion" if call.kind == "chat" else "text_completion"
     return JSONResponse({"id": _id(call), "object": obj, "created": call.created, "model": state.settings.name,
@@ -499,9 +505,23 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
             # the client went away (the response task was cancelled): logged once the engine has taken the rows
             # out, with the tokens they made until then (what the metrics count)
             call.end = "disconnect"
-            loop.cancel(call.handle, "disconnect", then=lambda: _log(call))
+            loop.cancel(call.handle, "disconnect", then=lambda cut: _log_cancelled(call, cut))
         else:
             _log(call)
+
+
+def _log_cancelled(call: _Call, cut: bool) -> None:
+    """The log line of a request whose response was abandoned, once the engine has taken its rows out. cut False:
+    the engine had finished it before the cancel came (the metrics count it finished): the line says so, with the
+    outputs its queue still holds."""
+    if not cut:
+        call.end = "finished"
+        queue = call.handle.queue
+        while not queue.empty():
+            item = queue.get_nowait()
+            if not isinstance(item, BaseException) and item.output is not None:
+                call.outputs[_choice(call, item)] = item.output
+    _log(call)
 
 
 INLINE_BODY_BYTES = 16 << 10  # a body up to this size is parsed and tokenized on the event loop (well under 10 ms)

@@ -100,7 +100,7 @@ class EngineLoop:
         self.max_batch, self.max_queue, self.metrics = max_batch, max_queue, metrics
         self._cond = threading.Condition()
         self._adds: list[Request] = []
-        self._cancels: list[tuple[Request, str, Callable[[], None] | None]] = []
+        self._cancels: list[tuple[Request, str, Callable[[bool], None] | None]] = []
         self._exited = False  # the loop thread returned (guarded by _cond)
         self._waiting_rows = 0  # rows submitted and not yet prefilled (guarded by _cond)
         self._free_rows = max_batch  # engine rows free after the last step (guarded by _cond)
@@ -135,17 +135,18 @@ class EngineLoop:
             self._cond.notify()
         return req
 
-    def cancel(self, req: Request, reason: str, then: Callable[[], None] | None = None) -> None:
-        """Cancel `req` before the next step (no-op once it ended). then: called on req's event loop once the
+    def cancel(self, req: Request, reason: str, then: Callable[[bool], None] | None = None) -> None:
+        """Cancel `req` before the next step (no-op once it ended). then(cut): called on req's event loop once the
         engine has taken the request's rows out (their tokens final: a request log written then agrees with the
-        metrics), at once if the engine loop has exited."""
+        metrics), at once if the engine loop has exited; cut is False where the request had finished before the
+        cancel came (the metrics count it finished, and its outputs are in its queue)."""
         with self._cond:
             if not self._exited:
                 self._cancels.append((req, reason, then))
                 self._cond.notify()
                 return
         if then is not None:
-            then()
+            then(True)
 
     def begin_stop(self, drain_s: float) -> None:
         """Refuse new requests; running ones get at most drain_s seconds from now to finish, then they are
@@ -176,13 +177,15 @@ class EngineLoop:
                 cancels, self._cancels = self._cancels, []
                 deadline = self._deadline
             for req, reason, then in cancels:
+                cut = not req.ended
                 self._cancel(req, reason)
                 if then is not None:
-                    _post(req.loop, then)
+                    _post(req.loop, then, cut)
             for req in adds:
                 self._add(req)
             if deadline is not None and (not self.engine.busy or time.perf_counter() >= deadline):
-                for req in list(self._active):
+                shut = list(self._active)
+                for req in shut:
                     self._cancel(req, "shutdown")
                 with self._cond:
                     for req in self._adds:
@@ -192,7 +195,7 @@ class EngineLoop:
                     late, self._cancels = self._cancels, []
                 for req, _, then in late:  # cancels that came after this step's: their requests ended above
                     if then is not None:
-                        _post(req.loop, then)
+                        _post(req.loop, then, req in shut or not req.ended)
                 self._gauges()
                 return
             if self.engine.busy:

@@ -204,6 +204,41 @@ def test_stop_drains_then_cancels_within_its_bound(generator):
         asyncio.run(_submit(loop, config))
 
 
+def test_a_cancel_after_the_request_finished_says_so(generator):
+    """EngineLoop.cancel's then(cut): False where the request had finished before the cancel came (the metrics
+    count it finished, and its outputs wait in its queue: a request's log line then says "finished"), True where
+    the cancel took running rows out (counted aborted)."""
+    from mixtrt.runtime.serve.metrics import Metrics
+
+    metrics = Metrics("tiny")
+    loop = EngineLoop(slow(generator, 0.01).backend, generator.tokenizer, max_batch=2, max_queue=4, metrics=metrics)
+    loop.start()
+
+    async def scenario() -> list[tuple[str, bool, int]]:
+        seen: list[tuple[str, bool, int]] = []
+        done = asyncio.Event()
+        short = loop.submit([[1, 5, 6]], generator.config(max_new_tokens=2, do_sample=False), 1, "s",
+                            time.perf_counter())
+        long = loop.submit([[1, 7, 8]], generator.config(max_new_tokens=120, do_sample=False), 1, "l",
+                           time.perf_counter())
+        await long.events().__anext__()
+        while not short.ended:  # finished in the engine; its events not read (a client that stopped reading)
+            await asyncio.sleep(0.005)
+        for req in (short, long):
+            loop.cancel(req, "disconnect", then=lambda cut, req=req: (seen.append((req.id, cut, req.queue.qsize())),
+                                                                       len(seen) == 2 and done.set()))
+        await asyncio.wait_for(done.wait(), TIMEOUT)
+        return seen
+
+    try:
+        seen = dict((rid, (cut, queued)) for rid, cut, queued in asyncio.run(scenario()))
+    finally:
+        loop.stop(0)
+    assert seen["s"] == (False, 2) and seen["l"][0] is True, seen  # the short one's 2 token events still queued
+    text = metrics.render().decode()
+    assert 'mixtrt:request_aborted_total{model_name="tiny",reason="disconnect"} 1.0' in text, text
+
+
 def test_a_request_answered_whole_gets_only_its_outputs(generator):
     """stream=False: events() yields one event per choice (its output), the same outputs as a streamed twin's,
     and the metrics still count every generated token."""
@@ -306,6 +341,41 @@ def test_cli_sigterm_past_the_drain_cancels_cleanly(serve_artifact):
         assert rest[-1] == "data: [DONE]", rest[-3:]
     finally:
         s.close()
+
+
+def test_cli_second_ctrl_c_cancels_a_request_answered_whole(serve_artifact):
+    """A second SIGINT (uvicorn's forced exit) cancels the handler of a request answered whole: its rows leave
+    the engine too (they went on generating for nobody, holding the exit up), its log line says it was cut by
+    the shutdown, and the process exits 0 well within the drain time."""
+    s = CliServer(serve_artifact[1], drain="60")
+    try:
+        body = {"prompt": "a", "max_tokens": 120, "n": 16, "ignore_eos": True}
+        answer = threading.Thread(target=lambda: _ignore_errors(s.http.post, "/v1/completions", json=body),
+                                  daemon=True)
+        answer.start()
+        deadline = time.monotonic() + TIMEOUT
+        while 'mixtrt:num_requests_running{model_name="tiny"} 1.0' not in s.http.get("/metrics").text:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        s.proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        s.proc.send_signal(signal.SIGINT)
+        assert s.proc.wait(TIMEOUT) == 0 and time.monotonic() - t0 < 30
+        [request] = [r for r in s.records() if r["event"] == "request"]
+        if request["end"] == "finished":  # (a fast machine may finish the 16 rows before the second signal)
+            assert None not in request["finish"] and request["status"] == 200, request
+        else:
+            assert (request["status"], request["end"]) == (None, "shutdown"), request
+    finally:
+        s.close()
+
+
+def _ignore_errors(fn, *args, **kwargs) -> None:
+    try:
+        fn(*args, **kwargs)
+    except Exception:  # the server went away under the request: what the test makes happen
+        pass
 
 
 def test_cli_load_failure_is_one_line_and_exit_2(tmp_path):
