@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.serve.app import ServeSettings, create_app, log
 
 
@@ -41,14 +42,27 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
             state.loop.begin_stop(settings.drain_s)
 
     server = _server(config, begin_drain)
-    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                reuse_port=False)
+    sock = listen(host, port)
     bound = sock.getsockname()
-    log.info(json.dumps({"event": "listening", "url": f"http://{host}:{bound[1]}", "model": settings.name}))
+    address = host.strip("[]")
+    url = f"http://[{address}]:{bound[1]}" if ":" in address else f"http://{address}:{bound[1]}"
+    log.info(json.dumps({"event": "listening", "url": url, "model": settings.name}))
     server.run(sockets=[sock])
     if failure:
         raise failure[0]
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket on host (a name, an IPv4 address, or an IPv6 one, bracketed or not) and port;
+    a ConfigError naming the address where it cannot be had (in use, not this machine's, an unknown name)."""
+    address = host.strip("[]") if host.startswith("[") else host
+    try:
+        return socket.create_server((address, port), family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                                    reuse_port=False)
+    except OSError as e:  # socket.gaierror included
+        why = str(e.strerror or e).split(" (while attempting")[0]  # create_server repeats the address
+        raise ConfigError(f"cannot listen on {host} port {port}: {why}") from None
 
 
 RESPONSE_GRACE_S = 5  # after the drain deadline: time for the cancelled requests' responses to be written

@@ -378,6 +378,34 @@ def _ignore_errors(fn, *args, **kwargs) -> None:
         pass
 
 
+def test_cli_address_that_cannot_be_had_is_one_line_and_exit_2(serve_artifact):
+    """A port in use, a name that does not resolve: one line naming the address (not blamed on stdout), exit 2; an
+    IPv6 address, bracketed or not, listens and is logged as a URL takes it."""
+    import socket
+
+    from mixtrt.runtime.serve.runner import listen
+
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    try:
+        for host, why in [("127.0.0.1", "Address already in use"), ("no-such-host.invalid", "")]:
+            r = subprocess.run([sys.executable, "-m", "mixtrt", "serve", str(serve_artifact[1]), "--host", host,
+                                "--port", str(port)], capture_output=True, text=True, timeout=TIMEOUT)
+            [line] = r.stderr.strip().splitlines()
+            assert r.returncode == 2 and line.startswith(f"mixtrt serve: error: cannot listen on {host} port {port}: ")
+            assert why in line and "stdout" not in line and "while attempting" not in line, line
+    finally:
+        taken.close()
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback: the bracketed form is not tried")
+    for host in ("::1", "[::1]"):
+        sock = listen(host, 0)
+        assert sock.getsockname()[0] == "::1"
+        sock.close()
+
+
 def test_cli_load_failure_is_one_line_and_exit_2(tmp_path):
     """An artifact that cannot load: the server (already listening) stops, the error is one line, exit 2."""
     (tmp_path / "manifest.json").write_text("{}")
