@@ -19,6 +19,7 @@ import gc
 import hmac
 import json
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -225,6 +226,8 @@ def _json_body(raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except ValueError as e:
+        if "set_int_max_str_digits" in str(e):  # Python's own limit, worded for programmers
+            e = ValueError(f"an integer of more than {sys.get_int_max_str_digits()} digits")
         raise ApiError(f"malformed JSON in the request body: {e}") from None
     except RecursionError:  # json's decoder recurses per nesting level
         raise ApiError("malformed JSON in the request body: nested too deeply") from None

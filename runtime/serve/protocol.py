@@ -28,11 +28,16 @@ class ApiError(Exception):
         """logged: the request's log line is already written (an error after the engine took it)."""
         # a message quoting the client's text (a model name, a field) must encode as UTF-8 even when that text
         # holds a lone surrogate, which JSON allows: escape those
-        super().__init__(message.encode("utf-8", "backslashreplace").decode("utf-8"))
-        self.status, self.param, self.type, self.code, self.logged = status, param, type, code, logged
+        super().__init__(_escaped(message))
+        self.param = None if param is None else _escaped(param)
+        self.status, self.type, self.code, self.logged = status, type, code, logged
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _escaped(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _Strict(BaseModel):
@@ -151,6 +156,9 @@ def parse(model: type[M], body: Any) -> M:
     """Validate a decoded JSON body; the first problem becomes a 400 naming its field."""
     if not isinstance(body, dict):
         raise ApiError(f"the request body must be a JSON object, got {type(body).__name__}")
+    for key in body:  # pydantic reports a key that is not valid text (a lone surrogate) at no location
+        if key not in model.model_fields:
+            raise ApiError(f"unknown field '{key}'", param=key)
     try:
         req = model.model_validate(body)
     except ValidationError as e:

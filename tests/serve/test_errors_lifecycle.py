@@ -45,6 +45,8 @@ BAD = [  # (body, status, param, words in the message)
     ({"prompt": "a", "max_tokens": 200}, 400, "max_tokens", "ask for at most 126"),  # "a" is 2 of 128 positions
     (b'{"prompt": "a", "model": "\\ud800"}', 404, "model", "the model '\\ud800' does not exist"),
     (b'{"prompt": "a", "stop": ["\\ud800"]}', 400, "stop", "stop[0] is not valid text"),
+    (b'{"prompt": "a", "\\ud800": 1}', 400, "\\ud800", "unknown field '\\ud800'"),
+    (b'{"prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}", 400, None, "an integer of more than 4300 digits"),
     ({"prompt": "a", "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
     ({"prompt": "a", "top_p": 0}, 400, "top_p", "greater than 0"),
     (b'{"prompt": "a", "temperature": NaN}', 400, "temperature", "finite number"),
