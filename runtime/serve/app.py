@@ -306,6 +306,9 @@ def _ready(request: Request) -> _State:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":  # a compressed body would otherwise be "malformed JSON"
+        raise ApiError(f"Content-Encoding {encoding!r} is not supported: send the JSON body uncompressed", 415)
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise ApiError(f"the request body has {length} bytes, over the limit of {limit}", 413)

@@ -4,6 +4,7 @@ on stop, and `mixtrt serve` as a process: SIGTERM drains and exits 0."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import signal
@@ -67,6 +68,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         error = r.json()["error"]
         assert set(error) == {"message", "type", "param", "code"}, error
         assert error["param"] == param and words in error["message"], (body, error)
+    r = server.http.post("/v1/completions", content=gzip.compress(b'{"prompt": "a"}'),
+                         headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert r.status_code == 415 and "Content-Encoding 'gzip' is not supported" in r.json()["error"]["message"]
     hi = [{"role": "user", "content": "hi"}]
     for body, param in [({"messages": []}, "messages"), ({"messages": [{"content": "hi"}]}, "messages"),
                         ({"messages": hi, "top_logprobs": 2}, "top_logprobs"),
