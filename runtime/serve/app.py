@@ -20,6 +20,7 @@ import hmac
 import json
 import logging
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -104,6 +105,12 @@ class _State:
     error: BaseException | None = None
     load_s: float = 0.0
     texts: TokenTexts | None = None  # token texts for logprobs (set at load)
+    loader: threading.Thread | None = None  # the load (a daemon thread: a stop while loading does not wait for it)
+    closing: bool = False  # the server stopped: a load that ends now starts no engine loop
+
+    @property
+    def loading(self) -> bool:
+        return self.loader is not None and self.loader.is_alive()
 
 
 def create_app(settings: ServeSettings, generator: Generator | None = None,
@@ -117,13 +124,20 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = _State(settings, metrics=Metrics(settings.name))
         app.state.mixtrt = state
-        task = asyncio.create_task(asyncio.to_thread(_load, state, generator, freeze_gc))
-        task.add_done_callback(lambda t: on_load_error(state.error) if state.error and on_load_error else None)
+        events = asyncio.get_running_loop()
+
+        def load() -> None:
+            _load(state, generator, freeze_gc)
+            if state.error is not None and on_load_error is not None:
+                with contextlib.suppress(RuntimeError):  # the server's loop is closed: it stopped meanwhile
+                    events.call_soon_threadsafe(on_load_error, state.error)
+
+        state.loader = threading.Thread(target=load, name="mixtrt-load", daemon=True)
+        state.loader.start()
         try:
             yield
         finally:
-            if not task.done():
-                task.cancel()
+            state.closing = True
             if state.loop is not None:
                 await asyncio.to_thread(state.loop.stop, settings.drain_s)
 
@@ -264,6 +278,8 @@ def _load(state: _State, generator: Generator | None, freeze_gc: bool = False) -
     start = time.perf_counter()
     try:
         gen = generator or s.load_generator()
+        if state.closing:  # stopped while loading: nothing to serve
+            return
         loop = EngineLoop(gen.backend, gen.tokenizer, s.max_batch, s.max_queue, state.metrics,
                           s.prefill_chunk or None)
     except Exception as e:  # any failure (ours, the OS's, onnxruntime's) is reported, not lost

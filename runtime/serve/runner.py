@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -42,6 +43,8 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
             state.loop.begin_stop(settings.drain_s)
 
     server = _server(config, begin_drain)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a signal before uvicorn takes them over (it may come as soon as
+        signal.signal(sig, server.handle_exit)  # the listening line is out) stops the server as one after would
     sock = listen(host, port)
     bound = sock.getsockname()
     address = host.strip("[]")
@@ -50,6 +53,12 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
     server.run(sockets=[sock])
     if failure:
         raise failure[0]
+    state = getattr(app.state, "mixtrt", None)
+    if state is not None and state.loading:  # stopped while loading: a load cannot be interrupted, nor waited for
+        log.info(json.dumps({"event": "stopped_while_loading", "artifact": str(settings.artifact)}))
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(0)  # not the interpreter's exit, which would run onnxruntime's teardown under the loading thread
     return 0
 
 

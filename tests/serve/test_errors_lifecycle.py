@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 import openai
@@ -410,6 +411,48 @@ def test_cli_address_that_cannot_be_had_is_one_line_and_exit_2(serve_artifact):
         sock = listen(host, 0)
         assert sock.getsockname()[0] == "::1"
         sock.close()
+
+
+def test_a_stop_while_loading_does_not_wait_for_the_load(tmp_path, monkeypatch):
+    """The app's shutdown while its artifact still loads returns at once (the load runs in a daemon thread; a
+    real Mixtral takes minutes, past an orchestrator's grace period), and a load that ends after the stop starts
+    no engine loop. (`mixtrt serve` then exits 0 without waiting for the thread.)"""
+    from mixtrt.runtime.serve.app import ServeSettings, create_app
+
+    release = threading.Event()
+    monkeypatch.setattr(ServeSettings, "load_generator", lambda self: (release.wait(TIMEOUT), generator_stub)[1])
+    generator_stub = types.SimpleNamespace(backend=None, tokenizer=None)
+    app = create_app(ServeSettings(tmp_path, model_name="tiny"))
+
+    async def scenario() -> float:
+        async with app.router.lifespan_context(app):
+            assert app.state.mixtrt.loading
+            t0 = time.perf_counter()
+        return time.perf_counter() - t0
+
+    took = asyncio.run(scenario())
+    state = app.state.mixtrt
+    assert took < 1.0 and state.closing and state.loading
+    release.set()
+    state.loader.join(TIMEOUT)
+    assert not state.loading and state.loop is None and state.generator is None and state.error is None
+
+
+def test_cli_sigterm_as_soon_as_it_listens_exits_0(serve_artifact):
+    """SIGTERM right after the listening line (before uvicorn took the signals over, while the artifact loads):
+    exit 0, not death by the signal; a stop during the load says so and does not wait for it."""
+    proc = subprocess.Popen([sys.executable, "-m", "mixtrt", "serve", str(serve_artifact[1]), "--port", "0",
+                             "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None and json.loads(proc.stderr.readline())["event"] == "listening"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+        events = [json.loads(line)["event"] for line in proc.stderr.read().splitlines() if line.startswith("{")]
+        assert events in (["stopped_while_loading"], ["ready"]), events
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_cli_load_failure_is_one_line_and_exit_2(tmp_path):
