@@ -35,7 +35,8 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
     # the drain starts at the signal (the engine loop's deadline); uvicorn waits past it for the responses of
     # the requests cancelled at the deadline to be written, instead of cutting them at the same moment
     config = uvicorn.Config(app, lifespan="on", access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=int(settings.drain_s) + RESPONSE_GRACE_S)
+                            timeout_graceful_shutdown=int(settings.drain_s) + RESPONSE_GRACE_S,
+                            **http_protocol(MAX_HEAD_BYTES))
 
     def begin_drain() -> None:
         state = getattr(app.state, "mixtrt", None)
@@ -72,6 +73,51 @@ def listen(host: str, port: int) -> socket.socket:
     except OSError as e:  # socket.gaierror included
         why = str(e.strerror or e).split(" (while attempting")[0]  # create_server repeats the address
         raise ConfigError(f"cannot listen on {host} port {port}: {why}") from None
+
+
+MAX_HEAD_BYTES = 64 << 10  # a request's line and headers (nginx: 32 KiB in 4 buffers; uvicorn's h11: 16 KiB)
+
+
+def http_protocol(limit: int) -> dict[str, Any]:
+    """uvicorn.Config's HTTP options that bound a request's head (its line and headers) to `limit` bytes: past it,
+    431 and the connection closed. uvicorn's httptools parser has no such bound, and it joins a header's pieces
+    as they arrive, so a 64 MiB header held the event loop (every stream) for seconds; its h11 parser has one
+    (`h11_max_incomplete_event_size`) but costs more event-loop time per streamed token."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # httptools not installed: uvicorn's h11 parser, with its own bound
+        return {"http": "h11", "h11_max_incomplete_event_size": limit}
+
+    body = json.dumps({"error": {"message": f"the request's headers are over the limit of {limit} bytes",
+                                 "type": "invalid_request_error", "param": None, "code": None}}).encode()
+    reply = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+
+    class BoundedHead(HttpToolsProtocol):
+        _head = 0  # bytes of the request head being read, counted by the chunks read wholly inside it
+        _in_head = True  # between a request's first byte and the end of its headers
+
+        def data_received(self, data: bytes) -> None:
+            was_in_head = self._in_head
+            super().data_received(data)
+            if not self._in_head or self.transport.is_closing():
+                return
+            # a chunk that ended a body and began the next head is not counted (the head's size is then
+            # underestimated by less than one read); a chunk wholly inside the head is
+            self._head = self._head + len(data) if was_in_head else 0
+            if self._head > limit:
+                self.transport.write(reply)
+                self.transport.close()
+
+        def on_message_begin(self) -> None:
+            self._in_head = True
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            self._in_head, self._head = False, 0
+            super().on_headers_complete()
+
+    return {"http": BoundedHead}
 
 
 RESPONSE_GRACE_S = 5  # after the drain deadline: time for the cancelled requests' responses to be written

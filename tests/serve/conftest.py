@@ -20,6 +20,7 @@ import uvicorn  # noqa: E402
 
 from mixtrt.runtime.generation import Generator, primed_stream  # noqa: E402
 from mixtrt.runtime.serve.app import ServeSettings, create_app  # noqa: E402
+from mixtrt.runtime.serve.runner import MAX_HEAD_BYTES, http_protocol  # noqa: E402
 
 TIMEOUT = 30.0  # every client call is bounded
 
@@ -81,7 +82,7 @@ class Server:
         self.settings = ServeSettings(artifact, model_name="tiny", drain_s=2.0, **settings)
         self.app = create_app(self.settings, generator=generator)
         self.server = uvicorn.Server(uvicorn.Config(self.app, lifespan="on", log_level="warning", access_log=False,
-                                                    timeout_graceful_shutdown=2))
+                                                    timeout_graceful_shutdown=2, **http_protocol(MAX_HEAD_BYTES)))
         sock = socket.create_server(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"

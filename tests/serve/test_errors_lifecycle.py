@@ -61,6 +61,40 @@ BAD = [  # (body, status, param, words in the message)
 ]
 
 
+def test_request_headers_past_the_limit_get_431_at_once(server):
+    """A request head over MAX_HEAD_BYTES (a 4 MiB header, sent in pieces) is answered 431 with OpenAI's error
+    object and the connection closed, before the rest is read (uvicorn's httptools parser has no bound, and joined
+    a 64 MiB header for seconds on the event loop); a head under the limit, and the server afterwards, serve."""
+    import socket
+
+    from mixtrt.runtime.serve.runner import MAX_HEAD_BYTES
+
+    def head(size: int) -> bytes:
+        return b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as c:
+        t0 = time.perf_counter()
+        reply = b""
+        try:
+            data = head(4 << 20)
+            for i in range(0, len(data), 16 << 10):
+                c.sendall(data[i:i + (16 << 10)])
+        except OSError:  # the server closed the connection: what is expected once it answered
+            pass
+        while chunk := c.recv(65536):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 431 ") and time.perf_counter() - t0 < 5, reply[:200]
+        error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+        assert f"over the limit of {MAX_HEAD_BYTES} bytes" in error["message"], error
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as c:
+        c.sendall(head(MAX_HEAD_BYTES // 2) + b"\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := c.recv(65536):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
+    assert server.http.get("/health").status_code == 200
+
+
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     for body, status, param, words in BAD:
         kw = {"content": body} if isinstance(body, bytes) else {"json": body}
