@@ -271,17 +271,18 @@ def export_onnx(
             say(f"  {size / 2**20:.0f} MiB in {seconds:.1f} s ({size / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
             say(f"writing {MODEL_FILE}")
             _save(program.model, tmp)
-            rewrite = None
             quantization = None
+            moe = args.moe
+
+            def rewrite(m) -> dict:  # the int4 form (if any), then the summary's facts
+                if int4_plan is not None:
+                    int4_plan.rewrite(m, index)
+                if not lm:  # a head that scores whole texts decodes nothing
+                    return graph_facts(m)
+                return {**graph_facts(m), "bytes_per_token": bytes_per_token(
+                    m, moe.num_experts_per_tok if moe else None, moe.num_experts if moe else None)}
+
             if int4_plan is not None:
-                plan_ = int4_plan
-
-                def rewrite(m) -> dict:
-                    plan_.rewrite(m, index)
-                    moe = args.moe
-                    return {**graph_facts(m), "bytes_per_token": bytes_per_token(
-                        m, moe.num_experts_per_tok if moe else None, moe.num_experts if moe else None)}
-
                 quantization = int4_plan.record(calibration, MODEL_FILE)
                 say(int4_plan.summary())
             opsets, summary = _finish_graph(tmp / MODEL_FILE,

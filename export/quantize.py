@@ -534,8 +534,8 @@ def graph_facts(model: onnx.ModelProto) -> dict:
 
 
 def bytes_per_token(model: onnx.ModelProto, top_k: int | None, num_experts: int | None) -> int:
-    """Weight bytes a decode step reads: every initializer once, except the embedding table (one row) and the
-    experts (top_k of num_experts per layer)."""
+    """Weight bytes a decode step reads: every initializer once, except the tables read by row (the embedding,
+    the RoPE cos / sin: one row each) and the experts (top_k of num_experts per layer)."""
     total = 0.0
     expert = {i for n in model.graph.node if n.domain == DOMAIN and n.op_type == "MoE" for i in n.input[2:]}
     table = {n.input[0] for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")}
@@ -544,7 +544,7 @@ def bytes_per_token(model: onnx.ModelProto, top_k: int | None, num_experts: int 
         n = int(np.prod(t.dims))
         size = 0.5 * n if t.data_type == TensorProto.INT4 else \
             n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-        if t.name in table:
+        if t.name in table or t.name.endswith(("rope_cos", "rope_sin")):
             size /= max(1, t.dims[0])
         elif t.name in expert and top_k and num_experts:
             size *= top_k / num_experts

@@ -8,7 +8,9 @@ peak memory, and how close decode comes to the memory-bandwidth limit. Torch-fre
 
 A decode step reads every weight it uses once: the attention and (dense) feed-forward matrices of every
 layer, the k routed experts and the router of a MoE layer, the norms and the lm_head (the embedding row is
-negligible). At batch 1 the fastest possible decode is the measured read bandwidth / those bytes; the
+negligible): the manifest's `summary.bytes_per_token`, counted at export from the graph's tensors as stored
+(INT4, INT8 and float alike); `weight_bytes_per_token` estimates it for an artifact without that count.
+At batch 1 the fastest possible decode is the measured read bandwidth / those bytes; the
 benchmark reports the measured rate as a fraction of that limit. The bandwidth is a short probe: numpy
 sums over 512 MiB with `threads` threads (numpy releases the GIL), best of a few passes.
 
@@ -136,8 +138,9 @@ def bench(artifact: str | Path, *, prompt_tokens: int = 128, new_tokens: int = 1
     decode = steps[1:]  # step 0 prefilled every row (and decoded once)
     rss = peak_rss_mib()
     summary = Manifest.read(artifact).summary
-    per_param = summary["parameter_bytes"] / max(summary["parameters"], 1)
-    wbytes = weight_bytes_per_token(args, per_param)
+    wbytes = summary.get("bytes_per_token")  # counted from the graph's own tensors at export
+    if not wbytes:  # an artifact exported before that count: estimated from the shapes and the mean parameter size
+        wbytes = weight_bytes_per_token(args, summary["parameter_bytes"] / max(summary["parameters"], 1))
     bw = read_bandwidth_gb_s(threads or available_cores())
     step_s = sum(decode) / len(decode)
     return BenchResult(

@@ -14,6 +14,7 @@ import pytest
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.benchmark import bench, weight_bytes_per_token
 from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.manifest import Manifest
 from tests.checkpoints import make_hf_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +49,12 @@ def test_bench_rates_and_fraction(exported):
     assert r.bandwidth_limit_tokens_per_s == pytest.approx(2 * r.read_bandwidth_gb_s * 1e9 / r.weight_bytes_per_token)
     assert r.decode_tokens_per_s / r.bandwidth_limit_tokens_per_s == pytest.approx(r.bandwidth_fraction)
     assert json.loads(json.dumps(r.to_dict()))["decode_step_ms"]["median"] == step["median"]
+    # the bytes are the manifest's count from the graph (what `inspect` prints), which for fp32 is the parameters a
+    # step reads (as the estimate from the shapes has them), one row of each RoPE table and the graph's small
+    # constants; not the whole RoPE tables (128 positions here: 16 KiB)
+    manifest = Manifest.read(art)
+    assert r.weight_bytes_per_token == manifest.summary["bytes_per_token"]
+    assert 0 <= r.weight_bytes_per_token - weight_bytes_per_token(manifest.args, 4) <= 1024
 
 
 def test_bench_refuses_what_it_cannot_measure(exported):
