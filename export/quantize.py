@@ -136,7 +136,10 @@ def label(node_name: str, tensor: str = "") -> str:
 
 
 def kept(name: str, patterns: Sequence[str]) -> bool:
-    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+    """Whether a tensor label matches a pattern: the label, its last parts, or an fnmatch pattern; an expert's
+    label ("layers.0.feed_forward.fc1.3") also by its matrix without the expert's index ("fc1")."""
+    names = (name, base) if (base := re.sub(r"\.\d+$", "", name)) != name else (name,)
+    return any(n == p or n.endswith("." + p) or fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
 
 
 Quantizer = Callable[[str, np.ndarray, int], tuple[np.ndarray, np.ndarray]]

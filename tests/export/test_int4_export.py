@@ -432,3 +432,14 @@ def test_an_int4_export_that_quantizes_nothing_says_so(tmp_path):
                                            r"power-of-two block >= 16"):
         art = export_onnx(ck, tmp_path / "art", precision="int4", progress=None)
     assert Manifest.load(art).quantization.kept_float
+
+
+def test_tensor_patterns_match_labels_and_experts_by_their_matrix():
+    """A pattern is a label, its last parts or an fnmatch pattern; an expert's matrix is named without its index
+    (`--keep-float fc1` keeps every layer's experts float, as the all-or-none rule has it)."""
+    from mixtrt.export.quantize import kept
+
+    expert, dense = "layers.0.feed_forward.fc1.3", "layers.0.attention.wq"
+    assert all(kept(expert, [p]) for p in ("fc1", "feed_forward.fc1", "fc1.3", expert, "layers.0.*", "*fc1*"))
+    assert not any(kept(expert, [p]) for p in ("fc2", "fc", "feed_forward", "layers.1.*", "fc1.2"))
+    assert kept(dense, ["wq"]) and kept(dense, ["attention.wq"]) and not kept(dense, ["q"])
