@@ -467,7 +467,7 @@ class Int4Plan:
 
     def summary(self) -> str:
         n4 = self.int4_tensors
-        blocks = sorted(set(self.blocks.values()) | {self.options.block_size})
+        blocks = sorted({i.block for i in self.items.values() if i.bits == 4})  # the blocks the INT4 tensors use
         return (f"  int4: {n4} tensor{'s' * (n4 != 1)}, {len(self.floats)} kept float, blocks {blocks}"
                 + (f", experts block {self.moe[3:]}" if self.moe else ""))
 
