@@ -225,6 +225,7 @@ def test_invalid_utf8_in_argv_and_stdin_is_named(artifact):
     # chat refuses the message in one line and keeps the session: the next message is answered
     r = _mixtrt("chat", str(artifact), "--threads", "1", "--max-new-tokens", "2", stdin=b"caf\xe9\nhello\n")
     assert r.returncode == 0 and r.stdout.decode().count("model> ") == 1
+    assert r.stdout.decode().startswith("you> caf\ufffd\nyou> hello\nmodel> ")  # the echo shows the bad byte so
     one_line(r.stderr.decode(), "mixtrt chat: message 0 content is not valid text", "character 3")
 
 

@@ -35,7 +35,7 @@ def run(ns: argparse.Namespace) -> int:
             print()
             return 0
         if not sys.stdin.isatty():  # a terminal echoes the line; fed by a pipe, the transcript shows it so
-            print(user)
+            print(_shown(user))
         if not user.strip():
             return 0
         try:
@@ -65,3 +65,11 @@ def run(ns: argparse.Namespace) -> int:
             conversation = (f"conversation {turn.prompt_tokens} tokens: {turn.prefilled_tokens} prefilled ({what}), "
                             f"{cache}")
             print(stats_line(out, prompt=conversation), file=sys.stderr)
+
+
+def _shown(line: str) -> str:
+    """A line read from stdin as it can be written back: bytes that were not UTF-8 as U+FFFD."""
+    try:
+        return line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
+        return line.encode("utf-8", "replace").decode("utf-8")
