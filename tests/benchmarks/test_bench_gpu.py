@@ -17,6 +17,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'mixt
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # about 40 s on 2 cores: the benchmark script's own check, not the product's
 def test_dry_run(tmp_path):
     out = tmp_path / "report.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--dry-run", "--bare-import",
