@@ -709,6 +709,7 @@ def _signals_raise() -> Iterator[Callable[[], contextlib.AbstractContextManager[
     state = _SignalState()
 
     def handler(signum: int, frame: Any) -> None:
+        state.received = signum
         if state.critical:
             state.pending = signum
             return
@@ -736,6 +737,14 @@ def _signals_raise() -> Iterator[Callable[[], contextlib.AbstractContextManager[
 
     try:
         yield critical
+    except (Terminated, KeyboardInterrupt):
+        raise
+    except BaseException:
+        # the handler's exception raised inside an extension's code (safetensors reading a tensor) can come out as
+        # that code's own error: the signal is still what ended the work
+        if state.received is not None:
+            _raise_for(state.received)
+        raise
     finally:
         for sig, previous in installed.items():
             signal.signal(sig, previous)
@@ -745,6 +754,7 @@ def _signals_raise() -> Iterator[Callable[[], contextlib.AbstractContextManager[
 class _SignalState:
     critical: bool = False  # inside the swap: signals wait
     pending: int | None = None  # the signal that arrived meanwhile
+    received: int | None = None  # the last signal the handler took
 
 
 def _raise_for(signum: int) -> None:

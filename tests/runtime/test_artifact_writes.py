@@ -320,6 +320,27 @@ def test_a_signal_never_lands_between_the_two_renames(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed with the write
 
 
+def test_a_signal_that_an_extension_turns_into_its_own_error_is_still_the_signal(tmp_path):
+    """The handler's Terminated raised inside an extension's code can come out as that code's own error
+    (safetensors reading a tensor gave a ValueError): the write still ends as terminated by the signal (exit 143,
+    one line in the CLI), with nothing left behind."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        pytest.skip("this process has its own SIGTERM handler, which atomic_dir keeps: nothing to test here")
+
+    def extension_read() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        except Terminated:
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+
+    with pytest.raises(Terminated) as e, atomic_dir(tmp_path / "art") as tmp:
+        (tmp / "model.onnx").write_text("partial")
+        extension_read()
+    assert e.value.code == 143 and leftovers(tmp_path) == [] and not (tmp_path / "art").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_check_target_refuses_the_same_as_atomic_dir(tmp_path):
     _webapp(tmp_path / "site")
     with pytest.raises(ArtifactError) as e:
