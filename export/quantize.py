@@ -51,6 +51,7 @@ from mixtrt.runtime.weights import WeightIndex
 MIN_BLOCK = 16  # MatMulNBits / QMoE: a power of two >= 16
 QDQ_OPSET = 21  # DequantizeLinear with INT4 and block_size
 ROUTER_REASON = "router: routing stays fp32"
+ROPE_TABLES = ("rope_cos", "rope_sin")  # the graph's RoPE initializers (their names' ends)
 
 
 @dataclass(frozen=True)
@@ -210,12 +211,17 @@ def check_patterns(options: Int4Options, model) -> None:
     (export/model.py, on the meta device) before anything slow runs: a calibrated method's pass over the model,
     the trace. The labels are the ones the plan gives the traced graph's tensors: each Linear but the MoE router
     (dense), the embedding table, each expert's fc1 / fc2 (experts)."""
+    from torch import nn
+
+    from mixtrt.export.model import MoeFeedForward
+
     dense, experts = [], []
+    routers = {id(m.gate) for m in model.modules() if isinstance(m, MoeFeedForward)}
     for name, module in model.named_modules():
         lbl = label("", name)
-        if hasattr(module, "fc1") and hasattr(module, "fc2"):  # MoeFeedForward: its experts and its router
+        if isinstance(module, MoeFeedForward):
             experts += [f"{lbl}.{fc}.{e}" for fc in ("fc1", "fc2") for e in range(len(getattr(module, fc)))]
-        elif type(module).__name__ in ("Linear", "Embedding") and not lbl.endswith("feed_forward.gate"):
+        elif isinstance(module, (nn.Linear, nn.Embedding)) and id(module) not in routers:
             dense.append(lbl)
     _check_labels(options, dense, experts)
 
@@ -521,7 +527,7 @@ def graph_facts(model: onnx.ModelProto) -> dict:
     nbytes = 0
     for t in graph.initializer:
         n = int(np.prod(t.dims))
-        if t.name.endswith(("rope_cos", "rope_sin")):  # tables the graph computes from the config, not weights
+        if t.name.endswith(ROPE_TABLES):  # tables the graph computes from the config, not weights
             continue
         if t.name.endswith(".scales"):  # _Item.scales
             nbytes += n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
@@ -547,7 +553,7 @@ def bytes_per_token(model: onnx.ModelProto, top_k: int | None, num_experts: int 
         n = int(np.prod(t.dims))
         size = 0.5 * n if t.data_type == TensorProto.INT4 else \
             n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-        if t.name in table or t.name.endswith(("rope_cos", "rope_sin")):
+        if t.name in table or t.name.endswith(ROPE_TABLES):
             size /= max(1, t.dims[0])
         elif t.name in expert and top_k and num_experts:
             size *= top_k / num_experts

@@ -17,6 +17,7 @@ from typing import Any
 
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.serve.app import ServeSettings, create_app, log
+from mixtrt.runtime.serve.protocol import ApiError
 
 
 def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> int:
@@ -48,7 +49,7 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
         signal.signal(sig, server.handle_exit)  # the listening line is out) stops the server as one after would
     sock = listen(host, port)
     bound = sock.getsockname()
-    address = host.strip("[]")
+    address = _unbracketed(host)
     url = f"http://[{address}]:{bound[1]}" if ":" in address else f"http://{address}:{bound[1]}"
     log.info(json.dumps({"event": "listening", "url": url, "model": settings.name}))
     server.run(sockets=[sock])
@@ -66,13 +67,18 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
 def listen(host: str, port: int) -> socket.socket:
     """The server's listening socket on host (a name, an IPv4 address, or an IPv6 one, bracketed or not) and port;
     a ConfigError naming the address where it cannot be had (in use, not this machine's, an unknown name)."""
-    address = host.strip("[]") if host.startswith("[") else host
+    address = _unbracketed(host)
     try:
         return socket.create_server((address, port), family=socket.AF_INET6 if ":" in address else socket.AF_INET,
                                     reuse_port=False)
     except OSError as e:  # socket.gaierror included
         why = str(e.strerror or e).split(" (while attempting")[0]  # create_server repeats the address
         raise ConfigError(f"cannot listen on {host} port {port}: {why}") from None
+
+
+def _unbracketed(host: str) -> str:
+    """An IPv6 address as URLs write it ("[::1]") without its brackets; any other host as given."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 MAX_HEAD_BYTES = 64 << 10  # a request's line and headers (nginx: 32 KiB in 4 buffers; uvicorn's h11: 16 KiB)
@@ -88,8 +94,7 @@ def http_protocol(limit: int) -> dict[str, Any]:
     except ImportError:  # httptools not installed: uvicorn's h11 parser, with its own bound
         return {"http": "h11", "h11_max_incomplete_event_size": limit}
 
-    body = json.dumps({"error": {"message": f"the request's headers are over the limit of {limit} bytes",
-                                 "type": "invalid_request_error", "param": None, "code": None}}).encode()
+    body = json.dumps(ApiError(f"the request's headers are over the limit of {limit} bytes", 431).body()).encode()
     reply = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
              b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
 
