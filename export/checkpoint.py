@@ -18,7 +18,9 @@ naming the tensor and the file. Tensors are read one at a time (safe_open / mmap
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import pickle
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from mixtrt.export.model import HEADS, Transformer, finish_loaded
 from mixtrt.runtime.args import ModelArgs, read_json
 from mixtrt.runtime.cache import CachePlan
-from mixtrt.runtime.errors import CheckpointError, ConfigError
+from mixtrt.runtime.errors import CheckpointError, ConfigError, MixtrtWarning
 
 Shape = tuple[int, ...]
 # Stored dtypes a weight may have (safetensors' names and torch's): anything else is refused, never cast.
@@ -162,6 +164,31 @@ class _Files:
     def shape(self, key: str) -> Shape:
         path, h = self.where[key]
         return tuple(h[key].shape) if isinstance(h, dict) else tuple(h.get_slice(key).get_shape())
+
+    def equal(self, a: str, b: str, rows: int = 4096) -> bool:
+        """Whether tensors a and b hold the same values (compared as float32, `rows` rows at a time, so two
+        vocabulary tables are never both in memory whole)."""
+        if self.shape(a) != self.shape(b):
+            return False
+        n = self.shape(a)[0] if self.shape(a) else 1
+        for start in range(0, n, rows):
+            if not torch.equal(self.rows(a, start, start + rows), self.rows(b, start, start + rows)):
+                return False
+        return True
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor (a 0-d one whole), as float32."""
+        path, h = self.where[key]
+        try:
+            if isinstance(h, dict):
+                t = h[key][start:stop] if h[key].dim() else h[key]
+            else:
+                with safe_open(str(path), framework="pt") as f:
+                    sl = f.get_slice(key)
+                    t = sl[start:stop] if sl.get_shape() else f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: cannot read tensor {key!r} ({_line(e)})") from None
+        return t.to(torch.float32)
 
     def get(self, key: str, dtype: torch.dtype | None = None, part: int | None = None) -> torch.Tensor:
         """The tensor (cast to `dtype` unless None), or only its row `part` along the first dimension (read
@@ -297,9 +324,20 @@ def open_checkpoint(checkpoint_dir: str | Path) -> Iterator[Checkpoint]:
         else:
             fmt, prefix = "raw", ""
         mapping = name_map(args, fmt, prefix)
+        ignored: set[str] = set()
+        if args.head == "causal_lm" and args.tie_word_embeddings and "lm_head.weight" in keys:
+            # tied in config.json, as transformers loads it: an lm_head in the files that differs from the
+            # embedding is kept (untied); files holding only the lm_head tie the embedding to it
+            embed = mapping["model.embed_tokens.weight"].names[0]
+            if embed not in keys:
+                mapping["model.embed_tokens.weight"] = _one("lm_head.weight", (args.vocab_size, args.hidden_size))
+            elif files.equal(embed, "lm_head.weight"):
+                ignored = {"lm_head.weight"}
+            else:
+                args = dataclasses.replace(args, tie_word_embeddings=False)
+                mapping = name_map(args, fmt, prefix)
         wanted = [(n, s) for src in mapping.values() for n, s in zip(src.names, src.shapes, strict=True)]
         missing = [n for n, _ in wanted if n not in keys]
-        ignored = {"lm_head.weight"} if args.head == "causal_lm" and args.tie_word_embeddings else set()
         unexpected = sorted(keys - {n for n, _ in wanted} - ignored)
         if missing:
             # a layout we do not read (fused experts, another naming) shows as tensors missing *and* tensors we
@@ -327,6 +365,20 @@ def open_checkpoint(checkpoint_dir: str | Path) -> Iterator[Checkpoint]:
                     "checkpoints are not supported)"
                 )
         yield Checkpoint(path, args, files, mapping)
+
+
+def checkpoint_args(checkpoint_dir: str | Path) -> ModelArgs:
+    """The checkpoint's ModelArgs as its weights are read (open_checkpoint: every tensor checked), warning where
+    they leave config.json: a tied lm_head that the files hold with other values than the embedding is kept
+    untied, as transformers loads it."""
+    with open_checkpoint(checkpoint_dir) as ck:
+        args = ck.args
+    if args.tie_word_embeddings != ModelArgs.from_checkpoint_dir(checkpoint_dir).tie_word_embeddings:
+        warnings.warn(f"{checkpoint_dir}: config.json ties the lm_head to the embedding (tie_word_embeddings: true) "
+                      "but the weights hold an lm_head.weight with other values: both are kept, untied, as "
+                      "transformers loads them (set tie_word_embeddings to false to silence this)", MixtrtWarning,
+                      stacklevel=2)
+    return args
 
 
 def load_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32

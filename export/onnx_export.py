@@ -162,7 +162,7 @@ def export_onnx(
     stderr (None: when stderr is a terminal). transform: the per-weight hook of export/weights_writer.py.
     precision "int4": INT4 weights (export/quantize.py), as `int4` says (default Int4Options(): RTN, block 32).
     """
-    from mixtrt.export.checkpoint import open_checkpoint
+    from mixtrt.export.checkpoint import checkpoint_args, open_checkpoint
     from mixtrt.plugins.onnx_common import custom_translation_table
 
     say = Progress(progress, progress_bar)
@@ -184,7 +184,7 @@ def export_onnx(
         int4.check()
     checkpoint_dir = Path(checkpoint_dir)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint_dir, precision)
-    args = ModelArgs.from_checkpoint_dir(checkpoint_dir)
+    args = checkpoint_args(checkpoint_dir)  # as the weights are read (a tied lm_head that differs: untied)
     if precision == "int4" and args.head != "causal_lm":
         raise ConfigError(f"--precision int4 serves causal LMs; {checkpoint_dir} is a {args.head} model")
     max_context = resolve_max_context(args, max_context)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mixtrt.export.checkpoint import load_checkpoint, load_model
-from mixtrt.runtime.errors import CheckpointError, ConfigError
+from mixtrt.export.checkpoint import checkpoint_args, load_checkpoint, load_model
+from mixtrt.runtime.errors import CheckpointError, ConfigError, MixtrtWarning
 from tests.checkpoints import make_hf_model
 
 VOCAB = 512
@@ -132,6 +132,52 @@ def test_tied_checkpoint_gives_lm_head_as_the_embedding(tmp_path):
     model = load_model(tmp_path)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.model.rope_cos.device.type == "cpu" and model.model.rope_cos.shape == (512, 8)
+
+
+def _tied_files(tmp_path: Path, edit) -> tuple[Path, dict]:
+    """A tied checkpoint whose safetensors file `edit` changes ({name: tensor} in place), and its config."""
+    hf_model("mistral", tie_word_embeddings=True).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    edit(weights)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    return tmp_path, json.loads((tmp_path / "config.json").read_text())
+
+
+def test_tied_config_with_another_lm_head_keeps_it_as_transformers_does(tmp_path):
+    import transformers
+
+    def add_head(w):
+        w["lm_head.weight"] = torch.randn(VOCAB, w["model.embed_tokens.weight"].shape[1]) * 0.3
+
+    path, _ = _tied_files(tmp_path, add_head)
+    hf = transformers.MistralForCausalLM.from_pretrained(path).eval()  # warns, and does not tie them
+    assert not torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight)
+    args, weights = load_checkpoint(path)
+    assert not args.tie_word_embeddings
+    assert torch.equal(weights["lm_head.weight"], load_file(path / "model.safetensors")["lm_head.weight"])
+    assert_same_logits(hf, path)
+    with pytest.warns(MixtrtWarning, match="lm_head.weight with other values: both are kept, untied"):
+        assert not checkpoint_args(path).tie_word_embeddings
+
+
+def test_tied_config_with_an_equal_lm_head_or_only_the_lm_head_ties(tmp_path):
+    import transformers
+
+    def copy_head(w):
+        w["lm_head.weight"] = w["model.embed_tokens.weight"].clone()
+
+    path, _ = _tied_files(tmp_path / "equal", copy_head)
+    args, weights = load_checkpoint(path)
+    assert args.tie_word_embeddings and weights["lm_head.weight"] is weights["model.embed_tokens.weight"]
+
+    def only_head(w):
+        w["lm_head.weight"] = w.pop("model.embed_tokens.weight")
+
+    path, _ = _tied_files(tmp_path / "only", only_head)
+    hf = transformers.MistralForCausalLM.from_pretrained(path).eval()  # ties the embedding to the lm_head
+    args, weights = load_checkpoint(path)
+    assert args.tie_word_embeddings and weights["lm_head.weight"] is weights["model.embed_tokens.weight"]
+    assert_same_logits(hf, path)
 
 
 def test_dtype(tmp_path):
