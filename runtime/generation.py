@@ -114,7 +114,7 @@ class GenerationConfig:
             raise ConfigError(f"top_logprobs={self.top_logprobs} needs return_logprobs=True (they come with the "
                               "logprobs)")
         if self.seed is not None:
-            integer("seed", 0)
+            integer("seed", -2**63)  # a negative seed is its 64-bit two's-complement value (sampling.row_rng)
         if self.prefill_chunk is not None:
             integer("prefill_chunk", 1)
         temperature, top_p, penalty = real("temperature"), real("top_p"), real("repetition_penalty")

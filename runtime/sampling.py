@@ -185,7 +185,10 @@ def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
 
 def row_rng(seed: int | None, row: int) -> np.random.Generator:
     """The random stream of batch row `row`: seeded by (seed, row), so a row's draws do not depend on the
-    other rows of its batch. seed=None draws fresh entropy."""
+    other rows of its batch. seed=None draws fresh entropy. A negative seed (>= -2**63) is its 64-bit
+    two's-complement value, as OpenAI-style servers read one: -1 and 2**64 - 1 draw the same."""
+    if seed is not None and seed < 0:
+        seed += 2**64
     return np.random.default_rng(None if seed is None else [seed, row])
 
 

@@ -378,6 +378,11 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
         # generation_config.json sets one (as vLLM), else up to the model's limit
         default_max = 16 if kind == "completions" else gen.defaults.max_new_tokens or limit
         asked = overrides(req, default_max, gen.defaults.temperature)
+        if req.min_tokens is not None and req.min_tokens > asked["max_new_tokens"]:  # as vLLM: not a silent cut
+            name, given = length_field(req)
+            raise ApiError(f"min_tokens: {req.min_tokens} is more than {name} "
+                           f"({asked['max_new_tokens']}{'' if given is not None else ', the default'}), the most "
+                           "tokens the request generates", param="min_tokens")
         # echo with max_tokens 0 scores the prompt (vLLM's echo without generation, OpenAI's legacy completions):
         # the prompt's logprobs come with its prefill, which also chooses a first token; that one is not returned
         echo_only = asked["max_new_tokens"] == 0

@@ -85,7 +85,7 @@ RUN = [
     (["--top-p", "0"], ["--top-p"]),
     (["--top-p", "2"], ["--top-p"]),
     (["--top-k", "-1"], ["--top-k"]),
-    (["--seed", "-1"], ["--seed"]),
+    (["--seed", str(-2**63 - 1)], ["--seed"]),
     (["--repetition-penalty", "0"], ["--repetition-penalty"]),
     (["--repetition-penalty", "inf"], ["--repetition-penalty"]),
     (["--stop", ""], ["--stop"]),

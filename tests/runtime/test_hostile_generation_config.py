@@ -27,7 +27,7 @@ BAD = [
     ("top_p", 0.0), ("top_p", 1.5), ("top_p", math.nan), ("top_p", "0.9"), ("top_p", -math.inf),
     ("repetition_penalty", 0.0), ("repetition_penalty", math.inf), ("repetition_penalty", "1"),
     ("repetition_penalty", -1.2),
-    ("seed", -1), ("seed", "0"), ("seed", 1.5), ("seed", True),
+    ("seed", -2**63 - 1), ("seed", "0"), ("seed", 1.5), ("seed", True),
     ("eos_token_id", "2"), ("eos_token_id", [2, "a"]), ("eos_token_id", -1), ("eos_token_id", 1.5),
     ("eos_token_id", True), ("eos_token_id", {2}), ("eos_token_id", [[2]]),
     ("stop_strings", [1]), ("stop_strings", [""]), ("stop_strings", ""), ("stop_strings", 5),

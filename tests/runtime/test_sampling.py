@@ -200,6 +200,9 @@ def test_same_seed_reproduces_and_rows_differ():
     assert draws(5, 0) == draws(5, 0)
     assert draws(5, 0) != draws(6, 0)
     assert draws(5, 0) != draws(5, 1)
+    # a negative seed is its 64-bit two's-complement value (what the server does with OpenAI's seeds)
+    assert draws(-5, 1) == draws(2**64 - 5, 1) != draws(5, 1)
+    assert draws(-2**63, 0) == draws(2**63, 0)
 
 
 def _top_p_full_sort(logits: np.ndarray, top_p: float, min_tokens_to_keep: int = 1, dtype=np.float32) -> np.ndarray:

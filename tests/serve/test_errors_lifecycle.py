@@ -43,6 +43,8 @@ BAD = [  # (body, status, param, words in the message)
     ({"prompt": "a", "logit_bias": {"99999999": 1}}, 400, "logit_bias", "outside the vocabulary"),
     ({"prompt": "a", "min_p": 1.5}, 400, "min_p", "less than or equal to 1"),
     ({"prompt": "a", "min_tokens": -1}, 400, "min_tokens", "greater than or equal to 0"),
+    ({"prompt": "a", "min_tokens": 10, "max_tokens": 3}, 400, "min_tokens", "10 is more than max_tokens (3)"),
+    ({"prompt": "a", "min_tokens": 17}, 400, "min_tokens", "more than max_tokens (16, the default)"),
     ({"prompt": "a", "typical_p": 0.5}, 400, "typical_p", "unknown field"),
     ({"prompt": "a", "max_tokens": 200}, 400, "max_tokens", "ask for at most 126"),  # "a" is 2 of 128 positions
     (b'{"prompt": "a", "model": "\\ud800"}', 404, "model", "the model '\\ud800' does not exist"),
