@@ -470,9 +470,10 @@ def _check_summary(summary: dict) -> None:
         raise ArtifactError(f"summary.attention_body must be a name, got {body!r}")
 
 
-def is_artifact(directory: Path) -> bool:
+def is_artifact(directory: Path, besides: Path | None = None) -> bool:
     """True only for a directory that is provably a mixtrt artifact: its manifest parses as ours (any format
-    version this mixtrt can tell is a manifest) and it holds exactly the files the manifest lists."""
+    version this mixtrt can tell is a manifest) and it holds exactly the files the manifest lists (and
+    `besides`, an export's staging directory inside it, where given)."""
     directory = Path(directory)
     path = directory / MANIFEST
     try:
@@ -482,7 +483,7 @@ def is_artifact(directory: Path) -> bool:
         files = data.get("files") if isinstance(data, dict) and data.get("format") == FORMAT else None
         if not isinstance(files, dict) or not all(isinstance(n, str) and n and Path(n).name == n for n in files):
             return False
-        present = {p.name for p in directory.iterdir()}
+        present = {p.name for p in directory.iterdir() if p != besides}
         return present == set(files) | {MANIFEST} and all(
             (directory / n).is_file() and not (directory / n).is_symlink() for n in files)
     except (OSError, ValueError, RecursionError):
@@ -510,6 +511,55 @@ def check_target(target: Path, *, overwrite: bool = False) -> None:
             raise ArtifactError(f"{target}: already exists (pass --force / overwrite=True to replace it)")
 
 
+def _move_in(tmp: Path, target: Path) -> None:
+    """Move every file of `tmp` into `target`, the manifest last."""
+    names = sorted(p.name for p in tmp.iterdir())
+    for name in [n for n in names if n != MANIFEST] + [n for n in names if n == MANIFEST]:
+        os.replace(tmp / name, target / name)
+
+
+def _check_in_place(target: Path, tmp: Path, overwrite: bool) -> None:
+    """check_target for a target that holds its own staging directory `tmp`: what else it holds now must be
+    nothing, or an artifact to overwrite."""
+    others = [p for p in target.iterdir() if p != tmp]
+    if not others:
+        return
+    if not overwrite:
+        raise ArtifactError(f"{target}: files appeared in it during the export ({others[0].name}); nothing was "
+                            "replaced")
+    if not is_artifact(target, besides=tmp):
+        raise ArtifactError(f"{target}: is a non-empty directory that is not a mixtrt artifact; refusing to replace "
+                            "it (choose another --out)")
+
+
+def _replace_in_place(target: Path, tmp: Path) -> None:
+    """Replace what `target` holds besides `tmp` (nothing, or an artifact) by tmp's files: the old files moved
+    aside into tmp (the manifest first, so the folder is never an artifact of mixed files), the new ones moved
+    in (the manifest last), the old ones removed; if a move fails, the old files are put back."""
+    aside = tmp / ".replaced"
+    aside.mkdir()
+    old = sorted(p.name for p in target.iterdir() if p != tmp)
+    new = sorted(p.name for p in tmp.iterdir() if p != aside)
+    moved_out: list[str] = []
+    moved_in: list[str] = []
+    try:
+        for name in [n for n in old if n == MANIFEST] + [n for n in old if n != MANIFEST]:
+            os.replace(target / name, aside / name)
+            moved_out.append(name)
+        for name in [n for n in new if n != MANIFEST] + [n for n in new if n == MANIFEST]:
+            os.replace(tmp / name, target / name)
+            moved_in.append(name)
+    except OSError:
+        for name in moved_in:
+            with contextlib.suppress(OSError):
+                os.unlink(target / name)
+        for name in reversed(moved_out):
+            with contextlib.suppress(OSError):
+                os.replace(aside / name, target / name)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 # Written into an export's temporary directory (and removed before the rename): proves to a later export of
 # the same target that a leftover directory is a partial artifact of a process that died.
 PARTIAL_MARKER = ".mixtrt-partial"
@@ -531,26 +581,35 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
       a dead process's partial artifacts (the marker's target and host are ours, its process is gone), and
       puts back an old artifact a dead process had moved aside to `.NAME.old-PID` when the target is missing;
     - an empty directory (`--out .` in a new folder, say) is filled in place, the manifest last: the folder
-      itself stays, so a shell inside it sees the artifact (a swap would leave it in a deleted directory).
+      itself stays, so a shell inside it sees the artifact (a swap would leave it in a deleted directory). Its
+      temporary directory is made inside it, so the files move within one file system: the folder may be a
+      mount point (a container's volume), which no rename from beside it can reach;
+    - an artifact that is a mount point is replaced in place likewise (staged inside it; its files moved
+      aside, the old manifest first, then the new files moved in, the manifest last; put back if a move fails).
     """
     # "." and ".." by their names: the temporary directory goes beside the target, never inside it
     target = Path(os.path.abspath(target))
     parent = target.parent
     _clean_stale(target)
     check_target(target, overwrite=overwrite)
+    inside = target.is_dir() and not target.is_symlink() and (not any(target.iterdir()) or os.path.ismount(target))
     with _signals_raise() as critical, _staging(target, "cannot write the artifact directory here",
-                                                 "the export failed", "nothing was left behind") as tmp:
+                                                 "the export failed", "nothing was left behind",
+                                                 home=target if inside else parent) as tmp:
         yield tmp
         (tmp / PARTIAL_MARKER).unlink()
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; an artifact is as readable as any new folder
-        check_target(target, overwrite=overwrite)  # what is there now may have changed during the export
+        if inside:
+            _check_in_place(target, tmp, overwrite)
+        else:
+            check_target(target, overwrite=overwrite)  # what is there now may have changed during the export
         with critical():
-            if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
-                names = sorted(p.name for p in tmp.iterdir())
-                for name in [n for n in names if n != MANIFEST] + [n for n in names if n == MANIFEST]:
-                    os.replace(tmp / name, target / name)
+            if inside:
+                _replace_in_place(target, tmp)
+            elif target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+                _move_in(tmp, target)
                 tmp.rmdir()
             elif target.exists():
                 old = parent / f".{target.name}.old-{os.getpid()}"
@@ -582,13 +641,15 @@ def artifact_update(directory: Path) -> Iterator[Path]:
     if not is_artifact(directory):
         raise ArtifactError(f"{directory}: not an artifact (its manifest must list exactly the files it holds)")
     _clean_stale(directory)
+    inside = os.path.ismount(directory)  # a rename from beside a mount point cannot reach into it
     with _signals_raise() as critical, _staging(directory, "cannot write beside the artifact", "the update failed",
-                                                 "the artifact is as it was") as tmp:
+                                                 "the artifact is as it was",
+                                                 home=directory if inside else None) as tmp:
         yield tmp
         (tmp / PARTIAL_MARKER).unlink()
         staged = sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST)
         if not (tmp / MANIFEST).is_file() or set(Manifest.read(tmp).files) != (
-                {p.name for p in directory.iterdir() if p.name != MANIFEST} | set(staged)):
+                {p.name for p in directory.iterdir() if p.name != MANIFEST and p != tmp} | set(staged)):
             raise ArtifactError(f"{directory}: the new manifest must list exactly the artifact's files and the "
                                 "staged ones")
         aside = tmp / ".replaced"
@@ -614,17 +675,19 @@ def artifact_update(directory: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def _staging(target: Path, cannot: str, failed: str, outcome: str) -> Iterator[Path]:
-    """A staging directory `.NAME.tmp-PID-XXXX` beside `target`, holding the partial marker that names its owner.
+def _staging(target: Path, cannot: str, failed: str, outcome: str, home: Path | None = None) -> Iterator[Path]:
+    """A staging directory `.NAME.tmp-PID-XXXX` in `home` (default: beside `target`), holding the partial marker
+    that names its owner.
 
     Any exception in the block removes it; an OSError (a full disk among them) becomes one ArtifactError that
     names the file being written and, for a full disk, what to do. On success the caller moves it or removes it.
     """
+    home = target.parent if home is None else home
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=home))
     except OSError as e:
-        raise ArtifactError(f"{target.parent}: {cannot} ({e.strerror})") from None
+        raise ArtifactError(f"{home}: {cannot} ({e.strerror})") from None
     try:
         (tmp / PARTIAL_MARKER).write_text(json.dumps(_owner(target)))
         yield tmp
@@ -678,7 +741,8 @@ def _clean_stale(target: Path) -> None:
     parent, me = target.parent, _owner(target)
     if not parent.is_dir():
         return
-    for entry in parent.iterdir():
+    inside = list(target.iterdir()) if target.is_dir() and not target.is_symlink() else []
+    for entry in list(parent.iterdir()) + [e for e in inside if e.name.startswith(f".{target.name}.tmp-")]:
         name = entry.name
         if entry.is_symlink() or not entry.is_dir():
             continue

@@ -140,18 +140,80 @@ def test_an_artifact_is_replaced_only_with_overwrite(tmp_path):
 
 def test_an_empty_working_directory_given_as_dot_is_filled_in_place(tmp_path, monkeypatch):
     """`--out .` in a new, empty folder: the artifact is written there, the folder itself kept (the same inode,
-    so a shell inside it sees the files), and the temporary directory went beside it, not inside."""
+    so a shell inside it sees the files), staged inside it (the folder may be a mount point: below)."""
     here = tmp_path / "new"
     here.mkdir()
     inode = here.stat().st_ino
     monkeypatch.chdir(here)
     with atomic_dir(Path(".")) as tmp:
-        assert tmp.parent == tmp_path
+        assert tmp.parent == here
         write_artifact(tmp)
-    assert is_artifact(here) and here.stat().st_ino == inode and leftovers(tmp_path) == []
+    assert is_artifact(here) and here.stat().st_ino == inode and leftovers(tmp_path) == leftovers(here) == []
     assert sorted(p.name for p in Path(".").iterdir()) == ["manifest.json", "model.onnx", "tokenizer.model"]
     with pytest.raises(ArtifactError, match="already exists"), atomic_dir(Path(".")) as tmp:  # now an artifact
         write_artifact(tmp)
+
+
+def _mount_point(monkeypatch, target: Path) -> None:
+    """Make `target` behave as a mount point (a container's volume): a rename between it and anywhere outside
+    it fails with EXDEV, as the kernel answers across mounts."""
+    real = os.replace
+
+    def replace(src, dst, **kw):
+        if Path(src).absolute().is_relative_to(target) != Path(dst).absolute().is_relative_to(target):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
+        return real(src, dst, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p).absolute() == target)
+
+
+def test_a_mount_point_is_filled_and_replaced_in_place(tmp_path, monkeypatch):
+    target = tmp_path / "volume"
+    target.mkdir()
+    _mount_point(monkeypatch, target)
+    with atomic_dir(target) as tmp:  # empty: staged inside it, the files moved within the mount
+        assert tmp.parent == target
+        write_artifact(tmp, "first")
+    assert is_artifact(target) and leftovers(target) == leftovers(tmp_path) == []
+    with pytest.raises(ArtifactError, match="already exists"), atomic_dir(target) as tmp:
+        write_artifact(tmp)
+    with atomic_dir(target, overwrite=True) as tmp:  # an artifact there: replaced in place, not swapped
+        assert tmp.parent == target
+        write_artifact(tmp, "second")
+    assert (target / "model.onnx").read_text() == "second" and is_artifact(target)
+    assert leftovers(target) == leftovers(tmp_path) == []
+    # a move that fails half-way puts the old artifact back
+    real = os.replace
+
+    def fail_on_manifest(src, dst, **kw):
+        if Path(dst) == target / "manifest.json" and Path(src).parent.name.startswith(".volume.tmp-"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(dst))
+        return real(src, dst, **kw)
+
+    monkeypatch.setattr(os, "replace", fail_on_manifest)
+    before = tree(tmp_path)
+    with pytest.raises(ArtifactError) as e, atomic_dir(target, overwrite=True) as tmp:
+        write_artifact(tmp, "third")
+    one_line(e.value, str(target), "nothing was left behind")
+    assert tree(tmp_path) == before and (target / "model.onnx").read_text() == "second"
+
+
+def test_a_mount_point_holding_other_files_is_refused_and_a_dead_exports_leftover_inside_is_cleaned(
+        tmp_path, monkeypatch):
+    target = tmp_path / "volume"
+    target.mkdir()
+    _mount_point(monkeypatch, target)
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="not a mixtrt artifact"), atomic_dir(target, overwrite=True) as tmp:
+        write_artifact(tmp)
+    assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+    (target / "notes.txt").unlink()
+    dead = _dead_pid()
+    stale = _leftover(target, f".volume.tmp-{dead}-x", {**mf._owner(target), "pid": dead})
+    with atomic_dir(target) as tmp:
+        write_artifact(tmp)
+    assert not stale.exists() and is_artifact(target)
 
 
 # ---- faults while writing --------------------------------------------------------------------------
