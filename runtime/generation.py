@@ -420,8 +420,10 @@ class Engine:
         if not b.windowed and b.capacity <= b.max_positions:
             why = "the model has no sliding window" if not window else \
                 f"the model's sliding window ({window}) is not shorter than the cache, so the cache does not roll"
-            return b.capacity, (f"cache full: {why}, and its cache holds {b.capacity} tokens (max context chosen at "
-                                f"export)")
+            positions = getattr(b.args, "max_position_embeddings", None)
+            size = "the model's max_position_embeddings" if b.capacity == positions else \
+                f"the artifact's max context, set at export (--max-context); the model has {positions} positions"
+            return b.capacity, f"cache full: {why}, and its cache holds {b.capacity} tokens ({size})"
         trained = getattr(b.args, "max_position_embeddings", b.max_positions)
         if b.max_positions < trained:
             return b.max_positions, (f"max positions: the artifact serves {b.max_positions} positions (max context "

@@ -125,7 +125,12 @@ def test_linear_cache_fills_with_message():
     for prompt, out in zip(PROMPTS[:1] + PROMPTS[2:], outs, strict=True):
         assert len(prompt) + len(out.token_ids) == 10 and out.finish_reason == "length"
         assert out.finish_message == ("cache full: the model has no sliding window, and its cache holds 10 tokens "
-                                      "(max context chosen at export)")
+                                      "(the artifact's max context, set at export (--max-context); the model has "
+                                      "512 positions)")
+    gen, _ = make(windowed=False, capacity=10, max_positions=10)  # the cache the model's own positions give
+    [out] = gen.generate(PROMPTS[0], max_new_tokens=50, eos_token_id=())
+    assert out.finish_message == ("cache full: the model has no sliding window, and its cache holds 10 tokens (the "
+                                  "model's max_position_embeddings)")
 
 
 def test_limit_messages_name_the_real_cause():
@@ -137,8 +142,8 @@ def test_limit_messages_name_the_real_cause():
     backend.args = dataclasses.replace(backend.args, sliding_window=4096)
     [out] = gen.generate(PROMPTS[0], max_new_tokens=50, eos_token_id=())
     assert out.finish_message == ("cache full: the model's sliding window (4096) is not shorter than the cache, so "
-                                  "the cache does not roll, and its cache holds 10 tokens (max context chosen at "
-                                  "export)")
+                                  "the cache does not roll, and its cache holds 10 tokens (the artifact's max "
+                                  "context, set at export (--max-context); the model has 512 positions)")
     gen, backend = make(windowed=True, capacity=6, max_positions=15)
     backend.args = dataclasses.replace(backend.args, max_position_embeddings=32768)
     [out] = gen.generate(PROMPTS[0], max_new_tokens=50, eos_token_id=())
@@ -169,7 +174,7 @@ def test_prompt_too_long_is_refused_before_any_work():
     ({"temperature": -1.0}, "temperature"), ({"temperature": 0.0, "do_sample": True}, "temperature"),
     ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"),
     ({"max_new_tokens": 0}, "max_new_tokens"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
-    ({"seed": -3}, "seed"), ({"prefill_chunk": 0}, "prefill_chunk"), ({"prefill_chunk": 7}, "prefill_chunk"),
+    ({"seed": -2**63 - 1}, "seed"), ({"prefill_chunk": 0}, "prefill_chunk"), ({"prefill_chunk": 7}, "prefill_chunk"),
     ({"eos_token_id": V}, "eos_token_id"), ({"stop_strings": ("",)}, "stop_strings"), ({"colour": 1}, "colour"),
     ({"top_logprobs": 3}, "top_logprobs=3 needs return_logprobs=True"),
     ({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\]"),
