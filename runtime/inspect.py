@@ -11,14 +11,27 @@ from typing import Any
 
 import numpy as np
 
-from mixtrt.runtime.manifest import Manifest
+from mixtrt.runtime.errors import ArtifactError
+from mixtrt.runtime.manifest import MODEL_FILE, Manifest, graph_specs
 
 
 def inspect_artifact(directory: str | Path, verify: bool = False) -> dict[str, Any]:
     """The manifest's model, precision, cache (with its bytes per batch row), backends, graph summary
     (op counts, parameters), chat format (the record, and one line each for it and the generation
-    defaults), files and versions; verify: check the files' sha256 too (sizes always)."""
+    defaults), files and versions; verify: check the files' sha256 too (sizes always), and that the manifest
+    agrees with its graph (IO and the graph's own record of model, precision and cache), as loading checks."""
     m = Manifest.load(directory, verify=verify)
+    if verify:
+        import onnx
+
+        m.check_graph_io(directory)
+        path = Path(directory) / MODEL_FILE
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # onnx raises its own (protobuf) exception types
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{path}: not a readable ONNX graph ({why})") from None
+        m.check_graph(path, *graph_specs(model))
     a = m.args
     itemsize = np.dtype(m.cache.dtype).itemsize
     cache_row = 2 * a.num_hidden_layers * a.num_key_value_heads * m.cache.capacity * a.head_dim * itemsize

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from mixtrt.runtime.errors import ArtifactError, ConfigError, MixtrtError
 from mixtrt.runtime.generation import Generator
+from mixtrt.runtime.inspect import inspect_artifact
 from mixtrt.runtime.manifest import GRAPH_METADATA, Manifest, sha256_file
 from tests.hostile import linked_copy, one_line, replace_file, tree
 
@@ -170,6 +171,9 @@ def test_edited_manifest(tmp_path, artifact, name, edit, culprits):
     assert "manifest.json" in line or "model.onnx" in line
     if "older" not in name:
         assert "older mixtrt" not in line  # an edit is never excused as an old export
+    with pytest.raises(ArtifactError) as e:  # `mixtrt inspect --verify` refuses what loading refuses
+        inspect_artifact(copy, verify=True)
+    assert one_line(e.value, *culprits) == line
     assert tree(tmp_path) == before
 
 
