@@ -30,7 +30,7 @@ def run(ns: argparse.Namespace) -> int:
     session = gen.chat_session(system=ns.system, config=gen.config(**overrides))
     while True:
         try:
-            user = input("you> ")
+            user = input("you> ").removesuffix("\r")  # a line ended by CRLF (a transcript saved on Windows)
         except EOFError:
             print()
             return 0
