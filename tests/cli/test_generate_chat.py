@@ -64,6 +64,22 @@ def test_generate_prompt_streams_text(artifact, generator):
     assert "6 generated" in r.stderr and "finish: length" in r.stderr
 
 
+def test_generate_prompt_file_and_stdin_equal_the_prompt(artifact, generator, tmp_path):
+    """--prompt-file FILE / - reads the prompt (one final line end dropped, as llama.cpp's --file); a text with
+    line breaks inside keeps them."""
+    prompt = "The capital of France is"
+    base = ("generate", str(artifact), "--max-new-tokens", "4", "--threads", "1", "--json")
+    want = json.loads(cli(*base, "--prompt", prompt).stdout)["token_ids"]
+    (tmp_path / "p.txt").write_bytes((prompt + "\r\n").encode())
+    for r in (cli(*base, "--prompt-file", str(tmp_path / "p.txt")), cli(*base, "-f", "-", stdin=prompt + "\n")):
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["token_ids"] == want
+    two = "Line one\nLine two"
+    [lines] = generator.generate(two, max_new_tokens=4)
+    r = cli(*base, "-f", "-", stdin=two + "\n")
+    assert json.loads(r.stdout)["token_ids"] == lines.token_ids
+
+
 def test_sampling_with_seed_is_reproducible(artifact):
     args = ("generate", str(artifact), "--prompt-ids", "1,415,5565", "--max-new-tokens", "8", "--json",
             "--threads", "1", "--temperature", "1.5", "--top-k", "50", "--top-p", "0.95")

@@ -98,6 +98,8 @@ PROMPTS = [
     (["--prompt-ids", "1.5"], ["--prompt-ids"]),
     (["--prompt-ids", ""], ["--prompt-ids ''", "no token ids"]),
     (["--prompt-ids", "1,-1"], ["outside the vocabulary"]),
+    (["--prompt-file", "/nonexistent/prompt.txt"], ["--prompt-file /nonexistent/prompt.txt: no such file"]),
+    (["--prompt-file", "/"], ["--prompt-file /: a directory"]),
     (["--prompt-ids", "1,99999999999"], ["outside the vocabulary"]),
     (["--prompt-ids", ",".join(["5"] * 200)], ["prompt 0 has 200 tokens", "max positions"]),
 ]

@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action=_Once, help="prompt text (BOS is added)")
     src.add_argument("--prompt-ids", action=_Once, help="prompt token ids, comma-separated (used as given)")
+    src.add_argument("--prompt-file", "-f", action=_Once, metavar="FILE",
+                     help="prompt text from a UTF-8 file, '-' for stdin (one final line end dropped, as llama.cpp's "
+                          "--file does; BOS is added)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: token_ids (generated only), text, finish_reason, finish_message, "
                         "stats, logprobs")
@@ -50,6 +53,21 @@ def parse_ids(text: str) -> list[int]:
     return ids
 
 
+def _read_prompt(name: str) -> str:
+    """The prompt text of --prompt-file: a UTF-8 file, or stdin for '-'; one final line end (LF or CRLF) dropped."""
+    from mixtrt.runtime.errors import ConfigError
+    from mixtrt.runtime.prompts import read_text_file
+
+    if name == "-":
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--prompt-file - (stdin): not UTF-8 ({e.reason} at byte {e.start})") from None
+    else:
+        text = read_text_file(Path(name), "--prompt-file")
+    return text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
+
+
 def run(ns: argparse.Namespace) -> int:
     import dataclasses
 
@@ -57,8 +75,15 @@ def run(ns: argparse.Namespace) -> int:
     from mixtrt.runtime.prompts import check_text
 
     overrides = generation_overrides(ns, return_logprobs=ns.json)  # checked before the model loads
-    prompt: str | list[int] = parse_ids(ns.prompt_ids) if ns.prompt_ids is not None else check_text(ns.prompt,
-                                                                                                    "--prompt")
+    prompt: str | list[int]
+    if ns.prompt_ids is not None:
+        prompt = parse_ids(ns.prompt_ids)
+    elif ns.prompt_file is not None:
+        prompt = _read_prompt(ns.prompt_file)
+        if prompt == "":
+            raise ConfigError(f"--prompt-file {ns.prompt_file}: no text (an empty file, or one line end)")
+    else:
+        prompt = check_text(ns.prompt, "--prompt")
     if prompt == "":
         raise ConfigError("--prompt is empty: give some text (BOS is added) or --prompt-ids")
     gen = load_generator(ns)
