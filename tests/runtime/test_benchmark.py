@@ -82,3 +82,26 @@ def test_bench_command_json_and_text(exported):
     assert d["new_tokens"] == 4 and d["decode_tokens_per_s"] > 0 and 0 < d["bandwidth_fraction"]
     bad = cli("--batch", "0")
     assert bad.returncode == 2 and "--batch: 0 is less than 1" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("fraction", [0.8, 1.3])
+def test_bench_text_explains_a_fraction_above_one(monkeypatch, capsys, fraction):
+    """A model small enough to stay in the CPU's caches decodes above the memory-bandwidth limit: the text says
+    why, and only then."""
+    import argparse
+
+    from mixtrt.cli.commands import bench as command
+    from mixtrt.runtime import benchmark
+
+    result = benchmark.BenchResult(
+        artifact="a", batch=1, threads=1, prompt_tokens=8, new_tokens=4, prefill_tokens_per_s=100.0,
+        decode_tokens_per_s=50.0, decode_step_ms={"median": 20.0, "min": 19.0, "max": 21.0}, peak_rss_mib=100.0,
+        weight_bytes_per_token=2**20, read_bandwidth_gb_s=10.0, bandwidth_limit_tokens_per_s=50 / fraction,
+        bandwidth_fraction=fraction)
+    monkeypatch.setattr(benchmark, "bench", lambda *a, **k: result)
+    ns = argparse.Namespace(artifact="a", prompt_tokens=8, new_tokens=4, batch=1, threads=1, no_verify=True,
+                            json=False)
+    assert command.run(ns) == 0
+    out = capsys.readouterr().out
+    assert f"decode at {fraction:.0%} of it" in out
+    assert ("above 100%: the 1.0 MiB a step reads stay in the CPU's caches" in out) == (fraction > 1)

@@ -41,4 +41,8 @@ def run(ns: argparse.Namespace) -> int:
     print(f"bandwidth     {r.read_bandwidth_gb_s:.1f} GB/s read (probe); a step reads "
           f"{r.weight_bytes_per_token / 2**20:.1f} MiB of weights: limit {r.bandwidth_limit_tokens_per_s:.1f} "
           f"tok/s at batch {r.batch}, decode at {r.bandwidth_fraction:.0%} of it")
+    if r.bandwidth_fraction > 1:  # the probe reads memory; weights this small are read from the CPU's caches
+        print(f"              (above 100%: the {r.weight_bytes_per_token / 2**20:.1f} MiB a step reads stay in the "
+              "CPU's caches between steps, while the probe reads 512 MiB from memory; the limit holds for models "
+              "larger than the caches)")
     return 0
