@@ -585,9 +585,10 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
       temporary directory is made inside it, so the files move within one file system: the folder may be a
       mount point (a container's volume), which no rename from beside it can reach;
     - an artifact that is a mount point is replaced in place likewise (staged inside it; its files moved
-      aside, the old manifest first, then the new files moved in, the manifest last; put back if a move fails).
+      aside, the old manifest first, then the new files moved in, the manifest last; put back if a move fails;
+      a kill -9 during those moves leaves a folder without a manifest, which nothing takes for an artifact).
     """
-    # "." and ".." by their names: the temporary directory goes beside the target, never inside it
+    # "." and ".." by their names: the target is the folder they name (staged beside it, or inside it when empty)
     target = Path(os.path.abspath(target))
     parent = target.parent
     _clean_stale(target)
