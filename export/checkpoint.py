@@ -367,18 +367,12 @@ def open_checkpoint(checkpoint_dir: str | Path) -> Iterator[Checkpoint]:
         yield Checkpoint(path, args, files, mapping)
 
 
-def checkpoint_args(checkpoint_dir: str | Path) -> ModelArgs:
-    """The checkpoint's ModelArgs as its weights are read (open_checkpoint: every tensor checked), warning where
-    they leave config.json: a tied lm_head that the files hold with other values than the embedding is kept
-    untied, as transformers loads it."""
-    with open_checkpoint(checkpoint_dir) as ck:
-        args = ck.args
-    if args.tie_word_embeddings != ModelArgs.from_checkpoint_dir(checkpoint_dir).tie_word_embeddings:
-        warnings.warn(f"{checkpoint_dir}: config.json ties the lm_head to the embedding (tie_word_embeddings: true) "
-                      "but the weights hold an lm_head.weight with other values: both are kept, untied, as "
-                      "transformers loads them (set tie_word_embeddings to false to silence this)", MixtrtWarning,
-                      stacklevel=2)
-    return args
+def warn_untied(checkpoint_dir: str | Path) -> None:
+    """Say that the checkpoint's lm_head is kept untied although config.json ties it (open_checkpoint found an
+    lm_head.weight with other values than the embedding, as transformers loads it)."""
+    warnings.warn(f"{checkpoint_dir}: config.json ties the lm_head to the embedding (tie_word_embeddings: true) but "
+                  "the weights hold an lm_head.weight with other values: both are kept, untied, as transformers "
+                  "loads them (set tie_word_embeddings to false to silence this)", MixtrtWarning, stacklevel=3)
 
 
 def load_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32

@@ -162,7 +162,7 @@ def export_onnx(
     stderr (None: when stderr is a terminal). transform: the per-weight hook of export/weights_writer.py.
     precision "int4": INT4 weights (export/quantize.py), as `int4` says (default Int4Options(): RTN, block 32).
     """
-    from mixtrt.export.checkpoint import checkpoint_args, open_checkpoint
+    from mixtrt.export.checkpoint import open_checkpoint, warn_untied
     from mixtrt.plugins.onnx_common import custom_translation_table
 
     say = Progress(progress, progress_bar)
@@ -184,7 +184,7 @@ def export_onnx(
         int4.check()
     checkpoint_dir = Path(checkpoint_dir)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint_dir, precision)
-    args = checkpoint_args(checkpoint_dir)  # as the weights are read (a tied lm_head that differs: untied)
+    args = ModelArgs.from_checkpoint_dir(checkpoint_dir)
     if precision == "int4" and args.head != "causal_lm":
         raise ConfigError(f"--precision int4 serves causal LMs; {checkpoint_dir} is a {args.head} model")
     max_context = resolve_max_context(args, max_context)
@@ -224,6 +224,9 @@ def export_onnx(
     described = "config.json" if (Path(checkpoint_dir) / "config.json").is_file() else "params.json"
     say(f"reading {checkpoint_dir} ({described}: {args.architecture}, {args.num_hidden_layers} layers)")
     with open_checkpoint(checkpoint_dir) as ckpt:  # headers only: names, shapes, dtypes checked up front
+        if ckpt.args != args:  # a tied lm_head whose weights differ from the embedding: untied, as transformers
+            warn_untied(checkpoint_dir)
+            args = ckpt.args
         model = _meta_model(args, plan, dtype)
         n_params = sum(p.numel() for p in model.parameters())
         # int4: the float weights before quantizing (the written size follows the writing)

@@ -9,9 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mixtrt.export.checkpoint import checkpoint_args, load_checkpoint, load_model
+from mixtrt.export import export_onnx
+from mixtrt.export.checkpoint import load_checkpoint, load_model
 from mixtrt.runtime.errors import CheckpointError, ConfigError, MixtrtWarning
-from tests.checkpoints import make_hf_model
+from mixtrt.runtime.manifest import Manifest
+from tests.checkpoints import make_checkpoint, make_hf_model
 
 VOCAB = 512
 
@@ -147,7 +149,7 @@ def test_tied_config_with_another_lm_head_keeps_it_as_transformers_does(tmp_path
     import transformers
 
     def add_head(w):
-        w["lm_head.weight"] = torch.randn(VOCAB, w["model.embed_tokens.weight"].shape[1]) * 0.3
+        w["lm_head.weight"] = torch.randn_like(w["model.embed_tokens.weight"]) * 0.3
 
     path, _ = _tied_files(tmp_path, add_head)
     hf = transformers.MistralForCausalLM.from_pretrained(path).eval()  # warns, and does not tie them
@@ -156,8 +158,14 @@ def test_tied_config_with_another_lm_head_keeps_it_as_transformers_does(tmp_path
     assert not args.tie_word_embeddings
     assert torch.equal(weights["lm_head.weight"], load_file(path / "model.safetensors")["lm_head.weight"])
     assert_same_logits(hf, path)
+    # the exporter says so and records it untied (a checkpoint with its tokenizer: the default vocabulary)
+    ck = make_checkpoint(tmp_path / "ck", "mistral", tie_word_embeddings=True)
+    weights = load_file(ck / "model.safetensors")
+    add_head(weights)
+    save_file(weights, ck / "model.safetensors", metadata={"format": "pt"})
     with pytest.warns(MixtrtWarning, match="lm_head.weight with other values: both are kept, untied"):
-        assert not checkpoint_args(path).tie_word_embeddings
+        export_onnx(ck, tmp_path / "art", progress=None)
+    assert not Manifest.read(tmp_path / "art").args.tie_word_embeddings
 
 
 def test_tied_config_with_an_equal_lm_head_or_only_the_lm_head_ties(tmp_path):
