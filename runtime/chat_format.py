@@ -18,7 +18,9 @@ The first rule that applies wins (the order of the issue):
 2. "jinja": the checkpoint has a Jinja chat template: `chat_template.jinja` (with
    `additional_chat_templates/*.jinja`) or else tokenizer_config.json's `chat_template` (a string, or a list
    of named templates), as transformers loads them. Rendered as transformers renders it, tokenized by
-   tokenizer.model with the added tokens and prefix rule of tokenizer_config.json (see jinja_tokenizer.py).
+   tokenizer.model with the added tokens and prefix rule of tokenizer_config.json (see jinja_tokenizer.py;
+   added tokens also from tokenizer.json, and from added_tokens.json / special_tokens_map.json where the config
+   has no `added_tokens_decoder`, as transformers reads them).
 3. "v1": tokenizer.model with the built-in Mistral v1 instruct format (`Tokenizer.apply_chat_template`).
 
 Rules 2 and 3 need the checkpoint's own tokenizer.model. Without one, a model of exactly 32000 embeddings
@@ -473,9 +475,59 @@ def resolve_chat_format(checkpoint_dir: str | Path, vocab_size: int | None = Non
         return ChatFormat("v1", TOKENIZER_MODEL, files, generation=generation, note=note)
     templates, origin = found
     where = str(config_path)
+    # tokenizer.json's added tokens count too (transformers builds the tokenizer from that file where it is there)
+    in_json = {t.id: t for t in _tokenizer_json_tokens(checkpoint_dir)}
+    if "added_tokens_decoder" in config:
+        added = tuple({**in_json, **{t.id: t for t in _added_tokens(where, config)}}.values())
+    else:  # a tokenizer saved before transformers 4.34: its special and added tokens in the files it read then
+        config, legacy = _legacy_tokens(checkpoint_dir, config)
+        added = tuple({**{t.id: t for t in legacy}, **in_json}.values())
+    added = tuple(sorted(added, key=lambda t: t.id))
     return ChatFormat("jinja", TOKENIZER_MODEL, files, templates=templates, template_origin=origin,
-                      special_tokens=_special_tokens(where, config), added_tokens=_added_tokens(where, config),
+                      special_tokens=_special_tokens(where, config), added_tokens=added,
                       prepend_scheme=_prepend_scheme(config), generation=generation, note=note)
+
+
+def _legacy_tokens(checkpoint_dir: Path, config: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[AddedToken, ...]]:
+    """What transformers reads where tokenizer_config.json has no `added_tokens_decoder` (the layout of
+    tokenizers saved before transformers 4.34): special_tokens_map.json's tokens over the config's, and
+    added_tokens.json (`{content: id}`; special where the content is one of the special tokens; tokenizer.json's
+    added tokens win over them by id). (config with the special tokens merged, added tokens by id.)"""
+    merged = dict(config)
+    path = checkpoint_dir / "special_tokens_map.json"
+    if path.is_file():
+        merged.update(_read_json(path))
+    where = str(path)
+    special = {_token_text(where, name, merged[name]) for name in SPECIAL_TOKEN_NAMES if merged.get(name)}
+    extra = merged.get("extra_special_tokens")
+    if isinstance(extra, list):
+        special |= {_token_text(where, "extra_special_tokens", t) for t in extra}
+    added: dict[int, AddedToken] = {}
+    path = checkpoint_dir / "added_tokens.json"
+    if path.is_file():
+        encoder = _read_json(path)
+        for content, index in encoder.items():
+            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                raise ConfigError(f"{path}: the id of {content!r} must be an integer >= 0, got {index!r}")
+            added[index] = AddedToken(index, content, special=content in special)
+    return merged, tuple(sorted(added.values(), key=lambda t: t.id))
+
+
+def _tokenizer_json_tokens(checkpoint_dir: Path) -> tuple[AddedToken, ...]:
+    """tokenizer.json's `added_tokens` (every field), if the checkpoint ships that file."""
+    path = checkpoint_dir / "tokenizer.json"
+    if not path.is_file():
+        return ()
+    entries = _read_json(path).get("added_tokens") or []
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: added_tokens must be a list of tokens")
+    tokens = []
+    for entry in entries:
+        try:
+            tokens.append(AddedToken.from_dict(entry))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ConfigError(f"{path}: added_tokens has an entry that is not an added token: {entry!r}") from None
+    return tuple(tokens)
 
 
 # ---------------------------------------------------------------------------------------- the loader

@@ -114,6 +114,48 @@ def test_template_list_and_special_tokens(tmp_path):
         load_chat_tokenizer(d, fmt, model_vocab_size=32000)
 
 
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML_TOKENS = [{"id": 32000, "content": "<|im_end|>", "special": True, "lstrip": False, "rstrip": False,
+                  "single_word": False, "normalized": False},
+                 {"id": 32001, "content": "<|im_start|>", "special": True, "lstrip": False, "rstrip": False,
+                  "single_word": False, "normalized": False}]
+
+
+@pytest.mark.parametrize("layout", ["added_tokens.json", "tokenizer.json", "tokenizer.json with a decoder"])
+def test_added_tokens_outside_tokenizer_config_count_as_transformers_reads_them(tmp_path, layout):
+    """A ChatML fine-tune saved before transformers 4.34 (added_tokens.json, special_tokens_map.json, no
+    added_tokens_decoder), or whose added tokens are only in tokenizer.json: the same ids as transformers, the
+    eos its special tokens name, not the tokens spelled out as text."""
+    transformers = pytest.importorskip("transformers")
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "unk_token": "<unk>", "chat_template": CHATML}
+    d = _dir(tmp_path, "tokenizer.model=tokenizer.model.v1", config=config)
+    (d / "config.json").write_text(json.dumps({"model_type": "mistral", "vocab_size": 32002}))
+    if layout == "added_tokens.json":
+        (d / "added_tokens.json").write_text(json.dumps({"<|im_end|>": 32000, "<|im_start|>": 32001}))
+        (d / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "<|im_end|>",
+                                                               "unk_token": "<unk>"}))
+    else:
+        base = transformers.AutoTokenizer.from_pretrained(d)  # its tokenizer.json, with the ChatML tokens added
+        base.add_special_tokens({"additional_special_tokens": ["<|im_end|>", "<|im_start|>"]})
+        base.backend_tokenizer.save(str(d / "tokenizer.json"))
+        if layout == "tokenizer.json with a decoder":  # the config lists only the sentencepiece specials
+            config["added_tokens_decoder"] = {str(i): {"content": c, "special": True}
+                                              for i, c in enumerate(["<unk>", "<s>", "</s>"])}
+        (d / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|im_end|>"}))
+    fmt = resolve_chat_format(d, vocab_size=32002)
+    assert [(t.id, t.content) for t in fmt.added_tokens if t.id >= 32000] == [(32000, "<|im_end|>"),
+                                                                                 (32001, "<|im_start|>")]
+    ours = load_chat_tokenizer(None, fmt, 32002)
+    hf = transformers.AutoTokenizer.from_pretrained(d)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+    want = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+    assert ours.apply_chat_template(messages) == list(want)
+    assert ours.eos_id == hf.eos_token_id == 32000
+
+
 def test_v1_without_template_and_shipped_tokenizer(tmp_path):
     """Without tokenizer.model only a 32000-embedding model gets the shipped v1 one, and the record says so."""
     d = _dir(tmp_path, config={"bos_token": "<s>"})
