@@ -263,12 +263,24 @@ class WeightIndex:
         a = self._map(found[0])
         return a.T if found[0].layout == "transposed" else a
 
-    def quantized(self, name: str) -> tuple[WeightEntry, np.ndarray, np.ndarray]:
+    def quantized(self, name: str, form: str | None = None) -> tuple[WeightEntry, np.ndarray, np.ndarray]:
         """Our parameter `name` as quantized in an int4 artifact: (its entry, whose `quant` says the format,
-        the stored bytes, the scales), both memory-mapped; KeyError when it is not stored quantized."""
-        found = [e for e in self.tensors.values() if e.of == name and e.quant is not None]
+        the stored bytes, the scales), both memory-mapped; KeyError when it is not stored quantized. A parameter
+        stored quantized twice (a tied embedding: the lookup table and the lm_head) needs `form`, the entry's
+        `quant["format"]` ("gather_block_quantized" for the lookup, "dequantize_linear" for the lm_head)."""
+        found = [e for e in self.tensors.values() if e.of == name and e.quant is not None
+                 and (form is None or e.quant["format"] == form)]
         if not found:
-            raise KeyError(f"{name!r} is not a quantized tensor of {self.directory / WEIGHTS_FILE}")
+            tied = "model.embed_tokens.weight"
+            if name == "lm_head.weight" and len([e for e in self.tensors.values() if e.of == tied and e.quant]) > 1:
+                raise KeyError(f"'lm_head.weight' is tied to {tied!r} in {self.directory / WEIGHTS_FILE}: read "
+                               f"quantized({tied!r}, form='dequantize_linear')")
+            raise KeyError(f"{name!r} is not a quantized tensor of {self.directory / WEIGHTS_FILE}"
+                           + (f" in the form {form!r}" if form else ""))
+        if len(found) > 1:
+            forms = ", ".join(f"{e.name} ({e.quant['format'] if e.quant else ''})" for e in found)
+            raise KeyError(f"{name!r} is stored quantized {len(found)} times in {self.directory / WEIGHTS_FILE} "
+                           f"({forms}): give form=")
         e = found[0]
         assert e.quant is not None
         return e, self._map(e), self.array(e.quant["scales"])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mixtrt.export import export_onnx, load_model
+from mixtrt.export.checkpoint import load_checkpoint
 from mixtrt.export.model import KVCache as TorchCache
 from mixtrt.export.quantize import INT8_BLOCK, INT8_DEFAULT, INT8_DEFAULT_MOE, Int4Options, block_for, kept, rtn
 from mixtrt.plugins.int4 import pack_int8, unpack_int4
@@ -227,6 +228,31 @@ def test_int4_batch_invariance(realistic_pairs, name):
         scale = float(np.abs(alone[r]).max())
         assert float(np.abs(batched - alone[r]).max()) <= 5e-5 * scale, f"row {r}"
         assert (batched.argmax(-1) == alone[r].argmax(-1)).all()
+
+
+def test_a_tied_tables_two_quantized_forms_are_read_by_form(tmp_path):
+    """A tied embedding stored quantized twice (the lookup table and the lm_head): the index names both forms,
+    reads each by `form`, and says how where a bare name is ambiguous or the lm_head is asked for by its name."""
+    from mixtrt.runtime.weights import WeightIndex
+
+    ck = make_checkpoint(tmp_path / "ck", "mistral", tie_word_embeddings=True, max_position_embeddings=64,
+                         num_hidden_layers=1)
+    art = export_onnx(ck, tmp_path / "art", precision="int4", progress=None)
+    _, weights = load_checkpoint(ck)
+    index = WeightIndex.read(art)
+    table = "model.embed_tokens.weight"
+    with pytest.raises(KeyError, match="stored quantized 2 times.*give form="):
+        index.quantized(table)
+    with pytest.raises(KeyError, match="'lm_head.weight' is tied to 'model.embed_tokens.weight'.*dequantize_linear"):
+        index.quantized("lm_head.weight")
+    lookup, q_lookup, s_lookup = index.quantized(table, form="gather_block_quantized")
+    head, q_head, s_head = index.quantized(table, form="dequantize_linear")
+    assert lookup.name != head.name
+    q8, s8 = pack_int8(weights[table].numpy(), lookup.quant["block_size"])  # the default: INT8 tables
+    np.testing.assert_array_equal(q_lookup, q8.view(np.uint8) ^ 0x80)
+    np.testing.assert_array_equal(q_head, q8.T)
+    np.testing.assert_array_equal(s_lookup, s8)
+    np.testing.assert_array_equal(s_head, s8.T)
 
 
 def test_int4_weight_index_is_the_checkpoint_quantized(int4_artifacts):
