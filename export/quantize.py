@@ -51,6 +51,7 @@ from mixtrt.runtime.weights import WeightIndex
 MIN_BLOCK = 16  # MatMulNBits / QMoE: a power of two >= 16
 QDQ_OPSET = 21  # DequantizeLinear with INT4 and block_size
 ROUTER_REASON = "router: routing stays fp32"
+EXPERTS_FLOAT = "the experts' input dimension"  # the start of the reason when no block fits them
 ROPE_TABLES = ("rope_cos", "rope_sin")  # the graph's RoPE initializers (their names' ends)
 
 
@@ -330,8 +331,10 @@ class Int4Plan:
         if any(kept(label("", n), options.keep_float) for m in moe_nodes for n in m[2:]):
             reason = "--keep-float (experts are quantized all or none)"
         elif b1 is None or b2 is None:
-            reason = f"an expert input dimension ({hidden} or {inter}) has no power-of-two block >= {MIN_BLOCK} " \
-                     "dividing it"
+            bad = " and ".join(f"{name} {k}" for name, k, b in (("hidden", hidden, b1), ("intermediate", inter, b2))
+                               if b is None)
+            reason = f"{EXPERTS_FLOAT} ({bad}) has no power-of-two block >= {MIN_BLOCK} dividing it (experts are " \
+                     "quantized all or none)"
         else:
             reason = ""
         for m in moe_nodes:

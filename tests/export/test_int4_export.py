@@ -460,6 +460,21 @@ def test_an_int4_export_that_quantizes_nothing_says_so(tmp_path):
     assert Manifest.load(art).quantization.kept_float
 
 
+def test_experts_without_a_block_stay_float_with_a_warning_naming_the_dimension(tmp_path):
+    """Intermediate 100 (no power-of-two block >= 16 divides it): every expert stays float (all or none), the
+    most of a MoE model's bytes, so the export warns, naming that dimension only (hidden 64 has blocks)."""
+    from mixtrt.runtime.errors import MixtrtWarning
+
+    ck = make_checkpoint(tmp_path / "ck", "mixtral", hidden_size=64, intermediate_size=100, num_hidden_layers=1,
+                         max_position_embeddings=32)
+    with pytest.warns(MixtrtWarning, match=r"keeps the experts in float: the experts' input dimension "
+                                           r"\(intermediate 100\) has no power-of-two block"):
+        art = export_onnx(ck, tmp_path / "art", precision="int4", progress=None)
+    kept_float = Manifest.load(art).quantization.kept_float
+    assert kept_float["layers.0.feed_forward.fc2.0"].startswith("the experts' input dimension (intermediate 100)")
+    assert "attention.wq" not in " ".join(kept_float)  # the dense layers are INT4 as usual
+
+
 def test_tensor_patterns_match_labels_and_experts_by_their_matrix():
     """A pattern is a label, its last parts or an fnmatch pattern; an expert's matrix is named without its index
     (`--keep-float fc1` keeps every layer's experts float, as the all-or-none rule has it)."""
