@@ -114,6 +114,32 @@ def test_jinja_template_with_added_tokens_and_eos_list(v3_export, tmp_path):
     assert "Jinja chat template from tokenizer_config.json (default)" in inspect_artifact(chatml)["chat_format"]
 
 
+@pytest.mark.parametrize("generation_eos", [2, [2, 32000]])
+def test_a_template_eos_that_generation_does_not_stop_on_is_said(exported, tmp_path, generation_eos):
+    """A ChatML fine-tune whose generation_config.json still names </s>: its replies would run past <|im_end|>,
+    so the export warns (and not once generation stops on it)."""
+    import warnings
+
+    ck = make_checkpoint(tmp_path / "ck", "mistral", vocab_size=32002, **TINY)
+    (ck / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": CHATML, "eos_token": "<|im_end|>",
+        "added_tokens_decoder": {"32000": {"content": "<|im_end|>"}, "32001": {"content": "<|im_start|>"}}}))
+    (ck / "generation_config.json").write_text(json.dumps({"eos_token_id": generation_eos}))
+    busy = tmp_path / "busy"  # a directory export refuses to replace: it stops right after the tokenizer checks
+    busy.mkdir()
+    (busy / "mine.txt").write_text("x")
+    with warnings.catch_warnings(record=True) as said, pytest.raises(ArtifactError, match="not a mixtrt artifact"):
+        warnings.simplefilter("always")
+        export_onnx(ck, busy, progress=None)
+    lines = [str(w.message) for w in said if issubclass(w.category, MixtrtWarning)]
+    if generation_eos == 2:
+        [line] = lines
+        assert "the chat template's eos_token '<|im_end|>' (id 32000) is not among the eos ids generation stops " \
+               "on, [2] (from generation_config.json)" in line
+    else:
+        assert lines == []
+
+
 def test_manifest_chat_record_is_checked(v3_export, tmp_path):
     _, art = v3_export
     copy = tmp_path / "art"
