@@ -42,7 +42,7 @@ from sentencepiece import sentencepiece_model_pb2
 from mixtrt.runtime.chat_format import PREPEND_SCHEMES, AddedToken, PrependScheme
 from mixtrt.runtime.chat_template import ChatTemplate, select_template
 from mixtrt.runtime.errors import ConfigError
-from mixtrt.runtime.prompts import check_continue, check_messages_text, check_text
+from mixtrt.runtime.prompts import check_continue, check_flags, check_messages_text, check_text
 from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer, sp_offsets
 
 __all__ = ["AddedToken", "JinjaChatTokenizer", "PrependScheme"]
@@ -198,6 +198,7 @@ class JinjaChatTokenizer:
         continues that message instead of closing it; found as transformers finds it (a tag appended to the
         content, the text cut before the tag's last occurrence, trailing spaces dropped where the template
         trimmed them)."""
+        check_flags(add_generation_prompt, continue_final_message)
         template = select_template(self.templates, tools)
         if not continue_final_message:
             return template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)

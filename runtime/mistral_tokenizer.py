@@ -32,7 +32,7 @@ from typing import Any
 
 from mixtrt.runtime.chat_template import first_failing_message
 from mixtrt.runtime.errors import ConfigError
-from mixtrt.runtime.prompts import check_continue, check_messages_text, check_text
+from mixtrt.runtime.prompts import check_continue, check_flags, check_messages_text, check_text
 from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer
 
 EXTRA = "pip install 'mixtrt[mistral]'"
@@ -166,6 +166,7 @@ class MistralCommonTokenizer:
         """The conversation as mistral-common's `encode_chat_completion` ids (see the module docstring);
         continue_final_message: the last (assistant) message as mistral-common's `prefix`, left open for the model
         to continue."""
+        check_flags(add_generation_prompt, continue_final_message)
         check_messages_text(messages)  # sentencepiece / tekken cannot take lone surrogates
         if continue_final_message:
             check_continue(messages, add_generation_prompt)

@@ -123,6 +123,16 @@ def check_messages_text(messages: Any) -> None:
                 walk(message, f"chat: message {n}", 0)
 
 
+def check_flags(add_generation_prompt: Any, continue_final_message: Any) -> None:
+    """Both chat flags are bools: transformers' `apply_chat_template(conversation, tools, ...)` takes `tools` second,
+    where ours takes `add_generation_prompt`, so a list given there is a mistake, not a true flag."""
+    for name, value in (("add_generation_prompt", add_generation_prompt),
+                        ("continue_final_message", continue_final_message)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"chat: {name} must be True or False, got {type(value).__name__} (pass tools by "
+                              "keyword: tools=[...])")
+
+
 def check_continue(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> None:
     """continue_final_message's conditions, as transformers states them: the last message is the assistant's
     (the text the model continues) and no generation prompt follows it."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from mixtrt.runtime.errors import ConfigError
-from mixtrt.runtime.prompts import check_continue, check_messages_text, check_text
+from mixtrt.runtime.prompts import check_continue, check_flags, check_messages_text, check_text
 
 TOKENIZER_FILE = "tokenizer.model"
 _SPACE = "\u2581"  # sentencepiece's "▁": a space in the text
@@ -346,6 +346,7 @@ def _turns(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, c
     - with add_generation_prompt the last turn must be the user's (the model answers next); without it the
       conversation may end with an assistant turn, closed by EOS (left open with continue_final_message).
     """
+    check_flags(add_generation_prompt, continue_final_message)
     if not messages:
         raise ConfigError("chat: no messages; a conversation needs at least one user message")
     if continue_final_message:

@@ -303,3 +303,23 @@ def test_generation_defaults_that_no_generation_could_use_are_refused_when_read(
         read_generation_defaults(d)
     with pytest.raises(ConfigError, match=re.escape(f"manifest chat.generation: {words}")):
         GenerationDefaults.from_dict(values)
+
+
+@pytest.mark.parametrize("files, config", [
+    (("tokenizer.model=tokenizer.model.v1",), None),  # the built-in v1 format
+    (("tokenizer.model=tokenizer.model.v1",), {"chat_template": TEMPLATE}),  # a Jinja template
+    ((V3,), None),  # mistral-common
+])
+def test_tools_given_where_transformers_takes_them_are_refused_not_read_as_a_flag(tmp_path, files, config):
+    """transformers' apply_chat_template(conversation, tools, ...) takes tools second, ours add_generation_prompt:
+    a list there is a one-line error, not a true flag."""
+    tok = load_chat_tokenizer(None, resolve_chat_format(_dir(tmp_path, *files, config=config)))
+    messages = [{"role": "user", "content": "Hi"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    for call in (tok.apply_chat_template, tok.render_chat):
+        with pytest.raises(ConfigError, match=r"add_generation_prompt must be True or False, got list \(pass tools "
+                                              r"by keyword"):
+            call(messages, [tool])
+    with pytest.raises(ConfigError, match="continue_final_message must be True or False, got str"):
+        tok.apply_chat_template(messages, continue_final_message="yes")
+    assert tok.apply_chat_template(messages, True) == tok.apply_chat_template(messages)
