@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from mixtrt.export.model import HEADS, Transformer, finish_loaded
 from mixtrt.runtime.args import ModelArgs, read_json
 from mixtrt.runtime.cache import CachePlan
-from mixtrt.runtime.errors import CheckpointError, ConfigError, MixtrtWarning
+from mixtrt.runtime.errors import CheckpointError, ConfigError, MixtrtWarning, first_line
 
 Shape = tuple[int, ...]
 # Stored dtypes a weight may have (safetensors' names and torch's): anything else is refused, never cast.
@@ -147,7 +147,7 @@ class _Files:
             handle = self.stack.enter_context(safe_open(str(path), framework="pt"))
             keys = list(handle.keys())
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({_line(e)})") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
         for key in keys:
             self._add(key, path, handle)
 
@@ -166,33 +166,17 @@ class _Files:
         return tuple(h[key].shape) if isinstance(h, dict) else tuple(h.get_slice(key).get_shape())
 
     def equal(self, a: str, b: str, rows: int = 4096) -> bool:
-        """Whether tensors a and b hold the same values (compared as float32, `rows` rows at a time, so two
-        vocabulary tables are never both in memory whole)."""
+        """Whether the tables a and b (2-d) hold the same values (compared as float32, `rows` rows at a time, so
+        two vocabulary tables are never both in memory whole)."""
         if self.shape(a) != self.shape(b):
             return False
-        n = self.shape(a)[0] if self.shape(a) else 1
-        for start in range(0, n, rows):
-            if not torch.equal(self.rows(a, start, start + rows), self.rows(b, start, start + rows)):
-                return False
-        return True
+        return all(torch.equal(self.get(a, torch.float32, slice(i, i + rows)),
+                               self.get(b, torch.float32, slice(i, i + rows)))
+                   for i in range(0, self.shape(a)[0], rows))
 
-    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of a tensor (a 0-d one whole), as float32."""
-        path, h = self.where[key]
-        try:
-            if isinstance(h, dict):
-                t = h[key][start:stop] if h[key].dim() else h[key]
-            else:
-                with safe_open(str(path), framework="pt") as f:
-                    sl = f.get_slice(key)
-                    t = sl[start:stop] if sl.get_shape() else f.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: cannot read tensor {key!r} ({_line(e)})") from None
-        return t.to(torch.float32)
-
-    def get(self, key: str, dtype: torch.dtype | None = None, part: int | None = None) -> torch.Tensor:
-        """The tensor (cast to `dtype` unless None), or only its row `part` along the first dimension (read
-        alone from safetensors)."""
+    def get(self, key: str, dtype: torch.dtype | None = None, part: int | slice | None = None) -> torch.Tensor:
+        """The tensor (cast to `dtype` unless None), or only its row `part` (or rows, a slice) along the first
+        dimension (read alone from safetensors)."""
         path, h = self.where[key]
         try:
             if isinstance(h, dict):
@@ -204,7 +188,7 @@ class _Files:
                 with safe_open(str(path), framework="pt") as f:
                     t = f.get_tensor(key) if part is None else f.get_slice(key)[part]
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: cannot read tensor {key!r} ({_line(e)})") from None
+            raise CheckpointError(f"{path}: cannot read tensor {key!r} ({first_line(e)})") from None
         return t if dtype is None else t.to(dtype)
 
 
@@ -217,14 +201,10 @@ def _load_pth(path: Path) -> dict[str, torch.Tensor]:
             "convert it to safetensors"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable .pth file ({_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable .pth file ({first_line(e)})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: expected a flat dict of tensors")
     return sd
-
-
-def _line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 @contextlib.contextmanager
@@ -402,5 +382,5 @@ def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
     try:
         model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as e:  # a name map / model mismatch is our bug, but say which checkpoint
-        raise ConfigError(f"{checkpoint_dir}: weights do not fit {cls.__name__} ({_line(e)})") from None
+        raise ConfigError(f"{checkpoint_dir}: weights do not fit {cls.__name__} ({first_line(e)})") from None
     return finish_loaded(model)

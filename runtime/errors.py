@@ -34,6 +34,13 @@ class MissingExtraError(MixtrtError, ImportError):
     """An optional dependency is not installed; the message names the extra (`pip install 'mixtrt[X]'`)."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message as one line: its first line, or its type's name when it has none (what the
+    one-line errors quote of a library's exception)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class MixtrtWarning(UserWarning):
     """Something a user must know but that does not stop the work (a substituted file); the CLI prints it
     as one line."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from mixtrt.runtime.errors import ArtifactError
+from mixtrt.runtime.errors import ArtifactError, first_line
 from mixtrt.runtime.manifest import MODEL_FILE, Manifest, graph_specs
 
 
@@ -29,8 +29,7 @@ def inspect_artifact(directory: str | Path, verify: bool = False) -> dict[str, A
         try:
             model = onnx.load(str(path), load_external_data=False)
         except Exception as e:  # onnx raises its own (protobuf) exception types
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ArtifactError(f"{path}: not a readable ONNX graph ({why})") from None
+            raise ArtifactError(f"{path}: not a readable ONNX graph ({first_line(e)})") from None
         m.check_graph(path, *graph_specs(model))
     a = m.args
     itemsize = np.dtype(m.cache.dtype).itemsize

@@ -511,10 +511,15 @@ def check_target(target: Path, *, overwrite: bool = False) -> None:
             raise ArtifactError(f"{target}: already exists (pass --force / overwrite=True to replace it)")
 
 
+def _manifest_last(names: list[str]) -> list[str]:
+    """`names` with the manifest (if there) moved to the end: the order files go into an artifact, so the folder
+    is an artifact only once all of them are in (reversed: the order they leave it)."""
+    return [n for n in names if n != MANIFEST] + [n for n in names if n == MANIFEST]
+
+
 def _move_in(tmp: Path, target: Path) -> None:
     """Move every file of `tmp` into `target`, the manifest last."""
-    names = sorted(p.name for p in tmp.iterdir())
-    for name in [n for n in names if n != MANIFEST] + [n for n in names if n == MANIFEST]:
+    for name in _manifest_last(sorted(p.name for p in tmp.iterdir())):
         os.replace(tmp / name, target / name)
 
 
@@ -543,10 +548,10 @@ def _replace_in_place(target: Path, tmp: Path) -> None:
     moved_out: list[str] = []
     moved_in: list[str] = []
     try:
-        for name in [n for n in old if n == MANIFEST] + [n for n in old if n != MANIFEST]:
+        for name in reversed(_manifest_last(old)):
             os.replace(target / name, aside / name)
             moved_out.append(name)
-        for name in [n for n in new if n != MANIFEST] + [n for n in new if n == MANIFEST]:
+        for name in _manifest_last(new):
             os.replace(tmp / name, target / name)
             moved_in.append(name)
     except OSError:

@@ -20,7 +20,7 @@ import numpy as np
 
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.cache import HostKVCache, check_batch_size
-from mixtrt.runtime.errors import ArtifactError, BackendError, ConfigError
+from mixtrt.runtime.errors import ArtifactError, BackendError, ConfigError, first_line
 from mixtrt.runtime.manifest import MODEL_FILE, Manifest, TensorSpec, graph_specs
 from mixtrt.runtime.threads import check_threads
 
@@ -96,7 +96,7 @@ class OrtBackend:
             self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
             del source
         except Exception as e:  # onnx and onnxruntime raise their own exception types
-            raise ArtifactError(f"{model_path}: onnxruntime cannot load the graph: {_first_line(e)}") from None
+            raise ArtifactError(f"{model_path}: onnxruntime cannot load the graph: {first_line(e)}") from None
         _release_freed_heap()
         if checked is None:
             checked = ([_spec(t) for t in self.session.get_inputs()], [_spec(t) for t in self.session.get_outputs()],
@@ -220,7 +220,7 @@ class OrtBackend:
             try:
                 self.session.run_with_iobinding(bound.binding)
             except Exception as e:  # onnxruntime's own exception types; the cache rows may be partly written
-                raise BackendError(f"onnxruntime failed on a step of {b} row(s) x {s} token(s): {_first_line(e)}"
+                raise BackendError(f"onnxruntime failed on a step of {b} row(s) x {s} token(s): {first_line(e)}"
                                    ) from None
             cache.lengths[rows] = total
             logits = bound.logits.astype(np.float32)  # a copy: the caller owns it; the bound buffer is reused
@@ -259,7 +259,7 @@ class OrtBackend:
                 self.session.run_with_iobinding(bound.binding)
             except Exception as e:  # onnxruntime's own exception types; the cache rows may be partly written
                 raise BackendError(f"onnxruntime failed on a step of {b} decoding row(s) and a chunk of {s} "
-                                   f"token(s): {_first_line(e)}") from None
+                                   f"token(s): {first_line(e)}") from None
             cache.lengths[rows], cache.lengths[chunk] = total, chunk_total
             logits = bound.logits[0].astype(np.float32)  # a copy: the caller owns it; the bound buffer is reused
         return logits
@@ -366,11 +366,6 @@ def _spec(arg: Any) -> TensorSpec:
     """An onnxruntime NodeArg as the manifest writes graph IO (a dynamic dimension becomes its name, or "?")."""
     return TensorSpec(arg.name, _ORT_TYPES.get(arg.type, arg.type),
                       tuple(d if isinstance(d, int) else (d or "?") for d in arg.shape))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _release_freed_heap() -> None:

@@ -39,7 +39,7 @@ import numpy as np
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backends.graph_weights import check_shapes, is_packed, read_graph_weights
 from mixtrt.runtime.cache import CachePlan, check_batch_size, move_lengths, plan_row_move
-from mixtrt.runtime.errors import ArtifactError, BackendError, ConfigError
+from mixtrt.runtime.errors import ArtifactError, BackendError, ConfigError, first_line
 from mixtrt.runtime.manifest import MODEL_FILE, Manifest, TensorSpec, graph_specs
 from mixtrt.runtime.precision import PRECISIONS
 
@@ -249,8 +249,7 @@ class TritonBackend:
                                       [(k[rows], v[rows]) for k, v in zip(cache.keys, cache.values, strict=True)])
             except (RuntimeError, ValueError) as e:  # torch / triton errors; the cache rows may be partly written
                 raise BackendError(f"the triton backend failed on a step of {b} row(s) x {s} token(s): "
-                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
-                                   ) from None
+                                   f"{first_line(e)}") from None
             cache.lengths[rows] = total.astype(np.int32)
         return logits
 
