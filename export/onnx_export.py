@@ -42,7 +42,6 @@ from mixtrt import __version__
 from mixtrt.export.model import HEADS, CausalLM, SequenceClassifier, Transformer, finish_loaded
 from mixtrt.export.progress import Progress
 from mixtrt.export.quantize import (
-    EXPERTS_FLOAT,
     Int4Options,
     Int4Plan,
     bytes_per_token,
@@ -272,9 +271,10 @@ def export_onnx(
                     warnings.warn(f"{checkpoint_dir}: --precision int4 stores no weight in INT4 here "
                                   f"({'; '.join(reasons) or 'nothing to quantize'}): the artifact keeps its linears "
                                   "in float (INT8 where asked)", MixtrtWarning, stacklevel=2)
-                elif experts := sorted({why for why in int4_plan.floats.values() if why.startswith(EXPERTS_FLOAT)}):
+                elif int4_plan.experts_unblocked:
                     # most of a MoE model's bytes: said whatever `progress` is, not only in the summary
-                    warnings.warn(f"{checkpoint_dir}: --precision int4 keeps the experts in float: {experts[0]}; "
+                    warnings.warn(f"{checkpoint_dir}: --precision int4 keeps the experts in float: "
+                                  f"{int4_plan.experts_unblocked}; "
                                   "try another --block-size", MixtrtWarning, stacklevel=2)
             total = sum(weight_bytes(w) for w in weights)
             t2 = time.perf_counter()

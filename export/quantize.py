@@ -51,7 +51,6 @@ from mixtrt.runtime.weights import WeightIndex
 MIN_BLOCK = 16  # MatMulNBits / QMoE: a power of two >= 16
 QDQ_OPSET = 21  # DequantizeLinear with INT4 and block_size
 ROUTER_REASON = "router: routing stays fp32"
-EXPERTS_FLOAT = "the experts' input dimension"  # the start of the reason when no block fits them
 ROPE_TABLES = ("rope_cos", "rope_sin")  # the graph's RoPE initializers (their names' ends)
 
 
@@ -257,6 +256,7 @@ class Int4Plan:
         self.items: dict[str, _Item] = {}  # graph value name -> what it becomes
         self.blocks: dict[str, int] = {}
         self.floats: dict[str, str] = {}
+        self.experts_unblocked = ""  # why the experts stay float where no block fits them ("": they do not)
         self.eight: list[str] = []
         self.moe: tuple[int, int, int, int, int] | None = None  # E, hidden, inter, block fc1, block fc2
 
@@ -333,8 +333,9 @@ class Int4Plan:
         elif b1 is None or b2 is None:
             bad = " and ".join(f"{name} {k}" for name, k, b in (("hidden", hidden, b1), ("intermediate", inter, b2))
                                if b is None)
-            reason = f"{EXPERTS_FLOAT} ({bad}) has no power-of-two block >= {MIN_BLOCK} dividing it (experts are " \
-                     "quantized all or none)"
+            reason = f"the experts' input dimension ({bad}) has no power-of-two block >= {MIN_BLOCK} dividing it " \
+                     "(experts are quantized all or none)"
+            self.experts_unblocked = reason
         else:
             reason = ""
         for m in moe_nodes:
