@@ -199,12 +199,11 @@ def export_onnx(
     tokenizer = load_chat_tokenizer(None, chat, args.vocab_size)
     if chat.note:  # a substituted tokenizer: said whatever `progress` is (the CLI prints it as one line)
         warnings.warn(f"{checkpoint_dir}: {chat.note}", MixtrtWarning, stacklevel=2)
-    eos = chat.generation.eos_token_ids if chat.generation.eos_token_ids is not None else args.eos_token_ids
+    eos, where = chat.generation.eos(args.eos_token_ids)
     if chat.kind == "jinja" and tokenizer.eos_id not in eos and args.head == "causal_lm":
         # a ChatML fine-tune whose generation_config.json still names </s>: replies would not end at <|im_end|>
         warnings.warn(f"{checkpoint_dir}: the chat template's eos_token {chat.special_tokens.get('eos_token')!r} "
-                      f"(id {tokenizer.eos_id}) is not among the eos ids generation stops on, {list(eos)} (from "
-                      f"{'generation_config.json' if chat.generation.eos_token_ids is not None else 'config.json'}): "
+                      f"(id {tokenizer.eos_id}) is not among the eos ids generation stops on, {eos} (from {where}): "
                       "replies will not end at it; add it to generation_config.json's eos_token_id",
                       MixtrtWarning, stacklevel=2)
     check_target(out_dir, overwrite=overwrite)

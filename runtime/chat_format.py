@@ -140,14 +140,20 @@ class GenerationDefaults:
             out["eos_token_id"] = self.eos_token_ids
         return out
 
+    def eos(self, model_eos: Sequence[int]) -> tuple[list[int], str]:
+        """The eos ids generation stops on (this file's, else the model config's `model_eos`) and the file they
+        come from."""
+        if self.eos_token_ids is not None:
+            return list(self.eos_token_ids), GENERATION_CONFIG
+        return list(model_eos), "config.json"
+
     def describe(self, model_eos: Sequence[int]) -> str:
         """One line for `mixtrt inspect`: what generation does when no option is given.
 
         >>> GenerationDefaults(eos_token_ids=(2,), do_sample=True, top_p=0.9, ignored=("typical_p",)).describe([2])
         'eos [2] (generation_config.json); do_sample True, top_p 0.9 (generation_config.json); not used: typical_p'
         """
-        eos = list(self.eos_token_ids) if self.eos_token_ids is not None else list(model_eos)
-        where = GENERATION_CONFIG if self.eos_token_ids is not None else "config.json"
+        eos, where = self.eos(model_eos)
         line = f"eos {eos} ({where}); " if eos else f"eos none: never stops on one ({where}); "
         set_ = {k: v for k, v in self.config_kwargs().items() if k != "eos_token_id"}
         if not set_:
