@@ -35,7 +35,15 @@ def normalize_prompts(prompts: Prompts, tokenizer: Any, vocab_size: int) -> list
                           f"{type(prompts).__name__}")
     if len(prompts) == 0:
         raise ConfigError("prompts is empty: give a str, a list of str, a token-id list or a list of them")
-    batch: Sequence[Any] = [prompts] if all(_is_id(p) for p in prompts) else prompts  # one tokenized prompt
+    if any(_is_id(p) for p in prompts):  # one tokenized prompt
+        bad = next((i for i, p in enumerate(prompts) if not _is_id(p)), None)
+        if bad is not None:
+            raise ConfigError(f"prompt 0: token ids must be integers; item {bad} is a {type(prompts[bad]).__name__}")
+        batch: Sequence[Any] = [prompts]
+    else:
+        batch = prompts
+        if len({isinstance(p, str) for p in batch}) > 1:
+            raise ConfigError("prompts mixes text and token-id lists: give a list of str or a list of token-id lists")
     rows = []
     for i, p in enumerate(batch):
         if isinstance(p, str):

@@ -192,7 +192,8 @@ def test_invalid_options_raise_before_work(options, name):
 
 @pytest.mark.parametrize("prompts, match", [
     ("", "prompt 0 is empty"), ([], "empty"), ([[1, 2], []], "prompt 1 is empty"), ([1, V], "outside the vocab"),
-    ([[1, -1]], "outside the vocab"), ([[1.5, 2]], "integers"),
+    ([[1, -1]], "outside the vocab"), ([[1.5, 2]], "integers"), ([1, 2.5], "item 1 is a float"),
+    (["a", [1, 2]], "mixes text and token-id lists"), ([[1, 2], "a"], "mixes text and token-id lists"),
 ])
 def test_invalid_prompts_raise_before_work(prompts, match):
     gen, backend = make()
