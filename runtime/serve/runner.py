@@ -99,28 +99,40 @@ def http_protocol(limit: int) -> dict[str, Any]:
              b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
 
     class BoundedHead(HttpToolsProtocol):
-        _head = 0  # bytes of the request head being read, counted by the chunks read wholly inside it
+        _head = 0  # bytes of the request head read so far
+        _tail = b""  # the head's last bytes read (an end-of-head mark split between two reads)
         _in_head = True  # between a request's first byte and the end of its headers
 
         def data_received(self, data: bytes) -> None:
+            if self._in_head:  # counted before the parser sees them: the read that ends the head up to its end
+                seen = self._tail + data
+                ends = [i for i in (seen.find(b"\r\n\r\n"), seen.find(b"\n\n")) if i >= 0]
+                n = min(ends) + (4 if seen.startswith(b"\r\n\r\n", min(ends)) else 2) - len(self._tail) if ends \
+                    else len(data)
+                if self._head + n > limit:
+                    self.transport.write(reply)
+                    self.transport.close()
+                    return
+                self._head += n
+                self._tail = seen[-3:]
             was_in_head = self._in_head
             super().data_received(data)
-            if not self._in_head or self.transport.is_closing():
-                return
-            # a chunk that ended a body and began the next head is not counted (the head's size is then
-            # underestimated by less than one read); a chunk wholly inside the head is
-            self._head = self._head + len(data) if was_in_head else 0
-            if self._head > limit:
-                self.transport.write(reply)
-                self.transport.close()
+            if self._in_head and not was_in_head:
+                # a read that ended a body and began the next head (pipelining): that head's bytes in it are not
+                # counted (the head's size is then underestimated by less than one read)
+                self._head, self._tail = 0, b""
 
         def on_message_begin(self) -> None:
             self._in_head = True
             super().on_message_begin()
 
         def on_headers_complete(self) -> None:
-            self._in_head, self._head = False, 0
+            self._in_head, self._head, self._tail = False, 0, b""
             super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._in_head = True  # what a kept-alive connection sends next is the next request's head
+            super().on_message_complete()
 
     return {"http": BoundedHead}
 
