@@ -263,6 +263,7 @@ class _Lead:
         self.shown = ""  # the fresh decode's
         self.drop: int | None = None  # characters still to drop from the front, once known
         self.held = ""  # stop-filtered text waiting for `drop`
+        self.front = ""  # what is dropped, once known (a first word's leading space)
 
     def see(self, token: int | None, piece: str) -> None:
         """Each token and the continuation text it added; token None: the end (piece: the decoder's flush)."""
@@ -274,6 +275,7 @@ class _Lead:
             # the two differ only in front; where they differ otherwise (a prompt that ends inside a character the
             # output completes), the continuation's text is kept whole
             self.drop = len(self.primed) - len(self.shown) if self.primed.endswith(self.shown) else 0
+            self.front = self.primed[:self.drop]
 
     def emit(self, text: str) -> str:
         """The stop filter's output -> the row's text."""
@@ -329,6 +331,12 @@ class Row:
     def sequence(self) -> list[int]:
         """Every token of the row so far: earlier turns, this turn's prompt, generated tokens."""
         return self.history + self.prompt + self.tokens
+
+    @property
+    def front(self) -> str:
+        """What a new message's text leaves out in front of its tokens' text (a first word's leading space), once
+        its first character is shown; "" for a continuation."""
+        return self.lead.front if self.lead is not None else ""
 
 
 @dataclass(frozen=True)

@@ -378,11 +378,17 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
         # generation_config.json sets one (as vLLM), else up to the model's limit
         default_max = 16 if kind == "completions" else gen.defaults.max_new_tokens or limit
         asked = overrides(req, default_max, gen.defaults.temperature)
-        if req.min_tokens is not None and req.min_tokens > asked["max_new_tokens"]:  # as vLLM: not a silent cut
-            name, given = length_field(req)
+        name, given = length_field(req)
+        most, longest = asked["max_new_tokens"], max(len(p) for p in prompts)
+        if req.min_tokens is not None and given is None and limit - longest < min(most, req.min_tokens):
+            # a default length stops where the positions end (a given one past them was refused in _prepare)
+            raise ApiError(f"min_tokens: {req.min_tokens} is more than the {limit - longest} tokens the request can "
+                           f"generate: {name} is not given and the longest prompt ({longest} tokens) leaves "
+                           f"{limit - longest} of the {limit} positions ({limits[1]})", param="min_tokens")
+        if req.min_tokens is not None and req.min_tokens > most:  # as vLLM: not a silent cut
             raise ApiError(f"min_tokens: {req.min_tokens} is more than {name} "
-                           f"({asked['max_new_tokens']}{'' if given is not None else ', the default'}), the most "
-                           "tokens the request generates", param="min_tokens")
+                           f"({most}{'' if given is not None else ', the default'}), the most tokens the request "
+                           "generates", param="min_tokens")
         # echo with max_tokens 0 scores the prompt (vLLM's echo without generation, OpenAI's legacy completions):
         # the prompt's logprobs come with its prefill, which also chooses a first token; that one is not returned
         echo_only = asked["max_new_tokens"] == 0
@@ -647,8 +653,8 @@ def _full_choice(call: _Call, state: _State, i: int) -> dict[str, Any]:
     out = call.outputs[i]
     p = i // call.req.n
     if call.kind == "chat":
-        lp = chat_logprobs(_texts(state), out.token_ids, out.logprobs, out.top_logprobs, _chat_k(call)) \
-            if out.logprobs is not None else None
+        lp = chat_logprobs(_texts(state), out.token_ids, out.logprobs, out.top_logprobs, _chat_k(call),
+                           call.handle.rows[i].front) if out.logprobs is not None else None
         return {"index": i, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
                 "finish_reason": _finish(out)}
     lp = None
@@ -682,8 +688,8 @@ def _stream_logprobs(call: _Call, state: _State, row: Any, indices: list[int]) -
     top = None
     if row.top:
         top = (np.stack([row.top[t][0] for t in indices]), np.stack([row.top[t][1] for t in indices]))
-    if call.kind == "chat":
-        return chat_logprobs(_texts(state), ids, lps, top, _chat_k(call))
+    if call.kind == "chat":  # the message's front is taken off the first tokens, which come in its first chunk
+        return chat_logprobs(_texts(state), ids, lps, top, _chat_k(call), row.front if indices[:1] == [0] else "")
     i = call.handle.rows.index(row)
     if i not in call.offsets:  # one per streamed choice: its chunks' offsets go on from the last one's
         call.offsets[i] = _text_offsets(call, state, i)

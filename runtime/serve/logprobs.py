@@ -86,14 +86,32 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return {key: a[key] + b[key] for key in a}
 
 
-def chat_logprobs(texts: TokenTexts, ids: list[int], lps: Any, top: Any, k: int) -> dict[str, Any]:
+def chat_logprobs(texts: TokenTexts, ids: list[int], lps: Any, top: Any, k: int, front: str = "") -> dict[str, Any]:
+    """OpenAI's chat logprobs of a message's tokens. front: what the message's text leaves out in front of its first
+    tokens' text (`Row.front`, a first word's leading space), taken off them and off the alternatives at their
+    positions, so the tokens' text and bytes join to the message's content."""
     content = []
     for n, t in enumerate(ids):
         text, data = texts(t)
+        cut = ""
+        if front:
+            head = front[:len(text)]
+            if text.startswith(head):
+                cut, front = head, front[len(head):]
+                text, data = _without(cut, text, data)
+            else:
+                front = ""
         alts = []
         if top is not None:
             for a, v in zip(top[0][n][:k], top[1][n][:k], strict=True):
-                at, ad = texts(int(a))
+                at, ad = _without(cut, *texts(int(a)))
                 alts.append({"token": at, "logprob": float(v), "bytes": list(ad)})
         content.append({"token": text, "logprob": float(lps[n]), "bytes": list(data), "top_logprobs": alts})
     return {"content": content}
+
+
+def _without(cut: str, text: str, data: bytes) -> tuple[str, bytes]:
+    """A token's text and bytes with `cut` taken off its front (where it starts with it)."""
+    if not cut or not text.startswith(cut):
+        return text, data
+    return text[len(cut):], data[len(cut.encode("utf-8")):]

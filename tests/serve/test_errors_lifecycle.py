@@ -34,7 +34,10 @@ BAD = [  # (body, status, param, words in the message)
     ({"prompt": "a", "n": 1000}, 400, "n", "less than or equal to 128"),
     ({"prompt": ""}, 400, "prompt", "empty"),
     ({"prompt": []}, 400, "prompt", "empty"),
-    ({"prompt": [1, "x"]}, 400, "prompt", "prompt"),
+    ({"prompt": [1, "x"]}, 400, "prompt", "item 1 is a str"),
+    ({"prompt": [1, 2.5]}, 400, "prompt", "item 1 is a float"),
+    ({"prompt": ["a", [1, 5]], "echo": True}, 400, "prompt", "mixes text and token-id lists"),
+    ({"prompt": [[1, 5], "a"], "echo": True, "stream": True}, 400, "prompt", "mixes text and token-id lists"),
     ({"prompt": [1, 99999999]}, 400, "prompt", "outside the vocabulary"),
     ({"prompt": "a", "best_of": 2}, 400, "best_of", "only equal to n"),
     ({"prompt": "a", "suffix": "end"}, 400, "suffix", "not supported"),
@@ -45,6 +48,9 @@ BAD = [  # (body, status, param, words in the message)
     ({"prompt": "a", "min_tokens": -1}, 400, "min_tokens", "greater than or equal to 0"),
     ({"prompt": "a", "min_tokens": 10, "max_tokens": 3}, 400, "min_tokens", "10 is more than max_tokens (3)"),
     ({"prompt": "a", "min_tokens": 17}, 400, "min_tokens", "more than max_tokens (16, the default)"),
+    ({"prompt": list(range(3, 124)), "min_tokens": 10}, 400, "min_tokens",
+     "more than the 7 tokens the request can generate: max_tokens is not given and the longest prompt (121 tokens) "
+     "leaves 7 of the 128 positions"),
     ({"prompt": "a", "typical_p": 0.5}, 400, "typical_p", "unknown field"),
     ({"prompt": "a", "max_tokens": 200}, 400, "max_tokens", "ask for at most 126"),  # "a" is 2 of 128 positions
     (b'{"prompt": "a", "model": "\\ud800"}', 404, "model", "the model '\\ud800' does not exist"),
@@ -95,6 +101,48 @@ def test_request_headers_past_the_limit_get_431_at_once(server):
             reply += chunk
         assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
     assert server.http.get("/health").status_code == 200
+
+
+def test_head_limit_counts_the_read_that_ends_the_head(server):
+    """The bound is the head's own bytes: a head just over it sent whole in one write (the read that ends the head
+    counted) gets 431, on a new connection and as the second request of a kept-alive one; a head just under it
+    and a small head followed by a body of several limits in the same write are served."""
+    import socket
+
+    from mixtrt.runtime.serve.runner import MAX_HEAD_BYTES
+
+    def request(pad: int, body: bytes = b"", path: bytes = b"/health", close: bool = True) -> bytes:
+        start = (b"POST " if body else b"GET ") + path + b" HTTP/1.1\r\nHost: x\r\n"
+        start += b"Connection: close\r\n" if close else b""
+        end = b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        return start + b"X-Pad: " + b"a" * (pad - len(start) - len(end) - 9) + b"\r\n" + end + body
+
+    def replies(*writes: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as c:
+            for w in writes:
+                c.sendall(w)
+            out = b""
+            while chunk := c.recv(65536):
+                out += chunk
+            return out
+
+    assert len(request(MAX_HEAD_BYTES)) == MAX_HEAD_BYTES
+    assert replies(request(MAX_HEAD_BYTES)).startswith(b"HTTP/1.1 200 ")
+    assert replies(request(MAX_HEAD_BYTES + 1)).startswith(b"HTTP/1.1 431 ")
+    assert replies(request(MAX_HEAD_BYTES + 30000)).startswith(b"HTTP/1.1 431 ")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as c:  # kept alive
+        c.sendall(request(200, close=False))
+        first = b""
+        while not first.endswith(b"}"):
+            first += c.recv(65536)
+        c.sendall(request(MAX_HEAD_BYTES + 1))
+        second = b""
+        while chunk := c.recv(65536):
+            second += chunk
+    assert first.startswith(b"HTTP/1.1 200 ") and second.startswith(b"HTTP/1.1 431 "), (first[:100], second[:100])
+    body = b'{"prompt": "a", "max_tokens": 1' + b" " * (3 * MAX_HEAD_BYTES) + b"}"
+    big = replies(request(300, body, b"/v1/completions"))
+    assert big.startswith(b"HTTP/1.1 200 "), big[:300]
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
