@@ -62,10 +62,23 @@ def _kernels(device: str) -> tuple[Any, Any, Any, Any]:
     if cpu and not interpreted:
         raise ConfigError("the triton backend on the CPU needs the Triton interpreter, but the kernels were already "
                           "compiled for a GPU in this process: set TRITON_INTERPRET=1 before importing them")
+    if cpu and _compiled_language():
+        raise ConfigError("the triton backend on the CPU needs the Triton interpreter, which triton chooses when it is "
+                          "first imported, and this process imported triton before TRITON_INTERPRET=1 was set "
+                          "(transformers' Mistral and Mixtral modules import it): set TRITON_INTERPRET=1 in the "
+                          "environment, or load the backend before importing transformers or triton")
     if not cpu and interpreted:
         raise ConfigError(f"device {device!r}: TRITON_INTERPRET=1 is set in this process, so the kernels run in the "
                           "interpreter on CPU tensors only; unset it to run on the GPU")
     return torch, swa, moe, dense
+
+
+def _compiled_language() -> bool:
+    """triton.language's own jit functions (tl.zeros, tl.cdiv, ... in triton 3.x) were decorated for compiling:
+    triton was imported without TRITON_INTERPRET, and interpreted kernels calling them fail at their first run."""
+    import triton.language as tl
+
+    return any(type(v).__name__ == "JITFunction" for v in vars(tl).values())
 
 
 class DeviceKVCache:

@@ -168,6 +168,20 @@ def test_cli_generate_backend_triton(exported):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "'triton'" in bad.stderr
 
 
+def test_a_process_that_imported_triton_before_the_interpreter_is_refused_at_load(exported):
+    """triton decorates triton.language's own jit functions (tl.zeros, ...) when it is first imported: a process
+    that imported it without TRITON_INTERPRET (transformers' Mistral modules do) cannot run interpreted kernels.
+    Loading the CPU backend there is one ConfigError naming the remedy (it loaded, then failed at the first step)."""
+    art = exported["mistral-window"][1]
+    code = ("import os, sys; os.environ.pop('TRITON_INTERPRET', None); import triton.language;"
+            "from mixtrt.runtime.errors import ConfigError; from mixtrt.runtime.backends import load_backend\n"
+            f"try: load_backend('triton', {str(art)!r})\nexcept ConfigError as e: print(e)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert r.returncode == 0 and "imported triton before TRITON_INTERPRET=1 was set" in r.stdout, r.stdout + r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1
+
+
 def test_runtime_stays_torch_free():
     code = ("import sys, mixtrt.runtime.backends, mixtrt.runtime.generation, mixtrt.cli.options;"
             "print(sorted(m for m in ('torch', 'triton', 'onnx') if m in sys.modules))")
