@@ -102,6 +102,8 @@ class TekkenStream:
 class MistralCommonTokenizer:
     """A mistral-common tokenizer file: chat through `encode_chat_completion`, text as mistral-common."""
 
+    takes_text_parts = True  # mistral-common reads OpenAI's text-part lists (joined as its version joins them)
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_file():
@@ -206,6 +208,8 @@ class MistralCommonTokenizer:
         except KeyError as e:  # a field the message type needs (a tool message's tool_call_id, ...)
             return [], f"the message has no {e.args[0]!r} field" if e.args else "a field is missing"
         except (MistralCommonException, ValueError, TypeError, AssertionError) as e:
+            if callable(getattr(e, "errors", None)) and getattr(e, "title", None):  # pydantic's: the field named
+                return [], _validation_error(e)
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             return [], f"{type(e).__name__}: {' '.join(first.split())}"
         return [int(i) for i in encoded.tokens], None
@@ -217,6 +221,22 @@ class MistralCommonTokenizer:
 
             self._closed_chat = self._mistral_tokenizer.from_file(str(self.path), mode=ValidationMode.finetuning)
         return self._closed_chat
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def _validation_error(e: Any) -> str:
+    """A pydantic ValidationError from mistral-common's message types as one line: the type, then each field it
+    refuses (a union's branches are one field) with pydantic's reason and the value given."""
+    seen: dict[str, str] = {}
+    for err in e.errors():
+        path = ".".join(str(p) for p in err.get("loc", ())
+                        if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS)))
+        if path not in seen:
+            given = "" if err.get("type") == "missing" else f" (got {str(repr(err.get('input')))[:60]})"
+            seen[path] = f"{path or 'value'}: {err.get('msg', 'invalid')}{given}"
+    return f"{e.title}: {'; '.join(seen.values())}"
 
 
 def _checked(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> list[Mapping[str, Any]]:

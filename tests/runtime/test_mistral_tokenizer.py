@@ -161,6 +161,12 @@ def test_chat_errors_name_the_message(ours):
                                                     r"'tool_call_id' field"),
         ([u, a, {"role": "wizard", "content": "r"}, u], r"failed at message 2 \(role 'wizard'\)"),
         ([], "non-empty list"),
+        # pydantic's refusals name the field and the value (its first line named only the message type)
+        ([{"role": "user", "content": None}], r"message 0 \(role 'user'\): UserMessage: content: Input should be a "
+                                               r"valid string \(got None\)$"),
+        ([u, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "abcdefghi", "type": "function", "function": {"arguments": "{}"}}]}, u],
+         r"message 1 \(role 'assistant'\): ToolCall: function.name: Field required$"),
     ]
     for messages, match in cases:
         with pytest.raises(ConfigError, match=match) as e:
