@@ -84,6 +84,8 @@ class _Stream(StreamDecoder):
 class JinjaChatTokenizer:
     """encode / decode / stream as the sentencepiece `Tokenizer`; chat through the Jinja template."""
 
+    takes_text_parts = False  # the server joins a message's text parts with newlines first, as vLLM does for templates
+
     def __init__(self, text: Tokenizer, templates: ChatTemplate | Mapping[str, ChatTemplate],
                  added_tokens: Sequence[AddedToken] = (), prepend_scheme: PrependScheme = "first") -> None:
         """templates: one template, or the checkpoint's named ones ("default", "tool_use", ...)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
 
@@ -222,6 +223,10 @@ def sp_offsets(sp: spm.SentencePieceProcessor, text: str) -> tuple[list[int], li
 class Tokenizer:
     """A sentencepiece `tokenizer.model` (Mistral: byte-fallback BPE, BOS 1, EOS 2, no pad)."""
 
+    # chat takes OpenAI's text-part lists as content and joins them as mistral-common's v1 does (the server passes
+    # them on instead of joining them itself)
+    takes_text_parts = True
+
     def __init__(self, sp: spm.SentencePieceProcessor, path: Path) -> None:
         self._sp = sp
         self.path = path
@@ -332,17 +337,20 @@ class Tokenizer:
         return "".join(parts)
 
 
-def _turns(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, continue_final_message: bool = False
+def _turns(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, continue_final_message: bool = False
            ) -> list[tuple[str, str, bool]]:
     """Validated (role, content, closed) turns, normalised as mistral-common's v1 normaliser does; closed: an
     assistant turn that ends with EOS (all of them, but the last one with continue_final_message).
 
+    - a message's content is a string or a list of OpenAI text parts (`{"type": "text", "text": ...}`), whose
+      non-empty texts join with a blank line; the `developer` role is `system` (mistral-common's OpenAI reading);
     - the system messages' texts (empty ones dropped) join with a blank line into one system prompt, which
       goes before the first user turn's text ("{system}\\n\\n{user}"); a system message may not follow an
       assistant message directly;
-    - consecutive user (or assistant) messages join into one turn, their texts separated by a blank line (a
-      system message between them keeps them apart);
-    - a conversation that does not start with a user turn gets an empty one first;
+    - consecutive user (or assistant) messages join into one turn, their non-empty texts separated by a blank
+      line (a system message between them keeps them apart);
+    - a conversation of one message is a user or a system message; one that does not start with a user turn gets
+      an empty one first;
     - with add_generation_prompt the last turn must be the user's (the model answers next); without it the
       conversation may end with an assistant turn, closed by EOS (left open with continue_final_message).
     """
@@ -352,27 +360,27 @@ def _turns(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, c
     if continue_final_message:
         check_continue(messages, add_generation_prompt)
     check_messages_text(messages)
+    plain: list[tuple[str, str]] = []
     for n, m in enumerate(messages):
-        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ConfigError(f"chat: message {n} must be a mapping with string 'role' and 'content', got {m!r}")
-        if m["role"] not in ("system", "user", "assistant"):
-            raise ConfigError(f"chat: message {n} has role {m['role']!r}: the Mistral v1 format takes system, user "
-                              "and assistant messages")
-        if m["role"] == "assistant" and not m["content"]:
+        plain.append(_message(m, n))
+        role, content = plain[-1]
+        if role == "assistant" and not content:
             raise ConfigError(f"chat: message {n} is an empty assistant message")
-        if m["role"] == "system" and n and messages[n - 1]["role"] == "assistant":
+        if role == "system" and n and plain[n - 1][0] == "assistant":
             raise ConfigError(f"chat: message {n} has role 'system' right after an assistant message, which the "
                               "Mistral v1 format (mistral-common) refuses")
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
+    if len(plain) == 1 and plain[0][0] == "assistant":
+        raise ConfigError("chat: a conversation of one message must be a user or system message, not the "
+                          "assistant's (mistral-common)")
+    system = "\n\n".join(content for role, content in plain if role == "system" and content)
     turns: list[tuple[str, str]] = []
     previous = None
-    for m in messages:
-        role = m["role"]
+    for role, content in plain:
         if role != "system":
-            if role == previous:
-                turns[-1] = (role, f"{turns[-1][1]}\n\n{m['content']}")
+            if role == previous:  # joined as mistral-common joins them: empty texts add nothing
+                turns[-1] = (role, "\n\n".join(t for t in (turns[-1][1], content) if t))
             else:
-                turns.append((role, m["content"]))
+                turns.append((role, content))
         previous = role
     if not turns or turns[0][0] != "user":
         turns.insert(0, ("user", ""))
@@ -386,3 +394,24 @@ def _turns(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, c
     last = len(turns) - 1
     return [(role, content, role == "assistant" and not (continue_final_message and n == last))
             for n, (role, content) in enumerate(turns)]
+
+
+def _message(m: Any, n: int) -> tuple[str, str]:
+    """(role, text) of message n in the v1 format, or a ConfigError naming what is wrong with it."""
+    if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+        raise ConfigError(f"chat: message {n} must be a mapping with a string 'role', got {m!r}")
+    role = "system" if m["role"] == "developer" else m["role"]
+    if role not in ("system", "user", "assistant") or m.get("tool_calls"):
+        raise ConfigError(f"chat: message {n} has {'tool calls' if role == 'assistant' else f'role {role!r}'}: the "
+                          "Mistral v1 format takes system, user and assistant text messages (mistral-common has no "
+                          "tools for v1)")
+    content = m.get("content")
+    if isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        content = "\n\n".join(p["text"] for p in content if p["text"])  # mistral-common's join of text chunks
+    if not isinstance(content, str):
+        what = "no content" if content is None else f"content of type {type(content).__name__}"
+        raise ConfigError(f"chat: message {n} ({m['role']}) has {what}: the Mistral v1 format takes a string or a "
+                          "list of text parts")
+    return role, content
+

@@ -259,7 +259,7 @@ def _tokenize(raw: bytes, state: _State) -> dict[str, Any]:
         raise ApiError("give either prompt (a text) or messages", param="prompt" if req.prompt is None else "messages")
     try:
         if req.messages is not None:
-            messages = chat_messages(req)
+            messages = chat_messages(req, getattr(gen.tokenizer, "takes_text_parts", False))
             check_messages_text(messages)
             check_continuation(req)
             ids = list(gen.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
@@ -584,7 +584,7 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
     vocab = gen.backend.args.vocab_size
     try:
         if isinstance(req, ChatRequest):
-            messages = chat_messages(req)
+            messages = chat_messages(req, getattr(gen.tokenizer, "takes_text_parts", False))
             check_messages_text(messages)
             ids = gen.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
                                                     continue_final_message=req.continue_final_message)

@@ -228,11 +228,11 @@ def check_continuation(req: ChatRequest | TokenizeRequest) -> None:
                        "not answered)", param="continue_final_message")
 
 
-def chat_messages(req: ChatRequest | TokenizeRequest) -> list[dict[str, Any]]:
-    """The messages as plain dicts for the chat template; content parts joined by newlines, as vLLM joins them
-    (text parts only). OpenAI's
-    `developer` role (its newer name for instructions) is the templates' `system`; a `content: null` the client
-    sent stays in the message (the template judges it)."""
+def chat_messages(req: ChatRequest | TokenizeRequest, text_parts: bool = False) -> list[dict[str, Any]]:
+    """The messages as plain dicts for the chat format. Content parts (text parts only): kept as the list with
+    text_parts (a Mistral format: mistral-common joins them, with a blank line up to v13), else joined by newlines,
+    as vLLM joins them for a chat template. OpenAI's `developer` role (its newer name for instructions) is the
+    templates' `system`; a `content: null` the client sent stays in the message (the template judges it)."""
     out = []
     for i, m in enumerate(req.messages or []):
         d = m.model_dump(exclude_none=True)
@@ -246,7 +246,7 @@ def chat_messages(req: ChatRequest | TokenizeRequest) -> list[dict[str, Any]]:
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise ApiError(f"messages[{i}].content: only text parts are supported", param="messages")
                 texts.append(part["text"])
-            d["content"] = "\n".join(texts)
+            d["content"] = [{"type": "text", "text": t} for t in texts] if text_parts else "\n".join(texts)
         out.append(d)
     return out
 

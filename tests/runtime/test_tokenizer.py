@@ -308,6 +308,29 @@ def test_chat_normalised_as_mistral_common(tok, mistral, spec):
     assert text.replace("[INST]", " [INST]") == want
 
 
+def _text(*parts: str) -> list[dict[str, str]]:
+    return [{"type": "text", "text": t} for t in parts]
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "a"}, {"role": "user", "content": ""}, {"role": "user", "content": "b"}],
+    [{"role": "user", "content": "a"}, {"role": "user", "content": ""}],
+    [{"role": "user", "content": ""}, {"role": "user", "content": "b"}],
+    [{"role": "user", "content": _text("a", "", "b")}],
+    [{"role": "user", "content": _text("a")}, {"role": "user", "content": _text("", "b")}],
+    [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+    [{"role": "system", "content": _text("s1", "s2")}, {"role": "user", "content": "a"},
+     {"role": "assistant", "content": _text("x", "y")}, {"role": "user", "content": "b"}],
+])
+def test_chat_parts_empty_messages_and_developer_as_mistral_common(tok, mistral, messages):
+    """OpenAI's message forms, read as mistral-common's `from_openai` reads them for v1: text parts join with a
+    blank line, empty texts (a message's or a part's) add nothing where messages join, `developer` is `system`."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    expected = mistral.encode_chat_completion(ChatCompletionRequest.from_openai(messages)).tokens
+    assert tok.apply_chat_template(messages) == expected
+
+
 def test_render_chat_format(tok):
     assert tok.render_chat(CHATS[1]) == (
         "<s>[INST] You are terse.\n\nWhat is your favourite condiment? [/INST] Lemon juice, squeezed fresh.</s>"
@@ -328,7 +351,11 @@ def test_chat_errors(tok):
         ([u, {"role": "tool", "content": "x"}], "message 1 has role 'tool'"),
         ([u, a], "last message must be the user's"),
         ([u, {"role": "assistant", "content": ""}, u], "message 1 is an empty assistant message"),
-        ([{"role": "user"}], "message 0 must be a mapping"),
+        ([{"role": "user"}], r"message 0 \(user\) has no content"),
+        ([{"content": "x"}], "message 0 must be a mapping with a string 'role'"),
+        ([u, {"role": "user", "content": 3}], r"message 1 \(user\) has content of type int"),
+        ([u, {"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "content of type list"),
+        ([u, {"role": "assistant", "content": None, "tool_calls": [{"id": "a"}]}, u], "message 1 has tool calls"),
     ]
     for messages, match in bad:
         with pytest.raises(ConfigError, match=match):
@@ -336,6 +363,10 @@ def test_chat_errors(tok):
         with pytest.raises(ConfigError, match=match):
             tok.render_chat(messages)
     assert tok.apply_chat_template([u, a], add_generation_prompt=False)[-1] == tok.eos_id
+    with pytest.raises(ConfigError, match="a conversation of one message must be a user or system message"):
+        tok.apply_chat_template([a], add_generation_prompt=False)  # as mistral-common refuses it
+    with pytest.raises(ConfigError, match="a conversation of one message"):
+        tok.apply_chat_template([a], add_generation_prompt=False, continue_final_message=True)
 
 
 def test_ids_past_the_tokenizer_have_no_text(tok):

@@ -175,7 +175,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
                         ({"messages": [*hi, {"role": "assistant", "content": None}, *hi]}, "messages")]:
         r = server.http.post("/v1/chat/completions", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
-    assert "'content': None" in r.json()["error"]["message"]  # the message as sent, its null content shown
+    assert "message 1 (assistant) has no content" in r.json()["error"]["message"]  # the null content named
     with pytest.raises(openai.BadRequestError) as e:
         server.openai.completions.create(model="tiny", prompt="a", max_tokens=0)
     assert e.value.body["param"] == "max_tokens"

@@ -191,12 +191,23 @@ def test_continue_final_message_continues_the_assistants_text(server, generator)
     assert r.json()["choices"][0]["message"]["content"] == continuation(generator, ids, want)
 
 
-def test_content_parts_are_joined_by_newlines_as_vllm_joins_them(server):
-    """A message's text parts make one text, parts separated by "\\n" (vLLM's rendering): /tokenize and the
-    chat completion see the ids of the joined text."""
-    parts = [{"role": "user", "content": [{"type": "text", "text": "Tell me"}, {"type": "text", "text": "about it."}]}]
-    joined = [{"role": "user", "content": "Tell me\nabout it."}]
-    ids = [server.http.post("/tokenize", json={"messages": m}).json()["tokens"] for m in (parts, joined)]
-    assert ids[0] == ids[1]
+def test_content_parts_go_to_the_mistral_format_and_join_by_newlines_for_a_template(server):
+    """A message's text parts: a Mistral format (this artifact's v1) takes them as mistral-common does (a blank line
+    between the parts: the ids of mistral-common's encode_chat_completion, also through /tokenize and in the chat
+    completion's usage); for a Jinja template they are joined by "\n" first, as vLLM joins them."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from mixtrt.runtime.serve.protocol import ChatRequest, chat_messages, parse
+    from tests.checkpoints import mistral_tokenizer_path
+
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Tell me"}, {"type": "text", "text": ""},
+                                          {"type": "text", "text": "about it."}]}]
+    want = MistralTokenizer.from_file(str(mistral_tokenizer_path())).encode_chat_completion(
+        ChatCompletionRequest.from_openai(parts)).tokens
+    assert server.http.post("/tokenize", json={"messages": parts}).json()["tokens"] == want
     r = server.openai.chat.completions.create(model="tiny", messages=parts, max_tokens=4, temperature=0)
-    assert r.usage.prompt_tokens == len(ids[1])
+    assert r.usage.prompt_tokens == len(want)
+    req = parse(ChatRequest, {"messages": parts})
+    assert chat_messages(req)[0]["content"] == "Tell me\n\nabout it."
+    assert chat_messages(req, text_parts=True)[0]["content"] == parts[0]["content"]
