@@ -176,6 +176,9 @@ def test_export_and_demo_never_replace_what_is_not_an_artifact(tmp_path, checkpo
             refused(cli("export", str(checkpoint), "--out", str(out), "--quiet", *force), "export", str(out), culprit)
         refused(cli("demo", "--checkpoint", str(checkpoint), "--out", str(out), "--threads", "1"), "demo", culprit)
     refused(cli("export", str(checkpoint), "--out", str(art), "--quiet"), "export", "already exists", "--force")
+    # an artifact of another checkpoint: demo replaces only its own outdated one (it replaced any, silently)
+    refused(cli("demo", "--checkpoint", str(checkpoint), "--out", str(art), "--threads", "1"), "demo",
+            "exported from another checkpoint", "--reexport")
     assert tree(tmp_path) == before
 
 

@@ -37,6 +37,10 @@ def run(ns: argparse.Namespace) -> int:
                           "source tree's models/ folder)")
     ns.artifact = ns.out or Path("engines") / f"{ckpt.name}-fp32"
     if not is_current(ns.artifact, ckpt) or ns.reexport:
+        other = _other_source(ns.artifact, ckpt)
+        if other is not None and not ns.reexport:  # only its own outdated artifact is replaced unasked
+            raise ConfigError(f"{ns.artifact}: holds an artifact exported from another checkpoint ({other}); pass "
+                              "--reexport to replace it, or --out another folder")
         export_onnx(ckpt, ns.artifact, overwrite=True)
     else:
         print(f"using the artifact in {ns.artifact} (pass --reexport to rebuild it)")
@@ -47,3 +51,18 @@ def run(ns: argparse.Namespace) -> int:
         print()
         print(stats_line(print_stream(gen.stream(prompt, cfg, continuation=True), before=prompt)))
     return 0
+
+
+def _other_source(artifact: Path, ckpt: Path) -> str | None:
+    """The checkpoint an existing artifact in `artifact` was exported from, where that is not `ckpt`."""
+    from mixtrt.runtime.errors import ArtifactError
+    from mixtrt.runtime.manifest import MANIFEST, Manifest
+
+    if artifact.is_symlink() or not (artifact / MANIFEST).is_file():
+        return None  # the export's own refusals name what else is there
+    try:
+        source = Manifest.load(artifact, verify=False).source
+    except (ArtifactError, OSError):
+        return None  # not an artifact that loads: the export decides (it refuses a folder that is not one)
+    return source if source != str(ckpt.resolve()) else None
+
