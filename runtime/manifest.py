@@ -414,8 +414,10 @@ class Manifest:
     def verify_files(self, directory: Path, *, hashes: bool = True) -> None:
         extra = sorted(p.name for p in Path(directory).iterdir() if p.name != MANIFEST and p.name not in self.files)
         if extra:
+            staged = all(n.startswith(f".{Path(directory).absolute().name}.tmp-") for n in extra)
             raise ArtifactError(f"{directory}: files not listed in {MANIFEST}: {extra} (an artifact holds exactly "
-                                "the files its manifest lists)")
+                                "the files its manifest lists" + ("; this is the staging folder of an export that "
+                                "was killed: the next export of this folder removes it" if staged else "") + ")")
         for name, info in self.files.items():
             f = Path(directory) / name
             if Path(name).name != name or name == MANIFEST:
@@ -493,8 +495,10 @@ def is_artifact(directory: Path, besides: Path | None = None) -> bool:
 def check_target(target: Path, *, overwrite: bool = False) -> None:
     """Refuse a target that is a file or a link, lies inside an artifact, is an existing artifact (unless
     overwrite), or is a non-empty directory that is not provably an artifact (never: replacing it would
-    delete someone's files)."""
+    delete someone's files). A dead export's leftovers (its staging folder, beside or inside the target; an old
+    artifact it moved aside) are cleaned first, so they do not make the target look like something else."""
     target = Path(target)
+    _clean_stale(Path(os.path.abspath(target)))
     if target.is_symlink():
         raise ArtifactError(f"{target}: is a symbolic link; refusing to replace it (choose another --out)")
     if target.exists() and not target.is_dir():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -214,6 +215,30 @@ def test_a_mount_point_holding_other_files_is_refused_and_a_dead_exports_leftove
     with atomic_dir(target) as tmp:
         write_artifact(tmp)
     assert not stale.exists() and is_artifact(target)
+
+
+def test_check_target_cleans_a_dead_exports_staging_inside_first(tmp_path, exported):
+    """The export checks its target before the weights (check_target), earlier than atomic_dir cleans: a dead
+    export's staging folder inside an empty target, or inside an artifact replaced in place, is cleaned there, so
+    the folder is taken for what it is (it was refused as a non-empty folder that is not an artifact), and loading
+    such an artifact says what the leftover is."""
+    dead = _dead_pid()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    stale = _leftover(empty, f".empty.tmp-{dead}-x", {**mf._owner(empty), "pid": dead})
+    check_target(empty)
+    assert not stale.exists()
+    art = tmp_path / "art"
+    shutil.copytree(exported["mistral-window"][1], art)
+    stale = _leftover(art, f".art.tmp-{dead}-y", {**mf._owner(art), "pid": dead})
+    with pytest.raises(ArtifactError, match="the staging folder of an export that was killed"):
+        mf.Manifest.load(art, verify=False)
+    check_target(art, overwrite=True)
+    assert not stale.exists() and is_artifact(art)
+    alive = _leftover(empty, f".empty.tmp-{os.getpid()}-z", {**mf._owner(empty), "pid": os.getpid()})
+    with pytest.raises(ArtifactError, match="not a mixtrt artifact"):
+        check_target(empty)  # a live export's: left alone
+    assert alive.exists()
 
 
 # ---- faults while writing --------------------------------------------------------------------------
