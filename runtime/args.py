@@ -133,6 +133,9 @@ class ModelArgs:
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
                      "num_labels"):
             _size(name, getattr(self, name))
+        if self.max_position_embeddings < 2:  # as --max-context: a token and the next one at least
+            raise ConfigError(f"max_position_embeddings={self.max_position_embeddings}: a model needs at least 2 "
+                              "positions (a prompt token and a new one)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -276,11 +279,14 @@ class ModelArgs:
             return key not in cfg.d
 
         # transformers 5.x moved rope_theta into rope_parameters; only the default (unscaled) rope is supported.
+        # Both keys are read: transformers reads a legacy rope_scaling beside rope_parameters (its scaling wins).
+        for key in ("rope_parameters", "rope_scaling"):
+            fields = _Fields(cfg.get(key, None, dict) or {}, key + ".")
+            kind = fields.get("rope_type", fields.get("type", "default", str), str)
+            if kind != "default":
+                raise ConfigError(f"{key}: rope type {kind!r} is not supported (only unscaled RoPE)")
         rope_key = "rope_parameters" if cfg.get("rope_parameters", None, dict) else "rope_scaling"
         rope = _Fields(cfg.get(rope_key, None, dict) or {}, rope_key + ".")
-        rope_type = rope.get("rope_type", rope.get("type", "default", str), str)
-        if rope_type != "default":
-            raise ConfigError(f"rope type {rope_type!r} is not supported (only unscaled RoPE)")
         rope_theta = rope.get("rope_theta", None, (int, float))
         if rope_theta is None:
             rope_theta = cfg.get("rope_theta", family["rope_theta"], (int, float))

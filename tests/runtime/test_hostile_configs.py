@@ -58,6 +58,9 @@ HF_CASES = [
     (edited(MISTRAL, rope_parameters=DROP, rope_theta=0.5), "rope_theta"),
     (edited(MISTRAL, rope_parameters="default"), "rope_parameters"),
     (edited(MISTRAL, rope_parameters={"rope_type": "yarn", "factor": 4.0}), "rope type 'yarn'"),
+    # transformers applies a legacy rope_scaling beside rope_parameters: refused, not read as unscaled
+    (edited(MISTRAL, rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling: rope type 'linear'"),
+    (edited(MISTRAL, max_position_embeddings=1), "max_position_embeddings=1: a model needs at least 2 positions"),
     (edited(MISTRAL, rms_norm_eps=-1e-5), "rms_norm_eps"),
     (edited(MISTRAL, rms_norm_eps=0), "rms_norm_eps"),
     (edited(MISTRAL, rms_norm_eps=2.0), "rms_norm_eps"),
