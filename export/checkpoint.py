@@ -213,7 +213,13 @@ def _open_weights(path: Path, args_from: str) -> Iterator[_Files]:
         files = _Files(stack)
         if args_from == "hf":
             index = path / "model.safetensors.index.json"
-            if index.is_file():
+            if index.is_file() and (path / "model.safetensors").is_file():
+                # transformers loads the single file when both are there: so do we, and say the shards are unread
+                warnings.warn(f"{path}: both model.safetensors and model.safetensors.index.json; reading "
+                              "model.safetensors, as transformers does (the index and its shards are not read)",
+                              MixtrtWarning, stacklevel=3)
+                files.add_safetensors(path / "model.safetensors")
+            elif index.is_file():
                 data = read_json(index, CheckpointError)
                 weight_map = data.get("weight_map") if isinstance(data, dict) else None
                 if not isinstance(weight_map, dict) or not all(

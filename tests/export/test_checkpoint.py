@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,28 @@ def test_sharded_safetensors(tmp_path, family):
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
     assert_same_logits(hf, tmp_path)
+
+
+def test_single_file_beside_an_index_is_read_as_transformers_reads_it(tmp_path):
+    """model.safetensors and model.safetensors.index.json (+ shards) of other weights side by side: transformers
+    loads the single file; so do we, with a warning that the shards are unread (the shards were read, silently)."""
+    hf = hf_model("mistral")
+    other = hf_model("mistral")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    other.save_pretrained(tmp_path, max_shard_size="100KB")
+    hf.save_pretrained(tmp_path / "single")
+    shutil.move(tmp_path / "single" / "model.safetensors", tmp_path / "model.safetensors")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with pytest.warns(MixtrtWarning, match="reading model.safetensors, as transformers does"):
+        assert_same_logits(loaded, tmp_path)
+    x = ids()
+    with torch.no_grad():
+        assert (loaded(x).logits - hf(x).logits).abs().max().item() == 0  # the single file is what transformers read
 
 
 def test_transformers_5_fused_expert_names(tmp_path):
