@@ -177,6 +177,18 @@ def test_edited_manifest(tmp_path, artifact, name, edit, culprits):
     assert tree(tmp_path) == before
 
 
+def test_verify_reads_the_tokenizer_and_chat_record_as_loading_does(tmp_path, artifact):
+    """An edited generation eos id past the embeddings passes the manifest's and the graph's checks; loading
+    refuses it where it reads the tokenizer: `inspect --verify` refuses it with the same line."""
+    copy = _hostile(tmp_path, artifact, lambda d: d["chat"]["generation"].__setitem__("eos_token_ids", [99999]))
+    with pytest.raises(ConfigError) as e:
+        Generator.load(copy, threads=1)
+    line = one_line(e.value, "eos_token_id [99999]", "chat.generation")
+    with pytest.raises(ConfigError) as e:
+        inspect_artifact(copy, verify=True)
+    assert one_line(e.value) == line
+
+
 def test_a_number_of_thousands_of_digits_is_one_line(tmp_path, artifact):
     """Python refuses to parse integers of more than 4300 digits: the manifest (and a checkpoint's config.json)
     with one is a one-line error naming the file, not a ValueError traceback."""
