@@ -33,7 +33,7 @@ def inspect_artifact(directory: str | Path, verify: bool = False) -> dict[str, A
         m.check_graph(path, *graph_specs(model))
         from mixtrt.runtime.chat_format import load_chat_tokenizer
 
-        load_chat_tokenizer(directory, m.chat, m.args.vocab_size)  # the tokenizer and chat record, as loading reads them
+        load_chat_tokenizer(directory, m.chat, m.args.vocab_size)  # the tokenizer and chat record, as loading does
     a = m.args
     itemsize = np.dtype(m.cache.dtype).itemsize
     cache_row = 2 * a.num_hidden_layers * a.num_key_value_heads * m.cache.capacity * a.head_dim * itemsize

@@ -58,3 +58,20 @@ def test_inspect_counts_a_tied_table_once(tmp_path):
     hf = sum(p.numel() for p in make_hf_model("mistral", **kw).parameters())  # counts the tied table once
     # the checkpoint's count, give or take the graph's few scalar constants (the RoPE tables are not counted)
     assert 0 <= info["parameters"] - hf < 64 and info["stored_parameters"] == info["parameters"] + 32000 * 32
+
+
+def test_inspect_never_sends_a_terminal_escape(tmp_path, exported):
+    """Names and notes from a checkpoint or an edited manifest (a substitution note, a generation_config.json key
+    left unused, a template's name) reach inspect's text lines: a control character there is shown escaped, and
+    the JSON output stays JSON."""
+    from tests.hostile import linked_copy, replace_file
+
+    art = linked_copy(exported["mistral-window"][1], tmp_path / "art")
+    d = json.loads((art / "manifest.json").read_text())
+    d["chat"]["note"] = "\x1b[2J\x1b]0;pwned\x07"
+    replace_file(art / "manifest.json", json.dumps(d))
+    r = subprocess.run([sys.executable, "-m", "mixtrt", "inspect", str(art)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout and "\\x1b[2J\\x1b]0;pwned\\x07" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "mixtrt", "inspect", str(art), "--json"], capture_output=True, text=True)
+    assert json.loads(r.stdout)["chat"]["note"] == d["chat"]["note"] and "\x1b" not in r.stdout

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
 from pathlib import Path
+from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,7 +21,7 @@ def run(ns: argparse.Namespace) -> int:
 
     info = inspect_artifact(ns.artifact, verify=ns.verify)
     if ns.json:
-        print(json.dumps(info, indent=2))
+        builtins.print(json.dumps(info, indent=2))  # escapes and non-ASCII characters escaped by json
         return 0
     a = info["model"]
     print(f"artifact      {ns.artifact}")
@@ -76,3 +78,12 @@ def run(ns: argparse.Namespace) -> int:
     print("files         " + ", ".join(f"{k} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in info["files"].items()))
     print("versions      " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v))
     return 0
+
+
+def print(*parts: Any) -> None:  # noqa: A001 - every text line of inspect goes through here
+    """Print with what a checkpoint or an edited manifest may carry into names and notes (a generation_config.json
+    key, a template's name) made visible: a character that is not printable (an escape sequence's ESC, a BEL)
+    is shown as its Python escape, never sent to the terminal."""
+    builtins.print(*("".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(p))
+                     for p in parts))
+
