@@ -45,6 +45,7 @@ from mixtrt.plugins.int4 import (
     signed_scales,
 )
 from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.prompts import text_file_problem
 from mixtrt.runtime.quantization import ACCURACY_LEVELS, BLOCK_SIZES, INT8_BLOCK, METHODS, Quantization
 from mixtrt.runtime.weights import WeightIndex
 
@@ -93,9 +94,9 @@ class Int4Options:
             raise ConfigError(f"accuracy_level {self.accuracy_level!r} is not one of {list(ACCURACY_LEVELS)}")
         if self.calibration is not None and self.method == "rtn":
             raise ConfigError("--calibration needs a calibrated --method (awq or gptq); rtn uses no data")
-        if self.calibration is not None and not Path(self.calibration).is_file():
-            what = "a directory, not a text file" if Path(self.calibration).is_dir() else "no such file"
-            raise ConfigError(f"--calibration {self.calibration}: {what}")
+        problem = text_file_problem(Path(self.calibration)) if self.calibration is not None else None
+        if problem:
+            raise ConfigError(f"--calibration {self.calibration}: {problem}")
 
 
 INT8_DEFAULT = ("lm_head", "embed_tokens")

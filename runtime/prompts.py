@@ -77,16 +77,37 @@ def outside_vocab(ids: Iterable[int], vocab_size: int, what: str, shown: int | N
     return f"{what} {bad[:shown]} outside the vocabulary [0, {vocab_size})" if bad else None
 
 
-def read_text_file(path: Path, what: str) -> str:
-    """The UTF-8 text of the file at `path`, or a ConfigError naming `what` (the option) and the problem: no such
-    file, a directory, not UTF-8 (and where), or the system's reason."""
+MAX_TEXT_FILE_BYTES = 256 << 20  # a prompt or calibration file; more is a mistake (an endless pipe, the wrong file)
+
+
+def text_file_problem(path: Path) -> str | None:
+    """Why `path` cannot be a text file to read (None: it can be tried): no such file, a directory, a device."""
     path = Path(path)
+    if path.is_dir():
+        return "a directory, not a text file"
+    if not path.exists():
+        return "no such file"
+    if path.is_char_device() or path.is_block_device() or path.is_socket():
+        return "not a regular file (a device or a socket)"
+    return None
+
+
+def read_text_file(path: Path, what: str, limit: int = MAX_TEXT_FILE_BYTES) -> str:
+    """The UTF-8 text of the file at `path` (a pipe or a FIFO too), or a ConfigError naming `what` (the option) and
+    the problem: no such file, a directory, a device, over `limit` bytes, not UTF-8 (and where), or the system's
+    reason."""
+    path = Path(path)
+    problem = text_file_problem(path)
+    if problem:
+        raise ConfigError(f"{what} {path}: {problem}")
     try:
-        return path.read_bytes().decode("utf-8")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ConfigError(f"{what} {path}: over {limit >> 20} MiB, more than a text file for this should be")
+        return data.decode("utf-8")
     except OSError as e:
-        problem = ("a directory, not a text file" if path.is_dir() else "no such file" if not path.exists()
-                   else (e.strerror or str(e)).lower())
-        raise ConfigError(f"{what} {path}: {problem}") from None
+        raise ConfigError(f"{what} {path}: {(e.strerror or str(e)).lower()}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{what} {path}: not UTF-8 ({e.reason} at byte {e.start})") from None
 

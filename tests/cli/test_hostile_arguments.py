@@ -64,6 +64,7 @@ EARLY = [
     (["run", "ART", "--text", BAD_UTF8], "run", ["--text is not valid text", "lone surrogate"]),
     (["perplexity", "ART", "--text", "/nonexistent/x.txt"], "perplexity", ["--text /nonexistent/x.txt: no such file"]),
     (["perplexity", "ART", "--text", "/"], "perplexity", ["--text /: a directory, not a text file"]),
+    (["perplexity", "ART", "--text", "/dev/urandom"], "perplexity", ["--text /dev/urandom: not a regular file"]),
     (["serve", "ART"], "serve", ["not an artifact directory (no manifest.json)"]),
 ]
 
@@ -100,6 +101,7 @@ PROMPTS = [
     (["--prompt-ids", "1,-1"], ["outside the vocabulary"]),
     (["--prompt-file", "/nonexistent/prompt.txt"], ["--prompt-file /nonexistent/prompt.txt: no such file"]),
     (["--prompt-file", "/"], ["--prompt-file /: a directory"]),
+    (["--prompt-file", "/dev/zero"], ["--prompt-file /dev/zero: not a regular file"]),  # read whole, it was OOM
     (["--prompt-ids", "1,99999999999"], ["outside the vocabulary"]),
     (["--prompt-ids", ",".join(["5"] * 200)], ["prompt 0 has 200 tokens", "max positions"]),
 ]

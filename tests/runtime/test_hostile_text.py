@@ -4,6 +4,8 @@ prompts are one ConfigError naming the culprit, before any model work."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -141,3 +143,18 @@ def test_every_chat_format_names_the_bad_message(chat_tokenizers, kind):
         with pytest.raises(ConfigError) as e:
             tok.apply_chat_template(messages)
         one_line(e.value, culprit, "lone surrogate")
+
+
+def test_text_files_are_bounded_and_devices_named(tmp_path):
+    """A prompt or calibration file: a device is named as such (a calibration /dev/zero was "no such file"), and a
+    stream longer than the bound (an endless pipe) is one line, not memory exhausted."""
+    from mixtrt.export.quantize import Int4Options
+    from mixtrt.runtime.prompts import read_text_file
+
+    with pytest.raises(ConfigError, match="--calibration /dev/zero: not a regular file"):
+        Int4Options(method="gptq", calibration=Path("/dev/zero")).check()
+    big = tmp_path / "big.txt"
+    big.write_text("a" * 2048)
+    assert read_text_file(big, "--text", limit=4096) == "a" * 2048
+    with pytest.raises(ConfigError, match=r"--text .*big.txt: over 0 MiB"):
+        read_text_file(big, "--text", limit=1024)
