@@ -33,6 +33,7 @@ import signal
 import socket
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from typing import Any
 from mixtrt.runtime.args import MAX_JSON_BYTES, ModelArgs, read_json
 from mixtrt.runtime.cache import CachePlan
 from mixtrt.runtime.chat_format import ChatFormat
-from mixtrt.runtime.errors import ArtifactError, MixtrtError, Terminated
+from mixtrt.runtime.errors import ArtifactError, MixtrtError, MixtrtWarning, Terminated
 from mixtrt.runtime.precision import PRECISIONS
 from mixtrt.runtime.quantization import QUANT_VERSION, Quantization
 
@@ -629,9 +630,23 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
                 except OSError:
                     os.replace(old, target)
                     raise
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_replaced(old, target)
             else:
                 os.replace(tmp, target)
+
+
+def _remove_replaced(old: Path, target: Path) -> None:
+    """Remove the artifact a swap moved aside; where the file system refuses (a write-protected artifact's files),
+    say where it stayed instead of leaving it hidden and silent."""
+    errors: list[str] = []
+    def failed(_f: Any, path: str, info: Any) -> None:  # onerror (Python 3.11 has no onexc)
+        errors.append(f"{path}: {getattr(info[1], 'strerror', None) or info[1]}")
+
+    shutil.rmtree(old, onerror=failed)
+    if old.exists():
+        warnings.warn(f"{target}: replaced, but the old artifact moved aside to {old} could not be removed "
+                      f"({errors[0] if errors else 'unknown reason'}); delete it to free its space",
+                      MixtrtWarning, stacklevel=4)
 
 
 @contextlib.contextmanager
@@ -769,7 +784,7 @@ def _clean_stale(target: Path) -> None:
             if _alive(int(name.rsplit("-", 1)[1])) or not is_artifact(entry):
                 continue
             if target.exists() or target.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
+                _remove_replaced(entry, target)
             else:
                 with contextlib.suppress(OSError):
                     os.replace(entry, target)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mixtrt.runtime import manifest as mf
-from mixtrt.runtime.errors import ArtifactError, Terminated
+from mixtrt.runtime.errors import ArtifactError, MixtrtWarning, Terminated
 from mixtrt.runtime.manifest import PARTIAL_MARKER, atomic_dir, check_target, file_entries, is_artifact
 from tests.hostile import one_line, tree
 
@@ -239,6 +239,23 @@ def test_check_target_cleans_a_dead_exports_staging_inside_first(tmp_path, expor
     with pytest.raises(ArtifactError, match="not a mixtrt artifact"):
         check_target(empty)  # a live export's: left alone
     assert alive.exists()
+
+
+def test_an_old_artifact_that_cannot_be_removed_is_named(tmp_path, monkeypatch):
+    """A replaced artifact whose files the file system will not delete (write-protected, for a user who is not
+    root) stays where the swap moved it: a warning names it (it stayed hidden and silent)."""
+    target = fake_artifact(tmp_path / "art", "old")
+
+    def refuse(path, onerror=None, **_):
+        e = PermissionError(errno.EACCES, "Permission denied")
+        onerror(os.unlink, str(Path(path) / "model.onnx"), (type(e), e, None))
+
+    monkeypatch.setattr(mf.shutil, "rmtree", refuse)
+    with pytest.warns(MixtrtWarning, match=r"could not be removed \(.*model.onnx: Permission denied\)") as w:
+        with atomic_dir(target, overwrite=True) as tmp:
+            write_artifact(tmp)
+    assert f".art.old-{os.getpid()}" in str(w[0].message) and (tmp_path / f".art.old-{os.getpid()}").is_dir()
+    assert (target / "model.onnx").read_text() == "new"
 
 
 # ---- faults while writing --------------------------------------------------------------------------
