@@ -504,6 +504,9 @@ def check_target(target: Path, *, overwrite: bool = False) -> None:
         raise ArtifactError(f"{target}: is a symbolic link; refusing to replace it (choose another --out)")
     if target.exists() and not target.is_dir():
         raise ArtifactError(f"{target}: exists and is not a directory; refusing to replace it (choose another --out)")
+    blocking = next((p for p in target.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ArtifactError(f"{target}: {blocking} is a file, not a folder (choose another --out)")
     for parent in target.absolute().parents:
         if is_artifact(parent):
             raise ArtifactError(f"{target}: lies inside the artifact {parent}, which holds only its own files "
@@ -708,22 +711,37 @@ def _staging(target: Path, cannot: str, failed: str, outcome: str, home: Path | 
     names the file being written and, for a full disk, what to do. On success the caller moves it or removes it.
     """
     home = target.parent if home is None else home
+    made = [p for p in (home, *home.parents) if not p.exists()]  # folders made for it, removed again on failure
     try:
         home.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=home))
     except OSError as e:
-        raise ArtifactError(f"{home}: {cannot} ({e.strerror})") from None
+        _remove_empty(made)
+        blocking = next((p for p in (home, *home.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{blocking} is a file, not a folder" if blocking is not None else e.strerror
+        raise ArtifactError(f"{home}: {cannot} ({reason})") from None
     try:
         (tmp / PARTIAL_MARKER).write_text(json.dumps(_owner(target)))
         yield tmp
     except OSError as e:
         where = _culprit(tmp, e)
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
         raise ArtifactError(f"{target}: {failed} writing {where}: {e.strerror or e}; {outcome}"
                             + (" (free some space and try again)" if e.errno == errno.ENOSPC else "")) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
         raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (innermost first) that are still empty: the ones a failed write made."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _culprit(tmp: Path, e: OSError) -> str:

@@ -84,6 +84,9 @@ def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]
              "min_p": ns.min_p, "min_new_tokens": ns.min_new_tokens, "presence_penalty": ns.presence_penalty,
              "frequency_penalty": ns.frequency_penalty}
     out: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if ns.min_new_tokens is not None and ns.max_new_tokens is not None and ns.min_new_tokens > ns.max_new_tokens:
+        raise ConfigError(f"--min-new-tokens {ns.min_new_tokens} is more than --max-new-tokens {ns.max_new_tokens}, "
+                          "the most tokens generated (the server refuses min_tokens over max_tokens likewise)")
     if ns.temperature == 0:
         out["do_sample"] = False
     elif any(v is not None for v in (ns.temperature, ns.top_k, ns.top_p, ns.min_p)):

@@ -102,6 +102,8 @@ PROMPTS = [
     (["--prompt-file", "/nonexistent/prompt.txt"], ["--prompt-file /nonexistent/prompt.txt: no such file"]),
     (["--prompt-file", "/"], ["--prompt-file /: a directory"]),
     (["--prompt-file", "/dev/zero"], ["--prompt-file /dev/zero: not a regular file"]),  # read whole, it was OOM
+    (["--prompt-ids", "1,2", "--min-new-tokens", "10", "--max-new-tokens", "5"],
+     ["--min-new-tokens 10 is more than --max-new-tokens 5"]),
     (["--prompt-ids", "1,99999999999"], ["outside the vocabulary"]),
     (["--prompt-ids", ",".join(["5"] * 200)], ["prompt 0 has 200 tokens", "max positions"]),
 ]
@@ -172,6 +174,7 @@ def test_export_and_demo_never_replace_what_is_not_an_artifact(tmp_path, checkpo
     (tmp_path / "link").symlink_to(art)
     before = tree(tmp_path)
     for out, culprit in ((web, "not a mixtrt artifact"), (tmp_path / "notes.txt", "not a directory"),
+                         (tmp_path / "notes.txt" / "sub", "notes.txt is a file, not a folder"),
                          (tmp_path / "link", "symbolic link"), (art / "sub", "lies inside the artifact"),
                          (checkpoint, "not a mixtrt artifact"), (tmp_path, "not a mixtrt artifact")):
         for force in ([], ["--force"]):

@@ -258,6 +258,20 @@ def test_an_old_artifact_that_cannot_be_removed_is_named(tmp_path, monkeypatch):
     assert (target / "model.onnx").read_text() == "new"
 
 
+def test_a_failed_export_removes_the_folders_it_made(tmp_path):
+    """--out a/b/c/art that fails: a, b and c (made for it) go too; a folder that was there stays."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "mine.txt").write_text("mine")
+    before = tree(tmp_path)
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "a" / "b" / "c" / "art") as tmp:
+        write_artifact(tmp)
+        raise RuntimeError("broken weights")
+    assert tree(tmp_path) == before
+    with atomic_dir(tmp_path / "a" / "b" / "c" / "art") as tmp:
+        write_artifact(tmp)
+    assert is_artifact(tmp_path / "a" / "b" / "c" / "art")
+
+
 # ---- faults while writing --------------------------------------------------------------------------
 
 def _enospc(path: Path) -> None:
