@@ -272,6 +272,19 @@ def test_a_failed_export_removes_the_folders_it_made(tmp_path):
     assert is_artifact(tmp_path / "a" / "b" / "c" / "art")
 
 
+def test_a_staging_folder_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
+    """The file system refuses the staging folder (a read-only parent for a user who is not root): one line
+    naming the folder and the reason, and the folders made for it removed again."""
+    def refuse(prefix: str, dir: str) -> str:
+        raise PermissionError(errno.EACCES, "Permission denied", dir)
+
+    monkeypatch.setattr(mf.tempfile, "mkdtemp", refuse)
+    with pytest.raises(ArtifactError) as e, atomic_dir(tmp_path / "new" / "art") as tmp:
+        write_artifact(tmp)
+    one_line(e.value, "cannot write the artifact directory here (Permission denied)")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- faults while writing --------------------------------------------------------------------------
 
 def _enospc(path: Path) -> None:
