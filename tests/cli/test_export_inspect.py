@@ -64,9 +64,10 @@ def test_inspect_never_sends_a_terminal_escape(tmp_path, exported):
     """Names and notes from a checkpoint or an edited manifest (a substitution note, a generation_config.json key
     left unused, a template's name) reach inspect's text lines: a control character there is shown escaped, and
     the JSON output stays JSON."""
-    from tests.hostile import linked_copy, replace_file
+    from tests.hostile import replace_file
 
-    art = linked_copy(exported["mistral-window"][1], tmp_path / "art")
+    # a real copy: a hard-linked one would give the session's artifact a second link, which onnx refuses to read
+    art = shutil.copytree(exported["mistral-window"][1], tmp_path / "art")
     d = json.loads((art / "manifest.json").read_text())
     d["chat"]["note"] = "\x1b[2J\x1b]0;pwned\x07"
     replace_file(art / "manifest.json", json.dumps(d))
