@@ -280,13 +280,14 @@ class ModelArgs:
 
         # transformers 5.x moved rope_theta into rope_parameters; only the default (unscaled) rope is supported.
         # Both keys are read: transformers reads a legacy rope_scaling beside rope_parameters (its scaling wins).
-        for key in ("rope_parameters", "rope_scaling"):
-            fields = _Fields(cfg.get(key, None, dict) or {}, key + ".")
+        ropes = {key: cfg.get(key, None, dict) or {} for key in ("rope_parameters", "rope_scaling")}
+        for key, d in ropes.items():
+            fields = _Fields(d, key + ".")
             kind = fields.get("rope_type", fields.get("type", "default", str), str)
             if kind != "default":
                 raise ConfigError(f"{key}: rope type {kind!r} is not supported (only unscaled RoPE)")
-        rope_key = "rope_parameters" if cfg.get("rope_parameters", None, dict) else "rope_scaling"
-        rope = _Fields(cfg.get(rope_key, None, dict) or {}, rope_key + ".")
+        rope_key = "rope_parameters" if ropes["rope_parameters"] else "rope_scaling"
+        rope = _Fields(ropes[rope_key], rope_key + ".")
         rope_theta = rope.get("rope_theta", None, (int, float))
         if rope_theta is None:
             rope_theta = cfg.get("rope_theta", family["rope_theta"], (int, float))

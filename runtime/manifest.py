@@ -504,7 +504,7 @@ def check_target(target: Path, *, overwrite: bool = False) -> None:
         raise ArtifactError(f"{target}: is a symbolic link; refusing to replace it (choose another --out)")
     if target.exists() and not target.is_dir():
         raise ArtifactError(f"{target}: exists and is not a directory; refusing to replace it (choose another --out)")
-    blocking = next((p for p in target.absolute().parents if p.exists() and not p.is_dir()), None)
+    blocking = _file_in_the_way(target.absolute().parent)
     if blocking is not None:
         raise ArtifactError(f"{target}: {blocking} is a file, not a folder (choose another --out)")
     for parent in target.absolute().parents:
@@ -717,7 +717,7 @@ def _staging(target: Path, cannot: str, failed: str, outcome: str, home: Path | 
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=home))
     except OSError as e:
         _remove_empty(made)
-        blocking = next((p for p in (home, *home.parents) if p.exists() and not p.is_dir()), None)
+        blocking = _file_in_the_way(home)
         reason = f"{blocking} is a file, not a folder" if blocking is not None else e.strerror
         raise ArtifactError(f"{home}: {cannot} ({reason})") from None
     try:
@@ -733,6 +733,11 @@ def _staging(target: Path, cannot: str, failed: str, outcome: str, home: Path | 
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(made)
         raise
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The file (not a folder) at `folder` or at one of its parents, which stops a folder being made there."""
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
 
 
 def _remove_empty(folders: list[Path]) -> None:

@@ -102,14 +102,21 @@ def read_text_file(path: Path, what: str, limit: int = MAX_TEXT_FILE_BYTES) -> s
         raise ConfigError(f"{what} {path}: {problem}")
     try:
         with open(path, "rb") as f:
-            data = f.read(limit + 1)
-        if len(data) > limit:
-            raise ConfigError(f"{what} {path}: over {limit >> 20} MiB, more than a text file for this should be")
-        return data.decode("utf-8")
+            return read_text_stream(f, f"{what} {path}", limit)
     except OSError as e:
         raise ConfigError(f"{what} {path}: {(e.strerror or str(e)).lower()}") from None
+
+
+def read_text_stream(stream: Any, where: str, limit: int = MAX_TEXT_FILE_BYTES) -> str:
+    """The UTF-8 text of a binary stream (a file, stdin) of at most `limit` bytes, or a ConfigError starting with
+    `where` (the option and its file): over the limit, or not UTF-8 (and where)."""
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise ConfigError(f"{where}: over {limit >> 20} MiB, more than a text file for this should be")
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{what} {path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        raise ConfigError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def check_text(text: str, what: str) -> str:

@@ -55,18 +55,10 @@ def parse_ids(text: str) -> list[int]:
 
 def _read_prompt(name: str) -> str:
     """The prompt text of --prompt-file: a UTF-8 file, or stdin for '-'; one final line end (LF or CRLF) dropped."""
-    from mixtrt.runtime.errors import ConfigError
-    from mixtrt.runtime.prompts import MAX_TEXT_FILE_BYTES, read_text_file
+    from mixtrt.runtime.prompts import read_text_file, read_text_stream
 
     if name == "-":
-        try:
-            data = sys.stdin.buffer.read(MAX_TEXT_FILE_BYTES + 1)
-            if len(data) > MAX_TEXT_FILE_BYTES:
-                raise ConfigError(f"--prompt-file - (stdin): over {MAX_TEXT_FILE_BYTES >> 20} MiB, more than a prompt "
-                                  "should be")
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"--prompt-file - (stdin): not UTF-8 ({e.reason} at byte {e.start})") from None
+        text = read_text_stream(sys.stdin.buffer, "--prompt-file - (stdin)")
     else:
         text = read_text_file(Path(name), "--prompt-file")
     return text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
