@@ -67,10 +67,10 @@ def sliding_window_attention(
             raise ValueError(f"row {b}: {total} tokens do not fit a full-attention cache of capacity {C}")
         if window > 0 and past > C and C < window - 1:
             raise ValueError(f"row {b}: a ring of capacity {C} has lost keys still inside the window {window}")
-        pos = torch.arange(past, total)  # [S]
+        pos = torch.arange(past, total, device=q.device)  # [S]
         qb = apply_rope(qh[b], cos_cache[pos], sin_cache[pos])  # [N, S, D]
         kb = apply_rope(kh[b], cos_cache[pos], sin_cache[pos])  # [K, S, D]
-        resident = torch.arange(max(0, past - C), past)  # positions still in the ring
+        resident = torch.arange(max(0, past - C), past, device=q.device)  # positions still in the ring
         keys = torch.cat((present_key[b][:, resident % C], kb), dim=1)  # [K, L+S, D]
         vals = torch.cat((present_value[b][:, resident % C], vh[b]), dim=1)  # [K, L+S, D]
         kpos = torch.cat((resident, pos))  # [L+S]
