@@ -11,8 +11,24 @@ def pytest_configure(config):
     included, so whichever test module imports triton first decides for the whole process. Every CPU test
     of our kernels runs them under the interpreter (the compile tests run in subprocesses without it), so the
     process sets it before collection imports anything; a `-m gpu` run keeps native kernels."""
-    if "gpu" not in (config.option.markexpr or "") or "not gpu" in (config.option.markexpr or ""):
+    if not _gpu_run(config):
         os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _gpu_run(config) -> bool:
+    expr = config.option.markexpr or ""
+    return "gpu" in expr and "not gpu" not in expr
+
+
+_INTERPRETED = 'os.environ["TRITON_INTERPRET"] = "1"'
+
+
+def pytest_ignore_collect(collection_path, config):
+    """A `-m gpu` run leaves out the modules that set TRITON_INTERPRET at import (the interpreter tests, none of
+    them gpu-marked): importing one would make every Triton kernel of the process run interpreted."""
+    if _gpu_run(config) and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        return _INTERPRETED in collection_path.read_text(encoding="utf-8")
+    return None
 
 
 @pytest.fixture(scope="session", autouse=True)
