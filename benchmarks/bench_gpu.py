@@ -134,73 +134,101 @@ def quantize_int4(weights: dict[str, Any], block: int) -> dict[str, Any]:
     return out
 
 
+def _guarded(rows: list[dict[str, Any]], base: dict[str, Any], fn: Any, *args: Any) -> None:
+    """rows += base + fn(*args), or base + the error: one failing case does not end a run on a lent machine."""
+    try:
+        rows.append({**base, **fn(*args)})
+    except Exception as e:  # noqa: BLE001 - recorded in the report, the run goes on
+        rows.append({**base, "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]})
+    print(json.dumps(rows[-1]), flush=True)
+
+
 def kernel_checks(device: str, dry: bool) -> list[dict[str, Any]]:
     """Our kernels vs the torch references on the device; returns one row per case."""
     import torch
 
     import mixtrt.plugins.moe.torch_op  # noqa: F401
     import mixtrt.plugins.swa.torch_op  # noqa: F401
+    from mixtrt.plugins import int4_triton as dk
     from mixtrt.plugins.moe import triton_kernels as mk
     from mixtrt.plugins.swa import triton_kernels as sk
     from mixtrt.plugins.swa.torch_op import rope_tables
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     g = torch.Generator(device=device).manual_seed(0)
     dtypes = [torch.float16, torch.float32]
+
+    def rel(got: Any, want: Any) -> float:
+        return float((got.float() - want.float()).abs().max() / want.float().abs().max())
+
+    def timed(call: Any, nbytes: int, key: str = "") -> dict[str, float]:
+        """On a GPU: the call's median time (triton's do_bench) and the bytes it must read over it."""
+        if device != "cuda":
+            return {}
+        from triton.testing import do_bench
+
+        ms = float(do_bench(call, warmup=5, rep=20))
+        return {f"{key}ms": ms, f"{key}gb_s": nbytes / ms / 1e6}
+
+    def swa(dt: Any, tol: float, N: int, K: int, D: int, C: int, W: int, B: int, past: int, S: int) -> dict:
+        def rnd(*shape: int) -> Any:
+            return torch.randn(*shape, generator=g, device=device).to(dt)
+        q, k, v = rnd(B, S, N * D), rnd(B, S, K * D), rnd(B, S, K * D)
+        kc, vc = rnd(B, K, C, D), rnd(B, K, C, D)
+        total = torch.full((B,), past + S, dtype=torch.int32, device=device)
+        cos, sin = rope_tables(D, 10000.0, past + S + 1)
+        cos, sin = cos.to(dt).to(device), sin.to(dt).to(device)
+        want, wk, wv = torch.ops.mixtrt.sliding_window_attention(q, k, v, kc, vc, total, cos, sin, N, K, W, 0.0)
+        got = sk.swa_attention(q, k, v, kc, vc, total, cos, sin, N, K, W, 0.0)
+        # the cache the kernel wrote vs the reference's: RoPE'd keys rounded in another order on a GPU, so within
+        # the output's tolerance (bit-equal under the interpreter)
+        cache_err = max(rel(kc, wk), rel(vc, wv))
+        err, cache_ok = rel(got, want), cache_err <= tol
+        keys = min(past + S, W if W > 0 else C, C)  # rewriting the same keys: the call is idempotent
+        t = timed(lambda: sk.swa_attention(q, k, v, kc, vc, total, cos, sin, N, K, W, 0.0),
+                  2 * B * K * keys * D * kc.element_size())
+        return {"rel_err": err, "cache_rel_err": cache_err, "ok": err <= tol and cache_ok, **t}
+
+    def moe(dt: Any, tol: float, T: int, H: int, I: int, E: int, topk: int) -> dict:  # noqa: E741
+        x = torch.randn(T, H, generator=g, device=device).to(dt)
+        logits = (torch.randn(T, E, generator=g, device=device) * 2).to(dt)
+        fc1 = (torch.randn(E, 2 * I, H, generator=g, device=device) * H**-0.5).to(dt)
+        fc2 = (torch.randn(E, H, I, generator=g, device=device) * I**-0.5).to(dt)
+        want = torch.ops.mixtrt.moe(x, logits, list(fc1.unbind(0)), list(fc2.unbind(0)), topk)
+        err = rel(mk.moe(x, logits, fc1, fc2, topk), want)
+        used = int(logits.float().topk(topk, dim=-1).indices.unique().numel())
+        t = timed(lambda: mk.moe(x, logits, fc1, fc2, topk), used * 3 * I * H * fc1.element_size())
+        return {"rel_err": err, "ok": err <= tol, "experts_read": used, **t}
+
+    def dense(dt: Any, tol: float, M: int, N: int, K: int, block: int) -> dict:
+        x = torch.randn(M, K, generator=g, device=device).to(dt)
+        packed, scales = pack_int4(torch.randn(N, K, generator=g, device=device).to(dt), block)
+        lo, hi = (packed & 0x0F).to(torch.int16), (packed >> 4).to(torch.int16)
+        q = torch.stack([lo, hi], -1).flatten(-2)
+        w = (torch.where(q >= 8, q - 16, q).float() * scales.float().repeat_interleave(block, -1)).to(dt)
+        err = rel(dk.int4_linear(x, packed, scales), x.float() @ w.float().T)
+        t = timed(lambda: dk.int4_linear(x, packed, scales), packed.numel() + scales.numel() * scales.element_size())
+        ref = timed(lambda: x @ w.T, w.numel() * w.element_size(), "torch_dense_")  # the dequantized weights
+        return {"rel_err": err, "ok": err <= tol, **t, **ref}
+
     # (name, N, K, D, C, W, B, past, S)
     swa_cases = [("decode ring wrapped", 4, 2, 16, 12, 8, 2, 20, 1), ("prefill", 4, 2, 16, 40, -1, 1, 0, 24)] if dry \
         else [("decode 32/8x128 W4096 wrapped", 32, 8, 128, 4112, 4096, 8, 5000, 1),
               ("prefill 32/8x128 S512", 32, 8, 128, 4112, 4096, 1, 300, 512),
               ("decode full causal", 32, 8, 128, 2048, -1, 8, 1500, 1)]
-    for dt in dtypes:
-        tol = 1e-2 if dt == torch.float16 else 1e-4
-        for name, N, K, D, C, W, B, past, S in swa_cases:
-            def rnd(*shape: int, dt: Any = dt) -> Any:
-                return torch.randn(*shape, generator=g, device=device).to(dt)
-            q, k, v = rnd(B, S, N * D), rnd(B, S, K * D), rnd(B, S, K * D)
-            kc, vc = rnd(B, K, C, D), rnd(B, K, C, D)
-            total = torch.full((B,), past + S, dtype=torch.int32, device=device)
-            cos, sin = rope_tables(D, 10000.0, past + S + 1)
-            cos, sin = cos.to(dt).to(device), sin.to(dt).to(device)
-            want, wk, wv = torch.ops.mixtrt.sliding_window_attention(q, k, v, kc, vc, total, cos, sin, N, K, W, 0.0)
-            got = sk.swa_attention(q, k, v, kc, vc, total, cos, sin, N, K, W, 0.0)
-            err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
-            cache_ok = bool(torch.equal(kc, wk) and torch.equal(vc, wv))
-            rows.append({"op": "swa", "case": name, "dtype": str(dt).split(".")[-1], "rel_err": err,
-                         "cache_equal": cache_ok, "ok": err <= tol and cache_ok})
+    # (name, T, H, I, E, top-k)
     moe_cases = [("decode T=2", 2, 64, 96, 4, 2), ("grouped T=24", 24, 64, 96, 4, 2)] if dry \
         else [("decode T=1", 1, 4096, 14336, 8, 2), ("decode T=8 (batch 8)", 8, 4096, 14336, 8, 2),
               ("grouped T=256", 256, 4096, 14336, 8, 2)]
-    for dt in dtypes:
-        tol = 5e-3 if dt == torch.float16 else 1e-4
-        for name, T, H, I, E, topk in moe_cases:
-            x = torch.randn(T, H, generator=g, device=device).to(dt)
-            logits = (torch.randn(T, E, generator=g, device=device) * 2).to(dt)
-            fc1 = (torch.randn(E, 2 * I, H, generator=g, device=device) * H**-0.5).to(dt)
-            fc2 = (torch.randn(E, H, I, generator=g, device=device) * I**-0.5).to(dt)
-            want = torch.ops.mixtrt.moe(x, logits, list(fc1.unbind(0)), list(fc2.unbind(0)), topk)
-            got = mk.moe(x, logits, fc1, fc2, topk)
-            err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
-            rows.append({"op": "moe", "case": name, "dtype": str(dt).split(".")[-1], "rel_err": err, "ok": err <= tol})
-    from mixtrt.plugins import int4_triton as dk
-
     # (name, M, N, K, block): the dense INT4 linear vs torch's matmul on the dequantized weights
     dense_cases = [("gemv M=1", 1, 70, 64, 32), ("dot M=24", 24, 50, 96, 32)] if dry \
-        else [("gemv M=1 14336x4096", 1, 14336, 4096, 128), ("gemv M=4 4096x14336", 4, 4096, 14336, 128),
-              ("dot M=256 4096x4096", 256, 4096, 4096, 128)]
-    for dt in dtypes:
-        tol = 5e-3 if dt == torch.float16 else 1e-4
-        for name, M, N, K, block in dense_cases:
-            x = torch.randn(M, K, generator=g, device=device).to(dt)
-            packed, scales = pack_int4(torch.randn(N, K, generator=g, device=device).to(dt), block)
-            lo, hi = (packed & 0x0F).to(torch.int16), (packed >> 4).to(torch.int16)
-            q = torch.stack([lo, hi], -1).flatten(-2)
-            w = (torch.where(q >= 8, q - 16, q).float() * scales.float().repeat_interleave(block, -1)).to(dt)
-            want = (x.float() @ w.float().T)
-            got = dk.int4_linear(x, packed, scales)
-            err = float((got.float() - want).abs().max() / want.abs().max())
-            rows.append({"op": "int4_linear", "case": name, "dtype": str(dt).split(".")[-1], "rel_err": err,
-                         "ok": err <= tol})
+        else [("M=1 14336x4096 (gemv)", 1, 14336, 4096, 128), ("M=4 4096x14336 (dot)", 4, 4096, 14336, 128),
+              ("M=256 4096x4096 (dot)", 256, 4096, 4096, 128)]
+    for op, fn, cases, tols in (("swa", swa, swa_cases, (1e-2, 1e-4)), ("moe", moe, moe_cases, (5e-3, 1e-4)),
+                                ("int4_linear", dense, dense_cases, (5e-3, 1e-4))):
+        for dt, tol in zip(dtypes, tols, strict=True):
+            for name, *shape in cases:
+                _guarded(rows, {"op": op, "case": name, "dtype": str(dt).split(".")[-1]}, fn, dt, tol, *shape)
     return rows
 
 
@@ -240,10 +268,7 @@ def touched(backend: Any, hidden_rows: int) -> list[int]:
 
 def run_model(name: str, shape: dict[str, Any], device: str, dry: bool, batches: list[int], steps: int,
               prompt: int, peak: float | None, precision: str = "fp16") -> list[dict[str, Any]]:
-    import numpy as np
     import torch
-
-    from mixtrt.runtime.backends.triton_backend import TritonBackend
 
     args = model_args(shape)
     dtype = torch.float16
@@ -253,41 +278,66 @@ def run_model(name: str, shape: dict[str, Any], device: str, dry: bool, batches:
     if precision == "int4":
         weights = quantize_int4(weights, 32 if dry else 128)
     made = time.perf_counter() - t0
-    rows = []
-    for ops in ("triton", "torch"):
-        be = TritonBackend.from_state_dict(args, weights, max_context=max(context, 16), precision="fp16",
-                                           device=device, ops=ops)
-        for batch in batches:
-            cache = be.new_cache(batch)
-            rng = np.random.default_rng(0)
-            t = time.perf_counter()
-            for r in range(batch):
-                be.step(cache, rng.integers(3, args.vocab_size, (1, prompt)), start_row=r, last_only=True)
-            prefill = time.perf_counter() - t
-            ids = rng.integers(3, args.vocab_size, (batch, 1))
-            for _ in range(2):  # warm-up (compiles the kernels on first use)
-                be.step(cache, ids)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(steps):
-                be.step(cache, ids)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            dt = (time.perf_counter() - t) / steps
-            nbytes = decode_bytes(be, batch, int(cache.lengths.max()), touched(be, batch))
-            rows.append({"model": name, "precision": precision, "ops": ops, "batch": batch, "prompt": prompt,
-                         "steps": steps,
-                         "decode_ms": dt * 1e3, "tok_s": batch / dt, "prefill_tok_s": batch * prompt / prefill,
-                         "bytes_per_step": nbytes, "gb_s": nbytes / dt / 1e9,
-                         "hbm_fraction": nbytes / dt / (peak * 1e12) if peak else None,
-                         "weights_made_s": made})
-            print(json.dumps(rows[-1]), flush=True)
-            del cache
-    del weights
+    measure = _measure_fn(args, weights, device, steps, prompt, context, peak, made)
+    rows: list[dict[str, Any]] = []
+    for ops, batch in [(o, b) for o in ("triton", "torch") for b in batches]:
+        base = {"model": name, "precision": precision, "ops": ops, "batch": batch}
+        _guarded(rows, base, measure, ops, batch)
+    del weights, measure
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return rows
+
+
+def _measure_fn(args: Any, weights: dict[str, Any], device: str, steps: int, prompt: int, context: int,
+                peak: float | None, made: float) -> Any:
+    """measure(ops, batch) -> one row's numbers: a prompt prefilled per row, 2 warm-up decode steps, `steps` timed."""
+    import numpy as np
+    import torch
+
+    from mixtrt.runtime.backends.triton_backend import TritonBackend
+
+    backends: dict[str, Any] = {}
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def measure(ops: str, batch: int) -> dict[str, Any]:
+        if ops not in backends:
+            backends.clear()  # one backend's device copies at a time
+            backends[ops] = TritonBackend.from_state_dict(args, weights, max_context=max(context, 16),
+                                                          precision="fp16", device=device, ops=ops)
+        be = backends[ops]
+        rng = np.random.default_rng(0)
+        warm = be.new_cache(batch)  # a prefill and decode steps first: kernels compile on first use, untimed
+        be.step(warm, rng.integers(3, args.vocab_size, (1, prompt)), last_only=True)
+        for _ in range(2):
+            be.step(warm, rng.integers(3, args.vocab_size, (batch, 1)))
+        del warm
+        cache = be.new_cache(batch)
+        sync()
+        t = time.perf_counter()
+        for r in range(batch):
+            be.step(cache, rng.integers(3, args.vocab_size, (1, prompt)), start_row=r, last_only=True)
+        sync()
+        prefill = time.perf_counter() - t
+        ids = rng.integers(3, args.vocab_size, (batch, 1))
+        for _ in range(2):
+            be.step(cache, ids)
+        sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            be.step(cache, ids)
+        sync()
+        dt = (time.perf_counter() - t) / steps
+        nbytes = decode_bytes(be, batch, int(cache.lengths.max()), touched(be, batch))
+        del cache
+        return {"ok": True, "prompt": prompt, "steps": steps, "decode_ms": dt * 1e3, "tok_s": batch / dt,
+                "prefill_tok_s": batch * prompt / prefill, "bytes_per_step": nbytes, "gb_s": nbytes / dt / 1e9,
+                "hbm_fraction": nbytes / dt / (peak * 1e12) if peak else None, "weights_made_s": made}
+
+    return measure
 
 
 def _counts(text: str) -> list[int]:
@@ -332,33 +382,45 @@ def main(argv: list[str] | None = None) -> int:
         report["capability"] = list(torch.cuda.get_device_capability())
     print(json.dumps(report), flush=True)
     t0 = time.perf_counter()
+
+    def save() -> None:  # after each part: a run stopped at its time limit still leaves what it measured
+        if ns.out:
+            ns.out.parent.mkdir(parents=True, exist_ok=True)
+            ns.out.write_text(json.dumps(report, indent=1) + "\n")
+
     if not ns.skip_kernels:
         report["kernels"] = kernel_checks(device, ns.dry_run)
-        for row in report["kernels"]:
-            print(json.dumps(row), flush=True)
+        save()
     steps = ns.steps or (2 if ns.dry_run else 32)
     prompt = ns.prompt or (4 if ns.dry_run else 128)
     batches = ns.batches or ([1, 2] if ns.dry_run else [1, 8])
     report["models"] = []
+    report["model_runs"] = []
+
+    def one_model(name: str, shape: dict[str, Any], precision: str) -> dict[str, Any]:
+        rows = run_model(name, shape, device, ns.dry_run, batches, steps, prompt, peak, precision)
+        report["models"] += rows
+        return {"ok": True, "rows": len(rows)}
+
     for name, shape in model_shapes(ns.dry_run).items():
         for precision in precisions:
-            report["models"] += run_model(name, shape, device, ns.dry_run, batches, steps, prompt, peak, precision)
+            _guarded(report["model_runs"], {"model": name, "precision": precision}, one_model, name, shape, precision)
+            save()
     speed = {}
-    for r in report["models"]:
-        if r["ops"] == "triton":
-            base = next(b for b in report["models"] if b["ops"] == "torch" and b["model"] == r["model"]
-                        and b["batch"] == r["batch"] and b["precision"] == r["precision"])
+    measured = [r for r in report["models"] if "error" not in r]
+    for r in measured:
+        base = next((b for b in measured if b["ops"] == "torch" and b["model"] == r["model"]
+                     and b["batch"] == r["batch"] and b["precision"] == r["precision"]), None)
+        if r["ops"] == "triton" and base is not None:
             tag = "" if r["precision"] == "fp16" else f" {r['precision']}"
             speed[f"{r['model']}{tag} batch {r['batch']}"] = r["tok_s"] / base["tok_s"]
     report["speedup_vs_torch_eager"] = speed
     report["seconds"] = time.perf_counter() - t0
-    print(json.dumps({"speedup_vs_torch_eager": speed, "seconds": report["seconds"],
-                      "kernels_ok": all(r["ok"] for r in report.get("kernels", []))}), flush=True)
-    if ns.out:
-        ns.out.parent.mkdir(parents=True, exist_ok=True)
-        ns.out.write_text(json.dumps(report, indent=1) + "\n")
-    return 0
-
+    failed = [r for r in [*report.get("kernels", []), *report["models"], *report["model_runs"]] if not r["ok"]]
+    print(json.dumps({"speedup_vs_torch_eager": speed, "seconds": report["seconds"], "failed": len(failed)}),
+          flush=True)
+    save()
+    return 1 if failed else 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,7 +30,7 @@ def test_dry_run(tmp_path):
     kernels = report["kernels"]
     assert {(k["op"], k["dtype"]) for k in kernels} == {(op, dt) for op in ("swa", "moe", "int4_linear")
                                                          for dt in ("float16", "float32")}
-    assert all(k["ok"] for k in kernels) and all(k["cache_equal"] for k in kernels if k["op"] == "swa")
+    assert all(k["ok"] for k in kernels) and all(k["cache_rel_err"] == 0.0 for k in kernels if k["op"] == "swa")
     rows = report["models"]
     assert {(r["precision"], r["ops"], r["batch"]) for r in rows} == {
         (p, o, b) for p in ("fp16", "int4") for o in ("triton", "torch") for b in (1, 2)}
@@ -44,3 +44,39 @@ def test_dry_run(tmp_path):
             assert row["bytes_per_step"] < 0.5 * fp16_bytes
     assert set(report["speedup_vs_torch_eager"]) == {f"tiny-mixtral{p} batch {b}" for p in ("", " int4")
                                                      for b in (1, 2)}
+
+
+@pytest.mark.slow  # about a minute on 2 cores
+def test_tune_dry_run(tmp_path):
+    """benchmarks/tune_gpu.py --dry-run: every part runs, every configuration is checked against the reference and
+    passes, the best per case is one of the measured rows, and the module constants it sets are restored."""
+    out = tmp_path / "tune.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tune_gpu.py"), "--dry-run", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert {x["part"] for x in rows} == {"int4_gemv", "moe_decode", "crossover"}
+    swept = [x for x in rows if x["part"] != "crossover"]
+    assert swept and all(x["ok"] and x["rel_err"] <= 1e-3 for x in swept)  # other tiles: fp16 partials rounded apart
+    assert {(x["T"], x["weights"]) for x in rows if x["part"] == "moe_decode"} == {(1, "fp16"), (1, "int4"),
+                                                                                   (8, "fp16"), (8, "int4")}
+    for x in rows:
+        if x["part"] == "crossover":
+            keys = ("decode_ms", "tiled_ms", "grouped_ms") if x["op"] == "moe" else ("gemv_ms", "dot_ms")
+            assert all(x[k] > 0 for k in keys), x
+    assert len(report["best"]["moe_decode"]) == 4 and all(b in rows for b in report["best"]["moe_decode"])
+    assert len(report["best"]["int4_gemv"]) == 1
+
+
+def test_tune_patched_restores(monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from tune_gpu import Patched
+
+    from mixtrt.plugins import int4_triton
+
+    before = (int4_triton.GEMV_BLOCK_N, int4_triton.launch_options)
+    with pytest.raises(RuntimeError), Patched(int4_triton, GEMV_BLOCK_N=4, launch_options=None):
+        assert int4_triton.GEMV_BLOCK_N == 4 and int4_triton.launch_options is None
+        raise RuntimeError("a configuration that fails")
+    assert (int4_triton.GEMV_BLOCK_N, int4_triton.launch_options) == before
