@@ -9,8 +9,8 @@ and rounded to the activation dtype (what dequantizing at load then casting give
 the output is rounded once. Any M and N (masked); K even, a multiple of the block (the exporter's rule), any size
 (the K loop is masked too).
 
-- ``int4_linear_kernel`` grid ``(M, cdiv(N, BLOCK_N))`` with ``GEMV`` (few rows: decode): one row per program, the
-  products summed over K tiles; else ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))`` with ``tl.dot`` tiles (prefill): an
+- ``int4_linear_kernel`` grid ``(M, cdiv(N, GEMV_BLOCK_N))`` with ``GEMV`` (few rows: decode): one row per program,
+  the products summed over K tiles; else ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))`` with ``tl.dot`` tiles (prefill): an
   [BLOCK_N, BLOCK_K] weight tile is read once per BLOCK_M rows.
 
 This module imports triton and torch (the `gpu` extra); set ``TRITON_INTERPRET=1`` before importing it to run the
@@ -23,8 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-GEMV_MAX_ROWS = 4  # rows up to this take the GEMV form (untuned: a GPU benchmark should move it)
-BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64
+# The GEMV form's tiles, measured on an H200 (benchmarks/tune_gpu.py, fp16, Mixtral-8x7B's 14336x4096, 4096x14336 and
+# 6144x4096): [8, 512] with 4 warps and 4 stages read 0.08 ms / 0.07 / 0.04 (310-410 GB/s of packed weights + scales),
+# [64, 64] 0.26 ms / 0.25 on the first two. A GEMV program reads its weights once per row, so the dot form, which
+# reads them once per 16 rows (0.22 ms at M <= 16 on 14336x4096), wins from 3 rows.
+GEMV_MAX_ROWS = 2
+GEMV_BLOCK_N, GEMV_BLOCK_K = 8, 512
+BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64  # the dot form's tiles
 
 
 @triton.jit
@@ -59,8 +64,15 @@ def int4_linear_kernel(
     tl.store(out_ptr + m[:, None].to(tl.int64) * N + n[None, :], acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def launch_options(dtype: torch.dtype) -> dict:
-    return {"num_warps": 4, "num_stages": 1 if dtype == torch.float32 else 3}
+def launch_options(dtype: torch.dtype, gemv: bool = False) -> dict:
+    return {"num_warps": 4, "num_stages": 1 if dtype == torch.float32 else 4 if gemv else 3}
+
+
+def tiles(gemv: bool) -> dict:
+    """The kernel's tile constexprs for the form."""
+    if gemv:
+        return {"BLOCK_M": 1, "BLOCK_N": GEMV_BLOCK_N, "BLOCK_K": GEMV_BLOCK_K}
+    return {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}
 
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, path: str | None = None) -> torch.Tensor:
@@ -85,10 +97,10 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, pa
         if path not in ("gemv", "dot"):
             raise ValueError(f"path must be 'gemv', 'dot' or None, got {path!r}")
         gemv = path == "gemv"
-        bm = 1 if gemv else BLOCK_M
-        int4_linear_kernel[(triton.cdiv(M, bm), triton.cdiv(N, BLOCK_N))](
-            x2, qweight.contiguous(), scales.contiguous(), M, N, K, out, BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-            QBLOCK=K // scales.shape[1], GEMV=gemv, **launch_options(x.dtype))
+        t = tiles(gemv)
+        int4_linear_kernel[(triton.cdiv(M, t["BLOCK_M"]), triton.cdiv(N, t["BLOCK_N"]))](
+            x2, qweight.contiguous(), scales.contiguous(), M, N, K, out, **t, QBLOCK=K // scales.shape[1], GEMV=gemv,
+            **launch_options(x.dtype, gemv))
     return out.reshape(*x.shape[:-1], N)
 
 
@@ -102,8 +114,8 @@ def spec(dtype: torch.dtype, qblock: int, gemv: bool) -> tuple:
     sig = {"x_ptr": t, "w_ptr": "*u8", "s_ptr": t, "M": "i32", "N": "i32", "K": "i32", "out_ptr": t,
            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "QBLOCK": "constexpr",
            "GEMV": "constexpr"}
-    meta = {"BLOCK_M": 1 if gemv else BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K, "QBLOCK": qblock, "GEMV": gemv}
-    return int4_linear_kernel, sig, meta, launch_options(dtype)
+    meta = {**tiles(gemv), "QBLOCK": qblock, "GEMV": gemv}
+    return int4_linear_kernel, sig, meta, launch_options(dtype, gemv)
 
 
 AOT_SPECS: list[tuple] = []  # no TensorRT plugin embeds it (TensorRT runs dense INT4 as DequantizeLinear -> MatMul)

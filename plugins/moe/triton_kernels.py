@@ -41,7 +41,12 @@ import torch
 import triton
 import triton.language as tl
 
-DECODE_MAX_TOKENS = 4  # T <= this runs the decode kernel (untuned: a GPU benchmark should move it)
+# T <= this runs the decode kernel, else the grouped ones: measured on an H200 at Mixtral-8x7B shapes (H 4096, I 14336,
+# 8 experts top-2; benchmarks/tune_gpu.py's crossover). fp16: decode 0.51 ms vs grouped 0.40 at T=2; at T=1 0.28 vs
+# 0.25, but decode is one launch where grouped is four with three buffers, and its tuned tiles (docs/DESIGN.md) take
+# 0.22, so one token keeps it. INT4: decode 3.3 ms vs grouped 3.6 at T=4, 6.4 vs 4.0 at T=8.
+DECODE_MAX_TOKENS = 1
+DECODE_MAX_TOKENS_INT4 = 4
 
 
 @triton.jit
@@ -409,7 +414,8 @@ def moe(hidden: torch.Tensor, router_logits: torch.Tensor, fc1: torch.Tensor, fc
     fc1_scales [E, 2I, H/block1], fc2 uint8 [E, H, I/2] with fc2_scales [E, H, I/block2] (``plugins.int4``).
     ``path``: "decode" (one kernel, weights read once per token-expert pair), "tiled" (one kernel, weights read
     once per expert and block of 16 tokens: the TensorRT plugin's prefill tactic), "grouped" (tokens grouped by
-    expert, four kernels) or None (decode for T <= DECODE_MAX_TOKENS, else grouped).
+    expert, four kernels) or None (decode for T <= DECODE_MAX_TOKENS, DECODE_MAX_TOKENS_INT4 for INT4 weights, else
+    grouped).
     """
     T, H = hidden.shape
     E = router_logits.shape[-1]
@@ -436,7 +442,7 @@ def moe(hidden: torch.Tensor, router_logits: torch.Tensor, fc1: torch.Tensor, fc
     out = torch.empty_like(hidden)
     if T == 0:
         return out
-    path = path or ("decode" if T <= DECODE_MAX_TOKENS else "grouped")
+    path = path or ("decode" if T <= (DECODE_MAX_TOKENS_INT4 if int4 else DECODE_MAX_TOKENS) else "grouped")
     common = {"TOP_K": top_k, "INT4": int4}
     opts = launch_options(hidden.dtype)
     e_p2 = triton.next_power_of_2(E)
