@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -340,6 +341,35 @@ def _measure_fn(args: Any, weights: dict[str, Any], device: str, steps: int, pro
     return measure
 
 
+def _peak(text: str) -> float:
+    """An argparse type: a finite bandwidth above 0 (TB/s)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of TB/s, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
+    return value
+
+
+def check_out(ap: argparse.ArgumentParser, out: Path | None) -> None:
+    """--out is checked before any work (a lent machine's minutes are not spent on a report that cannot be saved):
+    not a folder, and the nearest existing folder on its path is a writable folder. Nothing is made here."""
+    if out is None:
+        return
+    if out.is_dir():
+        ap.error(f"--out {out}: is a folder; name the report file")
+    if out.exists() and not os.access(out, os.W_OK):
+        ap.error(f"--out {out}: is not writable")
+    at = out.absolute().parent
+    while not at.exists():
+        at = at.parent
+    if not at.is_dir():
+        ap.error(f"--out {out}: {at} is a file, not a folder")
+    if not os.access(at, os.W_OK | os.X_OK):
+        ap.error(f"--out {out}: the folder {at} is not writable")
+
+
 def _counts(text: str) -> list[int]:
     """An argparse type: a comma-separated list of integers >= 1."""
     return [at_least(1)(v) for v in text.split(",")]
@@ -353,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=at_least(1), default=None, help="prompt tokens per row (default 128; dry run 4)")
     ap.add_argument("--batches", type=_counts, default=None,
                     help="comma-separated batch sizes (default 1,8; dry run 1,2)")
-    ap.add_argument("--hbm-tbps", type=float, default=None, help="peak HBM bandwidth in TB/s (default: by GPU name)")
+    ap.add_argument("--hbm-tbps", type=_peak, default=None, help="peak HBM bandwidth in TB/s (default: by GPU name)")
     ap.add_argument("--precision", default="fp16",
                     help="weights of the model runs: fp16, int4 or both (fp16,int4); default fp16")
     ap.add_argument("--skip-kernels", action="store_true")
@@ -362,8 +392,9 @@ def main(argv: list[str] | None = None) -> int:
                          "jinja2 or onnxruntime are missing)")
     ns = ap.parse_args(argv)
     precisions = ns.precision.split(",")
-    if not precisions or any(p not in ("fp16", "int4") for p in precisions):
+    if not precisions or any(p not in ("fp16", "int4") for p in precisions) or len(set(precisions)) < len(precisions):
         ap.error(f"--precision: fp16, int4 or fp16,int4, got {ns.precision!r}")
+    check_out(ap, ns.out)
     if ns.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
     _import_gpu_path(ns.bare_import)
@@ -375,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: run with --dry-run on a CPU", file=sys.stderr)
         return 2
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
-    peak = ns.hbm_tbps or next((v for k, v in HBM_TBPS.items() if k in gpu), None)
+    peak = ns.hbm_tbps if ns.hbm_tbps is not None else next((v for k, v in HBM_TBPS.items() if k in gpu), None)
     report: dict[str, Any] = {"device": gpu, "hbm_tbps": peak, "torch": torch.__version__, "triton": triton.__version__,
                               "dry_run": ns.dry_run, "load": os.getloadavg()}
     if device == "cuda":
@@ -385,8 +416,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:  # after each part: a run stopped at its time limit still leaves what it measured
         if ns.out:
-            ns.out.parent.mkdir(parents=True, exist_ok=True)
-            ns.out.write_text(json.dumps(report, indent=1) + "\n")
+            try:
+                ns.out.parent.mkdir(parents=True, exist_ok=True)
+                ns.out.write_text(json.dumps(report, indent=1) + "\n")
+            except OSError as e:
+                raise SystemExit(f"bench_gpu.py: --out {ns.out}: cannot be written ({e.strerror or e})") from None
 
     if not ns.skip_kernels:
         report["kernels"] = kernel_checks(device, ns.dry_run)

@@ -187,6 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     ap.add_argument("--parts", default="crossover,int4_gemv,moe_decode", help="comma-separated parts to run")
     ns = ap.parse_args(argv)
+    parts = {"int4_gemv": sweep_int4_gemv, "moe_decode": sweep_moe_decode, "crossover": crossover}
+    names = ns.parts.split(",")
+    for name in names:
+        if name not in parts:
+            ap.error(f"--parts: {name!r} is not one of {sorted(parts)}")
+    if len(set(names)) < len(names):
+        ap.error(f"--parts: {ns.parts!r} names a part twice")
+    from bench_gpu import check_out
+
+    check_out(ap, ns.out)
     if ns.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
     from bench_gpu import _import_gpu_path
@@ -208,13 +218,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         if ns.out:
-            ns.out.parent.mkdir(parents=True, exist_ok=True)
-            ns.out.write_text(json.dumps(report, indent=1) + "\n")
+            try:
+                ns.out.parent.mkdir(parents=True, exist_ok=True)
+                ns.out.write_text(json.dumps(report, indent=1) + "\n")
+            except OSError as e:
+                raise SystemExit(f"tune_gpu.py: --out {ns.out}: cannot be written ({e.strerror or e})") from None
 
-    parts = {"int4_gemv": sweep_int4_gemv, "moe_decode": sweep_moe_decode, "crossover": crossover}
-    for name in ns.parts.split(","):
-        if name not in parts:
-            ap.error(f"--parts: {name!r} is not one of {sorted(parts)}")
+    for name in names:
         parts[name](device, ns.dry_run, emit)
         save()
     report["best"] = {"int4_gemv": best(report["rows"], "int4_gemv", ("N", "K")),

@@ -9,8 +9,15 @@
 # Each part has its own time limit (GPU_TESTS_S, GPU_BENCH_S seconds) and writes into OUTDIR as it goes, so a run
 # stopped at a limit keeps what it measured. Exit status: 0 when both parts passed.
 set -u -o pipefail
-out=${1:?usage: bash scripts/gpu_check.sh OUTDIR}
-mkdir -p "$out" && out=$(cd "$out" && pwd)
+if [ $# -ne 1 ] || [ -z "$1" ]; then
+    echo "usage: bash scripts/gpu_check.sh OUTDIR" >&2
+    exit 2
+fi
+out=$1
+if ! mkdir -p "$out" 2>/dev/null || ! out=$(cd "$out" && pwd) || [ ! -w "$out" ]; then
+    echo "gpu_check.sh: cannot make or write the output folder $1" >&2
+    exit 2
+fi
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}

@@ -80,3 +80,35 @@ def test_tune_patched_restores(monkeypatch):
         assert int4_triton.GEMV_BLOCK_N == 4 and int4_triton.launch_options is None
         raise RuntimeError("a configuration that fails")
     assert (int4_triton.GEMV_BLOCK_N, int4_triton.launch_options) == before
+
+
+@pytest.mark.parametrize("script, args, says", [
+    ("bench_gpu.py", ["--hbm-tbps", "0"], "--hbm-tbps: must be a finite number above 0"),
+    ("bench_gpu.py", ["--hbm-tbps", "nan"], "--hbm-tbps: must be a finite number above 0"),
+    ("bench_gpu.py", ["--precision", "fp16,fp16"], "--precision: fp16, int4 or fp16,int4"),
+    ("bench_gpu.py", ["--out", "{tmp}"], "is a folder; name the report file"),
+    ("bench_gpu.py", ["--out", "{tmp}/afile/r.json"], "afile is a file, not a folder"),
+    ("tune_gpu.py", ["--parts", "int4_gemv,bogus"], "--parts: 'bogus' is not one of"),
+    ("tune_gpu.py", ["--parts", "crossover,crossover"], "names a part twice"),
+    ("tune_gpu.py", ["--out", "{tmp}/afile/t.json"], "afile is a file, not a folder"),
+])
+def test_arguments_are_checked_before_any_work(tmp_path, script, args, says):
+    """A lent GPU machine's minutes are not spent before a bad argument is found: each is one usage line, exit 2,
+    before anything is imported or measured, and nothing is written."""
+    (tmp_path / "afile").write_text("x")
+    before = sorted(tmp_path.rglob("*"))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--dry-run",
+                        *[a.format(tmp=tmp_path) for a in args]], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert r.returncode == 2 and says in r.stderr and not r.stdout, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"{script}: error:")
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_gpu_check_refuses_a_bad_output_folder(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for argv, says in (([], "usage: bash scripts/gpu_check.sh OUTDIR"),
+                       ([str(tmp_path / "afile" / "out")], "cannot make or write the output folder")):
+        r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), *argv], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 2 and r.stderr.strip() == r.stderr.strip().splitlines()[0] and says in r.stderr

@@ -20,11 +20,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None or importlib.util.find_spec("torch") is None,
-                       reason="torch and triton are not installed (pip install 'mixtrt[gpu]')"),
-]
+
+def _why_not() -> str | None:
+    """Why these tests cannot run here (decided at collection, so no session fixture exports anything first)."""
+    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("torch") is None:
+        return "torch and triton are not installed (pip install 'mixtrt[gpu]')"
+    import torch
+
+    return None if torch.cuda.is_available() else "no CUDA GPU visible"
+
+
+_WHY_NOT = _why_not()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_WHY_NOT is not None, reason=_WHY_NOT or "")]
 
 from mixtrt.runtime.backends import load_backend  # noqa: E402
 from mixtrt.runtime.generation import GenerationConfig, Generator  # noqa: E402
@@ -35,11 +42,7 @@ LOGIT_TOL = 1e-4
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _cuda():
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU visible")
+def _compiled():
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.fail("TRITON_INTERPRET is set in this process: the kernels would run interpreted, not compiled "
                     "(run `pytest -m gpu` so tests/conftest.py leaves it unset)")
