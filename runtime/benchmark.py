@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from mixtrt.runtime.args import ModelArgs
-from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.errors import ArtifactError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,13 @@ def bench(artifact: str | Path, *, prompt_tokens: int = 128, new_tokens: int = 1
                           f" is more than the {backend.max_positions} positions {artifact} serves (max context "
                           "chosen at export): give smaller ones")
     args = backend.args
+    summary = Manifest.read(artifact).summary
+    wbytes = summary.get("bytes_per_token")  # counted from the graph's own tensors at export
+    if not wbytes:  # an artifact exported before that count: estimated from the shapes and the mean parameter size
+        if not summary.get("parameters") or not summary.get("parameter_bytes"):
+            raise ArtifactError(f"{artifact}: manifest.json's summary has neither bytes_per_token nor parameters and "
+                                "parameter_bytes to count the bytes a step reads: export it again")
+        wbytes = weight_bytes_per_token(args, summary["parameter_bytes"] / summary["parameters"])
     rng = np.random.default_rng(seed)
     low = min(3, args.vocab_size - 1)
     prompts = [[int(t) for t in rng.integers(low, args.vocab_size, prompt_tokens)] for _ in range(batch)]
@@ -137,10 +144,6 @@ def bench(artifact: str | Path, *, prompt_tokens: int = 128, new_tokens: int = 1
         raise ConfigError(f"{artifact}: a row stopped before {new_tokens} new tokens")
     decode = steps[1:]  # step 0 prefilled every row (and decoded once)
     rss = peak_rss_mib()
-    summary = Manifest.read(artifact).summary
-    wbytes = summary.get("bytes_per_token")  # counted from the graph's own tensors at export
-    if not wbytes:  # an artifact exported before that count: estimated from the shapes and the mean parameter size
-        wbytes = weight_bytes_per_token(args, summary["parameter_bytes"] / max(summary["parameters"], 1))
     bw = read_bandwidth_gb_s(threads or available_cores())
     step_s = sum(decode) / len(decode)
     return BenchResult(

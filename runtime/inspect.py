@@ -40,14 +40,14 @@ def inspect_artifact(directory: str | Path, verify: bool = False) -> dict[str, A
     if a.head != "causal_lm":
         cache_row = 0  # the graph of a head scoring whole texts has no cache
     d = m.to_dict()
-    stored = int(m.summary.get("parameters", 0))
+    stored = int(m.summary.get("parameters") or 0)  # absent or null in a hand-edited manifest: not counted
     tied = a.tie_word_embeddings and a.head == "causal_lm" and stored > a.vocab_size * a.hidden_size
     return {
         "model": d["model"], "head": a.head, "precision": m.precision, "max_context": m.max_context,
         "cache": {**d["cache"], "bytes_per_row": cache_row}, "backends": list(m.backends),
         # the model's parameters; a tied embedding table is stored twice (the input table and, transposed, lm_head)
         "parameters": stored - (a.vocab_size * a.hidden_size if tied else 0), "stored_parameters": stored,
-        "parameter_bytes": m.summary.get("parameter_bytes", 0),
+        "parameter_bytes": m.summary.get("parameter_bytes") or 0,
         "ops": dict(m.summary.get("ops", {})), "attention_body": m.summary.get("attention_body"),
         "files": m.files, "versions": m.versions,
         "format_version": m.format_version, "features": list(m.features),

@@ -14,6 +14,7 @@ perplexity = exp(mean NLL), log-softmax in float64 over the full vocabulary.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -75,7 +76,8 @@ def evaluate(backend: Backend, ids: list[int], chunk: int = 256, reference: Back
     if count == 0:
         raise ConfigError(f"the text has {len(ids)} token(s) with BOS: perplexity needs at least 2"
                           + (f" in a chunk (--chunk {chunk})" if len(ids) >= 2 else ""))
-    out: dict = {"perplexity": float(np.exp(nll / count)), "mean_nll": nll / count, "scored_tokens": count,
+    mean = nll / count  # a perplexity past float range (mean NLL > ~709 nats: a broken model) is inf
+    out: dict = {"perplexity": math.exp(mean) if mean < 709.0 else math.inf, "mean_nll": mean, "scored_tokens": count,
                  "chunk": chunk, "tokens": len(ids)}
     if reference is not None:
         out |= {"mean_kl": kl / count, "top1_agreement": agree / count}

@@ -76,7 +76,9 @@ def load_backend(name: str, directory: str | Path, *, verify: bool = True, head:
 
         raise ConfigError(f"{directory}: {wrong_head(manifest.args, head)}")
     if name not in manifest.backends:
-        hint = f" (`mixtrt build {directory}` adds a TensorRT engine, on a GPU)" if name == "tensorrt" else ""
+        hint = {"tensorrt": f" (`mixtrt build {directory}` adds a TensorRT engine, on a GPU)",
+                "triton": " (artifacts exported before the triton backend list only onnxruntime: export it again)"
+                if manifest.args.head == "causal_lm" else " (the triton backend runs causal LMs only)"}.get(name, "")
         raise ConfigError(f"{directory}: this artifact runs on {', '.join(manifest.backends)}, not on {name}{hint}")
     require(info.extra, f"the {name} backend")
     if not info.mixed_steps:

@@ -189,6 +189,30 @@ def test_verify_reads_the_tokenizer_and_chat_record_as_loading_does(tmp_path, ar
     assert one_line(e.value) == line
 
 
+def test_null_summary_counts(tmp_path, artifact):
+    """The manifest takes null for a summary count it lacks: `inspect` shows what it has (no TypeError), and
+    `bench`, which needs bytes_per_token or parameters + parameter_bytes to count a step's bytes, refuses in one line
+    before it measures anything."""
+    from mixtrt.runtime.benchmark import bench
+
+    copy = _hostile(tmp_path, artifact, lambda d: d["summary"].update(parameters=None, parameter_bytes=None,
+                                                                     bytes_per_token=None))
+    info = inspect_artifact(copy)
+    assert info["parameters"] == info["parameter_bytes"] == 0 and info["bytes_per_token"] is None
+    with pytest.raises(ArtifactError) as e:
+        bench(copy, prompt_tokens=4, new_tokens=3, threads=1)
+    one_line(e.value, "manifest.json's summary has neither bytes_per_token nor parameters", "export it again")
+
+
+def test_an_artifact_from_before_the_triton_backend_names_the_remedy(tmp_path, artifact):
+    from mixtrt.runtime.backends import load_backend
+
+    copy = _hostile(tmp_path, artifact, _set("backends", ["onnxruntime"]))
+    with pytest.raises(ConfigError) as e:
+        load_backend("triton", copy)
+    one_line(e.value, "this artifact runs on onnxruntime, not on triton", "export it again")
+
+
 def test_a_number_of_thousands_of_digits_is_one_line(tmp_path, artifact):
     """Python refuses to parse integers of more than 4300 digits: the manifest (and a checkpoint's config.json)
     with one is a one-line error naming the file, not a ValueError traceback."""

@@ -169,3 +169,32 @@ def test_perplexity_names_the_artifact_whose_logits_are_not_finite():
         evaluate(good, ids, 4, reference=bad, names=("my-int4", "my-ref"))
     with pytest.raises(ConfigError, match="^my-int4 produced non-finite logits"):
         evaluate(bad, ids, 4, reference=good, names=("my-int4", "my-ref"))
+
+
+class SteepBackend(ToyBackend):
+    """Finite logits so steep that the text's mean NLL is past exp's float range (a broken but finite model)."""
+
+    def step(self, cache, input_ids, start_row=0, last_only=False):
+        return super().step(cache, input_ids, start_row, last_only) * 1e4
+
+
+def test_perplexity_past_float_range_is_inf_and_json_null(monkeypatch, tmp_path):
+    """The perplexity of such a model is inf (no overflow warning), and `perplexity --json` stays strict JSON: null,
+    with the finite mean NLL beside it."""
+    import warnings
+
+    from mixtrt.runtime.perplexity import evaluate
+
+    ids = ToyTokenizer().encode("abcdefghij")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = evaluate(SteepBackend(), ids, 6)
+    assert out["perplexity"] == float("inf") and 709 < out["mean_nll"] < float("inf")
+    monkeypatch.setattr(Generator, "load", classmethod(lambda cls, *a, **k: Generator(SteepBackend(), ToyTokenizer())))
+    (tmp_path / "t.txt").write_text("abcdefghij")
+    r = cli("perplexity", "unused", "--text", str(tmp_path / "t.txt"), "--chunk", "6", "--json")
+    assert r.code == 0, r.stderr
+    got = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert got["perplexity"] is None and got["mean_nll"] == pytest.approx(out["mean_nll"])
+    r = cli("perplexity", "unused", "--text", str(tmp_path / "t.txt"), "--chunk", "6")
+    assert r.code == 0 and r.stdout.startswith("perplexity inf over") and not r.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from mixtrt.cli.options import threads
@@ -41,7 +42,9 @@ def run(ns: argparse.Namespace) -> int:
     out = evaluate(gen.backend, ids, ns.chunk, reference=ref.backend if ref is not None else None,
                    names=(ns.artifact.name, ns.reference.name if ns.reference is not None else "the reference"))
     if ns.json:
-        print(json.dumps(out, indent=2))
+        # strict JSON: a perplexity past float range is null (its mean_nll says how far)
+        print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in out.items()},
+                         indent=2, allow_nan=False))
         return 0
     line = (f"perplexity {out['perplexity']:.4f} over {out['scored_tokens']} scored tokens "
             f"({out['tokens']} tokens, chunks of {out['chunk']})")
