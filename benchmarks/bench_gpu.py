@@ -370,6 +370,18 @@ def check_out(ap: argparse.ArgumentParser, out: Path | None) -> None:
         ap.error(f"--out {out}: the folder {at} is not writable")
 
 
+def save_report(out: Path | None, report: dict[str, Any], script: str) -> None:
+    """The report as JSON at `out` (after each part, so a run stopped at its time limit keeps what it measured); a
+    path that cannot be written ends the run in one line."""
+    if out is None:
+        return
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+    except OSError as e:
+        raise SystemExit(f"{script}: --out {out}: cannot be written ({e.strerror or e})") from None
+
+
 def _counts(text: str) -> list[int]:
     """An argparse type: a comma-separated list of integers >= 1."""
     return [at_least(1)(v) for v in text.split(",")]
@@ -414,13 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(report), flush=True)
     t0 = time.perf_counter()
 
-    def save() -> None:  # after each part: a run stopped at its time limit still leaves what it measured
-        if ns.out:
-            try:
-                ns.out.parent.mkdir(parents=True, exist_ok=True)
-                ns.out.write_text(json.dumps(report, indent=1) + "\n")
-            except OSError as e:
-                raise SystemExit(f"bench_gpu.py: --out {ns.out}: cannot be written ({e.strerror or e})") from None
+    def save() -> None:
+        save_report(ns.out, report, "bench_gpu.py")
 
     if not ns.skip_kernels:
         report["kernels"] = kernel_checks(device, ns.dry_run)

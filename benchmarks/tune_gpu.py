@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--parts: {name!r} is not one of {sorted(parts)}")
     if len(set(names)) < len(names):
         ap.error(f"--parts: {ns.parts!r} names a part twice")
-    from bench_gpu import check_out
+    from bench_gpu import check_out, save_report
 
     check_out(ap, ns.out)
     if ns.dry_run:
@@ -217,12 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
 
     def save() -> None:
-        if ns.out:
-            try:
-                ns.out.parent.mkdir(parents=True, exist_ok=True)
-                ns.out.write_text(json.dumps(report, indent=1) + "\n")
-            except OSError as e:
-                raise SystemExit(f"tune_gpu.py: --out {ns.out}: cannot be written ({e.strerror or e})") from None
+        save_report(ns.out, report, "tune_gpu.py")
 
     for name in names:
         parts[name](device, ns.dry_run, emit)

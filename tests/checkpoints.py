@@ -104,6 +104,29 @@ def export_cases(root: Path, cases: dict[str, dict[str, Any]], **defaults: Any) 
     return out
 
 
+def bos_prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
+    """Random prompts of the given lengths for the 32000-token test vocabulary, each starting with BOS (1)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [[1, *rng.integers(3, 32000, n - 1).tolist()] for n in lengths]
+
+
+def backend_pairs(exported: dict[str, tuple[Path, Path]], threads: int = 1) -> Any:
+    """get(name) -> (onnxruntime backend, triton backend) on the session's artifact `name`, each pair loaded once."""
+    from mixtrt.runtime.backends import load_backend
+
+    cache: dict[str, tuple[Any, Any]] = {}
+
+    def get(name: str) -> tuple[Any, Any]:
+        if name not in cache:
+            art = exported[name][1]
+            cache[name] = (load_backend("onnxruntime", art, threads=threads), load_backend("triton", art))
+        return cache[name]
+
+    return get
+
+
 # The artifacts most export/backend/manifest tests share (tests/conftest.py `exported`, once per session).
 EXPORT_W = 5  # window shorter than every prompt those tests use
 EXPORT_CASES: dict[str, dict[str, Any]] = {

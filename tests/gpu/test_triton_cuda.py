@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_WHY_NOT is not None, reason=_
 
 from mixtrt.runtime.backends import load_backend  # noqa: E402
 from mixtrt.runtime.generation import GenerationConfig, Generator  # noqa: E402
-from tests.checkpoints import EXPORT_W, close_logits  # noqa: E402
+from tests.checkpoints import EXPORT_W, backend_pairs, bos_prompts, close_logits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 LOGIT_TOL = 1e-4
@@ -48,22 +48,9 @@ def _compiled():
                     "(run `pytest -m gpu` so tests/conftest.py leaves it unset)")
 
 
-def _prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [[1, *rng.integers(3, 32000, n - 1).tolist()] for n in lengths]
-
-
 @pytest.fixture(scope="module")
 def backends(exported):
-    cache: dict = {}
-
-    def get(name: str):
-        if name not in cache:
-            art = exported[name][1]
-            cache[name] = (load_backend("onnxruntime", art, threads=2), load_backend("triton", art))
-        return cache[name]
-
-    return get
+    return backend_pairs(exported, threads=2)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +86,7 @@ def test_the_backend_runs_compiled_kernels_on_cuda(backends):
 def test_greedy_tokens_equal_onnxruntime_ragged_past_3w(name, exported, backends):
     art = exported[name][1]
     _, tri = backends(name)
-    prompts = _prompts(1, (2 * EXPORT_W + 1, 3, EXPORT_W + 1))
+    prompts = bos_prompts(1, (2 * EXPORT_W + 1, 3, EXPORT_W + 1))
     cfg = GenerationConfig(max_new_tokens=3 * EXPORT_W + 5, eos_token_id=())
     want = Generator.load(art).generate(prompts, cfg)
     got = Generator(tri, Generator.load(art).tokenizer).generate(prompts, cfg)
@@ -112,7 +99,7 @@ def test_teacher_forced_logits_match_onnxruntime(name, backends):
     """A prefill longer than W (MoE: the grouped kernel), a short prefill into another row, then a 2-row decode
     step of rows at different positions: every logit within 1e-4 of max|logit|."""
     ort, tri = backends(name)
-    [p] = _prompts(2, (2 * EXPORT_W + 2,))
+    [p] = bos_prompts(2, (2 * EXPORT_W + 2,))
     caches = [b.new_cache(3) for b in (ort, tri)]
     steps = [lambda b, c: b.step(c, np.array([p]), start_row=1),
              lambda b, c: b.step(c, np.array([p[:3]]), start_row=2, last_only=True),
@@ -129,7 +116,7 @@ def test_batch_invariance(name, backends):
     """A row's decode logits alone and beside three ragged rows (other lengths, other cache rows) within the
     contract's 5e-5 of max|logit|, through 3W steps."""
     _, tri = backends(name)
-    prompts = _prompts(3, (EXPORT_W + 2, 2 * EXPORT_W + 3, 4, 3 * EXPORT_W))
+    prompts = bos_prompts(3, (EXPORT_W + 2, 2 * EXPORT_W + 3, 4, 3 * EXPORT_W))
     alone, batch = tri.new_cache(1), tri.new_cache(4)
     a = tri.step(alone, np.array([prompts[0]]), last_only=True)
     for r, p in enumerate(prompts):
@@ -150,10 +137,10 @@ def test_int4_artifact_tokens_and_logits(name, other_artifacts):
     ort, tri = load_backend("onnxruntime", art, threads=2), load_backend("triton", art)
     if name.startswith("mixtral"):  # the experts stay packed for the INT4 MoE kernels
         assert str(tri.w["layers.0.fc1"].dtype) == "torch.uint8"
-    [p] = _prompts(5, (2 * EXPORT_W + 2,))
+    [p] = bos_prompts(5, (2 * EXPORT_W + 2,))
     want, got = (b.step(b.new_cache(1), np.array([p])) for b in (ort, tri))
     assert np.abs(got - want).max() <= LOGIT_TOL * np.abs(want).max()
-    prompts = _prompts(6, (2 * EXPORT_W + 1, 3))
+    prompts = bos_prompts(6, (2 * EXPORT_W + 1, 3))
     cfg = GenerationConfig(max_new_tokens=3 * EXPORT_W + 5, eos_token_id=())
     tok = Generator.load(art).tokenizer
     assert [g.token_ids for g in Generator(tri, tok).generate(prompts, cfg)] == \
@@ -168,7 +155,7 @@ def test_fp16_artifact_close_to_fp32(name, exported, other_artifacts):
     ort = load_backend("onnxruntime", exported[name][1], threads=2)
     tri = load_backend("triton", other_artifacts[f"{name}-fp16"])
     assert "float16" in str(tri.dtype)
-    [p] = _prompts(7, (2 * EXPORT_W + 2 + 3 * EXPORT_W,))
+    [p] = bos_prompts(7, (2 * EXPORT_W + 2 + 3 * EXPORT_W,))
     caches = [b.new_cache(1) for b in (ort, tri)]
     cut = 2 * EXPORT_W + 2
     want, got = (b.step(c, np.array([p[:cut]])) for b, c in zip((ort, tri), caches, strict=True))
@@ -179,7 +166,7 @@ def test_fp16_artifact_close_to_fp32(name, exported, other_artifacts):
     assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
     assert float((got.argmax(-1) == want.argmax(-1)).mean()) >= 0.95
     out = Generator(tri, Generator.load(exported[name][1]).tokenizer).generate(
-        _prompts(8, (2 * EXPORT_W,)), GenerationConfig(max_new_tokens=3 * EXPORT_W + 2, eos_token_id=()))
+        bos_prompts(8, (2 * EXPORT_W,)), GenerationConfig(max_new_tokens=3 * EXPORT_W + 2, eos_token_id=()))
     assert len(out[0].token_ids) == 3 * EXPORT_W + 2
 
 
@@ -210,7 +197,7 @@ def test_torch_reference_ops_on_cuda(exported, backends):
         weights = read_graph_weights(art / "model.onnx", m.args).tensors
         own = {k: torch.from_numpy(v.copy()).cuda() for k, v in weights.items() if not k.startswith("rope")}
         eager = TritonBackend.from_state_dict(m.args, own, max_context=m.max_context, precision="fp32", ops="torch")
-        [p] = _prompts(9, (2 * EXPORT_W + 2,))
+        [p] = bos_prompts(9, (2 * EXPORT_W + 2,))
         caches = (tri.new_cache(1), eager.new_cache(1))
         for ids in (np.array([p]), np.array([[7]]), np.array([[11]])):
             a, b = (be.step(c, ids) for be, c in zip((tri, eager), caches, strict=True))

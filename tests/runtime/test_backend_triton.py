@@ -28,37 +28,23 @@ from mixtrt.runtime.backends import load_backend  # noqa: E402
 from mixtrt.runtime.cache import HostKVCache  # noqa: E402
 from mixtrt.runtime.errors import ConfigError, MissingExtraError  # noqa: E402
 from mixtrt.runtime.generation import GenerationConfig, Generator  # noqa: E402
-from tests.checkpoints import EXPORT_W  # noqa: E402
+from tests.checkpoints import EXPORT_W, backend_pairs, bos_prompts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = ["mistral-window", "mixtral-window"]
 LOGIT_TOL = 1e-4  # fp32: relative to max|logit| (tf32x3 dots in the kernels, fp32 elsewhere)
 
 
-def _prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [[1, *rng.integers(3, 32000, n - 1).tolist()] for n in lengths]
-
-
 @pytest.fixture(scope="module")
 def backends(exported):
-    """name -> (onnxruntime backend, triton backend) on the session's artifacts."""
-    cache: dict = {}
-
-    def get(name: str):
-        if name not in cache:
-            art = exported[name][1]
-            cache[name] = (load_backend("onnxruntime", art, threads=1), load_backend("triton", art))
-        return cache[name]
-
-    return get
+    return backend_pairs(exported)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_greedy_tokens_equal_onnxruntime_ragged_past_3w(name, exported, backends):
     art = exported[name][1]
     ort, tri = backends(name)
-    prompts = _prompts(1, (2 * EXPORT_W - 1, 3))  # the first prompt is longer than W; rows of different lengths
+    prompts = bos_prompts(1, (2 * EXPORT_W - 1, 3))  # the first prompt is longer than W; rows of different lengths
     cfg = GenerationConfig(max_new_tokens=3 * EXPORT_W - len(prompts[0]) + 3, eos_token_id=())
     want = Generator.load(art).generate(prompts, cfg)
     got = Generator(tri, Generator.load(art).tokenizer).generate(prompts, cfg)
@@ -72,7 +58,7 @@ def test_teacher_forced_logits_match_onnxruntime(name, backends):
     """One prefill longer than W (MoE: the grouped path), then a 2-row decode step of rows at different
     positions: every logit within tolerance; a row started at 1 (not 0) leaves the others alone."""
     ort, tri = backends(name)
-    [p] = _prompts(2, (2 * EXPORT_W + 2,))
+    [p] = bos_prompts(2, (2 * EXPORT_W + 2,))
     caches = [b.new_cache(3) for b in (ort, tri)]
     outs = [b.step(c, np.array([p]), start_row=1) for b, c in zip((ort, tri), caches, strict=True)]
     outs2 = [b.step(c, np.array([p[:3]]), start_row=2, last_only=True) for b, c in zip((ort, tri), caches, strict=True)]
@@ -121,7 +107,7 @@ def test_from_state_dict_gives_the_artifacts_logits(exported, backends):
     own = {k: torch.from_numpy(v.copy()) for k, v in weights.items() if not k.startswith("rope")}
     mem = TritonBackend.from_state_dict(m.args, own, max_context=m.max_context, precision="fp32")
     assert np.allclose(mem.w["rope_cos"].numpy(), weights["rope_cos"][: m.max_context], atol=1e-6)
-    [p] = _prompts(3, (EXPORT_W + 2,))
+    [p] = bos_prompts(3, (EXPORT_W + 2,))
     a, b = tri.step(tri.new_cache(1), np.array([p])), mem.step(mem.new_cache(1), np.array([p]))
     assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
     eager = TritonBackend.from_state_dict(m.args, own, max_context=m.max_context, precision="fp32", ops="torch")
@@ -194,7 +180,7 @@ def test_runtime_stays_torch_free():
 def test_greedy_three_rows_long(name, exported):
     """Three rows, 3W + 5 new tokens each, linear caches too (full causal attention)."""
     art = exported[name][1]
-    prompts = _prompts(4, (2 * EXPORT_W + 1, 4, EXPORT_W + 1))
+    prompts = bos_prompts(4, (2 * EXPORT_W + 1, 4, EXPORT_W + 1))
     cfg = GenerationConfig(max_new_tokens=3 * EXPORT_W + 5, eos_token_id=())
     want = Generator.load(art).generate(prompts, cfg)
     got = Generator.load(art, backend="triton").generate(prompts, cfg)
@@ -210,7 +196,7 @@ def test_fp16_mixtral_tokens(tmp_path):
 
     ck = make_checkpoint(tmp_path / "ck", "mixtral", sliding_window=EXPORT_W, max_position_embeddings=64)
     art = export_onnx(ck, tmp_path / "art", precision="fp16", progress=None)
-    prompts = _prompts(5, (2 * EXPORT_W, 3))
+    prompts = bos_prompts(5, (2 * EXPORT_W, 3))
     cfg = GenerationConfig(max_new_tokens=3 * EXPORT_W, eos_token_id=())
     want = Generator.load(art).generate(prompts, cfg)
     got = Generator.load(art, backend="triton").generate(prompts, cfg)
@@ -227,7 +213,7 @@ def test_head_dims_that_are_not_powers_of_two(head_dim_case, tmp_path):
     ck = make_checkpoint(tmp_path / "ck", "mixtral", sliding_window=EXPORT_W, num_key_value_heads=2,
                          max_position_embeddings=64, **head_dim_case)
     art = export_onnx(ck, tmp_path / "art", progress=None)
-    prompts = _prompts(6, (2 * EXPORT_W, 4))
+    prompts = bos_prompts(6, (2 * EXPORT_W, 4))
     cfg = GenerationConfig(max_new_tokens=2 * EXPORT_W, eos_token_id=())
     want = Generator.load(art).generate(prompts, cfg)
     got = Generator.load(art, backend="triton").generate(prompts, cfg)

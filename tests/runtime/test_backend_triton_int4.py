@@ -25,7 +25,7 @@ from mixtrt.runtime.backends import load_backend  # noqa: E402
 from mixtrt.runtime.errors import ArtifactError  # noqa: E402
 from mixtrt.runtime.generation import GenerationConfig, Generator  # noqa: E402
 from mixtrt.runtime.manifest import Manifest  # noqa: E402
-from tests.checkpoints import EXPORT_W  # noqa: E402
+from tests.checkpoints import EXPORT_W, bos_prompts  # noqa: E402
 from tests.int4_forms import int4_table  # noqa: E402
 
 FAMILIES = ["mistral-window", "mixtral-window"]
@@ -44,11 +44,6 @@ def int4_artifacts(exported, tmp_path_factory):
                               int4=Int4Options(block_size=BLOCK, accuracy_level=0)) for name in FAMILIES}
 
 
-def _prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [[1, *rng.integers(3, 32000, n - 1).tolist()] for n in lengths]
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_int4_greedy_tokens_equal_onnxruntime_past_3w(name, int4_artifacts):
     art = int4_artifacts[name]
@@ -60,10 +55,10 @@ def test_int4_greedy_tokens_equal_onnxruntime_past_3w(name, int4_artifacts):
     for w in ("wq", "wo", *(("w1", "w2") if name.startswith("mistral") else ())):  # dense INT4: the dense kernel
         assert str(tri.w[f"layers.1.{w}"].dtype) == "torch.uint8" and f"layers.1.{w}_scales" in tri.w
     assert tri.w["lm_head"].dtype == tri.w["embed_tokens"].dtype == tri.dtype  # INT8 tables: dequantized
-    [p] = _prompts(7, (2 * EXPORT_W + 2,))
+    [p] = bos_prompts(7, (2 * EXPORT_W + 2,))
     a, b = ort.step(ort.new_cache(1), np.array([p])), tri.step(tri.new_cache(1), np.array([p]))
     assert np.abs(a - b).max() <= LOGIT_TOL * np.abs(a).max()
-    prompts = _prompts(8, (2 * EXPORT_W - 1, 3))  # the first prompt is longer than W; rows of different lengths
+    prompts = bos_prompts(8, (2 * EXPORT_W - 1, 3))  # the first prompt is longer than W; rows of different lengths
     cfg = GenerationConfig(max_new_tokens=3 * EXPORT_W - len(prompts[0]) + 3, eos_token_id=())
     want = Generator.load(art).generate(prompts, cfg)
     got = Generator(tri, Generator.load(art).tokenizer).generate(prompts, cfg)
@@ -149,7 +144,7 @@ def test_packed_experts_through_the_eager_reference_and_refusals(int4_artifacts)
     kernels = TritonBackend.from_state_dict(m.args, weights, max_context=m.max_context, precision="fp32")
     eager = TritonBackend.from_state_dict(m.args, weights, max_context=m.max_context, precision="fp32", ops="torch")
     assert eager.w["layers.0.fc1"].dtype == eager.w["layers.0.wq"].dtype and "layers.0.fc1_scales" not in eager.w
-    [p] = _prompts(9, (EXPORT_W + 2,))
+    [p] = bos_prompts(9, (EXPORT_W + 2,))
     a, b = kernels.step(kernels.new_cache(1), np.array([p])), eager.step(eager.new_cache(1), np.array([p]))
     assert np.abs(a - b).max() <= LOGIT_TOL * np.abs(a).max()
     broken = {k: v for k, v in weights.items() if k != "layers.1.fc2_scales"}
