@@ -190,15 +190,15 @@ def kernel_checks(device: str, dry: bool) -> list[dict[str, Any]]:
                   2 * B * K * keys * D * kc.element_size())
         return {"rel_err": err, "cache_rel_err": cache_err, "ok": err <= tol and cache_ok, **t}
 
-    def moe(dt: Any, tol: float, T: int, H: int, I: int, E: int, topk: int) -> dict:  # noqa: E741
+    def moe(dt: Any, tol: float, path: str, T: int, H: int, I: int, E: int, topk: int) -> dict:  # noqa: E741
         x = torch.randn(T, H, generator=g, device=device).to(dt)
         logits = (torch.randn(T, E, generator=g, device=device) * 2).to(dt)
         fc1 = (torch.randn(E, 2 * I, H, generator=g, device=device) * H**-0.5).to(dt)
         fc2 = (torch.randn(E, H, I, generator=g, device=device) * I**-0.5).to(dt)
         want = torch.ops.mixtrt.moe(x, logits, list(fc1.unbind(0)), list(fc2.unbind(0)), topk)
-        err = rel(mk.moe(x, logits, fc1, fc2, topk), want)
+        err = rel(mk.moe(x, logits, fc1, fc2, topk, path=path), want)
         used = int(logits.float().topk(topk, dim=-1).indices.unique().numel())
-        t = timed(lambda: mk.moe(x, logits, fc1, fc2, topk), used * 3 * I * H * fc1.element_size())
+        t = timed(lambda: mk.moe(x, logits, fc1, fc2, topk, path=path), used * 3 * I * H * fc1.element_size())
         return {"rel_err": err, "ok": err <= tol, "experts_read": used, **t}
 
     def dense(dt: Any, tol: float, M: int, N: int, K: int, block: int) -> dict:
@@ -217,10 +217,11 @@ def kernel_checks(device: str, dry: bool) -> list[dict[str, Any]]:
         else [("decode 32/8x128 W4096 wrapped", 32, 8, 128, 4112, 4096, 8, 5000, 1),
               ("prefill 32/8x128 S512", 32, 8, 128, 4112, 4096, 1, 300, 512),
               ("decode full causal", 32, 8, 128, 2048, -1, 8, 1500, 1)]
-    # (name, T, H, I, E, top-k)
-    moe_cases = [("decode T=2", 2, 64, 96, 4, 2), ("grouped T=24", 24, 64, 96, 4, 2)] if dry \
-        else [("decode T=1", 1, 4096, 14336, 8, 2), ("decode T=8 (batch 8)", 8, 4096, 14336, 8, 2),
-              ("grouped T=256", 256, 4096, 14336, 8, 2)]
+    # (name, path, T, H, I, E, top-k): T=8 runs grouped as the op's default does (decode at T=1 only)
+    moe_cases = [("decode T=2", "decode", 2, 64, 96, 4, 2), ("grouped T=24", "grouped", 24, 64, 96, 4, 2)] if dry \
+        else [("decode T=1", "decode", 1, 4096, 14336, 8, 2),
+              ("grouped T=8 (batch 8)", "grouped", 8, 4096, 14336, 8, 2),
+              ("grouped T=256", "grouped", 256, 4096, 14336, 8, 2)]
     # (name, M, N, K, block): the dense INT4 linear vs torch's matmul on the dequantized weights
     dense_cases = [("gemv M=1", 1, 70, 64, 32), ("dot M=24", 24, 50, 96, 32)] if dry \
         else [("M=1 14336x4096 (gemv)", 1, 14336, 4096, 128), ("M=4 4096x14336 (dot)", 4, 4096, 14336, 128),
