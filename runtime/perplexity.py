@@ -62,7 +62,7 @@ def evaluate(backend: Backend, ids: list[int], chunk: int = 256, reference: Back
     (nats) and the fraction of scored positions where both put the same token first. names: the two artifacts,
     as errors name them."""
     if reference is not None and reference.args.vocab_size != backend.args.vocab_size:
-        raise ConfigError(f"the reference's vocabulary ({reference.args.vocab_size}) is not the artifact's "
+        raise ConfigError(f"{names[1]}: its vocabulary ({reference.args.vocab_size}) is not {names[0]}'s "
                           f"({backend.args.vocab_size})")
     nll = kl = 0.0
     count = agree = 0

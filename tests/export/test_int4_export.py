@@ -185,11 +185,14 @@ def test_perplexity_command_with_reference(realistic_pairs, tmp_path, capsys):
     assert abs(same["mean_kl"]) < 1e-9 and same["top1_agreement"] == 1.0
     assert main(["perplexity", str(fp32), "--text", str(text), "--chunk", "1"]) == 2
     assert "--chunk must be an integer >= 2" in capsys.readouterr().err
+    assert main(["perplexity", str(fp32), "--text", str(text), "--reference", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err  # the reference's own error, said to be the reference's
+    assert f"--reference {tmp_path / 'nope'}: no such artifact directory" in err and len(err.splitlines()) == 1
     # a chunk past the artifact's positions names the artifact and the largest --chunk that fits (64 positions)
     long = tmp_path / "long.txt"
     long.write_text("one two three four five six seven eight nine ten " * 20)
     assert main(["perplexity", str(fp32), "--text", str(long), "--chunk", "100"]) == 2
-    assert f"past the 64 positions {fp32.name} serves: pass --chunk 64 or less" in capsys.readouterr().err
+    assert f"past the 64 positions {fp32} serves: pass --chunk 64 or less" in capsys.readouterr().err
     assert main(["perplexity", str(fp32), "--text", str(long), "--json"]) == 0  # the default fits itself: 64, not 256
     assert json.loads(capsys.readouterr().out)["chunk"] == 64
     empty = tmp_path / "empty.txt"

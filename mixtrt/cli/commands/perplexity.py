@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from mixtrt.runtime.errors import ConfigError
+    from mixtrt.runtime.errors import ArtifactError, ConfigError
     from mixtrt.runtime.generation import Generator
     from mixtrt.runtime.perplexity import chunks, evaluate
     from mixtrt.runtime.prompts import read_text_file
@@ -33,14 +33,19 @@ def run(ns: argparse.Namespace) -> int:
     if ns.chunk is not None:
         chunks([], ns.chunk)  # checks --chunk before loading anything
     gen = Generator.load(ns.artifact, threads=ns.threads)
-    ref = Generator.load(ns.reference, threads=ns.threads) if ns.reference is not None else None
+    ref = None
+    if ns.reference is not None:
+        try:
+            ref = Generator.load(ns.reference, threads=ns.threads)
+        except (ArtifactError, ConfigError) as e:  # the same line the artifact would give: say which one it is
+            raise type(e)(f"--reference {e}") from None
     if ns.chunk is None:  # an explicit --chunk past the positions is an error; the default fits itself
         ns.chunk = min([256, gen.backend.max_positions] + ([ref.backend.max_positions] if ref is not None else []))
     ids = gen.tokenizer.encode(text)
     if ref is not None and ref.tokenizer.encode(text) != ids:
         raise ConfigError(f"--reference {ns.reference}: its tokenizer splits the text differently")
     out = evaluate(gen.backend, ids, ns.chunk, reference=ref.backend if ref is not None else None,
-                   names=(ns.artifact.name, ns.reference.name if ns.reference is not None else "the reference"))
+                   names=(str(ns.artifact), f"--reference {ns.reference}"))
     if ns.json:
         # strict JSON: a perplexity past float range is null (its mean_nll says how far)
         print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in out.items()},
