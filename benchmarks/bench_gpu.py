@@ -135,13 +135,24 @@ def quantize_int4(weights: dict[str, Any], block: int) -> dict[str, Any]:
     return out
 
 
-def _guarded(rows: list[dict[str, Any]], base: dict[str, Any], fn: Any, *args: Any) -> None:
-    """rows += base + fn(*args), or base + the error: one failing case does not end a run on a lent machine."""
+def outcome(fn: Any, *args: Any) -> dict[str, Any]:
+    """fn(*args), or {"ok": False, "error": ...}: one failing case (or configuration that does not compile) does not
+    end a run on a lent machine."""
     try:
-        rows.append({**base, **fn(*args)})
+        return fn(*args)
     except Exception as e:  # noqa: BLE001 - recorded in the report, the run goes on
-        rows.append({**base, "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]})
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+
+
+def _guarded(rows: list[dict[str, Any]], base: dict[str, Any], fn: Any, *args: Any) -> None:
+    """rows += base + outcome(fn, *args), printed as it is measured."""
+    rows.append({**base, **outcome(fn, *args)})
     print(json.dumps(rows[-1]), flush=True)
+
+
+def rel_err(got: Any, want: Any) -> float:
+    """max |got - want| / max |want| (torch tensors), in float32."""
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max())
 
 
 def kernel_checks(device: str, dry: bool) -> list[dict[str, Any]]:
@@ -158,9 +169,6 @@ def kernel_checks(device: str, dry: bool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     g = torch.Generator(device=device).manual_seed(0)
     dtypes = [torch.float16, torch.float32]
-
-    def rel(got: Any, want: Any) -> float:
-        return float((got.float() - want.float()).abs().max() / want.float().abs().max())
 
     def timed(call: Any, nbytes: int, key: str = "") -> dict[str, float]:
         """On a GPU: the call's median time (triton's do_bench) and the bytes it must read over it."""
@@ -183,8 +191,8 @@ def kernel_checks(device: str, dry: bool) -> list[dict[str, Any]]:
         got = sk.swa_attention(q, k, v, kc, vc, total, cos, sin, N, K, W, 0.0)
         # the cache the kernel wrote vs the reference's: RoPE'd keys rounded in another order on a GPU, so within
         # the output's tolerance (bit-equal under the interpreter)
-        cache_err = max(rel(kc, wk), rel(vc, wv))
-        err, cache_ok = rel(got, want), cache_err <= tol
+        cache_err = max(rel_err(kc, wk), rel_err(vc, wv))
+        err, cache_ok = rel_err(got, want), cache_err <= tol
         keys = min(past + S, W if W > 0 else C, C)  # rewriting the same keys: the call is idempotent
         t = timed(lambda: sk.swa_attention(q, k, v, kc, vc, total, cos, sin, N, K, W, 0.0),
                   2 * B * K * keys * D * kc.element_size())
@@ -196,7 +204,7 @@ def kernel_checks(device: str, dry: bool) -> list[dict[str, Any]]:
         fc1 = (torch.randn(E, 2 * I, H, generator=g, device=device) * H**-0.5).to(dt)
         fc2 = (torch.randn(E, H, I, generator=g, device=device) * I**-0.5).to(dt)
         want = torch.ops.mixtrt.moe(x, logits, list(fc1.unbind(0)), list(fc2.unbind(0)), topk)
-        err = rel(mk.moe(x, logits, fc1, fc2, topk, path=path), want)
+        err = rel_err(mk.moe(x, logits, fc1, fc2, topk, path=path), want)
         used = int(logits.float().topk(topk, dim=-1).indices.unique().numel())
         t = timed(lambda: mk.moe(x, logits, fc1, fc2, topk, path=path), used * 3 * I * H * fc1.element_size())
         return {"rel_err": err, "ok": err <= tol, "experts_read": used, **t}
@@ -207,7 +215,7 @@ def kernel_checks(device: str, dry: bool) -> list[dict[str, Any]]:
         lo, hi = (packed & 0x0F).to(torch.int16), (packed >> 4).to(torch.int16)
         q = torch.stack([lo, hi], -1).flatten(-2)
         w = (torch.where(q >= 8, q - 16, q).float() * scales.float().repeat_interleave(block, -1)).to(dt)
-        err = rel(dk.int4_linear(x, packed, scales), x.float() @ w.float().T)
+        err = rel_err(dk.int4_linear(x, packed, scales), x.float() @ w.float().T)
         t = timed(lambda: dk.int4_linear(x, packed, scales), packed.numel() + scales.numel() * scales.element_size())
         ref = timed(lambda: x @ w.T, w.numel() * w.element_size(), "torch_dense_")  # the dequantized weights
         return {"rel_err": err, "ok": err <= tol, **t, **ref}
@@ -450,10 +458,10 @@ def main(argv: list[str] | None = None) -> int:
             save()
     speed = {}
     measured = [r for r in report["models"] if "error" not in r]
-    for r in measured:
+    for r in (r for r in measured if r["ops"] == "triton"):
         base = next((b for b in measured if b["ops"] == "torch" and b["model"] == r["model"]
                      and b["batch"] == r["batch"] and b["precision"] == r["precision"]), None)
-        if r["ops"] == "triton" and base is not None:
+        if base is not None:
             tag = "" if r["precision"] == "fp16" else f" {r['precision']}"
             speed[f"{r['model']}{tag} batch {r['batch']}"] = r["tok_s"] / base["tok_s"]
     report["speedup_vs_torch_eager"] = speed

@@ -66,7 +66,7 @@ def _opts(warps: int, stages: int) -> Any:
 
 def sweep_int4_gemv(device: str, dry: bool, emit: Any) -> None:
     import torch
-    from bench_gpu import pack_int4
+    from bench_gpu import outcome, pack_int4, rel_err
 
     from mixtrt.plugins import int4_triton as dk
 
@@ -81,24 +81,23 @@ def sweep_int4_gemv(device: str, dry: bool, emit: Any) -> None:
         packed, scales = pack_int4(torch.randn(N, K, generator=g, device=device).half(), block)
         want = dk.int4_linear(x, packed, scales, path="gemv").float()
         data.append((N, K, x, packed, scales, want, packed.numel() + scales.numel() * 2))
+
+    def measure(bn: int, bk: int, warps: int, stages: int, x: Any, packed: Any, scales: Any, want: Any,
+                nbytes: int) -> dict[str, Any]:
+        with Patched(dk, GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, launch_options=_opts(warps, stages)):
+            err = rel_err(dk.int4_linear(x, packed, scales, path="gemv"), want)
+            ms = _bench(lambda: dk.int4_linear(x, packed, scales, path="gemv"), cuda)
+        return {"ok": err <= 2e-3, "rel_err": err, "ms": ms, "gb_s": nbytes / ms / 1e6}
+
     for bn, bk, warps, stages in grid:
         for N, K, x, packed, scales, want, nbytes in data:
-            row: dict[str, Any] = {"part": "int4_gemv", "N": N, "K": K, "BLOCK_N": bn, "BLOCK_K": bk,
-                                   "num_warps": warps, "num_stages": stages}
-            try:
-                with Patched(dk, GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, launch_options=_opts(warps, stages)):
-                    got = dk.int4_linear(x, packed, scales, path="gemv").float()
-                    err = float((got - want).abs().max() / want.abs().max())
-                    ms = _bench(lambda: dk.int4_linear(x, packed, scales, path="gemv"), cuda)  # noqa: B023
-                row.update(ok=err <= 2e-3, rel_err=err, ms=ms, gb_s=nbytes / ms / 1e6)
-            except Exception as e:  # noqa: BLE001 - a configuration that does not compile is a result
-                row.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
-            emit(row)
+            emit({"part": "int4_gemv", "N": N, "K": K, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps,
+                  "num_stages": stages, **outcome(measure, bn, bk, warps, stages, x, packed, scales, want, nbytes)})
 
 
 def sweep_moe_decode(device: str, dry: bool, emit: Any) -> None:
     import torch
-    from bench_gpu import pack_int4
+    from bench_gpu import outcome, pack_int4, rel_err
 
     from mixtrt.plugins.moe import triton_kernels as mk
 
@@ -121,19 +120,18 @@ def sweep_moe_decode(device: str, dry: bool, emit: Any) -> None:
             per_expert = w1[0].numel() * w1.element_size() + w2[0].numel() * w2.element_size() + sum(
                 t[0].numel() * t.element_size() for t in sc.values())
             cases.append((T, form, x, logits, w1, w2, sc, want, used * per_expert))
+
+    def measure(bi: int, bk: int, warps: int, stages: int, x: Any, logits: Any, w1: Any, w2: Any, sc: dict,
+                want: Any, nbytes: int) -> dict[str, Any]:
+        with Patched(mk, DECODE_BLOCK_I=bi, DECODE_BLOCK_K=bk, launch_options=_opts(warps, stages)):
+            err = rel_err(mk.moe(x, logits, w1, w2, k, path="decode", **sc), want)
+            ms = _bench(lambda: mk.moe(x, logits, w1, w2, k, path="decode", **sc), cuda)
+        return {"ok": err <= 5e-3, "rel_err": err, "ms": ms, "gb_s": nbytes / ms / 1e6}
+
     for bi, bk, warps, stages in grid:
         for T, form, x, logits, w1, w2, sc, want, nbytes in cases:
-            row: dict[str, Any] = {"part": "moe_decode", "T": T, "weights": form, "BLOCK_I": bi, "BLOCK_K": bk,
-                                   "num_warps": warps, "num_stages": stages}
-            try:
-                with Patched(mk, DECODE_BLOCK_I=bi, DECODE_BLOCK_K=bk, launch_options=_opts(warps, stages)):
-                    got = mk.moe(x, logits, w1, w2, k, path="decode", **sc).float()
-                    err = float((got - want).abs().max() / want.abs().max())
-                    ms = _bench(lambda: mk.moe(x, logits, w1, w2, k, path="decode", **sc), cuda)  # noqa: B023
-                row.update(ok=err <= 5e-3, rel_err=err, ms=ms, gb_s=nbytes / ms / 1e6)
-            except Exception as e:  # noqa: BLE001
-                row.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
-            emit(row)
+            emit({"part": "moe_decode", "T": T, "weights": form, "BLOCK_I": bi, "BLOCK_K": bk, "num_warps": warps,
+                  "num_stages": stages, **outcome(measure, bi, bk, warps, stages, x, logits, w1, w2, sc, want, nbytes)})
 
 
 def crossover(device: str, dry: bool, emit: Any) -> None:

@@ -20,14 +20,14 @@ def _gpu_run(config) -> bool:
     return "gpu" in expr and "not gpu" not in expr
 
 
-_INTERPRETED = 'os.environ["TRITON_INTERPRET"] = "1"'
+INTERPRETED = 'os.environ["TRITON_INTERPRET"] = "1"'  # what an interpreter test module runs at import
 
 
 def pytest_ignore_collect(collection_path, config):
     """A `-m gpu` run leaves out the modules that set TRITON_INTERPRET at import (the interpreter tests, none of
     them gpu-marked): importing one would make every Triton kernel of the process run interpreted."""
     if _gpu_run(config) and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
-        return _INTERPRETED in collection_path.read_text(encoding="utf-8")
+        return INTERPRETED in collection_path.read_text(encoding="utf-8")
     return None
 
 

@@ -9,8 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import INTERPRETED
+
 ROOT = Path(__file__).resolve().parents[1]
-INTERPRETED = 'os.environ["TRITON_INTERPRET"] = "1"'
 
 
 def test_a_gpu_run_keeps_triton_compiled():

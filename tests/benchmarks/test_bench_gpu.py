@@ -112,3 +112,14 @@ def test_gpu_check_refuses_a_bad_output_folder(tmp_path):
         r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), *argv], capture_output=True, text=True,
                            timeout=60)
         assert r.returncode == 2 and r.stderr.strip() == r.stderr.strip().splitlines()[0] and says in r.stderr
+
+
+def test_a_failing_case_is_a_row_not_the_end_of_the_run():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_gpu import outcome
+
+    def boom() -> dict:
+        raise RuntimeError("out of resources: shared memory")
+
+    assert outcome(lambda a: {"ok": True, "a": a}, 3) == {"ok": True, "a": 3}
+    assert outcome(boom) == {"ok": False, "error": "RuntimeError: out of resources: shared memory"}
