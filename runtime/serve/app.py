@@ -606,9 +606,11 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
         if asked is not None and len(p) + asked > limit:  # as vLLM and OpenAI answer, not a silent cut
             raise ApiError(f"{name}: prompt {i} has {len(p)} tokens and {name} asks for {asked} more, past the "
                            f"{limit} the model holds ({why}); ask for at most {limit - len(p)}", param=name)
-    if len(prompts) * req.n > s.max_batch + s.max_queue:
-        raise ApiError(f"n: {len(prompts)} prompt(s) x n={req.n} choices is more than the server holds "
-                       f"({s.max_batch} running + {s.max_queue} waiting rows)", param="n")
+    if len(prompts) * req.n > s.max_batch + s.max_queue:  # named by what the client made many: n, or its prompts
+        param = "n" if req.n > 1 else field_name
+        raise ApiError(f"{param}: {len(prompts)} prompt(s) x n={req.n} choices is more than the server holds "
+                       f"({s.max_batch} running + {s.max_queue} waiting rows: --max-batch, --max-queue); send "
+                       "fewer at a time", param=param)
     return req, prompts, echo
 
 

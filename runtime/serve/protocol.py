@@ -156,8 +156,8 @@ def parse(model: type[M], body: Any) -> M:
     """Validate a decoded JSON body; the first problem becomes a 400 naming its field."""
     if not isinstance(body, dict):
         raise ApiError(f"the request body must be a JSON object, got {type(body).__name__}")
-    for key in body:  # pydantic reports a key that is not valid text (a lone surrogate) at no location
-        if key not in model.model_fields:
+    for key, value in body.items():  # pydantic reports a key that is not valid text (a lone surrogate) at no location
+        if key not in model.model_fields and value is not None:  # null: left out, a field we know or not
             raise ApiError(f"unknown field '{key}'", param=key)
     try:
         req = model.model_validate(body)

@@ -66,6 +66,10 @@ BAD = [  # (body, status, param, words in the message)
     ({"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream: true"),
     ({"prompt": "a", "model": "other"}, 404, "model", "does not exist"),
     ({"prompt": list(range(3, 300))}, 400, "prompt", "max positions: the model supports 128 positions"),
+    # more rows than the server holds (16 + 64): named by what the client made many
+    ({"prompt": [[5]] * 81}, 400, "prompt", "81 prompt(s) x n=1 choices is more than the server holds"),
+    ({"prompt": [[5]] * 41, "n": 2}, 400, "n", "41 prompt(s) x n=2 choices"),
+    ({"prompt": "a", "reasoning_effort": "low"}, 400, "reasoning_effort", "unknown field"),  # null: left out
 ]
 
 
@@ -641,7 +645,9 @@ def test_what_common_clients_send_is_accepted(server, generator):
     base = {"prompt": "a", "max_tokens": 3, "temperature": 0}
     alone = server.http.post("/v1/completions", json=base).json()["choices"][0]["text"]
     nulls = {k: None for k in ("n", "stream", "echo", "presence_penalty", "frequency_penalty", "ignore_eos", "logprobs",
-                               "stop", "seed", "top_p", "best_of", "suffix", "stream_options", "user")}
+                               "stop", "seed", "top_p", "best_of", "suffix", "stream_options", "user",
+                               # fields the server does not know, null: left out too (vLLM knows or ignores them)
+                               "reasoning_effort", "prompt_logprobs", "audio", "prediction")}
     neutral = {"best_of": 1, "suffix": "", "logit_bias": {"5": 0}, "skip_special_tokens": True,
                "spaces_between_special_tokens": True, "include_stop_str_in_output": False,
                "safety_identifier": "u1", "prompt_cache_key": "k", "min_p": 0, "min_tokens": 0}
