@@ -16,11 +16,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.errors import ConfigError, MixtrtWarning
 
 # Architectures (the `architectures[0]` of config.json) we load, and the head each one carries.
 ARCHITECTURES = {
@@ -157,6 +158,10 @@ class ModelArgs:
             bad = sorted(set(self.layer_types) - {"sliding_attention", "full_attention"})
             if bad:
                 raise ConfigError(f"unknown layer_types {bad}: expected sliding_attention/full_attention")
+            sliding = [i for i, t in enumerate(self.layer_types) if t == "sliding_attention"]
+            if sliding and self.sliding_window is None:  # transformers fails on it; full attention would be a guess
+                raise ConfigError(f"layer_types makes layer(s) {sliding} sliding_attention but sliding_window is null: "
+                                  "no window to apply")
         if not isinstance(self.tie_word_embeddings, bool):
             raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
         if not isinstance(self.eos_token_ids, tuple):
@@ -251,9 +256,16 @@ class ModelArgs:
         if not isinstance(cfg, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
         try:
-            return cls._from_hf(_Fields(cfg))
+            args = cls._from_hf(_Fields(cfg))
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        if args.is_mixtral and cfg.get("layer_types") is not None:
+            # transformers' Mixtral reads no layer_types (its AutoConfig turns only a Mistral config with them into
+            # Ministral, which does): every layer keeps sliding_window, as the checkpoint runs there
+            warnings.warn(f"{source}: layer_types is ignored, as transformers' Mixtral ignores it: every layer "
+                          f"attends with sliding_window ({args.sliding_window})", MixtrtWarning, stacklevel=2)
+            args = dataclasses.replace(args, layer_types=None)
+        return args
 
     @classmethod
     def _from_hf(cls, cfg: _Fields) -> ModelArgs:

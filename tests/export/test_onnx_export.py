@@ -289,17 +289,59 @@ def test_window_not_shorter_than_max_context_exports_full_causal(tmp_path):
     assert _ort_vs_reference(ck, art, [4, 1, 1]) <= 1e-4
 
 
-def test_mixed_layer_types_get_a_linear_cache_with_masked_windows(tmp_path):
-    """A full-attention layer beside a windowed one: one linear cache; the windowed layer masks W keys."""
-    ck = make_checkpoint(tmp_path / "ck", "mixtral", sliding_window=4, max_position_embeddings=64)
+def _with_layer_types(ck: Path, layer_types: list[str]) -> Path:
     cfg = json.loads((ck / "config.json").read_text())
-    cfg["layer_types"] = ["sliding_attention", "full_attention"]
+    cfg["layer_types"] = layer_types
     (ck / "config.json").write_text(json.dumps(cfg))
+    return ck
+
+
+def _ort_vs_transformers(ck: Path, art: Path, n: int) -> float:
+    """One pass of n tokens through onnxruntime and through transformers (AutoModelForCausalLM, as it loads
+    the checkpoint's config.json): max |logit difference| / max |transformers' logit|."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(3, 32000, (1, n), generator=torch.Generator().manual_seed(7))
+    backend = OrtBackend.load(art, threads=2)
+    got = backend.step(backend.new_cache(1), ids.numpy())
+    model = AutoModelForCausalLM.from_pretrained(ck, attn_implementation="eager", dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = model(ids).logits.numpy()
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def test_mixed_layer_types_get_a_linear_cache_with_masked_windows(tmp_path):
+    """A full-attention layer beside a windowed one (a Mistral config with layer_types, which transformers loads as
+    Ministral): one linear cache; the windowed layer masks W keys; logits as transformers' and the reference's."""
+    ck = _with_layer_types(make_checkpoint(tmp_path / "ck", "mistral", sliding_window=4, max_position_embeddings=64,
+                                           initializer_range=0.5), ["sliding_attention", "full_attention"])
     art = export_onnx(ck, tmp_path / "art", progress=None)
     m = Manifest.load(art)
     assert m.cache.layout == "linear" and m.cache.capacity == 64
     assert [(a["window"], a["windowed_cache"]) for a in _swa_attrs(art)] == [(4, 0), (-1, 0)]
     assert _ort_vs_reference(ck, art, [10, 1, 1, 1, 1, 1, 1, 3]) <= 1e-4
+    assert _ort_vs_transformers(ck, art, 19) <= 1e-4
+
+
+def test_a_mixtral_configs_layer_types_are_ignored_as_transformers_ignores_them(tmp_path):
+    """transformers' Mixtral reads no layer_types: every layer keeps sliding_window. The export warns, windows
+    every layer, and its logits are transformers' (honouring the field was off by O(1))."""
+    ck = _with_layer_types(make_checkpoint(tmp_path / "ck", "mixtral", sliding_window=4, max_position_embeddings=64,
+                                           initializer_range=0.5), ["sliding_attention", "full_attention"])
+    with pytest.warns(UserWarning, match=r"config.json: layer_types is ignored, as transformers' Mixtral ignores it"):
+        art = export_onnx(ck, tmp_path / "art", progress=None)
+    assert Manifest.load(art).args.layer_types is None
+    assert [a["window"] for a in _swa_attrs(art)] == [4, 4]
+    assert _ort_vs_transformers(ck, art, 19) <= 1e-4
+
+
+def test_sliding_layer_types_without_a_window_are_refused(tmp_path):
+    ck = _with_layer_types(make_checkpoint(tmp_path / "ck", "mistral", sliding_window=None),
+                           ["sliding_attention", "full_attention"])
+    with pytest.raises(ConfigError, match=r"config.json: layer_types makes layer\(s\) \[0\] sliding_attention but "
+                                          "sliding_window is null"):
+        export_onnx(ck, tmp_path / "art", progress=None)
+    assert not (tmp_path / "art").exists()
 
 
 def test_force_never_replaces_a_directory_that_is_not_an_artifact(tmp_path, exported):
