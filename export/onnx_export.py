@@ -62,7 +62,7 @@ from mixtrt.export.weights_writer import (
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backends import EXPORT_BACKENDS, window_slack
 from mixtrt.runtime.cache import CachePlan
-from mixtrt.runtime.chat_format import load_chat_tokenizer, resolve_chat_format
+from mixtrt.runtime.chat_format import GENERATION_CONFIG, load_chat_tokenizer, resolve_chat_format, unused_choices
 from mixtrt.runtime.errors import ConfigError, MixtrtWarning
 from mixtrt.runtime.manifest import (
     HEADS_FEATURE,
@@ -199,6 +199,10 @@ def export_onnx(
     tokenizer = load_chat_tokenizer(None, chat, args.vocab_size)
     if chat.note:  # a substituted tokenizer: said whatever `progress` is (the CLI prints it as one line)
         warnings.warn(f"{checkpoint_dir}: {chat.note}", MixtrtWarning, stacklevel=2)
+    unused = unused_choices(checkpoint_dir) if lm else []
+    if unused:  # transformers' generate would honour them: say so once, at export (inspect lists every unused key)
+        warnings.warn(f"{Path(checkpoint_dir) / GENERATION_CONFIG}: {', '.join(unused)} would change transformers' "
+                      "tokens and have no counterpart in mixtrt: not used", MixtrtWarning, stacklevel=2)
     eos, where = chat.generation.eos(args.eos_token_ids)
     if chat.kind == "jinja" and tokenizer.eos_id not in eos and args.head == "causal_lm":
         # a ChatML fine-tune whose generation_config.json still names </s>: replies would not end at <|im_end|>

@@ -208,6 +208,25 @@ _FIELDS = [("bos_token_id", int, 0), ("pad_token_id", int, 0), ("do_sample", boo
            ("min_p", float, 0), ("min_new_tokens", int, 0)]
 
 
+# generation_config.json keys with no counterpart in mixtrt that change which tokens transformers' generate chooses
+# (or how many), each with the value at which it changes nothing
+_CHOICE_KEYS: dict[str, Any] = {
+    "max_length": None, "min_length": 0, "max_time": None, "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None,
+    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "diversity_penalty": 0.0, "no_repeat_ngram_size": 0,
+    "bad_words_ids": None, "force_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None, "stop_strings": None,
+    "exponential_decay_length_penalty": None, "guidance_scale": 1.0, "constraints": None}
+
+
+def unused_choices(checkpoint_dir: str | Path) -> list[str]:
+    """The keys of the checkpoint's generation_config.json that would change transformers' tokens and that mixtrt
+    does not use (an export warns about them; `inspect` lists every unused key): `key=value` strings."""
+    path = Path(checkpoint_dir) / GENERATION_CONFIG
+    cfg = _read_json(path) if path.is_file() else {}
+    return [f"{k}={json.dumps(v)}" for k, v in sorted(cfg.items())
+            if k in _CHOICE_KEYS and v not in (None, [], {}) and v != _CHOICE_KEYS[k]]
+
+
 def _check(where: str, name: str, value: Any, kind: type, low: float | None = None) -> Any:
     """value as `kind` (bool, int or float: JSON numbers, never booleans, never NaN or inf), else a one-line
     error."""

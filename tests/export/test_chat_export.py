@@ -37,8 +37,11 @@ def v3_export(tmp_path_factory) -> tuple[Path, Path]:
     shutil.copy(V3, ck / "tokenizer.model.v3")
     (ck / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
     (ck / "generation_config.json").write_text(json.dumps(
-        {"eos_token_id": 2, "do_sample": True, "temperature": 0.7, "top_p": 0.8, "max_length": 4096}))
-    return ck, export_onnx(ck, root / "art", progress=None)
+        {"eos_token_id": 2, "do_sample": True, "temperature": 0.7, "top_p": 0.8, "max_length": 4096, "num_beams": 1}))
+    # keys without a counterpart: warned about where they would change transformers' tokens (num_beams 1 would not)
+    with pytest.warns(UserWarning, match=r"generation_config.json: max_length=4096 would change transformers' tokens "
+                                         "and have no counterpart in mixtrt: not used$"):
+        return ck, export_onnx(ck, root / "art", progress=None)
 
 
 def test_mistral_common_file_is_recorded_and_used(v3_export):
@@ -50,7 +53,7 @@ def test_mistral_common_file_is_recorded_and_used(v3_export):
     assert sorted(info["files"]) == ["model.onnx", "model.onnx.data", "tokenizer.model.v3", "weights.json"]
     assert info["chat_format"] == "mistral-common v3 (tokenizer.model.v3; pip install 'mixtrt[mistral]')"
     assert info["generation_defaults"] == ("eos [2] (generation_config.json); do_sample True, temperature 0.7, "
-                                           "top_p 0.8 (generation_config.json); not used: max_length")
+                                           "top_p 0.8 (generation_config.json); not used: max_length, num_beams")
     gen = Generator.load(art, threads=1)
     assert isinstance(gen.tokenizer, MistralCommonTokenizer)
     assert gen.tokenizer.apply_chat_template(MESSAGES) == MistralCommonTokenizer(V3).apply_chat_template(MESSAGES)
