@@ -166,9 +166,11 @@ def hf_greedy(checkpoint: Path, prompt: list[int], new: int, **config: Any) -> l
     model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager", dtype=torch.float32,
                                                  **config)
     model.eval()
+    # no eos at all: min_new_tokens would keep the eos id from being chosen (it is masked, not ignored), and an
+    # eos_token_id of None in the call alone still stops at the model's own
+    model.generation_config.eos_token_id = None
     ids = torch.tensor([prompt])
-    gc = HFGenerationConfig(do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=None,
-                            pad_token_id=0, bos_token_id=1)
+    gc = HFGenerationConfig(do_sample=False, max_new_tokens=new, eos_token_id=None, pad_token_id=0, bos_token_id=1)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
     assert out.shape == (1, len(prompt) + new)
