@@ -33,6 +33,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -783,6 +784,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# A staging folder that lost its marker (removed just before the rename) this long ago by a process that is gone is
+# a finished export killed between the two: far longer than the rename takes, on any host sharing the folder.
+UNRENAMED_S = 60.0
+
+
+def _unrenamed(entry: Path, rest: str) -> bool:
+    """`entry` (named .NAME.tmp-`rest`, rest = PID-XXXX) is a whole artifact staged by a process that is gone and that
+    removed its marker more than UNRENAMED_S ago: an export killed between the marker's removal and the rename."""
+    pid = rest.split("-", 1)[0]
+    try:
+        old = time.time() - entry.stat().st_mtime > UNRENAMED_S
+    except OSError:
+        return False
+    return pid.isdigit() and old and not _alive(int(pid)) and is_artifact(entry)
+
+
 def _clean_stale(target: Path) -> None:
     """Remove the partial artifacts of dead exports of `target` (and put back an old artifact a dead export
     moved aside). Only what is provably such a leftover is touched; anything else is left alone."""
@@ -802,6 +819,8 @@ def _clean_stale(target: Path) -> None:
                 owner = None
             if (isinstance(owner, dict) and owner.get("target") == me["target"] and owner.get("host") == me["host"]
                     and isinstance(owner.get("pid"), int) and not _alive(owner["pid"])):
+                shutil.rmtree(entry, ignore_errors=True)
+            elif owner is None and not marker.exists() and _unrenamed(entry, name[len(target.name) + 6:]):
                 shutil.rmtree(entry, ignore_errors=True)
         elif name.startswith(f".{target.name}.old-") and name.rsplit("-", 1)[1].isdigit():
             if _alive(int(name.rsplit("-", 1)[1])) or not is_artifact(entry):

@@ -414,6 +414,27 @@ def test_only_provable_leftovers_are_removed(tmp_path):
     assert all(k.exists() for k in keep)
 
 
+def test_a_whole_artifact_staged_by_a_dead_export_that_never_renamed_it_is_removed(tmp_path):
+    """An export killed between removing its marker and the rename leaves a whole artifact without a marker: removed
+    once its process is gone and the marker's removal is older than UNRENAMED_S; kept while either is not so, and
+    when what it holds is not a whole artifact (not provably ours)."""
+    target, dead = tmp_path / "art", _dead_pid()
+    old = time.time() - mf.UNRENAMED_S - 5
+
+    def staged(name: str, whole: bool = True, age: float | None = old) -> Path:
+        d = fake_artifact(tmp_path / name) if whole else _leftover(tmp_path, name, None)
+        if age is not None:
+            os.utime(d, (age, age))
+        return d
+
+    gone = staged(f".art.tmp-{dead}-unrenamed")
+    keep = [staged(f".art.tmp-{os.getpid()}-alive"), staged(f".art.tmp-{dead}-recent", age=None),
+            staged(f".art.tmp-{dead}-half", whole=False), staged(".art.tmp-nopid-x")]
+    with atomic_dir(target) as tmp:
+        write_artifact(tmp)
+    assert not gone.exists() and all(k.exists() for k in keep) and is_artifact(target)
+
+
 def test_an_old_artifact_moved_aside_by_a_dead_export_is_put_back(tmp_path):
     dead = _dead_pid()
     fake_artifact(tmp_path / f".art.old-{dead}", "precious")
