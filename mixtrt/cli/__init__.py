@@ -86,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     cmd = next(c for c in COMMANDS if c.name == ns.command)
+    if sys.stdout is None:  # started with stdout closed (`>&-`): every command prints something, a result or status
+        _error(f"mixtrt {cmd.name}: error: stdout is closed, so the output would be lost; redirect it instead "
+               "(> FILE, or > /dev/null to discard it)")
+        return 2
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warnings(cmd.name, warnings.showwarning)

@@ -52,6 +52,11 @@ def add_sampling(p: argparse.ArgumentParser, heading: str | None = None) -> None
                         "engine `mixtrt build` added; a GPU and `pip install 'mixtrt[tensorrt]'`)")
 
 
+def status(line: str) -> None:
+    """A progress or status line: on stderr, so stdout carries only a command's result (as pipes expect)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an integer >= low, else argparse's one-line usage error naming the flag (the
     benchmark scripts use it too)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,8 +15,9 @@ def test_cli_export_and_inspect(tmp_path, exported):
     exe = [sys.executable, "-m", "mixtrt"]
     r = subprocess.run([*exe, "export", str(ck), "--out", str(art)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "tracing the graph" in r.stdout and (art / "manifest.json").is_file()
-    assert "  writing model.onnx.data: 100% (" in r.stdout and "\r" not in r.stdout + r.stderr  # not a terminal
+    # progress and status lines go to stderr (stdout carries results only); plain lines when not a terminal
+    assert "tracing the graph" in r.stderr and (art / "manifest.json").is_file() and r.stdout == ""
+    assert "  writing model.onnx.data: 100% (" in r.stderr and "\r" not in r.stdout + r.stderr
     r = subprocess.run([*exe, "inspect", str(art)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "mixtrt::MoE x2" in r.stdout and "windowed layout, capacity 21" in r.stdout
@@ -27,6 +29,20 @@ def test_cli_export_and_inspect(tmp_path, exported):
     assert info["ops"]["mixtrt::SlidingWindowAttention"] == 2 and info["parameters"] > 0
     r = subprocess.run([*exe, "export", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert r.returncode == 2 and "not a checkpoint directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_closed_stdout_is_one_line_and_exit_2_for_every_command(tmp_path, exported):
+    """Started with stdout closed (`>&-`), a command would lose its result (generate and chat failed with a
+    traceback, the others exited 0 printing nothing): one line on stderr, exit 2, nothing written."""
+    _, art = exported["mistral-window"]
+    exe = [sys.executable, "-m", "mixtrt"]
+    for args in (["generate", str(art), "--prompt", "a", "--max-new-tokens", "2"], ["chat", str(art)],
+                 ["inspect", str(art)], ["export", str(exported["mistral-window"][0]), "--out", str(tmp_path / "a")]):
+        r = subprocess.run(args=[*exe, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           input="hi\n", preexec_fn=lambda: os.close(1))
+        assert r.returncode == 2 and r.stderr == f"mixtrt {args[0]}: error: stdout is closed, so the output would " \
+            "be lost; redirect it instead (> FILE, or > /dev/null to discard it)\n", (args, r.stderr)
+    assert not (tmp_path / "a").exists()
 
 
 def test_cli_says_what_it_substitutes_in_one_line(tmp_path, exported):

@@ -51,7 +51,8 @@ def run(ns: argparse.Namespace) -> int:
             out = print_stream(events)
         except KeyboardInterrupt:
             events.close()  # cancels the turn: the conversation stays as it was
-            print("\nmixtrt chat: reply interrupted; the turn is dropped", file=sys.stderr)
+            print(flush=True)  # the cut reply's line ends in the transcript too (stdout), not only on a terminal
+            print("mixtrt chat: reply interrupted; the turn is dropped", file=sys.stderr)
             continue
         if not out.text:
             print(f"mixtrt chat: {session.turns[-1].note}", file=sys.stderr)

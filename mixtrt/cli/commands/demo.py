@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixtrt.cli.options import add_sampling, generation_overrides, load_generator, print_stream, stats_line
+from mixtrt.cli.options import add_sampling, generation_overrides, load_generator, print_stream, stats_line, status
 
 DEMO_PROMPTS = ("It is a truth universally acknowledged", "Mrs. Bennet was", "The weather was so fine that")
 
@@ -41,9 +41,9 @@ def run(ns: argparse.Namespace) -> int:
         if other is not None and not ns.reexport:  # only its own outdated artifact is replaced unasked
             raise ConfigError(f"{ns.artifact}: holds an artifact exported from another checkpoint ({other}); pass "
                               "--reexport to replace it, or --out another folder")
-        export_onnx(ckpt, ns.artifact, overwrite=True)
+        export_onnx(ckpt, ns.artifact, overwrite=True, progress=status)
     else:
-        print(f"using the artifact in {ns.artifact} (pass --reexport to rebuild it)")
+        status(f"using the artifact in {ns.artifact} (pass --reexport to rebuild it)")
     overrides = generation_overrides(ns)
     gen = load_generator(ns)
     cfg = gen.config(**overrides)

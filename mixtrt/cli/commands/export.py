@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
+    from mixtrt.cli.options import status
     from mixtrt.export.onnx_export import export_onnx
     from mixtrt.export.quantize import Int4Options
     from mixtrt.runtime.errors import ConfigError
@@ -52,5 +53,5 @@ def run(ns: argparse.Namespace) -> int:
             given[key] = tuple(t.strip() for t in given[key].split(",") if t.strip())
     int4 = Int4Options(**given) if ns.precision == "int4" else None
     export_onnx(ns.checkpoint, ns.out, precision=ns.precision, max_context=ns.max_context, overwrite=ns.force,
-                progress=None if ns.quiet else print, int4=int4)
+                progress=None if ns.quiet else status, int4=int4)
     return 0
