@@ -268,8 +268,9 @@ class Manifest:
                 raise ArtifactError(f"{source}: format_version {version} was written by a newer mixtrt (this one "
                                     f"reads {FORMAT_VERSION}); upgrade mixtrt")
             older = isinstance(version, int) and not isinstance(version, bool) and 1 <= version
-            raise ArtifactError(f"{source}: format_version {version!r} "
-                                + ("was written by an older mixtrt" if older else "is not one this mixtrt knows")
+            what = "has no format_version" if "format_version" not in d else f"format_version {version!r} " + (
+                "was written by an older mixtrt" if older else "is not one this mixtrt knows")
+            raise ArtifactError(f"{source}: {what}"
                                 + f" (this one reads {FORMAT_VERSION}); export the checkpoint again")
         unknown = sorted(set(d) - set(cls._empty_fields()))
         if unknown:

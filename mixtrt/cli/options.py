@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -50,6 +51,13 @@ def add_sampling(p: argparse.ArgumentParser, heading: str | None = None) -> None
                    help="onnxruntime (default: the CPU), triton (torch + the Triton kernels on CUDA, or on the CPU "
                         "under the Triton interpreter: slow; needs `pip install 'mixtrt[gpu]'`) or tensorrt (the "
                         "engine `mixtrt build` added; a GPU and `pip install 'mixtrt[tensorrt]'`)")
+
+
+def path(text: str) -> Path:
+    """A path argument; an empty one is refused (Path("") would silently be the current folder)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path (use . for the current folder)")
+    return Path(text)
 
 
 def status(line: str) -> None:

@@ -48,6 +48,11 @@ PARSE = [
     (["frobnicate"], None, ["frobnicate"]),
     (["export", "CK", "--precision", "int8"], "export", ["--precision", "int8"]),
     (["export", "CK", "--max-context", "lots"], "export", ["--max-context", "lots"]),
+    # an empty path is not the current folder (Path("") is "."): named, for every path argument
+    (["export", "CK", "--out", ""], "export", ["argument --out: an empty path"]),
+    (["export", ""], "export", ["argument checkpoint: an empty path"]),
+    (["generate", "", "--prompt", "x"], "generate", ["argument artifact: an empty path"]),
+    (["perplexity", "ART", "--text", ""], "perplexity", ["argument --text: an empty path"]),
 ]
 
 

@@ -126,6 +126,8 @@ MANIFEST_EDITS = [
     ("format_version newer", _set("format_version", 3), ["written by a newer mixtrt", "upgrade mixtrt"]),
     ("format_version string", _set("format_version", "2"), ["format_version '2' is not one this mixtrt knows"]),
     ("format_version float", _set("format_version", 2.0), ["format_version 2.0 is not one this mixtrt knows"]),
+    ("format_version missing", _set("format_version", DROP), ["manifest.json: has no format_version (this one reads 2)",
+                                                             "export the checkpoint again"]),
     ("field missing", _set("opsets", DROP), ["missing field 'opsets'", EDITED]),
     ("field unknown", _set("engine", "x.plan"), ["unknown manifest fields ['engine']"]),
     # consistent edits only the graph itself can refute

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from mixtrt.cli.options import at_least, threads
+from mixtrt.cli.options import at_least, path, threads
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", type=Path, help="artifact directory of a causal LM (written by `mixtrt export`)")
+    p.add_argument("artifact", type=path, help="artifact directory of a causal LM (written by `mixtrt export`)")
     p.add_argument("--prompt-tokens", type=at_least(1), default=128, help="random prompt ids per row (default 128)")
     p.add_argument("--new-tokens", type=at_least(3), default=128,
                    help="greedy tokens per row, end-of-sequence ignored (default 128, at least 3)")

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from mixtrt.cli.options import add_sampling, generation_overrides, load_generator, print_stream, stats_line
+from mixtrt.cli.options import add_sampling, generation_overrides, load_generator, path, print_stream, stats_line
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", type=Path, help="artifact directory (written by `mixtrt export`)")
+    p.add_argument("artifact", type=path, help="artifact directory (written by `mixtrt export`)")
     p.add_argument("--system", default=None, help="system prompt (placed where the chat format puts it)")
     p.add_argument("--stats", action="store_true", help="print speed and the tokens prefilled after each answer")
     add_sampling(p)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixtrt.cli.options import add_sampling, generation_overrides, load_generator, print_stream, stats_line, status
+from mixtrt.cli.options import (
+    add_sampling,
+    generation_overrides,
+    load_generator,
+    path,
+    print_stream,
+    stats_line,
+    status,
+)
 
 DEMO_PROMPTS = ("It is a truth universally acknowledged", "Mrs. Bennet was", "The weather was so fine that")
 
@@ -16,8 +24,8 @@ def builtin_checkpoint() -> Path:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to use instead of the built-in one")
-    p.add_argument("--out", type=Path, default=None, help="artifact directory (default: engines/<name>-fp32)")
+    p.add_argument("--checkpoint", type=path, default=None, help="checkpoint to use instead of the built-in one")
+    p.add_argument("--out", type=path, default=None, help="artifact directory (default: engines/<name>-fp32)")
     p.add_argument("--prompt", action="append", default=None, help="prompt (repeatable; default: three stories)")
     p.add_argument("--reexport", action="store_true", help="export again even if the artifact is up to date")
     add_sampling(p, "generation (the demo's defaults: 48 new tokens, sampled at temperature 0.8 and top-p 0.95 "

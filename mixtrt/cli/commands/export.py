@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from mixtrt.cli.options import path
 from mixtrt.runtime.precision import PRECISIONS
 from mixtrt.runtime.quantization import BLOCK_SIZES, METHODS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=Path, help="checkpoint directory (config.json + *.safetensors, or params.json)")
-    p.add_argument("--out", type=Path, default=None, help="artifact directory (default: engines/<name>-<precision>)")
+    p.add_argument("checkpoint", type=path, help="checkpoint directory (config.json + *.safetensors, or params.json)")
+    p.add_argument("--out", type=path, default=None, help="artifact directory (default: engines/<name>-<precision>)")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                    help="weight precision of the artifact (default fp32)")
     p.add_argument("--max-context", type=int, default=None,
@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--method", choices=METHODS, default=None,
                    help="rtn: round to nearest; awq: activation-aware scales; gptq: Hessian-weighted rounding "
                         "(awq and gptq calibrate on a text; default rtn)")
-    q.add_argument("--calibration", type=Path, default=None,
+    q.add_argument("--calibration", type=path, default=None,
                    help="UTF-8 text for --method awq / gptq (default: the calibration text shipped with mixtrt)")
     q.add_argument("--keep-float", default=None,
                    help="comma-separated tensors kept float, by name or pattern: lm_head,embed_tokens,layers.0.*")

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from mixtrt.cli.options import add_sampling, generation_overrides, load_generator, print_stream, stats_line
+from mixtrt.cli.options import add_sampling, generation_overrides, load_generator, path, print_stream, stats_line
 
 
 class _Once(argparse.Action):
@@ -22,7 +22,7 @@ class _Once(argparse.Action):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", type=Path, help="artifact directory (written by `mixtrt export`)")
+    p.add_argument("artifact", type=path, help="artifact directory (written by `mixtrt export`)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action=_Once, help="prompt text (BOS is added)")
     src.add_argument("--prompt-ids", action=_Once, help="prompt token ids, comma-separated (used as given)")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import builtins
 import json
-from pathlib import Path
 from typing import Any
+
+from mixtrt.cli.options import path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", type=Path, help="artifact directory (written by `mixtrt export`)")
+    p.add_argument("artifact", type=path, help="artifact directory (written by `mixtrt export`)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--verify", action="store_true", help="also check every file's sha256 against the manifest")
 

@@ -6,18 +6,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
-from mixtrt.cli.options import threads
+from mixtrt.cli.options import path, threads
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", type=Path, help="artifact directory (written by `mixtrt export`)")
-    p.add_argument("--text", type=Path, required=True, help="UTF-8 text file, used as is ([BOS] + its tokens)")
+    p.add_argument("artifact", type=path, help="artifact directory (written by `mixtrt export`)")
+    p.add_argument("--text", type=path, required=True, help="UTF-8 text file, used as is ([BOS] + its tokens)")
     p.add_argument("--chunk", type=int, default=None,
                    help="tokens per chunk, each scored from an empty cache (default 256, training/evaluate.py's, or "
                         "the positions the artifact serves where fewer)")
-    p.add_argument("--reference", type=Path, default=None,
+    p.add_argument("--reference", type=path, default=None,
                    help="another artifact of the same model (e.g. the fp32 one): adds mean KL and top-1 agreement")
     p.add_argument("--threads", type=threads, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from mixtrt.cli.options import threads
+from mixtrt.cli.options import path, threads
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", type=Path, help="artifact directory of a *Model, *ForSequenceClassification, "
+    p.add_argument("artifact", type=path, help="artifact directory of a *Model, *ForSequenceClassification, "
                    "*ForTokenClassification or *ForQuestionAnswering checkpoint (written by `mixtrt export`)")
     p.add_argument("--text", action="append", required=True, metavar="TEXT",
                    help="a text (repeatable; run as one batch); for question answering, a context")

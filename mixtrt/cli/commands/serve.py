@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from mixtrt.cli.options import at_least, threads
+from mixtrt.cli.options import at_least, path, threads
 
 
 def _port(text: str) -> int:
@@ -25,7 +24,7 @@ def _seconds(text: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", type=Path, help="artifact directory (written by `mixtrt export`)")
+    p.add_argument("artifact", type=path, help="artifact directory (written by `mixtrt export`)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0: any free port, logged)")
     p.add_argument("--max-batch", type=at_least(1), default=16,
