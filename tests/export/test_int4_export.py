@@ -3,6 +3,7 @@ reference model on the dequantized weights and against the fp32 artifact; the ma
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -167,7 +168,7 @@ def test_block_for_non_dividing_dimensions():
     assert block_for(14336, 128) == 128 and block_for(48, 32) == 16
 
 
-def test_perplexity_command_with_reference(realistic_pairs, tmp_path, capsys):
+def test_perplexity_command_with_reference(realistic_pairs, tmp_path, capsys, monkeypatch):
     from mixtrt.cli import main
     from mixtrt.runtime.perplexity import chunks
 
@@ -183,6 +184,10 @@ def test_perplexity_command_with_reference(realistic_pairs, tmp_path, capsys):
                  "--json"]) == 0
     same = json.loads(capsys.readouterr().out)
     assert abs(same["mean_kl"]) < 1e-9 and same["top1_agreement"] == 1.0
+    # `--text -` reads stdin: the same text scores the same
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(text.read_bytes())))
+    assert main(["perplexity", str(fp32), "--text", "-", "--chunk", "16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] == same["perplexity"]
     assert main(["perplexity", str(fp32), "--text", str(text), "--chunk", "1"]) == 2
     assert "--chunk must be an integer >= 2" in capsys.readouterr().err
     assert main(["perplexity", str(fp32), "--text", str(text), "--reference", str(tmp_path / "nope")]) == 2

@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 from mixtrt.cli.options import path, threads
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=path, help="artifact directory (written by `mixtrt export`)")
-    p.add_argument("--text", type=path, required=True, help="UTF-8 text file, used as is ([BOS] + its tokens)")
+    p.add_argument("--text", type=path, required=True,
+                   help="UTF-8 text file, used as is ([BOS] + its tokens); - reads stdin")
     p.add_argument("--chunk", type=int, default=None,
                    help="tokens per chunk, each scored from an empty cache (default 256, training/evaluate.py's, or "
                         "the positions the artifact serves where fewer)")
@@ -26,9 +28,12 @@ def run(ns: argparse.Namespace) -> int:
     from mixtrt.runtime.errors import ArtifactError, ConfigError
     from mixtrt.runtime.generation import Generator
     from mixtrt.runtime.perplexity import chunks, evaluate
-    from mixtrt.runtime.prompts import read_text_file
+    from mixtrt.runtime.prompts import read_text_file, read_text_stream
 
-    text = read_text_file(ns.text, "--text")
+    if str(ns.text) == "-":
+        text = read_text_stream(sys.stdin.buffer, "--text - (stdin)")
+    else:
+        text = read_text_file(ns.text, "--text")
     if ns.chunk is not None:
         chunks([], ns.chunk)  # checks --chunk before loading anything
     gen = Generator.load(ns.artifact, threads=ns.threads)
