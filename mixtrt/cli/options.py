@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -126,7 +127,7 @@ def _bias_pair(text: str) -> tuple[int, float]:
 
     token, sep, bias = text.partition("=")
     try:
-        if not sep:
+        if not sep or not re.fullmatch(r"\s*[+-]?[0-9]+\s*", token):  # ASCII digits (int() takes 1_000, ...)
             raise ValueError
         return int(token), float(bias)
     except ValueError:

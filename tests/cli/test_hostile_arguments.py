@@ -95,6 +95,7 @@ RUN = [
     (["--repetition-penalty", "0"], ["--repetition-penalty"]),
     (["--repetition-penalty", "inf"], ["--repetition-penalty"]),
     (["--stop", ""], ["--stop"]),
+    (["--logit-bias", "1_0=5"], ["--logit-bias '1_0=5' is not ID=BIAS"]),
     (["--stop", BAD_UTF8], ["--stop", "lone surrogate"]),
 ]
 PROMPTS = [
@@ -102,6 +103,8 @@ PROMPTS = [
     (["--prompt", BAD_UTF8], ["--prompt", "character 3", "lone surrogate"]),
     (["--prompt-ids", "1,x"], ["--prompt-ids", "'1,x'"]),
     (["--prompt-ids", "1.5"], ["--prompt-ids"]),
+    (["--prompt-ids", "1_000"], ["--prompt-ids '1_000'"]),  # ASCII digits only, as a token id is written
+    (["--prompt-ids", "\u0661\u0662"], ["--prompt-ids"]),
     (["--prompt-ids", ""], ["--prompt-ids ''", "no token ids"]),
     (["--prompt-ids", "1,-1"], ["outside the vocabulary"]),
     (["--prompt-file", "/nonexistent/prompt.txt"], ["--prompt-file /nonexistent/prompt.txt: no such file"]),
