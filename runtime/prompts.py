@@ -108,13 +108,13 @@ def read_text_file(path: Path, what: str, limit: int = MAX_TEXT_FILE_BYTES) -> s
 
 
 def read_text_stream(stream: Any, where: str, limit: int = MAX_TEXT_FILE_BYTES) -> str:
-    """The UTF-8 text of a binary stream (a file, stdin) of at most `limit` bytes, or a ConfigError starting with
-    `where` (the option and its file): over the limit, or not UTF-8 (and where)."""
+    """The UTF-8 text (a leading BOM dropped) of a binary stream (a file, stdin) of at most `limit` bytes, or a
+    ConfigError starting with `where` (the option and its file): over the limit, or not UTF-8 (and where)."""
     data = stream.read(limit + 1)
     if len(data) > limit:
         raise ConfigError(f"{where}: over {limit >> 20} MiB, more than a text file for this should be")
-    try:
-        return data.decode("utf-8")
+    try:  # a leading byte-order mark (some editors write one) is the encoding's signature, not text: dropped
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
 

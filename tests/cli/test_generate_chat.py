@@ -65,12 +65,12 @@ def test_generate_prompt_streams_text(artifact, generator):
 
 
 def test_generate_prompt_file_and_stdin_equal_the_prompt(artifact, generator, tmp_path):
-    """--prompt-file FILE / - reads the prompt (one final line end dropped, as llama.cpp's --file); a text with
-    line breaks inside keeps them."""
+    """--prompt-file FILE / - reads the prompt (one final line end dropped, as llama.cpp's --file; a leading UTF-8
+    byte-order mark too); a text with line breaks inside keeps them."""
     prompt = "The capital of France is"
     base = ("generate", str(artifact), "--max-new-tokens", "4", "--threads", "1", "--json")
     want = json.loads(cli(*base, "--prompt", prompt).stdout)["token_ids"]
-    (tmp_path / "p.txt").write_bytes((prompt + "\r\n").encode())
+    (tmp_path / "p.txt").write_bytes(("\ufeff" + prompt + "\r\n").encode())
     for r in (cli(*base, "--prompt-file", str(tmp_path / "p.txt")), cli(*base, "-f", "-", stdin=prompt + "\n")):
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["token_ids"] == want
