@@ -68,12 +68,14 @@ def test_heldout_perplexity_matches_the_record_on_onnxruntime_and_reference(arti
     assert ppl_ort < 200, "a trained model, not random weights (those give ~32000)"
 
 
-def _demo(out: Path, max_new_tokens: int) -> str:
-    """`mixtrt demo --out OUT --prompt "It was"` in a subprocess; its stdout."""
+def _demo(out: Path, max_new_tokens: int, status: bool = False) -> str:
+    """`mixtrt demo --out OUT --prompt "It was"` in a subprocess; its stdout (the text), or with status its stderr
+    (the export's progress and what artifact it used)."""
     r = subprocess.run([sys.executable, "-m", "mixtrt", "demo", "--out", str(out),
                         "--prompt", "It was", "--max-new-tokens", str(max_new_tokens)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    return r.stdout
+    assert ("wrote" not in r.stdout and "using the artifact" not in r.stdout), r.stdout  # status stays off stdout
+    return r.stderr if status else r.stdout
 
 
 def test_demo_command_generates_from_the_builtin_model(tmp_path, artifact):
@@ -86,13 +88,13 @@ def test_demo_command_generates_from_the_builtin_model(tmp_path, artifact):
 
 def test_demo_reexports_an_artifact_with_outdated_graph_io(tmp_path):
     """An artifact exported by an older mixtrt (other graph inputs) is rebuilt, not reused."""
-    assert "wrote" in _demo(tmp_path / "demo", 2)
-    assert "using the artifact" in _demo(tmp_path / "demo", 2)
+    assert "wrote" in _demo(tmp_path / "demo", 2, status=True)
+    assert "using the artifact" in _demo(tmp_path / "demo", 2, status=True)
     manifest_path = tmp_path / "demo" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["inputs"] = [t for t in manifest["inputs"] if t["name"] != "logit_positions"]
     manifest_path.write_text(json.dumps(manifest))
-    assert "wrote" in _demo(tmp_path / "demo", 2)
+    assert "wrote" in _demo(tmp_path / "demo", 2, status=True)
 
 
 def _readme_quotes() -> list[str]:
