@@ -259,12 +259,9 @@ class ModelArgs:
             args = cls._from_hf(_Fields(cfg))
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
-        if args.is_mixtral and cfg.get("layer_types") is not None:
-            # transformers' Mixtral reads no layer_types (its AutoConfig turns only a Mistral config with them into
-            # Ministral, which does): every layer keeps sliding_window, as the checkpoint runs there
+        if args.is_mixtral and cfg.get("layer_types") is not None:  # not read (_from_hf): say so
             warnings.warn(f"{source}: layer_types is ignored, as transformers' Mixtral ignores it: every layer "
                           f"attends with sliding_window ({args.sliding_window})", MixtrtWarning, stacklevel=2)
-            args = dataclasses.replace(args, layer_types=None)
         return args
 
     @classmethod
@@ -319,6 +316,10 @@ class ModelArgs:
         if arch.startswith("Mixtral"):
             moe = MoeArgs(cfg.size("num_local_experts", "num_experts"), cfg.size("num_experts_per_tok"))
         layer_types = cfg.get("layer_types", None, list)
+        if arch.startswith("Mixtral"):
+            # transformers' Mixtral reads no layer_types (its AutoConfig turns only a Mistral config with them into
+            # Ministral, which does): every layer keeps sliding_window, as the checkpoint runs there
+            layer_types = None
         num_labels, id2label = _labels(cfg)
         return cls(
             architecture=arch,

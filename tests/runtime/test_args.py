@@ -50,6 +50,19 @@ def test_layer_types_choose_the_window_per_layer():
     assert [a.window(0), a.window(1)] == [4096, None]
 
 
+def test_a_mixtral_configs_layer_types_are_not_read():
+    """transformers' Mixtral reads no layer_types: every layer keeps sliding_window, also where it is none (a
+    sliding_attention entry there is no window to miss), with a warning naming the file."""
+    from tests.checkpoints import hf_config
+
+    base = {**hf_config("mixtral").to_dict(), "architectures": ["MixtralForCausalLM"], "num_hidden_layers": 2}
+    for window in (4, None):
+        with pytest.warns(UserWarning, match=r"c/config.json: layer_types is ignored"):
+            cfg = {**base, "sliding_window": window, "layer_types": ["sliding_attention", "full_attention"]}
+            a = ModelArgs.from_hf_config(cfg, source="c/config.json")
+        assert a.layer_types is None and [a.window(0), a.window(1)] == [window, window]
+
+
 def test_raw_params_json():
     a = ModelArgs.from_params_json({"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336,
                                     "n_heads": 32, "n_kv_heads": 8, "norm_eps": 1e-5, "vocab_size": 32000,
