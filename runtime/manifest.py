@@ -821,7 +821,7 @@ def _clean_stale(target: Path) -> None:
             if (isinstance(owner, dict) and owner.get("target") == me["target"] and owner.get("host") == me["host"]
                     and isinstance(owner.get("pid"), int) and not _alive(owner["pid"])):
                 shutil.rmtree(entry, ignore_errors=True)
-            elif owner is None and not marker.exists() and _unrenamed(entry, name[len(target.name) + 6:]):
+            elif owner is None and not marker.exists() and _unrenamed(entry, name.removeprefix(f".{target.name}.tmp-")):
                 shutil.rmtree(entry, ignore_errors=True)
         elif name.startswith(f".{target.name}.old-") and name.rsplit("-", 1)[1].isdigit():
             if _alive(int(name.rsplit("-", 1)[1])) or not is_artifact(entry):

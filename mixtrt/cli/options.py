@@ -61,6 +61,14 @@ def path(text: str) -> Path:
     return Path(text)
 
 
+def ascii_int(text: str) -> int:
+    """int(text) for a decimal integer in ASCII digits (int() also reads 1_000 and other scripts' digits), else
+    ValueError."""
+    if not re.fullmatch(r"\s*[+-]?[0-9]+\s*", text):
+        raise ValueError(f"not an integer: {text!r}")
+    return int(text)
+
+
 def status(line: str) -> None:
     """A progress or status line: on stderr, so stdout carries only a command's result (as pipes expect)."""
     print(line, file=sys.stderr, flush=True)
@@ -127,9 +135,9 @@ def _bias_pair(text: str) -> tuple[int, float]:
 
     token, sep, bias = text.partition("=")
     try:
-        if not sep or not re.fullmatch(r"\s*[+-]?[0-9]+\s*", token):  # ASCII digits (int() takes 1_000, ...)
+        if not sep:
             raise ValueError
-        return int(token), float(bias)
+        return ascii_int(token), float(bias)
     except ValueError:
         raise ConfigError(f"--logit-bias {text!r} is not ID=BIAS (e.g. 13=-100)") from None
 

@@ -7,7 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from mixtrt.cli.options import add_sampling, generation_overrides, load_generator, path, print_stream, stats_line
+from mixtrt.cli.options import (
+    add_sampling,
+    ascii_int,
+    generation_overrides,
+    load_generator,
+    path,
+    print_stream,
+    stats_line,
+)
 
 
 class _Once(argparse.Action):
@@ -43,9 +51,11 @@ def parse_ids(text: str) -> list[int]:
     parts = re.split(r"\s*,\s*|\s+", text.strip())
     if len(parts) > 1 and "" in parts:  # "1,,2" or "1,2,": an id left out, not a separator to skip
         raise ConfigError(f"--prompt-ids {text!r}: an empty id between separators (expected integers like 1,2,3)")
-    if not all(re.fullmatch(r"[+-]?[0-9]+", t) for t in parts if t):  # ASCII digits: int() also takes 1_000, ...
-        raise ConfigError(f"--prompt-ids {text!r}: expected integers separated by commas or spaces, like 1,2,3")
-    ids = [int(t) for t in parts if t]
+    try:
+        ids = [ascii_int(t) for t in parts if t]
+    except ValueError:
+        raise ConfigError(f"--prompt-ids {text!r}: expected integers separated by commas or spaces, "
+                          "like 1,2,3") from None
     if not ids:
         raise ConfigError(f"--prompt-ids {text!r}: no token ids (expected integers like 1,2,3)")
     return ids
