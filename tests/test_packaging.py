@@ -4,6 +4,7 @@ the tree, the extras table matches pyproject, and a runtime-only install runs th
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -35,8 +36,13 @@ def _probe(tmp_path: Path, env_path: str | None = None) -> list[str]:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     wheels = tmp_path_factory.mktemp("wheels")
+    # built from a copy: setuptools writes build/ inside the source tree, and two builds of one tree collide
+    src = tmp_path_factory.mktemp("src") / "mixtrt"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".peers", ".whl", ".mypy_cache", ".hypothesis", ".pytest_cache", ".ruff_cache",
+        "__pycache__", "build", "dist", "*.egg-info", "engines"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(wheels), str(ROOT)], capture_output=True, text=True)
+                            "-w", str(wheels), str(src)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     [whl] = wheels.glob("mixtrt-*.whl")
     return whl
