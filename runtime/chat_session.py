@@ -37,6 +37,7 @@ for that is refused with a ConfigError, and the session is unchanged.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ class ChatSession:
         self.system = system
         self.config = config
         self.engine = Engine(generator.backend, generator.tokenizer, max_batch=1)
+        _check_system_type(system)
         if system:
             self._check_system(system)
         self.messages: list[dict[str, Any]] = self._start()
@@ -122,6 +124,9 @@ class ChatSession:
         the next turn starts a new context."""
         if self._busy:
             raise ConfigError("chat session: the previous reply is still streaming; finish or close it first")
+        if not isinstance(message, (str, Mapping)):
+            raise ConfigError("chat session: the message must be its text (a str) or a mapping like {'role': 'user', "
+                              f"'content': '...'}}, got {type(message).__name__}")
         cfg = self.generator.config(config or self.config, **overrides)
         cfg.validate(self.engine.backend.args)  # what add / extend check, before the session changes
         self.engine.chunk(cfg.prefill_chunk)
@@ -148,7 +153,7 @@ class ChatSession:
             self._row = self.engine.add(ids, cfg, keep=True, name="the conversation")
         self.turns.append(turn)
         self._busy = True
-        return self._run(self._row, messages, new)
+        return _Reply(self, self._run(self._row, messages, new))
 
     def _render(self, new: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int], str]:
         """The conversation with `new` and its ids; when it does not fit, a new context (system + new) and the
@@ -179,15 +184,20 @@ class ChatSession:
                         out = event.output
                         yield StreamEvent("", None, out)
         finally:
-            self._busy = False
-            if out is None:  # closed early, or failed: the cache holds a partial turn
-                self.close()
-            elif out.text:
-                self.messages = messages + [{"role": "assistant", "content": out.text}]
-            else:  # nothing to add: a chat format refuses an empty reply, and two user turns in a row
-                self.messages = messages[:-1]
-                self.turns[-1] = dataclasses.replace(self.turns[-1], note=(
-                    "the reply was empty: this message and its reply are not kept in the conversation"))
+            self._end_turn(out, messages)
+
+    def _end_turn(self, out: GenerationOutput | None, messages: list[dict[str, Any]]) -> None:
+        """A turn's end: its reply joins the conversation; a turn cut short (closed, failed, or never iterated)
+        leaves the conversation as it was and frees the cache row (the next turn starts a new context)."""
+        self._busy = False
+        if out is None:  # the cache holds a partial turn
+            self.close()
+        elif out.text:
+            self.messages = messages + [{"role": "assistant", "content": out.text}]
+        else:  # nothing to add: a chat format refuses an empty reply, and two user turns in a row
+            self.messages = messages[:-1]
+            self.turns[-1] = dataclasses.replace(self.turns[-1], note=(
+                "the reply was empty: this message and its reply are not kept in the conversation"))
 
     # ---- the session -----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -200,6 +210,7 @@ class ChatSession:
         """Forget the conversation (and its cache); `system` replaces the system prompt if given."""
         if self._busy:
             raise ConfigError("chat session: a reply is still streaming; finish or close it first")
+        _check_system_type(system)
         if system:  # checked as the constructor checks it, before anything is forgotten
             self._check_system(system)
         self.close()
@@ -216,9 +227,42 @@ class ChatSession:
         return f"ChatSession({len(self.messages)} messages, {len(self.turns)} turns, {self.cached_tokens} cached)"
 
 
+class _Reply(Iterator[StreamEvent]):
+    """A turn's stream (ChatSession.stream): the turn generator, and its end when the stream is closed or dropped
+    before its first event (a generator that never started does not run its `finally`)."""
+
+    def __init__(self, session: ChatSession, events: collections.abc.Generator[StreamEvent, None, None]) -> None:
+        self._session, self._events, self._started = session, events, False
+
+    def __next__(self) -> StreamEvent:
+        self._started = True
+        return next(self._events)
+
+    def close(self) -> None:
+        """Cancel the turn if it has not ended (ChatSession.stream)."""
+        if not self._started:
+            self._started = True
+            self._events.close()
+            self._session._end_turn(None, [])
+        else:
+            self._events.close()
+
+    def __del__(self) -> None:  # dropped unread: the turn ends here (at interpreter exit there may be nothing to end)
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 def _common(held: Sequence[int], ids: Sequence[int]) -> int:
     """The length of the longest common prefix of two id lists."""
     return next((i for i, (a, b) in enumerate(zip(held, ids, strict=False)) if a != b), min(len(held), len(ids)))
+
+
+def _check_system_type(system: Any) -> None:
+    if system is not None and not isinstance(system, str):
+        raise ConfigError(f"chat session: system must be a str (the system prompt) or None, got "
+                          f"{type(system).__name__}")
 
 
 def _parted(at: int, held: int) -> str:

@@ -48,7 +48,7 @@ from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backends.base import Backend
 from mixtrt.runtime.chat_format import GenerationDefaults
 from mixtrt.runtime.errors import ConfigError, NonFiniteLogitsError
-from mixtrt.runtime.prompts import Prompts, check_text, normalize_prompts, outside_vocab
+from mixtrt.runtime.prompts import Prompts, check_messages_text, check_text, normalize_prompts, outside_vocab
 from mixtrt.runtime.sampling import Sampler, log_softmax, top_k_logprobs
 
 if TYPE_CHECKING:
@@ -989,7 +989,7 @@ class Generator:
         """[T - 1] float32: log p(token_ids[t] | token_ids[:t]) for t >= 1, the whole sequence fed in chunks."""
         from mixtrt.runtime.scoring import teacher_forced_logprobs
 
-        [ids] = normalize_prompts([list(token_ids)], self.tokenizer, self.backend.args.vocab_size)
+        [ids] = normalize_prompts([_scored_ids(token_ids)], self.tokenizer, self.backend.args.vocab_size)
         return teacher_forced_logprobs(self.backend, ids, prefill_chunk)
 
     def perplexity(self, token_ids: Sequence[int], window: int | None = None) -> float:
@@ -997,7 +997,7 @@ class Generator:
         from an empty cache (its first token is context only); None = the whole sequence in one pass."""
         from mixtrt.runtime.scoring import perplexity
 
-        [ids] = normalize_prompts([list(token_ids)], self.tokenizer, self.backend.args.vocab_size)
+        [ids] = normalize_prompts([_scored_ids(token_ids)], self.tokenizer, self.backend.args.vocab_size)
         return perplexity(self.backend, ids, window)
 
     # ---- helpers -----------------------------------------------------------------------------------
@@ -1011,9 +1011,18 @@ class Generator:
                         for i, p in enumerate(ids)]
 
     def _chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        check_messages_text(messages)  # a list (a str would be read as one message per character)
         if not messages:
             raise ConfigError("chat needs at least one message")
         return list(self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True))
+
+
+def _scored_ids(token_ids: Any) -> list[Any]:
+    """The ids a scoring call takes, as a list; text is refused (it would be read as one id per character)."""
+    if isinstance(token_ids, (str, bytes)):
+        raise ConfigError(f"token_ids must be token ids (a list of ints), got {type(token_ids).__name__}: encode "
+                          "the text first (generator.tokenizer.encode)")
+    return list(token_ids)
 
 
 def _stream(engine: Engine) -> Iterator[StreamEvent]:

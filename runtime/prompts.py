@@ -139,9 +139,9 @@ def check_text(text: str, what: str) -> str:
 
 
 def check_messages_text(messages: Any) -> None:
-    """Every string in chat messages (contents, names, tool-call arguments) is valid text; else one
-    ConfigError naming the message and the field. Anything that is not a list of mappings is left to the
-    chat format's own checks."""
+    """`messages` is a list (or tuple) and every string in it (contents, names, tool-call arguments) is valid
+    text; else one ConfigError naming the message and the field. Items that are not mappings are left to the
+    chat format's own checks (they name the message)."""
 
     def walk(value: Any, where: str, depth: int) -> None:
         if isinstance(value, str):
@@ -153,10 +153,12 @@ def check_messages_text(messages: Any) -> None:
             for i, item in enumerate(value):
                 walk(item, f"{where}[{i}]", depth + 1)
 
-    if isinstance(messages, Sequence) and not isinstance(messages, (str, bytes)):
-        for n, message in enumerate(messages):
-            if isinstance(message, Mapping):
-                walk(message, f"chat: message {n}", 0)
+    if not isinstance(messages, (list, tuple)):  # a str would be read as messages of one character each
+        raise ConfigError("chat: messages must be a list of mappings like {'role': 'user', 'content': '...'}, got "
+                          f"{type(messages).__name__}")
+    for n, message in enumerate(messages):
+        if isinstance(message, Mapping):
+            walk(message, f"chat: message {n}", 0)
 
 
 def check_flags(add_generation_prompt: Any, continue_final_message: Any) -> None:

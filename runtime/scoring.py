@@ -30,8 +30,8 @@ def teacher_forced_logprobs(backend: Backend, ids: list[int], prefill_chunk: int
 def perplexity(backend: Backend, ids: list[int], window: int | None = None) -> float:
     """exp(-mean log p) of ids[1:]. window: score non-overlapping segments of `window` tokens, each from an
     empty cache (its first token is context only); None = the whole sequence in one pass."""
-    if window is not None and window < 2:
-        raise ConfigError(f"window must be >= 2, got {window}")
+    if window is not None and (not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 2):
+        raise ConfigError(f"window must be an integer >= 2, got {window!r}")
     step = window or len(ids)
     parts = [teacher_forced_logprobs(backend, ids[i:i + step]) for i in range(0, len(ids) - 1, step)
              if len(ids[i:i + step]) >= 2]

@@ -355,11 +355,11 @@ def _turns(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, c
       conversation may end with an assistant turn, closed by EOS (left open with continue_final_message).
     """
     check_flags(add_generation_prompt, continue_final_message)
+    check_messages_text(messages)
     if not messages:
         raise ConfigError("chat: no messages; a conversation needs at least one user message")
     if continue_final_message:
         check_continue(messages, add_generation_prompt)
-    check_messages_text(messages)
     plain: list[tuple[str, str]] = []
     for n, m in enumerate(messages):
         plain.append(_message(m, n))

@@ -3,6 +3,8 @@ the new tokens, and the limits keep the session (the toy backend and a byte-leve
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -201,6 +203,45 @@ def test_closed_stream_cancels_the_turn_and_errors_leave_the_session():
     assert session.turns[-1].kind == "new" and out.token_ids == gen.chat(session.messages[:-1],
                                                                           max_new_tokens=6).token_ids
     assert isinstance(session, ChatSession) and "4 messages" in repr(session)
+
+
+@pytest.mark.parametrize("how", ["close", "drop"])
+def test_a_stream_ended_before_its_first_event_cancels_the_turn(how):
+    """A generator that never started runs no `finally`: the turn's end must not depend on it."""
+    gen, _ = make()
+    session = gen.chat_session(config=GenerationConfig(max_new_tokens=6))
+    session.send("hello")
+    kept = list(session.messages)
+    events = session.stream("more")
+    if how == "close":
+        events.close()
+    del events
+    gc.collect()
+    assert session.messages == kept and session.cached_tokens == 0
+    out = session.send("more")  # not "still streaming"
+    assert session.turns[-1].kind == "new" and out.token_ids == gen.chat(session.messages[:-1],
+                                                                          max_new_tokens=6).token_ids
+    session.reset()
+    assert session.messages == []
+
+
+def test_wrong_types_are_one_line_errors_and_leave_the_session():
+    gen, _ = make()
+    session = gen.chat_session(config=GenerationConfig(max_new_tokens=4))
+    session.send("hello")
+    kept = (list(session.messages), session.cached_tokens)
+    for bad in (None, 5, b"hi", ["hi"]):
+        with pytest.raises(ConfigError, match=f"the message must be its text .* got {type(bad).__name__}"):
+            session.send(bad)  # type: ignore[arg-type]
+        assert (session.messages, session.cached_tokens) == kept
+    for bad in ("hello", {"role": "user", "content": "hi"}, 5):  # a str was read as one message per character
+        with pytest.raises(ConfigError, match=f"messages must be a list .* got {type(bad).__name__}"):
+            gen.chat(bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="system must be a str .* got int"):
+        gen.chat_session(system=5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="system must be a str .* got int"):
+        session.reset(system=5)  # type: ignore[arg-type]
+    assert session.send("more").token_ids and session.turns[-1].kind == "cached"
 
 
 def test_sampled_session_equals_seeded_stateless_chat():

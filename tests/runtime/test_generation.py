@@ -307,6 +307,17 @@ def test_teacher_forced_logprobs_and_perplexity(windowed):
     np.testing.assert_allclose(gen.perplexity(ids, window=15), np.exp(-halves.mean()), rtol=1e-5)
 
 
+def test_scoring_refuses_text_and_a_window_that_is_not_an_integer():
+    gen, _ = make()
+    for call in (gen.perplexity, gen.teacher_forced_logprobs):
+        with pytest.raises(ConfigError, match="token_ids must be token ids .* got str: encode the text first"):
+            call("some text")  # type: ignore[arg-type]  # was read as one id per character
+    for bad in (2.5, "8", True, 1):
+        with pytest.raises(ConfigError, match=f"window must be an integer >= 2, got {bad!r}"):
+            gen.perplexity(PROMPTS[1], window=bad)  # type: ignore[arg-type]
+    assert gen.perplexity(PROMPTS[1], window=np.int64(4)) > 0
+
+
 def test_prefill_asks_for_all_logits_only_when_prompt_logprobs_are_needed():
     gen, backend = make()
     gen.generate(PROMPTS[1], GenerationConfig(max_new_tokens=3, eos_token_id=(), prefill_chunk=5))
