@@ -174,7 +174,8 @@ class ChatSession:
                 f"with {'the system prompt and ' if self.system else ''}this message")
         return alone, alone_ids, note
 
-    def _run(self, row: Row, messages: list[dict[str, Any]], new: dict[str, Any]) -> Iterator[StreamEvent]:
+    def _run(self, row: Row, messages: list[dict[str, Any]], new: dict[str, Any]
+             ) -> collections.abc.Generator[StreamEvent, None, None]:
         out = None
         try:
             while self.engine.busy:
