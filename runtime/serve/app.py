@@ -33,6 +33,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from mixtrt.runtime.errors import BackendError, ConfigError
 from mixtrt.runtime.generation import EngineEvent, GenerationOutput, Generator
@@ -329,11 +330,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if length.isdigit() and int(length) > limit:
         raise ApiError(f"the request body has {length} bytes, over the limit of {limit}", 413)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(f"the request body is over the limit of {limit} bytes", 413)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(f"the request body is over the limit of {limit} bytes", 413)
+            chunks.append(chunk)
+    except ClientDisconnect:  # its line says so (status None: no response reaches it); the answer goes nowhere
+        e = ApiError(f"the client disconnected after {size} bytes of its request body", 400, logged=True)
+        _log_refused(request, e, answered=False)
+        raise e from None
     return b"".join(chunks)
 
 
@@ -444,9 +450,10 @@ async def _complete(call: _Call, state: _State, request: Request) -> Response:
         call.status, call.end = 500, "error"
         raise ApiError(str(e), 500, type="server_error", logged=True) from None
     except asyncio.CancelledError:  # the server's forced exit (a second Ctrl-C) cancels the handler: so do its rows
-        abandoned, call.status, call.end = True, None, "shutdown"
+        abandoned, call.status, call.end = True, 503, "shutdown"
         loop.cancel(call.handle, "shutdown", then=lambda cut: _log_cancelled(call, cut))
-        raise
+        # answered as a drain past its deadline is (uvicorn would send a plain-text 500 for the cancelled handler)
+        raise ApiError("the request was cancelled (shutdown)", 503, type="unavailable_error", logged=True) from None
     finally:
         watcher.cancel()
         if not abandoned:
@@ -540,7 +547,28 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
             call.end = "disconnect"
             loop.cancel(call.handle, "disconnect", then=lambda cut: _log_cancelled(call, cut))
         else:
+            if call.end == "finished" and len(call.outputs) < call.handle.choices:
+                # ended by the engine (shutdown, an error) while the stream waited on a client not reading: the
+                # item saying so is still in its queue
+                call.end = _ended_by(call)
             _log(call)
+
+
+def _ended_by(call: _Call) -> str:
+    """How a request the engine ended, whose stream did not read all it was given, ended: from what its queue still
+    holds (its outputs taken into call.outputs): the cancel's reason, "error", "finished" where every choice has
+    its output (as the metrics count it), else "disconnect"."""
+    end = None
+    queue = call.handle.queue
+    while not queue.empty():
+        item = queue.get_nowait()
+        if isinstance(item, Cancelled):
+            end = item.reason
+        elif isinstance(item, BaseException):
+            end = "error"
+        elif item.output is not None:
+            call.outputs[_choice(call, item)] = item.output
+    return end or ("finished" if len(call.outputs) == call.handle.choices else "disconnect")
 
 
 def _log_cancelled(call: _Call, cut: bool) -> None:
@@ -549,11 +577,7 @@ def _log_cancelled(call: _Call, cut: bool) -> None:
     outputs its queue still holds."""
     if not cut:
         call.end = "finished"
-        queue = call.handle.queue
-        while not queue.empty():
-            item = queue.get_nowait()
-            if not isinstance(item, BaseException) and item.output is not None:
-                call.outputs[_choice(call, item)] = item.output
+        _ended_by(call)  # the outputs its queue still holds
     _log(call)
 
 
@@ -713,16 +737,18 @@ def _texts(state: _State) -> TokenTexts:
     return state.texts
 
 
-def _log_refused(request: Request, e: ApiError) -> None:
+def _log_refused(request: Request, e: ApiError, answered: bool = True) -> None:
     """The log line of a request answered with an error before it reached the engine (4xx, a 503 while loading):
-    its route, status and the error's message."""
+    its route, status and the error's message. answered False: the client left before any answer (status None;
+    not counted in the metrics' refused requests, which count answers)."""
     path = request.url.path.rstrip("/")
     endpoint = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}.get(path, path)
+    status = e.status if answered else None
     state = getattr(request.app.state, "mixtrt", None)
-    if state is not None and state.metrics is not None:
-        state.metrics.refused(e.status)
+    if state is not None and state.metrics is not None and status is not None:
+        state.metrics.refused(status)
     log.info(json.dumps({"event": "refused", "id": uuid.uuid4().hex, "endpoint": endpoint,
-                         "method": request.method, "status": e.status, "error": str(e)}))
+                         "method": request.method, "status": status, "error": str(e)}))
 
 
 def _log(call: _Call) -> None:

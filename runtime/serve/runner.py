@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -38,6 +39,9 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
     config = uvicorn.Config(app, lifespan="on", access_log=False, log_level="warning",
                             timeout_graceful_shutdown=int(settings.drain_s) + RESPONSE_GRACE_S,
                             **http_protocol(MAX_HEAD_BYTES))
+    # uvicorn cancels the handlers still running past its graceful timeout (or at a second Ctrl-C) and logs each as
+    # an "Exception in ASGI application" traceback: their requests' own log lines already say how they ended
+    logging.getLogger("uvicorn.error").addFilter(_not_cancelled)
 
     def begin_drain() -> None:
         state = getattr(app.state, "mixtrt", None)
@@ -162,6 +166,15 @@ def _server(config: Any, on_signal: Any = None) -> Any:
                     signal.signal(sig, handler)
 
     return Server(config)
+
+
+def _not_cancelled(record: logging.LogRecord) -> bool:
+    """A logging filter: False for a record whose exception is a CancelledError (uvicorn's cancelling at exit; its
+    lifespan logs the traceback as the message)."""
+    if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+        return False
+    message = record.getMessage()
+    return not (message.startswith("Traceback") and message.rstrip().endswith("CancelledError"))
 
 
 def log_to_stderr() -> None:

@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -445,8 +446,9 @@ def test_cli_second_ctrl_c_cancels_a_request_answered_whole(serve_artifact):
     s = CliServer(serve_artifact[1], drain="60")
     try:
         body = {"prompt": "a", "max_tokens": 120, "n": 16, "ignore_eos": True}
-        answer = threading.Thread(target=lambda: _ignore_errors(s.http.post, "/v1/completions", json=body),
-                                  daemon=True)
+        answered: list = []
+        answer = threading.Thread(target=lambda: answered.append(_ignore_errors(s.http.post, "/v1/completions",
+                                                                               json=body)), daemon=True)
         answer.start()
         deadline = time.monotonic() + TIMEOUT
         while 'mixtrt:num_requests_running{model_name="tiny"} 1.0' not in s.http.get("/metrics").text:
@@ -458,19 +460,25 @@ def test_cli_second_ctrl_c_cancels_a_request_answered_whole(serve_artifact):
         s.proc.send_signal(signal.SIGINT)
         assert s.proc.wait(TIMEOUT) == 0 and time.monotonic() - t0 < 30
         [request] = [r for r in s.records() if r["event"] == "request"]
+        answer.join(TIMEOUT)
         if request["end"] == "finished":  # (a fast machine may finish the 16 rows before the second signal)
             assert None not in request["finish"] and request["status"] == 200, request
-        else:
-            assert (request["status"], request["end"]) == (None, "shutdown"), request
+        else:  # answered with OpenAI's error object (uvicorn sent a plain-text 500 for the cancelled handler)
+            assert (request["status"], request["end"]) == (503, "shutdown"), request
+            assert answered and answered[0].status_code == 503, answered
+            assert answered[0].json()["error"]["message"] == "the request was cancelled (shutdown)"
+        # uvicorn's tracebacks of the handlers and the lifespan it cancels are not written
+        assert not any("Traceback" in line or "CancelledError" in line for line in s.lines), s.lines
     finally:
         s.close()
 
 
-def _ignore_errors(fn, *args, **kwargs) -> None:
+def _ignore_errors(fn, *args, **kwargs):
+    """fn's result, None where it raised."""
     try:
-        fn(*args, **kwargs)
+        return fn(*args, **kwargs)
     except Exception:  # the server went away under the request: what the test makes happen
-        pass
+        return None
 
 
 def test_cli_address_that_cannot_be_had_is_one_line_and_exit_2(serve_artifact):
@@ -729,5 +737,46 @@ def test_a_big_prompt_is_tokenized_off_the_event_loop(generator, serve_artifact)
         r = s.http.post("/v1/completions", json={"prompt": big, "max_tokens": 1})
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # too long for 128 positions
         assert threads and loop_thread not in threads, threads
+    finally:
+        s.close()
+
+
+def test_a_stream_ended_by_the_engine_while_its_client_was_not_reading_is_logged_as_such():
+    """A stream blocked sending to a client that stopped reading never sees the engine's Cancelled: its log line
+    takes the end from what the request's queue still holds (it said "finished" with outputs missing)."""
+    from mixtrt.runtime.serve.app import _ended_by
+
+    def call_with(items, choices=2):
+        rows = [object() for _ in range(choices)]
+        handle = types.SimpleNamespace(queue=asyncio.Queue(), rows=rows, choices=choices)
+        for item in items:
+            handle.queue.put_nowait(item(rows) if callable(item) else item)
+        return types.SimpleNamespace(handle=handle, outputs={})
+
+    def event(i, output):
+        return lambda rows: types.SimpleNamespace(row=rows[i], output=output)
+
+    call = call_with([event(0, None), event(0, "out0"), Cancelled("shutdown")])
+    assert _ended_by(call) == "shutdown" and call.outputs == {0: "out0"}  # the outputs it had are logged
+    assert _ended_by(call_with([RuntimeError("the engine failed")])) == "error"
+    call = call_with([event(0, "out0"), event(1, "out1")])  # the engine finished it; the client never read it all
+    assert _ended_by(call) == "finished" and call.outputs == {0: "out0", 1: "out1"}
+    assert _ended_by(call_with([event(0, "out0")])) == "disconnect"
+
+
+def test_a_client_gone_before_its_whole_body_is_one_log_line_not_a_traceback(serve_artifact):
+    s = CliServer(serve_artifact[1], drain="5")
+    try:
+        host, port = s.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"prompt\":")
+            time.sleep(0.3)
+        assert s.http.get("/health").status_code == 200  # and the server goes on
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(TIMEOUT) == 0
+        [refused] = [r for r in s.records() if r["event"] == "refused"]
+        assert refused["status"] is None and "disconnected after 10 bytes of its request body" in refused["error"]
+        assert not any("Traceback" in line or "ClientDisconnect" in line for line in s.lines), s.lines
     finally:
         s.close()
