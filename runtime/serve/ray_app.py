@@ -5,24 +5,35 @@ own engine loop); Ray's proxy routes requests to replicas and streams their resp
     serve run mixtrt.runtime.serve.ray_app:app_builder artifact=/models/m replicas=2 max_batch=16
     ray start --head; mixtrt serve ARTIFACT --ray --replicas 4 --ray-address auto   # a cluster
 
-A replica takes traffic once its artifact is loaded (loading happens in the replica's constructor).
+A replica takes traffic once its artifact is loaded (loading happens in the replica's constructor; a load
+that fails is retried at most CONSTRUCTOR_RETRIES times, not Ray's default 20: a corrupt artifact does not heal).
 Back-pressure is Ray's: a replica holds at most max_batch requests (`max_ongoing_requests`), at most
-max_queue more wait in Ray's queue (`max_queued_requests`, 503 past it). The artifact path must be
-readable at the same path on every node that runs a replica.
+max_queue more wait in Ray's queue (`max_queued_requests`; past it 429 with Retry-After, as the plain server
+answers a full queue, though with Ray's plain-text body). The artifact path must be readable at the same path on
+every node that runs a replica.
+
+Each replica writes the server's JSON log lines to its stderr (Ray's worker logs on its node; `mixtrt serve
+--ray` forwards them to its own stderr, behind Ray's `(ServeReplica:mixtrt:mixtrt pid=N)` prefix); Ray's own
+per-request access log is off. Stopping: Ray's graceful shutdown, given `drain_s` (+ the plain server's grace
+for writing responses): a replica takes no new requests and waits for its running ones, then Ray stops it,
+cutting what still runs (the plain server ends those with an error event instead).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import signal
 import threading
+import time
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
-from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.errors import ArtifactError, ConfigError
+from mixtrt.runtime.manifest import Manifest
 from mixtrt.runtime.serve.app import ServeSettings, create_app, log
 
 
@@ -31,6 +42,9 @@ class MixtrtReplica:
     """One replica: the artifact loaded in the constructor, the app built around it."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
+        from mixtrt.runtime.serve.runner import log_to_stderr
+
+        log_to_stderr()  # the replica's own process: the logger has no handler there
         self.settings = ServeSettings(**settings)
         self.generator = self.settings.load_generator()
 
@@ -40,10 +54,25 @@ class MixtrtReplica:
 
 def deployment(settings: ServeSettings, replicas: int = 1, num_cpus: float = 1.0) -> Application:
     """The bound application for serve.run: `replicas` copies of the server."""
+    from ray.serve.config import BackpressureConfig
+    from ray.serve.schema import LoggingConfig
+
+    from mixtrt.runtime.serve.runner import RESPONSE_GRACE_S
+
     options = {"num_cpus": num_cpus}
-    wrap = serve.deployment(name="mixtrt", num_replicas=replicas, max_ongoing_requests=settings.max_batch,
-                            max_queued_requests=settings.max_queue, ray_actor_options=options)
+    wrap = serve.deployment(
+        name="mixtrt", num_replicas=replicas, max_ongoing_requests=settings.max_batch,
+        max_queued_requests=settings.max_queue, ray_actor_options=options,
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
+        graceful_shutdown_timeout_s=settings.drain_s + RESPONSE_GRACE_S, graceful_shutdown_wait_loop_s=0.5,
+        max_constructor_retry_count=CONSTRUCTOR_RETRIES,
+        # each request's JSON line says more than Ray's access line; Ray's own lines: warnings and errors
+        logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"))
     return wrap(MixtrtReplica).bind(dataclasses.asdict(settings))
+
+
+CONSTRUCTOR_RETRIES = 2
+LOG_FORWARD_S = 1.0  # Ray's log monitor reads the workers' log files every 0.1 s when idle
 
 
 def _flag(value: Any) -> bool:
@@ -79,29 +108,58 @@ def serve_on_ray(settings: ServeSettings, host: str, port: int, replicas: int, a
     """`mixtrt serve --ray`: start (or join) Ray, run the deployment, wait for SIGTERM / SIGINT, shut down."""
     import ray
 
-    from mixtrt.runtime.serve.runner import log_to_stderr
+    from mixtrt.runtime.serve.runner import listen, log_to_stderr
     from mixtrt.runtime.threads import available_cores
 
     if port == 0:
         raise ConfigError("--ray needs a fixed --port (Ray's proxy does not report a port it chose)")
     log_to_stderr()
+    if not address:  # a local instance: the proxy listens here, and the replicas load the artifact here
+        listen(host, port).close()  # a port in use: one line now, not Ray's traceback later
+        Manifest.read(settings.artifact)  # a missing or malformed artifact: the same
     stop = threading.Event()
     previous: dict[int, Any] = {}
     try:
+        # the replicas' stderr (their JSON log lines) reaches this process's; a job logging config makes Ray
+        # forward worker lines without its "(name pid=N)" prefix; Serve's own lines: warnings and errors only
+        kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True,
+                                  logging_config=ray.LoggingConfig(encoding="TEXT", log_level="WARNING"))
         if address:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            ray.init(address=address, **kw)
         else:
-            ray.init(num_cpus=max(available_cores(), replicas), include_dashboard=False, log_to_driver=False)
-        serve.start(http_options={"host": host, "port": port})
+            ray.init(num_cpus=max(available_cores(), replicas), **kw)
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
         # after ray.init, which installs its own SIGTERM handler (a crash report, then abort)
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-        serve.run(deployment(settings, replicas), name="mixtrt", route_prefix="/", blocking=False)
+        try:
+            serve.run(deployment(settings, replicas), name="mixtrt", route_prefix="/", blocking=False)
+        except Exception as e:  # Ray's message names no cause; the deployment's status holds the replicas' error
+            raise ArtifactError(f"the Ray deployment failed: {_deploy_error(e)}") from None
         log.info(json.dumps({"event": "listening", "url": f"http://{host}:{port}", "model": settings.name,
                              "ray": True, "replicas": replicas}))
         stop.wait()
+        # the drain: the replicas take no new requests and finish their running ones (at most drain_s and the
+        # grace for writing responses, Ray's graceful shutdown), while the proxy still carries their responses
+        serve.delete("mixtrt")
+        time.sleep(LOG_FORWARD_S)  # the replicas' last lines, in their log files, reach this process's stderr
     finally:
         serve.shutdown()
         ray.shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _deploy_error(e: BaseException) -> str:
+    """The cause of a failed deployment, one line: the last line of the replicas' error in its status (the
+    exception a replica's constructor raised), else Ray's own message's first line."""
+    try:
+        message = serve.status().applications["mixtrt"].deployments["mixtrt"].message
+    except Exception:  # no status to read: Ray's message is all there is
+        message = ""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    cause = next((line for line in reversed(lines) if "Error:" in line), lines[-1] if lines else "")
+    if cause.startswith("mixtrt.runtime.errors."):  # one of ours: its message is the line (as the plain server's)
+        cause = cause.split(": ", 1)[-1]
+    return cause or str(e).strip().splitlines()[0]

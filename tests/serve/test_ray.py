@@ -80,3 +80,73 @@ def test_two_replicas_stream_concurrently_and_shut_down(serve_artifact, generato
     finally:
         ray.shutdown()
         temp.cleanup()
+
+
+def _ray_cli(artifact, port: int, *extra: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "mixtrt", "serve", str(artifact), "--ray", "--port", str(port),
+                             "--threads", "1", "--model-name", "tiny", *extra],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+
+
+@pytest.mark.slow  # ~40 s on 2 cores: Ray's start, a replica loading, a drain, Ray's shutdown
+def test_cli_on_ray_logs_each_request_and_sigterm_lets_a_running_stream_finish(serve_artifact):
+    """`mixtrt serve --ray`: the replicas' JSON lines reach its stderr without Ray's prefix, and SIGTERM drains
+    (Ray's graceful shutdown given --drain): a running stream ends whole, then the process exits 0."""
+    import json
+    import signal
+
+    port = _free_port()
+    proc = _ray_cli(serve_artifact[1], port, "--drain", "30")
+    try:
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT)
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the deployment never became ready"
+            try:
+                if http.get("/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        body = {"model": "tiny", "prompt": "a", "max_tokens": 100, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in rest[-2], rest[-3:]
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        records = [json.loads(line) for line in err.splitlines() if line.startswith('{"event"')]
+        [request] = [r for r in records if r["event"] == "request"]
+        assert (request["end"], request["completion_tokens"], request["finish"]) == ("finished", 100, ["length"])
+        assert [r["event"] for r in records if r["event"] == "ready"] == ["ready"]
+        http.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow  # ~25 s: Ray's start, a replica failing its load, Ray's shutdown
+def test_cli_on_ray_a_replica_that_cannot_load_the_artifact_is_one_line_naming_why(serve_artifact, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(serve_artifact[1], bad)
+    data = bad / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    proc = _ray_cli(bad, _free_port())
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last == f"mixtrt serve: error: the Ray deployment failed: {data}: sha256 does not match the manifest; " \
+                   "the file was modified", last
