@@ -70,11 +70,12 @@ class Int4Options:
     calibration: Path | None = None  # a UTF-8 text for the calibrated method (default: the packaged text)
 
     def __post_init__(self) -> None:
-        # the patterns as the CLI takes them: a str is its comma list ("lm_head,embed_tokens"), any sequence a tuple
+        # the patterns as the CLI takes them: a str is its comma list ("lm_head, embed_tokens"), any sequence a
+        # tuple; each pattern without the spaces around it, empty ones dropped
         for name in ("keep_float", "int8"):
             value = getattr(self, name)
             if isinstance(value, str):
-                value = tuple(p for p in value.split(",") if p)
+                value = tuple(value.split(","))
             elif value is not None and not isinstance(value, tuple):
                 try:
                     value = tuple(value)
@@ -83,6 +84,8 @@ class Int4Options:
                                       f"got {value!r}") from None
             if value is not None and not all(isinstance(p, str) for p in value):
                 raise ConfigError(f"{name} must be tensor patterns (str), got {value!r}")
+            if value is not None:
+                value = tuple(p.strip() for p in value if p.strip())
             object.__setattr__(self, name, value)
 
     def check(self) -> None:

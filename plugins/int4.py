@@ -6,14 +6,18 @@ A float matrix W [N, K] (nn.Linear layout [out, in]) is stored as
   4-bit two's-complement integer in [-8, 7];
 - ``scales`` [N, K//block] in the dtype of W (the activation dtype);
 
-with W[n, k] ~= q[n, k] * scales[n, k // block]: symmetric, zero point 0, scale = max|w| over the block / 7,
-q = round-half-to-even(w / scale) clamped to [-8, 7]. K must be a multiple of ``block``, and ``block`` even
-(32 / 64 / 128 usually; a smaller even divisor of K for awkward K). Leading dimensions are kept: stacked experts
-[E, N, K] give qweight [E, N, K//2] and scales [E, N, K//block].
+with W[n, k] ~= q[n, k] * scales[n, k // block]: symmetric, zero point 0, q = round-half-to-even(w / scale)
+clamped to [-8, 7]. `pack_int4`'s own scale is max|w| over the block / 7 (every |error| <= scale / 2); the
+export's `rtn` passes `signed_scales` instead, -(the block's largest-magnitude weight) / 8, as llama.cpp's q4_0:
+16 levels, a 12.5% finer step, that weight exact, and an |error| up to one step for a weight of the other sign
+near it (clamped at +7). K must be a multiple of ``block``, and ``block`` even (32 / 64 / 128 usually; a smaller
+even divisor of K for awkward K). Leading dimensions are kept: stacked experts [E, N, K] give qweight
+[E, N, K//2] and scales [E, N, K//block].
 
 Worked example, one row, block 4: W = [1.75, -0.875, 0.25, 0.0] -> scale = 1.75 / 7 = 0.25,
 q = [7, -3.5 -> -4 (half to even), 1, 0], nibbles 0x7, 0xC, 0x1, 0x0 -> qweight = [0xC7, 0x01], scales = [0.25];
-unpack_int4 gives back [1.75, -1.0, 0.25, 0.0].
+unpack_int4 gives back [1.75, -1.0, 0.25, 0.0]. With the export's rtn scale, -1.75 / 8 = -0.21875:
+q = [-8, 4, -1.14 -> -1, 0], nibbles 0x8, 0x4, 0xF, 0x0 -> qweight = [0x48, 0x0F]; back [1.75, -0.875, 0.21875, 0.0].
 
 onnxruntime's QMoE/MatMulNBits store unsigned nibbles with an implicit zero point 8 (q + 8): the same bytes
 XOR 0x88.

@@ -433,6 +433,8 @@ def test_int4_options_from_python_as_the_cli_takes_them(exported, tmp_path):
     """A str is the CLI's comma list (not its characters), a list a tuple; int4 may be a dict of the fields; other
     types are one-line errors before anything is written."""
     assert Int4Options(keep_float="lm_head,embed_tokens").keep_float == ("lm_head", "embed_tokens")
+    # spaces around a pattern are not part of it, as on the command line (--keep-float "wq, wk")
+    assert Int4Options(keep_float="wq, wk ,").keep_float == ("wq", "wk") == Int4Options(int8=[" wq", "wk "]).int8
     assert Int4Options(int8=["wq"], keep_float=()).int8 == ("wq",) and Int4Options(int8=None).int8 is None
     with pytest.raises(ConfigError, match="keep_float must be tensor patterns"):
         Int4Options(keep_float=[3])

@@ -48,9 +48,6 @@ def run(ns: argparse.Namespace) -> int:
     if given and ns.precision != "int4":
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise ConfigError(f"{flags} {'applies' if len(given) == 1 else 'apply'} to --precision int4 only")
-    for key in ("keep_float", "int8"):
-        if key in given:
-            given[key] = tuple(t.strip() for t in given[key].split(",") if t.strip())
     int4 = Int4Options(**given) if ns.precision == "int4" else None
     export_onnx(ns.checkpoint, ns.out, precision=ns.precision, max_context=ns.max_context, overwrite=ns.force,
                 progress=None if ns.quiet else status, int4=int4)
