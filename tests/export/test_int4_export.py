@@ -177,13 +177,20 @@ def test_perplexity_command_with_reference(realistic_pairs, tmp_path, capsys, mo
     text.write_text("It was a truth universally acknowledged that a single man in possession of a good fortune. " * 3)
     assert main(["perplexity", str(int4), "--text", str(text), "--chunk", "16", "--reference", str(fp32),
                  "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "warning" not in captured.err  # the same model at another precision
     assert out["scored_tokens"] == sum(len(c) - 1 for c in chunks(list(range(out["tokens"])), 16))
     assert 0 < out["mean_kl"] < 1 and 0 < out["top1_agreement"] <= 1 and out["perplexity"] > 1
     assert main(["perplexity", str(fp32), "--text", str(text), "--chunk", "16", "--reference", str(fp32),
                  "--json"]) == 0
     same = json.loads(capsys.readouterr().out)
     assert abs(same["mean_kl"]) < 1e-9 and same["top1_agreement"] == 1.0
+    # another model with the same tokenizer is compared, and said to be another model
+    other = realistic_pairs["mistral-window"][0]
+    assert main(["perplexity", str(int4), "--text", str(text), "--chunk", "16", "--reference", str(other)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: --reference {other} is not the same model (" in err and "MoE vs dense" in err, err
     # `--text -` reads stdin: the same text scores the same
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(text.read_bytes())))
     assert main(["perplexity", str(fp32), "--text", "-", "--chunk", "16", "--json"]) == 0

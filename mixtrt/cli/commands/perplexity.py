@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import sys
+from typing import Any
 
 from mixtrt.cli.options import path, threads
 
@@ -43,6 +44,7 @@ def run(ns: argparse.Namespace) -> int:
             ref = Generator.load(ns.reference, threads=ns.threads)
         except (ArtifactError, ConfigError) as e:  # the same line the artifact would give: say which one it is
             raise type(e)(f"--reference {e}") from None
+        _warn_if_other_model(gen.backend.args, ref.backend.args, ns.reference)
     if ns.chunk is None:  # an explicit --chunk past the positions is an error; the default fits itself
         ns.chunk = min([256, gen.backend.max_positions] + ([ref.backend.max_positions] if ref is not None else []))
     ids = gen.tokenizer.encode(text)
@@ -61,3 +63,21 @@ def run(ns: argparse.Namespace) -> int:
         line += f"; vs {ns.reference}: mean KL {out['mean_kl']:.5f} nats, top-1 agreement {out['top1_agreement']:.2%}"
     print(line)
     return 0
+
+
+def _warn_if_other_model(args: Any, ref_args: Any, reference: Any) -> None:
+    """--reference is meant to be the same model at another precision: where its shape differs, say so (the
+    comparison still runs: KL against another model of the same tokenizer is a measurement too)."""
+    import warnings
+
+    from mixtrt.runtime.errors import MixtrtWarning
+
+    fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "vocab_size")
+    differ = [f"{f} {getattr(args, f)} vs {getattr(ref_args, f)}" for f in fields
+              if getattr(args, f) != getattr(ref_args, f)]
+    if (args.moe is None) != (ref_args.moe is None):
+        differ.append("MoE vs dense" if args.moe is not None else "dense vs MoE")
+    if differ:
+        warnings.warn(f"--reference {reference} is not the same model ({', '.join(differ)}): the KL and agreement "
+                      "compare two models, not two precisions of one", MixtrtWarning, stacklevel=2)
