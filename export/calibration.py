@@ -28,20 +28,24 @@ MAX_TOKENS = 4096
 SEQUENCE = 256
 
 
-def calibration_ids(path: Path | None, tokenizer: Any, longest: int = SEQUENCE) -> tuple[list[list[int]], str, int]:
-    """Sequences of token ids from the calibration text, of min(SEQUENCE, longest) tokens (longest: the positions
-    the model and its cache plan hold); its source (as recorded) and token count."""
+def calibration_ids(path: Path | None, tokenizer: Any, longest: int = SEQUENCE
+                    ) -> tuple[list[list[int]], str, int, int]:
+    """Sequences of token ids from the calibration text's first MAX_TOKENS, of min(SEQUENCE, longest) tokens
+    (longest: the positions the model and its cache plan hold); its source (as recorded), the sequences' token count
+    and the whole text's."""
     sequence = max(1, min(SEQUENCE, longest))
     path = Path(path) if path is not None else DEFAULT_CALIBRATION
     text = read_text_file(path, "--calibration")
-    ids = tokenizer.encode(text)[:MAX_TOKENS]
+    ids = tokenizer.encode(text)
+    total = len(ids)
+    ids = ids[:MAX_TOKENS]
     if len(ids) < 2 * 16:
         what = "is empty" if not text.strip() else f"has {len(ids)} tokens (BOS included)"
         raise ConfigError(f"--calibration {path} {what}: at least 32 tokens are needed")
     seqs = [ids[i:i + sequence] for i in range(0, len(ids), sequence)]
     seqs = [s for s in seqs if len(s) == sequence] or [ids[:sequence]]
     source = "mixtrt/export/calibration.txt" if path == DEFAULT_CALIBRATION else str(path)
-    return seqs, source, sum(len(s) for s in seqs)
+    return seqs, source, sum(len(s) for s in seqs), total
 
 
 def load_module(module: M, prefix: str, read: Callable[[str], torch.Tensor]) -> M:

@@ -219,13 +219,14 @@ def export_onnx(
     calibration = None
     seqs: list[list[int]] = []
     if int4 is not None and int4.method != "rtn":
-        from mixtrt.export.calibration import calibration_ids
+        from mixtrt.export.calibration import MAX_TOKENS, calibration_ids
 
         # a sequence must fit the model's positions and, without a window, the cache the plan gives each row
         longest = args.max_position_embeddings if plan.windowed else min(args.max_position_embeddings, plan.capacity)
-        seqs, source, tokens = calibration_ids(int4.calibration, tokenizer, longest)
+        seqs, source, tokens, total = calibration_ids(int4.calibration, tokenizer, longest)
         calibration = {"source": source, "tokens": tokens}
-        say(f"{int4.method}: calibrating on {source} ({tokens} tokens)")
+        cut = f" of its {total}: the first {MAX_TOKENS} are read" if total > MAX_TOKENS else ""
+        say(f"{int4.method}: calibrating on {source} ({tokens} tokens{cut})")
     if int4 is not None and int4.method == "awq":  # scales moved into the float weights, written by the hook
         from mixtrt.export.awq import awq_transform
 
@@ -271,14 +272,16 @@ def export_onnx(
                 hook = _chain(transform, int4_plan.transform)
                 if not int4_plan.int4_tensors:  # said whatever `progress` is: the artifact is int4 in name only
                     reasons = sorted(set(int4_plan.floats.values()))
+                    if int4_plan.eight:
+                        reasons.append(f"INT8 for {len(int4_plan.eight)} by --int8 or its default")
                     warnings.warn(f"{checkpoint_dir}: --precision int4 stores no weight in INT4 here "
                                   f"({'; '.join(reasons) or 'nothing to quantize'}): the artifact keeps its linears "
-                                  "in float (INT8 where asked)", MixtrtWarning, stacklevel=2)
+                                  "in float or INT8", MixtrtWarning, stacklevel=2)
                 elif int4_plan.experts_unblocked:
-                    # most of a MoE model's bytes: said whatever `progress` is, not only in the summary
+                    # most of a MoE model's bytes: said whatever `progress` is, not only in the summary (every block
+                    # size was tried: no --block-size helps)
                     warnings.warn(f"{checkpoint_dir}: --precision int4 keeps the experts in float: "
-                                  f"{int4_plan.experts_unblocked}; "
-                                  "try another --block-size", MixtrtWarning, stacklevel=2)
+                                  f"{int4_plan.experts_unblocked}", MixtrtWarning, stacklevel=2)
             total = sum(weight_bytes(w) for w in weights)
             t2 = time.perf_counter()
             with say.bytes(total, f"writing {DATA_FILE}") as tick:

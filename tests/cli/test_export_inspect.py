@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,8 @@ def test_cli_export_and_inspect(tmp_path, exported):
     r = subprocess.run([*exe, "inspect", str(art)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "mixtrt::MoE x2" in r.stdout and "windowed layout, capacity 21" in r.stdout
+    # a tiny model's sizes in KiB, never "0.0 MiB"
+    assert re.search(r"\nparameters    [\d.]+ M \([1-9][\d.]* [KM]iB\)\n", r.stdout) and " 0.0 MiB" not in r.stdout
     assert "chat          built-in Mistral v1 instruct format, tokenizer.model\n" in r.stdout
     assert "generation    eos [2] (generation_config.json); greedy, max_new_tokens 128 (mixtrt's defaults)\n" \
         in r.stdout

@@ -163,6 +163,16 @@ def test_int4_options_are_checked(exported, tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+def test_a_calibration_text_past_the_token_limit_is_cut_and_counted(exported, tmp_path):
+    """The first MAX_TOKENS are read; the whole text's count comes back, for the status line to say so."""
+    from mixtrt.export.calibration import MAX_TOKENS, calibration_ids
+
+    text = tmp_path / "long.txt"
+    text.write_text("It was a truth universally acknowledged. " * 1500)
+    _, _, tokens, total = calibration_ids(text, Generator.load(exported["mixtral-window"][1]).tokenizer, 64)
+    assert total > MAX_TOKENS >= tokens > MAX_TOKENS - 64
+
+
 def test_block_for_non_dividing_dimensions():
     assert [block_for(k, 128) for k in (192, 256, 96, 4096, 40)] == [64, 128, 32, 128, None]
     assert block_for(14336, 128) == 128 and block_for(48, 32) == 16
@@ -337,7 +347,7 @@ def test_awq_scalings_are_exact_and_written(exported, tmp_path):
     text.write_text("It was a truth universally acknowledged, that a single man in possession of a good fortune, "
                     "must be in want of a wife. However little known the feelings or views of such a man may be.")
     options = Int4Options(method="awq", block_size=BLOCK, accuracy_level=0, calibration=text)
-    seqs, _, tokens = calibration_ids(text, Generator.load(fp32).tokenizer)
+    seqs, _, tokens, _ = calibration_ids(text, Generator.load(fp32).tokenizer)
     assert 32 <= tokens < 128  # one sequence, within the checkpoint's positions
     scaling = awq_scalings(ck, None, seqs, options, lambda _m: None)
     assert {"model.layers.0.attention.wq.weight", "model.layers.1.feed_forward.fc1.2", "lm_head.weight"} \
@@ -472,9 +482,16 @@ def test_an_int4_export_that_quantizes_nothing_says_so(tmp_path):
     ck = make_checkpoint(tmp_path / "ck", "mistral", hidden_size=40, intermediate_size=72, num_attention_heads=2,
                          num_key_value_heads=1, num_hidden_layers=1, max_position_embeddings=32)
     with pytest.warns(MixtrtWarning, match=r"int4 stores no weight in INT4 here \(input dimension 40 has no "
-                                           r"power-of-two block >= 16"):
+                                           r"power-of-two block >= 16") as caught:
         art = export_onnx(ck, tmp_path / "art", precision="int4", progress=None)
     assert Manifest.load(art).quantization.kept_float
+    assert "INT8 for" not in str(caught[0].message)  # no block fits the tables' 40 either
+    # --int8 '*' took every linear a block fits (input 64) and w2 (input 72) has none: both reasons are given
+    ck = make_checkpoint(tmp_path / "ck2", "mistral", hidden_size=64, intermediate_size=72, num_attention_heads=2,
+                         num_key_value_heads=1, num_hidden_layers=1, max_position_embeddings=32)
+    with pytest.warns(MixtrtWarning, match=r"stores no weight in INT4 here \(input dimension 72 has no power-of-two "
+                                           r"block >= 16 dividing it; INT8 for 8 by --int8 or its default\)"):
+        export_onnx(ck, tmp_path / "art2", precision="int4", int4=Int4Options(int8="*"), progress=None)
 
 
 def test_experts_without_a_block_stay_float_with_a_warning_naming_the_dimension(tmp_path):
@@ -485,8 +502,9 @@ def test_experts_without_a_block_stay_float_with_a_warning_naming_the_dimension(
     ck = make_checkpoint(tmp_path / "ck", "mixtral", hidden_size=64, intermediate_size=100, num_hidden_layers=1,
                          max_position_embeddings=32)
     with pytest.warns(MixtrtWarning, match=r"keeps the experts in float: the experts' input dimension "
-                                           r"\(intermediate 100\) has no power-of-two block"):
+                                           r"\(intermediate 100\) has no power-of-two block") as caught:
         art = export_onnx(ck, tmp_path / "art", precision="int4", progress=None)
+    assert "--block-size" not in str(caught[0].message)  # every block size was tried: none would help
     kept_float = Manifest.load(art).quantization.kept_float
     assert kept_float["layers.0.feed_forward.fc2.0"].startswith("the experts' input dimension (intermediate 100)")
     assert "attention.wq" not in " ".join(kept_float)  # the dense layers are INT4 as usual

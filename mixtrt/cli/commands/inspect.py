@@ -43,8 +43,8 @@ def run(ns: argparse.Namespace) -> int:
     else:
         print(f"kv cache      {c['layout']} layout, capacity {c['capacity']} rows/layer"
               + (f" (window {c['window']})" if c["window"] else "")
-              + f", {c['bytes_per_row'] / 2**20:.2f} MiB per batch row")
-    size = f"{info['parameter_bytes'] / 2**20:.1f} MiB"
+              + f", {_size(c['bytes_per_row'], 2)} per batch row")
+    size = _size(info['parameter_bytes'])
     if info["stored_parameters"] != info["parameters"]:
         size = (f"{info['stored_parameters'] / 1e6:.2f} M stored, {size}: the tied embedding table twice, as the "
                 f"input table and, transposed, as lm_head")
@@ -71,12 +71,12 @@ def run(ns: argparse.Namespace) -> int:
             shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
             print(f"  kept float  {shown}: {why}")
     if info["bytes_per_token"]:
-        print(f"decode reads  {info['bytes_per_token'] / 2**20:.2f} MiB of weights per token")
+        print(f"decode reads  {_size(info['bytes_per_token'], 2)} of weights per token")
     print(f"chat          {info['chat_format']}")
     print(f"generation    {info['generation_defaults']}")
     print("ops           " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items())
           + (f" (attention body on onnxruntime: {info['attention_body']})" if info["attention_body"] else ""))
-    print("files         " + ", ".join(f"{k} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in info["files"].items()))
+    print("files         " + ", ".join(f"{k} ({_size(v['bytes'])})" for k, v in info["files"].items()))
     print("versions      " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v))
     return 0
 
@@ -88,3 +88,9 @@ def print(*parts: Any) -> None:  # noqa: A001 - every text line of inspect goes 
     builtins.print(*("".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(p))
                      for p in parts))
 
+
+def _size(nbytes: int, digits: int = 1) -> str:
+    """MiB to `digits` decimals; KiB where that would print 0 (a tiny model's sizes)."""
+    if nbytes * 10**digits < 2**20 / 2:
+        return f"{nbytes / 2**10:.{digits}f} KiB"
+    return f"{nbytes / 2**20:.{digits}f} MiB"
