@@ -13,10 +13,10 @@ answers a full queue, though with Ray's plain-text body). The artifact path must
 every node that runs a replica.
 
 Each replica writes the server's JSON log lines to its stderr (Ray's worker logs on its node; `mixtrt serve
---ray` forwards them to its own stderr, behind Ray's `(ServeReplica:mixtrt:mixtrt pid=N)` prefix); Ray's own
-per-request access log is off. Stopping: Ray's graceful shutdown, given `drain_s` (+ the plain server's grace
-for writing responses): a replica takes no new requests and waits for its running ones, then Ray stops it,
-cutting what still runs (the plain server ends those with an error event instead).
+--ray` forwards them to its own stderr, without Ray's `(name pid=N)` prefix); Ray's own per-request access log is
+off. Stopping: Ray's graceful shutdown, given `drain_s` (+ the plain server's grace for writing responses): a
+replica takes no new requests and waits for its running ones, then Ray stops it, cutting what still runs (the
+plain server ends those with an error event instead); a second SIGTERM / Ctrl-C stops everything at once.
 """
 
 from __future__ import annotations
@@ -131,7 +131,12 @@ def serve_on_ray(settings: ServeSettings, host: str, port: int, replicas: int, a
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
         # after ray.init, which installs its own SIGTERM handler (a crash report, then abort)
-        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        def on_signal(*_: Any) -> None:
+            if stop.is_set():  # a second one: no drain (serve.shutdown below, at once)
+                raise KeyboardInterrupt
+            stop.set()
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             serve.run(deployment(settings, replicas), name="mixtrt", route_prefix="/", blocking=False)
         except Exception as e:  # Ray's message names no cause; the deployment's status holds the replicas' error
