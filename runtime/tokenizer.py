@@ -309,8 +309,8 @@ class Tokenizer:
         return StreamDecoder(self)
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True, *,
-        continue_final_message: bool = False,
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None, *, continue_final_message: bool = False,
     ) -> list[int]:
         """The conversation as ids, equal to mistral-common's v1 instruct tokenizer.
 
@@ -318,7 +318,9 @@ class Tokenizer:
         as "{content}" + EOS (both with sentencepiece's dummy-prefix space). A leading system
         message is prepended to the first user message as "{system}\\n\\n{user}". continue_final_message:
         the last (assistant) turn without its EOS, for the model to continue (mistral-common's `prefix`).
+        tools: the v1 format has no way to show them (mistral-common's v1 drops them): any is refused.
         """
+        _no_tools(tools)
         ids = [self.bos_id]
         for role, content, closed in _turns(messages, add_generation_prompt, continue_final_message):
             if role == "user":
@@ -327,14 +329,22 @@ class Tokenizer:
                 ids += self._sp.encode(content) + [self.eos_id] * closed
         return ids
 
-    def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True, *,
-                    continue_final_message: bool = False) -> str:
+    def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] | None = None, *, continue_final_message: bool = False) -> str:
         """The same conversation as text: '<s>[INST] user [/INST] answer</s>[INST] user2 [/INST]'."""
+        _no_tools(tools)
         bos, eos = self.id_to_piece(self.bos_id), self.id_to_piece(self.eos_id)
         parts = [bos]
         for role, content, closed in _turns(messages, add_generation_prompt, continue_final_message):
             parts.append(f"[INST] {content} [/INST]" if role == "user" else f" {content}{eos * closed}")
         return "".join(parts)
+
+
+def _no_tools(tools: Any) -> None:
+    if tools:  # None or [] (what clients send by default) is no tools
+        raise ConfigError("chat: the Mistral v1 format has no way to show tools to the model (mistral-common's v1 "
+                          "drops them): a checkpoint with a v3 or later tokenizer, or a chat template that renders "
+                          "tools, takes them")
 
 
 def _turns(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, continue_final_message: bool = False

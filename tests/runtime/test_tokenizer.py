@@ -342,6 +342,18 @@ def test_render_chat_format(tok):
     assert closed[-1] == tok.eos_id
 
 
+def test_v1_takes_no_tools_as_the_other_formats_take_the_argument(tok):
+    """The v1 format cannot show tools: none (None, []) renders as without; any tool is one ConfigError (a raw
+    TypeError before: the argument was missing, though every other format takes it)."""
+    ids = tok.apply_chat_template(CHATS[1])
+    assert tok.apply_chat_template(CHATS[1], tools=None) == ids == tok.apply_chat_template(CHATS[1], True, [])
+    assert tok.render_chat(CHATS[1], tools=[]) == tok.render_chat(CHATS[1])
+    tool = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {}}}
+    for call in (tok.apply_chat_template, tok.render_chat):
+        with pytest.raises(ConfigError, match="the Mistral v1 format has no way to show tools"):
+            call(CHATS[1], tools=[tool])
+
+
 def test_chat_errors(tok):
     u, a, s = ({"role": r, "content": "x"} for r in ("user", "assistant", "system"))
     bad = [
