@@ -283,6 +283,9 @@ class ChatFormat:
     special_tokens: Mapping[str, str] = field(default_factory=dict)  # jinja: template variables (bos_token, ...)
     added_tokens: tuple[AddedToken, ...] = ()  # jinja: tokenizer_config.json added_tokens_decoder
     prepend_scheme: PrependScheme = "first"  # jinja: transformers' Metaspace prepend_scheme
+    # v1: "first" where tokenizer_config.json says `legacy: false` (plain text that starts with a space gets no second
+    # "▁", as transformers' tokenizer(text)); None: sentencepiece's own dummy prefix on all of it (legacy, the default)
+    text_prefix: PrependScheme | None = None
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     note: str | None = None  # what was substituted for a file the checkpoint lacks, and why (said loudly)
 
@@ -291,6 +294,8 @@ class ChatFormat:
             raise ConfigError(f"chat format kind must be one of {KINDS}, got {self.kind!r}")
         if self.prepend_scheme not in PREPEND_SCHEMES:
             raise ConfigError(f"prepend_scheme must be one of {PREPEND_SCHEMES}, got {self.prepend_scheme!r}")
+        if self.text_prefix not in (None, "first"):
+            raise ConfigError(f"text_prefix must be 'first' or absent, got {self.text_prefix!r}")
         if self.kind == "jinja" and "default" not in self.templates:
             raise ConfigError(f"the checkpoint's chat templates {sorted(self.templates)} have none named 'default'")
 
@@ -304,6 +309,8 @@ class ChatFormat:
                     f"{len(self.added_tokens)} added tokens, prefix {self.prepend_scheme}")
         else:
             line = f"built-in Mistral v1 instruct format, {self.tokenizer_file}"
+            if self.text_prefix is not None:
+                line += f", prefix {self.text_prefix} (tokenizer_config.json legacy: false)"
         return line + (f"; warning: {self.note}" if self.note else "")
 
     def to_dict(self) -> dict[str, Any]:
@@ -313,6 +320,8 @@ class ChatFormat:
             "template_origin": self.template_origin, "special_tokens": dict(self.special_tokens),
             "added_tokens": [t.to_dict() for t in self.added_tokens], "prepend_scheme": self.prepend_scheme,
             "generation": self.generation.to_dict(), "note": self.note,
+            # only where set: a record without it reads as before, also by a mixtrt that predates the field
+            **({"text_prefix": self.text_prefix} if self.text_prefix is not None else {}),
         }
 
     @classmethod
@@ -332,6 +341,7 @@ class ChatFormat:
                 added_tokens=tuple(AddedToken.from_dict(t) for t in d.get("added_tokens", ())),
                 prepend_scheme=d.get("prepend_scheme", "first"),
                 generation=GenerationDefaults.from_dict(d.get("generation", {})), note=d.get("note"),
+                text_prefix=d.get("text_prefix"),
             )
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, ConfigError):
@@ -498,8 +508,9 @@ def resolve_chat_format(checkpoint_dir: str | Path, vocab_size: int | None = Non
     found = _jinja_templates(checkpoint_dir, config)
     model, note = _sentencepiece_model(checkpoint_dir, vocab_size)
     files = {TOKENIZER_MODEL: str(model)}
-    if found is None:
-        return ChatFormat("v1", TOKENIZER_MODEL, files, generation=generation, note=note)
+    if found is None:  # transformers' tokenizer(text) still follows tokenizer_config.json's `legacy`
+        text_prefix: PrependScheme | None = "first" if _prepend_scheme(config) == "first" else None
+        return ChatFormat("v1", TOKENIZER_MODEL, files, generation=generation, note=note, text_prefix=text_prefix)
     templates, origin = found
     where = str(config_path)
     # tokenizer.json's added tokens count too (transformers builds the tokenizer from that file where it is there)
@@ -587,7 +598,7 @@ def load_chat_tokenizer(artifact_dir: str | Path | None, fmt: ChatFormat, model_
                      for name, source in fmt.templates.items()}
         tokenizer = JinjaChatTokenizer(Tokenizer.load(path), templates, fmt.added_tokens, fmt.prepend_scheme)
     else:
-        tokenizer = Tokenizer.load(path)
+        tokenizer = Tokenizer.load(path, prefix_first=fmt.text_prefix == "first")
     if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
         raise ConfigError(f"{path}: {tokenizer.vocab_size} token ids but the model has only {model_vocab_size} "
                           "embeddings")

@@ -229,6 +229,7 @@ class Tokenizer:
 
     def __init__(self, sp: spm.SentencePieceProcessor, path: Path) -> None:
         self._sp = sp
+        self._plain: spm.SentencePieceProcessor | None = None  # load(prefix_first=True)
         self.path = path
         self.vocab_size: int = sp.get_piece_size()
         self.bos_id: int = sp.bos_id()
@@ -244,9 +245,11 @@ class Tokenizer:
         self._strip_all_leading_ws = plain and sp.decode([ws, ws]) == ""
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> Tokenizer:
+    def load(cls, path: str | Path | None = None, prefix_first: bool = False) -> Tokenizer:
         """A `tokenizer.model` file, or a directory holding one (an error without one); None gives the
-        Mistral v1 tokenizer shipped in mistral-common."""
+        Mistral v1 tokenizer shipped in mistral-common. prefix_first: plain text that starts with a space (or "▁")
+        gets no dummy-prefix "▁" before it, as transformers' tokenizer(text) under tokenizer_config.json's
+        `legacy: false` (ChatFormat.text_prefix); the chat format's own ids are unchanged (mistral-common's)."""
         file = _resolve(path)
         sp = spm.SentencePieceProcessor()
         try:
@@ -255,7 +258,13 @@ class Tokenizer:
             raise ConfigError(f"{file}: not a sentencepiece tokenizer model ({e})") from None
         if sp.get_piece_size() == 0 or sp.bos_id() < 0 or sp.eos_id() < 0:
             raise ConfigError(f"{file}: sentencepiece model without pieces or without BOS/EOS ids")
-        return cls(sp, file)
+        tok = cls(sp, file)
+        if prefix_first:
+            from mixtrt.runtime.jinja_tokenizer import _without_dummy_prefix
+
+            plain, _, dummy_prefix = _without_dummy_prefix(file)
+            tok._plain = plain if dummy_prefix else None  # a model without the dummy prefix never adds one
+        return tok
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
@@ -263,10 +272,15 @@ class Tokenizer:
     def _byte_of(self, token_id: int) -> int | None:
         return self._bytes.get(token_id)
 
+    def _text_sp(self, text: str) -> spm.SentencePieceProcessor:
+        """The processor for a plain text: without the dummy prefix where `load(prefix_first=True)` says so."""
+        return self._plain if self._plain is not None and text.startswith((" ", "\u2581")) else self._sp
+
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Text -> ids; sentencepiece adds the dummy-prefix space ("Hi" -> "▁Hi"). Text that is not valid
-        Unicode (a lone surrogate) is a ConfigError."""
-        return [self.bos_id] * bos + self._sp.encode(_text(text, "text")) + [self.eos_id] * eos
+        """Text -> ids; sentencepiece adds the dummy-prefix space ("Hi" -> "▁Hi"; see `load` for prefix_first).
+        Text that is not valid Unicode (a lone surrogate) is a ConfigError."""
+        text = _text(text, "text")
+        return [self.bos_id] * bos + self._text_sp(text).encode(text) + [self.eos_id] * eos
 
     def encode_with_offsets(self, text: str, bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
         """encode(text) and each token's [start, end) character span in `text` ((0, 0) for BOS); a token's
@@ -275,12 +289,13 @@ class Tokenizer:
         >>> Tokenizer.load().encode_with_offsets("Élise lit")
         ([1, 4926, 28714, 864, 8724], [(0, 0), (0, 1), (1, 2), (2, 5), (5, 9)])
         """
-        ids, spans = sp_offsets(self._sp, text)
+        ids, spans = sp_offsets(self._text_sp(text), text)
         return [self.bos_id] * bos + ids, [(0, 0)] * bos + spans
 
     def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
         texts = [_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
-        return [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in self._sp.encode(texts)]
+        encoded = self._sp.encode(texts) if self._plain is None else [self._text_sp(t).encode(t) for t in texts]
+        return [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in encoded]
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Ids -> text. skip_special=False writes control tokens as their pieces ("<s>", "</s>") in

@@ -302,6 +302,31 @@ def test_plain_text_ids_equal_transformers(pairs, checkpoint):
         assert all(0 <= a <= b <= len(text) for a, b in spans) and spans[-1][1] == len(text), (text, spans)
 
 
+@pytest.mark.parametrize("legacy", [False, True, None])
+def test_plain_text_ids_without_a_template_follow_legacy_as_transformers(tmp_path, legacy):
+    """A checkpoint without a chat template (the v1 format) still has transformers' tokenizer(text) for plain
+    prompts: `legacy: false` in tokenizer_config.json drops the second "▁" before text that starts with a space
+    (it was ignored without a template: other ids, other logits). The record says so, and only then."""
+    config = {} if legacy is None else {"legacy": legacy}
+    d = _checkpoint(tmp_path, f"v1-{legacy}", V1, config)
+    fmt = resolve_chat_format(d)
+    assert fmt.kind == "v1" and fmt.text_prefix == ("first" if legacy is False else None)
+    assert ("text_prefix" in fmt.to_dict()) == (legacy is False)
+    art = tmp_path / "art"
+    art.mkdir()
+    for name, source in fmt.files.items():
+        shutil.copyfile(source, art / name)
+    ours = load_chat_tokenizer(art, ChatFormat.from_dict(json.loads(json.dumps(fmt.to_dict()))))
+    hf = transformers.AutoTokenizer.from_pretrained(d)
+    for text in PLAIN_TEXTS:
+        assert ours.encode(text) == hf(text)["input_ids"], text
+        ids, spans = ours.encode_with_offsets(text)
+        assert ids == ours.encode(text) and len(spans) == len(ids), text
+    assert ours.encode_batch(PLAIN_TEXTS) == [hf(t)["input_ids"] for t in PLAIN_TEXTS]
+    chat = [{"role": "user", "content": " Hi"}]  # the chat ids stay mistral-common's v1, whatever legacy says
+    assert ours.apply_chat_template(chat) == ours._sp.encode("[INST]  Hi [/INST]", add_bos=True)
+
+
 # ---------------------------------------------------------------- errors
 
 
