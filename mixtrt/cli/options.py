@@ -181,3 +181,10 @@ def print_stream(events: Any, before: str = "") -> Any:
         out = event.output or out
     sys.stdout.write("\n")
     return out
+
+
+def visible(text: Any) -> str:
+    """`text` with every character that is not printable (an escape sequence's ESC, a BEL, a TAB or newline that
+    would break a line's fields) shown as its Python escape: what an artifact carries into names (labels, keys)
+    never reaches the terminal as control characters."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))

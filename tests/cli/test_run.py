@@ -35,6 +35,20 @@ def test_run_prints_label_names(capsys, head_artifacts):
     assert d["head"] == "sequence_classification" and [r["label"] for r in d["results"]] == [c.label for c in want]
 
 
+def test_run_shows_label_names_printable(capsys, tmp_path):
+    """A label name with control characters (an ESC sequence, a tab, a newline: export takes any id2label name)
+    is printed as its escapes, never sent to the terminal nor breaking the line's tab-separated fields."""
+    from tests.checkpoints import HEAD_CASES, HEAD_DEFAULTS, export_cases
+
+    names = {0: "\x1b[31mRED\x1b[0m", 1: "a\tb", 2: "c\nd"}
+    _, art = export_cases(tmp_path, {"odd": {**HEAD_CASES["seqcls"], "id2label": names}}, **HEAD_DEFAULTS)["odd"]
+    code, out, err = run(capsys, "run", str(art), "--text", "Hi", "--text", "Bye", "--threads", "1")
+    assert code == 0, err
+    assert "\x1b" not in out and all(len(line.split("\t")) == 3 for line in out.splitlines()), out
+    shown = {line.split("\t")[0] for line in out.splitlines()}
+    assert shown <= {"\\x1b[31mRED\\x1b[0m", "a\\tb", "c\\nd"} and shown, shown
+
+
 def test_run_token_labels_and_json(capsys, head_artifacts):
     _, art = head_artifacts("tokcls")
     code, out, err = run(capsys, "run", str(art), "--text", TEXTS[0])

@@ -7,7 +7,7 @@ import builtins
 import json
 from typing import Any
 
-from mixtrt.cli.options import path
+from mixtrt.cli.options import path, visible
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,8 +85,7 @@ def print(*parts: Any) -> None:  # noqa: A001 - every text line of inspect goes 
     """Print with what a checkpoint or an edited manifest may carry into names and notes (a generation_config.json
     key, a template's name) made visible: a character that is not printable (an escape sequence's ESC, a BEL)
     is shown as its Python escape, never sent to the terminal."""
-    builtins.print(*("".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(p))
-                     for p in parts))
+    builtins.print(*(visible(p) for p in parts))
 
 
 def _size(nbytes: int, digits: int = 1) -> str:

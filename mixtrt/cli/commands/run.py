@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mixtrt.cli.options import path, threads
+from mixtrt.cli.options import path, threads, visible
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,8 +70,10 @@ def _line(head: str, r: dict) -> str:
         h = r["last_hidden_state"]
         head4 = ", ".join(f"{v:.4f}" for v in h[-1][:4])
         return f"{r['tokens']} tokens x {len(h[0])} hidden, last token [{head4}, ...]\t{r['text']}"
+    # labels come from the artifact: shown printable (a control character in one would reach the terminal, a tab or
+    # newline would break the line's fields); an answer that is only spaces is shown as its repr, as a token's text
     if head == "sequence_classification":
-        return f"{r['label']}\t{r['score']:.4f}\t{r['text']}"
+        return f"{visible(r['label'])}\t{r['score']:.4f}\t{r['text']}"
     if head == "token_classification":
-        return " ".join(f"{x['text'].strip() or repr(x['text'])}/{x['label']}" for x in r["tokens"])
-    return f"{r['answer'].strip()}\t{r['score']:.4f}\t{r['text']}"
+        return " ".join(f"{x['text'].strip() or repr(x['text'])}/{visible(x['label'])}" for x in r["tokens"])
+    return f"{r['answer'].strip() or repr(r['answer'])}\t{r['score']:.4f}\t{r['text']}"
