@@ -212,12 +212,16 @@ def sp_offsets(sp: spm.SentencePieceProcessor, text: str) -> tuple[list[int], li
     pieces = [(p.id, p.begin, p.end) for p in proto.pieces]
     # sentencepiece gives an empty span to all but the last byte-fallback piece of a character and to a lone
     # dummy-prefix "▁" before text; each takes the span of the piece after it (the character's, as
-    # transformers' offsets have it), so no label or answer cuts a character
+    # transformers' offsets have it), so no label or answer cuts a character; the lone "▁" then keeps only that
+    # span's first character, as transformers aligns the prefix it inserts (" x": "▁" (0, 1), "▁x" (0, 2))
+    prefix = [p.begin == p.end and p.id == sp.piece_to_id(_SPACE) for p in proto.pieces]
     for i in range(len(pieces) - 2, -1, -1):
         piece, begin, end = pieces[i]
         if begin == end and pieces[i + 1][1] == begin:
             pieces[i] = (piece, begin, pieces[i + 1][2])
-    return [i for i, _, _ in pieces], [(char_at[b], char_at[e]) for _, b, e in pieces]
+    spans = [(char_at[b], char_at[e]) for _, b, e in pieces]
+    spans = [(a, min(b, a + 1)) if lone else (a, b) for (a, b), lone in zip(spans, prefix, strict=True)]
+    return [i for i, _, _ in pieces], spans
 
 
 class Tokenizer:

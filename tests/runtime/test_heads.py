@@ -167,7 +167,9 @@ def test_token_spans_of_byte_fallback_characters_are_transformers_offsets(head_a
     ck, art = head_artifacts("tokcls")
     tc = TokenClassifier.load(art, threads=2)
     tok = transformers.AutoTokenizer.from_pretrained(ck, add_bos_token=True)
-    texts = ["Café 𝔸 ꙮ", "🇫🇷🇫🇷 flags", "aaa 🇫🇷 bbb", "ﬁ ligature Ⅳ", "Anna lives in Paris"]
+    # and text that starts with a space (or "▁"): the lone dummy-prefix piece spans its first character only
+    texts = ["Café 𝔸 ꙮ", "🇫🇷🇫🇷 flags", "aaa 🇫🇷 bbb", "ﬁ ligature Ⅳ", "Anna lives in Paris", " x", " hello",
+             " é", "\u2581x", "  x", " 🇫🇷"]
     for text in texts:
         ids, spans = tc.tokenizer.encode_with_offsets(text)
         enc = tok(text, return_offsets_mapping=True)
