@@ -190,6 +190,9 @@ class ModelArgs:
                                               or self.problem_type not in PROBLEM_TYPES):
             raise ConfigError(f"problem_type must be null or (a sequence classifier's) one of "
                               f"{', '.join(PROBLEM_TYPES)}, got {self.problem_type!r} for a {self.head} model")
+        if self.problem_type == "single_label_classification" and self.num_labels < 2:  # a softmax over one is 1
+            raise ConfigError("problem_type single_label_classification needs num_labels >= 2, got 1 (transformers "
+                              "refuses it too): num_labels 2 for a binary classifier, or regression for one output")
 
     # ---- derived facts -------------------------------------------------------------------------
     @property

@@ -115,6 +115,10 @@ def test_problem_type_of_a_sequence_classifier():
         ModelArgs.from_hf_config({**seq, "problem_type": "ranking"})
     with pytest.raises(ConfigError, match="problem_type must be null or .* for a token_classification model"):
         ModelArgs.from_dict({**tok.to_dict(), "problem_type": "regression"})
+    # one label under a softmax scores 1.0 whatever the text: refused, as transformers refuses it
+    with pytest.raises(ConfigError, match="single_label_classification needs num_labels >= 2, got 1"):
+        ModelArgs.from_hf_config({**seq, "problem_type": "single_label_classification", "num_labels": 1})
+    assert ModelArgs.from_hf_config({**seq, "problem_type": "regression", "num_labels": 1}).num_labels == 1
 
 
 def test_a_causal_lm_keeps_no_label_names():
