@@ -79,6 +79,8 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _texts(texts: str | Sequence[str], what: str = "texts") -> list[str]:
+    if not isinstance(texts, (str, list, tuple)):  # None, bytes, a number: not texts
+        raise ConfigError(f"{what}: give a str or a non-empty list of str, got {type(texts).__name__}")
     rows = [texts] if isinstance(texts, str) else list(texts)
     if not rows or not all(isinstance(t, str) for t in rows):
         raise ConfigError(f"{what}: give a str or a non-empty list of str")

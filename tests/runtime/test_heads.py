@@ -188,6 +188,15 @@ def test_an_empty_context_and_a_long_pair_are_named_before_any_work(head_artifac
         qa.answer("Where? " * 100, ["Paris."])
 
 
+def test_texts_of_the_wrong_type_are_one_line_errors(head_artifacts):
+    _, art = head_artifacts("seqcls")
+    clf = SequenceClassifier.load(art)
+    for bad, got in ((None, ", got NoneType"), (b"x", ", got bytes"), (5, ", got int"), ([], ""), ([b"x"], "")):
+        with pytest.raises(ConfigError, match=f"^texts: give a str or a non-empty list of str{got}$"):
+            clf.classify(bad)  # type: ignore[arg-type]
+    assert len(clf.classify(("a", "b"))) == 2
+
+
 def test_each_api_refuses_another_heads_artifact(head_artifacts, exported):
     _, qa_art = head_artifacts("qa")
     with pytest.raises(ConfigError, match=r"QuestionAnswering \(question_answering head\), not a "
