@@ -345,7 +345,9 @@ class ModelArgs:
             tie_word_embeddings=cfg.get("tie_word_embeddings", False, bool),
             bos_token_id=cfg.get("bos_token_id", 1, int),
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
-            pad_token_id=cfg.get("pad_token_id", None, int),
+            # a negative pad id (-1 in some older configs) matches no token: transformers then pools each row's last
+            # token, which is what no pad id does here
+            pad_token_id=_no_negative(cfg.get("pad_token_id", None, int)),
             num_labels=num_labels,
             moe=moe,
             id2label=id2label if ARCHITECTURES[arch] in LABELLED_HEADS else None,
@@ -509,6 +511,10 @@ def _labels(cfg: _Fields) -> tuple[int, tuple[str, ...]]:
     if cfg.get("num_labels", n, int) != n:
         raise ConfigError(f"num_labels={cfg.get('num_labels', n, int)} but id2label names {n} labels")
     return n, _distinct_labels(tuple(names[i] for i in range(n)))
+
+
+def _no_negative(token_id: int | None) -> int | None:
+    return None if token_id is not None and token_id < 0 else token_id
 
 
 def _distinct_labels(names: tuple[str, ...]) -> tuple[str, ...]:

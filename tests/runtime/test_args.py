@@ -119,6 +119,9 @@ def test_problem_type_of_a_sequence_classifier():
     with pytest.raises(ConfigError, match="single_label_classification needs num_labels >= 2, got 1"):
         ModelArgs.from_hf_config({**seq, "problem_type": "single_label_classification", "num_labels": 1})
     assert ModelArgs.from_hf_config({**seq, "problem_type": "regression", "num_labels": 1}).num_labels == 1
+    # pad_token_id -1 (older configs) matches no token: transformers pools each row's last token, as no pad id does
+    assert ModelArgs.from_hf_config({**seq, "pad_token_id": -1}).pad_token_id is None
+    assert ModelArgs.from_hf_config({**seq, "pad_token_id": 0}).pad_token_id == 0
 
 
 def test_a_causal_lm_keeps_no_label_names():
