@@ -310,7 +310,9 @@ def open_checkpoint(checkpoint_dir: str | Path) -> Iterator[Checkpoint]:
         else:
             fmt, prefix = "raw", ""
         mapping = name_map(args, fmt, prefix)
-        ignored: set[str] = set()
+        # the rotary tables older transformers saved as buffers: recomputed from rope_theta, ignored as transformers
+        # ignores them
+        ignored: set[str] = {k for k in keys if k.endswith(".rotary_emb.inv_freq")}
         if args.head == "causal_lm" and args.tie_word_embeddings and "lm_head.weight" in keys:
             # tied in config.json, as transformers loads it: an lm_head in the files that differs from the
             # embedding is kept (untied); files holding only the lm_head tie the embedding to it
@@ -318,7 +320,7 @@ def open_checkpoint(checkpoint_dir: str | Path) -> Iterator[Checkpoint]:
             if embed not in keys:
                 mapping["model.embed_tokens.weight"] = _one("lm_head.weight", (args.vocab_size, args.hidden_size))
             elif files.equal(embed, "lm_head.weight"):
-                ignored = {"lm_head.weight"}
+                ignored.add("lm_head.weight")
             else:
                 args = dataclasses.replace(args, tie_word_embeddings=False)
                 mapping = name_map(args, fmt, prefix)

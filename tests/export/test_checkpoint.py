@@ -257,6 +257,16 @@ def test_unexpected_tensor(ckpt):
         load_checkpoint(ckpt)
 
 
+def test_rotary_buffers_saved_by_older_transformers_are_ignored(ckpt):
+    """`rotary_emb.inv_freq` (a buffer older transformers wrote into checkpoints) is not a weight: transformers
+    ignores it on load, and so does the export, which computes the tables from rope_theta."""
+    _, want = load_checkpoint(ckpt)
+    edit_weights(ckpt, lambda sd: sd.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(4)
+                                            for i in range(2)}))
+    _, got = load_checkpoint(ckpt)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_misshaped_tensor(ckpt):
     edit_weights(ckpt, lambda sd: sd.__setitem__("model.norm.weight", torch.ones(63)))
     with pytest.raises(CheckpointError,
