@@ -241,12 +241,10 @@ class _Reply(Iterator[StreamEvent]):
 
     def close(self) -> None:
         """Cancel the turn if it has not ended (ChatSession.stream)."""
-        if not self._started:
-            self._started = True
-            self._events.close()
+        started, self._started = self._started, True
+        self._events.close()  # a started turn ends in its own finally
+        if not started:
             self._session._end_turn(None, [])
-        else:
-            self._events.close()
 
     def __del__(self) -> None:  # dropped unread: the turn ends here (at interpreter exit there may be nothing to end)
         try:

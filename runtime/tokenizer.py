@@ -214,7 +214,8 @@ def sp_offsets(sp: spm.SentencePieceProcessor, text: str) -> tuple[list[int], li
     # dummy-prefix "▁" before text; each takes the span of the piece after it (the character's, as
     # transformers' offsets have it), so no label or answer cuts a character; the lone "▁" then keeps only that
     # span's first character, as transformers aligns the prefix it inserts (" x": "▁" (0, 1), "▁x" (0, 2))
-    prefix = [p.begin == p.end and p.id == sp.piece_to_id(_SPACE) for p in proto.pieces]
+    space = sp.piece_to_id(_SPACE)
+    prefix = [p.begin == p.end and p.id == space for p in proto.pieces]
     for i in range(len(pieces) - 2, -1, -1):
         piece, begin, end = pieces[i]
         if begin == end and pieces[i + 1][1] == begin:
