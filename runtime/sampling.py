@@ -1,7 +1,10 @@
 """Logits processing and token choice in numpy, in transformers' order and with its semantics.
 
-    raw logits ─► eos held back (min_new_tokens) ─► repetition penalty ─►
+    raw logits ─► logit_bias ─► eos held back (min_new_tokens) ─► repetition penalty ─►
+        presence / frequency penalties ─►
         (do_sample only:) temperature ─► top-k ─► top-p ─► min-p ─► draw
+
+(vLLM applies min-p before top-k / top-p; with top_p and min_p both set the kept sets can differ from it.)
         (greedy:)         argmax
 
 Greedy ignores temperature / top-k / top-p / min-p as transformers does (they cannot change the argmax).
@@ -230,17 +233,17 @@ class Sampler:
     def process(self, logits: np.ndarray) -> np.ndarray:
         """Raw logits [V] -> the scores the choice is made from (filtered entries are -inf)."""
         scores = np.asarray(logits, np.float32)
+        if self.bias.size:  # OpenAI's logit_bias first, as transformers' sequence_bias and vLLM's logit_bias
+            scores = scores.copy()  # the raw logits stay as they are (logprobs come from them)
+            scores[self.bias_ids] += self.bias
         if self.chosen < self.min_new_tokens and self.eos.size:
-            scores = scores.copy()
+            if np.may_share_memory(scores, logits):
+                scores = scores.copy()
             scores[self.eos] = -np.inf
         if self.seen is not None:
             scores = apply_repetition_penalty(scores, self.seen, self.repetition_penalty)
         if self.counts:
             scores = apply_presence_frequency(scores, self.counts, self.presence_penalty, self.frequency_penalty)
-        if self.bias.size:  # OpenAI's logit_bias: added before any choice
-            if np.may_share_memory(scores, logits):  # the raw logits stay as they are (logprobs come from them)
-                scores = scores.copy()
-            scores[self.bias_ids] += self.bias
         if self.do_sample:
             scores = apply_temperature(scores, self.temperature)
             scores = top_k_filter(scores, self.top_k)

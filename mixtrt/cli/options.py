@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,15 +119,30 @@ def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]
     if ns.logit_bias:
         out["logit_bias"] = tuple(_bias_pair(text) for text in ns.logit_bias)
     out.update(extra)
-    try:
+    with _named_by_flag():
         GenerationConfig(**out)
-    except ConfigError as e:  # named by its flag, not by the config field the flag sets
+    return out
+
+
+def generation_config(gen: Any, overrides: dict[str, Any]) -> Any:
+    """gen.config(**overrides): the checks that need the model (token ids inside its vocabulary) named by flag."""
+    with _named_by_flag():
+        return gen.config(**overrides)
+
+
+@contextlib.contextmanager
+def _named_by_flag() -> Iterator[None]:
+    """A ConfigError about a GenerationConfig field named by its flag, not by the field the flag sets."""
+    from mixtrt.runtime.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as e:
         field, _, rest = str(e).partition(" ")
         name, bracket, index = field.partition("[")  # logit_bias[5] -> --logit-bias 5
         if name in _FLAGS:
             raise ConfigError(f"{_FLAGS[name]}{' ' + index.rstrip(']') if bracket else ''} {rest}") from None
         raise
-    return out
 
 
 def _bias_pair(text: str) -> tuple[int, float]:

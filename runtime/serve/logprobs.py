@@ -57,12 +57,14 @@ class TextOffsets:
     def __init__(self, tokenizer: Any, context: Sequence[int] = (), start: int = 0) -> None:
         self.stream = primed_stream(tokenizer, context) if len(context) else tokenizer.stream()
         self.position = start
+        self.pieces: list[str] = []  # the text each token added, in order
 
     def __call__(self, ids: Sequence[int]) -> list[int]:
         out = []
         for token in ids:
             out.append(self.position)
-            self.position += len(self.stream.put(int(token)))
+            self.pieces.append(self.stream.put(int(token)))
+            self.position += len(self.pieces[-1])
         return out
 
 
@@ -74,12 +76,27 @@ def completion_logprobs(texts: TokenTexts, ids: Sequence[int], lps: Any, top: An
 
 
 def prompt_logprobs(texts: TokenTexts, prompt: list[int], lps: Any, top: Any, k: int) -> dict[str, Any]:
-    """The prompt's tokens with log p(prompt[t] | prompt[:t]); the first token has none (None)."""
-    offsets = TextOffsets(texts.tokenizer)(prompt)
-    rest = completion_logprobs(texts, prompt[1:], lps, top, k, offsets[1:])
-    return {"tokens": [texts(prompt[0])[0]] + rest["tokens"],
-            "token_logprobs": [None] + rest["token_logprobs"],
-            "top_logprobs": [None] + rest["top_logprobs"], "text_offset": offsets}
+    """The prompt's tokens with log p(prompt[t] | prompt[:t]); the first token has none (None). The first word's
+    leading space that the prompt's text leaves out (the tokenizer's dummy prefix: "▁It" starts "It is") is taken
+    off its token and the alternatives at its position, as vLLM's incremental detokenizer shows them, so the
+    tokens after the first join to the echoed text."""
+    offsets = TextOffsets(texts.tokenizer)
+    at = offsets(prompt)
+    rest = completion_logprobs(texts, prompt[1:], lps, top, k, at[1:])
+    tokens = [texts(prompt[0])[0]] + rest["tokens"]
+    tops = [None] + rest["top_logprobs"]
+    n = next((n for n, piece in enumerate(offsets.pieces) if piece), None)  # the first token the text shows
+    if n is not None and tokens[n] != offsets.pieces[n] and tokens[n].endswith(offsets.pieces[n]):
+        cut = tokens[n][:len(tokens[n]) - len(offsets.pieces[n])]
+        if cut.isspace():
+            tokens[n] = offsets.pieces[n]
+            if tops[n] is not None:
+                cut_top: dict[str, float] = {}
+                for key, value in tops[n].items():  # most likely first: a key the cut makes equal keeps the first
+                    cut_top.setdefault(key[len(cut):] if key.startswith(cut) else key, value)
+                tops[n] = cut_top
+    return {"tokens": tokens, "token_logprobs": [None] + rest["token_logprobs"], "top_logprobs": tops,
+            "text_offset": at}
 
 
 def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

@@ -124,6 +124,7 @@ def test_options_given_override_the_artifact_defaults(argv, want):
     (("--frequency-penalty", "3"), r"--frequency-penalty must be in \[-2, 2\]"),
     (("--logit-bias", "5=200"), r"--logit-bias 5 must be a number in \[-100, 100\]"),
     (("--logit-bias", "5"), r"--logit-bias '5' is not ID=BIAS"),
+    (("--logit-bias", "99999=1"), r"--logit-bias token ids \[99999\] outside the vocabulary"),  # checked at load
 ])
 def test_invalid_option_exits_2_with_one_line(artifact, option, pattern):
     r = cli("generate", str(artifact), "--prompt-ids", "1,2,3", *option)

@@ -147,19 +147,29 @@ def test_presence_and_frequency_penalties_follow_openai(presence, frequency):
     np.testing.assert_array_equal(plain.process(rows[0]), apply_repetition_penalty(rows[0], seen, 1.3))
 
 
-def test_logit_bias_is_added_after_the_penalties_on_a_copy():
+def test_logit_bias_is_added_before_the_penalties_on_a_copy(hf):
+    """transformers' order (SequenceBiasLogitsProcessor before RepetitionPenaltyLogitsProcessor) and vLLM's
+    (logit_bias, then the penalties): a seen token with logit 2 and bias +3 under repetition penalty 2 scores 2.5,
+    not 2 / 2 + 3."""
+    torch, transformers = hf
     row = random_logits(1, seed=4)[0]
     raw = row.copy()
-    bias = {int(np.argmax(row)): -100.0, 7: 3.5, 9: 0.0}
-    s = Sampler(V, frequency_penalty=1.0, logit_bias=bias)
-    want = row.copy()
-    want[int(np.argmax(row))] -= 100
-    want[7] += 3.5
-    np.testing.assert_allclose(s.process(row), want, rtol=1e-6)
+    top = int(np.argmax(row))
+    bias = {top: -100.0, 7: 3.5, 9: 0.0, 11: 1.25}
+    prompt = [7, 11, 12]
+    s = Sampler(V, repetition_penalty=1.7, prompt_ids=prompt, frequency_penalty=1.0, logit_bias=bias)
+    processors = transformers.LogitsProcessorList([
+        transformers.SequenceBiasLogitsProcessor({(t,): b for t, b in bias.items()}),
+        transformers.RepetitionPenaltyLogitsProcessor(1.7)])
+    want = processors(torch.tensor([prompt]), torch.from_numpy(row[None].copy()))[0].numpy()
+    assert want[7] == pytest.approx((row[7] + 3.5) / 1.7 if row[7] + 3.5 > 0 else (row[7] + 3.5) * 1.7, rel=1e-6)
+    np.testing.assert_allclose(s.process(row), want, rtol=1e-6, atol=1e-6)
     chosen = s(row)
     assert chosen == int(np.argmax(want)) and np.array_equal(row, raw)
-    want[chosen] -= 1.0  # the token just chosen now pays its frequency penalty
-    np.testing.assert_allclose(s.process(row), want, rtol=1e-6)
+    if chosen not in prompt:  # the token just chosen is now seen by the repetition penalty too
+        want[chosen] = (want[chosen] / 1.7) if want[chosen] > 0 else want[chosen] * 1.7
+    want[chosen] -= 1.0  # and pays its frequency penalty
+    np.testing.assert_allclose(s.process(row), want, rtol=1e-6, atol=1e-6)
     assert Sampler(V, logit_bias={3: 100.0})(row) == 3  # +100 makes a token all but certain, greedy too
 
 

@@ -123,13 +123,19 @@ def test_logprobs_and_echo_prompt_logprobs(server, generator):
     for value, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True):
         assert max(top.values()) >= value - 1e-6
     # text_offset indexes the returned text: each visible token's text starts there (BOS adds nothing; the first
-    # word's dummy-prefix space is not in the text), offsets never go back, and the generated token follows the
-    # prompt's text with its own leading space
+    # word's dummy-prefix space is not in the text, nor in its token, as vLLM shows it), offsets never go back, and
+    # the generated token follows the prompt's text with its own leading space
     text, offsets = r.choices[0].text, lp.text_offset
     assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] == len(generator.tokenizer.decode(ids))
-    for token, at in zip(lp.tokens[2:], offsets[2:], strict=True):
+    assert lp.tokens[0] == "<s>" and not lp.tokens[1].startswith(" ") and text.startswith(lp.tokens[1])
+    for token, at in zip(lp.tokens[1:], offsets[1:], strict=True):
         if not token.startswith("bytes:"):
             assert text[at:].startswith(token), (token, at, text)
+    # ids without BOS: the first token is the first word, its space cut the same way
+    r = server.openai.completions.create(model="tiny", prompt=ids[1:], max_tokens=0, logprobs=2, echo=True)
+    c = r.choices[0]
+    assert c.text == generator.tokenizer.decode(ids[1:]) and "".join(c.logprobs.tokens) == c.text
+    assert c.logprobs.tokens[1:] == lp.tokens[2:len(ids)]
     # echo with max_tokens 0 (OpenAI's legacy scoring request, vLLM's echo without generation): the same prompt
     # logprobs, the prompt's text alone, nothing generated; whole and streamed, each of n choices
     scored = lp

@@ -11,7 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mixtrt.cli.options import add_sampling, generation_overrides, load_generator, path, print_stream, stats_line
+from mixtrt.cli.options import (
+    add_sampling,
+    generation_config,
+    generation_overrides,
+    load_generator,
+    path,
+    print_stream,
+    stats_line,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,7 +34,7 @@ def run(ns: argparse.Namespace) -> int:
 
     overrides = generation_overrides(ns)
     gen = load_generator(ns)
-    session = gen.chat_session(system=ns.system, config=gen.config(**overrides))
+    session = gen.chat_session(system=ns.system, config=generation_config(gen, overrides))
     while True:
         try:
             user = input("you> ").removesuffix("\r")  # a line ended by CRLF (a transcript saved on Windows)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mixtrt.cli.options import (
     add_sampling,
+    generation_config,
     generation_overrides,
     load_generator,
     path,
@@ -54,7 +55,7 @@ def run(ns: argparse.Namespace) -> int:
         status(f"using the artifact in {ns.artifact} (pass --reexport to rebuild it)")
     overrides = generation_overrides(ns)
     gen = load_generator(ns)
-    cfg = gen.config(**overrides)
+    cfg = generation_config(gen, overrides)
     for prompt in ns.prompt or DEMO_PROMPTS:
         print()
         print(stats_line(print_stream(gen.stream(prompt, cfg, continuation=True), before=prompt)))

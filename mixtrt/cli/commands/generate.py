@@ -10,6 +10,7 @@ from pathlib import Path
 from mixtrt.cli.options import (
     add_sampling,
     ascii_int,
+    generation_config,
     generation_overrides,
     load_generator,
     path,
@@ -91,7 +92,7 @@ def run(ns: argparse.Namespace) -> int:
     if prompt == "":
         raise ConfigError("--prompt is empty: give some text (BOS is added) or --prompt-ids")
     gen = load_generator(ns)
-    cfg = gen.config(**overrides)
+    cfg = generation_config(gen, overrides)
     if ns.json:
         [out] = gen.generate([prompt], cfg, continuation=True)  # "text" continues the prompt's text
         print(json.dumps({
