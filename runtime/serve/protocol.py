@@ -12,9 +12,9 @@ mapping onto the runtime's GenerationConfig; OpenAI's error object.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 MAX_N = 128  # choices per request (OpenAI's limit)
 MAX_LOGPROBS = 20  # alternatives per position (vLLM's default limit; OpenAI's is 5 for completions)
@@ -40,6 +40,17 @@ def _escaped(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _whole(value: Any) -> Any:
+    """A float with no fraction (2.0) as the integer it is, as vLLM's schema reads one; anything else (a string,
+    a bool, 2.5) is left for the strict check to refuse. Floats past 2**53 are not exact integers: left too."""
+    if type(value) is float and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_whole)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -61,21 +72,21 @@ class StreamOptions(_Strict):
 
 class _Sampling(_Strict):
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo (completions): the prompt scored, nothing generated
+    max_tokens: Int | None = Field(None, ge=0)  # 0 only with echo (completions): the prompt scored, nothing generated
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off (vLLM)
+    top_k: Int | None = Field(None, ge=-1)  # -1 or 0: off (vLLM)
     min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)  # vLLM's; 0: off
-    min_tokens: int | None = Field(None, ge=0)  # vLLM's: no eos before this many tokens
+    min_tokens: Int | None = Field(None, ge=0)  # vLLM's: no eos before this many tokens
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-2**63, lt=2**64)  # any 64-bit integer, as vLLM (a negative one: its
+    seed: Int | None = Field(None, ge=-2**63, lt=2**64)  # any 64-bit integer, as vLLM (a negative one: its
     # two's-complement unsigned value)
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: Int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None  # vLLM's: these ids end a choice too (finish_reason "stop"), EOS aside
+    stop_token_ids: list[Int] | None = None  # vLLM's: these ids end a choice too (finish_reason "stop"), EOS aside
     user: str | None = None  # accepted and unused, as every OpenAI server does (it only labels the caller)
     safety_identifier: str | None = None  # OpenAI's newer labels of the caller and of a prompt cache: unused
     prompt_cache_key: str | None = None
@@ -91,9 +102,9 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     prompt: Any  # str, list of str, token ids, list of token-id lists: checked by the runtime's normalize_prompts
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # neutral values only: best_of = n (no candidates to choose among), no suffix
-    best_of: int | None = None
+    best_of: Int | None = None
     suffix: str | None = None
 
 
@@ -108,9 +119,9 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     metadata: dict[str, str] | None = None  # labels, like `user`: accepted and unused
     # neutral values only (what agent frameworks and SDKs send by default): plain text, no tools, not stored
     response_format: dict[str, Any] | None = None

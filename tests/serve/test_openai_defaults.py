@@ -9,6 +9,8 @@ import dataclasses
 import json
 import time
 
+import pytest
+
 from mixtrt.runtime.generation import Generator
 from tests.serve.conftest import Server, continuation
 
@@ -211,3 +213,22 @@ def test_content_parts_go_to_the_mistral_format_and_join_by_newlines_for_a_templ
     req = parse(ChatRequest, {"messages": parts})
     assert chat_messages(req)[0]["content"] == "Tell me\n\nabout it."
     assert chat_messages(req, text_parts=True)[0]["content"] == parts[0]["content"]
+
+
+def test_integer_fields_take_whole_floats_as_vllm_does():
+    """A float with no fraction is the integer it is (Python clients computing max_tokens send 4.0; vLLM's schema
+    reads it); a fraction, a string, a bool or a float past 2**53 stays a 400 naming the field."""
+    from mixtrt.runtime.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse
+
+    req = parse(CompletionRequest, {"prompt": "a", "max_tokens": 4.0, "top_k": -1.0, "n": 2.0, "seed": 7.0,
+                                    "logprobs": 1.0, "min_tokens": 0.0, "stop_token_ids": [2.0]})
+    assert (req.max_tokens, req.top_k, req.n, req.seed, req.logprobs, req.min_tokens, req.stop_token_ids) == (
+        4, -1, 2, 7, 1, 0, [2])
+    assert all(type(v) is int for v in (req.max_tokens, req.top_k, req.n, req.seed, req.logprobs))
+    chat = parse(ChatRequest, {"messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 3.0,
+                               "top_logprobs": 2.0, "logprobs": True})
+    assert (chat.max_completion_tokens, chat.top_logprobs) == (3, 2)
+    for field, value in (("max_tokens", 4.5), ("max_tokens", "4"), ("n", True), ("seed", 2.0**60), ("top_k", 1e300)):
+        with pytest.raises(ApiError, match=f"^{field}: Input should be a valid integer") as e:
+            parse(CompletionRequest, {"prompt": "a", field: value})
+        assert e.value.param == field
