@@ -135,8 +135,9 @@ def top_p_filter(logits: np.ndarray, top_p: float, min_tokens_to_keep: int = 1) 
     to >= top_p (at least `min_tokens_to_keep`).
 
     transformers sorts ascending and drops the tokens whose cumulative probability is <= 1 - top_p: a token
-    stays when the mass of the tokens sorted above it is < top_p, ties ordered by index (the higher index
-    ranks higher). The same rule here without sorting the vocabulary: the candidates are the tokens at or
+    stays when the mass of the tokens sorted above it is < top_p. Its sort is not stable, so which of several
+    tokens tied at the boundary it keeps is unspecified (the number kept is not); here the higher index ranks
+    higher among ties. The same rule here without sorting the vocabulary: the candidates are the tokens at or
     above the n-th largest logit (np.partition; n grows, at least 4x a round, until their mass reaches top_p), and only
     they are sorted. A full argsort of a 32k vocabulary costs milliseconds per row; this costs a partition.
     """
@@ -156,7 +157,7 @@ def top_p_filter(logits: np.ndarray, top_p: float, min_tokens_to_keep: int = 1) 
                 n = vocab
             kth = np.partition(row, vocab - n)[vocab - n] if n < vocab else -np.inf
             cand = np.flatnonzero(row >= kth)[::-1]  # every token tied with the n-th largest too
-            # most likely first; among equal logits the higher index first (transformers' stable ascending sort)
+            # most likely first; among equal logits the higher index first
             cand = cand[np.argsort(-row[cand], kind="stable")]
             p = probs[cand]
             above = np.cumsum(p) - p  # mass of the tokens ranked above each candidate
