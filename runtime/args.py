@@ -296,6 +296,9 @@ class ModelArgs:
         for key, d in ropes.items():
             fields = _Fields(d, key + ".")
             kind = fields.get("rope_type", fields.get("type", "default", str), str)
+            # linear scaling by 1 divides the frequencies by 1: transformers' unscaled RoPE exactly
+            if kind == "linear" and fields.get("factor", None, (int, float)) == 1:
+                continue
             if kind != "default":
                 raise ConfigError(f"{key}: rope type {kind!r} is not supported (only unscaled RoPE)")
         rope_key = "rope_parameters" if ropes["rope_parameters"] else "rope_scaling"

@@ -70,6 +70,24 @@ def test_raw_params_json():
     assert a.architecture == "MixtralForCausalLM" and a.rope_theta == 1e6 and a.moe is not None
 
 
+@pytest.mark.parametrize("rope", [{"rope_parameters": {"rope_type": "linear", "factor": 1.0, "rope_theta": 1e6}},
+                                  {"rope_scaling": {"type": "linear", "factor": 1}, "rope_theta": 1e6}])
+def test_linear_rope_scaling_by_1_is_unscaled_rope(rope):
+    """transformers divides the frequencies by the factor: by 1 they are the unscaled ones, so such a config exports
+    (it was refused as scaled RoPE); any other factor stays refused."""
+    torch = pytest.importorskip("torch", reason="transformers is the oracle for RoPE's frequencies")
+    transformers = pytest.importorskip("transformers", reason="transformers is the oracle for RoPE's frequencies")
+    a = ModelArgs.from_hf_config({**MISTRAL, **rope})
+    assert a.rope_theta == 1e6 and a == ModelArgs.from_hf_config({**MISTRAL, "rope_theta": 1e6})
+    sizes = {"vocab_size": 100, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+             "num_attention_heads": 4, "num_key_value_heads": 2}
+    freqs = [transformers.models.mistral.modeling_mistral.MistralRotaryEmbedding(
+        transformers.MistralConfig(**sizes, **r)).inv_freq for r in (rope, {"rope_theta": 1e6})]
+    torch.testing.assert_close(freqs[0], freqs[1], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="rope type 'linear' is not supported"):
+        ModelArgs.from_hf_config({**MISTRAL, "rope_parameters": {"rope_type": "linear", "factor": 2.0}})
+
+
 @pytest.mark.parametrize("edit, match", [
     ({"architectures": ["LlamaForCausalLM"]}, "unsupported architecture"),
     ({"hidden_act": "gelu"}, "hidden_act"),
