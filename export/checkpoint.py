@@ -291,6 +291,17 @@ class Checkpoint:
         return src.combine(parts).contiguous()
 
 
+def _quant_method(path: Path) -> str | None:
+    """config.json's quantization_config.quant_method ("gptq", "awq", "bitsandbytes", "fp8", ...; "no quant_method"
+    when the record names none), or None without one."""
+    config = read_json(path / "config.json", CheckpointError)
+    record = config.get("quantization_config") if isinstance(config, dict) else None
+    if not record:
+        return None
+    method = record.get("quant_method") if isinstance(record, dict) else None
+    return str(method) if method else "no quant_method"
+
+
 def _first(names: list[str]) -> str:
     """The first name, and how many more: "'a.weight' (and 3 more)"."""
     return f"{names[0]!r}" + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
@@ -327,6 +338,20 @@ def open_checkpoint(checkpoint_dir: str | Path) -> Iterator[Checkpoint]:
         wanted = [(n, s) for src in mapping.values() for n, s in zip(src.names, src.shapes, strict=True)]
         missing = [n for n, _ in wanted if n not in keys]
         unexpected = sorted(keys - {n for n, _ in wanted} - ignored)
+        quantized = _quant_method(path) if kind == "hf" else None
+        if quantized is not None and (missing or unexpected or any(
+                files.dtype(n) not in FLOAT_DTYPES for n, _ in wanted if n in keys)):
+            stored = [(n, files.dtype(n)) for n, _ in wanted if n in keys and files.dtype(n) not in FLOAT_DTYPES]
+            odd = (f"no tensor {missing[0]!r}" if missing else f"a tensor {unexpected[0]!r}" if unexpected
+                   else f"tensor {stored[0][0]!r} stored as {stored[0][1]}")
+            raise CheckpointError(f"{path}: a quantized checkpoint (config.json's quantization_config: {quantized}; "
+                                  f"{odd} for {args.architecture}): mixtrt reads "
+                                  "float weights (float32, float16, bfloat16) and quantizes them itself: export the "
+                                  "unquantized checkpoint, with --precision int4 for INT4")
+        if quantized is not None:
+            warnings.warn(f"{path}: config.json's quantization_config ({quantized}) is ignored: the weights are float "
+                          "and are exported as they are stored (transformers would quantize them as it loads them)",
+                          MixtrtWarning, stacklevel=3)
         if missing:
             # a layout we do not read (fused experts, another naming) shows as tensors missing *and* tensors we
             # did not expect: the second says which layout it is, so both are named

@@ -267,6 +267,47 @@ def test_rotary_buffers_saved_by_older_transformers_are_ignored(ckpt):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def _quantization_config(path: Path, record) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = record
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_quantized_checkpoints_are_refused_naming_the_method(ckpt):
+    """A GPTQ / AWQ layout (qweight, scales, qzeros in place of weight) or integer weights under a
+    quantization_config: one error naming the method and what to export instead, not a missing-tensor puzzle."""
+    _quantization_config(ckpt, {"quant_method": "gptq", "bits": 4, "group_size": 32})
+    with pytest.warns(MixtrtWarning, match="is ignored"):  # float weights: read (the next test)
+        _, want = load_checkpoint(ckpt, dtype=torch.float32)
+
+    def gptq(sd):
+        sd.pop("model.layers.0.self_attn.q_proj.weight")
+        sd["model.layers.0.self_attn.q_proj.qweight"] = torch.zeros(8, 64, dtype=torch.int32)
+        sd["model.layers.0.self_attn.q_proj.scales"] = torch.zeros(2, 64, dtype=torch.float16)
+
+    original = (ckpt / "model.safetensors").read_bytes()
+    edit_weights(ckpt, gptq)
+    with pytest.raises(CheckpointError, match=r"ckpt: a quantized checkpoint \(config.json's quantization_config: gptq; "
+                       r"no tensor 'model.layers.0.self_attn.q_proj.weight' .*export the unquantized checkpoint, with "
+                       r"--precision int4 for INT4"):
+        load_checkpoint(ckpt)
+    (ckpt / "model.safetensors").write_bytes(original)
+    edit_weights(ckpt, lambda sd: sd.update({"model.norm.weight": torch.ones(64, dtype=torch.uint8)}))
+    _quantization_config(ckpt, {"load_in_4bit": True})
+    with pytest.raises(CheckpointError, match=r"a quantized checkpoint \(config.json's quantization_config: no "
+                       r"quant_method; tensor 'model.norm.weight' stored as U8 "):
+        load_checkpoint(ckpt)
+
+
+def test_quantization_config_over_float_weights_warns_and_exports_them(ckpt):
+    _, want = load_checkpoint(ckpt)
+    _quantization_config(ckpt, {"quant_method": "bitsandbytes", "load_in_4bit": True})
+    with pytest.warns(MixtrtWarning, match=r"config.json's quantization_config \(bitsandbytes\) is ignored: the "
+                      r"weights are float"):
+        _, got = load_checkpoint(ckpt)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_misshaped_tensor(ckpt):
     edit_weights(ckpt, lambda sd: sd.__setitem__("model.norm.weight", torch.ones(63)))
     with pytest.raises(CheckpointError,
