@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run each prompt chunk as a pass of its own beside the decode step (default: onnxruntime "
                         "runs it in the decode step's pass, one read of the weights for both)")
     p.add_argument("--api-key", default=None,
-                   help="require `Authorization: Bearer KEY` on /v1/* (/health and /metrics stay open)")
+                   help="require `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize (/health and "
+                   "/metrics stay open)")
     p.add_argument("--allowed-origins", nargs="*", default=["*"], metavar="ORIGIN",
                    help="origins whose browser pages may call the server (CORS; default: any, as vLLM and "
                         "llama-server allow; give none to turn CORS off)")
