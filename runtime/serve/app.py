@@ -108,6 +108,7 @@ class _State:
     texts: TokenTexts | None = None  # token texts for logprobs (set at load)
     loader: threading.Thread | None = None  # the load (a daemon thread: a stop while loading does not wait for it)
     closing: bool = False  # the server stopped: a load that ends now starts no engine loop
+    forced: bool = False  # the server's forced exit (a second Ctrl-C): the handlers it cancels were cut by it
 
     @property
     def loading(self) -> bool:
@@ -542,10 +543,11 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
         yield "data: [DONE]\n\n"
     finally:
         if not call.handle.ended and len(call.outputs) < call.handle.choices:
-            # the client went away (the response task was cancelled): logged once the engine has taken the rows
-            # out, with the tokens they made until then (what the metrics count)
-            call.end = "disconnect"
-            loop.cancel(call.handle, "disconnect", then=lambda cut: _log_cancelled(call, cut))
+            # the client went away, or the server's forced exit cut the stream (the response task was cancelled):
+            # logged once the engine has taken the rows out, with the tokens they made until then (what the
+            # metrics count)
+            call.end = "shutdown" if state.forced else "disconnect"
+            loop.cancel(call.handle, call.end, then=lambda cut: _log_cancelled(call, cut))
         else:
             if call.end == "finished" and len(call.outputs) < call.handle.choices:
                 # ended by the engine (shutdown, an error) while the stream waited on a client not reading: the

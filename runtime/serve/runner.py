@@ -43,8 +43,10 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
     # an "Exception in ASGI application" traceback: their requests' own log lines already say how they ended
     logging.getLogger("uvicorn.error").addFilter(_not_cancelled)
 
-    def begin_drain() -> None:
+    def begin_drain(forced: bool) -> None:
         state = getattr(app.state, "mixtrt", None)
+        if state is not None and forced:
+            state.forced = True
         if state is not None and state.loop is not None:
             state.loop.begin_stop(settings.drain_s)
 
@@ -145,14 +147,15 @@ RESPONSE_GRACE_S = 5  # after the drain deadline: time for the cancelled request
 
 
 def _server(config: Any, on_signal: Any = None) -> Any:
-    """A uvicorn.Server whose SIGTERM / SIGINT start the engine's drain (on_signal) and end the process
-    normally after it (uvicorn re-raises the signal afterwards, which would exit with 128 + signal instead of 0)."""
+    """A uvicorn.Server whose SIGTERM / SIGINT start the engine's drain (on_signal(forced): forced is a second
+    SIGINT, uvicorn's forced exit) and end the process normally after it (uvicorn re-raises the signal afterwards,
+    which would exit with 128 + signal instead of 0)."""
     import uvicorn
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             if on_signal is not None:
-                on_signal()
+                on_signal(self.should_exit and sig == signal.SIGINT)  # uvicorn's rule for its forced exit
             super().handle_exit(sig, frame)
 
         @contextlib.contextmanager

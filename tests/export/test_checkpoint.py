@@ -287,9 +287,9 @@ def test_quantized_checkpoints_are_refused_naming_the_method(ckpt):
 
     original = (ckpt / "model.safetensors").read_bytes()
     edit_weights(ckpt, gptq)
-    with pytest.raises(CheckpointError, match=r"ckpt: a quantized checkpoint \(config.json's quantization_config: gptq; "
-                       r"no tensor 'model.layers.0.self_attn.q_proj.weight' .*export the unquantized checkpoint, with "
-                       r"--precision int4 for INT4"):
+    with pytest.raises(CheckpointError, match=r"ckpt: a quantized checkpoint \(config.json's quantization_config: "
+                       r"gptq; no tensor 'model.layers.0.self_attn.q_proj.weight' .*export the unquantized "
+                       r"checkpoint, with --precision int4 for INT4"):
         load_checkpoint(ckpt)
     (ckpt / "model.safetensors").write_bytes(original)
     edit_weights(ckpt, lambda sd: sd.update({"model.norm.weight": torch.ones(64, dtype=torch.uint8)}))

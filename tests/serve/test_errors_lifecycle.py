@@ -473,6 +473,28 @@ def test_cli_second_ctrl_c_cancels_a_request_answered_whole(serve_artifact):
         s.close()
 
 
+def test_cli_second_ctrl_c_logs_a_cut_stream_as_shutdown(serve_artifact):
+    """A stream the second SIGINT cuts (uvicorn cancels its response) is logged as cut by the shutdown, not as a
+    client that went away, and its rows leave the engine."""
+    s = CliServer(serve_artifact[1], drain="60")
+    try:
+        body = {"prompt": "a", "max_tokens": 120, "n": 16, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=s.url, timeout=TIMEOUT) as client, \
+                client.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # streaming
+            s.proc.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+            s.proc.send_signal(signal.SIGINT)
+            assert s.proc.wait(TIMEOUT) == 0
+            _ignore_errors(lambda: list(lines))
+        [request] = [r for r in s.records() if r["event"] == "request"]
+        if request["end"] != "finished":  # (a fast machine may finish the 16 rows before the second signal)
+            assert request["end"] == "shutdown", request
+    finally:
+        s.close()
+
+
 def _ignore_errors(fn, *args, **kwargs):
     """fn's result, None where it raised."""
     try:
