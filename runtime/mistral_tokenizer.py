@@ -161,6 +161,15 @@ class MistralCommonTokenizer:
             return self._text.id_to_piece(i)
         return self._raw.id_to_piece(int(i)) if int(i) < self.vocab_size else ""
 
+    def token_bytes(self, i: int) -> bytes | None:
+        """The bytes an ordinary tekken token stands for (a piece of a UTF-8 character alone, where one is split
+        over tokens), for logprobs' `bytes`; None for a control token, an id past the vocabulary, and a
+        sentencepiece file (its byte pieces read as <0xE2>)."""
+        i = int(i)
+        if not self.tekken or i in self._special_ids or not 0 <= i < self.vocab_size:
+            return None
+        return bytes(self._raw.id_to_byte_piece(i))
+
     # ---- chat --------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                             tools: Sequence[Mapping[str, Any]] | None = None, *,

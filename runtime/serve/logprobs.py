@@ -15,19 +15,23 @@ from mixtrt.runtime.generation import primed_stream
 
 
 class TokenTexts:
-    """A token's text and bytes for logprobs (cached per id): the piece with the word marker as a space; a
-    byte piece (<0xE2>) that is not UTF-8 alone becomes "bytes:\\xe2", as vLLM writes it."""
+    """A token's text and bytes for logprobs (cached per id): the piece with the word marker as a space (a tekken
+    token: the bytes it stands for); bytes that are not UTF-8 alone (a byte piece <0xE2>, a tekken token holding
+    part of a character) become "bytes:\\xe2", as vLLM writes them."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.cache: dict[int, tuple[str, bytes]] = {}
+        self._bytes = getattr(tokenizer, "token_bytes", None)
 
     def __call__(self, token: int) -> tuple[str, bytes]:
         if token in self.cache:
             return self.cache[token]
-        piece = self.tokenizer.id_to_piece(token)
-        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
-        data = bytes([int(m[1], 16)]) if m else piece.replace("\u2581", " ").encode("utf-8", "surrogatepass")
+        data = self._bytes(token) if self._bytes is not None else None
+        if data is None:
+            piece = self.tokenizer.id_to_piece(token)
+            m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+            data = bytes([int(m[1], 16)]) if m else piece.replace("\u2581", " ").encode("utf-8", "surrogatepass")
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:

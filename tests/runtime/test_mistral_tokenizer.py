@@ -319,3 +319,21 @@ def test_a_lone_surrogate_is_refused_by_every_file(ours, version):
     alone would write it as U+FFFD's bytes)."""
     with pytest.raises(ConfigError, match="lone surrogate"):
         ours[version].encode("a\ud800b")
+
+
+@pytest.mark.parametrize("version", list(FILES))
+def test_logprobs_token_bytes_join_to_the_text(ours, version):
+    """The server's logprobs name each token by the bytes it stands for: a token holding part of a UTF-8 character
+    (a tekken byte token as a sentencepiece byte piece) is "bytes:\\xf0" with that one byte, not U+FFFD's three,
+    so the bytes of a message's tokens join to its text (OpenAI's `bytes`)."""
+    from mixtrt.runtime.serve.logprobs import TokenTexts
+
+    tok = ours[version]
+    text = "🧬 é 漢字 ok"
+    ids = tok.encode(text, bos=False)
+    texts = TokenTexts(tok)
+    data = [texts(i)[1] for i in ids]
+    assert b"".join(data).decode("utf-8").lstrip(" ") == text
+    split = [(t, d) for t, d in zip(ids, data, strict=True) if len(d) == 1 and d[0] >= 0x80]
+    assert split and all(texts(t)[0] == f"bytes:\\x{d[0]:02x}" for t, d in split)
+    assert texts(tok.bos_id)[1] == b"<s>"  # a control token: its name
