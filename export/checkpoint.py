@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import pickle
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +194,10 @@ class _Files:
 
 
 def _load_pth(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a .pth file torch writes today (a zip archive): an older torch's format "
+                              "(before 1.6) or not a torch file; save it again with a current torch, or convert it "
+                              "to safetensors")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:

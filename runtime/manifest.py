@@ -46,6 +46,7 @@ from mixtrt.runtime.chat_format import ChatFormat
 from mixtrt.runtime.errors import ArtifactError, MixtrtError, MixtrtWarning, Terminated
 from mixtrt.runtime.precision import PRECISIONS
 from mixtrt.runtime.quantization import QUANT_VERSION, Quantization
+from mixtrt.runtime.weights import WEIGHTS_FILE
 
 FORMAT = "mixtrt-artifact"
 FORMAT_VERSION = 2
@@ -372,8 +373,9 @@ class Manifest:
             verb = "cannot list" if args.head == "causal_lm" else "needs"
             raise ArtifactError(f"a {args.head} model {verb} the feature {HEADS_FEATURE!r}")
         weight_index = d.get("weight_index")
-        if weight_index is not None and (not isinstance(weight_index, str) or weight_index not in files):
-            raise ArtifactError(f"weight_index must be null or a file the manifest lists, got {weight_index!r}")
+        if weight_index is not None and (weight_index != WEIGHTS_FILE or weight_index not in files):
+            raise ArtifactError(f"weight_index must be null or {WEIGHTS_FILE!r}, a file the manifest lists, got "
+                                f"{weight_index!r}")
         if (weight_index is not None) != (WEIGHT_INDEX_FEATURE in features):
             raise ArtifactError(f"weight_index {weight_index!r} and the feature {WEIGHT_INDEX_FEATURE!r} go together")
         return cls(
@@ -401,9 +403,12 @@ class Manifest:
         path = directory / MANIFEST
         if not directory.is_dir():
             raise ArtifactError(f"{directory}: " + ("not a directory, so not an artifact" if directory.exists()
-                                                    else "no such artifact directory"))
+                                                    else "no such artifact directory" + moved_aside(directory)))
         if not path.is_file():
-            raise ArtifactError(f"{directory}: not an artifact directory (no {MANIFEST}); run `mixtrt export` first")
+            leftover = _leftover_inside(directory)
+            raise ArtifactError(f"{directory}: " + (leftover if leftover is not None else
+                                                    f"not an artifact directory (no {MANIFEST}); run `mixtrt export` "
+                                                    "first"))
         return cls.from_dict(read_json(path, ArtifactError), source=str(path))
 
     @classmethod
@@ -509,16 +514,55 @@ def check_target(target: Path, *, overwrite: bool = False) -> None:
     blocking = _file_in_the_way(target.absolute().parent)
     if blocking is not None:
         raise ArtifactError(f"{target}: {blocking} is a file, not a folder (choose another --out)")
-    for parent in target.absolute().parents:
+    real = Path(os.path.realpath(target.absolute().parent))  # a link on the way leads into another folder
+    for parent in dict.fromkeys([*target.absolute().parents, real, *real.parents]):
         if is_artifact(parent):
             raise ArtifactError(f"{target}: lies inside the artifact {parent}, which holds only its own files "
                                 "(choose another --out)")
     if target.is_dir() and any(target.iterdir()):
+        leftover = _leftover_inside(target)
+        if leftover is not None:
+            raise ArtifactError(f"{target}: {leftover}")
         if not is_artifact(target):
             raise ArtifactError(f"{target}: is a non-empty directory that is not a mixtrt artifact; refusing to "
                                 "replace it (choose another --out)")
         if not overwrite:
             raise ArtifactError(f"{target}: already exists (pass --force / overwrite=True to replace it)")
+
+
+def _leftover_inside(target: Path) -> str | None:
+    """What to tell about a folder holding the staging folder of an export killed (kill -9) while it moved its
+    files into the folder in place (an empty folder filled, a mount point replaced): None if it holds none."""
+    for entry in sorted(target.iterdir()):
+        rest = entry.name.removeprefix(f".{target.name}.tmp-")
+        if rest == entry.name or entry.is_symlink() or not entry.is_dir() or (entry / PARTIAL_MARKER).exists():
+            continue
+        pid = rest.split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        aside = entry / ".replaced"
+        old = (f"; the files of the artifact it was replacing are in {aside}" if aside.is_dir() and any(aside.iterdir())
+               else "")
+        return (f"holds the files of an export that was killed while it moved them in ({entry.name}, process {pid}, "
+                f"no longer running){old}: it is not a whole artifact; empty the folder (keeping what you need "
+                "from it) and export again")
+    return None
+
+
+def moved_aside(directory: Path) -> str:
+    """For a missing artifact directory: where an export killed while replacing it left the old artifact ("" if
+    nowhere): `.NAME.old-PID` beside it."""
+    directory = Path(os.path.abspath(directory))
+    try:
+        entries = sorted(directory.parent.glob(f".{directory.name}.old-*"))
+    except OSError:
+        return ""
+    for entry in entries:
+        pid = entry.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)) and is_artifact(entry):
+            return (f"; {entry} holds the artifact an export killed while replacing it had moved aside (the next "
+                    f"export to {directory.name} puts it back; or rename it to {directory.name})")
+    return ""
 
 
 def _manifest_last(names: list[str]) -> list[str]:
@@ -859,6 +903,10 @@ def _signals_raise() -> Iterator[Callable[[], contextlib.AbstractContextManager[
 
     @contextlib.contextmanager
     def critical() -> Iterator[None]:
+        if state.received is not None:
+            # the handler ran but its exception did not come out: raised inside a callback whose exceptions Python
+            # prints and drops (a garbage collector's weakref callback under torch): the signal still ends the work
+            _raise_for(state.received)
         state.critical = True
         try:
             yield
@@ -869,6 +917,8 @@ def _signals_raise() -> Iterator[Callable[[], contextlib.AbstractContextManager[
 
     try:
         yield critical
+        if state.received is not None:  # a swallowed signal in a block that made no swap
+            _raise_for(state.received)
     except (Terminated, KeyboardInterrupt):
         raise
     except BaseException:

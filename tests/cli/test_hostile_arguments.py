@@ -180,10 +180,15 @@ def test_export_and_demo_never_replace_what_is_not_an_artifact(tmp_path, checkpo
     web = _webapp(tmp_path / "site")
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "link").symlink_to(art)
+    newer = tmp_path / "newer"  # an artifact of another checkpoint in a format this mixtrt cannot load
+    shutil.copytree(art, newer)
+    manifest = json.loads((newer / "manifest.json").read_text())
+    (newer / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
     before = tree(tmp_path)
     for out, culprit in ((web, "not a mixtrt artifact"), (tmp_path / "notes.txt", "not a directory"),
                          (tmp_path / "notes.txt" / "sub", "notes.txt is a file, not a folder"),
                          (tmp_path / "link", "symbolic link"), (art / "sub", "lies inside the artifact"),
+                         (tmp_path / "link" / "sub", "lies inside the artifact"),
                          (checkpoint, "not a mixtrt artifact"), (tmp_path, "not a mixtrt artifact")):
         for force in ([], ["--force"]):
             refused(cli("export", str(checkpoint), "--out", str(out), "--quiet", *force), "export", str(out), culprit)
@@ -191,6 +196,9 @@ def test_export_and_demo_never_replace_what_is_not_an_artifact(tmp_path, checkpo
     refused(cli("export", str(checkpoint), "--out", str(art), "--quiet"), "export", "already exists", "--force")
     # an artifact of another checkpoint: demo replaces only its own outdated one (it replaced any, silently)
     refused(cli("demo", "--checkpoint", str(checkpoint), "--out", str(art), "--threads", "1"), "demo",
+            "exported from another checkpoint", "--reexport")
+    # ... nor one it cannot load (it replaced a newer mixtrt's artifact of another checkpoint): its manifest names it
+    refused(cli("demo", "--checkpoint", str(checkpoint), "--out", str(newer), "--threads", "1"), "demo",
             "exported from another checkpoint", "--reexport")
     assert tree(tmp_path) == before
 

@@ -357,6 +357,19 @@ def test_pth_needing_pickle(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_pth_in_the_legacy_format_is_one_clear_line(tmp_path):
+    """torch's pre-1.6 (non-zip) format cannot be memory-mapped: one line saying what it is and what to do, not
+    torch's own wording about mmap and _use_new_zipfile_serialization; nothing of it is unpickled."""
+    write_raw(hf_model("mistral"), tmp_path, "safetensors")
+    (tmp_path / "consolidated.safetensors").unlink()
+    torch.save({"tok_embeddings.weight": torch.zeros(2)}, tmp_path / "consolidated.00.pth",
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"consolidated.00.pth: not a .pth file torch writes today \(a zip "
+                       r"archive\): an older torch's format \(before 1.6\) or not a torch file") as e:
+        load_checkpoint(tmp_path)
+    assert "\n" not in str(e.value) and "mmap" not in str(e.value)
+
+
 def test_raw_without_weights(tmp_path):
     write_raw(hf_model("mistral"), tmp_path, "safetensors")
     (tmp_path / "consolidated.safetensors").unlink()

@@ -145,6 +145,7 @@ def test_weight_index_tampering_is_refused(tmp_path, exported):
         WeightIndex.from_dict(d, art, "weights.json")
     manifest = json.loads((art / "manifest.json").read_text())
     for edit, message in ((lambda m: m.update(weight_index="tokenizer.json"), "weight_index"),
+                          (lambda m: m.update(weight_index="model.onnx"), "must be null or 'weights.json'"),
                           (lambda m: m["features"].remove("weight-index"), "go together")):
         m = json.loads(json.dumps(manifest))
         edit(m)

@@ -64,14 +64,20 @@ def run(ns: argparse.Namespace) -> int:
 
 def _other_source(artifact: Path, ckpt: Path) -> str | None:
     """The checkpoint an existing artifact in `artifact` was exported from, where that is not `ckpt`."""
+    import json
+
     from mixtrt.runtime.errors import ArtifactError
-    from mixtrt.runtime.manifest import MANIFEST, Manifest
+    from mixtrt.runtime.manifest import MANIFEST, Manifest, is_artifact
 
     if artifact.is_symlink() or not (artifact / MANIFEST).is_file():
         return None  # the export's own refusals name what else is there
     try:
         source = Manifest.load(artifact, verify=False).source
     except (ArtifactError, OSError):
-        return None  # not an artifact that loads: the export decides (it refuses a folder that is not one)
+        if not is_artifact(artifact):
+            return None  # not an artifact: the export refuses the folder itself
+        # an artifact this mixtrt cannot load (a newer format, damaged files): its source as its manifest says
+        recorded = json.loads((artifact / MANIFEST).read_bytes()).get("source")
+        source = recorded if isinstance(recorded, str) else "a checkpoint its manifest does not name"
     return source if source != str(ckpt.resolve()) else None
 
