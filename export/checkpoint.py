@@ -346,9 +346,9 @@ def open_checkpoint(checkpoint_dir: str | Path) -> Iterator[Checkpoint]:
         quantized = _quant_method(path) if kind == "hf" else None
         if quantized is not None and (missing or unexpected or any(
                 files.dtype(n) not in FLOAT_DTYPES for n, _ in wanted if n in keys)):
-            stored = [(n, files.dtype(n)) for n, _ in wanted if n in keys and files.dtype(n) not in FLOAT_DTYPES]
+            integral = [(n, files.dtype(n)) for n, _ in wanted if n in keys and files.dtype(n) not in FLOAT_DTYPES]
             odd = (f"no tensor {missing[0]!r}" if missing else f"a tensor {unexpected[0]!r}" if unexpected
-                   else f"tensor {stored[0][0]!r} stored as {stored[0][1]}")
+                   else f"tensor {integral[0][0]!r} stored as {integral[0][1]}")
             raise CheckpointError(f"{path}: a quantized checkpoint (config.json's quantization_config: {quantized}; "
                                   f"{odd} for {args.architecture}): mixtrt reads "
                                   "float weights (float32, float16, bfloat16) and quantizes them itself: export the "
