@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -72,14 +73,19 @@ class ChatTurn:
 class ChatSession:
     """A conversation whose KV cache outlives each turn (see the module docstring for the rules).
 
-    Driven by one thread; one turn at a time. `messages` is the conversation so far (system first, if any),
-    `turns` one ChatTurn per turn started.
+    One turn at a time: a turn started while another streams is refused (ConfigError), from any thread.
+    `close()` during a turn (another thread's stop button) cancels it before its next token: its stream ends
+    without an output, `send` raises a ConfigError, and the conversation stays as it was. `messages` is the
+    conversation so far (system first, if any), `turns` one ChatTurn per turn started.
     """
 
     def __init__(self, generator: Generator, system: str | None = None,
                  config: GenerationConfig | None = None) -> None:
         self.generator = generator
         self.system = system
+        if config is not None and not isinstance(config, GenerationConfig):
+            raise ConfigError(f"chat session: config must be a GenerationConfig or None, got {type(config).__name__}"
+                              " (options go as keyword arguments of send / stream)")
         self.config = config
         self.engine = Engine(generator.backend, generator.tokenizer, max_batch=1)
         _check_system_type(system)
@@ -88,7 +94,9 @@ class ChatSession:
         self.messages: list[dict[str, Any]] = self._start()
         self.turns: list[ChatTurn] = []
         self._row: Row | None = None
-        self._busy = False
+        self._busy = False  # a turn is streaming (set and tested under _lock)
+        self._lock = threading.Lock()
+        self._cancel = False  # close() asked for the streaming turn to end
 
     def _check_system(self, system: str) -> None:
         """The system prompt is valid text and leaves room for a short message and a reply (checked once, at the
@@ -113,7 +121,9 @@ class ChatSession:
         out = None
         for event in self.stream(message, config, **overrides):
             out = event.output or out
-        assert out is not None
+        if out is None:  # the turn ended without its reply: close() cancelled it
+            raise ConfigError("chat session: the reply was cancelled (the session was closed while it streamed); "
+                              "the conversation is as it was")
         return out
 
     def stream(self, message: str | Mapping[str, Any], config: GenerationConfig | None = None,
@@ -122,8 +132,19 @@ class ChatSession:
         planned at the call (`turns[-1]` says what it will prefill); a ConfigError leaves the session as it
         was. A stream closed before its last event cancels the turn: the conversation stays as it was and
         the next turn starts a new context."""
-        if self._busy:
-            raise ConfigError("chat session: the previous reply is still streaming; finish or close it first")
+        with self._lock:  # tested and set at once: two threads cannot both start a turn
+            if self._busy:
+                raise ConfigError("chat session: the previous reply is still streaming; finish or close it first")
+            self._busy, self._cancel = True, False
+        try:
+            return _Reply(self, self._plan(message, config, overrides))
+        except BaseException:
+            self._busy = False
+            raise
+
+    def _plan(self, message: str | Mapping[str, Any], config: GenerationConfig | None, overrides: dict[str, Any]
+              ) -> collections.abc.Generator[StreamEvent, None, None]:
+        """stream()'s checks and the turn's plan, made now; the turn's events (a generator) to come."""
         if not isinstance(message, (str, Mapping)):
             raise ConfigError("chat session: the message must be its text (a str) or a mapping like {'role': 'user', "
                               f"'content': '...'}}, got {type(message).__name__}")
@@ -148,12 +169,11 @@ class ChatSession:
                    if common else "there is nothing before that to keep")
             note = restart or (f"{_parted(common, len(held))} and {why}: a new context for this turn"
                                if self._row is not None else "")
-            self.close()
+            self._free()
             turn = ChatTurn(len(ids), 0, len(ids), kind, note)
             self._row = self.engine.add(ids, cfg, keep=True, name="the conversation")
         self.turns.append(turn)
-        self._busy = True
-        return _Reply(self, self._run(self._row, messages, new))
+        return self._run(self._row, messages, new)
 
     def _render(self, new: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int], str]:
         """The conversation with `new` and its ids; when it does not fit, a new context (system + new) and the
@@ -178,7 +198,7 @@ class ChatSession:
              ) -> collections.abc.Generator[StreamEvent, None, None]:
         out = None
         try:
-            while self.engine.busy:
+            while self.engine.busy and not self._cancel:
                 for event in self.engine.step():
                     yield StreamEvent(event.text, event.token)
                     if event.output is not None:
@@ -190,19 +210,30 @@ class ChatSession:
     def _end_turn(self, out: GenerationOutput | None, messages: list[dict[str, Any]]) -> None:
         """A turn's end: its reply joins the conversation; a turn cut short (closed, failed, or never iterated)
         leaves the conversation as it was and frees the cache row (the next turn starts a new context)."""
-        self._busy = False
-        if out is None:  # the cache holds a partial turn
-            self.close()
-        elif out.text:
-            self.messages = messages + [{"role": "assistant", "content": out.text}]
-        else:  # nothing to add: a chat format refuses an empty reply, and two user turns in a row
-            self.messages = messages[:-1]
-            self.turns[-1] = dataclasses.replace(self.turns[-1], note=(
-                "the reply was empty: this message and its reply are not kept in the conversation"))
+        try:
+            if out is None:  # the cache holds a partial turn
+                self._free()
+            elif out.text:
+                self.messages = messages + [{"role": "assistant", "content": out.text}]
+            else:  # nothing to add: a chat format refuses an empty reply, and two user turns in a row
+                self.messages = messages[:-1]
+                self.turns[-1] = dataclasses.replace(self.turns[-1], note=(
+                    "the reply was empty: this message and its reply are not kept in the conversation"))
+        finally:
+            self._busy = self._cancel = False
 
     # ---- the session -----------------------------------------------------------------------------------
     def close(self) -> None:
-        """Free the cache row (the conversation is kept: the next turn starts a new context)."""
+        """Free the cache row (the conversation is kept: the next turn starts a new context). During a turn (from
+        another thread, or between its events): the turn is cancelled before its next token, by the thread that
+        runs it, which frees the row."""
+        with self._lock:
+            if self._busy:
+                self._cancel = True
+                return
+        self._free()
+
+    def _free(self) -> None:
         if self._row is not None:
             self.engine.cancel(self._row)
             self._row = None

@@ -932,6 +932,9 @@ class Generator:
     def config(self, config: GenerationConfig | None = None, /, **overrides: Any) -> GenerationConfig:
         """The config a call with these arguments runs: `config`, else the artifact's generation defaults,
         with `overrides` (GenerationConfig names) and the artifact's eos ids for eos_token_id None; checked."""
+        if config is not None and not isinstance(config, GenerationConfig):
+            raise ConfigError(f"config must be a GenerationConfig or None, got {type(config).__name__} (options go as "
+                              "keyword arguments: generate(prompt, max_new_tokens=32))")
         names = {f.name for f in dataclasses.fields(GenerationConfig)}
         unknown = sorted(set(overrides) - names)
         if unknown:

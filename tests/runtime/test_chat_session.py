@@ -244,6 +244,96 @@ def test_wrong_types_are_one_line_errors_and_leave_the_session():
     assert session.send("more").token_ids and session.turns[-1].kind == "cached"
 
 
+def test_two_threads_starting_turns_at_once_one_is_refused():
+    """The busy check and its setting are one step: of two turns started at once (both past the check before either
+    set it, forced here by holding both in the chat format), one streams, the other is one ConfigError; the
+    conversation then holds the one turn, and the next turn equals stateless chat."""
+    import threading
+
+    gen, _ = make()
+    session = gen.chat_session(config=GenerationConfig(max_new_tokens=6))
+    session.send("hello")
+    both = threading.Barrier(2, timeout=2)
+    render = gen.tokenizer.apply_chat_template
+
+    def held(messages, add_generation_prompt=True):
+        try:
+            both.wait()  # the second caller is refused before it renders: the wait times out for the first
+        except threading.BrokenBarrierError:
+            pass
+        return render(messages, add_generation_prompt)
+
+    gen.tokenizer.apply_chat_template = held
+    results: list = []
+
+    def turn(text: str) -> None:
+        try:
+            results.append(session.send(text))
+        except ConfigError as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=turn, args=(t,)) for t in ("why", "how")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    gen.tokenizer.apply_chat_template = render
+    refused = [r for r in results if isinstance(r, ConfigError)]
+    replies = [r for r in results if not isinstance(r, ConfigError)]
+    assert len(refused) == 1 and "still streaming" in str(refused[0]) and len(replies) == 1, results
+    assert len(session.messages) == 4 and replies[0].text == session.messages[-1]["content"]
+    out = session.send("more")
+    assert out.token_ids == gen.chat(session.messages[:-1], max_new_tokens=6).token_ids
+
+
+def test_close_during_a_turn_cancels_it_in_the_thread_that_runs_it():
+    """close() while a turn streams (another thread's stop button, or between events) ends the turn before its next
+    token: the stream ends without an output, send() raises one ConfigError, the conversation is as it was, and
+    the next turn is exact."""
+    import threading
+
+    gen, _ = make()
+    session = gen.chat_session(config=GenerationConfig(max_new_tokens=20, eos_token_id=()))
+    session.send("hello")
+    kept = list(session.messages)
+    events = session.stream("more")
+    first = next(events)
+    session.close()
+    rest = list(events)
+    assert first.output is None and all(e.output is None for e in rest) and len(rest) <= 1
+    assert session.messages == kept and session.cached_tokens == 0
+    # from another thread, while send() runs
+    started, closed = threading.Event(), threading.Event()
+    speak = gen.backend.step
+
+    def slow_step(*a, **k):  # the turn's first step waits for the close
+        started.set()
+        closed.wait(5)
+        return speak(*a, **k)
+
+    gen.backend.step = slow_step
+    closer = threading.Thread(target=lambda: (started.wait(5), session.close(), closed.set()))
+    closer.start()
+    with pytest.raises(ConfigError, match=r"^chat session: the reply was cancelled \(the session was closed while it "
+                       r"streamed\); the conversation is as it was$"):
+        session.send("again")
+    closer.join(5)
+    gen.backend.step = speak
+    assert session.messages == kept and session.cached_tokens == 0
+    out = session.send("more")
+    assert session.turns[-1].kind == "new" and out.token_ids == gen.chat(kept + [{"role": "user", "content": "more"}],
+                                                                          max_new_tokens=20,
+                                                                          eos_token_id=()).token_ids
+
+
+def test_a_config_that_is_not_a_generation_config_is_one_line():
+    gen, _ = make()
+    for call in (lambda: gen.generate("hi", {"max_new_tokens": 3}), lambda: gen.chat_session(config="greedy"),
+                 lambda: gen.chat_session().send("hi", config={"max_new_tokens": 3})):
+        with pytest.raises(ConfigError, match=r"config must be a GenerationConfig or None, got (dict|str)"):
+            call()
+
+
 def test_sampled_session_equals_seeded_stateless_chat():
     gen, _ = make()
     session = gen.chat_session(config=GenerationConfig(max_new_tokens=6, do_sample=True, temperature=1.5, seed=4))
