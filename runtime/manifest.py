@@ -403,7 +403,7 @@ class Manifest:
         path = directory / MANIFEST
         if not directory.is_dir():
             raise ArtifactError(f"{directory}: " + ("not a directory, so not an artifact" if directory.exists()
-                                                    else "no such artifact directory" + moved_aside(directory)))
+                                                    else "no such artifact directory" + _moved_aside(directory)))
         if not path.is_file():
             leftover = _leftover_inside(directory)
             raise ArtifactError(f"{directory}: " + (leftover if leftover is not None else
@@ -549,7 +549,7 @@ def _leftover_inside(target: Path) -> str | None:
     return None
 
 
-def moved_aside(directory: Path) -> str:
+def _moved_aside(directory: Path) -> str:
     """For a missing artifact directory: where an export killed while replacing it left the old artifact ("" if
     nowhere): `.NAME.old-PID` beside it."""
     directory = Path(os.path.abspath(directory))
