@@ -411,6 +411,8 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
             raise ApiError(message, param="stop_token_ids")
         eos = config.eos_ids(gen.backend.args)
         config = dataclasses.replace(config, eos_token_id=eos + tuple(t for t in req.stop_token_ids if t not in eos))
+    if echo_only:  # the one token its prefill chooses is not returned: it ends by length, as the response says
+        config = dataclasses.replace(config, stop_strings=(), eos_token_id=())
     rid = uuid.uuid4().hex
     try:
         # a completion, and a continued chat message, is the text that continues the prompt's (a first word keeps
@@ -474,8 +476,8 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
     pending: list[list[int]] = [[] for _ in counts]  # token indices not yet sent (their text was held back)
 
     # every chunk is {"id", "object", "created", "model", "choices": [one choice]}: the constant part written once
-    head = "data: " + json.dumps({"id": _id(call), "object": obj, "created": call.created, "model": name},
-                                 ensure_ascii=False)[:-1] + ', "choices": ['
+    head = "data: " + _sse_json({"id": _id(call), "object": obj, "created": call.created, "model": name}
+                                )[:-1] + ', "choices": ['
 
     options = call.req.stream_options
     usage = options is not None and options.include_usage
@@ -486,9 +488,9 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
 
     def chunk(choice: dict[str, Any]) -> str:
         if running:
-            return (head + json.dumps(choice, ensure_ascii=False) + '], "usage": '
+            return (head + _sse_json(choice) + '], "usage": '
                     + json.dumps(_usage_of(prompt_tokens, 0 if call.echo_only else sum(counts))) + "}\n\n")
-        return head + json.dumps(choice, ensure_ascii=False) + tail
+        return head + _sse_json(choice) + tail
 
     try:
         if chat:
@@ -556,6 +558,20 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
             _log(call)
 
 
+# line breaks to Python's str.splitlines (and so to clients that split a stream with it, as httpx's iter_lines does)
+# that JSON leaves unescaped: a token's text holding one would cut an event's line in two there
+_RAW_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def _sse_json(obj: Any) -> str:
+    """json.dumps for an event's data line: UTF-8 as it is (ensure_ascii=False), the line breaks JSON leaves raw
+    escaped (they can only be inside strings, where the escape is the same character)."""
+    text = json.dumps(obj, ensure_ascii=False)
+    if "\x85" in text or "\u2028" in text or "\u2029" in text:
+        text = text.translate(_RAW_BREAKS)
+    return text
+
+
 def _ended_by(call: _Call) -> str:
     """How a request the engine ended, whose stream did not read all it was given, ended: from what its queue still
     holds (its outputs taken into call.outputs): the cancel's reason, "error", "finished" where every choice has
@@ -577,9 +593,9 @@ def _log_cancelled(call: _Call, cut: bool) -> None:
     """The log line of a request whose response was abandoned, once the engine has taken its rows out. cut False:
     the engine had finished it before the cancel came (the metrics count it finished): the line says so, with the
     outputs its queue still holds."""
+    _ended_by(call)  # the outputs its queue still holds: choices that finished before the cancel
     if not cut:
         call.end = "finished"
-        _ended_by(call)  # the outputs its queue still holds
     _log(call)
 
 

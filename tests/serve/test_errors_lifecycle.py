@@ -802,3 +802,30 @@ def test_a_client_gone_before_its_whole_body_is_one_log_line_not_a_traceback(ser
         assert not any("Traceback" in line or "ClientDisconnect" in line for line in s.lines), s.lines
     finally:
         s.close()
+
+
+def test_a_cut_streams_log_line_names_the_choices_that_had_finished(generator, serve_artifact, caplog):
+    """A client gone while one of its choices had just finished (its output still queued for the stream): the
+    request's log line shows that choice's finish, as the metrics count it, not null."""
+    caplog.set_level("INFO", logger="mixtrt.serve")
+    rng = np.random.default_rng(5)
+    prompts = [[1, *rng.integers(3, 32000, size=8).tolist()] for _ in range(2)]
+    first = [generator.generate([p], max_new_tokens=1, do_sample=False)[0].token_ids[0] for p in prompts]
+    if first[0] == first[1]:
+        pytest.skip("both prompts choose the same first token: no prompt that stops alone")
+    s = Server(slow(generator, 0.3), serve_artifact[1], max_batch=2)
+    try:
+        stops = s.metric("mixtrt:request_success_total", finished_reason="stop")
+        body = {"prompt": prompts, "max_tokens": 50, "temperature": 0, "stream": True, "stop_token_ids": [first[0]]}
+        with s.http.stream("POST", "/v1/completions", json=body):
+            pass  # gone at once: prompt 0 stops at its first token, in a step that ends after the client left
+        deadline = time.monotonic() + 10
+        while not (lines := [json.loads(r.getMessage()) for r in caplog.records
+                             if '"event": "request"' in r.getMessage()]):
+            assert time.monotonic() < deadline, "no log line"
+            time.sleep(0.02)
+        stopped = s.metric("mixtrt:request_success_total", finished_reason="stop") - stops
+    finally:
+        s.close()
+    [line] = lines
+    assert line["end"] == "disconnect" and line["finish"].count("stop") == stopped, (line, stopped)

@@ -339,3 +339,38 @@ def test_int4_concurrent_streams_each_equal_the_request_alone(int4_generator):
     finally:
         s.close()
     assert got == alone
+
+
+def test_echo_without_generation_is_logged_and_counted_as_its_response_says(server, generator, caplog):
+    """max_tokens 0 with echo: the one token the prefill chooses is not returned, so no stop string or stop id ends
+    it: the response's finish_reason "length" is also the log line's and the metrics'."""
+    ids = generator.tokenizer.encode(PROMPTS[0])
+    nxt = greedy(generator, ids, 1)
+    before = server.metric("mixtrt:request_success_total", finished_reason="stop")
+    lengths = server.metric("mixtrt:request_success_total", finished_reason="length")
+    with caplog.at_level("INFO", logger="mixtrt.serve"):
+        r = server.http.post("/v1/completions", json={"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0,
+                                                      "temperature": 0, "n": 2, "stop_token_ids": nxt.token_ids,
+                                                      "stop": [nxt.text] if nxt.text.strip() else None})
+        time.sleep(0.1)
+    assert r.status_code == 200 and [c["finish_reason"] for c in r.json()["choices"]] == ["length", "length"]
+    [record] = [json.loads(m.getMessage()) for m in caplog.records if '"event": "request"' in m.getMessage()][-1:]
+    assert record["finish"] == ["length", "length"], record
+    assert server.metric("mixtrt:request_success_total", finished_reason="stop") == before
+    assert server.metric("mixtrt:request_success_total", finished_reason="length") == lengths + 2
+
+
+def test_a_line_break_in_a_tokens_text_does_not_split_the_event(server, generator):
+    """U+0085, U+2028 and U+2029 are line breaks to str.splitlines (httpx's iter_lines splits streams with it) and
+    JSON leaves them raw: escaped in the stream's data lines, so every line is one whole event."""
+    tok = generator.tokenizer
+    breaks = [i for i in range(tok.vocab_size) if any(c in tok.id_to_piece(i) for c in "\x85\u2028\u2029")]
+    if not breaks:
+        pytest.skip("this tokenizer has no piece holding U+0085, U+2028 or U+2029")
+    with server.http.stream("POST", "/v1/completions", json={"prompt": [1, *breaks[:3]], "max_tokens": 2,
+                                                             "echo": True, "stream": True, "temperature": 0}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    events = [json.loads(line.removeprefix("data: ")) for line in lines if line != "data: [DONE]"]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    assert text.startswith(tok.decode([1, *breaks[:3]]))
