@@ -195,9 +195,9 @@ class _Files:
 
 def _load_pth(path: Path) -> dict[str, torch.Tensor]:
     if path.is_file() and not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: not a .pth file torch writes today (a zip archive): an older torch's format "
-                              "(before 1.6) or not a torch file; save it again with a current torch, or convert it "
-                              "to safetensors")
+        raise CheckpointError(f"{path}: not a readable .pth file (not a zip archive, as torch writes them since 1.6: "
+                              "an older torch's format, or not a torch file); save it again with a current torch, or "
+                              "convert it to safetensors")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:

@@ -364,8 +364,8 @@ def test_pth_in_the_legacy_format_is_one_clear_line(tmp_path):
     (tmp_path / "consolidated.safetensors").unlink()
     torch.save({"tok_embeddings.weight": torch.zeros(2)}, tmp_path / "consolidated.00.pth",
                _use_new_zipfile_serialization=False)
-    with pytest.raises(CheckpointError, match=r"consolidated.00.pth: not a .pth file torch writes today \(a zip "
-                       r"archive\): an older torch's format \(before 1.6\) or not a torch file") as e:
+    with pytest.raises(CheckpointError, match=r"consolidated.00.pth: not a readable .pth file \(not a zip archive, "
+                       r"as torch writes them since 1.6: an older torch's format, or not a torch file\)") as e:
         load_checkpoint(tmp_path)
     assert "\n" not in str(e.value) and "mmap" not in str(e.value)
 
