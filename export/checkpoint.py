@@ -344,16 +344,15 @@ def open_checkpoint(checkpoint_dir: str | Path) -> Iterator[Checkpoint]:
         missing = [n for n, _ in wanted if n not in keys]
         unexpected = sorted(keys - {n for n, _ in wanted} - ignored)
         quantized = _quant_method(path) if kind == "hf" else None
-        if quantized is not None and (missing or unexpected or any(
-                files.dtype(n) not in FLOAT_DTYPES for n, _ in wanted if n in keys)):
-            integral = [(n, files.dtype(n)) for n, _ in wanted if n in keys and files.dtype(n) not in FLOAT_DTYPES]
-            odd = (f"no tensor {missing[0]!r}" if missing else f"a tensor {unexpected[0]!r}" if unexpected
-                   else f"tensor {integral[0][0]!r} stored as {integral[0][1]}")
-            raise CheckpointError(f"{path}: a quantized checkpoint (config.json's quantization_config: {quantized}; "
-                                  f"{odd} for {args.architecture}): mixtrt reads "
-                                  "float weights (float32, float16, bfloat16) and quantizes them itself: export the "
-                                  "unquantized checkpoint, with --precision int4 for INT4")
         if quantized is not None:
+            integral = [(n, files.dtype(n)) for n, _ in wanted if n in keys and files.dtype(n) not in FLOAT_DTYPES]
+            if missing or unexpected or integral:
+                odd = (f"no tensor {missing[0]!r}" if missing else f"a tensor {unexpected[0]!r}" if unexpected
+                       else f"tensor {integral[0][0]!r} stored as {integral[0][1]}")
+                raise CheckpointError(f"{path}: a quantized checkpoint (config.json's quantization_config: "
+                                      f"{quantized}; {odd} for {args.architecture}): mixtrt reads float weights "
+                                      "(float32, float16, bfloat16) and quantizes them itself: export the unquantized "
+                                      "checkpoint, with --precision int4 for INT4")
             warnings.warn(f"{path}: config.json's quantization_config ({quantized}) is ignored: the weights are float "
                           "and are exported as they are stored (transformers would quantize them as it loads them)",
                           MixtrtWarning, stacklevel=3)

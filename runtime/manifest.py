@@ -538,7 +538,7 @@ def _leftover_inside(target: Path) -> str | None:
         if rest == entry.name or entry.is_symlink() or not entry.is_dir() or (entry / PARTIAL_MARKER).exists():
             continue
         pid = rest.split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not _gone(pid):
             continue
         aside = entry / ".replaced"
         old = (f"; the files of the artifact it was replacing are in {aside}" if aside.is_dir() and any(aside.iterdir())
@@ -558,8 +558,7 @@ def _moved_aside(directory: Path) -> str:
     except OSError:
         return ""
     for entry in entries:
-        pid = entry.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)) and is_artifact(entry):
+        if _gone(entry.name.rsplit("-", 1)[1]) and is_artifact(entry):
             return (f"; {entry} holds the artifact an export killed while replacing it had moved aside (the next "
                     f"export to {directory.name} puts it back; or rename it to {directory.name})")
     return ""
@@ -819,6 +818,11 @@ def _owner(target: Path) -> dict[str, Any]:
     return {"target": str(target.absolute()), "host": socket.gethostname(), "pid": os.getpid()}
 
 
+def _gone(pid: str) -> bool:
+    """`pid` (from a leftover's name) is a process id, and that process no longer runs."""
+    return pid.isdigit() and not _alive(int(pid))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -842,7 +846,7 @@ def _unrenamed(entry: Path, rest: str) -> bool:
         old = time.time() - entry.stat().st_mtime > UNRENAMED_S
     except OSError:
         return False
-    return pid.isdigit() and old and not _alive(int(pid)) and is_artifact(entry)
+    return old and _gone(pid) and is_artifact(entry)
 
 
 def _clean_stale(target: Path) -> None:
@@ -867,9 +871,8 @@ def _clean_stale(target: Path) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
             elif owner is None and not marker.exists() and _unrenamed(entry, name.removeprefix(f".{target.name}.tmp-")):
                 shutil.rmtree(entry, ignore_errors=True)
-        elif name.startswith(f".{target.name}.old-") and name.rsplit("-", 1)[1].isdigit():
-            if _alive(int(name.rsplit("-", 1)[1])) or not is_artifact(entry):
-                continue
+        elif (name.startswith(f".{target.name}.old-") and _gone(name.rsplit("-", 1)[1])
+              and is_artifact(entry)):
             if target.exists() or target.is_symlink():
                 _remove_replaced(entry, target)
             else:

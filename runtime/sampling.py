@@ -3,10 +3,9 @@
     raw logits ─► logit_bias ─► eos held back (min_new_tokens) ─► repetition penalty ─►
         presence / frequency penalties ─►
         (do_sample only:) temperature ─► top-k ─► top-p ─► min-p ─► draw
-
-(vLLM applies min-p before top-k / top-p; with top_p and min_p both set the kept sets can differ from it.)
         (greedy:)         argmax
 
+(vLLM applies min-p before top-k / top-p; with top_p and min_p both set the kept sets can differ from it.)
 Greedy ignores temperature / top-k / top-p / min-p as transformers does (they cannot change the argmax).
 Each filter sets removed entries to -inf. Every function works on [V] or [..., V] logits.
 

@@ -64,8 +64,7 @@ def run(ns: argparse.Namespace) -> int:
 
 def _other_source(artifact: Path, ckpt: Path) -> str | None:
     """The checkpoint an existing artifact in `artifact` was exported from, where that is not `ckpt`."""
-    import json
-
+    from mixtrt.runtime.args import read_json
     from mixtrt.runtime.errors import ArtifactError
     from mixtrt.runtime.manifest import MANIFEST, Manifest, is_artifact
 
@@ -77,7 +76,7 @@ def _other_source(artifact: Path, ckpt: Path) -> str | None:
         if not is_artifact(artifact):
             return None  # not an artifact: the export refuses the folder itself
         # an artifact this mixtrt cannot load (a newer format, damaged files): its source as its manifest says
-        recorded = json.loads((artifact / MANIFEST).read_bytes()).get("source")
+        recorded = read_json(artifact / MANIFEST, ArtifactError).get("source")
         source = recorded if isinstance(recorded, str) else "a checkpoint its manifest does not name"
     return source if source != str(ckpt.resolve()) else None
 
