@@ -663,10 +663,12 @@ class Engine:
         events: list[EngineEvent] = []
         finite = np.isfinite(logits).all(axis=-1)
         bad = [row for i, row in enumerate(self.running) if not finite[i]]
+        plain = [row.sampler.argmax_only for row in self.running]
+        best = logits.argmax(axis=-1).tolist() if any(plain) else None  # the greedy rows' tokens, in one call
         for i, row in enumerate(self.running):
             row.cached += 1
             if finite[i]:
-                events += self._accept(row, logits[i])
+                events += self._accept(row, logits[i], best[i] if best is not None and plain[i] else None)
         for row in bad:
             self.cancel(row)
         self._compact()
@@ -767,6 +769,8 @@ class Engine:
         When nothing is left running, prefilling or parked, the finished rows stay in the cache as they are
         (no copy): `_admit` empties a slot before reusing it.
         """
+        if not drop and not self.parked and all(r.reason is None for r in self.running):
+            return  # the common step: every row goes on where it is (the order below would be unchanged)
         active = [r for r in self.running if r.reason is None and r.id not in drop]
         # running rows already inside the new running range stay in their cache rows; the others fill the holes
         # (a row finishing among 16 moves one row, not every row after it: a cache row is MBs of keys and values)
@@ -825,10 +829,11 @@ class Engine:
                 k = top[0].shape[1]
                 top[0][start:start + len(targets)], top[1][start:start + len(targets)] = top_k_logprobs(lp, k)
 
-    def _accept(self, row: Row, logits: np.ndarray) -> list[EngineEvent]:
-        """Choose row's next token from its raw logits [V] and apply the finish rules."""
+    def _accept(self, row: Row, logits: np.ndarray, argmax: int | None = None) -> list[EngineEvent]:
+        """Choose row's next token from its raw logits [V] and apply the finish rules. argmax: their argmax,
+        given where the row's sampler is `argmax_only` (taken for the whole batch at once)."""
         cfg = row.config
-        token = row.sampler(logits)
+        token = row.sampler(logits) if argmax is None else row.sampler.took(argmax)
         row.t_last = time.perf_counter()
         if not row.tokens:
             row.t_first = row.t_last
@@ -839,7 +844,7 @@ class Engine:
             if cfg.top_logprobs:
                 ids, values = top_k_logprobs(lp[None], cfg.top_logprobs)
                 row.top.append((ids[0], values[0]))
-        if token in cfg.eos_ids(self.backend.args):
+        if token in row.sampler.eos_ids:
             row.reason, row.message = "eos", f"end-of-sequence token {token}"
         text = ""
         if row.reason is None:

@@ -218,6 +218,7 @@ class Sampler:
         self.chosen = 0  # tokens chosen so far
         self.min_new_tokens = min_new_tokens
         self.eos = np.array([t for t in eos_ids if 0 <= t < vocab_size], np.int64)
+        self.eos_ids = frozenset(int(t) for t in self.eos)  # the ids that end the row (Engine)
         self.rng = row_rng(seed, row) if do_sample else None
         self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
         bias = {int(t): float(b) for t, b in (logit_bias or {}).items() if b != 0}
@@ -250,6 +251,18 @@ class Sampler:
             scores = top_p_filter(scores, self.top_p)
             scores = min_p_filter(scores, self.min_p)
         return scores
+
+    @property
+    def argmax_only(self) -> bool:
+        """The next choice is the argmax of the raw logits (greedy, nothing to add or mask): the Engine takes the
+        argmax of every such row of a step at once and hands it to `took`."""
+        return (self.rng is None and not self.bias.size and self.seen is None and self.counts is None
+                and not (self.chosen < self.min_new_tokens and self.eos.size))
+
+    def took(self, token: int) -> int:
+        """`token`, the argmax of the raw logits, chosen while `argmax_only` held (what __call__ would count)."""
+        self.chosen += 1
+        return token
 
     def __call__(self, logits: np.ndarray) -> int:
         scores = self.process(logits)

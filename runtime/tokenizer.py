@@ -122,6 +122,9 @@ def _decode_bytes(buf: bytes, final: bool, shown: int = 0) -> tuple[str, bytes]:
     return "".join(out), b""
 
 
+_PLAIN, _CONTROL, _UNKNOWN = 0, 1, 2  # what a piece is to the stream decoder (Tokenizer._piece_kind)
+
+
 class StreamDecoder:
     """Incremental decode: the concatenation of every `put()` and the final `flush()` equals
     `Tokenizer.decode(all ids)` exactly, and no chunk ends inside a UTF-8 character.
@@ -162,10 +165,10 @@ class StreamDecoder:
         if self._bos_ws_seen or self._visible:
             self._is_bos_ws = False
         self._bos_ws_seen = False
-        piece = tok.id_to_piece(token_id)
-        if tok._sp.is_control(token_id):
+        kind, piece = tok._piece_kind(token_id)
+        if kind == _CONTROL:
             return text if self.skip_special else text + piece
-        if tok._sp.is_unknown(token_id):
+        if kind == _UNKNOWN:
             surface = tok._unk_surface
         else:
             if self._is_bos_ws and tok._strip_bos_ws and piece.startswith(_SPACE):
@@ -177,6 +180,8 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """Whatever is held back; an incomplete character becomes U+FFFD per byte, as decode does."""
+        if not self._pending:  # the common case, once per token (nothing held: nothing shown either)
+            return ""
         text, self._pending = _decode_bytes(self._pending, final=True, shown=self._shown)
         self._shown = 0
         self._visible |= bool(text)
@@ -242,6 +247,7 @@ class Tokenizer:
         self.pad_id: int | None = sp.pad_id() if sp.pad_id() >= 0 else None
         self._bytes = {i: int(sp.id_to_piece(i)[3:5], 16) for i in range(self.vocab_size) if sp.is_byte(i)}
         self._unk_surface = sp.decode([sp.unk_id()])
+        self._kinds: dict[int, tuple[int, str]] = {}  # id -> (kind, piece), filled as ids are decoded
         # How decode treats leading "▁" (normalizer add_dummy_prefix / remove_extra_whitespaces),
         # read off the model by decoding the bare "▁" piece once and twice.
         ws = sp.piece_to_id(_SPACE)
@@ -276,6 +282,16 @@ class Tokenizer:
 
     def _byte_of(self, token_id: int) -> int | None:
         return self._bytes.get(token_id)
+
+    def _piece_kind(self, token_id: int) -> tuple[int, str]:
+        """(_CONTROL / _UNKNOWN / _PLAIN, piece) of an id inside the pieces; kept once asked (a streamed token
+        costs one dict look-up instead of three sentencepiece calls)."""
+        known = self._kinds.get(token_id)
+        if known is None:
+            sp = self._sp
+            kind = _CONTROL if sp.is_control(token_id) else _UNKNOWN if sp.is_unknown(token_id) else _PLAIN
+            known = self._kinds[token_id] = (kind, sp.id_to_piece(token_id))
+        return known
 
     def _text_sp(self, text: str) -> spm.SentencePieceProcessor:
         """The processor for a plain text: without the dummy prefix where `load(prefix_first=True)` says so."""

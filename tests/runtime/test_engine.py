@@ -411,3 +411,22 @@ def test_fork_of_must_be_the_same_prompt_and_config():
         engine.add(PROMPTS[1], GREEDY, fork_of=first)
     with pytest.raises(ConfigError, match="fork_of"):
         engine.add(PROMPTS[0], GenerationConfig(max_new_tokens=9, eos_token_id=()), fork_of=first)
+
+
+def test_greedy_rows_chosen_in_one_argmax_equal_rows_chosen_by_their_samplers():
+    """Plain greedy rows of a step get their tokens from one argmax over the batch; rows beside them with
+    penalties, a logit bias, eos held back or sampling go through their samplers: each equals its run alone."""
+    configs = [GenerationConfig(max_new_tokens=9, eos_token_id=()),
+               GenerationConfig(max_new_tokens=9, eos_token_id=(), repetition_penalty=1.5),
+               GenerationConfig(max_new_tokens=9, eos_token_id=(), logit_bias=((5, 3.0),)),
+               GenerationConfig(max_new_tokens=9, do_sample=True, seed=7, eos_token_id=())]
+    # greedy's second token (a decode step's choice), made the eos of a row that must not stop on it
+    second = alone(PROMPTS[2])[1]
+    configs.append(GenerationConfig(max_new_tokens=9, eos_token_id=second, min_new_tokens=3))
+    prompts = [*PROMPTS, PROMPTS[2]]
+    engine = Engine(ToyBackend(), ToyTokenizer(), max_batch=len(configs))
+    rows = [engine.add(p, c) for p, c in zip(prompts, configs, strict=True)]
+    done = drain(engine)
+    for row, prompt, config in zip(rows, prompts, configs, strict=True):
+        assert done[row.id] == alone(prompt, config)
+    assert second not in done[rows[4].id][:3] and len(done[rows[4].id]) >= 3

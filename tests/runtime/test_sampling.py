@@ -338,3 +338,36 @@ def test_chain_with_min_p_and_min_new_tokens_equals_transformers(hf):
         s(logits[0])
     greedy = Sampler(V, min_new_tokens=1, eos_ids=eos)
     assert greedy(logits[0]) != eos[0] and greedy(logits[0]) == eos[0]  # eos only once a token was chosen
+
+
+@pytest.mark.parametrize("kw, plain", [
+    ({}, True),
+    ({"min_new_tokens": 2}, True),  # no eos ids: nothing to hold back
+    ({"min_new_tokens": 2, "eos_ids": [3]}, False),
+    ({"repetition_penalty": 1.3, "prompt_ids": [3]}, False),
+    ({"presence_penalty": 0.5}, False),
+    ({"logit_bias": {3: 2.0}}, False),
+    ({"logit_bias": {3: 0.0}}, True),  # a zero bias changes nothing
+    ({"do_sample": True, "seed": 0}, False),
+])
+def test_argmax_only_says_when_the_choice_is_the_raw_argmax(kw, plain):
+    """The Engine takes one argmax for every `argmax_only` row of a step: that must be what the sampler would
+    choose, and every setting that changes the scores must turn it off."""
+    s = Sampler(V, **kw)
+    assert s.argmax_only is plain
+    x = random_logits(rows=8, seed=3)
+    x[:, 3] += 10  # token 3 is every row's argmax: the settings above that touch it change the choice
+    for row in x:
+        if s.argmax_only:
+            assert s(row.copy()) == int(np.argmax(row))
+    if "min_new_tokens" in kw and "eos_ids" in kw:
+        assert s.chosen == 0 and not s.argmax_only
+        assert [s(row) for row in x[:2]] != [3, 3] and s.argmax_only  # eos held back for 2 tokens, then plain
+
+
+def test_took_counts_a_choice_as_a_call_does():
+    a, b = Sampler(V, min_new_tokens=1, eos_ids=[3]), Sampler(V, min_new_tokens=1, eos_ids=[3])
+    x = random_logits(rows=2, seed=4)
+    a(x[0])
+    b.took(int(np.argmax(x[0])))
+    assert a.chosen == b.chosen == 1 and a.argmax_only and b.argmax_only
