@@ -446,7 +446,7 @@ class Engine:
 
     def add(self, prompt: list[int], config: GenerationConfig, *, sample_index: int = 0, keep: bool = False,
             t0: float | None = None, name: str = "prompt 0", continuation: bool = False,
-            fork_of: Row | None = None) -> Row:
+            fork_of: Row | None = None, score_only: bool = False) -> Row:
         """Queue a row for `prompt` (token ids); everything is checked now, before any work. The row is
         prefilled at the next step(). sample_index seeds its sampling with (config.seed, sample_index).
 
@@ -458,12 +458,15 @@ class Engine:
 
         continuation: the row's text continues the prompt's (prompt text + row text = the decode of prompt +
         generated ids, as a completions API returns it: a sentencepiece word's leading space is kept after the
-        prompt's text); False: the row's text is the decode of its generated ids alone (a new message)."""
+        prompt's text); False: the row's text is the decode of its generated ids alone (a new message).
+
+        score_only: the caller wants the prompt's logprobs and drops the token its prefill chooses (a server's
+        echo without generation), so the prompt may fill every position the model holds."""
         config.validate(self.backend.args)
         self.chunk(config.prefill_chunk)
         if not prompt:
             raise ConfigError(f"{name} is empty: a row needs at least one prompt token")
-        self._check_fits(len(prompt), name)
+        self._check_fits(len(prompt), name, room=0 if score_only else 1)
         if fork_of is not None and (fork_of.prompt != list(prompt) or fork_of.config is not config or fork_of.history
                                     or keep or fork_of.keep):
             raise ConfigError("fork_of must be a row of the same prompt and config (not a kept row)")
@@ -530,10 +533,12 @@ class Engine:
         if row in self.parked or row in self.running or row is self.prefilling:
             self._compact(drop={row.id})
 
-    def _check_fits(self, n: int, name: str) -> None:
+    def _check_fits(self, n: int, name: str, room: int = 1) -> None:
+        """n tokens and `room` new ones fit the longest sequence a row holds."""
         limit, why = self.limit()
-        if n >= limit:
-            raise ConfigError(f"{name} has {n} tokens, which leaves no room for a new token: {why}")
+        if n + room > limit:
+            raise ConfigError(f"{name} has {n} tokens, which leaves no room for a new token: {why}" if room else
+                              f"{name} has {n} tokens, more than the {limit} a row holds: {why}")
 
     def _sampler(self, cfg: GenerationConfig, index: int, seen: Sequence[int]) -> Sampler:
         args = self.backend.args

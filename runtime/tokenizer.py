@@ -448,9 +448,10 @@ def _message(m: Any, n: int) -> tuple[str, str]:
         raise ConfigError(f"chat: message {n} must be a mapping with a string 'role', got {m!r}")
     role = "system" if m["role"] == "developer" else m["role"]
     if role not in ("system", "user", "assistant") or m.get("tool_calls"):
+        tools = role == "tool" or (role == "assistant" and m.get("tool_calls"))  # only these are about tools
         raise ConfigError(f"chat: message {n} has {'tool calls' if role == 'assistant' else f'role {role!r}'}: the "
-                          "Mistral v1 format takes system, user and assistant text messages (mistral-common has no "
-                          "tools for v1)")
+                          "Mistral v1 format takes system, user and assistant text messages"
+                          + (" (mistral-common has no tools for v1)" if tools else ""))
     content = m.get("content")
     if isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):

@@ -418,7 +418,8 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
         # a completion, and a continued chat message, is the text that continues the prompt's (a first word keeps
         # its leading space, as vLLM returns it)
         continued = kind == "completions" or getattr(req, "continue_final_message", False)
-        handle = loop.submit(prompts, config, req.n, rid, t0, continuation=continued, stream=bool(req.stream))
+        handle = loop.submit(prompts, config, req.n, rid, t0, continuation=continued, stream=bool(req.stream),
+                             score_only=echo_only)
     except QueueFull as e:
         raise ApiError(f"the server is busy: {e}", 429, type="rate_limit_error") from None
     except NotAccepting as e:
@@ -641,10 +642,12 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
         raise ApiError(f"{field_name}: {e}", param=field_name) from None
     limit, why = limits
     name, asked = length_field(req)
+    score_only = isinstance(req, CompletionRequest) and req.echo and req.max_tokens == 0  # may fill the positions
     for i, p in enumerate(prompts):
-        if len(p) >= limit:
-            raise ApiError(f"{field_name}: prompt {i} has {len(p)} tokens, which leaves no room for a new token: "
-                           f"{why}", param=field_name)
+        if len(p) > limit or (len(p) == limit and not score_only):
+            raise ApiError(f"{field_name}: prompt {i} has {len(p)} tokens, "
+                           + (f"more than the {limit} the model holds" if len(p) > limit else
+                              "which leaves no room for a new token") + f": {why}", param=field_name)
         if asked is not None and len(p) + asked > limit:  # as vLLM and OpenAI answer, not a silent cut
             raise ApiError(f"{name}: prompt {i} has {len(p)} tokens and {name} asks for {asked} more, past the "
                            f"{limit} the model holds ({why}); ask for at most {limit - len(p)}", param=name)

@@ -173,14 +173,42 @@ def parse(model: type[M], body: Any) -> M:
     try:
         req = model.model_validate(body)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            raise ApiError(f"unknown field '{where}'", param=where) from None
-        raise ApiError(f"{where}: {err['msg']}", param=str(err["loc"][0]) if err["loc"] else None) from None
+        raise _first_problem(e.errors()) from None
     if isinstance(req, _Sampling):
         _check_neutral(req)
     return req
+
+
+# pydantic names the member of a union a value failed as a part of its location ("stop", "list[str]", 1): these
+# are the members our fields have, as the client would read them
+_MEMBERS = {"str": "a string", "list[str]": "a list of strings", "dict[str,any]": "an object",
+            "list[dict[str,any]]": "a list of content parts"}
+_BOUNDS = {"less_than": ("lt", "less than"), "less_than_equal": ("le", "less than or equal to"),
+           "greater_than": ("gt", "greater than"), "greater_than_equal": ("ge", "greater than or equal to")}
+
+
+def _first_problem(errors: list[Any]) -> ApiError:
+    """The first validation error as a 400 naming its field, in the client's terms: a value that fits no member of
+    a union is told what the field takes (not the first member's complaint), a union member's name never shows in
+    the field's path, and bounds are the exact integers (pydantic prints 2**64 as a rounded float)."""
+    err = errors[0]
+    loc = [p for p in err["loc"] if p not in _MEMBERS]
+    where = ".".join(str(p) for p in loc)
+    param = str(loc[0]) if loc else None
+    if err["type"] == "extra_forbidden":
+        return ApiError(f"unknown field '{where}'", param=where)
+    members = [e["loc"][-1] for e in errors if len(e["loc"]) == len(loc) + 1 and e["loc"][-1] in _MEMBERS
+               and [p for p in e["loc"] if p not in _MEMBERS] == loc]
+    deeper = [e for e in errors if len(e["loc"]) > len(loc) + 1 and [p for p in e["loc"] if p not in _MEMBERS][
+        :len(loc)] == loc and e["loc"][len(loc)] in _MEMBERS]
+    if deeper:  # the value had a member's shape (a list) and a part of it is wrong: that part named
+        return _first_problem(deeper)
+    if len(members) > 1:
+        return ApiError(f"{where}: must be " + " or ".join(_MEMBERS[m] for m in members), param=param)
+    bound = _BOUNDS.get(err["type"])
+    if bound and isinstance(err.get("ctx", {}).get(bound[0]), int):
+        return ApiError(f"{where}: Input should be {bound[1]} {err['ctx'][bound[0]]}", param=param)
+    return ApiError(f"{where}: {err['msg']}", param=param)
 
 
 def _check_neutral(req: _Sampling) -> None:

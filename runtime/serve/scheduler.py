@@ -68,6 +68,7 @@ class Request:
     ended: bool = False  # every choice finished, or cancelled (engine thread)
     continuation: bool = False  # the rows' text continues the prompt's (completions), else a new message (chat)
     stream: bool = True  # every token's event is delivered; False: only each choice's last (its output)
+    score_only: bool = False  # echo without generation: the prompts are scored, the chosen tokens dropped
 
     @property
     def choices(self) -> int:
@@ -117,12 +118,12 @@ class EngineLoop:
 
     # ---- called from the server's threads ---------------------------------------------------------
     def submit(self, prompts: list[list[int]], config: GenerationConfig, n: int, request_id: str,
-               t0: float, continuation: bool = False, stream: bool = True) -> Request:
-        """Queue a request (prompts already checked to fit); QueueFull / NotAccepting at once. continuation:
-        see Engine.add. stream=False: events() yields only the events that carry an output (a request answered
-        whole wakes its event loop once per choice, not once per token)."""
+               t0: float, continuation: bool = False, stream: bool = True, score_only: bool = False) -> Request:
+        """Queue a request (prompts already checked to fit); QueueFull / NotAccepting at once. continuation,
+        score_only: see Engine.add. stream=False: events() yields only the events that carry an output (a request
+        answered whole wakes its event loop once per choice, not once per token)."""
         req = Request(request_id, prompts, config, n, t0, asyncio.get_running_loop(), continuation=continuation,
-                      stream=stream)
+                      stream=stream, score_only=score_only)
         with self._cond:
             if not self._accepting:
                 raise NotAccepting("the server is shutting down")
@@ -212,7 +213,8 @@ class EngineLoop:
                 for j in range(req.n):
                     row = self.engine.add(ids, req.config, sample_index=j, t0=req.t0,
                                           name=f"request {req.id} choice {p * req.n + j}",
-                                          continuation=req.continuation, fork_of=first)
+                                          continuation=req.continuation, fork_of=first,
+                                          score_only=req.score_only)
                     first = first or row
                     req.rows.append(row)
                     self._rows[row.id] = (req, row)

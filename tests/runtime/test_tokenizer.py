@@ -360,7 +360,8 @@ def test_chat_errors(tok):
         ([], "no messages"),
         ([s, u, a, s, u], "message 3 has role 'system' right after an assistant message"),
         ([u, a, s], "message 2 has role 'system' right after an assistant message"),
-        ([u, {"role": "tool", "content": "x"}], "message 1 has role 'tool'"),
+        ([u, {"role": "tool", "content": "x"}], r"message 1 has role 'tool'.*mistral-common has no tools for v1"),
+        ([u, {"role": "bot", "content": "x"}], r"message 1 has role 'bot': .* assistant text messages$"),  # not tools
         ([u, a], "last message must be the user's"),
         ([u, {"role": "assistant", "content": ""}, u], "message 1 is an empty assistant message"),
         ([{"role": "user"}], r"message 0 \(user\) has no content"),

@@ -62,6 +62,10 @@ BAD = [  # (body, status, param, words in the message)
     ({"prompt": "a", "top_p": 0}, 400, "top_p", "greater than 0"),
     (b'{"prompt": "a", "temperature": NaN}', 400, "temperature", "finite number"),
     ({"prompt": "a", "stop": [""]}, 400, "stop", "non-empty"),
+    # a value that fits no member of a union is told what the field takes; a list's bad item is named by its index
+    ({"prompt": "a", "stop": 5}, 400, "stop", "stop: must be a string or a list of strings"),
+    ({"prompt": "a", "stop": ["a", 5]}, 400, "stop", "stop.1: Input should be a valid string"),
+    ({"prompt": "a", "seed": 2**64}, 400, "seed", "less than 18446744073709551616"),  # the exact bound
     ({"prompt": "a", "presence_penalty": 2.5}, 400, "presence_penalty", "less than or equal to 2"),
     (b'{"prompt": "a", "frequency_penalty": NaN}', 400, "frequency_penalty", "finite number"),
     ({"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream: true"),

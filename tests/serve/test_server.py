@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import numpy as np
+import openai
 import pytest
 
 from tests.serve.conftest import Server, continuation
@@ -152,6 +153,17 @@ def test_logprobs_and_echo_prompt_logprobs(server, generator):
             assert c.text == generator.tokenizer.decode(ids) and c.finish_reason == "length"
             assert c.logprobs.tokens == scored.tokens[:len(ids)]
             assert c.logprobs.token_logprobs == pytest.approx(scored.token_logprobs[:len(ids)], abs=1e-6)
+    # a scoring request needs no new token: a prompt filling every position (128 here) is scored; one token more,
+    # or the same prompt with a token to generate, is refused naming the limit
+    full = (ids * 128)[:128]
+    r = server.openai.completions.create(model="tiny", prompt=full, max_tokens=0, logprobs=0, echo=True)
+    assert len(r.choices[0].logprobs.token_logprobs) == 128 and r.usage.completion_tokens == 0
+    np.testing.assert_allclose(r.choices[0].logprobs.token_logprobs[1:], generator.teacher_forced_logprobs(full),
+                               atol=1e-4)
+    for prompt, max_tokens, words in ((full + [5], 0, "129 tokens, more than the 128 the model holds"),
+                                      (full, 1, "128 tokens, which leaves no room for a new token")):
+        with pytest.raises(openai.BadRequestError, match=words):
+            server.openai.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, echo=True)
     # streamed: the same offsets, counted from the start of the whole text (the echo included)
     kw = dict(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=1, echo=True)
     full = server.openai.completions.create(**kw).choices[0].logprobs.text_offset
