@@ -141,3 +141,13 @@ def test_every_command_help_and_the_missing_extra_message(runtime_venv):
     assert r.stderr.strip().splitlines() == [
         "mixtrt export: error: `mixtrt export` needs torch, onnxscript, onnx_ir, tqdm, which are not "
         "installed (export checkpoints to artifacts): pip install 'mixtrt[export]'"]
+
+
+@pytest.mark.parametrize("given, want", [(None, "1"), ("0", "0")])
+def test_importing_mixtrt_turns_onnxruntime_telemetry_off_unless_set(tmp_path, given, want):
+    """onnxruntime 1.29+ phones home from inside a run; a runtime that reads a local artifact must not (README,
+    Guarantees): importing mixtrt sets ORT_DISABLE_TELEMETRY=1, and a value the environment gives is kept."""
+    env = {"PATH": "/usr/bin:/bin", **({"ORT_DISABLE_TELEMETRY": given} if given is not None else {})}
+    out = subprocess.run([sys.executable, "-c", "import os, mixtrt; print(os.environ['ORT_DISABLE_TELEMETRY'])"],
+                         cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == want, out.stderr
