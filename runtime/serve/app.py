@@ -19,6 +19,7 @@ import gc
 import hmac
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -88,7 +89,9 @@ class ServeSettings:
 
     @property
     def name(self) -> str:
-        return self.model_name or Path(self.artifact).resolve().name
+        """The model's id: --model-name, else the artifact folder's name as given (`.` named; a symlink's own name,
+        so `models/current -> v2` serves `current` through every rollout)."""
+        return self.model_name or Path(os.path.abspath(self.artifact)).name
 
     def load_generator(self) -> Generator:
         """The artifact as the server runs it (the plain server and each Ray replica): mixed steps unless asked

@@ -833,3 +833,17 @@ def test_a_cut_streams_log_line_names_the_choices_that_had_finished(generator, s
         s.close()
     [line] = lines
     assert line["end"] == "disconnect" and line["finish"].count("stop") == stopped, (line, stopped)
+
+
+def test_the_default_model_id_is_the_folder_name_as_given(tmp_path, monkeypatch):
+    """Clients name the model by it: a symlink's own name (`current -> v2` keeps `current` across rollouts), the
+    current folder's name for `.`, a trailing slash ignored."""
+    from mixtrt.runtime.serve.app import ServeSettings
+
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "current").symlink_to(tmp_path / "v2")
+    monkeypatch.chdir(tmp_path / "v2")
+    for given, want in ((tmp_path / "current", "current"), (f"{tmp_path}/current/", "current"), (".", "v2"),
+                        ("../current", "current"), (tmp_path / "v2", "v2")):
+        assert ServeSettings(given).name == want
+    assert ServeSettings(tmp_path / "current", model_name="m").name == "m"
