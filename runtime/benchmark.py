@@ -50,6 +50,13 @@ class BenchResult:
     # the decode rate streaming the weights allows: batch x read bandwidth / the weight bytes a step reads
     bandwidth_limit_tokens_per_s: float
     bandwidth_fraction: float  # decode steps/s * weight bytes per step / read bandwidth (batch 1's bytes)
+    # repeated measurements (llama-bench's -r): the rates above are their means, here their sample standard
+    # deviations (0 for one) and each repetition's rate
+    repetitions: int = 1
+    prefill_tokens_per_s_stddev: float = 0.0
+    decode_tokens_per_s_stddev: float = 0.0
+    prefill_samples: tuple[float, ...] = ()
+    decode_samples: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,8 +106,9 @@ def _positive(name: str, value: Any, low: int) -> int:
 
 
 def bench(artifact: str | Path, *, prompt_tokens: int = 128, new_tokens: int = 128, batch: int = 1,
-          threads: int | None = None, seed: int = 0, verify: bool = True) -> BenchResult:
-    """Measure `artifact` (a causal LM artifact directory) as the module docstring says."""
+          threads: int | None = None, seed: int = 0, verify: bool = True, repetitions: int = 1) -> BenchResult:
+    """Measure `artifact` (a causal LM artifact directory) as the module docstring says, `repetitions` times
+    over the same prompts (the rates: their means; the step times: over every repetition's steps)."""
     from mixtrt.runtime.generation import Engine, GenerationConfig, Generator
     from mixtrt.runtime.manifest import Manifest
     from mixtrt.runtime.threads import available_cores, check_threads
@@ -108,6 +116,7 @@ def bench(artifact: str | Path, *, prompt_tokens: int = 128, new_tokens: int = 1
     _positive("prompt_tokens", prompt_tokens, 1)
     _positive("new_tokens", new_tokens, 3)  # the first engine step prefills; decode is timed from the second
     _positive("batch", batch, 1)
+    _positive("repetitions", repetitions, 1)
     check_threads(threads)
     gen = Generator.load(artifact, threads=threads, verify=verify)
     backend = gen.backend
@@ -139,20 +148,29 @@ def bench(artifact: str | Path, *, prompt_tokens: int = 128, new_tokens: int = 1
         return added, steps
 
     run([prompts[0][:8]], GenerationConfig(max_new_tokens=4, eos_token_id=(), do_sample=False))  # warm-up
-    rows, steps = run(prompts, cfg)
-    if any(len(r.tokens) != new_tokens for r in rows):
-        raise ConfigError(f"{artifact}: a row stopped before {new_tokens} new tokens")
-    decode = steps[1:]  # step 0 prefilled every row (and decoded once)
+    decode: list[float] = []
+    prefill_rates, decode_rates = [], []
+    for _ in range(repetitions):
+        rows, steps = run(prompts, cfg)
+        if any(len(r.tokens) != new_tokens for r in rows):
+            raise ConfigError(f"{artifact}: a row stopped before {new_tokens} new tokens")
+        decode += steps[1:]  # step 0 prefilled every row (and decoded once)
+        prefill_rates.append(batch * prompt_tokens / sum(r.t_prefill for r in rows))
+        decode_rates.append(batch * len(steps[1:]) / sum(steps[1:]))
     rss = peak_rss_mib()
     bw = read_bandwidth_gb_s(threads or available_cores())
-    step_s = sum(decode) / len(decode)
+    rate = statistics.fmean(decode_rates)
     return BenchResult(
         artifact=str(artifact), batch=batch, threads=threads, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-        prefill_tokens_per_s=batch * prompt_tokens / sum(r.t_prefill for r in rows),
-        decode_tokens_per_s=batch / step_s,
+        prefill_tokens_per_s=statistics.fmean(prefill_rates),
+        decode_tokens_per_s=rate,
         decode_step_ms={"median": statistics.median(decode) * 1e3, "min": min(decode) * 1e3,
                         "max": max(decode) * 1e3},
         peak_rss_mib=rss, weight_bytes_per_token=wbytes, read_bandwidth_gb_s=bw,
         bandwidth_limit_tokens_per_s=batch * bw * 1e9 / wbytes,
-        bandwidth_fraction=wbytes / step_s / (bw * 1e9),
+        bandwidth_fraction=rate / batch * wbytes / (bw * 1e9),
+        repetitions=repetitions,
+        prefill_tokens_per_s_stddev=statistics.stdev(prefill_rates) if repetitions > 1 else 0.0,
+        decode_tokens_per_s_stddev=statistics.stdev(decode_rates) if repetitions > 1 else 0.0,
+        prefill_samples=tuple(prefill_rates), decode_samples=tuple(decode_rates),
     )

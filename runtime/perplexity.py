@@ -15,7 +15,7 @@ perplexity = exp(mean NLL), log-softmax in float64 over the full vocabulary.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -57,22 +57,27 @@ def _pairs(backend: Backend, reference: Backend | None, ids: list[int], chunk: i
 
 
 def evaluate(backend: Backend, ids: list[int], chunk: int = 256, reference: Backend | None = None,
-             names: tuple[str, str] = ("the artifact", "the reference")) -> dict:
+             names: tuple[str, str] = ("the artifact", "the reference"),
+             progress: Callable[[int, int, float], None] | None = None) -> dict:
     """Perplexity of ids under `backend`; with `reference`, also mean KL(reference || backend) per scored token
     (nats) and the fraction of scored positions where both put the same token first. names: the two artifacts,
-    as errors name them."""
+    as errors name them. progress(chunks done, chunks in all, perplexity so far): called after each chunk (what
+    llama-perplexity prints as it goes)."""
     if reference is not None and reference.args.vocab_size != backend.args.vocab_size:
         raise ConfigError(f"{names[1]}: its vocabulary ({reference.args.vocab_size}) is not {names[0]}'s "
                           f"({backend.args.vocab_size})")
     nll = kl = 0.0
     count = agree = 0
-    for c, logp, ref in _pairs(backend, reference, ids, chunk, names):
+    total = len(chunks(ids, chunk))
+    for done, (c, logp, ref) in enumerate(_pairs(backend, reference, ids, chunk, names), 1):
         target = np.asarray(c[1:])
         nll -= float(logp[np.arange(len(target)), target].sum())
         count += len(target)
         if ref is not None:
             kl += float((np.exp(ref) * (ref - logp)).sum())
             agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+        if progress is not None:
+            progress(done, total, math.exp(min(nll / count, 709.0)))
     if count == 0:
         raise ConfigError(f"the text has {len(ids)} token(s) with BOS: perplexity needs at least 2"
                           + (f" in a chunk (--chunk {chunk})" if len(ids) >= 2 else ""))

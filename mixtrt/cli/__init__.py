@@ -17,6 +17,7 @@ import difflib
 import importlib
 import io
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -53,19 +54,35 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     unrecognized arguments: --x`), as its other errors are."""
     args = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in args if not a.startswith("-")), None)
-    target = (parser.get_default("_subparsers") or {}).get(command)
+    commands = parser.get_default("_subparsers") or {}
+    target = commands.get(command)
+    if command is not None and target is None:  # a misspelt command: named with the closest one
+        close = difflib.get_close_matches(command, sorted(commands), n=1)
+        parser.error(f"invalid command {command!r}" + (f" (did you mean {close[0]}?)" if close else
+                                                       f" (choose from {', '.join(commands)})"))
     if command is not None and target is not None:  # an unknown option is named before argparse reports a
         # required one as missing
-        known = set(target._option_string_actions)
-        for arg in args[args.index(command) + 1:]:
+        known = target._option_string_actions
+        rest = args[args.index(command) + 1:]
+        for i, arg in enumerate(rest):
             if arg == "--":
                 break
             name = arg.split("=", 1)[0]
-            if name.startswith("--") and " " not in name and name not in known:  # (with a space: a value)
-                close = [k for k in sorted(known) if k.startswith(name)][:3] or \
-                    difflib.get_close_matches(name, sorted(known), n=1)
+            if not name.startswith("-") or name == "-" or " " in name or name in known or _NUMBER.match(arg):
+                continue  # a positional, stdin, a value (with a space), a known option, a negative number
+            before = known.get(rest[i - 1]) if i else None
+            if before is not None and before.nargs != 0:  # the value of the option before it, refused by argparse
+                target.error(f"{rest[i - 1]} expects a value; one that starts with '-' is written "
+                             f"{rest[i - 1]}={arg}")
+            habit = _HABITS.get(name)
+            if habit is not None and (habit.startswith("-") and habit in known or not habit.startswith("-")):
                 target.error(f"unrecognized arguments: {name}"
-                             + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+                             + (f" (did you mean {habit}?)" if habit.startswith("-") else f" ({habit})"))
+            options = sorted(o for o in known if o.startswith("--"))
+            close = ([k for k in options if k.startswith(name)][:3] or difflib.get_close_matches(name, options, n=1)
+                     if name.startswith("--") else [])  # a one-letter option is too short to guess from
+            target.error(f"unrecognized arguments: {name}"
+                         + (f" (did you mean {' or '.join(close)}?)" if close else ""))
     ns, rest = parser.parse_known_args(argv)
     if rest:
         command = getattr(ns, "command", None)
@@ -74,10 +91,25 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     return ns
 
 
+# options that llama.cpp's and vLLM's users type by habit, and what mixtrt calls them (or why there is none)
+_HABITS = {"-p": "--prompt", "-n": "--max-new-tokens", "--n-predict": "--max-new-tokens", "--max-tokens":
+           "--max-new-tokens", "-t": "--threads", "-s": "--seed", "--temp": "--temperature", "-r": "--repetitions",
+           "-m": "the artifact is the first argument, not an option", "--model": "the artifact is the first "
+           "argument, not an option", "-c": "the context is chosen at export: mixtrt export --max-context",
+           "--ctx-size": "the context is chosen at export: mixtrt export --max-context"}
+_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # what argparse takes for a negative number, not an option
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from mixtrt.runtime.errors import MixtrtError, Terminated
     from mixtrt.runtime.extras import require
 
+    # started with stdin or stderr closed (`<&-`, `2>&-`): Python leaves them None, and print(file=None) would put
+    # diagnostics on stdout among the results; closed stdin reads as empty
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
     parser = build_parser()
     ns = _parse(parser, argv)
     if isinstance(sys.stdin, io.TextIOWrapper):

@@ -29,15 +29,20 @@ def add_sampling(p: argparse.ArgumentParser, heading: str | None = None) -> None
     g = p.add_argument_group(heading or "generation (the artifact's defaults from the checkpoint's "
                              "generation_config.json, else greedy and 128 new tokens; a sampling option turns "
                              "sampling on, --temperature 0 means greedy)")
-    g.add_argument("--max-new-tokens", type=int, default=None)
-    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="most tokens to generate (default: the artifact's, else 128)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature, 0 .. (0 = greedy; default: the artifact's, else greedy)")
     g.add_argument("--top-k", type=int, default=None, help="0 = off")
     g.add_argument("--top-p", type=float, default=None, help="1.0 = off")
     g.add_argument("--min-p", type=float, default=None,
                    help="drop tokens less likely than MIN_P x the most likely one (0 = off)")
     g.add_argument("--min-new-tokens", type=int, default=None, help="no eos before this many new tokens")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of the sampling (an integer; a negative one as its 64-bit unsigned value; default: a "
+                        "fresh one each run)")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="transformers': a seen token's logit is divided (positive) or multiplied by it (1.0 = off)")
     g.add_argument("--presence-penalty", type=float, default=None,
                    help="OpenAI's: each token already generated loses this much logit (-2..2; 0 = off)")
     g.add_argument("--frequency-penalty", type=float, default=None,

@@ -44,8 +44,17 @@ PARSE = [
     (["perplexity", "ART", "--txt", "f"], "perplexity", ["--txt", "did you mean --text?"]),
     # options are not abbreviated: a prefix is refused, naming the options it starts
     (["generate", "ART", "--prompt", "x", "--temp", "0"], "generate", ["--temp", "did you mean --temperature?"]),
+    # what llama.cpp's and vLLM's users type by habit: named with mixtrt's option, or why there is none; a one-letter
+    # option gets no guessed suggestion
+    (["generate", "ART", "-p", "x"], "generate", ["unrecognized arguments: -p", "did you mean --prompt?"]),
+    (["generate", "ART", "--prompt", "x", "-n", "3"], "generate", ["-n", "did you mean --max-new-tokens?"]),
+    (["generate", "ART", "--prompt", "x", "--ctx-size", "9"], "generate", ["--ctx-size", "export --max-context"]),
+    (["generate", "ART", "--prompt", "x", "-q"], "generate", ["unrecognized arguments: -q (see"]),
+    # a value that starts with '-' is written with '=' (argparse takes it for an option)
+    (["generate", "ART", "--prompt", "-x"], "generate", ["--prompt expects a value", "--prompt=-x"]),
     (["generate"], "generate", ["artifact"]),
-    (["frobnicate"], None, ["frobnicate"]),
+    (["frobnicate"], None, ["invalid command 'frobnicate'", "choose from export"]),
+    (["generat", "ART"], None, ["invalid command 'generat' (did you mean generate?)"]),
     (["export", "CK", "--precision", "int8"], "export", ["--precision", "int8"]),
     (["export", "CK", "--max-context", "lots"], "export", ["--max-context", "lots"]),
     # an empty path is not the current folder (Path("") is "."): named, for every path argument
@@ -242,6 +251,32 @@ def test_a_full_stdout_or_stderr_is_exit_2(artifact):
         r = subprocess.run([sys.executable, "-m", "mixtrt", "inspect", str(artifact / "nothing")], stdout=full,
                            stderr=full, timeout=120)
         assert r.returncode == 2
+
+
+def test_a_closed_stdin_or_stderr(artifact):
+    """Started with stdin closed (`<&-`) it reads as empty: one line, no traceback; with stderr closed (`2>&-`)
+    the diagnostics are lost, never mixed into stdout's results."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = dict(stdout=subprocess.PIPE, timeout=120, cwd=ROOT, env=env)
+    base = [sys.executable, "-m", "mixtrt"]
+    r = subprocess.run(base + ["generate", str(artifact), "-f", "-", "--threads", "1"], stdin=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, **run)
+    want = r.stderr
+    assert r.returncode == 2 and r.stdout == b"" and b"empty" in want
+    for command, words in ((["generate", str(artifact), "-f", "-"], b"empty"),
+                           (["perplexity", str(artifact), "--text", "-"], b"perplexity needs at least 2")):
+        r = subprocess.run(base + command + ["--threads", "1"], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           preexec_fn=lambda: os.close(0), **run)
+        assert r.returncode == 2 and r.stdout == b"" and len(r.stderr.splitlines()) == 1, r.stderr
+        assert words in r.stderr
+    r = subprocess.run(base + ["chat", str(artifact), "--threads", "1"], stdin=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, preexec_fn=lambda: os.close(0), **run)
+    assert r.returncode == 0 and r.stderr == b"" and r.stdout == b"you> \n"
+    for extra, code in ((["--max-new-tokens", "3"], 0), (["--temperature", "nan"], 2)):
+        r = subprocess.run(base + ["generate", str(artifact), "--prompt", "It was", "--threads", "1", *extra],
+                           stderr=subprocess.DEVNULL, preexec_fn=lambda: os.close(2), **run)
+        assert r.returncode == code
+        assert b"error" not in r.stdout and b"finish" not in r.stdout and b"prompt tokens" not in r.stdout, r.stdout
 
 
 def test_invalid_utf8_in_argv_and_stdin_is_named(artifact):

@@ -214,7 +214,19 @@ def test_perplexity_command_with_reference(realistic_pairs, tmp_path, capsys, mo
     long = tmp_path / "long.txt"
     long.write_text("one two three four five six seven eight nine ten " * 20)
     assert main(["perplexity", str(fp32), "--text", str(long), "--chunk", "100"]) == 2
-    assert f"past the 64 positions {fp32} serves: pass --chunk 64 or less" in capsys.readouterr().err
+    assert f"--chunk 100 is past the 64 positions {fp32} serves: pass --chunk 64 or less" in capsys.readouterr().err
+    # the --chunk given is named, also where the text is shorter than it (it was named as the text's length)
+    assert main(["perplexity", str(fp32), "--text", str(text), "--chunk", "999999999"]) == 2
+    assert "--chunk 999999999 is past the 64 positions" in capsys.readouterr().err
+    # on a terminal, the chunks done and the perplexity so far (llama-perplexity's running value), then a newline
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    assert main(["perplexity", str(fp32), "--text", str(long), "--chunk", "16", "--json"]) == 0
+    captured = capsys.readouterr()
+    n = len(chunks(list(range(json.loads(captured.out)["tokens"])), 16))
+    shown = [part for part in captured.err.split("\r") if part]
+    assert [p.split(":")[0] for p in shown] == [f"chunk {i}/{n}" for i in range(1, n + 1)] and captured.err[-1] == "\n"
+    assert f"{json.loads(captured.out)['perplexity']:.4f}" in shown[-1]
+    monkeypatch.undo()
     assert main(["perplexity", str(fp32), "--text", str(long), "--json"]) == 0  # the default fits itself: 64, not 256
     assert json.loads(capsys.readouterr().out)["chunk"] == 64
     empty = tmp_path / "empty.txt"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import math
 import os
 import subprocess
@@ -65,6 +66,8 @@ def test_bench_refuses_what_it_cannot_measure(exported):
         bench(art, prompt_tokens=126, new_tokens=4)
     with pytest.raises(ConfigError, match="batch"):
         bench(art, batch=0)
+    with pytest.raises(ConfigError, match="repetitions=0 must be an integer >= 1"):
+        bench(art, repetitions=0)
 
 
 def test_bench_command_json_and_text(exported):
@@ -80,6 +83,15 @@ def test_bench_command_json_and_text(exported):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["new_tokens"] == 4 and d["decode_tokens_per_s"] > 0 and 0 < d["bandwidth_fraction"]
+    assert d["repetitions"] == 1 and d["decode_tokens_per_s_stddev"] == 0 and len(d["decode_samples"]) == 1
+    # -r as llama-bench's: the rates are the repetitions' means, with their standard deviations and each one
+    r = cli("-r", "3", "--json")
+    d = json.loads(r.stdout)
+    assert d["repetitions"] == 3 and len(d["decode_samples"]) == len(d["prefill_samples"]) == 3
+    assert d["decode_tokens_per_s"] == pytest.approx(sum(d["decode_samples"]) / 3)
+    assert d["decode_tokens_per_s_stddev"] == pytest.approx(statistics.stdev(d["decode_samples"]))
+    text = cli("--repetitions", "2").stdout
+    assert " ± " in text and "(mean of 2 repetitions)" in text
     bad = cli("--batch", "0")
     assert bad.returncode == 2 and "--batch: 0 is less than 1" in bad.stderr and len(bad.stderr.splitlines()) == 1
 
@@ -100,7 +112,7 @@ def test_bench_text_explains_a_fraction_above_one(monkeypatch, capsys, fraction)
         bandwidth_fraction=fraction)
     monkeypatch.setattr(benchmark, "bench", lambda *a, **k: result)
     ns = argparse.Namespace(artifact="a", prompt_tokens=8, new_tokens=4, batch=1, threads=1, no_verify=True,
-                            json=False)
+                            json=False, repetitions=1)
     assert command.run(ns) == 0
     out = capsys.readouterr().out
     assert f"decode at {fraction:.0%} of it" in out

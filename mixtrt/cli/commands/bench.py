@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=at_least(1), default=1, help="rows decoded together (default 1)")
     p.add_argument("--threads", type=threads, default=None,
                    help="onnxruntime intra-op threads, 1 .. the available cores (default: all of them)")
+    p.add_argument("-r", "--repetitions", type=at_least(1), default=1,
+                   help="measure this many times over the same prompts, as llama-bench's -r: rates as mean ± "
+                        "standard deviation (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of the artifact's files at load (sizes are still checked)")
@@ -25,7 +28,7 @@ def run(ns: argparse.Namespace) -> int:
     from mixtrt.runtime.benchmark import bench
 
     r = bench(ns.artifact, prompt_tokens=ns.prompt_tokens, new_tokens=ns.new_tokens, batch=ns.batch,
-              threads=ns.threads, verify=not ns.no_verify)
+              threads=ns.threads, verify=not ns.no_verify, repetitions=ns.repetitions)
     if ns.json:
         print(json.dumps(r.to_dict(), allow_nan=False))
         return 0
@@ -33,9 +36,11 @@ def run(ns: argparse.Namespace) -> int:
     print(f"artifact      {r.artifact}")
     print(f"run           batch {r.batch}, prompt {r.prompt_tokens} tokens, {r.new_tokens} new tokens (greedy), "
           f"threads {r.threads or 'all'}")
-    print(f"prefill       {r.prefill_tokens_per_s:.1f} tok/s")
-    print(f"decode        {r.decode_tokens_per_s:.1f} tok/s; one step {step['median']:.2f} ms median "
-          f"({step['min']:.2f}-{step['max']:.2f})")
+    spread = (lambda sd: f" ± {sd:.1f}") if r.repetitions > 1 else (lambda sd: "")
+    reps = f" (mean of {r.repetitions} repetitions)" if r.repetitions > 1 else ""
+    print(f"prefill       {r.prefill_tokens_per_s:.1f}{spread(r.prefill_tokens_per_s_stddev)} tok/s{reps}")
+    print(f"decode        {r.decode_tokens_per_s:.1f}{spread(r.decode_tokens_per_s_stddev)} tok/s{reps}; one step "
+          f"{step['median']:.2f} ms median ({step['min']:.2f}-{step['max']:.2f})")
     print(f"peak RSS      {r.peak_rss_mib:.0f} MiB")
     print(f"bandwidth     {r.read_bandwidth_gb_s:.1f} GB/s read (probe); a step reads "
           f"{r.weight_bytes_per_token / 2**20:.1f} MiB of weights: limit {r.bandwidth_limit_tokens_per_s:.1f} "

@@ -45,13 +45,24 @@ def run(ns: argparse.Namespace) -> int:
         except (ArtifactError, ConfigError) as e:  # the same line the artifact would give: say which one it is
             raise type(e)(f"--reference {e}") from None
         _warn_if_other_model(gen.backend.args, ref.backend.args, ns.reference)
+    most = min([gen.backend.max_positions] + ([ref.backend.max_positions] if ref is not None else []))
     if ns.chunk is None:  # an explicit --chunk past the positions is an error; the default fits itself
-        ns.chunk = min([256, gen.backend.max_positions] + ([ref.backend.max_positions] if ref is not None else []))
+        ns.chunk = min(256, most)
+    elif ns.chunk > most:
+        raise ConfigError(f"--chunk {ns.chunk} is past the {most} positions "
+                          f"{ns.artifact if most == gen.backend.max_positions else f'--reference {ns.reference}'} "
+                          f"serves: pass --chunk {most} or less")
     ids = gen.tokenizer.encode(text)
     if ref is not None and ref.tokenizer.encode(text) != ids:
         raise ConfigError(f"--reference {ns.reference}: its tokenizer splits the text differently")
-    out = evaluate(gen.backend, ids, ns.chunk, reference=ref.backend if ref is not None else None,
-                   names=(str(ns.artifact), f"--reference {ns.reference}"))
+    # on a terminal, the chunks done and the perplexity so far on one line, as llama-perplexity prints them
+    show = _progress if sys.stderr.isatty() else None
+    try:
+        out = evaluate(gen.backend, ids, ns.chunk, reference=ref.backend if ref is not None else None,
+                       names=(str(ns.artifact), f"--reference {ns.reference}"), progress=show)
+    finally:
+        if show is not None:
+            print(file=sys.stderr)
     if ns.json:
         # strict JSON: a perplexity past float range is null (its mean_nll says how far)
         print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in out.items()},
@@ -63,6 +74,10 @@ def run(ns: argparse.Namespace) -> int:
         line += f"; vs {ns.reference}: mean KL {out['mean_kl']:.5f} nats, top-1 agreement {out['top1_agreement']:.2%}"
     print(line)
     return 0
+
+
+def _progress(done: int, total: int, perplexity: float) -> None:
+    print(f"\rchunk {done}/{total}: perplexity so far {perplexity:.4f}", end="", file=sys.stderr, flush=True)
 
 
 def _warn_if_other_model(args: Any, ref_args: Any, reference: Any) -> None:
