@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import statistics
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
