@@ -186,20 +186,29 @@ def stats_line(out: Any, prompt: str | None = None) -> str:
             f"finish: {out.finish_reason} ({out.finish_message})]")
 
 
-def print_stream(events: Any, before: str = "") -> Any:
+def print_stream(events: Any, before: str = "", started: bool = False) -> Any:
     """Write each event's text to stdout as it arrives; return the final GenerationOutput.
 
     `before` (the prompt) is written once the first token is there, so a prompt whose prefill fails is never
-    echoed; a stream made with continuation=True then reads as the prompt's text continued.
+    echoed; a stream made with continuation=True then reads as the prompt's text continued. Ctrl-C (raised on)
+    ends the line first where anything is on it (`started`: the caller wrote its start).
     """
     out = None
-    for event in events:
-        if before:
-            sys.stdout.write(before)
-            before = ""
-        sys.stdout.write(event.text)
-        sys.stdout.flush()
-        out = event.output or out
+    written = started
+    try:
+        for event in events:
+            if before:
+                sys.stdout.write(before)
+                before = ""
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            written = True
+            out = event.output or out
+    except KeyboardInterrupt:
+        if written:  # the cut text's line ends (a file or a pipe reads one whole line), then the interrupt goes on
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise
     sys.stdout.write("\n")
     return out
 

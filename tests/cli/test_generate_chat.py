@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -201,11 +202,11 @@ def test_chat_command_keeps_the_session_through_restarts_and_ctrl_c(monkeypatch,
     monkeypatch.setattr("builtins.input", lambda prompt: said.append(next(lines)) or said[-1])
     real = chat_command.print_stream
 
-    def print_stream(events, tokenizer=None):
+    def print_stream(events, **kw):
         if said[-1] == "stop me":
             next(events)
             raise KeyboardInterrupt
-        return real(events, tokenizer)
+        return real(events, **kw)
 
     sessions = []
     make_session = gen.chat_session
@@ -263,3 +264,19 @@ def test_stop_strings_match_the_text_continuing_the_prompt_in_both_modes(generat
     [b] = generator.generate([prompt], cfg)
     assert a.token_ids == b.token_ids and a.text == " " + b.text == cont.text[:cont.text.index(later)]
     assert "".join(e.text for e in generator.stream(prompt, cfg)) == b.text
+
+
+def test_an_interrupted_stream_ends_its_line(monkeypatch, capsys):
+    """Ctrl-C while text streams: the line on stdout is ended before the interrupt goes on (a file or a pipe gets
+    whole lines), and nothing is added where nothing was written."""
+    from mixtrt.cli.options import print_stream
+
+    def events(n):
+        for i in range(n):
+            yield types.SimpleNamespace(text=f"t{i}", output=None)
+        raise KeyboardInterrupt
+
+    for n, before, started, want in ((2, "It", False, "Itt0t1\n"), (0, "It", False, ""), (0, "", True, "\n")):
+        with pytest.raises(KeyboardInterrupt):
+            print_stream(events(n), before=before, started=started)
+        assert capsys.readouterr().out == want

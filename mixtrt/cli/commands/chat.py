@@ -55,10 +55,9 @@ def run(ns: argparse.Namespace) -> int:
             print(f"mixtrt chat: {turn.note}", file=sys.stderr)
         sys.stdout.write("model> ")
         try:
-            out = print_stream(events)
+            out = print_stream(events, started=True)
         except KeyboardInterrupt:
-            events.close()  # cancels the turn: the conversation stays as it was
-            print(flush=True)  # the cut reply's line ends in the transcript too (stdout), not only on a terminal
+            events.close()  # cancels the turn: the conversation stays as it was (print_stream ended its line)
             print("mixtrt chat: reply interrupted; the turn is dropped", file=sys.stderr)
             continue
         if not out.text:
