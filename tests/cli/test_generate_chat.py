@@ -280,3 +280,31 @@ def test_an_interrupted_stream_ends_its_line(monkeypatch, capsys):
         with pytest.raises(KeyboardInterrupt):
             print_stream(events(n), before=before, started=started)
         assert capsys.readouterr().out == want
+
+
+def test_chat_command_takes_a_multi_line_message(monkeypatch, capsys):
+    """A line ending with a backslash continues the message on the next line (llama-cli's multi-line input): one
+    message with its line breaks, one reply; input ending inside such a message drops it."""
+    import mixtrt.cli.commands.chat as chat_command
+    from mixtrt.cli import main
+    from tests.runtime.test_chat_session import ByteChat, Speaker
+
+    gen = Generator(Speaker(windowed=False, capacity=200), ByteChat())
+    monkeypatch.setattr(chat_command, "load_generator", lambda ns: gen)
+    sessions = []
+    make_session = gen.chat_session
+    monkeypatch.setattr(gen, "chat_session", lambda **kw: sessions.append(make_session(**kw)) or sessions[-1])
+    for lines, want in ((["first \\", "second\\", "\\", "end", "third", ""], ["first \nsecond\n\nend", "third"]),
+                        (["hi", "cut \\"], ["hi"])):
+        feed = iter(lines)
+
+        def read(prompt, feed=feed):
+            try:
+                return next(feed)
+            except StopIteration:
+                raise EOFError from None
+
+        monkeypatch.setattr("builtins.input", read)
+        assert main(["chat", "unused", "--max-new-tokens", "3"]) == 0
+        assert [m["content"] for m in sessions[-1].messages if m["role"] == "user"] == want
+        assert capsys.readouterr().out.count("model> ") == len(want)

@@ -37,12 +37,10 @@ def run(ns: argparse.Namespace) -> int:
     session = gen.chat_session(system=ns.system, config=generation_config(gen, overrides))
     while True:
         try:
-            user = input("you> ").removesuffix("\r")  # a line ended by CRLF (a transcript saved on Windows)
+            user = _message()
         except EOFError:
             print()
             return 0
-        if not sys.stdin.isatty():  # a terminal echoes the line; fed by a pipe, the transcript shows it so
-            print(_shown(user))
         if not user.strip():
             return 0
         try:
@@ -72,6 +70,22 @@ def run(ns: argparse.Namespace) -> int:
             conversation = (f"conversation {turn.prompt_tokens} tokens: {turn.prefilled_tokens} prefilled ({what}), "
                             f"{cache}")
             print(stats_line(out, prompt=conversation), file=sys.stderr)
+
+
+def _message() -> str:
+    """The next message: one line, or several where a line ends with a backslash (llama-cli's multi-line input:
+    the backslash goes, the line break stays). A line ended by CRLF (a transcript saved on Windows) is the same as
+    with LF. EOFError at the end of input (a message cut by it is dropped, as an unfinished line is)."""
+    lines: list[str] = []
+    prompt = "you> "
+    while True:
+        line = input(prompt).removesuffix("\r")
+        if not sys.stdin.isatty():  # a terminal echoes the line; fed by a pipe, the transcript shows it so
+            print(_shown(line))
+        if not line.endswith("\\"):
+            return "\n".join([*lines, line])
+        lines.append(line[:-1])
+        prompt = "...> "
 
 
 def _shown(line: str) -> str:
