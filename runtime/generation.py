@@ -669,7 +669,8 @@ class Engine:
         finite = np.isfinite(logits).all(axis=-1)
         bad = [row for i, row in enumerate(self.running) if not finite[i]]
         plain = [row.sampler.argmax_only for row in self.running]
-        best = logits.argmax(axis=-1).tolist() if any(plain) else None  # the greedy rows' tokens, in one call
+        # the greedy rows' tokens in one call, on the float32 scores a sampler chooses from
+        best = np.asarray(logits, np.float32).argmax(axis=-1).tolist() if any(plain) else None
         for i, row in enumerate(self.running):
             row.cached += 1
             if finite[i]:

@@ -56,7 +56,8 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     command = next((a for a in args if not a.startswith("-")), None)
     commands = parser.get_default("_subparsers") or {}
     target = commands.get(command)
-    if command is not None and target is None:  # a misspelt command: named with the closest one
+    asks = {"-h", "--help", "--version"}.intersection(args[:args.index(command)] if command is not None else args)
+    if command is not None and target is None and not asks:  # a misspelt command: named with the closest one
         close = difflib.get_close_matches(command, sorted(commands), n=1)
         parser.error(f"invalid command {command!r}" + (f" (did you mean {close[0]}?)" if close else
                                                        f" (choose from {', '.join(commands)})"))
@@ -70,6 +71,9 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
             name = arg.split("=", 1)[0]
             if not name.startswith("-") or name == "-" or " " in name or name in known or _NUMBER.match(arg):
                 continue  # a positional, stdin, a value (with a space), a known option, a negative number
+            short = known.get(name[:2]) if not name.startswith("--") else None
+            if short is not None and short.nargs != 0:
+                continue  # a short option with its value attached (-fprompt.txt, -r3)
             before = known.get(rest[i - 1]) if i else None
             if before is not None and before.nargs != 0:  # the value of the option before it, refused by argparse
                 target.error(f"{rest[i - 1]} expects a value; one that starts with '-' is written "

@@ -199,10 +199,10 @@ def print_stream(events: Any, before: str = "", started: bool = False) -> Any:
         for event in events:
             if before:
                 sys.stdout.write(before)
-                before = ""
+                before, written = "", True
             sys.stdout.write(event.text)
             sys.stdout.flush()
-            written = True
+            written = written or bool(event.text)
             out = event.output or out
     except KeyboardInterrupt:
         if written:  # the cut text's line ends (a file or a pipe reads one whole line), then the interrupt goes on

@@ -179,32 +179,43 @@ def parse(model: type[M], body: Any) -> M:
     return req
 
 
-# pydantic names the member of a union a value failed as a part of its location ("stop", "list[str]", 1): these
-# are the members our fields have, as the client would read them
+# pydantic names the member of a union a value failed as a part of its location ("stop", "list[str]", 1), right
+# after the union field: these are our union fields and their members, as the client would read them
+_UNIONS = {"stop", "content", "tool_choice", "function_call"}
 _MEMBERS = {"str": "a string", "list[str]": "a list of strings", "dict[str,any]": "an object",
             "list[dict[str,any]]": "a list of content parts"}
 _BOUNDS = {"less_than": ("lt", "less than"), "less_than_equal": ("le", "less than or equal to"),
            "greater_than": ("gt", "greater than"), "greater_than_equal": ("ge", "greater than or equal to")}
 
 
+def _is_member(loc: tuple[Any, ...], i: int) -> bool:
+    """loc[i] is pydantic's name of a union member (not a client's dict key that happens to read the same)."""
+    return i > 0 and loc[i] in _MEMBERS and loc[i - 1] in _UNIONS
+
+
 def _first_problem(errors: list[Any]) -> ApiError:
     """The first validation error as a 400 naming its field, in the client's terms: a value that fits no member of
-    a union is told what the field takes (not the first member's complaint), a union member's name never shows in
-    the field's path, and bounds are the exact integers (pydantic prints 2**64 as a rounded float)."""
+    a union is told what the field takes (not the first member's complaint), a value of a member's shape with a
+    wrong part has that part named, a member's name never shows in the field's path, and bounds are the exact
+    integers (pydantic prints 2**64 as a rounded float)."""
     err = errors[0]
-    loc = [p for p in err["loc"] if p not in _MEMBERS]
+    raw = tuple(err["loc"])
+    at = next((i for i in range(len(raw)) if _is_member(raw, i)), None)
+    if at is not None:
+        same = [e for e in errors if len(e["loc"]) > at and tuple(e["loc"][:at]) == raw[:at] and
+                _is_member(tuple(e["loc"]), at)]
+        deeper = [e for e in same if len(e["loc"]) > at + 1]
+        if deeper:  # the value had a member's shape (a list) and a part of it is wrong: that part named
+            err = deeper[0]
+        elif len(same) > 1:
+            where = ".".join(str(p) for p in raw[:at])
+            return ApiError(f"{where}: must be " + " or ".join(_MEMBERS[e["loc"][at]] for e in same),
+                            param=str(raw[0]))
+    loc = [p for i, p in enumerate(err["loc"]) if not _is_member(tuple(err["loc"]), i)]
     where = ".".join(str(p) for p in loc)
     param = str(loc[0]) if loc else None
     if err["type"] == "extra_forbidden":
         return ApiError(f"unknown field '{where}'", param=where)
-    members = [e["loc"][-1] for e in errors if len(e["loc"]) == len(loc) + 1 and e["loc"][-1] in _MEMBERS
-               and [p for p in e["loc"] if p not in _MEMBERS] == loc]
-    deeper = [e for e in errors if len(e["loc"]) > len(loc) + 1 and [p for p in e["loc"] if p not in _MEMBERS][
-        :len(loc)] == loc and e["loc"][len(loc)] in _MEMBERS]
-    if deeper:  # the value had a member's shape (a list) and a part of it is wrong: that part named
-        return _first_problem(deeper)
-    if len(members) > 1:
-        return ApiError(f"{where}: must be " + " or ".join(_MEMBERS[m] for m in members), param=param)
     bound = _BOUNDS.get(err["type"])
     if bound and isinstance(err.get("ctx", {}).get(bound[0]), int):
         return ApiError(f"{where}: Input should be {bound[1]} {err['ctx'][bound[0]]}", param=param)

@@ -271,14 +271,15 @@ def test_an_interrupted_stream_ends_its_line(monkeypatch, capsys):
     whole lines), and nothing is added where nothing was written."""
     from mixtrt.cli.options import print_stream
 
-    def events(n):
-        for i in range(n):
-            yield types.SimpleNamespace(text=f"t{i}", output=None)
+    def events(texts):
+        for text in texts:
+            yield types.SimpleNamespace(text=text, output=None)
         raise KeyboardInterrupt
 
-    for n, before, started, want in ((2, "It", False, "Itt0t1\n"), (0, "It", False, ""), (0, "", True, "\n")):
+    for texts, before, started, want in ((["t0", "t1"], "It", False, "Itt0t1\n"), ([], "It", False, ""),
+                                         ([], "", True, "\n"), ([""], "", False, ""), ([""], "It", False, "It\n")):
         with pytest.raises(KeyboardInterrupt):
-            print_stream(events(n), before=before, started=started)
+            print_stream(events(texts), before=before, started=started)
         assert capsys.readouterr().out == want
 
 

@@ -326,3 +326,21 @@ def test_export_api_options(tmp_path, checkpoint):
             export_onnx(checkpoint, tmp_path / "art", progress=None, **kw)
         one_line(e.value, culprit)
     assert tree(tmp_path) == before
+
+
+def test_what_the_option_check_still_lets_through(tmp_path, capsys):
+    """The check that names unknown options before argparse passes every form argparse takes: a short option with
+    its value attached, negative numbers, `--opt=-x`, `-` for stdin; `--version` / `-h` before a misspelt command
+    still answer."""
+    from mixtrt.cli import _parse, build_parser
+
+    parser = build_parser()
+    ns = _parse(parser, ["generate", "ART", "-fprompt.txt", "--seed", "-1", "--stop=-x", "--temperature", "-0.5"])
+    assert ns.prompt_file == "prompt.txt" and ns.seed == -1 and ns.stop == ["-x"] and ns.temperature == -0.5
+    assert _parse(parser, ["generate", "ART", "-f", "-"]).prompt_file == "-"
+    assert _parse(parser, ["bench", "ART", "-r3"]).repetitions == 3
+    for argv in (["--version", "generat"], ["-h", "generat"]):
+        with pytest.raises(SystemExit) as e:
+            _parse(parser, argv)
+        assert e.value.code == 0
+    capsys.readouterr()

@@ -66,6 +66,8 @@ BAD = [  # (body, status, param, words in the message)
     ({"prompt": "a", "stop": 5}, 400, "stop", "stop: must be a string or a list of strings"),
     ({"prompt": "a", "stop": ["a", 5]}, 400, "stop", "stop.1: Input should be a valid string"),
     ({"prompt": "a", "seed": 2**64}, 400, "seed", "less than 18446744073709551616"),  # the exact bound
+    # a client's dict key that reads like a union member's name is a key, named as such
+    ({"prompt": "a", "logit_bias": {"str": "x"}}, 400, "logit_bias", "logit_bias.str: Input should be a valid number"),
     ({"prompt": "a", "presence_penalty": 2.5}, 400, "presence_penalty", "less than or equal to 2"),
     (b'{"prompt": "a", "frequency_penalty": NaN}', 400, "frequency_penalty", "finite number"),
     ({"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream: true"),

@@ -56,12 +56,18 @@ def run(ns: argparse.Namespace) -> int:
     if ref is not None and ref.tokenizer.encode(text) != ids:
         raise ConfigError(f"--reference {ns.reference}: its tokenizer splits the text differently")
     # on a terminal, the chunks done and the perplexity so far on one line, as llama-perplexity prints them
-    show = _progress if sys.stderr.isatty() else None
+    shown: list[int] = []
+
+    def show(done: int, total: int, perplexity: float) -> None:
+        print(f"\rchunk {done}/{total}: perplexity so far {perplexity:.4f}", end="", file=sys.stderr, flush=True)
+        shown.append(done)
+
     try:
         out = evaluate(gen.backend, ids, ns.chunk, reference=ref.backend if ref is not None else None,
-                       names=(str(ns.artifact), f"--reference {ns.reference}"), progress=show)
+                       names=(str(ns.artifact), f"--reference {ns.reference}"),
+                       progress=show if sys.stderr.isatty() else None)
     finally:
-        if show is not None:
+        if shown:  # the progress line ends before what follows on stderr
             print(file=sys.stderr)
     if ns.json:
         # strict JSON: a perplexity past float range is null (its mean_nll says how far)
@@ -74,10 +80,6 @@ def run(ns: argparse.Namespace) -> int:
         line += f"; vs {ns.reference}: mean KL {out['mean_kl']:.5f} nats, top-1 agreement {out['top1_agreement']:.2%}"
     print(line)
     return 0
-
-
-def _progress(done: int, total: int, perplexity: float) -> None:
-    print(f"\rchunk {done}/{total}: perplexity so far {perplexity:.4f}", end="", file=sys.stderr, flush=True)
 
 
 def _warn_if_other_model(args: Any, ref_args: Any, reference: Any) -> None:
