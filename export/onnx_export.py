@@ -40,7 +40,7 @@ import torch
 
 from mixtrt import __version__
 from mixtrt.export.model import HEADS, CausalLM, SequenceClassifier, Transformer, finish_loaded
-from mixtrt.export.progress import Progress
+from mixtrt.export.progress import Progress, to_stderr
 from mixtrt.export.quantize import (
     Int4Options,
     Int4Plan,
@@ -151,7 +151,7 @@ def export_onnx(
     precision: str = "fp32",
     max_context: int | None = None,
     overwrite: bool = False,
-    progress: Callable[[str], None] | None = print,
+    progress: Callable[[str], None] | None = to_stderr,
     progress_bar: bool | None = None,
     transform: Transform | None = None,
     int4: Int4Options | None = None,
@@ -433,15 +433,20 @@ def _trace(model: torch.nn.Module, args: ModelArgs, capacity: int, table: dict,
         module = _Step(model)
     else:
         example, dynamic, module = (ids,), ({0: b, 1: s},), _Pass(model)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
-        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
-        return torch.onnx.export(
-            module.eval(), example, dynamo=True, custom_translation_table=table,
-            dynamic_shapes=dynamic, input_names=in_names, output_names=out_names,
-            opset_version=OPSET, optimize=optimize, verbose=False,
-        )
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # for this export only: the host's logging is put back as it was
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+            return torch.onnx.export(
+                module.eval(), example, dynamo=True, custom_translation_table=table,
+                dynamic_shapes=dynamic, input_names=in_names, output_names=out_names,
+                opset_version=OPSET, optimize=optimize, verbose=False,
+            )
+    finally:
+        logger.setLevel(level)
 
 
 def _finish_graph(path: Path, metadata: dict[str, str], rewrite: Callable[[Any], dict] | None = None

@@ -16,6 +16,11 @@ from contextlib import contextmanager
 from typing import IO
 
 
+def to_stderr(line: str) -> None:
+    """The default `progress` of the library's long steps: a line on stderr, so stdout carries only results."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def is_terminal(stream: IO[str] | None) -> bool:
     try:
         return stream is not None and stream.isatty()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mixtrt import __version__
+from mixtrt.export.progress import to_stderr
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.manifest import (
     ENGINE_CONFIG,
@@ -85,7 +86,7 @@ def profiles(manifest: Manifest, max_batch: int) -> list[ProfileShapes]:
 
 def build_engine(artifact: str | Path, *, max_batch: int = 8, opt_level: int = 3,
                  timing_cache: str | Path | None = None, force: bool = False, builder: Builder | None = None,
-                 progress: Callable[[str], None] | None = print) -> Path:
+                 progress: Callable[[str], None] | None = to_stderr) -> Path:
     """Build `artifact`'s TensorRT engine and add it to the artifact (see the module docstring); returns the plan."""
     say = progress or (lambda _m: None)
     for name, value, low, high in (("--max-batch", max_batch, 1, MAX_BATCH), ("--opt-level", opt_level, 0, 5)):

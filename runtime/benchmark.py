@@ -22,6 +22,7 @@ by the decode steps after the first engine step / their time.
 
 from __future__ import annotations
 
+import numbers
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -100,9 +101,9 @@ def peak_rss_mib() -> float:
 
 
 def _positive(name: str, value: Any, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
         raise ConfigError(f"{name}={value!r} must be an integer >= {low}")
-    return value
+    return int(value)
 
 
 def bench(artifact: str | Path, *, prompt_tokens: int = 128, new_tokens: int = 128, batch: int = 1,
@@ -113,11 +114,11 @@ def bench(artifact: str | Path, *, prompt_tokens: int = 128, new_tokens: int = 1
     from mixtrt.runtime.manifest import Manifest
     from mixtrt.runtime.threads import available_cores, check_threads
 
-    _positive("prompt_tokens", prompt_tokens, 1)
-    _positive("new_tokens", new_tokens, 3)  # the first engine step prefills; decode is timed from the second
-    _positive("batch", batch, 1)
-    _positive("repetitions", repetitions, 1)
-    check_threads(threads)
+    prompt_tokens = _positive("prompt_tokens", prompt_tokens, 1)
+    new_tokens = _positive("new_tokens", new_tokens, 3)  # the first engine step prefills; decode timed from the 2nd
+    batch = _positive("batch", batch, 1)
+    repetitions = _positive("repetitions", repetitions, 1)
+    threads = check_threads(threads)
     gen = Generator.load(artifact, threads=threads, verify=verify)
     backend = gen.backend
     if prompt_tokens + new_tokens > backend.max_positions:

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.generation import Engine, GenerationConfig, GenerationOutput, Row, StreamEvent
+from mixtrt.runtime.threads import guard_fork
 
 if TYPE_CHECKING:
     from mixtrt.runtime.generation import Generator
@@ -96,6 +97,7 @@ class ChatSession:
         self._row: Row | None = None
         self._busy = False  # a turn is streaming (set and tested under _lock)
         self._lock = threading.Lock()
+        guard_fork(self, "this chat session")
         self._cancel = False  # close() asked for the streaming turn to end
 
     def _check_system(self, system: str) -> None:

@@ -940,6 +940,11 @@ class Generator:
         tokenizer = load_chat_tokenizer(artifact_dir, chat, engine.args.vocab_size)
         return cls(engine, tokenizer, chat.generation)
 
+    def __reduce__(self) -> Any:
+        raise ConfigError("a Generator cannot be pickled or copied (it holds an onnxruntime session and the "
+                          "artifact's memory maps): load the artifact in the other process with Generator.load(path) "
+                          "(a process forked from this one may use this Generator)")
+
     def config(self, config: GenerationConfig | None = None, /, **overrides: Any) -> GenerationConfig:
         """The config a call with these arguments runs: `config`, else the artifact's generation defaults,
         with `overrides` (GenerationConfig names) and the artifact's eos ids for eos_token_id None; checked."""

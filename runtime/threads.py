@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
+import numbers
 import os
+import threading
+import weakref
 from typing import Any
 
-from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.errors import BackendError, ConfigError
 
 
 def available_cores() -> int:
@@ -25,6 +28,53 @@ def check_threads(threads: Any, name: str = "threads") -> int | None:
     if threads is None:
         return None
     cores = available_cores()
-    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= cores:
+    if not isinstance(threads, numbers.Integral) or isinstance(threads, bool) or not 1 <= int(threads) <= cores:
         raise ConfigError(f"{name}={threads!r} is not an integer in [1, {cores}] (the cores this process may use)")
-    return threads
+    return int(threads)  # a numpy integer too, as the other integer arguments
+
+
+# Objects whose `_lock` serialises their steps (backends, chat sessions). A process forked while another thread held
+# one gets the lock held forever in the child (that thread does not exist there): the child's first step would hang
+# with no error. So in a forked child such a lock is replaced by one that refuses with a clear error (the object's
+# state was mid-step: a half-written cache, a turn half run), and a lock not held is simply fresh.
+_GUARDED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+class _ForkedMidStep:
+    """The lock of an object that was mid-step in another thread when this process forked: every use refuses."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def _refuse(self) -> None:
+        raise BackendError(f"{self.what} was in use by another thread when this process forked, so its state here "
+                           "is half-changed: load the artifact again in the child process (or fork before using it)")
+
+    def __enter__(self) -> None:
+        self._refuse()
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def acquire(self, *args: object, **kwargs: object) -> bool:
+        self._refuse()
+        return False
+
+    def locked(self) -> bool:
+        return False
+
+
+def guard_fork(owner: Any, what: str) -> None:
+    """Register `owner` (which holds `owner._lock`) for the fork rule above; `what` names it in the error."""
+    owner._fork_what = what
+    _GUARDED.add(owner)
+
+
+def _after_fork_in_child() -> None:
+    for owner in list(_GUARDED):
+        held = owner._lock.locked()
+        owner._lock = _ForkedMidStep(owner._fork_what) if held else threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -65,8 +65,12 @@ def load_backend(name: str, directory: str | Path, *, verify: bool = True, head:
     """The backend `name` running the artifact in `directory` (its manifest read and its files checked): a
     Backend for a causal LM, a PassBackend for the other heads (onnxruntime's one class is both). `head`: the
     head the caller runs; an artifact of another one is refused, naming what fits, before the backend loads."""
+    import os
+
     from mixtrt.runtime.manifest import Manifest
 
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ConfigError(f"the artifact must be a path (str or os.PathLike), got {type(directory).__name__}")
     if name not in BACKENDS:
         raise ConfigError(f"backend={name!r} is not supported; choose one of {sorted(BACKENDS)}")
     info = BACKENDS[name]

@@ -22,7 +22,7 @@ from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.cache import HostKVCache, check_batch_size
 from mixtrt.runtime.errors import ArtifactError, BackendError, ConfigError, first_line
 from mixtrt.runtime.manifest import MODEL_FILE, Manifest, TensorSpec, graph_specs
-from mixtrt.runtime.threads import check_threads
+from mixtrt.runtime.threads import check_threads, guard_fork
 
 
 def bind_array(binding: Any, name: str, array: np.ndarray, *, output: bool = False) -> None:
@@ -61,7 +61,8 @@ class OrtBackend:
         self.max_positions = manifest.max_context
         self.dtype = np.dtype(manifest.cache.dtype)
         opts = ort.SessionOptions()
-        if check_threads(threads):
+        threads = check_threads(threads)
+        if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -103,6 +104,7 @@ class OrtBackend:
                        dict(self.session.get_modelmeta().custom_metadata_map))
         manifest.check_graph(model_path, *checked)  # the mixed graph: its IO before the rewrite
         self._lock = threading.Lock()
+        guard_fork(self, f"the onnxruntime backend of {self.directory}")
 
     def _mix(self, model: Any) -> tuple[bool, str]:
         """Rewrite `model` into the mixed-step graph; (done, why not)."""

@@ -28,6 +28,7 @@ import numpy as np
 
 from mixtrt.runtime.errors import ArtifactError, BackendError, ConfigError
 from mixtrt.runtime.manifest import ENGINE_CONFIG, ENGINE_FILE, TENSORRT_FEATURE, Manifest
+from mixtrt.runtime.threads import guard_fork
 
 
 class TensorRTBackend:
@@ -79,6 +80,7 @@ class TensorRTBackend:
         self._state_outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT
                                and n not in {t.name for t in manifest.outputs}]
         self._lock = threading.Lock()
+        guard_fork(self, "the tensorrt backend")
 
     @classmethod
     def from_artifact(cls, directory: Path, manifest: Manifest, threads: int | None = None) -> TensorRTBackend:

@@ -42,6 +42,7 @@ from mixtrt.runtime.cache import CachePlan, check_batch_size, move_lengths, plan
 from mixtrt.runtime.errors import ArtifactError, BackendError, ConfigError, first_line
 from mixtrt.runtime.manifest import MODEL_FILE, Manifest, TensorSpec, graph_specs
 from mixtrt.runtime.precision import PRECISIONS
+from mixtrt.runtime.threads import guard_fork
 
 
 def _kernels(device: str) -> tuple[Any, Any, Any, Any]:
@@ -171,6 +172,7 @@ class TritonBackend:
                 scales = self.w.pop(f"{name}_scales").float()
                 self.w[name] = _unpack_int4(torch, self.w[name], scales).to(self.dtype)
         self._lock = threading.Lock()
+        guard_fork(self, "the triton backend")
 
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
@@ -201,7 +203,8 @@ class TritonBackend:
         if a.moe is not None and any(k != a.moe.num_experts_per_tok for k in graph.moe_k):
             raise ArtifactError(f"{path}: MoE nodes with k={graph.moe_k}, the model says "
                                 f"{a.moe.num_experts_per_tok}")
-        if check_threads(threads) and threads is not None:
+        threads = check_threads(threads)
+        if threads is not None:
             import torch
 
             torch.set_num_threads(threads)

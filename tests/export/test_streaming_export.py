@@ -263,3 +263,22 @@ def test_transform_hook_sees_each_weight_and_adds_tensors(exported, tmp_path):
 
     backend = OrtBackend.load(art)
     assert np.isfinite(backend.step(backend.new_cache(1), np.arange(3, 9)[None])).all()
+
+
+def test_library_export_leaves_stdout_and_the_hosts_logging_alone(exported, tmp_path, capsys):
+    """export_onnx called as a library with its defaults: progress on stderr only (a host's stdout may carry JSON),
+    and the torch.onnx logger it quiets during the export is put back as the host had it."""
+    import logging
+
+    from mixtrt.export import export_onnx
+
+    ck, _ = exported["mistral-window"]
+    logger = logging.getLogger("torch.onnx")
+    logger.setLevel(logging.INFO)
+    try:
+        export_onnx(ck, tmp_path / "art", progress_bar=False)
+        assert logger.level == logging.INFO
+    finally:
+        logger.setLevel(logging.NOTSET)
+    out, err = capsys.readouterr()
+    assert out == "" and "wrote" in err

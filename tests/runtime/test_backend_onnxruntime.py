@@ -106,3 +106,28 @@ def test_new_cache_refuses_a_bad_batch_size(exported, bad):
     backend = OrtBackend.load(exported["mistral-window"][1], threads=1)
     with pytest.raises(ConfigError, match=r"^batch_size must be an integer >= 1, got "):
         backend.new_cache(bad)
+
+
+def test_what_a_host_application_passes(exported):
+    """A library's host passes numpy integers where ints go, may try to pickle a Generator for another process, and
+    may pass a path of the wrong type: each works or is one MixtrtError saying what to do."""
+    import copy
+    import pickle
+
+    import numpy as np
+
+    from mixtrt.runtime.benchmark import bench
+    from mixtrt.runtime.errors import ConfigError
+    from mixtrt.runtime.generation import Generator
+
+    _, art = exported["mistral-window"]
+    gen = Generator.load(art, threads=np.int64(1))
+    assert gen.backend.session.get_session_options().intra_op_num_threads == 1
+    assert bench(art, prompt_tokens=np.int64(4), new_tokens=np.int32(3), batch=np.int64(2),
+                 threads=np.int64(1), verify=False).batch == 2
+    for copier in (pickle.dumps, copy.deepcopy):
+        with pytest.raises(ConfigError, match="cannot be pickled .* load the artifact in the other process"):
+            copier(gen)
+    for bad in (b"art", 5, None):
+        with pytest.raises(ConfigError, match="the artifact must be a path"):
+            Generator.load(bad)

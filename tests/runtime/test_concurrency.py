@@ -195,3 +195,39 @@ def test_streams_consumed_by_two_threads_in_lockstep(artifact, sequential):
     out = run_threads({name: (lambda p=p: consume(p)) for name, p in PROMPTS.items()})
     for name in PROMPTS:
         same(out[name], sequential[name])
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork (POSIX)")
+def test_a_fork_during_a_step_refuses_in_the_child_and_an_idle_one_works(artifact, sequential):
+    """A process forked while a thread held the backend's step lock would hang forever in the child on its first
+    step (that thread does not exist there): the child gets one clear error instead; forked while idle, the child
+    generates as the parent does; the parent goes on either way."""
+    import multiprocessing as mp
+
+    gen = Generator(OrtBackend.load(artifact, threads=1), Tokenizer.load(artifact))
+    ctx = mp.get_context("fork")
+
+    def child(queue) -> None:
+        try:
+            queue.put(gen.generate([PROMPTS["A"]], CFG)[0].token_ids)
+        except Exception as e:  # noqa: BLE001 - sent to the parent
+            queue.put(f"{type(e).__name__}: {e}")
+
+    for held in (True, False):
+        queue = ctx.Queue()
+        if held:
+            gen.backend._lock.acquire()  # what a step in another thread holds
+        try:
+            proc = ctx.Process(target=child, args=(queue,))
+            proc.start()
+        finally:
+            if held:
+                gen.backend._lock.release()
+        got = queue.get(timeout=120)
+        proc.join(120)
+        assert proc.exitcode == 0
+        if held:
+            assert got.startswith("BackendError: the onnxruntime backend of") and "when this process forked" in got
+        else:
+            assert got == sequential["A"].token_ids
+    assert gen.generate([PROMPTS["A"]], CFG)[0].token_ids == sequential["A"].token_ids
