@@ -163,6 +163,22 @@ def test_generation_runs_far_past_the_window_with_fixed_cache():
     assert len(out.token_ids) == 48 and out.token_ids == reference_greedy(ToyBackend(), PROMPTS[0], 48)
 
 
+def test_a_long_generation_keeps_its_text_in_few_strings():
+    """The text of a long generation is kept joined (not one string per token: memory grows by the text, not by
+    ~60 bytes a token), and equals the decode of its tokens, streamed or whole."""
+    from mixtrt.runtime import generation
+
+    gen, _ = make(windowed=True, capacity=6, max_positions=4000)
+    cfg = GenerationConfig(max_new_tokens=3 * generation._JOIN_PIECES + 7, eos_token_id=(), do_sample=True, seed=1)
+    [out] = gen.generate(PROMPTS[0], cfg)
+    assert out.text == ToyTokenizer().decode(out.token_ids)
+    assert "".join(e.text for e in gen.stream(PROMPTS[0], cfg)) == out.text
+    engine, [row] = gen._engine(PROMPTS[0], cfg, False)
+    while engine.busy:
+        engine.step()
+    assert len(row.pieces) < generation._JOIN_PIECES and "".join(row.pieces) == out.text
+
+
 def test_prompt_too_long_is_refused_before_any_work():
     gen, backend = make(windowed=False, capacity=10)
     with pytest.raises(ConfigError, match="prompt 1 has 13 tokens.*cache full"):
