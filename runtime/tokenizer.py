@@ -247,7 +247,7 @@ class Tokenizer:
         self.pad_id: int | None = sp.pad_id() if sp.pad_id() >= 0 else None
         self._bytes = {i: int(sp.id_to_piece(i)[3:5], 16) for i in range(self.vocab_size) if sp.is_byte(i)}
         self._unk_surface = sp.decode([sp.unk_id()])
-        self._kinds: dict[int, tuple[int, str]] = {}  # id -> (kind, piece), filled as ids are decoded
+        self._kinds = bytearray(b"\xff" * self.vocab_size)  # each id's kind, filled as ids are decoded (0xff: not yet)
         # How decode treats leading "▁" (normalizer add_dummy_prefix / remove_extra_whitespaces),
         # read off the model by decoding the bare "▁" piece once and twice.
         ws = sp.piece_to_id(_SPACE)
@@ -284,14 +284,15 @@ class Tokenizer:
         return self._bytes.get(token_id)
 
     def _piece_kind(self, token_id: int) -> tuple[int, str]:
-        """(_CONTROL / _UNKNOWN / _PLAIN, piece) of an id inside the pieces; kept once asked (a streamed token
-        costs one dict look-up instead of three sentencepiece calls)."""
-        known = self._kinds.get(token_id)
-        if known is None:
-            sp = self._sp
+        """(_CONTROL / _UNKNOWN / _PLAIN, piece) of an id inside the pieces; the kind kept once asked (one byte an
+        id: a streamed token costs one sentencepiece call instead of three)."""
+        sp = self._sp
+        piece = sp.id_to_piece(token_id)  # first: an id outside the pieces (negative) is sentencepiece's IndexError
+        kind = self._kinds[token_id]
+        if kind == 0xFF:
             kind = _CONTROL if sp.is_control(token_id) else _UNKNOWN if sp.is_unknown(token_id) else _PLAIN
-            known = self._kinds[token_id] = (kind, sp.id_to_piece(token_id))
-        return known
+            self._kinds[token_id] = kind
+        return kind, piece
 
     def _text_sp(self, text: str) -> spm.SentencePieceProcessor:
         """The processor for a plain text: without the dummy prefix where `load(prefix_first=True)` says so."""
