@@ -72,6 +72,8 @@ def guard_fork(owner: Any, what: str) -> None:
 
 def _after_fork_in_child() -> None:
     for owner in list(_GUARDED):
+        if isinstance(owner._lock, _ForkedMidStep):  # refused in this process already: in its children too
+            continue
         held = owner._lock.locked()
         owner._lock = _ForkedMidStep(owner._fork_what) if held else threading.Lock()
 

@@ -212,6 +212,9 @@ def test_a_fork_during_a_step_refuses_in_the_child_and_an_idle_one_works(artifac
             queue.put(gen.generate([PROMPTS["A"]], CFG)[0].token_ids)
         except Exception as e:  # noqa: BLE001 - sent to the parent
             queue.put(f"{type(e).__name__}: {e}")
+            grandchild = ctx.Process(target=lambda: queue.put(type(gen.backend._lock).__name__))  # and its children
+            grandchild.start()
+            grandchild.join(60)
 
     for held in (True, False):
         queue = ctx.Queue()
@@ -228,6 +231,7 @@ def test_a_fork_during_a_step_refuses_in_the_child_and_an_idle_one_works(artifac
         assert proc.exitcode == 0
         if held:
             assert got.startswith("BackendError: the onnxruntime backend of") and "when this process forked" in got
+            assert queue.get(timeout=60) == "_ForkedMidStep"
         else:
             assert got == sequential["A"].token_ids
     assert gen.generate([PROMPTS["A"]], CFG)[0].token_ids == sequential["A"].token_ids
