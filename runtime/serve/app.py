@@ -371,11 +371,13 @@ class _Call:
 
 
 async def _generate(request: Request, model: type[CompletionRequest] | type[ChatRequest]) -> Response:
-    t0 = time.perf_counter()
     state = _ready(request)
     s, gen, loop = state.settings, state.generator, state.loop
     assert gen is not None and loop is not None
     raw = await _read_body(request, s.max_body_bytes)
+    # the request arrives once its body is in (vLLM's arrival time): a slow upload is the client's time, not the
+    # server's queue or time to first token
+    t0 = time.perf_counter()
     limits = loop.engine.limit()
     if len(raw) > INLINE_BODY_BYTES:  # parsing and tokenizing a big body would stall every stream: a thread
         req, prompts, echo = await asyncio.to_thread(_prepare, raw, model, gen, limits, s)
@@ -416,7 +418,7 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
         config = dataclasses.replace(config, eos_token_id=eos + tuple(t for t in req.stop_token_ids if t not in eos))
     if echo_only:  # the one token its prefill chooses is not returned: it ends by length, as the response says
         config = dataclasses.replace(config, stop_strings=(), eos_token_id=())
-    rid = uuid.uuid4().hex
+    rid = _request_id(request)
     try:
         # a completion, and a continued chat message, is the text that continues the prompt's (a first word keeps
         # its leading space, as vLLM returns it)
@@ -430,7 +432,7 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
     call = _Call(kind, rid, req, prompts, echo, handle, t0, echo_only=echo_only)
     if req.stream:
         return StreamingResponse(_stream(call, state), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": rid})
     return await _complete(call, state, request)
 
 
@@ -468,7 +470,7 @@ async def _complete(call: _Call, state: _State, request: Request) -> Response:
     choices = [_full_choice(call, state, i) for i in range(call.handle.choices)]
     obj = "chat.completion" if call.kind == "chat" else "text_completion"
     return JSONResponse({"id": _id(call), "object": obj, "created": call.created, "model": state.settings.name,
-                         "choices": choices, "usage": _usage(call)})
+                         "choices": choices, "usage": _usage(call)}, headers={"X-Request-Id": call.id})
 
 
 async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
@@ -761,6 +763,14 @@ def _texts(state: _State) -> TokenTexts:
     return state.texts
 
 
+def _request_id(request: Request) -> str:
+    """The client's X-Request-Id (a load balancer's, to join its logs with ours; vLLM takes it as its request id)
+    where it is 1-128 visible ASCII characters, else a fresh one."""
+    given = request.headers.get("x-request-id", "")
+    return given if 0 < len(given) <= 128 and given.isascii() and given.isprintable() and " " not in given \
+        else uuid.uuid4().hex
+
+
 def _log_refused(request: Request, e: ApiError, answered: bool = True) -> None:
     """The log line of a request answered with an error before it reached the engine (4xx, a 503 while loading):
     its route, status and the error's message. answered False: the client left before any answer (status None;
@@ -771,7 +781,7 @@ def _log_refused(request: Request, e: ApiError, answered: bool = True) -> None:
     state = getattr(request.app.state, "mixtrt", None)
     if state is not None and state.metrics is not None and status is not None:
         state.metrics.refused(status)
-    log.info(json.dumps({"event": "refused", "id": uuid.uuid4().hex, "endpoint": endpoint,
+    log.info(json.dumps({"event": "refused", "id": _request_id(request), "endpoint": endpoint,
                          "method": request.method, "status": status, "error": str(e)}))
 
 
@@ -785,7 +795,7 @@ def _log(call: _Call) -> None:
     record = {
         "event": "request", "id": call.id, "endpoint": call.kind, "status": call.status, "end": call.end,
         "stream": call.req.stream, "n": call.handle.choices, "prompt_tokens": sum(len(p) for p in call.prompts),
-        "completion_tokens": sum(len(r.tokens) for r in rows),
+        "completion_tokens": 0 if call.echo_only else sum(len(r.tokens) for r in rows),
         "finish": [_finish(call.outputs[i]) if i in call.outputs else None for i in range(call.handle.choices)],
         "queue_s": queue, "prefill_s": prefill, "ttft_s": ttft, "first_sent_s": sent,
         # what the server adds before the first token reaches the socket, the engine's prefill aside

@@ -10,7 +10,9 @@
     mixtrt:time_to_first_token_seconds, inter_token_latency_seconds, e2e_request_latency_seconds,
     mixtrt:request_queue_time_seconds, request_prefill_time_seconds   histograms (per choice)
 
-Each app has its own registry (several apps may live in one process: the tests).
+Each app has its own registry (several apps may live in one process: the tests). The finish and abort reasons'
+series exist from the start, at 0. `mixtrt serve` leaves out prometheus_client's `*_created` series (they double
+the series a scrape reads; vLLM leaves them out too).
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ class Metrics:
         self.queue = histogram("request_queue_time_seconds", "Request received to its prefill.", TTFT_BUCKETS)
         self.prefill = histogram("request_prefill_time_seconds", "Prefill time of a choice.", TTFT_BUCKETS)
         self.model_name = model_name
+        # every label value known up front has its series from the start (at 0): a rate() over them is 0, not absent
+        for reason in ("stop", "length"):
+            self._success.labels(model_name, reason)
+        for reason in ("disconnect", "error", "shutdown"):
+            self._aborted.labels(model_name, reason)
 
     def success(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()

@@ -33,10 +33,13 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
         failure.append(e)
         server.should_exit = True
 
+    import prometheus_client
+
+    prometheus_client.disable_created_metrics()  # this process is the server's: no `*_created` series
     app = create_app(settings, on_load_error=load_failed, freeze_gc=True)
     # the drain starts at the signal (the engine loop's deadline); uvicorn waits past it for the responses of
     # the requests cancelled at the deadline to be written, instead of cutting them at the same moment
-    config = uvicorn.Config(app, lifespan="on", access_log=False, log_level="warning",
+    config = uvicorn.Config(app, lifespan="on", access_log=False, log_level="warning", log_config=None,
                             timeout_graceful_shutdown=int(settings.drain_s) + RESPONSE_GRACE_S,
                             **http_protocol(MAX_HEAD_BYTES))
     # uvicorn cancels the handlers still running past its graceful timeout (or at a second Ctrl-C) and logs each as
@@ -180,11 +183,25 @@ def _not_cancelled(record: logging.LogRecord) -> bool:
     return not (message.startswith("Traceback") and message.rstrip().endswith("CancelledError"))
 
 
+class _JsonLines(logging.Formatter):
+    """Each record one JSON line with its time first (`ts`, Unix seconds): the server's own lines are JSON objects
+    already; a line of uvicorn's (an invalid HTTP request, a protocol error) becomes {"event": "http", "level",
+    "message"}, so a log pipeline parses every line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if not (record.name.startswith("mixtrt") and message.startswith("{")):
+            message = json.dumps({"event": "http", "level": record.levelname.lower(), "message": message})
+        return f'{{"ts": {record.created:.3f}, ' + message[1:]
+
+
 def log_to_stderr() -> None:
-    if not any(getattr(h, "_mixtrt", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._mixtrt = True  # type: ignore[attr-defined]
-        log.addHandler(handler)
+    """The server's request lines and uvicorn's own warnings: JSON lines on stderr."""
+    for logger in (log, logging.getLogger("uvicorn")):
+        if not any(getattr(h, "_mixtrt", False) for h in logger.handlers):
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(_JsonLines())
+            handler._mixtrt = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+        logger.propagate = False
     log.setLevel(logging.INFO)
-    log.propagate = False

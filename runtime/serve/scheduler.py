@@ -276,7 +276,7 @@ class EngineLoop:
             if found is None:
                 continue
             req, row = found
-            tokens += 1
+            tokens += not req.score_only  # a scored prompt's one chosen token is never returned
             self._observe(row, event)
             if req.stream or event.output is not None:
                 batches.setdefault(id(req), (req, []))[1].append(event)

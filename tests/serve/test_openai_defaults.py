@@ -232,3 +232,52 @@ def test_integer_fields_take_whole_floats_as_vllm_does():
         with pytest.raises(ApiError, match=f"^{field}: Input should be a valid integer") as e:
             parse(CompletionRequest, {"prompt": "a", field: value})
         assert e.value.param == field
+
+
+def test_what_an_operator_reads(server, caplog):
+    """A load balancer's X-Request-Id is the request's id in the log and comes back in the response (vLLM takes it
+    as its request id); a slow upload is not counted as queue time; a scored prompt's one chosen token is counted
+    nowhere (the log's completion_tokens, the generation token total); the finish and abort reasons' series exist
+    at 0 before any request ended so."""
+    text = server.http.get("/metrics").text
+    for reason in ("stop", "length"):
+        assert f'finished_reason="{reason}"' in text
+    for reason in ("disconnect", "error", "shutdown"):
+        assert f'mixtrt:request_aborted_total{{model_name="tiny",reason="{reason}"}}' in text
+
+    def slow_body():
+        for part in (b'{"prompt": "a", ', b'"max_tokens": 2, ', b'"echo": false}'):
+            yield part
+            time.sleep(0.4)
+
+    generated = server.metric("mixtrt:generation_tokens_total")
+    with caplog.at_level("INFO", logger="mixtrt.serve"):
+        r = server.http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2},
+                             headers={"X-Request-Id": "lb-42"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "lb-42"
+        r = server.http.post("/v1/completions", content=slow_body(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 200 and len(r.headers["x-request-id"]) == 32
+        r = server.http.post("/v1/completions", json={"prompt": "a b c", "max_tokens": 0, "echo": True, "logprobs": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 0
+        time.sleep(0.1)
+    lines = [json.loads(rec.getMessage()) for rec in caplog.records if '"event": "request"' in rec.getMessage()]
+    assert [line["id"] for line in lines][0] == "lb-42"
+    assert lines[1]["ttft_s"] < 0.3 and lines[1]["queue_s"] < 0.3  # the 0.8 s upload was the client's time
+    assert lines[2]["completion_tokens"] == 0
+    assert server.metric("mixtrt:generation_tokens_total") - generated == 4  # the two requests' 2 tokens each
+
+
+def test_log_lines_are_json_with_their_time():
+    """Every stderr line of `mixtrt serve` parses as JSON with `ts` first: the server's request lines and uvicorn's
+    own warnings (an invalid HTTP request) alike."""
+    import logging
+
+    from mixtrt.runtime.serve.runner import _JsonLines
+
+    fmt = _JsonLines()
+    mine = logging.LogRecord("mixtrt.serve", logging.INFO, "", 0, '{"event": "request", "id": "x"}', None, None)
+    theirs = logging.LogRecord("uvicorn.error", logging.WARNING, "", 0, "Invalid HTTP request received.", None, None)
+    a, b = json.loads(fmt.format(mine)), json.loads(fmt.format(theirs))
+    assert list(a) == ["ts", "event", "id"] and a["ts"] == pytest.approx(mine.created, abs=1e-3)
+    assert b == {"ts": pytest.approx(theirs.created, abs=1e-3), "event": "http", "level": "warning",
+                 "message": "Invalid HTTP request received."}
