@@ -849,3 +849,19 @@ def test_the_default_model_id_is_the_folder_name_as_given(tmp_path, monkeypatch)
                         ("../current", "current"), (tmp_path / "v2", "v2")):
         assert ServeSettings(given).name == want
     assert ServeSettings(tmp_path / "current", model_name="m").name == "m"
+
+
+@pytest.mark.parametrize("flag, env, want", [(None, "from-env", "from-env"), ("flag", "from-env", "flag"),
+                                             (None, None, None), (None, "", None)])
+def test_the_api_key_may_come_from_the_environment(serve_artifact, monkeypatch, flag, env, want):
+    """MIXTRT_API_KEY (as vLLM's VLLM_API_KEY) keeps the key out of `ps`; --api-key wins over it."""
+    from mixtrt.cli import main
+
+    seen = []
+    monkeypatch.setattr("mixtrt.runtime.serve.runner.serve", lambda settings, **kw: seen.append(settings) or 0)
+    if env is None:
+        monkeypatch.delenv("MIXTRT_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("MIXTRT_API_KEY", env)
+    assert main(["serve", str(serve_artifact[1]), *(["--api-key", flag] if flag else [])]) == 0
+    assert seen[0].api_key == want

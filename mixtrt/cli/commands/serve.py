@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from mixtrt.cli.options import at_least, path, threads
 
@@ -40,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "runs it in the decode step's pass, one read of the weights for both)")
     p.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize (/health and "
-                   "/metrics stay open)")
+                   "/metrics stay open); default: the MIXTRT_API_KEY environment variable (which `ps` does not "
+                   "show), else none")
     p.add_argument("--allowed-origins", nargs="*", default=["*"], metavar="ORIGIN",
                    help="origins whose browser pages may call the server (CORS; default: any, as vLLM and "
                         "llama-server allow; give none to turn CORS off)")
@@ -72,7 +74,8 @@ def run(ns: argparse.Namespace) -> int:
 
     Manifest.read(ns.artifact)  # a path that is not an artifact is refused before the port is bound
     settings = ServeSettings(ns.artifact, model_name=ns.model_name, max_batch=ns.max_batch, max_queue=ns.max_queue,
-                             api_key=ns.api_key, threads=ns.threads, backend=ns.backend, verify=not ns.no_verify,
+                             api_key=ns.api_key if ns.api_key is not None else os.environ.get("MIXTRT_API_KEY") or None,
+                             threads=ns.threads, backend=ns.backend, verify=not ns.no_verify,
                              max_body_bytes=ns.max_body_bytes, drain_s=ns.drain,
                              prefill_chunk=ns.prefill_chunk, mixed_steps=not ns.separate_prefill,
                              allowed_origins=tuple(ns.allowed_origins))
