@@ -35,7 +35,8 @@ def check_threads(threads: Any, name: str = "threads") -> int | None:
 
 # Objects whose `_lock` serialises their steps (backends, chat sessions). A process forked while another thread held
 # one gets the lock held forever in the child (that thread does not exist there): the child's first step would hang
-# with no error. So in a forked child such a lock is replaced by one that refuses with a clear error (the object's
+# with no error; a chat session whose turn another thread was streaming would stay busy for good (`_busy`). So in
+# a forked child such a lock (or a busy session's) is replaced by one that refuses with a clear error (the object's
 # state was mid-step: a half-written cache, a turn half run), and a lock not held is simply fresh.
 _GUARDED: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -74,7 +75,8 @@ def _after_fork_in_child() -> None:
     for owner in list(_GUARDED):
         if isinstance(owner._lock, _ForkedMidStep):  # refused in this process already: in its children too
             continue
-        held = owner._lock.locked()
+        # held: a step was running; busy: a chat session's turn was streaming in another thread (between its steps)
+        held = owner._lock.locked() or getattr(owner, "_busy", False)
         owner._lock = _ForkedMidStep(owner._fork_what) if held else threading.Lock()
 
 

@@ -235,3 +235,32 @@ def test_a_fork_during_a_step_refuses_in_the_child_and_an_idle_one_works(artifac
         else:
             assert got == sequential["A"].token_ids
     assert gen.generate([PROMPTS["A"]], CFG)[0].token_ids == sequential["A"].token_ids
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork (POSIX)")
+def test_a_chat_session_forked_mid_turn_refuses_in_the_child(artifact):
+    """A turn streaming in another thread at the fork (between its steps, so no lock is held) left the child's
+    session busy for good (every send, close and reset refused as "still streaming"): it is one BackendError there,
+    and the parent's turn goes on."""
+    import multiprocessing as mp
+
+    gen = Generator(OrtBackend.load(artifact, threads=1), Tokenizer.load(artifact))
+    session = gen.chat_session()
+    turn = session.stream("Hello there", max_new_tokens=6)
+    next(iter(turn))  # the turn is streaming: its session is busy
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+
+    def child() -> None:
+        try:
+            session.send("again", max_new_tokens=2)
+            queue.put("sent")
+        except Exception as e:  # noqa: BLE001 - sent to the parent
+            queue.put(f"{type(e).__name__}: {e}")
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    got = queue.get(timeout=120)
+    proc.join(120)
+    assert got.startswith("BackendError: this chat session was in use by another thread when this process forked")
+    assert list(turn) and session.send("again", max_new_tokens=2).token_ids  # the parent goes on
