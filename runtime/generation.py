@@ -306,6 +306,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
+    joined: int = 0  # pieces[:joined] are chunks of _JOIN_PIECES pieces joined
     prompt_logprobs: np.ndarray | None = None
     top: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # with config.top_logprobs
     prompt_top: tuple[np.ndarray, np.ndarray] | None = None
@@ -501,7 +502,7 @@ class Engine:
             row.cached = keep
             self.cache.lengths[self._slot(row)] = keep
         row.history, row.prompt, row.tokens = base, list(ids), []
-        row.config, row.logprobs, row.pieces, row.prompt_logprobs = config, [], [], None
+        row.config, row.logprobs, row.pieces, row.joined, row.prompt_logprobs = config, [], [], 0, None
         row.top, row.prompt_top = [], None
         row.reason, row.message = None, ""
         row.sampler = self._sampler(config, 0, sequence)
@@ -877,14 +878,14 @@ class Engine:
             text = row.lead.emit(text)
         if text:
             row.pieces.append(text)
-            if len(row.pieces) >= _JOIN_PIECES:  # a long generation's text kept as few strings, not one per token
-                row.pieces[:] = ["".join(row.pieces)]
+            if len(row.pieces) - row.joined >= _JOIN_PIECES:  # a long generation's text kept as few strings
+                row.pieces[row.joined:] = ["".join(row.pieces[row.joined:])]
+                row.joined += 1
         return [EngineEvent(row, token, text, _output(row) if row.reason is not None else None)]
 
 
-# a row's text pieces are joined into one string every this many (a piece is a ~60-byte str object: 100k tokens
-# kept one per token held ~6 MB where their text is ~0.5 MB); joining every 256 copies the text ~n/256 times: a
-# 1M-token generation's few MB of text, a few hundred times in all (milliseconds, spread over the run)
+# a row's newest text pieces are joined into one string every this many (a piece is a ~60-byte str object: 100k
+# tokens kept one per token held ~6 MB where their text is ~0.5 MB); each piece is copied once, into its chunk
 _JOIN_PIECES = 256
 
 _NON_FINITE = ("the model produced NaN or infinite logits; its weights or config are broken, or fp16 overflowed "

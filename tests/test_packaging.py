@@ -74,6 +74,7 @@ def test_wheel_holds_every_module_of_the_source_tree(wheel):
              for p in (ROOT / folder).rglob("*.py")}
     tree |= {f"mixtrt/plugins/{p.relative_to(ROOT / 'plugins').as_posix()}" for p in (ROOT / "plugins").rglob("*.md")}
     tree |= {"mixtrt/export/calibration.txt"}  # the default calibration text of --method awq
+    tree |= {"mixtrt/py.typed"}  # PEP 561: a host's type checker reads mixtrt's annotations
     with zipfile.ZipFile(wheel) as z:
         shipped = {n for n in z.namelist() if n.startswith("mixtrt/")}
     assert len(tree) > 30 and tree == shipped, (sorted(tree - shipped), sorted(shipped - tree))

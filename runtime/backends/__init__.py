@@ -69,8 +69,8 @@ def load_backend(name: str, directory: str | Path, *, verify: bool = True, head:
 
     from mixtrt.runtime.manifest import Manifest
 
-    if not isinstance(directory, (str, os.PathLike)):
-        raise ConfigError(f"the artifact must be a path (str or os.PathLike), got {type(directory).__name__}")
+    if not isinstance(directory, (str, os.PathLike)) or not isinstance(os.fspath(directory), str):
+        raise ConfigError(f"the artifact must be a path (str or os.PathLike of str), got {type(directory).__name__}")
     if name not in BACKENDS:
         raise ConfigError(f"backend={name!r} is not supported; choose one of {sorted(BACKENDS)}")
     info = BACKENDS[name]

@@ -45,6 +45,9 @@ class MixtrtReplica:
         from mixtrt.runtime.serve.runner import log_to_stderr
 
         log_to_stderr()  # the replica's own process: the logger has no handler there
+        import prometheus_client
+
+        prometheus_client.disable_created_metrics()  # as `mixtrt serve` does: no `*_created` series
         self.settings = ServeSettings(**settings)
         self.generator = self.settings.load_generator()
 

@@ -185,14 +185,25 @@ def _not_cancelled(record: logging.LogRecord) -> bool:
 
 class _JsonLines(logging.Formatter):
     """Each record one JSON line with its time first (`ts`, Unix seconds): the server's own lines are JSON objects
-    already; a line of uvicorn's (an invalid HTTP request, a protocol error) becomes {"event": "http", "level",
-    "message"}, so a log pipeline parses every line."""
+    already; any other (uvicorn's: an invalid HTTP request, an exception in the app) becomes {"event": "http",
+    "level", "message"}, its traceback in "exc", so a log pipeline parses every line and loses nothing."""
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
-        if not (record.name.startswith("mixtrt") and message.startswith("{")):
-            message = json.dumps({"event": "http", "level": record.levelname.lower(), "message": message})
-        return f'{{"ts": {record.created:.3f}, ' + message[1:]
+        body = None
+        if record.name.startswith("mixtrt") and message.startswith("{"):
+            try:
+                body = json.loads(message)
+            except ValueError:
+                body = None
+        if not isinstance(body, dict):
+            body = {"event": "http" if record.name.startswith("uvicorn") else "log",
+                    "level": record.levelname.lower(), "message": message}
+        if record.exc_info:
+            body["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            body["stack"] = self.formatStack(record.stack_info)
+        return json.dumps({"ts": round(record.created, 3), **body})
 
 
 def log_to_stderr() -> None:

@@ -128,6 +128,11 @@ def test_what_a_host_application_passes(exported):
     for copier in (pickle.dumps, copy.deepcopy):
         with pytest.raises(ConfigError, match="cannot be pickled .* load the artifact in the other process"):
             copier(gen)
-    for bad in (b"art", 5, None):
+    class BytesPath:  # an os.PathLike of bytes is not a path mixtrt takes either
+        def __fspath__(self) -> bytes:
+            return b"art"
+
+    __import__("os").PathLike.register(BytesPath)
+    for bad in (b"art", 5, None, BytesPath()):
         with pytest.raises(ConfigError, match="the artifact must be a path"):
             Generator.load(bad)

@@ -281,3 +281,15 @@ def test_log_lines_are_json_with_their_time():
     assert list(a) == ["ts", "event", "id"] and a["ts"] == pytest.approx(mine.created, abs=1e-3)
     assert b == {"ts": pytest.approx(theirs.created, abs=1e-3), "event": "http", "level": "warning",
                  "message": "Invalid HTTP request received."}
+    try:  # an exception in the app: its traceback kept in the line (it was dropped)
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        crash = logging.LogRecord("uvicorn.error", logging.ERROR, "", 0, "Exception in ASGI application", None,
+                                  sys.exc_info())
+    line = json.loads(fmt.format(crash))
+    assert line["level"] == "error" and "ValueError: boom" in line["exc"] and "Traceback" in line["exc"]
+    for odd in ("{}", "{not json"):  # a message of ours that is not a JSON object still makes a JSON line
+        record = logging.LogRecord("mixtrt.serve", logging.INFO, "", 0, odd, None, None)
+        assert json.loads(fmt.format(record))["ts"] == pytest.approx(record.created, abs=1e-3)
