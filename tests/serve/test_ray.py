@@ -123,7 +123,7 @@ def test_cli_on_ray_logs_each_request_and_sigterm_lets_a_running_stream_finish(s
         assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in rest[-2], rest[-3:]
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err[-3000:]
-        records = [json.loads(line) for line in err.splitlines() if line.startswith('{"event"')]
+        records = [json.loads(line) for line in err.splitlines() if line.startswith('{"ts"')]
         [request] = [r for r in records if r["event"] == "request"]
         assert (request["end"], request["completion_tokens"], request["finish"]) == ("finished", 100, ["length"])
         assert [r["event"] for r in records if r["event"] == "ready"] == ["ready"]
