@@ -49,9 +49,9 @@ def chunk_logprobs(backend: Backend, ids: list[int], name: str = "the artifact")
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def _pairs(backend: Backend, reference: Backend | None, ids: list[int], chunk: int, names: tuple[str, str]
+def _pairs(backend: Backend, reference: Backend | None, parts: list[list[int]], names: tuple[str, str]
            ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray | None]]:
-    for c in chunks(ids, chunk):
+    for c in parts:
         yield c, chunk_logprobs(backend, c, names[0]), (chunk_logprobs(reference, c, names[1])
                                                          if reference is not None else None)
 
@@ -68,8 +68,8 @@ def evaluate(backend: Backend, ids: list[int], chunk: int = 256, reference: Back
                           f"({backend.args.vocab_size})")
     nll = kl = 0.0
     count = agree = 0
-    total = len(chunks(ids, chunk))
-    for done, (c, logp, ref) in enumerate(_pairs(backend, reference, ids, chunk, names), 1):
+    parts = chunks(ids, chunk)
+    for done, (c, logp, ref) in enumerate(_pairs(backend, reference, parts, names), 1):
         target = np.asarray(c[1:])
         nll -= float(logp[np.arange(len(target)), target].sum())
         count += len(target)
@@ -77,7 +77,7 @@ def evaluate(backend: Backend, ids: list[int], chunk: int = 256, reference: Back
             kl += float((np.exp(ref) * (ref - logp)).sum())
             agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
         if progress is not None:
-            progress(done, total, math.exp(min(nll / count, 709.0)))
+            progress(done, len(parts), math.exp(min(nll / count, 709.0)))
     if count == 0:
         raise ConfigError(f"the text has {len(ids)} token(s) with BOS: perplexity needs at least 2"
                           + (f" in a chunk (--chunk {chunk})" if len(ids) >= 2 else ""))

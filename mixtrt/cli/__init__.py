@@ -79,7 +79,7 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
                 target.error(f"{rest[i - 1]} expects a value; one that starts with '-' is written "
                              f"{rest[i - 1]}={arg}")
             habit = _HABITS.get(name)
-            if habit is not None and (habit.startswith("-") and habit in known or not habit.startswith("-")):
+            if habit is not None and (habit in known or not habit.startswith("-")):  # an option this command has
                 target.error(f"unrecognized arguments: {name}"
                              + (f" (did you mean {habit}?)" if habit.startswith("-") else f" ({habit})"))
             options = sorted(o for o in known if o.startswith("--"))

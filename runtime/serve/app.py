@@ -403,7 +403,7 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
                            "generates", param="min_tokens")
         # echo with max_tokens 0 scores the prompt (vLLM's echo without generation, OpenAI's legacy completions):
         # the prompt's logprobs come with its prefill, which also chooses a first token; that one is not returned
-        echo_only = asked["max_new_tokens"] == 0
+        echo_only = _scores_only(req)
         if echo_only:
             asked["max_new_tokens"] = 1
             asked.pop("min_new_tokens", None)
@@ -647,7 +647,7 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
         raise ApiError(f"{field_name}: {e}", param=field_name) from None
     limit, why = limits
     name, asked = length_field(req)
-    score_only = isinstance(req, CompletionRequest) and req.echo and req.max_tokens == 0  # may fill the positions
+    score_only = _scores_only(req)  # adds no token: may fill the positions
     for i, p in enumerate(prompts):
         if len(p) > limit or (len(p) == limit and not score_only):
             raise ApiError(f"{field_name}: prompt {i} has {len(p)} tokens, "
@@ -761,6 +761,12 @@ def _chat_k(call: _Call) -> int:
 def _texts(state: _State) -> TokenTexts:
     assert state.texts is not None
     return state.texts
+
+
+def _scores_only(req: CompletionRequest | ChatRequest) -> bool:
+    """Echo with max_tokens 0 (completions; parse refuses max_tokens 0 elsewhere): the prompt scored, nothing
+    generated."""
+    return isinstance(req, CompletionRequest) and req.echo and req.max_tokens == 0
 
 
 def _request_id(request: Request) -> str:

@@ -42,12 +42,9 @@ class MixtrtReplica:
     """One replica: the artifact loaded in the constructor, the app built around it."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        from mixtrt.runtime.serve.runner import log_to_stderr
+        from mixtrt.runtime.serve.runner import server_process
 
-        log_to_stderr()  # the replica's own process: the logger has no handler there
-        import prometheus_client
-
-        prometheus_client.disable_created_metrics()  # as `mixtrt serve` does: no `*_created` series
+        server_process()  # the replica's own process: its logger has no handler there yet
         self.settings = ServeSettings(**settings)
         self.generator = self.settings.load_generator()
 

@@ -26,16 +26,13 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
     open requests, then the engine loop's own drain). A failed load stops the server and raises its error."""
     import uvicorn
 
-    log_to_stderr()
+    server_process()
     failure: list[BaseException] = []
 
     def load_failed(e: BaseException) -> None:
         failure.append(e)
         server.should_exit = True
 
-    import prometheus_client
-
-    prometheus_client.disable_created_metrics()  # this process is the server's: no `*_created` series
     app = create_app(settings, on_load_error=load_failed, freeze_gc=True)
     # the drain starts at the signal (the engine loop's deadline); uvicorn waits past it for the responses of
     # the requests cancelled at the deadline to be written, instead of cutting them at the same moment
@@ -204,6 +201,15 @@ class _JsonLines(logging.Formatter):
         if record.stack_info:
             body["stack"] = self.formatStack(record.stack_info)
         return json.dumps({"ts": round(record.created, 3), **body})
+
+
+def server_process() -> None:
+    """What a process that serves (`mixtrt serve`, each Ray replica) sets once: its JSON log lines on stderr, and
+    no prometheus_client `*_created` series (they double the series a scrape reads; vLLM leaves them out)."""
+    import prometheus_client
+
+    log_to_stderr()
+    prometheus_client.disable_created_metrics()
 
 
 def log_to_stderr() -> None:
