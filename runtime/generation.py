@@ -50,6 +50,7 @@ from mixtrt.runtime.chat_format import GenerationDefaults
 from mixtrt.runtime.errors import ConfigError, NonFiniteLogitsError
 from mixtrt.runtime.prompts import Prompts, check_messages_text, check_text, normalize_prompts, outside_vocab
 from mixtrt.runtime.sampling import Sampler, log_softmax, top_k_logprobs
+from mixtrt.runtime.tool_calls import ToolCall, ToolUse, tool_use
 
 if TYPE_CHECKING:
     from mixtrt.runtime.chat_session import ChatSession
@@ -201,6 +202,9 @@ class GenerationOutput:
     # most likely first
     top_logprobs: tuple[np.ndarray, np.ndarray] | None = None
     prompt_top_logprobs: tuple[np.ndarray, np.ndarray] | None = None
+    # a chat reply with tools offered that called them (runtime/tool_calls.py): the calls, and `text` is then the
+    # text before the first call (OpenAI's message content); None otherwise
+    tool_calls: tuple[ToolCall, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -997,14 +1001,25 @@ class Generator:
             raise ConfigError(f"stream takes one prompt, got {len(rows)}")
         return _stream(engine)
 
-    def chat(self, messages: Sequence[dict[str, str]], config: GenerationConfig | None = None,
+    def chat(self, messages: Sequence[dict[str, Any]], config: GenerationConfig | None = None, *,
+             tools: Sequence[dict[str, Any]] | None = None, tool_choice: str | dict[str, Any] | None = None,
              **overrides: Any) -> GenerationOutput:
-        """The assistant's next answer to `messages` ([{"role": "user", "content": ...}, ...])."""
-        return self.generate([self._chat_ids(messages)], config, **overrides)[0]
+        """The assistant's next answer to `messages` ([{"role": "user", "content": ...}, ...]). tools: OpenAI's
+        function list, shown to the model by its chat format; a reply that calls them has `tool_calls` (and
+        `text` is what it wrote before the calls). tool_choice: OpenAI's ("auto", "none", "required", or
+        {"type": "function", "function": {"name": ...}}; runtime/tool_calls.py `tool_use`)."""
+        ids, use = self._chat_ids(messages, tools, tool_choice)
+        out = self.generate([ids], config, **overrides)[0]
+        return _with_calls(out, self.tokenizer, use) if use is not None else out
 
-    def stream_chat(self, messages: Sequence[dict[str, str]], config: GenerationConfig | None = None,
+    def stream_chat(self, messages: Sequence[dict[str, Any]], config: GenerationConfig | None = None, *,
+                    tools: Sequence[dict[str, Any]] | None = None, tool_choice: str | dict[str, Any] | None = None,
                     **overrides: Any) -> Iterator[StreamEvent]:
-        return self.stream(self._chat_ids(messages), config, **overrides)
+        """As stream, for chat; with tools, the text from a reply's first call on is held back (it is the call),
+        and the last event's output has the calls (or, if they do not parse, the held text comes with it)."""
+        ids, use = self._chat_ids(messages, tools, tool_choice)
+        events = self.stream(ids, config, **overrides)
+        return events if use is None else _calls_held(events, self.tokenizer, use)
 
     def chat_session(self, system: str | None = None, config: GenerationConfig | None = None) -> ChatSession:
         """A multi-turn chat that keeps its KV cache between turns (runtime/chat_session.py); `config` is
@@ -1038,11 +1053,16 @@ class Generator:
         return engine, [engine.add(p, cfg, sample_index=i, t0=t0, name=f"prompt {i}", continuation=continuation)
                         for i, p in enumerate(ids)]
 
-    def _chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def _chat_ids(self, messages: Sequence[dict[str, Any]], tools: Any = None, tool_choice: Any = None
+                  ) -> tuple[list[int], ToolUse | None]:
+        """The prompt's ids (a forced call's start included), and how the reply is read (None without tools)."""
         check_messages_text(messages)  # a list (a str would be read as one message per character)
         if not messages:
             raise ConfigError("chat needs at least one message")
-        return list(self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True))
+        offered, use = tool_use(self.tokenizer, tools, tool_choice)
+        ids = list(self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                                      **({"tools": offered} if offered else {})))
+        return ids + list(use.forced if use is not None else ()), use
 
 
 def _scored_ids(token_ids: Any) -> list[Any]:
@@ -1051,6 +1071,32 @@ def _scored_ids(token_ids: Any) -> list[Any]:
         raise ConfigError(f"token_ids must be token ids (a list of ints), got {type(token_ids).__name__}: encode "
                           "the text first (generator.tokenizer.encode)")
     return list(token_ids)
+
+
+def _with_calls(out: GenerationOutput, tokenizer: Any, use: ToolUse) -> GenerationOutput:
+    """out with its tool calls read (runtime/tool_calls.py); unchanged when it has none, or was cut by length."""
+    reply = use.read(out.token_ids, tokenizer) if out.finish_reason != "length" else None
+    if reply is None:
+        return out
+    return dataclasses.replace(out, text=reply.content or "", tool_calls=reply.calls)
+
+
+def _calls_held(events: Iterator[StreamEvent], tokenizer: Any, use: ToolUse) -> Iterator[StreamEvent]:
+    """stream_chat's events with tools: text after a call token (all of it after a forced call's start) is held
+    back until the output says whether the reply's calls parse."""
+    held: list[str] | None = [] if use.forced else None  # None until the first call token
+    for event in events:
+        if event.output is not None:
+            out = _with_calls(event.output, tokenizer, use)
+            text = "" if out.tool_calls is not None or held is None else "".join(held)
+            yield StreamEvent(text + event.text, event.token_id, out)
+        elif held is not None:
+            held.append(event.text)
+            yield StreamEvent("", event.token_id)
+        else:
+            yield event  # the call token's own text is what it completed before the call
+            if event.token_id == use.tokens.calls:
+                held = []
 
 
 def _stream(engine: Engine) -> Iterator[StreamEvent]:

@@ -44,6 +44,7 @@ from mixtrt.runtime.chat_template import ChatTemplate, select_template
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.prompts import check_continue, check_flags, check_messages_text, check_text
 from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer, sp_offsets
+from mixtrt.runtime.tool_calls import ToolTokens
 
 __all__ = ["AddedToken", "JinjaChatTokenizer", "PrependScheme"]
 _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED = 2, 3, 4  # sentencepiece ModelProto.SentencePiece.Type
@@ -131,6 +132,13 @@ class JinjaChatTokenizer:
             return self._by_content[content]
         piece = self.text.piece_id(content)
         return default if piece is None else piece
+
+    def tool_tokens(self) -> ToolTokens | None:
+        """Mistral's tool-call tokens where the checkpoint has them as added tokens (runtime/tool_calls.py)."""
+        calls = self._by_content.get("[TOOL_CALLS]")
+        if calls is None:
+            return None
+        return ToolTokens(calls, self._by_content.get("[ARGS]"), self._by_content.get("[CALL_ID]"))
 
     # ---- text --------------------------------------------------------------------------------------
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:

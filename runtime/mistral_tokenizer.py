@@ -34,6 +34,7 @@ from mixtrt.runtime.chat_template import first_failing_message
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.prompts import check_continue, check_flags, check_messages_text, check_text
 from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer
+from mixtrt.runtime.tool_calls import ToolTokens
 
 EXTRA = "pip install 'mixtrt[mistral]'"
 
@@ -123,6 +124,9 @@ class MistralCommonTokenizer:
         self.bos_id: int = int(self._raw.bos_id)
         self.eos_id: int = int(self._raw.eos_id)
         self._special_ids = frozenset(range(self._raw.num_special_tokens)) if self.tekken else frozenset()
+        # before v7 an assistant message holds text or calls, never both (mistral-common refuses both): the text a
+        # reply wrote before its calls is left out when the conversation comes back
+        self._calls_without_text = self.version[1:].isdigit() and int(self.version[1:]) < 7
 
     def __repr__(self) -> str:
         return f"MistralCommonTokenizer({str(self.path)!r}, version={self.version!r}, vocab_size={self.vocab_size})"
@@ -170,6 +174,20 @@ class MistralCommonTokenizer:
             return None
         return bytes(self._raw.id_to_byte_piece(i))
 
+    def tool_tokens(self) -> ToolTokens | None:
+        """The tool-call control tokens ([TOOL_CALLS], [ARGS], [CALL_ID]) this file has (runtime/tool_calls.py)."""
+        found = {}
+        for name in ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"):
+            if self._text is not None:
+                found[name] = self._text.piece_id(name)
+            else:
+                try:
+                    found[name] = int(self._raw.get_special_token(name))
+                except Exception:  # mistral-common raises its own kinds for a token the file does not have
+                    found[name] = None
+        calls = found["[TOOL_CALLS]"]
+        return None if calls is None else ToolTokens(calls, found["[ARGS]"], found["[CALL_ID]"])
+
     # ---- chat --------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                             tools: Sequence[Mapping[str, Any]] | None = None, *,
@@ -207,6 +225,8 @@ class MistralCommonTokenizer:
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
         closed = chat[-1]["role"] == "assistant" and not prefix
+        if self._calls_without_text:
+            chat = [_calls_only(m) for m in chat]
         try:
             request = ChatCompletionRequest.from_openai([dict(m) for m in chat],
                                                         [dict(t) for t in tools] if tools is not None else None)
@@ -246,6 +266,13 @@ def _validation_error(e: Any) -> str:
             given = "" if err.get("type") == "missing" else f" (got {str(repr(err.get('input')))[:60]})"
             seen[path] = f"{path or 'value'}: {err.get('msg', 'invalid')}{given}"
     return f"{e.title}: {'; '.join(seen.values())}"
+
+
+def _calls_only(message: Mapping[str, Any]) -> Mapping[str, Any]:
+    """An assistant message with calls, without its text (the formats before v7 have no place for both)."""
+    if message.get("role") != "assistant" or not message.get("tool_calls") or not message.get("content"):
+        return message
+    return {**message, "content": None}
 
 
 def _checked(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> list[Mapping[str, Any]]:

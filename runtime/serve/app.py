@@ -62,6 +62,7 @@ from mixtrt.runtime.serve.protocol import (
 )
 from mixtrt.runtime.serve.scheduler import Cancelled, EngineLoop, NotAccepting, QueueFull
 from mixtrt.runtime.serve.scheduler import Request as EngineRequest
+from mixtrt.runtime.tool_calls import ToolReply, ToolUse, tool_use
 
 log = logging.getLogger("mixtrt.serve")
 
@@ -267,8 +268,10 @@ def _tokenize(raw: bytes, state: _State) -> dict[str, Any]:
             messages = chat_messages(req, getattr(gen.tokenizer, "takes_text_parts", False))
             check_messages_text(messages)
             check_continuation(req)
+            offered, _ = _offered_tools(req, gen)
             ids = list(gen.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
-                                                         continue_final_message=req.continue_final_message))
+                                                         continue_final_message=req.continue_final_message,
+                                                         **({"tools": offered} if offered else {})))
         else:
             ids = list(gen.tokenizer.encode(check_text(req.prompt or "", "prompt"), bos=req.add_special_tokens))
     except ConfigError as e:
@@ -368,6 +371,7 @@ class _Call:
     offsets: dict[int, TextOffsets] = field(default_factory=dict)  # per streamed choice with logprobs
     # echo with max_tokens 0 (completions): the engine makes one token, which the response leaves out
     echo_only: bool = False
+    tools: ToolUse | None = None  # chat with tools shown: how the replies are read for calls
 
 
 async def _generate(request: Request, model: type[CompletionRequest] | type[ChatRequest]) -> Response:
@@ -380,9 +384,9 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
     t0 = time.perf_counter()
     limits = loop.engine.limit()
     if len(raw) > INLINE_BODY_BYTES:  # parsing and tokenizing a big body would stall every stream: a thread
-        req, prompts, echo = await asyncio.to_thread(_prepare, raw, model, gen, limits, s)
+        req, prompts, echo, tools = await asyncio.to_thread(_prepare, raw, model, gen, limits, s)
     else:
-        req, prompts, echo = _prepare(raw, model, gen, limits, s)
+        req, prompts, echo, tools = _prepare(raw, model, gen, limits, s)
     kind = "chat" if isinstance(req, ChatRequest) else "completions"
     limit = limits[0]
     try:
@@ -429,7 +433,7 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
         raise ApiError(f"the server is busy: {e}", 429, type="rate_limit_error") from None
     except NotAccepting as e:
         raise ApiError(str(e), 503, type="unavailable_error") from None
-    call = _Call(kind, rid, req, prompts, echo, handle, t0, echo_only=echo_only)
+    call = _Call(kind, rid, req, prompts, echo, handle, t0, echo_only=echo_only, tools=tools)
     if req.stream:
         return StreamingResponse(_stream(call, state), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": rid})
@@ -480,6 +484,9 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
     obj = "chat.completion.chunk" if chat else "text_completion"
     counts = [0] * call.handle.choices  # tokens seen per choice
     pending: list[list[int]] = [[] for _ in counts]  # token indices not yet sent (their text was held back)
+    # with tools: per choice, the text held back from its first call token on (None before one; from the start
+    # when tool_choice forced a call's start)
+    held: list[list[str] | None] = [[] if call.tools is not None and call.tools.forced else None for _ in counts]
 
     # every chunk is {"id", "object", "created", "model", "choices": [one choice]}: the constant part written once
     head = "data: " + _sse_json({"id": _id(call), "object": obj, "created": call.created, "model": name}
@@ -523,15 +530,29 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
             counts[i] += 1
             if out is not None:
                 call.outputs[i] = out
-            if event.text or out is not None:
+            text = event.text
+            if held[i] is not None:  # after a call token: held until the reply is read
+                held[i].append(text)  # type: ignore[union-attr]
+                text = ""
+            elif call.tools is not None and event.token == call.tools.tokens.calls:
+                held[i] = []  # this token's own text is what it completed before the call
+            if text or out is not None:
                 lp = _stream_logprobs(call, state, row, pending[i])
                 pending[i] = []
                 finish = None if out is None else _finish(out)
                 if chat:
-                    delta = {"content": event.text} if event.text else {}
+                    delta: dict[str, Any] = {"content": text} if text else {}
+                    if out is not None and held[i] is not None:
+                        reply = _reply_calls(call, state, out)
+                        rest = text + "".join(held[i] or [])
+                        if reply is None:  # the calls did not parse: the reply is text after all
+                            delta = {"content": rest} if rest else {}
+                        else:  # each call whole in one delta (OpenAI's clients join a call's pieces by index)
+                            delta["tool_calls"] = [{"index": n, **c.to_openai()} for n, c in enumerate(reply.calls)]
+                            finish = "tool_calls"
                     parts.append(chunk({"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}))
                 else:
-                    parts.append(chunk({"index": i, "text": event.text, "logprobs": lp, "finish_reason": finish}))
+                    parts.append(chunk({"index": i, "text": text, "logprobs": lp, "finish_reason": finish}))
             for part in parts:
                 yield part
                 if call.t_first_sent is None:
@@ -622,20 +643,28 @@ def _check_model(requested: str, served: str) -> None:
 
 def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen: Generator,
              limits: tuple[int, str], s: ServeSettings
-             ) -> tuple[CompletionRequest | ChatRequest, list[list[int]], list[str]]:
-    """The request body checked and its prompts tokenized: (request, prompts' ids, text echoed per prompt).
-    limits: the engine's (Engine.limit)."""
+             ) -> tuple[CompletionRequest | ChatRequest, list[list[int]], list[str], ToolUse | None]:
+    """The request body checked and its prompts tokenized: (request, prompts' ids, text echoed per prompt, how
+    its replies are read for tool calls). limits: the engine's (Engine.limit)."""
     req = parse(model, _json_body(raw))
     if req.model is not None:
         _check_model(req.model, s.name)
     field_name = "messages" if isinstance(req, ChatRequest) else "prompt"
     vocab = gen.backend.args.vocab_size
+    tools = None
     try:
         if isinstance(req, ChatRequest):
             messages = chat_messages(req, getattr(gen.tokenizer, "takes_text_parts", False))
             check_messages_text(messages)
+            offered, tools = _offered_tools(req, gen)
             ids = gen.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
-                                                    continue_final_message=req.continue_final_message)
+                                                    continue_final_message=req.continue_final_message,
+                                                    **({"tools": offered} if offered else {}))
+            if tools is not None and tools.forced:  # a forced call starts the assistant's reply
+                if not req.add_generation_prompt or req.continue_final_message:
+                    raise ApiError(f"tool_choice: {json.dumps(req.tool_choice)} starts the assistant's reply, which "
+                                   "add_generation_prompt false / continue_final_message leave out", param="tool_choice")
+                ids = [*ids, *tools.forced]
             prompts = normalize_prompts([list(ids)], gen.tokenizer, vocab)
             echo = [""]
         else:
@@ -661,7 +690,29 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
         raise ApiError(f"{param}: {len(prompts)} prompt(s) x n={req.n} choices is more than the server holds "
                        f"({s.max_batch} running + {s.max_queue} waiting rows: --max-batch, --max-queue); send "
                        "fewer at a time", param=param)
-    return req, prompts, echo
+    return req, prompts, echo, tools
+
+
+def _offered_tools(req: ChatRequest | TokenizeRequest, gen: Generator
+                   ) -> tuple[list[dict[str, Any]] | None, ToolUse | None]:
+    """(the tools the prompt shows, how its replies are read): runtime/tool_calls.py `tool_use`, its errors as
+    400s naming tools or tool_choice."""
+    try:
+        return tool_use(gen.tokenizer, req.tools, getattr(req, "tool_choice", None))
+    except ConfigError as e:
+        message = str(e)
+        raise ApiError(message, param="tool_choice" if message.startswith("tool_choice") else "tools") from None
+
+
+def _reply_calls(call: _Call, state: _State, out: GenerationOutput) -> ToolReply | None:
+    """A chat reply's tool calls (a reply cut by its length is text); with parallel_tool_calls false, the first."""
+    if call.tools is None or out.finish_reason == "length":
+        return None
+    assert state.generator is not None
+    reply = call.tools.read(out.token_ids, state.generator.tokenizer)
+    if reply is not None and getattr(call.req, "parallel_tool_calls", None) is False:
+        reply = dataclasses.replace(reply, calls=reply.calls[:1])
+    return reply
 
 
 def _config_error(e: ConfigError, req: CompletionRequest | ChatRequest) -> ApiError:
@@ -707,6 +758,11 @@ def _full_choice(call: _Call, state: _State, i: int) -> dict[str, Any]:
     if call.kind == "chat":
         lp = chat_logprobs(_texts(state), out.token_ids, out.logprobs, out.top_logprobs, _chat_k(call),
                            call.handle.rows[i].front) if out.logprobs is not None else None
+        reply = _reply_calls(call, state, out)
+        if reply is not None:  # OpenAI's form: content is the text before the calls (null when none)
+            return {"index": i, "message": {"role": "assistant", "content": reply.content,
+                                            "tool_calls": [c.to_openai() for c in reply.calls]},
+                    "logprobs": lp, "finish_reason": "tool_calls"}
         return {"index": i, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
                 "finish_reason": _finish(out)}
     lp = None

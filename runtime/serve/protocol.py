@@ -123,11 +123,12 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     metadata: dict[str, str] | None = None  # labels, like `user`: accepted and unused
-    # neutral values only (what agent frameworks and SDKs send by default): plain text, no tools, not stored
-    response_format: dict[str, Any] | None = None
+    # OpenAI's function tools and tool_choice (runtime/tool_calls.py `tool_use`)
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # without tools it means nothing
+    parallel_tool_calls: bool | None = None  # false: a reply's first call only
+    # neutral values only (what agent frameworks and SDKs send by default): plain text, not stored
+    response_format: dict[str, Any] | None = None
     store: bool | None = None
     service_tier: str | None = None
     functions: list[Any] | None = None  # the tools' former names: neutral only
@@ -150,6 +151,7 @@ class TokenizeRequest(_Strict):
     add_special_tokens: bool = True  # a prompt's BOS (messages: the chat format decides)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    tools: list[Any] | None = None  # with messages: shown as /v1/chat/completions shows them
     return_token_strs: bool = False  # also each token's piece
 
 
@@ -235,11 +237,6 @@ def _check_neutral(req: _Sampling) -> None:
     if isinstance(req, ChatRequest):
         if req.response_format is not None and req.response_format != {"type": "text"}:
             raise ApiError("response_format is not supported (only {\"type\": \"text\"})", param="response_format")
-        if req.tools:
-            raise ApiError("tools are not supported (only an empty list)", param="tools")
-        if req.tool_choice not in (None, "none", "auto"):
-            raise ApiError("tool_choice is not supported (only \"none\" or \"auto\" without tools)",
-                           param="tool_choice")
         if req.store:
             raise ApiError("store is not supported (only false)", param="store")
         if req.service_tier not in (None, "auto", "default"):

@@ -1,0 +1,258 @@
+"""Tool calls: the tools a chat request offers, checked, and a reply's calls read back from its token ids.
+
+Mistral's formats start a call with the `[TOOL_CALLS]` control token, which decoding never shows, so a reply
+is read from its ids, not its text. Two bodies follow the token, as mistral-common encodes an assistant's
+calls (and the models were trained on):
+
+- a JSON list (v2, v3, v7; sentencepiece and tekken): `[TOOL_CALLS][{"name": "f", "arguments": {...},
+  "id": "a1b2c3d4e"}, ...]`;
+- name and arguments per call (tekken v11 and later): `[TOOL_CALLS]f[CALL_ID]a1b2c3d4e[ARGS]{...}` (v11 with
+  an id) or `[TOOL_CALLS]f[ARGS]{...}` (v13), one such group per call.
+
+    >>> from mixtrt.runtime.tokenizer import shipped_tokenizer_path
+    >>> from mixtrt.runtime.mistral_tokenizer import MistralCommonTokenizer
+    >>> tok = MistralCommonTokenizer(shipped_tokenizer_path().parent / "mistral_instruct_tokenizer_240323.model.v3")
+    >>> ids = tok.encode("Let me look.", bos=False) + [5] + tok.encode('[{"name": "get_weather", '
+    ...     '"arguments": {"city": "Paris"}, "id": "a1b2c3d4e"}]', bos=False) + [tok.eos_id]
+    >>> read_tool_calls(ids, tok)                        # [TOOL_CALLS] is id 5 in v3
+    ToolReply(content='Let me look.', calls=(ToolCall(id='a1b2c3d4e', name='get_weather', arguments='{"city": "Paris"}'),))
+
+A reply whose calls do not parse (cut by max_tokens or a stop string, JSON the model got wrong, a call without
+a name or with arguments that are not an object) is no call: `read_tool_calls` gives None and the reply stays
+text, as vLLM's Mistral parser leaves it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mixtrt.runtime.errors import ConfigError
+
+# mistral-common's rules (its tokenizers refuse anything else on the next turn): a function name of letters,
+# digits, "_" and "-", at most 64; a call id of exactly 9 letters and digits (v3 and later)
+NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
+_ID_CHARS = string.ascii_letters + string.digits
+NO_TOOL_TOKENS = ("the model's chat format has no tool-call token ([TOOL_CALLS]): mixtrt reads the calls of Mistral's "
+                  "formats (v2 and later, tekken, or a template whose tokenizer has [TOOL_CALLS])")
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call of a reply: its id, the function's name and its arguments as a JSON object's text."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_openai(self) -> dict[str, Any]:
+        """OpenAI's form: {"id", "type": "function", "function": {"name", "arguments"}}."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
+class ToolReply:
+    """A reply read as calls: the text before the first call (None when there is none) and the calls."""
+
+    content: str | None
+    calls: tuple[ToolCall, ...]
+
+
+@dataclass(frozen=True)
+class ToolTokens:
+    """A tokenizer's tool-call control tokens: `[TOOL_CALLS]`, and where the format has them `[ARGS]` and
+    `[CALL_ID]`."""
+
+    calls: int
+    args: int | None = None
+    call_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """How a chat request's replies are read: the tokenizer's tool tokens, and the ids its tool_choice put after
+    the prompt (the start of a call the model then completes; empty for "auto")."""
+
+    tokens: ToolTokens
+    forced: tuple[int, ...] = ()
+
+    def read(self, token_ids: Sequence[int], tokenizer: Any) -> ToolReply | None:
+        """The reply's calls (read_tool_calls), the forced start of the call included."""
+        return read_tool_calls([*self.forced, *token_ids], tokenizer, self.tokens)
+
+
+def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, where: str = "tools"
+             ) -> tuple[list[dict[str, Any]] | None, ToolUse | None]:
+    """(the tools a prompt shows, how its replies are read) for OpenAI's `tools` and `tool_choice`: "auto" (None)
+    lets the model choose; "none" shows no tools (they are still checked); "required" starts the reply with
+    [TOOL_CALLS], so the model writes a call; {"type": "function", "function": {"name": ...}} also writes that
+    function's name, so the model writes its arguments. (None, None) without tools."""
+    offered = check_tools(tools, where)
+    if tool_choice not in (None, "auto", "none", "required") and not _named(tool_choice):
+        raise ConfigError(f"tool_choice: must be \"auto\", \"none\", \"required\" or {{\"type\": \"function\", "
+                          f"\"function\": {{\"name\": ...}}}}, got {json.dumps(tool_choice, default=repr)}")
+    if offered is None:
+        if tool_choice not in (None, "auto", "none"):
+            raise ConfigError(f"tool_choice: {json.dumps(tool_choice)} needs tools, and none are given")
+        return None, None
+    if tool_choice == "none":
+        return None, None
+    tokens = tool_tokens(tokenizer)
+    if tokens is None:
+        raise ConfigError(f"{where}: {NO_TOOL_TOKENS}")
+    if tool_choice in (None, "auto"):
+        return offered, ToolUse(tokens)
+    if tool_choice == "required":
+        return offered, ToolUse(tokens, (tokens.calls,))
+    name = tool_choice["function"]["name"]
+    if name not in {t["function"]["name"] for t in offered}:
+        raise ConfigError(f"tool_choice: the function {name!r} is not one of the tools given")
+    if tokens.args is not None:  # name[ARGS]arguments: the arguments follow
+        return offered, ToolUse(tokens, (tokens.calls, *tokenizer.encode(name, bos=False), tokens.args))
+    # the JSON list, as mistral-common writes it, up to the arguments' value
+    start = tokenizer.encode(f'[{{"name": {json.dumps(name)}, "arguments":', bos=False)
+    return offered, ToolUse(tokens, (tokens.calls, *start))
+
+
+def _named(choice: Any) -> bool:
+    return isinstance(choice, Mapping) and choice.get("type") == "function" and \
+        isinstance(choice.get("function"), Mapping) and isinstance(choice["function"].get("name"), str)
+
+
+def new_call_id() -> str:
+    """A fresh call id: 9 random letters and digits, the only form Mistral's v3 and later formats take back."""
+    return "".join(secrets.choice(_ID_CHARS) for _ in range(9))
+
+
+def tool_tokens(tokenizer: Any) -> ToolTokens | None:
+    """The tokenizer's tool-call tokens; None when its chat format has no `[TOOL_CALLS]` token (v1, a template
+    of another family): such a format cannot call tools."""
+    find = getattr(tokenizer, "tool_tokens", None)
+    return find() if callable(find) else None
+
+
+def check_tools(tools: Any, where: str = "tools") -> list[dict[str, Any]] | None:
+    """OpenAI's tool list checked: [{"type": "function", "function": {"name", "description"?, "parameters"?}}];
+    None and [] are no tools (None). Names follow mistral-common's rule; names are unique."""
+    if tools is None:
+        return None
+    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
+        raise ConfigError(f"{where}: must be a list of {{'type': 'function', 'function': {{...}}}} objects, "
+                          f"got {type(tools).__name__}")
+    seen: set[str] = set()
+    out = []
+    for n, tool in enumerate(tools):
+        at = f"{where}[{n}]"
+        if not isinstance(tool, Mapping):
+            raise ConfigError(f"{at}: must be an object, got {type(tool).__name__}")
+        if tool.get("type", "function") != "function":
+            raise ConfigError(f"{at}.type: only \"function\" tools are supported, got {tool.get('type')!r}")
+        function = tool.get("function")
+        if not isinstance(function, Mapping):
+            raise ConfigError(f"{at}.function: must be an object with a name")
+        name = function.get("name")
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise ConfigError(f"{at}.function.name: must be 1-64 letters, digits, '_' or '-', got {name!r}")
+        if name in seen:
+            raise ConfigError(f"{at}.function.name: {name!r} is offered twice")
+        seen.add(name)
+        if not isinstance(function.get("description", ""), str):
+            raise ConfigError(f"{at}.function.description: must be a string")
+        if not isinstance(function.get("parameters", {}), Mapping):
+            raise ConfigError(f"{at}.function.parameters: must be a JSON schema object")
+        out.append({"type": "function", "function": dict(function)})
+    return out or None
+
+
+def read_tool_calls(token_ids: Sequence[int], tokenizer: Any, tokens: ToolTokens | None = None
+                    ) -> ToolReply | None:
+    """The reply's calls, read from its generated ids (an eos at the end is fine); None when the reply calls
+    no tool or its calls do not parse (see the module docstring). tokens: the tokenizer's (tool_tokens)."""
+    tokens = tokens or tool_tokens(tokenizer)
+    ids = [int(i) for i in token_ids]
+    if tokens is None or tokens.calls not in ids:
+        return None
+    first = ids.index(tokens.calls)
+    groups: list[list[int]] = []
+    for i in ids[first:]:
+        if i == tokens.calls:
+            groups.append([])
+        else:
+            groups[-1].append(i)
+    calls: list[ToolCall] = []
+    for group in groups:
+        read = _named_call(group, tokenizer, tokens) if tokens.args is not None and tokens.args in group \
+            else _json_calls(tokenizer.decode(group))
+        if read is None:
+            return None
+        calls += read
+    if not calls:
+        return None
+    text = tokenizer.decode(ids[:first])
+    return ToolReply(text if text.strip() else None, tuple(calls))
+
+
+def _named_call(group: list[int], tokenizer: Any, tokens: ToolTokens) -> list[ToolCall] | None:
+    """`name[CALL_ID]id[ARGS]{...}` or `name[ARGS]{...}` (tekken v11 and later)."""
+    assert tokens.args is not None
+    at = group.index(tokens.args)
+    head, body = group[:at], group[at + 1:]
+    call_id = None
+    if tokens.call_id is not None and tokens.call_id in head:
+        k = head.index(tokens.call_id)
+        head, call_id = head[:k], tokenizer.decode(head[k + 1:]).strip()
+    arguments = _object(tokenizer.decode(body))
+    name = tokenizer.decode(head).strip()
+    if arguments is None or not NAME.fullmatch(name):
+        return None
+    return [ToolCall(_kept_id(call_id), name, arguments)]
+
+
+def _json_calls(text: str) -> list[ToolCall] | None:
+    """`[{"name", "arguments", "id"?}, ...]` (or one such object) after [TOOL_CALLS]."""
+    try:
+        value, end = json.JSONDecoder().raw_decode(text.strip())
+    except ValueError:
+        return None
+    if text.strip()[end:].strip():  # text after the calls: not a reply of calls alone
+        return None
+    items = [value] if isinstance(value, dict) else value
+    if not isinstance(items, list) or not items:
+        return None
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not NAME.fullmatch(item["name"]):
+            return None
+        arguments = item.get("arguments", {})
+        if isinstance(arguments, str):  # arguments written as a JSON string: its object
+            arguments = _parsed_object(arguments)
+        if not isinstance(arguments, dict):
+            return None
+        call_id = item.get("id")
+        calls.append(ToolCall(_kept_id(call_id if isinstance(call_id, str) else None), item["name"],
+                              json.dumps(arguments, ensure_ascii=False)))
+    return calls
+
+
+def _parsed_object(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _object(text: str) -> str | None:
+    """A JSON object's text, normalized (json.dumps of it), or None."""
+    value = _parsed_object(text.strip())
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else None
+
+
+def _kept_id(call_id: str | None) -> str:
+    """The model's id where it is one the next turn can take back, else a fresh one."""
+    return call_id if call_id is not None and CALL_ID.fullmatch(call_id) else new_call_id()

@@ -1,0 +1,173 @@
+"""Tool calls read back from a reply's ids, with mistral-common's own encoding of an assistant's calls as the
+oracle (the form the models were trained on), for every Mistral format that has calls: v2, v3, v7 (sentencepiece),
+tekken v3 / v7, and tekken v11 / v13 (name and [ARGS] per call)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.tool_calls import CALL_ID, ToolCall, check_tools, new_call_id, read_tool_calls, tool_tokens
+
+mistral_common = pytest.importorskip("mistral_common", reason="the Mistral formats need mixtrt[mistral]")
+from mixtrt.runtime.mistral_tokenizer import MistralCommonTokenizer  # noqa: E402
+
+DATA = Path(mistral_common.__file__).parent / "data"
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                           "parameters": CITY}},
+         {"type": "function", "function": {"name": "get-time", "parameters": {"type": "object", "properties": {}}}}]
+CALLS = [ToolCall("a1B2c3D4e", "get_weather", json.dumps({"city": "Zürich", "days": [1, 2]}, ensure_ascii=False)),
+         ToolCall("Zz9yY8xX7", "get-time", "{}")]
+QUESTION = [{"role": "user", "content": "Weather and time in Zürich?"}]
+
+
+def tekken_file(tmp_path: Path, version: str) -> Path:
+    """tekken_240911.json as a v11 / v13 file: those versions need their special tokens listed ([ARGS], [CALL_ID])."""
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    data = json.loads((DATA / "tekken_240911.json").read_text())
+    data["config"]["version"] = version
+    specials = [dict(t, token_str=str(t["token_str"])) for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS]
+    specials += [{"rank": 20, "token_str": "[ARGS]", "is_control": True},
+                 {"rank": 21, "token_str": "[CALL_ID]", "is_control": True}]
+    data["special_tokens"] = specials
+    path = tmp_path / f"tekken_{version}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+FILES = ["mistral_instruct_tokenizer_240216.model.v2", "mistral_instruct_tokenizer_240323.model.v3",
+         "mistral_instruct_tokenizer_241114.model.v7", "tekken_240718.json", "tekken_240911.json", "v11", "v13"]
+
+
+@pytest.fixture(scope="module", params=FILES)
+def tokenizer(request, tmp_path_factory) -> MistralCommonTokenizer:
+    name = request.param
+    return MistralCommonTokenizer(tekken_file(tmp_path_factory.mktemp("tekken"), name) if name in ("v11", "v13")
+                                  else DATA / name)
+
+
+def encoded_reply(tok: MistralCommonTokenizer, calls: list[ToolCall], tools=TOOLS) -> list[int]:
+    """The ids mistral-common gives an assistant message of `calls` after QUESTION (its eos included)."""
+    prompt = tok.apply_chat_template(QUESTION, tools=tools)
+    message = {"role": "assistant", "content": None, "tool_calls": [c.to_openai() for c in calls]}
+    whole = tok.apply_chat_template([*QUESTION, message], add_generation_prompt=False, tools=tools)
+    assert whole[:len(prompt)] == prompt
+    return whole[len(prompt):]
+
+
+def test_the_calls_mistral_common_encodes_read_back(tokenizer):
+    reply = encoded_reply(tokenizer, CALLS)
+    assert reply[-1] == tokenizer.eos_id
+    read = read_tool_calls(reply, tokenizer)
+    assert read is not None and read.content is None
+    assert [(c.name, json.loads(c.arguments)) for c in read.calls] == [(c.name, json.loads(c.arguments)) for c in CALLS]
+    ids_written = tokenizer.version not in ("v2", "v13")  # v2 has no ids; v13 writes none in a call
+    assert [c.id for c in read.calls] == [c.id for c in CALLS] if ids_written else \
+        all(CALL_ID.fullmatch(c.id) for c in read.calls)
+    assert read_tool_calls(reply[:-1], tokenizer) == read or not ids_written  # no eos: the same calls
+    # the read calls go back into the conversation: the next turn encodes (mistral-common takes the ids back)
+    answered = read.calls[:1] if tokenizer.version == "v2" else read.calls  # v2 takes one result per turn
+    answer = [{"role": "assistant", "content": None, "tool_calls": [c.to_openai() for c in read.calls]},
+              *[{"role": "tool", "tool_call_id": c.id, "name": c.name, "content": "ok"} for c in answered]]
+    assert tokenizer.apply_chat_template([*QUESTION, *answer], tools=TOOLS)
+
+
+def test_text_before_the_calls_is_the_content(tokenizer):
+    tokens = tool_tokens(tokenizer)
+    assert tokens is not None
+    reply = tokenizer.encode("Let me check.", bos=False) + encoded_reply(tokenizer, CALLS[:1])
+    read = read_tool_calls(reply, tokenizer)
+    assert read is not None and read.content == "Let me check." and [c.name for c in read.calls] == ["get_weather"]
+
+
+@pytest.mark.parametrize("cut", ["length", "stop", "broken", "no-name", "args-not-object", "text-after", "empty"])
+def test_a_reply_whose_calls_do_not_parse_is_text(tokenizer, cut):
+    reply = encoded_reply(tokenizer, CALLS)
+    tokens = tool_tokens(tokenizer)
+    assert tokens is not None
+    at = reply.index(tokens.calls)
+    if cut == "length":  # max_tokens reached inside the first call's arguments
+        reply = reply[:reply.index(tokens.args) + 3] if tokens.args is not None else reply[:at + 6]
+    elif cut == "stop":  # nothing after the call token
+        reply = reply[:at + 1]
+    else:
+        body = {"broken": '[{"name": "get_weather", "arguments": {"city": "Par',
+                "no-name": '[{"arguments": {}}]', "args-not-object": '[{"name": "get_weather", "arguments": [1]}]',
+                "text-after": '[{"name": "get_weather", "arguments": {}}] and more', "empty": "[]"}[cut]
+        if tokens.args is not None:  # tekken v11 / v13: name[ARGS]arguments
+            body = {"broken": 'get_weather\x00{"city": "Par', "no-name": '\x00{}',
+                    "args-not-object": "get_weather\x00[1]", "text-after": "get_weather\x00{} and more",
+                    "empty": "get_weather\x00"}[cut]
+            name, _, args = body.partition("\x00")
+            reply = reply[:at + 1] + tokenizer.encode(name, bos=False) + [tokens.args] + \
+                tokenizer.encode(args, bos=False) + [tokenizer.eos_id]
+        else:
+            reply = reply[:at + 1] + tokenizer.encode(body, bos=False) + [tokenizer.eos_id]
+    assert read_tool_calls(reply, tokenizer) is None
+
+
+def test_v1_and_foreign_templates_have_no_tool_tokens():
+    from mixtrt.runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(DATA / "tokenizer.model.v1")
+    assert tool_tokens(tok) is None
+    assert read_tool_calls([5, 6, 7], tok) is None
+
+
+def test_a_template_tokenizer_with_tool_calls_token_reads_calls():
+    """A checkpoint with a Jinja template over Mistral's v3 sentencepiece model (Mistral-7B-Instruct-v0.3's
+    tokenizer.model): [TOOL_CALLS] is one of its control pieces, so its replies read as the v3 file's."""
+    from mixtrt.runtime.chat_template import ChatTemplate
+    from mixtrt.runtime.jinja_tokenizer import JinjaChatTokenizer
+    from mixtrt.runtime.tokenizer import Tokenizer
+
+    sp = Tokenizer.load(DATA / "mistral_instruct_tokenizer_240323.model.v3")
+    tok = JinjaChatTokenizer(sp, ChatTemplate("{{ messages[0]['content'] }}", {}))
+    v3 = MistralCommonTokenizer(DATA / "mistral_instruct_tokenizer_240323.model.v3")
+    assert tool_tokens(tok) == tool_tokens(v3)
+    reply = encoded_reply(v3, CALLS)
+    assert read_tool_calls(reply, tok) == read_tool_calls(reply, v3)
+
+
+def test_tools_are_checked_with_the_field_named():
+    assert check_tools(None) is None and check_tools([]) is None
+    assert check_tools(TOOLS) == TOOLS
+    for tools, message in [
+        ({"type": "function"}, r"tools: must be a list"),
+        (["get_weather"], r"tools\[0\]: must be an object"),
+        ([{"type": "retrieval"}], r"tools\[0\]\.type: only \"function\""),
+        ([{"type": "function"}], r"tools\[0\]\.function: must be an object"),
+        ([{"type": "function", "function": {"name": "get weather"}}], r"tools\[0\]\.function\.name: must be 1-64"),
+        ([TOOLS[0], TOOLS[0]], r"tools\[1\]\.function\.name: 'get_weather' is offered twice"),
+        ([{"type": "function", "function": {"name": "f", "parameters": "{}"}}], r"parameters: must be a JSON schema"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            check_tools(tools)
+
+
+def test_call_ids_are_what_the_next_turn_takes():
+    ids = {new_call_id() for _ in range(200)}
+    assert len(ids) == 200 and all(CALL_ID.fullmatch(i) for i in ids)
+
+
+@pytest.mark.parametrize("name, keeps_text", [("mistral_instruct_tokenizer_240323.model.v3", False),
+                                              ("tekken_240718.json", False),
+                                              ("mistral_instruct_tokenizer_241114.model.v7", True)])
+def test_text_beside_calls_comes_back_where_the_format_holds_it(name, keeps_text):
+    """A reply's text before its calls goes back with them from v7 on; v2 / v3 hold text or calls in an assistant
+    message, never both (mistral-common refuses both), so there the text is left out."""
+    tok = MistralCommonTokenizer(DATA / name)
+    calls = [c.to_openai() for c in CALLS[:1]]
+    result = [{"role": "tool", "tool_call_id": CALLS[0].id, "content": "ok"}]
+    with_text = tok.apply_chat_template([*QUESTION, {"role": "assistant", "content": "Let me look.",
+                                                     "tool_calls": calls}, *result], tools=TOOLS)
+    without = tok.apply_chat_template([*QUESTION, {"role": "assistant", "content": None, "tool_calls": calls},
+                                       *result], tools=TOOLS)
+    assert (with_text != without) == keeps_text
+    if keeps_text:
+        assert "Let me look." in tok.decode(with_text)

@@ -1,0 +1,243 @@
+"""Tool calls end to end: OpenAI's `tools` through Generator.chat / stream_chat and the server (the official
+`openai` client, streaming and not), on a tiny model with Mistral's v3 tokenizer whose replies are scripted (a
+random model never writes a call): the scripted backend runs the real model and then makes the reply's next token
+the script's, so everything from the prompt's ids to the response's JSON is the real code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mixtrt.runtime.generation import Generator
+from mixtrt.runtime.tool_calls import CALL_ID
+from tests.checkpoints import make_checkpoint
+from tests.serve.conftest import Server
+
+mistral_common = pytest.importorskip("mistral_common", reason="the v3 format needs mixtrt[mistral]")
+
+V3 = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                           "parameters": CITY}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+MESSAGES = [{"role": "user", "content": "Weather and time in Paris?"}]
+CALLS = [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]
+
+
+class Scripted:
+    """The real backend, whose logits then pick the script's token wherever the script has one for the next
+    position (script: position -> token id); prompt chunks run as passes of their own."""
+
+    mixed_steps = False
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+        self.script: dict[int, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def step(self, cache: Any, input_ids: np.ndarray, start_row: int = 0, last_only: bool = False) -> np.ndarray:
+        b, s = input_ids.shape
+        before = np.array(cache.lengths[start_row:start_row + b])
+        logits = np.array(self._backend.step(cache, input_ids, start_row, last_only))
+        for r in range(b):
+            for j in range(logits.shape[1]):
+                token = self.script.get(int(before[r]) + (s - 1 if last_only else j) + 1)
+                if token is not None:
+                    logits[r, j] = -1e4
+                    logits[r, j, token] = 1e4
+        return logits
+
+
+@pytest.fixture(scope="module")
+def tool_gen(tmp_path_factory) -> Generator:
+    from mixtrt.export import export_onnx
+
+    root = tmp_path_factory.mktemp("tools")
+    ck = make_checkpoint(root / "ck", "mistral", tokenizer=False, vocab_size=32768, sliding_window=8,
+                         max_position_embeddings=512, num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=48)
+    shutil.copy(V3, ck / "tokenizer.model.v3")
+    gen = Generator.load(export_onnx(ck, root / "art", progress=None), threads=1)
+    return Generator(Scripted(gen.backend), gen.tokenizer, gen.defaults)
+
+
+def reply_ids(gen: Generator, text: str = "I'll check.", calls: list[dict[str, Any]] | None = CALLS) -> list[int]:
+    tok = gen.tokenizer
+    ids = tok.encode(text, bos=False) if text else []
+    if calls is not None:
+        ids += [tok.tool_tokens().calls] + tok.encode(json.dumps(calls), bos=False)
+    return ids + [tok.eos_id]
+
+
+def script(gen: Generator, messages: list[dict[str, Any]], reply: list[int], tools: Any = TOOLS, forced: int = 0
+           ) -> int:
+    """The reply scripted after the prompt the messages (and tools) make, and `forced` ids a tool_choice put after
+    it; returns the prompt's length."""
+    n = len(gen.tokenizer.apply_chat_template(messages, tools=tools)) + forced
+    gen.backend.script = {n + k: t for k, t in enumerate(reply)}
+    return n
+
+
+def test_generator_chat_reads_the_calls(tool_gen):
+    script(tool_gen, MESSAGES, reply_ids(tool_gen))
+    out = tool_gen.chat(MESSAGES, tools=TOOLS, max_new_tokens=200)
+    assert out.finish_reason == "eos" and out.text == "I'll check."
+    assert [(c.name, json.loads(c.arguments)) for c in out.tool_calls] == [(c["name"], c["arguments"]) for c in CALLS]
+    assert all(CALL_ID.fullmatch(c.id) for c in out.tool_calls)
+    # streamed: the text before the call, nothing of the call's JSON, and the calls with the output
+    events = list(tool_gen.stream_chat(MESSAGES, tools=TOOLS, max_new_tokens=200))
+    assert "".join(e.text for e in events) == "I'll check."
+    assert [c.name for c in events[-1].output.tool_calls] == ["get_weather", "get_time"]
+    # without tools the same reply is text (the call token hidden, its JSON shown) and no calls are read
+    script(tool_gen, MESSAGES, reply_ids(tool_gen), tools=None)
+    out = tool_gen.chat(MESSAGES, max_new_tokens=200)
+    assert out.tool_calls is None and out.text.startswith("I'll check.") and '"get_weather"' in out.text
+    # cut by its length inside the call: text, streamed whole
+    script(tool_gen, MESSAGES, reply_ids(tool_gen))
+    out = tool_gen.chat(MESSAGES, tools=TOOLS, max_new_tokens=12)
+    assert out.finish_reason == "length" and out.tool_calls is None and '[{"name' in out.text
+    events = list(tool_gen.stream_chat(MESSAGES, tools=TOOLS, max_new_tokens=12))
+    assert "".join(e.text for e in events) == out.text
+
+
+def test_tools_need_a_format_with_tool_calls(generator):
+    """The shared tiny model has the v1 tokenizer: it has no [TOOL_CALLS], so tools are refused by name."""
+    from mixtrt.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^tools: the model's chat format has no tool-call token"):
+        generator.chat(MESSAGES, tools=TOOLS)
+    with pytest.raises(ConfigError, match=r"tools\[0\]\.function\.name"):
+        generator.chat(MESSAGES, tools=[{"type": "function", "function": {"name": "a b"}}])
+
+
+@pytest.fixture(scope="module")
+def tool_server(tool_gen, tmp_path_factory):
+    s = Server(tool_gen, tmp_path_factory.mktemp("unused"), max_batch=4, max_queue=8)
+    yield s
+    s.close()
+
+
+def test_server_returns_tool_calls(tool_server, tool_gen):
+    n = script(tool_gen, MESSAGES, reply_ids(tool_gen))
+    r = tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, n=2)
+    assert r.usage.prompt_tokens == n
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "I'll check."
+        calls = choice.message.tool_calls
+        assert [(c.type, c.function.name, json.loads(c.function.arguments)) for c in calls] == \
+            [("function", c["name"], c["arguments"]) for c in CALLS]
+        assert all(CALL_ID.fullmatch(c.id) for c in calls)
+    # the calls and their results go back as the conversation goes on: rendered, and answered in text
+    calls = r.choices[0].message.tool_calls
+    results = {"get_weather": "22C", "get_time": "noon"}
+    messages = [*MESSAGES, r.choices[0].message.model_dump(exclude_none=True),
+                *[{"role": "tool", "tool_call_id": c.id, "content": results[c.function.name]} for c in calls]]
+    script(tool_gen, messages, reply_ids(tool_gen, "22C at noon.", calls=None))
+    r2 = tool_server.openai.chat.completions.create(model="tiny", messages=messages, tools=TOOLS)
+    assert (r2.choices[0].finish_reason, r2.choices[0].message.content, r2.choices[0].message.tool_calls) == \
+        ("stop", "22C at noon.", None)
+    # a reply without a call needs no content-less form either: no content, only a call
+    script(tool_gen, MESSAGES, reply_ids(tool_gen, ""))
+    r3 = tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS,
+                                                    parallel_tool_calls=False)
+    assert r3.choices[0].message.content is None
+    assert [c.function.name for c in r3.choices[0].message.tool_calls] == ["get_weather"]
+
+
+def test_server_streams_tool_calls(tool_server, tool_gen):
+    script(tool_gen, MESSAGES, reply_ids(tool_gen))
+    stream = tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, stream=True,
+                                                        stream_options={"include_usage": True})
+    content, calls, finish = "", {}, None
+    for chunk in stream:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for call in choice.delta.tool_calls or []:  # joined by index, as OpenAI's clients join them
+                got = calls.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
+                got["id"] += call.id or ""
+                got["name"] += call.function.name or ""
+                got["arguments"] += call.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert content == "I'll check." and finish == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [(c["name"], c["arguments"])
+                                                                                 for c in CALLS]
+    assert all(CALL_ID.fullmatch(c["id"]) for c in calls.values())
+    # cut by max_tokens inside the call: the held text comes out as content, finish "length"
+    stream = tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, stream=True,
+                                                        max_tokens=12)
+    chunks = [c for c in stream if c.choices]
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(not c.choices[0].delta.tool_calls for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text.startswith("I'll check.") and '[{"name' in text
+
+
+def test_tool_choice_none_shows_no_tools(tool_server, tool_gen):
+    n = script(tool_gen, MESSAGES, reply_ids(tool_gen), tools=None)
+    r = tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="none")
+    assert r.usage.prompt_tokens == n and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.tool_calls is None and '"get_weather"' in r.choices[0].message.content
+    # /tokenize shows the tools as the chat endpoint does
+    got = tool_server.http.post("/tokenize", json={"messages": MESSAGES, "tools": TOOLS}).json()
+    assert got["tokens"] == tool_gen.tokenizer.apply_chat_template(MESSAGES, tools=TOOLS)
+
+
+def test_tool_choice_forces_a_call(tool_server, tool_gen):
+    """"required" starts the reply with [TOOL_CALLS]; a named function also writes the call up to its arguments
+    (as mistral-common writes a call: the rest of the reply tokenizes as the whole call would)."""
+    tok = tool_gen.tokenizer
+    call = '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+    whole = tok.encode(call, bos=False)
+    start = tok.encode('[{"name": "get_weather", "arguments":', bos=False)
+    assert whole[:len(start)] == start  # the forced start is a prefix of the call's own tokens
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice, forced in (("required", 1), (named, 1 + len(start))):
+        rest = ([tok.tool_tokens().calls] + whole)[forced:] + [tok.eos_id]
+        n = script(tool_gen, MESSAGES, rest, forced=forced)
+        out = tool_gen.chat(MESSAGES, tools=TOOLS, tool_choice=choice, max_new_tokens=100)
+        assert out.text == "" and [(c.name, json.loads(c.arguments)) for c in out.tool_calls] == \
+            [("get_weather", {"city": "Paris"})]
+        r = tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice=choice)
+        assert r.usage.prompt_tokens == n and r.choices[0].finish_reason == "tool_calls"
+        assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
+        chunks = list(tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS,
+                                                                 tool_choice=choice, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.content or "" for d in deltas) == ""
+        assert [json.loads(t.function.arguments) for d in deltas for t in d.tool_calls or []] == [{"city": "Paris"}]
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"tool_choice": {"type": "function", "function": {"name": "get_news"}}}, "tool_choice",
+     "the function 'get_news' is not one of the tools given"),
+    ({"tool_choice": "any"}, "tool_choice", 'tool_choice: must be "auto", "none", "required" or'),
+    ({"tools": None, "tool_choice": "required"}, "tool_choice", 'tool_choice: "required" needs tools'),
+    ({"tool_choice": "required", "messages": [*MESSAGES, {"role": "assistant", "content": "Sure"}],
+      "add_generation_prompt": False, "continue_final_message": True}, "tool_choice", "starts the assistant's reply"),
+    ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools",
+     r"tools[0].function.name: must be 1-64"),
+    ({"tools": [{"type": "code_interpreter"}]}, "tools", 'tools[0].type: only "function" tools'),
+    ({"tools": "get_weather"}, "tools", "tools: Input should be a valid list"),
+])
+def test_bad_tools_are_400s_naming_the_field(tool_server, body, param, message):
+    r = tool_server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": TOOLS, **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+
+
+def test_tools_refused_where_the_format_has_no_calls(server):
+    r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": TOOLS})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    assert "no tool-call token ([TOOL_CALLS])" in r.json()["error"]["message"]
+    # with tool_choice "none" the tools are not shown: served
+    r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": TOOLS, "tool_choice": "none",
+                                                       "max_tokens": 2})
+    assert r.status_code == 200, r.text
