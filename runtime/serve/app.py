@@ -155,7 +155,9 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
         # a full queue clears as rows finish: a client may retry after about a second
-        headers = {"Retry-After": "1"} if e.status == 429 else None
+        headers = {"X-Request-Id": _request_id(request)}  # the id its log line has, as a success's response
+        if e.status == 429:
+            headers["Retry-After"] = "1"
         if not e.logged:
             _log_refused(request, e)
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
@@ -167,7 +169,8 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
         message = f"{request.method} {request.url.path}: {e.detail}"
         error = ApiError(message, e.status_code, type=kind)
         _log_refused(request, error)
-        return JSONResponse(error.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
+        headers = {**(getattr(e, "headers", None) or {}), "X-Request-Id": _request_id(request)}
+        return JSONResponse(error.body(), status_code=e.status_code, headers=headers)
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: probes that read the status only
     async def health(request: Request) -> JSONResponse:
@@ -826,11 +829,16 @@ def _scores_only(req: CompletionRequest | ChatRequest) -> bool:
 
 
 def _request_id(request: Request) -> str:
-    """The client's X-Request-Id (a load balancer's, to join its logs with ours; vLLM takes it as its request id)
-    where it is 1-128 visible ASCII characters, else a fresh one."""
-    given = request.headers.get("x-request-id", "")
-    return given if 0 < len(given) <= 128 and given.isascii() and given.isprintable() and " " not in given \
-        else uuid.uuid4().hex
+    """The request's id, the same for its log line and its response's X-Request-Id, answered or refused: the
+    client's X-Request-Id (a load balancer's, to join its logs with ours; vLLM takes it as its request id) where it
+    is 1-128 visible ASCII characters, else a fresh one."""
+    rid = getattr(request.state, "mixtrt_request_id", None)
+    if rid is None:
+        given = request.headers.get("x-request-id", "")
+        rid = given if 0 < len(given) <= 128 and given.isascii() and given.isprintable() and " " not in given \
+            else uuid.uuid4().hex
+        request.state.mixtrt_request_id = rid
+    return rid
 
 
 def _log_refused(request: Request, e: ApiError, answered: bool = True) -> None:

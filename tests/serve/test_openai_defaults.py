@@ -259,6 +259,14 @@ def test_what_an_operator_reads(server, caplog):
         assert r.status_code == 200 and len(r.headers["x-request-id"]) == 32
         r = server.http.post("/v1/completions", json={"prompt": "a b c", "max_tokens": 0, "echo": True, "logprobs": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 0
+        # refused requests carry the id their log line has too (given or fresh), as do unknown routes
+        for path, body, rid in (("/v1/completions", {"prompt": "a", "max_tokens": -1}, "lb-43"),
+                                ("/v1/completions", {"prompt": "a", "max_tokens": -1}, None),
+                                ("/v1/nothing", {}, "lb-44")):
+            r = server.http.post(path, json=body, headers={"X-Request-Id": rid} if rid else {})
+            assert r.status_code in (400, 404) and r.headers["x-request-id"] == (rid or r.headers["x-request-id"])
+            refused = [json.loads(rec.getMessage()) for rec in caplog.records if '"refused"' in rec.getMessage()]
+            assert refused[-1]["id"] == r.headers["x-request-id"] and len(refused[-1]["id"]) in (5, 32)
         time.sleep(0.1)
     lines = [json.loads(rec.getMessage()) for rec in caplog.records if '"event": "request"' in rec.getMessage()]
     assert [line["id"] for line in lines][0] == "lb-42"
