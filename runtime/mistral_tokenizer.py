@@ -227,6 +227,8 @@ class MistralCommonTokenizer:
         closed = chat[-1]["role"] == "assistant" and not prefix
         if self._calls_without_text:
             chat = [_calls_only(m) for m in chat]
+        if self.version == "v2":  # v2 shows a tool result with its function's name, which OpenAI's message lacks
+            chat = _named_results(chat)
         try:
             request = ChatCompletionRequest.from_openai([dict(m) for m in chat],
                                                         [dict(t) for t in tools] if tools is not None else None)
@@ -273,6 +275,21 @@ def _calls_only(message: Mapping[str, Any]) -> Mapping[str, Any]:
     if message.get("role") != "assistant" or not message.get("tool_calls") or not message.get("content"):
         return message
     return {**message, "content": None}
+
+
+def _named_results(chat: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Tool results without a `name` get the name of the call with their tool_call_id (as OpenAI's API sends them:
+    the id only)."""
+    names: dict[Any, Any] = {}
+    out = []
+    for m in chat:
+        for call in m.get("tool_calls") or () if m.get("role") == "assistant" else ():
+            if isinstance(call, Mapping) and isinstance(call.get("function"), Mapping):
+                names[call.get("id")] = call["function"].get("name")
+        if m.get("role") == "tool" and m.get("name") is None and names.get(m.get("tool_call_id")) is not None:
+            m = {**m, "name": names[m.get("tool_call_id")]}
+        out.append(m)
+    return out
 
 
 def _checked(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> list[Mapping[str, Any]]:

@@ -171,3 +171,14 @@ def test_text_beside_calls_comes_back_where_the_format_holds_it(name, keeps_text
     assert (with_text != without) == keeps_text
     if keeps_text:
         assert "Let me look." in tok.decode(with_text)
+
+
+def test_v2_results_get_their_calls_names():
+    """OpenAI's tool message has the call's id only; v2 shows a result with its function's name: taken from the
+    call with that id, so the ids equal mistral-common's for the message with its name given."""
+    tok = MistralCommonTokenizer(DATA / "mistral_instruct_tokenizer_240216.model.v2")
+    call = {"role": "assistant", "content": None, "tool_calls": [CALLS[0].to_openai()]}
+    result = {"role": "tool", "tool_call_id": CALLS[0].id, "content": "22C"}
+    ids = tok.apply_chat_template([*QUESTION, call, result], tools=TOOLS)
+    assert ids == tok.apply_chat_template([*QUESTION, call, {**result, "name": "get_weather"}], tools=TOOLS)
+    assert '"name": "get_weather", "content": "22C"' in tok.decode(ids)
