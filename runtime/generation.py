@@ -50,7 +50,7 @@ from mixtrt.runtime.chat_format import GenerationDefaults
 from mixtrt.runtime.errors import ConfigError, NonFiniteLogitsError
 from mixtrt.runtime.prompts import Prompts, check_messages_text, check_text, normalize_prompts, outside_vocab
 from mixtrt.runtime.sampling import Sampler, log_softmax, top_k_logprobs
-from mixtrt.runtime.tool_calls import ToolCall, ToolUse, tool_use
+from mixtrt.runtime.tool_calls import ToolCall, ToolReply, ToolStream, ToolUse, chat_prompt, tool_use
 
 if TYPE_CHECKING:
     from mixtrt.runtime.chat_session import ChatSession
@@ -1003,21 +1003,22 @@ class Generator:
 
     def chat(self, messages: Sequence[dict[str, Any]], config: GenerationConfig | None = None, *,
              tools: Sequence[dict[str, Any]] | None = None, tool_choice: str | dict[str, Any] | None = None,
-             **overrides: Any) -> GenerationOutput:
+             parallel_tool_calls: bool = True, **overrides: Any) -> GenerationOutput:
         """The assistant's next answer to `messages` ([{"role": "user", "content": ...}, ...]). tools: OpenAI's
         function list, shown to the model by its chat format; a reply that calls them has `tool_calls` (and
         `text` is what it wrote before the calls). tool_choice: OpenAI's ("auto", "none", "required", or
-        {"type": "function", "function": {"name": ...}}; runtime/tool_calls.py `tool_use`)."""
-        ids, use = self._chat_ids(messages, tools, tool_choice)
+        {"type": "function", "function": {"name": ...}}; runtime/tool_calls.py `tool_use`);
+        parallel_tool_calls=False keeps a reply's first call."""
+        ids, use = self._chat_ids(messages, tools, tool_choice, parallel_tool_calls)
         out = self.generate([ids], config, **overrides)[0]
-        return _with_calls(out, self.tokenizer, use) if use is not None else out
+        return _with_calls(out, use.reply(out, self.tokenizer), use, self.tokenizer) if use is not None else out
 
     def stream_chat(self, messages: Sequence[dict[str, Any]], config: GenerationConfig | None = None, *,
                     tools: Sequence[dict[str, Any]] | None = None, tool_choice: str | dict[str, Any] | None = None,
-                    **overrides: Any) -> Iterator[StreamEvent]:
+                    parallel_tool_calls: bool = True, **overrides: Any) -> Iterator[StreamEvent]:
         """As stream, for chat; with tools, the text from a reply's first call on is held back (it is the call),
         and the last event's output has the calls (or, if they do not parse, the held text comes with it)."""
-        ids, use = self._chat_ids(messages, tools, tool_choice)
+        ids, use = self._chat_ids(messages, tools, tool_choice, parallel_tool_calls)
         events = self.stream(ids, config, **overrides)
         return events if use is None else _calls_held(events, self.tokenizer, use)
 
@@ -1053,16 +1054,16 @@ class Generator:
         return engine, [engine.add(p, cfg, sample_index=i, t0=t0, name=f"prompt {i}", continuation=continuation)
                         for i, p in enumerate(ids)]
 
-    def _chat_ids(self, messages: Sequence[dict[str, Any]], tools: Any = None, tool_choice: Any = None
-                  ) -> tuple[list[int], ToolUse | None]:
+    def _chat_ids(self, messages: Sequence[dict[str, Any]], tools: Any = None, tool_choice: Any = None,
+                  parallel: bool = True) -> tuple[list[int], ToolUse | None]:
         """The prompt's ids (a forced call's start included), and how the reply is read (None without tools)."""
         check_messages_text(messages)  # a list (a str would be read as one message per character)
         if not messages:
             raise ConfigError("chat needs at least one message")
-        offered, use = tool_use(self.tokenizer, tools, tool_choice)
-        ids = list(self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
-                                                      **({"tools": offered} if offered else {})))
-        return ids + list(use.forced if use is not None else ()), use
+        if not isinstance(parallel, bool):
+            raise ConfigError(f"parallel_tool_calls must be True or False, got {parallel!r}")
+        offered, use = tool_use(self.tokenizer, tools, tool_choice, parallel)
+        return chat_prompt(self.tokenizer, list(messages), offered, use, add_generation_prompt=True), use
 
 
 def _scored_ids(token_ids: Any) -> list[Any]:
@@ -1073,30 +1074,24 @@ def _scored_ids(token_ids: Any) -> list[Any]:
     return list(token_ids)
 
 
-def _with_calls(out: GenerationOutput, tokenizer: Any, use: ToolUse) -> GenerationOutput:
-    """out with its tool calls read (runtime/tool_calls.py); unchanged when it has none, or was cut by length."""
-    reply = use.read(out.token_ids, tokenizer) if out.finish_reason != "length" else None
+def _with_calls(out: GenerationOutput, reply: ToolReply | None, use: ToolUse, tokenizer: Any) -> GenerationOutput:
+    """out as a chat reply with tools: its calls, and `text` the text before them; without calls its text (after a
+    forced start's text: ToolUse.text)."""
     if reply is None:
-        return out
+        return dataclasses.replace(out, text=use.text(out, tokenizer)) if use.forced else out
     return dataclasses.replace(out, text=reply.content or "", tool_calls=reply.calls)
 
 
 def _calls_held(events: Iterator[StreamEvent], tokenizer: Any, use: ToolUse) -> Iterator[StreamEvent]:
-    """stream_chat's events with tools: text after a call token (all of it after a forced call's start) is held
-    back until the output says whether the reply's calls parse."""
-    held: list[str] | None = [] if use.forced else None  # None until the first call token
+    """stream_chat's events with tools: a call's text is held back until the output says whether the reply's
+    calls parse (runtime/tool_calls.py ToolStream)."""
+    held = ToolStream(use, tokenizer)
     for event in events:
-        if event.output is not None:
-            out = _with_calls(event.output, tokenizer, use)
-            text = "" if out.tool_calls is not None or held is None else "".join(held)
-            yield StreamEvent(text + event.text, event.token_id, out)
-        elif held is not None:
-            held.append(event.text)
-            yield StreamEvent("", event.token_id)
+        if event.output is None:
+            yield StreamEvent(held.feed(event.token_id, event.text), event.token_id)
         else:
-            yield event  # the call token's own text is what it completed before the call
-            if event.token_id == use.tokens.calls:
-                held = []
+            rest, reply = held.finish(event.output)
+            yield StreamEvent(rest + event.text, event.token_id, _with_calls(event.output, reply, use, tokenizer))
 
 
 def _stream(engine: Engine) -> Iterator[StreamEvent]:

@@ -186,7 +186,11 @@ class MistralCommonTokenizer:
                 except Exception:  # mistral-common raises its own kinds for a token the file does not have
                     found[name] = None
         calls = found["[TOOL_CALLS]"]
-        return None if calls is None else ToolTokens(calls, found["[ARGS]"], found["[CALL_ID]"])
+        if calls is None:
+            return None
+        if not (self.version[1:].isdigit() and int(self.version[1:]) >= 11):  # name[ARGS] calls begin with v11
+            return ToolTokens(calls)  # a file of an earlier version may list [ARGS] and still write JSON calls
+        return ToolTokens(calls, found["[ARGS]"], found["[CALL_ID]"])
 
     # ---- chat --------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,

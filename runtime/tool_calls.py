@@ -14,8 +14,8 @@ calls (and the models were trained on):
     >>> tok = MistralCommonTokenizer(shipped_tokenizer_path().parent / "mistral_instruct_tokenizer_240323.model.v3")
     >>> ids = tok.encode("Let me look.", bos=False) + [5] + tok.encode('[{"name": "get_weather", '
     ...     '"arguments": {"city": "Paris"}, "id": "a1b2c3d4e"}]', bos=False) + [tok.eos_id]
-    >>> read_tool_calls(ids, tok)                        # [TOOL_CALLS] is id 5 in v3
-    ToolReply(content='Let me look.', calls=(ToolCall(id='a1b2c3d4e', name='get_weather', arguments='{"city": "Paris"}'),))
+    >>> read_tool_calls(ids, tok).calls                  # [TOOL_CALLS] is id 5 in v3
+    (ToolCall(id='a1b2c3d4e', name='get_weather', arguments='{"city": "Paris"}'),)
 
 A reply whose calls do not parse (cut by max_tokens or a stop string, JSON the model got wrong, a call without
 a name or with arguments that are not an object) is no call: `read_tool_calls` gives None and the reply stays
@@ -76,18 +76,68 @@ class ToolTokens:
 
 @dataclass(frozen=True)
 class ToolUse:
-    """How a chat request's replies are read: the tokenizer's tool tokens, and the ids its tool_choice put after
-    the prompt (the start of a call the model then completes; empty for "auto")."""
+    """How a chat request's replies are read: the tokenizer's tool tokens, the ids its tool_choice put after
+    the prompt (the start of a call the model then completes; empty for "auto"), and whether a reply may make
+    several calls (OpenAI's parallel_tool_calls; False keeps the first)."""
 
     tokens: ToolTokens
     forced: tuple[int, ...] = ()
+    parallel: bool = True
 
-    def read(self, token_ids: Sequence[int], tokenizer: Any) -> ToolReply | None:
-        """The reply's calls (read_tool_calls), the forced start of the call included."""
-        return read_tool_calls([*self.forced, *token_ids], tokenizer, self.tokens)
+    def reply(self, out: Any, tokenizer: Any) -> ToolReply | None:
+        """A finished reply's calls (a GenerationOutput: token_ids, finish_reason), the forced start included;
+        None when it makes none, or was cut by its length (text, whatever it holds)."""
+        if out.finish_reason == "length":
+            return None
+        reply = read_tool_calls([*self.forced, *out.token_ids], tokenizer, self.tokens)
+        if reply is not None and not self.parallel:
+            reply = ToolReply(reply.content, reply.calls[:1])
+        return reply
+
+    def text(self, out: Any, tokenizer: Any) -> str:
+        """The text of a reply that makes no calls: its own, after the text of a forced start (a named call's
+        start would be cut off from the JSON the model wrote after it)."""
+        if not self.forced:
+            return str(out.text)
+        own = tokenizer.decode(out.token_ids)
+        whole = tokenizer.decode([*self.forced, *out.token_ids])
+        start = whole[:len(whole) - len(own)] if whole.endswith(own) else tokenizer.decode(self.forced)
+        return start + str(out.text)
 
 
-def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, where: str = "tools"
+class ToolStream:
+    """A streamed reply's text while tools are offered: the text from its first call token on (all of it after a
+    forced start) is held back until the reply finishes and is read. feed() each token's text, then finish()."""
+
+    def __init__(self, use: ToolUse, tokenizer: Any) -> None:
+        self.use, self.tokenizer = use, tokenizer
+        self.held: list[str] | None = [] if use.forced else None  # None until a call token
+        self.sent: list[str] = []
+
+    def feed(self, token: int | None, text: str) -> str:
+        """The text to show now for a token and the text it completed."""
+        if self.held is not None:
+            self.held.append(text)
+            return ""
+        if token == self.use.tokens.calls:
+            self.held = []  # the call token's own text is what it completed before the call
+        self.sent.append(text)
+        return text
+
+    def finish(self, out: Any) -> tuple[str, ToolReply | None]:
+        """(the text still to show, the calls) once the reply's output is in. With calls: the rest of the text
+        before them (a stop string's held-back prefix the engine let out only after the call token); without:
+        everything held back."""
+        reply = self.use.reply(out, self.tokenizer)
+        sent = "".join(self.sent)
+        if reply is not None:
+            content = reply.content or ""
+            return (content[len(sent):] if content.startswith(sent) else ""), reply
+        whole = self.use.text(out, self.tokenizer)
+        return (whole[len(sent):] if whole.startswith(sent) else "".join(self.held or ())), None
+
+
+def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, parallel: bool = True, where: str = "tools"
              ) -> tuple[list[dict[str, Any]] | None, ToolUse | None]:
     """(the tools a prompt shows, how its replies are read) for OpenAI's `tools` and `tool_choice`: "auto" (None)
     lets the model choose; "none" shows no tools (they are still checked); "required" starts the reply with
@@ -107,17 +157,31 @@ def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, where: str = "
     if tokens is None:
         raise ConfigError(f"{where}: {NO_TOOL_TOKENS}")
     if tool_choice in (None, "auto"):
-        return offered, ToolUse(tokens)
+        return offered, ToolUse(tokens, parallel=parallel)
     if tool_choice == "required":
-        return offered, ToolUse(tokens, (tokens.calls,))
+        return offered, ToolUse(tokens, (tokens.calls,), parallel)
     name = tool_choice["function"]["name"]
     if name not in {t["function"]["name"] for t in offered}:
         raise ConfigError(f"tool_choice: the function {name!r} is not one of the tools given")
     if tokens.args is not None:  # name[ARGS]arguments: the arguments follow
-        return offered, ToolUse(tokens, (tokens.calls, *tokenizer.encode(name, bos=False), tokens.args))
+        return offered, ToolUse(tokens, (tokens.calls, *tokenizer.encode(name, bos=False), tokens.args), parallel)
     # the JSON list, as mistral-common writes it, up to the arguments' value
     start = tokenizer.encode(f'[{{"name": {json.dumps(name)}, "arguments":', bos=False)
-    return offered, ToolUse(tokens, (tokens.calls, *start))
+    return offered, ToolUse(tokens, (tokens.calls, *start), parallel)
+
+
+def chat_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]], offered: list[dict[str, Any]] | None,
+                use: ToolUse | None, **template: Any) -> list[int]:
+    """A chat prompt's ids with the tools shown (tool_use's `offered`) and a forced call's start after them. A
+    Jinja template that renders the same with and without the tools would hide them from the model: refused."""
+    if not offered:
+        return list(tokenizer.apply_chat_template(messages, **template))
+    ids = list(tokenizer.apply_chat_template(messages, tools=offered, **template))
+    if getattr(tokenizer, "templates", None) is not None and ids == list(tokenizer.apply_chat_template(messages,
+                                                                                                       **template)):
+        raise ConfigError("tools: the checkpoint's chat template does not show tools (it renders the same "
+                          "conversation with and without them), so the model would never see them")
+    return ids + list(use.forced if use is not None else ())
 
 
 def _named(choice: Any) -> bool:
@@ -162,11 +226,12 @@ def check_tools(tools: Any, where: str = "tools") -> list[dict[str, Any]] | None
         if name in seen:
             raise ConfigError(f"{at}.function.name: {name!r} is offered twice")
         seen.add(name)
+        function = {k: v for k, v in function.items() if v is not None}  # null: left out, as OpenAI's schema reads
         if not isinstance(function.get("description", ""), str):
             raise ConfigError(f"{at}.function.description: must be a string")
         if not isinstance(function.get("parameters", {}), Mapping):
             raise ConfigError(f"{at}.function.parameters: must be a JSON schema object")
-        out.append({"type": "function", "function": dict(function)})
+        out.append({"type": "function", "function": function})
     return out or None
 
 
@@ -195,7 +260,7 @@ def read_tool_calls(token_ids: Sequence[int], tokenizer: Any, tokens: ToolTokens
     if not calls:
         return None
     text = tokenizer.decode(ids[:first])
-    return ToolReply(text if text.strip() else None, tuple(calls))
+    return ToolReply(text or None, tuple(calls))  # as streamed: whitespace before a call is kept
 
 
 def _named_call(group: list[int], tokenizer: Any, tokens: ToolTokens) -> list[ToolCall] | None:

@@ -62,7 +62,7 @@ from mixtrt.runtime.serve.protocol import (
 )
 from mixtrt.runtime.serve.scheduler import Cancelled, EngineLoop, NotAccepting, QueueFull
 from mixtrt.runtime.serve.scheduler import Request as EngineRequest
-from mixtrt.runtime.tool_calls import ToolReply, ToolUse, tool_use
+from mixtrt.runtime.tool_calls import ToolStream, ToolUse, chat_prompt, tool_use
 
 log = logging.getLogger("mixtrt.serve")
 
@@ -266,15 +266,16 @@ def _tokenize(raw: bytes, state: _State) -> dict[str, Any]:
         _check_model(req.model, state.settings.name)
     if (req.prompt is None) == (req.messages is None):
         raise ApiError("give either prompt (a text) or messages", param="prompt" if req.prompt is None else "messages")
+    if req.tools is not None and req.messages is None:
+        raise ApiError("tools: shown with chat messages only (give messages, or leave tools out)", param="tools")
     try:
         if req.messages is not None:
             messages = chat_messages(req, getattr(gen.tokenizer, "takes_text_parts", False))
             check_messages_text(messages)
             check_continuation(req)
             offered, _ = _offered_tools(req, gen)
-            ids = list(gen.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
-                                                         continue_final_message=req.continue_final_message,
-                                                         **({"tools": offered} if offered else {})))
+            ids = chat_prompt(gen.tokenizer, messages, offered, None, add_generation_prompt=req.add_generation_prompt,
+                              continue_final_message=req.continue_final_message)
         else:
             ids = list(gen.tokenizer.encode(check_text(req.prompt or "", "prompt"), bos=req.add_special_tokens))
     except ConfigError as e:
@@ -487,9 +488,8 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
     obj = "chat.completion.chunk" if chat else "text_completion"
     counts = [0] * call.handle.choices  # tokens seen per choice
     pending: list[list[int]] = [[] for _ in counts]  # token indices not yet sent (their text was held back)
-    # with tools: per choice, the text held back from its first call token on (None before one; from the start
-    # when tool_choice forced a call's start)
-    held: list[list[str] | None] = [[] if call.tools is not None and call.tools.forced else None for _ in counts]
+    # with tools: per choice, its text held back while it writes a call (tool_calls.ToolStream)
+    held = [ToolStream(call.tools, _tokenizer(state)) if call.tools is not None and chat else None for _ in counts]
 
     # every chunk is {"id", "object", "created", "model", "choices": [one choice]}: the constant part written once
     head = "data: " + _sse_json({"id": _id(call), "object": obj, "created": call.created, "model": name}
@@ -533,26 +533,21 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
             counts[i] += 1
             if out is not None:
                 call.outputs[i] = out
-            text = event.text
-            if held[i] is not None:  # after a call token: held until the reply is read
-                held[i].append(text)  # type: ignore[union-attr]
-                text = ""
-            elif call.tools is not None and event.token == call.tools.tokens.calls:
-                held[i] = []  # this token's own text is what it completed before the call
+            tools = held[i]
+            text = event.text if tools is None else tools.feed(event.token, event.text)
+            reply = None
+            if tools is not None and out is not None:
+                rest, reply = tools.finish(out)
+                text += rest
             if text or out is not None:
                 lp = _stream_logprobs(call, state, row, pending[i])
                 pending[i] = []
                 finish = None if out is None else _finish(out)
                 if chat:
                     delta: dict[str, Any] = {"content": text} if text else {}
-                    if out is not None and held[i] is not None:
-                        reply = _reply_calls(call, state, out)
-                        rest = text + "".join(held[i] or [])
-                        if reply is None:  # the calls did not parse: the reply is text after all
-                            delta = {"content": rest} if rest else {}
-                        else:  # each call whole in one delta (OpenAI's clients join a call's pieces by index)
-                            delta["tool_calls"] = [{"index": n, **c.to_openai()} for n, c in enumerate(reply.calls)]
-                            finish = "tool_calls"
+                    if reply is not None:  # each call whole in one delta (OpenAI's clients join pieces by index)
+                        delta["tool_calls"] = [{"index": n, **c.to_openai()} for n, c in enumerate(reply.calls)]
+                        finish = "tool_calls"
                     parts.append(chunk({"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}))
                 else:
                     parts.append(chunk({"index": i, "text": text, "logprobs": lp, "finish_reason": finish}))
@@ -660,14 +655,11 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
             messages = chat_messages(req, getattr(gen.tokenizer, "takes_text_parts", False))
             check_messages_text(messages)
             offered, tools = _offered_tools(req, gen)
-            ids = gen.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
-                                                    continue_final_message=req.continue_final_message,
-                                                    **({"tools": offered} if offered else {}))
-            if tools is not None and tools.forced:  # a forced call starts the assistant's reply
-                if not req.add_generation_prompt or req.continue_final_message:
-                    raise ApiError(f"tool_choice: {json.dumps(req.tool_choice)} starts the assistant's reply, which "
-                                   "add_generation_prompt false / continue_final_message leave out", param="tool_choice")
-                ids = [*ids, *tools.forced]
+            if tools is not None and tools.forced and (not req.add_generation_prompt or req.continue_final_message):
+                raise ApiError(f"tool_choice: {json.dumps(req.tool_choice)} starts the assistant's reply, which "
+                               "add_generation_prompt false / continue_final_message leave out", param="tool_choice")
+            ids = chat_prompt(gen.tokenizer, messages, offered, tools, add_generation_prompt=req.add_generation_prompt,
+                              continue_final_message=req.continue_final_message)
             prompts = normalize_prompts([list(ids)], gen.tokenizer, vocab)
             echo = [""]
         else:
@@ -701,21 +693,13 @@ def _offered_tools(req: ChatRequest | TokenizeRequest, gen: Generator
     """(the tools the prompt shows, how its replies are read): runtime/tool_calls.py `tool_use`, its errors as
     400s naming tools or tool_choice."""
     try:
-        return tool_use(gen.tokenizer, req.tools, getattr(req, "tool_choice", None))
+        return tool_use(gen.tokenizer, req.tools, getattr(req, "tool_choice", None),
+                        getattr(req, "parallel_tool_calls", None) is not False)
     except ConfigError as e:
         message = str(e)
         raise ApiError(message, param="tool_choice" if message.startswith("tool_choice") else "tools") from None
 
 
-def _reply_calls(call: _Call, state: _State, out: GenerationOutput) -> ToolReply | None:
-    """A chat reply's tool calls (a reply cut by its length is text); with parallel_tool_calls false, the first."""
-    if call.tools is None or out.finish_reason == "length":
-        return None
-    assert state.generator is not None
-    reply = call.tools.read(out.token_ids, state.generator.tokenizer)
-    if reply is not None and getattr(call.req, "parallel_tool_calls", None) is False:
-        reply = dataclasses.replace(reply, calls=reply.calls[:1])
-    return reply
 
 
 def _config_error(e: ConfigError, req: CompletionRequest | ChatRequest) -> ApiError:
@@ -761,13 +745,18 @@ def _full_choice(call: _Call, state: _State, i: int) -> dict[str, Any]:
     if call.kind == "chat":
         lp = chat_logprobs(_texts(state), out.token_ids, out.logprobs, out.top_logprobs, _chat_k(call),
                            call.handle.rows[i].front) if out.logprobs is not None else None
-        reply = _reply_calls(call, state, out)
-        if reply is not None:  # OpenAI's form: content is the text before the calls (null when none)
-            return {"index": i, "message": {"role": "assistant", "content": reply.content,
-                                            "tool_calls": [c.to_openai() for c in reply.calls]},
-                    "logprobs": lp, "finish_reason": "tool_calls"}
-        return {"index": i, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
-                "finish_reason": _finish(out)}
+        if call.tools is None:
+            return {"index": i, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
+                    "finish_reason": _finish(out)}
+        tokenizer = _tokenizer(state)
+        reply = call.tools.reply(out, tokenizer)
+        if reply is None:
+            return {"index": i, "message": {"role": "assistant", "content": call.tools.text(out, tokenizer)},
+                    "logprobs": lp, "finish_reason": _finish(out)}
+        # OpenAI's form: content is the text before the calls (null when none)
+        return {"index": i, "message": {"role": "assistant", "content": reply.content,
+                                        "tool_calls": [c.to_openai() for c in reply.calls]},
+                "logprobs": lp, "finish_reason": "tool_calls"}
     lp = None
     if call.echo_only:
         if out.logprobs is not None:
@@ -815,6 +804,11 @@ def _text_offsets(call: _Call, state: _State, i: int) -> TextOffsets:
 
 def _chat_k(call: _Call) -> int:
     return (call.req.top_logprobs or 0) if isinstance(call.req, ChatRequest) else 0
+
+
+def _tokenizer(state: _State) -> Any:
+    assert state.generator is not None
+    return state.generator.tokenizer
 
 
 def _texts(state: _State) -> TokenTexts:

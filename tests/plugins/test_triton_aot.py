@@ -68,27 +68,33 @@ TRT_SHARED = 48 * 1024  # without cudaFuncAttributeMaxDynamicSharedMemorySize
 
 def _compile(tmp_path, every: bool, archs=(80, 90)) -> list[dict]:
     """The rows of every spec compiled for each arch: one compiler process per arch, run side by side (each
-    compiles on one core)."""
+    compiles on one core), its output in a file (no pipe to fill while the other is waited on)."""
     ptxas = shutil.which("ptxas") or ""
     procs = []
-    for arch in archs:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["TRITON_CACHE_DIR"] = str(tmp_path / f"triton-cache-{arch}")
-        env["TRITON_DEFAULT_FP_FUSION"] = "1"
-        procs.append(subprocess.Popen([sys.executable, "-c", SCRIPT, "all" if every else "one", str(arch), ptxas],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    rows: list[dict] = []
-    for n, proc in enumerate(procs):
-        try:
-            out, err = proc.communicate(timeout=1500)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-        assert proc.returncode == 0, err[-3000:]
-        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        rows += lines if n == 0 else lines[1:]  # the spec count once
-    return rows
+    try:
+        for arch in archs:
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            env["TRITON_CACHE_DIR"] = str(tmp_path / f"triton-cache-{arch}")
+            env["TRITON_DEFAULT_FP_FUSION"] = "1"
+            out, err = open(tmp_path / f"out-{arch}", "w+"), open(tmp_path / f"err-{arch}", "w+")
+            procs.append((subprocess.Popen([sys.executable, "-c", SCRIPT, "all" if every else "one", str(arch), ptxas],
+                                           stdout=out, stderr=err, text=True, env=env), out, err))
+        rows: list[dict] = []
+        for n, (proc, out, err) in enumerate(procs):
+            proc.wait(timeout=1500)
+            out.seek(0)
+            err.seek(0)
+            assert proc.returncode == 0, err.read()[-3000:]
+            lines = [json.loads(line) for line in out.read().splitlines() if line.startswith("{")]
+            rows += lines if n == 0 else lines[1:]  # the spec count once
+        return rows
+    finally:
+        for proc, out, err in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            out.close()
+            err.close()
 
 
 def _split(rows: list[dict]) -> tuple[int, list[dict]]:

@@ -182,3 +182,38 @@ def test_v2_results_get_their_calls_names():
     ids = tok.apply_chat_template([*QUESTION, call, result], tools=TOOLS)
     assert ids == tok.apply_chat_template([*QUESTION, call, {**result, "name": "get_weather"}], tools=TOOLS)
     assert '"name": "get_weather", "content": "22C"' in tok.decode(ids)
+
+
+def test_a_file_before_v11_writes_json_calls_whatever_tokens_it_lists(tmp_path):
+    """A tekken file of v7 that lists [ARGS] (newer files list a full table) still writes calls as a JSON list:
+    its tokens say so, and a named tool_choice's forced start is that list's start."""
+    from mixtrt.runtime.tool_calls import tool_use
+
+    path = tekken_file(tmp_path, "v11")
+    data = json.loads(path.read_text())
+    data["config"]["version"] = "v7"
+    path.write_text(json.dumps(data))
+    tok = MistralCommonTokenizer(path)
+    tokens = tool_tokens(tok)
+    assert tokens is not None and (tokens.args, tokens.call_id) == (None, None)
+    _, use = tool_use(tok, TOOLS, {"type": "function", "function": {"name": "get_weather"}})
+    reply = encoded_reply(tok, CALLS[:1])
+    assert reply[:len(use.forced)] == list(use.forced)  # the forced start is the start of the call as written
+
+
+def test_a_template_that_does_not_show_tools_is_refused():
+    from mixtrt.runtime.chat_template import ChatTemplate
+    from mixtrt.runtime.jinja_tokenizer import JinjaChatTokenizer
+    from mixtrt.runtime.tokenizer import Tokenizer
+    from mixtrt.runtime.tool_calls import chat_prompt, tool_use
+
+    sp = Tokenizer.load(DATA / "mistral_instruct_tokenizer_240323.model.v3")
+    blind = JinjaChatTokenizer(sp, ChatTemplate("{% for m in messages %}[INST]{{ m['content'] }}[/INST]{% endfor %}"))
+    offered, use = tool_use(blind, TOOLS)
+    with pytest.raises(ConfigError, match=r"^tools: the checkpoint's chat template does not show tools"):
+        chat_prompt(blind, QUESTION, offered, use, add_generation_prompt=True)
+    shows = JinjaChatTokenizer(sp, ChatTemplate(
+        "{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+        "{% for m in messages %}[INST]{{ m['content'] }}[/INST]{% endfor %}"))
+    ids = chat_prompt(shows, QUESTION, *tool_use(shows, TOOLS), add_generation_prompt=True)
+    assert 6 in ids  # [AVAILABLE_TOOLS] is id 6 in v3: the tools are shown

@@ -241,3 +241,56 @@ def test_tools_refused_where_the_format_has_no_calls(server):
     r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": TOOLS, "tool_choice": "none",
                                                        "max_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+def test_streams_and_replies_agree(tool_server, tool_gen):
+    """Streamed and whole replies say the same: text a stop string held back before the call (it comes out only
+    after the call token), whitespace before a call, a forced start's text when the call does not parse."""
+    cases = [("I'll check Paris", {"stop": ["Paris!"]}, "I'll check Paris", "tool_calls"),
+             ("\n\n", {}, "\n\n", "tool_calls")]
+    for text, extra, content, finish in cases:
+        script(tool_gen, MESSAGES, reply_ids(tool_gen, text, CALLS[:1]))
+        kw = {"stop_strings": tuple(extra["stop"])} if "stop" in extra else {}
+        out = tool_gen.chat(MESSAGES, tools=TOOLS, max_new_tokens=200, **kw)
+        streamed = list(tool_gen.stream_chat(MESSAGES, tools=TOOLS, max_new_tokens=200, **kw))
+        r = tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, **extra)
+        chunks = [c.choices[0] for c in tool_server.openai.chat.completions.create(
+            model="tiny", messages=MESSAGES, tools=TOOLS, stream=True, **extra) if c.choices]
+        assert out.text == "".join(e.text for e in streamed) == content, text
+        assert r.choices[0].message.content == "".join(c.delta.content or "" for c in chunks) == content, text
+        assert r.choices[0].finish_reason == chunks[-1].finish_reason == finish
+    # a named call cut by max_tokens: the text is the call's JSON from its start, the forced part included
+    tok = tool_gen.tokenizer
+    whole = tok.encode('[{"name": "get_weather", "arguments": {"city": "Paris"}}]', bos=False)
+    start = tok.encode('[{"name": "get_weather", "arguments":', bos=False)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    script(tool_gen, MESSAGES, whole[len(start):] + [tok.eos_id], forced=1 + len(start))
+    cut = '[{"name": "get_weather", "arguments": {"city":'
+    assert tool_gen.chat(MESSAGES, tools=TOOLS, tool_choice=named, max_new_tokens=3).text == cut
+    assert "".join(e.text for e in tool_gen.stream_chat(MESSAGES, tools=TOOLS, tool_choice=named,
+                                                        max_new_tokens=3)) == cut
+    r = tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice=named,
+                                                   max_tokens=3)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (cut, "length")
+    chunks = [c.choices[0] for c in tool_server.openai.chat.completions.create(
+        model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice=named, max_tokens=3, stream=True) if c.choices]
+    assert "".join(c.delta.content or "" for c in chunks) == cut
+
+
+def test_parallel_tool_calls_false_in_python(tool_gen):
+    script(tool_gen, MESSAGES, reply_ids(tool_gen))
+    out = tool_gen.chat(MESSAGES, tools=TOOLS, parallel_tool_calls=False)
+    assert [c.name for c in out.tool_calls] == ["get_weather"]
+    events = list(tool_gen.stream_chat(MESSAGES, tools=TOOLS, parallel_tool_calls=False))
+    assert [c.name for c in events[-1].output.tool_calls] == ["get_weather"]
+
+
+def test_tokenize_and_null_tool_fields(tool_server, tool_gen):
+    r = tool_server.http.post("/tokenize", json={"prompt": "Hi", "tools": TOOLS})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    # null is a field left out, inside a tool as in the request
+    bare = [{"type": "function", "function": {"name": "get_time", "description": None, "parameters": None}}]
+    script(tool_gen, MESSAGES, reply_ids(tool_gen, "", CALLS[1:]), tools=[
+        {"type": "function", "function": {"name": "get_time"}}])
+    r = tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=bare)
+    assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_time"]
