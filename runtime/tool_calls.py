@@ -24,6 +24,7 @@ text, as vLLM's Mistral parser leaves it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -83,16 +84,18 @@ class ToolUse:
     tokens: ToolTokens
     forced: tuple[int, ...] = ()
     parallel: bool = True
+    names: frozenset[str] = frozenset()  # the functions offered (empty: any name)
 
     def reply(self, out: Any, tokenizer: Any) -> ToolReply | None:
         """A finished reply's calls (a GenerationOutput: token_ids, finish_reason), the forced start included;
-        None when it makes none, or was cut by its length (text, whatever it holds)."""
+        None when it makes none, calls a function that was not offered, or was cut by its length (text, whatever
+        it holds)."""
         if out.finish_reason == "length":
             return None
         reply = read_tool_calls([*self.forced, *out.token_ids], tokenizer, self.tokens)
-        if reply is not None and not self.parallel:
-            reply = ToolReply(reply.content, reply.calls[:1])
-        return reply
+        if reply is None or (self.names and any(c.name not in self.names for c in reply.calls)):
+            return None
+        return reply if self.parallel else ToolReply(reply.content, reply.calls[:1])
 
     def text(self, out: Any, tokenizer: Any) -> str:
         """The text of a reply that makes no calls: its own, after the text of a forced start (a named call's
@@ -156,18 +159,20 @@ def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, parallel: bool
     tokens = tool_tokens(tokenizer)
     if tokens is None:
         raise ConfigError(f"{where}: {NO_TOOL_TOKENS}")
+    names = frozenset(t["function"]["name"] for t in offered)
     if tool_choice in (None, "auto"):
-        return offered, ToolUse(tokens, parallel=parallel)
+        return offered, ToolUse(tokens, (), parallel, names)
     if tool_choice == "required":
-        return offered, ToolUse(tokens, (tokens.calls,), parallel)
+        return offered, ToolUse(tokens, (tokens.calls,), parallel, names)
     name = tool_choice["function"]["name"]
-    if name not in {t["function"]["name"] for t in offered}:
+    if name not in names:
         raise ConfigError(f"tool_choice: the function {name!r} is not one of the tools given")
+    # a named choice is one call of that function (OpenAI's): the reply's first call, the forced one
     if tokens.args is not None:  # name[ARGS]arguments: the arguments follow
-        return offered, ToolUse(tokens, (tokens.calls, *tokenizer.encode(name, bos=False), tokens.args), parallel)
+        return offered, ToolUse(tokens, (tokens.calls, *tokenizer.encode(name, bos=False), tokens.args), False, names)
     # the JSON list, as mistral-common writes it, up to the arguments' value
     start = tokenizer.encode(f'[{{"name": {json.dumps(name)}, "arguments":', bos=False)
-    return offered, ToolUse(tokens, (tokens.calls, *start), parallel)
+    return offered, ToolUse(tokens, (tokens.calls, *start), False, names)
 
 
 def chat_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]], offered: list[dict[str, Any]] | None,
@@ -187,6 +192,20 @@ def chat_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]], offered: 
 def _named(choice: Any) -> bool:
     return isinstance(choice, Mapping) and choice.get("type") == "function" and \
         isinstance(choice.get("function"), Mapping) and isinstance(choice["function"].get("name"), str)
+
+
+def mistral_call_id(call_id: Any) -> Any:
+    """A call id in the form Mistral's formats take (9 letters and digits): an id of that form as it is, another
+    string (OpenAI's `call_...`, a client's own) as 9 characters drawn from its hash, the same for the call and
+    its result; anything else unchanged (the format's own check names it)."""
+    if not isinstance(call_id, str) or CALL_ID.fullmatch(call_id):
+        return call_id
+    number = int.from_bytes(hashlib.sha256(call_id.encode("utf-8", "surrogatepass")).digest()[:8], "big")
+    digits = []
+    for _ in range(9):
+        number, digit = divmod(number, len(_ID_CHARS))
+        digits.append(_ID_CHARS[digit])
+    return "".join(digits)
 
 
 def new_call_id() -> str:

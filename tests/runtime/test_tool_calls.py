@@ -217,3 +217,24 @@ def test_a_template_that_does_not_show_tools_is_refused():
         "{% for m in messages %}[INST]{{ m['content'] }}[/INST]{% endfor %}"))
     ids = chat_prompt(shows, QUESTION, *tool_use(shows, TOOLS), add_generation_prompt=True)
     assert 6 in ids  # [AVAILABLE_TOOLS] is id 6 in v3: the tools are shown
+
+
+@pytest.mark.parametrize("name", ["mistral_instruct_tokenizer_240323.model.v3",
+                                  "mistral_instruct_tokenizer_241114.model.v7", "tekken_240911.json"])
+def test_call_ids_of_another_form_are_mapped_alike_in_call_and_result(name):
+    """OpenAI's ids (`call_...`) and a client's own are refused by mistral-common from v3 on: each becomes 9
+    characters from its hash, the same in the call and its result, different ids staying different."""
+    from mixtrt.runtime.tool_calls import mistral_call_id
+
+    tok = MistralCommonTokenizer(DATA / name)
+    foreign = ["call_Hx8fQ2Lz0abc", "call_Hx8fQ2Lz0abd"]
+    mapped = [mistral_call_id(i) for i in foreign]
+    assert all(CALL_ID.fullmatch(i) for i in mapped) and mapped[0] != mapped[1]
+    assert mistral_call_id("a1B2c3D4e") == "a1B2c3D4e" and mistral_call_id(mapped[0]) == mapped[0]
+
+    def talk(ids):
+        calls = [{**c.to_openai(), "id": i} for c, i in zip(CALLS, ids)]
+        return [*QUESTION, {"role": "assistant", "content": None, "tool_calls": calls},
+                *[{"role": "tool", "tool_call_id": i, "content": "ok"} for i in ids]]
+
+    assert tok.apply_chat_template(talk(foreign), tools=TOOLS) == tok.apply_chat_template(talk(mapped), tools=TOOLS)

@@ -294,3 +294,23 @@ def test_tokenize_and_null_tool_fields(tool_server, tool_gen):
         {"type": "function", "function": {"name": "get_time"}}])
     r = tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=bare)
     assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_time"]
+
+
+def test_a_named_choice_is_one_call_and_unknown_functions_are_text(tool_server, tool_gen):
+    """tool_choice naming a function returns that one call (OpenAI's), even when the model goes on to call
+    another; a reply calling a function that was not offered is text, never a call."""
+    tok = tool_gen.tokenizer
+    whole = tok.encode(json.dumps(CALLS), bos=False)
+    start = tok.encode('[{"name": "get_weather", "arguments":', bos=False)
+    assert whole[:len(start)] == start
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    script(tool_gen, MESSAGES, whole[len(start):] + [tok.eos_id], forced=1 + len(start))
+    out = tool_gen.chat(MESSAGES, tools=TOOLS, tool_choice=named)
+    assert [c.name for c in out.tool_calls] == ["get_weather"]
+    r = tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice=named)
+    assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_weather"]
+    script(tool_gen, MESSAGES, reply_ids(tool_gen, "", [{"name": "launch", "arguments": {}}]))
+    out = tool_gen.chat(MESSAGES, tools=TOOLS)
+    assert out.tool_calls is None and '"launch"' in out.text
+    r = tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS)
+    assert r.choices[0].finish_reason == "stop" and '"launch"' in r.choices[0].message.content
