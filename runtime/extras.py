@@ -31,6 +31,7 @@ EXTRAS: dict[str, Extra] = {
     "export": Extra(("torch", "onnx", "onnxscript", "onnx_ir", "tqdm"), "export checkpoints to artifacts"),
     "mistral": Extra(("mistral_common",), "Mistral's own tokenizer files (v3, v7, tekken)"),
     "serve": Extra(("fastapi", "uvicorn", "prometheus_client"), "the OpenAI-compatible server"),
+    "structured": Extra(("llguidance",), "structured output: replies constrained to JSON or a JSON schema"),
     "ray": Extra(("ray",), "scale-out on Ray Serve"),
     "gpu": Extra(("torch", "triton"), "the Triton GPU backend"),
     "tensorrt": Extra(("tensorrt", "polygraphy"),

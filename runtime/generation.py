@@ -82,6 +82,9 @@ class GenerationConfig:
     return_logprobs: bool = False
     top_logprobs: int = 0  # with return_logprobs: also the k most likely tokens of each position
     prefill_chunk: int | None = None
+    # structured output (runtime/structured.py): the reply is JSON that this JSON schema accepts (a mapping or its
+    # JSON text; {} or True: any JSON value), enforced token by token; kept as canonical JSON text
+    json_schema: str | None = None
 
     def __post_init__(self) -> None:
         """Every field checked by type and range, so a bad value is one ConfigError naming it before any work."""
@@ -146,6 +149,10 @@ class GenerationConfig:
             if any(not isinstance(i, (int, np.integer)) or isinstance(i, (bool, np.bool_)) or i < 0 for i in ids):
                 raise ConfigError(f"eos_token_id must be a token id, a sequence of them or None, got {eos!r}")
             fix("eos_token_id", tuple(int(i) for i in ids) if many else int(ids[0]))
+        if self.json_schema is not None:
+            from mixtrt.runtime.structured import check_schema
+
+            fix("json_schema", check_schema(self.json_schema))
 
     def eos_ids(self, args: ModelArgs) -> tuple[int, ...]:
         if self.eos_token_id is None:
@@ -551,7 +558,16 @@ class Engine:
                        top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
                        row=index, prompt_ids=seen, min_new_tokens=cfg.min_new_tokens, eos_ids=cfg.eos_ids(args),
                        presence_penalty=cfg.presence_penalty, frequency_penalty=cfg.frequency_penalty,
-                       logit_bias=dict(cfg.logit_bias))
+                       logit_bias=dict(cfg.logit_bias), guide=self._guide(cfg))
+
+    def _guide(self, cfg: GenerationConfig) -> Any:
+        """A row's structured-output constraint (runtime/structured.py JsonGuide), None without a json_schema."""
+        if cfg.json_schema is None:
+            return None
+        from mixtrt.runtime.structured import JsonGuide
+
+        args = self.backend.args
+        return JsonGuide(self.tokenizer, cfg.json_schema, cfg.eos_ids(args), args.vocab_size)
 
     # ---- the loop ------------------------------------------------------------------------------------
     def step(self, prefill_budget: int | None = None) -> list[EngineEvent]:

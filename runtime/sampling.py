@@ -20,6 +20,7 @@ Each filter sets removed entries to -inf. Every function works on [V] or [..., V
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -208,7 +209,7 @@ class Sampler:
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
                  row: int = 0, prompt_ids: Iterable[int] = (), min_new_tokens: int = 0,
                  eos_ids: Iterable[int] = (), presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 logit_bias: Mapping[int, float] | None = None) -> None:
+                 logit_bias: Mapping[int, float] | None = None, guide: Any = None) -> None:
         self.do_sample = do_sample
         self.temperature = temperature
         self.top_k = top_k
@@ -226,6 +227,7 @@ class Sampler:
         self.bias = np.fromiter(bias.values(), np.float32, len(bias))
         # token -> times chosen, kept only when a presence or frequency penalty is set
         self.counts: dict[int, int] | None = {} if presence_penalty or frequency_penalty else None
+        self.guide = guide  # structured output: allowed() [V] bool before each choice, consume(token) after
         self.seen: np.ndarray | None = None
         if repetition_penalty != 1.0:
             self.seen = np.zeros(vocab_size, bool)
@@ -241,6 +243,8 @@ class Sampler:
             if np.may_share_memory(scores, logits):
                 scores = scores.copy()
             scores[self.eos] = -np.inf
+        if self.guide is not None:  # what the schema does not allow next is never chosen, whatever the settings
+            scores = np.where(self.guide.allowed(), scores, np.float32(-np.inf))
         if self.seen is not None:
             scores = apply_repetition_penalty(scores, self.seen, self.repetition_penalty)
         if self.counts:
@@ -257,7 +261,7 @@ class Sampler:
         """The next choice is the argmax of the raw logits (greedy, nothing to add or mask): the Engine takes the
         argmax of every such row of a step at once and hands it to `took`."""
         return (self.rng is None and not self.bias.size and self.seen is None and self.counts is None
-                and not (self.chosen < self.min_new_tokens and self.eos.size))
+                and self.guide is None and not (self.chosen < self.min_new_tokens and self.eos.size))
 
     def took(self, token: int) -> int:
         """`token`, the argmax of the raw logits, chosen while `argmax_only` held (what __call__ would count)."""
@@ -274,6 +278,8 @@ class Sampler:
             self.seen[token] = True
         if self.counts is not None:
             self.counts[token] = self.counts.get(token, 0) + 1
+        if self.guide is not None:
+            self.guide.consume(token)
         self.chosen += 1
         return token
 

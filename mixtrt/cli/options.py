@@ -50,6 +50,11 @@ def add_sampling(p: argparse.ArgumentParser, heading: str | None = None) -> None
     g.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
                    help="add BIAS (-100..100) to token ID's logit before each choice (repeatable; -100 bans it)")
     g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
+    g.add_argument("-j", "--json-schema", default=None, metavar="SCHEMA",
+                   help="the reply is JSON this JSON schema accepts, enforced token by token (the schema's JSON text, "
+                        "'{}' for any JSON; llama.cpp's -j), needs mixtrt[structured]")
+    g.add_argument("--json-schema-file", type=path, default=None, metavar="FILE",
+                   help="as --json-schema, the schema read from FILE (llama.cpp's -jf)")
     g.add_argument("--threads", type=threads, default=None,
                    help="onnxruntime intra-op threads, 1 .. the available cores (default: all of them)")
     g.add_argument("--no-verify", action="store_true",
@@ -123,6 +128,16 @@ def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]
         out["stop_strings"] = tuple(ns.stop)
     if ns.logit_bias:
         out["logit_bias"] = tuple(_bias_pair(text) for text in ns.logit_bias)
+    if ns.json_schema is not None and ns.json_schema_file is not None:
+        raise ConfigError("--json-schema and --json-schema-file: give one of them")
+    if ns.json_schema_file is not None:
+        try:
+            out["json_schema"] = ns.json_schema_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--json-schema-file {ns.json_schema_file}: cannot read it "
+                              f"({getattr(e, 'strerror', None) or e})") from None
+    elif ns.json_schema is not None:
+        out["json_schema"] = ns.json_schema
     out.update(extra)
     with _named_by_flag():
         GenerationConfig(**out)
@@ -144,9 +159,10 @@ def _named_by_flag() -> Iterator[None]:
         yield
     except ConfigError as e:
         field, _, rest = str(e).partition(" ")
-        name, bracket, index = field.partition("[")  # logit_bias[5] -> --logit-bias 5
+        colon = ":" if field.endswith(":") else ""  # "json_schema: ..." -> "--json-schema: ..."
+        name, bracket, index = field.rstrip(":").partition("[")  # logit_bias[5] -> --logit-bias 5
         if name in _FLAGS:
-            raise ConfigError(f"{_FLAGS[name]}{' ' + index.rstrip(']') if bracket else ''} {rest}") from None
+            raise ConfigError(f"{_FLAGS[name]}{' ' + index.rstrip(']') if bracket else ''}{colon} {rest}") from None
         raise
 
 
@@ -166,7 +182,7 @@ def _bias_pair(text: str) -> tuple[int, float]:
 _FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
           "top_p": "--top-p", "seed": "--seed", "repetition_penalty": "--repetition-penalty", "stop_strings": "--stop",
           "min_p": "--min-p", "min_new_tokens": "--min-new-tokens", "presence_penalty": "--presence-penalty",
-          "frequency_penalty": "--frequency-penalty", "logit_bias": "--logit-bias"}
+          "frequency_penalty": "--frequency-penalty", "logit_bias": "--logit-bias", "json_schema": "--json-schema"}
 
 
 def load_generator(ns: argparse.Namespace) -> Any:

@@ -59,6 +59,7 @@ from mixtrt.runtime.serve.protocol import (
     length_field,
     overrides,
     parse,
+    reply_schema,
 )
 from mixtrt.runtime.serve.scheduler import Cancelled, EngineLoop, NotAccepting, QueueFull
 from mixtrt.runtime.serve.scheduler import Request as EngineRequest
@@ -629,7 +630,7 @@ INLINE_BODY_BYTES = 16 << 10  # a body up to this size is parsed and tokenized o
 # the runtime's GenerationConfig names -> the request field a client set them with
 _PARAMS = {"max_new_tokens": "max_tokens", "stop_strings": "stop", "top_logprobs": "logprobs",
            "return_logprobs": "logprobs", "eos_token_id": "ignore_eos", "do_sample": "temperature",
-           "min_new_tokens": "min_tokens"}
+           "min_new_tokens": "min_tokens", "json_schema": "response_format"}
 
 
 def _check_model(requested: str, served: str) -> None:
@@ -658,6 +659,9 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
             if tools is not None and tools.forced and (not req.add_generation_prompt or req.continue_final_message):
                 raise ApiError(f"tool_choice: {json.dumps(req.tool_choice)} starts the assistant's reply, which "
                                "add_generation_prompt false / continue_final_message leave out", param="tool_choice")
+            if tools is not None and tools.forced and reply_schema(req) is not None:
+                raise ApiError(f"tool_choice: {json.dumps(req.tool_choice)} asks for a call, and response_format for "
+                               "a reply in its JSON form: give one of them", param="tool_choice")
             ids = chat_prompt(gen.tokenizer, messages, offered, tools, add_generation_prompt=req.add_generation_prompt,
                               continue_final_message=req.continue_final_message)
             prompts = normalize_prompts([list(ids)], gen.tokenizer, vocab)

@@ -16,6 +16,8 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from mixtrt.runtime.errors import ConfigError
+
 MAX_N = 128  # choices per request (OpenAI's limit)
 MAX_LOGPROBS = 20  # alternatives per position (vLLM's default limit; OpenAI's is 5 for completions)
 
@@ -127,8 +129,9 @@ class ChatRequest(_Sampling):
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # false: a reply's first call only
-    # neutral values only (what agent frameworks and SDKs send by default): plain text, not stored
+    # structured output: text, json_object or json_schema (runtime/structured.py)
     response_format: dict[str, Any] | None = None
+    # neutral values only (what agent frameworks and SDKs send by default): not stored
     store: bool | None = None
     service_tier: str | None = None
     functions: list[Any] | None = None  # the tools' former names: neutral only
@@ -235,8 +238,7 @@ def _check_neutral(req: _Sampling) -> None:
         if req.suffix:
             raise ApiError("suffix is not supported (insertion)", param="suffix")
     if isinstance(req, ChatRequest):
-        if req.response_format is not None and req.response_format != {"type": "text"}:
-            raise ApiError("response_format is not supported (only {\"type\": \"text\"})", param="response_format")
+        reply_schema(req)  # checked here: a 400 naming it before any work
         if req.store:
             raise ApiError("store is not supported (only false)", param="store")
         if req.service_tier not in (None, "auto", "default"):
@@ -298,6 +300,16 @@ def chat_messages(req: ChatRequest | TokenizeRequest, text_parts: bool = False) 
     return out
 
 
+def reply_schema(req: ChatRequest) -> str | None:
+    """The JSON schema response_format asks the reply to follow (runtime/structured.py), None for text."""
+    from mixtrt.runtime.structured import response_format_schema
+
+    try:
+        return response_format_schema(req.response_format)
+    except ConfigError as e:
+        raise ApiError(str(e), param="response_format") from None
+
+
 def length_field(req: CompletionRequest | ChatRequest) -> tuple[str, int | None]:
     """The field that sets a request's length and its value: `max_completion_tokens` where sent (OpenAI's newer
     name; it wins over `max_tokens`, as in vLLM), else `max_tokens` (None: neither was sent)."""
@@ -347,6 +359,8 @@ def overrides(req: CompletionRequest | ChatRequest, max_tokens: int, default_tem
         out["stop_strings"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
     if req.ignore_eos:
         out["eos_token_id"] = ()
+    if isinstance(req, ChatRequest) and (schema := reply_schema(req)) is not None:
+        out["json_schema"] = schema
     k = req.logprobs if isinstance(req, CompletionRequest) else (req.top_logprobs or 0) if req.logprobs else None
     if k is not None:
         out["return_logprobs"] = True

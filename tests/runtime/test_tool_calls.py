@@ -233,7 +233,7 @@ def test_call_ids_of_another_form_are_mapped_alike_in_call_and_result(name):
     assert mistral_call_id("a1B2c3D4e") == "a1B2c3D4e" and mistral_call_id(mapped[0]) == mapped[0]
 
     def talk(ids):
-        calls = [{**c.to_openai(), "id": i} for c, i in zip(CALLS, ids)]
+        calls = [{**c.to_openai(), "id": i} for c, i in zip(CALLS, ids, strict=True)]
         return [*QUESTION, {"role": "assistant", "content": None, "tool_calls": calls},
                 *[{"role": "tool", "tool_call_id": i, "content": "ok"} for i in ids]]
 

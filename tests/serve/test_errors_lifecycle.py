@@ -171,7 +171,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     for body, param in [({"messages": []}, "messages"), ({"messages": [{"content": "hi"}]}, "messages"),
                         ({"messages": hi, "top_logprobs": 2}, "top_logprobs"),
                         ({"messages": hi, "max_completion_tokens": 500}, "max_completion_tokens"),
-                        ({"messages": hi, "response_format": {"type": "json_object"}}, "response_format"),
+                        ({"messages": hi, "response_format": {"type": "xml"}}, "response_format"),
                         ({"messages": hi, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                         ({"messages": hi, "tool_choice": "required"}, "tool_choice"),
                         ({"messages": hi, "store": True}, "store"),

@@ -1,0 +1,176 @@
+"""Structured output (runtime/structured.py): replies constrained to JSON that a schema accepts, token by token,
+with llguidance. Every walk below is checked with jsonschema (mistral-common's dependency) as the oracle: the text
+parses and the schema accepts it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.generation import GenerationConfig, Generator
+
+pytest.importorskip("llguidance", reason="structured output needs mixtrt[structured]")
+jsonschema = pytest.importorskip("jsonschema", reason="the oracle: jsonschema comes with mixtrt[mistral]")
+from mixtrt.runtime.structured import JsonGuide, check_schema, response_format_schema  # noqa: E402
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 8},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b\"c", "é"]}, "maxItems": 3},
+                         "home": {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"],
+                                  "additionalProperties": False}}}
+SCHEMAS = {"person": PERSON, "enum": {"enum": ["yes", "no", 3]}, "list": {"type": "array", "items": {"type": "boolean"},
+                                                                          "minItems": 1, "maxItems": 4}}
+
+
+def tokenizers():
+    import mistral_common
+
+    from mixtrt.runtime.mistral_tokenizer import MistralCommonTokenizer
+    from mixtrt.runtime.tokenizer import Tokenizer
+
+    data = Path(mistral_common.__file__).parent / "data"
+    return {"v1": Tokenizer.load(), "v3": MistralCommonTokenizer(data / "mistral_instruct_tokenizer_240323.model.v3"),
+            "tekken": MistralCommonTokenizer(data / "tekken_240911.json")}
+
+
+@pytest.fixture(scope="module")
+def toks():
+    return tokenizers()
+
+
+@pytest.mark.parametrize("kind", ["v1", "v3", "tekken"])
+@pytest.mark.parametrize("schema", sorted(SCHEMAS))
+def test_random_walks_write_what_the_schema_accepts(toks, kind, schema):
+    """Random logits masked by the guide, 20 seeds: every walk ends (the eos allowed only once the document is
+    complete) with text the schema accepts."""
+    tok = toks[kind]
+    text = check_schema(SCHEMAS[schema])
+    for seed in range(20):
+        guide, rng, ids = JsonGuide(tok, text, [tok.eos_id]), np.random.default_rng(seed), []
+        for _ in range(400):
+            allowed = guide.allowed()
+            logits = rng.standard_normal(allowed.size).astype(np.float32) * 3
+            token = int(np.argmax(np.where(allowed, logits, -np.inf)))
+            guide.consume(token)
+            if token == tok.eos_id:
+                break
+            ids.append(token)
+        else:
+            pytest.fail(f"seed {seed}: no end in 400 tokens: {tok.decode(ids)[:200]!r}")
+        value = json.loads(tok.decode(ids))
+        jsonschema.validate(value, SCHEMAS[schema])
+
+
+FEATURES = {
+    "order": {"type": "object", "properties": {"z": {"type": "integer"}, "a": {"type": "boolean"}},
+              "required": ["z", "a"], "additionalProperties": False},
+    "anyOf": {"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 4}]},
+    "ref": {"$defs": {"p": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"],
+                            "additionalProperties": False}}, "type": "array", "items": {"$ref": "#/$defs/p"},
+            "maxItems": 2},
+    "pattern": {"type": "string", "pattern": "^[A-Z][a-z]{2,5}$"},
+    "date": {"type": "string", "format": "date"},
+    "const": {"const": {"k": [1, "two"]}},
+    "bounds": {"type": "number", "minimum": -3, "maximum": 2.5},
+}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_schema_features_readme_names(toks, feature):
+    """The JSON Schema features README lists (anyOf, $ref, pattern, format, const, number bounds, key order): every
+    walk is accepted by the schema; an object's keys come in the schema's order."""
+    tok, schema = toks["v1"], FEATURES[feature]
+    for seed in range(6):
+        guide, rng, ids = JsonGuide(tok, check_schema(schema), [tok.eos_id]), np.random.default_rng(seed), []
+        while len(ids) < 300:
+            allowed = guide.allowed()
+            token = int(np.argmax(np.where(allowed, rng.standard_normal(allowed.size), -np.inf)))
+            guide.consume(token)
+            if token == tok.eos_id:
+                break
+            ids.append(token)
+        value = json.loads(tok.decode(ids))
+        jsonschema.validate(value, schema)
+        if feature == "order":
+            assert list(value) == ["z", "a"]
+
+
+def test_schema_forms_and_errors():
+    # the order of keys is kept: a schema's properties are written in the order it gives them
+    assert check_schema({"b": 1, "a": 2}) == check_schema('{"b": 1, "a": 2}') == '{"b": 1, "a": 2}'
+    assert check_schema(True) == "{}"
+    assert response_format_schema({"type": "text"}) is None
+    assert json.loads(response_format_schema({"type": "json_object"})) == {"type": "object"}
+    assert json.loads(response_format_schema({"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON,
+                                                                                       "strict": True}})) == PERSON
+    for value, message in [("{", r"^json_schema: not valid JSON"),
+                           ([1], r"^json_schema: a JSON schema must be an object"),
+                           ({"type": "nonsense"}, r"^json_schema: the schema cannot be enforced")]:
+        with pytest.raises(ConfigError, match=message):
+            check_schema(value)
+    for value, message in [({"type": "xml"}, r"^response_format\.type: must be"),
+                           ({"type": "json_schema"}, r"^response_format\.json_schema: must be an object with a name"),
+                           ("json", r"^response_format: must be an object with a type")]:
+        with pytest.raises(ConfigError, match=message):
+            response_format_schema(value)
+    with pytest.raises(ConfigError, match=r"^json_schema: the schema cannot be enforced"):
+        GenerationConfig(json_schema={"type": "integer", "minimum": "x"})
+    assert GenerationConfig(json_schema=PERSON) == GenerationConfig(json_schema=json.dumps(PERSON))
+
+
+@pytest.fixture(scope="module")
+def gen(exported) -> Generator:
+    return Generator.load(exported["mixtral-window"][1], threads=1)
+
+
+def test_generation_follows_the_schema_and_rows_beside_it_are_unchanged(gen):
+    """A real (random) model: greedy and sampled replies follow the schema and end with eos; a greedy row without a
+    schema in the same batch gets the tokens it gets alone (the guide is per row)."""
+    schema = check_schema(PERSON)
+    prompts = [gen.tokenizer.encode("Describe a person:"), gen.tokenizer.encode("Hello there")]
+    alone = gen.generate(prompts[1], max_new_tokens=12)[0].token_ids
+    for cfg in (GenerationConfig(max_new_tokens=300, json_schema=schema),
+                GenerationConfig(max_new_tokens=300, json_schema=schema, do_sample=True, temperature=1.5, seed=3)):
+        out = gen.generate(prompts[0], cfg)[0]
+        assert out.finish_reason == "eos", out.text
+        jsonschema.validate(json.loads(out.text), PERSON)
+    outs = [gen.generate([prompts[0]], max_new_tokens=300, json_schema=schema)[0]]
+    engine_outs = gen.generate(prompts, max_new_tokens=12)  # both plain: the reference batch
+    assert engine_outs[1].token_ids == alone
+    from mixtrt.runtime.generation import Engine
+
+    engine = Engine(gen.backend, gen.tokenizer, max_batch=2)
+    rows = [engine.add(prompts[0], gen.config(max_new_tokens=300, json_schema=schema)),
+            engine.add(prompts[1], gen.config(max_new_tokens=12))]
+    done = {}
+    while engine.busy:
+        for event in engine.step():
+            if event.output is not None:
+                done[event.row.id] = event.output
+    assert done[rows[1].id].token_ids == alone
+    assert done[rows[0].id].token_ids == outs[0].token_ids  # the guided row as it runs alone
+
+
+def test_the_command_line_takes_a_schema(exported, tmp_path):
+    """`mixtrt generate -j SCHEMA` / `--json-schema-file FILE` (llama.cpp's -j / -jf): the printed reply follows
+    the schema; a bad schema is one line naming the flag."""
+    import subprocess
+    import sys
+
+    art = exported["mixtral-window"][1]
+    (tmp_path / "person.json").write_text(json.dumps(PERSON))
+    base = [sys.executable, "-m", "mixtrt", "generate", str(art), "--prompt", "A person:", "--max-new-tokens", "100",
+            "--threads", "1", "--json"]
+    for extra in (["-j", json.dumps(PERSON)], ["--json-schema-file", str(tmp_path / "person.json")]):
+        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        jsonschema.validate(json.loads(out["text"]), PERSON)
+    r = subprocess.run(base + ["-j", '{"type": "integer", "minimum": "x"}'], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "--json-schema: the schema cannot be enforced" in r.stderr, r.stderr
