@@ -244,7 +244,11 @@ class Sampler:
                 scores = scores.copy()
             scores[self.eos] = -np.inf
         if self.guide is not None:  # what the schema does not allow next is never chosen, whatever the settings
-            scores = np.where(self.guide.allowed(), scores, np.float32(-np.inf))
+            allowed = self.guide.allowed()
+            guided = np.where(allowed, scores, np.float32(-np.inf))
+            if not np.isfinite(guided).any():  # the document is complete and eos was held back (min_new_tokens):
+                guided = np.where(allowed, np.asarray(logits, np.float32), np.float32(-np.inf))  # the schema wins
+            scores = guided
         if self.seen is not None:
             scores = apply_repetition_penalty(scores, self.seen, self.repetition_penalty)
         if self.counts:

@@ -174,3 +174,12 @@ def test_the_command_line_takes_a_schema(exported, tmp_path):
     r = subprocess.run(base + ["-j", '{"type": "integer", "minimum": "x"}'], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode != 0 and "--json-schema: the schema cannot be enforced" in r.stderr, r.stderr
+
+
+def test_a_complete_document_ends_even_while_min_new_tokens_holds_eos(gen):
+    """min_new_tokens holds eos back, and a complete document allows nothing but eos: the schema wins (the row ends
+    with eos, not with a token outside the schema)."""
+    ids = gen.tokenizer.encode("A:")
+    for extra in ({}, {"do_sample": True, "seed": 1, "top_k": 5}):
+        out = gen.generate(ids, json_schema={"enum": [1]}, min_new_tokens=10, max_new_tokens=20, **extra)[0]
+        assert (out.finish_reason, json.loads(out.text)) == ("eos", 1)
