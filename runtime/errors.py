@@ -21,13 +21,23 @@ class BackendError(MixtrtError, RuntimeError):
     """The inference backend failed on a step (the message carries its own error)."""
 
 
-class NonFiniteLogitsError(BackendError):
-    """The model produced NaN or infinite logits for a row: its weights or config are broken, or fp16
-    overflowed. `events` holds the other rows' events of the Engine step that found it (those rows go on)."""
+class RowError(BackendError):
+    """A row of an Engine step failed and was cancelled; `events` holds the other rows' events of that step (those
+    rows go on)."""
 
     def __init__(self, message: str, events: list | None = None) -> None:
         super().__init__(message)
         self.events = events or []
+
+
+class NonFiniteLogitsError(RowError):
+    """The model produced NaN or infinite logits for a row: its weights or config are broken, or fp16
+    overflowed."""
+
+
+class GuideError(MixtrtError, RuntimeError):
+    """A row's structured-output constraint cannot go on (runtime/structured.py: llguidance's limits on a large
+    schema); the Engine cancels that row only."""
 
 
 class MissingExtraError(MixtrtError, ImportError):

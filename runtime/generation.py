@@ -47,7 +47,7 @@ import numpy as np
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backends.base import Backend
 from mixtrt.runtime.chat_format import GenerationDefaults
-from mixtrt.runtime.errors import ConfigError, NonFiniteLogitsError
+from mixtrt.runtime.errors import ConfigError, GuideError, NonFiniteLogitsError, RowError
 from mixtrt.runtime.prompts import Prompts, check_messages_text, check_text, normalize_prompts, outside_vocab
 from mixtrt.runtime.sampling import Sampler, log_softmax, top_k_logprobs
 from mixtrt.runtime.tool_calls import ToolCall, ToolReply, ToolStream, ToolUse, chat_prompt, tool_use
@@ -160,12 +160,16 @@ class GenerationConfig:
         return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (int(self.eos_token_id),)
 
     def validate(self, args: ModelArgs) -> None:
-        """The checks that need the model: eos ids and logit_bias ids inside the vocabulary."""
+        """The checks that need the model: eos ids and logit_bias ids inside the vocabulary; a json_schema row has
+        an eos id to end its document with."""
         for message in (outside_vocab(self.eos_ids(args), args.vocab_size, "eos_token_id", shown=None),
                         outside_vocab((i for i, _ in self.logit_bias), args.vocab_size, "logit_bias token ids",
                                       shown=None)):
             if message:
                 raise ConfigError(message)
+        if self.json_schema is not None and not self.eos_ids(args):
+            raise ConfigError("json_schema: the reply ends with an eos id once the document is complete, and "
+                              "eos_token_id=() (ignore_eos) leaves none")
 
 
 def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
@@ -323,6 +327,7 @@ class Row:
     prompt_top: tuple[np.ndarray, np.ndarray] | None = None
     reason: FinishReason | None = None
     message: str = ""
+    failure: str = ""  # why the engine cancelled the row (its structured output could not go on)
     t_prefill: float = 0.0  # time inside its prefill calls (not the other rows' steps between its chunks)
     t_admitted: float = 0.0  # when its prefill began (t_admitted - t0: the time it waited for a cache row)
     t_first: float = 0.0
@@ -579,14 +584,15 @@ class Engine:
 
         A row whose logits are not finite (NaN / inf: broken weights or config, fp16 overflow) is cancelled
         and the step raises NonFiniteLogitsError naming it, with the other rows' events of this step in
-        `error.events`; those rows go on at the next step. No token is ever chosen from such logits.
+        `error.events`; those rows go on at the next step. No token is ever chosen from such logits. A row whose
+        structured output cannot go on is cancelled the same way (RowError).
         """
         events: list[EngineEvent] = []
         try:
             for part in self.parts(prefill_budget):
                 events += part()
-        except NonFiniteLogitsError as e:
-            raise NonFiniteLogitsError(str(e), events + e.events) from None
+        except RowError as e:
+            raise type(e)(str(e), events + e.events) from None
         return events
 
     def parts(self, prefill_budget: int | None = None) -> Iterator[Callable[[], list[EngineEvent]]]:
@@ -646,8 +652,21 @@ class Engine:
                 self.running.append(row)  # its cache row is already the one after the running rows
                 events += self._accept(row, done)
                 events += self._forks(row, done)
+                self._failed(events)
         self._compact()
         return events
+
+    def _failed(self, events: list[EngineEvent], problem: str = "") -> None:
+        """Cancel the running rows whose structured output could not go on (`Row.failure`) and raise RowError
+        naming them (with `problem`, the step's other rows' failure, and `events`); nothing when none failed."""
+        failed = [row for row in self.running if row.failure]
+        for row in failed:
+            self.cancel(row)
+        if failed:
+            self._compact()
+        named = "; ".join([problem] * bool(problem) + [f"{row.name}: {row.failure}" for row in failed])
+        if named:
+            raise (NonFiniteLogitsError if problem else RowError)(named, events)
 
     def _forks(self, row: Row, logits: np.ndarray) -> list[EngineEvent]:
         """`row` just finished its prefill (running, its first token chosen): the rows waiting next that are
@@ -679,8 +698,7 @@ class Engine:
             return []
         ids = np.array([[row.tokens[-1]] for row in self.running], np.int64)  # [b, 1]
         events, bad = self._decoded(self.backend.step(self.cache, ids)[:, 0])  # logits [b, 1, V]
-        if bad:
-            raise NonFiniteLogitsError(f"{bad}: {_NON_FINITE}", events)
+        self._failed(events, f"{bad}: {_NON_FINITE}" if bad else "")
         return events
 
     def _decoded(self, logits: np.ndarray) -> tuple[list[EngineEvent], str]:
@@ -737,8 +755,7 @@ class Engine:
             events += self._accept(row, chunk[-1])
             events += self._forks(row, chunk[-1])
             self._compact()
-        if bad:
-            raise NonFiniteLogitsError(f"{bad}: {_NON_FINITE}", events)
+        self._failed(events, f"{bad}: {_NON_FINITE}" if bad else "")
         return events
 
     def _admit(self, row: Row) -> None:
@@ -860,7 +877,11 @@ class Engine:
         """Choose row's next token from its raw logits [V] and apply the finish rules. argmax: their argmax,
         given where the row's sampler is `argmax_only` (taken for the whole batch at once)."""
         cfg = row.config
-        token = row.sampler(logits) if argmax is None else row.sampler.took(argmax)
+        try:
+            token = row.sampler(logits) if argmax is None else row.sampler.took(argmax)
+        except GuideError as e:  # cancelled by the step's caller (_failed), the other rows going on
+            row.failure = str(e)
+            return []
         row.t_last = time.perf_counter()
         if not row.tokens:
             row.t_first = row.t_last

@@ -66,14 +66,16 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     """
     if penalty == 1.0:
         return logits
+    finite = np.isfinite(logits)  # -inf entries (masked: a structured-output row) stay -inf
     if _F32_TINY <= penalty <= _F32_MAX:
         p32 = np.float32(penalty)
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):
             penalized = np.where(logits < 0, logits * p32, logits / p32)
-        if np.isfinite(penalized).all() or not np.isfinite(logits).all():
+        if np.isfinite(penalized[finite]).all():
             return np.where(seen, penalized, logits).astype(np.float32)
     x = np.asarray(logits, np.float64)
-    penalized = np.clip(np.where(x < 0, x * penalty, x / penalty), -_F32_MAX, _F32_MAX)
+    with np.errstate(over="ignore", invalid="ignore"):
+        penalized = np.where(finite, np.clip(np.where(x < 0, x * penalty, x / penalty), -_F32_MAX, _F32_MAX), x)
     return np.where(seen, penalized, logits).astype(np.float32)
 
 
@@ -243,12 +245,10 @@ class Sampler:
             if np.may_share_memory(scores, logits):
                 scores = scores.copy()
             scores[self.eos] = -np.inf
+        allowed = None
         if self.guide is not None:  # what the schema does not allow next is never chosen, whatever the settings
             allowed = self.guide.allowed()
-            guided = np.where(allowed, scores, np.float32(-np.inf))
-            if not np.isfinite(guided).any():  # the document is complete and eos was held back (min_new_tokens):
-                guided = np.where(allowed, np.asarray(logits, np.float32), np.float32(-np.inf))  # the schema wins
-            scores = guided
+            scores = np.where(allowed, scores, np.float32(-np.inf))
         if self.seen is not None:
             scores = apply_repetition_penalty(scores, self.seen, self.repetition_penalty)
         if self.counts:
@@ -258,6 +258,10 @@ class Sampler:
             scores = top_k_filter(scores, self.top_k)
             scores = top_p_filter(scores, self.top_p)
             scores = min_p_filter(scores, self.min_p)
+        if allowed is not None and not np.isfinite(scores).any():
+            # every allowed token lost its score (eos held back by min_new_tokens where a complete document allows
+            # only eos, a penalty or bias pushing the allowed ones to -inf): the schema wins, on the raw logits
+            scores = np.where(allowed, np.asarray(logits, np.float32), np.float32(-np.inf))
         return scores
 
     @property

@@ -21,7 +21,9 @@ dummy prefix): one space before the document is allowed for those tokenizers (JS
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import threading
 import weakref
 from collections.abc import Iterable, Mapping
@@ -29,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.errors import ConfigError, GuideError
 from mixtrt.runtime.extras import require
 
 # the JSON compiler's options: json.dumps' separators, no free whitespace
@@ -49,15 +51,44 @@ def check_schema(schema: Any, where: str = "json_schema") -> str:
         schema = {}
     if not isinstance(schema, Mapping):
         raise ConfigError(f"{where}: a JSON schema must be an object, got {type(schema).__name__}")
-    text = json.dumps(schema, ensure_ascii=False)  # key order kept: properties come in the order given
+    if "x-guidance" in schema:  # llguidance's own options: the JSON form is fixed here (_OPTIONS)
+        raise ConfigError(f"{where}: x-guidance is not taken (the JSON's form is fixed: json.dumps' separators)")
+    try:
+        text = json.dumps(schema, ensure_ascii=False, allow_nan=False)  # key order kept: the order keys are written
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: the schema is not JSON ({e})") from None
     _llguidance(where)
+    problem = _problem(text)
+    if problem:
+        raise ConfigError(f"{where}: the schema cannot be enforced: {problem}")
+    return text
+
+
+@functools.lru_cache(maxsize=64)
+def _problem(text: str) -> str:
+    """What llguidance says is wrong with a schema, "" when nothing is; remembered, since a server request checks
+    its schema at parse, at its config and at each row."""
     import llguidance
 
-    problem = llguidance.LLMatcher.validate_grammar(_grammar(text, lead_space=False))
-    if problem:  # its first line says what; the grammar it quotes after that is ours, not the client's
-        first = problem.strip().splitlines()[0] if problem.strip() else problem
-        raise ConfigError(f"{where}: the schema cannot be enforced: {' '.join(first.split())[:300]}")
-    return text
+    return _said(llguidance.LLMatcher.validate_grammar(_grammar(text, lead_space=False)))
+
+
+_QUOTE = re.compile(r"^\s*\d+ \| ")  # llguidance quoting our grammar line (ours, not the client's)
+
+
+def _said(problem: str) -> str:
+    """llguidance's message in one line, in the schema's terms: without the position in our grammar and the quote
+    of it, the caret lines dropped; its hint of an option (x-guidance, not taken here) put as what to change."""
+    lines = []
+    for line in problem.strip().splitlines():
+        if _QUOTE.match(line):
+            break
+        if line.strip() and set(line.strip()) != {"^"}:
+            lines.append(line.strip())
+    said = re.sub(r"^at \d+\(\d+\): ", "", " ".join(lines))
+    said = said.replace(". Enable 'coerce_one_of' option to approximate oneOf with anyOf",
+                        " where branches can match the same value (use anyOf)")
+    return said[:400]
 
 
 def response_format_schema(value: Any, where: str = "response_format") -> str | None:
@@ -68,16 +99,32 @@ def response_format_schema(value: Any, where: str = "response_format") -> str | 
     if not isinstance(value, Mapping) or not isinstance(value.get("type"), str):
         raise ConfigError(f"{where}: must be an object with a type (\"text\", \"json_object\" or \"json_schema\")")
     kind = value["type"]
+    _known(value, {"text": {"type"}, "json_object": {"type", "schema"}}.get(kind, {"type", "json_schema"}), where)
     if kind == "text":
         return None
-    if kind == "json_object":
-        return check_schema(_ANY_OBJECT, where)
+    if kind == "json_object":  # with "schema" (Together's and Fireworks' form): that schema
+        return check_schema(value["schema"] if value.get("schema") is not None else _ANY_OBJECT, f"{where}.schema")
     if kind != "json_schema":
         raise ConfigError(f"{where}.type: must be \"text\", \"json_object\" or \"json_schema\", got {kind!r}")
     spec = value.get("json_schema")
     if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
         raise ConfigError(f"{where}.json_schema: must be an object with a name and a schema")
+    _known(spec, {"name", "schema", "strict", "description"}, f"{where}.json_schema")
+    if not _NAME.fullmatch(spec["name"]):
+        raise ConfigError(f"{where}.json_schema.name: must be 1-64 letters, digits, '_' or '-', got {spec['name']!r}")
+    if spec.get("strict") not in (None, True, False):
+        raise ConfigError(f"{where}.json_schema.strict: must be true or false, got {spec['strict']!r}")
     return check_schema(spec.get("schema") if spec.get("schema") is not None else {}, f"{where}.json_schema.schema")
+
+
+_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for a response format's name
+
+
+def _known(value: Mapping[str, Any], keys: set[str], where: str) -> None:
+    """A 400-style error naming the first key of `value` that is not one of `keys` (a null one counts as left out)."""
+    for key in value:
+        if key not in keys and value[key] is not None:
+            raise ConfigError(f"{where}: unknown field {key!r}")
 
 
 def _grammar(schema_text: str, lead_space: bool) -> str:
@@ -148,17 +195,47 @@ _TABLES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
-def _tokenizer(tokenizer: Any) -> tuple[Any, bool]:
-    """llguidance's tokenizer for ours (built once per tokenizer object: ~0.1-0.6 s), and its lead-space rule."""
+def _tokenizer(tokenizer: Any) -> tuple[Any, bool, int, dict[str, Any]]:
+    """llguidance's tokenizer for ours (built once per tokenizer object: ~0.1-0.6 s), its lead-space rule, its eos id
+    and the compiled matchers of the schemas seen (each row gets a copy: compiling a large schema takes ms)."""
     with _LOCK:
         found = _TABLES.get(tokenizer)
         if found is None:
             import llguidance
 
             table = _Table(tokenizer)
-            found = (llguidance.LLTokenizer(llguidance.TokenizerWrapper(table)), table.lead_space)
+            found = (llguidance.LLTokenizer(llguidance.TokenizerWrapper(table)), table.lead_space,
+                     table.eos_token_id, {})
             _TABLES[tokenizer] = found
         return found
+
+
+def prepare(tokenizer: Any, schema_text: str) -> None:
+    """Build the tokenizer's table and the schema's matcher now (a server does it on the request's thread, so the
+    engine loop never stalls on it); JsonGuide then copies the compiled matcher."""
+    _matcher(tokenizer, schema_text)
+
+
+_MATCHERS_KEPT = 32  # compiled schemas kept per tokenizer
+
+
+def _matcher(tokenizer: Any, schema_text: str) -> tuple[Any, int]:
+    """A fresh matcher for the schema (a copy of the compiled one), and llguidance's eos id."""
+    _llguidance("structured output")
+    import llguidance
+
+    lltok, lead_space, eos, compiled = _tokenizer(tokenizer)
+    with _LOCK:
+        proto = compiled.get(schema_text)
+    if proto is None:
+        proto = llguidance.LLMatcher(lltok, _grammar(schema_text, lead_space), log_level=0)
+        if proto.is_error():
+            raise ConfigError(f"json_schema: the schema cannot be enforced: {_said(proto.get_error())}")
+        with _LOCK:
+            if len(compiled) >= _MATCHERS_KEPT:
+                compiled.pop(next(iter(compiled)))
+            compiled[schema_text] = proto
+    return proto.deep_copy(), eos
 
 
 class JsonGuide:
@@ -167,24 +244,26 @@ class JsonGuide:
 
     def __init__(self, tokenizer: Any, schema_text: str, eos_ids: Iterable[int], vocab_size: int | None = None
                  ) -> None:
-        _llguidance("structured output")
-        import llguidance
-
-        lltok, lead_space = _tokenizer(tokenizer)
-        self.matcher = llguidance.LLMatcher(lltok, _grammar(schema_text, lead_space), log_level=0)
-        if self.matcher.is_error():
-            raise ConfigError(f"json_schema: the schema cannot be enforced: {self.matcher.get_error()}")
-        self.vocab = int(vocab_size if vocab_size is not None else lltok.vocab_size)
+        self.matcher, tokenizer_eos = _matcher(tokenizer, schema_text)
+        self.vocab = int(vocab_size if vocab_size is not None else tokenizer.vocab_size)
         self.eos_ids = frozenset(int(t) for t in eos_ids if 0 <= int(t) < self.vocab)
+        if not self.eos_ids:
+            raise ConfigError("json_schema: the reply ends with an eos id once the document is complete, and the "
+                              "row has none (eos_token_id=(), ignore_eos)")
         self.eos = np.array(sorted(self.eos_ids), np.int64)
+        # llguidance ends a document with the tokenizer's eos: only the row's own eos ids may end it
+        self.foreign_eos = tokenizer_eos if tokenizer_eos not in self.eos_ids and tokenizer_eos < self.vocab else None
         self.ended = False
+        self.consumed = 0
 
     def allowed(self) -> np.ndarray:
         bits = np.frombuffer(self.matcher.compute_bitmask(), np.uint8)
         mask = np.unpackbits(bits, bitorder="little", count=min(self.vocab, bits.size * 8)).astype(bool)
         if mask.size < self.vocab:  # ids past the tokenizer's (a padded vocabulary) are never allowed
             mask = np.concatenate([mask, np.zeros(self.vocab - mask.size, bool)])
-        if self.matcher.is_accepting() and self.eos.size:
+        if self.foreign_eos is not None:
+            mask[self.foreign_eos] = False
+        if self.matcher.is_accepting():
             mask[self.eos] = True  # the document is complete: the row's own eos ids end it
         return mask
 
@@ -192,6 +271,8 @@ class JsonGuide:
         if self.ended or int(token) in self.eos_ids:
             self.ended = True
             return
-        if not self.matcher.consume_token(int(token)):
-            raise ConfigError(f"structured output: token {token} is not one the schema allows "
-                              f"({self.matcher.get_error()})")
+        if not self.matcher.consume_token(int(token)):  # past llguidance's limits (a schema of many alternatives)
+            said = _said(self.matcher.get_error().split("<state>")[0])[:200]  # not the grammar nor the state
+            raise GuideError(f"structured output cannot go on after {self.consumed} tokens: "
+                             f"{said or 'the grammar refused the token'}")
+        self.consumed += 1

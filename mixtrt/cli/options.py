@@ -132,10 +132,13 @@ def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]
         raise ConfigError("--json-schema and --json-schema-file: give one of them")
     if ns.json_schema_file is not None:
         try:
-            out["json_schema"] = ns.json_schema_file.read_text(encoding="utf-8")
+            text = ns.json_schema_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"--json-schema-file {ns.json_schema_file}: cannot read it "
                               f"({getattr(e, 'strerror', None) or e})") from None
+        from mixtrt.runtime.structured import check_schema
+
+        out["json_schema"] = check_schema(text, f"--json-schema-file {ns.json_schema_file}")
     elif ns.json_schema is not None:
         out["json_schema"] = ns.json_schema
     out.update(extra)

@@ -388,7 +388,8 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
     # server's queue or time to first token
     t0 = time.perf_counter()
     limits = loop.engine.limit()
-    if len(raw) > INLINE_BODY_BYTES:  # parsing and tokenizing a big body would stall every stream: a thread
+    # parsing and tokenizing a big body would stall every stream, and so would compiling a schema: a thread
+    if len(raw) > INLINE_BODY_BYTES or b'"response_format"' in raw:
         req, prompts, echo, tools = await asyncio.to_thread(_prepare, raw, model, gen, limits, s)
     else:
         req, prompts, echo, tools = _prepare(raw, model, gen, limits, s)
@@ -666,6 +667,11 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
                               continue_final_message=req.continue_final_message)
             prompts = normalize_prompts([list(ids)], gen.tokenizer, vocab)
             echo = [""]
+            schema = reply_schema(req)
+            if schema is not None:  # the schema compiled here, not on the engine loop (each row copies it)
+                from mixtrt.runtime.structured import prepare
+
+                prepare(gen.tokenizer, schema)
         else:
             prompts = normalize_prompts(req.prompt, gen.tokenizer, vocab)
             texts = req.prompt if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str) \

@@ -238,7 +238,10 @@ def _check_neutral(req: _Sampling) -> None:
         if req.suffix:
             raise ApiError("suffix is not supported (insertion)", param="suffix")
     if isinstance(req, ChatRequest):
-        reply_schema(req)  # checked here: a 400 naming it before any work
+        if reply_schema(req) is not None and req.continue_final_message:  # checked here: a 400 before any work
+            raise ApiError("response_format: the reply would be a document of its own after the continued message's "
+                           "text (continue_final_message), not a continuation of it: give one of them",
+                           param="response_format")
         if req.store:
             raise ApiError("store is not supported (only false)", param="store")
         if req.service_tier not in (None, "auto", "default"):

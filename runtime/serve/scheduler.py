@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mixtrt.runtime.errors import BackendError, ConfigError, NonFiniteLogitsError
+from mixtrt.runtime.errors import BackendError, ConfigError, RowError
 from mixtrt.runtime.generation import Engine, EngineEvent, GenerationConfig, Row, check_prefill_budget
 from mixtrt.runtime.serve.metrics import Metrics
 
@@ -259,7 +259,7 @@ class EngineLoop:
         try:
             events = part()
             error: BackendError | None = None
-        except NonFiniteLogitsError as e:  # the engine cancelled the bad rows; the others go on
+        except RowError as e:  # the engine cancelled the failed rows (non-finite logits, ...); the others go on
             events, error = e.events, e
         except Exception as e:  # a backend failure: every request fails, a fresh engine takes over
             error = BackendError(f"the engine failed: {e}")

@@ -174,6 +174,10 @@ def test_the_command_line_takes_a_schema(exported, tmp_path):
     r = subprocess.run(base + ["-j", '{"type": "integer", "minimum": "x"}'], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode != 0 and "--json-schema: the schema cannot be enforced" in r.stderr, r.stderr
+    (tmp_path / "bad.json").write_text("{")
+    r = subprocess.run(base + ["--json-schema-file", str(tmp_path / "bad.json")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and f"--json-schema-file {tmp_path / 'bad.json'}: not valid JSON" in r.stderr, r.stderr
 
 
 def test_a_complete_document_ends_even_while_min_new_tokens_holds_eos(gen):
@@ -183,3 +187,55 @@ def test_a_complete_document_ends_even_while_min_new_tokens_holds_eos(gen):
     for extra in ({}, {"do_sample": True, "seed": 1, "top_k": 5}):
         out = gen.generate(ids, json_schema={"enum": [1]}, min_new_tokens=10, max_new_tokens=20, **extra)[0]
         assert (out.finish_reason, json.loads(out.text)) == ("eos", 1)
+
+
+def test_the_rows_own_eos_ends_the_document_and_extreme_settings_keep_it_valid(gen):
+    """Only the row's eos ids end a document (llguidance's eos is the tokenizer's): a row ending on id 5 never
+    writes the tokenizer's </s>; a row with no eos id is refused; a penalty that overflows every allowed score, or
+    a ban of every allowed token, still gives a document (the schema wins, on the raw logits)."""
+    ids = gen.tokenizer.encode("A:")
+    out = gen.generate(ids, json_schema={"enum": [1]}, eos_token_id=(5,), max_new_tokens=20)[0]
+    assert out.finish_reason == "eos" and out.token_ids[-1] == 5 and gen.tokenizer.eos_id not in out.token_ids
+    with pytest.raises(ConfigError, match=r"^json_schema: the reply ends with an eos id .* leaves none"):
+        gen.generate(ids, json_schema={"enum": [1]}, eos_token_id=())
+    schema = {"type": "array", "items": {"enum": ["yes", "no"]}, "minItems": 3, "maxItems": 3}
+    for extra in ({"repetition_penalty": 1e38}, {"logit_bias": {i: -100 for i in range(0, 32000, 7)}},
+                  {"repetition_penalty": 1e38, "do_sample": True, "seed": 0, "top_p": 0.5}):
+        out = gen.generate(ids, json_schema=schema, max_new_tokens=60, **extra)[0]
+        assert out.finish_reason == "eos", (extra, out.text)
+        jsonschema.validate(json.loads(out.text), schema)
+
+
+def test_schemas_that_are_not_json_are_refused():
+    for value, message in [({"type": "string", "x-guidance": 5}, r"^json_schema: x-guidance is not taken"),
+                           ({"enum": [float("nan")]}, r"^json_schema: the schema is not JSON"),
+                           ({"enum": [{1, 2}]}, r"^json_schema: the schema is not JSON")]:
+        with pytest.raises(ConfigError, match=message):
+            check_schema(value)
+
+
+def test_a_schema_past_llguidances_limits_fails_its_row_only(gen):
+    """A schema of 600 optional properties compiles, then goes past llguidance's limits on the first key: that row
+    is cancelled with a RowError naming it (and nothing of the schema), the row beside it goes on unchanged."""
+    from mixtrt.runtime.errors import RowError
+    from mixtrt.runtime.generation import Engine
+
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(600)}}
+    prompts = [gen.tokenizer.encode("A:"), gen.tokenizer.encode("Hello there")]
+    alone = gen.generate(prompts[1], max_new_tokens=12)[0].token_ids
+    engine = Engine(gen.backend, gen.tokenizer, max_batch=2)
+    rows = [engine.add(prompts[0], gen.config(max_new_tokens=50, json_schema=wide)),
+            engine.add(prompts[1], gen.config(max_new_tokens=12))]
+    done, errors = {}, []
+    while engine.busy:
+        try:
+            events = engine.step()
+        except RowError as e:
+            events = e.events
+            errors.append(str(e))
+        for event in events:
+            if event.output is not None:
+                done[event.row.id] = event.output
+    assert done[rows[1].id].token_ids == alone and rows[0].id not in done
+    assert len(errors) == 1 and errors[0].startswith("prompt 0: structured output cannot go on after")
+    assert "p599" not in errors[0] and "%json" not in errors[0]
