@@ -23,11 +23,13 @@ class BackendError(MixtrtError, RuntimeError):
 
 class RowError(BackendError):
     """A row of an Engine step failed and was cancelled; `events` holds the other rows' events of that step (those
-    rows go on)."""
+    rows go on); `rows` maps a failed row's id to its own message, where it has one (a server tells each request its
+    own rows' failure, not the others')."""
 
-    def __init__(self, message: str, events: list | None = None) -> None:
+    def __init__(self, message: str, events: list | None = None, rows: dict[int, str] | None = None) -> None:
         super().__init__(message)
         self.events = events or []
+        self.rows = rows or {}
 
 
 class NonFiniteLogitsError(RowError):

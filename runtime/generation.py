@@ -592,7 +592,7 @@ class Engine:
             for part in self.parts(prefill_budget):
                 events += part()
         except RowError as e:
-            raise type(e)(str(e), events + e.events) from None
+            raise type(e)(str(e), events + e.events, e.rows) from None
         return events
 
     def parts(self, prefill_budget: int | None = None) -> Iterator[Callable[[], list[EngineEvent]]]:
@@ -664,9 +664,10 @@ class Engine:
             self.cancel(row)
         if failed:
             self._compact()
-        named = "; ".join([problem] * bool(problem) + [f"{row.name}: {row.failure}" for row in failed])
+        own = {row.id: f"{row.name}: {row.failure}" for row in failed}
+        named = "; ".join([problem] * bool(problem) + list(own.values()))
         if named:
-            raise (NonFiniteLogitsError if problem else RowError)(named, events)
+            raise (NonFiniteLogitsError if problem else RowError)(named, events, own)
 
     def _forks(self, row: Row, logits: np.ndarray) -> list[EngineEvent]:
         """`row` just finished its prefill (running, its first token chosen): the rows waiting next that are
@@ -745,8 +746,8 @@ class Engine:
             self._fed(chunk, tokens, start, n, row.prompt_logprobs, row.prompt_top, name=row.name,
                       first=row.prefill_from)
         except NonFiniteLogitsError as e:
-            self.cancel(row)
-            raise NonFiniteLogitsError("; ".join([f"{bad}: {_NON_FINITE}"] * bool(bad) + [str(e)]), events) from None
+            self.cancel(row)  # and the decoding rows whose guide failed in this pass
+            self._failed(events, "; ".join([f"{bad}: {_NON_FINITE}"] * bool(bad) + [str(e)]))
         row.cached += n
         self.prefilled += n
         if start + n == len(tokens):
@@ -1047,7 +1048,7 @@ class Generator:
         {"type": "function", "function": {"name": ...}}; runtime/tool_calls.py `tool_use`);
         parallel_tool_calls=False keeps a reply's first call."""
         ids, use = self._chat_ids(messages, tools, tool_choice, parallel_tool_calls)
-        out = self.generate([ids], config, **overrides)[0]
+        out = self.generate([ids], _forced_plain(self.config(config, **overrides), use, tool_choice))[0]
         return _with_calls(out, use.reply(out, self.tokenizer), use, self.tokenizer) if use is not None else out
 
     def stream_chat(self, messages: Sequence[dict[str, Any]], config: GenerationConfig | None = None, *,
@@ -1056,7 +1057,7 @@ class Generator:
         """As stream, for chat; with tools, the text from a reply's first call on is held back (it is the call),
         and the last event's output has the calls (or, if they do not parse, the held text comes with it)."""
         ids, use = self._chat_ids(messages, tools, tool_choice, parallel_tool_calls)
-        events = self.stream(ids, config, **overrides)
+        events = self.stream(ids, _forced_plain(self.config(config, **overrides), use, tool_choice))
         return events if use is None else _calls_held(events, self.tokenizer, use)
 
     def chat_session(self, system: str | None = None, config: GenerationConfig | None = None) -> ChatSession:
@@ -1109,6 +1110,14 @@ def _scored_ids(token_ids: Any) -> list[Any]:
         raise ConfigError(f"token_ids must be token ids (a list of ints), got {type(token_ids).__name__}: encode "
                           "the text first (generator.tokenizer.encode)")
     return list(token_ids)
+
+
+def _forced_plain(cfg: GenerationConfig, use: ToolUse | None, tool_choice: Any) -> GenerationConfig:
+    """cfg, refused where a forced tool_choice (a call) meets a json_schema (a document): the server's 400 too."""
+    if use is not None and use.forced and cfg.json_schema is not None:
+        raise ConfigError(f"tool_choice={tool_choice!r} asks for a call, and json_schema for a reply in its JSON "
+                          "form: give one of them")
+    return cfg
 
 
 def _with_calls(out: GenerationOutput, reply: ToolReply | None, use: ToolUse, tokenizer: Any) -> GenerationOutput:

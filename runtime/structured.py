@@ -257,7 +257,13 @@ class JsonGuide:
         self.consumed = 0
 
     def allowed(self) -> np.ndarray:
-        bits = np.frombuffer(self.matcher.compute_bitmask(), np.uint8)
+        if self.matcher.is_error():  # never chosen from: a failed guide's row is cancelled (GuideError)
+            raise GuideError(f"structured output cannot go on after {self.consumed} tokens: "
+                             f"{_said(self.matcher.get_error().split('<state>')[0])[:200]}")
+        try:
+            bits = np.frombuffer(self.matcher.compute_bitmask(), np.uint8)
+        except Exception as e:  # llguidance failing in its own code: this row's failure, not the batch's
+            raise GuideError(f"structured output cannot go on after {self.consumed} tokens: {e}") from None
         mask = np.unpackbits(bits, bitorder="little", count=min(self.vocab, bits.size * 8)).astype(bool)
         if mask.size < self.vocab:  # ids past the tokenizer's (a padded vocabulary) are never allowed
             mask = np.concatenate([mask, np.zeros(self.vocab - mask.size, bool)])
@@ -268,10 +274,14 @@ class JsonGuide:
         return mask
 
     def consume(self, token: int) -> None:
-        if self.ended or int(token) in self.eos_ids:
+        if self.ended or (int(token) in self.eos_ids and self.matcher.is_accepting()):
             self.ended = True
             return
-        if not self.matcher.consume_token(int(token)):  # past llguidance's limits (a schema of many alternatives)
+        try:
+            taken = self.matcher.consume_token(int(token))
+        except Exception as e:  # llguidance failing in its own code: this row's failure, not the batch's
+            raise GuideError(f"structured output cannot go on after {self.consumed} tokens: {e}") from None
+        if not taken:  # past llguidance's limits (a schema of many alternatives)
             said = _said(self.matcher.get_error().split("<state>")[0])[:200]  # not the grammar nor the state
             raise GuideError(f"structured output cannot go on after {self.consumed} tokens: "
                              f"{said or 'the grammar refused the token'}")

@@ -149,6 +149,7 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
                 await asyncio.to_thread(state.loop.stop, settings.drain_s)
 
     app = FastAPI(title="mixtrt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_RequestIds)
     if settings.allowed_origins:  # browsers' cross-origin requests (preflight OPTIONS included), as vLLM allows
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=False)
@@ -830,6 +831,29 @@ def _scores_only(req: CompletionRequest | ChatRequest) -> bool:
     """Echo with max_tokens 0 (completions; parse refuses max_tokens 0 elsewhere): the prompt scored, nothing
     generated."""
     return isinstance(req, CompletionRequest) and req.echo and req.max_tokens == 0
+
+
+class _RequestIds:
+    """ASGI middleware: every HTTP response carries its request's X-Request-Id (the id `_request_id` gives its log
+    line), whatever route answers it. Plain ASGI, not Starlette's BaseHTTPMiddleware, which would wrap every
+    streamed response and hide a client's disconnect."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = _request_id(Request(scope)).encode("latin-1")
+
+        async def send_with_id(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", rid)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def _request_id(request: Request) -> str:

@@ -291,10 +291,12 @@ class EngineLoop:
             self.metrics.generation_tokens.inc(tokens)
         self._gauges()  # before the events go out: what a client sees next, the metrics already show
         self._handoff(batches.values())
-        if error is not None:  # rows the engine cancelled for non-finite logits: their requests fail
+        if error is not None:  # rows the engine cancelled (non-finite logits, ...): their requests fail
+            own = getattr(error, "rows", {})
             for req in list(self._active):
                 if any(row.message == "cancelled" and row.reason is not None for row in req.rows):
-                    self._end(req, error)
+                    mine = [own[row.id] for row in req.rows if row.id in own]  # its own rows' failure, not others'
+                    self._end(req, BackendError("; ".join(mine)) if mine else error)
                     if self.metrics is not None:
                         self.metrics.aborted("error")
         return True

@@ -198,3 +198,38 @@ def test_perplexity_past_float_range_is_inf_and_json_null(monkeypatch, tmp_path)
     assert got["perplexity"] is None and got["mean_nll"] == pytest.approx(out["mean_nll"])
     r = cli("perplexity", "unused", "--text", str(tmp_path / "t.txt"), "--chunk", "6")
     assert r.code == 0 and r.stdout.startswith("perplexity inf over") and not r.stderr
+
+
+def test_a_failed_guide_and_a_poisoned_prefill_in_one_mixed_step_both_fail(monkeypatch):
+    """A mixed step whose decode half fails a row's structured output (GuideError) and whose prefill half has
+    non-finite logits: both rows are cancelled and named in one error, each failed row's own message kept; the
+    other decoding row goes on (the guided row never stays running, to end later on eos with a cut document)."""
+    from mixtrt.runtime.errors import GuideError, RowError
+    from tests.runtime.fakes import V
+
+    class FailingGuide:
+        def __init__(self, after: int) -> None:
+            self.after, self.n = after, 0
+
+        def allowed(self) -> np.ndarray:
+            return np.ones(V, bool)
+
+        def consume(self, token: int) -> None:
+            if self.n == self.after:
+                raise GuideError(f"cannot go on after {self.n} tokens")
+            self.n += 1
+
+    monkeypatch.setattr(Engine, "_guide", lambda self, cfg: FailingGuide(2) if cfg.seed == 7 else None)
+    engine = Engine(PoisonedBackend(position=3, marker=7, capacity=64, windowed=False, mixed=True), ToyTokenizer(),
+                    max_batch=3)
+    guided = engine.add([1, 5, 9, 12], GenerationConfig(max_new_tokens=8, do_sample=True, seed=7, eos_token_id=()),
+                        name="guided")
+    plain = engine.add([1, 6, 9], GenerationConfig(max_new_tokens=8, eos_token_id=()), name="plain")
+    engine.step(prefill_budget=4)
+    engine.add([7, 5, 9, 12], GenerationConfig(max_new_tokens=8, eos_token_id=()), name="poisoned")
+    with pytest.raises(RowError) as e:
+        engine.step(prefill_budget=4)
+    assert "poisoned (prefill" in str(e.value) and "guided: cannot go on after 2 tokens" in str(e.value)
+    assert e.value.rows == {guided.id: "guided: cannot go on after 2 tokens"}
+    assert [ev.row.name for ev in e.value.events] == ["plain"]
+    assert engine.running == [plain] and guided.reason is not None and guided.message == "cancelled"

@@ -233,6 +233,7 @@ def test_a_schema_past_llguidances_limits_fails_its_row_only(gen):
         except RowError as e:
             events = e.events
             errors.append(str(e))
+            assert list(e.rows) == [rows[0].id]  # the failed row's own message, for its request alone
         for event in events:
             if event.output is not None:
                 done[event.row.id] = event.output

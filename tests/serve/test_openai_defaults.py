@@ -273,6 +273,12 @@ def test_what_an_operator_reads(server, caplog):
     assert lines[1]["ttft_s"] < 0.3 and lines[1]["queue_s"] < 0.3  # the 0.8 s upload was the client's time
     assert lines[2]["completion_tokens"] == 0
     assert server.metric("mixtrt:generation_tokens_total") - generated == 4  # the two requests' 2 tokens each
+    for path in ("/health", "/metrics", "/v1/models"):  # every route's response, one header each
+        r = server.http.get(path, headers={"X-Request-Id": "lb-45"})
+        assert r.headers.get_list("x-request-id") == ["lb-45"], (path, r.headers)
+    with server.http.stream("POST", "/v1/completions", json={"prompt": "a", "max_tokens": 2, "stream": True},
+                            headers={"X-Request-Id": "lb-46"}) as r:
+        assert r.headers.get_list("x-request-id") == ["lb-46"] and "[DONE]" in r.read().decode()
 
 
 def test_log_lines_are_json_with_their_time():

@@ -314,3 +314,10 @@ def test_a_named_choice_is_one_call_and_unknown_functions_are_text(tool_server, 
     assert out.tool_calls is None and '"launch"' in out.text
     r = tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS)
     assert r.choices[0].finish_reason == "stop" and '"launch"' in r.choices[0].message.content
+
+
+def test_a_forced_call_and_a_schema_are_refused_together(tool_gen):
+    from mixtrt.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^tool_choice='required' asks for a call, and json_schema"):
+        tool_gen.chat(MESSAGES, tools=TOOLS, tool_choice="required", json_schema={"type": "object"})
