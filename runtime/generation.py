@@ -85,6 +85,8 @@ class GenerationConfig:
     # structured output (runtime/structured.py): the reply is JSON that this JSON schema accepts (a mapping or its
     # JSON text; {} or True: any JSON value), enforced token by token; kept as canonical JSON text
     json_schema: str | None = None
+    # or a Lark grammar in llguidance's dialect (`%json {schema}` embeds one): what a forced tool call is held to
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         """Every field checked by type and range, so a bad value is one ConfigError naming it before any work."""
@@ -153,6 +155,12 @@ class GenerationConfig:
             from mixtrt.runtime.structured import check_schema
 
             fix("json_schema", check_schema(self.json_schema))
+        if self.grammar is not None:
+            from mixtrt.runtime.structured import check_grammar
+
+            if self.json_schema is not None:
+                raise ConfigError("grammar and json_schema: give one of them")
+            fix("grammar", check_grammar(self.grammar))
 
     def eos_ids(self, args: ModelArgs) -> tuple[int, ...]:
         if self.eos_token_id is None:
@@ -167,8 +175,9 @@ class GenerationConfig:
                                       shown=None)):
             if message:
                 raise ConfigError(message)
-        if self.json_schema is not None and not self.eos_ids(args):
-            raise ConfigError("json_schema: the reply ends with an eos id once the document is complete, and "
+        if (self.json_schema is not None or self.grammar is not None) and not self.eos_ids(args):
+            name = "json_schema" if self.json_schema is not None else "grammar"
+            raise ConfigError(f"{name}: the reply ends with an eos id once the document is complete, and "
                               "eos_token_id=() (ignore_eos) leaves none")
 
 
@@ -567,12 +576,12 @@ class Engine:
 
     def _guide(self, cfg: GenerationConfig) -> Any:
         """A row's structured-output constraint (runtime/structured.py JsonGuide), None without a json_schema."""
-        if cfg.json_schema is None:
+        if cfg.json_schema is None and cfg.grammar is None:
             return None
         from mixtrt.runtime.structured import JsonGuide
 
         args = self.backend.args
-        return JsonGuide(self.tokenizer, cfg.json_schema, cfg.eos_ids(args), args.vocab_size)
+        return JsonGuide(self.tokenizer, cfg.json_schema, cfg.eos_ids(args), args.vocab_size, cfg.grammar)
 
     # ---- the loop ------------------------------------------------------------------------------------
     def step(self, prefill_budget: int | None = None) -> list[EngineEvent]:
@@ -1113,11 +1122,14 @@ def _scored_ids(token_ids: Any) -> list[Any]:
 
 
 def _forced_plain(cfg: GenerationConfig, use: ToolUse | None, tool_choice: Any) -> GenerationConfig:
-    """cfg, refused where a forced tool_choice (a call) meets a json_schema (a document): the server's 400 too."""
-    if use is not None and use.forced and cfg.json_schema is not None:
+    """cfg with a forced call's grammar (ToolUse.grammar); refused where a forced tool_choice (a call) meets a
+    json_schema or grammar (a document of its own): the server's 400 too."""
+    if use is None or not use.forced:
+        return cfg
+    if cfg.json_schema is not None or cfg.grammar is not None:
         raise ConfigError(f"tool_choice={tool_choice!r} asks for a call, and json_schema for a reply in its JSON "
                           "form: give one of them")
-    return cfg
+    return dataclasses.replace(cfg, grammar=use.grammar) if use.grammar is not None else cfg
 
 
 def _with_calls(out: GenerationOutput, reply: ToolReply | None, use: ToolUse, tokenizer: Any) -> GenerationOutput:

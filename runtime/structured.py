@@ -195,7 +195,7 @@ _TABLES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
-def _tokenizer(tokenizer: Any) -> tuple[Any, bool, int, dict[str, Any]]:
+def _tokenizer(tokenizer: Any) -> tuple[Any, bool, int, dict[tuple[str, str | None], Any]]:
     """llguidance's tokenizer for ours (built once per tokenizer object: ~0.1-0.6 s), its lead-space rule, its eos id
     and the compiled matchers of the schemas seen (each row gets a copy: compiling a large schema takes ms)."""
     with _LOCK:
@@ -219,32 +219,61 @@ def prepare(tokenizer: Any, schema_text: str) -> None:
 _MATCHERS_KEPT = 32  # compiled schemas kept per tokenizer
 
 
-def _matcher(tokenizer: Any, schema_text: str) -> tuple[Any, int]:
-    """A fresh matcher for the schema (a copy of the compiled one), and llguidance's eos id."""
+def _matcher(tokenizer: Any, schema_text: str | None, grammar: str | None = None) -> tuple[Any, int]:
+    """A fresh matcher for the schema, or for a Lark grammar (a copy of the compiled one), and llguidance's eos."""
     _llguidance("structured output")
     import llguidance
 
     lltok, lead_space, eos, compiled = _tokenizer(tokenizer)
+    key = ("grammar", grammar) if grammar is not None else ("schema", schema_text)
     with _LOCK:
-        proto = compiled.get(schema_text)
+        proto = compiled.get(key)
     if proto is None:
-        proto = llguidance.LLMatcher(lltok, _grammar(schema_text, lead_space), log_level=0)
+        assert grammar is not None or schema_text is not None
+        text = grammar if grammar is not None else _grammar(str(schema_text), lead_space)
+        proto = llguidance.LLMatcher(lltok, text, log_level=0)
         if proto.is_error():
-            raise ConfigError(f"json_schema: the schema cannot be enforced: {_said(proto.get_error())}")
+            what = "grammar: the grammar" if grammar is not None else "json_schema: the schema"
+            raise ConfigError(f"{what} cannot be enforced: {_said(proto.get_error())}")
         with _LOCK:
             if len(compiled) >= _MATCHERS_KEPT:
                 compiled.pop(next(iter(compiled)))
-            compiled[schema_text] = proto
+            compiled[key] = proto
     return proto.deep_copy(), eos
+
+
+def check_grammar(grammar: Any, where: str = "grammar") -> str:
+    """A Lark grammar in llguidance's dialect (`%json {schema}` embeds a schema), checked to compile."""
+    if not isinstance(grammar, str) or not grammar.strip():
+        raise ConfigError(f"{where}: a grammar must be non-empty text (Lark, llguidance's dialect)")
+    _llguidance(where)
+    problem = _grammar_problem(grammar)
+    if problem:
+        raise ConfigError(f"{where}: the grammar cannot be enforced: {problem}")
+    return grammar
+
+
+@functools.lru_cache(maxsize=64)
+def _grammar_problem(grammar: str) -> str:
+    import llguidance
+
+    return _said(llguidance.LLMatcher.validate_grammar(grammar))
+
+
+def json_rule(schema: Mapping[str, Any]) -> str:
+    """A Lark rule body that is JSON the schema accepts, written in this module's form (json.dumps' separators)."""
+    return f"%json {json.dumps({**schema, 'x-guidance': _OPTIONS})}"
 
 
 class JsonGuide:
     """One row's constraint: `allowed()` the tokens the schema allows next (a bool mask [V]; the eos ids once the
     document is complete), `consume(token)` after each choice."""
 
-    def __init__(self, tokenizer: Any, schema_text: str, eos_ids: Iterable[int], vocab_size: int | None = None
-                 ) -> None:
-        self.matcher, tokenizer_eos = _matcher(tokenizer, schema_text)
+    def __init__(self, tokenizer: Any, schema_text: str | None, eos_ids: Iterable[int], vocab_size: int | None = None,
+                 grammar: str | None = None) -> None:
+        """schema_text: check_schema's; or grammar: a Lark grammar (check_grammar's), for what a schema cannot say
+        (a tool call's form: runtime/tool_calls.py)."""
+        self.matcher, tokenizer_eos = _matcher(tokenizer, schema_text, grammar)
         self.vocab = int(vocab_size if vocab_size is not None else tokenizer.vocab_size)
         self.eos_ids = frozenset(int(t) for t in eos_ids if 0 <= int(t) < self.vocab)
         if not self.eos_ids:

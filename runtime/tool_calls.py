@@ -85,6 +85,9 @@ class ToolUse:
     forced: tuple[int, ...] = ()
     parallel: bool = True
     names: frozenset[str] = frozenset()  # the functions offered (empty: any name)
+    # a forced call in the JSON-list form: the Lark grammar (runtime/structured.py) the rest of the reply is held
+    # to, each function's arguments to its `parameters` schema; None for "auto" and the name[ARGS] form
+    grammar: str | None = None
 
     def reply(self, out: Any, tokenizer: Any) -> ToolReply | None:
         """A finished reply's calls (a GenerationOutput: token_ids, finish_reason), the forced start included;
@@ -163,16 +166,48 @@ def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, parallel: bool
     if tool_choice in (None, "auto"):
         return offered, ToolUse(tokens, (), parallel, names)
     if tool_choice == "required":
-        return offered, ToolUse(tokens, (tokens.calls,), parallel, names)
+        grammar = None if tokens.args is not None else _calls_grammar(offered, parallel, where)
+        return offered, ToolUse(tokens, (tokens.calls,), parallel, names, grammar)
     name = tool_choice["function"]["name"]
     if name not in names:
         raise ConfigError(f"tool_choice: the function {name!r} is not one of the tools given")
     # a named choice is one call of that function (OpenAI's): the reply's first call, the forced one
     if tokens.args is not None:  # name[ARGS]arguments: the arguments follow
         return offered, ToolUse(tokens, (tokens.calls, *tokenizer.encode(name, bos=False), tokens.args), False, names)
-    # the JSON list, as mistral-common writes it, up to the arguments' value
+    # the JSON list, as mistral-common writes it, up to the arguments' value; then that function's arguments
     start = tokenizer.encode(f'[{{"name": {json.dumps(name)}, "arguments":', bos=False)
-    return offered, ToolUse(tokens, (tokens.calls, *start), False, names)
+    [n] = [n for n, t in enumerate(offered) if t["function"]["name"] == name]
+    grammar = "\n".join([f'start: " " args{n} id "}}]"', *_call_rules(offered, where)])
+    return offered, ToolUse(tokens, (tokens.calls, *start), False, names, _checked_grammar(grammar, where))
+
+
+def _call_rules(offered: list[dict[str, Any]], where: str) -> list[str]:
+    """Lark rules of one call per function as mistral-common writes it in the JSON list: `{"name": ..., "arguments":
+    <JSON its parameters schema accepts>` and an optional `, "id": "<9 letters and digits>"`, then `}`."""
+    from mixtrt.runtime.structured import check_schema, json_rule
+
+    id_head = json.dumps(', "id": "')
+    rules = [f'id: ({id_head} /[a-zA-Z0-9]{{9}}/ "\\"")?',
+             "call: " + " | ".join(f"call{n}" for n in range(len(offered)))]
+    for n, tool in enumerate(offered):
+        function = tool["function"]
+        params = function.get("parameters") or {"type": "object"}
+        check_schema(params, f"{where}[{n}].function.parameters")
+        head = json.dumps(f'{{"name": {json.dumps(function["name"])}, "arguments": ')
+        rules += [f'call{n}: {head} args{n} id "}}"', f"args{n}: {json_rule(params)}"]
+    return rules
+
+
+def _calls_grammar(offered: list[dict[str, Any]], parallel: bool, where: str) -> str:
+    """What follows a forced [TOOL_CALLS] in the JSON-list form: a list of calls (one with parallel False)."""
+    more = ' ("," " " call)*' if parallel else ""
+    return _checked_grammar("\n".join([f'start: " "? "[" call{more} "]"', *_call_rules(offered, where)]), where)
+
+
+def _checked_grammar(grammar: str, where: str) -> str:
+    from mixtrt.runtime.structured import check_grammar
+
+    return check_grammar(grammar, where)
 
 
 def chat_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]], offered: list[dict[str, Any]] | None,

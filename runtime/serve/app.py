@@ -414,6 +414,8 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
                            "generates", param="min_tokens")
         # echo with max_tokens 0 scores the prompt (vLLM's echo without generation, OpenAI's legacy completions):
         # the prompt's logprobs come with its prefill, which also chooses a first token; that one is not returned
+        if tools is not None and tools.grammar is not None:  # a forced call: its form and arguments held to
+            asked["grammar"] = tools.grammar
         echo_only = _scores_only(req)
         if echo_only:
             asked["max_new_tokens"] = 1

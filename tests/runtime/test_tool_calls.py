@@ -238,3 +238,19 @@ def test_call_ids_of_another_form_are_mapped_alike_in_call_and_result(name):
                 *[{"role": "tool", "tool_call_id": i, "content": "ok"} for i in ids]]
 
     assert tok.apply_chat_template(talk(foreign), tools=TOOLS) == tok.apply_chat_template(talk(mapped), tools=TOOLS)
+
+
+def test_a_forced_call_needs_parameters_it_can_hold_to():
+    """"required" / a named function hold the call's arguments to each function's parameters (JSON-list formats):
+    a schema llguidance cannot enforce is refused, naming the tool; "auto" shows it as it is."""
+    pytest.importorskip("llguidance")
+    from mixtrt.runtime.tool_calls import tool_use
+
+    tok = MistralCommonTokenizer(DATA / "mistral_instruct_tokenizer_240323.model.v3")
+    odd = [TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": {"type": "array",
+                                                                                    "uniqueItems": True}}}]
+    assert tool_use(tok, odd, "auto")[1].grammar is None
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        with pytest.raises(ConfigError, match=r"^tools\[1\]\.function\.parameters: the schema cannot be enforced"):
+            tool_use(tok, odd, choice)
+        assert tool_use(tok, TOOLS, choice)[1].grammar is not None

@@ -321,3 +321,33 @@ def test_a_forced_call_and_a_schema_are_refused_together(tool_gen):
 
     with pytest.raises(ConfigError, match=r"^tool_choice='required' asks for a call, and json_schema"):
         tool_gen.chat(MESSAGES, tools=TOOLS, tool_choice="required", json_schema={"type": "object"})
+
+
+def test_forced_calls_are_held_to_the_functions_parameters(tool_server, tool_gen):
+    """tool_choice "required" / a named function on the model's own (random) logits, no script: every reply is a
+    call of an offered function whose arguments the function's `parameters` schema accepts (the JSON-list form is
+    held to a grammar), as vLLM's guided decoding gives; jsonschema is the oracle."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    strict = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+                   "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer",
+                   "minimum": 1, "maximum": 9}}, "required": ["city", "days"], "additionalProperties": False}}},
+              {"type": "function", "function": {"name": "get_time", "parameters": {
+                   "type": "object", "properties": {}, "additionalProperties": False}}}]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in strict}
+    tool_gen.backend.script = {}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice in ("required", named):
+        for seed in range(3):
+            out = tool_gen.chat(MESSAGES, tools=strict, tool_choice=choice, max_new_tokens=120, do_sample=True,
+                                seed=seed, temperature=1.5)
+            assert out.tool_calls, (choice, seed, out.text)
+            for call in out.tool_calls:
+                jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+            assert choice == "required" or [c.name for c in out.tool_calls] == ["get_weather"]
+        r = tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=strict,
+                                                       tool_choice=choice, n=2, temperature=1.2, seed=5, max_tokens=120)
+        for c in r.choices:
+            assert c.finish_reason == "tool_calls", c.message
+            for call in c.message.tool_calls:
+                jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
