@@ -1122,14 +1122,14 @@ def _scored_ids(token_ids: Any) -> list[Any]:
 
 
 def _forced_plain(cfg: GenerationConfig, use: ToolUse | None, tool_choice: Any) -> GenerationConfig:
-    """cfg with a forced call's grammar (ToolUse.grammar); refused where a forced tool_choice (a call) meets a
-    json_schema or grammar (a document of its own): the server's 400 too."""
+    """cfg with a forced call's grammar (ToolUse.grammar) in place of any json_schema: a forced tool_choice makes
+    the reply a call, which has no content for a response format to shape (OpenAI's rule; the server's too)."""
     if use is None or not use.forced:
         return cfg
-    if cfg.json_schema is not None or cfg.grammar is not None:
-        raise ConfigError(f"tool_choice={tool_choice!r} asks for a call, and json_schema for a reply in its JSON "
-                          "form: give one of them")
-    return dataclasses.replace(cfg, grammar=use.grammar) if use.grammar is not None else cfg
+    if cfg.grammar is not None and cfg.grammar != use.grammar:
+        raise ConfigError(f"tool_choice={tool_choice!r} asks for a call, and grammar for a reply of its own form: "
+                          "give one of them")
+    return dataclasses.replace(cfg, json_schema=None, grammar=use.grammar)
 
 
 def _with_calls(out: GenerationOutput, reply: ToolReply | None, use: ToolUse, tokenizer: Any) -> GenerationOutput:

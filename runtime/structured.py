@@ -167,13 +167,14 @@ def _token_table(tokenizer: Any) -> tuple[list[bytes], list[int], Any, bool]:
     text = getattr(tokenizer, "_text", None) or getattr(tokenizer, "text", None) or tokenizer
     if not isinstance(text, Tokenizer):
         raise ConfigError(f"structured output: {type(tokenizer).__name__} is not a tokenizer mixtrt can constrain")
-    from mixtrt.runtime.jinja_tokenizer import _without_dummy_prefix
+    from mixtrt.runtime.jinja_tokenizer import _SP_USER_DEFINED, _without_dummy_prefix
 
-    plain, _, dummy_prefix = _without_dummy_prefix(text.path)
+    plain, types, dummy_prefix = _without_dummy_prefix(text.path)
     tokens, specials = [], []
     for i in range(plain.get_piece_size()):
         piece = plain.id_to_piece(i)
-        if plain.is_control(i) or plain.is_unknown(i) or plain.is_unused(i):
+        # user-defined pieces are Mistral's bracketed specials ([REFERENCE_DOC_0], [control_8], ...): never JSON text
+        if plain.is_control(i) or plain.is_unknown(i) or plain.is_unused(i) or types[i] == _SP_USER_DEFINED:
             tokens.append(b"\xff" + piece.encode())
             specials.append(i)
         elif plain.is_byte(i):

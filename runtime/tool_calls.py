@@ -165,37 +165,58 @@ def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, parallel: bool
     names = frozenset(t["function"]["name"] for t in offered)
     if tool_choice in (None, "auto"):
         return offered, ToolUse(tokens, (), parallel, names)
+    name = tool_choice["function"]["name"] if tool_choice != "required" else None
+    if name is not None and name not in names:
+        raise ConfigError(f"tool_choice: the function {name!r} is not one of the tools given")
+    if tokens.args is None:  # the JSON-list form: the call is held to a grammar (llguidance)
+        from mixtrt.runtime.extras import require
+
+        require("structured", f"tool_choice {json.dumps(tool_choice)} (the call held to the tools' parameters)")
     if tool_choice == "required":
         grammar = None if tokens.args is not None else _calls_grammar(offered, parallel, where)
         return offered, ToolUse(tokens, (tokens.calls,), parallel, names, grammar)
-    name = tool_choice["function"]["name"]
-    if name not in names:
-        raise ConfigError(f"tool_choice: the function {name!r} is not one of the tools given")
     # a named choice is one call of that function (OpenAI's): the reply's first call, the forced one
     if tokens.args is not None:  # name[ARGS]arguments: the arguments follow
         return offered, ToolUse(tokens, (tokens.calls, *tokenizer.encode(name, bos=False), tokens.args), False, names)
-    # the JSON list, as mistral-common writes it, up to the arguments' value; then that function's arguments
+    # the JSON list, as mistral-common writes it, up to the arguments' value; then that function's arguments (only
+    # the chosen function's schema matters)
     start = tokenizer.encode(f'[{{"name": {json.dumps(name)}, "arguments":', bos=False)
     [n] = [n for n, t in enumerate(offered) if t["function"]["name"] == name]
-    grammar = "\n".join([f'start: " " args{n} id "}}]"', *_call_rules(offered, where)])
+    grammar = "\n".join([f'start: " " args{n} id "}}]"', *_call_rules(offered, where, only=n)])
     return offered, ToolUse(tokens, (tokens.calls, *start), False, names, _checked_grammar(grammar, where))
 
 
-def _call_rules(offered: list[dict[str, Any]], where: str) -> list[str]:
-    """Lark rules of one call per function as mistral-common writes it in the JSON list: `{"name": ..., "arguments":
-    <JSON its parameters schema accepts>` and an optional `, "id": "<9 letters and digits>"`, then `}`."""
+def _call_rules(offered: list[dict[str, Any]], where: str, only: int | None = None) -> list[str]:
+    """Lark rules of one call per function (or of function `only`) as mistral-common writes it in the JSON list:
+    `{"name": ..., "arguments": <the JSON object its parameters schema accepts>` and an optional `, "id": "<9 letters
+    and digits>"`, then `}`."""
     from mixtrt.runtime.structured import check_schema, json_rule
 
+    chosen = range(len(offered)) if only is None else [only]
     id_head = json.dumps(', "id": "')
-    rules = [f'id: ({id_head} /[a-zA-Z0-9]{{9}}/ "\\"")?',
-             "call: " + " | ".join(f"call{n}" for n in range(len(offered)))]
-    for n, tool in enumerate(offered):
-        function = tool["function"]
-        params = function.get("parameters") or {"type": "object"}
+    rules = [f'id: ({id_head} /[a-zA-Z0-9]{{9}}/ "\\"")?', "call: " + " | ".join(f"call{n}" for n in chosen)]
+    for n in chosen:
+        function = offered[n]["function"]
+        params = _object_schema(function.get("parameters"), f"{where}[{n}].function.parameters")
         check_schema(params, f"{where}[{n}].function.parameters")
         head = json.dumps(f'{{"name": {json.dumps(function["name"])}, "arguments": ')
         rules += [f'call{n}: {head} args{n} id "}}"', f"args{n}: {json_rule(params)}"]
     return rules
+
+
+def _object_schema(params: Any, where: str) -> dict[str, Any]:
+    """A function's parameters schema as one of JSON objects (a call's arguments are an object): none or {} -> any
+    object; no type -> the same schema typed "object" (its keywords then apply to objects); a type list with
+    "object" -> "object"; a schema of other types only is refused."""
+    if not params:
+        return {"type": "object"}
+    kind = params.get("type")
+    if kind is None or kind == "object":
+        return {**params, "type": "object"}
+    if isinstance(kind, list) and "object" in kind:
+        return {**params, "type": "object"}
+    raise ConfigError(f"{where}: a call's arguments are a JSON object, and this schema allows {json.dumps(kind)} "
+                      "only: a forced tool_choice cannot hold a call to it")
 
 
 def _calls_grammar(offered: list[dict[str, Any]], parallel: bool, where: str) -> str:

@@ -414,8 +414,10 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
                            "generates", param="min_tokens")
         # echo with max_tokens 0 scores the prompt (vLLM's echo without generation, OpenAI's legacy completions):
         # the prompt's logprobs come with its prefill, which also chooses a first token; that one is not returned
-        if tools is not None and tools.grammar is not None:  # a forced call: its form and arguments held to
-            asked["grammar"] = tools.grammar
+        if tools is not None and tools.forced:  # a forced call: its form and arguments held to; no content for
+            asked.pop("json_schema", None)  # a response_format to shape (OpenAI's rule)
+            if tools.grammar is not None:
+                asked["grammar"] = tools.grammar
         echo_only = _scores_only(req)
         if echo_only:
             asked["max_new_tokens"] = 1
@@ -663,14 +665,11 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
             if tools is not None and tools.forced and (not req.add_generation_prompt or req.continue_final_message):
                 raise ApiError(f"tool_choice: {json.dumps(req.tool_choice)} starts the assistant's reply, which "
                                "add_generation_prompt false / continue_final_message leave out", param="tool_choice")
-            if tools is not None and tools.forced and reply_schema(req) is not None:
-                raise ApiError(f"tool_choice: {json.dumps(req.tool_choice)} asks for a call, and response_format for "
-                               "a reply in its JSON form: give one of them", param="tool_choice")
             ids = chat_prompt(gen.tokenizer, messages, offered, tools, add_generation_prompt=req.add_generation_prompt,
                               continue_final_message=req.continue_final_message)
             prompts = normalize_prompts([list(ids)], gen.tokenizer, vocab)
             echo = [""]
-            schema = reply_schema(req)
+            schema = reply_schema(req) if tools is None or not tools.forced else None
             if schema is not None:  # the schema compiled here, not on the engine loop (each row copies it)
                 from mixtrt.runtime.structured import prepare
 

@@ -247,10 +247,13 @@ def test_a_forced_call_needs_parameters_it_can_hold_to():
     from mixtrt.runtime.tool_calls import tool_use
 
     tok = MistralCommonTokenizer(DATA / "mistral_instruct_tokenizer_240323.model.v3")
-    odd = [TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": {"type": "array",
-                                                                                    "uniqueItems": True}}}]
+    unique = {"type": "object", "properties": {"x": {"type": "array", "uniqueItems": True}}}
+    odd = [TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": unique}}]
     assert tool_use(tok, odd, "auto")[1].grammar is None
+    with pytest.raises(ConfigError, match=r"^tools\[1\]\.function\.parameters: the schema cannot be enforced"):
+        tool_use(tok, odd, "required")
+    with pytest.raises(ConfigError, match=r"^tools\[1\]\.function\.parameters: the schema cannot be enforced"):
+        tool_use(tok, odd, {"type": "function", "function": {"name": "f"}})
+    assert tool_use(tok, odd, {"type": "function", "function": {"name": "get_weather"}})[1].grammar is not None
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        with pytest.raises(ConfigError, match=r"^tools\[1\]\.function\.parameters: the schema cannot be enforced"):
-            tool_use(tok, odd, choice)
         assert tool_use(tok, TOOLS, choice)[1].grammar is not None

@@ -316,11 +316,37 @@ def test_a_named_choice_is_one_call_and_unknown_functions_are_text(tool_server, 
     assert r.choices[0].finish_reason == "stop" and '"launch"' in r.choices[0].message.content
 
 
-def test_a_forced_call_and_a_schema_are_refused_together(tool_gen):
-    from mixtrt.runtime.errors import ConfigError
+def test_a_forced_call_wins_over_a_response_format(tool_server, tool_gen):
+    """A forced tool_choice makes the reply a call, which has no content for a response format to shape (OpenAI's
+    rule; openai-agents sends both): the call is made, in Python and in the server."""
+    pytest.importorskip("llguidance")
+    tok = tool_gen.tokenizer
+    script(tool_gen, MESSAGES, tok.encode(json.dumps(CALLS[:1]), bos=False) + [tok.eos_id], forced=1)
+    out = tool_gen.chat(MESSAGES, tools=TOOLS, tool_choice="required", json_schema={"type": "object"})
+    assert [c.name for c in out.tool_calls] == ["get_weather"]
+    r = tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="required",
+                                                   response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "tool_calls"
 
-    with pytest.raises(ConfigError, match=r"^tool_choice='required' asks for a call, and json_schema"):
-        tool_gen.chat(MESSAGES, tools=TOOLS, tool_choice="required", json_schema={"type": "object"})
+
+def test_forced_calls_hold_arguments_to_objects_and_name_only_the_chosen_tool():
+    """parameters without a type are objects (their keywords apply to objects); a schema of other types only is
+    refused for a forced choice, naming the tool; a named choice reads only the chosen tool's schema."""
+    pytest.importorskip("llguidance")
+    from mixtrt.runtime.errors import ConfigError
+    from mixtrt.runtime.mistral_tokenizer import MistralCommonTokenizer
+    from mixtrt.runtime.tool_calls import tool_use
+
+    tok = MistralCommonTokenizer(V3)
+    untyped = {"type": "function", "function": {"name": "f", "parameters": {"properties": {"x": {"type": "integer"}},
+                                                                           "required": ["x"]}}}
+    text = {"type": "function", "function": {"name": "g", "parameters": {"type": "string"}}}
+    broken = {"type": "function", "function": {"name": "h", "parameters": {"type": "string", "pattern": "(?=a)"}}}
+    assert '"type": "object"' in tool_use(tok, [untyped], "required")[1].grammar
+    with pytest.raises(ConfigError, match=r"^tools\[1\]\.function\.parameters: a call's arguments are a JSON object"):
+        tool_use(tok, [untyped, text], "required")
+    named = {"type": "function", "function": {"name": "f"}}
+    assert tool_use(tok, [untyped, broken], named)[1].grammar is not None
 
 
 def test_forced_calls_are_held_to_the_functions_parameters(tool_server, tool_gen):
