@@ -57,20 +57,16 @@ def check_schema(schema: Any, where: str = "json_schema") -> str:
         text = json.dumps(schema, ensure_ascii=False, allow_nan=False)  # key order kept: the order keys are written
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: the schema is not JSON ({e})") from None
-    _llguidance(where)
-    problem = _problem(text)
-    if problem:
-        raise ConfigError(f"{where}: the schema cannot be enforced: {problem}")
+    _enforceable(_grammar(text, lead_space=False), where, "schema")
     return text
 
 
-@functools.lru_cache(maxsize=64)
-def _problem(text: str) -> str:
-    """What llguidance says is wrong with a schema, "" when nothing is; remembered, since a server request checks
-    its schema at parse, at its config and at each row."""
-    import llguidance
-
-    return _said(llguidance.LLMatcher.validate_grammar(_grammar(text, lead_space=False)))
+def _enforceable(grammar: str, where: str, what: str) -> None:
+    """One ConfigError naming `where` unless llguidance compiles the grammar."""
+    _llguidance(where)
+    problem = _grammar_problem(grammar)
+    if problem:
+        raise ConfigError(f"{where}: the {what} cannot be enforced: {problem}")
 
 
 _QUOTE = re.compile(r"^\s*\d+ \| ")  # llguidance quoting our grammar line (ours, not the client's)
@@ -247,15 +243,14 @@ def check_grammar(grammar: Any, where: str = "grammar") -> str:
     """A Lark grammar in llguidance's dialect (`%json {schema}` embeds a schema), checked to compile."""
     if not isinstance(grammar, str) or not grammar.strip():
         raise ConfigError(f"{where}: a grammar must be non-empty text (Lark, llguidance's dialect)")
-    _llguidance(where)
-    problem = _grammar_problem(grammar)
-    if problem:
-        raise ConfigError(f"{where}: the grammar cannot be enforced: {problem}")
+    _enforceable(grammar, where, "grammar")
     return grammar
 
 
 @functools.lru_cache(maxsize=64)
 def _grammar_problem(grammar: str) -> str:
+    """What llguidance says is wrong with a grammar, "" when nothing is; remembered, since a server request checks
+    its schema at parse, at its config and at each row."""
     import llguidance
 
     return _said(llguidance.LLMatcher.validate_grammar(grammar))
