@@ -139,8 +139,8 @@ class _Table:
     """A tokenizer as llguidance reads it (TokenizerWrapper's fields): each id's bytes, the special ids, and a
     tokenize callable whose tokens' bytes join to exactly its input (no dummy prefix)."""
 
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokens, self.special_token_ids, self._encode, self.lead_space = _token_table(tokenizer)
+    def __init__(self, tokenizer: Any, where: str) -> None:
+        self.tokens, self.special_token_ids, self._encode, self.lead_space = _token_table(tokenizer, where)
         self.eos_token_id = int(getattr(tokenizer, "eos_id", 2))
         self.bos_token_id = int(getattr(tokenizer, "bos_id", 1))
 
@@ -150,7 +150,7 @@ class _Table:
         return self._encode(text)
 
 
-def _token_table(tokenizer: Any) -> tuple[list[bytes], list[int], Any, bool]:
+def _token_table(tokenizer: Any, where: str) -> tuple[list[bytes], list[int], Any, bool]:
     """(bytes per id, special ids, tokenize without a dummy prefix, whether the tokenizer has a dummy prefix)."""
     from mixtrt.runtime.tokenizer import Tokenizer
 
@@ -162,7 +162,8 @@ def _token_table(tokenizer: Any) -> tuple[list[bytes], list[int], Any, bool]:
         return tokens, specials, lambda s: [int(i) for i in raw.encode(s, bos=False, eos=False)], False
     text = getattr(tokenizer, "_text", None) or getattr(tokenizer, "text", None) or tokenizer
     if not isinstance(text, Tokenizer):
-        raise ConfigError(f"structured output: {type(tokenizer).__name__} is not a tokenizer mixtrt can constrain")
+        raise ConfigError(f"{where}: structured output reads the tokenizer's pieces, and {type(tokenizer).__name__} "
+                          "is not a tokenizer mixtrt can read them from")
     from mixtrt.runtime.jinja_tokenizer import _SP_USER_DEFINED, _without_dummy_prefix
 
     plain, types, dummy_prefix = _without_dummy_prefix(text.path)
@@ -192,7 +193,7 @@ _TABLES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
-def _tokenizer(tokenizer: Any) -> tuple[Any, bool, int, dict[tuple[str, str | None], Any]]:
+def _tokenizer(tokenizer: Any, where: str = "json_schema") -> tuple[Any, bool, int, dict[tuple[str, str | None], Any]]:
     """llguidance's tokenizer for ours (built once per tokenizer object: ~0.1-0.6 s), its lead-space rule, its eos id
     and the compiled matchers of the schemas seen (each row gets a copy: compiling a large schema takes ms)."""
     with _LOCK:
@@ -200,7 +201,7 @@ def _tokenizer(tokenizer: Any) -> tuple[Any, bool, int, dict[tuple[str, str | No
         if found is None:
             import llguidance
 
-            table = _Table(tokenizer)
+            table = _Table(tokenizer, where)
             found = (llguidance.LLTokenizer(llguidance.TokenizerWrapper(table)), table.lead_space,
                      table.eos_token_id, {})
             _TABLES[tokenizer] = found
@@ -221,7 +222,7 @@ def _matcher(tokenizer: Any, schema_text: str | None, grammar: str | None = None
     _llguidance("structured output")
     import llguidance
 
-    lltok, lead_space, eos, compiled = _tokenizer(tokenizer)
+    lltok, lead_space, eos, compiled = _tokenizer(tokenizer, "grammar" if grammar is not None else "json_schema")
     key = ("grammar", grammar) if grammar is not None else ("schema", schema_text)
     with _LOCK:
         proto = compiled.get(key)

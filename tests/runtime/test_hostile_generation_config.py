@@ -34,6 +34,9 @@ BAD = [
     ("stop_strings", None), ("stop_strings", ("ok", "bad\udcff")), ("stop_strings", [b"\n"]),
     ("return_logprobs", "no"), ("return_logprobs", None),
     ("prefill_chunk", 0), ("prefill_chunk", "x"), ("prefill_chunk", 2.0),
+    ("json_schema", 5), ("json_schema", "{"), ("json_schema", [1]), ("json_schema", {"x-guidance": {}}),
+    ("json_schema", {"type": "integer", "minimum": "x"}), ("json_schema", {"enum": [math.nan]}),
+    ("grammar", ""), ("grammar", 5), ("grammar", "start: %%%"),
 ]
 
 
@@ -116,7 +119,9 @@ def test_any_values_give_a_sane_config_or_one_config_error(values):
     try:  # against a model: eos ids past its vocabulary and chunks past its cache are refused there
         [out] = Generator(ToyBackend(), ToyTokenizer()).generate([[1, 5]], dataclasses.replace(cfg, max_new_tokens=2))
     except ConfigError as e:
-        one_line(e, "eos_token_id" if "eos" in str(e) else "prefill_chunk")
+        # against a model: eos ids, chunks, and a schema or grammar on a tokenizer structured output cannot read
+        culprit = next((f for f in ("json_schema", "grammar") if str(e).startswith(f)), None)
+        one_line(e, culprit or ("eos_token_id" if "eos" in str(e) else "prefill_chunk"))
         return
     assert 1 <= out.stats.generated_tokens <= 2
 
