@@ -124,9 +124,10 @@ class MistralCommonTokenizer:
         self.bos_id: int = int(self._raw.bos_id)
         self.eos_id: int = int(self._raw.eos_id)
         self._special_ids = frozenset(range(self._raw.num_special_tokens)) if self.tekken else frozenset()
+        self._version = int(self.version[1:]) if self.version[1:].isdigit() else 0  # "v11" -> 11
         # before v7 an assistant message holds text or calls, never both (mistral-common refuses both): the text a
         # reply wrote before its calls is left out when the conversation comes back
-        self._calls_without_text = self.version[1:].isdigit() and int(self.version[1:]) < 7
+        self._calls_without_text = 0 < self._version < 7
 
     def __repr__(self) -> str:
         return f"MistralCommonTokenizer({str(self.path)!r}, version={self.version!r}, vocab_size={self.vocab_size})"
@@ -188,7 +189,7 @@ class MistralCommonTokenizer:
         calls = found["[TOOL_CALLS]"]
         if calls is None:
             return None
-        if not (self.version[1:].isdigit() and int(self.version[1:]) >= 11):  # name[ARGS] calls begin with v11
+        if self._version < 11:  # name[ARGS] calls begin with v11
             return ToolTokens(calls)  # a file of an earlier version may list [ARGS] and still write JSON calls
         return ToolTokens(calls, found["[ARGS]"], found["[CALL_ID]"])
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from mixtrt.runtime.errors import ConfigError, GuideError
 from mixtrt.runtime.extras import require
+from mixtrt.runtime.tool_calls import NAME
 
 # the JSON compiler's options: json.dumps' separators, no free whitespace
 _OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -106,14 +107,11 @@ def response_format_schema(value: Any, where: str = "response_format") -> str | 
     if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
         raise ConfigError(f"{where}.json_schema: must be an object with a name and a schema")
     _known(spec, {"name", "schema", "strict", "description"}, f"{where}.json_schema")
-    if not _NAME.fullmatch(spec["name"]):
+    if not NAME.fullmatch(spec["name"]):  # OpenAI's rule for a response format's name, as for a function's
         raise ConfigError(f"{where}.json_schema.name: must be 1-64 letters, digits, '_' or '-', got {spec['name']!r}")
     if spec.get("strict") not in (None, True, False):
         raise ConfigError(f"{where}.json_schema.strict: must be true or false, got {spec['strict']!r}")
     return check_schema(spec.get("schema") if spec.get("schema") is not None else {}, f"{where}.json_schema.schema")
-
-
-_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for a response format's name
 
 
 def _known(value: Mapping[str, Any], keys: set[str], where: str) -> None:
@@ -125,9 +123,7 @@ def _known(value: Mapping[str, Any], keys: set[str], where: str) -> None:
 
 def _grammar(schema_text: str, lead_space: bool) -> str:
     """llguidance's grammar of the schema (a Lark grammar embedding the JSON), with an optional leading space."""
-    schema = json.loads(schema_text)
-    schema = {**schema, "x-guidance": {**schema.get("x-guidance", {}), **_OPTIONS}}
-    body = f"%json {json.dumps(schema)}"
+    body = json_rule(json.loads(schema_text))
     return f'start: " "? json_value\njson_value: {body}' if lead_space else f"start: {body}"
 
 
@@ -282,14 +278,19 @@ class JsonGuide:
         self.ended = False
         self.consumed = 0
 
+    def _cannot_go_on(self, why: str = "") -> GuideError:
+        """The row's failure (the Engine cancels that row): llguidance's own words where none are given, without
+        the grammar and the parser state it quotes after them."""
+        why = why or _said(self.matcher.get_error().split("<state>")[0])[:200] or "the grammar refused the token"
+        return GuideError(f"structured output cannot go on after {self.consumed} tokens: {why}")
+
     def allowed(self) -> np.ndarray:
         if self.matcher.is_error():  # never chosen from: a failed guide's row is cancelled (GuideError)
-            raise GuideError(f"structured output cannot go on after {self.consumed} tokens: "
-                             f"{_said(self.matcher.get_error().split('<state>')[0])[:200]}")
+            raise self._cannot_go_on()
         try:
             bits = np.frombuffer(self.matcher.compute_bitmask(), np.uint8)
         except Exception as e:  # llguidance failing in its own code: this row's failure, not the batch's
-            raise GuideError(f"structured output cannot go on after {self.consumed} tokens: {e}") from None
+            raise self._cannot_go_on(str(e)) from None
         mask = np.unpackbits(bits, bitorder="little", count=min(self.vocab, bits.size * 8)).astype(bool)
         if mask.size < self.vocab:  # ids past the tokenizer's (a padded vocabulary) are never allowed
             mask = np.concatenate([mask, np.zeros(self.vocab - mask.size, bool)])
@@ -306,9 +307,7 @@ class JsonGuide:
         try:
             taken = self.matcher.consume_token(int(token))
         except Exception as e:  # llguidance failing in its own code: this row's failure, not the batch's
-            raise GuideError(f"structured output cannot go on after {self.consumed} tokens: {e}") from None
+            raise self._cannot_go_on(str(e)) from None
         if not taken:  # past llguidance's limits (a schema of many alternatives)
-            said = _said(self.matcher.get_error().split("<state>")[0])[:200]  # not the grammar nor the state
-            raise GuideError(f"structured output cannot go on after {self.consumed} tokens: "
-                             f"{said or 'the grammar refused the token'}")
+            raise self._cannot_go_on()
         self.consumed += 1

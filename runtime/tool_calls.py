@@ -211,9 +211,7 @@ def _object_schema(params: Any, where: str) -> dict[str, Any]:
     if not params:
         return {"type": "object"}
     kind = params.get("type")
-    if kind is None or kind == "object":
-        return {**params, "type": "object"}
-    if isinstance(kind, list) and "object" in kind:
+    if kind is None or kind == "object" or (isinstance(kind, list) and "object" in kind):
         return {**params, "type": "object"}
     raise ConfigError(f"{where}: a call's arguments are a JSON object, and this schema allows {json.dumps(kind)} "
                       "only: a forced tool_choice cannot hold a call to it")
@@ -369,27 +367,21 @@ def _json_calls(text: str) -> list[ToolCall] | None:
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not NAME.fullmatch(item["name"]):
             return None
-        arguments = item.get("arguments", {})
-        if isinstance(arguments, str):  # arguments written as a JSON string: its object
-            arguments = _parsed_object(arguments)
-        if not isinstance(arguments, dict):
+        arguments = _object(item.get("arguments", {}))
+        if arguments is None:
             return None
         call_id = item.get("id")
-        calls.append(ToolCall(_kept_id(call_id if isinstance(call_id, str) else None), item["name"],
-                              json.dumps(arguments, ensure_ascii=False)))
+        calls.append(ToolCall(_kept_id(call_id if isinstance(call_id, str) else None), item["name"], arguments))
     return calls
 
 
-def _parsed_object(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
-
-
-def _object(text: str) -> str | None:
-    """A JSON object's text, normalized (json.dumps of it), or None."""
-    value = _parsed_object(text.strip())
+def _object(value: Any) -> str | None:
+    """A JSON object (or its JSON text: arguments written as a string) as normalized text (json.dumps), or None."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value.strip())
+        except ValueError:
+            return None
     return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else None
 
 
