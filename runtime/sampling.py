@@ -66,13 +66,18 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     """
     if penalty == 1.0:
         return logits
-    finite = np.isfinite(logits)  # -inf entries (masked: a structured-output row) stay -inf
+    finite = None  # -inf entries (masked: a structured-output row) stay -inf
     if _F32_TINY <= penalty <= _F32_MAX:
         p32 = np.float32(penalty)
         with np.errstate(over="ignore", invalid="ignore"):
             penalized = np.where(logits < 0, logits * p32, logits / p32)
+        if np.isfinite(penalized).all():  # the common case, checked first: one pass
+            return np.where(seen, penalized, logits).astype(np.float32)
+        finite = np.isfinite(logits)
         if np.isfinite(penalized[finite]).all():
             return np.where(seen, penalized, logits).astype(np.float32)
+    if finite is None:
+        finite = np.isfinite(logits)
     x = np.asarray(logits, np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
         penalized = np.where(finite, np.clip(np.where(x < 0, x * penalty, x / penalty), -_F32_MAX, _F32_MAX), x)

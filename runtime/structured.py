@@ -291,7 +291,7 @@ class JsonGuide:
             bits = np.frombuffer(self.matcher.compute_bitmask(), np.uint8)
         except Exception as e:  # llguidance failing in its own code: this row's failure, not the batch's
             raise self._cannot_go_on(str(e)) from None
-        mask = np.unpackbits(bits, bitorder="little", count=min(self.vocab, bits.size * 8)).astype(bool)
+        mask = np.unpackbits(bits, bitorder="little", count=min(self.vocab, bits.size * 8)).view(bool)  # 0/1: no copy
         if mask.size < self.vocab:  # ids past the tokenizer's (a padded vocabulary) are never allowed
             mask = np.concatenate([mask, np.zeros(self.vocab - mask.size, bool)])
         if self.foreign_eos is not None:
