@@ -157,9 +157,7 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
         # a full queue clears as rows finish: a client may retry after about a second
-        headers = {"X-Request-Id": _request_id(request)}  # the id its log line has, as a success's response
-        if e.status == 429:
-            headers["Retry-After"] = "1"
+        headers = {"Retry-After": "1"} if e.status == 429 else None
         if not e.logged:
             _log_refused(request, e)
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
@@ -171,8 +169,7 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
         message = f"{request.method} {request.url.path}: {e.detail}"
         error = ApiError(message, e.status_code, type=kind)
         _log_refused(request, error)
-        headers = {**(getattr(e, "headers", None) or {}), "X-Request-Id": _request_id(request)}
-        return JSONResponse(error.body(), status_code=e.status_code, headers=headers)
+        return JSONResponse(error.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: probes that read the status only
     async def health(request: Request) -> JSONResponse:
@@ -447,7 +444,7 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
     call = _Call(kind, rid, req, prompts, echo, handle, t0, echo_only=echo_only, tools=tools)
     if req.stream:
         return StreamingResponse(_stream(call, state), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": rid})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await _complete(call, state, request)
 
 
@@ -485,7 +482,7 @@ async def _complete(call: _Call, state: _State, request: Request) -> Response:
     choices = [_full_choice(call, state, i) for i in range(call.handle.choices)]
     obj = "chat.completion" if call.kind == "chat" else "text_completion"
     return JSONResponse({"id": _id(call), "object": obj, "created": call.created, "model": state.settings.name,
-                         "choices": choices, "usage": _usage(call)}, headers={"X-Request-Id": call.id})
+                         "choices": choices, "usage": _usage(call)})
 
 
 async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
