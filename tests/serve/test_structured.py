@@ -87,7 +87,7 @@ def test_a_schema_that_fails_mid_reply_fails_its_request_only(server, generator)
 
     def wide_request():
         got["wide"] = server.http.post("/v1/chat/completions", json={"messages": ASK, "response_format": wide,
-                                                                     "max_tokens": 40})
+                                                                     "max_tokens": 40, "temperature": 0})
 
     thread = threading.Thread(target=wide_request)
     thread.start()
