@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from mixtrt.runtime.chat_session import ChatSession
 
 FinishReason = Literal["eos", "stop", "length"]
+STRUCTURED = ("json_schema", "grammar", "regex", "choice")  # GenerationConfig's structured-output fields
 
 
 @dataclass(frozen=True)
@@ -82,11 +84,17 @@ class GenerationConfig:
     return_logprobs: bool = False
     top_logprobs: int = 0  # with return_logprobs: also the k most likely tokens of each position
     prefill_chunk: int | None = None
-    # structured output (runtime/structured.py): the reply is JSON that this JSON schema accepts (a mapping or its
-    # JSON text; {} or True: any JSON value), enforced token by token; kept as canonical JSON text
+    # structured output (runtime/structured.py), at most one of these, enforced token by token: the reply is JSON
+    # that this JSON schema accepts (a mapping or its JSON text; {} or True: any JSON value; kept as canonical JSON
+    # text),
     json_schema: str | None = None
-    # or a Lark grammar in llguidance's dialect (`%json {schema}` embeds one): what a forced tool call is held to
+    # or text of a grammar: Lark in llguidance's dialect (`%json {schema}` embeds a schema) or llama.cpp's GBNF
+    # (kept as Lark text); a forced tool call is held to one,
     grammar: str | None = None
+    # or text that this regular expression matches whole (Rust's regex syntax, as llguidance reads it),
+    regex: str | None = None
+    # or exactly one of these strings
+    choice: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         """Every field checked by type and range, so a bad value is one ConfigError naming it before any work."""
@@ -151,16 +159,24 @@ class GenerationConfig:
             if any(not isinstance(i, (int, np.integer)) or isinstance(i, (bool, np.bool_)) or i < 0 for i in ids):
                 raise ConfigError(f"eos_token_id must be a token id, a sequence of them or None, got {eos!r}")
             fix("eos_token_id", tuple(int(i) for i in ids) if many else int(ids[0]))
-        if self.json_schema is not None:
-            from mixtrt.runtime.structured import check_schema
+        given = [name for name in STRUCTURED if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"{' and '.join(given)}: give one of them (each constrains the whole reply)")
+        if given:
+            from mixtrt.runtime import structured
 
-            fix("json_schema", check_schema(self.json_schema))
-        if self.grammar is not None:
-            from mixtrt.runtime.structured import check_grammar
+            check = {"json_schema": structured.check_schema, "grammar": structured.check_grammar,
+                     "regex": structured.check_regex, "choice": structured.check_choice}[given[0]]
+            fix(given[0], check(getattr(self, given[0])))
 
-            if self.json_schema is not None:
-                raise ConfigError("grammar and json_schema: give one of them")
-            fix("grammar", check_grammar(self.grammar))
+    def constraint(self) -> tuple[str, str] | None:
+        """The structured-output constraint as runtime/structured.py's Guide takes it: (field name, its text; a
+        choice's as a JSON list), None without one."""
+        for name in STRUCTURED:
+            value = getattr(self, name)
+            if value is not None:
+                return name, json.dumps(list(value)) if name == "choice" else value
+        return None
 
     def eos_ids(self, args: ModelArgs) -> tuple[int, ...]:
         if self.eos_token_id is None:
@@ -175,9 +191,9 @@ class GenerationConfig:
                                       shown=None)):
             if message:
                 raise ConfigError(message)
-        if (self.json_schema is not None or self.grammar is not None) and not self.eos_ids(args):
-            name = "json_schema" if self.json_schema is not None else "grammar"
-            raise ConfigError(f"{name}: the reply ends with an eos id once the document is complete, and "
+        constraint = self.constraint()
+        if constraint is not None and not self.eos_ids(args):
+            raise ConfigError(f"{constraint[0]}: the reply ends with an eos id once its text is complete, and "
                               "eos_token_id=() (ignore_eos) leaves none")
 
 
@@ -496,7 +512,7 @@ class Engine:
         if fork_of is not None and (fork_of.prompt != list(prompt) or fork_of.config is not config or fork_of.history
                                     or keep or fork_of.keep):
             raise ConfigError("fork_of must be a row of the same prompt and config (not a kept row)")
-        row = Row(self._ids, list(prompt), config, self._sampler(config, sample_index, prompt),
+        row = Row(self._ids, list(prompt), config, self._sampler(config, sample_index, prompt, not continuation),
                   primed_stream(self.tokenizer, prompt), _StopText(config.stop_strings),
                   None if continuation else _Lead(self.tokenizer), keep,
                   time.perf_counter() if t0 is None else t0, name, fork_of=fork_of)
@@ -566,22 +582,23 @@ class Engine:
             raise ConfigError(f"{name} has {n} tokens, which leaves no room for a new token: {why}" if room else
                               f"{name} has {n} tokens, more than the {limit} a row holds: {why}")
 
-    def _sampler(self, cfg: GenerationConfig, index: int, seen: Sequence[int]) -> Sampler:
+    def _sampler(self, cfg: GenerationConfig, index: int, seen: Sequence[int], new_message: bool = True) -> Sampler:
         args = self.backend.args
         return Sampler(args.vocab_size, do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.top_k,
                        top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
                        row=index, prompt_ids=seen, min_new_tokens=cfg.min_new_tokens, eos_ids=cfg.eos_ids(args),
                        presence_penalty=cfg.presence_penalty, frequency_penalty=cfg.frequency_penalty,
-                       logit_bias=dict(cfg.logit_bias), guide=self._guide(cfg))
+                       logit_bias=dict(cfg.logit_bias), guide=self._guide(cfg, new_message))
 
-    def _guide(self, cfg: GenerationConfig) -> Any:
-        """A row's structured-output constraint (runtime/structured.py JsonGuide), None without a json_schema."""
-        if cfg.json_schema is None and cfg.grammar is None:
+    def _guide(self, cfg: GenerationConfig, new_message: bool) -> Any:
+        """A row's structured-output constraint (runtime/structured.py Guide), None without one."""
+        constraint = cfg.constraint()
+        if constraint is None:
             return None
-        from mixtrt.runtime.structured import JsonGuide
+        from mixtrt.runtime.structured import Guide
 
         args = self.backend.args
-        return JsonGuide(self.tokenizer, cfg.json_schema, cfg.eos_ids(args), args.vocab_size, cfg.grammar)
+        return Guide(self.tokenizer, constraint, cfg.eos_ids(args), args.vocab_size, new_message)
 
     # ---- the loop ------------------------------------------------------------------------------------
     def step(self, prefill_budget: int | None = None) -> list[EngineEvent]:
@@ -1123,12 +1140,14 @@ def _scored_ids(token_ids: Any) -> list[Any]:
 
 def _forced_plain(cfg: GenerationConfig, use: ToolUse | None, tool_choice: Any) -> GenerationConfig:
     """cfg with a forced call's grammar (ToolUse.grammar) in place of any json_schema: a forced tool_choice makes
-    the reply a call, which has no content for a response format to shape (OpenAI's rule; the server's too)."""
+    the reply a call, which has no content for a response format to shape (OpenAI's rule; the server's too). A
+    grammar, regex or choice asks for a reply of another form: refused."""
     if use is None or not use.forced:
         return cfg
-    if cfg.grammar is not None and cfg.grammar != use.grammar:
-        raise ConfigError(f"tool_choice={tool_choice!r} asks for a call, and grammar for a reply of its own form: "
-                          "give one of them")
+    for name in ("grammar", "regex", "choice"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) != use.grammar:
+            raise ConfigError(f"tool_choice={tool_choice!r} asks for a call, and {name} for a reply of its own form: "
+                              "give one of them")
     return dataclasses.replace(cfg, json_schema=None, grammar=use.grammar)
 
 

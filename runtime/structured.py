@@ -1,22 +1,25 @@
-"""Structured output: a reply constrained to JSON, or to JSON that a JSON schema accepts, token by token.
+"""Structured output: a reply constrained, token by token, to JSON that a JSON schema accepts, to a grammar (Lark in
+llguidance's dialect, or llama.cpp's GBNF), to a regular expression, or to one of a list of strings (vLLM's four).
 
-llguidance (the `structured` extra; vLLM's and SGLang's grammar engine) compiles the schema and, at each step,
-gives the set of tokens that keep the text a prefix of an accepted document; the sampler sets every other score
-to -inf before it chooses, so greedy and sampled rows alike write what the schema accepts (until a length limit or
-a stop string cuts them). JSON is written without free whitespace, with json.dumps' separators (", " and ": "):
-the form models read most, and a model cannot run off into whitespace.
+llguidance (the `structured` extra; vLLM's and SGLang's grammar engine) compiles the constraint and, at each step,
+gives the set of tokens that keep the text a prefix of an accepted one; the sampler sets every other score to -inf
+before it chooses, so greedy and sampled rows alike write what the constraint accepts (until a length limit or a
+stop string cuts them). JSON is written without free whitespace, with json.dumps' separators (", " and ": "): the
+form models read most, and a model cannot run off into whitespace.
 
     >>> from mixtrt.runtime.tokenizer import Tokenizer
     >>> schema = check_schema({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
-    >>> guide = JsonGuide(Tokenizer.load(), schema, eos_ids=[2])        # needs `pip install 'mixtrt[structured]'`
+    >>> guide = Guide(Tokenizer.load(), ("json_schema", schema), eos_ids=[2])  # needs mixtrt[structured]
     >>> pieces = {Tokenizer.load().id_to_piece(i) for i in np.nonzero(guide.allowed())[0]}   # the first token
     >>> "{" in pieces, "▁the" in pieces
     (True, False)
 
 The token table: each id's bytes as its text is decoded (sentencepiece: "▁" as a space, `<0xNN>` pieces as that
 byte; tekken: its byte piece), control tokens marked special (b"\\xff" + name, llguidance's convention), so they
-are never allowed inside the JSON. A sentencepiece reply's first piece carries a "▁" the decoded text drops (the
-dummy prefix): one space before the document is allowed for those tokenizers (JSON parsers skip it).
+are never allowed inside the text. A sentencepiece reply's first piece carries a "▁" that the decoded text of a new
+message drops (the dummy prefix): one space before the constrained text is allowed there, so the model may write its
+first word as it would (the text is still exactly what the constraint accepts). A row whose text continues its
+prompt (a completion) keeps that space, so there the constrained text starts at once.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np
 
 from mixtrt.runtime.errors import ConfigError, GuideError
 from mixtrt.runtime.extras import require
+from mixtrt.runtime.prompts import check_text
 from mixtrt.runtime.tool_calls import NAME
 
 # the JSON compiler's options: json.dumps' separators, no free whitespace
@@ -58,7 +62,7 @@ def check_schema(schema: Any, where: str = "json_schema") -> str:
         text = json.dumps(schema, ensure_ascii=False, allow_nan=False)  # key order kept: the order keys are written
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: the schema is not JSON ({e})") from None
-    _enforceable(_grammar(text, lead_space=False), where, "schema")
+    _enforceable(_lark("json_schema", text, lead_space=False), where, "schema")
     return text
 
 
@@ -121,10 +125,31 @@ def _known(value: Mapping[str, Any], keys: set[str], where: str) -> None:
             raise ConfigError(f"{where}: unknown field {key!r}")
 
 
-def _grammar(schema_text: str, lead_space: bool) -> str:
-    """llguidance's grammar of the schema (a Lark grammar embedding the JSON), with an optional leading space."""
-    body = json_rule(json.loads(schema_text))
-    return f'start: " "? json_value\njson_value: {body}' if lead_space else f"start: {body}"
+KINDS = ("json_schema", "grammar", "regex", "choice")  # a constraint: (kind, its text: check_*'s; a choice's JSON)
+# the first line of a grammar that writes its own space in front (a named tool call's arguments after the forced
+# `"arguments":`): no lead space is put before it
+OWN_SPACE = "// its own leading space\n"
+
+
+def _lark(kind: str, text: str, lead_space: bool) -> str:
+    """llguidance's grammar of a constraint, with an optional leading space in front (see the module's doc)."""
+    if kind == "grammar":
+        if not lead_space or text.startswith(OWN_SPACE):
+            return text
+        # the client's grammar kept whole (its own start rule) as a named part of llguidance's multi-grammar form
+        return json.dumps({"grammars": [{"lark_grammar": 'start: " "? @reply'},
+                                        {"name": "reply", "lark_grammar": text}]})
+    if kind == "json_schema":
+        body = json_rule(json.loads(text))
+    elif kind == "regex":
+        import llguidance
+
+        body = f"/{llguidance.regex_to_lark(text)}/"
+    elif kind == "choice":
+        body = " | ".join(json.dumps(c) for c in json.loads(text))
+    else:
+        raise ValueError(f"unknown structured-output kind {kind!r}")
+    return f'start: " "? reply\nreply: {body}' if lead_space else f"start: {body}"
 
 
 def _llguidance(what: str) -> None:
@@ -136,7 +161,8 @@ class _Table:
     tokenize callable whose tokens' bytes join to exactly its input (no dummy prefix)."""
 
     def __init__(self, tokenizer: Any, where: str) -> None:
-        self.tokens, self.special_token_ids, self._encode, self.lead_space = _token_table(tokenizer, where)
+        self.tokens, self.special_token_ids, self._encode, self.lead_space, space = _token_table(tokenizer, where)
+        self.space_bytes = np.array(space, np.int64)
         self.eos_token_id = int(getattr(tokenizer, "eos_id", 2))
         self.bos_token_id = int(getattr(tokenizer, "bos_id", 1))
 
@@ -146,8 +172,9 @@ class _Table:
         return self._encode(text)
 
 
-def _token_table(tokenizer: Any, where: str) -> tuple[list[bytes], list[int], Any, bool]:
-    """(bytes per id, special ids, tokenize without a dummy prefix, whether the tokenizer has a dummy prefix)."""
+def _token_table(tokenizer: Any, where: str) -> tuple[list[bytes], list[int], Any, bool, list[int]]:
+    """(bytes per id, special ids, tokenize without a dummy prefix, whether the tokenizer has a dummy prefix, the
+    ids of a space as a byte piece: text the decode keeps, unlike the dummy prefix's "▁")."""
     from mixtrt.runtime.tokenizer import Tokenizer
 
     raw = getattr(tokenizer, "_raw", None)
@@ -155,7 +182,7 @@ def _token_table(tokenizer: Any, where: str) -> tuple[list[bytes], list[int], An
         specials = list(range(int(raw.num_special_tokens)))
         tokens = [b"\xff" + raw.id_to_piece(i).encode() if i < len(specials) else bytes(raw.id_to_byte_piece(i))
                   for i in range(int(tokenizer.vocab_size))]
-        return tokens, specials, lambda s: [int(i) for i in raw.encode(s, bos=False, eos=False)], False
+        return tokens, specials, lambda s: [int(i) for i in raw.encode(s, bos=False, eos=False)], False, []
     text = getattr(tokenizer, "_text", None) or getattr(tokenizer, "text", None) or tokenizer
     if not isinstance(text, Tokenizer):
         raise ConfigError(f"{where}: structured output reads the tokenizer's pieces, and {type(tokenizer).__name__} "
@@ -163,7 +190,7 @@ def _token_table(tokenizer: Any, where: str) -> tuple[list[bytes], list[int], An
     from mixtrt.runtime.jinja_tokenizer import _SP_USER_DEFINED, _without_dummy_prefix
 
     plain, types, dummy_prefix = _without_dummy_prefix(text.path)
-    tokens, specials = [], []
+    tokens, specials, space = [], [], []
     for i in range(plain.get_piece_size()):
         piece = plain.id_to_piece(i)
         # user-defined pieces are Mistral's bracketed specials ([REFERENCE_DOC_0], [control_8], ...): never JSON text
@@ -172,6 +199,8 @@ def _token_table(tokenizer: Any, where: str) -> tuple[list[bytes], list[int], An
             specials.append(i)
         elif plain.is_byte(i):
             tokens.append(bytes([int(piece[3:5], 16)]))
+            if tokens[-1] == b" ":
+                space.append(i)
         else:
             tokens.append(piece.replace("\u2581", " ").encode())
     for token in getattr(tokenizer, "added_tokens", ()):  # a template's added tokens: single special ids
@@ -182,66 +211,100 @@ def _token_table(tokenizer: Any, where: str) -> tuple[list[bytes], list[int], An
             specials.append(token.id)
     while len(tokens) < int(getattr(tokenizer, "vocab_size", len(tokens))):
         tokens.append(b"")
-    return tokens, specials, lambda s: [int(i) for i in plain.encode(s)], dummy_prefix
+    return tokens, specials, lambda s: [int(i) for i in plain.encode(s)], dummy_prefix, space
 
 
 _TABLES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
-def _tokenizer(tokenizer: Any, where: str = "json_schema") -> tuple[Any, bool, int, dict[tuple[str, str | None], Any]]:
-    """llguidance's tokenizer for ours (built once per tokenizer object: ~0.1-0.6 s), its lead-space rule, its eos id
-    and the compiled matchers of the schemas seen (each row gets a copy: compiling a large schema takes ms)."""
+def _tokenizer(tokenizer: Any, where: str = "json_schema"
+               ) -> tuple[Any, np.ndarray | None, int, dict[tuple[str, str, bool], Any]]:
+    """llguidance's tokenizer for ours (built once per tokenizer object: ~0.1-0.6 s), its lead-space rule (None: no
+    dummy prefix; else the ids that must not write that space: a lone space's byte pieces), its eos id and the
+    compiled matchers of the constraints seen (each row gets a copy: compiling a large schema takes ms)."""
     with _LOCK:
         found = _TABLES.get(tokenizer)
         if found is None:
             import llguidance
 
             table = _Table(tokenizer, where)
-            found = (llguidance.LLTokenizer(llguidance.TokenizerWrapper(table)), table.lead_space,
+            found = (llguidance.LLTokenizer(llguidance.TokenizerWrapper(table)),
+                     table.space_bytes if table.lead_space else None,
                      table.eos_token_id, {})
             _TABLES[tokenizer] = found
         return found
 
 
-def prepare(tokenizer: Any, schema_text: str) -> None:
-    """Build the tokenizer's table and the schema's matcher now (a server does it on the request's thread, so the
-    engine loop never stalls on it); JsonGuide then copies the compiled matcher."""
-    _matcher(tokenizer, schema_text)
+def prepare(tokenizer: Any, constraint: tuple[str, str], new_message: bool = True) -> None:
+    """Build the tokenizer's table and the constraint's matcher now (a server does it on the request's thread, so
+    the engine loop never stalls on it); Guide then copies the compiled matcher."""
+    _matcher(tokenizer, constraint, new_message)
 
 
-_MATCHERS_KEPT = 32  # compiled schemas kept per tokenizer
+_MATCHERS_KEPT = 32  # compiled constraints kept per tokenizer
+_NOUNS = {"json_schema": "schema", "grammar": "grammar", "regex": "regular expression", "choice": "choice"}
 
 
-def _matcher(tokenizer: Any, schema_text: str | None, grammar: str | None = None) -> tuple[Any, int]:
-    """A fresh matcher for the schema, or for a Lark grammar (a copy of the compiled one), and llguidance's eos."""
+def _matcher(tokenizer: Any, constraint: tuple[str, str], new_message: bool) -> tuple[Any, int, np.ndarray | None]:
+    """A fresh matcher for the constraint (a copy of the compiled one), llguidance's eos, and where a lead space is
+    allowed (the module's doc; new_message: the row's text drops a dummy-prefix space in front), the ids not allowed
+    first (a space as a byte piece, which the decode keeps)."""
+    kind, text = constraint
     _llguidance("structured output")
     import llguidance
 
-    lltok, lead_space, eos, compiled = _tokenizer(tokenizer, "grammar" if grammar is not None else "json_schema")
-    key = ("grammar", grammar) if grammar is not None else ("schema", schema_text)
+    lltok, space_bytes, eos, compiled = _tokenizer(tokenizer, kind)
+    key = (kind, text, space_bytes is not None and new_message)
     with _LOCK:
         proto = compiled.get(key)
     if proto is None:
-        assert grammar is not None or schema_text is not None
-        text = grammar if grammar is not None else _grammar(str(schema_text), lead_space)
-        proto = llguidance.LLMatcher(lltok, text, log_level=0)
+        proto = llguidance.LLMatcher(lltok, _lark(kind, text, key[2]), log_level=0)
         if proto.is_error():
-            what = "grammar: the grammar" if grammar is not None else "json_schema: the schema"
-            raise ConfigError(f"{what} cannot be enforced: {_said(proto.get_error())}")
+            raise ConfigError(f"{kind}: the {_NOUNS[kind]} cannot be enforced: {_said(proto.get_error())}")
         with _LOCK:
             if len(compiled) >= _MATCHERS_KEPT:
                 compiled.pop(next(iter(compiled)))
             compiled[key] = proto
-    return proto.deep_copy(), eos
+    return proto.deep_copy(), eos, space_bytes if key[2] else None
 
 
 def check_grammar(grammar: Any, where: str = "grammar") -> str:
-    """A Lark grammar in llguidance's dialect (`%json {schema}` embeds a schema), checked to compile."""
+    """A grammar as Lark text in llguidance's dialect, checked to compile: Lark (a `start` rule; `%json {schema}`
+    embeds a schema) or llama.cpp's GBNF (a `root` rule), which is converted (llguidance's converter)."""
     if not isinstance(grammar, str) or not grammar.strip():
-        raise ConfigError(f"{where}: a grammar must be non-empty text (Lark, llguidance's dialect)")
-    _enforceable(grammar, where, "grammar")
-    return grammar
+        raise ConfigError(f"{where}: a grammar must be non-empty text (Lark with a start rule, or GBNF with a root "
+                          "rule)")
+    _llguidance(where)
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    try:
+        lark = any_to_lark(grammar)
+    except Exception as e:  # the converter's own error type and wording
+        raise ConfigError(f"{where}: neither Lark (no start rule) nor GBNF: {_said(str(e))}") from None
+    _enforceable(lark, where, "grammar")
+    return lark
+
+
+def check_regex(pattern: Any, where: str = "regex") -> str:
+    """A regular expression (Rust's regex syntax, as vLLM's llguidance backend takes it; anchored: the whole reply
+    matches), checked to compile."""
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigError(f"{where}: a regular expression must be non-empty text")
+    check_text(pattern, where)
+    _enforceable(_lark("regex", pattern, lead_space=False), where, "regular expression")
+    return pattern
+
+
+def check_choice(choices: Any, where: str = "choice") -> tuple[str, ...]:
+    """A list of strings, the reply exactly one of them, as a tuple."""
+    if isinstance(choices, (str, bytes)) or not isinstance(choices, (list, tuple)) or not choices or \
+            any(not isinstance(c, str) or not c for c in choices):
+        raise ConfigError(f"{where}: must be a non-empty list of non-empty strings, got {choices!r}"[:300])
+    for i, choice in enumerate(choices):
+        check_text(choice, f"{where}[{i}]")
+    _enforceable(_lark("choice", json.dumps(list(choices)), lead_space=False), where, "choice")
+    return tuple(choices)
 
 
 @functools.lru_cache(maxsize=64)
@@ -258,20 +321,22 @@ def json_rule(schema: Mapping[str, Any]) -> str:
     return f"%json {json.dumps({**schema, 'x-guidance': _OPTIONS})}"
 
 
-class JsonGuide:
-    """One row's constraint: `allowed()` the tokens the schema allows next (a bool mask [V]; the eos ids once the
-    document is complete), `consume(token)` after each choice."""
+class Guide:
+    """One row's constraint: `allowed()` the tokens the constraint allows next (a bool mask [V]; the eos ids once the
+    text is complete), `consume(token)` after each choice."""
 
-    def __init__(self, tokenizer: Any, schema_text: str | None, eos_ids: Iterable[int], vocab_size: int | None = None,
-                 grammar: str | None = None) -> None:
-        """schema_text: check_schema's; or grammar: a Lark grammar (check_grammar's), for what a schema cannot say
-        (a tool call's form: runtime/tool_calls.py)."""
-        self.matcher, tokenizer_eos = _matcher(tokenizer, schema_text, grammar)
+    def __init__(self, tokenizer: Any, constraint: tuple[str, str], eos_ids: Iterable[int],
+                 vocab_size: int | None = None, new_message: bool = True) -> None:
+        """constraint: (kind, text) as GenerationConfig.constraint gives it (KINDS; the text check_schema's,
+        check_grammar's, check_regex's, or a choice's JSON list). new_message: the row's text is a new message's
+        (False: it continues the prompt's, and the constrained text starts at once)."""
+        self.kind = constraint[0]
+        self.matcher, tokenizer_eos, self.not_first = _matcher(tokenizer, constraint, new_message)
         self.vocab = int(vocab_size if vocab_size is not None else tokenizer.vocab_size)
         self.eos_ids = frozenset(int(t) for t in eos_ids if 0 <= int(t) < self.vocab)
         if not self.eos_ids:
-            raise ConfigError("json_schema: the reply ends with an eos id once the document is complete, and the "
-                              "row has none (eos_token_id=(), ignore_eos)")
+            raise ConfigError(f"{self.kind}: the reply ends with an eos id once its text is complete, and the row "
+                              "has none (eos_token_id=(), ignore_eos)")
         self.eos = np.array(sorted(self.eos_ids), np.int64)
         # llguidance ends a document with the tokenizer's eos: only the row's own eos ids may end it
         self.foreign_eos = tokenizer_eos if tokenizer_eos not in self.eos_ids and tokenizer_eos < self.vocab else None
@@ -296,6 +361,8 @@ class JsonGuide:
             mask = np.concatenate([mask, np.zeros(self.vocab - mask.size, bool)])
         if self.foreign_eos is not None:
             mask[self.foreign_eos] = False
+        if self.not_first is not None and self.consumed == 0 and self.not_first.size:
+            mask[self.not_first[self.not_first < mask.size]] = False
         if self.matcher.is_accepting():
             mask[self.eos] = True  # the document is complete: the row's own eos ids end it
         return mask

@@ -182,7 +182,9 @@ def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, parallel: bool
     # the chosen function's schema matters)
     start = tokenizer.encode(f'[{{"name": {json.dumps(name)}, "arguments":', bos=False)
     [n] = [n for n, t in enumerate(offered) if t["function"]["name"] == name]
-    grammar = "\n".join([f'start: " " args{n} id "}}]"', *_call_rules(offered, where, only=n)])
+    from mixtrt.runtime.structured import OWN_SPACE
+
+    grammar = OWN_SPACE + "\n".join([f'start: " " args{n} id "}}]"', *_call_rules(offered, where, only=n)])
     return offered, ToolUse(tokens, (tokens.calls, *start), False, names, _checked_grammar(grammar, where))
 
 
@@ -218,9 +220,10 @@ def _object_schema(params: Any, where: str) -> dict[str, Any]:
 
 
 def _calls_grammar(offered: list[dict[str, Any]], parallel: bool, where: str) -> str:
-    """What follows a forced [TOOL_CALLS] in the JSON-list form: a list of calls (one with parallel False)."""
+    """What follows a forced [TOOL_CALLS] in the JSON-list form: a list of calls (one with parallel False). A
+    sentencepiece "▁[" in front is the guide's lead space (runtime/structured.py)."""
     more = ' ("," " " call)*' if parallel else ""
-    return _checked_grammar("\n".join([f'start: " "? "[" call{more} "]"', *_call_rules(offered, where)]), where)
+    return _checked_grammar("\n".join([f'start: "[" call{more} "]"', *_call_rules(offered, where)]), where)
 
 
 def _checked_grammar(grammar: str, where: str) -> str:

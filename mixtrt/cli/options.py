@@ -55,6 +55,15 @@ def add_sampling(p: argparse.ArgumentParser, heading: str | None = None) -> None
                         "'{}' for any JSON; llama.cpp's -j), needs mixtrt[structured]")
     g.add_argument("--json-schema-file", type=path, default=None, metavar="FILE",
                    help="as --json-schema, the schema read from FILE (llama.cpp's -jf)")
+    g.add_argument("--grammar", default=None, metavar="GRAMMAR",
+                   help="the reply is text this grammar accepts: llama.cpp's GBNF (a root rule) or Lark in "
+                        "llguidance's dialect (a start rule); needs mixtrt[structured]")
+    g.add_argument("--grammar-file", type=path, default=None, metavar="FILE",
+                   help="as --grammar, the grammar read from FILE (llama.cpp's --grammar-file)")
+    g.add_argument("--regex", default=None, metavar="REGEX",
+                   help="the reply is text this regular expression matches whole (Rust's regex syntax)")
+    g.add_argument("--choice", action="append", default=[], metavar="TEXT",
+                   help="the reply is exactly one of these texts (repeatable: --choice yes --choice no)")
     g.add_argument("--threads", type=threads, default=None,
                    help="onnxruntime intra-op threads, 1 .. the available cores (default: all of them)")
     g.add_argument("--no-verify", action="store_true",
@@ -128,23 +137,35 @@ def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]
         out["stop_strings"] = tuple(ns.stop)
     if ns.logit_bias:
         out["logit_bias"] = tuple(_bias_pair(text) for text in ns.logit_bias)
-    if ns.json_schema is not None and ns.json_schema_file is not None:
-        raise ConfigError("--json-schema and --json-schema-file: give one of them")
-    if ns.json_schema_file is not None:
-        try:
-            text = ns.json_schema_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--json-schema-file {ns.json_schema_file}: cannot read it "
-                              f"({getattr(e, 'strerror', None) or e})") from None
-        from mixtrt.runtime.structured import check_schema
-
-        out["json_schema"] = check_schema(text, f"--json-schema-file {ns.json_schema_file}")
-    elif ns.json_schema is not None:
-        out["json_schema"] = ns.json_schema
+    out.update(_constraint(ns))
     out.update(extra)
     with _named_by_flag():
         GenerationConfig(**out)
     return out
+
+
+def _constraint(ns: argparse.Namespace) -> dict[str, Any]:
+    """The structured-output flag given, as GenerationConfig's field (at most one: each constrains the whole
+    reply); a file's text read and checked here, so its errors name the file."""
+    from mixtrt.runtime import structured
+    from mixtrt.runtime.errors import ConfigError
+    from mixtrt.runtime.prompts import read_text_file
+
+    given = [flag for flag, value in (("--json-schema", ns.json_schema), ("--json-schema-file", ns.json_schema_file),
+                                      ("--grammar", ns.grammar), ("--grammar-file", ns.grammar_file),
+                                      ("--regex", ns.regex), ("--choice", ns.choice or None)) if value is not None]
+    if len(given) > 1:
+        raise ConfigError(f"{given[0]} and {given[1]}: give one of them (each constrains the whole reply)")
+    if ns.json_schema_file is not None:
+        where = f"--json-schema-file {ns.json_schema_file}"
+        return {"json_schema": structured.check_schema(read_text_file(ns.json_schema_file, "--json-schema-file"),
+                                                       where)}
+    if ns.grammar_file is not None:
+        where = f"--grammar-file {ns.grammar_file}"
+        return {"grammar": structured.check_grammar(read_text_file(ns.grammar_file, "--grammar-file"), where)}
+    return {name: value for name, value in (("json_schema", ns.json_schema), ("grammar", ns.grammar),
+                                            ("regex", ns.regex), ("choice", tuple(ns.choice) or None))
+            if value is not None}
 
 
 def generation_config(gen: Any, overrides: dict[str, Any]) -> Any:
@@ -185,7 +206,8 @@ def _bias_pair(text: str) -> tuple[int, float]:
 _FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
           "top_p": "--top-p", "seed": "--seed", "repetition_penalty": "--repetition-penalty", "stop_strings": "--stop",
           "min_p": "--min-p", "min_new_tokens": "--min-new-tokens", "presence_penalty": "--presence-penalty",
-          "frequency_penalty": "--frequency-penalty", "logit_bias": "--logit-bias", "json_schema": "--json-schema"}
+          "frequency_penalty": "--frequency-penalty", "logit_bias": "--logit-bias", "json_schema": "--json-schema",
+          "grammar": "--grammar", "regex": "--regex", "choice": "--choice"}
 
 
 def load_generator(ns: argparse.Namespace) -> Any:

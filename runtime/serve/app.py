@@ -20,6 +20,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -37,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from mixtrt.runtime.errors import BackendError, ConfigError
-from mixtrt.runtime.generation import EngineEvent, GenerationOutput, Generator
+from mixtrt.runtime.generation import STRUCTURED, EngineEvent, GenerationOutput, Generator
 from mixtrt.runtime.prompts import check_messages_text, check_text, normalize_prompts, outside_vocab
 from mixtrt.runtime.serve.logprobs import (
     TextOffsets,
@@ -59,7 +60,7 @@ from mixtrt.runtime.serve.protocol import (
     length_field,
     overrides,
     parse,
-    reply_schema,
+    reply_constraint,
 )
 from mixtrt.runtime.serve.scheduler import Cancelled, EngineLoop, NotAccepting, QueueFull
 from mixtrt.runtime.serve.scheduler import Request as EngineRequest
@@ -387,7 +388,7 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
     t0 = time.perf_counter()
     limits = loop.engine.limit()
     # parsing and tokenizing a big body would stall every stream, and so would compiling a schema: a thread
-    if len(raw) > INLINE_BODY_BYTES or b'"response_format"' in raw:
+    if len(raw) > INLINE_BODY_BYTES or _CONSTRAINED.search(raw):
         req, prompts, echo, tools = await asyncio.to_thread(_prepare, raw, model, gen, limits, s)
     else:
         req, prompts, echo, tools = _prepare(raw, model, gen, limits, s)
@@ -628,12 +629,14 @@ def _log_cancelled(call: _Call, cut: bool) -> None:
     _log(call)
 
 
+# a body that asks for structured output (its constraint compiled on the request's thread)
+_CONSTRAINED = re.compile(rb'"(response_format|structured_outputs|guided_[a-z]+|json_schema|grammar)"')
 INLINE_BODY_BYTES = 16 << 10  # a body up to this size is parsed and tokenized on the event loop (well under 10 ms)
 
 # the runtime's GenerationConfig names -> the request field a client set them with
 _PARAMS = {"max_new_tokens": "max_tokens", "stop_strings": "stop", "top_logprobs": "logprobs",
            "return_logprobs": "logprobs", "eos_token_id": "ignore_eos", "do_sample": "temperature",
-           "min_new_tokens": "min_tokens", "json_schema": "response_format"}
+           "min_new_tokens": "min_tokens"}
 
 
 def _check_model(requested: str, served: str) -> None:
@@ -666,18 +669,30 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
                               continue_final_message=req.continue_final_message)
             prompts = normalize_prompts([list(ids)], gen.tokenizer, vocab)
             echo = [""]
-            schema = reply_schema(req) if tools is None or not tools.forced else None
-            if schema is not None:  # the schema compiled here, not on the engine loop (each row copies it)
-                from mixtrt.runtime.structured import prepare
-
-                prepare(gen.tokenizer, schema)
+            constraint = reply_constraint(req)
+            if constraint is not None and tools is not None and tools.forced:
+                if constraint[1] != "json_schema":  # a JSON reply's form yields to the call (OpenAI's rule)
+                    raise ApiError(f"tool_choice: {json.dumps(req.tool_choice)} asks for a call, and {constraint[0]} "
+                                   "for a reply of its own form: give one of them", param=constraint[0].split(".")[0])
+                constraint = None
         else:
             prompts = normalize_prompts(req.prompt, gen.tokenizer, vocab)
             texts = req.prompt if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str) \
                 else [req.prompt] if isinstance(req.prompt, str) else None
             echo = [(texts[i] if texts else gen.tokenizer.decode(p)) if req.echo else "" for i, p in enumerate(prompts)]
+            constraint = reply_constraint(req)
     except ConfigError as e:
         raise ApiError(f"{field_name}: {e}", param=field_name) from None
+    if constraint is not None:  # compiled here, not on the engine loop (each row copies it)
+        from mixtrt.runtime.structured import prepare
+
+        try:
+            # a completion's text continues the prompt's (no dummy-prefix space to drop in front)
+            prepare(gen.tokenizer, (constraint[1], json.dumps(list(constraint[2])) if constraint[1] == "choice"
+                                    else constraint[2]), new_message=isinstance(req, ChatRequest))
+        except ConfigError as e:
+            raise ApiError(str(e).replace(constraint[1], constraint[0], 1), param=constraint[0].split(".")[0]
+                           ) from None
     limit, why = limits
     name, asked = length_field(req)
     score_only = _scores_only(req)  # adds no token: may fill the positions
@@ -715,6 +730,8 @@ def _config_error(e: ConfigError, req: CompletionRequest | ChatRequest) -> ApiEr
     """A GenerationConfig error in the client's terms: the request field it came from named, as `param` too."""
     message = str(e)
     name = message.split(" ", 1)[0].split("[", 1)[0].rstrip(":")
+    if name in STRUCTURED and (asked := reply_constraint(req)) is not None:  # named as the request asked for it
+        return ApiError(message.replace(name, asked[0], 1), param=asked[0].split(".")[0])
     if name not in _PARAMS and name not in type(req).model_fields:
         return ApiError(message)
     param = _PARAMS.get(name, name)

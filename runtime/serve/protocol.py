@@ -72,6 +72,22 @@ class StreamOptions(_Strict):
     include_obfuscation: bool = True  # OpenAI's padding against length side channels: accepted, none is added
 
 
+class StructuredOutputs(_Strict):
+    """vLLM's structured_outputs (its StructuredOutputsParams): one of json (a schema, or its JSON text), regex,
+    choice, grammar, json_object; its backend options at their neutral values."""
+
+    json_: Any = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_fallback: bool = False  # one backend: nothing to fall back to
+    disable_any_whitespace: bool = False  # the JSON is always written without free whitespace
+    disable_additional_properties: bool = False  # neutral only
+    whitespace_pattern: str | None = None  # neutral only
+    structural_tag: Any = None  # neutral only
+
+
 class _Sampling(_Strict):
     model: str | None = None
     max_tokens: Int | None = Field(None, ge=0)  # 0 only with echo (completions): the prompt scored, nothing generated
@@ -95,6 +111,17 @@ class _Sampling(_Strict):
     presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)  # OpenAI's, on generated tokens
     frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (a JSON key: a string) -> bias, -100..100
+    # structured output (runtime/structured.py), one of: OpenAI's response_format (text, json_object, json_schema),
+    response_format: dict[str, Any] | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's (json, regex, choice, grammar, json_object),
+    guided_json: Any = None  # vLLM's former names of those (before 0.12), which clients still send
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # a backend's name: ignored, there is one (llguidance)
+    guided_whitespace_pattern: str | None = None  # neutral only
+    json_schema: Any = None  # llama-server's: a JSON schema,
+    grammar: str | None = None  # or a grammar (GBNF, or llguidance's Lark)
     # vLLM's extras at their neutral values (the decode skips special tokens; stop strings are cut)
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -129,8 +156,6 @@ class ChatRequest(_Sampling):
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # false: a reply's first call only
-    # structured output: text, json_object or json_schema (runtime/structured.py)
-    response_format: dict[str, Any] | None = None
     # neutral values only (what agent frameworks and SDKs send by default): not stored
     store: bool | None = None
     service_tier: str | None = None
@@ -238,14 +263,22 @@ def _check_neutral(req: _Sampling) -> None:
         if req.suffix:
             raise ApiError("suffix is not supported (insertion)", param="suffix")
     if isinstance(req, ChatRequest):
-        if reply_schema(req) is not None and req.continue_final_message:  # checked here: a 400 before any work
-            raise ApiError("response_format: the reply would be a document of its own after the continued message's "
+        if req.continue_final_message and (asked := reply_constraint(req)) is not None:  # a 400 before any work
+            raise ApiError(f"{asked[0]}: the reply would be text of its own form after the continued message's "
                            "text (continue_final_message), not a continuation of it: give one of them",
-                           param="response_format")
+                           param=asked[0].split(".")[0])
         if req.store:
             raise ApiError("store is not supported (only false)", param="store")
         if req.service_tier not in (None, "auto", "default"):
             raise ApiError("service_tier is not supported (only \"auto\" or \"default\")", param="service_tier")
+    so = req.structured_outputs
+    for name, value in (("structured_outputs.disable_additional_properties", so and so.disable_additional_properties),
+                        ("structured_outputs.whitespace_pattern", so and so.whitespace_pattern),
+                        ("structured_outputs.structural_tag", so and so.structural_tag),
+                        ("guided_whitespace_pattern", req.guided_whitespace_pattern)):
+        if value:
+            raise ApiError(f"{name} is not supported (the JSON is written with json.dumps' separators, and "
+                           "additionalProperties as the schema says)", param=name.split(".")[0])
     for name in ("skip_special_tokens", "spaces_between_special_tokens"):
         if not getattr(req, name):
             raise ApiError(f"{name} is not supported (only true)", param=name)
@@ -303,14 +336,45 @@ def chat_messages(req: ChatRequest | TokenizeRequest, text_parts: bool = False) 
     return out
 
 
-def reply_schema(req: ChatRequest) -> str | None:
-    """The JSON schema response_format asks the reply to follow (runtime/structured.py), None for text."""
-    from mixtrt.runtime.structured import response_format_schema
+# where a request can ask for structured output: (its field, GenerationConfig's field)
+_CONSTRAINTS = (("response_format", "json_schema"), ("structured_outputs.json", "json_schema"),
+                ("structured_outputs.regex", "regex"), ("structured_outputs.choice", "choice"),
+                ("structured_outputs.grammar", "grammar"), ("structured_outputs.json_object", "json_schema"),
+                ("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                ("guided_grammar", "grammar"), ("json_schema", "json_schema"), ("grammar", "grammar"))
 
-    try:
-        return response_format_schema(req.response_format)
-    except ConfigError as e:
-        raise ApiError(str(e), param="response_format") from None
+
+def reply_constraint(req: CompletionRequest | ChatRequest) -> tuple[str, str, Any] | None:
+    """The structured output a request asks for, checked (runtime/structured.py): (the request's field, the
+    GenerationConfig field, its value), None for free text. A request names one: two are a 400."""
+    from mixtrt.runtime import structured
+
+    asked = []
+    for name, field in _CONSTRAINTS:
+        head, _, tail = name.partition(".")
+        value = getattr(req, head)
+        if tail and value is not None:
+            value = getattr(value, "json_" if tail == "json" else tail)
+        if value is None or (tail == "json_object" and value is False):
+            continue
+        try:
+            if name == "response_format":
+                value = structured.response_format_schema(value)
+                if value is None:  # {"type": "text"}
+                    continue
+            elif tail == "json_object":
+                value = structured.check_schema({"type": "object"}, name)
+            else:
+                check = {"json_schema": structured.check_schema, "grammar": structured.check_grammar,
+                         "regex": structured.check_regex, "choice": structured.check_choice}[field]
+                value = check(value, name)
+        except ConfigError as e:
+            raise ApiError(str(e), param=head) from None
+        asked.append((name, field, value))
+    if len(asked) > 1:
+        raise ApiError(f"{asked[0][0]} and {asked[1][0]}: give one of them (each constrains the whole reply)",
+                       param=asked[1][0].split(".")[0])
+    return asked[0] if asked else None
 
 
 def length_field(req: CompletionRequest | ChatRequest) -> tuple[str, int | None]:
@@ -362,8 +426,8 @@ def overrides(req: CompletionRequest | ChatRequest, max_tokens: int, default_tem
         out["stop_strings"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
     if req.ignore_eos:
         out["eos_token_id"] = ()
-    if isinstance(req, ChatRequest) and (schema := reply_schema(req)) is not None:
-        out["json_schema"] = schema
+    if (constraint := reply_constraint(req)) is not None:
+        out[constraint[1]] = constraint[2]
     k = req.logprobs if isinstance(req, CompletionRequest) else (req.top_logprobs or 0) if req.logprobs else None
     if k is not None:
         out["return_logprobs"] = True

@@ -219,7 +219,7 @@ def test_a_failed_guide_and_a_poisoned_prefill_in_one_mixed_step_both_fail(monke
                 raise GuideError(f"cannot go on after {self.n} tokens")
             self.n += 1
 
-    monkeypatch.setattr(Engine, "_guide", lambda self, cfg: FailingGuide(2) if cfg.seed == 7 else None)
+    monkeypatch.setattr(Engine, "_guide", lambda self, cfg, new_message: FailingGuide(2) if cfg.seed == 7 else None)
     engine = Engine(PoisonedBackend(position=3, marker=7, capacity=64, windowed=False, mixed=True), ToyTokenizer(),
                     max_batch=3)
     guided = engine.add([1, 5, 9, 12], GenerationConfig(max_new_tokens=8, do_sample=True, seed=7, eos_token_id=()),

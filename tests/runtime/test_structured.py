@@ -15,7 +15,7 @@ from mixtrt.runtime.generation import GenerationConfig, Generator
 
 pytest.importorskip("llguidance", reason="structured output needs mixtrt[structured]")
 jsonschema = pytest.importorskip("jsonschema", reason="the oracle: jsonschema comes with mixtrt[mistral]")
-from mixtrt.runtime.structured import JsonGuide, check_schema, response_format_schema  # noqa: E402
+from mixtrt.runtime.structured import Guide, check_schema, response_format_schema  # noqa: E402
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
           "properties": {"name": {"type": "string", "maxLength": 8},
@@ -51,7 +51,7 @@ def test_random_walks_write_what_the_schema_accepts(toks, kind, schema):
     tok = toks[kind]
     text = check_schema(SCHEMAS[schema])
     for seed in range(10):
-        guide, rng, ids = JsonGuide(tok, text, [tok.eos_id]), np.random.default_rng(seed), []
+        guide, rng, ids = Guide(tok, ("json_schema", text), [tok.eos_id]), np.random.default_rng(seed), []
         for _ in range(400):
             allowed = guide.allowed()
             logits = rng.standard_normal(allowed.size).astype(np.float32) * 3
@@ -86,7 +86,8 @@ def test_schema_features_readme_names(toks, feature):
     walk is accepted by the schema; an object's keys come in the schema's order."""
     tok, schema = toks["v1"], FEATURES[feature]
     for seed in range(6):
-        guide, rng, ids = JsonGuide(tok, check_schema(schema), [tok.eos_id]), np.random.default_rng(seed), []
+        guide = Guide(tok, ("json_schema", check_schema(schema)), [tok.eos_id])
+        rng, ids = np.random.default_rng(seed), []
         while len(ids) < 300:
             allowed = guide.allowed()
             token = int(np.argmax(np.where(allowed, rng.standard_normal(allowed.size), -np.inf)))

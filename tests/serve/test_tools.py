@@ -214,6 +214,23 @@ def test_tool_choice_forces_a_call(tool_server, tool_gen):
         assert [json.loads(t.function.arguments) for d in deltas for t in d.tool_calls or []] == [{"city": "Paris"}]
 
 
+def test_a_forced_call_refuses_a_reply_of_another_form(tool_server, tool_gen):
+    """tool_choice "required" makes the reply a call: a regex / choice / grammar for the reply is refused naming it,
+    in Python and in the server (a JSON response format yields to the call: OpenAI's rule)."""
+    from mixtrt.runtime.errors import ConfigError
+
+    pytest.importorskip("llguidance", reason="forced calls and structured output need mixtrt[structured]")
+    for name, value in (("regex", "[a-z]+"), ("choice", ("a", "b")), ("grammar", 'start: "x"')):
+        with pytest.raises(ConfigError, match=rf"asks for a call, and {name} for a reply of its own form"):
+            tool_gen.chat(MESSAGES, tools=TOOLS, tool_choice="required", max_new_tokens=5, **{name: value})
+    for extra, param in (({"structured_outputs": {"regex": "[a-z]+"}}, "structured_outputs"),
+                         ({"guided_choice": ["a", "b"]}, "guided_choice"), ({"grammar": 'root ::= "x"'}, "grammar")):
+        r = tool_server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": TOOLS,
+                                                                "tool_choice": "required", **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert "asks for a call" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("body, param, message", [
     ({"tool_choice": {"type": "function", "function": {"name": "get_news"}}}, "tool_choice",
      "the function 'get_news' is not one of the tools given"),
