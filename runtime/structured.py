@@ -16,10 +16,12 @@ form models read most, and a model cannot run off into whitespace.
 
 The token table: each id's bytes as its text is decoded (sentencepiece: "▁" as a space, `<0xNN>` pieces as that
 byte; tekken: its byte piece), control tokens marked special (b"\\xff" + name, llguidance's convention), so they
-are never allowed inside the text. A sentencepiece reply's first piece carries a "▁" that the decoded text of a new
-message drops (the dummy prefix): one space before the constrained text is allowed there, so the model may write its
-first word as it would (the text is still exactly what the constraint accepts). A row whose text continues its
-prompt (a completion) keeps that space, so there the constrained text starts at once.
+are never allowed inside the text. The text of a new message (chat, generate()'s default) on a sentencepiece
+tokenizer is its pieces' with the first piece's "▁" dropped (the dummy prefix), so the grammar is put after one
+space (`start: " " reply`) and, at the first step, a "▁" piece is matched as it is while any other token (a byte
+piece, a piece without "▁") is matched after that space (a copy of the matcher fed a lone space): the model may write
+its first word as it would, and the text is exactly what the constraint accepts. A row whose text continues its
+prompt (a completion) keeps that space in its text, so there the constrained text starts at once.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import re
 import threading
 import weakref
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,6 +55,8 @@ def check_schema(schema: Any, where: str = "json_schema") -> str:
             schema = json.loads(schema)
         except ValueError as e:
             raise ConfigError(f"{where}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise ConfigError(f"{where}: nested too deeply to read") from None
     if schema is True:
         schema = {}
     if not isinstance(schema, Mapping):
@@ -62,6 +67,8 @@ def check_schema(schema: Any, where: str = "json_schema") -> str:
         text = json.dumps(schema, ensure_ascii=False, allow_nan=False)  # key order kept: the order keys are written
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: the schema is not JSON ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: the schema is nested too deeply") from None
     _enforceable(_lark("json_schema", text, lead_space=False), where, "schema")
     return text
 
@@ -109,7 +116,7 @@ def response_format_schema(value: Any, where: str = "response_format") -> str | 
         raise ConfigError(f"{where}.type: must be \"text\", \"json_object\" or \"json_schema\", got {kind!r}")
     spec = value.get("json_schema")
     if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
-        raise ConfigError(f"{where}.json_schema: must be an object with a name and a schema")
+        raise ConfigError(f"{where}.json_schema: must be an object with a name (and a schema)")
     _known(spec, {"name", "schema", "strict", "description"}, f"{where}.json_schema")
     if not NAME.fullmatch(spec["name"]):  # OpenAI's rule for a response format's name, as for a function's
         raise ConfigError(f"{where}.json_schema.name: must be 1-64 letters, digits, '_' or '-', got {spec['name']!r}")
@@ -125,35 +132,56 @@ def _known(value: Mapping[str, Any], keys: set[str], where: str) -> None:
             raise ConfigError(f"{where}: unknown field {key!r}")
 
 
-KINDS = ("json_schema", "grammar", "regex", "choice")  # a constraint: (kind, its text: check_*'s; a choice's JSON)
 # the first line of a grammar that writes its own space in front (a named tool call's arguments after the forced
 # `"arguments":`): no lead space is put before it
 OWN_SPACE = "// its own leading space\n"
 
 
 def _lark(kind: str, text: str, lead_space: bool) -> str:
-    """llguidance's grammar of a constraint, with an optional leading space in front (see the module's doc)."""
+    """llguidance's grammar of a constraint, after one space where the row's text drops one (the module's doc)."""
     if kind == "grammar":
-        if not lead_space or text.startswith(OWN_SPACE):
+        if not lead_space:
             return text
         # the client's grammar kept whole (its own start rule) as a named part of llguidance's multi-grammar form
-        return json.dumps({"grammars": [{"lark_grammar": 'start: " "? @reply'},
+        return json.dumps({"grammars": [{"lark_grammar": 'start: " " @reply'},
                                         {"name": "reply", "lark_grammar": text}]})
     if kind == "json_schema":
         body = json_rule(json.loads(text))
     elif kind == "regex":
-        import llguidance
-
-        body = f"/{llguidance.regex_to_lark(text)}/"
-    elif kind == "choice":
-        body = " | ".join(json.dumps(c) for c in json.loads(text))
+        body = f"/{llguidance_regex(text)}/"
+    elif kind == "choice":  # one regex, not Lark alternatives: llguidance's parser takes at most 2,000 of those
+        body = f"/{llguidance_regex('(?:' + '|'.join(_escaped(c) for c in json.loads(text)) + ')')}/"
     else:
         raise ValueError(f"unknown structured-output kind {kind!r}")
-    return f'start: " "? reply\nreply: {body}' if lead_space else f"start: {body}"
+    return f'start: " " reply\nreply: {body}' if lead_space else f"start: {body}"
+
+
+def llguidance_regex(pattern: str) -> str:
+    """A regex as the body of a Lark regex terminal (its slashes escaped)."""
+    import llguidance
+
+    return str(llguidance.regex_to_lark(pattern))
+
+
+_META = set("\\.+*?()|[]{}^$#&-~")
+
+
+def _escaped(text: str) -> str:
+    """`text` as a regex (Rust's syntax) that matches it literally."""
+    return "".join("\\" + c if c in _META else c for c in text)
 
 
 def _llguidance(what: str) -> None:
     require("structured", what)
+
+
+@dataclass(frozen=True, eq=False)
+class Lead:
+    """A dummy-prefix tokenizer's first step: which ids are pieces whose "▁" a new message's text drops, and the id
+    of a lone space (the "▁" piece, else the space's byte piece) that the other ids are matched after."""
+
+    spaced: np.ndarray  # bool [ids]
+    space: int
 
 
 class _Table:
@@ -161,8 +189,7 @@ class _Table:
     tokenize callable whose tokens' bytes join to exactly its input (no dummy prefix)."""
 
     def __init__(self, tokenizer: Any, where: str) -> None:
-        self.tokens, self.special_token_ids, self._encode, self.lead_space, space = _token_table(tokenizer, where)
-        self.space_bytes = np.array(space, np.int64)
+        self.tokens, self.special_token_ids, self._encode, self.lead = _token_table(tokenizer, where)
         self.eos_token_id = int(getattr(tokenizer, "eos_id", 2))
         self.bos_token_id = int(getattr(tokenizer, "bos_id", 1))
 
@@ -172,9 +199,8 @@ class _Table:
         return self._encode(text)
 
 
-def _token_table(tokenizer: Any, where: str) -> tuple[list[bytes], list[int], Any, bool, list[int]]:
-    """(bytes per id, special ids, tokenize without a dummy prefix, whether the tokenizer has a dummy prefix, the
-    ids of a space as a byte piece: text the decode keeps, unlike the dummy prefix's "▁")."""
+def _token_table(tokenizer: Any, where: str) -> tuple[list[bytes], list[int], Any, Lead | None]:
+    """(bytes per id, special ids, tokenize without a dummy prefix, the lead: None without a dummy prefix)."""
     from mixtrt.runtime.tokenizer import Tokenizer
 
     raw = getattr(tokenizer, "_raw", None)
@@ -182,7 +208,7 @@ def _token_table(tokenizer: Any, where: str) -> tuple[list[bytes], list[int], An
         specials = list(range(int(raw.num_special_tokens)))
         tokens = [b"\xff" + raw.id_to_piece(i).encode() if i < len(specials) else bytes(raw.id_to_byte_piece(i))
                   for i in range(int(tokenizer.vocab_size))]
-        return tokens, specials, lambda s: [int(i) for i in raw.encode(s, bos=False, eos=False)], False, []
+        return tokens, specials, lambda s: [int(i) for i in raw.encode(s, bos=False, eos=False)], None
     text = getattr(tokenizer, "_text", None) or getattr(tokenizer, "text", None) or tokenizer
     if not isinstance(text, Tokenizer):
         raise ConfigError(f"{where}: structured output reads the tokenizer's pieces, and {type(tokenizer).__name__} "
@@ -190,7 +216,7 @@ def _token_table(tokenizer: Any, where: str) -> tuple[list[bytes], list[int], An
     from mixtrt.runtime.jinja_tokenizer import _SP_USER_DEFINED, _without_dummy_prefix
 
     plain, types, dummy_prefix = _without_dummy_prefix(text.path)
-    tokens, specials, space = [], [], []
+    tokens, specials, spaced, spaces = [], [], [], []
     for i in range(plain.get_piece_size()):
         piece = plain.id_to_piece(i)
         # user-defined pieces are Mistral's bracketed specials ([REFERENCE_DOC_0], [control_8], ...): never JSON text
@@ -200,9 +226,13 @@ def _token_table(tokenizer: Any, where: str) -> tuple[list[bytes], list[int], An
         elif plain.is_byte(i):
             tokens.append(bytes([int(piece[3:5], 16)]))
             if tokens[-1] == b" ":
-                space.append(i)
+                spaces.append(i)
         else:
             tokens.append(piece.replace("\u2581", " ").encode())
+            if piece.startswith("\u2581"):
+                spaced.append(i)
+                if piece == "\u2581":
+                    spaces.insert(0, i)
     for token in getattr(tokenizer, "added_tokens", ()):  # a template's added tokens: single special ids
         while len(tokens) <= token.id:
             tokens.append(b"")
@@ -211,7 +241,12 @@ def _token_table(tokenizer: Any, where: str) -> tuple[list[bytes], list[int], An
             specials.append(token.id)
     while len(tokens) < int(getattr(tokenizer, "vocab_size", len(tokens))):
         tokens.append(b"")
-    return tokens, specials, lambda s: [int(i) for i in plain.encode(s)], dummy_prefix, space
+    lead = None
+    if dummy_prefix and spaces:  # (without a lone space's token the text simply starts at once)
+        mask = np.zeros(len(tokens), bool)
+        mask[spaced] = True
+        lead = Lead(mask, spaces[0])
+    return tokens, specials, lambda s: [int(i) for i in plain.encode(s)], lead
 
 
 _TABLES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
@@ -219,18 +254,17 @@ _LOCK = threading.Lock()
 
 
 def _tokenizer(tokenizer: Any, where: str = "json_schema"
-               ) -> tuple[Any, np.ndarray | None, int, dict[tuple[str, str, bool], Any]]:
-    """llguidance's tokenizer for ours (built once per tokenizer object: ~0.1-0.6 s), its lead-space rule (None: no
-    dummy prefix; else the ids that must not write that space: a lone space's byte pieces), its eos id and the
-    compiled matchers of the constraints seen (each row gets a copy: compiling a large schema takes ms)."""
+               ) -> tuple[Any, Lead | None, int, dict[tuple[str, str, bool], Any]]:
+    """llguidance's tokenizer for ours (built once per tokenizer object: ~0.1-0.6 s), its lead (None: no dummy
+    prefix), its eos id and the compiled matchers of the constraints seen (each row gets a copy: compiling a large
+    schema takes ms)."""
     with _LOCK:
         found = _TABLES.get(tokenizer)
         if found is None:
             import llguidance
 
             table = _Table(tokenizer, where)
-            found = (llguidance.LLTokenizer(llguidance.TokenizerWrapper(table)),
-                     table.space_bytes if table.lead_space else None,
+            found = (llguidance.LLTokenizer(llguidance.TokenizerWrapper(table)), table.lead,
                      table.eos_token_id, {})
             _TABLES[tokenizer] = found
         return found
@@ -246,27 +280,40 @@ _MATCHERS_KEPT = 32  # compiled constraints kept per tokenizer
 _NOUNS = {"json_schema": "schema", "grammar": "grammar", "regex": "regular expression", "choice": "choice"}
 
 
-def _matcher(tokenizer: Any, constraint: tuple[str, str], new_message: bool) -> tuple[Any, int, np.ndarray | None]:
-    """A fresh matcher for the constraint (a copy of the compiled one), llguidance's eos, and where a lead space is
-    allowed (the module's doc; new_message: the row's text drops a dummy-prefix space in front), the ids not allowed
-    first (a space as a byte piece, which the decode keeps)."""
+def _matcher(tokenizer: Any, constraint: tuple[str, str], new_message: bool) -> tuple[Any, int, Lead | None]:
+    """A fresh matcher for the constraint (a copy of the compiled one), llguidance's eos, and the lead where the
+    row's text drops a dummy-prefix space in front (new_message on such a tokenizer: the module's doc)."""
     kind, text = constraint
     _llguidance("structured output")
     import llguidance
 
-    lltok, space_bytes, eos, compiled = _tokenizer(tokenizer, kind)
-    key = (kind, text, space_bytes is not None and new_message)
+    lltok, lead, eos, compiled = _tokenizer(tokenizer, kind)
+    key = (kind, text, lead is not None and new_message and not (kind == "grammar" and text.startswith(OWN_SPACE)))
     with _LOCK:
         proto = compiled.get(key)
     if proto is None:
         proto = llguidance.LLMatcher(lltok, _lark(kind, text, key[2]), log_level=0)
-        if proto.is_error():
-            raise ConfigError(f"{kind}: the {_NOUNS[kind]} cannot be enforced: {_said(proto.get_error())}")
+        problem = proto.get_error() if proto.is_error() else _first_token_problem(proto, eos)
+        if problem:
+            raise ConfigError(f"{kind}: the {_NOUNS[kind]} cannot be enforced: {_said(problem)}")
         with _LOCK:
             if len(compiled) >= _MATCHERS_KEPT:
                 compiled.pop(next(iter(compiled)))
             compiled[key] = proto
-    return proto.deep_copy(), eos, space_bytes if key[2] else None
+    return proto.deep_copy(), eos, lead if key[2] else None
+
+
+def _first_token_problem(proto: Any, eos: int) -> str:
+    """llguidance's limit error where a grammar cannot take its first token (thousands of alternatives in one rule:
+    at most 2,000 parser items a row), found by feeding copies a few allowed tokens (the first, middle and last
+    ids, eos aside); "" otherwise. A grammar whose other first tokens go past the limit fails at that token."""
+    ids = np.nonzero(np.unpackbits(np.frombuffer(proto.compute_bitmask(), np.uint8), bitorder="little"))[0]
+    ids = ids[ids != eos]
+    for i in sorted({0, ids.size // 2, ids.size - 1}) if ids.size else ():
+        probe = proto.deep_copy()
+        if not probe.consume_token(int(ids[i])) and "max is" in probe.get_error():
+            return str(probe.get_error().split("<state>")[0])
+    return ""
 
 
 def check_grammar(grammar: Any, where: str = "grammar") -> str:
@@ -292,6 +339,8 @@ def check_regex(pattern: Any, where: str = "regex") -> str:
     if not isinstance(pattern, str) or not pattern:
         raise ConfigError(f"{where}: a regular expression must be non-empty text")
     check_text(pattern, where)
+    if (len(pattern) - len(pattern.rstrip("\\"))) % 2:  # llguidance's converter would drop the lone backslash
+        raise ConfigError(f"{where}: the regular expression ends with an incomplete escape (a lone backslash)")
     _enforceable(_lark("regex", pattern, lead_space=False), where, "regular expression")
     return pattern
 
@@ -331,7 +380,14 @@ class Guide:
         check_grammar's, check_regex's, or a choice's JSON list). new_message: the row's text is a new message's
         (False: it continues the prompt's, and the constrained text starts at once)."""
         self.kind = constraint[0]
-        self.matcher, tokenizer_eos, self.not_first = _matcher(tokenizer, constraint, new_message)
+        self.matcher, tokenizer_eos, self.lead = _matcher(tokenizer, constraint, new_message)
+        # with a lead, until the first token: the matcher after a lone space (the module's doc; None where the
+        # constraint cannot go on after it: then only "▁" pieces, which fail on their own if it cannot go on at all)
+        self.unspaced = None
+        if self.lead is not None:
+            self.unspaced = self.matcher.deep_copy()
+            if not self.unspaced.consume_token(self.lead.space):
+                self.unspaced = None
         self.vocab = int(vocab_size if vocab_size is not None else tokenizer.vocab_size)
         self.eos_ids = frozenset(int(t) for t in eos_ids if 0 <= int(t) < self.vocab)
         if not self.eos_ids:
@@ -349,28 +405,53 @@ class Guide:
         why = why or _said(self.matcher.get_error().split("<state>")[0])[:200] or "the grammar refused the token"
         return GuideError(f"structured output cannot go on after {self.consumed} tokens: {why}")
 
-    def allowed(self) -> np.ndarray:
-        if self.matcher.is_error():  # never chosen from: a failed guide's row is cancelled (GuideError)
+    def _mask(self, matcher: Any) -> np.ndarray:
+        if matcher.is_error():  # never chosen from: a failed guide's row is cancelled (GuideError)
             raise self._cannot_go_on()
         try:
-            bits = np.frombuffer(self.matcher.compute_bitmask(), np.uint8)
+            bits = np.frombuffer(matcher.compute_bitmask(), np.uint8)
         except Exception as e:  # llguidance failing in its own code: this row's failure, not the batch's
             raise self._cannot_go_on(str(e)) from None
         mask = np.unpackbits(bits, bitorder="little", count=min(self.vocab, bits.size * 8)).view(bool)  # 0/1: no copy
         if mask.size < self.vocab:  # ids past the tokenizer's (a padded vocabulary) are never allowed
             mask = np.concatenate([mask, np.zeros(self.vocab - mask.size, bool)])
+        return mask
+
+    def _spaced(self) -> np.ndarray:
+        assert self.lead is not None
+        spaced = np.zeros(self.vocab, bool)
+        n = min(self.vocab, self.lead.spaced.size)
+        spaced[:n] = self.lead.spaced[:n]
+        return spaced
+
+    def _accepting(self) -> bool:
+        if self.lead is not None and self.consumed == 0:  # nothing written yet: the text so far is ""
+            return self.unspaced is not None and bool(self.unspaced.is_accepting())
+        return bool(self.matcher.is_accepting())
+
+    def allowed(self) -> np.ndarray:
+        mask = self._mask(self.matcher)
+        if self.lead is not None and self.consumed == 0:  # a "▁" piece as it is, any other after a lone space
+            spaced = self._spaced()
+            mask &= spaced
+            if self.unspaced is not None:
+                mask |= self._mask(self.unspaced) & ~spaced
         if self.foreign_eos is not None:
             mask[self.foreign_eos] = False
-        if self.not_first is not None and self.consumed == 0 and self.not_first.size:
-            mask[self.not_first[self.not_first < mask.size]] = False
-        if self.matcher.is_accepting():
+        if self._accepting():
             mask[self.eos] = True  # the document is complete: the row's own eos ids end it
         return mask
 
     def consume(self, token: int) -> None:
-        if self.ended or (int(token) in self.eos_ids and self.matcher.is_accepting()):
+        if self.ended or (int(token) in self.eos_ids and self._accepting()):
             self.ended = True
             return
+        if self.lead is not None and self.consumed == 0:
+            if not (0 <= int(token) < self.lead.spaced.size and self.lead.spaced[int(token)]):
+                if self.unspaced is None:
+                    raise self._cannot_go_on()
+                self.matcher = self.unspaced
+            self.unspaced = None
         try:
             taken = self.matcher.consume_token(int(token))
         except Exception as e:  # llguidance failing in its own code: this row's failure, not the batch's

@@ -417,9 +417,10 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
             if tools.grammar is not None:
                 asked["grammar"] = tools.grammar
         echo_only = _scores_only(req)
-        if echo_only:
+        if echo_only:  # nothing is generated: no length, minimum or constraint to apply
             asked["max_new_tokens"] = 1
-            asked.pop("min_new_tokens", None)
+            for name in ("min_new_tokens", *STRUCTURED):
+                asked.pop(name, None)
         config = gen.config(**asked)
     except ConfigError as e:
         raise _config_error(e, req) from None

@@ -374,6 +374,9 @@ def reply_constraint(req: CompletionRequest | ChatRequest) -> tuple[str, str, An
     if len(asked) > 1:
         raise ApiError(f"{asked[0][0]} and {asked[1][0]}: give one of them (each constrains the whole reply)",
                        param=asked[1][0].split(".")[0])
+    if req.structured_outputs is not None and not any(name.startswith("structured_outputs.") for name, _, _ in asked):
+        raise ApiError("structured_outputs: give one of json, regex, choice, grammar or json_object (vLLM's rule)",
+                       param="structured_outputs")
     return asked[0] if asked else None
 
 

@@ -36,7 +36,9 @@ BAD = [
     ("prefill_chunk", 0), ("prefill_chunk", "x"), ("prefill_chunk", 2.0),
     ("json_schema", 5), ("json_schema", "{"), ("json_schema", [1]), ("json_schema", {"x-guidance": {}}),
     ("json_schema", {"type": "integer", "minimum": "x"}), ("json_schema", {"enum": [math.nan]}),
-    ("grammar", ""), ("grammar", 5), ("grammar", "start: %%%"),
+    ("grammar", ""), ("grammar", 5), ("grammar", "start: %%%"), ("grammar", "root ::= ("),
+    ("regex", ""), ("regex", "("), ("regex", "a\\"), ("regex", 5),
+    ("choice", []), ("choice", "yes"), ("choice", ["a", 1]), ("choice", ["", "b"]),
 ]
 
 
@@ -120,7 +122,7 @@ def test_any_values_give_a_sane_config_or_one_config_error(values):
         [out] = Generator(ToyBackend(), ToyTokenizer()).generate([[1, 5]], dataclasses.replace(cfg, max_new_tokens=2))
     except ConfigError as e:
         # against a model: eos ids, chunks, and a schema or grammar on a tokenizer structured output cannot read
-        culprit = next((f for f in ("json_schema", "grammar") if str(e).startswith(f)), None)
+        culprit = next((f for f in ("json_schema", "grammar", "regex", "choice") if str(e).startswith(f)), None)
         one_line(e, culprit or ("eos_token_id" if "eos" in str(e) else "prefill_chunk"))
         return
     assert 1 <= out.stats.generated_tokens <= 2

@@ -216,12 +216,16 @@ def test_schemas_that_are_not_json_are_refused():
 
 
 def test_a_schema_past_llguidances_limits_fails_its_row_only(gen):
-    """A schema of 600 optional properties compiles, then goes past llguidance's limits on the first key: that row
-    is cancelled with a RowError naming it (and nothing of the schema), the row beside it goes on unchanged."""
+    """A schema with an object of 600 optional properties compiles, then goes past llguidance's limits where that
+    object opens: that row is cancelled with a RowError naming it (and nothing of the schema), the row beside it
+    goes on unchanged."""
     from mixtrt.runtime.errors import RowError
     from mixtrt.runtime.generation import Engine
 
-    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(600)}}
+    # past the limits after a short string (a schema that fails at its very first token is refused when compiled)
+    wide = {"type": "object", "required": ["a", "b"], "additionalProperties": False, "properties": {
+        "a": {"type": "string", "maxLength": 3},
+        "b": {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(600)}}}}
     prompts = [gen.tokenizer.encode("A:"), gen.tokenizer.encode("Hello there")]
     alone = gen.generate(prompts[1], max_new_tokens=12)[0].token_ids
     engine = Engine(gen.backend, gen.tokenizer, max_batch=2)

@@ -25,6 +25,8 @@ CHOICES = ["positive", "negative", "neutral", "très bien", "a\"b\\c", "neg"]
 CASES = {  # kind -> (constraint text, what Python's re accepts of the whole text)
     "regex": (r"[0-9]{3}-[A-Z][a-z]{1,5}( [a-z]{1,8})?", r"[0-9]{3}-[A-Z][a-z]{1,5}( [a-z]{1,8})?"),
     "choice": (json.dumps(CHOICES), "|".join(re.escape(c) for c in CHOICES)),
+    "spaced": (json.dumps([" A", "  B", "C d", " "]), r" A|  B|C d| "),  # a space in front is text too
+    "spaced_regex": (r" [a-z]{2,4}( [0-9])?", r" [a-z]{2,4}( [0-9])?"),
     "gbnf": (None, rf"{ITEM}(,{ITEM})*"),
     "lark": (None, rf"{ITEM}(,{ITEM})*"),
 }
@@ -40,7 +42,7 @@ def _constraint(kind):
         return "grammar", check_grammar(GBNF)
     if kind == "lark":
         return "grammar", check_grammar(LARK)
-    return kind, CASES[kind][0]
+    return {"spaced": "choice", "spaced_regex": "regex"}.get(kind, kind), CASES[kind][0]
 
 
 def _walk(tok, constraint, new_message, seed, steps=80):
@@ -55,17 +57,25 @@ def _walk(tok, constraint, new_message, seed, steps=80):
     pytest.fail(f"seed {seed}: no end in {steps} tokens: {tok.decode(ids)!r}")
 
 
+def _text(tok, ids, new_message):
+    """A new message's text (the decode of its ids alone), or a continuation's (what the ids add to a prompt's)."""
+    if new_message:
+        return tok.decode(ids)
+    before = tok.encode("Say:", bos=False)
+    return tok.decode(before + ids)[len(tok.decode(before)):]
+
+
 @pytest.mark.parametrize("kind", ["v1", "v3", "tekken"])
 @pytest.mark.parametrize("what", sorted(CASES))
 @pytest.mark.parametrize("new_message", [True, False])
 def test_random_walks_write_what_the_constraint_accepts(toks, kind, what, new_message):
     """Random logits masked by the guide, 8 seeds: every walk ends with text the constraint accepts whole. A new
-    message on a sentencepiece tokenizer may start with a "▁" piece (the decode drops that space); a continuation
-    never does, and tekken has no dummy prefix."""
+    message on a sentencepiece tokenizer may start with a "▁" piece (the decode drops that space: a constraint that
+    starts with a space needs one more); a continuation never does, and tekken has no dummy prefix."""
     tok, constraint = toks[kind], _constraint(what)
     for seed in range(8):
         ids = _walk(tok, constraint, new_message, seed)
-        text = tok.decode(ids)
+        text = _text(tok, ids, new_message)
         assert re.fullmatch(CASES[what][1], text), (seed, text, [tok.id_to_piece(i) for i in ids])
 
 
@@ -170,6 +180,21 @@ def test_forced_tool_calls_get_one_space_in_front(toks):
     for choice, opener in (("required", bracket), ({"type": "function", "function": {"name": "f"}}, brace)):
         _, use = tool_use(tok, tools, choice)
         guide = Guide(tok, ("grammar", use.grammar), [tok.eos_id], new_message=True)
-        assert guide.allowed()[opener] and guide.allowed()[lone]
-        guide.consume(lone)
-        assert not guide.allowed()[opener]  # " " + " {": two spaces
+        assert guide.allowed()[opener]
+        if choice == "required":  # "[" without the space, as tekken writes it, is the text after a lone space
+            assert guide.allowed()[tok.piece_id("[") if hasattr(tok, "piece_id") else tok.encode("[", bos=False)[-1]]
+        if guide.allowed()[lone]:
+            guide.consume(lone)
+            assert not guide.allowed()[opener]  # " " + " {": two spaces
+
+
+def test_thousands_of_choices_and_a_grammar_past_llguidances_limits(toks):
+    """5,000 choices (one regex) are served; a grammar of 5,000 alternatives, past llguidance's 2,000 items a row,
+    is one error naming it when its matcher is made (a server's 400), not a failure at the first token."""
+    tok = toks["v1"]
+    many = [f"option number {i}" for i in range(5000)]
+    text = tok.decode(_walk(tok, ("choice", json.dumps(many)), True, 0))
+    assert text in many
+    wide = check_grammar("root ::= " + " | ".join(f'"w{i}"' for i in range(5000)))
+    with pytest.raises(ConfigError, match=r"^grammar: the grammar cannot be enforced: .*max is 2000"):
+        Guide(tok, ("grammar", wide), [tok.eos_id])

@@ -81,17 +81,16 @@ def test_a_schema_that_fails_mid_reply_fails_its_request_only(server, generator)
     import threading
 
     wide = {"type": "json_schema", "json_schema": {"name": "wide", "schema": {
-        "type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(600)}}}}
+        "type": "object", "required": ["a", "b"], "additionalProperties": False, "properties": {
+            "a": {"type": "string", "maxLength": 3},
+            "b": {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(600)}}}}}}
     plain = {"model": "tiny", "prompt": "Hello there", "max_tokens": 40, "temperature": 0}
     alone = server.http.post("/v1/completions", json=plain).json()["choices"][0]["text"]
     got = {}
-    tok = generator.tokenizer  # no closing brace: the model writes a key, past llguidance's limits
-    no_close = {str(i): -100 for i in range(tok.vocab_size) if "}" in tok.id_to_piece(i)}
 
     def wide_request():
         got["wide"] = server.http.post("/v1/chat/completions", json={"messages": ASK, "response_format": wide,
-                                                                     "max_tokens": 40, "temperature": 0,
-                                                                     "logit_bias": no_close})
+                                                                     "max_tokens": 40, "temperature": 0})
 
     thread = threading.Thread(target=wide_request)
     thread.start()
@@ -194,6 +193,10 @@ def test_json_object_through_structured_outputs(server, generator):
      "structured_outputs.disable_additional_properties is not supported"),
     ({"structured_outputs": {"regex": "a", "bogus": 1}}, "structured_outputs.bogus",
      "unknown field 'structured_outputs.bogus'"),
+    ({"structured_outputs": {"disable_fallback": True}}, "structured_outputs",
+     "structured_outputs: give one of json, regex, choice, grammar or json_object"),
+    ({"grammar": "root ::= " + " | ".join(f'"w{i}"' for i in range(2500))}, "grammar",
+     "grammar: the grammar cannot be enforced"),
     ({"guided_regex": "[a-z]+", "ignore_eos": True}, "guided_regex",
      "guided_regex: the reply ends with an eos id once its text is complete"),
 ])
@@ -213,3 +216,16 @@ def test_neutral_backend_options_are_taken(server):
         "structured_outputs": {"choice": ["a", "b"], "disable_fallback": True, "disable_any_whitespace": True,
                                "disable_additional_properties": False}})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] in ("a", "b"), r.text
+
+
+def test_an_echo_without_generation_ignores_the_constraint(server):
+    """echo with max_tokens 0 scores the prompt and generates nothing: a constraint has nothing to shape (it was a
+    500 when the generated token's config kept it)."""
+    for stream in (False, True):
+        r = server.http.post("/v1/completions", json={"prompt": "Pick one", "echo": True, "max_tokens": 0,
+                                                      "logprobs": 1, "guided_choice": ["a", "b"], "stream": stream})
+        assert r.status_code == 200, r.text
+        if not stream:
+            assert r.json()["choices"][0]["text"] == "Pick one"
+        else:
+            assert "Pick one" in r.text and '"error"' not in r.text
