@@ -11,8 +11,8 @@ form models read most, and a model cannot run off into whitespace.
     >>> schema = check_schema({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
     >>> guide = Guide(Tokenizer.load(), ("json_schema", schema), eos_ids=[2])  # needs mixtrt[structured]
     >>> pieces = {Tokenizer.load().id_to_piece(i) for i in np.nonzero(guide.allowed())[0]}   # the first token
-    >>> "{" in pieces, "▁the" in pieces
-    (True, False)
+    >>> '{"' in pieces, '▁{"' in pieces, "▁the" in pieces    # the object's start, its key's quote forced
+    (True, True, False)
 
 The token table: each id's bytes as its text is decoded (sentencepiece: "▁" as a space, `<0xNN>` pieces as that
 byte; tekken: its byte piece), control tokens marked special (b"\\xff" + name, llguidance's convention), so they
