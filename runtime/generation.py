@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -163,11 +162,9 @@ class GenerationConfig:
         if len(given) > 1:
             raise ConfigError(f"{' and '.join(given)}: give one of them (each constrains the whole reply)")
         if given:
-            from mixtrt.runtime import structured
+            from mixtrt.runtime.structured import check
 
-            check = {"json_schema": structured.check_schema, "grammar": structured.check_grammar,
-                     "regex": structured.check_regex, "choice": structured.check_choice}[given[0]]
-            fix(given[0], check(getattr(self, given[0])))
+            fix(given[0], check(given[0], getattr(self, given[0])))
 
     def constraint(self) -> tuple[str, str] | None:
         """The structured-output constraint as runtime/structured.py's Guide takes it: (field name, its text; a
@@ -175,7 +172,9 @@ class GenerationConfig:
         for name in STRUCTURED:
             value = getattr(self, name)
             if value is not None:
-                return name, json.dumps(list(value)) if name == "choice" else value
+                from mixtrt.runtime.structured import constraint_text
+
+                return name, constraint_text(name, value)
         return None
 
     def eos_ids(self, args: ModelArgs) -> tuple[int, ...]:
@@ -1145,7 +1144,7 @@ def _forced_plain(cfg: GenerationConfig, use: ToolUse | None, tool_choice: Any) 
     if use is None or not use.forced:
         return cfg
     for name in ("grammar", "regex", "choice"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) != use.grammar:
+        if getattr(cfg, name) is not None and (name != "grammar" or cfg.grammar != use.grammar):
             raise ConfigError(f"tool_choice={tool_choice!r} asks for a call, and {name} for a reply of its own form: "
                               "give one of them")
     return dataclasses.replace(cfg, json_schema=None, grammar=use.grammar)

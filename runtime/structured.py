@@ -137,6 +137,7 @@ def _known(value: Mapping[str, Any], keys: set[str], where: str) -> None:
 OWN_SPACE = "// its own leading space\n"
 
 
+@functools.lru_cache(maxsize=64)
 def _lark(kind: str, text: str, lead_space: bool) -> str:
     """llguidance's grammar of a constraint, after one space where the row's text drops one (the module's doc)."""
     if kind == "grammar":
@@ -323,14 +324,32 @@ def check_grammar(grammar: Any, where: str = "grammar") -> str:
         raise ConfigError(f"{where}: a grammar must be non-empty text (Lark with a start rule, or GBNF with a root "
                           "rule)")
     _llguidance(where)
-    from llguidance.gbnf_to_lark import any_to_lark
-
     try:
-        lark = any_to_lark(grammar)
+        lark = _as_lark(grammar)
     except Exception as e:  # the converter's own error type and wording
         raise ConfigError(f"{where}: neither Lark (no start rule) nor GBNF: {_said(str(e))}") from None
     _enforceable(lark, where, "grammar")
     return lark
+
+
+@functools.lru_cache(maxsize=64)
+def _as_lark(grammar: str) -> str:
+    """Lark text as it is, GBNF converted (remembered: a server request meets its grammar several times)."""
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    return str(any_to_lark(grammar))
+
+
+def check(kind: str, value: Any, where: str | None = None) -> Any:
+    """The constraint of `kind` (GenerationConfig's field names: json_schema, grammar, regex, choice) checked, in its
+    kept form (check_schema's, check_grammar's, check_regex's, check_choice's); errors name `where` (default: kind)."""
+    checks = {"json_schema": check_schema, "grammar": check_grammar, "regex": check_regex, "choice": check_choice}
+    return checks[kind](value, where or kind)
+
+
+def constraint_text(kind: str, value: Any) -> str:
+    """A checked constraint as Guide and prepare take it: its text, a choice's as a JSON list."""
+    return json.dumps(list(value)) if kind == "choice" else str(value)
 
 
 def check_regex(pattern: Any, where: str = "regex") -> str:
@@ -399,15 +418,16 @@ class Guide:
         self.ended = False
         self.consumed = 0
 
-    def _cannot_go_on(self, why: str = "") -> GuideError:
-        """The row's failure (the Engine cancels that row): llguidance's own words where none are given, without
-        the grammar and the parser state it quotes after them."""
-        why = why or _said(self.matcher.get_error().split("<state>")[0])[:200] or "the grammar refused the token"
+    def _cannot_go_on(self, why: str = "", matcher: Any = None) -> GuideError:
+        """The row's failure (the Engine cancels that row): llguidance's own words (the failed matcher's) where none
+        are given, without the grammar and the parser state it quotes after them."""
+        error = (matcher if matcher is not None else self.matcher).get_error()
+        why = why or _said(error.split("<state>")[0])[:200] or "the grammar refused the token"
         return GuideError(f"structured output cannot go on after {self.consumed} tokens: {why}")
 
     def _mask(self, matcher: Any) -> np.ndarray:
         if matcher.is_error():  # never chosen from: a failed guide's row is cancelled (GuideError)
-            raise self._cannot_go_on()
+            raise self._cannot_go_on(matcher=matcher)
         try:
             bits = np.frombuffer(matcher.compute_bitmask(), np.uint8)
         except Exception as e:  # llguidance failing in its own code: this row's failure, not the batch's

@@ -631,7 +631,7 @@ def _log_cancelled(call: _Call, cut: bool) -> None:
 
 
 # a body that asks for structured output (its constraint compiled on the request's thread)
-_CONSTRAINED = re.compile(rb'"(response_format|structured_outputs|guided_[a-z]+|json_schema|grammar)"')
+_CONSTRAINED = re.compile(rb'"(response_format|structured_outputs|guided_[a-z]+|json_schema|grammar)"|\\u')
 INLINE_BODY_BYTES = 16 << 10  # a body up to this size is parsed and tokenized on the event loop (well under 10 ms)
 
 # the runtime's GenerationConfig names -> the request field a client set them with
@@ -685,12 +685,12 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
     except ConfigError as e:
         raise ApiError(f"{field_name}: {e}", param=field_name) from None
     if constraint is not None:  # compiled here, not on the engine loop (each row copies it)
-        from mixtrt.runtime.structured import prepare
+        from mixtrt.runtime.structured import constraint_text, prepare
 
         try:
             # a completion's text continues the prompt's (no dummy-prefix space to drop in front)
-            prepare(gen.tokenizer, (constraint[1], json.dumps(list(constraint[2])) if constraint[1] == "choice"
-                                    else constraint[2]), new_message=isinstance(req, ChatRequest))
+            prepare(gen.tokenizer, (constraint[1], constraint_text(constraint[1], constraint[2])),
+                    new_message=isinstance(req, ChatRequest))
         except ConfigError as e:
             raise ApiError(str(e).replace(constraint[1], constraint[0], 1), param=constraint[0].split(".")[0]
                            ) from None
@@ -731,8 +731,11 @@ def _config_error(e: ConfigError, req: CompletionRequest | ChatRequest) -> ApiEr
     """A GenerationConfig error in the client's terms: the request field it came from named, as `param` too."""
     message = str(e)
     name = message.split(" ", 1)[0].split("[", 1)[0].rstrip(":")
-    if name in STRUCTURED and (asked := reply_constraint(req)) is not None:  # named as the request asked for it
-        return ApiError(message.replace(name, asked[0], 1), param=asked[0].split(".")[0])
+    if name in STRUCTURED:  # named as the request asked for it: a forced call's grammar is the tool_choice's
+        forced = isinstance(req, ChatRequest) and req.tools and req.tool_choice not in (None, "auto", "none")
+        asked = None if forced and name == "grammar" else reply_constraint(req)
+        where = "tool_choice" if asked is None else asked[0]
+        return ApiError(message.replace(name, where, 1), param=where.split(".")[0])
     if name not in _PARAMS and name not in type(req).model_fields:
         return ApiError(message)
     param = _PARAMS.get(name, name)

@@ -365,9 +365,7 @@ def reply_constraint(req: CompletionRequest | ChatRequest) -> tuple[str, str, An
             elif tail == "json_object":
                 value = structured.check_schema({"type": "object"}, name)
             else:
-                check = {"json_schema": structured.check_schema, "grammar": structured.check_grammar,
-                         "regex": structured.check_regex, "choice": structured.check_choice}[field]
-                value = check(value, name)
+                value = structured.check(field, value, name)
         except ConfigError as e:
             raise ApiError(str(e), param=head) from None
         asked.append((name, field, value))

@@ -197,6 +197,8 @@ def test_json_object_through_structured_outputs(server, generator):
      "structured_outputs: give one of json, regex, choice, grammar or json_object"),
     ({"grammar": "root ::= " + " | ".join(f'"w{i}"' for i in range(2500))}, "grammar",
      "grammar: the grammar cannot be enforced"),
+    ({"guided_regex": "a\\"}, "guided_regex", "guided_regex: the regular expression ends with an incomplete escape"),
+    ({"guided_json": "[" * 100000}, "guided_json", "guided_json: nested too deeply to read"),
     ({"guided_regex": "[a-z]+", "ignore_eos": True}, "guided_regex",
      "guided_regex: the reply ends with an eos id once its text is complete"),
 ])

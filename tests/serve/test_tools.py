@@ -229,6 +229,12 @@ def test_a_forced_call_refuses_a_reply_of_another_form(tool_server, tool_gen):
                                                                 "tool_choice": "required", **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
         assert "asks for a call" in r.json()["error"]["message"]
+    # a forced call ends with eos: ignore_eos leaves none, named as the tool_choice (not a field never sent)
+    for extra in ({}, {"response_format": {"type": "json_object"}}):
+        r = tool_server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": TOOLS, **extra,
+                                                                "tool_choice": "required", "ignore_eos": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+        assert r.json()["error"]["message"].startswith("tool_choice: the reply ends with an eos id"), r.text
 
 
 @pytest.mark.parametrize("body, param, message", [
