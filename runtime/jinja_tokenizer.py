@@ -31,6 +31,7 @@ it is special (then to nothing, or to its text with skip_special=False), as tran
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,7 +45,7 @@ from mixtrt.runtime.chat_template import ChatTemplate, select_template
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.prompts import check_continue, check_flags, check_messages_text, check_text
 from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer, sp_offsets
-from mixtrt.runtime.tool_calls import ToolTokens
+from mixtrt.runtime.tool_calls import ToolTokens, mistral_ids
 
 __all__ = ["AddedToken", "JinjaChatTokenizer", "PrependScheme"]
 _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED = 2, 3, 4  # sentencepiece ModelProto.SentencePiece.Type
@@ -209,6 +210,9 @@ class JinjaChatTokenizer:
         content, the text cut before the tag's last occurrence, trailing spaces dropped where the template
         trimmed them)."""
         check_flags(add_generation_prompt, continue_final_message)
+        messages = _objects_as_arguments(messages)
+        if self.tool_tokens() is not None:  # Mistral's templates take 9-character call ids, as mistral-common
+            messages = [mistral_ids(m) for m in messages]
         template = select_template(self.templates, tools)
         if not continue_final_message:
             return template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
@@ -242,6 +246,35 @@ class JinjaChatTokenizer:
         check_messages_text(messages)  # sentencepiece / tekken cannot take lone surrogates
         return self.encode_special(self.render_chat(messages, add_generation_prompt, tools,
                                                     continue_final_message=continue_final_message))
+
+
+def _objects_as_arguments(messages: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
+    """The messages with each assistant tool call's `arguments` as the object it is where a client sent its JSON
+    text (OpenAI's form): templates write them with `tojson`, which would write a string (vLLM parses them so)."""
+    out: list[Mapping[str, Any]] = []
+    for m in messages:
+        calls = m.get("tool_calls") if isinstance(m, Mapping) else None
+        if isinstance(calls, (list, tuple)) and any(_text_arguments(c) is not None for c in calls):
+            m = {**m, "tool_calls": [_with_object(c) for c in calls]}
+        out.append(m)
+    return out
+
+
+def _text_arguments(call: Any) -> dict[str, Any] | None:
+    function = call.get("function") if isinstance(call, Mapping) else None
+    arguments = function.get("arguments") if isinstance(function, Mapping) else None
+    if not isinstance(arguments, str):
+        return None
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _with_object(call: Any) -> Any:
+    value = _text_arguments(call)
+    return call if value is None else {**call, "function": {**call["function"], "arguments": value}}
 
 
 def _added_token_pattern(tokens: Sequence[AddedToken]) -> tuple[re.Pattern[str] | None, list[int]]:

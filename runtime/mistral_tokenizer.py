@@ -34,7 +34,7 @@ from mixtrt.runtime.chat_template import first_failing_message
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.prompts import check_continue, check_flags, check_messages_text, check_text
 from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer
-from mixtrt.runtime.tool_calls import ToolTokens, mistral_call_id
+from mixtrt.runtime.tool_calls import ToolTokens, mistral_ids
 
 EXTRA = "pip install 'mixtrt[mistral]'"
 
@@ -230,7 +230,7 @@ class MistralCommonTokenizer:
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
         closed = chat[-1]["role"] == "assistant" and not prefix
-        chat = [_mistral_ids(m) for m in chat]
+        chat = [mistral_ids(m) for m in chat]
         if self._calls_without_text:
             chat = [_calls_only(m) for m in chat]
         if self.version == "v2":  # v2 shows a tool result with its function's name, which OpenAI's message lacks
@@ -274,19 +274,6 @@ def _validation_error(e: Any) -> str:
             given = "" if err.get("type") == "missing" else f" (got {str(repr(err.get('input')))[:60]})"
             seen[path] = f"{path or 'value'}: {err.get('msg', 'invalid')}{given}"
     return f"{e.title}: {'; '.join(seen.values())}"
-
-
-def _mistral_ids(message: Mapping[str, Any]) -> Mapping[str, Any]:
-    """A message's call ids in the form these formats take (tool_calls.mistral_call_id): an id OpenAI or a client
-    made (`call_...`) is refused by mistral-common; mapped the same way in the call and in its result."""
-    calls = message.get("tool_calls")
-    if message.get("role") == "assistant" and isinstance(calls, list):
-        calls = [{**c, "id": mistral_call_id(c.get("id"))} if isinstance(c, Mapping) and "id" in c else c
-                 for c in calls]
-        return {**message, "tool_calls": calls}
-    if message.get("role") == "tool" and "tool_call_id" in message:
-        return {**message, "tool_call_id": mistral_call_id(message["tool_call_id"])}
-    return message
 
 
 def _calls_only(message: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -265,6 +265,20 @@ def mistral_call_id(call_id: Any) -> Any:
     return "".join(digits)
 
 
+def mistral_ids(message: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A message's call ids in the form Mistral's formats take (mistral_call_id): an id OpenAI or a client made
+    (`call_...`) is refused by mistral-common and by Mistral's Jinja templates; mapped the same way in the call and
+    in its result."""
+    calls = message.get("tool_calls")
+    if message.get("role") == "assistant" and isinstance(calls, list):
+        calls = [{**c, "id": mistral_call_id(c.get("id"))} if isinstance(c, Mapping) and "id" in c else c
+                 for c in calls]
+        return {**message, "tool_calls": calls}
+    if message.get("role") == "tool" and "tool_call_id" in message:
+        return {**message, "tool_call_id": mistral_call_id(message["tool_call_id"])}
+    return message
+
+
 def new_call_id() -> str:
     """A fresh call id: 9 random letters and digits, the only form Mistral's v3 and later formats take back."""
     return "".join(secrets.choice(_ID_CHARS) for _ in range(9))

@@ -235,6 +235,30 @@ def test_continue_final_message_equals_transformers(pairs, checkpoint):
         ours.apply_chat_template(TALK[1:2], add_generation_prompt=False, continue_final_message=True)
 
 
+def test_arguments_sent_as_text_are_written_as_objects(pairs):
+    """OpenAI's clients send a call's arguments as JSON text; a template writes them with tojson, so they are
+    parsed first (as vLLM does): the prompt equals the one of arguments given as an object."""
+    ours, _ = pairs["mistral-v3-tools"]
+    as_text = [*TOOL_TALK[:2], {"role": "assistant", "tool_calls": [
+        {**TOOL_TALK[2]["tool_calls"][0], "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        *TOOL_TALK[3:]]
+    assert ours.render_chat(as_text, tools=[WEATHER]) == ours.render_chat(TOOL_TALK, tools=[WEATHER])
+    assert '"arguments": {"city": "Paris"}' in ours.render_chat(as_text, tools=[WEATHER])
+    # OpenAI's call ids (call_...), which the template refuses, are mapped as for mistral-common, alike in the result
+    openai_ids = [*as_text[:2], {"role": "assistant", "tool_calls": [{**as_text[2]["tool_calls"][0],
+                                                                      "id": "call_Xy12abCD34ef"}]},
+                  {**as_text[3], "tool_call_id": "call_Xy12abCD34ef"}, *as_text[4:]]
+    from mixtrt.runtime.tool_calls import mistral_call_id
+
+    mapped = mistral_call_id("call_Xy12abCD34ef")
+    assert ours.render_chat(openai_ids, tools=[WEATHER]) == ours.render_chat(TOOL_TALK, tools=[WEATHER]).replace(
+        "call00001", mapped)
+    # text that is not a JSON object stays as it is
+    odd = [*TOOL_TALK[:2], {"role": "assistant", "tool_calls": [
+        {**TOOL_TALK[2]["tool_calls"][0], "function": {"name": "get_weather", "arguments": "[1"}}]}]
+    assert '"arguments": "[1"' in ours.render_chat(odd, tools=[WEATHER])
+
+
 def test_control_tokens_are_single_ids(pairs):
     ours, _ = pairs["mistral-v3-tools"]
     ids = ours.apply_chat_template(TOOL_TALK, tools=[WEATHER])
@@ -342,7 +366,7 @@ def test_raise_exception_names_the_message(pairs):
     with pytest.raises(ConfigError, match=r"failed at message 1 \(role 'tool'\): Only user and assistant"):
         ours.apply_chat_template([u, {"role": "tool", "content": "r"}])
     tools, _ = pairs["mistral-v3-tools"]
-    bad_id = [*TOOL_TALK[:2], {"role": "assistant", "tool_calls": [{"id": "x", "function": {"name": "f"}}]}]
+    bad_id = [*TOOL_TALK[:2], {"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}]  # no id
     with pytest.raises(ConfigError, match=r"failed at message 2 \(role 'assistant'\): Tool call ids must be 9"):
         tools.apply_chat_template(bad_id, add_generation_prompt=False)
 
