@@ -135,10 +135,12 @@ class JinjaChatTokenizer:
         return default if piece is None else piece
 
     def tool_tokens(self) -> ToolTokens | None:
-        """Mistral's tool-call tokens where the checkpoint has them as added tokens (runtime/tool_calls.py)."""
+        """Mistral's tool-call tokens where the checkpoint has them as added tokens, else a ChatML fine-tune's
+        `<tool_call>` / `</tool_call>` tags (runtime/tool_calls.py)."""
         calls = self._by_content.get("[TOOL_CALLS]")
         if calls is None:
-            return None
+            start, end = self._by_content.get("<tool_call>"), self._by_content.get("</tool_call>")
+            return ToolTokens(start, end=end) if start is not None and end is not None else None
         return ToolTokens(calls, self._by_content.get("[ARGS]"), self._by_content.get("[CALL_ID]"))
 
     # ---- text --------------------------------------------------------------------------------------
@@ -211,7 +213,8 @@ class JinjaChatTokenizer:
         trimmed them)."""
         check_flags(add_generation_prompt, continue_final_message)
         messages = _objects_as_arguments(messages)
-        if self.tool_tokens() is not None:  # Mistral's templates take 9-character call ids, as mistral-common
+        tokens = self.tool_tokens()
+        if tokens is not None and tokens.end is None:  # Mistral's templates take 9-character call ids
             messages = [mistral_ids(m) for m in messages]
         template = select_template(self.templates, tools)
         if not continue_final_message:

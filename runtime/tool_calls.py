@@ -9,6 +9,10 @@ calls (and the models were trained on):
 - name and arguments per call (tekken v11 and later): `[TOOL_CALLS]f[CALL_ID]a1b2c3d4e[ARGS]{...}` (v11 with
   an id) or `[TOOL_CALLS]f[ARGS]{...}` (v13), one such group per call.
 
+ChatML fine-tunes of these models (Hermes 2 Pro and its kin; vLLM's `hermes` parser) write each call between
+`<tool_call>` and `</tool_call>` added tokens: `<tool_call>\n{"name": "f", "arguments": {...}}\n</tool_call>`,
+read the same way from the ids where a Jinja template's tokenizer has both tokens.
+
     >>> from mixtrt.runtime.tokenizer import shipped_tokenizer_path
     >>> from mixtrt.runtime.mistral_tokenizer import MistralCommonTokenizer
     >>> tok = MistralCommonTokenizer(shipped_tokenizer_path().parent / "mistral_instruct_tokenizer_240323.model.v3")
@@ -41,7 +45,8 @@ NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
 _ID_CHARS = string.ascii_letters + string.digits
 NO_TOOL_TOKENS = ("the model's chat format has no tool-call token ([TOOL_CALLS]): mixtrt reads the calls of Mistral's "
-                  "formats (v2 and later, tekken, or a template whose tokenizer has [TOOL_CALLS])")
+                  "formats (v2 and later, tekken, or a template whose tokenizer has [TOOL_CALLS]) and of ChatML "
+                  "templates whose tokenizer has <tool_call> and </tool_call>")
 
 
 @dataclass(frozen=True)
@@ -68,11 +73,12 @@ class ToolReply:
 @dataclass(frozen=True)
 class ToolTokens:
     """A tokenizer's tool-call control tokens: `[TOOL_CALLS]`, and where the format has them `[ARGS]` and
-    `[CALL_ID]`."""
+    `[CALL_ID]`; or a ChatML fine-tune's `<tool_call>` (calls) and `</tool_call>` (end) tags."""
 
     calls: int
     args: int | None = None
     call_id: int | None = None
+    end: int | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +132,10 @@ class ToolStream:
             self.held.append(text)
             return ""
         if token == self.use.tokens.calls:
-            self.held = []  # the call token's own text is what it completed before the call
+            # the call token's text is what it completed before the call, and a tag that shows (<tool_call>) itself
+            tag = self.tokenizer.decode([token]) if self.use.tokens.end is not None else ""
+            self.held = [tag] if tag and text.endswith(tag) else []
+            text = text[:len(text) - len(self.held[0])] if self.held else text
         self.sent.append(text)
         return text
 
@@ -162,6 +171,9 @@ def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, parallel: bool
     tokens = tool_tokens(tokenizer)
     if tokens is None:
         raise ConfigError(f"{where}: {NO_TOOL_TOKENS}")
+    if tokens.end is not None and tool_choice not in (None, "auto"):
+        raise ConfigError(f"tool_choice: {json.dumps(tool_choice)} is not taken in the <tool_call> tag format (the "
+                          "model chooses: \"auto\" or \"none\")")
     names = frozenset(t["function"]["name"] for t in offered)
     if tool_choice in (None, "auto"):
         return offered, ToolUse(tokens, (), parallel, names)
@@ -342,6 +354,10 @@ def read_tool_calls(token_ids: Sequence[int], tokenizer: Any, tokens: ToolTokens
             groups[-1].append(i)
     calls: list[ToolCall] = []
     for group in groups:
+        if tokens.end is not None:  # <tool_call>{...}</tool_call>: only whitespace (and eos) after the tag
+            if tokens.end not in group or tokenizer.decode(group[group.index(tokens.end) + 1:]).strip():
+                return None
+            group = group[:group.index(tokens.end)]
         read = _named_call(group, tokenizer, tokens) if tokens.args is not None and tokens.args in group \
             else _json_calls(tokenizer.decode(group))
         if read is None:

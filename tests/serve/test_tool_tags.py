@@ -1,0 +1,130 @@
+"""Tool calls in the `<tool_call>` tag format of ChatML fine-tunes (Hermes 2 Pro and its kin; vLLM's `hermes`
+parser): a tiny ChatML checkpoint whose tokenizer has `<tool_call>` / `</tool_call>` as added tokens and whose
+Jinja template shows the tools and writes calls and results as those models were trained; replies scripted (a
+random model never writes a call) through Generator.chat / stream_chat and the server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.generation import Generator
+from tests.checkpoints import make_checkpoint, mistral_tokenizer_path
+from tests.serve.conftest import Server
+from tests.serve.test_tools import Scripted
+
+HERMES = """{%- if tools %}<|im_start|>system
+You are a function calling AI model. You are provided with function signatures within <tools></tools> XML tags:
+<tools>{% for tool in tools %} {{ tool | tojson }}{% endfor %} </tools>
+For each function call return a json object with function name and arguments within <tool_call></tool_call> tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-dict>}
+</tool_call><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == "assistant" and message.tool_calls is defined %}<|im_start|>assistant
+{% for call in message.tool_calls %}<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% elif message.role == "tool" %}<|im_start|>tool
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+ADDED = {"32000": {"content": "<|im_end|>", "special": True}, "32001": {"content": "<|im_start|>", "special": True},
+         "32002": {"content": "<tool_call>", "special": False}, "32003": {"content": "</tool_call>", "special": False}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def tag_gen(tmp_path_factory) -> Generator:
+    from mixtrt.export import export_onnx
+
+    root = tmp_path_factory.mktemp("tags")
+    ck = make_checkpoint(root / "ck", "mistral", tokenizer=False, vocab_size=32008, sliding_window=8,
+                         max_position_embeddings=1024, num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=48)
+    shutil.copy(mistral_tokenizer_path(), ck / "tokenizer.model")
+    (ck / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": HERMES, "eos_token": "<|im_end|>", "legacy": False, "added_tokens_decoder": ADDED}))
+    (ck / "generation_config.json").write_text(json.dumps({"eos_token_id": 32000}))
+    gen = Generator.load(export_onnx(ck, root / "art", progress=None), threads=1)
+    return Generator(Scripted(gen.backend), gen.tokenizer, gen.defaults)
+
+
+def reply(gen: Generator, text: str, calls: list[dict]) -> list[int]:
+    tok = gen.tokenizer
+    ids = tok.encode(text, bos=False) if text else []
+    for call in calls:
+        ids += [32002] + tok.encode("\n" + json.dumps(call) + "\n", bos=False) + [32003]
+    return ids + [32000]
+
+
+def script(gen: Generator, messages, ids, tools=TOOLS) -> None:
+    n = len(gen.tokenizer.apply_chat_template(messages, tools=tools))
+    gen.backend.script = {n + k: t for k, t in enumerate(ids)}
+
+
+CALLS = [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_weather", "arguments": {}}]
+
+
+def test_calls_are_read_from_the_tags(tag_gen):
+    script(tag_gen, ASK, reply(tag_gen, "Let me check.", CALLS))
+    out = tag_gen.chat(ASK, tools=TOOLS, max_new_tokens=200)
+    assert out.finish_reason == "eos" and out.text == "Let me check."
+    assert [(c.name, json.loads(c.arguments)) for c in out.tool_calls] == [("get_weather", {"city": "Paris"}),
+                                                                           ("get_weather", {})]
+    events = list(tag_gen.stream_chat(ASK, tools=TOOLS, max_new_tokens=200))  # the call's text held back
+    assert "".join(e.text for e in events) == "Let me check." and len(events[-1].output.tool_calls) == 2
+    # a call cut by its length, or text after the closing tag, is text
+    script(tag_gen, ASK, reply(tag_gen, "", CALLS[:1]))
+    assert tag_gen.chat(ASK, tools=TOOLS, max_new_tokens=6).tool_calls is None
+    script(tag_gen, ASK, reply(tag_gen, "", CALLS[:1])[:-1] + tag_gen.tokenizer.encode(" and more", bos=False)
+           + [32000])
+    assert tag_gen.chat(ASK, tools=TOOLS, max_new_tokens=200).tool_calls is None
+
+
+def test_the_next_turn_shows_the_call_and_its_result(tag_gen):
+    """The server's reply goes back as OpenAI's client sends it (arguments as JSON text): the template writes the
+    call as the model wrote it, and the result as a tool message."""
+    script(tag_gen, ASK, reply(tag_gen, "", CALLS[:1]))
+    out = tag_gen.chat(ASK, tools=TOOLS, max_new_tokens=200)
+    [call] = out.tool_calls
+    turn = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call.to_openai()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "22 C"}]
+    text = tag_gen.tokenizer.render_chat(turn, tools=TOOLS)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    assert "<tool_response>\n22 C\n</tool_response>" in text and text.endswith("<|im_start|>assistant\n")
+
+
+def test_forced_choices_are_refused_and_the_server_answers_calls(tag_gen, tmp_path_factory):
+    with pytest.raises(ConfigError, match=r"^tool_choice: \"required\" is not taken in the <tool_call> tag format"):
+        tag_gen.chat(ASK, tools=TOOLS, tool_choice="required")
+    server = Server(tag_gen, tmp_path_factory.mktemp("unused"), max_batch=2, max_queue=4)
+    try:
+        script(tag_gen, ASK, reply(tag_gen, "", CALLS[:1]))
+        r = server.openai.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=100)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Paris"}
+        script(tag_gen, ASK, reply(tag_gen, "Sure.", CALLS[:1]))
+        chunks = list(server.openai.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=100,
+                                                            stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.content or "" for d in deltas) == "Sure."  # no tag, no call text
+        assert [json.loads(t.function.arguments) for d in deltas for t in d.tool_calls or []] == [{"city": "Paris"}]
+        r = server.http.post("/v1/chat/completions", json={"messages": ASK, "tools": TOOLS,
+                                                           "tool_choice": "required"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+    finally:
+        server.close()
