@@ -171,25 +171,22 @@ def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, parallel: bool
     tokens = tool_tokens(tokenizer)
     if tokens is None:
         raise ConfigError(f"{where}: {NO_TOOL_TOKENS}")
-    if tokens.end is not None and tool_choice not in (None, "auto"):
-        raise ConfigError(f"tool_choice: {json.dumps(tool_choice)} is not taken in the <tool_call> tag format (the "
-                          "model chooses: \"auto\" or \"none\")")
     names = frozenset(t["function"]["name"] for t in offered)
     if tool_choice in (None, "auto"):
         return offered, ToolUse(tokens, (), parallel, names)
     name = tool_choice["function"]["name"] if tool_choice != "required" else None
     if name is not None and name not in names:
         raise ConfigError(f"tool_choice: the function {name!r} is not one of the tools given")
-    if tokens.args is None:  # the JSON-list form: the call is held to a grammar (llguidance)
-        from mixtrt.runtime.extras import require
+    from mixtrt.runtime.extras import require  # the call is held to a grammar (llguidance)
 
-        require("structured", f"tool_choice {json.dumps(tool_choice)} (the call held to the tools' parameters)")
+    require("structured", f"tool_choice {json.dumps(tool_choice)} (the call held to the tools' parameters)")
+    only = None if name is None else [t["function"]["name"] for t in offered].index(name)
+    if tokens.args is not None or tokens.end is not None:  # name[ARGS]arguments / <tool_call>...</tool_call>
+        # a named choice is one call of that function (OpenAI's); the grammar writes the function's name
+        grammar = _tagged_grammar(offered, tokens, parallel and only is None, where, only)
+        return offered, ToolUse(tokens, (tokens.calls,), parallel and only is None, names, grammar)
     if tool_choice == "required":
-        grammar = None if tokens.args is not None else _calls_grammar(offered, parallel, where)
-        return offered, ToolUse(tokens, (tokens.calls,), parallel, names, grammar)
-    # a named choice is one call of that function (OpenAI's): the reply's first call, the forced one
-    if tokens.args is not None:  # name[ARGS]arguments: the arguments follow
-        return offered, ToolUse(tokens, (tokens.calls, *tokenizer.encode(name, bos=False), tokens.args), False, names)
+        return offered, ToolUse(tokens, (tokens.calls,), parallel, names, _calls_grammar(offered, parallel, where))
     # the JSON list, as mistral-common writes it, up to the arguments' value; then that function's arguments (only
     # the chosen function's schema matters)
     start = tokenizer.encode(f'[{{"name": {json.dumps(name)}, "arguments":', bos=False)
@@ -236,6 +233,35 @@ def _calls_grammar(offered: list[dict[str, Any]], parallel: bool, where: str) ->
     sentencepiece "▁[" in front is the guide's lead space (runtime/structured.py)."""
     more = ' ("," " " call)*' if parallel else ""
     return _checked_grammar("\n".join([f'start: "[" call{more} "]"', *_call_rules(offered, where)]), where)
+
+
+def _tagged_grammar(offered: list[dict[str, Any]], tokens: ToolTokens, parallel: bool, where: str,
+                    only: int | None = None) -> str:
+    """What follows a forced first call token where each call has tokens of its own: `name[CALL_ID]id[ARGS]{...}`
+    / `name[ARGS]{...}` (tekken v11 / v13: the call id where the tokenizer has [CALL_ID], as mistral-common writes
+    it then) or `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` (the tag form); one call with
+    parallel False or a named choice (`only`), else more, each after its own first token. Control tokens are
+    llguidance's `<[id]>`."""
+    from mixtrt.runtime.structured import check_schema, json_rule
+
+    chosen = range(len(offered)) if only is None else [only]
+    rules = []
+    if tokens.end is not None:  # the JSON object of the tag form, as in the JSON list (optional id and all)
+        rules = _call_rules(offered, where, only)
+        one = f'"\\n"? call "\\n"? <[{tokens.end}]>'
+        more = f' ("\\n"? <[{tokens.calls}]> {one})*' if parallel else ""  # no free whitespace to run off into
+        return _checked_grammar("\n".join([f"start: {one}{more}", *rules]), where)
+    assert tokens.args is not None
+    call_id = f' (<[{tokens.call_id}]> /[a-zA-Z0-9]{{9}}/)?' if tokens.call_id is not None else ""
+    for n in chosen:
+        function = offered[n]["function"]
+        params = _object_schema(function.get("parameters"), f"{where}[{n}].function.parameters")
+        check_schema(params, f"{where}[{n}].function.parameters")
+        rules += [f'call{n}: {json.dumps(function["name"])}{call_id} <[{tokens.args}]> args{n}',
+                  f"args{n}: {json_rule(params)}"]
+    more = f" (<[{tokens.calls}]> call)*" if parallel else ""
+    rules.append("call: " + " | ".join(f"call{n}" for n in chosen))
+    return _checked_grammar("\n".join([f"start: call{more}", *rules]), where)
 
 
 def _checked_grammar(grammar: str, where: str) -> str:

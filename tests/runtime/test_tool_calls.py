@@ -257,3 +257,46 @@ def test_a_forced_call_needs_parameters_it_can_hold_to():
     assert tool_use(tok, odd, {"type": "function", "function": {"name": "get_weather"}})[1].grammar is not None
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
         assert tool_use(tok, TOOLS, choice)[1].grammar is not None
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_a_forced_choice_holds_every_format_to_a_call(tokenizer, choice):
+    """"required" / a named function in every format (the JSON list of v2 / v3 / v7, and tekken v11 / v13's
+    name[CALL_ID]id[ARGS]{...} / name[ARGS]{...}, whose control tokens the grammar writes as llguidance's <[id]>):
+    random logits masked by the guide always end in a reply read as calls of the offered functions (the named one
+    alone) whose arguments their parameters accept."""
+    pytest.importorskip("llguidance")
+    jsonschema = pytest.importorskip("jsonschema")
+    import numpy as np
+
+    from mixtrt.runtime.structured import Guide
+    from mixtrt.runtime.tool_calls import read_tool_calls, tool_use
+
+    city = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 5}}, "required": ["city"],
+            "additionalProperties": False}
+    zone = {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+            "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": city}},
+             {"type": "function", "function": {"name": "get_time", "parameters": zone}}]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    _, use = tool_use(tokenizer, tools, choice)
+    assert use.grammar is not None and use.forced[0] == use.tokens.calls
+    for seed in range(6):
+        guide = Guide(tokenizer, ("grammar", use.grammar), [tokenizer.eos_id])
+        rng, ids = np.random.default_rng(seed), []
+        for _ in range(300):
+            allowed = guide.allowed()
+            token = int(np.argmax(np.where(allowed, rng.standard_normal(allowed.size) * 3, -np.inf)))
+            guide.consume(token)
+            ids.append(token)
+            if token == tokenizer.eos_id:
+                break
+        else:
+            pytest.fail(f"seed {seed}: no end in 300 tokens")
+        reply = read_tool_calls([*use.forced, *ids], tokenizer, use.tokens)
+        assert reply is not None and reply.calls, (seed, tokenizer.decode([*use.forced, *ids]))
+        for call in reply.calls:
+            assert call.name in schemas and (choice == "required" or call.name == "get_time")
+            jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+        if choice != "required":
+            assert len(reply.calls) == 1

@@ -10,7 +10,6 @@ import shutil
 
 import pytest
 
-from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.generation import Generator
 from tests.checkpoints import make_checkpoint, mistral_tokenizer_path
 from tests.serve.conftest import Server
@@ -107,9 +106,33 @@ def test_the_next_turn_shows_the_call_and_its_result(tag_gen):
     assert "<tool_response>\n22 C\n</tool_response>" in text and text.endswith("<|im_start|>assistant\n")
 
 
-def test_forced_choices_are_refused_and_the_server_answers_calls(tag_gen, tmp_path_factory):
-    with pytest.raises(ConfigError, match=r"^tool_choice: \"required\" is not taken in the <tool_call> tag format"):
-        tag_gen.chat(ASK, tools=TOOLS, tool_choice="required")
+BOUNDED = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"],
+    "additionalProperties": False}}},
+           {"type": "function", "function": {"name": "get_time", "parameters": {
+               "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+               "additionalProperties": False}}}]
+
+
+def test_forced_choices_hold_the_model_to_tagged_calls(tag_gen):
+    """"required" / a named function: the reply starts with <tool_call> and the rest is held to a grammar (the
+    closing tag written as llguidance's <[id]>), so the random model's reply is a call whose arguments validate."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    tag_gen.backend.script = {}
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in BOUNDED}
+    for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+        for extra in ({}, {"do_sample": True, "seed": 3, "temperature": 1.2}):
+            # one call (a random model, greedy, may call on and on where more are allowed)
+            out = tag_gen.chat(ASK, tools=BOUNDED, tool_choice=choice, parallel_tool_calls=False, max_new_tokens=300,
+                               **extra)
+            assert out.finish_reason == "eos" and out.tool_calls, out.text
+            for call in out.tool_calls:
+                assert choice == "required" or call.name == "get_time"
+                jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+
+
+def test_the_server_answers_tagged_calls(tag_gen, tmp_path_factory):
     server = Server(tag_gen, tmp_path_factory.mktemp("unused"), max_batch=2, max_queue=4)
     try:
         script(tag_gen, ASK, reply(tag_gen, "", CALLS[:1]))
@@ -123,8 +146,32 @@ def test_forced_choices_are_refused_and_the_server_answers_calls(tag_gen, tmp_pa
         deltas = [c.choices[0].delta for c in chunks if c.choices]
         assert "".join(d.content or "" for d in deltas) == "Sure."  # no tag, no call text
         assert [json.loads(t.function.arguments) for d in deltas for t in d.tool_calls or []] == [{"city": "Paris"}]
-        r = server.http.post("/v1/chat/completions", json={"messages": ASK, "tools": TOOLS,
-                                                           "tool_choice": "required"})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+        tag_gen.backend.script = {}
+        r = server.openai.chat.completions.create(model="tiny", messages=ASK, tools=BOUNDED, tool_choice="required",
+                                                  parallel_tool_calls=False, max_tokens=300)
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.tool_calls
     finally:
         server.close()
+
+
+def test_random_walks_of_parallel_tagged_calls_read_back(tag_gen):
+    """"required" with parallel calls: random logits masked by the guide end in one or more tagged calls that read
+    back, each after its own <tool_call>."""
+    import numpy as np
+
+    pytest.importorskip("llguidance")
+    from mixtrt.runtime.structured import Guide
+    from mixtrt.runtime.tool_calls import read_tool_calls, tool_use
+
+    tok = tag_gen.tokenizer
+    _, use = tool_use(tok, BOUNDED, "required")
+    for seed in range(8):
+        guide, rng, ids = Guide(tok, ("grammar", use.grammar), [tok.eos_id]), np.random.default_rng(seed), []
+        while len(ids) < 400:
+            allowed = guide.allowed()
+            ids.append(int(np.argmax(np.where(allowed, rng.standard_normal(allowed.size) * 3, -np.inf))))
+            guide.consume(ids[-1])
+            if ids[-1] == tok.eos_id:
+                break
+        reply = read_tool_calls([*use.forced, *ids], tok, use.tokens)
+        assert reply is not None and reply.calls and ids.count(32002) == len(reply.calls) - 1, tok.decode(ids)
