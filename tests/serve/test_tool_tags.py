@@ -6,14 +6,13 @@ random model never writes a call) through Generator.chat / stream_chat and the s
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from mixtrt.runtime.generation import Generator
-from tests.checkpoints import make_checkpoint, mistral_tokenizer_path
+from tests.checkpoints import mistral_tokenizer_path
 from tests.serve.conftest import Server
-from tests.serve.test_tools import Scripted
+from tests.serve.test_tools import scripted_generator
 
 HERMES = """{%- if tools %}<|im_start|>system
 You are a function calling AI model. You are provided with function signatures within <tools></tools> XML tags:
@@ -47,18 +46,10 @@ ASK = [{"role": "user", "content": "Weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def tag_gen(tmp_path_factory) -> Generator:
-    from mixtrt.export import export_onnx
-
-    root = tmp_path_factory.mktemp("tags")
-    ck = make_checkpoint(root / "ck", "mistral", tokenizer=False, vocab_size=32008, sliding_window=8,
-                         max_position_embeddings=1024, num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=48)
-    shutil.copy(mistral_tokenizer_path(), ck / "tokenizer.model")
-    (ck / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": HERMES, "eos_token": "<|im_end|>", "legacy": False, "added_tokens_decoder": ADDED}))
-    (ck / "generation_config.json").write_text(json.dumps({"eos_token_id": 32000}))
-    gen = Generator.load(export_onnx(ck, root / "art", progress=None), threads=1)
-    return Generator(Scripted(gen.backend), gen.tokenizer, gen.defaults)
+    config = {"chat_template": HERMES, "eos_token": "<|im_end|>", "legacy": False, "added_tokens_decoder": ADDED}
+    return scripted_generator(tmp_path_factory.mktemp("tags"), 32008, 1024, {
+        "tokenizer.model": mistral_tokenizer_path(), "tokenizer_config.json": json.dumps(config),
+        "generation_config.json": json.dumps({"eos_token_id": 32000})})
 
 
 def reply(gen: Generator, text: str, calls: list[dict]) -> list[int]:

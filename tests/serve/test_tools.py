@@ -55,17 +55,26 @@ class Scripted:
         return logits
 
 
-@pytest.fixture(scope="module")
-def tool_gen(tmp_path_factory) -> Generator:
+def scripted_generator(root: Path, vocab_size: int, max_positions: int, files: dict[str, Path | str]) -> Generator:
+    """A tiny exported one-layer model whose checkpoint has `files` (name -> a file to copy, or text to write) as
+    its tokenizer files, its replies scripted (Scripted)."""
     from mixtrt.export import export_onnx
 
-    root = tmp_path_factory.mktemp("tools")
-    ck = make_checkpoint(root / "ck", "mistral", tokenizer=False, vocab_size=32768, sliding_window=8,
-                         max_position_embeddings=512, num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=48)
-    shutil.copy(V3, ck / "tokenizer.model.v3")
+    ck = make_checkpoint(root / "ck", "mistral", tokenizer=False, vocab_size=vocab_size, sliding_window=8,
+                         max_position_embeddings=max_positions, num_hidden_layers=1, hidden_size=32,
+                         num_attention_heads=2, num_key_value_heads=1, intermediate_size=48)
+    for name, source in files.items():
+        if isinstance(source, Path):
+            shutil.copy(source, ck / name)
+        else:
+            (ck / name).write_text(source)
     gen = Generator.load(export_onnx(ck, root / "art", progress=None), threads=1)
     return Generator(Scripted(gen.backend), gen.tokenizer, gen.defaults)
+
+
+@pytest.fixture(scope="module")
+def tool_gen(tmp_path_factory) -> Generator:
+    return scripted_generator(tmp_path_factory.mktemp("tools"), 32768, 512, {"tokenizer.model.v3": V3})
 
 
 def reply_ids(gen: Generator, text: str = "I'll check.", calls: list[dict[str, Any]] | None = CALLS) -> list[int]:
