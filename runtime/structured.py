@@ -395,9 +395,9 @@ class Guide:
 
     def __init__(self, tokenizer: Any, constraint: tuple[str, str], eos_ids: Iterable[int],
                  vocab_size: int | None = None, new_message: bool = True) -> None:
-        """constraint: (kind, text) as GenerationConfig.constraint gives it (KINDS; the text check_schema's,
-        check_grammar's, check_regex's, or a choice's JSON list). new_message: the row's text is a new message's
-        (False: it continues the prompt's, and the constrained text starts at once)."""
+        """constraint: (kind, text) as GenerationConfig.constraint gives it (json_schema, grammar, regex or choice;
+        the text check's, a choice's as a JSON list: constraint_text). new_message: the row's text is a new
+        message's (False: it continues the prompt's, and the constrained text starts at once)."""
         self.kind = constraint[0]
         self.matcher, tokenizer_eos, self.lead = _matcher(tokenizer, constraint, new_message)
         # with a lead, until the first token: the matcher after a lone space (the module's doc; None where the
