@@ -506,10 +506,12 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
     running = options is not None and options.continuous_usage_stats  # vLLM's: usage so far in every chunk
     # with include_usage, the other chunks carry "usage": null (OpenAI's stream format)
     tail = "]}\n\n" if not usage or running else '], "usage": null}\n\n'
+    prompt_tokens = sum(len(p) for p in call.prompts)
+
     def chunk(choice: dict[str, Any]) -> str:
         if running:
             return (head + _sse_json(choice) + '], "usage": '
-                    + json.dumps(_usage_of(call, 0 if call.echo_only else sum(counts))) + "}\n\n")
+                    + json.dumps(_usage_of(prompt_tokens, 0 if call.echo_only else sum(counts))) + "}\n\n")
         return head + _sse_json(choice) + tail
 
     try:
@@ -759,19 +761,12 @@ def _finish(out: GenerationOutput) -> str:
 
 
 def _usage(call: _Call) -> dict[str, int]:
-    return _usage_of(call, 0 if call.echo_only else sum(len(o.token_ids) for o in call.outputs.values()))
+    return _usage_of(sum(len(p) for p in call.prompts),
+                     0 if call.echo_only else sum(len(o.token_ids) for o in call.outputs.values()))
 
 
-def _usage_of(call: _Call, generated: int) -> dict[str, int]:
-    """OpenAI's usage of a request whose rows generated `generated` tokens in all. A forced tool call's start (put
-    after the prompt) counts as each choice's completion, as vLLM counts the call it writes whole."""
-    prompt, completion = _token_counts(call, generated)
+def _usage_of(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _token_counts(call: _Call, generated: int) -> tuple[int, int]:
-    forced = len(call.tools.forced) if call.tools is not None else 0
-    return sum(len(p) for p in call.prompts) - forced, generated + forced * call.req.n
 
 
 def _full_choice(call: _Call, state: _State, i: int) -> dict[str, Any]:
@@ -916,9 +911,8 @@ def _log(call: _Call) -> None:
     sent = call.t_first_sent - call.t0 if call.t_first_sent is not None else None
     record = {
         "event": "request", "id": call.id, "endpoint": call.kind, "status": call.status, "end": call.end,
-        "stream": call.req.stream, "n": call.handle.choices,
-        **dict(zip(("prompt_tokens", "completion_tokens"),
-                   _token_counts(call, 0 if call.echo_only else sum(len(r.tokens) for r in rows)), strict=True)),
+        "stream": call.req.stream, "n": call.handle.choices, "prompt_tokens": sum(len(p) for p in call.prompts),
+        "completion_tokens": 0 if call.echo_only else sum(len(r.tokens) for r in rows),
         "finish": [_finish(call.outputs[i]) if i in call.outputs else None for i in range(call.handle.choices)],
         "queue_s": queue, "prefill_s": prefill, "ttft_s": ttft, "first_sent_s": sent,
         # what the server adds before the first token reaches the socket, the engine's prefill aside
