@@ -252,32 +252,33 @@ class JinjaChatTokenizer:
 
 
 def _objects_as_arguments(messages: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
-    """The messages with each assistant tool call's `arguments` as the object it is where a client sent its JSON
-    text (OpenAI's form): templates write them with `tojson`, which would write a string (vLLM parses them so)."""
+    """The messages with each assistant tool call's `arguments` as the value it holds where a client sent its JSON
+    text (OpenAI's form; "" is {}): templates write them with `tojson`, which would write a string (vLLM parses them
+    so). Text that is not JSON is one error naming the message and the call."""
     out: list[Mapping[str, Any]] = []
-    for m in messages:
+    for i, m in enumerate(messages):
         calls = m.get("tool_calls") if isinstance(m, Mapping) else None
-        if isinstance(calls, (list, tuple)) and any(_text_arguments(c) is not None for c in calls):
-            m = {**m, "tool_calls": [_with_object(c) for c in calls]}
+        if isinstance(calls, (list, tuple)) and any(isinstance(_arguments(c), str) for c in calls):
+            m = {**m, "tool_calls": [_parsed(c, f"message {i}: tool_calls[{j}].function.arguments")
+                                     for j, c in enumerate(calls)]}
         out.append(m)
     return out
 
 
-def _text_arguments(call: Any) -> dict[str, Any] | None:
+def _arguments(call: Any) -> Any:
     function = call.get("function") if isinstance(call, Mapping) else None
-    arguments = function.get("arguments") if isinstance(function, Mapping) else None
-    if not isinstance(arguments, str):
-        return None
+    return function.get("arguments") if isinstance(function, Mapping) else None
+
+
+def _parsed(call: Any, where: str) -> Any:
+    text = _arguments(call)
+    if not isinstance(text, str):
+        return call
     try:
-        value = json.loads(arguments)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _with_object(call: Any) -> Any:
-    value = _text_arguments(call)
-    return call if value is None else {**call, "function": {**call["function"], "arguments": value}}
+        value = json.loads(text) if text.strip() else {}
+    except ValueError as e:
+        raise ConfigError(f"{where}: not JSON ({e})") from None
+    return {**call, "function": {**call["function"], "arguments": value}}
 
 
 def _added_token_pattern(tokens: Sequence[AddedToken]) -> tuple[re.Pattern[str] | None, list[int]]:

@@ -197,15 +197,16 @@ def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, parallel: bool
     return offered, ToolUse(tokens, (tokens.calls, *start), False, names, _checked_grammar(grammar, where))
 
 
-def _call_rules(offered: list[dict[str, Any]], where: str, only: int | None = None) -> list[str]:
+def _call_rules(offered: list[dict[str, Any]], where: str, only: int | None = None, ids: bool = True) -> list[str]:
     """Lark rules of one call per function (or of function `only`) as mistral-common writes it in the JSON list:
     `{"name": ..., "arguments": <the JSON object its parameters schema accepts>` and an optional `, "id": "<9 letters
-    and digits>"`, then `}`."""
+    and digits>"` (ids False: none, as the tag form's calls carry none), then `}`."""
     from mixtrt.runtime.structured import check_schema, json_rule
 
     chosen = range(len(offered)) if only is None else [only]
     id_head = json.dumps(', "id": "')
-    rules = [f'id: ({id_head} /[a-zA-Z0-9]{{9}}/ "\\"")?', "call: " + " | ".join(f"call{n}" for n in chosen)]
+    rules = [f'id: ({id_head} /[a-zA-Z0-9]{{9}}/ "\\"")?' if ids else 'id: ""',
+             "call: " + " | ".join(f"call{n}" for n in chosen)]
     for n in chosen:
         function = offered[n]["function"]
         params = _object_schema(function.get("parameters"), f"{where}[{n}].function.parameters")
@@ -246,9 +247,9 @@ def _tagged_grammar(offered: list[dict[str, Any]], tokens: ToolTokens, parallel:
 
     chosen = range(len(offered)) if only is None else [only]
     rules = []
-    if tokens.end is not None:  # the JSON object of the tag form, as in the JSON list (optional id and all)
-        rules = _call_rules(offered, where, only)
-        one = f'"\\n"? call "\\n"? <[{tokens.end}]>'
+    if tokens.end is not None:  # the tag form as its templates write it: a newline, the JSON object, a newline
+        rules = _call_rules(offered, where, only, ids=False)
+        one = f'"\\n" call "\\n" <[{tokens.end}]>'
         more = f' ("\\n"? <[{tokens.calls}]> {one})*' if parallel else ""  # no free whitespace to run off into
         return _checked_grammar("\n".join([f"start: {one}{more}", *rules]), where)
     assert tokens.args is not None
@@ -379,10 +380,13 @@ def read_tool_calls(token_ids: Sequence[int], tokenizer: Any, tokens: ToolTokens
         else:
             groups[-1].append(i)
     calls: list[ToolCall] = []
+    after = ""  # the tag form: text outside the tags after the first call (kept as content, not dropped)
     for group in groups:
-        if tokens.end is not None:  # <tool_call>{...}</tool_call>: only whitespace (and eos) after the tag
-            if tokens.end not in group or tokenizer.decode(group[group.index(tokens.end) + 1:]).strip():
+        if tokens.end is not None:  # <tool_call>{...}</tool_call>
+            if tokens.end not in group:
                 return None
+            rest = _continuing(tokenizer, group[group.index(tokens.end) + 1:])
+            after += rest if rest.strip() else ""
             group = group[:group.index(tokens.end)]
         read = _named_call(group, tokenizer, tokens) if tokens.args is not None and tokens.args in group \
             else _json_calls(tokenizer.decode(group))
@@ -391,8 +395,28 @@ def read_tool_calls(token_ids: Sequence[int], tokenizer: Any, tokens: ToolTokens
         calls += read
     if not calls:
         return None
-    text = tokenizer.decode(ids[:first])
-    return ToolReply(text or None, tuple(calls))  # as streamed: whitespace before a call is kept
+    text = tokenizer.decode(ids[:first]) + after
+    return ToolReply(text or None, _unique_ids(calls))  # as streamed: whitespace before a call is kept
+
+
+def _continuing(tokenizer: Any, ids: list[int]) -> str:
+    """The text of ids that continue a reply (a first word keeps its space: decoded after a word of text)."""
+    if not ids:
+        return ""
+    lead = tokenizer.encode("a", bos=False)
+    return str(tokenizer.decode([*lead, *ids]))[len(tokenizer.decode(lead)):]
+
+
+def _unique_ids(calls: list[ToolCall]) -> tuple[ToolCall, ...]:
+    """The calls with a fresh id for any the reply gave twice (results are matched to calls by id)."""
+    seen: set[str] = set()
+    out = []
+    for call in calls:
+        if call.id in seen:
+            call = ToolCall(new_call_id(), call.name, call.arguments)
+        seen.add(call.id)
+        out.append(call)
+    return tuple(out)
 
 
 def _named_call(group: list[int], tokenizer: Any, tokens: ToolTokens) -> list[ToolCall] | None:

@@ -253,10 +253,14 @@ def test_arguments_sent_as_text_are_written_as_objects(pairs):
     mapped = mistral_call_id("call_Xy12abCD34ef")
     assert ours.render_chat(openai_ids, tools=[WEATHER]) == ours.render_chat(TOOL_TALK, tools=[WEATHER]).replace(
         "call00001", mapped)
-    # text that is not a JSON object stays as it is
-    odd = [*TOOL_TALK[:2], {"role": "assistant", "tool_calls": [
-        {**TOOL_TALK[2]["tool_calls"][0], "function": {"name": "get_weather", "arguments": "[1"}}]}]
-    assert '"arguments": "[1"' in ours.render_chat(odd, tools=[WEATHER])
+    # "" is no arguments ({}); text that is not JSON is one error naming the message and the call
+    def sent(arguments):
+        return [*TOOL_TALK[:2], {"role": "assistant", "tool_calls": [
+            {**TOOL_TALK[2]["tool_calls"][0], "function": {"name": "get_weather", "arguments": arguments}}]}]
+
+    assert '"arguments": {}' in ours.render_chat(sent(""), tools=[WEATHER])
+    with pytest.raises(ConfigError, match=r"^message 2: tool_calls\[0\]\.function\.arguments: not JSON"):
+        ours.render_chat(sent("{bad"), tools=[WEATHER])
 
 
 def test_control_tokens_are_single_ids(pairs):

@@ -76,12 +76,20 @@ def test_calls_are_read_from_the_tags(tag_gen):
                                                                            ("get_weather", {})]
     events = list(tag_gen.stream_chat(ASK, tools=TOOLS, max_new_tokens=200))  # the call's text held back
     assert "".join(e.text for e in events) == "Let me check." and len(events[-1].output.tool_calls) == 2
-    # a call cut by its length, or text after the closing tag, is text
+    # a call cut by its length is text; text after a closing tag is kept as content, after the text before
     script(tag_gen, ASK, reply(tag_gen, "", CALLS[:1]))
     assert tag_gen.chat(ASK, tools=TOOLS, max_new_tokens=6).tool_calls is None
-    script(tag_gen, ASK, reply(tag_gen, "", CALLS[:1])[:-1] + tag_gen.tokenizer.encode(" and more", bos=False)
+    script(tag_gen, ASK, reply(tag_gen, "Hm.", CALLS[:1])[:-1] + tag_gen.tokenizer.encode(" Called it.", bos=False)
            + [32000])
-    assert tag_gen.chat(ASK, tools=TOOLS, max_new_tokens=200).tool_calls is None
+    out = tag_gen.chat(ASK, tools=TOOLS, max_new_tokens=200)
+    assert len(out.tool_calls) == 1 and out.text == "Hm. Called it."
+    events = list(tag_gen.stream_chat(ASK, tools=TOOLS, max_new_tokens=200))
+    assert "".join(e.text for e in events) == "Hm. Called it."
+    # the same id twice in one reply: the second call gets a fresh one (results are matched to calls by id)
+    twice = [{**CALLS[0], "id": "abcdefghi"}, {**CALLS[0], "id": "abcdefghi"}]
+    script(tag_gen, ASK, reply(tag_gen, "", twice))
+    ids = [c.id for c in tag_gen.chat(ASK, tools=TOOLS, max_new_tokens=200).tool_calls]
+    assert ids[0] == "abcdefghi" and ids[1] != ids[0] and len(ids[1]) == 9
 
 
 def test_the_next_turn_shows_the_call_and_its_result(tag_gen):
