@@ -213,9 +213,12 @@ class ChatTemplate:
             raise ConfigError("chat: messages must be a non-empty list of {'role': ..., 'content': ...} mappings")
         if tools is not None and not all(isinstance(t, Mapping) for t in tools):
             raise ConfigError("chat: tools must be JSON-schema mappings")
-        chat = [_message(n, m) for n, m in enumerate(messages)]
-        variables = {**self.special_tokens, **_plain(kwargs), "tools": _plain(tools), "documents": _plain(documents),
-                     "add_generation_prompt": bool(add_generation_prompt)}
+        try:
+            chat = [_message(n, m) for n, m in enumerate(messages)]
+            variables = {**self.special_tokens, **_plain(kwargs), "tools": _plain(tools),
+                         "documents": _plain(documents), "add_generation_prompt": bool(add_generation_prompt)}
+        except RecursionError:
+            raise ConfigError("chat: a message or the tools are nested too deeply to render") from None
         text, error = self._attempt(chat, variables)
         if error is None:
             return text

@@ -138,9 +138,14 @@ class JinjaChatTokenizer:
         """Mistral's tool-call tokens where the checkpoint has them as added tokens, else a ChatML fine-tune's
         `<tool_call>` / `</tool_call>` tags (runtime/tool_calls.py)."""
         calls = self._by_content.get("[TOOL_CALLS]")
+        start, end = self._by_content.get("<tool_call>"), self._by_content.get("</tool_call>")
+        sources = [t.source for t in self.templates.values()]
+        # a vocabulary with both (a ChatML fine-tune of a v3 model): the form its template writes
+        if start is not None and end is not None and (calls is None or (
+                any("<tool_call>" in t for t in sources) and not any("[TOOL_CALLS]" in t for t in sources))):
+            return ToolTokens(start, end=end)
         if calls is None:
-            start, end = self._by_content.get("<tool_call>"), self._by_content.get("</tool_call>")
-            return ToolTokens(start, end=end) if start is not None and end is not None else None
+            return None
         return ToolTokens(calls, self._by_content.get("[ARGS]"), self._by_content.get("[CALL_ID]"))
 
     # ---- text --------------------------------------------------------------------------------------
@@ -215,7 +220,7 @@ class JinjaChatTokenizer:
         messages = _objects_as_arguments(messages)
         tokens = self.tool_tokens()
         if tokens is not None and tokens.end is None:  # Mistral's templates take 9-character call ids
-            messages = [mistral_ids(m) for m in messages]
+            messages = [mistral_ids(m) if isinstance(m, Mapping) else m for m in messages]
         template = select_template(self.templates, tools)
         if not continue_final_message:
             return template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
@@ -255,6 +260,8 @@ def _objects_as_arguments(messages: Sequence[Mapping[str, Any]]) -> Sequence[Map
     """The messages with each assistant tool call's `arguments` as the value it holds where a client sent its JSON
     text (OpenAI's form; "" is {}): templates write them with `tojson`, which would write a string (vLLM parses them
     so). Text that is not JSON is one error naming the message and the call."""
+    if not isinstance(messages, (list, tuple)):  # the template's own check names it
+        return messages
     out: list[Mapping[str, Any]] = []
     for i, m in enumerate(messages):
         calls = m.get("tool_calls") if isinstance(m, Mapping) else None
@@ -278,6 +285,8 @@ def _parsed(call: Any, where: str) -> Any:
         value = json.loads(text) if text.strip() else {}
     except ValueError as e:
         raise ConfigError(f"{where}: not JSON ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to read") from None
     return {**call, "function": {**call["function"], "arguments": value}}
 
 

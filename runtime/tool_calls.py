@@ -91,8 +91,8 @@ class ToolUse:
     forced: tuple[int, ...] = ()
     parallel: bool = True
     names: frozenset[str] = frozenset()  # the functions offered (empty: any name)
-    # a forced call in the JSON-list form: the Lark grammar (runtime/structured.py) the rest of the reply is held
-    # to, each function's arguments to its `parameters` schema; None for "auto" and the name[ARGS] form
+    # a forced call: the Lark grammar (runtime/structured.py) the rest of the reply is held to, each function's
+    # arguments to its `parameters` schema; None for "auto"
     grammar: str | None = None
 
     def reply(self, out: Any, tokenizer: Any) -> ToolReply | None:
@@ -134,8 +134,10 @@ class ToolStream:
         if token == self.use.tokens.calls:
             # the call token's text is what it completed before the call, and a tag that shows (<tool_call>) itself
             tag = self.tokenizer.decode([token]) if self.use.tokens.end is not None else ""
-            self.held = [tag] if tag and text.endswith(tag) else []
-            text = text[:len(text) - len(self.held[0])] if self.held else text
+            # the tag's text, or the start of it where a stop string's filter holds its end back ("<tool_call")
+            shown = next((k for k in range(len(tag), 0, -1) if text.endswith(tag[:k])), 0)
+            self.held = [text[len(text) - shown:]] if shown else []
+            text = text[:len(text) - shown]
         self.sent.append(text)
         return text
 
@@ -155,9 +157,10 @@ class ToolStream:
 def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, parallel: bool = True, where: str = "tools"
              ) -> tuple[list[dict[str, Any]] | None, ToolUse | None]:
     """(the tools a prompt shows, how its replies are read) for OpenAI's `tools` and `tool_choice`: "auto" (None)
-    lets the model choose; "none" shows no tools (they are still checked); "required" starts the reply with
-    [TOOL_CALLS], so the model writes a call; {"type": "function", "function": {"name": ...}} also writes that
-    function's name, so the model writes its arguments. (None, None) without tools."""
+    lets the model choose; "none" shows no tools (they are still checked); "required" starts the reply with the
+    first call token ([TOOL_CALLS], <tool_call>) and holds the rest to a grammar of calls of the offered functions;
+    {"type": "function", "function": {"name": ...}} to one call of that function (in the JSON list, the forced start
+    also writes its name). (None, None) without tools."""
     offered = check_tools(tools, where)
     if tool_choice not in (None, "auto", "none", "required") and not _named(tool_choice):
         raise ConfigError(f"tool_choice: must be \"auto\", \"none\", \"required\" or {{\"type\": \"function\", "
@@ -245,14 +248,13 @@ def _tagged_grammar(offered: list[dict[str, Any]], tokens: ToolTokens, parallel:
     llguidance's `<[id]>`."""
     from mixtrt.runtime.structured import check_schema, json_rule
 
-    chosen = range(len(offered)) if only is None else [only]
-    rules = []
     if tokens.end is not None:  # the tag form as its templates write it: a newline, the JSON object, a newline
         rules = _call_rules(offered, where, only, ids=False)
         one = f'"\\n" call "\\n" <[{tokens.end}]>'
         more = f' ("\\n"? <[{tokens.calls}]> {one})*' if parallel else ""  # no free whitespace to run off into
         return _checked_grammar("\n".join([f"start: {one}{more}", *rules]), where)
     assert tokens.args is not None
+    chosen, rules = (range(len(offered)) if only is None else [only]), []
     call_id = f' (<[{tokens.call_id}]> /[a-zA-Z0-9]{{9}}/)?' if tokens.call_id is not None else ""
     for n in chosen:
         function = offered[n]["function"]
@@ -324,8 +326,8 @@ def new_call_id() -> str:
 
 
 def tool_tokens(tokenizer: Any) -> ToolTokens | None:
-    """The tokenizer's tool-call tokens; None when its chat format has no `[TOOL_CALLS]` token (v1, a template
-    of another family): such a format cannot call tools."""
+    """The tokenizer's tool-call tokens; None when its chat format has neither `[TOOL_CALLS]` nor the
+    `<tool_call>` / `</tool_call>` tags (v1, a template of another family): such a format cannot call tools."""
     find = getattr(tokenizer, "tool_tokens", None)
     return find() if callable(find) else None
 

@@ -261,6 +261,8 @@ def test_arguments_sent_as_text_are_written_as_objects(pairs):
     assert '"arguments": {}' in ours.render_chat(sent(""), tools=[WEATHER])
     with pytest.raises(ConfigError, match=r"^message 2: tool_calls\[0\]\.function\.arguments: not JSON"):
         ours.render_chat(sent("{bad"), tools=[WEATHER])
+    with pytest.raises(ConfigError, match=r"^chat: message 1 must be a mapping"):  # not an AttributeError
+        ours.apply_chat_template([{"role": "user", "content": "hi"}, "oops"])
 
 
 def test_control_tokens_are_single_ids(pairs):

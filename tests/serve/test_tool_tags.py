@@ -85,6 +85,10 @@ def test_calls_are_read_from_the_tags(tag_gen):
     assert len(out.tool_calls) == 1 and out.text == "Hm. Called it."
     events = list(tag_gen.stream_chat(ASK, tools=TOOLS, max_new_tokens=200))
     assert "".join(e.text for e in events) == "Hm. Called it."
+    # a stop string whose start is the tag's end holds ">" back: the tag's start is held too, never shown
+    script(tag_gen, ASK, reply(tag_gen, "Hi", CALLS[:1]))
+    events = list(tag_gen.stream_chat(ASK, tools=TOOLS, max_new_tokens=200, stop_strings=(">>",)))
+    assert "".join(e.text for e in events) == "Hi" and events[-1].output.tool_calls
     # the same id twice in one reply: the second call gets a fresh one (results are matched to calls by id)
     twice = [{**CALLS[0], "id": "abcdefghi"}, {**CALLS[0], "id": "abcdefghi"}]
     script(tag_gen, ASK, reply(tag_gen, "", twice))
@@ -174,3 +178,24 @@ def test_random_walks_of_parallel_tagged_calls_read_back(tag_gen):
                 break
         reply = read_tool_calls([*use.forced, *ids], tok, use.tokens)
         assert reply is not None and reply.calls and ids.count(32002) == len(reply.calls) - 1, tok.decode(ids)
+
+
+def test_a_template_decides_between_the_tags_and_tool_calls_token(tag_gen):
+    """A ChatML fine-tune of a v3 vocabulary has [TOOL_CALLS] too: its template writes <tool_call>, so the tags are
+    read."""
+    import copy
+
+    tok = copy.copy(tag_gen.tokenizer)
+    tok._by_content = {**tok._by_content, "[TOOL_CALLS]": 5}
+    assert tok.tool_tokens().end == 32003
+
+
+def test_arguments_nested_too_deeply_are_one_error(tag_gen):
+    from mixtrt.runtime.errors import ConfigError
+
+    call = {"id": "abcdefghi", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    for arguments in ("[" * 5000, "[" * 900 + "]" * 900):
+        turn = [*ASK, {"role": "assistant", "tool_calls": [{**call, "function": {**call["function"],
+                                                                                "arguments": arguments}}]}]
+        with pytest.raises(ConfigError, match="nested too deeply"):
+            tag_gen.tokenizer.render_chat(turn, tools=TOOLS)
