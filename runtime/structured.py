@@ -305,16 +305,30 @@ def _matcher(tokenizer: Any, constraint: tuple[str, str], new_message: bool) -> 
 
 
 def _first_token_problem(proto: Any, eos: int) -> str:
-    """llguidance's limit error where a grammar cannot take its first token (thousands of alternatives in one rule:
-    at most 2,000 parser items a row), found by feeding copies a few allowed tokens (the first, middle and last
-    ids, eos aside); "" otherwise. A grammar whose other first tokens go past the limit fails at that token."""
-    ids = np.nonzero(np.unpackbits(np.frombuffer(proto.compute_bitmask(), np.uint8), bitorder="little"))[0]
+    """What stops a constraint at its first token, found by feeding copies a few allowed tokens (the first, middle
+    and last ids, eos aside): llguidance's limits (thousands of alternatives in one rule: at most 2,000 parser items
+    a row; a regex too big for its lexer; a rule that recurses with no end), or that it accepts no text at all (a
+    regex like `[^\\s\\S]`); "" otherwise. A grammar whose other first tokens fail, fails at that token."""
+    ids = _allowed_ids(proto)
     ids = ids[ids != eos]
-    for i in sorted({0, ids.size // 2, ids.size - 1}) if ids.size else ():
+    if not ids.size:
+        return "" if proto.is_accepting() else "it accepts no text"
+    dead_ends = 0
+    tried = sorted({0, ids.size // 2, ids.size - 1})
+    for i in tried:
         probe = proto.deep_copy()
-        if not probe.consume_token(int(ids[i])) and "max is" in probe.get_error():
-            return str(probe.get_error().split("<state>")[0])
-    return ""
+        if not probe.consume_token(int(ids[i])):
+            return str(probe.get_error().split("<state>")[0]) or "it refused its own first token"
+        after = _allowed_ids(probe)
+        if probe.is_error():  # nothing can follow (llguidance's NoExtensionBias), or a limit
+            problem = str(probe.get_error().split("<state>")[0]).strip()
+            return "it accepts no text" if problem == "NoExtensionBias" else problem
+        dead_ends += not probe.is_accepting() and not after[after != eos].size
+    return "it accepts no text" if dead_ends == len(tried) else ""
+
+
+def _allowed_ids(matcher: Any) -> np.ndarray:
+    return np.nonzero(np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little"))[0]
 
 
 def check_grammar(grammar: Any, where: str = "grammar") -> str:
@@ -460,6 +474,8 @@ class Guide:
             mask[self.foreign_eos] = False
         if self._accepting():
             mask[self.eos] = True  # the document is complete: the row's own eos ids end it
+        if not mask.any():  # nothing can go on (never chosen from: a choice would break the constraint)
+            raise self._cannot_go_on("no token can continue the text")
         return mask
 
     def consume(self, token: int) -> None:

@@ -198,3 +198,16 @@ def test_thousands_of_choices_and_a_grammar_past_llguidances_limits(toks):
     wide = check_grammar("root ::= " + " | ".join(f'"w{i}"' for i in range(5000)))
     with pytest.raises(ConfigError, match=r"^grammar: the grammar cannot be enforced: .*max is 2000"):
         Guide(tok, ("grammar", wide), [tok.eos_id])
+
+
+@pytest.mark.parametrize("kind", ["v1", "v3", "tekken"])
+def test_constraints_that_accept_no_text_are_refused_when_made(toks, kind):
+    """A regex that matches nothing, a rule that recurses with no end: one error naming the field when the row's
+    matcher is made (a server's 400), not an empty "complete" reply or a failure at the first token."""
+    tok = toks[kind]
+    for constraint, message in ((("regex", check_regex(r"[^\s\S]")), "it accepts no text"),
+                                (("regex", check_regex(r" [^\s\S]")), "it accepts no text"),
+                                (("grammar", check_grammar('root ::= "a" root')), "Too many items")):
+        for new_message in (True, False):
+            with pytest.raises(ConfigError, match=rf"^{constraint[0]}: the .* cannot be enforced: .*{message}"):
+                Guide(tok, constraint, [tok.eos_id], new_message=new_message)

@@ -199,6 +199,9 @@ def test_json_object_through_structured_outputs(server, generator):
      "grammar: the grammar cannot be enforced"),
     ({"guided_regex": "a\\"}, "guided_regex", "guided_regex: the regular expression ends with an incomplete escape"),
     ({"guided_json": "[" * 100000}, "guided_json", "guided_json: nested too deeply to read"),
+    ({"guided_regex": "[^\\s\\S]"}, "guided_regex",
+     "guided_regex: the regular expression cannot be enforced: it accepts no text"),
+    ({"grammar": 'root ::= "a" root'}, "grammar", "grammar: the grammar cannot be enforced"),
     ({"guided_regex": "[a-z]+", "ignore_eos": True}, "guided_regex",
      "guided_regex: the reply ends with an eos id once its text is complete"),
 ])
