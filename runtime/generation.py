@@ -1023,7 +1023,8 @@ class Generator:
 
     def config(self, config: GenerationConfig | None = None, /, **overrides: Any) -> GenerationConfig:
         """The config a call with these arguments runs: `config`, else the artifact's generation defaults,
-        with `overrides` (GenerationConfig names) and the artifact's eos ids for eos_token_id None; checked."""
+        with `overrides` (GenerationConfig names) and the artifact's eos ids for eos_token_id None; checked. A
+        structured-output constraint among the overrides replaces the config's."""
         if config is not None and not isinstance(config, GenerationConfig):
             raise ConfigError(f"config must be a GenerationConfig or None, got {type(config).__name__} (options go as "
                               "keyword arguments: generate(prompt, max_new_tokens=32))")
@@ -1031,6 +1032,9 @@ class Generator:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise ConfigError(f"unknown generation options {unknown}; known: {sorted(names)}")
+        if config is not None and any(overrides.get(name) is not None for name in STRUCTURED):
+            # a constraint given for the call replaces the config's (a session's, say): not two at once
+            overrides = {**{name: None for name in STRUCTURED}, **overrides}
         if config is None:
             cfg = GenerationConfig(**{**self.defaults.config_kwargs(), **overrides})
         else:

@@ -211,3 +211,25 @@ def test_constraints_that_accept_no_text_are_refused_when_made(toks, kind):
         for new_message in (True, False):
             with pytest.raises(ConfigError, match=rf"^{constraint[0]}: the .* cannot be enforced: .*{message}"):
                 Guide(tok, constraint, [tok.eos_id], new_message=new_message)
+
+
+def test_a_constraint_given_for_a_call_replaces_the_configs(gen, exported):
+    """A session (or a config) holding a regex, asked for a choice on one turn: that turn follows the choice (two
+    constraints at once stay an error only when both are given for the call); `mixtrt chat` says when a reply is cut
+    before its constrained text is complete."""
+    import subprocess
+    import sys
+
+    session = gen.chat_session(config=GenerationConfig(regex=r" x[0-9]", max_new_tokens=20))
+    assert re.fullmatch(r" x[0-9]", session.send("hi").text)
+    assert session.send("again", choice=(" A", "B")).text in (" A", "B")
+    assert re.fullmatch(r" x[0-9]", session.send("and again").text)  # the session's own again
+    out = gen.generate("Hi", GenerationConfig(regex="[a-z]+", max_new_tokens=20), choice=("yes", "no"))[0]
+    assert out.text in ("yes", "no")
+    with pytest.raises(ConfigError, match="regex and choice: give one of them"):
+        gen.generate("Hi", GenerationConfig(max_new_tokens=5), regex="a", choice=("b",))
+    art = exported["mixtral-window"][1]
+    r = subprocess.run([sys.executable, "-m", "mixtrt", "chat", str(art), "--regex", "[a-z]{60}", "--max-new-tokens",
+                        "3", "--threads", "1"], input="hi\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "the reply was cut by --max-new-tokens before its text was complete (--regex)" \
+        in r.stderr, r.stderr

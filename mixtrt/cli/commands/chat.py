@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from mixtrt.cli.options import (
+    _FLAGS,
     add_sampling,
     generation_config,
     generation_overrides,
@@ -60,6 +61,10 @@ def run(ns: argparse.Namespace) -> int:
             continue
         if not out.text:
             print(f"mixtrt chat: {session.turns[-1].note}", file=sys.stderr)
+        elif out.finish_reason != "eos" and (constraint := session.config.constraint()) is not None:
+            cut = "--max-new-tokens" if out.finish_reason == "length" else "a stop string"
+            print(f"mixtrt chat: the reply was cut by {cut} before its text was complete ({_FLAGS[constraint[0]]})",
+                  file=sys.stderr)
         if ns.stats:
             if turn.kind in ("cached", "rewound"):
                 cache = f"{turn.cached_tokens} from the cache"
