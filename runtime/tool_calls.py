@@ -193,10 +193,9 @@ def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, parallel: bool
     # the JSON list, as mistral-common writes it, up to the arguments' value; then that function's arguments (only
     # the chosen function's schema matters)
     start = tokenizer.encode(f'[{{"name": {json.dumps(name)}, "arguments":', bos=False)
-    [n] = [n for n, t in enumerate(offered) if t["function"]["name"] == name]
     from mixtrt.runtime.structured import OWN_SPACE
 
-    grammar = OWN_SPACE + "\n".join([f'start: " " args{n} id "}}]"', *_call_rules(offered, where, only=n)])
+    grammar = OWN_SPACE + "\n".join([f'start: " " args{only} id "}}]"', *_call_rules(offered, where, only=only)])
     return offered, ToolUse(tokens, (tokens.calls, *start), False, names, _checked_grammar(grammar, where))
 
 
@@ -204,19 +203,23 @@ def _call_rules(offered: list[dict[str, Any]], where: str, only: int | None = No
     """Lark rules of one call per function (or of function `only`) as mistral-common writes it in the JSON list:
     `{"name": ..., "arguments": <the JSON object its parameters schema accepts>` and an optional `, "id": "<9 letters
     and digits>"` (ids False: none, as the tag form's calls carry none), then `}`."""
-    from mixtrt.runtime.structured import check_schema, json_rule
-
     chosen = range(len(offered)) if only is None else [only]
     id_head = json.dumps(', "id": "')
     rules = [f'id: ({id_head} /[a-zA-Z0-9]{{9}}/ "\\"")?' if ids else 'id: ""',
              "call: " + " | ".join(f"call{n}" for n in chosen)]
     for n in chosen:
-        function = offered[n]["function"]
-        params = _object_schema(function.get("parameters"), f"{where}[{n}].function.parameters")
-        check_schema(params, f"{where}[{n}].function.parameters")
-        head = json.dumps(f'{{"name": {json.dumps(function["name"])}, "arguments": ')
-        rules += [f'call{n}: {head} args{n} id "}}"', f"args{n}: {json_rule(params)}"]
+        head = json.dumps(f'{{"name": {json.dumps(offered[n]["function"]["name"])}, "arguments": ')
+        rules += [f'call{n}: {head} args{n} id "}}"', _arguments_rule(offered, n, where)]
     return rules
+
+
+def _arguments_rule(offered: list[dict[str, Any]], n: int, where: str) -> str:
+    """The Lark rule `args{n}`: the JSON object function n's parameters schema accepts (checked, naming the tool)."""
+    from mixtrt.runtime.structured import check_schema, json_rule
+
+    params = _object_schema(offered[n]["function"].get("parameters"), f"{where}[{n}].function.parameters")
+    check_schema(params, f"{where}[{n}].function.parameters")
+    return f"args{n}: {json_rule(params)}"
 
 
 def _object_schema(params: Any, where: str) -> dict[str, Any]:
@@ -246,8 +249,6 @@ def _tagged_grammar(offered: list[dict[str, Any]], tokens: ToolTokens, parallel:
     it then) or `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` (the tag form); one call with
     parallel False or a named choice (`only`), else more, each after its own first token. Control tokens are
     llguidance's `<[id]>`."""
-    from mixtrt.runtime.structured import check_schema, json_rule
-
     if tokens.end is not None:  # the tag form as its templates write it: a newline, the JSON object, a newline
         rules = _call_rules(offered, where, only, ids=False)
         one = f'"\\n" call "\\n" <[{tokens.end}]>'
@@ -257,11 +258,8 @@ def _tagged_grammar(offered: list[dict[str, Any]], tokens: ToolTokens, parallel:
     chosen, rules = (range(len(offered)) if only is None else [only]), []
     call_id = f' (<[{tokens.call_id}]> /[a-zA-Z0-9]{{9}}/)?' if tokens.call_id is not None else ""
     for n in chosen:
-        function = offered[n]["function"]
-        params = _object_schema(function.get("parameters"), f"{where}[{n}].function.parameters")
-        check_schema(params, f"{where}[{n}].function.parameters")
-        rules += [f'call{n}: {json.dumps(function["name"])}{call_id} <[{tokens.args}]> args{n}',
-                  f"args{n}: {json_rule(params)}"]
+        rules += [f'call{n}: {json.dumps(offered[n]["function"]["name"])}{call_id} <[{tokens.args}]> args{n}',
+                  _arguments_rule(offered, n, where)]
     more = f" (<[{tokens.calls}]> call)*" if parallel else ""
     rules.append("call: " + " | ".join(f"call{n}" for n in chosen))
     return _checked_grammar("\n".join([f"start: call{more}", *rules]), where)
