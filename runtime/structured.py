@@ -69,16 +69,16 @@ def check_schema(schema: Any, where: str = "json_schema") -> str:
         raise ConfigError(f"{where}: the schema is not JSON ({e})") from None
     except RecursionError:
         raise ConfigError(f"{where}: the schema is nested too deeply") from None
-    _enforceable(_lark("json_schema", text, lead_space=False), where, "schema")
+    _enforceable(_lark("json_schema", text, lead_space=False), where, "json_schema")
     return text
 
 
-def _enforceable(grammar: str, where: str, what: str) -> None:
-    """One ConfigError naming `where` unless llguidance compiles the grammar."""
+def _enforceable(grammar: str, where: str, kind: str) -> None:
+    """One ConfigError naming `where` unless llguidance compiles the grammar of a constraint of `kind`."""
     _llguidance(where)
     problem = _grammar_problem(grammar)
     if problem:
-        raise ConfigError(f"{where}: the {what} cannot be enforced: {problem}")
+        raise ConfigError(f"{where}: the {_NOUNS[kind]} cannot be enforced: {problem}")
 
 
 _QUOTE = re.compile(r"^\s*\d+ \| ")  # llguidance quoting our grammar line (ours, not the client's)
@@ -374,7 +374,7 @@ def check_regex(pattern: Any, where: str = "regex") -> str:
     check_text(pattern, where)
     if (len(pattern) - len(pattern.rstrip("\\"))) % 2:  # llguidance's converter would drop the lone backslash
         raise ConfigError(f"{where}: the regular expression ends with an incomplete escape (a lone backslash)")
-    _enforceable(_lark("regex", pattern, lead_space=False), where, "regular expression")
+    _enforceable(_lark("regex", pattern, lead_space=False), where, "regex")
     return pattern
 
 
@@ -391,8 +391,8 @@ def check_choice(choices: Any, where: str = "choice") -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=64)
 def _grammar_problem(grammar: str) -> str:
-    """What llguidance says is wrong with a grammar, "" when nothing is; remembered, since a server request checks
-    its schema at parse, at its config and at each row."""
+    """What llguidance says is wrong with a grammar, "" when nothing is; remembered, since a constraint is checked
+    where it is given and again in each config made from it."""
     import llguidance
 
     return _said(llguidance.LLMatcher.validate_grammar(grammar))
