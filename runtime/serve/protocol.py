@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from mixtrt.runtime.errors import ConfigError
 
@@ -89,6 +89,7 @@ class StructuredOutputs(_Strict):
 
 
 class _Sampling(_Strict):
+    _constraint: tuple[Any] | None = PrivateAttr(default=None)  # (reply_constraint's answer,) once read
     model: str | None = None
     max_tokens: Int | None = Field(None, ge=0)  # 0 only with echo (completions): the prompt scored, nothing generated
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
@@ -346,7 +347,14 @@ _CONSTRAINTS = (("response_format", "json_schema"), ("structured_outputs.json", 
 
 def reply_constraint(req: CompletionRequest | ChatRequest) -> tuple[str, str, Any] | None:
     """The structured output a request asks for, checked (runtime/structured.py): (the request's field, the
-    GenerationConfig field, its value), None for free text. A request names one: two are a 400."""
+    GenerationConfig field, its value), None for free text. A request names one: two are a 400. Read once per
+    request, where first asked (the server's request thread), then remembered on it."""
+    if req._constraint is None:
+        req._constraint = (_read_constraint(req),)
+    return req._constraint[0]
+
+
+def _read_constraint(req: CompletionRequest | ChatRequest) -> tuple[str, str, Any] | None:
     from mixtrt.runtime import structured
 
     asked = []
