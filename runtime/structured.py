@@ -399,8 +399,48 @@ def _grammar_problem(grammar: str) -> str:
 
 
 def json_rule(schema: Mapping[str, Any]) -> str:
-    """A Lark rule body that is JSON the schema accepts, written in this module's form (json.dumps' separators)."""
-    return f"%json {json.dumps({**schema, 'x-guidance': _OPTIONS})}"
+    """A Lark rule body that is JSON the schema accepts, written in this module's form (json.dumps' separators),
+    with nothing the schema does not name (closed)."""
+    return f"%json {json.dumps({**closed(schema), 'x-guidance': _OPTIONS})}"
+
+
+# schema keywords whose value is one schema, a map of names to schemas, a list of schemas
+_ONE = ("additionalProperties", "unevaluatedProperties", "items", "additionalItems", "unevaluatedItems", "contains",
+        "propertyNames", "not", "if", "then", "else")
+_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")  # items as a list: the older drafts' tuple form
+_OPEN = {"additionalProperties", "unevaluatedProperties"}
+_JOINED = ("allOf", "anyOf", "oneOf", "$ref")
+
+
+def closed(schema: Any, open_: bool = False) -> Any:
+    """The schema with no room for keys or items it does not name, as xgrammar's strict mode (vLLM's default JSON
+    backend) and OpenAI's strict structured outputs have it: an object schema with `properties` or
+    `patternProperties` and no `additionalProperties` / `unevaluatedProperties` of its own gets
+    `additionalProperties: false`, an array with `prefixItems` and no `items` gets `items: false`. A schema
+    joined with others at its level (allOf, anyOf / oneOf beside its own properties, $ref) is left open, as is an
+    allOf member (its siblings name the rest). Every text it allows, the schema accepts; an explicit
+    `additionalProperties` keeps its word."""
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    for key in _ONE:
+        if isinstance(out.get(key), Mapping):
+            out[key] = closed(out[key])
+    for key in _MAPS:
+        if isinstance(out.get(key), Mapping):
+            out[key] = {name: closed(value) for name, value in out[key].items()}
+    named = "properties" in out or "patternProperties" in out
+    for key in _LISTS:
+        if isinstance(out.get(key), list):
+            members_open = key == "allOf" or (key in ("anyOf", "oneOf") and named)
+            out[key] = [closed(value, members_open) for value in out[key]]
+    if not open_ and not any(key in out for key in _JOINED):
+        if named and not _OPEN & out.keys():
+            out["additionalProperties"] = False
+        if "prefixItems" in out and not {"items", "additionalItems", "unevaluatedItems"} & out.keys():
+            out["items"] = False
+    return out
 
 
 class Guide:

@@ -83,7 +83,7 @@ class StructuredOutputs(_Strict):
     json_object: bool | None = None
     disable_fallback: bool = False  # one backend: nothing to fall back to
     disable_any_whitespace: bool = False  # the JSON is always written without free whitespace
-    disable_additional_properties: bool = False  # neutral only
+    disable_additional_properties: bool = False  # what is always done: keys a schema does not name are not written
     whitespace_pattern: str | None = None  # neutral only
     structural_tag: Any = None  # neutral only
 
@@ -273,13 +273,12 @@ def _check_neutral(req: _Sampling) -> None:
         if req.service_tier not in (None, "auto", "default"):
             raise ApiError("service_tier is not supported (only \"auto\" or \"default\")", param="service_tier")
     so = req.structured_outputs
-    for name, value in (("structured_outputs.disable_additional_properties", so and so.disable_additional_properties),
-                        ("structured_outputs.whitespace_pattern", so and so.whitespace_pattern),
+    for name, value in (("structured_outputs.whitespace_pattern", so and so.whitespace_pattern),
                         ("structured_outputs.structural_tag", so and so.structural_tag),
                         ("guided_whitespace_pattern", req.guided_whitespace_pattern)):
         if value:
             raise ApiError(f"{name} is not supported (the JSON is written with json.dumps' separators, and "
-                           "additionalProperties as the schema says)", param=name.split(".")[0])
+                           "keys a schema does not name left out)", param=name.split(".")[0])
     for name in ("skip_special_tokens", "spaces_between_special_tokens"):
         if not getattr(req, name):
             raise ApiError(f"{name} is not supported (only true)", param=name)

@@ -245,3 +245,56 @@ def test_a_schema_past_llguidances_limits_fails_its_row_only(gen):
     assert done[rows[1].id].token_ids == alone and rows[0].id not in done
     assert len(errors) == 1 and errors[0].startswith("prompt 0: structured output cannot go on after")
     assert "p599" not in errors[0] and "%json" not in errors[0]
+
+
+LOOSE = {"type": "object", "properties": {"k": {"enum": ["x", "y"]}, "n": {"type": "integer", "maximum": 9},
+                                          "sub": {"type": "object", "properties": {"z": {"type": "boolean"}}}},
+         "required": ["k"]}
+
+
+def test_a_schema_is_closed_to_keys_and_items_it_does_not_name():
+    """closed(): additionalProperties false where an object names properties and says nothing of others, items false
+    after prefixItems; explicit words kept; allOf members, $ref siblings and anyOf beside own properties left open."""
+    from mixtrt.runtime.structured import closed
+
+    c = closed(LOOSE)
+    assert c["additionalProperties"] is False and c["properties"]["sub"]["additionalProperties"] is False
+    assert "additionalProperties" not in c["properties"]["n"] and LOOSE.get("additionalProperties") is None  # a copy
+    assert closed({"type": "object"}) == {"type": "object"}  # any object stays any object
+    assert closed({"properties": {"a": {}}, "additionalProperties": True})["additionalProperties"] is True
+    assert closed({"properties": {"a": {}}, "additionalProperties": {"type": "integer"}})["additionalProperties"] == {
+        "type": "integer"}
+    assert closed({"prefixItems": [{"type": "integer"}]})["items"] is False
+    assert closed({"prefixItems": [{}], "items": {"type": "string"}})["items"] == {"type": "string"}
+    joined = closed({"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]})
+    assert all("additionalProperties" not in m for m in joined["allOf"])
+    mixed = closed({"properties": {"kind": {}}, "oneOf": [{"properties": {"x": {}}}, {"properties": {"y": {}}}]})
+    assert "additionalProperties" not in mixed and all("additionalProperties" not in m for m in mixed["oneOf"])
+    alone = closed({"anyOf": [{"properties": {"x": {}}}, {"type": "integer"}]})
+    assert alone["anyOf"][0]["additionalProperties"] is False
+    refs = closed({"$defs": {"p": {"properties": {"x": {}}}}, "items": {"$ref": "#/$defs/p"}})
+    assert refs["$defs"]["p"]["additionalProperties"] is False and refs["items"] == {"$ref": "#/$defs/p"}
+    assert closed({"enum": [{"properties": 1}]}) == {"enum": [{"properties": 1}]}  # values are not schemas
+
+
+@pytest.mark.parametrize("kind", ["v1", "tekken"])
+def test_random_walks_on_a_loose_schema_write_only_the_keys_it_names(toks, kind):
+    """A schema with no additionalProperties (as clients and LangChain's tools write them): random logits, 8 seeds,
+    every document ends within the budget, is accepted, and has no key the schema does not name (a random walk
+    wrote made-up keys until its length ran out before)."""
+    tok = toks[kind]
+    for seed in range(8):
+        guide = Guide(tok, ("json_schema", check_schema(LOOSE)), [tok.eos_id])
+        rng, ids = np.random.default_rng(seed), []
+        for _ in range(300):
+            allowed = guide.allowed()
+            token = int(np.argmax(np.where(allowed, rng.standard_normal(allowed.size) * 3, -np.inf)))
+            guide.consume(token)
+            if token == tok.eos_id:
+                break
+            ids.append(token)
+        else:
+            pytest.fail(f"seed {seed}: no end in 300 tokens: {tok.decode(ids)[:200]!r}")
+        value = json.loads(tok.decode(ids))
+        jsonschema.validate(value, LOOSE)
+        assert set(value) <= {"k", "n", "sub"} and set(value.get("sub", {})) <= {"z"}, value
