@@ -396,7 +396,7 @@ def read_tool_calls(token_ids: Sequence[int], tokenizer: Any, tokens: ToolTokens
     if not calls:
         return None
     text = tokenizer.decode(ids[:first]) + after
-    return ToolReply(text or None, _unique_ids(calls))  # as streamed: whitespace before a call is kept
+    return ToolReply(text or None, tuple(calls))  # as streamed: whitespace before a call is kept
 
 
 def _continuing(tokenizer: Any, ids: list[int]) -> str:
@@ -407,32 +407,18 @@ def _continuing(tokenizer: Any, ids: list[int]) -> str:
     return str(tokenizer.decode([*lead, *ids]))[len(tokenizer.decode(lead)):]
 
 
-def _unique_ids(calls: list[ToolCall]) -> tuple[ToolCall, ...]:
-    """The calls with a fresh id for any the reply gave twice (results are matched to calls by id)."""
-    seen: set[str] = set()
-    out = []
-    for call in calls:
-        if call.id in seen:
-            call = ToolCall(new_call_id(), call.name, call.arguments)
-        seen.add(call.id)
-        out.append(call)
-    return tuple(out)
-
-
 def _named_call(group: list[int], tokenizer: Any, tokens: ToolTokens) -> list[ToolCall] | None:
     """`name[CALL_ID]id[ARGS]{...}` or `name[ARGS]{...}` (tekken v11 and later)."""
     assert tokens.args is not None
     at = group.index(tokens.args)
     head, body = group[:at], group[at + 1:]
-    call_id = None
-    if tokens.call_id is not None and tokens.call_id in head:
-        k = head.index(tokens.call_id)
-        head, call_id = head[:k], tokenizer.decode(head[k + 1:]).strip()
+    if tokens.call_id is not None and tokens.call_id in head:  # the model's own id: replaced (new_call_id)
+        head = head[:head.index(tokens.call_id)]
     arguments = _object(tokenizer.decode(body))
     name = tokenizer.decode(head).strip()
     if arguments is None or not NAME.fullmatch(name):
         return None
-    return [ToolCall(_kept_id(call_id), name, arguments)]
+    return [ToolCall(new_call_id(), name, arguments)]
 
 
 def _json_calls(text: str) -> list[ToolCall] | None:
@@ -453,8 +439,7 @@ def _json_calls(text: str) -> list[ToolCall] | None:
         arguments = _object(item.get("arguments", {}))
         if arguments is None:
             return None
-        call_id = item.get("id")
-        calls.append(ToolCall(_kept_id(call_id if isinstance(call_id, str) else None), item["name"], arguments))
+        calls.append(ToolCall(new_call_id(), item["name"], arguments))  # an "id" the model wrote is replaced
     return calls
 
 
@@ -466,8 +451,3 @@ def _object(value: Any) -> str | None:
         except ValueError:
             return None
     return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else None
-
-
-def _kept_id(call_id: str | None) -> str:
-    """The model's id where it is one the next turn can take back, else a fresh one."""
-    return call_id if call_id is not None and CALL_ID.fullmatch(call_id) else new_call_id()
