@@ -53,6 +53,29 @@ def test_generate_json_equals_generator_greedy(artifact, generator):
     assert out["logprobs"] == pytest.approx(want.logprobs.tolist(), abs=1e-5)
 
 
+def test_generate_json_interrupted_prints_what_was_generated(artifact, generator, monkeypatch, capsys):
+    """Ctrl-C during `generate --json`: one JSON object with the tokens made so far and finish_reason "interrupted"
+    (it printed nothing, losing them), then exit 130."""
+    import mixtrt.cli.commands.generate as generate_command
+    from mixtrt.cli import main
+
+    stream = generator.stream
+
+    def cut(*args, **kw):
+        for i, event in enumerate(stream(*args, **kw)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield event
+
+    monkeypatch.setattr(generate_command, "load_generator", lambda ns: generator)
+    monkeypatch.setattr(generator, "stream", cut)
+    assert main(["generate", str(artifact), "--prompt-ids", "1,2,3", "--max-new-tokens", "50", "--json"]) == 130
+    out = json.loads(capsys.readouterr().out)
+    [want] = generator.generate([[1, 2, 3]], GenerationConfig(max_new_tokens=3), continuation=True)
+    assert out["token_ids"] == want.token_ids and out["text"] == want.text and out["finish_reason"] == "interrupted"
+    assert out["stats"] is None and "after 3 tokens" in out["finish_message"]
+
+
 def test_generate_prompt_streams_text(artifact, generator):
     prompt = "The capital of France is"
     r = cli("generate", str(artifact), "--prompt", prompt, "--max-new-tokens", "6", "--threads", "1")

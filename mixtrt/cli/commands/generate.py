@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "--file does; BOS is added)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: token_ids (generated only), text, finish_reason, finish_message, "
-                        "stats, logprobs")
+                        "stats, logprobs (on Ctrl-C: what was generated, finish_reason \"interrupted\")")
     add_sampling(p)
 
 
@@ -94,7 +94,20 @@ def run(ns: argparse.Namespace) -> int:
     gen = load_generator(ns)
     cfg = generation_config(gen, overrides)
     if ns.json:
-        [out] = gen.generate([prompt], cfg, continuation=True)  # "text" continues the prompt's text
+        ids: list[int] = []
+        pieces: list[str] = []
+        out = None
+        try:
+            for event in gen.stream(prompt, cfg, continuation=True):  # "text" continues the prompt's text
+                ids += [] if event.token_id is None else [event.token_id]
+                pieces.append(event.text)
+                out = event.output or out
+        except KeyboardInterrupt:  # what was generated is printed, as the plain stream has it on the terminal
+            print(json.dumps({"token_ids": ids, "text": "".join(pieces), "finish_reason": "interrupted",
+                              "finish_message": f"interrupted (Ctrl-C) after {len(ids)} tokens", "stats": None,
+                              "logprobs": None}), flush=True)
+            raise
+        assert out is not None  # a stream ends with its output
         print(json.dumps({
             "token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason,
             "finish_message": out.finish_message, "stats": dataclasses.asdict(out.stats),
