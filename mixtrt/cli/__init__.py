@@ -78,8 +78,8 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
             if before is not None and before.nargs != 0:  # the value of the option before it, refused by argparse
                 target.error(f"{rest[i - 1]} expects a value; one that starts with '-' is written "
                              f"{rest[i - 1]}={arg}")
-            habit = _HABITS.get(name)
-            if habit is not None and (habit in known or not habit.startswith("-")):  # an option this command has
+            habit = next((h for h in _HABITS.get(name, ()) if h in known or not h.startswith("-")), None)
+            if habit is not None:  # an option this command has, or why there is none
                 target.error(f"unrecognized arguments: {name}"
                              + (f" (did you mean {habit}?)" if habit.startswith("-") else f" ({habit})"))
             options = sorted(o for o in known if o.startswith("--"))
@@ -96,11 +96,12 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
 
 
 # options that llama.cpp's and vLLM's users type by habit, and what mixtrt calls them (or why there is none)
-_HABITS = {"-p": "--prompt", "-n": "--max-new-tokens", "--n-predict": "--max-new-tokens", "--max-tokens":
-           "--max-new-tokens", "-t": "--threads", "-s": "--seed", "--temp": "--temperature", "-r": "--repetitions",
-           "-m": "the artifact is the first argument, not an option", "--model": "the artifact is the first "
-           "argument, not an option", "-c": "the context is chosen at export: mixtrt export --max-context",
-           "--ctx-size": "the context is chosen at export: mixtrt export --max-context"}
+_HABITS = {"-p": ("--prompt", "--prompt-tokens"), "-n": ("--max-new-tokens", "--new-tokens"),  # llama-bench's too
+           "--n-predict": ("--max-new-tokens",), "--max-tokens": ("--max-new-tokens",), "-t": ("--threads",),
+           "-s": ("--seed",), "--temp": ("--temperature",), "-r": ("--repetitions",),
+           "-m": ("the artifact is the first argument, not an option",), "--model": ("the artifact is the first "
+           "argument, not an option",), "-c": ("the context is chosen at export: mixtrt export --max-context",),
+           "--ctx-size": ("the context is chosen at export: mixtrt export --max-context",)}
 _NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # what argparse takes for a negative number, not an option
 
 

@@ -120,6 +120,8 @@ def generation_overrides(ns: argparse.Namespace, **extra: Any) -> dict[str, Any]
 
     for stop in ns.stop:
         check_text(stop, f"--stop {stop!r}")
+    if ns.temperature is not None and not ns.temperature >= 0:  # NaN too; llama.cpp reads a negative one as greedy
+        raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {ns.temperature}")
 
     given = {"max_new_tokens": ns.max_new_tokens, "top_k": ns.top_k, "top_p": ns.top_p, "seed": ns.seed,
              "repetition_penalty": ns.repetition_penalty, "temperature": ns.temperature or None,

@@ -48,6 +48,8 @@ PARSE = [
     # option gets no guessed suggestion
     (["generate", "ART", "-p", "x"], "generate", ["unrecognized arguments: -p", "did you mean --prompt?"]),
     (["generate", "ART", "--prompt", "x", "-n", "3"], "generate", ["-n", "did you mean --max-new-tokens?"]),
+    (["bench", "ART", "-p", "8"], "bench", ["-p", "did you mean --prompt-tokens?"]),  # llama-bench's -p / -n
+    (["bench", "ART", "-n", "8"], "bench", ["-n", "did you mean --new-tokens?"]),
     (["generate", "ART", "--prompt", "x", "--ctx-size", "9"], "generate", ["--ctx-size", "export --max-context"]),
     (["generate", "ART", "--prompt", "x", "-q"], "generate", ["unrecognized arguments: -q (see"]),
     # a value that starts with '-' is written with '=' (argparse takes it for an option)
@@ -96,7 +98,7 @@ RUN = [
     (["--max-new-tokens", "-5"], ["--max-new-tokens"]),
     (["--temperature", "nan"], ["--temperature", "nan"]),
     (["--temperature", "inf"], ["--temperature", "inf"]),
-    (["--temperature", "-1"], ["--temperature"]),
+    (["--temperature", "-1"], ["--temperature must be >= 0 (0 = greedy), got -1.0"]),
     (["--top-p", "0"], ["--top-p"]),
     (["--top-p", "2"], ["--top-p"]),
     (["--top-k", "-1"], ["--top-k"]),
