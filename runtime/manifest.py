@@ -484,20 +484,33 @@ def is_artifact(directory: Path, besides: Path | None = None) -> bool:
     """True only for a directory that is provably a mixtrt artifact: its manifest parses as ours (any format
     version this mixtrt can tell is a manifest) and it holds exactly the files the manifest lists (and
     `besides`, an export's staging directory inside it, where given)."""
-    directory = Path(directory)
+    return _not_an_artifact(Path(directory), besides) is None
+
+
+def _not_an_artifact(directory: Path, besides: Path | None = None) -> str | None:
+    """Why `directory` is not provably an artifact (is_artifact), in words for an error; None when it is one."""
+    generic = "is a non-empty directory that is not a mixtrt artifact"
     path = directory / MANIFEST
     try:
         if directory.is_symlink() or not path.is_file() or path.is_symlink() or path.stat().st_size > MAX_JSON_BYTES:
-            return False
+            return generic
         data = json.loads(path.read_bytes())
         files = data.get("files") if isinstance(data, dict) and data.get("format") == FORMAT else None
         if not isinstance(files, dict) or not all(isinstance(n, str) and n and Path(n).name == n for n in files):
-            return False
+            return generic
         present = {p.name for p in directory.iterdir() if p != besides}
-        return present == set(files) | {MANIFEST} and all(
-            (directory / n).is_file() and not (directory / n).is_symlink() for n in files)
+        extra, missing = sorted(present - set(files) - {MANIFEST}), sorted(set(files) - present)
+        if extra:
+            more = ", ..." if len(extra) > 3 else ""
+            return (f"holds files its {MANIFEST} does not list ({', '.join(extra[:3])}{more}), so it is not only a "
+                    "mixtrt artifact (move them out to replace it)")
+        if missing:
+            return f"lacks files its {MANIFEST} lists ({', '.join(missing[:3])}): not a whole mixtrt artifact"
+        if not all((directory / n).is_file() and not (directory / n).is_symlink() for n in files):
+            return f"{generic} (a file its {MANIFEST} lists is a folder or a link)"
+        return None
     except (OSError, ValueError, RecursionError):
-        return False
+        return generic
 
 
 def check_target(target: Path, *, overwrite: bool = False) -> None:
@@ -523,9 +536,9 @@ def check_target(target: Path, *, overwrite: bool = False) -> None:
         leftover = _leftover_inside(target)
         if leftover is not None:
             raise ArtifactError(f"{target}: {leftover}")
-        if not is_artifact(target):
-            raise ArtifactError(f"{target}: is a non-empty directory that is not a mixtrt artifact; refusing to "
-                                "replace it (choose another --out)")
+        problem = _not_an_artifact(target)
+        if problem is not None:
+            raise ArtifactError(f"{target}: {problem}; refusing to replace it (choose another --out)")
         if not overwrite:
             raise ArtifactError(f"{target}: already exists (pass --force / overwrite=True to replace it)")
 
@@ -585,9 +598,9 @@ def _check_in_place(target: Path, tmp: Path, overwrite: bool) -> None:
     if not overwrite:
         raise ArtifactError(f"{target}: files appeared in it during the export ({others[0].name}); nothing was "
                             "replaced")
-    if not is_artifact(target, besides=tmp):
-        raise ArtifactError(f"{target}: is a non-empty directory that is not a mixtrt artifact; refusing to replace "
-                            "it (choose another --out)")
+    problem = _not_an_artifact(target, besides=tmp)
+    if problem is not None:
+        raise ArtifactError(f"{target}: {problem}; refusing to replace it (choose another --out)")
 
 
 def _replace_in_place(target: Path, tmp: Path) -> None:

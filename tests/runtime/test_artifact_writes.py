@@ -95,7 +95,7 @@ def _fifo_manifest(p: Path) -> None:
 # (name, how the target is made, what the refusal names); every one is refused even with overwrite=True
 TARGETS = [
     ("web app with a manifest.json", _webapp, "not a mixtrt artifact"),
-    ("our manifest plus a file it does not list", _looks_like_ours, "not a mixtrt artifact"),
+    ("our manifest plus a file it does not list", _looks_like_ours, "does not list (notes.txt), so it is not only"),
     ("our manifest listing a directory", _lists_a_directory, "not a mixtrt artifact"),
     ("manifest.json a FIFO", _fifo_manifest, "not a mixtrt artifact"),
     ("manifest.json a link", _manifest_is_a_link, "not a mixtrt artifact"),
