@@ -252,6 +252,19 @@ class ChatSession:
             self.system = system
         self.messages = self._start()
 
+    def undo(self) -> dict[str, Any]:
+        """Drop the last exchange (a user message and the reply to it) from the conversation and return that
+        message, to send it again (llama-cli's /regen) or edit it; the cache keeps what comes before it (the next
+        turn rewinds to it where the cache still holds it). ConfigError when there is no exchange to drop."""
+        if self._busy:
+            raise ConfigError("chat session: a reply is still streaming; finish or close it first")
+        if len(self.messages) < 2 or self.messages[-1].get("role") != "assistant" or \
+                self.messages[-2].get("role") != "user":
+            raise ConfigError("chat session: no exchange to undo (the conversation has no reply yet)")
+        message = self.messages[-2]
+        self.messages = self.messages[:-2]
+        return message
+
     @property
     def cached_tokens(self) -> int:
         """Tokens the cache holds now."""

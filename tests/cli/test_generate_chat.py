@@ -306,6 +306,39 @@ def test_an_interrupted_stream_ends_its_line(monkeypatch, capsys):
         assert capsys.readouterr().out == want
 
 
+def test_chat_command_takes_llama_clis_commands(monkeypatch, capsys, tmp_path):
+    """/regen answers the last message again (the conversation keeps one exchange of it), /read FILE puts the file's
+    text in front of the next message, /clear forgets the conversation, /help lists them, /exit ends the chat; a
+    command that cannot be done is one line on stderr and the chat goes on."""
+    import mixtrt.cli.commands.chat as chat_command
+    from mixtrt.cli import main
+    from tests.runtime.test_chat_session import ByteChat, Speaker
+
+    gen = Generator(Speaker(windowed=False, capacity=400), ByteChat())
+    monkeypatch.setattr(chat_command, "load_generator", lambda ns: gen)
+    sessions = []
+    make_session = gen.chat_session
+    monkeypatch.setattr(gen, "chat_session", lambda **kw: sessions.append(make_session(**kw)) or sessions[-1])
+    (tmp_path / "note.txt").write_text("five daughters\n")
+    feed = iter(["/regen", "first", "/regen", f"/read {tmp_path / 'note.txt'}", "/read", "/read /no/such/file",
+                 "second", "/help", "/exit", "never sent"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(feed))
+    assert main(["chat", "unused", "--max-new-tokens", "3", "--seed", "1", "--temperature", "1"]) == 0
+    [session] = sessions
+    assert [m["content"] for m in session.messages if m["role"] == "user"] == ["first", "five daughters\n\nsecond"]
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+    assert len(session.turns) == 3 and session.turns[1].kind != "new"  # the regen kept the cache before it
+    out, err = capsys.readouterr()
+    assert out.count("model> ") == 3 and "never sent" not in out + err
+    assert "/regen: no exchange to undo" in err and "/read: give a file" in err and "/read /no/such/file: no such" in err
+    assert all(name.split()[0] in err for name in chat_command.COMMANDS)  # /help
+    feed = iter(["hello", "/clear", "again", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(feed))
+    assert main(["chat", "unused", "--max-new-tokens", "3"]) == 0
+    assert [m["content"] for m in sessions[-1].messages if m["role"] == "user"] == ["again"]
+    assert "the conversation is cleared" in capsys.readouterr().err
+
+
 def test_chat_command_takes_a_multi_line_message(monkeypatch, capsys):
     """A line ending with a backslash continues the message on the next line (llama-cli's multi-line input): one
     message with its line breaks, one reply; input ending inside such a message drops it."""

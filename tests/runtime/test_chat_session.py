@@ -71,6 +71,30 @@ def test_session_equals_stateless_chat_and_prefills_only_new_tokens(windowed):
     assert sum(t.prompt_tokens for t in session.turns) > 3 * sum(t.prefilled_tokens for t in session.turns)
 
 
+def test_undo_drops_the_last_exchange_and_the_next_turn_rewinds_to_it():
+    """undo() returns the last user message and drops it with its reply; sent again greedily it gives the same reply,
+    from the cache's common prefix (kind "rewound": only what follows the kept prefix is prefilled). Nothing to undo,
+    or a reply streaming: a ConfigError, the conversation unchanged."""
+    gen, _ = make(windowed=False, capacity=512)
+    session = gen.chat_session(system="be brief", config=GenerationConfig(max_new_tokens=6))
+    with pytest.raises(ConfigError, match="no exchange to undo"):
+        session.undo()
+    first = session.send(QUESTIONS[0])
+    second = session.send(QUESTIONS[1])
+    conversation = list(session.messages)
+    message = session.undo()
+    assert message == {"role": "user", "content": QUESTIONS[1]} and session.messages == conversation[:-2]
+    again = session.send(message)
+    assert again.token_ids == second.token_ids and session.messages == conversation
+    assert session.turns[-1].kind in ("cached", "rewound") and session.turns[-1].cached_tokens > len(first.token_ids)
+    events = session.stream(QUESTIONS[2])
+    next(events)
+    with pytest.raises(ConfigError, match="still streaming"):
+        session.undo()
+    events.close()
+    assert session.messages == conversation
+
+
 def test_replies_ended_by_length_eos_and_stop():
     """max_new_tokens: the format's EOS opens the next turn's new ids (cache kept); a stop string leaves
     tokens the conversation does not hold (a new context, counted); results stay exact."""

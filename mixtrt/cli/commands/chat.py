@@ -3,13 +3,16 @@
 One chat session (runtime/chat_session.py): the KV cache is kept between turns, so a turn prefills only
 its new tokens. A message the model cannot take is refused with one line and the chat goes on; a
 conversation that outgrows the model starts a new context with the system prompt, said in one line;
-Ctrl-C during a reply stops that reply (the turn is dropped) and the chat goes on.
+Ctrl-C during a reply stops that reply (the turn is dropped) and the chat goes on. A line that is one of
+llama-cli's commands (COMMANDS) is that command, not a message.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from mixtrt.cli.options import (
     _FLAGS,
@@ -22,6 +25,9 @@ from mixtrt.cli.options import (
     stats_line,
 )
 
+if TYPE_CHECKING:
+    from mixtrt.runtime.chat_session import ChatSession
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=path, help="artifact directory (written by `mixtrt export`)")
@@ -30,12 +36,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling(p)
 
 
+# llama-cli's commands: a line that is one of them (its argument after a space) is the command, not a message
+COMMANDS = {"/exit": "end the chat (as an empty line or Ctrl-D)",
+            "/clear": "forget the conversation (the system prompt stays)",
+            "/regen": "drop the last reply and answer its message again",
+            "/read FILE": "put a UTF-8 text file's text in front of the next message",
+            "/help": "list these commands"}
+
+
 def run(ns: argparse.Namespace) -> int:
     from mixtrt.runtime.errors import ConfigError
 
     overrides = generation_overrides(ns)
     gen = load_generator(ns)
     session = gen.chat_session(system=ns.system, config=generation_config(gen, overrides))
+    read: list[str] = []  # texts of /read, put in front of the next message
     while True:
         try:
             user = _message()
@@ -44,11 +59,30 @@ def run(ns: argparse.Namespace) -> int:
             return 0
         if not user.strip():
             return 0
+        message: str | dict[str, Any] = "\n\n".join([*read, user])
+        before = session.messages
+        command, _, argument = user.strip().partition(" ")
+        if command == "/exit":
+            return 0
+        if command in ("/clear", "/help", "/read", "/regen"):
+            try:
+                if command != "/regen":
+                    _command(session, command, argument.strip(), read)
+                    continue
+                message = session.undo()
+            except ConfigError as e:
+                said = str(e)
+                said = said if said.startswith(command) else f"{command}: {said.removeprefix('chat session: ')}"
+                print(f"mixtrt chat: {said}", file=sys.stderr)
+                continue
         try:
-            events = session.stream(user)
-        except ConfigError as e:  # the message is refused; the conversation is kept
+            events = session.stream(message)
+        except ConfigError as e:  # the message is refused; the conversation is kept (an undone exchange too)
+            session.messages = before
             print(f"mixtrt chat: {str(e).removeprefix('chat: ')}", file=sys.stderr)
             continue
+        if command != "/regen":
+            read.clear()
         turn = session.turns[-1]
         if turn.kind == "restart":
             print(f"mixtrt chat: {turn.note}", file=sys.stderr)
@@ -75,6 +109,26 @@ def run(ns: argparse.Namespace) -> int:
             conversation = (f"conversation {turn.prompt_tokens} tokens: {turn.prefilled_tokens} prefilled ({what}), "
                             f"{cache}")
             print(stats_line(out, prompt=conversation), file=sys.stderr)
+
+
+def _command(session: ChatSession, command: str, argument: str, read: list[str]) -> None:
+    """/clear, /help or /read FILE (said on stderr; a bad argument is a ConfigError)."""
+    from mixtrt.runtime.errors import ConfigError
+    from mixtrt.runtime.prompts import read_text_file
+
+    if command == "/help":
+        for name, what in COMMANDS.items():
+            print(f"  {name:<11} {what}", file=sys.stderr)
+    elif command == "/clear":
+        session.reset()
+        read.clear()
+        print("mixtrt chat: the conversation is cleared", file=sys.stderr)
+    else:
+        if not argument:
+            raise ConfigError("give a file: /read FILE")
+        text = read_text_file(Path(argument).expanduser(), "/read")
+        read.append(text.rstrip("\n"))
+        print(f"mixtrt chat: {argument} ({len(text)} characters) goes in front of the next message", file=sys.stderr)
 
 
 def _message() -> str:
