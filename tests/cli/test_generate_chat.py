@@ -330,13 +330,19 @@ def test_chat_command_takes_llama_clis_commands(monkeypatch, capsys, tmp_path):
     assert len(session.turns) == 3 and session.turns[1].kind != "new"  # the regen kept the cache before it
     out, err = capsys.readouterr()
     assert out.count("model> ") == 3 and "never sent" not in out + err
-    assert "/regen: no exchange to undo" in err and "/read: give a file" in err and "/read /no/such/file: no such" in err
+    assert "/regen: no exchange to undo" in err and "/read: give a file" in err
+    assert "/read /no/such/file: no such" in err
     assert all(name.split()[0] in err for name in chat_command.COMMANDS)  # /help
     feed = iter(["hello", "/clear", "again", ""])
     monkeypatch.setattr("builtins.input", lambda prompt: next(feed))
     assert main(["chat", "unused", "--max-new-tokens", "3"]) == 0
     assert [m["content"] for m in sessions[-1].messages if m["role"] == "user"] == ["again"]
     assert "the conversation is cleared" in capsys.readouterr().err
+    # a command is a whole line (only /read takes an argument): anything else is a message
+    assert chat_command._command_of("  /read  a b.txt ") == ("/read", "a b.txt")
+    assert chat_command._command_of("/regen") == ("/regen", "") and chat_command._command_of("/exit ") == ("/exit", "")
+    for message in ("/help me with this", "/regen please", "/clearly", "hello /clear", "/"):
+        assert chat_command._command_of(message) == ("", ""), message
 
 
 def test_chat_command_takes_a_multi_line_message(monkeypatch, capsys):

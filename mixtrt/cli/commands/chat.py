@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling(p)
 
 
-# llama-cli's commands: a line that is one of them (its argument after a space) is the command, not a message
+# llama-cli's commands: a line that is one of them (/read with its argument) is the command, not a message
 COMMANDS = {"/exit": "end the chat (as an empty line or Ctrl-D)",
             "/clear": "forget the conversation (the system prompt stays)",
             "/regen": "drop the last reply and answer its message again",
@@ -61,13 +61,13 @@ def run(ns: argparse.Namespace) -> int:
             return 0
         message: str | dict[str, Any] = "\n\n".join([*read, user])
         before = session.messages
-        command, _, argument = user.strip().partition(" ")
+        command, argument = _command_of(user)
         if command == "/exit":
             return 0
-        if command in ("/clear", "/help", "/read", "/regen"):
+        if command:
             try:
                 if command != "/regen":
-                    _command(session, command, argument.strip(), read)
+                    _command(session, command, argument, read)
                     continue
                 message = session.undo()
             except ConfigError as e:
@@ -109,6 +109,15 @@ def run(ns: argparse.Namespace) -> int:
             conversation = (f"conversation {turn.prompt_tokens} tokens: {turn.prefilled_tokens} prefilled ({what}), "
                             f"{cache}")
             print(stats_line(out, prompt=conversation), file=sys.stderr)
+
+
+def _command_of(line: str) -> tuple[str, str]:
+    """(command, argument) where the line is one of COMMANDS, else ("", "") (a message: "/help me with this" too;
+    only /read takes an argument)."""
+    command, _, argument = line.strip().partition(" ")
+    if command not in {name.split()[0] for name in COMMANDS} or (argument and command != "/read"):
+        return "", ""
+    return command, argument.strip()
 
 
 def _command(session: ChatSession, command: str, argument: str, read: list[str]) -> None:
