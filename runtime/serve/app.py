@@ -3,9 +3,9 @@
     app = create_app(ServeSettings("engines/tiny-mixtral-fp32", max_batch=16))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (API key when set), GET /health
-(503 while loading, 200 after), GET /metrics (Prometheus text). The artifact loads in a thread after the
-server starts listening, so /health answers at once. Errors are OpenAI's error object: 400 naming the
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (API key when set), GET /health and
+/ping (503 while loading, 200 after), GET /version, GET /metrics (Prometheus text). The artifact loads in a
+thread after the server starts listening, so /health answers at once. Errors are OpenAI's error object: 400 naming the
 field, 401, 404 (an unknown model), 413 (body over max_body_bytes), 429 (queue full), 503 (loading,
 shutting down). One JSON log line per request (logger `mixtrt.serve`): id, tokens, timings, finish.
 """
@@ -173,6 +173,7 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
         return JSONResponse(error.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: probes that read the status only
+    @app.api_route("/ping", methods=["GET", "POST", "HEAD"])  # vLLM's (SageMaker's) name for it
     async def health(request: Request) -> JSONResponse:
         state: _State = request.app.state.mixtrt
         if state.loop is None:
@@ -181,6 +182,12 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
         if not state.loop.accepting:
             return JSONResponse(ApiError("shutting down", 503, type="unavailable_error").body(), status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/version")  # vLLM's: the server's version
+    async def version() -> JSONResponse:
+        from mixtrt import __version__
+
+        return JSONResponse({"version": __version__})
 
     @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics(request: Request) -> Response:
@@ -196,7 +203,7 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
         assert state.loop is not None
         limit, _ = state.loop.engine.limit()
         return {"id": settings.name, "object": "model", "created": int(time.time()), "owned_by": "mixtrt",
-                "max_model_len": limit}
+                "root": settings.name, "parent": None, "max_model_len": limit}  # root, parent: vLLM's card
 
     @v1.api_route("/models", methods=["GET", "HEAD"])
     async def models(request: Request) -> JSONResponse:

@@ -12,6 +12,7 @@ import numpy as np
 import openai
 import pytest
 
+import mixtrt
 from tests.serve.conftest import Server, continuation
 
 PROMPTS = ["The capital of France is", "Once upon a time", "a", "Hello, my name is Anna and I live in a city by"]
@@ -315,11 +316,15 @@ def test_health_is_503_while_loading(serve_artifact, generator, monkeypatch):
     try:
         r = s.http.get("/health")
         assert r.status_code == 503 and r.json()["error"]["message"] == "Loading model"
+        assert s.http.get("/ping").status_code == 503 and s.http.post("/ping").status_code == 503  # vLLM's name
+        assert s.http.get("/version").json() == {"version": mixtrt.__version__}  # answered while loading
         r = s.http.post("/v1/completions", json={"prompt": "a"})
         assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
         release.set()
         s.wait_ready()
-        assert s.http.get("/health").json() == {"status": "ok"}
+        assert s.http.get("/health").json() == {"status": "ok"} == s.http.post("/ping").json()
+        card = s.http.get("/v1/models").json()["data"][0]
+        assert card["root"] == card["id"] and card["parent"] is None and card["max_model_len"] > 0
     finally:
         release.set()
         s.close()
