@@ -524,7 +524,7 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
     try:
         if chat:
             for i in range(len(counts)):
-                yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                yield chunk({"index": i, "delta": {"role": "assistant", "content": call.echo[0]}, "logprobs": None,
                              "finish_reason": None})
         async for event in call.handle.events():
             i = _choice(call, event)
@@ -654,6 +654,16 @@ def _check_model(requested: str, served: str) -> None:
                        code="model_not_found")
 
 
+def _echoed(messages: list[dict[str, Any]]) -> str:
+    """vLLM's chat echo: the last message's text where it is the assistant's (the reply continues it, or follows
+    it), which the reply's content starts with; "" otherwise. Text parts are joined by newlines, as vLLM joins them."""
+    last = messages[-1] if messages else {}
+    if last.get("role") != "assistant" or not last.get("content"):
+        return ""
+    content = last["content"]
+    return content if isinstance(content, str) else "\n".join(part["text"] for part in content)
+
+
 def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen: Generator,
              limits: tuple[int, str], s: ServeSettings
              ) -> tuple[CompletionRequest | ChatRequest, list[list[int]], list[str], ToolUse | None]:
@@ -676,7 +686,7 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
             ids = chat_prompt(gen.tokenizer, messages, offered, tools, add_generation_prompt=req.add_generation_prompt,
                               continue_final_message=req.continue_final_message)
             prompts = normalize_prompts([list(ids)], gen.tokenizer, vocab)
-            echo = [""]
+            echo = [_echoed(messages) if req.echo else ""]
             constraint = reply_constraint(req)
             if constraint is not None and tools is not None and tools.forced:
                 if constraint[1] != "json_schema":  # a JSON reply's form yields to the call (OpenAI's rule)
@@ -782,16 +792,17 @@ def _full_choice(call: _Call, state: _State, i: int) -> dict[str, Any]:
     if call.kind == "chat":
         lp = chat_logprobs(_texts(state), out.token_ids, out.logprobs, out.top_logprobs, _chat_k(call),
                            call.handle.rows[i].front) if out.logprobs is not None else None
+        echo = call.echo[0]
         if call.tools is None:
-            return {"index": i, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
+            return {"index": i, "message": {"role": "assistant", "content": echo + out.text}, "logprobs": lp,
                     "finish_reason": _finish(out)}
         tokenizer = _tokenizer(state)
         reply = call.tools.reply(out, tokenizer)
         if reply is None:
-            return {"index": i, "message": {"role": "assistant", "content": call.tools.text(out, tokenizer)},
+            return {"index": i, "message": {"role": "assistant", "content": echo + call.tools.text(out, tokenizer)},
                     "logprobs": lp, "finish_reason": _finish(out)}
         # OpenAI's form: content is the text before the calls (null when none)
-        return {"index": i, "message": {"role": "assistant", "content": reply.content,
+        return {"index": i, "message": {"role": "assistant", "content": echo + (reply.content or "") or None,
                                         "tool_calls": [c.to_openai() for c in reply.calls]},
                 "logprobs": lp, "finish_reason": "tool_calls"}
     lp = None

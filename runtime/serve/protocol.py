@@ -167,7 +167,7 @@ class ChatRequest(_Sampling):
     # vLLM's: the last (assistant) message continued (with add_generation_prompt false)
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: neutral only (empty)
-    echo: bool = False  # vLLM's (chat: the last message first): neutral only
+    echo: bool = False  # vLLM's: a reply continuing an assistant message (the last) starts with that message
 
 
 class TokenizeRequest(_Strict):
@@ -295,8 +295,6 @@ def _check_neutral(req: _Sampling) -> None:
         check_continuation(req)
         if req.chat_template_kwargs:
             raise ApiError("chat_template_kwargs is not supported (only empty)", param="chat_template_kwargs")
-        if req.echo:
-            raise ApiError("echo is not supported in chat (only false)", param="echo")
     if req.stream_options is not None and not req.stream:
         raise ApiError("stream_options is only allowed with stream: true", param="stream_options")
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []

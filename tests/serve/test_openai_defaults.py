@@ -191,6 +191,26 @@ def test_continue_final_message_continues_the_assistants_text(server, generator)
     assert r.status_code == 200, r.text
     [want] = generator.generate([ids], max_new_tokens=5, do_sample=False)
     assert r.json()["choices"][0]["message"]["content"] == continuation(generator, ids, want)
+    # vLLM's echo: the reply starts with the message it continues, streamed in the first delta; a request whose
+    # last message is the user's has nothing to echo
+    body = {"messages": ended, "max_tokens": 5, "temperature": 0, "add_generation_prompt": False,
+            "continue_final_message": True, "echo": True, "n": 2}
+    r = server.http.post("/v1/chat/completions", json=body)
+    echoed = "Paris is" + continuation(generator, ids, want)
+    assert [c["message"]["content"] for c in r.json()["choices"]] == [echoed] * 2
+    vllm = {k: body[k] for k in ("add_generation_prompt", "continue_final_message", "echo")}  # extra_body
+    chunks = server.openai.chat.completions.create(
+        model="tiny", stream=True, extra_body=vllm, **{k: v for k, v in body.items() if k not in vllm})
+    texts = ["", ""]
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [echoed] * 2
+    plain = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 3, "temperature": 0,
+                                                           "echo": True}).json()
+    alone = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 3,
+                                                           "temperature": 0}).json()
+    assert plain["choices"][0]["message"] == alone["choices"][0]["message"]
 
 
 def test_content_parts_go_to_the_mistral_format_and_join_by_newlines_for_a_template(server):
