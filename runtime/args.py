@@ -371,9 +371,14 @@ class ModelArgs:
 
     @classmethod
     def _from_params(cls, p: _Fields) -> ModelArgs:
+        _known_params(p.d, _PARAMS, "")
+        if p.get("model_type", "transformer", str) != "transformer":
+            raise ConfigError(f"model_type {p.d['model_type']!r} is not supported (only \"transformer\": Mistral's "
+                              "dense and MoE decoders)")
         moe_p = p.get("moe", None, dict)
         moe = None
         if moe_p:
+            _known_params(moe_p, _MOE_PARAMS, "moe.")
             m = _Fields(moe_p, "moe.")
             moe = MoeArgs(m.size("num_experts"), m.size("num_experts_per_tok"))
         dim, heads = p.size("dim", "hidden_size"), p.size("n_heads", "num_attention_heads")
@@ -395,7 +400,7 @@ class ModelArgs:
             rope_theta=p.get("rope_theta", 1e6 if moe else 10000.0, (int, float)),
             sliding_window=_raw_window(p),
             max_position_embeddings=p.get("max_seq_len", p.get("max_position_embeddings", 32768, int), int),
-            tie_word_embeddings=False,
+            tie_word_embeddings=p.get("tied_embeddings", False, bool),  # output = tok_embeddings
             moe=moe,
         )
 
@@ -447,6 +452,33 @@ class _NotJSON(ValueError):
 
 def _no_constant(name: str) -> Any:
     raise _NotJSON(name)
+
+
+# the fields of Mistral's params.json this reader takes (mistral-inference's TransformerArgs and MoeArgs, the
+# transformers-style aliases, tied_embeddings); any other field is refused by name (a params.json field changes the
+# model: a reader that skipped Mistral's `yarn` RoPE scaling ran the model with the wrong positions, silently)
+_PARAMS = {"dim", "hidden_size", "n_layers", "num_hidden_layers", "head_dim", "hidden_dim", "intermediate_size",
+           "n_heads", "num_attention_heads", "n_kv_heads", "norm_eps", "vocab_size", "rope_theta", "max_seq_len",
+           "max_position_embeddings", "sliding_window", "_sliding_window", "moe", "tied_embeddings", "model_type",
+           "max_batch_size"}
+_MOE_PARAMS = {"num_experts", "num_experts_per_tok"}
+_WHY = {"yarn": "YaRN RoPE scaling is not supported (only unscaled RoPE)",
+        "llama_4_scaling": "Llama-4-style attention scaling is not supported (only unscaled RoPE)",
+        "rope_scaling": "RoPE scaling is not supported (only unscaled RoPE)",
+        "quantization": "a quantized checkpoint is not supported: export from its unquantized (bf16 / fp16 / fp32) "
+                        "weights",
+        "vision_encoder": "a vision-language checkpoint is not supported (text-only Mistral and Mixtral decoders)",
+        "audio_encoder": "an audio-language checkpoint is not supported (text-only Mistral and Mixtral decoders)",
+        "lora": "a LoRA adapter is not supported: export the merged weights"}
+
+
+def _known_params(d: dict[str, Any], known: set[str], prefix: str) -> None:
+    """A ConfigError naming the first field of a params.json object (or its moe object) outside `known` that is
+    set (null is left out, as everywhere)."""
+    for key, value in d.items():
+        if key not in known and value is not None and value != {}:
+            why = _WHY.get(key, "a field mixtrt does not read, which may change the model: not supported")
+            raise ConfigError(f"{prefix}{key}: {why}")
 
 
 def _raw_window(p: _Fields) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -417,6 +418,35 @@ def test_raw_underscored_sliding_window_is_the_window(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps({**params, "sliding_window": 8}))
     with pytest.raises(ConfigError, match="sliding_window=8 and _sliding_window=5 disagree"):
         ModelArgs.from_checkpoint_dir(tmp_path)
+
+
+def test_raw_tied_embeddings_and_fields_that_change_the_model(tmp_path):
+    """params.json's `tied_embeddings: true` (no output.weight: the output is tok_embeddings) gives transformers'
+    tied model's logits (it was a missing output.weight); a field that changes the model and is not read (Mistral's
+    `yarn` RoPE scaling, which was skipped silently: wrong logits, a quantization, a moe field, an unknown field) is
+    refused by name."""
+    from mixtrt.runtime.args import ModelArgs
+
+    hf = hf_model("mistral", rope_theta=10000.0, tie_word_embeddings=True)
+    write_raw(hf, tmp_path, "safetensors")
+    weights = load_file(tmp_path / "consolidated.safetensors")
+    del weights["output.weight"]
+    save_file(weights, tmp_path / "consolidated.safetensors")
+    params = json.loads((tmp_path / "params.json").read_text())
+    (tmp_path / "params.json").write_text(json.dumps({**params, "tied_embeddings": True}))
+    assert_same_logits(hf, tmp_path)
+    for extra, said in (({"yarn": {"factor": 16.0, "original_max_position_embeddings": 4096}}, "yarn: YaRN RoPE"),
+                        ({"llama_4_scaling": {"beta": 0.1}}, "llama_4_scaling: "),
+                        ({"quantization": {"qformat_weight": "fp8_e4m3"}}, "quantization: a quantized checkpoint"),
+                        ({"moe": {"num_experts": 2, "num_experts_per_tok": 1, "num_shared_experts": 1}},
+                         "moe.num_shared_experts: a field mixtrt does not read"),
+                        ({"model_type": "mamba"}, "model_type 'mamba' is not supported"),
+                        ({"qk_norm": True}, "qk_norm: a field mixtrt does not read")):
+        (tmp_path / "params.json").write_text(json.dumps({**params, **extra}))
+        with pytest.raises(ConfigError, match=f"params.json: {re.escape(said)}"):
+            ModelArgs.from_checkpoint_dir(tmp_path)
+    (tmp_path / "params.json").write_text(json.dumps({**params, "yarn": None, "lora": {}, "max_batch_size": 1}))
+    assert ModelArgs.from_checkpoint_dir(tmp_path).rope_theta == 10000.0  # null and {} are left out
 
 
 def test_raw_with_both_weight_formats_is_refused(tmp_path):
