@@ -18,8 +18,9 @@ read the same way from the ids where a Jinja template's tokenizer has both token
     >>> tok = MistralCommonTokenizer(shipped_tokenizer_path().parent / "mistral_instruct_tokenizer_240323.model.v3")
     >>> ids = tok.encode("Let me look.", bos=False) + [5] + tok.encode('[{"name": "get_weather", '
     ...     '"arguments": {"city": "Paris"}, "id": "a1b2c3d4e"}]', bos=False) + [tok.eos_id]
-    >>> read_tool_calls(ids, tok).calls                  # [TOOL_CALLS] is id 5 in v3
-    (ToolCall(id='a1b2c3d4e', name='get_weather', arguments='{"city": "Paris"}'),)
+    >>> [call] = read_tool_calls(ids, tok).calls          # [TOOL_CALLS] is id 5 in v3
+    >>> call.name, call.arguments, call.id != "a1b2c3d4e"  # a fresh id, never the model's (new_call_id)
+    ('get_weather', '{"city": "Paris"}', True)
 
 A reply whose calls do not parse (cut by max_tokens or a stop string, JSON the model got wrong, a call without
 a name or with arguments that are not an object) is no call: `read_tool_calls` gives None and the reply stays
