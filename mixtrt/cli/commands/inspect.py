@@ -13,7 +13,9 @@ from mixtrt.cli.options import path, visible
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=path, help="artifact directory (written by `mixtrt export`)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--verify", action="store_true", help="also check every file's sha256 against the manifest")
+    p.add_argument("--verify", action="store_true",
+                   help="also check every file's sha256 against the manifest, and the manifest against its graph "
+                        "(inputs, outputs, model, precision, cache), as loading does")
 
 
 def run(ns: argparse.Namespace) -> int:
