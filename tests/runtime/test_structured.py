@@ -48,22 +48,23 @@ def toks():
 def test_random_walks_write_what_the_schema_accepts(toks, kind, schema):
     """Random logits masked by the guide, 10 seeds: every walk ends (the eos allowed only once the document is
     complete) with text the schema accepts."""
-    tok = toks[kind]
-    text = check_schema(SCHEMAS[schema])
     for seed in range(10):
-        guide, rng, ids = Guide(tok, ("json_schema", text), [tok.eos_id]), np.random.default_rng(seed), []
-        for _ in range(400):
-            allowed = guide.allowed()
-            logits = rng.standard_normal(allowed.size).astype(np.float32) * 3
-            token = int(np.argmax(np.where(allowed, logits, -np.inf)))
-            guide.consume(token)
-            if token == tok.eos_id:
-                break
-            ids.append(token)
-        else:
-            pytest.fail(f"seed {seed}: no end in 400 tokens: {tok.decode(ids)[:200]!r}")
-        value = json.loads(tok.decode(ids))
-        jsonschema.validate(value, SCHEMAS[schema])
+        jsonschema.validate(walk(toks[kind], SCHEMAS[schema], seed, 400), SCHEMAS[schema])
+
+
+def walk(tok, schema, seed: int, budget: int):
+    """The JSON value of one walk of random logits (seed) masked by the schema's guide; fails unless the walk ends
+    (eos, allowed only once the document is complete) within `budget` tokens."""
+    guide, rng, ids = Guide(tok, ("json_schema", check_schema(schema)), [tok.eos_id]), np.random.default_rng(seed), []
+    for _ in range(budget):
+        allowed = guide.allowed()
+        logits = rng.standard_normal(allowed.size).astype(np.float32) * 3
+        token = int(np.argmax(np.where(allowed, logits, -np.inf)))
+        guide.consume(token)
+        if token == tok.eos_id:
+            return json.loads(tok.decode(ids))
+        ids.append(token)
+    pytest.fail(f"seed {seed}: no end in {budget} tokens: {tok.decode(ids)[:200]!r}")
 
 
 FEATURES = {
@@ -282,19 +283,7 @@ def test_random_walks_on_a_loose_schema_write_only_the_keys_it_names(toks, kind)
     """A schema with no additionalProperties (as clients and LangChain's tools write them): random logits, 8 seeds,
     every document ends within the budget, is accepted, and has no key the schema does not name (a random walk
     wrote made-up keys until its length ran out before)."""
-    tok = toks[kind]
     for seed in range(8):
-        guide = Guide(tok, ("json_schema", check_schema(LOOSE)), [tok.eos_id])
-        rng, ids = np.random.default_rng(seed), []
-        for _ in range(300):
-            allowed = guide.allowed()
-            token = int(np.argmax(np.where(allowed, rng.standard_normal(allowed.size) * 3, -np.inf)))
-            guide.consume(token)
-            if token == tok.eos_id:
-                break
-            ids.append(token)
-        else:
-            pytest.fail(f"seed {seed}: no end in 300 tokens: {tok.decode(ids)[:200]!r}")
-        value = json.loads(tok.decode(ids))
+        value = walk(toks[kind], LOOSE, seed, 300)
         jsonschema.validate(value, LOOSE)
         assert set(value) <= {"k", "n", "sub"} and set(value.get("sub", {})) <= {"z"}, value
