@@ -404,6 +404,16 @@ def json_rule(schema: Mapping[str, Any]) -> str:
     return f"%json {json.dumps({**closed(schema), 'x-guidance': _OPTIONS})}"
 
 
+def _names_enough(schema: Mapping[str, Any]) -> bool:
+    """Whether an object schema's own properties hold every key it requires and enough keys for its
+    minProperties (where patternProperties do not add more): closing it must not make it unsatisfiable."""
+    props = schema.get("properties") if isinstance(schema.get("properties"), Mapping) else {}
+    required = schema.get("required") if isinstance(schema.get("required"), list) else []
+    least = schema.get("minProperties")
+    return all(name in props for name in required) and (
+        "patternProperties" in schema or not isinstance(least, int) or least <= len(props))
+
+
 # schema keywords whose value is one schema, a map of names to schemas, a list of schemas
 _ONE = ("additionalProperties", "unevaluatedProperties", "items", "additionalItems", "unevaluatedItems", "contains",
         "propertyNames", "not", "if", "then", "else")
@@ -417,10 +427,10 @@ def closed(schema: Any, open_: bool = False) -> Any:
     """The schema with no room for keys or items it does not name, as xgrammar's strict mode (vLLM's default JSON
     backend) and OpenAI's strict structured outputs have it: an object schema with `properties` or
     `patternProperties` and no `additionalProperties` / `unevaluatedProperties` of its own gets
-    `additionalProperties: false`, an array with `prefixItems` and no `items` gets `items: false`. A schema
-    joined with others at its level (allOf, anyOf / oneOf beside its own properties, $ref) is left open, as is an
-    allOf member (its siblings name the rest). Every text it allows, the schema accepts; an explicit
-    `additionalProperties` keeps its word."""
+    `additionalProperties: false` (unless it requires keys it does not name, or more keys than it names), an array
+    with `prefixItems` and no `items` gets `items: false`. A schema joined with others at its level (allOf,
+    anyOf / oneOf beside its own properties, $ref) is left open, as is an allOf member (its siblings name the rest).
+    Every text it allows, the schema accepts; an explicit `additionalProperties` keeps its word."""
     if not isinstance(schema, Mapping):
         return schema
     out = dict(schema)
@@ -436,7 +446,7 @@ def closed(schema: Any, open_: bool = False) -> Any:
             members_open = key == "allOf" or (key in ("anyOf", "oneOf") and named)
             out[key] = [closed(value, members_open) for value in out[key]]
     if not open_ and not any(key in out for key in _JOINED):
-        if named and not _OPEN & out.keys():
+        if named and not _OPEN & out.keys() and _names_enough(out):
             out["additionalProperties"] = False
         if "prefixItems" in out and not {"items", "additionalItems", "unevaluatedItems"} & out.keys():
             out["items"] = False

@@ -276,6 +276,10 @@ def test_a_schema_is_closed_to_keys_and_items_it_does_not_name():
     refs = closed({"$defs": {"p": {"properties": {"x": {}}}}, "items": {"$ref": "#/$defs/p"}})
     assert refs["$defs"]["p"]["additionalProperties"] is False and refs["items"] == {"$ref": "#/$defs/p"}
     assert closed({"enum": [{"properties": 1}]}) == {"enum": [{"properties": 1}]}  # values are not schemas
+    # closing never makes a schema unsatisfiable: a required key it does not name, more keys than it names
+    for schema in ({"properties": {"a": {}}, "required": ["a", "b"]}, {"properties": {"a": {}}, "minProperties": 2}):
+        assert "additionalProperties" not in closed(schema)
+    check_schema({"properties": {"a": {}}, "required": ["a", "b"]})  # llguidance takes it (not minProperties so)
 
 
 @pytest.mark.parametrize("kind", ["v1", "tekken"])
