@@ -279,11 +279,20 @@ def chat_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]], offered: 
     if not offered:
         return list(tokenizer.apply_chat_template(messages, **template))
     ids = list(tokenizer.apply_chat_template(messages, tools=offered, **template))
-    if getattr(tokenizer, "templates", None) is not None and ids == list(tokenizer.apply_chat_template(messages,
-                                                                                                       **template)):
+    if getattr(tokenizer, "templates", None) is not None and ids == _without_tools(tokenizer, messages, template):
         raise ConfigError("tools: the checkpoint's chat template does not show tools (it renders the same "
                           "conversation with and without them), so the model would never see them")
     return ids + list(use.forced if use is not None else ())
+
+
+def _without_tools(tokenizer: Any, messages: Sequence[Mapping[str, Any]], template: dict[str, Any]) -> list[int] | None:
+    """The conversation's ids rendered without tools, None where that render fails: a checkpoint whose templates
+    are a `tool_use` one and a `default` one (Hermes 2 Pro's) takes the default without tools, which need not
+    render tool calls and results; a template that shows the tools renders them in any case."""
+    try:
+        return list(tokenizer.apply_chat_template(messages, **template))
+    except ConfigError:
+        return None
 
 
 def _named(choice: Any) -> bool:

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.generation import Generator
 from tests.checkpoints import mistral_tokenizer_path
 from tests.serve.conftest import Server
@@ -107,6 +108,37 @@ def test_the_next_turn_shows_the_call_and_its_result(tag_gen):
     text = tag_gen.tokenizer.render_chat(turn, tools=TOOLS)
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
     assert "<tool_response>\n22 C\n</tool_response>" in text and text.endswith("<|im_start|>assistant\n")
+
+
+# Hermes 2 Pro's shape: a named `tool_use` template beside a plain ChatML `default` that cannot render a call
+PLAIN = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
+         " + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_a_tool_use_template_beside_a_default_one_takes_the_conversation_back(tmp_path):
+    """With tools the `tool_use` template renders the conversation (its calls, content None, and results); the check
+    that a template shows the tools renders it without them too, which the default cannot: that failure is no
+    refusal (it was a 400 / ConfigError naming the default template at the call's message)."""
+    config = {"chat_template": [{"name": "default", "template": PLAIN}, {"name": "tool_use", "template": HERMES}],
+              "eos_token": "<|im_end|>", "legacy": False, "added_tokens_decoder": ADDED}
+    gen = scripted_generator(tmp_path, 32008, 1024, {
+        "tokenizer.model": mistral_tokenizer_path(), "tokenizer_config.json": json.dumps(config),
+        "generation_config.json": json.dumps({"eos_token_id": 32000})})
+    call = {"id": "abcdefghi", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    turn = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "abcdefghi", "content": "22 C"}]
+    script(gen, turn, reply(gen, "It is 22 C.", []))
+    out = gen.chat(turn, tools=TOOLS, max_new_tokens=50)
+    assert out.text == "It is 22 C." and out.tool_calls is None
+    with pytest.raises(ConfigError, match="default"):  # the default template alone cannot take the call back
+        gen.tokenizer.apply_chat_template(turn)
+    server = Server(gen, tmp_path / "unused")
+    try:
+        r = server.http.post("/v1/chat/completions", json={"messages": turn, "tools": TOOLS, "max_tokens": 50})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "It is 22 C.", r.text
+    finally:
+        server.close()
 
 
 BOUNDED = [{"type": "function", "function": {"name": "get_weather", "parameters": {
