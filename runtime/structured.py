@@ -407,8 +407,9 @@ def json_rule(schema: Mapping[str, Any]) -> str:
 def _names_enough(schema: Mapping[str, Any]) -> bool:
     """Whether an object schema's own properties hold every key it requires and enough keys for its
     minProperties (where patternProperties do not add more): closing it must not make it unsatisfiable."""
-    props = schema.get("properties") if isinstance(schema.get("properties"), Mapping) else {}
-    required = schema.get("required") if isinstance(schema.get("required"), list) else []
+    given, asked = schema.get("properties"), schema.get("required")
+    props: Mapping[str, Any] = given if isinstance(given, Mapping) else {}
+    required: list[Any] = asked if isinstance(asked, list) else []
     least = schema.get("minProperties")
     return all(name in props for name in required) and (
         "patternProperties" in schema or not isinstance(least, int) or least <= len(props))

@@ -147,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         if e.filename:
             where = f"{e.filename}: "
+        elif isinstance(e, (ConnectionError, TimeoutError)):  # a network peer's (a cluster's), not the output's
+            where = ""
         else:  # a write that names no file: the output (stdout on a full disk, /dev/full, ...)
             where = "writing the output (stdout): "
             _quiet_stdout()  # the interpreter's last flush would fail on it again

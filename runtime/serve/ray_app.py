@@ -24,17 +24,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import threading
 import time
 from typing import Any
 
-from ray import serve
-from ray.serve import Application
+# Ray folds log lines that look alike from different workers into one before it forwards them (its default): the
+# replicas' request lines are alike but for their numbers, and every one of them is kept. Read when ray is imported.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-from mixtrt.runtime.errors import ArtifactError, ConfigError
-from mixtrt.runtime.manifest import Manifest
-from mixtrt.runtime.serve.app import ServeSettings, create_app, log
+from ray import serve  # noqa: E402  (after the setting above)
+from ray.serve import Application  # noqa: E402
+
+from mixtrt.runtime.errors import ArtifactError, ConfigError, first_line  # noqa: E402
+from mixtrt.runtime.manifest import Manifest  # noqa: E402
+from mixtrt.runtime.serve.app import ServeSettings, create_app, log  # noqa: E402
 
 
 @serve.ingress()
@@ -125,7 +130,10 @@ def serve_on_ray(settings: ServeSettings, host: str, port: int, replicas: int, a
         kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True,
                                   logging_config=ray.LoggingConfig(encoding="TEXT", log_level="WARNING"))
         if address:
-            ray.init(address=address, **kw)
+            try:
+                ray.init(address=address, **kw)
+            except ConnectionError as e:  # an OSError naming no file: said as what it is, not as an output error
+                raise ConfigError(f"--ray-address {address}: {first_line(e)}") from None
         else:
             ray.init(num_cpus=max(available_cores(), replicas), **kw)
         logging.getLogger("ray.serve").setLevel(logging.WARNING)

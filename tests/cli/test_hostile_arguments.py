@@ -255,6 +255,20 @@ def test_a_full_stdout_or_stderr_is_exit_2(artifact):
         assert r.returncode == 2
 
 
+def test_a_connection_error_is_not_called_an_output_error(monkeypatch, capsys):
+    """An OSError naming no file is stdout's failure unless it is a network peer's (Ray's ConnectionError at
+    `serve --ray --ray-address`): said as itself, exit 2."""
+    import mixtrt.cli.commands.inspect as inspect_command
+    from mixtrt.cli import main
+
+    def refuse(ns):
+        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379")
+
+    monkeypatch.setattr(inspect_command, "run", refuse)
+    assert main(["inspect", "ART"]) == 2
+    one_line(capsys.readouterr().err, "mixtrt inspect: error: Failed to connect to Ray cluster at 127.0.0.1:6379")
+
+
 def test_a_closed_stdin_or_stderr(artifact):
     """Started with stdin closed (`<&-`) it reads as empty: one line, no traceback; with stderr closed (`2>&-`)
     the diagnostics are lost, never mixed into stdout's results."""

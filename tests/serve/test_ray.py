@@ -93,15 +93,16 @@ def _ray_cli(artifact, port: int, *extra: str):
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
 
 
-@pytest.mark.slow  # ~40 s on 2 cores: Ray's start, a replica loading, a drain, Ray's shutdown
+@pytest.mark.slow  # ~50 s on 2 cores: Ray's start, two replicas loading, a drain, Ray's shutdown
 def test_cli_on_ray_logs_each_request_and_sigterm_lets_a_running_stream_finish(serve_artifact):
-    """`mixtrt serve --ray`: the replicas' JSON lines reach its stderr without Ray's prefix, and SIGTERM drains
+    """`mixtrt serve --ray`: every line of the replicas' JSON lines reaches its stderr without Ray's prefix (Ray
+    folded alike lines of two replicas into one before: 5 request lines of 11 came through), and SIGTERM drains
     (Ray's graceful shutdown given --drain): a running stream ends whole, then the process exits 0."""
     import json
     import signal
 
     port = _free_port()
-    proc = _ray_cli(serve_artifact[1], port, "--drain", "30")
+    proc = _ray_cli(serve_artifact[1], port, "--drain", "30", "--replicas", "2")
     try:
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT)
         deadline = time.monotonic() + 180
@@ -113,6 +114,8 @@ def test_cli_on_ray_logs_each_request_and_sigterm_lets_a_running_stream_finish(s
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
+        for _ in range(6):  # alike requests, alike log lines, from either replica
+            assert http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
         body = {"model": "tiny", "prompt": "a", "max_tokens": 100, "temperature": 0, "ignore_eos": True,
                 "stream": True}
         with http.stream("POST", "/v1/completions", json=body) as r:
@@ -124,9 +127,11 @@ def test_cli_on_ray_logs_each_request_and_sigterm_lets_a_running_stream_finish(s
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err[-3000:]
         records = [json.loads(line) for line in err.splitlines() if line.startswith('{"ts"')]
-        [request] = [r for r in records if r["event"] == "request"]
+        requests = [r for r in records if r["event"] == "request"]
+        assert len(requests) == 7 and sum(r["completion_tokens"] == 2 for r in requests) == 6, requests
+        [request] = [r for r in requests if r["completion_tokens"] != 2]
         assert (request["end"], request["completion_tokens"], request["finish"]) == ("finished", 100, ["length"])
-        assert [r["event"] for r in records if r["event"] == "ready"] == ["ready"]
+        assert [r["event"] for r in records if r["event"] == "ready"] == ["ready", "ready"]
         http.close()
     finally:
         if proc.poll() is None:
