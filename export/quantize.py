@@ -67,7 +67,7 @@ class Int4Options:
     # the vocabulary tables, as llama.cpp keeps its output table at 6 bits, and in a MoE model also the attention
     # k/v projections, as llama.cpp keeps them at 8 bits for 8-expert models (README "INT4" for the measurements)
     int8: tuple[str, ...] | None = None
-    calibration: Path | None = None  # a UTF-8 text for the calibrated method (default: the packaged text)
+    calibration: Path | None = None  # a UTF-8 text for the calibrated method (default: the packaged text; "-" stdin)
 
     def __post_init__(self) -> None:
         # the patterns as the CLI takes them: a str is its comma list ("lm_head, embed_tokens"), any sequence a
@@ -91,13 +91,15 @@ class Int4Options:
     def check(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r} is not one of {list(METHODS)}")
-        if self.block_size not in BLOCK_SIZES:
+        # integers only: 32.0 == 32 and 4.0 == 4 pass `in`, then break the packing and onnxruntime's setting
+        if type(self.block_size) is not int or self.block_size not in BLOCK_SIZES:
             raise ConfigError(f"--block-size {self.block_size!r} is not one of {list(BLOCK_SIZES)}")
-        if self.accuracy_level not in ACCURACY_LEVELS:
+        if type(self.accuracy_level) is not int or self.accuracy_level not in ACCURACY_LEVELS:
             raise ConfigError(f"accuracy_level {self.accuracy_level!r} is not one of {list(ACCURACY_LEVELS)}")
         if self.calibration is not None and self.method == "rtn":
             raise ConfigError("--calibration needs a calibrated --method (awq or gptq); rtn uses no data")
-        problem = text_file_problem(Path(self.calibration)) if self.calibration is not None else None
+        stdin = self.calibration is not None and str(self.calibration) == "-"  # read at the calibration, once
+        problem = text_file_problem(Path(self.calibration)) if self.calibration is not None and not stdin else None
         if problem:
             raise ConfigError(f"--calibration {self.calibration}: {problem}")
 

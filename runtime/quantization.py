@@ -75,11 +75,11 @@ class Quantization:
             raise ArtifactError("quantization: " + (f"unknown fields {extra}" if extra else f"missing {missing}"))
         checks = {
             "method": d["method"] in METHODS,
-            "bits": d["bits"] == 4 and not isinstance(d["bits"], bool),
-            "block_size": d["block_size"] in BLOCK_SIZES and not isinstance(d["block_size"], bool),
+            "bits": d["bits"] == 4 and type(d["bits"]) is int,  # integers only: 4.0 == 4, True == 1
+            "block_size": d["block_size"] in BLOCK_SIZES and type(d["block_size"]) is int,
             "symmetric": d["symmetric"] is True,
             "scale_dtype": d["scale_dtype"] in SCALE_DTYPES,
-            "accuracy_level": d["accuracy_level"] in ACCURACY_LEVELS and not isinstance(d["accuracy_level"], bool),
+            "accuracy_level": d["accuracy_level"] in ACCURACY_LEVELS and type(d["accuracy_level"]) is int,
             "calibration": d["calibration"] is None or (
                 isinstance(d["calibration"], dict) and {"source", "tokens"} <= set(d["calibration"])
                 <= {"source", "tokens", "nearest"}

@@ -139,6 +139,9 @@ def test_int4_manifest_record(int4_artifacts):
     (lambda d: d.update(quantization=None), "quantization must be a record for precision int4"),
     (lambda d: d["quantization"].update(symmetric=False), "quantization.symmetric False is not valid"),
     (lambda d: d["quantization"].update(block_size=48), "quantization.block_size 48"),
+    # a float that equals an allowed integer (it loaded and then failed in onnxruntime's setting)
+    (lambda d: d["quantization"].update(accuracy_level=4.0), "quantization.accuracy_level 4.0 is not valid"),
+    (lambda d: d["quantization"].update(block_size=32.0), "quantization.block_size 32.0 is not valid"),
     (lambda d: d["quantization"].pop("float"), r"quantization: missing \['float'\]"),
 ])
 def test_int4_manifest_edits_are_refused(int4_artifacts, tmp_path, edit, match):
@@ -157,6 +160,11 @@ def test_int4_options_are_checked(exported, tmp_path):
         export_onnx(ck, tmp_path / "a", int4=Int4Options(), progress=None)
     with pytest.raises(ConfigError, match="--block-size 48"):
         export_onnx(ck, tmp_path / "a", precision="int4", int4=Int4Options(block_size=48), progress=None)
+    # a float equal to an allowed integer: refused (it crashed the packing, or wrote an artifact onnxruntime refuses)
+    for options, match in (({"block_size": 32.0}, "--block-size 32.0"), ({"accuracy_level": 4.0}, "accuracy_level 4.0"),
+                           ({"accuracy_level": True}, "accuracy_level True")):
+        with pytest.raises(ConfigError, match=match):
+            export_onnx(ck, tmp_path / "a", precision="int4", int4=options, progress=None)
     with pytest.raises(ConfigError, match="--calibration needs a calibrated --method"):
         export_onnx(ck, tmp_path / "a", precision="int4", int4=Int4Options(calibration=ck / "config.json"),
                     progress=None)
