@@ -18,6 +18,7 @@ import importlib
 import io
 import os
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -106,6 +107,19 @@ _NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # what argparse takes for a negativ
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `mixtrt` command: its exit code. Run as the program (argv None, the process's own arguments), a Ctrl-C
+    after the command is done is ignored: the second or so the interpreter takes to exit (torch's teardown after
+    an export) would turn a written artifact's 0 into 130."""
+    code = _main(argv)
+    if argv is None:
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not the main thread: no handler to change
+            pass
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from mixtrt.runtime.errors import MixtrtError, Terminated
     from mixtrt.runtime.extras import require
 

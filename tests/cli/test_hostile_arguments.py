@@ -255,6 +255,24 @@ def test_a_full_stdout_or_stderr_is_exit_2(artifact):
         assert r.returncode == 2
 
 
+def test_a_ctrl_c_after_the_command_is_done_is_ignored(artifact):
+    """Run as the program, the command's result stands once it returns: SIGINT is ignored for the interpreter's
+    exit (an export's torch teardown took a second, and a Ctrl-C there made a written artifact's exit 130); called
+    with arguments (a library or a test), the caller's handler is left alone."""
+    import signal
+
+    code = ("import signal, sys; from mixtrt.cli import main; sys.argv = ['mixtrt', 'inspect', sys.argv[1]]; "
+            "before = signal.getsignal(signal.SIGINT); code = main(); "
+            "print(code, before is signal.default_int_handler, signal.getsignal(signal.SIGINT) is signal.SIG_IGN)")
+    r = subprocess.run([sys.executable, "-c", code, str(artifact)], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
+    assert r.stdout.splitlines()[-1] == "0 True True", r.stdout[-500:] + r.stderr[-500:]
+    from mixtrt.cli import main
+
+    before = signal.getsignal(signal.SIGINT)
+    assert main(["inspect", str(artifact)]) == 0 and signal.getsignal(signal.SIGINT) is before
+
+
 def test_a_connection_error_is_not_called_an_output_error(monkeypatch, capsys):
     """An OSError naming no file is stdout's failure unless it is a network peer's (Ray's ConnectionError at
     `serve --ray --ray-address`): said as itself, exit 2."""
