@@ -9,6 +9,7 @@ model was trained on; never its held-out *Northanger Abbey*), [BOS] + tokens, cu
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from mixtrt.runtime.errors import CheckpointError, ConfigError
-from mixtrt.runtime.prompts import read_text_file
+from mixtrt.runtime.prompts import read_text_file, read_text_stream
 
 if TYPE_CHECKING:
     from mixtrt.export.model import Block, RMSNorm
@@ -35,7 +36,10 @@ def calibration_ids(path: Path | None, tokenizer: Any, longest: int = SEQUENCE
     and the whole text's."""
     sequence = max(1, min(SEQUENCE, longest))
     path = Path(path) if path is not None else DEFAULT_CALIBRATION
-    text = read_text_file(path, "--calibration")
+    if str(path) == "-":  # stdin, as `mixtrt perplexity --text -` reads it
+        text = read_text_stream(sys.stdin.buffer, "--calibration - (stdin)")
+    else:
+        text = read_text_file(path, "--calibration")
     ids = tokenizer.encode(text)
     total = len(ids)
     ids = ids[:MAX_TOKENS]
@@ -44,7 +48,8 @@ def calibration_ids(path: Path | None, tokenizer: Any, longest: int = SEQUENCE
         raise ConfigError(f"--calibration {path} {what}: at least 32 tokens are needed")
     seqs = [ids[i:i + sequence] for i in range(0, len(ids), sequence)]
     seqs = [s for s in seqs if len(s) == sequence] or [ids[:sequence]]
-    source = "mixtrt/export/calibration.txt" if path == DEFAULT_CALIBRATION else str(path)
+    source = ("mixtrt/export/calibration.txt" if path == DEFAULT_CALIBRATION else "stdin" if str(path) == "-"
+              else str(path))
     return seqs, source, sum(len(s) for s in seqs), total
 
 

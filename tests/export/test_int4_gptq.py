@@ -5,6 +5,7 @@ the manifest's record, and the writer's check that it writes the weight calibrat
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,3 +257,23 @@ def test_cli_gptq_and_calibration_without_a_method(gptq_models, tmp_path, capsys
     assert main(["export", str(ck), "--precision", "int4", "--calibration", str(text),
                  "--out", str(tmp_path / "b"), "--quiet"]) == 2
     assert "--calibration needs a calibrated --method (awq or gptq)" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~15 s: two gptq exports
+def test_calibration_from_stdin_is_the_files_calibration(gptq_models, tmp_path, monkeypatch):
+    """`--calibration -` reads the text from stdin (as `perplexity --text -`): the same weights as from its file,
+    recorded as "stdin"."""
+    import io
+
+    from mixtrt.cli import main
+
+    models, text = gptq_models
+    ck = models["mistral"][0]
+    common = ["export", str(ck), "--precision", "int4", "--method", "gptq", "--quiet"]
+    assert main([*common, "--calibration", str(text), "--out", str(tmp_path / "file")]) == 0
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(Path(text).read_bytes()), encoding="utf-8"))
+    assert main([*common, "--calibration", "-", "--out", str(tmp_path / "stdin")]) == 0
+    file, stdin = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("file", "stdin"))
+    assert stdin["quantization"]["calibration"]["source"] == "stdin"
+    assert stdin["quantization"]["calibration"]["tokens"] == file["quantization"]["calibration"]["tokens"]
+    assert (tmp_path / "stdin" / "model.onnx.data").read_bytes() == (tmp_path / "file" / "model.onnx.data").read_bytes()

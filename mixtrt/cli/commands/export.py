@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rtn: round to nearest; awq: activation-aware scales; gptq: Hessian-weighted rounding "
                         "(awq and gptq calibrate on a text; default rtn)")
     q.add_argument("--calibration", type=path, default=None,
-                   help="UTF-8 text for --method awq / gptq (default: the calibration text shipped with mixtrt)")
+                   help="UTF-8 text for --method awq / gptq, - for stdin (default: the calibration text shipped "
+                        "with mixtrt)")
     q.add_argument("--keep-float", default=None,
                    help="comma-separated tensors kept float, by name or pattern: lm_head,embed_tokens,layers.0.*")
     q.add_argument("--int8", default=None,
