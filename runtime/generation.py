@@ -505,6 +505,7 @@ class Engine:
         echo without generation), so the prompt may fill every position the model holds."""
         config.validate(self.backend.args)
         self.chunk(config.prefill_chunk)
+        self._check_ids(prompt, name)
         if not prompt:
             raise ConfigError(f"{name} is empty: a row needs at least one prompt token")
         self._check_fits(len(prompt), name, room=0 if score_only else 1)
@@ -528,6 +529,9 @@ class Engine:
         its cache: a rewind), where `can_rewind(row, keep)` says the cache still holds them as they were."""
         if row not in self.parked or row.released:
             raise ConfigError("extend needs a finished row added with keep=True that was not released")
+        if row in self.waiting:  # extended and not stepped since: it would be queued twice
+            raise ConfigError("extend: the row is already waiting to go on (extended and not stepped since)")
+        self._check_ids(ids, "extend's ids")
         if not ids:
             raise ConfigError("extend needs at least one new token")
         if keep is not None and not self.can_rewind(row, keep):
@@ -573,6 +577,18 @@ class Engine:
         row.released = True
         if row in self.parked or row in self.running or row is self.prefilling:
             self._compact(drop={row.id})
+
+    def _check_ids(self, ids: Any, name: str) -> None:
+        """Token ids: a sequence of integers inside the vocabulary (a wrong one fails the backend's step for every
+        row beside it, not only its own)."""
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence | np.ndarray):
+            raise ConfigError(f"{name} must be token ids (a list of integers; encode text with the tokenizer "
+                              f"first), got {type(ids).__name__}")
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+            raise ConfigError(f"{name} must be integer token ids, got {[t for t in ids][:8]!r}")
+        problem = outside_vocab(ids, self.backend.args.vocab_size, f"{name}: token ids")
+        if problem:
+            raise ConfigError(problem)
 
     def _check_fits(self, n: int, name: str, room: int = 1) -> None:
         """n tokens and `room` new ones fit the longest sequence a row holds."""
@@ -625,6 +641,9 @@ class Engine:
         server hands each part's events out at once (a new row's first token does not wait for the decode
         step or the other rows' prefills)."""
         check_prefill_budget(prefill_budget)
+        if self.waiting and not self.running and self.prefilling is None and not self._admissible():
+            raise ConfigError(f"all {self.max_batch} cache rows hold kept rows (keep=True) and {len(self.waiting)} "
+                              "row(s) wait for one: release one (Engine.release), or the wait never ends")
         if self.running and prefill_budget is not None and self.mixed and self._admissible():
             yield functools.partial(self.mixed_step, prefill_budget)
             return

@@ -156,6 +156,24 @@ def test_add_and_extend_check_everything_before_work():
     with pytest.raises(ConfigError, match="max_batch"):
         Engine(backend, ToyTokenizer(), max_batch=0)
     assert [c for c in backend.calls if c[1] > 0][:1] == [(1, 4, 0)]  # only the one valid prompt ran
+    # the one cache row holds the kept row, and `other` waits for it: a step says so (it looped on no work)
+    with pytest.raises(ConfigError, match="all 1 cache rows hold kept rows"):
+        engine.step()
+    engine.cancel(other)
+    # ids are checked as the Generator checks them (one out of the vocabulary failed every row's later steps)
+    vocab = backend.args.vocab_size
+    for bad, match in (([1, vocab], rf"token ids \[{vocab}\] outside the vocabulary"), ([-1], r"\[-1\] outside"),
+                       ("hello", "must be token ids .* encode text"), ([1, 2.0], "must be integer token ids"),
+                       ([True], "must be integer token ids")):
+        with pytest.raises(ConfigError, match=match):
+            engine.add(bad, GREEDY)
+        with pytest.raises(ConfigError, match=match):
+            engine.extend(row, bad, GREEDY)
+    # a row extended twice before a step would be queued twice (two outputs, its cache row twice)
+    engine.extend(row, [3], GenerationConfig(max_new_tokens=1, eos_token_id=()))
+    with pytest.raises(ConfigError, match="already waiting"):
+        engine.extend(row, [4], GREEDY)
+    assert len([e for e in engine.step() if e.output is not None]) == 1 and engine.parked == [row]
 
 
 def test_finished_rows_stay_until_their_row_is_needed():
