@@ -421,33 +421,55 @@ _ONE = ("additionalProperties", "unevaluatedProperties", "items", "additionalIte
 _MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")  # items as a list: the older drafts' tuple form
 _OPEN = {"additionalProperties", "unevaluatedProperties"}
-_JOINED = ("allOf", "anyOf", "oneOf", "$ref")
+_DEFS = ("$defs", "definitions")
+_NOTES = {"$ref", "title", "description", "$comment", "examples", "default"}  # beside a $ref, no join
 
 
-def closed(schema: Any, open_: bool = False) -> Any:
+def closed(schema: Any) -> Any:
     """The schema with no room for keys or items it does not name, as xgrammar's strict mode (vLLM's default JSON
     backend) and OpenAI's strict structured outputs have it: an object schema with `properties` or
     `patternProperties` and no `additionalProperties` / `unevaluatedProperties` of its own gets
     `additionalProperties: false` (unless it requires keys it does not name, or more keys than it names), an array
-    with `prefixItems` and no `items` gets `items: false`. A schema joined with others at its level (allOf,
-    anyOf / oneOf beside its own properties, $ref) is left open, as is an allOf member (its siblings name the rest).
-    Every text it allows, the schema accepts; an explicit `additionalProperties` keeps its word."""
+    with `prefixItems` and no `items` gets `items: false`. A schema joined with others (allOf, a $ref beside
+    keywords of its own, anyOf / oneOf beside its own properties) is left as written with all it holds, and where
+    the schema has one anywhere its $defs are too (a definition may be a joined part). Every text the result
+    allows, the schema accepts; an explicit `additionalProperties` keeps its word."""
     if not isinstance(schema, Mapping):
+        return schema
+    return _closed(schema, keep_defs=_has_join(schema))
+
+
+def _joined(schema: Mapping[str, Any]) -> bool:
+    """Whether the schema is joined with others at its level (closing it, or anything in it, could shut out what
+    the others name)."""
+    named = "properties" in schema or "patternProperties" in schema
+    return ("allOf" in schema or ("$ref" in schema and not set(schema) <= _NOTES)
+            or (named and ("anyOf" in schema or "oneOf" in schema)))
+
+
+def _has_join(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return _joined(value) or any(_has_join(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_join(v) for v in value)
+    return False
+
+
+def _closed(schema: Any, keep_defs: bool) -> Any:
+    if not isinstance(schema, Mapping) or _joined(schema):
         return schema
     out = dict(schema)
     for key in _ONE:
         if isinstance(out.get(key), Mapping):
-            out[key] = closed(out[key])
+            out[key] = _closed(out[key], keep_defs)
     for key in _MAPS:
-        if isinstance(out.get(key), Mapping):
-            out[key] = {name: closed(value) for name, value in out[key].items()}
-    named = "properties" in out or "patternProperties" in out
-    for key in _LISTS:
+        if isinstance(out.get(key), Mapping) and not (keep_defs and key in _DEFS):
+            out[key] = {name: _closed(value, keep_defs) for name, value in out[key].items()}
+    for key in _LISTS:  # anyOf / oneOf here are whole alternatives (no own properties beside them: _joined)
         if isinstance(out.get(key), list):
-            members_open = key == "allOf" or (key in ("anyOf", "oneOf") and named)
-            out[key] = [closed(value, members_open) for value in out[key]]
-    if not open_ and not any(key in out for key in _JOINED):
-        if named and not _OPEN & out.keys() and _names_enough(out):
+            out[key] = [_closed(value, keep_defs) for value in out[key]]
+    if "$ref" not in out and "anyOf" not in out and "oneOf" not in out:
+        if ("properties" in out or "patternProperties" in out) and not _OPEN & out.keys() and _names_enough(out):
             out["additionalProperties"] = False
         if "prefixItems" in out and not {"items", "additionalItems", "unevaluatedItems"} & out.keys():
             out["items"] = False

@@ -282,6 +282,42 @@ def test_a_schema_is_closed_to_keys_and_items_it_does_not_name():
     check_schema({"properties": {"a": {}}, "required": ["a", "b"]})  # llguidance takes it (not minProperties so)
 
 
+JOINED = {  # joined schemas closing must leave as written: (schema, a document it accepts)
+    "allOf of a $ref and more": ({"$defs": {"Base": {"type": "object", "properties": {"a": {"type": "integer"}},
+                                                     "required": ["a"]}},
+                                  "allOf": [{"$ref": "#/$defs/Base"},
+                                            {"properties": {"b": {"type": "integer"}}, "required": ["b"]}]},
+                                 '{"a": 1, "b": 2}'),
+    "anyOf of a $ref beside properties": ({"$defs": {"X": {"properties": {"x": {"type": "integer"}}}},
+                                           "properties": {"kind": {"type": "string"}}, "required": ["kind"],
+                                           "anyOf": [{"$ref": "#/$defs/X"}]}, '{"kind": "k", "x": 1}'),
+    "$ref beside properties": ({"$defs": {"B": {"properties": {"a": {"type": "integer"}}}},
+                                "$ref": "#/$defs/B", "properties": {"b": {"type": "integer"}}, "required": ["b"]},
+                               '{"a": 1, "b": 2}'),
+    "allOf members naming one nested object": ({"allOf": [
+        {"properties": {"sub": {"properties": {"z": {"type": "integer"}}}}, "required": ["sub"]},
+        {"properties": {"sub": {"properties": {"w": {"type": "integer"}}, "required": ["w"]}}}]},
+        '{"sub": {"z": 1, "w": 2}}'),
+}
+
+
+@pytest.mark.parametrize("name", sorted(JOINED))
+def test_joined_schemas_are_left_as_written(toks, name):
+    """allOf, a $ref beside keywords of its own, anyOf beside own properties: left as written (their $defs too), so
+    they compile and take a document that names keys from several parts (closing every part refused them)."""
+    from mixtrt.runtime.structured import closed
+
+    schema, document = JOINED[name]
+    assert closed(schema) == schema
+    jsonschema.validate(json.loads(document), schema)
+    tok = toks["v1"]
+    guide = Guide(tok, ("json_schema", check_schema(schema)), [tok.eos_id])  # a new message's ids, as encoded
+    for token in tok.encode(document, bos=False):
+        assert guide.allowed()[token], (name, tok.decode([token]))
+        guide.consume(token)
+    assert guide.allowed()[tok.eos_id]
+
+
 @pytest.mark.parametrize("kind", ["v1", "tekken"])
 def test_random_walks_on_a_loose_schema_write_only_the_keys_it_names(toks, kind):
     """A schema with no additionalProperties (as clients and LangChain's tools write them): random logits, 8 seeds,
