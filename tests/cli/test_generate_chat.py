@@ -345,6 +345,37 @@ def test_chat_command_takes_llama_clis_commands(monkeypatch, capsys, tmp_path):
         assert chat_command._command_of(message) == ("", ""), message
 
 
+def test_a_regen_whose_reply_is_interrupted_keeps_the_exchange(monkeypatch, capsys):
+    """/regen undoes the last exchange and answers its message again; when Ctrl-C cuts that reply, the undone
+    exchange comes back (it was lost: the turn ended with the conversation as after the undo)."""
+    import mixtrt.cli.commands.chat as chat_command
+    from mixtrt.cli import main
+    from tests.runtime.test_chat_session import ByteChat, Speaker
+
+    gen = Generator(Speaker(windowed=False, capacity=400), ByteChat())
+    monkeypatch.setattr(chat_command, "load_generator", lambda ns: gen)
+    sessions = []
+    make_session = gen.chat_session
+    monkeypatch.setattr(gen, "chat_session", lambda **kw: sessions.append(make_session(**kw)) or sessions[-1])
+    shown = chat_command.print_stream
+    calls = []
+
+    def cut_second(events, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            next(iter(events))
+            raise KeyboardInterrupt
+        return shown(events, **kw)
+
+    monkeypatch.setattr(chat_command, "print_stream", cut_second)
+    feed = iter(["first", "/regen", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(feed))
+    assert main(["chat", "unused", "--max-new-tokens", "3"]) == 0
+    [session] = sessions
+    assert [m["role"] for m in session.messages] == ["user", "assistant"] and session.messages[0]["content"] == "first"
+    assert "reply interrupted" in capsys.readouterr().err
+
+
 def test_chat_command_takes_a_multi_line_message(monkeypatch, capsys):
     """A line ending with a backslash continues the message on the next line (llama-cli's multi-line input): one
     message with its line breaks, one reply; input ending inside such a message drops it."""

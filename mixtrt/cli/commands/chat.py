@@ -91,9 +91,11 @@ def run(ns: argparse.Namespace) -> int:
             out = print_stream(events, started=True)
         except KeyboardInterrupt:
             events.close()  # cancels the turn: the conversation stays as it was (print_stream ended its line)
+            session.messages = before  # a /regen's undone exchange too: its new reply did not come
             print("mixtrt chat: reply interrupted; the turn is dropped", file=sys.stderr)
             continue
         if not out.text:
+            session.messages = before  # as above (the session drops an empty reply with its message)
             print(f"mixtrt chat: {session.turns[-1].note}", file=sys.stderr)
         elif out.finish_reason != "eos" and (constraint := session.config.constraint()) is not None:
             cut = "--max-new-tokens" if out.finish_reason == "length" else "a stop string"
