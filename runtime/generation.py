@@ -506,7 +506,7 @@ class Engine:
         config.validate(self.backend.args)
         self.chunk(config.prefill_chunk)
         self._check_ids(prompt, name)
-        if not prompt:
+        if len(prompt) == 0:
             raise ConfigError(f"{name} is empty: a row needs at least one prompt token")
         self._check_fits(len(prompt), name, room=0 if score_only else 1)
         if fork_of is not None and (fork_of.prompt != list(prompt) or fork_of.config is not config or fork_of.history
@@ -532,7 +532,7 @@ class Engine:
         if row in self.waiting:  # extended and not stepped since: it would be queued twice
             raise ConfigError("extend: the row is already waiting to go on (extended and not stepped since)")
         self._check_ids(ids, "extend's ids")
-        if not ids:
+        if len(ids) == 0:
             raise ConfigError("extend needs at least one new token")
         if keep is not None and not self.can_rewind(row, keep):
             raise ConfigError(f"extend: keep={keep!r} is not a prefix the row's cache holds as it was (1 to the "
@@ -581,7 +581,7 @@ class Engine:
     def _check_ids(self, ids: Any, name: str) -> None:
         """Token ids: a sequence of integers inside the vocabulary (a wrong one fails the backend's step for every
         row beside it, not only its own)."""
-        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence | np.ndarray):
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence | np.ndarray) or np.ndim(ids) != 1:
             raise ConfigError(f"{name} must be token ids (a list of integers; encode text with the tokenizer "
                               f"first), got {type(ids).__name__}")
         if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):

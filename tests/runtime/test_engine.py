@@ -164,11 +164,14 @@ def test_add_and_extend_check_everything_before_work():
     vocab = backend.args.vocab_size
     for bad, match in (([1, vocab], rf"token ids \[{vocab}\] outside the vocabulary"), ([-1], r"\[-1\] outside"),
                        ("hello", "must be token ids .* encode text"), ([1, 2.0], "must be integer token ids"),
-                       ([True], "must be integer token ids")):
+                       ([True], "must be integer token ids"), (np.array([[1, 2]]), "must be token ids"),
+                       (np.array(3), "must be token ids")):
         with pytest.raises(ConfigError, match=match):
             engine.add(bad, GREEDY)
         with pytest.raises(ConfigError, match=match):
             engine.extend(row, bad, GREEDY)
+    assert engine.add(np.array([1, 5, 9]), GREEDY).prompt == [1, 5, 9]  # a numpy row of ids is ids
+    engine.cancel(engine.waiting[-1])
     # a row extended twice before a step would be queued twice (two outputs, its cache row twice)
     engine.extend(row, [3], GenerationConfig(max_new_tokens=1, eos_token_id=()))
     with pytest.raises(ConfigError, match="already waiting"):
