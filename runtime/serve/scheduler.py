@@ -111,6 +111,7 @@ class EngineLoop:
         self._rows: dict[int, tuple[Request, Row]] = {}  # engine thread only
         self._active: list[Request] = []  # engine thread only
         self._last: dict[int, float] = {}  # row id -> time of its last token (inter-token latency)
+        self._shown: set[int] = set()  # rows whose text has begun (a first token's text may be held back)
         self._gauged: tuple[int, int, int] | None = None  # the gauges last set
         self._thread = threading.Thread(target=self._run, name="mixtrt-engine-loop", daemon=True)
 
@@ -229,6 +230,7 @@ class EngineLoop:
         for row in req.rows:
             self._rows.pop(row.id, None)
             self._last.pop(row.id, None)
+            self._shown.discard(row.id)
             if row.reason is None or row in self.engine.waiting:
                 self.engine.cancel(row)
         req.ended = True
@@ -272,14 +274,16 @@ class EngineLoop:
             return False
         batches: dict[int, tuple[Request, list[EngineEvent]]] = {}
         tokens = 0  # the requests' tokens of this part (a non-streamed request's are not all handed out)
-        first = False  # a row's first token is among them
+        first = False  # a row's first token, or the first text of its reply, is among them
         for event in events:
             found = self._rows.get(event.row.id)
             if found is None:
                 continue
             req, row = found
             tokens += not req.score_only  # a scored prompt's one chosen token is never returned
-            first = first or len(row.tokens) == 1
+            first = first or len(row.tokens) == 1 or (bool(event.text) and row.id not in self._shown)
+            if event.text:
+                self._shown.add(row.id)
             self._observe(row, event)
             if req.stream or event.output is not None:
                 batches.setdefault(id(req), (req, []))[1].append(event)
@@ -287,6 +291,7 @@ class EngineLoop:
                 req.finished += 1
                 self._rows.pop(row.id, None)
                 self._last.pop(row.id, None)
+                self._shown.discard(row.id)
                 if req.finished == req.choices:
                     req.ended = True
                     self._active.remove(req)

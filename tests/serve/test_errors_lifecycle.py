@@ -366,6 +366,44 @@ def test_a_request_answered_whole_gets_only_its_outputs(generator):
     assert metrics.registry.get_sample_value("mixtrt:generation_tokens_total", {"model_name": "tiny"}) == 28
 
 
+def test_the_engine_waits_for_a_first_text_and_several_requests_tokens_only(generator):
+    """After a part, the loop waits for its chunks to reach the sockets where they hold a row's first token or the
+    first text of its reply (a first "▁" of a new message shows nothing) or several requests' tokens; one request's
+    later tokens go out while the next step runs."""
+    loop = EngineLoop(generator.backend, generator.tokenizer, max_batch=4, max_queue=4)
+    waits: list[tuple[bool, int, list[str]]] = []
+    handoff = loop._handoff
+
+    def record(batches, wait=True):
+        batches = list(batches)
+        waits.append((wait, len(batches), [e.text for _, events in batches for e in events]))
+        handoff(batches, wait)
+
+    loop._handoff = record
+    loop.start()
+    space = generator.tokenizer.piece_id("▁")
+    config = generator.config(max_new_tokens=5, do_sample=False, eos_token_id=(), logit_bias={space: 100})
+
+    async def one() -> None:
+        req = loop.submit([[1, 5, 6]], config, 1, "a", time.perf_counter())
+        assert [e.text async for e in req.events()][:2] == ["", " "]  # the first "▁" shows nothing
+
+    async def two() -> None:
+        reqs = [loop.submit([[1, 5, 6]], config, 1, name, time.perf_counter()) for name in "bc"]
+        for req in reqs:
+            assert len([e async for e in req.events()]) == 5
+
+    try:
+        asyncio.run(one())
+        alone = [w for w, n, _ in waits]
+        assert alone == [True, True, False, False, False], waits  # first token, first text, then no wait
+        waits.clear()
+        asyncio.run(two())
+        assert all(w for w, n, _ in waits if n > 1) and any(n > 1 for _, n, _ in waits), waits
+    finally:
+        loop.stop(1.0)
+
+
 async def _submit(loop: EngineLoop, config: GenerationConfig) -> None:
     loop.submit([[1, 2]], config, 1, "x", time.perf_counter())
 
