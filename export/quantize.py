@@ -92,10 +92,12 @@ class Int4Options:
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r} is not one of {list(METHODS)}")
         # integers only: 32.0 == 32 and 4.0 == 4 pass `in`, then break the packing and onnxruntime's setting
-        if type(self.block_size) is not int or self.block_size not in BLOCK_SIZES:
-            raise ConfigError(f"--block-size {self.block_size!r} is not one of {list(BLOCK_SIZES)}")
-        if type(self.accuracy_level) is not int or self.accuracy_level not in ACCURACY_LEVELS:
-            raise ConfigError(f"accuracy_level {self.accuracy_level!r} is not one of {list(ACCURACY_LEVELS)}")
+        for name, allowed, said in (("block_size", BLOCK_SIZES, "--block-size"),
+                                    ("accuracy_level", ACCURACY_LEVELS, "accuracy_level")):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value not in allowed:
+                raise ConfigError(f"{said} {value!r} is not one of {list(allowed)}")
+            object.__setattr__(self, name, int(value))
         if self.calibration is not None and self.method == "rtn":
             raise ConfigError("--calibration needs a calibrated --method (awq or gptq); rtn uses no data")
         stdin = self.calibration is not None and str(self.calibration) == "-"  # read at the calibration, once

@@ -109,7 +109,7 @@ _NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # what argparse takes for a negativ
 def main(argv: Sequence[str] | None = None) -> int:
     """The `mixtrt` command: its exit code. Run as the program (argv None, the process's own arguments), a Ctrl-C
     after the command is done is ignored: the second or so the interpreter takes to exit (torch's teardown after
-    an export) would turn a written artifact's 0 into 130."""
+    an export) would turn a written artifact's 0 into 130 (a stall in that exit then takes SIGTERM or Ctrl-\\)."""
     code = _main(argv)
     if argv is None:
         try:
