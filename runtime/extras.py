@@ -53,5 +53,7 @@ def require(extra: str, what: str) -> None:
     absent = missing(extra)
     if absent:
         install = "pip install mixtrt" if extra == "base" else f"pip install 'mixtrt[{extra}]'"
+        if "torch" in absent:  # a bare torch requirement pulls a multi-GB CUDA build
+            install += " (on a machine without a GPU, the CPU build of torch first: README's Install)"
         raise MissingExtraError(f"{what} needs {', '.join(absent)}, which {'is' if len(absent) == 1 else 'are'} "
                                 f"not installed ({EXTRAS[extra].what}): {install}")

@@ -141,7 +141,8 @@ def test_every_command_help_and_the_missing_extra_message(runtime_venv):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         "mixtrt export: error: `mixtrt export` needs torch, onnxscript, onnx_ir, tqdm, which are not "
-        "installed (export checkpoints to artifacts): pip install 'mixtrt[export]'"]
+        "installed (export checkpoints to artifacts): pip install 'mixtrt[export]' (on a machine without a GPU, the "
+        "CPU build of torch first: README's Install)"]
 
 
 @pytest.mark.parametrize("given, want", [(None, "1"), ("0", "0")])

@@ -4,6 +4,7 @@ is a quiet exit; invalid UTF-8 in argv or stdin is named, never a traceback."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -271,6 +272,19 @@ def test_a_ctrl_c_after_the_command_is_done_is_ignored(artifact):
 
     before = signal.getsignal(signal.SIGINT)
     assert main(["inspect", str(artifact)]) == 0 and signal.getsignal(signal.SIGINT) is before
+
+
+def test_demo_help_names_the_demos_defaults():
+    """`mixtrt demo --help`: the shared sampling options say the demo's defaults (48 tokens, 0.8, seed 0), not
+    generate's, which keep theirs."""
+    from mixtrt.cli import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    helps = {name: {a.dest: a.help for a in subs[name]._actions} for name in ("demo", "generate")}
+    assert helps["demo"]["max_new_tokens"].endswith("(default 48)") and "0.8" in helps["demo"]["temperature"]
+    assert "default 0" in helps["demo"]["seed"] and "else 128" in helps["generate"]["max_new_tokens"]
+    assert "fresh one each run" in helps["generate"]["seed"]
 
 
 def test_a_connection_error_is_not_called_an_output_error(monkeypatch, capsys):

@@ -34,6 +34,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # a model this small loops under greedy decoding; the demo samples, seeded, so it prints the same text
     # every run (--temperature 0 for greedy)
     p.set_defaults(max_new_tokens=48, temperature=0.8, top_p=0.95, seed=0)
+    for action in p._actions:  # the shared options' help names generate's defaults: the demo's instead
+        action.help = _DEMO_HELP.get(action.dest, action.help)
+
+
+_DEMO_HELP = {"max_new_tokens": "most tokens to generate (default 48)",
+              "temperature": "sampling temperature, 0 .. (0 = greedy; default 0.8)",
+              "top_p": "1.0 = off (default 0.95)",
+              "seed": "seed of the sampling (default 0: the same text each run)"}
 
 
 def run(ns: argparse.Namespace) -> int:
