@@ -142,7 +142,10 @@ class _Head:
                 stop += 1
             batch = order[start:stop]
             width = max(len(rows[i]) for i in batch)
-            ids = np.full((len(batch), width), pad if pad is not None else 0, np.int64)
+            # right padding: a causal model's tokens never see it, so its value matters only where a sequence
+            # classifier pools at the last non-pad token (the config's pad id, checked inside the vocabulary then)
+            ids = np.full((len(batch), width), pad if pad is not None and self.head == "sequence_classification"
+                          else 0, np.int64)
             for j, i in enumerate(batch):
                 ids[j, :len(rows[i])] = rows[i]
             result = self.backend.forward(ids)

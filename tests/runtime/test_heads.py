@@ -188,6 +188,21 @@ def test_an_empty_context_and_a_long_pair_are_named_before_any_work(head_artifac
         qa.answer("Where? " * 100, ["Paris."])
 
 
+def test_a_pad_id_outside_the_vocabulary_pads_no_head_but_the_pooling_one(head_artifacts, monkeypatch):
+    """A token classifier whose config's pad id is outside the vocabulary (transformers cannot build it; the export
+    checks the pad id only for the head that pools on it): a batch of ragged texts is padded with an id the
+    embedding holds (it failed in onnxruntime's Gather), and the logits are the texts' run alone."""
+    import dataclasses
+
+    _, art = head_artifacts("tokcls")
+    tc = TokenClassifier.load(art, batch_size=4)
+    alone = [tc.run([tc.tokenizer.encode(t)])[0]["logits"] for t in TEXTS[:2]]
+    monkeypatch.setattr(tc, "args", dataclasses.replace(tc.args, pad_token_id=tc.args.vocab_size))
+    together = tc.run([tc.tokenizer.encode(t) for t in TEXTS[:2]])
+    for one, both in zip(alone, together, strict=True):
+        close_logits(both["logits"], one)
+
+
 def test_texts_of_the_wrong_type_are_one_line_errors(head_artifacts):
     _, art = head_artifacts("seqcls")
     clf = SequenceClassifier.load(art)
