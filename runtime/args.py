@@ -478,7 +478,8 @@ def _known_params(d: dict[str, Any], known: set[str], prefix: str) -> None:
     for key, value in d.items():
         if key not in known and value is not None and value != {}:
             why = _WHY.get(key, "a field mixtrt does not read, which may change the model: not supported")
-            raise ConfigError(f"{prefix}{key}: {why}")
+            shown = key if isinstance(key, str) and key.isidentifier() else repr(key)  # a key of any text, one line
+            raise ConfigError(f"{prefix}{shown}: {why}")
 
 
 def _raw_window(p: _Fields) -> int | None:

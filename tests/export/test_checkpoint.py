@@ -441,7 +441,8 @@ def test_raw_tied_embeddings_and_fields_that_change_the_model(tmp_path):
                         ({"moe": {"num_experts": 2, "num_experts_per_tok": 1, "num_shared_experts": 1}},
                          "moe.num_shared_experts: a field mixtrt does not read"),
                         ({"model_type": "mamba"}, "model_type 'mamba' is not supported"),
-                        ({"qk_norm": True}, "qk_norm: a field mixtrt does not read")):
+                        ({"qk_norm": True}, "qk_norm: a field mixtrt does not read"),
+                        ({"x\ny": 1}, "'x\\ny': a field mixtrt does not read")):  # any key text, one line
         (tmp_path / "params.json").write_text(json.dumps({**params, **extra}))
         with pytest.raises(ConfigError, match=f"params.json: {re.escape(said)}"):
             ModelArgs.from_checkpoint_dir(tmp_path)
