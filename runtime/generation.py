@@ -374,6 +374,12 @@ class Row:
         return self.history + self.prompt + self.tokens
 
     @property
+    def text_began(self) -> bool:
+        """Whether the row's newest text piece is its first (its text began at its latest event: a first token's
+        text may be held back, a new message's "▁" or a stop string's start)."""
+        return self.joined == 0 and len(self.pieces) == 1
+
+    @property
     def front(self) -> str:
         """What a new message's text leaves out in front of its tokens' text (a first word's leading space), once
         its first character is shown; "" for a continuation."""

@@ -111,7 +111,6 @@ class EngineLoop:
         self._rows: dict[int, tuple[Request, Row]] = {}  # engine thread only
         self._active: list[Request] = []  # engine thread only
         self._last: dict[int, float] = {}  # row id -> time of its last token (inter-token latency)
-        self._shown: set[int] = set()  # rows whose text has begun (a first token's text may be held back)
         self._gauged: tuple[int, int, int] | None = None  # the gauges last set
         self._thread = threading.Thread(target=self._run, name="mixtrt-engine-loop", daemon=True)
 
@@ -230,7 +229,6 @@ class EngineLoop:
         for row in req.rows:
             self._rows.pop(row.id, None)
             self._last.pop(row.id, None)
-            self._shown.discard(row.id)
             if row.reason is None or row in self.engine.waiting:
                 self.engine.cancel(row)
         req.ended = True
@@ -281,9 +279,7 @@ class EngineLoop:
                 continue
             req, row = found
             tokens += not req.score_only  # a scored prompt's one chosen token is never returned
-            first = first or len(row.tokens) == 1 or (bool(event.text) and row.id not in self._shown)
-            if event.text:
-                self._shown.add(row.id)
+            first = first or len(row.tokens) == 1 or (bool(event.text) and row.text_began)
             self._observe(row, event)
             if req.stream or event.output is not None:
                 batches.setdefault(id(req), (req, []))[1].append(event)
@@ -291,7 +287,6 @@ class EngineLoop:
                 req.finished += 1
                 self._rows.pop(row.id, None)
                 self._last.pop(row.id, None)
-                self._shown.discard(row.id)
                 if req.finished == req.choices:
                     req.ended = True
                     self._active.remove(req)
