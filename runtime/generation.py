@@ -48,7 +48,14 @@ from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backends.base import Backend
 from mixtrt.runtime.chat_format import GenerationDefaults
 from mixtrt.runtime.errors import ConfigError, GuideError, NonFiniteLogitsError, RowError
-from mixtrt.runtime.prompts import Prompts, check_messages_text, check_text, normalize_prompts, outside_vocab
+from mixtrt.runtime.prompts import (
+    Prompts,
+    check_messages_text,
+    check_text,
+    is_token_id,
+    normalize_prompts,
+    outside_vocab,
+)
 from mixtrt.runtime.sampling import Sampler, log_softmax, top_k_logprobs
 from mixtrt.runtime.tool_calls import ToolCall, ToolReply, ToolStream, ToolUse, chat_prompt, tool_use
 
@@ -590,7 +597,7 @@ class Engine:
         if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence | np.ndarray) or np.ndim(ids) != 1:
             raise ConfigError(f"{name} must be token ids (a list of integers; encode text with the tokenizer "
                               f"first), got {type(ids).__name__}")
-        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+        if not all(is_token_id(t) for t in ids):
             raise ConfigError(f"{name} must be integer token ids, got {[t for t in ids][:8]!r}")
         problem = outside_vocab(ids, self.backend.args.vocab_size, f"{name}: token ids")
         if problem:

@@ -19,7 +19,8 @@ from mixtrt.runtime.errors import ConfigError
 Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | np.ndarray
 
 
-def _is_id(t: Any) -> bool:
+def is_token_id(t: Any) -> bool:
+    """An integer (numpy's too), not a bool: what a token id may be before its range is checked."""
     return isinstance(t, (int, np.integer)) and not isinstance(t, bool)
 
 
@@ -35,8 +36,8 @@ def normalize_prompts(prompts: Prompts, tokenizer: Any, vocab_size: int) -> list
                           f"{type(prompts).__name__}")
     if len(prompts) == 0:
         raise ConfigError("prompts is empty: give a str, a list of str, a token-id list or a list of them")
-    if any(_is_id(p) for p in prompts):  # one tokenized prompt
-        bad = next((i for i, p in enumerate(prompts) if not _is_id(p)), None)
+    if any(is_token_id(p) for p in prompts):  # one tokenized prompt
+        bad = next((i for i, p in enumerate(prompts) if not is_token_id(p)), None)
         if bad is not None:
             raise ConfigError(f"prompt 0: token ids must be integers; item {bad} is a {type(prompts[bad]).__name__}")
         batch: Sequence[Any] = [prompts]
@@ -52,7 +53,7 @@ def normalize_prompts(prompts: Prompts, tokenizer: Any, vocab_size: int) -> list
             check_text(p, f"prompt {i}")
             ids = list(tokenizer.encode(p, bos=True, eos=False))
         elif isinstance(p, (Sequence, np.ndarray)) and not isinstance(p, bytes):
-            if not all(_is_id(t) for t in p):
+            if not all(is_token_id(t) for t in p):
                 raise ConfigError(f"prompt {i}: token ids must be integers")
             ids = [int(t) for t in p]
         else:
