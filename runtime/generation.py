@@ -392,6 +392,12 @@ class Row:
         its first character is shown; "" for a continuation."""
         return self.lead.front if self.lead is not None else ""
 
+    @property
+    def new_message(self) -> bool:
+        """Whether the row's text is a new message's (a fresh decode of its tokens) rather than its prompt's
+        continuation."""
+        return self.lead is not None
+
 
 @dataclass(frozen=True)
 class EngineEvent:

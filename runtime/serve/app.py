@@ -539,7 +539,8 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
                 if call.t_first_sent is None:
                     call.t_first_sent = time.perf_counter()
                 continue
-            if counts[i] == 0 and not chat and call.echo[i // call.req.n]:
+            # the echo: its text, and with logprobs its tokens even where their text is empty (BOS alone)
+            if counts[i] == 0 and _echoes(call) and (call.echo[i // call.req.n] or call.handle.config.return_logprobs):
                 parts.append(chunk({"index": i, "text": call.echo[i // call.req.n],
                                     "logprobs": _echo_logprobs(call, state, i, row), "finish_reason": None}))
             pending[i].append(counts[i])
@@ -790,8 +791,9 @@ def _full_choice(call: _Call, state: _State, i: int) -> dict[str, Any]:
     out = call.outputs[i]
     p = i // call.req.n
     if call.kind == "chat":
-        lp = chat_logprobs(_texts(state), out.token_ids, out.logprobs, out.top_logprobs, _chat_k(call),
-                           call.handle.rows[i].front) if out.logprobs is not None else None
+        row = call.handle.rows[i]
+        lp = chat_logprobs(_texts(state), out.token_ids, out.logprobs, out.top_logprobs, _chat_k(call), row.front,
+                           row.new_message) if out.logprobs is not None else None
         echo = call.echo[0]
         if call.tools is None:
             return {"index": i, "message": {"role": "assistant", "content": echo + out.text}, "logprobs": lp,
@@ -816,7 +818,7 @@ def _full_choice(call: _Call, state: _State, i: int) -> dict[str, Any]:
         offsets = _text_offsets(call, state, i)(out.token_ids)
         gen_lp = completion_logprobs(_texts(state), out.token_ids, list(out.logprobs), out.top_logprobs, k, offsets)
         lp = merge(prompt_logprobs(_texts(state), call.prompts[p], out.prompt_logprobs, out.prompt_top_logprobs, k),
-                    gen_lp) if call.echo[p] else gen_lp
+                    gen_lp) if _echoes(call) else gen_lp
     return {"index": i, "text": call.echo[p] + out.text, "logprobs": lp, "finish_reason": _finish(out)}
 
 
@@ -837,7 +839,9 @@ def _stream_logprobs(call: _Call, state: _State, row: Any, indices: list[int]) -
     if row.top:
         top = (np.stack([row.top[t][0] for t in indices]), np.stack([row.top[t][1] for t in indices]))
     if call.kind == "chat":  # the message's front is taken off the first tokens, which come in its first chunk
-        return chat_logprobs(_texts(state), ids, lps, top, _chat_k(call), row.front if indices[:1] == [0] else "")
+        first = indices[:1] == [0]
+        return chat_logprobs(_texts(state), ids, lps, top, _chat_k(call), row.front if first else "",
+                             first and row.new_message)
     i = call.handle.rows.index(row)
     if i not in call.offsets:  # one per streamed choice: its chunks' offsets go on from the last one's
         call.offsets[i] = _text_offsets(call, state, i)
@@ -862,6 +866,11 @@ def _tokenizer(state: _State) -> Any:
 def _texts(state: _State) -> TokenTexts:
     assert state.texts is not None
     return state.texts
+
+
+def _echoes(call: _Call) -> bool:
+    """A completion that returns its prompt (echo) before what it generates: text and, with logprobs, tokens."""
+    return isinstance(call.req, CompletionRequest) and call.req.echo
 
 
 def _scores_only(req: CompletionRequest | ChatRequest) -> bool:

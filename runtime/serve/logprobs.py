@@ -22,6 +22,7 @@ class TokenTexts:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.cache: dict[int, tuple[str, bytes]] = {}
+        self.fronts: dict[int, str] = {}
         self._bytes = getattr(tokenizer, "token_bytes", None)
 
     def __call__(self, token: int) -> tuple[str, bytes]:
@@ -38,6 +39,18 @@ class TokenTexts:
             text = "bytes:" + "".join(f"\\x{b:02x}" for b in data)
         self.cache[token] = (text, data)
         return text, data
+
+    def front(self, token: int) -> str:
+        """What a new message's text leaves out in front of this token's text had it come first (a sentencepiece
+        word's dummy-prefix space, the row's rule: a fresh stream decoder's output against the token's text);
+        "" where nothing or more than whitespace would go."""
+        if token not in self.fronts:
+            text = self(token)[0]
+            decoder = self.tokenizer.stream()
+            shown = decoder.put(token) + decoder.flush()
+            cut = text[:len(text) - len(shown)] if text.endswith(shown) else ""
+            self.fronts[token] = cut if cut.isspace() else ""
+        return self.fronts[token]
 
 
 def top_dict(texts: TokenTexts, token: int, logprob: float, top: Any, t: int, k: int) -> dict[str, float]:
@@ -107,10 +120,13 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return {key: a[key] + b[key] for key in a}
 
 
-def chat_logprobs(texts: TokenTexts, ids: list[int], lps: Any, top: Any, k: int, front: str = "") -> dict[str, Any]:
+def chat_logprobs(texts: TokenTexts, ids: list[int], lps: Any, top: Any, k: int, front: str = "",
+                  first: bool = False) -> dict[str, Any]:
     """OpenAI's chat logprobs of a message's tokens. front: what the message's text leaves out in front of its first
     tokens' text (`Row.front`, a first word's leading space), taken off them and off the alternatives at their
-    positions, so the tokens' text and bytes join to the message's content."""
+    positions, so the tokens' text and bytes join to the message's content. first: ids[0] is a new message's first
+    token; each alternative there reads as it would had it been chosen (its own front taken off, `TokenTexts.front`),
+    whichever token was."""
     content = []
     for n, t in enumerate(ids):
         text, data = texts(t)
@@ -125,7 +141,7 @@ def chat_logprobs(texts: TokenTexts, ids: list[int], lps: Any, top: Any, k: int,
         alts = []
         if top is not None:
             for a, v in zip(top[0][n][:k], top[1][n][:k], strict=True):
-                at, ad = _without(cut, *texts(int(a)))
+                at, ad = _without(texts.front(int(a)) if first and n == 0 else cut, *texts(int(a)))
                 alts.append({"token": at, "logprob": float(v), "bytes": list(ad)})
         content.append({"token": text, "logprob": float(lps[n]), "bytes": list(data), "top_logprobs": alts})
     return {"content": content}

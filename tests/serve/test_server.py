@@ -165,6 +165,18 @@ def test_logprobs_and_echo_prompt_logprobs(server, generator):
                                       (full, 1, "128 tokens, which leaves no room for a new token")):
         with pytest.raises(openai.BadRequestError, match=words):
             server.openai.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, echo=True)
+    # a prompt whose text is empty (BOS alone) is still echoed token by token before what is generated, whole and
+    # streamed, as with max_tokens 0
+    bos = ids[:1]
+    for stream in (False, True):
+        r = server.openai.completions.create(model="tiny", prompt=bos, max_tokens=2, temperature=0, logprobs=0,
+                                             echo=True, stream=stream)
+        chunks = list(r) if stream else [r]
+        tokens = [t for chunk in chunks for c in chunk.choices for t in c.logprobs.tokens]
+        values = [v for chunk in chunks for c in chunk.choices for v in c.logprobs.token_logprobs]
+        text = "".join(c.text for chunk in chunks for c in chunk.choices)
+        assert tokens[0] == "<s>" and values[0] is None and len(tokens) == 3, (stream, tokens)
+        assert text == generator.tokenizer.decode(greedy(generator, bos, 2).token_ids)
     # streamed: the same offsets, counted from the start of the whole text (the echo included)
     kw = dict(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=1, echo=True)
     full = server.openai.completions.create(**kw).choices[0].logprobs.text_offset
@@ -180,7 +192,7 @@ def test_logprobs_and_echo_prompt_logprobs(server, generator):
         assert bytes(item.bytes).decode("utf-8", "replace").replace("\ufffd", "") in item.token or item.bytes
     # the tokens' bytes join to the message's content: a new message drops its first word's leading space, and
     # so does its first token's text (whole and streamed, several seeds)
-    fronts = 0
+    fronts, firsts = 0, set()
     for seed in range(8):
         kw = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, seed=seed,
                   logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
@@ -192,13 +204,18 @@ def test_logprobs_and_echo_prompt_logprobs(server, generator):
         for content in (r.choices[0].logprobs.content, streamed):
             assert b"".join(bytes(item.bytes) for item in content).decode("utf-8", "replace") == text
             assert [item.token for item in content] == [item.token for item in r.choices[0].logprobs.content]
+            # the first position's alternatives read as they would had they been chosen, whichever token was:
+            # the same prompt lists the same texts at every seed
+            firsts.add(tuple(t.token for t in content[0].top_logprobs))
         # the same prompt and seed as a completion, which keeps the space: the case was met where it has one
         ids = list(generator.tokenizer.apply_chat_template(kw["messages"], add_generation_prompt=True))
         same = server.openai.completions.create(model="tiny", prompt=ids, max_tokens=6, seed=seed, logprobs=0,
                                                 extra_body={"ignore_eos": True}).choices[0]
         assert same.text.lstrip(" ") == text
         fronts += same.logprobs.tokens[0].startswith(" ")
-    assert fronts > 0
+    assert 0 < fronts < 8, fronts  # both cases met: a first token with a leading space and one without
+    [first] = firsts
+    assert not any(t.startswith(" ") for t in first), first
 
 
 def concurrent_streams(client: Any, prompts: list[list[int]], lengths: list[int]) -> list[str]:
