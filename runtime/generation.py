@@ -1183,7 +1183,7 @@ def _forced_plain(cfg: GenerationConfig, use: ToolUse | None, tool_choice: Any) 
     """cfg with a forced call's grammar (ToolUse.grammar) in place of any json_schema: a forced tool_choice makes
     the reply a call, which has no content for a response format to shape (OpenAI's rule; the server's too). A
     grammar, regex or choice asks for a reply of another form: refused."""
-    if use is None or not use.forced:
+    if use is None or not use.call_forced:
         return cfg
     for name in ("grammar", "regex", "choice"):
         if getattr(cfg, name) is not None and (name != "grammar" or cfg.grammar != use.grammar):

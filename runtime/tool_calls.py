@@ -25,6 +25,11 @@ read the same way from the ids where a Jinja template's tokenizer has both token
 A reply whose calls do not parse (cut by max_tokens or a stop string, JSON the model got wrong, a call without
 a name or with arguments that are not an object) is no call: `read_tool_calls` gives None and the reply stays
 text, as vLLM's Mistral parser leaves it.
+
+A format with neither (v1, a template of another family: Mixtral-8x7B-Instruct-v0.1's) cannot write a call of its
+own, so "auto" is refused there; a forced tool_choice is served as vLLM serves it on any model, the whole reply
+held to the call's JSON and read as the call: a named function's arguments object, or for "required" a JSON list
+`[{"name": "f", "arguments": {...}}, ...]` of offered functions (ToolUse.tokens None).
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
 _ID_CHARS = string.ascii_letters + string.digits
 NO_TOOL_TOKENS = ("the model's chat format has no tool-call token ([TOOL_CALLS]): mixtrt reads the calls of Mistral's "
                   "formats (v2 and later, tekken, or a template whose tokenizer has [TOOL_CALLS]) and of ChatML "
-                  "templates whose tokenizer has <tool_call> and </tool_call>")
+                  "templates whose tokenizer has <tool_call> and </tool_call>; on this one a forced tool_choice "
+                  "(\"required\" or a named function) is served, the reply held to the call's JSON")
 
 
 @dataclass(frozen=True)
@@ -84,17 +90,24 @@ class ToolTokens:
 
 @dataclass(frozen=True)
 class ToolUse:
-    """How a chat request's replies are read: the tokenizer's tool tokens, the ids its tool_choice put after
-    the prompt (the start of a call the model then completes; empty for "auto"), and whether a reply may make
-    several calls (OpenAI's parallel_tool_calls; False keeps the first)."""
+    """How a chat request's replies are read: the tokenizer's tool tokens (None: a format without them, whose
+    forced reply is the call's JSON: the module's doc), the ids its tool_choice put after the prompt (the start of a
+    call the model then completes; empty for "auto"), and whether a reply may make several calls (OpenAI's
+    parallel_tool_calls; False keeps the first)."""
 
-    tokens: ToolTokens
+    tokens: ToolTokens | None
     forced: tuple[int, ...] = ()
     parallel: bool = True
     names: frozenset[str] = frozenset()  # the functions offered (empty: any name)
     # a forced call: the Lark grammar (runtime/structured.py) the rest of the reply is held to, each function's
     # arguments to its `parameters` schema; None for "auto"
     grammar: str | None = None
+    named: str | None = None  # tokens None: the function a named choice calls (its reply is the arguments alone)
+
+    @property
+    def call_forced(self) -> bool:
+        """Whether tool_choice makes the reply a call ("required" or a named function): held to `grammar`."""
+        return self.grammar is not None
 
     def reply(self, out: Any, tokenizer: Any) -> ToolReply | None:
         """A finished reply's calls (a GenerationOutput: token_ids, finish_reason), the forced start included;
@@ -102,7 +115,16 @@ class ToolUse:
         it holds)."""
         if out.finish_reason == "length":
             return None
-        reply = read_tool_calls([*self.forced, *out.token_ids], tokenizer, self.tokens)
+        if self.tokens is None:  # the reply is the call's JSON
+            text = tokenizer.decode(out.token_ids)
+            if self.named is None:
+                calls = _json_calls(text)
+            else:
+                arguments = _object(text)
+                calls = None if arguments is None else [ToolCall(new_call_id(), self.named, arguments)]
+            reply = ToolReply(None, tuple(calls)) if calls else None
+        else:
+            reply = read_tool_calls([*self.forced, *out.token_ids], tokenizer, self.tokens)
         if reply is None or (self.names and any(c.name not in self.names for c in reply.calls)):
             return None
         return reply if self.parallel else ToolReply(reply.content, reply.calls[:1])
@@ -124,7 +146,7 @@ class ToolStream:
 
     def __init__(self, use: ToolUse, tokenizer: Any) -> None:
         self.use, self.tokenizer = use, tokenizer
-        self.held: list[str] | None = [] if use.forced else None  # None until a call token
+        self.held: list[str] | None = [] if use.call_forced else None  # None until a call token
         self.sent: list[str] = []
 
     def feed(self, token: int | None, text: str) -> str:
@@ -132,7 +154,7 @@ class ToolStream:
         if self.held is not None:
             self.held.append(text)
             return ""
-        if token == self.use.tokens.calls:
+        if self.use.tokens is not None and token == self.use.tokens.calls:
             # the call token's text is what it completed before the call, and a tag that shows (<tool_call>) itself
             tag = self.tokenizer.decode([token]) if self.use.tokens.end is not None else ""
             # the tag's text, or the start of it where a stop string's filter holds its end back ("<tool_call")
@@ -161,7 +183,8 @@ def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, parallel: bool
     lets the model choose; "none" shows no tools (they are still checked); "required" starts the reply with the
     first call token ([TOOL_CALLS], <tool_call>) and holds the rest to a grammar of calls of the offered functions;
     {"type": "function", "function": {"name": ...}} to one call of that function (in the JSON list, the forced start
-    also writes its name). (None, None) without tools."""
+    also writes its name). A format without tool-call tokens takes the forced choices only, the whole reply held to
+    the call's JSON (the module's doc). (None, None) without tools."""
     offered = check_tools(tools, where)
     if tool_choice not in (None, "auto", "none", "required") and not _named(tool_choice):
         raise ConfigError(f"tool_choice: must be \"auto\", \"none\", \"required\" or {{\"type\": \"function\", "
@@ -173,10 +196,10 @@ def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, parallel: bool
     if tool_choice == "none":
         return None, None
     tokens = tool_tokens(tokenizer)
-    if tokens is None:
-        raise ConfigError(f"{where}: {NO_TOOL_TOKENS}")
     names = frozenset(t["function"]["name"] for t in offered)
     if tool_choice in (None, "auto"):
+        if tokens is None:
+            raise ConfigError(f"{where}: {NO_TOOL_TOKENS}")
         return offered, ToolUse(tokens, (), parallel, names)
     name = tool_choice["function"]["name"] if tool_choice != "required" else None
     if name is not None and name not in names:
@@ -185,6 +208,10 @@ def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, parallel: bool
 
     require("structured", f"tool_choice {json.dumps(tool_choice)} (the call held to the tools' parameters)")
     only = None if name is None else [t["function"]["name"] for t in offered].index(name)
+    if tokens is None:  # the reply is the call's JSON: the arguments object, or a list of calls
+        grammar = _calls_grammar(offered, parallel, where, ids=False) if only is None else \
+            _checked_grammar(f"start: args{only}\n{_arguments_rule(offered, only, where)}", where)
+        return offered, ToolUse(None, (), parallel and only is None, names, grammar, name)
     if tokens.args is not None or tokens.end is not None:  # name[ARGS]arguments / <tool_call>...</tool_call>
         # a named choice is one call of that function (OpenAI's); the grammar writes the function's name
         grammar = _tagged_grammar(offered, tokens, parallel and only is None, where, only)
@@ -236,11 +263,12 @@ def _object_schema(params: Any, where: str) -> dict[str, Any]:
                       "only: a forced tool_choice cannot hold a call to it")
 
 
-def _calls_grammar(offered: list[dict[str, Any]], parallel: bool, where: str) -> str:
-    """What follows a forced [TOOL_CALLS] in the JSON-list form: a list of calls (one with parallel False). A
-    sentencepiece "▁[" in front is the guide's lead space (runtime/structured.py)."""
+def _calls_grammar(offered: list[dict[str, Any]], parallel: bool, where: str, ids: bool = True) -> str:
+    """What follows a forced [TOOL_CALLS] in the JSON-list form (or makes a whole reply: ids False, no call ids): a
+    list of calls (one with parallel False). A sentencepiece "▁[" in front is the guide's lead space
+    (runtime/structured.py)."""
     more = ' ("," " " call)*' if parallel else ""
-    return _checked_grammar("\n".join([f'start: "[" call{more} "]"', *_call_rules(offered, where)]), where)
+    return _checked_grammar("\n".join([f'start: "[" call{more} "]"', *_call_rules(offered, where, ids=ids)]), where)
 
 
 def _tagged_grammar(offered: list[dict[str, Any]], tokens: ToolTokens, parallel: bool, where: str,
@@ -278,6 +306,9 @@ def chat_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]], offered: 
     Jinja template that renders the same with and without the tools would hide them from the model: refused."""
     if not offered:
         return list(tokenizer.apply_chat_template(messages, **template))
+    if use is not None and use.tokens is None:  # a forced call's JSON: the tools shown where a template can
+        shown = offered if getattr(tokenizer, "templates", None) is not None else None
+        return list(tokenizer.apply_chat_template(messages, tools=shown, **template))
     ids = list(tokenizer.apply_chat_template(messages, tools=offered, **template))
     if getattr(tokenizer, "templates", None) is not None and ids == _without_tools(tokenizer, messages, template):
         raise ConfigError("tools: the checkpoint's chat template does not show tools (it renders the same "

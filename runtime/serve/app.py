@@ -419,7 +419,7 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
                            "generates", param="min_tokens")
         # echo with max_tokens 0 scores the prompt (vLLM's echo without generation, OpenAI's legacy completions):
         # the prompt's logprobs come with its prefill, which also chooses a first token; that one is not returned
-        if tools is not None and tools.forced:  # a forced call: its form and arguments held to; no content for
+        if tools is not None and tools.call_forced:  # a forced call: its form and arguments held to; no content for
             asked.pop("json_schema", None)  # a response_format to shape (OpenAI's rule)
             if tools.grammar is not None:
                 asked["grammar"] = tools.grammar
@@ -681,7 +681,8 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
             messages = chat_messages(req, getattr(gen.tokenizer, "takes_text_parts", False))
             check_messages_text(messages)
             offered, tools = _offered_tools(req, gen)
-            if tools is not None and tools.forced and (not req.add_generation_prompt or req.continue_final_message):
+            forced = tools is not None and tools.call_forced
+            if forced and (not req.add_generation_prompt or req.continue_final_message):
                 raise ApiError(f"tool_choice: {json.dumps(req.tool_choice)} starts the assistant's reply, which "
                                "add_generation_prompt false / continue_final_message leave out", param="tool_choice")
             ids = chat_prompt(gen.tokenizer, messages, offered, tools, add_generation_prompt=req.add_generation_prompt,
@@ -689,7 +690,7 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
             prompts = normalize_prompts([list(ids)], gen.tokenizer, vocab)
             echo = [_echoed(messages) if req.echo else ""]
             constraint = reply_constraint(req)
-            if constraint is not None and tools is not None and tools.forced:
+            if constraint is not None and tools is not None and tools.call_forced:
                 if constraint[1] != "json_schema":  # a JSON reply's form yields to the call (OpenAI's rule)
                     raise ApiError(f"tool_choice: {json.dumps(req.tool_choice)} asks for a call, and {constraint[0]} "
                                    "for a reply of its own form: give one of them", param=constraint[0].split(".")[0])

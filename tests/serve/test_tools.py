@@ -116,8 +116,15 @@ def test_generator_chat_reads_the_calls(tool_gen):
     assert "".join(e.text for e in events) == out.text
 
 
+# the tools of the forced calls on v1 (the random model's JSON held to them; an enum keeps its strings short)
+ENUM_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}}, "required": ["city"]}}},
+              TOOLS[1]]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
 def test_tools_need_a_format_with_tool_calls(generator):
-    """The shared tiny model has the v1 tokenizer: it has no [TOOL_CALLS], so tools are refused by name."""
+    """The shared tiny model has the v1 tokenizer: it has no [TOOL_CALLS], so "auto" is refused by name."""
     from mixtrt.runtime.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"^tools: the model's chat format has no tool-call token"):
@@ -265,6 +272,33 @@ def test_bad_tools_are_400s_naming_the_field(tool_server, body, param, message):
     assert error["param"] == param and message in error["message"], error
 
 
+def test_forced_calls_where_the_format_has_no_call_tokens(generator):
+    """v1 cannot write a call of its own: a forced tool_choice is served as vLLM forces it, the whole reply held to
+    the call's JSON (a named function's arguments, "required"'s list of calls) and read as the call; the prompt is
+    the conversation's (v1 cannot show tools)."""
+    plain = generator.chat(MESSAGES, max_new_tokens=1, do_sample=False)
+    for choice, names in ((NAMED, {"get_weather"}), ("required", {"get_weather", "get_time"})):
+        out = generator.chat(MESSAGES, tools=ENUM_TOOLS, tool_choice=choice, parallel_tool_calls=False,
+                             max_new_tokens=48, do_sample=False)
+        assert out.text == "" and out.stats.prompt_tokens == plain.stats.prompt_tokens, choice
+        [call] = out.tool_calls
+        assert call.name in names and CALL_ID.fullmatch(call.id)
+        arguments = json.loads(call.arguments)
+        assert arguments == {} if call.name == "get_time" else arguments["city"] in ("Paris", "Rome")
+        # streamed: no text (the reply is the call), the same call
+        events = list(generator.stream_chat(MESSAGES, tools=ENUM_TOOLS, tool_choice=choice, parallel_tool_calls=False,
+                                            max_new_tokens=48, do_sample=False))
+        assert "".join(e.text for e in events) == ""
+        [again] = events[-1].output.tool_calls
+        assert (again.name, again.arguments) == (call.name, call.arguments)
+    # the raw reply of "required" is a JSON list of {"name", "arguments"} objects
+    out = generator.chat(MESSAGES, tools=ENUM_TOOLS, tool_choice="required", max_new_tokens=200, seed=3)
+    if out.tool_calls is not None:  # a random model may list calls until its length runs out: then it is text
+        assert {c.name for c in out.tool_calls} <= {"get_weather", "get_time"}
+    else:
+        assert out.finish_reason == "length" and out.text.startswith('[{"name": "get_')
+
+
 def test_tools_refused_where_the_format_has_no_calls(server):
     r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": TOOLS})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
@@ -273,6 +307,20 @@ def test_tools_refused_where_the_format_has_no_calls(server):
     r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": TOOLS, "tool_choice": "none",
                                                        "max_tokens": 2})
     assert r.status_code == 200, r.text
+    # a forced choice is served, the reply held to the call's JSON (whole and streamed, as the openai client reads it)
+    for choice in (NAMED, "required"):
+        kw = dict(model="tiny", messages=MESSAGES, tools=ENUM_TOOLS, tool_choice=choice, parallel_tool_calls=False,
+                  max_tokens=48, temperature=0)
+        whole = server.openai.chat.completions.create(**kw).choices[0]
+        assert whole.finish_reason == "tool_calls" and not whole.message.content
+        [call] = whole.message.tool_calls
+        assert call.function.name in ("get_weather", "get_time") and CALL_ID.fullmatch(call.id)
+        chunks = list(server.openai.chat.completions.create(stream=True, **kw))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert not "".join(d.content or "" for d in deltas)
+        [streamed] = [t for d in deltas for t in d.tool_calls or ()]
+        assert (streamed.function.name, streamed.function.arguments) == (call.function.name, call.function.arguments)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 
 def test_streams_and_replies_agree(tool_server, tool_gen):
