@@ -306,7 +306,7 @@ def chat_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]], offered: 
     Jinja template that renders the same with and without the tools would hide them from the model: refused."""
     if not offered:
         return list(tokenizer.apply_chat_template(messages, **template))
-    if use is not None and use.tokens is None:  # a forced call's JSON: the tools shown where a template can
+    if tool_tokens(tokenizer) is None:  # a forced call's JSON (tool_use took nothing else): shown where a template can
         shown = offered if getattr(tokenizer, "templates", None) is not None else None
         return list(tokenizer.apply_chat_template(messages, tools=shown, **template))
     ids = list(tokenizer.apply_chat_template(messages, tools=offered, **template))
