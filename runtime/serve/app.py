@@ -62,6 +62,7 @@ from mixtrt.runtime.serve.protocol import (
     parse,
     reply_constraint,
 )
+from mixtrt.runtime.serve.responses import response_object, responses_error, stream_events, to_chat
 from mixtrt.runtime.serve.scheduler import Cancelled, EngineLoop, NotAccepting, QueueFull
 from mixtrt.runtime.serve.scheduler import Request as EngineRequest
 from mixtrt.runtime.tool_calls import ToolStream, ToolUse, chat_prompt, tool_use
@@ -225,6 +226,20 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
     async def chat_completions(request: Request) -> Response:
         return await _generate(request, ChatRequest)
 
+    @v1.post("/responses")  # OpenAI's Responses API over the chat route (runtime/serve/responses.py)
+    async def responses(request: Request) -> Response:
+        state = _ready(request)
+        body, echoed = to_chat(_json_body(await _read_body(request, state.settings.max_body_bytes)))
+        try:
+            answer = await _generate(request, ChatRequest, json.dumps(body).encode("utf-8"))
+        except ApiError as e:
+            raise responses_error(e) from None
+        if isinstance(answer, StreamingResponse):
+            return StreamingResponse(stream_events(answer.body_iterator, state.settings.name, echoed),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(response_object(json.loads(bytes(answer.body)), echoed))
+
     app.include_router(v1)
 
     # vLLM's tokenizer endpoints (at the root, as vLLM serves them), behind the API key like /v1
@@ -385,11 +400,14 @@ class _Call:
     tools: ToolUse | None = None  # chat with tools shown: how the replies are read for calls
 
 
-async def _generate(request: Request, model: type[CompletionRequest] | type[ChatRequest]) -> Response:
+async def _generate(request: Request, model: type[CompletionRequest] | type[ChatRequest], raw: bytes | None = None
+                    ) -> Response:
+    """raw: the body to run (the Responses route's, read into a chat request), else the request's own."""
     state = _ready(request)
     s, gen, loop = state.settings, state.generator, state.loop
     assert gen is not None and loop is not None
-    raw = await _read_body(request, s.max_body_bytes)
+    if raw is None:
+        raw = await _read_body(request, s.max_body_bytes)
     # the request arrives once its body is in (vLLM's arrival time): a slow upload is the client's time, not the
     # server's queue or time to first token
     t0 = time.perf_counter()
