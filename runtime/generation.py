@@ -612,9 +612,10 @@ class Engine:
     def _check_fits(self, n: int, name: str, room: int = 1) -> None:
         """n tokens and `room` new ones fit the longest sequence a row holds."""
         limit, why = self.limit()
+        if n > limit:
+            raise ConfigError(f"{name} has {n} tokens, more than the {limit} a row holds: {why}")
         if n + room > limit:
-            raise ConfigError(f"{name} has {n} tokens, which leaves no room for a new token: {why}" if room else
-                              f"{name} has {n} tokens, more than the {limit} a row holds: {why}")
+            raise ConfigError(f"{name} has {n} tokens, which leaves no room for a new token: {why}")
 
     def _sampler(self, cfg: GenerationConfig, index: int, seen: Sequence[int], new_message: bool = True) -> Sampler:
         args = self.backend.args

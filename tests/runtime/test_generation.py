@@ -181,9 +181,12 @@ def test_a_long_generation_keeps_its_text_in_few_strings():
 
 def test_prompt_too_long_is_refused_before_any_work():
     gen, backend = make(windowed=False, capacity=10)
-    with pytest.raises(ConfigError, match="prompt 1 has 13 tokens.*cache full"):
+    with pytest.raises(ConfigError, match="prompt 1 has 13 tokens, more than the 10 a row holds: .*cache full"):
         gen.generate(PROMPTS, eos_token_id=())
     assert backend.calls == []
+    # a prompt filling the row leaves no room; one past it is more than the row holds (not "no room")
+    with pytest.raises(ConfigError, match="prompt 0 has 10 tokens, which leaves no room for a new token"):
+        gen.generate([PROMPTS[1][:10]], eos_token_id=())
 
 
 @pytest.mark.parametrize("options, name", [
