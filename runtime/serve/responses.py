@@ -47,10 +47,12 @@ def to_chat(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         raise _error("background responses are not served (the server stores no responses)", "background")
     if body.get("truncation", "disabled") != "disabled":
         raise _error('only "disabled" is served: a conversation past the context is a 400', "truncation")
-    if body.get("reasoning") not in (None, {}) and any(v is not None for v in body["reasoning"].values()):
-        raise _error("the model has no reasoning to configure", "reasoning")
-    for item in body.get("include") or ():
-        raise _error(f"{json.dumps(item)} cannot be included: the server adds nothing to a response", "include")
+    reasoning = body.get("reasoning", {})
+    if not isinstance(reasoning, dict) or any(v is not None for v in reasoning.values()):
+        raise _error("the model has no reasoning to configure (leave it out, or null)", "reasoning")
+    include = body.get("include", [])
+    if not isinstance(include, list) or include:
+        raise _error(f"{json.dumps(include)[:80]} cannot be included: the server adds nothing to a response", "include")
     if body.get("top_logprobs"):
         raise _error("logprobs are served on /v1/chat/completions and /v1/completions", "top_logprobs")
     known = {*_SAME, *_IGNORED, "input", "instructions", "max_output_tokens", "stream", "stream_options", "tools",
@@ -70,9 +72,10 @@ def to_chat(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     chat["messages"] = messages
     if "max_output_tokens" in body:
         chat["max_tokens"] = body["max_output_tokens"]
-    if "max_tool_calls" in body and body["max_tool_calls"] != 1 and not isinstance(body["max_tool_calls"], int):
-        raise _error("must be an integer", "max_tool_calls")
-    if body.get("max_tool_calls") == 1:
+    if "max_tool_calls" in body:  # 1 is one call (parallel_tool_calls false); no other bound can be held to
+        if type(body["max_tool_calls"]) is not int or body["max_tool_calls"] != 1:
+            raise _error(f"only 1 is served (one call, as parallel_tool_calls false), got "
+                         f"{json.dumps(body['max_tool_calls'])[:40]}; leave it out for any number", "max_tool_calls")
         chat["parallel_tool_calls"] = False
     tools = body.get("tools")
     if tools is not None:

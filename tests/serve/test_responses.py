@@ -101,6 +101,10 @@ def test_function_calls_and_json_output(server):
     ({}, "input", "input: is required"),
     ({"input": [{"type": "item_reference", "id": "x"}]}, "input", "'item_reference' are not served"),
     ({"input": "Hi", "tools": TOOLS}, "tools", "no tool-call token"),
+    ({"input": "Hi", "max_tool_calls": 3}, "max_tool_calls", "only 1 is served"),
+    ({"input": "Hi", "reasoning": {"effort": "high"}}, "reasoning", "no reasoning to configure"),
+    ({"input": "Hi", "reasoning": "high"}, "reasoning", "no reasoning to configure"),
+    ({"input": "Hi", "include": "x"}, "include", "cannot be included"),
 ])
 def test_what_is_not_served_is_a_400_naming_the_field(server, body, param, words):
     r = server.http.post("/v1/responses", json={"model": "tiny", **body})
