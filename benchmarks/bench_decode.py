@@ -8,12 +8,15 @@ hits all engines alike. Reported: the median and min-max over passes of decode t
 peak RSS, and decode as a fraction of the bandwidth limit (weight bytes a decode step reads / the best read
 bandwidth the probe measured in this run; the probe runs before and after the passes).
 
-The overhead: the decode step of a model with the Mixtral-shaped topology (8 layers, 8 experts top-2, 8/2 heads of
-dim 64, so the same graph and node count) but negligible weights (hidden 32, intermediate 64, a 256-piece
-tokenizer made here), batch 1 and 8: what a step costs beyond reading weights. Measured twice: with the benchmark's
-context (prompt + new tokens) and with a short one (8-token prompts, 32 new tokens). The attention keeps the
-benchmark's shape (8/2 heads of dim 64), so its work grows with the context and the batch (at batch 8 after a
-128-token prompt it is most of the step); the short context shows the fixed part, the cost per node.
+The overhead: the decode step of a model with the Mixtral-shaped topology (8 layers, 8 experts top-2, the same graph
+and node count: attention through GroupQueryAttention with its rotary) but negligible weights (hidden 32,
+intermediate 64, a 256-piece tokenizer made here), batch 1 and 8: what a step costs beyond reading weights. Two such
+models: "hidden 32" has attention as wide as its hidden size (2 query heads and 1 KV head of dim 16, the smallest
+head dim the graph's attention takes), so its KV cache is negligible too: the decode issue's measure of the
+overhead. "attention 8x64" keeps the benchmark model's attention shape (8/2 heads of dim 64), so its attention
+reads as many cache bytes per step as the benchmark's: at batch 8 after a 128-token prompt that is most of its step
+(printed beside it). Each measured twice: with the benchmark's context (prompt + new tokens) and with a short one
+(8-token prompts, 32 new tokens), which shows the fixed part, the cost per node.
 
 A quick check that everything runs: `--passes 1 --new-tokens 32`; `--overhead-only` measures only the overhead.
 
@@ -43,9 +46,11 @@ import peers  # noqa: E402
 from common import SHAPES, at_least, make_benchmark_checkpoint, positive  # noqa: E402
 
 ENGINES = ("mixtrt fp32", "llama.cpp f32", "onnxruntime-genai fp32")
-TINY = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=8,
-            num_key_value_heads=2, head_dim=64, num_local_experts=8, num_experts_per_tok=2, sliding_window=512,
-            max_position_embeddings=8192)
+TINY = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_local_experts=8,
+            num_experts_per_tok=2, sliding_window=512, max_position_embeddings=8192)
+# the attention of each overhead model (module docstring): the decode issue's "hidden 32", and the benchmark's shape
+TINY_ATTENTION = {"hidden 32": dict(num_attention_heads=2, num_key_value_heads=1, head_dim=16),
+                  "attention 8x64": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=64)}
 
 
 def prompt(length: int, vocab: int = 32000) -> list[int]:
@@ -70,19 +75,21 @@ def run_child(**kw) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def tiny_checkpoint(root: Path) -> Path:
-    """The Mixtral-shaped topology with negligible weights and a 256-piece sentencepiece tokenizer (made here)."""
+def tiny_checkpoint(root: Path, attention: str = "hidden 32") -> Path:
+    """The Mixtral-shaped topology with negligible weights, attention TINY_ATTENTION[attention], and a 256-piece
+    sentencepiece tokenizer (made here)."""
     import io
 
     import sentencepiece as spm
     import torch
     import transformers
 
-    path = root / "mixtral-topology-tiny"
+    heads = TINY_ATTENTION[attention]
+    path = root / (f"mixtral-topology-tiny-{heads['num_attention_heads']}x{heads['head_dim']}")
     if (path / "config.json").is_file():
         return path
     torch.manual_seed(0)
-    cfg = transformers.MixtralConfig(**TINY, router_jitter_noise=0.0, initializer_range=0.5)
+    cfg = transformers.MixtralConfig(**TINY, **heads, router_jitter_noise=0.0, initializer_range=0.5)
     transformers.MixtralForCausalLM(cfg).save_pretrained(path)
     model = io.BytesIO()
     text = [f"the quick brown fox jumps over the lazy dog {i} times" for i in range(2000)]
@@ -163,10 +170,11 @@ def main() -> None:
         print(json.dumps(child_mixtrt(ns)))
         return
 
-    try:  # checked before the minutes of measuring, not after
-        import matplotlib  # noqa: F401
-    except ImportError:
-        sys.exit("bench_decode.py: the chart needs matplotlib: pip install '.[bench]'")
+    if not ns.overhead_only:
+        try:  # checked before the minutes of measuring, not after
+            import matplotlib  # noqa: F401
+        except ImportError:
+            sys.exit("bench_decode.py: the chart needs matplotlib: pip install '.[bench]'")
 
     from mixtrt.runtime.args import ModelArgs
     from mixtrt.runtime.benchmark import read_bandwidth_gb_s, weight_bytes_per_token
@@ -179,16 +187,23 @@ def main() -> None:
           flush=True)
 
     # the overhead: Mixtral-shaped topology, negligible weights; the benchmark's context, then a short one
-    tiny = artifact_for(tiny_checkpoint(ns.work), ns.work)
-    overhead: dict = {"context": {}, "short": {}}
-    for ctx, (plen, new) in (("context", (ns.prompt_len, ns.new_tokens)), ("short", (8, 32))):
-        for batch in (1, 8):
-            steps = [run_child(artifact=tiny, threads=ns.threads, prompt_len=plen, new_tokens=new,
-                               batch=batch)["step_ms"]["median"] for _ in range(ns.passes)]
-            overhead[ctx][batch] = {"median": statistics.median(steps), "min": min(steps), "max": max(steps)}
-            print(f"overhead (Mixtral-shaped topology, hidden 32, vocab 256): batch {batch}, {plen}-token prompts, "
-                  f"{new} new tokens: decode step {overhead[ctx][batch]['median']:.3f} ms "
-                  f"(passes {min(steps):.3f}-{max(steps):.3f})", flush=True)
+    overhead: dict = {}
+    for attention, heads in TINY_ATTENTION.items():
+        tiny = artifact_for(tiny_checkpoint(ns.work, attention), ns.work)
+        overhead[attention] = {"context": {}, "short": {}}
+        for ctx, (plen, new) in (("context", (ns.prompt_len, ns.new_tokens)), ("short", (8, 32))):
+            for batch in (1, 8):
+                steps = [run_child(artifact=tiny, threads=ns.threads, prompt_len=plen, new_tokens=new,
+                                   batch=batch)["step_ms"]["median"] for _ in range(ns.passes)]
+                # what the attention reads at the context's end: K and V of every cached position, fp32
+                kv_mb = (TINY["num_hidden_layers"] * batch * 2 * heads["num_key_value_heads"] * heads["head_dim"] * 4
+                         * min(plen + new, TINY["sliding_window"]) / 1e6)
+                overhead[attention][ctx][batch] = {"median": statistics.median(steps), "min": min(steps),
+                                                   "max": max(steps), "kv_cache_mb_read": kv_mb}
+                print(f"overhead (Mixtral-shaped topology, {attention}, vocab 256): batch {batch}, {plen}-token "
+                      f"prompts, {new} new tokens: decode step {overhead[attention][ctx][batch]['median']:.3f} ms "
+                      f"(passes {min(steps):.3f}-{max(steps):.3f}; its attention reads {kv_mb:.1f} MB of cache at "
+                      "the end)", flush=True)
     if ns.overhead_only:
         return
 
@@ -226,10 +241,12 @@ def main() -> None:
 
     print(f"\nread bandwidth {bw[0]:.1f} GB/s before, {bw[1]:.1f} after (limit uses the best, {best:.1f}); "
           f"load average at the end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
-    for ctx, what in (("context", f"{ns.prompt_len}-token prompts, {ns.new_tokens} new tokens"),
-                      ("short", "8-token prompts, 32 new tokens")):
-        print(f"overhead per decode step (same topology, negligible weights; {what}): "
-              f"batch 1 {overhead[ctx][1]['median']:.3f} ms, batch 8 {overhead[ctx][8]['median']:.3f} ms")
+    for attention in TINY_ATTENTION:
+        for ctx, what in (("context", f"{ns.prompt_len}-token prompts, {ns.new_tokens} new tokens"),
+                          ("short", "8-token prompts, 32 new tokens")):
+            o = overhead[attention][ctx]
+            print(f"overhead per decode step (same topology, negligible weights, {attention}; {what}): "
+                  f"batch 1 {o[1]['median']:.3f} ms, batch 8 {o[8]['median']:.3f} ms")
     print("\n| model | engine | decode tok/s (min-max) | prefill tok/s | peak RSS MiB | % of bandwidth limit |")
     print("|---|---|---|---|---|---|")
     for name in ns.models:
