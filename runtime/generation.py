@@ -295,6 +295,12 @@ class _StopText:
         return out if self.stop is None else ""
 
 
+def dropped_front(text: str, shown: str) -> str:
+    """What `text` has in front of `shown` where `shown` ends it ("" where it does not): what a fresh decode drops in
+    front of a message's text (a sentencepiece word's dummy-prefix space)."""
+    return text[:len(text) - len(shown)] if text.endswith(shown) else ""
+
+
 class _Lead:
     """The front of a new message's text (a row added with continuation=False, or extended). Stop strings are
     matched on the text that continues the prompt, as transformers' stop criteria and vLLM see it (a first word
@@ -320,8 +326,8 @@ class _Lead:
         if self.shown or token is None:
             # the two differ only in front; where they differ otherwise (a prompt that ends inside a character the
             # output completes), the continuation's text is kept whole
-            self.drop = len(self.primed) - len(self.shown) if self.primed.endswith(self.shown) else 0
-            self.front = self.primed[:self.drop]
+            self.front = dropped_front(self.primed, self.shown)
+            self.drop = len(self.front)
 
     def emit(self, text: str) -> str:
         """The stop filter's output -> the row's text."""

@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from mixtrt.runtime.generation import primed_stream
+from mixtrt.runtime.generation import dropped_front, primed_stream
 
 
 class TokenTexts:
@@ -47,8 +47,7 @@ class TokenTexts:
         if token not in self.fronts:
             text = self(token)[0]
             decoder = self.tokenizer.stream()
-            shown = decoder.put(token) + decoder.flush()
-            cut = text[:len(text) - len(shown)] if text.endswith(shown) else ""
+            cut = dropped_front(text, decoder.put(token) + decoder.flush())
             self.fronts[token] = cut if cut.isspace() else ""
         return self.fronts[token]
 
@@ -103,9 +102,9 @@ def prompt_logprobs(texts: TokenTexts, prompt: list[int], lps: Any, top: Any, k:
     tokens = [texts(prompt[0])[0]] + rest["tokens"]
     tops = [None] + rest["top_logprobs"]
     n = next((n for n, piece in enumerate(offsets.pieces) if piece), None)  # the first token the text shows
-    if n is not None and tokens[n] != offsets.pieces[n] and tokens[n].endswith(offsets.pieces[n]):
-        cut = tokens[n][:len(tokens[n]) - len(offsets.pieces[n])]
-        if cut.isspace():
+    if n is not None:
+        cut = dropped_front(tokens[n], offsets.pieces[n])
+        if cut.isspace():  # "" is not
             tokens[n] = offsets.pieces[n]
             if tops[n] is not None:
                 cut_top: dict[str, float] = {}

@@ -12,6 +12,7 @@ conversation as `input`), `store` is accepted and has no effect.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator
@@ -21,12 +22,15 @@ from mixtrt.runtime.serve.protocol import ApiError
 
 # fields taken over as they are (the chat route checks them): OpenAI's, and the sampling extras vLLM takes
 _SAME = ("model", "temperature", "top_p", "parallel_tool_calls", "user", "top_k", "min_p", "seed",
-         "repetition_penalty", "presence_penalty", "frequency_penalty")
-# accepted with no effect: nothing is stored, there is one tier, no reasoning to configure or include
-_IGNORED = ("store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier")
-# chat fields an error may name -> the Responses field they came from
+         "repetition_penalty", "presence_penalty", "frequency_penalty", "service_tier")
+# accepted with no effect: nothing is stored, no cache key or caller id to act on
+_IGNORED = ("store", "metadata", "prompt_cache_key", "safety_identifier")
+# chat fields an error may name -> the Responses field they came from; and the paths in its message
 _FIELDS = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens", "messages": "input",
            "response_format": "text"}
+_PATHS = ((re.compile(r"^(max_tokens|max_completion_tokens)\b"), "max_output_tokens"),
+          (re.compile(r"^response_format(\.json_schema)?\b"), "text.format"),
+          (re.compile(r"^tools(\[\d+\])\.function\b"), r"tools\1"))
 
 
 def _error(message: str, param: str) -> ApiError:
@@ -53,6 +57,9 @@ def to_chat(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     include = body.get("include", [])
     if not isinstance(include, list) or include:
         raise _error(f"{json.dumps(include)[:80]} cannot be included: the server adds nothing to a response", "include")
+    metadata = body.get("metadata", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _error("must be an object of strings", "metadata")
     if body.get("top_logprobs"):
         raise _error("logprobs are served on /v1/chat/completions and /v1/completions", "top_logprobs")
     known = {*_SAME, *_IGNORED, "input", "instructions", "max_output_tokens", "stream", "stream_options", "tools",
@@ -113,7 +120,7 @@ def _messages(items: Any) -> list[dict[str, Any]]:
         at = f"input[{n}]"
         if not isinstance(item, dict):
             raise _error(f"must be an object, got {type(item).__name__}", at)
-        kind = item.get("type", "message")
+        kind = _kind(item)
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
@@ -123,8 +130,11 @@ def _messages(items: Any) -> list[dict[str, Any]]:
         elif kind == "function_call":
             call = {"id": _string(item, "call_id", at), "type": "function",
                     "function": {"name": _string(item, "name", at), "arguments": _string(item, "arguments", at)}}
-            if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls") and out[-1]["content"] is None:
-                out[-1]["tool_calls"].append(call)
+            # the calls of one reply follow its message item (its text before them): one assistant message, as
+            # the chat route takes a reply back; consecutive calls join it too
+            if out and out[-1]["role"] == "assistant" and (out[-1].get("tool_calls") or n and _kind(items[n - 1])
+                                                           == "message"):
+                out[-1].setdefault("tool_calls", []).append(call)
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
@@ -139,6 +149,10 @@ def _messages(items: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _kind(item: Any) -> Any:
+    return item.get("type", "message") if isinstance(item, dict) else None
+
+
 def _string(item: dict[str, Any], key: str, at: str) -> str:
     value = item.get(key)
     if not isinstance(value, str):
@@ -146,22 +160,23 @@ def _string(item: dict[str, Any], key: str, at: str) -> str:
     return value
 
 
-def _content(content: Any, at: str) -> str:
-    """A message's content: a string, or text parts (input_text, output_text; refusals) joined."""
+def _content(content: Any, at: str) -> str | list[dict[str, str]]:
+    """A message's content: a string, or its text parts (input_text, output_text; refusals) as chat's text parts,
+    which the chat route joins as the chat format does."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise _error("must be a string or a list of content parts", at)
-    texts = []
+    parts = []
     for n, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+            parts.append({"type": "text", "text": part["text"]})
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
-            texts.append(part["refusal"])
+            parts.append({"type": "text", "text": part["refusal"]})
         else:
             raise _error(f"a part of type {kind!r} is not served: the model reads text (input_text)", f"{at}[{n}]")
-    return "".join(texts)
+    return parts
 
 
 def _tools(tools: Any) -> list[dict[str, Any]]:
@@ -192,8 +207,11 @@ def _tool_choice(choice: Any) -> Any:
 
 
 def _text_format(text: Any) -> dict[str, Any]:
-    """text.format -> chat's response_format: text (none), json_object, json_schema {name, schema, strict}."""
-    fmt = text.get("format") if isinstance(text, dict) else None
+    """text.format -> chat's response_format: text (none; the default), json_object, json_schema {name, schema,
+    strict}; `verbosity` is accepted (a model's own setting: none here)."""
+    if not isinstance(text, dict) or set(text) - {"format", "verbosity"}:
+        raise _error('must be {"format": {...}, "verbosity"?: ...}', "text")
+    fmt = text.get("format") or {"type": "text"}
     if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
         raise _error('must be {"format": {"type": "text" | "json_object" | "json_schema", ...}}', "text.format")
     if fmt["type"] == "text":
@@ -206,12 +224,12 @@ def _text_format(text: Any) -> dict[str, Any]:
 
 def responses_error(e: ApiError) -> ApiError:
     """An error of the chat route naming a chat field, named by the Responses field it came from."""
-    field = _FIELDS.get(e.param or "")
-    if field is None:
-        return e
     message = str(e)
-    head = f"{e.param}:"
-    message = field + ":" + message[len(head):] if message.startswith(head) else message
+    for path, name in _PATHS:
+        message = path.sub(name, message, count=1)
+    field = _FIELDS.get(e.param or "", e.param)
+    if (field, message) == (e.param, str(e)):
+        return e
     return ApiError(message, e.status, field, e.type, e.code, e.logged)
 
 
@@ -270,7 +288,7 @@ class ResponseEvents:
 
     def __init__(self, model: str, echoed: dict[str, Any]) -> None:
         self.model, self.echoed = model, echoed
-        self.id, self.created = _new_id("resp"), time.time()
+        self.id, self.created = _new_id("resp"), float(int(time.time()))
         self.seq = 0
         self.output: list[dict[str, Any]] = []
         self.text: list[str] | None = None  # the message's text so far, once its item is open

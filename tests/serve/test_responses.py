@@ -30,7 +30,9 @@ def test_a_response_is_the_chat_reply(server):
         ({"input": "Tell me about Paris."}, [{"role": "user", "content": "Tell me about Paris."}]),
         ({"instructions": "Answer briefly.", "input": [{"role": "user", "content": [
             {"type": "input_text", "text": "Tell me "}, {"type": "input_text", "text": "about Rome."}]}]},
-         [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Tell me about Rome."}]),
+         # text parts go to the chat route as parts, which the chat format joins as it joins them
+         [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": [
+             {"type": "text", "text": "Tell me "}, {"type": "text", "text": "about Rome."}]}]),
     ):
         text, finish, usage = chat_text(server, messages, 10)
         r = server.openai.responses.create(model="tiny", max_output_tokens=10, temperature=0, **kw)
@@ -82,7 +84,8 @@ def test_function_calls_and_json_output(server):
         assert (again.name, again.arguments) == (call.name, call.arguments)
         done = [e for e in events if e.type == "response.function_call_arguments.done"]
         assert [e.arguments for e in done] == [call.arguments] and events[-1].type == "response.completed"
-        assert r.tools[0].name == "get_weather" and final.tool_choice is not None
+        assert r.tools[0].name == "get_weather"
+        assert (final.tool_choice if choice == "required" else final.tool_choice.to_dict()) == choice
     # text.format json_schema: the reply is JSON the schema accepts
     r = server.openai.responses.create(model="tiny", input="Which city?", max_output_tokens=40, temperature=0,
                                        text={"format": {"type": "json_schema", "name": "city", "schema": WEATHER,
@@ -105,6 +108,12 @@ def test_function_calls_and_json_output(server):
     ({"input": "Hi", "reasoning": {"effort": "high"}}, "reasoning", "no reasoning to configure"),
     ({"input": "Hi", "reasoning": "high"}, "reasoning", "no reasoning to configure"),
     ({"input": "Hi", "include": "x"}, "include", "cannot be included"),
+    ({"input": "Hi", "metadata": [1]}, "metadata", "must be an object of strings"),
+    ({"input": "Hi", "service_tier": "flex"}, "service_tier", "service_tier"),
+    ({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "a b", "schema": {}}}}, "text",
+     "text.format.name: must be 1-64"),
+    ({"input": "Hi", "tools": [{"type": "function", "name": "a b"}], "tool_choice": "required"}, "tools",
+     "tools[0].name: must be 1-64"),
 ])
 def test_what_is_not_served_is_a_400_naming_the_field(server, body, param, words):
     r = server.http.post("/v1/responses", json={"model": "tiny", **body})
@@ -126,6 +135,8 @@ def test_input_items_become_chat_messages():
         {"type": "function_call", "call_id": "call_b", "name": "get_time", "arguments": "{}"},
         {"type": "function_call_output", "call_id": "call_a", "output": "sunny"},
         {"type": "function_call_output", "call_id": "call_b", "output": [{"type": "input_text", "text": "noon"}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Let me look."}]},
+        {"type": "function_call", "call_id": "call_c", "name": "get_time", "arguments": "{}"},
     ], "tools": TOOLS, "tool_choice": {"type": "function", "name": "get_time"}, "max_tool_calls": 1, "store": True})
     assert chat["messages"] == [
         {"role": "system", "content": "Be brief."},
@@ -134,7 +145,10 @@ def test_input_items_become_chat_messages():
             {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
             {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "call_a", "content": "sunny"},
-        {"role": "tool", "tool_call_id": "call_b", "content": "noon"},
+        {"role": "tool", "tool_call_id": "call_b", "content": [{"type": "text", "text": "noon"}]},
+        # a reply's text and its calls: one assistant message, as the chat route takes a reply back
+        {"role": "assistant", "content": [{"type": "text", "text": "Let me look."}], "tool_calls": [
+            {"id": "call_c", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
     ]
     assert chat["tools"][0] == {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER,
                                                                  "description": "The weather in a city."}}
@@ -142,6 +156,8 @@ def test_input_items_become_chat_messages():
     assert chat["parallel_tool_calls"] is False and "store" not in chat and echoed["store"] is False
     with pytest.raises(ApiError, match=r"^input\[0\]\.role: role must be"):
         to_chat({"input": [{"role": "tool", "content": "x"}]})
+    # text.format is optional (verbosity alone is what some clients send)
+    assert "response_format" not in to_chat({"input": "Hi", "text": {"verbosity": "low"}})[0]
 
 
 def test_a_stream_cut_short_ends_failed():
