@@ -398,6 +398,7 @@ class _Call:
     # echo with max_tokens 0 (completions): the engine makes one token, which the response leaves out
     echo_only: bool = False
     tools: ToolUse | None = None  # chat with tools shown: how the replies are read for calls
+    endpoint: str = "chat"  # the route, as the log names it (/v1/responses runs as chat)
 
 
 async def _generate(request: Request, model: type[CompletionRequest] | type[ChatRequest], raw: bytes | None = None
@@ -468,7 +469,8 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
         raise ApiError(f"the server is busy: {e}", 429, type="rate_limit_error") from None
     except NotAccepting as e:
         raise ApiError(str(e), 503, type="unavailable_error") from None
-    call = _Call(kind, rid, req, prompts, echo, handle, t0, echo_only=echo_only, tools=tools)
+    call = _Call(kind, rid, req, prompts, echo, handle, t0, echo_only=echo_only, tools=tools,
+                 endpoint=_endpoint(request))
     if req.stream:
         return StreamingResponse(_stream(call, state), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -938,14 +940,20 @@ def _log_refused(request: Request, e: ApiError, answered: bool = True) -> None:
     """The log line of a request answered with an error before it reached the engine (4xx, a 503 while loading):
     its route, status and the error's message. answered False: the client left before any answer (status None;
     not counted in the metrics' refused requests, which count answers)."""
-    path = request.url.path.rstrip("/")
-    endpoint = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}.get(path, path)
+    endpoint = _endpoint(request)
     status = e.status if answered else None
     state = getattr(request.app.state, "mixtrt", None)
     if state is not None and state.metrics is not None and status is not None:
         state.metrics.refused(status)
     log.info(json.dumps({"event": "refused", "id": _request_id(request), "endpoint": endpoint,
                          "method": request.method, "status": status, "error": str(e)}))
+
+
+def _endpoint(request: Request) -> str:
+    """The route's name in the log lines: completions, chat, responses, or its path."""
+    path = request.url.path.rstrip("/")
+    return {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/responses": "responses"
+            }.get(path, path)
 
 
 def _log(call: _Call) -> None:
@@ -956,7 +964,7 @@ def _log(call: _Call) -> None:
     queue = first.queue_s if first is not None and first.tokens else None
     sent = call.t_first_sent - call.t0 if call.t_first_sent is not None else None
     record = {
-        "event": "request", "id": call.id, "endpoint": call.kind, "status": call.status, "end": call.end,
+        "event": "request", "id": call.id, "endpoint": call.endpoint, "status": call.status, "end": call.end,
         "stream": call.req.stream, "n": call.handle.choices, "prompt_tokens": sum(len(p) for p in call.prompts),
         "completion_tokens": 0 if call.echo_only else sum(len(r.tokens) for r in rows),
         "finish": [_finish(call.outputs[i]) if i in call.outputs else None for i in range(call.handle.choices)],

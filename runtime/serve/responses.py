@@ -24,11 +24,11 @@ from mixtrt.runtime.serve.protocol import ApiError
 _SAME = ("model", "temperature", "top_p", "parallel_tool_calls", "user", "top_k", "min_p", "seed",
          "repetition_penalty", "presence_penalty", "frequency_penalty", "service_tier")
 # accepted with no effect: nothing is stored, no cache key or caller id to act on
-_IGNORED = ("store", "metadata", "prompt_cache_key", "safety_identifier")
+_IGNORED = ("store", "metadata", "prompt_cache_key", "prompt_cache_retention", "safety_identifier")
 # chat fields an error may name -> the Responses field they came from; and the paths in its message
 _FIELDS = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens", "messages": "input",
            "response_format": "text"}
-_PATHS = ((re.compile(r"^(max_tokens|max_completion_tokens)\b"), "max_output_tokens"),
+_PATHS = ((re.compile(r"\b(max_tokens|max_completion_tokens)\b"), "max_output_tokens"),
           (re.compile(r"^response_format(\.json_schema)?\b"), "text.format"),
           (re.compile(r"^tools(\[\d+\])\.function\b"), r"tools\1"))
 
@@ -77,6 +77,9 @@ def to_chat(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         raise _error("is required (a string, or a list of input items)", "input")
     messages += _messages(body["input"])
     chat["messages"] = messages
+    if messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls"):
+        # a reply cannot follow a reply in Mistral's formats: the last one is continued (vLLM's Mistral path)
+        chat.update(add_generation_prompt=False, continue_final_message=True)
     if "max_output_tokens" in body:
         chat["max_tokens"] = body["max_output_tokens"]
     if "max_tool_calls" in body:  # 1 is one call (parallel_tool_calls false); no other bound can be held to
@@ -116,6 +119,7 @@ def _messages(items: Any) -> list[dict[str, Any]]:
     if not isinstance(items, list) or not items:
         raise _error("must be a string or a non-empty list of input items", "input")
     out: list[dict[str, Any]] = []
+    calls: set[str] = set()  # the call ids so far: an output answers one of them
     for n, item in enumerate(items):
         at = f"input[{n}]"
         if not isinstance(item, dict):
@@ -128,7 +132,8 @@ def _messages(items: Any) -> list[dict[str, Any]]:
             out.append({"role": "system" if role == "developer" else role,
                         "content": _content(item.get("content"), f"{at}.content")})
         elif kind == "function_call":
-            call = {"id": _string(item, "call_id", at), "type": "function",
+            calls.add(_string(item, "call_id", at))
+            call = {"id": item["call_id"], "type": "function",
                     "function": {"name": _string(item, "name", at), "arguments": _string(item, "arguments", at)}}
             # the calls of one reply follow its message item (its text before them): one assistant message, as
             # the chat route takes a reply back; consecutive calls join it too
@@ -138,6 +143,9 @@ def _messages(items: Any) -> list[dict[str, Any]]:
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
+            if _string(item, "call_id", at) not in calls:
+                raise _error(f"no function_call with call_id {item['call_id']!r} comes before this output",
+                             f"{at}.call_id")
             output = item.get("output")
             text = output if isinstance(output, str) else _content(output, f"{at}.output")
             out.append({"role": "tool", "tool_call_id": _string(item, "call_id", at), "content": text})
@@ -226,7 +234,7 @@ def responses_error(e: ApiError) -> ApiError:
     """An error of the chat route naming a chat field, named by the Responses field it came from."""
     message = str(e)
     for path, name in _PATHS:
-        message = path.sub(name, message, count=1)
+        message = path.sub(name, message)
     field = _FIELDS.get(e.param or "", e.param)
     if (field, message) == (e.param, str(e)):
         return e
@@ -272,7 +280,8 @@ def response_object(chat: dict[str, Any], echoed: dict[str, Any]) -> dict[str, A
     message = choice["message"]
     output = []
     if message.get("content"):
-        output.append(_message_item(message["content"], _new_id("msg")))
+        status = "incomplete" if choice["finish_reason"] == "length" else "completed"
+        output.append(_message_item(message["content"], _new_id("msg"), status))
     for call in message.get("tool_calls") or ():
         output.append(_call_item(call, _new_id("fc")))
     return _shell(_new_id("resp"), float(chat["created"]), chat["model"], echoed, "completed", output,
@@ -320,7 +329,7 @@ class ResponseEvents:
         if self.text is None:
             return []
         text, index = "".join(self.text), len(self.output)
-        item = _message_item(text, self.message_id)
+        item = _message_item(text, self.message_id, "incomplete" if self.finish == "length" else "completed")
         self.output.append(item)
         self.text = None
         return [self._event("response.output_text.done", item_id=self.message_id, output_index=index,

@@ -5,6 +5,7 @@ calls, JSON output, and the fields it does not serve as 400s naming them."""
 from __future__ import annotations
 
 import json
+import time
 
 import pydantic
 import pytest
@@ -93,13 +94,30 @@ def test_function_calls_and_json_output(server):
     assert json.loads(r.output_text)["city"] in ("Paris", "Rome") and r.text.format.type == "json_schema"
 
 
+def test_a_last_assistant_message_is_continued_and_the_log_names_the_route(server, caplog):
+    """A reply cannot follow a reply in Mistral's formats: the last assistant message is continued, as the chat
+    route's continue_final_message continues it (vLLM's Mistral path); the log line names the route."""
+    messages = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once"}]
+    want = server.openai.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                                 extra_body={"continue_final_message": True,
+                                                             "add_generation_prompt": False})
+    with caplog.at_level("INFO", logger="mixtrt.serve"):
+        r = server.openai.responses.create(model="tiny", input=messages, max_output_tokens=6, temperature=0,
+                                           extra_body={"prompt_cache_retention": "24h"})
+        time.sleep(0.1)
+    assert r.output_text == want.choices[0].message.content and r.output[0].status == "incomplete"
+    [record] = [json.loads(m.getMessage()) for m in caplog.records if '"event": "request"' in m.getMessage()][-1:]
+    assert record["endpoint"] == "responses" and record["status"] == 200
+
+
 @pytest.mark.parametrize("body, param, words", [
     ({"input": "Hi", "previous_response_id": "resp_1"}, "previous_response_id", "stores no responses"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input",
      "input[0].content[0]: a part of type 'input_image' is not served"),
     ({"input": "Hi", "tools": [{"type": "web_search"}]}, "tools", "only function tools"),
     ({"input": "Hi", "frobnicate": 1}, "frobnicate", "unknown field 'frobnicate'"),
-    ({"input": "Hi", "max_output_tokens": 100000}, "max_output_tokens", "max_output_tokens: prompt 0 has"),
+    ({"input": "Hi", "max_output_tokens": 100000}, "max_output_tokens",
+     "and max_output_tokens asks for 100000 more"),
     ({"input": "Hi", "max_output_tokens": "8"}, "max_output_tokens", "max_output_tokens: Input should be"),
     ({}, "input", "input: is required"),
     ({"input": [{"type": "item_reference", "id": "x"}]}, "input", "'item_reference' are not served"),
@@ -114,6 +132,8 @@ def test_function_calls_and_json_output(server):
      "text.format.name: must be 1-64"),
     ({"input": "Hi", "tools": [{"type": "function", "name": "a b"}], "tool_choice": "required"}, "tools",
      "tools[0].name: must be 1-64"),
+    ({"input": [{"role": "user", "content": "Hi"}, {"type": "function_call_output", "call_id": "c1", "output": "x"}]},
+     "input", "input[1].call_id: no function_call with call_id 'c1' comes before this output"),
 ])
 def test_what_is_not_served_is_a_400_naming_the_field(server, body, param, words):
     r = server.http.post("/v1/responses", json={"model": "tiny", **body})
