@@ -76,6 +76,8 @@ def to_chat(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     if "input" not in body:
         raise _error("is required (a string, or a list of input items)", "input")
     messages += _messages(body["input"])
+    if not messages:
+        raise _error("holds no message (reasoning items are dropped)", "input")
     chat["messages"] = messages
     if messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls"):
         # a reply cannot follow a reply in Mistral's formats: the last one is continued (vLLM's Mistral path)

@@ -120,6 +120,7 @@ def test_a_last_assistant_message_is_continued_and_the_log_names_the_route(serve
      "and max_output_tokens asks for 100000 more"),
     ({"input": "Hi", "max_output_tokens": "8"}, "max_output_tokens", "max_output_tokens: Input should be"),
     ({}, "input", "input: is required"),
+    ({"input": [{"type": "reasoning", "id": "rs_1", "summary": []}]}, "input", "input: holds no message"),
     ({"input": [{"type": "item_reference", "id": "x"}]}, "input", "'item_reference' are not served"),
     ({"input": "Hi", "tools": TOOLS}, "tools", "no tool-call token"),
     ({"input": "Hi", "max_tool_calls": 3}, "max_tool_calls", "only 1 is served"),
