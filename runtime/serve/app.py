@@ -229,9 +229,11 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
     @v1.post("/responses")  # OpenAI's Responses API over the chat route (runtime/serve/responses.py)
     async def responses(request: Request) -> Response:
         state = _ready(request)
-        body, echoed = to_chat(_json_body(await _read_body(request, state.settings.max_body_bytes)))
+        raw = await _read_body(request, state.settings.max_body_bytes)
+        # a big body is read off the event loop, as the chat route reads one (INLINE_BODY_BYTES)
+        body, echoed = await asyncio.to_thread(_chat_body, raw) if len(raw) > INLINE_BODY_BYTES else _chat_body(raw)
         try:
-            answer = await _generate(request, ChatRequest, json.dumps(body).encode("utf-8"))
+            answer = await _generate(request, ChatRequest, body)
         except ApiError as e:
             raise responses_error(e) from None
         if isinstance(answer, StreamingResponse):
@@ -276,6 +278,12 @@ def _json_body(raw: bytes) -> Any:
         raise ApiError(f"malformed JSON in the request body: {e}") from None
     except RecursionError:  # json's decoder recurses per nesting level
         raise ApiError("malformed JSON in the request body: nested too deeply") from None
+
+
+def _chat_body(raw: bytes) -> tuple[bytes, dict[str, Any]]:
+    """A Responses request's body -> (the chat completions body it runs as, JSON; what the Response echoes back)."""
+    chat, echoed = to_chat(_json_body(raw))
+    return json.dumps(chat).encode("utf-8"), echoed
 
 
 def _tokenize(raw: bytes, state: _State) -> dict[str, Any]:

@@ -145,12 +145,12 @@ def _messages(items: Any) -> list[dict[str, Any]]:
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
-            if _string(item, "call_id", at) not in calls:
-                raise _error(f"no function_call with call_id {item['call_id']!r} comes before this output",
-                             f"{at}.call_id")
+            call_id = _string(item, "call_id", at)
+            if call_id not in calls:
+                raise _error(f"no function_call with call_id {call_id!r} comes before this output", f"{at}.call_id")
             output = item.get("output")
             text = output if isinstance(output, str) else _content(output, f"{at}.output")
-            out.append({"role": "tool", "tool_call_id": _string(item, "call_id", at), "content": text})
+            out.append({"role": "tool", "tool_call_id": call_id, "content": text})
         elif kind == "reasoning":
             continue
         else:
@@ -266,13 +266,20 @@ def _call_item(call: dict[str, Any], item_id: str, status: str = "completed") ->
             "arguments": call["function"]["arguments"], "status": status}
 
 
+def _ended(finish: str | None) -> str:
+    """The status of a response (and of its message) that ended with the chat reply's finish_reason: incomplete
+    where the length cut it."""
+    return "incomplete" if finish == "length" else "completed"
+
+
 def _shell(response_id: str, created: float, model: str, echoed: dict[str, Any], status: str,
            output: list[dict[str, Any]], usage: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
-    """The Response object."""
-    incomplete = {"reason": "max_output_tokens"} if finish == "length" else None
-    return {"id": response_id, "object": "response", "created_at": created, "model": model,
-            "status": "incomplete" if incomplete else status, "error": None, "incomplete_details": incomplete,
-            "output": output, "usage": usage, **echoed}
+    """The Response object (status: "in_progress" / "failed", or "completed", which a cut reply makes incomplete)."""
+    if status == "completed":
+        status = _ended(finish)
+    incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+    return {"id": response_id, "object": "response", "created_at": created, "model": model, "status": status,
+            "error": None, "incomplete_details": incomplete, "output": output, "usage": usage, **echoed}
 
 
 def response_object(chat: dict[str, Any], echoed: dict[str, Any]) -> dict[str, Any]:
@@ -282,8 +289,7 @@ def response_object(chat: dict[str, Any], echoed: dict[str, Any]) -> dict[str, A
     message = choice["message"]
     output = []
     if message.get("content"):
-        status = "incomplete" if choice["finish_reason"] == "length" else "completed"
-        output.append(_message_item(message["content"], _new_id("msg"), status))
+        output.append(_message_item(message["content"], _new_id("msg"), _ended(choice["finish_reason"])))
     for call in message.get("tool_calls") or ():
         output.append(_call_item(call, _new_id("fc")))
     return _shell(_new_id("resp"), float(chat["created"]), chat["model"], echoed, "completed", output,
@@ -331,7 +337,7 @@ class ResponseEvents:
         if self.text is None:
             return []
         text, index = "".join(self.text), len(self.output)
-        item = _message_item(text, self.message_id, "incomplete" if self.finish == "length" else "completed")
+        item = _message_item(text, self.message_id, _ended(self.finish))
         self.output.append(item)
         self.text = None
         return [self._event("response.output_text.done", item_id=self.message_id, output_index=index,
@@ -356,9 +362,8 @@ class ResponseEvents:
             return events
         if not chunk.get("choices"):  # the usage chunk: the stream's last
             events += self._close_message()
-            status = "incomplete" if self.finish == "length" else "completed"
-            kind = "response.incomplete" if status == "incomplete" else "response.completed"
-            events.append(self._event(kind, response=self._response(status, _usage(chunk.get("usage")))))
+            events.append(self._event(f"response.{_ended(self.finish)}",
+                                      response=self._response("completed", _usage(chunk.get("usage")))))
             return events
         choice = chunk["choices"][0]
         delta = choice.get("delta") or {}

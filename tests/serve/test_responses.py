@@ -92,6 +92,10 @@ def test_function_calls_and_json_output(server):
                                        text={"format": {"type": "json_schema", "name": "city", "schema": WEATHER,
                                                         "strict": True}})
     assert json.loads(r.output_text)["city"] in ("Paris", "Rome") and r.text.format.type == "json_schema"
+    # a body past 16 KiB is read on a worker thread: the same answer
+    big = server.openai.responses.create(model="tiny", input="Which city?", max_output_tokens=40, temperature=0,
+                                         metadata={"note": "x" * 20000}, text=r.text.to_dict())
+    assert big.output_text == r.output_text and big.metadata == {"note": "x" * 20000}
 
 
 def test_a_last_assistant_message_is_continued_and_the_log_names_the_route(server, caplog):
