@@ -159,8 +159,11 @@ def main() -> None:
                     help="mixtrt serve's --prefill-chunk (default: the server's default)")
     ap.add_argument("--separate", action="store_true",
                     help="also run a mixtrt server with --separate-prefill (each prompt chunk a pass of its own)")
+    ap.add_argument("--compare-chunk", type=at_least(1), nargs="+", default=[], metavar="TOKENS",
+                    help="also run a mixtrt server with each of these --prefill-chunk values (in the same rounds)")
     ns = ap.parse_args()
-    ports = [ns.port] + [ns.port + 2] * ns.separate + [ns.port + 1] * (not ns.no_llama)
+    extra_ports = [ns.port + 3 + i for i in range(len(ns.compare_chunk))]
+    ports = [ns.port] + [ns.port + 2] * ns.separate + [ns.port + 1] * (not ns.no_llama) + extra_ports
     busy = [p for p in ports if port_in_use(p)]
     if busy:  # a server left from an earlier run would answer /health and be measured
         ap.error(f"port {', '.join(map(str, busy))} is in use (a server left running?): stop it or pass --port")
@@ -183,6 +186,9 @@ def main() -> None:
             procs.append(start_mixtrt(art, ns.port + 2, ns.threads, ns.work / "bench-serve-separate.log",
                                       ns.prefill_chunk, ("--separate-prefill",)))
             engines["mixtrt-separate"] = ns.port + 2
+        for chunk, port in zip(ns.compare_chunk, extra_ports, strict=True):
+            procs.append(start_mixtrt(art, port, ns.threads, ns.work / f"bench-serve-chunk{chunk}.log", chunk))
+            engines[f"mixtrt chunk {chunk}"] = port
         if not ns.no_llama:
             import peers
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -340,6 +341,9 @@ class _Lead:
         return text[cut:]
 
 
+_ENGINES = itertools.count(1)  # Engine.serial: 0 is no engine's
+
+
 @dataclass(eq=False)
 class Row:
     """One sequence in the Engine: its prompt, sampling state, generated tokens and timings."""
@@ -375,6 +379,7 @@ class Row:
     pending: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # this turn's tokens to prefill
     fork_of: Row | None = None  # another sample of the same prompt: start from that row's prefill (Engine.add)
     forked: bool = False  # it did (its prompt was not prefilled again)
+    engine: int = 0  # the Engine that added it (Engine.serial): another engine's cancel / release / extend refuse it
 
     @property
     def queue_s(self) -> float:
@@ -477,6 +482,7 @@ class Engine:
         self.mixed_steps_run = 0  # steps whose prompt chunk ran in the decode pass (mixed_step)
         self.forked = 0  # rows started from another row's prefill (Engine.add's fork_of)
         self._ids = 0
+        self.serial = next(_ENGINES)  # tells this engine's rows from another's (Row.engine)
         self._limit = self.limit()  # the backend's limits do not change: computed once, not per token
         # the backend runs a prompt chunk in the decode step's pass (onnxruntime's mixed-step graph)
         self.mixed = bool(getattr(backend, "mixed_steps", False))
@@ -540,7 +546,7 @@ class Engine:
         row = Row(self._ids, list(prompt), config, self._sampler(config, sample_index, prompt, not continuation),
                   primed_stream(self.tokenizer, prompt), _StopText(config.stop_strings),
                   None if continuation else _Lead(self.tokenizer), keep,
-                  time.perf_counter() if t0 is None else t0, name, fork_of=fork_of)
+                  time.perf_counter() if t0 is None else t0, name, fork_of=fork_of, engine=self.serial)
         self._ids += 1
         self.waiting.append(row)
         return row
@@ -552,6 +558,7 @@ class Engine:
 
         keep: feed `ids` after the first `keep` tokens of the row's sequence instead (the rest is dropped from
         its cache: a rewind), where `can_rewind(row, keep)` says the cache still holds them as they were."""
+        self._own(row, "extend")
         if row not in self.parked or row.released:
             raise ConfigError("extend needs a finished row added with keep=True that was not released")
         if row in self.waiting:  # extended and not stepped since: it would be queued twice
@@ -590,6 +597,7 @@ class Engine:
 
     def cancel(self, row: Row) -> None:
         """Stop a waiting or running row now (no output event) and free its cache row (kept rows too)."""
+        self._own(row, "cancel")
         if row in self.waiting:
             self.waiting.remove(row)
         row.keep = False
@@ -599,9 +607,17 @@ class Engine:
 
     def release(self, row: Row) -> None:
         """Free a kept row's cache row (it can no longer be extended)."""
+        self._own(row, "release")
         row.released = True
         if row in self.parked or row in self.running or row is self.prefilling:
             self._compact(drop={row.id})
+
+    def _own(self, row: Row, what: str) -> None:
+        """A row this engine added (another engine's row would have its state changed under that engine)."""
+        if not isinstance(row, Row):
+            raise ConfigError(f"{what} takes a Row (what Engine.add returned), got {type(row).__name__}")
+        if row.engine != self.serial:
+            raise ConfigError(f"{what}: {row.name} was added to another Engine (each engine owns its rows and cache)")
 
     def _check_ids(self, ids: Any, name: str) -> None:
         """Token ids: a sequence of integers inside the vocabulary (a wrong one fails the backend's step for every

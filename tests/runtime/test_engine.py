@@ -127,6 +127,22 @@ def test_cancel_frees_the_row_and_the_others_continue():
     assert not engine.busy
 
 
+def test_another_engines_row_is_refused_and_left_as_it_was():
+    backend = ToyBackend()
+    mine, other = Engine(backend, ToyTokenizer(), max_batch=2), Engine(backend, ToyTokenizer(), max_batch=2)
+    theirs = other.add(PROMPTS[0], GREEDY)
+    kept = other.add(PROMPTS[2], GenerationConfig(max_new_tokens=2, eos_token_id=()), keep=True)
+    drain(other, steps=1)
+    for call in (mine.cancel, mine.release):
+        with pytest.raises(ConfigError, match="prompt 0 was added to another Engine"):
+            call(theirs)
+    with pytest.raises(ConfigError, match="added to another Engine"):
+        mine.extend(kept, [3], GREEDY)
+    with pytest.raises(ConfigError, match="cancel takes a Row"):
+        mine.cancel(theirs.id)
+    assert theirs.reason is None and not theirs.released and theirs in other.running
+    assert drain(other)[theirs.id] == alone(PROMPTS[0])  # the other engine's row went on untouched
+
 def test_sample_index_not_the_cache_row_seeds_sampling():
     config = GenerationConfig(max_new_tokens=8, do_sample=True, seed=5, eos_token_id=())
     engine = Engine(ToyBackend(), ToyTokenizer(), max_batch=2)
