@@ -153,6 +153,8 @@ class ChatSession:
         cfg = self.generator.config(config or self.config, **overrides)
         cfg.validate(self.engine.backend.args)  # what add / extend check, before the session changes
         self.engine.chunk(cfg.prefill_chunk)
+        if self.engine.broken is not None:  # the last turn was cut inside a step: this one starts a new context
+            self._free()
         new = {"role": "user", "content": message} if isinstance(message, str) else dict(message)
         messages, ids, restart = self._render(new)
         held = self._row.sequence if self._row is not None else []
@@ -236,6 +238,9 @@ class ChatSession:
         self._free()
 
     def _free(self) -> None:
+        if self.engine.broken is not None:  # a turn cut part-way through a step: its cache is not to be trusted
+            self.engine = Engine(self.engine.backend, self.engine.tokenizer, max_batch=1)
+            self._row = None
         if self._row is not None:
             self.engine.cancel(self._row)
             self._row = None

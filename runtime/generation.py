@@ -47,8 +47,8 @@ import numpy as np
 
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.backends.base import Backend
-from mixtrt.runtime.chat_format import GenerationDefaults
-from mixtrt.runtime.errors import ConfigError, GuideError, NonFiniteLogitsError, RowError
+from mixtrt.runtime.chat_format import ChatTokenizer, GenerationDefaults
+from mixtrt.runtime.errors import BackendError, ConfigError, GuideError, NonFiniteLogitsError, RowError
 from mixtrt.runtime.prompts import (
     Prompts,
     check_messages_text,
@@ -468,11 +468,11 @@ class Engine:
     """
 
     def __init__(self, backend: Backend, tokenizer: Any, max_batch: int) -> None:
-        if not isinstance(max_batch, int) or max_batch < 1:
+        if not is_token_id(max_batch) or max_batch < 1:
             raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.backend = backend
         self.tokenizer = tokenizer
-        self.max_batch = max_batch
+        self.max_batch = int(max_batch)
         self.cache = backend.new_cache(max_batch)
         self.waiting: deque[Row] = deque()
         self.running: list[Row] = []  # cache rows 0 .. len-1
@@ -482,6 +482,9 @@ class Engine:
         self.mixed_steps_run = 0  # steps whose prompt chunk ran in the decode pass (mixed_step)
         self.forked = 0  # rows started from another row's prefill (Engine.add's fork_of)
         self._ids = 0
+        # why the engine cannot go on: a step was cut part-way (KeyboardInterrupt, a backend failure) after the
+        # backend had advanced the cache and before the rows took their tokens; None while rows and cache agree
+        self.broken: str | None = None
         self.serial = next(_ENGINES)  # tells this engine's rows from another's (Row.engine)
         self._limit = self.limit()  # the backend's limits do not change: computed once, not per token
         # the backend runs a prompt chunk in the decode step's pass (onnxruntime's mixed-step graph)
@@ -517,7 +520,7 @@ class Engine:
         return prefill_chunk or capacity
 
     def add(self, prompt: list[int], config: GenerationConfig, *, sample_index: int = 0, keep: bool = False,
-            t0: float | None = None, name: str = "prompt 0", continuation: bool = False,
+            t0: float | None = None, name: str | None = None, continuation: bool = False,
             fork_of: Row | None = None, score_only: bool = False) -> Row:
         """Queue a row for `prompt` (token ids); everything is checked now, before any work. The row is
         prefilled at the next step(). sample_index seeds its sampling with (config.seed, sample_index).
@@ -533,7 +536,19 @@ class Engine:
         prompt's text); False: the row's text is the decode of its generated ids alone (a new message).
 
         score_only: the caller wants the prompt's logprobs and drops the token its prefill chooses (a server's
-        echo without generation), so the prompt may fill every position the model holds."""
+        echo without generation), so the prompt may fill every position the model holds.
+
+        name: how errors name the row (default "row N", N its id)."""
+        self._check_whole()
+        name = f"row {self._ids}" if name is None else name
+        _check_config(config, "add")
+        if not is_token_id(sample_index) or sample_index < 0:
+            raise ConfigError(f"sample_index must be an integer >= 0, got {sample_index!r}")
+        for flag, value in (("keep", keep), ("continuation", continuation), ("score_only", score_only)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{flag} must be True or False, got {value!r}")
+        if fork_of is not None:
+            self._own(fork_of, "add's fork_of")
         config.validate(self.backend.args)
         self.chunk(config.prefill_chunk)
         self._check_ids(prompt, name)
@@ -558,7 +573,9 @@ class Engine:
 
         keep: feed `ids` after the first `keep` tokens of the row's sequence instead (the rest is dropped from
         its cache: a rewind), where `can_rewind(row, keep)` says the cache still holds them as they were."""
+        self._check_whole()
         self._own(row, "extend")
+        _check_config(config, "extend")
         if row not in self.parked or row.released:
             raise ConfigError("extend needs a finished row added with keep=True that was not released")
         if row in self.waiting:  # extended and not stepped since: it would be queued twice
@@ -606,8 +623,11 @@ class Engine:
         self.release(row)
 
     def release(self, row: Row) -> None:
-        """Free a kept row's cache row (it can no longer be extended)."""
+        """Free a finished kept row's cache row (it can no longer be extended)."""
         self._own(row, "release")
+        if row.reason is None:
+            raise ConfigError(f"release: {row.name} has not finished (release frees a finished kept row's cache; "
+                              "cancel stops a row)")
         row.released = True
         if row in self.parked or row in self.running or row is self.prefilling:
             self._compact(drop={row.id})
@@ -683,11 +703,12 @@ class Engine:
         server hands each part's events out at once (a new row's first token does not wait for the decode
         step or the other rows' prefills)."""
         check_prefill_budget(prefill_budget)
+        self._check_whole()
         if self.waiting and not self.running and self.prefilling is None and not self._admissible():
             raise ConfigError(f"all {self.max_batch} cache rows hold kept rows (keep=True) and {len(self.waiting)} "
                               "row(s) wait for one: release one (Engine.release), or the wait never ends")
         if self.running and prefill_budget is not None and self.mixed and self._admissible():
-            yield functools.partial(self.mixed_step, prefill_budget)
+            yield self._guarded(functools.partial(self.mixed_step, prefill_budget))
             return
         spent = 0
         decoding = bool(self.running)  # with nothing decoding, this step's prompts go in whole
@@ -698,11 +719,36 @@ class Engine:
                     break
                 left = prefill_budget - spent
             before = self.prefilled
-            yield functools.partial(self.admit, max_rows=1, budget=left)
+            yield self._guarded(functools.partial(self.admit, max_rows=1, budget=left))
             if self.prefilled == before:  # the row failed (cancelled): go on with the others next step
                 break
             spent += self.prefilled - before
-        yield self.decode
+        yield self._guarded(self.decode)
+
+    def _guarded(self, part: Callable[[], list[EngineEvent]]) -> Callable[[], list[EngineEvent]]:
+        """A step's part that marks the engine broken if it is cut short by anything but a row's own failure
+        (RowError: the engine cancelled that row and left the others consistent). A KeyboardInterrupt between
+        the backend's pass and the rows taking their tokens would otherwise leave every row's cache one
+        position ahead of its tokens, and the next steps would run on silently."""
+        def run() -> list[EngineEvent]:
+            self._check_whole()
+            self.broken = "a step was cut short"
+            try:
+                events = part()
+            except RowError:
+                self.broken = None
+                raise
+            except BaseException as e:
+                self.broken = f"a step was cut short by {type(e).__name__}"
+                raise
+            self.broken = None
+            return events
+        return run
+
+    def _check_whole(self) -> None:
+        if self.broken is not None:
+            raise BackendError(f"this Engine cannot go on: {self.broken}, so its cache no longer matches its rows; "
+                               "start a new Engine")
 
     def _admissible(self) -> bool:
         """A row is part-way through its prefill, or one waits and a cache row is free for it."""
@@ -1055,9 +1101,10 @@ class Generator:
     after another.
     """
 
-    def __init__(self, backend: Backend, tokenizer: Any, defaults: GenerationDefaults | None = None) -> None:
+    def __init__(self, backend: Backend, tokenizer: ChatTokenizer, defaults: GenerationDefaults | None = None
+                 ) -> None:
         self.backend = backend
-        self.tokenizer = tokenizer
+        self.tokenizer: ChatTokenizer = tokenizer
         self.defaults = defaults or GenerationDefaults()
 
     @classmethod
@@ -1192,6 +1239,11 @@ class Generator:
             raise ConfigError(f"parallel_tool_calls must be True or False, got {parallel!r}")
         offered, use = tool_use(self.tokenizer, tools, tool_choice, parallel)
         return chat_prompt(self.tokenizer, list(messages), offered, use, add_generation_prompt=True), use
+
+
+def _check_config(config: Any, what: str) -> None:
+    if not isinstance(config, GenerationConfig):
+        raise ConfigError(f"{what} takes a GenerationConfig, got {type(config).__name__}")
 
 
 def _scored_ids(token_ids: Any) -> list[Any]:

@@ -229,6 +229,32 @@ def test_closed_stream_cancels_the_turn_and_errors_leave_the_session():
     assert isinstance(session, ChatSession) and "4 messages" in repr(session)
 
 
+def test_a_turn_cut_inside_a_step_starts_the_next_on_a_new_engine():
+    """Ctrl-C after the backend's pass and before the row took its token: the session's engine cannot go on
+    (its cache is a position ahead of the row), so the next turn starts a new context on a new engine and
+    equals stateless chat."""
+    gen, backend = make()
+    session = gen.chat_session(config=GenerationConfig(max_new_tokens=6))
+    session.send("hello")
+    kept, step, calls = list(session.messages), backend.step, [0]
+
+    def cut(*a, **kw):
+        out = step(*a, **kw)
+        calls[0] += 1
+        if calls[0] == 3:  # the turn's prefill, then its decode steps
+            raise KeyboardInterrupt
+        return out
+
+    backend.step, broken = cut, session.engine
+    with pytest.raises(KeyboardInterrupt):
+        session.send("more")
+    backend.step = step
+    assert broken.broken is not None and session.engine is not broken and session.messages == kept
+    out = session.send("more")
+    assert session.turns[-1].kind == "new"
+    assert out.token_ids == gen.chat(session.messages[:-1], max_new_tokens=6).token_ids
+
+
 @pytest.mark.parametrize("how", ["close", "drop"])
 def test_a_stream_ended_before_its_first_event_cancels_the_turn(how):
     """A generator that never started runs no `finally`: the turn's end must not depend on it."""

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.errors import BackendError, ConfigError
 from mixtrt.runtime.generation import Engine, GenerationConfig, Generator
 from tests.runtime.fakes import ToyBackend, ToyTokenizer
 
@@ -134,14 +134,71 @@ def test_another_engines_row_is_refused_and_left_as_it_was():
     kept = other.add(PROMPTS[2], GenerationConfig(max_new_tokens=2, eos_token_id=()), keep=True)
     drain(other, steps=1)
     for call in (mine.cancel, mine.release):
-        with pytest.raises(ConfigError, match="prompt 0 was added to another Engine"):
+        with pytest.raises(ConfigError, match="row 0 was added to another Engine"):
             call(theirs)
     with pytest.raises(ConfigError, match="added to another Engine"):
         mine.extend(kept, [3], GREEDY)
     with pytest.raises(ConfigError, match="cancel takes a Row"):
         mine.cancel(theirs.id)
+    with pytest.raises(ConfigError, match="fork_of: row 0 was added to another Engine"):
+        mine.add(PROMPTS[0], GREEDY, fork_of=theirs)
     assert theirs.reason is None and not theirs.released and theirs in other.running
     assert drain(other)[theirs.id] == alone(PROMPTS[0])  # the other engine's row went on untouched
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+@pytest.mark.parametrize("when", [1, 4])  # the prefill's backend call, a decode step's
+def test_a_step_cut_short_after_the_backend_pass_stops_the_engine(when):
+    """Ctrl-C after the backend advanced the cache and before the rows took their tokens: going on would feed
+    a token again one position on, for every row, silently. The engine refuses to go on instead; a new one is
+    exact, and a chat session starts its next turn on a new engine."""
+    backend = ToyBackend()
+    calls, step = [0], backend.step
+
+    def cut(*a, **kw):
+        out = step(*a, **kw)
+        calls[0] += 1
+        if calls[0] == when:
+            raise Interrupt
+        return out
+
+    backend.step = cut
+    engine = Engine(backend, ToyTokenizer(), max_batch=2)
+    rows = [engine.add(PROMPTS[0], GREEDY), engine.add(PROMPTS[3], GREEDY)]
+    with pytest.raises(Interrupt):
+        drain(engine)
+    for call in (engine.step, lambda: engine.add(PROMPTS[1], GREEDY), lambda: list(engine.parts())):
+        with pytest.raises(BackendError, match="cannot go on: a step was cut short by Interrupt"):
+            call()
+    engine.cancel(rows[0])  # clean-up still works
+    fresh = Engine(backend, ToyTokenizer(), max_batch=2)
+    again = [fresh.add(PROMPTS[0], GREEDY), fresh.add(PROMPTS[3], GREEDY)]
+    done = drain(fresh)
+    assert [done[r.id] for r in again] == [alone(PROMPTS[0]), alone(PROMPTS[3])]
+
+
+def test_row_failures_leave_the_engine_usable_and_misuse_is_named():
+    engine = Engine(ToyBackend(), ToyTokenizer(), max_batch=np.int64(2))
+    assert engine.max_batch == 2 and type(engine.max_batch) is int
+    bad = [((PROMPTS[0], None), {}, "add takes a GenerationConfig, got NoneType"),
+           ((PROMPTS[0], {"max_new_tokens": 3}), {}, "add takes a GenerationConfig, got dict"),
+           ((PROMPTS[0], GREEDY), {"sample_index": -1}, "sample_index must be an integer >= 0, got -1"),
+           ((PROMPTS[0], GREEDY), {"sample_index": 1.5}, "sample_index must be an integer >= 0, got 1.5"),
+           ((PROMPTS[0], GREEDY), {"keep": "yes"}, "keep must be True or False, got 'yes'"),
+           ((PROMPTS[0], GREEDY), {"continuation": 1}, "continuation must be True or False, got 1"),
+           ((PROMPTS[0], GREEDY), {"fork_of": 5}, "add's fork_of takes a Row"),
+           ]
+    for args, kw, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            engine.add(*args, **kw)
+    assert not engine.busy
+    first, second = engine.add(PROMPTS[0], GREEDY, sample_index=np.int64(0)), engine.add(PROMPTS[2], GREEDY)
+    with pytest.raises(ConfigError, match="release: row 1 has not finished"):
+        engine.release(second)
+    assert drain(engine) == {first.id: alone(PROMPTS[0]), second.id: alone(PROMPTS[2])}
+
 
 def test_sample_index_not_the_cache_row_seeds_sampling():
     config = GenerationConfig(max_new_tokens=8, do_sample=True, seed=5, eos_token_id=())
@@ -158,7 +215,7 @@ def test_sample_index_not_the_cache_row_seeds_sampling():
 def test_add_and_extend_check_everything_before_work():
     backend = ToyBackend(windowed=False, capacity=10)
     engine = Engine(backend, ToyTokenizer(), max_batch=1)
-    with pytest.raises(ConfigError, match="prompt 0 has 13 tokens"):
+    with pytest.raises(ConfigError, match="row 0 has 13 tokens"):
         engine.add(PROMPTS[1], GREEDY)
     row = engine.add(PROMPTS[0], GenerationConfig(max_new_tokens=2, eos_token_id=()), keep=True)
     drain(engine)
@@ -281,7 +338,7 @@ def test_a_bad_prefill_budget_is_one_clear_error(budget):
 
 def test_an_empty_prompt_is_refused_when_added():
     engine = Engine(ToyBackend(), ToyTokenizer(), max_batch=2)
-    with pytest.raises(ConfigError, match=r"prompt 0 is empty"):
+    with pytest.raises(ConfigError, match=r"row 0 is empty"):
         engine.add([], GREEDY)
     assert not engine.busy
 

@@ -244,7 +244,7 @@ def test_a_schema_past_llguidances_limits_fails_its_row_only(gen):
             if event.output is not None:
                 done[event.row.id] = event.output
     assert done[rows[1].id].token_ids == alone and rows[0].id not in done
-    assert len(errors) == 1 and errors[0].startswith("prompt 0: structured output cannot go on after")
+    assert len(errors) == 1 and errors[0].startswith("row 0: structured output cannot go on after")
     assert "p599" not in errors[0] and "%json" not in errors[0]
 
 
