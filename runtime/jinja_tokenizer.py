@@ -43,7 +43,7 @@ from sentencepiece import sentencepiece_model_pb2
 from mixtrt.runtime.chat_format import PREPEND_SCHEMES, AddedToken, PrependScheme
 from mixtrt.runtime.chat_template import ChatTemplate, select_template
 from mixtrt.runtime.errors import ConfigError
-from mixtrt.runtime.prompts import check_continue, check_flags, check_messages_text, check_text
+from mixtrt.runtime.prompts import check_continue, check_flags, check_messages_text, check_text, decode_ids
 from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer, sp_offsets
 from mixtrt.runtime.tool_calls import ToolTokens, mistral_ids
 
@@ -189,10 +189,7 @@ class JinjaChatTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Ids -> text; control tokens are never shown unless skip_special=False."""
-        ids = [int(i) for i in ids]
-        for i in ids:
-            if i < 0:
-                raise ConfigError(f"token id {i} is negative")
+        ids = decode_ids(ids)
         # ids past the tokenizer's (a model whose embedding is padded beyond them) have no text, as in Tokenizer
         ids = [i for i in ids if i < self.vocab_size]
         if not any(i in self._extra for i in ids):

@@ -32,7 +32,7 @@ from typing import Any
 
 from mixtrt.runtime.chat_template import first_failing_message
 from mixtrt.runtime.errors import ConfigError
-from mixtrt.runtime.prompts import check_continue, check_flags, check_messages_text, check_text
+from mixtrt.runtime.prompts import check_continue, check_flags, check_messages_text, check_text, decode_ids
 from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer
 from mixtrt.runtime.tool_calls import ToolTokens, mistral_ids
 
@@ -148,12 +148,9 @@ class MistralCommonTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Ids -> text as mistral-common decodes them (control tokens left out unless skip_special=False)."""
-        ids = [int(i) for i in ids]
+        ids = decode_ids(ids)
         if self._text is not None:
             return self._text.decode(ids, skip_special)
-        for i in ids:
-            if i < 0:
-                raise ConfigError(f"token id {i} is negative")
         stream = TekkenStream(self, skip_special)  # ids past the vocabulary (a padded model) have no text
         return "".join(stream.put(i) for i in ids) + stream.flush()
 

@@ -24,6 +24,20 @@ def is_token_id(t: Any) -> bool:
     return isinstance(t, (int, np.integer)) and not isinstance(t, bool)
 
 
+def decode_ids(ids: Any) -> list[int]:
+    """A tokenizer's decode input: a sequence of integer ids >= 0 (numpy's too), as plain ints. Floats, strings,
+    bools and negative ids are ConfigErrors (int() would truncate 1.7 or read "17")."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise ConfigError(f"decode takes a sequence of token ids (integers), got {type(ids).__name__}")
+    ids = list(ids)
+    for t in ids:
+        if not is_token_id(t):
+            raise ConfigError(f"decode takes token ids (integers), got {t!r} ({type(t).__name__})")
+        if t < 0:
+            raise ConfigError(f"token id {t} is negative")
+    return [int(t) for t in ids]
+
+
 def normalize_prompts(prompts: Prompts, tokenizer: Any, vocab_size: int) -> list[list[int]]:
     """A list of token-id lists: a str, a list of str, one token-id list or a list of them (text is encoded
     with BOS). Empty prompts, non-integer ids and ids outside [0, vocab_size) are ConfigErrors."""

@@ -21,7 +21,7 @@ from typing import Any
 import sentencepiece as spm
 
 from mixtrt.runtime.errors import ConfigError
-from mixtrt.runtime.prompts import check_continue, check_flags, check_messages_text, check_text
+from mixtrt.runtime.prompts import check_continue, check_flags, check_messages_text, check_text, decode_ids
 
 TOKENIZER_FILE = "tokenizer.model"
 _SPACE = "\u2581"  # sentencepiece's "▁": a space in the text
@@ -322,10 +322,7 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Ids -> text. skip_special=False writes control tokens as their pieces ("<s>", "</s>") in
         place, without changing the text between them; <unk> is always sentencepiece's " ⁇ "."""
-        ids = [int(i) for i in ids]
-        for i in ids:
-            if i < 0:
-                raise ConfigError(f"token id {i} is negative")
+        ids = decode_ids(ids)
         # ids past the tokenizer's pieces (a model whose embedding is padded beyond them) have no text
         ids = [i for i in ids if i < self.vocab_size]
         if skip_special:

@@ -181,6 +181,12 @@ def test_decode_accepts_numpy_and_rejects_bad_ids(tok):
     assert tok.decode(np.array(ids, dtype=np.int64)) == "Hello world"
     with pytest.raises(ConfigError, match="negative"):
         tok.decode([1, -5])
+    # int() would truncate 661.7 or read "661": the ids are refused, as generate and Engine.add refuse them
+    for bad, named in (([661.7, 403], "661.7 \\(float\\)"), (["661"], "'661' \\(str\\)"), ([True], "True"),
+                       (None, "NoneType"), (5, "int"), ("abc", "str"), ([[1, 2]], "list")):
+        with pytest.raises(ConfigError, match=named):
+            tok.decode(bad)
+    assert tok.decode(tuple(ids)) == tok.decode(iter(ids)) == "Hello world"
 
 
 # ---------------------------------------------------------------- streaming
