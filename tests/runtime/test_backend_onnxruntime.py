@@ -136,3 +136,45 @@ def test_what_a_host_application_passes(exported):
     for bad in (b"art", 5, None, BytesPath()):
         with pytest.raises(ConfigError, match="the artifact must be a path"):
             Generator.load(bad)
+
+
+def test_session_creation_maps_large_blocks_and_restores_the_threshold(exported, monkeypatch):
+    """glibc's mmap threshold is fixed at 1 MiB while the session is created (each weight's fused and pre-packed
+    copies go back to the OS when freed, not into a heap that grows by most of the weights' bytes) and set to
+    glibc's own ceiling afterwards, also when creation fails; without glibc nothing is called."""
+    import onnxruntime
+
+    import mixtrt.runtime.backends.onnxruntime as ortb
+
+    calls: list[tuple[str, int, int]] = []
+    session = onnxruntime.InferenceSession
+
+    class Libc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append(("mallopt", param, value))
+            return 1
+
+        def malloc_trim(self, pad: int) -> int:
+            calls.append(("trim", pad, 0))
+            return 1
+
+    def created(*a, **kw):
+        calls.append(("session", 0, 0))
+        return session(*a, **kw)
+
+    monkeypatch.setattr(ortb, "_glibc", Libc)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", created)
+    OrtBackend.load(exported["mixtral-window"][1], threads=1)
+    assert calls == [("mallopt", -3, 1 << 20), ("session", 0, 0), ("mallopt", -3, 32 << 20), ("trim", 0, 0)]
+    calls.clear()
+
+    def fails(*a, **kw):
+        raise RuntimeError("no")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", fails)
+    with pytest.raises(ortb.ArtifactError, match="cannot load the graph: no"):
+        OrtBackend.load(exported["mixtral-window"][1], threads=1)
+    assert calls == [("mallopt", -3, 1 << 20), ("mallopt", -3, 32 << 20)]
+    monkeypatch.setattr(ortb, "_glibc", lambda: None)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    OrtBackend.load(exported["mixtral-window"][1], threads=1)  # no C library to tune: loads all the same
