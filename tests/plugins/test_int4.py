@@ -148,6 +148,18 @@ def test_signed_scales_use_all_sixteen_levels():
     assert (int4_values(q) == -8).sum() >= 12  # every block's extreme
     with pytest.raises(ValueError, match="scales"):
         pack_int4(w, 32, s[:, :1])
+    # a block whose extremes have the same magnitude (+a and -a): the one first in the block sets the scale, as
+    # llama.cpp's q4_0 picks it (its loop keeps the first largest |w|); a reference by argmax over |w|
+    w = rng.integers(-3, 4, (40, 96)).astype(np.float32)
+    w[0, :32], w[1, 32:64] = 0, np.tile([3.0, -3.0], 16)
+    w[2, 64:96] = np.tile([-3.0, 3.0], 16)
+    blocks = w.reshape(40, 3, 32)
+    first = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+    assert np.array_equal(signed_scales(w, 32), first / -8)
+    s = signed_scales(w, 32)
+    assert s[1, 1] == -0.375 and s[2, 2] == 0.375 and s[0, 0] == 0
+    q, _ = pack_int4(w, 32, s)
+    assert (int4_values(q)[0, :32] == 0).all()  # the zero block: q 0 (its scale 0)
 
 
 def test_int8_layouts_on_onnxruntime():
