@@ -23,6 +23,7 @@ def run(ns: argparse.Namespace) -> int:
     from mixtrt.runtime.quantization import INT8_BLOCK
 
     info = inspect_artifact(ns.artifact, verify=ns.verify)
+    info["verified"] = ns.verify  # a failed check is an error before this: True says every check passed
     if ns.json:
         builtins.print(json.dumps(info, indent=2))  # escapes and non-ASCII characters escaped by json
         return 0
@@ -80,6 +81,9 @@ def run(ns: argparse.Namespace) -> int:
           + (f" (attention body on onnxruntime: {info['attention_body']})" if info["attention_body"] else ""))
     print("files         " + ", ".join(f"{k} ({_size(v['bytes'])})" for k, v in info["files"].items()))
     print("versions      " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v))
+    if ns.verify:
+        print(f"verified      the sha256 of all {len(info['files'])} files, the graph against the manifest, "
+              "the tokenizer")
     return 0
 
 
