@@ -42,6 +42,7 @@ from mixtrt.plugins.int4 import (
     matmulnbits_layout,
     pack_int4,
     pack_int8,
+    rtn_dequantize_linear,
     signed_scales,
 )
 from mixtrt.runtime.errors import ConfigError
@@ -368,15 +369,18 @@ class Int4Plan:
             return [(name, array)]
         b, lbl = item.block, item.label
         if item.kind == "linear":
-            w = np.ascontiguousarray(array.T)  # W [N, K] (nn.Linear [out, in]) from MatMul's B [K, N], in one copy
+            w = array.T  # W [N, K] (nn.Linear [out, in]) from MatMul's B [K, N]
             K, N = array.shape
             if item.bits == 8:
                 q8, s = pack_int8(w, b)
                 return [(item.tensor, Stored(np.ascontiguousarray(q8.T), "int8", (K, N),
                                              _quant("dequantize_linear", item, 0, 0))),
                         (item.scales, np.ascontiguousarray(s.T))]
-            q, s = self.quantizer(lbl, w, b)
-            raw, dims, st = dequantize_linear_layout(q, s)
+            if self.quantizer is rtn:  # the same bytes without transposing W there and its INT4 values back
+                raw, dims, st = rtn_dequantize_linear(array, b)
+            else:
+                q, s = self.quantizer(lbl, np.ascontiguousarray(w), b)
+                raw, dims, st = dequantize_linear_layout(q, s)
             return [(item.tensor, Stored(np.frombuffer(raw, np.uint8), "int4", tuple(dims),
                                          _quant("dequantize_linear", item, 0, 0))),
                     (item.scales, st.astype(np.float32))]

@@ -69,9 +69,10 @@ def pack_int8(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"block {block} does not divide K={w.shape[-1]}")
     blocks = w.reshape(*w.shape[:-1], w.shape[-1] // block, block)
     scales = (np.abs(blocks).max(axis=-1) / 127).astype(np.float32)
-    s = scales[..., None]
-    q = np.rint(np.divide(blocks, s, out=np.zeros_like(blocks), where=s != 0))
-    return np.clip(q, -127, 127).astype(np.int8).reshape(w.shape), scales
+    q = blocks / np.where(scales != 0, scales, np.float32(1))[..., None]  # a zero scale: an all-zero block
+    np.rint(q, out=q)
+    np.clip(q, -127, 127, out=q)
+    return q.astype(np.int8).reshape(w.shape), scales
 
 
 def signed_scales(w: np.ndarray, block: int) -> np.ndarray:
@@ -80,15 +81,37 @@ def signed_scales(w: np.ndarray, block: int) -> np.ndarray:
     is negative where that element is positive: W = q * scale still holds, zero point 0. [..., N, K] -> [..., N,
     K//block] float32."""
     blocks = np.asarray(w, np.float32).reshape(*w.shape[:-1], w.shape[-1] // block, block)
-    hi, lo = blocks.max(axis=-1), blocks.min(axis=-1)
+    return (_extreme(blocks, -1) / -8).astype(np.float32)
+
+
+def _extreme(blocks: np.ndarray, axis: int) -> np.ndarray:
+    """Each block's element of largest magnitude (the block along `axis`); where both signs reach it, the one first
+    in the block, as llama.cpp's q4_0 loop keeps it."""
+    hi, lo = blocks.max(axis=axis), blocks.min(axis=axis)
     pick = np.where(-lo > hi, lo, hi)
-    tie = (-lo == hi) & (hi != 0)  # both signs reach the largest magnitude: the first in the block wins, as in q4_0
+    tie = (-lo == hi) & (hi != 0)
     if tie.any():
         at = np.nonzero(tie)
-        b = blocks[at]  # [ties, block]
+        b = np.moveaxis(blocks, axis, -1)[at]  # [ties, block]
         first_lo = (b == lo[at][:, None]).argmax(axis=-1) < (b == hi[at][:, None]).argmax(axis=-1)
         pick[at] = np.where(first_lo, lo[at], hi[at])
-    return (pick / -8).astype(np.float32)
+    return pick
+
+
+def rtn_dequantize_linear(b: np.ndarray, block: int) -> tuple[bytes, tuple[int, int], np.ndarray]:
+    """Round to nearest on all 16 levels (signed_scales) of MatMul's B [K, N] in blocks of `block` along K, straight
+    to dequantize_linear_layout's output: the bytes of `dequantize_linear_layout(*pack_int4(B^T, block,
+    signed_scales(B^T, block)))` without either transpose (most of an int4 export's time at full size)."""
+    a = np.asarray(b, np.float32)
+    K, N = a.shape
+    if block < 2 or block % 2 or K % block:
+        raise ValueError(f"block {block} must be even and divide K={K}")
+    blocks = a.reshape(K // block, block, N)
+    scales = (_extreme(blocks, 1) / -8).astype(np.float32)  # [K // block, N]
+    q = blocks / np.where(scales != 0, scales, np.float32(1))[:, None, :]
+    np.rint(q, out=q)
+    np.clip(q, -8, 7, out=q)
+    return pack_nibbles(q.astype(np.int8).reshape(-1)).tobytes(), (K, N), scales
 
 
 def int4_values(qweight: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mixtrt.plugins.int4 import int4_values, pack_int4, unpack_int4
+from mixtrt.plugins.int4 import dequantize_linear_layout, int4_values, pack_int4, unpack_int4
 
 
 def test_worked_example():
@@ -192,3 +192,24 @@ def test_int8_layouts_on_onnxruntime():
     sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
     ids = np.array([3, 0, 47])
     assert np.array_equal(sess.run(None, {"ids": ids})[0], deq[ids])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_rtn_straight_to_the_dequantize_linear_layout_is_the_same_bytes(dtype):
+    """rtn_dequantize_linear (what `--method rtn` writes for a dense linear, from MatMul's B [K, N] with no
+    transpose) equals signed_scales + pack_int4 on W = B^T and then dequantize_linear_layout: ties between +a and -a,
+    zero blocks, odd N, every block size."""
+    from mixtrt.plugins.int4 import rtn_dequantize_linear, signed_scales
+
+    rng = np.random.default_rng(7)
+    for K, N, block in ((64, 7, 32), (128, 33, 16), (96, 1, 32), (256, 40, 128), (64, 5, 2)):
+        for B in (rng.standard_normal((K, N)), rng.integers(-3, 4, (K, N)).astype(float)):
+            B = B.astype(dtype)
+            B[:block, 0] = 0
+            w = np.ascontiguousarray(B.T).astype(np.float32)
+            want = dequantize_linear_layout(*pack_int4(w, block, signed_scales(w, block)))
+            raw, dims, scales = rtn_dequantize_linear(B, block)
+            assert raw == want[0] and dims == tuple(want[1]) and np.array_equal(scales, want[2])
+            assert scales.dtype == np.float32 and scales.shape == (K // block, N)
+    with pytest.raises(ValueError, match="divide K=64"):
+        rtn_dequantize_linear(np.zeros((64, 3), np.float32), 48)
