@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec
 
 import numpy as np
 
@@ -342,6 +342,31 @@ class _Lead:
 
 
 _ENGINES = itertools.count(1)  # Engine.serial: 0 is no engine's
+_P = ParamSpec("_P")
+
+
+def _step_part(part: Callable[Concatenate[Engine, _P], list[EngineEvent]]
+               ) -> Callable[Concatenate[Engine, _P], list[EngineEvent]]:
+    """A part of a step (admit, decode, mixed_step) that marks its engine broken if it is cut short by anything
+    but a row's own failure (RowError: the engine cancelled that row and left the others consistent), and refuses
+    to run on a broken engine. A KeyboardInterrupt between the backend's pass and the rows taking their tokens
+    would otherwise leave every row's cache a position ahead of its tokens, and the next steps would run on
+    silently."""
+    @functools.wraps(part)
+    def run(engine: Engine, *args: _P.args, **kwargs: _P.kwargs) -> list[EngineEvent]:
+        engine._check_whole()
+        engine.broken = "a step was cut short"
+        try:
+            events = part(engine, *args, **kwargs)
+        except RowError:
+            engine.broken = None
+            raise
+        except BaseException as e:
+            engine.broken = f"a step was cut short by {type(e).__name__}"
+            raise
+        engine.broken = None
+        return events
+    return run
 
 
 @dataclass(eq=False)
@@ -357,7 +382,7 @@ class Row:
     lead: _Lead | None  # a new message's front (None: the text continues the prompt's)
     keep: bool  # park the row (cache intact) when it finishes, for `Engine.extend`
     t0: float  # when the row was added (time to first token counts from here)
-    name: str = "prompt 0"  # how errors name the row
+    name: str = "row"  # how errors name the row (Engine.add: "row N" unless told)
     history: list[int] = field(default_factory=list)  # earlier turns of a kept row (prompts and tokens)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -473,7 +498,7 @@ class Engine:
         self.backend = backend
         self.tokenizer = tokenizer
         self.max_batch = int(max_batch)
-        self.cache = backend.new_cache(max_batch)
+        self.cache = backend.new_cache(self.max_batch)
         self.waiting: deque[Row] = deque()
         self.running: list[Row] = []  # cache rows 0 .. len-1
         self.prefilling: Row | None = None  # a row part-way through its prefill: the cache row after the running ones
@@ -708,7 +733,7 @@ class Engine:
             raise ConfigError(f"all {self.max_batch} cache rows hold kept rows (keep=True) and {len(self.waiting)} "
                               "row(s) wait for one: release one (Engine.release), or the wait never ends")
         if self.running and prefill_budget is not None and self.mixed and self._admissible():
-            yield self._guarded(functools.partial(self.mixed_step, prefill_budget))
+            yield functools.partial(self.mixed_step, prefill_budget)
             return
         spent = 0
         decoding = bool(self.running)  # with nothing decoding, this step's prompts go in whole
@@ -719,31 +744,11 @@ class Engine:
                     break
                 left = prefill_budget - spent
             before = self.prefilled
-            yield self._guarded(functools.partial(self.admit, max_rows=1, budget=left))
+            yield functools.partial(self.admit, max_rows=1, budget=left)
             if self.prefilled == before:  # the row failed (cancelled): go on with the others next step
                 break
             spent += self.prefilled - before
-        yield self._guarded(self.decode)
-
-    def _guarded(self, part: Callable[[], list[EngineEvent]]) -> Callable[[], list[EngineEvent]]:
-        """A step's part that marks the engine broken if it is cut short by anything but a row's own failure
-        (RowError: the engine cancelled that row and left the others consistent). A KeyboardInterrupt between
-        the backend's pass and the rows taking their tokens would otherwise leave every row's cache one
-        position ahead of its tokens, and the next steps would run on silently."""
-        def run() -> list[EngineEvent]:
-            self._check_whole()
-            self.broken = "a step was cut short"
-            try:
-                events = part()
-            except RowError:
-                self.broken = None
-                raise
-            except BaseException as e:
-                self.broken = f"a step was cut short by {type(e).__name__}"
-                raise
-            self.broken = None
-            return events
-        return run
+        yield self.decode
 
     def _check_whole(self) -> None:
         if self.broken is not None:
@@ -757,6 +762,7 @@ class Engine:
         return bool(self.waiting) and (len(self.running) + len(self.parked) - (self.waiting[0] in self.parked)
                                        < self.max_batch)
 
+    @_step_part
     def admit(self, max_rows: int | None = None, budget: int | None = None) -> list[EngineEvent]:
         """The first half of step(): prefill rows while cache rows are free: first the row part-way through
         its prefill, then waiting rows (at most max_rows rows touched), feeding at most `budget` prompt tokens
@@ -825,6 +831,7 @@ class Engine:
             events += self._accept(fork, logits)
         return events
 
+    @_step_part
     def decode(self) -> list[EngineEvent]:
         """The second half of step(): one decode step of every running row."""
         if not self.running:
@@ -853,6 +860,7 @@ class Engine:
         return events, ", ".join(f"{r.name} (generated token {len(r.tokens) + 1}, position {r.cached - 1})"
                                  for r in bad)
 
+    @_step_part
     def mixed_step(self, budget: int) -> list[EngineEvent]:
         """step() in one backend pass (a backend with `step_mixed`): every running row's next token together
         with the next chunk (at most `budget` tokens, and the row's prefill_chunk) of the prefilling row, or

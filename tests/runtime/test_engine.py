@@ -169,7 +169,8 @@ def test_a_step_cut_short_after_the_backend_pass_stops_the_engine(when):
     rows = [engine.add(PROMPTS[0], GREEDY), engine.add(PROMPTS[3], GREEDY)]
     with pytest.raises(Interrupt):
         drain(engine)
-    for call in (engine.step, lambda: engine.add(PROMPTS[1], GREEDY), lambda: list(engine.parts())):
+    for call in (engine.step, lambda: engine.add(PROMPTS[1], GREEDY), lambda: list(engine.parts()), engine.decode,
+                 engine.admit, lambda: engine.mixed_step(4)):
         with pytest.raises(BackendError, match="cannot go on: a step was cut short by Interrupt"):
             call()
     engine.cancel(rows[0])  # clean-up still works
@@ -180,8 +181,11 @@ def test_a_step_cut_short_after_the_backend_pass_stops_the_engine(when):
 
 
 def test_row_failures_leave_the_engine_usable_and_misuse_is_named():
-    engine = Engine(ToyBackend(), ToyTokenizer(), max_batch=np.int64(2))
-    assert engine.max_batch == 2 and type(engine.max_batch) is int
+    backend, sizes = ToyBackend(), []
+    new_cache = backend.new_cache
+    backend.new_cache = lambda n: sizes.append(n) or new_cache(n)  # onnxruntime's takes a plain int only
+    engine = Engine(backend, ToyTokenizer(), max_batch=np.int64(2))
+    assert engine.max_batch == 2 and type(engine.max_batch) is int and sizes == [2] and type(sizes[0]) is int
     bad = [((PROMPTS[0], None), {}, "add takes a GenerationConfig, got NoneType"),
            ((PROMPTS[0], {"max_new_tokens": 3}), {}, "add takes a GenerationConfig, got dict"),
            ((PROMPTS[0], GREEDY), {"sample_index": -1}, "sample_index must be an integer >= 0, got -1"),
