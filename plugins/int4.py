@@ -86,9 +86,13 @@ def signed_scales(w: np.ndarray, block: int) -> np.ndarray:
 
 def _extreme(blocks: np.ndarray, axis: int) -> np.ndarray:
     """Each block's element of largest magnitude (the block along `axis`); where both signs reach it, the one first
-    in the block, as llama.cpp's q4_0 loop keeps it."""
+    in the block, as llama.cpp's q4_0 loop keeps it (an all-zero block: its first element, so a -0.0 there gives the
+    scale the sign it always had; which zero max / min return is numpy's choice)."""
     hi, lo = blocks.max(axis=axis), blocks.min(axis=axis)
     pick = np.where(-lo > hi, lo, hi)
+    zero = (hi == 0) & (lo == 0)
+    if zero.any():
+        pick[zero] = np.take(blocks, 0, axis=axis)[zero]
     tie = (-lo == hi) & (hi != 0)
     if tie.any():
         at = np.nonzero(tie)
