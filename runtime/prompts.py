@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import operator
+from collections.abc import Iterable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +26,25 @@ def is_token_id(t: Any) -> bool:
 
 
 def decode_ids(ids: Any) -> list[int]:
-    """A tokenizer's decode input: a sequence of integer ids >= 0 (numpy's too), as plain ints. Floats, strings,
-    bools and negative ids are ConfigErrors (int() would truncate 1.7 or read "17")."""
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-        raise ConfigError(f"decode takes a sequence of token ids (integers), got {type(ids).__name__}")
-    ids = list(ids)
+    """A tokenizer's decode input: a sequence of integer ids >= 0 as plain ints. Anything an integer converts from
+    exactly (`__index__`: int, numpy integers, 0-d integer arrays and tensors) is an id; floats, strings, bools and
+    negative ids are ConfigErrors (int() would truncate 1.7 or read "17"), and so are unordered collections."""
+    if (isinstance(ids, (str, bytes, bytearray, Set, Mapping)) or not isinstance(ids, Iterable)
+            or (hasattr(ids, "ndim") and ids.ndim != 1)):
+        raise ConfigError(f"decode takes a sequence of token ids (integers), got {type(ids).__name__}"
+                          + (f" of {ids.ndim} dimensions" if hasattr(ids, "ndim") else ""))
+    out = []
     for t in ids:
-        if not is_token_id(t):
-            raise ConfigError(f"decode takes token ids (integers), got {t!r} ({type(t).__name__})")
-        if t < 0:
-            raise ConfigError(f"token id {t} is negative")
-    return [int(t) for t in ids]
+        try:
+            if isinstance(t, (bool, np.bool_)):
+                raise TypeError
+            i = operator.index(t)
+        except TypeError:
+            raise ConfigError(f"decode takes token ids (integers), got {t!r} ({type(t).__name__})") from None
+        if i < 0:
+            raise ConfigError(f"token id {i} is negative")
+        out.append(i)
+    return out
 
 
 def normalize_prompts(prompts: Prompts, tokenizer: Any, vocab_size: int) -> list[list[int]]:

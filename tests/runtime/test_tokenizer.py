@@ -187,6 +187,13 @@ def test_decode_accepts_numpy_and_rejects_bad_ids(tok):
         with pytest.raises(ConfigError, match=named):
             tok.decode(bad)
     assert tok.decode(tuple(ids)) == tok.decode(iter(ids)) == "Hello world"
+    torch = pytest.importorskip("torch")  # what converts to an integer exactly is an id: tensors, 0-d arrays
+    assert tok.decode(torch.tensor(ids)) == tok.decode([np.array(i) for i in ids]) == tok.decode(
+        np.array(ids, np.uint16)) == "Hello world"
+    for bad, named in ((np.array(5), "ndarray of 0 dimensions"), (set(ids), "set"), (bytearray(b"ab"), "bytearray"),
+                       ({1: 2}, "dict"), (torch.tensor([1.0]), r"tensor\(1\.\) \(Tensor\)")):
+        with pytest.raises(ConfigError, match=named):
+            tok.decode(bad)
 
 
 # ---------------------------------------------------------------- streaming
