@@ -162,6 +162,8 @@ def main() -> None:
     ap.add_argument("--compare-chunk", type=at_least(1), nargs="+", default=[], metavar="TOKENS",
                     help="also run a mixtrt server with each of these --prefill-chunk values (in the same rounds)")
     ns = ap.parse_args()
+    if len(set(ns.compare_chunk)) != len(ns.compare_chunk):
+        ap.error(f"--compare-chunk {' '.join(map(str, ns.compare_chunk))}: a value twice (one server each)")
     extra_ports = [ns.port + 3 + i for i in range(len(ns.compare_chunk))]
     ports = [ns.port] + [ns.port + 2] * ns.separate + [ns.port + 1] * (not ns.no_llama) + extra_ports
     busy = [p for p in ports if port_in_use(p)]

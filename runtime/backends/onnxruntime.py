@@ -400,10 +400,12 @@ def _large_blocks_mapped() -> Iterator[None]:
     becomes a `MatMulNBits` with its own transposed copy) and then its pre-packed form, freeing each earlier one.
     glibc's dynamic threshold moves up to the size of the first such block freed, after which blocks of that
     size come from the heap, whose freed space the next blocks cannot always reuse: the peak grew by most of
-    the weights' bytes (a 4.4 GB INT4 7B artifact peaked at 10 GB). Mapped blocks go back to the OS when freed.
-    Afterwards the threshold is glibc's ceiling, where its dynamic rule ends up anyway (runtime buffers come
-    from the heap, no system call per step)."""
-    libc = _glibc()
+    the weights' bytes (a 4.33 GiB INT4 7B artifact peaked at 9.8 GiB, now 6.3). Mapped blocks go back to the OS
+    when freed. Afterwards the threshold is glibc's ceiling, where its dynamic rule ends up once a block that large
+    has been freed (runtime buffers come from the heap, no system call per step). The setting is the process's:
+    where the user set a threshold (MALLOC_MMAP_THRESHOLD_, GLIBC_TUNABLES' glibc.malloc.mmap_threshold) or asked
+    for none of this (MIXTRT_MALLOPT=0), it is left alone."""
+    libc = None if _own_malloc_settings() else _glibc()
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, LOAD_MMAP_THRESHOLD)
     try:
@@ -411,6 +413,14 @@ def _large_blocks_mapped() -> Iterator[None]:
     finally:
         if libc is not None:
             libc.mallopt(M_MMAP_THRESHOLD, RUN_MMAP_THRESHOLD)
+
+
+def _own_malloc_settings() -> bool:
+    """The process runs with a malloc threshold of the user's, or MIXTRT_MALLOPT=0: mixtrt leaves malloc alone."""
+    import os
+
+    return (os.environ.get("MIXTRT_MALLOPT", "1") == "0" or "MALLOC_MMAP_THRESHOLD_" in os.environ
+            or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""))
 
 
 def _release_freed_heap() -> None:

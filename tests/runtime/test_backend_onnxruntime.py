@@ -175,6 +175,13 @@ def test_session_creation_maps_large_blocks_and_restores_the_threshold(exported,
     with pytest.raises(ortb.ArtifactError, match="cannot load the graph: no"):
         OrtBackend.load(exported["mixtral-window"][1], threads=1)
     assert calls == [("mallopt", -3, 1 << 20), ("mallopt", -3, 32 << 20)]
-    monkeypatch.setattr(ortb, "_glibc", lambda: None)
     monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    for env, value in (("MALLOC_MMAP_THRESHOLD_", "65536"), ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=4096"),
+                       ("MIXTRT_MALLOPT", "0")):  # the user's own setting (or none wanted): left alone
+        calls.clear()
+        with monkeypatch.context() as m:
+            m.setenv(env, value)
+            OrtBackend.load(exported["mixtral-window"][1], threads=1)
+        assert calls == [("trim", 0, 0)], env
+    monkeypatch.setattr(ortb, "_glibc", lambda: None)
     OrtBackend.load(exported["mixtral-window"][1], threads=1)  # no C library to tune: loads all the same
