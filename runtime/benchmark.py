@@ -58,6 +58,10 @@ class BenchResult:
     decode_tokens_per_s_stddev: float = 0.0
     prefill_samples: tuple[float, ...] = ()
     decode_samples: tuple[float, ...] = ()
+    load_s: float = 0.0  # Generator.load: the artifact checked (sha256 unless --no-verify) and the session made
+    # resident size right after loading (what the process holds once load's transient copies are gone; None where
+    # the platform does not say): peak_rss_mib above it is what loading or running took on top
+    rss_after_load_mib: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,6 +104,16 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+def current_rss_mib() -> float | None:
+    """This process's resident set size now (MiB): VmRSS on Linux, None elsewhere."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
 def _positive(name: str, value: Any, low: int) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
         raise ConfigError(f"{name}={value!r} must be an integer >= {low}")
@@ -119,7 +133,9 @@ def bench(artifact: str | Path, *, prompt_tokens: int = 128, new_tokens: int = 1
     batch = _positive("batch", batch, 1)
     repetitions = _positive("repetitions", repetitions, 1)
     threads = check_threads(threads)
+    t_load = time.perf_counter()
     gen = Generator.load(artifact, threads=threads, verify=verify)
+    load_s, loaded_rss = time.perf_counter() - t_load, current_rss_mib()
     backend = gen.backend
     if prompt_tokens + new_tokens > backend.max_positions:
         raise ConfigError(f"prompt_tokens + new_tokens (--prompt-tokens + --new-tokens) = {prompt_tokens + new_tokens}"
@@ -174,4 +190,5 @@ def bench(artifact: str | Path, *, prompt_tokens: int = 128, new_tokens: int = 1
         prefill_tokens_per_s_stddev=statistics.stdev(prefill_rates) if repetitions > 1 else 0.0,
         decode_tokens_per_s_stddev=statistics.stdev(decode_rates) if repetitions > 1 else 0.0,
         prefill_samples=tuple(prefill_rates), decode_samples=tuple(decode_rates),
+        load_s=load_s, rss_after_load_mib=loaded_rss,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -39,8 +40,9 @@ def test_bench_rates_and_fraction(exported):
     _, art = exported["mixtral-window"]
     r = bench(art, prompt_tokens=12, new_tokens=6, batch=2, threads=1)
     assert (r.batch, r.prompt_tokens, r.new_tokens, r.threads) == (2, 12, 6, 1)
-    for v in (r.prefill_tokens_per_s, r.decode_tokens_per_s, r.read_bandwidth_gb_s, r.peak_rss_mib):
+    for v in (r.prefill_tokens_per_s, r.decode_tokens_per_s, r.read_bandwidth_gb_s, r.peak_rss_mib, r.load_s):
         assert math.isfinite(v) and v > 0
+    assert r.rss_after_load_mib is not None and 0 < r.rss_after_load_mib <= r.peak_rss_mib
     step = r.decode_step_ms
     assert 0 < step["min"] <= step["median"] <= step["max"]
     # batch rows per step: the step rate is decode tok/s / batch; the fraction uses a batch-1 step's bytes
@@ -90,8 +92,11 @@ def test_bench_command_json_and_text(exported):
     assert d["repetitions"] == 3 and len(d["decode_samples"]) == len(d["prefill_samples"]) == 3
     assert d["decode_tokens_per_s"] == pytest.approx(sum(d["decode_samples"]) / 3)
     assert d["decode_tokens_per_s_stddev"] == pytest.approx(statistics.stdev(d["decode_samples"]))
+    assert d["load_s"] > 0 and 0 < d["rss_after_load_mib"] <= d["peak_rss_mib"]
     text = cli("--repetitions", "2").stdout
     assert " ± " in text and "(mean of 2 repetitions)" in text
+    assert re.search(r"\npeak RSS      \d+ MiB \(\d+ MiB right after loading\)\nload          [\d.]+ s \(with the "
+                     r"sha256 check; --no-verify skips it\)\n", text), text
     bad = cli("--batch", "0")
     assert bad.returncode == 2 and "--batch: 0 is less than 1" in bad.stderr and len(bad.stderr.splitlines()) == 1
 
