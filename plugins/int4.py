@@ -36,19 +36,28 @@ def pack_int4(w: np.ndarray, block: int, scales: np.ndarray | None = None) -> tu
     if not np.issubdtype(w.dtype, np.floating):
         raise ValueError(f"pack_int4 takes a float matrix, got {w.dtype}")
     K = w.shape[-1]
-    if block < 2 or block % 2 or K % block:
-        raise ValueError(f"block {block} must be even and divide K={K}")
+    _check_block(block, K)
     blocks = w.astype(np.float32, copy=False).reshape(*w.shape[:-1], K // block, block)
     if scales is None:
         scales = (np.abs(blocks).max(axis=-1) / 7).astype(w.dtype)
     elif scales.shape != blocks.shape[:-1]:
         raise ValueError(f"scales {scales.shape} must be {blocks.shape[:-1]} for W {w.shape} in blocks of {block}")
-    s = scales.astype(np.float32)
-    # a zero scale is an all-zero block: divided by 1 its q is 0 (a masked divide, the same numbers, is ~20x slower)
-    q = blocks / np.where(s != 0, s, np.float32(1))[..., None]
+    return pack_nibbles(_rounded(blocks, scales.astype(np.float32)[..., None], -8, 7).reshape(w.shape)), scales
+
+
+def _check_block(block: int, k: int) -> None:
+    if block < 2 or block % 2 or k % block:
+        raise ValueError(f"block {block} must be even and divide K={k}")
+
+
+def _rounded(blocks: np.ndarray, scales: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """round(blocks / scales) clamped to [lo, hi], int8; `scales` broadcast against `blocks`. A zero scale is an
+    all-zero block: divided by 1 its q is 0 (a masked divide, the same numbers, is ~20x slower). Computed in place
+    on one float32 temporary."""
+    q = blocks / np.where(scales != 0, scales, np.float32(1))
     np.rint(q, out=q)
-    np.clip(q, -8, 7, out=q)
-    return pack_nibbles(q.astype(np.int8).reshape(w.shape)), scales
+    np.clip(q, lo, hi, out=q)
+    return q.astype(np.int8)
 
 
 def pack_nibbles(q: np.ndarray) -> np.ndarray:
@@ -69,10 +78,7 @@ def pack_int8(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"block {block} does not divide K={w.shape[-1]}")
     blocks = w.reshape(*w.shape[:-1], w.shape[-1] // block, block)
     scales = (np.abs(blocks).max(axis=-1) / 127).astype(np.float32)
-    q = blocks / np.where(scales != 0, scales, np.float32(1))[..., None]  # a zero scale: an all-zero block
-    np.rint(q, out=q)
-    np.clip(q, -127, 127, out=q)
-    return q.astype(np.int8).reshape(w.shape), scales
+    return _rounded(blocks, scales[..., None], -127, 127).reshape(w.shape), scales
 
 
 def signed_scales(w: np.ndarray, block: int) -> np.ndarray:
@@ -108,14 +114,10 @@ def rtn_dequantize_linear(b: np.ndarray, block: int) -> tuple[bytes, tuple[int, 
     signed_scales(B^T, block)))` without either transpose (most of an int4 export's time at full size)."""
     a = np.asarray(b, np.float32)
     K, N = a.shape
-    if block < 2 or block % 2 or K % block:
-        raise ValueError(f"block {block} must be even and divide K={K}")
+    _check_block(block, K)
     blocks = a.reshape(K // block, block, N)
     scales = (_extreme(blocks, 1) / -8).astype(np.float32)  # [K // block, N]
-    q = blocks / np.where(scales != 0, scales, np.float32(1))[:, None, :]
-    np.rint(q, out=q)
-    np.clip(q, -8, 7, out=q)
-    return pack_nibbles(q.astype(np.int8).reshape(-1)).tobytes(), (K, N), scales
+    return pack_nibbles(_rounded(blocks, scales[:, None, :], -8, 7).reshape(-1)).tobytes(), (K, N), scales
 
 
 def int4_values(qweight: np.ndarray) -> np.ndarray:

@@ -90,13 +90,21 @@ def read_bandwidth_gb_s(threads: int, total_bytes: int = 512 << 20, passes: int 
     return best / 1e9
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident set size (MiB): VmHWM on Linux, else getrusage."""
+def _status_mib(field: str) -> float | None:
+    """A size field of /proc/self/status (VmHWM, VmRSS) in MiB; None where there is no such file."""
     status = Path("/proc/self/status")
     if status.is_file():
         for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
+    return None
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (MiB): VmHWM on Linux, else getrusage."""
+    peak_mib = _status_mib("VmHWM")
+    if peak_mib is not None:
+        return peak_mib
     import resource
     import sys
 
@@ -106,12 +114,7 @@ def peak_rss_mib() -> float:
 
 def current_rss_mib() -> float | None:
     """This process's resident set size now (MiB): VmRSS on Linux, None elsewhere."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return None
+    return _status_mib("VmRSS")
 
 
 def _positive(name: str, value: Any, low: int) -> int:

@@ -12,6 +12,7 @@ its ids and lengths into those and returns a copy of the bound logits (no bindin
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -372,8 +373,10 @@ def _spec(arg: Any) -> TensorSpec:
                       tuple(d if isinstance(d, int) else (d or "?") for d in arg.shape))
 
 
+@functools.cache
 def _glibc() -> Any:
-    """The C library when it is glibc (mallopt, malloc_trim), else None."""
+    """The C library when it is glibc (mallopt, malloc_trim), else None; looked up once (find_library runs
+    ldconfig)."""
     import ctypes
     import ctypes.util
     import sys
