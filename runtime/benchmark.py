@@ -33,6 +33,7 @@ import numpy as np
 
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.errors import ArtifactError, ConfigError
+from mixtrt.runtime.hugepages import Collapsed
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class BenchResult:
     # resident size right after loading (what the process holds once load's transient copies are gone; None where
     # the platform does not say): peak_rss_mib above it is what loading or running took on top
     rss_after_load_mib: float | None = None
+    # of the memory loading took, how much is on 2 MiB transparent huge pages (runtime/hugepages.py; 0 where the
+    # kernel has none, refused, or MIXTRT_HUGEPAGES=0)
+    huge_pages_mib: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -194,4 +198,5 @@ def bench(artifact: str | Path, *, prompt_tokens: int = 128, new_tokens: int = 1
         decode_tokens_per_s_stddev=statistics.stdev(decode_rates) if repetitions > 1 else 0.0,
         prefill_samples=tuple(prefill_rates), decode_samples=tuple(decode_rates),
         load_s=load_s, rss_after_load_mib=loaded_rss,
+        huge_pages_mib=getattr(backend, "huge_pages", Collapsed()).huge_bytes / 2**20,
     )

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from mixtrt.runtime import hugepages
 from mixtrt.runtime.args import ModelArgs
 from mixtrt.runtime.cache import HostKVCache, check_batch_size
 from mixtrt.runtime.errors import ArtifactError, BackendError, ConfigError, first_line
@@ -80,6 +81,7 @@ class OrtBackend:
         # first use; only its first position is ever written
         self._scratch: list[np.ndarray] | None = None
         checked: tuple[list[TensorSpec], list[TensorSpec], dict[str, str]] | None = None
+        before = hugepages.snapshot(float_weights=manifest.quantization is None)
         try:
             if fuse or mixed_steps:
                 model = onnx.load(str(model_path), load_external_data=False)
@@ -102,6 +104,8 @@ class OrtBackend:
         except Exception as e:  # onnx and onnxruntime raise their own exception types
             raise ArtifactError(f"{model_path}: onnxruntime cannot load the graph: {first_line(e)}") from None
         _release_freed_heap()
+        # the pre-packed weights on 2 MiB pages (runtime/hugepages.py): decode streams them every step
+        self.huge_pages = hugepages.collapse_since(before)
         if checked is None:
             checked = ([_spec(t) for t in self.session.get_inputs()], [_spec(t) for t in self.session.get_outputs()],
                        dict(self.session.get_modelmeta().custom_metadata_map))

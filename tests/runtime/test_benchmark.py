@@ -43,6 +43,7 @@ def test_bench_rates_and_fraction(exported):
     for v in (r.prefill_tokens_per_s, r.decode_tokens_per_s, r.read_bandwidth_gb_s, r.peak_rss_mib, r.load_s):
         assert math.isfinite(v) and v > 0
     assert r.rss_after_load_mib is not None and 0 < r.rss_after_load_mib <= r.peak_rss_mib
+    assert 0 <= r.huge_pages_mib <= r.rss_after_load_mib and r.huge_pages_mib % 2 == 0  # whole 2 MiB pages
     step = r.decode_step_ms
     assert 0 < step["min"] <= step["median"] <= step["max"]
     # batch rows per step: the step rate is decode tok/s / batch; the fraction uses a batch-1 step's bytes
@@ -96,7 +97,7 @@ def test_bench_command_json_and_text(exported):
     text = cli("--repetitions", "2").stdout
     assert " ± " in text and "(mean of 2 repetitions)" in text
     assert re.search(r"\npeak RSS      \d+ MiB \(\d+ MiB right after loading\)\nload          [\d.]+ s \(with the "
-                     r"sha256 check; --no-verify skips it\)\n", text), text
+                     r"sha256 check; --no-verify skips it\)(; \d+ MiB of weights on huge pages)?\n", text), text
     bad = cli("--batch", "0")
     assert bad.returncode == 2 and "--batch: 0 is less than 1" in bad.stderr and len(bad.stderr.splitlines()) == 1
 

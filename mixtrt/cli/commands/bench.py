@@ -44,7 +44,8 @@ def run(ns: argparse.Namespace) -> int:
     print(f"peak RSS      {r.peak_rss_mib:.0f} MiB"
           + (f" ({r.rss_after_load_mib:.0f} MiB right after loading)" if r.rss_after_load_mib is not None else ""))
     print(f"load          {r.load_s:.2f} s"
-          + ("" if ns.no_verify else " (with the sha256 check; --no-verify skips it)"))
+          + ("" if ns.no_verify else " (with the sha256 check; --no-verify skips it)")
+          + (f"; {r.huge_pages_mib:.0f} MiB of weights on huge pages" if r.huge_pages_mib else ""))
     print(f"bandwidth     {r.read_bandwidth_gb_s:.1f} GB/s read (probe); a step reads "
           f"{r.weight_bytes_per_token / 2**20:.1f} MiB of weights: limit {r.bandwidth_limit_tokens_per_s:.1f} "
           f"tok/s at batch {r.batch}, decode at {r.bandwidth_fraction:.0%} of it")
