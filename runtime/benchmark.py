@@ -63,7 +63,7 @@ class BenchResult:
     # resident size right after loading (what the process holds once load's transient copies are gone; None where
     # the platform does not say): peak_rss_mib above it is what loading or running took on top
     rss_after_load_mib: float | None = None
-    # of the memory loading took, how much is on 2 MiB transparent huge pages (runtime/hugepages.py; 0 where the
+    # of the memory loading took, how much is on transparent huge pages (runtime/hugepages.py; 0 where the
     # kernel has none, refused, or MIXTRT_HUGEPAGES=0)
     huge_pages_mib: float = 0.0
 

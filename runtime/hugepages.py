@@ -4,13 +4,14 @@ A decode step streams every weight once; with 4 KiB pages that is a page-table w
 deep under a virtual machine's nested paging) and the hardware prefetchers stop at each page boundary. Where
 the kernel's transparent huge pages are available (`/sys/kernel/mm/transparent_hugepage/enabled` is
 `always` or `madvise`; Linux 6.1+ for `MADV_COLLAPSE`), the anonymous memory a backend's session took while
-it loaded is collapsed into 2 MiB pages right after: `madvise(MADV_HUGEPAGE)` then `madvise(MADV_COLLAPSE)`
-over each run of 2 MiB windows that appeared during the load. Only windows whose every base page is already
-resident are collapsed (`mincore`), so a sparse mapping (a thread's stack, an arena's unused tail) is never
-filled in and the resident size does not grow. The contents do not change; a kernel that cannot (an older
-one, no free huge page) leaves the pages as they are. The collapse copies (about 1-2 s a GB), so by default
-(`MIXTRT_HUGEPAGES=auto`) only float weights get it, where fp32 decode measured 5-15% faster; quantized ones
-measured no faster. `MIXTRT_HUGEPAGES=1` does it for any weights, `0` never.
+it loaded is collapsed into 2 MiB pages right after: `madvise(MADV_COLLAPSE)` on each 2 MiB window that
+appeared during the load. Only windows whose every base page is present and the process's own are collapsed
+(`/proc/self/pagemap`), so a sparse mapping (a thread's stack, an arena's unused tail) or pages only read (the
+shared zero page) are never filled in and the resident size does not grow. The contents do not change; where
+the kernel refuses (an older one, no free huge page) the pages stay as they are, and no flag is left on the
+memory (no `MADV_HUGEPAGE`). The collapse copies (about 1-2 s a GB), so by default (`MIXTRT_HUGEPAGES=auto`)
+only float weights get it, where fp32 decode measured 5-15% faster; quantized ones measured no faster.
+`MIXTRT_HUGEPAGES=1` does it for any weights, `0` never.
 
     >>> maps = ("7f0000000000-7f0000600000 rw-p 00000000 00:00 0 \\n"
     ...         "7f0000600000-7f0000800000 r--p 00000000 08:01 12 /usr/lib/libc.so.6\\n"
@@ -23,6 +24,7 @@ measured no faster. `MIXTRT_HUGEPAGES=1` does it for any weights, `0` never.
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import mmap
 import os
@@ -33,9 +35,8 @@ from pathlib import Path
 from mixtrt.runtime.errors import ConfigError
 
 THP = Path("/sys/kernel/mm/transparent_hugepage")
-MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25
-PAGE = mmap.PAGESIZE  # the base page mincore reports on
+PAGE = mmap.PAGESIZE  # the base page /proc/self/pagemap has an entry for
 
 
 def thp_mode(root: Path = THP) -> str | None:
@@ -49,10 +50,12 @@ def thp_mode(root: Path = THP) -> str | None:
 
 
 def huge_page_size(root: Path = THP) -> int:
+    """The kernel's PMD huge page size (2 MiB on x86-64; 512 MiB on arm64 with 64 KiB pages)."""
     try:
-        return int((root / "hpage_pmd_size").read_text())
+        size = int((root / "hpage_pmd_size").read_text())
     except (OSError, ValueError):
-        return 2 << 20
+        size = 0
+    return size if size > 0 and size % PAGE == 0 else 2 << 20
 
 
 def setting() -> str:
@@ -77,7 +80,6 @@ def _libc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         return libc
     except (OSError, AttributeError):
         return None
@@ -91,7 +93,9 @@ def anonymous_windows(maps: str, huge: int) -> set[int]:
         parts = line.split()
         if len(parts) < 5 or not parts[1].startswith("rw") or parts[1][3] != "p":
             continue
-        if len(parts) > 5 and parts[5] != "[heap]":
+        if len(parts) > 5 and parts[5] != "[heap]" and not parts[5].startswith("[anon:"):
+            continue
+        if parts[4] != "0":  # a file's pages
             continue
         low, high = (int(x, 16) for x in parts[0].split("-"))
         windows.update(range((low + huge - 1) // huge * huge, high // huge * huge, huge))
@@ -107,39 +111,57 @@ def _maps() -> str:
 
 @dataclass
 class Collapsed:
-    """What `collapse_since` did: bytes of memory now on huge pages, and bytes that stayed on
-    4 KiB pages because the kernel refused (no free huge page, a kernel before MADV_COLLAPSE)."""
+    """What `collapse_since` did: bytes of memory now on huge pages, and bytes the kernel refused to collapse
+    (no free huge page; a kernel before MADV_COLLAPSE refuses the first window and no more are tried)."""
     huge_bytes: int = 0
     refused_bytes: int = 0
 
 
-def _resident(libc: ctypes.CDLL, start: int, length: int) -> bool:
-    vec = (ctypes.c_ubyte * (length // PAGE))()
-    if libc.mincore(start, length, vec) != 0:
+PM_PRESENT = 1 << 63  # /proc/self/pagemap: the page is in memory
+PM_EXCLUSIVE = 1 << 56  # ... and mapped by this process alone (never the shared zero page a read-only touch maps)
+
+
+def _owned(pagemap: int, start: int, length: int) -> bool:
+    """Every base page of [start, start + length) is present and this process's own (written, not the zero page
+    a read maps, which mincore counts as resident): collapsing such a window adds no resident memory."""
+    import numpy as np
+
+    n = length // PAGE
+    try:
+        raw = os.pread(pagemap, 8 * n, start // PAGE * 8)
+    except OSError:
         return False
-    return all(b & 1 for b in vec)
+    if len(raw) != 8 * n:
+        return False
+    flags = np.frombuffer(raw, np.uint64)
+    return bool(np.all(flags & np.uint64(PM_PRESENT | PM_EXCLUSIVE) == np.uint64(PM_PRESENT | PM_EXCLUSIVE)))
 
 
 def collapse(windows: set[int], huge: int) -> Collapsed:
-    """Collapse the fully resident ones of `windows` (`huge`-aligned starts) into huge pages, run by run."""
+    """Collapse those of `windows` (`huge`-aligned starts) whose pages are all present and owned into huge
+    pages, one window per call (the kernel's answer for a range is one error for all of it). No `MADV_HUGEPAGE`:
+    `MADV_COLLAPSE` needs none, and the flag would outlive the collapse (later faults in the range taking whole
+    huge pages, khugepaged collapsing what the kernel refused now, a library's MADV_NOHUGEPAGE undone)."""
     done = Collapsed()
     libc = _libc()
     if libc is None:
         return done
-    runs: list[list[int]] = []
-    for w in sorted(windows):
-        if not _resident(libc, w, huge):
-            continue
-        if runs and runs[-1][1] == w:
-            runs[-1][1] = w + huge
-        else:
-            runs.append([w, w + huge])
-    for start, end in runs:
-        libc.madvise(start, end - start, MADV_HUGEPAGE)
-        if libc.madvise(start, end - start, MADV_COLLAPSE) == 0:
-            done.huge_bytes += end - start
-        else:
-            done.refused_bytes += end - start
+    try:
+        pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
+    except OSError:  # no pagemap: residency unknown, so nothing is collapsed
+        return done
+    try:
+        for w in sorted(windows):
+            if not _owned(pagemap, w, huge):
+                continue
+            if libc.madvise(w, huge, MADV_COLLAPSE) == 0:
+                done.huge_bytes += huge
+                continue
+            done.refused_bytes += huge
+            if ctypes.get_errno() == errno.EINVAL:  # no MADV_COLLAPSE in this kernel (before Linux 6.1)
+                break
+    finally:
+        os.close(pagemap)
     return done
 
 

@@ -15,6 +15,12 @@ from mixtrt.runtime import hugepages
 MIB = 1 << 20
 
 
+@pytest.fixture(autouse=True)
+def _default_setting(monkeypatch):
+    """The tests state MIXTRT_HUGEPAGES where they depend on it; the caller's setting does not leak in."""
+    monkeypatch.delenv("MIXTRT_HUGEPAGES", raising=False)
+
+
 def test_windows_are_private_anonymous_writable_and_whole():
     maps = "\n".join([
         "7f0000100000-7f0000700000 rw-p 00000000 00:00 0 ",  # unaligned ends: the 2 whole windows inside
@@ -24,9 +30,12 @@ def test_windows_are_private_anonymous_writable_and_whole():
         "7ffd00000000-7ffd00400000 rw-p 00000000 00:00 0 [stack]",
         "55d000000000-55d000200000 rw-p 00000000 00:00 0 [heap]",
         "7f4000000000-7f40001ff000 rw-p 00000000 00:00 0",  # smaller than a window
+        "7f5000000000-7f5000200000 rw-p 00000000 00:00 0 [anon: glibc: malloc arena]",  # named anonymous memory
+        "7f6000000000-7f6000200000 rw-p 00000000 08:01 9 /data/a file with spaces (deleted)",
         "garbage",
     ])
-    assert sorted(hugepages.anonymous_windows(maps, 2 * MIB)) == [0x55D000000000, 0x7F0000200000, 0x7F0000400000]
+    assert sorted(hugepages.anonymous_windows(maps, 2 * MIB)) == [0x55D000000000, 0x7F0000200000, 0x7F0000400000,
+                                                                  0x7F5000000000]
 
 
 def test_mode_and_switch(tmp_path, monkeypatch):
@@ -36,6 +45,8 @@ def test_mode_and_switch(tmp_path, monkeypatch):
     assert hugepages.huge_page_size(tmp_path) == 2 * MIB  # the file missing: x86-64's 2 MiB
     (tmp_path / "hpage_pmd_size").write_text("524288\n")
     assert hugepages.huge_page_size(tmp_path) == 512 << 10
+    (tmp_path / "hpage_pmd_size").write_text("0\n")
+    assert hugepages.huge_page_size(tmp_path) == 2 * MIB  # nonsense: the default, never a division by zero
     monkeypatch.setattr(hugepages, "thp_mode", lambda root=None: "never")
     assert not hugepages.enabled() and hugepages.snapshot() is None
     assert hugepages.collapse_since(None) == hugepages.Collapsed()
@@ -67,30 +78,77 @@ def _live() -> None:
                     "or MIXTRT_HUGEPAGES=0)")
 
 
-def test_collapse_new_memory_keeps_contents_and_leaves_sparse_windows():
+def _mapping(size: int, no_huge: bool = False) -> tuple[mmap.mmap, np.ndarray]:
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if no_huge:  # 4 KiB pages on first touch even where THP is `always`; the flag is cleared before collapsing
+        m.madvise(mmap.MADV_NOHUGEPAGE)
+    return m, np.frombuffer(m, np.uint8)
+
+
+def _present(a: np.ndarray) -> int:
+    vec = (ctypes.c_ubyte * (a.nbytes // hugepages.PAGE))()
+    libc = ctypes.CDLL(None)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    assert libc.mincore(a.ctypes.data, a.nbytes, vec) == 0
+    return sum(b & 1 for b in vec)
+
+
+def test_collapse_new_memory_keeps_contents_and_leaves_sparse_and_read_only_windows():
     _live()
     huge = hugepages.huge_page_size()
     before = hugepages.snapshot()
-    full = mmap.mmap(-1, 4 * huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    sparse = mmap.mmap(-1, 4 * huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    data = np.frombuffer(full, np.uint32)
-    data[:] = np.arange(data.size, dtype=np.uint32)  # every page resident
-    sp = np.frombuffer(sparse, np.uint8)
+    full, data = _mapping(4 * huge)
+    data = data.view(np.uint32)
+    data[:] = np.arange(data.size, dtype=np.uint32)  # every page written
+    sparse, sp = _mapping(4 * huge, no_huge=True)
     sp[::2 * hugepages.PAGE] = 1  # every other page
+    read, rd = _mapping(4 * huge, no_huge=True)
+    assert int(rd[::hugepages.PAGE].sum()) == 0  # every page read: the shared zero page, which mincore calls resident
+    rd[::2 * hugepages.PAGE] = 1
+    for m in (sparse, read):
+        m.madvise(mmap.MADV_HUGEPAGE)  # the NOHUGEPAGE flag off again (the pages stay as they are)
+    present = _present(sp), _present(rd)
     done = hugepages.collapse_since(before)
     if done.huge_bytes == 0:
         pytest.skip(f"the kernel refused MADV_COLLAPSE ({done.refused_bytes} bytes; it needs Linux 6.1+ and free "
                     "huge pages)")
-    assert done.huge_bytes >= 2 * huge  # the 4-window mapping holds at least 3 whole windows wherever it lands
+    assert done.huge_bytes >= 3 * huge  # the 4-window mapping holds at least 3 whole windows wherever it lands
     assert _anon_huge_kib(data.ctypes.data + 2 * huge) > 0
-    assert _anon_huge_kib(sp.ctypes.data) == 0  # sparse: not filled in
-    vec = (ctypes.c_ubyte * (4 * huge // hugepages.PAGE))()
-    assert hugepages._libc().mincore(sp.ctypes.data, 4 * huge, vec) == 0
-    assert sum(b & 1 for b in vec) == 4 * huge // hugepages.PAGE // 2  # its resident size did not grow
+    assert _anon_huge_kib(sp.ctypes.data + 2 * huge) == 0 and _anon_huge_kib(rd.ctypes.data + 2 * huge) == 0
+    assert (_present(sp), _present(rd)) == present  # neither filled in: the resident size did not grow
     assert np.array_equal(data, np.arange(data.size, dtype=np.uint32))
-    del data, sp
-    full.close()
-    sparse.close()
+    del data, sp, rd
+    for m in (full, sparse, read):
+        m.close()
+
+
+def test_a_refusing_kernel_is_counted_and_not_asked_again(monkeypatch):
+    """EINVAL (no MADV_COLLAPSE, before Linux 6.1): the first window refused and no more calls; another error
+    (no free huge page) is counted per window and the rest are still tried."""
+    import errno
+
+    if not hugepages.sys.platform.startswith("linux"):
+        pytest.skip("Linux only: /proc/self/pagemap")
+    huge = hugepages.huge_page_size()
+    m, a = _mapping(5 * huge)
+    a[:] = 7
+    windows = {w for w in range(a.ctypes.data, a.ctypes.data + a.nbytes, huge) if w % huge == 0
+               and w + huge <= a.ctypes.data + a.nbytes}
+    for code, calls_expected in ((errno.EINVAL, 1), (errno.EAGAIN, len(windows))):
+        calls: list[int] = []
+
+        class Refusing:
+            def madvise(self, start, length, advice, code=code, calls=calls):
+                calls.append(advice)
+                ctypes.set_errno(code)
+                return -1
+
+        monkeypatch.setattr(hugepages, "_libc", Refusing)
+        done = hugepages.collapse(windows, huge)
+        assert calls == [hugepages.MADV_COLLAPSE] * calls_expected
+        assert done == hugepages.Collapsed(0, calls_expected * huge)
+    del a
+    m.close()
 
 
 def test_backend_collapses_after_the_freed_heap_went_back(exported, monkeypatch):
