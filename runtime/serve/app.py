@@ -381,7 +381,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
         e = ApiError(f"the client disconnected after {size} bytes of its request body", 400, logged=True)
         _log_refused(request, e, answered=False)
         raise e from None
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    # a body sent as something else (a form, XML) is named by its type, not called malformed JSON; JSON under another
+    # type (curl -d without -H sends it as a form) is read as JSON, as llama-server does
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind and "json" not in kind and body.strip()[:1] not in (b"{", b"[", b""):
+        raise ApiError(f"Content-Type {kind!r}: the request body must be JSON (Content-Type: application/json)", 415)
+    return body
 
 
 # ---- generation -------------------------------------------------------------------------------------

@@ -167,6 +167,17 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     r = server.http.post("/v1/completions", content=gzip.compress(b'{"prompt": "a"}'),
                          headers={"content-type": "application/json", "content-encoding": "gzip"})
     assert r.status_code == 415 and "Content-Encoding 'gzip' is not supported" in r.json()["error"]["message"]
+    # a form or XML body is named by its type; JSON sent under another type (curl -d without -H) is still read
+    for content, kind in ((b"prompt=hi&max_tokens=2", "application/x-www-form-urlencoded"),
+                          (b"<prompt>hi</prompt>", "application/xml; charset=utf-8")):
+        r = server.http.post("/v1/completions", content=content, headers={"content-type": kind})
+        assert r.status_code == 415, r.text
+        assert r.json()["error"]["message"] == (f"Content-Type {kind.split(';')[0]!r}: the request body must be JSON "
+                                                "(Content-Type: application/json)")
+    for kind in ("application/x-www-form-urlencoded", "text/plain", "application/vnd.api+json"):
+        r = server.http.post("/v1/completions", content=b' {"prompt": "a", "max_tokens": 1}',
+                             headers={"content-type": kind})
+        assert r.status_code == 200, (kind, r.text)
     hi = [{"role": "user", "content": "hi"}]
     for body, param in [({"messages": []}, "messages"), ({"messages": [{"content": "hi"}]}, "messages"),
                         ({"messages": hi, "top_logprobs": 2}, "top_logprobs"),
