@@ -340,10 +340,11 @@ class Int4Plan:
         if any(kept(label("", n), options.keep_float) for m in moe_nodes for n in m[2:]):
             reason = "--keep-float (experts are quantized all or none)"
         elif b1 is None or b2 is None:
-            bad = " and ".join(f"{name} {k}" for name, k, b in (("hidden", hidden, b1), ("intermediate", inter, b2))
+            bad = " and ".join(f"{which} ({name} {k})" for which, name, k, b in
+                               (("fc1 input", "hidden", hidden, b1), ("fc2 input", "intermediate", inter, b2))
                                if b is None)
-            reason = f"the experts' input dimension ({bad}) has no power-of-two block >= {MIN_BLOCK} dividing it " \
-                     "(experts are quantized all or none)"
+            reason = f"the experts' {bad} has no power-of-two block >= {MIN_BLOCK} dividing it, and experts are " \
+                     "quantized all or none"
             self.experts_unblocked = reason
         else:
             reason = ""

@@ -116,7 +116,7 @@ def test_int4_logits_close_to_fp32_and_greedy_through_3w(realistic_pairs, name):
     assert len(out.token_ids) == 3 * W + 1 and all(0 <= t < 32000 for t in out.token_ids)
 
 
-def test_int4_manifest_record(int4_artifacts):
+def test_int4_manifest_record(int4_artifacts, capsys):
     m = Manifest.load(int4_artifacts["mixtral-window"][1])
     q = m.quantization
     assert m.precision == "int4" and "int4" in m.features and m.cache.dtype == "float32"
@@ -130,6 +130,14 @@ def test_int4_manifest_record(int4_artifacts):
     assert Manifest.load(int4_artifacts["mistral-window"][1]).quantization.int8 == ["embed_tokens", "lm_head"]
     assert Manifest.from_dict(m.to_dict()) == m
     assert 0 < m.summary["bytes_per_token"] < m.summary["parameter_bytes"]  # 2 of 4 experts, one embedding row
+    # inspect: INT4 tensors at another block counted apart from the INT8 ones, which show their own block
+    from mixtrt.cli import main
+
+    assert main(["inspect", str(int4_artifacts["mixtral-window"][1])]) == 0
+    shown = capsys.readouterr().out
+    assert "int4 rtn, block 64 (other blocks: 8 int4 tensors at [32])," in shown, shown
+    assert ("  int8        embed_tokens, layers.0.attention.wk, layers.0.attention.wv, layers.1.attention.wk and 2 "
+            "more (8-bit, block 64)\n") in shown, shown
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -521,12 +529,13 @@ def test_experts_without_a_block_stay_float_with_a_warning_naming_the_dimension(
 
     ck = make_checkpoint(tmp_path / "ck", "mixtral", hidden_size=64, intermediate_size=100, num_hidden_layers=1,
                          max_position_embeddings=32)
-    with pytest.warns(MixtrtWarning, match=r"keeps the experts in float: the experts' input dimension "
+    with pytest.warns(MixtrtWarning, match=r"keeps the experts in float: the experts' fc2 input "
                                            r"\(intermediate 100\) has no power-of-two block") as caught:
         art = export_onnx(ck, tmp_path / "art", precision="int4", progress=None)
     assert "--block-size" not in str(caught[0].message)  # every block size was tried: none would help
     kept_float = Manifest.load(art).quantization.kept_float
-    assert kept_float["layers.0.feed_forward.fc2.0"].startswith("the experts' input dimension (intermediate 100)")
+    assert kept_float["layers.0.feed_forward.fc2.0"].startswith("the experts' fc2 input (intermediate 100)")
+    assert "fc1 input" not in kept_float["layers.0.feed_forward.fc1.0"]  # hidden 64 has a block: not named
     assert "attention.wq" not in " ".join(kept_float)  # the dense layers are INT4 as usual
 
 

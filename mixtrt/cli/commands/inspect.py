@@ -20,7 +20,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     from mixtrt.runtime.inspect import inspect_artifact
-    from mixtrt.runtime.quantization import INT8_BLOCK
 
     info = inspect_artifact(ns.artifact, verify=ns.verify)
     info["verified"] = ns.verify  # a failed check is an error before this: True says every check passed
@@ -54,9 +53,11 @@ def run(ns: argparse.Namespace) -> int:
     print(f"parameters    {info['parameters'] / 1e6:.2f} M ({size})")
     q = info["quantization"]
     if q is not None:
-        blocks = sorted(set(q["blocks"].values()))
+        int8 = set(q["int8"])
+        other = {t: b for t, b in q["blocks"].items() if t not in int8}  # INT4 tensors at a block of their own
+        blocks = sorted(set(other.values()))
         print(f"quantization  int{q['bits']} {q['method']}, block {q['block_size']}"
-              + (f" (other blocks: {len(q['blocks'])} tensor{'s' * (len(q['blocks']) != 1)} at {blocks})"
+              + (f" (other blocks: {len(other)} int{q['bits']} tensor{'s' * (len(other) != 1)} at {blocks})"
                  if blocks else "")
               + f", symmetric, {q['scale_dtype']} scales, onnxruntime accuracy level {q['accuracy_level']}"
               + (f", calibrated on {q['calibration']['source']} ({q['calibration']['tokens']} tokens)"
@@ -66,7 +67,10 @@ def run(ns: argparse.Namespace) -> int:
             print(f"  nearest     {', '.join(near[:4])}{f' and {len(near) - 4} more' if len(near) > 4 else ''}: "
                   f"rounded to nearest (too few calibration tokens reached them)")
         if q["int8"]:
-            print(f"  int8        {', '.join(q['int8'])} (8-bit, blocks of up to {INT8_BLOCK})")
+            names = q["int8"]
+            b8 = sorted({q["blocks"].get(t, q["block_size"]) for t in names})
+            print(f"  int8        {', '.join(names[:4])}{f' and {len(names) - 4} more' if len(names) > 4 else ''} "
+                  f"(8-bit, block{'s' * (len(b8) != 1)} {', '.join(map(str, b8))})")
         reasons: dict[str, list[str]] = {}
         for name, why in q["float"].items():
             reasons.setdefault(why, []).append(name)
