@@ -144,6 +144,11 @@ class _Files:
         self.where[key] = (path, handle)
 
     def add_safetensors(self, path: Path) -> None:
+        try:  # the OS's reason first: safetensors reports an unreadable file as "No such file or directory"
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read it ({e.strerror or first_line(e)})") from None
         try:
             handle = self.stack.enter_context(safe_open(str(path), framework="pt"))
             keys = list(handle.keys())
@@ -242,6 +247,14 @@ def _open_weights(path: Path, args_from: str) -> Iterator[_Files]:
             elif (path / "model.safetensors").is_file():
                 files.add_safetensors(path / "model.safetensors")
             else:
+                for name in ("model.safetensors.index.json", "model.safetensors"):
+                    if (path / name).is_symlink():  # is_file() follows links: this one points nowhere
+                        raise CheckpointError(f"{path / name}: a link to a missing file (a hub cache's blob deleted?)")
+                pickles = sorted(path.glob("pytorch_model*.bin"))
+                if pickles:
+                    raise CheckpointError(
+                        f"{path}: {pickles[0].name} holds pickled weights, which are never loaded (unpickling can run "
+                        "code): convert them to safetensors (transformers' save_pretrained does by default)")
                 raise CheckpointError(
                     f"{path}: no model.safetensors or model.safetensors.index.json "
                     "(only safetensors weights are loaded for config.json checkpoints)"

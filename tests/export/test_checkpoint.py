@@ -331,6 +331,22 @@ def test_corrupt_safetensors(ckpt):
     assert "\n" not in str(e.value)
 
 
+def test_unreadable_safetensors_says_why(ckpt, monkeypatch):
+    """The OS's reason (safetensors itself reports an unreadable file as missing)."""
+    import builtins
+
+    from mixtrt.export import checkpoint
+
+    def refused(path, *a, **kw):
+        if str(path).endswith("model.safetensors"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *a, **kw)
+
+    monkeypatch.setattr(checkpoint, "open", refused, raising=False)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: cannot read it \(Permission denied\)$"):
+        load_checkpoint(ckpt)
+
+
 def test_no_weights_file(ckpt):
     (ckpt / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
