@@ -117,7 +117,17 @@ class _Pass(torch.nn.Module):
 
 
 def default_out_dir(checkpoint_dir: Path, precision: str) -> Path:
-    return Path("engines") / f"{Path(checkpoint_dir).resolve().name}-{precision}"
+    """engines/<name>-<precision>: the checkpoint folder's name, or for a Hugging Face hub cache's snapshot
+    (`models--ORG--NAME/snapshots/<commit>`) the model's NAME, not the commit hash.
+
+        >>> default_out_dir(Path("/c/hub/models--mistralai--Mistral-7B-v0.1/snapshots/" + "a" * 40), "int4").as_posix()
+        'engines/Mistral-7B-v0.1-int4'
+    """
+    path = Path(checkpoint_dir).resolve()
+    name = path.name
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        name = path.parent.parent.name.split("--")[-1] or name
+    return Path("engines") / f"{name}-{precision}"
 
 
 def resolve_max_context(args: ModelArgs, max_context: int | None) -> int:
