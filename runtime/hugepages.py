@@ -32,6 +32,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from mixtrt.runtime.errors import ConfigError
 
 THP = Path("/sys/kernel/mm/transparent_hugepage")
@@ -72,15 +74,19 @@ def enabled(float_weights: bool = True) -> bool:
     and a 7B INT4 load took 10-17 s longer), `1` for any."""
     wanted = setting()
     return (wanted == "1" or (wanted == "auto" and float_weights)) and sys.platform.startswith("linux") \
-        and thp_mode() in ("always", "madvise") and _libc() is not None
+        and thp_mode() in ("always", "madvise") and libc() is not None
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL | None:
+def libc() -> ctypes.CDLL | None:
+    """The C library's symbols in this process (Linux; None elsewhere), looked up once: madvise here, glibc's
+    mallopt and malloc_trim for the onnxruntime backend. errno is kept for ctypes.get_errno."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return libc
+        handle = ctypes.CDLL(None, use_errno=True)
+        handle.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return handle
     except (OSError, AttributeError):
         return None
 
@@ -124,8 +130,6 @@ PM_EXCLUSIVE = 1 << 56  # ... and mapped by this process alone (never the shared
 def _owned(pagemap: int, start: int, length: int) -> bool:
     """Every base page of [start, start + length) is present and this process's own (written, not the zero page
     a read maps, which mincore counts as resident): collapsing such a window adds no resident memory."""
-    import numpy as np
-
     n = length // PAGE
     try:
         raw = os.pread(pagemap, 8 * n, start // PAGE * 8)
@@ -143,8 +147,8 @@ def collapse(windows: set[int], huge: int) -> Collapsed:
     `MADV_COLLAPSE` needs none, and the flag would outlive the collapse (later faults in the range taking whole
     huge pages, khugepaged collapsing what the kernel refused now, a library's MADV_NOHUGEPAGE undone)."""
     done = Collapsed()
-    libc = _libc()
-    if libc is None:
+    c = libc()
+    if c is None:
         return done
     try:
         pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
@@ -154,7 +158,7 @@ def collapse(windows: set[int], huge: int) -> Collapsed:
         for w in sorted(windows):
             if not _owned(pagemap, w, huge):
                 continue
-            if libc.madvise(w, huge, MADV_COLLAPSE) == 0:
+            if c.madvise(w, huge, MADV_COLLAPSE) == 0:
                 done.huge_bytes += huge
                 continue
             done.refused_bytes += huge

@@ -12,7 +12,6 @@ its ids and lengths into those and returns a copy of the bound logits (no bindin
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -377,21 +376,11 @@ def _spec(arg: Any) -> TensorSpec:
                       tuple(d if isinstance(d, int) else (d or "?") for d in arg.shape))
 
 
-@functools.cache
 def _glibc() -> Any:
-    """The C library when it is glibc (mallopt, malloc_trim), else None; looked up once (find_library runs
-    ldconfig)."""
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
-    except OSError:
-        return None
+    """The C library when it is glibc (mallopt, malloc_trim), else None: the process's one handle
+    (hugepages.libc, looked up once)."""
+    c = hugepages.libc()
+    return c if c is not None and hasattr(c, "malloc_trim") and hasattr(c, "mallopt") else None
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter

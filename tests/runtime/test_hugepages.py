@@ -51,7 +51,7 @@ def test_mode_and_switch(tmp_path, monkeypatch):
     assert not hugepages.enabled() and hugepages.snapshot() is None
     assert hugepages.collapse_since(None) == hugepages.Collapsed()
     monkeypatch.setattr(hugepages, "thp_mode", lambda root=None: "madvise")
-    monkeypatch.setattr(hugepages, "_libc", lambda: object())
+    monkeypatch.setattr(hugepages, "libc", lambda: object())
     assert hugepages.enabled() and not hugepages.enabled(float_weights=False)  # auto: float weights only
     for value, float_only, quantized in (("auto", True, False), ("", True, False), ("1", True, True),
                                          ("0", False, False), (" AUTO ", True, False)):
@@ -143,7 +143,7 @@ def test_a_refusing_kernel_is_counted_and_not_asked_again(monkeypatch):
                 ctypes.set_errno(code)
                 return -1
 
-        monkeypatch.setattr(hugepages, "_libc", Refusing)
+        monkeypatch.setattr(hugepages, "libc", Refusing)
         done = hugepages.collapse(windows, huge)
         assert calls == [hugepages.MADV_COLLAPSE] * calls_expected
         assert done == hugepages.Collapsed(0, calls_expected * huge)
