@@ -171,14 +171,17 @@ def _constraint(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def generation_config(gen: Any, overrides: dict[str, Any]) -> Any:
-    """gen.config(**overrides): the checks that need the model (token ids inside its vocabulary) named by flag."""
-    with _named_by_flag():
+    """gen.config(**overrides): the checks that need the model (token ids inside its vocabulary) named by flag; a
+    value the artifact's generation defaults gave (no flag set it) is named as theirs."""
+    with _named_by_flag(given=overrides):
         return gen.config(**overrides)
 
 
 @contextlib.contextmanager
-def _named_by_flag() -> Iterator[None]:
-    """A ConfigError about a GenerationConfig field named by its flag, not by the field the flag sets."""
+def _named_by_flag(given: dict[str, Any] | None = None) -> Iterator[None]:
+    """A ConfigError about a GenerationConfig field named by its flag, not by the field the flag sets; with `given`
+    (the overrides), a field no flag set came from the artifact's generation defaults and is named so (sampling
+    asked for by --top-k where the defaults have temperature 0 was blamed on --temperature)."""
     from mixtrt.runtime.errors import ConfigError
 
     try:
@@ -187,6 +190,9 @@ def _named_by_flag() -> Iterator[None]:
         field, _, rest = str(e).partition(" ")
         colon = ":" if field.endswith(":") else ""  # "json_schema: ..." -> "--json-schema: ..."
         name, bracket, index = field.rstrip(":").partition("[")  # logit_bias[5] -> --logit-bias 5
+        if name in _FLAGS and given is not None and name not in given:
+            raise ConfigError(f"the artifact's generation defaults (generation_config.json): {name}{colon} {rest}; "
+                              f"pass {_FLAGS[name]} to set it") from None
         if name in _FLAGS:
             raise ConfigError(f"{_FLAGS[name]}{' ' + index.rstrip(']') if bracket else ''}{colon} {rest}") from None
         raise

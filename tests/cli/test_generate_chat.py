@@ -402,3 +402,26 @@ def test_chat_command_takes_a_multi_line_message(monkeypatch, capsys):
         assert main(["chat", "unused", "--max-new-tokens", "3"]) == 0
         assert [m["content"] for m in sessions[-1].messages if m["role"] == "user"] == want
         assert capsys.readouterr().out.count("model> ") == len(want)
+
+
+def test_a_default_no_flag_set_is_named_as_the_artifacts():
+    """Sampling asked for by --top-k where the artifact's generation defaults have temperature 0: the error names
+    the defaults and the flag that sets it (it blamed --temperature, which was never given)."""
+    import argparse
+
+    from mixtrt.cli.options import add_sampling, generation_config, generation_overrides
+    from mixtrt.runtime.errors import ConfigError
+    from mixtrt.runtime.generation import GenerationConfig
+
+    class Defaults:  # what Generator.config does: the artifact's defaults, then the overrides
+        def config(self, **overrides):
+            return GenerationConfig(**{"temperature": 0.0, "do_sample": False, **overrides})
+
+    p = argparse.ArgumentParser()
+    add_sampling(p)
+    with pytest.raises(ConfigError, match=r"^the artifact's generation defaults \(generation_config\.json\): "
+                                          r"temperature .*; pass --temperature to set it$"):
+        generation_config(Defaults(), generation_overrides(p.parse_args(["--top-k", "5"])))
+    with pytest.raises(ConfigError, match=r"^--temperature must be > 0"):  # given: named by its flag, as before
+        generation_config(Defaults(), {"temperature": -1.0, "do_sample": True})
+    assert generation_config(Defaults(), generation_overrides(p.parse_args(["--top-k", "5", "--temperature", "0.7"])))
