@@ -30,8 +30,9 @@ checked (Mistral-7B v0.1/v0.2 and Mixtral-8x7B v0.1 use it); any other vocabular
 a checkpoint shipping tokenizer.json instead (not supported yet). A tokenizer file that is there but not
 readable (a dangling link, a directory) is always an error, never skipped for the next rule.
 
-generation_config.json is read as transformers reads it (`GenerationDefaults`): the values it sets become
-the artifact's defaults, which explicit options override.
+generation_config.json's values are read as transformers reads them (`GenerationDefaults`): the ones it sets
+become the artifact's defaults, which explicit options override; what it leaves unset keeps mixtrt's defaults, not
+transformers' (no top_k=50 is added to a file that turns sampling on: README's Chat).
 """
 
 from __future__ import annotations
