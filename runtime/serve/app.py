@@ -123,11 +123,16 @@ class _State:
 
 
 def create_app(settings: ServeSettings, generator: Generator | None = None,
-               on_load_error: Any = None, freeze_gc: bool = False) -> FastAPI:
-    """The app; `generator` (already loaded) is used instead of loading settings.artifact. on_load_error(e) is
-    called when loading fails (the CLI stops the server); /health then stays 503 with the error. freeze_gc: the
-    process is the server's (the CLI, a Ray replica): once loaded, what is alive is moved out of the garbage
-    collector's sight (`gc.freeze`), so a full collection scans only what requests made."""
+               on_load_error: Any = None, freeze_gc: bool = False, load_s: float = 0.0,
+               proxy_request_ids: bool = False) -> FastAPI:
+    """The app; `generator` (already loaded) is used instead of loading settings.artifact, `load_s` the seconds
+    its load took (the ready line's load time counts them). on_load_error(e) is called when loading fails (the CLI
+    stops the server); /health then stays 503 with the error. freeze_gc: the process is the server's (the CLI, a
+    Ray replica): once loaded, what is alive is moved out of the garbage collector's sight (`gc.freeze`), so a full
+    collection scans only what requests made. proxy_request_ids: a proxy in front (Ray Serve's) gives every
+    request an X-Request-Id (the client's as sent, else its own) and puts it on the response: the app takes that
+    id as it is and adds no header of its own (a response carried two, which differed for an id the app would not
+    take)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -136,7 +141,7 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
         events = asyncio.get_running_loop()
 
         def load() -> None:
-            _load(state, generator, freeze_gc)
+            _load(state, generator, freeze_gc, load_s)
             if state.error is not None and on_load_error is not None:
                 with contextlib.suppress(RuntimeError):  # the server's loop is closed: it stopped meanwhile
                     events.call_soon_threadsafe(on_load_error, state.error)
@@ -151,7 +156,9 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
                 await asyncio.to_thread(state.loop.stop, settings.drain_s)
 
     app = FastAPI(title="mixtrt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_RequestIds)
+    app.state.mixtrt_proxy_request_ids = proxy_request_ids
+    if not proxy_request_ids:
+        app.add_middleware(_RequestIds)
     if settings.allowed_origins:  # browsers' cross-origin requests (preflight OPTIONS included), as vLLM allows
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=False)
@@ -315,9 +322,9 @@ def _tokenize(raw: bytes, state: _State) -> dict[str, Any]:
             "token_strs": [gen.tokenizer.id_to_piece(i) for i in ids] if req.return_token_strs else None}
 
 
-def _load(state: _State, generator: Generator | None, freeze_gc: bool = False) -> None:
+def _load(state: _State, generator: Generator | None, freeze_gc: bool = False, load_s: float = 0.0) -> None:
     s = state.settings
-    start = time.perf_counter()
+    start = time.perf_counter() - load_s
     try:
         gen = generator or s.load_generator()
         if state.closing:  # stopped while loading: nothing to serve
@@ -513,9 +520,14 @@ async def _complete(call: _Call, state: _State, request: Request) -> Response:
     except BackendError as e:
         call.status, call.end = 500, "error"
         raise ApiError(str(e), 500, type="server_error", logged=True) from None
-    except asyncio.CancelledError:  # the server's forced exit (a second Ctrl-C) cancels the handler: so do its rows
-        abandoned, call.status, call.end = True, 503, "shutdown"
-        loop.cancel(call.handle, "shutdown", then=lambda cut: _log_cancelled(call, cut))
+    except asyncio.CancelledError:
+        # the handler cancelled: by the server's forced exit (a second Ctrl-C), or, under Ray Serve, by its proxy when
+        # the client went away; either way its rows go, logged once the engine has taken them out
+        abandoned = True
+        call.status, call.end = (503, "shutdown") if state.forced else (None, "disconnect")
+        loop.cancel(call.handle, call.end, then=lambda cut: _log_cancelled(call, cut))
+        if not state.forced:  # nobody is there to answer
+            raise
         # answered as a drain past its deadline is (uvicorn would send a plain-text 500 for the cancelled handler)
         raise ApiError("the request was cancelled (shutdown)", 503, type="unavailable_error", logged=True) from None
     finally:
@@ -944,8 +956,11 @@ def _request_id(request: Request) -> str:
     rid = getattr(request.state, "mixtrt_request_id", None)
     if rid is None:
         given = request.headers.get("x-request-id", "")
-        rid = given if 0 < len(given) <= 128 and given.isascii() and given.isprintable() and " " not in given \
-            else uuid.uuid4().hex
+        if getattr(request.app.state, "mixtrt_proxy_request_ids", False):  # the id the proxy answers with
+            rid = given or uuid.uuid4().hex
+        else:
+            rid = given if 0 < len(given) <= 128 and given.isascii() and given.isprintable() and " " not in given \
+                else uuid.uuid4().hex
         request.state.mixtrt_request_id = rid
     return rid
 

@@ -16,7 +16,9 @@ Each replica writes the server's JSON log lines to its stderr (Ray's worker logs
 --ray` forwards them to its own stderr, without Ray's `(name pid=N)` prefix); Ray's own per-request access log is
 off. Stopping: Ray's graceful shutdown, given `drain_s` (+ the plain server's grace for writing responses): a
 replica takes no new requests and waits for its running ones, then Ray stops it, cutting what still runs (the
-plain server ends those with an error event instead); a second SIGTERM / Ctrl-C stops everything at once.
+plain server ends those with an error event instead); a second SIGTERM / Ctrl-C stops everything at once. That is
+`mixtrt serve --ray`'s stop (the application deleted while the proxy stays, then Ray shut down); Ray's own `serve
+run` takes the proxy down at its signal, cutting running streams whatever drain_s says.
 """
 
 from __future__ import annotations
@@ -51,10 +53,14 @@ class MixtrtReplica:
 
         server_process()  # the replica's own process: its logger has no handler there yet
         self.settings = ServeSettings(**settings)
+        start = time.perf_counter()
         self.generator = self.settings.load_generator()
+        self.load_s = time.perf_counter() - start
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self.settings, generator=self.generator, freeze_gc=True)
+        # Ray's proxy gives each request its X-Request-Id and answers with it: the app takes it, adds none
+        return create_app(self.settings, generator=self.generator, freeze_gc=True, load_s=self.load_s,
+                          proxy_request_ids=True)
 
 
 def deployment(settings: ServeSettings, replicas: int = 1, num_cpus: float = 1.0) -> Application:

@@ -78,10 +78,13 @@ def slow(gen: Generator, pause_s: float = 0.02) -> Generator:
 class Server:
     """create_app served by uvicorn in a thread; `openai` and `http` clients bound to it."""
 
-    def __init__(self, generator: Generator | None, artifact: Any, wait: bool = True, **settings: Any) -> None:
+    def __init__(self, generator: Generator | None, artifact: Any, wait: bool = True, app_options: Any = None,
+                 proxy: Any = None, **settings: Any) -> None:
+        """app_options: more create_app keywords; proxy: an ASGI middleware class the app is served behind."""
         self.settings = ServeSettings(artifact, model_name="tiny", drain_s=2.0, **settings)
-        self.app = create_app(self.settings, generator=generator)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, lifespan="on", log_level="warning", access_log=False,
+        self.app = create_app(self.settings, generator=generator, **(app_options or {}))
+        served = self.app if proxy is None else proxy(self.app)
+        self.server = uvicorn.Server(uvicorn.Config(served, lifespan="on", log_level="warning", access_log=False,
                                                     timeout_graceful_shutdown=2, **http_protocol(MAX_HEAD_BYTES)))
         sock = socket.create_server(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]

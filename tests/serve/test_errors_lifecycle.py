@@ -914,3 +914,54 @@ def test_the_api_key_may_come_from_the_environment(serve_artifact, monkeypatch, 
         monkeypatch.setenv("MIXTRT_API_KEY", env)
     assert main(["serve", str(serve_artifact[1]), *(["--api-key", flag] if flag else [])]) == 0
     assert seen[0].api_key == want
+
+
+def test_a_cancelled_handler_of_a_request_answered_whole_is_a_disconnect(generator, serve_artifact, caplog):
+    """Ray Serve's proxy cancels the handler of a request answered whole when its client goes away (uvicorn sends
+    http.disconnect instead): its rows leave, and it is logged and counted as a disconnect, not as a shutdown
+    with a 503 nobody reads (only the server's forced exit is one)."""
+    caplog.set_level("INFO", logger="mixtrt.serve")
+    s = Server(slow(generator, 0.05), serve_artifact[1], max_batch=2)
+    try:
+        aborted = {r: s.metric("mixtrt:request_aborted_total", reason=r) for r in ("disconnect", "shutdown")}
+        body = json.dumps({"prompt": "a", "max_tokens": 100, "ignore_eos": True}).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"application/json"), (b"host", b"127.0.0.1")],
+                 "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", s.port)}
+
+        async def call() -> None:
+            given = []
+
+            async def receive() -> dict:
+                if not given:
+                    given.append(True)
+                    return {"type": "http.request", "body": body, "more_body": False}
+                await asyncio.Event().wait()  # the client never says it left: the proxy cancels the handler
+                raise AssertionError("unreachable")
+
+            async def send(message: dict) -> None:
+                raise AssertionError(f"nothing is sent for a cancelled handler: {message}")
+
+            task = asyncio.create_task(s.app(scope, receive, send))
+            deadline = time.monotonic() + TIMEOUT
+            while await asyncio.to_thread(s.metric, "mixtrt:num_requests_running") < 1:
+                assert time.monotonic() < deadline and not task.done()
+                await asyncio.sleep(0.02)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # the log line is written on this loop once the engine has taken the rows out: it runs on meanwhile
+            deadline = time.monotonic() + TIMEOUT
+            while await asyncio.to_thread(s.metric, "mixtrt:num_rows_running") or not [
+                    r for r in caplog.records if '"event": "request"' in r.getMessage()]:
+                assert time.monotonic() < deadline, "the rows did not leave or no log line"
+                await asyncio.sleep(0.02)
+
+        asyncio.run(call())
+        after = {r: s.metric("mixtrt:request_aborted_total", reason=r) for r in ("disconnect", "shutdown")}
+    finally:
+        s.close()
+    [line] = [json.loads(r.getMessage()) for r in caplog.records if '"event": "request"' in r.getMessage()]
+    assert (line["end"], line["status"]) == ("disconnect", None), line
+    assert (after["disconnect"] - aborted["disconnect"], after["shutdown"] - aborted["shutdown"]) == (1, 0)

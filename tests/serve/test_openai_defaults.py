@@ -327,3 +327,52 @@ def test_log_lines_are_json_with_their_time():
     for odd in ("{}", "{not json"):  # a message of ours that is not a JSON object still makes a JSON line
         record = logging.LogRecord("mixtrt.serve", logging.INFO, "", 0, odd, None, None)
         assert json.loads(fmt.format(record))["ts"] == pytest.approx(record.created, abs=1e-3)
+
+
+class _IdProxy:
+    """What Ray Serve's proxy does with request ids: the client's X-Request-Id as sent, else one of its own, put on
+    the request and added to the response."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        rid = headers.get(b"x-request-id") or b"proxy-0001"
+        scope = {**scope, "headers": [*[(k, v) for k, v in scope["headers"] if k != b"x-request-id"],
+                                      (b"x-request-id", rid)]}
+
+        async def added(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid)]}
+            await send(message)
+
+        await self.app(scope, receive, added)
+
+
+def test_behind_a_proxy_that_gives_request_ids_the_app_takes_its_id_and_adds_none(generator, serve_artifact,
+                                                                                  caplog):
+    """Ray Serve's proxy gives every request an X-Request-Id and answers with it: the app (proxy_request_ids, as
+    a Ray replica builds it) takes that id as it is, for its body and log line, and adds no second header (a
+    response carried two, which differed where the client's id was one the plain server replaces); the ready
+    line's load time counts the load done before the app (a replica loads in its constructor: it said 0.001 s)."""
+    caplog.set_level("INFO", logger="mixtrt.serve")
+    s = Server(generator, serve_artifact[1], app_options={"proxy_request_ids": True, "load_s": 2.5}, proxy=_IdProxy)
+    try:
+        for given, want in (("bad id with spaces", "bad id with spaces"), ("lb-7", "lb-7"), (None, "proxy-0001")):
+            r = s.http.post("/v1/completions", json={"prompt": "a", "max_tokens": 1},
+                            headers={"X-Request-Id": given} if given else {})
+            assert r.status_code == 200 and r.headers.get_list("x-request-id") == [want], r.headers
+            assert r.json()["id"] == "cmpl-" + want
+        r = s.http.get("/health", headers={"X-Request-Id": "lb-8"})
+        assert r.headers.get_list("x-request-id") == ["lb-8"]
+    finally:
+        s.close()
+    lines = [json.loads(rec.getMessage()) for rec in caplog.records]
+    assert [line["id"] for line in lines if line["event"] == "request"] == ["bad id with spaces", "lb-7",
+                                                                              "proxy-0001"]
+    [ready] = [line for line in lines if line["event"] == "ready"]
+    assert ready["load_s"] >= 2.5

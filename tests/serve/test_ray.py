@@ -70,6 +70,12 @@ def test_two_replicas_stream_concurrently_and_shut_down(serve_artifact, generato
                                               max_tokens=5, temperature=0)
         assert chat.choices[0].message.content == generator.chat([{"role": "user", "content": "Hi"}],
                                                                  max_new_tokens=5, do_sample=False).text
+        # Ray's proxy answers with the request's id (the client's as sent, else its own): the one header, the body's id
+        for given in ("lb id 9", None):
+            r = http.post("/v1/completions", json={"prompt": "a", "max_tokens": 1},
+                          headers={"X-Request-Id": given} if given else {})
+            [rid] = r.headers.get_list("x-request-id")
+            assert r.status_code == 200 and r.json()["id"] == "cmpl-" + rid and rid == (given or rid), r.headers
         status = serve.status().applications["mixtrt"].deployments["mixtrt"]
         assert status.replica_states.get("RUNNING") == 2
         http.close()
