@@ -3,8 +3,10 @@ sequences, and the walk that carries its activations through the model layer by 
 weights in memory at a time (read from the checkpoint tensor by tensor).
 
 Calibration text: UTF-8 (default: export/calibration.txt, the first 23.8 KB of *Persuasion*, which the built-in
-model was trained on; never its held-out *Northanger Abbey*), [BOS] + tokens, cut into sequences of 256 tokens
-(fewer for a model of fewer positions or a shorter cache), at most `MAX_TOKENS` tokens.
+model was trained on; never its held-out *Northanger Abbey*), [BOS] + tokens, its first `MAX_TOKENS` tokens cut
+into the fewest sequences of equal length up to 256 tokens (fewer for a model of fewer positions or a shorter
+cache): fewer than one token per sequence is left over at the end (pieces of exactly 256 dropped the text's last
+piece, up to 255 tokens, unsaid).
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ SEQUENCE = 256
 
 def calibration_ids(path: Path | None, tokenizer: Any, longest: int = SEQUENCE
                     ) -> tuple[list[list[int]], str, int, int]:
-    """Sequences of token ids from the calibration text's first MAX_TOKENS, of min(SEQUENCE, longest) tokens
-    (longest: the positions the model and its cache plan hold); its source (as recorded), the sequences' token count
-    and the whole text's."""
+    """Sequences of token ids from the calibration text's first MAX_TOKENS: the fewest of one length up to
+    min(SEQUENCE, longest) (longest: the positions the model and its cache plan hold); its source (as recorded),
+    the sequences' token count and the whole text's."""
     sequence = max(1, min(SEQUENCE, longest))
     path = Path(path) if path is not None else DEFAULT_CALIBRATION
     if str(path) == "-":  # stdin, as `mixtrt perplexity --text -` reads it
@@ -46,8 +48,9 @@ def calibration_ids(path: Path | None, tokenizer: Any, longest: int = SEQUENCE
     if len(ids) < 2 * 16:
         what = "is empty" if not text.strip() else f"has {len(ids)} tokens (BOS included)"
         raise ConfigError(f"--calibration {path} {what}: at least 32 tokens are needed")
-    seqs = [ids[i:i + sequence] for i in range(0, len(ids), sequence)]
-    seqs = [s for s in seqs if len(s) == sequence] or [ids[:sequence]]
+    count = -(-len(ids) // sequence)  # the fewest sequences of at most `sequence` tokens that hold them all
+    length = len(ids) // count  # one length for all (the walk's [B, T]): fewer than `count` tokens left over
+    seqs = [ids[i * length:(i + 1) * length] for i in range(count)]
     source = ("mixtrt/export/calibration.txt" if path == DEFAULT_CALIBRATION else "stdin" if str(path) == "-"
               else str(path))
     return seqs, source, sum(len(s) for s in seqs), total

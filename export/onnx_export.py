@@ -235,7 +235,11 @@ def export_onnx(
         longest = args.max_position_embeddings if plan.windowed else min(args.max_position_embeddings, plan.capacity)
         seqs, source, tokens, total = calibration_ids(int4.calibration, tokenizer, longest)
         calibration = {"source": source, "tokens": tokens}
-        cut = f" of its {total}: the first {MAX_TOKENS} are read" if total > MAX_TOKENS else ""
+        read = min(total, MAX_TOKENS)
+        cut = "".join((f" of its {total}" if tokens < total else "",
+                       f": the first {MAX_TOKENS} are read" if total > MAX_TOKENS else "",
+                       f"{',' if total > MAX_TOKENS else ':'} in {len(seqs)} sequences of {len(seqs[0])}, the last "
+                       f"{read - tokens} left over" if tokens < read else ""))
         say(f"{int4.method}: calibrating on {source} ({tokens} tokens{cut})")
     if int4 is not None and int4.method == "awq":  # scales moved into the float weights, written by the hook
         from mixtrt.export.awq import awq_transform

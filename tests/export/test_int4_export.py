@@ -189,9 +189,38 @@ def test_a_calibration_text_past_the_token_limit_is_cut_and_counted(exported, tm
     assert total > MAX_TOKENS >= tokens > MAX_TOKENS - 64
 
 
+def test_a_calibration_text_is_read_to_its_end(exported, tmp_path):
+    """The text is cut into the fewest sequences of one length (at most the model's): fewer tokens than sequences
+    are left over at its end (pieces of exactly the longest length dropped the last piece: 102 of 358 tokens)."""
+    from mixtrt.export.calibration import calibration_ids
+
+    tokenizer = Generator.load(exported["mixtral-window"][1]).tokenizer
+    for words in (9, 20, 31, 47):
+        text = tmp_path / f"c{words}.txt"
+        text.write_text(" ".join(["It was a truth universally acknowledged"] * words))
+        seqs, _, tokens, total = calibration_ids(text, tokenizer, 64)
+        assert len({len(q) for q in seqs}) == 1 and len(seqs[0]) <= 64 and len(seqs) == -(-total // 64)
+        assert tokens == sum(map(len, seqs)) and total - len(seqs) < tokens <= total, (words, total, tokens)
+        assert seqs[0] == tokenizer.encode(text.read_text())[:len(seqs[0])]
+
+
 def test_block_for_non_dividing_dimensions():
     assert [block_for(k, 128) for k in (192, 256, 96, 4096, 40)] == [64, 128, 32, 128, None]
     assert block_for(14336, 128) == 128 and block_for(48, 32) == 16
+
+
+def test_a_reference_of_another_vocabulary_is_refused_without_a_warning_first(recwarn):
+    """Another vocabulary is refused (evaluate's error), so no warning says the KL will compare two models first."""
+    import types
+
+    from mixtrt.cli.commands.perplexity import _warn_if_other_model
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=32000, moe=None)
+    _warn_if_other_model(types.SimpleNamespace(**shape), types.SimpleNamespace(**{**shape, "vocab_size": 32064}), "r")
+    assert not recwarn.list
+    _warn_if_other_model(types.SimpleNamespace(**shape), types.SimpleNamespace(**{**shape, "hidden_size": 96}), "r")
+    assert "hidden_size 64 vs 96" in str(recwarn.pop().message)
 
 
 def test_perplexity_command_with_reference(realistic_pairs, tmp_path, capsys, monkeypatch):

@@ -84,7 +84,8 @@ def run(ns: argparse.Namespace) -> int:
 
 def _warn_if_other_model(args: Any, ref_args: Any, reference: Any) -> None:
     """--reference is meant to be the same model at another precision: where its shape differs, say so (the
-    comparison still runs: KL against another model of the same tokenizer is a measurement too)."""
+    comparison still runs: KL against another model of the same tokenizer is a measurement too; one of another
+    vocabulary is refused by evaluate, with no warning before the refusal)."""
     import warnings
 
     from mixtrt.runtime.errors import MixtrtWarning
@@ -95,6 +96,6 @@ def _warn_if_other_model(args: Any, ref_args: Any, reference: Any) -> None:
               if getattr(args, f) != getattr(ref_args, f)]
     if (args.moe is None) != (ref_args.moe is None):
         differ.append("MoE vs dense" if args.moe is not None else "dense vs MoE")
-    if differ:
+    if differ and args.vocab_size == ref_args.vocab_size:  # another vocabulary is refused (evaluate), not compared
         warnings.warn(f"--reference {reference} is not the same model ({', '.join(differ)}): the KL and agreement "
                       "compare two models, not two precisions of one", MixtrtWarning, stacklevel=2)
