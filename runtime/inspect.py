@@ -44,7 +44,9 @@ def inspect_artifact(directory: str | Path, verify: bool = False) -> dict[str, A
     tied = a.tie_word_embeddings and a.head == "causal_lm" and stored > a.vocab_size * a.hidden_size
     return {
         "model": d["model"], "head": a.head, "precision": m.precision, "max_context": m.max_context,
-        "cache": {**d["cache"], "bytes_per_row": cache_row}, "backends": list(m.backends),
+        # a head scoring whole texts has no cache (its record's capacity is the causal graph's, unused): null
+        "cache": {**d["cache"], "bytes_per_row": cache_row} if a.head == "causal_lm" else None,
+        "backends": list(m.backends),
         # the model's parameters; a tied embedding table is stored twice (the input table and, transposed, lm_head)
         "parameters": stored - (a.vocab_size * a.hidden_size if tied else 0), "stored_parameters": stored,
         "parameter_bytes": m.summary.get("parameter_bytes") or 0,

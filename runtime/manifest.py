@@ -264,6 +264,9 @@ class Manifest:
             got = d.get("format") if isinstance(d, dict) else type(d).__name__
             raise ArtifactError(f"{source}: not a mixtrt manifest (format={got!r})")
         version = d.get("format_version")
+        if "format_version" in d and (not isinstance(version, int) or isinstance(version, bool)):
+            raise ArtifactError(f"{source}: format_version must be an integer, got {version!r} "
+                                f"({type(version).__name__}): the manifest was edited")
         if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
             if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
                 raise ArtifactError(f"{source}: format_version {version} was written by a newer mixtrt (this one "

@@ -91,3 +91,21 @@ def test_run_on_a_language_model_names_the_command_that_fits(capsys, exported):
     assert err.strip().splitlines() == [
         f"mixtrt run: error: {art}: this artifact holds a MistralForCausalLM (causal_lm head), not a base or "
         "classifier model: use `mixtrt generate` or `mixtrt chat` (mixtrt.runtime.generation.Generator)"]
+
+
+def test_inspect_and_serve_on_a_head_artifact(capsys, head_artifacts):
+    """inspect: a head scoring whole texts has no cache (--json's cache is null, the human line says none and the
+    attention window); serve refuses it in one line before it binds a port or says it listens."""
+    from tests.checkpoints import EXPORT_W
+
+    _, art = head_artifacts("seqcls")
+    capsys.readouterr()
+    code, out, err = run(capsys, "inspect", str(art), "--json")
+    assert code == 0 and json.loads(out)["cache"] is None, err
+    code, out, _ = run(capsys, "inspect", str(art))
+    assert f"kv cache      none: the graph scores whole texts (window {EXPORT_W})" in out.splitlines()
+    code, out, err = run(capsys, "serve", str(art), "--port", "0")
+    assert code == 2 and out == "" and "listening" not in err
+    assert err.strip().splitlines() == [
+        f"mixtrt serve: error: {art}: this artifact holds a MistralForSequenceClassification (sequence_classification "
+        "head), not a causal_lm model: use `mixtrt run` (mixtrt.runtime.heads.SequenceClassifier)"], err

@@ -75,7 +75,11 @@ def test_manifest_version_and_missing_dir_errors(tmp_path, exported):
     (lambda d: d.update(max_context="128"), "max_context must be a positive integer"),
     (lambda d: d.pop("model"), "missing field 'model'"),
     (lambda d: d.update(files={"model.onnx": "x"}), "files must map"),
-    (lambda d: d.update(format_version=True), "format_version True is not one this mixtrt knows"),
+    (lambda d: d.update(format_version=True), r"format_version must be an integer, got True \(bool\): the manifest "
+                                              "was edited"),
+    (lambda d: d.update(format_version="2"), r"format_version must be an integer, got '2' \(str\)"),
+    (lambda d: d.update(format_version=2.0), r"format_version must be an integer, got 2.0 \(float\)"),
+    (lambda d: d.update(format_version=None), r"format_version must be an integer, got None"),
 ])
 def test_edited_manifests_are_refused(tmp_path, exported, edit, match):
     copy, d = _copy(tmp_path, exported)

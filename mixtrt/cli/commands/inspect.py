@@ -34,14 +34,15 @@ def run(ns: argparse.Namespace) -> int:
                                         if a["moe"] else ""))
     print(f"precision     {info['precision']}   max context {info['max_context']}   "
           f"backends {', '.join(info['backends'])}")
-    c = info["cache"]
+    c = info["cache"]  # None for a head scoring whole texts
     if info["head"] != "causal_lm":
         labels = f", labels {', '.join(a['id2label'])}" if a.get("id2label") else ""
         labels += f" ({a['problem_type']})" if a.get("problem_type") else ""
         print(f"head          {info['head']}{labels} (`mixtrt run`)")
-        windows = sorted({w for w in c["windows"] if w})
-        print("kv cache      none: the graph scores whole texts"
-              + (f" (window {', '.join(map(str, windows))})" if windows else ""))
+        # the attention window, from the model (the JSON's cache is null: there is none)
+        window = a["sliding_window"] if a["sliding_window"] and "sliding_attention" in (
+            a["layer_types"] or ("sliding_attention",)) else None
+        print("kv cache      none: the graph scores whole texts" + (f" (window {window})" if window else ""))
     else:
         print(f"kv cache      {c['layout']} layout, capacity {c['capacity']} rows/layer"
               + (f" (window {c['window']})" if c["window"] else "")

@@ -72,7 +72,11 @@ def run(ns: argparse.Namespace) -> int:
         raise ConfigError("--replicas and --ray-address need --ray")
     from mixtrt.runtime.manifest import Manifest
 
-    Manifest.read(ns.artifact)  # a path that is not an artifact is refused before the port is bound
+    manifest = Manifest.read(ns.artifact)  # a path that is not an artifact is refused before the port is bound
+    if manifest.args.head != "causal_lm":  # so is one of a head the server does not serve (it said "listening")
+        from mixtrt.runtime.heads import wrong_head
+
+        raise ConfigError(f"{ns.artifact}: {wrong_head(manifest.args, 'causal_lm')}")
     settings = ServeSettings(ns.artifact, model_name=ns.model_name, max_batch=ns.max_batch, max_queue=ns.max_queue,
                              api_key=ns.api_key if ns.api_key is not None else os.environ.get("MIXTRT_API_KEY") or None,
                              threads=ns.threads, backend=ns.backend, verify=not ns.no_verify,
