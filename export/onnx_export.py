@@ -265,7 +265,7 @@ def export_onnx(
             t1 = time.perf_counter()
             program = _trace(model, args, plan.capacity, custom_translation_table(),
                              [t.name for t in inputs], [t.name for t in outputs])
-            weights = _prepare(program.model, model, args)
+            weights = _prepare(program.model, model, args, max_context)
             say(f"  traced in {time.perf_counter() - t1:.1f} s")
             hook, int4_plan = transform, None
             if int4 is not None:  # quantized tensor by tensor as the writer streams (export/quantize.py)
@@ -364,9 +364,11 @@ def _meta_model(args: ModelArgs, plan: CachePlan, dtype: torch.dtype) -> torch.n
         return finish_loaded(model)
 
 
-def _prepare(ir_model, model: torch.nn.Module, args: ModelArgs) -> list[GraphWeight]:
+def _prepare(ir_model, model: torch.nn.Module, args: ModelArgs, max_context: int) -> list[GraphWeight]:
     """The traced graph's initializers sorted out (weights_writer.prepare_graph): parameters by our
-    checkpoint name, in the module's order; the rope tables computed."""
+    checkpoint name, in the module's order; the rope tables computed for the positions the artifact serves
+    (max_context rows: a table of max_position_embeddings rows was written whole, 124 MiB of it never read for a
+    Nemo-shaped config's 1024000 positions at head dim 16)."""
     from mixtrt.plugins.swa.torch_op import rope_tables
 
     wrapper = "lm" if isinstance(model, CausalLM) else "model"
@@ -376,7 +378,7 @@ def _prepare(ir_model, model: torch.nn.Module, args: ModelArgs) -> list[GraphWei
     for n, p in model.named_parameters(remove_duplicate=False):
         first.setdefault(id(p), our_name(f"{wrapper}.{n}", wrapper, base))
         parameters[f"{wrapper}.{n}"] = first[id(p)]
-    cos, sin = rope_tables(args.head_dim, args.rope_theta, args.max_position_embeddings)
+    cos, sin = rope_tables(args.head_dim, args.rope_theta, max_context)
     prefix = f"{wrapper}." if base else f"{wrapper}.model."
     constants = {f"{prefix}rope_cos": cos.numpy(), f"{prefix}rope_sin": sin.numpy()}
     return prepare_graph(ir_model, parameters, constants)

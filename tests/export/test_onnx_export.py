@@ -286,6 +286,11 @@ def test_window_not_shorter_than_max_context_exports_full_causal(tmp_path):
     m = Manifest.load(art)
     assert m.cache.layout == "linear" and m.cache.capacity == 6
     assert all(a["window"] == -1 and a["windowed_cache"] == 0 for a in _swa_attrs(art))
+    # the rope tables hold the positions the artifact serves, not max_position_embeddings' (a 1024000-position
+    # config wrote 124 MiB of rows never read); every one of them is used below (4 + 1 + 1 positions)
+    model = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    rope = {t.name: list(t.dims) for t in model.graph.initializer if "rope_" in t.name}
+    assert len(rope) == 2 and all(dims[0] == 6 for dims in rope.values()), rope
     assert _ort_vs_reference(ck, art, [4, 1, 1]) <= 1e-4
 
 
