@@ -275,8 +275,10 @@ def _open_weights(path: Path, args_from: str) -> Iterator[_Files]:
 
 
 def _hf_layout(args: ModelArgs, keys: set[str]) -> tuple[str, str]:
-    """(fmt, prefix) of an HF file: fused experts or not; 'model.' or '' before the base model names."""
-    prefix = "" if args.head == "base" and "embed_tokens.weight" in keys else "model."
+    """(fmt, prefix) of an HF file: fused experts or not; 'model.', '' (a base model) or 'transformer.' (transformers'
+    Ministral question answering keeps that older name) before the base model names."""
+    prefix = ("" if args.head == "base" and "embed_tokens.weight" in keys
+              else "transformer." if "transformer.embed_tokens.weight" in keys else "model.")
     fused = any(k.endswith(".mlp.experts.gate_up_proj") for k in keys)
     return ("hf5" if fused else "hf4"), prefix
 

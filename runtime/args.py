@@ -35,8 +35,15 @@ ARCHITECTURES = {
     "MixtralForTokenClassification": "token_classification",
     "MistralForQuestionAnswering": "question_answering",
     "MixtralForQuestionAnswering": "question_answering",
+    # transformers' Ministral is Mistral with layer_types (which mixtrt reads for Mistral too): the same model under
+    # its own class names, as transformers saves a Mistral config with layer_types once it has loaded it
+    "MinistralForCausalLM": "causal_lm",
+    "MinistralModel": "base",
+    "MinistralForSequenceClassification": "sequence_classification",
+    "MinistralForTokenClassification": "token_classification",
+    "MinistralForQuestionAnswering": "question_answering",
 }
-MODEL_TYPES = {"mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}
+MODEL_TYPES = {"mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM", "ministral": "MinistralForCausalLM"}
 LABELLED_HEADS = ("sequence_classification", "token_classification")  # the heads whose outputs are labels
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 

@@ -39,8 +39,8 @@ def mistral_tokenizer_path() -> Path:
 
 
 def hf_config(family: str, **overrides: Any):
-    """A transformers MistralConfig / MixtralConfig from BASE + overrides."""
-    from transformers import MistralConfig, MixtralConfig
+    """A transformers MistralConfig / MixtralConfig / MinistralConfig from BASE + overrides."""
+    from transformers import MinistralConfig, MistralConfig, MixtralConfig
 
     kw = {**BASE, **overrides}
     if family == "mixtral":
@@ -50,6 +50,8 @@ def hf_config(family: str, **overrides: Any):
         return MixtralConfig(**kw)
     if family == "mistral":
         return MistralConfig(**kw)
+    if family == "ministral":  # transformers builds no Ministral of head_dim null
+        return MinistralConfig(**{"head_dim": kw["hidden_size"] // kw["num_attention_heads"], **kw})
     raise ValueError(family)
 
 
@@ -59,7 +61,7 @@ def make_hf_model(family: str, seed: int = 0, head: str = "causal_lm", **overrid
     import transformers
 
     cfg = hf_config(family, **overrides)
-    prefix = "Mixtral" if family == "mixtral" else "Mistral"
+    prefix = {"mixtral": "Mixtral", "ministral": "Ministral"}.get(family, "Mistral")
     cls_name = {
         "causal_lm": "ForCausalLM",
         "base": "Model",

@@ -23,7 +23,7 @@ def ids(batch, length, seed=0):
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family", ["mistral", "mixtral"])
+@pytest.mark.parametrize("family", ["mistral", "mixtral", "ministral"])
 def test_base_model(tmp_path, family):
     hf, ours = pair(tmp_path, family, "base")
     assert isinstance(ours, Transformer)
@@ -34,7 +34,7 @@ def test_base_model(tmp_path, family):
     assert (got - want).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["mistral", "mixtral"])
+@pytest.mark.parametrize("family", ["mistral", "mixtral", "ministral"])
 def test_sequence_classification_pools_last_non_pad_token(tmp_path, family):
     hf, ours = pair(tmp_path, family, "sequence_classification", pad_token_id=0, num_labels=3)
     assert isinstance(ours, SequenceClassifier) and ours.score.bias is None
@@ -80,7 +80,7 @@ def test_token_classification(tmp_path, family):
     assert (got - want).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["mistral", "mixtral"])
+@pytest.mark.parametrize("family", ["mistral", "mixtral", "ministral"])  # Ministral's under "transformer."
 def test_question_answering(tmp_path, family):
     hf, ours = pair(tmp_path, family, "question_answering")
     assert isinstance(ours, QuestionAnswering)

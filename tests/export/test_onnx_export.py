@@ -328,6 +328,22 @@ def test_mixed_layer_types_get_a_linear_cache_with_masked_windows(tmp_path):
     assert _ort_vs_transformers(ck, art, 19) <= 1e-4
 
 
+def test_a_ministral_checkpoint_exports_as_the_mistral_model_it_is(tmp_path):
+    """transformers' Ministral (what it saves a Mistral config with layer_types as) is Mistral with per-layer windows:
+    it exports under its own name (it was refused as an unsupported architecture), with transformers' logits."""
+    ck = make_checkpoint(tmp_path / "ck", "ministral", sliding_window=4, max_position_embeddings=64,
+                         initializer_range=0.5, layer_types=["full_attention", "sliding_attention"])
+    cfg = json.loads((ck / "config.json").read_text())
+    assert cfg["architectures"] == ["MinistralForCausalLM"] and cfg["model_type"] == "ministral"
+    art = export_onnx(ck, tmp_path / "art", progress=None)
+    assert Manifest.load(art).args.architecture == "MinistralForCausalLM"
+    assert [(a["window"], a["windowed_cache"]) for a in _swa_attrs(art)] == [(-1, 0), (4, 0)]
+    assert _ort_vs_transformers(ck, art, 19) <= 1e-4
+    del cfg["architectures"]  # told by model_type alone
+    (ck / "config.json").write_text(json.dumps(cfg))
+    assert _ort_vs_transformers(ck, export_onnx(ck, tmp_path / "art2", progress=None), 11) <= 1e-4
+
+
 def test_a_mixtral_configs_layer_types_are_ignored_as_transformers_ignores_them(tmp_path):
     """transformers' Mixtral reads no layer_types: every layer keeps sliding_window. The export warns, windows
     every layer, and its logits are transformers' (honouring the field was off by O(1))."""
