@@ -45,7 +45,7 @@ from mixtrt.runtime.chat_template import ChatTemplate, select_template
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.prompts import check_continue, check_flags, check_messages_text, check_text, decode_ids
 from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer, sp_offsets
-from mixtrt.runtime.tool_calls import ToolTokens, mistral_ids
+from mixtrt.runtime.tool_calls import ToolTokens, check_calls, mistral_ids
 
 __all__ = ["AddedToken", "JinjaChatTokenizer", "PrependScheme"]
 _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED = 2, 3, 4  # sentencepiece ModelProto.SentencePiece.Type
@@ -214,6 +214,7 @@ class JinjaChatTokenizer:
         content, the text cut before the tag's last occurrence, trailing spaces dropped where the template
         trimmed them)."""
         check_flags(add_generation_prompt, continue_final_message)
+        check_calls(messages)  # the assistant messages' calls as OpenAI's API takes them (a template renders anything)
         messages = _objects_as_arguments(messages)
         tokens = self.tool_tokens()
         if tokens is not None and tokens.end is None:  # Mistral's templates take 9-character call ids

@@ -397,12 +397,118 @@ def check_tools(tools: Any, where: str = "tools") -> list[dict[str, Any]] | None
             raise ConfigError(f"{at}.function.name: {name!r} is offered twice")
         seen.add(name)
         function = {k: v for k, v in function.items() if v is not None}  # null: left out, as OpenAI's schema reads
+        unknown = sorted(set(function) - FUNCTION_KEYS)
+        if unknown:
+            raise ConfigError(f"{at}.function: unknown field(s) {unknown} (a function has {sorted(FUNCTION_KEYS)})")
         if not isinstance(function.get("description", ""), str):
             raise ConfigError(f"{at}.function.description: must be a string")
+        if not isinstance(function.get("strict", False), bool):
+            raise ConfigError(f"{at}.function.strict: must be true or false, got {function['strict']!r}")
         if not isinstance(function.get("parameters", {}), Mapping):
             raise ConfigError(f"{at}.function.parameters: must be a JSON schema object")
+        # shown to the model whatever tool_choice is: a schema that is not one ("type": "strin") is refused for
+        # "auto" and "none" too (it was checked only where a forced choice compiled it); a valid one that llguidance
+        # cannot enforce (a look-around pattern) is still offered: only a forced choice compiles it
+        check_schema_shape(function.get("parameters", {}), f"{at}.function.parameters")
         out.append({"type": "function", "function": function})
     return out or None
+
+
+JSON_TYPES = ("string", "number", "integer", "boolean", "object", "array", "null")
+_SUBSCHEMA = ("items", "additionalProperties", "not", "contains", "propertyNames", "if", "then", "else",
+              "additionalItems", "unevaluatedProperties", "unevaluatedItems")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+
+
+def check_schema_shape(schema: Any, where: str, depth: int = 0) -> None:
+    """The keywords that hold types or other schemas have the form JSON Schema gives them (a type among JSON's
+    seven, subschemas objects or booleans, lists where lists go, required a list of names); one ConfigError naming
+    the keyword's place. Not whether a grammar can enforce it (structured.check_schema, for forced choices)."""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, Mapping):
+        raise ConfigError(f"{where}: a JSON schema must be an object or a boolean, got {type(schema).__name__}")
+    if depth > 64:
+        raise ConfigError(f"{where}: nested too deeply")
+    if "type" in schema:
+        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not kinds or any(not isinstance(k, str) or k not in JSON_TYPES for k in kinds):
+            raise ConfigError(f"{where}.type: {json.dumps(schema['type'])} is not a JSON schema type (one of "
+                              f"{', '.join(JSON_TYPES)}, or a list of them)")
+    required = schema.get("required")
+    if required is not None and (not isinstance(required, list) or not all(isinstance(r, str) for r in required)):
+        raise ConfigError(f"{where}.required: must be a list of property names")
+    if "enum" in schema and not isinstance(schema["enum"], list):
+        raise ConfigError(f"{where}.enum: must be a list of values")
+    for key in _SCHEMA_MAPS:
+        if key in schema:
+            if not isinstance(schema[key], Mapping):
+                raise ConfigError(f"{where}.{key}: must be an object of schemas")
+            for name, sub in schema[key].items():
+                check_schema_shape(sub, f"{where}.{key}.{name}", depth + 1)
+    for key in _SUBSCHEMA:
+        if key in schema:
+            subs = schema[key] if key in ("items", "additionalItems") and isinstance(schema[key], list) else \
+                [schema[key]]  # items as a list: an older draft's tuple form
+            for n, sub in enumerate(subs):
+                check_schema_shape(sub, f"{where}.{key}" + (f"[{n}]" if len(subs) > 1 else ""), depth + 1)
+    for key in _SCHEMA_LISTS:
+        if key in schema:
+            if not isinstance(schema[key], list) or not schema[key]:
+                raise ConfigError(f"{where}.{key}: must be a non-empty list of schemas")
+            for n, sub in enumerate(schema[key]):
+                check_schema_shape(sub, f"{where}.{key}[{n}]", depth + 1)
+
+
+FUNCTION_KEYS = frozenset({"name", "description", "parameters", "strict"})  # OpenAI's function definition
+CALL_KEYS = frozenset({"id", "type", "function", "index"})  # an assistant message's call (index: a stream's deltas')
+
+
+def check_calls(messages: Any) -> None:
+    """Every assistant message's `tool_calls` as OpenAI's API (and vLLM's request schema) takes them: a list of
+    {"id"?, "type": "function", "function": {"name", "arguments": the JSON text of an object ("" is {}), or the
+    object}}; else one ConfigError naming the message and the field, whatever the chat format (a Jinja template
+    rendered a call without a name, and a Mistral format took arguments that are not JSON)."""
+    if not isinstance(messages, (list, tuple)):  # the messages' own check names it
+        return
+    for i, m in enumerate(messages):
+        calls = m.get("tool_calls") if isinstance(m, Mapping) else None
+        if calls is None:
+            continue
+        at = f"chat: message {i}: tool_calls"
+        if isinstance(calls, (str, bytes, Mapping)) or not isinstance(calls, Sequence):
+            raise ConfigError(f"{at}: must be a list of calls, got {type(calls).__name__}")
+        for j, call in enumerate(calls):
+            where = f"{at}[{j}]"
+            if not isinstance(call, Mapping):
+                raise ConfigError(f"{where}: must be an object, got {type(call).__name__}")
+            unknown = sorted(set(call) - CALL_KEYS)
+            if unknown:
+                raise ConfigError(f"{where}: unknown field(s) {unknown} (a call has {sorted(CALL_KEYS - {'index'})})")
+            if call.get("type") != "function":
+                raise ConfigError(f"{where}.type: must be \"function\", got {call.get('type')!r}")
+            function = call.get("function")
+            if not isinstance(function, Mapping):
+                raise ConfigError(f"{where}.function: must be an object with a name and arguments")
+            unknown = sorted(set(function) - {"name", "arguments"})
+            if unknown:
+                raise ConfigError(f"{where}.function: unknown field(s) {unknown} (a call's function has arguments "
+                                  "and name)")
+            name = function.get("name")
+            if not isinstance(name, str) or not NAME.fullmatch(name):
+                raise ConfigError(f"{where}.function.name: must be 1-64 letters, digits, '_' or '-', got {name!r}")
+            arguments = function.get("arguments")
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments) if arguments.strip() else {}
+                except ValueError as e:
+                    raise ConfigError(f"{where}.function.arguments: not JSON ({e})") from None
+                except RecursionError:
+                    raise ConfigError(f"{where}.function.arguments: nested too deeply to read") from None
+            if not isinstance(arguments, Mapping):
+                raise ConfigError(f"{where}.function.arguments: must be a JSON object (the text of one, as OpenAI "
+                                  f"sends it), got {type(arguments).__name__}")
 
 
 def read_tool_calls(token_ids: Sequence[int], tokenizer: Any, tokens: ToolTokens | None = None

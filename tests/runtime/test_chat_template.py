@@ -259,7 +259,7 @@ def test_arguments_sent_as_text_are_written_as_objects(pairs):
             {**TOOL_TALK[2]["tool_calls"][0], "function": {"name": "get_weather", "arguments": arguments}}]}]
 
     assert '"arguments": {}' in ours.render_chat(sent(""), tools=[WEATHER])
-    with pytest.raises(ConfigError, match=r"^message 2: tool_calls\[0\]\.function\.arguments: not JSON"):
+    with pytest.raises(ConfigError, match=r"^chat: message 2: tool_calls\[0\]\.function\.arguments: not JSON"):
         ours.render_chat(sent("{bad"), tools=[WEATHER])
     with pytest.raises(ConfigError, match=r"^chat: message 1 must be a mapping"):  # not an AttributeError
         ours.apply_chat_template([{"role": "user", "content": "hi"}, "oops"])
@@ -372,7 +372,8 @@ def test_raise_exception_names_the_message(pairs):
     with pytest.raises(ConfigError, match=r"failed at message 1 \(role 'tool'\): Only user and assistant"):
         ours.apply_chat_template([u, {"role": "tool", "content": "r"}])
     tools, _ = pairs["mistral-v3-tools"]
-    bad_id = [*TOOL_TALK[:2], {"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}]  # no id
+    bad_id = [*TOOL_TALK[:2], {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+        "name": "f", "arguments": "{}"}}]}]  # no id
     with pytest.raises(ConfigError, match=r"failed at message 2 \(role 'assistant'\): Tool call ids must be 9"):
         tools.apply_chat_template(bad_id, add_generation_prompt=False)
 
@@ -472,3 +473,60 @@ def test_legacy_prefix_equals_the_tokenizer_json_real_checkpoints_ship(pairs):
     shipped.pre_tokenizer = None
     for text in ["<s> [INST] Hi [/INST] Hello</s> [INST] more [/INST]", "<s>[INST] a  b [/INST]x</s>", " ", "\n x"]:
         assert ours.encode_special(text) == shipped.encode(text, add_special_tokens=False).ids, text
+
+
+@pytest.mark.parametrize("call, error", [
+    ({"id": "abcdefghi", "type": "function", "function": {"arguments": "{}"}},
+     r"tool_calls\[0\]\.function\.name: must be 1-64 letters"),
+    ({"id": "abcdefghi", "type": "x", "function": {"name": "f", "arguments": "{}"}},
+     r"tool_calls\[0\]\.type: must be "),
+    ({"id": "abcdefghi", "function": {"name": "f", "arguments": "{}"}}, r"tool_calls\[0\]\.type: must be \"function\""),
+    ({"id": "abcdefghi", "type": "function", "extra": 1, "function": {"name": "f", "arguments": "{}"}},
+     r"tool_calls\[0\]: unknown field\(s\) \['extra'\]"),
+    ({"id": "abcdefghi", "type": "function", "function": {"name": "f", "arguments": "[1]"}},
+     r"tool_calls\[0\]\.function\.arguments: must be a JSON object"),
+    ({"id": "abcdefghi", "type": "function", "function": {"name": "f", "arguments": "{tz"}},
+     r"tool_calls\[0\]\.function\.arguments: not JSON"),
+    ({"id": "abcdefghi", "type": "function", "function": {"name": "f"}},
+     r"tool_calls\[0\]\.function\.arguments: must be a JSON object"),
+])
+def test_an_assistant_call_is_checked_alike_in_every_format(pairs, call, error):
+    """An earlier assistant call is held to OpenAI's form whatever renders it: a Jinja template rendered a call
+    without a name (or of another type, or arguments "[1]") and mistral-common took arguments that are not JSON."""
+    mistral_common = pytest.importorskip("mistral_common", reason="the Mistral format needs mixtrt[mistral]")
+    from mixtrt.runtime.mistral_tokenizer import MistralCommonTokenizer
+
+    tools, _ = pairs["mistral-v3-tools"]
+    v3 = MistralCommonTokenizer(Path(mistral_common.__file__).parent / "data" /
+                                "mistral_instruct_tokenizer_240323.model.v3")
+    talk = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "abcdefghi", "content": "x"}]
+    for tok in (tools, v3):
+        with pytest.raises(ConfigError, match="^chat: message 1: " + error):
+            tok.apply_chat_template(talk, add_generation_prompt=False)
+    fine = {"id": "abcdefghi", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}
+    for tok in (tools, v3):  # the form OpenAI's clients send goes through
+        assert tok.apply_chat_template([*talk[:1], {**talk[1], "tool_calls": [fine]}, talk[2]],
+                                       add_generation_prompt=False)
+
+
+def test_a_tools_parameters_are_checked_as_a_schema_whatever_the_choice():
+    """A schema that is not one is refused for "auto" and "none" too (only a forced choice compiled it), as are an
+    unknown field and a strict that is not a boolean; a valid one a grammar cannot enforce is still offered."""
+    from mixtrt.runtime.tool_calls import check_tools
+
+    def tool(**function):
+        return [{"type": "function", "function": {"name": "f", **function}}]
+
+    for function, error in (({"parameters": {"type": "strin"}},
+                             r"function\.parameters\.type: \"strin\" is not a JSON schema"),
+                            ({"parameters": {"properties": {"x": {"type": ["integer", "nope"]}}}},
+                             r"function\.parameters\.properties\.x\.type"),
+                            ({"parameters": {"anyOf": []}}, r"function\.parameters\.anyOf: must be a non-empty list"),
+                            ({"parameters": {"required": "x"}}, r"function\.parameters\.required: must be a list"),
+                            ({"strict": "yes"}, r"function\.strict: must be true or false"),
+                            ({"returns": {}}, r"function: unknown field\(s\) \['returns'\]")):
+        with pytest.raises(ConfigError, match=r"^tools\[0\]\." + error):
+            check_tools(tool(**function))
+    assert check_tools(tool(parameters={"type": "string", "pattern": "(?=a)"}, strict=True))
+    assert check_tools(tool(parameters={"type": ["object", "null"], "items": [{}, True], "$defs": {"a": {}}}))

@@ -166,7 +166,7 @@ def test_chat_errors_name_the_message(ours):
                                                r"valid string \(got None\)$"),
         ([u, {"role": "assistant", "content": None, "tool_calls": [
             {"id": "abcdefghi", "type": "function", "function": {"arguments": "{}"}}]}, u],
-         r"message 1 \(role 'assistant'\): ToolCall: function.name: Field required$"),
+         r"^chat: message 1: tool_calls\[0\]\.function\.name: must be 1-64 letters, digits, '_' or '-', got None$"),
     ]
     for messages, match in cases:
         with pytest.raises(ConfigError, match=match) as e:
