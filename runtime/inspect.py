@@ -18,13 +18,14 @@ from mixtrt.runtime.manifest import MODEL_FILE, Manifest, graph_specs
 def inspect_artifact(directory: str | Path, verify: bool = False) -> dict[str, Any]:
     """The manifest's model, precision, cache (with its bytes per batch row), backends, graph summary
     (op counts, parameters), chat format (the record, and one line each for it and the generation
-    defaults), files and versions; verify: check the files' sha256 too (sizes always), and that the manifest
+    defaults), files and versions; the graph IO it lists must be what its model, cache and precision give (as
+    loading refuses an edited one); verify: check the files' sha256 too (sizes always), and that the manifest
     agrees with its graph (IO and the graph's own record of model, precision and cache), as loading checks."""
     m = Manifest.load(directory, verify=verify)
+    m.check_graph_io(directory)  # the manifest's own fields against each other (no file read): as loading refuses it
     if verify:
         import onnx
 
-        m.check_graph_io(directory)
         path = Path(directory) / MODEL_FILE
         try:
             model = onnx.load(str(path), load_external_data=False)
