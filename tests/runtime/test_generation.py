@@ -377,3 +377,29 @@ def test_config_normalizes_and_load_refuses_unknown_backend():
     assert config.stop_strings == ("\n\n",) and config.eos_token_id == (2, 5)
     with pytest.raises(ConfigError, match="backend"):
         Generator.load("nowhere", backend="vulkan")
+
+
+def test_top_logprobs_are_kept_in_8_bytes_a_token_per_k():
+    """A row's top-k logprobs grow by doubling in two arrays (a list of numpy pairs held ~1 KiB a token for as long
+    as the row lived); a pair read during a growth is the one written."""
+    import tracemalloc
+
+    from mixtrt.runtime.generation import TopLogprobs
+
+    top = TopLogprobs()
+    assert not top and len(top) == 0
+    with pytest.raises(IndexError):
+        top[0]
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    n, k = 10_000, 5
+    for t in range(n):
+        top.append(np.arange(t, t + k), np.full(k, -t, np.float32))
+        ids, values = top[t // 2]
+        assert ids[0] == t // 2 and values[0] == -(t // 2)
+    held = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert held <= 2 * n * k * 8 + 4096, held  # doubling: at most twice the rows written
+    ids, values = top.arrays()
+    assert ids.shape == values.shape == (n, k) and ids.dtype == np.int64 and values.dtype == np.float32
+    assert (ids[:, 0] == np.arange(n)).all() and (values[:, 0] == -np.arange(n)).all()
