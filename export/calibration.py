@@ -84,8 +84,9 @@ class LayerWalk:
             self.x = torch.nn.functional.embedding(ids, table(embedding) if table is not None else embedding)
             del embedding
         a = self.args
-        self.cos, self.sin = (t.to(self.x.dtype) for t in rope_tables(a.head_dim, a.rope_theta,
-                                                                       a.max_position_embeddings))
+        # the positions the sequences reach (a table of max_position_embeddings rows was ~500 MiB for a
+        # 1024000-position config at head dim 128)
+        self.cos, self.sin = (t.to(self.x.dtype) for t in rope_tables(a.head_dim, a.rope_theta, self.T))
 
     def layers(self) -> Iterator[tuple[int, Block]]:
         """(i, layer i) in order, each read when the previous one's turn is over."""

@@ -396,10 +396,9 @@ def check_tools(tools: Any, where: str = "tools") -> list[dict[str, Any]] | None
         if name in seen:
             raise ConfigError(f"{at}.function.name: {name!r} is offered twice")
         seen.add(name)
-        function = {k: v for k, v in function.items() if v is not None}  # null: left out, as OpenAI's schema reads
-        unknown = sorted(set(function) - FUNCTION_KEYS)
-        if unknown:
-            raise ConfigError(f"{at}.function: unknown field(s) {unknown} (a function has {sorted(FUNCTION_KEYS)})")
+        # null: left out, as OpenAI's schema reads; other fields are the client's (transformers' get_json_schema
+        # adds "return"), shown to a template that reads them
+        function = {k: v for k, v in function.items() if v is not None}
         if not isinstance(function.get("description", ""), str):
             raise ConfigError(f"{at}.function.description: must be a string")
         if not isinstance(function.get("strict", False), bool):
@@ -461,15 +460,12 @@ def check_schema_shape(schema: Any, where: str, depth: int = 0) -> None:
                 check_schema_shape(sub, f"{where}.{key}[{n}]", depth + 1)
 
 
-FUNCTION_KEYS = frozenset({"name", "description", "parameters", "strict"})  # OpenAI's function definition
-CALL_KEYS = frozenset({"id", "type", "function", "index"})  # an assistant message's call (index: a stream's deltas')
-
-
 def check_calls(messages: Any) -> None:
-    """Every assistant message's `tool_calls` as OpenAI's API (and vLLM's request schema) takes them: a list of
-    {"id"?, "type": "function", "function": {"name", "arguments": the JSON text of an object ("" is {}), or the
-    object}}; else one ConfigError naming the message and the field, whatever the chat format (a Jinja template
-    rendered a call without a name, and a Mistral format took arguments that are not JSON)."""
+    """Every assistant message's `tool_calls` as OpenAI's API takes them: a list of {"id"?, "type"?: "function",
+    "function": {"name", "arguments": the JSON text of an object ("" is {}), or the object}}; else one ConfigError
+    naming the message and the field, whatever the chat format (a Jinja template rendered a call without a name,
+    and a Mistral format took arguments that are not JSON). Other fields are the client's and left to the format
+    (the openai SDK sends a parsed call's `parsed_arguments` back; a stream's calls carry an `index`)."""
     if not isinstance(messages, (list, tuple)):  # the messages' own check names it
         return
     for i, m in enumerate(messages):
@@ -483,18 +479,11 @@ def check_calls(messages: Any) -> None:
             where = f"{at}[{j}]"
             if not isinstance(call, Mapping):
                 raise ConfigError(f"{where}: must be an object, got {type(call).__name__}")
-            unknown = sorted(set(call) - CALL_KEYS)
-            if unknown:
-                raise ConfigError(f"{where}: unknown field(s) {unknown} (a call has {sorted(CALL_KEYS - {'index'})})")
-            if call.get("type") != "function":
-                raise ConfigError(f"{where}.type: must be \"function\", got {call.get('type')!r}")
+            if call.get("type", "function") != "function":  # left out: a function call, as check_tools reads a tool
+                raise ConfigError(f"{where}.type: only \"function\" calls are supported, got {call.get('type')!r}")
             function = call.get("function")
             if not isinstance(function, Mapping):
                 raise ConfigError(f"{where}.function: must be an object with a name and arguments")
-            unknown = sorted(set(function) - {"name", "arguments"})
-            if unknown:
-                raise ConfigError(f"{where}.function: unknown field(s) {unknown} (a call's function has arguments "
-                                  "and name)")
             name = function.get("name")
             if not isinstance(name, str) or not NAME.fullmatch(name):
                 raise ConfigError(f"{where}.function.name: must be 1-64 letters, digits, '_' or '-', got {name!r}")

@@ -124,15 +124,16 @@ class _State:
 
 def create_app(settings: ServeSettings, generator: Generator | None = None,
                on_load_error: Any = None, freeze_gc: bool = False, load_s: float = 0.0,
-               proxy_request_ids: bool = False) -> FastAPI:
+               behind_proxy: bool = False) -> FastAPI:
     """The app; `generator` (already loaded) is used instead of loading settings.artifact, `load_s` the seconds
     its load took (the ready line's load time counts them). on_load_error(e) is called when loading fails (the CLI
     stops the server); /health then stays 503 with the error. freeze_gc: the process is the server's (the CLI, a
     Ray replica): once loaded, what is alive is moved out of the garbage collector's sight (`gc.freeze`), so a full
-    collection scans only what requests made. proxy_request_ids: a proxy in front (Ray Serve's) gives every
-    request an X-Request-Id (the client's as sent, else its own) and puts it on the response: the app takes that
-    id as it is and adds no header of its own (a response carried two, which differed for an id the app would not
-    take)."""
+    collection scans only what requests made. behind_proxy: Ray Serve's proxy is in front; it gives every request
+    an X-Request-Id (the client's as sent, else its own) and puts it on the response, so the app takes that id as
+    it is and adds no header of its own (a response carried two, which differed for an id the app would not take);
+    and it cancels the handler of a client that left, so a cancelled handler is a disconnect (without the proxy,
+    uvicorn says http.disconnect, and cancels handlers only to stop the server)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -156,8 +157,8 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
                 await asyncio.to_thread(state.loop.stop, settings.drain_s)
 
     app = FastAPI(title="mixtrt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.mixtrt_proxy_request_ids = proxy_request_ids
-    if not proxy_request_ids:
+    app.state.mixtrt_behind_proxy = behind_proxy
+    if not behind_proxy:
         app.add_middleware(_RequestIds)
     if settings.allowed_origins:  # browsers' cross-origin requests (preflight OPTIONS included), as vLLM allows
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
@@ -521,12 +522,13 @@ async def _complete(call: _Call, state: _State, request: Request) -> Response:
         call.status, call.end = 500, "error"
         raise ApiError(str(e), 500, type="server_error", logged=True) from None
     except asyncio.CancelledError:
-        # the handler cancelled: by the server's forced exit (a second Ctrl-C), or, under Ray Serve, by its proxy when
-        # the client went away; either way its rows go, logged once the engine has taken them out
+        # the handler cancelled: under Ray Serve by its proxy when the client went away; else by uvicorn stopping
+        # (a second Ctrl-C, its graceful timeout). Either way its rows go, logged once the engine has taken them out
         abandoned = True
-        call.status, call.end = (503, "shutdown") if state.forced else (None, "disconnect")
+        gone = request.app.state.mixtrt_behind_proxy and not state.forced
+        call.status, call.end = (None, "disconnect") if gone else (503, "shutdown")
         loop.cancel(call.handle, call.end, then=lambda cut: _log_cancelled(call, cut))
-        if not state.forced:  # nobody is there to answer
+        if gone:  # nobody is there to answer
             raise
         # answered as a drain past its deadline is (uvicorn would send a plain-text 500 for the cancelled handler)
         raise ApiError("the request was cancelled (shutdown)", 503, type="unavailable_error", logged=True) from None
@@ -956,7 +958,7 @@ def _request_id(request: Request) -> str:
     rid = getattr(request.state, "mixtrt_request_id", None)
     if rid is None:
         given = request.headers.get("x-request-id", "")
-        if getattr(request.app.state, "mixtrt_proxy_request_ids", False):  # the id the proxy answers with
+        if getattr(request.app.state, "mixtrt_behind_proxy", False):  # the id the proxy answers with
             rid = given or uuid.uuid4().hex
         else:
             rid = given if 0 < len(given) <= 128 and given.isascii() and given.isprintable() and " " not in given \

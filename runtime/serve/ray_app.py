@@ -58,9 +58,10 @@ class MixtrtReplica:
         self.load_s = time.perf_counter() - start
 
     def __serve_build_asgi_app__(self) -> Any:
-        # Ray's proxy gives each request its X-Request-Id and answers with it: the app takes it, adds none
+        # Ray's proxy gives each request its X-Request-Id and answers with it (the app takes it, adds none), and
+        # cancels the handler of a client that left
         return create_app(self.settings, generator=self.generator, freeze_gc=True, load_s=self.load_s,
-                          proxy_request_ids=True)
+                          behind_proxy=True)
 
 
 def deployment(settings: ServeSettings, replicas: int = 1, num_cpus: float = 1.0) -> Application:

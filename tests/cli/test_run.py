@@ -93,7 +93,7 @@ def test_run_on_a_language_model_names_the_command_that_fits(capsys, exported):
         "classifier model: use `mixtrt generate` or `mixtrt chat` (mixtrt.runtime.generation.Generator)"]
 
 
-def test_inspect_and_serve_on_a_head_artifact(capsys, head_artifacts):
+def test_inspect_and_serve_on_a_head_artifact(capsys, head_artifacts, monkeypatch):
     """inspect: a head scoring whole texts has no cache (--json's cache is null, the human line says none and the
     attention window); serve refuses it in one line before it binds a port or says it listens."""
     from tests.checkpoints import EXPORT_W
@@ -104,6 +104,14 @@ def test_inspect_and_serve_on_a_head_artifact(capsys, head_artifacts):
     assert code == 0 and json.loads(out)["cache"] is None, err
     code, out, _ = run(capsys, "inspect", str(art))
     assert f"kv cache      none: the graph scores whole texts (window {EXPORT_W})" in out.splitlines()
+    # a window at least max_context long was exported full causal: no window is shown
+    from mixtrt.runtime import inspect as inspect_module
+
+    real = inspect_module.inspect_artifact
+    monkeypatch.setattr(inspect_module, "inspect_artifact",
+                        lambda *a, **k: {**real(*a, **k), "max_context": EXPORT_W})
+    code, out, _ = run(capsys, "inspect", str(art))
+    assert "kv cache      none: the graph scores whole texts" in out.splitlines(), out
     code, out, err = run(capsys, "serve", str(art), "--port", "0")
     assert code == 2 and out == "" and "listening" not in err
     assert err.strip().splitlines() == [

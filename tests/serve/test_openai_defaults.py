@@ -355,12 +355,12 @@ class _IdProxy:
 
 def test_behind_a_proxy_that_gives_request_ids_the_app_takes_its_id_and_adds_none(generator, serve_artifact,
                                                                                   caplog):
-    """Ray Serve's proxy gives every request an X-Request-Id and answers with it: the app (proxy_request_ids, as
+    """Ray Serve's proxy gives every request an X-Request-Id and answers with it: the app (behind_proxy, as
     a Ray replica builds it) takes that id as it is, for its body and log line, and adds no second header (a
     response carried two, which differed where the client's id was one the plain server replaces); the ready
     line's load time counts the load done before the app (a replica loads in its constructor: it said 0.001 s)."""
     caplog.set_level("INFO", logger="mixtrt.serve")
-    s = Server(generator, serve_artifact[1], app_options={"proxy_request_ids": True, "load_s": 2.5}, proxy=_IdProxy)
+    s = Server(generator, serve_artifact[1], app_options={"behind_proxy": True, "load_s": 2.5}, proxy=_IdProxy)
     try:
         for given, want in (("bad id with spaces", "bad id with spaces"), ("lb-7", "lb-7"), (None, "proxy-0001")):
             r = s.http.post("/v1/completions", json={"prompt": "a", "max_tokens": 1},
