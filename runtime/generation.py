@@ -248,6 +248,10 @@ class GenerationOutput:
     # a chat reply with tools offered that called them (runtime/tool_calls.py): the calls, and `text` is then the
     # text before the first call (OpenAI's message content); None otherwise
     tool_calls: tuple[ToolCall, ...] | None = None
+    # with a structured-output constraint: whether its text is complete where the reply ended (an eos ends only a
+    # complete one; one cut by max_new_tokens or a stop string may be complete too: a --regex 'yes' after "yes");
+    # None without one
+    constraint_complete: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -1129,6 +1133,7 @@ def _output(row: Row) -> GenerationOutput:
         prompt_logprobs=row.prompt_logprobs,
         top_logprobs=row.top.arrays() if row.top else None,
         prompt_top_logprobs=row.prompt_top,
+        constraint_complete=None if row.sampler.guide is None else row.sampler.guide.complete(),
     )
 
 

@@ -531,6 +531,10 @@ class Guide:
         spaced[:n] = self.lead.spaced[:n]
         return spaced
 
+    def complete(self) -> bool:
+        """The text so far is one the constraint accepts whole (an eos ended it, or one could)."""
+        return self.ended or self._accepting()
+
     def _accepting(self) -> bool:
         if self.lead is not None and self.consumed == 0:  # nothing written yet: the text so far is ""
             return self.unspaced is not None and bool(self.unspaced.is_accepting())

@@ -425,3 +425,48 @@ def test_a_default_no_flag_set_is_named_as_the_artifacts():
     with pytest.raises(ConfigError, match=r"^--temperature must be > 0"):  # given: named by its flag, as before
         generation_config(Defaults(), {"temperature": -1.0, "do_sample": True})
     assert generation_config(Defaults(), generation_overrides(p.parse_args(["--top-k", "5", "--temperature", "0.7"])))
+
+
+def test_chat_command_read_regen_and_the_end_of_the_context(monkeypatch, capsys, tmp_path):
+    """/read of a text too long for the context goes with the refused message (every later message was refused
+    with it, only /clear got out); /read of an empty file puts nothing in front; a seeded session's /regen draws a
+    new reply each time (the same seed gave the same one); a reply the context ends is said (only --stats did)."""
+    import mixtrt.cli.commands.chat as chat_command
+    from mixtrt.cli import main
+    from tests.runtime.test_chat_session import ByteChat, Speaker
+
+    gen = Generator(Speaker(windowed=False, capacity=120), ByteChat())
+    monkeypatch.setattr(chat_command, "load_generator", lambda ns: gen)
+    sessions = []
+    make_session = gen.chat_session
+    monkeypatch.setattr(gen, "chat_session", lambda **kw: sessions.append(make_session(**kw)) or sessions[-1])
+    (tmp_path / "big.txt").write_text("a" * 500)
+    (tmp_path / "empty.txt").write_text("\n")
+    feed = iter([f"/read {tmp_path / 'big.txt'}", "hi", "hi", f"/read {tmp_path / 'empty.txt'}", "ho", "/regen",
+                 "/regen", "/regen", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(feed))
+    outputs = []
+    real = chat_command.print_stream
+
+    def kept(events, **kw):
+        outputs.append(real(events, **kw))
+        return outputs[-1]
+
+    monkeypatch.setattr(chat_command, "print_stream", kept)
+    assert main(["chat", "unused", "--max-new-tokens", "8", "--seed", "5", "--temperature", "1"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("too long") == 1 and "the /read text (500 characters) goes with it" in err, err
+    assert "holds no text: nothing goes in front" in err
+    [session] = sessions
+    assert [m["content"] for m in session.messages if m["role"] == "user"] == ["hi", "ho"]
+    draws = [o.token_ids for o in outputs[1:]]  # "ho" and its three /regen draws
+    assert len(draws) == 4 and len({tuple(d) for d in draws}) == 4, draws
+    # a reply the context ended (finish "length" short of --max-new-tokens) is one line on stderr
+    cut = types.SimpleNamespace(text="ab", token_ids=[5, 6], finish_reason="length",
+                                finish_message="max positions: the model supports 120 positions",
+                                constraint_complete=None)
+    monkeypatch.setattr(chat_command, "print_stream", lambda events, **kw: events.close() or cut)
+    feed = iter(["x", ""])
+    assert main(["chat", "unused", "--max-new-tokens", "50"]) == 0
+    assert "mixtrt chat: the reply was cut: max positions: the model supports 120 positions" in \
+        capsys.readouterr().err

@@ -327,3 +327,17 @@ def test_random_walks_on_a_loose_schema_write_only_the_keys_it_names(toks, kind)
         value = walk(toks[kind], LOOSE, seed, 300)
         jsonschema.validate(value, LOOSE)
         assert set(value) <= {"k", "n", "sub"} and set(value.get("sub", {})) <= {"z"}, value
+
+
+def test_an_output_says_whether_its_constrained_text_is_complete(gen):
+    """constraint_complete: None without a constraint; True where the text the reply ended with is one the
+    constraint accepts whole (an eos, or a length cut after "aa" for [ab]+), False where it is not (a JSON object
+    cut open)."""
+    ids = gen.tokenizer.encode("A:")
+    assert gen.generate(ids, max_new_tokens=2)[0].constraint_complete is None
+    out = gen.generate(ids, json_schema={"enum": [1]}, max_new_tokens=20)[0]
+    assert (out.finish_reason, out.constraint_complete) == ("eos", True)
+    out = gen.generate(ids, regex="[ab]+", min_new_tokens=3, max_new_tokens=3)[0]  # eos held back: a length end
+    assert out.finish_reason == "length" and out.text and set(out.text) <= {"a", "b"} and out.constraint_complete
+    out = gen.generate(ids, json_schema=PERSON, max_new_tokens=2)[0]
+    assert out.finish_reason == "length" and out.constraint_complete is False, out.text

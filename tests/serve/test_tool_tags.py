@@ -226,7 +226,7 @@ def test_arguments_nested_too_deeply_are_one_error(tag_gen):
     from mixtrt.runtime.errors import ConfigError
 
     call = {"id": "abcdefghi", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
-    for arguments in ("[" * 5000, "[" * 900 + "]" * 900):
+    for arguments in ("[" * 5000, '{"a": ' * 900 + "1" + "}" * 900):  # unreadable; read, and too deep to write
         turn = [*ASK, {"role": "assistant", "tool_calls": [{**call, "function": {**call["function"],
                                                                                 "arguments": arguments}}]}]
         with pytest.raises(ConfigError, match="nested too deeply"):

@@ -10,6 +10,7 @@ llama-cli's commands (COMMANDS) is that command, not a message.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,10 @@ def run(ns: argparse.Namespace) -> int:
     gen = load_generator(ns)
     session = gen.chat_session(system=ns.system, config=generation_config(gen, overrides))
     read: list[str] = []  # texts of /read, put in front of the next message
+    regens = 0  # /regen of the last message so far: a seeded session's k-th draws with seed + k
+    if sys.stdin.isatty():  # line editing and history at the prompt, as llama-cli has (arrow keys were raw escapes)
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (input() uses it once imported)
     while True:
         try:
             user = _message()
@@ -75,11 +80,19 @@ def run(ns: argparse.Namespace) -> int:
                 said = said if said.startswith(command) else f"{command}: {said.removeprefix('chat session: ')}"
                 print(f"mixtrt chat: {said}", file=sys.stderr)
                 continue
-        try:
-            events = session.stream(message)
+        regens = regens + 1 if command == "/regen" else 0
+        seed = session.config.seed
+        try:  # a /regen draws again: a seeded session's k-th one with seed + k (the same seed gave the same reply)
+            events = session.stream(message, **({"seed": (seed + regens) % (1 << 64)} if regens and seed is not None
+                                                 else {}))
         except ConfigError as e:  # the message is refused; the conversation is kept (an undone exchange too)
             session.messages = before
-            print(f"mixtrt chat: {str(e).removeprefix('chat: ')}", file=sys.stderr)
+            dropped = ""
+            if read and not command:
+                dropped = f"; the /read text ({sum(map(len, read))} characters) goes with it"
+            if not command:  # what /read put in front of it was refused with it: a later message starts without it
+                read.clear()
+            print(f"mixtrt chat: {str(e).removeprefix('chat: ')}{dropped}", file=sys.stderr)
             continue
         if command != "/regen":
             read.clear()
@@ -97,10 +110,16 @@ def run(ns: argparse.Namespace) -> int:
         if not out.text:
             session.messages = before  # as above (the session drops an empty reply with its message)
             print(f"mixtrt chat: {session.turns[-1].note}", file=sys.stderr)
-        elif out.finish_reason != "eos" and (constraint := session.config.constraint()) is not None:
+        elif out.finish_reason != "eos" and (constraint := session.config.constraint()) is not None and (
+                out.finish_reason != "length" or not out.constraint_complete):  # a text already whole was not cut
             cut = "--max-new-tokens" if out.finish_reason == "length" else "a stop string"
+            if out.finish_reason == "length" and len(out.token_ids) < session.config.max_new_tokens:
+                cut = "the end of the context"
             print(f"mixtrt chat: the reply was cut by {cut} before its text was complete ({_FLAGS[constraint[0]]})",
                   file=sys.stderr)
+        elif out.finish_reason == "length" and len(out.token_ids) < session.config.max_new_tokens:
+            # the context ended it, not --max-new-tokens: said (only --stats showed it)
+            print(f"mixtrt chat: the reply was cut: {out.finish_message}", file=sys.stderr)
         if ns.stats:
             if turn.kind in ("cached", "rewound"):
                 cache = f"{turn.cached_tokens} from the cache"
@@ -137,8 +156,11 @@ def _command(session: ChatSession, command: str, argument: str, read: list[str])
     else:
         if not argument:
             raise ConfigError("give a file: /read FILE")
-        text = read_text_file(Path(argument).expanduser(), "/read")
-        read.append(text.rstrip("\n"))
+        text = read_text_file(Path(argument).expanduser(), "/read").rstrip("\n")
+        if not text.strip():  # nothing to put in front (it added blank lines to the message)
+            print(f"mixtrt chat: {argument} holds no text: nothing goes in front of the next message", file=sys.stderr)
+            return
+        read.append(text)
         print(f"mixtrt chat: {argument} ({len(text)} characters) goes in front of the next message", file=sys.stderr)
 
 
