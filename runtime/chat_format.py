@@ -486,6 +486,24 @@ def _prepend_scheme(config: Mapping[str, Any]) -> PrependScheme:
     return "first" if config.get("legacy") is False else "always"
 
 
+def _refuse_v1_for_instruct_tokens(model: Path) -> None:
+    """A sentencepiece file whose [INST] and [/INST] are control tokens is a Mistral v2 / v3 tokenizer: the built-in
+    v1 format writes them as text ("[", "INST", "]"), so a checkpoint giving no other format for it is refused,
+    naming what would (it exported and encoded every chat turn wrongly, unsaid)."""
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(model))
+    except Exception:  # unreadable: the tokenizer's own load says so, naming the file
+        return
+    ids = [sp.piece_to_id(piece) for piece in ("[INST]", "[/INST]")]
+    if all(i != sp.unk_id() and sp.is_control(i) for i in ids):
+        raise ConfigError(f"{model} holds [INST] and [/INST] as control tokens (a Mistral v2 / v3 tokenizer), but the "
+                          "checkpoint has no chat template (tokenizer_config.json) nor a mistral-common file: the "
+                          "built-in v1 format would write them as text. Add the checkpoint's tokenizer_config.json, "
+                          f"or name the file {TOKENIZER_MODEL}.v3 (mistral-common's v3 format)")
+
+
 def resolve_chat_format(checkpoint_dir: str | Path, vocab_size: int | None = None) -> ChatFormat:
     """The checkpoint's tokenizer and chat format, by the rules of the module docstring (no side effects).
     vocab_size: the model's embeddings, for the one substitution allowed (None: none allowed)."""
@@ -511,6 +529,7 @@ def resolve_chat_format(checkpoint_dir: str | Path, vocab_size: int | None = Non
     model, note = _sentencepiece_model(checkpoint_dir, vocab_size)
     files = {TOKENIZER_MODEL: str(model)}
     if found is None:  # transformers' tokenizer(text) still follows tokenizer_config.json's `legacy`
+        _refuse_v1_for_instruct_tokens(model)
         text_prefix: PrependScheme | None = "first" if _prepend_scheme(config) == "first" else None
         return ChatFormat("v1", TOKENIZER_MODEL, files, generation=generation, note=note, text_prefix=text_prefix)
     templates, origin = found

@@ -195,6 +195,24 @@ def test_unreadable_tokenizer_file_is_refused(tmp_path, name):
         resolve_chat_format(d, vocab_size=32000)
 
 
+def test_an_instruct_tokenizer_without_a_template_is_refused(tmp_path):
+    """A v2 / v3 tokenizer.model ([INST] and [/INST] control tokens) with no chat template nor mistral-common file:
+    the built-in v1 format wrote them as text ("[", "INST", "]") unsaid; refused, naming the two fixes, which work."""
+    d = _dir(tmp_path, V3_AS_MODEL)
+    with pytest.raises(ConfigError, match=r"tokenizer.model holds \[INST\] and \[/INST\] as control tokens .* "
+                                          r"Add the checkpoint's tokenizer_config.json, or name the file "
+                                          r"tokenizer.model.v3"):
+        resolve_chat_format(d)
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    assert resolve_chat_format(d).kind == "jinja"
+    (d / "tokenizer_config.json").unlink()
+    (d / "tokenizer.model").rename(d / "tokenizer.model.v3")
+    assert resolve_chat_format(d).kind == "mistral-common"
+    (tmp_path / "v1").mkdir()
+    v1 = _dir(tmp_path / "v1", "tokenizer.model=tokenizer.model.v1")  # the v1 file has no such tokens: v1
+    assert resolve_chat_format(v1).kind == "v1"
+
+
 def test_resolver_errors(tmp_path):
     with pytest.raises(ConfigError, match="no such checkpoint directory"):
         resolve_chat_format(tmp_path / "missing")
