@@ -304,7 +304,11 @@ class ChatFormat:
     def describe(self) -> str:
         """One line for `mixtrt inspect` (with the substitution note, if any)."""
         if self.kind == "mistral-common":
-            line = f"mistral-common {self.tokenizer_version} ({self.tokenizer_file}; pip install 'mixtrt[mistral]')"
+            from mixtrt.runtime.extras import missing
+
+            # the install hint only where mistral-common is missing (it showed beside an installed one)
+            hint = "; pip install 'mixtrt[mistral]'" if missing("mistral") else ""
+            line = f"mistral-common {self.tokenizer_version} ({self.tokenizer_file}{hint})"
         elif self.kind == "jinja":
             names = ", ".join(sorted(self.templates))
             line = (f"Jinja chat template from {self.template_origin} ({names}), {self.tokenizer_file}, "

@@ -51,7 +51,7 @@ def test_mistral_common_file_is_recorded_and_used(v3_export):
     info = inspect_artifact(art)
     # tokenizer.model is not used: not copied
     assert sorted(info["files"]) == ["model.onnx", "model.onnx.data", "tokenizer.model.v3", "weights.json"]
-    assert info["chat_format"] == "mistral-common v3 (tokenizer.model.v3; pip install 'mixtrt[mistral]')"
+    assert info["chat_format"] == "mistral-common v3 (tokenizer.model.v3)"
     assert info["generation_defaults"] == ("eos [2] (generation_config.json); do_sample True, temperature 0.7, "
                                            "top_p 0.8 (generation_config.json); not used: max_length, num_beams")
     gen = Generator.load(art, threads=1)

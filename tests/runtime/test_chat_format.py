@@ -54,7 +54,7 @@ def test_mistral_common_file_wins_over_template(tmp_path):
     fmt = resolve_chat_format(d)
     assert (fmt.kind, fmt.tokenizer_file, fmt.tokenizer_version) == ("mistral-common", "tokenizer.model.v3", "v3")
     assert dict(fmt.files) == {"tokenizer.model.v3": str(d / "tokenizer.model.v3")}
-    assert fmt.describe() == "mistral-common v3 (tokenizer.model.v3; pip install 'mixtrt[mistral]')"
+    assert fmt.describe() == "mistral-common v3 (tokenizer.model.v3)"  # installed here: no install hint
 
 
 def test_tekken_and_versions(tmp_path):
