@@ -127,6 +127,7 @@ def _messages(items: Any) -> list[dict[str, Any]]:
         if not isinstance(item, dict):
             raise _error(f"must be an object, got {type(item).__name__}", at)
         kind = _kind(item)
+        _only(item, _ITEM_FIELDS.get(kind), at)
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
@@ -159,6 +160,22 @@ def _messages(items: Any) -> list[dict[str, Any]]:
     return out
 
 
+# the fields OpenAI's input items and content parts have (an item fed back from a response keeps its id, status,
+# annotations, logprobs): any other is refused by name, as OpenAI refuses it and this route does at its top level
+_ITEM_FIELDS = {"message": {"type", "role", "content", "id", "status"},
+                "function_call": {"type", "id", "call_id", "name", "arguments", "status"},
+                "function_call_output": {"type", "id", "call_id", "output", "status"}}
+_PART_FIELDS = {"input_text": {"type", "text"}, "text": {"type", "text"},
+                "output_text": {"type", "text", "annotations", "logprobs"}, "refusal": {"type", "refusal"}}
+
+
+def _only(obj: dict[str, Any], known: set[str] | None, at: str) -> None:
+    """A 400 naming the first field of `obj` not among `known` (None: the kind's own check says what is wrong)."""
+    unknown = sorted(set(obj) - known) if known is not None else []
+    if unknown:
+        raise _error(f"unknown field {unknown[0]!r}", f"{at}.{unknown[0]}")
+
+
 def _kind(item: Any) -> Any:
     return item.get("type", "message") if isinstance(item, dict) else None
 
@@ -180,6 +197,8 @@ def _content(content: Any, at: str) -> str | list[dict[str, str]]:
     parts = []
     for n, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(part, dict) and isinstance(kind, str):
+            _only(part, _PART_FIELDS.get(kind), f"{at}[{n}]")
         if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
             parts.append({"type": "text", "text": part["text"]})
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
@@ -228,6 +247,7 @@ def _text_format(text: Any) -> dict[str, Any]:
         return {}
     if fmt["type"] == "json_object":
         return {"response_format": {"type": "json_object"}}
+    _only(fmt, {"type", "name", "schema", "strict", "description"}, "text.format")
     schema = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
     return {"response_format": {"type": "json_schema", "json_schema": schema}}
 
@@ -278,7 +298,8 @@ def _shell(response_id: str, created: float, model: str, echoed: dict[str, Any],
     if status == "completed":
         status = _ended(finish)
     incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
-    return {"id": response_id, "object": "response", "created_at": created, "model": model, "status": status,
+    # an integer, as OpenAI sends it (a float's "….0" failed clients typing it int64)
+    return {"id": response_id, "object": "response", "created_at": int(created), "model": model, "status": status,
             "error": None, "incomplete_details": incomplete, "output": output, "usage": usage, **echoed}
 
 

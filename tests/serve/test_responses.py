@@ -38,6 +38,8 @@ def test_a_response_is_the_chat_reply(server):
         text, finish, usage = chat_text(server, messages, 10)
         r = server.openai.responses.create(model="tiny", max_output_tokens=10, temperature=0, **kw)
         assert r.object == "response" and r.id.startswith("resp_") and r.output_text == text
+        raw = server.http.post("/v1/responses", json={"model": "tiny", "max_output_tokens": 2, **kw}).json()
+        assert type(raw["created_at"]) is int  # as OpenAI sends it ("….0" failed clients typing it int64)
         Response.model_validate(r.to_dict())  # every field the API's schema requires, of its type
         [item] = r.output
         assert item.type == "message" and item.role == "assistant" and item.content[0].type == "output_text"
@@ -120,6 +122,12 @@ def test_a_last_assistant_message_is_continued_and_the_log_names_the_route(serve
      "input[0].content[0]: a part of type 'input_image' is not served"),
     ({"input": "Hi", "tools": [{"type": "web_search"}]}, "tools", "only function tools"),
     ({"input": "Hi", "frobnicate": 1}, "frobnicate", "unknown field 'frobnicate'"),
+    # inside items, parts and the format too (they were dropped unsaid), as OpenAI refuses them
+    ({"input": [{"role": "user", "content": "x", "foo": 1}]}, "input", "input[0].foo: unknown field 'foo'"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "x", "foo": 1}]}]}, "input",
+     "input[0].content[0].foo: unknown field 'foo'"),
+    ({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {}, "foo": 1}}}, "text",
+     "text.format.foo: unknown field 'foo'"),
     ({"input": "Hi", "max_output_tokens": 100000}, "max_output_tokens",
      "and max_output_tokens asks for 100000 more"),
     ({"input": "Hi", "max_output_tokens": "8"}, "max_output_tokens", "max_output_tokens: Input should be"),
