@@ -31,7 +31,6 @@ it is special (then to nothing, or to its text with skip_special=False), as tran
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,7 +44,7 @@ from mixtrt.runtime.chat_template import ChatTemplate, select_template
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.prompts import check_continue, check_flags, check_messages_text, check_text, decode_ids
 from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer, sp_offsets
-from mixtrt.runtime.tool_calls import ToolTokens, check_calls, mistral_ids
+from mixtrt.runtime.tool_calls import ToolTokens, check_calls, mistral_ids, read_arguments
 
 __all__ = ["AddedToken", "JinjaChatTokenizer", "PrependScheme"]
 _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED = 2, 3, 4  # sentencepiece ModelProto.SentencePiece.Type
@@ -279,13 +278,7 @@ def _parsed(call: Any, where: str) -> Any:
     text = _arguments(call)
     if not isinstance(text, str):
         return call
-    try:
-        value = json.loads(text) if text.strip() else {}
-    except ValueError as e:
-        raise ConfigError(f"{where}: not JSON ({e})") from None
-    except RecursionError:
-        raise ConfigError(f"{where}: nested too deeply to read") from None
-    return {**call, "function": {**call["function"], "arguments": value}}
+    return {**call, "function": {**call["function"], "arguments": read_arguments(text, where)}}
 
 
 def _added_token_pattern(tokens: Sequence[AddedToken]) -> tuple[re.Pattern[str] | None, list[int]]:

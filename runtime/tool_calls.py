@@ -383,16 +383,7 @@ def check_tools(tools: Any, where: str = "tools") -> list[dict[str, Any]] | None
     out = []
     for n, tool in enumerate(tools):
         at = f"{where}[{n}]"
-        if not isinstance(tool, Mapping):
-            raise ConfigError(f"{at}: must be an object, got {type(tool).__name__}")
-        if tool.get("type", "function") != "function":
-            raise ConfigError(f"{at}.type: only \"function\" tools are supported, got {tool.get('type')!r}")
-        function = tool.get("function")
-        if not isinstance(function, Mapping):
-            raise ConfigError(f"{at}.function: must be an object with a name")
-        name = function.get("name")
-        if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise ConfigError(f"{at}.function.name: must be 1-64 letters, digits, '_' or '-', got {name!r}")
+        function, name = _function_of(tool, at, "tools", "a name")
         if name in seen:
             raise ConfigError(f"{at}.function.name: {name!r} is offered twice")
         seen.add(name)
@@ -460,6 +451,33 @@ def check_schema_shape(schema: Any, where: str, depth: int = 0) -> None:
                 check_schema_shape(sub, f"{where}.{key}[{n}]", depth + 1)
 
 
+def _function_of(obj: Any, at: str, what: str, needs: str) -> tuple[Mapping[str, Any], str]:
+    """A tool or a call, {"type"?: "function", "function": {"name", ...}}: its function and name; else one
+    ConfigError naming `at` and the field (what: "tools" / "calls"; needs: what the function must hold)."""
+    if not isinstance(obj, Mapping):
+        raise ConfigError(f"{at}: must be an object, got {type(obj).__name__}")
+    if obj.get("type", "function") != "function":
+        raise ConfigError(f"{at}.type: only \"function\" {what} are supported, got {obj.get('type')!r}")
+    function = obj.get("function")
+    if not isinstance(function, Mapping):
+        raise ConfigError(f"{at}.function: must be an object with {needs}")
+    name = function.get("name")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ConfigError(f"{at}.function.name: must be 1-64 letters, digits, '_' or '-', got {name!r}")
+    return function, name
+
+
+def read_arguments(text: str, where: str) -> Any:
+    """A call's arguments, sent as JSON text (OpenAI's form), as the value it holds ("" is {}); one ConfigError
+    naming `where` for text that is not JSON."""
+    try:
+        return json.loads(text) if text.strip() else {}
+    except ValueError as e:
+        raise ConfigError(f"{where}: not JSON ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to read") from None
+
+
 def check_calls(messages: Any) -> None:
     """Every assistant message's `tool_calls` as OpenAI's API takes them: a list of {"id"?, "type"?: "function",
     "function": {"name", "arguments": the JSON text of an object ("" is {}), or the object}}; else one ConfigError
@@ -477,24 +495,10 @@ def check_calls(messages: Any) -> None:
             raise ConfigError(f"{at}: must be a list of calls, got {type(calls).__name__}")
         for j, call in enumerate(calls):
             where = f"{at}[{j}]"
-            if not isinstance(call, Mapping):
-                raise ConfigError(f"{where}: must be an object, got {type(call).__name__}")
-            if call.get("type", "function") != "function":  # left out: a function call, as check_tools reads a tool
-                raise ConfigError(f"{where}.type: only \"function\" calls are supported, got {call.get('type')!r}")
-            function = call.get("function")
-            if not isinstance(function, Mapping):
-                raise ConfigError(f"{where}.function: must be an object with a name and arguments")
-            name = function.get("name")
-            if not isinstance(name, str) or not NAME.fullmatch(name):
-                raise ConfigError(f"{where}.function.name: must be 1-64 letters, digits, '_' or '-', got {name!r}")
+            function, _ = _function_of(call, where, "calls", "a name and arguments")  # a type left out: a function
             arguments = function.get("arguments")
             if isinstance(arguments, str):
-                try:
-                    arguments = json.loads(arguments) if arguments.strip() else {}
-                except ValueError as e:
-                    raise ConfigError(f"{where}.function.arguments: not JSON ({e})") from None
-                except RecursionError:
-                    raise ConfigError(f"{where}.function.arguments: nested too deeply to read") from None
+                arguments = read_arguments(arguments, f"{where}.function.arguments")
             if not isinstance(arguments, Mapping):
                 raise ConfigError(f"{where}.function.arguments: must be a JSON object (the text of one, as OpenAI "
                                   f"sends it), got {type(arguments).__name__}")
