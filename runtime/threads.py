@@ -42,14 +42,16 @@ _GUARDED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 class _ForkedMidStep:
-    """The lock of an object that was mid-step in another thread when this process forked: every use refuses."""
+    """The lock of an object that was mid-step when this process forked (another thread's call, or a turn left
+    streaming): every use refuses."""
 
     def __init__(self, what: str) -> None:
         self.what = what
 
     def _refuse(self) -> None:
-        raise BackendError(f"{self.what} was in use by another thread when this process forked, so its state here "
-                           "is half-changed: load the artifact again in the child process (or fork before using it)")
+        raise BackendError(f"{self.what} was in use when this process forked (a call running in another thread, or a "
+                           "turn left streaming), so its state here is half-changed: load the artifact again in the "
+                           "child process (or fork before using it)")
 
     def __enter__(self) -> None:
         self._refuse()
