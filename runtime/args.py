@@ -401,9 +401,11 @@ class ModelArgs:
             intermediate_size=p.size("hidden_dim", "intermediate_size"),
             num_hidden_layers=p.size("n_layers", "num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=p.get("n_kv_heads", heads, int),
+            # required, as mistral-inference requires them (a missing n_kv_heads read as n_heads failed later, on a
+            # tensor's shape; a missing norm_eps took 1e-5 unsaid)
+            num_key_value_heads=p.size("n_kv_heads", "num_key_value_heads"),
             head_dim=head_dim,
-            rms_norm_eps=p.get("norm_eps", 1e-5, (int, float)),
+            rms_norm_eps=p.get("norm_eps", None, (int, float)) if "norm_eps" in p.d else _missing(p, "norm_eps"),
             rope_theta=p.get("rope_theta", 1e6 if moe else 10000.0, (int, float)),
             sliding_window=_raw_window(p),
             max_position_embeddings=p.get("max_seq_len", p.get("max_position_embeddings", 32768, int), int),
@@ -535,6 +537,10 @@ class _Fields:
         if self.d.get(key) is None:
             raise ConfigError(f"missing required field {self.prefix + key!r}")
         return _size(self.prefix + key, self.d[key], limit or key)
+
+
+def _missing(p: _Fields, key: str) -> Any:
+    raise ConfigError(f"missing required field {p.prefix + key!r}")
 
 
 def _labels(cfg: _Fields) -> tuple[int, tuple[str, ...]]:

@@ -114,6 +114,9 @@ PARAMS_CASES = [
     (edited(PARAMS, dim="4096"), "dim"),
     (edited(PARAMS, dim=DROP), "dim"),
     (edited(PARAMS, norm_eps=0), "rms_norm_eps"),
+    # required, as mistral-inference requires them (n_kv_heads was read as n_heads, norm_eps as 1e-5)
+    (edited(PARAMS, n_kv_heads=DROP), "missing required field 'n_kv_heads'"),
+    (edited(PARAMS, norm_eps=DROP), "missing required field 'norm_eps'"),
     (edited(PARAMS, rope_theta=-1.0), "rope_theta"),
     (edited(PARAMS, sliding_window=2.5), "sliding_window"),
     (edited(PARAMS, n_layers=10**7), "n_layers"),
