@@ -44,7 +44,7 @@ from mixtrt.runtime.chat_template import ChatTemplate, select_template
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.prompts import check_continue, check_flags, check_messages_text, check_text, decode_ids
 from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer, sp_offsets
-from mixtrt.runtime.tool_calls import ToolTokens, check_calls, mistral_ids, read_arguments
+from mixtrt.runtime.tool_calls import ToolTokens, mistral_ids, read_calls
 
 __all__ = ["AddedToken", "JinjaChatTokenizer", "PrependScheme"]
 _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED = 2, 3, 4  # sentencepiece ModelProto.SentencePiece.Type
@@ -213,8 +213,9 @@ class JinjaChatTokenizer:
         content, the text cut before the tag's last occurrence, trailing spaces dropped where the template
         trimmed them)."""
         check_flags(add_generation_prompt, continue_final_message)
-        check_calls(messages)  # the assistant messages' calls as OpenAI's API takes them (a template renders anything)
-        messages = _objects_as_arguments(messages)
+        # the assistant messages' calls checked (a template renders anything), their arguments as the objects a
+        # client's JSON text holds: templates write them with `tojson`, which would write a string (vLLM parses them)
+        messages = read_calls(messages)
         tokens = self.tool_tokens()
         if tokens is not None and tokens.end is None:  # Mistral's templates take 9-character call ids
             messages = [mistral_ids(m) if isinstance(m, Mapping) else m for m in messages]
@@ -251,34 +252,6 @@ class JinjaChatTokenizer:
         check_messages_text(messages)  # sentencepiece / tekken cannot take lone surrogates
         return self.encode_special(self.render_chat(messages, add_generation_prompt, tools,
                                                     continue_final_message=continue_final_message))
-
-
-def _objects_as_arguments(messages: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
-    """The messages with each assistant tool call's `arguments` as the value it holds where a client sent its JSON
-    text (OpenAI's form; "" is {}): templates write them with `tojson`, which would write a string (vLLM parses them
-    so). Text that is not JSON is one error naming the message and the call."""
-    if not isinstance(messages, (list, tuple)):  # the template's own check names it
-        return messages
-    out: list[Mapping[str, Any]] = []
-    for i, m in enumerate(messages):
-        calls = m.get("tool_calls") if isinstance(m, Mapping) else None
-        if isinstance(calls, (list, tuple)) and any(isinstance(_arguments(c), str) for c in calls):
-            m = {**m, "tool_calls": [_parsed(c, f"message {i}: tool_calls[{j}].function.arguments")
-                                     for j, c in enumerate(calls)]}
-        out.append(m)
-    return out
-
-
-def _arguments(call: Any) -> Any:
-    function = call.get("function") if isinstance(call, Mapping) else None
-    return function.get("arguments") if isinstance(function, Mapping) else None
-
-
-def _parsed(call: Any, where: str) -> Any:
-    text = _arguments(call)
-    if not isinstance(text, str):
-        return call
-    return {**call, "function": {**call["function"], "arguments": read_arguments(text, where)}}
 
 
 def _added_token_pattern(tokens: Sequence[AddedToken]) -> tuple[re.Pattern[str] | None, list[int]]:

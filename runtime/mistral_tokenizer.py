@@ -34,7 +34,7 @@ from mixtrt.runtime.chat_template import first_failing_message
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.prompts import check_continue, check_flags, check_messages_text, check_text, decode_ids
 from mixtrt.runtime.tokenizer import StreamDecoder, Tokenizer
-from mixtrt.runtime.tool_calls import ToolTokens, check_calls, mistral_ids
+from mixtrt.runtime.tool_calls import ToolTokens, mistral_ids, read_calls
 
 EXTRA = "pip install 'mixtrt[mistral]'"
 
@@ -199,7 +199,8 @@ class MistralCommonTokenizer:
         to continue."""
         check_flags(add_generation_prompt, continue_final_message)
         check_messages_text(messages)  # sentencepiece / tekken cannot take lone surrogates
-        check_calls(messages)  # as the Jinja path checks them (mistral-common took arguments that are not JSON)
+        read_calls(messages)  # checked as the Jinja path checks them (mistral-common took arguments that are not
+        # JSON); mistral-common is given the calls as sent (it writes argument text as it is)
         if continue_final_message:
             check_continue(messages, add_generation_prompt)
         chat = _checked(messages, add_generation_prompt)

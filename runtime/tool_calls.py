@@ -478,30 +478,36 @@ def read_arguments(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: nested too deeply to read") from None
 
 
-def check_calls(messages: Any) -> None:
-    """Every assistant message's `tool_calls` as OpenAI's API takes them: a list of {"id"?, "type"?: "function",
-    "function": {"name", "arguments": the JSON text of an object ("" is {}), or the object}}; else one ConfigError
-    naming the message and the field, whatever the chat format (a Jinja template rendered a call without a name,
-    and a Mistral format took arguments that are not JSON). Other fields are the client's and left to the format
-    (the openai SDK sends a parsed call's `parsed_arguments` back; a stream's calls carry an `index`)."""
+def read_calls(messages: Any) -> Any:
+    """`messages` with every assistant message's `tool_calls` checked as OpenAI's API takes them, a list of
+    {"id"?, "type"?: "function", "function": {"name", "arguments": the JSON text of an object ("" is {}), or the
+    object}}, and their arguments read into that object (a new list; `messages` is not changed). A bad call is one
+    ConfigError naming the message and the field, whatever the chat format (a Jinja template rendered a call without
+    a name, and a Mistral format took arguments that are not JSON). Other fields are the client's and kept for the
+    format (the openai SDK sends a parsed call's `parsed_arguments` back; a stream's calls carry an `index`)."""
     if not isinstance(messages, (list, tuple)):  # the messages' own check names it
-        return
+        return messages
+    out = []
     for i, m in enumerate(messages):
         calls = m.get("tool_calls") if isinstance(m, Mapping) else None
-        if calls is None:
-            continue
-        at = f"chat: message {i}: tool_calls"
-        if isinstance(calls, (str, bytes, Mapping)) or not isinstance(calls, Sequence):
-            raise ConfigError(f"{at}: must be a list of calls, got {type(calls).__name__}")
-        for j, call in enumerate(calls):
-            where = f"{at}[{j}]"
-            function, _ = _function_of(call, where, "calls", "a name and arguments")  # a type left out: a function
-            arguments = function.get("arguments")
-            if isinstance(arguments, str):
-                arguments = read_arguments(arguments, f"{where}.function.arguments")
-            if not isinstance(arguments, Mapping):
-                raise ConfigError(f"{where}.function.arguments: must be a JSON object (the text of one, as OpenAI "
-                                  f"sends it), got {type(arguments).__name__}")
+        if calls is not None:
+            at = f"chat: message {i}: tool_calls"
+            if isinstance(calls, (str, bytes, Mapping)) or not isinstance(calls, Sequence):
+                raise ConfigError(f"{at}: must be a list of calls, got {type(calls).__name__}")
+            read = []
+            for j, call in enumerate(calls):
+                where = f"{at}[{j}]"
+                function, _ = _function_of(call, where, "calls", "a name and arguments")  # a type left out: a function
+                arguments = function.get("arguments")
+                if isinstance(arguments, str):
+                    arguments = read_arguments(arguments, f"{where}.function.arguments")
+                if not isinstance(arguments, Mapping):
+                    raise ConfigError(f"{where}.function.arguments: must be a JSON object (the text of one, as OpenAI "
+                                      f"sends it), got {type(arguments).__name__}")
+                read.append({**call, "function": {**function, "arguments": arguments}})
+            m = {**m, "tool_calls": read}
+        out.append(m)
+    return out
 
 
 def read_tool_calls(token_ids: Sequence[int], tokenizer: Any, tokens: ToolTokens | None = None
