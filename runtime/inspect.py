@@ -45,8 +45,11 @@ def inspect_artifact(directory: str | Path, verify: bool = False) -> dict[str, A
     tied = a.tie_word_embeddings and a.head == "causal_lm" and stored > a.vocab_size * a.hidden_size
     return {
         "model": d["model"], "head": a.head, "precision": m.precision, "max_context": m.max_context,
-        # a head scoring whole texts has no cache (its record's capacity is the causal graph's, unused): null
+        # a head scoring whole texts has no cache (its record's capacity is the causal graph's, unused): null; its
+        # layers' attention windows as the export's plan set them (None: full causal; a window at least max_context
+        # long is none), as the cache record holds them for a causal LM
         "cache": {**d["cache"], "bytes_per_row": cache_row} if a.head == "causal_lm" else None,
+        "attention_windows": list(d["cache"]["windows"]),
         "backends": list(m.backends),
         # the model's parameters; a tied embedding table is stored twice (the input table and, transposed, lm_head)
         "parameters": stored - (a.vocab_size * a.hidden_size if tied else 0), "stored_parameters": stored,

@@ -93,24 +93,23 @@ def test_run_on_a_language_model_names_the_command_that_fits(capsys, exported):
         "classifier model: use `mixtrt generate` or `mixtrt chat` (mixtrt.runtime.generation.Generator)"]
 
 
-def test_inspect_and_serve_on_a_head_artifact(capsys, head_artifacts, monkeypatch):
+def test_inspect_and_serve_on_a_head_artifact(capsys, head_artifacts, tmp_path):
     """inspect: a head scoring whole texts has no cache (--json's cache is null, the human line says none and the
-    attention window); serve refuses it in one line before it binds a port or says it listens."""
+    attention window the export planned); serve refuses it in one line before it binds a port or says it listens."""
+    from mixtrt.export import export_onnx
     from tests.checkpoints import EXPORT_W
 
-    _, art = head_artifacts("seqcls")
+    ck, art = head_artifacts("seqcls")
     capsys.readouterr()
     code, out, err = run(capsys, "inspect", str(art), "--json")
     assert code == 0 and json.loads(out)["cache"] is None, err
+    assert json.loads(out)["attention_windows"] == [EXPORT_W] * 2
     code, out, _ = run(capsys, "inspect", str(art))
     assert f"kv cache      none: the graph scores whole texts (window {EXPORT_W})" in out.splitlines()
     # a window at least max_context long was exported full causal: no window is shown
-    from mixtrt.runtime import inspect as inspect_module
-
-    real = inspect_module.inspect_artifact
-    monkeypatch.setattr(inspect_module, "inspect_artifact",
-                        lambda *a, **k: {**real(*a, **k), "max_context": EXPORT_W})
-    code, out, _ = run(capsys, "inspect", str(art))
+    short = export_onnx(ck, tmp_path / "short", max_context=EXPORT_W, progress=None)
+    capsys.readouterr()
+    code, out, _ = run(capsys, "inspect", str(short))
     assert "kv cache      none: the graph scores whole texts" in out.splitlines(), out
     code, out, err = run(capsys, "serve", str(art), "--port", "0")
     assert code == 2 and out == "" and "listening" not in err

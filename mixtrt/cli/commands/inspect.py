@@ -39,11 +39,9 @@ def run(ns: argparse.Namespace) -> int:
         labels = f", labels {', '.join(a['id2label'])}" if a.get("id2label") else ""
         labels += f" ({a['problem_type']})" if a.get("problem_type") else ""
         print(f"head          {info['head']}{labels} (`mixtrt run`)")
-        # the attention window, from the model (the JSON's cache is null: there is none), where it bites: one at
-        # least max_context long is exported full causal (as the cache plan has it)
-        window = a["sliding_window"] if a["sliding_window"] and a["sliding_window"] < info["max_context"] and (
-            "sliding_attention" in (a["layer_types"] or ("sliding_attention",))) else None
-        print("kv cache      none: the graph scores whole texts" + (f" (window {window})" if window else ""))
+        windows = sorted({w for w in info["attention_windows"] if w})  # the JSON's cache is null: there is none
+        print("kv cache      none: the graph scores whole texts"
+              + (f" (window {', '.join(map(str, windows))})" if windows else ""))
     else:
         print(f"kv cache      {c['layout']} layout, capacity {c['capacity']} rows/layer"
               + (f" (window {c['window']})" if c["window"] else "")
