@@ -88,9 +88,8 @@ def run(ns: argparse.Namespace) -> int:
         except ConfigError as e:  # the message is refused; the conversation is kept (an undone exchange too)
             session.messages = before
             dropped = ""
-            if read and not command:
+            if read and not command:  # what /read put in front of it was refused with it: the next starts without it
                 dropped = f"; the /read text ({sum(map(len, read))} characters) goes with it"
-            if not command:  # what /read put in front of it was refused with it: a later message starts without it
                 read.clear()
             print(f"mixtrt chat: {str(e).removeprefix('chat: ')}{dropped}", file=sys.stderr)
             continue
@@ -107,18 +106,18 @@ def run(ns: argparse.Namespace) -> int:
             session.messages = before  # a /regen's undone exchange too: its new reply did not come
             print("mixtrt chat: reply interrupted; the turn is dropped", file=sys.stderr)
             continue
+        # a length end short of --max-new-tokens: the context ended it (said; only --stats showed it)
+        by_context = out.finish_reason == "length" and len(out.token_ids) < session.config.max_new_tokens
         if not out.text:
             session.messages = before  # as above (the session drops an empty reply with its message)
             print(f"mixtrt chat: {session.turns[-1].note}", file=sys.stderr)
         elif out.finish_reason != "eos" and (constraint := session.config.constraint()) is not None and (
                 out.finish_reason != "length" or not out.constraint_complete):  # a text already whole was not cut
-            cut = "--max-new-tokens" if out.finish_reason == "length" else "a stop string"
-            if out.finish_reason == "length" and len(out.token_ids) < session.config.max_new_tokens:
-                cut = "the end of the context"
+            cut = "the end of the context" if by_context else \
+                "--max-new-tokens" if out.finish_reason == "length" else "a stop string"
             print(f"mixtrt chat: the reply was cut by {cut} before its text was complete ({_FLAGS[constraint[0]]})",
                   file=sys.stderr)
-        elif out.finish_reason == "length" and len(out.token_ids) < session.config.max_new_tokens:
-            # the context ended it, not --max-new-tokens: said (only --stats showed it)
+        elif by_context:
             print(f"mixtrt chat: the reply was cut: {out.finish_message}", file=sys.stderr)
         if ns.stats:
             if turn.kind in ("cached", "rewound"):
