@@ -405,7 +405,7 @@ class ModelArgs:
             # tensor's shape; a missing norm_eps took 1e-5 unsaid)
             num_key_value_heads=p.size("n_kv_heads", "num_key_value_heads"),
             head_dim=head_dim,
-            rms_norm_eps=p.get("norm_eps", None, (int, float)) if "norm_eps" in p.d else _missing(p, "norm_eps"),
+            rms_norm_eps=p.required("norm_eps", (int, float)),
             rope_theta=p.get("rope_theta", 1e6 if moe else 10000.0, (int, float)),
             sliding_window=_raw_window(p),
             max_position_embeddings=p.get("max_seq_len", p.get("max_position_embeddings", 32768, int), int),
@@ -532,15 +532,20 @@ class _Fields:
             raise ConfigError(f"{self.prefix}{key} must be {names}, got {value!r}")
         return value
 
-    def size(self, key: str, limit: str | None = None) -> int:
-        """A required positive integer, at most LIMITS[limit or key] when there is one."""
+    def _present(self, key: str) -> Any:
+        """d[key] of a required field; absent or null is named as missing."""
         if self.d.get(key) is None:
             raise ConfigError(f"missing required field {self.prefix + key!r}")
-        return _size(self.prefix + key, self.d[key], limit or key)
+        return self.d[key]
 
+    def required(self, key: str, types: type | tuple[type, ...]) -> Any:
+        """A required field of `types`."""
+        self._present(key)
+        return self.get(key, None, types)
 
-def _missing(p: _Fields, key: str) -> Any:
-    raise ConfigError(f"missing required field {p.prefix + key!r}")
+    def size(self, key: str, limit: str | None = None) -> int:
+        """A required positive integer, at most LIMITS[limit or key] when there is one."""
+        return _size(self.prefix + key, self._present(key), limit or key)
 
 
 def _labels(cfg: _Fields) -> tuple[int, tuple[str, ...]]:
