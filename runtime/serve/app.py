@@ -958,7 +958,7 @@ def _request_id(request: Request) -> str:
     rid = getattr(request.state, "mixtrt_request_id", None)
     if rid is None:
         given = request.headers.get("x-request-id", "")
-        if getattr(request.app.state, "mixtrt_behind_proxy", False):  # the id the proxy answers with
+        if request.app.state.mixtrt_behind_proxy:  # the id the proxy answers with
             rid = given or uuid.uuid4().hex
         else:
             rid = given if 0 < len(given) <= 128 and given.isascii() and given.isprintable() and " " not in given \
