@@ -174,10 +174,10 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        # unknown routes (404), wrong methods (405): OpenAI's error object, not the framework's {"detail"}
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        # unknown routes (404), wrong methods (405): OpenAI's error object, not the framework's {"detail"}; OpenAI
+        # types both an invalid_request_error ("Invalid URL (POST /v1/...)")
         message = f"{request.method} {request.url.path}: {e.detail}"
-        error = ApiError(message, e.status_code, type=kind)
+        error = ApiError(message, e.status_code)
         _log_refused(request, error)
         return JSONResponse(error.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
 
@@ -488,7 +488,7 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
         handle = loop.submit(prompts, config, req.n, rid, t0, continuation=continued, stream=bool(req.stream),
                              score_only=echo_only)
     except QueueFull as e:
-        raise ApiError(f"the server is busy: {e}", 429, type="rate_limit_error") from None
+        raise ApiError(f"the server is busy: {e}", 429, type="rate_limit_error", code="rate_limit_exceeded") from None
     except NotAccepting as e:
         raise ApiError(str(e), 503, type="unavailable_error") from None
     call = _Call(kind, rid, req, prompts, echo, handle, t0, echo_only=echo_only, tools=tools,

@@ -208,6 +208,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     for method, path, status in [("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405)]:
         r = server.http.request(method, path)
         assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+        assert r.json()["error"]["type"] == "invalid_request_error"  # as OpenAI types an invalid URL
     assert server.openai.models.retrieve("tiny").id == "tiny"
     assert server.http.head("/health").status_code == 200  # load balancers' probes
     with pytest.raises(openai.NotFoundError):
@@ -247,6 +248,7 @@ def test_disconnect_frees_the_row_and_a_full_queue_answers_429(generator, serve_
             with pytest.raises(openai.RateLimitError) as e:
                 s.openai.completions.create(model="tiny", prompt="b", max_tokens=2)
             assert e.value.status_code == 429 and e.value.body["type"] == "rate_limit_error"
+            assert e.value.body["code"] == "rate_limit_exceeded"  # OpenAI's code
             assert "0 row(s) not yet running" in e.value.body["message"]  # the decoding row is not counted
             assert "0 free of 1 engine rows" in e.value.body["message"]
             assert e.value.response.headers["retry-after"] == "1"
