@@ -101,8 +101,10 @@ def prompt_logprobs(texts: TokenTexts, prompt: list[int], lps: Any, top: Any, k:
     rest = completion_logprobs(texts, prompt[1:], lps, top, k, at[1:])
     tokens = [texts(prompt[0])[0]] + rest["tokens"]
     tops = [None] + rest["top_logprobs"]
-    n = next((n for n, piece in enumerate(offsets.pieces) if piece), None)  # the first token the text shows
-    if n is not None:
+    # up to the first token the text shows: a dummy prefix alone ("▁" before "▁Paris", "\n" or a byte-spelled
+    # character) shows nothing, so its token is "" too
+    shown = next((n for n, piece in enumerate(offsets.pieces) if piece), len(prompt) - 1)
+    for n in range(shown + 1):
         cut = dropped_front(tokens[n], offsets.pieces[n])
         if cut.isspace():  # "" is not
             tokens[n] = offsets.pieces[n]

@@ -138,6 +138,15 @@ def test_logprobs_and_echo_prompt_logprobs(server, generator):
     c = r.choices[0]
     assert c.text == generator.tokenizer.decode(ids[1:]) and "".join(c.logprobs.tokens) == c.text
     assert c.logprobs.tokens[1:] == lp.tokens[2:len(ids)]
+    # a text that starts with a space or a newline: the dummy prefix is a token of its own ("▁" before "▁Paris"),
+    # which the text does not show: "" like the first word's space, so the tokens still join to the text
+    for lead in (" ", "\n", "  "):
+        r = server.openai.completions.create(model="tiny", prompt=lead + PROMPTS[3], max_tokens=0, logprobs=1,
+                                             echo=True)
+        c = r.choices[0]
+        assert c.text == lead + PROMPTS[3] and "".join(c.logprobs.tokens[1:]) == c.text, c.logprobs.tokens
+        for token, at in zip(c.logprobs.tokens[1:], c.logprobs.text_offset[1:], strict=True):
+            assert c.text[at:].startswith(token), (token, at, c.text)
     # echo with max_tokens 0 (OpenAI's legacy scoring request, vLLM's echo without generation): the same prompt
     # logprobs, the prompt's text alone, nothing generated; whole and streamed, each of n choices
     scored = lp
