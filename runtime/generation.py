@@ -51,6 +51,7 @@ from mixtrt.runtime.chat_format import ChatTokenizer, GenerationDefaults
 from mixtrt.runtime.errors import BackendError, ConfigError, GuideError, NonFiniteLogitsError, RowError
 from mixtrt.runtime.prompts import (
     Prompts,
+    as_list,
     check_messages_text,
     check_text,
     is_token_id,
@@ -1257,7 +1258,8 @@ class Generator:
         """[T - 1] float32: log p(token_ids[t] | token_ids[:t]) for t >= 1, the whole sequence fed in chunks."""
         from mixtrt.runtime.scoring import teacher_forced_logprobs
 
-        [ids] = normalize_prompts([_scored_ids(token_ids)], self.tokenizer, self.backend.args.vocab_size)
+        [ids] = normalize_prompts([_scored_ids(token_ids)], self.tokenizer, self.backend.args.vocab_size,
+                                  name="token_ids")
         return teacher_forced_logprobs(self.backend, ids, prefill_chunk)
 
     def perplexity(self, token_ids: Sequence[int], window: int | None = None) -> float:
@@ -1265,7 +1267,8 @@ class Generator:
         from an empty cache (its first token is context only); None = the whole sequence in one pass."""
         from mixtrt.runtime.scoring import perplexity
 
-        [ids] = normalize_prompts([_scored_ids(token_ids)], self.tokenizer, self.backend.args.vocab_size)
+        [ids] = normalize_prompts([_scored_ids(token_ids)], self.tokenizer, self.backend.args.vocab_size,
+                                  name="token_ids")
         return perplexity(self.backend, ids, window)
 
     # ---- helpers -----------------------------------------------------------------------------------
@@ -1300,6 +1303,9 @@ def _scored_ids(token_ids: Any) -> list[Any]:
     if isinstance(token_ids, (str, bytes)):
         raise ConfigError(f"token_ids must be token ids (a list of ints), got {type(token_ids).__name__}: encode "
                           "the text first (generator.tokenizer.encode)")
+    token_ids = as_list(token_ids, "token_ids")
+    if not isinstance(token_ids, Sequence):
+        raise ConfigError(f"token_ids must be token ids (a list of ints), got {type(token_ids).__name__}")
     return list(token_ids)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.errors import ConfigError, first_line
 
 Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | np.ndarray
 
@@ -47,11 +47,38 @@ def decode_ids(ids: Any) -> list[int]:
     return out
 
 
-def normalize_prompts(prompts: Prompts, tokenizer: Any, vocab_size: int) -> list[list[int]]:
+def as_list(value: Any, what: str) -> Any:
+    """An array-like (a numpy array, a torch tensor: anything with `__array__` and `tolist`) as the nested list it
+    holds; anything else as given."""
+    if isinstance(value, (str, bytes, Sequence)) or not (hasattr(value, "__array__") and hasattr(value, "tolist")):
+        return value
+    try:
+        return value.tolist()
+    except Exception as e:  # an array library's own error
+        raise ConfigError(f"{what}: cannot read the {type(value).__name__} as a list: {first_line(e)}") from None
+
+
+def _not_an_id(t: Any) -> bool:
+    """A number that is not a token id (a float, a bool): a token-id list holding it is refused, item named."""
+    return isinstance(t, (float, bool, np.floating, np.bool_))
+
+
+def _row_ids(p: Sequence[Any], where: str) -> list[int]:
+    bad = next((k for k, t in enumerate(p) if not is_token_id(t)), None)
+    if bad is not None:
+        shown = repr(p[bad])
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise ConfigError(f"{where}: token ids must be integers; item {bad} is a {type(p[bad]).__name__} ({shown})")
+    return [int(t) for t in p]
+
+
+def normalize_prompts(prompts: Prompts, tokenizer: Any, vocab_size: int, name: str | None = None
+                      ) -> list[list[int]]:
     """A list of token-id lists: a str, a list of str, one token-id list or a list of them (text is encoded
-    with BOS). Empty prompts, non-integer ids and ids outside [0, vocab_size) are ConfigErrors."""
-    if isinstance(prompts, np.ndarray):
-        prompts = prompts.tolist()
+    with BOS); numpy arrays and torch tensors of ids as the lists they hold. Empty prompts, non-integer ids and
+    ids outside [0, vocab_size) are ConfigErrors naming the prompt ("prompt i", or `name` for a call that takes
+    one sequence of ids)."""
+    prompts = as_list(prompts, name or "prompts")
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, Sequence) or isinstance(prompts, bytes):
@@ -59,31 +86,28 @@ def normalize_prompts(prompts: Prompts, tokenizer: Any, vocab_size: int) -> list
                           f"{type(prompts).__name__}")
     if len(prompts) == 0:
         raise ConfigError("prompts is empty: give a str, a list of str, a token-id list or a list of them")
-    if any(is_token_id(p) for p in prompts):  # one tokenized prompt
-        bad = next((i for i, p in enumerate(prompts) if not is_token_id(p)), None)
-        if bad is not None:
-            raise ConfigError(f"prompt 0: token ids must be integers; item {bad} is a {type(prompts[bad]).__name__}")
-        batch: Sequence[Any] = [prompts]
+    batch: Sequence[Any]
+    if any(is_token_id(p) or _not_an_id(p) for p in prompts):  # one tokenized prompt
+        batch = [prompts]
     else:
-        batch = prompts
+        batch = [as_list(p, name or f"prompt {i}") for i, p in enumerate(prompts)]
         if len({isinstance(p, str) for p in batch}) > 1:
             raise ConfigError("prompts mixes text and token-id lists: give a list of str or a list of token-id lists")
     rows = []
     for i, p in enumerate(batch):
+        where = name or f"prompt {i}"
         if isinstance(p, str):
             if not p:
-                raise ConfigError(f"prompt {i} is empty")
-            check_text(p, f"prompt {i}")
+                raise ConfigError(f"{where} is empty")
+            check_text(p, where)
             ids = list(tokenizer.encode(p, bos=True, eos=False))
-        elif isinstance(p, (Sequence, np.ndarray)) and not isinstance(p, bytes):
-            if not all(is_token_id(t) for t in p):
-                raise ConfigError(f"prompt {i}: token ids must be integers")
-            ids = [int(t) for t in p]
+        elif isinstance(p, Sequence) and not isinstance(p, bytes):
+            ids = _row_ids(p, where)
         else:
-            raise ConfigError(f"prompt {i}: expected a str or a list of token ids, got {type(p).__name__}")
+            raise ConfigError(f"{where}: expected a str or a list of token ids, got {type(p).__name__}")
         if not ids:
-            raise ConfigError(f"prompt {i} is empty")
-        message = outside_vocab(ids, vocab_size, f"prompt {i}: token ids", shown=5)
+            raise ConfigError(f"{where} is empty")
+        message = outside_vocab(ids, vocab_size, f"{where}: token ids", shown=5)
         if message:
             raise ConfigError(message)
         rows.append(ids)

@@ -233,6 +233,11 @@ def test_prompt_forms():
     assert gen.generate([text, text], config)[1].token_ids == expected
     assert gen.generate(ids, config)[0].token_ids == expected
     assert gen.generate(np.array([ids]), config)[0].token_ids == expected
+    # array-likes of ids as the lists they hold (torch tensors, one or a batch, as transformers users pass them)
+    torch = pytest.importorskip("torch", reason="torch tensors as prompts need torch (the test extras have it)")
+    assert gen.generate(torch.tensor(ids), config)[0].token_ids == expected
+    assert gen.generate(torch.tensor([ids, ids]), config)[1].token_ids == expected
+    assert gen.generate([torch.tensor(ids), np.array(ids)], config)[1].token_ids == expected
 
 
 def test_stream_concatenates_to_text_with_split_utf8_characters():
@@ -335,6 +340,12 @@ def test_scoring_refuses_text_and_a_window_that_is_not_an_integer():
         with pytest.raises(ConfigError, match=f"window must be an integer >= 2, got {bad!r}"):
             gen.perplexity(PROMPTS[1], window=bad)  # type: ignore[arg-type]
     assert gen.perplexity(PROMPTS[1], window=np.int64(4)) > 0
+    # a scoring call's ids are named as what they are, not as a prompt; arrays are read as their lists
+    assert gen.perplexity(np.array(PROMPTS[1])) == gen.perplexity(PROMPTS[1])
+    with pytest.raises(ConfigError, match=r"^token_ids: token ids must be integers; item 1 is a float \(2.5\)$"):
+        gen.teacher_forced_logprobs([1, 2.5])  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match="token_ids must be token ids .* got int"):
+        gen.perplexity(7)  # type: ignore[arg-type]
 
 
 def test_prefill_asks_for_all_logits_only_when_prompt_logprobs_are_needed():

@@ -46,6 +46,9 @@ PROMPTS = [
     ([b"bytes"], ["prompt 0", "bytes"]),
     ([["nested", ["deeper"]]], ["prompt 0", "integers"]),
     (np.array([[1.0, 2.0]]), ["prompt 0", "integers"]),
+    ([1.0, 5.0], ["prompt 0", "item 0 is a float (1.0)"]),  # one prompt of float ids, not two prompts
+    ([True, False], ["prompt 0", "item 0 is a bool (True)"]),
+    ([[1, list(range(50))]], ["prompt 0", "item 1 is a list ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11..."]),
     (None, ["prompts must be", "NoneType"]),
     (42, ["prompts must be", "int"]),
     (b"bytes", ["prompts must be", "bytes"]),
