@@ -122,3 +122,17 @@ def test_readme_samples_are_what_the_demo_prints(artifact):
         ids = gen.tokenizer.encode(prompt)  # decoded with the prompt, the continuation keeps its first space
         text = " ".join(gen.tokenizer.decode(ids + gen.generate(ids, cfg)[0].token_ids).split())
         assert text in quotes, f"README lacks the demo output {text!r}"
+
+
+def test_readme_structured_output_sample_completes(artifact):
+    """README's structured-output sample, run as written on the built-in model: the bounded schema lets greedy
+    decoding finish the document (without the bounds it ran on in one integer's digits until max_new_tokens)."""
+    text = (MODEL.parents[1] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    [sample] = [b for b in blocks if "Describe Mr. Darcy as JSON" in b]
+    printed: list[object] = []
+    scope = {"gen": Generator.load(artifact, threads=2), "json": json, "print": printed.append}
+    exec(sample, scope)  # noqa: S102 (the README's own text)
+    out = scope["out"]
+    assert out.finish_reason == "eos" and printed == [json.loads(out.text)]  # type: ignore[attr-defined]
+    assert set(printed[0]) == {"name", "age"} and 0 <= printed[0]["age"] <= 120  # type: ignore[index]
