@@ -23,11 +23,13 @@ run` takes the proxy down at its signal, cutting running streams whatever drain_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -118,10 +120,7 @@ def app_builder(args: dict[str, Any]) -> Application:
 
 def serve_on_ray(settings: ServeSettings, host: str, port: int, replicas: int, address: str | None = None) -> int:
     """`mixtrt serve --ray`: start (or join) Ray, run the deployment, wait for SIGTERM / SIGINT, shut down."""
-    import ray
-
     from mixtrt.runtime.serve.runner import listen, log_to_stderr
-    from mixtrt.runtime.threads import available_cores
 
     if port == 0:
         raise ConfigError("--ray needs a fixed --port (Ray's proxy does not report a port it chose)")
@@ -129,6 +128,20 @@ def serve_on_ray(settings: ServeSettings, host: str, port: int, replicas: int, a
     if not address:  # a local instance: the proxy listens here, and the replicas load the artifact here
         listen(host, port).close()  # a port in use: one line now, not Ray's traceback later
         Manifest.read(settings.artifact)  # a missing or malformed artifact: the same
+    if not sys.stderr.isatty():  # Ray colours the prefix of the lines it forwards, for a terminal or not
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    # Ray forwards lines of its own that it does not mark as errors to the driver's stdout (at shutdown, its
+    # controller's "(raylet) Task ServeController.graceful_shutdown failed ... killed by `ray.kill`": the
+    # controller ending itself); the server writes nothing there, so its stdout stays empty: log lines go to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        return _run_on_ray(settings, host, port, replicas, address)
+
+
+def _run_on_ray(settings: ServeSettings, host: str, port: int, replicas: int, address: str | None) -> int:
+    import ray
+
+    from mixtrt.runtime.threads import available_cores
+
     stop = threading.Event()
     previous: dict[int, Any] = {}
     try:
@@ -164,11 +177,23 @@ def serve_on_ray(settings: ServeSettings, host: str, port: int, replicas: int, a
         serve.delete("mixtrt")
         time.sleep(LOG_FORWARD_S)  # the replicas' last lines, in their log files, reach this process's stderr
     finally:
-        serve.shutdown()
+        # Ray Serve itself goes down with the last application: on a cluster it may hold others' (`serve run`'s
+        # stop takes them all down; this leaves them running)
+        if not _other_applications():
+            serve.shutdown()
         ray.shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _other_applications() -> list[str]:
+    """The Serve applications deployed beside this one (on a shared cluster); none where Serve's status is not
+    readable (it was not started, or is gone)."""
+    try:
+        return [name for name in serve.status().applications if name != "mixtrt"]
+    except Exception:  # Ray's errors of a Serve instance that is not there
+        return []
 
 
 def _deploy_error(e: BaseException) -> str:

@@ -96,7 +96,7 @@ def _ray_cli(artifact, port: int, *extra: str):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "mixtrt", "serve", str(artifact), "--ray", "--port", str(port),
                              "--threads", "1", "--model-name", "tiny", *extra],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 
 @pytest.mark.slow  # ~50 s on 2 cores: Ray's start, two replicas loading, a drain, Ray's shutdown
@@ -130,8 +130,10 @@ def test_cli_on_ray_logs_each_request_and_sigterm_lets_a_running_stream_finish(s
             proc.send_signal(signal.SIGTERM)
             rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in rest[-2], rest[-3:]
-        _, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err[-3000:]
+        # nothing on stdout (Ray's own shutdown line went there, in colour), no colour codes on a piped stderr
+        assert out == "" and "\x1b[" not in err, (out, err[-1000:])
         records = [json.loads(line) for line in err.splitlines() if line.startswith('{"ts"')]
         requests = [r for r in records if r["event"] == "request"]
         assert len(requests) == 7 and sum(r["completion_tokens"] == 2 for r in requests) == 6, requests
