@@ -306,6 +306,25 @@ def test_an_interrupted_stream_ends_its_line(monkeypatch, capsys):
         assert capsys.readouterr().out == want
 
 
+def test_ctrl_c_at_the_chat_prompt_ends_its_line(monkeypatch, capsys):
+    """Ctrl-C while `mixtrt chat` waits for a message: the prompt's line is ended, so "interrupted" (stderr) is not
+    written after "you> " on a terminal; exit 130."""
+    import mixtrt.cli.commands.chat as chat_command
+    from mixtrt.cli import main
+    from tests.runtime.test_chat_session import ByteChat, Speaker
+
+    monkeypatch.setattr(chat_command, "load_generator", lambda ns: Generator(Speaker(windowed=False), ByteChat()))
+
+    def interrupted(prompt):
+        print(prompt, end="")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("builtins.input", interrupted)
+    assert main(["chat", "unused"]) == 130
+    captured = capsys.readouterr()
+    assert captured.out.endswith("you> \n") and captured.err.strip().splitlines()[-1] == "interrupted"
+
+
 def test_chat_command_takes_llama_clis_commands(monkeypatch, capsys, tmp_path):
     """/regen answers the last message again (the conversation keeps one exchange of it), /read FILE puts the file's
     text in front of the next message, /clear forgets the conversation, /help lists them, /exit ends the chat; a

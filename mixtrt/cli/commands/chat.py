@@ -170,7 +170,11 @@ def _message() -> str:
     lines: list[str] = []
     prompt = "you> "
     while True:
-        line = input(prompt).removesuffix("\r")
+        try:
+            line = input(prompt).removesuffix("\r")
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: its line ends before "interrupted" (stderr) is said
+            print()
+            raise
         if not sys.stdin.isatty():  # a terminal echoes the line; fed by a pipe, the transcript shows it so
             print(_shown(line))
         if not line.endswith("\\"):
