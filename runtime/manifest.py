@@ -28,6 +28,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -667,7 +668,7 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     parent = target.parent
     _clean_stale(target)
     check_target(target, overwrite=overwrite)
-    inside = target.is_dir() and not target.is_symlink() and (not any(target.iterdir()) or os.path.ismount(target))
+    inside = target.is_dir() and not target.is_symlink() and (not any(target.iterdir()) or is_mount(target))
     with _signals_raise() as critical, _staging(target, "cannot write the artifact directory here",
                                                  "the export failed", "nothing was left behind",
                                                  home=target if inside else parent) as tmp:
@@ -699,14 +700,55 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
                 os.replace(tmp, target)
 
 
+MOUNTINFO = "/proc/self/mountinfo"  # Linux's mount table of this process's namespace
+
+
+def is_mount(path: Path) -> bool:
+    """`path` is a mount point: os.path.ismount's test (another device, or the root), or, on Linux, a bind mount
+    of a folder of the same file system, which only the kernel's mount table names (a rename cannot replace it)."""
+    if os.path.ismount(path):
+        return True
+    try:
+        with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+            points = {_unescaped(line.split()[4]) for line in f if len(line.split()) > 4}
+    except OSError:  # no such table (not Linux): the first test is all there is
+        return False
+    return os.path.realpath(path) in points
+
+
+def _unescaped(field: str) -> str:
+    """A mountinfo path field: space, tab, newline and backslash are written as octal escapes (\\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+# Written into an artifact a swap moved aside (`.NAME.old-PID`) before it is removed, and removed last: what is left
+# of it after a kill -9 during the removal is provably such a leftover, which the next export of NAME removes.
+REPLACED_MARKER = ".mixtrt-replaced"
+
+
 def _remove_replaced(old: Path, target: Path) -> None:
-    """Remove the artifact a swap moved aside; where the file system refuses (a write-protected artifact's files),
-    say where it stayed instead of leaving it hidden and silent."""
+    """Remove the artifact a swap moved aside, its marker (REPLACED_MARKER) last; where the file system refuses (a
+    write-protected artifact's files), say where it stayed instead of leaving it hidden and silent."""
     errors: list[str] = []
     def failed(_f: Any, path: str, info: Any) -> None:  # onerror (Python 3.11 has no onexc)
         errors.append(f"{path}: {getattr(info[1], 'strerror', None) or info[1]}")
 
-    shutil.rmtree(old, onerror=failed)
+    marker = old / REPLACED_MARKER
+    with contextlib.suppress(OSError):  # where it cannot be written, nothing else can be removed either
+        marker.write_text(json.dumps(_owner(target)))
+    for entry in list(old.iterdir()) if old.is_dir() else []:
+        if entry != marker:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, onerror=failed)
+            else:
+                try:
+                    entry.unlink()
+                except OSError as e:
+                    errors.append(f"{entry}: {e.strerror or e}")
+    if not errors:
+        with contextlib.suppress(OSError):
+            marker.unlink()
+        shutil.rmtree(old, onerror=failed)
     if old.exists():
         warnings.warn(f"{target}: replaced, but the old artifact moved aside to {old} could not be removed "
                       f"({errors[0] if errors else 'unknown reason'}); delete it to free its space",
@@ -730,7 +772,7 @@ def artifact_update(directory: Path) -> Iterator[Path]:
     if not is_artifact(directory):
         raise ArtifactError(f"{directory}: not an artifact (its manifest must list exactly the files it holds)")
     _clean_stale(directory)
-    inside = os.path.ismount(directory)  # a rename from beside a mount point cannot reach into it
+    inside = is_mount(directory)  # a rename from beside a mount point cannot reach into it
     with _signals_raise() as critical, _staging(directory, "cannot write beside the artifact", "the update failed",
                                                  "the artifact is as it was",
                                                  home=directory if inside else None) as tmp:
@@ -865,6 +907,26 @@ def _unrenamed(entry: Path, rest: str) -> bool:
     return old and _gone(pid) and is_artifact(entry)
 
 
+def _finished_in_place(target: Path, entry: Path) -> bool:
+    """`entry`, inside `target`, is the staging folder of a replace in place (or a fill) whose process is gone
+    after moving every file in, the manifest last: it lost its marker before the moves, and `target` besides it is a
+    whole artifact (what is left in it, `.replaced`, is the old artifact's files on their way out)."""
+    rest = entry.name.removeprefix(f".{target.name}.tmp-")
+    return (rest != entry.name and entry.is_dir() and not entry.is_symlink()
+            and not (entry / PARTIAL_MARKER).exists() and _gone(rest.split("-", 1)[0])
+            and is_artifact(target, besides=entry))
+
+
+def _replaced_by(entry: Path) -> str | None:
+    """The target named by the REPLACED_MARKER in `entry`, if it holds a readable one."""
+    marker = entry / REPLACED_MARKER
+    try:
+        owner = json.loads(marker.read_text()) if marker.is_file() and not marker.is_symlink() else None
+    except (OSError, ValueError):
+        return None
+    return owner.get("target") if isinstance(owner, dict) and isinstance(owner.get("target"), str) else None
+
+
 def _clean_stale(target: Path) -> None:
     """Remove the partial artifacts of dead exports of `target` (and put back an old artifact a dead export
     moved aside). Only what is provably such a leftover is touched; anything else is left alone."""
@@ -872,6 +934,10 @@ def _clean_stale(target: Path) -> None:
     if not parent.is_dir():
         return
     inside = list(target.iterdir()) if target.is_dir() and not target.is_symlink() else []
+    for entry in inside:  # a replace in place killed after its manifest went in: the artifact is whole
+        if _finished_in_place(target, entry):
+            shutil.rmtree(entry, ignore_errors=True)
+    inside = [e for e in inside if e.exists()]
     for entry in list(parent.iterdir()) + [e for e in inside if e.name.startswith(f".{target.name}.tmp-")]:
         name = entry.name
         if entry.is_symlink() or not entry.is_dir():
@@ -887,13 +953,15 @@ def _clean_stale(target: Path) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
             elif owner is None and not marker.exists() and _unrenamed(entry, name.removeprefix(f".{target.name}.tmp-")):
                 shutil.rmtree(entry, ignore_errors=True)
-        elif (name.startswith(f".{target.name}.old-") and _gone(name.rsplit("-", 1)[1])
-              and is_artifact(entry)):
-            if target.exists() or target.is_symlink():
-                _remove_replaced(entry, target)
-            else:
-                with contextlib.suppress(OSError):
-                    os.replace(entry, target)
+        elif name.startswith(f".{target.name}.old-") and _gone(name.rsplit("-", 1)[1]):
+            if is_artifact(entry):
+                if target.exists() or target.is_symlink():
+                    _remove_replaced(entry, target)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.replace(entry, target)
+            elif _replaced_by(entry) == me["target"] or not any(entry.iterdir()):
+                _remove_replaced(entry, target)  # what a removal killed part way left of a replaced artifact
 
 
 @contextlib.contextmanager

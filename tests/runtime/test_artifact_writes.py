@@ -575,3 +575,64 @@ def test_a_missing_artifact_names_where_a_killed_export_moved_it_aside(tmp_path)
         mf.Manifest.read(tmp_path / "art")
     one_line(e.value, f"{tmp_path / 'art'}: no such artifact directory; {tmp_path / f'.art.old-{dead}'} holds the "
                       "artifact an export killed while replacing it had moved aside")
+
+
+def test_a_replace_in_place_killed_after_its_manifest_went_in_is_finished_by_the_next_export(tmp_path):
+    """kill -9 while a replace in place removed its staging folder (every new file in, the manifest last): the folder
+    is a whole artifact beside a staging folder without its marker, holding what is left of the old files. The next
+    export (or check) removes that folder and takes the artifact for what it is (it was called "not a whole
+    artifact", and emptying the folder by hand was asked for); while its process runs it is left alone."""
+    target, dead = fake_artifact(tmp_path / "art", "new"), _dead_pid()
+    staging = target / f".art.tmp-{dead}-x"
+    (staging / ".replaced").mkdir(parents=True)
+    (staging / ".replaced" / "weights.json").write_text("{}")  # the old artifact's, on its way out
+    with pytest.raises(ArtifactError, match="already exists"):
+        check_target(target)
+    assert not staging.exists() and is_artifact(target) and (target / "model.onnx").read_text() == "new"
+    live = target / f".art.tmp-{os.getpid()}-y"
+    (live / ".replaced").mkdir(parents=True)
+    with pytest.raises(ArtifactError, match="not only a mixtrt artifact"):
+        check_target(target, overwrite=True)
+    assert live.exists()
+
+
+def test_what_a_killed_removal_left_of_a_replaced_artifact_is_removed(tmp_path):
+    """kill -9 while a swap removed the artifact it replaced (`.NAME.old-PID`) leaves part of it, hidden, maybe as big
+    as the weights: the removal marks it first and unmarks it last, so the next export of NAME removes what is left;
+    an empty one goes too; one marked for another target, or unmarked and not empty, is not provably ours."""
+    target, dead = fake_artifact(tmp_path / "art", "current"), _dead_pid()
+    marked = tmp_path / f".art.old-{dead}"
+    marked.mkdir()
+    (marked / "model.onnx.data").write_text("weights")
+    (marked / mf.REPLACED_MARKER).write_text(json.dumps(mf._owner(target)))
+    empty = tmp_path / f".art.old-{_dead_pid()}"
+    empty.mkdir()
+    other = tmp_path / f".art.old-{_dead_pid()}"
+    other.mkdir()
+    (other / "model.onnx.data").write_text("weights")
+    (other / mf.REPLACED_MARKER).write_text(json.dumps(mf._owner(tmp_path / "elsewhere")))
+    with atomic_dir(target, overwrite=True) as tmp:
+        write_artifact(tmp, "newer")
+    assert not marked.exists() and not empty.exists() and other.exists()
+    assert (target / "model.onnx").read_text() == "newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["art", other.name])
+
+
+def test_a_bind_mount_is_a_mount_point(tmp_path, monkeypatch):
+    """A bind mount of a folder of the same file system is a mount point os.path.ismount does not see (same device,
+    another inode than its parent's): the kernel's mount table names it, escapes and all, and an export replaces
+    the artifact there in place (the swap's rename failed with EBUSY after the whole export)."""
+    target = tmp_path / "my volume"
+    target.mkdir()
+    table = tmp_path / "mountinfo"
+    escaped = str(target).replace(" ", "\\040")
+    table.write_text(f"36 35 98:0 / / rw - ext4 /dev/root rw\n99 36 98:0 /src {escaped} rw,relatime - ext4 /dev/x rw\n")
+    monkeypatch.setattr(mf, "MOUNTINFO", str(table))
+    assert mf.is_mount(target) and not mf.is_mount(tmp_path)
+    fake_artifact(target, "old")
+    with atomic_dir(target, overwrite=True) as tmp:
+        assert tmp.parent == target  # staged inside, replaced in place
+        write_artifact(tmp, "new")
+    assert (target / "model.onnx").read_text() == "new" and is_artifact(target) and leftovers(target) == []
+    monkeypatch.setattr(mf, "MOUNTINFO", str(tmp_path / "none"))  # no table: os.path.ismount's answer
+    assert not mf.is_mount(target) and mf.is_mount(Path("/"))
