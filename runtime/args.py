@@ -106,8 +106,9 @@ class MoeArgs:
 @dataclass(frozen=True)
 class ModelArgs:
     """Checked by meaning on construction (every loader and the manifest go through it): sizes are positive
-    integers within LIMITS, rms_norm_eps is in (0, 1) and rope_theta > 1 (both finite: 0 or NaN there makes
-    every logit NaN), the window is an integer >= 1 or None, the token ids are inside the vocabulary."""
+    integers within LIMITS, rms_norm_eps and rope_theta are positive (both finite: 0, a negative value or NaN
+    there makes every logit NaN; any positive value is what transformers computes with), the window is an integer
+    >= 1 or None, the token ids are inside the vocabulary."""
 
     architecture: str
     vocab_size: int
@@ -151,8 +152,8 @@ class ModelArgs:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        object.__setattr__(self, "rms_norm_eps", _real("rms_norm_eps", self.rms_norm_eps, 0.0, 1.0))
-        object.__setattr__(self, "rope_theta", _real("rope_theta", self.rope_theta, 1.0))
+        object.__setattr__(self, "rms_norm_eps", _real("rms_norm_eps", self.rms_norm_eps, 0.0))
+        object.__setattr__(self, "rope_theta", _real("rope_theta", self.rope_theta, 0.0))
         if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window < 1):
             raise ConfigError(f"sliding_window must be null or an integer >= 1, got {self.sliding_window!r}")
         if self.layer_types is not None:

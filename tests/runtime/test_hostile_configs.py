@@ -55,7 +55,7 @@ HF_CASES = [
     (edited(MISTRAL, rope_parameters={"rope_type": "default", "rope_theta": 0}), "rope_theta"),
     (edited(MISTRAL, rope_parameters={"rope_type": "default", "rope_theta": -10000.0}), "rope_theta"),
     (edited(MISTRAL, rope_parameters={"rope_type": "default", "rope_theta": "1e4"}), "rope_theta"),
-    (edited(MISTRAL, rope_parameters=DROP, rope_theta=0.5), "rope_theta"),
+    (edited(MISTRAL, rope_parameters=DROP, rope_theta=-0.5), "rope_theta"),
     (edited(MISTRAL, rope_parameters="default"), "rope_parameters"),
     (edited(MISTRAL, rope_parameters={"rope_type": "yarn", "factor": 4.0}), "rope type 'yarn'"),
     # transformers applies a legacy rope_scaling beside rope_parameters: refused, not read as unscaled
@@ -63,7 +63,7 @@ HF_CASES = [
     (edited(MISTRAL, max_position_embeddings=1), "max_position_embeddings=1: a model needs at least 2 positions"),
     (edited(MISTRAL, rms_norm_eps=-1e-5), "rms_norm_eps"),
     (edited(MISTRAL, rms_norm_eps=0), "rms_norm_eps"),
-    (edited(MISTRAL, rms_norm_eps=2.0), "rms_norm_eps"),
+    (edited(MISTRAL, rms_norm_eps=-2.0), "rms_norm_eps"),
     (edited(MISTRAL, rms_norm_eps="1e-5"), "rms_norm_eps"),
     (edited(MISTRAL, max_position_embeddings=1e9), "max_position_embeddings"),
     (edited(MISTRAL, max_position_embeddings=2**31), "max_position_embeddings"),
@@ -190,6 +190,11 @@ def test_valid_configs_still_load():
     # integers where a float is expected are fine, and kept as floats (the manifest round-trips them)
     c = ModelArgs.from_hf_config(edited(MISTRAL, rope_parameters={"rope_theta": 1000000}))
     assert isinstance(c.rope_theta, float) and c.rope_theta == 1e6
+    # any positive epsilon and theta, as transformers computes with them (1.0 itself was refused)
+    d = ModelArgs.from_hf_config(edited(MISTRAL, rms_norm_eps=1.0, rope_parameters={"rope_theta": 1.0}))
+    assert (d.rms_norm_eps, d.rope_theta) == (1.0, 1.0)
+    e = ModelArgs.from_hf_config(edited(MISTRAL, rms_norm_eps=2.0, rope_parameters={"rope_theta": 0.5}))
+    assert (e.rms_norm_eps, e.rope_theta) == (2.0, 0.5)
 
 
 def test_nan_values_through_the_api_are_refused():
@@ -211,7 +216,7 @@ def _sane(a: ModelArgs) -> None:
     for name, limit in LIMITS.items():
         if hasattr(a, name):
             assert 1 <= getattr(a, name) <= limit
-    assert 0 < a.rms_norm_eps < 1 and 1 < a.rope_theta < math.inf
+    assert 0 < a.rms_norm_eps < math.inf and 0 < a.rope_theta < math.inf
     assert a.sliding_window is None or (isinstance(a.sliding_window, int) and a.sliding_window >= 1)
     assert all(0 <= i < a.vocab_size for i in a.eos_token_ids)
     assert ModelArgs.from_dict(json.loads(json.dumps(a.to_dict()))) == a
