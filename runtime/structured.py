@@ -69,7 +69,11 @@ def check_schema(schema: Any, where: str = "json_schema") -> str:
         raise ConfigError(f"{where}: the schema is not JSON ({e})") from None
     except RecursionError:
         raise ConfigError(f"{where}: the schema is nested too deeply") from None
-    _enforceable(_lark("json_schema", text, lead_space=False), where, "json_schema")
+    try:
+        grammar = _lark("json_schema", text, lead_space=False)
+    except ConfigError as e:  # closed(): too deep to walk
+        raise ConfigError(f"{where}: {e}") from None
+    _enforceable(grammar, where, "json_schema")
     return text
 
 
@@ -436,7 +440,10 @@ def closed(schema: Any) -> Any:
     allows, the schema accepts; an explicit `additionalProperties` keeps its word."""
     if not isinstance(schema, Mapping):
         return schema
-    return _closed(schema, keep_defs=_has_join(schema))
+    try:
+        return _closed(schema, keep_defs=_has_join(schema))
+    except RecursionError:  # deeper than llguidance's own limit lets through (it refuses a few hundred levels)
+        raise ConfigError("the schema is nested too deeply") from None
 
 
 def _joined(schema: Mapping[str, Any]) -> bool:

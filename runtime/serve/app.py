@@ -521,6 +521,9 @@ async def _complete(call: _Call, state: _State, request: Request) -> Response:
     except BackendError as e:
         call.status, call.end = 500, "error"
         raise ApiError(str(e), 500, type="server_error", logged=True) from None
+    except ConfigError as e:  # the engine refused a row the checks passed (a constraint compiled again): a 400
+        call.status, call.end = 400, "error"
+        raise ApiError(str(e), 400, logged=True) from None
     except asyncio.CancelledError:
         # the handler cancelled: under Ray Serve by its proxy when the client went away; else by uvicorn stopping
         # (a second Ctrl-C, its graceful timeout). Either way its rows go, logged once the engine has taken them out
@@ -563,6 +566,11 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
     tail = "]}\n\n" if not usage or running else '], "usage": null}\n\n'
     prompt_tokens = sum(len(p) for p in call.prompts)
 
+    # a client that takes no chunk for STALL_S while the stream has one for it is not reading: its rows are
+    # cancelled and what waits for it dropped (the engine would otherwise make and keep its whole output)
+    sending: list[float] = []  # when the chunk being sent was handed over (empty: the stream waits for the engine)
+    stall = asyncio.create_task(_watch_stall(call, loop, sending))
+
     def chunk(choice: dict[str, Any]) -> str:
         if running:
             return (head + _sse_json(choice) + '], "usage": '
@@ -572,8 +580,10 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
     try:
         if chat:
             for i in range(len(counts)):
+                sending[:] = [time.perf_counter()]
                 yield chunk({"index": i, "delta": {"role": "assistant", "content": call.echo[0]}, "logprobs": None,
                              "finish_reason": None})
+                sending.clear()
         async for event in call.handle.events():
             i = _choice(call, event)
             row = event.row
@@ -582,8 +592,10 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
             if call.echo_only:  # one event per choice (its only token's): its echo, scored, and nothing generated
                 assert out is not None
                 call.outputs[i] = out
+                sending[:] = [time.perf_counter()]
                 yield chunk({"index": i, "text": call.echo[i // call.req.n],
                              "logprobs": _echo_logprobs(call, state, i, row), "finish_reason": "length"})
+                sending.clear()
                 if call.t_first_sent is None:
                     call.t_first_sent = time.perf_counter()
                 continue
@@ -614,7 +626,9 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
                 else:
                     parts.append(chunk({"index": i, "text": text, "logprobs": lp, "finish_reason": finish}))
             for part in parts:
+                sending[:] = [time.perf_counter()]
                 yield part
+                sending.clear()
                 if call.t_first_sent is None:
                     call.t_first_sent = time.perf_counter()  # the generator resumes once the chunk was sent
         if usage:
@@ -630,8 +644,15 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
         call.end = "error"
         yield "data: " + json.dumps(ApiError(str(e), 500, type="server_error").body()) + "\n\n"
         yield "data: [DONE]\n\n"
+    except ConfigError as e:  # the engine refused a row the checks passed: the request's own error, in the stream
+        call.end = "error"
+        yield "data: " + json.dumps(ApiError(str(e), 400).body()) + "\n\n"
+        yield "data: [DONE]\n\n"
     finally:
-        if not call.handle.ended and len(call.outputs) < call.handle.choices:
+        stall.cancel()
+        if call.end == "stalled":  # logged by the stall's cancel, once the engine took the rows out
+            pass
+        elif not call.handle.ended and len(call.outputs) < call.handle.choices:
             # the client went away, or the server's forced exit cut the stream (the response task was cancelled):
             # logged once the engine has taken the rows out, with the tokens they made until then (what the
             # metrics count)
@@ -643,6 +664,30 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
                 # item saying so is still in its queue
                 call.end = _ended_by(call)
             _log(call)
+
+
+STALL_S = 60.0  # a streamed chunk the client has not taken this long: it is not reading (nginx's send_timeout)
+STALL_CHECK_S = 1.0
+
+
+async def _watch_stall(call: _Call, loop: EngineLoop, sending: list[float]) -> None:
+    """Cancel a stream whose client has not taken a chunk for STALL_S (`sending` holds when the chunk being sent was
+    handed over): its rows leave the batch, and the events queued for it are dropped once the engine has taken the
+    rows out (a finished request's too: a client that reads nothing would hold its whole output), leaving the
+    stream's end ("stalled"), which the client gets if it reads again. Logged then, `end` "stalled"."""
+    while True:
+        await asyncio.sleep(STALL_CHECK_S)
+        if sending and time.perf_counter() - sending[0] > STALL_S:
+            break
+    call.end = "stalled"
+
+    def dropped(_cut: bool) -> None:
+        _ended_by(call)  # empties the queue (the outputs in it counted for the log line)
+        call.end = "stalled"
+        call.handle.queue.put_nowait(Cancelled("stalled"))
+        _log(call)
+
+    loop.cancel(call.handle, "stalled", then=dropped)
 
 
 # line breaks to Python's str.splitlines (and so to clients that split a stream with it, as httpx's iter_lines does)
@@ -686,8 +731,8 @@ def _log_cancelled(call: _Call, cut: bool) -> None:
     _log(call)
 
 
-# a body that asks for structured output (its constraint compiled on the request's thread)
-_CONSTRAINED = re.compile(rb'"(response_format|structured_outputs|guided_[a-z]+|json_schema|grammar)"|\\u')
+# a body that asks for structured output or may force a tool call (its constraint compiled on the request's thread)
+_CONSTRAINED = re.compile(rb'"(response_format|structured_outputs|guided_[a-z]+|json_schema|grammar|tool_choice)"|\\u')
 INLINE_BODY_BYTES = 16 << 10  # a body up to this size is parsed and tokenized on the event loop (well under 10 ms)
 
 # the runtime's GenerationConfig names -> the request field a client set them with
@@ -761,6 +806,15 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
         except ConfigError as e:
             raise ApiError(str(e).replace(constraint[1], constraint[0], 1), param=constraint[0].split(".")[0]
                            ) from None
+    if tools is not None and tools.call_forced and tools.grammar is not None:  # a forced call's grammar: the same
+        from mixtrt.runtime.structured import prepare
+
+        try:
+            prepare(gen.tokenizer, ("grammar", tools.grammar))
+        except ConfigError as e:
+            choice = json.dumps(getattr(req, "tool_choice", None))
+            raise ApiError(f"tools: the call tool_choice {choice} asks for cannot be enforced over these tools: {e}",
+                           param="tools") from None
     limit, why = limits
     name, asked = length_field(req)
     score_only = _scores_only(req)  # adds no token: may fill the positions

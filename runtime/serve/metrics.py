@@ -64,7 +64,7 @@ class Metrics:
         # every label value known up front has its series from the start (at 0): a rate() over them is 0, not absent
         for reason in ("stop", "length"):
             self._success.labels(model_name, reason)
-        for reason in ("disconnect", "error", "shutdown"):
+        for reason in ("disconnect", "error", "shutdown", "stalled"):
             self._aborted.labels(model_name, reason)
 
     def success(self, reason: str) -> None:

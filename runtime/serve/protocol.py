@@ -20,6 +20,10 @@ from mixtrt.runtime.errors import ConfigError
 
 MAX_N = 128  # choices per request (OpenAI's limit)
 MAX_LOGPROBS = 20  # alternatives per position (vLLM's default limit; OpenAI's is 5 for completions)
+# stop strings are matched against each row's text at every token, on the engine loop every request shares: their
+# number and length are bounded (OpenAI allows 4 strings; these leave room for lm-evaluation-harness's `until` lists)
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 4096  # all of a request's stop strings together
 
 
 class ApiError(Exception):
@@ -300,6 +304,10 @@ def _check_neutral(req: _Sampling) -> None:
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
     if any(not s for s in stops):
         raise ApiError("stop: stop strings must be non-empty", param="stop")
+    if len(stops) > MAX_STOP_STRINGS or sum(len(s) for s in stops) > MAX_STOP_CHARS:
+        raise ApiError(f"stop: at most {MAX_STOP_STRINGS} stop strings of {MAX_STOP_CHARS} characters in all, got "
+                       f"{len(stops)} of {sum(len(s) for s in stops)} (each is matched at every token, on the engine "
+                       "loop the server's requests share)", param="stop")
     if isinstance(req, ChatRequest) and req.top_logprobs and not req.logprobs:
         raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs")
 

@@ -79,14 +79,18 @@ class Server:
     """create_app served by uvicorn in a thread; `openai` and `http` clients bound to it."""
 
     def __init__(self, generator: Generator | None, artifact: Any, wait: bool = True, app_options: Any = None,
-                 proxy: Any = None, **settings: Any) -> None:
-        """app_options: more create_app keywords; proxy: an ASGI middleware class the app is served behind."""
+                 proxy: Any = None, sndbuf: int | None = None, **settings: Any) -> None:
+        """app_options: more create_app keywords; proxy: an ASGI middleware class the app is served behind;
+        sndbuf: the connections' kernel send buffer (fixed, not grown by the kernel: a client that stops reading
+        blocks the server's writes after that much)."""
         self.settings = ServeSettings(artifact, model_name="tiny", drain_s=2.0, **settings)
         self.app = create_app(self.settings, generator=generator, **(app_options or {}))
         served = self.app if proxy is None else proxy(self.app)
         self.server = uvicorn.Server(uvicorn.Config(served, lifespan="on", log_level="warning", access_log=False,
                                                     timeout_graceful_shutdown=2, **http_protocol(MAX_HEAD_BYTES)))
         sock = socket.create_server(("127.0.0.1", 0))
+        if sndbuf is not None:  # accepted connections inherit it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)

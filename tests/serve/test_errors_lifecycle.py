@@ -62,6 +62,9 @@ BAD = [  # (body, status, param, words in the message)
     ({"prompt": "a", "top_p": 0}, 400, "top_p", "greater than 0"),
     (b'{"prompt": "a", "temperature": NaN}', 400, "temperature", "finite number"),
     ({"prompt": "a", "stop": [""]}, 400, "stop", "non-empty"),
+    # matched at every token on the shared engine loop: bounded (100,000 of them slowed every other client 36x)
+    ({"prompt": "a", "stop": [f"s{i}" for i in range(65)]}, 400, "stop", "at most 64 stop strings"),
+    ({"prompt": "a", "stop": ["x" * 4097]}, 400, "stop", "got 1 of 4097"),
     # a value that fits no member of a union is told what the field takes; a list's bad item is named by its index
     ({"prompt": "a", "stop": 5}, 400, "stop", "stop: must be a string or a list of strings"),
     ({"prompt": "a", "stop": ["a", 5]}, 400, "stop", "stop.1: Input should be a valid string"),
@@ -284,6 +287,53 @@ def test_disconnect_frees_the_row_and_a_full_queue_answers_429(generator, serve_
             time.sleep(0.01)
         ended = [(r["stream"], r["status"], r["end"]) for r in records if r["end"] != "finished"]
         assert ended == [(True, 200, "disconnect"), (False, None, "disconnect")], records
+    finally:
+        s.close()
+
+
+def test_a_stream_whose_client_stops_reading_is_cancelled_and_its_output_dropped(generator, serve_artifact, caplog,
+                                                                                 monkeypatch):
+    """A client that takes no chunk for STALL_S while one waits for it is not reading: its rows are cancelled
+    (`request_aborted_total{reason="stalled"}`), what was queued for it is dropped (a non-reading client held the
+    whole output of its rows, however many), the log line says `end: stalled`, and a client that reads again gets
+    the stream's end: an error event naming the stall, then [DONE]."""
+    import mixtrt.runtime.serve.app as app_module
+
+    monkeypatch.setattr(app_module, "STALL_S", 0.3)
+    monkeypatch.setattr(app_module, "STALL_CHECK_S", 0.05)
+    caplog.set_level("INFO", logger="mixtrt.serve")
+    s = Server(slow(generator, 0.01), serve_artifact[1], max_batch=4, sndbuf=4096)
+    try:
+        body = json.dumps({"model": "tiny", "prompt": "a", "max_tokens": 110, "n": 4, "logprobs": 20,
+                           "ignore_eos": True, "stream": True}).encode()
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's buffers fill
+        client.connect(("127.0.0.1", s.port))
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + 30
+        while s.metric("mixtrt:request_aborted_total", reason="stalled") < 1:
+            assert time.monotonic() < deadline, "the stalled stream was never cancelled"
+            time.sleep(0.05)
+        assert s.metric("mixtrt:num_rows_running") == 0
+        generated = s.metric("mixtrt:generation_tokens_total")
+        assert generated < 4 * 110  # cut before the end
+        while not (logged := [json.loads(r.getMessage()) for r in caplog.records if '"end": "stalled"' in
+                              r.getMessage()]):
+            assert time.monotonic() < deadline, "the stalled stream was never logged"
+            time.sleep(0.05)
+        assert logged[0]["status"] == 200 and logged[0]["completion_tokens"] == generated
+        client.settimeout(10)
+        data = b""
+        while b"data: [DONE]" not in data:
+            more = client.recv(65536)
+            assert more, data[-300:]
+            data += more
+        events = [line for line in data.decode().splitlines() if line.startswith("data: ")]
+        assert "the request was cancelled (stalled)" in events[-2] and events[-1] == "data: [DONE]"
+        assert len(events) < generated  # what waited for the client was dropped, not sent late
+        client.close()
+        assert s.openai.completions.create(model="tiny", prompt="b", max_tokens=2).usage.completion_tokens == 2
     finally:
         s.close()
 

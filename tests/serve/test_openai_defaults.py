@@ -262,7 +262,7 @@ def test_what_an_operator_reads(server, caplog):
     text = server.http.get("/metrics").text
     for reason in ("stop", "length"):
         assert f'finished_reason="{reason}"' in text
-    for reason in ("disconnect", "error", "shutdown"):
+    for reason in ("disconnect", "error", "shutdown", "stalled"):
         assert f'mixtrt:request_aborted_total{{model_name="tiny",reason="{reason}"}}' in text
 
     def slow_body():

@@ -175,6 +175,13 @@ def test_json_object_through_structured_outputs(server, generator):
     assert r.status_code == 200 and isinstance(json.loads(r.json()["choices"][0]["text"]), dict), r.text
 
 
+def _nested_schema(depth: int) -> dict:
+    schema: dict = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
 @pytest.mark.parametrize("body, param, message", [
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs",
      "structured_outputs.regex and structured_outputs.choice: give one of them"),
@@ -197,6 +204,9 @@ def test_json_object_through_structured_outputs(server, generator):
      "grammar: the grammar cannot be enforced"),
     ({"guided_regex": "a\\"}, "guided_regex", "guided_regex: the regular expression ends with an incomplete escape"),
     ({"guided_json": "[" * 100000}, "guided_json", "guided_json: nested too deeply to read"),
+    # deeper than llguidance's limit catches, shallower than the JSON reader's: the schema's own walk (was a 500)
+    ({"structured_outputs": {"json": _nested_schema(350)}}, "structured_outputs",
+     "structured_outputs.json: the schema is nested too deeply"),
     ({"guided_regex": "[^\\s\\S]"}, "guided_regex",
      "guided_regex: the regular expression cannot be enforced: it accepts no text"),
     ({"grammar": 'root ::= "a" root'}, "grammar", "grammar: the grammar cannot be enforced"),

@@ -264,6 +264,9 @@ def test_a_forced_call_refuses_a_reply_of_another_form(tool_server, tool_gen):
      r"tools[0].function.name: must be 1-64"),
     ({"tools": [{"type": "code_interpreter"}]}, "tools", 'tools[0].type: only "function" tools'),
     ({"tools": "get_weather"}, "tools", "tools: Input should be a valid list"),
+    # a forced call's grammar is compiled on the request's thread, its refusal a 400 (it was the engine loop's, a 500)
+    ({"tools": [{"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object"}}}
+                for i in range(2100)], "tool_choice": "required"}, "tools", "cannot be enforced over these tools"),
 ])
 def test_bad_tools_are_400s_naming_the_field(tool_server, body, param, message):
     r = tool_server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": TOOLS, **body})
