@@ -40,12 +40,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.errors import ConfigError, MixtrtWarning, NewerRecordError
 
 ChatKind = Literal["mistral-common", "jinja", "v1"]
 KINDS = ("mistral-common", "jinja", "v1")
@@ -181,6 +182,9 @@ class GenerationDefaults:
         one-line errors, naming chat.generation)."""
         where = "manifest chat.generation"
         d = dict(d)
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:  # a generation setting a newer mixtrt records
+            raise NewerRecordError(f"{where}: unknown fields {unknown} (written by a newer mixtrt, or edited)")
         if d.get("eos_token_ids") is not None:
             if not isinstance(d["eos_token_ids"], list) or not d["eos_token_ids"]:
                 raise ConfigError(f"{where}: eos_token_ids must be a non-empty list, got {d['eos_token_ids']!r}")
@@ -192,6 +196,11 @@ class GenerationDefaults:
         if not isinstance(ignored, list | tuple) or not all(isinstance(k, str) for k in ignored):
             raise ConfigError(f"{where}: ignored must be a list of names, got {ignored!r}")
         d["ignored"] = tuple(ignored)
+        now_used = [k for k in d["ignored"] if k in {f.name for f in fields(cls)}]
+        if now_used:  # recorded as not used by the mixtrt that exported it: its value is not in the record
+            warnings.warn(f"{where}: the checkpoint's {GENERATION_CONFIG} sets {', '.join(now_used)}, which the "
+                          "mixtrt that exported this artifact did not use and this one would: export the checkpoint "
+                          "again to use it", MixtrtWarning, stacklevel=2)
         return cls(**d).checked(where)
 
     def checked(self, where: str) -> GenerationDefaults:
@@ -337,8 +346,8 @@ class ChatFormat:
             raise ConfigError(f"manifest chat format must be an object, got {type(d).__name__}")
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
-            raise ConfigError(f"manifest chat format has unknown fields {unknown} (written by a newer mixtrt, "
-                              "or edited)")
+            raise NewerRecordError(f"manifest chat format has unknown fields {unknown} (written by a newer mixtrt, "
+                                   "or edited)")
         try:
             return cls(
                 kind=d["kind"], tokenizer_file=d["tokenizer_file"], files=dict(d.get("files", {})),
@@ -350,7 +359,7 @@ class ChatFormat:
                 text_prefix=d.get("text_prefix"),
             )
         except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, ConfigError):
+            if isinstance(e, (ConfigError, NewerRecordError)):
                 raise
             raise ConfigError(f"manifest chat format is malformed ({type(e).__name__}: {e})") from None
 

@@ -17,6 +17,11 @@ class ArtifactError(MixtrtError, ValueError):
     """An artifact directory that is incomplete, tampered with, or of an unknown format version."""
 
 
+class NewerRecordError(ArtifactError):
+    """A manifest record holds a name or value of the right type that this mixtrt does not know (a generation
+    default, a quantization method): written by a newer mixtrt, or edited; said as such, not as damage."""
+
+
 class BackendError(MixtrtError, RuntimeError):
     """The inference backend failed on a step (the message carries its own error)."""
 

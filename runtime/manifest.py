@@ -44,7 +44,7 @@ from typing import Any
 from mixtrt.runtime.args import MAX_JSON_BYTES, ModelArgs, read_json
 from mixtrt.runtime.cache import CachePlan
 from mixtrt.runtime.chat_format import ChatFormat
-from mixtrt.runtime.errors import ArtifactError, MixtrtError, MixtrtWarning, Terminated
+from mixtrt.runtime.errors import ArtifactError, MixtrtError, MixtrtWarning, NewerRecordError, Terminated
 from mixtrt.runtime.precision import PRECISIONS
 from mixtrt.runtime.quantization import QUANT_VERSION, Quantization
 from mixtrt.runtime.weights import WEIGHTS_FILE
@@ -300,6 +300,9 @@ class Manifest:
                                                           else "export the checkpoint again"))
         try:
             return cls._parse(d, features, version)
+        except NewerRecordError as e:
+            raise ArtifactError(f"{source}: {e}; upgrade mixtrt (or export the checkpoint again with this one)"
+                                ) from None
         except MixtrtError as e:
             raise ArtifactError(f"{source}: {e}; {EDITED}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:  # a shape no check above foresaw

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mixtrt.runtime.errors import ArtifactError
+from mixtrt.runtime.errors import ArtifactError, NewerRecordError
 
 QUANT_VERSION = 1
 METHODS = ("rtn", "awq", "gptq")
@@ -72,7 +72,9 @@ class Quantization:
                                 f"({QUANT_VERSION}); {hint}")
         if set(d) != set(FIELDS):
             extra, missing = sorted(set(d) - set(FIELDS)), sorted(set(FIELDS) - set(d))
-            raise ArtifactError("quantization: " + (f"unknown fields {extra}" if extra else f"missing {missing}"))
+            if extra:
+                raise NewerRecordError(f"quantization: unknown fields {extra} (written by a newer mixtrt, or edited)")
+            raise ArtifactError(f"quantization: missing {missing}")
         checks = {
             "method": d["method"] in METHODS,
             "bits": d["bits"] == 4 and type(d["bits"]) is int,  # integers only: 4.0 == 4, True == 1
@@ -95,6 +97,12 @@ class Quantization:
                 isinstance(k, str) and isinstance(v, str) for k, v in d["graphs"].items()),
         }
         bad = [k for k, ok in checks.items() if not ok]
+        newer = {"method": str, "scale_dtype": str, "block_size": int, "accuracy_level": int, "bits": int}
+        if bad and bad[0] in newer and type(d[bad[0]]) is newer[bad[0]]:  # a value of the right kind, not known here
+            raise NewerRecordError(f"quantization.{bad[0]} {d[bad[0]]!r} is not one this mixtrt knows (method in "
+                                   f"{list(METHODS)}, block size in {list(BLOCK_SIZES)}, accuracy level in "
+                                   f"{list(ACCURACY_LEVELS)}, scale dtype in {list(SCALE_DTYPES)}, 4 bits): written "
+                                   "by a newer mixtrt, or edited")
         if bad:
             raise ArtifactError(f"quantization.{bad[0]} {d[bad[0]]!r} is not valid (INT4 symmetric, method in "
                                 f"{list(METHODS)}, block size in {list(BLOCK_SIZES)}, accuracy level in "

@@ -146,7 +146,12 @@ def test_int4_manifest_record(int4_artifacts, capsys):
     (lambda d: d.update(features=[]), "precision int4 needs the feature 'int4'"),
     (lambda d: d.update(quantization=None), "quantization must be a record for precision int4"),
     (lambda d: d["quantization"].update(symmetric=False), "quantization.symmetric False is not valid"),
-    (lambda d: d["quantization"].update(block_size=48), "quantization.block_size 48"),
+    # a value of the right kind that this mixtrt does not know: a newer one's (upgrade), not damage
+    (lambda d: d["quantization"].update(block_size=48), "quantization.block_size 48 is not one this mixtrt knows.*"
+                                                        r"written by a newer mixtrt, or edited; upgrade mixtrt"),
+    (lambda d: d["quantization"].update(method="hqq"), "quantization.method 'hqq' is not one this mixtrt knows"),
+    (lambda d: d["quantization"].update(method=5), "quantization.method 5 is not valid.*artifact is damaged"),
+    (lambda d: d["quantization"].update(zero_points="int4"), r"unknown fields \['zero_points'\].*upgrade mixtrt"),
     # a float that equals an allowed integer (it loaded and then failed in onnxruntime's setting)
     (lambda d: d["quantization"].update(accuracy_level=4.0), "quantization.accuracy_level 4.0 is not valid"),
     (lambda d: d["quantization"].update(block_size=32.0), "quantization.block_size 32.0 is not valid"),

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from mixtrt.runtime.backends.onnxruntime import OrtBackend
-from mixtrt.runtime.errors import ArtifactError
+from mixtrt.runtime.errors import ArtifactError, MixtrtWarning
 from mixtrt.runtime.manifest import Manifest
 
 
@@ -80,6 +80,10 @@ def test_manifest_version_and_missing_dir_errors(tmp_path, exported):
     (lambda d: d.update(format_version="2"), r"format_version must be an integer, got '2' \(str\)"),
     (lambda d: d.update(format_version=2.0), r"format_version must be an integer, got 2.0 \(float\)"),
     (lambda d: d.update(format_version=None), r"format_version must be an integer, got None"),
+    # a record's field this mixtrt does not know: a newer mixtrt's, said as such (it was "malformed ... damaged")
+    (lambda d: d["chat"]["generation"].update(top_n_sigma=1.0),
+     r"chat.generation: unknown fields \['top_n_sigma'\] \(written by a newer mixtrt, or edited\); upgrade mixtrt"),
+    (lambda d: d["chat"].update(reasoning="think"), r"unknown fields \['reasoning'\].*upgrade mixtrt"),
 ])
 def test_edited_manifests_are_refused(tmp_path, exported, edit, match):
     copy, d = _copy(tmp_path, exported)
@@ -121,3 +125,14 @@ def test_manifest_round_trip_and_summary(exported):
     assert Manifest.from_dict(m.to_dict()) == m
     assert m.backends == ("onnxruntime", "triton") and m.features == ("weight-index",) and m.format_version == 2
     assert m.summary["ops"]["mixtrt::MoE"] == 2 and m.summary["parameters"] > 0
+
+
+def test_a_generation_default_its_exporter_did_not_use_is_named(tmp_path, exported):
+    """An artifact whose exporter listed min_p as not used (a mixtrt before min_p): the value is not in its record,
+    so this mixtrt cannot apply it; loading says so and to export again (it ran without it, silently)."""
+    copy, d = _copy(tmp_path, exported)
+    d["chat"]["generation"]["ignored"] = ["min_p", "typical_p"]
+    (copy / "manifest.json").write_text(json.dumps(d))
+    with pytest.warns(MixtrtWarning, match=r"generation_config.json sets min_p, which the mixtrt that exported this "
+                                           "artifact did not use and this one would: export the checkpoint again"):
+        Manifest.load(copy, verify=False)
