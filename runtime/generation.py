@@ -195,8 +195,7 @@ class GenerationConfig:
         """The checks that need the model: eos ids and logit_bias ids inside the vocabulary; a json_schema row has
         an eos id to end its document with."""
         for message in (outside_vocab(self.eos_ids(args), args.vocab_size, "eos_token_id", shown=None),
-                        outside_vocab((i for i, _ in self.logit_bias), args.vocab_size, "logit_bias token ids",
-                                      shown=None)):
+                        outside_vocab((i for i, _ in self.logit_bias), args.vocab_size, "logit_bias token ids")):
             if message:
                 raise ConfigError(message)
         constraint = self.constraint()

@@ -115,14 +115,15 @@ def normalize_prompts(prompts: Prompts, tokenizer: Any, vocab_size: int, name: s
 
 
 def outside_vocab(ids: Iterable[int], vocab_size: int, what: str, shown: int | None = 8) -> str | None:
-    """The message for token ids outside [0, vocab_size) (the first `shown` of them, all with None), naming
-    `what`; None when every id is inside.
+    """The message for token ids outside [0, vocab_size) (the first `shown` of them and how many more, all with
+    None), naming `what`; None when every id is inside.
 
     >>> outside_vocab([3, 70, -1], 64, "stop_token_ids: ids")
     'stop_token_ids: ids [70, -1] outside the vocabulary [0, 64)'
     """
     bad = [t for t in ids if not 0 <= t < vocab_size]
-    return f"{what} {bad[:shown]} outside the vocabulary [0, {vocab_size})" if bad else None
+    more = f" (and {len(bad) - shown} more)" if shown is not None and len(bad) > shown else ""
+    return f"{what} {bad[:shown]}{more} outside the vocabulary [0, {vocab_size})" if bad else None
 
 
 MAX_TEXT_FILE_BYTES = 256 << 20  # a prompt or calibration file; more is a mistake (an endless pipe, the wrong file)

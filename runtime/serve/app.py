@@ -156,7 +156,10 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
             if state.loop is not None:
                 await asyncio.to_thread(state.loop.stop, settings.drain_s)
 
-    app = FastAPI(title="mixtrt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # no redirect of "/v1/completions/" to the route without the slash: Starlette's would send the client's own Host
+    # header back in its Location, unauthenticated (a 404, as for any unknown route)
+    app = FastAPI(title="mixtrt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     app.state.mixtrt_behind_proxy = behind_proxy
     if not behind_proxy:
         app.add_middleware(_RequestIds)

@@ -208,7 +208,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
     assert server.openai.completions.create(model="tiny", prompt="a", max_tokens=2).usage.completion_tokens == 2
     # routes: an unknown one and a wrong method get the error object too; a model is retrieved by its id
-    for method, path, status in [("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405)]:
+    for method, path, status in [("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405),
+                                 ("POST", "/v1/completions/", 404)]:  # no redirect echoing the client's Host
         r = server.http.request(method, path)
         assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
         assert r.json()["error"]["type"] == "invalid_request_error"  # as OpenAI types an invalid URL
