@@ -560,6 +560,12 @@ def _leftover_inside(target: Path) -> str | None:
         pid = rest.split("-", 1)[0]
         if not _gone(pid):
             continue
+        with contextlib.suppress(OSError):
+            if {p.name for p in entry.iterdir()} <= {".replaced"} and is_artifact(target, besides=entry):
+                return (f"holds the staging folder of an export that was killed after it moved its files in "
+                        f"({entry.name}, process {pid}, no longer running): the artifact is whole, and an export "
+                        f"removes the folder once it is {UNRENAMED_S:.0f} s old (a process of another host sharing "
+                        f"the folder could still own it until then); or remove {entry} yourself")
         aside = entry / ".replaced"
         old = (f"; the files of the artifact it was replacing are in {aside}" if aside.is_dir() and any(aside.iterdir())
                else "")
@@ -911,13 +917,28 @@ def _unrenamed(entry: Path, rest: str) -> bool:
 
 
 def _finished_in_place(target: Path, entry: Path) -> bool:
-    """`entry`, inside `target`, is the staging folder of a replace in place (or a fill) whose process is gone
-    after moving every file in, the manifest last: it lost its marker before the moves, and `target` besides it is a
-    whole artifact (what is left in it, `.replaced`, is the old artifact's files on their way out)."""
+    """`entry`, inside `target`, is the staging folder of a replace in place (or an update) whose process is gone
+    after moving every file in, the manifest last: it lost its marker before the moves, holds nothing but what it
+    moved aside (`.replaced`: old files on their way out; an update killed part way still holds staged files or
+    its new manifest), was last changed over UNRENAMED_S ago (a peer on another host sharing the folder has its
+    own pids), and `target` besides it is a whole artifact."""
     rest = entry.name.removeprefix(f".{target.name}.tmp-")
-    return (rest != entry.name and entry.is_dir() and not entry.is_symlink()
-            and not (entry / PARTIAL_MARKER).exists() and _gone(rest.split("-", 1)[0])
-            and is_artifact(target, besides=entry))
+    if rest == entry.name or not entry.is_dir() or entry.is_symlink() or not _gone(rest.split("-", 1)[0]):
+        return False
+    try:
+        left = {p.name for p in entry.iterdir()}
+        old = time.time() - entry.stat().st_mtime > UNRENAMED_S
+    except OSError:  # not ours to read: not ours to remove
+        return False
+    return left <= {".replaced"} and old and is_artifact(target, besides=entry)
+
+
+def _empty(folder: Path) -> bool:
+    """An empty folder (False where it cannot be read)."""
+    try:
+        return not any(folder.iterdir())
+    except OSError:
+        return False
 
 
 def _replaced_by(entry: Path) -> str | None:
@@ -937,34 +958,42 @@ def _clean_stale(target: Path) -> None:
     if not parent.is_dir():
         return
     inside = list(target.iterdir()) if target.is_dir() and not target.is_symlink() else []
-    for entry in inside:  # a replace in place killed after its manifest went in: the artifact is whole
+    for entry in inside:  # a replace in place killed after its last move: the artifact is whole
         if _finished_in_place(target, entry):
             shutil.rmtree(entry, ignore_errors=True)
     inside = [e for e in inside if e.exists()]
     for entry in list(parent.iterdir()) + [e for e in inside if e.name.startswith(f".{target.name}.tmp-")]:
-        name = entry.name
-        if entry.is_symlink() or not entry.is_dir():
+        try:
+            _clean_entry(entry, target, me)
+        except OSError:  # a folder this process cannot read (another user's): not provably ours, left alone
             continue
-        if name.startswith(f".{target.name}.tmp-"):
-            marker = entry / PARTIAL_MARKER
-            try:
-                owner = json.loads(marker.read_text()) if marker.is_file() and not marker.is_symlink() else None
-            except (OSError, ValueError):
-                owner = None
-            if (isinstance(owner, dict) and owner.get("target") == me["target"] and owner.get("host") == me["host"]
-                    and isinstance(owner.get("pid"), int) and not _alive(owner["pid"])):
-                shutil.rmtree(entry, ignore_errors=True)
-            elif owner is None and not marker.exists() and _unrenamed(entry, name.removeprefix(f".{target.name}.tmp-")):
-                shutil.rmtree(entry, ignore_errors=True)
-        elif name.startswith(f".{target.name}.old-") and _gone(name.rsplit("-", 1)[1]):
-            if is_artifact(entry):
-                if target.exists() or target.is_symlink():
-                    _remove_replaced(entry, target)
-                else:
-                    with contextlib.suppress(OSError):
-                        os.replace(entry, target)
-            elif _replaced_by(entry) == me["target"] or not any(entry.iterdir()):
-                _remove_replaced(entry, target)  # what a removal killed part way left of a replaced artifact
+
+
+def _clean_entry(entry: Path, target: Path, me: dict[str, Any]) -> None:
+    """_clean_stale for one entry beside (or inside) the target."""
+    name = entry.name
+    if entry.is_symlink() or not entry.is_dir():
+        return
+    if name.startswith(f".{target.name}.tmp-"):
+        marker = entry / PARTIAL_MARKER
+        try:
+            owner = json.loads(marker.read_text()) if marker.is_file() and not marker.is_symlink() else None
+        except (OSError, ValueError):
+            owner = None
+        if (isinstance(owner, dict) and owner.get("target") == me["target"] and owner.get("host") == me["host"]
+                and isinstance(owner.get("pid"), int) and not _alive(owner["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
+        elif owner is None and not marker.exists() and _unrenamed(entry, name.removeprefix(f".{target.name}.tmp-")):
+            shutil.rmtree(entry, ignore_errors=True)
+    elif name.startswith(f".{target.name}.old-") and _gone(name.rsplit("-", 1)[1]):
+        if is_artifact(entry):
+            if target.exists() or target.is_symlink():
+                _remove_replaced(entry, target)
+            else:
+                with contextlib.suppress(OSError):
+                    os.replace(entry, target)
+        elif _replaced_by(entry) == me["target"] or _empty(entry):
+            _remove_replaced(entry, target)  # what a removal killed part way left of a replaced artifact
 
 
 @contextlib.contextmanager

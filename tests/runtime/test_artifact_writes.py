@@ -586,11 +586,28 @@ def test_a_replace_in_place_killed_after_its_manifest_went_in_is_finished_by_the
     staging = target / f".art.tmp-{dead}-x"
     (staging / ".replaced").mkdir(parents=True)
     (staging / ".replaced" / "weights.json").write_text("{}")  # the old artifact's, on its way out
+    with pytest.raises(ArtifactError, match="killed after it moved its files in .*: the artifact is whole"):
+        check_target(target, overwrite=True)  # changed less than UNRENAMED_S ago: maybe a peer host's, kept
+    old = time.time() - mf.UNRENAMED_S - 5
+    os.utime(staging, (old, old))
     with pytest.raises(ArtifactError, match="already exists"):
         check_target(target)
     assert not staging.exists() and is_artifact(target) and (target / "model.onnx").read_text() == "new"
+    # an update in place killed part way (mixtrt build on a mount point): the old manifest still there and the
+    # names matching, but the staging folder still holds what it had to move in: kept (its .replaced holds the only
+    # copy of the files the update had swapped out)
+    staging = target / f".art.tmp-{dead}-u"
+    (staging / ".replaced").mkdir(parents=True)
+    (staging / ".replaced" / "model.onnx").write_text("the old graph")
+    (staging / "manifest.json").write_text("{}")
+    os.utime(staging, (old, old))
+    with pytest.raises(ArtifactError):
+        check_target(target, overwrite=True)
+    assert (staging / ".replaced" / "model.onnx").read_text() == "the old graph"
+    shutil.rmtree(staging)
     live = target / f".art.tmp-{os.getpid()}-y"
     (live / ".replaced").mkdir(parents=True)
+    os.utime(live, (old, old))
     with pytest.raises(ArtifactError, match="not only a mixtrt artifact"):
         check_target(target, overwrite=True)
     assert live.exists()
@@ -636,3 +653,22 @@ def test_a_bind_mount_is_a_mount_point(tmp_path, monkeypatch):
     assert (target / "model.onnx").read_text() == "new" and is_artifact(target) and leftovers(target) == []
     monkeypatch.setattr(mf, "MOUNTINFO", str(tmp_path / "none"))  # no table: os.path.ismount's answer
     assert not mf.is_mount(target) and mf.is_mount(Path("/"))
+
+
+def test_a_leftover_this_process_cannot_read_is_left_alone(tmp_path, monkeypatch):
+    """A `.NAME.old-PID` of a dead process that this user cannot read (another user's) is not provably ours: left,
+    and the export goes on (reading it raised PermissionError out of every export of NAME)."""
+    target = fake_artifact(tmp_path / "art", "current")
+    foreign = tmp_path / f".art.old-{_dead_pid()}"
+    foreign.mkdir()
+    real = Path.iterdir
+
+    def iterdir(self):
+        if self == foreign:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with atomic_dir(target, overwrite=True) as tmp:
+        write_artifact(tmp, "new")
+    assert foreign.is_dir() and (target / "model.onnx").read_text() == "new"

@@ -16,7 +16,7 @@ from mixtrt.runtime.chat_format import (
     read_generation_defaults,
     resolve_chat_format,
 )
-from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.errors import ConfigError, NewerRecordError
 from mixtrt.runtime.generation import GenerationConfig
 from mixtrt.runtime.jinja_tokenizer import JinjaChatTokenizer
 from mixtrt.runtime.tokenizer import Tokenizer, shipped_tokenizer_path
@@ -235,7 +235,7 @@ def test_resolver_errors(tmp_path):
         ChatFormat.from_dict({"kind": "tiktoken", "tokenizer_file": "x"})
     with pytest.raises(ConfigError, match="malformed"):
         ChatFormat.from_dict({"kind": "v1"})
-    with pytest.raises(ConfigError, match=r"unknown fields \['stop_words'\]"):
+    with pytest.raises(NewerRecordError, match=r"unknown fields \['stop_words'\] \(written by a newer mixtrt"):
         ChatFormat.from_dict({"kind": "v1", "tokenizer_file": "tokenizer.model", "stop_words": []})
 
 
