@@ -652,8 +652,9 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
         yield "data: " + json.dumps(ApiError(str(e), 400).body()) + "\n\n"
         yield "data: [DONE]\n\n"
     finally:
+        stalled = stall.done() and not stall.cancelled()  # the watchdog cancelled the request: it logs it
         stall.cancel()
-        if call.end == "stalled":  # logged by the stall's cancel, once the engine took the rows out
+        if stalled:
             pass
         elif not call.handle.ended and len(call.outputs) < call.handle.choices:
             # the client went away, or the server's forced exit cut the stream (the response task was cancelled):
@@ -676,13 +677,14 @@ STALL_CHECK_S = 1.0
 async def _watch_stall(call: _Call, loop: EngineLoop, sending: list[float]) -> None:
     """Cancel a stream whose client has not taken a chunk for STALL_S (`sending` holds when the chunk being sent was
     handed over): its rows leave the batch, and the events queued for it are dropped once the engine has taken the
-    rows out (a finished request's too: a client that reads nothing would hold its whole output), leaving the
-    stream's end ("stalled"), which the client gets if it reads again. Logged then, `end` "stalled"."""
+    rows out (a request the engine had finished too: a client that reads nothing would hold its whole output; the
+    metrics count that one finished), leaving the stream's end ("stalled"), which the client gets if it reads
+    again. From then on the request's log line is this one's, written then with `end` "stalled": the stream's own
+    end writes none."""
     while True:
         await asyncio.sleep(STALL_CHECK_S)
         if sending and time.perf_counter() - sending[0] > STALL_S:
             break
-    call.end = "stalled"
 
     def dropped(_cut: bool) -> None:
         _ended_by(call)  # empties the queue (the outputs in it counted for the log line)

@@ -5,7 +5,7 @@
     mixtrt:prompt_tokens_total / generation_tokens_total counters
     mixtrt:mixed_steps_total                             steps that ran a prompt chunk in the decode pass (counter)
     mixtrt:request_success_total{finished_reason}        stop / length, per choice
-    mixtrt:request_aborted_total{reason}                 disconnect / error / shutdown, per request
+    mixtrt:request_aborted_total{reason}                 disconnect / stalled / error / shutdown, per request
     mixtrt:request_refused_total{status}                 answered with an error before the engine (400, 429, ...)
     mixtrt:time_to_first_token_seconds, inter_token_latency_seconds, e2e_request_latency_seconds,
     mixtrt:request_queue_time_seconds, request_prefill_time_seconds   histograms (per choice)

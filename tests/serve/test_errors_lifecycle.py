@@ -313,10 +313,9 @@ def test_a_stream_whose_client_stops_reading_is_cancelled_and_its_output_dropped
         client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                        b"Content-Length: %d\r\n\r\n" % len(body) + body)
         deadline = time.monotonic() + 30
-        while s.metric("mixtrt:request_aborted_total", reason="stalled") < 1:
-            assert time.monotonic() < deadline, "the stalled stream was never cancelled"
+        while s.metric("mixtrt:request_aborted_total", reason="stalled") < 1 or s.metric("mixtrt:num_rows_running"):
+            assert time.monotonic() < deadline, "the stalled stream was never cancelled, or its rows never freed"
             time.sleep(0.05)
-        assert s.metric("mixtrt:num_rows_running") == 0
         generated = s.metric("mixtrt:generation_tokens_total")
         assert generated < 4 * 110  # cut before the end
         while not (logged := [json.loads(r.getMessage()) for r in caplog.records if '"end": "stalled"' in
