@@ -179,7 +179,12 @@ def _run_on_ray(settings: ServeSettings, host: str, port: int, replicas: int, ad
     finally:
         # Ray Serve itself goes down with the last application: on a cluster it may hold others' (`serve run`'s
         # stop takes them all down; this leaves them running)
-        if not _other_applications():
+        deployed = _applications()
+        if deployed and set(deployed) != {"mixtrt"}:
+            if "mixtrt" in deployed:  # a failed deployment, a second signal: ours goes, not at once (Ray deletes it)
+                with contextlib.suppress(Exception):
+                    serve.delete("mixtrt", _blocking=False)
+        else:
             serve.shutdown()
         ray.shutdown()
         for sig, handler in previous.items():
@@ -187,11 +192,11 @@ def _run_on_ray(settings: ServeSettings, host: str, port: int, replicas: int, ad
     return 0
 
 
-def _other_applications() -> list[str]:
-    """The Serve applications deployed beside this one (on a shared cluster); none where Serve's status is not
-    readable (it was not started, or is gone)."""
+def _applications() -> list[str]:
+    """The Serve applications deployed (this one, "mixtrt", and on a shared cluster others'); none where Serve's
+    status is not readable (it was not started, or is gone)."""
     try:
-        return [name for name in serve.status().applications if name != "mixtrt"]
+        return list(serve.status().applications)
     except Exception:  # Ray's errors of a Serve instance that is not there
         return []
 

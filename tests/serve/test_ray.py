@@ -163,3 +163,49 @@ def test_cli_on_ray_a_replica_that_cannot_load_the_artifact_is_one_line_naming_w
     last = err.strip().splitlines()[-1]
     assert last == f"mixtrt serve: error: the Ray deployment failed: {data}: sha256 does not match the manifest; " \
                    "the file was modified", last
+
+
+@pytest.mark.slow  # ~25 s: Ray's start, another application, the CLI joining, its drain
+def test_cli_joining_a_cluster_leaves_the_clusters_other_applications(serve_artifact):
+    """`mixtrt serve --ray --ray-address ADDR` on a cluster whose Serve holds another application: SIGTERM removes
+    mixtrt's application and leaves Ray Serve and the other one running (serve.shutdown took them all down)."""
+    import signal
+    import tempfile
+
+    from ray import serve
+
+    temp = tempfile.TemporaryDirectory(prefix="mixtrt-ray-")  # short: Ray's socket paths must fit 107 bytes
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp.name)
+    proc = None
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+        @serve.deployment(ray_actor_options={"num_cpus": 0.1})
+        class Other:
+            async def __call__(self, request: object) -> str:
+                return "other"
+
+        serve.run(Other.bind(), name="other", route_prefix="/other")
+        proc = _ray_cli(serve_artifact[1], port, "--ray-address", ray.get_runtime_context().gcs_address)
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT)
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the deployment never became ready"
+            if "mixtrt" in serve.status().applications and http.get("/health").status_code == 200:
+                break
+            time.sleep(0.5)
+        assert http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        assert set(serve.status().applications) == {"other"}
+        assert http.get("/other").text == "other"
+        http.close()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        serve.shutdown()
+        ray.shutdown()
+        temp.cleanup()
