@@ -80,6 +80,9 @@ def _size(name: str, value: Any, limit: str | None = None) -> int:
     return value
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _real(name: str, value: Any, low: float, high: float = math.inf) -> float:
     """A finite number in (low, high) (JSON numbers only)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
@@ -154,6 +157,14 @@ class ModelArgs:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         object.__setattr__(self, "rms_norm_eps", _real("rms_norm_eps", self.rms_norm_eps, 0.0))
         object.__setattr__(self, "rope_theta", _real("rope_theta", self.rope_theta, 0.0))
+        # the largest rotary angle, position x theta^(-(d-2)/d), must be a finite float32 (a theta near 0 made
+        # every table entry inf or NaN): checked in logs, where no power overflows
+        worst = (math.log(self.max_position_embeddings)
+                 - (self.head_dim - 2) / self.head_dim * math.log(self.rope_theta))
+        if worst >= math.log(FLOAT32_MAX):
+            raise ConfigError(f"rope_theta={self.rope_theta!r} makes the rotary angles of "
+                              f"{self.max_position_embeddings} positions overflow float32 (the tables would be "
+                              "inf / NaN)")
         if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window < 1):
             raise ConfigError(f"sliding_window must be null or an integer >= 1, got {self.sliding_window!r}")
         if self.layer_types is not None:

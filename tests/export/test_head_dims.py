@@ -66,3 +66,14 @@ def test_export_refuses_a_head_dim_no_body_serves(tmp_path):
     with pytest.raises(ConfigError, match="head_dim=13 must be even"):
         export_onnx(ck, tmp_path / "art", progress=None)
     assert not (tmp_path / "art").exists()
+
+
+def test_an_epsilon_of_one_and_a_theta_below_one_match_transformers(tmp_path):
+    """Any positive rms_norm_eps and rope_theta is taken, as transformers computes with them (1.0 and 0.5 were
+    refused): greedy tokens through 3W equal transformers', so both values reach the graph as they are."""
+    ck = make_checkpoint(tmp_path / "ck", "mistral", rms_norm_eps=1.0, rope_theta=0.5, sliding_window=W,
+                         max_position_embeddings=64)
+    assert json.loads((ck / "config.json").read_text())["rope_parameters"]["rope_theta"] == 0.5
+    art = export_onnx(ck, tmp_path / "art", progress=None)
+    [out] = Generator.load(art, threads=2).generate([PROMPT], GenerationConfig(max_new_tokens=NEW, eos_token_id=()))
+    assert out.token_ids == hf_greedy(ck, PROMPT, NEW)

@@ -56,6 +56,7 @@ HF_CASES = [
     (edited(MISTRAL, rope_parameters={"rope_type": "default", "rope_theta": -10000.0}), "rope_theta"),
     (edited(MISTRAL, rope_parameters={"rope_type": "default", "rope_theta": "1e4"}), "rope_theta"),
     (edited(MISTRAL, rope_parameters=DROP, rope_theta=-0.5), "rope_theta"),
+    (edited(MISTRAL, rope_parameters=DROP, rope_theta=1e-300), "rope_theta=1e-300 makes the rotary angles"),
     (edited(MISTRAL, rope_parameters="default"), "rope_parameters"),
     (edited(MISTRAL, rope_parameters={"rope_type": "yarn", "factor": 4.0}), "rope type 'yarn'"),
     # transformers applies a legacy rope_scaling beside rope_parameters: refused, not read as unscaled
