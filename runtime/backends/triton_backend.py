@@ -136,6 +136,12 @@ class TritonBackend:
 
         if device is None:
             device = "cuda" if _torch.cuda.is_available() else "cpu"
+        if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda"):
+            raise ConfigError(f"device {device!r}: 'cuda' (or 'cuda:N') or 'cpu' (the Triton interpreter)")
+        if device.startswith("cuda") and not _torch.cuda.is_available():
+            why = ("this torch is a CPU build (install a CUDA build of torch: README's Install, `gpu`)"
+                   if _torch.version.cuda is None else "torch sees no CUDA device on this machine")
+            raise ConfigError(f"device {device!r}: {why}; device 'cpu' runs the kernels in the Triton interpreter")
         if ops not in ("triton", "torch"):
             raise ConfigError(f"ops={ops!r}: 'triton' (our kernels) or 'torch' (the eager reference ops: a baseline)")
         self.ops = ops

@@ -28,6 +28,7 @@ from mixtrt.runtime.backends import load_backend  # noqa: E402
 from mixtrt.runtime.cache import HostKVCache  # noqa: E402
 from mixtrt.runtime.errors import ConfigError, MissingExtraError  # noqa: E402
 from mixtrt.runtime.generation import GenerationConfig, Generator  # noqa: E402
+from mixtrt.runtime.manifest import Manifest  # noqa: E402
 from tests.checkpoints import EXPORT_W, backend_pairs, bos_prompts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,6 +129,21 @@ def test_refusals(backends):
     with pytest.raises(ConfigError, match="more than the cache"):
         tri.step(cache, np.ones((1, tri.capacity + 1), np.int64))
     assert cache.lengths.tolist() == [0]
+
+
+def test_a_device_torch_cannot_use_is_one_line(exported):
+    """device='cuda' where torch has no CUDA (a CPU build, no GPU): one ConfigError saying why and what to do, not
+    torch's AssertionError from the first weight copied; a device that is neither is named too."""
+    import torch
+
+    from mixtrt.runtime.backends.triton_backend import TritonBackend
+
+    art = exported["mistral-window"][1]
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"device 'cuda': .*; device 'cpu' runs the kernels in the Triton"):
+            TritonBackend.from_artifact(art, Manifest.load(art), device="cuda")
+    with pytest.raises(ConfigError, match=r"device 'tpu': 'cuda' \(or 'cuda:N'\) or 'cpu'"):
+        TritonBackend.from_artifact(art, Manifest.load(art), device="tpu")
 
 
 def test_missing_gpu_extra_is_named(exported, monkeypatch):
