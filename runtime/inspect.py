@@ -1,7 +1,7 @@
 """What an artifact directory holds, as one dict (`mixtrt inspect`): read from the manifest alone.
 
     info = inspect_artifact("engines/tiny-mixtral-fp32")
-    info["cache"]["bytes_per_row"], info["ops"]["mixtrt::MoE"]                  # (1622016, 4)
+    info["cache"]["bytes_per_row"], info["ops"]["mixtrt::MoE"]                  # (163840, 4)
 """
 
 from __future__ import annotations

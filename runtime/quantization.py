@@ -10,7 +10,7 @@ one scale per block of `block_size` consecutive weights along each matrix's inpu
      "blocks": {"lm.model.layers.0.attention.wq": 64, ...},    # tensors with another block (smaller, or INT8)
      "int8": ["embed_tokens", "lm_head"],                        # tensors stored as INT8 (blocks of up to 256)
      "float": {"lm.model.embed_tokens.weight": "embedding (--keep-float)", ...},   # kept float, why
-     "graphs": {"onnxruntime": "model.onnx", "tensorrt": "model.onnx"}}          # which graph serves which
+     "graphs": {"onnxruntime": "model.onnx", "triton": "model.onnx"}}            # which graph serves which
 
 `version` is the quantization format's own version: it changes when the meaning of a field or of the stored
 bytes changes, and a runtime refuses a version it does not read (naming both), so an artifact is never
@@ -49,7 +49,7 @@ class Quantization:
     blocks: dict[str, int] = field(default_factory=dict)  # tensor -> its block size when not block_size
     int8: list[str] = field(default_factory=list)  # tensors stored as INT8 (symmetric, max|w| / 127; see INT8_BLOCK)
     kept_float: dict[str, str] = field(default_factory=dict)  # tensor kept in float -> the reason ("float")
-    graphs: dict[str, str] = field(default_factory=lambda: {"onnxruntime": "model.onnx", "tensorrt": "model.onnx"})
+    graphs: dict[str, str] = field(default_factory=lambda: {"onnxruntime": "model.onnx", "triton": "model.onnx"})
     version: int = QUANT_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -195,7 +195,7 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
             return JSONResponse(ApiError("shutting down", 503, type="unavailable_error").body(), status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/version")  # vLLM's: the server's version
+    @app.api_route("/version", methods=["GET", "HEAD"])  # vLLM's: the server's version
     async def version() -> JSONResponse:
         from mixtrt import __version__
 
@@ -223,7 +223,7 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
 
     @v1.api_route("/models/{model_id:path}", methods=["GET", "HEAD"])
     async def model(request: Request, model_id: str) -> JSONResponse:
-        if not model_id:  # /v1/models/: the list, as the other routes' trailing slash leads to them
+        if not model_id:  # /v1/models/: the list (a client that joins paths with a slash)
             return await models(request)
         card = model_card(request)
         _check_model(model_id, settings.name)

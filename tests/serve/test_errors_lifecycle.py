@@ -808,7 +808,7 @@ def test_what_common_clients_send_is_accepted(server, generator):
         r = server.http.post("/v1/chat/completions", json={**chat, **extra})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == reply, (extra, r.text)
     assert server.http.get("/v1/models/").json()["data"][0]["id"] == "tiny"
-    for path in ("/v1/models", "/v1/models/tiny", "/metrics", "/health"):
+    for path in ("/v1/models", "/v1/models/tiny", "/metrics", "/health", "/version"):
         assert server.http.head(path).status_code == 200, path
     preflight = server.http.options("/v1/chat/completions", headers={
         "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
