@@ -187,6 +187,23 @@ def check_text(text: str, what: str) -> str:
     return text
 
 
+def check_strings(value: Any, where: str) -> None:
+    """Every string in a JSON-like value (mapping keys too, at any depth) is valid text (check_text); else one
+    ConfigError naming its path (`tools[0].function.description`)."""
+    todo = [(value, where)]
+    while todo:
+        item, at = todo.pop()
+        if isinstance(item, str):
+            check_text(item, at)
+        elif isinstance(item, Mapping):
+            for key, sub in item.items():
+                if isinstance(key, str):
+                    check_text(key, f"{at} key")
+                todo.append((sub, f"{at}.{key}"))
+        elif isinstance(item, (list, tuple)):
+            todo.extend((sub, f"{at}[{i}]") for i, sub in enumerate(item))
+
+
 def check_messages_text(messages: Any) -> None:
     """`messages` is a list (or tuple) and every string in it (contents, names, tool-call arguments) is valid
     text; else one ConfigError naming the message and the field. Items that are not mappings are left to the

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.prompts import check_strings
 
 # mistral-common's rules (its tokenizers refuse anything else on the next turn): a function name of letters,
 # digits, "_" and "-", at most 64; a call id of exactly 9 letters and digits (v3 and later)
@@ -379,6 +380,7 @@ def check_tools(tools: Any, where: str = "tools") -> list[dict[str, Any]] | None
     if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
         raise ConfigError(f"{where}: must be a list of {{'type': 'function', 'function': {{...}}}} objects, "
                           f"got {type(tools).__name__}")
+    check_strings(tools, where)  # a description's lone surrogate failed in the tokenizer (a 500 on the server)
     seen: set[str] = set()
     out = []
     for n, tool in enumerate(tools):

@@ -18,6 +18,8 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
+from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.prompts import check_strings
 from mixtrt.runtime.serve.protocol import ApiError
 
 # fields taken over as they are (the chat route checks them): OpenAI's, and the sampling extras vLLM takes
@@ -60,6 +62,12 @@ def to_chat(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     metadata = body.get("metadata", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _error("must be an object of strings", "metadata")
+    # echoed in the Response, written as UTF-8, which a lone surrogate is not
+    for name in ("metadata", "user", "text", "tool_choice"):
+        try:
+            check_strings(body.get(name), name)
+        except ConfigError as e:
+            raise ApiError(str(e), param=name) from None
     if body.get("top_logprobs"):
         raise _error("logprobs are served on /v1/chat/completions and /v1/completions", "top_logprobs")
     known = {*_SAME, *_IGNORED, "input", "instructions", "max_output_tokens", "stream", "stream_options", "tools",
@@ -418,10 +426,26 @@ async def stream_events(chat_lines: AsyncIterable[Any], model: str, echoed: dict
     """The Responses API's events for the chat route's streamed body (ResponseEvents; its pieces are str, as the
     chat route yields them, or bytes)."""
     events = ResponseEvents(model, echoed)
-    for event in events.start():
-        yield event
-    async for piece in chat_lines:
-        text = bytes(piece).decode("utf-8") if not isinstance(piece, str) else piece
-        for line in text.split("\n\n"):
-            for event in events.feed(line.strip("\n")):
-                yield event
+    lines = aiter(chat_lines)
+    try:
+        # the chat stream started first (its role chunk comes at once): closed below, whatever ends this one, it
+        # cancels its rows; never started, it would run no cleanup and its rows would generate to the end unseen
+        first = await anext(lines, None)
+        for event in events.start():
+            yield event
+        async for piece in _chained(first, lines):
+            text = bytes(piece).decode("utf-8") if not isinstance(piece, str) else piece
+            for line in text.split("\n\n"):
+                for event in events.feed(line.strip("\n")):
+                    yield event
+    finally:
+        close = getattr(lines, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def _chained(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    if first is not None:
+        yield first
+    async for piece in rest:
+        yield piece

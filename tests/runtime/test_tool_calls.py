@@ -150,6 +150,11 @@ def test_tools_are_checked_with_the_field_named():
         ([{"type": "function", "function": {"name": "get weather"}}], r"tools\[0\]\.function\.name: must be 1-64"),
         ([TOOLS[0], TOOLS[0]], r"tools\[1\]\.function\.name: 'get_weather' is offered twice"),
         ([{"type": "function", "function": {"name": "f", "parameters": "{}"}}], r"parameters: must be a JSON schema"),
+        # lone surrogates anywhere (a description, a property's name): named, before the tokenizer fails on them
+        ([{"type": "function", "function": {"name": "f", "description": "\ud800x"}}],
+         r"tools\[0\]\.function\.description is not valid text: character 0"),
+        ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+            "\udcff": {"type": "string"}}}}}], r"tools\[0\]\.function\.parameters\.properties key is not valid"),
     ]:
         with pytest.raises(ConfigError, match=message):
             check_tools(tools)

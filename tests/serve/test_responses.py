@@ -140,6 +140,10 @@ def test_a_last_assistant_message_is_continued_and_the_log_names_the_route(serve
     ({"input": "Hi", "reasoning": "high"}, "reasoning", "no reasoning to configure"),
     ({"input": "Hi", "include": "x"}, "include", "cannot be included"),
     ({"input": "Hi", "metadata": [1]}, "metadata", "must be an object of strings"),
+    # echoed in the Response: a lone surrogate failed its encoding after the rows were running (a stream's rows ran on
+    # unseen to the end); sent as JSON's escape
+    ({"input": "Hi", "metadata": {"a": "\ud800"}, "stream": True}, "metadata", "metadata.a is not valid text"),
+    ({"input": "Hi", "user": "\ud800x"}, "user", "user is not valid text: character 0"),
     ({"input": "Hi", "service_tier": "flex"}, "service_tier", "service_tier"),
     ({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "a b", "schema": {}}}}, "text",
      "text.format.name: must be 1-64"),
@@ -149,7 +153,8 @@ def test_a_last_assistant_message_is_continued_and_the_log_names_the_route(serve
      "input", "input[1].call_id: no function_call with call_id 'c1' comes before this output"),
 ])
 def test_what_is_not_served_is_a_400_naming_the_field(server, body, param, words):
-    r = server.http.post("/v1/responses", json={"model": "tiny", **body})
+    r = server.http.post("/v1/responses", content=json.dumps({"model": "tiny", **body}).encode(),
+                         headers={"Content-Type": "application/json"})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and words in error["message"], error
@@ -201,3 +206,31 @@ def test_a_stream_cut_short_ends_failed():
     assert kinds == ["response.created", "response.in_progress", "error", "response.failed"]
     for e in out:
         EVENT.validate_python(json.loads(e.split("data: ", 1)[1]))
+
+
+def test_the_chat_stream_under_a_responses_stream_is_closed_whatever_ends_it():
+    """The Responses stream starts the chat stream before its own first event, and closes it however it ends: a
+    response closed at its first event (its write failed, its client left) cancels the chat stream's rows (they
+    generated to the end unseen: the chat stream, never started, ran no cleanup)."""
+    import asyncio
+
+    from mixtrt.runtime.serve.responses import stream_events
+
+    closed: list[bool] = []
+
+    async def chat():
+        try:
+            yield 'data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}\n\n'
+            await asyncio.sleep(30)
+            yield "data: [DONE]\n\n"
+        finally:
+            closed.append(True)
+
+    async def first_event_then_close() -> str:
+        events = stream_events(chat(), "tiny", to_chat({"input": "Hi"})[1])
+        first = await events.__anext__()
+        await events.aclose()
+        return first
+
+    first = asyncio.run(first_event_then_close())
+    assert json.loads(first.split("data: ", 1)[1])["type"] == "response.created" and closed == [True]
