@@ -91,6 +91,9 @@ _QUOTE = re.compile(r"^\s*\d+ \| ")  # llguidance quoting our grammar line (ours
 def _said(problem: str) -> str:
     """llguidance's message in one line, in the schema's terms: without the position in our grammar and the quote
     of it, the caret lines dropped; its hint of an option (x-guidance, not taken here) put as what to change."""
+    # a Rust panic's message carries its backtrace (frames, the build's file paths): the assertion is the message
+    problem = problem.split("<backtrace>", 1)[0].split("stack backtrace:", 1)[0]
+    problem = re.sub(r"^\s*panic:\s*", "llguidance's limit: ", problem)
     lines = []
     for line in problem.strip().splitlines():
         if _QUOTE.match(line):

@@ -801,6 +801,23 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
             constraint = reply_constraint(req)
     except ConfigError as e:
         raise ApiError(f"{field_name}: {e}", param=field_name) from None
+    limit, why = limits
+    name, asked = length_field(req)
+    score_only = _scores_only(req)  # adds no token: may fill the positions
+    for i, p in enumerate(prompts):
+        if len(p) > limit or (len(p) == limit and not score_only):
+            raise ApiError(f"{field_name}: prompt {i} has {len(p)} tokens, "
+                           + (f"more than the {limit} the model holds" if len(p) > limit else
+                              "which leaves no room for a new token") + f": {why}", param=field_name)
+        if asked is not None and len(p) + asked > limit:  # as vLLM and OpenAI answer, not a silent cut
+            raise ApiError(f"{name}: prompt {i} has {len(p)} tokens and {name} asks for {asked} more, past the "
+                           f"{limit} the model holds ({why}); ask for at most {limit - len(p)}", param=name)
+    if len(prompts) * req.n > s.max_batch + s.max_queue:  # named by what the client made many: n, or its prompts
+        param = "n" if req.n > 1 else field_name
+        raise ApiError(f"{param}: {len(prompts)} prompt(s) x n={req.n} choices is more than the server holds "
+                       f"({s.max_batch} running + {s.max_queue} waiting rows: --max-batch, --max-queue); send "
+                       "fewer at a time", param=param)
+    # last: a request the checks above refuse costs no compile
     if constraint is not None:  # compiled here, not on the engine loop (each row copies it)
         from mixtrt.runtime.structured import constraint_text, prepare
 
@@ -820,22 +837,6 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
             choice = json.dumps(getattr(req, "tool_choice", None))
             raise ApiError(f"tools: the call tool_choice {choice} asks for cannot be enforced over these tools: {e}",
                            param="tools") from None
-    limit, why = limits
-    name, asked = length_field(req)
-    score_only = _scores_only(req)  # adds no token: may fill the positions
-    for i, p in enumerate(prompts):
-        if len(p) > limit or (len(p) == limit and not score_only):
-            raise ApiError(f"{field_name}: prompt {i} has {len(p)} tokens, "
-                           + (f"more than the {limit} the model holds" if len(p) > limit else
-                              "which leaves no room for a new token") + f": {why}", param=field_name)
-        if asked is not None and len(p) + asked > limit:  # as vLLM and OpenAI answer, not a silent cut
-            raise ApiError(f"{name}: prompt {i} has {len(p)} tokens and {name} asks for {asked} more, past the "
-                           f"{limit} the model holds ({why}); ask for at most {limit - len(p)}", param=name)
-    if len(prompts) * req.n > s.max_batch + s.max_queue:  # named by what the client made many: n, or its prompts
-        param = "n" if req.n > 1 else field_name
-        raise ApiError(f"{param}: {len(prompts)} prompt(s) x n={req.n} choices is more than the server holds "
-                       f"({s.max_batch} running + {s.max_queue} waiting rows: --max-batch, --max-queue); send "
-                       "fewer at a time", param=param)
     return req, prompts, echo, tools
 
 

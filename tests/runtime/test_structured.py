@@ -341,3 +341,13 @@ def test_an_output_says_whether_its_constrained_text_is_complete(gen):
     assert out.finish_reason == "length" and out.text and set(out.text) <= {"a", "b"} and out.constraint_complete
     out = gen.generate(ids, json_schema=PERSON, max_new_tokens=2)[0]
     assert out.finish_reason == "length" and out.constraint_complete is False, out.text
+
+
+def test_a_grammar_engine_panic_is_said_without_its_backtrace():
+    """llguidance's Rust panic (a grammar past its symbol limit) carries a backtrace with the build's file paths: the
+    message keeps the assertion (it went to clients and logs whole)."""
+    from mixtrt.runtime.structured import _said
+
+    said = _said("panic: assertion failed: grammar.symbols.len() < u16::MAX as usize - 10 <backtrace> 0: <unknown>"
+                 "\n 16: type_call at /tmp/python-build.2026/Python-3.11.7/Objects/typeobject.c:1091:11")
+    assert said == "llguidance's limit: assertion failed: grammar.symbols.len() < u16::MAX as usize - 10"

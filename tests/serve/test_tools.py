@@ -264,9 +264,6 @@ def test_a_forced_call_refuses_a_reply_of_another_form(tool_server, tool_gen):
      r"tools[0].function.name: must be 1-64"),
     ({"tools": [{"type": "code_interpreter"}]}, "tools", 'tools[0].type: only "function" tools'),
     ({"tools": "get_weather"}, "tools", "tools: Input should be a valid list"),
-    # a forced call's grammar is compiled on the request's thread, its refusal a 400 (it was the engine loop's, a 500)
-    ({"tools": [{"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object"}}}
-                for i in range(2100)], "tool_choice": "required"}, "tools", "cannot be enforced over these tools"),
 ])
 def test_bad_tools_are_400s_naming_the_field(tool_server, body, param, message):
     r = tool_server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": TOOLS, **body})
@@ -322,6 +319,19 @@ def test_tools_refused_where_the_format_has_no_calls(server):
         [streamed] = [t for d in deltas for t in d.tool_calls or ()]
         assert (streamed.function.name, streamed.function.arguments) == (call.function.name, call.function.arguments)
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_a_forced_call_over_too_many_tools_is_a_400(server):
+    """A forced call's grammar is compiled on the request's thread, after the checks that cost nothing (a prompt too
+    long is refused first), its refusal a 400 naming tools (it was the engine loop's, a 500 logged as finished). v1
+    does not show tools, so 2,100 of them leave the prompt short."""
+    tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object"}}}
+             for i in range(2100)]
+    r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": tools, "tool_choice": "required",
+                                                       "max_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
+    assert "cannot be enforced over these tools" in r.json()["error"]["message"]
+    assert server.openai.completions.create(model="tiny", prompt="a", max_tokens=2).usage.completion_tokens == 2
 
 
 def test_streams_and_replies_agree(tool_server, tool_gen):
