@@ -116,6 +116,7 @@ class _State:
     loader: threading.Thread | None = None  # the load (a daemon thread: a stop while loading does not wait for it)
     closing: bool = False  # the server stopped: a load that ends now starts no engine loop
     forced: bool = False  # the server's forced exit (a second Ctrl-C): the handlers it cancels were cut by it
+    body_bytes: int = 0  # request body bytes being read now, all requests together (_read_body's budget)
 
     @property
     def loading(self) -> bool:
@@ -374,6 +375,10 @@ def _ready(request: Request) -> _State:
     return state
 
 
+BODY_IDLE_S = 30.0  # a request body's client sending nothing this long: 408 (uvicorn has no body timeout)
+BODY_BUDGET_BODIES = 16  # request bodies read at once hold at most this many times --max-body-bytes: past it, 429
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":  # a compressed body would otherwise be "malformed JSON"
@@ -381,17 +386,34 @@ async def _read_body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise ApiError(f"the request body has {length} bytes, over the limit of {limit}", 413)
+    state: _State = request.app.state.mixtrt
+    budget = BODY_BUDGET_BODIES * limit
     chunks, size = [], 0
+    stream = request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
+        while True:
+            try:  # a client that stops sending its body holds its bytes: not for ever
+                chunk = await asyncio.wait_for(stream.__anext__(), BODY_IDLE_S)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise ApiError(f"the request body stalled: no bytes for {BODY_IDLE_S:g} s after {size}", 408
+                               ) from None
+            if size + len(chunk) > limit:
                 raise ApiError(f"the request body is over the limit of {limit} bytes", 413)
+            if state.body_bytes + len(chunk) > budget:  # many partial bodies at once: memory, not one client
+                raise ApiError(f"the server is reading {state.body_bytes} bytes of request bodies, its limit "
+                               f"({BODY_BUDGET_BODIES} x --max-body-bytes): retry", 429, type="rate_limit_error",
+                               code="rate_limit_exceeded")
+            size += len(chunk)
+            state.body_bytes += len(chunk)
             chunks.append(chunk)
     except ClientDisconnect:  # its line says so (status None: no response reaches it); the answer goes nowhere
         e = ApiError(f"the client disconnected after {size} bytes of its request body", 400, logged=True)
         _log_refused(request, e, answered=False)
         raise e from None
+    finally:
+        state.body_bytes -= size
     body = b"".join(chunks)
     # a body sent as something else (a form, XML) is named by its type, not called malformed JSON; JSON under another
     # type (curl -d without -H sends it as a form) is read as JSON, as llama-server does

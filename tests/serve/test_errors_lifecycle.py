@@ -338,6 +338,55 @@ def test_a_stream_whose_client_stops_reading_is_cancelled_and_its_output_dropped
         s.close()
 
 
+def test_request_bodies_are_bounded_in_time_and_in_all(generator, serve_artifact, monkeypatch):
+    """A client that stops sending its body is answered 408 after BODY_IDLE_S (uvicorn waits for ever: 350 such
+    connections held 1.6 GB); the bodies being read at once hold at most BODY_BUDGET_BODIES x --max-body-bytes, a
+    body past that a 429 (the server goes on)."""
+    import mixtrt.runtime.serve.app as app_module
+
+    monkeypatch.setattr(app_module, "BODY_IDLE_S", 0.5)
+    monkeypatch.setattr(app_module, "BODY_BUDGET_BODIES", 1)
+    s = Server(generator, serve_artifact[1], max_body_bytes=4096)
+
+    def partial(sent: bytes, length: int) -> socket.socket:
+        c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % length + sent)
+        return c
+
+    def answer(c: socket.socket) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            more = c.recv(65536)
+            if not more:
+                break
+            data += more
+        return data
+
+    try:
+        t = time.monotonic()
+        c = partial(b'{"prompt": "a"', 3000)
+        got = answer(c)
+        assert got.startswith(b"HTTP/1.1 408") and b"no bytes for 0.5 s after 14" in got, got
+        assert time.monotonic() - t < 5
+        c.close()
+        monkeypatch.setattr(app_module, "BODY_IDLE_S", 10.0)
+        first = partial(b" " * 3000, 3500)  # 3000 of the budget's 4096 bytes held
+        time.sleep(0.3)
+        second = partial(b" " * 2000, 2500)
+        got = answer(second)
+        assert got.startswith(b"HTTP/1.1 429") and b"bytes of request bodies" in got, got
+        second.close()
+        first.close()
+        deadline = time.monotonic() + 5
+        while s.app.state.mixtrt.body_bytes:  # the budget is given back as bodies end, however they end
+            assert time.monotonic() < deadline, s.app.state.mixtrt.body_bytes
+            time.sleep(0.05)
+        assert s.openai.completions.create(model="tiny", prompt="b", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        s.close()
+
+
 def test_stop_drains_then_cancels_within_its_bound(generator):
     """EngineLoop.stop: new requests are refused; a running request that cannot finish within drain_s is
     cancelled ("shutdown"), and stop returns soon after the bound."""
