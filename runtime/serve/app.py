@@ -276,6 +276,8 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
         message = outside_vocab(req.tokens, gen.backend.args.vocab_size, "tokens: ids")
         if message:
             raise ApiError(message, param="tokens")
+        if len(req.tokens) > HEAVY_ITEMS:  # a million ids decode for a good part of a second: not on the event loop
+            return JSONResponse({"prompt": await asyncio.to_thread(gen.tokenizer.decode, req.tokens)})
         return JSONResponse({"prompt": gen.tokenizer.decode(req.tokens)})
 
     return app
@@ -564,10 +566,15 @@ async def _complete(call: _Call, state: _State, request: Request) -> Response:
         watcher.cancel()
         if not abandoned:
             _log(call)
-    choices = [_full_choice(call, state, i) for i in range(call.handle.choices)]
-    obj = "chat.completion" if call.kind == "chat" else "text_completion"
-    return JSONResponse({"id": _id(call), "object": obj, "created": call.created, "model": state.settings.name,
-                         "choices": choices, "usage": _usage(call)})
+    def answer() -> JSONResponse:
+        choices = [_full_choice(call, state, i) for i in range(call.handle.choices)]
+        obj = "chat.completion" if call.kind == "chat" else "text_completion"
+        return JSONResponse({"id": _id(call), "object": obj, "created": call.created, "model": state.settings.name,
+                             "choices": choices, "usage": _usage(call)})
+
+    # a big answer (many choices, logprobs of long texts: tens of MB of JSON) is built off the event loop, whose
+    # streams it stalled for seconds
+    return await asyncio.to_thread(answer) if _items(call) > HEAVY_ITEMS else answer()
 
 
 async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
@@ -596,6 +603,17 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
     sending: list[float] = []  # when the chunk being sent was handed over (empty: the stream waits for the engine)
     stall = asyncio.create_task(_watch_stall(call, loop, sending))
 
+    # a long prompt's echo with logprobs (thousands of tokens x their alternatives, each choice's) is built off the
+    # event loop, whose other streams it stalled for seconds
+    heavy_echo = _items(call, prompt_only=True) > HEAVY_ITEMS
+
+    async def echo_chunk(i: int, row: Any, finish: str | None) -> str:
+        def build() -> str:
+            return chunk({"index": i, "text": call.echo[i // call.req.n],
+                          "logprobs": _echo_logprobs(call, state, i, row), "finish_reason": finish})
+
+        return await asyncio.to_thread(build) if heavy_echo else build()
+
     def chunk(choice: dict[str, Any]) -> str:
         if running:
             return (head + _sse_json(choice) + '], "usage": '
@@ -617,17 +635,16 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
             if call.echo_only:  # one event per choice (its only token's): its echo, scored, and nothing generated
                 assert out is not None
                 call.outputs[i] = out
+                scored = await echo_chunk(i, row, "length")
                 sending[:] = [time.perf_counter()]
-                yield chunk({"index": i, "text": call.echo[i // call.req.n],
-                             "logprobs": _echo_logprobs(call, state, i, row), "finish_reason": "length"})
+                yield scored
                 sending.clear()
                 if call.t_first_sent is None:
                     call.t_first_sent = time.perf_counter()
                 continue
             # the echo: its text, and with logprobs its tokens even where their text is empty (BOS alone)
             if counts[i] == 0 and _echoes(call) and (call.echo[i // call.req.n] or call.handle.config.return_logprobs):
-                parts.append(chunk({"index": i, "text": call.echo[i // call.req.n],
-                                    "logprobs": _echo_logprobs(call, state, i, row), "finish_reason": None}))
+                parts.append(await echo_chunk(i, row, None))
             pending[i].append(counts[i])
             counts[i] += 1
             if out is not None:
@@ -951,6 +968,18 @@ def _full_choice(call: _Call, state: _State, i: int) -> dict[str, Any]:
         lp = merge(prompt_logprobs(_texts(state), call.prompts[p], out.prompt_logprobs, out.prompt_top_logprobs, k),
                     gen_lp) if _echoes(call) else gen_lp
     return {"index": i, "text": call.echo[p] + out.text, "logprobs": lp, "finish_reason": _finish(out)}
+
+
+HEAVY_ITEMS = 50_000  # tokens (x alternatives with logprobs) an answer may hold and still be built on the event loop
+
+
+def _items(call: _Call, prompt_only: bool = False) -> int:
+    """The tokens (each with its logprob alternatives) a request's answer writes: what building it costs."""
+    per = 1 + (call.handle.config.top_logprobs or 0) if call.handle.config.return_logprobs else 1
+    echoed = sum(len(p) for p in call.prompts) * call.req.n if _echoes(call) else 0
+    if prompt_only:
+        return echoed * per
+    return (echoed + sum(len(out.token_ids) for out in call.outputs.values())) * per
 
 
 def _echo_logprobs(call: _Call, state: _State, i: int, row: Any) -> dict[str, Any] | None:

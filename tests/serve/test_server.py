@@ -417,3 +417,37 @@ def test_a_line_break_in_a_tokens_text_does_not_split_the_event(server, generato
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
     text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
     assert text.startswith(tok.decode([1, *breaks[:3]]))
+
+
+def test_heavy_answers_are_built_off_the_event_loop_and_equal(server, generator, monkeypatch):
+    """An answer past HEAVY_ITEMS tokens x alternatives (echo + logprobs of long prompts, many choices: tens of MB
+    of JSON stalled every stream for seconds) is built in a thread, whole and streamed, /detokenize's too; the
+    answers equal those built on the event loop."""
+    import asyncio
+
+    import mixtrt.runtime.serve.app as app_module
+
+    ids = generator.tokenizer.encode(PROMPTS[3])
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 3, "temperature": 0, "logprobs": 5, "echo": True, "n": 2}
+
+    def answers() -> tuple[Any, list[Any], str]:
+        whole = server.http.post("/v1/completions", json=body).json()
+        with server.http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        text = server.http.post("/detokenize", json={"tokens": ids}).json()["prompt"]
+        for e in [whole, *events]:
+            e.pop("id"), e.pop("created")
+        return whole, sorted(events, key=lambda e: json.dumps(e)), text
+
+    inline = answers()
+    threaded: list[Any] = []
+    real = asyncio.to_thread
+
+    async def counted(fn: Any, *a: Any, **kw: Any) -> Any:
+        threaded.append(getattr(fn, "__name__", fn))
+        return await real(fn, *a, **kw)
+
+    monkeypatch.setattr(app_module, "HEAVY_ITEMS", 0)
+    monkeypatch.setattr(app_module.asyncio, "to_thread", counted)
+    assert answers() == inline
+    assert {"answer", "build", "decode"} <= set(threaded), threaded
