@@ -28,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import SHAPES, make_benchmark_checkpoint, positive  # noqa: E402
+from common import SHAPES, exit_on_sigterm, make_benchmark_checkpoint, positive  # noqa: E402
 
 SYSTEM = "You are a patient reading companion. Answer in plain sentences and keep every answer short."
 TOPICS = ["the weather in the village", "a letter from London", "the ball at Netherfield", "a walk to Meryton",
@@ -87,6 +87,7 @@ def run_once(gen, turns: list[int], reply_tokens: int) -> tuple[dict[int, float]
 
 
 def main() -> None:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mistral", choices=sorted(SHAPES))
     ap.add_argument("--turns", nargs="+", type=positive, default=[1, 5, 20])

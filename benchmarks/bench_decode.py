@@ -43,7 +43,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import peers  # noqa: E402
-from common import SHAPES, at_least, make_benchmark_checkpoint, positive  # noqa: E402
+from common import SHAPES, at_least, exit_on_sigterm, make_benchmark_checkpoint, positive  # noqa: E402
 
 ENGINES = ("mixtrt fp32", "llama.cpp f32", "onnxruntime-genai fp32")
 TINY = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_local_experts=8,
@@ -146,13 +146,15 @@ def chart(results: dict, path: Path, title: str, prompt_len: int) -> None:
 
 
 def main() -> None:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["mixtral", "mistral"], choices=sorted(SHAPES))
     ap.add_argument("--threads", type=positive, default=2)
     ap.add_argument("--passes", type=positive, default=3)
     ap.add_argument("--prompt-len", type=positive, default=128)
     ap.add_argument("--new-tokens", type=at_least(3), default=256)
-    ap.add_argument("--chart", type=Path, default=HERE.parent / "docs" / "bench_decode.png")
+    ap.add_argument("--chart", type=Path, default=None,
+                    help="the chart's file (default: WORK/bench_decode.png; the README's is docs/bench_decode.png)")
     ap.add_argument("--json", type=Path, default=None, help="also write every number to this file")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mixtrt-bench"))
     ap.add_argument("--overhead-only", action="store_true", help="measure only the per-step overhead (tiny model)")
@@ -160,6 +162,8 @@ def main() -> None:
     ap.add_argument("--artifact", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=positive, default=1, help=argparse.SUPPRESS)
     ns = ap.parse_args()
+    if ns.chart is None:  # not the checkout's own chart unless asked: a run elsewhere would replace it
+        ns.chart = ns.work / "bench_decode.png"
     for out in (ns.json, ns.chart):  # their folders made now, so writing them cannot fail after the whole run
         if out is not None:
             try:

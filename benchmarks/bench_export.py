@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
-from common import positive  # noqa: E402
+from common import exit_on_sigterm, positive  # noqa: E402
 
 from mixtrt.runtime.quantization import METHODS  # noqa: E402  (every int4 --method)
 
@@ -138,6 +138,7 @@ def tools(baseline: str | None, int4: bool = False) -> dict:
 
 
 def main() -> None:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/mixtrt-bench-export"))
     ap.add_argument("--runs", type=positive, default=3)

@@ -23,7 +23,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import SHAPES, at_least, current_rss_mib, make_benchmark_checkpoint, peak_rss_mib, positive  # noqa: E402
+from common import SHAPES, at_least, current_rss_mib, exit_on_sigterm, make_benchmark_checkpoint, peak_rss_mib, positive  # noqa: E402
 
 
 def prompts(batch: int, length: int) -> list[list[int]]:
@@ -120,6 +120,7 @@ def run_child(mode: str, **kw) -> dict:
 
 
 def main() -> None:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["mixtral", "mistral"], choices=sorted(SHAPES))
     ap.add_argument("--batches", nargs="+", type=positive, default=[1, 8])

@@ -39,7 +39,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_generate import bandwidth_gb_s, bytes_per_token, prompts, run_child  # noqa: E402
-from common import SHAPES, at_least, make_benchmark_checkpoint, positive  # noqa: E402
+from common import SHAPES, at_least, exit_on_sigterm, make_benchmark_checkpoint, positive  # noqa: E402
 
 
 def size(path: Path) -> int:
@@ -132,6 +132,7 @@ def int8_as_asked(recorded: list[str], int8: tuple[str, ...] | None, moe: bool) 
 
 
 def main() -> None:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["mixtral", "mistral"], choices=sorted(SHAPES))
     ap.add_argument("--threads", type=positive, default=2)
@@ -144,7 +145,10 @@ def main() -> None:
     ap.add_argument("--no-quality", dest="quality", action="store_false", help="timings only (no KL, no agreement)")
     ap.add_argument("--passes", type=positive, default=3, help="interleaved passes over the engines (medians reported)")
     ns = ap.parse_args()
-    from peers import genai_generate, genai_model_from_checkpoint, gguf_from_checkpoint, llama_logits
+    from peers import genai_generate, genai_model_from_checkpoint, gguf_from_checkpoint, llama_logits, require
+
+    if any(not e.startswith("mixtrt") for e in ns.engines):
+        require("convert_hf_to_gguf", "llama-quantize", "llama-server")
 
     from mixtrt.export.onnx_export import export_onnx, is_current
     from mixtrt.export.quantize import Int4Options

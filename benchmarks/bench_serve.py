@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import at_least, make_benchmark_checkpoint, positive  # noqa: E402
+from common import at_least, exit_on_sigterm, make_benchmark_checkpoint, positive  # noqa: E402
 
 # llama-server reuses a slot's cached prompt prefix (prompts repeat across rounds here); mixtrt has no prompt cache,
 # so both do the same work only with it off
@@ -143,6 +143,7 @@ def port_in_use(port: int) -> bool:
 
 
 def main() -> None:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=positive, default=2)
     ap.add_argument("--clients", nargs="+", type=positive, default=[1, 4, 16])
@@ -162,6 +163,10 @@ def main() -> None:
     ap.add_argument("--compare-chunk", type=at_least(1), nargs="+", default=[], metavar="TOKENS",
                     help="also run a mixtrt server with each of these --prefill-chunk values (in the same rounds)")
     ns = ap.parse_args()
+    if not ns.no_llama:
+        from peers import require
+
+        require("convert_hf_to_gguf", "llama-server")
     if len(set(ns.compare_chunk)) != len(ns.compare_chunk):
         ap.error(f"--compare-chunk {' '.join(map(str, ns.compare_chunk))}: a value twice (one server each)")
     extra_ports = [ns.port + 3 + i for i in range(len(ns.compare_chunk))]

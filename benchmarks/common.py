@@ -26,6 +26,15 @@ from mixtrt.cli.options import at_least  # noqa: E402  (an integer >= low, as ar
 positive = at_least(1)
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (timeout, a CI runner, kill) ends the script as Ctrl-C does, through its `finally` blocks, which stop
+    the servers and children it started (Python's default leaves them running, orphaned, holding their ports)."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def make_benchmark_checkpoint(name: str, root: Path) -> Path:
     """Write (once) a random checkpoint of the named shape under root/<name>; returns its path."""
     import shutil

@@ -63,6 +63,15 @@ def _peers(*need: str) -> dict:
     return info
 
 
+def require(*need: str) -> None:
+    """Exit with one line where the peers (or the named entries) are missing: a script checks before its minutes of
+    exports, not after them with a traceback."""
+    try:
+        _peers("python", *need)
+    except PeersMissing as e:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: {e}") from None
+
+
 def _run(cmd: Sequence[object], what: str, log: Path | None = None, **kw) -> str:
     """Run a command and return its stdout (stdout and stderr are written to `log`); on failure raise naming `what`,
     with the end of its output."""

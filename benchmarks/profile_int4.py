@@ -26,10 +26,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import positive  # noqa: E402
-
 PROMPT = 128
+
+
+def positive(text: str) -> int:
+    """argparse's type for --steps / --reps. Not common's `positive`: the genai child parses its arguments in the
+    peers' venv, which has no mixtrt for common to import."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return int(text)
 
 
 def prompt_row() -> list[int]:
