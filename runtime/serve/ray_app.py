@@ -179,12 +179,12 @@ def _run_on_ray(settings: ServeSettings, host: str, port: int, replicas: int, ad
     finally:
         # Ray Serve itself goes down with the last application: on a cluster it may hold others' (`serve run`'s
         # stop takes them all down; this leaves them running)
-        deployed = _applications()
+        deployed = _applications() if ray.is_initialized() else None  # Serve's calls would start a Ray of their own
         if deployed and set(deployed) != {"mixtrt"}:
             if "mixtrt" in deployed:  # a failed deployment, a second signal: ours goes, not at once (Ray deletes it)
                 with contextlib.suppress(Exception):
                     serve.delete("mixtrt", _blocking=False)
-        else:
+        elif deployed is not None:
             serve.shutdown()
         ray.shutdown()
         for sig, handler in previous.items():
