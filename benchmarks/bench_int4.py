@@ -131,6 +131,28 @@ def int8_as_asked(recorded: list[str], int8: tuple[str, ...] | None, moe: bool) 
                                                                 for p in patterns)
 
 
+def _ratios(rows: list[dict]) -> str:
+    """The issue's targets as ratios of this run's medians: mixtrt int4 (and lm4) decode against llama.cpp q4_0,
+    onnxruntime-genai int4 and mixtrt fp32, and its peak RSS against q4_0's (target <= 1.25x)."""
+    def median(engine: str, key: str) -> float | None:
+        got = [r[key] for r in rows if r["engine"] == engine]
+        return statistics.median(got) if got else None
+
+    lines = []
+    for form in ("mixtrt int4", "mixtrt int4 lm4"):
+        mine = median(form, "decode_tok_s")
+        if mine is None:
+            continue
+        ratios = [f"{peer} {mine / theirs:.2f}x" for peer in ("llama q4_0", "genai int4", "mixtrt fp32")
+                  if (theirs := median(peer, "decode_tok_s"))]
+        line = f"{form} decode / " + ", ".join(ratios)
+        q4 = [r["peak_rss_mib"] for r in rows if r["engine"] == "llama q4_0"]
+        if q4:
+            line += f"; peak RSS / q4_0's {max(r['peak_rss_mib'] for r in rows if r['engine'] == form) / max(q4):.2f}x"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def main() -> None:
     exit_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,6 +231,7 @@ def main() -> None:
             spread = f"{med:.1f} ({min(decode):.1f}-{max(decode):.1f})"
             print(f"{eng:<17}{statistics.median(r['prefill_tok_s'] for r in mine):>14.1f}{spread:>25}"
                   f"{max(r['peak_rss_mib'] for r in mine):>13.0f}{size(Path(art)) / 2**20:>13.1f}{frac}")
+        print(_ratios(rows))
         if not ns.quality:
             continue
         # quality: teacher-forced over prompt + 255 tokens of the fp32 greedy continuation
