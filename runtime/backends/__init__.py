@@ -80,7 +80,8 @@ def load_backend(name: str, directory: str | Path, *, verify: bool = True, head:
 
         raise ConfigError(f"{directory}: {wrong_head(manifest.args, head)}")
     if name not in manifest.backends:
-        hint = {"tensorrt": f" (`mixtrt build {directory}` adds a TensorRT engine, on a GPU)",
+        hint = {"tensorrt": f" (`mixtrt build {directory}` adds a TensorRT engine, on a GPU, with "
+                            "pip install 'mixtrt[tensorrt]')",
                 "triton": " (artifacts exported before the triton backend list only onnxruntime: export it again)"
                 if manifest.args.head == "causal_lm" else " (the triton backend runs causal LMs only)"}.get(name, "")
         raise ConfigError(f"{directory}: this artifact runs on {', '.join(manifest.backends)}, not on {name}{hint}")

@@ -218,6 +218,11 @@ def test_an_artifact_from_before_the_triton_backend_names_the_remedy(tmp_path, a
     with pytest.raises(ConfigError) as e:
         load_backend("triton", copy)
     one_line(e.value, "this artifact runs on onnxruntime, not on triton", "export it again")
+    # no engine yet: the command that adds one, and what it needs installed
+    with pytest.raises(ConfigError) as e:
+        load_backend("tensorrt", copy)
+    one_line(e.value, "not on tensorrt", f"`mixtrt build {copy}` adds a TensorRT engine",
+             "pip install 'mixtrt[tensorrt]'")
 
 
 def test_a_number_of_thousands_of_digits_is_one_line(tmp_path, artifact):
