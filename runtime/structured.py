@@ -40,7 +40,7 @@ import numpy as np
 from mixtrt.runtime.errors import ConfigError, GuideError
 from mixtrt.runtime.extras import require
 from mixtrt.runtime.prompts import check_text
-from mixtrt.runtime.tool_calls import NAME
+from mixtrt.runtime.tool_calls import NAME, SCHEMA_LISTS, SCHEMA_MAPS, SCHEMA_ONE
 
 # the JSON compiler's options: json.dumps' separators, no free whitespace
 _OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -422,11 +422,9 @@ def _names_enough(schema: Mapping[str, Any]) -> bool:
         "patternProperties" in schema or not isinstance(least, int) or least <= len(props))
 
 
-# schema keywords whose value is one schema, a map of names to schemas, a list of schemas
-_ONE = ("additionalProperties", "unevaluatedProperties", "items", "additionalItems", "unevaluatedItems", "contains",
-        "propertyNames", "not", "if", "then", "else")
-_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")  # items as a list: the older drafts' tuple form
+# schema keywords whose value is one schema, a map of names to schemas, a list of schemas (tool_calls' tables)
+_ONE, _MAPS = SCHEMA_ONE, SCHEMA_MAPS
+_LISTS = (*SCHEMA_LISTS, "items")  # items as a list: the older drafts' tuple form
 _OPEN = {"additionalProperties", "unevaluatedProperties"}
 _DEFS = ("$defs", "definitions")
 _NOTES = {"$ref", "title", "description", "$comment", "examples", "default"}  # beside a $ref, no join

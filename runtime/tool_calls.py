@@ -407,10 +407,12 @@ def check_tools(tools: Any, where: str = "tools") -> list[dict[str, Any]] | None
 
 
 JSON_TYPES = ("string", "number", "integer", "boolean", "object", "array", "null")
-_SUBSCHEMA = ("items", "additionalProperties", "not", "contains", "propertyNames", "if", "then", "else",
+# JSON Schema's keywords whose value is one schema (items and additionalItems: or, in the older drafts' tuple form, a
+# list of them), a map of names to schemas, a list of schemas: the shape check here and structured.py's closing walk
+SCHEMA_ONE = ("items", "additionalProperties", "not", "contains", "propertyNames", "if", "then", "else",
               "additionalItems", "unevaluatedProperties", "unevaluatedItems")
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 
 
 def check_schema_shape(schema: Any, where: str, depth: int = 0) -> None:
@@ -433,19 +435,19 @@ def check_schema_shape(schema: Any, where: str, depth: int = 0) -> None:
         raise ConfigError(f"{where}.required: must be a list of property names")
     if "enum" in schema and not isinstance(schema["enum"], list):
         raise ConfigError(f"{where}.enum: must be a list of values")
-    for key in _SCHEMA_MAPS:
+    for key in SCHEMA_MAPS:
         if key in schema:
             if not isinstance(schema[key], Mapping):
                 raise ConfigError(f"{where}.{key}: must be an object of schemas")
             for name, sub in schema[key].items():
                 check_schema_shape(sub, f"{where}.{key}.{name}", depth + 1)
-    for key in _SUBSCHEMA:
+    for key in SCHEMA_ONE:
         if key in schema:
             subs = schema[key] if key in ("items", "additionalItems") and isinstance(schema[key], list) else \
                 [schema[key]]  # items as a list: an older draft's tuple form
             for n, sub in enumerate(subs):
                 check_schema_shape(sub, f"{where}.{key}" + (f"[{n}]" if len(subs) > 1 else ""), depth + 1)
-    for key in _SCHEMA_LISTS:
+    for key in SCHEMA_LISTS:
         if key in schema:
             if not isinstance(schema[key], list) or not schema[key]:
                 raise ConfigError(f"{where}.{key}: must be a non-empty list of schemas")
