@@ -189,42 +189,33 @@ def check_text(text: str, what: str) -> str:
 
 def check_strings(value: Any, where: str) -> None:
     """Every string in a JSON-like value (mapping keys too, at any depth) is valid text (check_text); else one
-    ConfigError naming its path (`tools[0].function.description`)."""
+    ConfigError naming the first bad one's path, in the value's own order (`tools[0].function.description`).
+    Iterative: any depth, no recursion limit."""
     todo = [(value, where)]
     while todo:
         item, at = todo.pop()
         if isinstance(item, str):
             check_text(item, at)
         elif isinstance(item, Mapping):
-            for key, sub in item.items():
+            for key in item:
                 if isinstance(key, str):
                     check_text(key, f"{at} key")
-                todo.append((sub, f"{at}.{key}"))
+            todo.extend((sub, f"{at}.{key}") for key, sub in list(item.items())[::-1])
         elif isinstance(item, (list, tuple)):
-            todo.extend((sub, f"{at}[{i}]") for i, sub in enumerate(item))
+            todo.extend((item[i], f"{at}[{i}]") for i in reversed(range(len(item))))
 
 
 def check_messages_text(messages: Any) -> None:
     """`messages` is a list (or tuple) and every string in it (contents, names, tool-call arguments) is valid
     text; else one ConfigError naming the message and the field. Items that are not mappings are left to the
     chat format's own checks (they name the message)."""
-
-    def walk(value: Any, where: str, depth: int) -> None:
-        if isinstance(value, str):
-            check_text(value, where)
-        elif depth < 8 and isinstance(value, Mapping):
-            for key, item in value.items():
-                walk(item, f"{where}.{key}" if depth else f"{where} {key}", depth + 1)
-        elif depth < 8 and isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                walk(item, f"{where}[{i}]", depth + 1)
-
     if not isinstance(messages, (list, tuple)):  # a str would be read as messages of one character each
         raise ConfigError("chat: messages must be a list of mappings like {'role': 'user', 'content': '...'}, got "
                           f"{type(messages).__name__}")
     for n, message in enumerate(messages):
         if isinstance(message, Mapping):
-            walk(message, f"chat: message {n}", 0)
+            for key, value in message.items():  # "chat: message 0 content[1].text"
+                check_strings(value, f"chat: message {n} {key}")
 
 
 def check_flags(add_generation_prompt: Any, continue_final_message: Any) -> None:
