@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -603,6 +603,15 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
     sending: list[float] = []  # when the chunk being sent was handed over (empty: the stream waits for the engine)
     stall = asyncio.create_task(_watch_stall(call, loop, sending))
 
+    @contextlib.contextmanager
+    def handing() -> Iterator[None]:
+        """Around a yield: its chunk is being sent from now (the watchdog's clock) until the client took it."""
+        sending.append(time.perf_counter())
+        try:
+            yield
+        finally:
+            sending.clear()
+
     # a long prompt's echo with logprobs (thousands of tokens x their alternatives, each choice's) is built off the
     # event loop, whose other streams it stalled for seconds
     heavy_echo = _items(call, prompt_only=True) > HEAVY_ITEMS
@@ -623,10 +632,9 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
     try:
         if chat:
             for i in range(len(counts)):
-                sending[:] = [time.perf_counter()]
-                yield chunk({"index": i, "delta": {"role": "assistant", "content": call.echo[0]}, "logprobs": None,
-                             "finish_reason": None})
-                sending.clear()
+                with handing():
+                    yield chunk({"index": i, "delta": {"role": "assistant", "content": call.echo[0]}, "logprobs": None,
+                                 "finish_reason": None})
         async for event in call.handle.events():
             i = _choice(call, event)
             row = event.row
@@ -636,9 +644,8 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
                 assert out is not None
                 call.outputs[i] = out
                 scored = await echo_chunk(i, row, "length")
-                sending[:] = [time.perf_counter()]
-                yield scored
-                sending.clear()
+                with handing():
+                    yield scored
                 if call.t_first_sent is None:
                     call.t_first_sent = time.perf_counter()
                 continue
@@ -668,9 +675,8 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
                 else:
                     parts.append(chunk({"index": i, "text": text, "logprobs": lp, "finish_reason": finish}))
             for part in parts:
-                sending[:] = [time.perf_counter()]
-                yield part
-                sending.clear()
+                with handing():
+                    yield part
                 if call.t_first_sent is None:
                     call.t_first_sent = time.perf_counter()  # the generator resumes once the chunk was sent
         if usage:
@@ -691,9 +697,9 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
         yield "data: " + json.dumps(ApiError(str(e), 400).body()) + "\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        stalled = stall.done() and not stall.cancelled()  # the watchdog cancelled the request: it logs it
+        stalled = stall.done() and not stall.cancelled()
         stall.cancel()
-        if stalled:
+        if stalled:  # the watchdog cancelled the request: its log line is the watchdog's
             pass
         elif not call.handle.ended and len(call.outputs) < call.handle.choices:
             # the client went away, or the server's forced exit cut the stream (the response task was cancelled):
