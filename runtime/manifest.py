@@ -560,12 +560,11 @@ def _leftover_inside(target: Path) -> str | None:
         pid = rest.split("-", 1)[0]
         if not _gone(pid):
             continue
-        with contextlib.suppress(OSError):
-            if {p.name for p in entry.iterdir()} <= {".replaced"} and is_artifact(target, besides=entry):
-                return (f"holds the staging folder of an export that was killed after it moved its files in "
-                        f"({entry.name}, process {pid}, no longer running): the artifact is whole, and an export "
-                        f"removes the folder once it is {UNRENAMED_S:.0f} s old (a process of another host sharing "
-                        f"the folder could still own it until then); or remove {entry} yourself")
+        if _all_moved_in(target, entry):
+            return (f"holds the staging folder of an export that was killed after it moved its files in "
+                    f"({entry.name}, process {pid}, no longer running): the artifact is whole, and an export "
+                    f"removes the folder once it is {UNRENAMED_S:.0f} s old (a process of another host sharing "
+                    f"the folder could still own it until then); or remove {entry} yourself")
         aside = entry / ".replaced"
         old = (f"; the files of the artifact it was replacing are in {aside}" if aside.is_dir() and any(aside.iterdir())
                else "")
@@ -926,11 +925,20 @@ def _finished_in_place(target: Path, entry: Path) -> bool:
     if rest == entry.name or not entry.is_dir() or entry.is_symlink() or not _gone(rest.split("-", 1)[0]):
         return False
     try:
-        left = {p.name for p in entry.iterdir()}
         old = time.time() - entry.stat().st_mtime > UNRENAMED_S
     except OSError:  # not ours to read: not ours to remove
         return False
-    return left <= {".replaced"} and old and is_artifact(target, besides=entry)
+    return old and _all_moved_in(target, entry)
+
+
+def _all_moved_in(target: Path, staging: Path) -> bool:
+    """A replace in place's `staging` folder holds nothing but what it moved aside (`.replaced`) and `target` beside
+    it is a whole artifact: every file went in, the manifest last (False where the folder cannot be read)."""
+    try:
+        left = {p.name for p in staging.iterdir()}
+    except OSError:
+        return False
+    return left <= {".replaced"} and is_artifact(target, besides=staging)
 
 
 def _empty(folder: Path) -> bool:
