@@ -182,7 +182,8 @@ class GenerationDefaults:
         one-line errors, naming chat.generation)."""
         where = "manifest chat.generation"
         d = dict(d)
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
         if unknown:  # a generation setting a newer mixtrt records
             raise NewerRecordError(f"{where}: unknown fields {unknown} (written by a newer mixtrt, or edited)")
         if d.get("eos_token_ids") is not None:
@@ -196,7 +197,7 @@ class GenerationDefaults:
         if not isinstance(ignored, list | tuple) or not all(isinstance(k, str) for k in ignored):
             raise ConfigError(f"{where}: ignored must be a list of names, got {ignored!r}")
         d["ignored"] = tuple(ignored)
-        now_used = [k for k in d["ignored"] if k in {f.name for f in fields(cls)}]
+        now_used = [k for k in d["ignored"] if k in known]
         if now_used:  # recorded as not used by the mixtrt that exported it: its value is not in the record
             warnings.warn(f"{where}: the checkpoint's {GENERATION_CONFIG} sets {', '.join(now_used)}, which the "
                           "mixtrt that exported this artifact did not use and this one would: export the checkpoint "

@@ -304,10 +304,11 @@ def _check_neutral(req: _Sampling) -> None:
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
     if any(not s for s in stops):
         raise ApiError("stop: stop strings must be non-empty", param="stop")
-    if len(stops) > MAX_STOP_STRINGS or sum(len(s) for s in stops) > MAX_STOP_CHARS:
+    chars = sum(len(s) for s in stops)
+    if len(stops) > MAX_STOP_STRINGS or chars > MAX_STOP_CHARS:
         raise ApiError(f"stop: at most {MAX_STOP_STRINGS} stop strings of {MAX_STOP_CHARS} characters in all, got "
-                       f"{len(stops)} of {sum(len(s) for s in stops)} (each is matched at every token, on the engine "
-                       "loop the server's requests share)", param="stop")
+                       f"{len(stops)} of {chars} (each is matched at every token, on the engine loop the server's "
+                       "requests share)", param="stop")
     if isinstance(req, ChatRequest) and req.top_logprobs and not req.logprobs:
         raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs")
 
