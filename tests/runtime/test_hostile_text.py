@@ -161,3 +161,24 @@ def test_text_files_are_bounded_and_devices_named(tmp_path):
     assert read_text_file(big, "--text", limit=4096) == "a" * 2048
     with pytest.raises(ConfigError, match=r"--text .*big.txt: over 0 MiB"):
         read_text_file(big, "--text", limit=1024)
+
+
+def test_message_text_is_checked_at_any_depth_in_order():
+    """Every string of a message is checked, however deep (a call's arguments as an object nest as the client
+    likes; the walk stopped at 8 levels) and keys too; the first bad one in the message's order is named."""
+    from mixtrt.runtime.prompts import check_messages_text
+
+    deep: dict = {"v": "\ud800"}
+    for _ in range(12):
+        deep = {"k": deep}
+    call = {"type": "function", "function": {"name": "f", "arguments": deep}}
+    with pytest.raises(ConfigError) as e:
+        check_messages_text([{"role": "assistant", "content": "", "tool_calls": [call]}])
+    one_line(e.value, "chat: message 0 tool_calls[0].function.arguments" + ".k" * 12 + ".v is not valid text")
+    with pytest.raises(ConfigError) as e:
+        check_messages_text([{"role": "user", "content": [{"type": "text", "text": "a\udc80"},
+                                                          {"type": "text", "text": "\udc81"}]}])
+    one_line(e.value, "chat: message 0 content[0].text is not valid text: character 1")
+    with pytest.raises(ConfigError) as e:
+        check_messages_text([{"role": "user", "content": [{"\udc82": 1}]}])
+    one_line(e.value, "chat: message 0 content[0] key is not valid text")
