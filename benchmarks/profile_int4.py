@@ -49,16 +49,16 @@ def child_mixtrt(artifact: str, steps: int, prefix: str) -> dict:
 
     from mixtrt.runtime.backends.onnxruntime import OrtBackend
 
-    be = OrtBackend.load(artifact, threads=1, verify=False)
-    # the backend's own session options, plus the profiler
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    q = be.manifest.quantization
-    if q is not None:
-        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(q.accuracy_level))
-    opts.enable_profiling, opts.profile_file_prefix, opts.log_severity_level = True, prefix, 3
-    be.session = ort.InferenceSession(str(Path(artifact) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    class Profiled(OrtBackend):
+        """The backend's own session, rewrites included, under onnxruntime's profiler."""
+
+        def session_options(self, threads: int | None) -> ort.SessionOptions:
+            opts = super().session_options(threads)
+            opts.inter_op_num_threads = 1
+            opts.enable_profiling, opts.profile_file_prefix = True, prefix
+            return opts
+
+    be = Profiled.load(artifact, threads=1, verify=False)
     cache = be.new_cache(1)
     tok = int(be.step(cache, np.asarray([prompt_row()]), last_only=True)[0, -1].argmax())
     wall, cpu = time.perf_counter(), time.thread_time()

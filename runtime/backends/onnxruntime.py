@@ -62,16 +62,7 @@ class OrtBackend:
         self.windowed = manifest.cache.windowed
         self.max_positions = manifest.max_context
         self.dtype = np.dtype(manifest.cache.dtype)
-        opts = ort.SessionOptions()
-        threads = check_threads(threads)
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 4  # fatal only: a failing step's error is raised (BackendError), not also logged
-        if manifest.quantization is not None:  # the fused DequantizeLinear + MatMul -> MatMulNBits
-            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level",
-                                          str(manifest.quantization.accuracy_level))
+        opts = self.session_options(check_threads(threads))
         model_path = self.directory / MODEL_FILE
         manifest.check_graph_io(self.directory)
         self.fusions = FusionCounts()
@@ -111,6 +102,22 @@ class OrtBackend:
         manifest.check_graph(model_path, *checked)  # the mixed graph: its IO before the rewrite
         self._lock = threading.Lock()
         guard_fork(self, f"the onnxruntime backend of {self.directory}")
+
+    def session_options(self, threads: int | None) -> Any:
+        """The onnxruntime session's options (a subclass may add to them: benchmarks/profile_int4.py profiles the
+        graph the backend runs, rewrites included)."""
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 4  # fatal only: a failing step's error is raised (BackendError), not also logged
+        if self.manifest.quantization is not None:  # the fused DequantizeLinear + MatMul -> MatMulNBits
+            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level",
+                                          str(self.manifest.quantization.accuracy_level))
+        return opts
 
     def _mix(self, model: Any) -> tuple[bool, str]:
         """Rewrite `model` into the mixed-step graph; (done, why not)."""

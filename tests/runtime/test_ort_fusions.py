@@ -120,3 +120,23 @@ def test_quantized_packing_is_bounded_by_the_bytes_held_in_the_graph(artifacts, 
     assert len(backend.fusions.skipped) == 1 and "MiB held in the graph" in backend.fusions.skipped[0]
     for got, want in zip(_run(backend), _run(plain), strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_subclass_options_reach_the_rewritten_session(artifacts, tmp_path):
+    """benchmarks/profile_int4.py profiles the graph the backend runs: its subclass's options (the profiler) reach
+    the session made from the rewritten graph, whose profile then shows the fused nodes."""
+    import json
+
+    class Profiled(OrtBackend):
+        def session_options(self, threads):
+            opts = super().session_options(threads)
+            opts.enable_profiling, opts.profile_file_prefix = True, str(tmp_path / "prof")
+            return opts
+
+    be = Profiled.load(artifacts["mistral-int4"], threads=1)
+    cache = be.new_cache(1)
+    be.step(cache, np.asarray([[3, 4, 5]]))
+    ops = {e["args"]["op_name"] for e in json.loads(open(be.session.end_profiling()).read())
+           if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
+    assert {"SkipSimplifiedLayerNormalization", "GroupQueryAttention", "MatMulNBits"} <= ops
+    assert "DequantizeLinear" not in ops and "Pow" not in ops
