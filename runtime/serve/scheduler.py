@@ -224,12 +224,13 @@ class EngineLoop:
             return
         self._active.append(req)
 
-    def _end(self, req: Request, error: BaseException | None) -> None:
-        """Take req's unfinished rows out of the engine; deliver `error` (None: it finished normally)."""
+    def _end(self, req: Request, error: BaseException | None, engine: bool = True) -> None:
+        """Take req's unfinished rows out of the engine (engine False: the engine failed and is dropped whole, its
+        rows are not touched); deliver `error` (None: it finished normally)."""
         for row in req.rows:
             self._rows.pop(row.id, None)
             self._last.pop(row.id, None)
-            if row.reason is None or row in self.engine.waiting:
+            if engine and (row.reason is None or row in self.engine.waiting):
                 self.engine.cancel(row)
         req.ended = True
         if req in self._active:
@@ -264,11 +265,13 @@ class EngineLoop:
             events, error = e.events, e
         except Exception as e:  # a backend failure: every request fails, a fresh engine takes over
             error = BackendError(f"the engine failed: {e}")
-            for req in list(self._active):
-                self._end(req, error)
+            failed = list(self._active)
+            for req in failed:
+                self._end(req, error, engine=False)
             self.engine = Engine(self.engine.backend, self.engine.tokenizer, self.max_batch)
             if self.metrics is not None:
-                self.metrics.aborted("error")
+                for _ in failed:  # per request, as every other reason
+                    self.metrics.aborted("error")
             return False
         batches: dict[int, tuple[Request, list[EngineEvent]]] = {}
         tokens = 0  # the requests' tokens of this part (a non-streamed request's are not all handed out)

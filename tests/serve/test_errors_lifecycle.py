@@ -1076,3 +1076,62 @@ def test_a_cancelled_handler_of_a_request_answered_whole(generator, serve_artifa
     else:
         assert (line["end"], line["status"], counted) == ("shutdown", 503, (0, 1)), line
         assert sent and sent[0]["status"] == 503
+
+
+def test_a_backend_failure_fails_every_request_in_flight_and_counts_each(generator, serve_artifact):
+    """A step that raises (not a row's own failure): every request in flight fails (a plain request 500, a stream an
+    error event and [DONE]), each counted in request_aborted_total{reason="error"}, the failed engine's rows are not
+    touched again, and a fresh engine serves the next request."""
+    from tests.serve.conftest import SlowBackend
+
+    class FailsOnce(SlowBackend):
+        armed = False
+
+        @staticmethod
+        def _fail():
+            if FailsOnce.armed:
+                FailsOnce.armed = False
+                raise RuntimeError("device lost")
+
+        def step(self, *args, **kwargs):
+            self._fail()
+            return super().step(*args, **kwargs)
+
+        def step_mixed(self, *args, **kwargs):
+            self._fail()
+            return super().step_mixed(*args, **kwargs)
+
+    from mixtrt.runtime.generation import Generator
+
+    gen = Generator(FailsOnce(generator.backend, 0.05), generator.tokenizer, generator.defaults)
+    s = Server(gen, serve_artifact[1], max_batch=2, max_queue=8)
+    try:
+        results: list = []
+
+        def plain(i):
+            results.append(s.http.post("/v1/completions", json={"prompt": f"a b {i}", "max_tokens": 40,
+                                                                "ignore_eos": True}).status_code)
+
+        def streamed():
+            with s.http.stream("POST", "/v1/completions", json={"prompt": "c d", "max_tokens": 40, "stream": True,
+                                                                 "ignore_eos": True}) as r:
+                results.append("".join(r.iter_text()))
+
+        threads = [threading.Thread(target=plain, args=(i,)) for i in range(2)] + [threading.Thread(target=streamed)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + TIMEOUT
+        while s.metric("mixtrt:num_requests_running") + s.metric("mixtrt:num_requests_waiting") < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        FailsOnce.armed = True
+        for t in threads:
+            t.join(TIMEOUT)
+        codes = sorted(r for r in results if isinstance(r, int))
+        [stream] = [r for r in results if isinstance(r, str)]
+        assert codes == [500, 500] and "the engine failed" in stream and stream.rstrip().endswith("data: [DONE]")
+        assert s.metric("mixtrt:request_aborted_total", reason="error") == 3
+        r = s.http.post("/v1/completions", json={"prompt": "a b", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        s.close()
