@@ -24,6 +24,7 @@ gain measured on the built-in model did not need it. Calibration text and the la
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from mixtrt.export.calibration import LayerWalk
+from mixtrt.export.gptq import MIN_ROWS
 from mixtrt.export.quantize import Int4Options, block_for, int8_block, int8_patterns, kept
 from mixtrt.plugins.int4 import dequantize, pack_int4, pack_int8, unpack_int4
 
@@ -49,12 +51,14 @@ def _roundtrip(w: torch.Tensor, block: int, bits: int = 4) -> torch.Tensor:
     return torch.from_numpy(unpack_int4(*pack_int4(a, block)))
 
 
-def _search(x: torch.Tensor, weights: list[torch.Tensor], block: int,
-            forms: list[tuple[int, int]] | None = None) -> torch.Tensor:
+Form = tuple[int, int] | None  # how the export writes a linear: (block, bits), or None: it stays float
+
+
+def _search(x: torch.Tensor, weights: list[torch.Tensor], forms: list[Form]) -> torch.Tensor:
     """The scale s [K] of least output error for the linears `weights` [N_i, K] reading x [n, K], each rounded as
-    the export writes it (`forms`: (block, bits) per weight; default INT4 at `block`). The error is
-    summed over chunks of output rows (SEARCH_ELEMENTS outputs at a time), so the search's memory does not grow
-    with the number of linears searched together (a MoE layer's experts)."""
+    the export writes it (`forms`: (block, bits) per weight; a weight that stays float computes exactly whatever
+    s is, and adds no error). The error is summed over chunks of output rows (SEARCH_ELEMENTS outputs at a time),
+    so the search's memory does not grow with the number of linears searched together (a MoE layer's experts)."""
     x = x[torch.linspace(0, len(x) - 1, min(len(x), SEARCH_ROWS)).long()] if len(x) > SEARCH_ROWS else x
     mean = x.abs().mean(0).clamp(min=1e-8)
     scales = []
@@ -63,7 +67,10 @@ def _search(x: torch.Tensor, weights: list[torch.Tensor], block: int,
         scales.append(s / (s.max() * s.min()).sqrt())
     errors = [0.0] * len(ALPHAS)
     step = max(1, SEARCH_ELEMENTS // len(x))
-    for w, (b, bits) in zip(weights, forms or [(block, 4)] * len(weights), strict=True):
+    for w, form in zip(weights, forms, strict=True):
+        if form is None:
+            continue
+        b, bits = form
         for r in range(0, len(w), step):
             part = w[r:r + step]
             ref = x @ part.T
@@ -82,6 +89,7 @@ class _Scaling:
 
     def __init__(self) -> None:
         self.ops: dict[str, list[tuple[str, int, torch.Tensor]]] = {}
+        self.nearest: list[str] = []  # experts too few calibration tokens reached: left unscaled
 
     def mul(self, name: str, p: torch.Tensor, s: torch.Tensor) -> None:
         p.mul_(s)
@@ -118,18 +126,28 @@ def awq_scalings(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], options
         args = ck.args
         H, I = args.hidden_size, args.intermediate_size  # noqa: E741
 
-        def blk(k: int) -> int | None:
-            return block_for(k, options.block_size)
-
         int8 = int8_patterns(options, args.moe is not None)
+        # experts are quantized all or none (export/quantize.py's plan): float when any is kept or a dimension
+        # has no block
+        n_experts = 0 if args.moe is None else args.moe.num_experts
+        experts = [f"layers.{i}.feed_forward.{fc}.{e}" for i in range(args.num_hidden_layers)
+                   for fc in ("fc1", "fc2") for e in range(n_experts)]
+        experts_float = any(kept(lbl, options.keep_float) for lbl in experts) \
+            or block_for(H, options.block_size) is None or block_for(I, options.block_size) is None
 
-        def form(label: str, k: int) -> tuple[int, int]:
-            """(block, bits) the export writes the linear `label` with (input dimension k)."""
-            if kept(label, int8) and (b8 := int8_block(k)) is not None:
-                return b8, 8
-            b4 = blk(k)
-            assert b4 is not None
-            return b4, 4
+        def form(label: str, k: int) -> Form:
+            """How the export writes the linear `label` (input dimension k): as the int4 plan decides it."""
+            if re.search(r"\.fc[12]\.\d+$", label):
+                return None if experts_float else (block_for(k, options.block_size) or 0, 4)
+            if kept(label, options.keep_float):
+                return None
+            b = int8_block(k) if kept(label, int8) else block_for(k, options.block_size)
+            return None if b is None else (b, 8 if kept(label, int8) else 4)
+
+        def search(x: torch.Tensor, weights: list[torch.Tensor], labels: list[str], k: int) -> torch.Tensor | None:
+            """_search's scale for the group, or None where the whole group stays float (nothing to gain)."""
+            forms = [form(lbl, k) for lbl in labels]
+            return None if all(f is None for f in forms) else _search(x, weights, forms)
 
         with torch.no_grad():
             walk = LayerWalk(ck, plan, seqs)
@@ -140,9 +158,9 @@ def awq_scalings(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], options
                 y = walk.run(layer)  # the next layer's input, from the unscaled weights
                 h = walk.x + walk.attention(layer, a_in)[0]
                 f_in = layer.ffn_norm(h).reshape(-1, H)
-                if (b := blk(H)) is not None:
-                    s = _search(a_in.reshape(-1, H), [at.wq.weight, at.wk.weight, at.wv.weight], b,
-                                [form(f"layers.{i}.attention.{n}", H) for n in ("wq", "wk", "wv")])
+                s = search(a_in.reshape(-1, H), [at.wq.weight, at.wk.weight, at.wv.weight],
+                           [f"layers.{i}.attention.{n}" for n in ("wq", "wk", "wv")], H)
+                if s is not None:
                     scaling.div(pre + "attention_norm.weight", layer.attention_norm.weight, s)
                     for n in ("wq", "wk", "wv"):
                         scaling.mul(f"{pre}attention.{n}.weight", getattr(at, n).weight, s)
@@ -150,29 +168,32 @@ def awq_scalings(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], options
                 if isinstance(ff, MoeFeedForward):
                     logits = ff.gate(f_in)
                     top = torch.topk(torch.softmax(logits, -1), ff.top_k, dim=-1).indices  # [n, A]
-                    if (b2 := blk(I)) is not None:
-                        for e in range(len(ff.fc1)):
-                            rows = f_in[(top == e).any(-1)]
-                            if len(rows) == 0:
-                                continue
-                            g, u = (rows @ ff.fc1[e].T).split(I, dim=-1)
-                            s = _search(torch.nn.functional.silu(g) * u, [ff.fc2[e]], b2)
+                    for e in range(len(ff.fc1) if not experts_float else 0):
+                        rows = f_in[(top == e).any(-1)]
+                        if len(rows) < MIN_ROWS:  # a scale searched on a handful of tokens fits them, not the expert
+                            scaling.nearest.append(f"layers.{i}.feed_forward.fc2.{e}")
+                            continue
+                        g, u = (rows @ ff.fc1[e].T).split(I, dim=-1)
+                        s = search(torch.nn.functional.silu(g) * u, [ff.fc2[e]], [f"layers.{i}.feed_forward.fc2.{e}"],
+                                   I)
+                        if s is not None:
                             scaling.div_rows(f"{ffp}fc1.{e}", ff.fc1[e], I, s)
                             scaling.mul(f"{ffp}fc2.{e}", ff.fc2[e], s)
-                    if (b := blk(H)) is not None:
-                        s = _search(f_in, list(ff.fc1), b)
+                    s = search(f_in, list(ff.fc1), [f"layers.{i}.feed_forward.fc1.{e}" for e in range(len(ff.fc1))], H)
+                    if s is not None:
                         scaling.div(pre + "ffn_norm.weight", layer.ffn_norm.weight, s)
                         scaling.mul(ffp + "gate.weight", ff.gate.weight, s)
                         for e in range(len(ff.fc1)):
                             scaling.mul(f"{ffp}fc1.{e}", ff.fc1[e], s)
                 else:
-                    if (b2 := blk(I)) is not None:
-                        act = torch.nn.functional.silu(f_in @ ff.w1.weight.T) * (f_in @ ff.w3.weight.T)
-                        s = _search(act, [ff.w2.weight], b2)
+                    act = torch.nn.functional.silu(f_in @ ff.w1.weight.T) * (f_in @ ff.w3.weight.T)
+                    s = search(act, [ff.w2.weight], [f"layers.{i}.feed_forward.w2"], I)
+                    if s is not None:
                         scaling.div_rows(ffp + "w3.weight", ff.w3.weight, 0, s)
                         scaling.mul(ffp + "w2.weight", ff.w2.weight, s)
-                    if (b := blk(H)) is not None:
-                        s = _search(f_in, [ff.w1.weight, ff.w3.weight], b)
+                    s = search(f_in, [ff.w1.weight, ff.w3.weight],
+                               [f"layers.{i}.feed_forward.{n}" for n in ("w1", "w3")], H)
+                    if s is not None:
                         scaling.div(pre + "ffn_norm.weight", layer.ffn_norm.weight, s)
                         scaling.mul(ffp + "w1.weight", ff.w1.weight, s)
                         scaling.mul(ffp + "w3.weight", ff.w3.weight, s)
@@ -180,21 +201,21 @@ def awq_scalings(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], options
                 del layer, at, ff, a_in, h, f_in
                 say(f"  awq: layer {i} scaled")
             # one table in the graph when tied: it cannot take s alone
-            if (b := blk(H)) is not None and not args.tie_word_embeddings and not kept("lm_head", options.keep_float):
+            if not args.tie_word_embeddings and form("lm_head", H) is not None:
                 norm = walk.final_norm()
                 final = norm(walk.x).reshape(-1, H)
-                s = _search(final, [walk.read("lm_head.weight")], b, [form("lm_head", H)])
+                s = _search(final, [walk.read("lm_head.weight")], [form("lm_head", H)])
                 scaling.div("model.norm.weight", norm.weight, s)
                 scaling.ops.setdefault("lm_head.weight", []).append(("mul", -1, s))
     return scaling
 
 
 def awq_transform(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], options: Int4Options,
-                  say: Callable[[str], None], then: Callable | None = None) -> Callable:
+                  say: Callable[[str], None], then: Callable | None = None) -> tuple[Callable, list[str]]:
     """The exporter's per-weight hook (export/weights_writer.py) that writes the AWQ-scaled float weights: the
     scalings are chosen first (awq_scalings, layer by layer), then replayed on each weight the writer streams
     (in the writer's layout: a Linear's [in, out] "<param>.T" is the transpose). `then`: a hook to apply after
-    this one."""
+    this one. Also returns the experts left unscaled (too few calibration tokens reached them)."""
     scaling = awq_scalings(checkpoint_dir, plan, seqs, options, say)
 
     def transform(name: str, array: Any) -> list[tuple[str, Any]]:
@@ -208,4 +229,4 @@ def awq_transform(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], option
             out = [(name, array)]
         return [r for n, a in out for r in (then(n, a) if then else [(n, a)])]
 
-    return transform
+    return transform, scaling.nearest

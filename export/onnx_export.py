@@ -244,7 +244,9 @@ def export_onnx(
     if int4 is not None and int4.method == "awq":  # scales moved into the float weights, written by the hook
         from mixtrt.export.awq import awq_transform
 
-        transform = awq_transform(checkpoint_dir, plan, seqs, int4, say, transform)
+        transform, nearest = awq_transform(checkpoint_dir, plan, seqs, int4, say, transform)
+        if nearest and calibration is not None:
+            calibration["nearest"] = nearest
     # which description was read (a Hugging Face repository of a Mistral model may hold both, as transformers
     # reads config.json)
     described = "config.json" if (Path(checkpoint_dir) / "config.json").is_file() else "params.json"

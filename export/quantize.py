@@ -343,8 +343,9 @@ class Int4Plan:
             bad = " and ".join(f"{which} ({name} {k})" for which, name, k, b in
                                (("fc1 input", "hidden", hidden, b1), ("fc2 input", "intermediate", inter, b2))
                                if b is None)
-            reason = f"the experts' {bad} has no power-of-two block >= {MIN_BLOCK} dividing it, and experts are " \
-                     "quantized all or none"
+            verb, it = ("have", "them") if b1 is None and b2 is None else ("has", "it")
+            reason = f"the experts' {bad} {verb} no power-of-two block >= {MIN_BLOCK} dividing {it}, and experts " \
+                     "are quantized all or none"
             self.experts_unblocked = reason
         else:
             reason = ""

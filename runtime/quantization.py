@@ -6,7 +6,7 @@ one scale per block of `block_size` consecutive weights along each matrix's inpu
 
     {"version": 1, "method": "rtn", "bits": 4, "block_size": 128, "symmetric": true,
      "scale_dtype": "float32", "accuracy_level": 4,
-     "calibration": null | {"source": "mixtrt/export/calibration.txt", "tokens": 4096},   # gptq: + "nearest"
+     "calibration": null | {"source": "mixtrt/export/calibration.txt", "tokens": 4096},   # + "nearest"
      "blocks": {"lm.model.layers.0.attention.wq": 64, ...},    # tensors with another block (smaller, or INT8)
      "int8": ["embed_tokens", "lm_head"],                        # tensors stored as INT8 (blocks of up to 256)
      "float": {"lm.model.embed_tokens.weight": "embedding (--keep-float)", ...},   # kept float, why
@@ -43,8 +43,8 @@ class Quantization:
     bits: int = 4
     symmetric: bool = True
     scale_dtype: str = "float32"
-    # {"source": str, "tokens": int} for calibrated methods; gptq adds "nearest": [tensor, ...] when some experts
-    # met too few calibration tokens and were rounded to nearest
+    # {"source": str, "tokens": int} for calibrated methods; "nearest": [tensor, ...] when some experts met too few
+    # calibration tokens and were rounded to nearest (gptq), or left without an activation-aware scale (awq)
     calibration: dict[str, Any] | None = None
     blocks: dict[str, int] = field(default_factory=dict)  # tensor -> its block size when not block_size
     int8: list[str] = field(default_factory=list)  # tensors stored as INT8 (symmetric, max|w| / 127; see INT8_BLOCK)

@@ -430,6 +430,61 @@ def test_awq_scalings_are_exact_and_written(exported, tmp_path):
     assert np.asarray(index.array(e.name)).tobytes() == raw
 
 
+def test_awq_search_counts_only_the_weights_the_export_rounds():
+    """A weight that stays float computes exactly under any scale: it adds no error to the search, so a group with
+    one float member chooses what the group without it chooses."""
+    from mixtrt.export.awq import _search
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g) * torch.linspace(0.1, 8, 64)
+    a, b = torch.randn(48, 64, generator=g), torch.randn(40, 64, generator=g) * 5
+    assert torch.equal(_search(x, [a, b], [(32, 4), None]), _search(x, [a], [(32, 4)]))
+    assert torch.equal(_search(x, [b, a], [(64, 8), (32, 4)]),
+                       _search(x, [b, a], [(64, 8), (32, 4)]))  # deterministic
+    assert not torch.equal(_search(x, [a, b], [(32, 4), (32, 4)]), _search(x, [a, b], [(32, 4), None]))
+
+
+def _awq(ck, tmp_path, tokenizer, **options):
+    from mixtrt.export.awq import awq_scalings
+    from mixtrt.export.calibration import calibration_ids
+
+    text = tmp_path / "calibration.txt"
+    text.write_text("It was a truth universally acknowledged, that a single man in possession of a good fortune, "
+                    "must be in want of a wife. However little known the feelings or views of such a man may be.")
+    opts = Int4Options(method="awq", block_size=BLOCK, accuracy_level=0, calibration=text, **options)
+    seqs, _, _, _ = calibration_ids(text, tokenizer)
+    return awq_scalings(ck, None, seqs, opts, lambda _m: None), opts
+
+
+def test_awq_leaves_groups_kept_float_unscaled(exported, tmp_path):
+    """--keep-float on a whole group (w1 and w3 read the FFN norm's output; w2 reads their product): AWQ moves no
+    scale there, since nothing of the group is rounded; the other groups are scaled as before."""
+    ck, fp32 = exported["mistral-window"]
+    tok = Generator.load(fp32).tokenizer
+    scaling, _ = _awq(ck, tmp_path, tok, keep_float=("w1", "w3", "w2"))
+    assert not {n for n in scaling.ops if "feed_forward" in n or "ffn_norm" in n}
+    assert "model.layers.0.attention.wq.weight" in scaling.ops and "model.layers.1.attention_norm.weight" in scaling.ops
+    scaling, _ = _awq(ck, tmp_path, tok, keep_float=("w2",))  # w1 / w3 still rounded: their group is scaled
+    assert "model.layers.0.ffn_norm.weight" in scaling.ops
+    assert "model.layers.0.feed_forward.w2.weight" not in scaling.ops
+
+
+def test_awq_experts_few_tokens_reach_stay_unscaled_and_are_recorded(exported, tmp_path, monkeypatch):
+    """An expert reached by fewer than MIN_ROWS calibration tokens (GPTQ's threshold) gets no searched scale (one
+    fitted to a handful of tokens fits them, not the expert); the manifest's calibration lists them as gptq's."""
+    import mixtrt.export.awq as awq
+
+    ck, fp32 = exported["mixtral-window"]
+    monkeypatch.setattr(awq, "MIN_ROWS", 10**9)
+    scaling, options = _awq(ck, tmp_path, Generator.load(fp32).tokenizer)
+    assert scaling.nearest == [f"layers.{i}.feed_forward.fc2.{e}" for i in range(2) for e in range(4)]
+    assert not [n for n in scaling.ops if ".fc2." in n]
+    assert "model.layers.0.feed_forward.fc1.0" in scaling.ops  # the shared FFN-norm scale still applies
+    art = export_onnx(ck, tmp_path / "awq", precision="int4", int4=options, progress=None)
+    assert json.loads((art / "manifest.json").read_text())["quantization"]["calibration"]["nearest"] == \
+        scaling.nearest
+
+
 @pytest.mark.parametrize("edit, match", [
     (lambda d: d.update(version=1), "an entry must have exactly the fields"),
     (lambda d: d["tensors"][-1]["quant"].update(scales="nowhere"), "names the scales 'nowhere'"),
