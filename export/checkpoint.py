@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mixtrt.export.model import HEADS, Transformer, finish_loaded
-from mixtrt.runtime.args import ModelArgs, read_json
+from mixtrt.runtime.args import ModelArgs, described_by, read_json
 from mixtrt.runtime.cache import CachePlan
 from mixtrt.runtime.errors import CheckpointError, ConfigError, MixtrtWarning, first_line
 
@@ -333,7 +333,7 @@ def open_checkpoint(checkpoint_dir: str | Path) -> Iterator[Checkpoint]:
     needs present, none unexpected, each of its shape and a floating dtype; else one CheckpointError."""
     path = Path(checkpoint_dir)
     args = ModelArgs.from_checkpoint_dir(path)
-    kind = "hf" if (path / "config.json").is_file() else "raw"
+    kind = "hf" if described_by(path) == "config.json" else "raw"
     with _open_weights(path, kind) as files:
         keys = set(files.where)
         if kind == "hf":

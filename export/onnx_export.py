@@ -59,7 +59,7 @@ from mixtrt.export.weights_writer import (
     weight_bytes,
     write_weights,
 )
-from mixtrt.runtime.args import ModelArgs
+from mixtrt.runtime.args import ModelArgs, described_by
 from mixtrt.runtime.backends import EXPORT_BACKENDS, window_slack
 from mixtrt.runtime.cache import CachePlan
 from mixtrt.runtime.chat_format import GENERATION_CONFIG, load_chat_tokenizer, resolve_chat_format, unused_choices
@@ -249,7 +249,11 @@ def export_onnx(
             calibration["nearest"] = nearest
     # which description was read (a Hugging Face repository of a Mistral model may hold both, as transformers
     # reads config.json)
-    described = "config.json" if (Path(checkpoint_dir) / "config.json").is_file() else "params.json"
+    described = described_by(checkpoint_dir)
+    if described == "params.json" and (Path(checkpoint_dir) / "config.json").is_file():
+        warnings.warn(f"{checkpoint_dir}: config.json has no weights beside it (no model.safetensors or index): "
+                      "exporting the raw Mistral checkpoint there (params.json and its consolidated weights)",
+                      MixtrtWarning, stacklevel=2)
     say(f"reading {checkpoint_dir} ({described}: {args.architecture}, {args.num_hidden_layers} layers)")
     with open_checkpoint(checkpoint_dir) as ckpt:  # headers only: names, shapes, dtypes checked up front
         if ckpt.args != args:  # a tied lm_head whose weights differ from the embedding: untied, as transformers

@@ -427,9 +427,12 @@ class ModelArgs:
 
     @classmethod
     def from_checkpoint_dir(cls, path: str | Path) -> ModelArgs:
-        """config.json if present, else params.json; a clear error if neither is there."""
+        """config.json if present (unless it has no weights beside it and a raw checkpoint is there: described_by),
+        else params.json; a clear error if neither is there."""
         path = Path(path)
         for name, build in (("config.json", cls.from_hf_config), ("params.json", cls.from_params_json)):
+            if name == "config.json" and described_by(path) == "params.json":
+                continue
             f = path / name
             if f.is_symlink() and not f.exists():
                 raise ConfigError(f"{f}: a symbolic link to a file that does not exist")
@@ -439,6 +442,25 @@ class ModelArgs:
             raise ConfigError(f"{path}: not a checkpoint directory ("
                               f"{'a file' if path.exists() else 'no such directory'})")
         raise ConfigError(f"{path}: not a checkpoint directory (no config.json or params.json)")
+
+
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
+RAW_WEIGHTS = ("consolidated.safetensors", "consolidated*.pth")
+
+
+def described_by(path: str | Path) -> str:
+    """Which file describes the checkpoint in `path`: "config.json" where there is one, as transformers reads it,
+    except where nothing of a Hugging Face checkpoint's weights is beside it and params.json with its raw weights is
+    (a download of a mistralai repository's `*.json` and `consolidated.safetensors`): "params.json"."""
+    path = Path(path)
+
+    def has(patterns: tuple[str, ...]) -> bool:
+        return any(p.is_file() or p.is_symlink() for pattern in patterns for p in path.glob(pattern))
+
+    config = (path / "config.json").is_file() or (path / "config.json").is_symlink()
+    if config and not has(HF_WEIGHTS) and (path / "params.json").is_file() and has(RAW_WEIGHTS):
+        return "params.json"
+    return "config.json" if config else "params.json"
 
 
 # JSON files mixtrt reads are small; anything larger is not one of them (and is not read into memory).

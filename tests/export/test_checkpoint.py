@@ -487,3 +487,27 @@ def test_another_layout_names_what_is_missing_and_what_is_there(tmp_path):
                                               r"\d+ more\) for MixtralForCausalLM in consolidated.safetensors; the "
                                               r"files hold 'layers.0.block_sparse_moe.experts.0.w1.weight'"):
         load_checkpoint(tmp_path)
+
+
+def test_config_json_without_weights_beside_a_raw_checkpoint_exports_the_raw_one(tmp_path):
+    """A mistralai repository downloaded as its *.json and consolidated.safetensors: config.json has no weights
+    beside it, params.json has its own: the raw checkpoint is read (with a warning at export); with the Hugging Face
+    weights there too, config.json wins as transformers reads it; with neither, the error names what is missing."""
+    from mixtrt.runtime.args import described_by
+
+    hf = hf_model("mistral", rope_theta=10000.0)
+    write_raw(hf, tmp_path, "safetensors")
+    (tmp_path / "config.json").write_text(hf.config.to_json_string())
+    assert described_by(tmp_path) == "params.json"
+    assert_same_logits(hf, tmp_path)
+    make_checkpoint(tmp_path / "ck", "mistral", max_position_embeddings=64)
+    raw = make_hf_model("mistral", vocab_size=32000, sliding_window=5, rope_theta=10000.0)  # the tokenizer's
+    write_raw(raw, tmp_path / "ck", "safetensors")  # params.json + consolidated.safetensors beside the HF files
+    assert described_by(tmp_path / "ck") == "config.json"  # its model.safetensors is there
+    (tmp_path / "ck" / "model.safetensors").unlink()
+    with pytest.warns(MixtrtWarning, match="config.json has no weights beside it"):
+        art = export_onnx(tmp_path / "ck", tmp_path / "art", progress=None)
+    assert Manifest.read(art).args.max_position_embeddings == 512  # params.json's max_seq_len, not config.json's 64
+    (tmp_path / "ck" / "consolidated.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
+        load_checkpoint(tmp_path / "ck")
