@@ -30,30 +30,31 @@ def chunks(ids: list[int], chunk: int) -> list[list[int]]:
     return [c for c in out if len(c) >= 2]
 
 
-def chunk_logprobs(backend: Backend, ids: list[int], name: str = "the artifact") -> np.ndarray:
-    """[len(ids) - 1, V] float64 log-softmax of the logits predicting ids[1:], from an empty cache, fed in
-    pieces of at most the cache capacity. name: the backend's artifact, as an error names it."""
+PIECE_TOKENS = 256  # tokens fed per backend step: its logits [piece, V] float32 are what is held of a chunk
+ROWS = 64  # positions whose float64 log-softmax is computed at a time
+
+
+def _logits(backend: Backend, ids: list[int], name: str) -> Iterator[np.ndarray]:
+    """The float32 logits [n, V] predicting ids[1:], piece by piece (at most PIECE_TOKENS, and the cache capacity,
+    at a time), from an empty cache. name: the backend's artifact, as an error names it."""
     if len(ids) > backend.max_positions:
         raise ConfigError(f"a chunk of {len(ids)} tokens is past the {backend.max_positions} positions "
                           f"{name} serves: pass --chunk {backend.max_positions} or less")
     cache = backend.new_cache(1)
-    parts = []
-    for i in range(0, len(ids) - 1, backend.capacity):
-        piece = np.asarray([ids[i:min(i + backend.capacity, len(ids) - 1)]], dtype=np.int64)
-        parts.append(backend.step(cache, piece)[0].astype(np.float64))
-    logits = np.concatenate(parts)
-    if not np.isfinite(logits).all():
-        raise ConfigError(f"{name} produced non-finite logits (NaN or inf) on this text: its weights or config are "
-                          "broken, or fp16 overflowed")
-    shifted = logits - logits.max(axis=-1, keepdims=True)
+    step = min(backend.capacity, PIECE_TOKENS)
+    for i in range(0, len(ids) - 1, step):
+        logits = backend.step(cache, np.asarray([ids[i:min(i + step, len(ids) - 1)]], dtype=np.int64))[0]
+        if not np.isfinite(logits).all():
+            raise ConfigError(f"{name} produced non-finite logits (NaN or inf) on this text: its weights or config "
+                              "are broken, or fp16 overflowed")
+        yield logits
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 log-softmax over the last axis."""
+    shifted = logits.astype(np.float64)
+    shifted -= shifted.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def _pairs(backend: Backend, reference: Backend | None, parts: list[list[int]], names: tuple[str, str]
-           ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray | None]]:
-    for c in parts:
-        yield c, chunk_logprobs(backend, c, names[0]), (chunk_logprobs(reference, c, names[1])
-                                                         if reference is not None else None)
 
 
 def evaluate(backend: Backend, ids: list[int], chunk: int = 256, reference: Backend | None = None,
@@ -62,20 +63,30 @@ def evaluate(backend: Backend, ids: list[int], chunk: int = 256, reference: Back
     """Perplexity of ids under `backend`; with `reference`, also mean KL(reference || backend) per scored token
     (nats) and the fraction of scored positions where both put the same token first. names: the two artifacts,
     as errors name them. progress(chunks done, chunks in all, perplexity so far): called after each chunk (what
-    llama-perplexity prints as it goes)."""
+    llama-perplexity prints as it goes). Memory: a piece's logits of each, and ROWS positions' float64 log-softmax,
+    whatever the chunk and the vocabulary."""
     if reference is not None and reference.args.vocab_size != backend.args.vocab_size:
         raise ConfigError(f"{names[1]}: its vocabulary ({reference.args.vocab_size}) is not {names[0]}'s "
                           f"({backend.args.vocab_size})")
     nll = kl = 0.0
     count = agree = 0
     parts = chunks(ids, chunk)
-    for done, (c, logp, ref) in enumerate(_pairs(backend, reference, parts, names), 1):
-        target = np.asarray(c[1:])
-        nll -= float(logp[np.arange(len(target)), target].sum())
-        count += len(target)
-        if ref is not None:
-            kl += float((np.exp(ref) * (ref - logp)).sum())
-            agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+    for done, c in enumerate(parts, 1):
+        targets = np.asarray(c[1:])
+        refs = _logits(reference, c, names[1]) if reference is not None else None
+        at = 0
+        for logits in _logits(backend, c, names[0]):
+            ref_logits = next(refs) if refs is not None else None
+            for r in range(0, len(logits), ROWS):
+                logp = _log_softmax(logits[r:r + ROWS])
+                target = targets[at + r:at + r + len(logp)]
+                nll -= float(logp[np.arange(len(target)), target].sum())
+                if ref_logits is not None:
+                    ref = _log_softmax(ref_logits[r:r + ROWS])
+                    kl += float((np.exp(ref) * (ref - logp)).sum())
+                    agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+            at += len(logits)
+        count += len(targets)
         if progress is not None:
             progress(done, len(parts), math.exp(min(nll / count, 709.0)))
     if count == 0:

@@ -228,6 +228,34 @@ def test_a_reference_of_another_vocabulary_is_refused_without_a_warning_first(re
     assert "hidden_size 64 vs 96" in str(recwarn.pop().message)
 
 
+def test_perplexity_in_pieces_equals_the_whole_table(realistic_pairs, monkeypatch):
+    """evaluate holds a piece's logits and some rows' log-softmax at a time: with pieces and row blocks that do not
+    divide the chunks (nor each other), perplexity, KL and top-1 equal one float64 table per chunk."""
+    import mixtrt.runtime.perplexity as ppl
+
+    fp32, int4 = (OrtBackend.load(a, threads=1) for a in realistic_pairs["mixtral-window"])
+    ids = [1, *np.random.default_rng(3).integers(3, 32000, 70).tolist()]
+    monkeypatch.setattr(ppl, "PIECE_TOKENS", 7)
+    monkeypatch.setattr(ppl, "ROWS", 3)
+    got = ppl.evaluate(int4, ids, 30, reference=fp32)
+    nll = kl = 0.0
+    count = agree = 0
+    for c in ppl.chunks(ids, 30):
+        tables = []
+        for be in (int4, fp32):
+            logits = be.step(be.new_cache(1), np.asarray([c[:-1]]))[0].astype(np.float64)
+            tables.append(logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+                          - logits.max(-1, keepdims=True))
+        logp, ref = tables
+        nll -= logp[np.arange(len(c) - 1), c[1:]].sum()
+        kl += (np.exp(ref) * (ref - logp)).sum()
+        agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+        count += len(c) - 1
+    assert got["scored_tokens"] == count == 68
+    assert got["mean_nll"] == pytest.approx(nll / count, rel=1e-6)
+    assert got["mean_kl"] == pytest.approx(kl / count, rel=1e-5) and got["top1_agreement"] == agree / count
+
+
 def test_perplexity_command_with_reference(realistic_pairs, tmp_path, capsys, monkeypatch):
     from mixtrt.cli import main
     from mixtrt.runtime.perplexity import chunks

@@ -15,7 +15,8 @@ from mixtrt.cli.options import path, threads
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=path, help="artifact directory (written by `mixtrt export`)")
     p.add_argument("--text", type=path, required=True,
-                   help="UTF-8 text file, used as is ([BOS] + its tokens); - reads stdin")
+                   help="UTF-8 text file, used as is ([BOS] + its tokens; a leading byte-order mark is dropped); - "
+                        "reads stdin")
     p.add_argument("--chunk", type=int, default=None,
                    help="tokens per chunk, each scored from an empty cache (default 256, training/evaluate.py's, or "
                         "the positions the artifact serves where fewer)")
@@ -59,7 +60,8 @@ def run(ns: argparse.Namespace) -> int:
     shown: list[int] = []
 
     def show(done: int, total: int, perplexity: float) -> None:
-        print(f"\rchunk {done}/{total}: perplexity so far {perplexity:.4f}", end="", file=sys.stderr, flush=True)
+        # \x1b[K: the rest of the line cleared (a shorter line would leave the last one's end behind)
+        print(f"\rchunk {done}/{total}: perplexity so far {perplexity:.4f}\x1b[K", end="", file=sys.stderr, flush=True)
         shown.append(done)
 
     try:
