@@ -519,7 +519,8 @@ def _known_params(d: dict[str, Any], known: set[str], prefix: str) -> None:
     """A ConfigError naming the first field of a params.json object (or its moe object) outside `known` that is
     set (null is left out, as everywhere)."""
     for key, value in d.items():
-        if key not in known and value is not None and value != {}:
+        off = key == "lora" and isinstance(value, dict) and value.get("enable") is False  # mistral-inference's
+        if key not in known and value is not None and value != {} and not off:
             why = _WHY.get(key, "a field mixtrt does not read, which may change the model: not supported")
             shown = key if isinstance(key, str) and key.isidentifier() else repr(key)  # a key of any text, one line
             raise ConfigError(f"{prefix}{shown}: {why}")

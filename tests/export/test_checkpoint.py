@@ -458,12 +458,15 @@ def test_raw_tied_embeddings_and_fields_that_change_the_model(tmp_path):
                          "moe.num_shared_experts: a field mixtrt does not read"),
                         ({"model_type": "mamba"}, "model_type 'mamba' is not supported"),
                         ({"qk_norm": True}, "qk_norm: a field mixtrt does not read"),
-                        ({"x\ny": 1}, "'x\\ny': a field mixtrt does not read")):  # any key text, one line
+                        ({"x\ny": 1}, "'x\\ny': a field mixtrt does not read"),  # any key text, one line
+                        ({"lora": {"enable": True, "rank": 16}}, "lora: a LoRA adapter is not supported")):
         (tmp_path / "params.json").write_text(json.dumps({**params, **extra}))
         with pytest.raises(ConfigError, match=f"params.json: {re.escape(said)}"):
             ModelArgs.from_checkpoint_dir(tmp_path)
     (tmp_path / "params.json").write_text(json.dumps({**params, "yarn": None, "lora": {}, "max_batch_size": 1}))
     assert ModelArgs.from_checkpoint_dir(tmp_path).rope_theta == 10000.0  # null and {} are left out
+    (tmp_path / "params.json").write_text(json.dumps({**params, "lora": {"enable": False, "rank": 16}}))
+    assert ModelArgs.from_checkpoint_dir(tmp_path).rope_theta == 10000.0  # mistral-inference's LoRA switched off
 
 
 def test_raw_with_both_weight_formats_is_refused(tmp_path):
