@@ -34,14 +34,13 @@ PIECE_TOKENS = 256  # tokens fed per backend step: its logits [piece, V] float32
 ROWS = 64  # positions whose float64 log-softmax is computed at a time
 
 
-def _logits(backend: Backend, ids: list[int], name: str) -> Iterator[np.ndarray]:
-    """The float32 logits [n, V] predicting ids[1:], piece by piece (at most PIECE_TOKENS, and the cache capacity,
-    at a time), from an empty cache. name: the backend's artifact, as an error names it."""
+def _logits(backend: Backend, ids: list[int], name: str, step: int) -> Iterator[np.ndarray]:
+    """The float32 logits [n, V] predicting ids[1:], `step` positions at a time (at most the cache capacity), from an
+    empty cache. name: the backend's artifact, as an error names it."""
     if len(ids) > backend.max_positions:
         raise ConfigError(f"a chunk of {len(ids)} tokens is past the {backend.max_positions} positions "
                           f"{name} serves: pass --chunk {backend.max_positions} or less")
     cache = backend.new_cache(1)
-    step = min(backend.capacity, PIECE_TOKENS)
     for i in range(0, len(ids) - 1, step):
         logits = backend.step(cache, np.asarray([ids[i:min(i + step, len(ids) - 1)]], dtype=np.int64))[0]
         if not np.isfinite(logits).all():
@@ -71,11 +70,13 @@ def evaluate(backend: Backend, ids: list[int], chunk: int = 256, reference: Back
     nll = kl = 0.0
     count = agree = 0
     parts = chunks(ids, chunk)
+    # the same pieces from both (their caches' capacities may differ), so their rows line up
+    step = min([PIECE_TOKENS, backend.capacity] + ([reference.capacity] if reference is not None else []))
     for done, c in enumerate(parts, 1):
         targets = np.asarray(c[1:])
-        refs = _logits(reference, c, names[1]) if reference is not None else None
+        refs = _logits(reference, c, names[1], step) if reference is not None else None
         at = 0
-        for logits in _logits(backend, c, names[0]):
+        for logits in _logits(backend, c, names[0], step):
             ref_logits = next(refs) if refs is not None else None
             for r in range(0, len(logits), ROWS):
                 logp = _log_softmax(logits[r:r + ROWS])

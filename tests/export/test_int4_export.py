@@ -255,6 +255,16 @@ def test_perplexity_in_pieces_equals_the_whole_table(realistic_pairs, monkeypatc
     assert got["mean_nll"] == pytest.approx(nll / count, rel=1e-6)
     assert got["mean_kl"] == pytest.approx(kl / count, rel=1e-5) and got["top1_agreement"] == agree / count
 
+    class SmallerCache:  # a reference whose cache holds fewer positions than the artifact's: its pieces are shorter
+        def __init__(self, backend):
+            self._backend, self.capacity = backend, 5
+
+        def __getattr__(self, name):
+            return getattr(self._backend, name)
+
+    other = ppl.evaluate(int4, ids, 30, reference=SmallerCache(fp32))  # rows still line up
+    assert other["mean_kl"] == pytest.approx(got["mean_kl"], rel=1e-5) and other["top1_agreement"] == agree / count
+
 
 def test_perplexity_command_with_reference(realistic_pairs, tmp_path, capsys, monkeypatch):
     from mixtrt.cli import main
