@@ -251,8 +251,9 @@ def export_onnx(
     # reads config.json)
     described = described_by(checkpoint_dir)
     if described == "params.json" and (Path(checkpoint_dir) / "config.json").is_file():
-        warnings.warn(f"{checkpoint_dir}: config.json has no weights beside it (no model.safetensors or index): "
-                      "exporting the raw Mistral checkpoint there (params.json and its consolidated weights)",
+        warnings.warn(f"{checkpoint_dir}: config.json has no safetensors weights beside it (no model.safetensors, no "
+                      "shard its index names): exporting the raw Mistral checkpoint there (params.json and its "
+                      "consolidated weights)",
                       MixtrtWarning, stacklevel=2)
     say(f"reading {checkpoint_dir} ({described}: {args.architecture}, {args.num_hidden_layers} layers)")
     with open_checkpoint(checkpoint_dir) as ckpt:  # headers only: names, shapes, dtypes checked up front

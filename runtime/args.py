@@ -444,23 +444,32 @@ class ModelArgs:
         raise ConfigError(f"{path}: not a checkpoint directory (no config.json or params.json)")
 
 
-HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
 RAW_WEIGHTS = ("consolidated.safetensors", "consolidated*.pth")
 
 
 def described_by(path: str | Path) -> str:
     """Which file describes the checkpoint in `path`: "config.json" where there is one, as transformers reads it,
-    except where nothing of a Hugging Face checkpoint's weights is beside it and params.json with its raw weights is
-    (a download of a mistralai repository's `*.json` and `consolidated.safetensors`): "params.json"."""
+    except where none of the Hugging Face weights mixtrt loads is beside it and params.json with its raw weights is
+    (a download of a mistralai repository's `*.json` and `consolidated.safetensors`, which takes the shards' index
+    without its shards): "params.json". A link that points nowhere counts as there (its own error names it)."""
     path = Path(path)
-
-    def has(patterns: tuple[str, ...]) -> bool:
-        return any(p.is_file() or p.is_symlink() for pattern in patterns for p in path.glob(pattern))
-
-    config = (path / "config.json").is_file() or (path / "config.json").is_symlink()
-    if config and not has(HF_WEIGHTS) and (path / "params.json").is_file() and has(RAW_WEIGHTS):
+    config = path / "config.json"
+    if not (config.is_file() or config.is_symlink()):
         return "params.json"
-    return "config.json" if config else "params.json"
+    if not config.exists() or not (path / "params.json").is_file() \
+            or not any(p.is_file() for pattern in RAW_WEIGHTS for p in path.glob(pattern)):
+        return "config.json"
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file() or single.is_symlink():
+        return "config.json"
+    if index.is_file() or index.is_symlink():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return "config.json"  # the index is read as the weights: its own error says what is wrong with it
+        if any(isinstance(s, str) and ((path / s).is_file() or (path / s).is_symlink()) for s in shards):
+            return "config.json"
+    return "params.json"  # pickled weights (pytorch_model*.bin) are never loaded: the raw checkpoint is
 
 
 # JSON files mixtrt reads are small; anything larger is not one of them (and is not read into memory).

@@ -508,9 +508,29 @@ def test_config_json_without_weights_beside_a_raw_checkpoint_exports_the_raw_one
     write_raw(raw, tmp_path / "ck", "safetensors")  # params.json + consolidated.safetensors beside the HF files
     assert described_by(tmp_path / "ck") == "config.json"  # its model.safetensors is there
     (tmp_path / "ck" / "model.safetensors").unlink()
-    with pytest.warns(MixtrtWarning, match="config.json has no weights beside it"):
+    ck = tmp_path / "ck"
+    # the shards' index without its shards (what `*.json` takes), pickled weights (never loaded): still the raw one
+    index = {"weight_map": {"lm_head.weight": "model-1.safetensors"}}
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    (ck / "pytorch_model.bin").write_bytes(b"never unpickled")
+    assert described_by(ck) == "params.json"
+    (ck / "model-1.safetensors").symlink_to(ck / "gone")  # a shard there, if only as a link to nothing: the HF one,
+    assert described_by(ck) == "config.json"  # whose loader names what is wrong
+    (ck / "model-1.safetensors").unlink()
+    (ck / "model.safetensors").symlink_to(ck / "gone")
+    assert described_by(ck) == "config.json"
+    (ck / "model.safetensors").unlink()
+    config = (ck / "config.json").read_bytes()
+    (ck / "config.json").unlink()
+    (ck / "config.json").symlink_to(ck / "gone")  # a config.json link to nothing is not skipped over
+    assert described_by(ck) == "config.json"
+    with pytest.raises(ConfigError, match="config.json: a symbolic link to a file that does not exist"):
+        load_checkpoint(ck)
+    (ck / "config.json").unlink()
+    (ck / "config.json").write_bytes(config)
+    with pytest.warns(MixtrtWarning, match="config.json has no safetensors weights beside it"):
         art = export_onnx(tmp_path / "ck", tmp_path / "art", progress=None)
     assert Manifest.read(art).args.max_position_embeddings == 512  # params.json's max_seq_len, not config.json's 64
-    (tmp_path / "ck" / "consolidated.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
-        load_checkpoint(tmp_path / "ck")
+    (ck / "consolidated.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="shard model-1.safetensors is missing"):  # the HF one, not raw
+        load_checkpoint(ck)
