@@ -477,8 +477,6 @@ def test_awq_search_counts_only_the_weights_the_export_rounds():
     x = torch.randn(256, 64, generator=g) * torch.linspace(0.1, 8, 64)
     a, b = torch.randn(48, 64, generator=g), torch.randn(40, 64, generator=g) * 5
     assert torch.equal(_search(x, [a, b], [(32, 4), None]), _search(x, [a], [(32, 4)]))
-    assert torch.equal(_search(x, [b, a], [(64, 8), (32, 4)]),
-                       _search(x, [b, a], [(64, 8), (32, 4)]))  # deterministic
     assert not torch.equal(_search(x, [a, b], [(32, 4), (32, 4)]), _search(x, [a, b], [(32, 4), None]))
 
 
@@ -494,6 +492,26 @@ def _awq(ck, tmp_path, tokenizer, **options):
     return awq_scalings(ck, None, seqs, opts, lambda _m: None), opts
 
 
+def test_awq_searches_each_group_with_the_plans_rounding(exported, tmp_path, monkeypatch):
+    """The forms the scale search is given are the int4 plan's: --int8 w2 makes w2's search INT8, --keep-float w3
+    takes w3 out of its group's error, and the experts' searches are INT4 at their blocks (hidden 64 takes block
+    64, intermediate 96 block 32)."""
+    import mixtrt.export.awq as awq
+
+    seen: list[list] = []
+    real = awq._search
+    monkeypatch.setattr(awq, "_search", lambda x, weights, forms: seen.append(forms) or real(x, weights, forms))
+    ck, fp32 = exported["mistral-window"]
+    _awq(ck, tmp_path, Generator.load(fp32).tokenizer, int8=("w2", "lm_head"), keep_float=("w3",))
+    plan = {"q/k/v": [(64, 4)] * 3, "w2": [(32, 8)], "w1/w3": [(64, 4), None], "lm_head": [(64, 8)]}
+    assert seen == [*(plan["q/k/v"], plan["w2"], plan["w1/w3"]) * 2, plan["lm_head"]], seen
+    seen.clear()
+    ck, fp32 = exported["mixtral-window"]
+    _awq(ck, tmp_path, Generator.load(fp32).tokenizer)
+    # a MoE model's defaults keep wk and wv INT8 (INT8_DEFAULT_MOE)
+    assert {tuple(f) for f in seen} == {((64, 4), (64, 8), (64, 8)), ((32, 4),), ((64, 4),) * 4, ((64, 8),)}, seen
+
+
 def test_awq_leaves_groups_kept_float_unscaled(exported, tmp_path):
     """--keep-float on a whole group (w1 and w3 read the FFN norm's output; w2 reads their product): AWQ moves no
     scale there, since nothing of the group is rounded; the other groups are scaled as before."""
@@ -507,7 +525,7 @@ def test_awq_leaves_groups_kept_float_unscaled(exported, tmp_path):
     assert "model.layers.0.feed_forward.w2.weight" not in scaling.ops
 
 
-def test_awq_experts_few_tokens_reach_stay_unscaled_and_are_recorded(exported, tmp_path, monkeypatch):
+def test_awq_experts_few_tokens_reach_stay_unscaled_and_are_recorded(exported, tmp_path, monkeypatch, capsys):
     """An expert reached by fewer than MIN_ROWS calibration tokens (GPTQ's threshold) gets no searched scale (one
     fitted to a handful of tokens fits them, not the expert); the manifest's calibration lists them as gptq's."""
     import mixtrt.export.awq as awq
@@ -521,6 +539,12 @@ def test_awq_experts_few_tokens_reach_stay_unscaled_and_are_recorded(exported, t
     art = export_onnx(ck, tmp_path / "awq", precision="int4", int4=options, progress=None)
     assert json.loads((art / "manifest.json").read_text())["quantization"]["calibration"]["nearest"] == \
         scaling.nearest
+    from mixtrt.cli import main
+
+    capsys.readouterr()
+    assert main(["inspect", str(art)]) == 0
+    assert "fc2.0, layers.0.feed_forward.fc2.1, layers.0.feed_forward.fc2.2, layers.0.feed_forward.fc2.3 and 4 more: " \
+        "no activation-aware scale of their own (too few" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("edit, match", [

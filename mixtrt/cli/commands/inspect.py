@@ -64,8 +64,9 @@ def run(ns: argparse.Namespace) -> int:
                  if q["calibration"] else ""))
         if q["calibration"] and q["calibration"].get("nearest"):
             near = q["calibration"]["nearest"]
+            what = "no activation-aware scale of their own" if q["method"] == "awq" else "rounded to nearest"
             print(f"  nearest     {', '.join(near[:4])}{f' and {len(near) - 4} more' if len(near) > 4 else ''}: "
-                  f"rounded to nearest (too few calibration tokens reached them)")
+                  f"{what} (too few calibration tokens reached them)")
         if q["int8"]:
             names = q["int8"]
             b8 = sorted({q["blocks"].get(t, q["block_size"]) for t in names})
