@@ -671,6 +671,11 @@ async def _stream(call: _Call, state: _State) -> AsyncIterator[str]:
                     if reply is not None:  # each call whole in one delta (OpenAI's clients join pieces by index)
                         delta["tool_calls"] = [{"index": n, **c.to_openai()} for n, c in enumerate(reply.calls)]
                         finish = "tool_calls"
+                    if delta and finish is not None:  # the finish in a chunk of its own, after the last delta, as
+                        # OpenAI sends it: the SDK's stream helper reads a chunk's finish_reason before its tool calls
+                        # (the last call's arguments.done was never emitted)
+                        parts.append(chunk({"index": i, "delta": delta, "logprobs": lp, "finish_reason": None}))
+                        delta, lp = {}, None
                     parts.append(chunk({"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}))
                 else:
                     parts.append(chunk({"index": i, "text": text, "logprobs": lp, "finish_reason": finish}))

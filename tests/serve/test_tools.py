@@ -318,7 +318,11 @@ def test_tools_refused_where_the_format_has_no_calls(server):
         assert not "".join(d.content or "" for d in deltas)
         [streamed] = [t for d in deltas for t in d.tool_calls or ()]
         assert (streamed.function.name, streamed.function.arguments) == (call.function.name, call.function.arguments)
-        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+        last = [c.choices[0] for c in chunks if c.choices][-1]  # the finish in a chunk of its own, as OpenAI's
+        assert last.finish_reason == "tool_calls" and not last.delta.tool_calls and not last.delta.content
+        with server.openai.chat.completions.stream(**kw) as stream:  # the SDK's helper: every call is done
+            events = [e.type for e in stream]
+        assert events.count("tool_calls.function.arguments.done") == 1, events
 
 
 def test_a_forced_call_over_too_many_tools_is_a_400(server):
