@@ -22,6 +22,7 @@ so it is in the quality comparisons and timed only when asked (`--engines`).
 Needs the peers (benchmarks/setup_peers.sh, MIXTRT_PEERS_DIR).
 
     .venv/bin/python benchmarks/bench_int4.py [--models mixtral mistral] [--threads 2] [--engines ...] [--passes 3]
+        [--no-quality] [--no-builtin] [--prompt-len 128] [--new-tokens 256] [--work DIR]
 """
 
 from __future__ import annotations
@@ -185,7 +186,9 @@ def main() -> None:
         arts = {"fp32": ns.work / f"{name}-fp32"}
         if not is_current(arts["fp32"], ckpt) or Manifest.read(arts["fp32"]).precision != "fp32":
             export_onnx(ckpt, arts["fp32"], overwrite=True, progress=None)
-        for form, (method, int8) in INT4_FORMS.items():
+        # the int4 forms this run times or compares (gptq's export takes minutes: made only when asked)
+        forms = [f for f in INT4_FORMS if ns.quality or f"mixtrt {f}" in ns.engines]
+        for form, (method, int8) in ((f, INT4_FORMS[f]) for f in forms):
             arts[form] = ns.work / f"{name}-{form.replace(' ', '-')}"
             q = Manifest.read(arts[form]).quantization if is_current(arts[form], ckpt) else None
             if q is None or q.method != method or not int8_as_asked(q.int8, int8, SHAPES[name]["family"] == "mixtral"):
@@ -201,7 +204,7 @@ def main() -> None:
         prompt = prompts(1, ns.prompt_len)
         kw = dict(threads=ns.threads, prompt_len=ns.prompt_len, new_tokens=ns.new_tokens, batch=1)
         fp32_bpt = bytes_per_token(SHAPES[name])
-        int4_bpt = {f: Manifest.read(arts[f]).summary["bytes_per_token"] for f in INT4_FORMS}
+        int4_bpt = {f: Manifest.read(arts[f]).summary["bytes_per_token"] for f in forms}
         rows = []
         for rep in range(ns.passes):  # interleaved: a change of machine load hits every engine alike
             for eng in ns.engines:
@@ -216,8 +219,8 @@ def main() -> None:
                     continue
                 r["engine"], r["rep"], r["wall"] = eng, rep, time.perf_counter() - t
                 rows.append(r)
-        print(f"\n{name}: fp32 weights {fp32_bpt / 2**20:.1f} MiB/token, int4 {int4_bpt['int4'] / 2**20:.1f} "
-              f"MiB/token, int4 lm4 {int4_bpt['int4 lm4'] / 2**20:.1f} MiB/token")
+        print(f"\n{name}: fp32 weights {fp32_bpt / 2**20:.1f} MiB/token"
+              + "".join(f", {f} {b / 2**20:.1f} MiB/token" for f, b in int4_bpt.items()))
         print(f"{'engine':<17}{'prefill tok/s':>14}{'decode tok/s (min-max)':>25}{'peak RSS MiB':>13}"
               f"{'artifact MiB':>13}{'of bw limit':>12}   (medians of {ns.passes} interleaved passes)")
         for eng in dict.fromkeys(r["engine"] for r in rows):
