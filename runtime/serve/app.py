@@ -1047,7 +1047,7 @@ def _echoes(call: _Call) -> bool:
 def _scores_only(req: CompletionRequest | ChatRequest) -> bool:
     """Echo with max_tokens 0 (completions; parse refuses max_tokens 0 elsewhere): the prompt scored, nothing
     generated."""
-    return isinstance(req, CompletionRequest) and req.echo and req.max_tokens == 0
+    return isinstance(req, CompletionRequest) and req.echo and length_field(req)[1] == 0
 
 
 class _RequestIds:

@@ -96,6 +96,8 @@ class _Sampling(_Strict):
     _constraint: tuple[Any] | None = PrivateAttr(default=None)  # (reply_constraint's answer,) once read
     model: str | None = None
     max_tokens: Int | None = Field(None, ge=0)  # 0 only with echo (completions): the prompt scored, nothing generated
+    # OpenAI's newer name (chat); completions take it too, as load generators send both (guidellm)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: Int | None = Field(None, ge=-1)  # -1 or 0: off (vLLM)
@@ -153,7 +155,6 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     metadata: dict[str, str] | None = None  # labels, like `user`: accepted and unused
@@ -395,7 +396,7 @@ def _read_constraint(req: CompletionRequest | ChatRequest) -> tuple[str, str, An
 def length_field(req: CompletionRequest | ChatRequest) -> tuple[str, int | None]:
     """The field that sets a request's length and its value: `max_completion_tokens` where sent (OpenAI's newer
     name; it wins over `max_tokens`, as in vLLM), else `max_tokens` (None: neither was sent)."""
-    if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
+    if req.max_completion_tokens is not None:
         return "max_completion_tokens", req.max_completion_tokens
     return "max_tokens", req.max_tokens
 

@@ -53,6 +53,12 @@ def test_max_completion_tokens_wins_over_max_tokens(server):
     too_many = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 3,
                                                               "max_completion_tokens": 10**6})
     assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "max_completion_tokens"
+    # completions take it too (guidellm sends both names there), with the same rule
+    r = server.http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "max_completion_tokens": 4,
+                                                  "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+    r = server.http.post("/v1/completions", json={"prompt": PROMPT, "max_completion_tokens": 10**6})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
 
 
 def test_usage_in_stream_chunks(server):
