@@ -165,12 +165,15 @@ def export_onnx(
     progress_bar: bool | None = None,
     transform: Transform | None = None,
     int4: Int4Options | None = None,
+    chat_format: str = "auto",
 ) -> Path:
     """Export `checkpoint_dir` to the artifact directory `out_dir` (default engines/<name>-<precision>).
 
     progress: where stage lines go (None: quiet). progress_bar: a tqdm bar over the bytes written, on
     stderr (None: when stderr is a terminal). transform: the per-weight hook of export/weights_writer.py.
     precision "int4": INT4 weights (export/quantize.py), as `int4` says (default Int4Options(): RTN, block 32).
+    chat_format: "auto", "mistral-common" or "jinja": which chat format a checkpoint that ships both a mistral-common
+    tokenizer file and a Jinja template gets (runtime/chat_format.py's `prefer`).
     """
     from mixtrt.export.checkpoint import open_checkpoint, warn_untied
     from mixtrt.plugins.onnx_common import custom_translation_table
@@ -205,7 +208,7 @@ def export_onnx(
     else:  # scores whole texts: no cache in the graph (docs/DESIGN.md, "Heads without a cache")
         plan = CachePlan.one_pass(args, max_context, PRECISIONS[precision])
     # the tokenizer and chat format, checked against the model before the (slow) weight writing
-    chat = resolve_chat_format(checkpoint_dir, vocab_size=args.vocab_size)
+    chat = resolve_chat_format(checkpoint_dir, vocab_size=args.vocab_size, prefer=chat_format)
     tokenizer = load_chat_tokenizer(None, chat, args.vocab_size)
     if chat.note:  # a substituted tokenizer: said whatever `progress` is (the CLI prints it as one line)
         warnings.warn(f"{checkpoint_dir}: {chat.note}", MixtrtWarning, stacklevel=2)

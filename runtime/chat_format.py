@@ -30,6 +30,11 @@ checked (Mistral-7B v0.1/v0.2 and Mixtral-8x7B v0.1 use it); any other vocabular
 a checkpoint shipping tokenizer.json instead (not supported yet). A tokenizer file that is there but not
 readable (a dangling link, a directory) is always an error, never skipped for the next rule.
 
+`prefer` (export's `--chat-format`) picks among the rules where a checkpoint qualifies for more than one, as vLLM's
+`--tokenizer-mode` does: "auto" (the order above), "mistral-common" (rule 1, an error where there is no such file),
+"jinja" (rule 2 over rule 1: the template transformers' apply_chat_template renders, as vLLM's `hf` mode reads a
+Mistral repository; an error where there is no template).
+
 generation_config.json's values are read as transformers reads them (`GenerationDefaults`): the ones it sets
 become the artifact's defaults, which explicit options override; what it leaves unset keeps mixtrt's defaults, not
 transformers' (no top_k=50 is added to a file that turns sampling on: README's Chat).
@@ -68,6 +73,7 @@ V1_VOCAB_SIZE = 32000  # pieces of the Mistral v1 tokenizer.model shipped in mis
 # transformers' Metaspace prepend_scheme, as LlamaTokenizer sets it (see jinja_tokenizer.py)
 PrependScheme = Literal["first", "always", "never"]
 PREPEND_SCHEMES = ("first", "always", "never")
+PREFERENCES = ("auto", "mistral-common", "jinja")  # resolve_chat_format's `prefer`: export's --chat-format
 
 
 @dataclass(frozen=True)
@@ -518,14 +524,27 @@ def _refuse_v1_for_instruct_tokens(model: Path) -> None:
                           f"or name the file {TOKENIZER_MODEL}.v3 (mistral-common's v3 format)")
 
 
-def resolve_chat_format(checkpoint_dir: str | Path, vocab_size: int | None = None) -> ChatFormat:
+def resolve_chat_format(checkpoint_dir: str | Path, vocab_size: int | None = None, prefer: str = "auto"
+                        ) -> ChatFormat:
     """The checkpoint's tokenizer and chat format, by the rules of the module docstring (no side effects).
-    vocab_size: the model's embeddings, for the one substitution allowed (None: none allowed)."""
+    vocab_size: the model's embeddings, for the one substitution allowed (None: none allowed). prefer: one of
+    PREFERENCES (the module docstring)."""
+    if prefer not in PREFERENCES:
+        raise ConfigError(f"--chat-format must be one of {', '.join(PREFERENCES)}, got {prefer!r}")
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise ConfigError(f"{checkpoint_dir}: no such checkpoint directory")
     candidates = _tokenizer_files(checkpoint_dir)
     generation = read_generation_defaults(checkpoint_dir)
+    if prefer == "mistral-common" and not candidates:
+        raise ConfigError(f"--chat-format mistral-common: {checkpoint_dir} ships no mistral-common tokenizer file "
+                          "(tokenizer.model.v3, tokenizer.model.v7, tekken.json, ...)")
+    if prefer == "jinja":
+        config_path = checkpoint_dir / TOKENIZER_CONFIG
+        if _jinja_templates(checkpoint_dir, _read_json(config_path) if config_path.is_file() else {}) is None:
+            raise ConfigError(f"--chat-format jinja: {checkpoint_dir} has no chat template ({CHAT_TEMPLATE_FILE}, "
+                              f"or {TOKENIZER_CONFIG}'s chat_template)")
+        candidates = []  # the template over the mistral-common file
     if len(candidates) > 1:
         raise ConfigError(f"{checkpoint_dir} ships several mistral-common tokenizer files "
                           f"({', '.join(p.name for p in candidates)}): keep the one the model was trained with")

@@ -61,6 +61,20 @@ def test_mistral_common_file_is_recorded_and_used(v3_export):
     assert out.stats.prompt_tokens == len(MistralCommonTokenizer(V3).apply_chat_template(MESSAGES))
 
 
+def test_chat_format_jinja_exports_the_template_over_the_mistral_common_file(v3_export, tmp_path, capsys):
+    """`mixtrt export --chat-format jinja`: the same layout renders its Jinja template, as transformers'
+    apply_chat_template does (vLLM's --tokenizer-mode hf), tokenized by tokenizer.model."""
+    from mixtrt.cli import main
+
+    ck, _ = v3_export
+    assert main(["export", str(ck), "--out", str(tmp_path / "art"), "--chat-format", "jinja", "--quiet"]) == 0
+    info = inspect_artifact(tmp_path / "art")
+    assert "tokenizer.model.v3" not in info["files"] and info["chat_format"].startswith("Jinja chat template")
+    tok = Generator.load(tmp_path / "art", threads=1).tokenizer
+    text = tok.decode(tok.apply_chat_template(MESSAGES), skip_special=False)
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
+
+
 def test_generation_defaults_and_explicit_options(v3_export):
     """The checkpoint's values are the defaults; options override them; transformers' own fallbacks
     (top_k 50) are not copied; a config given whole is used as it is, with the artifact's eos ids."""

@@ -55,6 +55,20 @@ def test_mistral_common_file_wins_over_template(tmp_path):
     assert (fmt.kind, fmt.tokenizer_file, fmt.tokenizer_version) == ("mistral-common", "tokenizer.model.v3", "v3")
     assert dict(fmt.files) == {"tokenizer.model.v3": str(d / "tokenizer.model.v3")}
     assert fmt.describe() == "mistral-common v3 (tokenizer.model.v3)"  # installed here: no install hint
+    # --chat-format: the template as transformers renders it (vLLM's --tokenizer-mode hf), or mistral-common named
+    jinja = resolve_chat_format(d, prefer="jinja")
+    assert (jinja.kind, jinja.tokenizer_file, jinja.templates["default"]) == ("jinja", "tokenizer.model", TEMPLATE)
+    assert dict(jinja.files) == {"tokenizer.model": str(d / "tokenizer.model")}
+    assert resolve_chat_format(d, prefer="mistral-common") == fmt
+    (d / "tokenizer.model.v3").unlink()
+    with pytest.raises(ConfigError, match="--chat-format mistral-common: .* ships no mistral-common tokenizer file"):
+        resolve_chat_format(d, prefer="mistral-common")
+    (d / "tokenizer_config.json").unlink()
+    shutil.copy(DATA / "mistral_instruct_tokenizer_240323.model.v3", d / "tokenizer.model.v3")
+    with pytest.raises(ConfigError, match="--chat-format jinja: .* has no chat template"):
+        resolve_chat_format(d, prefer="jinja")
+    with pytest.raises(ConfigError, match="--chat-format must be one of auto, mistral-common, jinja, got 'hf'"):
+        resolve_chat_format(d, prefer="hf")
 
 
 def test_tekken_and_versions(tmp_path):

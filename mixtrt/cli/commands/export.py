@@ -17,6 +17,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None,
                    help="positions the artifact serves; the KV cache length of models without a sliding window "
                         "(default: max_position_embeddings with a window, else min(it, 4096))")
+    p.add_argument("--chat-format", choices=("auto", "mistral-common", "jinja"), default="auto",
+                   help="where the checkpoint ships both a mistral-common tokenizer file (tokenizer.model.v3, "
+                        "tekken.json, ...) and a Jinja chat template: auto and mistral-common encode chat with "
+                        "mistral-common (as mistral-inference, and vLLM's --tokenizer-mode mistral); jinja renders the "
+                        "template as transformers' apply_chat_template does (vLLM's --tokenizer-mode hf)")
     q = p.add_argument_group("int4 (--precision int4: INT4 weights, fp32 activations; README \"INT4\")")
     q.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None,
                    help="weights per scale along the input dimension (default 32)")
@@ -51,5 +56,5 @@ def run(ns: argparse.Namespace) -> int:
         raise ConfigError(f"{flags} {'applies' if len(given) == 1 else 'apply'} to --precision int4 only")
     int4 = Int4Options(**given) if ns.precision == "int4" else None
     export_onnx(ns.checkpoint, ns.out, precision=ns.precision, max_context=ns.max_context, overwrite=ns.force,
-                progress=None if ns.quiet else status, int4=int4)
+                progress=None if ns.quiet else status, int4=int4, chat_format=ns.chat_format)
     return 0
