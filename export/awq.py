@@ -34,7 +34,7 @@ import torch
 
 from mixtrt.export.calibration import LayerWalk
 from mixtrt.export.gptq import MIN_ROWS
-from mixtrt.export.quantize import Int4Options, block_for, int8_block, int8_patterns, kept
+from mixtrt.export.quantize import Int4Options, block_for, int8_patterns, kept, linear_form
 from mixtrt.plugins.int4 import dequantize, pack_int4, pack_int8, unpack_int4
 
 ALPHAS = tuple(i / 10 for i in range(11))
@@ -139,10 +139,7 @@ def awq_scalings(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], options
             """How the export writes the linear `label` (input dimension k): as the int4 plan decides it."""
             if re.search(r"\.fc[12]\.\d+$", label):
                 return None if experts_float else (block_for(k, options.block_size) or 0, 4)
-            if kept(label, options.keep_float):
-                return None
-            b = int8_block(k) if kept(label, int8) else block_for(k, options.block_size)
-            return None if b is None else (b, 8 if kept(label, int8) else 4)
+            return linear_form(label, k, options, int8)
 
         def search(x: torch.Tensor, weights: list[torch.Tensor], labels: list[str], k: int) -> torch.Tensor | None:
             """_search's scale for the group, or None where the whole group stays float (nothing to gain)."""

@@ -123,6 +123,17 @@ def int8_block(k: int) -> int | None:
     return block_for(k, INT8_BLOCK)
 
 
+def linear_form(label: str, k: int, options: Int4Options, int8: Sequence[str]) -> tuple[int, int] | None:
+    """How an export writes a dense linear or the table `label` (input dimension k): (block, bits), or None where
+    it stays float (--keep-float, or no block divides k). `int8`: int8_patterns' answer. The int4 plan's rule, which
+    AWQ's scale search follows too."""
+    if kept(label, options.keep_float):
+        return None
+    bits = 8 if kept(label, int8) else 4
+    b = int8_block(k) if bits == 8 else block_for(k, options.block_size)
+    return None if b is None else (b, bits)
+
+
 def block_for(k: int, block: int) -> int | None:
     """The block size used for an input dimension k: `block` if it divides k, else the largest power of two
     in [16, block) that does; None when none does (the tensor stays float)."""
@@ -269,16 +280,19 @@ class Int4Plan:
         self.eight: list[str] = []
         self.moe: tuple[int, int, int, int, int] | None = None  # E, hidden, inter, block fc1, block fc2
 
-    def _choose(self, lbl: str, k: int, bits: int) -> int | None:
-        if kept(lbl, self.options.keep_float):
-            self.floats[lbl] = "--keep-float"
+    def _choose(self, lbl: str, k: int, int8: Sequence[str]) -> tuple[int, int] | None:
+        """linear_form, with what the record says of it: why a tensor stays float, a block other than the options'
+        (smaller, or INT8's), the INT8 tensors."""
+        form = linear_form(lbl, k, self.options, int8)
+        if form is None:
+            self.floats[lbl] = "--keep-float" if kept(lbl, self.options.keep_float) else \
+                f"input dimension {k} has no power-of-two block >= {MIN_BLOCK} dividing it"
             return None
-        b = int8_block(k) if bits == 8 else block_for(k, self.options.block_size)
-        if b is None:
-            self.floats[lbl] = f"input dimension {k} has no power-of-two block >= {MIN_BLOCK} dividing it"
-        elif b != self.options.block_size:
-            self.blocks[lbl] = b
-        return b
+        if form[0] != self.options.block_size:
+            self.blocks[lbl] = form[0]
+        if form[1] == 8:
+            self.eight.append(lbl)
+        return form
 
     @classmethod
     def of_graph(cls, ir_model, weights: Sequence, options: Int4Options, quantizer: Quantizer,
@@ -296,22 +310,15 @@ class Int4Plan:
             if node.op_type == "MatMul" and len(ins) == 2 and len(shapes.get(ins[1], ())) == 2 \
                     and users[ins[1]] == 1:
                 lbl = node_label(node)
-                k = shapes[ins[1]][0]  # stored [K, N]
-                bits = 8 if kept(lbl, int8) else 4
-                b = plan._choose(lbl, k, bits)
-                if b is not None:
-                    if bits == 8:
-                        plan.eight.append(lbl)
-                    plan.items[ins[1]] = _Item("linear", lbl, b, bits)
+                form = plan._choose(lbl, shapes[ins[1]][0], int8)  # stored [K, N]
+                if form is not None:
+                    plan.items[ins[1]] = _Item("linear", lbl, *form)
             elif node.op_type == "Gather" and ins and len(shapes.get(ins[0], ())) == 2 and users[ins[0]] == 1 \
                     and node_label(node).endswith("embed_tokens"):
                 lbl = node_label(node)
-                bits = 8 if kept(lbl, int8) else 4
-                b = plan._choose(lbl, shapes[ins[0]][1], bits)
-                if b is not None:
-                    if bits == 8:
-                        plan.eight.append(lbl)
-                    plan.items[ins[0]] = _Item("table", lbl, b, bits)
+                form = plan._choose(lbl, shapes[ins[0]][1], int8)
+                if form is not None:
+                    plan.items[ins[0]] = _Item("table", lbl, *form)
             elif node.op_type == "Gemm" and len(ins) > 1 and ins[1] in shapes and "gate" in node_label(node):
                 plan.floats[node_label(node)] = ROUTER_REASON
             elif node.domain == DOMAIN and node.op_type == "MoE":
