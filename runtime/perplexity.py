@@ -21,6 +21,7 @@ import numpy as np
 
 from mixtrt.runtime.backends.base import Backend
 from mixtrt.runtime.errors import ConfigError
+from mixtrt.runtime.sampling import log_softmax
 
 
 def chunks(ids: list[int], chunk: int) -> list[list[int]]:
@@ -49,13 +50,6 @@ def _logits(backend: Backend, ids: list[int], name: str, step: int) -> Iterator[
         yield logits
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    """float64 log-softmax over the last axis."""
-    shifted = logits.astype(np.float64)
-    shifted -= shifted.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 def evaluate(backend: Backend, ids: list[int], chunk: int = 256, reference: Backend | None = None,
              names: tuple[str, str] = ("the artifact", "the reference"),
              progress: Callable[[int, int, float], None] | None = None) -> dict:
@@ -79,11 +73,11 @@ def evaluate(backend: Backend, ids: list[int], chunk: int = 256, reference: Back
         for logits in _logits(backend, c, names[0], step):
             ref_logits = next(refs) if refs is not None else None
             for r in range(0, len(logits), ROWS):
-                logp = _log_softmax(logits[r:r + ROWS])
+                logp = log_softmax(logits[r:r + ROWS], np.float64)
                 target = targets[at + r:at + r + len(logp)]
                 nll -= float(logp[np.arange(len(target)), target].sum())
                 if ref_logits is not None:
-                    ref = _log_softmax(ref_logits[r:r + ROWS])
+                    ref = log_softmax(ref_logits[r:r + ROWS], np.float64)
                     kl += float((np.exp(ref) * (ref - logp)).sum())
                     agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
             at += len(logits)

@@ -28,9 +28,9 @@ _F32_MAX = float(np.finfo(np.float32).max)
 _F32_TINY = float(np.finfo(np.float32).tiny)
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Natural-log softmax over the last axis, float32."""
-    x = np.asarray(logits, np.float32)
+def log_softmax(logits: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """Natural-log softmax over the last axis, computed in `dtype` (float32; perplexity's float64)."""
+    x: np.ndarray = np.asarray(logits, dtype)
     shifted = x - x.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mixtrt.cli.options import path
+from mixtrt.runtime.chat_format import PREFERENCES
 from mixtrt.runtime.precision import PRECISIONS
 from mixtrt.runtime.quantization import BLOCK_SIZES, METHODS
 
@@ -17,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None,
                    help="positions the artifact serves; the KV cache length of models without a sliding window "
                         "(default: max_position_embeddings with a window, else min(it, 4096))")
-    p.add_argument("--chat-format", choices=("auto", "mistral-common", "jinja"), default="auto",
+    p.add_argument("--chat-format", choices=PREFERENCES, default="auto",
                    help="where the checkpoint ships both a mistral-common tokenizer file (tokenizer.model.v3, "
                         "tekken.json, ...) and a Jinja chat template: auto and mistral-common encode chat with "
                         "mistral-common (as mistral-inference, and vLLM's --tokenizer-mode mistral); jinja renders the "
