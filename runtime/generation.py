@@ -59,7 +59,7 @@ from mixtrt.runtime.prompts import (
     outside_vocab,
 )
 from mixtrt.runtime.sampling import Sampler, log_softmax, top_k_logprobs
-from mixtrt.runtime.tool_calls import ToolCall, ToolReply, ToolStream, ToolUse, chat_prompt, tool_use
+from mixtrt.runtime.tool_calls import ToolCall, ToolReply, ToolStream, ToolUse, calls_banned, chat_prompt, tool_use
 
 if TYPE_CHECKING:
     from mixtrt.runtime.chat_session import ChatSession
@@ -1234,7 +1234,7 @@ class Generator:
         {"type": "function", "function": {"name": ...}}; runtime/tool_calls.py `tool_use`);
         parallel_tool_calls=False keeps a reply's first call."""
         ids, use = self._chat_ids(messages, tools, tool_choice, parallel_tool_calls)
-        out = self.generate([ids], _forced_plain(self.config(config, **overrides), use, tool_choice))[0]
+        out = self.generate([ids], self._chat_config(config, overrides, use, tools, tool_choice))[0]
         return _with_calls(out, use.reply(out, self.tokenizer), use, self.tokenizer) if use is not None else out
 
     def stream_chat(self, messages: Sequence[dict[str, Any]], config: GenerationConfig | None = None, *,
@@ -1243,7 +1243,7 @@ class Generator:
         """As stream, for chat; with tools, the text from a reply's first call on is held back (it is the call),
         and the last event's output has the calls (or, if they do not parse, the held text comes with it)."""
         ids, use = self._chat_ids(messages, tools, tool_choice, parallel_tool_calls)
-        events = self.stream(ids, _forced_plain(self.config(config, **overrides), use, tool_choice))
+        events = self.stream(ids, self._chat_config(config, overrides, use, tools, tool_choice))
         return events if use is None else _calls_held(events, self.tokenizer, use)
 
     def chat_session(self, system: str | None = None, config: GenerationConfig | None = None) -> ChatSession:
@@ -1289,7 +1289,15 @@ class Generator:
         if not isinstance(parallel, bool):
             raise ConfigError(f"parallel_tool_calls must be True or False, got {parallel!r}")
         offered, use = tool_use(self.tokenizer, tools, tool_choice, parallel)
-        return chat_prompt(self.tokenizer, list(messages), offered, use, add_generation_prompt=True), use
+        return chat_prompt(self.tokenizer, list(messages), offered, use, tool_choice, add_generation_prompt=True), use
+
+    def _chat_config(self, config: GenerationConfig | None, overrides: dict[str, Any], use: ToolUse | None,
+                     tools: Any, tool_choice: Any) -> GenerationConfig:
+        """A chat call's config: a forced call's grammar (_forced_plain); under tool_choice "none" the call token
+        banned (tool_calls.calls_banned), over any logit_bias of the caller's for it."""
+        cfg = _forced_plain(self.config(config, **overrides), use, tool_choice)
+        ban = calls_banned(self.tokenizer, tools, tool_choice)
+        return dataclasses.replace(cfg, logit_bias=_logit_bias({**dict(cfg.logit_bias), **ban})) if ban else cfg
 
 
 def _check_config(config: Any, what: str) -> None:

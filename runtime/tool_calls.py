@@ -181,7 +181,8 @@ class ToolStream:
 def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, parallel: bool = True, where: str = "tools"
              ) -> tuple[list[dict[str, Any]] | None, ToolUse | None]:
     """(the tools a prompt shows, how its replies are read) for OpenAI's `tools` and `tool_choice`: "auto" (None)
-    lets the model choose; "none" shows no tools (they are still checked); "required" starts the reply with the
+    lets the model choose; "none" shows them (as OpenAI and vLLM do) where the format has call tokens, and the
+    reply is text: `calls_banned` keeps the model from starting a call; "required" starts the reply with the
     first call token ([TOOL_CALLS], <tool_call>) and holds the rest to a grammar of calls of the offered functions;
     {"type": "function", "function": {"name": ...}} to one call of that function (in the JSON list, the forced start
     also writes its name). A format without tool-call tokens takes the forced choices only, the whole reply held to
@@ -194,8 +195,8 @@ def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, parallel: bool
         if tool_choice not in (None, "auto", "none"):
             raise ConfigError(f"tool_choice: {json.dumps(tool_choice)} needs tools, and none are given")
         return None, None
-    if tool_choice == "none":
-        return None, None
+    if tool_choice == "none":  # a format that cannot call tools (v1) shows none, as before its calls were asked for
+        return (offered if tool_tokens(tokenizer) is not None else None), None
     tokens = tool_tokens(tokenizer)
     names = frozenset(t["function"]["name"] for t in offered)
     if tool_choice in (None, "auto"):
@@ -226,6 +227,15 @@ def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, parallel: bool
 
     grammar = OWN_SPACE + "\n".join([f'start: " " args{only} id "}}]"', *_call_rules(offered, where, only=only)])
     return offered, ToolUse(tokens, (tokens.calls, *start), False, names, _checked_grammar(grammar, where))
+
+
+def calls_banned(tokenizer: Any, tools: Any, tool_choice: Any) -> dict[int, float]:
+    """The logit_bias that keeps a reply under tool_choice "none" from calling the tools its prompt shows: -100
+    (OpenAI's ban) on the token a call starts with; {} otherwise."""
+    if tool_choice != "none" or not tools:
+        return {}
+    tokens = tool_tokens(tokenizer)
+    return {} if tokens is None else {tokens.calls: -100.0}
 
 
 def _call_rules(offered: list[dict[str, Any]], where: str, only: int | None = None, ids: bool = True) -> list[str]:
@@ -302,16 +312,18 @@ def _checked_grammar(grammar: str, where: str) -> str:
 
 
 def chat_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]], offered: list[dict[str, Any]] | None,
-                use: ToolUse | None, **template: Any) -> list[int]:
+                use: ToolUse | None, tool_choice: Any = None, **template: Any) -> list[int]:
     """A chat prompt's ids with the tools shown (tool_use's `offered`) and a forced call's start after them. A
-    Jinja template that renders the same with and without the tools would hide them from the model: refused."""
+    Jinja template that renders the same with and without the tools would hide them from the model: refused,
+    except under tool_choice "none" (the tools are context there, not a way to answer)."""
     if not offered:
         return list(tokenizer.apply_chat_template(messages, **template))
     if tool_tokens(tokenizer) is None:  # a forced call's JSON (tool_use took nothing else): shown where a template can
         shown = offered if getattr(tokenizer, "templates", None) is not None else None
         return list(tokenizer.apply_chat_template(messages, tools=shown, **template))
     ids = list(tokenizer.apply_chat_template(messages, tools=offered, **template))
-    if getattr(tokenizer, "templates", None) is not None and ids == _without_tools(tokenizer, messages, template):
+    if tool_choice != "none" and getattr(tokenizer, "templates", None) is not None \
+            and ids == _without_tools(tokenizer, messages, template):
         raise ConfigError("tools: the checkpoint's chat template does not show tools (it renders the same "
                           "conversation with and without them), so the model would never see them")
     return ids + list(use.forced if use is not None else ())

@@ -65,7 +65,7 @@ from mixtrt.runtime.serve.protocol import (
 from mixtrt.runtime.serve.responses import response_object, responses_error, stream_events, to_chat
 from mixtrt.runtime.serve.scheduler import Cancelled, EngineLoop, NotAccepting, QueueFull
 from mixtrt.runtime.serve.scheduler import Request as EngineRequest
-from mixtrt.runtime.tool_calls import ToolStream, ToolUse, chat_prompt, tool_use
+from mixtrt.runtime.tool_calls import ToolStream, ToolUse, calls_banned, chat_prompt, tool_use
 
 log = logging.getLogger("mixtrt.serve")
 
@@ -319,7 +319,8 @@ def _tokenize(raw: bytes, state: _State) -> dict[str, Any]:
             check_messages_text(messages)
             check_continuation(req)
             offered, _ = _offered_tools(req, gen)
-            ids = chat_prompt(gen.tokenizer, messages, offered, None, add_generation_prompt=req.add_generation_prompt,
+            ids = chat_prompt(gen.tokenizer, messages, offered, None, getattr(req, "tool_choice", None),
+                              add_generation_prompt=req.add_generation_prompt,
                               continue_final_message=req.continue_final_message)
         else:
             ids = list(gen.tokenizer.encode(check_text(req.prompt or "", "prompt"), bos=req.add_special_tokens))
@@ -492,6 +493,8 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
             asked.pop("json_schema", None)  # a response_format to shape (OpenAI's rule)
             if tools.grammar is not None:
                 asked["grammar"] = tools.grammar
+        if isinstance(req, ChatRequest) and (ban := calls_banned(gen.tokenizer, req.tools, req.tool_choice)):
+            asked["logit_bias"] = {**(asked.get("logit_bias") or {}), **ban}  # "none": the tools shown, never called
         echo_only = _scores_only(req)
         if echo_only:  # nothing is generated: no length, minimum or constraint to apply
             asked["max_new_tokens"] = 1
@@ -836,7 +839,8 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
             if forced and (not req.add_generation_prompt or req.continue_final_message):
                 raise ApiError(f"tool_choice: {json.dumps(req.tool_choice)} starts the assistant's reply, which "
                                "add_generation_prompt false / continue_final_message leave out", param="tool_choice")
-            ids = chat_prompt(gen.tokenizer, messages, offered, tools, add_generation_prompt=req.add_generation_prompt,
+            ids = chat_prompt(gen.tokenizer, messages, offered, tools, req.tool_choice,
+                              add_generation_prompt=req.add_generation_prompt,
                               continue_final_message=req.continue_final_message)
             prompts = normalize_prompts([list(ids)], gen.tokenizer, vocab)
             echo = [_echoed(messages) if req.echo else ""]

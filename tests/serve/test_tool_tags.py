@@ -97,6 +97,30 @@ def test_calls_are_read_from_the_tags(tag_gen):
     assert "abcdefghi" not in ids and ids[1] != ids[0] and all(len(i) == 9 for i in ids)
 
 
+def test_tool_choice_none_shows_the_tools_and_bans_the_tag(tag_gen):
+    """"none" in the tag format: the template shows the tools, `<tool_call>` is banned (logit_bias -100), and a
+    template that shows no tools is served (they are context there)."""
+    script(tag_gen, ASK, reply(tag_gen, "Let me check.", CALLS[:1]))
+    tag_gen.backend.boost = 60.0
+    try:
+        out = tag_gen.chat(ASK, tools=TOOLS, tool_choice="none", max_new_tokens=40)
+        assert out.stats.prompt_tokens == len(tag_gen.tokenizer.apply_chat_template(ASK, tools=TOOLS))
+        assert out.tool_calls is None and 32002 not in out.token_ids and out.text.startswith("Let me check.")
+    finally:
+        tag_gen.backend.boost = None
+    from mixtrt.runtime.chat_template import ChatTemplate
+
+    templates = tag_gen.tokenizer.templates
+    hidden = HERMES.replace("{%- if tools %}", "{%- if false %}", 1)  # renders the same with and without tools
+    tag_gen.tokenizer.templates = {"default": ChatTemplate(hidden, templates["default"].special_tokens)}
+    try:
+        with pytest.raises(ConfigError, match="does not show tools"):
+            tag_gen.chat(ASK, tools=TOOLS, max_new_tokens=2)
+        assert tag_gen.chat(ASK, tools=TOOLS, tool_choice="none", max_new_tokens=2).tool_calls is None
+    finally:
+        tag_gen.tokenizer.templates = templates
+
+
 def test_the_next_turn_shows_the_call_and_its_result(tag_gen):
     """The server's reply goes back as OpenAI's client sends it (arguments as JSON text): the template writes the
     call as the model wrote it, and the result as a tool message."""

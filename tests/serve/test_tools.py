@@ -38,6 +38,7 @@ class Scripted:
     def __init__(self, backend: Any) -> None:
         self._backend = backend
         self.script: dict[int, int] = {}
+        self.boost: float | None = None  # a number: the script's token gets this much more logit, the rest kept
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
@@ -49,7 +50,9 @@ class Scripted:
         for r in range(b):
             for j in range(logits.shape[1]):
                 token = self.script.get(int(before[r]) + (s - 1 if last_only else j) + 1)
-                if token is not None:
+                if token is not None and self.boost is not None:
+                    logits[r, j, token] += self.boost
+                elif token is not None:
                     logits[r, j] = -1e4
                     logits[r, j, token] = 1e4
         return logits
@@ -195,11 +198,30 @@ def test_server_streams_tool_calls(tool_server, tool_gen):
     assert text.startswith("I'll check.") and '[{"name' in text
 
 
-def test_tool_choice_none_shows_no_tools(tool_server, tool_gen):
-    n = script(tool_gen, MESSAGES, reply_ids(tool_gen), tools=None)
-    r = tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="none")
-    assert r.usage.prompt_tokens == n and r.choices[0].finish_reason == "stop"
-    assert r.choices[0].message.tool_calls is None and '"get_weather"' in r.choices[0].message.content
+def test_tool_choice_none_shows_the_tools_and_bans_the_call(tool_server, tool_gen):
+    """"none": the prompt shows the tools (OpenAI's and vLLM's), and the call token gets logit_bias -100 (OpenAI's
+    ban), over a caller's own bias for it: a reply scripted to call writes the model's own choice there instead."""
+    calls = tool_gen.tokenizer.tool_tokens().calls
+    n = script(tool_gen, MESSAGES, reply_ids(tool_gen))
+    tool_gen.backend.boost = 60.0  # the script's tokens win by 60 logits: less than the ban
+    try:
+        out = tool_gen.chat(MESSAGES, tools=TOOLS, max_new_tokens=60)  # "auto": the scripted call
+        assert [c.name for c in out.tool_calls] == ["get_weather", "get_time"]
+        for bias in ({}, {calls: 100}):
+            out = tool_gen.chat(MESSAGES, tools=TOOLS, tool_choice="none", max_new_tokens=60, logit_bias=bias)
+            assert out.stats.prompt_tokens == n and out.tool_calls is None and calls not in out.token_ids
+            assert out.text.startswith("I'll check.") and '"get_weather"' in out.text  # the rest as scripted
+        r = tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, max_tokens=60,
+                                                       tool_choice="none", logit_bias={str(calls): 100}, temperature=0)
+        assert r.usage.prompt_tokens == n and r.choices[0].finish_reason == "stop"
+        assert r.choices[0].message.tool_calls is None and r.choices[0].message.content.startswith("I'll check.")
+        chunks = list(tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS,
+                                                                 max_tokens=60, tool_choice="none", stream=True,
+                                                                 temperature=0))
+        assert all(not c.choices[0].delta.tool_calls for c in chunks if c.choices)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    finally:
+        tool_gen.backend.boost = None
     # /tokenize shows the tools as the chat endpoint does
     got = tool_server.http.post("/tokenize", json={"messages": MESSAGES, "tools": TOOLS}).json()
     assert got["tokens"] == tool_gen.tokenizer.apply_chat_template(MESSAGES, tools=TOOLS)
@@ -301,7 +323,7 @@ def test_tools_refused_where_the_format_has_no_calls(server):
     r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": TOOLS})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
     assert "no tool-call token ([TOOL_CALLS])" in r.json()["error"]["message"]
-    # with tool_choice "none" the tools are not shown: served
+    # with tool_choice "none" a format that cannot call tools shows none: served
     r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": TOOLS, "tool_choice": "none",
                                                        "max_tokens": 2})
     assert r.status_code == 200, r.text
