@@ -116,8 +116,10 @@ class ToolUse:
         it holds)."""
         if out.finish_reason == "length":
             return None
+        # the eos id that ended it is not the reply's (an eos that is a text piece would show after the calls)
+        ids = list(out.token_ids[:-1] if out.finish_reason == "eos" else out.token_ids)
         if self.tokens is None:  # the reply is the call's JSON
-            text = tokenizer.decode(out.token_ids)
+            text = tokenizer.decode(ids)
             if self.named is None:
                 calls = _json_calls(text)
             else:
@@ -125,7 +127,7 @@ class ToolUse:
                 calls = None if arguments is None else [ToolCall(new_call_id(), self.named, arguments)]
             reply = ToolReply(None, tuple(calls)) if calls else None
         else:
-            reply = read_tool_calls([*self.forced, *out.token_ids], tokenizer, self.tokens)
+            reply = read_tool_calls([*self.forced, *ids], tokenizer, self.tokens)
         if reply is None or (self.names and any(c.name not in self.names for c in reply.calls)):
             return None
         return reply if self.parallel else ToolReply(reply.content, reply.calls[:1])

@@ -119,6 +119,19 @@ def test_generator_chat_reads_the_calls(tool_gen):
     assert "".join(e.text for e in events) == out.text
 
 
+def test_an_eos_that_is_text_is_not_text_after_the_calls(tool_gen):
+    """An eos id that decodes to text (generation_config.json may list a text piece) ends the reply and is not read
+    as text after its calls, as it is not text in a reply without tools."""
+    tok = tool_gen.tokenizer
+    bang = tok.encode("!", bos=False)[-1]
+    script(tool_gen, MESSAGES, reply_ids(tool_gen)[:-1] + [bang])
+    out = tool_gen.chat(MESSAGES, tools=TOOLS, max_new_tokens=200, eos_token_id=(tok.eos_id, bang))
+    assert out.finish_reason == "eos" and out.token_ids[-1] == bang and out.text == "I'll check."
+    assert [c.name for c in out.tool_calls] == ["get_weather", "get_time"]
+    events = list(tool_gen.stream_chat(MESSAGES, tools=TOOLS, max_new_tokens=200, eos_token_id=(tok.eos_id, bang)))
+    assert "".join(e.text for e in events) == "I'll check." and events[-1].output.text == "I'll check."
+
+
 # the tools of the forced calls on v1 (the random model's JSON held to them; an enum keeps its strings short)
 ENUM_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}}, "required": ["city"]}}},
