@@ -282,6 +282,11 @@ def read_generation_defaults(checkpoint_dir: str | Path) -> GenerationDefaults:
             values[name] = _check(where, name, cfg[name], kind, low)
     known = {"eos_token_id", *values, *_NOT_SAMPLING}
     ignored = tuple(sorted(k for k, v in cfg.items() if k not in known and not k.startswith("_") and v is not None))
+    if values.get("do_sample") and values.get("temperature") == 0:  # transformers loads it, then refuses to generate
+        warnings.warn(f"{where}: do_sample true with temperature 0 is read as greedy (vLLM's reading of temperature "
+                      "0; transformers' generate refuses it)", MixtrtWarning, stacklevel=2)
+        values["do_sample"] = False
+        del values["temperature"]
     return GenerationDefaults(**values, ignored=ignored).checked(where)
 
 

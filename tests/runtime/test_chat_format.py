@@ -16,7 +16,7 @@ from mixtrt.runtime.chat_format import (
     read_generation_defaults,
     resolve_chat_format,
 )
-from mixtrt.runtime.errors import ConfigError, NewerRecordError
+from mixtrt.runtime.errors import ConfigError, MixtrtWarning, NewerRecordError
 from mixtrt.runtime.generation import GenerationConfig
 from mixtrt.runtime.jinja_tokenizer import JinjaChatTokenizer
 from mixtrt.runtime.tokenizer import Tokenizer, shipped_tokenizer_path
@@ -329,10 +329,16 @@ def test_generation_config_errors(tmp_path, generation, match):
 ])
 def test_generation_defaults_that_no_generation_could_use_are_refused_when_read(tmp_path, values, words):
     """A value every generate would refuse is refused where it is read: generation_config.json at export, the
-    manifest's record at load (naming which)."""
+    manifest's record at load (naming which); in the file, sampling at temperature 0 is greedy (vLLM's reading)."""
     d = _dir(tmp_path, generation={"eos_token_id": 2, **values})
-    with pytest.raises(ConfigError, match=re.escape(f"{d / 'generation_config.json'}: {words}")):
-        read_generation_defaults(d)
+    if values.get("temperature") == 0:
+        with pytest.warns(MixtrtWarning, match=re.escape(f"{d / 'generation_config.json'}: do_sample true with "
+                                                         "temperature 0 is read as greedy")):
+            read = read_generation_defaults(d)
+        assert read.config_kwargs() == {"do_sample": False, "eos_token_id": (2,)}
+    else:
+        with pytest.raises(ConfigError, match=re.escape(f"{d / 'generation_config.json'}: {words}")):
+            read_generation_defaults(d)
     with pytest.raises(ConfigError, match=re.escape(f"manifest chat.generation: {words}")):
         GenerationDefaults.from_dict(values)
 
