@@ -1111,8 +1111,8 @@ class Engine:
 # tokens kept one per token held ~6 MB where their text is ~0.5 MB); each piece is copied once, into its chunk
 _JOIN_PIECES = 256
 
-_NON_FINITE = ("the model produced NaN or infinite logits; its weights or config are broken, or fp16 overflowed "
-               "(export with --precision fp32)")
+_NON_FINITE = ("the model produced NaN or infinite logits; its weights or config are broken, or (an fp16 artifact) "
+               "fp16 overflowed: export with --precision fp32")
 
 
 def _output(row: Row) -> GenerationOutput:

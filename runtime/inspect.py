@@ -20,7 +20,8 @@ def inspect_artifact(directory: str | Path, verify: bool = False) -> dict[str, A
     (op counts, parameters), chat format (the record, and one line each for it and the generation
     defaults), files and versions; the graph IO it lists must be what its model, cache and precision give (as
     loading refuses an edited one); verify: check the files' sha256 too (sizes always), and that the manifest
-    agrees with its graph (IO and the graph's own record of model, precision and cache), as loading checks."""
+    agrees with its graph (IO and the graph's own record of model, precision and cache), as loading checks, and the
+    weight index (weights.json) with the data file, as its readers check it."""
     m = Manifest.load(directory, verify=verify)
     m.check_graph_io(directory)  # the manifest's own fields against each other (no file read): as loading refuses it
     if verify:
@@ -35,6 +36,10 @@ def inspect_artifact(directory: str | Path, verify: bool = False) -> dict[str, A
         from mixtrt.runtime.chat_format import load_chat_tokenizer
 
         load_chat_tokenizer(directory, m.chat, m.args.vocab_size)  # the tokenizer and chat record, as loading does
+        if m.weight_index is not None:  # the index against the data file, as a reader of it checks it
+            from mixtrt.runtime.weights import WeightIndex
+
+            WeightIndex.read(directory)
     a = m.args
     itemsize = np.dtype(m.cache.dtype).itemsize
     cache_row = 2 * a.num_hidden_layers * a.num_key_value_heads * m.cache.capacity * a.head_dim * itemsize

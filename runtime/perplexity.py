@@ -46,7 +46,7 @@ def _logits(backend: Backend, ids: list[int], name: str, step: int) -> Iterator[
         logits = backend.step(cache, np.asarray([ids[i:min(i + step, len(ids) - 1)]], dtype=np.int64))[0]
         if not np.isfinite(logits).all():
             raise ConfigError(f"{name} produced non-finite logits (NaN or inf) on this text: its weights or config "
-                              "are broken, or fp16 overflowed")
+                              "are broken, or (an fp16 artifact) fp16 overflowed")
         yield logits
 
 

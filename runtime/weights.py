@@ -108,6 +108,41 @@ def _quant(q: Any, name: str, where: str) -> dict[str, Any]:
     return q
 
 
+def _check_quantized(e: WeightEntry, scales: WeightEntry, where: str) -> None:
+    """A quantized entry's quant against its own dtype and shape and its scales' (docs/DESIGN.md "weights.json of an
+    int4 artifact"): a block a power of two from 16 to 256, the stored dtype and zero point of its format and bits,
+    and one fp32 scale per block (scales that are another tensor's have another shape)."""
+    q = e.quant
+    assert q is not None
+    fmt, bits, b, shape = q["format"], q["bits"], q["block_size"], e.shape
+    dtype, zero = {("dequantize_linear", 4): ("int4", 0), ("dequantize_linear", 8): ("int8", 0),
+                   ("gather_block_quantized", 4): ("uint8", 8), ("gather_block_quantized", 8): ("uint8", 128),
+                   ("matmulnbits", 4): ("uint8", 8), ("matmulnbits", 8): ("uint8", 128)}[(fmt, bits)]
+    expected: tuple[int, ...] | None = None
+    if not 16 <= b <= 256 or b & (b - 1):
+        problem = f"block_size {b} (a power of two from 16 to 256)"
+    elif (e.dtype, q["zero_point"]) != (dtype, zero):
+        problem = f"dtype {e.dtype} and zero_point {q['zero_point']} ({fmt} at {bits} bits: {dtype}, {zero})"
+    elif fmt == "dequantize_linear":  # [K, N], blocks along K
+        ok = len(shape) == 2 and q["axis"] == 0 and shape[0] % b == 0
+        expected = (shape[0] // b, shape[1]) if ok else None
+        problem = f"shape {list(shape)} and axis {q['axis']} ([K, N] with K a multiple of the block, axis 0)"
+    elif fmt == "gather_block_quantized":  # [V, H] (INT4: [V, H/2], two a byte), blocks along H
+        width = shape[1] * (2 if bits == 4 else 1) if len(shape) == 2 else 0
+        ok = len(shape) == 2 and q["axis"] == 1 and width % b == 0
+        expected = (shape[0], width // b) if ok else None
+        problem = f"shape {list(shape)} and axis {q['axis']} ([V, H] with H a multiple of the block, axis 1)"
+    else:  # matmulnbits: [..., N, K/b, b*bits/8]
+        ok = len(shape) >= 3 and shape[-1] == b * bits // 8
+        expected = shape[:-1] if ok else None
+        problem = f"shape {list(shape)} ([..., N, K/block, block x bits / 8])"
+    if expected is not None:
+        if scales.dtype == "float32" and scales.shape == expected:
+            return
+        problem = f"scales {scales.name!r} {scales.dtype} {list(scales.shape)} (one float32 per block: {list(expected)})"
+    raise ArtifactError(f"{where}: tensor {e.name!r} ({fmt}, {bits} bits) has {problem}")
+
+
 def _entry(d: Any, where: str, stack: bool, quant_allowed: bool = False) -> WeightEntry:
     keys = {"name", "dtype", "shape", "file", "offset", "nbytes"} | ({"tensors"} if stack else {"of", "layout"})
     if isinstance(d, dict) and "quant" in d and quant_allowed:
@@ -213,10 +248,21 @@ class WeightIndex:
                                         f"({m.name!r} does not follow at byte {pos})")
                 pos += m.nbytes
             stacks[e.name] = e
+        in_stack = {m for s in stacks.values() for m in s.members}
         for e in (*tensors.values(), *stacks.values()):
-            if e.quant is not None and e.quant["scales"] not in tensors and e.quant["scales"] not in stacks:
+            if e.name not in in_stack and e.nbytes and e.offset % alignment:
+                raise ArtifactError(f"{source}: tensor {e.name!r} starts at byte {e.offset}, not a multiple of the "
+                                    f"index's alignment ({alignment})")
+            if e.quant is None:
+                if e.dtype == "int4":
+                    raise ArtifactError(f"{source}: tensor {e.name!r} is int4 but has no quant field saying how "
+                                        "to read it")
+                continue
+            scales = tensors.get(e.quant["scales"]) or stacks.get(e.quant["scales"])
+            if scales is None:
                 raise ArtifactError(f"{source}: tensor {e.name!r} names the scales {e.quant['scales']!r}, "
                                     "which the index does not have")
+            _check_quantized(e, scales, source)
         return cls(directory, alignment, tensors, stacks)
 
     @classmethod

@@ -552,6 +552,14 @@ def test_awq_experts_few_tokens_reach_stay_unscaled_and_are_recorded(exported, t
     (lambda d: d["tensors"][-1]["quant"].update(scales="nowhere"), "names the scales 'nowhere'"),
     (lambda d: d["tensors"][-1]["quant"].update(format="gguf"), "has quant"),
     (lambda d: d["tensors"][-1].update(nbytes=d["tensors"][-1]["nbytes"] + 1), "has nbytes"),
+    (lambda d: d["tensors"][-1]["quant"].update(block_size=48), r"has block_size 48 \(a power of two from 16 to 256\)"),
+    (lambda d: d["tensors"][-1]["quant"].update(zero_point=3), "has dtype .* and zero_point 3"),
+    # scales of another shape (a norm's weight) than one per block of this tensor
+    (lambda d: d["tensors"][-1]["quant"].update(scales=next(t["name"] for t in d["tensors"] if "norm" in t["name"])),
+     r"has scales '.*norm.*' float32 \[\d+\] \(one float32 per block"),
+    (lambda d: next(t for t in d["tensors"] if t["dtype"] == "int4").pop("quant"), "is int4 but has no quant field"),
+    (lambda d: d["tensors"][0].update(offset=d["tensors"][0]["offset"] + 1),
+     r"starts at byte \d+, not a multiple of the index's alignment \(65536\)"),
 ])
 def test_int4_weight_index_edits_are_refused(int4_artifacts, edit, match):
     from mixtrt.runtime.weights import WeightIndex

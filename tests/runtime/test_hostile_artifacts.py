@@ -196,6 +196,20 @@ def test_verify_reads_the_tokenizer_and_chat_record_as_loading_does(tmp_path, ar
     assert one_line(e.value) == line
 
 
+def test_verify_reads_the_weight_index(tmp_path, artifact):
+    """weights.json rewritten (its hash updated) with a tensor off its alignment: `inspect --verify` reads the index
+    as its readers do (the onnxruntime backend does not read it) and refuses it, naming the file and tensor."""
+    copy = linked_copy(artifact, tmp_path / "art")
+    d = json.loads((copy / "weights.json").read_text())
+    norm = next(t for t in d["tensors"] if "norm" in t["name"])  # a small tensor: +1 still ends before the next
+    norm["offset"] += 1
+    _rehash("weights.json", json.dumps(d).encode())(copy)
+    with pytest.raises(ArtifactError) as e:
+        inspect_artifact(copy, verify=True)
+    one_line(e.value, "weights.json", repr(norm["name"]), "not a multiple of the index's alignment")
+    assert inspect_artifact(copy)["model"]  # without --verify: the manifest's own checks only
+
+
 def test_null_summary_counts(tmp_path, artifact):
     """The manifest takes null for a summary count it lacks: `inspect` shows what it has (no TypeError), and
     `bench`, which needs bytes_per_token or parameters + parameter_bytes to count a step's bytes, refuses in one line
