@@ -139,7 +139,8 @@ def _check_quantized(e: WeightEntry, scales: WeightEntry, where: str) -> None:
     if expected is not None:
         if scales.dtype == "float32" and scales.shape == expected:
             return
-        problem = f"scales {scales.name!r} {scales.dtype} {list(scales.shape)} (one float32 per block: {list(expected)})"
+        problem = (f"scales {scales.name!r} {scales.dtype} {list(scales.shape)} (one float32 per block: "
+                   f"{list(expected)})")
     raise ArtifactError(f"{where}: tensor {e.name!r} ({fmt}, {bits} bits) has {problem}")
 
 
