@@ -306,6 +306,13 @@ def export_onnx(
                     # size was tried: no --block-size helps)
                     warnings.warn(f"{checkpoint_dir}: --precision int4 keeps the experts in float: "
                                   f"{int4_plan.experts_unblocked}", MixtrtWarning, stacklevel=2)
+                eight = [i.label for i in int4_plan.items.values() if i.kind == "linear" and i.bits == 8]
+                if int4_plan.options.accuracy_level == 0 and eight:  # README's INT4: --accuracy-level
+                    shown = ", ".join(eight[:3]) + (f" and {len(eight) - 3} more" if len(eight) > 3 else "")
+                    warnings.warn(f"{checkpoint_dir}: --accuracy-level 0 with {shown} in INT8: onnxruntime has no "
+                                  "fp32-activation kernel for an 8-bit MatMulNBits and dequantizes those weights "
+                                  "every step (decode tens of times slower); use --accuracy-level 4, or --int8 "
+                                  "embed_tokens to put them in INT4", MixtrtWarning, stacklevel=2)
             total = sum(weight_bytes(w) for w in weights)
             t2 = time.perf_counter()
             with say.bytes(total, f"writing {DATA_FILE}") as tick:

@@ -17,7 +17,7 @@ from mixtrt.export.model import KVCache as TorchCache
 from mixtrt.export.quantize import INT8_BLOCK, INT8_DEFAULT, INT8_DEFAULT_MOE, Int4Options, block_for, kept, rtn
 from mixtrt.plugins.int4 import pack_int8, unpack_int4
 from mixtrt.runtime.backends.onnxruntime import OrtBackend
-from mixtrt.runtime.errors import ArtifactError, ConfigError
+from mixtrt.runtime.errors import ArtifactError, ConfigError, MixtrtWarning
 from mixtrt.runtime.generation import GenerationConfig, Generator
 from mixtrt.runtime.manifest import Manifest
 from tests.checkpoints import EXPORT_W as W
@@ -138,6 +138,22 @@ def test_int4_manifest_record(int4_artifacts, capsys):
     assert "int4 rtn, block 64 (other blocks: 8 int4 tensors at [32])," in shown, shown
     assert ("  int8        embed_tokens, layers.0.attention.wk, layers.0.attention.wv, layers.1.attention.wk and 2 "
             "more (8-bit, block 64)\n") in shown, shown
+
+
+def test_accuracy_level_0_with_int8_linears_warns(exported, tmp_path):
+    """onnxruntime runs an 8-bit MatMulNBits at accuracy level 0 by dequantizing its weights every step: the export
+    says so where the plan has INT8 linears (the default lm_head, a MoE model's k/v), not where only the table is."""
+    import warnings
+
+    ck = exported["mixtral-window"][0]
+    with pytest.warns(MixtrtWarning, match=r"--accuracy-level 0 with (layers\.\d\.attention\.w[kv], ){2}"
+                                           r"layers\.\d\.attention\.w[kv] and \d+ more in INT8: .*--accuracy-level 4"):
+        export_onnx(ck, tmp_path / "a", precision="int4", progress=None, int4=Int4Options(accuracy_level=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MixtrtWarning)
+        export_onnx(ck, tmp_path / "b", precision="int4", progress=None,
+                    int4=Int4Options(accuracy_level=0, int8=("embed_tokens",)))
+        export_onnx(ck, tmp_path / "c", precision="int4", progress=None, int4=Int4Options(accuracy_level=4))
 
 
 @pytest.mark.parametrize("edit, match", [
