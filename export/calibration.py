@@ -33,9 +33,10 @@ SEQUENCE = 256
 
 def calibration_ids(path: Path | None, tokenizer: Any, longest: int = SEQUENCE
                     ) -> tuple[list[list[int]], str, int, int]:
-    """Sequences of token ids from the calibration text's first MAX_TOKENS: the fewest of one length up to
-    min(SEQUENCE, longest) (longest: the positions the model and its cache plan hold); its source (as recorded),
-    the sequences' token count and the whole text's."""
+    """Sequences of token ids from the calibration text's first MAX_TOKENS, all of one length: the longest that the
+    fewest sequences of up to min(SEQUENCE, longest) tokens give (longest: the positions the model and its cache
+    plan hold), cut as many times as the tokens allow (fewer than one sequence's tokens left over); its source (as
+    recorded), the sequences' token count and the whole text's."""
     sequence = max(1, min(SEQUENCE, longest))
     path = Path(path) if path is not None else DEFAULT_CALIBRATION
     if str(path) == "-":  # stdin, as `mixtrt perplexity --text -` reads it
@@ -49,7 +50,9 @@ def calibration_ids(path: Path | None, tokenizer: Any, longest: int = SEQUENCE
         what = "is empty" if not text.strip() else f"has {len(ids)} tokens (BOS included)"
         raise ConfigError(f"--calibration {path} {what}: at least 32 tokens are needed")
     count = -(-len(ids) // sequence)  # the fewest sequences of at most `sequence` tokens that hold them all
-    length = len(ids) // count  # one length for all (the walk's [B, T]): fewer than `count` tokens left over
+    length = len(ids) // count  # one length for all (the walk's [B, T])
+    count = len(ids) // length  # as many of that length as there are tokens: fewer than `length` left over (short
+    # sequences: 1228 tokens in at most 10 are 123 of 9 with 121 left over, or 136 of 9 with 4)
     seqs = [ids[i * length:(i + 1) * length] for i in range(count)]
     source = ("mixtrt/export/calibration.txt" if path == DEFAULT_CALIBRATION else "stdin" if str(path) == "-"
               else str(path))

@@ -210,18 +210,22 @@ def test_a_calibration_text_past_the_token_limit_is_cut_and_counted(exported, tm
     assert total > MAX_TOKENS >= tokens > MAX_TOKENS - 64
 
 
-def test_a_calibration_text_is_read_to_its_end(exported, tmp_path):
-    """The text is cut into the fewest sequences of one length (at most the model's): fewer tokens than sequences
-    are left over at its end (pieces of exactly the longest length dropped the last piece: 102 of 358 tokens)."""
+@pytest.mark.parametrize("longest", [64, 10, 5])
+def test_a_calibration_text_is_read_to_its_end(exported, tmp_path, longest):
+    """The text is cut into sequences of one length, the longest the fewest sequences of at most the model's give,
+    as many as the tokens allow: fewer tokens than one sequence are left over at its end (pieces of exactly the
+    longest length dropped the last piece: 102 of 358 tokens; at most 10 positions, 123 sequences of 9 left 121 of
+    1228 where 136 leave 4)."""
     from mixtrt.export.calibration import calibration_ids
 
     tokenizer = Generator.load(exported["mixtral-window"][1]).tokenizer
     for words in (9, 20, 31, 47):
         text = tmp_path / f"c{words}.txt"
         text.write_text(" ".join(["It was a truth universally acknowledged"] * words))
-        seqs, _, tokens, total = calibration_ids(text, tokenizer, 64)
-        assert len({len(q) for q in seqs}) == 1 and len(seqs[0]) <= 64 and len(seqs) == -(-total // 64)
-        assert tokens == sum(map(len, seqs)) and total - len(seqs) < tokens <= total, (words, total, tokens)
+        seqs, _, tokens, total = calibration_ids(text, tokenizer, longest)
+        length = total // -(-total // longest)
+        assert {len(q) for q in seqs} == {length} and length <= longest and len(seqs) >= -(-total // longest)
+        assert tokens == sum(map(len, seqs)) and total - length < tokens <= total, (words, total, tokens)
         assert seqs[0] == tokenizer.encode(text.read_text())[:len(seqs[0])]
 
 
