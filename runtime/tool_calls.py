@@ -197,7 +197,7 @@ def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, parallel: bool
         if tool_choice not in (None, "auto", "none"):
             raise ConfigError(f"tool_choice: {json.dumps(tool_choice)} needs tools, and none are given")
         return None, None
-    if tool_choice == "none":  # a format that cannot call tools (v1) shows none, as before its calls were asked for
+    if tool_choice == "none":  # a format without call tokens (v1) has no way to show tools: none shown
         return (offered if tool_tokens(tokenizer) is not None else None), None
     tokens = tool_tokens(tokenizer)
     names = frozenset(t["function"]["name"] for t in offered)
