@@ -306,6 +306,11 @@ class WeightIndex:
             if any(e.of == name and e.quant is not None for e in self.tensors.values()):
                 raise KeyError(f"{name!r} is stored quantized in {self.directory / WEIGHTS_FILE}: read it with "
                                "quantized()")
+            tied = "model.embed_tokens.weight"
+            if name == "lm_head.weight" and any(e.of == tied and e.layout == "transposed"
+                                                for e in self.tensors.values()):
+                raise KeyError(f"'lm_head.weight' is tied to {tied!r} in {self.directory / WEIGHTS_FILE}: read "
+                               f"weight({tied!r})")
             raise KeyError(f"{name!r} is not a parameter of {self.directory / WEIGHTS_FILE}")
         a = self._map(found[0])
         return a.T if found[0].layout == "transposed" else a

@@ -32,7 +32,7 @@ def test_cli_export_and_inspect(tmp_path, exported):
     assert info["ops"]["mixtrt::SlidingWindowAttention"] == 2 and info["parameters"] > 0 and info["verified"] is True
     r = subprocess.run([*exe, "inspect", str(art), "--verify"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.endswith(f"\nverified      the sha256 of all {len(info['files'])} files, "
-                                                   "the graph against the manifest, the tokenizer\n")
+                                                   "the graph against the manifest, the tokenizer, the weight index\n")
     assert "verified" not in subprocess.run([*exe, "inspect", str(art)], capture_output=True, text=True).stdout
     r = subprocess.run([*exe, "export", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert r.returncode == 2 and "not a checkpoint directory" in r.stderr and "Traceback" not in r.stderr

@@ -133,6 +133,17 @@ def test_weight_index_round_trip_and_alignment(exported):
     assert {t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL} == set(index.tensors)
 
 
+def test_weight_index_of_a_tied_model_names_the_table_for_the_lm_head(tmp_path):
+    """A tied model stores the table and its transpose, no lm_head: asking for lm_head.weight says where it is."""
+    art = export_onnx(make_checkpoint(tmp_path / "ck", "mistral", tie_word_embeddings=True), tmp_path / "art",
+                      progress=None)
+    index = WeightIndex.read(art)
+    with pytest.raises(KeyError, match=r"'lm_head.weight' is tied to 'model.embed_tokens.weight' in .*weights.json: "
+                                       r"read weight\('model.embed_tokens.weight'\)"):
+        index.weight("lm_head.weight")
+    assert index.weight("model.embed_tokens.weight").shape[0] == Manifest.read(art).args.vocab_size
+
+
 def test_weight_index_tampering_is_refused(tmp_path, exported):
     _, art = exported["mistral-window"]
     d = json.loads((art / "weights.json").read_text())

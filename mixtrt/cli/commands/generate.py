@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=path, help="artifact directory (written by `mixtrt export`)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action=_Once, help="prompt text (BOS is added)")
-    src.add_argument("--prompt-ids", action=_Once, help="prompt token ids, comma-separated (used as given)")
+    src.add_argument("--prompt-ids", action=_Once,
+                     help="prompt token ids, separated by commas or spaces (used as given)")
     src.add_argument("--prompt-file", "-f", action=_Once, metavar="FILE",
                      help="prompt text from a UTF-8 file, '-' for stdin (one final line end dropped, as llama.cpp's "
                           "--file does; BOS is added)")

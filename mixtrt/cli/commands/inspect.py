@@ -87,8 +87,9 @@ def run(ns: argparse.Namespace) -> int:
     print("files         " + ", ".join(f"{k} ({_size(v['bytes'])})" for k, v in info["files"].items()))
     print("versions      " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v))
     if ns.verify:
+        index = ", the weight index" if "weights.json" in info["files"] else ""
         print(f"verified      the sha256 of all {len(info['files'])} files, the graph against the manifest, "
-              "the tokenizer")
+              f"the tokenizer{index}")
     return 0
 
 
