@@ -311,15 +311,17 @@ def _tokenize(raw: bytes, state: _State) -> dict[str, Any]:
         _check_model(req.model, state.settings.name)
     if (req.prompt is None) == (req.messages is None):
         raise ApiError("give either prompt (a text) or messages", param="prompt" if req.prompt is None else "messages")
-    if req.tools is not None and req.messages is None:
-        raise ApiError("tools: shown with chat messages only (give messages, or leave tools out)", param="tools")
+    for name in ("tools", "tool_choice"):
+        if getattr(req, name) is not None and req.messages is None:
+            raise ApiError(f"{name}: for chat messages only (give messages, or leave {name} out)", param=name)
     try:
         if req.messages is not None:
             messages = chat_messages(req, getattr(gen.tokenizer, "takes_text_parts", False))
             check_messages_text(messages)
             check_continuation(req)
-            offered, _ = _offered_tools(req, gen)
-            ids = chat_prompt(gen.tokenizer, messages, offered, None, getattr(req, "tool_choice", None),
+            offered, use = _offered_tools(req, gen)
+            _forced_needs_a_reply(req, use)
+            ids = chat_prompt(gen.tokenizer, messages, offered, use, req.tool_choice,
                               add_generation_prompt=req.add_generation_prompt,
                               continue_final_message=req.continue_final_message)
         else:
@@ -835,10 +837,7 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
             messages = chat_messages(req, getattr(gen.tokenizer, "takes_text_parts", False))
             check_messages_text(messages)
             offered, tools = _offered_tools(req, gen)
-            forced = tools is not None and tools.call_forced
-            if forced and (not req.add_generation_prompt or req.continue_final_message):
-                raise ApiError(f"tool_choice: {json.dumps(req.tool_choice)} starts the assistant's reply, which "
-                               "add_generation_prompt false / continue_final_message leave out", param="tool_choice")
+            _forced_needs_a_reply(req, tools)
             ids = chat_prompt(gen.tokenizer, messages, offered, tools, req.tool_choice,
                               add_generation_prompt=req.add_generation_prompt,
                               continue_final_message=req.continue_final_message)
@@ -895,6 +894,13 @@ def _prepare(raw: bytes, model: type[CompletionRequest] | type[ChatRequest], gen
             raise ApiError(f"tools: the call tool_choice {choice} asks for cannot be enforced over these tools: {e}",
                            param="tools") from None
     return req, prompts, echo, tools
+
+
+def _forced_needs_a_reply(req: ChatRequest | TokenizeRequest, use: ToolUse | None) -> None:
+    """A forced tool_choice starts the assistant's reply: a 400 where the request leaves the reply out."""
+    if use is not None and use.call_forced and (not req.add_generation_prompt or req.continue_final_message):
+        raise ApiError(f"tool_choice: {json.dumps(req.tool_choice)} starts the assistant's reply, which "
+                       "add_generation_prompt false / continue_final_message leave out", param="tool_choice")
 
 
 def _offered_tools(req: ChatRequest | TokenizeRequest, gen: Generator

@@ -186,6 +186,8 @@ class TokenizeRequest(_Strict):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     tools: list[Any] | None = None  # with messages: shown as /v1/chat/completions shows them
+    # and the chat route's tool_choice (an extension of vLLM's): "none" as it shows the tools, a forced choice's start
+    tool_choice: Any = None
     return_token_strs: bool = False  # also each token's piece
 
 

@@ -235,9 +235,17 @@ def test_tool_choice_none_shows_the_tools_and_bans_the_call(tool_server, tool_ge
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
     finally:
         tool_gen.backend.boost = None
-    # /tokenize shows the tools as the chat endpoint does
-    got = tool_server.http.post("/tokenize", json={"messages": MESSAGES, "tools": TOOLS}).json()
-    assert got["tokens"] == tool_gen.tokenizer.apply_chat_template(MESSAGES, tools=TOOLS)
+    # /tokenize shows the tools as the chat endpoint does, its tool_choice too: "none" the same ids, a forced
+    # choice's start after them
+    tok = tool_gen.tokenizer
+    for choice in (None, "none"):
+        body = {"messages": MESSAGES, "tools": TOOLS, **({"tool_choice": choice} if choice else {})}
+        got = tool_server.http.post("/tokenize", json=body).json()
+        assert got["tokens"] == tok.apply_chat_template(MESSAGES, tools=TOOLS) and got["count"] == n
+    got = tool_server.http.post("/tokenize", json={"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required"})
+    assert got.json()["tokens"] == tok.apply_chat_template(MESSAGES, tools=TOOLS) + [calls]
+    r = tool_server.http.post("/tokenize", json={"prompt": "Hi", "tool_choice": "none"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
 
 
 def test_tool_choice_forces_a_call(tool_server, tool_gen):
@@ -336,10 +344,13 @@ def test_tools_refused_where_the_format_has_no_calls(server):
     r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": TOOLS})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
     assert "no tool-call token ([TOOL_CALLS])" in r.json()["error"]["message"]
-    # with tool_choice "none" a format that cannot call tools shows none: served
+    # with tool_choice "none" a format that cannot call tools shows none: served, and tokenized
     r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": TOOLS, "tool_choice": "none",
                                                        "max_tokens": 2})
     assert r.status_code == 200, r.text
+    r = server.http.post("/tokenize", json={"messages": MESSAGES, "tools": TOOLS, "tool_choice": "none"})
+    assert r.status_code == 200 and r.json()["tokens"] == \
+        server.http.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
     # a forced choice is served, the reply held to the call's JSON (whole and streamed, as the openai client reads it)
     for choice in (NAMED, "required"):
         kw = dict(model="tiny", messages=MESSAGES, tools=ENUM_TOOLS, tool_choice=choice, parallel_tool_calls=False,
