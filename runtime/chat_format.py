@@ -285,8 +285,7 @@ def read_generation_defaults(checkpoint_dir: str | Path) -> GenerationDefaults:
     if values.get("do_sample") and values.get("temperature") == 0:  # transformers loads it, then refuses to generate
         warnings.warn(f"{where}: do_sample true with temperature 0 is read as greedy (vLLM's reading of temperature "
                       "0; transformers' generate refuses it)", MixtrtWarning, stacklevel=2)
-        values["do_sample"] = False
-        del values["temperature"]
+        values["do_sample"] = False  # temperature 0 kept: the server's default temperature (0: greedy)
     return GenerationDefaults(**values, ignored=ignored).checked(where)
 
 

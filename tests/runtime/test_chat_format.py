@@ -335,7 +335,8 @@ def test_generation_defaults_that_no_generation_could_use_are_refused_when_read(
         with pytest.warns(MixtrtWarning, match=re.escape(f"{d / 'generation_config.json'}: do_sample true with "
                                                          "temperature 0 is read as greedy")):
             read = read_generation_defaults(d)
-        assert read.config_kwargs() == {"do_sample": False, "eos_token_id": (2,)}
+        assert read.config_kwargs() == {"do_sample": False, "temperature": 0.0, "eos_token_id": (2,)}
+        assert GenerationConfig(**read.config_kwargs()).do_sample is False  # a valid config: greedy
     else:
         with pytest.raises(ConfigError, match=re.escape(f"{d / 'generation_config.json'}: {words}")):
             read_generation_defaults(d)

@@ -227,7 +227,10 @@ def test_tool_choice_none_shows_the_tools_and_bans_the_call(tool_server, tool_ge
         r = tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, max_tokens=60,
                                                        tool_choice="none", logit_bias={str(calls): 100}, temperature=0)
         assert r.usage.prompt_tokens == n and r.choices[0].finish_reason == "stop"
-        assert r.choices[0].message.tool_calls is None and r.choices[0].message.content.startswith("I'll check.")
+        assert r.choices[0].message.tool_calls is None and r.choices[0].message.content == out.text  # banned there too
+        [unbanned] = tool_gen.generate([tool_gen.tokenizer.apply_chat_template(MESSAGES, tools=TOOLS)],
+                                       max_new_tokens=60)  # the same prompt, no ban: the scripted call token
+        assert calls in unbanned.token_ids and out.text != unbanned.text
         chunks = list(tool_server.openai.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS,
                                                                  max_tokens=60, tool_choice="none", stream=True,
                                                                  temperature=0))
