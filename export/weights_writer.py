@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from mixtrt.runtime.errors import CheckpointError
+from mixtrt.runtime.errors import CheckpointError, ConfigError
 from mixtrt.runtime.weights import DATA_FILE, WeightEntry, WeightIndex
 
 ALIGNMENT = 1 << 16  # each tensor's start: memory-mappable at any page size (Windows' allocation granularity)
@@ -136,7 +136,13 @@ class WeightsWriter:
             self._record_stack(f"{name}.{suffix}", later)
 
     def _record_stack(self, name: str, members: list[WeightEntry]) -> None:
-        if members and len({(m.dtype, m.shape, repr(m.quant and {**m.quant, "scales": ""})) for m in members}) == 1:
+        """The stack of `members`, written back to back: they must be alike (one dtype, shape and quant form), or
+        the index would hold unaligned tensors outside any stack (WeightIndex refuses those)."""
+        forms = {(m.dtype, m.shape, repr(m.quant and {**m.quant, "scales": ""})) for m in members}
+        if len(forms) > 1:
+            raise ConfigError(f"{name}: its tensors differ in dtype, shape or quantization ({len(forms)} forms: a "
+                              "transform hook changed some of them), so they cannot be stored as one stack")
+        if members:
             first = members[0]
             quant = None
             if first.quant is not None:  # the stack's scales: the stack of its members' scales

@@ -199,7 +199,9 @@ class WeightIndex:
     @classmethod
     def from_dict(cls, d: Any, directory: Path, source: str) -> WeightIndex:
         """Parse and check an index: every field of its type, every region inside its file, no two tensors
-        overlapping, each stack exactly its members back to back. Problems: one ArtifactError naming `source`."""
+        overlapping, each stack exactly its members back to back, every tensor outside a stack and every stack at a
+        multiple of the alignment, each quantized entry consistent with its format and scales (_check_quantized).
+        Problems: one ArtifactError naming `source`."""
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             got = d.get("format") if isinstance(d, dict) else type(d).__name__
             raise ArtifactError(f"{source}: not a mixtrt weight index (format={got!r})")

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from mixtrt.export import export_onnx, load_model
 from mixtrt.export.checkpoint import load_checkpoint
 from mixtrt.export.progress import Progress, is_terminal
-from mixtrt.runtime.errors import ArtifactError, CheckpointError
+from mixtrt.runtime.errors import ArtifactError, CheckpointError, ConfigError
 from mixtrt.runtime.manifest import Manifest
 from mixtrt.runtime.weights import WeightIndex
 from tests.checkpoints import make_checkpoint, make_hf_model, mistral_tokenizer_path
@@ -274,6 +274,19 @@ def test_transform_hook_sees_each_weight_and_adds_tensors(exported, tmp_path):
 
     backend = OrtBackend.load(art)
     assert np.isfinite(backend.step(backend.new_cache(1), np.arange(3, 9)[None])).all()
+
+
+def test_a_hook_that_makes_experts_unalike_is_refused(exported, tmp_path):
+    """A MoE layer's experts are written back to back as one stack: a hook that changes one expert's shape would
+    leave tensors outside any stack unaligned, so the export fails naming the stack and leaves nothing."""
+    ck, _ = exported["mixtral-window"]
+
+    def grow(name: str, a: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        return [(name, np.concatenate([a, a]) if name.endswith("fc1.1") else a)]
+
+    with pytest.raises(ConfigError, match=r"feed_forward\.fc1: its tensors differ in dtype, shape or quantization "):
+        export_onnx(ck, tmp_path / "art", progress=None, transform=grow)
+    assert not (tmp_path / "art").exists()
 
 
 def test_library_export_leaves_stdout_and_the_hosts_logging_alone(exported, tmp_path, capsys):
