@@ -34,7 +34,7 @@ import torch
 
 from mixtrt.export.calibration import LayerWalk
 from mixtrt.export.gptq import MIN_ROWS
-from mixtrt.export.quantize import Int4Options, block_for, int8_patterns, kept, linear_form
+from mixtrt.export.quantize import Int4Options, block_for, experts_float, int8_patterns, linear_form
 from mixtrt.plugins.int4 import dequantize, pack_int4, pack_int8, unpack_int4
 
 ALPHAS = tuple(i / 10 for i in range(11))
@@ -127,18 +127,15 @@ def awq_scalings(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], options
         H, I = args.hidden_size, args.intermediate_size  # noqa: E741
 
         int8 = int8_patterns(options, args.moe is not None)
-        # experts are quantized all or none (export/quantize.py's plan): float when any is kept or a dimension
-        # has no block
         n_experts = 0 if args.moe is None else args.moe.num_experts
         experts = [f"layers.{i}.feed_forward.{fc}.{e}" for i in range(args.num_hidden_layers)
                    for fc in ("fc1", "fc2") for e in range(n_experts)]
-        experts_float = any(kept(lbl, options.keep_float) for lbl in experts) \
-            or block_for(H, options.block_size) is None or block_for(I, options.block_size) is None
+        kept_float = bool(experts_float(experts, H, I, options)[0])  # the int4 plan's all-or-none rule
 
         def form(label: str, k: int) -> Form:
             """How the export writes the linear `label` (input dimension k): as the int4 plan decides it."""
             if re.search(r"\.fc[12]\.\d+$", label):
-                return None if experts_float else (block_for(k, options.block_size) or 0, 4)
+                return None if kept_float else (block_for(k, options.block_size) or 0, 4)
             return linear_form(label, k, options, int8)
 
         def search(x: torch.Tensor, weights: list[torch.Tensor], labels: list[str], k: int) -> torch.Tensor | None:
@@ -165,7 +162,7 @@ def awq_scalings(checkpoint_dir: Path, plan: Any, seqs: list[list[int]], options
                 if isinstance(ff, MoeFeedForward):
                     logits = ff.gate(f_in)
                     top = torch.topk(torch.softmax(logits, -1), ff.top_k, dim=-1).indices  # [n, A]
-                    for e in range(len(ff.fc1) if not experts_float else 0):
+                    for e in range(len(ff.fc1) if not kept_float else 0):
                         rows = f_in[(top == e).any(-1)]
                         if len(rows) < MIN_ROWS:  # a scale searched on a handful of tokens fits them, not the expert
                             scaling.nearest.append(f"layers.{i}.feed_forward.fc2.{e}")

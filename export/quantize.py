@@ -123,6 +123,23 @@ def int8_block(k: int) -> int | None:
     return block_for(k, INT8_BLOCK)
 
 
+def experts_float(labels: Sequence[str], hidden: int, inter: int, options: Int4Options) -> tuple[str, bool]:
+    """Why a MoE model's experts (their labels; fc1's input dimension `hidden`, fc2's `inter`) stay float, "" where
+    they are INT4, and whether it is for want of a block (no --block-size helps): experts are quantized all or
+    none, so one kept by --keep-float or a dimension no block divides keeps them all. The int4 plan's rule, which
+    AWQ's scale search follows too."""
+    if any(kept(lbl, options.keep_float) for lbl in labels):
+        return "--keep-float (experts are quantized all or none)", False
+    b1, b2 = block_for(hidden, options.block_size), block_for(inter, options.block_size)
+    if b1 is not None and b2 is not None:
+        return "", False
+    bad = " and ".join(f"{which} ({name} {k})" for which, name, k, b in
+                       (("fc1 input", "hidden", hidden, b1), ("fc2 input", "intermediate", inter, b2)) if b is None)
+    verb, it = ("have", "them") if b1 is None and b2 is None else ("has", "it")
+    return (f"the experts' {bad} {verb} no power-of-two block >= {MIN_BLOCK} dividing {it}, and experts are "
+            "quantized all or none"), True
+
+
 def linear_form(label: str, k: int, options: Int4Options, int8: Sequence[str]) -> tuple[int, int] | None:
     """How an export writes a dense linear or the table `label` (input dimension k): (block, bits), or None where
     it stays float (--keep-float, or no block divides k). `int8`: int8_patterns' answer. The int4 plan's rule, which
@@ -344,18 +361,9 @@ class Int4Plan:
         inter = shapes[moe_nodes[0][2 + E]][1]
         b1 = block_for(hidden, options.block_size)
         b2 = block_for(inter, options.block_size)
-        if any(kept(label("", n), options.keep_float) for m in moe_nodes for n in m[2:]):
-            reason = "--keep-float (experts are quantized all or none)"
-        elif b1 is None or b2 is None:
-            bad = " and ".join(f"{which} ({name} {k})" for which, name, k, b in
-                               (("fc1 input", "hidden", hidden, b1), ("fc2 input", "intermediate", inter, b2))
-                               if b is None)
-            verb, it = ("have", "them") if b1 is None and b2 is None else ("has", "it")
-            reason = f"the experts' {bad} {verb} no power-of-two block >= {MIN_BLOCK} dividing {it}, and experts " \
-                     "are quantized all or none"
+        reason, unblocked = experts_float([label("", n) for m in moe_nodes for n in m[2:]], hidden, inter, options)
+        if unblocked:
             self.experts_unblocked = reason
-        else:
-            reason = ""
         for m in moe_nodes:
             for i, n in enumerate(m[2:]):
                 lbl = label("", n)
