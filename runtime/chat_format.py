@@ -140,6 +140,7 @@ class GenerationDefaults:
     max_new_tokens: int | None = None
     min_p: float | None = None
     min_new_tokens: int | None = None
+    suppress_tokens: tuple[int, ...] | None = None
     ignored: tuple[str, ...] = ()
 
     def config_kwargs(self) -> dict[str, Any]:
@@ -149,6 +150,8 @@ class GenerationDefaults:
         out = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         if self.eos_token_ids is not None:
             out["eos_token_id"] = self.eos_token_ids
+        if self.suppress_tokens:
+            out["suppress_tokens"] = self.suppress_tokens
         return out
 
     def eos(self, model_eos: Sequence[int]) -> tuple[list[int], str]:
@@ -170,7 +173,8 @@ class GenerationDefaults:
         if not set_:
             line += "greedy, max_new_tokens 128 (mixtrt's defaults)"
         else:
-            line += "greedy; " * (not self.do_sample) + ", ".join(f"{k} {v}" for k, v in set_.items())
+            line += "greedy; " * (not self.do_sample) + ", ".join(
+                f"{k} {list(v) if isinstance(v, tuple) else v}" for k, v in set_.items())
             line += f" ({GENERATION_CONFIG})"
         return line + (f"; not used: {', '.join(self.ignored)}" if self.ignored else "")
 
@@ -178,6 +182,8 @@ class GenerationDefaults:
         d = {k: v for k, v in self.__dict__.items() if v is not None and k != "ignored"}
         if self.eos_token_ids is not None:
             d["eos_token_ids"] = list(self.eos_token_ids)
+        if self.suppress_tokens is not None:
+            d["suppress_tokens"] = list(self.suppress_tokens)
         if self.ignored:
             d["ignored"] = list(self.ignored)
         return d
@@ -196,6 +202,8 @@ class GenerationDefaults:
             if not isinstance(d["eos_token_ids"], list) or not d["eos_token_ids"]:
                 raise ConfigError(f"{where}: eos_token_ids must be a non-empty list, got {d['eos_token_ids']!r}")
             d["eos_token_ids"] = tuple(_check(where, "eos_token_ids", i, int, 0) for i in d["eos_token_ids"])
+        if d.get("suppress_tokens") is not None:
+            d["suppress_tokens"] = _ids(where, "suppress_tokens", d["suppress_tokens"])
         for name, kind, low in _FIELDS:
             if d.get(name) is not None:
                 d[name] = _check(where, name, d[name], kind, low)
@@ -234,7 +242,7 @@ _CHOICE_KEYS: dict[str, Any] = {
     "max_length": None, "min_length": 0, "max_time": None, "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None,
     "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "diversity_penalty": 0.0, "no_repeat_ngram_size": 0,
     "bad_words_ids": None, "force_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
-    "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None, "stop_strings": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "stop_strings": None,
     "exponential_decay_length_penalty": None, "guidance_scale": 1.0, "constraints": None}
 
 
@@ -245,6 +253,13 @@ def unused_choices(checkpoint_dir: str | Path) -> list[str]:
     cfg = _read_json(path) if path.is_file() else {}
     return [f"{k}={json.dumps(v)}" for k, v in sorted(cfg.items())
             if k in _CHOICE_KEYS and v not in (None, [], {}) and v != _CHOICE_KEYS[k]]
+
+
+def _ids(where: str, name: str, value: Any) -> tuple[int, ...]:
+    """A list of token ids (integers >= 0), else a one-line error naming `where` and `name`."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: {name} must be a list of token ids, got {value!r}")
+    return tuple(_check(where, name, i, int, 0) for i in value)
 
 
 def _check(where: str, name: str, value: Any, kind: type, low: float | None = None) -> Any:
@@ -280,6 +295,8 @@ def read_generation_defaults(checkpoint_dir: str | Path) -> GenerationDefaults:
     for name, kind, low in _FIELDS:
         if cfg.get(name) is not None:
             values[name] = _check(where, name, cfg[name], kind, low)
+    if cfg.get("suppress_tokens") is not None:  # transformers' SuppressTokensLogitsProcessor: never chosen
+        values["suppress_tokens"] = _ids(where, "suppress_tokens", cfg["suppress_tokens"])
     known = {"eos_token_id", *values, *_NOT_SAMPLING}
     ignored = tuple(sorted(k for k, v in cfg.items() if k not in known and not k.startswith("_") and v is not None))
     if values.get("do_sample") and values.get("temperature") == 0:  # transformers loads it, then refuses to generate

@@ -86,6 +86,8 @@ class GenerationConfig:
     frequency_penalty: float = 0.0  # OpenAI's: ... and this much per time it was generated (-2..2)
     # OpenAI's: added to the logits of these token ids before any choice ({id: bias} or pairs; -100..100)
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # transformers' suppress_tokens: these ids are never chosen (their scores -inf at every step)
+    suppress_tokens: tuple[int, ...] = ()
     seed: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     stop_strings: tuple[str, ...] = ()
@@ -152,6 +154,11 @@ class GenerationConfig:
             if not -2 <= real(name) <= 2:
                 raise ConfigError(f"{name} must be in [-2, 2] (OpenAI's range), got {getattr(self, name)!r}")
         fix("logit_bias", _logit_bias(self.logit_bias))
+        suppress = self.suppress_tokens
+        if not isinstance(suppress, (list, tuple)) or any(
+                not isinstance(t, (int, np.integer)) or isinstance(t, (bool, np.bool_)) or t < 0 for t in suppress):
+            raise ConfigError(f"suppress_tokens must be token ids (integers >= 0), got {suppress!r}")
+        fix("suppress_tokens", tuple(sorted({int(t) for t in suppress})))
         stops = self.stop_strings
         if isinstance(stops, str):
             stops = (stops,)
@@ -195,7 +202,8 @@ class GenerationConfig:
         """The checks that need the model: eos ids and logit_bias ids inside the vocabulary; a json_schema row has
         an eos id to end its document with."""
         for message in (outside_vocab(self.eos_ids(args), args.vocab_size, "eos_token_id", shown=None),
-                        outside_vocab((i for i, _ in self.logit_bias), args.vocab_size, "logit_bias token ids")):
+                        outside_vocab((i for i, _ in self.logit_bias), args.vocab_size, "logit_bias token ids"),
+                        outside_vocab(self.suppress_tokens, args.vocab_size, "suppress_tokens")):
             if message:
                 raise ConfigError(message)
         constraint = self.constraint()
@@ -731,7 +739,8 @@ class Engine:
                        top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
                        row=index, prompt_ids=seen, min_new_tokens=cfg.min_new_tokens, eos_ids=cfg.eos_ids(args),
                        presence_penalty=cfg.presence_penalty, frequency_penalty=cfg.frequency_penalty,
-                       logit_bias=dict(cfg.logit_bias), guide=self._guide(cfg, new_message))
+                       logit_bias=dict(cfg.logit_bias), suppress=cfg.suppress_tokens,
+                       guide=self._guide(cfg, new_message))
 
     def _guide(self, cfg: GenerationConfig, new_message: bool) -> Any:
         """A row's structured-output constraint (runtime/structured.py Guide), None without one."""
@@ -1294,10 +1303,10 @@ class Generator:
     def _chat_config(self, config: GenerationConfig | None, overrides: dict[str, Any], use: ToolUse | None,
                      tools: Any, tool_choice: Any) -> GenerationConfig:
         """A chat call's config: a forced call's grammar (_forced_plain); under tool_choice "none" the call token
-        banned (tool_calls.calls_banned), over any logit_bias of the caller's for it."""
+        suppressed (tool_calls.calls_banned), whatever logit_bias the caller gives it."""
         cfg = _forced_plain(self.config(config, **overrides), use, tool_choice)
         ban = calls_banned(self.tokenizer, tools, tool_choice)
-        return dataclasses.replace(cfg, logit_bias=_logit_bias({**dict(cfg.logit_bias), **ban})) if ban else cfg
+        return dataclasses.replace(cfg, suppress_tokens=(*cfg.suppress_tokens, *ban)) if ban else cfg
 
 
 def _check_config(config: Any, what: str) -> None:

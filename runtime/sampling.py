@@ -1,6 +1,6 @@
 """Logits processing and token choice in numpy, in transformers' order and with its semantics.
 
-    raw logits ─► logit_bias ─► eos held back (min_new_tokens) ─► repetition penalty ─►
+    raw logits ─► logit_bias ─► suppress_tokens ─► eos held back (min_new_tokens) ─► repetition penalty ─►
         presence / frequency penalties ─►
         (do_sample only:) temperature ─► top-k ─► top-p ─► min-p ─► draw
         (greedy:)         argmax
@@ -216,7 +216,8 @@ class Sampler:
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
                  row: int = 0, prompt_ids: Iterable[int] = (), min_new_tokens: int = 0,
                  eos_ids: Iterable[int] = (), presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 logit_bias: Mapping[int, float] | None = None, guide: Any = None) -> None:
+                 logit_bias: Mapping[int, float] | None = None, suppress: Iterable[int] = (),
+                 guide: Any = None) -> None:
         self.do_sample = do_sample
         self.temperature = temperature
         self.top_k = top_k
@@ -232,6 +233,7 @@ class Sampler:
         bias = {int(t): float(b) for t, b in (logit_bias or {}).items() if b != 0}
         self.bias_ids = np.fromiter(bias, np.int64, len(bias))
         self.bias = np.fromiter(bias.values(), np.float32, len(bias))
+        self.suppress = np.array(sorted({int(t) for t in suppress if 0 <= t < vocab_size}), np.int64)
         # token -> times chosen, kept only when a presence or frequency penalty is set
         self.counts: dict[int, int] | None = {} if presence_penalty or frequency_penalty else None
         self.guide = guide  # structured output: allowed() [V] bool before each choice, consume(token) after
@@ -246,6 +248,10 @@ class Sampler:
         if self.bias.size:  # OpenAI's logit_bias first, as transformers' sequence_bias and vLLM's logit_bias
             scores = scores.copy()  # the raw logits stay as they are (logprobs come from them)
             scores[self.bias_ids] += self.bias
+        if self.suppress.size:  # transformers' suppress_tokens: never chosen
+            if np.may_share_memory(scores, logits):
+                scores = scores.copy()
+            scores[self.suppress] = -np.inf
         if self.chosen < self.min_new_tokens and self.eos.size:
             if np.may_share_memory(scores, logits):
                 scores = scores.copy()
@@ -273,7 +279,8 @@ class Sampler:
     def argmax_only(self) -> bool:
         """The next choice is the argmax of the raw logits (greedy, nothing to add or mask): the Engine takes the
         argmax of every such row of a step at once and hands it to `took`."""
-        return (self.rng is None and not self.bias.size and self.seen is None and self.counts is None
+        return (self.rng is None and not self.bias.size and not self.suppress.size and self.seen is None
+                and self.counts is None
                 and self.guide is None and not (self.chosen < self.min_new_tokens and self.eos.size))
 
     def took(self, token: int) -> int:

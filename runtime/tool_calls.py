@@ -231,13 +231,13 @@ def tool_use(tokenizer: Any, tools: Any, tool_choice: Any = None, parallel: bool
     return offered, ToolUse(tokens, (tokens.calls, *start), False, names, _checked_grammar(grammar, where))
 
 
-def calls_banned(tokenizer: Any, tools: Any, tool_choice: Any) -> dict[int, float]:
-    """The logit_bias that keeps a reply under tool_choice "none" from calling the tools its prompt shows: -100
-    (OpenAI's ban) on the token a call starts with; {} otherwise."""
+def calls_banned(tokenizer: Any, tools: Any, tool_choice: Any) -> tuple[int, ...]:
+    """The ids a reply under tool_choice "none" never chooses (GenerationConfig.suppress_tokens), so it cannot call
+    the tools its prompt shows: the token a call starts with; () otherwise."""
     if tool_choice != "none" or not tools:
-        return {}
+        return ()
     tokens = tool_tokens(tokenizer)
-    return {} if tokens is None else {tokens.calls: -100.0}
+    return () if tokens is None else (tokens.calls,)
 
 
 def _call_rules(offered: list[dict[str, Any]], where: str, only: int | None = None, ids: bool = True) -> list[str]:

@@ -496,7 +496,8 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
             if tools.grammar is not None:
                 asked["grammar"] = tools.grammar
         if isinstance(req, ChatRequest) and (ban := calls_banned(gen.tokenizer, req.tools, req.tool_choice)):
-            asked["logit_bias"] = {**(asked.get("logit_bias") or {}), **ban}  # "none": the tools shown, never called
+            # "none": the tools shown, never called (beside the artifact's own suppress_tokens)
+            asked["suppress_tokens"] = (*(gen.defaults.suppress_tokens or ()), *ban)
         echo_only = _scores_only(req)
         if echo_only:  # nothing is generated: no length, minimum or constraint to apply
             asked["max_new_tokens"] = 1

@@ -15,6 +15,7 @@ from mixtrt.runtime.chat_format import (
     load_chat_tokenizer,
     read_generation_defaults,
     resolve_chat_format,
+    unused_choices,
 )
 from mixtrt.runtime.errors import ConfigError, MixtrtWarning, NewerRecordError
 from mixtrt.runtime.generation import GenerationConfig
@@ -291,6 +292,25 @@ def test_generation_defaults(tmp_path):
     cfg = GenerationConfig(**{**kwargs, "temperature": 0.5})  # explicit options override the checkpoint's
     assert (cfg.temperature, cfg.top_k, cfg.eos_token_id) == (0.5, 40, (2, 32000))
     assert GenerationDefaults.from_dict(json.loads(json.dumps(g.to_dict()))) == g
+
+
+def test_generation_config_suppress_tokens_are_honoured(tmp_path):
+    """transformers' suppress_tokens (SuppressTokensLogitsProcessor): read as the artifact's default, kept in the
+    record, never in the unused keys; a bad list is one error naming it."""
+    d = _dir(tmp_path, generation={"eos_token_id": 2, "suppress_tokens": [7, 5], "begin_suppress_tokens": [9]})
+    g = read_generation_defaults(d)
+    assert g.config_kwargs() == {"eos_token_id": (2,), "suppress_tokens": (7, 5)} and g.ignored == (
+        "begin_suppress_tokens",)
+    assert GenerationConfig(**g.config_kwargs()).suppress_tokens == (5, 7)
+    assert unused_choices(d) == ["begin_suppress_tokens=[9]"]
+    assert GenerationDefaults.from_dict(json.loads(json.dumps(g.to_dict()))) == g
+    assert "suppress_tokens [7, 5] (generation_config.json)" in g.describe([2])
+    for bad, words in (("5", "suppress_tokens must be a list of token ids, got '5'"),
+                       ([5, -1], "suppress_tokens must be an integer >= 0, got -1")):
+        (tmp_path / str(len(words))).mkdir()
+        d = _dir(tmp_path / str(len(words)), generation={"suppress_tokens": bad})
+        with pytest.raises(ConfigError, match=re.escape(f"{d / 'generation_config.json'}: {words}")):
+            read_generation_defaults(d)
 
 
 def test_generation_defaults_single_eos_and_absent(tmp_path):

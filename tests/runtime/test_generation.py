@@ -201,6 +201,9 @@ def test_prompt_too_long_is_refused_before_any_work():
     ({"frequency_penalty": float("nan")}, "frequency_penalty must be a finite number"),
     ({"logit_bias": {"x": 1}}, "logit_bias keys must be token ids"), ({"logit_bias": {1: 101}}, r"logit_bias\[1\]"),
     ({"logit_bias": {V: 1}}, f"logit_bias token ids \\[{V}\\] outside the vocabulary"),
+    ({"suppress_tokens": [1, -2]}, r"suppress_tokens must be token ids \(integers >= 0\), got \[1, -2\]"),
+    ({"suppress_tokens": 5}, "suppress_tokens must be token ids"),
+    ({"suppress_tokens": [V]}, f"suppress_tokens \\[{V}\\] outside the vocabulary"),
     # a client's 100,000 keys: the first few and a count, not a message the size of the request
     ({"logit_bias": {V + i: 1 for i in range(100_000)}},
      f"^logit_bias token ids \\[{V}, {V + 1}, .*, {V + 7}\\] \\(and 99992 more\\) outside the vocabulary "

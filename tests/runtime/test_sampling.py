@@ -171,6 +171,11 @@ def test_logit_bias_is_added_before_the_penalties_on_a_copy(hf):
     want[chosen] -= 1.0  # and pays its frequency penalty
     np.testing.assert_allclose(s.process(row), want, rtol=1e-6, atol=1e-6)
     assert Sampler(V, logit_bias={3: 100.0})(row) == 3  # +100 makes a token all but certain, greedy too
+    # transformers' suppress_tokens: never chosen, whatever the bias (-inf; the raw row is not touched)
+    suppressed = Sampler(V, logit_bias={3: 100.0}, suppress=(3, V + 5))
+    assert suppressed.process(row)[3] == -np.inf and suppressed(row) != 3 and np.array_equal(row, raw)
+    sampled = Sampler(V, do_sample=True, seed=1, suppress=range(V - 1))
+    assert {sampled(row) for _ in range(20)} == {V - 1}  # the one token left
 
 
 def test_frequency_penalty_breaks_a_greedy_loop():
@@ -348,6 +353,7 @@ def test_chain_with_min_p_and_min_new_tokens_equals_transformers(hf):
     ({"presence_penalty": 0.5}, False),
     ({"logit_bias": {3: 2.0}}, False),
     ({"logit_bias": {3: 0.0}}, True),  # a zero bias changes nothing
+    ({"suppress": (3,)}, False),
     ({"do_sample": True, "seed": 0}, False),
 ])
 def test_argmax_only_says_when_the_choice_is_the_raw_argmax(kw, plain):

@@ -98,7 +98,7 @@ def test_calls_are_read_from_the_tags(tag_gen):
 
 
 def test_tool_choice_none_shows_the_tools_and_bans_the_tag(tag_gen):
-    """"none" in the tag format: the template shows the tools, `<tool_call>` is banned (logit_bias -100), and a
+    """"none" in the tag format: the template shows the tools, `<tool_call>` is suppressed (never chosen), and a
     template that shows no tools is served (they are context there)."""
     script(tag_gen, ASK, reply(tag_gen, "Let me check.", CALLS[:1]))
     tag_gen.backend.boost = 60.0
