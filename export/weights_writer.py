@@ -113,9 +113,9 @@ class WeightsWriter:
 
     @contextmanager
     def stack(self, name: str) -> Iterator[None]:
-        """Tensors added in the block go back to back; when they share dtype and shape the index records
-        their stacked [n, ...] view as `name`. Deferred ones (`defer`) follow, stacked as `name.<suffix>`
-        (the suffix of their names after the first member's: "scales")."""
+        """Tensors added in the block go back to back and the index records their stacked [n, ...] view as `name`
+        (they must share dtype, shape and quantization: _record_stack). Deferred ones (`defer`) follow, stacked
+        as `name.<suffix>` (the suffix of their names after the first member's: "scales")."""
         self._stack, self._deferred = [], []
         try:
             yield

@@ -173,8 +173,7 @@ class GenerationDefaults:
         if not set_:
             line += "greedy, max_new_tokens 128 (mixtrt's defaults)"
         else:
-            line += "greedy; " * (not self.do_sample) + ", ".join(
-                f"{k} {list(v) if isinstance(v, tuple) else v}" for k, v in set_.items())
+            line += "greedy; " * (not self.do_sample) + ", ".join(f"{k} {_shown(v)}" for k, v in set_.items())
             line += f" ({GENERATION_CONFIG})"
         return line + (f"; not used: {', '.join(self.ignored)}" if self.ignored else "")
 
@@ -203,7 +202,7 @@ class GenerationDefaults:
                 raise ConfigError(f"{where}: eos_token_ids must be a non-empty list, got {d['eos_token_ids']!r}")
             d["eos_token_ids"] = tuple(_check(where, "eos_token_ids", i, int, 0) for i in d["eos_token_ids"])
         if d.get("suppress_tokens") is not None:
-            d["suppress_tokens"] = _ids(where, "suppress_tokens", d["suppress_tokens"])
+            d["suppress_tokens"] = _ids(where, "suppress_tokens", d["suppress_tokens"]) or None
         for name, kind, low in _FIELDS:
             if d.get(name) is not None:
                 d[name] = _check(where, name, d[name], kind, low)
@@ -255,6 +254,14 @@ def unused_choices(checkpoint_dir: str | Path) -> list[str]:
             if k in _CHOICE_KEYS and v not in (None, [], {}) and v != _CHOICE_KEYS[k]]
 
 
+def _shown(value: Any) -> str:
+    """A value on inspect's line: a list of ids as its first 8 and a count of the rest."""
+    if not isinstance(value, tuple):
+        return str(value)
+    more = f" and {len(value) - 8} more" if len(value) > 8 else ""
+    return f"{list(value[:8])}{more}"
+
+
 def _ids(where: str, name: str, value: Any) -> tuple[int, ...]:
     """A list of token ids (integers >= 0), else a one-line error naming `where` and `name`."""
     if not isinstance(value, list):
@@ -296,7 +303,7 @@ def read_generation_defaults(checkpoint_dir: str | Path) -> GenerationDefaults:
         if cfg.get(name) is not None:
             values[name] = _check(where, name, cfg[name], kind, low)
     if cfg.get("suppress_tokens") is not None:  # transformers' SuppressTokensLogitsProcessor: never chosen
-        values["suppress_tokens"] = _ids(where, "suppress_tokens", cfg["suppress_tokens"])
+        values["suppress_tokens"] = _ids(where, "suppress_tokens", cfg["suppress_tokens"]) or None  # []: unset
     known = {"eos_token_id", *values, *_NOT_SAMPLING}
     ignored = tuple(sorted(k for k, v in cfg.items() if k not in known and not k.startswith("_") and v is not None))
     if values.get("do_sample") and values.get("temperature") == 0:  # transformers loads it, then refuses to generate
@@ -677,8 +684,11 @@ def load_chat_tokenizer(artifact_dir: str | Path | None, fmt: ChatFormat, model_
     if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
         raise ConfigError(f"{path}: {tokenizer.vocab_size} token ids but the model has only {model_vocab_size} "
                           "embeddings")
-    bad = [i for i in fmt.generation.eos_token_ids or () if model_vocab_size is not None and i >= model_vocab_size]
-    if bad:
-        where = GENERATION_CONFIG if artifact_dir is None else f"{artifact_dir}/manifest.json chat.generation"
-        raise ConfigError(f"{where}: eos_token_id {bad} outside the model's {model_vocab_size} embeddings")
+    where = GENERATION_CONFIG if artifact_dir is None else f"{artifact_dir}/manifest.json chat.generation"
+    for name, ids in (("eos_token_id", fmt.generation.eos_token_ids), ("suppress_tokens",
+                                                                      fmt.generation.suppress_tokens)):
+        bad = [i for i in ids or () if model_vocab_size is not None and i >= model_vocab_size]
+        if bad:  # every generate would refuse it: said where it is read, not at each request
+            raise ConfigError(f"{where}: {name} {bad[:8]}{' ...' if len(bad) > 8 else ''} outside the model's "
+                              f"{model_vocab_size} embeddings")
     return tokenizer

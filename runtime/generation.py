@@ -86,8 +86,6 @@ class GenerationConfig:
     frequency_penalty: float = 0.0  # OpenAI's: ... and this much per time it was generated (-2..2)
     # OpenAI's: added to the logits of these token ids before any choice ({id: bias} or pairs; -100..100)
     logit_bias: tuple[tuple[int, float], ...] = ()
-    # transformers' suppress_tokens: these ids are never chosen (their scores -inf at every step)
-    suppress_tokens: tuple[int, ...] = ()
     seed: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     stop_strings: tuple[str, ...] = ()
@@ -105,6 +103,8 @@ class GenerationConfig:
     regex: str | None = None
     # or exactly one of these strings
     choice: tuple[str, ...] | None = None
+    # transformers' suppress_tokens: these ids are never chosen (their scores -inf at every step, after logit_bias)
+    suppress_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         """Every field checked by type and range, so a bad value is one ConfigError naming it before any work."""
@@ -199,13 +199,16 @@ class GenerationConfig:
         return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (int(self.eos_token_id),)
 
     def validate(self, args: ModelArgs) -> None:
-        """The checks that need the model: eos ids and logit_bias ids inside the vocabulary; a json_schema row has
-        an eos id to end its document with."""
+        """The checks that need the model: eos, logit_bias and suppress_tokens ids inside the vocabulary, some id
+        left unsuppressed; a json_schema row has an eos id to end its document with."""
         for message in (outside_vocab(self.eos_ids(args), args.vocab_size, "eos_token_id", shown=None),
                         outside_vocab((i for i, _ in self.logit_bias), args.vocab_size, "logit_bias token ids"),
                         outside_vocab(self.suppress_tokens, args.vocab_size, "suppress_tokens")):
             if message:
                 raise ConfigError(message)
+        if len(self.suppress_tokens) >= args.vocab_size:
+            raise ConfigError(f"suppress_tokens holds every one of the {args.vocab_size} token ids: none is left to "
+                              "choose")
         constraint = self.constraint()
         if constraint is not None and not self.eos_ids(args):
             raise ConfigError(f"{constraint[0]}: the reply ends with an eos id once its text is complete, and "

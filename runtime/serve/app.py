@@ -262,7 +262,7 @@ def create_app(settings: ServeSettings, generator: Generator | None = None,
     async def tokenize(request: Request) -> JSONResponse:
         state = _ready(request)
         raw = await _read_body(request, settings.max_body_bytes)
-        if len(raw) > INLINE_BODY_BYTES:
+        if len(raw) > INLINE_BODY_BYTES or _CONSTRAINED.search(raw):  # a forced tool_choice compiles a grammar
             return JSONResponse(await asyncio.to_thread(_tokenize, raw, state))
         return JSONResponse(_tokenize(raw, state))
 

@@ -305,6 +305,15 @@ def test_generation_config_suppress_tokens_are_honoured(tmp_path):
     assert unused_choices(d) == ["begin_suppress_tokens=[9]"]
     assert GenerationDefaults.from_dict(json.loads(json.dumps(g.to_dict()))) == g
     assert "suppress_tokens [7, 5] (generation_config.json)" in g.describe([2])
+    (tmp_path / "v").mkdir()
+    d = _dir(tmp_path / "v", "tokenizer.model=tokenizer.model.v1", generation={"suppress_tokens": [5, 40000]})
+    with pytest.raises(ConfigError, match=r"generation_config.json: suppress_tokens \[40000\] outside the "
+                                          r"model's 32000 embeddings"):  # at export, not at every request
+        load_chat_tokenizer(None, resolve_chat_format(d, vocab_size=32000), model_vocab_size=32000)
+    (tmp_path / "e").mkdir()
+    d = _dir(tmp_path / "e", generation={"suppress_tokens": []})  # unset: not in the record (an older mixtrt reads it)
+    assert read_generation_defaults(d).suppress_tokens is None and "suppress_tokens" not in \
+        read_generation_defaults(d).to_dict()
     for bad, words in (("5", "suppress_tokens must be a list of token ids, got '5'"),
                        ([5, -1], "suppress_tokens must be an integer >= 0, got -1")):
         (tmp_path / str(len(words))).mkdir()

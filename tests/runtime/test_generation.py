@@ -204,6 +204,7 @@ def test_prompt_too_long_is_refused_before_any_work():
     ({"suppress_tokens": [1, -2]}, r"suppress_tokens must be token ids \(integers >= 0\), got \[1, -2\]"),
     ({"suppress_tokens": 5}, "suppress_tokens must be token ids"),
     ({"suppress_tokens": [V]}, f"suppress_tokens \\[{V}\\] outside the vocabulary"),
+    ({"suppress_tokens": list(range(V))}, f"suppress_tokens holds every one of the {V} token ids"),
     # a client's 100,000 keys: the first few and a count, not a message the size of the request
     ({"logit_bias": {V + i: 1 for i in range(100_000)}},
      f"^logit_bias token ids \\[{V}, {V + 1}, .*, {V + 7}\\] \\(and 99992 more\\) outside the vocabulary "

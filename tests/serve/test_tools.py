@@ -251,6 +251,30 @@ def test_tool_choice_none_shows_the_tools_and_bans_the_call(tool_server, tool_ge
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
 
 
+def test_the_artifacts_suppress_tokens_stay_beside_the_none_ban(tool_gen, tmp_path):
+    """An artifact's own suppress_tokens (generation_config.json) apply to every reply, and under tool_choice "none"
+    beside the call token: neither is chosen, through Generator.chat and the server, though the script puts both."""
+    import dataclasses
+
+    tok = tool_gen.tokenizer
+    text = tok.encode("I'll check!", bos=False)
+    calls, bang = tok.tool_tokens().calls, text[-1]  # the "!" piece
+    gen = Generator(tool_gen.backend, tok, dataclasses.replace(tool_gen.defaults, suppress_tokens=(bang,)))
+    reply = text + [calls] + tok.encode(json.dumps(CALLS), bos=False) + [tok.eos_id]
+    script(tool_gen, MESSAGES, reply)
+    out = gen.chat(MESSAGES, tools=TOOLS, tool_choice="none", max_new_tokens=60)
+    assert calls not in out.token_ids and bang not in out.token_ids and out.text.startswith("I'll check")
+    plain = gen.generate([tok.apply_chat_template(MESSAGES, tools=TOOLS)], max_new_tokens=60)[0]  # no tools asked
+    assert bang not in plain.token_ids and calls in plain.token_ids
+    server = Server(gen, tmp_path, max_batch=2, max_queue=2)
+    try:
+        r = server.http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": TOOLS, "tool_choice": "none",
+                                                           "max_tokens": 60, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == out.text
+    finally:
+        server.close()
+
+
 def test_tool_choice_forces_a_call(tool_server, tool_gen):
     """"required" starts the reply with [TOOL_CALLS]; a named function also writes the call up to its arguments
     (as mistral-common writes a call: the rest of the reply tokenizes as the whole call would)."""
