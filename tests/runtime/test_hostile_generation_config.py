@@ -39,6 +39,8 @@ BAD = [
     ("grammar", ""), ("grammar", 5), ("grammar", "start: %%%"), ("grammar", "root ::= ("),
     ("regex", ""), ("regex", "("), ("regex", "a\\"), ("regex", 5),
     ("choice", []), ("choice", "yes"), ("choice", ["a", 1]), ("choice", ["", "b"]),
+    ("suppress_tokens", "5"), ("suppress_tokens", [1, -1]), ("suppress_tokens", [1.5]), ("suppress_tokens", True),
+    ("suppress_tokens", None),
 ]
 
 
@@ -62,6 +64,8 @@ NEEDS_MODEL = [
     ({"eos_token_id": V}, "eos_token_id"),
     ({"eos_token_id": (2, V + 5)}, "eos_token_id"),
     ({"prefill_chunk": 7}, "prefill_chunk"),  # ToyBackend's cache holds 6
+    ({"suppress_tokens": [3, V]}, "suppress_tokens"),
+    ({"suppress_tokens": list(range(V))}, "suppress_tokens"),
     ({"colour": "red"}, "colour"),
 ]
 
@@ -121,8 +125,10 @@ def test_any_values_give_a_sane_config_or_one_config_error(values):
     try:  # against a model: eos ids past its vocabulary and chunks past its cache are refused there
         [out] = Generator(ToyBackend(), ToyTokenizer()).generate([[1, 5]], dataclasses.replace(cfg, max_new_tokens=2))
     except ConfigError as e:
-        # against a model: eos ids, chunks, and a schema or grammar on a tokenizer structured output cannot read
-        culprit = next((f for f in ("json_schema", "grammar", "regex", "choice") if str(e).startswith(f)), None)
+        # against a model: eos and suppressed ids, chunks, and a schema or grammar on a tokenizer structured output
+        # cannot read
+        culprit = next((f for f in ("json_schema", "grammar", "regex", "choice", "suppress_tokens")
+                        if str(e).startswith(f)), None)
         one_line(e, culprit or ("eos_token_id" if "eos" in str(e) else "prefill_chunk"))
         return
     assert 1 <= out.stats.generated_tokens <= 2
