@@ -155,8 +155,7 @@ class GenerationConfig:
                 raise ConfigError(f"{name} must be in [-2, 2] (OpenAI's range), got {getattr(self, name)!r}")
         fix("logit_bias", _logit_bias(self.logit_bias))
         suppress = self.suppress_tokens
-        if not isinstance(suppress, (list, tuple)) or any(
-                not isinstance(t, (int, np.integer)) or isinstance(t, (bool, np.bool_)) or t < 0 for t in suppress):
+        if not isinstance(suppress, (list, tuple)) or not all(map(_is_token_id, suppress)):
             raise ConfigError(f"suppress_tokens must be token ids (integers >= 0), got {suppress!r}")
         fix("suppress_tokens", tuple(sorted({int(t) for t in suppress})))
         stops = self.stop_strings
@@ -171,7 +170,7 @@ class GenerationConfig:
         if eos is not None:
             many = isinstance(eos, (list, tuple, np.ndarray))
             ids = list(eos) if many else [eos]
-            if any(not isinstance(i, (int, np.integer)) or isinstance(i, (bool, np.bool_)) or i < 0 for i in ids):
+            if not all(map(_is_token_id, ids)):
                 raise ConfigError(f"eos_token_id must be a token id, a sequence of them or None, got {eos!r}")
             fix("eos_token_id", tuple(int(i) for i in ids) if many else int(ids[0]))
         given = [name for name in STRUCTURED if getattr(self, name) is not None]
@@ -215,6 +214,11 @@ class GenerationConfig:
                               "eos_token_id=() (ignore_eos) leaves none")
 
 
+def _is_token_id(value: Any) -> bool:
+    """An integer >= 0 (numpy's too; not a bool): what eos_token_id, logit_bias and suppress_tokens take as an id."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and bool(value >= 0)
+
+
 def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
     """GenerationConfig.logit_bias as sorted (token id, bias) pairs: from a mapping or pairs; ids integers >= 0
     (a string of digits too, as OpenAI's JSON keys are), biases finite in [-100, 100]."""
@@ -225,7 +229,7 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
     out: dict[int, float] = {}
     for key, bias in value:
         token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
-        if not isinstance(token, (int, np.integer)) or isinstance(token, (bool, np.bool_)) or token < 0:
+        if not _is_token_id(token):
             raise ConfigError(f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
         if not isinstance(bias, (int, float, np.integer, np.floating)) or isinstance(bias, (bool, np.bool_)) \
                 or not -100 <= bias <= 100:
@@ -1308,8 +1312,14 @@ class Generator:
         """A chat call's config: a forced call's grammar (_forced_plain); under tool_choice "none" the call token
         suppressed (tool_calls.calls_banned), whatever logit_bias the caller gives it."""
         cfg = _forced_plain(self.config(config, **overrides), use, tool_choice)
-        ban = calls_banned(self.tokenizer, tools, tool_choice)
-        return dataclasses.replace(cfg, suppress_tokens=(*cfg.suppress_tokens, *ban)) if ban else cfg
+        return calls_suppressed(cfg, self.tokenizer, tools, tool_choice)
+
+
+def calls_suppressed(cfg: GenerationConfig, tokenizer: Any, tools: Any, tool_choice: Any) -> GenerationConfig:
+    """cfg, and under tool_choice "none" the call token among its suppress_tokens (tool_calls.calls_banned) beside
+    its own: a reply that shows the tools cannot call them (Generator.chat and the server)."""
+    ban = calls_banned(tokenizer, tools, tool_choice)
+    return dataclasses.replace(cfg, suppress_tokens=(*cfg.suppress_tokens, *ban)) if ban else cfg
 
 
 def _check_config(config: Any, what: str) -> None:

@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from mixtrt.runtime.errors import BackendError, ConfigError
-from mixtrt.runtime.generation import STRUCTURED, EngineEvent, GenerationOutput, Generator
+from mixtrt.runtime.generation import STRUCTURED, EngineEvent, GenerationOutput, Generator, calls_suppressed
 from mixtrt.runtime.prompts import check_messages_text, check_text, normalize_prompts, outside_vocab
 from mixtrt.runtime.serve.logprobs import (
     TextOffsets,
@@ -65,7 +65,7 @@ from mixtrt.runtime.serve.protocol import (
 from mixtrt.runtime.serve.responses import response_object, responses_error, stream_events, to_chat
 from mixtrt.runtime.serve.scheduler import Cancelled, EngineLoop, NotAccepting, QueueFull
 from mixtrt.runtime.serve.scheduler import Request as EngineRequest
-from mixtrt.runtime.tool_calls import ToolStream, ToolUse, calls_banned, chat_prompt, tool_use
+from mixtrt.runtime.tool_calls import ToolStream, ToolUse, chat_prompt, tool_use
 
 log = logging.getLogger("mixtrt.serve")
 
@@ -495,15 +495,14 @@ async def _generate(request: Request, model: type[CompletionRequest] | type[Chat
             asked.pop("json_schema", None)  # a response_format to shape (OpenAI's rule)
             if tools.grammar is not None:
                 asked["grammar"] = tools.grammar
-        if isinstance(req, ChatRequest) and (ban := calls_banned(gen.tokenizer, req.tools, req.tool_choice)):
-            # "none": the tools shown, never called (beside the artifact's own suppress_tokens)
-            asked["suppress_tokens"] = (*(gen.defaults.suppress_tokens or ()), *ban)
         echo_only = _scores_only(req)
         if echo_only:  # nothing is generated: no length, minimum or constraint to apply
             asked["max_new_tokens"] = 1
             for name in ("min_new_tokens", *STRUCTURED):
                 asked.pop(name, None)
         config = gen.config(**asked)
+        if isinstance(req, ChatRequest):  # "none": the tools shown, never called
+            config = calls_suppressed(config, gen.tokenizer, req.tools, req.tool_choice)
     except ConfigError as e:
         raise _config_error(e, req) from None
     if req.stop_token_ids:  # vLLM's: beside the eos ids (none with ignore_eos), held back by min_tokens as they are
