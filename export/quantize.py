@@ -48,7 +48,7 @@ from mixtrt.plugins.int4 import (
 from mixtrt.runtime.errors import ConfigError
 from mixtrt.runtime.prompts import text_file_problem
 from mixtrt.runtime.quantization import ACCURACY_LEVELS, BLOCK_SIZES, INT8_BLOCK, METHODS, Quantization
-from mixtrt.runtime.weights import WeightIndex
+from mixtrt.runtime.weights import QUANT_FORMS, WeightIndex
 
 MIN_BLOCK = 16  # MatMulNBits / QMoE: a power of two >= 16
 QDQ_OPSET = 21  # DequantizeLinear with INT4 and block_size
@@ -237,9 +237,10 @@ class _Item:
         return f"{self.label}.scales"
 
 
-def _quant(fmt: str, item: _Item, axis: int, zero_point: int) -> dict:
+def _quant(fmt: str, item: _Item, axis: int) -> dict:
+    """weights.json's `quant` of a tensor the plan writes in `fmt` (its dtype and zero point: QUANT_FORMS)."""
     return {"format": fmt, "bits": item.bits, "block_size": item.block, "axis": axis, "scales": item.scales,
-            "zero_point": zero_point}
+            "zero_point": QUANT_FORMS[(fmt, item.bits)][1]}
 
 
 def check_patterns(options: Int4Options, model) -> None:
@@ -391,7 +392,7 @@ class Int4Plan:
             if item.bits == 8:
                 q8, s = pack_int8(w, b)
                 return [(item.tensor, Stored(np.ascontiguousarray(q8.T), "int8", (K, N),
-                                             _quant("dequantize_linear", item, 0, 0))),
+                                             _quant("dequantize_linear", item, 0))),
                         (item.scales, np.ascontiguousarray(s.T))]
             if self.quantizer is rtn:  # the same bytes without transposing W there and its INT4 values back
                 raw, dims, st = rtn_dequantize_linear(array, b)
@@ -399,7 +400,7 @@ class Int4Plan:
                 q, s = self.quantizer(lbl, np.ascontiguousarray(w), b)
                 raw, dims, st = dequantize_linear_layout(q, s)
             return [(item.tensor, Stored(np.frombuffer(raw, np.uint8), "int4", tuple(dims),
-                                         _quant("dequantize_linear", item, 0, 0))),
+                                         _quant("dequantize_linear", item, 0))),
                     (item.scales, st.astype(np.float32))]
         if item.kind == "table":
             q, s = self._table(item, array)
@@ -408,11 +409,11 @@ class Int4Plan:
             else:
                 packed = matmulnbits_layout(q, b).reshape(q.shape)
             return [(item.tensor, Stored(packed, "uint8", packed.shape,
-                                         _quant("gather_block_quantized", item, 1, 1 << (item.bits - 1)))),
+                                         _quant("gather_block_quantized", item, 1))),
                     (item.scales, s.astype(np.float32))]
         q, s = self.quantizer(lbl, array, b)  # an expert [N, K]
         packed = matmulnbits_layout(q, b)
-        return [(item.tensor, Stored(packed, "uint8", packed.shape, _quant("matmulnbits", item, 1, 8))),
+        return [(item.tensor, Stored(packed, "uint8", packed.shape, _quant("matmulnbits", item, 1))),
                 (item.scales, s.astype(np.float32))]
 
     def _table(self, item: _Item, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

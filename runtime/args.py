@@ -453,21 +453,25 @@ def described_by(path: str | Path) -> str:
     (a download of a mistralai repository's `*.json` and `consolidated.safetensors`, which takes the shards' index
     without its shards): "params.json". A link that points nowhere counts as there (its own error names it)."""
     path = Path(path)
+
+    def there(p: Path) -> bool:  # a file, or a link that may point nowhere
+        return p.is_file() or p.is_symlink()
+
     config = path / "config.json"
-    if not (config.is_file() or config.is_symlink()):
+    if not there(config):
         return "params.json"
     if not config.exists() or not (path / "params.json").is_file() \
             or not any(p.is_file() for pattern in RAW_WEIGHTS for p in path.glob(pattern)):
         return "config.json"
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if single.is_file() or single.is_symlink():
+    if there(single):
         return "config.json"
-    if index.is_file() or index.is_symlink():
+    if there(index):
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return "config.json"  # the index is read as the weights: its own error says what is wrong with it
-        if any(isinstance(s, str) and ((path / s).is_file() or (path / s).is_symlink()) for s in shards):
+        if any(isinstance(s, str) and there(path / s) for s in shards):
             return "config.json"
     return "params.json"  # pickled weights (pytorch_model*.bin) are never loaded: the raw checkpoint is
 

@@ -54,6 +54,11 @@ DTYPES = frozenset({"float32", "float16", "bfloat16", "int64", "int32", "int8", 
 # how a quantized tensor's bytes are laid out (docs/DESIGN.md "weights.json of an int4 artifact"):
 QUANT_FORMATS = frozenset({"dequantize_linear", "matmulnbits", "gather_block_quantized"})
 QUANT_KEYS = frozenset({"format", "bits", "block_size", "axis", "scales", "zero_point"})
+# (format, bits) -> the stored dtype and zero point of a quantized tensor, as the exporter writes it
+# (export/quantize.py) and the index's reader checks it (docs/DESIGN.md "weights.json of an int4 artifact")
+QUANT_FORMS = {("dequantize_linear", 4): ("int4", 0), ("dequantize_linear", 8): ("int8", 0),
+               ("gather_block_quantized", 4): ("uint8", 8), ("gather_block_quantized", 8): ("uint8", 128),
+               ("matmulnbits", 4): ("uint8", 8), ("matmulnbits", 8): ("uint8", 128)}
 
 
 @dataclass(frozen=True)
@@ -115,9 +120,7 @@ def _check_quantized(e: WeightEntry, scales: WeightEntry, where: str) -> None:
     q = e.quant
     assert q is not None
     fmt, bits, b, shape = q["format"], q["bits"], q["block_size"], e.shape
-    dtype, zero = {("dequantize_linear", 4): ("int4", 0), ("dequantize_linear", 8): ("int8", 0),
-                   ("gather_block_quantized", 4): ("uint8", 8), ("gather_block_quantized", 8): ("uint8", 128),
-                   ("matmulnbits", 4): ("uint8", 8), ("matmulnbits", 8): ("uint8", 128)}[(fmt, bits)]
+    dtype, zero = QUANT_FORMS[(fmt, bits)]
     expected: tuple[int, ...] | None = None
     if not 16 <= b <= 256 or b & (b - 1):
         problem = f"block_size {b} (a power of two from 16 to 256)"
