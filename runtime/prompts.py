@@ -92,7 +92,8 @@ def normalize_prompts(prompts: Prompts, tokenizer: Any, vocab_size: int, name: s
     else:
         batch = [as_list(p, name or f"prompt {i}") for i, p in enumerate(prompts)]
         if len({isinstance(p, str) for p in batch}) > 1:
-            raise ConfigError("prompts mixes text and token-id lists: give a list of str or a list of token-id lists")
+            raise ConfigError("the prompts list mixes text and token-id lists: give a list of str or a list of "
+                              "token-id lists")
     rows = []
     for i, p in enumerate(batch):
         where = name or f"prompt {i}"

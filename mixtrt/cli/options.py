@@ -225,11 +225,21 @@ def load_generator(ns: argparse.Namespace) -> Any:
                           verify=not ns.no_verify)
 
 
+def _rate(per_s: float) -> str:
+    """A rate for the stats line: whole numbers from 100 up, else one decimal, and two significant digits below 1
+    (the triton interpreter's 0.11 tok/s is not 0).
+
+        >>> _rate(2241.4), _rate(35.27), _rate(0.113)
+        ('2241', '35.3', '0.11')
+    """
+    return f"{per_s:.0f}" if per_s >= 100 else f"{per_s:.1f}" if per_s >= 1 else f"{per_s:.2g}"
+
+
 def stats_line(out: Any, prompt: str | None = None) -> str:
     """One line of a generation's numbers; `prompt` replaces the prompt's token count (chat: the conversation's)."""
     s = out.stats
-    rate = f"{s.decode_tokens_per_s:.1f} tok/s decode" if s.decode_tokens_per_s else "n/a decode"
-    prefill = f", prefill {s.prefill_tokens_per_s:.0f} tok/s" if s.prefill_tokens_per_s else ""
+    rate = f"{_rate(s.decode_tokens_per_s)} tok/s decode" if s.decode_tokens_per_s else "n/a decode"
+    prefill = f", prefill {_rate(s.prefill_tokens_per_s)} tok/s" if s.prefill_tokens_per_s else ""
     return (f"[{prompt or f'{s.prompt_tokens} prompt tokens'}, {s.generated_tokens} generated, first token "
             f"{s.time_to_first_token_s * 1e3:.0f} ms{prefill}, {rate}; "
             f"finish: {out.finish_reason} ({out.finish_message})]")
