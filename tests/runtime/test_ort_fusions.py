@@ -140,3 +140,31 @@ def test_a_subclass_options_reach_the_rewritten_session(artifacts, tmp_path):
            if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
     assert {"SkipSimplifiedLayerNormalization", "GroupQueryAttention", "MatMulNBits"} <= ops
     assert "DequantizeLinear" not in ops and "Pow" not in ops
+
+
+def test_rss_floor_script_saves_the_graph_the_backend_runs(artifacts, tmp_path):
+    """benchmarks/rss_floor_int4.py measures onnxruntime alone on the model the backend runs: its saved optimized
+    model (pre-packed weights beside the unpacked ones, loaded with optimizations off) gives the backend's logits,
+    and its index's packed bytes are read."""
+    import importlib.util
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    script_path = Path(__file__).resolve().parents[2] / "benchmarks" / "rss_floor_int4.py"
+    spec = importlib.util.spec_from_file_location("rss_floor_int4", script_path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    art = artifacts["mistral-int4"]
+    sizes = script.child_save(art, tmp_path, 1)
+    assert sizes["packed_bytes"] >= sizes["unpacked_bytes"] > 0  # equal at accuracy level 0; 1.5x INT4 at level 4
+    lean = script.child_lean(tmp_path / script.SAVED, 1)
+    assert lean["after_load_mib"] >= lean["floor_mib"] > 0 and lean["peak_mib"] >= lean["after_load_mib"]
+    backend, saved = OrtBackend.load(art, threads=1), OrtBackend.load(art, threads=1)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    saved.session = ort.InferenceSession(str(tmp_path / script.SAVED), opts, providers=["CPUExecutionProvider"])
+    for got, want in zip(_run(saved), _run(backend), strict=True):
+        np.testing.assert_array_equal(got, want)
