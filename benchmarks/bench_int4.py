@@ -132,6 +132,31 @@ def int8_as_asked(recorded: list[str], int8: tuple[str, ...] | None, moe: bool) 
                                                                 for p in patterns)
 
 
+def int4_artifact(ckpt: Path, art: Path, method: str, int8: tuple[str, ...] | None, moe: bool) -> Path:
+    """`art`, an int4 export of `ckpt` by `method` with `int8` (Int4Options.int8; None: the defaults of a MoE model
+    or a dense one), exported again unless it is current for `ckpt` with that method and those INT8 tensors (also
+    benchmarks/rss_floor_int4.py's)."""
+    from mixtrt.export.onnx_export import export_onnx, is_current
+    from mixtrt.export.quantize import Int4Options
+    from mixtrt.runtime.manifest import Manifest
+
+    q = Manifest.read(art).quantization if is_current(art, ckpt) else None
+    if q is None or q.method != method or not int8_as_asked(q.int8, int8, moe):
+        export_onnx(ckpt, art, precision="int4", int4=Int4Options(method=method, int8=int8), overwrite=True,
+                    progress=None)
+    return art
+
+
+def fp32_artifact(ckpt: Path, art: Path) -> Path:
+    """`art`, the fp32 export of `ckpt`, exported again unless it is current."""
+    from mixtrt.export.onnx_export import export_onnx, is_current
+    from mixtrt.runtime.manifest import Manifest
+
+    if not is_current(art, ckpt) or Manifest.read(art).precision != "fp32":
+        export_onnx(ckpt, art, overwrite=True, progress=None)
+    return art
+
+
 def _ratios(rows: list[dict]) -> str:
     """The issue's targets as ratios of this run's medians: mixtrt int4 (and lm4) decode against llama.cpp q4_0,
     onnxruntime-genai int4 and mixtrt fp32, and its peak RSS against q4_0's (target <= 1.25x)."""
@@ -173,8 +198,6 @@ def main() -> None:
     if any(not e.startswith("mixtrt") for e in ns.engines):
         require("convert_hf_to_gguf", "llama-quantize", "llama-server")
 
-    from mixtrt.export.onnx_export import export_onnx, is_current
-    from mixtrt.export.quantize import Int4Options
     from mixtrt.runtime.manifest import Manifest
 
     bw = bandwidth_gb_s(ns.threads)
@@ -183,17 +206,12 @@ def main() -> None:
           f"{bw:.1f} GB/s; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     for name in ns.models:
         ckpt = make_benchmark_checkpoint(name, ns.work)
-        arts = {"fp32": ns.work / f"{name}-fp32"}
-        if not is_current(arts["fp32"], ckpt) or Manifest.read(arts["fp32"]).precision != "fp32":
-            export_onnx(ckpt, arts["fp32"], overwrite=True, progress=None)
+        arts = {"fp32": fp32_artifact(ckpt, ns.work / f"{name}-fp32")}
         # the int4 forms this run times or compares (gptq's export takes minutes: made only when asked)
         forms = [f for f in INT4_FORMS if ns.quality or f"mixtrt {f}" in ns.engines]
-        for form, (method, int8) in ((f, INT4_FORMS[f]) for f in forms):
-            arts[form] = ns.work / f"{name}-{form.replace(' ', '-')}"
-            q = Manifest.read(arts[form]).quantization if is_current(arts[form], ckpt) else None
-            if q is None or q.method != method or not int8_as_asked(q.int8, int8, SHAPES[name]["family"] == "mixtral"):
-                export_onnx(ckpt, arts[form], precision="int4", int4=Int4Options(method=method, int8=int8),
-                            overwrite=True, progress=None)
+        for form in forms:
+            arts[form] = int4_artifact(ckpt, ns.work / f"{name}-{form.replace(' ', '-')}", *INT4_FORMS[form],
+                                       SHAPES[name]["family"] == "mixtral")
         llama = ns.quality or any(e.startswith("llama") for e in ns.engines)
         ggufs = {q: gguf_from_checkpoint(ckpt, ns.work / "gguf", q) for q in ("f32", "q4_0", "q4_K_M")} if llama else {}
         genai = None
@@ -265,16 +283,10 @@ def main() -> None:
         model = HERE.parent / "models" / "tiny-mixtral"
         text = model / "heldout.txt"
         print("\nbuilt-in model, held-out text in chunks of 64 (all 225):")
-        fp32 = ns.work / "builtin-fp32"
-        if not is_current(fp32, model) or Manifest.read(fp32).precision != "fp32":
-            export_onnx(model, fp32, overwrite=True, progress=None)
+        fp32 = fp32_artifact(model, ns.work / "builtin-fp32")
         for method, form in (("rtn", "int4"), ("awq", "int4"), ("gptq", "int4"), ("rtn", "int4 lm4")):
-            art = ns.work / f"builtin-{form.replace(' ', '-')}-{method}"
-            q = Manifest.read(art).quantization if is_current(art, model) else None
-            int8 = INT4_FORMS[form][1]
-            if q is None or q.method != method or not int8_as_asked(q.int8, int8, True):
-                export_onnx(model, art, precision="int4", int4=Int4Options(method=method, int8=int8),
-                            overwrite=True, progress=None)
+            art = int4_artifact(model, ns.work / f"builtin-{form.replace(' ', '-')}-{method}", method,
+                                INT4_FORMS[form][1], True)
             print(f"  mixtrt {form} {method} vs fp32:" + " " * (9 - len(form)) +
                   mixtrt_kl(art, fp32, text, 64, None, ns.threads))
         ggufs = {q: gguf_from_checkpoint(model, ns.work / "gguf", q) for q in ("f32", "q4_0", "q4_K_M")}

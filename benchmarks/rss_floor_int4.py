@@ -32,7 +32,8 @@ SAVED = "ort-saved.onnx"
 
 
 def status_mib() -> dict[str, float]:
-    """VmRSS, VmHWM, RssAnon and RssFile of this process, MiB."""
+    """VmRSS, VmHWM, RssAnon and RssFile of this process, MiB (read here, not with common.py's readers: the lean
+    child imports nothing of mixtrt, and common.py does)."""
     out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
@@ -103,7 +104,7 @@ def main() -> None:
         return
     sys.path.insert(0, str(HERE))
     from bench_generate import prompts, run_child
-    from bench_int4 import llama_server_generate
+    from bench_int4 import INT4_FORMS, int4_artifact, llama_server_generate
     from common import SHAPES, exit_on_sigterm, make_benchmark_checkpoint, positive
     from peers import gguf_from_checkpoint, require
 
@@ -115,16 +116,10 @@ def main() -> None:
     ns = ap.parse_args()
     require("convert_hf_to_gguf", "llama-quantize", "llama-server")
 
-    from mixtrt.export.onnx_export import export_onnx, is_current
-    from mixtrt.export.quantize import Int4Options
-    from mixtrt.runtime.manifest import Manifest
-
     for name in ns.models:
         ckpt = make_benchmark_checkpoint(name, ns.work)
-        art = ns.work / f"{name}-int4"  # bench_int4.py's default int4 artifact
-        q = Manifest.read(art).quantization if is_current(art, ckpt) else None
-        if q is None or q.method != "rtn":
-            export_onnx(ckpt, art, precision="int4", int4=Int4Options(method="rtn"), overwrite=True, progress=None)
+        art = int4_artifact(ckpt, ns.work / f"{name}-int4", *INT4_FORMS["int4"],  # bench_int4.py's default one
+                            SHAPES[name]["family"] == "mixtral")
         saved = ns.work / f"{name}-int4-ort-saved"
         sizes = child("save", artifact=art, out=saved, threads=ns.threads)
         lean = child("lean", model=saved / SAVED, threads=ns.threads)
