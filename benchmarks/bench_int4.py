@@ -171,6 +171,8 @@ def _ratios(rows: list[dict]) -> str:
             continue
         ratios = [f"{peer} {mine / theirs:.2f}x" for peer in ("llama q4_0", "genai int4", "mixtrt fp32")
                   if (theirs := median(peer, "decode_tok_s"))]
+        if not ratios:  # no peer timed in this run: nothing to compare against
+            continue
         line = f"{form} decode / " + ", ".join(ratios)
         q4 = [r["peak_rss_mib"] for r in rows if r["engine"] == "llama q4_0"]
         if q4:
